@@ -1,0 +1,385 @@
+"""The run configuration: typed sections, the seed guide's defaults, TOML I/O, validation.
+
+Every field carries its help text and what is allowed, so the CLI, the validator and the
+TUI's form all read the same source. Validation collects *all* problems at once; each
+names the field (``section.key``), the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+AUTO = "auto"
+
+
+def _f(default, help: str, *, choices=None, lo=None, hi=None, kind=None, group=None):
+    """A config field with its help text and allowed values (``choices`` or ``lo``..``hi``)."""
+    meta = {"help": help, "choices": choices, "lo": lo, "hi": hi, "kind": kind}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("builtin:tiny", "Hugging Face hub id, a local model directory, or builtin:tiny "
+                   "(a tiny offline Llama for demos and tests).", kind="path")
+    revision: str = _f("", "Hub revision (branch, tag or commit); empty = the default branch.")
+    trust_remote_code: bool = _f(False, "Run Python code shipped with the model. Off unless you "
+                                 "trust the repository.")
+    chat_template: str = _f("", "Jinja chat template (inline) or a path to a .jinja file; empty = "
+                            "the tokenizer's own, or ChatML if it has none.")
+    attn_implementation: str = _f(AUTO, "Attention kernel: auto picks flash_attention_2 when "
+                                  "installed, else sdpa.",
+                                  choices=[AUTO, "sdpa", "eager", "flash_attention_2"])
+
+
+@dataclass
+class QuantConfig:
+    load_in_4bit: bool = _f(True, "Quantize the frozen base to 4 bits (QLoRA). Off = plain LoRA "
+                            "over a 16-bit base.")
+    quant_type: str = _f("nf4", "4-bit data type: nf4 (QLoRA paper) or fp4.", choices=["nf4", "fp4"])
+    double_quant: bool = _f(True, "Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: str = _f(AUTO, "Dtype of the LoRA maths: auto = bf16 where the GPU supports "
+                            "it, else fp16; fp32 on the CPU.", choices=[AUTO, "bf16", "fp16", "fp32"])
+
+
+@dataclass
+class LoraConfigSection:
+    r: int = _f(32, "Rank: higher = more capacity, more memory. Range 8 to 128.", lo=1, hi=1024)
+    alpha: float = _f(64, "Scaling factor, usually 2×r (r to 4×r).", lo=0.0001)
+    dropout: float = _f(0.0, "Regularization for small datasets (0 to 0.1).", lo=0.0, hi=0.9)
+    target_modules: Any = _f("all-linear", "all-linear, or a list of module names that exist in "
+                             "the model (e.g. q_proj, v_proj).", kind="modules")
+    use_dora: bool = _f(False, "DoRA: magnitude × direction decomposition (~1% better, slower).")
+    use_rslora: bool = _f(False, "rsLoRA: scale by alpha/sqrt(r) instead of alpha/r.")
+    lora_fa: bool = _f(False, "LoRA-FA: freeze A, train only B (PEFT's LoRA-FA optimizer); "
+                       "halves trainable parameters.")
+    bias: str = _f("none", "Train biases: none, all or lora_only.", choices=["none", "all", "lora_only"])
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("builtin:sample", "Training data: .jsonl, .json, .csv, .parquet, a saved "
+                    "datasets directory, or builtin:sample.", kind="path")
+    eval: str = _f("", "Held-out eval data (same formats); empty = split off eval_fraction.", kind="path")
+    eval_fraction: float = _f(0.05, "Share of train rows held out for eval loss when no eval file "
+                              "is given (0 = no eval).", lo=0.0, hi=0.5)
+    format: str = _f(AUTO, "Row format; auto detects it from the fields.",
+                     choices=[AUTO, "messages", "sharegpt", "alpaca", "prompt_completion", "text"])
+    max_length: int = _f(4096, "Tokens per example; longer rows are truncated. Add ~30% memory "
+                         "above 2048.", lo=16, hi=1_048_576)
+    packing: Any = _f(False, "Pack several rows into one sequence (no padding). auto = on where "
+                      "the attention kernel isolates samples.", choices=[True, False, AUTO])
+    strict: bool = _f(False, "Refuse to train when the dataset has problems (else skip bad rows).")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = _f(3.0, "Passes over the data; too many overfits small data (1 to 5).", lo=0.01, hi=1000)
+    max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 = run all epochs.", lo=-1)
+    learning_rate: float = _f(2e-4, "Too high = NaN; too low = no learning (1e-4 to 5e-4).", lo=1e-9, hi=1.0)
+    batch_size: int = _f(2, "Micro-batch per device (1-4; depends on VRAM).", lo=1, hi=4096)
+    grad_accum: int = _f(4, "Gradient accumulation; effective batch = batch × accumulation (4-16).",
+                         lo=1, hi=4096)
+    warmup_ratio: float = _f(0.03, "Share of steps spent warming the learning rate up.", lo=0.0, hi=0.5)
+    scheduler: str = _f("linear", "Learning-rate schedule.",
+                        choices=["linear", "cosine", "constant", "constant_with_warmup"])
+    optimizer: str = _f(AUTO, "Hugging Face optimizer name; auto = paged_adamw_8bit on GPU, "
+                        "adamw_torch on CPU.",
+                        choices=[AUTO, "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit",
+                                 "adamw_torch", "adamw_torch_fused", "adafactor", "sgd"])
+    weight_decay: float = _f(0.0, "AdamW weight decay.", lo=0.0, hi=1.0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).", lo=0.0)
+    gradient_checkpointing: Any = _f(AUTO, "Recompute activations to save memory; auto = on "
+                                     "unless the planner finds room without it.",
+                                     choices=[True, False, AUTO])
+    liger_kernel: Any = _f(AUTO, "Liger fused kernels (GPU, liger-kernel installed); auto = on "
+                           "where available.", choices=[True, False, AUTO])
+    seed: int = _f(42, "Random seed (data order, LoRA init).", lo=0)
+    logging_steps: int = _f(10, "Emit a step event (loss, lr, tokens/s) every N steps.", lo=1)
+    eval_steps: int = _f(50, "Evaluate every N steps (0 = only at the end).", lo=0)
+    save_steps: int = _f(100, "Write a checkpoint every N steps (0 = only at the end).", lo=0)
+    save_total_limit: int = _f(3, "Checkpoints kept (oldest removed).", lo=1)
+    nan_policy: str = _f("halt", "On a non-finite loss or grad norm: halt the run, or only warn.",
+                         choices=["halt", "warn"])
+    device: str = _f(AUTO, "auto = CUDA when present, else CPU.", choices=[AUTO, "cuda", "cpu"])
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("runs", "Directory that holds one sub-directory per run.", kind="path")
+    name: str = _f("", "Run name (appended to the timestamp); empty = the model's name.")
+    report_to: str = _f("none", "Also log to an external tracker.", choices=["none", "tensorboard", "wandb"])
+    keep_checkpoints: bool = _f(True, "Keep checkpoints after a successful run (for resume).")
+
+
+@dataclass
+class DistributedConfig:
+    gpus: int = _f(1, "GPUs on this host; > 1 launches through accelerate.", lo=1, hi=64)
+    strategy: str = _f("ddp", "ddp: each GPU holds the 4-bit base; fsdp: shard it (models that "
+                       "don't fit one GPU).", choices=["ddp", "fsdp"])
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "quant": QuantConfig,
+    "lora": LoraConfigSection,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "output": OutputConfig,
+    "distributed": DistributedConfig,
+}
+SECTION_TITLES = {
+    "model": "Model", "quant": "Quantization", "lora": "LoRA", "data": "Data",
+    "train": "Training", "output": "Output", "distributed": "Multi-GPU",
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfigSection = field(default_factory=LoraConfigSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # where the config was read from: relative data/model paths resolve against it
+    source: str = field(default="", compare=False, repr=False)
+
+    def to_dict(self) -> dict:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def get(self, dotted: str):
+        section, key = dotted.split(".", 1)
+        return getattr(getattr(self, section), key)
+
+    def copy(self) -> "Config":
+        return copy.deepcopy(self)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.train.batch_size * self.train.grad_accum * self.distributed.gpus
+
+    def resolve_path(self, value: str) -> str:
+        """A relative path in a config file is relative to that file's directory."""
+        if not value or value.startswith("builtin:"):
+            return value
+        p = Path(value).expanduser()
+        if not p.is_absolute() and self.source:
+            cand = Path(self.source).resolve().parent / p
+            if cand.exists() or not p.exists():
+                return str(cand)
+        return str(p)
+
+
+class ConfigError(ValueError):
+    """One or more config problems; ``problems`` holds one ``Problem`` each."""
+
+    def __init__(self, problems: list["Problem"], source: str = ""):
+        self.problems = problems
+        self.source = source
+        where = f"{source}: " if source else ""
+        lines = [f"{where}{len(problems)} config problem(s):"] + [f"  - {p}" for p in problems]
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class Problem:
+    field: str
+    value: Any
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field} = {self.value!r}: {self.message}"
+
+
+def field_specs() -> dict[str, list[tuple[str, dataclasses.Field]]]:
+    """Section name → [(key, dataclass field)] in declaration order (for forms and docs)."""
+    return {name: [(f.name, f) for f in dataclasses.fields(cls)] for name, cls in SECTIONS.items()}
+
+
+def _type_name(default) -> str:
+    return type(default).__name__
+
+
+def _coerce(key: str, f: dataclasses.Field, value, problems: list[Problem]):
+    """Check ``value`` against the field's type, choices and range; return the coerced value."""
+    meta = f.metadata
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    choices = meta.get("choices")
+    if choices is not None and any(isinstance(c, bool) for c in choices):
+        if isinstance(value, bool) or value == AUTO:
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        problems.append(Problem(key, value, f"allowed: true, false or \"{AUTO}\""))
+        return default
+    if meta.get("kind") == "modules":
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+            return list(value)
+        problems.append(Problem(key, value, 'allowed: "all-linear" or a non-empty list of module names'))
+        return default
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        problems.append(Problem(key, value, "must be true or false"))
+        return default
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(Problem(key, value, f"must be a number ({_type_name(default)})"))
+            return default
+        if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+            if not value.is_integer():
+                problems.append(Problem(key, value, "must be a whole number"))
+                return default
+            value = int(value)
+        if isinstance(default, float):
+            value = float(value)
+            if not math.isfinite(value):
+                problems.append(Problem(key, value, "must be finite"))
+                return default
+        lo, hi = meta.get("lo"), meta.get("hi")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            rng = f"{lo if lo is not None else '-inf'} to {hi if hi is not None else 'inf'}"
+            problems.append(Problem(key, value, f"out of range: allowed {rng}"))
+            return default
+        return value
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            problems.append(Problem(key, value, "must be a string"))
+            return default
+        if choices is not None and value not in choices:
+            problems.append(Problem(key, value, "allowed: " + ", ".join(map(str, choices))))
+            return default
+        return value
+    return value
+
+
+def _cross_checks(cfg: Config, problems: list[Problem]) -> None:
+    if not cfg.model.name.strip():
+        problems.append(Problem("model.name", cfg.model.name, "must name a hub id, a directory or builtin:tiny"))
+    if not cfg.data.train.strip():
+        problems.append(Problem("data.train", cfg.data.train, "must name a data file or directory"))
+    if cfg.distributed.gpus > 1 and cfg.train.device == "cpu":
+        problems.append(Problem("distributed.gpus", cfg.distributed.gpus, "needs train.device = cuda or auto"))
+    if cfg.lora.lora_fa and cfg.lora.use_dora:
+        problems.append(Problem("lora.lora_fa", True, "LoRA-FA cannot be combined with lora.use_dora"))
+
+
+def from_dict(data: dict, source: str = "") -> Config:
+    """Build a validated Config from a (TOML) dict; raise ConfigError listing every problem."""
+    problems: list[Problem] = []
+    cfg = Config(source=source)
+    if not isinstance(data, dict):
+        raise ConfigError([Problem("<root>", data, "must be a table")], source)
+    for section, value in data.items():
+        if section not in SECTIONS:
+            problems.append(Problem(section, value, "unknown section; allowed: " + ", ".join(SECTIONS)))
+            continue
+        if not isinstance(value, dict):
+            problems.append(Problem(section, value, "must be a table ([" + section + "])"))
+            continue
+        fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+        target = getattr(cfg, section)
+        for key, v in value.items():
+            dotted = f"{section}.{key}"
+            if key not in fields:
+                problems.append(Problem(dotted, v, "unknown field; allowed: " + ", ".join(fields)))
+                continue
+            setattr(target, key, _coerce(dotted, fields[key], v, problems))
+    _cross_checks(cfg, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def parse_value(text: str):
+    """Parse the right-hand side of ``--set key=value`` as a TOML value, else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings onto a config dict (before validation)."""
+    data = copy.deepcopy(data)
+    problems = []
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            problems.append(Problem("--set", item, "expected section.key=value, e.g. train.learning_rate=1e-4"))
+            continue
+        key, raw = item.split("=", 1)
+        section, name = key.strip().split(".", 1)
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            problems.append(Problem(section, data[section], "must be a table"))
+            continue
+        data[section][name] = parse_value(raw.strip())
+    if problems:
+        raise ConfigError(problems, "--set")
+    return data
+
+
+def read_toml(path: str | Path) -> dict:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([Problem("<file>", str(p), "config file not found; create one with "
+                                   "`qlora-tui init " + str(p) + "`")], str(p)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([Problem("<file>", str(p), f"cannot read: {e}")], str(p)) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([Problem("<toml>", str(p), f"not valid TOML: {e}")], str(p)) from None
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    data = read_toml(path) if path else {}
+    data = apply_overrides(data, overrides or [])
+    return from_dict(data, source=str(path) if path else "")
+
+
+def to_toml(cfg: Config) -> str:
+    import tomli_w
+    return tomli_w.dumps(cfg.to_dict())
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as TOML atomically (a crash never leaves half a config)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(to_toml(cfg), encoding="utf-8")
+    tmp.replace(p)
+
+
+def starter_toml() -> str:
+    """A commented starter config: every field with its default and help text."""
+    import tomli_w
+    out = ["# qlora-tui run configuration. Every key is optional; shown with its default.",
+           "# Override any key on the command line: --set train.learning_rate=1e-4", ""]
+    for section, items in field_specs().items():
+        out.append(f"[{section}]  # {SECTION_TITLES[section]}")
+        for key, f in items:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            meta = f.metadata
+            allowed = ""
+            if meta.get("choices"):
+                allowed = " Allowed: " + ", ".join(str(c).lower() for c in meta["choices"]) + "."
+            out.append(f"# {meta['help']}{allowed}")
+            out.append(tomli_w.dumps({key: default}).strip())
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,270 @@
+"""Typed run events: the spine between the engine and every consumer.
+
+One run emits one ordered stream of events. The JSONL run log, the headless printer and
+the TUI are all subscribers of it (``EventBus``); a UI attached to a run in another process
+reads the same events back from ``events.jsonl`` (``follow``). Each event serialises to one
+JSON object with ``type`` and ``time``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator
+
+
+@dataclass
+class Event:
+    type: ClassVar[str] = "event"
+    time: float = field(default_factory=time.time, kw_only=True)
+
+    def to_dict(self) -> dict:
+        d = {"type": self.type}
+        d.update(dataclasses.asdict(self))
+        return d
+
+
+@dataclass
+class RunStarted(Event):
+    type: ClassVar[str] = "run_started"
+    run_dir: str = ""
+    model: str = ""
+    device: str = ""
+    total_steps: int = 0
+    train_rows: int = 0
+    eval_rows: int = 0
+    trainable_params: int = 0
+    total_params: int = 0
+    resumed_from_step: int = 0
+    config: dict = field(default_factory=dict)
+    plan: list = field(default_factory=list)   # what auto-choices were made, and why
+    pid: int = 0
+
+
+@dataclass
+class Status(Event):
+    """A phase change before/after training: loading model, tokenizing, saving..."""
+    type: ClassVar[str] = "status"
+    phase: str = ""
+    message: str = ""
+    progress: float | None = None
+
+
+@dataclass
+class Step(Event):
+    type: ClassVar[str] = "step"
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_second: float | None = None
+    epoch: float | None = None
+    eta_seconds: float | None = None
+    tokens_seen: int = 0
+    peak_memory_bytes: int | None = None
+
+
+@dataclass
+class Eval(Event):
+    type: ClassVar[str] = "eval"
+    step: int = 0
+    eval_loss: float | None = None
+
+
+@dataclass
+class Checkpoint(Event):
+    type: ClassVar[str] = "checkpoint"
+    step: int = 0
+    path: str = ""
+
+
+@dataclass
+class Hint(Event):
+    type: ClassVar[str] = "hint"
+    rule: str = ""
+    severity: str = "warning"     # info | warning | error
+    symptom: str = ""
+    cause: str = ""
+    fix: str = ""
+    step: int = 0
+
+
+@dataclass
+class RunFinished(Event):
+    type: ClassVar[str] = "run_finished"
+    step: int = 0
+    adapter_dir: str = ""
+    final_loss: float | None = None
+    stopped: bool = False         # True when a stop was requested (graceful stop)
+    reason: str = "completed"
+
+
+@dataclass
+class RunFailed(Event):
+    type: ClassVar[str] = "run_failed"
+    reason: str = ""              # one line
+    kind: str = "error"           # error | oom | nan | config | data | killed
+    step: int = 0
+    detail: str = ""              # traceback or longer text, for the log only
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    c.type: c for c in (RunStarted, Status, Step, Eval, Checkpoint, Hint, RunFinished, RunFailed)
+}
+TERMINAL = ("run_finished", "run_failed")
+
+
+def from_dict(d: dict) -> Event:
+    """Rebuild a typed event from its JSON form (unknown keys ignored, unknown types kept generic)."""
+    cls = EVENT_TYPES.get(d.get("type", ""))
+    if cls is None:
+        ev = Event(time=d.get("time", 0.0))
+        return ev
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _clean(v: Any):
+    """JSON has no NaN/Inf: write them as strings so the line stays valid JSON."""
+    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def dumps(ev: Event) -> str:
+    return json.dumps(_clean(ev.to_dict()), ensure_ascii=False, default=str)
+
+
+def loads(line: str) -> Event:
+    d = json.loads(line)
+    for k, v in list(d.items()):
+        if v in ("nan", "inf", "-inf") and k not in ("reason", "message", "symptom", "cause", "fix"):
+            d[k] = float(v)
+    return from_dict(d)
+
+
+class EventBus:
+    """Fan-out of one run's events to subscribers, in order; keeps the history for late joiners.
+
+    A subscriber that raises is reported once on stderr-free terms (dropped), never kills the run.
+    """
+
+    def __init__(self):
+        self._subs: list[Callable[[Event], None]] = []
+        self._lock = threading.Lock()
+        self.history: list[Event] = []
+
+    def subscribe(self, fn: Callable[[Event], None], replay: bool = True) -> Callable[[], None]:
+        with self._lock:
+            if replay:
+                for ev in self.history:
+                    fn(ev)
+            self._subs.append(fn)
+
+        def unsubscribe():
+            with self._lock:
+                if fn in self._subs:
+                    self._subs.remove(fn)
+        return unsubscribe
+
+    def emit(self, ev: Event) -> None:
+        with self._lock:
+            self.history.append(ev)
+            subs = list(self._subs)
+        for fn in subs:
+            try:
+                fn(ev)
+            except Exception:  # a broken consumer must not kill the run
+                with self._lock:
+                    if fn in self._subs:
+                        self._subs.remove(fn)
+
+
+class JsonlWriter:
+    """Appends each event as one line to ``events.jsonl`` and flushes it (fsync on terminal events)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._fh = open(self.path, "a", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def __call__(self, ev: Event) -> None:
+        with self._lock:
+            if self._fh.closed:
+                return
+            self._fh.write(dumps(ev) + "\n")
+            self._fh.flush()
+            if ev.type in TERMINAL or ev.type == "checkpoint":
+                os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._fh.closed:
+                self._fh.close()
+
+
+def read_events(path: str | Path) -> list[Event]:
+    """All complete events of a run log (a torn last line, from a kill, is skipped)."""
+    out = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if not line.endswith("\n"):
+                    break
+                try:
+                    out.append(loads(line))
+                except (json.JSONDecodeError, TypeError):
+                    continue
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def follow(path: str | Path, stop: threading.Event | None = None, poll: float = 0.2,
+           until_terminal: bool = True, alive: Callable[[], bool] | None = None) -> Iterator[Event]:
+    """Yield the events of a run log: all history, then new lines as they are written.
+
+    Ends after a terminal event (``until_terminal``), when ``stop`` is set, or when
+    ``alive()`` turns False and no more lines come (a crashed writer).
+    """
+    path = Path(path)
+    while not path.exists():
+        if stop is not None and stop.wait(poll):
+            return
+        if alive is not None and not alive():
+            return
+    with open(path, encoding="utf-8") as fh:
+        buf = ""
+        idle_checks = 0
+        while True:
+            chunk = fh.readline()
+            if chunk:
+                buf += chunk
+                if not buf.endswith("\n"):
+                    continue
+                line, buf = buf, ""
+                try:
+                    ev = loads(line)
+                except (json.JSONDecodeError, TypeError):
+                    continue
+                idle_checks = 0
+                yield ev
+                if until_terminal and ev.type in TERMINAL:
+                    return
+                continue
+            if stop is not None and stop.is_set():
+                return
+            if alive is not None and not alive():
+                idle_checks += 1
+                if idle_checks > 2:
+                    return
+            time.sleep(poll)
