@@ -1,0 +1,76 @@
+"""The headless command line: every `qlora-tui` subcommand except the TUI itself.
+
+Each command lives in its own module, which exposes ``register(subparsers)`` and sets
+``func`` on its parser; ``func(args) -> int`` is the exit status. Modules import torch and
+transformers only inside their functions, so ``qlora-tui --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module that registers each command group, in help order
+COMMAND_MODULES = [
+    "engine.cmd_train",     # train, init, runs, stop
+    "engine.inspect",       # inspect
+    "engine.estimate",      # estimate
+    "engine.merge",         # merge
+    "engine.generate",      # generate
+    "engine.serve",         # serve-cmd
+    "engine.axolotl",       # import-axolotl
+]
+
+
+def add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
+    """The CONFIG positional and repeated ``--set section.key=value`` every command takes."""
+    if config_required:
+        p.add_argument("config", metavar="CONFIG", help="TOML config file")
+    else:
+        p.add_argument("config", metavar="CONFIG", nargs="?", default=None,
+                       help="TOML config file (default: built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.learning_rate=1e-4 (repeatable)")
+
+
+def load_config_or_exit(args):
+    """Load CONFIG + --set; on problems print them all (one per line) and exit 2."""
+    from engine import config as C
+    try:
+        return C.load(args.config, getattr(args, "overrides", []))
+    except C.ConfigError as e:
+        print(str(e), file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser(extra_tui_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qlora-tui",
+        description="Fine-tune LLMs with QLoRA from the terminal. Without a command: open the TUI "
+                    "(on CONFIG, or on the offline demo).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue  # command not built in this checkout
+            raise
+        mod.register(sub)
+    if extra_tui_help:
+        sub.add_parser("tui", help="open the TUI (the default): qlora-tui [CONFIG]")
+        sub.add_parser("attach", help="open the TUI on a live run: qlora-tui attach [RUN_DIR]")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
