@@ -1,0 +1,178 @@
+"""Commands: ``train``, ``init``, ``runs``, ``stop``; and the headless printer (an event subscriber)."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from engine import events as E
+
+
+def register(sub) -> None:
+    from engine.cli import add_config_args
+    p = sub.add_parser("train", help="train from a config (headless, or --detach to run in the background)")
+    add_config_args(p)
+    p.add_argument("--headless", action="store_true",
+                   help="print one line per logging step instead of opening the TUI")
+    p.add_argument("--detach", action="store_true",
+                   help="start the run in its own session (survives SSH closing), print its directory, return")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint")
+    p.add_argument("--run-dir", help=argparse_hidden())
+    p.add_argument("--no-check", action="store_true", help=argparse_hidden())
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("init", help="write a commented starter config")
+    p.add_argument("path", nargs="?", default="qlora.toml", metavar="PATH")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("runs", help="list runs and their state (live, finished, stopped, failed, crashed)")
+    add_config_args(p)
+    p.add_argument("--dir", help="runs directory (default: output.dir of the config, 'runs')")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("stop", help="ask a live run to stop gracefully (saves checkpoint + adapter)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(func=cmd_stop)
+
+
+def argparse_hidden():
+    import argparse
+    return argparse.SUPPRESS
+
+
+def _fmt_eta(s: float | None) -> str:
+    if s is None:
+        return "--:--"
+    s = int(s)
+    h, m = divmod(s // 60, 60)
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m:02d}:{s % 60:02d}"
+
+
+def _num(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+class HeadlessPrinter:
+    """Prints one line per step event (and hints, checkpoints, the final outcome)."""
+
+    def __init__(self, out=None, err=None):
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+
+    def __call__(self, ev: E.Event) -> None:
+        w = self.out.write
+        t = ev.type
+        if t == "status":
+            w(f"[{ev.phase}] {ev.message}\n")
+        elif t == "run_started":
+            w(f"run {ev.run_dir}: {ev.model} on {ev.device}, {ev.total_steps} steps, "
+              f"{ev.train_rows} train / {ev.eval_rows} eval rows, "
+              f"{ev.trainable_params:,} trainable of {ev.total_params:,} params"
+              + (f", resumed at step {ev.resumed_from_step}" if ev.resumed_from_step else "") + "\n")
+            for line in ev.plan:
+                w(f"  plan: {line}\n")
+        elif t == "step":
+            w(f"step {ev.step}/{ev.total_steps}  loss {_num(ev.loss, '.4f')}  lr {_num(ev.learning_rate, '.2e')}"
+              f"  grad {_num(ev.grad_norm, '.3f')}  tok/s {_num(ev.tokens_per_second, ',.0f')}"
+              f"  epoch {_num(ev.epoch, '.2f')}  eta {_fmt_eta(ev.eta_seconds)}\n")
+        elif t == "eval":
+            w(f"eval  step {ev.step}  eval_loss {_num(ev.eval_loss, '.4f')}\n")
+        elif t == "checkpoint":
+            w(f"checkpoint step {ev.step}: {ev.path}\n")
+        elif t == "hint":
+            w(f"hint [{ev.severity}] {ev.symptom} — {ev.cause}. Fix: {ev.fix}\n")
+        elif t == "run_finished":
+            w(f"{'stopped' if ev.stopped else 'finished'} at step {ev.step}: {ev.reason}; "
+              f"adapter: {ev.adapter_dir}\n")
+        elif t == "run_failed":
+            self.err.write(f"failed: {ev.reason}\n")
+            self.err.flush()
+        self.out.flush()
+
+
+def cmd_train(args) -> int:
+    from engine import config as C
+    from engine import runner as RN
+    from engine.cli import load_config_or_exit
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.toml").exists():
+            print(f"error: {run_dir}: not a run directory (no config.toml)", file=sys.stderr)
+            return 2
+        if args.detach:
+            try:
+                d = RN.start_detached(None, resume=run_dir)
+            except RN.PreflightError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            print(d)
+            return 0
+        run = RN.Run(None, run_dir=run_dir, resume=True)
+    else:
+        cfg = load_config_or_exit(args)
+        if args.detach:
+            try:
+                d = RN.start_detached(cfg)
+            except (RN.PreflightError, OSError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            print(d)
+            print(f"attach: qlora-tui attach {d}", file=sys.stderr)
+            return 0
+        if not args.headless:
+            print("error: train without --headless or --detach opens nothing; use `qlora-tui CONFIG` "
+                  "for the TUI", file=sys.stderr)
+            return 2
+        run = RN.Run(cfg, run_dir=args.run_dir)
+    try:
+        run.prepare(check=not args.no_check)
+    except (RN.PreflightError, C.ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run.bus.subscribe(HeadlessPrinter())
+    RN.install_signal_handlers(run, headless=True)
+    run.start()
+    while not run.join(timeout=0.5):   # short joins keep the main thread free for signals
+        pass
+    res = run.result
+    return 0 if res is not None and res.type == "run_finished" else 1
+
+
+def cmd_init(args) -> int:
+    from engine.config import starter_toml
+    p = Path(args.path)
+    if p.exists() and not args.force:
+        print(f"error: {p} exists; pass --force to overwrite", file=sys.stderr)
+        return 2
+    p.write_text(starter_toml(), encoding="utf-8")
+    print(f"wrote {p}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from engine import rundir as R
+    from engine.cli import load_config_or_exit
+    runs_dir = args.dir or load_config_or_exit(args).output.dir
+    runs = R.list_runs(runs_dir)
+    if not runs:
+        print(f"no runs under {runs_dir}")
+        return 0
+    print(f"{'STATE':9} {'STEP':>11} {'LOSS':>8}  RUN")
+    for ri in runs:
+        loss = ri.final_loss if ri.final_loss is not None else ri.last_loss
+        print(f"{ri.state:9} {ri.step:>5}/{ri.total_steps:<5} {_num(loss, '8.4f'):>8}  {ri.path}"
+              + (f"  ({ri.reason})" if ri.state in ("failed", "crashed") and ri.reason else ""))
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from engine import control, rundir as R
+    d = Path(args.run_dir)
+    if not R.process_alive(d):
+        print(f"error: {d}: no live run there", file=sys.stderr)
+        return 1
+    control.request(d, "stop")
+    print(f"stop requested: {d}")
+    return 0

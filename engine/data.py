@@ -1,0 +1,418 @@
+"""Dataset files → normalised rows, with the format detected (and why) and problems by line.
+
+Formats: ChatML ``messages``, ShareGPT ``conversations`` (from/value), Alpaca
+(instruction/input/output), ``prompt``/``completion`` and plain ``text``; files: .jsonl,
+.json, .csv, .parquet, or a directory saved with ``datasets.save_to_disk``.
+A malformed row never aborts reading: it becomes a ``DataProblem`` with its physical line
+(1-based; for CSV the file line, for parquet/datasets the row number + 1).
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant",
+                  "bard": "assistant", "tool": "tool", "function_call": "assistant",
+                  "observation": "tool"}
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class DataError(ValueError):
+    """The data cannot be used at all (missing file, unknown type, no usable rows)."""
+
+
+@dataclass
+class DataProblem:
+    line: int
+    kind: str          # invalid_json, not_object, missing_field, wrong_type, unknown_role,
+                       # role_order, empty_content, non_string_content, no_trained_tokens, mixed_format
+    message: str
+
+    def __str__(self):
+        return f"line {self.line}: {self.message}"
+
+
+@dataclass
+class Row:
+    line: int          # physical line (1-based) in the source file
+    data: dict         # normalised: {"messages": [...]} | {"prompt","completion"} | {"text"}
+
+
+@dataclass
+class Dataset:
+    path: str
+    format: str
+    reason: str
+    rows: list[Row] = field(default_factory=list)
+    problems: list[DataProblem] = field(default_factory=list)
+    raw_count: int = 0
+    formats_seen: dict = field(default_factory=dict)
+
+    @property
+    def conversational(self) -> bool:
+        return self.format in ("messages", "sharegpt", "alpaca")
+
+
+def resolve(path: str) -> Path:
+    if path == "builtin:sample":
+        from engine.builtin import sample_data_path
+        return sample_data_path()
+    return Path(path).expanduser()
+
+
+def iter_raw(path: str | Path, on_bytes: Callable[[int, int], None] | None = None
+             ) -> Iterator[tuple[int, object, str | None]]:
+    """Yield ``(line, record, error)`` for every record of a file; ``error`` is set for bad lines."""
+    p = resolve(str(path))
+    if not p.exists():
+        raise DataError(f"{p}: no such file or directory; check data.train / data.eval")
+    if p.is_dir():
+        yield from _iter_datasets_dir(p)
+        return
+    suffix = p.suffix.lower()
+    if suffix == ".jsonl":
+        total = p.stat().st_size
+        done = 0
+        with open(p, "rb") as fh:
+            for i, raw in enumerate(fh, 1):
+                done += len(raw)
+                if on_bytes is not None and i % 2000 == 0:
+                    on_bytes(done, total)
+                if not raw.strip():
+                    continue
+                try:
+                    yield i, json.loads(raw), None
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    yield i, None, f"invalid JSON: {getattr(e, 'msg', str(e))}"
+        if on_bytes is not None:
+            on_bytes(total, total)
+    elif suffix == ".json":
+        try:
+            text = p.read_text(encoding="utf-8")
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            line = getattr(e, "lineno", 1)
+            if text.lstrip().startswith("{") and "\n{" in text:   # JSONL saved as .json
+                yield from iter_raw_lines_as_jsonl(p)
+                return
+            yield line, None, f"invalid JSON: {getattr(e, 'msg', str(e))}"
+            return
+        if isinstance(data, dict):
+            for key in ("data", "train", "rows", "examples"):
+                if isinstance(data.get(key), list):
+                    data = data[key]
+                    break
+            else:
+                data = [data]
+        if not isinstance(data, list):
+            yield 1, None, "top-level JSON must be a list of rows"
+            return
+        lines = _json_array_item_lines(text, len(data))
+        for i, rec in enumerate(data):
+            yield lines[i], rec, None
+    elif suffix == ".csv":
+        with open(p, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            prev = reader.line_num
+            for rec in reader:
+                yield prev + 1, dict(rec), None
+                prev = reader.line_num
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+        table = pq.read_table(p)
+        for i, rec in enumerate(table.to_pylist()):
+            yield i + 1, rec, None
+    else:
+        raise DataError(f"{p}: unsupported file type {suffix or '(none)'!r}; use one of "
+                        + ", ".join(SUFFIXES) + " or a datasets directory")
+
+
+def iter_raw_lines_as_jsonl(p: Path):
+    with open(p, "rb") as fh:
+        for i, raw in enumerate(fh, 1):
+            if raw.strip():
+                try:
+                    yield i, json.loads(raw), None
+                except json.JSONDecodeError as e:
+                    yield i, None, f"invalid JSON: {e.msg}"
+
+
+def _json_array_item_lines(text: str, n: int) -> list[int]:
+    """Best-effort physical line of each top-level array item (its opening brace)."""
+    lines, depth, line, in_str, esc = [], 0, 1, False, False
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+            continue
+        if ch == '"':
+            in_str = True
+            if depth == 1:
+                lines.append(line)
+        elif ch in "[{":
+            if depth == 1:
+                lines.append(line)
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+    lines += [lines[-1] if lines else 1] * (n - len(lines))
+    return lines[:n] if len(lines) >= n else lines
+
+
+def _iter_datasets_dir(p: Path):
+    try:
+        from datasets import load_from_disk
+        ds = load_from_disk(str(p))
+    except Exception as e:
+        raise DataError(f"{p}: not a datasets directory (saved with save_to_disk): {e}") from None
+    if hasattr(ds, "keys"):   # DatasetDict
+        split = "train" if "train" in ds else next(iter(ds.keys()))
+        ds = ds[split]
+    for i, rec in enumerate(ds):
+        yield i + 1, rec, None
+
+
+def detect(rec: object) -> tuple[str | None, str]:
+    """The format of one record and the evidence."""
+    if not isinstance(rec, dict):
+        return None, "not a JSON object"
+    keys = set(rec)
+    if "messages" in keys:
+        return "messages", "field 'messages' (a list of role/content turns)"
+    if "conversations" in keys:
+        conv = rec["conversations"]
+        if isinstance(conv, list) and conv and isinstance(conv[0], dict) and "from" in conv[0]:
+            return "sharegpt", "field 'conversations' with from/value turns"
+        return "messages", "field 'conversations' with role/content turns"
+    if "instruction" in keys and "output" in keys:
+        return "alpaca", "fields 'instruction' and 'output' (Alpaca)"
+    if "prompt" in keys and "completion" in keys:
+        return "prompt_completion", "fields 'prompt' and 'completion'"
+    if "text" in keys:
+        return "text", "field 'text' (plain language modelling)"
+    return None, "fields " + ", ".join(sorted(map(str, keys))[:6]) + " match no known format"
+
+
+def _check_turns(turns, line: int, problems: list[DataProblem]) -> list[dict] | None:
+    if not isinstance(turns, list):
+        problems.append(DataProblem(line, "wrong_type", "messages must be a list of turns"))
+        return None
+    if not turns:
+        problems.append(DataProblem(line, "empty_content", "messages is empty"))
+        return None
+    out = []
+    ok = True
+    for j, t in enumerate(turns):
+        if not isinstance(t, dict):
+            problems.append(DataProblem(line, "wrong_type", f"turn {j + 1} is not an object"))
+            return None
+        role, content = t.get("role"), t.get("content")
+        if role is None:
+            problems.append(DataProblem(line, "missing_field", f"turn {j + 1} has no 'role'"))
+            ok = False
+            continue
+        if role not in ROLES:
+            problems.append(DataProblem(line, "unknown_role", f"turn {j + 1} has unknown role {str(role)!r}; "
+                                        "allowed: " + ", ".join(ROLES)))
+            ok = False
+            continue
+        if content is None and "content" not in t:
+            problems.append(DataProblem(line, "missing_field", f"turn {j + 1} ({role}) has no 'content'"))
+            ok = False
+            continue
+        if not isinstance(content, str):
+            problems.append(DataProblem(line, "non_string_content",
+                                        f"turn {j + 1} ({role}) content is {type(content).__name__}, not a string"))
+            ok = False
+            continue
+        if not content.strip():
+            problems.append(DataProblem(line, "empty_content", f"turn {j + 1} ({role}) has empty content"))
+            ok = False
+            continue
+        out.append({"role": role, "content": content})
+    if not ok:
+        return None
+    # role order: optional system first, then user/assistant alternating, ending with assistant
+    body = [t["role"] for t in out if t["role"] != "tool"]
+    if body and body[0] == "system":
+        body = body[1:]
+    if "system" in body:
+        problems.append(DataProblem(line, "role_order", "a system turn after the first turn"))
+        return None
+    if not body or "assistant" not in body:
+        problems.append(DataProblem(line, "role_order", "no assistant turn: nothing to train on"))
+        return None
+    if body[0] == "assistant":
+        problems.append(DataProblem(line, "role_order", "assistant speaks first; expected a user turn first"))
+        return None
+    for a, b in zip(body, body[1:]):
+        if a == b:
+            problems.append(DataProblem(line, "role_order", f"two {a} turns in a row"))
+            return None
+    return out
+
+
+def normalise(rec: object, fmt: str, line: int, problems: list[DataProblem]) -> dict | None:
+    """One raw record → the row TRL takes, or None (with a problem recorded)."""
+    if not isinstance(rec, dict):
+        problems.append(DataProblem(line, "not_object", "row is not a JSON object"))
+        return None
+    if fmt == "messages":
+        turns = rec.get("messages", rec.get("conversations"))
+        if turns is None:
+            problems.append(DataProblem(line, "missing_field", "missing field 'messages'"))
+            return None
+        msgs = _check_turns(turns, line, problems)
+        return {"messages": msgs} if msgs else None
+    if fmt == "sharegpt":
+        conv = rec.get("conversations")
+        if not isinstance(conv, list):
+            problems.append(DataProblem(line, "missing_field", "missing list field 'conversations'"))
+            return None
+        turns = []
+        for j, t in enumerate(conv):
+            if not isinstance(t, dict) or "from" not in t:
+                problems.append(DataProblem(line, "missing_field", f"turn {j + 1} has no 'from'"))
+                return None
+            role = SHAREGPT_ROLES.get(str(t["from"]).lower(), t["from"])
+            turns.append({"role": role, "content": t.get("value")})
+        msgs = _check_turns(turns, line, problems)
+        return {"messages": msgs} if msgs else None
+    if fmt == "alpaca":
+        ins, inp, out = rec.get("instruction"), rec.get("input", ""), rec.get("output")
+        for name, v in (("instruction", ins), ("output", out)):
+            if v is None:
+                problems.append(DataProblem(line, "missing_field", f"missing field '{name}'"))
+                return None
+            if not isinstance(v, str):
+                problems.append(DataProblem(line, "wrong_type", f"'{name}' must be a string"))
+                return None
+        if inp is None:
+            inp = ""
+        if not isinstance(inp, str):
+            problems.append(DataProblem(line, "wrong_type", "'input' must be a string"))
+            return None
+        if not ins.strip() or not out.strip():
+            problems.append(DataProblem(line, "empty_content", "empty instruction or output"))
+            return None
+        user = ins if not inp.strip() else f"{ins}\n\n{inp}"
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": out}]
+        if isinstance(rec.get("system"), str) and rec["system"].strip():
+            msgs.insert(0, {"role": "system", "content": rec["system"]})
+        return {"messages": msgs}
+    if fmt == "prompt_completion":
+        p, c = rec.get("prompt"), rec.get("completion")
+        for name, v in (("prompt", p), ("completion", c)):
+            if v is None:
+                problems.append(DataProblem(line, "missing_field", f"missing field '{name}'"))
+                return None
+            if not isinstance(v, str):
+                problems.append(DataProblem(line, "wrong_type", f"'{name}' must be a string"))
+                return None
+        if not c.strip():
+            problems.append(DataProblem(line, "empty_content", "empty completion: nothing to train on"))
+            return None
+        return {"prompt": p, "completion": c}
+    if fmt == "text":
+        t = rec.get("text")
+        if t is None:
+            problems.append(DataProblem(line, "missing_field", "missing field 'text'"))
+            return None
+        if not isinstance(t, str):
+            problems.append(DataProblem(line, "wrong_type", "'text' must be a string"))
+            return None
+        if not t.strip():
+            problems.append(DataProblem(line, "empty_content", "empty text"))
+            return None
+        return {"text": t}
+    raise ValueError(fmt)
+
+
+def load(path: str, fmt: str = "auto", on_bytes=None) -> Dataset:
+    """Read, detect and normalise a whole file. Bad rows become problems; never raises for them."""
+    raw = list(iter_raw(path, on_bytes=on_bytes))
+    return build(str(path), raw, fmt)
+
+
+def build(path: str, raw: list, fmt: str = "auto") -> Dataset:
+    problems: list[DataProblem] = []
+    seen: dict[str, int] = {}
+    first_line: dict[str, int] = {}
+    for line, rec, err in raw:
+        if err is None:
+            f, _ = detect(rec)
+            if f:
+                seen[f] = seen.get(f, 0) + 1
+                first_line.setdefault(f, line)
+    if fmt == "auto":
+        if not seen:
+            where = resolve(path)
+            raise DataError(f"{where}: no row matches a known format (messages, conversations, "
+                            "instruction/output, prompt/completion, text); set data.format or fix the file")
+        fmt = max(seen, key=seen.get)
+        reason = f"{seen[fmt]} of {len(raw)} rows have " + detect_reason(fmt)
+    else:
+        reason = f"set by data.format = {fmt!r}"
+    ds = Dataset(path=str(path), format=fmt, reason=reason, raw_count=len(raw), formats_seen=seen)
+    if len(seen) > 1:
+        others = ", ".join(f"{k} ({v} rows, first at line {first_line[k]})" for k, v in seen.items() if k != fmt)
+        problems.append(DataProblem(first_line[min(seen, key=seen.get)], "mixed_format",
+                                    f"mixed formats: using {fmt}; also found {others}"))
+    for line, rec, err in raw:
+        if err is not None:
+            problems.append(DataProblem(line, "invalid_json" if "JSON" in err else "bad_row", err))
+            continue
+        f, _ = detect(rec)
+        if f is not None and f != fmt and not (fmt == "messages" and f == "sharegpt"):
+            continue   # reported once as mixed_format
+        norm = normalise(rec, fmt, line, problems)
+        if norm is not None:
+            ds.rows.append(Row(line, norm))
+    problems.sort(key=lambda p: p.line)
+    ds.problems = problems
+    return ds
+
+
+def detect_reason(fmt: str) -> str:
+    return {"messages": "a 'messages' list of role/content turns (ChatML)",
+            "sharegpt": "'conversations' with from/value turns (ShareGPT)",
+            "alpaca": "'instruction' and 'output' fields (Alpaca)",
+            "prompt_completion": "'prompt' and 'completion' fields",
+            "text": "a 'text' field (plain language modelling)"}[fmt]
+
+
+def load_for_training(cfg) -> tuple[Dataset, Dataset | None]:
+    """Train (and eval) datasets for a config; raises DataError when training cannot proceed."""
+    train = load(cfg.resolve_path(cfg.data.train), cfg.data.format)
+    _require_usable(train, cfg, "data.train")
+    ev = None
+    if cfg.data.eval:
+        ev = load(cfg.resolve_path(cfg.data.eval), cfg.data.format)
+        _require_usable(ev, cfg, "data.eval")
+    return train, ev
+
+
+def _require_usable(ds: Dataset, cfg, key: str) -> None:
+    where = resolve(ds.path)
+    if ds.raw_count == 0:
+        raise DataError(f"{where}: the file has no rows ({key}); add training examples")
+    if not ds.rows:
+        first = ds.problems[0] if ds.problems else None
+        raise DataError(f"{where}: none of {ds.raw_count} rows is usable"
+                        + (f"; first problem at line {first.line}: {first.message}" if first else ""))
+    if cfg.data.strict and ds.problems:
+        p = ds.problems[0]
+        raise DataError(f"{where}:{p.line}: {p.message} ({len(ds.problems)} problem(s); data.strict = true "
+                        "refuses to train; fix them or set data.strict = false to skip bad rows)")

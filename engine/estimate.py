@@ -1,0 +1,609 @@
+"""Pre-flight peak-VRAM estimate from config.json alone, and the fit planner.
+
+Nothing here loads weights or imports torch: ``estimate()`` works from the model's
+config.json (a dict) and the run ``Config``. The model is the one TRL 1.16's
+``SFTTrainer`` + PEFT 0.21 + bitsandbytes 0.50 actually run: NF4 base, bf16 LoRA adapters
+(TRL casts trainable params of 4-bit models to bf16), non-reentrant per-layer gradient
+checkpointing, and TRL's fused LM head (``add_fused_lm_head``: per-token log-probs in
+4096-token x 32768-vocab tiles, the ``(batch, seq, vocab)`` logits never exist; TRL 1.16
+uses it for every SFT loss, and turns Liger's fused-linear-cross-entropy off).
+
+Notation: h hidden, q = heads*head_dim, kv = kv_heads*head_dim, i intermediate, L layers,
+V vocab, r LoRA rank, N = micro-batch x max_length tokens (every row assumed full length:
+the worst case; padded or packed batches never hold more), d = compute dtype bytes (2).
+
+``peak_bytes`` is comparable to ``torch.cuda.max_memory_reserved()`` and is the sum of:
+
+  weights_quantized    Σ nn.Linear params of the decoder x 4.127 bit / 8 (NF4 + double quant;
+                       4.5 bit without double quant; d bytes when load_in_4bit = false)
+  weights_unquantized  (V*h embeddings + V*h lm_head unless tied + norms) x d
+  lora_params          P_lora x adapter bytes; P_lora = L x Σ_targeted r*(in+out)
+                       (LoRA-FA: r*out; DoRA: + out per module, fp32). Adapter bytes: 2 (bf16)
+                       over a 4-bit base, 4 (PEFT upcasts to fp32) over a 16-bit base.
+  lora_grads           P_lora x adapter bytes
+  optimizer_state      adamw_torch(_fused): 2 moments in the param dtype; paged_/adamw_32bit:
+                       8 B/param; adamw_8bit / paged_adamw_8bit: 2 B/param (+ block absmax);
+                       adafactor: 4*(rows+cols) per matrix; sgd: 0
+  activations          gc on : N x (2h*L  [one checkpointed layer input per layer]
+                                    + A_layer [one layer recomputed during its backward])
+                       gc off: N x L x A_layer
+                       A_layer (bytes/token, d=2), measured with saved-tensor hooks on the
+                       HF Llama + PEFT graph:
+                         HF   : 8h (two fp32 RMSNorm inputs) + 4q (rotated q, attention out)
+                                + 4kv (k, v) + 6i (gate out, silu out, up out)
+                         Liger: 4h (bf16 norm inputs) + 4q + 4kv + 4i (SwiGLU keeps gate, up)
+                         + 2h if any of q/k/v is targeted, + 2h if gate/up is, + 2i if down is
+                           (the inputs LoRA-A saves), + 2r per targeted module, + 4*heads (lse)
+                       all-linear HF = 16h+4kv+8i (landscape.md's figure), Liger = 12h+4kv+6i.
+  logits               TRL fused head: tile min(N,4096) x min(V,32768) x d, + N x 8h (compact
+                       hidden copy 2h, fp32 grad 4h, its cast 2h). HF's own loss (loss_impl="hf")
+                       instead: N x V x (d + 4 + 4 + 4) (logits, fp32 upcast, softmax, grad).
+  backward_workspace   N x c*h, fitted on the four H200 runs: c = 0.6 (Liger), 2.6 (HF: the
+                       fp32 RMSNorm backward).
+  allocator_overhead   17% of the sum above (reserved over allocated: measured 16.0% on 8B,
+                       18.1% on 1B).
+
+``cuda_context`` (0.5 GiB; outside the caching allocator, so not in max_memory_reserved) is
+reported in the breakdown but not in ``peak_bytes``; ``device_bytes`` = peak_bytes +
+cuda_context is what nvidia-smi would show and what ``fits`` compares with the GPU memory.
+
+Calibration (docs/ESTIMATE.md has the table): the five plain_trl_baseline.py runs on the H200
+(seq 2048, batch 8, r=32, all-linear, adamw_torch) are predicted within 2%.
+FSDP divides weights, adapters and optimizer state by the GPU count; DoRA, MoE models,
+fp32 compute and 16-bit bases follow the same terms but were not measured.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.config import AUTO, Config
+
+GIB = 1024 ** 3
+
+NF4_DQ_BITS = 4.127      # 4 bit + 8-bit absmax per 64 + fp32 absmax per 256 blocks
+NF4_BITS = 4.5           # 4 bit + fp32 absmax per 64
+LOGIT_TOKEN_TILE = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
+LOGIT_VOCAB_TILE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
+CUDA_CONTEXT = int(0.5 * GIB)
+ALLOCATOR_OVERHEAD = 0.17
+BACKWARD_WS_LIGER = 0.6  # x h bytes per token
+BACKWARD_WS_HF = 2.6
+HEADROOM = 0.10          # the planner keeps 10% of the GPU free
+
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LOSS_IMPLS = ("trl", "hf")
+
+
+class EstimateError(ValueError):
+    """The estimate cannot be made (one line naming the model or the missing key)."""
+
+
+@dataclass
+class Shape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    experts: int = 1           # MoE: experts per layer (1 = dense)
+    experts_per_token: int = 1
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def module_dims(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each decoder projection."""
+        h, i = self.hidden, self.intermediate
+        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
+                "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def shape_of(model_config: dict) -> Shape:
+    """The dimensions the estimate needs from a config.json dict (Llama/Mistral/Qwen keys)."""
+    mc = model_config
+    if "hidden_size" not in mc and isinstance(mc.get("text_config"), dict):
+        mc = {**mc["text_config"], "tie_word_embeddings": mc.get("tie_word_embeddings",
+                                                                   mc["text_config"].get("tie_word_embeddings"))}
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+               if not isinstance(mc.get(k), int)]
+    if missing:
+        raise EstimateError("config.json lacks " + ", ".join(missing) + " (not a decoder-only LLM config?)")
+    h = mc["hidden_size"]
+    heads = mc["num_attention_heads"]
+    experts = mc.get("num_local_experts") or mc.get("num_experts") or 1
+    inter = mc.get("moe_intermediate_size") if experts > 1 and mc.get("moe_intermediate_size") else None
+    inter = inter or mc.get("intermediate_size") or 4 * h
+    return Shape(hidden=h, intermediate=int(inter), layers=mc["num_hidden_layers"], heads=heads,
+                 kv_heads=mc.get("num_key_value_heads") or heads,
+                 head_dim=mc.get("head_dim") or h // heads, vocab=mc["vocab_size"],
+                 tied=bool(mc.get("tie_word_embeddings", False)), experts=int(experts),
+                 experts_per_token=int(mc.get("num_experts_per_tok") or 1))
+
+
+@dataclass
+class Estimate:
+    peak_bytes: int                          # comparable to torch.cuda.max_memory_reserved()
+    breakdown: dict[str, int]                # bytes; all but cuda_context sum to peak_bytes
+    trainable_params: int
+    total_params: int
+    fits: bool | None                        # device_bytes <= gpu_mem_bytes; None without a GPU size
+    gpu_mem_bytes: int | None
+    notes: list[str] = field(default_factory=list)
+    # the inputs the numbers were computed for
+    batch_size: int = 0
+    seq_len: int = 0
+    gradient_checkpointing: bool = True
+    liger: bool = False
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Predicted peak of torch.cuda.max_memory_allocated() (peak without the allocator's slack)."""
+        return self.peak_bytes - self.breakdown["allocator_overhead"]
+
+    @property
+    def device_bytes(self) -> int:
+        """Predicted whole-process GPU memory: reserved peak + CUDA context."""
+        return self.peak_bytes + self.breakdown["cuda_context"]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["allocated_bytes"] = self.allocated_bytes
+        d["device_bytes"] = self.device_bytes
+        return d
+
+
+def _tri(value) -> bool | None:
+    """true/false/"auto" → True/False/None."""
+    return None if value == AUTO else bool(value)
+
+
+def _targets(cfg: Config, notes: list[str]) -> list[str]:
+    tm = cfg.lora.target_modules
+    if isinstance(tm, str):
+        if tm == "all-linear":
+            return list(MODULES)
+        tm = [tm]
+    known = [m for m in tm if m in MODULES]
+    unknown = [m for m in tm if m not in MODULES]
+    if unknown:
+        notes.append("target modules not in the Llama layout, not counted: " + ", ".join(unknown))
+    return known
+
+
+def _compute_bytes(cfg: Config) -> int:
+    dt = cfg.quant.compute_dtype
+    if dt == AUTO:
+        return 4 if cfg.train.device == "cpu" else 2
+    return 4 if dt == "fp32" else 2
+
+
+def _optimizer(cfg: Config) -> str:
+    opt = cfg.train.optimizer
+    if opt == AUTO:
+        return "adamw_torch" if cfg.train.device == "cpu" else "paged_adamw_8bit"
+    return opt
+
+
+def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
+             seq_len: int | None = None, gradient_checkpointing: bool | None = None,
+             liger: bool | None = None, gpu_mem_bytes: int | None = None,
+             loss_impl: str = "trl") -> Estimate:
+    """Predict the training peak for ``cfg`` on the model described by ``model_config``.
+
+    The keyword arguments override the config (the planner uses them); ``"auto"`` in the
+    config reads as gradient checkpointing on and Liger off (the conservative side).
+    """
+    if loss_impl not in LOSS_IMPLS:
+        raise EstimateError(f"loss_impl must be one of {LOSS_IMPLS}, not {loss_impl!r}")
+    s = shape_of(model_config)
+    notes: list[str] = []
+    b = int(batch_size or cfg.train.batch_size)
+    seq = int(seq_len or cfg.data.max_length)
+    gc = gradient_checkpointing if gradient_checkpointing is not None else _tri(cfg.train.gradient_checkpointing)
+    gc = True if gc is None else gc
+    lg = liger if liger is not None else _tri(cfg.train.liger_kernel)
+    lg = False if lg is None else lg
+    d = _compute_bytes(cfg)
+    four = cfg.quant.load_in_4bit
+    h, i, L, V = s.hidden, s.intermediate, s.layers, s.vocab
+    N = b * seq
+    dims = s.module_dims()
+    targets = _targets(cfg, notes)
+    r = cfg.lora.r
+
+    # --- weights
+    attn_lin = sum(a * o for m, (a, o) in dims.items() if m in MODULES[:4])
+    mlp_lin = sum(a * o for m, (a, o) in dims.items() if m in MODULES[4:]) * s.experts
+    router = h * s.experts if s.experts > 1 else 0
+    linear = L * (attn_lin + mlp_lin)
+    other = V * h * (1 if s.tied else 2) + (2 * L + 1) * h + L * router
+    bits = (NF4_DQ_BITS if cfg.quant.double_quant else NF4_BITS) if four else 8 * d
+    w_q = int(linear * bits / 8) if four else 0
+    w_u = other * d + (0 if four else linear * d)
+    if s.experts > 1:
+        notes.append(f"MoE ({s.experts} experts, {s.experts_per_token} per token): LoRA and activations "
+                     "counted for the active experts only; not calibrated")
+
+    # --- LoRA
+    per_layer = 0
+    magnitude = 0
+    for m in targets:
+        a, o = dims[m]
+        mult = s.experts if m in MODULES[4:] else 1
+        per_layer += (r * o if cfg.lora.lora_fa else r * (a + o)) * mult
+        magnitude += o * mult if cfg.lora.use_dora else 0
+    lora_n = L * per_layer
+    mag_n = L * magnitude
+    trainable = lora_n + mag_n
+    ab = 2 if four else 4          # TRL casts adapters of 4-bit models to bf16; PEFT upcasts to fp32
+    lora_params = lora_n * ab + mag_n * 4
+    lora_grads = lora_params
+    if cfg.lora.use_dora:
+        notes.append("DoRA: magnitude vectors kept in fp32; its extra activations are approximate")
+
+    opt = _optimizer(cfg)
+    if opt in ("adamw_torch", "adamw_torch_fused"):
+        opt_state = 2 * lora_params
+    elif opt in ("paged_adamw_32bit",):
+        opt_state = 8 * trainable
+    elif opt in ("adamw_8bit", "paged_adamw_8bit"):
+        opt_state = int(trainable * (2 + 8 / 256))   # two uint8 moments + fp32 absmax per 256
+    elif opt == "adafactor":
+        rows_cols = 0
+        for m in targets:
+            a, o = dims[m]
+            rows_cols += (o + r) if cfg.lora.lora_fa else (r + a) + (o + r)
+        opt_state = 4 * L * rows_cols + 4 * mag_n
+    elif opt == "sgd":
+        opt_state = 0
+    else:
+        opt_state = 8 * trainable
+        notes.append(f"optimizer {opt!r} not modelled: assumed 8 B/param of state")
+    if opt.startswith("paged_"):
+        notes.append(f"{opt}: optimizer state can page to host RAM under pressure (counted on the GPU here)")
+
+    # --- activations (bytes per token per layer, in units of d/2)
+    q, kv = s.q_dim, s.kv_dim
+    ffn_i = i * s.experts_per_token
+    if lg:
+        act = 4 * h + 4 * q + 4 * kv + 4 * ffn_i
+    else:
+        act = 8 * h + 4 * q + 4 * kv + 6 * ffn_i
+    if any(m in targets for m in ("q_proj", "k_proj", "v_proj")):
+        act += 2 * h
+    if any(m in targets for m in ("gate_proj", "up_proj")):
+        act += 2 * h
+    if "down_proj" in targets:
+        act += 2 * ffn_i
+    act += 2 * r * len(targets) + 4 * s.heads
+    if cfg.lora.use_dora:
+        act += 2 * sum(dims[m][1] for m in targets)    # DoRA keeps the base output per module
+    act = act * d // 2
+    if gc:
+        activations = N * (2 * h * d // 2 * L + act)
+    else:
+        activations = N * L * act
+    workspace = int(N * h * (BACKWARD_WS_LIGER if lg else BACKWARD_WS_HF) * d / 2)
+
+    # --- logits / LM head
+    if loss_impl == "trl":
+        logits = min(N, LOGIT_TOKEN_TILE) * min(V, LOGIT_VOCAB_TILE) * d + N * 8 * h
+    else:
+        logits = N * V * (d + 12)
+        notes.append("HF loss: full logits in fp32 (about %.1f MB per token)" % (V * (d + 12) / 1e6))
+
+    # --- multi-GPU
+    gpus = cfg.distributed.gpus
+    if gpus > 1 and cfg.distributed.strategy == "fsdp":
+        w_q, w_u = w_q // gpus, w_u // gpus
+        lora_params, lora_grads, opt_state = lora_params // gpus, lora_grads // gpus, opt_state // gpus
+        notes.append(f"FSDP over {gpus} GPUs: weights, adapters and optimizer state sharded (rough)")
+    elif gpus > 1:
+        notes.append(f"DDP over {gpus} GPUs: the figures are per GPU")
+
+    allocated = w_q + w_u + lora_params + lora_grads + opt_state + activations + logits + workspace
+    overhead = int(allocated * ALLOCATOR_OVERHEAD)
+    breakdown = {
+        "weights_quantized": int(w_q), "weights_unquantized": int(w_u),
+        "lora_params": int(lora_params), "lora_grads": int(lora_grads),
+        "optimizer_state": int(opt_state), "activations": int(activations), "logits": int(logits),
+        "backward_workspace": int(workspace), "allocator_overhead": overhead,
+        "cuda_context": CUDA_CONTEXT,
+    }
+    peak = allocated + overhead
+    total = linear + other + trainable
+    if not four:
+        notes.append("16-bit base (load_in_4bit = false): adapters in fp32")
+    if d == 4:
+        notes.append("fp32 compute: activations and unquantized weights at 4 bytes")
+    notes.append(f"assumes every row is {seq} tokens (padding/packing never exceeds it)")
+    fits = None if gpu_mem_bytes is None else peak + CUDA_CONTEXT <= gpu_mem_bytes
+    return Estimate(peak_bytes=int(peak), breakdown=breakdown, trainable_params=int(trainable),
+                    total_params=int(total), fits=fits, gpu_mem_bytes=gpu_mem_bytes, notes=notes,
+                    batch_size=b, seq_len=seq, gradient_checkpointing=gc, liger=lg)
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json and GPU memory
+
+def model_config_for(cfg: Config) -> dict:
+    """The model's config.json as a dict: local directory, builtin:tiny, or the hub (config only)."""
+    name = cfg.model.name.strip()
+    from engine.model import ModelError, model_path
+    try:
+        where = model_path(cfg)
+    except ModelError as e:
+        raise EstimateError(str(e)) from None
+    p = Path(where)
+    if p.is_dir():
+        path = p / "config.json"
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+            path = Path(hf_hub_download(where, "config.json", revision=cfg.model.revision or None))
+        except Exception as e:  # offline, gated, missing repo: one line naming the model
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise EstimateError(f"cannot read config.json of model {name!r} from the hub: "
+                                f"{type(e).__name__}: {first}") from None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EstimateError(f"cannot read {path} for model {name!r}: {e}") from None
+
+
+def gpu_free_bytes(index: int = 0) -> int | None:
+    """Free memory of GPU ``index`` via NVML; None when there is no NVIDIA GPU or driver."""
+    try:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import pynvml
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
+    except Exception:
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# the planner
+
+@dataclass
+class Plan:
+    batch_size: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    liger: bool
+    packing: bool
+    estimate: Estimate
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                "gradient_checkpointing": self.gradient_checkpointing, "liger": self.liger,
+                "packing": self.packing, "peak_bytes": self.estimate.peak_bytes,
+                "device_bytes": self.estimate.device_bytes, "fits": self.estimate.fits,
+                "reasons": list(self.reasons)}
+
+
+def _liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def _flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _divisors_desc(n: int) -> list[int]:
+    return [k for k in range(n, 0, -1) if n % k == 0]
+
+
+def _gib(n: int | float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
+    """Choose micro-batch, accumulation, gradient checkpointing, Liger and packing to fit.
+
+    Only ``"auto"`` fields are decided; explicit true/false are kept. The effective batch
+    (batch_size x grad_accum) is kept: the micro-batch is a divisor of it. Preference, fastest
+    first: no gradient checkpointing (if it fits with 10% headroom at a micro-batch of at
+    least min(2048 tokens, the whole effective batch)), then the largest micro-batch.
+    """
+    t = cfg.train
+    gc_set, lg_set, pk_set = _tri(t.gradient_checkpointing), _tri(t.liger_kernel), _tri(cfg.data.packing)
+    reasons: list[str] = []
+    cuda = gpu_mem_bytes is not None and t.device != "cpu"
+    if not cuda:
+        gc = True if gc_set is None else gc_set
+        lg = False if lg_set is None else lg_set
+        pk = False if pk_set is None else pk_set
+        est = estimate(cfg, model_config, gradient_checkpointing=gc, liger=lg)
+        reasons.append("CPU: no memory planning")
+        return Plan(t.batch_size, t.grad_accum, gc, lg, pk, est, reasons)
+
+    # Liger: faster and smaller where it exists, so on when auto and importable
+    if lg_set is None:
+        lg = _liger_available()
+        reasons.append("Liger kernels on (liger_kernel installed, CUDA)" if lg
+                       else "Liger kernels off (liger_kernel not installed)")
+    else:
+        lg = lg_set
+        reasons.append(f"Liger kernels {'on' if lg else 'off'} (set in the config)")
+    if lg_set and not _liger_available():
+        reasons.append("warning: train.liger_kernel = true but liger_kernel is not installed")
+
+    # packing: does not change the worst-case peak; correct only where attention isolates samples
+    if pk_set is None:
+        attn = cfg.model.attn_implementation
+        iso = attn == "flash_attention_2" or (attn == AUTO and _flash_attn_available())
+        pk = iso
+        reasons.append("packing on (flash-attention isolates packed samples)" if pk else
+                       "packing off (needs flash_attention_2 to keep packed samples apart)")
+    else:
+        pk = pk_set
+
+    eff = t.batch_size * t.grad_accum
+    seq = cfg.data.max_length
+    budget = gpu_mem_bytes * (1 - HEADROOM)
+    gcs = [False, True] if gc_set is None else [gc_set]
+    min_tokens = min(2048, eff * seq)
+
+    def fits(est: Estimate) -> bool:
+        return est.device_bytes <= budget
+
+    chosen = None
+    tried = []
+    for gc in gcs:
+        for b in _divisors_desc(eff):
+            est = estimate(cfg, model_config, batch_size=b, gradient_checkpointing=gc, liger=lg,
+                           gpu_mem_bytes=gpu_mem_bytes)
+            tried.append(est)
+            if not fits(est):
+                continue
+            if gc is False and len(gcs) > 1 and b * seq < min_tokens:
+                reasons.append(f"no gradient checkpointing would need micro-batch {b} "
+                               f"({b * seq} tokens): too small to be faster; keeping it on")
+                break
+            chosen = est
+            break
+        if chosen is not None:
+            break
+    if chosen is None:
+        # nothing fits: report the smallest-memory option the explicit settings allow
+        chosen = min(tried, key=lambda e: e.peak_bytes)
+        reasons.append(f"does not fit: even micro-batch {chosen.batch_size} with gradient "
+                       f"checkpointing {'on' if chosen.gradient_checkpointing else 'off'} needs "
+                       f"{_gib(chosen.device_bytes)} of {_gib(gpu_mem_bytes)}; lower data.max_length "
+                       f"(now {seq}), lora.r, or use a smaller model")
+    else:
+        why = "set in the config" if gc_set is not None else (
+            "fits without it: fastest" if not chosen.gradient_checkpointing else
+            "needed to fit" if len(gcs) > 1 else "")
+        reasons.append(f"gradient checkpointing {'on' if chosen.gradient_checkpointing else 'off'} ({why})")
+        reasons.append(f"micro-batch {chosen.batch_size} x accumulation {eff // chosen.batch_size} = "
+                       f"effective batch {eff} (largest micro-batch that fits with "
+                       f"{int(HEADROOM * 100)}% headroom)")
+        reasons.append(f"predicted {_gib(chosen.device_bytes)} of {_gib(gpu_mem_bytes)}")
+    b = chosen.batch_size
+    return Plan(batch_size=b, grad_accum=eff // b, gradient_checkpointing=chosen.gradient_checkpointing,
+                liger=lg, packing=pk, estimate=chosen, reasons=reasons)
+
+
+def apply_plan(cfg: Config, p: Plan) -> Config:
+    """A copy of ``cfg`` with the plan's choices applied (booleans instead of "auto")."""
+    out = cfg.copy()
+    out.train.batch_size = p.batch_size
+    out.train.grad_accum = p.grad_accum
+    out.train.gradient_checkpointing = bool(p.gradient_checkpointing)
+    out.train.liger_kernel = bool(p.liger)
+    out.data.packing = bool(p.packing)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+BREAKDOWN_LABELS = [
+    ("weights_quantized", "base weights, 4-bit"),
+    ("weights_unquantized", "embeddings, lm_head, norms"),
+    ("lora_params", "LoRA adapters"),
+    ("lora_grads", "LoRA gradients"),
+    ("optimizer_state", "optimizer state"),
+    ("activations", "activations"),
+    ("logits", "LM head / logits"),
+    ("backward_workspace", "backward workspace"),
+    ("allocator_overhead", "allocator overhead"),
+]
+
+
+def format_report(est: Estimate, pl: Plan | None) -> str:
+    lines = [f"Peak VRAM estimate: micro-batch {est.batch_size} x {est.seq_len} tokens, gradient "
+             f"checkpointing {'on' if est.gradient_checkpointing else 'off'}, Liger "
+             f"{'on' if est.liger else 'off'}", ""]
+    for key, label in BREAKDOWN_LABELS:
+        lines.append(f"  {label:<30}{est.breakdown[key] / GIB:>9.2f} GiB")
+    lines.append(f"  {'-' * 30}{'-' * 13}")
+    lines.append(f"  {'peak reserved (PyTorch)':<30}{est.peak_bytes / GIB:>9.2f} GiB")
+    lines.append(f"  {'+ CUDA context':<30}{est.breakdown['cuda_context'] / GIB:>9.2f} GiB")
+    lines.append(f"  {'= on the GPU':<30}{est.device_bytes / GIB:>9.2f} GiB")
+    lines.append(f"  trainable {est.trainable_params / 1e6:,.1f} M of {est.total_params / 1e9:,.2f} B params")
+    lines.append("")
+    if est.gpu_mem_bytes is None:
+        lines.append("Fits: unknown (no GPU found; pass --gpu-mem GIB)")
+    elif est.fits:
+        lines.append(f"Fits: yes ({_gib(est.device_bytes)} of {_gib(est.gpu_mem_bytes)})")
+    else:
+        lines.append(f"Fits: NO ({_gib(est.device_bytes)} needed, {_gib(est.gpu_mem_bytes)} available)")
+    for n in est.notes:
+        lines.append(f"  note: {n}")
+    if pl is not None:
+        lines.append("")
+        lines.append(f"Planner: micro-batch {pl.batch_size}, accumulation {pl.grad_accum}, gradient "
+                     f"checkpointing {'on' if pl.gradient_checkpointing else 'off'}, Liger "
+                     f"{'on' if pl.liger else 'off'}, packing {'on' if pl.packing else 'off'}")
+        for r in pl.reasons:
+            lines.append(f"  - {r}")
+    return "\n".join(lines)
+
+
+def _cmd_estimate(args) -> int:
+    from engine.cli import load_config_or_exit
+    cfg = load_config_or_exit(args)
+    try:
+        mc = model_config_for(cfg)
+        gpu_mem = int(args.gpu_mem * GIB) if args.gpu_mem is not None else (
+            None if cfg.train.device == "cpu" else gpu_free_bytes())
+        est = estimate(cfg, mc, gpu_mem_bytes=gpu_mem)
+        pl = plan(cfg, mc, gpu_mem)
+    except EstimateError as e:
+        print(f"estimate: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        out = {"model": cfg.model.name, "peak_bytes": est.peak_bytes,
+               "allocated_bytes": est.allocated_bytes, "device_bytes": est.device_bytes,
+               "fits": est.fits, "gpu_mem_bytes": est.gpu_mem_bytes, "breakdown": est.breakdown,
+               "trainable_params": est.trainable_params, "total_params": est.total_params,
+               "batch_size": est.batch_size, "seq_len": est.seq_len,
+               "gradient_checkpointing": est.gradient_checkpointing, "liger": est.liger,
+               "notes": est.notes, "plan": pl.to_dict()}
+        print(json.dumps(out))
+    else:
+        print(format_report(est, pl))
+    return 0
+
+
+def register(subparsers) -> None:
+    from engine.cli import add_config_args
+    p = subparsers.add_parser(
+        "estimate", help="predict peak VRAM from config.json (no weights) and plan what fits",
+        description="Predict the training peak GPU memory from the model's config.json alone, "
+                    "and let the planner choose micro-batch, gradient checkpointing, Liger and "
+                    "packing where the config says auto. Exits 0 even when it does not fit.")
+    add_config_args(p)
+    p.add_argument("--gpu-mem", type=float, default=None, metavar="GIB",
+                   help="GPU memory to plan for, in GiB (default: free memory of GPU 0 via NVML)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_estimate)

@@ -1,0 +1,242 @@
+"""In-process hardware readings: NVIDIA GPUs through NVML, CPU and RAM from /proc.
+
+``GpuSampler`` initialises NVML once (``pynvml``, imported lazily) and reads every GPU
+without a subprocess; when there is no NVML library, no driver or no device it says so
+(``available = False``, ``reason``) and ``sample()`` returns ``[]``. ``HostSampler`` reads
+/proc/stat and /proc/meminfo (no psutil). Neither ever raises to the caller.
+
+NVML numbers GPUs physically (as ``nvidia-smi`` does), which can differ from the order
+``CUDA_VISIBLE_DEVICES`` gives a process; pass ``indices`` to read a subset.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass
+
+
+@dataclass
+class GpuStat:
+    index: int
+    name: str
+    util_percent: float | None = None
+    mem_used_bytes: int | None = None
+    mem_total_bytes: int | None = None
+    temperature_c: float | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None
+
+    @property
+    def mem_fraction(self) -> float | None:
+        if self.mem_used_bytes is None or not self.mem_total_bytes:
+            return None
+        return self.mem_used_bytes / self.mem_total_bytes
+
+
+@dataclass
+class HostStat:
+    cpu_percent: float | None = None
+    ram_used_bytes: int | None = None
+    ram_total_bytes: int | None = None
+
+
+def _import_pynvml():
+    # The "pynvml" distribution (>= 12) is a shim over nvidia-ml-py that warns on import.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pynvml  # noqa: PLC0415  (lazy: importing must never fail the engine)
+    return pynvml
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]
+
+
+class GpuSampler:
+    """NVML readings of the NVIDIA GPUs on this host; never raises.
+
+    ``available``: NVML initialised and at least one device found; otherwise ``reason`` says
+    why (e.g. "no NVIDIA GPU (NVML: NVML Shared Library Not Found)").
+    """
+
+    def __init__(self, indices: list[int] | None = None):
+        self.available = False
+        self.reason = ""
+        self.driver_version: str | None = None
+        self._nvml = None
+        self._handles: list[tuple[int, object, str]] = []   # (index, handle, name)
+        self._lock = threading.Lock()
+        try:
+            nvml = _import_pynvml()
+        except Exception as e:  # ImportError, or anything a broken install throws
+            self.reason = f"no NVIDIA GPU readings (pynvml not importable: {_short(e)})"
+            return
+        try:
+            nvml.nvmlInit()
+        except Exception as e:
+            self.reason = f"no NVIDIA GPU (NVML: {_short(e)})"
+            return
+        self._nvml = nvml
+        try:
+            count = nvml.nvmlDeviceGetCount()
+        except Exception as e:
+            self.reason = f"no NVIDIA GPU (NVML device count: {_short(e)})"
+            self.close()
+            return
+        try:
+            v = nvml.nvmlSystemGetDriverVersion()
+            self.driver_version = v.decode() if isinstance(v, bytes) else str(v)
+        except Exception:
+            pass
+        wanted = range(count) if indices is None else [i for i in indices if 0 <= i < count]
+        errors = []
+        for i in wanted:
+            try:
+                h = nvml.nvmlDeviceGetHandleByIndex(i)
+            except Exception as e:
+                errors.append(f"GPU {i}: {_short(e)}")
+                continue
+            try:
+                name = nvml.nvmlDeviceGetName(h)
+                name = name.decode() if isinstance(name, bytes) else str(name)
+            except Exception:
+                name = f"GPU {i}"
+            self._handles.append((i, h, name))
+        if not self._handles:
+            if count == 0:
+                self.reason = "no NVIDIA GPU (NVML found 0 devices)"
+            elif errors:
+                self.reason = "no readable NVIDIA GPU (NVML: " + "; ".join(errors) + ")"
+            else:
+                self.reason = f"none of GPUs {list(indices or [])} exist (NVML found {count})"
+            self.close()
+            return
+        self.available = True
+
+    @property
+    def count(self) -> int:
+        return len(self._handles)
+
+    def _read(self, fn, *args):
+        try:
+            return fn(*args)
+        except Exception:
+            return None
+
+    def sample(self) -> list[GpuStat]:
+        """One reading per GPU; a value NVML cannot give is None. [] when unavailable."""
+        with self._lock:
+            if not self.available or self._nvml is None:
+                return []
+            nvml = self._nvml
+            out = []
+            for i, h, name in self._handles:
+                util = self._read(nvml.nvmlDeviceGetUtilizationRates, h)
+                mem = self._read(nvml.nvmlDeviceGetMemoryInfo, h)
+                temp = self._read(nvml.nvmlDeviceGetTemperature, h, getattr(nvml, "NVML_TEMPERATURE_GPU", 0))
+                power = self._read(nvml.nvmlDeviceGetPowerUsage, h)            # milliwatts
+                limit = self._read(nvml.nvmlDeviceGetEnforcedPowerLimit, h)    # milliwatts
+                if limit is None:
+                    limit = self._read(nvml.nvmlDeviceGetPowerManagementLimit, h)
+                out.append(GpuStat(
+                    index=i, name=name,
+                    util_percent=float(util.gpu) if util is not None else None,
+                    mem_used_bytes=int(mem.used) if mem is not None else None,
+                    mem_total_bytes=int(mem.total) if mem is not None else None,
+                    temperature_c=float(temp) if temp is not None else None,
+                    power_w=power / 1000.0 if power is not None else None,
+                    power_limit_w=limit / 1000.0 if limit is not None else None,
+                ))
+            return out
+
+    def close(self) -> None:
+        """Shut NVML down (once); later ``sample()`` calls return []."""
+        with self._lock:
+            nvml, self._nvml = self._nvml, None
+            self.available = False
+            self._handles = []
+            if nvml is not None:
+                try:
+                    nvml.nvmlShutdown()
+                except Exception:
+                    pass
+            if not self.reason:
+                self.reason = "closed"
+
+    def __enter__(self) -> "GpuSampler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _read_cpu_times(path: str = "/proc/stat") -> tuple[int, int] | None:
+    """(busy, total) jiffies of the aggregate "cpu" line, or None when unreadable."""
+    try:
+        with open(path, encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("cpu "):
+                    vals = [int(x) for x in line.split()[1:]]
+                    break
+            else:
+                return None
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already in user/nice]
+    vals = (vals + [0] * 8)[:8]
+    total = sum(vals)
+    idle = vals[3] + vals[4]
+    return total - idle, total
+
+
+def _read_meminfo(path: str = "/proc/meminfo") -> tuple[int | None, int | None]:
+    """(used, total) bytes; used = MemTotal - MemAvailable."""
+    info: dict[str, int] = {}
+    try:
+        with open(path, encoding="ascii") as fh:
+            for line in fh:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts and parts[0].isdigit():
+                    mult = 1024 if len(parts) > 1 and parts[1].lower() == "kb" else 1
+                    info[key] = int(parts[0]) * mult
+    except (OSError, ValueError):
+        return None, None
+    total = info.get("MemTotal")
+    if total is None:
+        return None, None
+    avail = info.get("MemAvailable")
+    if avail is None:   # kernels before 3.14
+        avail = info.get("MemFree", 0) + info.get("Buffers", 0) + info.get("Cached", 0)
+    return max(0, min(total, total - avail)), total
+
+
+class HostSampler:
+    """CPU and RAM of this host from /proc; CPU % is measured between successive samples.
+
+    The first ``sample()`` measures since the sampler was made; if no time has passed it
+    falls back to the average since boot. Off Linux the fields are None.
+    """
+
+    def __init__(self, stat_path: str = "/proc/stat", meminfo_path: str = "/proc/meminfo"):
+        self._stat_path = stat_path
+        self._meminfo_path = meminfo_path
+        self._prev = _read_cpu_times(stat_path)
+        self._lock = threading.Lock()
+
+    def sample(self) -> HostStat:
+        with self._lock:
+            cur = _read_cpu_times(self._stat_path)
+            cpu = None
+            if cur is not None:
+                prev = self._prev
+                if prev is not None and cur[1] > prev[1]:
+                    busy, total = cur[0] - prev[0], cur[1] - prev[1]
+                else:
+                    busy, total = cur
+                if total > 0:
+                    cpu = max(0.0, min(100.0, 100.0 * busy / total))
+                self._prev = cur
+            used, total_ram = _read_meminfo(self._meminfo_path)
+            return HostStat(cpu_percent=cpu, ram_used_bytes=used, ram_total_bytes=total_ram)

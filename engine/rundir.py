@@ -1,0 +1,176 @@
+"""Run directories: layout, creation, and telling live runs from finished, failed or crashed ones.
+
+A run is *live* only while the process recorded in ``run.json`` still exists with the same
+start time (so a recycled pid is never mistaken for the run) and the log has no terminal
+event. A process that died without a terminal event (kill -9, power loss) is ``crashed``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine import events as E
+
+CONFIG = "config.toml"
+EVENTS = "events.jsonl"
+RUN_JSON = "run.json"
+CONTROL = "control"
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+STDOUT = "stdout.log"
+
+STATES = ("live", "finished", "stopped", "failed", "crashed", "new")
+
+
+def _slug(text: str) -> str:
+    text = text.rsplit("/", 1)[-1].replace("builtin:", "")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:40] or "run"
+
+
+def create(runs_dir: str | Path, name: str) -> Path:
+    """Make ``runs_dir/<YYYYmmdd-HHMMSS>-<name>/`` (a suffix keeps it unique); check it is writable."""
+    base = Path(runs_dir).expanduser()
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"output.dir {str(base)!r} cannot be created ({e.strerror}); "
+                      "choose a writable directory") from None
+    if not os.access(base, os.W_OK):
+        raise OSError(f"output.dir {str(base)!r} is not writable; choose a writable directory")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in range(1000):
+        path = base / (f"{stamp}-{_slug(name)}" + (f"-{i}" if i else ""))
+        try:
+            path.mkdir()
+            break
+        except FileExistsError:
+            continue
+    (path / CONTROL).mkdir()
+    return path
+
+
+def _proc_start_ticks(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def write_pid(run_dir: str | Path, pid: int | None = None) -> None:
+    pid = pid or os.getpid()
+    info = {"pid": pid, "start_ticks": _proc_start_ticks(pid), "host": socket.gethostname(),
+            "started": time.time()}
+    tmp = Path(run_dir) / (RUN_JSON + ".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(Path(run_dir) / RUN_JSON)
+
+
+def process_alive(run_dir: str | Path) -> bool:
+    """True if the process that owns the run still exists (same pid *and* same start time)."""
+    try:
+        info = json.loads((Path(run_dir) / RUN_JSON).read_text())
+    except (OSError, ValueError):
+        return False
+    if info.get("host") not in (None, socket.gethostname()):
+        return False
+    pid = info.get("pid")
+    if not isinstance(pid, int):
+        return False
+    ticks = _proc_start_ticks(pid)
+    if ticks is None:
+        return False
+    if info.get("start_ticks") is not None and ticks != info["start_ticks"]:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            if fh.read().rsplit(")", 1)[1].split()[0] == "Z":   # zombie: it has exited
+                return False
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class RunInfo:
+    path: Path
+    name: str
+    state: str
+    step: int = 0
+    total_steps: int = 0
+    final_loss: float | None = None
+    last_loss: float | None = None
+    started: float | None = None
+    model: str = ""
+    reason: str = ""
+
+
+def info(run_dir: str | Path) -> RunInfo:
+    run_dir = Path(run_dir)
+    evs = E.read_events(run_dir / EVENTS)
+    ri = RunInfo(path=run_dir, name=run_dir.name, state="new")
+    # a resumed run appends a new run_started after the old terminal event: only the last segment counts
+    terminal = None
+    for ev in evs:
+        if ev.type == "run_started":
+            ri.started = ri.started or ev.time
+            ri.model = ev.model
+            ri.total_steps = ev.total_steps
+            terminal = None
+        elif ev.type == "step":
+            ri.step = ev.step
+            ri.total_steps = ev.total_steps or ri.total_steps
+            if ev.loss is not None:
+                ri.last_loss = ev.loss
+        elif ev.type in E.TERMINAL:
+            terminal = ev
+    alive = process_alive(run_dir)
+    if terminal is not None and not alive:
+        if terminal.type == "run_finished":
+            ri.state = "stopped" if terminal.stopped else "finished"
+            ri.final_loss = terminal.final_loss if terminal.final_loss is not None else ri.last_loss
+            ri.step = terminal.step or ri.step
+        else:
+            ri.state = "failed"
+        ri.reason = getattr(terminal, "reason", "")
+    elif alive:
+        ri.state = "live"
+    elif evs:
+        ri.state = "crashed"
+        ri.reason = "process ended without a final event (killed?); resume with qlora-tui train --resume"
+    return ri
+
+
+def list_runs(runs_dir: str | Path) -> list[RunInfo]:
+    """Runs under ``runs_dir``, newest first."""
+    base = Path(runs_dir).expanduser()
+    if not base.is_dir():
+        return []
+    dirs = [p for p in base.iterdir() if p.is_dir() and (p / EVENTS).exists() or (p / RUN_JSON).exists()]
+    return [info(p) for p in sorted(dirs, key=lambda p: p.name, reverse=True)]
+
+
+def newest_live(runs_dir: str | Path) -> Path | None:
+    for ri in list_runs(runs_dir):
+        if ri.state == "live":
+            return ri.path
+    return None
+
+
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (a ``COMPLETE`` marker is written last), oldest first."""
+    base = Path(run_dir) / CHECKPOINTS
+    if not base.is_dir():
+        return []
+    out = []
+    for p in base.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir() and (p / "COMPLETE").exists():
+            out.append((int(m.group(1)), p))
+    return [p for _, p in sorted(out)]

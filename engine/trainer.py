@@ -1,0 +1,368 @@
+"""Builds the TRL ``SFTTrainer`` (PEFT LoRA over a bitsandbytes 4-bit base) and turns its
+progress into events.
+
+Data is tokenised here with ``engine.chat.encode_batch`` (the code path the inspector's
+preview uses) and handed to TRL pre-tokenised as ``input_ids`` + ``labels``; TRL then
+truncates to ``max_length``, drops rows with no trained token, and packs if asked.
+"""
+from __future__ import annotations
+
+import errno
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine import control as ctl
+from engine import events as E
+from engine.faults import Faults
+
+
+class NonFiniteHalt(RuntimeError):
+    def __init__(self, step: int, loss, grad_norm):
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+        super().__init__(f"non-finite {'loss' if not _finite(loss) else 'grad norm'} at step {step}")
+
+
+def _finite(x) -> bool:
+    return x is None or (isinstance(x, (int, float)) and math.isfinite(x))
+
+
+@dataclass
+class Prepared:
+    trainer: object
+    tokenizer: object
+    model_path: str
+    runtime: object
+    train_rows: int
+    eval_rows: int
+    plan: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def encode_dataset(tok, rows: list[dict], batch: int = 1000):
+    from datasets import Dataset
+    from engine.chat import encode_batch
+    ids, labels = [], []
+    for i in range(0, len(rows), batch):
+        for enc in encode_batch(tok, rows[i:i + batch]):
+            ids.append(enc.input_ids)
+            labels.append(enc.labels)
+    return Dataset.from_dict({"input_ids": ids, "labels": labels})
+
+
+def split_eval(cfg, train_rows, eval_rows):
+    """Hold out ``data.eval_fraction`` of train rows (seeded) when no eval file is given."""
+    if eval_rows is not None or cfg.data.eval_fraction <= 0 or len(train_rows) < 10:
+        return train_rows, eval_rows
+    import random
+    idx = list(range(len(train_rows)))
+    random.Random(cfg.train.seed).shuffle(idx)
+    n = max(1, int(round(len(idx) * cfg.data.eval_fraction)))
+    held = set(idx[:n])
+    return ([r for i, r in enumerate(train_rows) if i not in held],
+            [r for i, r in enumerate(train_rows) if i in held])
+
+
+def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
+    """Replace every ``auto`` with a concrete choice and say why (the fit planner on GPU)."""
+    cfg = cfg.copy()
+    reasons = list(rt.notes)
+    tr = cfg.train
+    if tr.optimizer == "auto":
+        tr.optimizer = "paged_adamw_8bit" if rt.device == "cuda" else "adamw_torch"
+        reasons.append(f"optimizer {tr.optimizer} ({'GPU: paged 8-bit AdamW' if rt.device == 'cuda' else 'CPU: bitsandbytes paged optimizers need CUDA'})")
+    if rt.device == "cuda" and "auto" in (tr.gradient_checkpointing, tr.liger_kernel, cfg.data.packing):
+        try:
+            from engine import estimate as est
+            mc = est.model_config_for(cfg)
+            free = est.gpu_free_bytes()
+            p = est.plan(cfg, mc, free)
+            cfg = est.apply_plan(cfg, p)
+            reasons += list(p.reasons)
+        except ImportError:
+            pass
+    if tr.gradient_checkpointing == "auto":
+        tr.gradient_checkpointing = True
+        reasons.append("gradient checkpointing on (default: least memory)")
+    if tr.liger_kernel == "auto":
+        import importlib.util
+        tr.liger_kernel = rt.device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+        reasons.append("Liger kernels " + ("on (installed, CUDA)" if tr.liger_kernel else
+                                           "off (" + ("CPU" if rt.device != "cuda" else "liger-kernel not installed") + ")"))
+    if cfg.data.packing == "auto":
+        from engine.model import attn_implementation
+        cfg.data.packing = attn_implementation(cfg, rt.device) == "flash_attention_2"
+        reasons.append("packing " + ("on (flash-attention isolates packed samples)" if cfg.data.packing
+                                     else "off (needs flash-attention to keep samples apart)"))
+    return cfg, reasons
+
+
+def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: list,
+          faults: Faults | None = None) -> Prepared:
+    """Load data, tokenizer and model; return a ready SFTTrainer wired to ``emit``."""
+    import torch
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+    from engine import data as D
+    from engine import model as M
+
+    faults = faults or Faults()
+    emit(E.Status(phase="data", message="reading data"))
+    train_ds, eval_ds = D.load_for_training(cfg)
+    warnings = []
+    for p in (train_ds.problems + (eval_ds.problems if eval_ds else []))[:5]:
+        warnings.append(f"{D.resolve(train_ds.path).name}:{p.line}: {p.message} (row skipped)")
+    n_bad = len(train_ds.problems)
+    if n_bad > 5:
+        warnings.append(f"... {n_bad} problems in all; run `qlora-tui inspect` for the full list")
+
+    rt = M.runtime(cfg)
+    cfg, plan = resolve_auto(cfg, rt, emit)
+    path = M.model_path(cfg)
+    emit(E.Status(phase="tokenizer", message=f"loading tokenizer from {path}"))
+    tok, tw = M.load_tokenizer(cfg, path)
+    warnings += tw
+    train_rows = [r.data for r in train_ds.rows]
+    eval_rows = [r.data for r in eval_ds.rows] if eval_ds else None
+    train_rows, eval_rows = split_eval(cfg, train_rows, eval_rows)
+    emit(E.Status(phase="tokenize", message=f"tokenising {len(train_rows)} train rows"))
+    train_tok = encode_dataset(tok, train_rows)
+    eval_tok = encode_dataset(tok, eval_rows) if eval_rows else None
+
+    emit(E.Status(phase="model", message=f"loading {cfg.model.name} "
+                  f"({'4-bit ' + cfg.quant.quant_type if rt.load_in_4bit else rt.dtype}) on {rt.device}"))
+    model = M.load_model(cfg, rt, path)
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok))
+    targets = M.resolve_target_modules(cfg, model)
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=targets, bias=cfg.lora.bias, task_type="CAUSAL_LM",
+                      use_dora=cfg.lora.use_dora, use_rslora=cfg.lora.use_rslora)
+    tr = cfg.train
+    bf16 = rt.device == "cuda" and rt.dtype == "bf16"
+    fp16 = rt.device == "cuda" and rt.dtype == "fp16"
+    has_eval = eval_tok is not None and len(eval_tok) > 0
+    report = [] if cfg.output.report_to == "none" else [cfg.output.report_to]
+    args = SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=tr.batch_size, per_device_eval_batch_size=tr.batch_size,
+        gradient_accumulation_steps=tr.grad_accum, num_train_epochs=tr.epochs, max_steps=tr.max_steps,
+        learning_rate=tr.learning_rate, warmup_steps=tr.warmup_ratio, lr_scheduler_type=tr.scheduler,
+        optim=tr.optimizer, weight_decay=tr.weight_decay, max_grad_norm=tr.max_grad_norm,
+        gradient_checkpointing=bool(tr.gradient_checkpointing),
+        gradient_checkpointing_kwargs={"use_reentrant": False} if tr.gradient_checkpointing else None,
+        use_liger_kernel=bool(tr.liger_kernel),
+        loss_type="nll" if tr.liger_kernel else "chunked_nll",
+        seed=tr.seed, data_seed=tr.seed, logging_steps=tr.logging_steps, logging_first_step=True,
+        logging_nan_inf_filter=False,
+        eval_strategy="steps" if has_eval and tr.eval_steps else ("epoch" if has_eval else "no"),
+        eval_steps=tr.eval_steps or None,
+        save_strategy="steps" if tr.save_steps else "no", save_steps=tr.save_steps or 500,
+        save_total_limit=tr.save_total_limit, report_to=report,
+        bf16=bf16, fp16=fp16, use_cpu=rt.device == "cpu",
+        max_length=cfg.data.max_length, packing=bool(cfg.data.packing),
+        dataset_num_proc=None, dataloader_num_workers=0, disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding", save_only_model=False,
+        restore_callback_states_from_checkpoint=False,
+    )
+    optimizers = (None, None)
+    peft_config = lora
+    if cfg.lora.lora_fa:
+        from peft import get_peft_model
+        from peft.optimizers import create_lorafa_optimizer
+        if tr.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model = get_peft_model(model, lora)
+        optimizers = (create_lorafa_optimizer(model, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                                              lr=tr.learning_rate, weight_decay=tr.weight_decay), None)
+        peft_config = None
+        plan.append("LoRA-FA: A frozen, only B trained (PEFT's LoRA-FA optimizer)")
+
+    cb = EventCallback(emit, stop_flag, stop_reason, run_dir, faults, cfg)
+    trainer_cls = _trainer_class(SFTTrainer, faults, cb)
+    emit(E.Status(phase="build", message="building the trainer"))
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_tok,
+                          eval_dataset=eval_tok if has_eval else None, processing_class=tok,
+                          peft_config=peft_config, callbacks=[cb], optimizers=optimizers)
+    cb.trainer = trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    for noisy in (PrinterCallback, ProgressCallback):   # our events replace HF's own printing
+        trainer.remove_callback(noisy)
+    cb.meta = dict(model=cfg.model.name, device=rt.device, train_rows=len(train_tok),
+                   eval_rows=len(eval_tok) if has_eval else 0, plan=plan, config=cfg.to_dict())
+    for w in warnings:
+        emit(E.Status(phase="warning", message=w))
+    return Prepared(trainer, tok, path, rt, len(train_tok), len(eval_tok) if has_eval else 0, plan, warnings)
+
+
+def _trainer_class(base, faults: Faults, cb):
+    """SFTTrainer with per-step NaN bookkeeping and optional fault injection."""
+    import torch
+
+    class Trainer(base):
+        def compute_loss(self, model, inputs, *a, **kw):
+            step = self.state.global_step + 1
+            if faults.slow:
+                time.sleep(faults.slow)
+            if faults.oom_step == step:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected by QLORA_TUI_FAULTS). "
+                                             "Tried to allocate 2.00 GiB")
+            out = super().compute_loss(model, inputs, *a, **kw)
+            if faults.nan_step == step:
+                if isinstance(out, tuple):
+                    out = (out[0] * float("nan"),) + tuple(out[1:])
+                else:
+                    out = out * float("nan")
+            return out
+
+        def training_step(self, model, inputs, *a, **kw):
+            loss = super().training_step(model, inputs, *a, **kw)
+            cb.step_loss = loss.detach() if cb.step_loss is None else cb.step_loss + loss.detach()
+            return loss
+
+        def _save_checkpoint(self, model, trial):
+            if faults.diskfull_step == self.state.global_step:
+                d = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+                d.mkdir(parents=True, exist_ok=True)
+                (d / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+                raise OSError(errno.ENOSPC, "No space left on device (injected)", str(d))
+            return super()._save_checkpoint(model, trial)
+
+    return Trainer
+
+
+def EventCallback(*args, **kwargs):
+    """A TrainerCallback (transformers imported lazily) that turns progress into events."""
+    from transformers import TrainerCallback
+
+    class _EventCallback(_EventCallbackMethods, TrainerCallback):
+        pass
+    return _EventCallback(*args, **kwargs)
+
+
+class _EventCallbackMethods:
+    """Turns Trainer callbacks into events; polls the stop flag and the control channel."""
+
+    def __init__(self, emit, stop_flag, stop_reason, run_dir, faults, cfg):
+        self.emit = emit
+        self.stop_flag = stop_flag
+        self.stop_reason = stop_reason
+        self.run_dir = Path(run_dir)
+        self.faults = faults
+        self.cfg = cfg
+        self.trainer = None
+        self.meta = {}
+        self.step_loss = None
+        self.nonfinite: NonFiniteHalt | None = None
+        self._t_last = None
+        self._tok_last = 0
+        self._step_last = 0
+        self.resumed_from = 0
+        self.last_loss = None
+
+    # -- lifecycle
+    def on_train_begin(self, args, state, control, **kw):
+        model = kw.get("model")
+        trainable = total = 0
+        if model is not None:
+            for p in model.parameters():
+                n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
+                total += n
+                if p.requires_grad:
+                    trainable += n
+        self.resumed_from = state.global_step
+        self._step_last = state.global_step
+        self._tok_last = state.num_input_tokens_seen
+        self._t_last = time.perf_counter()
+        self.emit(E.RunStarted(run_dir=str(self.run_dir), total_steps=state.max_steps,
+                               trainable_params=trainable, total_params=total,
+                               resumed_from_step=state.global_step, pid=os.getpid(), **self.meta))
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        import torch
+        model = kw.get("model") or (self.trainer.model if self.trainer else None)
+        step = state.global_step + 1
+        loss = self.step_loss
+        self.step_loss = None
+        loss_ok = loss is None or bool(torch.isfinite(loss).all())
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None] if model else []
+        grad_norm = None
+        if grads:
+            norms = torch._foreach_norm(grads)
+            gn = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+            grad_norm = float(gn)
+        if loss_ok and _finite(grad_norm):
+            return
+        lv = float(loss.float().mean()) if loss is not None else None
+        for p in model.parameters():         # drop the poisoned gradients: the weights stay finite
+            p.grad = None
+        halt = NonFiniteHalt(step, lv, grad_norm)
+        from engine.hints import HintEngine
+        self.emit(HintEngine(self.cfg).nan_hint(step, lv, grad_norm, self.cfg))
+        if self.cfg.train.nan_policy == "halt":
+            self.nonfinite = halt
+            control.should_training_stop = True
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.stop_flag.is_set():
+            control.should_training_stop = True
+            control.should_save = True
+        for path, cmd in ctl.pending(self.run_dir):
+            if cmd == "stop":
+                if not self.stop_flag.is_set():
+                    self.stop_reason.append("stop requested through the control channel")
+                self.stop_flag.set()
+                control.should_training_stop = True
+                control.should_save = True
+            elif cmd == "save":
+                control.should_save = True
+            ctl.mark_done(path)
+        if self.nonfinite is not None:
+            control.should_save = False
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = logs or {}
+        if "eval_loss" in logs:
+            self.emit(E.Eval(step=state.global_step, eval_loss=logs["eval_loss"]))
+            return
+        if "loss" not in logs:
+            return
+        now = time.perf_counter()
+        dt = now - (self._t_last or now)
+        dtok = state.num_input_tokens_seen - self._tok_last
+        dsteps = state.global_step - self._step_last
+        tps = dtok / dt if dt > 0 and dtok > 0 else None
+        eta = None
+        if dsteps > 0 and dt > 0:
+            per_step = dt / dsteps
+            eta = per_step * max(0, state.max_steps - state.global_step)
+        self._t_last, self._tok_last, self._step_last = now, state.num_input_tokens_seen, state.global_step
+        peak = None
+        try:
+            import torch
+            if torch.cuda.is_available():
+                peak = int(torch.cuda.max_memory_reserved())
+        except Exception:
+            pass
+        loss = logs.get("loss")
+        self.last_loss = loss
+        self.emit(E.Step(step=state.global_step, total_steps=state.max_steps, loss=loss,
+                         learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+                         tokens_per_second=tps, epoch=logs.get("epoch", state.epoch), eta_seconds=eta,
+                         tokens_seen=int(state.num_input_tokens_seen), peak_memory_bytes=peak))
+
+    def on_save(self, args, state, control, **kw):
+        d = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if d.is_dir():
+            marker = d / "COMPLETE"
+            with open(marker, "w") as fh:
+                fh.write(str(state.global_step))
+                fh.flush()
+                os.fsync(fh.fileno())
+            self.emit(E.Checkpoint(step=state.global_step, path=str(d)))
