@@ -1,0 +1,334 @@
+"""The qlora-tui Textual app: four screens (modes) over one config and at most one followed run.
+
+Threads: a launch worker calls ``engine.runner.start_detached``; a follow worker tails the
+run's events.jsonl and posts batches (≤10/s) as ``RunEvents``; the Train screen polls NVML
+in its own worker. Only messages cross into the UI thread; widgets are touched there only.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Iterable
+
+from textual import on, work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.worker import get_current_worker
+
+from themes.qlora import DEFAULT_THEME, THEMES
+from tui import settings
+from tui.dialogs import PathPrompt, QuitDialog
+from tui.follow import follow_batches
+from tui.messages import FollowEnded, LaunchFailed, RunEvents, RunLaunched
+from tui.runstate import RunState
+from tui.safe import one_line
+from tui.screens.config import ConfigScreen
+from tui.screens.dataset import DatasetScreen
+from tui.screens.runs import RunsScreen
+from tui.screens.train import TrainScreen
+
+# `qlora-tui` with no argument: the fast offline demo (same values as examples/demo.toml)
+DEMO_OVERRIDES = [
+    "train.max_steps=60", "train.logging_steps=1", "train.eval_steps=20", "train.save_steps=30",
+    "train.batch_size=4", "train.grad_accum=1", "train.learning_rate=2e-3", "data.max_length=256",
+]
+
+SCREEN_KEYS = [("dataset", "f2", "Dataset"), ("config", "f3", "Config"), ("train", "f4", "Train"),
+               ("runs", "f5", "Runs")]
+
+
+class QloraApp(App):
+    TITLE = "qlora-tui"
+    CSS = """
+    Screen { background: $background; }
+    """
+    MODES = {"dataset": DatasetScreen, "config": ConfigScreen, "train": TrainScreen,
+             "runs": RunsScreen}
+    BINDINGS = [
+        Binding("f2", "show('dataset')", "Dataset", id="show-dataset",
+                tooltip="Dataset: detected format, problems, token lengths, row browser"),
+        Binding("f3", "show('config')", "Config", id="show-config",
+                tooltip="Config: every field with help, range and live validation"),
+        Binding("f4", "show('train')", "Train", id="show-train",
+                tooltip="Train: progress, loss curves, GPU gauges, hints"),
+        Binding("f5", "show('runs')", "Runs", id="show-runs", tooltip="Runs: past and live runs"),
+        Binding("ctrl+r", "start_training", "Start", id="start-training", priority=True,
+                tooltip="Start training with the current config"),
+        Binding("ctrl+x", "stop_training", "Stop", id="stop-training", priority=True,
+                tooltip="Stop the live run gracefully (the adapter is saved)"),
+        Binding("ctrl+d", "detach_run", "Detach", id="detach-run", priority=True,
+                tooltip="Stop following the live run; it keeps training"),
+        Binding("ctrl+s", "save_config", "Save", id="save-config", priority=True,
+                tooltip="Save the config as TOML"),
+        Binding("ctrl+q", "quit", "Quit", id="quit", priority=True,
+                tooltip="Quit (asks first while a run is live)"),
+    ]
+
+    def __init__(self, config=None, config_path: str | Path | None = None, *,
+                 attach: str | Path | None = None, start_mode: str = "train",
+                 samplers=None, readings_interval: float = 1.0) -> None:
+        from engine import config as C
+        self.config = config if config is not None else C.load(None, DEMO_OVERRIDES)
+        self.config_path = Path(config_path) if config_path else None
+        self.form_data: dict = self.config.to_dict()
+        self.form_problems: list = []
+        self.run_state: RunState | None = None
+        self.start_mode = "train" if attach else start_mode
+        self.attach_dir = Path(attach) if attach else None
+        self.readings_interval = readings_interval
+        self.exit_note = ""
+        self._samplers = samplers
+        self._follow_stop: threading.Event | None = None
+        self._launching = False
+        super().__init__()
+        for theme in THEMES:
+            self.register_theme(theme)
+        wanted = settings.load().get("theme", DEFAULT_THEME)
+        self.theme = wanted if wanted in self.available_themes else DEFAULT_THEME
+
+    # ---- start-up ------------------------------------------------------------------------
+    def on_mount(self) -> None:
+        self.theme_changed_signal.subscribe(self, self._remember_theme)
+        self.switch_mode(self.start_mode)
+        if self.attach_dir is not None:
+            self.follow_run(self.attach_dir)
+
+    def _remember_theme(self, theme) -> None:
+        settings.update(theme=theme.name)
+
+    def make_samplers(self):
+        """(gpu_sampler, host_sampler, reason): called on the readings thread."""
+        if self._samplers is not None:
+            return self._samplers
+        try:
+            from engine.gpu import GpuSampler, HostSampler
+        except ImportError as e:
+            return None, None, f"engine.gpu unavailable: {e}"
+        gpu = GpuSampler()
+        return gpu, HostSampler(), gpu.reason
+
+    # ---- config --------------------------------------------------------------------------
+    def validated_config(self):
+        """(Config, []) from the form, or (None, problems)."""
+        from engine import config as C
+        try:
+            return C.from_dict(self.form_data, source=self.config.source), []
+        except C.ConfigError as e:
+            return None, e.problems
+
+    def runs_dir(self) -> Path:
+        cfg = self.config
+        return Path(cfg.resolve_path(cfg.output.dir)).expanduser()
+
+    def set_config(self, cfg, path: str | Path | None) -> None:
+        self.config = cfg
+        self.config_path = Path(path) if path else self.config_path
+        self.form_data = cfg.to_dict()
+        self.form_problems = []
+
+    # ---- actions -------------------------------------------------------------------------
+    def action_show(self, mode: str) -> None:
+        if self.current_mode != mode:
+            self.switch_mode(mode)
+
+    def action_start_training(self) -> None:
+        st = self.run_state
+        if self._launching or (st is not None and st.live):
+            self.notify("A run is already live: stop it (ctrl+x) or detach (ctrl+d) first.",
+                        severity="warning", markup=False)
+            return
+        cfg, problems = self.validated_config()
+        if cfg is None:
+            self.notify(f"Fix the config first: {len(problems)} problem(s), e.g. "
+                        f"{one_line(problems[0], 120)}", severity="error", markup=False)
+            self.action_show("config")
+            return
+        self.config = cfg
+        self._launching = True
+        self.run_state = RunState(phase="launching", message="creating the run directory…")
+        self.action_show("train")
+        self._render_run()
+        self._launch(cfg)
+
+    @work(thread=True, exclusive=True, group="launch", exit_on_error=False)
+    def _launch(self, cfg) -> None:
+        try:
+            from engine import runner
+            run_dir = runner.start_detached(cfg)
+        except Exception as e:   # config, data or permission problems: shown, not raised
+            self.post_message(LaunchFailed(f"{type(e).__name__}: {e}"))
+            return
+        self.post_message(RunLaunched(Path(run_dir)))
+
+    @on(RunLaunched)
+    def _on_launched(self, msg: RunLaunched) -> None:
+        self._launching = False
+        self.follow_run(msg.run_dir, launched=True)
+        self.notify(f"Run started: {msg.run_dir}", markup=False, timeout=4)
+
+    @on(LaunchFailed)
+    def _on_launch_failed(self, msg: LaunchFailed) -> None:
+        self._launching = False
+        self.run_state = RunState(phase="failed", message=msg.error)
+        self.run_state.terminal = "run_failed"
+        self._render_run()
+        self.notify(one_line(msg.error, 300), title="Could not start", severity="error",
+                    markup=False, timeout=10)
+
+    def action_stop_training(self) -> None:
+        st = self.run_state
+        if st is None or st.run_dir is None or st.terminal or st.follower_ended:
+            self.notify("No live run to stop.", markup=False)
+            return
+        from engine import control
+        try:
+            control.request(st.run_dir, "stop")
+        except OSError as e:
+            self.notify(f"Cannot send stop: {e}", severity="error", markup=False)
+            return
+        st.stop_requested = True
+        self._render_run()
+        self.notify("Stopping: the run saves its adapter, then ends.", markup=False)
+
+    def action_detach_run(self) -> None:
+        st = self.run_state
+        if st is None or not st.live:
+            self.notify("No live run to detach from.", markup=False)
+            return
+        self._detach()
+        self.notify(f"Detached: {st.run_dir.name} keeps training. Re-attach with "
+                    f"`qlora-tui attach {st.run_dir}` or from Runs (F5).", markup=False, timeout=8)
+
+    def _detach(self) -> None:
+        st = self.run_state
+        if self._follow_stop is not None:
+            self._follow_stop.set()
+        if st is not None:
+            st.detached = True
+        self._render_run()
+
+    def action_save_config(self) -> None:
+        cfg, problems = self.validated_config()
+        if cfg is None:
+            self.notify(f"Not saved: {len(problems)} config problem(s); see the Config screen.",
+                        severity="error", markup=False)
+            return
+        if self.config_path is None:
+            def done(path: str | None) -> None:
+                if path:
+                    self._save_to(cfg, Path(path))
+            self.push_screen(PathPrompt("Save config as", "qlora.toml"), done)
+        else:
+            self._save_to(cfg, self.config_path)
+
+    def _save_to(self, cfg, path: Path) -> None:
+        from engine import config as C
+        try:
+            C.save(cfg, path)
+        except OSError as e:
+            self.notify(f"Cannot save {path}: {e}", severity="error", markup=False)
+            return
+        self.config, self.config_path = cfg, path
+        self.notify(f"Saved {path}", markup=False)
+
+    async def action_quit(self) -> None:
+        st = self.run_state
+        if st is None or not st.live:
+            self.exit()
+            return
+
+        def chosen(what: str | None) -> None:
+            if what == "stop":
+                from engine import control
+                try:
+                    control.request(st.run_dir, "stop")
+                    self.exit_note = (f"Stop requested: {st.run_dir} saves its adapter and ends.")
+                except OSError as e:
+                    self.exit_note = f"Could not request a stop ({e}); the run continues."
+                self._detach()
+                self.exit()
+            elif what == "detach":
+                self._detach()
+                self.exit_note = (f"Run continues in {st.run_dir}\n"
+                                  f"Re-attach: qlora-tui attach {st.run_dir}")
+                self.exit()
+        self.push_screen(QuitDialog(st.run_dir.name), chosen)
+
+    # ---- following a run -----------------------------------------------------------------
+    def follow_run(self, run_dir: str | Path, launched: bool = False) -> None:
+        """Show ``run_dir`` on the Train screen: its history, then live events."""
+        if self._follow_stop is not None:
+            self._follow_stop.set()
+        run_dir = Path(run_dir)
+        self.run_state = RunState(run_dir=run_dir, phase="starting" if launched else "reading",
+                                  message="loading torch and the model…" if launched else "")
+        self._follow_stop = threading.Event()
+        self._follow(run_dir, self._follow_stop, launched)
+        self._render_run()
+
+    @work(thread=True, group="follow", exit_on_error=False)
+    def _follow(self, run_dir: Path, stop: threading.Event, launched: bool) -> None:
+        from engine import rundir
+        worker = get_current_worker()
+        t0 = time.monotonic()
+
+        def alive() -> bool:
+            if rundir.process_alive(run_dir):
+                return True
+            # a just-spawned run may not have written run.json yet
+            return launched and not (run_dir / rundir.RUN_JSON).exists() and time.monotonic() - t0 < 120
+
+        why = follow_batches(run_dir / rundir.EVENTS, stop,
+                             lambda evs: self.post_message(RunEvents(run_dir, evs)),
+                             alive=alive, cancelled=lambda: worker.is_cancelled)
+        self.post_message(FollowEnded(run_dir, why))
+
+    @on(RunEvents)
+    def _on_run_events(self, msg: RunEvents) -> None:
+        st = self.run_state
+        if st is None or st.run_dir != msg.run_dir:
+            return
+        for ev in msg.events:
+            st.apply(ev)
+        last = msg.events[-1]
+        if last.type == "run_finished" and len(msg.events) < 50:
+            self.notify(f"Run {'stopped' if last.stopped else 'finished'}; adapter: "
+                        f"{last.adapter_dir}", markup=False, timeout=6)
+        elif last.type == "run_failed" and len(msg.events) < 50:
+            self.notify(one_line(last.reason, 300), title="Run failed", severity="error",
+                        markup=False, timeout=10)
+        self._render_run()
+
+    @on(FollowEnded)
+    def _on_follow_ended(self, msg: FollowEnded) -> None:
+        st = self.run_state
+        if st is None or st.run_dir != msg.run_dir:
+            return
+        st.follower_ended = True
+        if not st.terminal and not st.detached:
+            st.phase = "crashed"
+            st.message = ("the run process ended without a final event; resume with "
+                          "qlora-tui train --resume " + str(st.run_dir))
+        self._render_run()
+
+    def _render_run(self) -> None:
+        screen = self.screen
+        if isinstance(screen, TrainScreen):
+            screen.render_run(self.run_state)
+
+    # ---- command palette -----------------------------------------------------------------
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        for mode, key, title in SCREEN_KEYS:
+            yield SystemCommand(f"{title} screen ({key.upper()})", f"Show the {title} screen",
+                                lambda m=mode: self.action_show(m))
+        yield SystemCommand("Start training (ctrl+r)", "Start a run with the current config",
+                            self.action_start_training)
+        yield SystemCommand("Stop training (ctrl+x)", "Graceful stop; the adapter is saved",
+                            self.action_stop_training)
+        yield SystemCommand("Detach from run (ctrl+d)", "Stop following; the run keeps training",
+                            self.action_detach_run)
+        yield SystemCommand("Save config (ctrl+s)", "Write the config as TOML",
+                            self.action_save_config)
+        yield from super().get_system_commands(screen)

@@ -1,0 +1,101 @@
+"""`qlora-tui`: the TUI (no argument, a CONFIG.toml, or `attach [RUN_DIR]`); else the headless CLI.
+
+Textual is imported only on the TUI branches, so headless commands start fast.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+USAGE_TUI = "usage: qlora-tui [CONFIG.toml] [--set KEY=VALUE ...] | qlora-tui attach [RUN_DIR]"
+
+
+def _split_sets(args: list[str]) -> tuple[list[str], list[str]] | None:
+    """Positional args and --set overrides, or None if anything else is there."""
+    pos, sets, i = [], [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--set" and i + 1 < len(args):
+            sets.append(args[i + 1])
+            i += 2
+            continue
+        if a.startswith("--set="):
+            sets.append(a[len("--set="):])
+        elif a.startswith("-"):
+            return None
+        else:
+            pos.append(a)
+        i += 1
+    return pos, sets
+
+
+def _is_tui_call(argv: list[str]) -> bool:
+    if not argv:
+        return True
+    if argv[0] == "tui":
+        return True
+    split = _split_sets(argv)
+    if split is None:
+        return False
+    pos, _ = split
+    return not pos or (len(pos) == 1 and pos[0].endswith(".toml"))
+
+
+def _run_app(app) -> int:
+    app.run()
+    if app.exit_note:
+        print(app.exit_note)
+    return int(app.return_code or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "attach":
+        return attach(argv[1:])
+    if not _is_tui_call(argv):
+        from engine import cli
+        return cli.main(argv)
+    if argv and argv[0] == "tui":
+        argv = argv[1:]
+    pos, sets = _split_sets(argv) or ([], [])
+    from engine import config as C
+    try:
+        if pos:
+            cfg = C.load(pos[0], sets)
+        else:
+            from tui.app import DEMO_OVERRIDES
+            cfg = C.load(None, DEMO_OVERRIDES + sets)
+    except C.ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    from tui.app import QloraApp
+    return _run_app(QloraApp(cfg, pos[0] if pos else None))
+
+
+def attach(args: list[str]) -> int:
+    from engine import config as C
+    from engine import rundir
+    if args and args[0] in ("-h", "--help"):
+        print("usage: qlora-tui attach [RUN_DIR]\n\nOpen the TUI on a run (default: the newest live "
+              "run under ./runs): its history, then live updates. ctrl+x stops it; quitting never does.")
+        return 0
+    if args:
+        run_dir = Path(args[0])
+        if not (run_dir / rundir.EVENTS).exists() and not (run_dir / rundir.RUN_JSON).exists():
+            print(f"{run_dir}: not a run directory (no {rundir.EVENTS})", file=sys.stderr)
+            return 2
+        cfg = None
+        if (run_dir / rundir.CONFIG).exists():
+            try:
+                cfg = C.load(run_dir / rundir.CONFIG)
+            except C.ConfigError:
+                cfg = None
+    else:
+        cfg = C.load(None)
+        run_dir = rundir.newest_live(cfg.resolve_path(cfg.output.dir))
+        if run_dir is None:
+            print(f"no live run under {cfg.output.dir}/; list them with `qlora-tui runs`",
+                  file=sys.stderr)
+            return 1
+    from tui.app import QloraApp
+    return _run_app(QloraApp(cfg, None, attach=run_dir))

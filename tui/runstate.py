@@ -1,0 +1,140 @@
+"""What the TUI knows about one run, folded from its events (UI-thread only, no widgets)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _num(v) -> float | None:
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class RunState:
+    run_dir: Path | None = None
+    model: str = ""
+    device: str = ""
+    total_steps: int = 0
+    trainable_params: int = 0
+    total_params: int = 0
+    train_rows: int = 0
+    plan: list = field(default_factory=list)
+    phase: str = "waiting"
+    message: str = ""
+    progress: float | None = None
+    step: int = 0
+    losses: list = field(default_factory=list)        # [(step, loss)]
+    evals: list = field(default_factory=list)         # [(step, eval_loss)]
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_second: float | None = None
+    epoch: float | None = None
+    eta_seconds: float | None = None
+    checkpoints: list = field(default_factory=list)
+    hints: list = field(default_factory=list)         # newest last (screens reverse)
+    terminal: str = ""                                # "", run_finished, run_failed
+    finished_reason: str = ""
+    stopped: bool = False
+    adapter_dir: str = ""
+    final_loss: float | None = None
+    fail_kind: str = ""
+    stop_requested: bool = False
+    detached: bool = False
+    follower_ended: bool = False
+    events_seen: int = 0
+
+    def apply(self, ev) -> None:
+        self.events_seen += 1
+        t = ev.type
+        if t == "run_started":
+            # a resumed run appends a new segment: the new segment starts over
+            self.terminal = ""
+            self.model = ev.model
+            self.device = ev.device
+            self.total_steps = ev.total_steps or self.total_steps
+            self.trainable_params = ev.trainable_params
+            self.total_params = getattr(ev, "total_params", 0)
+            self.train_rows = getattr(ev, "train_rows", 0)
+            self.plan = list(ev.plan or [])
+            self.phase = "training"
+            self.message = ""
+        elif t == "status":
+            self.phase = ev.phase or self.phase
+            self.message = ev.message
+            self.progress = _num(ev.progress)
+        elif t == "step":
+            self.phase = "training"
+            self.step = ev.step
+            self.total_steps = ev.total_steps or self.total_steps
+            loss = _num(ev.loss)
+            if loss is not None:
+                self.losses.append((ev.step, loss))
+            for name in ("learning_rate", "grad_norm", "tokens_per_second", "epoch", "eta_seconds"):
+                v = _num(getattr(ev, name))
+                if v is not None:
+                    setattr(self, name, v)
+        elif t == "eval":
+            v = _num(ev.eval_loss)
+            if v is not None:
+                self.evals.append((ev.step, v))
+        elif t == "checkpoint":
+            self.checkpoints.append((ev.step, ev.path))
+        elif t == "hint":
+            self.hints.append(ev)
+        elif t == "run_finished":
+            self.terminal = t
+            self.stopped = bool(ev.stopped)
+            self.finished_reason = ev.reason
+            self.adapter_dir = ev.adapter_dir
+            self.final_loss = _num(ev.final_loss)
+            self.step = ev.step or self.step
+            self.phase = "stopped" if ev.stopped else "finished"
+            self.message = f"adapter saved to {ev.adapter_dir}" if ev.adapter_dir else ev.reason
+            self.eta_seconds = 0.0
+        elif t == "run_failed":
+            self.terminal = t
+            self.fail_kind = ev.kind
+            self.finished_reason = ev.reason
+            self.phase = "failed"
+            self.message = ev.reason
+
+    @property
+    def live(self) -> bool:
+        """Following a run that has not ended (what quitting must ask about)."""
+        return self.run_dir is not None and not self.terminal and not self.detached \
+            and not self.follower_ended
+
+    @property
+    def loss_values(self) -> list[float]:
+        return [v for _, v in self.losses if math.isfinite(v)]
+
+    @property
+    def eval_values(self) -> list[float]:
+        return [v for _, v in self.evals if math.isfinite(v)]
+
+    @property
+    def last_loss(self) -> float | None:
+        return self.losses[-1][1] if self.losses else None
+
+    @property
+    def last_eval(self) -> float | None:
+        return self.evals[-1][1] if self.evals else None
+
+    @property
+    def fraction(self) -> float:
+        if self.total_steps <= 0:
+            return 0.0
+        return max(0.0, min(1.0, self.step / self.total_steps))
+
+
+def from_events(events, run_dir=None) -> RunState:
+    st = RunState(run_dir=Path(run_dir) if run_dir else None)
+    for ev in events:
+        st.apply(ev)
+    return st

@@ -1,0 +1,31 @@
+"""Render untrusted text literally: dataset rows, paths and error messages.
+
+Nothing in here parses markup: ``rich.text.Text`` takes the characters as they are, and
+control characters (ANSI escapes above all) are replaced by visible symbols so a row that
+contains ``\\x1b[31m`` or ``[red]x[/red]`` shows those characters and restyles nothing.
+"""
+from __future__ import annotations
+
+from rich.text import Text
+
+# C0 controls (except tab and newline) → the Unicode "control pictures" block; ESC → ␛
+_TABLE = {c: 0x2400 + c for c in range(0x20) if c not in (0x09, 0x0A)}
+_TABLE[0x1B] = 0x241B
+_TABLE[0x7F] = 0x2421
+# C1 controls (0x80-0x9f, e.g. the 8-bit CSI \x9b) have no pictures: show the replacement char
+_TABLE.update({c: 0xFFFD for c in range(0x80, 0xA0)})
+
+
+def clean(value: object) -> str:
+    """``str(value)`` with every control character made visible (tabs → spaces)."""
+    return str(value).translate(_TABLE).replace("\t", "    ")
+
+
+def literal(value: object, style: str = "") -> Text:
+    """A Text that shows ``value`` exactly (markup is not interpreted)."""
+    return Text(clean(value), style=style)
+
+
+def one_line(value: object, limit: int = 200) -> str:
+    s = clean(value).replace("\n", " ⏎ ")
+    return s if len(s) <= limit else s[: limit - 1] + "…"

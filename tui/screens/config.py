@@ -1,0 +1,310 @@
+"""Config: a form built from ``engine.config.field_specs()``, validated live by the engine."""
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widget import Widget
+from textual.widgets import Footer, Header, Input, Label, Select, Static
+
+from tui.dialogs import PathPrompt
+from tui.messages import EstimateReady
+from tui.safe import clean, literal, one_line
+
+GIB = 1024 ** 3
+
+
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def allowed_text(f: dataclasses.Field) -> str:
+    m = f.metadata
+    if m.get("choices"):
+        return "one of: " + ", ".join(str(c).lower() if isinstance(c, bool) else str(c)
+                                      for c in m["choices"])
+    lo, hi = m.get("lo"), m.get("hi")
+    if lo is not None and hi is not None:
+        return f"range {lo:g} to {hi:g}"
+    if lo is not None:
+        return f"at least {lo:g}"
+    if hi is not None:
+        return f"at most {hi:g}"
+    if isinstance(_default(f), bool):
+        return "true or false"
+    return ""
+
+
+def to_text(value) -> str:
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def from_text(f: dataclasses.Field, text: str):
+    """The form's text → the value the engine validates (bad text stays bad, to be reported)."""
+    from engine.config import parse_value
+    default = _default(f)
+    if f.metadata.get("kind") == "modules":
+        t = text.strip()
+        if t.startswith("[") or "," in t:
+            return [p.strip().strip("'\"") for p in t.strip("[]").split(",") if p.strip()]
+        return t
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        return parse_value(text.strip()) if text.strip() else text
+    return text
+
+
+def uses_select(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get("choices")) or isinstance(_default(f), bool)
+
+
+class FieldRow(Widget):
+    """key | input, then the seed's help and allowed range (or the validation error) below."""
+
+    DEFAULT_CSS = """
+    FieldRow { height: auto; padding: 0 1; layout: grid; grid-size: 2;
+               grid-columns: 22 1fr; grid-rows: 1 auto; }
+    FieldRow Input, FieldRow Select { width: 1fr; }
+    FieldRow > .help { column-span: 2; color: $foreground 60%; padding-left: 22; height: auto; }
+    FieldRow.-invalid > .name { color: $error; text-style: bold; }
+    """
+
+    def __init__(self, section: str, key: str, f: dataclasses.Field, value) -> None:
+        super().__init__(id=f"row-{section}-{key}")
+        self.section, self.key, self.field, self.value = section, key, f, value
+        self._error: str | None = None
+
+    def compose(self) -> ComposeResult:
+        f, wid = self.field, f"in-{self.section}-{self.key}"
+        yield Label(self.key, classes="name")
+        if uses_select(f):
+            choices = f.metadata.get("choices") or [True, False]
+            opts = [(str(c).lower() if isinstance(c, bool) else str(c), c) for c in choices]
+            value = self.value if self.value in choices else _default(f)
+            self.input = Select(opts, value=value, allow_blank=False, compact=True, id=wid)
+        else:
+            self.input = Input(to_text(self.value), compact=True, id=wid, select_on_focus=False)
+        yield self.input
+        self.help = Static(self._help_text(), classes="help")
+        yield self.help
+
+    def _help_text(self) -> Text:
+        f = self.field
+        t = Text()
+        if self._error:
+            t.append("✖ ", style="bold red")
+            t.append(clean(self._error), style="bold red")
+            t.append("\n")
+        t.append(clean(f.metadata.get("help", "")))
+        allowed = allowed_text(f)
+        if allowed and not uses_select(f):
+            t.append(f"  ({allowed})", style="italic")
+        return t
+
+    def current(self):
+        w = self.input
+        if isinstance(w, Select):
+            return w.value
+        return from_text(self.field, w.value)
+
+    def set_error(self, message: str | None) -> None:
+        if message == self._error:
+            return
+        self._error = message
+        self.set_class(bool(message), "-invalid")
+        self.help.update(self._help_text())
+
+
+class ConfigScreen(Screen):
+    BINDINGS = [Binding("ctrl+o", "load", "Load TOML", id="load-config",
+                        tooltip="Load a TOML config file")]
+    DEFAULT_CSS = """
+    ConfigScreen #banner { height: 1; padding: 0 1; background: $panel; }
+    ConfigScreen #form { height: 1fr; }
+    ConfigScreen .section { text-style: bold; color: $accent; padding: 0 1;
+                            border-bottom: hkey $accent 40%; margin-bottom: 1; }
+    ConfigScreen #derived { height: 3; padding: 0 1; background: $panel;
+                            border-top: hkey $foreground 20%; }
+    """
+
+    form_ready = False
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static(id="banner")
+        yield VerticalScroll(id="form")
+        yield Static(id="derived")
+        yield Footer()
+
+    def _section_widgets(self, section: str, items) -> list:
+        from engine.config import SECTION_TITLES
+        data = self.app.form_data
+        out = [Static(SECTION_TITLES.get(section, section), classes="section", id=f"section-{section}")]
+        for key, f in items:
+            out.append(FieldRow(section, key, f, data.get(section, {}).get(key, _default(f))))
+        return out
+
+    def on_mount(self) -> None:
+        self.sub_title = "Config"
+        self.run_worker(self.build_form(), group="build-form", exclusive=True)
+
+    async def build_form(self) -> None:
+        """Mount the form a section at a time, so the screen shows (and answers keys) at once."""
+        from engine.config import field_specs
+        self.form_ready = False
+        self._rows = None
+        form = self.query_one("#form", VerticalScroll)
+        await form.remove_children()
+        self._validate()
+        for section, items in field_specs().items():
+            await form.mount_all(self._section_widgets(section, items))
+            await asyncio.sleep(0)           # let input and painting in between sections
+        self._rows = None
+        self.form_ready = True
+        self._validate()
+
+    def on_screen_resume(self) -> None:
+        self._show_banner()
+
+    _rows: list | None = None
+    _validate_pending = False
+
+    def rows(self) -> list[FieldRow]:
+        if self._rows is None or not self.form_ready:
+            self._rows = list(self.query(FieldRow))
+        return self._rows
+
+    def form_dict(self) -> dict:
+        out = copy.deepcopy(self.app.form_data)      # sections not mounted yet keep their values
+        for row in self.rows():
+            out.setdefault(row.section, {})[row.key] = row.current()
+        return out
+
+    @on(Input.Changed)
+    @on(Select.Changed)
+    def _changed(self, event) -> None:
+        event.stop()
+        if not self._validate_pending:      # one validation per burst of changes
+            self._validate_pending = True
+            self.call_after_refresh(self._validate)
+
+    def _validate(self) -> None:
+        self._validate_pending = False
+        app = self.app
+        app.form_data = self.form_dict()
+        cfg, problems = app.validated_config()
+        app.form_problems = problems
+        by_field: dict[str, list[str]] = {}
+        for p in problems:
+            by_field.setdefault(p.field, []).append(p.message)
+        for row in self.rows():
+            msgs = by_field.get(f"{row.section}.{row.key}")
+            row.set_error("; ".join(msgs) if msgs else None)
+        if cfg is not None:
+            app.config = cfg
+        self._show_banner()
+        self._show_derived(cfg)
+
+    def _show_banner(self) -> None:
+        app = self.app
+        t = Text()
+        t.append("file ", style="dim")
+        t.append_text(literal(app.config_path or "(demo defaults, not saved: ctrl+s)"))
+        n = len(app.form_problems)
+        if n:
+            t.append(f"   ✖ {n} problem(s): ", style="bold red")
+            p = app.form_problems[0]
+            t.append(one_line(f"{p.field}: {p.message}", 80))
+        else:
+            t.append("   ✔ valid", style="bold green")
+        self.query_one("#banner", Static).update(t)
+
+    def _show_derived(self, cfg) -> None:
+        data = self.app.form_data
+        t = Text()
+        tr, lora, dist = data.get("train", {}), data.get("lora", {}), data.get("distributed", {})
+        b, a, g = tr.get("batch_size"), tr.get("grad_accum"), dist.get("gpus")
+        t.append("effective batch ", style="dim")
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in (b, a, g)):
+            t.append(f"{b} × {a}" + (f" × {g} GPUs" if g != 1 else "") + f" = {b * a * g}",
+                     style="bold")
+        else:
+            t.append("?", style="bold")
+        r, alpha = lora.get("r"), lora.get("alpha")
+        t.append("   alpha/r ", style="dim")
+        if isinstance(r, (int, float)) and isinstance(alpha, (int, float)) and r:
+            t.append(f"{alpha:g}/{r:g} = {alpha / r:.2f}", style="bold")
+            if lora.get("use_rslora") is True:
+                t.append(f" (rsLoRA: alpha/√r = {alpha / r ** 0.5:.2f})", style="dim")
+        else:
+            t.append("?", style="bold")
+        t.append("\n")
+        t.append_text(self._estimate_text)
+        self.query_one("#derived", Static).update(t)
+        if cfg is not None:
+            key = (cfg.model.name, repr(cfg.to_dict()["lora"]), repr(cfg.to_dict()["quant"]),
+                   cfg.data.max_length, cfg.train.batch_size)
+            if key != getattr(self, "_estimate_key", None):
+                self._estimate_key = key
+                self._estimate_text = Text("trainable params: estimating…", style="dim")
+                self.set_timer(0.4, lambda c=cfg, k=key: self._maybe_estimate(c, k))
+
+    _estimate_text = Text("trainable params: known once the config is valid", style="dim")
+
+    def _maybe_estimate(self, cfg, key) -> None:
+        if key == getattr(self, "_estimate_key", None):   # debounced: only the latest edit
+            self._estimate(cfg)
+
+    @work(thread=True, exclusive=True, group="estimate", exit_on_error=False)
+    def _estimate(self, cfg) -> None:
+        try:
+            from engine import estimate as est
+        except ImportError:
+            self.post_message(EstimateReady("trainable params: (engine.estimate not installed)", None))
+            return
+        try:
+            mc = est.model_config_for(cfg)
+            e = est.estimate(cfg, mc)
+        except Exception as ex:
+            self.post_message(EstimateReady(f"estimate unavailable: {one_line(ex, 100)}", None))
+            return
+        fits = {True: "fits", False: "does NOT fit", None: ""}.get(e.fits, "")
+        peak = (f"{e.peak_bytes / GIB:.1f} GiB" if e.peak_bytes >= GIB / 10
+                else f"{e.peak_bytes / 1024 ** 2:.0f} MiB")
+        text = (f"trainable params {e.trainable_params:,}   peak VRAM ≈ {peak}"
+                + (f" ({fits} the GPU)" if fits else ""))
+        self.post_message(EstimateReady(text, e.trainable_params))
+
+    @on(EstimateReady)
+    def _on_estimate(self, msg: EstimateReady) -> None:
+        self._estimate_text = Text(msg.text, style="" if msg.trainable is not None else "dim")
+        self._show_derived(None)
+
+    def action_load(self) -> None:
+        def done(path: str | None) -> None:
+            if path:
+                self.call_later(self._load, path)
+        self.app.push_screen(PathPrompt("Load config (TOML)", str(self.app.config_path or "")), done)
+
+    async def _load(self, path: str) -> None:
+        from engine import config as C
+        try:
+            cfg = C.load(path)
+        except C.ConfigError as e:
+            self.notify(one_line(e, 400), title="Cannot load", severity="error", markup=False,
+                        timeout=10)
+            return
+        self.app.set_config(cfg, path)
+        self._estimate_key = None
+        self.run_worker(self.build_form(), group="build-form", exclusive=True)
+        self.notify(f"Loaded {path}", markup=False)

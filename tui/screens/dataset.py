@@ -1,0 +1,280 @@
+"""Dataset: what was detected and why, problems by line, token lengths vs max_length, rows.
+
+``engine.inspect`` does all the work in a thread worker; partial reports arrive as messages
+(≤10/s) so a large file fills the screen progressively while the UI stays responsive.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, ProgressBar, Static, TabbedContent, TabPane
+from textual.worker import get_current_worker
+
+from tui.messages import PreviewReady, ReportFailed, ReportReady
+from tui.safe import clean, literal, one_line
+
+
+def histogram_text(report, width: int = 36) -> Text:
+    hist = list(report.histogram or [])
+    t = Text()
+    if not hist:
+        t.append("no token lengths yet", style="dim")
+        return t
+    maxlen = report.max_length
+    peak = max((c for _, _, c in hist), default=0) or 1
+    marked = False
+    for lo, hi, count in hist:
+        if not marked and maxlen is not None and lo >= maxlen:
+            t.append(f"{'':>13}┄┄ max_length {maxlen} ┄┄\n", style="bold yellow")
+            marked = True
+        over = maxlen is not None and hi > maxlen
+        bar = "█" * max(1 if count else 0, int(round(count / peak * width)))
+        t.append(f"{lo:>6}–{hi:<6}", style="dim")
+        t.append("│")
+        t.append(bar.ljust(width), style="red" if over else "cyan")
+        t.append(f" {count}\n")
+    if not marked and maxlen is not None:
+        t.append(f"{'':>13}(all rows fit max_length {maxlen})\n", style="dim")
+    n = report.truncated_rows or 0
+    rows = report.rows or 0
+    if n:
+        pct = f" ({n / rows:.0%})" if rows else ""
+        t.append(f"{n} row(s){pct} are longer than max_length={maxlen} and would be truncated",
+                 style="bold red")
+    else:
+        t.append(f"no row is longer than max_length={maxlen}", style="green")
+    return t
+
+
+def summary_text(report, cfg) -> Text:
+    t = Text()
+    t.append("file     ", style="dim")
+    t.append_text(literal(report.path or cfg.data.train))
+    t.append("\nformat   ", style="dim")
+    t.append(clean(report.format or "?"), style="bold")
+    if report.format_reason:
+        t.append("  because ", style="dim")
+        t.append(clean(report.format_reason))
+    t.append("\nrows     ", style="dim")
+    t.append(f"{report.rows:,}", style="bold")
+    if not report.done:
+        t.append(f"  (reading… {report.rows_read:,} so far)", style="yellow")
+    probs = len(report.problems or [])
+    t.append("   problems ", style="dim")
+    t.append(str(probs), style="bold red" if probs else "bold green")
+    dups = report.duplicates
+    if dups:
+        t.append("   duplicates ", style="dim")
+        t.append(str(dups if isinstance(dups, int) else len(dups)), style="bold yellow")
+    pii = report.pii or []
+    if pii:
+        t.append("   possible PII ", style="dim")
+        t.append(str(len(pii)), style="bold yellow")
+    st = report.stats or {}
+    if st:
+        t.append("\ntokens   ", style="dim")
+        t.append("  ".join(f"{k} {st[k]:,.0f}" for k in ("min", "median", "p95", "max")
+                           if isinstance(st.get(k), (int, float))))
+    if report.trained_tokens_total:
+        t.append("   trained tokens ", style="dim")
+        t.append(f"{report.trained_tokens_total:,}")
+    if report.steps_per_epoch:
+        t.append("   steps/epoch ", style="dim")
+        t.append(f"{report.steps_per_epoch:,}")
+    return t
+
+
+def preview_text(preview) -> Text:
+    t = Text()
+    for text, trained in preview.segments:
+        t.append(clean(text), style="bold reverse green" if trained else "dim")
+    return t
+
+
+class DatasetScreen(Screen):
+    BINDINGS = [
+        Binding("n", "row(1)", "Next row", id="next-row"),
+        Binding("p", "row(-1)", "Prev row", id="prev-row"),
+        Binding("ctrl+l", "reload", "Re-read", id="reload-dataset"),
+    ]
+    DEFAULT_CSS = """
+    DatasetScreen #ds-summary { height: auto; max-height: 6; padding: 0 1; }
+    DatasetScreen #ds-progress-row { height: 1; padding: 0 1; }
+    DatasetScreen #ds-progress-row.-done { display: none; }
+    DatasetScreen #ds-progress { width: 1fr; }
+    DatasetScreen #ds-progress Bar { width: 1fr; }
+    DatasetScreen TabbedContent { height: 1fr; }
+    DatasetScreen #row-header { height: 1; padding: 0 1; background: $panel; }
+    DatasetScreen #row-view { padding: 0 1; }
+    DatasetScreen #hist { padding: 0 1; }
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.report = None
+        self.row_index = 0
+        self._key = None
+        self._cancel: threading.Event | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static(id="ds-summary")
+        with Horizontal(id="ds-progress-row"):
+            yield ProgressBar(total=1.0, show_eta=False, id="ds-progress")
+        with TabbedContent(id="ds-tabs"):
+            with TabPane("Lengths", id="tab-lengths"):
+                with VerticalScroll():
+                    yield Static(id="hist")
+            with TabPane("Problems", id="tab-problems"):
+                yield DataTable(id="problems", cursor_type="row", zebra_stripes=True)
+            with TabPane("Rows", id="tab-rows"):
+                yield Static(id="row-header")
+                with VerticalScroll(id="row-scroll"):
+                    yield Static(id="row-view")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = "Dataset"
+        table = self.query_one("#problems", DataTable)
+        table.add_columns("line", "kind", "message")
+        self._start_if_changed()
+
+    def on_screen_resume(self) -> None:
+        self._start_if_changed()
+
+    def on_unmount(self) -> None:
+        if self._cancel is not None:
+            self._cancel.set()
+
+    def _start_if_changed(self) -> None:
+        cfg = self.app.config
+        d = cfg.to_dict()
+        key = (repr(d["data"]), repr(d["model"]))
+        if key != self._key:
+            self._key = key
+            self.action_reload()
+
+    def action_reload(self) -> None:
+        if self._cancel is not None:
+            self._cancel.set()
+        self._cancel = threading.Event()
+        self.report = None
+        self.query_one("#ds-progress-row").remove_class("-done")
+        self.query_one("#ds-progress", ProgressBar).update(total=None, progress=0)
+        self.query_one("#ds-summary", Static).update(
+            Text("reading ") + literal(self.app.config.data.train) + Text("…"))
+        self.query_one("#hist", Static).update("")
+        self.query_one("#problems", DataTable).clear()
+        self.query_one("#row-header", Static).update("")
+        self.query_one("#row-view", Static).update("")
+        self._inspect(self.app.config, self._cancel)
+
+    @work(thread=True, exclusive=True, group="inspect", exit_on_error=False)
+    def _inspect(self, cfg, cancel: threading.Event) -> None:
+        worker = get_current_worker()
+        try:
+            from engine import inspect as I
+        except ImportError as e:
+            self.post_message(ReportFailed(f"engine.inspect is not installed yet ({e})"))
+            return
+        last = [0.0]
+
+        def on_partial(report) -> None:
+            if worker.is_cancelled:
+                cancel.set()
+            now = time.monotonic()
+            if now - last[0] >= 0.1:          # ≤10 partial redraws a second
+                last[0] = now
+                self.post_message(ReportReady(report, final=False))
+        try:
+            report = I.inspect(cfg, on_partial=on_partial, cancel=cancel)
+        except Exception as e:
+            if not cancel.is_set():
+                self.post_message(ReportFailed(f"{type(e).__name__}: {e}"))
+            return
+        if not cancel.is_set():
+            self.post_message(ReportReady(report, final=True))
+
+    @on(ReportFailed)
+    def _on_failed(self, msg: ReportFailed) -> None:
+        self.query_one("#ds-progress-row").add_class("-done")
+        t = Text("Cannot read the dataset: ", style="bold red")
+        t.append_text(literal(msg.error))
+        self.query_one("#ds-summary", Static).update(t)
+
+    @on(ReportReady)
+    def _on_report(self, msg: ReportReady) -> None:
+        rep = msg.report
+        if msg.final is False and self.report is not None and getattr(self.report, "done", False):
+            return
+        self.report = rep
+        with self.app.batch_update():
+            self.query_one("#ds-summary", Static).update(summary_text(rep, self.app.config))
+            bar = self.query_one("#ds-progress", ProgressBar)
+            frac = getattr(rep, "progress", None)
+            if rep.done:
+                self.query_one("#ds-progress-row").add_class("-done")
+            elif isinstance(frac, (int, float)):
+                bar.update(total=1.0, progress=frac)
+            self.query_one("#hist", Static).update(histogram_text(rep))
+            table = self.query_one("#problems", DataTable)
+            probs = list(rep.problems or [])
+            if table.row_count != len(probs):
+                table.clear()
+                for p in probs[:5000]:
+                    table.add_row(Text(str(p.line)), literal(p.kind), Text(one_line(p.message, 300)))
+            if rep.done and msg.final:
+                self._show_row(self.row_index)
+
+    def action_row(self, delta: int) -> None:
+        if self.report is None or not self.report.done:
+            return
+        self.query_one("#ds-tabs", TabbedContent).active = "tab-rows"
+        self._show_row(max(0, min((self.report.rows or 1) - 1, self.row_index + delta)))
+
+    def _show_row(self, index: int) -> None:
+        self.row_index = index
+        self.query_one("#row-header", Static).update(
+            Text(f"row {index + 1} of {self.report.rows:,}   rendering…", style="dim"))
+        self._preview(self.app.config, index)
+
+    @work(thread=True, exclusive=True, group="preview", exit_on_error=False)
+    def _preview(self, cfg, index: int) -> None:
+        try:
+            from engine import inspect as I
+            pv = I.preview(cfg, index)
+        except Exception as e:
+            self.post_message(PreviewReady(index, None, f"{type(e).__name__}: {e}"))
+            return
+        self.post_message(PreviewReady(index, pv))
+
+    @on(PreviewReady)
+    def _on_preview(self, msg: PreviewReady) -> None:
+        if msg.index != self.row_index:
+            return
+        header = self.query_one("#row-header", Static)
+        view = self.query_one("#row-view", Static)
+        rows = self.report.rows if self.report else 0
+        if msg.preview is None:
+            header.update(Text(f"row {msg.index + 1} of {rows:,}", style="bold"))
+            view.update(Text("cannot render this row: ", style="bold red") + literal(msg.error))
+            return
+        pv = msg.preview
+        h = Text()
+        h.append(f"row {msg.index + 1} of {rows:,}", style="bold")
+        if getattr(pv, "line", None):
+            h.append(f"  (line {pv.line})", style="dim")
+        h.append(f"   {pv.n_tokens} tokens, {pv.n_trained} trained  ")
+        h.append("trained", style="bold reverse green")
+        h.append(" / ")
+        h.append("context", style="dim")
+        h.append("   n/p: next/previous", style="dim")
+        header.update(h)
+        view.update(preview_text(pv))

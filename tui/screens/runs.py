@@ -1,0 +1,204 @@
+"""Runs: every run under output.dir with its state; open one to see its curves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Sparkline, Static
+
+from tui.messages import RunHistory, RunsListed
+from tui.runstate import from_events
+from tui.safe import clean, literal, one_line
+from tui.widgets.chart import LossChart
+from tui.widgets.panels import hints_text
+
+STATE_STYLE = {"live": "bold green", "finished": "green", "stopped": "yellow", "failed": "bold red",
+               "crashed": "red", "new": "dim"}
+
+
+def _loss(v) -> Text:
+    return Text("—" if v is None else f"{v:.4f}")
+
+
+class RunsScreen(Screen):
+    BINDINGS = [Binding("ctrl+l", "reload", "Refresh", id="reload-runs"),
+                Binding("a", "attach", "Attach", id="attach-run",
+                        tooltip="Follow the selected live run on the Train screen")]
+    DEFAULT_CSS = """
+    RunsScreen #runs-where { height: 1; padding: 0 1; background: $panel; }
+    RunsScreen #runs { height: 1fr; }
+    """
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static(id="runs-where")
+        yield DataTable(id="runs", cursor_type="row", zebra_stripes=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = "Runs"
+        t = self.query_one("#runs", DataTable)
+        t.add_column("run", key="run")
+        t.add_column("state", key="state")
+        t.add_column("step", key="step")
+        t.add_column("final loss", key="final")
+        t.add_column("last loss", key="last")
+        t.add_column("model", key="model")
+        self.action_reload()
+        self.set_interval(3.0, self._auto_reload)
+
+    def on_screen_resume(self) -> None:
+        self.action_reload()
+
+    def _auto_reload(self) -> None:
+        if self.is_current:
+            self.action_reload()
+
+    def action_reload(self) -> None:
+        where = Text("runs in ", style="dim")
+        where.append_text(literal(self.app.runs_dir()))
+        where.append("   enter: open   a: attach to a live run", style="dim")
+        self.query_one("#runs-where", Static).update(where)
+        self._list(self.app.runs_dir())
+
+    @work(thread=True, exclusive=True, group="list-runs", exit_on_error=False)
+    def _list(self, runs_dir: Path) -> None:
+        from engine import rundir
+        try:
+            self.post_message(RunsListed(rundir.list_runs(runs_dir)))
+        except Exception as e:
+            self.post_message(RunsListed([], f"{type(e).__name__}: {e}"))
+
+    @on(RunsListed)
+    def _on_listed(self, msg: RunsListed) -> None:
+        t = self.query_one("#runs", DataTable)
+        keep = t.cursor_row
+        t.clear()
+        if msg.error:
+            self.notify(one_line(msg.error, 200), severity="error", markup=False)
+        for ri in msg.runs:
+            step = f"{ri.step}/{ri.total_steps}" if ri.total_steps else str(ri.step)
+            t.add_row(literal(ri.name), Text(ri.state, style=STATE_STYLE.get(ri.state, "")),
+                      Text(step), _loss(ri.final_loss), _loss(ri.last_loss),
+                      literal(ri.model or ""), key=str(ri.path))
+        if msg.runs:
+            t.move_cursor(row=min(keep, len(msg.runs) - 1))
+        self.runs = msg.runs
+
+    runs: list = []
+
+    def _selected(self):
+        t = self.query_one("#runs", DataTable)
+        if not self.runs or t.cursor_row < 0 or t.cursor_row >= len(self.runs):
+            return None
+        return self.runs[t.cursor_row]
+
+    @on(DataTable.RowSelected, "#runs")
+    def _open(self, event: DataTable.RowSelected) -> None:
+        ri = self._selected()
+        if ri is not None:
+            self.app.push_screen(RunDetailScreen(ri.path))
+
+    def action_attach(self) -> None:
+        ri = self._selected()
+        if ri is None:
+            return
+        if ri.state != "live":
+            self.notify(f"{ri.name} is {ri.state}, not live: press enter to see its curves.",
+                        markup=False)
+            return
+        st = self.app.run_state
+        if st is not None and st.live and st.run_dir != ri.path:
+            self.notify("Detach from the current run first (ctrl+d).", severity="warning",
+                        markup=False)
+            return
+        self.app.follow_run(ri.path)
+        self.app.action_show("train")
+
+
+class RunDetailScreen(Screen):
+    """One run's curves and hints, read from its events.jsonl."""
+
+    BINDINGS = [Binding("escape", "app.pop_screen", "Back", id="back"),
+                Binding("a", "attach", "Attach", id="attach-detail")]
+    DEFAULT_CSS = """
+    RunDetailScreen #detail-summary { height: auto; max-height: 6; padding: 0 1; }
+    RunDetailScreen .spark-row { height: 1; padding: 0 1; }
+    RunDetailScreen .spark-label { width: 6; color: $foreground 70%; }
+    RunDetailScreen Sparkline { width: 1fr; height: 1; }
+    RunDetailScreen #detail-chart { height: 1fr; padding: 0 1; }
+    RunDetailScreen #detail-hints-box { height: 6; padding: 0 1; border-top: hkey $foreground 20%; }
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.info = None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static(Text("reading ") + literal(self.run_dir.name) + Text("…"), id="detail-summary")
+        with Horizontal(classes="spark-row"):
+            yield Static("loss", classes="spark-label")
+            yield Sparkline([], id="detail-loss")
+        with Horizontal(classes="spark-row"):
+            yield Static("eval", classes="spark-label")
+            yield Sparkline([], id="detail-eval")
+        yield LossChart(id="detail-chart")
+        with VerticalScroll(id="detail-hints-box"):
+            yield Static(id="detail-hints")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = f"Run {self.run_dir.name}"
+        self._read(self.run_dir)
+
+    @work(thread=True, exclusive=True, exit_on_error=False)
+    def _read(self, run_dir: Path) -> None:
+        from engine import events as E
+        from engine import rundir
+        evs = E.read_events(run_dir / rundir.EVENTS)
+        self.post_message(RunHistory(run_dir, evs, rundir.info(run_dir)))
+
+    @on(RunHistory)
+    def _on_history(self, msg: RunHistory) -> None:
+        st = from_events(msg.events, msg.run_dir)
+        ri = self.info = msg.info
+        t = Text()
+        t.append(clean(ri.name), style="bold")
+        t.append("  ")
+        t.append(ri.state, style=STATE_STYLE.get(ri.state, ""))
+        t.append(f"   step {ri.step}/{ri.total_steps or '?'}")
+        if st.model:
+            t.append("   model ", style="dim")
+            t.append(clean(st.model))
+        if ri.final_loss is not None:
+            t.append(f"   final loss {ri.final_loss:.4f}", style="bold")
+        if st.last_eval is not None:
+            t.append(f"   eval loss {st.last_eval:.4f}")
+        if ri.reason:
+            t.append("\n")
+            t.append(one_line(ri.reason, 300), style="italic")
+        if st.adapter_dir:
+            t.append("\nadapter ", style="dim")
+            t.append_text(literal(st.adapter_dir))
+        if ri.state == "live":
+            t.append("\na: attach to this live run", style="dim")
+        self.query_one("#detail-summary", Static).update(t)
+        self.query_one("#detail-loss", Sparkline).data = st.loss_values
+        self.query_one("#detail-eval", Sparkline).data = st.eval_values
+        self.query_one("#detail-chart", LossChart).set_data(st.losses, st.evals, st.total_steps)
+        self.query_one("#detail-hints", Static).update(hints_text(st.hints))
+
+    def action_attach(self) -> None:
+        if self.info is None or self.info.state != "live":
+            self.notify("Only a live run can be attached to.", markup=False)
+            return
+        self.app.pop_screen()
+        self.app.follow_run(self.run_dir)
+        self.app.action_show("train")

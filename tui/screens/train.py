@@ -1,0 +1,214 @@
+"""Train: start/stop, progress, loss curves, live metrics, GPU gauges, the engine's hints."""
+from __future__ import annotations
+
+import time
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Header, ProgressBar, Sparkline, Static
+from textual.worker import get_current_worker
+
+from tui.messages import Readings
+from tui.runstate import RunState
+from tui.safe import clean, literal, one_line
+from tui.widgets.chart import LossChart, fmt
+from tui.widgets.panels import gpu_text, hints_text
+
+
+def fmt_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "--:--"
+    s = int(max(0, seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def _v(v, spec: str = ".4g") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+PHASE_STYLE = {"training": "bold green", "finished": "bold green", "stopped": "bold yellow",
+               "failed": "bold red", "detached": "bold cyan", "waiting": "dim"}
+
+
+class TrainScreen(Screen):
+    DEFAULT_CSS = """
+    TrainScreen #status { height: 1; padding: 0 1; }
+    TrainScreen #progress-row { height: 1; padding: 0 1; }
+    TrainScreen #progress-row ProgressBar { width: 1fr; }
+    TrainScreen #progress-row ProgressBar Bar { width: 1fr; }
+    TrainScreen #steps { width: auto; min-width: 24; padding-left: 1; }
+    TrainScreen #main { height: 1fr; min-height: 6; }
+    TrainScreen #curves { width: 1fr; padding: 0 1; }
+    TrainScreen .spark-row { height: 1; }
+    TrainScreen .spark-label { width: 6; color: $foreground 70%; }
+    TrainScreen Sparkline { width: 1fr; height: 1; }
+    TrainScreen #loss-spark > .sparkline--max-color { color: $error; }
+    TrainScreen #loss-spark > .sparkline--min-color { color: $success; }
+    TrainScreen #eval-spark > .sparkline--max-color { color: $warning; }
+    TrainScreen #eval-spark > .sparkline--min-color { color: $primary; }
+    TrainScreen #metrics { width: 28; padding: 0 1; border-left: vkey $foreground 20%; }
+    TrainScreen #welcome { height: 1fr; padding: 1 2; color: $foreground 80%; }
+    TrainScreen #gpu { height: auto; max-height: 5; padding: 0 1;
+                       border-top: hkey $foreground 20%; }
+    TrainScreen #hints-box { height: 5; border-top: hkey $foreground 20%; padding: 0 1; }
+    TrainScreen.-has-hints #hints-box { height: 7; }
+    """
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static(id="status")
+        with Horizontal(id="progress-row"):
+            yield ProgressBar(total=100, show_eta=False, id="progress")
+            yield Static(id="steps")
+        with Horizontal(id="main"):
+            with Vertical(id="curves"):
+                with Horizontal(classes="spark-row"):
+                    yield Static("loss", classes="spark-label")
+                    yield Sparkline([], id="loss-spark")
+                with Horizontal(classes="spark-row"):
+                    yield Static("eval", classes="spark-label")
+                    yield Sparkline([], id="eval-spark")
+                yield LossChart(id="chart")
+                yield Static(id="welcome")
+            yield Static(id="metrics")
+        yield Static(id="gpu")
+        with VerticalScroll(id="hints-box", can_focus=True):
+            yield Static(id="hints")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = "Train"
+        self.query_one("#gpu", Static).update(Text("reading GPUs…", style="dim"))
+        self.render_run(self.app.run_state)
+        self._poll_readings()
+
+    def on_screen_resume(self) -> None:
+        self.render_run(self.app.run_state)
+
+    # ---- readings (GPU / host), polled in a thread, shown through messages ----------------
+    @work(thread=True, exclusive=True, group="readings", exit_on_error=False)
+    def _poll_readings(self) -> None:
+        worker = get_current_worker()
+        gpu, host, reason = self.app.make_samplers()
+        while not worker.is_cancelled:
+            gpus, hs = [], None
+            try:
+                if gpu is not None and gpu.available:
+                    gpus = gpu.sample()
+            except Exception as e:
+                reason, gpus = f"NVML error: {e}", []
+            try:
+                hs = host.sample() if host is not None else None
+            except Exception:
+                hs = None
+            self.post_message(Readings(gpus, hs, reason))
+            if self.app.readings_interval <= 0:
+                return            # one fixed reading (snapshots)
+            if worker.cancelled_event.wait(self.app.readings_interval):
+                return
+
+    @on(Readings)
+    def _on_readings(self, msg: Readings) -> None:
+        self.query_one("#gpu", Static).update(gpu_text(msg.gpus, msg.host, msg.gpu_reason))
+
+    # ---- run state → widgets (called ≤10×/s: follow batches events) ------------------------
+    def render_run(self, st: RunState | None) -> None:
+        if not self.is_mounted:
+            return
+        with self.app.batch_update():
+            self._draw(st)
+
+    def _welcome_text(self) -> Text:
+        cfg = self.app.config
+        t = Text()
+        t.append("Ready to train.\n\n", style="bold")
+        if cfg is not None:
+            steps = cfg.train.max_steps if cfg.train.max_steps > 0 else f"{cfg.train.epochs:g} epochs"
+            t.append("model  ", style="dim")
+            t.append(clean(cfg.model.name) + "\n")
+            t.append("data   ", style="dim")
+            t.append(clean(cfg.data.train) + "\n")
+            t.append("steps  ", style="dim")
+            t.append(f"{steps}\n")
+            t.append("runs   ", style="dim")
+            t.append(clean(cfg.output.dir) + "\n\n")
+        for key, what in (("ctrl+r", "start training"), ("F3", "edit the config"),
+                          ("F2", "check the data")):
+            t.append(f" {key} ", style="bold reverse")
+            t.append(f" {what}\n")
+        return t
+
+    def _draw(self, st: RunState | None) -> None:
+        status = self.query_one("#status", Static)
+        welcome = self.query_one("#welcome", Static)
+        chart = self.query_one("#chart", LossChart)
+        progress = self.query_one("#progress", ProgressBar)
+        steps = self.query_one("#steps", Static)
+        metrics = self.query_one("#metrics", Static)
+        if st is None or st.run_dir is None:
+            status.update(Text("no run yet", style="dim"))
+            welcome.update(self._welcome_text())
+            welcome.display, chart.display = True, False
+            progress.update(total=100, progress=0)
+            steps.update("")
+            metrics.update(Text("lr        —\ngrad norm —\ntokens/s  —\nepoch     —", style="dim"))
+            self.query_one("#loss-spark", Sparkline).data = []
+            self.query_one("#eval-spark", Sparkline).data = []
+            self.query_one("#hints", Static).update(hints_text([]))
+            return
+        welcome.display, chart.display = False, True
+        phase = "detached" if st.detached else st.phase
+        s = Text()
+        s.append(f"● {phase}", style=PHASE_STYLE.get(phase, "bold"))
+        if st.stop_requested and not st.terminal:
+            s.append(" (stopping: saving the adapter…)", style="yellow")
+        s.append("  ")
+        s.append(clean(st.run_dir.name), style="bold")
+        if st.model:
+            s.append(f"  {one_line(st.model, 40)}")
+        if st.device:
+            s.append(f" on {clean(st.device)}")
+        if st.message and st.phase != "training":
+            s.append("  ")
+            s.append(one_line(st.message, 120), style="italic")
+        status.update(s)
+        total = st.total_steps or None
+        if st.phase not in ("training", "finished", "stopped", "failed") and st.progress is not None:
+            progress.update(total=1.0, progress=st.progress)
+        else:
+            progress.update(total=total, progress=st.step)
+        eta = "" if st.terminal else f"  ETA {fmt_eta(st.eta_seconds)}"
+        steps.update(f"step {st.step}/{st.total_steps or '?'}{eta}")
+        self.query_one("#loss-spark", Sparkline).data = st.loss_values[-200:]
+        self.query_one("#eval-spark", Sparkline).data = st.eval_values[-200:]
+        chart.empty_text = "waiting for the first loss…" if not st.terminal else "no loss recorded"
+        chart.set_data(st.losses, st.evals, st.total_steps)
+        m = Text()
+        rows = [("loss", _v(st.last_loss, ".4f")), ("eval loss", _v(st.last_eval, ".4f")),
+                ("lr", _v(st.learning_rate, ".2e")), ("grad norm", _v(st.grad_norm, ".3f")),
+                ("tokens/s", _v(st.tokens_per_second, ",.0f")), ("epoch", _v(st.epoch, ".2f"))]
+        if st.trainable_params:
+            rows.append(("trainable", f"{st.trainable_params:,}"))
+        if st.checkpoints:
+            rows.append(("checkpoint", f"step {st.checkpoints[-1][0]}"))
+        for i, (k, v) in enumerate(rows):
+            if i:
+                m.append("\n")
+            m.append(f"{k:<10}", style="dim")
+            m.append(v, style="bold" if k == "loss" else "")
+        if st.terminal == "run_finished":
+            m.append("\n\nfinal loss ", style="dim")
+            m.append(_v(st.final_loss, ".4f"), style="bold")
+            if st.adapter_dir:
+                m.append("\nadapter ", style="dim")
+                m.append(literal(st.adapter_dir))
+        elif st.terminal == "run_failed":
+            m.append(f"\n\nfailed ({clean(st.fail_kind)})", style="bold red")
+        metrics.update(m)
+        self.query_one("#hints", Static).update(hints_text(st.hints))
+        self.set_class(bool(st.hints), "-has-hints")

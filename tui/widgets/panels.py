@@ -1,0 +1,88 @@
+"""Text renderers for the Train screen's panels (pure functions: easy to test, no widgets)."""
+from __future__ import annotations
+
+from rich.text import Text
+
+from tui.safe import clean, one_line
+
+GIB = 1024 ** 3
+
+
+def gauge(fraction: float | None, width: int = 10) -> Text:
+    if fraction is None:
+        return Text("·" * width, style="dim")
+    fraction = max(0.0, min(1.0, fraction))
+    full = int(round(fraction * width))
+    style = "bold red" if fraction >= 0.95 else "yellow" if fraction >= 0.8 else "green"
+    return Text("█" * full, style=style) + Text("░" * (width - full), style="dim")
+
+
+def _gib(b) -> str:
+    return "?" if b is None else f"{b / GIB:.1f}"
+
+
+def gpu_text(gpus: list, host, reason: str) -> Text:
+    """One row per GPU; without an NVIDIA GPU a clear notice plus CPU and RAM use."""
+    out = Text()
+    if gpus:
+        for i, g in enumerate(gpus):
+            if i:
+                out.append("\n")
+            util = g.util_percent
+            mem_frac = (g.mem_used_bytes / g.mem_total_bytes) if g.mem_total_bytes else None
+            out.append(f"GPU{g.index} ", style="bold")
+            out.append(clean(g.name)[:14].ljust(14) + " ")
+            out.append("util ")
+            out.append_text(gauge(None if util is None else util / 100, 8))
+            out.append(f" {util:3.0f}%  " if util is not None else "   ?%  ")
+            out.append("VRAM ")
+            out.append_text(gauge(mem_frac, 8))
+            out.append(f" {_gib(g.mem_used_bytes)}/{_gib(g.mem_total_bytes)} GiB")
+            if g.temperature_c is not None:
+                out.append(f"  {g.temperature_c:.0f}°C")
+            if g.power_w is not None:
+                lim = f"/{g.power_limit_w:.0f}" if g.power_limit_w else ""
+                out.append(f"  {g.power_w:.0f}{lim} W")
+        return out
+    out.append("no NVIDIA GPU", style="bold yellow")
+    if reason:
+        why = reason[len("no NVIDIA GPU"):].strip(" ()") if reason.startswith("no NVIDIA GPU") else reason
+        if why:
+            out.append(f"  ({one_line(why, 60)})", style="dim")
+    out.append("  training runs on the CPU", style="dim")
+    out.append("\n")
+    if host is None:
+        out.append("CPU ? · RAM ?", style="dim")
+        return out
+    out.append("CPU  ")
+    cpu = host.cpu_percent
+    out.append_text(gauge(None if cpu is None else cpu / 100, 12))
+    out.append(f" {cpu:3.0f}%   " if cpu is not None else "   ?%   ")
+    out.append("RAM  ")
+    ram = (host.ram_used_bytes / host.ram_total_bytes) if host.ram_total_bytes else None
+    out.append_text(gauge(ram, 12))
+    out.append(f" {_gib(host.ram_used_bytes)}/{_gib(host.ram_total_bytes)} GiB")
+    return out
+
+
+SEVERITY = {"error": ("✖", "bold red"), "warning": ("⚠", "bold yellow"), "info": ("ℹ", "bold cyan")}
+
+
+def hints_text(hints: list) -> Text:
+    """Newest first: symptom, likely cause, fix."""
+    if not hints:
+        return Text("No hints yet. The engine's rules watch loss, grad norm, eval loss, "
+                    "tokens/s and GPU use, and explain what they see here.", style="dim")
+    out = Text()
+    for i, h in enumerate(reversed(hints)):
+        if i:
+            out.append("\n")
+        icon, style = SEVERITY.get(h.severity, SEVERITY["warning"])
+        out.append(f"{icon} ", style=style)
+        out.append(f"step {h.step}: " if h.step else "")
+        out.append(clean(h.symptom), style="bold")
+        out.append("\n   cause: ", style="dim")
+        out.append(clean(h.cause))
+        out.append("\n   fix:   ", style="dim")
+        out.append(clean(h.fix), style="green")
+    return out
