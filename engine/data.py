@@ -119,6 +119,7 @@ def iter_raw(path: str | Path, on_bytes: Callable[[int, int], None] | None = Non
     elif suffix == ".csv":
         with open(p, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
+            reader.fieldnames   # reads the header row
             prev = reader.line_num
             for rec in reader:
                 yield prev + 1, dict(rec), None
@@ -359,6 +360,8 @@ def build(path: str, raw: list, fmt: str = "auto") -> Dataset:
     if fmt == "auto":
         if not seen:
             where = resolve(path)
+            if not raw:
+                raise DataError(f"{where}: the file has no rows; add training examples")
             raise DataError(f"{where}: no row matches a known format (messages, conversations, "
                             "instruction/output, prompt/completion, text); set data.format or fix the file")
         fmt = max(seen, key=seen.get)

@@ -130,8 +130,8 @@ def info(run_dir: str | Path) -> RunInfo:
                 ri.last_loss = ev.loss
         elif ev.type in E.TERMINAL:
             terminal = ev
-    alive = process_alive(run_dir)
-    if terminal is not None and not alive:
+    alive = terminal is None and process_alive(run_dir)
+    if terminal is not None:
         if terminal.type == "run_finished":
             ri.state = "stopped" if terminal.stopped else "finished"
             ri.final_loss = terminal.final_loss if terminal.final_loss is not None else ri.last_loss

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -154,15 +155,18 @@ class Run:
         except ImportError:
             pass
         if hints is not None:
+            last_step = [0]
+
             def feed(ev):
-                out = []
+                if ev.type == "hint":
+                    return
                 if ev.type == "step":
-                    out = hints.observe_step(ev)
-                elif ev.type == "eval":
-                    out = hints.observe_eval(ev)
-                for h in out:
+                    last_step[0] = ev.step
+                for h in hints.observe(ev):
                     emit(h)
             self.bus.subscribe(feed, replay=False)
+            threading.Thread(target=self._watch_gpu, args=(hints, last_step), daemon=True,
+                             name="qlora-gpu-hints").start()
         step = 0
         prepared = None
         try:
@@ -195,6 +199,24 @@ class Run:
             if self._writer is not None:
                 self._writer.close()
 
+    def _watch_gpu(self, hints, last_step, every: float = 2.0) -> None:
+        """Feed NVML utilisation of this process's GPU to the low-GPU-use rule while training."""
+        from engine.gpu import GpuSampler
+        idx = int(os.environ.get("LOCAL_RANK", "0"))
+        sampler = GpuSampler(indices=[idx])
+        if not sampler.available:
+            return
+        try:
+            while self.thread is not None and self.thread.is_alive() and self.result is None:
+                if last_step[0] > 0:
+                    for g in sampler.sample():
+                        if g.util_percent is not None:
+                            for h in hints.observe_gpu(g.util_percent, last_step[0]):
+                                self.bus.emit(h)
+                time.sleep(every)
+        finally:
+            sampler.close()
+
     def _failure_event(self, e: BaseException, prepared, step: int) -> E.Event:
         from engine import data as D
         from engine import model as M
@@ -220,7 +242,7 @@ class Run:
                         observed = int(torch.cuda.max_memory_reserved())
                 except Exception:
                     pass
-                self.bus.emit(HintEngine(self.cfg).oom_hint(est, observed, self.cfg))
+                self.bus.emit(HintEngine(self.cfg).oom_hint(est, observed, self.cfg, step=step))
             except ImportError:
                 pass
             ck = R.checkpoints(self.run_dir)

@@ -1,0 +1,29 @@
+"""engine/ is a UI-free library: importing it must not load textual or rich."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ENGINE = Path(__file__).resolve().parents[1] / "engine"
+MODULES = ["engine"] + sorted(f"engine.{p.stem}" for p in ENGINE.glob("*.py")
+                              if p.stem not in ("__init__", "__main__"))
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_engine_module_does_not_import_ui(module):
+    code = (f"import sys, importlib; importlib.import_module({module!r}); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'rich')); "
+            "print(','.join(bad)); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"{module} loads UI modules: {r.stdout.strip()} {r.stderr[-500:]}"
+
+
+def test_no_ui_import_statements_in_engine():
+    offenders = []
+    for p in ENGINE.rglob("*.py"):
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            s = line.strip()
+            if s.startswith(("import textual", "from textual", "import rich", "from rich")):
+                offenders.append(f"{p.name}:{i}")
+    assert offenders == []

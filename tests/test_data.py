@@ -1,0 +1,105 @@
+"""Data: every format and file type is detected (with the reason) and normalised; bad rows are
+reported by physical line without aborting."""
+import json
+
+import pytest
+
+from engine import data as D
+
+ROWS = {
+    "messages": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+    "sharegpt": {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+    "alpaca": {"instruction": "Say hi", "input": "to Bob", "output": "hi Bob"},
+    "prompt_completion": {"prompt": "2+2=", "completion": "4"},
+    "text": {"text": "plain text row"},
+}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("fmt", list(ROWS))
+def test_each_format_detected_and_normalised(tmp_path, fmt):
+    ds = D.load(str(write_jsonl(tmp_path / "d.jsonl", [ROWS[fmt]] * 3)))
+    assert ds.format == fmt
+    assert ds.reason and "3 of 3" in ds.reason
+    assert len(ds.rows) == 3 and not ds.problems
+    row = ds.rows[0].data
+    if fmt in ("messages", "sharegpt", "alpaca"):
+        assert row["messages"][-1]["role"] == "assistant"
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+    if fmt == "alpaca":
+        assert row["messages"][0]["content"] == "Say hi\n\nto Bob"
+    if fmt == "prompt_completion":
+        assert row == {"prompt": "2+2=", "completion": "4"}
+
+
+def test_file_types(tmp_path):
+    rows = [ROWS["prompt_completion"]] * 4
+    (tmp_path / "d.json").write_text(json.dumps(rows, indent=2))
+    import csv
+    with open(tmp_path / "d.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["prompt", "completion"])
+        w.writeheader()
+        w.writerows(rows)
+    import datasets
+    hf = datasets.Dataset.from_list(rows)
+    hf.to_parquet(str(tmp_path / "d.parquet"))
+    hf.save_to_disk(str(tmp_path / "dsdir"))
+    for name in ("d.json", "d.csv", "d.parquet", "dsdir"):
+        ds = D.load(str(tmp_path / name))
+        assert ds.format == "prompt_completion", name
+        assert len(ds.rows) == 4, name
+    # .json array: physical lines of items
+    assert D.load(str(tmp_path / "d.json")).rows[1].line > 2
+    assert [r.line for r in D.load(str(tmp_path / "d.csv")).rows] == [2, 3, 4, 5]
+
+
+def test_problems_by_physical_line(tmp_path):
+    good = json.dumps(ROWS["messages"])
+    lines = [good, "{not json", "", good,
+             json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}),
+             json.dumps({"messages": [{"role": "assistant", "content": "a"}]}),
+             json.dumps({"messages": [{"role": "wizard", "content": "a"}, {"role": "assistant", "content": "b"}]}),
+             json.dumps({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "b"}]}),
+             json.dumps({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "b"}]}),
+             json.dumps({"messages": "nope"}),
+             json.dumps([1, 2])]
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    ds = D.load(str(p))
+    kinds = {(pr.line, pr.kind) for pr in ds.problems}
+    assert (2, "invalid_json") in kinds
+    assert (5, "role_order") in kinds
+    assert (6, "role_order") in kinds
+    assert (7, "unknown_role") in kinds
+    assert (8, "empty_content") in kinds
+    assert (9, "non_string_content") in kinds
+    assert (10, "wrong_type") in kinds
+    assert (11, "not_object") in kinds or any(pr.line == 11 for pr in ds.problems)
+    assert [r.line for r in ds.rows] == [1, 4]
+
+
+def test_unusable_data_errors(tmp_path):
+    from engine import config as C
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("")
+    with pytest.raises(D.DataError, match="no rows"):
+        D.load_for_training(C.load(None, [f'data.train="{empty}"']))
+    with pytest.raises(D.DataError, match="no such file"):
+        D.load_for_training(C.load(None, [f'data.train="{tmp_path / "missing.jsonl"}"']))
+    bad = tmp_path / "b.txt"
+    bad.write_text("x")
+    with pytest.raises(D.DataError, match="unsupported file type"):
+        D.load(str(bad))
+    mixed = write_jsonl(tmp_path / "m.jsonl", [ROWS["messages"], {"messages": []}])
+    with pytest.raises(D.DataError, match="strict"):
+        D.load_for_training(C.load(None, [f'data.train="{mixed}"', "data.strict=true"]))
+
+
+def test_mixed_formats_reported(tmp_path):
+    ds = D.load(str(write_jsonl(tmp_path / "m.jsonl", [ROWS["messages"]] * 3 + [ROWS["text"]])))
+    assert ds.format == "messages"
+    assert any(p.kind == "mixed_format" and p.line == 4 for p in ds.problems)
