@@ -25,14 +25,6 @@ BUILTIN_PROMPTS = [
     "Write a haiku about the sea.",
 ]
 
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
 class GenerateError(AdapterError):
     """Generation cannot run; the message is one line."""
 
@@ -64,7 +56,8 @@ def _data_path(value: str, run_dir: Path) -> Path | None:
     if not value:
         return None
     if value == "builtin:sample":
-        p = Path(__file__).with_name("assets") / "sample_chat.jsonl"
+        from engine.builtin import sample_data_path
+        p = sample_data_path()
         return p if p.is_file() else None
     if value.startswith("builtin:"):
         return None
@@ -186,13 +179,11 @@ def _load(src, err=GenerateError):
         tok = AutoTokenizer.from_pretrained(tsrc, trust_remote_code=trust)
     except Exception as e:  # noqa: BLE001
         raise err(f"tokenizer of {tsrc}: cannot load: {str(e).splitlines()[0][:200]}") from None
-    if not getattr(tok, "chat_template", None):
-        template = str(settings.get("chat_template") or "")
-        if template and Path(template).expanduser().is_file():
-            template = Path(template).expanduser().read_text(encoding="utf-8")
-        tok.chat_template = template or CHATML
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None) or tok.pad_token is None:
+        # the trainer's own rule: the run's template override, else ChatML; a pad token
+        from engine.chat import prepare_tokenizer
+        prepare_tokenizer(tok, "" if getattr(tok, "chat_template", None)
+                          else str(settings.get("chat_template") or ""))
     return peft_model, tok, {"base": base, "adapter": str(adapter_dir), "mode": mode}
 
 
