@@ -48,7 +48,8 @@ reported in the breakdown but not in ``peak_bytes``; ``device_bytes`` = peak_byt
 cuda_context is what nvidia-smi would show and what ``fits`` compares with the GPU memory.
 
 Calibration (docs/ESTIMATE.md has the table): the five plain_trl_baseline.py runs on the H200
-(seq 2048, batch 8, r=32, all-linear, adamw_torch) are predicted within 2%.
+(seq 2048, batch 8, r=32, all-linear, adamw_torch) are predicted within 1.0%; two constants
+(backward workspace c, allocator overhead) were fitted on them, the no-gc run was not.
 FSDP divides weights, adapters and optimizer state by the GPU count; DoRA, MoE models,
 fp32 compute and 16-bit bases follow the same terms but were not measured.
 """
