@@ -82,6 +82,7 @@ class QloraApp(App):
         self._samplers = samplers
         self._follow_stop: threading.Event | None = None
         self._launching = False
+        self._follow_started = 0.0
         super().__init__()
         for theme in THEMES:
             self.register_theme(theme)
@@ -265,6 +266,7 @@ class QloraApp(App):
         self.run_state = RunState(run_dir=run_dir, phase="starting" if launched else "reading",
                                   message="loading torch and the model…" if launched else "")
         self._follow_stop = threading.Event()
+        self._follow_started = time.time()
         self._follow(run_dir, self._follow_stop, launched)
         self._render_run()
 
@@ -293,10 +295,12 @@ class QloraApp(App):
         for ev in msg.events:
             st.apply(ev)
         last = msg.events[-1]
-        if last.type == "run_finished" and len(msg.events) < 50:
+        if last.time < self._follow_started - 5:
+            pass                                 # history read on attach: not news
+        elif last.type == "run_finished":
             self.notify(f"Run {'stopped' if last.stopped else 'finished'}; adapter: "
                         f"{last.adapter_dir}", markup=False, timeout=6)
-        elif last.type == "run_failed" and len(msg.events) < 50:
+        elif last.type == "run_failed":
             self.notify(one_line(last.reason, 300), title="Run failed", severity="error",
                         markup=False, timeout=10)
         self._render_run()

@@ -132,7 +132,7 @@ class ConfigScreen(Screen):
     ConfigScreen #banner { height: 1; padding: 0 1; background: $panel; }
     ConfigScreen #form { height: 1fr; }
     ConfigScreen .section { text-style: bold; color: $accent; padding: 0 1;
-                            border-bottom: hkey $accent 40%; margin-bottom: 1; }
+                            background: $accent 15%; margin-top: 1; }
     ConfigScreen #derived { height: 3; padding: 0 1; background: $panel;
                             border-top: hkey $foreground 20%; }
     """

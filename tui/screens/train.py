@@ -195,7 +195,7 @@ class TrainScreen(Screen):
         if st.trainable_params:
             rows.append(("trainable", f"{st.trainable_params:,}"))
         if st.checkpoints:
-            rows.append(("checkpoint", f"step {st.checkpoints[-1][0]}"))
+            rows.append(("saved", f"step {st.checkpoints[-1][0]}"))
         for i, (k, v) in enumerate(rows):
             if i:
                 m.append("\n")

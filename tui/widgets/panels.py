@@ -30,19 +30,19 @@ def gpu_text(gpus: list, host, reason: str) -> Text:
                 out.append("\n")
             util = g.util_percent
             mem_frac = (g.mem_used_bytes / g.mem_total_bytes) if g.mem_total_bytes else None
+            name = clean(g.name).replace("NVIDIA ", "")
             out.append(f"GPU{g.index} ", style="bold")
-            out.append(clean(g.name)[:14].ljust(14) + " ")
-            out.append("util ")
-            out.append_text(gauge(None if util is None else util / 100, 8))
-            out.append(f" {util:3.0f}%  " if util is not None else "   ?%  ")
-            out.append("VRAM ")
-            out.append_text(gauge(mem_frac, 8))
-            out.append(f" {_gib(g.mem_used_bytes)}/{_gib(g.mem_total_bytes)} GiB")
+            out.append(name[:9].ljust(9) + " ", style="dim")
+            out.append_text(gauge(None if util is None else util / 100, 6))
+            out.append(f" {util:3.0f}% " if util is not None else "   ?% ")
+            out.append("mem ", style="dim")
+            out.append_text(gauge(mem_frac, 6))
+            out.append(f" {_gib(g.mem_used_bytes)}/{_gib(g.mem_total_bytes)}G")
             if g.temperature_c is not None:
-                out.append(f"  {g.temperature_c:.0f}°C")
+                out.append(f" {g.temperature_c:.0f}°C")
             if g.power_w is not None:
                 lim = f"/{g.power_limit_w:.0f}" if g.power_limit_w else ""
-                out.append(f"  {g.power_w:.0f}{lim} W")
+                out.append(f" {g.power_w:.0f}{lim}W")
         return out
     out.append("no NVIDIA GPU", style="bold yellow")
     if reason:

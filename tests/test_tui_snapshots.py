@@ -1,0 +1,106 @@
+"""SVG snapshots of each screen at 80×24 (deterministic: fixed readings, fixture runs, no clocks).
+
+Update after an intended UI change: pytest tests/test_tui_snapshots.py --snapshot-update
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+
+import pytest
+
+from engine import config as C
+from tui.app import DEMO_OVERRIDES, QloraApp
+from tui.testing import HOSTILE_HINT, fixed_samplers, write_run
+
+HAS_INSPECT = importlib.util.find_spec("engine.inspect") is not None
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)           # output.dir "runs" shows as a relative path
+
+
+def make_app(gpus: int = 0, **kw) -> QloraApp:
+    cfg = C.load(None, DEMO_OVERRIDES)
+    return QloraApp(cfg, None, samplers=fixed_samplers(gpus), readings_interval=0, **kw)
+
+
+async def until(pilot, cond, timeout: float = 30.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if cond():
+            await pilot.pause()
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+def test_train_ready(snap_compare):
+    assert snap_compare(make_app(), terminal_size=(80, 24))
+
+
+def test_train_finished_run(snap_compare, tmp_path):
+    run = write_run(tmp_path / "runs", hints=[HOSTILE_HINT])
+    app = make_app(gpus=2, attach=run)
+
+    async def wait(pilot):
+        await until(pilot, lambda: app.run_state is not None and app.run_state.follower_ended)
+    assert snap_compare(app, terminal_size=(80, 24), run_before=wait)
+
+
+def test_config_screen(snap_compare):
+    app = make_app()
+
+    async def wait(pilot):
+        await pilot.press("f3")
+        await until(pilot, lambda: getattr(app.screen, "form_ready", False))
+        await until(pilot, lambda: "trainable" in str(app.screen.query_one("#derived").render()))
+    assert snap_compare(app, terminal_size=(80, 24), run_before=wait)
+
+
+def test_config_screen_invalid(snap_compare):
+    app = make_app()
+
+    async def wait(pilot):
+        await pilot.press("f3")
+        await until(pilot, lambda: getattr(app.screen, "form_ready", False))
+        app.screen.query_one("#in-model-name").focus()
+        await pilot.press("ctrl+u")    # empty model name → a problem on that field
+        await until(pilot, lambda: app.form_problems)
+    assert snap_compare(app, terminal_size=(80, 24), run_before=wait)
+
+
+def test_runs_screen(snap_compare, tmp_path):
+    write_run(tmp_path / "runs", "20260101-120000-tiny")
+    write_run(tmp_path / "runs", "20260102-090000-tiny", stop_at=23)
+    write_run(tmp_path / "runs", "20260103-100000-tiny", finished=False, stop_at=7)
+    app = make_app()
+
+    async def wait(pilot):
+        await pilot.press("f5")
+        await until(pilot, lambda: app.screen.query_one("#runs").row_count == 3)
+    assert snap_compare(app, terminal_size=(80, 24), run_before=wait)
+
+
+def test_run_detail_screen(snap_compare, tmp_path):
+    write_run(tmp_path / "runs", hints=[HOSTILE_HINT])
+    app = make_app()
+
+    async def wait(pilot):
+        await pilot.press("f5")
+        await until(pilot, lambda: app.screen.query_one("#runs").row_count == 1)
+        await pilot.press("enter")
+        await until(pilot, lambda: getattr(app.screen, "info", None) is not None)
+    assert snap_compare(app, terminal_size=(80, 24), run_before=wait)
+
+
+@pytest.mark.skipif(not HAS_INSPECT, reason="engine.inspect has not landed yet")
+def test_dataset_screen(snap_compare):
+    app = make_app()
+
+    async def wait(pilot):
+        await pilot.press("f2")
+        await until(pilot, lambda: app.screen.report is not None and app.screen.report.done,
+                    timeout=120)
+    assert snap_compare(app, terminal_size=(80, 24), run_before=wait)
