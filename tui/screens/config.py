@@ -206,7 +206,8 @@ class ConfigScreen(Screen):
         app.form_problems = problems
         by_field: dict[str, list[str]] = {}
         for p in problems:
-            by_field.setdefault(p.field, []).append(p.message)
+            got = p.value if isinstance(p.value, str) else repr(p.value)
+            by_field.setdefault(p.field, []).append(f"{p.message} (got: {one_line(got, 60)})")
         for row in self.rows():
             msgs = by_field.get(f"{row.section}.{row.key}")
             row.set_error("; ".join(msgs) if msgs else None)
