@@ -71,10 +71,10 @@ class DataConfig:
     eval_fraction: float = _f(0.05, "Share of train rows held out for eval loss when no eval file "
                               "is given (0 = no eval).", lo=0.0, hi=0.5)
     format: str = _f(AUTO, "Row format; auto detects it from the fields.",
-                     choices=[AUTO, "messages", "sharegpt", "alpaca", "prompt_completion", "text"])
+                     choices=[AUTO, "messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokens"])
     max_length: int = _f(4096, "Tokens per example; longer rows are truncated. Add ~30% memory "
                          "above 2048.", lo=16, hi=1_048_576)
-    packing: Any = _f(False, "Pack several rows into one sequence (no padding). auto = on where "
+    packing: Any = _f(AUTO, "Pack several rows into one sequence (no padding). auto = on where "
                       "the attention kernel isolates samples.", choices=[True, False, AUTO])
     strict: bool = _f(False, "Refuse to train when the dataset has problems (else skip bad rows).")
 
@@ -109,6 +109,7 @@ class TrainConfig:
     nan_policy: str = _f("halt", "On a non-finite loss or grad norm: halt the run, or only warn.",
                          choices=["halt", "warn"])
     device: str = _f(AUTO, "auto = CUDA when present, else CPU.", choices=[AUTO, "cuda", "cpu"])
+    gpu_memory_gib: float = _f(0.0, "GPU memory the planner may use (GiB); 0 = all that is free.", lo=0.0)
 
 
 @dataclass

@@ -458,11 +458,12 @@ def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
 
     # packing: does not change the worst-case peak; correct only where attention isolates samples
     if pk_set is None:
+        from engine.model import packing_isolated
         attn = cfg.model.attn_implementation
-        iso = attn == "flash_attention_2" or (attn == AUTO and _flash_attn_available())
-        pk = iso
-        reasons.append("packing on (flash-attention isolates packed samples)" if pk else
-                       "packing off (needs flash_attention_2 to keep packed samples apart)")
+        if attn == AUTO:
+            attn = "flash_attention_2" if _flash_attn_available() else "sdpa"
+        pk, why = packing_isolated(attn)
+        reasons.append(f"packing {'on' if pk else 'off'} ({why})")
     else:
         pk = pk_set
 

@@ -119,6 +119,24 @@ def attn_implementation(cfg, device: str) -> str:
     return "sdpa"
 
 
+def packing_isolated(attn: str) -> tuple[bool, str]:
+    """Whether packed rows stay apart in attention with this kernel (no cross-sample leak).
+
+    flash-attention uses the packed sequence lengths. For sdpa/eager, transformers >= 5
+    derives a block-diagonal causal mask from position_ids that restart at 0, when no KV cache
+    is used (training sets use_cache=False); tests/test_packing.py checks it on a real model.
+    """
+    if attn == "flash_attention_2":
+        return True, "flash-attention keeps packed samples apart"
+    try:
+        from transformers import masking_utils
+        if hasattr(masking_utils, "find_packed_sequence_indices"):
+            return True, f"{attn} with a block-diagonal mask from restarting position_ids keeps samples apart"
+    except ImportError:
+        pass
+    return False, f"{attn} in this transformers version would let packed samples attend to each other"
+
+
 def load_model(cfg, rt: Runtime, path: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -79,11 +79,15 @@ def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
             from engine import estimate as est
             mc = est.model_config_for(cfg)
             free = est.gpu_free_bytes()
+            if tr.gpu_memory_gib and free is not None:
+                free = min(free, int(tr.gpu_memory_gib * 2**30))
+                reasons.append(f"planning for a {tr.gpu_memory_gib:g} GiB budget (train.gpu_memory_gib)")
             p = est.plan(cfg, mc, free)
             cfg = est.apply_plan(cfg, p)
+            tr = cfg.train
             reasons += list(p.reasons)
-        except ImportError:
-            pass
+        except Exception as e:     # the planner is advice: never a reason to fail the run
+            reasons.append(f"fit planner skipped ({str(e).splitlines()[0][:200]})")
     if tr.gradient_checkpointing == "auto":
         tr.gradient_checkpointing = True
         reasons.append("gradient checkpointing on (default: least memory)")
@@ -93,10 +97,13 @@ def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
         reasons.append("Liger kernels " + ("on (installed, CUDA)" if tr.liger_kernel else
                                            "off (" + ("CPU" if rt.device != "cuda" else "liger-kernel not installed") + ")"))
     if cfg.data.packing == "auto":
-        from engine.model import attn_implementation
-        cfg.data.packing = attn_implementation(cfg, rt.device) == "flash_attention_2"
-        reasons.append("packing " + ("on (flash-attention isolates packed samples)" if cfg.data.packing
-                                     else "off (needs flash-attention to keep samples apart)"))
+        from engine.model import attn_implementation, packing_isolated
+        if rt.device != "cuda":
+            cfg.data.packing = False
+            reasons.append("packing off (CPU: no padding cost worth removing)")
+        else:
+            cfg.data.packing, why = packing_isolated(attn_implementation(cfg, rt.device))
+            reasons.append(f"packing {'on' if cfg.data.packing else 'off'} ({why})")
     return cfg, reasons
 
 
