@@ -56,7 +56,7 @@ def histogram_text(report, width: int = 36) -> Text:
 def summary_text(report, cfg) -> Text:
     t = Text()
     t.append("file     ", style="dim")
-    t.append_text(literal(report.path or cfg.data.train))
+    t.append_text(literal(cfg.data.train or report.path))   # as the user wrote it
     t.append("\nformat   ", style="dim")
     t.append(clean(report.format or "?"), style="bold")
     if report.format_reason:
@@ -77,6 +77,9 @@ def summary_text(report, cfg) -> Text:
     if pii:
         t.append("   possible PII ", style="dim")
         t.append(str(len(pii)), style="bold yellow")
+    for w in (getattr(report, "warnings", None) or [])[:2]:
+        t.append("\n⚠ ", style="yellow")
+        t.append(one_line(w, 150), style="yellow")
     st = report.stats or {}
     if st:
         t.append("\ntokens   ", style="dim")
@@ -92,9 +95,22 @@ def summary_text(report, cfg) -> Text:
 
 
 def preview_text(preview) -> Text:
+    """Context dim, trained tokens highlighted; what max_length cuts off is marked ✂ and struck."""
     t = Text()
+    cut = getattr(preview, "cut_char", None)
+    pos = 0
     for text, trained in preview.segments:
-        t.append(clean(text), style="bold reverse green" if trained else "dim")
+        style = "bold reverse green" if trained else "dim"
+        if cut is not None and pos <= cut < pos + len(text):
+            head, tail = text[: cut - pos], text[cut - pos:]
+            t.append(clean(head), style=style)
+            t.append(" ✂ max_length ", style="bold reverse red")
+            t.append(clean(tail), style=style + " strike")
+        elif cut is not None and pos >= cut:
+            t.append(clean(text), style=style + " strike")
+        else:
+            t.append(clean(text), style=style)
+        pos += len(text)
     return t
 
 

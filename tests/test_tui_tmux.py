@@ -1,0 +1,63 @@
+"""End to end: the real `qlora-tui` in tmux (as over SSH): F4, ctrl+r, live losses, ctrl+x, ctrl+q."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
+LOSS = re.compile(r"loss\s+(\d+\.\d{4})")
+
+
+def tmux(*args: str) -> str:
+    return subprocess.run(["tmux", *args], check=True, capture_output=True, text=True).stdout
+
+
+def wait_for(session: str, pattern, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    pane = ""
+    while time.monotonic() < deadline:
+        pane = tmux("capture-pane", "-p", "-t", session)
+        if (pattern.search(pane) if hasattr(pattern, "search") else pattern in pane):
+            return pane
+        time.sleep(0.3)
+    raise AssertionError(f"{pattern!r} never appeared; last pane:\n{pane}")
+
+
+def test_real_app_in_tmux_trains_stops_and_quits(tmp_path):
+    session = f"qlora-tui-test-{os.getpid()}"
+    exit_file = tmp_path / "exit_code"
+    exe = shutil.which("qlora-tui", path=str(Path(sys.executable).parent)) or \
+        f"{shlex.quote(sys.executable)} -m tui"
+    env = (f"XDG_CONFIG_HOME={shlex.quote(str(tmp_path / 'xdg'))} TERM=tmux-256color "
+           f"PYTHONPATH={shlex.quote(str(Path(__file__).resolve().parents[1]))}")
+    cmd = f"cd {shlex.quote(str(tmp_path))} && env {env} {exe}; echo $? > {shlex.quote(str(exit_file))}"
+    tmux("new-session", "-d", "-s", session, "-x", "80", "-y", "24", cmd)
+    try:
+        wait_for(session, "f4 Train", 60)
+        tmux("send-keys", "-t", session, "F4")
+        wait_for(session, "Ready to train", 20)
+        tmux("send-keys", "-t", session, "C-r")
+        pane = wait_for(session, LOSS, 300)
+        first = float(LOSS.search(pane).group(1))
+        assert first > 0
+        tmux("send-keys", "-t", session, "C-x")
+        pane = wait_for(session, re.compile(r"● (stopped|finished)"), 180)
+        tmux("send-keys", "-t", session, "C-q")
+        deadline = time.monotonic() + 30
+        while not exit_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert exit_file.exists(), "qlora-tui did not exit"
+        assert exit_file.read_text().strip() == "0"
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1
+    assert (runs[0] / "adapter" / "adapter_model.safetensors").exists()
