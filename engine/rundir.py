@@ -72,6 +72,15 @@ def write_pid(run_dir: str | Path, pid: int | None = None) -> None:
     tmp.replace(Path(run_dir) / RUN_JSON)
 
 
+def owner_pid(run_dir: str | Path) -> int | None:
+    """The pid recorded in ``run.json`` (whether or not it still runs)."""
+    try:
+        pid = json.loads((Path(run_dir) / RUN_JSON).read_text()).get("pid")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return pid if isinstance(pid, int) else None
+
+
 def process_alive(run_dir: str | Path) -> bool:
     """True if the process that owns the run still exists (same pid *and* same start time)."""
     try:
@@ -152,7 +161,7 @@ def list_runs(runs_dir: str | Path) -> list[RunInfo]:
     base = Path(runs_dir).expanduser()
     if not base.is_dir():
         return []
-    dirs = [p for p in base.iterdir() if p.is_dir() and (p / EVENTS).exists() or (p / RUN_JSON).exists()]
+    dirs = [p for p in base.iterdir() if p.is_dir() and ((p / EVENTS).exists() or (p / RUN_JSON).exists())]
     return [info(p) for p in sorted(dirs, key=lambda p: p.name, reverse=True)]
 
 
@@ -163,6 +172,65 @@ def newest_live(runs_dir: str | Path) -> Path | None:
     return None
 
 
+def checkpoint_step(path: str | Path) -> int:
+    return int(Path(path).name.split("-", 1)[1])
+
+
+COMPLETE = "COMPLETE"
+
+
+def mark_complete(ckpt: str | Path, step: int) -> None:
+    """Flush a written checkpoint to disk, then write its ``COMPLETE`` marker (the commit point)."""
+    ckpt = Path(ckpt)
+    for f in sorted(ckpt.rglob("*")):
+        if f.is_file():
+            try:
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
+    tmp = ckpt / (COMPLETE + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(str(step))
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(ckpt / COMPLETE)
+    _fsync_dir(ckpt)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def rotate_checkpoints(run_dir: str | Path, keep: int | None) -> list[Path]:
+    """Keep the newest ``keep`` complete checkpoints; remove older ones (marker first, so a
+    half-removed checkpoint is never taken for complete). Incomplete ones newer than the
+    newest complete one are left to resume to clean up. Returns the removed paths."""
+    if not keep or keep < 1:
+        return []
+    import shutil
+    ck = checkpoints(run_dir)
+    removed = []
+    for p in ck[:-keep]:
+        try:
+            (p / COMPLETE).unlink()
+        except OSError:
+            pass
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
 def checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints (a ``COMPLETE`` marker is written last), oldest first."""
     base = Path(run_dir) / CHECKPOINTS
@@ -171,6 +239,6 @@ def checkpoints(run_dir: str | Path) -> list[Path]:
     out = []
     for p in base.iterdir():
         m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and p.is_dir() and (p / "COMPLETE").exists():
+        if m and p.is_dir() and (p / COMPLETE).exists():
             out.append((int(m.group(1)), p))
     return [p for _, p in sorted(out)]

@@ -95,6 +95,8 @@ class Run:
         self.thread: threading.Thread | None = None
         self.result: E.Event | None = None
         self._writer: E.JsonlWriter | None = None
+        self._resume_ckpt: Path | None = None
+        self._resume_note = ""
 
     # ---- control
     def request_stop(self, reason: str = "stop requested") -> None:
@@ -117,7 +119,15 @@ class Run:
         """Preflight, then create (or reopen, for resume) the run directory and its log."""
         if self.resume:
             assert self.run_dir is not None
+            if not (self.run_dir / R.CONFIG).exists():
+                raise PreflightError(f"{self.run_dir}: not a run directory (no {R.CONFIG})")
+            if R.process_alive(self.run_dir) and R.owner_pid(self.run_dir) != os.getpid():
+                raise PreflightError(f"{self.run_dir}: the run is still live (pid {R.owner_pid(self.run_dir)}); "
+                                     "attach to it or stop it first")
             self.cfg = C.load(self.run_dir / R.CONFIG)
+            # pick the checkpoint and roll the log back *before* the log is opened for appending
+            # (rollback replaces events.jsonl; a writer opened earlier would write to the old file)
+            self._resume_ckpt, self._resume_note = self._resume_checkpoint()
         elif check:
             preflight(self.cfg)
         if self.run_dir is None:
@@ -171,9 +181,9 @@ class Run:
         prepared = None
         try:
             from engine import trainer as T
-            ckpt = None
+            ckpt = self._resume_ckpt
             if self.resume:
-                ckpt = self._resume_checkpoint(emit)
+                emit(E.Status(phase="resume", message=self._resume_note))
             prepared = T.build(self.cfg, self.run_dir, emit, self.stop_flag, self.stop_reason,
                                faults_from_env())
             trainer = prepared.trainer
@@ -279,23 +289,21 @@ class Run:
             shutil.rmtree(self.run_dir / R.CHECKPOINTS, ignore_errors=True)
         return final
 
-    def _resume_checkpoint(self, emit) -> Path | None:
+    def _resume_checkpoint(self) -> tuple[Path | None, str]:
+        """The newest complete checkpoint (half-written ones are removed) and the log rolled back to it."""
         base = self.run_dir / R.CHECKPOINTS
         ck = R.checkpoints(self.run_dir)
-        # half-written checkpoints (no COMPLETE marker) are never picked, and removed
         if base.is_dir():
             for p in base.iterdir():
                 if p.name.startswith("checkpoint-") and p not in ck:
                     shutil.rmtree(p, ignore_errors=True)
         if not ck:
             dropped = rollback_events(self.run_dir, 0)
-            emit(E.Status(phase="resume", message=f"no complete checkpoint: starting over ({dropped} events rolled back)"))
-            return None
-        step = int(ck[-1].name.split("-")[1])
+            return None, f"no complete checkpoint: starting over ({dropped} events rolled back)"
+        step = R.checkpoint_step(ck[-1])
         dropped = rollback_events(self.run_dir, step)
-        emit(E.Status(phase="resume", message=f"resuming from {ck[-1].name}"
-                      + (f"; {dropped} later events rolled back (redone now)" if dropped else "")))
-        return ck[-1]
+        return ck[-1], (f"resuming from {ck[-1].name} (step {step})"
+                        + (f"; {dropped} later events rolled back (that work is redone now)" if dropped else ""))
 
 
 def install_signal_handlers(run: Run, headless: bool = True) -> None:

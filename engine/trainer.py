@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -232,15 +233,60 @@ def _trainer_class(base, faults: Faults, cb):
             cb.step_loss = loss.detach() if cb.step_loss is None else cb.step_loss + loss.detach()
             return loss
 
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            """Resume: load the adapter, keeping each trainable parameter's dtype.
+
+            TRL trains QLoRA adapters in bf16, but PEFT's load_adapter upcasts them to fp32:
+            a resumed run would go on in another precision than the run it continues.
+            """
+            m = model if model is not None else self.model
+            dtypes = {n: p.dtype for n, p in m.named_parameters() if p.requires_grad}
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            for n, p in m.named_parameters():
+                if n in dtypes and p.dtype != dtypes[n]:
+                    p.data = p.data.to(dtypes[n])
+
         def _save_checkpoint(self, model, trial):
-            if faults.diskfull_step == self.state.global_step:
-                d = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-                d.mkdir(parents=True, exist_ok=True)
-                (d / "adapter_model.safetensors").write_bytes(b"\0" * 16)
-                raise OSError(errno.ENOSPC, "No space left on device (injected)", str(d))
-            return super()._save_checkpoint(model, trial)
+            """HF's checkpoint, then the COMPLETE marker (the commit point), then our rotation.
+
+            HF would rotate before anything marks the new checkpoint complete, so with
+            save_total_limit = 1 a kill in between left no complete checkpoint: rotation is
+            ours, over complete checkpoints only, after the marker.
+            """
+            from engine import rundir as R
+            step = self.state.global_step
+            d = Path(self.args.output_dir) / f"checkpoint-{step}"
+            limit = self.args.save_total_limit
+            self.args.save_total_limit = None
+            try:
+                if faults.diskfull_step == step:
+                    d.mkdir(parents=True, exist_ok=True)
+                    (d / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+                    raise OSError(errno.ENOSPC, "No space left on device (injected)", str(d))
+                super()._save_checkpoint(model, trial)
+            except Exception as e:
+                if _is_disk_full(e):
+                    shutil.rmtree(d, ignore_errors=True)     # the half-written one; frees its space
+                    raise OSError(errno.ENOSPC, f"No space left on device while writing {d}", str(d)) from e
+                raise
+            finally:
+                self.args.save_total_limit = limit
+            R.mark_complete(d, step)
+            R.rotate_checkpoints(Path(self.args.output_dir).parent, limit)
 
     return Trainer
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """ENOSPC however the writer reports it (OSError, safetensors' or torch's own errors)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e).lower()
+        if "no space left" in text or "os error 28" in text or "disk quota exceeded" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def EventCallback(*args, **kwargs):
@@ -366,10 +412,5 @@ class _EventCallbackMethods:
 
     def on_save(self, args, state, control, **kw):
         d = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if d.is_dir():
-            marker = d / "COMPLETE"
-            with open(marker, "w") as fh:
-                fh.write(str(state.global_step))
-                fh.flush()
-                os.fsync(fh.fileno())
+        if (d / "COMPLETE").exists():      # written by the trainer's _save_checkpoint
             self.emit(E.Checkpoint(step=state.global_step, path=str(d)))
