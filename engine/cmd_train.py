@@ -33,7 +33,13 @@ def register(sub) -> None:
 
     p = sub.add_parser("stop", help="ask a live run to stop gracefully (saves checkpoint + adapter)")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.set_defaults(func=cmd_stop)
+    p.add_argument("--wait", action="store_true", help="wait until the run has stopped")
+    p.set_defaults(func=cmd_stop, command_name="stop")
+
+    p = sub.add_parser("save", help="ask a live run to write a checkpoint now (it goes on training)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--wait", action="store_true", help="wait until the checkpoint is written")
+    p.set_defaults(func=cmd_stop, command_name="save")
 
 
 def argparse_hidden():
@@ -98,18 +104,23 @@ def cmd_train(args) -> int:
 
     if args.resume:
         run_dir = Path(args.resume)
+        if args.config:
+            print("error: give either CONFIG or --resume RUN_DIR (a resumed run uses its own config.toml; "
+                  "change keys with --set)", file=sys.stderr)
+            return 2
         if not (run_dir / "config.toml").exists():
             print(f"error: {run_dir}: not a run directory (no config.toml)", file=sys.stderr)
             return 2
         if args.detach:
             try:
-                d = RN.start_detached(None, resume=run_dir)
-            except RN.PreflightError as e:
+                d = RN.start_detached(None, resume=run_dir, overrides=args.overrides)
+            except (RN.PreflightError, C.ConfigError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
             print(d)
+            print(f"attach: qlora-tui attach {d}", file=sys.stderr)
             return 0
-        run = RN.Run(None, run_dir=run_dir, resume=True)
+        run = RN.Run(None, run_dir=run_dir, resume=True, overrides=args.overrides)
     else:
         cfg = load_config_or_exit(args)
         if args.detach:
@@ -131,6 +142,8 @@ def cmd_train(args) -> int:
     except (RN.PreflightError, C.ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for note in run.notes:
+        print(f"warning: {note}", file=sys.stderr)
     run.bus.subscribe(HeadlessPrinter())
     RN.install_signal_handlers(run, headless=True)
     run.start()
@@ -168,11 +181,27 @@ def cmd_runs(args) -> int:
 
 
 def cmd_stop(args) -> int:
+    """``stop`` / ``save``: drop a request into the run's control channel (engine.control)."""
     from engine import control, rundir as R
     d = Path(args.run_dir)
+    cmd = args.command_name
+    if not (d / R.EVENTS).exists() and not (d / R.RUN_JSON).exists():
+        print(f"error: {d}: not a run directory (no {R.EVENTS})", file=sys.stderr)
+        return 2
     if not R.process_alive(d):
-        print(f"error: {d}: no live run there", file=sys.stderr)
+        print(f"error: {d}: no live run there (state: {R.info(d).state}); see `qlora-tui runs`", file=sys.stderr)
         return 1
-    control.request(d, "stop")
-    print(f"stop requested: {d}")
-    return 0
+    req = control.request(d, cmd)
+    print(f"{cmd} requested: {d}")
+    if not args.wait:
+        return 0
+    while True:
+        if cmd == "save" and req.with_suffix(".done").exists():
+            ck = R.checkpoints(d)
+            print(f"checkpoint written: {ck[-1] if ck else '?'}")
+            return 0
+        if not R.process_alive(d):
+            ri = R.info(d)
+            print(f"run {ri.state} at step {ri.step}" + (f": {ri.reason}" if ri.reason else ""))
+            return 0 if ri.state in ("stopped", "finished") else 1
+        time.sleep(0.3)

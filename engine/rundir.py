@@ -150,7 +150,7 @@ def info(run_dir: str | Path) -> RunInfo:
         ri.reason = getattr(terminal, "reason", "")
     elif alive:
         ri.state = "live"
-    elif evs:
+    elif evs or (run_dir / RUN_JSON).exists():     # a process was started and is gone
         ri.state = "crashed"
         ri.reason = "process ended without a final event (killed?); resume with qlora-tui train --resume"
     return ri

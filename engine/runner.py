@@ -35,17 +35,139 @@ def preflight(cfg: C.Config, check_model: bool = True) -> list[str]:
     try:
         train, ev = D.load_for_training(cfg)
     except D.DataError as e:
-        raise PreflightError(str(e)) from None
+        raise PreflightError(_with_first_bad_line(cfg, str(e))) from None
     notes = []
     if train.problems:
         notes.append(f"{len(train.problems)} data problem(s): bad rows are skipped "
                      f"(first: line {train.problems[0].line}: {train.problems[0].message})")
     if check_model:
+        note = remote_code_check(cfg)
+        if note:
+            notes.append(note)
         try:
             M.check_model_skeleton(cfg)
         except M.ModelError as e:
             raise PreflightError(str(e)) from None
     return notes
+
+
+def _with_first_bad_line(cfg: C.Config, msg: str) -> str:
+    """A data error that names no line gets the first unreadable line of the file it is about."""
+    from engine import data as D
+    if "line " in msg:
+        return msg
+    for key in ("train", "eval"):
+        value = getattr(cfg.data, key)
+        if not value or str(D.resolve(cfg.resolve_path(value))) not in msg:
+            continue
+        where = D.resolve(cfg.resolve_path(value))
+        n = 0
+        try:
+            for line, _rec, err in D.iter_raw(cfg.resolve_path(value)):
+                n += 1
+                if err is not None:
+                    return f"{msg}; first problem at line {line}: {err}"
+        except (D.DataError, OSError, ValueError):
+            return msg
+        if n == 0:
+            return f"{where}: the file has no rows (data.{key}); add training examples"
+    return msg
+
+
+def remote_code_check(cfg: C.Config) -> str | None:
+    """Refuse a local model whose architecture exists only as code shipped with it, unless
+    ``model.trust_remote_code`` is set (the TUI asks the user to confirm that first; see
+    ``needs_remote_code_confirmation``). Returns a note when the code is present but not needed.
+    Hub ids are checked by transformers itself (it refuses without trust_remote_code)."""
+    import json
+    from engine import model as M
+    if cfg.model.trust_remote_code:
+        return None
+    try:
+        path = Path(M.model_path(cfg))
+    except M.ModelError as e:
+        raise PreflightError(str(e)) from None
+    if not path.is_dir():
+        return None
+    shipped = {}
+    for fname in ("config.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((path / fname).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            shipped[fname] = data
+    if not shipped:
+        return None
+    model_type = (shipped.get("config.json") or {}).get("model_type")
+    if model_type is None:
+        try:
+            model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError):
+            model_type = None
+    from transformers import CONFIG_MAPPING
+    files = " and ".join(shipped)
+    if model_type and model_type in CONFIG_MAPPING:
+        return (f"model.name = {cfg.model.name!r} ships its own Python code (auto_map in {files}); it is "
+                f"not run: transformers' built-in {model_type!r} is used (model.trust_remote_code = false)")
+    raise PreflightError(
+        f"model.name = {cfg.model.name!r}: the architecture {model_type!r} exists only as Python code "
+        f"shipped with the model (auto_map in {files}); it is not run unless you set "
+        "model.trust_remote_code = true (and confirm it in the TUI) — only for a repository you trust")
+
+
+def needs_remote_code_confirmation(cfg: C.Config) -> bool:
+    """True when starting this config would run code shipped with the model: the TUI must ask
+    the user to confirm before it starts (or resumes) the run. Headless runs take the config's
+    explicit ``model.trust_remote_code = true`` as the consent."""
+    return bool(cfg.model.trust_remote_code)
+
+
+# sections a resume may not change: the checkpoint's adapter and base must stay what they are
+RESUME_FROZEN = ("model", "quant", "lora")
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[C.Config, list[str]]:
+    """The config a resume of ``run_dir`` would use, and the keys ``overrides`` change.
+    Raises PreflightError (finished run, frozen section changed) or ConfigError (bad value)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / R.CONFIG).exists():
+        raise PreflightError(f"{run_dir}: not a run directory (no {R.CONFIG})")
+    old = C.load(run_dir / R.CONFIG)
+    last = R.info(run_dir)
+    if last.state == "finished" and not overrides:
+        raise PreflightError(f"{run_dir}: the run finished (step {last.step}); nothing to resume "
+                             "(raise train.max_steps with --set to train on)")
+    if not overrides:
+        return old, []
+    cfg = C.load(run_dir / R.CONFIG, overrides)
+    before, after = old.to_dict(), cfg.to_dict()
+    changed = [f"{sec}.{k}" for sec, vals in after.items() if isinstance(vals, dict)
+               for k, v in vals.items() if before.get(sec, {}).get(k) != v]
+    frozen = [k for k in changed if k.split(".")[0] in RESUME_FROZEN]
+    if frozen:
+        raise PreflightError(f"{', '.join(frozen)}: cannot change on resume (the checkpoint's adapter "
+                             "and base model must stay the same); start a new run instead")
+    cfg.source = ""
+    return cfg, changed
+
+
+def oom_fix_overrides(cfg: C.Config, step: int = 0) -> list[str]:
+    """The OOM hint's fixes as ``--set`` overrides, most effective first, for
+    ``Run(None, run_dir, resume=True, overrides=...)`` / ``train --resume RUN_DIR --set ...``."""
+    out = []
+    tr, d = cfg.train, cfg.data
+    if tr.gradient_checkpointing is not True:
+        out.append("train.gradient_checkpointing=true")
+    if tr.batch_size > 1:
+        new_bs = tr.batch_size // 2
+        out.append(f"train.batch_size={new_bs}")
+        out.append(f"train.grad_accum={-(-tr.grad_accum * tr.batch_size // new_bs)}")
+    if d.max_length > 256:
+        out.append(f"data.max_length={max(256, d.max_length // 2)}")
+    if d.packing is not True:
+        out.append("data.packing=true")
+    return out
 
 
 def absolutise(cfg: C.Config) -> C.Config:
@@ -85,10 +207,15 @@ def rollback_events(run_dir: Path, step: int) -> int:
 class Run:
     """One training run in a background thread. Subscribe to ``bus`` for its events."""
 
-    def __init__(self, cfg: C.Config, run_dir: str | Path | None = None, resume: bool = False):
+    def __init__(self, cfg: C.Config | None, run_dir: str | Path | None = None, resume: bool = False,
+                 overrides: list[str] | None = None):
+        """``resume=True``: continue ``run_dir`` from its newest complete checkpoint; ``cfg`` is
+        ignored (the run's own config.toml is used), ``overrides`` (``section.key=value``) change
+        it first, e.g. the OOM fixes of ``oom_fix_overrides``; model/quant/lora cannot change."""
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir else None
         self.resume = resume
+        self.overrides = list(overrides or [])
         self.bus = E.EventBus()
         self.stop_flag = threading.Event()
         self.stop_reason: list[str] = []
@@ -97,6 +224,8 @@ class Run:
         self._writer: E.JsonlWriter | None = None
         self._resume_ckpt: Path | None = None
         self._resume_note = ""
+        self._changed: list[str] = []
+        self.notes: list[str] = []       # preflight warnings (bad rows skipped, custom code not run)
 
     # ---- control
     def request_stop(self, reason: str = "stop requested") -> None:
@@ -124,12 +253,12 @@ class Run:
             if R.process_alive(self.run_dir) and R.owner_pid(self.run_dir) != os.getpid():
                 raise PreflightError(f"{self.run_dir}: the run is still live (pid {R.owner_pid(self.run_dir)}); "
                                      "attach to it or stop it first")
-            self.cfg = C.load(self.run_dir / R.CONFIG)
+            self.cfg = self._resume_config()
             # pick the checkpoint and roll the log back *before* the log is opened for appending
             # (rollback replaces events.jsonl; a writer opened earlier would write to the old file)
             self._resume_ckpt, self._resume_note = self._resume_checkpoint()
         elif check:
-            preflight(self.cfg)
+            self.notes = preflight(self.cfg)
         if self.run_dir is None:
             self.cfg = absolutise(self.cfg)
             name = self.cfg.output.name or self.cfg.model.name
@@ -143,6 +272,19 @@ class Run:
         self.bus.subscribe(self._writer)
         self.bus.subscribe(self._on_event)
         return self.run_dir
+
+    def _resume_config(self) -> C.Config:
+        from engine import control as ctl
+        cfg, changed = resume_config(self.run_dir, self.overrides)
+        if changed:
+            C.save(cfg, self.run_dir / R.CONFIG)
+            self._changed = changed
+        for path, _cmd in ctl.pending(self.run_dir):    # requests to the dead process: not for us
+            try:
+                path.replace(path.with_suffix(".stale"))
+            except OSError:
+                pass
+        return cfg
 
     def start(self, check: bool = True) -> Path:
         if self._writer is None:
@@ -183,7 +325,19 @@ class Run:
             from engine import trainer as T
             ckpt = self._resume_ckpt
             if self.resume:
-                emit(E.Status(phase="resume", message=self._resume_note))
+                emit(E.Status(phase="resume", message=self._resume_note + (
+                    "; config changed: " + ", ".join(f"{k} = {self.cfg.get(k)!r}" for k in self._changed)
+                    if self._changed else "")))
+                if ckpt is not None and 0 < self.cfg.train.max_steps <= R.checkpoint_step(ckpt):
+                    # nothing left to train (killed while saving the adapter, say): HF would train
+                    # one step past max_steps; take the adapter from the checkpoint instead
+                    step = R.checkpoint_step(ckpt)
+                    adapter = self._adapter_from_checkpoint(ckpt, emit)
+                    losses = [e.loss for e in E.read_events(self.run_dir / R.EVENTS) if e.type == "step"]
+                    emit(E.RunFinished(step=step, adapter_dir=str(adapter),
+                                       final_loss=losses[-1] if losses else None,
+                                       reason=f"completed (nothing left to train; adapter from {ckpt.name})"))
+                    return
             prepared = T.build(self.cfg, self.run_dir, emit, self.stop_flag, self.stop_reason,
                                faults_from_env())
             trainer = prepared.trainer
@@ -289,6 +443,21 @@ class Run:
             shutil.rmtree(self.run_dir / R.CHECKPOINTS, ignore_errors=True)
         return final
 
+    TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
+                      "training_args.bin", "scaler.pt", R.COMPLETE)
+
+    def _adapter_from_checkpoint(self, ckpt: Path, emit) -> Path:
+        """RUN_DIR/adapter from a checkpoint's adapter + tokenizer files (atomically)."""
+        emit(E.Status(phase="save", message=f"saving the adapter from {ckpt.name}"))
+        final = self.run_dir / R.ADAPTER
+        tmp = self.run_dir / (R.ADAPTER + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(ckpt, tmp, ignore=lambda _d, names: [n for n in names if n in self.TRAINING_STATE])
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        return final
+
     def _resume_checkpoint(self) -> tuple[Path | None, str]:
         """The newest complete checkpoint (half-written ones are removed) and the log rolled back to it."""
         base = self.run_dir / R.CHECKPOINTS
@@ -324,15 +493,25 @@ def install_signal_handlers(run: Run, headless: bool = True) -> None:
         signal.signal(sig, graceful)
 
 
-def start_detached(cfg: C.Config, *, resume: str | Path | None = None, check: bool = True) -> Path:
-    """Start a run in its own session (survives the terminal closing); return its directory."""
+def start_detached(cfg: C.Config | None, *, resume: str | Path | None = None, check: bool = True,
+                   overrides: list[str] | None = None) -> Path:
+    """Start a run in its own session (survives the terminal closing); return its directory.
+
+    ``resume``: continue that run directory instead (``overrides`` change its config first,
+    e.g. ``oom_fix_overrides``). The child is ``python -m engine train ... --headless`` with
+    stdin on /dev/null and its output in RUN_DIR/stdout.log; it is never a child of the
+    caller's session, so closing the terminal or the SSH connection does not reach it.
+    """
     if resume:
         run_dir = Path(resume)
         if not (run_dir / R.CONFIG).exists():
             raise PreflightError(f"{run_dir}: not a run directory (no {R.CONFIG})")
         if R.process_alive(run_dir):
             raise PreflightError(f"{run_dir}: the run is still live; attach to it instead")
+        resume_config(run_dir, overrides)   # what the child would refuse, said here where it is seen
         argv = ["train", "--resume", str(run_dir)]
+        for o in overrides or []:
+            argv += ["--set", o]
     else:
         if check:
             preflight(cfg)

@@ -317,6 +317,7 @@ class _EventCallbackMethods:
         self._step_last = 0
         self.resumed_from = 0
         self.last_loss = None
+        self._save_requests: list[Path] = []
 
     # -- lifecycle
     def on_train_begin(self, args, state, control, **kw):
@@ -374,6 +375,8 @@ class _EventCallbackMethods:
                 control.should_save = True
             elif cmd == "save":
                 control.should_save = True
+                self._save_requests.append(path)    # marked done once the checkpoint is written
+                continue
             ctl.mark_done(path)
         if self.nonfinite is not None:
             control.should_save = False
@@ -414,3 +417,6 @@ class _EventCallbackMethods:
         d = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if (d / "COMPLETE").exists():      # written by the trainer's _save_checkpoint
             self.emit(E.Checkpoint(step=state.global_step, path=str(d)))
+        for path in self._save_requests:
+            ctl.mark_done(path)
+        self._save_requests.clear()

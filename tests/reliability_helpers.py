@@ -1,0 +1,113 @@
+"""Helpers for the reliability tests: real runs in subprocesses, waiting on the event log."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from engine import config as C
+from engine import events as E
+from engine import rundir as R
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINE = [sys.executable, "-m", "engine"]
+
+
+def configured(cfg: C.Config, changes: dict | None = None) -> C.Config:
+    """A copy of ``cfg`` with ``{"section.key": value}`` changes."""
+    cfg = cfg.copy()
+    for dotted, value in (changes or {}).items():
+        sec, key = dotted.split(".", 1)
+        setattr(getattr(cfg, sec), key, value)
+    return cfg
+
+
+def write_cfg(cfg: C.Config, path: Path, changes: dict | None = None) -> Path:
+    """Save ``cfg`` (with ``{"section.key": value}`` changes) as a TOML file for the CLI."""
+    cfg = configured(cfg, changes)
+    C.save(cfg, path)
+    return path
+
+
+def env_with(**extra) -> dict:
+    env = dict(os.environ)
+    env.pop("QLORA_TUI_FAULTS", None)
+    env.update({k: str(v) for k, v in extra.items()})
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def engine_cmd(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([*ENGINE, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO, env=env or env_with())
+
+
+def start_headless(cfg_path: Path, *extra, env=None, log: Path | None = None) -> subprocess.Popen:
+    out = open(log, "wb") if log else subprocess.DEVNULL
+    return subprocess.Popen([*ENGINE, "train", str(cfg_path), "--headless", *map(str, extra)],
+                            stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env or env_with())
+
+
+def wait_for(pred, timeout: float = 240, every: float = 0.1, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def only_run(runs_dir: Path) -> Path:
+    dirs = [p for p in Path(runs_dir).iterdir() if p.is_dir()] if Path(runs_dir).is_dir() else []
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def wait_run_dir(runs_dir: Path, timeout: float = 120) -> Path:
+    return wait_for(lambda: next((p for p in Path(runs_dir).glob("*") if (p / R.EVENTS).exists()), None),
+                    timeout, what=f"a run directory under {runs_dir}")
+
+
+def events(run_dir: Path) -> list[E.Event]:
+    return E.read_events(Path(run_dir) / R.EVENTS)
+
+
+def step_numbers(run_dir: Path) -> list[int]:
+    return [e.step for e in events(run_dir) if e.type == "step"]
+
+
+def last_step(run_dir: Path) -> int:
+    s = step_numbers(run_dir)
+    return s[-1] if s else 0
+
+
+def wait_step(run_dir: Path, n: int, timeout: float = 240) -> int:
+    return wait_for(lambda: last_step(run_dir) >= n and last_step(run_dir), timeout, what=f"step {n}")
+
+
+def terminal(run_dir: Path) -> E.Event | None:
+    t = [e for e in events(run_dir) if e.type in E.TERMINAL]
+    return t[-1] if t else None
+
+
+def send(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    os.kill(proc.pid, sig)
+
+
+def files_containing(root: Path, needle: bytes) -> list[Path]:
+    """Every file under ``root`` (recursively, binary-safe) whose bytes contain ``needle``."""
+    hits = []
+    for p in Path(root).rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            if needle in p.read_bytes():
+                hits.append(p)
+    return hits
+
+
+def json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
