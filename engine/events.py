@@ -144,10 +144,15 @@ def dumps(ev: Event) -> str:
     return json.dumps(_clean(ev.to_dict()), ensure_ascii=False, default=str)
 
 
+# fields written as "nan"/"inf" strings by ``_clean``; text fields (a hint's rule "nan") stay text
+FLOAT_FIELDS = frozenset(f.name for c in (Step, Eval, RunFinished, Status) for f in dataclasses.fields(c)
+                         if f.type in ("float | None", "float", float))
+
+
 def loads(line: str) -> Event:
     d = json.loads(line)
     for k, v in list(d.items()):
-        if v in ("nan", "inf", "-inf") and k not in ("reason", "message", "symptom", "cause", "fix"):
+        if v in ("nan", "inf", "-inf") and k in FLOAT_FIELDS:
             d[k] = float(v)
     return from_dict(d)
 

@@ -308,13 +308,18 @@ class Run:
             pass
         if hints is not None:
             last_step = [0]
+            nan_steps: set[int] = set()    # the trainer's own NaN check already said so on that step
 
             def feed(ev):
                 if ev.type == "hint":
+                    if ev.rule == "nan":
+                        nan_steps.add(ev.step)
                     return
                 if ev.type == "step":
                     last_step[0] = ev.step
                 for h in hints.observe(ev):
+                    if h.rule == "nan" and h.step in nan_steps:
+                        continue
                     emit(h)
             self.bus.subscribe(feed, replay=False)
             threading.Thread(target=self._watch_gpu, args=(hints, last_step), daemon=True,

@@ -68,9 +68,13 @@ def split_eval(cfg, train_rows, eval_rows):
 
 
 def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
-    """Replace every ``auto`` with a concrete choice and say why (the fit planner on GPU)."""
+    """Replace every ``auto`` with a concrete choice and say why (the fit planner on GPU).
+
+    ``data.packing = auto`` stays auto here: it depends on the rows' lengths (``decide_packing``).
+    """
     cfg = cfg.copy()
     reasons = list(rt.notes)
+    packing_auto = cfg.data.packing == "auto"
     tr = cfg.train
     if tr.optimizer == "auto":
         tr.optimizer = "paged_adamw_8bit" if rt.device == "cuda" else "adamw_torch"
@@ -86,7 +90,7 @@ def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
             p = est.plan(cfg, mc, free)
             cfg = est.apply_plan(cfg, p)
             tr = cfg.train
-            reasons += list(p.reasons)
+            reasons += [r for r in p.reasons if not r.startswith("packing")]
         except Exception as e:     # the planner is advice: never a reason to fail the run
             reasons.append(f"fit planner skipped ({str(e).splitlines()[0][:200]})")
     if tr.gradient_checkpointing == "auto":
@@ -97,15 +101,58 @@ def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
         tr.liger_kernel = rt.device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
         reasons.append("Liger kernels " + ("on (installed, CUDA)" if tr.liger_kernel else
                                            "off (" + ("CPU" if rt.device != "cuda" else "liger-kernel not installed") + ")"))
-    if cfg.data.packing == "auto":
-        from engine.model import attn_implementation, packing_isolated
-        if rt.device != "cuda":
-            cfg.data.packing = False
-            reasons.append("packing off (CPU: no padding cost worth removing)")
-        else:
-            cfg.data.packing, why = packing_isolated(attn_implementation(cfg, rt.device))
-            reasons.append(f"packing {'on' if cfg.data.packing else 'off'} ({why})")
+    if packing_auto:
+        cfg.data.packing = "auto"
     return cfg, reasons
+
+
+PACKING_MIN_WASTE = 0.15   # pack when padding would waste at least this share of the compute
+
+
+def padding_efficiency(lengths: list[int], batch: int, max_length: int, seed: int = 0) -> float:
+    """Real tokens / padded tokens when shuffled rows are padded per micro-batch (the plain recipe)."""
+    import random
+    ls = [min(n, max_length) for n in lengths]
+    random.Random(seed).shuffle(ls)
+    real = padded = 0
+    for i in range(0, len(ls), batch):
+        b = ls[i:i + batch]
+        real += sum(b)
+        padded += max(b) * len(b)
+    return real / padded if padded else 1.0
+
+
+def decide_packing(cfg, rt, lengths: list[int]) -> tuple[bool, str]:
+    """``data.packing = auto``: pack on GPU when padding would waste compute and attention keeps
+    packed samples apart; never on the CPU."""
+    from engine.model import attn_implementation, packing_isolated
+    if rt.device != "cuda":
+        return False, "packing off (CPU: no padding cost worth removing)"
+    eff = padding_efficiency(lengths, cfg.train.batch_size, cfg.data.max_length, cfg.train.seed)
+    if eff > 1 - PACKING_MIN_WASTE:
+        return False, f"packing off (rows are {eff:.0%} real tokens when padded per batch: little to gain)"
+    ok, why = packing_isolated(attn_implementation(cfg, rt.device))
+    if not ok:
+        return False, f"packing off ({why})"
+    return True, f"packing on (padding would waste {1 - eff:.0%}; {why})"
+
+
+def packed_collator(tok, attn: str):
+    """For sdpa/eager: packed rows stay one batch row each, position_ids restart per sample and no
+    attention_mask is passed, so transformers builds a per-row block-diagonal causal mask. (TRL's
+    padding-free collator flattens the whole batch into one row, which flash-attention handles but
+    which gives sdpa one huge (batch*len)^2 mask.) flash-attention keeps TRL's own collator."""
+    if attn == "flash_attention_2":
+        return None
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    class PackedRows(DataCollatorForLanguageModeling):
+        def torch_call(self, examples):
+            out = super().torch_call(examples)
+            out.pop("attention_mask", None)
+            out["labels"][out["position_ids"] == 0] = -100   # a sample's first token is not
+            return out                                        # predicted from the previous sample
+    return PackedRows(pad_token_id=tok.pad_token_id, padding_free=False, return_position_ids=True)
 
 
 def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: list,
@@ -140,6 +187,9 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
     emit(E.Status(phase="tokenize", message=f"tokenising {len(train_rows)} train rows"))
     train_tok = encode_dataset(tok, train_rows)
     eval_tok = encode_dataset(tok, eval_rows) if eval_rows else None
+    if cfg.data.packing == "auto":
+        cfg.data.packing, why = decide_packing(cfg, rt, [len(x) for x in train_tok["input_ids"]])
+        plan.append(why)
 
     emit(E.Status(phase="model", message=f"loading {cfg.model.name} "
                   f"({'4-bit ' + cfg.quant.quant_type if rt.load_in_4bit else rt.dtype}) on {rt.device}"))
@@ -164,7 +214,6 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
         gradient_checkpointing=bool(tr.gradient_checkpointing),
         gradient_checkpointing_kwargs={"use_reentrant": False} if tr.gradient_checkpointing else None,
         use_liger_kernel=bool(tr.liger_kernel),
-        loss_type="nll" if tr.liger_kernel else "chunked_nll",
         seed=tr.seed, data_seed=tr.seed, logging_steps=tr.logging_steps, logging_first_step=True,
         logging_nan_inf_filter=False,
         eval_strategy="steps" if has_eval and tr.eval_steps else ("epoch" if has_eval else "no"),
@@ -178,6 +227,9 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
         restore_callback_states_from_checkpoint=False,
     )
     optimizers = (None, None)
+    collator = None
+    if cfg.data.packing:
+        collator = packed_collator(tok, M.attn_implementation(cfg, rt.device))
     peft_config = lora
     if cfg.lora.lora_fa:
         from peft import get_peft_model
@@ -197,6 +249,8 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
     trainer = trainer_cls(model=model, args=args, train_dataset=train_tok,
                           eval_dataset=eval_tok if has_eval else None, processing_class=tok,
                           peft_config=peft_config, callbacks=[cb], optimizers=optimizers)
+    if collator is not None:     # after __init__: TRL refuses custom collators with bfd packing
+        trainer.data_collator = collator
     cb.trainer = trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     for noisy in (PrinterCallback, ProgressCallback):   # our events replace HF's own printing
@@ -226,6 +280,15 @@ def _trainer_class(base, faults: Faults, cb):
                     out = (out[0] * float("nan"),) + tuple(out[1:])
                 else:
                     out = out * float("nan")
+            return out
+
+        def _maybe_log_save_evaluate(self, tr_loss, *a, **kw):
+            out = super()._maybe_log_save_evaluate(tr_loss, *a, **kw)
+            # HF resets the running loss with ``tr_loss -= tr_loss``: NaN - NaN stays NaN, so one
+            # poisoned step (nan_policy = warn) would make every later logged loss NaN
+            if (self._globalstep_last_logged == self.state.global_step and isinstance(tr_loss, torch.Tensor)
+                    and not bool(torch.isfinite(tr_loss).all())):
+                tr_loss.zero_()
             return out
 
         def training_step(self, model, inputs, *a, **kw):

@@ -179,7 +179,7 @@ def test_nan_halts_on_that_step_with_hint_and_keeps_last_good_adapter(tiny_cfg, 
     assert "learning_rate" in res.reason
     evs = events(run.run_dir)
     nan_hints = [e for e in evs if e.type == "hint" and e.rule == "nan"]
-    assert len(nan_hints) == 1 and nan_hints[0].step == 5, nan_hints
+    assert len(nan_hints) == 1 and nan_hints[0].step == 5, str([(e.type, getattr(e, "step", None), getattr(e, "rule", None)) for e in evs])
     assert "learning_rate" in nan_hints[0].fix and "1e-4" in nan_hints[0].fix
     assert step_numbers(run.run_dir) == [1, 2, 3, 4, 5]     # halted on the step it occurred
     bad = [e for e in evs if e.type == "step" and e.step == 5][0]
