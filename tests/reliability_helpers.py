@@ -22,6 +22,7 @@ def configured(cfg: C.Config, changes: dict | None = None) -> C.Config:
     cfg = cfg.copy()
     for dotted, value in (changes or {}).items():
         sec, key = dotted.split(".", 1)
+        assert hasattr(getattr(cfg, sec), key), f"no config field {dotted}"
         setattr(getattr(cfg, sec), key, value)
     return cfg
 

@@ -49,7 +49,7 @@ def adapter_tensors(path: Path) -> dict:
 
 def test_kill9_at_random_step_then_resume_is_continuous_and_identical(tiny_cfg, tmp_path, monkeypatch):
     cfg = configured(tiny_cfg, {"train.max_steps": 20, "train.save_steps": 4, "train.eval_steps": 0,
-                                "output.save_total_limit": 2})
+                                "train.save_total_limit": 2})
     # the uninterrupted reference
     ref = run_in_process(configured(cfg, {"output.dir": str(tmp_path / "ref")}), monkeypatch)
     assert ref.result.type == "run_finished", ref.result
