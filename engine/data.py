@@ -348,44 +348,64 @@ def load(path: str, fmt: str = "auto", on_bytes=None) -> Dataset:
 
 
 def build(path: str, raw: list, fmt: str = "auto") -> Dataset:
-    problems: list[DataProblem] = []
     seen: dict[str, int] = {}
     first_line: dict[str, int] = {}
     for line, rec, err in raw:
         if err is None:
-            f, _ = detect(rec)
-            if f:
-                seen[f] = seen.get(f, 0) + 1
-                first_line.setdefault(f, line)
+            count_format(rec, line, seen, first_line)
+    fmt, reason, problems = choose_format(path, fmt, seen, first_line, len(raw))
+    ds = Dataset(path=str(path), format=fmt, reason=reason, raw_count=len(raw), formats_seen=seen)
+    for line, rec, err in raw:
+        row = normalise_record(line, rec, err, fmt, problems)
+        if row is not None:
+            ds.rows.append(row)
+    problems.sort(key=lambda p: p.line)
+    ds.problems = problems
+    return ds
+
+
+def count_format(rec: object, line: int, seen: dict, first_line: dict) -> str | None:
+    """Tally one record's format into ``seen`` (count) and ``first_line`` (where first met)."""
+    f, _ = detect(rec)
+    if f:
+        seen[f] = seen.get(f, 0) + 1
+        first_line.setdefault(f, line)
+    return f
+
+
+def choose_format(path: str, fmt: str, seen: dict, first_line: dict, n_raw: int
+                  ) -> tuple[str, str, list[DataProblem]]:
+    """(format, reason, [mixed_format problem]) from the tallies of ``count_format``."""
+    problems: list[DataProblem] = []
     if fmt == "auto":
         if not seen:
             where = resolve(path)
-            if not raw:
+            if not n_raw:
                 raise DataError(f"{where}: the file has no rows; add training examples")
             raise DataError(f"{where}: no row matches a known format (messages, conversations, "
                             "instruction/output, prompt/completion, text); set data.format or fix the file")
         fmt = max(seen, key=seen.get)
-        reason = f"{seen[fmt]} of {len(raw)} rows have " + detect_reason(fmt)
+        reason = f"{seen[fmt]} of {n_raw} rows have " + detect_reason(fmt)
     else:
         reason = f"set by data.format = {fmt!r}"
-    ds = Dataset(path=str(path), format=fmt, reason=reason, raw_count=len(raw), formats_seen=seen)
     if len(seen) > 1:
         others = ", ".join(f"{k} ({v} rows, first at line {first_line[k]})" for k, v in seen.items() if k != fmt)
         problems.append(DataProblem(first_line[min(seen, key=seen.get)], "mixed_format",
                                     f"mixed formats: using {fmt}; also found {others}"))
-    for line, rec, err in raw:
-        if err is not None:
-            problems.append(DataProblem(line, "invalid_json" if "JSON" in err else "bad_row", err))
-            continue
-        f, _ = detect(rec)
-        if f is not None and f != fmt and not (fmt == "messages" and f == "sharegpt"):
-            continue   # reported once as mixed_format
-        norm = normalise(rec, fmt, line, problems)
-        if norm is not None:
-            ds.rows.append(Row(line, norm))
-    problems.sort(key=lambda p: p.line)
-    ds.problems = problems
-    return ds
+    return fmt, reason, problems
+
+
+def normalise_record(line: int, rec: object, err: str | None, fmt: str,
+                     problems: list[DataProblem]) -> Row | None:
+    """One ``iter_raw`` record → a Row, or None (a problem recorded, or another format's row)."""
+    if err is not None:
+        problems.append(DataProblem(line, "invalid_json" if "JSON" in err else "bad_row", err))
+        return None
+    f, _ = detect(rec)
+    if f is not None and f != fmt and not (fmt == "messages" and f == "sharegpt"):
+        return None   # reported once as mixed_format
+    norm = normalise(rec, fmt, line, problems)
+    return Row(line, norm) if norm is not None else None
 
 
 def detect_reason(fmt: str) -> str:

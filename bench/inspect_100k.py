@@ -1,0 +1,84 @@
+"""Benchmark: the full `inspect` report of a 100,000-row ChatML JSONL (~300 tokens a row).
+
+Generates the file in a temporary directory (seeded, so every run reads the same data),
+then times ``engine.inspect.inspect`` on it with builtin:tiny's fast tokenizer, and prints
+the figure, the time to the first partial report, and the exact command that reproduces it.
+
+    python bench/inspect_100k.py [--rows N] [--keep DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+WORDS = ("the model learns to stop when the end of turn token is inside the loss mask and the "
+         "learning rate warms up over a few steps before the adapter weights settle on a lower loss "
+         "capital city of Canada is Ottawa while batch size and gradient accumulation set the "
+         "effective batch for each optimizer step on the GPU").split()
+
+
+def generate(path: Path, rows: int, seed: int = 0) -> None:
+    r = random.Random(seed)
+
+    def sentence(k: int) -> str:
+        return " ".join(r.choice(WORDS) for _ in range(k)).capitalize() + "."
+
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(rows):
+            msgs = [{"role": "system", "content": "You are a helpful assistant."},
+                    {"role": "user", "content": f"Question {i}: " + sentence(r.randint(25, 55))},
+                    {"role": "assistant", "content": sentence(r.randint(95, 175))}]
+            fh.write(json.dumps({"messages": msgs}) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--keep", default=None, help="write the data file here and keep it")
+    args = ap.parse_args()
+    from engine import config as C
+    from engine import inspect as I
+
+    tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="inspect-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / f"chatml_{args.rows}.jsonl"
+    t = time.perf_counter()
+    generate(path, args.rows)
+    gen_s = time.perf_counter() - t
+    cfg = C.load(None, ["model.name=\"builtin:tiny\""])
+    I.tokenizer_for(cfg)              # load the tokenizer outside the timing (cached by the TUI too)
+    first = []
+    t0 = time.perf_counter()
+
+    def on_partial(rep):
+        if not first:
+            first.append((time.perf_counter() - t0, rep.rows_read, rep.rows_tokenized))
+
+    rep = I.inspect(cfg, path=str(path), on_partial=on_partial)
+    total = time.perf_counter() - t0
+    tokens = int(rep.stats["mean"] * rep.rows_tokenized)
+    print(f"rows: {rep.rows} usable / {rep.raw_count}; tokens: {tokens} "
+          f"(mean {rep.stats['mean']:.0f}, median {rep.stats['median']:g}, p95 {rep.stats['p95']:g})")
+    print(f"generated the file in {gen_s:.1f} s ({path.stat().st_size / 1e6:.0f} MB)")
+    if first:
+        print(f"first partial report after {first[0][0]:.2f} s "
+              f"({first[0][1]} rows read, {first[0][2]} tokenised)")
+    print(f"full report: {total:.1f} s on {os.cpu_count()} CPU(s) "
+          f"({rep.rows / total:,.0f} rows/s, {tokens / total / 1e6:.2f} M tokens/s)")
+    print("command: python bench/inspect_100k.py" + (f" --rows {args.rows}" if args.rows != 100_000 else ""))
+    if not args.keep:
+        path.unlink()
+        tmp.rmdir()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

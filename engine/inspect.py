@@ -1,0 +1,797 @@
+"""The dataset inspector: format, problems by line, token statistics with the model's own
+tokenizer and chat template, the label-mask preview, duplicates, outliers and PII.
+
+``inspect(cfg)`` streams: it reads, normalises and tokenises the file in batches and hands
+partial ``Report``s (``done=False``) to ``on_partial`` so a UI can show rows read and a
+running histogram at once. ``preview(cfg, i)`` renders one row exactly as the trainer trains
+it: both go through ``engine.chat.encode_batch`` (the statistics use a faster equivalent that
+is checked against it on every batch, and replaced by it wherever they disagree).
+
+The JSON form (``Report.to_dict``, ``qlora-tui inspect --json``) is documented key by key in
+docs/INSPECT.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine import data as D
+from engine import quality as Q
+
+SCHEMA_VERSION = 1
+BATCH = 2000              # rows tokenised per batch
+PARTIAL_EVERY = 0.3       # seconds between on_partial calls
+CHECK_FIRST = 256         # rows of the first batch checked against encode_batch
+CHECK_EACH = 8            # rows of every later batch checked against encode_batch
+MAX_LISTED = 1000         # outliers / PII findings listed (counts are always complete)
+
+
+@dataclass
+class Report:
+    path: str = ""
+    format: str = ""
+    format_reason: str = ""
+    formats_seen: dict = field(default_factory=dict)
+    fields_seen: dict = field(default_factory=dict)
+    rows: int = 0                      # usable rows (normalised without a problem)
+    rows_read: int = 0                 # records read so far (valid JSON or not)
+    raw_count: int = 0                 # records in the file (known when reading is done)
+    splits: dict = field(default_factory=dict)
+    problems: list = field(default_factory=list)        # engine.data.DataProblem
+    model: str = ""
+    max_length: int = 0
+    rows_tokenized: int = 0
+    stats: dict = field(default_factory=dict)           # min, median, p95, max, mean
+    histogram: list = field(default_factory=list)       # [(lo, hi, count)], lo <= n < hi
+    truncated_rows: int = 0
+    truncated_share: float = 0.0
+    trained_tokens_total: int = 0
+    trained_tokens_median: float = 0.0
+    trained_tokens_untruncated: int = 0
+    zero_trained_rows: int = 0
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    steps_basis: str = ""
+    duplicates: list = field(default_factory=list)      # [[line, line, ...]]
+    near_duplicates: list = field(default_factory=list)
+    outliers: list = field(default_factory=list)        # [(line, "short"|"long", tokens)]
+    outliers_total: int = 0
+    pii: list = field(default_factory=list)             # engine.quality.PiiFinding
+    pii_total: int = 0
+    warnings: list = field(default_factory=list)
+    phase: str = "read"                # read | tokenize | done | cancelled
+    progress: float = 0.0              # 0..1 of the file
+    elapsed_s: float = 0.0
+    done: bool = False
+    # per usable row, in order (not part of the JSON document)
+    lines: list = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA_VERSION,
+            "path": self.path,
+            "done": self.done,
+            "phase": self.phase,
+            "format": {"name": self.format, "reason": self.format_reason,
+                       "formats_seen": dict(self.formats_seen), "fields_seen": dict(self.fields_seen)},
+            "rows": {"usable": self.rows, "read": self.rows_read, "raw": self.raw_count,
+                     "with_problems": len({p.line for p in self.problems if p.kind != "no_trained_tokens"}),
+                     "splits": dict(self.splits)},
+            "problems": [{"line": p.line, "kind": p.kind, "message": p.message} for p in self.problems],
+            "problem_counts": _count_kinds(self.problems),
+            "tokens": {
+                "model": self.model, "max_length": self.max_length, "rows": self.rows_tokenized,
+                "stats": dict(self.stats),
+                "histogram": [{"lo": lo, "hi": hi, "count": c} for lo, hi, c in self.histogram],
+                "truncated_rows": self.truncated_rows, "truncated_share": self.truncated_share,
+                "trained_tokens_total": self.trained_tokens_total,
+                "trained_tokens_median": self.trained_tokens_median,
+                "trained_tokens_untruncated": self.trained_tokens_untruncated,
+                "zero_trained_rows": self.zero_trained_rows,
+            },
+            "training": {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                         "basis": self.steps_basis},
+            "quality": {
+                "duplicates": [list(g) for g in self.duplicates],
+                "near_duplicates": [list(g) for g in self.near_duplicates],
+                "outliers": [{"line": ln, "kind": k, "tokens": n} for ln, k, n in self.outliers],
+                "outliers_total": self.outliers_total,
+                "pii": [f.to_dict() for f in self.pii],
+                "pii_total": self.pii_total,
+                "pii_counts": _count_kinds(self.pii),
+            },
+            "warnings": list(self.warnings),
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+
+def _count_kinds(items) -> dict:
+    out: dict[str, int] = {}
+    for it in items:
+        out[it.kind] = out.get(it.kind, 0) + 1
+    return out
+
+
+@dataclass
+class Preview:
+    row_index: int                     # 0-based among usable rows
+    line: int                          # physical line in the file
+    segments: list                     # [(text, trained)] covering the rendered text
+    n_tokens: int
+    n_trained: int                     # trained tokens the trainer keeps (after max_length)
+    n_trained_untruncated: int
+    truncated_at: int | None           # token index of the max_length cut, None if it fits
+    cut_char: int | None               # character offset of that cut in the rendered text
+    text: str = ""
+    input_ids: list = field(default_factory=list, repr=False)
+    labels: list = field(default_factory=list, repr=False)   # what the trainer trains on (truncated)
+
+    def to_dict(self) -> dict:
+        return {"row_index": self.row_index, "line": self.line, "n_tokens": self.n_tokens,
+                "n_trained": self.n_trained, "n_trained_untruncated": self.n_trained_untruncated,
+                "truncated_at": self.truncated_at, "cut_char": self.cut_char,
+                "segments": [{"text": t, "trained": tr} for t, tr in self.segments]}
+
+
+# ---- tokenizer and dataset cache (so the TUI can page through rows fast) ---------------
+
+_cache_lock = threading.Lock()
+_tok_cache: dict = {}
+_ds_cache: dict = {}
+
+
+def _model_key(cfg) -> tuple:
+    m = cfg.model
+    return (m.name, m.revision, m.chat_template, m.trust_remote_code, cfg.source)
+
+
+def tokenizer_for(cfg):
+    """(tokenizer, warnings) for cfg.model, loaded once per model settings."""
+    from engine import model as M
+    key = _model_key(cfg)
+    with _cache_lock:
+        hit = _tok_cache.get(key)
+    if hit is None:
+        hit = M.load_tokenizer(cfg, M.model_path(cfg))
+        with _cache_lock:
+            _tok_cache[key] = hit
+    return hit
+
+
+def _file_key(path: str, fmt: str) -> tuple:
+    p = D.resolve(path)
+    try:
+        st = p.stat()
+        return (str(p), fmt, st.st_mtime_ns, st.st_size)
+    except OSError:
+        return (str(p), fmt, None, None)
+
+
+def dataset_for(path: str, fmt: str = "auto") -> D.Dataset:
+    """``engine.data.load`` once per (file, format, mtime, size)."""
+    key = _file_key(path, fmt)
+    with _cache_lock:
+        ds = _ds_cache.get(key)
+    if ds is None:
+        ds = D.load(path, fmt)
+        with _cache_lock:
+            _ds_cache.clear()          # keep only the latest file: datasets can be large
+            _ds_cache[key] = ds
+    return ds
+
+
+def _data_path(cfg, path) -> str:
+    return str(path) if path is not None else cfg.resolve_path(cfg.data.train)
+
+
+# ---- token counts --------------------------------------------------------------------
+
+class _Slow(Exception):
+    """The fast count cannot be sure for this row: use encode_batch."""
+
+
+def _fast_counts(enc, spans, text_len: int, max_len: int) -> tuple[int, int, int]:
+    """(tokens, trained, trained within max_len) from a ``tokenizers.Encoding`` without
+    materialising offsets: the same rule as ``engine.chat._labels`` (a token is trained
+    when it has width and starts inside a span), found with char→token look-ups."""
+    n = len(enc)
+    z0 = 0
+    while z0 < n:
+        c = enc.token_to_chars(z0)
+        if c is not None and c[1] > c[0]:
+            break
+        z0 += 1
+    z1 = 0
+    while z1 < n - z0:
+        c = enc.token_to_chars(n - 1 - z1)
+        if c is not None and c[1] > c[0]:
+            break
+        z1 += 1
+    nonzero = n - z0 - z1
+
+    def before(ch: int) -> int:       # width tokens starting before char ch
+        if ch >= text_len:
+            return nonzero
+        t = enc.char_to_token(ch)
+        k = 0
+        while t is None:
+            ch += 1
+            k += 1
+            if ch >= text_len:
+                return nonzero
+            if k > 256:
+                raise _Slow
+            t = enc.char_to_token(ch)
+        s = enc.token_to_chars(t)[0]
+        if s >= ch:
+            return t - z0
+        u = t + 1
+        while u < n - z1 and enc.token_to_chars(u)[0] == s:
+            u += 1
+        return u - z0
+
+    trained = kept = 0
+    prev_end = -1
+    for a, b in spans:
+        if a < prev_end or b < a:
+            raise _Slow
+        prev_end = b
+        lo = before(a)
+        cnt = before(b) - lo
+        if cnt < 0:
+            raise _Slow
+        trained += cnt
+        lo += z0
+        kept += max(0, min(lo + cnt, max_len) - lo)
+    return n, trained, kept
+
+
+def _exact_counts(tok, rows: list[dict], max_len: int) -> list[tuple[int, int, int]]:
+    from engine.chat import IGNORE, encode_batch
+    out = []
+    for e in encode_batch(tok, rows):
+        lab = e.labels
+        out.append((len(lab), sum(1 for x in lab if x != IGNORE),
+                    sum(1 for x in lab[:max_len] if x != IGNORE)))
+    return out
+
+
+class _Counter:
+    """Token counts for batches of rows; fast path checked against encode_batch."""
+
+    def __init__(self, tok, max_len: int):
+        self.tok = tok
+        self.max_len = max_len
+        self.backend = getattr(tok, "backend_tokenizer", None)
+        self.exact_only = self.backend is None
+        self.batches = 0
+        self.mismatch = ""
+
+    def counts(self, rows: list[dict]) -> list[tuple[int, int, int]]:
+        if self.exact_only:
+            return _exact_counts(self.tok, rows, self.max_len)
+        from engine.chat import render_spans
+        out: list = [None] * len(rows)
+        slow = [i for i, r in enumerate(rows) if "input_ids" in r]     # pre-tokenised: just count
+        rendered = [("", [], None) if "input_ids" in r else render_spans(self.tok, r) for r in rows]
+        for special in (False, True):
+            idx = [i for i, r in enumerate(rendered) if r[2] == special]
+            if not idx:
+                continue
+            encs = self.backend.encode_batch([rendered[i][0] for i in idx], add_special_tokens=special)
+            for i, enc in zip(idx, encs):
+                text, spans, _ = rendered[i]
+                try:
+                    out[i] = _fast_counts(enc, spans, len(text), self.max_len)
+                except _Slow:
+                    slow.append(i)
+        if slow:
+            for i, c in zip(slow, _exact_counts(self.tok, [rows[i] for i in slow], self.max_len)):
+                out[i] = c
+        check = list(range(min(len(rows), CHECK_FIRST if self.batches == 0 else CHECK_EACH)))
+        self.batches += 1
+        if check:
+            ref = _exact_counts(self.tok, [rows[i] for i in check], self.max_len)
+            for i, r in zip(check, ref):
+                if out[i] != r:
+                    self.exact_only = True
+                    self.mismatch = (f"fast token count disagreed with the trainer's encoder "
+                                     f"({out[i]} vs {r}); counted with the trainer's encoder instead")
+                    return _exact_counts(self.tok, rows, self.max_len)
+        return out
+
+
+# ---- the report ---------------------------------------------------------------------
+
+def _nice_width(x: float) -> int:
+    if x <= 1:
+        return 1
+    p = 10 ** math.floor(math.log10(x))
+    for m in (1, 2, 2.5, 5, 10):
+        if m * p >= x:
+            return max(1, int(m * p))
+    return int(10 * p)
+
+
+def histogram(lengths, max_len: int, bins: int = 20) -> list[tuple[int, int, int]]:
+    """[(lo, hi, count)] with round bin widths; max_len is a bin edge when rows exceed it."""
+    import numpy as np
+    if len(lengths) == 0:
+        return []
+    arr = np.asarray(lengths)
+    top = int(arr.max()) + 1
+    w = _nice_width((top - int(arr.min())) / bins)
+    first = int(arr.min()) // w * w
+    edges = list(range(first, top + w, w))
+    while edges[-1] < top:
+        edges.append(edges[-1] + w)
+    if int(arr.max()) >= max_len and max_len not in edges:
+        edges = sorted(set(edges) | {max_len})
+    counts, _ = np.histogram(arr, bins=edges)
+    return [(int(edges[i]), int(edges[i + 1]), int(counts[i])) for i in range(len(counts))]
+
+
+def _steps(cfg, kept, max_len, path_is_train: bool):
+    """(train rows, steps per epoch, total steps, basis) the trainer would run with."""
+    from engine.trainer import split_eval
+    n = len(kept)
+    idx = list(range(n))
+    held = 0
+    basis = []
+    if path_is_train and not cfg.data.eval:
+        train_idx, ev = split_eval(cfg, idx, None)
+        if ev:
+            held = len(ev)
+            basis.append(f"{held} rows held out for eval (data.eval_fraction = {cfg.data.eval_fraction})")
+    else:
+        train_idx = idx
+    per_step = cfg.train.batch_size * cfg.distributed.gpus
+    packing = cfg.data.packing is True
+    if packing:
+        toks = sum(min(kept[i][0], max_len) for i in train_idx)
+        n_train = math.ceil(toks / max_len) if toks else 0
+        basis.append(f"packing: about {n_train} sequences of {max_len} tokens")
+    else:
+        n_train = sum(1 for i in train_idx if kept[i][1] > 0)
+        dropped = len(train_idx) - n_train
+        if dropped:
+            basis.append(f"{dropped} rows with no trained token dropped")
+    batches = math.ceil(n_train / per_step) if n_train else 0
+    spe = max(1, math.ceil(batches / cfg.train.grad_accum)) if batches else 0
+    if cfg.train.max_steps > 0:
+        total = cfg.train.max_steps
+    else:
+        total = math.ceil(cfg.train.epochs * spe)
+    basis.insert(0, f"{n_train} training {'sequences' if packing else 'rows'} / (batch_size "
+                 f"{cfg.train.batch_size} × {cfg.distributed.gpus} GPU) / grad_accum {cfg.train.grad_accum}")
+    return n_train, held, spe, total, "; ".join(basis)
+
+
+def inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
+    """The full dataset report (see the module doc); never raises for bad rows."""
+    import numpy as np
+    t0 = time.monotonic()
+    path = _data_path(cfg, path)
+    max_len = int(cfg.data.max_length)
+    rep = Report(path=str(D.resolve(path)), model=cfg.model.name, max_length=max_len)
+    tok, tw = tokenizer_for(cfg)
+    rep.warnings += list(tw)
+    counter = _Counter(tok, max_len)
+
+    fmt_cfg = cfg.data.format
+    provisional = None if fmt_cfg == "auto" else fmt_cfg
+    raw: list = []
+    seen: dict = {}
+    first_line: dict = {}
+    fields: dict = {}
+    problems: list = []          # from normalising with the provisional format
+    rows: list = []              # D.Row
+    counts: list = []            # (tokens, trained, kept) per row
+    dups = Q.Duplicates()
+    pii: list = []
+    last_emit = [0.0]
+    progress = [0.0]
+
+    def on_bytes(done, total):
+        progress[0] = done / total if total else 1.0
+
+    def emit(force=False):
+        if on_partial is None:
+            return
+        now = time.monotonic()
+        if not force and now - last_emit[0] < PARTIAL_EVERY:
+            return
+        last_emit[0] = now
+        part = _finish(cfg, rep, tok, rows, counts, problems, [], dups, pii, seen, fields,
+                       partial=True)
+        part.progress = progress[0]
+        part.elapsed_s = now - t0
+        on_partial(part)
+
+    pending: list = []
+
+    def flush():
+        """Normalise and tokenise the raw records read since the last flush."""
+        if not pending:
+            return
+        new_rows = []
+        for line, rec, err in pending:
+            row = D.normalise_record(line, rec, err, provisional, problems)
+            if row is not None:
+                new_rows.append(row)
+        pending.clear()
+        _process(new_rows)
+
+    # Tokenising (Rust, GIL released) runs in a worker while this thread reads, normalises and
+    # runs the quality checks of the next batch; results are collected in order.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="inspect-tokenize")
+    inflight: list = []
+
+    def drain(keep: int = 0):
+        while len(inflight) > keep:
+            counts.extend(inflight.pop(0).result())
+
+    def _process(new_rows):
+        if not new_rows:
+            return
+        datas = [r.data for r in new_rows]
+        inflight.append(pool.submit(counter.counts, datas))
+        texts = [Q.row_text(d) for d in datas]
+        lines = [r.line for r in new_rows]
+        for ln, d, t in zip(lines, datas, texts):
+            dups.add(ln, d, t)
+        pii.extend(Q.scan_pii(lines, texts))
+        rows.extend(new_rows)
+        drain(keep=1)
+
+    try:
+        cancelled = False
+        rep.phase = "read"
+        for rec in D.iter_raw(path, on_bytes=on_bytes):
+            line, obj, err = rec
+            raw.append(rec)
+            if err is None:
+                D.count_format(obj, line, seen, first_line)
+                if isinstance(obj, dict):
+                    for k in obj:
+                        fields[k] = fields.get(k, 0) + 1
+            rep.rows_read = len(raw)
+            if provisional is None:
+                if sum(seen.values()) < 200:
+                    if len(raw) % BATCH == 0:
+                        emit()
+                    continue
+                provisional = max(seen, key=seen.get)   # checked against the whole file at the end
+                pending.extend(raw)
+            else:
+                pending.append(rec)
+            if len(pending) >= BATCH:
+                rep.phase = "tokenize"
+                flush()
+                emit(force=len(rows) <= BATCH)
+                if cancel is not None and cancel.is_set():
+                    cancelled = True
+                    break
+        rep.rows_read = len(raw)
+        if cancelled:
+            drain()
+            part = _finish(cfg, rep, tok, rows, counts, problems, [], dups, pii, seen, fields, partial=True)
+            part.phase = "cancelled"
+            part.elapsed_s = time.monotonic() - t0
+            return part
+        if provisional is None and seen:
+            provisional = max(seen, key=seen.get)
+            pending.extend(raw)
+        flush()
+        drain()
+
+        fmt, reason, mixed = D.choose_format(path, fmt_cfg, seen, first_line, len(raw))
+        if fmt != provisional:        # the majority changed after the first rows: start over
+            problems.clear(); rows.clear(); counts.clear(); pii.clear()
+            dups = Q.Duplicates()
+            provisional = fmt
+            pending.extend(raw)
+            for i in range(0, len(pending), BATCH):
+                chunk = pending[i:i + BATCH]
+                new_rows = [r for r in (D.normalise_record(ln, rc, er, fmt, problems) for ln, rc, er in chunk)
+                            if r is not None]
+                _process(new_rows)
+            pending.clear()
+            drain()
+        rep.format, rep.format_reason, rep.raw_count = fmt, reason, len(raw)
+        if counter.mismatch:
+            rep.warnings.append(counter.mismatch)
+        out = _finish(cfg, rep, tok, rows, counts, problems, mixed, dups, pii, seen, fields, partial=False)
+        out.elapsed_s = time.monotonic() - t0
+        if on_partial is not None:
+            on_partial(out)
+        return out
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _finish(cfg, rep: Report, tok, rows, counts, problems, mixed, dups, pii, seen, fields,
+            partial: bool) -> Report:
+    """A Report snapshot from the running state (cheap enough to call every 0.3 s)."""
+    import copy
+    import numpy as np
+    r = copy.copy(rep)
+    r.warnings = list(rep.warnings)
+    r.formats_seen = dict(seen)
+    r.fields_seen = dict(sorted(fields.items(), key=lambda kv: -kv[1])[:30])
+    if partial and seen and not r.format:
+        r.format = max(seen, key=seen.get)
+        r.format_reason = f"so far {seen[r.format]} of {rep.rows_read} rows have " + D.detect_reason(r.format)
+    n = len(counts)
+    r.rows = len(rows)
+    r.rows_tokenized = n
+    r.lines = [row.line for row in rows]
+    probs = list(mixed) + list(problems)
+    max_len = rep.max_length
+    if n:
+        arr = np.asarray(counts, dtype=np.int64).reshape(n, 3)
+        lengths, trained, kept = arr[:, 0], arr[:, 1], arr[:, 2]
+        r.stats = {"min": int(lengths.min()), "median": float(np.median(lengths)),
+                   "p95": float(np.percentile(lengths, 95)), "max": int(lengths.max()),
+                   "mean": round(float(lengths.mean()), 2)}
+        r.histogram = histogram(lengths, max_len)
+        r.truncated_rows = int((lengths > max_len).sum())
+        r.truncated_share = round(r.truncated_rows / n, 6)
+        r.trained_tokens_total = int(kept.sum())
+        r.trained_tokens_untruncated = int(trained.sum())
+        r.trained_tokens_median = float(np.median(kept))
+        zero = np.nonzero(kept == 0)[0]
+        r.zero_trained_rows = int(len(zero))
+        for i in zero:
+            row = rows[i]
+            why = ("all its trained tokens lie past max_length = %d (the row has %d tokens)" % (max_len, lengths[i])
+                   if trained[i] else "the chat template leaves no assistant token to train on")
+            probs.append(D.DataProblem(row.line, "no_trained_tokens",
+                                       f"no trained tokens: {why}; the trainer drops this row"))
+        if not partial:
+            n_train, held, spe, total, basis = _steps(cfg, counts, max_len,
+                                                      _same_file(cfg, rep.path))
+            r.steps_per_epoch, r.total_steps, r.steps_basis = spe, total, basis
+            r.splits = {"train": n_train if cfg.data.packing is not True else n - held, "eval": held}
+            if _same_file(cfg, rep.path) and cfg.data.eval:
+                r.splits["eval_file"] = cfg.data.eval
+            all_out = Q.outliers(r.lines, lengths)
+            r.outliers_total = len(all_out)
+            r.outliers = all_out[:MAX_LISTED]
+    probs.sort(key=lambda p: p.line)
+    r.problems = probs
+    r.duplicates = dups.exact_groups()
+    r.near_duplicates = dups.near_groups()
+    r.pii_total = len(pii)
+    r.pii = sorted(pii, key=lambda f: f.line)[:MAX_LISTED]
+    if not partial:
+        r.phase = "done"
+        r.done = True
+        r.progress = 1.0
+        if cfg.data.strict and r.problems:
+            r.warnings.append(f"data.strict = true: training refuses this file ({len(r.problems)} problems)")
+    else:
+        r.done = False
+    return r
+
+
+def _same_file(cfg, path: str) -> bool:
+    try:
+        return D.resolve(cfg.resolve_path(cfg.data.train)).resolve() == Path(path).resolve()
+    except OSError:
+        return False
+
+
+# ---- preview ------------------------------------------------------------------------
+
+def preview(cfg, row_index: int, *, path=None) -> Preview:
+    """Row ``row_index`` (0-based among usable rows) rendered by the chat template, cut into
+    trained / not-trained segments by ``engine.chat.encode_batch`` (the trainer's encoder),
+    with what ``max_length`` truncation removes marked."""
+    from engine.chat import IGNORE, Encoded, encode_batch, segments
+    ds = dataset_for(_data_path(cfg, path), cfg.data.format)
+    if not 0 <= row_index < len(ds.rows):
+        raise IndexError(f"row {row_index + 1} out of range: the file has {len(ds.rows)} usable rows")
+    tok, _ = tokenizer_for(cfg)
+    row = ds.rows[row_index]
+    enc = encode_batch(tok, [row.data])[0]
+    if "input_ids" in row.data and not enc.text:      # pre-tokenised row: decode it token by token
+        text, offsets = "", []
+        for t in enc.input_ids:
+            piece = tok.decode([t])
+            offsets.append((len(text), len(text) + len(piece)))
+            text += piece
+        enc = Encoded(enc.input_ids, enc.labels, text, offsets)
+    max_len = int(cfg.data.max_length)
+    n = len(enc.input_ids)
+    labels = list(enc.labels[:max_len])
+    truncated_at = max_len if n > max_len else None
+    cut_char = None
+    if truncated_at is not None:
+        cut_char = enc.offsets[max_len][0] if enc.offsets[max_len][1] > enc.offsets[max_len][0] \
+            else next((s for s, e in enc.offsets[max_len:] if e > s), len(enc.text))
+    shown = Encoded(enc.input_ids, labels + [IGNORE] * (n - len(labels)), enc.text, enc.offsets)
+    segs = segments(shown)
+    if cut_char is not None:                 # split at the cut so a UI can dim the rest
+        out, pos = [], 0
+        for text, tr in segs:
+            if pos < cut_char < pos + len(text):
+                out += [(text[:cut_char - pos], tr), (text[cut_char - pos:], tr)]
+            else:
+                out.append((text, tr))
+            pos += len(text)
+        segs = out
+    return Preview(row_index=row_index, line=row.line, segments=segs, n_tokens=n,
+                   n_trained=sum(1 for x in labels if x != IGNORE), n_trained_untruncated=enc.n_trained,
+                   truncated_at=truncated_at, cut_char=cut_char, text=enc.text,
+                   input_ids=list(enc.input_ids[:max_len]), labels=labels)
+
+
+def row_index_for_line(cfg, line: int, *, path=None) -> int:
+    """The usable-row index of physical line ``line`` (ValueError if that line is no usable row)."""
+    ds = dataset_for(_data_path(cfg, path), cfg.data.format)
+    from bisect import bisect_left
+    lines = [r.line for r in ds.rows]
+    i = bisect_left(lines, line)
+    if i < len(lines) and lines[i] == line:
+        return i
+    bad = [p for p in ds.problems if p.line == line]
+    raise ValueError(f"line {line} is not a usable row" + (f": {bad[0].message}" if bad else ""))
+
+
+# ---- command line -------------------------------------------------------------------
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "inspect", help="report on a dataset: format, problems by line, token statistics, "
+                        "label-mask preview, duplicates, PII",
+        description="Inspect a dataset with the model's tokenizer and chat template. Exit status: "
+                    "0, or 1 with --strict when there are problems, 2 when the file or config is unusable.")
+    p.add_argument("data", metavar="DATA", nargs="?", default=None,
+                   help="data file or datasets directory (default: data.train of the config)")
+    p.add_argument("--config", default=None, metavar="CONFIG", help="TOML config (model, max_length, batch settings)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set data.format=alpaca (repeatable)")
+    p.add_argument("--model", default=None, metavar="M", help="model whose tokenizer and chat template to use")
+    p.add_argument("--max-length", type=int, default=None, metavar="N", help="tokens per example (data.max_length)")
+    p.add_argument("--json", action="store_true", help="print the whole report as one JSON document")
+    p.add_argument("--show", type=int, default=None, metavar="N",
+                   help="print usable row N (1-based) with its trained tokens marked ⟦…⟧")
+    p.add_argument("--show-line", type=int, default=None, metavar="L",
+                   help="like --show, for the row on physical line L of the file")
+    p.add_argument("--strict", action="store_true", help="exit 1 when the report lists any problem")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                   help="colour the preview's trained tokens (auto: when stdout is a terminal)")
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> int:
+    from engine import config as C
+    from engine.model import ModelError
+    overrides = list(args.overrides)
+    if args.max_length is not None:
+        overrides.append(f"data.max_length={args.max_length}")
+    try:
+        cfg = C.load(args.config, overrides)
+    except C.ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    if args.data:          # relative to the working directory, not to the config file
+        cfg.data.train = args.data if args.data.startswith("builtin:") else \
+            str(Path(args.data).expanduser().absolute())
+    if args.model:
+        cfg.model.name = args.model if args.model.startswith("builtin:") or "/" not in args.model \
+            or not Path(args.model).expanduser().exists() else str(Path(args.model).expanduser().absolute())
+    try:
+        if args.show is not None or args.show_line is not None:
+            return _cmd_show(cfg, args)
+        stderr_tty = sys.stderr.isatty() and not args.json
+
+        def progress(r: Report):
+            if stderr_tty:
+                print(f"\r{r.phase}: {r.rows_read} rows read, {r.rows_tokenized} tokenised "
+                      f"({r.progress:.0%})", end="", file=sys.stderr, flush=True)
+        rep = inspect(cfg, on_partial=progress if stderr_tty else None)
+        if stderr_tty:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+    except (D.DataError, ModelError) as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(rep.to_dict(), ensure_ascii=False, indent=1))
+    else:
+        print(format_report(rep))
+    return 1 if args.strict and rep.problems else 0
+
+
+def _cmd_show(cfg, args) -> int:
+    try:
+        idx = (args.show - 1) if args.show is not None else row_index_for_line(cfg, args.show_line)
+        pv = preview(cfg, idx)
+    except (IndexError, ValueError) as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty()
+                                        and not os.environ.get("NO_COLOR"))
+    if args.json:
+        print(json.dumps(pv.to_dict(), ensure_ascii=False, indent=1))
+    else:
+        print(format_preview(pv, cfg.data.max_length, colour=colour))
+    return 0
+
+
+def format_preview(pv: Preview, max_len: int, colour: bool = False) -> str:
+    head = (f"row {pv.row_index + 1} (line {pv.line}): {pv.n_tokens} tokens, {pv.n_trained} trained"
+            + (f" ({pv.n_trained_untruncated - pv.n_trained} more past max_length)"
+               if pv.n_trained_untruncated != pv.n_trained else ""))
+    legend = ("trained tokens in green" if colour else "trained tokens between ⟦ and ⟧")
+    body, pos = [], 0
+    for text, trained in pv.segments:
+        if pv.cut_char is not None and pos == pv.cut_char:
+            body.append(("\033[7m" if colour else "") + f"✂[max_length {max_len}: the rest is cut]"
+                        + ("\033[0m" if colour else ""))
+        if trained:
+            body.append(f"\033[1;32m{text}\033[0m" if colour else f"⟦{text}⟧")
+        else:
+            body.append(f"\033[2m{text}\033[0m" if colour and pv.cut_char is not None and pos >= pv.cut_char
+                        else text)
+        pos += len(text)
+    return f"{head}; {legend}\n" + "─" * 60 + "\n" + "".join(body) + "\n" + "─" * 60
+
+
+def _lines(groups, limit=5) -> str:
+    shown = "; ".join(", ".join(map(str, g[:6])) + (" …" if len(g) > 6 else "") for g in groups[:limit])
+    return shown + (f"; … {len(groups) - limit} more groups" if len(groups) > limit else "")
+
+
+def format_report(r: Report, max_problems: int = 50) -> str:
+    out = [f"data: {r.path}",
+           f"format: {r.format} ({r.format_reason})"]
+    if len(r.formats_seen) > 1:
+        out.append("  formats seen: " + ", ".join(f"{k} {v}" for k, v in r.formats_seen.items()))
+    out.append("  fields: " + ", ".join(f"{k} ({v})" for k, v in list(r.fields_seen.items())[:8]))
+    split = ", ".join(f"{k} {v}" for k, v in r.splits.items())
+    out.append(f"rows: {r.rows} usable of {r.raw_count} read" + (f" → {split}" if split else ""))
+    out.append(f"problems: {len(r.problems)}" + (" (" + ", ".join(f"{k} {v}" for k, v in
+                                                               _count_kinds(r.problems).items()) + ")" if r.problems else ""))
+    for p in r.problems[:max_problems]:
+        out.append(f"  line {p.line}: [{p.kind}] {p.message}")
+    if len(r.problems) > max_problems:
+        out.append(f"  … {len(r.problems) - max_problems} more (--json lists all)")
+    if r.stats:
+        s = r.stats
+        out.append(f"tokens ({r.model}, max_length {r.max_length}): min {s['min']}, median {s['median']:g}, "
+                   f"p95 {s['p95']:g}, max {s['max']}, mean {s['mean']:g}")
+        peak = max(c for _, _, c in r.histogram) or 1
+        for lo, hi, c in r.histogram:
+            bar = "█" * max(1 if c else 0, round(30 * c / peak))
+            out.append(f"  {lo:>7}–{hi - 1:<7} {bar} {c}")
+        out.append(f"truncated at max_length: {r.truncated_rows} rows ({r.truncated_share:.1%})")
+        out.append(f"trained tokens: {r.trained_tokens_total} in all, median {r.trained_tokens_median:g} per row; "
+                   f"{r.zero_trained_rows} rows with none")
+        out.append(f"steps per epoch: {r.steps_per_epoch} (total {r.total_steps}): {r.steps_basis}")
+    out.append(f"duplicates: {len(r.duplicates)} groups" + (f" (lines {_lines(r.duplicates)})" if r.duplicates else ""))
+    out.append(f"near-duplicates: {len(r.near_duplicates)} groups"
+               + (f" (lines {_lines(r.near_duplicates)})" if r.near_duplicates else ""))
+    if r.outliers_total:
+        shown = ", ".join(f"line {ln} {k} ({n} tokens)" for ln, k, n in r.outliers[:10])
+        out.append(f"length outliers: {r.outliers_total}: {shown}" + (" …" if r.outliers_total > 10 else ""))
+    else:
+        out.append("length outliers: none")
+    out.append(f"possible PII / secrets: {r.pii_total}")
+    for f in r.pii[:20]:
+        out.append(f"  line {f.line}: {f.kind} {f.masked}")
+    if r.pii_total > 20:
+        out.append(f"  … {r.pii_total - 20} more (--json lists them)")
+    for w in r.warnings:
+        out.append(f"warning: {w}")
+    out.append(f"({r.elapsed_s:.1f} s)")
+    return "\n".join(out)
