@@ -527,7 +527,7 @@ def test_detach_survives_its_terminal_then_stop_and_save_through_the_control_cha
     tm = ["tmux", "-L", sock]
     env = env_with(QLORA_TUI_FAULTS="slow=0.3")
     shell = (f"cd {REPO} && {sys.executable} -m engine train {cfg_path} --detach > {tmp_path}/detach.out "
-             f"2>&1; sleep 600")
+             f"2> {tmp_path}/detach.err; sleep 600")
     subprocess.run([*tm, "new-session", "-d", "-s", "det", shell], check=True, env=env)
     try:
         d = Path(wait_for(lambda: (tmp_path / "detach.out").exists()
