@@ -1,0 +1,172 @@
+"""Side by side on one GPU: plain TRL (the seed's recipe) vs qlora-tui's engine, same model
+shape, same data, same seed, one device call.
+
+    python bench/vs_plain.py llama8b 2048 8 plain engine_auto engine_24g engine_min plain_chat engine_chat
+
+Variants (each in its own process, for a clean peak-memory figure):
+  plain, plain_chat       bench/plain_trl_baseline.py (a verbatim copy of shared/bench's), SHAPE SEQ BATCH
+  engine_auto             `python -m engine train CFG --headless`, every knob on auto (the fit planner)
+  engine_24g, engine_min  the same, told it has 24 GiB / 10 GiB (train.gpu_memory_gib)
+  engine_chat             variable-length rows (the baseline's chat lengths), auto (packing)
+The engine is fed the baseline's exact token ids (pre-tokenised rows) and its optimizer
+(adamw_torch) so only the engine's choices differ. Tokens/s counts real (non-pad) tokens
+over the measured steps; MFU uses 4*N FLOPs per token (frozen-base LoRA) + attention.
+Appends one JSON line per variant to $OUT/vs_plain.jsonl and prints RESULT lines.
+"""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+STEPS, WARM = 12, 4
+PEAK_TFLOPS = 790e12      # H200 dense bf16 matmul, measured (shared/reference/landscape.md)
+
+
+def nvml_peak(stop, box):
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        while not stop.is_set():
+            box[0] = max(box[0], pynvml.nvmlDeviceGetMemoryInfo(h).used)
+            time.sleep(0.1)
+    except Exception as e:  # no NVML: report None
+        box[1] = str(e)
+
+
+def run_child(argv, env=None):
+    stop, box = threading.Event(), [0, None]
+    t = threading.Thread(target=nvml_peak, args=(stop, box), daemon=True)
+    t.start()
+    t0 = time.time()
+    r = subprocess.run(argv, capture_output=True, text=True, env=env)
+    stop.set()
+    t.join()
+    return r, box[0] or None, time.time() - t0
+
+
+def data_file(shape, seq, batch, chat):
+    """The baseline's exact rows (same generator, same seeds), as pre-tokenised JSONL."""
+    import torch
+    from plain_trl_baseline import SHAPES
+    path = Path(f"/tmp/bench-data-{shape}-{seq}-{batch}-{'chat' if chat else 'full'}.jsonl")
+    if path.exists():
+        return path
+    g = torch.Generator().manual_seed(1)
+    V = SHAPES[shape]["vocab_size"]
+    n = batch * (STEPS + WARM + 2)
+    if chat:
+        torch.manual_seed(1)
+        lens = torch.distributions.LogNormal(5.8, 0.8).sample((n,)).clamp(32, seq).long().tolist()
+        ids = [torch.randint(4, V, (k,), generator=g).tolist() for k in lens]
+    else:
+        ids = torch.randint(4, V, (n, seq), generator=g).tolist()
+    with open(path, "w") as fh:
+        for row in ids:
+            fh.write(json.dumps({"input_ids": row}) + "\n")
+    return path
+
+
+def model_dir(shape):
+    from plain_trl_baseline import make_model, tokenizer
+    path = f"/tmp/model-{shape}"
+    make_model(shape, path)
+    if not Path(path, "tokenizer.json").exists():
+        tok = tokenizer()
+        tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        tok.save_pretrained(path)
+    return path
+
+
+def flops_per_token(shape, seq):
+    from plain_trl_baseline import SHAPES
+    s = SHAPES[shape]
+    h, i, L = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
+    kv = h // s["num_attention_heads"] * s["num_key_value_heads"]
+    n_linear = L * (h * h * 2 + h * kv * 2 + 3 * h * i) + h * s["vocab_size"]
+    attn = L * 2 * 2 * seq * h      # QK^T and AV, causal half, forward+backward (x3) ~ 4*L*s*h
+    return 4 * n_linear + attn
+
+
+def engine_variant(variant, shape, seq, batch, out_dir):
+    import tomli_w
+    chat = "chat" in variant
+    cfg = {
+        "model": {"name": model_dir(shape)},
+        "data": {"train": str(data_file(shape, seq, batch, chat)), "max_length": seq, "eval_fraction": 0.0},
+        "lora": {"r": 32, "alpha": 64},
+        "train": {"max_steps": STEPS + WARM, "batch_size": batch, "grad_accum": 1, "learning_rate": 2e-4,
+                  "warmup_ratio": 0.0, "optimizer": "adamw_torch", "logging_steps": 1, "eval_steps": 0,
+                  "save_steps": 0},
+        "output": {"dir": str(out_dir), "keep_checkpoints": False},
+    }
+    if variant == "engine_24g":
+        cfg["train"]["gpu_memory_gib"] = 24.0
+    if variant == "engine_min":
+        cfg["train"]["gpu_memory_gib"] = 10.0
+    p = Path(out_dir) / f"{variant}.toml"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(tomli_w.dumps(cfg))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r, nvml, wall = run_child([sys.executable, "-m", "engine", "train", str(p), "--headless"], env)
+    runs = sorted(Path(out_dir).glob("*-model-*"), key=lambda d: d.stat().st_mtime)
+    if r.returncode != 0 or not runs:
+        return dict(variant=variant, error=(r.stderr or r.stdout)[-1500:])
+    evs = [json.loads(line) for line in (runs[-1] / "events.jsonl").read_text().splitlines()]
+    steps = [e for e in evs if e["type"] == "step"]
+    started = next(e for e in evs if e["type"] == "run_started")
+    meas = [e for e in steps if e["step"] > WARM]
+    prev = {e["step"]: e for e in steps}
+    dt = sum(e["time"] - prev[e["step"] - 1]["time"] for e in meas if e["step"] - 1 in prev)
+    dtok = sum(e["tokens_seen"] - prev[e["step"] - 1]["tokens_seen"] for e in meas if e["step"] - 1 in prev)
+    tps = dtok / dt if dt else None
+    return dict(variant=variant, shape=shape, seq=seq, batch=batch, tokens_per_s=round(tps) if tps else None,
+                peak_reserved_gib=round(max(e.get("peak_memory_bytes") or 0 for e in steps) / 2**30, 2),
+                nvml_peak_gib=round(nvml / 2**30, 2) if nvml else None,
+                losses=[e["loss"] for e in steps], plan=started.get("plan"), wall_s=round(wall, 1),
+                steps_run=len(steps))
+
+
+def plain_variant(variant, shape, seq, batch):
+    v = "chat" if "chat" in variant else "plain"
+    r, nvml, wall = run_child([sys.executable, str(HERE / "plain_trl_baseline.py"), shape, str(seq), str(batch), v])
+    line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        return dict(variant=variant, error=(r.stderr or r.stdout)[-1500:])
+    res = json.loads(line[7:])
+    res.update(variant=variant, nvml_peak_gib=round(nvml / 2**30, 2) if nvml else None, wall_s=round(wall, 1))
+    return res
+
+
+def main():
+    shape, seq, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    out = Path(os.environ.get("OUT", "/tmp/bench-out"))
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir(shape)
+    results = []
+    for v in sys.argv[4:]:
+        t0 = time.time()
+        res = plain_variant(v, shape, seq, batch) if v.startswith("plain") else \
+            engine_variant(v, shape, seq, batch, out / "runs")
+        if res.get("tokens_per_s"):
+            res["mfu"] = round(res["tokens_per_s"] * flops_per_token(shape, seq) / PEAK_TFLOPS, 3)
+        res["bench_s"] = round(time.time() - t0, 1)
+        results.append(res)
+        print("RESULT " + json.dumps(res), flush=True)
+        with open(out / "vs_plain.jsonl", "a") as fh:
+            fh.write(json.dumps(res) + "\n")
+    base = {r["variant"]: r for r in results}
+    for r in results:
+        ref = base.get("plain_chat" if "chat" in r["variant"] else "plain")
+        if ref and r.get("tokens_per_s") and ref.get("tokens_per_s"):
+            print(f"RATIO {r['variant']}: {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x plain", flush=True)
+
+
+if __name__ == "__main__":
+    main()
