@@ -34,3 +34,19 @@ def test_training_with_packing_runs(tiny_cfg):
     run.start()
     assert run.join(300)
     assert run.result.type == "run_finished", getattr(run.result, "reason", "")
+
+
+def test_packed_collator_keeps_rows_apart_and_masks_sample_starts():
+    from engine import config as C
+    from engine import model as M
+    from engine.trainer import packed_collator, padding_efficiency
+    tok, _ = M.load_tokenizer(C.Config())
+    col = packed_collator(tok, "sdpa")
+    batch = col([{"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "seq_lengths": [3, 2]},
+                 {"input_ids": [10, 11], "labels": [10, 11], "seq_lengths": [2]}])
+    assert "attention_mask" not in batch              # so transformers derives the block-diagonal mask
+    assert batch["input_ids"].shape == (2, 5)         # one batch row per packed row (not flattened)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9], [-100, 11, -100, -100, -100]]
+    assert padding_efficiency([100] * 16, 8, 2048) == 1.0
+    assert padding_efficiency([100, 2000] * 8, 8, 2048) < 0.6
