@@ -425,13 +425,28 @@ def _gib(n: int | float) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
+# Speed model of the planner, from side-by-side H200 runs (bench/RESULTS.md, Llama-3.1-8B shape,
+# seq 2048): without gradient checkpointing, micro-batch 8 gave 13,840 tokens/s and micro-batch 1
+# 7,622 (x0.55 for 1/8 of the tokens per micro-batch: exponent 0.29); with it (Liger), 0.705 of
+# the no-checkpointing speed at the same micro-batch (9,908 vs 14,051 in landscape.md).
+SPEED_GC = 0.705
+SPEED_TOKENS_FULL = 16384
+SPEED_EXPONENT = 0.29
+
+
+def relative_speed(gradient_checkpointing: bool, tokens_per_micro_batch: int) -> float:
+    """Relative tokens/s of a setting (1.0 = no checkpointing, a full micro-batch)."""
+    fill = min(1.0, tokens_per_micro_batch / SPEED_TOKENS_FULL) ** SPEED_EXPONENT
+    return fill * (SPEED_GC if gradient_checkpointing else 1.0)
+
+
 def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
     """Choose micro-batch, accumulation, gradient checkpointing, Liger and packing to fit.
 
     Only ``"auto"`` fields are decided; explicit true/false are kept. The effective batch
     (batch_size x grad_accum) is kept: the micro-batch is a divisor of it. Preference, fastest
-    first: no gradient checkpointing (if it fits with 10% headroom at a micro-batch of at
-    least min(2048 tokens, the whole effective batch)), then the largest micro-batch.
+    is decided by ``relative_speed`` among every (checkpointing, micro-batch) that fits with 10%
+    headroom: e.g. without checkpointing at micro-batch 1 is slower than with it at 8.
     """
     t = cfg.train
     gc_set, lg_set, pk_set = _tri(t.gradient_checkpointing), _tri(t.liger_kernel), _tri(cfg.data.packing)
@@ -471,28 +486,21 @@ def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
     seq = cfg.data.max_length
     budget = gpu_mem_bytes * (1 - HEADROOM)
     gcs = [False, True] if gc_set is None else [gc_set]
-    min_tokens = min(2048, eff * seq)
 
     def fits(est: Estimate) -> bool:
         return est.device_bytes <= budget
 
-    chosen = None
-    tried = []
+    tried, fitting = [], []
     for gc in gcs:
         for b in _divisors_desc(eff):
             est = estimate(cfg, model_config, batch_size=b, gradient_checkpointing=gc, liger=lg,
                            gpu_mem_bytes=gpu_mem_bytes)
             tried.append(est)
-            if not fits(est):
-                continue
-            if gc is False and len(gcs) > 1 and b * seq < min_tokens:
-                reasons.append(f"no gradient checkpointing would need micro-batch {b} "
-                               f"({b * seq} tokens): too small to be faster; keeping it on")
-                break
-            chosen = est
-            break
-        if chosen is not None:
-            break
+            if fits(est):
+                fitting.append(est)
+    # fastest of what fits, by the measured speed model (relative_speed)
+    chosen = max(fitting, key=lambda e: relative_speed(e.gradient_checkpointing, e.batch_size * seq),
+                 default=None)
     if chosen is None:
         # nothing fits: report the smallest-memory option the explicit settings allow
         chosen = min(tried, key=lambda e: e.peak_bytes)
@@ -506,7 +514,7 @@ def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
             "needed to fit" if len(gcs) > 1 else "")
         reasons.append(f"gradient checkpointing {'on' if chosen.gradient_checkpointing else 'off'} ({why})")
         reasons.append(f"micro-batch {chosen.batch_size} x accumulation {eff // chosen.batch_size} = "
-                       f"effective batch {eff} (largest micro-batch that fits with "
+                       f"effective batch {eff} (fastest option that fits with "
                        f"{int(HEADROOM * 100)}% headroom)")
         reasons.append(f"predicted {_gib(chosen.device_bytes)} of {_gib(gpu_mem_bytes)}")
     b = chosen.batch_size
