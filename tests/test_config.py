@@ -80,3 +80,18 @@ def test_init_command_writes_starter(tmp_path, capsys):
     assert main(["init", str(out)]) == 0
     assert C.load(out).lora.r == 32
     assert main(["init", str(out)]) == 2   # no silent overwrite
+
+
+def test_demo_toml_matches_the_tui_demo():
+    from engine.builtin import DEMO_OVERRIDES
+    from pathlib import Path
+    demo = C.load(Path(__file__).resolve().parents[1] / "examples" / "demo.toml").to_dict()
+    assert demo == C.load(None, DEMO_OVERRIDES).to_dict()
+
+
+def test_readme_documents_every_config_key():
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [f"{s}.{k}" for s, items in C.field_specs().items() for k, _ in items
+               if f"`{s}.{k}`" not in readme]
+    assert missing == []

@@ -17,6 +17,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.worker import get_current_worker
 
+from engine.builtin import DEMO_OVERRIDES  # the offline demo, same as examples/demo.toml
 from themes.qlora import DEFAULT_THEME, THEMES
 from tui import settings
 from tui.dialogs import PathPrompt, QuitDialog
@@ -30,10 +31,7 @@ from tui.screens.runs import RunsScreen
 from tui.screens.train import TrainScreen
 
 # `qlora-tui` with no argument: the fast offline demo (same values as examples/demo.toml)
-DEMO_OVERRIDES = [
-    "train.max_steps=60", "train.logging_steps=1", "train.eval_steps=20", "train.save_steps=30",
-    "train.batch_size=4", "train.grad_accum=1", "train.learning_rate=2e-3", "data.max_length=256",
-]
+
 
 SCREEN_KEYS = [("dataset", "f2", "Dataset"), ("config", "f3", "Config"), ("train", "f4", "Train"),
                ("runs", "f5", "Runs")]
