@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -56,6 +57,8 @@ def main() -> int:
     cfg = C.load(None, ["model.name=\"builtin:tiny\""])
     I.tokenizer_for(cfg)              # load the tokenizer outside the timing (cached by the TUI too)
     first = []
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
 
     def on_partial(rep):
@@ -64,6 +67,8 @@ def main() -> int:
 
     rep = I.inspect(cfg, path=str(path), on_partial=on_partial)
     total = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     tokens = int(rep.stats["mean"] * rep.rows_tokenized)
     print(f"rows: {rep.rows} usable / {rep.raw_count}; tokens: {tokens} "
           f"(mean {rep.stats['mean']:.0f}, median {rep.stats['median']:g}, p95 {rep.stats['p95']:g})")
@@ -73,6 +78,7 @@ def main() -> int:
               f"({first[0][1]} rows read, {first[0][2]} tokenised)")
     print(f"full report: {total:.1f} s on {os.cpu_count()} CPU(s) "
           f"({rep.rows / total:,.0f} rows/s, {tokens / total / 1e6:.2f} M tokens/s)")
+    print(f"CPU time: {cpu:.1f} s (user+sys, all threads); load average before: {load0:.2f}")
     print("command: python bench/inspect_100k.py" + (f" --rows {args.rows}" if args.rows != 100_000 else ""))
     if not args.keep:
         path.unlink()
