@@ -138,8 +138,13 @@ def _chatml_spans(msgs) -> tuple[str, list[tuple[int, int]], bool]:
 
 def encode_batch(tok, rows: list[dict]) -> list[Encoded]:
     """Tokenise rows in one batched call and build their labels (IGNORE outside trained spans)."""
-    rendered = [render_spans(tok, r) for r in rows]
     out: list[Encoded | None] = [None] * len(rows)
+    for i, r in enumerate(rows):      # pre-tokenised rows pass through as they are
+        if "input_ids" in r:
+            out[i] = Encoded(list(r["input_ids"]), list(r.get("labels") or r["input_ids"]), "", [])
+    if all(o is not None for o in out):
+        return out  # type: ignore[return-value]
+    rendered = [render_spans(tok, r) if out[i] is None else ("", [], None) for i, r in enumerate(rows)]
     for special in (False, True):
         idx = [i for i, r in enumerate(rendered) if r[2] == special]
         if not idx:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokens")
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant",
@@ -192,6 +192,8 @@ def detect(rec: object) -> tuple[str | None, str]:
     keys = set(rec)
     if "messages" in keys:
         return "messages", "field 'messages' (a list of role/content turns)"
+    if "input_ids" in keys:
+        return "tokens", "field 'input_ids' (pre-tokenised)"
     if "conversations" in keys:
         conv = rec["conversations"]
         if isinstance(conv, list) and conv and isinstance(conv[0], dict) and "from" in conv[0]:
@@ -326,6 +328,15 @@ def normalise(rec: object, fmt: str, line: int, problems: list[DataProblem]) -> 
             problems.append(DataProblem(line, "empty_content", "empty completion: nothing to train on"))
             return None
         return {"prompt": p, "completion": c}
+    if fmt == "tokens":
+        ids, labels = rec.get("input_ids"), rec.get("labels")
+        if not isinstance(ids, list) or not ids or not all(isinstance(x, int) for x in ids):
+            problems.append(DataProblem(line, "wrong_type", "'input_ids' must be a non-empty list of token ids"))
+            return None
+        if labels is not None and (not isinstance(labels, list) or len(labels) != len(ids)):
+            problems.append(DataProblem(line, "wrong_type", "'labels' must be a list as long as 'input_ids'"))
+            return None
+        return {"input_ids": ids, "labels": labels if labels is not None else list(ids)}
     if fmt == "text":
         t = rec.get("text")
         if t is None:
@@ -413,7 +424,8 @@ def detect_reason(fmt: str) -> str:
             "sharegpt": "'conversations' with from/value turns (ShareGPT)",
             "alpaca": "'instruction' and 'output' fields (Alpaca)",
             "prompt_completion": "'prompt' and 'completion' fields",
-            "text": "a 'text' field (plain language modelling)"}[fmt]
+            "text": "a 'text' field (plain language modelling)",
+            "tokens": "'input_ids' (pre-tokenised; labels optional)"}[fmt]
 
 
 def load_for_training(cfg) -> tuple[Dataset, Dataset | None]:

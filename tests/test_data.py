@@ -12,6 +12,7 @@ ROWS = {
     "alpaca": {"instruction": "Say hi", "input": "to Bob", "output": "hi Bob"},
     "prompt_completion": {"prompt": "2+2=", "completion": "4"},
     "text": {"text": "plain text row"},
+    "tokens": {"input_ids": [5, 6, 7, 8]},
 }
 
 
@@ -34,6 +35,10 @@ def test_each_format_detected_and_normalised(tmp_path, fmt):
         assert row["messages"][0]["content"] == "Say hi\n\nto Bob"
     if fmt == "prompt_completion":
         assert row == {"prompt": "2+2=", "completion": "4"}
+    if fmt == "tokens":      # pre-tokenised rows pass through the encoder untouched
+        from engine import chat
+        enc = chat.encode_batch(None, [row])[0]
+        assert enc.input_ids == enc.labels == [5, 6, 7, 8]
 
 
 def test_file_types(tmp_path):
