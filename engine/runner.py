@@ -422,7 +422,8 @@ class Run:
             return E.RunFailed(reason=str(e).splitlines()[0], kind="data", step=step, detail=tb)
         if isinstance(e, (M.ModelError, C.ConfigError)):
             return E.RunFailed(reason=" ".join(str(e).split()), kind="config", step=step, detail=tb)
-        if isinstance(e, OSError) and getattr(e, "errno", None) == 28:
+        from engine.trainer import _is_disk_full
+        if _is_disk_full(e):
             ck = R.checkpoints(self.run_dir)
             kept = f"; previous checkpoint {ck[-1].name} kept" if ck else ""
             return E.RunFailed(reason=f"disk full while saving at step {step}{kept}; free space and resume",
