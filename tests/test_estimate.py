@@ -31,20 +31,25 @@ def baseline(*extra: str) -> C.Config:
 # "allocated": predicted allocated_bytes (peak_bytes minus the allocator-overhead term) vs
 #              torch.cuda.max_memory_allocated()
 CALIBRATION = [
-    ("llama1b plain", LLAMA_1B, True, False, 5.02, "reserved"),
-    ("llama1b plain", LLAMA_1B, True, False, 4.25, "allocated"),
-    ("llama1b liger", LLAMA_1B, True, True, 3.81, "allocated"),
-    ("llama8b plain", LLAMA_8B, True, False, 15.86, "reserved"),
-    ("llama8b plain", LLAMA_8B, True, False, 13.67, "allocated"),
-    ("llama8b liger", LLAMA_8B, True, True, 12.86, "allocated"),
-    ("llama8b liger nogc", LLAMA_8B, False, True, 75.01, "allocated"),
+    ("llama1b plain", LLAMA_1B, True, False, 5.02, "reserved", 8),
+    ("llama1b plain", LLAMA_1B, True, False, 4.25, "allocated", 8),
+    ("llama1b liger", LLAMA_1B, True, True, 3.81, "allocated", 8),
+    ("llama8b plain", LLAMA_8B, True, False, 15.86, "reserved", 8),
+    ("llama8b plain", LLAMA_8B, True, False, 13.67, "allocated", 8),
+    ("llama8b liger", LLAMA_8B, True, True, 12.86, "allocated", 8),
+    ("llama8b liger nogc", LLAMA_8B, False, True, 75.01, "allocated", 8),
+    # this project's own H200 runs (bench/RESULTS.md, bench/results/vs_plain_h200_run2.jsonl)
+    ("llama8b liger nogc b8 (engine_auto)", LLAMA_8B, False, True, 76.49, "reserved", 8),
+    ("llama8b liger nogc b1 (engine_24g)", LLAMA_8B, False, True, 15.04, "reserved", 1),
+    ("llama8b liger gc b1 (engine_min)", LLAMA_8B, True, True, 7.27, "reserved", 1),
 ]
 
 
-@pytest.mark.parametrize("name,mc,gc,liger,measured,kind", CALIBRATION,
+@pytest.mark.parametrize("name,mc,gc,liger,measured,kind,batch", CALIBRATION,
                          ids=[f"{c[0]}-{c[5]}" for c in CALIBRATION])
-def test_calibration_within_10_percent(name, mc, gc, liger, measured, kind):
-    est = E.estimate(baseline(), mc, gradient_checkpointing=gc, liger=liger)
+def test_calibration_within_10_percent(name, mc, gc, liger, measured, kind, batch):
+    est = E.estimate(baseline(), mc, gradient_checkpointing=gc, liger=liger,
+                     batch_size=batch)
     pred = (est.peak_bytes if kind == "reserved" else est.allocated_bytes) / GIB
     assert abs(pred - measured) / measured <= 0.10, f"{name} {kind}: predicted {pred:.2f} vs {measured}"
 
