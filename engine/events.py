@@ -238,18 +238,41 @@ def follow(path: str | Path, stop: threading.Event | None = None, poll: float = 
            until_terminal: bool = True, alive: Callable[[], bool] | None = None) -> Iterator[Event]:
     """Yield the events of a run log: all history, then new lines as they are written.
 
-    Ends after a terminal event (``until_terminal``), when ``stop`` is set, or when
+    Ends at a terminal event that is the last line of the log (``until_terminal``; a resumed
+    run's log goes on past its earlier ``run_failed``), when ``stop`` is set, or when
     ``alive()`` turns False and no more lines come (a crashed writer).
+
+    When the file is replaced (another inode: a resume rolls the log back by writing it anew
+    and renaming it over the old one), the new file is opened and read from its start, so a
+    follower never reads the old, deleted file forever. The events of the new file come from
+    the beginning again: a consumer that folds them must start over (the TUI's ``RunState``
+    resets its series at a ``run_started`` with ``resumed_from_step == 0``).
     """
     path = Path(path)
-    while not path.exists():
-        if stop is not None and stop.wait(poll):
-            return
-        if alive is not None and not alive():
-            return
-    with open(path, encoding="utf-8") as fh:
+
+    def wait_exists() -> bool:
+        while not path.exists():
+            if stop is not None and stop.wait(poll):
+                return False
+            if alive is not None and not alive():
+                return False
+        return True
+
+    def replaced(fh) -> bool:
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:      # between an unlink and a rename: not (yet) a new file
+            return False
+        mine = os.fstat(fh.fileno())
+        return (now.st_ino, now.st_dev) != (mine.st_ino, mine.st_dev)
+
+    if not wait_exists():
+        return
+    fh = open(path, encoding="utf-8")
+    try:
         buf = ""
         idle_checks = 0
+        ended = False                  # the last complete line read was a terminal event
         while True:
             chunk = fh.readline()
             if chunk:
@@ -262,14 +285,30 @@ def follow(path: str | Path, stop: threading.Event | None = None, poll: float = 
                 except (json.JSONDecodeError, TypeError):
                     continue
                 idle_checks = 0
+                ended = until_terminal and ev.type in TERMINAL
                 yield ev
-                if until_terminal and ev.type in TERMINAL:
-                    return
                 continue
+            # at the end of the file
+            if replaced(fh):
+                try:
+                    new = open(path, encoding="utf-8")
+                except FileNotFoundError:
+                    new = None
+                if new is not None:
+                    fh.close()
+                    fh, buf, ended, idle_checks = new, "", False, 0
+                    continue
+            if ended and not buf:
+                return
             if stop is not None and stop.is_set():
                 return
             if alive is not None and not alive():
                 idle_checks += 1
                 if idle_checks > 2:
                     return
-            time.sleep(poll)
+            if stop is not None:
+                stop.wait(poll)
+            else:
+                time.sleep(poll)
+    finally:
+        fh.close()

@@ -53,6 +53,20 @@ class RunState:
         self.events_seen += 1
         t = ev.type
         if t == "run_started":
+            # Series reset, so that no step is shown twice. A run_started with
+            # resumed_from_step == 0 is the start of the log: when it arrives again, the log was
+            # replaced (a resume's rollback) and engine.events.follow reads the new file from its
+            # start, so everything folded so far goes. A resumed segment (resumed_from_step == k)
+            # redoes the work after step k: what was recorded past k is dropped.
+            k = int(getattr(ev, "resumed_from_step", 0) or 0)
+            self.losses = [p for p in self.losses if p[0] <= k] if k else []
+            self.evals = [p for p in self.evals if p[0] <= k] if k else []
+            self.checkpoints = [c for c in self.checkpoints if c[0] <= k] if k else []
+            self.hints = [h for h in self.hints if (getattr(h, "step", 0) or 0) <= k] if k else []
+            if not k:
+                self.step = 0
+            else:
+                self.step = min(self.step, k)
             # a resumed run appends a new segment: the new segment starts over
             self.terminal = ""
             self.model = ev.model
