@@ -127,6 +127,7 @@ def grid(a) -> list[dict]:
 
 
 def append(path: str, row: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
     print("RESULT " + json.dumps(row), flush=True)

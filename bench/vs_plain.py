@@ -94,7 +94,7 @@ def flops_per_token(shape, seq):
     return 4 * n_linear + attn
 
 
-def engine_variant(variant, shape, seq, batch, out_dir):
+def engine_variant(variant, shape, seq, batch, out_dir, extra=None):
     import tomli_w
     chat = "chat" in variant
     cfg = {
@@ -106,6 +106,8 @@ def engine_variant(variant, shape, seq, batch, out_dir):
                   "save_steps": 0},
         "output": {"dir": str(out_dir), "keep_checkpoints": False},
     }
+    for section, values in (extra or {}).items():
+        cfg.setdefault(section, {}).update(values)
     if variant == "engine_24g":
         cfg["train"]["gpu_memory_gib"] = 24.0
     if variant == "engine_min":

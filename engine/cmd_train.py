@@ -120,6 +120,9 @@ def cmd_train(args) -> int:
             print(d)
             print(f"attach: qlora-tui attach {d}", file=sys.stderr)
             return 0
+        from engine import distributed as DI
+        if not DI.in_worker() and RN.resume_config(run_dir, args.overrides)[0].distributed.gpus > 1:
+            return RN.launch_distributed(None, run_dir=run_dir, resume=True, overrides=args.overrides)
         run = RN.Run(None, run_dir=run_dir, resume=True, overrides=args.overrides)
     else:
         cfg = load_config_or_exit(args)
@@ -136,6 +139,14 @@ def cmd_train(args) -> int:
             print("error: train without --headless or --detach opens nothing; use `qlora-tui CONFIG` "
                   "for the TUI", file=sys.stderr)
             return 2
+        from engine import distributed as DI
+        if DI.needs_launch(cfg):
+            try:
+                return RN.launch_distributed(cfg, run_dir=Path(args.run_dir) if args.run_dir else None,
+                                             check=not args.no_check)
+            except (RN.PreflightError, OSError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
         run = RN.Run(cfg, run_dir=args.run_dir)
     try:
         run.prepare(check=not args.no_check)
@@ -144,7 +155,9 @@ def cmd_train(args) -> int:
         return 2
     for note in run.notes:
         print(f"warning: {note}", file=sys.stderr)
-    run.bus.subscribe(HeadlessPrinter())
+    from engine import distributed as DI
+    if DI.is_main():
+        run.bus.subscribe(HeadlessPrinter())
     RN.install_signal_handlers(run, headless=True)
     run.start()
     while not run.join(timeout=0.5):   # short joins keep the main thread free for signals

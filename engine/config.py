@@ -270,8 +270,6 @@ def _cross_checks(cfg: Config, problems: list[Problem]) -> None:
         problems.append(Problem("model.name", cfg.model.name, "must name a hub id, a directory or builtin:tiny"))
     if not cfg.data.train.strip():
         problems.append(Problem("data.train", cfg.data.train, "must name a data file or directory"))
-    if cfg.distributed.gpus > 1 and cfg.train.device == "cpu":
-        problems.append(Problem("distributed.gpus", cfg.distributed.gpus, "needs train.device = cuda or auto"))
     if cfg.lora.lora_fa and cfg.lora.use_dora:
         problems.append(Problem("lora.lora_fa", True, "LoRA-FA cannot be combined with lora.use_dora"))
 

@@ -34,9 +34,12 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+LAUNCHED = "QLORA_TUI_LAUNCHED"     # set for the workers: a worker never launches again
+
+
 def in_worker() -> bool:
-    """True inside a process started by accelerate/torchrun."""
-    return "LOCAL_RANK" in os.environ and world_size() > 1
+    """True inside a process started by accelerate/torchrun for a multi-process job."""
+    return bool(os.environ.get(LAUNCHED)) or ("LOCAL_RANK" in os.environ and world_size() > 1)
 
 
 def is_main() -> bool:
@@ -50,6 +53,10 @@ def needs_launch(cfg) -> bool:
 def launch_argv(cfg, engine_args: list[str], port: int | None = None) -> list[str]:
     """The ``accelerate launch`` command line that runs ``python -m engine ENGINE_ARGS`` on N GPUs."""
     n = cfg.distributed.gpus
+    if cfg.train.device == "cpu" or not _cuda():
+        # processes on the CPU (gloo): how the tests exercise the multi-process path here
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+                "--master_port", str(port or 29517), "-m", "engine", *engine_args]
     mp = {"bf16": "bf16", "fp16": "fp16"}.get(cfg.quant.compute_dtype, "bf16")
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n),
             "--num_machines", "1", "--mixed_precision", mp, "--dynamo_backend", "no"]
@@ -64,6 +71,14 @@ def launch_argv(cfg, engine_args: list[str], port: int | None = None) -> list[st
     else:
         argv += ["--multi_gpu"]
     return argv + ["-m", "engine", *engine_args]
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
 
 
 def all_reduce_flags(flags: list[int]) -> list[int]:

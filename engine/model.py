@@ -150,7 +150,8 @@ def load_model(cfg, rt: Runtime, path: str | None = None):
             bnb_4bit_use_double_quant=cfg.quant.double_quant, bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=dtype if cfg.distributed.strategy == "fsdp" and cfg.distributed.gpus > 1
             else torch.uint8)
-    if rt.device == "cuda":
+    fsdp = cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp"
+    if rt.device == "cuda" and not fsdp:     # FSDP places (and shards) the weights itself
         import os
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:

@@ -245,7 +245,20 @@ class Run:
 
     # ---- start
     def prepare(self, check: bool = True) -> Path:
-        """Preflight, then create (or reopen, for resume) the run directory and its log."""
+        """Preflight, then create (or reopen, for resume) the run directory and its log.
+
+        In a multi-GPU job (engine.distributed) only rank 0 writes to the run directory; the
+        other ranks train on the directory the launcher made and emit to no one."""
+        from engine import distributed as DI
+        if DI.in_worker() and not DI.is_main():
+            assert self.run_dir is not None, "workers are started on an existing run directory"
+            if self.resume:
+                self.cfg, _ = resume_config(self.run_dir, self.overrides)
+                ck = R.checkpoints(self.run_dir)
+                self._resume_ckpt = ck[-1] if ck else None
+            self.bus.subscribe(self._on_event)
+            self._writer = False       # prepared; nothing to write
+            return self.run_dir
         if self.resume:
             assert self.run_dir is not None
             if not (self.run_dir / R.CONFIG).exists():
@@ -365,7 +378,7 @@ class Run:
         except BaseException as e:  # noqa: BLE001 - every failure must become an event
             emit(self._failure_event(e, prepared, step))
         finally:
-            if self._writer is not None:
+            if self._writer:
                 self._writer.close()
 
     def _watch_gpu(self, hints, last_step, every: float = 2.0) -> None:
@@ -439,8 +452,17 @@ class Run:
         emit(E.Status(phase="save", message="saving the adapter"))
         final = self.run_dir / R.ADAPTER
         tmp = self.run_dir / (R.ADAPTER + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        trainer.model.save_pretrained(str(tmp))
+        from engine import distributed as DI
+        if DI.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if DI.in_worker():
+            # every rank takes part (FSDP gathers the sharded adapter); the Trainer writes on rank 0
+            trainer.save_model(str(tmp))
+            trainer.accelerator.wait_for_everyone()
+            if not DI.is_main():
+                return final
+        else:
+            trainer.model.save_pretrained(str(tmp))
         prepared.tokenizer.save_pretrained(str(tmp))
         if final.exists():
             shutil.rmtree(final)
@@ -497,6 +519,32 @@ def install_signal_handlers(run: Run, headless: bool = True) -> None:
                   file=sys.stderr, flush=True)
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, graceful)
+
+
+def launch_distributed(cfg: C.Config | None, *, run_dir: Path | None = None, resume: bool = False,
+                       overrides: list[str] | None = None, check: bool = True) -> int:
+    """Run a multi-GPU job in the foreground: make the run directory (rank 0's), then start
+    ``distributed.gpus`` workers through ``accelerate launch``; return their exit status."""
+    from engine import distributed as DI
+    if resume:
+        cfg, _ = resume_config(run_dir, overrides)
+        args = ["train", "--resume", str(run_dir), "--headless"] + sum((["--set", o] for o in overrides or []), [])
+    else:
+        if check:
+            preflight(cfg)
+        if run_dir is None:
+            cfg = absolutise(cfg)
+            run_dir = R.create(cfg.output.dir, cfg.output.name or cfg.model.name)
+            C.save(cfg, run_dir / R.CONFIG)
+        args = ["train", str(run_dir / R.CONFIG), "--run-dir", str(run_dir), "--no-check", "--headless"]
+    print(f"run {run_dir}: launching {cfg.distributed.gpus} processes ({cfg.distributed.strategy})",
+          flush=True)
+    proc = subprocess.Popen(DI.launch_argv(cfg, args), env=dict(_child_env(), **{DI.LAUNCHED: "1"}))
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:      # the workers got the signal too and stop gracefully
+            continue
 
 
 def start_detached(cfg: C.Config | None, *, resume: str | Path | None = None, check: bool = True,

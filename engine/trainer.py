@@ -204,6 +204,7 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
     bf16 = rt.device == "cuda" and rt.dtype == "bf16"
     fp16 = rt.device == "cuda" and rt.dtype == "fp16"
     has_eval = eval_tok is not None and len(eval_tok) > 0
+    fsdp = cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp"
     report = [] if cfg.output.report_to == "none" else [cfg.output.report_to]
     args = SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
@@ -212,7 +213,9 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
         learning_rate=tr.learning_rate, warmup_steps=tr.warmup_ratio, lr_scheduler_type=tr.scheduler,
         optim=tr.optimizer, weight_decay=tr.weight_decay, max_grad_norm=tr.max_grad_norm,
         gradient_checkpointing=bool(tr.gradient_checkpointing),
-        gradient_checkpointing_kwargs={"use_reentrant": False} if tr.gradient_checkpointing else None,
+        # FSDP-QLoRA wants reentrant checkpointing (PEFT's FSDP-QLoRA recipe); everything else not
+        gradient_checkpointing_kwargs={"use_reentrant": fsdp} if tr.gradient_checkpointing else None,
+        ddp_find_unused_parameters=False if cfg.distributed.gpus > 1 else None,
         use_liger_kernel=bool(tr.liger_kernel),
         seed=tr.seed, data_seed=tr.seed, logging_steps=tr.logging_steps, logging_first_step=True,
         logging_nan_inf_filter=False,
@@ -334,8 +337,12 @@ def _trainer_class(base, faults: Faults, cb):
                 raise
             finally:
                 self.args.save_total_limit = limit
-            R.mark_complete(d, step)
-            R.rotate_checkpoints(Path(self.args.output_dir).parent, limit)
+            from engine import distributed as DI
+            if DI.in_worker():      # every rank has written its part (FSDP shards) before the commit
+                self.accelerator.wait_for_everyone()
+            if DI.is_main():
+                R.mark_complete(d, step)
+                R.rotate_checkpoints(Path(self.args.output_dir).parent, limit)
 
     return Trainer
 
@@ -413,7 +420,11 @@ class _EventCallbackMethods:
             norms = torch._foreach_norm(grads)
             gn = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
             grad_norm = float(gn)
-        if loss_ok and _finite(grad_norm):
+        bad = not (loss_ok and _finite(grad_norm))
+        from engine import distributed as DI
+        if DI.in_worker():      # FSDP shards gradients: ranks must agree to drop the step
+            bad = bool(DI.all_reduce_flags([int(bad)])[0])
+        if not bad:
             return
         lv = float(loss.float().mean()) if loss is not None else None
         for p in model.parameters():         # drop the poisoned gradients: the weights stay finite
@@ -426,6 +437,25 @@ class _EventCallbackMethods:
             control.should_training_stop = True
 
     def on_step_end(self, args, state, control, **kw):
+        from engine import distributed as DI
+        if DI.in_worker():
+            # rank 0 reads the control channel; every rank must stop/save on the same step
+            stop, save = self.stop_flag.is_set(), False
+            if DI.is_main():
+                for path, cmd in ctl.pending(self.run_dir):
+                    if cmd == "stop":
+                        if not stop:
+                            self.stop_reason.append("stop requested through the control channel")
+                        stop = True
+                    else:
+                        save = True
+                    ctl.mark_done(path)
+            stop, save = DI.all_reduce_flags([int(stop), int(save)])
+            if stop:
+                self.stop_flag.set()
+                control.should_training_stop = True
+            control.should_save = bool(control.should_save or stop or save) and self.nonfinite is None
+            return control
         if self.stop_flag.is_set():
             control.should_training_stop = True
             control.should_save = True
