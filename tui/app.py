@@ -6,6 +6,7 @@ in its own worker. Only messages cross into the UI thread; widgets are touched t
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -14,15 +15,15 @@ from typing import Iterable
 from textual import on, work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
-from textual.screen import Screen
+from textual.screen import ModalScreen, Screen
 from textual.worker import get_current_worker
 
 from engine.builtin import DEMO_OVERRIDES  # the offline demo, same as examples/demo.toml
 from themes.qlora import DEFAULT_THEME, THEMES
 from tui import settings
-from tui.dialogs import PathPrompt, QuitDialog
+from tui.dialogs import PathPrompt, QuitDialog, RemoteCodeDialog, ResumeFixDialog
 from tui.follow import follow_batches
-from tui.messages import FollowEnded, LaunchFailed, RunEvents, RunLaunched
+from tui.messages import FollowEnded, LaunchFailed, ResumeFailed, RunEvents, RunLaunched
 from tui.runstate import RunState
 from tui.safe import one_line
 from tui.screens.config import ConfigScreen
@@ -81,6 +82,7 @@ class QloraApp(App):
         self._follow_stop: threading.Event | None = None
         self._launching = False
         self._follow_started = 0.0
+        self._news_since = 0.0            # events older than this are history, not news
         super().__init__()
         for theme in THEMES:
             self.register_theme(theme)
@@ -133,6 +135,8 @@ class QloraApp(App):
             self.switch_mode(mode)
 
     def action_start_training(self) -> None:
+        if isinstance(self.screen, ModalScreen):
+            return                        # a dialog is open: it is answered first
         st = self.run_state
         if self._launching or (st is not None and st.live):
             self.notify("A run is already live: stop it (ctrl+x) or detach (ctrl+d) first.",
@@ -145,6 +149,22 @@ class QloraApp(App):
             self.action_show("config")
             return
         self.config = cfg
+        from engine import runner
+        if runner.needs_remote_code_confirmation(cfg):
+            def answered(yes: bool | None) -> None:
+                if yes:
+                    self._begin_launch(cfg)
+                else:
+                    self.notify("Not started: the model's own code was not allowed to run.",
+                                markup=False)
+            self.push_screen(RemoteCodeDialog(cfg.model.name), answered)
+            return
+        self._begin_launch(cfg)
+
+    def _begin_launch(self, cfg) -> None:
+        st = self.run_state
+        if self._launching or (st is not None and st.live):
+            return
         self._launching = True
         self.run_state = RunState(phase="launching", message="creating the run directory…")
         self.action_show("train")
@@ -161,11 +181,98 @@ class QloraApp(App):
             return
         self.post_message(RunLaunched(Path(run_dir)))
 
+    @work(thread=True, exclusive=True, group="launch", exit_on_error=False)
+    def _resume(self, run_dir: Path, fixes: list[str]) -> None:
+        from engine import rundir
+        from engine import runner
+        # the failed process wrote its last event and is still exiting (torch teardown): a
+        # resume while it is alive would be refused as "still live", so let it go first
+        deadline = time.monotonic() + 60
+        while rundir.process_alive(run_dir) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        since = time.time()
+        try:
+            s = os.stat(run_dir / rundir.EVENTS)
+            old_log = (s.st_ino, s.st_dev)
+        except OSError:
+            old_log = (None, None)
+        try:
+            runner.start_detached(None, resume=run_dir, overrides=fixes)
+        except Exception as e:   # PreflightError, ConfigError, OSError: one line, no traceback
+            self.post_message(ResumeFailed(run_dir, f"{type(e).__name__}: {e}"))
+            return
+        self.post_message(RunLaunched(run_dir, resumed=True, old_log=old_log, since=since))
+
     @on(RunLaunched)
     def _on_launched(self, msg: RunLaunched) -> None:
         self._launching = False
-        self.follow_run(msg.run_dir, launched=True)
-        self.notify(f"Run started: {msg.run_dir}", markup=False, timeout=4)
+        self.follow_run(msg.run_dir, launched=True, resume=msg if msg.resumed else None)
+        what = "Run resumed" if msg.resumed else "Run started"
+        self.notify(f"{what}: {msg.run_dir}", markup=False, timeout=4)
+
+    @on(ResumeFailed)
+    def _on_resume_failed(self, msg: ResumeFailed) -> None:
+        self._launching = False
+        st = self.run_state
+        if st is not None and st.run_dir == msg.run_dir:
+            st.phase, st.message, st.terminal = "failed", msg.error, st.terminal or "run_failed"
+            st.follower_ended = True
+        self._render_run()
+        self.notify(one_line(msg.error, 300), title="Could not resume", severity="error",
+                    markup=False, timeout=10)
+
+    # ---- failed run → resume with the fix ------------------------------------------------
+    def resume_fixes(self, st: RunState) -> tuple[list[str], str]:
+        """The config changes that answer ``st``'s failure (OOM or NaN), and what failed."""
+        from engine import config as C
+        from engine import rundir
+        from engine import runner
+        cfg = C.load(st.run_dir / rundir.CONFIG)
+        if st.fail_kind == "oom":
+            return runner.oom_fix_overrides(cfg, st.fail_step or st.step), "Out of memory"
+        lr = float(cfg.train.learning_rate)
+        new = "1e-4" if lr > 1e-4 else f"{lr / 2:.3g}"
+        return [f"train.learning_rate={new}"], "Loss became NaN"
+
+    def offer_resume(self, st: RunState) -> None:
+        from engine import config as C
+        from engine import rundir
+        from engine import runner
+        try:
+            fixes, what = self.resume_fixes(st)
+            cfg = C.load(st.run_dir / rundir.CONFIG)
+        except (OSError, ValueError, C.ConfigError) as e:
+            self.notify(f"Cannot offer a resume: {one_line(e, 200)}", severity="warning",
+                        markup=False)
+            return
+        if not fixes:
+            self.notify("No automatic fix left to try for this run's config.", markup=False)
+            return
+        run_dir = st.run_dir
+
+        def chosen(yes: bool | None) -> None:
+            if not yes:
+                return
+            if runner.needs_remote_code_confirmation(cfg):
+                def confirmed(ok: bool | None) -> None:
+                    if ok:
+                        self.resume_run(run_dir, fixes)
+                self.push_screen(RemoteCodeDialog(cfg.model.name, "Resuming this run"), confirmed)
+                return
+            self.resume_run(run_dir, fixes)
+        self.push_screen(ResumeFixDialog(run_dir.name, what, st.finished_reason, fixes), chosen)
+
+    def resume_run(self, run_dir: Path, fixes: list[str]) -> None:
+        st = self.run_state
+        if self._launching or (st is not None and st.live):
+            self.notify("A run is already live.", severity="warning", markup=False)
+            return
+        self._launching = True
+        if st is not None and st.run_dir == run_dir:
+            st.phase, st.message = "launching", "resuming with " + ", ".join(fixes)
+        self.action_show("train")
+        self._render_run()
+        self._resume(Path(run_dir), list(fixes))
 
     @on(LaunchFailed)
     def _on_launch_failed(self, msg: LaunchFailed) -> None:
@@ -256,20 +363,29 @@ class QloraApp(App):
         self.push_screen(QuitDialog(st.run_dir.name), chosen)
 
     # ---- following a run -----------------------------------------------------------------
-    def follow_run(self, run_dir: str | Path, launched: bool = False) -> None:
-        """Show ``run_dir`` on the Train screen: its history, then live events."""
+    def follow_run(self, run_dir: str | Path, launched: bool = False,
+                   resume: RunLaunched | None = None) -> None:
+        """Show ``run_dir`` on the Train screen: its history, then live events.
+
+        ``resume``: the run was just resumed. Its process rewrites events.jsonl (rollback to
+        the checkpoint) before it appends; the follower waits for that new file and reads it
+        from scratch into a fresh RunState, so the series come from the new history only.
+        """
         if self._follow_stop is not None:
             self._follow_stop.set()
         run_dir = Path(run_dir)
         self.run_state = RunState(run_dir=run_dir, phase="starting" if launched else "reading",
-                                  message="loading torch and the model…" if launched else "")
+                                  message=("resuming from the last checkpoint…" if resume else
+                                           "loading torch and the model…" if launched else ""))
         self._follow_stop = threading.Event()
         self._follow_started = time.time()
-        self._follow(run_dir, self._follow_stop, launched)
+        self._news_since = resume.since if resume else self._follow_started - 5
+        self._follow(run_dir, self._follow_stop, launched, resume.old_log if resume else None)
         self._render_run()
 
     @work(thread=True, group="follow", exit_on_error=False)
-    def _follow(self, run_dir: Path, stop: threading.Event, launched: bool) -> None:
+    def _follow(self, run_dir: Path, stop: threading.Event, launched: bool,
+                old_log: tuple | None = None) -> None:
         from engine import rundir
         worker = get_current_worker()
         t0 = time.monotonic()
@@ -280,6 +396,11 @@ class QloraApp(App):
             # a just-spawned run may not have written run.json yet
             return launched and not (run_dir / rundir.RUN_JSON).exists() and time.monotonic() - t0 < 120
 
+        if old_log is not None and not _wait_for_resumed_log(run_dir / rundir.EVENTS, old_log,
+                                                             alive, stop, worker):
+            if not stop.is_set() and not worker.is_cancelled:
+                self.post_message(ResumeFailed(run_dir, _resume_failure(run_dir)))
+            return
         why = follow_batches(run_dir / rundir.EVENTS, stop,
                              lambda evs: self.post_message(RunEvents(run_dir, evs)),
                              alive=alive, cancelled=lambda: worker.is_cancelled)
@@ -293,8 +414,8 @@ class QloraApp(App):
         for ev in msg.events:
             st.apply(ev)
         last = msg.events[-1]
-        if last.time < self._follow_started - 5:
-            pass                                 # history read on attach: not news
+        if last.time < self._news_since:
+            pass                                 # history (attach, or before a resume): not news
         elif last.type == "run_finished":
             self.notify(f"Run {'stopped' if last.stopped else 'finished'}; adapter: "
                         f"{last.adapter_dir}", markup=False, timeout=6)
@@ -314,6 +435,12 @@ class QloraApp(App):
             st.message = ("the run process ended without a final event; resume with "
                           "qlora-tui train --resume " + str(st.run_dir))
         self._render_run()
+        # the followed run ended out of memory or with a NaN loss: offer the resume with the fix
+        # (the follower only ends at a terminal event that is the last line of the log, so this
+        # is the run's final state, not an earlier failure that a resume already went past)
+        if (st.terminal == "run_failed" and st.fail_kind in ("oom", "nan") and not st.detached
+                and msg.why == "ended"):
+            self.offer_resume(st)
 
     def _render_run(self) -> None:
         screen = self.screen
@@ -334,3 +461,55 @@ class QloraApp(App):
         yield SystemCommand("Save config (ctrl+s)", "Write the config as TOML",
                             self.action_save_config)
         yield from super().get_system_commands(screen)
+
+
+def _last_line_is_terminal(path: Path) -> bool:
+    """Whether the last complete line of a log is a terminal event (reads its tail only)."""
+    from engine import events as E
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 65536))
+            tail = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return False
+    lines = [ln for ln in tail.split("\n")[:-1] if ln.strip()]
+    if not lines:
+        return False
+    try:
+        return E.loads(lines[-1]).type in E.TERMINAL
+    except Exception:
+        return False
+
+
+def _wait_for_resumed_log(path: Path, old_log: tuple, alive, stop: threading.Event,
+                          worker, timeout: float = 300.0) -> bool:
+    """Wait until a resumed run has replaced its log (rollback) and appended to it, i.e. the
+    file is new and its last line is no longer the old terminal event. False when the resume
+    process ended first (or the wait was cancelled); True also when it ended after it began."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not stop.is_set() and not worker.is_cancelled:
+        try:
+            s = os.stat(path)
+            new = (s.st_ino, s.st_dev) != tuple(old_log)
+        except OSError:
+            new = False
+        if new and not _last_line_is_terminal(path):
+            return True
+        if not alive():
+            return new      # ended: follow what it wrote if it got as far as the rollback
+        stop.wait(0.1)
+    return False
+
+
+def _resume_failure(run_dir: Path) -> str:
+    """Why a resume process ended before it began: the last line of its stdout.log."""
+    from engine import rundir
+    try:
+        lines = [ln for ln in (run_dir / rundir.STDOUT).read_text(errors="replace").splitlines()
+                 if ln.strip()]
+    except OSError:
+        lines = []
+    last = lines[-1] if lines else "no output"
+    return f"the resume of {run_dir.name} ended before it began: {last}"

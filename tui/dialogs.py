@@ -1,4 +1,5 @@
-"""Modal dialogs: quit during a live run, and a path prompt for load/save."""
+"""Modal dialogs: quit during a live run, a path prompt for load/save, resume a failed run with
+the fix applied, and the confirmation that a model's own Python code may run."""
 from __future__ import annotations
 
 from rich.text import Text
@@ -8,7 +9,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Static
 
-from tui.safe import clean
+from tui.safe import clean, one_line
 
 
 class QuitDialog(ModalScreen[str]):
@@ -83,3 +84,101 @@ class PathPrompt(ModalScreen[str | None]):
 
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+class ResumeFixDialog(ModalScreen[bool]):
+    """A run failed (OOM, NaN): resume it from its last checkpoint with these config changes?"""
+
+    DEFAULT_CSS = """
+    ResumeFixDialog { align: center middle; }
+    ResumeFixDialog > Vertical { width: 76; height: auto; max-height: 90%; border: thick $error;
+                                 background: $surface; padding: 1 2; }
+    ResumeFixDialog #fixes { height: auto; margin-top: 1; }
+    ResumeFixDialog #buttons { height: auto; margin-top: 1; }
+    ResumeFixDialog Button { margin-right: 1; min-width: 12; }
+    """
+    BINDINGS = [
+        Binding("r", "choose(True)", "Resume with the fix"),
+        Binding("escape", "choose(False)", "Dismiss"),
+    ]
+
+    def __init__(self, run_name: str, what: str, reason: str, fixes: list[str]) -> None:
+        super().__init__()
+        self.run_name = run_name
+        self.what = what
+        self.reason = reason
+        self.fixes = list(fixes)
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            t = Text()
+            t.append(f"{self.what}: ", style="bold red")
+            t.append(clean(self.run_name), style="bold")
+            t.append("\n")
+            t.append(one_line(self.reason, 300))
+            t.append("\n\nResume from the last checkpoint with these changes:", style="bold")
+            yield Static(t)
+            f = Text()
+            for i, fix in enumerate(self.fixes):
+                if i:
+                    f.append("\n")
+                f.append("  • ")
+                f.append(one_line(fix, 120), style="bold")
+            yield Static(f, id="fixes")
+            with Horizontal(id="buttons"):
+                yield Button("Resume with fix (r)", id="resume", variant="primary")
+                yield Button("Dismiss (esc)", id="dismiss")
+
+    def on_mount(self) -> None:
+        self.query_one("#resume", Button).focus()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "resume")
+
+    def action_choose(self, yes: bool) -> None:
+        self.dismiss(bool(yes))
+
+
+class RemoteCodeDialog(ModalScreen[bool]):
+    """model.trust_remote_code = true: only an explicit yes runs the repository's code."""
+
+    DEFAULT_CSS = """
+    RemoteCodeDialog { align: center middle; }
+    RemoteCodeDialog > Vertical { width: 76; height: auto; border: thick $warning;
+                                  background: $surface; padding: 1 2; }
+    RemoteCodeDialog #buttons { height: auto; margin-top: 1; }
+    RemoteCodeDialog Button { margin-right: 1; min-width: 12; }
+    """
+    BINDINGS = [
+        Binding("y", "choose(True)", "Yes, run its code"),
+        Binding("n,escape", "choose(False)", "No"),
+    ]
+
+    def __init__(self, model_name: str, action: str = "Starting this run") -> None:
+        super().__init__()
+        self.model_name = model_name
+        self.action = action
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            t = Text()
+            t.append("Run code from the model repository?\n\n", style="bold")
+            t.append("model  ", style="dim")
+            t.append(clean(self.model_name), style="bold")
+            t.append("\n\n")
+            t.append(f"{self.action} will run Python code from the model repository "
+                     "(model.trust_remote_code = true). That code can do anything your user "
+                     "account can. Only say yes for a repository you trust.")
+            yield Static(t)
+            with Horizontal(id="buttons"):
+                yield Button("Yes, run it (y)", id="yes", variant="warning")
+                yield Button("No (n)", id="no", variant="primary")
+
+    def on_mount(self) -> None:
+        self.query_one("#no", Button).focus()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+    def action_choose(self, yes: bool) -> None:
+        self.dismiss(bool(yes))

@@ -23,9 +23,25 @@ class FollowEnded(Message):
 
 
 class RunLaunched(Message):
-    def __init__(self, run_dir: Path) -> None:
+    """``resumed``: a resume of ``run_dir``; ``old_log`` (inode, device) of its events.jsonl
+    before the resume, which the resumed process replaces (rollback); ``since``: when asked."""
+
+    def __init__(self, run_dir: Path, resumed: bool = False, old_log: tuple | None = None,
+                 since: float = 0.0) -> None:
         super().__init__()
         self.run_dir = run_dir
+        self.resumed = resumed
+        self.old_log = old_log
+        self.since = since
+
+
+class ResumeFailed(Message):
+    """A resume could not be started (refused, or its process ended before it began)."""
+
+    def __init__(self, run_dir: Path, error: str) -> None:
+        super().__init__()
+        self.run_dir = run_dir
+        self.error = error
 
 
 class LaunchFailed(Message):
@@ -42,6 +58,16 @@ class Readings(Message):
         self.gpus = gpus
         self.host = host
         self.gpu_reason = gpu_reason
+
+
+class RowForLine(Message):
+    """The row browser index of a problem's line, or why that line has no row."""
+
+    def __init__(self, line: int, index: int | None, error: str = "") -> None:
+        super().__init__()
+        self.line = line
+        self.index = index
+        self.error = error
 
 
 class ReportReady(Message):

@@ -44,6 +44,7 @@ class RunState:
     adapter_dir: str = ""
     final_loss: float | None = None
     fail_kind: str = ""
+    fail_step: int = 0
     stop_requested: bool = False
     detached: bool = False
     follower_ended: bool = False
@@ -114,6 +115,7 @@ class RunState:
         elif t == "run_failed":
             self.terminal = t
             self.fail_kind = ev.kind
+            self.fail_step = ev.step or 0
             self.finished_reason = ev.reason
             self.phase = "failed"
             self.message = ev.reason

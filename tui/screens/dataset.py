@@ -17,7 +17,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, ProgressBar, Static, TabbedContent, TabPane
 from textual.worker import get_current_worker
 
-from tui.messages import PreviewReady, ReportFailed, ReportReady
+from tui.messages import PreviewReady, ReportFailed, ReportReady, RowForLine
 from tui.safe import clean, literal, one_line
 
 
@@ -136,6 +136,7 @@ class DatasetScreen(Screen):
         super().__init__()
         self.report = None
         self.row_index = 0
+        self._jump_line: int | None = None    # a problem's line whose row is being looked up
         self._key = None
         self._cancel: threading.Event | None = None
 
@@ -255,7 +256,57 @@ class DatasetScreen(Screen):
         self.query_one("#ds-tabs", TabbedContent).active = "tab-rows"
         self._show_row(max(0, min((self.report.rows or 1) - 1, self.row_index + delta)))
 
+    # ---- problems → rows: enter on a problem opens its row (or says it has none) -----------
+    @on(DataTable.RowSelected, "#problems")
+    def _on_problem_selected(self, event: DataTable.RowSelected) -> None:
+        rep = self.report
+        probs = list(rep.problems or []) if rep is not None else []
+        i = event.cursor_row
+        if not (0 <= i < len(probs)):
+            return
+        if not rep.done:
+            self.notify("Still reading the dataset: try again when the report is complete.",
+                        markup=False)
+            return
+        line = probs[i].line
+        self._jump_line = line
+        self.query_one("#ds-tabs", TabbedContent).active = "tab-rows"
+        self.query_one("#row-header", Static).update(
+            Text(f"line {line}   finding its row…", style="dim"))
+        self.query_one("#row-view", Static).update("")
+        self._row_for_line(self.app.config, line)
+
+    @work(thread=True, exclusive=True, group="row-for-line", exit_on_error=False)
+    def _row_for_line(self, cfg, line: int) -> None:
+        try:
+            from engine import inspect as I
+            index = I.row_index_for_line(cfg, line)
+        except ValueError as e:              # the line is no usable row (it failed to parse)
+            self.post_message(RowForLine(line, None, str(e)))
+            return
+        except Exception as e:
+            self.post_message(RowForLine(line, None, f"{type(e).__name__}: {e}"))
+            return
+        self.post_message(RowForLine(line, index))
+
+    @on(RowForLine)
+    def _on_row_for_line(self, msg: RowForLine) -> None:
+        if msg.line != self._jump_line:
+            return
+        if msg.index is not None and self.report is not None:
+            self._show_row(msg.index)
+            return
+        h = Text()
+        h.append(f"line {msg.line}", style="bold")
+        h.append("   no row   n/p: next/previous row", style="dim")
+        self.query_one("#row-header", Static).update(h)
+        t = Text(f"Line {msg.line} has no row: it failed to parse as a training example, so "
+                 "the row browser cannot show it (training skips it).\n\n", style="bold red")
+        t.append_text(literal(msg.error))
+        self.query_one("#row-view", Static).update(t)
+
     def _show_row(self, index: int) -> None:
+        self._jump_line = None
         self.row_index = index
         self.query_one("#row-header", Static).update(
             Text(f"row {index + 1} of {self.report.rows:,}   rendering…", style="dim"))
@@ -273,7 +324,7 @@ class DatasetScreen(Screen):
 
     @on(PreviewReady)
     def _on_preview(self, msg: PreviewReady) -> None:
-        if msg.index != self.row_index:
+        if msg.index != self.row_index or self._jump_line is not None:
             return
         header = self.query_one("#row-header", Static)
         view = self.query_one("#row-view", Static)
