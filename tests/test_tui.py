@@ -93,7 +93,7 @@ async def test_config_shows_validation_errors_live_and_blocks_start(tmp_path):
         assert not row.has_class("-invalid")
         assert app.config.train.learning_rate == 3e-4 and app.config.lora.r == 16
         assert "128/16" not in plain(screen.query_one("#derived"))
-        assert "64/16 = 4.00" in plain(screen.query_one("#derived"))
+        assert "32/16 = 2.00" in plain(screen.query_one("#derived"))   # the demo: alpha 32
 
 
 async def test_config_save_and_load_toml(tmp_path):
