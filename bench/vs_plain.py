@@ -119,7 +119,9 @@ def engine_variant(variant, shape, seq, batch, out_dir, extra=None):
     r, nvml, wall = run_child([sys.executable, "-m", "engine", "train", str(p), "--headless"], env)
     runs = sorted(Path(out_dir).glob("*-model-*"), key=lambda d: d.stat().st_mtime)
     if r.returncode != 0 or not runs:
-        return dict(variant=variant, error=(r.stderr or r.stdout)[-1500:])
+        text = (r.stderr or "") + (r.stdout or "")
+        errs = [l for l in text.splitlines() if "Error" in l or "error" in l or "failed" in l]
+        return dict(variant=variant, error=errs[:12] or text[-1500:])
     evs = [json.loads(line) for line in (runs[-1] / "events.jsonl").read_text().splitlines()]
     steps = [e for e in evs if e["type"] == "step"]
     started = next(e for e in evs if e["type"] == "run_started")

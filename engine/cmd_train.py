@@ -148,6 +148,11 @@ def cmd_train(args) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
         run = RN.Run(cfg, run_dir=args.run_dir)
+    from engine import distributed as DI
+    pinned = DI.pin_single_gpu(run.cfg if run.cfg is not None else RN.resume_config(run.run_dir, args.overrides)[0])
+    if pinned is not None:            # before anything initialises CUDA in this process
+        print(f"note: distributed.gpus = 1: training on GPU {pinned} only "
+              "(set distributed.gpus to use more)", file=sys.stderr)
     try:
         run.prepare(check=not args.no_check)
     except (RN.PreflightError, C.ConfigError, OSError) as e:

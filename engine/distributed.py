@@ -50,6 +50,30 @@ def needs_launch(cfg) -> bool:
     return cfg.distributed.gpus > 1 and not in_worker()
 
 
+def pin_single_gpu(cfg) -> str | None:
+    """A one-GPU run on a host with several GPUs: make only the first visible one visible
+    (the Trainer refuses to split one process over several GPUs with DataParallel). Must run
+    before CUDA is initialised; returns the device it pinned, or None."""
+    if cfg.distributed.gpus != 1 or in_worker() or cfg.train.device == "cpu":
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        first = visible.split(",")[0].strip()
+        if "," in visible:
+            os.environ["CUDA_VISIBLE_DEVICES"] = first
+            return first
+        return None
+    from engine.gpu import GpuSampler      # NVML: counts GPUs without initialising CUDA here
+    sampler = GpuSampler()
+    try:
+        if sampler.available and sampler.count > 1:
+            os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+            return "0"
+    finally:
+        sampler.close()
+    return None
+
+
 def launch_argv(cfg, engine_args: list[str], port: int | None = None) -> list[str]:
     """The ``accelerate launch`` command line that runs ``python -m engine ENGINE_ARGS`` on N GPUs."""
     n = cfg.distributed.gpus
