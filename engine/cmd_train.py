@@ -163,6 +163,11 @@ def cmd_train(args) -> int:
     from engine import distributed as DI
     if DI.is_main():
         run.bus.subscribe(HeadlessPrinter())
+    else:                              # other ranks write no log: their failures go to stderr
+        def rank_failure(ev, rank=DI.rank()):
+            if ev.type == "run_failed":
+                print(f"rank {rank} failed: {ev.reason}\n{ev.detail}", file=sys.stderr, flush=True)
+        run.bus.subscribe(rank_failure)
     RN.install_signal_handlers(run, headless=True)
     run.start()
     while not run.join(timeout=0.5):   # short joins keep the main thread free for signals
