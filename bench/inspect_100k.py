@@ -40,6 +40,17 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
             fh.write(json.dumps({"messages": msgs}) + "\n")
 
 
+def _busy_s() -> float | None:
+    """CPU-seconds all processes of the machine have used so far (/proc/stat), or None."""
+    try:
+        with open("/proc/stat") as fh:
+            f = [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = f[3] + (f[4] if len(f) > 4 else 0)           # idle + iowait
+    return (sum(f[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=100_000)
@@ -59,6 +70,7 @@ def main() -> int:
     first = []
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     load0 = os.getloadavg()[0]
+    busy0 = _busy_s()
     t0 = time.perf_counter()
 
     def on_partial(rep):
@@ -68,6 +80,7 @@ def main() -> int:
     rep = I.inspect(cfg, path=str(path), on_partial=on_partial)
     total = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    busy1 = _busy_s()
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     tokens = int(rep.stats["mean"] * rep.rows_tokenized)
     print(f"rows: {rep.rows} usable / {rep.raw_count}; tokens: {tokens} "
@@ -78,7 +91,12 @@ def main() -> int:
               f"({first[0][1]} rows read, {first[0][2]} tokenised)")
     print(f"full report: {total:.1f} s on {os.cpu_count()} CPU(s) "
           f"({rep.rows / total:,.0f} rows/s, {tokens / total / 1e6:.2f} M tokens/s)")
-    print(f"CPU time: {cpu:.1f} s (user+sys, all threads); load average before: {load0:.2f}")
+    print(f"CPU time: {cpu:.1f} s (user+sys, all threads); load average before: {load0:.2f}, "
+          f"after: {os.getloadavg()[0]:.2f}")
+    if busy0 is not None and busy1 is not None:
+        # the 1-minute load average lags by a minute; this says whether anything else ran *during* the run
+        print(f"other processes used {max(0.0, busy1 - busy0 - cpu):.1f} CPU-s during the run "
+              f"(of {total * (os.cpu_count() or 1):.0f} available)")
     print("command: python bench/inspect_100k.py" + (f" --rows {args.rows}" if args.rows != 100_000 else ""))
     if not args.keep:
         path.unlink()

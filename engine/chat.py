@@ -159,10 +159,24 @@ def encode_batch(tok, rows: list[dict]) -> list[Encoded]:
     return out  # type: ignore[return-value]
 
 
+_NUMPY_MIN = 32          # rows shorter than this: the plain loop is faster than numpy's set-up
+
+
 def _labels(ids, offsets, spans) -> list[int]:
+    """A token is trained (keeps its id) when it has width and starts inside a span; IGNORE
+    otherwise. Vectorised with numpy (same rule, same list of Python ints as the loop below)."""
     if not spans:
         return [IGNORE] * len(ids)
     starts = [a for a, _ in spans]
+    n = len(ids)
+    if n >= _NUMPY_MIN and len(offsets) == n and all(x <= y for x, y in zip(starts, starts[1:])):
+        import numpy as np
+        off = np.asarray(offsets, dtype=np.int64).reshape(n, 2)
+        s, e = off[:, 0], off[:, 1]
+        j = np.searchsorted(np.asarray(starts, dtype=np.int64), s, side="right") - 1   # = bisect_right - 1
+        ends = np.asarray([b for _, b in spans], dtype=np.int64)
+        keep = (e != s) & (j >= 0) & (s < ends[np.maximum(j, 0)])
+        return np.where(keep, np.asarray(ids, dtype=np.int64), IGNORE).tolist()
     labels = []
     for tid, (s, e) in zip(ids, offsets):
         if e == s:                       # special token added by the tokenizer (BOS): never trained

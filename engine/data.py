@@ -240,7 +240,7 @@ def _check_turns(turns, line: int, problems: list[DataProblem]) -> list[dict] | 
                                         f"turn {j + 1} ({role}) content is {type(content).__name__}, not a string"))
             ok = False
             continue
-        if not content.strip():
+        if not content or content.isspace():      # = not content.strip(), without copying it
             problems.append(DataProblem(line, "empty_content", f"turn {j + 1} ({role}) has empty content"))
             ok = False
             continue

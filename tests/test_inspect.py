@@ -356,6 +356,49 @@ def test_partial_reports_stream_and_cancel(tmp_path, monkeypatch):
     assert not cut.done and cut.phase == "cancelled" and cut.rows_read < 1500
 
 
+def test_gc_paused_during_a_scan_and_restored(tmp_path):
+    import gc
+    path = write_lines(tmp_path / "g.jsonl", [conv(f"q{i}", f"a{i}") for i in range(50)])
+    seen = []
+    assert gc.isenabled()
+    I.inspect(cfg_for(), path=str(path), on_partial=lambda p: seen.append(gc.isenabled()))
+    assert seen and not any(seen) and gc.isenabled()
+    gc.disable()
+    try:                                  # a caller that had it off keeps it off
+        I.inspect(cfg_for(), path=str(path))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_vectorised_labels_equal_the_loop():
+    import random
+    from bisect import bisect_right
+    from engine.chat import IGNORE, _labels
+
+    def loop(ids, offsets, spans):        # the rule, written out as the trainer first had it
+        if not spans:
+            return [IGNORE] * len(ids)
+        starts = [a for a, _ in spans]
+        out = []
+        for tid, (s, e) in zip(ids, offsets):
+            j = bisect_right(starts, s) - 1
+            out.append(IGNORE if e == s else tid if j >= 0 and s < spans[j][1] else IGNORE)
+        return out
+    r = random.Random(0)
+    for _ in range(3000):
+        n = r.randint(0, 100)
+        offs, pos = [], 0
+        for _ in range(n):
+            a = max(0, pos + r.randint(-3, 4))
+            offs.append((a, a + r.choice([0, 0, 1, 2, 5])))
+            pos = offs[-1][1]
+        spans = sorted((a, a + r.randint(0, 30)) for a in (r.randint(0, pos + 5) for _ in range(r.randint(0, 4))))
+        ids = [r.randint(0, 5000) for _ in range(n)]
+        got = _labels(ids, [list(o) for o in offs], spans)
+        assert got == loop(ids, offs, spans) and all(type(x) is int for x in got)
+
+
 def test_steps_per_epoch_follow_batch_settings(tmp_path):
     rows = [conv(f"q{i}", f"a{i}") for i in range(100)]
     path = write_lines(tmp_path / "t.jsonl", rows)
