@@ -34,6 +34,10 @@ from tui.screens.train import TrainScreen
 # `qlora-tui` with no argument: the fast offline demo (same values as examples/demo.toml)
 
 
+# Live runs redraw 4 times a second: a run on the same CPU cores must not pay for the UI
+# (bench/tui_overhead.py measures it), and 4 Hz is as live as a loss curve needs to be.
+FOLLOW_INTERVAL = 0.25
+
 SCREEN_KEYS = [("dataset", "f2", "Dataset"), ("config", "f3", "Config"), ("train", "f4", "Train"),
                ("runs", "f5", "Runs")]
 
@@ -403,7 +407,8 @@ class QloraApp(App):
             return
         why = follow_batches(run_dir / rundir.EVENTS, stop,
                              lambda evs: self.post_message(RunEvents(run_dir, evs)),
-                             alive=alive, cancelled=lambda: worker.is_cancelled)
+                             alive=alive, cancelled=lambda: worker.is_cancelled,
+                             interval=FOLLOW_INTERVAL)
         self.post_message(FollowEnded(run_dir, why))
 
     @on(RunEvents)

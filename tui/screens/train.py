@@ -143,6 +143,16 @@ class TrainScreen(Screen):
             t.append(f" {what}\n")
         return t
 
+    def _put(self, widget: Static, content) -> None:
+        """Update a Static only when its content changed: every update asks Textual for a
+        layout pass, and most fields stay the same between two batches of steps."""
+        key = widget.id
+        cache = self.__dict__.setdefault("_shown", {})
+        if cache.get(key) == content:
+            return
+        cache[key] = content
+        widget.update(content)
+
     def _draw(self, st: RunState | None) -> None:
         status = self.query_one("#status", Static)
         welcome = self.query_one("#welcome", Static)
@@ -151,15 +161,16 @@ class TrainScreen(Screen):
         steps = self.query_one("#steps", Static)
         metrics = self.query_one("#metrics", Static)
         if st is None or st.run_dir is None:
-            status.update(Text("no run yet", style="dim"))
-            welcome.update(self._welcome_text())
+            self._put(status, Text("no run yet", style="dim"))
+            self._put(welcome, self._welcome_text())
             welcome.display, chart.display = True, False
             progress.update(total=100, progress=0)
-            steps.update("")
-            metrics.update(Text("lr        —\ngrad norm —\ntokens/s  —\nepoch     —", style="dim"))
+            self._put(steps, "")
+            self._put(metrics, Text("lr        —\ngrad norm —\ntokens/s  —\nepoch     —", style="dim"))
             self.query_one("#loss-spark", Sparkline).data = []
             self.query_one("#eval-spark", Sparkline).data = []
-            self.query_one("#hints", Static).update(hints_text([]))
+            self._hints_shown = None
+            self._put(self.query_one("#hints", Static), hints_text([]))
             return
         welcome.display, chart.display = False, True
         phase = "detached" if st.detached else st.phase
@@ -176,14 +187,14 @@ class TrainScreen(Screen):
         if st.message and st.phase != "training":
             s.append("  ")
             s.append(one_line(st.message, 120), style="italic")
-        status.update(s)
+        self._put(status, s)
         total = st.total_steps or None
         if st.phase not in ("training", "finished", "stopped", "failed") and st.progress is not None:
             progress.update(total=1.0, progress=st.progress)
         else:
             progress.update(total=total, progress=st.step)
         eta = "" if st.terminal else f"  ETA {fmt_eta(st.eta_seconds)}"
-        steps.update(f"step {st.step}/{st.total_steps or '?'}{eta}")
+        self._put(steps, f"step {st.step}/{st.total_steps or '?'}{eta}")
         self.query_one("#loss-spark", Sparkline).data = st.loss_values[-200:]
         self.query_one("#eval-spark", Sparkline).data = st.eval_values[-200:]
         chart.empty_text = "waiting for the first loss…" if not st.terminal else "no loss recorded"
@@ -209,6 +220,9 @@ class TrainScreen(Screen):
                 m.append(literal(st.adapter_dir))
         elif st.terminal == "run_failed":
             m.append(f"\n\nfailed ({clean(st.fail_kind)})", style="bold red")
-        metrics.update(m)
-        self.query_one("#hints", Static).update(hints_text(st.hints))
+        self._put(metrics, m)
+        hints = self.query_one("#hints", Static)
+        if self.__dict__.get("_hints_shown") != (len(st.hints), id(st.hints)):
+            self._hints_shown = (len(st.hints), id(st.hints))
+            self._put(hints, hints_text(st.hints))
         self.set_class(bool(st.hints), "-has-hints")

@@ -50,25 +50,43 @@ class LossChart(Widget):
         self.empty_text = "no loss yet"
 
     def set_data(self, losses, evals, total_steps: int = 0) -> None:
-        self.losses, self.evals, self.total_steps = list(losses), list(evals), total_steps
+        losses, evals = list(losses), list(evals)
+        if (losses, evals, total_steps) == (self.losses, self.evals, self.total_steps):
+            return                      # nothing new: no repaint
+        self.losses, self.evals, self.total_steps = losses, evals, total_steps
+        self._chart_cache = None
         self.refresh()
+
+    def _layout(self, plot_w: int):
+        """(lo, hi, loss columns, eval columns) for this width, computed once per data change
+        (render_line runs once per row: bucketing every point per row made redraws costly)."""
+        cache = getattr(self, "_chart_cache", None)
+        if cache is not None and cache[0] == plot_w:
+            return cache[1]
+        values = [v for _, v in self.losses + self.evals if math.isfinite(v)]
+        if not values:
+            out = None
+        else:
+            lo, hi = min(values), max(values)
+            if hi - lo < 1e-9:
+                lo, hi = lo - 0.5, hi + 0.5
+            steps = [s for s, _ in self.losses + self.evals]
+            lo_step = min(steps)
+            hi_step = max(max(steps), self.total_steps or 0)
+            out = (lo, hi, _buckets(self.losses, lo_step, hi_step, plot_w),
+                   _buckets(self.evals, lo_step, hi_step, plot_w))
+        self._chart_cache = (plot_w, out)
+        return out
 
     def render_line(self, y: int) -> Strip:
         width, height = self.size.width, self.size.height
         axis_style = self.get_component_rich_style("loss-chart--axis")
         plot_w = max(1, width - self.AXIS)
-        values = [v for _, v in self.losses + self.evals if math.isfinite(v)]
-        if not values:
+        layout = self._layout(plot_w)
+        if layout is None:
             text = self.empty_text if y == height // 2 else ""
             return Strip([Segment(text.center(width)[:width], axis_style)])
-        lo, hi = min(values), max(values)
-        if hi - lo < 1e-9:
-            lo, hi = lo - 0.5, hi + 0.5
-        steps = [s for s, _ in self.losses + self.evals]
-        lo_step = min(steps)
-        hi_step = max(max(steps), self.total_steps or 0)
-        cols = _buckets(self.losses, lo_step, hi_step, plot_w)
-        ecols = _buckets(self.evals, lo_step, hi_step, plot_w)
+        lo, hi, cols, ecols = layout
         # row y covers the value band [row_lo, row_hi]; y=0 is the top
         band = (hi - lo) / height
         row_lo = hi - (y + 1) * band
