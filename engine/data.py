@@ -267,6 +267,19 @@ def _check_turns(turns, line: int, problems: list[DataProblem]) -> list[dict] | 
     return out
 
 
+def _required_strings(rec: dict, names, line: int, problems: list[DataProblem]) -> bool:
+    """Each field present and a string; else record the first problem and return False."""
+    for name in names:
+        v = rec.get(name)
+        if v is None:
+            problems.append(DataProblem(line, "missing_field", f"missing field '{name}'"))
+            return False
+        if not isinstance(v, str):
+            problems.append(DataProblem(line, "wrong_type", f"'{name}' must be a string"))
+            return False
+    return True
+
+
 def normalise(rec: object, fmt: str, line: int, problems: list[DataProblem]) -> dict | None:
     """One raw record → the row TRL takes, or None (with a problem recorded)."""
     if not isinstance(rec, dict):
@@ -295,13 +308,8 @@ def normalise(rec: object, fmt: str, line: int, problems: list[DataProblem]) -> 
         return {"messages": msgs} if msgs else None
     if fmt == "alpaca":
         ins, inp, out = rec.get("instruction"), rec.get("input", ""), rec.get("output")
-        for name, v in (("instruction", ins), ("output", out)):
-            if v is None:
-                problems.append(DataProblem(line, "missing_field", f"missing field '{name}'"))
-                return None
-            if not isinstance(v, str):
-                problems.append(DataProblem(line, "wrong_type", f"'{name}' must be a string"))
-                return None
+        if not _required_strings(rec, ("instruction", "output"), line, problems):
+            return None
         if inp is None:
             inp = ""
         if not isinstance(inp, str):
@@ -317,13 +325,8 @@ def normalise(rec: object, fmt: str, line: int, problems: list[DataProblem]) -> 
         return {"messages": msgs}
     if fmt == "prompt_completion":
         p, c = rec.get("prompt"), rec.get("completion")
-        for name, v in (("prompt", p), ("completion", c)):
-            if v is None:
-                problems.append(DataProblem(line, "missing_field", f"missing field '{name}'"))
-                return None
-            if not isinstance(v, str):
-                problems.append(DataProblem(line, "wrong_type", f"'{name}' must be a string"))
-                return None
+        if not _required_strings(rec, ("prompt", "completion"), line, problems):
+            return None
         if not c.strip():
             problems.append(DataProblem(line, "empty_content", "empty completion: nothing to train on"))
             return None

@@ -184,24 +184,18 @@ def mark_complete(ckpt: str | Path, step: int) -> None:
     ckpt = Path(ckpt)
     for f in sorted(ckpt.rglob("*")):
         if f.is_file():
-            try:
-                fd = os.open(f, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass
+            _fsync_path(f)
     tmp = ckpt / (COMPLETE + ".tmp")
     with open(tmp, "w") as fh:
         fh.write(str(step))
         fh.flush()
         os.fsync(fh.fileno())
     tmp.replace(ckpt / COMPLETE)
-    _fsync_dir(ckpt)
+    _fsync_path(ckpt)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory (its entries); best effort."""
     try:
         fd = os.open(path, os.O_RDONLY)
         try:

@@ -15,6 +15,7 @@ from engine import rundir
 from tui.app import DEMO_OVERRIDES, QloraApp
 from tui.dialogs import QuitDialog
 from tui.testing import HOSTILE_HINT, fixed_samplers, write_run
+from tui_helpers import demo_cfg, make_app, until  # noqa: F401
 
 HAS_INSPECT = importlib.util.find_spec("engine.inspect") is not None
 HOSTILE = "[red]x[/red] [/ \x1b[31mRED\x1b[0m [bold]"
@@ -33,22 +34,6 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-def demo_cfg(tmp_path, *extra):
-    return C.load(None, DEMO_OVERRIDES + [f'output.dir="{tmp_path / "runs"}"', *extra])
-
-
-def make_app(cfg, **kw) -> QloraApp:
-    return QloraApp(cfg, None, samplers=fixed_samplers(), readings_interval=0, **kw)
-
-
-async def until(pilot, cond, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            await pilot.pause()
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def plain(widget: Static) -> str:

@@ -19,6 +19,7 @@ from tui.app import DEMO_OVERRIDES, QloraApp
 from tui.dialogs import RemoteCodeDialog, ResumeFixDialog
 from tui.runstate import RunState
 from tui.testing import fixed_samplers
+from tui_helpers import demo_cfg, make_app, until  # noqa: F401
 
 pytestmark = pytest.mark.anyio
 HOSTILE = "[red]x[/red] [/ \x1b[31mRED\x1b[0m [bold]"
@@ -36,22 +37,6 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-def demo_cfg(tmp_path, *extra):
-    return C.load(None, DEMO_OVERRIDES + [f'output.dir="{tmp_path / "runs"}"', *extra])
-
-
-def make_app(cfg, **kw) -> QloraApp:
-    return QloraApp(cfg, None, samplers=fixed_samplers(), readings_interval=0, **kw)
-
-
-async def until(pilot, cond, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            await pilot.pause()
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def plain(widget) -> str:
