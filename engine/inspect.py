@@ -4,8 +4,9 @@ tokenizer and chat template, the label-mask preview, duplicates, outliers and PI
 ``inspect(cfg)`` streams: it reads, normalises and tokenises the file in batches and hands
 partial ``Report``s (``done=False``) to ``on_partial`` so a UI can show rows read and a
 running histogram at once. ``preview(cfg, i)`` renders one row exactly as the trainer trains
-it: both go through ``engine.chat.encode_batch`` (the statistics use a faster equivalent that
-is checked against it on every batch, and replaced by it wherever they disagree).
+it: both go through ``engine.chat.encode_batch`` (the statistics use faster equivalents from
+``engine.token_count``, checked against it on every batch and replaced by it wherever they
+disagree).
 
 The JSON form (``Report.to_dict``, ``qlora-tui inspect --json``) is documented key by key in
 docs/INSPECT.md.
@@ -27,12 +28,11 @@ from pathlib import Path
 
 from engine import data as D
 from engine import quality as Q
+from engine.token_count import Counter
 
 SCHEMA_VERSION = 1
 BATCH = 2000              # rows tokenised per batch
 PARTIAL_EVERY = 0.3       # seconds between on_partial calls
-CHECK_FIRST = 256         # rows of the first batch checked against encode_batch
-CHECK_EACH = 4            # rows of every later batch checked against encode_batch
 MAX_LISTED = 1000         # outliers / PII findings listed (counts are always complete)
 
 
@@ -194,144 +194,6 @@ def _data_path(cfg, path) -> str:
     return str(path) if path is not None else cfg.resolve_path(cfg.data.train)
 
 
-# ---- token counts --------------------------------------------------------------------
-
-class _Slow(Exception):
-    """The fast count cannot be sure for this row: use encode_batch."""
-
-
-def _fast_counts(enc, spans, text_len: int, max_len: int) -> tuple[int, int, int]:
-    """(tokens, trained, trained within max_len) from a ``tokenizers.Encoding`` without
-    materialising offsets: the same rule as ``engine.chat._labels`` (a token is trained
-    when it has width and starts inside a span), found with char→token look-ups."""
-    n = len(enc)
-    z0 = 0
-    while z0 < n:
-        c = enc.token_to_chars(z0)
-        if c is not None and c[1] > c[0]:
-            break
-        z0 += 1
-    z1 = 0
-    while z1 < n - z0:
-        c = enc.token_to_chars(n - 1 - z1)
-        if c is not None and c[1] > c[0]:
-            break
-        z1 += 1
-    nonzero = n - z0 - z1
-
-    def before(ch: int) -> int:       # width tokens starting before char ch
-        if ch >= text_len:
-            return nonzero
-        t = enc.char_to_token(ch)
-        k = 0
-        while t is None:
-            ch += 1
-            k += 1
-            if ch >= text_len:
-                return nonzero
-            if k > 256:
-                raise _Slow
-            t = enc.char_to_token(ch)
-        s = enc.token_to_chars(t)[0]
-        if s >= ch:
-            return t - z0
-        u = t + 1
-        while u < n - z1 and enc.token_to_chars(u)[0] == s:
-            u += 1
-        return u - z0
-
-    trained = kept = 0
-    prev_end = -1
-    for a, b in spans:
-        if a < prev_end or b < a:
-            raise _Slow
-        prev_end = b
-        lo = before(a)
-        cnt = before(b) - lo
-        if cnt < 0:
-            raise _Slow
-        trained += cnt
-        lo += z0
-        kept += max(0, min(lo + cnt, max_len) - lo)
-    return n, trained, kept
-
-
-def _exact_counts(tok, rows: list[dict], max_len: int) -> list[tuple[int, int, int]]:
-    from engine.chat import IGNORE, encode_batch
-    out = []
-    for e in encode_batch(tok, rows):
-        lab = e.labels
-        out.append((len(lab), sum(1 for x in lab if x != IGNORE),
-                    sum(1 for x in lab[:max_len] if x != IGNORE)))
-    return out
-
-
-class _Counter:
-    """Token counts for batches of rows; fast path checked against encode_batch.
-
-    Parallelism comes from the tokenizers' own (rayon) pool inside each batched
-    ``encode_batch`` call; that call releases the GIL, so the inspector's main thread (reading,
-    normalising, duplicates, PII of the next batch) runs alongside it. Splitting a batch over
-    several Python threads does not help: with tokenizers 0.23 two threads calling
-    ``encode_batch`` on one Tokenizer run one after the other (measured), so with
-    ``TOKENIZERS_PARALLELISM=false`` tokenising is single-threaded whatever we do here.
-    ``inspect()`` never sets the variable itself: it runs inside the TUI, whose training
-    children copy os.environ (engine/runner.py ``_child_env`` only *defaults* it to false),
-    and an explicit "true" also turns off the tokenizers' fork guard, which is what keeps a
-    process forked after a parallel encode (e.g. a DataLoader worker) off the dead rayon pool.
-    Only the one-shot ``inspect`` command line enables it, for its own run (see ``_cmd``)."""
-
-    def __init__(self, tok, max_len: int):
-        self.tok = tok
-        self.max_len = max_len
-        self.backend = getattr(tok, "backend_tokenizer", None)
-        self.exact_only = self.backend is None
-        self.batches = 0
-        self.mismatch = ""
-
-    def render(self, rows: list[dict]) -> list | None:
-        """(text, spans, add_special_tokens) per row, for ``counts``. The inspector calls it on
-        its main thread, so the tokenising thread holds the GIL as little as possible (while
-        it does, the tokenizer's pool has nothing to do)."""
-        if self.exact_only:
-            return None
-        from engine.chat import render_spans
-        return [("", [], None) if "input_ids" in r else render_spans(self.tok, r) for r in rows]
-
-    def counts(self, rows: list[dict], rendered: list | None = None) -> list[tuple[int, int, int]]:
-        if self.exact_only:
-            return _exact_counts(self.tok, rows, self.max_len)
-        out: list = [None] * len(rows)
-        slow = [i for i, r in enumerate(rows) if "input_ids" in r]     # pre-tokenised: just count
-        if rendered is None:
-            rendered = self.render(rows)
-        for special in (False, True):
-            idx = [i for i, r in enumerate(rendered) if r[2] == special]
-            if not idx:
-                continue
-            encs = self.backend.encode_batch([rendered[i][0] for i in idx], add_special_tokens=special)
-            for i, enc in zip(idx, encs):
-                text, spans, _ = rendered[i]
-                try:
-                    out[i] = _fast_counts(enc, spans, len(text), self.max_len)
-                except _Slow:
-                    slow.append(i)
-        if slow:
-            for i, c in zip(slow, _exact_counts(self.tok, [rows[i] for i in slow], self.max_len)):
-                out[i] = c
-        check = list(range(min(len(rows), CHECK_FIRST if self.batches == 0 else CHECK_EACH)))
-        self.batches += 1
-        if check:
-            ref = _exact_counts(self.tok, [rows[i] for i in check], self.max_len)
-            for i, r in zip(check, ref):
-                if out[i] != r:
-                    self.exact_only = True
-                    self.mismatch = (f"fast token count disagreed with the trainer's encoder "
-                                     f"({out[i]} vs {r}); counted with the trainer's encoder instead")
-                    return _exact_counts(self.tok, rows, self.max_len)
-        return out
-
-
 # ---- the report ---------------------------------------------------------------------
 
 def _nice_width(x: float) -> int:
@@ -440,7 +302,7 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
     rep = Report(path=str(D.resolve(path)), model=cfg.model.name, max_length=max_len)
     tok, tw = tokenizer_for(cfg)
     rep.warnings += list(tw)
-    counter = _Counter(tok, max_len)
+    counter = Counter(tok, max_len)
 
     fmt_cfg = cfg.data.format
     provisional = None if fmt_cfg == "auto" else fmt_cfg

@@ -1,0 +1,143 @@
+"""engine.token_count: the inspector's fast token counts equal the trainer's encoder
+(engine.chat.encode_batch) row for row, whichever way a row is counted, on tokenizers built here
+with `tokenizers` (GPT-2-style and Llama-3-style byte-level BPE, BPE whose merges cross a turn's
+header, a tokenizer with a normalizer) and on templates with and without special tokens."""
+import pytest
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from engine import token_count as T
+from engine.chat import CHATML_TEMPLATE
+
+SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+TEXTS = ["héllo wörld, how are you?", "🙂🙂 emoji and 日本語のテキスト", "  spaced  out  ", "tabs\tand\nnewlines\n",
+         "\n\nstarts with blank lines", "<|im_end|> literal special token", "x" * 120,
+         "What is the capital of Canada? Ottawa.", "12345 numbers 678", "'s contraction first", "ciao"]
+
+
+def make_tok(pre, normalizer=None, corpus=None, template=CHATML_TEMPLATE):
+    tk = Tokenizer(models.BPE(unk_token="<|unk|>"))
+    tk.pre_tokenizer = pre
+    if normalizer is not None:
+        tk.normalizer = normalizer
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(corpus or (TEXTS * 20 + ["user assistant system"] * 20), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|pad|>", eos_token="<|im_end|>",
+                                  unk_token="<|unk|>")
+    tok.chat_template = template
+    return tok
+
+
+def rows(n=120):
+    out = []
+    for i in range(n):
+        a, b, c = TEXTS[i % len(TEXTS)], TEXTS[(i * 3 + 1) % len(TEXTS)], TEXTS[(i * 7 + 2) % len(TEXTS)]
+        if i % 3 == 0:
+            out.append({"messages": [{"role": "system", "content": "You are terse."},
+                                     {"role": "user", "content": a}, {"role": "assistant", "content": b}]})
+        elif i % 3 == 1:
+            out.append({"messages": [{"role": "user", "content": a}, {"role": "assistant", "content": b},
+                                     {"role": "user", "content": c}, {"role": "assistant", "content": a + c}]})
+        else:
+            out.append({"prompt": a, "completion": " " + b})
+    return out
+
+
+def count(tok, data, max_len, batch=50):
+    counter = T.Counter(tok, max_len)
+    got = []
+    for i in range(0, len(data), batch):
+        part = data[i:i + batch]
+        got += counter.counts(part, counter.render(part))
+    return counter, got
+
+
+BYTE_LEVEL = pre_tokenizers.ByteLevel(add_prefix_space=False)
+LLAMA3 = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+@pytest.mark.parametrize("pre", [BYTE_LEVEL, LLAMA3], ids=["gpt2-regex", "llama3-regex"])
+@pytest.mark.parametrize("max_len", [16, 4096])
+def test_pieces_way_equals_the_trainer(pre, max_len):
+    tok = make_tok(pre)
+    data = rows()
+    counter, got = count(tok, data, max_len)
+    assert counter.pieces_refused == ""
+    assert got == T.exact_counts(tok, data, max_len)
+    assert counter.mismatch == ""
+    chat = [r for r in data if "messages" in r]
+    # an answer starting with white space may share its first token with the header: offsets
+    plain = [r for r in chat if not any(m["role"] == "assistant" and m["content"][0].isspace()
+                                        for m in r["messages"])]
+    assert counter.rows_by_way["pieces"] >= len(plain) > 0
+    assert counter.rows_by_way["offsets"] >= len(data) - len(chat)      # prompt/completion rows
+
+
+def test_token_crossing_a_span_start_is_counted_by_offsets():
+    """No pre-tokenizer regex: BPE merges '\\n' into the answer's first word, so the answer's
+    first token starts inside the header: those rows must leave the pieces way."""
+    corpus = ["assistant\nHello there"] * 200 + TEXTS * 5
+    tok = make_tok(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False), corpus=corpus)
+    piece = tok.backend_tokenizer.encode("assistant\nHello there", add_special_tokens=False)
+    assert any(s < len("assistant\n") < e for s, e in piece.offsets), "the corpus must merge across the header"
+    data = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello there"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}] * 10
+    counter, got = count(tok, data, 4096)
+    assert got == T.exact_counts(tok, data, 4096)
+    assert counter.rows_by_way["offsets"] >= 10 and counter.mismatch == ""
+
+
+def test_template_without_special_tokens_takes_offsets():
+    template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}### Answer: {% generation %}"
+                "{{ m['content'] }}{% endgeneration %}\n{% else %}### {{ m['role'] }}: {{ m['content'] }}\n"
+                "{% endif %}{% endfor %}")
+    tok = make_tok(BYTE_LEVEL, template=template)
+    data = [r for r in rows() if "messages" in r]
+    counter, got = count(tok, data, 4096)
+    assert got == T.exact_counts(tok, data, 4096) and counter.mismatch == ""
+
+
+def test_normalizer_refuses_the_pieces_way():
+    tok = make_tok(BYTE_LEVEL, normalizer=normalizers.Lowercase())
+    assert "normalizer" in T.pieces_refusal(tok.backend_tokenizer)
+    data = rows(60)
+    counter, got = count(tok, data, 4096)
+    assert got == T.exact_counts(tok, data, 4096)
+    assert counter.rows_by_way["pieces"] == 0 and counter.mismatch == ""
+
+
+def test_repeated_pieces_are_tokenised_once():
+    tok = make_tok(BYTE_LEVEL)
+    data = [r for r in rows() if "messages" in r]
+    counter, got = count(tok, data, 4096, batch=20)
+    assert "system\nYou are terse." in counter.pieces.shared    # met twice in a batch: kept
+    assert got == T.exact_counts(tok, data, 4096)
+    calls = []
+    real = counter.pieces.backend.encode_batch_fast
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(counter.pieces.backend, name)
+
+        def encode_batch_fast(self, texts, **kw):
+            calls.extend(texts)
+            return real(texts, **kw)
+    counter.pieces.backend = Spy()
+    counter.counts(data[:20], counter.render(data[:20]))
+    assert "system\nYou are terse." not in calls and "\n" not in calls
+
+
+def test_added_tokens_split_in_the_tokenizers_two_passes():
+    """A normalised added token is only looked for in the text between the raw ones."""
+    tok = make_tok(BYTE_LEVEL)
+    tok.add_tokens(["ll", "o<|im"])            # normalized=True by default for non-special tokens
+    data = [r for r in rows() if "messages" in r]
+    counter, got = count(tok, data, 4096)
+    assert got == T.exact_counts(tok, data, 4096) and counter.mismatch == ""
+    assert counter.rows_by_way["pieces"] > 0
+    assert counter.pieces._added("hello<|im_end|>") == [(2, 4), (5, 15)]      # not "o<|im"
