@@ -435,3 +435,32 @@ def test_cli_json_strict_and_show(tmp_path):
     assert run_cli(str(path), "--show-line", "2").returncode == 2
     human = run_cli(str(path))
     assert human.returncode == 0 and "line 2: [invalid_json]" in human.stdout and "b***@c***.io" in human.stdout
+
+
+
+def _keys(d, prefix=""):
+    for k, v in d.items():
+        yield prefix + k
+        if isinstance(v, dict) and k not in ("formats_seen", "fields_seen", "splits", "problem_counts",
+                                             "pii_counts", "stats"):
+            yield from _keys(v, prefix + k + ".")
+
+
+def test_json_keys_documented_in_readme_and_inspect_md(tmp_path):
+    """Every key of the --json document (list items' keys too) is in docs/INSPECT.md's table;
+    every key name also in the README's summary."""
+    rows = [conv("hi", "hello", system="s")] * 3 + ["{bad"] + [conv("mail me: bob@example.com", "ok " * i) for i in range(1, 30)]
+    path = write_lines(tmp_path / "d.jsonl", rows + [conv("x", "word " * 400)])
+    doc = I.inspect(cfg_for(), path=str(path)).to_dict()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = (REPO / "docs" / "INSPECT.md").read_text(encoding="utf-8")
+    row_of = {line.split("`")[1]: line for line in table.splitlines() if line.startswith("| `")}
+    for key in _keys(doc):
+        assert any(k == key or k.startswith(key + ".") or k.startswith(key + "[]") for k in row_of), key
+        assert f"`{key.split('.')[-1]}`" in readme, key
+    items = {"problems[]": doc["problems"][0], "tokens.histogram[]": doc["tokens"]["histogram"][0],
+             "quality.outliers[]": doc["quality"]["outliers"][0], "quality.pii[]": doc["quality"]["pii"][0]}
+    for name, item in items.items():
+        for k in item:
+            assert f"{name}.{k}" in row_of or k in row_of.get(name, ""), (name, k)
+            assert f"`{k}`" in readme, (name, k)
