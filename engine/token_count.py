@@ -307,8 +307,8 @@ class Counter:
         self.rows_by_way = {"pieces": 0, "offsets": 0, "exact": 0}
 
     def render(self, rows: list[dict]) -> list | None:
-        """Per row, what ``counts`` needs: ``("pieces", plan)``, ``("offsets", text, spans,
-        add_special_tokens)`` or ``("exact",)``. The inspector calls it on its main thread, so the
+        """Per row, what ``counts`` needs: ``("pieces", plan, text, spans)``, ``("offsets", text,
+        spans, add_special_tokens)`` or ``("exact",)``. The inspector calls it on its main thread, so the
         tokenising thread holds the GIL as little as possible (while it does, the tokenizer's
         pool has nothing to do)."""
         if self.exact_only:
@@ -322,7 +322,7 @@ class Counter:
             text, spans, special = render_spans(self.tok, r)
             if self.pieces is not None and not special:
                 try:
-                    out.append(("pieces", self.pieces.plan(text, spans)))
+                    out.append(("pieces", self.pieces.plan(text, spans), text, spans))
                     continue
                 except _Slow:
                     pass
@@ -342,10 +342,9 @@ class Counter:
         if idx:
             got = self.pieces.counts([rendered[i][1] for i in idx], self.max_len)
             for i, c in zip(idx, got):
-                if c is None:                  # a token crossed a span's start: render it again
-                    from engine.chat import render_spans
-                    text, spans, special = render_spans(self.tok, rows[i])
-                    rendered[i] = ("offsets", text, spans, special)
+                if c is None:                  # a token crossed a span's start: use offsets
+                    _, _, text, spans = rendered[i]
+                    rendered[i] = ("offsets", text, spans, False)
                     by_offsets.append(i)
                 else:
                     out[i] = c
