@@ -11,6 +11,8 @@ to all ranks at each step, so every rank stops on the same step.
   all-reduced. Throughput scales with the GPUs; memory per GPU is the one-GPU figure.
 - ``fsdp``: FSDP-QLoRA. The 4-bit weights are stored in the compute dtype
   (``bnb_4bit_quant_storage``) so FSDP can shard them: for models that don't fit one GPU.
+  Checkpoints are sharded; the final adapter is gathered from the shards into PEFT's format
+  (``engine.trainer.save_fsdp_adapter``).
 
 Multi-node: run ``accelerate config`` on each node and start ``python -m engine train
 RUN_DIR/config.toml --run-dir RUN_DIR --headless`` with ``accelerate launch`` yourself;

@@ -151,9 +151,14 @@ def load_model(cfg, rt: Runtime, path: str | None = None):
             bnb_4bit_quant_storage=dtype if cfg.distributed.strategy == "fsdp" and cfg.distributed.gpus > 1
             else torch.uint8)
     fsdp = cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp"
-    if rt.device == "cuda" and not fsdp:     # FSDP places (and shards) the weights itself
+    if rt.device == "cuda":
         import os
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        # bitsandbytes quantises onto the current CUDA device: without this every rank of a
+        # multi-GPU job would put its 4-bit weights on GPU 0 (FSDP then refuses to wrap them)
+        torch.cuda.set_device(local)
+        if not fsdp:                         # FSDP places (and shards) the weights itself
+            kwargs["device_map"] = {"": local}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:

@@ -456,13 +456,20 @@ class Run:
         if DI.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
         if DI.in_worker():
-            # every rank takes part (FSDP gathers the sharded adapter); the Trainer writes on rank 0
-            trainer.save_model(str(tmp))
+            # every rank takes part (FSDP gathers the sharded adapter); rank 0 writes
+            if getattr(trainer, "is_fsdp_enabled", False):
+                from engine import trainer as T
+                T.save_fsdp_adapter(trainer, tmp, prepared.resized_embeddings)
+            else:
+                trainer.save_model(str(tmp))
             trainer.accelerator.wait_for_everyone()
             if not DI.is_main():
                 return final
         else:
             trainer.model.save_pretrained(str(tmp))
+        if not any((tmp / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise RuntimeError(f"the adapter weights were not written to {tmp}; the checkpoints in "
+                               f"{self.run_dir / R.CHECKPOINTS} are kept")
         prepared.tokenizer.save_pretrained(str(tmp))
         if final.exists():
             shutil.rmtree(final)

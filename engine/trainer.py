@@ -41,6 +41,7 @@ class Prepared:
     eval_rows: int
     plan: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    resized_embeddings: bool = False     # the tokenizer gained tokens: the adapter carries embeddings
 
 
 def encode_dataset(tok, rows: list[dict], batch: int = 1000):
@@ -194,7 +195,8 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
     emit(E.Status(phase="model", message=f"loading {cfg.model.name} "
                   f"({'4-bit ' + cfg.quant.quant_type if rt.load_in_4bit else rt.dtype}) on {rt.device}"))
     model = M.load_model(cfg, rt, path)
-    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+    resized = len(tok) > model.get_input_embeddings().weight.shape[0]
+    if resized:
         model.resize_token_embeddings(len(tok))
     targets = M.resolve_target_modules(cfg, model)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
@@ -262,7 +264,45 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
                    eval_rows=len(eval_tok) if has_eval else 0, plan=plan, config=cfg.to_dict())
     for w in warnings:
         emit(E.Status(phase="warning", message=w))
-    return Prepared(trainer, tok, path, rt, len(train_tok), len(eval_tok) if has_eval else 0, plan, warnings)
+    return Prepared(trainer, tok, path, rt, len(train_tok), len(eval_tok) if has_eval else 0, plan, warnings,
+                    resized_embeddings=resized)
+
+
+def save_fsdp_adapter(trainer, out_dir: Path, with_embeddings: bool) -> bool:
+    """FSDP-QLoRA: gather the sharded adapter and write it in PEFT's format (every rank calls
+    this; rank 0 writes). Returns True on the process that wrote it.
+
+    Neither the Trainer nor PEFT does this today: ``save_model`` writes no weights with a
+    sharded state dict, and with a full one PEFT 0.21 picks the adapter's keys by walking the
+    model's modules, whose names under FSDP carry ``_fsdp_wrapped_module.`` while the gathered
+    keys do not, so it writes an empty file (both seen on 2 H200s). The keys written here are
+    PEFT's: the adapter name dropped (``…q_proj.lora_A.weight``), DoRA magnitudes without
+    ``.weight``, and the embedding matrices when the tokenizer grew (PEFT's "auto" rule)."""
+    import copy
+    from safetensors.torch import save_file
+    acc = trainer.accelerator
+    full = acc.get_state_dict(trainer.model)          # a collective; the whole dict on rank 0 only
+    if not acc.is_main_process:
+        return False
+    peft_model = acc.unwrap_model(trainer.model)
+    name = peft_model.active_adapter
+    out = {}
+    for k, v in full.items():
+        if f".{name}." in k and ".lora_" in k:
+            k = k.replace(f".{name}.", ".")
+            if k.endswith("lora_magnitude_vector.weight"):
+                k = k[: -len(".weight")]
+        elif not (with_embeddings and k.endswith(("embed_tokens.weight", "lm_head.weight"))):
+            continue
+        out[k] = v.detach().to("cpu").contiguous()
+    if not any(".lora_" in k for k in out):
+        raise RuntimeError("the gathered model state has no LoRA weights; nothing to save")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = copy.deepcopy(peft_model.peft_config[name])
+    cfg.inference_mode = True
+    cfg.save_pretrained(str(out_dir))
+    return True
 
 
 def _trainer_class(base, faults: Faults, cb):

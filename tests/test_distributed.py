@@ -7,6 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
+
 from engine import control
 from engine import rundir as R
 
@@ -54,3 +57,57 @@ def test_stop_request_reaches_every_rank(tmp_path):
     ri = R.info(run_dir)
     assert ri.state == "stopped" and ri.step < 400
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("use_dora,grow_vocab", [(False, False), (True, True)])
+def test_fsdp_adapter_file_is_what_peft_writes(tmp_path, use_dora, grow_vocab):
+    """engine.trainer.save_fsdp_adapter turns a gathered (full, unwrapped-key) state dict into
+    the adapter PEFT itself writes: same keys, same tensors, and PEFT loads it. The gather is
+    FSDP's collective (run on 2 H200s, bench/RESULTS.md); here the state dict comes from the
+    same model unsharded, which is what FSDP's full state dict equals."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from engine.builtin import tiny_model_dir
+    from engine.trainer import save_fsdp_adapter
+    base_dir = str(tiny_model_dir())
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    if grow_vocab:
+        model.resize_token_embeddings(model.get_input_embeddings().weight.shape[0] + 8)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                  use_dora=use_dora, init_lora_weights=False,
+                                                  task_type="CAUSAL_LM"))      # as engine.trainer builds it
+
+    class Accelerator:                   # the three calls save_fsdp_adapter makes, without FSDP
+        is_main_process = True
+
+        @staticmethod
+        def get_state_dict(m):
+            return m.state_dict()
+
+        @staticmethod
+        def unwrap_model(m):
+            return m
+
+    class Trainer:
+        accelerator = Accelerator()
+        model = peft_model
+
+    assert save_fsdp_adapter(Trainer(), tmp_path / "ours", with_embeddings=grow_vocab)
+    peft_model.save_pretrained(str(tmp_path / "peft"), save_embedding_layers=grow_vocab)
+    ours = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    ref = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert sorted(ours) == sorted(ref) and len(ours) > 0
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    ours_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    ref_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    for c in (ours_cfg, ref_cfg):
+        c["target_modules"] = sorted(c["target_modules"])
+    assert ours_cfg == ref_cfg
+    fresh = AutoModelForCausalLM.from_pretrained(base_dir)
+    if grow_vocab:
+        fresh.resize_token_embeddings(fresh.get_input_embeddings().weight.shape[0] + 8)
+    loaded = PeftModel.from_pretrained(fresh, str(tmp_path / "ours"))
+    x = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(x).logits, peft_model(x).logits)
