@@ -120,6 +120,8 @@ def engine_variant(variant, shape, seq, batch, out_dir, extra=None):
     runs = sorted(Path(out_dir).glob("*-model-*"), key=lambda d: d.stat().st_mtime)
     if r.returncode != 0 or not runs:
         text = (r.stderr or "") + (r.stdout or "")
+        log = Path(os.environ.get("OUT", out_dir)) / f"{variant}.log"     # the whole output, every rank's
+        log.write_text(text[-4_000_000:])
         errs = [l for l in text.splitlines() if "Error" in l or "error" in l or "failed" in l]
         return dict(variant=variant, error=errs[:12] or text[-1500:])
     evs = [json.loads(line) for line in (runs[-1] / "events.jsonl").read_text().splitlines()]
