@@ -131,7 +131,7 @@ async def test_train_real_run_shows_losses_and_leaves_adapter(tmp_path):
 
 
 async def test_detach_reattach_and_quit_offers_stop_detach_cancel(tmp_path):
-    cfg = demo_cfg(tmp_path, "train.max_steps=400", "train.logging_steps=1", "train.eval_steps=0",
+    cfg = demo_cfg(tmp_path, "train.max_steps=5000", "train.logging_steps=1", "train.eval_steps=0",
                    "train.save_steps=0")
     app = make_app(cfg)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -178,6 +178,25 @@ async def test_events_are_batched_not_one_message_per_step(tmp_path):
         assert len(app.screen.query_one("#loss-spark", Sparkline).data) == 200
     # 500 steps of history arrive in a few batches, not 500 messages
     assert 1 <= len(batches) <= 20
+
+
+async def test_a_stopped_followers_last_batch_is_not_applied(tmp_path):
+    """Detach, then re-attach to the same run within the old follower's last interval: its
+    late messages must neither add their events again nor end the new follower."""
+    import threading
+    from engine import events as E
+    from tui.messages import RunEvents
+    run = write_run(tmp_path / "runs", steps=30)
+    app = make_app(demo_cfg(tmp_path), attach=run)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: app.run_state.follower_ended, what="history read")
+        n = len(app.run_state.losses)
+        step = E.Step(step=31, total_steps=30, loss=1.0, time=time.time())
+        app.post_message(RunEvents(run, [step], threading.Event()))        # a stale follower's
+        await pilot.pause()
+        assert len(app.run_state.losses) == n
+        app.post_message(RunEvents(run, [step], app._follow_stop))         # the current one's
+        await until(pilot, lambda: len(app.run_state.losses) == n + 1, what="current batch applied")
 
 
 # ---- hostile text --------------------------------------------------------------------------

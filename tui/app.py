@@ -406,15 +406,20 @@ class QloraApp(App):
                 self.post_message(ResumeFailed(run_dir, _resume_failure(run_dir)))
             return
         why = follow_batches(run_dir / rundir.EVENTS, stop,
-                             lambda evs: self.post_message(RunEvents(run_dir, evs)),
+                             lambda evs: self.post_message(RunEvents(run_dir, evs, stop)),
                              alive=alive, cancelled=lambda: worker.is_cancelled,
                              interval=FOLLOW_INTERVAL)
-        self.post_message(FollowEnded(run_dir, why))
+        self.post_message(FollowEnded(run_dir, why, stop))
+
+    def _current_follower(self, msg) -> bool:
+        """False for a message of a follower that was stopped (detach, then a re-attach to the
+        same run within its last interval): it must not add its batch again or end the new one."""
+        return msg.follower is None or msg.follower is self._follow_stop
 
     @on(RunEvents)
     def _on_run_events(self, msg: RunEvents) -> None:
         st = self.run_state
-        if st is None or st.run_dir != msg.run_dir:
+        if st is None or st.run_dir != msg.run_dir or not self._current_follower(msg):
             return
         for ev in msg.events:
             st.apply(ev)
@@ -432,7 +437,7 @@ class QloraApp(App):
     @on(FollowEnded)
     def _on_follow_ended(self, msg: FollowEnded) -> None:
         st = self.run_state
-        if st is None or st.run_dir != msg.run_dir:
+        if st is None or st.run_dir != msg.run_dir or not self._current_follower(msg):
             return
         st.follower_ended = True
         if not st.terminal and not st.detached:

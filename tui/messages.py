@@ -7,19 +7,23 @@ from textual.message import Message
 
 
 class RunEvents(Message):
-    """A batch of events read from a run's events.jsonl."""
+    """A batch of events read from a run's events.jsonl by the follower ``follower`` (the
+    stop event of that follower: a detach followed by a quick re-attach to the same run has
+    two, and only the current one's messages count)."""
 
-    def __init__(self, run_dir: Path, events: list) -> None:
+    def __init__(self, run_dir: Path, events: list, follower=None) -> None:
         super().__init__()
         self.run_dir = run_dir
         self.events = events
+        self.follower = follower
 
 
 class FollowEnded(Message):
-    def __init__(self, run_dir: Path, why: str) -> None:
+    def __init__(self, run_dir: Path, why: str, follower=None) -> None:
         super().__init__()
         self.run_dir = run_dir
         self.why = why
+        self.follower = follower
 
 
 class RunLaunched(Message):
