@@ -1,4 +1,4 @@
-"""Follow a run log on a thread and hand events over in batches, at most ~10 a second.
+"""Follow a run log on a thread and hand events over in batches, at most one per `interval`.
 
 ``engine.events.follow`` blocks until the next line arrives, so a reader thread iterates it
 into a queue and the calling (worker) thread drains the queue: everything that is already

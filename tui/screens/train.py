@@ -37,11 +37,11 @@ PHASE_STYLE = {"training": "bold green", "finished": "bold green", "stopped": "b
 
 class TrainScreen(Screen):
     DEFAULT_CSS = """
-    TrainScreen #status { height: 1; padding: 0 1; }
+    TrainScreen #status { height: 1; width: 1fr; padding: 0 1; }
     TrainScreen #progress-row { height: 1; padding: 0 1; }
     TrainScreen #progress-row ProgressBar { width: 1fr; }
     TrainScreen #progress-row ProgressBar Bar { width: 1fr; }
-    TrainScreen #steps { width: auto; min-width: 24; padding-left: 1; }
+    TrainScreen #steps { width: 36; padding-left: 1; }
     TrainScreen #main { height: 1fr; min-height: 6; }
     TrainScreen #curves { width: 1fr; padding: 0 1; }
     TrainScreen .spark-row { height: 1; }
@@ -51,7 +51,7 @@ class TrainScreen(Screen):
     TrainScreen #loss-spark > .sparkline--min-color { color: $success; }
     TrainScreen #eval-spark > .sparkline--max-color { color: $warning; }
     TrainScreen #eval-spark > .sparkline--min-color { color: $primary; }
-    TrainScreen #metrics { width: 28; padding: 0 1; border-left: vkey $foreground 20%; }
+    TrainScreen #metrics { width: 28; height: 1fr; padding: 0 1; border-left: vkey $foreground 20%; }
     TrainScreen #welcome { height: 1fr; padding: 1 2; color: $foreground 80%; }
     TrainScreen #gpu { height: auto; max-height: 5; padding: 0 1;
                        border-top: hkey $foreground 20%; }
@@ -114,9 +114,14 @@ class TrainScreen(Screen):
 
     @on(Readings)
     def _on_readings(self, msg: Readings) -> None:
-        self.query_one("#gpu", Static).update(gpu_text(msg.gpus, msg.host, msg.gpu_reason))
+        text = gpu_text(msg.gpus, msg.host, msg.gpu_reason)
+        lines = text.plain.count("\n") if isinstance(text, Text) else str(text).count("\n")
+        widget = self.query_one("#gpu", Static)
+        # its height follows its lines: lay the screen out again only when their number changes
+        widget.update(text, layout=lines != self.__dict__.get("_gpu_lines"))
+        self._gpu_lines = lines
 
-    # ---- run state → widgets (called ≤10×/s: follow batches events) ------------------------
+    # ---- run state → widgets (≤1×/s while steps stream: tui.follow batches events) --------------
     def render_run(self, st: RunState | None) -> None:
         if not self.is_mounted:
             return
@@ -143,15 +148,20 @@ class TrainScreen(Screen):
             t.append(f" {what}\n")
         return t
 
+    # Statics whose size never depends on their content (fixed in DEFAULT_CSS): updating them
+    # repaints them alone. Any other update asks Textual for a layout pass of the whole screen,
+    # which was most of what a live run cost the TUI (bench/tui_overhead.py).
+    FIXED_SIZE = frozenset({"status", "steps", "metrics"})
+
     def _put(self, widget: Static, content) -> None:
-        """Update a Static only when its content changed: every update asks Textual for a
-        layout pass, and most fields stay the same between two batches of steps."""
+        """Update a Static only when its content changed (most fields stay the same between
+        two batches of steps), and without a layout pass where its size is fixed."""
         key = widget.id
         cache = self.__dict__.setdefault("_shown", {})
         if cache.get(key) == content:
             return
         cache[key] = content
-        widget.update(content)
+        widget.update(content, layout=key not in self.FIXED_SIZE)
 
     def _draw(self, st: RunState | None) -> None:
         status = self.query_one("#status", Static)
