@@ -142,7 +142,9 @@ class _Pieces:
                     else:
                         todo[piece] = False
         keys = list(todo)
-        encs = self.backend.encode_batch_fast(keys, add_special_tokens=False) if keys else []
+        # no offsets needed: encode_batch_fast (tokenizers >= 0.21) skips computing them
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        encs = encode(keys, add_special_tokens=False) if keys else []
         local: dict = {}                # piece -> ids (when needed) or token count
         for k, e in zip(keys, encs):
             local[k] = e.ids if todo[k] else len(e)
