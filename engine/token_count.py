@@ -143,7 +143,7 @@ class _Pieces:
                         todo[piece] = False
         keys = list(todo)
         # no offsets needed: encode_batch_fast (tokenizers >= 0.21) skips computing them
-        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        encode = getattr(self.backend, "encode_batch_fast", None) or self.backend.encode_batch
         encs = encode(keys, add_special_tokens=False) if keys else []
         local: dict = {}                # piece -> ids (when needed) or token count
         for k, e in zip(keys, encs):

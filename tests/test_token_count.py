@@ -118,11 +118,12 @@ def test_repeated_pieces_are_tokenised_once():
     assert "system\nYou are terse." in counter.pieces.shared    # met twice in a batch: kept
     assert got == T.exact_counts(tok, data, 4096)
     calls = []
-    real = counter.pieces.backend.encode_batch_fast
+    backend = counter.pieces.backend
+    real = backend.encode_batch_fast
 
     class Spy:
         def __getattr__(self, name):
-            return getattr(counter.pieces.backend, name)
+            return getattr(backend, name)
 
         def encode_batch_fast(self, texts, **kw):
             calls.extend(texts)
