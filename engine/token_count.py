@@ -13,8 +13,8 @@ Three ways, fastest first; a row takes the first that can be sure of it:
             first tokens must be exactly the tokens of the part before the span (checked by id
             on every such piece), which with byte-level tokens means the next token starts where
             the span starts. Anything else (a span that ends inside a piece, a token crossing a
-            span's start, a tokenizer with a normalizer, Metaspace, offset trimming, or added
-            tokens that strip spaces) goes to ``offsets``.
+            span's start, a tokenizer with a normalizer other than NFC, Metaspace, offset
+            trimming, or added tokens that strip spaces) goes to ``offsets``.
 ``offsets`` One ``encode_batch`` with character offsets; a token is trained when it has width and
             starts inside a span (the trainer's rule), found with char→token look-ups.
 ``exact``   ``engine.chat.encode_batch`` itself, labels and all.
@@ -45,8 +45,8 @@ def pieces_refusal(backend) -> str:
     """Why the ``pieces`` way cannot be used with this ``tokenizers.Tokenizer`` ('' if it can)."""
     if backend is None:
         return "no fast tokenizer"
-    if backend.normalizer is not None:
-        return "the tokenizer has a normalizer"
+    if backend.normalizer is not None and not _nfc_only(backend):
+        return "the tokenizer has a normalizer other than NFC"
     if getattr(backend, "encode_special_tokens", False):
         return "the tokenizer splits special tokens"
     model = backend.model
@@ -81,11 +81,26 @@ def pieces_refusal(backend) -> str:
     return ""
 
 
+def _nfc_only(backend) -> bool:
+    """The normalizer is NFC alone (Qwen 2/2.5/3 tokenizers)."""
+    if backend.normalizer is None:
+        return False
+    d = json.loads(backend.normalizer.__getstate__())
+    parts = d.get("normalizers", [d]) if d.get("type") == "Sequence" else [d]
+    return len(parts) == 1 and parts[0].get("type") == "NFC"
+
+
 class _Pieces:
-    """The ``pieces`` way (see the module doc)."""
+    """The ``pieces`` way (see the module doc).
+
+    With an NFC normalizer (applied by the tokenizer to each piece between added tokens, as
+    here), a piece is normalised whole on both sides; only where a span starts inside a piece
+    could NFC join the head's last character with the answer's first, so there the head must
+    end in white space (``assistant\n``), which NFC never joins to what follows."""
 
     def __init__(self, backend):
         self.backend = backend
+        self.nfc = _nfc_only(backend)
         # The tokenizer extracts added tokens in two passes: those matched on the raw text, then
         # (after normalising, a no-op here) those matched on normalised text, in what is left.
         # Each pass is leftmost-longest, as a regex alternation sorted longest first is.
@@ -118,12 +133,18 @@ class _Pieces:
         pos = 0
         for s, e in self._added(text):
             if s > pos:
-                items.append(_piece(text, pos, s, spans))
+                items.append(self._piece(text, pos, s, spans))
             items.append((None, any(a <= s < b for a, b in spans)))
             pos = e
         if pos < len(text):
-            items.append(_piece(text, pos, len(text), spans))
+            items.append(self._piece(text, pos, len(text), spans))
         return items
+
+    def _piece(self, text: str, s: int, e: int, spans) -> tuple:
+        item = _piece(text, s, e, spans)
+        if self.nfc and type(item[1]) is str and not item[1][-1:].isspace():
+            raise _Slow
+        return item
 
     def counts(self, plans: list, max_len: int) -> list:
         """(tokens, trained, kept) per plan; ``None`` where the row must be counted another way."""
@@ -194,6 +215,9 @@ class _Pieces:
             # the head's own tokens must tile it exactly, or comparing ids proves nothing
             tiles = bool(offs) and offs[0][0] == 0 and offs[-1][1] == len(text) \
                 and all(b > a for a, b in offs) and all(offs[i][1] <= offs[i + 1][0] for i in range(len(offs) - 1))
+            if self.nfc:                # the head's tokens are those of its NFC form
+                import unicodedata
+                tiles = tiles and unicodedata.normalize("NFC", text) == text
             self.heads[text] = enc.ids if tiles else None
         ids = self.heads[text]
         if ids is None:

@@ -102,6 +102,20 @@ def test_template_without_special_tokens_takes_offsets():
     assert got == T.exact_counts(tok, data, 4096) and counter.mismatch == ""
 
 
+def test_nfc_normalizer_takes_the_pieces_way():
+    """Qwen's tokenizers normalise with NFC: decomposed and composed text, a combining mark
+    right at an answer's start, and Hangul jamo all count as the trainer counts them."""
+    tok = make_tok(LLAMA3, normalizer=normalizers.NFC())
+    assert T.pieces_refusal(tok.backend_tokenizer) == ""
+    texts = ["cafe\u0301 and café", "\u0301 starts with a combining mark", "\u1100\u1161 jamo",
+             "e\u031b\u0301 reordered", "plain answer"]
+    data = [{"messages": [{"role": "user", "content": texts[i % 5]},
+                          {"role": "assistant", "content": texts[(i + 1) % 5]}]} for i in range(40)]
+    counter, got = count(tok, data, 4096)
+    assert got == T.exact_counts(tok, data, 4096) and counter.mismatch == ""
+    assert counter.rows_by_way["pieces"] == 40
+
+
 def test_normalizer_refuses_the_pieces_way():
     tok = make_tok(BYTE_LEVEL, normalizer=normalizers.Lowercase())
     assert "normalizer" in T.pieces_refusal(tok.backend_tokenizer)
