@@ -28,6 +28,9 @@ class PreflightError(ValueError):
     pass
 
 
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
 def preflight(cfg: C.Config, check_model: bool = True) -> list[str]:
     """Everything that can be checked before a run directory exists. Raises PreflightError."""
     from engine import data as D
@@ -467,7 +470,7 @@ class Run:
                 return final
         else:
             trainer.model.save_pretrained(str(tmp))
-        if not any((tmp / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+        if not any((tmp / n).is_file() for n in ADAPTER_WEIGHTS):
             raise RuntimeError(f"the adapter weights were not written to {tmp}; the checkpoints in "
                                f"{self.run_dir / R.CHECKPOINTS} are kept")
         prepared.tokenizer.save_pretrained(str(tmp))
@@ -484,6 +487,10 @@ class Run:
     def _adapter_from_checkpoint(self, ckpt: Path, emit) -> Path:
         """RUN_DIR/adapter from a checkpoint's adapter + tokenizer files (atomically)."""
         emit(E.Status(phase="save", message=f"saving the adapter from {ckpt.name}"))
+        if not any((ckpt / n).is_file() for n in ADAPTER_WEIGHTS):
+            # an FSDP checkpoint holds sharded model state, not an adapter: never copy it as one
+            raise RuntimeError(f"{ckpt} has no adapter weights (a sharded FSDP checkpoint?); resume "
+                               f"with a higher train.max_steps to train on and save the adapter")
         final = self.run_dir / R.ADAPTER
         tmp = self.run_dir / (R.ADAPTER + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -111,3 +111,19 @@ def test_fsdp_adapter_file_is_what_peft_writes(tmp_path, use_dora, grow_vocab):
     x = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.allclose(loaded(x).logits, peft_model(x).logits)
+
+
+def test_a_checkpoint_without_adapter_weights_is_never_copied_as_the_adapter(tmp_path):
+    """Resuming a run killed while saving its adapter takes the adapter from the last
+    checkpoint; an FSDP checkpoint has sharded model state instead, and must not become an
+    adapter directory without weights."""
+    from engine.runner import Run
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-10"
+    (ckpt / "pytorch_model_fsdp_0").mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    run = Run(None, tmp_path / "run")
+    with pytest.raises(RuntimeError, match="no adapter weights"):
+        run._adapter_from_checkpoint(ckpt, lambda ev: None)
+    assert not (tmp_path / "run" / "adapter").exists()
+    (ckpt / "adapter_model.safetensors").write_bytes(b"x")          # a LoRA checkpoint: copied
+    assert (run._adapter_from_checkpoint(ckpt, lambda ev: None) / "adapter_model.safetensors").exists()
