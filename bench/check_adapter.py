@@ -8,13 +8,15 @@ while training; what is saved must be the whole, unsharded adapter).
 """
 import json
 import sys
-import tomllib
 from pathlib import Path
 
 
 def main() -> int:
     run = Path(sys.argv[1])
-    cfg = tomllib.loads((run / "config.toml").read_text())
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from engine import config as C
+    from engine.model import model_path
+    base_path = model_path(C.load(str(run / "config.toml")))     # builtin:tiny resolves to its cache
     ad = run / "adapter"
     files = {p.name: p.stat().st_size for p in sorted(ad.iterdir())} if ad.is_dir() else {}
     out = {"adapter_dir": str(ad), "files": files}
@@ -34,7 +36,7 @@ def main() -> int:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    base = AutoModelForCausalLM.from_pretrained(cfg["model"]["name"], dtype=torch.bfloat16).to(dev)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16).to(dev)
     x = torch.randint(4, base.config.vocab_size - 1, (1, 64), device=dev)
     with torch.no_grad():
         before = base(x).logits.float()
