@@ -6,10 +6,13 @@ without a subprocess; when there is no NVML library, no driver or no device it s
 /proc/stat and /proc/meminfo (no psutil). Neither ever raises to the caller.
 
 NVML numbers GPUs physically (as ``nvidia-smi`` does), which can differ from the order
-``CUDA_VISIBLE_DEVICES`` gives a process; pass ``indices`` to read a subset.
+``CUDA_VISIBLE_DEVICES`` gives a process; pass ``indices`` (NVML indices) to read a subset, or
+use ``GpuSampler.for_cuda_device(i)`` for the GPU that CUDA device ``i`` of this process is
+(``CUDA_VISIBLE_DEVICES`` mapped as nvitop does: indices, ``GPU-``/``MIG-`` UUIDs or their prefixes).
 """
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -46,6 +49,32 @@ def _import_pynvml():
         warnings.simplefilter("ignore")
         import pynvml  # noqa: PLC0415  (lazy: importing must never fail the engine)
     return pynvml
+
+
+def cuda_to_nvml(cuda_index: int, visible: str | None, uuids: list[str]) -> int | None:
+    """The NVML index of CUDA device ``cuda_index`` given ``CUDA_VISIBLE_DEVICES`` (``visible``).
+
+    ``uuids`` are the NVML devices' UUIDs by NVML index. Like CUDA, the list is read up to its
+    first entry that names no device; an empty or unset variable means every device in order.
+    None when the process cannot see that many devices.
+    """
+    if visible is None:
+        return cuda_index if 0 <= cuda_index < len(uuids) else None
+    found: list[int] = []
+    for token in (t.strip() for t in visible.split(",")):
+        if token.lstrip("-").isdigit():
+            i = int(token)
+            if not 0 <= i < len(uuids):
+                break
+        else:
+            matches = [i for i, u in enumerate(uuids) if token and u.startswith(token)]
+            if len(matches) != 1:
+                break
+            i = matches[0]
+        if i in found:
+            break
+        found.append(i)
+    return found[cuda_index] if 0 <= cuda_index < len(found) else None
 
 
 def _short(e: BaseException) -> str:
@@ -113,6 +142,35 @@ class GpuSampler:
             self.close()
             return
         self.available = True
+
+    @classmethod
+    def for_cuda_device(cls, cuda_index: int, visible: str | None = None) -> "GpuSampler":
+        """A sampler of the one GPU that this process calls ``cuda:{cuda_index}``.
+
+        ``visible`` defaults to this process's ``CUDA_VISIBLE_DEVICES``.
+        """
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+        probe = cls()
+        uuids = probe.uuids()
+        probe.close()
+        if not uuids:
+            return probe                      # unavailable: keeps the reason
+        nvml_index = cuda_to_nvml(cuda_index, visible, uuids)
+        if nvml_index is None:
+            probe.reason = f"CUDA device {cuda_index} is not visible (CUDA_VISIBLE_DEVICES={visible!r})"
+            return probe
+        return cls(indices=[nvml_index])
+
+    def uuids(self) -> list[str]:
+        """The UUIDs of the opened GPUs, in NVML order ("" where NVML cannot say)."""
+        with self._lock:
+            if self._nvml is None:
+                return []
+            out = []
+            for _, h, _ in self._handles:
+                u = self._read(self._nvml.nvmlDeviceGetUUID, h)
+                out.append(u.decode() if isinstance(u, bytes) else (u or ""))
+            return out
 
     @property
     def count(self) -> int:

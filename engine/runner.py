@@ -387,8 +387,8 @@ class Run:
     def _watch_gpu(self, hints, last_step, every: float = 2.0) -> None:
         """Feed NVML utilisation of this process's GPU to the low-GPU-use rule while training."""
         from engine.gpu import GpuSampler
-        idx = int(os.environ.get("LOCAL_RANK", "0"))
-        sampler = GpuSampler(indices=[idx])
+        from engine.distributed import local_rank
+        sampler = GpuSampler.for_cuda_device(local_rank())   # through CUDA_VISIBLE_DEVICES
         if not sampler.available:
             return
         try:

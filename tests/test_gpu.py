@@ -95,3 +95,42 @@ def test_host_sampler_cpu_percent_from_counters(tmp_path):
     st = h.sample()
     assert st.cpu_percent == pytest.approx(75.0)
     assert st.ram_total_bytes == 1000 * 1024 and st.ram_used_bytes == 600 * 1024
+
+
+UUIDS = ["GPU-aaaa1111", "GPU-bbbb2222", "GPU-cccc3333", "GPU-dddd4444"]
+
+
+@pytest.mark.parametrize("visible, cuda_index, nvml_index", [
+    (None, 0, 0), (None, 3, 3), (None, 4, None),
+    ("3", 0, 3),                        # the run's only GPU is physical GPU 3, not NVML 0
+    ("2,3", 1, 3), ("3,1", 1, 1),
+    ("GPU-cccc", 0, 2),                 # a UUID prefix, as CUDA accepts
+    ("1,GPU-dddd4444", 1, 3),
+    ("1,7,2", 1, None),                 # CUDA stops at the first entry that names no device
+    ("1,GPU-nope,2", 1, None),
+    ("", 0, None),                      # set but empty: no GPU at all
+    ("0,0", 1, None),                   # a repeated device ends the list
+])
+def test_cuda_device_maps_to_nvml_index_through_cuda_visible_devices(visible, cuda_index, nvml_index):
+    from engine.gpu import cuda_to_nvml
+    assert cuda_to_nvml(cuda_index, visible, UUIDS) == nvml_index
+
+
+def test_gpu_watcher_of_a_run_samples_the_gpu_cuda_visible_devices_names(monkeypatch):
+    """The low-GPU-use hint reads the run's own GPU: CUDA_VISIBLE_DEVICES=3 is NVML GPU 3."""
+    import engine.gpu as G
+    opened = []
+
+    def fake_init(self, indices=None):          # NVML itself is absent on CI: record what is opened
+        opened.append(indices)
+        self.available, self.reason, self._nvml, self._handles = False, "", None, []
+        self._lock = __import__("threading").Lock()
+
+    monkeypatch.setattr(G.GpuSampler, "__init__", fake_init)
+    monkeypatch.setattr(G.GpuSampler, "uuids", lambda self: UUIDS)
+    monkeypatch.setattr(G.GpuSampler, "close", lambda self: None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    from engine.distributed import local_rank
+    G.GpuSampler.for_cuda_device(local_rank())
+    assert opened[-1] == [3]
