@@ -120,6 +120,66 @@ def _bool(v) -> bool | None:
     return None
 
 
+# Axolotl keys that map one to one: (axolotl key, our "section.key", kind), by section.
+_SIMPLE = {
+    "model": [("revision_of_model", "model.revision", "str"),
+              ("trust_remote_code", "model.trust_remote_code", "bool")],
+    "lora": [("lora_r", "lora.r", "int"), ("lora_alpha", "lora.alpha", "float"),
+             ("lora_dropout", "lora.dropout", "float"), ("peft_use_dora", "lora.use_dora", "bool"),
+             ("peft_use_rslora", "lora.use_rslora", "bool")],
+    "data": [("sequence_len", "data.max_length", "int")],
+    "train": [("micro_batch_size", "train.batch_size", "int"),
+              ("gradient_accumulation_steps", "train.grad_accum", "int")],
+    "train_lr": [("max_steps", "train.max_steps", "int"),
+                 ("learning_rate", "train.learning_rate", "float")],
+    "train_opt": [("weight_decay", "train.weight_decay", "float"),
+                  ("max_grad_norm", "train.max_grad_norm", "float")],
+}
+_CONVERTERS = {"int": _int, "float": _num, "bool": _bool, "str": lambda x: x if isinstance(x, str) else None}
+_WANDB_ENV = {"wandb_entity": "WANDB_ENTITY", "wandb_name": "WANDB_NAME", "wandb_run_id": "WANDB_RUN_ID",
+              "wandb_watch": "WANDB_WATCH", "wandb_log_model": "WANDB_LOG_MODEL", "wandb_mode": "WANDB_MODE"}
+
+
+class _Conversion:
+    """One YAML's conversion: what was put (and from which key), skipped, noted and consumed."""
+
+    def __init__(self, y: dict):
+        self.y = y
+        self.cfg: dict[str, dict[str, Any]] = {}
+        self.origin: dict[str, str] = {}     # "section.key" → the Axolotl key it came from
+        self.unmapped: list[str] = []
+        self.notes: list[str] = []
+        self.done: set[str] = set()
+
+    def put(self, dotted: str, value, key: str) -> None:
+        section, name = dotted.split(".", 1)
+        self.cfg.setdefault(section, {})[name] = value
+        self.origin[dotted] = key
+
+    def skip(self, key: str, why: str) -> None:
+        if key not in self.unmapped:
+            self.unmapped.append(key)
+        self.notes.append(f"unmapped {key}: {why}")
+
+    def take(self, key: str):
+        self.done.add(key)
+        return self.y.get(key)
+
+    def simple(self, key: str, dotted: str, kind: str) -> None:
+        if key not in self.y:
+            return
+        v = self.take(key)
+        conv = _CONVERTERS[kind](v)
+        if conv is None:
+            self.skip(key, f"{v!r} is not a {kind}")
+        else:
+            self.put(dotted, conv, key)
+
+    def simples(self, group: str) -> None:
+        for key, dotted, kind in _SIMPLE[group]:
+            self.simple(key, dotted, kind)
+
+
 def convert(yaml_text_or_path) -> tuple[dict, list[str], list[str]]:
     """Map an Axolotl YAML (text, or a path to a .yml/.yaml file) onto a qlora-tui config dict.
 
@@ -128,409 +188,423 @@ def convert(yaml_text_or_path) -> tuple[dict, list[str], list[str]]:
     ``unmapped`` the Axolotl keys that could not be carried over; ``notes`` one line per
     decision or unmapped key.
     """
-    from engine import config as C
-
     y, _source = _load_yaml(yaml_text_or_path)
-    y = dict(y)
-    cfg: dict[str, dict[str, Any]] = {}
-    origin: dict[str, str] = {}      # "section.key" → the Axolotl key it came from
-    unmapped: list[str] = []
-    notes: list[str] = []
-    done: set[str] = set()
+    c = _Conversion(dict(y))
+    for step in (_model, _chat_template, _quant, _dtype, _lora, _datasets, _eval_data,
+                 _training, _schedule, _optimizer, _steps_and_distribution, _output, _leftovers):
+        step(c)
+    _validate(c)
+    return c.cfg, c.unmapped, c.notes
 
-    def put(dotted: str, value, key: str) -> None:
-        section, name = dotted.split(".", 1)
-        cfg.setdefault(section, {})[name] = value
-        origin[dotted] = key
 
-    def skip(key: str, why: str) -> None:
-        if key not in unmapped:
-            unmapped.append(key)
-        notes.append(f"unmapped {key}: {why}")
-
-    def take(key: str):
-        done.add(key)
-        return y.get(key)
-
-    def simple(key: str, dotted: str, kind: str) -> None:
-        if key not in y:
-            return
-        v = take(key)
-        conv = {"int": _int, "float": _num, "bool": _bool, "str": lambda x: x if isinstance(x, str) else None}[kind](v)
-        if conv is None:
-            skip(key, f"{v!r} is not a {kind}")
-        else:
-            put(dotted, conv, key)
-
-    # ---- model
+def _model(c: _Conversion) -> None:
+    y = c.y
     if "base_model" in y:
-        v = take("base_model")
+        v = c.take("base_model")
         if isinstance(v, str) and v.strip():
-            put("model.name", v.strip(), "base_model")
+            c.put("model.name", v.strip(), "base_model")
         else:
-            skip("base_model", f"{v!r} is not a model id or path")
+            c.skip("base_model", f"{v!r} is not a model id or path")
     else:
-        notes.append("no base_model: keeping model.name = builtin:tiny (set it to your model)")
+        c.notes.append("no base_model: keeping model.name = builtin:tiny (set it to your model)")
     for key in ("base_model_config", "tokenizer_config"):
         if key in y:
-            v = take(key)
+            v = c.take(key)
             if v != y.get("base_model"):
-                skip(key, f"a separate config/tokenizer ({v}) is not supported; the tokenizer "
-                          f"and config come from model.name")
-    simple("revision_of_model", "model.revision", "str")
-    simple("trust_remote_code", "model.trust_remote_code", "bool")
-
+                c.skip(key, f"a separate config/tokenizer ({v}) is not supported; the tokenizer "
+                            f"and config come from model.name")
+    c.simples("model")
     attn = None
     for key, impl in (("flash_attention", "flash_attention_2"), ("sdp_attention", "sdpa"),
                       ("eager_attention", "eager")):
         if key in y:
-            v = _bool(take(key))
+            v = _bool(c.take(key))
             if v is None:
-                skip(key, f"{y[key]!r} is not true/false")
+                c.skip(key, f"{y[key]!r} is not true/false")
             elif v and attn is None:
                 attn = impl
-                put("model.attn_implementation", impl, key)
+                c.put("model.attn_implementation", impl, key)
     for key in ("xformers_attention", "s2_attention", "flex_attention"):
-        if key in y:
-            if _bool(take(key)):
-                skip(key, "this attention kernel is not supported; model.attn_implementation "
-                          "offers auto, sdpa, eager, flash_attention_2")
+        if key in y and _bool(c.take(key)):
+            c.skip(key, "this attention kernel is not supported; model.attn_implementation "
+                        "offers auto, sdpa, eager, flash_attention_2")
 
-    if "chat_template" in y:
-        v = take("chat_template")
-        if v in ("tokenizer_default", None, ""):
-            put("model.chat_template", "", "chat_template")
-        elif isinstance(v, str) and v.startswith("tokenizer_default_fallback_"):
-            put("model.chat_template", "", "chat_template")
-            fb = v[len("tokenizer_default_fallback_"):]
-            notes.append(f"chat_template {v}: using the tokenizer's own template"
-                         + ("; qlora-tui falls back to ChatML, not " + fb if fb != "chatml" else
-                            ", ChatML when it has none (same as Axolotl)"))
-        elif v == "chatml":
-            put("model.chat_template", CHATML_JINJA, "chat_template")
-        elif v == "jinja":
-            jinja = take("chat_template_jinja")
-            if isinstance(jinja, str) and jinja.strip():
-                put("model.chat_template", jinja, "chat_template_jinja")
-            else:
-                skip("chat_template", "jinja without chat_template_jinja")
+
+def _chat_template(c: _Conversion) -> None:
+    y = c.y
+    if "chat_template" not in y:
+        if "chat_template_jinja" in y:
+            v = c.take("chat_template_jinja")
+            if isinstance(v, str) and v.strip():
+                c.put("model.chat_template", v, "chat_template_jinja")
+        return
+    v = c.take("chat_template")
+    if v in ("tokenizer_default", None, ""):
+        c.put("model.chat_template", "", "chat_template")
+    elif isinstance(v, str) and v.startswith("tokenizer_default_fallback_"):
+        c.put("model.chat_template", "", "chat_template")
+        fb = v[len("tokenizer_default_fallback_"):]
+        c.notes.append(f"chat_template {v}: using the tokenizer's own template"
+                       + ("; qlora-tui falls back to ChatML, not " + fb if fb != "chatml" else
+                          ", ChatML when it has none (same as Axolotl)"))
+    elif v == "chatml":
+        c.put("model.chat_template", CHATML_JINJA, "chat_template")
+    elif v == "jinja":
+        jinja = c.take("chat_template_jinja")
+        if isinstance(jinja, str) and jinja.strip():
+            c.put("model.chat_template", jinja, "chat_template_jinja")
         else:
-            skip("chat_template", f"Axolotl's named template {v!r} has no equivalent; set "
-                                  f"model.chat_template to its Jinja (or leave it empty to use "
-                                  f"the tokenizer's own, usually right for instruct models)")
-    elif "chat_template_jinja" in y:
-        v = take("chat_template_jinja")
-        if isinstance(v, str) and v.strip():
-            put("model.chat_template", v, "chat_template_jinja")
+            c.skip("chat_template", "jinja without chat_template_jinja")
+    else:
+        c.skip("chat_template", f"Axolotl's named template {v!r} has no equivalent; set "
+                                f"model.chat_template to its Jinja (or leave it empty to use "
+                                f"the tokenizer's own, usually right for instruct models)")
 
-    # ---- quantization
-    adapter = take("adapter") if "adapter" in y else None
-    l4 = _bool(take("load_in_4bit")) if "load_in_4bit" in y else None
-    l8 = _bool(take("load_in_8bit")) if "load_in_8bit" in y else None
+
+def _quant(c: _Conversion) -> None:
+    y = c.y
+    adapter = c.take("adapter") if "adapter" in y else None
+    l4 = _bool(c.take("load_in_4bit")) if "load_in_4bit" in y else None
+    l8 = _bool(c.take("load_in_8bit")) if "load_in_8bit" in y else None
     if adapter is None:
-        notes.append("no adapter key: Axolotl would run a full fine-tune; this config trains a "
-                     "QLoRA adapter instead")
+        c.notes.append("no adapter key: Axolotl would run a full fine-tune; this config trains a "
+                       "QLoRA adapter instead")
         if l4 is not None:
-            put("quant.load_in_4bit", l4, "load_in_4bit")
+            c.put("quant.load_in_4bit", l4, "load_in_4bit")
     elif adapter == "qlora":
         if l4 is False:
-            notes.append("adapter: qlora with load_in_4bit: false; QLoRA needs the 4-bit base, "
-                         "so quant.load_in_4bit = true")
-        put("quant.load_in_4bit", True, "adapter")
+            c.notes.append("adapter: qlora with load_in_4bit: false; QLoRA needs the 4-bit base, "
+                           "so quant.load_in_4bit = true")
+        c.put("quant.load_in_4bit", True, "adapter")
     elif adapter == "lora":
-        put("quant.load_in_4bit", bool(l4), "adapter")
+        c.put("quant.load_in_4bit", bool(l4), "adapter")
     else:
-        skip("adapter", f"{adapter!r} is not supported (qlora-tui trains lora or qlora adapters)")
+        c.skip("adapter", f"{adapter!r} is not supported (qlora-tui trains lora or qlora adapters)")
     if l8:
-        skip("load_in_8bit", "8-bit bases are not supported; the base stays "
-                             + ("4-bit" if cfg.get("quant", {}).get("load_in_4bit") else "16-bit"))
+        c.skip("load_in_8bit", "8-bit bases are not supported; the base stays "
+                               + ("4-bit" if c.cfg.get("quant", {}).get("load_in_4bit") else "16-bit"))
     if "bnb_config_kwargs" in y:
-        kw = take("bnb_config_kwargs")
-        if isinstance(kw, dict):
-            for k, v in kw.items():
-                if k == "bnb_4bit_quant_type" and v in ("nf4", "fp4"):
-                    put("quant.quant_type", v, "bnb_config_kwargs.bnb_4bit_quant_type")
-                elif k == "bnb_4bit_use_double_quant" and _bool(v) is not None:
-                    put("quant.double_quant", _bool(v), "bnb_config_kwargs.bnb_4bit_use_double_quant")
-                elif k == "llm_int8_has_fp16_weight":
-                    notes.append("bnb_config_kwargs.llm_int8_has_fp16_weight: 8-bit only; ignored")
-                else:
-                    skip(f"bnb_config_kwargs.{k}", f"{v!r} is not supported")
+        _bnb_kwargs(c, c.take("bnb_config_kwargs"))
+
+
+def _bnb_kwargs(c: _Conversion, kw) -> None:
+    if not isinstance(kw, dict):
+        c.skip("bnb_config_kwargs", "expected a mapping")
+        return
+    for k, v in kw.items():
+        if k == "bnb_4bit_quant_type" and v in ("nf4", "fp4"):
+            c.put("quant.quant_type", v, "bnb_config_kwargs.bnb_4bit_quant_type")
+        elif k == "bnb_4bit_use_double_quant" and _bool(v) is not None:
+            c.put("quant.double_quant", _bool(v), "bnb_config_kwargs.bnb_4bit_use_double_quant")
+        elif k == "llm_int8_has_fp16_weight":
+            c.notes.append("bnb_config_kwargs.llm_int8_has_fp16_weight: 8-bit only; ignored")
         else:
-            skip("bnb_config_kwargs", "expected a mapping")
+            c.skip(f"bnb_config_kwargs.{k}", f"{v!r} is not supported")
 
-    bf16 = take("bf16") if "bf16" in y else None
-    fp16 = take("fp16") if "fp16" in y else None
+
+def _dtype(c: _Conversion) -> None:
+    y = c.y
+    bf16 = c.take("bf16") if "bf16" in y else None
+    fp16 = c.take("fp16") if "fp16" in y else None
     if bf16 == "auto":
-        put("quant.compute_dtype", "auto", "bf16")
+        c.put("quant.compute_dtype", "auto", "bf16")
     elif _bool(bf16):
-        put("quant.compute_dtype", "bf16", "bf16")
+        c.put("quant.compute_dtype", "bf16", "bf16")
     elif _bool(fp16):
-        put("quant.compute_dtype", "fp16", "fp16")
+        c.put("quant.compute_dtype", "fp16", "fp16")
     elif _bool(bf16) is False and _bool(fp16) is False:
-        put("quant.compute_dtype", "fp32", "bf16")
-        notes.append("bf16: false and fp16: false: compute in fp32 (slow; bf16: auto is usual)")
+        c.put("quant.compute_dtype", "fp32", "bf16")
+        c.notes.append("bf16: false and fp16: false: compute in fp32 (slow; bf16: auto is usual)")
     elif bf16 is not None and _bool(bf16) is None:
-        skip("bf16", f"{bf16!r} is not true, false or auto")
-    if "tf32" in y:
-        if _bool(take("tf32")):
-            skip("tf32", "TF32 matmuls are not configurable here (PyTorch's default applies)")
+        c.skip("bf16", f"{bf16!r} is not true, false or auto")
+    if "tf32" in y and _bool(c.take("tf32")):
+        c.skip("tf32", "TF32 matmuls are not configurable here (PyTorch's default applies)")
 
-    # ---- LoRA
-    simple("lora_r", "lora.r", "int")
-    simple("lora_alpha", "lora.alpha", "float")
-    simple("lora_dropout", "lora.dropout", "float")
-    simple("peft_use_dora", "lora.use_dora", "bool")
-    simple("peft_use_rslora", "lora.use_rslora", "bool")
-    linear = _bool(take("lora_target_linear")) if "lora_target_linear" in y else None
-    modules = take("lora_target_modules") if "lora_target_modules" in y else None
+
+def _lora(c: _Conversion) -> None:
+    y = c.y
+    c.simples("lora")
+    linear = _bool(c.take("lora_target_linear")) if "lora_target_linear" in y else None
+    modules = c.take("lora_target_modules") if "lora_target_modules" in y else None
     if linear:
-        put("lora.target_modules", "all-linear", "lora_target_linear")
+        c.put("lora.target_modules", "all-linear", "lora_target_linear")
         if modules:
-            notes.append("lora_target_linear: true already covers lora_target_modules; "
-                         "lora.target_modules = all-linear")
+            c.notes.append("lora_target_linear: true already covers lora_target_modules; "
+                           "lora.target_modules = all-linear")
     elif modules:
         if isinstance(modules, str):
             modules = [modules]
         if isinstance(modules, list) and all(isinstance(m, str) and m for m in modules):
-            put("lora.target_modules", list(modules), "lora_target_modules")
+            c.put("lora.target_modules", list(modules), "lora_target_modules")
         else:
-            skip("lora_target_modules", f"{modules!r} is not a list of module names")
+            c.skip("lora_target_modules", f"{modules!r} is not a list of module names")
     else:
-        notes.append("no lora_target_modules / lora_target_linear: lora.target_modules = "
-                     "all-linear (qlora-tui's default)")
+        c.notes.append("no lora_target_modules / lora_target_linear: lora.target_modules = "
+                       "all-linear (qlora-tui's default)")
     for key in ("lora_modules_to_save", "lora_model_dir", "peft_layers_to_transform",
                 "lora_on_cpu", "peft_layer_replication"):
-        if key in y and take(key) not in (None, False, [], ""):
+        if key in y and c.take(key) not in (None, False, [], ""):
             reason = {"lora_model_dir": "starting from an existing adapter is not supported here; "
                                         "train anew or resume a qlora-tui run"}.get(
                 key, "not supported by qlora-tui's LoRA settings")
-            skip(key, reason)
+            c.skip(key, reason)
 
-    # ---- data
-    if "datasets" in y:
-        ds = take("datasets")
-        if isinstance(ds, dict):
-            ds = [ds]
-        if not isinstance(ds, list) or not ds or not isinstance(ds[0], dict):
-            skip("datasets", "expected a list of {path: ..., type: ...}")
+
+def _datasets(c: _Conversion) -> None:
+    if "datasets" not in c.y:
+        c.notes.append("no datasets: keeping data.train = builtin:sample")
+        return
+    ds = c.take("datasets")
+    if isinstance(ds, dict):
+        ds = [ds]
+    if not isinstance(ds, list) or not ds or not isinstance(ds[0], dict):
+        c.skip("datasets", "expected a list of {path: ..., type: ...}")
+        return
+    first = dict(ds[0])
+    if "type" not in first and isinstance(c.y.get("type"), str):
+        # the seed guide's YAML lost its indentation: `type:` sits at the top level
+        first["type"] = c.take("type")
+        c.notes.append(f"top-level type: {first['type']} read as datasets[0].type "
+                       "(the YAML's indentation looks flattened)")
+    _dataset_path(c, first.pop("path", None))
+    _dataset_type(c, first)
+    for k in list(first):
+        if k in ("message_property_mappings", "roles_to_train", "train_on_eos",
+                 "field_messages", "chat_template"):
+            c.notes.append(f"datasets[0].{k}: the conversation layout is detected and "
+                           "only assistant turns are trained; ignored")
         else:
-            first = dict(ds[0])
-            if "type" not in first and isinstance(y.get("type"), str):
-                # the seed guide's YAML lost its indentation: `type:` sits at the top level
-                first["type"] = take("type")
-                notes.append(f"top-level type: {first['type']} read as datasets[0].type "
-                             "(the YAML's indentation looks flattened)")
-            path = first.pop("path", None)
-            if isinstance(path, str) and path.strip():
-                put("data.train", path, "datasets[0].path")
-                if not Path(path).suffix and not path.startswith((".", "/", "~")):
-                    notes.append(f"datasets[0].path {path} looks like a hub dataset; data.train "
-                                 "needs a local file or a saved datasets directory: download it "
-                                 "and point data.train at it")
-                elif not Path(path).is_absolute():
-                    notes.append(f"data.train {path} is relative: qlora-tui resolves it against "
-                                 "the TOML file's directory (Axolotl: the working directory)")
-            else:
-                skip("datasets[0].path", f"{path!r} is not a path")
-            dtype_ = first.pop("type", None)
-            if dtype_ is None:
-                notes.append("datasets[0] has no type: data.format = auto (detected from the fields)")
-            elif isinstance(dtype_, str) and dtype_ in _DATASET_TYPES:
-                fmt = _DATASET_TYPES[dtype_]
-                fm = first.pop("field_messages", None)
-                if fmt == "messages" and fm not in (None, "messages"):
-                    fmt = "auto"
-                    notes.append(f"datasets[0].field_messages {fm}: data.format = auto detects "
-                                 f"the conversation field")
-                put("data.format", fmt, "datasets[0].type")
-            else:
-                put("data.format", "auto", "datasets[0].type")
-                skip("datasets[0].type", f"prompt strategy {dtype_!r} has no equivalent; "
-                                         "data.format = auto detects messages, sharegpt, alpaca, "
-                                         "prompt_completion or text rows")
-            for k in list(first):
-                if k in ("message_property_mappings", "roles_to_train", "train_on_eos",
-                         "field_messages", "chat_template"):
-                    notes.append(f"datasets[0].{k}: the conversation layout is detected and "
-                                 "only assistant turns are trained; ignored")
-                else:
-                    skip(f"datasets[0].{k}", f"{first[k]!r} is not supported (split/subset/"
-                                             "data_files selection: prepare the file first)")
-            if len(ds) > 1:
-                skip("datasets[1:]", f"{len(ds) - 1} more dataset(s): qlora-tui trains on one "
-                                     "file; concatenate them into one .jsonl")
+            c.skip(f"datasets[0].{k}", f"{first[k]!r} is not supported (split/subset/"
+                                       "data_files selection: prepare the file first)")
+    if len(ds) > 1:
+        c.skip("datasets[1:]", f"{len(ds) - 1} more dataset(s): qlora-tui trains on one "
+                               "file; concatenate them into one .jsonl")
+
+
+def _dataset_path(c: _Conversion, path) -> None:
+    if not (isinstance(path, str) and path.strip()):
+        c.skip("datasets[0].path", f"{path!r} is not a path")
+        return
+    c.put("data.train", path, "datasets[0].path")
+    if not Path(path).suffix and not path.startswith((".", "/", "~")):
+        c.notes.append(f"datasets[0].path {path} looks like a hub dataset; data.train "
+                       "needs a local file or a saved datasets directory: download it "
+                       "and point data.train at it")
+    elif not Path(path).is_absolute():
+        c.notes.append(f"data.train {path} is relative: qlora-tui resolves it against "
+                       "the TOML file's directory (Axolotl: the working directory)")
+
+
+def _dataset_type(c: _Conversion, first: dict) -> None:
+    dtype_ = first.pop("type", None)
+    if dtype_ is None:
+        c.notes.append("datasets[0] has no type: data.format = auto (detected from the fields)")
+    elif isinstance(dtype_, str) and dtype_ in _DATASET_TYPES:
+        fmt = _DATASET_TYPES[dtype_]
+        fm = first.pop("field_messages", None)
+        if fmt == "messages" and fm not in (None, "messages"):
+            fmt = "auto"
+            c.notes.append(f"datasets[0].field_messages {fm}: data.format = auto detects "
+                           f"the conversation field")
+        c.put("data.format", fmt, "datasets[0].type")
     else:
-        notes.append("no datasets: keeping data.train = builtin:sample")
+        c.put("data.format", "auto", "datasets[0].type")
+        c.skip("datasets[0].type", f"prompt strategy {dtype_!r} has no equivalent; "
+                                   "data.format = auto detects messages, sharegpt, alpaca, "
+                                   "prompt_completion or text rows")
+
+
+def _eval_data(c: _Conversion) -> None:
+    y = c.y
     if "test_datasets" in y:
-        td = take("test_datasets")
+        td = c.take("test_datasets")
         if isinstance(td, list) and td and isinstance(td[0], dict) and isinstance(td[0].get("path"), str):
-            put("data.eval", td[0]["path"], "test_datasets")
+            c.put("data.eval", td[0]["path"], "test_datasets")
             if len(td) > 1:
-                skip("test_datasets[1:]", "one eval file only")
+                c.skip("test_datasets[1:]", "one eval file only")
         else:
-            skip("test_datasets", "expected a list of {path: ...}")
+            c.skip("test_datasets", "expected a list of {path: ...}")
     if "val_set_size" in y:
-        v = _num(take("val_set_size"))
+        v = _num(c.take("val_set_size"))
         if v is None:
-            skip("val_set_size", f"{y['val_set_size']!r} is not a number")
+            c.skip("val_set_size", f"{y['val_set_size']!r} is not a number")
         elif 0 <= v <= 0.5:
-            put("data.eval_fraction", v, "val_set_size")
+            c.put("data.eval_fraction", v, "val_set_size")
         elif v >= 1:
-            skip("val_set_size", f"{int(v)} rows: qlora-tui holds out a fraction; set "
-                                 "data.eval_fraction = rows / dataset size")
+            c.skip("val_set_size", f"{int(v)} rows: qlora-tui holds out a fraction; set "
+                                   "data.eval_fraction = rows / dataset size")
         else:
-            skip("val_set_size", f"{v} is above data.eval_fraction's maximum 0.5")
+            c.skip("val_set_size", f"{v} is above data.eval_fraction's maximum 0.5")
     else:
-        notes.append("no val_set_size (Axolotl: no eval split): keeping data.eval_fraction 0.05; "
-                     "set it to 0 to train on every row")
-    simple("sequence_len", "data.max_length", "int")
+        c.notes.append("no val_set_size (Axolotl: no eval split): keeping data.eval_fraction 0.05; "
+                       "set it to 0 to train on every row")
+    c.simples("data")
     if "sample_packing" in y:
-        v = _bool(take("sample_packing"))
+        v = _bool(c.take("sample_packing"))
         if v is None:
-            skip("sample_packing", f"{y['sample_packing']!r} is not true/false")
+            c.skip("sample_packing", f"{y['sample_packing']!r} is not true/false")
         else:
-            put("data.packing", v, "sample_packing")
+            c.put("data.packing", v, "sample_packing")
 
-    # ---- training
-    simple("micro_batch_size", "train.batch_size", "int")
-    simple("gradient_accumulation_steps", "train.grad_accum", "int")
-    if "num_epochs" in y:
-        simple("num_epochs", "train.epochs", "float")
+
+def _training(c: _Conversion) -> None:
+    c.simples("train")
+    if "num_epochs" in c.y:
+        c.simple("num_epochs", "train.epochs", "float")
     else:
-        put("train.epochs", 1.0, "num_epochs")
-        notes.append("no num_epochs: train.epochs = 1 (Axolotl's default; qlora-tui's is 3)")
-    simple("max_steps", "train.max_steps", "int")
-    simple("learning_rate", "train.learning_rate", "float")
+        c.put("train.epochs", 1.0, "num_epochs")
+        c.notes.append("no num_epochs: train.epochs = 1 (Axolotl's default; qlora-tui's is 3)")
+    c.simples("train_lr")
+
+
+def _schedule(c: _Conversion) -> None:
+    y = c.y
     if "lr_scheduler" in y:
-        v = take("lr_scheduler")
+        v = c.take("lr_scheduler")
         if v in _SCHEDULERS:
-            put("train.scheduler", _SCHEDULERS[v], "lr_scheduler")
+            c.put("train.scheduler", _SCHEDULERS[v], "lr_scheduler")
             if v == "cosine_with_min_lr":
-                notes.append("lr_scheduler cosine_with_min_lr: plain cosine (decays to 0)")
+                c.notes.append("lr_scheduler cosine_with_min_lr: plain cosine (decays to 0)")
         else:
-            skip("lr_scheduler", f"{v!r} is not supported; allowed: linear, cosine, constant, "
-                                 "constant_with_warmup")
+            c.skip("lr_scheduler", f"{v!r} is not supported; allowed: linear, cosine, constant, "
+                                   "constant_with_warmup")
     else:
-        put("train.scheduler", "cosine", "lr_scheduler")
-        notes.append("no lr_scheduler: train.scheduler = cosine (Axolotl's default; qlora-tui's is linear)")
-    if "lr_scheduler_kwargs" in y or "cosine_min_lr_ratio" in y:
-        for key in ("lr_scheduler_kwargs", "cosine_min_lr_ratio"):
-            if key in y:
-                take(key)
-                skip(key, "scheduler parameters are not configurable")
-    simple("warmup_ratio", "train.warmup_ratio", "float")
+        c.put("train.scheduler", "cosine", "lr_scheduler")
+        c.notes.append("no lr_scheduler: train.scheduler = cosine (Axolotl's default; qlora-tui's is linear)")
+    for key in ("lr_scheduler_kwargs", "cosine_min_lr_ratio"):
+        if key in y:
+            c.take(key)
+            c.skip(key, "scheduler parameters are not configurable")
+    c.simple("warmup_ratio", "train.warmup_ratio", "float")
     if "warmup_steps" in y:
-        steps = _int(take("warmup_steps"))
-        max_steps = _int(y.get("max_steps"))
-        if steps is None:
-            skip("warmup_steps", f"{y['warmup_steps']!r} is not a whole number")
-        elif "warmup_ratio" in y:
-            notes.append("warmup_steps ignored: warmup_ratio is also set and wins")
-        elif max_steps and max_steps > 0:
-            ratio = min(0.5, steps / max_steps)
-            put("train.warmup_ratio", round(ratio, 6), "warmup_steps")
-            notes.append(f"warmup_steps {steps} → train.warmup_ratio {ratio:.4g} ({steps}/{max_steps} max_steps)")
-        else:
-            skip("warmup_steps", f"{steps} steps: qlora-tui sets warmup as a ratio; set "
-                                 f"train.warmup_ratio = {steps} / total steps")
+        _warmup_steps(c)
+
+
+def _warmup_steps(c: _Conversion) -> None:
+    y = c.y
+    steps = _int(c.take("warmup_steps"))
+    max_steps = _int(y.get("max_steps"))
+    if steps is None:
+        c.skip("warmup_steps", f"{y['warmup_steps']!r} is not a whole number")
+    elif "warmup_ratio" in y:
+        c.notes.append("warmup_steps ignored: warmup_ratio is also set and wins")
+    elif max_steps and max_steps > 0:
+        ratio = min(0.5, steps / max_steps)
+        c.put("train.warmup_ratio", round(ratio, 6), "warmup_steps")
+        c.notes.append(f"warmup_steps {steps} → train.warmup_ratio {ratio:.4g} ({steps}/{max_steps} max_steps)")
+    else:
+        c.skip("warmup_steps", f"{steps} steps: qlora-tui sets warmup as a ratio; set "
+                               f"train.warmup_ratio = {steps} / total steps")
+
+
+def _optimizer(c: _Conversion) -> None:
+    y = c.y
     if "optimizer" in y:
-        v = take("optimizer")
+        v = c.take("optimizer")
         if v in _OPTIMIZERS:
-            put("train.optimizer", _OPTIMIZERS[v], "optimizer")
+            c.put("train.optimizer", _OPTIMIZERS[v], "optimizer")
             if _OPTIMIZERS[v] != v:
-                notes.append(f"optimizer {v} → {_OPTIMIZERS[v]} (the same optimizer under its HF name)")
+                c.notes.append(f"optimizer {v} → {_OPTIMIZERS[v]} (the same optimizer under its HF name)")
         else:
-            skip("optimizer", f"{v!r} is not supported; allowed: " + ", ".join(sorted(set(_OPTIMIZERS.values()))))
-    simple("weight_decay", "train.weight_decay", "float")
-    simple("max_grad_norm", "train.max_grad_norm", "float")
+            c.skip("optimizer", f"{v!r} is not supported; allowed: "
+                   + ", ".join(sorted(set(_OPTIMIZERS.values()))))
+    c.simples("train_opt")
     if "gradient_checkpointing" in y:
-        v = take("gradient_checkpointing")
+        v = c.take("gradient_checkpointing")
         b = _bool(v)
         if b is not None:
-            put("train.gradient_checkpointing", b, "gradient_checkpointing")
+            c.put("train.gradient_checkpointing", b, "gradient_checkpointing")
         elif v == "unsloth":
-            put("train.gradient_checkpointing", True, "gradient_checkpointing")
-            notes.append("gradient_checkpointing: unsloth → true (standard checkpointing)")
+            c.put("train.gradient_checkpointing", True, "gradient_checkpointing")
+            c.notes.append("gradient_checkpointing: unsloth → true (standard checkpointing)")
         else:
-            skip("gradient_checkpointing", f"{v!r} is not true/false")
+            c.skip("gradient_checkpointing", f"{v!r} is not true/false")
     if "gradient_checkpointing_kwargs" in y:
-        take("gradient_checkpointing_kwargs")
-        notes.append("gradient_checkpointing_kwargs: qlora-tui chooses them; ignored")
-    simple("seed", "train.seed", "int")
+        c.take("gradient_checkpointing_kwargs")
+        c.notes.append("gradient_checkpointing_kwargs: qlora-tui chooses them; ignored")
+    c.simple("seed", "train.seed", "int")
+
+
+def _steps_and_distribution(c: _Conversion) -> None:
+    y = c.y
     for key, dotted in (("logging_steps", "train.logging_steps"), ("eval_steps", "train.eval_steps"),
                         ("save_steps", "train.save_steps")):
         if key in y:
             v = _num(y[key])
             if v is not None and 0 < v < 1:
-                take(key)
-                skip(key, f"{v} is a fraction of the run; qlora-tui needs a step count")
+                c.take(key)
+                c.skip(key, f"{v} is a fraction of the run; qlora-tui needs a step count")
             else:
-                simple(key, dotted, "int")
-    simple("save_total_limit", "train.save_total_limit", "int")
+                c.simple(key, dotted, "int")
+    c.simple("save_total_limit", "train.save_total_limit", "int")
     for key in ("evals_per_epoch", "saves_per_epoch"):
         if key in y:
-            take(key)
-            skip(key, f"qlora-tui counts in steps; set train.{key.split('s_per')[0]}_steps instead")
+            c.take(key)
+            c.skip(key, f"qlora-tui counts in steps; set train.{key.split('s_per')[0]}_steps instead")
     if "fsdp" in y or "fsdp_config" in y:
-        v = take("fsdp")
-        take("fsdp_config")
+        v = c.take("fsdp")
+        c.take("fsdp_config")
         if v or y.get("fsdp_config"):
-            put("distributed.strategy", "fsdp", "fsdp")
-            notes.append("fsdp → distributed.strategy = fsdp; set distributed.gpus to the GPU "
-                         "count (fsdp_config details are chosen by qlora-tui)")
-    if "deepspeed" in y and take("deepspeed"):
-        skip("deepspeed", "DeepSpeed is not supported; use distributed.strategy ddp or fsdp")
+            c.put("distributed.strategy", "fsdp", "fsdp")
+            c.notes.append("fsdp → distributed.strategy = fsdp; set distributed.gpus to the GPU "
+                           "count (fsdp_config details are chosen by qlora-tui)")
+    if "deepspeed" in y and c.take("deepspeed"):
+        c.skip("deepspeed", "DeepSpeed is not supported; use distributed.strategy ddp or fsdp")
 
-    # ---- output / tracking
+
+def _output(c: _Conversion) -> None:
+    y = c.y
     if "output_dir" in y:
-        v = take("output_dir")
+        v = c.take("output_dir")
         if isinstance(v, str) and v.strip():
-            put("output.dir", v, "output_dir")
-            notes.append(f"output_dir {v} → output.dir: each run gets its own sub-directory in it")
+            c.put("output.dir", v, "output_dir")
+            c.notes.append(f"output_dir {v} → output.dir: each run gets its own sub-directory in it")
         else:
-            skip("output_dir", f"{v!r} is not a path")
+            c.skip("output_dir", f"{v!r} is not a path")
     tracker = None
     if y.get("wandb_project"):
-        take("wandb_project")
+        c.take("wandb_project")
         tracker = "wandb"
-        put("output.report_to", "wandb", "wandb_project")
-        notes.append(f"wandb_project → output.report_to = wandb; export WANDB_PROJECT="
-                     f"{y['wandb_project']} before training")
-    for key in ("wandb_entity", "wandb_name", "wandb_run_id", "wandb_watch", "wandb_log_model", "wandb_mode"):
+        c.put("output.report_to", "wandb", "wandb_project")
+        c.notes.append(f"wandb_project → output.report_to = wandb; export WANDB_PROJECT="
+                       f"{y['wandb_project']} before training")
+    for key, env in _WANDB_ENV.items():
         if key in y:
-            v = take(key)
+            v = c.take(key)
             if v not in (None, ""):
-                env = {"wandb_entity": "WANDB_ENTITY", "wandb_name": "WANDB_NAME",
-                       "wandb_run_id": "WANDB_RUN_ID", "wandb_watch": "WANDB_WATCH",
-                       "wandb_log_model": "WANDB_LOG_MODEL", "wandb_mode": "WANDB_MODE"}[key]
-                notes.append(f"{key}: export {env}={v}")
-    if "use_tensorboard" in y:
-        if _bool(take("use_tensorboard")) and tracker is None:
-            put("output.report_to", "tensorboard", "use_tensorboard")
+                c.notes.append(f"{key}: export {env}={v}")
+    if "use_tensorboard" in y and _bool(c.take("use_tensorboard")) and tracker is None:
+        c.put("output.report_to", "tensorboard", "use_tensorboard")
 
-    # ---- known keys with no effect here, then everything left over
+
+def _leftovers(c: _Conversion) -> None:
+    """Known keys with no effect here, then everything left over."""
+    y = c.y
     for key, why in _NO_EFFECT.items():
-        if key in y and key not in done:
-            take(key)
+        if key in y and key not in c.done:
+            c.take(key)
             if key == "train_on_inputs" and _bool(y[key]):
-                skip(key, "training on prompt tokens too is not supported; only assistant "
-                          "turns are trained")
+                c.skip(key, "training on prompt tokens too is not supported; only assistant "
+                            "turns are trained")
             else:
-                notes.append(f"{key}: {why}; ignored")
+                c.notes.append(f"{key}: {why}; ignored")
     for key in y:
-        if key not in done:
+        if key not in c.done:
             if key in ("special_tokens", "tokens", "added_tokens_overrides"):
-                skip(key, "adding or overriding tokenizer tokens is not supported; use a "
-                          "tokenizer that already has them")
+                c.skip(key, "adding or overriding tokenizer tokens is not supported; use a "
+                            "tokenizer that already has them")
             else:
-                skip(key, "no qlora-tui equivalent")
+                c.skip(key, "no qlora-tui equivalent")
 
-    # ---- validate; a value our config rejects becomes unmapped with the reason
-    for _ in range(len(origin) + 1):
+
+def _validate(c: _Conversion) -> None:
+    """Validate; a value our config rejects becomes unmapped with the reason."""
+    from engine import config as C
+    cfg = c.cfg
+    for _ in range(len(c.origin) + 1):
         try:
             C.from_dict(copy.deepcopy(cfg))
-            break
+            return
         except C.ConfigError as e:
             for p in e.problems:
                 section, _, name = p.field.partition(".")
@@ -538,10 +612,9 @@ def convert(yaml_text_or_path) -> tuple[dict, list[str], list[str]]:
                     del cfg[section][name]
                     if not cfg[section]:
                         del cfg[section]
-                    skip(origin.get(p.field, p.field), f"{p.value!r} rejected: {p.message}")
+                    c.skip(c.origin.get(p.field, p.field), f"{p.value!r} rejected: {p.message}")
                 else:  # a cross-field problem with no single key: report it and stop
                     raise AxolotlError(f"converted config is invalid: {p}") from None
-    return cfg, unmapped, notes
 
 
 def to_toml_text(config_dict: dict, unmapped: list[str], notes: list[str], source: str = "") -> str:
