@@ -28,6 +28,7 @@ from pathlib import Path
 
 from engine import data as D
 from engine import quality as Q
+from engine.safe_text import describe_controls, has_controls, json_dumps, visible, write_trusted
 from engine.token_count import Counter
 
 SCHEMA_VERSION = 1
@@ -310,6 +311,7 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
     seen: dict = {}
     first_line: dict = {}
     fields: dict = {}
+    bad_keys: dict = {}          # line -> a field name holding control characters
     problems: list = []          # from normalising with the provisional format
     rows: list = []              # D.Row
     counts: list = []            # (tokens, trained, kept) per row
@@ -365,6 +367,7 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
         inflight.append(pool.submit(counter.counts, datas, counter.render(datas)))
         texts = [Q.row_text(d) for d in datas]
         lines = [r.line for r in new_rows]
+        problems.extend(_control_problems(lines, texts, bad_keys))
         for ln, d, t in zip(lines, datas, texts):
             dups.add(ln, d, t)
         pii.extend(Q.scan_pii(lines, texts))
@@ -382,6 +385,8 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
                 if isinstance(obj, dict):
                     for k in obj:
                         fields[k] = fields.get(k, 0) + 1
+                        if has_controls(k):
+                            bad_keys[line] = k
             rep.rows_read = len(raw)
             if provisional is None:
                 if sum(seen.values()) < 200:
@@ -435,6 +440,21 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
         return out
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _control_problems(lines, texts, bad_keys) -> list:
+    """Rows whose text (or a field name) holds control characters, ANSI escape sequences or
+    bidi overrides: almost always an accident in training data, sometimes an attack."""
+    out = []
+    for ln, t in zip(lines, texts):
+        what = describe_controls(t) if has_controls(t) else None
+        where = "its text"
+        if what is None and ln in bad_keys:
+            what, where = describe_controls(bad_keys[ln]), f"the field name {visible(repr(bad_keys[ln]))}"
+        if what:
+            out.append(D.DataProblem(ln, "control_chars", f"{what} in {where} (shown as ␛ / ⟨U+…⟩ here); "
+                                     "clean the row unless the model must learn those bytes"))
+    return out
 
 
 def _finish(cfg, rep: Report, tok, rows, counts, problems, mixed, dups, pii, seen, fields,
@@ -617,8 +637,9 @@ def _cmd(args) -> int:
 
         def progress(r: Report):
             if stderr_tty:
-                print(f"\r{r.phase}: {r.rows_read} rows read, {r.rows_tokenized} tokenised "
-                      f"({r.progress:.0%})", end="", file=sys.stderr, flush=True)
+                write_trusted(sys.stderr, f"\r{r.phase}: {r.rows_read} rows read, {r.rows_tokenized} "
+                                          f"tokenised ({r.progress:.0%})")
+                sys.stderr.flush()
         # This command is one short-lived process that starts no child and forks no DataLoader,
         # so it may let the tokenizer use every core even where the environment turned that off
         # (TOKENIZERS_PARALLELISM=false, often set just to silence the fork warning). It is set
@@ -633,12 +654,13 @@ def _cmd(args) -> int:
             else:
                 os.environ["TOKENIZERS_PARALLELISM"] = saved
         if stderr_tty:
-            print("\r\033[K", end="", file=sys.stderr, flush=True)
+            write_trusted(sys.stderr, "\r\033[K")
+            sys.stderr.flush()
     except (D.DataError, ModelError) as e:
         print(str(e), file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(rep.to_dict(), ensure_ascii=False, indent=1))
+        print(json_dumps(rep.to_dict(), indent=1))
     else:
         print(format_report(rep))
     return 1 if args.strict and rep.problems else 0
@@ -654,9 +676,9 @@ def _cmd_show(cfg, args) -> int:
     colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty()
                                         and not os.environ.get("NO_COLOR"))
     if args.json:
-        print(json.dumps(pv.to_dict(), ensure_ascii=False, indent=1))
+        print(json_dumps(pv.to_dict(), indent=1))
     else:
-        print(format_preview(pv, cfg.data.max_length, colour=colour))
+        write_trusted(sys.stdout, format_preview(pv, cfg.data.max_length, colour=colour) + "\n")
     return 0
 
 
@@ -666,7 +688,8 @@ def format_preview(pv: Preview, max_len: int, colour: bool = False) -> str:
                if pv.n_trained_untruncated != pv.n_trained else ""))
     legend = ("trained tokens in green" if colour else "trained tokens between ⟦ and ⟧")
     body, pos = [], 0
-    for text, trained in pv.segments:
+    for raw, trained in pv.segments:
+        text = visible(raw)           # the row's own escape codes are shown, never run
         if pv.cut_char is not None and pos == pv.cut_char:
             body.append(("\033[7m" if colour else "") + f"✂[max_length {max_len}: the rest is cut]"
                         + ("\033[0m" if colour else ""))
@@ -675,7 +698,7 @@ def format_preview(pv: Preview, max_len: int, colour: bool = False) -> str:
         else:
             body.append(f"\033[2m{text}\033[0m" if colour and pv.cut_char is not None and pos >= pv.cut_char
                         else text)
-        pos += len(text)
+        pos += len(raw)
     return f"{head}; {legend}\n" + "─" * 60 + "\n" + "".join(body) + "\n" + "─" * 60
 
 
