@@ -152,8 +152,9 @@ _ds_cache: dict = {}
 
 
 def _model_key(cfg) -> tuple:
+    from engine.model import remote_code_allowed
     m = cfg.model
-    return (m.name, m.revision, m.chat_template, m.trust_remote_code, cfg.source)
+    return (m.name, m.revision, m.chat_template, remote_code_allowed(cfg), cfg.source)
 
 
 def tokenizer_for(cfg):

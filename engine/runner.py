@@ -49,6 +49,7 @@ def preflight(cfg: C.Config, check_model: bool = True) -> list[str]:
             notes.append(note)
         try:
             M.check_model_skeleton(cfg)
+            M.load_tokenizer(cfg)    # shipped tokenizer code, a broken chat template: said here
         except M.ModelError as e:
             raise PreflightError(str(e)) from None
     return notes

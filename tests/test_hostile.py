@@ -81,3 +81,108 @@ def test_sanitiser_table():
     assert json.loads(json_dumps({"k\u202e": "\x9b\udcff"[:1]})) == {"k\u202e": "\x9b"}
     from tui.safe import clean                   # the TUI shows the same glyphs
     assert clean("\x1b\u202e\t") == "␛⟨U+202E⟩    "
+
+
+# ---------------------------------------------------------------- 1. remote code before consent
+
+def evil_model(src: Path, dst: Path, marker: Path, *, arch: bool = True, tokenizer: bool = True) -> Path:
+    """A copy of ``src`` whose tokenizer (and architecture) exist only as shipped Python files
+    that leave ``marker`` behind when imported."""
+    import shutil
+    shutil.copytree(src, dst)
+    (dst / "tokenization_evil.py").write_text(
+        f"open({str(marker)!r}, 'a').write('tokenizer ')\n"
+        "from transformers import PreTrainedTokenizerFast\n"
+        "class EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    (dst / "modeling_evil.py").write_text(
+        f"open({str(marker)!r}, 'a').write('model ')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class EvilConfig(LlamaConfig):\n    model_type = 'evil_llama'\n"
+        "class EvilForCausalLM(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+    if tokenizer:
+        tc = json.loads((dst / "tokenizer_config.json").read_text())
+        tc.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]})
+        (dst / "tokenizer_config.json").write_text(json.dumps(tc))
+    if arch:
+        conf = json.loads((dst / "config.json").read_text())
+        conf.update(model_type="evil_llama", architectures=["EvilForCausalLM"],
+                    auto_map={"AutoConfig": "modeling_evil.EvilConfig",
+                              "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
+        (dst / "config.json").write_text(json.dumps(conf))
+    return dst
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+def fresh_consent():
+    from engine import model as M
+    saved = dict(M._consent, granted=set(M._consent["granted"]))
+    yield M
+    M._consent.clear()
+    M._consent.update(saved)
+
+
+@pytest.mark.anyio
+async def test_no_model_code_runs_before_consent_in_the_tui(tmp_path, monkeypatch, fresh_consent):
+    from engine import config as C
+    from tui_helpers import demo_cfg, make_app, until
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+    M = fresh_consent
+    marker = tmp_path / "CODE_RAN"
+    src = Path(M.model_path(C.load(None)))
+    model = evil_model(src, tmp_path / "evil", marker, arch=False)   # only the tokenizer is code
+    app = make_app(demo_cfg(tmp_path, f'model.name="{model}"', "model.trust_remote_code=true"))
+    async with app.run_test(size=(100, 40)) as pilot:
+        await pilot.press("f2")
+        summary = lambda: str(app.screen.query_one("#ds-summary").render())   # noqa: E731
+        await until(pilot, lambda: "shipped with the model" in summary(), timeout=120, what="refusal")
+        assert "confirm" in summary()
+        await pilot.press("f3")
+        await until(pilot, lambda: getattr(app.screen, "form_ready", False), what="config form")
+        await pilot.pause(0.5)
+        assert not marker.exists()
+    assert not marker.exists()
+
+
+def test_no_model_code_runs_without_consent_on_the_cli(tmp_path, capsys, fresh_consent):
+    from engine import config as C
+    M = fresh_consent
+    marker = tmp_path / "CODE_RAN"
+    model = evil_model(Path(M.model_path(C.load(None))), tmp_path / "evil", marker)
+    data = hostile_jsonl(tmp_path / "d.jsonl")
+    r = cli(capsys, "inspect", data, "--model", model)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and "model.trust_remote_code = true" in r.stderr, r.stderr
+    assert not marker.exists()
+
+
+def test_import_axolotl_says_remote_code_and_never_overwrites_its_input(tmp_path, capsys):
+    y = tmp_path / "ax.yml"
+    original = "base_model: builtin:tiny\ntrust_remote_code: true\nadapter: qlora\nload_in_4bit: true\n"
+    y.write_text(original)
+    r = cli(capsys, "import-axolotl", y)
+    assert r.returncode == 0 and "trust_remote_code: true carried over" in r.stdout
+    r = cli(capsys, "import-axolotl", y, "-o", y, "--force")
+    assert r.returncode == 1 and "Axolotl config itself" in r.stderr and y.read_text() == original
+    d = tmp_path / "outdir"
+    d.mkdir()
+    r = cli(capsys, "import-axolotl", y, "-o", d, "--force")
+    assert r.returncode == 1 and "is a directory" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ax.yml", "outdir"] and not any(d.iterdir())
+
+
+def test_preflight_refuses_a_shipped_tokenizer_over_a_builtin_architecture(tiny_cfg, tmp_path, fresh_consent):
+    from engine import runner as RN
+    from reliability_helpers import configured
+    M = fresh_consent
+    marker = tmp_path / "CODE_RAN"
+    model = evil_model(Path(M.model_path(tiny_cfg)), tmp_path / "evil", marker, arch=False)
+    cfg = configured(tiny_cfg, {"model.name": str(model)})
+    with pytest.raises(RN.PreflightError, match="tokenizer is Python code shipped with the model"):
+        RN.preflight(cfg)
+    assert not marker.exists() and not (tmp_path / "runs").exists()
