@@ -186,3 +186,64 @@ def test_preflight_refuses_a_shipped_tokenizer_over_a_builtin_architecture(tiny_
     with pytest.raises(RN.PreflightError, match="tokenizer is Python code shipped with the model"):
         RN.preflight(cfg)
     assert not marker.exists() and not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------- 3-6. one private writer per run
+
+def crashed_run(cfg, runs: Path) -> Path:
+    """A run directory as a kill -9 before the first checkpoint leaves it."""
+    from engine import config as C
+    from engine import events as E
+    from engine import rundir as R
+    from engine import runner as RN
+    d = R.create(runs, "crashed")
+    C.save(RN.absolutise(cfg), d / R.CONFIG)
+    (d / R.EVENTS).write_text(E.dumps(E.RunStarted(run_dir=str(d), total_steps=cfg.train.max_steps)) + "\n")
+    return d
+
+
+def assert_private(run_dir: Path) -> None:
+    import stat
+    for p in [run_dir, *run_dir.rglob("*")]:
+        if p.is_symlink():
+            continue
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode & 0o077 == 0, f"{p} is {oct(mode)}"
+        assert mode & 0o700 == (0o700 if p.is_dir() else 0o600) or not p.is_dir(), f"{p} is {oct(mode)}"
+
+
+def test_one_writer_per_run_two_real_processes_detach_and_a_prompt_stop(tiny_cfg, tmp_path, capsys,
+                                                                       monkeypatch):
+    from engine import control as ctl
+    from engine import rundir as R
+    from reliability_helpers import configured, events, step_numbers, terminal, wait_for, ENGINE
+    cfg = configured(tiny_cfg, {"train.max_steps": 60, "train.save_steps": 0, "train.eval_steps": 0})
+    d = crashed_run(cfg, tmp_path / "runs")
+    env = env_with(QLORA_TUI_FAULTS="slow=0.3")
+    # two resumes started together: one trains, the other exits 2 with one line
+    procs = [subprocess.Popen([*ENGINE, "train", "--resume", str(d), "--headless"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    loser = wait_for(lambda: next((p for p in procs if p.poll() is not None), None), 240, what="the loser")
+    winner = next(p for p in procs if p is not loser)
+    out, err = loser.communicate()
+    assert loser.returncode == 2 and "another process" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    wait_for(lambda: len(step_numbers(d)) >= 2, 240, what="the winner's steps")
+    ctl.request(d, "stop")
+    _, err = winner.communicate(timeout=240)
+    assert winner.returncode == 3, err[-2000:]             # exitcodes.STOPPED: distinct from completed
+    first = terminal(d).step
+    # a detached resume, and a stop sent right after it started: carried out, not taken as stale
+    monkeypatch.setenv("QLORA_TUI_FAULTS", "slow=0.3")
+    r = cli(capsys, "train", "--resume", d, "--detach")
+    assert r.returncode == 0, r.stderr
+    ctl.request(d, "stop")
+    r2 = cli(capsys, "train", "--resume", d, "--detach")       # the first one's child writes it
+    assert r2.returncode == 2 and len(r2.stderr.strip().splitlines()) == 1, r2.stderr
+    assert "d.toml" not in r2.stdout and str(d) not in r2.stdout
+    wait_for(lambda: len([e for e in events(d) if e.type == "run_finished"]) == 2, 240, what="the stop")
+    fin = terminal(d)
+    assert fin.stopped and first < fin.step < 60, fin
+    assert step_numbers(d) == list(range(1, fin.step + 1))
+    wait_for(lambda: not R.process_alive(d), 60, what="the child's exit")
+    assert_private(d)                      # events, config, stdout.log, checkpoints, adapter, control
