@@ -209,7 +209,7 @@ def cmd_runs(args) -> int:
     for ri in runs:
         loss = ri.final_loss if ri.final_loss is not None else ri.last_loss
         print(f"{ri.state:9} {ri.step:>5}/{ri.total_steps:<5} {_num(loss, '8.4f'):>8}  {ri.path}"
-              + (f"  ({ri.reason})" if ri.state in ("failed", "crashed") and ri.reason else ""))
+              + (f"  ({ri.reason})" if ri.state in ("failed", "crashed", "damaged") and ri.reason else ""))
     return 0
 
 

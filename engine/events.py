@@ -125,8 +125,15 @@ def from_dict(d: dict) -> Event:
     if cls is None:
         ev = Event(time=d.get("time", 0.0))
         return ev
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
+    kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+    for k, v in d.items():       # a damaged line (a number that is text, say) is no event
+        want = kinds.get(k)
+        if want in ("int", "float", "float | None", "int | None") and v is not None:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{k}: {v!r} is not a number")
+        elif want in ("str",) and not isinstance(v, str):
+            raise ValueError(f"{k}: {v!r} is not text")
+    return cls(**{k: v for k, v in d.items() if k in kinds})
 
 
 def _clean(v: Any):
@@ -151,6 +158,8 @@ FLOAT_FIELDS = frozenset(f.name for c in (Step, Eval, RunFinished, Status) for f
 
 def loads(line: str) -> Event:
     d = json.loads(line)
+    if not isinstance(d, dict):
+        raise ValueError("not an event")
     for k, v in list(d.items()):
         if v in ("nan", "inf", "-inf") and k in FLOAT_FIELDS:
             d[k] = float(v)
@@ -217,20 +226,30 @@ class JsonlWriter:
                 self._fh.close()
 
 
-def read_events(path: str | Path) -> list[Event]:
-    """All complete events of a run log (a torn last line, from a kill, is skipped)."""
+# what a damaged line can raise while it is turned into an event (it is skipped)
+BAD_LINE = (ValueError, TypeError, AttributeError, KeyError)
+
+
+def read_events(path: str | Path, strict: bool = False) -> list[Event]:
+    """All complete events of a run log. Any damage is survived: a torn last line (a kill, even
+    inside a multi-byte character), bytes that are not UTF-8 and lines that are no event are
+    skipped. A log that cannot be read at all (a directory, no permission) gives [] or, with
+    ``strict``, raises OSError (``engine.rundir.info`` reports the run as damaged)."""
     out = []
     try:
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if not line.endswith("\n"):
+        with open(path, "rb") as fh:
+            for raw in fh:
+                if not raw.endswith(b"\n"):
                     break
                 try:
-                    out.append(loads(line))
-                except (json.JSONDecodeError, TypeError):
+                    out.append(loads(raw.decode("utf-8", errors="replace")))
+                except BAD_LINE:
                     continue
     except FileNotFoundError:
         pass
+    except OSError:
+        if strict:
+            raise
     return out
 
 
@@ -268,7 +287,7 @@ def follow(path: str | Path, stop: threading.Event | None = None, poll: float = 
 
     if not wait_exists():
         return
-    fh = open(path, encoding="utf-8")
+    fh = open(path, encoding="utf-8", errors="replace")
     try:
         buf = ""
         idle_checks = 0
@@ -282,7 +301,7 @@ def follow(path: str | Path, stop: threading.Event | None = None, poll: float = 
                 line, buf = buf, ""
                 try:
                     ev = loads(line)
-                except (json.JSONDecodeError, TypeError):
+                except BAD_LINE:
                     continue
                 idle_checks = 0
                 ended = until_terminal and ev.type in TERMINAL
@@ -291,7 +310,7 @@ def follow(path: str | Path, stop: threading.Event | None = None, poll: float = 
             # at the end of the file
             if replaced(fh):
                 try:
-                    new = open(path, encoding="utf-8")
+                    new = open(path, encoding="utf-8", errors="replace")
                 except FileNotFoundError:
                     new = None
                 if new is not None:

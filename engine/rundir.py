@@ -24,7 +24,7 @@ CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 STDOUT = "stdout.log"
 
-STATES = ("live", "finished", "stopped", "failed", "crashed", "new")
+STATES = ("live", "finished", "stopped", "failed", "crashed", "new", "damaged")
 
 
 # ---- permissions: run directories are private (0700 directories, 0600 files) -------------
@@ -182,25 +182,30 @@ def write_pid(run_dir: str | Path, pid: int | None = None) -> None:
     tmp.replace(Path(run_dir) / RUN_JSON)
 
 
+def _run_json(run_dir: str | Path) -> dict:
+    """``run.json`` as a dict; {} when it is missing or damaged (not JSON, not an object)."""
+    try:
+        info = json.loads((Path(run_dir) / RUN_JSON).read_bytes().decode("utf-8", errors="replace"))
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def owner_pid(run_dir: str | Path) -> int | None:
     """The pid recorded in ``run.json`` (whether or not it still runs)."""
-    try:
-        pid = json.loads((Path(run_dir) / RUN_JSON).read_text()).get("pid")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return pid if isinstance(pid, int) else None
+    pid = _run_json(run_dir).get("pid")
+    return pid if isinstance(pid, int) and not isinstance(pid, bool) else None
 
 
 def process_alive(run_dir: str | Path) -> bool:
     """True if the process that owns the run still exists (same pid *and* same start time)."""
-    try:
-        info = json.loads((Path(run_dir) / RUN_JSON).read_text())
-    except (OSError, ValueError):
+    info = _run_json(run_dir)
+    if not info:
         return False
     if info.get("host") not in (None, socket.gethostname()):
         return False
     pid = info.get("pid")
-    if not isinstance(pid, int):
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
     ticks = _proc_start_ticks(pid)
     if ticks is None:
@@ -231,8 +236,19 @@ class RunInfo:
 
 
 def info(run_dir: str | Path) -> RunInfo:
+    """The run's state from its files; a run whose files are damaged beyond reading is
+    ``damaged`` with the reason (never an exception)."""
     run_dir = Path(run_dir)
-    evs = E.read_events(run_dir / EVENTS)
+    try:
+        return _info(run_dir, E.read_events(run_dir / EVENTS, strict=True))
+    except OSError as e:
+        why = f"{EVENTS} cannot be read ({e.strerror or e}); the run's log is damaged"
+    except Exception as e:  # noqa: BLE001 - any damage to the files: say so, list the others
+        why = f"its files are damaged ({type(e).__name__}: {str(e)[:120]})"
+    return RunInfo(path=run_dir, name=run_dir.name, state="damaged", reason=why)
+
+
+def _info(run_dir: Path, evs: list) -> RunInfo:
     ri = RunInfo(path=run_dir, name=run_dir.name, state="new")
     # a resumed run appends a new run_started after the old terminal event: only the last segment counts
     terminal = None
@@ -271,7 +287,10 @@ def list_runs(runs_dir: str | Path) -> list[RunInfo]:
     base = Path(runs_dir).expanduser()
     if not base.is_dir():
         return []
-    dirs = [p for p in base.iterdir() if p.is_dir() and ((p / EVENTS).exists() or (p / RUN_JSON).exists())]
+    try:
+        dirs = [p for p in base.iterdir() if p.is_dir() and ((p / EVENTS).exists() or (p / RUN_JSON).exists())]
+    except OSError:
+        return []
     return [info(p) for p in sorted(dirs, key=lambda p: p.name, reverse=True)]
 
 

@@ -247,3 +247,49 @@ def test_one_writer_per_run_two_real_processes_detach_and_a_prompt_stop(tiny_cfg
     assert step_numbers(d) == list(range(1, fin.step + 1))
     wait_for(lambda: not R.process_alive(d), 60, what="the child's exit")
     assert_private(d)                      # events, config, stdout.log, checkpoints, adapter, control
+
+
+def test_resume_refusals_are_one_line_exit_2(tiny_cfg, tmp_path, capsys):
+    from engine import events as E
+    from engine import rundir as R
+    d = crashed_run(tiny_cfg, tmp_path / "runs")
+    with open(d / R.EVENTS, "a") as fh:
+        fh.write(E.dumps(E.RunFinished(step=12)) + "\n")           # a finished run
+    cases = [([], "finished"), (["--set", "lora.r=4"], "cannot change on resume"),
+             (["--set", "train.learning_rate=fast"], "train.learning_rate")]
+    for extra, needle in cases:
+        r = cli(capsys, "train", "--resume", d, "--headless", *extra)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
+        # one line (a config problem: the file's line, then the problem, as every command says it)
+        assert len(r.stderr.strip().splitlines()) == (2 if "learning_rate" in needle else 1), r.stderr
+    (d / R.CONFIG).write_bytes(b"[train\nmax_steps = \xff\n")          # corrupt config.toml
+    r = cli(capsys, "train", "--resume", d, "--headless")
+    assert r.returncode == 2 and "config.toml" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_damaged_run_files_are_listed_as_damaged_never_a_traceback(tiny_cfg, tmp_path, capsys):
+    from engine import events as E
+    from engine import rundir as R
+    runs = tmp_path / "runs"
+    good = crashed_run(tiny_cfg, runs)
+    torn = crashed_run(tiny_cfg, runs)
+    with open(torn / R.EVENTS, "ab") as fh:       # a kill inside a multi-byte character, then junk
+        fh.write(b'[1]\n{"type": "step", "step": "x"}\n\xff\xfe\n' + E.dumps(E.Step(step=1, loss=2.0)).encode()
+                 + b"\n" + '{"type": "status", "message": "caf\u00e9'.encode()[:-1])
+    (torn / R.RUN_JSON).write_text('["not", "an", "object"]')
+    dirlog = crashed_run(tiny_cfg, runs)
+    (dirlog / R.EVENTS).unlink()
+    (dirlog / R.EVENTS).mkdir()                   # events.jsonl that is a directory
+    (dirlog / R.RUN_JSON).write_text('"pid"')
+    r = cli(capsys, "runs", "--dir", runs)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    lines = {ln.split()[-1] if "(" not in ln else ln.split("  (")[0].split()[-1]: ln
+             for ln in r.stdout.splitlines()[1:]}
+    assert lines[str(good)].startswith("crashed") and lines[str(torn)].startswith("crashed")
+    assert "1/" in lines[str(torn)]
+    assert lines[str(dirlog)].startswith("damaged") and "events.jsonl cannot be read" in lines[str(dirlog)]
+    for d in (torn, dirlog):
+        r = cli(capsys, "stop", d)
+        assert r.returncode == 1 and "no live run" in r.stderr and "Traceback" not in r.stderr
+    assert [e.step for e in E.read_events(torn / R.EVENTS) if e.type == "step"] == [1]
+    assert list(E.follow(torn / R.EVENTS, until_terminal=False, alive=lambda: False, poll=0.01))
