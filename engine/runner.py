@@ -231,6 +231,7 @@ class Run:
         self._changed: list[str] = []
         self.notes: list[str] = []       # preflight warnings (bad rows skipped, custom code not run)
         self._lock: int | None = None    # fd of RUN_DIR/lock while this process writes the run
+        self._sink_failure: BaseException | None = None   # the log writer failed (disk full)
 
     # ---- control
     def request_stop(self, reason: str = "stop requested") -> None:
@@ -293,6 +294,7 @@ class Run:
         R.write_pid(self.run_dir)
         self._writer = E.JsonlWriter(self.run_dir / R.EVENTS)
         self.bus.subscribe(self._writer)
+        self.bus.on_sink_error.append(self._sink_error)
         self.bus.subscribe(self._on_event)
         return self.run_dir
 
@@ -318,6 +320,27 @@ class Run:
         self.thread = threading.Thread(target=self._main, name="qlora-run", daemon=True)
         self.thread.start()
         return self.run_dir
+
+    def _sink_error(self, fn, exc: BaseException) -> None:
+        """The run's log (or another sink) failed: stop after this step; the run ends failed."""
+        if fn is self._writer and self._sink_failure is None:
+            self._sink_failure = exc
+            self.request_stop("the event log could not be written")
+
+    def _emit_final(self, ev: E.Event) -> None:
+        """Emit the terminal event; after a log failure it says so (kind ``disk`` when the disk
+        is full) and goes into the space the log writer kept in reserve."""
+        exc = self._sink_failure
+        if exc is not None and ev.type == "run_finished":
+            from engine.trainer import _is_disk_full
+            disk = _is_disk_full(exc)
+            ev = E.RunFailed(kind="disk" if disk else "error", step=ev.step, reason=(
+                f"{'disk full: ' if disk else ''}{R.EVENTS} could not be written ({exc}); the run stopped "
+                f"at step {ev.step}" + (f", adapter saved in {ev.adapter_dir}" if ev.adapter_dir else "")
+                + "; free space and resume"))
+        self.bus.emit(ev)
+        if exc is not None and self._writer:
+            self._writer.write_final(ev)
 
     def _on_event(self, ev: E.Event) -> None:
         if ev.type in E.TERMINAL:
@@ -365,7 +388,7 @@ class Run:
                     step = R.checkpoint_step(ckpt)
                     adapter = self._adapter_from_checkpoint(ckpt, emit)
                     losses = [e.loss for e in E.read_events(self.run_dir / R.EVENTS) if e.type == "step"]
-                    emit(E.RunFinished(step=step, adapter_dir=str(adapter),
+                    self._emit_final(E.RunFinished(step=step, adapter_dir=str(adapter),
                                        final_loss=losses[-1] if losses else None,
                                        reason=f"completed (nothing left to train; adapter from {ckpt.name})"))
                     return
@@ -379,17 +402,17 @@ class Run:
                 nf = cb.nonfinite
                 self._save_adapter(trainer, prepared, emit)
                 what = "loss" if not T._finite(nf.loss) else "grad norm"
-                emit(E.RunFailed(reason=f"non-finite {what} at step {nf.step}: halted (train.nan_policy = "
+                self._emit_final(E.RunFailed(reason=f"non-finite {what} at step {nf.step}: halted (train.nan_policy = "
                                  "halt); lower train.learning_rate, e.g. to 1e-4",
                                  kind="nan", step=nf.step))
                 return
             adapter = self._save_adapter(trainer, prepared, emit)
             stopped = self.stop_flag.is_set()
-            emit(E.RunFinished(step=step, adapter_dir=str(adapter), final_loss=cb.last_loss, stopped=stopped,
+            self._emit_final(E.RunFinished(step=step, adapter_dir=str(adapter), final_loss=cb.last_loss, stopped=stopped,
                                reason=(self.stop_reason[0] if self.stop_reason else "stopped") if stopped
                                else "completed"))
         except BaseException as e:  # noqa: BLE001 - every failure must become an event
-            emit(self._failure_event(e, prepared, step))
+            self._emit_final(self._failure_event(e, prepared, step))
         finally:
             if self._writer:
                 self._writer.close()

@@ -293,3 +293,46 @@ def test_damaged_run_files_are_listed_as_damaged_never_a_traceback(tiny_cfg, tmp
         assert r.returncode == 1 and "no live run" in r.stderr and "Traceback" not in r.stderr
     assert [e.step for e in E.read_events(torn / R.EVENTS) if e.type == "step"] == [1]
     assert list(E.follow(torn / R.EVENTS, until_terminal=False, alive=lambda: False, poll=0.01))
+
+
+# ---------------------------------------------------------------- 8. disk full: the last word is always written
+
+def _run_with_faults(cfg, monkeypatch, faults: str):
+    from engine import faults as F
+    from engine import runner as RN
+    monkeypatch.setenv("QLORA_TUI_FAULTS", faults)
+    F.DISK_FULL.clear()
+    run = RN.Run(cfg)
+    run.start()
+    assert run.join(timeout=300)
+    F.DISK_FULL.clear()
+    return run
+
+
+def _log_lines(run_dir: Path) -> list[dict]:
+    raw = (run_dir / "events.jsonl").read_bytes()
+    assert raw.endswith(b"\n")
+    return [json.loads(l) for l in raw.decode("utf-8").splitlines()]     # every line whole
+
+
+@pytest.mark.parametrize("fault,step", [("markerfull@6", 6), ("logfull@4", 4)])
+def test_disk_full_in_the_marker_or_the_log_ends_failed_disk_with_a_whole_last_line(
+        tiny_cfg, monkeypatch, capfd, fault, step):
+    from engine import rundir as R
+    from reliability_helpers import configured
+    cfg = configured(tiny_cfg, {"train.max_steps": 10, "train.save_steps": 3, "train.eval_steps": 0})
+    run = _run_with_faults(cfg, monkeypatch, fault)
+    lines = _log_lines(run.run_dir)
+    last = lines[-1]
+    assert last["type"] == "run_failed" and last["kind"] == "disk", last
+    assert [l for l in lines if l["type"] in ("run_failed", "run_finished")] == [last]
+    assert R.info(run.run_dir).state == "failed"
+    ck = [p.name for p in R.checkpoints(run.run_dir)]
+    assert not (run.run_dir / "checkpoints" / "checkpoint-6").exists() or "checkpoint-6" in ck
+    if fault.startswith("marker"):     # the half-written checkpoint is gone, the previous one kept
+        assert ck == ["checkpoint-3"] and "checkpoint-3 kept" in last["reason"]
+    else:                              # the log failed: said on stderr and to the other sinks, run stopped
+        assert "events.jsonl writer failed" in capfd.readouterr().err
+        assert any(e.type == "status" and e.phase == "sink-error" for e in run.bus.history)
+        assert "events.jsonl could not be written" in last["reason"] and last["step"] < 10
+    assert not (run.run_dir / "events.reserve").exists()
