@@ -188,11 +188,25 @@ def cmd_train(args) -> int:
 
 def cmd_init(args) -> int:
     from engine.config import starter_toml
+    import os
     p = Path(args.path)
+    if p.is_dir():
+        print(f"error: {p} is a directory; give a file name, e.g. {p / 'qlora.toml'}", file=sys.stderr)
+        return 2
     if p.exists() and not args.force:
         print(f"error: {p} exists; pass --force to overwrite", file=sys.stderr)
         return 2
-    p.write_text(starter_toml(), encoding="utf-8")
+    if not p.parent.is_dir():
+        print(f"error: {p.parent} does not exist; create it first (mkdir -p {p.parent})", file=sys.stderr)
+        return 2
+    tmp = p.with_name(p.name + ".tmp")
+    try:                             # whole or not at all (a full disk leaves nothing behind)
+        tmp.write_text(starter_toml(), encoding="utf-8")
+        os.replace(tmp, p)
+    except OSError as e:
+        tmp.unlink(missing_ok=True) if tmp.exists() else None
+        print(f"error: cannot write {p}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"wrote {p}")
     return 0
 

@@ -68,10 +68,41 @@ def resolve(path: str) -> Path:
 
 def iter_raw(path: str | Path, on_bytes: Callable[[int, int], None] | None = None
              ) -> Iterator[tuple[int, object, str | None]]:
-    """Yield ``(line, record, error)`` for every record of a file; ``error`` is set for bad lines."""
+    """Yield ``(line, record, error)`` for every record of a file; ``error`` is set for bad lines.
+    A file that cannot be read as a whole (not UTF-8, unreadable, not parquet) raises DataError
+    naming the file (and the line of the first bad byte)."""
     p = resolve(str(path))
     if not p.exists():
         raise DataError(f"{p}: no such file or directory; check data.train / data.eval")
+    try:
+        yield from _iter_raw(p, on_bytes)
+    except DataError:
+        raise
+    except UnicodeDecodeError as e:
+        raise DataError(_not_utf8(p, e)) from None
+    except OSError as e:
+        raise DataError(f"{p}: cannot read it ({e.strerror or e}); check the path and its permissions") from None
+    except Exception as e:  # noqa: BLE001 - pyarrow/datasets errors of a damaged file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise DataError(f"{p}: not a readable {p.suffix.lstrip('.') or 'data'} file ({first}); "
+                        "check that it is complete and of that type") from None
+
+
+def _not_utf8(p: Path, e: UnicodeDecodeError) -> str:
+    line = ""
+    if isinstance(e.object, (bytes, bytearray)):
+        n = bytes(e.object[:e.start]).count(b"\n") + 1
+        line = f" at line {n}"
+    return (f"{p}: not UTF-8 text (byte 0x{e.object[e.start]:02X}{line}); save the file as UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8)")
+
+
+def _read_text(p: Path) -> str:
+    """A whole text file as UTF-8 (a BOM is accepted); UnicodeDecodeError names the bytes."""
+    return p.read_bytes().decode("utf-8-sig")
+
+
+def _iter_raw(p: Path, on_bytes) -> Iterator[tuple[int, object, str | None]]:
     if p.is_dir():
         yield from _iter_datasets_dir(p)
         return
@@ -86,6 +117,8 @@ def iter_raw(path: str | Path, on_bytes: Callable[[int, int], None] | None = Non
                     on_bytes(done, total)
                 if not raw.strip():
                     continue
+                if i == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]                    # a BOM
                 try:
                     yield i, json.loads(raw), None
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -93,10 +126,10 @@ def iter_raw(path: str | Path, on_bytes: Callable[[int, int], None] | None = Non
         if on_bytes is not None:
             on_bytes(total, total)
     elif suffix == ".json":
+        text = _read_text(p)
         try:
-            text = p.read_text(encoding="utf-8")
             data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except json.JSONDecodeError as e:
             line = getattr(e, "lineno", 1)
             if text.lstrip().startswith("{") and "\n{" in text:   # JSONL saved as .json
                 yield from iter_raw_lines_as_jsonl(p)
@@ -117,7 +150,8 @@ def iter_raw(path: str | Path, on_bytes: Callable[[int, int], None] | None = Non
         for i, rec in enumerate(data):
             yield lines[i], rec, None
     elif suffix == ".csv":
-        with open(p, newline="", encoding="utf-8") as fh:
+        import io
+        with io.StringIO(_read_text(p), newline="") as fh:
             reader = csv.DictReader(fh)
             reader.fieldnames   # reads the header row
             prev = reader.line_num

@@ -418,7 +418,11 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
         flush()
         drain()
 
-        fmt, reason, mixed = D.choose_format(path, fmt_cfg, seen, first_line, len(raw))
+        try:
+            fmt, reason, mixed = D.choose_format(path, fmt_cfg, seen, first_line, len(raw))
+        except D.DataError as e:         # name the first bad line, as training's preflight does
+            bad = next(((ln, err) for ln, _r, err in raw if err), None)
+            raise D.DataError(f"{e}; first problem at line {bad[0]}: {bad[1]}" if bad else str(e)) from None
         if fmt != provisional:        # the majority changed after the first rows: start over
             problems.clear(); rows.clear(); counts.clear(); pii.clear()
             dups = Q.Duplicates()

@@ -41,7 +41,10 @@ def cli(capsys, *args) -> Result:
     """The command line in this process (what `python -m engine ARGS` runs), output captured."""
     from engine import cli as CLI
     capsys.readouterr()
-    rc = CLI.main([str(a) for a in args])
+    try:
+        rc = CLI.main([str(a) for a in args])
+    except SystemExit as e:                   # argparse and config errors exit like the process
+        rc = e.code
     out, err = capsys.readouterr()
     return Result(rc, out, err)
 
@@ -336,3 +339,59 @@ def test_disk_full_in_the_marker_or_the_log_ends_failed_disk_with_a_whole_last_l
         assert any(e.type == "status" and e.phase == "sink-error" for e in run.bus.history)
         assert "events.jsonl could not be written" in last["reason"] and last["step"] < 10
     assert not (run.run_dir / "events.reserve").exists()
+
+
+# ---------------------------------------------------------------- 9-10. bad data and values: one line
+
+def _bad_files(tmp_path: Path) -> dict:
+    f = {}
+    for name, raw in {"junk.parquet": b"PAR1junk", "empty.parquet": b"",
+                      "latin1.json": b'[{"text": "caf\xe9"}]', "latin1.csv": b"text\nok\ncaf\xe9\n",
+                      "latin1.jsonl": b'{"text": "caf\xe9"}\n'}.items():
+        (tmp_path / name).write_bytes(raw)
+        f[name] = tmp_path / name
+    return f
+
+
+def test_bad_files_and_values_are_one_line_never_a_traceback(tmp_path, capsys, tiny_cfg):
+    files = _bad_files(tmp_path)
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "ok"}]}) + "\n")
+    expect = {"junk.parquet": "not a readable parquet file", "empty.parquet": "not a readable parquet file",
+              "latin1.json": "not UTF-8 text (byte 0xE9 at line 1)",
+              "latin1.csv": "not UTF-8 text (byte 0xE9 at line 3)"}
+    for name, needle in expect.items():
+        for argv in (["inspect", files[name], "--model", "builtin:tiny"],
+                     ["train", "--headless", "--set", f'data.train="{good}"', "--set", f'data.eval="{files[name]}"']):
+            r = cli(capsys, *argv)
+            assert r.returncode == 2 and needle in r.stderr and str(files[name]) in r.stderr, (argv, r.stderr)
+            assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    # a JSONL line that is not UTF-8 is a problem of that line, not of the file
+    r = cli(capsys, "inspect", files["latin1.jsonl"], "--model", "builtin:tiny")
+    assert r.returncode == 2 and "line 1" in r.stderr
+    # BOMs are accepted (TOML, CSV, JSONL)
+    (tmp_path / "bom.toml").write_bytes(b'\xef\xbb\xbf[model]\nname = "builtin:tiny"\n')
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbftext\nhello\n")
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "hello"}\n')
+    for data in ("bom.csv", "bom.jsonl"):
+        r = cli(capsys, "inspect", tmp_path / data, "--config", tmp_path / "bom.toml")
+        assert r.returncode == 0 and "rows: 1 usable of 1" in r.stdout, r.stdout + r.stderr
+    # values that used to pass preflight and fail as a run
+    for override, needle in ((["train.seed=4294967296"], "train.seed"),
+                             (['model.chat_template="/no/such/template.jinja"'], "no such file"),
+                             (['model.chat_template="{% if %}"'], "TemplateSyntaxError")):
+        r = cli(capsys, "train", "--headless", "--set", f'data.train="{good}"',
+                "--set", f'output.dir="{tmp_path / "runs"}"', *sum((["--set", o] for o in override), []))
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "runs").exists()
+    # init and estimate arguments
+    d = tmp_path / "adir"
+    d.mkdir()
+    for argv, needle in ((["init", tmp_path / "missing" / "x.toml"], "does not exist"),
+                         (["init", d, "--force"], "is a directory")):
+        r = cli(capsys, *argv)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    for bad in ("nan", "inf", "1e308", "-1"):
+        r = cli(capsys, "estimate", "--gpu-mem", bad)
+        assert r.returncode == 2 and "give the GPU's memory in GiB" in r.stderr and "Traceback" not in r.stderr
