@@ -224,6 +224,36 @@ def load_model(cfg, rt: Runtime, path: str | None = None):
     return model
 
 
+CPU_PACKED_BLOCK_N = 32     # bitsandbytes' packed CPU 4-bit kernel: out_features % 32, even in_features
+
+
+def fit_4bit_kernels(model, rt: Runtime) -> list[str]:
+    """Keep every 4-bit layer on a kernel that can run its shape on this device; plan notes.
+
+    On CPUs with AVX512-bf16, bitsandbytes switches a ``Linear4bit`` to a packed kernel the
+    first time it runs without gradients (the first eval) and that kernel asserts
+    ``N must be divisible by block_n`` for out_features not a multiple of 32 (a Llama with
+    intermediate_size = 172, say): the run would crash after its first training steps. Such
+    layers are kept on bitsandbytes' generic 4-bit kernel (the one training uses), decided
+    here, before the first step."""
+    if rt.device != "cpu" or not rt.load_in_4bit:
+        return []
+    odd: dict[str, tuple[int, int]] = {}
+    for name, mod in model.named_modules():
+        if type(mod).__name__ != "Linear4bit":
+            continue
+        out_f, in_f = int(mod.out_features), int(mod.in_features)
+        if out_f % CPU_PACKED_BLOCK_N or in_f % 2:
+            mod.support_avx512bf16_for_cpu = False
+            odd.setdefault(name.rsplit(".", 1)[-1], (out_f, in_f))
+    if not odd:
+        return []
+    shapes = ", ".join(f"{k} ({o}×{i})" for k, (o, i) in sorted(odd.items()))
+    return [f"4-bit layers {shapes} have a shape bitsandbytes' packed CPU kernel cannot run (out_features "
+            f"must be a multiple of {CPU_PACKED_BLOCK_N}): they use its generic 4-bit kernel, in training "
+            "and eval alike"]
+
+
 def linear_module_names(model) -> list[str]:
     """Suffix names of the linear layers LoRA can target (lm_head excluded)."""
     import torch

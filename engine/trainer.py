@@ -195,6 +195,7 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
     emit(E.Status(phase="model", message=f"loading {cfg.model.name} "
                   f"({'4-bit ' + cfg.quant.quant_type if rt.load_in_4bit else rt.dtype}) on {rt.device}"))
     model = M.load_model(cfg, rt, path)
+    plan += M.fit_4bit_kernels(model, rt)       # shapes a bitsandbytes kernel cannot run
     resized = len(tok) > model.get_input_embeddings().weight.shape[0]
     if resized:
         model.resize_token_embeddings(len(tok))
