@@ -88,6 +88,32 @@ def iter_raw(path: str | Path, on_bytes: Callable[[int, int], None] | None = Non
                         "check that it is complete and of that type") from None
 
 
+# A row (one JSONL line) larger than this is a problem of its line, never read into memory:
+# it keeps the inspector's and the trainer's memory bounded whatever one line holds.
+MAX_ROW_BYTES = 16 * 2**20
+TOO_LARGE = "row too large"
+
+
+def _capped_lines(fh, limit: int):
+    """``(line, size)`` for each line of a binary file; ``line`` is None for a line longer than
+    ``limit`` bytes, which is skipped in chunks without being held in memory."""
+    while True:
+        raw = fh.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield raw, len(raw)
+            continue
+        size = len(raw)
+        del raw
+        while True:
+            chunk = fh.readline(1 << 20)
+            size += len(chunk)
+            if not chunk or chunk.endswith(b"\n"):
+                break
+        yield None, size
+
+
 def _not_utf8(p: Path, e: UnicodeDecodeError) -> str:
     line = ""
     if isinstance(e.object, (bytes, bytearray)):
@@ -111,10 +137,14 @@ def _iter_raw(p: Path, on_bytes) -> Iterator[tuple[int, object, str | None]]:
         total = p.stat().st_size
         done = 0
         with open(p, "rb") as fh:
-            for i, raw in enumerate(fh, 1):
-                done += len(raw)
+            for i, (raw, size) in enumerate(_capped_lines(fh, MAX_ROW_BYTES), 1):
+                done += size
                 if on_bytes is not None and i % 2000 == 0:
                     on_bytes(done, total)
+                if raw is None:
+                    yield i, None, (f"{TOO_LARGE}: {size / 2**20:.0f} MiB on one line (the limit is "
+                                    f"{MAX_ROW_BYTES // 2**20} MiB per row); split or shorten it")
+                    continue
                 if not raw.strip():
                     continue
                 if i == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -447,7 +477,8 @@ def normalise_record(line: int, rec: object, err: str | None, fmt: str,
                      problems: list[DataProblem]) -> Row | None:
     """One ``iter_raw`` record → a Row, or None (a problem recorded, or another format's row)."""
     if err is not None:
-        problems.append(DataProblem(line, "invalid_json" if "JSON" in err else "bad_row", err))
+        kind = "row_too_large" if err.startswith(TOO_LARGE) else "invalid_json" if "JSON" in err else "bad_row"
+        problems.append(DataProblem(line, kind, err))
         return None
     f, _ = detect(rec)
     if f is not None and f != fmt and not (fmt == "messages" and f == "sharegpt"):

@@ -365,8 +365,9 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
         if not new_rows:
             return
         datas = [r.data for r in new_rows]
-        inflight.append(pool.submit(counter.counts, datas, counter.render(datas)))
         texts = [Q.row_text(d) for d in datas]
+        shown, scale = _measurable(datas, texts, max_len)
+        inflight.append(pool.submit(_scaled_counts, counter, shown, counter.render(shown), scale))
         lines = [r.line for r in new_rows]
         problems.extend(_control_problems(lines, texts, bad_keys))
         for ln, d, t in zip(lines, datas, texts):
@@ -445,6 +446,43 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
         return out
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def long_row_chars(max_len: int) -> int:
+    """Rows whose text is longer than this are measured from a prefix (see ``_measurable``)."""
+    return max(65536, 64 * max_len)
+
+
+def _measurable(datas, texts, max_len: int):
+    """Rows far beyond max_length are measured without tokenising all of them: each text field
+    is cut to ``long_row_chars`` characters (still far more than max_length tokens, so the
+    tokens the trainer keeps are exact), and the token counts past that are scaled by
+    characters. Returns (rows to count, per-row scale factor; 1.0 when the row is whole)."""
+    limit = long_row_chars(max_len)
+    shown, scale = [], []
+    for d, t in zip(datas, texts):
+        if len(t) <= limit:
+            shown.append(d)
+            scale.append(1.0)
+            continue
+        cut = _cut_row(d, limit)
+        shown.append(cut)
+        scale.append(len(t) / max(1, len(Q.row_text(cut))))
+    return shown, scale
+
+
+def _cut_row(d: dict, limit: int) -> dict:
+    if "messages" in d:
+        return dict(d, messages=[dict(m, content=m["content"][:limit]) for m in d["messages"]])
+    return {k: (v[:limit] if isinstance(v, str) else v) for k, v in d.items()}
+
+
+def _scaled_counts(counter, rows, rendered, scale) -> list:
+    out = counter.counts(rows, rendered)
+    if all(f == 1.0 for f in scale):
+        return out
+    return [(int(round(n * f)), int(round(tr * f)), kept) if f != 1.0 else (n, tr, kept)
+            for (n, tr, kept), f in zip(out, scale)]
 
 
 def _control_problems(lines, texts, bad_keys) -> list:

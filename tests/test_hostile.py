@@ -433,3 +433,38 @@ def test_intermediate_172_llama_is_planned_onto_a_kernel_that_runs_it(tiny_cfg, 
     note = next(p for p in started.plan if "packed CPU kernel" in p)
     assert "gate_proj (172×128)" in note and "up_proj (172×128)" in note and "down_proj" not in note
     assert [e.step for e in run.bus.history if e.type == "eval"] == [1, 2]
+
+
+# ---------------------------------------------------------------- 11. bounded memory
+
+MEMORY_BOUND_MIB = 2048        # docs/INSPECT.md: inspect stays under 2 GiB whatever one row holds
+
+
+def test_inspect_memory_is_bounded_for_huge_rows(tmp_path):
+    """A 10 MB row is measured from a prefix; a row over the 16 MiB limit is a problem of its
+    line; the inspect process's peak RSS stays under the stated bound."""
+    import random
+    random.seed(0)
+    words = ["alpha", "beta", "gamma", "delta", "token", "hello", "world", "x"]
+    big = " ".join(random.choice(words) for _ in range(10_000_000 // 6))
+    data = tmp_path / "huge.jsonl"
+    with open(data, "w") as fh:
+        for i in range(4):
+            fh.write(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                              {"role": "assistant", "content": f"a{i}"}]}) + "\n")
+        fh.write(json.dumps({"messages": [{"role": "user", "content": big},
+                                          {"role": "assistant", "content": "ok"}]}) + "\n")
+        fh.write(json.dumps({"text": big + big + big[:1_000_000]}) + "\n")      # > 16 MiB
+    probe = ("import json, resource, subprocess, sys\n"
+             "r = subprocess.run([sys.executable, '-m', 'engine', 'inspect', sys.argv[1], '--model', "
+             "'builtin:tiny', '--json'], capture_output=True, text=True)\n"
+             "print(json.dumps({'rc': r.returncode, 'out': r.stdout, 'err': r.stderr[-2000:], "
+             "'peak_mib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))\n")
+    res = json.loads(subprocess.run([sys.executable, "-c", probe, str(data)], capture_output=True, text=True,
+                                    cwd=REPO, env=env_with(), timeout=600).stdout)
+    assert res["rc"] == 0, res["err"]
+    assert res["peak_mib"] < MEMORY_BOUND_MIB, res["peak_mib"]
+    doc = json.loads(res["out"])
+    assert [(p["line"], p["kind"]) for p in doc["problems"] if p["kind"] == "row_too_large"] == [(6, "row_too_large")]
+    assert doc["rows"]["usable"] == 5 and doc["tokens"]["truncated_rows"] == 1
+    assert doc["tokens"]["stats"]["max"] > 1_000_000        # the long row's length, measured by scaling
