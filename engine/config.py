@@ -270,6 +270,9 @@ def _cross_checks(cfg: Config, problems: list[Problem]) -> None:
         problems.append(Problem("model.name", cfg.model.name, "must name a hub id, a directory or builtin:tiny"))
     if not cfg.data.train.strip():
         problems.append(Problem("data.train", cfg.data.train, "must name a data file or directory"))
+    if cfg.train.max_steps == 0:
+        problems.append(Problem("train.max_steps", 0, "0 trains nothing: give the number of steps (1 or "
+                                 "more), or -1 to run all epochs"))
     if cfg.lora.lora_fa and cfg.lora.use_dora:
         problems.append(Problem("lora.lora_fa", True, "LoRA-FA cannot be combined with lora.use_dora"))
 

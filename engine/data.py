@@ -466,6 +466,14 @@ def choose_format(path: str, fmt: str, seen: dict, first_line: dict, n_raw: int
         reason = f"{seen[fmt]} of {n_raw} rows have " + detect_reason(fmt)
     else:
         reason = f"set by data.format = {fmt!r}"
+        other = {k: v for k, v in seen.items() if k != fmt and not (fmt == "messages" and k == "sharegpt")}
+        if other:                    # rows of another format are skipped: never silently
+            k = max(other, key=other.get)
+            problems.append(DataProblem(first_line[k], "mixed_format",
+                                        f"data.format = {fmt!r}, but {other[k]} of {n_raw} rows look like {k} "
+                                        f"({detect_reason(k)}); they are skipped: set data.format = "
+                                        f"\"auto\" or \"{k}\""))
+            return fmt, reason, problems
     if len(seen) > 1:
         others = ", ".join(f"{k} ({v} rows, first at line {first_line[k]})" for k, v in seen.items() if k != fmt)
         problems.append(DataProblem(first_line[min(seen, key=seen.get)], "mixed_format",

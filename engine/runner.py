@@ -402,9 +402,11 @@ class Run:
                 nf = cb.nonfinite
                 self._save_adapter(trainer, prepared, emit)
                 what = "loss" if not T._finite(nf.loss) else "grad norm"
+                from engine.hints import _extreme_scaling
+                extreme = _extreme_scaling(self.cfg)
+                fix = extreme[1] if extreme else "lower train.learning_rate, e.g. to 1e-4"
                 self._emit_final(E.RunFailed(reason=f"non-finite {what} at step {nf.step}: halted (train.nan_policy = "
-                                 "halt); lower train.learning_rate, e.g. to 1e-4",
-                                 kind="nan", step=nf.step))
+                                 f"halt); {fix}", kind="nan", step=nf.step))
                 return
             adapter = self._save_adapter(trainer, prepared, emit)
             stopped = self.stop_flag.is_set()

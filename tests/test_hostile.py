@@ -468,3 +468,36 @@ def test_inspect_memory_is_bounded_for_huge_rows(tmp_path):
     assert [(p["line"], p["kind"]) for p in doc["problems"] if p["kind"] == "row_too_large"] == [(6, "row_too_large")]
     assert doc["rows"]["usable"] == 5 and doc["tokens"]["truncated_rows"] == 1
     assert doc["tokens"]["stats"]["max"] > 1_000_000        # the long row's length, measured by scaling
+
+
+# ---------------------------------------------------------------- smaller ones
+
+def test_smaller_refusals(tmp_path, capsys):
+    from engine import config as C
+    from engine.hints import nan_hint
+    msgs = tmp_path / "msgs.jsonl"
+    msgs.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                     {"role": "assistant", "content": f"a{i}"}]}) + "\n"
+                            for i in range(40)))
+    # a format forced onto rows of another: zero usable rows is a problem that says what they look like
+    r = cli(capsys, "inspect", msgs, "--model", "builtin:tiny", "--set", 'data.format="alpaca"', "--strict")
+    assert r.returncode == 1 and "rows: 0 usable of 40" in r.stdout, r.stdout
+    assert "[mixed_format]" in r.stdout and "look like messages" in r.stdout
+    r = cli(capsys, "train", "--headless", "--set", f'data.train="{msgs}"', "--set", 'data.format="alpaca"',
+            "--set", f'output.dir="{tmp_path / "runs"}"')
+    assert r.returncode == 2 and "look like messages" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # max_steps = 0 trains nothing: refused
+    r = cli(capsys, "train", "--headless", "--set", "train.max_steps=0", "--set", f'data.train="{msgs}"')
+    assert r.returncode == 2 and "train.max_steps" in r.stderr
+    # an extreme lora.alpha is blamed, not the learning rate
+    h = nan_hint(1, float("nan"), None, C.load(None, ["lora.alpha=1e308"]))
+    assert "lora.alpha" in h.cause and "learning rate" not in h.cause and "lora.alpha" in h.fix
+    # merge checks --out before loading anything
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = cli(capsys, "merge", tmp_path / "no-such-run", "--out", blocker / "merged")
+    assert r.returncode != 0 and "cannot write there" in r.stderr, r.stderr
+    # the TUI refuses to start without a terminal
+    p = subprocess.run([sys.executable, "-m", "tui"], stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True, cwd=tmp_path, env=env_with(), timeout=120)
+    assert p.returncode == 2 and "needs a terminal" in p.stderr and "--headless" in p.stderr, p.stderr

@@ -42,6 +42,11 @@ def _is_tui_call(argv: list[str]) -> bool:
 
 
 def _run_app(app) -> int:
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        # without a terminal the app would spin on input it never gets (a script, a pipe)
+        print("qlora-tui: the TUI needs a terminal (stdin and stdout are not one); from a script use "
+              "`qlora-tui runs`, `qlora-tui train CONFIG --headless` or `--detach`", file=sys.stderr)
+        return 2
     app.run()
     if app.exit_note:
         print(app.exit_note)
