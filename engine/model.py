@@ -58,7 +58,8 @@ def remote_code_allowed(cfg) -> bool:
 
 def _no_consent_message(cfg, what: str) -> str:
     if cfg.model.trust_remote_code:
-        how = "it runs only after you confirm it (ctrl+r in the TUI asks)"
+        how = ("token counts, previews and checks that need it wait until you confirm it runs "
+               "(the TUI asks at ctrl+r)")
     else:
         how = "it is not run unless you set model.trust_remote_code = true (only for a repository you trust)"
     return f"model.name = {cfg.model.name!r}: the {what} is Python code shipped with the model; {how}"

@@ -144,7 +144,7 @@ async def test_no_model_code_runs_before_consent_in_the_tui(tmp_path, monkeypatc
         await pilot.press("f2")
         summary = lambda: str(app.screen.query_one("#ds-summary").render())   # noqa: E731
         await until(pilot, lambda: "shipped with the model" in summary(), timeout=120, what="refusal")
-        assert "confirm" in summary()
+        assert "confirm" in summary() and "token counts" in summary()
         await pilot.press("f3")
         await until(pilot, lambda: getattr(app.screen, "form_ready", False), what="config form")
         await pilot.pause(0.5)

@@ -49,7 +49,8 @@ def _run_app(app) -> int:
         return 2
     app.run()
     if app.exit_note:
-        print(app.exit_note)
+        from engine.safe_text import visible
+        print(visible(app.exit_note))
     return int(app.return_code or 0)
 
 
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             from tui.app import DEMO_OVERRIDES
             cfg = C.load(None, DEMO_OVERRIDES + sets)
     except C.ConfigError as e:
-        print(str(e), file=sys.stderr)
+        from engine.safe_text import visible
+        print(visible(e), file=sys.stderr)
         return 2
     from tui.app import QloraApp
     return _run_app(QloraApp(cfg, pos[0] if pos else None))
@@ -87,7 +89,8 @@ def attach(args: list[str]) -> int:
     if args:
         run_dir = Path(args[0])
         if not (run_dir / rundir.EVENTS).exists() and not (run_dir / rundir.RUN_JSON).exists():
-            print(f"{run_dir}: not a run directory (no {rundir.EVENTS})", file=sys.stderr)
+            from engine.safe_text import visible
+            print(visible(f"{run_dir}: not a run directory (no {rundir.EVENTS})"), file=sys.stderr)
             return 2
         cfg = None
         if (run_dir / rundir.CONFIG).exists():
