@@ -214,6 +214,11 @@ def _model(c: _Conversion) -> None:
                 c.skip(key, f"a separate config/tokenizer ({v}) is not supported; the tokenizer "
                             f"and config come from model.name")
     c.simples("model")
+    if c.cfg.get("model", {}).get("trust_remote_code") is True:
+        c.notes.append("trust_remote_code: true carried over as model.trust_remote_code = true: the model's "
+                       "own Python code will run (the TUI asks first); set it to false unless you trust "
+                       "that repository")
+
     attn = None
     for key, impl in (("flash_attention", "flash_attention_2"), ("sdp_attention", "sdpa"),
                       ("eager_attention", "eager")):
@@ -643,6 +648,14 @@ def _cmd_import(args) -> int:
         print(text, end="")
         return 0
     out = Path(args.out).expanduser()
+    if out.is_dir():
+        print(f"import-axolotl failed: {out} is a directory; give a file name, e.g. -o {out / 'qlora.toml'}",
+              file=sys.stderr)
+        return 1
+    if out.exists() and out.resolve() == Path(args.config).expanduser().resolve():
+        print(f"import-axolotl failed: -o {out} is the Axolotl config itself; choose another file "
+              "(e.g. the same name with .toml)", file=sys.stderr)
+        return 1
     if out.exists() and not args.force:
         print(f"import-axolotl failed: {out} already exists; pass --force to overwrite or choose "
               f"another -o", file=sys.stderr)
@@ -653,7 +666,11 @@ def _cmd_import(args) -> int:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, out)
     except OSError as e:
-        print(f"import-axolotl failed: cannot write {out}: {e}", file=sys.stderr)
+        try:
+            tmp.unlink()
+        except (OSError, UnboundLocalError):
+            pass
+        print(f"import-axolotl failed: cannot write {out}: {e.strerror or e}", file=sys.stderr)
         return 1
     print(f"wrote {out}" + (f" ({len(unmapped)} unmapped key(s): {', '.join(unmapped)})" if unmapped
                             else " (every key mapped)"))

@@ -42,11 +42,8 @@ def prepare_tokenizer(tok, chat_template: str = "") -> list[str]:
     """Set the chat template (override, own, or ChatML fallback) and a pad token. Returns warnings."""
     warnings = []
     if chat_template:
-        p = Path(chat_template).expanduser()
-        if len(chat_template) < 4096 and "{" not in chat_template and p.is_file():
-            tok.chat_template = p.read_text(encoding="utf-8")
-        else:
-            tok.chat_template = chat_template
+        tok.chat_template = _template_text(chat_template)
+        _check_template(tok, chat_template)
     elif not getattr(tok, "chat_template", None):
         tok.chat_template = CHATML_TEMPLATE
         added = tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}) \
@@ -61,6 +58,34 @@ def prepare_tokenizer(tok, chat_template: str = "") -> list[str]:
             tok.add_special_tokens({"pad_token": "<|pad|>"})
             warnings.append("the tokenizer has no pad or EOS token: added <|pad|>")
     return warnings
+
+
+def _template_text(chat_template: str) -> str:
+    """model.chat_template: a Jinja template, or the path of a file holding one. Text with no
+    ``{`` is no template (it would render the same constant for every row): it must be a file."""
+    from engine.model import ModelError
+    if "{" in chat_template:
+        return chat_template
+    p = Path(chat_template).expanduser()
+    try:
+        return p.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        why = "no such file" if isinstance(e, FileNotFoundError) else getattr(e, "strerror", None) or str(e)
+        raise ModelError(f"model.chat_template = {chat_template!r}: {why}; give the path of a Jinja "
+                         "template file, or the template itself") from None
+
+
+def _check_template(tok, chat_template: str) -> None:
+    """Render a two-turn conversation once: a template error is said now, in one line."""
+    from engine.model import ModelError
+    try:
+        tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}],
+                                tokenize=False)
+    except Exception as e:  # noqa: BLE001 - jinja2 syntax/undefined/raise_exception errors alike
+        where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+        msg = (getattr(e, "message", None) or str(e)).strip().splitlines()
+        raise ModelError(f"model.chat_template: the template fails{where}: {type(e).__name__}: "
+                         f"{msg[0][:200] if msg else ''}; fix the template (it is Jinja)") from None
 
 
 def _render(tok, messages, add_generation_prompt=False) -> str:

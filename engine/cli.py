@@ -69,11 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from engine import safe_text
+    undo = safe_text.install()      # nothing a command prints reaches the terminal raw
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        undo()
 
 
 if __name__ == "__main__":

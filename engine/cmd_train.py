@@ -101,7 +101,9 @@ def cmd_train(args) -> int:
     from engine import config as C
     from engine import runner as RN
     from engine.cli import load_config_or_exit
+    from engine import rundir as R
 
+    R.use_private_umask()       # this process and its children write run files: private ones
     if args.resume:
         run_dir = Path(args.resume)
         if args.config:
@@ -114,16 +116,22 @@ def cmd_train(args) -> int:
         if args.detach:
             try:
                 d = RN.start_detached(None, resume=run_dir, overrides=args.overrides)
-            except (RN.PreflightError, C.ConfigError) as e:
+            except (RN.PreflightError, C.ConfigError, OSError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
             print(d)
             print(f"attach: qlora-tui attach {d}", file=sys.stderr)
             return 0
         from engine import distributed as DI
-        if not DI.in_worker() and RN.resume_config(run_dir, args.overrides)[0].distributed.gpus > 1:
+        try:
+            resumed_cfg = RN.resume_config(run_dir, args.overrides)[0]
+        except (RN.PreflightError, C.ConfigError, OSError) as e:   # the documented refusals
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if not DI.in_worker() and resumed_cfg.distributed.gpus > 1:
             return RN.launch_distributed(None, run_dir=run_dir, resume=True, overrides=args.overrides)
         run = RN.Run(None, run_dir=run_dir, resume=True, overrides=args.overrides)
+        run.cfg = resumed_cfg
     else:
         cfg = load_config_or_exit(args)
         if args.detach:
@@ -149,7 +157,7 @@ def cmd_train(args) -> int:
                 return 2
         run = RN.Run(cfg, run_dir=args.run_dir)
     from engine import distributed as DI
-    pinned = DI.pin_single_gpu(run.cfg if run.cfg is not None else RN.resume_config(run.run_dir, args.overrides)[0])
+    pinned = DI.pin_single_gpu(run.cfg)
     if pinned is not None:            # before anything initialises CUDA in this process
         print(f"note: distributed.gpus = 1: training on GPU {pinned} only "
               "(set distributed.gpus to use more)", file=sys.stderr)
@@ -172,17 +180,33 @@ def cmd_train(args) -> int:
     run.start()
     while not run.join(timeout=0.5):   # short joins keep the main thread free for signals
         pass
-    res = run.result
-    return 0 if res is not None and res.type == "run_finished" else 1
+    from engine import exitcodes
+    if DI.in_worker():    # a worker's non-zero status is a failure to the launcher: it maps stops itself
+        return exitcodes.OK if run.result is not None and run.result.type == "run_finished" else exitcodes.FAILED
+    return exitcodes.for_run(run.result)
 
 
 def cmd_init(args) -> int:
     from engine.config import starter_toml
+    import os
     p = Path(args.path)
+    if p.is_dir():
+        print(f"error: {p} is a directory; give a file name, e.g. {p / 'qlora.toml'}", file=sys.stderr)
+        return 2
     if p.exists() and not args.force:
         print(f"error: {p} exists; pass --force to overwrite", file=sys.stderr)
         return 2
-    p.write_text(starter_toml(), encoding="utf-8")
+    if not p.parent.is_dir():
+        print(f"error: {p.parent} does not exist; create it first (mkdir -p {p.parent})", file=sys.stderr)
+        return 2
+    tmp = p.with_name(p.name + ".tmp")
+    try:                             # whole or not at all (a full disk leaves nothing behind)
+        tmp.write_text(starter_toml(), encoding="utf-8")
+        os.replace(tmp, p)
+    except OSError as e:
+        tmp.unlink(missing_ok=True) if tmp.exists() else None
+        print(f"error: cannot write {p}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"wrote {p}")
     return 0
 
@@ -199,7 +223,7 @@ def cmd_runs(args) -> int:
     for ri in runs:
         loss = ri.final_loss if ri.final_loss is not None else ri.last_loss
         print(f"{ri.state:9} {ri.step:>5}/{ri.total_steps:<5} {_num(loss, '8.4f'):>8}  {ri.path}"
-              + (f"  ({ri.reason})" if ri.state in ("failed", "crashed") and ri.reason else ""))
+              + (f"  ({ri.reason})" if ri.state in ("failed", "crashed", "damaged") and ri.reason else ""))
     return 0
 
 

@@ -101,7 +101,7 @@ class TrainConfig:
                                      choices=[True, False, AUTO])
     liger_kernel: Any = _f(AUTO, "Liger fused kernels (GPU, liger-kernel installed); auto = on "
                            "where available.", choices=[True, False, AUTO])
-    seed: int = _f(42, "Random seed (data order, LoRA init).", lo=0)
+    seed: int = _f(42, "Random seed (data order, LoRA init).", lo=0, hi=2**32 - 1)
     logging_steps: int = _f(10, "Emit a step event (loss, lr, tokens/s) every N steps.", lo=1)
     eval_steps: int = _f(50, "Evaluate every N steps (0 = only at the end).", lo=0)
     save_steps: int = _f(100, "Write a checkpoint every N steps (0 = only at the end).", lo=0)
@@ -270,6 +270,9 @@ def _cross_checks(cfg: Config, problems: list[Problem]) -> None:
         problems.append(Problem("model.name", cfg.model.name, "must name a hub id, a directory or builtin:tiny"))
     if not cfg.data.train.strip():
         problems.append(Problem("data.train", cfg.data.train, "must name a data file or directory"))
+    if cfg.train.max_steps == 0:
+        problems.append(Problem("train.max_steps", 0, "0 trains nothing: give the number of steps (1 or "
+                                 "more), or -1 to run all epochs"))
     if cfg.lora.lora_fa and cfg.lora.use_dora:
         problems.append(Problem("lora.lora_fa", True, "LoRA-FA cannot be combined with lora.use_dora"))
 
@@ -332,7 +335,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def read_toml(path: str | Path) -> dict:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")      # a BOM (some Windows editors) is accepted
     except FileNotFoundError:
         raise ConfigError([Problem("<file>", str(p), "config file not found; create one with "
                                    "`qlora-tui init " + str(p) + "`")], str(p)) from None

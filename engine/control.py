@@ -24,11 +24,13 @@ COMMANDS = ("stop", "save")
 def request(run_dir: str | Path, command: str) -> Path:
     if command not in COMMANDS:
         raise ValueError(f"unknown control command {command!r}; allowed: {', '.join(COMMANDS)}")
+    from engine.rundir import private_files
     folder = Path(run_dir) / "control"
-    folder.mkdir(parents=True, exist_ok=True)
     name = f"{time.time_ns()}-{command}.json"
     tmp = folder / (name + ".tmp")
-    tmp.write_text(json.dumps({"command": command, "time": time.time(), "pid": os.getpid()}))
+    with private_files():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"command": command, "time": time.time(), "pid": os.getpid()}))
     tmp.replace(folder / name)
     return folder / name
 
@@ -46,6 +48,12 @@ def pending(run_dir: str | Path) -> list[tuple[Path, str]]:
         if cmd in COMMANDS:
             out.append((folder / n, cmd))
     return out
+
+
+def sent_ns(path: Path) -> int:
+    """When a request was sent (ns since the epoch, from its name); 0 if unreadable."""
+    head = path.name.split("-", 1)[0]
+    return int(head) if head.isdigit() else 0
 
 
 def mark_done(path: Path) -> None:

@@ -68,10 +68,67 @@ def resolve(path: str) -> Path:
 
 def iter_raw(path: str | Path, on_bytes: Callable[[int, int], None] | None = None
              ) -> Iterator[tuple[int, object, str | None]]:
-    """Yield ``(line, record, error)`` for every record of a file; ``error`` is set for bad lines."""
+    """Yield ``(line, record, error)`` for every record of a file; ``error`` is set for bad lines.
+    A file that cannot be read as a whole (not UTF-8, unreadable, not parquet) raises DataError
+    naming the file (and the line of the first bad byte)."""
     p = resolve(str(path))
     if not p.exists():
         raise DataError(f"{p}: no such file or directory; check data.train / data.eval")
+    try:
+        yield from _iter_raw(p, on_bytes)
+    except DataError:
+        raise
+    except UnicodeDecodeError as e:
+        raise DataError(_not_utf8(p, e)) from None
+    except OSError as e:
+        raise DataError(f"{p}: cannot read it ({e.strerror or e}); check the path and its permissions") from None
+    except Exception as e:  # noqa: BLE001 - pyarrow/datasets errors of a damaged file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise DataError(f"{p}: not a readable {p.suffix.lstrip('.') or 'data'} file ({first}); "
+                        "check that it is complete and of that type") from None
+
+
+# A row (one JSONL line) larger than this is a problem of its line, never read into memory:
+# it keeps the inspector's and the trainer's memory bounded whatever one line holds.
+MAX_ROW_BYTES = 16 * 2**20
+TOO_LARGE = "row too large"
+
+
+def _capped_lines(fh, limit: int):
+    """``(line, size)`` for each line of a binary file; ``line`` is None for a line longer than
+    ``limit`` bytes, which is skipped in chunks without being held in memory."""
+    while True:
+        raw = fh.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield raw, len(raw)
+            continue
+        size = len(raw)
+        del raw
+        while True:
+            chunk = fh.readline(1 << 20)
+            size += len(chunk)
+            if not chunk or chunk.endswith(b"\n"):
+                break
+        yield None, size
+
+
+def _not_utf8(p: Path, e: UnicodeDecodeError) -> str:
+    line = ""
+    if isinstance(e.object, (bytes, bytearray)):
+        n = bytes(e.object[:e.start]).count(b"\n") + 1
+        line = f" at line {n}"
+    return (f"{p}: not UTF-8 text (byte 0x{e.object[e.start]:02X}{line}); save the file as UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8)")
+
+
+def _read_text(p: Path) -> str:
+    """A whole text file as UTF-8 (a BOM is accepted); UnicodeDecodeError names the bytes."""
+    return p.read_bytes().decode("utf-8-sig")
+
+
+def _iter_raw(p: Path, on_bytes) -> Iterator[tuple[int, object, str | None]]:
     if p.is_dir():
         yield from _iter_datasets_dir(p)
         return
@@ -80,12 +137,18 @@ def iter_raw(path: str | Path, on_bytes: Callable[[int, int], None] | None = Non
         total = p.stat().st_size
         done = 0
         with open(p, "rb") as fh:
-            for i, raw in enumerate(fh, 1):
-                done += len(raw)
+            for i, (raw, size) in enumerate(_capped_lines(fh, MAX_ROW_BYTES), 1):
+                done += size
                 if on_bytes is not None and i % 2000 == 0:
                     on_bytes(done, total)
+                if raw is None:
+                    yield i, None, (f"{TOO_LARGE}: {size / 2**20:.0f} MiB on one line (the limit is "
+                                    f"{MAX_ROW_BYTES // 2**20} MiB per row); split or shorten it")
+                    continue
                 if not raw.strip():
                     continue
+                if i == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]                    # a BOM
                 try:
                     yield i, json.loads(raw), None
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -93,10 +156,10 @@ def iter_raw(path: str | Path, on_bytes: Callable[[int, int], None] | None = Non
         if on_bytes is not None:
             on_bytes(total, total)
     elif suffix == ".json":
+        text = _read_text(p)
         try:
-            text = p.read_text(encoding="utf-8")
             data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except json.JSONDecodeError as e:
             line = getattr(e, "lineno", 1)
             if text.lstrip().startswith("{") and "\n{" in text:   # JSONL saved as .json
                 yield from iter_raw_lines_as_jsonl(p)
@@ -117,7 +180,8 @@ def iter_raw(path: str | Path, on_bytes: Callable[[int, int], None] | None = Non
         for i, rec in enumerate(data):
             yield lines[i], rec, None
     elif suffix == ".csv":
-        with open(p, newline="", encoding="utf-8") as fh:
+        import io
+        with io.StringIO(_read_text(p), newline="") as fh:
             reader = csv.DictReader(fh)
             reader.fieldnames   # reads the header row
             prev = reader.line_num
@@ -402,6 +466,14 @@ def choose_format(path: str, fmt: str, seen: dict, first_line: dict, n_raw: int
         reason = f"{seen[fmt]} of {n_raw} rows have " + detect_reason(fmt)
     else:
         reason = f"set by data.format = {fmt!r}"
+        other = {k: v for k, v in seen.items() if k != fmt and not (fmt == "messages" and k == "sharegpt")}
+        if other:                    # rows of another format are skipped: never silently
+            k = max(other, key=other.get)
+            problems.append(DataProblem(first_line[k], "mixed_format",
+                                        f"data.format = {fmt!r}, but {other[k]} of {n_raw} rows look like {k} "
+                                        f"({detect_reason(k)}); they are skipped: set data.format = "
+                                        f"\"auto\" or \"{k}\""))
+            return fmt, reason, problems
     if len(seen) > 1:
         others = ", ".join(f"{k} ({v} rows, first at line {first_line[k]})" for k, v in seen.items() if k != fmt)
         problems.append(DataProblem(first_line[min(seen, key=seen.get)], "mixed_format",
@@ -413,7 +485,8 @@ def normalise_record(line: int, rec: object, err: str | None, fmt: str,
                      problems: list[DataProblem]) -> Row | None:
     """One ``iter_raw`` record → a Row, or None (a problem recorded, or another format's row)."""
     if err is not None:
-        problems.append(DataProblem(line, "invalid_json" if "JSON" in err else "bad_row", err))
+        kind = "row_too_large" if err.startswith(TOO_LARGE) else "invalid_json" if "JSON" in err else "bad_row"
+        problems.append(DataProblem(line, kind, err))
         return None
     f, _ = detect(rec)
     if f is not None and f != fmt and not (fmt == "messages" and f == "sharegpt"):

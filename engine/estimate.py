@@ -369,6 +369,20 @@ def model_config_for(cfg: Config) -> dict:
         raise EstimateError(f"cannot read {path} for model {name!r}: {e}") from None
 
 
+def _gib_arg(text: str) -> float:
+    """--gpu-mem: a finite number of GiB above 0 (at most 1 PiB)."""
+    import argparse
+    import math
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and 0 < v <= 2 ** 20):
+        raise argparse.ArgumentTypeError(f"{text!r}: give the GPU's memory in GiB, a number above 0 "
+                                         "(e.g. 80 for an 80 GB GPU)")
+    return v
+
+
 def gpu_free_bytes(index: int = 0) -> int | None:
     """Free memory of GPU ``index`` via NVML; None when there is no NVIDIA GPU or driver."""
     try:
@@ -616,7 +630,7 @@ def register(subparsers) -> None:
                     "and let the planner choose micro-batch, gradient checkpointing, Liger and "
                     "packing where the config says auto. Exits 0 even when it does not fit.")
     add_config_args(p)
-    p.add_argument("--gpu-mem", type=float, default=None, metavar="GIB",
+    p.add_argument("--gpu-mem", type=_gib_arg, default=None, metavar="GIB",
                    help="GPU memory to plan for, in GiB (default: free memory of GPU 0 via NVML)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_estimate)

@@ -125,8 +125,15 @@ def from_dict(d: dict) -> Event:
     if cls is None:
         ev = Event(time=d.get("time", 0.0))
         return ev
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
+    kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+    for k, v in d.items():       # a damaged line (a number that is text, say) is no event
+        want = kinds.get(k)
+        if want in ("int", "float", "float | None", "int | None") and v is not None:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{k}: {v!r} is not a number")
+        elif want in ("str",) and not isinstance(v, str):
+            raise ValueError(f"{k}: {v!r} is not text")
+    return cls(**{k: v for k, v in d.items() if k in kinds})
 
 
 def _clean(v: Any):
@@ -151,6 +158,8 @@ FLOAT_FIELDS = frozenset(f.name for c in (Step, Eval, RunFinished, Status) for f
 
 def loads(line: str) -> Event:
     d = json.loads(line)
+    if not isinstance(d, dict):
+        raise ValueError("not an event")
     for k, v in list(d.items()):
         if v in ("nan", "inf", "-inf") and k in FLOAT_FIELDS:
             d[k] = float(v)
@@ -160,13 +169,17 @@ def loads(line: str) -> Event:
 class EventBus:
     """Fan-out of one run's events to subscribers, in order; keeps the history for late joiners.
 
-    A subscriber that raises is reported once on stderr-free terms (dropped), never kills the run.
+    A subscriber that raises is never silently lost: it is dropped, the failure is said on
+    stderr and to the other subscribers (a ``status`` event, phase ``sink-error``), and every
+    ``on_sink_error(fn, exc)`` callback is called (``engine.runner.Run`` stops the run then:
+    a run whose log cannot be written must not go on as if it were logged).
     """
 
     def __init__(self):
         self._subs: list[Callable[[Event], None]] = []
         self._lock = threading.Lock()
         self.history: list[Event] = []
+        self.on_sink_error: list[Callable[[Callable, BaseException], None]] = []
 
     def subscribe(self, fn: Callable[[Event], None], replay: bool = True) -> Callable[[], None]:
         with self._lock:
@@ -188,49 +201,160 @@ class EventBus:
         for fn in subs:
             try:
                 fn(ev)
-            except Exception:  # a broken consumer must not kill the run
-                with self._lock:
-                    if fn in self._subs:
-                        self._subs.remove(fn)
+            except Exception as e:  # a broken consumer must not kill the run, nor vanish unsaid
+                self._sink_failed(fn, e)
+
+    def _sink_failed(self, fn, exc: BaseException) -> None:
+        import sys
+        with self._lock:
+            if fn not in self._subs:
+                return
+            self._subs.remove(fn)
+        name = getattr(fn, "describe", None) or getattr(fn, "__qualname__", type(fn).__name__)
+        msg = f"event sink {name} failed and was dropped: {type(exc).__name__}: {str(exc)[:200]}"
+        try:
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
+        except Exception:
+            pass
+        self.emit(Status(phase="sink-error", message=msg))
+        for cb in list(self.on_sink_error):
+            try:
+                cb(fn, exc)
+            except Exception:
+                pass
 
 
 class JsonlWriter:
-    """Appends each event as one line to ``events.jsonl`` and flushes it (fsync on terminal events)."""
+    """Appends each event as one line to ``events.jsonl`` (fsync on terminal events).
+
+    A line is written whole or not at all: each is one ``write`` on an O_APPEND descriptor and a
+    write that fails is cut back off (``ftruncate``). The writer keeps ``RESERVE`` bytes of disk
+    in ``events.reserve`` next to the log: when the disk is full it frees them and writes the
+    line again, so the run's final event (``run_failed``, kind ``disk``) always fits. The
+    failure is still raised (the disk *is* full): the bus reports it and the run stops;
+    ``write_final`` then writes the terminal event into the freed space.
+    """
+    RESERVE = 256 * 1024
 
     def __init__(self, path: str | Path):
+        from engine.faults import from_env
         self.path = Path(path)
-        self._fh = open(self.path, "a", encoding="utf-8")
+        self.describe = f"{self.path.name} writer"
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._lock = threading.Lock()
+        self._reserve = self.path.with_name(self.path.stem + ".reserve")
+        self._faults = from_env()
+        self.last_written: Event | None = None
+        try:
+            with open(self._reserve, "wb") as fh:
+                fh.write(b"\0" * self.RESERVE)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError:
+            self._release_reserve()
 
     def __call__(self, ev: Event) -> None:
+        line = (dumps(ev) + "\n").encode("utf-8", errors="replace")
         with self._lock:
-            if self._fh.closed:
+            if self._fd < 0:
                 return
-            self._fh.write(dumps(ev) + "\n")
-            self._fh.flush()
+            self._simulated_fault(ev)
+            try:
+                self._append(line)
+            except OSError:
+                self._release_reserve()
+                self._append(line, retry=True)
+                self.last_written = ev
+                raise
+            self.last_written = ev
             if ev.type in TERMINAL or ev.type == "checkpoint":
-                os.fsync(self._fh.fileno())
+                os.fsync(self._fd)
+
+    def write_final(self, ev: Event) -> bool:
+        """Write the terminal event after a failure (best effort, into the freed reserve)."""
+        line = (dumps(ev) + "\n").encode("utf-8", errors="replace")
+        with self._lock:
+            if self._fd < 0:
+                return False
+            if self.last_written is ev:
+                return True
+            self._release_reserve()
+            try:
+                self._append(line, retry=True)
+                os.fsync(self._fd)
+                return True
+            except OSError:
+                return False
+
+    def _append(self, line: bytes, retry: bool = False) -> None:
+        from engine import faults
+        size = os.fstat(self._fd).st_size
+        try:
+            if faults.DISK_FULL.is_set():          # injected (tests): half a line, then ENOSPC
+                os.write(self._fd, line[: len(line) // 2])
+                raise OSError(28, "No space left on device (injected)", str(self.path))
+            n = os.write(self._fd, line)
+            if n != len(line):
+                raise OSError(28, "No space left on device (short write)", str(self.path))
+        except OSError:
+            try:
+                os.ftruncate(self._fd, size)       # never leave half a line behind
+            except OSError:
+                pass
+            raise
+
+    def _simulated_fault(self, ev: Event) -> None:
+        step = getattr(ev, "step", None)
+        if self._faults.logfull_step and ev.type == "step" and step == self._faults.logfull_step:
+            from engine import faults
+            faults.DISK_FULL.set()
+
+    def _release_reserve(self) -> None:
+        from engine import faults
+        try:
+            self._reserve.unlink()
+        except OSError:
+            pass
+        faults.DISK_FULL.clear()                   # injected: the freed reserve is space again
 
     def close(self) -> None:
         with self._lock:
-            if not self._fh.closed:
-                self._fh.close()
+            if self._fd >= 0:
+                try:
+                    os.close(self._fd)
+                except OSError:
+                    pass
+                self._fd = -1
+                try:
+                    self._reserve.unlink()
+                except OSError:
+                    pass
 
 
-def read_events(path: str | Path) -> list[Event]:
-    """All complete events of a run log (a torn last line, from a kill, is skipped)."""
+# what a damaged line can raise while it is turned into an event (it is skipped)
+BAD_LINE = (ValueError, TypeError, AttributeError, KeyError)
+
+
+def read_events(path: str | Path, strict: bool = False) -> list[Event]:
+    """All complete events of a run log. Any damage is survived: a torn last line (a kill, even
+    inside a multi-byte character), bytes that are not UTF-8 and lines that are no event are
+    skipped. A log that cannot be read at all (a directory, no permission) gives [] or, with
+    ``strict``, raises OSError (``engine.rundir.info`` reports the run as damaged)."""
     out = []
     try:
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if not line.endswith("\n"):
+        with open(path, "rb") as fh:
+            for raw in fh:
+                if not raw.endswith(b"\n"):
                     break
                 try:
-                    out.append(loads(line))
-                except (json.JSONDecodeError, TypeError):
+                    out.append(loads(raw.decode("utf-8", errors="replace")))
+                except BAD_LINE:
                     continue
     except FileNotFoundError:
         pass
+    except OSError:
+        if strict:
+            raise
     return out
 
 
@@ -268,7 +392,7 @@ def follow(path: str | Path, stop: threading.Event | None = None, poll: float = 
 
     if not wait_exists():
         return
-    fh = open(path, encoding="utf-8")
+    fh = open(path, encoding="utf-8", errors="replace")
     try:
         buf = ""
         idle_checks = 0
@@ -282,7 +406,7 @@ def follow(path: str | Path, stop: threading.Event | None = None, poll: float = 
                 line, buf = buf, ""
                 try:
                     ev = loads(line)
-                except (json.JSONDecodeError, TypeError):
+                except BAD_LINE:
                     continue
                 idle_checks = 0
                 ended = until_terminal and ev.type in TERMINAL
@@ -291,7 +415,7 @@ def follow(path: str | Path, stop: threading.Event | None = None, poll: float = 
             # at the end of the file
             if replaced(fh):
                 try:
-                    new = open(path, encoding="utf-8")
+                    new = open(path, encoding="utf-8", errors="replace")
                 except FileNotFoundError:
                     new = None
                 if new is not None:

@@ -15,6 +15,7 @@ import textwrap
 import tomllib
 from pathlib import Path
 
+from engine.safe_text import json_dumps
 from engine.merge import (AdapterError, check_adapter_against_base, find_adapter_dir,
                           read_adapter_config, resolve_base, run_dir_of, run_model_settings,
                           tokenizer_source)
@@ -285,7 +286,7 @@ def _cmd_generate(args) -> int:
         print(f"generate failed: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(results, indent=2, ensure_ascii=False))
+        print(json_dumps(results, indent=2))
     else:
         print(format_text(results))
     return 0

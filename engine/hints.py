@@ -147,6 +147,11 @@ def nan_hint(step: int, loss: float | None, grad_norm: float | None, cfg=None) -
     symptom = (", ".join(parts) or "non-finite metrics") + f" at step {step}"
     lr = _cfg_get(cfg, "train.learning_rate")
     dtype = _cfg_get(cfg, "quant.compute_dtype")
+    extreme = _extreme_scaling(cfg)
+    if extreme:                      # blame what is actually extreme, not the learning rate
+        cause, fix = extreme
+        return Hint(rule="nan", severity="error", symptom=symptom, cause=cause,
+                    fix=fix + "; start a new run (lora.* cannot change on resume)", step=int(step))
     cause = "learning rate too high" + (f" (train.learning_rate = {fmt_lr(lr)})" if _finite(lr) else "")
     if dtype == "fp16":
         cause += ", or an fp16 overflow (quant.compute_dtype = fp16)"
@@ -168,6 +173,22 @@ def nan_hint(step: int, loss: float | None, grad_norm: float | None, cfg=None) -
     fixes.append("resume from the last checkpoint")
     return Hint(rule="nan", severity="error", symptom=symptom, cause=cause,
                 fix="; ".join(fixes), step=int(step))
+
+
+MAX_LORA_SCALE = 64.0      # alpha / r (alpha / sqrt(r) with rsLoRA); the guide's range is 1-4
+
+
+def _extreme_scaling(cfg) -> tuple[str, str] | None:
+    """(cause, fix) when the LoRA scaling alpha/r is far outside any sane range."""
+    import math
+    alpha, r = _cfg_get(cfg, "lora.alpha"), _cfg_get(cfg, "lora.r")
+    if not isinstance(alpha, (int, float)) or not isinstance(r, (int, float)) or r <= 0:
+        return None
+    scale = alpha / (math.sqrt(r) if _cfg_get(cfg, "lora.use_rslora") else r)
+    if _finite(scale) and abs(scale) <= MAX_LORA_SCALE:
+        return None
+    return (f"lora.alpha = {alpha:g} is extreme (LoRA scaling alpha/r = {scale:g}; usual 1 to 4): the adapter's "
+            "output overflows", f"set lora.alpha to about 2×r (lora.alpha = {2 * r:g})")
 
 
 def oom_hint(estimate_bytes: int | None, observed_bytes: int | None, cfg=None,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from engine import data as D
 from engine import quality as Q
+from engine.safe_text import describe_controls, has_controls, json_dumps, visible, write_trusted
 from engine.token_count import Counter
 
 SCHEMA_VERSION = 1
@@ -151,8 +152,9 @@ _ds_cache: dict = {}
 
 
 def _model_key(cfg) -> tuple:
+    from engine.model import remote_code_allowed
     m = cfg.model
-    return (m.name, m.revision, m.chat_template, m.trust_remote_code, cfg.source)
+    return (m.name, m.revision, m.chat_template, remote_code_allowed(cfg), cfg.source)
 
 
 def tokenizer_for(cfg):
@@ -310,6 +312,7 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
     seen: dict = {}
     first_line: dict = {}
     fields: dict = {}
+    bad_keys: dict = {}          # line -> a field name holding control characters
     problems: list = []          # from normalising with the provisional format
     rows: list = []              # D.Row
     counts: list = []            # (tokens, trained, kept) per row
@@ -362,9 +365,11 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
         if not new_rows:
             return
         datas = [r.data for r in new_rows]
-        inflight.append(pool.submit(counter.counts, datas, counter.render(datas)))
         texts = [Q.row_text(d) for d in datas]
+        shown, scale = _measurable(datas, texts, max_len)
+        inflight.append(pool.submit(_scaled_counts, counter, shown, counter.render(shown), scale))
         lines = [r.line for r in new_rows]
+        problems.extend(_control_problems(lines, texts, bad_keys))
         for ln, d, t in zip(lines, datas, texts):
             dups.add(ln, d, t)
         pii.extend(Q.scan_pii(lines, texts))
@@ -382,6 +387,8 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
                 if isinstance(obj, dict):
                     for k in obj:
                         fields[k] = fields.get(k, 0) + 1
+                        if has_controls(k):
+                            bad_keys[line] = k
             rep.rows_read = len(raw)
             if provisional is None:
                 if sum(seen.values()) < 200:
@@ -412,7 +419,11 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
         flush()
         drain()
 
-        fmt, reason, mixed = D.choose_format(path, fmt_cfg, seen, first_line, len(raw))
+        try:
+            fmt, reason, mixed = D.choose_format(path, fmt_cfg, seen, first_line, len(raw))
+        except D.DataError as e:         # name the first bad line, as training's preflight does
+            bad = next(((ln, err) for ln, _r, err in raw if err), None)
+            raise D.DataError(f"{e}; first problem at line {bad[0]}: {bad[1]}" if bad else str(e)) from None
         if fmt != provisional:        # the majority changed after the first rows: start over
             problems.clear(); rows.clear(); counts.clear(); pii.clear()
             dups = Q.Duplicates()
@@ -435,6 +446,58 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
         return out
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def long_row_chars(max_len: int) -> int:
+    """Rows whose text is longer than this are measured from a prefix (see ``_measurable``)."""
+    return max(65536, 64 * max_len)
+
+
+def _measurable(datas, texts, max_len: int):
+    """Rows far beyond max_length are measured without tokenising all of them: each text field
+    is cut to ``long_row_chars`` characters (still far more than max_length tokens, so the
+    tokens the trainer keeps are exact), and the token counts past that are scaled by
+    characters. Returns (rows to count, per-row scale factor; 1.0 when the row is whole)."""
+    limit = long_row_chars(max_len)
+    shown, scale = [], []
+    for d, t in zip(datas, texts):
+        if len(t) <= limit:
+            shown.append(d)
+            scale.append(1.0)
+            continue
+        cut = _cut_row(d, limit)
+        shown.append(cut)
+        scale.append(len(t) / max(1, len(Q.row_text(cut))))
+    return shown, scale
+
+
+def _cut_row(d: dict, limit: int) -> dict:
+    if "messages" in d:
+        return dict(d, messages=[dict(m, content=m["content"][:limit]) for m in d["messages"]])
+    return {k: (v[:limit] if isinstance(v, str) else v) for k, v in d.items()}
+
+
+def _scaled_counts(counter, rows, rendered, scale) -> list:
+    out = counter.counts(rows, rendered)
+    if all(f == 1.0 for f in scale):
+        return out
+    return [(int(round(n * f)), int(round(tr * f)), kept) if f != 1.0 else (n, tr, kept)
+            for (n, tr, kept), f in zip(out, scale)]
+
+
+def _control_problems(lines, texts, bad_keys) -> list:
+    """Rows whose text (or a field name) holds control characters, ANSI escape sequences or
+    bidi overrides: almost always an accident in training data, sometimes an attack."""
+    out = []
+    for ln, t in zip(lines, texts):
+        what = describe_controls(t) if has_controls(t) else None
+        where = "its text"
+        if what is None and ln in bad_keys:
+            what, where = describe_controls(bad_keys[ln]), f"the field name {visible(repr(bad_keys[ln]))}"
+        if what:
+            out.append(D.DataProblem(ln, "control_chars", f"{what} in {where} (shown as ␛ / ⟨U+…⟩ here); "
+                                     "clean the row unless the model must learn those bytes"))
+    return out
 
 
 def _finish(cfg, rep: Report, tok, rows, counts, problems, mixed, dups, pii, seen, fields,
@@ -617,8 +680,9 @@ def _cmd(args) -> int:
 
         def progress(r: Report):
             if stderr_tty:
-                print(f"\r{r.phase}: {r.rows_read} rows read, {r.rows_tokenized} tokenised "
-                      f"({r.progress:.0%})", end="", file=sys.stderr, flush=True)
+                write_trusted(sys.stderr, f"\r{r.phase}: {r.rows_read} rows read, {r.rows_tokenized} "
+                                          f"tokenised ({r.progress:.0%})")
+                sys.stderr.flush()
         # This command is one short-lived process that starts no child and forks no DataLoader,
         # so it may let the tokenizer use every core even where the environment turned that off
         # (TOKENIZERS_PARALLELISM=false, often set just to silence the fork warning). It is set
@@ -633,12 +697,13 @@ def _cmd(args) -> int:
             else:
                 os.environ["TOKENIZERS_PARALLELISM"] = saved
         if stderr_tty:
-            print("\r\033[K", end="", file=sys.stderr, flush=True)
+            write_trusted(sys.stderr, "\r\033[K")
+            sys.stderr.flush()
     except (D.DataError, ModelError) as e:
         print(str(e), file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(rep.to_dict(), ensure_ascii=False, indent=1))
+        print(json_dumps(rep.to_dict(), indent=1))
     else:
         print(format_report(rep))
     return 1 if args.strict and rep.problems else 0
@@ -654,9 +719,9 @@ def _cmd_show(cfg, args) -> int:
     colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty()
                                         and not os.environ.get("NO_COLOR"))
     if args.json:
-        print(json.dumps(pv.to_dict(), ensure_ascii=False, indent=1))
+        print(json_dumps(pv.to_dict(), indent=1))
     else:
-        print(format_preview(pv, cfg.data.max_length, colour=colour))
+        write_trusted(sys.stdout, format_preview(pv, cfg.data.max_length, colour=colour) + "\n")
     return 0
 
 
@@ -666,7 +731,8 @@ def format_preview(pv: Preview, max_len: int, colour: bool = False) -> str:
                if pv.n_trained_untruncated != pv.n_trained else ""))
     legend = ("trained tokens in green" if colour else "trained tokens between ⟦ and ⟧")
     body, pos = [], 0
-    for text, trained in pv.segments:
+    for raw, trained in pv.segments:
+        text = visible(raw)           # the row's own escape codes are shown, never run
         if pv.cut_char is not None and pos == pv.cut_char:
             body.append(("\033[7m" if colour else "") + f"✂[max_length {max_len}: the rest is cut]"
                         + ("\033[0m" if colour else ""))
@@ -675,7 +741,7 @@ def format_preview(pv: Preview, max_len: int, colour: bool = False) -> str:
         else:
             body.append(f"\033[2m{text}\033[0m" if colour and pv.cut_char is not None and pos >= pv.cut_char
                         else text)
-        pos += len(text)
+        pos += len(raw)
     return f"{head}; {legend}\n" + "─" * 60 + "\n" + "".join(body) + "\n" + "─" * 60
 
 

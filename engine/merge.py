@@ -380,6 +380,22 @@ def _dir_files(d: Path) -> tuple[int, list[str]]:
     return sum(p.stat().st_size for p in files), [str(p.relative_to(d)) for p in files]
 
 
+def _check_writable(out: Path) -> None:
+    """--out must be creatable and writable before anything is loaded (not found out at 60 %)."""
+    import os
+    import tempfile
+    parent = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
+    try:
+        if not parent.is_dir():
+            raise OSError(f"{parent} is not a directory")
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".qlora-merge-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise MergeError(f"--out {out}: cannot write there ({getattr(e, 'strerror', None) or e}); "
+                         "choose a writable directory") from None
+
+
 def merge(src: str | Path, out: str | Path, dtype: str = "bf16",
           on_progress: Callable[[float, str], None] | None = None,
           check_rows=None, base: str | None = None) -> MergeReport:
@@ -396,6 +412,7 @@ def merge(src: str | Path, out: str | Path, dtype: str = "bf16",
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MergeError(f"output {out} already exists and is not empty; choose a new --out or remove it")
+    _check_writable(out)
 
     progress(0.0, "checking the adapter")
     adapter_dir = find_adapter_dir(src, MergeError)

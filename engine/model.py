@@ -25,6 +25,51 @@ class Runtime:
     notes: list[str] = field(default_factory=list)
 
 
+# ---- consent to run code shipped with a model (model.trust_remote_code = true) -----------
+# On the command line the config's own setting, on a command the user ran, is the consent.
+# An interactive app calls ``require_consent()`` when it starts: from then on a model's code
+# runs only after ``grant_remote_code(cfg)`` (the user said yes in the app); until then every
+# loader here (tokenizer for the Dataset screen, config checks) reads the model without it.
+_consent = {"ask": False, "granted": set()}
+
+
+def require_consent() -> None:
+    _consent["ask"] = True
+
+
+def grant_remote_code(cfg) -> None:
+    _consent["granted"].add(_consent_key(cfg))
+
+
+def _consent_key(cfg) -> tuple:
+    try:
+        where = model_path(cfg)
+    except ModelError:
+        where = cfg.model.name
+    return (str(where), cfg.model.revision or "")
+
+
+def remote_code_allowed(cfg) -> bool:
+    """Whether code shipped with ``cfg.model`` may be imported now (see above)."""
+    if not cfg.model.trust_remote_code:
+        return False
+    return not _consent["ask"] or _consent_key(cfg) in _consent["granted"]
+
+
+def _no_consent_message(cfg, what: str) -> str:
+    if cfg.model.trust_remote_code:
+        how = ("token counts, previews and checks that need it wait until you confirm it runs "
+               "(the TUI asks at ctrl+r)")
+    else:
+        how = "it is not run unless you set model.trust_remote_code = true (only for a repository you trust)"
+    return f"model.name = {cfg.model.name!r}: the {what} is Python code shipped with the model; {how}"
+
+
+def _needs_code(e: BaseException) -> bool:
+    s = str(e)
+    return "trust_remote_code" in s or "auto_map" in s or "custom code" in s
+
+
 def model_path(cfg) -> str:
     """A loadable path or hub id for model.name (builtin:tiny is built/cached on demand)."""
     name = cfg.model.name.strip()
@@ -90,17 +135,30 @@ def load_tokenizer(cfg, path: str | None = None):
     from transformers import AutoTokenizer
     from engine.chat import prepare_tokenizer
     path = path or model_path(cfg)
+    trust = remote_code_allowed(cfg)
     try:
-        tok = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision or None,
-                                            trust_remote_code=cfg.model.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision or None, trust_remote_code=trust)
     except OSError as e:
         raise ModelError(f"model.name = {cfg.model.name!r}: cannot load the tokenizer ({_first_line(e)}); "
                          "check the name, your network/HF_TOKEN, or use a local directory") from None
+    except (ValueError, ImportError, AttributeError, KeyError) as e:
+        if not trust and (_needs_code(e) or _ships_code(path, "tokenizer_config.json")):
+            raise ModelError(_no_consent_message(cfg, "tokenizer")) from None
+        raise ModelError(f"model.name = {cfg.model.name!r}: cannot load the tokenizer ({_first_line(e)})") from None
     if not getattr(tok, "is_fast", False):
         raise ModelError(f"model.name = {cfg.model.name!r}: only fast tokenizers are supported "
                          "(the label mask needs character offsets)")
     warnings = prepare_tokenizer(tok, cfg.model.chat_template)
     return tok, warnings
+
+
+def _ships_code(path: str, fname: str) -> bool:
+    import json
+    try:
+        data = json.loads((Path(path) / fname).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and bool(data.get("auto_map"))
 
 
 def _first_line(e: BaseException) -> str:
@@ -142,7 +200,7 @@ def load_model(cfg, rt: Runtime, path: str | None = None):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     path = path or model_path(cfg)
     dtype = torch_dtype(rt.dtype)
-    kwargs = dict(revision=cfg.model.revision or None, trust_remote_code=cfg.model.trust_remote_code,
+    kwargs = dict(revision=cfg.model.revision or None, trust_remote_code=remote_code_allowed(cfg),
                   dtype=dtype, attn_implementation=attn_implementation(cfg, rt.device))
     if rt.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -165,6 +223,36 @@ def load_model(cfg, rt: Runtime, path: str | None = None):
         raise ModelError(f"model.name = {cfg.model.name!r}: cannot load weights ({_first_line(e)})") from None
     model.config.use_cache = False
     return model
+
+
+CPU_PACKED_BLOCK_N = 32     # bitsandbytes' packed CPU 4-bit kernel: out_features % 32, even in_features
+
+
+def fit_4bit_kernels(model, rt: Runtime) -> list[str]:
+    """Keep every 4-bit layer on a kernel that can run its shape on this device; plan notes.
+
+    On CPUs with AVX512-bf16, bitsandbytes switches a ``Linear4bit`` to a packed kernel the
+    first time it runs without gradients (the first eval) and that kernel asserts
+    ``N must be divisible by block_n`` for out_features not a multiple of 32 (a Llama with
+    intermediate_size = 172, say): the run would crash after its first training steps. Such
+    layers are kept on bitsandbytes' generic 4-bit kernel (the one training uses), decided
+    here, before the first step."""
+    if rt.device != "cpu" or not rt.load_in_4bit:
+        return []
+    odd: dict[str, tuple[int, int]] = {}
+    for name, mod in model.named_modules():
+        if type(mod).__name__ != "Linear4bit":
+            continue
+        out_f, in_f = int(mod.out_features), int(mod.in_features)
+        if out_f % CPU_PACKED_BLOCK_N or in_f % 2:
+            mod.support_avx512bf16_for_cpu = False
+            odd.setdefault(name.rsplit(".", 1)[-1], (out_f, in_f))
+    if not odd:
+        return []
+    shapes = ", ".join(f"{k} ({o}×{i})" for k, (o, i) in sorted(odd.items()))
+    return [f"4-bit layers {shapes} have a shape bitsandbytes' packed CPU kernel cannot run (out_features "
+            f"must be a multiple of {CPU_PACKED_BLOCK_N}): they use its generic 4-bit kernel, in training "
+            "and eval alike"]
 
 
 def linear_module_names(model) -> list[str]:
@@ -200,13 +288,15 @@ def check_model_skeleton(cfg) -> list[str]:
     path = model_path(cfg)
     try:
         mc = AutoConfig.from_pretrained(path, revision=cfg.model.revision or None,
-                                        trust_remote_code=cfg.model.trust_remote_code)
+                                        trust_remote_code=remote_code_allowed(cfg))
     except OSError as e:
         raise ModelError(f"model.name = {cfg.model.name!r}: cannot read its config ({_first_line(e)}); "
                          "check the name, your network/HF_TOKEN, or use a local directory") from None
     except ValueError as e:
+        if not remote_code_allowed(cfg) and (_needs_code(e) or _ships_code(path, "config.json")):
+            raise ModelError(_no_consent_message(cfg, "architecture")) from None
         raise ModelError(f"model.name = {cfg.model.name!r}: {_first_line(e)}") from None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(mc, trust_remote_code=cfg.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(mc, trust_remote_code=remote_code_allowed(cfg))
     resolve_target_modules(cfg, model)
     return linear_module_names(model)

@@ -49,6 +49,7 @@ def preflight(cfg: C.Config, check_model: bool = True) -> list[str]:
             notes.append(note)
         try:
             M.check_model_skeleton(cfg)
+            M.load_tokenizer(cfg)    # shipped tokenizer code, a broken chat template: said here
         except M.ModelError as e:
             raise PreflightError(str(e)) from None
     return notes
@@ -229,6 +230,8 @@ class Run:
         self._resume_note = ""
         self._changed: list[str] = []
         self.notes: list[str] = []       # preflight warnings (bad rows skipped, custom code not run)
+        self._lock: int | None = None    # fd of RUN_DIR/lock while this process writes the run
+        self._sink_failure: BaseException | None = None   # the log writer failed (disk full)
 
     # ---- control
     def request_stop(self, reason: str = "stop requested") -> None:
@@ -262,10 +265,13 @@ class Run:
             self.bus.subscribe(self._on_event)
             self._writer = False       # prepared; nothing to write
             return self.run_dir
+        R.use_private_umask()          # this process writes the run: its files are private
         if self.resume:
             assert self.run_dir is not None
             if not (self.run_dir / R.CONFIG).exists():
                 raise PreflightError(f"{self.run_dir}: not a run directory (no {R.CONFIG})")
+            self._lock = R.acquire_lock(self.run_dir)    # before anything in it is touched
+            R.make_private(self.run_dir)
             if R.process_alive(self.run_dir) and R.owner_pid(self.run_dir) != os.getpid():
                 raise PreflightError(f"{self.run_dir}: the run is still live (pid {R.owner_pid(self.run_dir)}); "
                                      "attach to it or stop it first")
@@ -280,12 +286,15 @@ class Run:
             name = self.cfg.output.name or self.cfg.model.name
             self.run_dir = R.create(self.cfg.output.dir, name)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self._lock is None:
+            self._lock = R.acquire_lock(self.run_dir)
         (self.run_dir / R.CONTROL).mkdir(exist_ok=True)
         if not self.resume:
             C.save(self.cfg, self.run_dir / R.CONFIG)
         R.write_pid(self.run_dir)
         self._writer = E.JsonlWriter(self.run_dir / R.EVENTS)
         self.bus.subscribe(self._writer)
+        self.bus.on_sink_error.append(self._sink_error)
         self.bus.subscribe(self._on_event)
         return self.run_dir
 
@@ -295,7 +304,10 @@ class Run:
         if changed:
             C.save(cfg, self.run_dir / R.CONFIG)
             self._changed = changed
+        since = R.writer_since_ns()
         for path, _cmd in ctl.pending(self.run_dir):    # requests to the dead process: not for us
+            if ctl.sent_ns(path) >= since:
+                continue                                  # sent to this writer (after it started)
             try:
                 path.replace(path.with_suffix(".stale"))
             except OSError:
@@ -308,6 +320,27 @@ class Run:
         self.thread = threading.Thread(target=self._main, name="qlora-run", daemon=True)
         self.thread.start()
         return self.run_dir
+
+    def _sink_error(self, fn, exc: BaseException) -> None:
+        """The run's log (or another sink) failed: stop after this step; the run ends failed."""
+        if fn is self._writer and self._sink_failure is None:
+            self._sink_failure = exc
+            self.request_stop("the event log could not be written")
+
+    def _emit_final(self, ev: E.Event) -> None:
+        """Emit the terminal event; after a log failure it says so (kind ``disk`` when the disk
+        is full) and goes into the space the log writer kept in reserve."""
+        exc = self._sink_failure
+        if exc is not None and ev.type == "run_finished":
+            from engine.trainer import _is_disk_full
+            disk = _is_disk_full(exc)
+            ev = E.RunFailed(kind="disk" if disk else "error", step=ev.step, reason=(
+                f"{'disk full: ' if disk else ''}{R.EVENTS} could not be written ({exc}); the run stopped "
+                f"at step {ev.step}" + (f", adapter saved in {ev.adapter_dir}" if ev.adapter_dir else "")
+                + "; free space and resume"))
+        self.bus.emit(ev)
+        if exc is not None and self._writer:
+            self._writer.write_final(ev)
 
     def _on_event(self, ev: E.Event) -> None:
         if ev.type in E.TERMINAL:
@@ -355,7 +388,7 @@ class Run:
                     step = R.checkpoint_step(ckpt)
                     adapter = self._adapter_from_checkpoint(ckpt, emit)
                     losses = [e.loss for e in E.read_events(self.run_dir / R.EVENTS) if e.type == "step"]
-                    emit(E.RunFinished(step=step, adapter_dir=str(adapter),
+                    self._emit_final(E.RunFinished(step=step, adapter_dir=str(adapter),
                                        final_loss=losses[-1] if losses else None,
                                        reason=f"completed (nothing left to train; adapter from {ckpt.name})"))
                     return
@@ -369,20 +402,25 @@ class Run:
                 nf = cb.nonfinite
                 self._save_adapter(trainer, prepared, emit)
                 what = "loss" if not T._finite(nf.loss) else "grad norm"
-                emit(E.RunFailed(reason=f"non-finite {what} at step {nf.step}: halted (train.nan_policy = "
-                                 "halt); lower train.learning_rate, e.g. to 1e-4",
-                                 kind="nan", step=nf.step))
+                from engine.hints import _extreme_scaling
+                extreme = _extreme_scaling(self.cfg)
+                fix = extreme[1] if extreme else "lower train.learning_rate, e.g. to 1e-4"
+                self._emit_final(E.RunFailed(reason=f"non-finite {what} at step {nf.step}: halted (train.nan_policy = "
+                                 f"halt); {fix}", kind="nan", step=nf.step))
                 return
             adapter = self._save_adapter(trainer, prepared, emit)
             stopped = self.stop_flag.is_set()
-            emit(E.RunFinished(step=step, adapter_dir=str(adapter), final_loss=cb.last_loss, stopped=stopped,
+            self._emit_final(E.RunFinished(step=step, adapter_dir=str(adapter), final_loss=cb.last_loss, stopped=stopped,
                                reason=(self.stop_reason[0] if self.stop_reason else "stopped") if stopped
                                else "completed"))
         except BaseException as e:  # noqa: BLE001 - every failure must become an event
-            emit(self._failure_event(e, prepared, step))
+            self._emit_final(self._failure_event(e, prepared, step))
         finally:
             if self._writer:
                 self._writer.close()
+            if self._lock is not None:
+                os.close(self._lock)        # the run is over: another writer may take it
+                self._lock = None
 
     def _watch_gpu(self, hints, last_step, every: float = 2.0) -> None:
         """Feed NVML utilisation of this process's GPU to the low-GPU-use rule while training."""
@@ -526,7 +564,8 @@ def install_signal_handlers(run: Run, headless: bool = True) -> None:
         if name == "SIGINT" and run.stop_flag.is_set():
             run.bus.emit(E.RunFailed(reason="Ctrl+C twice: stopped at once without saving; "
                                      "resume from the last checkpoint", kind="killed"))
-            os._exit(130)
+            from engine.exitcodes import KILLED
+            os._exit(KILLED)
         run.request_stop(f"stopped by {why}: checkpoint and adapter saved")
         if name == "SIGINT" and headless:
             print("stopping after this step (checkpoint + adapter); Ctrl+C again to stop at once",
@@ -556,9 +595,14 @@ def launch_distributed(cfg: C.Config | None, *, run_dir: Path | None = None, res
     proc = subprocess.Popen(DI.launch_argv(cfg, args), env=dict(_child_env(), **{DI.LAUNCHED: "1"}))
     while True:
         try:
-            return proc.wait()
+            rc = proc.wait()
+            break
         except KeyboardInterrupt:      # the workers got the signal too and stop gracefully
             continue
+    from engine import exitcodes
+    if rc == exitcodes.OK and R.info(run_dir).state == "stopped":
+        return exitcodes.STOPPED
+    return rc
 
 
 def start_detached(cfg: C.Config | None, *, resume: str | Path | None = None, check: bool = True,
@@ -570,6 +614,11 @@ def start_detached(cfg: C.Config | None, *, resume: str | Path | None = None, ch
     stdin on /dev/null and its output in RUN_DIR/stdout.log; it is never a child of the
     caller's session, so closing the terminal or the SSH connection does not reach it.
     """
+    with R.private_files():            # the run's files are private from the first one on
+        return _start_detached(cfg, resume=resume, check=check, overrides=overrides)
+
+
+def _start_detached(cfg, *, resume, check, overrides) -> Path:
     if resume:
         run_dir = Path(resume)
         if not (run_dir / R.CONFIG).exists():
@@ -587,11 +636,18 @@ def start_detached(cfg: C.Config | None, *, resume: str | Path | None = None, ch
         run_dir = R.create(cfg.output.dir, cfg.output.name or cfg.model.name)
         C.save(cfg, run_dir / R.CONFIG)
         argv = ["train", str(run_dir / R.CONFIG), "--run-dir", str(run_dir), "--no-check"]
+    # the lock is taken here and handed to the child (same open file): a second resume of the
+    # same run is refused now, where it is seen, and nobody can slip in between
+    lock = R.acquire_lock(run_dir)
+    env = dict(_child_env(), **{R.LOCK_FD_ENV: str(lock), R.SINCE_ENV: str(time.time_ns())})
     log = open(run_dir / R.STDOUT, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "engine", *argv, "--headless"],
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, cwd=os.getcwd(), env=_child_env())
-    log.close()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "engine", *argv, "--headless"],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=os.getcwd(), env=env, pass_fds=(lock,))
+    finally:
+        log.close()
+        os.close(lock)
     # record the child at once so a UI sees the run as live before it writes run.json itself
     R.write_pid(run_dir, proc.pid)
     return run_dir

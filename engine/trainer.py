@@ -195,6 +195,7 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
     emit(E.Status(phase="model", message=f"loading {cfg.model.name} "
                   f"({'4-bit ' + cfg.quant.quant_type if rt.load_in_4bit else rt.dtype}) on {rt.device}"))
     model = M.load_model(cfg, rt, path)
+    plan += M.fit_4bit_kernels(model, rt)       # shapes a bitsandbytes kernel cannot run
     resized = len(tok) > model.get_input_embeddings().weight.shape[0]
     if resized:
         model.resize_token_embeddings(len(tok))
@@ -370,6 +371,7 @@ def _trainer_class(base, faults: Faults, cb):
                     (d / "adapter_model.safetensors").write_bytes(b"\0" * 16)
                     raise OSError(errno.ENOSPC, "No space left on device (injected)", str(d))
                 super()._save_checkpoint(model, trial)
+                self._commit(d, step)
             except Exception as e:
                 if _is_disk_full(e):
                     shutil.rmtree(d, ignore_errors=True)     # the half-written one; frees its space
@@ -378,11 +380,22 @@ def _trainer_class(base, faults: Faults, cb):
             finally:
                 self.args.save_total_limit = limit
             from engine import distributed as DI
-            if DI.in_worker():      # every rank has written its part (FSDP shards) before the commit
-                self.accelerator.wait_for_everyone()
             if DI.is_main():
-                R.mark_complete(d, step)
                 R.rotate_checkpoints(Path(self.args.output_dir).parent, limit)
+
+        def _commit(self, d: Path, step: int) -> None:
+            """The COMPLETE marker, once every rank has written its part (FSDP shards)."""
+            from engine import distributed as DI
+            from engine import rundir as R
+            if DI.in_worker():
+                self.accelerator.wait_for_everyone()
+            if not DI.is_main():
+                return
+            if faults.markerfull_step == step:
+                from engine import faults as F
+                F.DISK_FULL.set()
+                raise OSError(errno.ENOSPC, "No space left on device (injected, writing COMPLETE)", str(d))
+            R.mark_complete(d, step)
 
     return Trainer
 

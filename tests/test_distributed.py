@@ -53,7 +53,7 @@ def test_stop_request_reaches_every_rank(tmp_path):
     assert run_dir is not None, p.stderr.read()[-3000:] if p.poll() is not None else "no steps"
     control.request(run_dir, "stop")
     out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
+    assert p.returncode == 3, err[-3000:]          # engine.exitcodes.STOPPED
     ri = R.info(run_dir)
     assert ri.state == "stopped" and ri.step < 400
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()

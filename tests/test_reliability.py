@@ -139,7 +139,7 @@ def test_signal_stops_gracefully_with_checkpoint_and_adapter(tiny_cfg, tmp_path,
     d = wait_run_dir(runs)
     wait_step(d, 2)
     proc.send_signal(sig)
-    assert proc.wait(timeout=120) == 0, (tmp_path / "out.log").read_text()[-2000:]
+    assert proc.wait(timeout=120) == 3, (tmp_path / "out.log").read_text()[-2000:]   # STOPPED, not 0
     fin = terminal(d)
     assert fin.type == "run_finished" and fin.stopped, fin
     assert why in fin.reason and "adapter saved" in fin.reason

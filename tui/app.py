@@ -74,6 +74,8 @@ class QloraApp(App):
                  attach: str | Path | None = None, start_mode: str = "train",
                  samplers=None, readings_interval: float = 1.0) -> None:
         from engine import config as C
+        from engine import model as M
+        M.require_consent()     # a model's own code runs only after a yes in this app
         self.config = config if config is not None else C.load(None, DEMO_OVERRIDES)
         self.config_path = Path(config_path) if config_path else None
         self.form_data: dict = self.config.to_dict()
@@ -158,6 +160,8 @@ class QloraApp(App):
         if runner.needs_remote_code_confirmation(cfg):
             def answered(yes: bool | None) -> None:
                 if yes:
+                    from engine import model as M
+                    M.grant_remote_code(cfg)
                     self._begin_launch(cfg)
                 else:
                     self.notify("Not started: the model's own code was not allowed to run.",
@@ -261,6 +265,8 @@ class QloraApp(App):
             if runner.needs_remote_code_confirmation(cfg):
                 def confirmed(ok: bool | None) -> None:
                     if ok:
+                        from engine import model as M
+                        M.grant_remote_code(cfg)
                         self.resume_run(run_dir, fixes)
                 self.push_screen(RemoteCodeDialog(cfg.model.name, "Resuming this run"), confirmed)
                 return

@@ -42,9 +42,15 @@ def _is_tui_call(argv: list[str]) -> bool:
 
 
 def _run_app(app) -> int:
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        # without a terminal the app would spin on input it never gets (a script, a pipe)
+        print("qlora-tui: the TUI needs a terminal (stdin and stdout are not one); from a script use "
+              "`qlora-tui runs`, `qlora-tui train CONFIG --headless` or `--detach`", file=sys.stderr)
+        return 2
     app.run()
     if app.exit_note:
-        print(app.exit_note)
+        from engine.safe_text import visible
+        print(visible(app.exit_note))
     return int(app.return_code or 0)
 
 
@@ -66,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             from tui.app import DEMO_OVERRIDES
             cfg = C.load(None, DEMO_OVERRIDES + sets)
     except C.ConfigError as e:
-        print(str(e), file=sys.stderr)
+        from engine.safe_text import visible
+        print(visible(e), file=sys.stderr)
         return 2
     from tui.app import QloraApp
     return _run_app(QloraApp(cfg, pos[0] if pos else None))
@@ -82,7 +89,8 @@ def attach(args: list[str]) -> int:
     if args:
         run_dir = Path(args[0])
         if not (run_dir / rundir.EVENTS).exists() and not (run_dir / rundir.RUN_JSON).exists():
-            print(f"{run_dir}: not a run directory (no {rundir.EVENTS})", file=sys.stderr)
+            from engine.safe_text import visible
+            print(visible(f"{run_dir}: not a run directory (no {rundir.EVENTS})"), file=sys.stderr)
             return 2
         cfg = None
         if (run_dir / rundir.CONFIG).exists():

@@ -8,17 +8,13 @@ from __future__ import annotations
 
 from rich.text import Text
 
-# C0 controls (except tab and newline) → the Unicode "control pictures" block; ESC → ␛
-_TABLE = {c: 0x2400 + c for c in range(0x20) if c not in (0x09, 0x0A)}
-_TABLE[0x1B] = 0x241B
-_TABLE[0x7F] = 0x2421
-# C1 controls (0x80-0x9f, e.g. the 8-bit CSI \x9b) have no pictures: show the replacement char
-_TABLE.update({c: 0xFFFD for c in range(0x80, 0xA0)})
+from engine.safe_text import visible   # one owner of which characters are shown how
 
 
 def clean(value: object) -> str:
-    """``str(value)`` with every control character made visible (tabs → spaces)."""
-    return str(value).translate(_TABLE).replace("\t", "    ")
+    """``str(value)`` with every control character made visible (tabs → spaces); the glyphs are
+    ``engine.safe_text``'s, the same the command line prints."""
+    return visible(value).replace("\t", "    ")
 
 
 def literal(value: object, style: str = "") -> Text:
