@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "engine.estimate",      # estimate
     "engine.merge",         # merge
     "engine.export",        # export (GGUF)
+    "engine.modelcard",     # push
     "engine.generate",      # generate
     "engine.serve",         # serve-cmd
     "engine.axolotl",       # import-axolotl

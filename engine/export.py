@@ -392,8 +392,10 @@ def _finish(report: ExportReport, s: _Source, t0: float, progress) -> None:
     report.seconds = time.time() - t0
     try:
         from engine import modelcard
+        flag = "--adapter-gguf " if report.kind == "adapter" else ""
+        command = f"qlora-tui export {shlex.quote(s.src)} {flag}--gguf {report.gguf_type}"
         report.card = str(modelcard.write_card(Path(report.path).parent, s.run_dir, s.adapter_dir,
-                                               kind="gguf", export=report))
+                                               kind="gguf", export=report, command=command))
     except ImportError:
         pass
     if s.run_dir is not None:
