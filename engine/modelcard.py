@@ -163,7 +163,12 @@ def push_plan(run_dir: str | Path, what: str = "adapter") -> tuple[Path, list[st
         folder, patterns = root / "export", ["*.gguf", "Modelfile*", "README.md"]
         if not list(folder.glob("*.gguf")):
             raise PushError(f"{folder}: no .gguf file; run `qlora-tui export {root} --gguf f16` first")
-    if not (folder / "README.md").is_file():
+    card = folder / "README.md"
+    try:
+        ours = "qlora-tui" in card.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        ours = False
+    if not ours:     # none yet, or PEFT's generic template from save_pretrained
         write_card(folder, owner, adapter_dir, what)
     import fnmatch
     files = sorted(str(p.relative_to(folder)) for p in folder.iterdir()

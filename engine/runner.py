@@ -35,6 +35,11 @@ def preflight(cfg: C.Config, check_model: bool = True) -> list[str]:
     """Everything that can be checked before a run directory exists. Raises PreflightError."""
     from engine import data as D
     from engine import model as M
+    from engine import trackers
+    try:
+        trackers.check_available(cfg.output.report_to)
+    except trackers.TrackerError as e:
+        raise PreflightError(str(e)) from None
     try:
         train, ev = D.load_for_training(cfg)
     except D.DataError as e:
