@@ -311,7 +311,7 @@ def export_model(src, gguf_type: str = "f16", out=None, base: str | None = None,
     except ExportError:
         path.unlink(missing_ok=True)
         raise
-    modelfile = path.parent / "Modelfile"
+    modelfile = path.with_suffix(".Modelfile")         # one per file: exports of several types coexist
     modelfile.write_text(modelfile_text(f"./{path.name}", vocab, system_prompt(rows)), encoding="utf-8")
     report = ExportReport(path=str(path), kind="model", gguf_type=gguf_type, arch=arch, size_bytes=size,
                           tensors=len(tensors), seconds=0.0, merged_dir=str(merged), modelfile=str(modelfile),
@@ -354,7 +354,7 @@ def export_adapter(src, gguf_type: str = "f16", out=None, base: str | None = Non
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tokenizer_source(s.adapter_dir, base_name))
     vocab = _guard(GW.read_vocab, tok, int(GW._text_config(cfg)["vocab_size"]), str(s.adapter_dir))
-    modelfile = path.parent / "Modelfile.adapter"
+    modelfile = path.with_suffix(".Modelfile")
     modelfile.write_text(modelfile_text("BASE.gguf   # the base model as GGUF: edit this line", vocab,
                                         system_prompt(run_rows(s.run_dir)), adapter=f"./{path.name}"),
                          encoding="utf-8")

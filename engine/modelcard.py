@@ -134,7 +134,7 @@ def write_card(out_dir: Path, run_dir: Path | None, adapter_dir: Path, kind: str
     files = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name != "README.md") \
         if out_dir.is_dir() else []
     if kind == "gguf":
-        files = [f for f in files if f.endswith(".gguf") or f.startswith("Modelfile")]
+        files = [f for f in files if f.endswith((".gguf", ".Modelfile"))]
     path = out_dir / "README.md"
     path.write_text(card_text(run_dir, adapter_dir, kind, files, export, command), encoding="utf-8")
     return path
@@ -160,7 +160,7 @@ def push_plan(run_dir: str | Path, what: str = "adapter") -> tuple[Path, list[st
             raise PushError(f"{folder}: no merged checkpoint; run `qlora-tui export {root} --gguf f16` "
                             f"(it keeps the merge there) or `qlora-tui merge {root} --out {folder}`")
     else:
-        folder, patterns = root / "export", ["*.gguf", "Modelfile*", "README.md"]
+        folder, patterns = root / "export", ["*.gguf", "*.Modelfile", "README.md"]
         if not list(folder.glob("*.gguf")):
             raise PushError(f"{folder}: no .gguf file; run `qlora-tui export {root} --gguf f16` first")
     card = folder / "README.md"

@@ -386,6 +386,8 @@ class Run:
         except BaseException as e:  # noqa: BLE001 - every failure must become an event
             emit(self._failure_event(e, prepared, step))
         finally:
+            from engine import trackers
+            trackers.finish(self.cfg.output.report_to)
             if self._writer:
                 self._writer.close()
 

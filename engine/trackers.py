@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 PACKAGES = {"tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb",)}
@@ -62,3 +63,14 @@ def _set_default(key: str, value: str) -> None:
     if key in os.environ and _OURS.get(key) != os.environ[key]:
         return
     os.environ[key] = _OURS[key] = value
+
+
+def finish(report_to: str) -> None:
+    """Close the tracker's run so its files are complete before the run's thread ends (the HF
+    callback leaves a wandb run open until the process exits)."""
+    wandb = sys.modules.get("wandb") if report_to == "wandb" else None
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        try:
+            wandb.finish()
+        except Exception:  # noqa: BLE001 - the run itself is over; a tracker hiccup must not fail it
+            pass
