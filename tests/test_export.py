@@ -287,3 +287,52 @@ def test_push_plan_and_unreachable_hub(tb_run, f16, tmp_path):
     p = subprocess.run([sys.executable, "-m", "engine", "push", str(tb_run), "me/tiny"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "HF_TOKEN" in p.stderr and "hf auth login" in p.stderr
+
+
+# --------------------------------------------------------------------------- other shapes
+
+def _spm_tokenizer():
+    """A sentencepiece-style BPE (Metaspace, byte fallback: the Llama 2 / Mistral v0.1 shape)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from engine.builtin import _corpus
+    from engine.chat import CHATML_TEMPLATE
+    tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tk.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=700, special_tokens=specials,
+                                                          show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>")
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_other_architectures_and_tokenizers(kind, tmp_path):
+    """Qwen2 (q/k/v biases, no row permutation, tied embeddings, byte-level BPE) and Mistral
+    (head_dim != hidden / heads, a sentencepiece-style BPE with byte fallback as Mistral v0.1 has):
+    each exported f16 and read back within bound."""
+    import torch
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from engine.builtin import tiny_model_dir
+    sys.path.insert(0, str(Path(__file__).parent))
+    from outputs_fixtures import make_adapter
+    tok = _spm_tokenizer() if kind == "mistral" else AutoTokenizer.from_pretrained(str(tiny_model_dir()))
+    cls, model_cls, extra = {"qwen2": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": True}),
+                             "mistral": (MistralConfig, MistralForCausalLM, {"head_dim": 48})}[kind]
+    torch.manual_seed(0)
+    cfg = cls(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **extra)
+    model_cls(cfg).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    make_adapter(tmp_path / "base", tmp_path / "adapter", r=8, scale=0.05)
+    rep = X.export_model(tmp_path / "adapter", "f16", out=tmp_path / "out")
+    assert rep.arch == ("qwen2" if kind == "qwen2" else "llama")
+    assert rep.tokenizer_roundtrip and rep.max_abs_diff <= rep.tolerance and rep.top1_agreement >= 0.99
+    names = {t.name for t in _reader(rep.path).tensors}
+    assert ("blk.0.attn_q.bias" in names) == (kind == "qwen2")
+    assert ("output.weight" in names) == (kind != "qwen2")
+    assert _field(_reader(rep.path), "tokenizer.ggml.model") == ("llama" if kind == "mistral" else "gpt2")
