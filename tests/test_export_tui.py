@@ -62,3 +62,19 @@ async def test_export_from_runs_screen_with_keys(tmp_path):
         assert screen.report["kind"] == "adapter" and screen.report["tensors"] == 2 * 2 * 7
         await pilot.press("escape")
         await until(pilot, lambda: not isinstance(app.screen, ExportScreen), what="the dialog closed")
+
+
+async def test_train_screen_says_where_tracker_logs_go(tmp_path):
+    from tui.runstate import RunState
+    app = make_app(demo_cfg(tmp_path, 'output.report_to="tensorboard"'))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f4")
+        await pilot.pause()
+        welcome = str(app.screen.query_one("#welcome", Static).render())
+        assert "logs   tensorboard: RUN_DIR/tensorboard" in welcome
+        st = RunState(run_dir=tmp_path / "runs" / "r1", phase="training",
+                      plan=["tensorboard logs: /x/runs/r1/tensorboard"])
+        app.screen.render_run(st)
+        await pilot.pause()
+        metrics = str(app.screen.query_one("#metrics", Static).render())
+        assert "logs      tensorboard" in metrics and "/x/runs/r1/tensorboard" in metrics
