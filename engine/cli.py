@@ -16,6 +16,8 @@ COMMAND_MODULES = [
     "engine.inspect",       # inspect
     "engine.estimate",      # estimate
     "engine.merge",         # merge
+    "engine.export",        # export (GGUF)
+    "engine.modelcard",     # push
     "engine.generate",      # generate
     "engine.serve",         # serve-cmd
     "engine.axolotl",       # import-axolotl

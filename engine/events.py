@@ -113,8 +113,23 @@ class RunFailed(Event):
     detail: str = ""              # traceback or longer text, for the log only
 
 
+@dataclass
+class Exported(Event):
+    """An export after training (``qlora-tui export``): the GGUF file and its verification."""
+    type: ClassVar[str] = "export"
+    path: str = ""
+    kind: str = "model"           # model | adapter
+    gguf_type: str = ""
+    size_bytes: int = 0
+    max_abs_diff: float | None = None
+    tolerance: float | None = None
+    top1_agreement: float | None = None
+    tokenizer_roundtrip: bool | None = None
+    seconds: float = 0.0
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
-    c.type: c for c in (RunStarted, Status, Step, Eval, Checkpoint, Hint, RunFinished, RunFailed)
+    c.type: c for c in (RunStarted, Status, Step, Eval, Checkpoint, Hint, RunFinished, RunFailed, Exported)
 }
 TERMINAL = ("run_finished", "run_failed")
 

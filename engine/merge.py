@@ -522,6 +522,7 @@ def merge(src: str | Path, out: str | Path, dtype: str = "bf16",
     if out.exists():
         out.rmdir()  # checked empty above
     tmp.replace(out)
+    _write_card(out, src, adapter_dir, dtype_name, warnings)
     size, files = _dir_files(out)
     progress(1.0, "done")
     return MergeReport(out=str(out), base=base_name, adapter=str(adapter_dir), dtype=dtype_name,
@@ -529,6 +530,16 @@ def merge(src: str | Path, out: str | Path, dtype: str = "bf16",
                        top1_agreement=agree / total if total else 1.0, adapter_effect=effect,
                        prompts=len(encoded), tokens=total, seconds=time.time() - t0,
                        size_bytes=size, files=files, warnings=warnings)
+
+
+def _write_card(out: Path, src, adapter_dir: Path, dtype_name: str, warnings: list[str]) -> None:
+    """The model card (README.md) next to the merged weights; a failure is only a warning."""
+    try:
+        from engine.modelcard import write_card
+        write_card(out, run_dir_of(src, adapter_dir), adapter_dir, kind="merged",
+                   command=f"qlora-tui merge {src} --out {out} --dtype {dtype_name}")
+    except (ImportError, OSError, ValueError) as e:
+        warnings.append(f"no model card written ({e})")
 
 
 # --------------------------------------------------------------------------- CLI

@@ -35,6 +35,11 @@ def preflight(cfg: C.Config, check_model: bool = True) -> list[str]:
     """Everything that can be checked before a run directory exists. Raises PreflightError."""
     from engine import data as D
     from engine import model as M
+    from engine import trackers
+    try:
+        trackers.check_available(cfg.output.report_to)
+    except trackers.TrackerError as e:
+        raise PreflightError(str(e)) from None
     try:
         train, ev = D.load_for_training(cfg)
     except D.DataError as e:
@@ -416,6 +421,8 @@ class Run:
         except BaseException as e:  # noqa: BLE001 - every failure must become an event
             self._emit_final(self._failure_event(e, prepared, step))
         finally:
+            from engine import trackers
+            trackers.finish(self.cfg.output.report_to)
             if self._writer:
                 self._writer.close()
             if self._lock is not None:

@@ -209,6 +209,9 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
     has_eval = eval_tok is not None and len(eval_tok) > 0
     fsdp = cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp"
     report = [] if cfg.output.report_to == "none" else [cfg.output.report_to]
+    if report:
+        from engine import trackers
+        plan.append(f"{cfg.output.report_to} logs: {trackers.setup(cfg.output.report_to, run_dir)}")
     args = SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=tr.batch_size, per_device_eval_batch_size=tr.batch_size,
@@ -261,6 +264,9 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     for noisy in (PrinterCallback, ProgressCallback):   # our events replace HF's own printing
         trainer.remove_callback(noisy)
+    handler = trainer.callback_handler     # ours first: trackers then log the tokens/s it adds
+    handler.callbacks.remove(cb)
+    handler.callbacks.insert(0, cb)
     cb.meta = dict(model=cfg.model.name, device=rt.device, train_rows=len(train_tok),
                    eval_rows=len(eval_tok) if has_eval else 0, plan=plan, config=cfg.to_dict())
     for w in warnings:
@@ -554,6 +560,8 @@ class _EventCallbackMethods:
             pass
         loss = logs.get("loss")
         self.last_loss = loss
+        if tps is not None:
+            logs["tokens_per_second"] = tps     # the trackers' callbacks run after this one
         self.emit(E.Step(step=state.global_step, total_steps=state.max_steps, loss=loss,
                          learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
                          tokens_per_second=tps, epoch=logs.get("epoch", state.epoch), eta_seconds=eta,

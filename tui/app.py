@@ -464,6 +464,11 @@ class QloraApp(App):
         if isinstance(screen, TrainScreen):
             screen.render_run(self.run_state)
 
+    def action_export_run(self) -> None:
+        """The palette's Export: on the Runs screen, for the selected run."""
+        self.action_show("runs")
+        self.call_after_refresh(lambda: getattr(self.screen, "action_export", lambda: None)())
+
     # ---- command palette -----------------------------------------------------------------
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         for mode, key, title in SCREEN_KEYS:
@@ -477,6 +482,8 @@ class QloraApp(App):
                             self.action_detach_run)
         yield SystemCommand("Save config (ctrl+s)", "Write the config as TOML",
                             self.action_save_config)
+        yield SystemCommand("Export run as GGUF (Runs: e)", "The selected run as GGUF for llama.cpp / Ollama",
+                            self.action_export_run)
         yield from super().get_system_commands(screen)
 
 

@@ -28,7 +28,9 @@ def _loss(v) -> Text:
 class RunsScreen(Screen):
     BINDINGS = [Binding("ctrl+l", "reload", "Refresh", id="reload-runs"),
                 Binding("a", "attach", "Attach", id="attach-run",
-                        tooltip="Follow the selected live run on the Train screen")]
+                        tooltip="Follow the selected live run on the Train screen"),
+                Binding("e", "export", "Export", id="export-run",
+                        tooltip="Export the selected run as GGUF for llama.cpp / Ollama")]
     DEFAULT_CSS = """
     RunsScreen #runs-where { height: 1; padding: 0 1; background: $panel; }
     RunsScreen #runs { height: 1fr; }
@@ -62,7 +64,7 @@ class RunsScreen(Screen):
     def action_reload(self) -> None:
         where = Text("runs in ", style="dim")
         where.append_text(literal(self.app.runs_dir()))
-        where.append("   enter: open   a: attach to a live run", style="dim")
+        where.append("   enter: open   a: attach to a live run   e: export as GGUF", style="dim")
         self.query_one("#runs-where", Static).update(where)
         self._list(self.app.runs_dir())
 
@@ -103,6 +105,18 @@ class RunsScreen(Screen):
         ri = self._selected()
         if ri is not None:
             self.app.push_screen(RunDetailScreen(ri.path))
+
+    def action_export(self) -> None:
+        """Export the selected run as GGUF (type, progress, then the commands to use it)."""
+        ri = self._selected()
+        if ri is None:
+            self.notify("No run selected.", markup=False)
+            return
+        if ri.state in ("live", "new"):
+            self.notify(f"{ri.name} is {ri.state}: export it once it has saved its adapter.", markup=False)
+            return
+        from tui.screens.export import ExportScreen
+        self.app.push_screen(ExportScreen(ri.path))
 
     def action_attach(self) -> None:
         ri = self._selected()

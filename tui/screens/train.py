@@ -27,6 +27,15 @@ def fmt_eta(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
+def tracker_logs(plan: list) -> tuple[str, str] | None:
+    """(tracker, where its logs go) from the run's plan (the engine's ``trackers.setup`` line)."""
+    for line in plan or []:
+        head, _, where = str(line).partition(" logs: ")
+        if head in ("tensorboard", "wandb") and where:
+            return head, where
+    return None
+
+
 def _v(v, spec: str = ".4g") -> str:
     return "—" if v is None else format(v, spec)
 
@@ -141,7 +150,12 @@ class TrainScreen(Screen):
             t.append("steps  ", style="dim")
             t.append(f"{steps}\n")
             t.append("runs   ", style="dim")
-            t.append(clean(cfg.output.dir) + "\n\n")
+            t.append(clean(cfg.output.dir) + "\n")
+            if cfg.output.report_to != "none":
+                from engine.trackers import log_location
+                t.append("logs   ", style="dim")
+                t.append(clean(f"{cfg.output.report_to}: {log_location(cfg.output.report_to, 'RUN_DIR')}") + "\n")
+            t.append("\n")
         for key, what in (("ctrl+r", "start training"), ("F3", "edit the config"),
                           ("F2", "check the data")):
             t.append(f" {key} ", style="bold reverse")
@@ -217,11 +231,17 @@ class TrainScreen(Screen):
             rows.append(("trainable", f"{st.trainable_params:,}"))
         if st.checkpoints:
             rows.append(("saved", f"step {st.checkpoints[-1][0]}"))
+        tracker = tracker_logs(st.plan)
+        if tracker:
+            rows.append(("logs", tracker[0]))
         for i, (k, v) in enumerate(rows):
             if i:
                 m.append("\n")
             m.append(f"{k:<10}", style="dim")
             m.append(v, style="bold" if k == "loss" else "")
+        if tracker:
+            m.append("\n")
+            m.append(literal(tracker[1], style="dim"))
         if st.terminal == "run_finished":
             m.append("\n\nfinal loss ", style="dim")
             m.append(_v(st.final_loss, ".4f"), style="bold")

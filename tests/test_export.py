@@ -1,0 +1,340 @@
+"""GGUF export, model card, push (up to the upload call) and trackers, on real builtin:tiny runs.
+
+One real 4-step QLoRA run with tensorboard serves the tracker test and every export test; the
+GGUF files are read back by transformers (``gguf_file=``) and by the gguf package's reader.
+"""
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine import config as C
+from engine import events as E
+from engine import export as X
+from engine import gguf_write as GW
+from engine import modelcard as MC
+from engine import runner as RN
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp: Path, report_to: str, steps: int, eval_steps: int):
+    cfg = C.load(REPO / "examples" / "demo.toml",
+                  [f'output.dir="{tmp / "runs"}"', f"train.max_steps={steps}", f"train.eval_steps={eval_steps}",
+                   "train.save_steps=0", f'output.report_to="{report_to}"'])
+    run = RN.Run(cfg)
+    run.start()
+    assert run.join(timeout=300)
+    assert run.result.type == "run_finished", getattr(run.result, "reason", "")
+    return run.run_dir
+
+
+@pytest.fixture(scope="module")
+def tb_run(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("export"), "tensorboard", steps=4, eval_steps=2)
+
+
+@pytest.fixture(scope="module")
+def f16(tb_run):
+    return X.export_model(tb_run, "f16")
+
+
+# --------------------------------------------------------------------------- trackers
+
+def _tb_scalars(run_dir: Path) -> dict:
+    from tensorboardX.proto import event_pb2
+    files = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert files, "no tensorboard event file in the run directory"
+    out: dict = {}
+    for f in files:
+        data, i = f.read_bytes(), 0
+        while i < len(data):       # TFRecord: length, crc, payload, crc
+            n = struct.unpack("<Q", data[i:i + 8])[0]
+            ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in ev.summary.value:
+                out.setdefault(v.tag, []).append((ev.step, v.simple_value))
+    return out
+
+
+def test_tensorboard_logs_loss_lr_and_our_tokens_per_second(tb_run):
+    scalars = _tb_scalars(tb_run)
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+    assert "train/learning_rate" in scalars and "eval/loss" in scalars
+    tps = [v for _, v in scalars["train/tokens_per_second"]]
+    assert len(tps) >= 3 and all(v > 0 for v in tps)
+    steps = [e for e in E.read_events(tb_run / "events.jsonl") if e.type == "step"]
+    assert [round(v, 3) for _, v in scalars["train/loss"]] == [round(e.loss, 3) for e in steps]
+    started = next(e for e in E.read_events(tb_run / "events.jsonl") if e.type == "run_started")
+    assert any(str(tb_run / "tensorboard") in p for p in started.plan)
+    from tui.screens.train import tracker_logs       # what the Train screen shows of it
+    assert tracker_logs(started.plan) == ("tensorboard", str(tb_run / "tensorboard"))
+
+
+def _wandb_history_keys(path: Path) -> set:
+    """The metric names in a .wandb file (a LevelDB-style log of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    data, pos, buf, keys = path.read_bytes(), 7, b"", set()
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:
+            pos += 32768 - pos % 32768
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            continue
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            if rec.WhichOneof("record_type") == "history":
+                keys |= {it.key or "/".join(it.nested_key) for it in rec.history.item}
+    return keys
+
+
+def test_wandb_offline_writes_its_run_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = _run(tmp_path, "wandb", steps=2, eval_steps=0)
+    runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    keys = _wandb_history_keys(runs[0])
+    assert {"train/loss", "train/learning_rate", "train/tokens_per_second"} <= keys
+
+
+def test_missing_tracker_package_is_one_preflight_line(monkeypatch):
+    from engine import trackers
+    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None)
+    cfg = C.load(None, ['output.report_to="tensorboard"'])
+    with pytest.raises(RN.PreflightError) as e:
+        RN.preflight(cfg, check_model=False)
+    assert "tensorboardX" in str(e.value) and "qlora-tui[tensorboard]" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- GGUF model
+
+def _reader(path):
+    import gguf
+    return gguf.GGUFReader(str(path))
+
+
+def _field(reader, key):
+    f = reader.fields[key]
+    return f.contents()
+
+
+def test_gguf_f16_loads_back_and_matches(tb_run, f16):
+    from transformers import AutoTokenizer
+    path = Path(f16.path)
+    assert path.is_file() and path.parent == tb_run / "export"
+    assert f16.max_abs_diff <= f16.tolerance and f16.top1_agreement >= 0.99
+    assert f16.tokenizer_roundtrip and f16.prompts >= 3
+    r = _reader(path)
+    assert _field(r, "general.architecture") == "llama"
+    assert _field(r, "tokenizer.ggml.model") == "gpt2"
+    tok = AutoTokenizer.from_pretrained(f16.merged_dir)
+    assert _field(r, "tokenizer.chat_template") == tok.chat_template
+    assert _field(r, "tokenizer.ggml.eos_token_id") == tok.eos_token_id
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types["blk.0.attn_q.weight"] == "F16" and types["output_norm.weight"] == "F32"
+    # an independent read-back: the chat-rendered sample encodes the same through the GGUF tokenizer
+    g_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    text = tok.apply_chat_template([{"role": "user", "content": "capital of Canada?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert g_tok(text).input_ids == tok(text).input_ids
+    assert g_tok.decode(tok(text).input_ids) == tok.decode(tok(text).input_ids)
+    # the result is in the run's events
+    exported = [e for e in E.read_events(tb_run / "events.jsonl") if e.type == "export"]
+    assert exported and exported[0].path == f16.path and exported[0].max_abs_diff == f16.max_abs_diff
+
+
+def test_gguf_q8_0_within_stated_bound(tb_run, f16):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    q8 = X.export_model(tb_run, "q8_0")
+    assert q8.merged_dir == f16.merged_dir             # the merge is reused
+    path = Path(q8.path)
+    assert path.stat().st_size < Path(f16.path).stat().st_size * 0.7
+    types = {t.name: t.tensor_type.name for t in _reader(path).tensors}
+    assert types["blk.1.ffn_down.weight"] == "Q8_0" and types["token_embd.weight"] == "Q8_0"
+    # our own comparison, made here again: transformers dequantizes q8_0 on load
+    tok = AutoTokenizer.from_pretrained(q8.merged_dir)
+    ids = torch.tensor([tok("The capital of Canada is Ottawa.").input_ids])
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(q8.merged_dir, dtype=torch.float32)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                   dtype=torch.float32)(ids).logits
+    atol, rtol = X.TOLERANCE["q8_0"]
+    diff = float((ref - got).abs().max())
+    assert 0 < diff <= atol + rtol * float(ref.abs().max())
+    assert diff <= q8.tolerance and q8.max_abs_diff <= q8.tolerance
+
+
+def test_modelfile_template_stops_and_system(tb_run, f16):
+    text = Path(f16.modelfile).read_text()
+    assert f"FROM ./{Path(f16.path).name}" in text
+    assert "<|im_start|>{{ .Role }}" in text and "<|im_end|>" in text.split("TEMPLATE", 1)[1]
+    assert 'PARAMETER stop "<|im_end|>"' in text
+    assert 'SYSTEM """You are a concise assistant for people fine-tuning language models."""' in text
+    assert any(c.startswith("ollama create ") and f16.modelfile in c for c in f16.commands)
+    assert any(c.startswith("llama-cli -m ") for c in f16.commands)
+
+
+def test_model_card_metadata_and_loss(tb_run, f16):
+    card = Path(f16.card).read_text()
+    head = card.split("---")[1]
+    assert "library_name: gguf" in head and "license:" in head and "pipeline_tag: text-generation" in head
+    assert "base model \"builtin:tiny\" is not a hub id" in head      # a local base is not claimed as a hub id
+    assert "| step | train loss | eval loss |" in card and "final eval loss:" in card
+    assert "qlora-tui export" in card and "[lora]" in card          # the command and the training config
+    merged_card = (Path(f16.merged_dir) / "README.md").read_text()
+    assert "library_name: transformers" in merged_card
+
+
+def test_card_front_matter_for_hub_ids():
+    lines = MC._front_matter("meta-llama/Llama-3.1-8B", ["org/chat-data", "/data/local.jsonl"], "adapter")
+    assert "base_model: meta-llama/Llama-3.1-8B" in lines and "  - org/chat-data" in lines
+    assert not any("local.jsonl" in line for line in lines) and "library_name: peft" in lines
+
+
+# --------------------------------------------------------------------------- GGUF adapter
+
+def test_adapter_gguf_tensors_and_delta(tb_run, f16):
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+    rep = X.export_adapter(tb_run, "f32")
+    r = _reader(rep.path)
+    assert _field(r, "general.type") == "adapter" and _field(r, "adapter.type") == "lora"
+    acfg = json.loads((tb_run / "adapter" / "adapter_config.json").read_text())
+    assert _field(r, "adapter.lora.alpha") == pytest.approx(acfg["lora_alpha"])
+    tensors = {t.name: t for t in r.tensors}
+    rank = acfg["r"]
+    expect = {f"blk.{i}.{n}.weight.lora_{ab}" for i in range(2) for ab in "ab"
+              for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+    assert set(tensors) == expect
+    # llama.cpp's layout: lora_a ne = [n_in, r], lora_b ne = [r, n_out]
+    assert list(tensors["blk.0.attn_q.weight.lora_a"].shape) == [128, rank]
+    assert list(tensors["blk.0.attn_k.weight.lora_b"].shape) == [rank, 64]      # 2 kv heads x 32
+    assert list(tensors["blk.0.ffn_down.weight.lora_a"].shape) == [256, rank]
+    # B @ A * alpha / r from the file (q rows back in HF order) is the merge's weight change
+    a = np.asarray(tensors["blk.1.attn_q.weight.lora_a"].data, dtype=np.float32)
+    b = np.asarray(tensors["blk.1.attn_q.weight.lora_b"].data, dtype=np.float32)
+    delta = b @ a * acfg["lora_alpha"] / rank
+    heads = 4
+    unpermuted = delta.reshape(heads, delta.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(delta.shape)
+    base_dir = json.loads((Path(f16.merged_dir) / "qlora_merge.json").read_text())["base"]
+    base = load_file(str(Path(base_dir) / "model.safetensors"))
+    merged = load_file(str(Path(f16.merged_dir) / "model.safetensors"))
+    key = "model.layers.1.self_attn.q_proj.weight"
+    want = (merged[key].float() - base[key].float()).numpy()
+    assert np.abs(unpermuted - want).max() < 1e-4 * max(1.0, np.abs(want).max()) + 1e-5
+    assert np.abs(want).max() > 1e-4          # the adapter changes the weights at all
+
+
+# --------------------------------------------------------------------------- refusals
+
+def test_refusals_are_one_line():
+    with pytest.raises(GW.GGUFError, match="llama-quantize .* Q4_K_M"):
+        GW.check_type("q4_k_m")
+    with pytest.raises(GW.GGUFError, match="use one of f32, f16"):
+        GW.check_type("q3")
+    with pytest.raises(GW.GGUFError, match="GPT2LMHeadModel is not supported.*LlamaForCausalLM"):
+        GW.architecture_of({"architectures": ["GPT2LMHeadModel"]}, "config.json")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from outputs_fixtures import make_tokenizer
+    with pytest.raises(GW.GGUFError, match="WordLevel tokenizer cannot be written"):
+        GW.read_vocab(make_tokenizer(), 32, "tok")
+
+
+def test_cli_export_refusal_exit_code(tb_run, capsys):
+    from engine import cli
+    assert cli.main(["export", str(tb_run), "--gguf", "q6_k"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("export failed: --gguf q6_k") and "\n" not in err
+
+
+# --------------------------------------------------------------------------- push
+
+def test_push_plan_and_unreachable_hub(tb_run, f16, tmp_path):
+    folder, _, files = MC.push_plan(tb_run, "gguf")
+    assert folder == tb_run / "export"
+    stem = Path(f16.path).stem
+    assert {f"{stem}.gguf", f"{stem}.Modelfile", "README.md"} <= set(files)
+    assert sorted(files) == sorted({p.name for p in folder.glob("*.gguf")} | {"README.md"}
+                                   | {p.name for p in folder.glob("*.Modelfile")})
+    assert "merged" not in " ".join(files)
+    folder, _, files = MC.push_plan(tb_run, "adapter")
+    assert "adapter_model.safetensors" in files and "README.md" in files
+    assert "qlora-tui" in (folder / "README.md").read_text()         # ours, not PEFT's template
+    _, _, files = MC.push_plan(tb_run, "merged")
+    assert "model.safetensors" in files and "config.json" in files
+    # the upload call itself, against a hub that cannot be reached: one line, exit 1
+    env = dict(os.environ, HF_TOKEN="hf_not_a_real_token", HF_ENDPOINT="http://127.0.0.1:9",
+               HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf"))
+    p = subprocess.run([sys.executable, "-m", "engine", "push", str(tb_run), "me/tiny", "--what", "gguf"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1
+    assert p.stderr.strip().startswith("push failed: upload to me/tiny failed:")
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    assert "hf_not_a_real_token" not in p.stdout + p.stderr
+    # no token anywhere: says where to put one
+    env.pop("HF_TOKEN")
+    p = subprocess.run([sys.executable, "-m", "engine", "push", str(tb_run), "me/tiny"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "HF_TOKEN" in p.stderr and "hf auth login" in p.stderr
+
+
+# --------------------------------------------------------------------------- other shapes
+
+def _spm_tokenizer():
+    """A sentencepiece-style BPE (Metaspace, byte fallback: the Llama 2 / Mistral v0.1 shape)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from engine.builtin import _corpus
+    from engine.chat import CHATML_TEMPLATE
+    tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tk.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=700, special_tokens=specials,
+                                                          show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>")
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_other_architectures_and_tokenizers(kind, tmp_path):
+    """Qwen2 (q/k/v biases, no row permutation, tied embeddings, byte-level BPE) and Mistral
+    (head_dim != hidden / heads, a sentencepiece-style BPE with byte fallback as Mistral v0.1 has):
+    each exported f16 and read back within bound."""
+    import torch
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from engine.builtin import tiny_model_dir
+    sys.path.insert(0, str(Path(__file__).parent))
+    from outputs_fixtures import make_adapter
+    tok = _spm_tokenizer() if kind == "mistral" else AutoTokenizer.from_pretrained(str(tiny_model_dir()))
+    cls, model_cls, extra = {"qwen2": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": True}),
+                             "mistral": (MistralConfig, MistralForCausalLM, {"head_dim": 48})}[kind]
+    torch.manual_seed(0)
+    cfg = cls(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **extra)
+    model_cls(cfg).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    make_adapter(tmp_path / "base", tmp_path / "adapter", r=8, scale=0.05)
+    rep = X.export_model(tmp_path / "adapter", "f16", out=tmp_path / "out")
+    assert rep.arch == ("qwen2" if kind == "qwen2" else "llama")
+    assert rep.tokenizer_roundtrip and rep.max_abs_diff <= rep.tolerance and rep.top1_agreement >= 0.99
+    names = {t.name for t in _reader(rep.path).tensors}
+    assert ("blk.0.attn_q.bias" in names) == (kind == "qwen2")
+    assert ("output.weight" in names) == (kind != "qwen2")
+    assert _field(_reader(rep.path), "tokenizer.ggml.model") == ("llama" if kind == "mistral" else "gpt2")

@@ -1,0 +1,80 @@
+"""Pilot test of the Runs screen's Export action: type, progress and the final commands."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from textual.widgets import ProgressBar, Select, Static
+
+from tui.screens.export import ExportScreen, parse_progress
+from tui_helpers import demo_cfg, make_app, until
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+def test_parse_progress(anyio_backend):
+    assert parse_progress("[ 40%] writing layer 3/32: 1.0/2.0 MB, ETA 3s") == (0.4, "writing layer 3/32: 1.0/2.0 MB, ETA 3s")
+    assert parse_progress("[100%] done") == (1.0, "done")
+    assert parse_progress('{"path": "x"}') is None and parse_progress("[x%] no") is None
+
+
+async def test_export_from_runs_screen_with_keys(tmp_path):
+    from engine.builtin import tiny_model_dir
+    from outputs_fixtures import make_run_dir
+    run = make_run_dir(tmp_path / "runs" / "20260101-000000-tiny", tiny_model_dir(), r=4)
+    app = make_app(demo_cfg(tmp_path))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f5")
+        await until(pilot, lambda: getattr(app.screen, "runs", None), what="the runs list")
+        await pilot.press("e")
+        await until(pilot, lambda: isinstance(app.screen, ExportScreen), what="the export dialog")
+        screen = app.screen
+        select = screen.query_one("#export-type", Select)
+        assert select.value == "f16"
+        select.focus()
+        # the LoRA adapter GGUF: the quickest export (the merged-model path is in test_export.py)
+        await pilot.press("enter", *["down"] * 7, "enter")
+        await until(pilot, lambda: select.value == "adapter", what="the adapter choice")
+        await pilot.press("ctrl+e")
+        await until(pilot, lambda: not screen.running and (screen.report or screen.error), timeout=240,
+                    what="the export to finish")
+        assert screen.report is not None, screen.error
+        assert screen.query_one("#export-progress", ProgressBar).progress == 100
+        shown = str(screen.query_one("#export-result", Static).render())
+        assert "ollama create" in shown and "llama-cli -m BASE.gguf --lora" in shown
+        path = Path(screen.report["path"])
+        assert path.is_file() and path.name.endswith("-lora-f16.gguf") and path.parent == run / "export"
+        assert screen.report["kind"] == "adapter" and screen.report["tensors"] == 2 * 2 * 7
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, ExportScreen), what="the dialog closed")
+
+
+async def test_train_screen_says_where_tracker_logs_go(tmp_path):
+    from tui.runstate import RunState
+    app = make_app(demo_cfg(tmp_path, 'output.report_to="tensorboard"'))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f4")
+        await pilot.pause()
+        welcome = str(app.screen.query_one("#welcome", Static).render())
+        assert "logs   tensorboard: RUN_DIR/tensorboard" in welcome
+        st = RunState(run_dir=tmp_path / "runs" / "r1", phase="training",
+                      plan=["tensorboard logs: /x/runs/r1/tensorboard"])
+        app.screen.render_run(st)
+        await pilot.pause()
+        metrics = str(app.screen.query_one("#metrics", Static).render())
+        assert "logs      tensorboard" in metrics and "/x/runs/r1/tensorboard" in metrics

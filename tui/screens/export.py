@@ -1,0 +1,167 @@
+"""Export a run as GGUF (llama.cpp / Ollama): pick the type, watch the progress, copy the commands.
+
+The export runs as its own process (``python -m engine export RUN_DIR --json``): torch and the
+model never load into the TUI, and its ``[ NN%] message`` lines drive the progress bar.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Label, ProgressBar, Select, Static
+
+from tui.safe import literal, one_line
+
+ADAPTER = "adapter"
+TYPES = [("f16 (full quality)", "f16"), ("q8_0 (half the size)", "q8_0"), ("bf16", "bf16"),
+         ("q5_1", "q5_1"), ("q5_0", "q5_0"), ("q4_1", "q4_1"), ("q4_0 (smallest)", "q4_0"),
+         ("LoRA adapter only (f16)", ADAPTER)]
+
+
+def export_argv(run_dir: Path, choice: str) -> list[str]:
+    argv = [sys.executable, "-m", "engine", "export", str(Path(run_dir).resolve()), "--json", "--force"]
+    return argv + (["--adapter-gguf", "--gguf", "f16"] if choice == ADAPTER else ["--gguf", choice])
+
+
+def export_env() -> dict:
+    """The environment of the export process: it imports the same ``engine`` as this TUI."""
+    import engine
+    root = str(Path(engine.__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def parse_progress(line: str) -> tuple[float, str] | None:
+    """``[ 40%] writing layer 3/32 ...`` -> (0.4, message)."""
+    if not (line.startswith("[") and "%]" in line[:7]):
+        return None
+    try:
+        pct = float(line[1:line.index("%]")])
+    except ValueError:
+        return None
+    return pct / 100.0, line[line.index("%]") + 2:].strip()
+
+
+class ExportScreen(ModalScreen):
+    BINDINGS = [Binding("escape", "close", "Close", id="export-close"),
+                Binding("ctrl+e", "start", "Export", id="export-start")]
+    DEFAULT_CSS = """
+    ExportScreen { align: center middle; }
+    ExportScreen #export-box { width: 90%; max-width: 110; height: auto; max-height: 90%;
+                               border: thick $accent; background: $surface; padding: 0 1; }
+    ExportScreen #export-row { height: 3; }
+    ExportScreen #export-type { width: 1fr; }
+    ExportScreen #export-progress { margin: 1 0 0 0; }
+    ExportScreen #export-status { height: 1; color: $foreground 70%; }
+    ExportScreen #export-result-box { height: auto; max-height: 14; }
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.running = False
+        self.report: dict | None = None
+        self.error = ""
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="export-box"):
+            yield Label(Text("Export ") + literal(self.run_dir.name)
+                        + Text(" as GGUF for llama.cpp / Ollama", style="bold"))
+            with Horizontal(id="export-row"):
+                yield Select(TYPES, value="f16", allow_blank=False, id="export-type")
+                yield Button("Export (ctrl+e)", id="export-go", variant="primary")
+            yield ProgressBar(total=100, show_eta=True, id="export-progress")
+            yield Static("", id="export-status")
+            with VerticalScroll(id="export-result-box"):
+                yield Static("", id="export-result")
+
+    @on(Button.Pressed, "#export-go")
+    def _go(self) -> None:
+        self.action_start()
+
+    def action_close(self) -> None:
+        if self.running:
+            self.notify("The export is still running; it finishes in the background of this screen.",
+                        markup=False)
+            return
+        self.dismiss(self.report)
+
+    def action_start(self) -> None:
+        if self.running:
+            return
+        self.running = True
+        self.report, self.error = None, ""
+        choice = str(self.query_one("#export-type", Select).value)
+        self.query_one("#export-progress", ProgressBar).update(progress=0)
+        self.query_one("#export-result", Static).update("")
+        self._export(choice)
+
+    @work(thread=True, exclusive=True, group="export", exit_on_error=False)
+    def _export(self, choice: str) -> None:
+        proc = subprocess.Popen(export_argv(self.run_dir, choice), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=export_env())
+        tail: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            step = parse_progress(line.rstrip("\n"))
+            if step is not None:
+                self.app.call_from_thread(self._progress, *step)
+            else:
+                tail.append(line)
+        err = proc.stderr.read() if proc.stderr else ""
+        code = proc.wait()
+        report = None
+        if code == 0:
+            try:
+                report = json.loads("".join(tail))
+            except json.JSONDecodeError:
+                err = "the export printed no report"
+        self.app.call_from_thread(self._done, report, err)
+
+    def _progress(self, fraction: float, message: str) -> None:
+        self.query_one("#export-progress", ProgressBar).update(progress=round(fraction * 100))
+        self.query_one("#export-status", Static).update(literal(one_line(message, 200)))
+
+    def _done(self, report: dict | None, err: str) -> None:
+        self.running = False
+        out = self.query_one("#export-result", Static)
+        if report is None:
+            lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+            self.error = lines[-1] if lines else "the export failed"
+            out.update(literal(one_line(self.error, 400), style="bold red"))
+            self.query_one("#export-status", Static).update(Text("failed", style="red"))
+            return
+        self.report = report
+        self.query_one("#export-progress", ProgressBar).update(progress=100)
+        self.query_one("#export-status", Static).update(Text("done", style="green"))
+        out.update(result_text(report))
+
+
+def result_text(r: dict) -> Text:
+    t = Text()
+    t.append("written ", style="bold green")
+    t.append_text(literal(r.get("path", "")))
+    t.append(f"  ({r.get('size_bytes', 0) / 1e6:.1f} MB, {r.get('gguf_type', '')})\n")
+    if r.get("max_abs_diff") is not None:
+        t.append(f"verified: tokenizer round-trips; max |logit diff| {r['max_abs_diff']:.3g} <= "
+                 f"{r['tolerance']:.3g}, top-1 agreement {r['top1_agreement']:.1%}\n")
+    if r.get("modelfile"):
+        t.append("Modelfile ", style="dim")
+        t.append_text(literal(r["modelfile"]))
+        t.append("\n")
+    t.append("use it:\n", style="bold")
+    for c in r.get("commands", []):
+        t.append("  ")
+        t.append_text(literal(c))
+        t.append("\n")
+    return t
