@@ -105,33 +105,9 @@ def cmd_train(args) -> int:
 
     R.use_private_umask()       # this process and its children write run files: private ones
     if args.resume:
-        run_dir = Path(args.resume)
-        if args.config:
-            print("error: give either CONFIG or --resume RUN_DIR (a resumed run uses its own config.toml; "
-                  "change keys with --set)", file=sys.stderr)
-            return 2
-        if not (run_dir / "config.toml").exists():
-            print(f"error: {run_dir}: not a run directory (no config.toml)", file=sys.stderr)
-            return 2
-        if args.detach:
-            try:
-                d = RN.start_detached(None, resume=run_dir, overrides=args.overrides)
-            except (RN.PreflightError, C.ConfigError, OSError) as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-            print(d)
-            print(f"attach: qlora-tui attach {d}", file=sys.stderr)
-            return 0
-        from engine import distributed as DI
-        try:
-            resumed_cfg = RN.resume_config(run_dir, args.overrides)[0]
-        except (RN.PreflightError, C.ConfigError, OSError) as e:   # the documented refusals
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        if not DI.in_worker() and resumed_cfg.distributed.gpus > 1:
-            return RN.launch_distributed(None, run_dir=run_dir, resume=True, overrides=args.overrides)
-        run = RN.Run(None, run_dir=run_dir, resume=True, overrides=args.overrides)
-        run.cfg = resumed_cfg
+        run = _resume_run(args)
+        if isinstance(run, int):
+            return run
     else:
         cfg = load_config_or_exit(args)
         if args.detach:
@@ -184,6 +160,40 @@ def cmd_train(args) -> int:
     if DI.in_worker():    # a worker's non-zero status is a failure to the launcher: it maps stops itself
         return exitcodes.OK if run.result is not None and run.result.type == "run_finished" else exitcodes.FAILED
     return exitcodes.for_run(run.result)
+
+
+def _resume_run(args):
+    """``train --resume``: the Run to continue, or an exit status (refused, detached, launched)."""
+    from engine import config as C
+    from engine import runner as RN
+    run_dir = Path(args.resume)
+    if args.config:
+        print("error: give either CONFIG or --resume RUN_DIR (a resumed run uses its own config.toml; "
+              "change keys with --set)", file=sys.stderr)
+        return 2
+    if not (run_dir / "config.toml").exists():
+        print(f"error: {run_dir}: not a run directory (no config.toml)", file=sys.stderr)
+        return 2
+    if args.detach:
+        try:
+            d = RN.start_detached(None, resume=run_dir, overrides=args.overrides)
+        except (RN.PreflightError, C.ConfigError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(d)
+        print(f"attach: qlora-tui attach {d}", file=sys.stderr)
+        return 0
+    from engine import distributed as DI
+    try:
+        resumed_cfg = RN.resume_config(run_dir, args.overrides)[0]
+    except (RN.PreflightError, C.ConfigError, OSError) as e:   # the documented refusals
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not DI.in_worker() and resumed_cfg.distributed.gpus > 1:
+        return RN.launch_distributed(None, run_dir=run_dir, resume=True, overrides=args.overrides)
+    run = RN.Run(None, run_dir=run_dir, resume=True, overrides=args.overrides)
+    run.cfg = resumed_cfg
+    return run
 
 
 def cmd_init(args) -> int:
