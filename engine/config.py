@@ -64,6 +64,19 @@ class LoraConfigSection:
 
 
 @dataclass
+class GaloreConfig:
+    rank: int = _f(128, "GaLore (train.method = galore): rank of the gradient projection; the "
+                   "optimizer state is rank × the larger side per matrix (paper: 128 to 1024).",
+                   lo=1, hi=65536)
+    update_proj_gap: int = _f(200, "Steps between refreshes of the projection (an SVD of the "
+                              "gradient); the paper's default is 200.", lo=1, hi=1_000_000)
+    scale: float = _f(0.25, "Scale of the projected update (the paper's alpha, 0.25); like a "
+                      "learning-rate factor for the GaLore weights.", lo=0.0001, hi=100.0)
+    optimizer: str = _f(AUTO, "GaLore optimizer: auto = adamw_8bit on GPU (the paper's 7B "
+                        "recipe), adamw on CPU.", choices=[AUTO, "adamw", "adamw_8bit", "adafactor"])
+
+
+@dataclass
 class DataConfig:
     train: str = _f("builtin:sample", "Training data: .jsonl, .json, .csv, .parquet, a saved "
                     "datasets directory, or builtin:sample.", kind="path")
@@ -81,6 +94,10 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    method: str = _f("qlora", "qlora: LoRA over a 4-bit base; lora: LoRA over a 16-bit base; "
+                     "galore: full-rank training of the targeted layers with GaLore's projected "
+                     "gradients over a 16-bit base (a full checkpoint, no adapter).",
+                     choices=["qlora", "lora", "galore"])
     epochs: float = _f(3.0, "Passes over the data; too many overfits small data (1 to 5).", lo=0.01, hi=1000)
     max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 = run all epochs.", lo=-1)
     learning_rate: float = _f(2e-4, "Too high = NaN; too low = no learning (1e-4 to 5e-4).", lo=1e-9, hi=1.0)
@@ -131,13 +148,14 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "quant": QuantConfig,
     "lora": LoraConfigSection,
+    "galore": GaloreConfig,
     "data": DataConfig,
     "train": TrainConfig,
     "output": OutputConfig,
     "distributed": DistributedConfig,
 }
 SECTION_TITLES = {
-    "model": "Model", "quant": "Quantization", "lora": "LoRA", "data": "Data",
+    "model": "Model", "quant": "Quantization", "lora": "LoRA", "galore": "GaLore", "data": "Data",
     "train": "Training", "output": "Output", "distributed": "Multi-GPU",
 }
 
@@ -147,6 +165,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraConfigSection = field(default_factory=LoraConfigSection)
+    galore: GaloreConfig = field(default_factory=GaloreConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -272,6 +291,9 @@ def _cross_checks(cfg: Config, problems: list[Problem]) -> None:
         problems.append(Problem("data.train", cfg.data.train, "must name a data file or directory"))
     if cfg.lora.lora_fa and cfg.lora.use_dora:
         problems.append(Problem("lora.lora_fa", True, "LoRA-FA cannot be combined with lora.use_dora"))
+    if cfg.train.method == "galore" and cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp":
+        problems.append(Problem("train.method", "galore", "GaLore needs whole weight matrices on each "
+                                "GPU: use distributed.strategy = \"ddp\" or train.method = \"qlora\""))
 
 
 def from_dict(data: dict, source: str = "") -> Config:

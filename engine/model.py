@@ -65,7 +65,8 @@ def runtime(cfg) -> Runtime:
             notes.append("compute dtype fp32 (CPU)")
     elif device == "cpu" and dt == "fp16":
         notes.append("fp16 on the CPU is slow and unstable; prefer quant.compute_dtype = auto")
-    four = cfg.quant.load_in_4bit
+    # train.method: qlora = the 4-bit base of [quant]; lora and galore train over a 16-bit base
+    four = cfg.quant.load_in_4bit and getattr(cfg.train, "method", "qlora") == "qlora"
     if four and device == "cpu" and not _bnb_cpu_ok():
         four = False
         notes.append("bitsandbytes cannot run 4-bit on this CPU: plain fp32 LoRA instead")

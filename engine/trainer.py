@@ -77,6 +77,9 @@ def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
     reasons = list(rt.notes)
     packing_auto = cfg.data.packing == "auto"
     tr = cfg.train
+    from engine import galore as G
+    if G.is_full(cfg):        # the GaLore optimizer (named in the GaLore plan line)
+        tr.optimizer = G.hf_optimizer(cfg, rt.device)[0]
     if tr.optimizer == "auto":
         tr.optimizer = "paged_adamw_8bit" if rt.device == "cuda" else "adamw_torch"
         reasons.append(f"optimizer {tr.optimizer} ({'GPU: paged 8-bit AdamW' if rt.device == 'cuda' else 'CPU: bitsandbytes paged optimizers need CUDA'})")
@@ -233,10 +236,14 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
     )
     optimizers = (None, None)
     collator = None
+    from engine import galore as G
+    if G.is_full(cfg):      # GaLore: full-rank weights, no adapter; the Trainer builds its optimizer
+        lora = None
+        plan += G.setup(cfg, model, args, rt)
     if cfg.data.packing:
         collator = packed_collator(tok, M.attn_implementation(cfg, rt.device))
     peft_config = lora
-    if cfg.lora.lora_fa:
+    if cfg.lora.lora_fa and lora is not None:
         from peft import get_peft_model
         from peft.optimizers import create_lorafa_optimizer
         if tr.gradient_checkpointing:
