@@ -28,12 +28,16 @@ def _f(default, help: str, *, choices=None, lo=None, hi=None, kind=None, group=N
 @dataclass
 class ModelConfig:
     name: str = _f("builtin:tiny", "Hugging Face hub id, a local model directory, or builtin:tiny "
-                   "(a tiny offline Llama for demos and tests).", kind="path")
+                   "(a tiny offline Llama for demos and tests), builtin:tiny-vl (a tiny "
+                   "offline Qwen2-VL).", kind="path")
     revision: str = _f("", "Hub revision (branch, tag or commit); empty = the default branch.")
     trust_remote_code: bool = _f(False, "Run Python code shipped with the model. Off unless you "
                                  "trust the repository.")
     chat_template: str = _f("", "Jinja chat template (inline) or a path to a .jinja file; empty = "
                             "the tokenizer's own, or ChatML if it has none.")
+    freeze_vision_tower: bool = _f(True, "Vision-language models: keep the vision encoder and its "
+                                   "projector frozen (16-bit, no LoRA); all-linear = the language "
+                                   "model's linear layers. Off = LoRA on the vision tower too.")
     attn_implementation: str = _f(AUTO, "Attention kernel: auto picks flash_attention_2 when "
                                   "installed, else sdpa.",
                                   choices=[AUTO, "sdpa", "eager", "flash_attention_2"])
@@ -79,12 +83,13 @@ class GaloreConfig:
 @dataclass
 class DataConfig:
     train: str = _f("builtin:sample", "Training data: .jsonl, .json, .csv, .parquet, a saved "
-                    "datasets directory, or builtin:sample.", kind="path")
+                    "datasets directory, builtin:sample, or builtin:vl-sample (images).", kind="path")
     eval: str = _f("", "Held-out eval data (same formats); empty = split off eval_fraction.", kind="path")
     eval_fraction: float = _f(0.05, "Share of train rows held out for eval loss when no eval file "
                               "is given (0 = no eval).", lo=0.0, hi=0.5)
     format: str = _f(AUTO, "Row format; auto detects it from the fields.",
-                     choices=[AUTO, "messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokens"])
+                     choices=[AUTO, "messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokens",
+                              "vision"])
     max_length: int = _f(4096, "Tokens per example; longer rows are truncated. Add ~30% memory "
                          "above 2048.", lo=16, hi=1_048_576)
     packing: Any = _f(AUTO, "Pack several rows into one sequence (no padding). auto = on where "
