@@ -644,3 +644,135 @@ def half_block_rows(path: str, width: int = 16) -> list[list[tuple[tuple, tuple]
     px = im.load()
     return [[(px[x, y], px[x, y + 1]) for x in range(w)] for y in range(0, h, 2)]
 
+
+
+# ------------------------------------------------------------------------------ inspector
+
+_proc_cache: dict = {}
+
+
+def processor_for(cfg):
+    """The processor of cfg.model, loaded once per model settings (inspector, Dataset screen)."""
+    from engine import model as M
+    key = (cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code, cfg.source)
+    if key not in _proc_cache:
+        path = M.model_path(cfg)
+        if not model_is_vision(cfg, path):
+            raise M.ModelError(f"model.name = {cfg.model.name!r} is a text-only model but the data has "
+                               "images; use an image-text model (e.g. Qwen2-VL, or builtin:tiny-vl)")
+        _proc_cache.clear()
+        _proc_cache[key] = load_processor(cfg, path)
+    return _proc_cache[key]
+
+
+def data_is_vision(cfg, path: str) -> bool:
+    """Whether the file's rows carry images (data.format = vision, or its first rows say so)."""
+    if cfg.data.format == FORMAT:
+        return True
+    if cfg.data.format != "auto":
+        return False
+    from engine.data import iter_raw
+    try:
+        for i, (_line, rec, err) in enumerate(iter_raw(path)):
+            if err is None and detect(rec):
+                return True
+            if i >= 50:
+                break
+    except Exception:  # noqa: BLE001 - the text inspector reports unreadable files
+        return False
+    return False
+
+
+def inspect_report(cfg, path: str, on_partial=None):
+    """The inspector's report for image rows: image problems by line, and token statistics and
+    the truncation check with each image's visual tokens (from the model's processor) counted."""
+    import numpy as np
+    from engine import inspect as I
+    from engine import quality as Q
+    from engine.data import DataProblem, load, resolve
+    max_len = int(cfg.data.max_length)
+    rep = I.Report(path=str(resolve(path)), model=cfg.model.name, max_length=max_len)
+    ds = load(path, cfg.data.format)
+    proc = processor_for(cfg)
+    problems, counts, rows = list(ds.problems), [], []
+    vis_all, n_images = [], 0
+    for row in ds.rows:
+        n = row_tokens(proc, row.data)
+        vis_all += n["visual"]
+        n_images += len(n["visual"])
+        if n["image_end"] > max_len:
+            problems.append(DataProblem(row.line, "image_tokens", f"its images end at token {n['image_end']} "
+                                        f"(visual tokens {sum(n['visual'])}), past data.max_length = {max_len}: "
+                                        "the trainer skips this row; raise data.max_length or use smaller images"))
+        kept = n["trained"] if n["total"] <= max_len else max(0, n["trained"] - (n["total"] - max_len))
+        counts.append((n["total"], n["trained"], kept))
+        rows.append(row)
+    rep.format, rep.format_reason, rep.raw_count, rep.rows_read = ds.format, ds.reason, ds.raw_count, ds.raw_count
+    arr = np.asarray(counts, dtype=np.int64).reshape(len(counts), 3)
+    out = I._finish(cfg, rep, proc.tokenizer, rows, [arr], problems, [], Q.Duplicates(), [],
+                    dict(ds.formats_seen), {}, partial=False)
+    out.images = {"count": n_images, "rows_with_images": sum(1 for r in rows if r.data.get("images")),
+                  "visual_tokens_total": int(sum(vis_all)),
+                  "visual_tokens_per_image": ({"min": min(vis_all), "median": float(np.median(vis_all)),
+                                               "max": max(vis_all)} if vis_all else {}),
+                  "bad_images": sum(1 for p in problems if p.kind == "bad_image")}
+    if on_partial is not None:
+        on_partial(out)
+    return out
+
+
+def preview(cfg, ds_row, row_index: int):
+    """The Dataset screen's row preview of an image row: the processor's expanded tokens, image
+    tokens shown as one untrained ``[image N: WxH FORMAT, T tokens]`` segment each."""
+    from engine import inspect as I
+    proc = processor_for(cfg)
+    data = ds_row.data
+    item = encode_row(proc, data, None)
+    ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
+    img = image_token_id(proc)
+    tok = proc.tokenizer
+    infos = data.get("image_info", [])
+    vis = visual_token_counts(proc, infos)
+    segs, text, run, run_tr, k = [], "", [], None, 0
+
+    def flush():
+        nonlocal run
+        if run:
+            segs.append((tok.decode(run), bool(run_tr)))
+            run = []
+    i = 0
+    while i < len(ids):
+        if ids[i] == img:
+            flush()
+            j = i
+            while j < len(ids) and ids[j] == img:
+                j += 1
+            info = infos[k] if k < len(infos) else {}
+            segs.append((f"[image {k + 1}: {info.get('width', '?')}x{info.get('height', '?')} "
+                         f"{info.get('format', '?')}, {j - i} tokens]", False))
+            k += 1
+            i = j
+            continue
+        tr = labels[i] != IGNORE
+        if run and tr != run_tr:
+            flush()
+        run_tr = tr
+        run.append(ids[i])
+        i += 1
+    flush()
+    text = "".join(s for s, _ in segs)
+    max_len = int(cfg.data.max_length)
+    kept = labels[:max_len]
+    pv = I.Preview(row_index=row_index, line=ds_row.line, segments=segs, n_tokens=len(ids),
+                   n_trained=sum(1 for x in kept if x != IGNORE),
+                   n_trained_untruncated=sum(1 for x in labels if x != IGNORE),
+                   truncated_at=max_len if len(ids) > max_len else None, cut_char=None, text=text,
+                   input_ids=ids[:max_len], labels=kept)
+    pv.images = [{**info, "tokens": n} for info, n in zip(infos, vis)]
+    pv.thumbnails = []                    # half-block cells per image (not in to_dict)
+    for info in infos:
+        try:
+            pv.thumbnails.append(half_block_rows(info["path"]))
+        except (OSError, ValueError):
+            pv.thumbnails.append([])
+    return pv
