@@ -328,7 +328,14 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
     elif gpus > 1:
         notes.append(f"DDP over {gpus} GPUs: the figures are per GPU")
 
-    allocated = w_q + w_u + lora_params + lora_grads + opt_state + activations + logits + workspace
+    from engine.vision import estimate_terms      # image-text models: the 16-bit vision tower
+    vis = estimate_terms(model_config, b, d) or {"params": 0, "weights": 0, "activations": 0}
+    if vis["weights"]:
+        notes.append(f"vision tower: {vis['params'] / 1e6:,.0f} M params in 16 bits (frozen, not quantized); "
+                     f"activations for one {vis['patches_per_image']}-patch image per row "
+                     f"({vis['visual_tokens_per_image']} visual tokens, inside max_length)")
+    allocated = (w_q + w_u + lora_params + lora_grads + opt_state + activations + logits + workspace
+                 + vis["weights"] + vis["activations"])
     # The caching allocator keeps freed blocks: with checkpointing each layer's recompute
     # churns one layer's activations, and those blocks stay reserved (fitted on 5 H200 runs).
     overhead = int(allocated * ALLOCATOR_OVERHEAD + (RECOMPUTE_FRAGMENTATION * N * act if gc else 0))
@@ -337,10 +344,11 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
         "lora_params": int(lora_params), "lora_grads": int(lora_grads),
         "optimizer_state": int(opt_state), "activations": int(activations), "logits": int(logits),
         "backward_workspace": int(workspace), "allocator_overhead": overhead,
+        "vision_weights": int(vis["weights"]), "vision_activations": int(vis["activations"]),
         "cuda_context": CUDA_CONTEXT,
     }
     peak = allocated + overhead
-    total = linear + other + (0 if galore else trainable)
+    total = linear + other + (0 if galore else trainable) + vis["params"]
     if not four and not galore:
         notes.append("16-bit base (load_in_4bit = false): adapters in fp32")
     if d == 4:
@@ -560,6 +568,8 @@ BREAKDOWN_LABELS = [
     ("activations", "activations"),
     ("logits", "LM head / logits"),
     ("backward_workspace", "backward workspace"),
+    ("vision_weights", "vision tower, 16-bit"),
+    ("vision_activations", "vision activations, 1 image/row"),
     ("allocator_overhead", "allocator overhead"),
 ]
 
@@ -573,6 +583,8 @@ def format_report(est: Estimate, pl: Plan | None) -> str:
                "optimizer_state": "GaLore optimizer state"} if est.method == "galore" else {}
     for key, label in BREAKDOWN_LABELS:
         label = relabel.get(key, label)
+        if key.startswith("vision_") and not est.breakdown.get(key):
+            continue
         lines.append(f"  {label:<30}{est.breakdown[key] / GIB:>9.2f} GiB")
     lines.append(f"  {'-' * 30}{'-' * 13}")
     lines.append(f"  {'peak reserved (PyTorch)':<30}{est.peak_bytes / GIB:>9.2f} GiB")

@@ -776,3 +776,42 @@ def preview(cfg, ds_row, row_index: int):
         except (OSError, ValueError):
             pv.thumbnails.append([])
     return pv
+
+
+# ------------------------------------------------------------------------------ estimate
+
+ASSUMED_IMAGE_PIXELS = 448 * 448     # one image of this size per row unless told otherwise
+
+
+def vision_shape(model_config: dict) -> dict | None:
+    """Vision tower dimensions from config.json (Qwen2-VL / Qwen2.5-VL keys, with the common
+    SigLIP/CLIP spellings as fallbacks), or None for a text-only model."""
+    vc = model_config.get("vision_config") if isinstance(model_config, dict) else None
+    if not isinstance(vc, dict):
+        return None
+    e = vc.get("embed_dim") or vc.get("hidden_size") or 1024
+    inter = vc.get("intermediate_size") or int(e * (vc.get("mlp_ratio") or 4))
+    return {"embed": int(e), "inter": int(inter), "depth": int(vc.get("depth") or vc.get("num_hidden_layers") or 24),
+            "patch": int(vc.get("patch_size") or 14), "merge": int(vc.get("spatial_merge_size") or 1),
+            "temporal": int(vc.get("temporal_patch_size") or 1), "channels": int(vc.get("in_channels") or 3),
+            "out": int(vc.get("out_hidden_size") or model_config.get("hidden_size")
+                       or (model_config.get("text_config") or {}).get("hidden_size") or e)}
+
+
+def estimate_terms(model_config: dict, batch: int, d: int, image_pixels: int = ASSUMED_IMAGE_PIXELS) -> dict | None:
+    """Bytes for the estimate: the vision tower's 16-bit weights (kept out of 4-bit) and the
+    per-image activations of its forward pass (frozen: nothing is saved for backward; the peak
+    is one block's working set over the image's patches, plus the merged features kept for the
+    language model). Returns None for a text-only model."""
+    s = vision_shape(model_config)
+    if s is None:
+        return None
+    e, i, L, m = s["embed"], s["inter"], s["depth"], s["merge"]
+    patch_in = s["channels"] * s["temporal"] * s["patch"] ** 2
+    block = 4 * e * e + 2 * e * i + 4 * e                     # qkv + proj, two MLP matrices, norms
+    merger = (e * m * m) ** 2 + e * m * m * s["out"]          # the projector into the LM's width
+    params = patch_in * e + L * block + merger
+    patches = max(1, image_pixels // s["patch"] ** 2)
+    per_image = patches * (8 * e + 2 * i) * d + (patches // (m * m)) * s["out"] * d
+    return {"params": params, "weights": params * d, "activations": batch * per_image,
+            "visual_tokens_per_image": patches // (m * m), "patches_per_image": patches}

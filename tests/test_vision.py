@@ -149,3 +149,22 @@ async def test_dataset_screen_shows_image_problems_tokens_and_a_preview(tmp_path
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
+
+
+def test_estimate_counts_the_vision_tower_and_per_image_activations():
+    from engine import estimate as ES
+    q7 = {"model_type": "qwen2_vl", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+          "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+          "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "hidden_size": 3584,
+                            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}}
+    text_only = {k: v for k, v in q7.items() if k != "vision_config"}
+    cfg = C.load(None, ['train.device="cuda"', "data.max_length=2048"])
+    vl, txt = ES.estimate(cfg, q7), ES.estimate(cfg, text_only)
+    b = vl.breakdown
+    assert 600e6 * 2 < b["vision_weights"] < 750e6 * 2          # Qwen2-VL-7B's ~675 M-param tower, 16-bit
+    assert b["vision_activations"] > 0 and txt.breakdown["vision_weights"] == 0
+    assert vl.peak_bytes > txt.peak_bytes + b["vision_weights"]
+    bigger = ES.estimate(C.load(None, ['train.device="cuda"', "data.max_length=2048", "train.batch_size=4"]), q7)
+    assert bigger.breakdown["vision_activations"] == 2 * b["vision_activations"]     # per image, per row
+    report = ES.format_report(vl, None)
+    assert "vision tower, 16-bit" in report and "vision tower" not in ES.format_report(txt, None)
