@@ -552,6 +552,13 @@ def _vl_corpus():
 
 
 def _build_tiny_vl(out: Path) -> None:
+    build_vl_dir(out, TINY_VL_TEXT, TINY_VL_VISION, TINY_VL_PIXELS)
+
+
+def build_vl_dir(out: Path, text: dict, vision: dict, pixels: dict, vocab_size: int | None = None) -> None:
+    """A random-weight Qwen2-VL model directory of the given shape with its processor (our small
+    byte-level BPE tokenizer with Qwen2-VL's vision tokens, the PIL/numpy image processor):
+    builtin:tiny-vl, and the 7B-shaped model of bench/vlm_vs_plain.py."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -566,19 +573,24 @@ def _build_tiny_vl(out: Path) -> None:
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|pad|>", bos_token="<|begin_of_text|>",
                                   eos_token="<|im_end|>", unk_token="<|unk|>")
     tok.chat_template = VL_TEMPLATE
-    tok.model_max_length = TINY_VL_TEXT["max_position_embeddings"]
+    tok.model_max_length = text["max_position_embeddings"]
     ids = {t: tok.convert_tokens_to_ids(t) for t in VL_SPECIALS}
-    proc = image_only(Qwen2VLProcessor)(image_processor=image_processor_class()(**TINY_VL_PIXELS),
+    proc = image_only(Qwen2VLProcessor)(image_processor=image_processor_class()(**pixels),
                                         tokenizer=tok, chat_template=VL_TEMPLATE)
     proc.save_pretrained(out)
     tok.save_pretrained(out)
-    cfg = Qwen2VLConfig(text_config={**TINY_VL_TEXT, "vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
+    cfg = Qwen2VLConfig(text_config={**text, "vocab_size": vocab_size or len(tok), "bos_token_id": tok.bos_token_id,
                                      "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
-                        vision_config=TINY_VL_VISION, image_token_id=ids["<|image_pad|>"],
+                        vision_config=vision, image_token_id=ids["<|image_pad|>"],
                         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(cfg)
+    if vocab_size:          # big shapes: random weights in bf16 (half the host memory of fp32)
+        torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = Qwen2VLForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
