@@ -118,12 +118,13 @@ def test_vlm_qlora_headless_run_trains_the_language_model_only(tmp_path):
 
 
 @pytest.mark.anyio
-async def test_dataset_screen_shows_image_problems_tokens_and_a_preview(tmp_path, monkeypatch):
+async def test_dataset_screen_shows_image_problems_tokens_and_a_preview_then_trains(tmp_path, monkeypatch):
     from tui_helpers import demo_cfg, make_app, until
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     monkeypatch.chdir(tmp_path)
     p = _write_mixed(tmp_path / "data")
-    app = make_app(demo_cfg(tmp_path, 'model.name="builtin:tiny-vl"', f'data.train="{p}"'))
+    app = make_app(demo_cfg(tmp_path, 'model.name="builtin:tiny-vl"', f'data.train="{p}"', "train.max_steps=3",
+                            "train.eval_steps=0", "train.save_steps=0", "train.batch_size=1"))
     async with app.run_test(size=(110, 44)) as pilot:
         await pilot.press("f2")
         await until(pilot, lambda: app.screen.report is not None and app.screen.report.done,
@@ -144,6 +145,14 @@ async def test_dataset_screen_shows_image_problems_tokens_and_a_preview(tmp_path
         spans = {text[s.start:s.end]: str(s.style) for s in view.spans}
         assert any("A red circle." in k and "green" in v for k, v in spans.items())
         assert all("green" not in v for k, v in spans.items() if "[image 1" in k)
+        # and the same config trains from the Train screen (the bad rows skipped)
+        await pilot.press("f4", "ctrl+r")
+        await until(pilot, lambda: app.run_state is not None and app.run_state.terminal, timeout=300,
+                    what="end of run")
+        assert app.run_state.terminal == "run_finished", app.run_state.message
+        assert (app.run_state.run_dir / "adapter" / "adapter_model.safetensors").exists()
+        await pilot.press("ctrl+q")
+        await pilot.pause()
 
 
 @pytest.fixture
