@@ -185,6 +185,9 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
     emit(E.Status(phase="tokenizer", message=f"loading tokenizer from {path}"))
     from engine import vision as V
     proc = V.load_processor(cfg, path) if V.model_is_vision(cfg, path) else None
+    if proc is None and train_ds.format == V.FORMAT:
+        raise M.ModelError(f"data.train has images but model.name = {cfg.model.name!r} is a text-only model; "
+                           "use an image-text model (e.g. Qwen/Qwen2-VL-7B-Instruct, or builtin:tiny-vl)")
     tok, tw = (proc.tokenizer, []) if proc is not None else M.load_tokenizer(cfg, path)
     warnings += tw
     train_rows = [r.data for r in train_ds.rows]
