@@ -29,7 +29,7 @@ OPTIMIZERS = {"adamw": "galore_adamw", "adamw_8bit": "galore_adamw_8bit",
 
 def is_full(cfg) -> bool:
     """True when the run trains full weights (no adapter): GaLore."""
-    return getattr(cfg.train, "method", "qlora") == "galore"
+    return getattr(getattr(cfg, "train", None), "method", "qlora") == "galore"
 
 
 def output_dir_name(cfg) -> str:
