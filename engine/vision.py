@@ -239,7 +239,8 @@ def is_vision_module(name: str, include_projector: bool = True) -> bool:
 def quant_skip_modules() -> list[str]:
     """Modules bitsandbytes leaves in 16 bits: the vision tower and projector (small, and
     quantizing their few large matmuls costs image-feature quality) and the LM head."""
-    return [rf".*{m}" for m in VISION_MODULES] + ["lm_head"]
+    # regexes for transformers' anchored matcher, plain names for the older substring one
+    return [rf".*{m}" for m in VISION_MODULES] + list(VISION_MODULES) + ["lm_head"]
 
 
 def lora_targets(cfg, model) -> list[str]:

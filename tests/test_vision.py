@@ -177,3 +177,20 @@ def test_estimate_counts_the_vision_tower_and_per_image_activations():
     assert bigger.breakdown["vision_activations"] == 2 * b["vision_activations"]     # per image, per row
     report = ES.format_report(vl, None)
     assert "vision tower, 16-bit" in report and "vision tower" not in ES.format_report(txt, None)
+
+
+def test_4bit_load_keeps_the_vision_tower_16_bit_and_lora_off_it():
+    from engine import model as M
+    cfg = _vl_cfg()
+    rt = M.runtime(cfg)
+    if not rt.load_in_4bit:
+        pytest.skip("bitsandbytes 4-bit unavailable on this CPU")
+    model = M.load_model(cfg, rt)
+    kinds = {(V.is_vision_module(n), type(m).__name__) for n, m in model.named_modules()
+             if type(m).__name__ in ("Linear", "Linear4bit")}
+    assert (True, "Linear") in kinds and (True, "Linear4bit") not in kinds
+    assert (False, "Linear4bit") in kinds
+    targets = V.lora_targets(cfg, model)
+    assert len(targets) == 14 and not any(V.is_vision_module(t) for t in targets)
+    thawed = V.lora_targets(C.load(None, ['model.name="builtin:tiny-vl"', "model.freeze_vision_tower=false"]), model)
+    assert any(V.is_vision_module(t) for t in thawed) and set(targets) < set(thawed)
