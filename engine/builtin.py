@@ -40,13 +40,18 @@ def cache_dir() -> Path:
 
 def tiny_model_dir() -> Path:
     """The cached builtin:tiny model directory, built if missing (atomically)."""
-    target = cache_dir() / f"builtin-tiny-{TINY_VERSION}"
+    return cached_build(f"builtin-tiny-{TINY_VERSION}", _build_tiny)
+
+
+def cached_build(name: str, build) -> Path:
+    """``cache_dir()/name``, made by ``build(tmp_dir)`` once and renamed into place atomically."""
+    target = cache_dir() / name
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
-        _build_tiny(tmp)
+        build(tmp)
         try:
             tmp.rename(target)
         except OSError:          # another process built it first

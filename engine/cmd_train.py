@@ -90,7 +90,7 @@ class HeadlessPrinter:
             w(f"hint [{ev.severity}] {ev.symptom} — {ev.cause}. Fix: {ev.fix}\n")
         elif t == "run_finished":
             w(f"{'stopped' if ev.stopped else 'finished'} at step {ev.step}: {ev.reason}; "
-              f"adapter: {ev.adapter_dir}\n")
+              f"{'model' if ev.adapter_dir.endswith('/model') else 'adapter'}: {ev.adapter_dir}\n")
         elif t == "run_failed":
             self.err.write(f"failed: {ev.reason}\n")
             self.err.flush()

@@ -28,12 +28,16 @@ def _f(default, help: str, *, choices=None, lo=None, hi=None, kind=None, group=N
 @dataclass
 class ModelConfig:
     name: str = _f("builtin:tiny", "Hugging Face hub id, a local model directory, or builtin:tiny "
-                   "(a tiny offline Llama for demos and tests).", kind="path")
+                   "(a tiny offline Llama for demos and tests), builtin:tiny-vl (a tiny "
+                   "offline Qwen2-VL).", kind="path")
     revision: str = _f("", "Hub revision (branch, tag or commit); empty = the default branch.")
     trust_remote_code: bool = _f(False, "Run Python code shipped with the model. Off unless you "
                                  "trust the repository.")
     chat_template: str = _f("", "Jinja chat template (inline) or a path to a .jinja file; empty = "
                             "the tokenizer's own, or ChatML if it has none.")
+    freeze_vision_tower: bool = _f(True, "Vision-language models: keep the vision encoder and its "
+                                   "projector frozen (16-bit, no LoRA); all-linear = the language "
+                                   "model's linear layers. Off = LoRA on the vision tower too.")
     attn_implementation: str = _f(AUTO, "Attention kernel: auto picks flash_attention_2 when "
                                   "installed, else sdpa.",
                                   choices=[AUTO, "sdpa", "eager", "flash_attention_2"])
@@ -64,14 +68,28 @@ class LoraConfigSection:
 
 
 @dataclass
+class GaloreConfig:
+    rank: int = _f(128, "GaLore (train.method = galore): rank of the gradient projection; the "
+                   "optimizer state is rank × the larger side per matrix (paper: 128 to 1024).",
+                   lo=1, hi=65536)
+    update_proj_gap: int = _f(200, "Steps between refreshes of the projection (an SVD of the "
+                              "gradient); the paper's default is 200.", lo=1, hi=1_000_000)
+    scale: float = _f(0.25, "Scale of the projected update (the paper's alpha, 0.25); like a "
+                      "learning-rate factor for the GaLore weights.", lo=0.0001, hi=100.0)
+    optimizer: str = _f(AUTO, "GaLore optimizer: auto = adamw_8bit on GPU (the paper's 7B "
+                        "recipe), adamw on CPU.", choices=[AUTO, "adamw", "adamw_8bit", "adafactor"])
+
+
+@dataclass
 class DataConfig:
     train: str = _f("builtin:sample", "Training data: .jsonl, .json, .csv, .parquet, a saved "
-                    "datasets directory, or builtin:sample.", kind="path")
+                    "datasets directory, builtin:sample, or builtin:vl-sample (images).", kind="path")
     eval: str = _f("", "Held-out eval data (same formats); empty = split off eval_fraction.", kind="path")
     eval_fraction: float = _f(0.05, "Share of train rows held out for eval loss when no eval file "
                               "is given (0 = no eval).", lo=0.0, hi=0.5)
     format: str = _f(AUTO, "Row format; auto detects it from the fields.",
-                     choices=[AUTO, "messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokens"])
+                     choices=[AUTO, "messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokens",
+                              "vision"])
     max_length: int = _f(4096, "Tokens per example; longer rows are truncated. Add ~30% memory "
                          "above 2048.", lo=16, hi=1_048_576)
     packing: Any = _f(AUTO, "Pack several rows into one sequence (no padding). auto = on where "
@@ -81,6 +99,10 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    method: str = _f("qlora", "qlora: LoRA over a 4-bit base; lora: LoRA over a 16-bit base; "
+                     "galore: full-rank training of the targeted layers with GaLore's projected "
+                     "gradients over a 16-bit base (a full checkpoint, no adapter).",
+                     choices=["qlora", "lora", "galore"])
     epochs: float = _f(3.0, "Passes over the data; too many overfits small data (1 to 5).", lo=0.01, hi=1000)
     max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 = run all epochs.", lo=-1)
     learning_rate: float = _f(2e-4, "Too high = NaN; too low = no learning (1e-4 to 5e-4).", lo=1e-9, hi=1.0)
@@ -131,13 +153,14 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "quant": QuantConfig,
     "lora": LoraConfigSection,
+    "galore": GaloreConfig,
     "data": DataConfig,
     "train": TrainConfig,
     "output": OutputConfig,
     "distributed": DistributedConfig,
 }
 SECTION_TITLES = {
-    "model": "Model", "quant": "Quantization", "lora": "LoRA", "data": "Data",
+    "model": "Model", "quant": "Quantization", "lora": "LoRA", "galore": "GaLore", "data": "Data",
     "train": "Training", "output": "Output", "distributed": "Multi-GPU",
 }
 
@@ -147,6 +170,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraConfigSection = field(default_factory=LoraConfigSection)
+    galore: GaloreConfig = field(default_factory=GaloreConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -275,6 +299,9 @@ def _cross_checks(cfg: Config, problems: list[Problem]) -> None:
                                  "more), or -1 to run all epochs"))
     if cfg.lora.lora_fa and cfg.lora.use_dora:
         problems.append(Problem("lora.lora_fa", True, "LoRA-FA cannot be combined with lora.use_dora"))
+    if cfg.train.method == "galore" and cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp":
+        problems.append(Problem("train.method", "galore", "GaLore needs whole weight matrices on each "
+                                "GPU: use distributed.strategy = \"ddp\" or train.method = \"qlora\""))
 
 
 def from_dict(data: dict, source: str = "") -> Config:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokens")
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokens", "vision")
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant",
@@ -63,6 +63,9 @@ def resolve(path: str) -> Path:
     if path == "builtin:sample":
         from engine.builtin import sample_data_path
         return sample_data_path()
+    if path == "builtin:vl-sample":
+        from engine.vision import vl_sample_path
+        return vl_sample_path()
     return Path(path).expanduser()
 
 
@@ -253,6 +256,10 @@ def detect(rec: object) -> tuple[str | None, str]:
     """The format of one record and the evidence."""
     if not isinstance(rec, dict):
         return None, "not a JSON object"
+    from engine import vision as V
+    vis = V.detect(rec)
+    if vis:
+        return vis
     keys = set(rec)
     if "messages" in keys:
         return "messages", "field 'messages' (a list of role/content turns)"
@@ -349,6 +356,9 @@ def normalise(rec: object, fmt: str, line: int, problems: list[DataProblem]) -> 
     if not isinstance(rec, dict):
         problems.append(DataProblem(line, "not_object", "row is not a JSON object"))
         return None
+    if fmt == "vision":
+        from engine import vision as V
+        return V.normalise(rec, line, problems)
     if fmt == "messages":
         turns = rec.get("messages", rec.get("conversations"))
         if turns is None:
@@ -439,6 +449,9 @@ def build(path: str, raw: list, fmt: str = "auto") -> Dataset:
             ds.rows.append(row)
     problems.sort(key=lambda p: p.line)
     ds.problems = problems
+    if fmt == "vision":          # every image resolved against the data file and checked
+        from engine import vision as V
+        V.attach_images(ds)
     return ds
 
 
@@ -489,7 +502,8 @@ def normalise_record(line: int, rec: object, err: str | None, fmt: str,
         problems.append(DataProblem(line, kind, err))
         return None
     f, _ = detect(rec)
-    if f is not None and f != fmt and not (fmt == "messages" and f == "sharegpt"):
+    if f is not None and f != fmt and not (fmt == "messages" and f == "sharegpt") \
+            and not (fmt == "vision" and f in ("messages", "sharegpt")):      # text-only turns
         return None   # reported once as mixed_format
     norm = normalise(rec, fmt, line, problems)
     return Row(line, norm) if norm is not None else None
@@ -501,7 +515,8 @@ def detect_reason(fmt: str) -> str:
             "alpaca": "'instruction' and 'output' fields (Alpaca)",
             "prompt_completion": "'prompt' and 'completion' fields",
             "text": "a 'text' field (plain language modelling)",
-            "tokens": "'input_ids' (pre-tokenised; labels optional)"}[fmt]
+            "tokens": "'input_ids' (pre-tokenised; labels optional)",
+            "vision": "images with their turns (ChatML image parts or LLaMA-Factory 'images')"}[fmt]
 
 
 def load_for_training(cfg) -> tuple[Dataset, Dataset | None]:

@@ -150,6 +150,7 @@ class Estimate:
     seq_len: int = 0
     gradient_checkpointing: bool = True
     liger: bool = False
+    method: str = "qlora"                    # train.method (the breakdown's labels follow it)
 
     @property
     def allocated_bytes(self) -> int:
@@ -220,7 +221,8 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
     lg = liger if liger is not None else _tri(cfg.train.liger_kernel)
     lg = False if lg is None else lg
     d = _compute_bytes(cfg)
-    four = cfg.quant.load_in_4bit
+    galore = getattr(cfg.train, "method", "qlora") == "galore"
+    four = cfg.quant.load_in_4bit and getattr(cfg.train, "method", "qlora") == "qlora"
     h, i, L, V = s.hidden, s.intermediate, s.layers, s.vocab
     N = b * seq
     dims = s.module_dims()
@@ -278,6 +280,15 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
     if opt.startswith("paged_"):
         notes.append(f"{opt}: optimizer state can page to host RAM under pressure (counted on the GPU here)")
 
+    if galore:      # full-rank targeted weights (counted in the 16-bit weights), projected state
+        from engine.galore import memory_terms
+        gt = memory_terms(cfg, dims, targets, L, d)
+        trainable, lora_params, lora_grads, opt_state = gt["trainable"], 0, gt["grads"], gt["optimizer_state"]
+        r = 0
+        notes[:] = [n for n in notes if not n.startswith(f"{opt}:")]
+        notes.append(f"GaLore rank {cfg.galore.rank}: full gradients of the targeted weights, Adam "
+                     "moments of their projected gradients (not calibrated on a GPU)")
+
     # --- activations (bytes per token per layer, in units of d/2)
     q, kv = s.q_dim, s.kv_dim
     ffn_i = i * s.experts_per_token
@@ -317,7 +328,14 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
     elif gpus > 1:
         notes.append(f"DDP over {gpus} GPUs: the figures are per GPU")
 
-    allocated = w_q + w_u + lora_params + lora_grads + opt_state + activations + logits + workspace
+    from engine.vision import estimate_terms      # image-text models: the 16-bit vision tower
+    vis = estimate_terms(model_config, b, d) or {"params": 0, "weights": 0, "activations": 0}
+    if vis["weights"]:
+        notes.append(f"vision tower: {vis['params'] / 1e6:,.0f} M params in 16 bits (frozen, not quantized); "
+                     f"activations for one {vis['patches_per_image']}-patch image per row "
+                     f"({vis['visual_tokens_per_image']} visual tokens, inside max_length)")
+    allocated = (w_q + w_u + lora_params + lora_grads + opt_state + activations + logits + workspace
+                 + vis["weights"] + vis["activations"])
     # The caching allocator keeps freed blocks: with checkpointing each layer's recompute
     # churns one layer's activations, and those blocks stay reserved (fitted on 5 H200 runs).
     overhead = int(allocated * ALLOCATOR_OVERHEAD + (RECOMPUTE_FRAGMENTATION * N * act if gc else 0))
@@ -326,11 +344,12 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
         "lora_params": int(lora_params), "lora_grads": int(lora_grads),
         "optimizer_state": int(opt_state), "activations": int(activations), "logits": int(logits),
         "backward_workspace": int(workspace), "allocator_overhead": overhead,
+        "vision_weights": int(vis["weights"]), "vision_activations": int(vis["activations"]),
         "cuda_context": CUDA_CONTEXT,
     }
     peak = allocated + overhead
-    total = linear + other + trainable
-    if not four:
+    total = linear + other + (0 if galore else trainable) + vis["params"]
+    if not four and not galore:
         notes.append("16-bit base (load_in_4bit = false): adapters in fp32")
     if d == 4:
         notes.append("fp32 compute: activations and unquantized weights at 4 bytes")
@@ -338,7 +357,8 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
     fits = None if gpu_mem_bytes is None else peak + CUDA_CONTEXT <= gpu_mem_bytes
     return Estimate(peak_bytes=int(peak), breakdown=breakdown, trainable_params=int(trainable),
                     total_params=int(total), fits=fits, gpu_mem_bytes=gpu_mem_bytes, notes=notes,
-                    batch_size=b, seq_len=seq, gradient_checkpointing=gc, liger=lg)
+                    batch_size=b, seq_len=seq, gradient_checkpointing=gc, liger=lg,
+                    method=getattr(cfg.train, "method", "qlora"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,6 +582,8 @@ BREAKDOWN_LABELS = [
     ("activations", "activations"),
     ("logits", "LM head / logits"),
     ("backward_workspace", "backward workspace"),
+    ("vision_weights", "vision tower, 16-bit"),
+    ("vision_activations", "vision activations, 1 image/row"),
     ("allocator_overhead", "allocator overhead"),
 ]
 
@@ -570,7 +592,13 @@ def format_report(est: Estimate, pl: Plan | None) -> str:
     lines = [f"Peak VRAM estimate: micro-batch {est.batch_size} x {est.seq_len} tokens, gradient "
              f"checkpointing {'on' if est.gradient_checkpointing else 'off'}, Liger "
              f"{'on' if est.liger else 'off'}", ""]
+    relabel = {"weights_unquantized": "weights, 16-bit", "lora_params": "(no adapter)",
+               "lora_grads": "gradients (targeted weights)",
+               "optimizer_state": "GaLore optimizer state"} if est.method == "galore" else {}
     for key, label in BREAKDOWN_LABELS:
+        label = relabel.get(key, label)
+        if key.startswith("vision_") and not est.breakdown.get(key):
+            continue
         lines.append(f"  {label:<30}{est.breakdown[key] / GIB:>9.2f} GiB")
     lines.append(f"  {'-' * 30}{'-' * 13}")
     lines.append(f"  {'peak reserved (PyTorch)':<30}{est.peak_bytes / GIB:>9.2f} GiB")

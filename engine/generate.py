@@ -125,6 +125,9 @@ def default_prompts(run_dir: str | Path, n: int = 3) -> list[str]:
 
 def _load(src, err=GenerateError):
     """(peft model, tokenizer, info) for the adapter of ``src``, loaded once."""
+    from engine import galore as G
+    if G.full_checkpoint_dir(src) is not None:     # a GaLore run: base vs its full checkpoint
+        return G.load_pair(G.full_checkpoint_dir(src), err)
     adapter_dir = find_adapter_dir(src, err)
     acfg = read_adapter_config(adapter_dir, err)
     run_dir = run_dir_of(src, adapter_dir)

@@ -70,6 +70,7 @@ class Report:
     pii: list = field(default_factory=list)             # engine.quality.PiiFinding
     pii_total: int = 0
     warnings: list = field(default_factory=list)
+    images: dict = field(default_factory=dict)   # image rows: count, visual tokens, bad images
     phase: str = "read"                # read | tokenize | done | cancelled
     progress: float = 0.0              # 0..1 of the file
     elapsed_s: float = 0.0
@@ -113,6 +114,7 @@ class Report:
             },
             "warnings": list(self.warnings),
             "elapsed_s": round(self.elapsed_s, 3),
+            **({"images": dict(self.images)} if self.images else {}),
         }
 
 
@@ -136,12 +138,14 @@ class Preview:
     text: str = ""
     input_ids: list = field(default_factory=list, repr=False)
     labels: list = field(default_factory=list, repr=False)   # what the trainer trains on (truncated)
+    images: list = field(default_factory=list)   # image rows: path, format, width, height, bytes, tokens
 
     def to_dict(self) -> dict:
         return {"row_index": self.row_index, "line": self.line, "n_tokens": self.n_tokens,
                 "n_trained": self.n_trained, "n_trained_untruncated": self.n_trained_untruncated,
                 "truncated_at": self.truncated_at, "cut_char": self.cut_char,
-                "segments": [{"text": t, "trained": tr} for t, tr in self.segments]}
+                "segments": [{"text": t, "trained": tr} for t, tr in self.segments],
+                **({"images": list(self.images)} if self.images else {})}
 
 
 # ---- tokenizer and dataset cache (so the TUI can page through rows fast) ---------------
@@ -292,6 +296,9 @@ def _gc_paused_while_scanning():
 
 def inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
     """The full dataset report (see the module doc); never raises for bad rows."""
+    from engine import vision as V
+    if V.data_is_vision(cfg, _data_path(cfg, path)):      # image rows: checks and visual tokens
+        return V.inspect_report(cfg, _data_path(cfg, path), on_partial)
     with _gc_paused_while_scanning():
         return _inspect(cfg, path=path, on_partial=on_partial, cancel=cancel)
 
@@ -583,8 +590,11 @@ def preview(cfg, row_index: int, *, path=None) -> Preview:
     ds = dataset_for(_data_path(cfg, path), cfg.data.format)
     if not 0 <= row_index < len(ds.rows):
         raise IndexError(f"row {row_index + 1} out of range: the file has {len(ds.rows)} usable rows")
-    tok, _ = tokenizer_for(cfg)
     row = ds.rows[row_index]
+    if row.data.get("images") is not None:        # an image row: the processor's own tokens
+        from engine import vision as V
+        return V.preview(cfg, row, row_index)
+    tok, _ = tokenizer_for(cfg)
     enc = encode_batch(tok, [row.data])[0]
     if "input_ids" in row.data and not enc.text:      # pre-tokenised row: decode it token by token
         text, offsets = "", []
@@ -773,6 +783,12 @@ def format_report(r: Report, max_problems: int = 50) -> str:
             bar = "█" * max(1 if c else 0, round(30 * c / peak))
             out.append(f"  {lo:>7}–{hi - 1:<7} {bar} {c}")
         out.append(f"truncated at max_length: {r.truncated_rows} rows ({r.truncated_share:.1%})")
+        if r.images:
+            v = r.images.get("visual_tokens_per_image") or {}
+            out.append(f"images: {r.images['count']} in {r.images['rows_with_images']} rows, "
+                       f"{r.images['visual_tokens_total']} visual tokens (per image min {v.get('min', 0)}, "
+                       f"median {v.get('median', 0):g}, max {v.get('max', 0)}; counted in the tokens above), "
+                       f"{r.images['bad_images']} missing or unreadable")
         out.append(f"trained tokens: {r.trained_tokens_total} in all, median {r.trained_tokens_median:g} per row; "
                    f"{r.zero_trained_rows} rows with none")
         out.append(f"steps per epoch: {r.steps_per_epoch} (total {r.total_steps}): {r.steps_basis}")

@@ -414,6 +414,9 @@ def merge(src: str | Path, out: str | Path, dtype: str = "bf16",
         raise MergeError(f"output {out} already exists and is not empty; choose a new --out or remove it")
     _check_writable(out)
 
+    from engine import galore as G
+    if G.full_checkpoint_dir(src) is not None:
+        raise MergeError(G.merge_message(G.full_checkpoint_dir(src)))
     progress(0.0, "checking the adapter")
     adapter_dir = find_adapter_dir(src, MergeError)
     acfg = read_adapter_config(adapter_dir, MergeError)
@@ -548,6 +551,11 @@ def _cmd_merge(args) -> int:
     def show(fraction: float, message: str) -> None:
         print(f"[{fraction * 100:3.0f}%] {message}", flush=True)
 
+    from engine import galore as G
+    full = G.full_checkpoint_dir(args.src)
+    if full is not None:        # a GaLore run: already a full checkpoint
+        print(G.merge_message(full))
+        return 0
     try:
         report = merge(args.src, args.out, dtype=args.dtype, on_progress=show, base=args.base)
     except MergeError as e:

@@ -76,8 +76,11 @@ def model_path(cfg) -> str:
     if name == "builtin:tiny":
         from engine.builtin import tiny_model_dir
         return str(tiny_model_dir())
+    if name == "builtin:tiny-vl":
+        from engine.vision import tiny_vl_model_dir
+        return str(tiny_vl_model_dir())
     if name.startswith("builtin:"):
-        raise ModelError(f"model.name = {name!r}: unknown built-in; the only one is builtin:tiny")
+        raise ModelError(f"model.name = {name!r}: unknown built-in; use builtin:tiny or builtin:tiny-vl")
     p = Path(cfg.resolve_path(name))
     looks_local = name.startswith((".", "/", "~")) or p.exists()
     if looks_local:
@@ -110,7 +113,8 @@ def runtime(cfg) -> Runtime:
             notes.append("compute dtype fp32 (CPU)")
     elif device == "cpu" and dt == "fp16":
         notes.append("fp16 on the CPU is slow and unstable; prefer quant.compute_dtype = auto")
-    four = cfg.quant.load_in_4bit
+    # train.method: qlora = the 4-bit base of [quant]; lora and galore train over a 16-bit base
+    four = cfg.quant.load_in_4bit and getattr(cfg.train, "method", "qlora") == "qlora"
     if four and device == "cpu" and not _bnb_cpu_ok():
         four = False
         notes.append("bitsandbytes cannot run 4-bit on this CPU: plain fp32 LoRA instead")
@@ -208,6 +212,10 @@ def load_model(cfg, rt: Runtime, path: str | None = None):
             bnb_4bit_use_double_quant=cfg.quant.double_quant, bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=dtype if cfg.distributed.strategy == "fsdp" and cfg.distributed.gpus > 1
             else torch.uint8)
+    from engine import vision as V
+    vision = V.model_is_vision(cfg, path)
+    if vision and rt.load_in_4bit:        # the vision tower and projector stay 16-bit
+        kwargs["quantization_config"].llm_int8_skip_modules = V.quant_skip_modules()
     fsdp = cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp"
     if rt.device == "cuda":
         import os
@@ -218,7 +226,11 @@ def load_model(cfg, rt: Runtime, path: str | None = None):
         if not fsdp:                         # FSDP places (and shards) the weights itself
             kwargs["device_map"] = {"": local}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if vision:
+            from transformers import AutoModelForImageTextToText
+            model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise ModelError(f"model.name = {cfg.model.name!r}: cannot load weights ({_first_line(e)})") from None
     model.config.use_cache = False
@@ -296,6 +308,13 @@ def check_model_skeleton(cfg) -> list[str]:
         if not remote_code_allowed(cfg) and (_needs_code(e) or _ships_code(path, "config.json")):
             raise ModelError(_no_consent_message(cfg, "architecture")) from None
         raise ModelError(f"model.name = {cfg.model.name!r}: {_first_line(e)}") from None
+    from engine import vision as V
+    if V.is_vision_config(mc.to_dict()):
+        from transformers import AutoModelForImageTextToText
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(mc, trust_remote_code=cfg.model.trust_remote_code)
+        V.lora_targets(cfg, model)
+        return linear_module_names(model)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(mc, trust_remote_code=remote_code_allowed(cfg))
     resolve_target_modules(cfg, model)

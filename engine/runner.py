@@ -133,7 +133,7 @@ def needs_remote_code_confirmation(cfg: C.Config) -> bool:
 
 
 # sections a resume may not change: the checkpoint's adapter and base must stay what they are
-RESUME_FROZEN = ("model", "quant", "lora")
+RESUME_FROZEN = ("model", "quant", "lora", "galore")
 
 
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[C.Config, list[str]]:
@@ -153,7 +153,7 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> tu
     before, after = old.to_dict(), cfg.to_dict()
     changed = [f"{sec}.{k}" for sec, vals in after.items() if isinstance(vals, dict)
                for k, v in vals.items() if before.get(sec, {}).get(k) != v]
-    frozen = [k for k in changed if k.split(".")[0] in RESUME_FROZEN]
+    frozen = [k for k in changed if k.split(".")[0] in RESUME_FROZEN or k == "train.method"]
     if frozen:
         raise PreflightError(f"{', '.join(frozen)}: cannot change on resume (the checkpoint's adapter "
                              "and base model must stay the same); start a new run instead")
@@ -498,8 +498,9 @@ class Run:
     def _save_adapter(self, trainer, prepared, emit) -> Path:
         """Write the final adapter (+ tokenizer) atomically to RUN_DIR/adapter."""
         emit(E.Status(phase="save", message="saving the adapter"))
-        final = self.run_dir / R.ADAPTER
-        tmp = self.run_dir / (R.ADAPTER + ".tmp")
+        from engine import galore as G
+        final = self.run_dir / G.output_dir_name(self.cfg)
+        tmp = self.run_dir / (final.name + ".tmp")
         from engine import distributed as DI
         if DI.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -515,10 +516,12 @@ class Run:
                 return final
         else:
             trainer.model.save_pretrained(str(tmp))
-        if not any((tmp / n).is_file() for n in ADAPTER_WEIGHTS):
+        if not (any((tmp / n).is_file() for n in ADAPTER_WEIGHTS) or G.is_full(self.cfg) and G.has_weights(tmp)):
             raise RuntimeError(f"the adapter weights were not written to {tmp}; the checkpoints in "
                                f"{self.run_dir / R.CHECKPOINTS} are kept")
         prepared.tokenizer.save_pretrained(str(tmp))
+        if G.is_full(self.cfg):
+            G.write_marker(tmp, self.cfg, prepared.model_path)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -532,6 +535,9 @@ class Run:
     def _adapter_from_checkpoint(self, ckpt: Path, emit) -> Path:
         """RUN_DIR/adapter from a checkpoint's adapter + tokenizer files (atomically)."""
         emit(E.Status(phase="save", message=f"saving the adapter from {ckpt.name}"))
+        from engine import galore as G
+        if G.is_full(self.cfg) and G.has_weights(ckpt):
+            return self._full_from_checkpoint(ckpt)
         if not any((ckpt / n).is_file() for n in ADAPTER_WEIGHTS):
             # an FSDP checkpoint holds sharded model state, not an adapter: never copy it as one
             raise RuntimeError(f"{ckpt} has no adapter weights (a sharded FSDP checkpoint?); resume "
@@ -540,6 +546,20 @@ class Run:
         tmp = self.run_dir / (R.ADAPTER + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(ckpt, tmp, ignore=lambda _d, names: [n for n in names if n in self.TRAINING_STATE])
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        return final
+
+    def _full_from_checkpoint(self, ckpt: Path) -> Path:
+        """GaLore: RUN_DIR/model from a checkpoint's full weights + tokenizer (atomically)."""
+        from engine import galore as G
+        from engine import model as M
+        final = self.run_dir / G.FULL_DIR
+        tmp = self.run_dir / (G.FULL_DIR + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(ckpt, tmp, ignore=lambda _d, names: [n for n in names if n in self.TRAINING_STATE])
+        G.write_marker(tmp, self.cfg, M.model_path(self.cfg))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

@@ -123,6 +123,13 @@ def serve_command(adapters: list[str], names: list[str] | None = None, port: int
     """
     if not (1 <= int(port) <= 65535):
         raise ServeError(f"--port {port}: must be 1 to 65535")
+    from engine import galore as G
+    full = [a for a in adapters if G.full_checkpoint_dir(a) is not None]
+    if full and len(adapters) == 1:
+        return G.serve_command(G.full_checkpoint_dir(full[0]), port)
+    if full:
+        raise ServeError(f"{full[0]} is a full checkpoint (train.method = galore), not an adapter: "
+                         f"serve it on its own (qlora-tui serve-cmd {full[0]})")
     p = plan(adapters, names)
     q = shlex.quote
     modules = " ".join(q(f"{e['name']}={e['path']}") for e in p["adapters"])

@@ -77,6 +77,9 @@ def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
     reasons = list(rt.notes)
     packing_auto = cfg.data.packing == "auto"
     tr = cfg.train
+    from engine import galore as G
+    if G.is_full(cfg):        # the GaLore optimizer (named in the GaLore plan line)
+        tr.optimizer = G.hf_optimizer(cfg, rt.device)[0]
     if tr.optimizer == "auto":
         tr.optimizer = "paged_adamw_8bit" if rt.device == "cuda" else "adamw_torch"
         reasons.append(f"optimizer {tr.optimizer} ({'GPU: paged 8-bit AdamW' if rt.device == 'cuda' else 'CPU: bitsandbytes paged optimizers need CUDA'})")
@@ -180,14 +183,26 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
     cfg, plan = resolve_auto(cfg, rt, emit)
     path = M.model_path(cfg)
     emit(E.Status(phase="tokenizer", message=f"loading tokenizer from {path}"))
-    tok, tw = M.load_tokenizer(cfg, path)
+    from engine import vision as V
+    proc = V.load_processor(cfg, path) if V.model_is_vision(cfg, path) else None
+    if proc is None and train_ds.format == V.FORMAT:
+        raise M.ModelError(f"data.train has images but model.name = {cfg.model.name!r} is a text-only model; "
+                           "use an image-text model (e.g. Qwen/Qwen2-VL-7B-Instruct, or builtin:tiny-vl)")
+    tok, tw = (proc.tokenizer, []) if proc is not None else M.load_tokenizer(cfg, path)
     warnings += tw
     train_rows = [r.data for r in train_ds.rows]
     eval_rows = [r.data for r in eval_ds.rows] if eval_ds else None
     train_rows, eval_rows = split_eval(cfg, train_rows, eval_rows)
     emit(E.Status(phase="tokenize", message=f"tokenising {len(train_rows)} train rows"))
-    train_tok = encode_dataset(tok, train_rows)
-    eval_tok = encode_dataset(tok, eval_rows) if eval_rows else None
+    if proc is not None:     # images: encoded as the loader asks; no packing (TRL has none for images)
+        train_tok, _lengths, vw = V.training_set(proc, train_rows, cfg.data.max_length)
+        eval_tok = V.training_set(proc, eval_rows, cfg.data.max_length)[0] if eval_rows else None
+        warnings += vw[:5]
+        cfg.data.packing = False
+        plan.append("packing off (image rows: each keeps its own visual tokens)")
+    else:
+        train_tok = encode_dataset(tok, train_rows)
+        eval_tok = encode_dataset(tok, eval_rows) if eval_rows else None
     if cfg.data.packing == "auto":
         cfg.data.packing, why = decide_packing(cfg, rt, [len(x) for x in train_tok["input_ids"]])
         plan.append(why)
@@ -199,7 +214,7 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
     resized = len(tok) > model.get_input_embeddings().weight.shape[0]
     if resized:
         model.resize_token_embeddings(len(tok))
-    targets = M.resolve_target_modules(cfg, model)
+    targets = V.lora_targets(cfg, model) if proc is not None else M.resolve_target_modules(cfg, model)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=targets, bias=cfg.lora.bias, task_type="CAUSAL_LM",
                       use_dora=cfg.lora.use_dora, use_rslora=cfg.lora.use_rslora)
@@ -237,10 +252,20 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
     )
     optimizers = (None, None)
     collator = None
+    from engine import galore as G
+    if G.is_full(cfg):      # GaLore: full-rank weights, no adapter; the Trainer builds its optimizer
+        lora = None
+        plan += G.setup(cfg, model, args, rt)
     if cfg.data.packing:
         collator = packed_collator(tok, M.attn_implementation(cfg, rt.device))
+    if proc is not None:     # our encoded rows as they are (labels built here), images batched
+        args.remove_unused_columns = False
+        args.dataset_kwargs = {"skip_prepare_dataset": True}
+        collator = V.collate(tok.pad_token_id)
+        plan.append(f"vision: {'frozen 16-bit vision tower' if cfg.model.freeze_vision_tower else 'LoRA on the vision tower too'}; "
+                    f"LoRA on {len(targets)} language-model layers")
     peft_config = lora
-    if cfg.lora.lora_fa:
+    if cfg.lora.lora_fa and lora is not None:
         from peft import get_peft_model
         from peft.optimizers import create_lorafa_optimizer
         if tr.gradient_checkpointing:
@@ -256,7 +281,8 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
     trainer_cls = _trainer_class(SFTTrainer, faults, cb)
     emit(E.Status(phase="build", message="building the trainer"))
     trainer = trainer_cls(model=model, args=args, train_dataset=train_tok,
-                          eval_dataset=eval_tok if has_eval else None, processing_class=tok,
+                          eval_dataset=eval_tok if has_eval else None,
+                          processing_class=proc if proc is not None else tok,
                           peft_config=peft_config, callbacks=[cb], optimizers=optimizers)
     if collator is not None:     # after __init__: TRL refuses custom collators with bfd packing
         trainer.data_collator = collator
@@ -271,7 +297,7 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
                    eval_rows=len(eval_tok) if has_eval else 0, plan=plan, config=cfg.to_dict())
     for w in warnings:
         emit(E.Status(phase="warning", message=w))
-    return Prepared(trainer, tok, path, rt, len(train_tok), len(eval_tok) if has_eval else 0, plan, warnings,
+    return Prepared(trainer, proc if proc is not None else tok, path, rt, len(train_tok), len(eval_tok) if has_eval else 0, plan, warnings,
                     resized_embeddings=resized)
 
 

@@ -110,7 +110,7 @@ class RunState:
             self.final_loss = _num(ev.final_loss)
             self.step = ev.step or self.step
             self.phase = "stopped" if ev.stopped else "finished"
-            self.message = f"adapter saved to {ev.adapter_dir}" if ev.adapter_dir else ev.reason
+            self.message = f"{'model' if ev.adapter_dir.endswith('/model') else 'adapter'} saved to {ev.adapter_dir}" if ev.adapter_dir else ev.reason
             self.eta_seconds = 0.0
         elif t == "run_failed":
             self.terminal = t

@@ -254,7 +254,8 @@ class ConfigScreen(Screen):
         self.query_one("#derived", Static).update(t)
         if cfg is not None:
             key = (cfg.model.name, repr(cfg.to_dict()["lora"]), repr(cfg.to_dict()["quant"]),
-                   cfg.data.max_length, cfg.train.batch_size)
+                   cfg.data.max_length, cfg.train.batch_size, cfg.train.method,
+                   repr(cfg.to_dict()["galore"]))
             if key != getattr(self, "_estimate_key", None):
                 self._estimate_key = key
                 self._estimate_text = Text("trainable params: estimating…", style="dim")
@@ -282,7 +283,7 @@ class ConfigScreen(Screen):
         fits = {True: "fits", False: "does NOT fit", None: ""}.get(e.fits, "")
         peak = (f"{e.peak_bytes / GIB:.1f} GiB" if e.peak_bytes >= GIB / 10
                 else f"{e.peak_bytes / 1024 ** 2:.0f} MiB")
-        text = (f"trainable params {e.trainable_params:,}   peak VRAM ≈ {peak}"
+        text = (f"{cfg.train.method}: trainable params {e.trainable_params:,}   peak VRAM ≈ {peak}"
                 + (f" ({fits} the GPU)" if fits else ""))
         self.post_message(EstimateReady(text, e.trainable_params))
 

@@ -91,6 +91,14 @@ def summary_text(report, cfg) -> Text:
     if report.steps_per_epoch:
         t.append("   steps/epoch ", style="dim")
         t.append(f"{report.steps_per_epoch:,}")
+    imgs = getattr(report, "images", None) or {}
+    if imgs:
+        t.append("\nimages   ", style="dim")
+        t.append(f"{imgs.get('count', 0):,}", style="bold")
+        t.append(f"  visual tokens {imgs.get('visual_tokens_total', 0):,} (in the token counts)", style="dim")
+        bad = imgs.get("bad_images", 0)
+        t.append("   missing/unreadable ", style="dim")
+        t.append(str(bad), style="bold red" if bad else "bold green")
     return t
 
 
@@ -111,6 +119,27 @@ def preview_text(preview) -> Text:
         else:
             t.append(clean(text), style=style)
         pos += len(text)
+    return t
+
+
+def images_text(preview) -> Text:
+    """Each image of an image row: path (literal), size, format, visual tokens, and a small
+    half-block preview ('▀' with the top pixel as foreground, the bottom one as background:
+    two pixel rows per text row, which any truecolour terminal shows, over SSH too)."""
+    from rich.color import Color
+    from rich.style import Style
+    t = Text()
+    thumbs = getattr(preview, "thumbnails", []) or []
+    for i, info in enumerate(getattr(preview, "images", None) or []):
+        t.append(f"\n\nimage {i + 1}  ", style="bold")
+        t.append_text(literal(str(info.get("path", "?"))))
+        t.append(f"\n  {info.get('width', '?')}x{info.get('height', '?')} {clean(str(info.get('format', '?')))}, "
+                 f"{info.get('bytes', 0):,} bytes, {info.get('tokens', '?')} visual tokens (not trained)",
+                 style="dim")
+        for row in (thumbs[i] if i < len(thumbs) else []):
+            t.append("\n  ")
+            for top, bottom in row:
+                t.append("▀", style=Style(color=Color.from_rgb(*top), bgcolor=Color.from_rgb(*bottom)))
     return t
 
 
@@ -344,4 +373,4 @@ class DatasetScreen(Screen):
         h.append("context", style="dim")
         h.append("   n/p: next/previous", style="dim")
         header.update(h)
-        view.update(preview_text(pv))
+        view.update(preview_text(pv) + images_text(pv))

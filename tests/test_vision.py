@@ -1,0 +1,196 @@
+"""Vision-language QLoRA on builtin:tiny-vl: the two data formats, image checks by line, the
+label mask (visual tokens never trained), a real CPU run headless, and the Dataset screen."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine import config as C
+from engine import data as D
+from engine import vision as V
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = V.vl_sample_dir()
+
+
+def _vl_cfg(*extra):
+    return C.load(None, ['model.name="builtin:tiny-vl"', 'data.train="builtin:vl-sample"',
+                         "data.max_length=256", *extra])
+
+
+def _write_mixed(d: Path) -> Path:
+    """Both formats, plus a missing image, a corrupt one and a placeholder-count mismatch."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "imgs").mkdir()
+    for name in ("00-red-circle.png", "13-red-square.png", "30-blue-triangle.png"):
+        shutil.copy(SAMPLE / name, d / "imgs" / name)
+    (d / "imgs" / "corrupt.png").write_bytes((SAMPLE / "01-red-circle.png").read_bytes()[:60])
+    rows = [
+        {"messages": [{"role": "user", "content": [{"type": "image", "image": "imgs/00-red-circle.png"},
+                                                   {"type": "text", "text": "What is it?"}]},
+                      {"role": "assistant", "content": "A red circle."}]},
+        {"conversations": [{"from": "human", "value": "<image>Which shape?"}, {"from": "gpt", "value": "A square."}],
+         "images": ["imgs/13-red-square.png"]},
+        {"messages": [{"role": "user", "content": [{"type": "image", "image": "imgs/nope.png"},
+                                                   {"type": "text", "text": "And this?"}]},
+                      {"role": "assistant", "content": "Missing."}]},
+        {"messages": [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "Broken."}],
+         "images": ["imgs/corrupt.png"]},
+        {"messages": [{"role": "user", "content": "<image> and <image>?"}, {"role": "assistant", "content": "Two."}],
+         "images": ["imgs/30-blue-triangle.png"]},
+        {"messages": [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "Yellow."}],
+         "images": ["imgs/30-blue-triangle.png"]},
+    ]
+    p = d / "vl.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def test_both_formats_detected_and_every_image_checked_by_line(tmp_path):
+    p = _write_mixed(tmp_path / "data")
+    ds = D.load(str(p))
+    assert ds.format == "vision" and "image" in ds.reason
+    assert [r.line for r in ds.rows] == [1, 2, 6]
+    by_line = {pr.line: pr for pr in ds.problems}
+    assert by_line[3].kind == "bad_image" and "does not exist" in by_line[3].message
+    assert by_line[4].kind == "bad_image" and "corrupt.png" in by_line[4].message
+    assert by_line[5].kind == "image_count"
+    # paths are relative to the data file, and both formats normalise to the same shape
+    r1, r2 = ds.rows[0].data, ds.rows[1].data
+    assert r1["images"] == [str((p.parent / "imgs" / "00-red-circle.png").resolve())]
+    assert r2["messages"][0]["content"] == [{"type": "image"}, {"type": "text", "text": "Which shape?"}]
+    assert r2["image_info"][0]["format"] == "PNG" and r2["image_info"][0]["width"] == 56
+
+
+def test_label_mask_never_trains_visual_tokens(tmp_path):
+    cfg = _vl_cfg()
+    ds = D.load(cfg.resolve_path(cfg.data.train))
+    assert len(ds.rows) == 36 and not ds.problems
+    proc = V.processor_for(cfg)
+    item = V.encode_row(proc, ds.rows[0].data, 256)
+    ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
+    img = V.image_token_id(proc)
+    n_img = ids.count(img)
+    assert n_img == V.visual_token_counts(proc, ds.rows[0].data["image_info"])[0] > 1
+    assert all(lab == -100 for t, lab in zip(ids, labels) if t == img)
+    trained = proc.tokenizer.decode([t for t, lab in zip(ids, labels) if lab != -100])
+    assert trained == ds.rows[0].data["messages"][1]["content"] + "<|im_end|>"
+    assert item["pixel_values"].shape[0] == int(item["image_grid_thw"].prod())
+    # the inspector counts the visual tokens in the lengths and lists images in its JSON
+    from engine import inspect as I
+    rep = I.inspect(cfg)
+    assert rep.images["count"] == 36 and rep.images["bad_images"] == 0
+    assert rep.stats["max"] >= len(ids) and rep.to_dict()["images"]["visual_tokens_total"] >= 36 * 4
+    many = tmp_path / "many.jsonl"          # four images: their visual tokens pass max_length = 24
+    parts = [{"type": "image", "image": str(SAMPLE / f"{i:02d}-red-circle.png")} for i in range(3)]
+    many.write_text(json.dumps({"messages": [{"role": "user", "content": parts + parts[:1]},
+                                             {"role": "assistant", "content": "Circles."}]}) + "\n")
+    small = I.inspect(_vl_cfg("data.max_length=24", f'data.train="{many}"'))
+    assert (1, "image_tokens") in [(p.line, p.kind) for p in small.problems]
+    assert small.truncated_rows == 1
+
+
+def test_vlm_qlora_headless_run_trains_the_language_model_only(tmp_path):
+    sets = ['model.name="builtin:tiny-vl"', 'data.train="builtin:vl-sample"', f'output.dir="{tmp_path / "runs"}"',
+            "train.max_steps=6", "train.eval_steps=0", "train.save_steps=3", "train.learning_rate=5e-3",
+            "train.logging_steps=1"]
+    p = subprocess.run([sys.executable, "-m", "engine", "train", "examples/demo.toml", "--headless",
+                        *[a for s in sets for a in ("--set", s)]], cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    run_dir = next((tmp_path / "runs").iterdir())
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in events if e["type"] == "step"]
+    assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2]), losses
+    acfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    targets = acfg["target_modules"]
+    assert targets and not any(V.is_vision_module(t) for t in targets)
+    from safetensors import safe_open
+    with safe_open(str(run_dir / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("visual" not in k for k in keys) and any("language_model" in k for k in keys)
+    assert (run_dir / "adapter" / "processor_config.json").exists()     # the processor travels along
+
+
+@pytest.mark.anyio
+async def test_dataset_screen_shows_image_problems_tokens_and_a_preview_then_trains(tmp_path, monkeypatch):
+    from tui_helpers import demo_cfg, make_app, until
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+    p = _write_mixed(tmp_path / "data")
+    app = make_app(demo_cfg(tmp_path, 'model.name="builtin:tiny-vl"', f'data.train="{p}"', "train.max_steps=3",
+                            "train.eval_steps=0", "train.save_steps=0", "train.batch_size=1"))
+    async with app.run_test(size=(110, 44)) as pilot:
+        await pilot.press("f2")
+        await until(pilot, lambda: app.screen.report is not None and app.screen.report.done,
+                    timeout=180, what="report")
+        summary = str(app.screen.query_one("#ds-summary").render())
+        assert "vision" in summary and "images" in summary and "missing/unreadable 2" in summary
+        table = app.screen.query_one("#problems")
+        cells = [" ".join(map(str, table.get_row_at(i))) for i in range(table.row_count)]
+        assert any("3" in c and "does not exist" in c for c in cells)
+        assert any("4" in c and "corrupt.png" in c for c in cells)
+        await until(pilot, lambda: "tokens" in str(app.screen.query_one("#row-header").render()),
+                    timeout=120, what="preview")
+        view = app.screen.query_one("#row-view").render()
+        text = str(view)
+        assert "[image 1: 48x48 PNG, 4 tokens]" in text and "00-red-circle.png" in text
+        assert "visual tokens (not trained)" in text and "▀" in text
+        # the image placeholder is shown as context, the answer as trained
+        spans = {text[s.start:s.end]: str(s.style) for s in view.spans}
+        assert any("A red circle." in k and "green" in v for k, v in spans.items())
+        assert all("green" not in v for k, v in spans.items() if "[image 1" in k)
+        # and the same config trains from the Train screen (the bad rows skipped)
+        await pilot.press("f4", "ctrl+r")
+        await until(pilot, lambda: app.run_state is not None and app.run_state.terminal, timeout=300,
+                    what="end of run")
+        assert app.run_state.terminal == "run_finished", app.run_state.message
+        assert (app.run_state.run_dir / "adapter" / "adapter_model.safetensors").exists()
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+def test_estimate_counts_the_vision_tower_and_per_image_activations():
+    from engine import estimate as ES
+    q7 = {"model_type": "qwen2_vl", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+          "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+          "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "hidden_size": 3584,
+                            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}}
+    text_only = {k: v for k, v in q7.items() if k != "vision_config"}
+    cfg = C.load(None, ['train.device="cuda"', "data.max_length=2048"])
+    vl, txt = ES.estimate(cfg, q7), ES.estimate(cfg, text_only)
+    b = vl.breakdown
+    assert 600e6 * 2 < b["vision_weights"] < 750e6 * 2          # Qwen2-VL-7B's ~675 M-param tower, 16-bit
+    assert b["vision_activations"] > 0 and txt.breakdown["vision_weights"] == 0
+    assert vl.peak_bytes > txt.peak_bytes + b["vision_weights"]
+    bigger = ES.estimate(C.load(None, ['train.device="cuda"', "data.max_length=2048", "train.batch_size=4"]), q7)
+    assert bigger.breakdown["vision_activations"] == 2 * b["vision_activations"]     # per image, per row
+    report = ES.format_report(vl, None)
+    assert "vision tower, 16-bit" in report and "vision tower" not in ES.format_report(txt, None)
+
+
+def test_4bit_load_keeps_the_vision_tower_16_bit_and_lora_off_it():
+    from engine import model as M
+    cfg = _vl_cfg()
+    rt = M.runtime(cfg)
+    if not rt.load_in_4bit:
+        pytest.skip("bitsandbytes 4-bit unavailable on this CPU")
+    model = M.load_model(cfg, rt)
+    kinds = {(V.is_vision_module(n), type(m).__name__) for n, m in model.named_modules()
+             if type(m).__name__ in ("Linear", "Linear4bit")}
+    assert (True, "Linear") in kinds and (True, "Linear4bit") not in kinds
+    assert (False, "Linear4bit") in kinds
+    targets = V.lora_targets(cfg, model)
+    assert len(targets) == 14 and not any(V.is_vision_module(t) for t in targets)
+    thawed = V.lora_targets(C.load(None, ['model.name="builtin:tiny-vl"', "model.freeze_vision_tower=false"]), model)
+    assert any(V.is_vision_module(t) for t in thawed) and set(targets) < set(thawed)
