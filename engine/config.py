@@ -99,6 +99,13 @@ class TrainConfig:
     gradient_checkpointing: Any = _f(AUTO, "Recompute activations to save memory; auto = on "
                                      "unless the planner finds room without it.",
                                      choices=[True, False, AUTO])
+    checkpoint_layers: int = _f(-1, "Decoder layers recomputed under gradient checkpointing (the "
+                                "first ones); -1 = auto: the planner checkpoints the fewest that "
+                                "fit, or all of them.", lo=-1)
+    activation_offload: Any = _f(AUTO, "Checkpointed layers keep their saved input in pinned CPU "
+                                 "memory, copied back one layer ahead of the backward (one GPU); "
+                                 "auto = when the planner needs the room.",
+                                 choices=[True, False, AUTO])
     liger_kernel: Any = _f(AUTO, "Liger fused kernels (GPU, liger-kernel installed); auto = on "
                            "where available.", choices=[True, False, AUTO])
     seed: int = _f(42, "Random seed (data order, LoRA init).", lo=0)
@@ -272,6 +279,14 @@ def _cross_checks(cfg: Config, problems: list[Problem]) -> None:
         problems.append(Problem("data.train", cfg.data.train, "must name a data file or directory"))
     if cfg.lora.lora_fa and cfg.lora.use_dora:
         problems.append(Problem("lora.lora_fa", True, "LoRA-FA cannot be combined with lora.use_dora"))
+    tr = cfg.train
+    if tr.activation_offload is True and cfg.distributed.gpus > 1:
+        problems.append(Problem("train.activation_offload", True, "runs on one GPU only; set it to "
+                                "auto or false with distributed.gpus > 1"))
+    if tr.gradient_checkpointing is False and (tr.activation_offload is True or tr.checkpoint_layers > 0):
+        key = "train.activation_offload" if tr.activation_offload is True else "train.checkpoint_layers"
+        problems.append(Problem(key, cfg.get(key), "needs gradient checkpointing; set "
+                                "train.gradient_checkpointing to true or auto"))
 
 
 def from_dict(data: dict, source: str = "") -> Config:

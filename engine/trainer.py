@@ -80,7 +80,8 @@ def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
     if tr.optimizer == "auto":
         tr.optimizer = "paged_adamw_8bit" if rt.device == "cuda" else "adamw_torch"
         reasons.append(f"optimizer {tr.optimizer} ({'GPU: paged 8-bit AdamW' if rt.device == 'cuda' else 'CPU: bitsandbytes paged optimizers need CUDA'})")
-    if rt.device == "cuda" and "auto" in (tr.gradient_checkpointing, tr.liger_kernel, cfg.data.packing):
+    if rt.device == "cuda" and "auto" in (tr.gradient_checkpointing, tr.liger_kernel, cfg.data.packing,
+                                          tr.activation_offload):
         try:
             from engine import estimate as est
             mc = est.model_config_for(cfg)
@@ -97,6 +98,10 @@ def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
     if tr.gradient_checkpointing == "auto":
         tr.gradient_checkpointing = True
         reasons.append("gradient checkpointing on (default: least memory)")
+    if tr.activation_offload == "auto":
+        tr.activation_offload = False
+        reasons.append("activation offload off (" + ("CPU: no GPU memory to save" if rt.device != "cuda"
+                                                     else "not needed") + ")")
     if tr.liger_kernel == "auto":
         import importlib.util
         tr.liger_kernel = rt.device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
@@ -256,6 +261,7 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
                           peft_config=peft_config, callbacks=[cb], optimizers=optimizers)
     if collator is not None:     # after __init__: TRL refuses custom collators with bfd packing
         trainer.data_collator = collator
+    _install_checkpointing(trainer, cfg, plan)
     cb.trainer = trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     for noisy in (PrinterCallback, ProgressCallback):   # our events replace HF's own printing
@@ -266,6 +272,18 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
         emit(E.Status(phase="warning", message=w))
     return Prepared(trainer, tok, path, rt, len(train_tok), len(eval_tok) if has_eval else 0, plan, warnings,
                     resized_embeddings=resized)
+
+
+def _install_checkpointing(trainer, cfg, plan: list[str]) -> None:
+    """Selective / offloaded checkpointing (engine.offload) over the Trainer's own checkpointing."""
+    tr = cfg.train
+    if not tr.gradient_checkpointing or (tr.checkpoint_layers < 0 and tr.activation_offload is not True):
+        return
+    from engine import offload
+    cp = offload.CheckpointPlan(layers=tr.checkpoint_layers if tr.checkpoint_layers >= 0 else None,
+                                offload=tr.activation_offload is True)
+    trainer.add_callback(offload.CheckpointingCallback(cp))
+    plan.append("checkpointing: " + cp.describe())
 
 
 def save_fsdp_adapter(trainer, out_dir: Path, with_embeddings: bool) -> bool:
