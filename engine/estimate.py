@@ -460,15 +460,17 @@ def _gib(n: int | float) -> str:
 
 
 # Speed model of the planner, from side-by-side H200 runs (bench/RESULTS.md, Llama-3.1-8B shape,
-# seq 2048): without gradient checkpointing, micro-batch 8 gave 13,840 tokens/s and micro-batch 1
-# 7,622 (x0.55 for 1/8 of the tokens per micro-batch: exponent 0.29); with it (Liger), 0.705 of
-# the no-checkpointing speed at the same micro-batch (9,908 vs 14,051 in landscape.md). Checkpointing
-# k of L layers recomputes k/L of them: the time per token grows by k/L x (1/0.705 - 1).
-# Offloading the checkpointed inputs costs OFFLOAD_COST of the time (copies on side streams).
+# seq 2048). Micro-batch fill: a fixed cost per micro-batch, fill(t) = t/(t+c) normalised to 1 at
+# 16,384 tokens; c = 2,180 tokens fits micro-batch 1 at 0.55 of micro-batch 8 (no checkpointing:
+# 7,622 vs 13,840 tokens/s) and puts micro-batch 4 at 0.90 (measured 0.965 with offloaded
+# checkpointing: 9,861 vs 10,220). Checkpointing: 0.705 of the no-checkpointing speed with every
+# layer recomputed (9,908 vs 14,051 in landscape.md); k of L layers add k/L of that recompute time.
+# Offloading the checkpointed inputs (side-stream copies) cost about 1% (10,220 tokens/s with 31
+# layers offloaded vs 10,451 with 29 kept on the GPU, 0.978 measured vs 0.980 modelled at 1%).
 SPEED_GC = 0.705
 SPEED_TOKENS_FULL = 16384
-SPEED_EXPONENT = 0.29
-OFFLOAD_COST = 1.03
+SPEED_FILL_TOKENS = 2180
+OFFLOAD_COST = 1.01
 
 
 def relative_speed(gradient_checkpointing, tokens_per_micro_batch: int, offload: bool = False) -> float:
@@ -476,7 +478,9 @@ def relative_speed(gradient_checkpointing, tokens_per_micro_batch: int, offload:
 
     ``gradient_checkpointing`` is a bool (all layers or none) or the share of layers checkpointed."""
     share = float(gradient_checkpointing)
-    fill = min(1.0, tokens_per_micro_batch / SPEED_TOKENS_FULL) ** SPEED_EXPONENT
+    t = min(tokens_per_micro_batch, SPEED_TOKENS_FULL)
+    c = SPEED_FILL_TOKENS
+    fill = (t / (t + c)) / (SPEED_TOKENS_FULL / (SPEED_TOKENS_FULL + c))
     time = (1 + share * (1 / SPEED_GC - 1)) * (OFFLOAD_COST if offload and share else 1.0)
     return fill / time
 
