@@ -12,6 +12,7 @@ Variants (each in its own process, for a clean peak-memory figure):
   engine_NNg              the same, told it has NN GiB (any budget: engine_10g, engine_16g, ...)
   engine_chat             variable-length rows (the baseline's chat lengths), auto (packing)
   engine_chat_NNg         chat rows within an NN GiB budget
+  engine_nofused_NNg      an NN GiB budget with train.fused_lora = false (A/B of the fused LoRA linear)
 Each line also holds the per-step losses (plain: from the Trainer's log) and the coefficient of
 variation of the measured steps' times (step_cv).
 The engine is fed the baseline's exact token ids (pre-tokenised rows) and its optimizer
@@ -121,6 +122,8 @@ def engine_variant(variant, shape, seq, batch, out_dir, extra=None):
         cfg["train"]["gpu_memory_gib"] = float(budget.group(1))
     if variant == "engine_min":
         cfg["train"]["gpu_memory_gib"] = 10.0
+    if "nofused" in variant:          # A/B: PEFT's own LoRA forward instead of engine/fused_lora.py
+        cfg["train"]["fused_lora"] = False
     p = Path(out_dir) / f"{variant}.toml"
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(tomli_w.dumps(cfg))

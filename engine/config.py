@@ -106,6 +106,9 @@ class TrainConfig:
                                  "memory, copied back one layer ahead of the backward (one GPU); "
                                  "auto = when the planner needs the room.",
                                  choices=[True, False, AUTO])
+    fused_lora: Any = _f(AUTO, "One fused autograd function per 4-bit LoRA projection (the LoRA "
+                         "product accumulated by the base GEMM); auto = on for GPU runs where it "
+                         "applies (4-bit base, no dropout, no DoRA).", choices=[True, False, AUTO])
     liger_kernel: Any = _f(AUTO, "Liger fused kernels (GPU, liger-kernel installed); auto = on "
                            "where available.", choices=[True, False, AUTO])
     seed: int = _f(42, "Random seed (data order, LoRA init).", lo=0)

@@ -102,6 +102,7 @@ def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
         tr.activation_offload = False
         reasons.append("activation offload off (" + ("CPU: no GPU memory to save" if rt.device != "cuda"
                                                      else "not needed") + ")")
+    _resolve_fused_lora(cfg, rt, reasons)
     if tr.liger_kernel == "auto":
         import importlib.util
         tr.liger_kernel = rt.device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
@@ -110,6 +111,23 @@ def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
     if packing_auto:
         cfg.data.packing = "auto"
     return cfg, reasons
+
+
+def _resolve_fused_lora(cfg, rt, reasons: list[str]) -> None:
+    """``train.fused_lora = auto``: on for one-process or DDP GPU runs where it applies."""
+    from engine.fused_lora import eligible_reason
+    tr = cfg.train
+    why_not = eligible_reason(cfg)
+    if tr.fused_lora == "auto":
+        if rt.device != "cuda":
+            why_not = "CPU: measured on the GPU only"
+        elif cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp":
+            why_not = "FSDP shards the 4-bit weights"
+        tr.fused_lora = why_not is None
+        reasons.append("fused NF4+LoRA linears " + ("on (LoRA accumulated inside the base GEMM)" if tr.fused_lora
+                                                    else f"off ({why_not})"))
+    elif tr.fused_lora and why_not:
+        reasons.append(f"fused NF4+LoRA linears: {why_not} on every call (train.fused_lora = true)")
 
 
 PACKING_MIN_WASTE = 0.15   # pack when padding would waste at least this share of the compute
@@ -262,6 +280,9 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
     if collator is not None:     # after __init__: TRL refuses custom collators with bfd packing
         trainer.data_collator = collator
     _install_checkpointing(trainer, cfg, plan)
+    if tr.fused_lora is True and not (cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp"):
+        from engine.fused_lora import FusedLoRACallback
+        trainer.add_callback(FusedLoRACallback())
     cb.trainer = trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     for noisy in (PrinterCallback, ProgressCallback):   # our events replace HF's own printing

@@ -1,5 +1,6 @@
-"""Offloaded and selective gradient checkpointing (engine/offload.py) and the planner's choice
-of them at 10, 16, 24 GiB and a whole H200, from config.json alone."""
+"""Offloaded and selective gradient checkpointing (engine/offload.py), the fused NF4+LoRA linear
+(engine/fused_lora.py), and the planner's choices at 10, 16, 24 GiB and a whole H200, from
+config.json alone."""
 import json
 import math
 
@@ -125,3 +126,39 @@ def test_offloaded_and_selective_checkpointing_train_with_the_same_losses(tiny_c
     assert len(ref) == len(got) == 5 and all(math.isfinite(x) for x in ref)
     assert got == pytest.approx(ref, rel=1e-5, abs=1e-6)
     assert ref[-1] != ref[0]          # it trained: the adapter's gradients reached the loss
+
+
+def test_fused_lora_matches_peft_on_a_4bit_model():
+    """builtin:tiny in 4 bits on the CPU: the fused function gives PEFT's loss and gradients, and
+    falls back to PEFT's own forward where it does not apply (adapters disabled)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from engine import fused_lora as FL
+    from engine import model as M
+    cfg = C.Config()
+    rt = M.runtime(cfg)
+    assert rt.load_in_4bit
+    m = get_peft_model(M.load_model(cfg, rt), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                         target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)      # B = 0 at init would hide the LoRA path
+    ids = torch.randint(5, 200, (2, 16))
+
+    def run():
+        m.zero_grad()
+        out = m(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out.loss.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    ref_loss, ref = run()
+    assert FL.patch(m) == 14 and FL.patch(m) == 0          # 7 projections x 2 layers, once
+    loss, got = run()
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for k in ref:
+        assert torch.allclose(got[k], ref[k], rtol=1e-4, atol=1e-7), k
+    with m.disable_adapter():
+        with torch.no_grad():
+            off = m(input_ids=ids, labels=ids).loss.item()
+    assert off != pytest.approx(loss, rel=1e-6)             # the fallback ran the base alone
+    assert FL.eligible_reason(C.from_dict({"lora": {"dropout": 0.1}})).startswith("lora.dropout")
