@@ -112,7 +112,8 @@ def main():
     s = int(sys.argv[3]) if len(sys.argv) > 3 else 2048
     m, liger = build(layers)
     m.train()
-    flops = 3 * 2 * b * s * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336) * layers
+    # forward + input-gradient GEMMs: the base is frozen, so no weight-gradient GEMM (LoRA ignored)
+    flops = 2 * 2 * b * s * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336) * layers
     for ckpt in (False, True):
         med, ts = timed(step_fn(m, b, s, ckpt))
         print("PROFILE " + json.dumps(dict(what="eager", ckpt=ckpt, layers=layers, batch=b, seq=s, liger=liger,
