@@ -660,6 +660,13 @@ def _gc_text(k: int, layers: int, offload: bool) -> str:
     return ("on" if k >= layers else f"on for {k} of {layers} layers") + (", offloaded" if offload else "")
 
 
+def plan_summary(p: Plan, budget_gib: float) -> str:
+    """One line for the Config screen: what the planner picks for a budget, and why."""
+    why = next((r for r in p.reasons if r.startswith(("gradient checkpointing", "does not fit"))), "")
+    return (f"planner at {budget_gib:g} GiB: micro-batch {p.batch_size} x {p.grad_accum}; {why}; "
+            f"predicted {_gib(p.estimate.device_bytes)}")
+
+
 def format_report(est: Estimate, pl: Plan | None) -> str:
     lines = [f"Peak VRAM estimate: micro-batch {est.batch_size} x {est.seq_len} tokens, gradient "
              f"checkpointing {_gc_text(est.checkpoint_layers, est.layers, est.offload)}, Liger "
