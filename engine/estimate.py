@@ -35,6 +35,12 @@ the worst case; padded or packed batches never hold more), d = compute dtype byt
                          + 2h if any of q/k/v is targeted, + 2h if gate/up is, + 2i if down is
                            (the inputs LoRA-A saves), + 2r per targeted module, + 4*heads (lse)
                        all-linear HF = 16h+4kv+8i (landscape.md's figure), Liger = 12h+4kv+6i.
+                       Selective checkpointing (k of L layers, train.checkpoint_layers): the
+                       k checkpointed layers keep 2h each, the L-k others A_layer each, plus
+                       one recomputed layer. Offloaded (train.activation_offload): the k
+                       inputs live in pinned host memory; two stay on the GPU (the one being
+                       recomputed, the one prefetched). Six H200 budget runs (10/16/24 GiB,
+                       full and chat rows) were within -7.6% .. +9.3% (bench/RESULTS.md).
   logits               TRL fused head: tile min(N,4096) x min(V,32768) x d, + N x 8h (compact
                        hidden copy 2h, fp32 grad 4h, its cast 2h). HF's own loss (loss_impl="hf")
                        instead: N x V x (d + 4 + 4 + 4) (logits, fp32 upcast, softmax, grad).
