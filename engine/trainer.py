@@ -279,10 +279,7 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
                           peft_config=peft_config, callbacks=[cb], optimizers=optimizers)
     if collator is not None:     # after __init__: TRL refuses custom collators with bfd packing
         trainer.data_collator = collator
-    _install_checkpointing(trainer, cfg, plan)
-    if tr.fused_lora is True and not (cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp"):
-        from engine.fused_lora import FusedLoRACallback
-        trainer.add_callback(FusedLoRACallback())
+    _install_speed_tools(trainer, cfg, plan)
     cb.trainer = trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     for noisy in (PrinterCallback, ProgressCallback):   # our events replace HF's own printing
@@ -295,9 +292,13 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
                     resized_embeddings=resized)
 
 
-def _install_checkpointing(trainer, cfg, plan: list[str]) -> None:
-    """Selective / offloaded checkpointing (engine.offload) over the Trainer's own checkpointing."""
+def _install_speed_tools(trainer, cfg, plan: list[str]) -> None:
+    """The fused NF4+LoRA linear (engine.fused_lora) and selective / offloaded checkpointing
+    (engine.offload) over the Trainer's own checkpointing; both applied when training starts."""
     tr = cfg.train
+    if tr.fused_lora is True and not (cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp"):
+        from engine.fused_lora import FusedLoRACallback
+        trainer.add_callback(FusedLoRACallback())
     if not tr.gradient_checkpointing or (tr.checkpoint_layers < 0 and tr.activation_offload is not True):
         return
     from engine import offload
