@@ -2,12 +2,19 @@
 shape, same data, same seed, one device call.
 
     python bench/vs_plain.py llama8b 2048 8 plain engine_auto engine_24g engine_min plain_chat engine_chat
+    python bench/vs_plain.py llama8b 2048 8 plain engine_10g engine_16g engine_24g engine_auto
+    python bench/vs_plain.py llama8b 2048 8 plain_chat engine_chat_10g engine_chat_16g engine_chat_24g engine_chat
 
 Variants (each in its own process, for a clean peak-memory figure):
   plain, plain_chat       bench/plain_trl_baseline.py (a verbatim copy of shared/bench's), SHAPE SEQ BATCH
   engine_auto             `python -m engine train CFG --headless`, every knob on auto (the fit planner)
   engine_24g, engine_min  the same, told it has 24 GiB / 10 GiB (train.gpu_memory_gib)
+  engine_NNg              the same, told it has NN GiB (any budget: engine_10g, engine_16g, ...)
   engine_chat             variable-length rows (the baseline's chat lengths), auto (packing)
+  engine_chat_NNg         chat rows within an NN GiB budget
+  engine_nofused_NNg      an NN GiB budget with train.fused_lora = false (A/B of the fused LoRA linear)
+Each line also holds the per-step losses (plain: from the Trainer's log) and the coefficient of
+variation of the measured steps' times (step_cv).
 The engine is fed the baseline's exact token ids (pre-tokenised rows) and its optimizer
 (adamw_torch) so only the engine's choices differ. Tokens/s counts real (non-pad) tokens
 over the measured steps; MFU uses 4*N FLOPs per token (frozen-base LoRA) + attention.
@@ -15,6 +22,8 @@ Appends one JSON line per variant to $OUT/vs_plain.jsonl and prints RESULT lines
 """
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -108,10 +117,13 @@ def engine_variant(variant, shape, seq, batch, out_dir, extra=None):
     }
     for section, values in (extra or {}).items():
         cfg.setdefault(section, {}).update(values)
-    if variant == "engine_24g":
-        cfg["train"]["gpu_memory_gib"] = 24.0
+    budget = re.search(r"_(\d+)g$", variant)
+    if budget:
+        cfg["train"]["gpu_memory_gib"] = float(budget.group(1))
     if variant == "engine_min":
         cfg["train"]["gpu_memory_gib"] = 10.0
+    if "nofused" in variant:          # A/B: PEFT's own LoRA forward instead of engine/fused_lora.py
+        cfg["train"]["fused_lora"] = False
     p = Path(out_dir) / f"{variant}.toml"
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(tomli_w.dumps(cfg))
@@ -132,21 +144,53 @@ def engine_variant(variant, shape, seq, batch, out_dir, extra=None):
     dt = sum(e["time"] - prev[e["step"] - 1]["time"] for e in meas if e["step"] - 1 in prev)
     dtok = sum(e["tokens_seen"] - prev[e["step"] - 1]["tokens_seen"] for e in meas if e["step"] - 1 in prev)
     tps = dtok / dt if dt else None
+    dts = [e["time"] - prev[e["step"] - 1]["time"] for e in meas if e["step"] - 1 in prev]
+    pred = re.search(r"predicted ([\d.]+) GiB", " ".join(started.get("plan") or []))
     return dict(variant=variant, shape=shape, seq=seq, batch=batch, tokens_per_s=round(tps) if tps else None,
+                step_cv=_cv(dts), predicted_device_gib=float(pred.group(1)) if pred else None,
                 peak_reserved_gib=round(max(e.get("peak_memory_bytes") or 0 for e in steps) / 2**30, 2),
                 nvml_peak_gib=round(nvml / 2**30, 2) if nvml else None,
                 losses=[e["loss"] for e in steps], plan=started.get("plan"), wall_s=round(wall, 1),
                 steps_run=len(steps))
 
 
+def _cv(xs):
+    return round(statistics.pstdev(xs) / statistics.mean(xs), 4) if len(xs) > 1 else None
+
+
+# the baseline, unchanged, with its per-step losses and step times printed after training
+PLAIN_WRAPPER = """
+import json, sys
+sys.path.insert(0, {here!r})
+import plain_trl_baseline as p
+times, train = [], p.SFTTrainer.train
+end = p.Timer.on_step_end
+def on_step_end(self, *a, **k):
+    n = len(self.t)
+    end(self, *a, **k)
+    if len(self.t) > n:
+        times.append(self.t[-1])
+def tr(self, *a, **k):
+    out = train(self, *a, **k)
+    print("LOSSES " + json.dumps([h["loss"] for h in self.state.log_history if "loss" in h]), flush=True)
+    print("TIMES " + json.dumps(times), flush=True)
+    return out
+p.Timer.on_step_end, p.SFTTrainer.train = on_step_end, tr
+p.run({shape!r}, {seq}, {batch}, {variant!r})
+"""
+
+
 def plain_variant(variant, shape, seq, batch):
     v = "chat" if "chat" in variant else "plain"
-    r, nvml, wall = run_child([sys.executable, str(HERE / "plain_trl_baseline.py"), shape, str(seq), str(batch), v])
-    line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
+    code = PLAIN_WRAPPER.format(here=str(HERE), shape=shape, seq=seq, batch=batch, variant=v)
+    r, nvml, wall = run_child([sys.executable, "-c", code])
+    lines = {l.split(" ", 1)[0]: l.split(" ", 1)[1] for l in r.stdout.splitlines()
+             if l.startswith(("RESULT ", "LOSSES ", "TIMES "))}
+    if "RESULT" not in lines:
         return dict(variant=variant, error=(r.stderr or r.stdout)[-1500:])
-    res = json.loads(line[7:])
-    res.update(variant=variant, nvml_peak_gib=round(nvml / 2**30, 2) if nvml else None, wall_s=round(wall, 1))
+    res = json.loads(lines["RESULT"])
+    res.update(variant=variant, nvml_peak_gib=round(nvml / 2**30, 2) if nvml else None, wall_s=round(wall, 1),
+               losses=json.loads(lines.get("LOSSES", "null")), step_cv=_cv(json.loads(lines.get("TIMES", "[]"))))
     return res
 
 
@@ -159,7 +203,7 @@ def main():
     for v in sys.argv[4:]:
         t0 = time.time()
         res = plain_variant(v, shape, seq, batch) if v.startswith("plain") else \
-            engine_variant(v, shape, seq, batch, out / "runs")
+            engine_variant(v, shape, seq, batch, Path("/tmp/bench-runs"))   # not under $OUT: few files come back
         if res.get("tokens_per_s"):
             res["mfu"] = round(res["tokens_per_s"] * flops_per_token(shape, seq) / PEAK_TFLOPS, 3)
         res["bench_s"] = round(time.time() - t0, 1)

@@ -121,6 +121,16 @@ class TrainConfig:
     gradient_checkpointing: Any = _f(AUTO, "Recompute activations to save memory; auto = on "
                                      "unless the planner finds room without it.",
                                      choices=[True, False, AUTO])
+    checkpoint_layers: int = _f(-1, "Decoder layers recomputed under gradient checkpointing (the "
+                                "first ones); -1 = auto: the planner checkpoints the fewest that "
+                                "fit, or all of them.", lo=-1)
+    activation_offload: Any = _f(AUTO, "Checkpointed layers keep their saved input in pinned CPU "
+                                 "memory, copied back one layer ahead of the backward (one GPU); "
+                                 "auto = when the planner needs the room.",
+                                 choices=[True, False, AUTO])
+    fused_lora: Any = _f(AUTO, "One fused autograd function per 4-bit LoRA projection (the LoRA "
+                         "product accumulated by the base GEMM); auto = on for GPU runs where it "
+                         "applies (4-bit base, no dropout, no DoRA).", choices=[True, False, AUTO])
     liger_kernel: Any = _f(AUTO, "Liger fused kernels (GPU, liger-kernel installed); auto = on "
                            "where available.", choices=[True, False, AUTO])
     seed: int = _f(42, "Random seed (data order, LoRA init).", lo=0, hi=2**32 - 1)
@@ -302,6 +312,14 @@ def _cross_checks(cfg: Config, problems: list[Problem]) -> None:
     if cfg.train.method == "galore" and cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp":
         problems.append(Problem("train.method", "galore", "GaLore needs whole weight matrices on each "
                                 "GPU: use distributed.strategy = \"ddp\" or train.method = \"qlora\""))
+    tr = cfg.train
+    if tr.activation_offload is True and cfg.distributed.gpus > 1:
+        problems.append(Problem("train.activation_offload", True, "runs on one GPU only; set it to "
+                                "auto or false with distributed.gpus > 1"))
+    if tr.gradient_checkpointing is False and (tr.activation_offload is True or tr.checkpoint_layers > 0):
+        key = "train.activation_offload" if tr.activation_offload is True else "train.checkpoint_layers"
+        problems.append(Problem(key, cfg.get(key), "needs gradient checkpointing; set "
+                                "train.gradient_checkpointing to true or auto"))
 
 
 def from_dict(data: dict, source: str = "") -> Config:

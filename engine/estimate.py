@@ -35,6 +35,12 @@ the worst case; padded or packed batches never hold more), d = compute dtype byt
                          + 2h if any of q/k/v is targeted, + 2h if gate/up is, + 2i if down is
                            (the inputs LoRA-A saves), + 2r per targeted module, + 4*heads (lse)
                        all-linear HF = 16h+4kv+8i (landscape.md's figure), Liger = 12h+4kv+6i.
+                       Selective checkpointing (k of L layers, train.checkpoint_layers): the
+                       k checkpointed layers keep 2h each, the L-k others A_layer each, plus
+                       one recomputed layer. Offloaded (train.activation_offload): the k
+                       inputs live in pinned host memory; two stay on the GPU (the one being
+                       recomputed, the one prefetched). Six H200 budget runs (10/16/24 GiB,
+                       full and chat rows) were within -7.6% .. +9.3% (bench/RESULTS.md).
   logits               TRL fused head: tile min(N,4096) x min(V,32768) x d, + N x 8h (compact
                        hidden copy 2h, fp32 grad 4h, its cast 2h). HF's own loss (loss_impl="hf")
                        instead: N x V x (d + 4 + 4 + 4) (logits, fp32 upcast, softmax, grad).
@@ -151,6 +157,10 @@ class Estimate:
     gradient_checkpointing: bool = True
     liger: bool = False
     method: str = "qlora"                    # train.method (the breakdown's labels follow it)
+    checkpoint_layers: int = 0               # decoder layers checkpointed (of ``layers``)
+    layers: int = 0
+    offload: bool = False                    # checkpointed layers' inputs in pinned host memory
+    host_bytes: int = 0                      # pinned host memory those inputs take
 
     @property
     def allocated_bytes(self) -> int:
@@ -204,7 +214,8 @@ def _optimizer(cfg: Config) -> str:
 def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
              seq_len: int | None = None, gradient_checkpointing: bool | None = None,
              liger: bool | None = None, gpu_mem_bytes: int | None = None,
-             loss_impl: str = "trl") -> Estimate:
+             loss_impl: str = "trl", checkpoint_layers: int | None = None,
+             offload: bool | None = None) -> Estimate:
     """Predict the training peak for ``cfg`` on the model described by ``model_config``.
 
     The keyword arguments override the config (the planner uses them); ``"auto"`` in the
@@ -220,6 +231,7 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
     gc = True if gc is None else gc
     lg = liger if liger is not None else _tri(cfg.train.liger_kernel)
     lg = False if lg is None else lg
+    k_ck, off = _checkpointing(cfg, s.layers, gc, checkpoint_layers, offload)
     d = _compute_bytes(cfg)
     galore = getattr(cfg.train, "method", "qlora") == "galore"
     four = cfg.quant.load_in_4bit and getattr(cfg.train, "method", "qlora") == "qlora"
@@ -306,10 +318,10 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
     if cfg.lora.use_dora:
         act += 2 * sum(dims[m][1] for m in targets)    # DoRA keeps the base output per module
     act = act * d // 2
-    if gc:
-        activations = N * (2 * h * d // 2 * L + act)
-    else:
-        activations = N * L * act
+    activations = N * _activation_bytes_per_token(h * d, act, L, k_ck, off)
+    host = k_ck * N * h * d if off else 0
+    if off:
+        notes.append(f"activation offload: {host / GIB:.2f} GiB of layer inputs in pinned host memory")
     workspace = int(N * h * (BACKWARD_WS_LIGER if lg else BACKWARD_WS_HF) * d / 2)
 
     # --- logits / LM head
@@ -338,7 +350,7 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
                  + vis["weights"] + vis["activations"])
     # The caching allocator keeps freed blocks: with checkpointing each layer's recompute
     # churns one layer's activations, and those blocks stay reserved (fitted on 5 H200 runs).
-    overhead = int(allocated * ALLOCATOR_OVERHEAD + (RECOMPUTE_FRAGMENTATION * N * act if gc else 0))
+    overhead = int(allocated * ALLOCATOR_OVERHEAD + (RECOMPUTE_FRAGMENTATION * N * act if k_ck else 0))
     breakdown = {
         "weights_quantized": int(w_q), "weights_unquantized": int(w_u),
         "lora_params": int(lora_params), "lora_grads": int(lora_grads),
@@ -357,8 +369,30 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
     fits = None if gpu_mem_bytes is None else peak + CUDA_CONTEXT <= gpu_mem_bytes
     return Estimate(peak_bytes=int(peak), breakdown=breakdown, trainable_params=int(trainable),
                     total_params=int(total), fits=fits, gpu_mem_bytes=gpu_mem_bytes, notes=notes,
-                    batch_size=b, seq_len=seq, gradient_checkpointing=gc, liger=lg,
+                    batch_size=b, seq_len=seq, gradient_checkpointing=k_ck > 0, liger=lg,
+                    checkpoint_layers=k_ck, layers=L, offload=off, host_bytes=int(host),
                     method=getattr(cfg.train, "method", "qlora"))
+
+
+def _checkpointing(cfg: Config, layers: int, gc: bool, k: int | None, offload: bool | None):
+    """(decoder layers checkpointed, inputs offloaded) from the overrides or the config."""
+    if not gc:
+        return 0, False
+    if k is None:
+        k = cfg.train.checkpoint_layers if cfg.train.checkpoint_layers >= 0 else layers
+    k = max(0, min(int(k), layers))
+    off = offload if offload is not None else _tri(cfg.train.activation_offload)
+    return k, bool(off) and k > 0
+
+
+def _activation_bytes_per_token(input_bytes: int, act: int, layers: int, k: int, offload: bool) -> int:
+    """Activation bytes per token: k checkpointed layers keep only their input (none on the GPU
+    when offloaded, but two in flight: the one being recomputed and the one prefetched), one
+    layer is recomputed at a time, the other layers keep all their activations."""
+    if k == 0:
+        return layers * act
+    inputs = 2 * input_bytes if offload else k * input_bytes
+    return inputs + (layers - k) * act + act
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,10 +471,13 @@ class Plan:
     packing: bool
     estimate: Estimate
     reasons: list[str] = field(default_factory=list)
+    checkpoint_layers: int = 0       # decoder layers checkpointed (0 with checkpointing off)
+    offload: bool = False            # their inputs in pinned host memory
 
     def to_dict(self) -> dict:
         return {"batch_size": self.batch_size, "grad_accum": self.grad_accum,
                 "gradient_checkpointing": self.gradient_checkpointing, "liger": self.liger,
+                "checkpoint_layers": self.checkpoint_layers, "offload": self.offload,
                 "packing": self.packing, "peak_bytes": self.estimate.peak_bytes,
                 "device_bytes": self.estimate.device_bytes, "fits": self.estimate.fits,
                 "reasons": list(self.reasons)}
@@ -463,27 +500,102 @@ def _gib(n: int | float) -> str:
 
 
 # Speed model of the planner, from side-by-side H200 runs (bench/RESULTS.md, Llama-3.1-8B shape,
-# seq 2048): without gradient checkpointing, micro-batch 8 gave 13,840 tokens/s and micro-batch 1
-# 7,622 (x0.55 for 1/8 of the tokens per micro-batch: exponent 0.29); with it (Liger), 0.705 of
-# the no-checkpointing speed at the same micro-batch (9,908 vs 14,051 in landscape.md).
+# seq 2048). Micro-batch fill: a fixed cost per micro-batch, fill(t) = t/(t+c) normalised to 1 at
+# 16,384 tokens; c = 2,180 tokens fits micro-batch 1 at 0.55 of micro-batch 8 (no checkpointing:
+# 7,622 vs 13,840 tokens/s) and puts micro-batch 4 at 0.90 (measured 0.965 with offloaded
+# checkpointing: 9,861 vs 10,220). Checkpointing: 0.705 of the no-checkpointing speed with every
+# layer recomputed (9,908 vs 14,051 in landscape.md); k of L layers add k/L of that recompute time.
+# Offloading the checkpointed inputs (side-stream copies) cost about 1% (10,220 tokens/s with 31
+# layers offloaded vs 10,451 with 29 kept on the GPU, 0.978 measured vs 0.980 modelled at 1%).
 SPEED_GC = 0.705
 SPEED_TOKENS_FULL = 16384
-SPEED_EXPONENT = 0.29
+SPEED_FILL_TOKENS = 2180
+OFFLOAD_COST = 1.01
 
 
-def relative_speed(gradient_checkpointing: bool, tokens_per_micro_batch: int) -> float:
-    """Relative tokens/s of a setting (1.0 = no checkpointing, a full micro-batch)."""
-    fill = min(1.0, tokens_per_micro_batch / SPEED_TOKENS_FULL) ** SPEED_EXPONENT
-    return fill * (SPEED_GC if gradient_checkpointing else 1.0)
+def relative_speed(gradient_checkpointing, tokens_per_micro_batch: int, offload: bool = False) -> float:
+    """Relative tokens/s of a setting (1.0 = no checkpointing, a full micro-batch).
+
+    ``gradient_checkpointing`` is a bool (all layers or none) or the share of layers checkpointed."""
+    share = float(gradient_checkpointing)
+    t = min(tokens_per_micro_batch, SPEED_TOKENS_FULL)
+    c = SPEED_FILL_TOKENS
+    fill = (t / (t + c)) / (SPEED_TOKENS_FULL / (SPEED_TOKENS_FULL + c))
+    time = (1 + share * (1 / SPEED_GC - 1)) * (OFFLOAD_COST if offload and share else 1.0)
+    return fill / time
+
+
+def _speed(e: Estimate) -> float:
+    share = e.checkpoint_layers / e.layers if e.layers else float(e.gradient_checkpointing)
+    return relative_speed(share, e.batch_size * e.seq_len, e.offload)
+
+
+def _candidates(cfg: Config, model_config: dict, lg: bool, gpu_mem_bytes: int, budget: float, offload_ok: bool):
+    """Every (micro-batch, checkpointing, offload) the explicit settings allow: for each micro-batch
+    and offload choice, no checkpointing and the fewest checkpointed layers that fit."""
+    t = cfg.train
+    gc_set, off_set = _tri(t.gradient_checkpointing), _tri(t.activation_offload)
+    layers = shape_of(model_config).layers
+    k_set = t.checkpoint_layers if t.checkpoint_layers >= 0 else None
+    offs = [off_set] if off_set is not None else ([False, True] if offload_ok else [False])
+    eff = t.batch_size * t.grad_accum
+    tried, fitting = [], []
+
+    def one(b, gc, k=None, off=False):
+        e = estimate(cfg, model_config, batch_size=b, gradient_checkpointing=gc, liger=lg,
+                     gpu_mem_bytes=gpu_mem_bytes, checkpoint_layers=k, offload=off)
+        tried.append(e)
+        ok = e.device_bytes <= budget
+        if ok:
+            fitting.append(e)
+        return ok
+
+    for b in _divisors_desc(eff):
+        if gc_set is not True and k_set in (None, 0):
+            one(b, False)
+        if gc_set is False:
+            continue
+        for off in offs:
+            if k_set is not None:
+                one(b, True, k_set, off)
+                continue
+            lo, hi = 1, layers          # the fewest checkpointed layers that fit (memory falls with k)
+            if not one(b, True, layers, off):
+                continue
+            while lo < hi:
+                mid = (lo + hi) // 2
+                e = estimate(cfg, model_config, batch_size=b, gradient_checkpointing=True, liger=lg,
+                             gpu_mem_bytes=gpu_mem_bytes, checkpoint_layers=mid, offload=off)
+                lo, hi = (lo, mid) if e.device_bytes <= budget else (mid + 1, hi)
+            if lo < layers:
+                one(b, True, lo, off)
+    return tried, fitting
+
+
+def _checkpoint_reason(e: Estimate, gc_set, why_off: str) -> str:
+    if not e.checkpoint_layers:
+        why = "set in the config" if gc_set is False else "fits without it: fastest"
+        return f"gradient checkpointing off ({why})"
+    part = ("all " if e.checkpoint_layers == e.layers else "") + f"{e.checkpoint_layers} of {e.layers} layers"
+    why = "the fewest that fit" if e.checkpoint_layers < e.layers else (
+        "set in the config" if gc_set is True else "needed to fit")
+    text = f"gradient checkpointing on for {part} ({why})"
+    if e.offload:
+        text += (f"; their saved inputs offloaded to pinned CPU memory ({_gib(e.host_bytes)} of host "
+                 "memory, copied on side streams)")
+    elif why_off:
+        text += f"; activation offload off ({why_off})"
+    return text
 
 
 def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
-    """Choose micro-batch, accumulation, gradient checkpointing, Liger and packing to fit.
+    """Choose micro-batch, accumulation, gradient checkpointing (how many layers, offloaded or
+    not), Liger and packing to fit.
 
-    Only ``"auto"`` fields are decided; explicit true/false are kept. The effective batch
-    (batch_size x grad_accum) is kept: the micro-batch is a divisor of it. Preference, fastest
-    is decided by ``relative_speed`` among every (checkpointing, micro-batch) that fits with 10%
-    headroom: e.g. without checkpointing at micro-batch 1 is slower than with it at 8.
+    Only ``"auto"`` fields are decided; explicit values are kept. The effective batch
+    (batch_size x grad_accum) is kept: the micro-batch is a divisor of it. The fastest by
+    ``relative_speed`` among every setting that fits with 10% headroom wins: e.g. micro-batch 8
+    with 10 of 32 layers checkpointed and their inputs offloaded beats micro-batch 2 without.
     """
     t = cfg.train
     gc_set, lg_set, pk_set = _tri(t.gradient_checkpointing), _tri(t.liger_kernel), _tri(cfg.data.packing)
@@ -495,9 +607,39 @@ def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
         pk = False if pk_set is None else pk_set
         est = estimate(cfg, model_config, gradient_checkpointing=gc, liger=lg)
         reasons.append("CPU: no memory planning")
-        return Plan(t.batch_size, t.grad_accum, gc, lg, pk, est, reasons)
+        return Plan(t.batch_size, t.grad_accum, est.gradient_checkpointing, lg, pk, est, reasons,
+                    checkpoint_layers=est.checkpoint_layers, offload=est.offload)
 
-    # Liger: faster and smaller where it exists, so on when auto and importable
+    lg = _choose_liger(lg_set, reasons)
+    pk = _choose_packing(cfg, pk_set, reasons)
+    eff = t.batch_size * t.grad_accum
+    seq = cfg.data.max_length
+    budget = gpu_mem_bytes * (1 - HEADROOM)
+    offload_ok = cfg.distributed.gpus == 1
+    why_off = "" if offload_ok else "one GPU only"
+    tried, fitting = _candidates(cfg, model_config, lg, gpu_mem_bytes, budget, offload_ok)
+    chosen = max(fitting, key=_speed, default=None)
+    if chosen is None:
+        # nothing fits: report the smallest-memory option the explicit settings allow
+        chosen = min(tried, key=lambda e: e.peak_bytes)
+        reasons.append(f"does not fit: even micro-batch {chosen.batch_size} with gradient "
+                       f"checkpointing {'on' if chosen.gradient_checkpointing else 'off'} needs "
+                       f"{_gib(chosen.device_bytes)} of {_gib(gpu_mem_bytes)}; lower data.max_length "
+                       f"(now {seq}), lora.r, or use a smaller model")
+    else:
+        reasons.append(_checkpoint_reason(chosen, gc_set, why_off))
+        reasons.append(f"micro-batch {chosen.batch_size} x accumulation {eff // chosen.batch_size} = "
+                       f"effective batch {eff} (fastest option that fits with "
+                       f"{int(HEADROOM * 100)}% headroom)")
+        reasons.append(f"predicted {_gib(chosen.device_bytes)} of {_gib(gpu_mem_bytes)}")
+    b = chosen.batch_size
+    return Plan(batch_size=b, grad_accum=eff // b, gradient_checkpointing=chosen.gradient_checkpointing,
+                liger=lg, packing=pk, estimate=chosen, reasons=reasons,
+                checkpoint_layers=chosen.checkpoint_layers, offload=chosen.offload)
+
+
+def _choose_liger(lg_set, reasons: list[str]) -> bool:
+    """Liger: faster and smaller where it exists, so on when auto and importable."""
     if lg_set is None:
         lg = _liger_available()
         reasons.append("Liger kernels on (liger_kernel installed, CUDA)" if lg
@@ -507,56 +649,20 @@ def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
         reasons.append(f"Liger kernels {'on' if lg else 'off'} (set in the config)")
     if lg_set and not _liger_available():
         reasons.append("warning: train.liger_kernel = true but liger_kernel is not installed")
+    return lg
 
-    # packing: does not change the worst-case peak; correct only where attention isolates samples
-    if pk_set is None:
-        from engine.model import packing_isolated
-        attn = cfg.model.attn_implementation
-        if attn == AUTO:
-            attn = "flash_attention_2" if _flash_attn_available() else "sdpa"
-        pk, why = packing_isolated(attn)
-        reasons.append(f"packing {'on' if pk else 'off'} ({why})")
-    else:
-        pk = pk_set
 
-    eff = t.batch_size * t.grad_accum
-    seq = cfg.data.max_length
-    budget = gpu_mem_bytes * (1 - HEADROOM)
-    gcs = [False, True] if gc_set is None else [gc_set]
-
-    def fits(est: Estimate) -> bool:
-        return est.device_bytes <= budget
-
-    tried, fitting = [], []
-    for gc in gcs:
-        for b in _divisors_desc(eff):
-            est = estimate(cfg, model_config, batch_size=b, gradient_checkpointing=gc, liger=lg,
-                           gpu_mem_bytes=gpu_mem_bytes)
-            tried.append(est)
-            if fits(est):
-                fitting.append(est)
-    # fastest of what fits, by the measured speed model (relative_speed)
-    chosen = max(fitting, key=lambda e: relative_speed(e.gradient_checkpointing, e.batch_size * seq),
-                 default=None)
-    if chosen is None:
-        # nothing fits: report the smallest-memory option the explicit settings allow
-        chosen = min(tried, key=lambda e: e.peak_bytes)
-        reasons.append(f"does not fit: even micro-batch {chosen.batch_size} with gradient "
-                       f"checkpointing {'on' if chosen.gradient_checkpointing else 'off'} needs "
-                       f"{_gib(chosen.device_bytes)} of {_gib(gpu_mem_bytes)}; lower data.max_length "
-                       f"(now {seq}), lora.r, or use a smaller model")
-    else:
-        why = "set in the config" if gc_set is not None else (
-            "fits without it: fastest" if not chosen.gradient_checkpointing else
-            "needed to fit" if len(gcs) > 1 else "")
-        reasons.append(f"gradient checkpointing {'on' if chosen.gradient_checkpointing else 'off'} ({why})")
-        reasons.append(f"micro-batch {chosen.batch_size} x accumulation {eff // chosen.batch_size} = "
-                       f"effective batch {eff} (fastest option that fits with "
-                       f"{int(HEADROOM * 100)}% headroom)")
-        reasons.append(f"predicted {_gib(chosen.device_bytes)} of {_gib(gpu_mem_bytes)}")
-    b = chosen.batch_size
-    return Plan(batch_size=b, grad_accum=eff // b, gradient_checkpointing=chosen.gradient_checkpointing,
-                liger=lg, packing=pk, estimate=chosen, reasons=reasons)
+def _choose_packing(cfg: Config, pk_set, reasons: list[str]) -> bool:
+    """Packing does not change the worst-case peak; correct only where attention isolates samples."""
+    if pk_set is not None:
+        return pk_set
+    from engine.model import packing_isolated
+    attn = cfg.model.attn_implementation
+    if attn == AUTO:
+        attn = "flash_attention_2" if _flash_attn_available() else "sdpa"
+    pk, why = packing_isolated(attn)
+    reasons.append(f"packing {'on' if pk else 'off'} ({why})")
+    return pk
 
 
 def apply_plan(cfg: Config, p: Plan) -> Config:
@@ -565,6 +671,8 @@ def apply_plan(cfg: Config, p: Plan) -> Config:
     out.train.batch_size = p.batch_size
     out.train.grad_accum = p.grad_accum
     out.train.gradient_checkpointing = bool(p.gradient_checkpointing)
+    out.train.checkpoint_layers = p.checkpoint_layers if p.gradient_checkpointing else -1
+    out.train.activation_offload = bool(p.offload)
     out.train.liger_kernel = bool(p.liger)
     out.data.packing = bool(p.packing)
     return out
@@ -588,9 +696,22 @@ BREAKDOWN_LABELS = [
 ]
 
 
+def _gc_text(k: int, layers: int, offload: bool) -> str:
+    if not k:
+        return "off"
+    return ("on" if k >= layers else f"on for {k} of {layers} layers") + (", offloaded" if offload else "")
+
+
+def plan_summary(p: Plan, budget_gib: float) -> str:
+    """One line for the Config screen: what the planner picks for a budget, and why."""
+    why = next((r for r in p.reasons if r.startswith(("gradient checkpointing", "does not fit"))), "")
+    return (f"planner at {budget_gib:g} GiB: micro-batch {p.batch_size} x {p.grad_accum}; {why}; "
+            f"predicted {_gib(p.estimate.device_bytes)}")
+
+
 def format_report(est: Estimate, pl: Plan | None) -> str:
     lines = [f"Peak VRAM estimate: micro-batch {est.batch_size} x {est.seq_len} tokens, gradient "
-             f"checkpointing {'on' if est.gradient_checkpointing else 'off'}, Liger "
+             f"checkpointing {_gc_text(est.checkpoint_layers, est.layers, est.offload)}, Liger "
              f"{'on' if est.liger else 'off'}", ""]
     relabel = {"weights_unquantized": "weights, 16-bit", "lora_params": "(no adapter)",
                "lora_grads": "gradients (targeted weights)",
@@ -617,7 +738,7 @@ def format_report(est: Estimate, pl: Plan | None) -> str:
     if pl is not None:
         lines.append("")
         lines.append(f"Planner: micro-batch {pl.batch_size}, accumulation {pl.grad_accum}, gradient "
-                     f"checkpointing {'on' if pl.gradient_checkpointing else 'off'}, Liger "
+                     f"checkpointing {_gc_text(pl.checkpoint_layers, pl.estimate.layers, pl.offload)}, Liger "
                      f"{'on' if pl.liger else 'off'}, packing {'on' if pl.packing else 'off'}")
         for r in pl.reasons:
             lines.append(f"  - {r}")
@@ -643,6 +764,8 @@ def _cmd_estimate(args) -> int:
                "trainable_params": est.trainable_params, "total_params": est.total_params,
                "batch_size": est.batch_size, "seq_len": est.seq_len,
                "gradient_checkpointing": est.gradient_checkpointing, "liger": est.liger,
+               "checkpoint_layers": est.checkpoint_layers, "offload": est.offload,
+               "host_bytes": est.host_bytes,
                "notes": est.notes, "plan": pl.to_dict()}
         print(json.dumps(out))
     else:

@@ -247,6 +247,9 @@ def oom_hint(estimate_bytes: int | None, observed_bytes: int | None, cfg=None,
         f_batch = "smaller train.batch_size with more train.grad_accum (same effective batch)"
     if gc is not True:
         f_gc = "train.gradient_checkpointing = true" + (f" (now {str(gc).lower()})" if gc is not None else "")
+    if _cfg_get(cfg, "train.activation_offload") is not True and (_cfg_get(cfg, "distributed.gpus", 1) or 1) == 1:
+        # checkpointed layers' inputs to pinned CPU memory: ~1% slower, same micro-batch
+        f_gc = ", ".join(f for f in (f_gc, "train.activation_offload = true") if f)
     packing = _cfg_get(cfg, "data.packing")
     if packing is not True:
         f_pack = "data.packing = true (no padding; use flash_attention_2 so samples stay apart)"

@@ -168,6 +168,8 @@ def oom_fix_overrides(cfg: C.Config, step: int = 0) -> list[str]:
     tr, d = cfg.train, cfg.data
     if tr.gradient_checkpointing is not True:
         out.append("train.gradient_checkpointing=true")
+    if tr.activation_offload is not True and cfg.distributed.gpus == 1:
+        out.append("train.activation_offload=true")     # inputs of checkpointed layers to host RAM
     if tr.batch_size > 1:
         new_bs = tr.batch_size // 2
         out.append(f"train.batch_size={new_bs}")

@@ -83,7 +83,8 @@ def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
     if tr.optimizer == "auto":
         tr.optimizer = "paged_adamw_8bit" if rt.device == "cuda" else "adamw_torch"
         reasons.append(f"optimizer {tr.optimizer} ({'GPU: paged 8-bit AdamW' if rt.device == 'cuda' else 'CPU: bitsandbytes paged optimizers need CUDA'})")
-    if rt.device == "cuda" and "auto" in (tr.gradient_checkpointing, tr.liger_kernel, cfg.data.packing):
+    if rt.device == "cuda" and "auto" in (tr.gradient_checkpointing, tr.liger_kernel, cfg.data.packing,
+                                          tr.activation_offload):
         try:
             from engine import estimate as est
             mc = est.model_config_for(cfg)
@@ -100,6 +101,11 @@ def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
     if tr.gradient_checkpointing == "auto":
         tr.gradient_checkpointing = True
         reasons.append("gradient checkpointing on (default: least memory)")
+    if tr.activation_offload == "auto":
+        tr.activation_offload = False
+        reasons.append("activation offload off (" + ("CPU: no GPU memory to save" if rt.device != "cuda"
+                                                     else "not needed") + ")")
+    _resolve_fused_lora(cfg, rt, reasons)
     if tr.liger_kernel == "auto":
         import importlib.util
         tr.liger_kernel = rt.device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
@@ -108,6 +114,23 @@ def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
     if packing_auto:
         cfg.data.packing = "auto"
     return cfg, reasons
+
+
+def _resolve_fused_lora(cfg, rt, reasons: list[str]) -> None:
+    """``train.fused_lora = auto``: on for one-process or DDP GPU runs where it applies."""
+    from engine.fused_lora import eligible_reason
+    tr = cfg.train
+    why_not = eligible_reason(cfg)
+    if tr.fused_lora == "auto":
+        if rt.device != "cuda":
+            why_not = "CPU: measured on the GPU only"
+        elif cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp":
+            why_not = "FSDP shards the 4-bit weights"
+        tr.fused_lora = why_not is None
+        reasons.append("fused NF4+LoRA linears " + ("on (LoRA accumulated inside the base GEMM)" if tr.fused_lora
+                                                    else f"off ({why_not})"))
+    elif tr.fused_lora and why_not:
+        reasons.append(f"fused NF4+LoRA linears: {why_not} on every call (train.fused_lora = true)")
 
 
 PACKING_MIN_WASTE = 0.15   # pack when padding would waste at least this share of the compute
@@ -286,6 +309,7 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
                           peft_config=peft_config, callbacks=[cb], optimizers=optimizers)
     if collator is not None:     # after __init__: TRL refuses custom collators with bfd packing
         trainer.data_collator = collator
+    _install_speed_tools(trainer, cfg, plan)
     cb.trainer = trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     for noisy in (PrinterCallback, ProgressCallback):   # our events replace HF's own printing
@@ -299,6 +323,22 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
         emit(E.Status(phase="warning", message=w))
     return Prepared(trainer, proc if proc is not None else tok, path, rt, len(train_tok), len(eval_tok) if has_eval else 0, plan, warnings,
                     resized_embeddings=resized)
+
+
+def _install_speed_tools(trainer, cfg, plan: list[str]) -> None:
+    """The fused NF4+LoRA linear (engine.fused_lora) and selective / offloaded checkpointing
+    (engine.offload) over the Trainer's own checkpointing; both applied when training starts."""
+    tr = cfg.train
+    if tr.fused_lora is True and not (cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp"):
+        from engine.fused_lora import FusedLoRACallback
+        trainer.add_callback(FusedLoRACallback())
+    if not tr.gradient_checkpointing or (tr.checkpoint_layers < 0 and tr.activation_offload is not True):
+        return
+    from engine import offload
+    cp = offload.CheckpointPlan(layers=tr.checkpoint_layers if tr.checkpoint_layers >= 0 else None,
+                                offload=tr.activation_offload is True)
+    trainer.add_callback(offload.CheckpointingCallback(cp))
+    plan.append("checkpointing: " + cp.describe())
 
 
 def save_fsdp_adapter(trainer, out_dir: Path, with_embeddings: bool) -> bool:

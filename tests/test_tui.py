@@ -81,6 +81,19 @@ async def test_config_shows_validation_errors_live_and_blocks_start(tmp_path):
         assert "32/16 = 2.00" in plain(screen.query_one("#derived"))   # the demo: alpha 32
 
 
+async def test_config_shows_the_planners_choice_for_a_memory_budget(tmp_path):
+    """train.gpu_memory_gib set: the Config screen says what the fit planner picks and why."""
+    app = make_app(demo_cfg(tmp_path))
+    async with app.run_test(size=(100, 40)) as pilot:
+        await pilot.press("f3")
+        await until(pilot, lambda: getattr(app.screen, "form_ready", False), what="form")
+        assert "planner at" not in plain(app.screen.query_one("#derived"))
+        app.screen.query_one("#in-train-gpu_memory_gib", Input).value = "2"
+        await until(pilot, lambda: "planner at 2 GiB: micro-batch" in plain(app.screen.query_one("#derived")),
+                    what="the planner's line", timeout=60)
+        assert "gradient checkpointing" in plain(app.screen.query_one("#derived"))
+
+
 async def test_config_save_and_load_toml(tmp_path):
     path = tmp_path / "mine.toml"
     app = QloraApp(demo_cfg(tmp_path), path, samplers=fixed_samplers(), readings_interval=0)

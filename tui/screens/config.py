@@ -254,8 +254,7 @@ class ConfigScreen(Screen):
         self.query_one("#derived", Static).update(t)
         if cfg is not None:
             key = (cfg.model.name, repr(cfg.to_dict()["lora"]), repr(cfg.to_dict()["quant"]),
-                   cfg.data.max_length, cfg.train.batch_size, cfg.train.method,
-                   repr(cfg.to_dict()["galore"]))
+                   cfg.data.max_length, repr(cfg.to_dict()["train"]), repr(cfg.to_dict()["galore"]))
             if key != getattr(self, "_estimate_key", None):
                 self._estimate_key = key
                 self._estimate_text = Text("trainable params: estimating…", style="dim")
@@ -285,6 +284,12 @@ class ConfigScreen(Screen):
                 else f"{e.peak_bytes / 1024 ** 2:.0f} MiB")
         text = (f"{cfg.train.method}: trainable params {e.trainable_params:,}   peak VRAM ≈ {peak}"
                 + (f" ({fits} the GPU)" if fits else ""))
+        if cfg.train.gpu_memory_gib and cfg.train.device != "cpu":   # the fit planner's choice and why
+            try:
+                p = est.plan(cfg, mc, int(cfg.train.gpu_memory_gib * est.GIB))
+                text += "\n" + est.plan_summary(p, cfg.train.gpu_memory_gib)
+            except Exception as ex:
+                text += f"\nplanner unavailable: {one_line(ex, 100)}"
         self.post_message(EstimateReady(text, e.trainable_params))
 
     @on(EstimateReady)

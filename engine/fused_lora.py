@@ -1,0 +1,127 @@
+"""A fused NF4 + LoRA linear: one autograd function per projection instead of PEFT's chain.
+
+PEFT's 4-bit LoRA forward is ``base(x).clone() + lora_B(lora_A(x)) * scaling``: a copy, a
+scaling multiply and an add over the whole ``tokens x out`` output, and in the backward the
+same again for the two input-gradient paths (base and LoRA) that autograd sums. On the H200
+those element-wise passes were 14% of a decoder layer's CUDA time (bench/RESULTS.md). Here the
+LoRA product is accumulated into the base GEMM's output by the GEMM itself (``addmm_`` with
+beta = 1, alpha = scaling), and likewise the LoRA input gradient into the base input gradient;
+the 4-bit weight is dequantised in the forward and again in the backward (never stored).
+
+Used for vanilla LoRA only (one active adapter, no dropout, no DoRA/variants, not merged, no
+bias); anything else falls back to PEFT's own forward on each call.
+"""
+from __future__ import annotations
+
+import types
+
+
+def _dequantize(base):
+    import bitsandbytes.functional as F
+    w = base.weight
+    return F.dequantize_4bit(w.data, w.quant_state)
+
+
+class _Fn:
+    fn = None
+
+
+def _function():
+    if _Fn.fn is not None:
+        return _Fn.fn
+    import torch
+
+    class FusedLoRA4bit(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, a, b, base, scaling):
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1])
+            w = _dequantize(base).to(x2.dtype)
+            xa = x2 @ a.to(x2.dtype).t()
+            out = x2 @ w.t()
+            out.addmm_(xa, b.to(x2.dtype).t(), alpha=scaling)
+            ctx.save_for_backward(x2, xa, a, b)
+            ctx.base, ctx.scaling, ctx.shape = base, scaling, shape
+            return out.view(*shape[:-1], out.shape[-1])
+
+        @staticmethod
+        def backward(ctx, dy):
+            x2, xa, a, b = ctx.saved_tensors
+            s = ctx.scaling
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
+            dyb = dy2 @ b.to(x2.dtype)                          # tokens x r
+            dx = None
+            if ctx.needs_input_grad[0]:
+                w = _dequantize(ctx.base).to(x2.dtype)
+                dx = dy2 @ w
+                dx.addmm_(dyb, a.to(x2.dtype), alpha=s)
+                dx = dx.view(ctx.shape)
+            da = (dyb.t() @ x2).mul_(s).to(a.dtype) if ctx.needs_input_grad[1] else None
+            db = (dy2.t() @ xa).mul_(s).to(b.dtype) if ctx.needs_input_grad[2] else None
+            return dx, da, db, None, None
+
+    _Fn.fn = FusedLoRA4bit
+    return FusedLoRA4bit
+
+
+def _eligible_now(m) -> str | None:
+    """The active adapter when this call can take the fused path, else None."""
+    if m.disable_adapters or m.merged or m.base_layer.bias is not None:
+        return None
+    active = [a for a in m.active_adapters if a in m.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    import torch
+    if name in getattr(m, "lora_variant", {}) or not isinstance(m.lora_dropout[name], torch.nn.Identity):
+        return None
+    return name
+
+
+def _forward(self, x, *args, **kwargs):
+    name = None if args or kwargs else _eligible_now(self)
+    if name is None:
+        return self._peft_forward(x, *args, **kwargs)
+    return _function().apply(x, self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer,
+                             float(self.scaling[name]))
+
+
+def eligible_reason(cfg) -> str | None:
+    """Why the fused path cannot be used with this config (None when it can)."""
+    if not cfg.quant.load_in_4bit:
+        return "16-bit base: PEFT's own path"
+    if cfg.lora.dropout:
+        return "lora.dropout > 0: PEFT's own path"
+    if cfg.lora.use_dora:
+        return "DoRA: PEFT's own path"
+    if cfg.lora.lora_fa:
+        return "LoRA-FA: PEFT's own path"
+    return None
+
+
+def patch(model) -> int:
+    """Route every PEFT 4-bit LoRA linear of ``model`` through the fused function; returns how many."""
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Linear4bit) and not hasattr(m, "_peft_forward"):
+            m._peft_forward = m.forward
+            m.forward = types.MethodType(_forward, m)
+            n += 1
+    return n
+
+
+def FusedLoRACallback():
+    """Patches the Trainer's model when training starts (after TRL has wrapped it with PEFT)."""
+    from transformers import TrainerCallback
+
+    class _Cb(TrainerCallback):
+        patched = 0
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            if model is not None:
+                self.patched = patch(model)
+    return _Cb()
