@@ -178,6 +178,12 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
 
     rt = M.runtime(cfg)
     cfg, plan = resolve_auto(cfg, rt, emit)
+    from engine import streaming_plan as SP
+    try:
+        plan += SP.resolve(cfg, rt)
+        SP.check_host_ram(cfg)            # before any weight is loaded
+    except ValueError as e:
+        raise M.ModelError(str(e)) from None
     path = M.model_path(cfg)
     emit(E.Status(phase="tokenizer", message=f"loading tokenizer from {path}"))
     tok, tw = M.load_tokenizer(cfg, path)
@@ -256,6 +262,11 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
                           peft_config=peft_config, callbacks=[cb], optimizers=optimizers)
     if collator is not None:     # after __init__: TRL refuses custom collators with bfd packing
         trainer.data_collator = collator
+    if cfg.train.weight_streaming is True:
+        from engine import streaming
+        trainer.weight_streamer = streaming.attach(trainer.model, M.train_device(rt))
+        plan.append(f"weight streaming: {trainer.weight_streamer.streamed_bytes / 2**30:.2f} GiB of 4-bit "
+                    f"layers in host memory, {trainer.weight_streamer.ahead} layer(s) prefetched ahead")
     cb.trainer = trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     for noisy in (PrinterCallback, ProgressCallback):   # our events replace HF's own printing
