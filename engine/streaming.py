@@ -69,6 +69,26 @@ class _Slot:
             _assign(owner, attr, ph)
 
 
+def _pinned(t):
+    """A page-locked host copy of ``t``, registered in place with cudaHostRegister: torch's
+    pinned allocator rounds each block up to a power of two (a 117 MB gate_proj would take
+    128 MB; a 70B base ~1.3x its size). Falls back to ``pin_memory()`` where registering fails."""
+    import torch
+    host = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+    host.copy_(t.detach())
+    try:
+        rc = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel() * host.element_size(), 0)
+        if int(getattr(rc, "value", rc)) == 0:
+            _REGISTERED.append(host)        # never freed while registered (process lifetime)
+            return host
+    except Exception:
+        pass
+    return host.pin_memory()
+
+
+_REGISTERED: list = []
+
+
 def _assign(owner, attr, t) -> None:
     if attr == "data":
         owner.data = t
@@ -118,9 +138,7 @@ class WeightStreamer:
                 if s2 is not None:
                     s2.absmax, s2.code = s2.absmax.to(self.device), s2.code.to(self.device)
             for owner, attr, t in pairs:
-                host = t.detach().to("cpu")
-                if self.cuda:
-                    host = host.pin_memory()
+                host = _pinned(t) if self.cuda else t.detach().to("cpu")
                 # 0 elements on the device: bnb's QuantState.to() (Trainer, accelerate) still works
                 ph = torch.empty(0, dtype=t.dtype, device=self.device)
                 slot.entries.append((owner, attr, host, ph))
