@@ -347,7 +347,7 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
         notes.append("fp32 compute: activations and unquantized weights at 4 bytes")
     notes.append(f"assumes every row is {seq} tokens (padding/packing never exceeds it)")
     fits = None if gpu_mem_bytes is None else peak + CUDA_CONTEXT <= gpu_mem_bytes
-    host = SP.host_breakdown(base_q, w_u, L, stream)
+    host = SP.host_breakdown(base_q, w_u, L, stream, cfg.train.device)
     return Estimate(peak_bytes=int(peak), breakdown=breakdown, trainable_params=int(trainable),
                     total_params=int(total), fits=fits, gpu_mem_bytes=gpu_mem_bytes, notes=notes,
                     batch_size=b, seq_len=seq, gradient_checkpointing=gc, liger=lg,

@@ -17,7 +17,8 @@ PASSES = 2                      # a layer crosses the link in forward and in rec
                                 # runs on the recompute's copy)
 AHEAD = 2                       # engine.streaming.AHEAD: layers prefetched ahead
 RESIDENT_LAYERS = AHEAD + 2     # current + prefetched + the one whose kernels may still be queued
-HOST_BASE = 3 * GIB             # Python + torch + CUDA runtime + transformers/TRL, resident set
+HOST_BASE = {"cpu": int(0.6 * GIB),   # Python + torch + transformers/TRL: measured 0.60 GiB peak RSS
+             "cuda": int(2.5 * GIB)}  # (tiny, bench/seventy_b.py --tiny); + CUDA runtime: not measured yet
 
 
 @dataclass
@@ -57,10 +58,11 @@ def resident_bytes(quantized_bytes: int, layers: int) -> int:
     return int(quantized_bytes / max(1, layers) * min(layers, RESIDENT_LAYERS))
 
 
-def host_breakdown(quantized_bytes: int, unquantized_bytes: int, layers: int, streaming: bool) -> dict:
+def host_breakdown(quantized_bytes: int, unquantized_bytes: int, layers: int, streaming: bool,
+                   device: str = "cuda") -> dict:
     """Host RAM the run needs at its peak (bytes). Streaming loads the model on the host first
     (4-bit layers + 16-bit embeddings), then pins the layers one by one and moves the rest to the GPU."""
-    out = {"process_base": HOST_BASE, "pinned_weights": 0, "loading": 0}
+    out = {"process_base": HOST_BASE["cpu" if device == "cpu" else "cuda"], "pinned_weights": 0, "loading": 0}
     if streaming:
         out["pinned_weights"] = int(quantized_bytes)
         out["loading"] = int(max(unquantized_bytes, quantized_bytes / max(1, layers)))
