@@ -159,7 +159,7 @@ def predicted(cfg_path: Path, budget_gib) -> dict:
     gpu = int(budget_gib * GIB) if budget_gib else (E.gpu_free_bytes() or None)
     pl = E.plan(cfg, mc, gpu)
     est = pl.estimate
-    if gpu is None:          # CPU: the planner does not plan; the engine streams below the budget
+    if gpu is None or cfg.train.device == "cpu":   # no planning; the engine streams below the budget
         est = E.estimate(cfg, mc, streaming=bool(budget_gib) and E.estimate(cfg, mc).breakdown[
             "weights_quantized"] > budget_gib * GIB)
     return dict(pred_peak_reserved_gib=round(est.peak_bytes / GIB, 2), pred_host_gib=round(est.host_bytes / GIB, 2),
