@@ -80,7 +80,8 @@ def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
     if tr.optimizer == "auto":
         tr.optimizer = "paged_adamw_8bit" if rt.device == "cuda" else "adamw_torch"
         reasons.append(f"optimizer {tr.optimizer} ({'GPU: paged 8-bit AdamW' if rt.device == 'cuda' else 'CPU: bitsandbytes paged optimizers need CUDA'})")
-    if rt.device == "cuda" and "auto" in (tr.gradient_checkpointing, tr.liger_kernel, cfg.data.packing):
+    if rt.device == "cuda" and "auto" in (tr.gradient_checkpointing, tr.liger_kernel, cfg.data.packing,
+                                          tr.weight_streaming):
         try:
             from engine import estimate as est
             mc = est.model_config_for(cfg)
