@@ -508,20 +508,7 @@ def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
     budget = gpu_mem_bytes * (1 - HEADROOM)
     gcs = [False, True] if gc_set is None else [gc_set]
 
-    def fits(est: Estimate) -> bool:
-        return est.device_bytes <= budget
-
-    ws = _tri(getattr(t, "weight_streaming", False))
-    tried, fitting = [], []
-    for gc in (gcs if ws is not True else []):
-        for b in _divisors_desc(eff):
-            est = estimate(cfg, model_config, batch_size=b, gradient_checkpointing=gc, liger=lg,
-                           gpu_mem_bytes=gpu_mem_bytes, streaming=False)
-            tried.append(est)
-            if fits(est):
-                fitting.append(est)
-    if not fitting and ws is not False and gc_set is not False and cfg.quant.load_in_4bit:
-        fitting = _streaming_options(cfg, model_config, gpu_mem_bytes, lg, eff, budget, tried)
+    tried, fitting = _candidates(cfg, model_config, gpu_mem_bytes, lg, eff, budget, gcs, gc_set)
     # fastest of what fits, by the measured speed model (relative_speed; streaming: its floor)
     chosen = max(fitting, key=lambda e: _speed(e, model_config), default=None)
     if chosen is None:
@@ -541,13 +528,30 @@ def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
                        f"{int(HEADROOM * 100)}% headroom)")
         reasons.append(f"predicted {_gib(chosen.device_bytes)} of {_gib(gpu_mem_bytes)}")
     expected = None
-    if chosen.streaming:
+    if chosen.streaming and chosen in fitting:
         why, expected = _streaming_reason(chosen, model_config, gpu_mem_bytes)
         reasons.append(why)
     b = chosen.batch_size
     return Plan(batch_size=b, grad_accum=eff // b, gradient_checkpointing=chosen.gradient_checkpointing,
                 liger=lg, packing=pk, estimate=chosen, reasons=reasons, streaming=chosen.streaming,
                 expected_tokens_per_s=expected)
+
+
+def _candidates(cfg, model_config, gpu_mem_bytes, lg, eff, budget, gcs, gc_set):
+    """(every estimate tried, those that fit): without streaming first (unless it is forced);
+    weight streaming only when nothing fits without it (and it is not turned off)."""
+    ws = _tri(cfg.train.weight_streaming)
+    tried, fitting = [], []
+    for gc in (gcs if ws is not True else []):
+        for b in _divisors_desc(eff):
+            est = estimate(cfg, model_config, batch_size=b, gradient_checkpointing=gc, liger=lg,
+                           gpu_mem_bytes=gpu_mem_bytes, streaming=False)
+            tried.append(est)
+            if est.device_bytes <= budget:
+                fitting.append(est)
+    if not fitting and ws is not False and gc_set is not False and cfg.quant.load_in_4bit:
+        fitting = _streaming_options(cfg, model_config, gpu_mem_bytes, lg, eff, budget, tried)
+    return tried, fitting
 
 
 def _streaming_options(cfg, model_config, gpu_mem_bytes, lg, eff, budget, tried) -> list[Estimate]:
