@@ -142,6 +142,9 @@ class TrainConfig:
                          choices=["halt", "warn"])
     device: str = _f(AUTO, "auto = CUDA when present, else CPU.", choices=[AUTO, "cuda", "cpu"])
     gpu_memory_gib: float = _f(0.0, "GPU memory the planner may use (GiB); 0 = all that is free.", lo=0.0)
+    weight_streaming: Any = _f(AUTO, "Keep the frozen 4-bit layers in host RAM and stream them to "
+                               "the GPU layer by layer; auto = only when the base does not fit.",
+                               choices=[True, False, AUTO])
 
 
 @dataclass

@@ -160,7 +160,11 @@ class Estimate:
     checkpoint_layers: int = 0               # decoder layers checkpointed (of ``layers``)
     layers: int = 0
     offload: bool = False                    # checkpointed layers' inputs in pinned host memory
-    host_bytes: int = 0                      # pinned host memory those inputs take
+    offload_host_bytes: int = 0              # pinned host memory those inputs take
+    streaming: bool = False                  # 4-bit layers streamed from host RAM (engine/streaming.py)
+    host_bytes: int = 0                      # predicted peak host RAM of the training process
+    host_breakdown: dict[str, int] = field(default_factory=dict)
+    base_quantized_bytes: int = 0            # the whole 4-bit base (what streaming keeps on the host)
 
     @property
     def allocated_bytes(self) -> int:
@@ -215,7 +219,7 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
              seq_len: int | None = None, gradient_checkpointing: bool | None = None,
              liger: bool | None = None, gpu_mem_bytes: int | None = None,
              loss_impl: str = "trl", checkpoint_layers: int | None = None,
-             offload: bool | None = None) -> Estimate:
+             offload: bool | None = None, streaming: bool | None = None) -> Estimate:
     """Predict the training peak for ``cfg`` on the model described by ``model_config``.
 
     The keyword arguments override the config (the planner uses them); ``"auto"`` in the
@@ -250,6 +254,13 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
     bits = (NF4_DQ_BITS if cfg.quant.double_quant else NF4_BITS) if four else 8 * d
     w_q = int(linear * bits / 8) if four else 0
     w_u = other * d + (0 if four else linear * d)
+    from engine import streaming_plan as SP
+    stream = bool(streaming if streaming is not None else cfg.train.weight_streaming is True) and four
+    base_q = w_q
+    if stream:
+        w_q = SP.resident_bytes(w_q, L)
+        notes.append(f"weight streaming: {SP.RESIDENT_LAYERS} of {L} layers' 4-bit weights on the GPU, "
+                     f"{base_q / GIB:.1f} GiB pinned in host RAM")
     if s.experts > 1:
         notes.append(f"MoE ({s.experts} experts, {s.experts_per_token} per token): LoRA and activations "
                      "counted for the active experts only; not calibrated")
@@ -319,9 +330,9 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
         act += 2 * sum(dims[m][1] for m in targets)    # DoRA keeps the base output per module
     act = act * d // 2
     activations = N * _activation_bytes_per_token(h * d, act, L, k_ck, off)
-    host = k_ck * N * h * d if off else 0
+    offload_host = k_ck * N * h * d if off else 0
     if off:
-        notes.append(f"activation offload: {host / GIB:.2f} GiB of layer inputs in pinned host memory")
+        notes.append(f"activation offload: {offload_host / GIB:.2f} GiB of layer inputs in pinned host memory")
     workspace = int(N * h * (BACKWARD_WS_LIGER if lg else BACKWARD_WS_HF) * d / 2)
 
     # --- logits / LM head
@@ -367,12 +378,14 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
         notes.append("fp32 compute: activations and unquantized weights at 4 bytes")
     notes.append(f"assumes every row is {seq} tokens (padding/packing never exceeds it)")
     fits = None if gpu_mem_bytes is None else peak + CUDA_CONTEXT <= gpu_mem_bytes
+    host = SP.host_breakdown(base_q, w_u, L, stream, cfg.train.device)
+    host["offloaded_activations"] = int(offload_host)
     return Estimate(peak_bytes=int(peak), breakdown=breakdown, trainable_params=int(trainable),
                     total_params=int(total), fits=fits, gpu_mem_bytes=gpu_mem_bytes, notes=notes,
                     batch_size=b, seq_len=seq, gradient_checkpointing=k_ck > 0, liger=lg,
-                    checkpoint_layers=k_ck, layers=L, offload=off, host_bytes=int(host),
-                    method=getattr(cfg.train, "method", "qlora"))
-
+                    checkpoint_layers=k_ck, layers=L, offload=off, offload_host_bytes=int(offload_host),
+                    streaming=stream, host_bytes=sum(host.values()), host_breakdown=host,
+                    base_quantized_bytes=int(base_q), method=getattr(cfg.train, "method", "qlora"))
 
 def _checkpointing(cfg: Config, layers: int, gc: bool, k: int | None, offload: bool | None):
     """(decoder layers checkpointed, inputs offloaded) from the overrides or the config."""
@@ -473,6 +486,8 @@ class Plan:
     reasons: list[str] = field(default_factory=list)
     checkpoint_layers: int = 0       # decoder layers checkpointed (0 with checkpointing off)
     offload: bool = False            # their inputs in pinned host memory
+    streaming: bool = False
+    expected_tokens_per_s: float | None = None    # streaming: the link/FLOP floor (streaming_plan)
 
     def to_dict(self) -> dict:
         return {"batch_size": self.batch_size, "grad_accum": self.grad_accum,
@@ -480,6 +495,8 @@ class Plan:
                 "checkpoint_layers": self.checkpoint_layers, "offload": self.offload,
                 "packing": self.packing, "peak_bytes": self.estimate.peak_bytes,
                 "device_bytes": self.estimate.device_bytes, "fits": self.estimate.fits,
+                "streaming": self.streaming, "host_bytes": self.estimate.host_bytes,
+                "expected_tokens_per_s": self.expected_tokens_per_s,
                 "reasons": list(self.reasons)}
 
 
@@ -581,7 +598,7 @@ def _checkpoint_reason(e: Estimate, gc_set, why_off: str) -> str:
         "set in the config" if gc_set is True else "needed to fit")
     text = f"gradient checkpointing on for {part} ({why})"
     if e.offload:
-        text += (f"; their saved inputs offloaded to pinned CPU memory ({_gib(e.host_bytes)} of host "
+        text += (f"; their saved inputs offloaded to pinned CPU memory ({_gib(e.offload_host_bytes)} of host "
                  "memory, copied on side streams)")
     elif why_off:
         text += f"; activation offload off ({why_off})"
@@ -617,8 +634,12 @@ def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
     budget = gpu_mem_bytes * (1 - HEADROOM)
     offload_ok = cfg.distributed.gpus == 1
     why_off = "" if offload_ok else "one GPU only"
-    tried, fitting = _candidates(cfg, model_config, lg, gpu_mem_bytes, budget, offload_ok)
-    chosen = max(fitting, key=_speed, default=None)
+    ws = _tri(t.weight_streaming)
+    tried, fitting = ([], []) if ws is True else _candidates(cfg, model_config, lg, gpu_mem_bytes, budget, offload_ok)
+    if not fitting and ws is not False and gc_set is not False and cfg.quant.load_in_4bit:
+        # weight streaming only when nothing fits without it (or when the config forces it)
+        fitting = _streaming_options(cfg, model_config, gpu_mem_bytes, lg, eff, budget, tried)
+    chosen = max(fitting, key=lambda e: _speed(e) * _streaming_speed(e, model_config), default=None)
     if chosen is None:
         # nothing fits: report the smallest-memory option the explicit settings allow
         chosen = min(tried, key=lambda e: e.peak_bytes)
@@ -632,10 +653,15 @@ def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
                        f"effective batch {eff} (fastest option that fits with "
                        f"{int(HEADROOM * 100)}% headroom)")
         reasons.append(f"predicted {_gib(chosen.device_bytes)} of {_gib(gpu_mem_bytes)}")
+    expected = None
+    if chosen.streaming and chosen in fitting:
+        why, expected = _streaming_reason(chosen, model_config, gpu_mem_bytes)
+        reasons.append(why)
     b = chosen.batch_size
     return Plan(batch_size=b, grad_accum=eff // b, gradient_checkpointing=chosen.gradient_checkpointing,
                 liger=lg, packing=pk, estimate=chosen, reasons=reasons,
-                checkpoint_layers=chosen.checkpoint_layers, offload=chosen.offload)
+                checkpoint_layers=chosen.checkpoint_layers, offload=chosen.offload,
+                streaming=chosen.streaming, expected_tokens_per_s=expected)
 
 
 def _choose_liger(lg_set, reasons: list[str]) -> bool:
@@ -665,6 +691,40 @@ def _choose_packing(cfg: Config, pk_set, reasons: list[str]) -> bool:
     return pk
 
 
+def _streaming_options(cfg, model_config, gpu_mem_bytes, lg, eff, budget, tried) -> list[Estimate]:
+    """Weight streaming (always with gradient checkpointing): the micro-batches that fit."""
+    out = []
+    for b in _divisors_desc(eff):
+        est = estimate(cfg, model_config, batch_size=b, gradient_checkpointing=True, liger=lg,
+                       gpu_mem_bytes=gpu_mem_bytes, streaming=True)
+        tried.append(est)
+        if est.device_bytes <= budget:
+            out.append(est)
+    return out
+
+
+def _streaming_speed(e: Estimate, model_config: dict) -> float:
+    """The streaming floor factor (transfers that compute cannot hide); 1 without streaming."""
+    v = 1.0
+    if e.streaming:
+        from engine import streaming_plan as SP
+        v *= SP.stream_cost(shape_of(model_config), e.base_quantized_bytes, e.batch_size * e.seq_len,
+                            e.seq_len).factor
+    return v
+
+
+def _streaming_reason(e: Estimate, model_config: dict, gpu_mem_bytes: int) -> tuple[str, float]:
+    from engine import streaming_plan as SP
+    c = SP.stream_cost(shape_of(model_config), e.base_quantized_bytes, e.batch_size * e.seq_len, e.seq_len)
+    return (f"weight streaming on: the 4-bit base ({_gib(e.base_quantized_bytes)}) does not fit in "
+            f"{_gib(gpu_mem_bytes)}; it stays pinned in host RAM ({_gib(e.host_bytes)} host RAM in all) "
+            f"and each micro-batch moves it twice: {SP.PASSES} x {_gib(e.base_quantized_bytes)} / "
+            f"{SP.LINK_BYTES_PER_S / 1e9:.1f} GB/s = {c.transfer_s:.2f} s against ~{c.compute_s:.2f} s "
+            f"of compute ({int(SP.MFU_ASSUMED * 100)}% of {SP.PEAK_FLOPS / 1e12:.0f} TFLOP/s): expected "
+            f">= {c.factor:.0%} of the speed without streaming, ~{c.tokens_per_s_floor:,.0f} tokens/s "
+            f"at best"), c.tokens_per_s_floor
+
+
 def apply_plan(cfg: Config, p: Plan) -> Config:
     """A copy of ``cfg`` with the plan's choices applied (booleans instead of "auto")."""
     out = cfg.copy()
@@ -675,6 +735,7 @@ def apply_plan(cfg: Config, p: Plan) -> Config:
     out.train.activation_offload = bool(p.offload)
     out.train.liger_kernel = bool(p.liger)
     out.data.packing = bool(p.packing)
+    out.train.weight_streaming = bool(p.streaming)
     return out
 
 
@@ -726,6 +787,9 @@ def format_report(est: Estimate, pl: Plan | None) -> str:
     lines.append(f"  {'+ CUDA context':<30}{est.breakdown['cuda_context'] / GIB:>9.2f} GiB")
     lines.append(f"  {'= on the GPU':<30}{est.device_bytes / GIB:>9.2f} GiB")
     lines.append(f"  trainable {est.trainable_params / 1e6:,.1f} M of {est.total_params / 1e9:,.2f} B params")
+    lines.append(f"  host RAM {est.host_bytes / GIB:.2f} GiB (" + ", ".join(
+        f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in est.host_breakdown.items() if v) + ")"
+        + (", 4-bit layers streamed from host RAM" if est.streaming else ""))
     lines.append("")
     if est.gpu_mem_bytes is None:
         lines.append("Fits: unknown (no GPU found; pass --gpu-mem GIB)")
@@ -739,7 +803,8 @@ def format_report(est: Estimate, pl: Plan | None) -> str:
         lines.append("")
         lines.append(f"Planner: micro-batch {pl.batch_size}, accumulation {pl.grad_accum}, gradient "
                      f"checkpointing {_gc_text(pl.checkpoint_layers, pl.estimate.layers, pl.offload)}, Liger "
-                     f"{'on' if pl.liger else 'off'}, packing {'on' if pl.packing else 'off'}")
+                     f"{'on' if pl.liger else 'off'}, packing {'on' if pl.packing else 'off'}, "
+                     f"weight streaming {'on' if pl.streaming else 'off'}")
         for r in pl.reasons:
             lines.append(f"  - {r}")
     return "\n".join(lines)
@@ -765,8 +830,8 @@ def _cmd_estimate(args) -> int:
                "batch_size": est.batch_size, "seq_len": est.seq_len,
                "gradient_checkpointing": est.gradient_checkpointing, "liger": est.liger,
                "checkpoint_layers": est.checkpoint_layers, "offload": est.offload,
-               "host_bytes": est.host_bytes,
-               "notes": est.notes, "plan": pl.to_dict()}
+               "notes": est.notes, "plan": pl.to_dict(), "host_bytes": est.host_bytes,
+               "host_breakdown": est.host_breakdown, "streaming": est.streaming}
         print(json.dumps(out))
     else:
         print(format_report(est, pl))

@@ -398,12 +398,14 @@ def _check_writable(out: Path) -> None:
 
 def merge(src: str | Path, out: str | Path, dtype: str = "bf16",
           on_progress: Callable[[float, str], None] | None = None,
-          check_rows=None, base: str | None = None) -> MergeReport:
+          check_rows=None, base: str | None = None, stream: bool | None = None) -> MergeReport:
     """Merge the adapter of ``src`` (a run dir or an adapter dir) into its base, save the result
     to ``out`` as a standard safetensors checkpoint, and verify it reproduces base + adapter.
 
     ``dtype``: bf16, fp16, fp32 or auto (bf16/fp16 on CUDA, fp32 on the CPU). ``base`` overrides
-    the adapter's ``base_model_name_or_path``. Raises ``MergeError`` (one-line message).
+    the adapter's ``base_model_name_or_path``. ``stream``: merge shard by shard
+    (engine/merge_stream.py); None = when the base is stored 4-bit or its 16-bit size exceeds half
+    the available host RAM (a 70B). Raises ``MergeError`` (one-line message).
     """
     t0 = time.time()
     progress = on_progress or (lambda f, m: None)
@@ -428,6 +430,11 @@ def merge(src: str | Path, out: str | Path, dtype: str = "bf16",
                              trust_remote_code=trust, err=MergeError, where=where)
     check_adapter_against_base(adapter_dir, acfg, base_name, revision=revision,
                                trust_remote_code=trust, err=MergeError)
+    from engine import merge_stream as MS
+    if stream is None:
+        stream = MS.should_stream(base_name)
+    if stream:
+        return MS.merge_report(adapter_dir, acfg, base_name, out, dtype, progress, t0, MergeError, MergeReport)
 
     import torch
     from peft import PeftModel
@@ -557,7 +564,8 @@ def _cmd_merge(args) -> int:
         print(G.merge_message(full))
         return 0
     try:
-        report = merge(args.src, args.out, dtype=args.dtype, on_progress=show, base=args.base)
+        report = merge(args.src, args.out, dtype=args.dtype, on_progress=show, base=args.base,
+                       stream=True if args.stream else None)
     except MergeError as e:
         print(f"merge failed: {e}", file=sys.stderr)
         return 1
@@ -580,4 +588,7 @@ def register(subparsers) -> None:
     p.add_argument("--base", default=None, metavar="BASE",
                    help="base model (hub id or directory) instead of the adapter's base_model_name_or_path")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--stream", action="store_true",
+                   help="merge shard by shard (automatic for 4-bit bases and bases larger than half "
+                        "the host RAM): never holds the whole model")
     p.set_defaults(func=_cmd_merge)

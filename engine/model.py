@@ -121,6 +121,14 @@ def runtime(cfg) -> Runtime:
     return Runtime(device, dt, four, notes)
 
 
+def train_device(rt) -> str:
+    """The torch device string training runs on ("cuda:N" for this process's GPU, or "cpu")."""
+    if rt.device != "cuda":
+        return "cpu"
+    import os
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
 def _bnb_cpu_ok() -> bool:
     try:
         import bitsandbytes  # noqa: F401
@@ -225,6 +233,8 @@ def load_model(cfg, rt: Runtime, path: str | None = None):
         torch.cuda.set_device(local)
         if not fsdp:                         # FSDP places (and shards) the weights itself
             kwargs["device_map"] = {"": local}
+    if cfg.train.weight_streaming is True:   # loaded on the host; engine.streaming moves the rest
+        kwargs["device_map"] = {"": "cpu"}
     try:
         if vision:
             from transformers import AutoModelForImageTextToText

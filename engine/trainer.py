@@ -84,7 +84,7 @@ def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
         tr.optimizer = "paged_adamw_8bit" if rt.device == "cuda" else "adamw_torch"
         reasons.append(f"optimizer {tr.optimizer} ({'GPU: paged 8-bit AdamW' if rt.device == 'cuda' else 'CPU: bitsandbytes paged optimizers need CUDA'})")
     if rt.device == "cuda" and "auto" in (tr.gradient_checkpointing, tr.liger_kernel, cfg.data.packing,
-                                          tr.activation_offload):
+                                          tr.activation_offload, tr.weight_streaming):
         try:
             from engine import estimate as est
             mc = est.model_config_for(cfg)
@@ -204,6 +204,12 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
 
     rt = M.runtime(cfg)
     cfg, plan = resolve_auto(cfg, rt, emit)
+    from engine import streaming_plan as SP
+    try:
+        plan += SP.resolve(cfg, rt)
+        SP.check_host_ram(cfg)            # before any weight is loaded
+    except ValueError as e:
+        raise M.ModelError(str(e)) from None
     path = M.model_path(cfg)
     emit(E.Status(phase="tokenizer", message=f"loading tokenizer from {path}"))
     from engine import vision as V
@@ -310,6 +316,11 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
     if collator is not None:     # after __init__: TRL refuses custom collators with bfd packing
         trainer.data_collator = collator
     _install_speed_tools(trainer, cfg, plan)
+    if cfg.train.weight_streaming is True:
+        from engine import streaming
+        trainer.weight_streamer = streaming.attach(trainer.model, M.train_device(rt))
+        plan.append(f"weight streaming: {trainer.weight_streamer.streamed_bytes / 2**30:.2f} GiB of 4-bit "
+                    f"layers in host memory, {trainer.weight_streamer.ahead} layer(s) prefetched ahead")
     cb.trainer = trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     for noisy in (PrinterCallback, ProgressCallback):   # our events replace HF's own printing
@@ -329,7 +340,9 @@ def _install_speed_tools(trainer, cfg, plan: list[str]) -> None:
     """The fused NF4+LoRA linear (engine.fused_lora) and selective / offloaded checkpointing
     (engine.offload) over the Trainer's own checkpointing; both applied when training starts."""
     tr = cfg.train
-    if tr.fused_lora is True and not (cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp"):
+    # not with weight streaming: its hooks move the 4-bit weights the fused function reads (untested together)
+    if tr.fused_lora is True and tr.weight_streaming is not True and not (
+            cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp"):
         from engine.fused_lora import FusedLoRACallback
         trainer.add_callback(FusedLoRACallback())
     if not tr.gradient_checkpointing or (tr.checkpoint_layers < 0 and tr.activation_offload is not True):

@@ -78,7 +78,7 @@ def test_estimate_offload_and_selective_terms():
     off = E.estimate(cfg, LLAMA8B, gradient_checkpointing=True, liger=True, offload=True)
     # offloading frees 30 of the 32 checkpointed inputs (two stay in flight): 30 x 16384 x 4096 x 2 B
     assert full.breakdown["activations"] - off.breakdown["activations"] == 30 * 16384 * 4096 * 2
-    assert off.host_bytes == 32 * 16384 * 4096 * 2 and full.host_bytes == 0
+    assert off.offload_host_bytes == 32 * 16384 * 4096 * 2 and full.offload_host_bytes == 0
     half = E.estimate(cfg, LLAMA8B, gradient_checkpointing=True, liger=True, checkpoint_layers=16)
     none = E.estimate(cfg, LLAMA8B, gradient_checkpointing=False, liger=True)
     assert full.peak_bytes < half.peak_bytes < none.peak_bytes

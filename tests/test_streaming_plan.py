@@ -1,0 +1,116 @@
+"""The planner and estimate for a 70B model (Llama-3.1-70B shape) from config.json alone: where
+weight streaming is chosen, what it costs, host RAM, and the refusal before loading."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine import config as C
+from engine import estimate as E
+from engine import streaming_plan as SP
+from engine.estimate import GIB
+
+LLAMA_70B = {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
+             "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+             "vocab_size": 128256, "tie_word_embeddings": False}
+# bench/seventy_b.py's setup: seq 2048, effective batch 8, r=32 alpha 64 all-linear, NF4 + double quant
+SETUP = ["data.max_length=2048", "train.batch_size=8", "train.grad_accum=1", "lora.r=32", "lora.alpha=64",
+         'quant.compute_dtype="bf16"', 'train.optimizer="adamw_torch"', 'train.device="cuda"']
+
+
+@pytest.fixture
+def model70(tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "_liger_available", lambda: True)
+    d = tmp_path / "llama70b"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(LLAMA_70B))
+    cfg = C.load(None, SETUP + [f'model.name="{d}"'])
+    return cfg, E.model_config_for(cfg)       # config.json alone: no weights anywhere
+
+
+@pytest.mark.parametrize("gib,streams", [(24, True), (48, True), (80, False), (139, False)])
+def test_planner_choices_for_70b(model70, gib, streams):
+    cfg, mc = model70
+    p = E.plan(cfg, mc, gib * GIB)
+    assert p.streaming is streams
+    assert p.estimate.fits and p.estimate.device_bytes <= 0.9 * gib * GIB
+    assert p.batch_size * p.grad_accum == 8
+    base = E.estimate(cfg, mc, streaming=False).breakdown["weights_quantized"]
+    assert 32 * GIB < base < 34 * GIB                   # ~0.516 B x 68.5 B decoder params
+    if streams:
+        assert p.gradient_checkpointing is True
+        assert p.estimate.breakdown["weights_quantized"] == pytest.approx(base * 4 / 80, rel=1e-6)
+        assert p.estimate.host_bytes >= base            # the pinned copy of every layer
+        why = next(r for r in p.reasons if r.startswith("weight streaming on"))
+        assert "GB/s" in why and "tokens/s" in why and p.expected_tokens_per_s > 0
+        out = E.apply_plan(cfg, p)
+        assert out.train.weight_streaming is True
+    else:
+        assert p.estimate.breakdown["weights_quantized"] == base
+        assert p.estimate.host_bytes < 4 * GIB
+        assert not any("streaming on" in r for r in p.reasons)
+        assert E.apply_plan(cfg, p).train.weight_streaming is False
+
+
+def test_streaming_is_chosen_only_when_nothing_else_fits(model70):
+    cfg, mc = model70
+    no_stream = E.plan(cfg.copy(), mc, 139 * GIB)
+    assert not no_stream.streaming
+    off = cfg.copy()
+    off.train.weight_streaming = False
+    p = E.plan(off, mc, 24 * GIB)
+    assert not p.streaming and p.estimate.fits is False and any("does not fit" in r for r in p.reasons)
+    on = cfg.copy()
+    on.train.weight_streaming = True                    # explicit: streams even where it would fit
+    assert E.plan(on, mc, 139 * GIB).streaming
+
+
+def test_floor_formula_on_the_h200_figures():
+    s = E.shape_of(LLAMA_70B)
+    c = SP.stream_cost(s, int(33 * GIB), 2048, 2048)
+    assert c.transfer_s == pytest.approx(2 * 33 * GIB / 55.2e9)
+    # 6 FLOPs per decoder param per token dominate: ~4.2e11 FLOPs per token
+    assert 4.0e11 < SP.flops_per_token(s, 2048) < 4.5e11
+    assert c.factor == 1.0                              # compute hides the link at 2048 tokens
+    slow = SP.stream_cost(s, int(33 * GIB), 256, 256)
+    assert slow.factor < 1.0 and slow.tokens_per_s_floor == pytest.approx(256 / slow.transfer_s)
+
+
+def test_cli_reports_host_ram_and_streaming(model70, capsys):
+    from engine import cli
+    cfg, _ = model70
+    rc = cli.main(["estimate", "--json", "--gpu-mem", "24", "--set", f'model.name="{cfg.model.name}"',
+                   *sum((["--set", s] for s in SETUP), [])])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["plan"]["streaming"] is True and out["plan"]["host_bytes"] > 33 * GIB
+    assert out["host_bytes"] < 4 * GIB                  # the config as written (no streaming)
+    rc = cli.main(["estimate", "--gpu-mem", "24", "--set", f'model.name="{cfg.model.name}"',
+                   *sum((["--set", s] for s in SETUP), [])])
+    text = capsys.readouterr().out
+    assert "host RAM" in text and "weight streaming on" in text
+
+
+def test_run_needing_more_host_ram_is_refused_before_loading(model70, tmp_path, monkeypatch):
+    """A streamed 70B on a machine with 16 GiB: one line with the numbers, no weights touched
+    (the model directory has only config.json)."""
+    from engine import events as Ev
+    from engine import runner as RN
+    cfg, _ = model70
+    cfg = cfg.copy()
+    cfg.train.weight_streaming = True
+    cfg.train.device = "cpu"                            # this machine: the CPU stands in
+    cfg.data.train = "builtin:sample"
+    cfg.output.dir = str(tmp_path / "runs")
+    monkeypatch.setenv("QLORA_TUI_HOST_RAM_GIB", "16")
+    run = RN.Run(cfg)
+    run.start(check=False)
+    assert run.join(timeout=120)
+    assert run.result.type == "run_failed"
+    reason = run.result.reason
+    assert "host RAM" in reason and "16.0 GiB" in reason and "\n" not in reason.strip()
+    needed = float(reason.split("needs ")[1].split(" GiB")[0])
+    assert 33 < needed < 40
+    phases = [e.phase for e in Ev.read_events(run.run_dir / "events.jsonl") if e.type == "status"]
+    assert "data" in phases and "model" not in phases   # refused before loading anything
