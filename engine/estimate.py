@@ -636,9 +636,8 @@ def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
     why_off = "" if offload_ok else "one GPU only"
     ws = _tri(t.weight_streaming)
     tried, fitting = ([], []) if ws is True else _candidates(cfg, model_config, lg, gpu_mem_bytes, budget, offload_ok)
-    if not fitting and ws is not False and gc_set is not False and cfg.quant.load_in_4bit:
-        # weight streaming only when nothing fits without it (or when the config forces it)
-        fitting = _streaming_options(cfg, model_config, gpu_mem_bytes, lg, eff, budget, tried)
+    if _consider_streaming(cfg, model_config, ws, gc_set, bool(fitting), budget):
+        fitting += _streaming_options(cfg, model_config, gpu_mem_bytes, lg, eff, budget, tried)
     chosen = max(fitting, key=lambda e: _speed(e) * _streaming_speed(e, model_config), default=None)
     if chosen is None:
         # nothing fits: report the smallest-memory option the explicit settings allow
@@ -662,6 +661,18 @@ def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
                 liger=lg, packing=pk, estimate=chosen, reasons=reasons,
                 checkpoint_layers=chosen.checkpoint_layers, offload=chosen.offload,
                 streaming=chosen.streaming, expected_tokens_per_s=expected)
+
+
+def _consider_streaming(cfg: Config, model_config: dict, ws, gc_set, others_fit: bool, budget: float) -> bool:
+    """Weight streaming is a candidate when the config forces it, or (auto, 4-bit, checkpointing
+    allowed) when the base does not fit: nothing fits without it, or the 4-bit layers alone take
+    over half the budget (then the speed model weighs micro-batch 1 resident against micro-batch 8
+    streamed, e.g. a 70B at 48 GiB)."""
+    if ws is True:
+        return True
+    if ws is False or gc_set is False or not cfg.quant.load_in_4bit:
+        return False
+    return not others_fit or estimate(cfg, model_config, batch_size=1).base_quantized_bytes > budget / 2
 
 
 def _choose_liger(lg_set, reasons: list[str]) -> bool:

@@ -48,7 +48,8 @@ def test_planner_choices_for_70b(model70, gib, streams):
         assert out.train.weight_streaming is True
     else:
         assert p.estimate.breakdown["weights_quantized"] == base
-        assert p.estimate.host_bytes < 4 * GIB
+        # no pinned weights: host RAM is the process plus any offloaded activations
+        assert p.estimate.host_bytes - p.estimate.offload_host_bytes < 4 * GIB
         assert not any("streaming on" in r for r in p.reasons)
         assert E.apply_plan(cfg, p).train.weight_streaming is False
 
