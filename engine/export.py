@@ -234,7 +234,7 @@ def modelfile_text(from_: str, vocab: GW.Vocab, system: str, adapter: str | None
         lines.append("# the chat template is not one we translate to Ollama's Go syntax; Ollama reads the")
         lines.append("# Jinja template stored in the GGUF (tokenizer.chat_template) when it recognises it")
     for stop in vocab.stop_tokens:
-        lines.append(f'PARAMETER stop "{stop}"')
+        lines.append("PARAMETER stop " + json.dumps(stop))
     if system:
         lines.append(f"SYSTEM {_quote(system)}")
     return "\n".join(lines) + "\n"
@@ -285,6 +285,7 @@ def export_model(src, gguf_type: str = "f16", out=None, base: str | None = None,
     path = _export_dir(out, s.run_dir, s.adapter_dir, s.name, gguf_type, adapter=False)
     _prepare_target(path, force)
     progress(0.0, f"exporting {s.adapter_dir} as GGUF {gguf_type}")
+    _preflight(s, base)
     merged = _merged_dir(path, s.adapter_dir, src, base, progress)
     cfg = _read_json(merged / "config.json")
     arch, permute = _guard(GW.architecture_of, cfg, str(merged / "config.json"))
@@ -329,11 +330,7 @@ def export_adapter(src, gguf_type: str = "f16", out=None, base: str | None = Non
     s = _source(src, name)
     path = _export_dir(out, s.run_dir, s.adapter_dir, s.name, gguf_type, adapter=True)
     _prepare_target(path, force)
-    from engine.merge import resolve_base, run_model_settings
-    settings = run_model_settings(s.run_dir)
-    base_name = resolve_base(base or s.acfg.get("base_model_name_or_path") or "", err=ExportError,
-                             revision=str(settings.get("revision") or ""),
-                             trust_remote_code=bool(settings.get("trust_remote_code", False)))
+    base_name = _base_name(s, base)
     cfg = _base_config(base_name)
     arch, permute = _guard(GW.architecture_of, cfg, f"base model {base_name}")
     where = str(s.adapter_dir / "adapter_config.json")
@@ -363,6 +360,28 @@ def export_adapter(src, gguf_type: str = "f16", out=None, base: str | None = Non
                           commands=use_commands(path, s.name, modelfile, adapter_base=base_name))
     _finish(report, s, t0, progress)
     return report
+
+
+def _base_name(s: _Source, base: str | None) -> str:
+    from engine.merge import resolve_base, run_model_settings
+    settings = run_model_settings(s.run_dir)
+    return resolve_base(base or s.acfg.get("base_model_name_or_path") or "", err=ExportError,
+                        revision=str(settings.get("revision") or ""),
+                        trust_remote_code=bool(settings.get("trust_remote_code", False)))
+
+
+def _preflight(s: _Source, base: str | None) -> None:
+    """Refuse an unsupported architecture or tokenizer before the (long) merge."""
+    base_name = _base_name(s, base)
+    cfg = _base_config(base_name)
+    _guard(GW.architecture_of, cfg, f"base model {base_name}")
+    from transformers import AutoTokenizer
+    source = tokenizer_source(s.adapter_dir, base_name)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"tokenizer of {source}: cannot load: {str(e).splitlines()[0][:200]}") from None
+    _guard(GW.read_vocab, tok, int(GW._text_config(cfg)["vocab_size"]), source)
 
 
 def _checked(gguf_type: str) -> str:
@@ -421,8 +440,9 @@ def printable(text: object) -> str:
 
 def _cmd_export(args) -> int:
     clean = printable
-    def show(fraction: float, message: str) -> None:
-        print(f"[{fraction * 100:3.0f}%] {clean(message)}", flush=True)
+    def show(fraction: float, message: str) -> None:   # with --json, stdout holds the JSON alone
+        print(f"[{fraction * 100:3.0f}%] {clean(message)}", flush=True,
+              file=sys.stderr if args.json else sys.stdout)
 
     fn = export_adapter if args.adapter_gguf else export_model
     try:

@@ -24,11 +24,11 @@ def log_location(report_to: str, run_dir: str | Path) -> str:
     """Where the tracker's files go ('' for none); the Train screen and run_started say it."""
     run_dir = Path(run_dir)
     if report_to == "tensorboard":
-        return str(Path(os.environ.get("TENSORBOARD_LOGGING_DIR") or run_dir / "tensorboard"))
+        return str(Path(_users("TENSORBOARD_LOGGING_DIR") or run_dir / "tensorboard"))
     if report_to == "wandb":
         mode = os.environ.get("WANDB_MODE", "online")
-        where = Path(os.environ.get("WANDB_DIR") or run_dir) / "wandb"
-        project = os.environ.get("WANDB_PROJECT", "qlora-tui")
+        where = Path(_users("WANDB_DIR") or run_dir) / "wandb"
+        project = _users("WANDB_PROJECT") or "qlora-tui"
         return f"{where} (wandb {mode}, project {project})"
     return ""
 
@@ -56,6 +56,12 @@ def setup(report_to: str, run_dir: str | Path) -> str:
 
 
 _OURS: dict[str, str] = {}     # variables we set (a later run in the same process replaces them)
+
+
+def _users(key: str) -> str:
+    """The environment's value of ``key`` when the user set it (not an earlier run of ours)."""
+    value = os.environ.get(key, "")
+    return "" if value and _OURS.get(key) == value else value
 
 
 def _set_default(key: str, value: str) -> None:

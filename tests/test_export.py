@@ -107,6 +107,20 @@ def test_wandb_offline_writes_its_run_directory(tmp_path, monkeypatch):
     assert {"train/loss", "train/learning_rate", "train/tokens_per_second"} <= keys
 
 
+def test_tracker_dirs_follow_each_run_unless_the_user_set_them(monkeypatch):
+    from engine import trackers
+    monkeypatch.setattr(trackers, "_OURS", {})
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    trackers.setup("tensorboard", "/r/run1")
+    trackers.setup("tensorboard", "/r/run2")          # a second run in the same process
+    assert os.environ["TENSORBOARD_LOGGING_DIR"] == "/r/run2/tensorboard"
+    assert trackers.log_location("tensorboard", "RUN_DIR") == "RUN_DIR/tensorboard"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "/mine/tb")
+    trackers.setup("tensorboard", "/r/run3")
+    assert os.environ["TENSORBOARD_LOGGING_DIR"] == "/mine/tb"
+    assert trackers.log_location("tensorboard", "/r/run3") == "/mine/tb"
+
+
 def test_missing_tracker_package_is_one_preflight_line(monkeypatch):
     from engine import trackers
     monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None)

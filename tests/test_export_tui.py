@@ -78,3 +78,23 @@ async def test_train_screen_says_where_tracker_logs_go(tmp_path):
         await pilot.pause()
         metrics = str(app.screen.query_one("#metrics", Static).render())
         assert "logs      tensorboard" in metrics and "/x/runs/r1/tensorboard" in metrics
+
+
+async def test_export_refusal_shows_one_line(tmp_path):
+    """A tokenizer GGUF cannot express (word-level): refused before any merge, shown literally."""
+    from outputs_fixtures import make_run_dir, make_tiny_model
+    base = make_tiny_model(tmp_path / "base")
+    run = make_run_dir(tmp_path / "runs" / "20260101-000000-words", base, r=4)
+    app = make_app(demo_cfg(tmp_path))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f5")
+        await until(pilot, lambda: getattr(app.screen, "runs", None), what="the runs list")
+        await pilot.press("e")
+        await until(pilot, lambda: isinstance(app.screen, ExportScreen), what="the export dialog")
+        screen = app.screen
+        await pilot.press("ctrl+e")
+        await until(pilot, lambda: not screen.running and (screen.report or screen.error), timeout=240,
+                    what="the export to end")
+        assert screen.report is None
+        assert screen.error.startswith("export failed:") and "WordLevel tokenizer cannot be written" in screen.error
+        assert "\n" not in screen.error and not (run / "export" / "merged").exists()

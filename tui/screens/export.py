@@ -110,22 +110,25 @@ class ExportScreen(ModalScreen):
     def _export(self, choice: str) -> None:
         proc = subprocess.Popen(export_argv(self.run_dir, choice), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=export_env())
-        tail: list[str] = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
+        assert proc.stdout is not None and proc.stderr is not None
+        other: list[str] = []
+        for line in proc.stderr:               # progress lines, warnings, the one-line error
             step = parse_progress(line.rstrip("\n"))
             if step is not None:
                 self.app.call_from_thread(self._progress, *step)
-            else:
-                tail.append(line)
-        err = proc.stderr.read() if proc.stderr else ""
+            elif line.strip():
+                other.append(line.strip())
+        out = proc.stdout.read()                # --json: the report alone
         code = proc.wait()
-        report = None
+        report, err = None, ""
         if code == 0:
             try:
-                report = json.loads("".join(tail))
-            except json.JSONDecodeError:
+                report = json.loads(out[out.index("{"):])
+            except (ValueError, json.JSONDecodeError):
                 err = "the export printed no report"
+        else:
+            failed = [ln for ln in other if ln.startswith("export failed:")]
+            err = (failed or other or [f"the export exited with status {code}"])[-1]
         self.app.call_from_thread(self._done, report, err)
 
     def _progress(self, fraction: float, message: str) -> None:
@@ -136,8 +139,7 @@ class ExportScreen(ModalScreen):
         self.running = False
         out = self.query_one("#export-result", Static)
         if report is None:
-            lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-            self.error = lines[-1] if lines else "the export failed"
+            self.error = err or "the export failed"
             out.update(literal(one_line(self.error, 400), style="bold red"))
             self.query_one("#export-status", Static).update(Text("failed", style="red"))
             return
