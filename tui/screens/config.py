@@ -165,7 +165,7 @@ class ConfigScreen(Screen):
         self._rows = None
         form = self.query_one("#form", VerticalScroll)
         await form.remove_children()
-        self._validate()
+        self._validate()                     # the loaded values themselves (no rows yet)
         for section, items in field_specs().items():
             await form.mount_all(self._section_widgets(section, items))
             await asyncio.sleep(0)           # let input and painting in between sections
@@ -180,12 +180,19 @@ class ConfigScreen(Screen):
     _validate_pending = False
 
     def rows(self) -> list[FieldRow]:
+        """The composed rows (a row still being mounted has no input yet: its value is the
+        loaded one in ``app.form_data``)."""
         if self._rows is None or not self.form_ready:
-            self._rows = list(self.query(FieldRow))
+            rows = list(self.query(FieldRow))
+            ready = [r for r in rows if hasattr(r, "input")]
+            self._rows = ready if len(ready) == len(rows) else None
+            return ready
         return self._rows
 
     def form_dict(self) -> dict:
-        out = copy.deepcopy(self.app.form_data)      # sections not mounted yet keep their values
+        out = copy.deepcopy(self.app.form_data)
+        if not self.form_ready:
+            return out          # a half-built form holds no edits: the loaded values stand
         for row in self.rows():
             out.setdefault(row.section, {})[row.key] = row.current()
         return out
@@ -194,6 +201,8 @@ class ConfigScreen(Screen):
     @on(Select.Changed)
     def _changed(self, event) -> None:
         event.stop()
+        if not self.form_ready:
+            return       # a row being mounted reports its initial value: not an edit
         if not self._validate_pending:      # one validation per burst of changes
             self._validate_pending = True
             self.call_after_refresh(self._validate)

@@ -1,0 +1,62 @@
+"""The first hour of a new user (issue 17): each rough edge found then, fixed as a class."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from textual.widgets import Input, Static
+
+from engine import config as C
+from tui_helpers import demo_cfg, make_app, until
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+
+
+def plain(widget: Static) -> str:
+    return str(widget.render())
+
+
+# ---- 1: validation runs on the loaded values, never on a half-built form -------------------
+
+async def _watch_form_while_building(app, pilot, screen) -> list[str]:
+    """Every problem the app or the banner reports until the form is built."""
+    seen = []
+    for _ in range(2000):
+        if app.form_problems:
+            seen.append(str(app.form_problems[0]))
+        if app.validated_config()[0] is None:
+            seen.append("ctrl+r would be refused")
+        banner = plain(screen.query_one("#banner"))
+        if "problem" in banner:
+            seen.append(banner)
+        if screen.form_ready:
+            await pilot.pause()
+            break
+        await asyncio.sleep(0)
+    return seen
+
+
+async def test_loading_a_config_never_shows_false_problems(tmp_path):
+    other = tmp_path / "other.toml"
+    other.write_text('[lora]\nr = 64\nalpha = 128\n[quant]\nload_in_4bit = true\n'
+                     '[data]\nformat = "messages"\nmax_length = 512\n[train]\nlearning_rate = 1e-4\n')
+    app = make_app(C.load(other))
+    async with app.run_test(size=(100, 40)) as pilot:
+        await pilot.press("f3")
+        screen = app.screen
+        assert await _watch_form_while_building(app, pilot, screen) == []
+        await screen._load(str(other))          # the ctrl+o path, after the prompt
+        assert await _watch_form_while_building(app, pilot, screen) == []
+        assert not app.form_problems and app.config.lora.r == 64
+        assert "✔ valid" in plain(screen.query_one("#banner"))
