@@ -28,7 +28,7 @@ def add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -
         p.add_argument("config", metavar="CONFIG", help="TOML config file")
     else:
         p.add_argument("config", metavar="CONFIG", nargs="?", default=None,
-                       help="TOML config file (default: built-in defaults)")
+                       help="TOML config file (default: the defaults `qlora-tui init` writes)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.learning_rate=1e-4 (repeatable)")
 
@@ -43,12 +43,18 @@ def load_config_or_exit(args):
         raise SystemExit(2)
 
 
+# the TUI forms first: `qlora-tui` alone is the app, so the usage line must say so
+USAGE = ("qlora-tui [CONFIG.toml] [--set KEY=VALUE ...]   the TUI (no CONFIG: the offline demo)\n"
+         "       qlora-tui attach [RUN_DIR]                      the TUI on a live run\n"
+         "       qlora-tui COMMAND ...                           see `qlora-tui COMMAND --help`")
+
+
 def build_parser(extra_tui_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="qlora-tui",
+        prog="qlora-tui", usage=USAGE,
         description="Fine-tune LLMs with QLoRA from the terminal. Without a command: open the TUI "
                     "(on CONFIG, or on the offline demo).")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", prog="qlora-tui")
     for name in COMMAND_MODULES:
         try:
             mod = importlib.import_module(name)

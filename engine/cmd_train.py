@@ -22,7 +22,8 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("init", help="write a commented starter config")
-    p.add_argument("path", nargs="?", default="qlora.toml", metavar="PATH")
+    p.add_argument("path", nargs="?", default="qlora.toml", metavar="PATH",
+                   help="where to write it (default: qlora.toml)")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=cmd_init)
 
@@ -32,12 +33,12 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("stop", help="ask a live run to stop gracefully (saves checkpoint + adapter)")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's directory (see `qlora-tui runs`)")
     p.add_argument("--wait", action="store_true", help="wait until the run has stopped")
     p.set_defaults(func=cmd_stop, command_name="stop")
 
     p = sub.add_parser("save", help="ask a live run to write a checkpoint now (it goes on training)")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the live run's directory (see `qlora-tui runs`)")
     p.add_argument("--wait", action="store_true", help="wait until the checkpoint is written")
     p.set_defaults(func=cmd_stop, command_name="save")
 

@@ -60,3 +60,47 @@ async def test_loading_a_config_never_shows_false_problems(tmp_path):
         assert await _watch_form_while_building(app, pilot, screen) == []
         assert not app.form_problems and app.config.lora.r == 64
         assert "✔ valid" in plain(screen.query_one("#banner"))
+
+
+# ---- 2, 3: help for every form and argument; one meaning of "no config given" ---------------
+
+def test_tui_help_prints_help_and_every_argument_has_help(capsys):
+    import argparse
+
+    from engine import cli
+    from tui import cli as tui_cli
+    assert tui_cli.main(["tui", "--help"]) == 0          # help, not the app
+    out = capsys.readouterr().out
+    assert "qlora-tui [CONFIG.toml]" in out and "--set" in out
+    assert tui_cli.main(["tui", "--no-such-option"]) == 2
+    parser = cli.build_parser()
+    usage = parser.format_usage()
+    assert "qlora-tui [CONFIG.toml]" in usage and "qlora-tui attach" in usage
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, p in subs.choices.items():
+        assert p.prog == f"qlora-tui {name}"
+        for a in p._actions:
+            if a.help is None and not isinstance(a, argparse._HelpAction):
+                missing.append(f"{name} {a.dest}")
+    assert missing == []
+
+
+def test_no_config_means_the_demo_in_every_tui_entry(tmp_path, monkeypatch):
+    from engine.builtin import demo_config
+    from tui import cli as tui_cli
+    from tui.app import QloraApp
+    from tui.testing import write_run
+    demo = demo_config().to_dict()
+    assert demo["lora"]["r"] == 16 and demo["data"]["max_length"] == 256
+    seen = []
+    monkeypatch.setattr(tui_cli, "_run_app", lambda app: seen.append(app.config.to_dict()) or 0)
+    run = write_run(tmp_path / "runs")
+    (run / "config.toml").unlink(missing_ok=True)
+    monkeypatch.setattr("engine.rundir.newest_live", lambda d: run)
+    assert tui_cli.main([]) == 0                       # qlora-tui
+    assert tui_cli.main(["tui"]) == 0                  # qlora-tui tui
+    assert tui_cli.main(["attach"]) == 0               # the newest live run
+    assert tui_cli.main(["attach", str(run)]) == 0     # a run without a readable config
+    assert seen == [demo] * 4
+    assert QloraApp().config.to_dict() == demo

@@ -18,7 +18,7 @@ from textual.binding import Binding
 from textual.screen import ModalScreen, Screen
 from textual.worker import get_current_worker
 
-from engine.builtin import DEMO_OVERRIDES  # the offline demo, same as examples/demo.toml
+from engine.builtin import DEMO_OVERRIDES, demo_config  # noqa: F401 (the offline demo)
 from themes.qlora import DEFAULT_THEME, THEMES
 from tui import settings
 from tui.dialogs import PathPrompt, QuitDialog, RemoteCodeDialog, ResumeFixDialog
@@ -73,8 +73,7 @@ class QloraApp(App):
     def __init__(self, config=None, config_path: str | Path | None = None, *,
                  attach: str | Path | None = None, start_mode: str = "train",
                  samplers=None, readings_interval: float = 1.0) -> None:
-        from engine import config as C
-        self.config = config if config is not None else C.load(None, DEMO_OVERRIDES)
+        self.config = config if config is not None else demo_config()
         self.config_path = Path(config_path) if config_path else None
         self.form_data: dict = self.config.to_dict()
         self.form_problems: list = []
