@@ -88,7 +88,8 @@ class HeadlessPrinter:
         elif t == "checkpoint":
             w(f"checkpoint step {ev.step}: {ev.path}\n")
         elif t == "hint":
-            w(f"hint [{ev.severity}] {ev.symptom} — {ev.cause}. Fix: {ev.fix}\n")
+            at = f"step {ev.step}: " if ev.step else ""
+            w(f"hint [{ev.severity}] {at}{ev.symptom} — {ev.cause}. Fix: {ev.fix}\n")
         elif t == "run_finished":
             w(f"{'stopped' if ev.stopped else 'finished'} at step {ev.step}: {ev.reason}; "
               f"adapter: {ev.adapter_dir}\n")

@@ -156,21 +156,10 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> tu
 
 
 def oom_fix_overrides(cfg: C.Config, step: int = 0) -> list[str]:
-    """The OOM hint's fixes as ``--set`` overrides, most effective first, for
-    ``Run(None, run_dir, resume=True, overrides=...)`` / ``train --resume RUN_DIR --set ...``."""
-    out = []
-    tr, d = cfg.train, cfg.data
-    if tr.gradient_checkpointing is not True:
-        out.append("train.gradient_checkpointing=true")
-    if tr.batch_size > 1:
-        new_bs = tr.batch_size // 2
-        out.append(f"train.batch_size={new_bs}")
-        out.append(f"train.grad_accum={-(-tr.grad_accum * tr.batch_size // new_bs)}")
-    if d.max_length > 256:
-        out.append(f"data.max_length={max(256, d.max_length // 2)}")
-    if d.packing is not True:
-        out.append("data.packing=true")
-    return out
+    """The OOM hint's fixes as ``--set`` overrides (``engine.hints.oom_overrides`` owns them),
+    for ``Run(None, run_dir, resume=True, overrides=...)`` / ``train --resume RUN_DIR --set ...``."""
+    from engine.hints import oom_overrides
+    return oom_overrides(cfg, step)
 
 
 def absolutise(cfg: C.Config) -> C.Config:

@@ -104,3 +104,89 @@ def test_no_config_means_the_demo_in_every_tui_entry(tmp_path, monkeypatch):
     assert tui_cli.main(["attach", str(run)]) == 0     # a run without a readable config
     assert seen == [demo] * 4
     assert QloraApp().config.to_dict() == demo
+
+
+# ---- 4: the recovery dialog offers every fix the hint named, and says where it restarts -----
+
+def _failed_run(tmp_path, name, cfg, kind="nan", checkpoint_step=None, hint=None):
+    from engine import events as E
+    from engine import rundir
+    d = tmp_path / "runs" / name
+    (d / "control").mkdir(parents=True)
+    C.save(cfg, d / rundir.CONFIG)
+    if checkpoint_step:
+        ck = d / rundir.CHECKPOINTS / f"checkpoint-{checkpoint_step}"
+        ck.mkdir(parents=True)
+        rundir.mark_complete(ck, checkpoint_step)
+    w = E.JsonlWriter(d / rundir.EVENTS)
+    w(E.RunStarted(model="builtin:tiny", total_steps=10))
+    w(E.Step(step=1, total_steps=10, loss=2.0))
+    if hint is not None:
+        w(hint)
+    w(E.RunFailed(reason=f"{kind} at step 6", kind=kind, step=6))
+    w.close()
+    return d
+
+
+def _dialog_text(screen) -> str:
+    return "\n".join(str(w.render()) for w in screen.query(Static))
+
+
+async def test_recovery_offers_every_named_fix_and_says_restart_without_checkpoint(tmp_path):
+    from engine import hints as H
+    from engine import runner
+    from tui.dialogs import ResumeFixDialog
+    cfg = demo_cfg(tmp_path, "train.max_grad_norm=0", "train.learning_rate=2e-3")
+    hint = H.nan_hint(6, float("nan"), float("inf"), cfg)
+    assert hint.overrides == ["train.learning_rate=1e-4", "train.max_grad_norm=1.0"]
+    # the hint's prose is rendered from the same overrides, in the same order
+    assert hint.fix.startswith("; ".join(H.fix_lines(cfg, hint.overrides)))
+    d = _failed_run(tmp_path, "nan-no-ckpt", cfg, hint=hint)
+    app = make_app(cfg, attach=d)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, ResumeFixDialog), what="offer")
+        text = _dialog_text(app.screen)
+        assert "restart from step 0" in text and "Resume from" not in text
+        assert "train.learning_rate 2e-3 → 1e-4" in text
+        assert "train.max_grad_norm = 1.0" in text
+        assert "--set train.learning_rate=1e-4 --set train.max_grad_norm=1.0" in text
+        assert app.screen.query_one("#resume").label.plain.startswith("Restart")
+    # with a complete checkpoint: it resumes from there; OOM fixes are the runner's too
+    cfg2 = demo_cfg(tmp_path, "data.max_length=1024")
+    d2 = _failed_run(tmp_path, "oom-ckpt", cfg2, kind="oom", checkpoint_step=4)
+    assert runner.oom_fix_overrides(cfg2, 6) == H.oom_hint(None, None, cfg2, step=6).overrides
+    app = make_app(cfg2, attach=d2)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, ResumeFixDialog), what="offer")
+        text = _dialog_text(app.screen)
+        assert "Resume from the checkpoint at step 4" in text
+        for line in H.fix_lines(cfg2, H.oom_overrides(cfg2, 6)):
+            assert line in text
+
+
+# ---- 5: the slowdown hint knows the device and ignores eval / checkpoint pauses ------------
+
+def _tps_run(device: str, pauses: bool):
+    from engine import events as E
+    from engine.hints import HintEngine
+    eng = HintEngine(C.Config())
+    out = eng.observe(E.RunStarted(device=device, total_steps=400))
+    for i in range(1, 60):
+        slow = i in (20, 21, 40, 41)              # the two readings after each pause
+        if pauses and i in (20, 40):
+            out += eng.observe(E.Eval(step=i - 1, eval_loss=1.0))
+        if pauses and i in (21, 41):
+            out += eng.observe(E.Checkpoint(step=i - 1, path="x"))
+        out += eng.observe(E.Step(step=i, total_steps=400, loss=2.0 - i / 100, grad_norm=0.5,
+                                  learning_rate=2e-4, tokens_per_second=900 if slow else 5000))
+    return [h for h in out if h.rule == "tokens_per_second_drop"]
+
+
+def test_slowdown_hint_knows_the_device_and_skips_eval_and_checkpoint_pauses():
+    assert _tps_run("cpu", pauses=True) == []          # the pauses were evals and a save
+    cpu = _tps_run("cpu", pauses=False)
+    assert cpu and "GPU" not in cpu[0].cause + cpu[0].fix and "CPU" in cpu[0].fix
+    gpu = _tps_run("cuda:0 (NVIDIA H100)", pauses=False)
+    assert gpu and "GPU" in gpu[0].cause
+    for h in cpu + gpu:                                 # the step is said once, by the renderer
+        assert f"step {h.step}" not in h.symptom and "at step" not in h.symptom

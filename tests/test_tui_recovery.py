@@ -91,7 +91,7 @@ async def test_nan_offer_lowers_the_learning_rate(tmp_path):
     app = make_app(demo_cfg(tmp_path))
     d = tmp_path / "runs" / "r1"
     d.mkdir(parents=True)
-    for lr, want in ((2e-3, "train.learning_rate=1e-4"), (1e-4, "train.learning_rate=5e-05")):
+    for lr, want in ((2e-3, "train.learning_rate=1e-4"), (1e-4, "train.learning_rate=5e-5")):
         C.save(demo_cfg(tmp_path, f"train.learning_rate={lr}"), d / rundir.CONFIG)
         st = RunState(run_dir=d, terminal="run_failed", fail_kind="nan", fail_step=5)
         fixes, what = app.resume_fixes(st)

@@ -226,19 +226,27 @@ class QloraApp(App):
                     markup=False, timeout=10)
 
     # ---- failed run → resume with the fix ------------------------------------------------
+    FAILED_WHAT = {"oom": "Out of memory", "nan": "Loss became NaN"}
+
     def resume_fixes(self, st: RunState) -> tuple[list[str], str]:
-        """The config changes that answer ``st``'s failure (OOM or NaN), and what failed."""
+        """The overrides that answer ``st``'s failure, as its hint named them, and what failed.
+        OOM and NaN only; any other end (stopped, crashed, other failure) resumes unchanged."""
         from engine import config as C
+        from engine import hints as H
         from engine import rundir
-        from engine import runner
+        kind = st.fail_kind if st.terminal == "run_failed" else ""
+        if kind not in self.FAILED_WHAT:
+            return [], {"run_finished": "Stopped"}.get(st.terminal, "Crashed" if not st.terminal
+                                                        else "Failed")
+        named = [h for h in st.hints if getattr(h, "rule", "") == kind and getattr(h, "overrides", None)]
+        if named:
+            return list(named[-1].overrides), self.FAILED_WHAT[kind]
         cfg = C.load(st.run_dir / rundir.CONFIG)
-        if st.fail_kind == "oom":
-            return runner.oom_fix_overrides(cfg, st.fail_step or st.step), "Out of memory"
-        lr = float(cfg.train.learning_rate)
-        new = "1e-4" if lr > 1e-4 else f"{lr / 2:.3g}"
-        return [f"train.learning_rate={new}"], "Loss became NaN"
+        return H.hint_overrides(kind, cfg, st.fail_step or st.step), self.FAILED_WHAT[kind]
 
     def offer_resume(self, st: RunState) -> None:
+        """The recovery dialog for a run that ended (failed, stopped, crashed): every fix its
+        hint named, and whether it resumes from a checkpoint or restarts from step 0."""
         from engine import config as C
         from engine import rundir
         from engine import runner
@@ -249,10 +257,14 @@ class QloraApp(App):
             self.notify(f"Cannot offer a resume: {one_line(e, 200)}", severity="warning",
                         markup=False)
             return
-        if not fixes:
+        if not fixes and st.fail_kind in self.FAILED_WHAT and st.terminal == "run_failed":
             self.notify("No automatic fix left to try for this run's config.", markup=False)
             return
+        frozen = [f for f in fixes if f.split(".", 1)[0] in runner.RESUME_FROZEN]
+        fixes = [f for f in fixes if f not in frozen]
         run_dir = st.run_dir
+        ckpts = rundir.checkpoints(run_dir)
+        from_step = rundir.checkpoint_step(ckpts[-1]) if ckpts else 0
 
         def chosen(yes: bool | None) -> None:
             if not yes:
@@ -264,7 +276,9 @@ class QloraApp(App):
                 self.push_screen(RemoteCodeDialog(cfg.model.name, "Resuming this run"), confirmed)
                 return
             self.resume_run(run_dir, fixes)
-        self.push_screen(ResumeFixDialog(run_dir.name, what, st.finished_reason, fixes), chosen)
+        self.push_screen(ResumeFixDialog(run_dir.name, what, st.finished_reason or st.message,
+                                         fixes, cfg=cfg, from_step=from_step, frozen=frozen),
+                         chosen)
 
     def resume_run(self, run_dir: Path, fixes: list[str]) -> None:
         st = self.run_state
