@@ -452,5 +452,5 @@ def _require_usable(ds: Dataset, cfg, key: str) -> None:
                         + (f"; first problem at line {first.line}: {first.message}" if first else ""))
     if cfg.data.strict and ds.problems:
         p = ds.problems[0]
-        raise DataError(f"{where}:{p.line}: {p.message} ({len(ds.problems)} problem(s); data.strict = true "
+        raise DataError(f"{where}:{p.line}: {p.message} ({len(ds.problems)} problem{'' if len(ds.problems) == 1 else 's'}; data.strict = true "
                         "refuses to train; fix them or set data.strict = false to skip bad rows)")

@@ -41,7 +41,7 @@ def preflight(cfg: C.Config, check_model: bool = True) -> list[str]:
         raise PreflightError(_with_first_bad_line(cfg, str(e))) from None
     notes = []
     if train.problems:
-        notes.append(f"{len(train.problems)} data problem(s): bad rows are skipped "
+        notes.append(f"{C.plural(len(train.problems), 'data problem')}: bad rows are skipped "
                      f"(first: line {train.problems[0].line}: {train.problems[0].message})")
     if check_model:
         note = remote_code_check(cfg)

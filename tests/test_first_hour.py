@@ -190,3 +190,47 @@ def test_slowdown_hint_knows_the_device_and_skips_eval_and_checkpoint_pauses():
     assert gpu and "GPU" in gpu[0].cause
     for h in cpu + gpu:                                 # the step is said once, by the renderer
         assert f"step {h.step}" not in h.symptom and "at step" not in h.symptom
+
+
+# ---- 8: every action is in the palette, and works from any screen where it makes sense ------
+
+async def test_every_binding_is_a_palette_command_and_load_works_anywhere(tmp_path):
+    from textual.binding import Binding
+
+    from tui.dialogs import PathPrompt
+    from tui.screens.runs import RunDetailScreen
+    other = tmp_path / "other.toml"
+    other.write_text("[lora]\nr = 8\nalpha = 16\n")
+    app = make_app(demo_cfg(tmp_path))
+    async with app.run_test(size=(80, 24)) as pilot:
+        for key, mode in (("f2", "dataset"), ("f3", "config"), ("f4", "train"), ("f5", "runs")):
+            await pilot.press(key)
+            await until(pilot, lambda: app.current_mode == mode)
+            titles = [c.title for c in app.get_system_commands(app.screen)]
+            for b in list(app.BINDINGS) + list(app.screen.BINDINGS):
+                if isinstance(b, Binding) and b.description:
+                    key0 = b.key.split(",")[0]
+                    assert any(f"({key0})" in t or f"({key0.upper()})" in t for t in titles) or \
+                        b.action == "quit", (mode, b.key, titles)
+            assert any(t.startswith("Load config") for t in titles)
+        # ctrl+o from the Train screen: the prompt, the file, and the Config form follows
+        await pilot.press("f4")
+        await pilot.press("ctrl+o")
+        await until(pilot, lambda: isinstance(app.screen, PathPrompt), what="prompt")
+        app.screen.query_one(Input).value = str(other)
+        await pilot.press("enter")
+        await until(pilot, lambda: app.config.lora.r == 8, what="loaded")
+        await pilot.press("f3")
+        await until(pilot, lambda: app.screen.form_ready and
+                    app.screen.query_one("#in-lora-r", Input).value == "8", what="form")
+        # a missing file: one clean line naming it, no `<file> =` or ⏎
+        await pilot.press("ctrl+o")
+        await until(pilot, lambda: isinstance(app.screen, PathPrompt), what="prompt")
+        app.screen.query_one(Input).value = "nope.toml"
+        await pilot.press("enter")
+        await until(pilot, lambda: any("nope.toml" in str(n.message) for n in app._notifications))
+        msg = [str(n.message) for n in app._notifications if "nope.toml" in str(n.message)][-1]
+        assert msg.startswith("nope.toml: config file not found") and "<file>" not in msg
+        assert "⏎" not in msg and "problem(s)" not in msg
+    detail = [b for b in RunDetailScreen.BINDINGS if b.description]
+    assert detail                                      # its keys are listed when it is open

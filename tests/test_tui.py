@@ -63,7 +63,7 @@ async def test_config_shows_validation_errors_live_and_blocks_start(tmp_path):
         r.value = "0"
         await until(pilot, lambda: screen.query_one("#row-lora-r").has_class("-invalid"))
         assert "out of range" in plain(screen.query_one("#row-lora-r").help)
-        assert "2 problem(s)" in plain(screen.query_one("#banner"))
+        assert "2 problems" in plain(screen.query_one("#banner"))
         # derived values follow the form as you type
         screen.query_one("#in-train-grad_accum", Input).value = "8"
         await until(pilot, lambda: "4 × 8 = 32" in plain(screen.query_one("#derived")),

@@ -68,7 +68,15 @@ class QloraApp(App):
                 tooltip="Save the config as TOML"),
         Binding("ctrl+q", "quit", "Quit", id="quit", priority=True,
                 tooltip="Quit (asks first while a run is live)"),
+        Binding("ctrl+o", "load_config", "Load", id="load-config-any", show=False,
+                tooltip="Load a TOML config file"),
     ]
+    # palette titles of the app's bindings (any binding without one is listed by its description)
+    PALETTE = {"start-training": ("Start training", "Start a run with the current config"),
+               "stop-training": ("Stop training", "Graceful stop; the adapter is saved"),
+               "detach-run": ("Detach from run", "Stop following; the run keeps training"),
+               "save-config": ("Save config", "Write the config as TOML"),
+               "load-config-any": ("Load config", "Read a TOML config file into the form")}
 
     def __init__(self, config=None, config_path: str | Path | None = None, *,
                  attach: str | Path | None = None, start_mode: str = "train",
@@ -127,12 +135,38 @@ class QloraApp(App):
         cfg = self.config
         return Path(cfg.resolve_path(cfg.output.dir)).expanduser()
 
+    config_generation = 0        # bumped by every load: the Config screen rebuilds its form
+
     def set_config(self, cfg, path: str | Path | None) -> None:
         self.config = cfg
         self.config_path = Path(path) if path else self.config_path
         self.form_data = cfg.to_dict()
         self.form_problems = []
+        self.config_generation += 1
 
+    def action_load_config(self) -> None:
+        """ctrl+o from any screen: a path prompt, then the file replaces the form."""
+        if isinstance(self.screen, ModalScreen):
+            return
+
+        def done(path: str | None) -> None:
+            if path:
+                self.call_later(self.load_config_file, path)
+        self.push_screen(PathPrompt("Load config (TOML)", str(self.config_path or "")), done)
+
+    def load_config_file(self, path: str) -> bool:
+        from engine import config as C
+        try:
+            cfg = C.load(path)
+        except C.ConfigError as e:
+            self.notify(one_line(e.one_line(), 400), title="Cannot load", severity="error",
+                        markup=False, timeout=10)
+            return False
+        self.set_config(cfg, path)
+        if isinstance(self.screen, ConfigScreen):
+            self.screen.rebuild()
+        self.notify(f"Loaded {path}", markup=False)
+        return True
     # ---- actions -------------------------------------------------------------------------
     def action_show(self, mode: str) -> None:
         if self.current_mode != mode:
@@ -148,7 +182,8 @@ class QloraApp(App):
             return
         cfg, problems = self.validated_config()
         if cfg is None:
-            self.notify(f"Fix the config first: {len(problems)} problem(s), e.g. "
+            from engine.config import plural
+            self.notify(f"Fix the config first: {plural(len(problems), 'problem')}, e.g. "
                         f"{one_line(problems[0], 120)}", severity="error", markup=False)
             self.action_show("config")
             return
@@ -336,8 +371,10 @@ class QloraApp(App):
     def action_save_config(self) -> None:
         cfg, problems = self.validated_config()
         if cfg is None:
-            self.notify(f"Not saved: {len(problems)} config problem(s); see the Config screen.",
-                        severity="error", markup=False)
+            from engine.config import plural
+            where = "" if self.current_mode == "config" else "; see the Config screen (F3)"
+            self.notify(f"Not saved: {plural(len(problems), 'config problem')}{where}: "
+                        f"{one_line(problems[0], 120)}", severity="error", markup=False)
             return
         if self.config_path is None:
             def done(path: str | None) -> None:
@@ -473,17 +510,23 @@ class QloraApp(App):
 
     # ---- command palette -----------------------------------------------------------------
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """Every binding is a command: the app's (any screen) and the current screen's."""
         for mode, key, title in SCREEN_KEYS:
             yield SystemCommand(f"{title} screen ({key.upper()})", f"Show the {title} screen",
                                 lambda m=mode: self.action_show(m))
-        yield SystemCommand("Start training (ctrl+r)", "Start a run with the current config",
-                            self.action_start_training)
-        yield SystemCommand("Stop training (ctrl+x)", "Graceful stop; the adapter is saved",
-                            self.action_stop_training)
-        yield SystemCommand("Detach from run (ctrl+d)", "Stop following; the run keeps training",
-                            self.action_detach_run)
-        yield SystemCommand("Save config (ctrl+s)", "Write the config as TOML",
-                            self.action_save_config)
+        shown = {b.action for b in self.BINDINGS if b.action.startswith("show(")} | {"quit"}
+        for b in self.BINDINGS:
+            if b.action in shown:
+                continue          # the screens above; Quit is Textual's own command
+            title, help_ = self.PALETTE.get(b.id, (b.description, b.tooltip or b.description))
+            yield SystemCommand(f"{title} ({b.key})", help_,
+                                lambda a=b.action: self.call_later(self.run_action, a))
+        own = {b.key for b in self.BINDINGS}
+        for b in getattr(screen, "BINDINGS", []):
+            if isinstance(b, Binding) and b.description and b.key not in own:
+                yield SystemCommand(f"{b.description} ({b.key.split(',')[0]})",
+                                    b.tooltip or f"{b.description} ({screen.sub_title} screen)",
+                                    lambda a=b.action, s=screen: self.call_later(s.run_action, a))
         yield from super().get_system_commands(screen)
 
 

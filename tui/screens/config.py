@@ -14,7 +14,6 @@ from textual.screen import Screen
 from textual.widget import Widget
 from textual.widgets import Footer, Header, Input, Label, Select, Static
 
-from tui.dialogs import PathPrompt
 from tui.messages import EstimateReady
 from tui.safe import clean, literal, one_line
 
@@ -25,6 +24,13 @@ def _default(f: dataclasses.Field):
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
+def _bound(v) -> str:
+    """1,048,576 and 0.0001 as a person writes them (never 1.04858e+06)."""
+    if float(v) == int(v) and abs(v) >= 1:
+        return f"{int(v):,}"
+    return f"{v:g}" if abs(v) >= 1e-4 else f"{v:.0e}"
+
+
 def allowed_text(f: dataclasses.Field) -> str:
     m = f.metadata
     if m.get("choices"):
@@ -32,11 +38,11 @@ def allowed_text(f: dataclasses.Field) -> str:
                                       for c in m["choices"])
     lo, hi = m.get("lo"), m.get("hi")
     if lo is not None and hi is not None:
-        return f"range {lo:g} to {hi:g}"
+        return f"allowed {_bound(lo)} to {_bound(hi)}"
     if lo is not None:
-        return f"at least {lo:g}"
+        return f"allowed: at least {_bound(lo)}"
     if hi is not None:
-        return f"at most {hi:g}"
+        return f"allowed: at most {_bound(hi)}"
     if isinstance(_default(f), bool):
         return "true or false"
     return ""
@@ -126,7 +132,7 @@ class FieldRow(Widget):
 
 
 class ConfigScreen(Screen):
-    BINDINGS = [Binding("ctrl+o", "load", "Load TOML", id="load-config",
+    BINDINGS = [Binding("ctrl+o", "app.load_config", "Load TOML", id="load-config",
                         tooltip="Load a TOML config file")]
     DEFAULT_CSS = """
     ConfigScreen #banner { height: 1; padding: 0 1; background: $panel; }
@@ -156,6 +162,12 @@ class ConfigScreen(Screen):
 
     def on_mount(self) -> None:
         self.sub_title = "Config"
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        """(Re)build the form from ``app.form_data`` (at mount, and after a config was loaded)."""
+        self._generation = self.app.config_generation
+        self._estimate_key = None
         self.run_worker(self.build_form(), group="build-form", exclusive=True)
 
     async def build_form(self) -> None:
@@ -174,6 +186,8 @@ class ConfigScreen(Screen):
         self._validate()
 
     def on_screen_resume(self) -> None:
+        if getattr(self, "_generation", None) != self.app.config_generation:
+            self.rebuild()                # a config was loaded on another screen
         self._show_banner()
 
     _rows: list | None = None
@@ -232,7 +246,8 @@ class ConfigScreen(Screen):
         t.append_text(literal(app.config_path or "(demo defaults, not saved: ctrl+s)"))
         n = len(app.form_problems)
         if n:
-            t.append(f"   ✖ {n} problem(s): ", style="bold red")
+            from engine.config import plural
+            t.append(f"   ✖ {plural(n, 'problem')}: ", style="bold red")
             p = app.form_problems[0]
             t.append(one_line(f"{p.field}: {p.message}", 80))
         else:
@@ -241,6 +256,9 @@ class ConfigScreen(Screen):
 
     def _show_derived(self, cfg) -> None:
         data = self.app.form_data
+        bad = {p.field for p in self.app.form_problems}      # an invalid input computes nothing
+        data = {sec: {k: (None if f"{sec}.{k}" in bad else v) for k, v in vals.items()}
+                for sec, vals in data.items() if isinstance(vals, dict)}
         t = Text()
         tr, lora, dist = data.get("train", {}), data.get("lora", {}), data.get("distributed", {})
         b, a, g = tr.get("batch_size"), tr.get("grad_accum"), dist.get("gpus")
@@ -300,21 +318,6 @@ class ConfigScreen(Screen):
         self._estimate_text = Text(msg.text, style="" if msg.trainable is not None else "dim")
         self._show_derived(None)
 
-    def action_load(self) -> None:
-        def done(path: str | None) -> None:
-            if path:
-                self.call_later(self._load, path)
-        self.app.push_screen(PathPrompt("Load config (TOML)", str(self.app.config_path or "")), done)
-
     async def _load(self, path: str) -> None:
-        from engine import config as C
-        try:
-            cfg = C.load(path)
-        except C.ConfigError as e:
-            self.notify(one_line(e, 400), title="Cannot load", severity="error", markup=False,
-                        timeout=10)
-            return
-        self.app.set_config(cfg, path)
-        self._estimate_key = None
-        self.run_worker(self.build_form(), group="build-form", exclusive=True)
-        self.notify(f"Loaded {path}", markup=False)
+        """Load ``path`` (what ctrl+o does after its prompt)."""
+        self.app.load_config_file(path)
