@@ -63,6 +63,9 @@ def build_parser(extra_tui_help: bool = True) -> argparse.ArgumentParser:
                 continue  # command not built in this checkout
             raise
         mod.register(sub)
+    for p in sub.choices.values():
+        p.add_argument("--verbose", action="store_true",
+                       help="also show the libraries' warnings, logging and progress bars")
     if extra_tui_help:
         sub.add_parser("tui", help="open the TUI (the default): qlora-tui [CONFIG]")
         sub.add_parser("attach", help="open the TUI on a live run: qlora-tui attach [RUN_DIR]")
@@ -72,6 +75,8 @@ def build_parser(extra_tui_help: bool = True) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from engine import quiet
+    quiet.apply(getattr(args, "verbose", False))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

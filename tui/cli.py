@@ -47,6 +47,8 @@ def _is_tui_call(argv: list[str]) -> bool:
 
 
 def _run_app(app) -> int:
+    from engine import quiet
+    quiet.apply()          # a library's warning or progress bar would draw over the screen
     app.run()
     if app.exit_note:
         print(app.exit_note)
