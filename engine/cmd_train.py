@@ -120,7 +120,7 @@ def cmd_train(args) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
             print(d)
-            print(f"attach: qlora-tui attach {d}", file=sys.stderr)
+            _say_how_to_follow(d)
             return 0
         from engine import distributed as DI
         if not DI.in_worker() and RN.resume_config(run_dir, args.overrides)[0].distributed.gpus > 1:
@@ -130,12 +130,12 @@ def cmd_train(args) -> int:
         cfg = load_config_or_exit(args)
         if args.detach:
             try:
-                d = RN.start_detached(cfg)
+                d = RN.start_detached(cfg, check="child")
             except (RN.PreflightError, OSError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
             print(d)
-            print(f"attach: qlora-tui attach {d}", file=sys.stderr)
+            _say_how_to_follow(d)
             return 0
         if not args.headless:
             print("error: train without --headless or --detach opens nothing; use `qlora-tui CONFIG` "
@@ -176,6 +176,13 @@ def cmd_train(args) -> int:
         pass
     res = run.result
     return 0 if res is not None and res.type == "run_finished" else 1
+
+
+def _say_how_to_follow(run_dir) -> None:
+    print(f"started in the background (survives closing this terminal)\n"
+          f"  watch:  qlora-tui attach {run_dir}\n"
+          f"  log:    tail -f {run_dir}/stdout.log\n"
+          f"  state:  qlora-tui runs        stop: qlora-tui stop {run_dir}", file=sys.stderr)
 
 
 def cmd_init(args) -> int:

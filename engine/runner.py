@@ -263,7 +263,11 @@ class Run:
             # (rollback replaces events.jsonl; a writer opened earlier would write to the old file)
             self._resume_ckpt, self._resume_note = self._resume_checkpoint()
         elif check:
-            self.notes = preflight(self.cfg)
+            try:
+                self.notes = preflight(self.cfg)
+            except PreflightError as e:
+                self._record_refusal(e)
+                raise
         if self.run_dir is None:
             self.cfg = absolutise(self.cfg)
             name = self.cfg.output.name or self.cfg.model.name
@@ -277,6 +281,19 @@ class Run:
         self.bus.subscribe(self._writer)
         self.bus.subscribe(self._on_event)
         return self.run_dir
+
+    def _record_refusal(self, e: Exception) -> None:
+        """A detached child was handed its run directory before the checks (so `train --detach`
+        returns at once): a refusal goes into that run's log, where `runs` and `attach` see it."""
+        if self.run_dir is None or not (self.run_dir / R.CONFIG).exists():
+            return
+        kind = "data" if "data" in str(e).lower() or "line " in str(e) else "config"
+        try:
+            w = E.JsonlWriter(self.run_dir / R.EVENTS)
+            w(E.RunFailed(reason=str(e).replace("\n", " "), kind=kind))
+            w.close()
+        except OSError:
+            pass
 
     def _resume_config(self) -> C.Config:
         from engine import control as ctl
@@ -550,11 +567,13 @@ def launch_distributed(cfg: C.Config | None, *, run_dir: Path | None = None, res
             continue
 
 
-def start_detached(cfg: C.Config | None, *, resume: str | Path | None = None, check: bool = True,
+def start_detached(cfg: C.Config | None, *, resume: str | Path | None = None, check: bool | str = True,
                    overrides: list[str] | None = None) -> Path:
     """Start a run in its own session (survives the terminal closing); return its directory.
 
-    ``resume``: continue that run directory instead (``overrides`` change its config first,
+    ``check``: True runs the preflight here (the TUI's launch thread shows its refusal);
+    "child" leaves it to the child, which records a refusal in the run's log (`train --detach`
+    returns at once). ``resume``: continue that run directory instead (``overrides`` change its config first,
     e.g. ``oom_fix_overrides``). The child is ``python -m engine train ... --headless`` with
     stdin on /dev/null and its output in RUN_DIR/stdout.log; it is never a child of the
     caller's session, so closing the terminal or the SSH connection does not reach it.
@@ -570,12 +589,14 @@ def start_detached(cfg: C.Config | None, *, resume: str | Path | None = None, ch
         for o in overrides or []:
             argv += ["--set", o]
     else:
-        if check:
+        if check is True:
             preflight(cfg)
         cfg = absolutise(cfg)
         run_dir = R.create(cfg.output.dir, cfg.output.name or cfg.model.name)
         C.save(cfg, run_dir / R.CONFIG)
-        argv = ["train", str(run_dir / R.CONFIG), "--run-dir", str(run_dir), "--no-check"]
+        argv = ["train", str(run_dir / R.CONFIG), "--run-dir", str(run_dir)]
+        if check is True:
+            argv.append("--no-check")      # done here; check="child": the child checks
     log = open(run_dir / R.STDOUT, "ab")
     proc = subprocess.Popen([sys.executable, "-m", "engine", *argv, "--headless"],
                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

@@ -234,3 +234,31 @@ async def test_every_binding_is_a_palette_command_and_load_works_anywhere(tmp_pa
         assert "⏎" not in msg and "problem(s)" not in msg
     detail = [b for b in RunDetailScreen.BINDINGS if b.description]
     assert detail                                      # its keys are listed when it is open
+
+
+# ---- 17: train --detach returns once the child holds the run directory ----------------------
+
+def test_detach_returns_before_the_checks_and_the_child_records_a_refusal(tmp_path):
+    """The parent does no preflight (that took ~10 s): a data file that the checks refuse still
+    gets a run directory at once, and the child writes the refusal where `runs` shows it."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from engine import rundir
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("this is not json\n")
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "engine", "train", "examples/demo.toml", "--detach",
+                        "--set", f"output.dir='{tmp_path / 'runs'}'", "--set", f"data.train='{bad}'"],
+                       capture_output=True, text=True, timeout=120, cwd=repo)
+    assert r.returncode == 0, r.stderr
+    run_dir = Path(r.stdout.strip().splitlines()[-1])
+    assert (run_dir / rundir.RUN_JSON).exists() and (run_dir / rundir.CONFIG).exists()
+    assert f"qlora-tui attach {run_dir}" in r.stderr and "stdout.log" in r.stderr
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and rundir.info(run_dir).state != "failed":
+        time.sleep(0.3)
+    info = rundir.info(run_dir)
+    assert info.state == "failed" and "bad.jsonl" in info.reason, (info, (run_dir / "stdout.log").read_text())
