@@ -206,6 +206,12 @@ def _nice_width(x: float) -> int:
     return int(10 * p)
 
 
+def bucket_label(lo: int, hi: int) -> str:
+    """A histogram bucket as people read it: both ends included (``20–24`` for [20, 25)).
+    The CLI and the TUI both print buckets through this."""
+    return f"{lo}–{hi - 1}"
+
+
 def histogram(lengths, max_len: int, bins: int = 20) -> list[tuple[int, int, int]]:
     """[(lo, hi, count)] with round bin widths; max_len is a bin edge when rows exceed it."""
     import numpy as np
@@ -705,7 +711,8 @@ def format_report(r: Report, max_problems: int = 50) -> str:
         peak = max(c for _, _, c in r.histogram) or 1
         for lo, hi, c in r.histogram:
             bar = "█" * max(1 if c else 0, round(30 * c / peak))
-            out.append(f"  {lo:>7}–{hi - 1:<7} {bar} {c}")
+            label = bucket_label(lo, hi)
+            out.append(f"  {label.split('–')[0]:>7}–{label.split('–')[1]:<7} {bar} {c}")
         out.append(f"truncated at max_length: {r.truncated_rows} rows ({r.truncated_share:.1%})")
         out.append(f"trained tokens: {r.trained_tokens_total} in all, median {r.trained_tokens_median:g} per row; "
                    f"{r.zero_trained_rows} rows with none")

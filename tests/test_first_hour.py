@@ -262,3 +262,38 @@ def test_detach_returns_before_the_checks_and_the_child_records_a_refusal(tmp_pa
         time.sleep(0.3)
     info = rundir.info(run_dir)
     assert info.state == "failed" and "bad.jsonl" in info.reason, (info, (run_dir / "stdout.log").read_text())
+
+
+# ---- 12, 13: charts read as data; dialogs keep the screen visible ---------------------------
+
+def test_chart_columns_are_contiguous_and_one_eval_is_no_curve():
+    from tui.runstate import RunState
+    from tui.widgets.chart import _buckets, _filled
+    cols = _filled(_buckets([(1, 3.0), (2, 2.5), (3, 2.0)], 1, 3, 40))
+    first = next(i for i, c in enumerate(cols) if c is not None)
+    last = max(i for i, c in enumerate(cols) if c is not None)
+    assert all(c is not None for c in cols[first:last + 1])
+    st = RunState(evals=[(20, 2.0)])
+    assert st.eval_spark_values == []
+    st.evals.append((40, 1.8))
+    assert st.eval_spark_values == [2.0, 1.8]
+
+
+def test_histogram_buckets_are_the_same_in_cli_and_tui():
+    from engine.inspect import Report, bucket_label
+    from tui.screens.dataset import histogram_text
+    assert bucket_label(20, 25) == "20–24"
+    rep = Report(path="x", histogram=[(20, 25, 3), (25, 30, 1)], max_length=256, rows=4)
+    tui = histogram_text(rep).plain
+    assert "20–24" in tui and "25–29" in tui and "20–25" not in tui
+
+
+async def test_dialogs_keep_the_screen_visible_dimmed(tmp_path):
+    from tui.dialogs import PathPrompt
+    app = make_app(demo_cfg(tmp_path))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("ctrl+o")
+        await until(pilot, lambda: isinstance(app.screen, PathPrompt))
+        bg = app.screen.styles.background
+        assert 0 < bg.a < 1                        # translucent: the Train screen shows through
+        assert "Ready to train" in "".join(str(s) for s in app.screen_stack[-2].query_one("#welcome").render().plain)

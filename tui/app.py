@@ -47,6 +47,7 @@ class QloraApp(App):
     TITLE = "qlora-tui"
     CSS = """
     Screen { background: $background; }
+    ModalScreen { background: $background 60%; }   /* dialogs: the screen stays visible, dimmed */
     """
     MODES = {"dataset": DatasetScreen, "config": ConfigScreen, "train": TrainScreen,
              "runs": RunsScreen}

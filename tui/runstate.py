@@ -135,6 +135,13 @@ class RunState:
         return [v for _, v in self.evals if math.isfinite(v)]
 
     @property
+    def eval_spark_values(self) -> list[float]:
+        """What the eval sparkline draws: a curve needs two points (one value stretched over
+        the whole width reads as a flat history; the value itself is in the metrics)."""
+        v = self.eval_values
+        return v if len(v) >= 2 else []
+
+    @property
     def last_loss(self) -> float | None:
         return self.losses[-1][1] if self.losses else None
 

@@ -22,6 +22,7 @@ from tui.safe import clean, literal, one_line
 
 
 def histogram_text(report, width: int = 36) -> Text:
+    from engine.inspect import bucket_label
     hist = list(report.histogram or [])
     t = Text()
     if not hist:
@@ -36,7 +37,8 @@ def histogram_text(report, width: int = 36) -> Text:
             marked = True
         over = maxlen is not None and hi > maxlen
         bar = "█" * max(1 if count else 0, int(round(count / peak * width)))
-        t.append(f"{lo:>6}–{hi:<6}", style="dim")
+        a, b = bucket_label(lo, hi).split("–")
+        t.append(f"{a:>6}–{b:<6}", style="dim")
         t.append("│")
         t.append(bar.ljust(width), style="red" if over else "cyan")
         t.append(f" {count}\n")

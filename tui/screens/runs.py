@@ -191,7 +191,7 @@ class RunDetailScreen(Screen):
             t.append("\na: attach to this live run", style="dim")
         self.query_one("#detail-summary", Static).update(t)
         self.query_one("#detail-loss", Sparkline).data = st.loss_values
-        self.query_one("#detail-eval", Sparkline).data = st.eval_values
+        self.query_one("#detail-eval", Sparkline).data = st.eval_spark_values
         self.query_one("#detail-chart", LossChart).set_data(st.losses, st.evals, st.total_steps)
         self.query_one("#detail-hints", Static).update(hints_text(st.hints))
 

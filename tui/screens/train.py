@@ -206,7 +206,7 @@ class TrainScreen(Screen):
         eta = "" if st.terminal else f"  ETA {fmt_eta(st.eta_seconds)}"
         self._put(steps, f"step {st.step}/{st.total_steps or '?'}{eta}")
         self.query_one("#loss-spark", Sparkline).data = st.loss_values[-200:]
-        self.query_one("#eval-spark", Sparkline).data = st.eval_values[-200:]
+        self.query_one("#eval-spark", Sparkline).data = st.eval_spark_values[-200:]
         chart.empty_text = "waiting for the first loss…" if not st.terminal else "no loss recorded"
         chart.set_data(st.losses, st.evals, st.total_steps)
         m = Text()
