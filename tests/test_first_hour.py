@@ -297,3 +297,32 @@ async def test_dialogs_keep_the_screen_visible_dimmed(tmp_path):
         bg = app.screen.styles.background
         assert 0 < bg.a < 1                        # translucent: the Train screen shows through
         assert "Ready to train" in "".join(str(s) for s in app.screen_stack[-2].query_one("#welcome").render().plain)
+
+
+# ---- 9, 10: tabs have keys; long paths keep their end; the runs table's widths are fixed ----
+
+def test_long_paths_are_shortened_in_the_middle():
+    from tui.safe import middle
+    p = "/home/someone/projects/very/long/runs/20261129-021336-tiny/adapter"
+    s = middle(p, 30)
+    assert len(s) == 30 and s.endswith("tiny/adapter") and s.startswith("/home") and "…" in s
+    assert middle("short", 30) == "short"
+
+
+async def test_dataset_tabs_have_their_own_keys_and_runs_columns_are_fixed(tmp_path):
+    from textual.widgets import DataTable, TabbedContent
+
+    from tui.screens.runs import RunsScreen
+    app = make_app(demo_cfg(tmp_path))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f2")
+        await until(pilot, lambda: app.current_mode == "dataset")
+        tabs = app.screen.query_one("#ds-tabs", TabbedContent)
+        for key, pane in (("2", "tab-problems"), ("3", "tab-rows"), ("1", "tab-lengths")):
+            await pilot.press(key)
+            await until(pilot, lambda: tabs.active == pane, what=pane)
+        await pilot.press("f5")
+        await until(pilot, lambda: app.current_mode == "runs")
+        table = app.screen.query_one("#runs", DataTable)
+        assert [c.width for c in table.columns.values()] == [w for _, _, w in RunsScreen.COLUMNS]
+        assert all(not c.auto_width for c in table.columns.values())

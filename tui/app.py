@@ -65,8 +65,8 @@ class QloraApp(App):
                 tooltip="Stop the live run gracefully (the adapter is saved)"),
         Binding("ctrl+d", "detach_run", "Detach", id="detach-run", priority=True,
                 tooltip="Stop following the live run; it keeps training"),
-        Binding("ctrl+s", "save_config", "Save", id="save-config", priority=True,
-                tooltip="Save the config as TOML"),
+        Binding("ctrl+s", "save_config", "Save", id="save-config", show=False,
+                tooltip="Save the config as TOML"),    # shown in the Config screen's footer
         Binding("ctrl+q", "quit", "Quit", id="quit", priority=True,
                 tooltip="Quit (asks first while a run is live)"),
         Binding("ctrl+o", "load_config", "Load", id="load-config-any", show=False,
@@ -169,6 +169,20 @@ class QloraApp(App):
         self.notify(f"Loaded {path}", markup=False)
         return True
     # ---- actions -------------------------------------------------------------------------
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        """The footer fits 80 columns by showing what applies now: no key for the screen you
+        are on, Start while no run is live, Stop and Detach while one is. (A hidden key does
+        nothing there anyway; the palette lists every action.)"""
+        if action == "show" and parameters and parameters[0] == self.current_mode:
+            return False
+        st = self.run_state
+        live = self._launching or (st is not None and st.live)
+        if action == "start_training":
+            return not live
+        if action in ("stop_training", "detach_run"):
+            return live
+        return True
+
     def action_show(self, mode: str) -> None:
         if self.current_mode != mode:
             self.switch_mode(mode)
@@ -505,6 +519,7 @@ class QloraApp(App):
             self.offer_resume(st)
 
     def _render_run(self) -> None:
+        self.refresh_bindings()          # Start / Stop / Detach follow the run's state
         screen = self.screen
         if isinstance(screen, TrainScreen):
             screen.render_run(self.run_state)

@@ -81,6 +81,9 @@ class FieldRow(Widget):
     FieldRow { height: auto; padding: 0 1; layout: grid; grid-size: 2;
                grid-columns: 22 1fr; grid-rows: 1 auto; }
     FieldRow Input, FieldRow Select { width: 1fr; }
+    /* a focused dropdown stands out; an open one has a border (its options are not a field) */
+    FieldRow Select:focus-within > SelectCurrent { background: $accent 35%; text-style: bold; }
+    FieldRow Select > SelectOverlay { border: round $accent; }
     FieldRow > .help { column-span: 2; color: $foreground 60%; padding-left: 22; height: auto; }
     FieldRow.-invalid > .name { color: $error; text-style: bold; }
     """
@@ -132,8 +135,10 @@ class FieldRow(Widget):
 
 
 class ConfigScreen(Screen):
-    BINDINGS = [Binding("ctrl+o", "app.load_config", "Load TOML", id="load-config",
-                        tooltip="Load a TOML config file")]
+    BINDINGS = [Binding("ctrl+o", "app.load_config", "Load", id="load-config",
+                        tooltip="Load a TOML config file"),
+                Binding("ctrl+s", "app.save_config", "Save", id="save-config-here",
+                        tooltip="Save the config as TOML")]
     DEFAULT_CSS = """
     ConfigScreen #banner { height: 1; padding: 0 1; background: $panel; }
     ConfigScreen #form { height: 1fr; }
@@ -150,7 +155,7 @@ class ConfigScreen(Screen):
         yield Static(id="banner")
         yield VerticalScroll(id="form")
         yield Static(id="derived")
-        yield Footer()
+        yield Footer(compact=True)
 
     def _section_widgets(self, section: str, items) -> list:
         from engine.config import SECTION_TITLES

@@ -117,11 +117,24 @@ def preview_text(preview) -> Text:
 
 
 class DatasetScreen(Screen):
+    TABS = Binding.Group("Tab", compact=True)
+    ROWS = Binding.Group("Row", compact=True)
     BINDINGS = [
-        Binding("n", "row(1)", "Next row", id="next-row"),
-        Binding("p", "row(-1)", "Prev row", id="prev-row"),
-        Binding("ctrl+l", "reload", "Re-read", id="reload-dataset"),
+        Binding("1", "tab('tab-lengths')", "Lengths tab", id="tab-lengths", group=TABS),
+        Binding("2", "tab('tab-problems')", "Problems tab", id="tab-problems", group=TABS),
+        Binding("3", "tab('tab-rows')", "Rows tab", id="tab-rows", group=TABS),
+        Binding("n", "row(1)", "Next row", id="next-row", group=ROWS),
+        Binding("p", "row(-1)", "Prev row", id="prev-row", group=ROWS),
+        Binding("ctrl+l", "reload", "Reload", id="reload-dataset",
+                tooltip="Read the dataset again"),
     ]
+
+    def action_tab(self, pane: str) -> None:
+        tabs = self.query_one("#ds-tabs", TabbedContent)
+        tabs.active = pane
+        widget = {"tab-problems": "#problems", "tab-rows": "#row-scroll"}.get(pane)
+        if widget:
+            self.query_one(widget).focus()
     DEFAULT_CSS = """
     DatasetScreen #ds-summary { height: auto; max-height: 6; padding: 0 1; }
     DatasetScreen #ds-progress-row { height: 1; padding: 0 1; }
@@ -157,7 +170,7 @@ class DatasetScreen(Screen):
                 yield Static(id="row-header")
                 with VerticalScroll(id="row-scroll"):
                     yield Static(id="row-view")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = "Dataset"

@@ -13,7 +13,7 @@ from textual.widgets import DataTable, Footer, Header, Sparkline, Static
 
 from tui.messages import RunHistory, RunsListed
 from tui.runstate import from_events
-from tui.safe import clean, literal, one_line
+from tui.safe import clean, literal, middle, one_line
 from tui.widgets.chart import LossChart
 from tui.widgets.panels import hints_text
 
@@ -34,21 +34,22 @@ class RunsScreen(Screen):
     RunsScreen #runs { height: 1fr; }
     """
 
+    COLUMNS = [("run", "run", 24), ("state", "state", 8), ("step", "step", 7),
+               ("final loss", "final", 10), ("last loss", "last", 9), ("model", "model", 10)]
+
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static(id="runs-where")
         yield DataTable(id="runs", cursor_type="row", zebra_stripes=True)
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = "Runs"
         t = self.query_one("#runs", DataTable)
-        t.add_column("run", key="run")
-        t.add_column("state", key="state")
-        t.add_column("step", key="step")
-        t.add_column("final loss", key="final")
-        t.add_column("last loss", key="last")
-        t.add_column("model", key="model")
+        # fixed widths (80 columns with cell padding): auto widths collapsed to the headers when
+        # the table was laid out before its rows arrived; long names are shortened in the middle
+        for label, key, width in self.COLUMNS:
+            t.add_column(label, key=key, width=width)
         self.action_reload()
         self.set_interval(3.0, self._auto_reload)
 
@@ -60,8 +61,8 @@ class RunsScreen(Screen):
             self.action_reload()
 
     def action_reload(self) -> None:
-        where = Text("runs in ", style="dim")
-        where.append_text(literal(self.app.runs_dir()))
+        where = Text("run directory ", style="dim")
+        where.append(middle(Path(self.app.runs_dir()).resolve(), 40))
         where.append("   enter: open   a: attach to a live run", style="dim")
         self.query_one("#runs-where", Static).update(where)
         self._list(self.app.runs_dir())
@@ -83,9 +84,9 @@ class RunsScreen(Screen):
             self.notify(one_line(msg.error, 200), severity="error", markup=False)
         for ri in msg.runs:
             step = f"{ri.step}/{ri.total_steps}" if ri.total_steps else str(ri.step)
-            t.add_row(literal(ri.name), Text(ri.state, style=STATE_STYLE.get(ri.state, "")),
+            t.add_row(Text(middle(ri.name, 24)), Text(ri.state, style=STATE_STYLE.get(ri.state, "")),
                       Text(step), _loss(ri.final_loss), _loss(ri.last_loss),
-                      literal(ri.model or ""), key=str(ri.path))
+                      Text(middle(ri.model or "", 10)), key=str(ri.path))
         if msg.runs:
             t.move_cursor(row=min(keep, len(msg.runs) - 1))
         self.runs = msg.runs
@@ -152,7 +153,7 @@ class RunDetailScreen(Screen):
         yield LossChart(id="detail-chart")
         with VerticalScroll(id="detail-hints-box"):
             yield Static(id="detail-hints")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = f"Run {self.run_dir.name}"

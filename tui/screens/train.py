@@ -13,7 +13,7 @@ from textual.worker import get_current_worker
 
 from tui.messages import Readings
 from tui.runstate import RunState
-from tui.safe import clean, literal, one_line
+from tui.safe import clean, literal, middle, one_line
 from tui.widgets.chart import LossChart, fmt
 from tui.widgets.panels import gpu_text, hints_text
 
@@ -79,7 +79,7 @@ class TrainScreen(Screen):
         yield Static(id="gpu")
         with VerticalScroll(id="hints-box", can_focus=True):
             yield Static(id="hints")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = "Train"
@@ -195,8 +195,9 @@ class TrainScreen(Screen):
         if st.device:
             s.append(f" on {clean(st.device)}")
         if st.message and st.phase != "training":
+            room = max(20, self.size.width - s.cell_len - 4)     # the end of a path matters most
             s.append("  ")
-            s.append(one_line(st.message, 120), style="italic")
+            s.append(middle(st.message, room), style="italic")
         self._put(status, s)
         total = st.total_steps or None
         if st.phase not in ("training", "finished", "stopped", "failed") and st.progress is not None:
@@ -227,7 +228,7 @@ class TrainScreen(Screen):
             m.append(_v(st.final_loss, ".4f"), style="bold")
             if st.adapter_dir:
                 m.append("\nadapter ", style="dim")
-                m.append(literal(st.adapter_dir))
+                m.append(middle(st.adapter_dir, 3 * 26 - 8), style="")   # 3 lines of the panel
         elif st.terminal == "run_failed":
             m.append(f"\n\nfailed ({clean(st.fail_kind)})", style="bold red")
         self._put(metrics, m)
