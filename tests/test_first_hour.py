@@ -326,3 +326,32 @@ async def test_dataset_tabs_have_their_own_keys_and_runs_columns_are_fixed(tmp_p
         table = app.screen.query_one("#runs", DataTable)
         assert [c.width for c in table.columns.values()] == [w for _, _, w in RunsScreen.COLUMNS]
         assert all(not c.auto_width for c in table.columns.values())
+
+
+# ---- 11: what is drawn in colour alone survives 16 colours, in both themes ------------------
+
+@pytest.mark.parametrize("theme", ["qlora-dark", "qlora-light"])
+async def test_bar_and_header_stay_visible_in_16_colours(tmp_path, theme):
+    from rich.color import ColorSystem
+    from textual.widgets import Header, ProgressBar
+    from textual.widgets._progress_bar import Bar
+
+    def ansi16(c) -> int:
+        return c.rich_color.downgrade(ColorSystem.STANDARD).number
+
+    app = make_app(demo_cfg(tmp_path))
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.theme = theme
+        await pilot.pause()
+        screen = app.screen
+        bg = screen.styles.background
+        bar = screen.query_one(ProgressBar).query_one(Bar)
+        empty = bar.get_component_styles("bar--bar").background
+        header = screen.query_one(Header).styles.background
+        assert ansi16(bg + empty) != ansi16(bg), theme
+        assert ansi16(bg + header) != ansi16(bg), theme
+        from tui.widgets.panels import gpu_text
+        from tui.testing import fixed_samplers
+        gpu, host, reason = fixed_samplers()
+        spans = gpu_text([], host.sample(), reason).spans
+        assert not any("red" in str(s.style) or "yellow" in str(s.style) for s in spans[:1])

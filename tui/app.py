@@ -48,6 +48,10 @@ class QloraApp(App):
     CSS = """
     Screen { background: $background; }
     ModalScreen { background: $background 60%; }   /* dialogs: the screen stays visible, dimmed */
+    /* parts drawn in colour alone must survive 16 colours and the light theme: the empty part
+       of a progress bar and the header differ from the background by more than a shade */
+    Bar > .bar--bar, Bar > .bar--complete, Bar > .bar--indeterminate { background: $foreground 30%; }
+    Header { background: $primary 50%; }
     """
     MODES = {"dataset": DatasetScreen, "config": ConfigScreen, "train": TrainScreen,
              "runs": RunsScreen}
