@@ -355,3 +355,25 @@ async def test_bar_and_header_stay_visible_in_16_colours(tmp_path, theme):
         gpu, host, reason = fixed_samplers()
         spans = gpu_text([], host.sample(), reason).spans
         assert not any("red" in str(s.style) or "yellow" in str(s.style) for s in spans[:1])
+
+
+# ---- 15: messages whole: JSON errors keep their column; an offline hub says so at once -------
+
+def test_json_errors_keep_their_column(tmp_path):
+    from engine import data as D
+    p = tmp_path / "x.jsonl"
+    p.write_bytes(b'{"text": "fine"}\n{"text": "bad\x01 ctrl"}\n')
+    problems = [err for _, _, err in D.iter_raw(p) if err]
+    assert problems == ["invalid JSON: Invalid control character at column 14"]
+
+
+def test_offline_estimate_of_a_hub_id_says_what_to_do(monkeypatch, capsys):
+    from engine import cli
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")     # nothing listens: refused
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")        # and nothing cached
+    rc = cli.main(["estimate", "--set", 'model.name="someorg/some-model"'])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "someorg/some-model" in err and "unreachable" in err and "local model directory" in err
+    assert err.endswith("huggingface-cli download someorg/some-model)")
