@@ -377,3 +377,39 @@ def test_offline_estimate_of_a_hub_id_says_what_to_do(monkeypatch, capsys):
     assert rc == 2 and len(err.splitlines()) == 1
     assert "someorg/some-model" in err and "unreachable" in err and "local model directory" in err
     assert err.endswith("huggingface-cli download someorg/some-model)")
+
+
+# ---- 7: resume from the Runs screen; learning-rate and grad-norm curves ----------------------
+
+async def test_runs_screen_resumes_with_the_dialog_and_detail_shows_lr_and_grad(tmp_path):
+    from textual.widgets import Sparkline
+
+    from engine import events as E
+    from engine import hints as H
+    from tui.dialogs import ResumeFixDialog
+    from tui.runstate import from_events
+    from tui.screens.runs import RunDetailScreen
+    cfg = demo_cfg(tmp_path)
+    d = _failed_run(tmp_path, "20260101-120000-nan", cfg,
+                    hint=H.nan_hint(6, float("nan"), 1e11, cfg), checkpoint_step=4)
+    st = from_events(E.read_events(d / "events.jsonl"))
+    st.apply(E.Step(step=5, total_steps=10, loss=2.0, learning_rate=1e-3, grad_norm=1e11))
+    assert st.grad_norm_values[-1] == pytest.approx(11.0)       # log10: a spike stands out
+    app = make_app(cfg)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f5")
+        await until(pilot, lambda: app.current_mode == "runs" and app.screen.runs, what="runs")
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, RunDetailScreen) and
+                    app.screen.info is not None, what="detail")
+        assert app.screen.query_one("#detail-lr", Sparkline) is not None
+        assert app.screen.query_one("#detail-grad", Sparkline) is not None
+        await pilot.press("r")                                    # resume from the detail too
+        await until(pilot, lambda: isinstance(app.screen, ResumeFixDialog), what="dialog")
+        text = _dialog_text(app.screen)
+        assert "Resume from the checkpoint at step 4" in text and "train.learning_rate" in text
+        await pilot.press("escape")
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, RunDetailScreen))
+        await pilot.press("r")                                    # and from the list
+        await until(pilot, lambda: isinstance(app.screen, ResumeFixDialog), what="dialog")

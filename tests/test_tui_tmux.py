@@ -76,7 +76,7 @@ def test_every_screens_essential_keys_fit_80x24(tmp_path):
          f"cd {shlex.quote(str(tmp_path))} && env {env} {exe}")
     essential = {"F2": ["123 Tab", "np Row", "^l Reload", "^q Quit", "^r Start"],
                  "F3": ["^o Load", "^s Save", "^q Quit", "^r Start"],
-                 "F5": ["a Attach", "^l Refresh", "^q Quit", "^r Start"],
+                 "F5": ["a Attach", "r Resume", "^l Refresh", "^q Quit"],
                  "F4": ["^r Start", "f2 Dataset", "f3 Config", "f5 Runs", "^q Quit", "^p palette"]}
     try:
         wait_for(session, "^r Start", 90)

@@ -182,7 +182,7 @@ class QloraApp(App):
         st = self.run_state
         live = self._launching or (st is not None and st.live)
         if action == "start_training":
-            return not live
+            return not live and self.current_mode != "runs"    # Runs: its footer has Resume
         if action in ("stop_training", "detach_run"):
             return live
         return True

@@ -28,7 +28,14 @@ def _loss(v) -> Text:
 class RunsScreen(Screen):
     BINDINGS = [Binding("ctrl+l", "reload", "Refresh", id="reload-runs"),
                 Binding("a", "attach", "Attach", id="attach-run",
-                        tooltip="Follow the selected live run on the Train screen")]
+                        tooltip="Follow the selected live run on the Train screen"),
+                Binding("r", "resume", "Resume", id="resume-run",
+                        tooltip="Resume the selected stopped, failed or crashed run (with its hint's fixes)")]
+
+    def action_resume(self) -> None:
+        ri = self._selected()
+        if ri is not None:
+            resume_from_list(self.app, ri)
     DEFAULT_CSS = """
     RunsScreen #runs-where { height: 1; padding: 0 1; background: $panel; }
     RunsScreen #runs { height: 1fr; }
@@ -122,11 +129,28 @@ class RunsScreen(Screen):
         self.app.action_show("train")
 
 
+def resume_from_list(app, ri) -> None:
+    """The Train screen's recovery dialog for a run picked on the Runs screen."""
+    if ri.state not in ("stopped", "failed", "crashed"):
+        why = "still live: attach to it (a)" if ri.state == "live" else f"{ri.state}: nothing to resume"
+        app.notify(f"{ri.name} is {why}.", markup=False)
+        return
+    from engine import events as E
+    from engine import rundir
+    st = from_events(E.read_events(Path(ri.path) / rundir.EVENTS), ri.path)
+    app.offer_resume(st)
+
+
 class RunDetailScreen(Screen):
     """One run's curves and hints, read from its events.jsonl."""
 
     BINDINGS = [Binding("escape", "app.pop_screen", "Back", id="back"),
-                Binding("a", "attach", "Attach", id="attach-detail")]
+                Binding("a", "attach", "Attach", id="attach-detail"),
+                Binding("r", "resume", "Resume", id="resume-detail")]
+
+    def action_resume(self) -> None:
+        if self.info is not None:
+            resume_from_list(self.app, self.info)
     DEFAULT_CSS = """
     RunDetailScreen #detail-summary { height: auto; max-height: 6; padding: 0 1; }
     RunDetailScreen .spark-row { height: 1; padding: 0 1; }
@@ -150,6 +174,12 @@ class RunDetailScreen(Screen):
         with Horizontal(classes="spark-row"):
             yield Static("eval", classes="spark-label")
             yield Sparkline([], id="detail-eval")
+        with Horizontal(classes="spark-row"):
+            yield Static("lr", classes="spark-label")
+            yield Sparkline([], id="detail-lr")
+        with Horizontal(classes="spark-row"):
+            yield Static("grad", classes="spark-label", id="detail-grad-label")
+            yield Sparkline([], id="detail-grad")
         yield LossChart(id="detail-chart")
         with VerticalScroll(id="detail-hints-box"):
             yield Static(id="detail-hints")
@@ -193,6 +223,9 @@ class RunDetailScreen(Screen):
         self.query_one("#detail-summary", Static).update(t)
         self.query_one("#detail-loss", Sparkline).data = st.loss_values
         self.query_one("#detail-eval", Sparkline).data = st.eval_spark_values
+        self.query_one("#detail-lr", Sparkline).data = st.lr_values
+        self.query_one("#detail-grad", Sparkline).data = st.grad_norm_values
+        self.detail_state = st
         self.query_one("#detail-chart", LossChart).set_data(st.losses, st.evals, st.total_steps)
         self.query_one("#detail-hints", Static).update(hints_text(st.hints))
 

@@ -73,6 +73,12 @@ class TrainScreen(Screen):
                 with Horizontal(classes="spark-row"):
                     yield Static("eval", classes="spark-label")
                     yield Sparkline([], id="eval-spark")
+                with Horizontal(classes="spark-row"):
+                    yield Static("lr", classes="spark-label")
+                    yield Sparkline([], id="lr-spark")
+                with Horizontal(classes="spark-row"):
+                    yield Static("grad", classes="spark-label")
+                    yield Sparkline([], id="grad-spark")
                 yield LossChart(id="chart")
                 yield Static(id="welcome")
             yield Static(id="metrics")
@@ -179,6 +185,8 @@ class TrainScreen(Screen):
             self._put(metrics, Text("lr        —\ngrad norm —\ntokens/s  —\nepoch     —", style="dim"))
             self.query_one("#loss-spark", Sparkline).data = []
             self.query_one("#eval-spark", Sparkline).data = []
+            self.query_one("#lr-spark", Sparkline).data = []
+            self.query_one("#grad-spark", Sparkline).data = []
             self._hints_shown = None
             self._put(self.query_one("#hints", Static), hints_text([]))
             return
@@ -208,6 +216,8 @@ class TrainScreen(Screen):
         self._put(steps, f"step {st.step}/{st.total_steps or '?'}{eta}")
         self.query_one("#loss-spark", Sparkline).data = st.loss_values[-200:]
         self.query_one("#eval-spark", Sparkline).data = st.eval_spark_values[-200:]
+        self.query_one("#lr-spark", Sparkline).data = st.lr_values[-200:]
+        self.query_one("#grad-spark", Sparkline).data = st.grad_norm_values[-200:]   # log10
         chart.empty_text = "waiting for the first loss…" if not st.terminal else "no loss recorded"
         chart.set_data(st.losses, st.evals, st.total_steps)
         m = Text()
