@@ -561,8 +561,29 @@ def preview(cfg, row_index: int, *, path=None) -> Preview:
                    input_ids=list(enc.input_ids[:max_len]), labels=labels)
 
 
+class NoRowAtLine(ValueError):
+    """A line that is no usable row: ``next_index`` is the first row after it (where "next"
+    continues), ``raw`` the line's own text (up to 2,000 characters; "" when not a text file)."""
+
+    def __init__(self, message: str, next_index: int, raw: str) -> None:
+        super().__init__(message)
+        self.next_index, self.raw = next_index, raw
+
+
+def raw_line(path, line: int, limit: int = 2000) -> str:
+    """Physical line ``line`` of a text data file, as text (undecodable bytes replaced)."""
+    p = Path(path)
+    if p.suffix.lower() not in (".jsonl", ".json", ".csv", ".txt") or not p.is_file():
+        return ""
+    with open(p, "rb") as fh:
+        for i, raw in enumerate(fh, 1):
+            if i == line:
+                return raw[:limit * 4].decode("utf-8", "replace").rstrip("\r\n")[:limit]
+    return ""
+
+
 def row_index_for_line(cfg, line: int, *, path=None) -> int:
-    """The usable-row index of physical line ``line`` (ValueError if that line is no usable row)."""
+    """The usable-row index of physical line ``line`` (NoRowAtLine if that line is no usable row)."""
     ds = dataset_for(_data_path(cfg, path), cfg.data.format)
     from bisect import bisect_left
     lines = [r.line for r in ds.rows]
@@ -570,7 +591,8 @@ def row_index_for_line(cfg, line: int, *, path=None) -> int:
     if i < len(lines) and lines[i] == line:
         return i
     bad = [p for p in ds.problems if p.line == line]
-    raise ValueError(f"line {line} is not a usable row" + (f": {bad[0].message}" if bad else ""))
+    raise NoRowAtLine(f"line {line} is not a usable row" + (f": {bad[0].message}" if bad else ""),
+                      i, raw_line(_data_path(cfg, path), line))
 
 
 # ---- command line -------------------------------------------------------------------

@@ -116,6 +116,21 @@ def preview_text(preview) -> Text:
     return t
 
 
+def listed_lines(report, limit: int = 5000) -> list[tuple[int, str, str]]:
+    """(line, kind, message) of everything the report names by line, as the CLI lists them:
+    problems, then exact and near duplicates (each later copy, naming the first), then
+    possible PII (masked). Enter on any of them opens that line's row."""
+    out = [(p.line, p.kind, p.message) for p in (report.problems or [])]
+    for kind, groups in (("duplicate", report.duplicates), ("near-duplicate",
+                                                           getattr(report, "near_duplicates", []))):
+        for g in groups if isinstance(groups, list) else []:
+            lines = list(g)
+            out += [(ln, kind, f"same as line {lines[0]}") for ln in lines[1:]]
+    for f in getattr(report, "pii", None) or []:
+        out.append((f.line, "possible PII", f"{f.kind}: {f.masked}"))
+    return out[:limit]
+
+
 class DatasetScreen(Screen):
     TABS = Binding.Group("Tab", compact=True)
     ROWS = Binding.Group("Row", compact=True)
@@ -152,6 +167,7 @@ class DatasetScreen(Screen):
         self.report = None
         self.row_index = 0
         self._jump_line: int | None = None    # a problem's line whose row is being looked up
+        self._listed: list = []               # the Problems tab's (line, kind, message)
         self._key = None
         self._cancel: threading.Event | None = None
 
@@ -257,11 +273,12 @@ class DatasetScreen(Screen):
                 bar.update(total=1.0, progress=frac)
             self.query_one("#hist", Static).update(histogram_text(rep))
             table = self.query_one("#problems", DataTable)
-            probs = list(rep.problems or [])
-            if table.row_count != len(probs):
+            listed = listed_lines(rep)
+            if table.row_count != len(listed):
                 table.clear()
-                for p in probs[:5000]:
-                    table.add_row(Text(str(p.line)), literal(p.kind), Text(one_line(p.message, 300)))
+                for line, kind, message in listed:
+                    table.add_row(Text(str(line)), literal(kind), Text(one_line(message, 300)))
+            self._listed = listed
             if rep.done and msg.final:
                 self._show_row(self.row_index)
 
@@ -269,13 +286,15 @@ class DatasetScreen(Screen):
         if self.report is None or not self.report.done:
             return
         self.query_one("#ds-tabs", TabbedContent).active = "tab-rows"
-        self._show_row(max(0, min((self.report.rows or 1) - 1, self.row_index + delta)))
+        # after a line with no row, row_index sits half-way between its neighbours
+        target = self.row_index + delta * (0.5 if self.row_index != int(self.row_index) else 1)
+        self._show_row(int(max(0, min((self.report.rows or 1) - 1, target))))
 
     # ---- problems → rows: enter on a problem opens its row (or says it has none) -----------
     @on(DataTable.RowSelected, "#problems")
     def _on_problem_selected(self, event: DataTable.RowSelected) -> None:
         rep = self.report
-        probs = list(rep.problems or []) if rep is not None else []
+        probs = self._listed if rep is not None else []
         i = event.cursor_row
         if not (0 <= i < len(probs)):
             return
@@ -283,7 +302,7 @@ class DatasetScreen(Screen):
             self.notify("Still reading the dataset: try again when the report is complete.",
                         markup=False)
             return
-        line = probs[i].line
+        line = probs[i][0]
         self._jump_line = line
         self.query_one("#ds-tabs", TabbedContent).active = "tab-rows"
         self.query_one("#row-header", Static).update(
@@ -296,7 +315,10 @@ class DatasetScreen(Screen):
         try:
             from engine import inspect as I
             index = I.row_index_for_line(cfg, line)
-        except ValueError as e:              # the line is no usable row (it failed to parse)
+        except I.NoRowAtLine as e:           # the line is no usable row (it failed to parse)
+            self.post_message(RowForLine(line, None, str(e), e.next_index, e.raw))
+            return
+        except ValueError as e:
             self.post_message(RowForLine(line, None, str(e)))
             return
         except Exception as e:
@@ -318,7 +340,12 @@ class DatasetScreen(Screen):
         t = Text(f"Line {msg.line} has no row: it failed to parse as a training example, so "
                  "the row browser cannot show it (training skips it).\n\n", style="bold red")
         t.append_text(literal(msg.error))
+        if msg.raw:
+            t.append(f"\n\nline {msg.line} as it is in the file:\n", style="dim")
+            t.append_text(literal(msg.raw))
         self.query_one("#row-view", Static).update(t)
+        # n goes on with the first row after this line, p with the one before it
+        self.row_index = msg.next_index - 0.5
 
     def _show_row(self, index: int) -> None:
         self._jump_line = None
