@@ -39,5 +39,8 @@ def middle(value: object, limit: int) -> str:
         return s
     if limit <= 1:
         return "…"[:limit]
+    words, sep, last = s.rpartition(" ")
+    if sep and "/" in last and len(words) + 9 < limit:     # "adapter saved to …/x/adapter"
+        return words + " " + middle(last, limit - len(words) - 1)
     head = (limit - 1) // 3
     return s[:head] + "…" + s[len(s) - (limit - 1 - head):]

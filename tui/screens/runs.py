@@ -41,8 +41,8 @@ class RunsScreen(Screen):
     RunsScreen #runs { height: 1fr; }
     """
 
-    COLUMNS = [("run", "run", 24), ("state", "state", 8), ("step", "step", 7),
-               ("final loss", "final", 10), ("last loss", "last", 9), ("model", "model", 10)]
+    COLUMNS = [("run", "run", 22), ("state", "state", 8), ("step", "step", 7),
+               ("final loss", "final", 10), ("last loss", "last", 9), ("model", "model", 12)]
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -69,7 +69,8 @@ class RunsScreen(Screen):
 
     def action_reload(self) -> None:
         where = Text("run directory ", style="dim")
-        where.append(middle(Path(self.app.runs_dir()).resolve(), 40))
+        p = Path(self.app.runs_dir())
+        where.append(middle(p, 40) if p.is_absolute() else f"./{p}/")
         where.append("   enter: open   a: attach to a live run", style="dim")
         self.query_one("#runs-where", Static).update(where)
         self._list(self.app.runs_dir())
@@ -91,9 +92,9 @@ class RunsScreen(Screen):
             self.notify(one_line(msg.error, 200), severity="error", markup=False)
         for ri in msg.runs:
             step = f"{ri.step}/{ri.total_steps}" if ri.total_steps else str(ri.step)
-            t.add_row(Text(middle(ri.name, 24)), Text(ri.state, style=STATE_STYLE.get(ri.state, "")),
+            t.add_row(Text(middle(ri.name, 22)), Text(ri.state, style=STATE_STYLE.get(ri.state, "")),
                       Text(step), _loss(ri.final_loss), _loss(ri.last_loss),
-                      Text(middle(ri.model or "", 10)), key=str(ri.path))
+                      Text(middle(ri.model or "", 12)), key=str(ri.path))
         if msg.runs:
             t.move_cursor(row=min(keep, len(msg.runs) - 1))
         self.runs = msg.runs
