@@ -413,3 +413,24 @@ async def test_runs_screen_resumes_with_the_dialog_and_detail_shows_lr_and_grad(
         await until(pilot, lambda: not isinstance(app.screen, RunDetailScreen))
         await pilot.press("r")                                    # and from the list
         await until(pilot, lambda: isinstance(app.screen, ResumeFixDialog), what="dialog")
+
+
+# ---- 9: a focused dropdown looks focused; an open one has a border --------------------------
+
+async def test_focused_and_open_dropdowns_stand_out(tmp_path):
+    from textual.widgets import Select
+    from textual.widgets._select import SelectCurrent, SelectOverlay
+    app = make_app(demo_cfg(tmp_path))
+    async with app.run_test(size=(100, 40)) as pilot:
+        await pilot.press("f3")
+        await until(pilot, lambda: app.screen.form_ready, what="form")
+        selects = list(app.screen.query(Select))
+        a, b = selects[0], selects[1]
+        a.focus()
+        await pilot.pause()
+        focused = a.query_one(SelectCurrent).styles.background
+        plain_bg = b.query_one(SelectCurrent).styles.background
+        assert focused != plain_bg
+        await pilot.press("enter")                      # open it
+        await until(pilot, lambda: a.expanded, what="open dropdown")
+        assert a.query_one(SelectOverlay).styles.border_top[0] not in ("", "none", "hidden")

@@ -83,7 +83,7 @@ class FieldRow(Widget):
     FieldRow Input, FieldRow Select { width: 1fr; }
     /* a focused dropdown stands out; an open one has a border (its options are not a field) */
     FieldRow Select:focus-within > SelectCurrent { background: $accent 35%; text-style: bold; }
-    FieldRow Select > SelectOverlay { border: round $accent; }
+    FieldRow Select.-textual-compact > SelectOverlay { border: round $accent !important; }
     FieldRow > .help { column-span: 2; color: $foreground 60%; padding-left: 22; height: auto; }
     FieldRow.-invalid > .name { color: $error; text-style: bold; }
     """
