@@ -27,6 +27,16 @@ DEMO_OVERRIDES = [
     "lora.r=16", "lora.alpha=32", "train.max_steps=100", "train.batch_size=4", "train.grad_accum=1",
     "train.learning_rate=2e-3", "train.logging_steps=1", "train.eval_steps=20", "train.save_steps=30",
 ]
+
+
+def demo_config(overrides: list[str] | tuple = ()):
+    """What "no config given" means in the TUI, wherever it is opened (`qlora-tui`, `qlora-tui
+    tui`, `qlora-tui attach`): the offline demo, with ``--set`` overrides applied on top.
+    (Headless commands estimate and train real models: there the library defaults stand.)"""
+    from engine import config as C
+    return C.load(None, DEMO_OVERRIDES + list(overrides))
+
+
 SPECIALS = ["<|pad|>", "<|begin_of_text|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
 
 

@@ -30,7 +30,7 @@ def add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -
         p.add_argument("config", metavar="CONFIG", help="TOML config file")
     else:
         p.add_argument("config", metavar="CONFIG", nargs="?", default=None,
-                       help="TOML config file (default: built-in defaults)")
+                       help="TOML config file (default: the defaults `qlora-tui init` writes)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.learning_rate=1e-4 (repeatable)")
 
@@ -45,12 +45,18 @@ def load_config_or_exit(args):
         raise SystemExit(2)
 
 
+# the TUI forms first: `qlora-tui` alone is the app, so the usage line must say so
+USAGE = ("qlora-tui [CONFIG.toml] [--set KEY=VALUE ...]   the TUI (no CONFIG: the offline demo)\n"
+         "       qlora-tui attach [RUN_DIR]                      the TUI on a live run\n"
+         "       qlora-tui COMMAND ...                           see `qlora-tui COMMAND --help`")
+
+
 def build_parser(extra_tui_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="qlora-tui",
+        prog="qlora-tui", usage=USAGE,
         description="Fine-tune LLMs with QLoRA from the terminal. Without a command: open the TUI "
                     "(on CONFIG, or on the offline demo).")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", prog="qlora-tui")
     for name in COMMAND_MODULES:
         try:
             mod = importlib.import_module(name)
@@ -59,6 +65,9 @@ def build_parser(extra_tui_help: bool = True) -> argparse.ArgumentParser:
                 continue  # command not built in this checkout
             raise
         mod.register(sub)
+    for p in sub.choices.values():
+        p.add_argument("--verbose", action="store_true",
+                       help="also show the libraries' warnings, logging and progress bars")
     if extra_tui_help:
         sub.add_parser("tui", help="open the TUI (the default): qlora-tui [CONFIG]")
         sub.add_parser("attach", help="open the TUI on a live run: qlora-tui attach [RUN_DIR]")
@@ -68,6 +77,8 @@ def build_parser(extra_tui_help: bool = True) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from engine import quiet
+    quiet.apply(getattr(args, "verbose", False))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

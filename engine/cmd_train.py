@@ -22,7 +22,8 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("init", help="write a commented starter config")
-    p.add_argument("path", nargs="?", default="qlora.toml", metavar="PATH")
+    p.add_argument("path", nargs="?", default="qlora.toml", metavar="PATH",
+                   help="where to write it (default: qlora.toml)")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=cmd_init)
 
@@ -32,12 +33,12 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("stop", help="ask a live run to stop gracefully (saves checkpoint + adapter)")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's directory (see `qlora-tui runs`)")
     p.add_argument("--wait", action="store_true", help="wait until the run has stopped")
     p.set_defaults(func=cmd_stop, command_name="stop")
 
     p = sub.add_parser("save", help="ask a live run to write a checkpoint now (it goes on training)")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the live run's directory (see `qlora-tui runs`)")
     p.add_argument("--wait", action="store_true", help="wait until the checkpoint is written")
     p.set_defaults(func=cmd_stop, command_name="save")
 
@@ -87,7 +88,8 @@ class HeadlessPrinter:
         elif t == "checkpoint":
             w(f"checkpoint step {ev.step}: {ev.path}\n")
         elif t == "hint":
-            w(f"hint [{ev.severity}] {ev.symptom} — {ev.cause}. Fix: {ev.fix}\n")
+            at = f"step {ev.step}: " if ev.step else ""
+            w(f"hint [{ev.severity}] {at}{ev.symptom} — {ev.cause}. Fix: {ev.fix}\n")
         elif t == "run_finished":
             w(f"{'stopped' if ev.stopped else 'finished'} at step {ev.step}: {ev.reason}; "
               f"{'model' if ev.adapter_dir.endswith('/model') else 'adapter'}: {ev.adapter_dir}\n")
@@ -112,12 +114,12 @@ def cmd_train(args) -> int:
         cfg = load_config_or_exit(args)
         if args.detach:
             try:
-                d = RN.start_detached(cfg)
+                d = RN.start_detached(cfg, check="child")
             except (RN.PreflightError, OSError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
             print(d)
-            print(f"attach: qlora-tui attach {d}", file=sys.stderr)
+            _say_how_to_follow(d)
             return 0
         if not args.headless:
             print("error: train without --headless or --detach opens nothing; use `qlora-tui CONFIG` "
@@ -181,7 +183,7 @@ def _resume_run(args):
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(d)
-        print(f"attach: qlora-tui attach {d}", file=sys.stderr)
+        _say_how_to_follow(d)
         return 0
     from engine import distributed as DI
     try:
@@ -194,6 +196,13 @@ def _resume_run(args):
     run = RN.Run(None, run_dir=run_dir, resume=True, overrides=args.overrides)
     run.cfg = resumed_cfg
     return run
+
+
+def _say_how_to_follow(run_dir) -> None:
+    print(f"started in the background (survives closing this terminal)\n"
+          f"  watch:  qlora-tui attach {run_dir}\n"
+          f"  log:    tail -f {run_dir}/stdout.log\n"
+          f"  state:  qlora-tui runs        stop: qlora-tui stop {run_dir}", file=sys.stderr)
 
 
 def cmd_init(args) -> int:

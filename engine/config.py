@@ -55,7 +55,7 @@ class QuantConfig:
 
 @dataclass
 class LoraConfigSection:
-    r: int = _f(32, "Rank: higher = more capacity, more memory. Range 8 to 128.", lo=1, hi=1024)
+    r: int = _f(32, "Rank: higher = more capacity, more memory; usually 8 to 128.", lo=1, hi=1024)
     alpha: float = _f(64, "Scaling factor, usually 2×r (r to 4×r).", lo=0.0001)
     dropout: float = _f(0.0, "Regularization for small datasets (0 to 0.1).", lo=0.0, hi=0.9)
     target_modules: Any = _f("all-linear", "all-linear, or a list of module names that exist in "
@@ -217,6 +217,11 @@ class Config:
         return str(p)
 
 
+def plural(n: int, word: str) -> str:
+    """``1 problem``, ``2 problems``: every count the user reads goes through here."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 class ConfigError(ValueError):
     """One or more config problems; ``problems`` holds one ``Problem`` each."""
 
@@ -224,8 +229,15 @@ class ConfigError(ValueError):
         self.problems = problems
         self.source = source
         where = f"{source}: " if source else ""
-        lines = [f"{where}{len(problems)} config problem(s):"] + [f"  - {p}" for p in problems]
+        lines = [f"{where}{plural(len(problems), 'config problem')}:"] + [f"  - {p}" for p in problems]
         super().__init__("\n".join(lines))
+
+    def one_line(self) -> str:
+        """For a toast or a status line: the first problem in full, then how many more."""
+        first = self.problems[0] if self.problems else "invalid config"
+        more = f" (and {plural(len(self.problems) - 1, 'more problem')})" if len(self.problems) > 1 else ""
+        where = f"{self.source}: " if self.source and not str(first).startswith(self.source) else ""
+        return f"{where}{first}{more}"
 
 
 @dataclass
@@ -235,6 +247,8 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
+        if self.field.startswith("<"):            # the file itself (not a key): no `<file> =`
+            return f"{self.value}: {self.message}"
         return f"{self.field} = {self.value!r}: {self.message}"
 
 

@@ -69,6 +69,14 @@ def resolve(path: str) -> Path:
     return Path(path).expanduser()
 
 
+def json_problem(e: Exception) -> str:
+    """A JSON error in full: its message and where (``Invalid control character at column 15``;
+    the message alone ends in a dangling "at"). Lines are given by the caller."""
+    msg = getattr(e, "msg", None) or str(e)
+    col = getattr(e, "colno", None)
+    return f"invalid JSON: {msg}" + (f" column {col}" if col else "")
+
+
 def iter_raw(path: str | Path, on_bytes: Callable[[int, int], None] | None = None
              ) -> Iterator[tuple[int, object, str | None]]:
     """Yield ``(line, record, error)`` for every record of a file; ``error`` is set for bad lines.
@@ -155,7 +163,7 @@ def _iter_raw(p: Path, on_bytes) -> Iterator[tuple[int, object, str | None]]:
                 try:
                     yield i, json.loads(raw), None
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    yield i, None, f"invalid JSON: {getattr(e, 'msg', str(e))}"
+                    yield i, None, json_problem(e)
         if on_bytes is not None:
             on_bytes(total, total)
     elif suffix == ".json":
@@ -167,7 +175,7 @@ def _iter_raw(p: Path, on_bytes) -> Iterator[tuple[int, object, str | None]]:
             if text.lstrip().startswith("{") and "\n{" in text:   # JSONL saved as .json
                 yield from iter_raw_lines_as_jsonl(p)
                 return
-            yield line, None, f"invalid JSON: {getattr(e, 'msg', str(e))}"
+            yield line, None, json_problem(e)
             return
         if isinstance(data, dict):
             for key in ("data", "train", "rows", "examples"):
@@ -208,7 +216,7 @@ def iter_raw_lines_as_jsonl(p: Path):
                 try:
                     yield i, json.loads(raw), None
                 except json.JSONDecodeError as e:
-                    yield i, None, f"invalid JSON: {e.msg}"
+                    yield i, None, json_problem(e)
 
 
 def _json_array_item_lines(text: str, n: int) -> list[int]:
@@ -540,5 +548,5 @@ def _require_usable(ds: Dataset, cfg, key: str) -> None:
                         + (f"; first problem at line {first.line}: {first.message}" if first else ""))
     if cfg.data.strict and ds.problems:
         p = ds.problems[0]
-        raise DataError(f"{where}:{p.line}: {p.message} ({len(ds.problems)} problem(s); data.strict = true "
+        raise DataError(f"{where}:{p.line}: {p.message} ({len(ds.problems)} problem{'' if len(ds.problems) == 1 else 's'}; data.strict = true "
                         "refuses to train; fix them or set data.strict = false to skip bad rows)")

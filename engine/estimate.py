@@ -411,6 +411,43 @@ def _activation_bytes_per_token(input_bytes: int, act: int, layers: int, k: int,
 # ---------------------------------------------------------------------------------------------
 # config.json and GPU memory
 
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached from here (offline mode, no route), or None. One quick
+    connect instead of the client's retries (24 s offline, ending in a cut-off message)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host} cannot be reached ({e.strerror or type(e).__name__})"
+    return None
+
+
+def _hub_config(name: str, repo: str, revision) -> Path:
+    """config.json of a hub model: from the local cache, else downloaded if the hub answers."""
+    from huggingface_hub import hf_hub_download
+    try:
+        return Path(hf_hub_download(repo, "config.json", revision=revision, local_files_only=True))
+    except Exception:
+        pass                                           # not cached: ask the hub
+    why = hub_unreachable()
+    if why:
+        raise EstimateError(f"model {name!r} is a hub id and the hub is unreachable: {why}. Point "
+                            f"model.name at a local model directory (download it where the hub "
+                            f"answers: huggingface-cli download {repo})")
+    try:
+        return Path(hf_hub_download(repo, "config.json", revision=revision))
+    except Exception as e:  # gated, missing repo: one line naming the model, never cut mid-word
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise EstimateError(f"cannot read config.json of model {name!r} from the hub: "
+                            f"{type(e).__name__}: {first}") from None
+
+
 def model_config_for(cfg: Config) -> dict:
     """The model's config.json as a dict: local directory, builtin:tiny, or the hub (config only)."""
     name = cfg.model.name.strip()
@@ -423,13 +460,7 @@ def model_config_for(cfg: Config) -> dict:
     if p.is_dir():
         path = p / "config.json"
     else:
-        try:
-            from huggingface_hub import hf_hub_download
-            path = Path(hf_hub_download(where, "config.json", revision=cfg.model.revision or None))
-        except Exception as e:  # offline, gated, missing repo: one line naming the model
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise EstimateError(f"cannot read config.json of model {name!r} from the hub: "
-                                f"{type(e).__name__}: {first}") from None
+        path = _hub_config(name, where, cfg.model.revision or None)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:

@@ -92,6 +92,7 @@ class Hint(Event):
     cause: str = ""
     fix: str = ""
     step: int = 0
+    overrides: list = field(default_factory=list)   # the fix as ``section.key=value`` (--set)
 
 
 @dataclass

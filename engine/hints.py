@@ -135,6 +135,129 @@ def _cfg_get(cfg, dotted: str, default=None):
         return default
 
 
+# --- fixes as data: ``section.key=value`` overrides, rendered to prose here alone ---------
+# A hint's ``overrides`` are what ``train --resume RUN_DIR --set ...`` and the TUI's recovery
+# dialog apply; ``fix_lines`` is the one place that turns them into words.
+
+#: why a fix helps, after its value (keys not listed need no note)
+FIX_NOTES = {
+    "data.packing": "no padding; use flash_attention_2 so samples stay apart",
+    "train.max_grad_norm": "clipping is off",
+    "quant.compute_dtype": "where the GPU supports it, else fp32",
+}
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return fmt_lr(v) if 0 < v < 0.01 else f"{v:g}" if v != int(v) else f"{v:.1f}"
+    if isinstance(v, str):
+        return f'"{v}"'
+    return str(v)
+
+
+def override(key: str, value) -> str:
+    """``section.key=value`` with the value written as ``--set`` (TOML) reads it."""
+    return f"{key}={_toml(value)}"
+
+
+def _split(ov: str):
+    from engine.config import parse_value
+    key, raw = ov.split("=", 1)
+    return key.strip(), parse_value(raw.strip())
+
+
+def _shown(v) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float) and 0 < v < 0.01:
+        return fmt_lr(v)
+    if isinstance(v, float):
+        return f"{v:.1f}" if v == int(v) else f"{v:g}"
+    return str(v)
+
+
+def fix_lines(cfg, overrides: list[str]) -> list[str]:
+    """Each override in words, in order: ``data.max_length 4096 → 2048``; a batch-size change
+    reads with its grad_accum change and the effective batch it keeps."""
+    pairs = [_split(o) for o in overrides]
+    new = dict(pairs)
+    out = []
+    for key, value in pairs:
+        if key == "train.grad_accum" and "train.batch_size" in new:
+            continue                      # said with the batch size
+        old = _cfg_get(cfg, key)
+        if key == "train.batch_size" and "train.grad_accum" in new:
+            ga, new_ga = _cfg_get(cfg, "train.grad_accum"), new["train.grad_accum"]
+            gpus = _cfg_get(cfg, "distributed.gpus", 1) or 1
+            line = f"train.batch_size {_shown(old)} → {value} with train.grad_accum {_shown(ga)} → {new_ga}"
+            if _finite(old) and _finite(ga):
+                eff, old_eff = value * new_ga * gpus, old * ga * gpus
+                line += f" (effective batch {'stays' if eff == old_eff else 'becomes'} {eff})"
+            out.append(line)
+            continue
+        notes = [FIX_NOTES[key]] if key in FIX_NOTES else []
+        if _finite(old) and _finite(value) and old != 0:
+            verb = "lower " if key == "train.learning_rate" and value < old else ""
+            line = f"{verb}{key} {_shown(old)} → {_shown(value)}"
+        elif old is None:
+            line = f"set {key} to {_shown(value)}"
+        else:
+            line = f"{key} = {_shown(value)}"
+            notes.insert(0, f"now {_shown(old)}")
+        out.append(line + (f" ({'; '.join(notes)})" if notes else ""))
+    return out
+
+
+def fix_text(cfg, overrides: list[str], advice: list[str] = ()) -> str:
+    """A hint's ``fix``: its overrides in words, then the advice no override can express."""
+    return "; ".join(fix_lines(cfg, overrides) + list(advice))
+
+
+def nan_overrides(cfg) -> list[str]:
+    """What a NaN/Inf answers with: a lower LR, clipping back on, bf16 instead of fp16."""
+    lr = _cfg_get(cfg, "train.learning_rate")
+    out = [override("train.learning_rate", (SAFE_LR if lr > SAFE_LR else lr / 2)
+                    if _finite(lr) else SAFE_LR)]
+    if _cfg_get(cfg, "train.max_grad_norm") == 0:
+        out.append(override("train.max_grad_norm", 1.0))
+    if _cfg_get(cfg, "quant.compute_dtype") == "fp16":
+        out.append(override("quant.compute_dtype", "bf16"))
+    return out
+
+
+def oom_overrides(cfg, step: int = 0) -> list[str]:
+    """The seed's OOM fixes for this config, most effective first (at start: sequence length;
+    mid-run: gradient checkpointing). Empty when none is left to try."""
+    at_start = step <= 1
+    max_len = _cfg_get(cfg, "data.max_length")
+    f_len = [override("data.max_length", max(256, max_len // 2))] \
+        if _finite(max_len) and max_len > 256 else []
+    bs, ga = _cfg_get(cfg, "train.batch_size"), _cfg_get(cfg, "train.grad_accum")
+    f_batch = []
+    if _finite(bs) and _finite(ga) and bs > 1:
+        new_bs = bs // 2
+        f_batch = [override("train.batch_size", new_bs),
+                   override("train.grad_accum", math.ceil(ga * bs / new_bs))]
+    f_gc = [] if _cfg_get(cfg, "train.gradient_checkpointing") is True else \
+        [override("train.gradient_checkpointing", True)]
+    if _cfg_get(cfg, "train.activation_offload") is not True and (_cfg_get(cfg, "distributed.gpus", 1) or 1) == 1:
+        # checkpointed layers' inputs to pinned CPU memory: ~1% slower, same micro-batch
+        f_gc.append(override("train.activation_offload", True))
+    f_pack = [] if _cfg_get(cfg, "data.packing") is True else [override("data.packing", True)]
+    order = [f_len, f_batch, f_gc, f_pack] if at_start else [f_gc, f_batch, f_len, f_pack]
+    out = [o for group in order for o in group]
+    if _cfg_get(cfg, "quant.load_in_4bit") is False:
+        out.insert(0, override("quant.load_in_4bit", True))
+    return out
+
+
+def hint_overrides(rule: str, cfg, step: int = 0) -> list[str]:
+    """The overrides of a failure's hint (``nan`` or ``oom``), as its Hint event carries them."""
+    return nan_overrides(cfg) if rule == "nan" else oom_overrides(cfg, step) if rule == "oom" else []
+
+
 # --- the hints with config-aware fixes (usable without an engine) -----------------------
 
 def nan_hint(step: int, loss: float | None, grad_norm: float | None, cfg=None) -> Hint:
@@ -144,7 +267,7 @@ def nan_hint(step: int, loss: float | None, grad_norm: float | None, cfg=None) -
         parts.append(f"loss = {_num(loss)}")
     if grad_norm is not None:
         parts.append(f"grad norm = {_num(grad_norm)}")
-    symptom = (", ".join(parts) or "non-finite metrics") + f" at step {step}"
+    symptom = ", ".join(parts) or "non-finite metrics"
     lr = _cfg_get(cfg, "train.learning_rate")
     dtype = _cfg_get(cfg, "quant.compute_dtype")
     extreme = _extreme_scaling(cfg)
@@ -157,22 +280,13 @@ def nan_hint(step: int, loss: float | None, grad_norm: float | None, cfg=None) -
         cause += ", or an fp16 overflow (quant.compute_dtype = fp16)"
     if loss == 0:
         cause += "; loss 0 with a non-finite grad norm also means every label is masked"
-    fixes = []
-    if _finite(lr):
-        new = SAFE_LR if lr > SAFE_LR else lr / 2
-        fixes.append(f"lower train.learning_rate {fmt_lr(lr)} → {fmt_lr(new)}")
-    else:
-        fixes.append(f"lower train.learning_rate to {fmt_lr(SAFE_LR)}")
-    if dtype == "fp16":
-        fixes.append("set quant.compute_dtype = bf16 where the GPU supports it (else fp32)")
-    mgn = _cfg_get(cfg, "train.max_grad_norm")
-    if mgn == 0:
-        fixes.append("set train.max_grad_norm = 1.0 (clipping is off)")
+    overrides = nan_overrides(cfg)
+    advice = []
     if loss == 0:
-        fixes.append("check the label mask in the Dataset screen / `qlora-tui inspect --show`")
-    fixes.append("resume from the last checkpoint")
+        advice.append("check the label mask in the Dataset screen / `qlora-tui inspect --show`")
+    advice.append("resume from the last checkpoint")
     return Hint(rule="nan", severity="error", symptom=symptom, cause=cause,
-                fix="; ".join(fixes), step=int(step))
+                fix=fix_text(cfg, overrides, advice), step=int(step), overrides=overrides)
 
 
 MAX_LORA_SCALE = 64.0      # alpha / r (alpha / sqrt(r) with rsLoRA); the guide's range is 1-4
@@ -199,8 +313,7 @@ def oom_hint(estimate_bytes: int | None, observed_bytes: int | None, cfg=None,
     ``total_bytes``: the GPU's memory, when known; ``step``: 0 or 1 = at start.
     """
     at_start = step <= 1
-    when = "at start" if at_start else f"at step {step}"
-    symptom = f"CUDA out of memory {when}"
+    symptom = "CUDA out of memory" + (" at start" if at_start else "")
     details = []
     if estimate_bytes is not None:
         details.append(f"pre-flight estimate {fmt_bytes(estimate_bytes)}")
@@ -212,55 +325,36 @@ def oom_hint(estimate_bytes: int | None, observed_bytes: int | None, cfg=None,
         symptom += ": " + ", ".join(details)
     if estimate_bytes and observed_bytes and estimate_bytes > 0:
         symptom += f" ({(observed_bytes - estimate_bytes) / estimate_bytes:+.0%} vs estimate)"
+    return Hint(rule="oom", severity="error", symptom=symptom,
+                cause=_oom_cause(cfg, at_start, estimate_bytes, observed_bytes),
+                fix=_oom_fix(cfg, step), step=int(step), overrides=oom_overrides(cfg, step))
 
+
+def _oom_cause(cfg, at_start: bool, estimate_bytes, observed_bytes) -> str:
     max_len = _cfg_get(cfg, "data.max_length")
-    gc = _cfg_get(cfg, "train.gradient_checkpointing")
     if at_start:
         cause = "sequence length too high for this GPU"
         if _finite(max_len):
             cause = f"sequence length too high for this GPU (data.max_length = {max_len})"
     else:
         cause = "a longer batch than any before, or memory growing during training"
-        if gc is False:
+        if _cfg_get(cfg, "train.gradient_checkpointing") is False:
             cause += "; gradient checkpointing is off"
     if estimate_bytes and observed_bytes and observed_bytes > 1.2 * estimate_bytes:
         cause += (f"; the estimate missed {fmt_bytes(observed_bytes - estimate_bytes)} "
                   "(long rows, fp32 logits of a large vocabulary)")
+    return cause
 
-    f_len = f_batch = f_gc = f_pack = None
-    if _finite(max_len):
-        if max_len > 256:
-            f_len = f"data.max_length {max_len} → {max(256, max_len // 2)}"
-    else:
-        f_len = "shorter data.max_length"
-    bs = _cfg_get(cfg, "train.batch_size")
-    ga = _cfg_get(cfg, "train.grad_accum")
-    if _finite(bs) and _finite(ga):
-        if bs > 1:
-            new_bs = bs // 2
-            new_ga = math.ceil(ga * bs / new_bs)
-            gpus = _cfg_get(cfg, "distributed.gpus", 1) or 1
-            eff, old_eff = new_bs * new_ga * gpus, bs * ga * gpus
-            f_batch = (f"train.batch_size {bs} → {new_bs} with train.grad_accum {ga} → {new_ga} "
-                       f"(effective batch {'stays' if eff == old_eff else 'becomes'} {eff})")
-    else:
-        f_batch = "smaller train.batch_size with more train.grad_accum (same effective batch)"
-    if gc is not True:
-        f_gc = "train.gradient_checkpointing = true" + (f" (now {str(gc).lower()})" if gc is not None else "")
-    if _cfg_get(cfg, "train.activation_offload") is not True and (_cfg_get(cfg, "distributed.gpus", 1) or 1) == 1:
-        # checkpointed layers' inputs to pinned CPU memory: ~1% slower, same micro-batch
-        f_gc = ", ".join(f for f in (f_gc, "train.activation_offload = true") if f)
-    packing = _cfg_get(cfg, "data.packing")
-    if packing is not True:
-        f_pack = "data.packing = true (no padding; use flash_attention_2 so samples stay apart)"
-    order = [f_len, f_batch, f_gc, f_pack] if at_start else [f_gc, f_batch, f_len, f_pack]
-    fixes = [f for f in order if f]
-    if _cfg_get(cfg, "quant.load_in_4bit") is False:
-        fixes.insert(0, "quant.load_in_4bit = true")
-    if not fixes:
-        fixes = ["a smaller model, or a GPU with more memory"]
-    return Hint(rule="oom", severity="error", symptom=symptom, cause=cause,
-                fix="; ".join(fixes), step=int(step))
+
+def _oom_fix(cfg, step: int) -> str:
+    overrides = oom_overrides(cfg, step)
+    advice = []
+    if cfg is None:                       # no numbers to halve: say what to change
+        advice = ["shorter data.max_length",
+                  "smaller train.batch_size with more train.grad_accum (same effective batch)"]
+    if not overrides and not advice:
+        advice = ["a smaller model, or a GPU with more memory"]
+    return fix_text(cfg, overrides, advice)
 
 
 # --- episode bookkeeping ----------------------------------------------------------------
@@ -317,6 +411,8 @@ class HintEngine:
         self._tps_seen = 0
         self._tps_low_run = 0
         self._tps_level: float | None = None
+        self._paused = False     # an eval or checkpoint since the last step: its time is in the next reading
+        self._device = ""
         self._gpu: deque[float] = deque(maxlen=GPU_LOW_WINDOW)
         self._undertrain_done = False
 
@@ -333,7 +429,12 @@ class HintEngine:
         if isinstance(ev, Step):
             return self.observe_step(ev)
         if isinstance(ev, Eval):
+            self._paused = True
             return self.observe_eval(ev)
+        if getattr(ev, "type", "") == "checkpoint":
+            self._paused = True
+        if getattr(ev, "type", "") == "run_started":
+            self._device = str(getattr(ev, "device", "") or "")
         if isinstance(ev, RunFinished):
             self._finished = True
             self._training = False
@@ -430,8 +531,9 @@ class HintEngine:
         if not _finite(tps):
             return
         self._tps_seen += 1
-        if self._tps_seen <= TPS_SKIP_FIRST:
-            return
+        paused, self._paused = self._paused, False
+        if self._tps_seen <= TPS_SKIP_FIRST or paused:
+            return      # start-up, or an interval that held an eval or a checkpoint save
         level = statistics.median(self._tps) if len(self._tps) >= TPS_MIN_HISTORY else None
         ep = self._episodes["tokens_per_second_drop"]
         if level is None:
@@ -535,7 +637,7 @@ class HintEngine:
             what.append("grad norm = 0")
         return Hint(
             rule="labels_masked", severity="error",
-            symptom=f"{' and '.join(what)} for {self._zero_run} logged steps (step {step.step})",
+            symptom=f"{' and '.join(what)} for {self._zero_run} logged steps",
             cause="labels all masked (-100): nothing is being learned",
             fix=("check the label mask in the Dataset screen / `qlora-tui inspect --show`; "
                  "chat templates need {% generation %} markers for assistant-only loss"),
@@ -543,22 +645,18 @@ class HintEngine:
 
     def _spike_hint(self, step: Step, med: float | None) -> Hint:
         lr = _cfg_get(self.cfg, "train.learning_rate")
-        mgn = _cfg_get(self.cfg, "train.max_grad_norm")
-        fixes = []
-        if _finite(lr) and lr > SAFE_LR:
-            fixes.append(f"if it recurs, lower train.learning_rate {fmt_lr(lr)} → {fmt_lr(SAFE_LR)}")
-        elif _finite(lr):
-            fixes.append(f"if it recurs, lower train.learning_rate {fmt_lr(lr)} → {fmt_lr(lr / 2)}")
-        else:
-            fixes.append(f"if it recurs, lower train.learning_rate to {fmt_lr(SAFE_LR)}")
-        if mgn == 0:
-            fixes.append("set train.max_grad_norm = 1.0 (clipping is off)")
-        fixes.append("look for odd rows in the Dataset screen (`qlora-tui inspect`)")
+        overrides = [override("train.learning_rate", (SAFE_LR if lr > SAFE_LR else lr / 2)
+                              if _finite(lr) else SAFE_LR)]
+        if _cfg_get(self.cfg, "train.max_grad_norm") == 0:
+            overrides.append(override("train.max_grad_norm", 1.0))
         gn = f", grad norm {_num(step.grad_norm)}" if _finite(step.grad_norm) else ""
         return Hint(
             rule="loss_spike", severity="warning",
-            symptom=f"loss jumped to {_num(step.loss)} (recent median {_num(med)}{gn}) at step {step.step}",
-            cause="LR too high or a bad batch", fix="; ".join(fixes), step=int(step.step))
+            symptom=f"loss jumped to {_num(step.loss)} (recent median {_num(med)}{gn})",
+            cause="LR too high or a bad batch",
+            fix="if it recurs: " + fix_text(self.cfg, overrides, [
+                "look for odd rows in the Dataset screen (`qlora-tui inspect`)"]),
+            step=int(step.step), overrides=overrides)
 
     def _plateau_hint(self, step: Step) -> Hint:
         lr = _cfg_get(self.cfg, "train.learning_rate")
@@ -584,7 +682,7 @@ class HintEngine:
         return Hint(
             rule="loss_plateau", severity="info" if converged else "warning",
             symptom=(f"loss flat at ~{_num(self._smoothed[-1][1])} for {PLATEAU_WINDOW} logged steps "
-                     f"(best {_num(best_before)}, start {_num(first)}) at step {step.step}"),
+                     f"(best {_num(best_before)}, start {_num(first)})"),
             cause="LR too low or rank too low — increase one" + (
                 " (or it has converged)" if converged else ""),
             fix=" or ".join(fixes), step=int(step.step))
@@ -621,11 +719,22 @@ class HintEngine:
         return Hint(
             rule="tokens_per_second_drop", severity="warning",
             symptom=(f"tokens/s fell to {tps:,.0f} from a running {level:,.0f} "
-                     f"({tps / level - 1:+.0%}) at step {step.step}"),
-            cause="data pipeline issue (the GPU waits for batches), another process on the GPU, "
-                  "or thermal throttling",
-            fix="check CPU and disk load in the host panel, other GPU processes and GPU temperature/power",
+                     f"({tps / level - 1:+.0%})"),
+            **self._slowdown_why(),
             step=int(step.step))
+
+    def _slowdown_why(self) -> dict:
+        """Cause and fix of a tokens/s drop for the device the run trains on."""
+        device = self._device or str(_cfg_get(self.cfg, "train.device", "") or "")
+        if device.startswith("cuda") or "gpu" in device.lower():
+            return dict(cause="data pipeline issue (the GPU waits for batches), another process on "
+                              "the GPU, or thermal throttling",
+                        fix="check CPU and disk load in the host panel, other GPU processes and GPU "
+                            "temperature/power")
+        return dict(cause="other processes taking the CPU cores this run trains on, or the "
+                          "data pipeline (tokenising, disk reads)",
+                    fix="check CPU load in the host panel: other jobs on the same cores slow this "
+                        "run; run one at a time")
 
     def _gpu_hint(self, step: int, med: float | None) -> Hint:
         bs = _cfg_get(self.cfg, "train.batch_size")

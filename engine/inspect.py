@@ -212,6 +212,12 @@ def _nice_width(x: float) -> int:
     return int(10 * p)
 
 
+def bucket_label(lo: int, hi: int) -> str:
+    """A histogram bucket as people read it: both ends included (``20–24`` for [20, 25)).
+    The CLI and the TUI both print buckets through this."""
+    return f"{lo}–{hi - 1}"
+
+
 def histogram(lengths, max_len: int, bins: int = 20) -> list[tuple[int, int, int]]:
     """[(lo, hi, count)] with round bin widths; max_len is a bin edge when rows exceed it."""
     import numpy as np
@@ -628,8 +634,29 @@ def preview(cfg, row_index: int, *, path=None) -> Preview:
                    input_ids=list(enc.input_ids[:max_len]), labels=labels)
 
 
+class NoRowAtLine(ValueError):
+    """A line that is no usable row: ``next_index`` is the first row after it (where "next"
+    continues), ``raw`` the line's own text (up to 2,000 characters; "" when not a text file)."""
+
+    def __init__(self, message: str, next_index: int, raw: str) -> None:
+        super().__init__(message)
+        self.next_index, self.raw = next_index, raw
+
+
+def raw_line(path, line: int, limit: int = 2000) -> str:
+    """Physical line ``line`` of a text data file, as text (undecodable bytes replaced)."""
+    p = Path(path)
+    if p.suffix.lower() not in (".jsonl", ".json", ".csv", ".txt") or not p.is_file():
+        return ""
+    with open(p, "rb") as fh:
+        for i, raw in enumerate(fh, 1):
+            if i == line:
+                return raw[:limit * 4].decode("utf-8", "replace").rstrip("\r\n")[:limit]
+    return ""
+
+
 def row_index_for_line(cfg, line: int, *, path=None) -> int:
-    """The usable-row index of physical line ``line`` (ValueError if that line is no usable row)."""
+    """The usable-row index of physical line ``line`` (NoRowAtLine if that line is no usable row)."""
     ds = dataset_for(_data_path(cfg, path), cfg.data.format)
     from bisect import bisect_left
     lines = [r.line for r in ds.rows]
@@ -637,7 +664,8 @@ def row_index_for_line(cfg, line: int, *, path=None) -> int:
     if i < len(lines) and lines[i] == line:
         return i
     bad = [p for p in ds.problems if p.line == line]
-    raise ValueError(f"line {line} is not a usable row" + (f": {bad[0].message}" if bad else ""))
+    raise NoRowAtLine(f"line {line} is not a usable row" + (f": {bad[0].message}" if bad else ""),
+                      i, raw_line(_data_path(cfg, path), line))
 
 
 # ---- command line -------------------------------------------------------------------
@@ -781,7 +809,8 @@ def format_report(r: Report, max_problems: int = 50) -> str:
         peak = max(c for _, _, c in r.histogram) or 1
         for lo, hi, c in r.histogram:
             bar = "█" * max(1 if c else 0, round(30 * c / peak))
-            out.append(f"  {lo:>7}–{hi - 1:<7} {bar} {c}")
+            label = bucket_label(lo, hi)
+            out.append(f"  {label.split('–')[0]:>7}–{label.split('–')[1]:<7} {bar} {c}")
         out.append(f"truncated at max_length: {r.truncated_rows} rows ({r.truncated_share:.1%})")
         if r.images:
             v = r.images.get("visual_tokens_per_image") or {}

@@ -46,7 +46,7 @@ def preflight(cfg: C.Config, check_model: bool = True) -> list[str]:
         raise PreflightError(_with_first_bad_line(cfg, str(e))) from None
     notes = []
     if train.problems:
-        notes.append(f"{len(train.problems)} data problem(s): bad rows are skipped "
+        notes.append(f"{C.plural(len(train.problems), 'data problem')}: bad rows are skipped "
                      f"(first: line {train.problems[0].line}: {train.problems[0].message})")
     if check_model:
         note = remote_code_check(cfg)
@@ -162,23 +162,10 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> tu
 
 
 def oom_fix_overrides(cfg: C.Config, step: int = 0) -> list[str]:
-    """The OOM hint's fixes as ``--set`` overrides, most effective first, for
-    ``Run(None, run_dir, resume=True, overrides=...)`` / ``train --resume RUN_DIR --set ...``."""
-    out = []
-    tr, d = cfg.train, cfg.data
-    if tr.gradient_checkpointing is not True:
-        out.append("train.gradient_checkpointing=true")
-    if tr.activation_offload is not True and cfg.distributed.gpus == 1:
-        out.append("train.activation_offload=true")     # inputs of checkpointed layers to host RAM
-    if tr.batch_size > 1:
-        new_bs = tr.batch_size // 2
-        out.append(f"train.batch_size={new_bs}")
-        out.append(f"train.grad_accum={-(-tr.grad_accum * tr.batch_size // new_bs)}")
-    if d.max_length > 256:
-        out.append(f"data.max_length={max(256, d.max_length // 2)}")
-    if d.packing is not True:
-        out.append("data.packing=true")
-    return out
+    """The OOM hint's fixes as ``--set`` overrides (``engine.hints.oom_overrides`` owns them),
+    for ``Run(None, run_dir, resume=True, overrides=...)`` / ``train --resume RUN_DIR --set ...``."""
+    from engine.hints import oom_overrides
+    return oom_overrides(cfg, step)
 
 
 def absolutise(cfg: C.Config) -> C.Config:
@@ -287,7 +274,11 @@ class Run:
             # (rollback replaces events.jsonl; a writer opened earlier would write to the old file)
             self._resume_ckpt, self._resume_note = self._resume_checkpoint()
         elif check:
-            self.notes = preflight(self.cfg)
+            try:
+                self.notes = preflight(self.cfg)
+            except PreflightError as e:
+                self._record_refusal(e)
+                raise
         if self.run_dir is None:
             self.cfg = absolutise(self.cfg)
             name = self.cfg.output.name or self.cfg.model.name
@@ -304,6 +295,19 @@ class Run:
         self.bus.on_sink_error.append(self._sink_error)
         self.bus.subscribe(self._on_event)
         return self.run_dir
+
+    def _record_refusal(self, e: Exception) -> None:
+        """A detached child was handed its run directory before the checks (so `train --detach`
+        returns at once): a refusal goes into that run's log, where `runs` and `attach` see it."""
+        if self.run_dir is None or not (self.run_dir / R.CONFIG).exists():
+            return
+        kind = "data" if "data" in str(e).lower() or "line " in str(e) else "config"
+        try:
+            w = E.JsonlWriter(self.run_dir / R.EVENTS)
+            w(E.RunFailed(reason=str(e).replace("\n", " "), kind=kind))
+            w.close()
+        except OSError:
+            pass
 
     def _resume_config(self) -> C.Config:
         from engine import control as ctl
@@ -634,11 +638,13 @@ def launch_distributed(cfg: C.Config | None, *, run_dir: Path | None = None, res
     return rc
 
 
-def start_detached(cfg: C.Config | None, *, resume: str | Path | None = None, check: bool = True,
+def start_detached(cfg: C.Config | None, *, resume: str | Path | None = None, check: bool | str = True,
                    overrides: list[str] | None = None) -> Path:
     """Start a run in its own session (survives the terminal closing); return its directory.
 
-    ``resume``: continue that run directory instead (``overrides`` change its config first,
+    ``check``: True runs the preflight here (the TUI's launch thread shows its refusal);
+    "child" leaves it to the child, which records a refusal in the run's log (`train --detach`
+    returns at once). ``resume``: continue that run directory instead (``overrides`` change its config first,
     e.g. ``oom_fix_overrides``). The child is ``python -m engine train ... --headless`` with
     stdin on /dev/null and its output in RUN_DIR/stdout.log; it is never a child of the
     caller's session, so closing the terminal or the SSH connection does not reach it.
@@ -659,12 +665,14 @@ def _start_detached(cfg, *, resume, check, overrides) -> Path:
         for o in overrides or []:
             argv += ["--set", o]
     else:
-        if check:
+        if check is True:
             preflight(cfg)
         cfg = absolutise(cfg)
         run_dir = R.create(cfg.output.dir, cfg.output.name or cfg.model.name)
         C.save(cfg, run_dir / R.CONFIG)
-        argv = ["train", str(run_dir / R.CONFIG), "--run-dir", str(run_dir), "--no-check"]
+        argv = ["train", str(run_dir / R.CONFIG), "--run-dir", str(run_dir)]
+        if check is True:
+            argv.append("--no-check")      # done here; check="child": the child checks
     # the lock is taken here and handed to the child (same open file): a second resume of the
     # same run is refused now, where it is seen, and nobody can slip in between
     lock = R.acquire_lock(run_dir)

@@ -165,9 +165,9 @@ def serve_command(adapters: list[str], names: list[str] | None = None, port: int
         f"  -d {q(body)}",
         "",
         f"# OpenAI Python client: client.chat.completions.create(model={name!r}, messages=[...])",
-        f"# note: the guide's extra_body={{\"lora_request\": {{\"name\": {json.dumps(name)}}}}} mirrors vLLM's "
-        f"offline API (LLM.generate(..., lora_request=LoRARequest({name!r}, 1, path))); the "
-        f"OpenAI-compatible server selects the adapter by \"model\" as above",
+        f"# note: the server picks the adapter by \"model\" as above; extra_body="
+        f"{{\"lora_request\": {{\"name\": {json.dumps(name)}}}}}, which some examples pass, is vLLM's "
+        f"offline API (LLM.generate(..., lora_request=LoRARequest({name!r}, 1, path)))",
     ]
     return "\n".join(lines)
 

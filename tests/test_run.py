@@ -93,6 +93,11 @@ def test_headless_demo_learns(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [l for l in r.stdout.splitlines() if l.startswith("step ")]
     assert len(lines) == 100
+    # the README's promise: one line per logging step, and no library noise around them
+    ours = ("[", "run ", "  plan: ", "step ", "eval ", "checkpoint ", "hint ", "finished ")
+    assert [l for l in r.stdout.splitlines() if not l.startswith(ours)] == []
+    for noise in ("Warning", "it/s]", "examples/s]", "Failed to load", "pynvml"):
+        assert noise not in r.stderr + r.stdout, (noise, r.stderr[-1500:])
     losses = [float(l.split("loss ")[1].split()[0]) for l in lines]
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
     run_dir = R.list_runs(tmp_path)[0].path

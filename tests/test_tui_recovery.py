@@ -91,7 +91,7 @@ async def test_nan_offer_lowers_the_learning_rate(tmp_path):
     app = make_app(demo_cfg(tmp_path))
     d = tmp_path / "runs" / "r1"
     d.mkdir(parents=True)
-    for lr, want in ((2e-3, "train.learning_rate=1e-4"), (1e-4, "train.learning_rate=5e-05")):
+    for lr, want in ((2e-3, "train.learning_rate=1e-4"), (1e-4, "train.learning_rate=5e-5")):
         C.save(demo_cfg(tmp_path, f"train.learning_rate={lr}"), d / rundir.CONFIG)
         st = RunState(run_dir=d, terminal="run_failed", fail_kind="nan", fail_step=5)
         fixes, what = app.resume_fixes(st)
@@ -210,6 +210,13 @@ async def test_problem_opens_its_row_or_says_it_has_none(tmp_path):
         assert "Line 5 has no row: it failed to parse" in view
         assert "line 5 is not a usable row: invalid JSON" in view
         assert "\x1b" not in view
-        # n moves on from the row shown before
+        # the line itself is shown, sanitised (issue 17 item 6)
+        assert "line 5 as it is in the file" in view and "{not json [red]x[/red]" in view
+        # n goes on from that line: the first row after line 5 (line 7 is row 5), not row 2
         await pilot.press("n")
         await until(pilot, lambda: "tokens" in plain(screen.query_one("#row-header")), timeout=60)
+        assert "row 5 of 8" in plain(screen.query_one("#row-header"))
+        # duplicates are listed by line, like problems, and open their rows the same way
+        listed = [table.get_row_at(i) for i in range(table.row_count)]
+        dups = [i for i, r in enumerate(listed) if str(r[1]) == "duplicate"]
+        assert dups and any("same as line 1" in str(listed[i][2]) for i in dups)

@@ -50,6 +50,17 @@ def test_train_finished_run(snap_compare, tmp_path):
     assert snap_compare(app, terminal_size=(80, 24), run_before=wait)
 
 
+def test_train_finished_run_light_theme(snap_compare, tmp_path):
+    """The light theme (issue 17 item 11): the progress bar's empty part and the header show."""
+    run = write_run(tmp_path / "runs", stop_at=23)
+    app = make_app(attach=run)
+
+    async def wait(pilot):
+        app.theme = "qlora-light"
+        await until(pilot, lambda: app.run_state is not None and app.run_state.follower_ended)
+    assert snap_compare(app, terminal_size=(80, 24), run_before=wait)
+
+
 def test_config_screen(snap_compare):
     app = make_app()
 

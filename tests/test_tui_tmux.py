@@ -41,11 +41,13 @@ def test_real_app_in_tmux_trains_stops_and_quits(tmp_path):
     cmd = f"cd {shlex.quote(str(tmp_path))} && env {env} {exe}; echo $? > {shlex.quote(str(exit_file))}"
     tmux("new-session", "-d", "-s", session, "-x", "80", "-y", "24", cmd)
     try:
-        wait_for(session, "f4 Train", 60)
+        wait_for(session, "f2 Dataset", 60)
         tmux("send-keys", "-t", session, "F4")
         wait_for(session, "Ready to train", 20)
         tmux("send-keys", "-t", session, "C-r")
         pane = wait_for(session, LOSS, 300)
+        footer = pane.rstrip("\n").splitlines()[-1]          # a live run: its keys, uncut at 80
+        assert "^x Stop" in footer and "^d Detach" in footer, footer
         first = float(LOSS.search(pane).group(1))
         assert first > 0
         tmux("send-keys", "-t", session, "C-x")
@@ -61,3 +63,31 @@ def test_real_app_in_tmux_trains_stops_and_quits(tmp_path):
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1
     assert (runs[0] / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_every_screens_essential_keys_fit_80x24(tmp_path):
+    """The README promises 80×24: each screen's footer shows its essential keys, uncut."""
+    session = f"qlora-tui-keys-{os.getpid()}"
+    exe = shutil.which("qlora-tui", path=str(Path(sys.executable).parent)) or \
+        f"{shlex.quote(sys.executable)} -m tui"
+    env = (f"XDG_CONFIG_HOME={shlex.quote(str(tmp_path / 'xdg'))} TERM=tmux-256color "
+           f"PYTHONPATH={shlex.quote(str(Path(__file__).resolve().parents[1]))}")
+    tmux("new-session", "-d", "-s", session, "-x", "80", "-y", "24",
+         f"cd {shlex.quote(str(tmp_path))} && env {env} {exe}")
+    essential = {"F2": ["123 Tab", "np Row", "^l Reload", "^q Quit", "^r Start"],
+                 "F3": ["^o Load", "^s Save", "^q Quit", "^r Start"],
+                 "F5": ["a Attach", "r Resume", "^l Refresh", "^q Quit"],
+                 "F4": ["^r Start", "f2 Dataset", "f3 Config", "f5 Runs", "^q Quit", "^p palette"]}
+    try:
+        wait_for(session, "^r Start", 90)
+        for key, words in essential.items():
+            tmux("send-keys", "-t", session, key)
+            deadline, footer = time.monotonic() + 60, ""
+            while time.monotonic() < deadline:     # the screen switch lands on its own time
+                footer = tmux("capture-pane", "-p", "-t", session).rstrip("\n").splitlines()[-1]
+                if all(w in footer for w in words):
+                    break
+                time.sleep(0.3)
+            assert all(w in footer for w in words), (key, words, footer)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)

@@ -18,7 +18,7 @@ from textual.binding import Binding
 from textual.screen import ModalScreen, Screen
 from textual.worker import get_current_worker
 
-from engine.builtin import DEMO_OVERRIDES  # the offline demo, same as examples/demo.toml
+from engine.builtin import DEMO_OVERRIDES, demo_config  # noqa: F401 (the offline demo)
 from themes.qlora import DEFAULT_THEME, THEMES
 from tui import settings
 from tui.dialogs import PathPrompt, QuitDialog, RemoteCodeDialog, ResumeFixDialog
@@ -47,6 +47,11 @@ class QloraApp(App):
     TITLE = "qlora-tui"
     CSS = """
     Screen { background: $background; }
+    ModalScreen { background: $background 60%; }   /* dialogs: the screen stays visible, dimmed */
+    /* parts drawn in colour alone must survive 16 colours and the light theme: the empty part
+       of a progress bar and the header differ from the background by more than a shade */
+    Bar > .bar--bar, Bar > .bar--complete, Bar > .bar--indeterminate { background: $foreground 30%; }
+    Header { background: $primary 50%; }
     """
     MODES = {"dataset": DatasetScreen, "config": ConfigScreen, "train": TrainScreen,
              "runs": RunsScreen}
@@ -64,19 +69,26 @@ class QloraApp(App):
                 tooltip="Stop the live run gracefully (the adapter is saved)"),
         Binding("ctrl+d", "detach_run", "Detach", id="detach-run", priority=True,
                 tooltip="Stop following the live run; it keeps training"),
-        Binding("ctrl+s", "save_config", "Save", id="save-config", priority=True,
-                tooltip="Save the config as TOML"),
+        Binding("ctrl+s", "save_config", "Save", id="save-config", show=False,
+                tooltip="Save the config as TOML"),    # shown in the Config screen's footer
         Binding("ctrl+q", "quit", "Quit", id="quit", priority=True,
                 tooltip="Quit (asks first while a run is live)"),
+        Binding("ctrl+o", "load_config", "Load", id="load-config-any", show=False,
+                tooltip="Load a TOML config file"),
     ]
+    # palette titles of the app's bindings (any binding without one is listed by its description)
+    PALETTE = {"start-training": ("Start training", "Start a run with the current config"),
+               "stop-training": ("Stop training", "Graceful stop; the adapter is saved"),
+               "detach-run": ("Detach from run", "Stop following; the run keeps training"),
+               "save-config": ("Save config", "Write the config as TOML"),
+               "load-config-any": ("Load config", "Read a TOML config file into the form")}
 
     def __init__(self, config=None, config_path: str | Path | None = None, *,
                  attach: str | Path | None = None, start_mode: str = "train",
                  samplers=None, readings_interval: float = 1.0) -> None:
-        from engine import config as C
         from engine import model as M
         M.require_consent()     # a model's own code runs only after a yes in this app
-        self.config = config if config is not None else C.load(None, DEMO_OVERRIDES)
+        self.config = config if config is not None else demo_config()
         self.config_path = Path(config_path) if config_path else None
         self.form_data: dict = self.config.to_dict()
         self.form_problems: list = []
@@ -130,13 +142,53 @@ class QloraApp(App):
         cfg = self.config
         return Path(cfg.resolve_path(cfg.output.dir)).expanduser()
 
+    config_generation = 0        # bumped by every load: the Config screen rebuilds its form
+
     def set_config(self, cfg, path: str | Path | None) -> None:
         self.config = cfg
         self.config_path = Path(path) if path else self.config_path
         self.form_data = cfg.to_dict()
         self.form_problems = []
+        self.config_generation += 1
 
+    def action_load_config(self) -> None:
+        """ctrl+o from any screen: a path prompt, then the file replaces the form."""
+        if isinstance(self.screen, ModalScreen):
+            return
+
+        def done(path: str | None) -> None:
+            if path:
+                self.call_later(self.load_config_file, path)
+        self.push_screen(PathPrompt("Load config (TOML)", str(self.config_path or "")), done)
+
+    def load_config_file(self, path: str) -> bool:
+        from engine import config as C
+        try:
+            cfg = C.load(path)
+        except C.ConfigError as e:
+            self.notify(one_line(e.one_line(), 400), title="Cannot load", severity="error",
+                        markup=False, timeout=10)
+            return False
+        self.set_config(cfg, path)
+        if isinstance(self.screen, ConfigScreen):
+            self.screen.rebuild()
+        self.notify(f"Loaded {path}", markup=False)
+        return True
     # ---- actions -------------------------------------------------------------------------
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        """The footer fits 80 columns by showing what applies now: no key for the screen you
+        are on, Start while no run is live, Stop and Detach while one is. (A hidden key does
+        nothing there anyway; the palette lists every action.)"""
+        if action == "show" and parameters and parameters[0] == self.current_mode:
+            return False
+        st = self.run_state
+        live = self._launching or (st is not None and st.live)
+        if action == "start_training":
+            return not live and self.current_mode != "runs"    # Runs: its footer has Resume
+        if action in ("stop_training", "detach_run"):
+            return live
+        return True
+
     def action_show(self, mode: str) -> None:
         if self.current_mode != mode:
             self.switch_mode(mode)
@@ -151,7 +203,8 @@ class QloraApp(App):
             return
         cfg, problems = self.validated_config()
         if cfg is None:
-            self.notify(f"Fix the config first: {len(problems)} problem(s), e.g. "
+            from engine.config import plural
+            self.notify(f"Fix the config first: {plural(len(problems), 'problem')}, e.g. "
                         f"{one_line(problems[0], 120)}", severity="error", markup=False)
             self.action_show("config")
             return
@@ -231,19 +284,27 @@ class QloraApp(App):
                     markup=False, timeout=10)
 
     # ---- failed run → resume with the fix ------------------------------------------------
+    FAILED_WHAT = {"oom": "Out of memory", "nan": "Loss became NaN"}
+
     def resume_fixes(self, st: RunState) -> tuple[list[str], str]:
-        """The config changes that answer ``st``'s failure (OOM or NaN), and what failed."""
+        """The overrides that answer ``st``'s failure, as its hint named them, and what failed.
+        OOM and NaN only; any other end (stopped, crashed, other failure) resumes unchanged."""
         from engine import config as C
+        from engine import hints as H
         from engine import rundir
-        from engine import runner
+        kind = st.fail_kind if st.terminal == "run_failed" else ""
+        if kind not in self.FAILED_WHAT:
+            return [], {"run_finished": "Stopped"}.get(st.terminal, "Crashed" if not st.terminal
+                                                        else "Failed")
+        named = [h for h in st.hints if getattr(h, "rule", "") == kind and getattr(h, "overrides", None)]
+        if named:
+            return list(named[-1].overrides), self.FAILED_WHAT[kind]
         cfg = C.load(st.run_dir / rundir.CONFIG)
-        if st.fail_kind == "oom":
-            return runner.oom_fix_overrides(cfg, st.fail_step or st.step), "Out of memory"
-        lr = float(cfg.train.learning_rate)
-        new = "1e-4" if lr > 1e-4 else f"{lr / 2:.3g}"
-        return [f"train.learning_rate={new}"], "Loss became NaN"
+        return H.hint_overrides(kind, cfg, st.fail_step or st.step), self.FAILED_WHAT[kind]
 
     def offer_resume(self, st: RunState) -> None:
+        """The recovery dialog for a run that ended (failed, stopped, crashed): every fix its
+        hint named, and whether it resumes from a checkpoint or restarts from step 0."""
         from engine import config as C
         from engine import rundir
         from engine import runner
@@ -254,10 +315,14 @@ class QloraApp(App):
             self.notify(f"Cannot offer a resume: {one_line(e, 200)}", severity="warning",
                         markup=False)
             return
-        if not fixes:
+        if not fixes and st.fail_kind in self.FAILED_WHAT and st.terminal == "run_failed":
             self.notify("No automatic fix left to try for this run's config.", markup=False)
             return
+        frozen = [f for f in fixes if f.split(".", 1)[0] in runner.RESUME_FROZEN]
+        fixes = [f for f in fixes if f not in frozen]
         run_dir = st.run_dir
+        ckpts = rundir.checkpoints(run_dir)
+        from_step = rundir.checkpoint_step(ckpts[-1]) if ckpts else 0
 
         def chosen(yes: bool | None) -> None:
             if not yes:
@@ -271,7 +336,9 @@ class QloraApp(App):
                 self.push_screen(RemoteCodeDialog(cfg.model.name, "Resuming this run"), confirmed)
                 return
             self.resume_run(run_dir, fixes)
-        self.push_screen(ResumeFixDialog(run_dir.name, what, st.finished_reason, fixes), chosen)
+        self.push_screen(ResumeFixDialog(run_dir.name, what, st.finished_reason or st.message,
+                                         fixes, cfg=cfg, from_step=from_step, frozen=frozen),
+                         chosen)
 
     def resume_run(self, run_dir: Path, fixes: list[str]) -> None:
         st = self.run_state
@@ -329,8 +396,10 @@ class QloraApp(App):
     def action_save_config(self) -> None:
         cfg, problems = self.validated_config()
         if cfg is None:
-            self.notify(f"Not saved: {len(problems)} config problem(s); see the Config screen.",
-                        severity="error", markup=False)
+            from engine.config import plural
+            where = "" if self.current_mode == "config" else "; see the Config screen (F3)"
+            self.notify(f"Not saved: {plural(len(problems), 'config problem')}{where}: "
+                        f"{one_line(problems[0], 120)}", severity="error", markup=False)
             return
         if self.config_path is None:
             def done(path: str | None) -> None:
@@ -460,6 +529,7 @@ class QloraApp(App):
             self.offer_resume(st)
 
     def _render_run(self) -> None:
+        self.refresh_bindings()          # Start / Stop / Detach follow the run's state
         screen = self.screen
         if isinstance(screen, TrainScreen):
             screen.render_run(self.run_state)
@@ -471,19 +541,26 @@ class QloraApp(App):
 
     # ---- command palette -----------------------------------------------------------------
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """Every binding is a command: the app's (any screen) and the current screen's."""
         for mode, key, title in SCREEN_KEYS:
             yield SystemCommand(f"{title} screen ({key.upper()})", f"Show the {title} screen",
                                 lambda m=mode: self.action_show(m))
-        yield SystemCommand("Start training (ctrl+r)", "Start a run with the current config",
-                            self.action_start_training)
-        yield SystemCommand("Stop training (ctrl+x)", "Graceful stop; the adapter is saved",
-                            self.action_stop_training)
-        yield SystemCommand("Detach from run (ctrl+d)", "Stop following; the run keeps training",
-                            self.action_detach_run)
-        yield SystemCommand("Save config (ctrl+s)", "Write the config as TOML",
-                            self.action_save_config)
-        yield SystemCommand("Export run as GGUF (Runs: e)", "The selected run as GGUF for llama.cpp / Ollama",
-                            self.action_export_run)
+        shown = {b.action for b in self.BINDINGS if b.action.startswith("show(")} | {"quit"}
+        for b in self.BINDINGS:
+            if b.action in shown:
+                continue          # the screens above; Quit is Textual's own command
+            title, help_ = self.PALETTE.get(b.id, (b.description, b.tooltip or b.description))
+            yield SystemCommand(f"{title} ({b.key})", help_,
+                                lambda a=b.action: self.call_later(self.run_action, a))
+        own = {b.key for b in self.BINDINGS}
+        for b in getattr(screen, "BINDINGS", []):
+            if isinstance(b, Binding) and b.description and b.key not in own:
+                yield SystemCommand(f"{b.description} ({b.key.split(',')[0]})",
+                                    b.tooltip or f"{b.description} ({screen.sub_title} screen)",
+                                    lambda a=b.action, s=screen: self.call_later(s.run_action, a))
+        if not any(getattr(b, "action", None) == "export" for b in getattr(screen, "BINDINGS", [])):
+            yield SystemCommand("Export run as GGUF (Runs: e)", "The selected run as GGUF for llama.cpp / Ollama",
+                                self.action_export_run)
         yield from super().get_system_commands(screen)
 
 

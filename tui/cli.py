@@ -8,6 +8,11 @@ import sys
 from pathlib import Path
 
 USAGE_TUI = "usage: qlora-tui [CONFIG.toml] [--set KEY=VALUE ...] | qlora-tui attach [RUN_DIR]"
+HELP_TUI = (USAGE_TUI + "\n\nOpen the TUI on CONFIG.toml (no CONFIG: the offline demo, builtin:tiny on the "
+            "bundled sample).\n\n  --set KEY=VALUE  override a config key, e.g. --set "
+            "train.learning_rate=1e-4 (repeatable)\n  -h, --help       this help\n\n"
+            "In the app: ctrl+p lists every action; F2-F5 switch screens; ctrl+q quits.\n"
+            "Headless commands: qlora-tui --help")
 
 
 def _split_sets(args: list[str]) -> tuple[list[str], list[str]] | None:
@@ -47,6 +52,8 @@ def _run_app(app) -> int:
         print("qlora-tui: the TUI needs a terminal (stdin and stdout are not one); from a script use "
               "`qlora-tui runs`, `qlora-tui train CONFIG --headless` or `--detach`", file=sys.stderr)
         return 2
+    from engine import quiet
+    quiet.apply()          # a library's warning or progress bar would draw over the screen
     app.run()
     if app.exit_note:
         from engine.safe_text import visible
@@ -58,6 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "attach":
         return attach(argv[1:])
+    if argv and argv[0] == "tui":
+        if any(a in ("-h", "--help") for a in argv[1:]):
+            print(HELP_TUI)
+            return 0
+        if _split_sets(argv[1:]) is None:
+            print(f"{USAGE_TUI}\nqlora-tui tui: unknown option (see qlora-tui tui --help)",
+                  file=sys.stderr)
+            return 2
     if not _is_tui_call(argv):
         from engine import cli
         return cli.main(argv)
@@ -69,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         if pos:
             cfg = C.load(pos[0], sets)
         else:
-            from tui.app import DEMO_OVERRIDES
-            cfg = C.load(None, DEMO_OVERRIDES + sets)
+            from engine.builtin import demo_config
+            cfg = demo_config(sets)
     except C.ConfigError as e:
         from engine.safe_text import visible
         print(visible(e), file=sys.stderr)
@@ -99,7 +114,8 @@ def attach(args: list[str]) -> int:
             except C.ConfigError:
                 cfg = None
     else:
-        cfg = C.load(None)
+        from engine.builtin import demo_config
+        cfg = demo_config()            # "no config given": the same demo as plain `qlora-tui`
         run_dir = rundir.newest_live(cfg.resolve_path(cfg.output.dir))
         if run_dir is None:
             print(f"no live run under {cfg.output.dir}/; list them with `qlora-tui runs`",

@@ -87,7 +87,8 @@ class PathPrompt(ModalScreen[str | None]):
 
 
 class ResumeFixDialog(ModalScreen[bool]):
-    """A run failed (OOM, NaN): resume it from its last checkpoint with these config changes?"""
+    """A run ended (OOM, NaN, stopped, crashed): resume it, with every change its hint named?
+    Says "restart from step 0" when no complete checkpoint exists, since that is what happens."""
 
     DEFAULT_CSS = """
     ResumeFixDialog { align: center middle; }
@@ -102,12 +103,37 @@ class ResumeFixDialog(ModalScreen[bool]):
         Binding("escape", "choose(False)", "Dismiss"),
     ]
 
-    def __init__(self, run_name: str, what: str, reason: str, fixes: list[str]) -> None:
+    def __init__(self, run_name: str, what: str, reason: str, fixes: list[str], *, cfg=None,
+                 from_step: int = 0, frozen: list[str] = ()) -> None:
         super().__init__()
         self.run_name = run_name
         self.what = what
         self.reason = reason
         self.fixes = list(fixes)
+        self.cfg = cfg
+        self.from_step = from_step
+        self.frozen = list(frozen)
+
+    def _heading(self) -> str:
+        where = (f"Resume from the checkpoint at step {self.from_step}" if self.from_step
+                 else "No checkpoint yet: restart from step 0")
+        return where + (" with these changes:" if self.fixes else " (config unchanged).")
+
+    def _fixes_text(self) -> Text:
+        from engine.hints import fix_lines
+        f = Text()
+        for i, line in enumerate(fix_lines(self.cfg, self.fixes)):
+            f.append("\n" if i else "")
+            f.append("  • ")
+            f.append(one_line(line, 120), style="bold")
+        if self.fixes:
+            f.append("\n  ")
+            f.append(one_line(" ".join(f"--set {x}" for x in self.fixes), 200), style="dim")
+        for line in fix_lines(self.cfg, self.frozen):
+            f.append("\n  • ")
+            f.append(one_line(line, 100))
+            f.append("  (needs a new run: a resume keeps model, quant and lora)", style="dim")
+        return f
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -116,17 +142,13 @@ class ResumeFixDialog(ModalScreen[bool]):
             t.append(clean(self.run_name), style="bold")
             t.append("\n")
             t.append(one_line(self.reason, 300))
-            t.append("\n\nResume from the last checkpoint with these changes:", style="bold")
+            t.append("\n\n" + self._heading(), style="bold")
             yield Static(t)
-            f = Text()
-            for i, fix in enumerate(self.fixes):
-                if i:
-                    f.append("\n")
-                f.append("  • ")
-                f.append(one_line(fix, 120), style="bold")
-            yield Static(f, id="fixes")
+            yield Static(self._fixes_text(), id="fixes")
+            verb = "Resume" if self.from_step else "Restart"
             with Horizontal(id="buttons"):
-                yield Button("Resume with fix (r)", id="resume", variant="primary")
+                yield Button(f"{verb}{' with fix' if self.fixes else ''} (r)", id="resume",
+                             variant="primary")
                 yield Button("Dismiss (esc)", id="dismiss")
 
     def on_mount(self) -> None:

@@ -67,11 +67,14 @@ class Readings(Message):
 class RowForLine(Message):
     """The row browser index of a problem's line, or why that line has no row."""
 
-    def __init__(self, line: int, index: int | None, error: str = "") -> None:
+    def __init__(self, line: int, index: int | None, error: str = "", next_index: int = 0,
+                 raw: str = "") -> None:
         super().__init__()
         self.line = line
         self.index = index
         self.error = error
+        self.next_index = next_index      # no row: the first row after the line (n/p go on there)
+        self.raw = raw                    # no row: the line's own text
 
 
 class ReportReady(Message):

@@ -31,6 +31,8 @@ class RunState:
     step: int = 0
     losses: list = field(default_factory=list)        # [(step, loss)]
     evals: list = field(default_factory=list)         # [(step, eval_loss)]
+    lrs: list = field(default_factory=list)           # [(step, learning_rate)]
+    grad_norms: list = field(default_factory=list)    # [(step, grad_norm)], inf/nan kept
     learning_rate: float | None = None
     grad_norm: float | None = None
     tokens_per_second: float | None = None
@@ -62,6 +64,8 @@ class RunState:
             k = int(getattr(ev, "resumed_from_step", 0) or 0)
             self.losses = [p for p in self.losses if p[0] <= k] if k else []
             self.evals = [p for p in self.evals if p[0] <= k] if k else []
+            self.lrs = [p for p in self.lrs if p[0] <= k] if k else []
+            self.grad_norms = [p for p in self.grad_norms if p[0] <= k] if k else []
             self.checkpoints = [c for c in self.checkpoints if c[0] <= k] if k else []
             self.hints = [h for h in self.hints if (getattr(h, "step", 0) or 0) <= k] if k else []
             if not k:
@@ -90,6 +94,10 @@ class RunState:
             loss = _num(ev.loss)
             if loss is not None:
                 self.losses.append((ev.step, loss))
+            for name, series in (("learning_rate", self.lrs), ("grad_norm", self.grad_norms)):
+                v = _num(getattr(ev, name))
+                if v is not None:
+                    series.append((ev.step, v))
             for name in ("learning_rate", "grad_norm", "tokens_per_second", "epoch", "eta_seconds"):
                 v = _num(getattr(ev, name))
                 if v is not None:
@@ -133,6 +141,26 @@ class RunState:
     @property
     def eval_values(self) -> list[float]:
         return [v for _, v in self.evals if math.isfinite(v)]
+
+    @property
+    def lr_values(self) -> list[float]:
+        return [v for _, v in self.lrs if math.isfinite(v)]
+
+    @property
+    def grad_norm_values(self) -> list[float]:
+        """log10 of the grad norm: a spike to 1e11 before a NaN stands out and the normal
+        range keeps its shape (a non-finite norm is drawn at the top)."""
+        finite = [v for _, v in self.grad_norms if math.isfinite(v) and v > 0]
+        top = math.log10(max(finite)) + 1 if finite else 1.0
+        return [math.log10(v) if math.isfinite(v) and v > 0 else (top if not math.isfinite(v) else -12.0)
+                for _, v in self.grad_norms]
+
+    @property
+    def eval_spark_values(self) -> list[float]:
+        """What the eval sparkline draws: a curve needs two points (one value stretched over
+        the whole width reads as a flat history; the value itself is in the metrics)."""
+        v = self.eval_values
+        return v if len(v) >= 2 else []
 
     @property
     def last_loss(self) -> float | None:

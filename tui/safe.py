@@ -25,3 +25,18 @@ def literal(value: object, style: str = "") -> Text:
 def one_line(value: object, limit: int = 200) -> str:
     s = clean(value).replace("\n", " ⏎ ")
     return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def middle(value: object, limit: int) -> str:
+    """One line of at most ``limit`` cells, shortened in the middle: a path keeps its end
+    (``/home/…/runs/x/adapter``), which is the part that tells runs apart."""
+    s = one_line(value, 10 ** 9)
+    if len(s) <= limit:
+        return s
+    if limit <= 1:
+        return "…"[:limit]
+    words, sep, last = s.rpartition(" ")
+    if sep and "/" in last and len(words) + 9 < limit:     # "adapter saved to …/x/adapter"
+        return words + " " + middle(last, limit - len(words) - 1)
+    head = (limit - 1) // 3
+    return s[:head] + "…" + s[len(s) - (limit - 1 - head):]

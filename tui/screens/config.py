@@ -14,7 +14,6 @@ from textual.screen import Screen
 from textual.widget import Widget
 from textual.widgets import Footer, Header, Input, Label, Select, Static
 
-from tui.dialogs import PathPrompt
 from tui.messages import EstimateReady
 from tui.safe import clean, literal, one_line
 
@@ -25,6 +24,13 @@ def _default(f: dataclasses.Field):
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
+def _bound(v) -> str:
+    """1,048,576 and 0.0001 as a person writes them (never 1.04858e+06)."""
+    if float(v) == int(v) and abs(v) >= 1:
+        return f"{int(v):,}"
+    return f"{v:g}" if abs(v) >= 1e-4 else f"{v:.0e}"
+
+
 def allowed_text(f: dataclasses.Field) -> str:
     m = f.metadata
     if m.get("choices"):
@@ -32,11 +38,11 @@ def allowed_text(f: dataclasses.Field) -> str:
                                       for c in m["choices"])
     lo, hi = m.get("lo"), m.get("hi")
     if lo is not None and hi is not None:
-        return f"range {lo:g} to {hi:g}"
+        return f"allowed {_bound(lo)} to {_bound(hi)}"
     if lo is not None:
-        return f"at least {lo:g}"
+        return f"allowed: at least {_bound(lo)}"
     if hi is not None:
-        return f"at most {hi:g}"
+        return f"allowed: at most {_bound(hi)}"
     if isinstance(_default(f), bool):
         return "true or false"
     return ""
@@ -75,6 +81,9 @@ class FieldRow(Widget):
     FieldRow { height: auto; padding: 0 1; layout: grid; grid-size: 2;
                grid-columns: 22 1fr; grid-rows: 1 auto; }
     FieldRow Input, FieldRow Select { width: 1fr; }
+    /* a focused dropdown stands out; an open one has a border (its options are not a field) */
+    FieldRow Select:focus-within > SelectCurrent { background: $accent 35%; text-style: bold; }
+    FieldRow Select.-textual-compact > SelectOverlay { border: round $accent !important; }
     FieldRow > .help { column-span: 2; color: $foreground 60%; padding-left: 22; height: auto; }
     FieldRow.-invalid > .name { color: $error; text-style: bold; }
     """
@@ -126,8 +135,10 @@ class FieldRow(Widget):
 
 
 class ConfigScreen(Screen):
-    BINDINGS = [Binding("ctrl+o", "load", "Load TOML", id="load-config",
-                        tooltip="Load a TOML config file")]
+    BINDINGS = [Binding("ctrl+o", "app.load_config", "Load", id="load-config",
+                        tooltip="Load a TOML config file"),
+                Binding("ctrl+s", "app.save_config", "Save", id="save-config-here",
+                        tooltip="Save the config as TOML")]
     DEFAULT_CSS = """
     ConfigScreen #banner { height: 1; padding: 0 1; background: $panel; }
     ConfigScreen #form { height: 1fr; }
@@ -144,7 +155,7 @@ class ConfigScreen(Screen):
         yield Static(id="banner")
         yield VerticalScroll(id="form")
         yield Static(id="derived")
-        yield Footer()
+        yield Footer(compact=True)
 
     def _section_widgets(self, section: str, items) -> list:
         from engine.config import SECTION_TITLES
@@ -156,6 +167,12 @@ class ConfigScreen(Screen):
 
     def on_mount(self) -> None:
         self.sub_title = "Config"
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        """(Re)build the form from ``app.form_data`` (at mount, and after a config was loaded)."""
+        self._generation = self.app.config_generation
+        self._estimate_key = None
         self.run_worker(self.build_form(), group="build-form", exclusive=True)
 
     async def build_form(self) -> None:
@@ -165,7 +182,7 @@ class ConfigScreen(Screen):
         self._rows = None
         form = self.query_one("#form", VerticalScroll)
         await form.remove_children()
-        self._validate()
+        self._validate()                     # the loaded values themselves (no rows yet)
         for section, items in field_specs().items():
             await form.mount_all(self._section_widgets(section, items))
             await asyncio.sleep(0)           # let input and painting in between sections
@@ -174,18 +191,27 @@ class ConfigScreen(Screen):
         self._validate()
 
     def on_screen_resume(self) -> None:
+        if getattr(self, "_generation", None) != self.app.config_generation:
+            self.rebuild()                # a config was loaded on another screen
         self._show_banner()
 
     _rows: list | None = None
     _validate_pending = False
 
     def rows(self) -> list[FieldRow]:
+        """The composed rows (a row still being mounted has no input yet: its value is the
+        loaded one in ``app.form_data``)."""
         if self._rows is None or not self.form_ready:
-            self._rows = list(self.query(FieldRow))
+            rows = list(self.query(FieldRow))
+            ready = [r for r in rows if hasattr(r, "input")]
+            self._rows = ready if len(ready) == len(rows) else None
+            return ready
         return self._rows
 
     def form_dict(self) -> dict:
-        out = copy.deepcopy(self.app.form_data)      # sections not mounted yet keep their values
+        out = copy.deepcopy(self.app.form_data)
+        if not self.form_ready:
+            return out          # a half-built form holds no edits: the loaded values stand
         for row in self.rows():
             out.setdefault(row.section, {})[row.key] = row.current()
         return out
@@ -194,6 +220,8 @@ class ConfigScreen(Screen):
     @on(Select.Changed)
     def _changed(self, event) -> None:
         event.stop()
+        if not self.form_ready:
+            return       # a row being mounted reports its initial value: not an edit
         if not self._validate_pending:      # one validation per burst of changes
             self._validate_pending = True
             self.call_after_refresh(self._validate)
@@ -223,7 +251,8 @@ class ConfigScreen(Screen):
         t.append_text(literal(app.config_path or "(demo defaults, not saved: ctrl+s)"))
         n = len(app.form_problems)
         if n:
-            t.append(f"   ✖ {n} problem(s): ", style="bold red")
+            from engine.config import plural
+            t.append(f"   ✖ {plural(n, 'problem')}: ", style="bold red")
             p = app.form_problems[0]
             t.append(one_line(f"{p.field}: {p.message}", 80))
         else:
@@ -232,6 +261,9 @@ class ConfigScreen(Screen):
 
     def _show_derived(self, cfg) -> None:
         data = self.app.form_data
+        bad = {p.field for p in self.app.form_problems}      # an invalid input computes nothing
+        data = {sec: {k: (None if f"{sec}.{k}" in bad else v) for k, v in vals.items()}
+                for sec, vals in data.items() if isinstance(vals, dict)}
         t = Text()
         tr, lora, dist = data.get("train", {}), data.get("lora", {}), data.get("distributed", {})
         b, a, g = tr.get("batch_size"), tr.get("grad_accum"), dist.get("gpus")
@@ -297,21 +329,6 @@ class ConfigScreen(Screen):
         self._estimate_text = Text(msg.text, style="" if msg.trainable is not None else "dim")
         self._show_derived(None)
 
-    def action_load(self) -> None:
-        def done(path: str | None) -> None:
-            if path:
-                self.call_later(self._load, path)
-        self.app.push_screen(PathPrompt("Load config (TOML)", str(self.app.config_path or "")), done)
-
     async def _load(self, path: str) -> None:
-        from engine import config as C
-        try:
-            cfg = C.load(path)
-        except C.ConfigError as e:
-            self.notify(one_line(e, 400), title="Cannot load", severity="error", markup=False,
-                        timeout=10)
-            return
-        self.app.set_config(cfg, path)
-        self._estimate_key = None
-        self.run_worker(self.build_form(), group="build-form", exclusive=True)
-        self.notify(f"Loaded {path}", markup=False)
+        """Load ``path`` (what ctrl+o does after its prompt)."""
+        self.app.load_config_file(path)

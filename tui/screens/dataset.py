@@ -22,6 +22,7 @@ from tui.safe import clean, literal, one_line
 
 
 def histogram_text(report, width: int = 36) -> Text:
+    from engine.inspect import bucket_label
     hist = list(report.histogram or [])
     t = Text()
     if not hist:
@@ -36,7 +37,8 @@ def histogram_text(report, width: int = 36) -> Text:
             marked = True
         over = maxlen is not None and hi > maxlen
         bar = "█" * max(1 if count else 0, int(round(count / peak * width)))
-        t.append(f"{lo:>6}–{hi:<6}", style="dim")
+        a, b = bucket_label(lo, hi).split("–")
+        t.append(f"{a:>6}–{b:<6}", style="dim")
         t.append("│")
         t.append(bar.ljust(width), style="red" if over else "cyan")
         t.append(f" {count}\n")
@@ -143,12 +145,40 @@ def images_text(preview) -> Text:
     return t
 
 
+def listed_lines(report, limit: int = 5000) -> list[tuple[int, str, str]]:
+    """(line, kind, message) of everything the report names by line, as the CLI lists them:
+    problems, then exact and near duplicates (each later copy, naming the first), then
+    possible PII (masked). Enter on any of them opens that line's row."""
+    out = [(p.line, p.kind, p.message) for p in (report.problems or [])]
+    for kind, groups in (("duplicate", report.duplicates), ("near-duplicate",
+                                                           getattr(report, "near_duplicates", []))):
+        for g in groups if isinstance(groups, list) else []:
+            lines = list(g)
+            out += [(ln, kind, f"same as line {lines[0]}") for ln in lines[1:]]
+    for f in getattr(report, "pii", None) or []:
+        out.append((f.line, "possible PII", f"{f.kind}: {f.masked}"))
+    return out[:limit]
+
+
 class DatasetScreen(Screen):
+    TABS = Binding.Group("Tab", compact=True)
+    ROWS = Binding.Group("Row", compact=True)
     BINDINGS = [
-        Binding("n", "row(1)", "Next row", id="next-row"),
-        Binding("p", "row(-1)", "Prev row", id="prev-row"),
-        Binding("ctrl+l", "reload", "Re-read", id="reload-dataset"),
+        Binding("1", "tab('tab-lengths')", "Lengths tab", id="tab-lengths", group=TABS),
+        Binding("2", "tab('tab-problems')", "Problems tab", id="tab-problems", group=TABS),
+        Binding("3", "tab('tab-rows')", "Rows tab", id="tab-rows", group=TABS),
+        Binding("n", "row(1)", "Next row", id="next-row", group=ROWS),
+        Binding("p", "row(-1)", "Prev row", id="prev-row", group=ROWS),
+        Binding("ctrl+l", "reload", "Reload", id="reload-dataset",
+                tooltip="Read the dataset again"),
     ]
+
+    def action_tab(self, pane: str) -> None:
+        tabs = self.query_one("#ds-tabs", TabbedContent)
+        tabs.active = pane
+        widget = {"tab-problems": "#problems", "tab-rows": "#row-scroll"}.get(pane)
+        if widget:
+            self.query_one(widget).focus()
     DEFAULT_CSS = """
     DatasetScreen #ds-summary { height: auto; max-height: 6; padding: 0 1; }
     DatasetScreen #ds-progress-row { height: 1; padding: 0 1; }
@@ -166,6 +196,7 @@ class DatasetScreen(Screen):
         self.report = None
         self.row_index = 0
         self._jump_line: int | None = None    # a problem's line whose row is being looked up
+        self._listed: list = []               # the Problems tab's (line, kind, message)
         self._key = None
         self._cancel: threading.Event | None = None
 
@@ -184,7 +215,7 @@ class DatasetScreen(Screen):
                 yield Static(id="row-header")
                 with VerticalScroll(id="row-scroll"):
                     yield Static(id="row-view")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = "Dataset"
@@ -271,11 +302,12 @@ class DatasetScreen(Screen):
                 bar.update(total=1.0, progress=frac)
             self.query_one("#hist", Static).update(histogram_text(rep))
             table = self.query_one("#problems", DataTable)
-            probs = list(rep.problems or [])
-            if table.row_count != len(probs):
+            listed = listed_lines(rep)
+            if table.row_count != len(listed):
                 table.clear()
-                for p in probs[:5000]:
-                    table.add_row(Text(str(p.line)), literal(p.kind), Text(one_line(p.message, 300)))
+                for line, kind, message in listed:
+                    table.add_row(Text(str(line)), literal(kind), Text(one_line(message, 300)))
+            self._listed = listed
             if rep.done and msg.final:
                 self._show_row(self.row_index)
 
@@ -283,13 +315,15 @@ class DatasetScreen(Screen):
         if self.report is None or not self.report.done:
             return
         self.query_one("#ds-tabs", TabbedContent).active = "tab-rows"
-        self._show_row(max(0, min((self.report.rows or 1) - 1, self.row_index + delta)))
+        # after a line with no row, row_index sits half-way between its neighbours
+        target = self.row_index + delta * (0.5 if self.row_index != int(self.row_index) else 1)
+        self._show_row(int(max(0, min((self.report.rows or 1) - 1, target))))
 
     # ---- problems → rows: enter on a problem opens its row (or says it has none) -----------
     @on(DataTable.RowSelected, "#problems")
     def _on_problem_selected(self, event: DataTable.RowSelected) -> None:
         rep = self.report
-        probs = list(rep.problems or []) if rep is not None else []
+        probs = self._listed if rep is not None else []
         i = event.cursor_row
         if not (0 <= i < len(probs)):
             return
@@ -297,7 +331,7 @@ class DatasetScreen(Screen):
             self.notify("Still reading the dataset: try again when the report is complete.",
                         markup=False)
             return
-        line = probs[i].line
+        line = probs[i][0]
         self._jump_line = line
         self.query_one("#ds-tabs", TabbedContent).active = "tab-rows"
         self.query_one("#row-header", Static).update(
@@ -310,7 +344,10 @@ class DatasetScreen(Screen):
         try:
             from engine import inspect as I
             index = I.row_index_for_line(cfg, line)
-        except ValueError as e:              # the line is no usable row (it failed to parse)
+        except I.NoRowAtLine as e:           # the line is no usable row (it failed to parse)
+            self.post_message(RowForLine(line, None, str(e), e.next_index, e.raw))
+            return
+        except ValueError as e:
             self.post_message(RowForLine(line, None, str(e)))
             return
         except Exception as e:
@@ -332,7 +369,12 @@ class DatasetScreen(Screen):
         t = Text(f"Line {msg.line} has no row: it failed to parse as a training example, so "
                  "the row browser cannot show it (training skips it).\n\n", style="bold red")
         t.append_text(literal(msg.error))
+        if msg.raw:
+            t.append(f"\n\nline {msg.line} as it is in the file:\n", style="dim")
+            t.append_text(literal(msg.raw))
         self.query_one("#row-view", Static).update(t)
+        # n goes on with the first row after this line, p with the one before it
+        self.row_index = msg.next_index - 0.5
 
     def _show_row(self, index: int) -> None:
         self._jump_line = None

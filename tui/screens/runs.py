@@ -13,7 +13,7 @@ from textual.widgets import DataTable, Footer, Header, Sparkline, Static
 
 from tui.messages import RunHistory, RunsListed
 from tui.runstate import from_events
-from tui.safe import clean, literal, one_line
+from tui.safe import clean, literal, middle, one_line
 from tui.widgets.chart import LossChart
 from tui.widgets.panels import hints_text
 
@@ -30,27 +30,35 @@ class RunsScreen(Screen):
                 Binding("a", "attach", "Attach", id="attach-run",
                         tooltip="Follow the selected live run on the Train screen"),
                 Binding("e", "export", "Export", id="export-run",
-                        tooltip="Export the selected run as GGUF for llama.cpp / Ollama")]
+                        tooltip="Export the selected run as GGUF for llama.cpp / Ollama"),
+                Binding("r", "resume", "Resume", id="resume-run",
+                        tooltip="Resume the selected stopped, failed or crashed run (with its hint's fixes)")]
+
+    def action_resume(self) -> None:
+        ri = self._selected()
+        if ri is not None:
+            resume_from_list(self.app, ri)
     DEFAULT_CSS = """
     RunsScreen #runs-where { height: 1; padding: 0 1; background: $panel; }
     RunsScreen #runs { height: 1fr; }
     """
 
+    COLUMNS = [("run", "run", 22), ("state", "state", 8), ("step", "step", 7),
+               ("final loss", "final", 10), ("last loss", "last", 9), ("model", "model", 12)]
+
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static(id="runs-where")
         yield DataTable(id="runs", cursor_type="row", zebra_stripes=True)
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = "Runs"
         t = self.query_one("#runs", DataTable)
-        t.add_column("run", key="run")
-        t.add_column("state", key="state")
-        t.add_column("step", key="step")
-        t.add_column("final loss", key="final")
-        t.add_column("last loss", key="last")
-        t.add_column("model", key="model")
+        # fixed widths (80 columns with cell padding): auto widths collapsed to the headers when
+        # the table was laid out before its rows arrived; long names are shortened in the middle
+        for label, key, width in self.COLUMNS:
+            t.add_column(label, key=key, width=width)
         self.action_reload()
         self.set_interval(3.0, self._auto_reload)
 
@@ -62,9 +70,10 @@ class RunsScreen(Screen):
             self.action_reload()
 
     def action_reload(self) -> None:
-        where = Text("runs in ", style="dim")
-        where.append_text(literal(self.app.runs_dir()))
-        where.append("   enter: open   a: attach to a live run   e: export as GGUF", style="dim")
+        where = Text("run directory ", style="dim")
+        p = Path(self.app.runs_dir())
+        where.append(middle(p, 40) if p.is_absolute() else f"./{p}/")
+        where.append("   enter: open   a: attach  r: resume  e: export GGUF", style="dim")
         self.query_one("#runs-where", Static).update(where)
         self._list(self.app.runs_dir())
 
@@ -85,9 +94,9 @@ class RunsScreen(Screen):
             self.notify(one_line(msg.error, 200), severity="error", markup=False)
         for ri in msg.runs:
             step = f"{ri.step}/{ri.total_steps}" if ri.total_steps else str(ri.step)
-            t.add_row(literal(ri.name), Text(ri.state, style=STATE_STYLE.get(ri.state, "")),
+            t.add_row(Text(middle(ri.name, 22)), Text(ri.state, style=STATE_STYLE.get(ri.state, "")),
                       Text(step), _loss(ri.final_loss), _loss(ri.last_loss),
-                      literal(ri.model or ""), key=str(ri.path))
+                      Text(middle(ri.model or "", 12)), key=str(ri.path))
         if msg.runs:
             t.move_cursor(row=min(keep, len(msg.runs) - 1))
         self.runs = msg.runs
@@ -135,11 +144,28 @@ class RunsScreen(Screen):
         self.app.action_show("train")
 
 
+def resume_from_list(app, ri) -> None:
+    """The Train screen's recovery dialog for a run picked on the Runs screen."""
+    if ri.state not in ("stopped", "failed", "crashed"):
+        why = "still live: attach to it (a)" if ri.state == "live" else f"{ri.state}: nothing to resume"
+        app.notify(f"{ri.name} is {why}.", markup=False)
+        return
+    from engine import events as E
+    from engine import rundir
+    st = from_events(E.read_events(Path(ri.path) / rundir.EVENTS), ri.path)
+    app.offer_resume(st)
+
+
 class RunDetailScreen(Screen):
     """One run's curves and hints, read from its events.jsonl."""
 
     BINDINGS = [Binding("escape", "app.pop_screen", "Back", id="back"),
-                Binding("a", "attach", "Attach", id="attach-detail")]
+                Binding("a", "attach", "Attach", id="attach-detail"),
+                Binding("r", "resume", "Resume", id="resume-detail")]
+
+    def action_resume(self) -> None:
+        if self.info is not None:
+            resume_from_list(self.app, self.info)
     DEFAULT_CSS = """
     RunDetailScreen #detail-summary { height: auto; max-height: 6; padding: 0 1; }
     RunDetailScreen .spark-row { height: 1; padding: 0 1; }
@@ -163,10 +189,16 @@ class RunDetailScreen(Screen):
         with Horizontal(classes="spark-row"):
             yield Static("eval", classes="spark-label")
             yield Sparkline([], id="detail-eval")
+        with Horizontal(classes="spark-row"):
+            yield Static("lr", classes="spark-label")
+            yield Sparkline([], id="detail-lr")
+        with Horizontal(classes="spark-row"):
+            yield Static("grad", classes="spark-label", id="detail-grad-label")
+            yield Sparkline([], id="detail-grad")
         yield LossChart(id="detail-chart")
         with VerticalScroll(id="detail-hints-box"):
             yield Static(id="detail-hints")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = f"Run {self.run_dir.name}"
@@ -205,7 +237,10 @@ class RunDetailScreen(Screen):
             t.append("\na: attach to this live run", style="dim")
         self.query_one("#detail-summary", Static).update(t)
         self.query_one("#detail-loss", Sparkline).data = st.loss_values
-        self.query_one("#detail-eval", Sparkline).data = st.eval_values
+        self.query_one("#detail-eval", Sparkline).data = st.eval_spark_values
+        self.query_one("#detail-lr", Sparkline).data = st.lr_values
+        self.query_one("#detail-grad", Sparkline).data = st.grad_norm_values
+        self.detail_state = st
         self.query_one("#detail-chart", LossChart).set_data(st.losses, st.evals, st.total_steps)
         self.query_one("#detail-hints", Static).update(hints_text(st.hints))
 

@@ -13,7 +13,7 @@ from textual.worker import get_current_worker
 
 from tui.messages import Readings
 from tui.runstate import RunState
-from tui.safe import clean, literal, one_line
+from tui.safe import clean, literal, middle, one_line
 from tui.widgets.chart import LossChart, fmt
 from tui.widgets.panels import gpu_text, hints_text
 
@@ -82,13 +82,19 @@ class TrainScreen(Screen):
                 with Horizontal(classes="spark-row"):
                     yield Static("eval", classes="spark-label")
                     yield Sparkline([], id="eval-spark")
+                with Horizontal(classes="spark-row"):
+                    yield Static("lr", classes="spark-label")
+                    yield Sparkline([], id="lr-spark")
+                with Horizontal(classes="spark-row"):
+                    yield Static("grad", classes="spark-label")
+                    yield Sparkline([], id="grad-spark")
                 yield LossChart(id="chart")
                 yield Static(id="welcome")
             yield Static(id="metrics")
         yield Static(id="gpu")
         with VerticalScroll(id="hints-box", can_focus=True):
             yield Static(id="hints")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = "Train"
@@ -193,6 +199,8 @@ class TrainScreen(Screen):
             self._put(metrics, Text("lr        —\ngrad norm —\ntokens/s  —\nepoch     —", style="dim"))
             self.query_one("#loss-spark", Sparkline).data = []
             self.query_one("#eval-spark", Sparkline).data = []
+            self.query_one("#lr-spark", Sparkline).data = []
+            self.query_one("#grad-spark", Sparkline).data = []
             self._hints_shown = None
             self._put(self.query_one("#hints", Static), hints_text([]))
             return
@@ -209,8 +217,9 @@ class TrainScreen(Screen):
         if st.device:
             s.append(f" on {clean(st.device)}")
         if st.message and st.phase != "training":
+            room = max(20, self.size.width - s.cell_len - 4)     # the end of a path matters most
             s.append("  ")
-            s.append(one_line(st.message, 120), style="italic")
+            s.append(middle(st.message, room), style="italic")
         self._put(status, s)
         total = st.total_steps or None
         if st.phase not in ("training", "finished", "stopped", "failed") and st.progress is not None:
@@ -220,7 +229,9 @@ class TrainScreen(Screen):
         eta = "" if st.terminal else f"  ETA {fmt_eta(st.eta_seconds)}"
         self._put(steps, f"step {st.step}/{st.total_steps or '?'}{eta}")
         self.query_one("#loss-spark", Sparkline).data = st.loss_values[-200:]
-        self.query_one("#eval-spark", Sparkline).data = st.eval_values[-200:]
+        self.query_one("#eval-spark", Sparkline).data = st.eval_spark_values[-200:]
+        self.query_one("#lr-spark", Sparkline).data = st.lr_values[-200:]
+        self.query_one("#grad-spark", Sparkline).data = st.grad_norm_values[-200:]   # log10
         chart.empty_text = "waiting for the first loss…" if not st.terminal else "no loss recorded"
         chart.set_data(st.losses, st.evals, st.total_steps)
         m = Text()
@@ -247,7 +258,7 @@ class TrainScreen(Screen):
             m.append(_v(st.final_loss, ".4f"), style="bold")
             if st.adapter_dir:
                 m.append("\nadapter ", style="dim")
-                m.append(literal(st.adapter_dir))
+                m.append(middle(st.adapter_dir, 3 * 26 - 8), style="")   # 3 lines of the panel
         elif st.terminal == "run_failed":
             m.append(f"\n\nfailed ({clean(st.fail_kind)})", style="bold red")
         self._put(metrics, m)

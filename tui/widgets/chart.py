@@ -30,6 +30,21 @@ def _buckets(points: list[tuple[int, float]], lo_step: int, hi_step: int, width:
     return [sum(c) / len(c) if c else None for c in cols]
 
 
+def _filled(cols: list) -> list:
+    """Columns between two points carry the earlier value: with fewer steps than columns the
+    bars stay contiguous (a blank column reads as missing data). Past the last point, and
+    before the first, stays blank: no data there yet."""
+    out, last = list(cols), None
+    seen = [i for i, c in enumerate(cols) if c is not None]
+    if not seen:
+        return out
+    for i in range(seen[0], seen[-1] + 1):
+        if out[i] is None:
+            out[i] = last
+        last = out[i]
+    return out
+
+
 class LossChart(Widget):
     """Train loss as filled columns, eval loss as ● markers; y range on the left."""
 
@@ -73,7 +88,7 @@ class LossChart(Widget):
             steps = [s for s, _ in self.losses + self.evals]
             lo_step = min(steps)
             hi_step = max(max(steps), self.total_steps or 0)
-            out = (lo, hi, _buckets(self.losses, lo_step, hi_step, plot_w),
+            out = (lo, hi, _filled(_buckets(self.losses, lo_step, hi_step, plot_w)),
                    _buckets(self.evals, lo_step, hi_step, plot_w))
         self._chart_cache = (plot_w, out)
         return out

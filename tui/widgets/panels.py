@@ -44,7 +44,7 @@ def gpu_text(gpus: list, host, reason: str) -> Text:
                 lim = f"/{g.power_limit_w:.0f}" if g.power_limit_w else ""
                 out.append(f" {g.power_w:.0f}{lim}W")
         return out
-    out.append("no NVIDIA GPU", style="bold yellow")
+    out.append("no NVIDIA GPU", style="bold")      # information on a CPU demo, not an alarm
     if reason:
         why = reason[len("no NVIDIA GPU"):].strip(" ()") if reason.startswith("no NVIDIA GPU") else reason
         if why:
