@@ -325,9 +325,9 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     for noisy in (PrinterCallback, ProgressCallback):   # our events replace HF's own printing
         trainer.remove_callback(noisy)
-    handler = trainer.callback_handler     # ours first: trackers then log the tokens/s it adds
-    handler.callbacks.remove(cb)
-    handler.callbacks.insert(0, cb)
+    # our on_log runs first, so the trackers' callbacks log the tokens/s it adds; the rest of
+    # our callback keeps its place after HF's flow callback (its save/stop decisions win)
+    trainer.callback_handler.callbacks.insert(0, _LogFirst(cb))
     cb.meta = dict(model=cfg.model.name, device=rt.device, train_rows=len(train_tok),
                    eval_rows=len(eval_tok) if has_eval else 0, plan=plan, config=cfg.to_dict())
     for w in warnings:
@@ -497,6 +497,22 @@ def _is_disk_full(e: BaseException) -> bool:
     return False
 
 
+class _LogFirst:
+    """Calls our callback's on_log before the trackers' (it then skips the handler's own call)."""
+
+    def __init__(self, cb):
+        self.cb = cb
+
+    def __getattr__(self, name):          # every other TrainerCallback event: nothing to do
+        if name.startswith("on_"):
+            return lambda *a, **kw: None
+        raise AttributeError(name)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        self.cb.on_log(args, state, control, logs=logs, **kw)
+        self.cb._logged = id(logs)
+
+
 def EventCallback(*args, **kwargs):
     """A TrainerCallback (transformers imported lazily) that turns progress into events."""
     from transformers import TrainerCallback
@@ -614,6 +630,9 @@ class _EventCallbackMethods:
         return control
 
     def on_log(self, args, state, control, logs=None, **kw):
+        if logs is not None and getattr(self, "_logged", None) == id(logs):
+            self._logged = None          # already handled, first, through _LogFirst
+            return
         logs = logs or {}
         if "eval_loss" in logs:
             self.emit(E.Eval(step=state.global_step, eval_loss=logs["eval_loss"]))
