@@ -300,12 +300,14 @@ def _from_pretrained_processor(path: str, revision, trust: bool):
     from transformers import AutoProcessor
     try:
         return AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust)
-    except (AttributeError, ImportError, OSError, TypeError, ValueError):
-        import importlib.util
-        if importlib.util.find_spec("torchvision") is not None:
-            raise
-    return image_only(_processor_class(path, trust)).from_pretrained(path, revision=revision,
-                                                                     trust_remote_code=trust)
+    except (AttributeError, ImportError, OSError, TypeError, ValueError) as first:
+        # images need no video processor: without torchvision transformers cannot build one, and
+        # with it a directory without video_preprocessor_config.json fails to load (seen on the H200)
+        try:
+            return image_only(_processor_class(path, trust)).from_pretrained(path, revision=revision,
+                                                                             trust_remote_code=trust)
+        except (AttributeError, ImportError, OSError, TypeError, ValueError):
+            raise first from None
 
 
 def load_processor(cfg, path: str):
