@@ -658,7 +658,7 @@ def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
         return Plan(t.batch_size, t.grad_accum, est.gradient_checkpointing, lg, pk, est, reasons,
                     checkpoint_layers=est.checkpoint_layers, offload=est.offload)
 
-    lg = _choose_liger(lg_set, reasons)
+    lg = _choose_liger(lg_set, reasons, model_config.get("model_type"))
     pk = _choose_packing(cfg, pk_set, reasons)
     eff = t.batch_size * t.grad_accum
     seq = cfg.data.max_length
@@ -706,18 +706,32 @@ def _consider_streaming(cfg: Config, model_config: dict, ws, gc_set, others_fit:
     return not others_fit or estimate(cfg, model_config, batch_size=1).base_quantized_bytes > budget / 2
 
 
-def _choose_liger(lg_set, reasons: list[str]) -> bool:
-    """Liger: faster and smaller where it exists, so on when auto and importable."""
+def _choose_liger(lg_set, reasons: list[str], model_type: str | None = None) -> bool:
+    """Liger: faster and smaller where it exists, so on when auto and it can patch this model."""
     if lg_set is None:
         lg = _liger_available()
-        reasons.append("Liger kernels on (liger_kernel installed, CUDA)" if lg
-                       else "Liger kernels off (liger_kernel not installed)")
+        why = "liger_kernel installed, CUDA" if lg else "liger_kernel not installed"
+        if lg and not liger_patches(model_type):
+            lg, why = False, f"liger_kernel has no working patch for {model_type} here"
+        reasons.append(f"Liger kernels {'on' if lg else 'off'} ({why})")
     else:
         lg = lg_set
         reasons.append(f"Liger kernels {'on' if lg else 'off'} (set in the config)")
     if lg_set and not _liger_available():
         reasons.append("warning: train.liger_kernel = true but liger_kernel is not installed")
     return lg
+
+
+def liger_patches(model_type: str | None) -> bool:
+    """Whether Liger's module for this model type imports (its patch fails at trainer start
+    otherwise, e.g. Qwen2-VL with liger-kernel 0.8.5 and transformers 5.24 on the H200)."""
+    if not model_type:
+        return True
+    try:
+        importlib.import_module(f"liger_kernel.transformers.model.{model_type}")
+        return True
+    except Exception:
+        return False
 
 
 def _choose_packing(cfg: Config, pk_set, reasons: list[str]) -> bool:
