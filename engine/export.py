@@ -429,17 +429,8 @@ def _finish(report: ExportReport, s: _Source, t0: float, progress) -> None:
 
 # --------------------------------------------------------------------------- CLI
 
-# control characters (ANSI escapes above all) made visible, as tui/safe.clean does for the TUI
-_CONTROLS = {c: 0x2400 + c for c in range(0x20) if c not in (0x09, 0x0A)}
-_CONTROLS.update({0x1B: 0x241B, 0x7F: 0x2421, **{c: 0xFFFD for c in range(0x80, 0xA0)}})
-
-
-def printable(text: object) -> str:
-    """Untrusted text (paths, names, model output) safe to print on a terminal."""
-    return str(text).translate(_CONTROLS)
-
 def _cmd_export(args) -> int:
-    clean = printable
+    from engine.safe_text import visible as clean    # the one sanitiser of untrusted text
     def show(fraction: float, message: str) -> None:   # with --json, stdout holds the JSON alone
         print(f"[{fraction * 100:3.0f}%] {clean(message)}", flush=True,
               file=sys.stderr if args.json else sys.stdout)

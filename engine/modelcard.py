@@ -207,7 +207,7 @@ def push(run_dir: str | Path, repo_id: str, what: str = "adapter", private: bool
 
 
 def _cmd_push(args) -> int:
-    from engine.export import printable
+    from engine.safe_text import visible as printable
     from engine.merge import AdapterError
     try:
         plan = push(args.src, args.repo_id, what=args.what, private=args.private, dry_run=args.dry_run)
