@@ -258,7 +258,8 @@ async def test_dataset_screen_shows_rows_problems_and_markup_literally(tmp_path)
         summary = plain(app.screen.query_one("#ds-summary"))
         assert rep.format in summary and f"{rep.rows:,}" in summary
         table = app.screen.query_one("#problems")
-        assert table.row_count == len(rep.problems) >= 1
+        from tui.screens.dataset import listed_lines     # problems, then duplicates and PII by line
+        assert table.row_count == len(listed_lines(rep)) > len(rep.problems) >= 1
         assert str(rep.problems[0].line) in str(table.get_row_at(0)[0])
         assert "max_length" in plain(app.screen.query_one("#hist"))
         await pilot.press("n")
