@@ -11,7 +11,8 @@ fi
 if ! .venv/bin/python -c "import torch, textual, trl" 2>/dev/null || [ pyproject.toml -nt .venv/.installed ]; then
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
   .venv/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v '^WARNING: Location' || true
+  # PYTHONWARNINGS reaches the build backend too: no setuptools "Editable installation" banner
+  PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v '^WARNING: Location' || true
   .venv/bin/python -c "import torch, textual, trl, peft, bitsandbytes" && touch .venv/.installed
 fi
 if ! command -v tmux >/dev/null 2>&1; then

@@ -1,4 +1,4 @@
-"""Check engine.estimate against measured peaks: one fresh process per configuration.
+"""Check engine.planning.estimate against measured peaks: one fresh process per configuration.
 
 Same setup as /work/shared/bench/plain_trl_baseline.py (the runs the estimate was calibrated
 on): random-weight Llama of a real shape, NF4 + double quant, bf16, sdpa, LoRA r=32
@@ -27,8 +27,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from engine.config import load  # noqa: E402
-from engine.estimate import GIB, estimate  # noqa: E402
+from engine.core.config import load  # noqa: E402
+from engine.planning.estimate import GIB, estimate  # noqa: E402
 
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -1,7 +1,7 @@
 """Benchmark: the full `inspect` report of a 100,000-row ChatML JSONL (~300 tokens a row).
 
 Generates the file in a temporary directory (seeded, so every run reads the same data),
-then times ``engine.inspect.inspect`` on it with builtin:tiny's fast tokenizer, and prints
+then times ``engine.dataset.inspect.inspect`` on it with builtin:tiny's fast tokenizer, and prints
 the figure, the time to the first partial report, and the exact command that reproduces it.
 
     python bench/inspect_100k.py [--rows N] [--keep DIR]
@@ -56,8 +56,8 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--keep", default=None, help="write the data file here and keep it")
     args = ap.parse_args()
-    from engine import config as C
-    from engine import inspect as I
+    from engine.core import config
+    from engine.dataset import inspect as inspect_mod
 
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="inspect-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -65,8 +65,8 @@ def main() -> int:
     t = time.perf_counter()
     generate(path, args.rows)
     gen_s = time.perf_counter() - t
-    cfg = C.load(None, ["model.name=\"builtin:tiny\""])
-    I.tokenizer_for(cfg)              # load the tokenizer outside the timing (cached by the TUI too)
+    cfg = config.load(None, ["model.name=\"builtin:tiny\""])
+    inspect_mod.tokenizer_for(cfg)              # load the tokenizer outside the timing (cached by the TUI too)
     first = []
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     load0 = os.getloadavg()[0]
@@ -77,7 +77,7 @@ def main() -> int:
         if not first:
             first.append((time.perf_counter() - t0, rep.rows_read, rep.rows_tokenized))
 
-    rep = I.inspect(cfg, path=str(path), on_partial=on_partial)
+    rep = inspect_mod.inspect(cfg, path=str(path), on_partial=on_partial)
     total = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     busy1 = _busy_s()

@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 def main() -> int:
     shape, seq, batch, strategy = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     import tomli_w
-    from engine import events as E
-    from engine import rundir as R
+    from engine.core import events
+    from engine.core import rundir
     out = Path(os.environ.get("OUT", "/tmp/bench-out"))
     runs = out / f"resume-{strategy}"
     runs.mkdir(parents=True, exist_ok=True)
@@ -61,9 +61,9 @@ def main() -> int:
         if not dirs:
             continue
         run_dir = dirs[0]
-        steps = [e.step for e in E.read_events(run_dir / R.EVENTS) if e.type == "step"] \
-            if (run_dir / R.EVENTS).exists() else []
-        if steps and max(steps) >= 8 and R.checkpoints(run_dir):
+        steps = [e.step for e in events.read_events(run_dir / rundir.EVENTS) if e.type == "step"] \
+            if (run_dir / rundir.EVENTS).exists() else []
+        if steps and max(steps) >= 8 and rundir.checkpoints(run_dir):
             # the launcher's process group, and every rank: torch's launcher starts each rank
             # in a session of its own, so only their command lines (the run directory) find them
             os.killpg(p.pid, signal.SIGKILL)
@@ -73,15 +73,15 @@ def main() -> int:
     if run_dir is None:
         res["error"] = "no run directory"
         return report(out, res)
-    res["killed_at_step"] = max([e.step for e in E.read_events(run_dir / R.EVENTS) if e.type == "step"] or [0])
-    res["checkpoints_before_resume"] = [c.name for c in R.checkpoints(run_dir)]
-    res["checkpoint_files"] = sorted(x.name for x in R.checkpoints(run_dir)[-1].iterdir()) \
-        if R.checkpoints(run_dir) else []
+    res["killed_at_step"] = max([e.step for e in events.read_events(run_dir / rundir.EVENTS) if e.type == "step"] or [0])
+    res["checkpoints_before_resume"] = [c.name for c in rundir.checkpoints(run_dir)]
+    res["checkpoint_files"] = sorted(x.name for x in rundir.checkpoints(run_dir)[-1].iterdir()) \
+        if rundir.checkpoints(run_dir) else []
     time.sleep(2)                                      # let the OS reap the killed ranks
     r = subprocess.run([sys.executable, "-m", "engine", "train", "--resume", str(run_dir), "--headless"],
                        env=env, stdout=log, stderr=subprocess.STDOUT, timeout=900)
     log.close()
-    evs = E.read_events(run_dir / R.EVENTS)
+    evs = events.read_events(run_dir / rundir.EVENTS)
     steps = [e.step for e in evs if e.type == "step"]
     res.update(resume_rc=r.returncode, steps_logged=steps,
                steps_once=steps == list(range(1, 17)),

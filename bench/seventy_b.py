@@ -152,15 +152,15 @@ def engine_config(a, variant, model_dir, data, out_dir) -> Path:
 
 def predicted(cfg_path: Path, budget_gib) -> dict:
     """The planner's choice and the estimate's GPU peak and host RAM for this config."""
-    from engine import config as C
-    from engine import estimate as E
-    cfg = C.load(cfg_path)
-    mc = E.model_config_for(cfg)
-    gpu = int(budget_gib * GIB) if budget_gib else (E.gpu_free_bytes() or None)
-    pl = E.plan(cfg, mc, gpu)
+    from engine.core import config
+    from engine.planning import estimate as estimate_mod
+    cfg = config.load(cfg_path)
+    mc = estimate_mod.model_config_for(cfg)
+    gpu = int(budget_gib * GIB) if budget_gib else (estimate_mod.gpu_free_bytes() or None)
+    pl = estimate_mod.plan(cfg, mc, gpu)
     est = pl.estimate
     if gpu is None or cfg.train.device == "cpu":   # no planning; the engine streams below the budget
-        est = E.estimate(cfg, mc, streaming=bool(budget_gib) and E.estimate(cfg, mc).breakdown[
+        est = estimate_mod.estimate(cfg, mc, streaming=bool(budget_gib) and estimate_mod.estimate(cfg, mc).breakdown[
             "weights_quantized"] > budget_gib * GIB)
     return dict(pred_peak_reserved_gib=round(est.peak_bytes / GIB, 2), pred_host_gib=round(est.host_bytes / GIB, 2),
                 pred_streaming=est.streaming, pred_tokens_per_s_floor=pl.expected_tokens_per_s)

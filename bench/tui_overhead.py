@@ -10,7 +10,7 @@ CPU, eval and checkpoints off, a step event every step):
      goes to a file, the environment is the one ``runner.start_detached`` gives its child);
   B  the real ``qlora-tui CFG --set ...`` in a detached tmux session at 120x40: F4, ctrl+r,
      the run trains in its own process while the TUI follows events.jsonl and renders live on
-     the same cores; when ``engine.rundir`` says the run is over, ctrl+q.
+     the same cores; when ``engine.core.rundir`` says the run is over, ctrl+q.
 
 Tokens/s is the run's own: real (non-pad) tokens from its events.jsonl,
 Δtokens_seen / Δtime between the step after the warm-up and the last step. Both sides are
@@ -35,8 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine import events as E  # noqa: E402
-from engine import rundir as R  # noqa: E402
+from engine.core import events  # noqa: E402
+from engine.core import rundir  # noqa: E402
 
 SECTION = "## TUI overhead"
 CLK = os.sysconf("SC_CLK_TCK")
@@ -86,7 +86,7 @@ def tokens_per_s(run_dir: Path, warmup: int) -> tuple[float, int, float, float]:
     """(real tokens/s after the warm-up, steps measured, seconds measured, median per-step
     tokens/s) from events.jsonl. The last one is robust to a stall from outside (the VM's
     neighbours): a few slow steps move the first figure, not it."""
-    steps = [e for e in E.read_events(run_dir / R.EVENTS) if e.type == "step"]
+    steps = [e for e in events.read_events(run_dir / rundir.EVENTS) if e.type == "step"]
     # a resumed or restarted log could repeat steps: keep the last occurrence of each
     by = {e.step: e for e in steps}
     steps = [by[k] for k in sorted(by) if k >= warmup]
@@ -115,11 +115,11 @@ def wait_over(run_dir: Path, timeout: float, poll: float = 1.0, proc=None) -> st
     """Wait until the run is no longer live (rundir's view); return its state."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        st = R.info(run_dir).state
+        st = rundir.info(run_dir).state
         if st not in ("live", "new"):
             return st
         if proc is not None and proc.poll() is not None:   # ended before writing a run.json
-            return R.info(run_dir).state
+            return rundir.info(run_dir).state
         time.sleep(poll)
     raise TimeoutError(f"{run_dir} still live after {timeout:.0f} s")
 
@@ -208,8 +208,8 @@ def run_tui(cfg: str, sets: list[str], work: Path, timeout: float, session: str,
         # the TUI's CPU while it follows the measured steps (not the launch: start_detached's
         # preflight imports torch in the TUI process once, before training)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and R.info(run).state in ("live", "new") and not any(
-                e.type == "step" and e.step >= warmup for e in E.read_events(run / R.EVENTS)):
+        while time.monotonic() < deadline and rundir.info(run).state in ("live", "new") and not any(
+                e.type == "step" and e.step >= warmup for e in events.read_events(run / rundir.EVENTS)):
             time.sleep(0.05)
         cpu0, t0 = (proc_cpu(pid) if pid else None), time.monotonic()
         state = wait_over(run, timeout)
@@ -226,20 +226,20 @@ def run_tui(cfg: str, sets: list[str], work: Path, timeout: float, session: str,
         extra["exit"] = exit_file.read_text().strip() if exit_file.exists() else "did not exit"
         # the training process was started by the TUI in its own session: make sure it is gone
         deadline = time.monotonic() + 60
-        while R.process_alive(run) and time.monotonic() < deadline:
+        while rundir.process_alive(run) and time.monotonic() < deadline:
             time.sleep(0.5)
     finally:
         tmux("kill-session", "-t", session, check=False)
         # an error above must not leave the detached training process running
         for run_dir in (out.iterdir() if out.exists() else []):
-            pid = R.owner_pid(run_dir)
-            if pid and R.process_alive(run_dir):
+            pid = rundir.owner_pid(run_dir)
+            if pid and rundir.process_alive(run_dir):
                 try:
                     os.kill(pid, 15)
                 except OSError:
                     pass
     if state != "finished":
-        raise RuntimeError(f"TUI run ended {state}: see {run / R.STDOUT}")
+        raise RuntimeError(f"TUI run ended {state}: see {run / rundir.STDOUT}")
     return run, extra
 
 

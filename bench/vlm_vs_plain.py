@@ -45,22 +45,22 @@ R, ALPHA = 32, 64
 
 def shape(tiny: bool) -> dict:
     if tiny:
-        from engine import vision as V
-        return dict(text=V.TINY_VL_TEXT, vision=V.TINY_VL_VISION, pixels=V.TINY_VL_PIXELS, vocab=None,
+        from engine.training import vision as vision_mod
+        return dict(text=vision_mod.TINY_VL_TEXT, vision=vision_mod.TINY_VL_VISION, pixels=vision_mod.TINY_VL_PIXELS, vocab=None,
                     image_side=64)
     return SHAPES["qwen2vl7b"]
 
 
 def model_dir(tiny: bool) -> Path:
-    from engine import vision as V
+    from engine.training import vision as vision_mod
     if tiny:
-        return V.tiny_vl_model_dir()
+        return vision_mod.tiny_vl_model_dir()
     path = Path("/tmp/bench-qwen2vl7b")
     if not (path / "model.safetensors.index.json").exists() and not (path / "model.safetensors").exists():
         import torch
         s = shape(False)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            V.build_vl_dir(path, s["text"], s["vision"], s["pixels"], vocab_size=s["vocab"])
+            vision_mod.build_vl_dir(path, s["text"], s["vision"], s["pixels"], vocab_size=s["vocab"])
     return path
 
 
@@ -116,10 +116,10 @@ def child_plain(a) -> dict:
     from PIL import Image
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig, TrainerCallback
     from trl import SFTConfig, SFTTrainer
-    from engine import vision as V
+    from engine.training import vision as vision_mod
     path = model_dir(a.tiny)
     data = data_file(a.tiny, a.rows)
-    proc = V._from_pretrained_processor(str(path), None, False)
+    proc = vision_mod._from_pretrained_processor(str(path), None, False)
     rows = [json.loads(x) for x in data.read_text().splitlines()]
     ds = Dataset.from_list([{"messages": [{"role": m["role"], "content": (
         [{"type": "image"} if p["type"] == "image" else {"type": "text", "text": p["text"]} for p in m["content"]]
@@ -153,18 +153,18 @@ def child_plain(a) -> dict:
 
 def child_engine(a) -> dict:
     import torch
-    from engine import config as C
-    from engine import runner as RN
+    from engine.core import config
+    from engine.training import runner
     path = model_dir(a.tiny)
     data = data_file(a.tiny, a.rows)
-    cfg = C.load(None, [f'model.name="{path}"', f'data.train="{data}"', "data.eval_fraction=0",
+    cfg = config.load(None, [f'model.name="{path}"', f'data.train="{data}"', "data.eval_fraction=0",
                         "data.max_length=4096", f"lora.r={R}", f"lora.alpha={ALPHA}", 'train.optimizer="adamw_torch"',
                         f"train.batch_size={a.batch}", "train.grad_accum=1", f"train.max_steps={a.steps}",
                         "train.logging_steps=1", "train.eval_steps=0", "train.save_steps=0",
                         'output.dir="/tmp/bench-vlm-engine-runs"', "output.keep_checkpoints=false"]
                  + (["train.device=\"cpu\""] if not torch.cuda.is_available() else []))
     timer = Timer(a.warm)
-    run = RN.Run(cfg)
+    run = runner.Run(cfg)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     run.start()
@@ -172,9 +172,9 @@ def child_engine(a) -> dict:
     if run.result is None or run.result.type != "run_finished":
         raise SystemExit(f"engine run failed: {getattr(run.result, 'reason', run.result)}")
     # tokens/s over the steps after WARM, from the run's own step events (time, tokens_seen)
-    from engine import events as E
-    from engine import rundir as RD
-    evs = [e for e in E.read_events(run.run_dir / RD.EVENTS) if e.type == "step"]
+    from engine.core import events
+    from engine.core import rundir
+    evs = [e for e in events.read_events(run.run_dir / rundir.EVENTS) if e.type == "step"]
     first = next(e for e in evs if e.step == a.warm)
     last = evs[-1]
     timer.t0, timer.t1 = first.time, last.time

@@ -122,7 +122,7 @@ def engine_variant(variant, shape, seq, batch, out_dir, extra=None):
         cfg["train"]["gpu_memory_gib"] = float(budget.group(1))
     if variant == "engine_min":
         cfg["train"]["gpu_memory_gib"] = 10.0
-    if "nofused" in variant:          # A/B: PEFT's own LoRA forward instead of engine/fused_lora.py
+    if "nofused" in variant:          # A/B: PEFT's own LoRA forward instead of engine/training/fused_lora.py
         cfg["train"]["fused_lora"] = False
     p = Path(out_dir) / f"{variant}.toml"
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ carries a ChatML chat template, a PEFT LoRA adapter over it whose ``lora_B`` wei
 non-zero (so the adapter really changes the logits), and a run directory laid out like the
 runner's (``config.toml``, ``adapter/``, ``events.jsonl``, an eval .jsonl).
 
-Kept separate from ``engine.builtin`` on purpose: the tests must not depend on the cache
+Kept separate from ``engine.training.builtin`` on purpose: the tests must not depend on the cache
 that module manages.
 """
 from __future__ import annotations
@@ -112,7 +112,7 @@ def make_adapter(base_dir: Path, adapter_dir: Path, *, r: int = 8, target_module
 def make_run_dir(run_dir: Path, base_dir: Path, *, r: int = 8, target_modules="all-linear",
                  with_eval: bool = True, seed: int = 1) -> Path:
     """A run directory as the runner leaves it: config.toml, adapter/, events.jsonl, data."""
-    from engine import config as C
+    from engine.core import config
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,7 @@ def make_run_dir(run_dir: Path, base_dir: Path, *, r: int = 8, target_modules="a
     data.mkdir(exist_ok=True)
     rows_file = data / "eval.jsonl"
     rows_file.write_text("".join(json.dumps(row) + "\n" for row in EVAL_ROWS))
-    cfg = C.Config()
+    cfg = config.Config()
     cfg.model.name = str(Path(base_dir).resolve())
     cfg.lora.r = r
     if with_eval:
@@ -129,6 +129,6 @@ def make_run_dir(run_dir: Path, base_dir: Path, *, r: int = 8, target_modules="a
         cfg.data.train = str(rows_file.resolve())
     else:
         cfg.data.train = str(rows_file.resolve())
-    C.save(cfg, run_dir / "config.toml")
+    config.save(cfg, run_dir / "config.toml")
     (run_dir / "events.jsonl").write_text(json.dumps({"type": "run_finished", "time": 0.0}) + "\n")
     return run_dir

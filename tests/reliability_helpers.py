@@ -9,15 +9,15 @@ import sys
 import time
 from pathlib import Path
 
-from engine import config as C
-from engine import events as E
-from engine import rundir as R
+from engine.core import config
+from engine.core import events as events_mod
+from engine.core import rundir
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINE = [sys.executable, "-m", "engine"]
 
 
-def configured(cfg: C.Config, changes: dict | None = None) -> C.Config:
+def configured(cfg: config.Config, changes: dict | None = None) -> config.Config:
     """A copy of ``cfg`` with ``{"section.key": value}`` changes."""
     cfg = cfg.copy()
     for dotted, value in (changes or {}).items():
@@ -27,10 +27,10 @@ def configured(cfg: C.Config, changes: dict | None = None) -> C.Config:
     return cfg
 
 
-def write_cfg(cfg: C.Config, path: Path, changes: dict | None = None) -> Path:
+def write_cfg(cfg: config.Config, path: Path, changes: dict | None = None) -> Path:
     """Save ``cfg`` (with ``{"section.key": value}`` changes) as a TOML file for the CLI."""
     cfg = configured(cfg, changes)
-    C.save(cfg, path)
+    config.save(cfg, path)
     return path
 
 
@@ -70,12 +70,12 @@ def only_run(runs_dir: Path) -> Path:
 
 
 def wait_run_dir(runs_dir: Path, timeout: float = 120) -> Path:
-    return wait_for(lambda: next((p for p in Path(runs_dir).glob("*") if (p / R.EVENTS).exists()), None),
+    return wait_for(lambda: next((p for p in Path(runs_dir).glob("*") if (p / rundir.EVENTS).exists()), None),
                     timeout, what=f"a run directory under {runs_dir}")
 
 
-def events(run_dir: Path) -> list[E.Event]:
-    return E.read_events(Path(run_dir) / R.EVENTS)
+def events(run_dir: Path) -> list[events_mod.Event]:
+    return events_mod.read_events(Path(run_dir) / rundir.EVENTS)
 
 
 def step_numbers(run_dir: Path) -> list[int]:
@@ -91,8 +91,8 @@ def wait_step(run_dir: Path, n: int, timeout: float = 240) -> int:
     return wait_for(lambda: last_step(run_dir) >= n and last_step(run_dir), timeout, what=f"step {n}")
 
 
-def terminal(run_dir: Path) -> E.Event | None:
-    t = [e for e in events(run_dir) if e.type in E.TERMINAL]
+def terminal(run_dir: Path) -> events_mod.Event | None:
+    t = [e for e in events(run_dir) if e.type in events_mod.TERMINAL]
     return t[-1] if t else None
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import control as ctl
-from engine import rundir as R
+from engine.core import control as ctl
+from engine.core import rundir
 
 from reliability_helpers import (REPO, env_with, last_step, step_numbers, terminal, wait_for, wait_step,
                                  write_cfg)
@@ -90,7 +90,7 @@ def test_detach_then_attach_from_other_terminals_history_live_and_stop(tiny_cfg,
         tm("kill-window", "-t", "t:a3")                     # its terminal closes (SIGHUP)
         s = last_step(d)
         wait_step(d, s + 2)
-        assert terminal(d) is None and R.info(d).state == "live", "closing an attach stopped the run"
+        assert terminal(d) is None and rundir.info(d).state == "live", "closing an attach stopped the run"
         assert ctl.pending(d) == []
         # ctrl+x in the 1st attach stops the run gracefully
         tm.keys("a1", "C-x")
@@ -100,9 +100,9 @@ def test_detach_then_attach_from_other_terminals_history_live_and_stop(tiny_cfg,
         assert fin.step < 60 and (d / "adapter" / "adapter_model.safetensors").exists()
         assert step_numbers(d) == list(range(1, fin.step + 1))
         wait_for(lambda: "stopped" in tm.screen("a1"), 60, what="the TUI to show the stop")
-        wait_for(lambda: not R.process_alive(d), 60, what="the run's process to end")
-        assert R.info(d).state == "stopped"
+        wait_for(lambda: not rundir.process_alive(d), 60, what="the run's process to end")
+        assert rundir.info(d).state == "stopped"
     finally:
         tm.kill()
-        if R.process_alive(d):
+        if rundir.process_alive(d):
             ctl.request(d, "stop")

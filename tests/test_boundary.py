@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 ENGINE = Path(__file__).resolve().parents[1] / "engine"
-MODULES = ["engine"] + sorted(f"engine.{p.stem}" for p in ENGINE.glob("*.py")
-                              if p.stem not in ("__init__", "__main__"))
+MODULES = sorted(   # every module and package of engine/, sub-packages included
+    ".".join(("engine",) + p.relative_to(ENGINE).with_suffix("").parts[:-1 if p.stem == "__init__" else None])
+    for p in ENGINE.rglob("*.py") if p.stem != "__main__")
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from engine import data as D
+from engine.dataset import data as data_mod
 
 ROWS = {
     "messages": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
@@ -23,7 +23,7 @@ def write_jsonl(path, rows):
 
 @pytest.mark.parametrize("fmt", list(ROWS))
 def test_each_format_detected_and_normalised(tmp_path, fmt):
-    ds = D.load(str(write_jsonl(tmp_path / "d.jsonl", [ROWS[fmt]] * 3)))
+    ds = data_mod.load(str(write_jsonl(tmp_path / "d.jsonl", [ROWS[fmt]] * 3)))
     assert ds.format == fmt
     assert ds.reason and "3 of 3" in ds.reason
     assert len(ds.rows) == 3 and not ds.problems
@@ -36,7 +36,7 @@ def test_each_format_detected_and_normalised(tmp_path, fmt):
     if fmt == "prompt_completion":
         assert row == {"prompt": "2+2=", "completion": "4"}
     if fmt == "tokens":      # pre-tokenised rows pass through the encoder untouched
-        from engine import chat
+        from engine.dataset import chat
         enc = chat.encode_batch(None, [row])[0]
         assert enc.input_ids == enc.labels == [5, 6, 7, 8]
 
@@ -54,12 +54,12 @@ def test_file_types(tmp_path):
     hf.to_parquet(str(tmp_path / "d.parquet"))
     hf.save_to_disk(str(tmp_path / "dsdir"))
     for name in ("d.json", "d.csv", "d.parquet", "dsdir"):
-        ds = D.load(str(tmp_path / name))
+        ds = data_mod.load(str(tmp_path / name))
         assert ds.format == "prompt_completion", name
         assert len(ds.rows) == 4, name
     # .json array: physical lines of items
-    assert D.load(str(tmp_path / "d.json")).rows[1].line > 2
-    assert [r.line for r in D.load(str(tmp_path / "d.csv")).rows] == [2, 3, 4, 5]
+    assert data_mod.load(str(tmp_path / "d.json")).rows[1].line > 2
+    assert [r.line for r in data_mod.load(str(tmp_path / "d.csv")).rows] == [2, 3, 4, 5]
 
 
 def test_problems_by_physical_line(tmp_path):
@@ -74,7 +74,7 @@ def test_problems_by_physical_line(tmp_path):
              json.dumps([1, 2])]
     p = tmp_path / "d.jsonl"
     p.write_text("\n".join(lines) + "\n")
-    ds = D.load(str(p))
+    ds = data_mod.load(str(p))
     kinds = {(pr.line, pr.kind) for pr in ds.problems}
     assert (2, "invalid_json") in kinds
     assert (5, "role_order") in kinds
@@ -88,23 +88,23 @@ def test_problems_by_physical_line(tmp_path):
 
 
 def test_unusable_data_errors(tmp_path):
-    from engine import config as C
+    from engine.core import config
     empty = tmp_path / "e.jsonl"
     empty.write_text("")
-    with pytest.raises(D.DataError, match="no rows"):
-        D.load_for_training(C.load(None, [f'data.train="{empty}"']))
-    with pytest.raises(D.DataError, match="no such file"):
-        D.load_for_training(C.load(None, [f'data.train="{tmp_path / "missing.jsonl"}"']))
+    with pytest.raises(data_mod.DataError, match="no rows"):
+        data_mod.load_for_training(config.load(None, [f'data.train="{empty}"']))
+    with pytest.raises(data_mod.DataError, match="no such file"):
+        data_mod.load_for_training(config.load(None, [f'data.train="{tmp_path / "missing.jsonl"}"']))
     bad = tmp_path / "b.txt"
     bad.write_text("x")
-    with pytest.raises(D.DataError, match="unsupported file type"):
-        D.load(str(bad))
+    with pytest.raises(data_mod.DataError, match="unsupported file type"):
+        data_mod.load(str(bad))
     mixed = write_jsonl(tmp_path / "m.jsonl", [ROWS["messages"], {"messages": []}])
-    with pytest.raises(D.DataError, match="strict"):
-        D.load_for_training(C.load(None, [f'data.train="{mixed}"', "data.strict=true"]))
+    with pytest.raises(data_mod.DataError, match="strict"):
+        data_mod.load_for_training(config.load(None, [f'data.train="{mixed}"', "data.strict=true"]))
 
 
 def test_mixed_formats_reported(tmp_path):
-    ds = D.load(str(write_jsonl(tmp_path / "m.jsonl", [ROWS["messages"]] * 3 + [ROWS["text"]])))
+    ds = data_mod.load(str(write_jsonl(tmp_path / "m.jsonl", [ROWS["messages"]] * 3 + [ROWS["text"]])))
     assert ds.format == "messages"
     assert any(p.kind == "mixed_format" and p.line == 4 for p in ds.problems)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import control
-from engine import rundir as R
+from engine.core import control
+from engine.core import rundir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def test_two_processes_one_event_log_and_adapter(tmp_path):
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
     assert out.count("step 4/4") == 1                 # rank 0 prints, the other rank does not
-    run = R.list_runs(tmp_path)[0]
+    run = rundir.list_runs(tmp_path)[0]
     assert run.state == "finished"
     evs = [json.loads(line) for line in (run.path / "events.jsonl").read_text().splitlines()]
     steps = [e for e in evs if e["type"] == "step"]
@@ -37,7 +37,7 @@ def test_two_processes_one_event_log_and_adapter(tmp_path):
     # 4 steps x batch 4 x 2 processes = 32 of 285 rows: the epoch counts both ranks' rows
     assert abs(steps[-1]["epoch"] - 32 / 285) < 0.02
     assert (run.path / "adapter" / "adapter_model.safetensors").exists()
-    assert R.checkpoints(run.path)
+    assert rundir.checkpoints(run.path)
 
 
 def test_stop_request_reaches_every_rank(tmp_path):
@@ -45,7 +45,7 @@ def test_stop_request_reaches_every_rank(tmp_path):
     deadline = time.time() + 300
     run_dir = None
     while time.time() < deadline:
-        runs = R.list_runs(tmp_path)
+        runs = rundir.list_runs(tmp_path)
         if runs and runs[0].step >= 2:
             run_dir = runs[0].path
             break
@@ -53,30 +53,30 @@ def test_stop_request_reaches_every_rank(tmp_path):
     assert run_dir is not None, p.stderr.read()[-3000:] if p.poll() is not None else "no steps"
     control.request(run_dir, "stop")
     out, err = p.communicate(timeout=300)
-    assert p.returncode == 3, err[-3000:]          # engine.exitcodes.STOPPED
-    ri = R.info(run_dir)
+    assert p.returncode == 3, err[-3000:]          # engine.core.exitcodes.STOPPED
+    ri = rundir.info(run_dir)
     assert ri.state == "stopped" and ri.step < 400
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.parametrize("use_dora,grow_vocab", [(False, False), (True, True)])
 def test_fsdp_adapter_file_is_what_peft_writes(tmp_path, use_dora, grow_vocab):
-    """engine.trainer.save_fsdp_adapter turns a gathered (full, unwrapped-key) state dict into
+    """engine.training.trainer.save_fsdp_adapter turns a gathered (full, unwrapped-key) state dict into
     the adapter PEFT itself writes: same keys, same tensors, and PEFT loads it. The gather is
     FSDP's collective (run on 2 H200s, bench/RESULTS.md); here the state dict comes from the
     same model unsharded, which is what FSDP's full state dict equals."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from engine.builtin import tiny_model_dir
-    from engine.trainer import save_fsdp_adapter
+    from engine.training.builtin import tiny_model_dir
+    from engine.training.trainer import save_fsdp_adapter
     base_dir = str(tiny_model_dir())
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     if grow_vocab:
         model.resize_token_embeddings(model.get_input_embeddings().weight.shape[0] + 8)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                   use_dora=use_dora, init_lora_weights=False,
-                                                  task_type="CAUSAL_LM"))      # as engine.trainer builds it
+                                                  task_type="CAUSAL_LM"))      # as engine.training.trainer builds it
 
     class Accelerator:                   # the three calls save_fsdp_adapter makes, without FSDP
         is_main_process = True
@@ -117,7 +117,7 @@ def test_a_checkpoint_without_adapter_weights_is_never_copied_as_the_adapter(tmp
     """Resuming a run killed while saving its adapter takes the adapter from the last
     checkpoint; an FSDP checkpoint has sharded model state instead, and must not become an
     adapter directory without weights."""
-    from engine.runner import Run
+    from engine.training.runner import Run
     ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-10"
     (ckpt / "pytorch_model_fsdp_0").mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text("{}")

@@ -1,4 +1,4 @@
-"""engine.estimate: calibration against the H200 measurements, monotonicity, the planner, CLI."""
+"""engine.planning.estimate: calibration against the H200 measurements, monotonicity, the planner, CLI."""
 from __future__ import annotations
 
 import json
@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from engine import config as C
-from engine import estimate as E
-from engine.estimate import GIB
+from engine.core import config
+from engine.planning import estimate as estimate_mod
+from engine.planning.estimate import GIB
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True)
@@ -22,8 +22,8 @@ BASELINE = ["data.max_length=2048", "train.batch_size=8", "lora.r=32", "lora.alp
             'quant.compute_dtype="bf16"', 'train.optimizer="adamw_torch"', 'train.device="cuda"']
 
 
-def baseline(*extra: str) -> C.Config:
-    return C.load(None, BASELINE + list(extra))
+def baseline(*extra: str) -> config.Config:
+    return config.load(None, BASELINE + list(extra))
 
 
 # (shape, gradient checkpointing, liger, measured GiB, which figure is compared)
@@ -52,7 +52,7 @@ GRID = [(512, 1, True, 1.389), (512, 4, True, 1.678), (512, 1, False, 2.045), (5
 @pytest.mark.parametrize("name,mc,gc,liger,measured,kind,batch", CALIBRATION,
                          ids=[f"{c[0]}-{c[5]}" for c in CALIBRATION])
 def test_calibration_within_10_percent(name, mc, gc, liger, measured, kind, batch):
-    est = E.estimate(baseline(), mc, gradient_checkpointing=gc, liger=liger,
+    est = estimate_mod.estimate(baseline(), mc, gradient_checkpointing=gc, liger=liger,
                      batch_size=batch)
     pred = (est.peak_bytes if kind == "reserved" else est.allocated_bytes) / GIB
     assert abs(pred - measured) / measured <= 0.10, f"{name} {kind}: predicted {pred:.2f} vs {measured}"
@@ -60,7 +60,7 @@ def test_calibration_within_10_percent(name, mc, gc, liger, measured, kind, batc
 
 @pytest.mark.parametrize("seq,batch,gc,measured", GRID, ids=[f"1b-s{g[0]}-b{g[1]}-gc{int(g[2])}" for g in GRID])
 def test_grid_measured_on_the_h200(seq, batch, gc, measured):
-    est = E.estimate(baseline(), LLAMA_1B, seq_len=seq, batch_size=batch, gradient_checkpointing=gc,
+    est = estimate_mod.estimate(baseline(), LLAMA_1B, seq_len=seq, batch_size=batch, gradient_checkpointing=gc,
                      liger=False)
     err = est.peak_bytes / GIB / measured - 1
     # 5 of these 6 are within 10%; seq 4096 / micro-batch 1 / checkpointing is +10.4%
@@ -68,7 +68,7 @@ def test_grid_measured_on_the_h200(seq, batch, gc, measured):
 
 
 def test_breakdown_sums_to_peak_and_param_counts():
-    est = E.estimate(baseline(), LLAMA_8B)
+    est = estimate_mod.estimate(baseline(), LLAMA_8B)
     parts = {k: v for k, v in est.breakdown.items() if k != "cuda_context"}
     assert sum(parts.values()) == est.peak_bytes
     assert est.device_bytes == est.peak_bytes + est.breakdown["cuda_context"]
@@ -82,79 +82,79 @@ def test_breakdown_sums_to_peak_and_param_counts():
     assert 8.0e9 < est.total_params < 8.2e9
     # untied lm_head: two V x h bf16 matrices
     assert est.breakdown["weights_unquantized"] > 2 * 128256 * 4096 * 2
-    tied = E.estimate(baseline(), {**LLAMA_8B, "tie_word_embeddings": True})
+    tied = estimate_mod.estimate(baseline(), {**LLAMA_8B, "tie_word_embeddings": True})
     assert tied.breakdown["weights_unquantized"] < est.breakdown["weights_unquantized"] - 128256 * 4096
 
 
 def test_monotonic_in_seq_batch_and_checkpointing():
     cfg = baseline()
-    base = E.estimate(cfg, LLAMA_8B, batch_size=2, seq_len=1024)
-    assert E.estimate(cfg, LLAMA_8B, batch_size=2, seq_len=4096).peak_bytes > base.peak_bytes
-    assert E.estimate(cfg, LLAMA_8B, batch_size=4, seq_len=1024).peak_bytes > base.peak_bytes
-    assert E.estimate(cfg, LLAMA_8B, batch_size=2, seq_len=1024,
+    base = estimate_mod.estimate(cfg, LLAMA_8B, batch_size=2, seq_len=1024)
+    assert estimate_mod.estimate(cfg, LLAMA_8B, batch_size=2, seq_len=4096).peak_bytes > base.peak_bytes
+    assert estimate_mod.estimate(cfg, LLAMA_8B, batch_size=4, seq_len=1024).peak_bytes > base.peak_bytes
+    assert estimate_mod.estimate(cfg, LLAMA_8B, batch_size=2, seq_len=1024,
                       gradient_checkpointing=False).peak_bytes > base.peak_bytes
-    assert E.estimate(cfg, LLAMA_8B, batch_size=2, seq_len=1024, liger=True).peak_bytes < base.peak_bytes
+    assert estimate_mod.estimate(cfg, LLAMA_8B, batch_size=2, seq_len=1024, liger=True).peak_bytes < base.peak_bytes
     # the config's max_length is the default sequence length
-    assert E.estimate(baseline("data.max_length=4096"), LLAMA_8B).seq_len == 4096
+    assert estimate_mod.estimate(baseline("data.max_length=4096"), LLAMA_8B).seq_len == 4096
 
 
 def test_optimizer_quant_and_lora_options_change_the_right_terms():
-    adam = E.estimate(baseline(), LLAMA_1B)
-    eight = E.estimate(baseline('train.optimizer="paged_adamw_8bit"'), LLAMA_1B)
-    sgd = E.estimate(baseline('train.optimizer="sgd"'), LLAMA_1B)
-    fact = E.estimate(baseline('train.optimizer="adafactor"'), LLAMA_1B)
+    adam = estimate_mod.estimate(baseline(), LLAMA_1B)
+    eight = estimate_mod.estimate(baseline('train.optimizer="paged_adamw_8bit"'), LLAMA_1B)
+    sgd = estimate_mod.estimate(baseline('train.optimizer="sgd"'), LLAMA_1B)
+    fact = estimate_mod.estimate(baseline('train.optimizer="adafactor"'), LLAMA_1B)
     assert sgd.breakdown["optimizer_state"] == 0
     assert 0 < fact.breakdown["optimizer_state"] < eight.breakdown["optimizer_state"] < adam.breakdown["optimizer_state"]
     assert eight.breakdown["optimizer_state"] >= 2 * eight.trainable_params
     # a 16-bit base: no 4-bit weights, fp32 adapters
-    full = E.estimate(baseline("quant.load_in_4bit=false"), LLAMA_1B)
+    full = estimate_mod.estimate(baseline("quant.load_in_4bit=false"), LLAMA_1B)
     assert full.breakdown["weights_quantized"] == 0
     assert full.breakdown["weights_unquantized"] > adam.breakdown["weights_unquantized"] + 2 * 0.9e9
     assert full.breakdown["lora_params"] == 4 * full.trainable_params
     # without double quant the constants cost 4.5 bit
-    nodq = E.estimate(baseline("quant.double_quant=false"), LLAMA_1B)
+    nodq = estimate_mod.estimate(baseline("quant.double_quant=false"), LLAMA_1B)
     assert nodq.breakdown["weights_quantized"] > adam.breakdown["weights_quantized"]
     # fewer targets, fewer trainable params; q,v only: r*(2048+2048 + 2048+512) per layer
-    qv = E.estimate(baseline('lora.target_modules=["q_proj", "v_proj"]'), LLAMA_1B)
+    qv = estimate_mod.estimate(baseline('lora.target_modules=["q_proj", "v_proj"]'), LLAMA_1B)
     assert qv.trainable_params == 16 * 32 * (4096 + 2560)
-    fa = E.estimate(baseline("lora.lora_fa=true"), LLAMA_1B)
+    fa = estimate_mod.estimate(baseline("lora.lora_fa=true"), LLAMA_1B)
     assert fa.trainable_params < adam.trainable_params
-    dora = E.estimate(baseline("lora.use_dora=true"), LLAMA_1B)
+    dora = estimate_mod.estimate(baseline("lora.use_dora=true"), LLAMA_1B)
     assert dora.trainable_params > adam.trainable_params
     assert any("DoRA" in n for n in dora.notes)
 
 
 def test_hf_loss_logits_dominate_at_long_context():
     cfg = baseline("train.batch_size=1", "data.max_length=32768")
-    trl = E.estimate(cfg, LLAMA_8B)
-    hf = E.estimate(cfg, LLAMA_8B, loss_impl="hf")
+    trl = estimate_mod.estimate(cfg, LLAMA_8B)
+    hf = estimate_mod.estimate(cfg, LLAMA_8B, loss_impl="hf")
     # ~2 MB per token of fp32 logits with a 128k vocabulary
     assert hf.breakdown["logits"] > 32768 * 128256 * 12
     assert hf.breakdown["logits"] > 10 * trl.breakdown["logits"]
 
 
 def test_fits_verdict_uses_device_bytes():
-    est = E.estimate(baseline(), LLAMA_8B, gpu_mem_bytes=80 * GIB)
+    est = estimate_mod.estimate(baseline(), LLAMA_8B, gpu_mem_bytes=80 * GIB)
     assert est.fits is True
-    small = E.estimate(baseline(), LLAMA_8B, gpu_mem_bytes=12 * GIB)
+    small = estimate_mod.estimate(baseline(), LLAMA_8B, gpu_mem_bytes=12 * GIB)
     assert small.fits is False
-    assert E.estimate(baseline(), LLAMA_8B).fits is None
-    just = E.estimate(baseline(), LLAMA_8B, gpu_mem_bytes=est.peak_bytes)   # context does not fit
+    assert estimate_mod.estimate(baseline(), LLAMA_8B).fits is None
+    just = estimate_mod.estimate(baseline(), LLAMA_8B, gpu_mem_bytes=est.peak_bytes)   # context does not fit
     assert just.fits is False
 
 
 def test_missing_keys_raise_one_line_error():
-    with pytest.raises(E.EstimateError, match="hidden_size"):
-        E.estimate(baseline(), {"num_hidden_layers": 2})
+    with pytest.raises(estimate_mod.EstimateError, match="hidden_size"):
+        estimate_mod.estimate(baseline(), {"num_hidden_layers": 2})
 
 
 # ---------------------------------------------------------------------------------- planner
 
 def test_planner_picks_no_gc_when_memory_is_plentiful(monkeypatch):
-    monkeypatch.setattr(E, "_liger_available", lambda: False)
+    monkeypatch.setattr(estimate_mod, "_liger_available", lambda: False)
     cfg = baseline("train.batch_size=2", "train.grad_accum=4", 'train.gradient_checkpointing="auto"',
                    'train.liger_kernel="auto"')
-    p = E.plan(cfg, LLAMA_1B, 141 * GIB)
+    p = estimate_mod.plan(cfg, LLAMA_1B, 141 * GIB)
     assert p.gradient_checkpointing is False
     assert p.batch_size * p.grad_accum == 8
     assert p.batch_size == 8           # the largest micro-batch that fits
@@ -164,47 +164,47 @@ def test_planner_picks_no_gc_when_memory_is_plentiful(monkeypatch):
 
 
 def test_planner_turns_gc_on_and_shrinks_micro_batch_when_tight(monkeypatch):
-    monkeypatch.setattr(E, "_liger_available", lambda: False)
+    monkeypatch.setattr(estimate_mod, "_liger_available", lambda: False)
     cfg = baseline("train.batch_size=8", "train.grad_accum=2", 'train.gradient_checkpointing="auto"',
                    'train.liger_kernel="auto"', "train.activation_offload=false")   # offload: test_offload.py
     for gib in (20, 16):
-        p = E.plan(cfg, LLAMA_8B, gib * GIB)
+        p = estimate_mod.plan(cfg, LLAMA_8B, gib * GIB)
         assert p.gradient_checkpointing is True
         assert p.batch_size * p.grad_accum == 16
         assert p.batch_size < 16
         assert p.estimate.fits is True
         assert p.estimate.device_bytes <= gib * GIB * 0.9
-        bigger = E.estimate(cfg, LLAMA_8B, batch_size=p.batch_size * 2, gradient_checkpointing=True)
+        bigger = estimate_mod.estimate(cfg, LLAMA_8B, batch_size=p.batch_size * 2, gradient_checkpointing=True)
         assert bigger.device_bytes > gib * GIB * 0.9     # it picked the largest that fits
         assert any("needed to fit" in r or "the fewest that fit" in r for r in p.reasons)
-    assert E.plan(cfg, LLAMA_8B, 16 * GIB).batch_size < E.plan(cfg, LLAMA_8B, 20 * GIB).batch_size
+    assert estimate_mod.plan(cfg, LLAMA_8B, 16 * GIB).batch_size < estimate_mod.plan(cfg, LLAMA_8B, 20 * GIB).batch_size
 
 
 def test_planner_picks_the_fastest_fitting_setting_by_the_measured_speed_model(monkeypatch):
-    monkeypatch.setattr(E, "_liger_available", lambda: False)
+    monkeypatch.setattr(estimate_mod, "_liger_available", lambda: False)
     # measured on the H200 (bench/RESULTS.md): no checkpointing at micro-batch 1 (7,622 tok/s)
     # loses to checkpointing at micro-batch 8 (~9,900): the planner must not pick the former
-    assert E.relative_speed(False, 2048) < E.relative_speed(True, 16384) < E.relative_speed(False, 16384)
+    assert estimate_mod.relative_speed(False, 2048) < estimate_mod.relative_speed(True, 16384) < estimate_mod.relative_speed(False, 16384)
     cfg = baseline("train.batch_size=8", "train.grad_accum=2", 'train.gradient_checkpointing="auto"')
-    p = E.plan(cfg, LLAMA_8B, 24 * GIB)      # no gc fits only at micro-batch 1 x 2048 tokens
+    p = estimate_mod.plan(cfg, LLAMA_8B, 24 * GIB)      # no gc fits only at micro-batch 1 x 2048 tokens
     assert (p.gradient_checkpointing, p.batch_size, p.grad_accum) == (True, 8, 2)
     # with room for no checkpointing at micro-batch 4 (8,192 tokens), that is faster than gc at 8
-    need4 = E.estimate(cfg, LLAMA_8B, batch_size=4, gradient_checkpointing=False).device_bytes
-    need8 = E.estimate(cfg, LLAMA_8B, batch_size=8, gradient_checkpointing=False).device_bytes
-    p = E.plan(cfg, LLAMA_8B, int((need4 + need8) / 2 / 0.9))
+    need4 = estimate_mod.estimate(cfg, LLAMA_8B, batch_size=4, gradient_checkpointing=False).device_bytes
+    need8 = estimate_mod.estimate(cfg, LLAMA_8B, batch_size=8, gradient_checkpointing=False).device_bytes
+    p = estimate_mod.plan(cfg, LLAMA_8B, int((need4 + need8) / 2 / 0.9))
     assert (p.gradient_checkpointing, p.batch_size) == (False, 4)
 
 
 def test_planner_respects_explicit_settings(monkeypatch):
-    monkeypatch.setattr(E, "_liger_available", lambda: True)
+    monkeypatch.setattr(estimate_mod, "_liger_available", lambda: True)
     cfg = baseline("train.batch_size=2", "train.grad_accum=4", "train.gradient_checkpointing=true",
                    "train.liger_kernel=false", "data.packing=false")
-    p = E.plan(cfg, LLAMA_1B, 141 * GIB)
+    p = estimate_mod.plan(cfg, LLAMA_1B, 141 * GIB)
     assert p.gradient_checkpointing is True       # would fit without, but the user said on
     assert p.liger is False
     assert p.packing is False
     assert p.batch_size * p.grad_accum == 8
-    out = E.apply_plan(cfg, p)
+    out = estimate_mod.apply_plan(cfg, p)
     assert out.train.gradient_checkpointing is True and out.train.liger_kernel is False
     assert out.train.batch_size == p.batch_size and out.train.grad_accum == p.grad_accum
     assert cfg.train.batch_size == 2               # the original is untouched
@@ -212,17 +212,17 @@ def test_planner_respects_explicit_settings(monkeypatch):
 
 def test_planner_liger_auto_follows_availability(monkeypatch):
     cfg = baseline('train.liger_kernel="auto"')
-    monkeypatch.setattr(E, "_liger_available", lambda: True)
-    assert E.plan(cfg, LLAMA_1B, 80 * GIB).liger is True
-    monkeypatch.setattr(E, "_liger_available", lambda: False)
-    assert E.plan(cfg, LLAMA_1B, 80 * GIB).liger is False
+    monkeypatch.setattr(estimate_mod, "_liger_available", lambda: True)
+    assert estimate_mod.plan(cfg, LLAMA_1B, 80 * GIB).liger is True
+    monkeypatch.setattr(estimate_mod, "_liger_available", lambda: False)
+    assert estimate_mod.plan(cfg, LLAMA_1B, 80 * GIB).liger is False
 
 
 def test_planner_reports_when_nothing_fits(monkeypatch):
-    monkeypatch.setattr(E, "_liger_available", lambda: False)
+    monkeypatch.setattr(estimate_mod, "_liger_available", lambda: False)
     cfg = baseline("train.batch_size=4", "train.grad_accum=2", 'train.gradient_checkpointing="auto"',
                    "train.weight_streaming=false")     # streaming would fit it (test_streaming_plan.py)
-    p = E.plan(cfg, LLAMA_8B, 6 * GIB)
+    p = estimate_mod.plan(cfg, LLAMA_8B, 6 * GIB)
     assert p.estimate.fits is False
     assert p.batch_size == 1 and p.gradient_checkpointing is True   # the smallest option
     assert p.batch_size * p.grad_accum == 8
@@ -232,10 +232,10 @@ def test_planner_reports_when_nothing_fits(monkeypatch):
 def test_planner_on_cpu_keeps_config_values():
     cfg = baseline("train.batch_size=2", "train.grad_accum=4", 'train.gradient_checkpointing="auto"',
                    'train.liger_kernel="auto"', 'data.packing="auto"')
-    p = E.plan(cfg, LLAMA_1B, None)
+    p = estimate_mod.plan(cfg, LLAMA_1B, None)
     assert (p.batch_size, p.grad_accum) == (2, 4)
     assert p.reasons == ["CPU: no memory planning"]
-    out = E.apply_plan(cfg, p)
+    out = estimate_mod.apply_plan(cfg, p)
     assert all(isinstance(v, bool) for v in (out.train.gradient_checkpointing, out.train.liger_kernel,
                                              out.data.packing))
 
@@ -251,12 +251,12 @@ def _model_dir(tmp_path, mc=LLAMA_1B):
 
 def test_model_config_for_local_dir_and_hub_failure(tmp_path, monkeypatch):
     d = _model_dir(tmp_path)
-    cfg = C.load(None, [f'model.name="{d}"'])
-    assert E.model_config_for(cfg)["hidden_size"] == 2048
+    cfg = config.load(None, [f'model.name="{d}"'])
+    assert estimate_mod.model_config_for(cfg)["hidden_size"] == 2048
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = C.load(None, ['model.name="nobody-here/no-such-model-xyz"'])
-    with pytest.raises(E.EstimateError) as ei:
-        E.model_config_for(cfg)
+    cfg = config.load(None, ['model.name="nobody-here/no-such-model-xyz"'])
+    with pytest.raises(estimate_mod.EstimateError) as ei:
+        estimate_mod.model_config_for(cfg)
     msg = str(ei.value)
     assert "nobody-here/no-such-model-xyz" in msg and "\n" not in msg
 
@@ -303,7 +303,7 @@ def test_cli_unknown_model_exits_2(tmp_path, capsys, monkeypatch):
 
 def test_engine_estimate_imports_no_torch_or_ui():
     import subprocess
-    code = ("import sys, engine.estimate; "
+    code = ("import sys, engine.planning.estimate; "
             "bad = [m for m in ('torch', 'transformers', 'textual', 'rich') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -1,4 +1,4 @@
-"""engine.events.follow: history, live lines, the end of a log, and a log replaced under it."""
+"""engine.core.events.follow: history, live lines, the end of a log, and a log replaced under it."""
 from __future__ import annotations
 
 import os
@@ -6,13 +6,13 @@ import queue
 import threading
 import time
 
-from engine import events as E
+from engine.core import events
 
 
 def write(path, evs, mode="a"):
     with open(path, mode, encoding="utf-8") as fh:
         for ev in evs:
-            fh.write(E.dumps(ev) + "\n")
+            fh.write(events.dumps(ev) + "\n")
 
 
 def replace_atomically(path, evs):
@@ -27,7 +27,7 @@ def start(path, **kw):
 
     def reader():
         try:
-            for ev in E.follow(path, stop=stop, poll=0.02, **kw):
+            for ev in events.follow(path, stop=stop, poll=0.02, **kw):
                 q.put(ev)
         finally:
             q.put(None)
@@ -47,20 +47,20 @@ def take(q, n, timeout=10.0):
 
 def test_follow_reopens_a_replaced_log_and_reads_the_new_file(tmp_path):
     log = tmp_path / "events.jsonl"
-    write(log, [E.RunStarted(total_steps=4), E.Step(step=1), E.Step(step=2), E.Step(step=3)])
+    write(log, [events.RunStarted(total_steps=4), events.Step(step=1), events.Step(step=2), events.Step(step=3)])
     q, stop, t = start(log)
     try:
         assert [getattr(e, "step", None) for e in take(q, 4)] == [None, 1, 2, 3]
         old_inode = os.stat(log).st_ino
         # a resume's rollback: the log rewritten without step 3, renamed over the old one
-        replace_atomically(log, [E.RunStarted(total_steps=4), E.Step(step=1), E.Step(step=2),
-                                 E.Status(phase="resume", message="resuming from checkpoint-2")])
+        replace_atomically(log, [events.RunStarted(total_steps=4), events.Step(step=1), events.Step(step=2),
+                                 events.Status(phase="resume", message="resuming from checkpoint-2")])
         assert os.stat(log).st_ino != old_inode
-        write(log, [E.RunStarted(total_steps=4, resumed_from_step=2), E.Step(step=3)])
+        write(log, [events.RunStarted(total_steps=4, resumed_from_step=2), events.Step(step=3)])
         again = take(q, 6)
         assert [e.type for e in again] == ["run_started", "step", "step", "status", "run_started", "step"]
         assert again[3].phase == "resume" and again[4].resumed_from_step == 2
-        write(log, [E.Step(step=4), E.RunFinished(step=4)])
+        write(log, [events.Step(step=4), events.RunFinished(step=4)])
         assert [e.type for e in take(q, 2)] == ["step", "run_finished"]
         assert q.get(timeout=5) is None              # ends at the terminal event at the end
     finally:
@@ -71,12 +71,12 @@ def test_follow_reopens_a_replaced_log_and_reads_the_new_file(tmp_path):
 
 def test_follow_goes_on_past_an_earlier_failure_of_a_resumed_run(tmp_path):
     log = tmp_path / "events.jsonl"
-    write(log, [E.RunStarted(total_steps=4), E.Step(step=1), E.RunFailed(kind="oom", step=1),
-                E.Status(phase="resume"), E.RunStarted(resumed_from_step=1), E.Step(step=2)])
+    write(log, [events.RunStarted(total_steps=4), events.Step(step=1), events.RunFailed(kind="oom", step=1),
+                events.Status(phase="resume"), events.RunStarted(resumed_from_step=1), events.Step(step=2)])
     q, stop, t = start(log)
     try:
         assert [e.type for e in take(q, 6)][-1] == "step"
-        write(log, [E.RunFinished(step=2)])
+        write(log, [events.RunFinished(step=2)])
         assert take(q, 1)[0].type == "run_finished"
         assert q.get(timeout=5) is None
     finally:
@@ -86,7 +86,7 @@ def test_follow_goes_on_past_an_earlier_failure_of_a_resumed_run(tmp_path):
 
 def test_follow_ends_on_stop_and_on_a_dead_writer(tmp_path):
     log = tmp_path / "events.jsonl"
-    write(log, [E.RunStarted(total_steps=4), E.Step(step=1)])
+    write(log, [events.RunStarted(total_steps=4), events.Step(step=1)])
     q, stop, t = start(log)
     take(q, 2)
     stop.set()

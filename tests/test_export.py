@@ -12,21 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from engine import config as C
-from engine import events as E
-from engine import export as X
-from engine import gguf_write as GW
-from engine import modelcard as MC
-from engine import runner as RN
+from engine.core import config
+from engine.core import events
+from engine.outputs import export
+from engine.outputs import gguf_write
+from engine.outputs import modelcard
+from engine.training import runner
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(tmp: Path, report_to: str, steps: int, eval_steps: int):
-    cfg = C.load(REPO / "examples" / "demo.toml",
+    cfg = config.load(REPO / "examples" / "demo.toml",
                   [f'output.dir="{tmp / "runs"}"', f"train.max_steps={steps}", f"train.eval_steps={eval_steps}",
                    "train.save_steps=0", f'output.report_to="{report_to}"'])
-    run = RN.Run(cfg)
+    run = runner.Run(cfg)
     run.start()
     assert run.join(timeout=300)
     assert run.result.type == "run_finished", getattr(run.result, "reason", "")
@@ -40,7 +40,7 @@ def tb_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def f16(tb_run):
-    return X.export_model(tb_run, "f16")
+    return export.export_model(tb_run, "f16")
 
 
 # --------------------------------------------------------------------------- trackers
@@ -67,9 +67,9 @@ def test_tensorboard_logs_loss_lr_and_our_tokens_per_second(tb_run):
     assert "train/learning_rate" in scalars and "eval/loss" in scalars
     tps = [v for _, v in scalars["train/tokens_per_second"]]
     assert len(tps) >= 3 and all(v > 0 for v in tps)
-    steps = [e for e in E.read_events(tb_run / "events.jsonl") if e.type == "step"]
+    steps = [e for e in events.read_events(tb_run / "events.jsonl") if e.type == "step"]
     assert [round(v, 3) for _, v in scalars["train/loss"]] == [round(e.loss, 3) for e in steps]
-    started = next(e for e in E.read_events(tb_run / "events.jsonl") if e.type == "run_started")
+    started = next(e for e in events.read_events(tb_run / "events.jsonl") if e.type == "run_started")
     assert any(str(tb_run / "tensorboard") in p for p in started.plan)
     from tui.screens.train import tracker_logs       # what the Train screen shows of it
     assert tracker_logs(started.plan) == ("tensorboard", str(tb_run / "tensorboard"))
@@ -108,7 +108,7 @@ def test_wandb_offline_writes_its_run_directory(tmp_path, monkeypatch):
 
 
 def test_tracker_dirs_follow_each_run_unless_the_user_set_them(monkeypatch):
-    from engine import trackers
+    from engine.training import trackers
     monkeypatch.setattr(trackers, "_OURS", {})
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     trackers.setup("tensorboard", "/r/run1")
@@ -122,11 +122,11 @@ def test_tracker_dirs_follow_each_run_unless_the_user_set_them(monkeypatch):
 
 
 def test_missing_tracker_package_is_one_preflight_line(monkeypatch):
-    from engine import trackers
+    from engine.training import trackers
     monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None)
-    cfg = C.load(None, ['output.report_to="tensorboard"'])
-    with pytest.raises(RN.PreflightError) as e:
-        RN.preflight(cfg, check_model=False)
+    cfg = config.load(None, ['output.report_to="tensorboard"'])
+    with pytest.raises(runner.PreflightError) as e:
+        runner.preflight(cfg, check_model=False)
     assert "tensorboardX" in str(e.value) and "qlora-tui[tensorboard]" in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -164,14 +164,14 @@ def test_gguf_f16_loads_back_and_matches(tb_run, f16):
     assert g_tok(text).input_ids == tok(text).input_ids
     assert g_tok.decode(tok(text).input_ids) == tok.decode(tok(text).input_ids)
     # the result is in the run's events
-    exported = [e for e in E.read_events(tb_run / "events.jsonl") if e.type == "export"]
+    exported = [e for e in events.read_events(tb_run / "events.jsonl") if e.type == "export"]
     assert exported and exported[0].path == f16.path and exported[0].max_abs_diff == f16.max_abs_diff
 
 
 def test_gguf_q8_0_within_stated_bound(tb_run, f16):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    q8 = X.export_model(tb_run, "q8_0")
+    q8 = export.export_model(tb_run, "q8_0")
     assert q8.merged_dir == f16.merged_dir             # the merge is reused
     path = Path(q8.path)
     assert path.stat().st_size < Path(f16.path).stat().st_size * 0.7
@@ -184,7 +184,7 @@ def test_gguf_q8_0_within_stated_bound(tb_run, f16):
         ref = AutoModelForCausalLM.from_pretrained(q8.merged_dir, dtype=torch.float32)(ids).logits
         got = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                    dtype=torch.float32)(ids).logits
-    atol, rtol = X.TOLERANCE["q8_0"]
+    atol, rtol = export.TOLERANCE["q8_0"]
     diff = float((ref - got).abs().max())
     assert 0 < diff <= atol + rtol * float(ref.abs().max())
     assert diff <= q8.tolerance and q8.max_abs_diff <= q8.tolerance
@@ -212,7 +212,7 @@ def test_model_card_metadata_and_loss(tb_run, f16):
 
 
 def test_card_front_matter_for_hub_ids():
-    lines = MC._front_matter("meta-llama/Llama-3.1-8B", ["org/chat-data", "/data/local.jsonl"], "adapter")
+    lines = modelcard._front_matter("meta-llama/Llama-3.1-8B", ["org/chat-data", "/data/local.jsonl"], "adapter")
     assert "base_model: meta-llama/Llama-3.1-8B" in lines and "  - org/chat-data" in lines
     assert not any("local.jsonl" in line for line in lines) and "library_name: peft" in lines
 
@@ -223,7 +223,7 @@ def test_adapter_gguf_tensors_and_delta(tb_run, f16):
     import numpy as np
     import torch
     from safetensors.torch import load_file
-    rep = X.export_adapter(tb_run, "f32")
+    rep = export.export_adapter(tb_run, "f32")
     r = _reader(rep.path)
     assert _field(r, "general.type") == "adapter" and _field(r, "adapter.type") == "lora"
     acfg = json.loads((tb_run / "adapter" / "adapter_config.json").read_text())
@@ -255,16 +255,16 @@ def test_adapter_gguf_tensors_and_delta(tb_run, f16):
 # --------------------------------------------------------------------------- refusals
 
 def test_refusals_are_one_line():
-    with pytest.raises(GW.GGUFError, match="llama-quantize .* Q4_K_M"):
-        GW.check_type("q4_k_m")
-    with pytest.raises(GW.GGUFError, match="use one of f32, f16"):
-        GW.check_type("q3")
-    with pytest.raises(GW.GGUFError, match="GPT2LMHeadModel is not supported.*LlamaForCausalLM"):
-        GW.architecture_of({"architectures": ["GPT2LMHeadModel"]}, "config.json")
+    with pytest.raises(gguf_write.GGUFError, match="llama-quantize .* Q4_K_M"):
+        gguf_write.check_type("q4_k_m")
+    with pytest.raises(gguf_write.GGUFError, match="use one of f32, f16"):
+        gguf_write.check_type("q3")
+    with pytest.raises(gguf_write.GGUFError, match="GPT2LMHeadModel is not supported.*LlamaForCausalLM"):
+        gguf_write.architecture_of({"architectures": ["GPT2LMHeadModel"]}, "config.json")
     sys.path.insert(0, str(Path(__file__).parent))
     from outputs_fixtures import make_tokenizer
-    with pytest.raises(GW.GGUFError, match="WordLevel tokenizer cannot be written"):
-        GW.read_vocab(make_tokenizer(), 32, "tok")
+    with pytest.raises(gguf_write.GGUFError, match="WordLevel tokenizer cannot be written"):
+        gguf_write.read_vocab(make_tokenizer(), 32, "tok")
 
 
 def test_cli_export_refusal_exit_code(tb_run, capsys):
@@ -277,17 +277,17 @@ def test_cli_export_refusal_exit_code(tb_run, capsys):
 # --------------------------------------------------------------------------- push
 
 def test_push_plan_and_unreachable_hub(tb_run, f16, tmp_path):
-    folder, _, files = MC.push_plan(tb_run, "gguf")
+    folder, _, files = modelcard.push_plan(tb_run, "gguf")
     assert folder == tb_run / "export"
     stem = Path(f16.path).stem
     assert {f"{stem}.gguf", f"{stem}.Modelfile", "README.md"} <= set(files)
     assert sorted(files) == sorted({p.name for p in folder.glob("*.gguf")} | {"README.md"}
                                    | {p.name for p in folder.glob("*.Modelfile")})
     assert "merged" not in " ".join(files)
-    folder, _, files = MC.push_plan(tb_run, "adapter")
+    folder, _, files = modelcard.push_plan(tb_run, "adapter")
     assert "adapter_model.safetensors" in files and "README.md" in files
     assert "qlora-tui" in (folder / "README.md").read_text()         # ours, not PEFT's template
-    _, _, files = MC.push_plan(tb_run, "merged")
+    _, _, files = modelcard.push_plan(tb_run, "merged")
     assert "model.safetensors" in files and "config.json" in files
     # the upload call itself, against a hub that cannot be reached: one line, exit 1
     env = dict(os.environ, HF_TOKEN="hf_not_a_real_token", HF_ENDPOINT="http://127.0.0.1:9",
@@ -311,8 +311,8 @@ def _spm_tokenizer():
     """A sentencepiece-style BPE (Metaspace, byte fallback: the Llama 2 / Mistral v0.1 shape)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    from engine.builtin import _corpus
-    from engine.chat import CHATML_TEMPLATE
+    from engine.training.builtin import _corpus
+    from engine.dataset.chat import CHATML_TEMPLATE
     tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
     tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
@@ -332,7 +332,7 @@ def test_other_architectures_and_tokenizers(kind, tmp_path):
     each exported f16 and read back within bound."""
     import torch
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-    from engine.builtin import tiny_model_dir
+    from engine.training.builtin import tiny_model_dir
     sys.path.insert(0, str(Path(__file__).parent))
     from outputs_fixtures import make_adapter
     tok = _spm_tokenizer() if kind == "mistral" else AutoTokenizer.from_pretrained(str(tiny_model_dir()))
@@ -345,7 +345,7 @@ def test_other_architectures_and_tokenizers(kind, tmp_path):
     model_cls(cfg).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     make_adapter(tmp_path / "base", tmp_path / "adapter", r=8, scale=0.05)
-    rep = X.export_model(tmp_path / "adapter", "f16", out=tmp_path / "out")
+    rep = export.export_model(tmp_path / "adapter", "f16", out=tmp_path / "out")
     assert rep.arch == ("qwen2" if kind == "qwen2" else "llama")
     assert rep.tokenizer_roundtrip and rep.max_abs_diff <= rep.tolerance and rep.top1_agreement >= 0.99
     names = {t.name for t in _reader(rep.path).tensors}

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 from textual.widgets import Input, Static
 
-from engine import config as C
+from engine.core import config as config_mod
 from tui_helpers import demo_cfg, make_app, until
 
 pytestmark = pytest.mark.anyio
@@ -51,7 +51,7 @@ async def test_loading_a_config_never_shows_false_problems(tmp_path):
     other = tmp_path / "other.toml"
     other.write_text('[lora]\nr = 64\nalpha = 128\n[quant]\nload_in_4bit = true\n'
                      '[data]\nformat = "messages"\nmax_length = 512\n[train]\nlearning_rate = 1e-4\n')
-    app = make_app(C.load(other))
+    app = make_app(config_mod.load(other))
     async with app.run_test(size=(100, 40)) as pilot:
         await pilot.press("f3")
         screen = app.screen
@@ -87,7 +87,7 @@ def test_tui_help_prints_help_and_every_argument_has_help(capsys):
 
 
 def test_no_config_means_the_demo_in_every_tui_entry(tmp_path, monkeypatch):
-    from engine.builtin import demo_config
+    from engine.training.builtin import demo_config
     from tui import cli as tui_cli
     from tui.app import QloraApp
     from tui.testing import write_run
@@ -97,7 +97,7 @@ def test_no_config_means_the_demo_in_every_tui_entry(tmp_path, monkeypatch):
     monkeypatch.setattr(tui_cli, "_run_app", lambda app: seen.append(app.config.to_dict()) or 0)
     run = write_run(tmp_path / "runs")
     (run / "config.toml").unlink(missing_ok=True)
-    monkeypatch.setattr("engine.rundir.newest_live", lambda d: run)
+    monkeypatch.setattr("engine.core.rundir.newest_live", lambda d: run)
     assert tui_cli.main([]) == 0                       # qlora-tui
     assert tui_cli.main(["tui"]) == 0                  # qlora-tui tui
     assert tui_cli.main(["attach"]) == 0               # the newest live run
@@ -109,21 +109,21 @@ def test_no_config_means_the_demo_in_every_tui_entry(tmp_path, monkeypatch):
 # ---- 4: the recovery dialog offers every fix the hint named, and says where it restarts -----
 
 def _failed_run(tmp_path, name, cfg, kind="nan", checkpoint_step=None, hint=None):
-    from engine import events as E
-    from engine import rundir
+    from engine.core import events
+    from engine.core import rundir
     d = tmp_path / "runs" / name
     (d / "control").mkdir(parents=True)
-    C.save(cfg, d / rundir.CONFIG)
+    config_mod.save(cfg, d / rundir.CONFIG)
     if checkpoint_step:
         ck = d / rundir.CHECKPOINTS / f"checkpoint-{checkpoint_step}"
         ck.mkdir(parents=True)
         rundir.mark_complete(ck, checkpoint_step)
-    w = E.JsonlWriter(d / rundir.EVENTS)
-    w(E.RunStarted(model="builtin:tiny", total_steps=10))
-    w(E.Step(step=1, total_steps=10, loss=2.0))
+    w = events.JsonlWriter(d / rundir.EVENTS)
+    w(events.RunStarted(model="builtin:tiny", total_steps=10))
+    w(events.Step(step=1, total_steps=10, loss=2.0))
     if hint is not None:
         w(hint)
-    w(E.RunFailed(reason=f"{kind} at step 6", kind=kind, step=6))
+    w(events.RunFailed(reason=f"{kind} at step 6", kind=kind, step=6))
     w.close()
     return d
 
@@ -133,14 +133,14 @@ def _dialog_text(screen) -> str:
 
 
 async def test_recovery_offers_every_named_fix_and_says_restart_without_checkpoint(tmp_path):
-    from engine import hints as H
-    from engine import runner
+    from engine.training import hints
+    from engine.training import runner
     from tui.dialogs import ResumeFixDialog
     cfg = demo_cfg(tmp_path, "train.max_grad_norm=0", "train.learning_rate=2e-3")
-    hint = H.nan_hint(6, float("nan"), float("inf"), cfg)
+    hint = hints.nan_hint(6, float("nan"), float("inf"), cfg)
     assert hint.overrides == ["train.learning_rate=1e-4", "train.max_grad_norm=1.0"]
     # the hint's prose is rendered from the same overrides, in the same order
-    assert hint.fix.startswith("; ".join(H.fix_lines(cfg, hint.overrides)))
+    assert hint.fix.startswith("; ".join(hints.fix_lines(cfg, hint.overrides)))
     d = _failed_run(tmp_path, "nan-no-ckpt", cfg, hint=hint)
     app = make_app(cfg, attach=d)
     async with app.run_test(size=(100, 32)) as pilot:
@@ -154,30 +154,30 @@ async def test_recovery_offers_every_named_fix_and_says_restart_without_checkpoi
     # with a complete checkpoint: it resumes from there; OOM fixes are the runner's too
     cfg2 = demo_cfg(tmp_path, "data.max_length=1024")
     d2 = _failed_run(tmp_path, "oom-ckpt", cfg2, kind="oom", checkpoint_step=4)
-    assert runner.oom_fix_overrides(cfg2, 6) == H.oom_hint(None, None, cfg2, step=6).overrides
+    assert runner.oom_fix_overrides(cfg2, 6) == hints.oom_hint(None, None, cfg2, step=6).overrides
     app = make_app(cfg2, attach=d2)
     async with app.run_test(size=(100, 32)) as pilot:
         await until(pilot, lambda: isinstance(app.screen, ResumeFixDialog), what="offer")
         text = _dialog_text(app.screen)
         assert "Resume from the checkpoint at step 4" in text
-        for line in H.fix_lines(cfg2, H.oom_overrides(cfg2, 6)):
+        for line in hints.fix_lines(cfg2, hints.oom_overrides(cfg2, 6)):
             assert line in text
 
 
 # ---- 5: the slowdown hint knows the device and ignores eval / checkpoint pauses ------------
 
 def _tps_run(device: str, pauses: bool):
-    from engine import events as E
-    from engine.hints import HintEngine
-    eng = HintEngine(C.Config())
-    out = eng.observe(E.RunStarted(device=device, total_steps=400))
+    from engine.core import events
+    from engine.training.hints import HintEngine
+    eng = HintEngine(config_mod.Config())
+    out = eng.observe(events.RunStarted(device=device, total_steps=400))
     for i in range(1, 60):
         slow = i in (20, 21, 40, 41)              # the two readings after each pause
         if pauses and i in (20, 40):
-            out += eng.observe(E.Eval(step=i - 1, eval_loss=1.0))
+            out += eng.observe(events.Eval(step=i - 1, eval_loss=1.0))
         if pauses and i in (21, 41):
-            out += eng.observe(E.Checkpoint(step=i - 1, path="x"))
-        out += eng.observe(E.Step(step=i, total_steps=400, loss=2.0 - i / 100, grad_norm=0.5,
+            out += eng.observe(events.Checkpoint(step=i - 1, path="x"))
+        out += eng.observe(events.Step(step=i, total_steps=400, loss=2.0 - i / 100, grad_norm=0.5,
                                   learning_rate=2e-4, tokens_per_second=900 if slow else 5000))
     return [h for h in out if h.rule == "tokens_per_second_drop"]
 
@@ -246,7 +246,7 @@ def test_detach_returns_before_the_checks_and_the_child_records_a_refusal(tmp_pa
     import time
     from pathlib import Path
 
-    from engine import rundir
+    from engine.core import rundir
     bad = tmp_path / "bad.jsonl"
     bad.write_text("this is not json\n")
     repo = Path(__file__).resolve().parents[1]
@@ -280,7 +280,7 @@ def test_chart_columns_are_contiguous_and_one_eval_is_no_curve():
 
 
 def test_histogram_buckets_are_the_same_in_cli_and_tui():
-    from engine.inspect import Report, bucket_label
+    from engine.dataset.inspect import Report, bucket_label
     from tui.screens.dataset import histogram_text
     assert bucket_label(20, 25) == "20–24"
     rep = Report(path="x", histogram=[(20, 25, 3), (25, 30, 1)], max_length=256, rows=4)
@@ -360,10 +360,10 @@ async def test_bar_and_header_stay_visible_in_16_colours(tmp_path, theme):
 # ---- 15: messages whole: JSON errors keep their column; an offline hub says so at once -------
 
 def test_json_errors_keep_their_column(tmp_path):
-    from engine import data as D
+    from engine.dataset import data
     p = tmp_path / "x.jsonl"
     p.write_bytes(b'{"text": "fine"}\n{"text": "bad\x01 ctrl"}\n')
-    problems = [err for _, _, err in D.iter_raw(p) if err]
+    problems = [err for _, _, err in data.iter_raw(p) if err]
     assert problems == ["invalid JSON: Invalid control character at column 14"]
 
 
@@ -384,16 +384,16 @@ def test_offline_estimate_of_a_hub_id_says_what_to_do(monkeypatch, capsys):
 async def test_runs_screen_resumes_with_the_dialog_and_detail_shows_lr_and_grad(tmp_path):
     from textual.widgets import Sparkline
 
-    from engine import events as E
-    from engine import hints as H
+    from engine.core import events
+    from engine.training import hints
     from tui.dialogs import ResumeFixDialog
     from tui.runstate import from_events
     from tui.screens.runs import RunDetailScreen
     cfg = demo_cfg(tmp_path)
     d = _failed_run(tmp_path, "20260101-120000-nan", cfg,
-                    hint=H.nan_hint(6, float("nan"), 1e11, cfg), checkpoint_step=4)
-    st = from_events(E.read_events(d / "events.jsonl"))
-    st.apply(E.Step(step=5, total_steps=10, loss=2.0, learning_rate=1e-3, grad_norm=1e11))
+                    hint=hints.nan_hint(6, float("nan"), 1e11, cfg), checkpoint_step=4)
+    st = from_events(events.read_events(d / "events.jsonl"))
+    st.apply(events.Step(step=5, total_steps=10, loss=2.0, learning_rate=1e-3, grad_norm=1e11))
     assert st.grad_norm_values[-1] == pytest.approx(11.0)       # log10: a spike stands out
     app = make_app(cfg)
     async with app.run_test(size=(80, 24)) as pilot:

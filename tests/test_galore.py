@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import config as C
-from engine import estimate as ES
+from engine.core import config as config_mod
+from engine.planning import estimate as estimate_mod
 
 REPO = Path(__file__).resolve().parents[1]
 GALORE = ['train.method="galore"', "galore.rank=16", "galore.update_proj_gap=5",
@@ -70,31 +70,31 @@ def test_galore_headless_run_leaves_a_full_checkpoint_that_learned(tmp_path):
 
 
 def test_estimate_models_galore_memory():
-    qlora = ES.estimate(C.load(None, ["train.device=\"cuda\""]), L8B)
-    galore = ES.estimate(C.load(None, ["train.device=\"cuda\"", 'train.method="galore"']), L8B)
-    lora = ES.estimate(C.load(None, ["train.device=\"cuda\"", 'train.method="lora"']), L8B)
+    qlora = estimate_mod.estimate(config_mod.load(None, ["train.device=\"cuda\""]), L8B)
+    galore = estimate_mod.estimate(config_mod.load(None, ["train.device=\"cuda\"", 'train.method="galore"']), L8B)
+    lora = estimate_mod.estimate(config_mod.load(None, ["train.device=\"cuda\"", 'train.method="lora"']), L8B)
     b = galore.breakdown
     # 16-bit weights, no 4-bit part, no adapter
     assert b["weights_quantized"] == 0 and b["lora_params"] == 0
     assert b["weights_unquantized"] == lora.breakdown["weights_unquantized"]
     # full bf16 gradients of the 7 projections of 32 layers
-    linear = 32 * sum(a * o for a, o in ES.shape_of(L8B).module_dims().values())
+    linear = 32 * sum(a * o for a, o in estimate_mod.shape_of(L8B).module_dims().values())
     assert b["lora_grads"] == linear * 2 and galore.trainable_params == linear
     # projected 8-bit Adam state: far below AdamW's 8 bytes per trainable param
     assert b["optimizer_state"] < linear * 8 / 20
-    rank_512 = ES.estimate(C.load(None, ["train.device=\"cuda\"", 'train.method="galore"', "galore.rank=512"]), L8B)
+    rank_512 = estimate_mod.estimate(config_mod.load(None, ["train.device=\"cuda\"", 'train.method="galore"', "galore.rank=512"]), L8B)
     assert rank_512.breakdown["optimizer_state"] > 3 * b["optimizer_state"]
     assert qlora.peak_bytes < lora.peak_bytes < galore.peak_bytes
-    assert "GaLore optimizer state" in ES.format_report(galore, None)
+    assert "GaLore optimizer state" in estimate_mod.format_report(galore, None)
 
 
 def test_galore_config_is_checked():
-    with pytest.raises(C.ConfigError) as e:
-        C.load(None, ['train.method="full"', "galore.rank=0"])
+    with pytest.raises(config_mod.ConfigError) as e:
+        config_mod.load(None, ['train.method="full"', "galore.rank=0"])
     fields = {p.field for p in e.value.problems}
     assert fields == {"train.method", "galore.rank"}
-    with pytest.raises(C.ConfigError, match="ddp"):
-        C.load(None, ['train.method="galore"', "distributed.gpus=2", 'distributed.strategy="fsdp"'])
+    with pytest.raises(config_mod.ConfigError, match="ddp"):
+        config_mod.load(None, ['train.method="galore"', "distributed.gpus=2", 'distributed.strategy="fsdp"'])
 
 
 @pytest.mark.anyio

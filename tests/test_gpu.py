@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from engine.gpu import GpuSampler, GpuStat, HostSampler, HostStat
+from engine.training.gpu import GpuSampler, GpuStat, HostSampler, HostStat
 
 
 def has_nvidia_device() -> bool:
@@ -112,13 +112,13 @@ UUIDS = ["GPU-aaaa1111", "GPU-bbbb2222", "GPU-cccc3333", "GPU-dddd4444"]
     ("0,0", 1, None),                   # a repeated device ends the list
 ])
 def test_cuda_device_maps_to_nvml_index_through_cuda_visible_devices(visible, cuda_index, nvml_index):
-    from engine.gpu import cuda_to_nvml
+    from engine.training.gpu import cuda_to_nvml
     assert cuda_to_nvml(cuda_index, visible, UUIDS) == nvml_index
 
 
 def test_gpu_watcher_of_a_run_samples_the_gpu_cuda_visible_devices_names(monkeypatch):
     """The low-GPU-use hint reads the run's own GPU: CUDA_VISIBLE_DEVICES=3 is NVML GPU 3."""
-    import engine.gpu as G
+    from engine.training import gpu
     opened = []
 
     def fake_init(self, indices=None):          # NVML itself is absent on CI: record what is opened
@@ -126,11 +126,11 @@ def test_gpu_watcher_of_a_run_samples_the_gpu_cuda_visible_devices_names(monkeyp
         self.available, self.reason, self._nvml, self._handles = False, "", None, []
         self._lock = __import__("threading").Lock()
 
-    monkeypatch.setattr(G.GpuSampler, "__init__", fake_init)
-    monkeypatch.setattr(G.GpuSampler, "uuids", lambda self: UUIDS)
-    monkeypatch.setattr(G.GpuSampler, "close", lambda self: None)
+    monkeypatch.setattr(gpu.GpuSampler, "__init__", fake_init)
+    monkeypatch.setattr(gpu.GpuSampler, "uuids", lambda self: UUIDS)
+    monkeypatch.setattr(gpu.GpuSampler, "close", lambda self: None)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    from engine.distributed import local_rank
-    G.GpuSampler.for_cuda_device(local_rank())
+    from engine.training.distributed import local_rank
+    gpu.GpuSampler.for_cuda_device(local_rank())
     assert opened[-1] == [3]

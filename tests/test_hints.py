@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from engine import hints as H
-from engine.config import Config
-from engine.events import Eval, Hint, RunFinished, Step
-from engine.hints import HintEngine, nan_hint, oom_hint
+from engine.training import hints as hints_mod
+from engine.core.config import Config
+from engine.core.events import Eval, Hint, RunFinished, Step
+from engine.training.hints import HintEngine, nan_hint, oom_hint
 
 LOG_EVERY = 10   # optimizer steps between logged steps, as with train.logging_steps = 10
 
@@ -86,7 +86,7 @@ def test_inf_grad_norm_with_finite_loss_fires():
 def test_nan_rearms_after_recovery_and_cooldown():
     eng = HintEngine()
     out = feed(eng, [float("nan")] * 3)
-    out += feed(eng, healthy_losses(H.COOLDOWN["nan"] + 5), start=3)
+    out += feed(eng, healthy_losses(hints_mod.COOLDOWN["nan"] + 5), start=3)
     out += feed(eng, [float("nan")], start=100)
     assert rules(out) == ["nan", "nan"]
 
@@ -109,7 +109,7 @@ def test_loss_stuck_at_zero_fires_once():
     eng = HintEngine()
     out = feed(eng, [0.0] * 40)
     assert rules(out) == ["labels_masked"]
-    assert out[0].step == H.ZERO_SUSTAIN * LOG_EVERY
+    assert out[0].step == hints_mod.ZERO_SUSTAIN * LOG_EVERY
     assert "qlora-tui inspect --show" in out[0].fix and "Dataset screen" in out[0].fix
 
 
@@ -170,7 +170,7 @@ def test_long_plateau_gives_one_hint():
     h = out[0]
     # the loss stops improving at observation 15: a whole window must pass first, and noise
     # in the flat part (new chance lows) may delay it by up to about another window
-    assert 15 + H.PLATEAU_WINDOW <= h.step // LOG_EVERY <= 15 + 3 * H.PLATEAU_WINDOW
+    assert 15 + hints_mod.PLATEAU_WINDOW <= h.step // LOG_EVERY <= 15 + 3 * hints_mod.PLATEAU_WINDOW
     assert "LR too low or rank too low" in h.cause
     assert "2e-4 → 4e-4" in h.fix and "lora.r 32 → 64" in h.fix
 
@@ -181,7 +181,7 @@ def test_plateau_rearms_only_after_a_real_drop():
     eng = HintEngine()
     out = feed(eng, flat_after(15, 80, level=1.3) + second_level)
     assert rules(out) == ["loss_plateau", "loss_plateau"]
-    assert out[1].step > 95 * LOG_EVERY + H.PLATEAU_WINDOW * LOG_EVERY
+    assert out[1].step > 95 * LOG_EVERY + hints_mod.PLATEAU_WINDOW * LOG_EVERY
 
 
 def test_plateau_quiet_once_the_schedule_decayed_the_lr():
@@ -263,7 +263,7 @@ def test_tokens_per_second_drop_fires_once():
         tps = 5000.0 if i < 30 else 1500.0
         out += eng.observe_step(step(i, loss, tps=tps))
     assert rules(out) == ["tokens_per_second_drop"]
-    assert out[0].step == (30 + H.TPS_SUSTAIN) * LOG_EVERY
+    assert out[0].step == (30 + hints_mod.TPS_SUSTAIN) * LOG_EVERY
     assert "data pipeline" in out[0].cause and "5,000" in out[0].symptom
 
 
@@ -286,7 +286,7 @@ def test_low_gpu_util_fires_once_while_training():
     for k in range(200):
         out += eng.observe_gpu(45.0, 10 + k)
     assert rules(out) == ["low_gpu_util"]
-    assert out[0].step == 10 + H.GPU_LOW_WINDOW - 1
+    assert out[0].step == 10 + hints_mod.GPU_LOW_WINDOW - 1
     assert "bottleneck" in out[0].cause
     assert "train.batch_size 2 → 4 with train.grad_accum 4 → 2" in out[0].fix
 
@@ -312,7 +312,7 @@ def test_gpu_samples_after_the_run_are_ignored():
 
 def test_oom_hint_at_start_with_config_numbers():
     cfg = Config()
-    h = HintEngine(cfg).oom_hint(14 * H.GIB, 23 * H.GIB, cfg)
+    h = HintEngine(cfg).oom_hint(14 * hints_mod.GIB, 23 * hints_mod.GIB, cfg)
     assert h.rule == "oom" and h.severity == "error"
     assert "14.0 GiB" in h.symptom and "23.0 GiB" in h.symptom
     assert "data.max_length = 4096" in h.cause and "missed 9.0 GiB" in h.cause
@@ -327,7 +327,7 @@ def test_oom_hint_mid_training_leads_with_checkpointing_and_skips_what_is_set():
     cfg.train.batch_size = 1
     cfg.train.gradient_checkpointing = False
     cfg.data.packing = True
-    h = oom_hint(None, 30 * H.GIB, cfg, step=250)
+    h = oom_hint(None, 30 * hints_mod.GIB, cfg, step=250)
     assert h.step == 250 and "step" not in h.symptom    # renderers put "step N:" in front
     assert "gradient checkpointing is off" in h.cause
     assert h.fix.startswith("train.gradient_checkpointing = true (now false)")
@@ -355,11 +355,11 @@ def test_observe_dispatches_events():
 
 @pytest.mark.parametrize("x,text", [(2e-4, "2e-4"), (1e-4, "1e-4"), (5e-5, "5e-5"), (1.5e-4, "1.5e-4")])
 def test_fmt_lr(x, text):
-    assert H.fmt_lr(x) == text
+    assert hints_mod.fmt_lr(x) == text
 
 
 def test_hints_and_gpu_import_no_ui_and_no_torch():
-    code = ("import sys, engine.hints, engine.gpu; "
+    code = ("import sys, engine.training.hints, engine.training.gpu; "
             "bad = [m for m in ('textual', 'rich', 'torch') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -77,7 +77,7 @@ def test_cli_output_of_untrusted_text_is_sanitised(tmp_path, capsys):
 
 
 def test_sanitiser_table():
-    from engine.safe_text import json_dumps, visible
+    from engine.core.safe_text import json_dumps, visible
     assert visible("a\tb\nc") == "a\tb\nc"
     assert visible("\x1b[2J\x07\r\x00\x7f") == "␛[2J␇␍␀␡"
     assert visible("\x9b\u202e\u2066\udcff") == "⟨U+009B⟩⟨U+202E⟩⟨U+2066⟩\ufffd"
@@ -122,22 +122,22 @@ def anyio_backend():
 
 @pytest.fixture
 def fresh_consent():
-    from engine import model as M
-    saved = dict(M._consent, granted=set(M._consent["granted"]))
-    yield M
-    M._consent.clear()
-    M._consent.update(saved)
+    from engine.training import model as model_mod
+    saved = dict(model_mod._consent, granted=set(model_mod._consent["granted"]))
+    yield model_mod
+    model_mod._consent.clear()
+    model_mod._consent.update(saved)
 
 
 @pytest.mark.anyio
 async def test_no_model_code_runs_before_consent_in_the_tui(tmp_path, monkeypatch, fresh_consent):
-    from engine import config as C
+    from engine.core import config
     from tui_helpers import demo_cfg, make_app, until
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     monkeypatch.chdir(tmp_path)
-    M = fresh_consent
+    model_mod = fresh_consent
     marker = tmp_path / "CODE_RAN"
-    src = Path(M.model_path(C.load(None)))
+    src = Path(model_mod.model_path(config.load(None)))
     model = evil_model(src, tmp_path / "evil", marker, arch=False)   # only the tokenizer is code
     app = make_app(demo_cfg(tmp_path, f'model.name="{model}"', "model.trust_remote_code=true"))
     async with app.run_test(size=(100, 40)) as pilot:
@@ -153,10 +153,10 @@ async def test_no_model_code_runs_before_consent_in_the_tui(tmp_path, monkeypatc
 
 
 def test_no_model_code_runs_without_consent_on_the_cli(tmp_path, capsys, fresh_consent):
-    from engine import config as C
-    M = fresh_consent
+    from engine.core import config
+    model_mod = fresh_consent
     marker = tmp_path / "CODE_RAN"
-    model = evil_model(Path(M.model_path(C.load(None))), tmp_path / "evil", marker)
+    model = evil_model(Path(model_mod.model_path(config.load(None))), tmp_path / "evil", marker)
     data = hostile_jsonl(tmp_path / "d.jsonl")
     r = cli(capsys, "inspect", data, "--model", model)
     assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -180,14 +180,14 @@ def test_import_axolotl_says_remote_code_and_never_overwrites_its_input(tmp_path
 
 
 def test_preflight_refuses_a_shipped_tokenizer_over_a_builtin_architecture(tiny_cfg, tmp_path, fresh_consent):
-    from engine import runner as RN
+    from engine.training import runner
     from reliability_helpers import configured
-    M = fresh_consent
+    model_mod = fresh_consent
     marker = tmp_path / "CODE_RAN"
-    model = evil_model(Path(M.model_path(tiny_cfg)), tmp_path / "evil", marker, arch=False)
+    model = evil_model(Path(model_mod.model_path(tiny_cfg)), tmp_path / "evil", marker, arch=False)
     cfg = configured(tiny_cfg, {"model.name": str(model)})
-    with pytest.raises(RN.PreflightError, match="tokenizer is Python code shipped with the model"):
-        RN.preflight(cfg)
+    with pytest.raises(runner.PreflightError, match="tokenizer is Python code shipped with the model"):
+        runner.preflight(cfg)
     assert not marker.exists() and not (tmp_path / "runs").exists()
 
 
@@ -195,13 +195,13 @@ def test_preflight_refuses_a_shipped_tokenizer_over_a_builtin_architecture(tiny_
 
 def crashed_run(cfg, runs: Path) -> Path:
     """A run directory as a kill -9 before the first checkpoint leaves it."""
-    from engine import config as C
-    from engine import events as E
-    from engine import rundir as R
-    from engine import runner as RN
-    d = R.create(runs, "crashed")
-    C.save(RN.absolutise(cfg), d / R.CONFIG)
-    (d / R.EVENTS).write_text(E.dumps(E.RunStarted(run_dir=str(d), total_steps=cfg.train.max_steps)) + "\n")
+    from engine.core import config
+    from engine.core import events as events_mod
+    from engine.core import rundir
+    from engine.training import runner
+    d = rundir.create(runs, "crashed")
+    config.save(runner.absolutise(cfg), d / rundir.CONFIG)
+    (d / rundir.EVENTS).write_text(events_mod.dumps(events_mod.RunStarted(run_dir=str(d), total_steps=cfg.train.max_steps)) + "\n")
     return d
 
 
@@ -217,8 +217,8 @@ def assert_private(run_dir: Path) -> None:
 
 def test_one_writer_per_run_two_real_processes_detach_and_a_prompt_stop(tiny_cfg, tmp_path, capsys,
                                                                        monkeypatch):
-    from engine import control as ctl
-    from engine import rundir as R
+    from engine.core import control as ctl
+    from engine.core import rundir
     from reliability_helpers import configured, events, step_numbers, terminal, wait_for, ENGINE
     cfg = configured(tiny_cfg, {"train.max_steps": 60, "train.save_steps": 0, "train.eval_steps": 0})
     d = crashed_run(cfg, tmp_path / "runs")
@@ -248,16 +248,16 @@ def test_one_writer_per_run_two_real_processes_detach_and_a_prompt_stop(tiny_cfg
     fin = terminal(d)
     assert fin.stopped and first < fin.step < 60, fin
     assert step_numbers(d) == list(range(1, fin.step + 1))
-    wait_for(lambda: not R.process_alive(d), 60, what="the child's exit")
+    wait_for(lambda: not rundir.process_alive(d), 60, what="the child's exit")
     assert_private(d)                      # events, config, stdout.log, checkpoints, adapter, control
 
 
 def test_resume_refusals_are_one_line_exit_2(tiny_cfg, tmp_path, capsys):
-    from engine import events as E
-    from engine import rundir as R
+    from engine.core import events as events_mod
+    from engine.core import rundir
     d = crashed_run(tiny_cfg, tmp_path / "runs")
-    with open(d / R.EVENTS, "a") as fh:
-        fh.write(E.dumps(E.RunFinished(step=12)) + "\n")           # a finished run
+    with open(d / rundir.EVENTS, "a") as fh:
+        fh.write(events_mod.dumps(events_mod.RunFinished(step=12)) + "\n")           # a finished run
     cases = [([], "finished"), (["--set", "lora.r=4"], "cannot change on resume"),
              (["--set", "train.learning_rate=fast"], "train.learning_rate")]
     for extra, needle in cases:
@@ -265,25 +265,25 @@ def test_resume_refusals_are_one_line_exit_2(tiny_cfg, tmp_path, capsys):
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
         # one line (a config problem: the file's line, then the problem, as every command says it)
         assert len(r.stderr.strip().splitlines()) == (2 if "learning_rate" in needle else 1), r.stderr
-    (d / R.CONFIG).write_bytes(b"[train\nmax_steps = \xff\n")          # corrupt config.toml
+    (d / rundir.CONFIG).write_bytes(b"[train\nmax_steps = \xff\n")          # corrupt config.toml
     r = cli(capsys, "train", "--resume", d, "--headless")
     assert r.returncode == 2 and "config.toml" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_damaged_run_files_are_listed_as_damaged_never_a_traceback(tiny_cfg, tmp_path, capsys):
-    from engine import events as E
-    from engine import rundir as R
+    from engine.core import events as events_mod
+    from engine.core import rundir
     runs = tmp_path / "runs"
     good = crashed_run(tiny_cfg, runs)
     torn = crashed_run(tiny_cfg, runs)
-    with open(torn / R.EVENTS, "ab") as fh:       # a kill inside a multi-byte character, then junk
-        fh.write(b'[1]\n{"type": "step", "step": "x"}\n\xff\xfe\n' + E.dumps(E.Step(step=1, loss=2.0)).encode()
+    with open(torn / rundir.EVENTS, "ab") as fh:       # a kill inside a multi-byte character, then junk
+        fh.write(b'[1]\n{"type": "step", "step": "x"}\n\xff\xfe\n' + events_mod.dumps(events_mod.Step(step=1, loss=2.0)).encode()
                  + b"\n" + '{"type": "status", "message": "caf\u00e9'.encode()[:-1])
-    (torn / R.RUN_JSON).write_text('["not", "an", "object"]')
+    (torn / rundir.RUN_JSON).write_text('["not", "an", "object"]')
     dirlog = crashed_run(tiny_cfg, runs)
-    (dirlog / R.EVENTS).unlink()
-    (dirlog / R.EVENTS).mkdir()                   # events.jsonl that is a directory
-    (dirlog / R.RUN_JSON).write_text('"pid"')
+    (dirlog / rundir.EVENTS).unlink()
+    (dirlog / rundir.EVENTS).mkdir()                   # events.jsonl that is a directory
+    (dirlog / rundir.RUN_JSON).write_text('"pid"')
     r = cli(capsys, "runs", "--dir", runs)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     lines = {ln.split()[-1] if "(" not in ln else ln.split("  (")[0].split()[-1]: ln
@@ -294,21 +294,21 @@ def test_damaged_run_files_are_listed_as_damaged_never_a_traceback(tiny_cfg, tmp
     for d in (torn, dirlog):
         r = cli(capsys, "stop", d)
         assert r.returncode == 1 and "no live run" in r.stderr and "Traceback" not in r.stderr
-    assert [e.step for e in E.read_events(torn / R.EVENTS) if e.type == "step"] == [1]
-    assert list(E.follow(torn / R.EVENTS, until_terminal=False, alive=lambda: False, poll=0.01))
+    assert [e.step for e in events_mod.read_events(torn / rundir.EVENTS) if e.type == "step"] == [1]
+    assert list(events_mod.follow(torn / rundir.EVENTS, until_terminal=False, alive=lambda: False, poll=0.01))
 
 
 # ---------------------------------------------------------------- 8. disk full: the last word is always written
 
 def _run_with_faults(cfg, monkeypatch, faults: str):
-    from engine import faults as F
-    from engine import runner as RN
+    from engine.core import faults as faults_mod
+    from engine.training import runner
     monkeypatch.setenv("QLORA_TUI_FAULTS", faults)
-    F.DISK_FULL.clear()
-    run = RN.Run(cfg)
+    faults_mod.DISK_FULL.clear()
+    run = runner.Run(cfg)
     run.start()
     assert run.join(timeout=300)
-    F.DISK_FULL.clear()
+    faults_mod.DISK_FULL.clear()
     return run
 
 
@@ -321,7 +321,7 @@ def _log_lines(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("fault,step", [("markerfull@6", 6), ("logfull@4", 4)])
 def test_disk_full_in_the_marker_or_the_log_ends_failed_disk_with_a_whole_last_line(
         tiny_cfg, monkeypatch, capfd, fault, step):
-    from engine import rundir as R
+    from engine.core import rundir
     from reliability_helpers import configured
     cfg = configured(tiny_cfg, {"train.max_steps": 10, "train.save_steps": 3, "train.eval_steps": 0})
     run = _run_with_faults(cfg, monkeypatch, fault)
@@ -329,8 +329,8 @@ def test_disk_full_in_the_marker_or_the_log_ends_failed_disk_with_a_whole_last_l
     last = lines[-1]
     assert last["type"] == "run_failed" and last["kind"] == "disk", last
     assert [l for l in lines if l["type"] in ("run_failed", "run_finished")] == [last]
-    assert R.info(run.run_dir).state == "failed"
-    ck = [p.name for p in R.checkpoints(run.run_dir)]
+    assert rundir.info(run.run_dir).state == "failed"
+    ck = [p.name for p in rundir.checkpoints(run.run_dir)]
     assert not (run.run_dir / "checkpoints" / "checkpoint-6").exists() or "checkpoint-6" in ck
     if fault.startswith("marker"):     # the half-written checkpoint is gone, the previous one kept
         assert ck == ["checkpoint-3"] and "checkpoint-3 kept" in last["reason"]
@@ -405,10 +405,10 @@ def test_intermediate_172_llama_is_planned_onto_a_kernel_that_runs_it(tiny_cfg, 
     import shutil
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from engine import model as M
-    from engine import runner as RN
+    from engine.training import model as model_mod
+    from engine.training import runner
     from reliability_helpers import configured
-    src = Path(M.model_path(tiny_cfg))
+    src = Path(model_mod.model_path(tiny_cfg))
     dst = tmp_path / "llama-172"
     dst.mkdir()
     for f in src.iterdir():
@@ -425,7 +425,7 @@ def test_intermediate_172_llama_is_planned_onto_a_kernel_that_runs_it(tiny_cfg, 
     cfg = configured(tiny_cfg, {"model.name": str(dst), "data.train": str(data), "data.max_length": 64,
                                 "train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 0,
                                 "train.device": "cpu"})
-    run = RN.Run(cfg)
+    run = runner.Run(cfg)
     run.start()
     assert run.join(timeout=300)
     assert run.result.type == "run_finished" and not run.result.stopped, run.result
@@ -473,8 +473,8 @@ def test_inspect_memory_is_bounded_for_huge_rows(tmp_path):
 # ---------------------------------------------------------------- smaller ones
 
 def test_smaller_refusals(tmp_path, capsys):
-    from engine import config as C
-    from engine.hints import nan_hint
+    from engine.core import config
+    from engine.training.hints import nan_hint
     msgs = tmp_path / "msgs.jsonl"
     msgs.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
                                                      {"role": "assistant", "content": f"a{i}"}]}) + "\n"
@@ -490,7 +490,7 @@ def test_smaller_refusals(tmp_path, capsys):
     r = cli(capsys, "train", "--headless", "--set", "train.max_steps=0", "--set", f'data.train="{msgs}"')
     assert r.returncode == 2 and "train.max_steps" in r.stderr
     # an extreme lora.alpha is blamed, not the learning rate
-    h = nan_hint(1, float("nan"), None, C.load(None, ["lora.alpha=1e308"]))
+    h = nan_hint(1, float("nan"), None, config.load(None, ["lora.alpha=1e308"]))
     assert "lora.alpha" in h.cause and "learning rate" not in h.cause and "lora.alpha" in h.fix
     # merge checks --out before loading anything
     blocker = tmp_path / "file"

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from engine import config as C
-from engine import inspect as I
-from engine import quality as Q
+from engine.core import config
+from engine.dataset import inspect as inspect_mod
+from engine.dataset import quality
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def cfg_for(*overrides):
-    return C.load(None, ["model.name=\"builtin:tiny\"", *overrides])
+    return config.load(None, ["model.name=\"builtin:tiny\"", *overrides])
 
 
 def write_lines(path: Path, lines) -> Path:
@@ -50,7 +50,7 @@ def problems_by_kind(rep):
 ])
 def test_each_format_detected_with_evidence(tmp_path, fmt, row):
     path = write_lines(tmp_path / "d.jsonl", [row] * 3)
-    rep = I.inspect(cfg_for(), path=str(path))
+    rep = inspect_mod.inspect(cfg_for(), path=str(path))
     assert rep.done and rep.format == fmt
     assert rep.format_reason.startswith("3 of 3 rows have")
     assert set(rep.fields_seen) == set(row) and all(v == 3 for v in rep.fields_seen.values())
@@ -61,18 +61,18 @@ def test_each_format_detected_with_evidence(tmp_path, fmt, row):
 def test_csv_and_json_array_files(tmp_path):
     csvp = tmp_path / "d.csv"
     csvp.write_text("prompt,completion\nhello,world\nfoo,bar\n", encoding="utf-8")
-    rep = I.inspect(cfg_for(), path=str(csvp))
+    rep = inspect_mod.inspect(cfg_for(), path=str(csvp))
     assert rep.format == "prompt_completion" and rep.rows == 2
     js = tmp_path / "d.json"
     js.write_text('[\n {"text": "a b c"},\n {"text": 5}\n]\n', encoding="utf-8")
-    rep = I.inspect(cfg_for(), path=str(js))
+    rep = inspect_mod.inspect(cfg_for(), path=str(js))
     assert rep.format == "text" and rep.rows == 1
     assert [(p.line, p.kind) for p in rep.problems] == [(3, "wrong_type")]
 
 
 def test_mixed_formats_reported(tmp_path):
     rows = [conv("q%d" % i, "a%d" % i) for i in range(5)] + [{"prompt": "p", "completion": "c"}] * 2
-    rep = I.inspect(cfg_for(), path=str(write_lines(tmp_path / "m.jsonl", rows)))
+    rep = inspect_mod.inspect(cfg_for(), path=str(write_lines(tmp_path / "m.jsonl", rows)))
     assert rep.format == "messages" and rep.formats_seen == {"messages": 5, "prompt_completion": 2}
     mixed = [p for p in rep.problems if p.kind == "mixed_format"]
     assert len(mixed) == 1 and mixed[0].line == 6 and "prompt_completion (2 rows" in mixed[0].message
@@ -100,7 +100,7 @@ def test_each_problem_kind_with_its_physical_line(tmp_path):
         good,                                                                      # 14
     ]
     path = write_lines(tmp_path / "bad.jsonl", lines)
-    rep = I.inspect(cfg_for("data.max_length=64"), path=str(path))
+    rep = inspect_mod.inspect(cfg_for("data.max_length=64"), path=str(path))
     kinds = problems_by_kind(rep)
     assert kinds == {"invalid_json": [2], "not_object": [4], "missing_field": [5], "wrong_type": [6],
                      "unknown_role": [7], "role_order": [8, 9, 10], "empty_content": [11],
@@ -123,7 +123,7 @@ def test_thousand_rows_ten_percent_malformed(tmp_path):
             bad.append(i)
         else:
             lines.append(conv(f"question number {i}", f"answer number {i} " * (1 + i % 7)))
-    rep = I.inspect(cfg_for(), path=str(write_lines(tmp_path / "k.jsonl", lines)))
+    rep = inspect_mod.inspect(cfg_for(), path=str(write_lines(tmp_path / "k.jsonl", lines)))
     assert rep.done and rep.raw_count == 1000 and rep.rows == 900
     assert sorted(p.line for p in rep.problems) == bad
     assert {p.kind for p in rep.problems} == {"invalid_json", "non_string_content"}
@@ -135,11 +135,11 @@ def test_thousand_rows_ten_percent_malformed(tmp_path):
 # ---- statistics agree with the trainer's encoder ------------------------------------------
 
 def exact_stats(cfg, path):
-    """The statistics recomputed row by row through engine.trainer.encode_dataset."""
-    from engine import data as D
-    from engine.trainer import encode_dataset
-    tok, _ = I.tokenizer_for(cfg)
-    ds = D.load(str(path), cfg.data.format)
+    """The statistics recomputed row by row through engine.training.trainer.encode_dataset."""
+    from engine.dataset import data as data_mod
+    from engine.training.trainer import encode_dataset
+    tok, _ = inspect_mod.tokenizer_for(cfg)
+    ds = data_mod.load(str(path), cfg.data.format)
     enc = encode_dataset(tok, [r.data for r in ds.rows])
     L = cfg.data.max_length
     lengths = [len(x) for x in enc["input_ids"]]
@@ -168,7 +168,7 @@ def varied_rows():
 def test_fast_counts_equal_trainer_encoding(tmp_path, max_length):
     cfg = cfg_for(f"data.max_length={max_length}")
     path = write_lines(tmp_path / "v.jsonl", varied_rows())
-    rep = I.inspect(cfg, path=str(path))
+    rep = inspect_mod.inspect(cfg, path=str(path))
     lengths, kept = exact_stats(cfg, path)
     assert rep.stats["min"] == min(lengths) and rep.stats["max"] == max(lengths)
     assert rep.trained_tokens_total == sum(kept)
@@ -181,7 +181,7 @@ def test_fast_counts_with_bos_adding_tokenizer(tmp_path):
     """prompt/completion and text rows take add_special_tokens=True: a zero-width BOS is never trained."""
     from tokenizers import processors
     cfg = cfg_for()
-    tok, _ = I.tokenizer_for(cfg)
+    tok, _ = inspect_mod.tokenizer_for(cfg)
     backend = tok.backend_tokenizer
     saved = backend.post_processor
     try:
@@ -189,7 +189,7 @@ def test_fast_counts_with_bos_adding_tokenizer(tmp_path):
             single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.convert_tokens_to_ids("<|begin_of_text|>"))])
         rows = [{"prompt": f"prompt {i} 🙂", "completion": f" completion {i} é" * (i % 4 + 1)} for i in range(30)]
         path = write_lines(tmp_path / "pc.jsonl", rows)
-        rep = I.inspect(cfg, path=str(path))
+        rep = inspect_mod.inspect(cfg, path=str(path))
         lengths, kept = exact_stats(cfg, path)
         assert lengths[0] == len(tok(rows[0]["prompt"] + rows[0]["completion"] + tok.eos_token)["input_ids"])
         assert rep.trained_tokens_total == sum(kept) and rep.stats["max"] == max(lengths)
@@ -201,11 +201,11 @@ def test_fast_counts_with_bos_adding_tokenizer(tmp_path):
 # ---- the preview is the trainer's mask ------------------------------------------------------
 
 def _trl_trainer(cfg, tok, rows, out_dir):
-    """An SFTTrainer on builtin:tiny fed exactly as engine.trainer feeds it."""
+    """An SFTTrainer on builtin:tiny fed exactly as engine.training.trainer feeds it."""
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
-    from engine.model import model_path
-    from engine.trainer import encode_dataset
+    from engine.training.model import model_path
+    from engine.training.trainer import encode_dataset
     model = AutoModelForCausalLM.from_pretrained(model_path(cfg))
     args = SFTConfig(output_dir=str(out_dir), max_length=cfg.data.max_length, packing=False,
                      report_to=[], use_cpu=True, per_device_train_batch_size=1, disable_tqdm=True,
@@ -215,8 +215,8 @@ def _trl_trainer(cfg, tok, rows, out_dir):
 
 @pytest.mark.parametrize("kind", ["conversational", "prompt_completion"])
 def test_preview_mask_is_what_trl_trains_on(tmp_path, kind):
-    from engine import data as D
-    from engine.chat import IGNORE
+    from engine.dataset import data as data_mod
+    from engine.dataset.chat import IGNORE
     if kind == "conversational":
         rows = varied_rows()[:12] + [conv("word " * 200, "late answer")]    # last: truncated away
     else:
@@ -224,16 +224,16 @@ def test_preview_mask_is_what_trl_trains_on(tmp_path, kind):
         rows.append({"prompt": "word " * 200, "completion": "late"})
     cfg = cfg_for("data.max_length=48")
     path = write_lines(tmp_path / "p.jsonl", rows)
-    tok, _ = I.tokenizer_for(cfg)
-    ds = D.load(str(path))
+    tok, _ = inspect_mod.tokenizer_for(cfg)
+    ds = data_mod.load(str(path))
     trainer = _trl_trainer(cfg, tok, [r.data for r in ds.rows], tmp_path / "out")
-    rep = I.inspect(cfg, path=str(path))
+    rep = inspect_mod.inspect(cfg, path=str(path))
     dropped = {p.line for p in rep.problems if p.kind == "no_trained_tokens"}
     assert len(rows) in dropped        # the long-prompt row; the walk below checks TRL drops exactly these
     assert len(trainer.train_dataset) == len(ds.rows) - len(dropped)
     k = 0
     for i, row in enumerate(ds.rows):
-        pv = I.preview(cfg, i, path=str(path))
+        pv = inspect_mod.preview(cfg, i, path=str(path))
         if row.line in dropped:
             assert pv.n_trained == 0
             continue
@@ -251,22 +251,22 @@ def test_preview_mask_is_what_trl_trains_on(tmp_path, kind):
 def test_preview_segments_and_truncation(tmp_path):
     path = write_lines(tmp_path / "s.jsonl", [conv("what is up?", "the sky"), conv("word " * 100, "done")])
     cfg = cfg_for("data.max_length=40")
-    pv = I.preview(cfg, 0, path=str(path))
+    pv = inspect_mod.preview(cfg, 0, path=str(path))
     assert "".join(t for t, _ in pv.segments) == pv.text
     assert [t for t, tr in pv.segments if tr] == ["the sky<|im_end|>"]
     assert pv.truncated_at is None and pv.line == 1
-    pv2 = I.preview(cfg, 1, path=str(path))
+    pv2 = inspect_mod.preview(cfg, 1, path=str(path))
     assert pv2.truncated_at == 40 and pv2.n_tokens > 40 and pv2.n_trained == 0 and pv2.n_trained_untruncated > 0
     assert sum(len(t) for t, _ in pv2.segments if True) == len(pv2.text)
-    assert I.row_index_for_line(cfg, 2, path=str(path)) == 1
+    assert inspect_mod.row_index_for_line(cfg, 2, path=str(path)) == 1
     with pytest.raises(IndexError):
-        I.preview(cfg, 5, path=str(path))
+        inspect_mod.preview(cfg, 5, path=str(path))
 
 
 def test_chatml_fast_render_equals_jinja():
-    from engine import chat
+    from engine.dataset import chat
     cfg = cfg_for()
-    tok, _ = I.tokenizer_for(cfg)
+    tok, _ = inspect_mod.tokenizer_for(cfg)
     for row in varied_rows():
         fast = chat.render_spans(tok, row)
         saved = tok.chat_template
@@ -287,7 +287,7 @@ def test_duplicates_and_near_duplicates(tmp_path):
             conv("what is the capital of canada", "Ottawa"),          # 4 near dup of 1
             conv("tell   me a JOKE!", "no."),                          # 5 near dup of 2
             conv("something else", "entirely")]                        # 6
-    rep = I.inspect(cfg_for(), path=str(write_lines(tmp_path / "d.jsonl", rows)))
+    rep = inspect_mod.inspect(cfg_for(), path=str(write_lines(tmp_path / "d.jsonl", rows)))
     assert rep.duplicates == [[1, 3]]
     assert rep.near_duplicates == [[1, 4], [2, 5]]
 
@@ -306,7 +306,7 @@ def test_pii_found_masked_never_printed(tmp_path):
     rows.append(conv("card 4111 1111 1111 1112 fails Luhn", "ok"))
     rows.append(conv("aws AKIAIOSFODNN7EXAMPLE", "ok"))
     path = write_lines(tmp_path / "pii.jsonl", rows)
-    rep = I.inspect(cfg_for(), path=str(path))
+    rep = inspect_mod.inspect(cfg_for(), path=str(path))
     found = {(f.line, f.kind) for f in rep.pii}
     assert found == {(2, "email"), (3, "phone"), (4, "card"), (5, "api_key"), (6, "private_key"), (8, "api_key")}
     masked = {f.kind: f.masked for f in rep.pii if f.line < 8}
@@ -321,26 +321,26 @@ def test_pii_found_masked_never_printed(tmp_path):
 
 
 def test_luhn_and_masks():
-    assert Q.luhn_ok("4111111111111111") and not Q.luhn_ok("4111111111111112")
-    assert Q.mask_key("AKIAIOSFODNN7EXAMPLE") == "AKIA…MPLE"
-    assert Q.mask_digits("+44 20 7946 0958", 2) == "+** ** **** **58"
+    assert quality.luhn_ok("4111111111111111") and not quality.luhn_ok("4111111111111112")
+    assert quality.mask_key("AKIAIOSFODNN7EXAMPLE") == "AKIA…MPLE"
+    assert quality.mask_digits("+44 20 7946 0958", 2) == "+** ** **** **58"
 
 
 def test_outliers():
     lines = list(range(1, 101))
     lengths = [100] * 98 + [5, 2000]
-    assert Q.outliers(lines, lengths) == [(99, "short", 5), (100, "long", 2000)]
+    assert quality.outliers(lines, lengths) == [(99, "short", 5), (100, "long", 2000)]
 
 
 # ---- streaming, cancel, steps ----------------------------------------------------------------
 
 def test_partial_reports_stream_and_cancel(tmp_path, monkeypatch):
-    monkeypatch.setattr(I, "BATCH", 200)
-    monkeypatch.setattr(I, "PARTIAL_EVERY", 0.0)
+    monkeypatch.setattr(inspect_mod, "BATCH", 200)
+    monkeypatch.setattr(inspect_mod, "PARTIAL_EVERY", 0.0)
     rows = [conv(f"q{i} " * (1 + i % 5), f"a{i} " * (1 + i % 9)) for i in range(1500)]
     path = write_lines(tmp_path / "s.jsonl", rows)
     parts = []
-    rep = I.inspect(cfg_for(), path=str(path), on_partial=parts.append)
+    rep = inspect_mod.inspect(cfg_for(), path=str(path), on_partial=parts.append)
     assert parts[-1] is rep and rep.done
     early = [p for p in parts if not p.done]
     assert early and all(p.rows_read <= 1500 for p in early)
@@ -352,7 +352,7 @@ def test_partial_reports_stream_and_cancel(tmp_path, monkeypatch):
     def cancel_after_first(p):
         if p.rows_tokenized:
             stop.set()
-    cut = I.inspect(cfg_for(), path=str(path), on_partial=cancel_after_first, cancel=stop)
+    cut = inspect_mod.inspect(cfg_for(), path=str(path), on_partial=cancel_after_first, cancel=stop)
     assert not cut.done and cut.phase == "cancelled" and cut.rows_read < 1500
 
 
@@ -361,11 +361,11 @@ def test_gc_paused_during_a_scan_and_restored(tmp_path):
     path = write_lines(tmp_path / "g.jsonl", [conv(f"q{i}", f"a{i}") for i in range(50)])
     seen = []
     assert gc.isenabled()
-    I.inspect(cfg_for(), path=str(path), on_partial=lambda p: seen.append(gc.isenabled()))
+    inspect_mod.inspect(cfg_for(), path=str(path), on_partial=lambda p: seen.append(gc.isenabled()))
     assert seen and not any(seen) and gc.isenabled()
     gc.disable()
     try:                                  # a caller that had it off keeps it off
-        I.inspect(cfg_for(), path=str(path))
+        inspect_mod.inspect(cfg_for(), path=str(path))
         assert not gc.isenabled()
     finally:
         gc.enable()
@@ -374,7 +374,7 @@ def test_gc_paused_during_a_scan_and_restored(tmp_path):
 def test_vectorised_labels_equal_the_loop():
     import random
     from bisect import bisect_right
-    from engine.chat import IGNORE, _labels
+    from engine.dataset.chat import IGNORE, _labels
 
     def loop(ids, offsets, spans):        # the rule, written out as the trainer first had it
         if not spans:
@@ -404,7 +404,7 @@ def test_steps_per_epoch_follow_batch_settings(tmp_path):
     path = write_lines(tmp_path / "t.jsonl", rows)
     cfg = cfg_for("train.batch_size=4", "train.grad_accum=2", "data.eval_fraction=0.1", "train.epochs=2")
     cfg.data.train = str(path)
-    rep = I.inspect(cfg)
+    rep = inspect_mod.inspect(cfg)
     assert rep.splits == {"train": 90, "eval": 10}
     assert rep.steps_per_epoch == 12 and rep.total_steps == 24      # ceil(ceil(90/4)/2) = 12
 
@@ -451,7 +451,7 @@ def test_json_keys_documented_in_readme_and_inspect_md(tmp_path):
     every key name also in the README's summary."""
     rows = [conv("hi", "hello", system="s")] * 3 + ["{bad"] + [conv("mail me: bob@example.com", "ok " * i) for i in range(1, 30)]
     path = write_lines(tmp_path / "d.jsonl", rows + [conv("x", "word " * 400)])
-    doc = I.inspect(cfg_for(), path=str(path)).to_dict()
+    doc = inspect_mod.inspect(cfg_for(), path=str(path)).to_dict()
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     table = (REPO / "docs" / "INSPECT.md").read_text(encoding="utf-8")
     row_of = {line.split("`")[1]: line for line in table.splitlines() if line.startswith("| `")}

@@ -2,9 +2,9 @@
 whatever the tokenizer's template; prompt/completion on the completion; text on everything."""
 import pytest
 
-from engine import chat
-from engine import config as C
-from engine import model as M
+from engine.dataset import chat
+from engine.core import config
+from engine.training import model
 
 CONV = {"messages": [{"role": "system", "content": "Be brief."},
                      {"role": "user", "content": "What is 2+2?"},
@@ -20,7 +20,7 @@ LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role']
 
 @pytest.fixture(scope="module")
 def tok():
-    t, _ = M.load_tokenizer(C.Config())
+    t, _ = model.load_tokenizer(config.Config())
     return t
 
 
@@ -39,14 +39,14 @@ def test_assistant_only_mask_chatml(tok):
 
 
 def test_mask_with_template_without_generation_markers(tok):
-    t, _ = M.load_tokenizer(C.Config())
+    t, _ = model.load_tokenizer(config.Config())
     chat.prepare_tokenizer(t, LLAMA3)
     enc = chat.encode_batch(t, [CONV])[0]
     assert trained_text(enc) == "It is 4.<|eot_id|>It is 6.<|eot_id|>"
 
 
 def test_tokenizer_without_template_gets_chatml_and_pad(tok):
-    t, _ = M.load_tokenizer(C.Config())
+    t, _ = model.load_tokenizer(config.Config())
     t.chat_template = None
     t.pad_token = None
     warnings = chat.prepare_tokenizer(t)
@@ -65,15 +65,15 @@ def test_prompt_completion_and_text(tok):
 def test_trainer_trains_on_exactly_the_mask(tiny_cfg):
     """The labels SFTTrainer trains on are the ones encode_batch made (same code path)."""
     import threading
-    from engine import trainer as T
-    from engine import events as E
+    from engine.training import trainer as trainer_mod
+    from engine.core import events
     cfg = tiny_cfg
-    prep = T.build(cfg, __import__("pathlib").Path(cfg.output.dir) / "x", lambda e: None,
+    prep = trainer_mod.build(cfg, __import__("pathlib").Path(cfg.output.dir) / "x", lambda e: None,
                    threading.Event(), [])
     tds = prep.trainer.train_dataset
-    from engine import data as D
-    rows = [r.data for r in D.load(cfg.resolve_path(cfg.data.train)).rows]
-    train_rows, _ = T.split_eval(cfg, rows, None)
+    from engine.dataset import data as data_mod
+    rows = [r.data for r in data_mod.load(cfg.resolve_path(cfg.data.train)).rows]
+    train_rows, _ = trainer_mod.split_eval(cfg, rows, None)
     expect = chat.encode_batch(prep.tokenizer, train_rows[:5])
     for i in range(5):
         assert tds[i]["input_ids"] == expect[i].input_ids

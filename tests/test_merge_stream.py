@@ -1,4 +1,4 @@
-"""Shard-by-shard merge (engine/merge_stream.py): a 70B-class base is never loaded whole.
+"""Shard-by-shard merge (engine/outputs/merge_stream.py): a 70B-class base is never loaded whole.
 Checked on builtin:tiny: forced, and automatic when the base exceeds half the host RAM."""
 import json
 from pathlib import Path
@@ -30,8 +30,8 @@ def _merged_logits(out, x):
 def test_streamed_merge_of_a_16bit_base_equals_base_plus_adapter(tmp_path, monkeypatch):
     import torch
     import transformers
-    from engine import merge as MG
-    from engine.builtin import tiny_model_dir
+    from engine.outputs import merge as merge_mod
+    from engine.training.builtin import tiny_model_dir
     base = tiny_model_dir()
     x, ref = _adapter(base, tmp_path / "ad", torch.float32)
 
@@ -39,7 +39,7 @@ def test_streamed_merge_of_a_16bit_base_equals_base_plus_adapter(tmp_path, monke
         raise AssertionError("the streamed merge loaded a whole model")
     with monkeypatch.context() as mp:
         mp.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
-        rep = MG.merge(tmp_path / "ad", tmp_path / "out", dtype="fp32", base=str(base), stream=True)
+        rep = merge_mod.merge(tmp_path / "ad", tmp_path / "out", dtype="fp32", base=str(base), stream=True)
     assert rep.max_abs_diff < 1e-4 and any("shard by shard" in w for w in rep.warnings)
     assert json.loads((tmp_path / "out" / "qlora_merge.json").read_text())["streamed"] is True
     assert (_merged_logits(tmp_path / "out", x) - ref).abs().max().item() < 1e-4
@@ -47,15 +47,15 @@ def test_streamed_merge_of_a_16bit_base_equals_base_plus_adapter(tmp_path, monke
 
 def test_a_base_larger_than_half_the_host_ram_merges_shard_by_shard(tmp_path, monkeypatch):
     import torch
-    from engine import merge as MG
-    from engine import merge_stream as MS
-    from engine.builtin import tiny_model_dir
+    from engine.outputs import merge as merge_mod
+    from engine.outputs import merge_stream
+    from engine.training.builtin import tiny_model_dir
     base = tiny_model_dir()
-    assert not MS.should_stream(str(base))
+    assert not merge_stream.should_stream(str(base))
     monkeypatch.setenv("QLORA_TUI_HOST_RAM_GIB", "0.001")          # 1 MiB of RAM: tiny is 2.2 MB
-    assert MS.should_stream(str(base))
+    assert merge_stream.should_stream(str(base))
     x, ref = _adapter(base, tmp_path / "ad", torch.float32)
-    rep = MG.merge(tmp_path / "ad", tmp_path / "out", dtype="bf16", base=str(base))
+    rep = merge_mod.merge(tmp_path / "ad", tmp_path / "out", dtype="bf16", base=str(base))
     assert json.loads((tmp_path / "out" / "qlora_merge.json").read_text())["streamed"] is True
     got = _merged_logits(tmp_path / "out", x)
     assert (got - ref).abs().max().item() < 0.05 * ref.abs().max().item() + 0.05    # bf16 weights

@@ -1,15 +1,15 @@
-"""Offloaded and selective gradient checkpointing (engine/offload.py), the fused NF4+LoRA linear
-(engine/fused_lora.py), and the planner's choices at 10, 16, 24 GiB and a whole H200, from
+"""Offloaded and selective gradient checkpointing (engine/training/offload.py), the fused NF4+LoRA linear
+(engine/training/fused_lora.py), and the planner's choices at 10, 16, 24 GiB and a whole H200, from
 config.json alone."""
 import json
 import math
 
 import pytest
 
-from engine import config as C
-from engine import estimate as E
-from engine import events as EV
-from engine import runner as RN
+from engine.core import config
+from engine.planning import estimate as estimate_mod
+from engine.core import events
+from engine.training import runner
 
 GIB = 2 ** 30
 # Llama-3.1-8B's config.json (the keys the estimate reads)
@@ -20,7 +20,7 @@ LLAMA8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers":
 
 def bench_cfg(**train):
     """The bench's recipe: seq 2048, effective batch 8, r=32 all-linear, adamw_torch, on CUDA."""
-    cfg = C.Config()
+    cfg = config.Config()
     cfg.model.name = "x"
     cfg.data.max_length = 2048
     cfg.train.batch_size, cfg.train.grad_accum = 8, 1
@@ -33,8 +33,8 @@ def bench_cfg(**train):
 
 @pytest.fixture
 def liger(monkeypatch):
-    monkeypatch.setattr(E, "_liger_available", lambda: True)
-    monkeypatch.setattr(E, "_flash_attn_available", lambda: False)
+    monkeypatch.setattr(estimate_mod, "_liger_available", lambda: True)
+    monkeypatch.setattr(estimate_mod, "_flash_attn_available", lambda: False)
 
 
 @pytest.mark.parametrize("gib, batch, layers, offload", [
@@ -44,60 +44,60 @@ def liger(monkeypatch):
     (139.2, 8, 0, False),    # the whole H200: no checkpointing
 ])
 def test_planner_choice_per_budget(liger, gib, batch, layers, offload):
-    p = E.plan(bench_cfg(), LLAMA8B, int(gib * GIB))
+    p = estimate_mod.plan(bench_cfg(), LLAMA8B, int(gib * GIB))
     assert (p.batch_size, p.checkpoint_layers, p.offload) == (batch, layers, offload), p.reasons
     assert p.grad_accum == 8 // batch
-    assert p.estimate.device_bytes <= gib * GIB * (1 - E.HEADROOM)
+    assert p.estimate.device_bytes <= gib * GIB * (1 - estimate_mod.HEADROOM)
     text = " ".join(p.reasons)
     assert ("offloaded to pinned CPU memory" in text) == offload
     if 0 < layers < 32:
         assert f"on for {layers} of 32 layers (the fewest that fit)" in text
     # the choice is the fastest of what fits: one more layer kept whole would not fit
     if 0 < layers < 32:
-        more = E.estimate(bench_cfg(), LLAMA8B, batch_size=batch, gradient_checkpointing=True, liger=True,
+        more = estimate_mod.estimate(bench_cfg(), LLAMA8B, batch_size=batch, gradient_checkpointing=True, liger=True,
                           checkpoint_layers=layers - 1, offload=offload)
-        assert more.device_bytes > gib * GIB * (1 - E.HEADROOM)
+        assert more.device_bytes > gib * GIB * (1 - estimate_mod.HEADROOM)
 
 
 def test_explicit_settings_are_kept(liger):
-    p = E.plan(bench_cfg(activation_offload=False), LLAMA8B, 10 * GIB)
+    p = estimate_mod.plan(bench_cfg(activation_offload=False), LLAMA8B, 10 * GIB)
     assert not p.offload and p.batch_size < 4
-    p = E.plan(bench_cfg(checkpoint_layers=32, activation_offload=True), LLAMA8B, 24 * GIB)
+    p = estimate_mod.plan(bench_cfg(checkpoint_layers=32, activation_offload=True), LLAMA8B, 24 * GIB)
     assert (p.checkpoint_layers, p.offload, p.batch_size) == (32, True, 8)
-    p = E.plan(bench_cfg(gradient_checkpointing=False), LLAMA8B, 24 * GIB)
+    p = estimate_mod.plan(bench_cfg(gradient_checkpointing=False), LLAMA8B, 24 * GIB)
     assert p.checkpoint_layers == 0 and p.batch_size == 1
     cfg = bench_cfg()
     cfg.distributed.gpus = 2
-    p = E.plan(cfg, LLAMA8B, 10 * GIB)
+    p = estimate_mod.plan(cfg, LLAMA8B, 10 * GIB)
     assert not p.offload and "one GPU only" in " ".join(p.reasons)
 
 
 def test_estimate_offload_and_selective_terms():
     cfg = bench_cfg()
-    full = E.estimate(cfg, LLAMA8B, gradient_checkpointing=True, liger=True)
-    off = E.estimate(cfg, LLAMA8B, gradient_checkpointing=True, liger=True, offload=True)
+    full = estimate_mod.estimate(cfg, LLAMA8B, gradient_checkpointing=True, liger=True)
+    off = estimate_mod.estimate(cfg, LLAMA8B, gradient_checkpointing=True, liger=True, offload=True)
     # offloading frees 30 of the 32 checkpointed inputs (two stay in flight): 30 x 16384 x 4096 x 2 B
     assert full.breakdown["activations"] - off.breakdown["activations"] == 30 * 16384 * 4096 * 2
     assert off.offload_host_bytes == 32 * 16384 * 4096 * 2 and full.offload_host_bytes == 0
-    half = E.estimate(cfg, LLAMA8B, gradient_checkpointing=True, liger=True, checkpoint_layers=16)
-    none = E.estimate(cfg, LLAMA8B, gradient_checkpointing=False, liger=True)
+    half = estimate_mod.estimate(cfg, LLAMA8B, gradient_checkpointing=True, liger=True, checkpoint_layers=16)
+    none = estimate_mod.estimate(cfg, LLAMA8B, gradient_checkpointing=False, liger=True)
     assert full.peak_bytes < half.peak_bytes < none.peak_bytes
     assert (half.checkpoint_layers, half.layers, none.checkpoint_layers) == (16, 32, 0)
-    assert E.relative_speed(0.5, 16384) > E.relative_speed(True, 16384)
-    assert E.relative_speed(True, 16384, offload=True) < E.relative_speed(True, 16384)
+    assert estimate_mod.relative_speed(0.5, 16384) > estimate_mod.relative_speed(True, 16384)
+    assert estimate_mod.relative_speed(True, 16384, offload=True) < estimate_mod.relative_speed(True, 16384)
 
 
 def test_config_cross_checks():
-    with pytest.raises(C.ConfigError) as e:
-        C.from_dict({"train": {"activation_offload": True}, "distributed": {"gpus": 2}})
+    with pytest.raises(config.ConfigError) as e:
+        config.from_dict({"train": {"activation_offload": True}, "distributed": {"gpus": 2}})
     assert "train.activation_offload" in str(e.value) and "one GPU" in str(e.value)
-    with pytest.raises(C.ConfigError) as e:
-        C.from_dict({"train": {"gradient_checkpointing": False, "checkpoint_layers": 3}})
+    with pytest.raises(config.ConfigError) as e:
+        config.from_dict({"train": {"gradient_checkpointing": False, "checkpoint_layers": 3}})
     assert "train.checkpoint_layers" in str(e.value)
 
 
 def _losses(cfg):
-    run = RN.Run(cfg)
+    run = runner.Run(cfg)
     run.start()
     assert run.join(timeout=300)
     assert run.result.type == "run_finished", getattr(run.result, "reason", "")
@@ -110,7 +110,7 @@ def test_offloaded_and_selective_checkpointing_train_with_the_same_losses(tiny_c
     """builtin:tiny on the CPU: the first layer checkpointed through the offloaded function (host
     copy, recompute with the forward's RNG state, backward inside backward), the others kept
     whole, gives the losses of plain checkpointing on every layer."""
-    from engine import offload
+    from engine.training import offload
     base = tiny_cfg.copy()
     base.train.max_steps, base.train.eval_steps, base.train.save_steps = 5, 0, 0
     base.train.logging_steps = 1
@@ -133,12 +133,12 @@ def test_fused_lora_matches_peft_on_a_4bit_model():
     falls back to PEFT's own forward where it does not apply (adapters disabled)."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from engine import fused_lora as FL
-    from engine import model as M
-    cfg = C.Config()
-    rt = M.runtime(cfg)
+    from engine.training import fused_lora
+    from engine.training import model as model_mod
+    cfg = config.Config()
+    rt = model_mod.runtime(cfg)
     assert rt.load_in_4bit
-    m = get_peft_model(M.load_model(cfg, rt), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+    m = get_peft_model(model_mod.load_model(cfg, rt), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                          target_modules="all-linear", task_type="CAUSAL_LM"))
     torch.manual_seed(0)
     for n, p in m.named_parameters():
@@ -152,7 +152,7 @@ def test_fused_lora_matches_peft_on_a_4bit_model():
         out.loss.backward()
         return out.loss.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
     ref_loss, ref = run()
-    assert FL.patch(m) == 14 and FL.patch(m) == 0          # 7 projections x 2 layers, once
+    assert fused_lora.patch(m) == 14 and fused_lora.patch(m) == 0          # 7 projections x 2 layers, once
     loss, got = run()
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     for k in ref:
@@ -161,4 +161,4 @@ def test_fused_lora_matches_peft_on_a_4bit_model():
         with torch.no_grad():
             off = m(input_ids=ids, labels=ids).loss.item()
     assert off != pytest.approx(loss, rel=1e-6)             # the fallback ran the base alone
-    assert FL.eligible_reason(C.from_dict({"lora": {"dropout": 0.1}})).startswith("lora.dropout")
+    assert fused_lora.eligible_reason(config.from_dict({"lora": {"dropout": 0.1}})).startswith("lora.dropout")

@@ -72,7 +72,7 @@ def test_merge_reproduces_base_plus_adapter(tiny, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.merge import merge
+    from engine.outputs.merge import merge
 
     seen = []
     out = tmp_path / "merged"
@@ -101,7 +101,7 @@ def test_merge_reproduces_base_plus_adapter(tiny, tmp_path):
 
 
 def test_merge_bf16_within_tolerance_and_check_rows(tiny, tmp_path):
-    from engine.merge import merge
+    from engine.outputs.merge import merge
 
     rows = [{"messages": [{"role": "user", "content": "hello how are you ?"},
                           {"role": "assistant", "content": "i am fine"}]}, "the capital of france"]
@@ -113,7 +113,7 @@ def test_merge_bf16_within_tolerance_and_check_rows(tiny, tmp_path):
 
 
 def test_merge_refuses_missing_base(tiny, tmp_path):
-    from engine.merge import MergeError, merge
+    from engine.outputs.merge import MergeError, merge
 
     adapter = shutil.copytree(tiny["run"] / "adapter", tmp_path / "adapter")
     cfg_path = adapter / "adapter_config.json"
@@ -132,7 +132,7 @@ def test_merge_refuses_missing_base(tiny, tmp_path):
 
 
 def test_merge_refuses_target_module_missing_in_base(tiny, tmp_path):
-    from engine.merge import MergeError, merge
+    from engine.outputs.merge import MergeError, merge
 
     adapter = shutil.copytree(tiny["run"] / "adapter", tmp_path / "adapter")
     cfg_path = adapter / "adapter_config.json"
@@ -150,7 +150,7 @@ def test_merge_refuses_target_module_missing_in_base(tiny, tmp_path):
 def test_merge_refuses_base_of_another_size(tiny, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.merge import MergeError, merge
+    from engine.outputs.merge import MergeError, merge
 
     other = tmp_path / "small-base"
     LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -161,7 +161,7 @@ def test_merge_refuses_base_of_another_size(tiny, tmp_path):
 
 
 def test_merge_refuses_src_without_adapter(tiny, tmp_path):
-    from engine.merge import MergeError, merge
+    from engine.outputs.merge import MergeError, merge
 
     empty_run = tmp_path / "run-no-adapter"
     empty_run.mkdir()
@@ -184,7 +184,7 @@ def test_merge_cli_exit_codes(tiny, tmp_path, capsys):
 # --------------------------------------------------------------------------- serve-cmd
 
 def test_serve_cmd_two_adapters_same_base(tiny, tmp_path):
-    from engine.serve import serve_command
+    from engine.outputs.serve import serve_command
 
     runs = tmp_path / "runs"
     legal = make_run_dir(runs / "legal v1", tiny["base"], r=8, seed=2)
@@ -210,7 +210,7 @@ def test_serve_cmd_two_adapters_same_base(tiny, tmp_path):
 
 
 def test_serve_cmd_refuses_different_bases(tiny, tmp_path):
-    from engine.serve import ServeError, serve_command
+    from engine.outputs.serve import ServeError, serve_command
 
     other = shutil.copytree(tiny["run"] / "adapter", tmp_path / "other" / "adapter")
     cfg = json.loads((other / "adapter_config.json").read_text())
@@ -225,7 +225,7 @@ def test_serve_cmd_refuses_different_bases(tiny, tmp_path):
 
 
 def test_vllm_rank_rounding():
-    from engine.serve import ServeError, vllm_rank
+    from engine.outputs.serve import ServeError, vllm_rank
 
     assert [vllm_rank(r) for r in (1, 8, 9, 32, 33, 300, 321, 512)] == [8, 8, 16, 32, 64, 320, 512, 512]
     with pytest.raises(ServeError, match="513"):
@@ -241,12 +241,12 @@ def test_seed_yaml_is_the_guides():
 
 
 def test_axolotl_seed_yaml_converts(tmp_path):
-    from engine import config as C
-    from engine.axolotl import convert, to_toml_text
+    from engine.core import config
+    from engine.outputs.axolotl import convert, to_toml_text
 
     cfg_dict, unmapped, notes = convert(SEED_AXOLOTL_YAML)
     assert unmapped == []
-    cfg = C.from_dict(cfg_dict)
+    cfg = config.from_dict(cfg_dict)
     assert cfg.model.name == "meta-llama/Meta-Llama-3.1-8B-Instruct"
     assert cfg.model.attn_implementation == "flash_attention_2"
     assert cfg.quant.load_in_4bit is True and cfg.quant.compute_dtype == "auto"
@@ -265,12 +265,12 @@ def test_axolotl_seed_yaml_converts(tmp_path):
     path = tmp_path / "imported.toml"
     path.write_text(to_toml_text(cfg_dict, unmapped, notes, "config.yml"))
     assert "# Unmapped Axolotl keys: none" in path.read_text()
-    assert C.load(path).to_dict() == cfg.to_dict()
+    assert config.load(path).to_dict() == cfg.to_dict()
 
 
 def test_axolotl_unmapped_keys_and_cli(tmp_path, capsys):
-    from engine import config as C
-    from engine.axolotl import AxolotlError, convert
+    from engine.core import config
+    from engine.outputs.axolotl import AxolotlError, convert
     from engine.cli import main
 
     yml = tmp_path / "cfg.yml"
@@ -296,7 +296,7 @@ special_tokens:
   pad_token: "<pad>"
 """)
     cfg_dict, unmapped, notes = convert(yml)
-    cfg = C.from_dict(cfg_dict)
+    cfg = config.from_dict(cfg_dict)
     assert cfg.quant.load_in_4bit is False and cfg.quant.compute_dtype == "fp16"
     assert cfg.lora.target_modules == "all-linear" and cfg.lora.use_dora is True
     assert cfg.data.format == "alpaca" and cfg.data.eval_fraction == 0.1
@@ -323,7 +323,7 @@ special_tokens:
 # --------------------------------------------------------------------------- generate
 
 def test_generate_compare_base_and_tuned(tiny):
-    from engine.generate import compare, default_prompts, format_text
+    from engine.outputs.generate import compare, default_prompts, format_text
 
     prompts = default_prompts(tiny["run"], n=3)
     assert prompts == ["what is the capital of canada ?", "hello how are you ?", "what is local ai ?"]
@@ -343,7 +343,7 @@ def test_generate_compare_base_and_tuned(tiny):
 
 
 def test_default_prompts_fallbacks(tmp_path):
-    from engine.generate import BUILTIN_PROMPTS, default_prompts
+    from engine.outputs.generate import BUILTIN_PROMPTS, default_prompts
 
     assert default_prompts(tmp_path, n=2) == BUILTIN_PROMPTS[:2]      # no config.toml
     run = tmp_path / "run"

@@ -3,14 +3,14 @@ cache (training), sdpa and eager give each packed sample exactly its own logits.
 import pytest
 import torch
 
-from engine import model as M
+from engine.training import model
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_packed_rows_are_isolated(impl):
     from transformers import AutoModelForCausalLM
-    from engine.builtin import tiny_model_dir
-    ok, why = M.packing_isolated(impl)
+    from engine.training.builtin import tiny_model_dir
+    ok, why = model.packing_isolated(impl)
     assert ok, why
     m = AutoModelForCausalLM.from_pretrained(tiny_model_dir(), attn_implementation=impl).eval()
     a, b = torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[10, 11, 12]])
@@ -26,21 +26,21 @@ def test_packed_rows_are_isolated(impl):
 
 
 def test_training_with_packing_runs(tiny_cfg):
-    from engine import runner as RN
+    from engine.training import runner
     cfg = tiny_cfg.copy()
     cfg.data.packing = True
     cfg.train.max_steps = 4
-    run = RN.Run(cfg)
+    run = runner.Run(cfg)
     run.start()
     assert run.join(300)
     assert run.result.type == "run_finished", getattr(run.result, "reason", "")
 
 
 def test_packed_collator_keeps_rows_apart_and_masks_sample_starts():
-    from engine import config as C
-    from engine import model as M
-    from engine.trainer import packed_collator, padding_efficiency
-    tok, _ = M.load_tokenizer(C.Config())
+    from engine.core import config
+    from engine.training import model
+    from engine.training.trainer import packed_collator, padding_efficiency
+    tok, _ = model.load_tokenizer(config.Config())
     col = packed_collator(tok, "sdpa")
     batch = col([{"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "seq_lengths": [3, 2]},
                  {"input_ids": [10, 11], "labels": [10, 11], "seq_lengths": [2]}])

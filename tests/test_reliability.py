@@ -2,7 +2,7 @@
 
 Real 4-bit QLoRA runs on builtin:tiny. Faults a CPU cannot produce on demand (NaN at a chosen
 step, CUDA OOM, ENOSPC, a slow step so a test can kill mid-run) come from QLORA_TUI_FAULTS
-(engine/faults.py); everything else is real: real processes, real signals, real files.
+(engine/core/faults.py); everything else is real: real processes, real signals, real files.
 """
 from __future__ import annotations
 
@@ -17,24 +17,24 @@ from pathlib import Path
 
 import pytest
 
-from engine import config as C
-from engine import control as ctl
-from engine import events as E
-from engine import runner as RN
-from engine import rundir as R
+from engine.core import config
+from engine.core import control as ctl
+from engine.core import events as events_mod
+from engine.training import runner
+from engine.core import rundir
 
 from reliability_helpers import (REPO, configured, engine_cmd, env_with, events, files_containing,
                                  last_step, only_run, start_headless, step_numbers, terminal,
                                  wait_for, wait_run_dir, wait_step, write_cfg)
 
 
-def run_in_process(cfg, monkeypatch=None, faults: str = "") -> RN.Run:
+def run_in_process(cfg, monkeypatch=None, faults: str = "") -> runner.Run:
     if monkeypatch is not None:
         if faults:
             monkeypatch.setenv("QLORA_TUI_FAULTS", faults)
         else:
             monkeypatch.delenv("QLORA_TUI_FAULTS", raising=False)
-    run = RN.Run(cfg)
+    run = runner.Run(cfg)
     run.start()
     assert run.join(timeout=300)
     return run
@@ -67,10 +67,10 @@ def test_kill9_at_random_step_then_resume_is_continuous_and_identical(tiny_cfg, 
     proc.wait(timeout=30)
     before = step_numbers(d)
     assert terminal(d) is None and before == list(range(1, len(before) + 1))
-    assert R.info(d).state == "crashed", "a killed run must never show as live"
-    ckpts = R.checkpoints(d)
+    assert rundir.info(d).state == "crashed", "a killed run must never show as live"
+    ckpts = rundir.checkpoints(d)
     assert ckpts, f"no complete checkpoint by step {before[-1]} (kill_at={kill_at})"
-    resume_step = R.checkpoint_step(ckpts[-1])
+    resume_step = rundir.checkpoint_step(ckpts[-1])
     # a half-written checkpoint newer than the last complete one is never picked
     torn = d / "checkpoints" / f"checkpoint-{resume_step + 1}"
     torn.mkdir()
@@ -86,7 +86,7 @@ def test_kill9_at_random_step_then_resume_is_continuous_and_identical(tiny_cfg, 
     starts = [e for e in events(d) if e.type == "run_started"]
     assert len(starts) == 2 and starts[-1].resumed_from_step == resume_step
     assert terminal(d).type == "run_finished" and not terminal(d).stopped
-    assert R.info(d).state == "finished" and R.info(d).step == 20
+    assert rundir.info(d).state == "finished" and rundir.info(d).step == 20
     # same optimizer, scheduler, RNG and data order: every step equals the uninterrupted run
     for e in events(d):
         if e.type == "step":
@@ -99,7 +99,7 @@ def test_kill9_at_random_step_then_resume_is_continuous_and_identical(tiny_cfg, 
     for k in a:
         assert (a[k].float() - b[k].float()).abs().max().item() < 1e-4, k
     # rotation: the last save_total_limit complete checkpoints, nothing half-written
-    assert [p.name for p in R.checkpoints(d)] == ["checkpoint-16", "checkpoint-20"]
+    assert [p.name for p in rundir.checkpoints(d)] == ["checkpoint-16", "checkpoint-20"]
     assert sorted(p.name for p in (d / "checkpoints").glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-20"]
 
 
@@ -107,24 +107,24 @@ def test_resume_refuses_a_live_or_finished_run_and_frozen_changes(tiny_cfg, tmp_
     """Checks that need no training: a resume never runs twice, and never swaps the adapter."""
     d = tmp_path / "runs" / "r1"
     (d / "control").mkdir(parents=True)
-    C.save(tiny_cfg, d / R.CONFIG)
-    R.write_pid(d)                                      # this very process: live
-    with (d / R.EVENTS).open("w") as fh:
-        fh.write(E.dumps(E.RunStarted(total_steps=12)) + "\n")
-    with pytest.raises(RN.PreflightError, match="still live"):
-        RN.start_detached(None, resume=d)
+    config.save(tiny_cfg, d / rundir.CONFIG)
+    rundir.write_pid(d)                                      # this very process: live
+    with (d / rundir.EVENTS).open("w") as fh:
+        fh.write(events_mod.dumps(events_mod.RunStarted(total_steps=12)) + "\n")
+    with pytest.raises(runner.PreflightError, match="still live"):
+        runner.start_detached(None, resume=d)
     r = engine_cmd("train", "--resume", d, "--headless")
     assert r.returncode == 2 and "live" in r.stderr and "Traceback" not in r.stderr
-    with (d / R.EVENTS).open("a") as fh:
-        fh.write(E.dumps(E.RunFinished(step=12)) + "\n")
-    with pytest.raises(RN.PreflightError, match="finished"):
-        RN.resume_config(d)
-    cfg, changed = RN.resume_config(d, ["train.max_steps=30"])
+    with (d / rundir.EVENTS).open("a") as fh:
+        fh.write(events_mod.dumps(events_mod.RunFinished(step=12)) + "\n")
+    with pytest.raises(runner.PreflightError, match="finished"):
+        runner.resume_config(d)
+    cfg, changed = runner.resume_config(d, ["train.max_steps=30"])
     assert changed == ["train.max_steps"] and cfg.train.max_steps == 30
-    with pytest.raises(RN.PreflightError, match="lora.r"):
-        RN.resume_config(d, ["lora.r=4", "train.max_steps=30"])
-    with pytest.raises(C.ConfigError, match="batch_size"):
-        RN.resume_config(d, ["train.batch_size=0"])
+    with pytest.raises(runner.PreflightError, match="lora.r"):
+        runner.resume_config(d, ["lora.r=4", "train.max_steps=30"])
+    with pytest.raises(config.ConfigError, match="batch_size"):
+        runner.resume_config(d, ["train.batch_size=0"])
 
 
 # ---------------------------------------------------------------- signals
@@ -145,10 +145,10 @@ def test_signal_stops_gracefully_with_checkpoint_and_adapter(tiny_cfg, tmp_path,
     assert why in fin.reason and "adapter saved" in fin.reason
     assert 2 <= fin.step < 30
     assert (d / "adapter" / "adapter_model.safetensors").exists()
-    ck = R.checkpoints(d)
-    assert ck and R.checkpoint_step(ck[-1]) == fin.step       # the stop wrote a checkpoint to resume from
+    ck = rundir.checkpoints(d)
+    assert ck and rundir.checkpoint_step(ck[-1]) == fin.step       # the stop wrote a checkpoint to resume from
     assert step_numbers(d) == list(range(1, fin.step + 1))
-    assert R.info(d).state == "stopped"
+    assert rundir.info(d).state == "stopped"
 
 
 def test_ctrl_c_twice_stops_at_once(tiny_cfg, tmp_path):
@@ -166,7 +166,7 @@ def test_ctrl_c_twice_stops_at_once(tiny_cfg, tmp_path):
     fin = terminal(d)
     assert fin.type == "run_failed" and fin.kind == "killed" and "twice" in fin.reason
     assert not (d / "adapter").exists()
-    assert R.info(d).state == "failed"
+    assert rundir.info(d).state == "failed"
 
 
 # ---------------------------------------------------------------- NaN / Inf
@@ -187,8 +187,8 @@ def test_nan_halts_on_that_step_with_hint_and_keeps_last_good_adapter(tiny_cfg, 
     # the adapter is the last good state: finite, and no checkpoint of the poisoned step
     t = adapter_tensors(run.run_dir / "adapter")
     assert all(bool(v.float().isfinite().all()) for v in t.values())
-    assert [R.checkpoint_step(p) for p in R.checkpoints(run.run_dir)] == [3]
-    assert R.info(run.run_dir).state == "failed"
+    assert [rundir.checkpoint_step(p) for p in rundir.checkpoints(run.run_dir)] == [3]
+    assert rundir.info(run.run_dir).state == "failed"
 
 
 def test_nan_policy_warn_goes_on(tiny_cfg, monkeypatch):
@@ -221,7 +221,7 @@ def test_oom_fails_with_hint_and_intact_checkpoint_then_resume_with_fix(tiny_cfg
     for fix in ("train.batch_size 4 → 2", "train.grad_accum", "data.packing"):
         assert fix in h.fix, (fix, h.fix)
     # the last checkpoint is intact: complete, loadable, at its step
-    ck = R.checkpoints(run.run_dir)
+    ck = rundir.checkpoints(run.run_dir)
     assert ck and ck[-1].name == "checkpoint-6"
     state = json.loads((ck[-1] / "trainer_state.json").read_text())
     assert state["global_step"] == 6
@@ -230,15 +230,15 @@ def test_oom_fails_with_hint_and_intact_checkpoint_then_resume_with_fix(tiny_cfg
     for f in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
         assert (ck[-1] / f).stat().st_size > 0
     # resume with the hint's fixes applied (what the TUI offers)
-    fixes = RN.oom_fix_overrides(run.cfg)
+    fixes = runner.oom_fix_overrides(run.cfg)
     assert "train.batch_size=2" in fixes and "train.grad_accum=2" in fixes
     monkeypatch.delenv("QLORA_TUI_FAULTS")
-    again = RN.Run(None, run_dir=run.run_dir, resume=True, overrides=fixes)
+    again = runner.Run(None, run_dir=run.run_dir, resume=True, overrides=fixes)
     again.start()
     assert again.join(timeout=300)
     assert again.result.type == "run_finished", again.result
     assert step_numbers(run.run_dir) == list(range(1, 11))
-    cfg2 = C.load(run.run_dir / R.CONFIG)
+    cfg2 = config.load(run.run_dir / rundir.CONFIG)
     assert cfg2.train.batch_size == 2 and cfg2.train.grad_accum == 2
     notes = [e.message for e in events(run.run_dir) if e.type == "status" and e.phase == "resume"]
     assert notes and "train.batch_size" in notes[-1]
@@ -252,7 +252,7 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(tiny_cfg, monkeypatch)
     res = run.result
     assert res.type == "run_failed" and res.kind == "disk", res
     assert "disk full" in res.reason and "checkpoint-3 kept" in res.reason
-    ck = R.checkpoints(run.run_dir)
+    ck = rundir.checkpoints(run.run_dir)
     assert [p.name for p in ck] == ["checkpoint-3"] and (ck[0] / "COMPLETE").exists()
     assert not (run.run_dir / "checkpoints" / "checkpoint-6").exists()   # the torn one is gone
     assert adapter_tensors(ck[0])
@@ -308,12 +308,12 @@ def test_bad_jsonl_all_rows_bad_names_the_line(tmp_path, capsys, base_toml):
 
 
 def test_bad_jsonl_some_rows_bad_is_a_warning_with_line_numbers(tiny_cfg, tmp_path):
-    from engine.builtin import sample_data_path
+    from engine.training.builtin import sample_data_path
     good = sample_data_path().read_text().splitlines()[:40]
     data = tmp_path / "mixed.jsonl"
     data.write_text("\n".join(good[:10] + ['{"messages": oops'] + good[10:]) + "\n")
     cfg = configured(tiny_cfg, {"data.train": str(data)})
-    notes = RN.preflight(cfg, check_model=False)
+    notes = runner.preflight(cfg, check_model=False)
     assert any("line 11" in n and "invalid JSON" in n for n in notes), notes
 
 
@@ -377,8 +377,8 @@ def test_unwritable_output_dir(tmp_path, capsys, base_toml, where):
 
 def test_tokenizer_without_chat_template_falls_back_to_chatml(tiny_cfg, tmp_path):
     import shutil
-    from engine import model as M
-    src = Path(M.model_path(tiny_cfg))
+    from engine.training import model as model_mod
+    src = Path(model_mod.model_path(tiny_cfg))
     dst = tmp_path / "no-template"
     shutil.copytree(src, dst)
     for f in dst.glob("chat_template.*"):
@@ -387,8 +387,8 @@ def test_tokenizer_without_chat_template_falls_back_to_chatml(tiny_cfg, tmp_path
     tc.pop("chat_template", None)
     (dst / "tokenizer_config.json").write_text(json.dumps(tc))
     cfg = configured(tiny_cfg, {"model.name": str(dst)})
-    assert RN.preflight(cfg) is not None                 # not a failure
-    tok, warnings = M.load_tokenizer(cfg)
+    assert runner.preflight(cfg) is not None                 # not a failure
+    tok, warnings = model_mod.load_tokenizer(cfg)
     assert any("ChatML" in w for w in warnings), warnings
     assert "<|im_start|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
 
@@ -396,8 +396,8 @@ def test_tokenizer_without_chat_template_falls_back_to_chatml(tiny_cfg, tmp_path
 def test_trust_remote_code_stays_off(tiny_cfg, tmp_path):
     """A model directory whose architecture exists only as shipped code: refused, code never run."""
     import shutil
-    from engine import model as M
-    src = Path(M.model_path(tiny_cfg))
+    from engine.training import model as model_mod
+    src = Path(model_mod.model_path(tiny_cfg))
     dst = tmp_path / "custom-model"
     shutil.copytree(src, dst)
     marker = tmp_path / "REMOTE_CODE_RAN"
@@ -412,17 +412,17 @@ def test_trust_remote_code_stays_off(tiny_cfg, tmp_path):
                           "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
     (dst / "config.json").write_text(json.dumps(conf))
     cfg = configured(tiny_cfg, {"model.name": str(dst), "output.dir": str(tmp_path / "runs")})
-    assert cfg.model.trust_remote_code is False and not RN.needs_remote_code_confirmation(cfg)
-    with pytest.raises(RN.PreflightError) as ei:
-        RN.preflight(cfg)
+    assert cfg.model.trust_remote_code is False and not runner.needs_remote_code_confirmation(cfg)
+    with pytest.raises(runner.PreflightError) as ei:
+        runner.preflight(cfg)
     msg = str(ei.value)
     assert "model.trust_remote_code = true" in msg and "auto_map" in msg and "\n" not in msg
     # the loaders themselves pass trust_remote_code=False too: transformers refuses, no code runs
     with pytest.raises(Exception):
-        M.check_model_skeleton(cfg)
+        model_mod.check_model_skeleton(cfg)
     assert not marker.exists()
     assert not (tmp_path / "runs").exists()
-    assert RN.needs_remote_code_confirmation(configured(cfg, {"model.trust_remote_code": True}))
+    assert runner.needs_remote_code_confirmation(configured(cfg, {"model.trust_remote_code": True}))
 
 
 # ---------------------------------------------------------------- secrets
@@ -438,14 +438,14 @@ def test_hf_token_never_reaches_the_run_directory(tiny_cfg, tmp_path):
                        capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert r.returncode == 0, r.stderr
     d = Path(r.stdout.strip().splitlines()[-1])
-    assert d.parent == runs and (d / R.CONFIG).exists()
-    wait_for(lambda: terminal(d) is not None and not R.process_alive(d), 300, what="the detached run to end")
+    assert d.parent == runs and (d / rundir.CONFIG).exists()
+    wait_for(lambda: terminal(d) is not None and not rundir.process_alive(d), 300, what="the detached run to end")
     assert terminal(d).type == "run_finished", terminal(d)
-    assert R.checkpoints(d) and (d / "adapter").exists() and (d / R.STDOUT).exists()
+    assert rundir.checkpoints(d) and (d / "adapter").exists() and (d / rundir.STDOUT).exists()
     assert files_containing(d, token.encode()) == []
     assert files_containing(d, token[3:].encode()) == []
     # config saving never takes secrets from the environment
-    C.save(C.load(cfg_path), tmp_path / "saved.toml")
+    config.save(config.load(cfg_path), tmp_path / "saved.toml")
     assert token not in (tmp_path / "saved.toml").read_text()
 
 
@@ -454,39 +454,39 @@ def test_hf_token_never_reaches_the_run_directory(tiny_cfg, tmp_path):
 def _fake_run(base: Path, name: str, evs: list, pid: int | None = None) -> Path:
     d = base / name
     (d / "control").mkdir(parents=True)
-    with (d / R.EVENTS).open("w") as fh:
+    with (d / rundir.EVENTS).open("w") as fh:
         for ev in evs:
-            fh.write(E.dumps(ev) + "\n")
+            fh.write(events_mod.dumps(ev) + "\n")
     if pid is not None:
-        R.write_pid(d, pid)
+        rundir.write_pid(d, pid)
     return d
 
 
 def test_runs_states_and_a_crashed_process_is_never_live(tmp_path):
     base = tmp_path / "runs"
-    start = E.RunStarted(total_steps=10)
+    start = events_mod.RunStarted(total_steps=10)
     dead = subprocess.Popen(["true"])
     dead.wait()
     zombie = subprocess.Popen(["true"])      # exited, not yet reaped
     wait_for(lambda: open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", 10)
-    _fake_run(base, "a-finished", [start, E.Step(step=10), E.RunFinished(step=10)])
-    _fake_run(base, "b-stopped", [start, E.Step(step=4), E.RunFinished(step=4, stopped=True, reason="x")])
-    _fake_run(base, "c-failed", [start, E.RunFailed(reason="boom", kind="nan", step=3)])
-    _fake_run(base, "d-live", [start, E.Step(step=2)], pid=os.getpid())
-    _fake_run(base, "e-crashed", [start, E.Step(step=2)], pid=dead.pid)
-    _fake_run(base, "f-zombie", [start, E.Step(step=2)], pid=zombie.pid)
-    _fake_run(base, "g-resumed-live", [start, E.RunFinished(step=4, stopped=True), start], pid=os.getpid())
+    _fake_run(base, "a-finished", [start, events_mod.Step(step=10), events_mod.RunFinished(step=10)])
+    _fake_run(base, "b-stopped", [start, events_mod.Step(step=4), events_mod.RunFinished(step=4, stopped=True, reason="x")])
+    _fake_run(base, "c-failed", [start, events_mod.RunFailed(reason="boom", kind="nan", step=3)])
+    _fake_run(base, "d-live", [start, events_mod.Step(step=2)], pid=os.getpid())
+    _fake_run(base, "e-crashed", [start, events_mod.Step(step=2)], pid=dead.pid)
+    _fake_run(base, "f-zombie", [start, events_mod.Step(step=2)], pid=zombie.pid)
+    _fake_run(base, "g-resumed-live", [start, events_mod.RunFinished(step=4, stopped=True), start], pid=os.getpid())
     h = base / "h-run-json-only"
     h.mkdir()
-    R.write_pid(h, dead.pid)
+    rundir.write_pid(h, dead.pid)
     (base / "i-not-a-run").mkdir()
     (base / "j-file").write_text("x")
-    states = {ri.name: ri.state for ri in R.list_runs(base)}
+    states = {ri.name: ri.state for ri in rundir.list_runs(base)}
     zombie.wait()
     assert states == {"a-finished": "finished", "b-stopped": "stopped", "c-failed": "failed",
                       "d-live": "live", "e-crashed": "crashed", "f-zombie": "crashed",
                       "g-resumed-live": "live", "h-run-json-only": "crashed"}
-    assert R.newest_live(base).name == "g-resumed-live"
+    assert rundir.newest_live(base).name == "g-resumed-live"
     r = engine_cmd("runs", "--dir", base)
     assert r.returncode == 0
     rows = {l.split()[-1] if "(" not in l else l.split("  (")[0].split()[-1]: l.split()[0]
@@ -506,9 +506,9 @@ def test_control_requests_are_atomic_ordered_and_stale_ones_dropped_on_resume(ti
     ctl.mark_done(p1)
     assert [c for _, c in ctl.pending(d)] == ["stop"] and p1.with_suffix(".done").exists()
     # a request to a process that died is not carried out by the resumed run
-    C.save(tiny_cfg, d / R.CONFIG)
-    (d / R.EVENTS).write_text(E.dumps(E.RunStarted(total_steps=12)) + "\n")
-    run = RN.Run(None, run_dir=d, resume=True)
+    config.save(tiny_cfg, d / rundir.CONFIG)
+    (d / rundir.EVENTS).write_text(events_mod.dumps(events_mod.RunStarted(total_steps=12)) + "\n")
+    run = runner.Run(None, run_dir=d, resume=True)
     run.prepare()
     run._writer.close()
     assert ctl.pending(d) == [] and p2.with_suffix(".stale").exists()
@@ -537,18 +537,18 @@ def test_detach_survives_its_terminal_then_stop_and_save_through_the_control_cha
     finally:
         subprocess.run([*tm, "kill-server"], capture_output=True)        # the terminal closes
     wait_step(d, 3)
-    assert R.info(d).state == "live"
+    assert rundir.info(d).state == "live"
     s1 = last_step(d)
     r = engine_cmd("save", d, "--wait", timeout=120)
     assert r.returncode == 0 and "checkpoint written" in r.stdout, r.stdout + r.stderr
-    saved = R.checkpoints(d)
-    assert saved and R.checkpoint_step(saved[-1]) >= s1
+    saved = rundir.checkpoints(d)
+    assert saved and rundir.checkpoint_step(saved[-1]) >= s1
     r = engine_cmd("stop", d, "--wait", timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     fin = terminal(d)
     assert fin.type == "run_finished" and fin.stopped and "control channel" in fin.reason
     assert fin.step < 30 and (d / "adapter").exists()
-    assert R.info(d).state == "stopped"
+    assert rundir.info(d).state == "stopped"
     assert step_numbers(d) == list(range(1, fin.step + 1))
     r = engine_cmd("stop", d)
     assert r.returncode == 1 and "no live run" in r.stderr

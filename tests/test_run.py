@@ -7,16 +7,16 @@ import threading
 
 import pytest
 
-from engine import events as E
-from engine import runner as RN
-from engine import rundir as R
+from engine.core import events
+from engine.training import runner
+from engine.core import rundir
 
 REQUIRED = {"run_started": set(), "step": {"step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "epoch"},
             "eval": {"step", "eval_loss"}, "checkpoint": {"step", "path"}, "run_finished": set()}
 
 
 def run_to_end(cfg):
-    run = RN.Run(cfg)
+    run = runner.Run(cfg)
     run.start()
     assert run.join(timeout=300)
     return run
@@ -44,7 +44,7 @@ def test_run_dir_event_log_and_adapter(tiny_cfg):
     assert (a / "adapter_config.json").exists() and (a / "adapter_model.safetensors").exists()
     assert (a / "tokenizer.json").exists() or (a / "tokenizer_config.json").exists()
     # a checkpoint with the COMPLETE marker
-    assert R.checkpoints(d) and R.info(d).state == "finished"
+    assert rundir.checkpoints(d) and rundir.info(d).state == "finished"
 
 
 def test_adapter_loads_with_plain_peft_and_changes_logits(tiny_cfg):
@@ -67,7 +67,7 @@ def test_graceful_stop_mid_run_saves_adapter(tiny_cfg):
     cfg = tiny_cfg.copy()
     cfg.train.max_steps = 500
     cfg.train.save_steps = 0
-    run = RN.Run(cfg)
+    run = runner.Run(cfg)
     seen = []
 
     def on(ev):
@@ -81,15 +81,15 @@ def test_graceful_stop_mid_run_saves_adapter(tiny_cfg):
     assert run.result.type == "run_finished" and run.result.stopped
     assert 3 <= run.result.step < 500
     assert (run.run_dir / "adapter" / "adapter_model.safetensors").exists()
-    assert R.checkpoints(run.run_dir)      # the stop also wrote a checkpoint (for resume)
-    assert R.info(run.run_dir).state == "stopped"
+    assert rundir.checkpoints(run.run_dir)      # the stop also wrote a checkpoint (for resume)
+    assert rundir.info(run.run_dir).state == "stopped"
 
 
 def test_headless_demo_learns(tmp_path):
     """The README's demo command: a real NF4 QLoRA run whose loss goes down."""
     r = subprocess.run([sys.executable, "-m", "engine", "train", "examples/demo.toml", "--headless",
                         "--set", f"output.dir='{tmp_path}'"], capture_output=True, text=True, timeout=600,
-                       cwd=RN.Path(__file__).resolve().parents[1])
+                       cwd=runner.Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [l for l in r.stdout.splitlines() if l.startswith("step ")]
     assert len(lines) == 100
@@ -100,7 +100,7 @@ def test_headless_demo_learns(tmp_path):
         assert noise not in r.stderr + r.stdout, (noise, r.stderr[-1500:])
     losses = [float(l.split("loss ")[1].split()[0]) for l in lines]
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
-    run_dir = R.list_runs(tmp_path)[0].path
+    run_dir = rundir.list_runs(tmp_path)[0].path
     cfg_model = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert cfg_model["peft_type"] == "LORA"
     assert "Linear4bit" in (run_dir / "stdout.log").read_text() if (run_dir / "stdout.log").exists() else True
@@ -109,7 +109,7 @@ def test_headless_demo_learns(tmp_path):
 def test_headless_failure_exits_nonzero_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "engine", "train", "examples/demo.toml", "--headless",
                         "--set", f"output.dir='{tmp_path}'", "--set", "data.train='/nonexistent.jsonl'"],
-                       capture_output=True, text=True, timeout=300, cwd=RN.Path(__file__).resolve().parents[1])
+                       capture_output=True, text=True, timeout=300, cwd=runner.Path(__file__).resolve().parents[1])
     assert r.returncode != 0
     assert "/nonexistent.jsonl" in r.stderr and "Traceback" not in r.stderr
     assert not any(tmp_path.iterdir())      # no half-created run directory

@@ -1,11 +1,11 @@
-"""Weight streaming (engine/streaming.py) on builtin:tiny, the CPU standing in for the GPU: the
+"""Weight streaming (engine/training/streaming.py) on builtin:tiny, the CPU standing in for the GPU: the
 engine is told it has less memory than the 4-bit weights, streams them layer by layer, and
 trains exactly as without streaming (per-step losses), through stop, checkpoint and resume."""
 import pytest
 
-from engine import events as E
-from engine import runner as RN
-from engine import rundir as R
+from engine.core import events as events_mod
+from engine.training import runner
+from engine.core import rundir
 from reliability_helpers import configured, events
 
 TINY_BUDGET = {"train.gpu_memory_gib": 0.0001}     # ~107 KB: below tiny's ~150 KB of 4-bit layers
@@ -16,7 +16,7 @@ def _steps(run_dir):
 
 
 def _run(cfg, stop_at=None, **kw):
-    run = RN.Run(cfg, **kw)
+    run = runner.Run(cfg, **kw)
     if stop_at:
         def on(ev):
             if ev.type == "step" and ev.step == stop_at:
@@ -40,7 +40,7 @@ def test_streamed_run_matches_unstreamed_losses_through_stop_and_resume(tiny_cfg
     cfg = configured(base, {"output.dir": str(tmp_path / "streamed"), **TINY_BUDGET})
     first = _run(cfg, stop_at=2)
     d = first.run_dir
-    assert first.result.stopped and R.checkpoints(d)
+    assert first.result.stopped and rundir.checkpoints(d)
     started = [e for e in events(d) if e.type == "run_started"][0]
     assert any(p.startswith("weight streaming on") for p in started.plan), started.plan
     assert any(p.startswith("weight streaming:") for p in started.plan), started.plan
@@ -61,7 +61,7 @@ def test_streamer_keeps_only_its_window_and_fails_loudly_outside_it():
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
-    from engine import streaming as S
+    from engine.training import streaming
     torch.manual_seed(0)
     mc = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -85,10 +85,10 @@ def test_streamer_keeps_only_its_window_and_fails_loudly_outside_it():
         loss_a.backward()
         grads_a = {n: p.grad.clone() for n, p in plain.named_parameters() if p.requires_grad}
         streamed = model()
-        st = S.WeightStreamer(S.decoder_layers(streamed), "cpu", ahead=1)
+        st = streaming.WeightStreamer(streaming.decoder_layers(streamed), "cpu", ahead=1)
         resident_seen = []
         for i in range(4):       # after the streamer's own hook
-            S.decoder_layers(streamed)[i].self_attn.q_proj.base_layer.register_forward_pre_hook(
+            streaming.decoder_layers(streamed)[i].self_attn.q_proj.base_layer.register_forward_pre_hook(
                 lambda *_: resident_seen.append(sorted(st.resident)))
         loss_b = streamed(input_ids=x, labels=x).loss
         loss_b.backward()
@@ -99,7 +99,7 @@ def test_streamer_keeps_only_its_window_and_fails_loudly_outside_it():
         # forward 0..3 then recompute 3..0: never more than the current layer + 1 ahead
         assert resident_seen == [[0], [1], [2], [3], [3], [2], [1], [0]]
         assert st.loads == 8 - 1        # layer 3's recompute reuses its forward copy
-        evicted = S.decoder_layers(streamed)[3].mlp.down_proj.base_layer.weight
+        evicted = streaming.decoder_layers(streamed)[3].mlp.down_proj.base_layer.weight
         assert evicted.numel() == 0 and evicted.quant_state.absmax.numel() == 0   # nothing stale
         streamed.eval()                 # gradients without checkpointing: refused, not a crash
         with pytest.raises(RuntimeError, match="gradient checkpointing"):

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from engine import config as C
-from engine import estimate as E
-from engine import streaming_plan as SP
-from engine.estimate import GIB
+from engine.core import config
+from engine.planning import estimate as estimate_mod
+from engine.planning import streaming_plan
+from engine.planning.estimate import GIB
 
 LLAMA_70B = {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
              "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
@@ -21,22 +21,22 @@ SETUP = ["data.max_length=2048", "train.batch_size=8", "train.grad_accum=1", "lo
 
 @pytest.fixture
 def model70(tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "_liger_available", lambda: True)
+    monkeypatch.setattr(estimate_mod, "_liger_available", lambda: True)
     d = tmp_path / "llama70b"
     d.mkdir()
     (d / "config.json").write_text(json.dumps(LLAMA_70B))
-    cfg = C.load(None, SETUP + [f'model.name="{d}"'])
-    return cfg, E.model_config_for(cfg)       # config.json alone: no weights anywhere
+    cfg = config.load(None, SETUP + [f'model.name="{d}"'])
+    return cfg, estimate_mod.model_config_for(cfg)       # config.json alone: no weights anywhere
 
 
 @pytest.mark.parametrize("gib,streams", [(24, True), (48, True), (80, False), (139, False)])
 def test_planner_choices_for_70b(model70, gib, streams):
     cfg, mc = model70
-    p = E.plan(cfg, mc, gib * GIB)
+    p = estimate_mod.plan(cfg, mc, gib * GIB)
     assert p.streaming is streams
     assert p.estimate.fits and p.estimate.device_bytes <= 0.9 * gib * GIB
     assert p.batch_size * p.grad_accum == 8
-    base = E.estimate(cfg, mc, streaming=False).breakdown["weights_quantized"]
+    base = estimate_mod.estimate(cfg, mc, streaming=False).breakdown["weights_quantized"]
     assert 32 * GIB < base < 34 * GIB                   # ~0.516 B x 68.5 B decoder params
     if streams:
         assert p.gradient_checkpointing is True
@@ -44,37 +44,37 @@ def test_planner_choices_for_70b(model70, gib, streams):
         assert p.estimate.host_bytes >= base            # the pinned copy of every layer
         why = next(r for r in p.reasons if r.startswith("weight streaming on"))
         assert "GB/s" in why and "tokens/s" in why and p.expected_tokens_per_s > 0
-        out = E.apply_plan(cfg, p)
+        out = estimate_mod.apply_plan(cfg, p)
         assert out.train.weight_streaming is True
     else:
         assert p.estimate.breakdown["weights_quantized"] == base
         # no pinned weights: host RAM is the process plus any offloaded activations
         assert p.estimate.host_bytes - p.estimate.offload_host_bytes < 4 * GIB
         assert not any("streaming on" in r for r in p.reasons)
-        assert E.apply_plan(cfg, p).train.weight_streaming is False
+        assert estimate_mod.apply_plan(cfg, p).train.weight_streaming is False
 
 
 def test_streaming_is_chosen_only_when_nothing_else_fits(model70):
     cfg, mc = model70
-    no_stream = E.plan(cfg.copy(), mc, 139 * GIB)
+    no_stream = estimate_mod.plan(cfg.copy(), mc, 139 * GIB)
     assert not no_stream.streaming
     off = cfg.copy()
     off.train.weight_streaming = False
-    p = E.plan(off, mc, 24 * GIB)
+    p = estimate_mod.plan(off, mc, 24 * GIB)
     assert not p.streaming and p.estimate.fits is False and any("does not fit" in r for r in p.reasons)
     on = cfg.copy()
     on.train.weight_streaming = True                    # explicit: streams even where it would fit
-    assert E.plan(on, mc, 139 * GIB).streaming
+    assert estimate_mod.plan(on, mc, 139 * GIB).streaming
 
 
 def test_floor_formula_on_the_h200_figures():
-    s = E.shape_of(LLAMA_70B)
-    c = SP.stream_cost(s, int(33 * GIB), 2048, 2048)
+    s = estimate_mod.shape_of(LLAMA_70B)
+    c = streaming_plan.stream_cost(s, int(33 * GIB), 2048, 2048)
     assert c.transfer_s == pytest.approx(2 * 33 * GIB / 55.2e9)
     # 6 FLOPs per decoder param per token dominate: ~4.2e11 FLOPs per token
-    assert 4.0e11 < SP.flops_per_token(s, 2048) < 4.5e11
+    assert 4.0e11 < streaming_plan.flops_per_token(s, 2048) < 4.5e11
     assert c.factor == 1.0                              # compute hides the link at 2048 tokens
-    slow = SP.stream_cost(s, int(33 * GIB), 256, 256)
+    slow = streaming_plan.stream_cost(s, int(33 * GIB), 256, 256)
     assert slow.factor < 1.0 and slow.tokens_per_s_floor == pytest.approx(256 / slow.transfer_s)
 
 
@@ -96,8 +96,8 @@ def test_cli_reports_host_ram_and_streaming(model70, capsys):
 def test_run_needing_more_host_ram_is_refused_before_loading(model70, tmp_path, monkeypatch):
     """A streamed 70B on a machine with 16 GiB: one line with the numbers, no weights touched
     (the model directory has only config.json)."""
-    from engine import events as Ev
-    from engine import runner as RN
+    from engine.core import events as Ev
+    from engine.training import runner
     cfg, _ = model70
     cfg = cfg.copy()
     cfg.train.weight_streaming = True
@@ -105,7 +105,7 @@ def test_run_needing_more_host_ram_is_refused_before_loading(model70, tmp_path, 
     cfg.data.train = "builtin:sample"
     cfg.output.dir = str(tmp_path / "runs")
     monkeypatch.setenv("QLORA_TUI_HOST_RAM_GIB", "16")
-    run = RN.Run(cfg)
+    run = runner.Run(cfg)
     run.start(check=False)
     assert run.join(timeout=120)
     assert run.result.type == "run_failed"

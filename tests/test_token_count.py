@@ -1,13 +1,13 @@
-"""engine.token_count: the inspector's fast token counts equal the trainer's encoder
-(engine.chat.encode_batch) row for row, whichever way a row is counted, on tokenizers built here
+"""engine.dataset.token_count: the inspector's fast token counts equal the trainer's encoder
+(engine.dataset.chat.encode_batch) row for row, whichever way a row is counted, on tokenizers built here
 with `tokenizers` (GPT-2-style and Llama-3-style byte-level BPE, BPE whose merges cross a turn's
 header, a tokenizer with a normalizer) and on templates with and without special tokens."""
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from engine import token_count as T
-from engine.chat import CHATML_TEMPLATE
+from engine.dataset import token_count
+from engine.dataset.chat import CHATML_TEMPLATE
 
 SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -48,7 +48,7 @@ def rows(n=120):
 
 
 def count(tok, data, max_len, batch=50):
-    counter = T.Counter(tok, max_len)
+    counter = token_count.Counter(tok, max_len)
     got = []
     for i in range(0, len(data), batch):
         part = data[i:i + batch]
@@ -68,7 +68,7 @@ def test_pieces_way_equals_the_trainer(pre, max_len):
     data = rows()
     counter, got = count(tok, data, max_len)
     assert counter.pieces_refused == ""
-    assert got == T.exact_counts(tok, data, max_len)
+    assert got == token_count.exact_counts(tok, data, max_len)
     assert counter.mismatch == ""
     chat = [r for r in data if "messages" in r]
     # an answer starting with white space may share its first token with the header: offsets
@@ -88,7 +88,7 @@ def test_token_crossing_a_span_start_is_counted_by_offsets():
     data = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello there"}]},
             {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}] * 10
     counter, got = count(tok, data, 4096)
-    assert got == T.exact_counts(tok, data, 4096)
+    assert got == token_count.exact_counts(tok, data, 4096)
     assert counter.rows_by_way["offsets"] >= 10 and counter.mismatch == ""
 
 
@@ -99,29 +99,29 @@ def test_template_without_special_tokens_takes_offsets():
     tok = make_tok(BYTE_LEVEL, template=template)
     data = [r for r in rows() if "messages" in r]
     counter, got = count(tok, data, 4096)
-    assert got == T.exact_counts(tok, data, 4096) and counter.mismatch == ""
+    assert got == token_count.exact_counts(tok, data, 4096) and counter.mismatch == ""
 
 
 def test_nfc_normalizer_takes_the_pieces_way():
     """Qwen's tokenizers normalise with NFC: decomposed and composed text, a combining mark
     right at an answer's start, and Hangul jamo all count as the trainer counts them."""
     tok = make_tok(LLAMA3, normalizer=normalizers.NFC())
-    assert T.pieces_refusal(tok.backend_tokenizer) == ""
+    assert token_count.pieces_refusal(tok.backend_tokenizer) == ""
     texts = ["cafe\u0301 and café", "\u0301 starts with a combining mark", "\u1100\u1161 jamo",
              "e\u031b\u0301 reordered", "plain answer"]
     data = [{"messages": [{"role": "user", "content": texts[i % 5]},
                           {"role": "assistant", "content": texts[(i + 1) % 5]}]} for i in range(40)]
     counter, got = count(tok, data, 4096)
-    assert got == T.exact_counts(tok, data, 4096) and counter.mismatch == ""
+    assert got == token_count.exact_counts(tok, data, 4096) and counter.mismatch == ""
     assert counter.rows_by_way["pieces"] == 40
 
 
 def test_normalizer_refuses_the_pieces_way():
     tok = make_tok(BYTE_LEVEL, normalizer=normalizers.Lowercase())
-    assert "normalizer" in T.pieces_refusal(tok.backend_tokenizer)
+    assert "normalizer" in token_count.pieces_refusal(tok.backend_tokenizer)
     data = rows(60)
     counter, got = count(tok, data, 4096)
-    assert got == T.exact_counts(tok, data, 4096)
+    assert got == token_count.exact_counts(tok, data, 4096)
     assert counter.rows_by_way["pieces"] == 0 and counter.mismatch == ""
 
 
@@ -130,7 +130,7 @@ def test_repeated_pieces_are_tokenised_once():
     data = [r for r in rows() if "messages" in r]
     counter, got = count(tok, data, 4096, batch=20)
     assert "system\nYou are terse." in counter.pieces.shared    # met twice in a batch: kept
-    assert got == T.exact_counts(tok, data, 4096)
+    assert got == token_count.exact_counts(tok, data, 4096)
     calls = []
     backend = counter.pieces.backend
     real = backend.encode_batch_fast
@@ -153,6 +153,6 @@ def test_added_tokens_split_in_the_tokenizers_two_passes():
     tok.add_tokens(["ll", "o<|im"])            # normalized=True by default for non-special tokens
     data = [r for r in rows() if "messages" in r]
     counter, got = count(tok, data, 4096)
-    assert got == T.exact_counts(tok, data, 4096) and counter.mismatch == ""
+    assert got == token_count.exact_counts(tok, data, 4096) and counter.mismatch == ""
     assert counter.rows_by_way["pieces"] > 0
     assert counter.pieces._added("hello<|im_end|>") == [(2, 4), (5, 15)]      # not "o<|im"

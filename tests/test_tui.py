@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -10,14 +9,13 @@ from pathlib import Path
 import pytest
 from textual.widgets import Input, Sparkline, Static
 
-from engine import config as C
-from engine import rundir
+from engine.core import config as config_mod
+from engine.core import rundir
 from tui.app import DEMO_OVERRIDES, QloraApp
 from tui.dialogs import QuitDialog
 from tui.testing import HOSTILE_HINT, fixed_samplers, write_run
 from tui_helpers import demo_cfg, make_app, until  # noqa: F401
 
-HAS_INSPECT = importlib.util.find_spec("engine.inspect") is not None
 HOSTILE = "[red]x[/red] [/ \x1b[31mRED\x1b[0m [bold]"
 
 pytestmark = pytest.mark.anyio
@@ -49,7 +47,7 @@ async def test_config_shows_validation_errors_live_and_blocks_start(tmp_path):
         await until(pilot, lambda: getattr(app.screen, "form_ready", False), what="form")
         screen = app.screen
         # every field of every section is in the form, with the seed's help text
-        for section, items in C.field_specs().items():
+        for section, items in config_mod.field_specs().items():
             for key, f in items:
                 row = screen.query_one(f"#row-{section}-{key}")
                 assert f.metadata["help"] in plain(row.help)
@@ -104,7 +102,7 @@ async def test_config_save_and_load_toml(tmp_path):
         await until(pilot, lambda: app.config.lora.r == 8)
         await pilot.press("ctrl+s")
         await until(pilot, lambda: path.exists(), what="saved file")
-        assert C.load(path).lora.r == 8
+        assert config_mod.load(path).lora.r == 8
         other = tmp_path / "other.toml"
         other.write_text('[lora]\nr = 64\nalpha = 128\n')
         await pilot.press("ctrl+o")
@@ -197,14 +195,14 @@ async def test_a_stopped_followers_last_batch_is_not_applied(tmp_path):
     """Detach, then re-attach to the same run within the old follower's last interval: its
     late messages must neither add their events again nor end the new follower."""
     import threading
-    from engine import events as E
+    from engine.core import events
     from tui.messages import RunEvents
     run = write_run(tmp_path / "runs", steps=30)
     app = make_app(demo_cfg(tmp_path), attach=run)
     async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: app.run_state.follower_ended, what="history read")
         n = len(app.run_state.losses)
-        step = E.Step(step=31, total_steps=30, loss=1.0, time=time.time())
+        step = events.Step(step=31, total_steps=30, loss=1.0, time=time.time())
         app.post_message(RunEvents(run, [step], threading.Event()))        # a stale follower's
         await pilot.pause()
         assert len(app.run_state.losses) == n
@@ -242,7 +240,6 @@ async def test_markup_in_config_values_and_errors_shows_literally(tmp_path):
         assert "[red]x[/red] [/ ␛[31mRED␛[0m [bold]" in help_
 
 
-@pytest.mark.skipif(not HAS_INSPECT, reason="engine.inspect has not landed yet")
 async def test_dataset_screen_shows_rows_problems_and_markup_literally(tmp_path):
     data = tmp_path / "hostile.jsonl"
     good = {"messages": [{"role": "user", "content": "Say " + HOSTILE},

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from textual.widgets import DataTable, Static, TabbedContent
 
-from engine import config as C
-from engine import events as E
-from engine import rundir
+from engine.core import config
+from engine.core import events
+from engine.core import rundir
 from tui.app import DEMO_OVERRIDES, QloraApp
 from tui.dialogs import RemoteCodeDialog, ResumeFixDialog
 from tui.runstate import RunState
@@ -65,7 +65,7 @@ async def test_oom_offers_resume_with_fix_and_the_resumed_run_finishes(tmp_path,
         text = dialog_text(app.screen)
         assert "Out of memory" in text and "train.batch_size=2" in text
         assert "train.grad_accum=2" in text
-        first_started = [e for e in E.read_events(run_dir / rundir.EVENTS) if e.type == "run_started"]
+        first_started = [e for e in events.read_events(run_dir / rundir.EVENTS) if e.type == "run_started"]
         assert len(first_started) == 1
         monkeypatch.delenv("QLORA_TUI_FAULTS")          # the resumed process must not OOM again
         await pilot.press("r")
@@ -75,12 +75,12 @@ async def test_oom_offers_resume_with_fix_and_the_resumed_run_finishes(tmp_path,
         st = app.run_state
         assert st.terminal == "run_finished", st.message
         assert st.run_dir == run_dir and not st.stopped
-        evs = E.read_events(run_dir / rundir.EVENTS)
+        evs = events.read_events(run_dir / rundir.EVENTS)
         starts = [e for e in evs if e.type == "run_started"]
         assert len(starts) == 2 and starts[-1].resumed_from_step == 2
         resume = [e for e in evs if e.type == "status" and e.phase == "resume"]
         assert resume and "train.batch_size" in resume[-1].message
-        assert C.load(run_dir / rundir.CONFIG).train.batch_size == 2
+        assert config.load(run_dir / rundir.CONFIG).train.batch_size == 2
         # the Train screen was reset from the new history: every step once, in order
         assert [s for s, _ in st.losses] == list(range(1, 7))
         assert "finished" in plain(app.screen.query_one("#status"))
@@ -92,7 +92,7 @@ async def test_nan_offer_lowers_the_learning_rate(tmp_path):
     d = tmp_path / "runs" / "r1"
     d.mkdir(parents=True)
     for lr, want in ((2e-3, "train.learning_rate=1e-4"), (1e-4, "train.learning_rate=5e-5")):
-        C.save(demo_cfg(tmp_path, f"train.learning_rate={lr}"), d / rundir.CONFIG)
+        config.save(demo_cfg(tmp_path, f"train.learning_rate={lr}"), d / rundir.CONFIG)
         st = RunState(run_dir=d, terminal="run_failed", fail_kind="nan", fail_step=5)
         fixes, what = app.resume_fixes(st)
         assert fixes == [want] and "NaN" in what
@@ -103,11 +103,11 @@ async def test_resume_dialog_escape_dismisses_and_errors_are_one_line(tmp_path):
     reported in one line, never as a traceback."""
     d = tmp_path / "runs" / "20260101-oom-[red]x"
     (d / "control").mkdir(parents=True)
-    C.save(demo_cfg(tmp_path), d / rundir.CONFIG)
-    w = E.JsonlWriter(d / rundir.EVENTS)
-    w(E.RunStarted(model="builtin:tiny", total_steps=10))
-    w(E.Step(step=1, total_steps=10, loss=2.0))
-    w(E.RunFailed(reason="CUDA out of memory at step 2 [bold]", kind="oom", step=1))
+    config.save(demo_cfg(tmp_path), d / rundir.CONFIG)
+    w = events.JsonlWriter(d / rundir.EVENTS)
+    w(events.RunStarted(model="builtin:tiny", total_steps=10))
+    w(events.Step(step=1, total_steps=10, loss=2.0))
+    w(events.RunFailed(reason="CUDA out of memory at step 2 [bold]", kind="oom", step=1))
     w.close()
     app = make_app(demo_cfg(tmp_path), attach=d)
     async with app.run_test(size=(100, 32)) as pilot:
@@ -129,8 +129,8 @@ async def test_resume_dialog_escape_dismisses_and_errors_are_one_line(tmp_path):
 # ---- trust_remote_code: an explicit yes only -------------------------------------------------
 
 def remote_code_model(tmp_path) -> Path:
-    from engine import model as M
-    src = Path(M.model_path(demo_cfg(tmp_path)))
+    from engine.training import model as model_mod
+    src = Path(model_mod.model_path(demo_cfg(tmp_path)))
     dst = tmp_path / "model-[red]x[/red]"
     shutil.copytree(src, dst)
     (dst / "modeling_evil.py").write_text(

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import re
 import asyncio
-import importlib.util
 
 import pytest
 
-from engine import config as C
+from engine.core import config
 from tui.app import DEMO_OVERRIDES, QloraApp
 from tui.testing import HOSTILE_HINT, fixed_samplers, write_run
 
-HAS_INSPECT = importlib.util.find_spec("engine.inspect") is not None
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +22,7 @@ def _isolated(tmp_path, monkeypatch):
 
 
 def make_app(gpus: int = 0, **kw) -> QloraApp:
-    cfg = C.load(None, DEMO_OVERRIDES)
+    cfg = config.load(None, DEMO_OVERRIDES)
     return QloraApp(cfg, None, samplers=fixed_samplers(gpus), readings_interval=0, **kw)
 
 
@@ -108,7 +106,6 @@ def test_run_detail_screen(snap_compare, tmp_path):
     assert snap_compare(app, terminal_size=(80, 24), run_before=wait)
 
 
-@pytest.mark.skipif(not HAS_INSPECT, reason="engine.inspect has not landed yet")
 def test_dataset_screen(snap_compare):
     app = make_app()
 

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from engine import config as C
-from engine import data as D
-from engine import vision as V
+from engine.core import config
+from engine.dataset import data as data_mod
+from engine.training import vision
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = V.vl_sample_dir()
+SAMPLE = vision.vl_sample_dir()
 
 
 def _vl_cfg(*extra):
-    return C.load(None, ['model.name="builtin:tiny-vl"', 'data.train="builtin:vl-sample"',
+    return config.load(None, ['model.name="builtin:tiny-vl"', 'data.train="builtin:vl-sample"',
                          "data.max_length=256", *extra])
 
 
@@ -53,7 +53,7 @@ def _write_mixed(d: Path) -> Path:
 
 def test_both_formats_detected_and_every_image_checked_by_line(tmp_path):
     p = _write_mixed(tmp_path / "data")
-    ds = D.load(str(p))
+    ds = data_mod.load(str(p))
     assert ds.format == "vision" and "image" in ds.reason
     assert [r.line for r in ds.rows] == [1, 2, 6]
     by_line = {pr.line: pr for pr in ds.problems}
@@ -69,28 +69,28 @@ def test_both_formats_detected_and_every_image_checked_by_line(tmp_path):
 
 def test_label_mask_never_trains_visual_tokens(tmp_path):
     cfg = _vl_cfg()
-    ds = D.load(cfg.resolve_path(cfg.data.train))
+    ds = data_mod.load(cfg.resolve_path(cfg.data.train))
     assert len(ds.rows) == 36 and not ds.problems
-    proc = V.processor_for(cfg)
-    item = V.encode_row(proc, ds.rows[0].data, 256)
+    proc = vision.processor_for(cfg)
+    item = vision.encode_row(proc, ds.rows[0].data, 256)
     ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
-    img = V.image_token_id(proc)
+    img = vision.image_token_id(proc)
     n_img = ids.count(img)
-    assert n_img == V.visual_token_counts(proc, ds.rows[0].data["image_info"])[0] > 1
+    assert n_img == vision.visual_token_counts(proc, ds.rows[0].data["image_info"])[0] > 1
     assert all(lab == -100 for t, lab in zip(ids, labels) if t == img)
     trained = proc.tokenizer.decode([t for t, lab in zip(ids, labels) if lab != -100])
     assert trained == ds.rows[0].data["messages"][1]["content"] + "<|im_end|>"
     assert item["pixel_values"].shape[0] == int(item["image_grid_thw"].prod())
     # the inspector counts the visual tokens in the lengths and lists images in its JSON
-    from engine import inspect as I
-    rep = I.inspect(cfg)
+    from engine.dataset import inspect as inspect_mod
+    rep = inspect_mod.inspect(cfg)
     assert rep.images["count"] == 36 and rep.images["bad_images"] == 0
     assert rep.stats["max"] >= len(ids) and rep.to_dict()["images"]["visual_tokens_total"] >= 36 * 4
     many = tmp_path / "many.jsonl"          # four images: their visual tokens pass max_length = 24
     parts = [{"type": "image", "image": str(SAMPLE / f"{i:02d}-red-circle.png")} for i in range(3)]
     many.write_text(json.dumps({"messages": [{"role": "user", "content": parts + parts[:1]},
                                              {"role": "assistant", "content": "Circles."}]}) + "\n")
-    small = I.inspect(_vl_cfg("data.max_length=24", f'data.train="{many}"'))
+    small = inspect_mod.inspect(_vl_cfg("data.max_length=24", f'data.train="{many}"'))
     assert (1, "image_tokens") in [(p.line, p.kind) for p in small.problems]
     assert small.truncated_rows == 1
 
@@ -109,7 +109,7 @@ def test_vlm_qlora_headless_run_trains_the_language_model_only(tmp_path):
     assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2]), losses
     acfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     targets = acfg["target_modules"]
-    assert targets and not any(V.is_vision_module(t) for t in targets)
+    assert targets and not any(vision.is_vision_module(t) for t in targets)
     from safetensors import safe_open
     with safe_open(str(run_dir / "adapter" / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())
@@ -161,36 +161,36 @@ def anyio_backend():
 
 
 def test_estimate_counts_the_vision_tower_and_per_image_activations():
-    from engine import estimate as ES
+    from engine.planning import estimate as estimate_mod
     q7 = {"model_type": "qwen2_vl", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
           "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
           "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "hidden_size": 3584,
                             "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}}
     text_only = {k: v for k, v in q7.items() if k != "vision_config"}
-    cfg = C.load(None, ['train.device="cuda"', "data.max_length=2048"])
-    vl, txt = ES.estimate(cfg, q7), ES.estimate(cfg, text_only)
+    cfg = config.load(None, ['train.device="cuda"', "data.max_length=2048"])
+    vl, txt = estimate_mod.estimate(cfg, q7), estimate_mod.estimate(cfg, text_only)
     b = vl.breakdown
     assert 600e6 * 2 < b["vision_weights"] < 750e6 * 2          # Qwen2-VL-7B's ~675 M-param tower, 16-bit
     assert b["vision_activations"] > 0 and txt.breakdown["vision_weights"] == 0
     assert vl.peak_bytes > txt.peak_bytes + b["vision_weights"]
-    bigger = ES.estimate(C.load(None, ['train.device="cuda"', "data.max_length=2048", "train.batch_size=4"]), q7)
+    bigger = estimate_mod.estimate(config.load(None, ['train.device="cuda"', "data.max_length=2048", "train.batch_size=4"]), q7)
     assert bigger.breakdown["vision_activations"] == 2 * b["vision_activations"]     # per image, per row
-    report = ES.format_report(vl, None)
-    assert "vision tower, 16-bit" in report and "vision tower" not in ES.format_report(txt, None)
+    report = estimate_mod.format_report(vl, None)
+    assert "vision tower, 16-bit" in report and "vision tower" not in estimate_mod.format_report(txt, None)
 
 
 def test_4bit_load_keeps_the_vision_tower_16_bit_and_lora_off_it():
-    from engine import model as M
+    from engine.training import model as model_mod
     cfg = _vl_cfg()
-    rt = M.runtime(cfg)
+    rt = model_mod.runtime(cfg)
     if not rt.load_in_4bit:
         pytest.skip("bitsandbytes 4-bit unavailable on this CPU")
-    model = M.load_model(cfg, rt)
-    kinds = {(V.is_vision_module(n), type(m).__name__) for n, m in model.named_modules()
+    model = model_mod.load_model(cfg, rt)
+    kinds = {(vision.is_vision_module(n), type(m).__name__) for n, m in model.named_modules()
              if type(m).__name__ in ("Linear", "Linear4bit")}
     assert (True, "Linear") in kinds and (True, "Linear4bit") not in kinds
     assert (False, "Linear4bit") in kinds
-    targets = V.lora_targets(cfg, model)
-    assert len(targets) == 14 and not any(V.is_vision_module(t) for t in targets)
-    thawed = V.lora_targets(C.load(None, ['model.name="builtin:tiny-vl"', "model.freeze_vision_tower=false"]), model)
-    assert any(V.is_vision_module(t) for t in thawed) and set(targets) < set(thawed)
+    targets = vision.lora_targets(cfg, model)
+    assert len(targets) == 14 and not any(vision.is_vision_module(t) for t in targets)
+    thawed = vision.lora_targets(config.load(None, ['model.name="builtin:tiny-vl"', "model.freeze_vision_tower=false"]), model)
+    assert any(vision.is_vision_module(t) for t in thawed) and set(targets) < set(thawed)

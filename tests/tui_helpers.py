@@ -4,13 +4,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-from engine import config as C
+from engine.core import config
 from tui.app import DEMO_OVERRIDES, QloraApp
 from tui.testing import fixed_samplers
 
 
 def demo_cfg(tmp_path, *extra):
-    return C.load(None, DEMO_OVERRIDES + [f'output.dir="{tmp_path / "runs"}"', *extra])
+    return config.load(None, DEMO_OVERRIDES + [f'output.dir="{tmp_path / "runs"}"', *extra])
 
 
 def make_app(cfg, **kw) -> QloraApp:

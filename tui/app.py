@@ -1,6 +1,6 @@
 """The qlora-tui Textual app: four screens (modes) over one config and at most one followed run.
 
-Threads: a launch worker calls ``engine.runner.start_detached``; a follow worker tails the
+Threads: a launch worker calls ``engine.training.runner.start_detached``; a follow worker tails the
 run's events.jsonl and posts batches (≤10/s) as ``RunEvents``; the Train screen polls NVML
 in its own worker. Only messages cross into the UI thread; widgets are touched there only.
 """
@@ -18,7 +18,7 @@ from textual.binding import Binding
 from textual.screen import ModalScreen, Screen
 from textual.worker import get_current_worker
 
-from engine.builtin import DEMO_OVERRIDES, demo_config  # noqa: F401 (the offline demo)
+from engine.training.builtin import DEMO_OVERRIDES, demo_config  # noqa: F401 (the offline demo)
 from themes.qlora import DEFAULT_THEME, THEMES
 from tui import settings
 from tui.dialogs import PathPrompt, QuitDialog, RemoteCodeDialog, ResumeFixDialog
@@ -86,8 +86,8 @@ class QloraApp(App):
     def __init__(self, config=None, config_path: str | Path | None = None, *,
                  attach: str | Path | None = None, start_mode: str = "train",
                  samplers=None, readings_interval: float = 1.0) -> None:
-        from engine import model as M
-        M.require_consent()     # a model's own code runs only after a yes in this app
+        from engine.training import model as model_mod
+        model_mod.require_consent()     # a model's own code runs only after a yes in this app
         self.config = config if config is not None else demo_config()
         self.config_path = Path(config_path) if config_path else None
         self.form_data: dict = self.config.to_dict()
@@ -123,19 +123,19 @@ class QloraApp(App):
         if self._samplers is not None:
             return self._samplers
         try:
-            from engine.gpu import GpuSampler, HostSampler
+            from engine.training.gpu import GpuSampler, HostSampler
         except ImportError as e:
-            return None, None, f"engine.gpu unavailable: {e}"
+            return None, None, f"engine.training.gpu unavailable: {e}"
         gpu = GpuSampler()
         return gpu, HostSampler(), gpu.reason
 
     # ---- config --------------------------------------------------------------------------
     def validated_config(self):
         """(Config, []) from the form, or (None, problems)."""
-        from engine import config as C
+        from engine.core import config as config_mod
         try:
-            return C.from_dict(self.form_data, source=self.config.source), []
-        except C.ConfigError as e:
+            return config_mod.from_dict(self.form_data, source=self.config.source), []
+        except config_mod.ConfigError as e:
             return None, e.problems
 
     def runs_dir(self) -> Path:
@@ -162,10 +162,10 @@ class QloraApp(App):
         self.push_screen(PathPrompt("Load config (TOML)", str(self.config_path or "")), done)
 
     def load_config_file(self, path: str) -> bool:
-        from engine import config as C
+        from engine.core import config as config_mod
         try:
-            cfg = C.load(path)
-        except C.ConfigError as e:
+            cfg = config_mod.load(path)
+        except config_mod.ConfigError as e:
             self.notify(one_line(e.one_line(), 400), title="Cannot load", severity="error",
                         markup=False, timeout=10)
             return False
@@ -203,18 +203,18 @@ class QloraApp(App):
             return
         cfg, problems = self.validated_config()
         if cfg is None:
-            from engine.config import plural
+            from engine.core.config import plural
             self.notify(f"Fix the config first: {plural(len(problems), 'problem')}, e.g. "
                         f"{one_line(problems[0], 120)}", severity="error", markup=False)
             self.action_show("config")
             return
         self.config = cfg
-        from engine import runner
+        from engine.training import runner
         if runner.needs_remote_code_confirmation(cfg):
             def answered(yes: bool | None) -> None:
                 if yes:
-                    from engine import model as M
-                    M.grant_remote_code(cfg)
+                    from engine.training import model as model_mod
+                    model_mod.grant_remote_code(cfg)
                     self._begin_launch(cfg)
                 else:
                     self.notify("Not started: the model's own code was not allowed to run.",
@@ -236,7 +236,7 @@ class QloraApp(App):
     @work(thread=True, exclusive=True, group="launch", exit_on_error=False)
     def _launch(self, cfg) -> None:
         try:
-            from engine import runner
+            from engine.training import runner
             run_dir = runner.start_detached(cfg)
         except Exception as e:   # config, data or permission problems: shown, not raised
             self.post_message(LaunchFailed(f"{type(e).__name__}: {e}"))
@@ -245,8 +245,8 @@ class QloraApp(App):
 
     @work(thread=True, exclusive=True, group="launch", exit_on_error=False)
     def _resume(self, run_dir: Path, fixes: list[str]) -> None:
-        from engine import rundir
-        from engine import runner
+        from engine.core import rundir
+        from engine.training import runner
         # the failed process wrote its last event and is still exiting (torch teardown): a
         # resume while it is alive would be refused as "still live", so let it go first
         deadline = time.monotonic() + 60
@@ -289,9 +289,9 @@ class QloraApp(App):
     def resume_fixes(self, st: RunState) -> tuple[list[str], str]:
         """The overrides that answer ``st``'s failure, as its hint named them, and what failed.
         OOM and NaN only; any other end (stopped, crashed, other failure) resumes unchanged."""
-        from engine import config as C
-        from engine import hints as H
-        from engine import rundir
+        from engine.core import config as config_mod
+        from engine.training import hints as hints_mod
+        from engine.core import rundir
         kind = st.fail_kind if st.terminal == "run_failed" else ""
         if kind not in self.FAILED_WHAT:
             return [], {"run_finished": "Stopped"}.get(st.terminal, "Crashed" if not st.terminal
@@ -299,19 +299,19 @@ class QloraApp(App):
         named = [h for h in st.hints if getattr(h, "rule", "") == kind and getattr(h, "overrides", None)]
         if named:
             return list(named[-1].overrides), self.FAILED_WHAT[kind]
-        cfg = C.load(st.run_dir / rundir.CONFIG)
-        return H.hint_overrides(kind, cfg, st.fail_step or st.step), self.FAILED_WHAT[kind]
+        cfg = config_mod.load(st.run_dir / rundir.CONFIG)
+        return hints_mod.hint_overrides(kind, cfg, st.fail_step or st.step), self.FAILED_WHAT[kind]
 
     def offer_resume(self, st: RunState) -> None:
         """The recovery dialog for a run that ended (failed, stopped, crashed): every fix its
         hint named, and whether it resumes from a checkpoint or restarts from step 0."""
-        from engine import config as C
-        from engine import rundir
-        from engine import runner
+        from engine.core import config as config_mod
+        from engine.core import rundir
+        from engine.training import runner
         try:
             fixes, what = self.resume_fixes(st)
-            cfg = C.load(st.run_dir / rundir.CONFIG)
-        except (OSError, ValueError, C.ConfigError) as e:
+            cfg = config_mod.load(st.run_dir / rundir.CONFIG)
+        except (OSError, ValueError, config_mod.ConfigError) as e:
             self.notify(f"Cannot offer a resume: {one_line(e, 200)}", severity="warning",
                         markup=False)
             return
@@ -330,8 +330,8 @@ class QloraApp(App):
             if runner.needs_remote_code_confirmation(cfg):
                 def confirmed(ok: bool | None) -> None:
                     if ok:
-                        from engine import model as M
-                        M.grant_remote_code(cfg)
+                        from engine.training import model as model_mod
+                        model_mod.grant_remote_code(cfg)
                         self.resume_run(run_dir, fixes)
                 self.push_screen(RemoteCodeDialog(cfg.model.name, "Resuming this run"), confirmed)
                 return
@@ -366,7 +366,7 @@ class QloraApp(App):
         if st is None or st.run_dir is None or st.terminal or st.follower_ended:
             self.notify("No live run to stop.", markup=False)
             return
-        from engine import control
+        from engine.core import control
         try:
             control.request(st.run_dir, "stop")
         except OSError as e:
@@ -396,7 +396,7 @@ class QloraApp(App):
     def action_save_config(self) -> None:
         cfg, problems = self.validated_config()
         if cfg is None:
-            from engine.config import plural
+            from engine.core.config import plural
             where = "" if self.current_mode == "config" else "; see the Config screen (F3)"
             self.notify(f"Not saved: {plural(len(problems), 'config problem')}{where}: "
                         f"{one_line(problems[0], 120)}", severity="error", markup=False)
@@ -410,9 +410,9 @@ class QloraApp(App):
             self._save_to(cfg, self.config_path)
 
     def _save_to(self, cfg, path: Path) -> None:
-        from engine import config as C
+        from engine.core import config as config_mod
         try:
-            C.save(cfg, path)
+            config_mod.save(cfg, path)
         except OSError as e:
             self.notify(f"Cannot save {path}: {e}", severity="error", markup=False)
             return
@@ -427,7 +427,7 @@ class QloraApp(App):
 
         def chosen(what: str | None) -> None:
             if what == "stop":
-                from engine import control
+                from engine.core import control
                 try:
                     control.request(st.run_dir, "stop")
                     self.exit_note = (f"Stop requested: {st.run_dir} saves its adapter and ends.")
@@ -466,7 +466,7 @@ class QloraApp(App):
     @work(thread=True, group="follow", exit_on_error=False)
     def _follow(self, run_dir: Path, stop: threading.Event, launched: bool,
                 old_log: tuple | None = None) -> None:
-        from engine import rundir
+        from engine.core import rundir
         worker = get_current_worker()
         t0 = time.monotonic()
 
@@ -566,7 +566,7 @@ class QloraApp(App):
 
 def _last_line_is_terminal(path: Path) -> bool:
     """Whether the last complete line of a log is a terminal event (reads its tail only)."""
-    from engine import events as E
+    from engine.core import events as events_mod
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
@@ -579,7 +579,7 @@ def _last_line_is_terminal(path: Path) -> bool:
     if not lines:
         return False
     try:
-        return E.loads(lines[-1]).type in E.TERMINAL
+        return events_mod.loads(lines[-1]).type in events_mod.TERMINAL
     except Exception:
         return False
 
@@ -606,7 +606,7 @@ def _wait_for_resumed_log(path: Path, old_log: tuple, alive, stop: threading.Eve
 
 def _resume_failure(run_dir: Path) -> str:
     """Why a resume process ended before it began: the last line of its stdout.log."""
-    from engine import rundir
+    from engine.core import rundir
     try:
         lines = [ln for ln in (run_dir / rundir.STDOUT).read_text(errors="replace").splitlines()
                  if ln.strip()]

@@ -52,11 +52,11 @@ def _run_app(app) -> int:
         print("qlora-tui: the TUI needs a terminal (stdin and stdout are not one); from a script use "
               "`qlora-tui runs`, `qlora-tui train CONFIG --headless` or `--detach`", file=sys.stderr)
         return 2
-    from engine import quiet
+    from engine.core import quiet
     quiet.apply()          # a library's warning or progress bar would draw over the screen
     app.run()
     if app.exit_note:
-        from engine.safe_text import visible
+        from engine.core.safe_text import visible
         print(visible(app.exit_note))
     return int(app.return_code or 0)
 
@@ -79,15 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "tui":
         argv = argv[1:]
     pos, sets = _split_sets(argv) or ([], [])
-    from engine import config as C
+    from engine.core import config
     try:
         if pos:
-            cfg = C.load(pos[0], sets)
+            cfg = config.load(pos[0], sets)
         else:
-            from engine.builtin import demo_config
+            from engine.training.builtin import demo_config
             cfg = demo_config(sets)
-    except C.ConfigError as e:
-        from engine.safe_text import visible
+    except config.ConfigError as e:
+        from engine.core.safe_text import visible
         print(visible(e), file=sys.stderr)
         return 2
     from tui.app import QloraApp
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def attach(args: list[str]) -> int:
-    from engine import config as C
-    from engine import rundir
+    from engine.core import config
+    from engine.core import rundir
     if args and args[0] in ("-h", "--help"):
         print("usage: qlora-tui attach [RUN_DIR]\n\nOpen the TUI on a run (default: the newest live "
               "run under ./runs): its history, then live updates. ctrl+x stops it; quitting never does.")
@@ -104,17 +104,17 @@ def attach(args: list[str]) -> int:
     if args:
         run_dir = Path(args[0])
         if not (run_dir / rundir.EVENTS).exists() and not (run_dir / rundir.RUN_JSON).exists():
-            from engine.safe_text import visible
+            from engine.core.safe_text import visible
             print(visible(f"{run_dir}: not a run directory (no {rundir.EVENTS})"), file=sys.stderr)
             return 2
         cfg = None
         if (run_dir / rundir.CONFIG).exists():
             try:
-                cfg = C.load(run_dir / rundir.CONFIG)
-            except C.ConfigError:
+                cfg = config.load(run_dir / rundir.CONFIG)
+            except config.ConfigError:
                 cfg = None
     else:
-        from engine.builtin import demo_config
+        from engine.training.builtin import demo_config
         cfg = demo_config()            # "no config given": the same demo as plain `qlora-tui`
         run_dir = rundir.newest_live(cfg.resolve_path(cfg.output.dir))
         if run_dir is None:

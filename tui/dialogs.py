@@ -120,7 +120,7 @@ class ResumeFixDialog(ModalScreen[bool]):
         return where + (" with these changes:" if self.fixes else " (config unchanged).")
 
     def _fixes_text(self) -> Text:
-        from engine.hints import fix_lines
+        from engine.training.hints import fix_lines
         f = Text()
         for i, line in enumerate(fix_lines(self.cfg, self.fixes)):
             f.append("\n" if i else "")

@@ -1,6 +1,6 @@
 """Follow a run log on a thread and hand events over in batches, at most one per `interval`.
 
-``engine.events.follow`` blocks until the next line arrives, so a reader thread iterates it
+``engine.core.events.follow`` blocks until the next line arrives, so a reader thread iterates it
 into a queue and the calling (worker) thread drains the queue: everything that is already
 there goes out as one batch (the whole history at once when attaching), then it waits
 ``interval`` before the next batch. The last event before a pause is never held back.
@@ -20,14 +20,14 @@ def follow_batches(events_path: str | Path, stop: threading.Event,
                    post: Callable[[list], None], alive: Callable[[], bool] | None = None,
                    interval: float = 0.1, cancelled: Callable[[], bool] = lambda: False) -> str:
     """Call ``post(batch)`` (from this thread) until the log ends; return why it ended."""
-    from engine import events as E
+    from engine.core import events
 
     q: queue.SimpleQueue = queue.SimpleQueue()
     outcome = {"why": "ended"}
 
     def reader():
         try:
-            for ev in E.follow(events_path, stop=stop, alive=alive):
+            for ev in events.follow(events_path, stop=stop, alive=alive):
                 q.put(ev)
         except Exception as e:  # a broken log must end the follower, not hang it
             outcome["why"] = f"error: {e}"

@@ -58,7 +58,7 @@ class RunState:
         if t == "run_started":
             # Series reset, so that no step is shown twice. A run_started with
             # resumed_from_step == 0 is the start of the log: when it arrives again, the log was
-            # replaced (a resume's rollback) and engine.events.follow reads the new file from its
+            # replaced (a resume's rollback) and engine.core.events.follow reads the new file from its
             # start, so everything folded so far goes. A resumed segment (resumed_from_step == k)
             # redoes the work after step k: what was recorded past k is dropped.
             k = int(getattr(ev, "resumed_from_step", 0) or 0)

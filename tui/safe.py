@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from engine.safe_text import visible   # one owner of which characters are shown how
+from engine.core.safe_text import visible   # one owner of which characters are shown how
 
 
 def clean(value: object) -> str:
     """``str(value)`` with every control character made visible (tabs → spaces); the glyphs are
-    ``engine.safe_text``'s, the same the command line prints."""
+    ``engine.core.safe_text``'s, the same the command line prints."""
     return visible(value).replace("\t", "    ")
 
 

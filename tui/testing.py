@@ -25,7 +25,7 @@ class FixedGpuSampler:
 
 class FixedHostSampler:
     def __init__(self, cpu: float = 37.0, used: int = 5 * GIB, total: int = 16 * GIB):
-        from engine.gpu import HostStat
+        from engine.training.gpu import HostStat
         self.stat = HostStat(cpu_percent=cpu, ram_used_bytes=used, ram_total_bytes=total)
 
     def sample(self):
@@ -33,7 +33,7 @@ class FixedHostSampler:
 
 
 def fixed_samplers(gpus: int = 0):
-    from engine.gpu import GpuStat
+    from engine.training.gpu import GpuStat
     stats = [GpuStat(index=i, name="NVIDIA H100 80GB HBM3", util_percent=91.0 - 7 * i,
                      mem_used_bytes=(61 + 3 * i) * GIB, mem_total_bytes=80 * GIB,
                      temperature_c=64.0 + i, power_w=512.0 - 20 * i, power_limit_w=700.0)
@@ -50,30 +50,30 @@ def write_run(runs_dir: str | Path, name: str = "20260101-120000-tiny", steps: i
               finished: bool = True, hints: list[dict] | None = None,
               stop_at: int | None = None) -> Path:
     """A run directory whose events.jsonl reads like a finished builtin:tiny demo run."""
-    from engine import events as E
+    from engine.core import events
     run_dir = Path(runs_dir) / name
     (run_dir / "control").mkdir(parents=True, exist_ok=True)
-    w = E.JsonlWriter(run_dir / "events.jsonl")
+    w = events.JsonlWriter(run_dir / "events.jsonl")
     t = 1_767_268_800.0
-    w(E.Status(phase="data", message="reading data", time=t))
-    w(E.Status(phase="model", message="loading builtin:tiny (4-bit nf4) on cpu", time=t + 1))
-    w(E.RunStarted(run_dir=str(run_dir.name), model="builtin:tiny", device="cpu", total_steps=steps,
+    w(events.Status(phase="data", message="reading data", time=t))
+    w(events.Status(phase="model", message="loading builtin:tiny (4-bit nf4) on cpu", time=t + 1))
+    w(events.RunStarted(run_dir=str(run_dir.name), model="builtin:tiny", device="cpu", total_steps=steps,
                    train_rows=285, eval_rows=15, trainable_params=131072, total_params=688768,
                    plan=["device: cpu (no CUDA)", "optimizer: adamw_torch (CPU)"], pid=0, time=t + 2))
     last = stop_at or steps
     for s in range(1, last + 1):
-        w(E.Step(step=s, total_steps=steps, loss=loss_curve(s), learning_rate=2e-3 * (1 - s / steps),
+        w(events.Step(step=s, total_steps=steps, loss=loss_curve(s), learning_rate=2e-3 * (1 - s / steps),
                  grad_norm=1.5 + 0.5 * math.cos(s), tokens_per_second=640.0 + s, epoch=s / 72,
                  eta_seconds=(steps - s) * 0.4, tokens_seen=165 * s, time=t + 3 + s))
         if s % 20 == 0:
-            w(E.Eval(step=s, eval_loss=loss_curve(s) + 0.25 + 0.004 * s, time=t + 3 + s))
+            w(events.Eval(step=s, eval_loss=loss_curve(s) + 0.25 + 0.004 * s, time=t + 3 + s))
         if s % 30 == 0:
-            w(E.Checkpoint(step=s, path=f"runs/{name}/checkpoints/checkpoint-{s}", time=t + 3 + s))
+            w(events.Checkpoint(step=s, path=f"runs/{name}/checkpoints/checkpoint-{s}", time=t + 3 + s))
         for h in hints or []:
             if h.get("step") == s:
-                w(E.Hint(time=t + 3 + s, **h))
+                w(events.Hint(time=t + 3 + s, **h))
     if finished:
-        w(E.RunFinished(step=last, adapter_dir=f"runs/{name}/adapter", final_loss=loss_curve(last),
+        w(events.RunFinished(step=last, adapter_dir=f"runs/{name}/adapter", final_loss=loss_curve(last),
                         stopped=stop_at is not None,
                         reason="stop requested" if stop_at else "completed", time=t + 5 + last))
     w.close()

@@ -1,4 +1,4 @@
-"""Config: a form built from ``engine.config.field_specs()``, validated live by the engine."""
+"""Config: a form built from ``engine.core.config.field_specs()``, validated live by the engine."""
 from __future__ import annotations
 
 import asyncio
@@ -58,7 +58,7 @@ def to_text(value) -> str:
 
 def from_text(f: dataclasses.Field, text: str):
     """The form's text → the value the engine validates (bad text stays bad, to be reported)."""
-    from engine.config import parse_value
+    from engine.core.config import parse_value
     default = _default(f)
     if f.metadata.get("kind") == "modules":
         t = text.strip()
@@ -158,7 +158,7 @@ class ConfigScreen(Screen):
         yield Footer(compact=True)
 
     def _section_widgets(self, section: str, items) -> list:
-        from engine.config import SECTION_TITLES
+        from engine.core.config import SECTION_TITLES
         data = self.app.form_data
         out = [Static(SECTION_TITLES.get(section, section), classes="section", id=f"section-{section}")]
         for key, f in items:
@@ -177,7 +177,7 @@ class ConfigScreen(Screen):
 
     async def build_form(self) -> None:
         """Mount the form a section at a time, so the screen shows (and answers keys) at once."""
-        from engine.config import field_specs
+        from engine.core.config import field_specs
         self.form_ready = False
         self._rows = None
         form = self.query_one("#form", VerticalScroll)
@@ -251,7 +251,7 @@ class ConfigScreen(Screen):
         t.append_text(literal(app.config_path or "(demo defaults, not saved: ctrl+s)"))
         n = len(app.form_problems)
         if n:
-            from engine.config import plural
+            from engine.core.config import plural
             t.append(f"   ✖ {plural(n, 'problem')}: ", style="bold red")
             p = app.form_problems[0]
             t.append(one_line(f"{p.field}: {p.message}", 80))
@@ -301,9 +301,9 @@ class ConfigScreen(Screen):
     @work(thread=True, exclusive=True, group="estimate", exit_on_error=False)
     def _estimate(self, cfg) -> None:
         try:
-            from engine import estimate as est
+            from engine.planning import estimate as est
         except ImportError:
-            self.post_message(EstimateReady("trainable params: (engine.estimate not installed)", None))
+            self.post_message(EstimateReady("trainable params: (engine.planning.estimate not installed)", None))
             return
         try:
             mc = est.model_config_for(cfg)

@@ -1,6 +1,6 @@
 """Dataset: what was detected and why, problems by line, token lengths vs max_length, rows.
 
-``engine.inspect`` does all the work in a thread worker; partial reports arrive as messages
+``engine.dataset.inspect`` does all the work in a thread worker; partial reports arrive as messages
 (≤10/s) so a large file fills the screen progressively while the UI stays responsive.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tui.safe import clean, literal, one_line
 
 
 def histogram_text(report, width: int = 36) -> Text:
-    from engine.inspect import bucket_label
+    from engine.dataset.inspect import bucket_label
     hist = list(report.histogram or [])
     t = Text()
     if not hist:
@@ -256,11 +256,7 @@ class DatasetScreen(Screen):
     @work(thread=True, exclusive=True, group="inspect", exit_on_error=False)
     def _inspect(self, cfg, cancel: threading.Event) -> None:
         worker = get_current_worker()
-        try:
-            from engine import inspect as I
-        except ImportError as e:
-            self.post_message(ReportFailed(f"engine.inspect is not installed yet ({e})"))
-            return
+        from engine.dataset import inspect as inspect_mod
         last = [0.0]
 
         def on_partial(report) -> None:
@@ -271,7 +267,7 @@ class DatasetScreen(Screen):
                 last[0] = now
                 self.post_message(ReportReady(report, final=False))
         try:
-            report = I.inspect(cfg, on_partial=on_partial, cancel=cancel)
+            report = inspect_mod.inspect(cfg, on_partial=on_partial, cancel=cancel)
         except Exception as e:
             if not cancel.is_set():
                 self.post_message(ReportFailed(f"{type(e).__name__}: {e}"))
@@ -342,9 +338,9 @@ class DatasetScreen(Screen):
     @work(thread=True, exclusive=True, group="row-for-line", exit_on_error=False)
     def _row_for_line(self, cfg, line: int) -> None:
         try:
-            from engine import inspect as I
-            index = I.row_index_for_line(cfg, line)
-        except I.NoRowAtLine as e:           # the line is no usable row (it failed to parse)
+            from engine.dataset import inspect as inspect_mod
+            index = inspect_mod.row_index_for_line(cfg, line)
+        except inspect_mod.NoRowAtLine as e:           # the line is no usable row (it failed to parse)
             self.post_message(RowForLine(line, None, str(e), e.next_index, e.raw))
             return
         except ValueError as e:
@@ -386,8 +382,8 @@ class DatasetScreen(Screen):
     @work(thread=True, exclusive=True, group="preview", exit_on_error=False)
     def _preview(self, cfg, index: int) -> None:
         try:
-            from engine import inspect as I
-            pv = I.preview(cfg, index)
+            from engine.dataset import inspect as inspect_mod
+            pv = inspect_mod.preview(cfg, index)
         except Exception as e:
             self.post_message(PreviewReady(index, None, f"{type(e).__name__}: {e}"))
             return

@@ -79,7 +79,7 @@ class RunsScreen(Screen):
 
     @work(thread=True, exclusive=True, group="list-runs", exit_on_error=False)
     def _list(self, runs_dir: Path) -> None:
-        from engine import rundir
+        from engine.core import rundir
         try:
             self.post_message(RunsListed(rundir.list_runs(runs_dir)))
         except Exception as e:
@@ -150,9 +150,9 @@ def resume_from_list(app, ri) -> None:
         why = "still live: attach to it (a)" if ri.state == "live" else f"{ri.state}: nothing to resume"
         app.notify(f"{ri.name} is {why}.", markup=False)
         return
-    from engine import events as E
-    from engine import rundir
-    st = from_events(E.read_events(Path(ri.path) / rundir.EVENTS), ri.path)
+    from engine.core import events as events_mod
+    from engine.core import rundir
+    st = from_events(events_mod.read_events(Path(ri.path) / rundir.EVENTS), ri.path)
     app.offer_resume(st)
 
 
@@ -206,9 +206,9 @@ class RunDetailScreen(Screen):
 
     @work(thread=True, exclusive=True, exit_on_error=False)
     def _read(self, run_dir: Path) -> None:
-        from engine import events as E
-        from engine import rundir
-        evs = E.read_events(run_dir / rundir.EVENTS)
+        from engine.core import events as events_mod
+        from engine.core import rundir
+        evs = events_mod.read_events(run_dir / rundir.EVENTS)
         self.post_message(RunHistory(run_dir, evs, rundir.info(run_dir)))
 
     @on(RunHistory)

@@ -158,7 +158,7 @@ class TrainScreen(Screen):
             t.append("runs   ", style="dim")
             t.append(clean(cfg.output.dir) + "\n")
             if cfg.output.report_to != "none":
-                from engine.trackers import log_location
+                from engine.training.trackers import log_location
                 t.append("logs   ", style="dim")
                 t.append(clean(f"{cfg.output.report_to}: {log_location(cfg.output.report_to, 'RUN_DIR')}") + "\n")
             t.append("\n")

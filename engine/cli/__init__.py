@@ -1,0 +1,91 @@
+"""The headless command line: every `qlora-tui` subcommand except the TUI itself.
+
+Each command lives in its own module, which exposes ``register(subparsers)`` and sets
+``func`` on its parser; ``func(args) -> int`` is the exit status. Modules import torch and
+transformers only inside their functions, so ``qlora-tui --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module that registers each command group, in help order
+COMMAND_MODULES = [
+    "engine.cli.cmd_train",     # train, init, runs, stop
+    "engine.dataset.inspect",       # inspect
+    "engine.planning.estimate",      # estimate
+    "engine.outputs.merge",         # merge
+    "engine.outputs.export",        # export (GGUF)
+    "engine.outputs.modelcard",     # push
+    "engine.outputs.generate",      # generate
+    "engine.outputs.serve",         # serve-cmd
+    "engine.outputs.axolotl",       # import-axolotl
+]
+
+
+def add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
+    """The CONFIG positional and repeated ``--set section.key=value`` every command takes."""
+    if config_required:
+        p.add_argument("config", metavar="CONFIG", help="TOML config file")
+    else:
+        p.add_argument("config", metavar="CONFIG", nargs="?", default=None,
+                       help="TOML config file (default: the defaults `qlora-tui init` writes)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.learning_rate=1e-4 (repeatable)")
+
+
+def load_config_or_exit(args):
+    """Load CONFIG + --set; on problems print them all (one per line) and exit 2."""
+    from engine.core import config as config_mod
+    try:
+        return config_mod.load(args.config, getattr(args, "overrides", []))
+    except config_mod.ConfigError as e:
+        print(str(e), file=sys.stderr)
+        raise SystemExit(2)
+
+
+# the TUI forms first: `qlora-tui` alone is the app, so the usage line must say so
+USAGE = ("qlora-tui [CONFIG.toml] [--set KEY=VALUE ...]   the TUI (no CONFIG: the offline demo)\n"
+         "       qlora-tui attach [RUN_DIR]                      the TUI on a live run\n"
+         "       qlora-tui COMMAND ...                           see `qlora-tui COMMAND --help`")
+
+
+def build_parser(extra_tui_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qlora-tui", usage=USAGE,
+        description="Fine-tune LLMs with QLoRA from the terminal. Without a command: open the TUI "
+                    "(on CONFIG, or on the offline demo).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", prog="qlora-tui")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    for p in sub.choices.values():
+        p.add_argument("--verbose", action="store_true",
+                       help="also show the libraries' warnings, logging and progress bars")
+    if extra_tui_help:
+        sub.add_parser("tui", help="open the TUI (the default): qlora-tui [CONFIG]")
+        sub.add_parser("attach", help="open the TUI on a live run: qlora-tui attach [RUN_DIR]")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from engine.core import quiet
+    quiet.apply(getattr(args, "verbose", False))
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from engine.core import safe_text
+    undo = safe_text.install()      # nothing a command prints reaches the terminal raw
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        undo()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

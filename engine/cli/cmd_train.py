@@ -1,0 +1,274 @@
+"""Commands: ``train``, ``init``, ``runs``, ``stop``; and the headless printer (an event subscriber)."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from engine.core import events
+
+
+def register(sub) -> None:
+    from engine.cli import add_config_args
+    p = sub.add_parser("train", help="train from a config (headless, or --detach to run in the background)")
+    add_config_args(p)
+    p.add_argument("--headless", action="store_true",
+                   help="print one line per logging step instead of opening the TUI")
+    p.add_argument("--detach", action="store_true",
+                   help="start the run in its own session (survives SSH closing), print its directory, return")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint")
+    p.add_argument("--run-dir", help=argparse_hidden())
+    p.add_argument("--no-check", action="store_true", help=argparse_hidden())
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("init", help="write a commented starter config")
+    p.add_argument("path", nargs="?", default="qlora.toml", metavar="PATH",
+                   help="where to write it (default: qlora.toml)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("runs", help="list runs and their state (live, finished, stopped, failed, crashed)")
+    add_config_args(p)
+    p.add_argument("--dir", help="runs directory (default: output.dir of the config, 'runs')")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("stop", help="ask a live run to stop gracefully (saves checkpoint + adapter)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's directory (see `qlora-tui runs`)")
+    p.add_argument("--wait", action="store_true", help="wait until the run has stopped")
+    p.set_defaults(func=cmd_stop, command_name="stop")
+
+    p = sub.add_parser("save", help="ask a live run to write a checkpoint now (it goes on training)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the live run's directory (see `qlora-tui runs`)")
+    p.add_argument("--wait", action="store_true", help="wait until the checkpoint is written")
+    p.set_defaults(func=cmd_stop, command_name="save")
+
+
+def argparse_hidden():
+    import argparse
+    return argparse.SUPPRESS
+
+
+def _fmt_eta(s: float | None) -> str:
+    if s is None:
+        return "--:--"
+    s = int(s)
+    h, m = divmod(s // 60, 60)
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m:02d}:{s % 60:02d}"
+
+
+def _num(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+class HeadlessPrinter:
+    """Prints one line per step event (and hints, checkpoints, the final outcome)."""
+
+    def __init__(self, out=None, err=None):
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+
+    def __call__(self, ev: events.Event) -> None:
+        w = self.out.write
+        t = ev.type
+        if t == "status":
+            w(f"[{ev.phase}] {ev.message}\n")
+        elif t == "run_started":
+            w(f"run {ev.run_dir}: {ev.model} on {ev.device}, {ev.total_steps} steps, "
+              f"{ev.train_rows} train / {ev.eval_rows} eval rows, "
+              f"{ev.trainable_params:,} trainable of {ev.total_params:,} params"
+              + (f", resumed at step {ev.resumed_from_step}" if ev.resumed_from_step else "") + "\n")
+            for line in ev.plan:
+                w(f"  plan: {line}\n")
+        elif t == "step":
+            w(f"step {ev.step}/{ev.total_steps}  loss {_num(ev.loss, '.4f')}  lr {_num(ev.learning_rate, '.2e')}"
+              f"  grad {_num(ev.grad_norm, '.3f')}  tok/s {_num(ev.tokens_per_second, ',.0f')}"
+              f"  epoch {_num(ev.epoch, '.2f')}  eta {_fmt_eta(ev.eta_seconds)}\n")
+        elif t == "eval":
+            w(f"eval  step {ev.step}  eval_loss {_num(ev.eval_loss, '.4f')}\n")
+        elif t == "checkpoint":
+            w(f"checkpoint step {ev.step}: {ev.path}\n")
+        elif t == "hint":
+            at = f"step {ev.step}: " if ev.step else ""
+            w(f"hint [{ev.severity}] {at}{ev.symptom} — {ev.cause}. Fix: {ev.fix}\n")
+        elif t == "run_finished":
+            w(f"{'stopped' if ev.stopped else 'finished'} at step {ev.step}: {ev.reason}; "
+              f"{'model' if ev.adapter_dir.endswith('/model') else 'adapter'}: {ev.adapter_dir}\n")
+        elif t == "run_failed":
+            self.err.write(f"failed: {ev.reason}\n")
+            self.err.flush()
+        self.out.flush()
+
+
+def cmd_train(args) -> int:
+    from engine.core import config as config_mod
+    from engine.training import runner
+    from engine.cli import load_config_or_exit
+    from engine.core import rundir
+
+    rundir.use_private_umask()       # this process and its children write run files: private ones
+    if args.resume:
+        run = _resume_run(args)
+        if isinstance(run, int):
+            return run
+    else:
+        cfg = load_config_or_exit(args)
+        if args.detach:
+            try:
+                d = runner.start_detached(cfg, check="child")
+            except (runner.PreflightError, OSError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            print(d)
+            _say_how_to_follow(d)
+            return 0
+        if not args.headless:
+            print("error: train without --headless or --detach opens nothing; use `qlora-tui CONFIG` "
+                  "for the TUI", file=sys.stderr)
+            return 2
+        from engine.training import distributed as distributed_mod
+        if distributed_mod.needs_launch(cfg):
+            try:
+                return runner.launch_distributed(cfg, run_dir=Path(args.run_dir) if args.run_dir else None,
+                                             check=not args.no_check)
+            except (runner.PreflightError, OSError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+        run = runner.Run(cfg, run_dir=args.run_dir)
+    from engine.training import distributed as distributed_mod
+    pinned = distributed_mod.pin_single_gpu(run.cfg)
+    if pinned is not None:            # before anything initialises CUDA in this process
+        print(f"note: distributed.gpus = 1: training on GPU {pinned} only "
+              "(set distributed.gpus to use more)", file=sys.stderr)
+    try:
+        run.prepare(check=not args.no_check)
+    except (runner.PreflightError, config_mod.ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for note in run.notes:
+        print(f"warning: {note}", file=sys.stderr)
+    from engine.training import distributed as distributed_mod
+    if distributed_mod.is_main():
+        run.bus.subscribe(HeadlessPrinter())
+    else:                              # other ranks write no log: their failures go to stderr
+        def rank_failure(ev, rank=distributed_mod.rank()):
+            if ev.type == "run_failed":
+                print(f"rank {rank} failed: {ev.reason}\n{ev.detail}", file=sys.stderr, flush=True)
+        run.bus.subscribe(rank_failure)
+    runner.install_signal_handlers(run, headless=True)
+    run.start()
+    while not run.join(timeout=0.5):   # short joins keep the main thread free for signals
+        pass
+    from engine.core import exitcodes
+    if distributed_mod.in_worker():    # a worker's non-zero status is a failure to the launcher: it maps stops itself
+        return exitcodes.OK if run.result is not None and run.result.type == "run_finished" else exitcodes.FAILED
+    return exitcodes.for_run(run.result)
+
+
+def _resume_run(args):
+    """``train --resume``: the Run to continue, or an exit status (refused, detached, launched)."""
+    from engine.core import config as config_mod
+    from engine.training import runner
+    run_dir = Path(args.resume)
+    if args.config:
+        print("error: give either CONFIG or --resume RUN_DIR (a resumed run uses its own config.toml; "
+              "change keys with --set)", file=sys.stderr)
+        return 2
+    if not (run_dir / "config.toml").exists():
+        print(f"error: {run_dir}: not a run directory (no config.toml)", file=sys.stderr)
+        return 2
+    if args.detach:
+        try:
+            d = runner.start_detached(None, resume=run_dir, overrides=args.overrides)
+        except (runner.PreflightError, config_mod.ConfigError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(d)
+        _say_how_to_follow(d)
+        return 0
+    from engine.training import distributed as distributed_mod
+    try:
+        resumed_cfg = runner.resume_config(run_dir, args.overrides)[0]
+    except (runner.PreflightError, config_mod.ConfigError, OSError) as e:   # the documented refusals
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not distributed_mod.in_worker() and resumed_cfg.distributed.gpus > 1:
+        return runner.launch_distributed(None, run_dir=run_dir, resume=True, overrides=args.overrides)
+    run = runner.Run(None, run_dir=run_dir, resume=True, overrides=args.overrides)
+    run.cfg = resumed_cfg
+    return run
+
+
+def _say_how_to_follow(run_dir) -> None:
+    print(f"started in the background (survives closing this terminal)\n"
+          f"  watch:  qlora-tui attach {run_dir}\n"
+          f"  log:    tail -f {run_dir}/stdout.log\n"
+          f"  state:  qlora-tui runs        stop: qlora-tui stop {run_dir}", file=sys.stderr)
+
+
+def cmd_init(args) -> int:
+    from engine.core.config import starter_toml
+    import os
+    p = Path(args.path)
+    if p.is_dir():
+        print(f"error: {p} is a directory; give a file name, e.g. {p / 'qlora.toml'}", file=sys.stderr)
+        return 2
+    if p.exists() and not args.force:
+        print(f"error: {p} exists; pass --force to overwrite", file=sys.stderr)
+        return 2
+    if not p.parent.is_dir():
+        print(f"error: {p.parent} does not exist; create it first (mkdir -p {p.parent})", file=sys.stderr)
+        return 2
+    tmp = p.with_name(p.name + ".tmp")
+    try:                             # whole or not at all (a full disk leaves nothing behind)
+        tmp.write_text(starter_toml(), encoding="utf-8")
+        os.replace(tmp, p)
+    except OSError as e:
+        tmp.unlink(missing_ok=True) if tmp.exists() else None
+        print(f"error: cannot write {p}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(f"wrote {p}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from engine.core import rundir
+    from engine.cli import load_config_or_exit
+    runs_dir = args.dir or load_config_or_exit(args).output.dir
+    runs = rundir.list_runs(runs_dir)
+    if not runs:
+        print(f"no runs under {runs_dir}")
+        return 0
+    print(f"{'STATE':9} {'STEP':>11} {'LOSS':>8}  RUN")
+    for ri in runs:
+        loss = ri.final_loss if ri.final_loss is not None else ri.last_loss
+        print(f"{ri.state:9} {ri.step:>5}/{ri.total_steps:<5} {_num(loss, '8.4f'):>8}  {ri.path}"
+              + (f"  ({ri.reason})" if ri.state in ("failed", "crashed", "damaged") and ri.reason else ""))
+    return 0
+
+
+def cmd_stop(args) -> int:
+    """``stop`` / ``save``: drop a request into the run's control channel (engine.core.control)."""
+    from engine.core import control
+    from engine.core import rundir
+    d = Path(args.run_dir)
+    cmd = args.command_name
+    if not (d / rundir.EVENTS).exists() and not (d / rundir.RUN_JSON).exists():
+        print(f"error: {d}: not a run directory (no {rundir.EVENTS})", file=sys.stderr)
+        return 2
+    if not rundir.process_alive(d):
+        print(f"error: {d}: no live run there (state: {rundir.info(d).state}); see `qlora-tui runs`", file=sys.stderr)
+        return 1
+    req = control.request(d, cmd)
+    print(f"{cmd} requested: {d}")
+    if not args.wait:
+        return 0
+    while True:
+        if cmd == "save" and req.with_suffix(".done").exists():
+            ck = rundir.checkpoints(d)
+            print(f"checkpoint written: {ck[-1] if ck else '?'}")
+            return 0
+        if not rundir.process_alive(d):
+            ri = rundir.info(d)
+            print(f"run {ri.state} at step {ri.step}" + (f": {ri.reason}" if ri.reason else ""))
+            return 0 if ri.state in ("stopped", "finished") else 1
+        time.sleep(0.3)

@@ -1,0 +1,454 @@
+"""Typed run events: the spine between the engine and every consumer.
+
+One run emits one ordered stream of events. The JSONL run log, the headless printer and
+the TUI are all subscribers of it (``EventBus``); a UI attached to a run in another process
+reads the same events back from ``events.jsonl`` (``follow``). Each event serialises to one
+JSON object with ``type`` and ``time``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator
+
+
+@dataclass
+class Event:
+    type: ClassVar[str] = "event"
+    time: float = field(default_factory=time.time, kw_only=True)
+
+    def to_dict(self) -> dict:
+        d = {"type": self.type}
+        d.update(dataclasses.asdict(self))
+        return d
+
+
+@dataclass
+class RunStarted(Event):
+    type: ClassVar[str] = "run_started"
+    run_dir: str = ""
+    model: str = ""
+    device: str = ""
+    total_steps: int = 0
+    train_rows: int = 0
+    eval_rows: int = 0
+    trainable_params: int = 0
+    total_params: int = 0
+    resumed_from_step: int = 0
+    config: dict = field(default_factory=dict)
+    plan: list = field(default_factory=list)   # what auto-choices were made, and why
+    pid: int = 0
+
+
+@dataclass
+class Status(Event):
+    """A phase change before/after training: loading model, tokenizing, saving..."""
+    type: ClassVar[str] = "status"
+    phase: str = ""
+    message: str = ""
+    progress: float | None = None
+
+
+@dataclass
+class Step(Event):
+    type: ClassVar[str] = "step"
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_second: float | None = None
+    epoch: float | None = None
+    eta_seconds: float | None = None
+    tokens_seen: int = 0
+    peak_memory_bytes: int | None = None
+
+
+@dataclass
+class Eval(Event):
+    type: ClassVar[str] = "eval"
+    step: int = 0
+    eval_loss: float | None = None
+
+
+@dataclass
+class Checkpoint(Event):
+    type: ClassVar[str] = "checkpoint"
+    step: int = 0
+    path: str = ""
+
+
+@dataclass
+class Hint(Event):
+    type: ClassVar[str] = "hint"
+    rule: str = ""
+    severity: str = "warning"     # info | warning | error
+    symptom: str = ""
+    cause: str = ""
+    fix: str = ""
+    step: int = 0
+    overrides: list = field(default_factory=list)   # the fix as ``section.key=value`` (--set)
+
+
+@dataclass
+class RunFinished(Event):
+    type: ClassVar[str] = "run_finished"
+    step: int = 0
+    adapter_dir: str = ""
+    final_loss: float | None = None
+    stopped: bool = False         # True when a stop was requested (graceful stop)
+    reason: str = "completed"
+
+
+@dataclass
+class RunFailed(Event):
+    type: ClassVar[str] = "run_failed"
+    reason: str = ""              # one line
+    kind: str = "error"           # error | oom | nan | config | data | killed
+    step: int = 0
+    detail: str = ""              # traceback or longer text, for the log only
+
+
+@dataclass
+class Exported(Event):
+    """An export after training (``qlora-tui export``): the GGUF file and its verification."""
+    type: ClassVar[str] = "export"
+    path: str = ""
+    kind: str = "model"           # model | adapter
+    gguf_type: str = ""
+    size_bytes: int = 0
+    max_abs_diff: float | None = None
+    tolerance: float | None = None
+    top1_agreement: float | None = None
+    tokenizer_roundtrip: bool | None = None
+    seconds: float = 0.0
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    c.type: c for c in (RunStarted, Status, Step, Eval, Checkpoint, Hint, RunFinished, RunFailed, Exported)
+}
+TERMINAL = ("run_finished", "run_failed")
+
+
+def from_dict(d: dict) -> Event:
+    """Rebuild a typed event from its JSON form (unknown keys ignored, unknown types kept generic)."""
+    cls = EVENT_TYPES.get(d.get("type", ""))
+    if cls is None:
+        ev = Event(time=d.get("time", 0.0))
+        return ev
+    kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+    for k, v in d.items():       # a damaged line (a number that is text, say) is no event
+        want = kinds.get(k)
+        if want in ("int", "float", "float | None", "int | None") and v is not None:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{k}: {v!r} is not a number")
+        elif want in ("str",) and not isinstance(v, str):
+            raise ValueError(f"{k}: {v!r} is not text")
+    return cls(**{k: v for k, v in d.items() if k in kinds})
+
+
+def _clean(v: Any):
+    """JSON has no NaN/Inf: write them as strings so the line stays valid JSON."""
+    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def dumps(ev: Event) -> str:
+    return json.dumps(_clean(ev.to_dict()), ensure_ascii=False, default=str)
+
+
+# fields written as "nan"/"inf" strings by ``_clean``; text fields (a hint's rule "nan") stay text
+FLOAT_FIELDS = frozenset(f.name for c in (Step, Eval, RunFinished, Status) for f in dataclasses.fields(c)
+                         if f.type in ("float | None", "float", float))
+
+
+def loads(line: str) -> Event:
+    d = json.loads(line)
+    if not isinstance(d, dict):
+        raise ValueError("not an event")
+    for k, v in list(d.items()):
+        if v in ("nan", "inf", "-inf") and k in FLOAT_FIELDS:
+            d[k] = float(v)
+    return from_dict(d)
+
+
+class EventBus:
+    """Fan-out of one run's events to subscribers, in order; keeps the history for late joiners.
+
+    A subscriber that raises is never silently lost: it is dropped, the failure is said on
+    stderr and to the other subscribers (a ``status`` event, phase ``sink-error``), and every
+    ``on_sink_error(fn, exc)`` callback is called (``engine.training.runner.Run`` stops the run then:
+    a run whose log cannot be written must not go on as if it were logged).
+    """
+
+    def __init__(self):
+        self._subs: list[Callable[[Event], None]] = []
+        self._lock = threading.Lock()
+        self.history: list[Event] = []
+        self.on_sink_error: list[Callable[[Callable, BaseException], None]] = []
+
+    def subscribe(self, fn: Callable[[Event], None], replay: bool = True) -> Callable[[], None]:
+        with self._lock:
+            if replay:
+                for ev in self.history:
+                    fn(ev)
+            self._subs.append(fn)
+
+        def unsubscribe():
+            with self._lock:
+                if fn in self._subs:
+                    self._subs.remove(fn)
+        return unsubscribe
+
+    def emit(self, ev: Event) -> None:
+        with self._lock:
+            self.history.append(ev)
+            subs = list(self._subs)
+        for fn in subs:
+            try:
+                fn(ev)
+            except Exception as e:  # a broken consumer must not kill the run, nor vanish unsaid
+                self._sink_failed(fn, e)
+
+    def _sink_failed(self, fn, exc: BaseException) -> None:
+        import sys
+        with self._lock:
+            if fn not in self._subs:
+                return
+            self._subs.remove(fn)
+        name = getattr(fn, "describe", None) or getattr(fn, "__qualname__", type(fn).__name__)
+        msg = f"event sink {name} failed and was dropped: {type(exc).__name__}: {str(exc)[:200]}"
+        try:
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
+        except Exception:
+            pass
+        self.emit(Status(phase="sink-error", message=msg))
+        for cb in list(self.on_sink_error):
+            try:
+                cb(fn, exc)
+            except Exception:
+                pass
+
+
+class JsonlWriter:
+    """Appends each event as one line to ``events.jsonl`` (fsync on terminal events).
+
+    A line is written whole or not at all: each is one ``write`` on an O_APPEND descriptor and a
+    write that fails is cut back off (``ftruncate``). The writer keeps ``RESERVE`` bytes of disk
+    in ``events.reserve`` next to the log: when the disk is full it frees them and writes the
+    line again, so the run's final event (``run_failed``, kind ``disk``) always fits. The
+    failure is still raised (the disk *is* full): the bus reports it and the run stops;
+    ``write_final`` then writes the terminal event into the freed space.
+    """
+    RESERVE = 256 * 1024
+
+    def __init__(self, path: str | Path):
+        from engine.core.faults import from_env
+        self.path = Path(path)
+        self.describe = f"{self.path.name} writer"
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._lock = threading.Lock()
+        self._reserve = self.path.with_name(self.path.stem + ".reserve")
+        self._faults = from_env()
+        self.last_written: Event | None = None
+        try:
+            with open(self._reserve, "wb") as fh:
+                fh.write(b"\0" * self.RESERVE)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError:
+            self._release_reserve()
+
+    def __call__(self, ev: Event) -> None:
+        line = (dumps(ev) + "\n").encode("utf-8", errors="replace")
+        with self._lock:
+            if self._fd < 0:
+                return
+            self._simulated_fault(ev)
+            try:
+                self._append(line)
+            except OSError:
+                self._release_reserve()
+                self._append(line, retry=True)
+                self.last_written = ev
+                raise
+            self.last_written = ev
+            if ev.type in TERMINAL or ev.type == "checkpoint":
+                os.fsync(self._fd)
+
+    def write_final(self, ev: Event) -> bool:
+        """Write the terminal event after a failure (best effort, into the freed reserve)."""
+        line = (dumps(ev) + "\n").encode("utf-8", errors="replace")
+        with self._lock:
+            if self._fd < 0:
+                return False
+            if self.last_written is ev:
+                return True
+            self._release_reserve()
+            try:
+                self._append(line, retry=True)
+                os.fsync(self._fd)
+                return True
+            except OSError:
+                return False
+
+    def _append(self, line: bytes, retry: bool = False) -> None:
+        from engine.core import faults
+        size = os.fstat(self._fd).st_size
+        try:
+            if faults.DISK_FULL.is_set():          # injected (tests): half a line, then ENOSPC
+                os.write(self._fd, line[: len(line) // 2])
+                raise OSError(28, "No space left on device (injected)", str(self.path))
+            n = os.write(self._fd, line)
+            if n != len(line):
+                raise OSError(28, "No space left on device (short write)", str(self.path))
+        except OSError:
+            try:
+                os.ftruncate(self._fd, size)       # never leave half a line behind
+            except OSError:
+                pass
+            raise
+
+    def _simulated_fault(self, ev: Event) -> None:
+        step = getattr(ev, "step", None)
+        if self._faults.logfull_step and ev.type == "step" and step == self._faults.logfull_step:
+            from engine.core import faults
+            faults.DISK_FULL.set()
+
+    def _release_reserve(self) -> None:
+        from engine.core import faults
+        try:
+            self._reserve.unlink()
+        except OSError:
+            pass
+        faults.DISK_FULL.clear()                   # injected: the freed reserve is space again
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                try:
+                    os.close(self._fd)
+                except OSError:
+                    pass
+                self._fd = -1
+                try:
+                    self._reserve.unlink()
+                except OSError:
+                    pass
+
+
+# what a damaged line can raise while it is turned into an event (it is skipped)
+BAD_LINE = (ValueError, TypeError, AttributeError, KeyError)
+
+
+def read_events(path: str | Path, strict: bool = False) -> list[Event]:
+    """All complete events of a run log. Any damage is survived: a torn last line (a kill, even
+    inside a multi-byte character), bytes that are not UTF-8 and lines that are no event are
+    skipped. A log that cannot be read at all (a directory, no permission) gives [] or, with
+    ``strict``, raises OSError (``engine.core.rundir.info`` reports the run as damaged)."""
+    out = []
+    try:
+        with open(path, "rb") as fh:
+            for raw in fh:
+                if not raw.endswith(b"\n"):
+                    break
+                try:
+                    out.append(loads(raw.decode("utf-8", errors="replace")))
+                except BAD_LINE:
+                    continue
+    except FileNotFoundError:
+        pass
+    except OSError:
+        if strict:
+            raise
+    return out
+
+
+def follow(path: str | Path, stop: threading.Event | None = None, poll: float = 0.2,
+           until_terminal: bool = True, alive: Callable[[], bool] | None = None) -> Iterator[Event]:
+    """Yield the events of a run log: all history, then new lines as they are written.
+
+    Ends at a terminal event that is the last line of the log (``until_terminal``; a resumed
+    run's log goes on past its earlier ``run_failed``), when ``stop`` is set, or when
+    ``alive()`` turns False and no more lines come (a crashed writer).
+
+    When the file is replaced (another inode: a resume rolls the log back by writing it anew
+    and renaming it over the old one), the new file is opened and read from its start, so a
+    follower never reads the old, deleted file forever. The events of the new file come from
+    the beginning again: a consumer that folds them must start over (the TUI's ``RunState``
+    resets its series at a ``run_started`` with ``resumed_from_step == 0``).
+    """
+    path = Path(path)
+
+    def wait_exists() -> bool:
+        while not path.exists():
+            if stop is not None and stop.wait(poll):
+                return False
+            if alive is not None and not alive():
+                return False
+        return True
+
+    def replaced(fh) -> bool:
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:      # between an unlink and a rename: not (yet) a new file
+            return False
+        mine = os.fstat(fh.fileno())
+        return (now.st_ino, now.st_dev) != (mine.st_ino, mine.st_dev)
+
+    if not wait_exists():
+        return
+    fh = open(path, encoding="utf-8", errors="replace")
+    try:
+        buf = ""
+        idle_checks = 0
+        ended = False                  # the last complete line read was a terminal event
+        while True:
+            chunk = fh.readline()
+            if chunk:
+                buf += chunk
+                if not buf.endswith("\n"):
+                    continue
+                line, buf = buf, ""
+                try:
+                    ev = loads(line)
+                except BAD_LINE:
+                    continue
+                idle_checks = 0
+                ended = until_terminal and ev.type in TERMINAL
+                yield ev
+                continue
+            # at the end of the file
+            if replaced(fh):
+                try:
+                    new = open(path, encoding="utf-8", errors="replace")
+                except FileNotFoundError:
+                    new = None
+                if new is not None:
+                    fh.close()
+                    fh, buf, ended, idle_checks = new, "", False, 0
+                    continue
+            if ended and not buf:
+                return
+            if stop is not None and stop.is_set():
+                return
+            if alive is not None and not alive():
+                idle_checks += 1
+                if idle_checks > 2:
+                    return
+            if stop is not None:
+                stop.wait(poll)
+            else:
+                time.sleep(poll)
+    finally:
+        fh.close()

@@ -1,0 +1,55 @@
+"""Fault injection for tests of failures a CPU cannot produce on demand.
+
+``QLORA_TUI_FAULTS`` is a comma-separated list read once per run:
+- ``nan@N``: the loss of optimizer step N becomes NaN (its gradients too);
+- ``oom@N``: step N raises ``torch.OutOfMemoryError``;
+- ``slow=S``: every step sleeps S seconds (lets a test kill a run mid-way);
+- ``diskfull@N``: the checkpoint of step N fails with ENOSPC while being written;
+- ``markerfull@N``: the disk fills up as checkpoint N's ``COMPLETE`` marker is written: the
+  marker and every event-log write fail with ENOSPC (a write is cut half-way) until space is
+  freed (the log's reserve, see ``engine.core.events.JsonlWriter``);
+- ``logfull@N``: the same for the event log alone, from step N's event on.
+Unset in normal use; never set by the product itself.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class Faults:
+    nan_step: int | None = None
+    oom_step: int | None = None
+    diskfull_step: int | None = None
+    markerfull_step: int | None = None
+    logfull_step: int | None = None
+    slow: float = 0.0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.nan_step or self.oom_step or self.diskfull_step or self.slow
+                    or self.markerfull_step or self.logfull_step)
+
+
+def from_env() -> Faults:
+    f = Faults()
+    for item in filter(None, (x.strip() for x in os.environ.get("QLORA_TUI_FAULTS", "").split(","))):
+        if item.startswith("nan@"):
+            f.nan_step = int(item[4:])
+        elif item.startswith("oom@"):
+            f.oom_step = int(item[4:])
+        elif item.startswith("diskfull@"):
+            f.diskfull_step = int(item[9:])
+        elif item.startswith("markerfull@"):
+            f.markerfull_step = int(item[11:])
+        elif item.startswith("logfull@"):
+            f.logfull_step = int(item[8:])
+        elif item.startswith("slow="):
+            f.slow = float(item[5:])
+    return f
+
+
+# the simulated full disk of markerfull/logfull: set when it fills, cleared when space is freed
+import threading  # noqa: E402
+DISK_FULL = threading.Event()

@@ -1,0 +1,367 @@
+"""Run directories: layout, creation, and telling live runs from finished, failed or crashed ones.
+
+A run is *live* only while the process recorded in ``run.json`` still exists with the same
+start time (so a recycled pid is never mistaken for the run) and the log has no terminal
+event. A process that died without a terminal event (kill -9, power loss) is ``crashed``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.core import events
+
+CONFIG = "config.toml"
+EVENTS = "events.jsonl"
+RUN_JSON = "run.json"
+CONTROL = "control"
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+STDOUT = "stdout.log"
+
+STATES = ("live", "finished", "stopped", "failed", "crashed", "new", "damaged")
+
+
+# ---- permissions: run directories are private (0700 directories, 0600 files) -------------
+# Events, config, logs, checkpoints and adapters of a run are its owner's alone: on a shared
+# GPU box the default umask (022) would make them world-readable. QLORA_TUI_GROUP_ACCESS=1
+# lets the group read them (0750 / 0640) for teams that share runs; others never get access.
+GROUP_ACCESS_ENV = "QLORA_TUI_GROUP_ACCESS"
+
+
+def group_access() -> bool:
+    return os.environ.get(GROUP_ACCESS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def file_umask() -> int:
+    return 0o027 if group_access() else 0o077
+
+
+def use_private_umask() -> int:
+    """Set this process's umask for the run files it creates (a run's writer keeps it for its
+    life; its children inherit it). Returns the previous umask."""
+    return os.umask(file_umask())
+
+
+class private_files:
+    """``with private_files():`` files and directories created inside get the run's modes."""
+
+    def __enter__(self):
+        self._old = use_private_umask()
+        return self
+
+    def __exit__(self, *exc):
+        os.umask(self._old)
+        return False
+
+
+def make_private(run_dir: str | Path) -> None:
+    """Take group (unless group access is on) and other permissions off everything in a run
+    directory (one made by an older version, or under another umask)."""
+    strip = file_umask()
+    for root, dirs, files in os.walk(run_dir):
+        for name in [root, *(os.path.join(root, f) for f in files)]:
+            try:
+                mode = os.lstat(name).st_mode
+                if not os.path.islink(name) and mode & strip:
+                    os.chmod(name, mode & 0o777 & ~strip)
+            except OSError:
+                pass
+
+
+def _slug(text: str) -> str:
+    text = text.rsplit("/", 1)[-1].replace("builtin:", "")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:40] or "run"
+
+
+def create(runs_dir: str | Path, name: str) -> Path:
+    """Make ``runs_dir/<YYYYmmdd-HHMMSS>-<name>/`` (a suffix keeps it unique); check it is writable."""
+    base = Path(runs_dir).expanduser()
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"output.dir {str(base)!r} cannot be created ({e.strerror}); "
+                      "choose a writable directory") from None
+    if not os.access(base, os.W_OK):
+        raise OSError(f"output.dir {str(base)!r} is not writable; choose a writable directory")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    with private_files():
+        for i in range(1000):
+            path = base / (f"{stamp}-{_slug(name)}" + (f"-{i}" if i else ""))
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                continue
+        (path / CONTROL).mkdir()
+    return path
+
+
+# ---- one writer per run: an exclusive lock held for the writer's life ---------------------
+LOCK = "lock"
+LOCK_FD_ENV = "QLORA_TUI_LOCK_FD"          # a detached child adopts the lock its parent took
+SINCE_ENV = "QLORA_TUI_WRITER_SINCE_NS"    # when the writer was started (control requests after it count)
+
+
+class RunBusy(OSError):
+    """Another process writes this run directory."""
+
+
+def acquire_lock(run_dir: str | Path) -> int:
+    """Take the run's exclusive lock (``flock`` on RUN_DIR/lock) and return its fd: keep it open
+    for as long as this process writes the run. Raises RunBusy when another process holds it.
+    A detached child started by ``engine.training.runner.start_detached`` adopts the fd its parent locked
+    (``QLORA_TUI_LOCK_FD``), so there is no moment in which nobody holds it."""
+    import fcntl
+    path = Path(run_dir) / LOCK
+    fd = _adopted_lock(path)
+    if fd is None:
+        with private_files():
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise RunBusy(f"{run_dir}: another process{f' (pid {holder})' if holder else ''} is writing "
+                          f"this run; attach to it (qlora-tui attach {run_dir}) or wait until it ends") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def _adopted_lock(path: Path) -> int | None:
+    raw = os.environ.pop(LOCK_FD_ENV, "")
+    if not raw.isdigit():
+        return None
+    fd = int(raw)
+    try:
+        st, mine = os.stat(path), os.fstat(fd)
+    except OSError:
+        return None
+    return fd if (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev) else None
+
+
+def _lock_holder(fd: int) -> int | None:
+    try:
+        raw = os.pread(fd, 32, 0).decode().strip()
+        return int(raw) if raw.isdigit() else None
+    except (OSError, ValueError):
+        return None
+
+
+def writer_since_ns() -> int:
+    """When this writer was started (ns since the epoch): its parent's launch time for a
+    detached run (``QLORA_TUI_WRITER_SINCE_NS``), else now (called as the writer takes the run
+    over). Control requests older than that were meant for a previous writer."""
+    raw = os.environ.get(SINCE_ENV, "")
+    return int(raw) if raw.isdigit() else time.time_ns()
+
+
+def _proc_start_ticks(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def write_pid(run_dir: str | Path, pid: int | None = None) -> None:
+    pid = pid or os.getpid()
+    info = {"pid": pid, "start_ticks": _proc_start_ticks(pid), "host": socket.gethostname(),
+            "started": time.time()}
+    tmp = Path(run_dir) / (RUN_JSON + ".tmp")
+    with private_files():
+        tmp.write_text(json.dumps(info))
+    tmp.replace(Path(run_dir) / RUN_JSON)
+
+
+def _run_json(run_dir: str | Path) -> dict:
+    """``run.json`` as a dict; {} when it is missing or damaged (not JSON, not an object)."""
+    try:
+        info = json.loads((Path(run_dir) / RUN_JSON).read_bytes().decode("utf-8", errors="replace"))
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def owner_pid(run_dir: str | Path) -> int | None:
+    """The pid recorded in ``run.json`` (whether or not it still runs)."""
+    pid = _run_json(run_dir).get("pid")
+    return pid if isinstance(pid, int) and not isinstance(pid, bool) else None
+
+
+def process_alive(run_dir: str | Path) -> bool:
+    """True if the process that owns the run still exists (same pid *and* same start time)."""
+    info = _run_json(run_dir)
+    if not info:
+        return False
+    if info.get("host") not in (None, socket.gethostname()):
+        return False
+    pid = info.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    ticks = _proc_start_ticks(pid)
+    if ticks is None:
+        return False
+    if info.get("start_ticks") is not None and ticks != info["start_ticks"]:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            if fh.read().rsplit(")", 1)[1].split()[0] == "Z":   # zombie: it has exited
+                return False
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class RunInfo:
+    path: Path
+    name: str
+    state: str
+    step: int = 0
+    total_steps: int = 0
+    final_loss: float | None = None
+    last_loss: float | None = None
+    started: float | None = None
+    model: str = ""
+    reason: str = ""
+
+
+def info(run_dir: str | Path) -> RunInfo:
+    """The run's state from its files; a run whose files are damaged beyond reading is
+    ``damaged`` with the reason (never an exception)."""
+    run_dir = Path(run_dir)
+    try:
+        return _info(run_dir, events.read_events(run_dir / EVENTS, strict=True))
+    except OSError as e:
+        why = f"{EVENTS} cannot be read ({e.strerror or e}); the run's log is damaged"
+    except Exception as e:  # noqa: BLE001 - any damage to the files: say so, list the others
+        why = f"its files are damaged ({type(e).__name__}: {str(e)[:120]})"
+    return RunInfo(path=run_dir, name=run_dir.name, state="damaged", reason=why)
+
+
+def _info(run_dir: Path, evs: list) -> RunInfo:
+    ri = RunInfo(path=run_dir, name=run_dir.name, state="new")
+    # a resumed run appends a new run_started after the old terminal event: only the last segment counts
+    terminal = None
+    for ev in evs:
+        if ev.type == "run_started":
+            ri.started = ri.started or ev.time
+            ri.model = ev.model
+            ri.total_steps = ev.total_steps
+            terminal = None
+        elif ev.type == "step":
+            ri.step = ev.step
+            ri.total_steps = ev.total_steps or ri.total_steps
+            if ev.loss is not None:
+                ri.last_loss = ev.loss
+        elif ev.type in events.TERMINAL:
+            terminal = ev
+    alive = terminal is None and process_alive(run_dir)
+    if terminal is not None:
+        if terminal.type == "run_finished":
+            ri.state = "stopped" if terminal.stopped else "finished"
+            ri.final_loss = terminal.final_loss if terminal.final_loss is not None else ri.last_loss
+            ri.step = terminal.step or ri.step
+        else:
+            ri.state = "failed"
+        ri.reason = getattr(terminal, "reason", "")
+    elif alive:
+        ri.state = "live"
+    elif evs or (run_dir / RUN_JSON).exists():     # a process was started and is gone
+        ri.state = "crashed"
+        ri.reason = "process ended without a final event (killed?); resume with qlora-tui train --resume"
+    return ri
+
+
+def list_runs(runs_dir: str | Path) -> list[RunInfo]:
+    """Runs under ``runs_dir``, newest first."""
+    base = Path(runs_dir).expanduser()
+    if not base.is_dir():
+        return []
+    try:
+        dirs = [p for p in base.iterdir() if p.is_dir() and ((p / EVENTS).exists() or (p / RUN_JSON).exists())]
+    except OSError:
+        return []
+    return [info(p) for p in sorted(dirs, key=lambda p: p.name, reverse=True)]
+
+
+def newest_live(runs_dir: str | Path) -> Path | None:
+    for ri in list_runs(runs_dir):
+        if ri.state == "live":
+            return ri.path
+    return None
+
+
+def checkpoint_step(path: str | Path) -> int:
+    return int(Path(path).name.split("-", 1)[1])
+
+
+COMPLETE = "COMPLETE"
+
+
+def mark_complete(ckpt: str | Path, step: int) -> None:
+    """Flush a written checkpoint to disk, then write its ``COMPLETE`` marker (the commit point)."""
+    ckpt = Path(ckpt)
+    for f in sorted(ckpt.rglob("*")):
+        if f.is_file():
+            _fsync_path(f)
+    tmp = ckpt / (COMPLETE + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(str(step))
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(ckpt / COMPLETE)
+    _fsync_path(ckpt)
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory (its entries); best effort."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def rotate_checkpoints(run_dir: str | Path, keep: int | None) -> list[Path]:
+    """Keep the newest ``keep`` complete checkpoints; remove older ones (marker first, so a
+    half-removed checkpoint is never taken for complete). Incomplete ones newer than the
+    newest complete one are left to resume to clean up. Returns the removed paths."""
+    if not keep or keep < 1:
+        return []
+    import shutil
+    ck = checkpoints(run_dir)
+    removed = []
+    for p in ck[:-keep]:
+        try:
+            (p / COMPLETE).unlink()
+        except OSError:
+            pass
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (a ``COMPLETE`` marker is written last), oldest first."""
+    base = Path(run_dir) / CHECKPOINTS
+    if not base.is_dir():
+        return []
+    out = []
+    for p in base.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir() and (p / COMPLETE).exists():
+            out.append((int(m.group(1)), p))
+    return [p for _, p in sorted(out)]

@@ -1,0 +1,552 @@
+"""Dataset files → normalised rows, with the format detected (and why) and problems by line.
+
+Formats: ChatML ``messages``, ShareGPT ``conversations`` (from/value), Alpaca
+(instruction/input/output), ``prompt``/``completion`` and plain ``text``; files: .jsonl,
+.json, .csv, .parquet, or a directory saved with ``datasets.save_to_disk``.
+A malformed row never aborts reading: it becomes a ``DataProblem`` with its physical line
+(1-based; for CSV the file line, for parquet/datasets the row number + 1).
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokens", "vision")
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant",
+                  "bard": "assistant", "tool": "tool", "function_call": "assistant",
+                  "observation": "tool"}
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class DataError(ValueError):
+    """The data cannot be used at all (missing file, unknown type, no usable rows)."""
+
+
+@dataclass
+class DataProblem:
+    line: int
+    kind: str          # invalid_json, not_object, missing_field, wrong_type, unknown_role,
+                       # role_order, empty_content, non_string_content, no_trained_tokens, mixed_format
+    message: str
+
+    def __str__(self):
+        return f"line {self.line}: {self.message}"
+
+
+@dataclass
+class Row:
+    line: int          # physical line (1-based) in the source file
+    data: dict         # normalised: {"messages": [...]} | {"prompt","completion"} | {"text"}
+
+
+@dataclass
+class Dataset:
+    path: str
+    format: str
+    reason: str
+    rows: list[Row] = field(default_factory=list)
+    problems: list[DataProblem] = field(default_factory=list)
+    raw_count: int = 0
+    formats_seen: dict = field(default_factory=dict)
+
+    @property
+    def conversational(self) -> bool:
+        return self.format in ("messages", "sharegpt", "alpaca")
+
+
+def resolve(path: str) -> Path:
+    if path == "builtin:sample":
+        from engine.training.builtin import sample_data_path
+        return sample_data_path()
+    if path == "builtin:vl-sample":
+        from engine.training.vision import vl_sample_path
+        return vl_sample_path()
+    return Path(path).expanduser()
+
+
+def json_problem(e: Exception) -> str:
+    """A JSON error in full: its message and where (``Invalid control character at column 15``;
+    the message alone ends in a dangling "at"). Lines are given by the caller."""
+    msg = getattr(e, "msg", None) or str(e)
+    col = getattr(e, "colno", None)
+    return f"invalid JSON: {msg}" + (f" column {col}" if col else "")
+
+
+def iter_raw(path: str | Path, on_bytes: Callable[[int, int], None] | None = None
+             ) -> Iterator[tuple[int, object, str | None]]:
+    """Yield ``(line, record, error)`` for every record of a file; ``error`` is set for bad lines.
+    A file that cannot be read as a whole (not UTF-8, unreadable, not parquet) raises DataError
+    naming the file (and the line of the first bad byte)."""
+    p = resolve(str(path))
+    if not p.exists():
+        raise DataError(f"{p}: no such file or directory; check data.train / data.eval")
+    try:
+        yield from _iter_raw(p, on_bytes)
+    except DataError:
+        raise
+    except UnicodeDecodeError as e:
+        raise DataError(_not_utf8(p, e)) from None
+    except OSError as e:
+        raise DataError(f"{p}: cannot read it ({e.strerror or e}); check the path and its permissions") from None
+    except Exception as e:  # noqa: BLE001 - pyarrow/datasets errors of a damaged file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise DataError(f"{p}: not a readable {p.suffix.lstrip('.') or 'data'} file ({first}); "
+                        "check that it is complete and of that type") from None
+
+
+# A row (one JSONL line) larger than this is a problem of its line, never read into memory:
+# it keeps the inspector's and the trainer's memory bounded whatever one line holds.
+MAX_ROW_BYTES = 16 * 2**20
+TOO_LARGE = "row too large"
+
+
+def _capped_lines(fh, limit: int):
+    """``(line, size)`` for each line of a binary file; ``line`` is None for a line longer than
+    ``limit`` bytes, which is skipped in chunks without being held in memory."""
+    while True:
+        raw = fh.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield raw, len(raw)
+            continue
+        size = len(raw)
+        del raw
+        while True:
+            chunk = fh.readline(1 << 20)
+            size += len(chunk)
+            if not chunk or chunk.endswith(b"\n"):
+                break
+        yield None, size
+
+
+def _not_utf8(p: Path, e: UnicodeDecodeError) -> str:
+    line = ""
+    if isinstance(e.object, (bytes, bytearray)):
+        n = bytes(e.object[:e.start]).count(b"\n") + 1
+        line = f" at line {n}"
+    return (f"{p}: not UTF-8 text (byte 0x{e.object[e.start]:02X}{line}); save the file as UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8)")
+
+
+def _read_text(p: Path) -> str:
+    """A whole text file as UTF-8 (a BOM is accepted); UnicodeDecodeError names the bytes."""
+    return p.read_bytes().decode("utf-8-sig")
+
+
+def _iter_raw(p: Path, on_bytes) -> Iterator[tuple[int, object, str | None]]:
+    if p.is_dir():
+        yield from _iter_datasets_dir(p)
+        return
+    suffix = p.suffix.lower()
+    if suffix == ".jsonl":
+        total = p.stat().st_size
+        done = 0
+        with open(p, "rb") as fh:
+            for i, (raw, size) in enumerate(_capped_lines(fh, MAX_ROW_BYTES), 1):
+                done += size
+                if on_bytes is not None and i % 2000 == 0:
+                    on_bytes(done, total)
+                if raw is None:
+                    yield i, None, (f"{TOO_LARGE}: {size / 2**20:.0f} MiB on one line (the limit is "
+                                    f"{MAX_ROW_BYTES // 2**20} MiB per row); split or shorten it")
+                    continue
+                if not raw.strip():
+                    continue
+                if i == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]                    # a BOM
+                try:
+                    yield i, json.loads(raw), None
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    yield i, None, json_problem(e)
+        if on_bytes is not None:
+            on_bytes(total, total)
+    elif suffix == ".json":
+        text = _read_text(p)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            line = getattr(e, "lineno", 1)
+            if text.lstrip().startswith("{") and "\n{" in text:   # JSONL saved as .json
+                yield from iter_raw_lines_as_jsonl(p)
+                return
+            yield line, None, json_problem(e)
+            return
+        if isinstance(data, dict):
+            for key in ("data", "train", "rows", "examples"):
+                if isinstance(data.get(key), list):
+                    data = data[key]
+                    break
+            else:
+                data = [data]
+        if not isinstance(data, list):
+            yield 1, None, "top-level JSON must be a list of rows"
+            return
+        lines = _json_array_item_lines(text, len(data))
+        for i, rec in enumerate(data):
+            yield lines[i], rec, None
+    elif suffix == ".csv":
+        import io
+        with io.StringIO(_read_text(p), newline="") as fh:
+            reader = csv.DictReader(fh)
+            reader.fieldnames   # reads the header row
+            prev = reader.line_num
+            for rec in reader:
+                yield prev + 1, dict(rec), None
+                prev = reader.line_num
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+        table = pq.read_table(p)
+        for i, rec in enumerate(table.to_pylist()):
+            yield i + 1, rec, None
+    else:
+        raise DataError(f"{p}: unsupported file type {suffix or '(none)'!r}; use one of "
+                        + ", ".join(SUFFIXES) + " or a datasets directory")
+
+
+def iter_raw_lines_as_jsonl(p: Path):
+    with open(p, "rb") as fh:
+        for i, raw in enumerate(fh, 1):
+            if raw.strip():
+                try:
+                    yield i, json.loads(raw), None
+                except json.JSONDecodeError as e:
+                    yield i, None, json_problem(e)
+
+
+def _json_array_item_lines(text: str, n: int) -> list[int]:
+    """Best-effort physical line of each top-level array item (its opening brace)."""
+    lines, depth, line, in_str, esc = [], 0, 1, False, False
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+            continue
+        if ch == '"':
+            in_str = True
+            if depth == 1:
+                lines.append(line)
+        elif ch in "[{":
+            if depth == 1:
+                lines.append(line)
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+    lines += [lines[-1] if lines else 1] * (n - len(lines))
+    return lines[:n] if len(lines) >= n else lines
+
+
+def _iter_datasets_dir(p: Path):
+    try:
+        from datasets import load_from_disk
+        ds = load_from_disk(str(p))
+    except Exception as e:
+        raise DataError(f"{p}: not a datasets directory (saved with save_to_disk): {e}") from None
+    if hasattr(ds, "keys"):   # DatasetDict
+        split = "train" if "train" in ds else next(iter(ds.keys()))
+        ds = ds[split]
+    for i, rec in enumerate(ds):
+        yield i + 1, rec, None
+
+
+def detect(rec: object) -> tuple[str | None, str]:
+    """The format of one record and the evidence."""
+    if not isinstance(rec, dict):
+        return None, "not a JSON object"
+    from engine.training import vision
+    vis = vision.detect(rec)
+    if vis:
+        return vis
+    keys = set(rec)
+    if "messages" in keys:
+        return "messages", "field 'messages' (a list of role/content turns)"
+    if "input_ids" in keys:
+        return "tokens", "field 'input_ids' (pre-tokenised)"
+    if "conversations" in keys:
+        conv = rec["conversations"]
+        if isinstance(conv, list) and conv and isinstance(conv[0], dict) and "from" in conv[0]:
+            return "sharegpt", "field 'conversations' with from/value turns"
+        return "messages", "field 'conversations' with role/content turns"
+    if "instruction" in keys and "output" in keys:
+        return "alpaca", "fields 'instruction' and 'output' (Alpaca)"
+    if "prompt" in keys and "completion" in keys:
+        return "prompt_completion", "fields 'prompt' and 'completion'"
+    if "text" in keys:
+        return "text", "field 'text' (plain language modelling)"
+    return None, "fields " + ", ".join(sorted(map(str, keys))[:6]) + " match no known format"
+
+
+def _check_turns(turns, line: int, problems: list[DataProblem]) -> list[dict] | None:
+    if not isinstance(turns, list):
+        problems.append(DataProblem(line, "wrong_type", "messages must be a list of turns"))
+        return None
+    if not turns:
+        problems.append(DataProblem(line, "empty_content", "messages is empty"))
+        return None
+    out = []
+    ok = True
+    for j, t in enumerate(turns):
+        if not isinstance(t, dict):
+            problems.append(DataProblem(line, "wrong_type", f"turn {j + 1} is not an object"))
+            return None
+        role, content = t.get("role"), t.get("content")
+        if role is None:
+            problems.append(DataProblem(line, "missing_field", f"turn {j + 1} has no 'role'"))
+            ok = False
+            continue
+        if role not in ROLES:
+            problems.append(DataProblem(line, "unknown_role", f"turn {j + 1} has unknown role {str(role)!r}; "
+                                        "allowed: " + ", ".join(ROLES)))
+            ok = False
+            continue
+        if content is None and "content" not in t:
+            problems.append(DataProblem(line, "missing_field", f"turn {j + 1} ({role}) has no 'content'"))
+            ok = False
+            continue
+        if not isinstance(content, str):
+            problems.append(DataProblem(line, "non_string_content",
+                                        f"turn {j + 1} ({role}) content is {type(content).__name__}, not a string"))
+            ok = False
+            continue
+        if not content or content.isspace():      # = not content.strip(), without copying it
+            problems.append(DataProblem(line, "empty_content", f"turn {j + 1} ({role}) has empty content"))
+            ok = False
+            continue
+        out.append({"role": role, "content": content})
+    if not ok:
+        return None
+    # role order: optional system first, then user/assistant alternating, ending with assistant
+    body = [t["role"] for t in out if t["role"] != "tool"]
+    if body and body[0] == "system":
+        body = body[1:]
+    if "system" in body:
+        problems.append(DataProblem(line, "role_order", "a system turn after the first turn"))
+        return None
+    if not body or "assistant" not in body:
+        problems.append(DataProblem(line, "role_order", "no assistant turn: nothing to train on"))
+        return None
+    if body[0] == "assistant":
+        problems.append(DataProblem(line, "role_order", "assistant speaks first; expected a user turn first"))
+        return None
+    for a, b in zip(body, body[1:]):
+        if a == b:
+            problems.append(DataProblem(line, "role_order", f"two {a} turns in a row"))
+            return None
+    return out
+
+
+def _required_strings(rec: dict, names, line: int, problems: list[DataProblem]) -> bool:
+    """Each field present and a string; else record the first problem and return False."""
+    for name in names:
+        v = rec.get(name)
+        if v is None:
+            problems.append(DataProblem(line, "missing_field", f"missing field '{name}'"))
+            return False
+        if not isinstance(v, str):
+            problems.append(DataProblem(line, "wrong_type", f"'{name}' must be a string"))
+            return False
+    return True
+
+
+def normalise(rec: object, fmt: str, line: int, problems: list[DataProblem]) -> dict | None:
+    """One raw record → the row TRL takes, or None (with a problem recorded)."""
+    if not isinstance(rec, dict):
+        problems.append(DataProblem(line, "not_object", "row is not a JSON object"))
+        return None
+    if fmt == "vision":
+        from engine.training import vision
+        return vision.normalise(rec, line, problems)
+    if fmt == "messages":
+        turns = rec.get("messages", rec.get("conversations"))
+        if turns is None:
+            problems.append(DataProblem(line, "missing_field", "missing field 'messages'"))
+            return None
+        msgs = _check_turns(turns, line, problems)
+        return {"messages": msgs} if msgs else None
+    if fmt == "sharegpt":
+        conv = rec.get("conversations")
+        if not isinstance(conv, list):
+            problems.append(DataProblem(line, "missing_field", "missing list field 'conversations'"))
+            return None
+        turns = []
+        for j, t in enumerate(conv):
+            if not isinstance(t, dict) or "from" not in t:
+                problems.append(DataProblem(line, "missing_field", f"turn {j + 1} has no 'from'"))
+                return None
+            role = SHAREGPT_ROLES.get(str(t["from"]).lower(), t["from"])
+            turns.append({"role": role, "content": t.get("value")})
+        msgs = _check_turns(turns, line, problems)
+        return {"messages": msgs} if msgs else None
+    if fmt == "alpaca":
+        ins, inp, out = rec.get("instruction"), rec.get("input", ""), rec.get("output")
+        if not _required_strings(rec, ("instruction", "output"), line, problems):
+            return None
+        if inp is None:
+            inp = ""
+        if not isinstance(inp, str):
+            problems.append(DataProblem(line, "wrong_type", "'input' must be a string"))
+            return None
+        if not ins.strip() or not out.strip():
+            problems.append(DataProblem(line, "empty_content", "empty instruction or output"))
+            return None
+        user = ins if not inp.strip() else f"{ins}\n\n{inp}"
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": out}]
+        if isinstance(rec.get("system"), str) and rec["system"].strip():
+            msgs.insert(0, {"role": "system", "content": rec["system"]})
+        return {"messages": msgs}
+    if fmt == "prompt_completion":
+        p, c = rec.get("prompt"), rec.get("completion")
+        if not _required_strings(rec, ("prompt", "completion"), line, problems):
+            return None
+        if not c.strip():
+            problems.append(DataProblem(line, "empty_content", "empty completion: nothing to train on"))
+            return None
+        return {"prompt": p, "completion": c}
+    if fmt == "tokens":
+        ids, labels = rec.get("input_ids"), rec.get("labels")
+        if not isinstance(ids, list) or not ids or not all(isinstance(x, int) for x in ids):
+            problems.append(DataProblem(line, "wrong_type", "'input_ids' must be a non-empty list of token ids"))
+            return None
+        if labels is not None and (not isinstance(labels, list) or len(labels) != len(ids)):
+            problems.append(DataProblem(line, "wrong_type", "'labels' must be a list as long as 'input_ids'"))
+            return None
+        return {"input_ids": ids, "labels": labels if labels is not None else list(ids)}
+    if fmt == "text":
+        t = rec.get("text")
+        if t is None:
+            problems.append(DataProblem(line, "missing_field", "missing field 'text'"))
+            return None
+        if not isinstance(t, str):
+            problems.append(DataProblem(line, "wrong_type", "'text' must be a string"))
+            return None
+        if not t.strip():
+            problems.append(DataProblem(line, "empty_content", "empty text"))
+            return None
+        return {"text": t}
+    raise ValueError(fmt)
+
+
+def load(path: str, fmt: str = "auto", on_bytes=None) -> Dataset:
+    """Read, detect and normalise a whole file. Bad rows become problems; never raises for them."""
+    raw = list(iter_raw(path, on_bytes=on_bytes))
+    return build(str(path), raw, fmt)
+
+
+def build(path: str, raw: list, fmt: str = "auto") -> Dataset:
+    seen: dict[str, int] = {}
+    first_line: dict[str, int] = {}
+    for line, rec, err in raw:
+        if err is None:
+            count_format(rec, line, seen, first_line)
+    fmt, reason, problems = choose_format(path, fmt, seen, first_line, len(raw))
+    ds = Dataset(path=str(path), format=fmt, reason=reason, raw_count=len(raw), formats_seen=seen)
+    for line, rec, err in raw:
+        row = normalise_record(line, rec, err, fmt, problems)
+        if row is not None:
+            ds.rows.append(row)
+    problems.sort(key=lambda p: p.line)
+    ds.problems = problems
+    if fmt == "vision":          # every image resolved against the data file and checked
+        from engine.training import vision
+        vision.attach_images(ds)
+    return ds
+
+
+def count_format(rec: object, line: int, seen: dict, first_line: dict) -> str | None:
+    """Tally one record's format into ``seen`` (count) and ``first_line`` (where first met)."""
+    f, _ = detect(rec)
+    if f:
+        seen[f] = seen.get(f, 0) + 1
+        first_line.setdefault(f, line)
+    return f
+
+
+def choose_format(path: str, fmt: str, seen: dict, first_line: dict, n_raw: int
+                  ) -> tuple[str, str, list[DataProblem]]:
+    """(format, reason, [mixed_format problem]) from the tallies of ``count_format``."""
+    problems: list[DataProblem] = []
+    if fmt == "auto":
+        if not seen:
+            where = resolve(path)
+            if not n_raw:
+                raise DataError(f"{where}: the file has no rows; add training examples")
+            raise DataError(f"{where}: no row matches a known format (messages, conversations, "
+                            "instruction/output, prompt/completion, text); set data.format or fix the file")
+        fmt = max(seen, key=seen.get)
+        reason = f"{seen[fmt]} of {n_raw} rows have " + detect_reason(fmt)
+    else:
+        reason = f"set by data.format = {fmt!r}"
+        other = {k: v for k, v in seen.items() if k != fmt and not (fmt == "messages" and k == "sharegpt")}
+        if other:                    # rows of another format are skipped: never silently
+            k = max(other, key=other.get)
+            problems.append(DataProblem(first_line[k], "mixed_format",
+                                        f"data.format = {fmt!r}, but {other[k]} of {n_raw} rows look like {k} "
+                                        f"({detect_reason(k)}); they are skipped: set data.format = "
+                                        f"\"auto\" or \"{k}\""))
+            return fmt, reason, problems
+    if len(seen) > 1:
+        others = ", ".join(f"{k} ({v} rows, first at line {first_line[k]})" for k, v in seen.items() if k != fmt)
+        problems.append(DataProblem(first_line[min(seen, key=seen.get)], "mixed_format",
+                                    f"mixed formats: using {fmt}; also found {others}"))
+    return fmt, reason, problems
+
+
+def normalise_record(line: int, rec: object, err: str | None, fmt: str,
+                     problems: list[DataProblem]) -> Row | None:
+    """One ``iter_raw`` record → a Row, or None (a problem recorded, or another format's row)."""
+    if err is not None:
+        kind = "row_too_large" if err.startswith(TOO_LARGE) else "invalid_json" if "JSON" in err else "bad_row"
+        problems.append(DataProblem(line, kind, err))
+        return None
+    f, _ = detect(rec)
+    if f is not None and f != fmt and not (fmt == "messages" and f == "sharegpt") \
+            and not (fmt == "vision" and f in ("messages", "sharegpt")):      # text-only turns
+        return None   # reported once as mixed_format
+    norm = normalise(rec, fmt, line, problems)
+    return Row(line, norm) if norm is not None else None
+
+
+def detect_reason(fmt: str) -> str:
+    return {"messages": "a 'messages' list of role/content turns (ChatML)",
+            "sharegpt": "'conversations' with from/value turns (ShareGPT)",
+            "alpaca": "'instruction' and 'output' fields (Alpaca)",
+            "prompt_completion": "'prompt' and 'completion' fields",
+            "text": "a 'text' field (plain language modelling)",
+            "tokens": "'input_ids' (pre-tokenised; labels optional)",
+            "vision": "images with their turns (ChatML image parts or LLaMA-Factory 'images')"}[fmt]
+
+
+def load_for_training(cfg) -> tuple[Dataset, Dataset | None]:
+    """Train (and eval) datasets for a config; raises DataError when training cannot proceed."""
+    train = load(cfg.resolve_path(cfg.data.train), cfg.data.format)
+    _require_usable(train, cfg, "data.train")
+    ev = None
+    if cfg.data.eval:
+        ev = load(cfg.resolve_path(cfg.data.eval), cfg.data.format)
+        _require_usable(ev, cfg, "data.eval")
+    return train, ev
+
+
+def _require_usable(ds: Dataset, cfg, key: str) -> None:
+    where = resolve(ds.path)
+    if ds.raw_count == 0:
+        raise DataError(f"{where}: the file has no rows ({key}); add training examples")
+    if not ds.rows:
+        first = ds.problems[0] if ds.problems else None
+        raise DataError(f"{where}: none of {ds.raw_count} rows is usable"
+                        + (f"; first problem at line {first.line}: {first.message}" if first else ""))
+    if cfg.data.strict and ds.problems:
+        p = ds.problems[0]
+        raise DataError(f"{where}:{p.line}: {p.message} ({len(ds.problems)} problem{'' if len(ds.problems) == 1 else 's'}; data.strict = true "
+                        "refuses to train; fix them or set data.strict = false to skip bad rows)")

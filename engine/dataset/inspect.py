@@ -1,0 +1,840 @@
+"""The dataset inspector: format, problems by line, token statistics with the model's own
+tokenizer and chat template, the label-mask preview, duplicates, outliers and PII.
+
+``inspect(cfg)`` streams: it reads, normalises and tokenises the file in batches and hands
+partial ``Report``s (``done=False``) to ``on_partial`` so a UI can show rows read and a
+running histogram at once. ``preview(cfg, i)`` renders one row exactly as the trainer trains
+it: both go through ``engine.dataset.chat.encode_batch`` (the statistics use faster equivalents from
+``engine.dataset.token_count``, checked against it on every batch and replaced by it wherever they
+disagree).
+
+The JSON form (``Report.to_dict``, ``qlora-tui inspect --json``) is documented key by key in
+docs/INSPECT.md.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.dataset import data as data_mod
+from engine.dataset import quality
+from engine.core.safe_text import describe_controls, has_controls, json_dumps, visible, write_trusted
+from engine.dataset.token_count import Counter
+
+SCHEMA_VERSION = 1
+BATCH = 2000              # rows tokenised per batch
+PARTIAL_EVERY = 0.3       # seconds between on_partial calls
+MAX_LISTED = 1000         # outliers / PII findings listed (counts are always complete)
+
+
+@dataclass
+class Report:
+    path: str = ""
+    format: str = ""
+    format_reason: str = ""
+    formats_seen: dict = field(default_factory=dict)
+    fields_seen: dict = field(default_factory=dict)
+    rows: int = 0                      # usable rows (normalised without a problem)
+    rows_read: int = 0                 # records read so far (valid JSON or not)
+    raw_count: int = 0                 # records in the file (known when reading is done)
+    splits: dict = field(default_factory=dict)
+    problems: list = field(default_factory=list)        # engine.dataset.data.DataProblem
+    model: str = ""
+    max_length: int = 0
+    rows_tokenized: int = 0
+    stats: dict = field(default_factory=dict)           # min, median, p95, max, mean
+    histogram: list = field(default_factory=list)       # [(lo, hi, count)], lo <= n < hi
+    truncated_rows: int = 0
+    truncated_share: float = 0.0
+    trained_tokens_total: int = 0
+    trained_tokens_median: float = 0.0
+    trained_tokens_untruncated: int = 0
+    zero_trained_rows: int = 0
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    steps_basis: str = ""
+    duplicates: list = field(default_factory=list)      # [[line, line, ...]]
+    near_duplicates: list = field(default_factory=list)
+    outliers: list = field(default_factory=list)        # [(line, "short"|"long", tokens)]
+    outliers_total: int = 0
+    pii: list = field(default_factory=list)             # engine.dataset.quality.PiiFinding
+    pii_total: int = 0
+    warnings: list = field(default_factory=list)
+    images: dict = field(default_factory=dict)   # image rows: count, visual tokens, bad images
+    phase: str = "read"                # read | tokenize | done | cancelled
+    progress: float = 0.0              # 0..1 of the file
+    elapsed_s: float = 0.0
+    done: bool = False
+    # per usable row, in order (not part of the JSON document)
+    lines: list = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA_VERSION,
+            "path": self.path,
+            "done": self.done,
+            "phase": self.phase,
+            "format": {"name": self.format, "reason": self.format_reason,
+                       "formats_seen": dict(self.formats_seen), "fields_seen": dict(self.fields_seen)},
+            "rows": {"usable": self.rows, "read": self.rows_read, "raw": self.raw_count,
+                     "with_problems": len({p.line for p in self.problems if p.kind != "no_trained_tokens"}),
+                     "splits": dict(self.splits)},
+            "problems": [{"line": p.line, "kind": p.kind, "message": p.message} for p in self.problems],
+            "problem_counts": _count_kinds(self.problems),
+            "tokens": {
+                "model": self.model, "max_length": self.max_length, "rows": self.rows_tokenized,
+                "stats": dict(self.stats),
+                "histogram": [{"lo": lo, "hi": hi, "count": c} for lo, hi, c in self.histogram],
+                "truncated_rows": self.truncated_rows, "truncated_share": self.truncated_share,
+                "trained_tokens_total": self.trained_tokens_total,
+                "trained_tokens_median": self.trained_tokens_median,
+                "trained_tokens_untruncated": self.trained_tokens_untruncated,
+                "zero_trained_rows": self.zero_trained_rows,
+            },
+            "training": {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                         "basis": self.steps_basis},
+            "quality": {
+                "duplicates": [list(g) for g in self.duplicates],
+                "near_duplicates": [list(g) for g in self.near_duplicates],
+                "outliers": [{"line": ln, "kind": k, "tokens": n} for ln, k, n in self.outliers],
+                "outliers_total": self.outliers_total,
+                "pii": [f.to_dict() for f in self.pii],
+                "pii_total": self.pii_total,
+                "pii_counts": _count_kinds(self.pii),
+            },
+            "warnings": list(self.warnings),
+            "elapsed_s": round(self.elapsed_s, 3),
+            **({"images": dict(self.images)} if self.images else {}),
+        }
+
+
+def _count_kinds(items) -> dict:
+    out: dict[str, int] = {}
+    for it in items:
+        out[it.kind] = out.get(it.kind, 0) + 1
+    return out
+
+
+@dataclass
+class Preview:
+    row_index: int                     # 0-based among usable rows
+    line: int                          # physical line in the file
+    segments: list                     # [(text, trained)] covering the rendered text
+    n_tokens: int
+    n_trained: int                     # trained tokens the trainer keeps (after max_length)
+    n_trained_untruncated: int
+    truncated_at: int | None           # token index of the max_length cut, None if it fits
+    cut_char: int | None               # character offset of that cut in the rendered text
+    text: str = ""
+    input_ids: list = field(default_factory=list, repr=False)
+    labels: list = field(default_factory=list, repr=False)   # what the trainer trains on (truncated)
+    images: list = field(default_factory=list)   # image rows: path, format, width, height, bytes, tokens
+
+    def to_dict(self) -> dict:
+        return {"row_index": self.row_index, "line": self.line, "n_tokens": self.n_tokens,
+                "n_trained": self.n_trained, "n_trained_untruncated": self.n_trained_untruncated,
+                "truncated_at": self.truncated_at, "cut_char": self.cut_char,
+                "segments": [{"text": t, "trained": tr} for t, tr in self.segments],
+                **({"images": list(self.images)} if self.images else {})}
+
+
+# ---- tokenizer and dataset cache (so the TUI can page through rows fast) ---------------
+
+_cache_lock = threading.Lock()
+_tok_cache: dict = {}
+_ds_cache: dict = {}
+
+
+def _model_key(cfg) -> tuple:
+    from engine.training.model import remote_code_allowed
+    m = cfg.model
+    return (m.name, m.revision, m.chat_template, remote_code_allowed(cfg), cfg.source)
+
+
+def tokenizer_for(cfg):
+    """(tokenizer, warnings) for cfg.model, loaded once per model settings."""
+    from engine.training import model as model_mod
+    key = _model_key(cfg)
+    with _cache_lock:
+        hit = _tok_cache.get(key)
+    if hit is None:
+        hit = model_mod.load_tokenizer(cfg, model_mod.model_path(cfg))
+        with _cache_lock:
+            _tok_cache[key] = hit
+    return hit
+
+
+def _file_key(path: str, fmt: str) -> tuple:
+    p = data_mod.resolve(path)
+    try:
+        st = p.stat()
+        return (str(p), fmt, st.st_mtime_ns, st.st_size)
+    except OSError:
+        return (str(p), fmt, None, None)
+
+
+def dataset_for(path: str, fmt: str = "auto") -> data_mod.Dataset:
+    """``engine.dataset.data.load`` once per (file, format, mtime, size)."""
+    key = _file_key(path, fmt)
+    with _cache_lock:
+        ds = _ds_cache.get(key)
+    if ds is None:
+        ds = data_mod.load(path, fmt)
+        with _cache_lock:
+            _ds_cache.clear()          # keep only the latest file: datasets can be large
+            _ds_cache[key] = ds
+    return ds
+
+
+def _data_path(cfg, path) -> str:
+    return str(path) if path is not None else cfg.resolve_path(cfg.data.train)
+
+
+# ---- the report ---------------------------------------------------------------------
+
+def _nice_width(x: float) -> int:
+    if x <= 1:
+        return 1
+    p = 10 ** math.floor(math.log10(x))
+    for m in (1, 2, 2.5, 5, 10):
+        if m * p >= x:
+            return max(1, int(m * p))
+    return int(10 * p)
+
+
+def bucket_label(lo: int, hi: int) -> str:
+    """A histogram bucket as people read it: both ends included (``20–24`` for [20, 25)).
+    The CLI and the TUI both print buckets through this."""
+    return f"{lo}–{hi - 1}"
+
+
+def histogram(lengths, max_len: int, bins: int = 20) -> list[tuple[int, int, int]]:
+    """[(lo, hi, count)] with round bin widths; max_len is a bin edge when rows exceed it."""
+    import numpy as np
+    if len(lengths) == 0:
+        return []
+    arr = np.asarray(lengths)
+    top = int(arr.max()) + 1
+    w = _nice_width((top - int(arr.min())) / bins)
+    first = int(arr.min()) // w * w
+    edges = list(range(first, top + w, w))
+    while edges[-1] < top:
+        edges.append(edges[-1] + w)
+    if int(arr.max()) >= max_len and max_len not in edges:
+        edges = sorted(set(edges) | {max_len})
+    counts, _ = np.histogram(arr, bins=edges)
+    return [(int(edges[i]), int(edges[i + 1]), int(counts[i])) for i in range(len(counts))]
+
+
+def _steps(cfg, kept, max_len, path_is_train: bool):
+    """(train rows, steps per epoch, total steps, basis) the trainer would run with."""
+    from engine.training.trainer import split_eval
+    import numpy as np
+    n = len(kept)
+    idx = list(range(n))
+    held = 0
+    basis = []
+    if path_is_train and not cfg.data.eval:
+        train_idx, ev = split_eval(cfg, idx, None)
+        if ev:
+            held = len(ev)
+            basis.append(f"{held} rows held out for eval (data.eval_fraction = {cfg.data.eval_fraction})")
+    else:
+        train_idx = idx
+    per_step = cfg.train.batch_size * cfg.distributed.gpus
+    packing = cfg.data.packing is True
+    sel = np.asarray(train_idx, dtype=np.int64)
+    if packing:
+        toks = int(np.minimum(kept[sel, 0], max_len).sum()) if len(sel) else 0
+        n_train = math.ceil(toks / max_len) if toks else 0
+        basis.append(f"packing: about {n_train} sequences of {max_len} tokens")
+    else:
+        n_train = int((kept[sel, 2] > 0).sum()) if len(sel) else 0
+        dropped = len(train_idx) - n_train
+        if dropped:
+            basis.append(f"{dropped} rows with no trained token dropped")
+    batches = math.ceil(n_train / per_step) if n_train else 0
+    spe = max(1, math.ceil(batches / cfg.train.grad_accum)) if batches else 0
+    if cfg.train.max_steps > 0:
+        total = cfg.train.max_steps
+    else:
+        total = math.ceil(cfg.train.epochs * spe)
+    basis.insert(0, f"{n_train} training {'sequences' if packing else 'rows'} / (batch_size "
+                 f"{cfg.train.batch_size} × {cfg.distributed.gpus} GPU) / grad_accum {cfg.train.grad_accum}")
+    return n_train, held, spe, total, "; ".join(basis)
+
+
+_gc_lock = threading.Lock()
+_gc_paused = [0, False]        # inspections running, whether the GC was enabled before the first
+
+
+@contextmanager
+def _gc_paused_while_scanning():
+    """Pause CPython's cyclic GC for a scan (nested and concurrent scans share one pause).
+
+    A scan allocates about ten container objects per row and keeps them (rows, duplicate
+    keys), so the GC keeps re-walking an ever larger heap and finds nothing: measured, it was
+    ~40 % of the read/normalise/duplicate time (1.0 of 2.65 CPU-s per 100k rows). Reference
+    counting still frees everything as usual; cycles wait for the next collection after."""
+    with _gc_lock:
+        if _gc_paused[0] == 0:
+            _gc_paused[1] = gc.isenabled()
+            gc.disable()
+        _gc_paused[0] += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_paused[0] -= 1
+            if _gc_paused[0] == 0 and _gc_paused[1]:
+                gc.enable()
+
+
+def inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
+    """The full dataset report (see the module doc); never raises for bad rows."""
+    from engine.training import vision
+    if vision.data_is_vision(cfg, _data_path(cfg, path)):      # image rows: checks and visual tokens
+        return vision.inspect_report(cfg, _data_path(cfg, path), on_partial)
+    with _gc_paused_while_scanning():
+        return _inspect(cfg, path=path, on_partial=on_partial, cancel=cancel)
+
+
+def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
+    import numpy as np  # noqa: F811  (used by drain)
+    t0 = time.monotonic()
+    path = _data_path(cfg, path)
+    max_len = int(cfg.data.max_length)
+    rep = Report(path=str(data_mod.resolve(path)), model=cfg.model.name, max_length=max_len)
+    tok, tw = tokenizer_for(cfg)
+    rep.warnings += list(tw)
+    counter = Counter(tok, max_len)
+
+    fmt_cfg = cfg.data.format
+    provisional = None if fmt_cfg == "auto" else fmt_cfg
+    raw: list = []
+    seen: dict = {}
+    first_line: dict = {}
+    fields: dict = {}
+    bad_keys: dict = {}          # line -> a field name holding control characters
+    problems: list = []          # from normalising with the provisional format
+    rows: list = []              # data_mod.Row
+    counts: list = []            # (tokens, trained, kept) per row
+    dups = quality.Duplicates()
+    pii: list = []
+    last_emit = [0.0]
+    progress = [0.0]
+
+    def on_bytes(done, total):
+        progress[0] = done / total if total else 1.0
+
+    def emit(force=False):
+        if on_partial is None:
+            return
+        now = time.monotonic()
+        if not force and now - last_emit[0] < PARTIAL_EVERY:
+            return
+        last_emit[0] = now
+        part = _finish(cfg, rep, tok, rows, counts, problems, [], dups, pii, seen, fields,
+                       partial=True)
+        part.progress = progress[0]
+        part.elapsed_s = now - t0
+        on_partial(part)
+
+    pending: list = []
+
+    def flush():
+        """Normalise and tokenise the raw records read since the last flush."""
+        if not pending:
+            return
+        new_rows = []
+        for line, rec, err in pending:
+            row = data_mod.normalise_record(line, rec, err, provisional, problems)
+            if row is not None:
+                new_rows.append(row)
+        pending.clear()
+        _process(new_rows)
+
+    # Tokenising (Rust, GIL released) runs in a worker while this thread reads, normalises and
+    # runs the quality checks of the next batch; results are collected in order.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="inspect-tokenize")
+    inflight: list = []
+
+    def drain(keep: int = 0):
+        while len(inflight) > keep:
+            got = inflight.pop(0).result()
+            counts.append(np.asarray(got, dtype=np.int64).reshape(len(got), 3))
+
+    def _process(new_rows):
+        if not new_rows:
+            return
+        datas = [r.data for r in new_rows]
+        texts = [quality.row_text(d) for d in datas]
+        shown, scale = _measurable(datas, texts, max_len)
+        inflight.append(pool.submit(_scaled_counts, counter, shown, counter.render(shown), scale))
+        lines = [r.line for r in new_rows]
+        problems.extend(_control_problems(lines, texts, bad_keys))
+        for ln, d, t in zip(lines, datas, texts):
+            dups.add(ln, d, t)
+        pii.extend(quality.scan_pii(lines, texts))
+        rows.extend(new_rows)
+        drain(keep=1)
+
+    try:
+        cancelled = False
+        rep.phase = "read"
+        for rec in data_mod.iter_raw(path, on_bytes=on_bytes):
+            line, obj, err = rec
+            raw.append(rec)
+            if err is None:
+                data_mod.count_format(obj, line, seen, first_line)
+                if isinstance(obj, dict):
+                    for k in obj:
+                        fields[k] = fields.get(k, 0) + 1
+                        if has_controls(k):
+                            bad_keys[line] = k
+            rep.rows_read = len(raw)
+            if provisional is None:
+                if sum(seen.values()) < 200:
+                    if len(raw) % BATCH == 0:
+                        emit()
+                    continue
+                provisional = max(seen, key=seen.get)   # checked against the whole file at the end
+                pending.extend(raw)
+            else:
+                pending.append(rec)
+            if len(pending) >= BATCH:
+                rep.phase = "tokenize"
+                flush()
+                emit(force=len(rows) <= BATCH)
+                if cancel is not None and cancel.is_set():
+                    cancelled = True
+                    break
+        rep.rows_read = len(raw)
+        if cancelled:
+            drain()
+            part = _finish(cfg, rep, tok, rows, counts, problems, [], dups, pii, seen, fields, partial=True)
+            part.phase = "cancelled"
+            part.elapsed_s = time.monotonic() - t0
+            return part
+        if provisional is None and seen:
+            provisional = max(seen, key=seen.get)
+            pending.extend(raw)
+        flush()
+        drain()
+
+        try:
+            fmt, reason, mixed = data_mod.choose_format(path, fmt_cfg, seen, first_line, len(raw))
+        except data_mod.DataError as e:         # name the first bad line, as training's preflight does
+            bad = next(((ln, err) for ln, _r, err in raw if err), None)
+            raise data_mod.DataError(f"{e}; first problem at line {bad[0]}: {bad[1]}" if bad else str(e)) from None
+        if fmt != provisional:        # the majority changed after the first rows: start over
+            problems.clear(); rows.clear(); counts.clear(); pii.clear()
+            dups = quality.Duplicates()
+            provisional = fmt
+            pending.extend(raw)
+            for i in range(0, len(pending), BATCH):
+                chunk = pending[i:i + BATCH]
+                new_rows = [r for r in (data_mod.normalise_record(ln, rc, er, fmt, problems) for ln, rc, er in chunk)
+                            if r is not None]
+                _process(new_rows)
+            pending.clear()
+            drain()
+        rep.format, rep.format_reason, rep.raw_count = fmt, reason, len(raw)
+        if counter.mismatch:
+            rep.warnings.append(counter.mismatch)
+        out = _finish(cfg, rep, tok, rows, counts, problems, mixed, dups, pii, seen, fields, partial=False)
+        out.elapsed_s = time.monotonic() - t0
+        if on_partial is not None:
+            on_partial(out)
+        return out
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def long_row_chars(max_len: int) -> int:
+    """Rows whose text is longer than this are measured from a prefix (see ``_measurable``)."""
+    return max(65536, 64 * max_len)
+
+
+def _measurable(datas, texts, max_len: int):
+    """Rows far beyond max_length are measured without tokenising all of them: each text field
+    is cut to ``long_row_chars`` characters (still far more than max_length tokens, so the
+    tokens the trainer keeps are exact), and the token counts past that are scaled by
+    characters. Returns (rows to count, per-row scale factor; 1.0 when the row is whole)."""
+    limit = long_row_chars(max_len)
+    shown, scale = [], []
+    for d, t in zip(datas, texts):
+        if len(t) <= limit:
+            shown.append(d)
+            scale.append(1.0)
+            continue
+        cut = _cut_row(d, limit)
+        shown.append(cut)
+        scale.append(len(t) / max(1, len(quality.row_text(cut))))
+    return shown, scale
+
+
+def _cut_row(d: dict, limit: int) -> dict:
+    if "messages" in d:
+        return dict(d, messages=[dict(m, content=m["content"][:limit]) for m in d["messages"]])
+    return {k: (v[:limit] if isinstance(v, str) else v) for k, v in d.items()}
+
+
+def _scaled_counts(counter, rows, rendered, scale) -> list:
+    out = counter.counts(rows, rendered)
+    if all(f == 1.0 for f in scale):
+        return out
+    return [(int(round(n * f)), int(round(tr * f)), kept) if f != 1.0 else (n, tr, kept)
+            for (n, tr, kept), f in zip(out, scale)]
+
+
+def _control_problems(lines, texts, bad_keys) -> list:
+    """Rows whose text (or a field name) holds control characters, ANSI escape sequences or
+    bidi overrides: almost always an accident in training data, sometimes an attack."""
+    out = []
+    for ln, t in zip(lines, texts):
+        what = describe_controls(t) if has_controls(t) else None
+        where = "its text"
+        if what is None and ln in bad_keys:
+            what, where = describe_controls(bad_keys[ln]), f"the field name {visible(repr(bad_keys[ln]))}"
+        if what:
+            out.append(data_mod.DataProblem(ln, "control_chars", f"{what} in {where} (shown as ␛ / ⟨U+…⟩ here); "
+                                     "clean the row unless the model must learn those bytes"))
+    return out
+
+
+def _finish(cfg, rep: Report, tok, rows, counts, problems, mixed, dups, pii, seen, fields,
+            partial: bool) -> Report:
+    """A Report snapshot from the running state (cheap enough to call every 0.3 s)."""
+    import copy
+    import numpy as np
+    r = copy.copy(rep)
+    r.warnings = list(rep.warnings)
+    r.formats_seen = dict(seen)
+    r.fields_seen = dict(sorted(fields.items(), key=lambda kv: -kv[1])[:30])
+    if partial and seen and not r.format:
+        r.format = max(seen, key=seen.get)
+        r.format_reason = f"so far {seen[r.format]} of {rep.rows_read} rows have " + data_mod.detect_reason(r.format)
+    arr = np.concatenate(counts) if counts else np.zeros((0, 3), dtype=np.int64)
+    n = len(arr)
+    r.rows = len(rows)
+    r.rows_tokenized = n
+    if not partial:
+        r.lines = [row.line for row in rows]
+    probs = list(mixed) + list(problems)
+    max_len = rep.max_length
+    if n:
+        lengths, trained, kept = arr[:, 0], arr[:, 1], arr[:, 2]
+        r.stats = {"min": int(lengths.min()), "median": float(np.median(lengths)),
+                   "p95": float(np.percentile(lengths, 95)), "max": int(lengths.max()),
+                   "mean": round(float(lengths.mean()), 2)}
+        r.histogram = histogram(lengths, max_len)
+        r.truncated_rows = int((lengths > max_len).sum())
+        r.truncated_share = round(r.truncated_rows / n, 6)
+        r.trained_tokens_total = int(kept.sum())
+        r.trained_tokens_untruncated = int(trained.sum())
+        r.trained_tokens_median = float(np.median(kept))
+        zero = np.nonzero(kept == 0)[0]
+        r.zero_trained_rows = int(len(zero))
+        for i in zero:
+            row = rows[i]
+            why = ("all its trained tokens lie past max_length = %d (the row has %d tokens)" % (max_len, lengths[i])
+                   if trained[i] else "the chat template leaves no assistant token to train on")
+            probs.append(data_mod.DataProblem(row.line, "no_trained_tokens",
+                                       f"no trained tokens: {why}; the trainer drops this row"))
+        if not partial:
+            n_train, held, spe, total, basis = _steps(cfg, arr, max_len,
+                                                      _same_file(cfg, rep.path))
+            r.steps_per_epoch, r.total_steps, r.steps_basis = spe, total, basis
+            r.splits = {"train": n_train if cfg.data.packing is not True else n - held, "eval": held}
+            if _same_file(cfg, rep.path) and cfg.data.eval:
+                r.splits["eval_file"] = cfg.data.eval
+            all_out = quality.outliers(r.lines, lengths)
+            r.outliers_total = len(all_out)
+            r.outliers = all_out[:MAX_LISTED]
+    probs.sort(key=lambda p: p.line)
+    r.problems = probs
+    r.duplicates = dups.exact_groups()
+    r.near_duplicates = dups.near_groups()
+    r.pii_total = len(pii)
+    r.pii = sorted(pii, key=lambda f: f.line)[:MAX_LISTED]
+    if not partial:
+        r.phase = "done"
+        r.done = True
+        r.progress = 1.0
+        if cfg.data.strict and r.problems:
+            r.warnings.append(f"data.strict = true: training refuses this file ({len(r.problems)} problems)")
+    else:
+        r.done = False
+    return r
+
+
+def _same_file(cfg, path: str) -> bool:
+    try:
+        return data_mod.resolve(cfg.resolve_path(cfg.data.train)).resolve() == Path(path).resolve()
+    except OSError:
+        return False
+
+
+# ---- preview ------------------------------------------------------------------------
+
+def preview(cfg, row_index: int, *, path=None) -> Preview:
+    """Row ``row_index`` (0-based among usable rows) rendered by the chat template, cut into
+    trained / not-trained segments by ``engine.dataset.chat.encode_batch`` (the trainer's encoder),
+    with what ``max_length`` truncation removes marked."""
+    from engine.dataset.chat import IGNORE, Encoded, encode_batch, segments
+    ds = dataset_for(_data_path(cfg, path), cfg.data.format)
+    if not 0 <= row_index < len(ds.rows):
+        raise IndexError(f"row {row_index + 1} out of range: the file has {len(ds.rows)} usable rows")
+    row = ds.rows[row_index]
+    if row.data.get("images") is not None:        # an image row: the processor's own tokens
+        from engine.training import vision
+        return vision.preview(cfg, row, row_index)
+    tok, _ = tokenizer_for(cfg)
+    enc = encode_batch(tok, [row.data])[0]
+    if "input_ids" in row.data and not enc.text:      # pre-tokenised row: decode it token by token
+        text, offsets = "", []
+        for t in enc.input_ids:
+            piece = tok.decode([t])
+            offsets.append((len(text), len(text) + len(piece)))
+            text += piece
+        enc = Encoded(enc.input_ids, enc.labels, text, offsets)
+    max_len = int(cfg.data.max_length)
+    n = len(enc.input_ids)
+    labels = list(enc.labels[:max_len])
+    truncated_at = max_len if n > max_len else None
+    cut_char = None
+    if truncated_at is not None:
+        cut_char = enc.offsets[max_len][0] if enc.offsets[max_len][1] > enc.offsets[max_len][0] \
+            else next((s for s, e in enc.offsets[max_len:] if e > s), len(enc.text))
+    shown = Encoded(enc.input_ids, labels + [IGNORE] * (n - len(labels)), enc.text, enc.offsets)
+    segs = segments(shown)
+    if cut_char is not None:                 # split at the cut so a UI can dim the rest
+        out, pos = [], 0
+        for text, tr in segs:
+            if pos < cut_char < pos + len(text):
+                out += [(text[:cut_char - pos], tr), (text[cut_char - pos:], tr)]
+            else:
+                out.append((text, tr))
+            pos += len(text)
+        segs = out
+    return Preview(row_index=row_index, line=row.line, segments=segs, n_tokens=n,
+                   n_trained=sum(1 for x in labels if x != IGNORE), n_trained_untruncated=enc.n_trained,
+                   truncated_at=truncated_at, cut_char=cut_char, text=enc.text,
+                   input_ids=list(enc.input_ids[:max_len]), labels=labels)
+
+
+class NoRowAtLine(ValueError):
+    """A line that is no usable row: ``next_index`` is the first row after it (where "next"
+    continues), ``raw`` the line's own text (up to 2,000 characters; "" when not a text file)."""
+
+    def __init__(self, message: str, next_index: int, raw: str) -> None:
+        super().__init__(message)
+        self.next_index, self.raw = next_index, raw
+
+
+def raw_line(path, line: int, limit: int = 2000) -> str:
+    """Physical line ``line`` of a text data file, as text (undecodable bytes replaced)."""
+    p = Path(path)
+    if p.suffix.lower() not in (".jsonl", ".json", ".csv", ".txt") or not p.is_file():
+        return ""
+    with open(p, "rb") as fh:
+        for i, raw in enumerate(fh, 1):
+            if i == line:
+                return raw[:limit * 4].decode("utf-8", "replace").rstrip("\r\n")[:limit]
+    return ""
+
+
+def row_index_for_line(cfg, line: int, *, path=None) -> int:
+    """The usable-row index of physical line ``line`` (NoRowAtLine if that line is no usable row)."""
+    ds = dataset_for(_data_path(cfg, path), cfg.data.format)
+    from bisect import bisect_left
+    lines = [r.line for r in ds.rows]
+    i = bisect_left(lines, line)
+    if i < len(lines) and lines[i] == line:
+        return i
+    bad = [p for p in ds.problems if p.line == line]
+    raise NoRowAtLine(f"line {line} is not a usable row" + (f": {bad[0].message}" if bad else ""),
+                      i, raw_line(_data_path(cfg, path), line))
+
+
+# ---- command line -------------------------------------------------------------------
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "inspect", help="report on a dataset: format, problems by line, token statistics, "
+                        "label-mask preview, duplicates, PII",
+        description="Inspect a dataset with the model's tokenizer and chat template. Exit status: "
+                    "0, or 1 with --strict when there are problems, 2 when the file or config is unusable.")
+    p.add_argument("data", metavar="DATA", nargs="?", default=None,
+                   help="data file or datasets directory (default: data.train of the config)")
+    p.add_argument("--config", default=None, metavar="CONFIG", help="TOML config (model, max_length, batch settings)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set data.format=alpaca (repeatable)")
+    p.add_argument("--model", default=None, metavar="M", help="model whose tokenizer and chat template to use")
+    p.add_argument("--max-length", type=int, default=None, metavar="N", help="tokens per example (data.max_length)")
+    p.add_argument("--json", action="store_true", help="print the whole report as one JSON document")
+    p.add_argument("--show", type=int, default=None, metavar="N",
+                   help="print usable row N (1-based) with its trained tokens marked ⟦…⟧")
+    p.add_argument("--show-line", type=int, default=None, metavar="L",
+                   help="like --show, for the row on physical line L of the file")
+    p.add_argument("--strict", action="store_true", help="exit 1 when the report lists any problem")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                   help="colour the preview's trained tokens (auto: when stdout is a terminal)")
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> int:
+    from engine.core import config as config_mod
+    from engine.training.model import ModelError
+    overrides = list(args.overrides)
+    if args.max_length is not None:
+        overrides.append(f"data.max_length={args.max_length}")
+    try:
+        cfg = config_mod.load(args.config, overrides)
+    except config_mod.ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    if args.data:          # relative to the working directory, not to the config file
+        cfg.data.train = args.data if args.data.startswith("builtin:") else \
+            str(Path(args.data).expanduser().absolute())
+    if args.model:
+        cfg.model.name = args.model if args.model.startswith("builtin:") or "/" not in args.model \
+            or not Path(args.model).expanduser().exists() else str(Path(args.model).expanduser().absolute())
+    try:
+        if args.show is not None or args.show_line is not None:
+            return _cmd_show(cfg, args)
+        stderr_tty = sys.stderr.isatty() and not args.json
+
+        def progress(r: Report):
+            if stderr_tty:
+                write_trusted(sys.stderr, f"\r{r.phase}: {r.rows_read} rows read, {r.rows_tokenized} "
+                                          f"tokenised ({r.progress:.0%})")
+                sys.stderr.flush()
+        # This command is one short-lived process that starts no child and forks no DataLoader,
+        # so it may let the tokenizer use every core even where the environment turned that off
+        # (TOKENIZERS_PARALLELISM=false, often set just to silence the fork warning). It is set
+        # for this call only and restored after, in case a caller runs the CLI in-process.
+        saved = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+        try:
+            rep = inspect(cfg, on_partial=progress if stderr_tty else None)
+        finally:
+            if saved is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = saved
+        if stderr_tty:
+            write_trusted(sys.stderr, "\r\033[K")
+            sys.stderr.flush()
+    except (data_mod.DataError, ModelError) as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    if args.json:
+        print(json_dumps(rep.to_dict(), indent=1))
+    else:
+        print(format_report(rep))
+    return 1 if args.strict and rep.problems else 0
+
+
+def _cmd_show(cfg, args) -> int:
+    try:
+        idx = (args.show - 1) if args.show is not None else row_index_for_line(cfg, args.show_line)
+        pv = preview(cfg, idx)
+    except (IndexError, ValueError) as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty()
+                                        and not os.environ.get("NO_COLOR"))
+    if args.json:
+        print(json_dumps(pv.to_dict(), indent=1))
+    else:
+        write_trusted(sys.stdout, format_preview(pv, cfg.data.max_length, colour=colour) + "\n")
+    return 0
+
+
+def format_preview(pv: Preview, max_len: int, colour: bool = False) -> str:
+    head = (f"row {pv.row_index + 1} (line {pv.line}): {pv.n_tokens} tokens, {pv.n_trained} trained"
+            + (f" ({pv.n_trained_untruncated - pv.n_trained} more past max_length)"
+               if pv.n_trained_untruncated != pv.n_trained else ""))
+    legend = ("trained tokens in green" if colour else "trained tokens between ⟦ and ⟧")
+    body, pos = [], 0
+    for raw, trained in pv.segments:
+        text = visible(raw)           # the row's own escape codes are shown, never run
+        if pv.cut_char is not None and pos == pv.cut_char:
+            body.append(("\033[7m" if colour else "") + f"✂[max_length {max_len}: the rest is cut]"
+                        + ("\033[0m" if colour else ""))
+        if trained:
+            body.append(f"\033[1;32m{text}\033[0m" if colour else f"⟦{text}⟧")
+        else:
+            body.append(f"\033[2m{text}\033[0m" if colour and pv.cut_char is not None and pos >= pv.cut_char
+                        else text)
+        pos += len(raw)
+    return f"{head}; {legend}\n" + "─" * 60 + "\n" + "".join(body) + "\n" + "─" * 60
+
+
+def _lines(groups, limit=5) -> str:
+    shown = "; ".join(", ".join(map(str, g[:6])) + (" …" if len(g) > 6 else "") for g in groups[:limit])
+    return shown + (f"; … {len(groups) - limit} more groups" if len(groups) > limit else "")
+
+
+def format_report(r: Report, max_problems: int = 50) -> str:
+    out = [f"data: {r.path}",
+           f"format: {r.format} ({r.format_reason})"]
+    if len(r.formats_seen) > 1:
+        out.append("  formats seen: " + ", ".join(f"{k} {v}" for k, v in r.formats_seen.items()))
+    out.append("  fields: " + ", ".join(f"{k} ({v})" for k, v in list(r.fields_seen.items())[:8]))
+    split = ", ".join(f"{k} {v}" for k, v in r.splits.items())
+    out.append(f"rows: {r.rows} usable of {r.raw_count} read" + (f" → {split}" if split else ""))
+    out.append(f"problems: {len(r.problems)}" + (" (" + ", ".join(f"{k} {v}" for k, v in
+                                                               _count_kinds(r.problems).items()) + ")" if r.problems else ""))
+    for p in r.problems[:max_problems]:
+        out.append(f"  line {p.line}: [{p.kind}] {p.message}")
+    if len(r.problems) > max_problems:
+        out.append(f"  … {len(r.problems) - max_problems} more (--json lists all)")
+    if r.stats:
+        s = r.stats
+        out.append(f"tokens ({r.model}, max_length {r.max_length}): min {s['min']}, median {s['median']:g}, "
+                   f"p95 {s['p95']:g}, max {s['max']}, mean {s['mean']:g}")
+        peak = max(c for _, _, c in r.histogram) or 1
+        for lo, hi, c in r.histogram:
+            bar = "█" * max(1 if c else 0, round(30 * c / peak))
+            label = bucket_label(lo, hi)
+            out.append(f"  {label.split('–')[0]:>7}–{label.split('–')[1]:<7} {bar} {c}")
+        out.append(f"truncated at max_length: {r.truncated_rows} rows ({r.truncated_share:.1%})")
+        if r.images:
+            v = r.images.get("visual_tokens_per_image") or {}
+            out.append(f"images: {r.images['count']} in {r.images['rows_with_images']} rows, "
+                       f"{r.images['visual_tokens_total']} visual tokens (per image min {v.get('min', 0)}, "
+                       f"median {v.get('median', 0):g}, max {v.get('max', 0)}; counted in the tokens above), "
+                       f"{r.images['bad_images']} missing or unreadable")
+        out.append(f"trained tokens: {r.trained_tokens_total} in all, median {r.trained_tokens_median:g} per row; "
+                   f"{r.zero_trained_rows} rows with none")
+        out.append(f"steps per epoch: {r.steps_per_epoch} (total {r.total_steps}): {r.steps_basis}")
+    out.append(f"duplicates: {len(r.duplicates)} groups" + (f" (lines {_lines(r.duplicates)})" if r.duplicates else ""))
+    out.append(f"near-duplicates: {len(r.near_duplicates)} groups"
+               + (f" (lines {_lines(r.near_duplicates)})" if r.near_duplicates else ""))
+    if r.outliers_total:
+        shown = ", ".join(f"line {ln} {k} ({n} tokens)" for ln, k, n in r.outliers[:10])
+        out.append(f"length outliers: {r.outliers_total}: {shown}" + (" …" if r.outliers_total > 10 else ""))
+    else:
+        out.append("length outliers: none")
+    out.append(f"possible PII / secrets: {r.pii_total}")
+    for f in r.pii[:20]:
+        out.append(f"  line {f.line}: {f.kind} {f.masked}")
+    if r.pii_total > 20:
+        out.append(f"  … {r.pii_total - 20} more (--json lists them)")
+    for w in r.warnings:
+        out.append(f"warning: {w}")
+    out.append(f"({r.elapsed_s:.1f} s)")
+    return "\n".join(out)

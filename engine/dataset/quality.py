@@ -1,0 +1,248 @@
+"""Dataset quality checks for the inspector: duplicates, length outliers, PII and secrets.
+
+Everything here works on normalised rows (``engine.dataset.data.Row.data``) in batches and never
+keeps or returns a finding's full value: PII comes back masked (``j***@e***.com``,
+``**** **** **** 1234``, ``sk-…abcd``).
+"""
+from __future__ import annotations
+
+import re
+import string
+from bisect import bisect_right
+from dataclasses import dataclass
+
+PII_KINDS = ("email", "phone", "card", "api_key", "private_key")
+
+
+@dataclass
+class PiiFinding:
+    line: int
+    kind: str        # one of PII_KINDS
+    masked: str      # never the full value
+
+    def to_dict(self) -> dict:
+        return {"line": self.line, "kind": self.kind, "masked": self.masked}
+
+
+def row_text(data: dict) -> str:
+    """All the human-written text of a normalised row, turns joined by newlines."""
+    if "messages" in data:
+        return "\n".join(m["content"] for m in data["messages"])
+    if "completion" in data:
+        return data["prompt"] + "\n" + data["completion"]
+    if "input_ids" in data:          # pre-tokenised: no text to scan
+        return ""
+    return data["text"]
+
+
+def row_key(data: dict):
+    """A hashable exact identity of a normalised row (roles included)."""
+    if "messages" in data:
+        return tuple((m["role"], m["content"]) for m in data["messages"])
+    if "completion" in data:
+        return ("\0prompt", data["prompt"], data["completion"])
+    if "input_ids" in data:
+        return ("\0ids", tuple(data["input_ids"]), tuple(data.get("labels") or ()))
+    return ("\0text", data["text"])
+
+
+_ASCII_PUNCT = string.punctuation.encode()
+
+
+_DROP = _ASCII_PUNCT + b" \t\n\r\x0b\x0c"
+
+
+def near_key(text: str) -> bytes:
+    """Text normalised for near-duplicate matching: lower case, with ASCII punctuation and
+    all whitespace dropped (one C-speed pass)."""
+    return text.lower().encode("utf-8", "surrogatepass").translate(None, _DROP)
+
+
+class Duplicates:
+    """Incremental exact and near-duplicate grouping by line number."""
+
+    def __init__(self):
+        self._exact: dict = {}
+        self._near: dict = {}
+        self._exact_multi: list = []      # groups with 2+ lines, in the order they became so
+        self._near_multi: list = []
+
+    def add(self, line: int, data: dict, text: str) -> None:
+        k = row_key(data)
+        g = self._exact.get(k)
+        if g is None:
+            self._exact[k] = [line]
+        else:
+            g.append(line)
+            if len(g) == 2:
+                self._exact_multi.append(g)
+            return            # an exact copy is near its original too; reported once, as exact
+        nk = near_key(text)
+        g = self._near.get(nk)
+        if g is None:
+            self._near[nk] = [line]
+        else:
+            g.append(line)
+            if len(g) == 2:
+                self._near_multi.append(g)
+
+    def exact_groups(self) -> list[list[int]]:
+        return sorted((list(g) for g in self._exact_multi), key=lambda g: g[0])
+
+    def near_groups(self) -> list[list[int]]:
+        """Groups of rows that differ only in case, punctuation or spacing (exact copies excluded:
+        each group lists the first line of every distinct variant)."""
+        return sorted((list(g) for g in self._near_multi), key=lambda g: g[0])
+
+
+def outliers(lines, lengths, factor: float = 3.0, min_rows: int = 20) -> list[tuple[int, str, int]]:
+    """Rows far from the bulk in token length: ``short`` below Q1/factor, ``long`` above Q3×factor.
+
+    Returns ``(line, "short"|"long", tokens)`` sorted by line; nothing below ``min_rows`` rows
+    (too few to call anything unusual)."""
+    import numpy as np
+    n = len(lengths)
+    if n < min_rows:
+        return []
+    arr = np.asarray(lengths)
+    q1, q3 = np.percentile(arr, [25, 75])
+    lo, hi = q1 / factor, q3 * factor
+    out = []
+    for i in np.nonzero((arr < lo) | (arr > hi))[0]:
+        out.append((int(lines[i]), "short" if arr[i] < lo else "long", int(arr[i])))
+    out.sort()
+    return out
+
+
+# ---- PII and secrets ---------------------------------------------------------------------
+
+_EMAIL = re.compile(r"[A-Za-z0-9._%+\-]{1,64}@[A-Za-z0-9\-]{1,63}(?:\.[A-Za-z0-9\-]{1,63})*\.[A-Za-z]{2,24}\b")
+_DIGITS = re.compile(r"\d[\d ().\-]{5,24}\d")   # starts with a digit: the regex engine skips fast
+_KEYS = re.compile(
+    r"(?P<private_key>-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----)"
+    r"|(?P<api_key>\b(?:sk-(?:proj-|ant-|live_|test_)?[A-Za-z0-9_\-]{16,}"
+    r"|(?:AKIA|ASIA)[0-9A-Z]{16}"
+    r"|gh[pousr]_[A-Za-z0-9]{30,}"
+    r"|github_pat_[A-Za-z0-9_]{40,}"
+    r"|xox[abposr]-[A-Za-z0-9\-]{10,}"
+    r"|AIza[0-9A-Za-z_\-]{35}"
+    r"|hf_[A-Za-z0-9]{30,}"
+    r"|(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}))")
+_KEY_HINTS = ("sk-", "sk_", "rk_", "pk_", "AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_",
+              "github_pat_", "xox", "AIza", "hf_", "PRIVATE KEY")
+_PHONE_SHAPE = re.compile(r"^\+?\d{1,3}[ .\-]?\(?\d{1,4}\)?(?:[ .\-]?\d{2,4}){2,4}$|^\(\d{2,4}\)[ .\-]?\d{3,4}[ .\-]?\d{3,4}$")
+_DATE_SHAPE = re.compile(r"^\d{1,4}[./\-]\d{1,2}[./\-]\d{1,4}$")
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def mask_email(v: str) -> str:
+    local, _, domain = v.partition("@")
+    host, _, tld = domain.rpartition(".")
+    return f"{local[:1]}***@{host[:1]}***.{tld}"
+
+
+def mask_digits(v: str, keep: int) -> str:
+    """Every digit but the last ``keep`` replaced by ``*``; separators kept."""
+    n = sum(c.isdigit() for c in v)
+    out, seen = [], 0
+    for c in v:
+        if c.isdigit():
+            seen += 1
+            out.append(c if seen > n - keep else "*")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def mask_key(v: str) -> str:
+    m = re.match(r"(sk-(?:proj-|ant-)?|(?:sk|rk|pk)_(?:live|test)_|AKIA|ASIA|gh[pousr]_|github_pat_|xox[abposr]-|AIza|hf_)", v)
+    prefix = m.group(1) if m else ""
+    return f"{prefix}…{v[-4:]}"
+
+
+def _classify_digits(v: str) -> tuple[str, str] | None:
+    digits = "".join(c for c in v if c.isdigit())
+    nd = len(digits)
+    if 13 <= nd <= 19 and luhn_ok(digits) and re.fullmatch(r"\d{4}(?:[ \-]?\d{2,4}){2,4}|\d{13,19}", v.strip()):
+        return "card", mask_digits(v, 4)
+    if _DATE_SHAPE.match(v) or not (10 <= nd <= 15):
+        return None
+    formatted = v.startswith("+") or any(c in v for c in " -.()")
+    if formatted and _PHONE_SHAPE.match(v):
+        return "phone", mask_digits(v, 2)
+    return None
+
+
+_DIGITS_B = re.compile(rb"\d[\d ().\-]{5,24}\d")
+_KEYS_B = re.compile(_KEYS.pattern.encode())
+_KEY_HINTS_B = tuple(h.encode() for h in _KEY_HINTS)
+_SEP = "\n\0\n"
+
+
+def _word_byte(b: int) -> bool:
+    return 48 <= b <= 57 or 65 <= b <= 90 or 97 <= b <= 122 or b == 95 or b >= 128
+
+
+def scan_pii(lines: list[int], texts: list[str]) -> list[PiiFinding]:
+    """PII and secrets in a batch of rows; one finding per (row, kind, masked value).
+
+    The batch is scanned as one UTF-8 buffer (regexes over bytes, substring pre-checks), so
+    the cost is a few passes at C speed per batch, not per row."""
+    out: list[PiiFinding] = []
+    blob = _SEP.join(texts)
+    bb = blob.encode("utf-8", "surrogatepass")
+    starts: list[int] = []
+    seen = set()
+
+    def row_of(at: int) -> int:
+        if not starts:
+            pos = 0
+            for t in texts:
+                starts.append(pos)
+                pos += len(t.encode("utf-8", "surrogatepass")) + len(_SEP)
+        return bisect_right(starts, at) - 1
+
+    def add(i: int, kind: str, masked: str):
+        key = (lines[i], kind, masked)
+        if key not in seen:
+            seen.add(key)
+            out.append(PiiFinding(lines[i], kind, masked))
+
+    n = len(bb)
+    for m in _DIGITS_B.finditer(bb):
+        a, b = m.span()
+        if b < n and _word_byte(bb[b]):
+            continue                       # part of a longer word or number
+        while a > 0 and bb[a - 1] in b"+(" and a > m.start() - 2:
+            a -= 1
+        if a > 0 and (_word_byte(bb[a - 1]) or bb[a - 1] == 43):
+            continue
+        got = _classify_digits(bb[a:b].decode().strip())
+        if got:
+            add(row_of(a), *got)
+    if (b"-" in bb or b"_" in bb or b"AKIA" in bb or b"ASIA" in bb or b"AIza" in bb) \
+            and any(h in bb for h in _KEY_HINTS_B):
+        for m in _KEYS_B.finditer(bb):
+            v = m.group(0).decode()
+            if m.group("private_key"):
+                add(row_of(m.start()), "private_key", v.strip("-").strip() + " (key body not shown)")
+            else:
+                add(row_of(m.start()), "api_key", mask_key(v))
+    if b"@" in bb:
+        for i, t in enumerate(texts):
+            if "@" in t:
+                for m in _EMAIL.finditer(t):
+                    add(i, "email", mask_email(m.group(0)))
+    out.sort(key=lambda f: f.line)
+    return out

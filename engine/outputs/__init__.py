@@ -1,0 +1,1 @@
+"""After a run: merge, GGUF export, model cards and push, generation, serving, Axolotl import."""

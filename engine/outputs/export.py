@@ -1,0 +1,470 @@
+"""``qlora-tui export``: a run as a GGUF file for llama.cpp and Ollama, verified.
+
+The model path reuses ``merge`` (16-bit/fp32 merge, itself verified against base + adapter),
+writes the merged checkpoint as GGUF (``engine.outputs.gguf_write``), then reads the GGUF back with
+transformers (``gguf_file=``): the tokenizer must encode the check prompts to the same ids and
+the logits must match the merged checkpoint within the type's bound. An Ollama ``Modelfile``
+and a model card (README.md) are written next to the file, the commands to use it printed, and
+the result appended to the run's ``events.jsonl`` (an ``export`` event).
+
+``--adapter-gguf`` writes the LoRA adapter alone as a llama.cpp adapter GGUF (``--lora``,
+Ollama ``ADAPTER``); no merge is needed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from engine.outputs import gguf_write
+from engine.outputs.merge import (CHECK_PROMPTS, _TOLERANCE, AdapterError, MergeError, _logits, _prompt_texts,
+                          find_adapter_dir, merge, read_adapter_config, run_dir_of, tokenizer_source)
+
+# logits bound per type: atol + rtol * max|reference logit| (f32/f16/bf16 = merge's tolerances;
+# the quantized bounds were measured on builtin:tiny and Llama-shaped random weights, with margin)
+TOLERANCE = {"f32": _TOLERANCE["fp32"], "f16": _TOLERANCE["fp16"], "bf16": _TOLERANCE["bf16"],
+             "q8_0": (0.1, 0.05), "q5_1": (0.5, 0.15), "q5_0": (0.5, 0.15),
+             "q4_1": (1.0, 0.3), "q4_0": (1.0, 0.3)}
+
+
+class ExportError(AdapterError):
+    """The export cannot run or its result failed verification; the message is one line."""
+
+
+@dataclass
+class ExportReport:
+    path: str
+    kind: str                        # model | adapter
+    gguf_type: str
+    arch: str
+    size_bytes: int
+    tensors: int
+    seconds: float
+    merged_dir: str = ""
+    max_abs_diff: float | None = None
+    tolerance: float | None = None
+    top1_agreement: float | None = None
+    tokenizer_roundtrip: bool | None = None
+    prompts: int = 0
+    modelfile: str = ""
+    card: str = ""
+    commands: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        out = [f"GGUF {self.kind} ({self.gguf_type}, {self.arch}): {self.path}",
+               f"  size:     {self.size_bytes / 1e6:.1f} MB, {self.tensors} tensors, {self.seconds:.1f}s"]
+        if self.max_abs_diff is not None:
+            out.append(f"  verified: read back with transformers (gguf_file=): tokenizer ids identical on "
+                       f"{self.prompts} prompts; max |logit diff| vs the merged checkpoint "
+                       f"{self.max_abs_diff:.3g} <= {self.tolerance:.3g}; top-1 agreement "
+                       f"{self.top1_agreement:.1%}")
+        if self.merged_dir:
+            out.append(f"  merged:   {self.merged_dir}")
+        if self.modelfile:
+            out.append(f"  Modelfile: {self.modelfile}")
+        if self.card:
+            out.append(f"  card:     {self.card}")
+        out.append("  use it:")
+        out += [f"    {c}" for c in self.commands]
+        out += [f"  warning:  {w}" for w in self.warnings]
+        return out
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _read_json(path: Path, err=ExportError) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise err(f"{path}: cannot read ({e})") from None
+
+
+def run_rows(run_dir: Path | None, n: int = 200) -> list[dict]:
+    """Up to ``n`` rows of the run's train data (for check prompts and the system prompt)."""
+    if run_dir is None:
+        return []
+    from engine.outputs.generate import _data_path, _read_rows
+    try:
+        data = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8")).get("data", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return []
+    path = _data_path(str(data.get("train") or ""), run_dir) if isinstance(data, dict) else None
+    if path is None or not path.is_file() or path.suffix not in (".jsonl", ".json"):
+        return []
+    return [r for r in _read_rows(path, False, n)[:n] if isinstance(r, dict)]
+
+
+def system_prompt(rows: list[dict]) -> str:
+    """The system message most rows of the data share, if more than half of those with one agree."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        msgs = row.get("messages") or row.get("conversations") or []
+        first = msgs[0] if isinstance(msgs, list) and msgs and isinstance(msgs[0], dict) else {}
+        if first.get("role", first.get("from")) == "system":
+            text = str(first.get("content", first.get("value", ""))).strip()
+            if text:
+                counts[text] = counts.get(text, 0) + 1
+    if not counts:
+        return ""
+    text, n = max(counts.items(), key=lambda kv: kv[1])
+    return text if n * 2 > sum(counts.values()) else ""
+
+
+def default_name(run_dir: Path | None, adapter_dir: Path) -> str:
+    import re
+    base = (run_dir or adapter_dir).name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-").lower() or "model"
+
+
+def _export_dir(out: str | Path | None, run_dir: Path | None, adapter_dir: Path, name: str,
+                gguf_type: str, adapter: bool) -> Path:
+    suffix = f"-lora-{gguf_type}.gguf" if adapter else f"-{gguf_type}.gguf"
+    if out:
+        p = Path(out).expanduser()
+        return p if p.suffix == ".gguf" else p / f"{name}{suffix}"
+    root = (run_dir or adapter_dir.parent) / "export"
+    return root / f"{name}{suffix}"
+
+
+def _merged_dir(path: Path, adapter_dir: Path, src, base, progress) -> Path:
+    """A merged checkpoint of this adapter next to the GGUF: reused when already there."""
+    merged = path.parent / "merged"
+    info = merged / "qlora_merge.json"
+    if info.is_file():
+        try:
+            same = json.loads(info.read_text(encoding="utf-8")).get("adapter") == str(adapter_dir.resolve())
+        except (OSError, json.JSONDecodeError):
+            same = False
+        if same:
+            progress(0.35, f"reusing the merged checkpoint {merged}")
+            return merged
+        raise ExportError(f"{merged} holds a merge of another adapter; pass --out with a new directory")
+    merge(src, merged, dtype="auto", base=base,
+          on_progress=lambda f, m: progress(0.35 * f, f"merge: {m}"))
+    return merged
+
+
+# --------------------------------------------------------------------------- verification
+
+def verify(merged: Path, path: Path, tok, texts: list[str], gguf_type: str) -> dict:
+    """Read the GGUF back with transformers: same token ids as the original tokenizer on every
+    check text, and logits within the type's bound of the merged checkpoint's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()     # our own progress lines only
+    try:
+        g_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"{path}: transformers cannot read its tokenizer back: "
+                          f"{str(e).splitlines()[0][:200]}") from None
+    for text in texts:
+        want = tok(text, add_special_tokens=True).input_ids
+        got = g_tok(text, add_special_tokens=True).input_ids
+        if want != got:
+            raise ExportError(f"{path}: the GGUF tokenizer does not round-trip: {text[:40]!r} encodes to "
+                              f"{got[:8]}... instead of {want[:8]}...; this tokenizer cannot be exported")
+    encoded = [torch.tensor([tok(t, add_special_tokens=True).input_ids[:128]]) for t in texts]
+    encoded = [e for e in encoded if e.shape[1] > 0]
+    ref_model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
+    ref = _logits(ref_model, encoded)
+    del ref_model
+    try:
+        g_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                       dtype=torch.float32).eval()
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"{path}: transformers cannot load it back: {str(e).splitlines()[0][:200]}") from None
+    got = _logits(g_model, encoded)
+    del g_model
+    diff = max(float((a - b).abs().max()) for a, b in zip(ref, got))
+    scale = max(float(a.abs().max()) for a in ref)
+    atol, rtol = TOLERANCE[gguf_type]
+    tol = atol + rtol * scale
+    agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(ref, got))
+    total = sum(int(a.shape[1]) for a in ref)
+    result = {"max_abs_diff": diff, "tolerance": tol, "top1_agreement": agree / total if total else 1.0,
+              "prompts": len(encoded), "tokenizer_roundtrip": True}
+    if not diff <= tol:
+        raise ExportError(f"verification failed: {path.name} logits differ from the merged checkpoint by "
+                          f"{diff:.4g} (> bound {tol:.4g} for {gguf_type}); the file was removed")
+    return result
+
+
+# --------------------------------------------------------------------------- Ollama / llama.cpp
+
+_OLLAMA_TEMPLATES = {
+    "chatml": ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
+               '<|im_start|>assistant\n'),
+    "llama3": ('{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
+               '{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n'),
+}
+
+
+def template_family(jinja: str) -> str | None:
+    if "<|im_start|>" in jinja and "<|im_end|>" in jinja:
+        return "chatml"
+    if "<|start_header_id|>" in jinja and "<|eot_id|>" in jinja:
+        return "llama3"
+    return None
+
+
+def _quote(text: str) -> str:
+    return '"""' + text.replace('"""', '\\"\\"\\"') + '"""'
+
+
+def modelfile_text(from_: str, vocab: gguf_write.Vocab, system: str, adapter: str | None = None) -> str:
+    lines = ["# Ollama Modelfile written by qlora-tui export", f"FROM {from_}"]
+    if adapter:
+        lines.append(f"ADAPTER {adapter}")
+    family = template_family(vocab.chat_template)
+    if family:
+        lines.append(f"TEMPLATE {_quote(_OLLAMA_TEMPLATES[family])}")
+    elif vocab.chat_template:
+        lines.append("# the chat template is not one we translate to Ollama's Go syntax; Ollama reads the")
+        lines.append("# Jinja template stored in the GGUF (tokenizer.chat_template) when it recognises it")
+    for stop in vocab.stop_tokens:
+        lines.append("PARAMETER stop " + json.dumps(stop))
+    if system:
+        lines.append(f"SYSTEM {_quote(system)}")
+    return "\n".join(lines) + "\n"
+
+
+def use_commands(path: Path, name: str, modelfile: Path, adapter_base: str | None = None) -> list[str]:
+    q = shlex.quote
+    if adapter_base is not None:
+        return [f"llama-cli -m BASE.gguf --lora {q(str(path))} -cnv   # BASE.gguf: {adapter_base} as GGUF",
+                f"ollama create {q(name)} -f {q(str(modelfile))}   # edit FROM in the Modelfile first"]
+    return [f"llama-cli -m {q(str(path))} -cnv",
+            f"llama-server -m {q(str(path))} --port 8080",
+            f"ollama create {q(name)} -f {q(str(modelfile))} && ollama run {q(name)}",
+            f"scp HOST:{q(str(path.resolve()))} .   # one file holds weights, tokenizer and chat template"]
+
+
+# --------------------------------------------------------------------------- export
+
+@dataclass
+class _Source:
+    src: str
+    adapter_dir: Path
+    acfg: dict
+    run_dir: Path | None
+    name: str
+
+
+def _source(src, name: str | None) -> _Source:
+    adapter_dir = find_adapter_dir(src, ExportError)
+    acfg = read_adapter_config(adapter_dir, ExportError)
+    run_dir = run_dir_of(src, adapter_dir)
+    return _Source(str(src), adapter_dir, acfg, run_dir, name or default_name(run_dir, adapter_dir))
+
+
+def _prepare_target(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise ExportError(f"{path} already exists; pass --force to overwrite it or --out elsewhere")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def export_model(src, gguf_type: str = "f16", out=None, base: str | None = None, name: str | None = None,
+                 force: bool = False, on_progress: Callable[[float, str], None] | None = None) -> ExportReport:
+    """Merge (or reuse the merge), write the GGUF, verify it, write the Modelfile and card."""
+    t0 = time.time()
+    progress = on_progress or (lambda f, m: None)
+    gguf_type = _checked(gguf_type)
+    s = _source(src, name)
+    path = _export_dir(out, s.run_dir, s.adapter_dir, s.name, gguf_type, adapter=False)
+    _prepare_target(path, force)
+    progress(0.0, f"exporting {s.adapter_dir} as GGUF {gguf_type}")
+    _preflight(s, base)
+    merged = _merged_dir(path, s.adapter_dir, src, base, progress)
+    cfg = _read_json(merged / "config.json")
+    arch, permute = _guard(gguf_write.architecture_of, cfg, str(merged / "config.json"))
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(merged))
+    vocab = _guard(gguf_write.read_vocab, tok, int(gguf_write._text_config(cfg)["vocab_size"]), str(merged))
+    tensors = _guard(gguf_write.plan_model, merged, cfg, arch, permute, gguf_type)
+    total = sum(gguf_write._nbytes(t.shape, t.qtype) for t in tensors)
+    prog = gguf_write.Progress(progress, total, 0.4, 0.4, int(gguf_write._text_config(cfg)["num_hidden_layers"]))
+
+    def kv(w):
+        w.add_name(s.name)
+        w.add_file_type(int(getattr(__import__("gguf").LlamaFileType, gguf_write._FILE_TYPES[gguf_type])))
+        w.add_quantization_version(__import__("gguf").GGML_QUANT_VERSION)
+        gguf_write.add_hparams(w, cfg, arch, str(merged))
+        gguf_write.add_vocab(w, vocab)
+
+    size = _guard(gguf_write.write_gguf, path, arch, kv, tensors, prog)
+    progress(0.8, "verifying: reading the GGUF back with transformers")
+    rows = run_rows(s.run_dir)
+    texts = _prompt_texts(tok, rows[:3]) + list(CHECK_PROMPTS[:2])
+    try:
+        check = verify(merged, path, tok, texts, gguf_type)
+    except ExportError:
+        path.unlink(missing_ok=True)
+        raise
+    modelfile = path.with_suffix(".Modelfile")         # one per file: exports of several types coexist
+    modelfile.write_text(modelfile_text(f"./{path.name}", vocab, system_prompt(rows)), encoding="utf-8")
+    report = ExportReport(path=str(path), kind="model", gguf_type=gguf_type, arch=arch, size_bytes=size,
+                          tensors=len(tensors), seconds=0.0, merged_dir=str(merged), modelfile=str(modelfile),
+                          commands=use_commands(path, s.name, modelfile), **check)
+    _finish(report, s, t0, progress)
+    return report
+
+
+def export_adapter(src, gguf_type: str = "f16", out=None, base: str | None = None, name: str | None = None,
+                   force: bool = False, on_progress: Callable[[float, str], None] | None = None) -> ExportReport:
+    """The LoRA adapter alone as a llama.cpp adapter GGUF (general.type = adapter)."""
+    t0 = time.time()
+    progress = on_progress or (lambda f, m: None)
+    gguf_type = _checked(gguf_type)
+    s = _source(src, name)
+    path = _export_dir(out, s.run_dir, s.adapter_dir, s.name, gguf_type, adapter=True)
+    _prepare_target(path, force)
+    base_name = _base_name(s, base)
+    cfg = _base_config(base_name)
+    arch, permute = _guard(gguf_write.architecture_of, cfg, f"base model {base_name}")
+    where = str(s.adapter_dir / "adapter_config.json")
+    alpha = _guard(gguf_write.lora_scale_alpha, s.acfg, where)
+    tensors = _guard(gguf_write.plan_adapter, s.adapter_dir, s.acfg, cfg, arch, permute, gguf_type)
+    total = sum(gguf_write._nbytes(t.shape, t.qtype) for t in tensors)
+    prog = gguf_write.Progress(progress, total, 0.1, 0.8, int(gguf_write._text_config(cfg)["num_hidden_layers"]))
+
+    def kv(w):
+        w.add_type("adapter")
+        w.add_name(s.name)
+        w.add_string("adapter.type", "lora")
+        w.add_float32("adapter.lora.alpha", alpha)
+        w.add_file_type(int(getattr(__import__("gguf").LlamaFileType, gguf_write._FILE_TYPES[gguf_type])))
+        w.add_quantization_version(__import__("gguf").GGML_QUANT_VERSION)
+
+    size = _guard(gguf_write.write_gguf, path, arch, kv, tensors, prog)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tokenizer_source(s.adapter_dir, base_name))
+    vocab = _guard(gguf_write.read_vocab, tok, int(gguf_write._text_config(cfg)["vocab_size"]), str(s.adapter_dir))
+    modelfile = path.with_suffix(".Modelfile")
+    modelfile.write_text(modelfile_text("BASE.gguf   # the base model as GGUF: edit this line", vocab,
+                                        system_prompt(run_rows(s.run_dir)), adapter=f"./{path.name}"),
+                         encoding="utf-8")
+    report = ExportReport(path=str(path), kind="adapter", gguf_type=gguf_type, arch=arch, size_bytes=size,
+                          tensors=len(tensors), seconds=0.0, modelfile=str(modelfile),
+                          commands=use_commands(path, s.name, modelfile, adapter_base=base_name))
+    _finish(report, s, t0, progress)
+    return report
+
+
+def _base_name(s: _Source, base: str | None) -> str:
+    from engine.outputs.merge import resolve_base, run_model_settings
+    settings = run_model_settings(s.run_dir)
+    return resolve_base(base or s.acfg.get("base_model_name_or_path") or "", err=ExportError,
+                        revision=str(settings.get("revision") or ""),
+                        trust_remote_code=bool(settings.get("trust_remote_code", False)))
+
+
+def _preflight(s: _Source, base: str | None) -> None:
+    """Refuse an unsupported architecture or tokenizer before the (long) merge."""
+    base_name = _base_name(s, base)
+    cfg = _base_config(base_name)
+    _guard(gguf_write.architecture_of, cfg, f"base model {base_name}")
+    from transformers import AutoTokenizer
+    source = tokenizer_source(s.adapter_dir, base_name)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"tokenizer of {source}: cannot load: {str(e).splitlines()[0][:200]}") from None
+    _guard(gguf_write.read_vocab, tok, int(gguf_write._text_config(cfg)["vocab_size"]), source)
+
+
+def _checked(gguf_type: str) -> str:
+    return _guard(gguf_write.check_type, gguf_type)
+
+
+def _guard(fn, *args):
+    """Call a gguf_write step; its GGUFError becomes an ExportError (one line)."""
+    try:
+        return fn(*args)
+    except gguf_write.GGUFError as e:
+        raise ExportError(str(e)) from None
+
+
+def _base_config(base_name: str) -> dict:
+    p = Path(base_name)
+    if (p / "config.json").is_file():
+        return _read_json(p / "config.json")
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(base_name).to_dict()
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"base model {base_name}: cannot read its config ({str(e).splitlines()[0][:200]})") from None
+
+
+def _finish(report: ExportReport, s: _Source, t0: float, progress) -> None:
+    report.seconds = time.time() - t0
+    try:
+        from engine.outputs import modelcard
+        flag = "--adapter-gguf " if report.kind == "adapter" else ""
+        command = f"qlora-tui export {shlex.quote(s.src)} {flag}--gguf {report.gguf_type}"
+        report.card = str(modelcard.write_card(Path(report.path).parent, s.run_dir, s.adapter_dir,
+                                               kind="gguf", export=report, command=command))
+    except ImportError:
+        pass
+    if s.run_dir is not None:
+        from engine.core import events
+        import dataclasses
+        names = {f.name for f in dataclasses.fields(events.Exported)} - {"time"}
+        writer = events.JsonlWriter(s.run_dir / "events.jsonl")
+        writer(events.Exported(**{k: v for k, v in report.to_dict().items() if k in names}))
+        writer.close()
+    progress(1.0, "done")
+
+
+# --------------------------------------------------------------------------- CLI
+
+def _cmd_export(args) -> int:
+    from engine.core.safe_text import visible as clean    # the one sanitiser of untrusted text
+    def show(fraction: float, message: str) -> None:   # with --json, stdout holds the JSON alone
+        print(f"[{fraction * 100:3.0f}%] {clean(message)}", flush=True,
+              file=sys.stderr if args.json else sys.stdout)
+
+    fn = export_adapter if args.adapter_gguf else export_model
+    try:
+        report = fn(args.src, args.gguf, out=args.out, base=args.base, name=args.name, force=args.force,
+                    on_progress=show)
+    except AdapterError as e:
+        print(f"export failed: {clean(str(e))}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print("\n".join(clean(line) for line in report.lines()))
+    return 0
+
+
+def register(subparsers) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "export", help="a run as one GGUF file for llama.cpp / Ollama (verified), with a Modelfile",
+        description="Merge the run's adapter (reusing merge's verified path), write the merged model as "
+                    "GGUF with its tokenizer and chat template, read it back with transformers and compare "
+                    "logits, write an Ollama Modelfile and a model card next to it. --adapter-gguf writes "
+                    "the LoRA adapter alone (llama.cpp --lora, Ollama ADAPTER).")
+    p.add_argument("src", metavar="RUN_DIR|ADAPTER_DIR", help="a run directory or an adapter directory")
+    p.add_argument("--gguf", default="f16", metavar="TYPE",
+                   help=f"GGUF type: {', '.join(gguf_write.GGUF_TYPES)} (default f16); k-quants: export f16 "
+                        f"and run llama.cpp's llama-quantize")
+    p.add_argument("--adapter-gguf", action="store_true", help="write the LoRA adapter alone as a GGUF adapter")
+    p.add_argument("--out", "-o", default=None, metavar="FILE|DIR",
+                   help="the .gguf file or a directory for it (default: RUN_DIR/export/)")
+    p.add_argument("--name", default=None, help="model name (file name, Ollama name; default: the run's)")
+    p.add_argument("--base", default=None, metavar="BASE", help="base model instead of the adapter's")
+    p.add_argument("--force", action="store_true", help="overwrite an existing .gguf file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_export)

@@ -1,0 +1,309 @@
+"""Side-by-side generation: the same prompts through the base and through base + adapter.
+
+The model is loaded once: a ``PeftModel`` answers as the tuned model, and inside its
+``disable_adapter()`` context as the plain base. On a CUDA GPU the base is loaded in 4-bit
+like in training (the run's ``[quant]`` settings); on the CPU in full precision. Prompts are
+rendered with the chat template and ``add_generation_prompt``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+from engine.core.safe_text import json_dumps
+from engine.outputs.merge import (AdapterError, check_adapter_against_base, find_adapter_dir,
+                          read_adapter_config, resolve_base, run_dir_of, run_model_settings,
+                          tokenizer_source)
+
+BUILTIN_PROMPTS = [
+    "Explain in two sentences what fine-tuning a language model does.",
+    "What is the capital of Canada?",
+    "Write a haiku about the sea.",
+]
+
+class GenerateError(AdapterError):
+    """Generation cannot run; the message is one line."""
+
+
+# --------------------------------------------------------------------------- prompts
+
+def _user_turn(row) -> str | None:
+    """The first user turn of a data row (ChatML messages, ShareGPT, Alpaca, prompt rows)."""
+    if not isinstance(row, dict):
+        return None
+    for key, role_key, content_key, user in (("messages", "role", "content", "user"),
+                                             ("conversations", "from", "value", "human")):
+        turns = row.get(key)
+        if isinstance(turns, list):
+            for t in turns:
+                if isinstance(t, dict) and t.get(role_key) in (user, "user") \
+                        and isinstance(t.get(content_key), str) and t[content_key].strip():
+                    return t[content_key].strip()
+            return None
+    if isinstance(row.get("instruction"), str) and row["instruction"].strip():
+        extra = row.get("input")
+        return row["instruction"].strip() + (f"\n\n{extra.strip()}" if isinstance(extra, str) and extra.strip() else "")
+    if isinstance(row.get("prompt"), str) and row["prompt"].strip():
+        return row["prompt"].strip()
+    return None
+
+
+def _data_path(value: str, run_dir: Path) -> Path | None:
+    if not value:
+        return None
+    if value == "builtin:sample":
+        from engine.training.builtin import sample_data_path
+        p = sample_data_path()
+        return p if p.is_file() else None
+    if value.startswith("builtin:"):
+        return None
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return p
+    for cand in (run_dir / p, p):
+        if cand.exists():
+            return cand
+    return None
+
+
+def _read_rows(path: Path, limit_from_end: bool, n: int) -> list[dict]:
+    rows: list = []
+    try:
+        if path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            rows = data if isinstance(data, list) else []
+        else:
+            with path.open(encoding="utf-8") as f:
+                for line in f:
+                    line = line.strip()
+                    if not line:
+                        continue
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        continue
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return []
+    return rows[::-1] if limit_from_end else rows
+
+
+def default_prompts(run_dir: str | Path, n: int = 3) -> list[str]:
+    """The user turns of up to ``n`` rows of the run's eval data (``[data] eval``), else of the
+    last rows of its train data; the built-in prompts when neither can be read."""
+    run_dir = Path(run_dir).expanduser()
+    if (run_dir / "adapter_config.json").is_file() and not (run_dir / "config.toml").is_file():
+        owner = run_dir_of(run_dir, run_dir)
+        run_dir = owner or run_dir
+    try:
+        data = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8")).get("data", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        data = {}
+    if not isinstance(data, dict):
+        data = {}
+    for key, from_end in (("eval", False), ("train", True)):
+        path = _data_path(str(data.get(key) or ""), run_dir)
+        if path is None or not path.is_file():
+            continue
+        prompts = []
+        for row in _read_rows(path, from_end, n):
+            text = _user_turn(row)
+            if text and text not in prompts:
+                prompts.append(text)
+            if len(prompts) >= n:
+                break
+        if prompts:
+            return prompts
+    return BUILTIN_PROMPTS[:n]
+
+
+# --------------------------------------------------------------------------- generation
+
+def _load(src, err=GenerateError):
+    """(peft model, tokenizer, info) for the adapter of ``src``, loaded once."""
+    from engine.training import galore
+    if galore.full_checkpoint_dir(src) is not None:     # a GaLore run: base vs its full checkpoint
+        return galore.load_pair(galore.full_checkpoint_dir(src), err)
+    adapter_dir = find_adapter_dir(src, err)
+    acfg = read_adapter_config(adapter_dir, err)
+    run_dir = run_dir_of(src, adapter_dir)
+    settings = run_model_settings(run_dir)
+    revision = str(settings.get("revision") or acfg.get("revision") or "")
+    trust = bool(settings.get("trust_remote_code", False))
+    base = resolve_base(acfg.get("base_model_name_or_path") or "", revision=revision,
+                        trust_remote_code=trust, err=err,
+                        where=f"base_model_name_or_path in {adapter_dir / 'adapter_config.json'}")
+    check_adapter_against_base(adapter_dir, acfg, base, revision=revision,
+                               trust_remote_code=trust, err=err)
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quant = {}
+    if run_dir is not None:
+        try:
+            q = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8")).get("quant", {})
+            quant = q if isinstance(q, dict) else {}
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            quant = {}
+    kw: dict = {"revision": revision or None, "trust_remote_code": trust}
+    if torch.cuda.is_available():
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
+            quant.get("compute_dtype"),
+            torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        kw["device_map"] = {"": 0}
+        kw["dtype"] = compute
+        if quant.get("load_in_4bit", True):
+            from transformers import BitsAndBytesConfig
+            kw["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=quant.get("quant_type", "nf4"),
+                bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
+                bnb_4bit_compute_dtype=compute)
+        mode = "cuda, 4-bit" if "quantization_config" in kw else f"cuda, {str(compute).split('.')[-1]}"
+    else:
+        kw["dtype"] = torch.float32
+        mode = "cpu, fp32"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, **kw)
+    except Exception as e:  # noqa: BLE001
+        raise err(f"base model {base}: loading failed: {str(e).splitlines()[0][:200]}") from None
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except Exception as e:  # noqa: BLE001
+        raise err(f"adapter {adapter_dir}: PEFT cannot apply it to {base}: "
+                  f"{str(e).splitlines()[0][:200]}") from None
+    peft_model.eval()
+    tsrc = tokenizer_source(adapter_dir, base)
+    try:
+        tok = AutoTokenizer.from_pretrained(tsrc, trust_remote_code=trust)
+    except Exception as e:  # noqa: BLE001
+        raise err(f"tokenizer of {tsrc}: cannot load: {str(e).splitlines()[0][:200]}") from None
+    if not getattr(tok, "chat_template", None) or tok.pad_token is None:
+        # the trainer's own rule: the run's template override, else ChatML; a pad token
+        from engine.dataset.chat import prepare_tokenizer
+        prepare_tokenizer(tok, "" if getattr(tok, "chat_template", None)
+                          else str(settings.get("chat_template") or ""))
+    return peft_model, tok, {"base": base, "adapter": str(adapter_dir), "mode": mode}
+
+
+def _as_messages(prompt) -> tuple[str, list[dict]]:
+    if isinstance(prompt, str):
+        return prompt, [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+        return (users[-1] if users else str(prompt[-1].get("content", ""))), prompt
+    raise GenerateError(f"prompt {prompt!r}: expected a string or a list of chat messages")
+
+
+def compare(src: str | Path, prompts=None, max_new_tokens: int = 64, greedy: bool = True,
+            on_load=None) -> list[dict]:
+    """Generate for each prompt with the base and with base + adapter.
+
+    ``src``: a run dir or an adapter dir. ``prompts``: strings (user turns) or message lists;
+    None = ``default_prompts`` of the run. Returns ``[{"prompt", "base", "tuned"}]``.
+    ``on_load(info)`` is called once the model is loaded (base, adapter, mode).
+    """
+    if max_new_tokens < 1:
+        raise GenerateError(f"max_new_tokens {max_new_tokens}: must be at least 1")
+    if prompts is None:
+        prompts = default_prompts(src)
+    items = [_as_messages(p) for p in prompts]
+    if not items:
+        raise GenerateError("no prompts to generate for; pass --prompt TEXT")
+    model, tok, info = _load(src)
+    if on_load:
+        on_load(info)
+
+    import torch
+
+    device = next(model.parameters()).device
+    gen_kw = {"max_new_tokens": int(max_new_tokens), "pad_token_id": tok.pad_token_id,
+              "do_sample": not greedy}
+    if greedy:
+        gen_kw.update(temperature=None, top_p=None, top_k=None)
+    else:
+        gen_kw.update(temperature=0.7, top_p=0.9)
+
+    def run(ids, mask) -> str:
+        torch.manual_seed(0)  # the same sampling noise on both sides
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, **gen_kw)
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+    results = []
+    for text, messages in items:
+        try:
+            rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001
+            raise GenerateError(f"the chat template failed on prompt {text[:40]!r}: "
+                                f"{str(e).splitlines()[0][:160]}") from None
+        enc = tok(rendered, return_tensors="pt", add_special_tokens=False)
+        ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+        tuned = run(ids, mask)
+        with model.disable_adapter():
+            base = run(ids, mask)
+        results.append({"prompt": text, "base": base, "tuned": tuned})
+    return results
+
+
+# --------------------------------------------------------------------------- CLI
+
+def format_text(results: list[dict], width: int | None = None) -> str:
+    """Each prompt with BASE and TUNED: side by side when the terminal is wide, else stacked."""
+    width = width or shutil.get_terminal_size((100, 24)).columns
+    out = []
+    for i, r in enumerate(results, 1):
+        out.append(f"=== [{i}] {r['prompt']}")
+        if width >= 100:
+            col = (width - 3) // 2
+            left = textwrap.wrap(r["base"] or "(empty)", col) or [""]
+            right = textwrap.wrap(r["tuned"] or "(empty)", col) or [""]
+            out.append(f"{'BASE':<{col}} | TUNED")
+            for k in range(max(len(left), len(right))):
+                a = left[k] if k < len(left) else ""
+                b = right[k] if k < len(right) else ""
+                out.append(f"{a:<{col}} | {b}")
+        else:
+            out.append("--- BASE")
+            out.append(r["base"] or "(empty)")
+            out.append("--- TUNED")
+            out.append(r["tuned"] or "(empty)")
+        out.append("")
+    return "\n".join(out)
+
+
+def _cmd_generate(args) -> int:
+    prompts = args.prompts or None
+    try:
+        results = compare(args.src, prompts=prompts, max_new_tokens=args.max_new_tokens,
+                          greedy=not args.sample,
+                          on_load=None if args.json else
+                          lambda info: print(f"base {info['base']} + adapter {info['adapter']} "
+                                             f"({info['mode']})", file=sys.stderr, flush=True))
+    except AdapterError as e:
+        print(f"generate failed: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json_dumps(results, indent=2))
+    else:
+        print(format_text(results))
+    return 0
+
+
+def register(subparsers) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "generate", help="compare base and fine-tuned answers on the same prompts",
+        description="Generate with the base and with base + adapter (loaded once) for the same "
+                    "prompts; default prompts are the user turns of the run's eval data.")
+    p.add_argument("src", metavar="RUN_DIR", help="a run directory (or an adapter directory)")
+    p.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT",
+                   help="a user prompt (repeatable; default: up to 3 from the run's eval data)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens per answer (default 64)")
+    p.add_argument("--sample", action="store_true", help="sample (temperature 0.7) instead of greedy decoding")
+    p.add_argument("--json", action="store_true", help="print [{prompt, base, tuned}] as JSON")
+    p.set_defaults(func=_cmd_generate)

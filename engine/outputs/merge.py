@@ -1,0 +1,594 @@
+"""Merge a LoRA adapter into its base: a standard 16-bit Hugging Face checkpoint, verified.
+
+The base is reloaded in 16-bit (or fp32) — never merged into 4-bit weights — the adapter is
+applied with ``PeftModel.from_pretrained`` and folded in with ``merge_and_unload()``. Before
+anything heavy is loaded the adapter is checked against the base (the seed guide's "garbage
+outputs after merge": target modules that don't exist in the base, or a base of another
+architecture / size). After saving, the merged checkpoint is reloaded with plain
+``AutoModelForCausalLM`` and its logits are compared with the unmerged base + adapter on a few
+prompts; a difference above the dtype's tolerance raises ``MergeError``.
+
+Also home of the small helpers the other after-training modules share: finding the adapter
+in a run directory, reading ``adapter_config.json``, resolving the base model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+# verification tolerance on logits: atol + rtol * max|reference logit|
+_TOLERANCE = {"fp32": (1e-3, 1e-4), "fp16": (2e-2, 1e-2), "bf16": (5e-2, 5e-2)}
+
+CHECK_PROMPTS = [
+    "Hello! How are you today?",
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+]
+
+
+class AdapterError(ValueError):
+    """A run/adapter directory or its base cannot be used; the message is one line."""
+
+
+class MergeError(AdapterError):
+    """The merge cannot run or its result failed verification; the message is one line."""
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+def find_adapter_dir(src: str | Path, err: type[Exception] = AdapterError) -> Path:
+    """The adapter directory for ``src``: a run dir (its ``adapter/``) or an adapter dir."""
+    p = Path(src).expanduser()
+    if not p.exists():
+        raise err(f"{p}: no such directory; pass a run directory or an adapter directory")
+    if not p.is_dir():
+        raise err(f"{p}: not a directory; pass a run directory or an adapter directory")
+    if (p / "adapter" / "adapter_config.json").is_file():
+        return p / "adapter"
+    if (p / "adapter_config.json").is_file():
+        return p
+    hint = ""
+    ckpts = sorted((p / "checkpoints").glob("checkpoint-*"),
+                   key=lambda c: int(c.name.rsplit("-", 1)[-1]) if c.name.rsplit("-", 1)[-1].isdigit() else -1)
+    ckpts = [c for c in ckpts if (c / "adapter_config.json").is_file()]
+    if ckpts:
+        hint = f" (the run has no final adapter yet; use a checkpoint, e.g. {ckpts[-1]})"
+    elif (p / "events.jsonl").exists():
+        hint = " (the run has not saved an adapter: it may still be running or have failed)"
+    raise err(f"{p}: no adapter found: expected {p / 'adapter' / 'adapter_config.json'} (run "
+              f"directory) or {p / 'adapter_config.json'} (adapter directory){hint}")
+
+
+def read_adapter_config(adapter_dir: Path, err: type[Exception] = AdapterError) -> dict:
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise err(f"{path}: cannot read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise err(f"{path}: not valid JSON ({e}); the adapter is damaged, re-save it") from None
+    if not isinstance(data, dict):
+        raise err(f"{path}: expected a JSON object")
+    peft_type = str(data.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise err(f"{path}: peft_type is {peft_type}; only LoRA adapters are supported")
+    return data
+
+
+def run_dir_of(src: str | Path, adapter_dir: Path) -> Path | None:
+    """The run directory owning ``adapter_dir`` (one that holds config.toml), if any."""
+    for cand in (Path(src).expanduser(), adapter_dir.parent, adapter_dir.parent.parent.parent):
+        if (cand / "config.toml").is_file():
+            return cand
+    return None
+
+
+def run_model_settings(run_dir: Path | None) -> dict:
+    """``[model]`` of the run's config.toml (revision, trust_remote_code), or {}."""
+    if run_dir is None:
+        return {}
+    try:
+        data = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return {}
+    model = data.get("model")
+    return model if isinstance(model, dict) else {}
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
+
+
+def resolve_base(name: str, *, revision: str = "", trust_remote_code: bool = False,
+                 err: type[Exception] = AdapterError, where: str = "") -> str:
+    """A loadable base: a local model directory or a hub id whose config can be fetched.
+
+    ``where`` says where the name came from, for the error message.
+    """
+    src = f" ({where})" if where else ""
+    if not name or not str(name).strip():
+        raise err(f"no base model{src}: adapter_config.json has no base_model_name_or_path; pass --base")
+    name = str(name).strip()
+    if name.startswith("builtin:"):
+        if name != "builtin:tiny":
+            raise err(f"base model {name!r}{src} is unknown; the only builtin model is builtin:tiny")
+        try:
+            from engine.training.builtin import tiny_model_dir
+        except ImportError as e:
+            raise err(f"base model builtin:tiny{src} is not available in this install ({e}); "
+                      f"pass --base DIR") from None
+        return str(tiny_model_dir())
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise err(f"base model directory {p}{src} has no config.json; pass --base with a "
+                      f"Hugging Face model directory")
+        return str(p)
+    if p.exists() or _looks_like_path(name):
+        raise err(f"base model {name}{src} not found: no such directory; pass --base with the "
+                  f"model the adapter was trained on")
+    try:
+        from transformers import AutoConfig
+        AutoConfig.from_pretrained(name, revision=revision or None, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - hub/network/auth errors all mean "not loadable"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise err(f"base model {name!r}{src} cannot be loaded: {reason[:200]}; check the hub id "
+                  f"and network/HF_TOKEN, or pass --base with a local directory") from None
+    return name
+
+
+def _short_list(items, limit: int = 8) -> str:
+    items = list(items)
+    text = ", ".join(items[:limit])
+    if len(items) > limit:
+        text += f" (+{len(items) - limit} more)"
+    return text
+
+
+def _base_modules(base: str, revision: str, trust_remote_code: bool, err) -> tuple[Any, dict]:
+    """The base's config and {module name: (in_features, out_features)}, built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(base, revision=revision or None,
+                                         trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise err(f"base model {base}: cannot read its config.json: {str(e).splitlines()[0][:200]}") from None
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise err(f"base model {base}: not a causal language model transformers can build "
+                  f"({str(e).splitlines()[0][:200]})") from None
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if w is None or getattr(w, "ndim", 0) != 2:
+            continue
+        if hasattr(mod, "in_features") and hasattr(mod, "out_features"):
+            shapes[name] = (int(mod.in_features), int(mod.out_features))
+        elif hasattr(mod, "num_embeddings"):
+            shapes[name] = (int(mod.num_embeddings), int(mod.embedding_dim))
+        elif type(mod).__name__ == "Conv1D":  # GPT-2 style: weight is (in, out)
+            shapes[name] = (int(w.shape[0]), int(w.shape[1]))
+    return cfg, shapes
+
+
+def _config_summary(cfg) -> dict:
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+    get = getattr(cfg, "get_text_config", None)
+    text_cfg = get() if callable(get) else cfg
+    return {k: getattr(text_cfg, k, getattr(cfg, k, None)) for k in keys}
+
+
+def check_adapter_against_base(adapter_dir: Path, acfg: dict, base: str, *, revision: str = "",
+                               trust_remote_code: bool = False,
+                               err: type[Exception] = AdapterError) -> None:
+    """Refuse an adapter that does not fit ``base``: another architecture or size, target
+    modules the base does not have, or LoRA weights whose shapes differ from the base's layers.
+    """
+    import re
+
+    base_cfg, shapes = _base_modules(base, revision, trust_remote_code, err)
+    qc = getattr(base_cfg, "quantization_config", None)
+    if qc:
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
+        raise err(f"base model {base} is pre-quantized ({method} quantization_config in its "
+                  f"config.json); merging needs the 16-bit original: pass --base with it")
+
+    # the base the adapter was trained on, when it is a different local model: compare shapes
+    trained_on = str(acfg.get("base_model_name_or_path") or "")
+    tp = Path(trained_on).expanduser() if trained_on else None
+    if tp is not None and (tp / "config.json").is_file() and tp.resolve() != Path(base).expanduser().resolve():
+        from transformers import AutoConfig
+        try:
+            tcfg = AutoConfig.from_pretrained(str(tp), trust_remote_code=trust_remote_code)
+        except Exception:  # noqa: BLE001 - only a best-effort comparison
+            tcfg = None
+        if tcfg is not None:
+            a, b = _config_summary(tcfg), _config_summary(base_cfg)
+            diff = [k for k in a if a[k] is not None and b[k] is not None and a[k] != b[k]]
+            if diff:
+                detail = ", ".join(f"{k} {a[k]} vs {b[k]}" for k in diff)
+                raise err(f"mismatched base: the adapter was trained on {trained_on} but base "
+                          f"{base} differs ({detail}); pass --base with the model it was trained on")
+
+    linear_leaves = sorted({n.rsplit(".", 1)[-1] for n in shapes if n})
+    names = list(shapes)
+
+    def matches(key: str) -> bool:
+        return any(n == key or n.endswith("." + key) for n in names)
+
+    targets = acfg.get("target_modules")
+    missing: list[str] = []
+    if isinstance(targets, (list, tuple, set)):
+        missing = sorted(str(t) for t in targets if not matches(str(t)))
+    elif isinstance(targets, str) and targets != "all-linear":
+        try:
+            if not any(re.fullmatch(targets, n) for n in names):
+                missing = [targets]
+        except re.error:
+            raise err(f"{adapter_dir / 'adapter_config.json'}: target_modules {targets!r} is "
+                      f"not a valid regular expression") from None
+
+    # the saved LoRA tensors: module names and shapes against the base's layers
+    mismatched: list[str] = []
+    weights = adapter_dir / "adapter_model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+        seen: set[str] = set()
+        try:
+            with safe_open(str(weights), "pt") as f:
+                for key in f.keys():
+                    m = re.match(r"^(?:base_model\.model\.)?(.+?)\.(lora_A|lora_B|lora_embedding_A|"
+                                 r"lora_embedding_B)(?:\.[^.]+)?\.weight$", key) or \
+                        re.match(r"^(?:base_model\.model\.)?(.+?)\.(lora_A|lora_B|lora_embedding_A|"
+                                 r"lora_embedding_B)(?:\.[^.]+)?$", key)
+                    if not m:
+                        continue
+                    module, part = m.group(1), m.group(2)
+                    if module not in shapes:
+                        if module not in seen:
+                            missing.append(module)
+                            seen.add(module)
+                        continue
+                    shape = f.get_slice(key).get_shape()
+                    fan_in, fan_out = shapes[module]
+                    if part == "lora_A" and len(shape) == 2 and shape[1] != fan_in:
+                        mismatched.append(f"{module} (adapter in={shape[1]}, base in={fan_in})")
+                    elif part == "lora_B" and len(shape) == 2 and shape[0] != fan_out:
+                        mismatched.append(f"{module} (adapter out={shape[0]}, base out={fan_out})")
+        except Exception as e:  # noqa: BLE001
+            raise err(f"{weights}: cannot read the adapter weights ({str(e).splitlines()[0][:200]}); "
+                      f"the file is damaged, re-save the adapter") from None
+    elif not (adapter_dir / "adapter_model.bin").is_file():
+        raise err(f"{adapter_dir}: no adapter_model.safetensors; the adapter was not saved completely")
+
+    if missing:
+        raise err(f"adapter target modules missing from base {base}: {_short_list(missing)}; the "
+                  f"base's layers that LoRA can target are: {_short_list(linear_leaves, 12)} (wrong base or "
+                  f"target_modules: pass --base with the model the adapter was trained on)")
+    if mismatched:
+        raise err(f"mismatched base: adapter layer shapes differ from base {base}: "
+                  f"{_short_list(mismatched, 4)}; pass --base with the model the adapter was trained on")
+
+
+def torch_dtype(name: str, device: str):
+    """Our dtype name → torch dtype; ``auto`` = bf16 (or fp16) on CUDA, fp32 on the CPU."""
+    import torch
+    if name == "auto":
+        if device == "cuda":
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            name = "fp32"
+    return name, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def tokenizer_source(adapter_dir: Path, base: str) -> str:
+    """The adapter's own tokenizer files when saved with it (the runner saves them), else the base's."""
+    if (adapter_dir / "tokenizer_config.json").is_file() or (adapter_dir / "tokenizer.json").is_file():
+        return str(adapter_dir)
+    return base
+
+
+# --------------------------------------------------------------------------- merge
+
+@dataclass
+class MergeReport:
+    out: str
+    base: str
+    adapter: str
+    dtype: str
+    device: str
+    max_abs_diff: float          # merged checkpoint vs base + adapter (unmerged), over all logits
+    tolerance: float
+    top1_agreement: float        # share of positions where both pick the same next token
+    adapter_effect: float        # max |logits(base + adapter) - logits(base)|: 0 = adapter does nothing
+    prompts: int
+    tokens: int
+    seconds: float
+    size_bytes: int
+    files: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        out = [
+            f"merged model: {self.out}",
+            f"  base:     {self.base}",
+            f"  adapter:  {self.adapter}",
+            f"  dtype:    {self.dtype} on {self.device}",
+            f"  size:     {self.size_bytes / 1e6:.1f} MB ({', '.join(self.files)})",
+            f"  verified: max |logit diff| {self.max_abs_diff:.3g} <= tolerance {self.tolerance:.3g} "
+            f"over {self.prompts} prompts / {self.tokens} tokens; top-1 agreement "
+            f"{self.top1_agreement:.1%}; adapter effect {self.adapter_effect:.3g}",
+            f"  load it:  AutoModelForCausalLM.from_pretrained({self.out!r})",
+        ]
+        out += [f"  warning:  {w}" for w in self.warnings]
+        return out
+
+
+def _prompt_texts(tokenizer, check_rows) -> list[str]:
+    rows = list(check_rows) if check_rows else list(CHECK_PROMPTS)
+    texts = []
+    for row in rows[:8]:
+        if isinstance(row, str):
+            texts.append(row)
+            continue
+        if isinstance(row, dict):
+            msgs = row.get("messages") or row.get("conversations")
+            if isinstance(msgs, list) and msgs:
+                try:
+                    texts.append(tokenizer.apply_chat_template(msgs, tokenize=False))
+                    continue
+                except Exception:  # noqa: BLE001 - no template: plain concatenation
+                    texts.append("\n".join(str(m.get("content", m.get("value", ""))) for m in msgs
+                                           if isinstance(m, dict)))
+                    continue
+            for key in ("text", "prompt", "instruction"):
+                if isinstance(row.get(key), str):
+                    texts.append(row[key])
+                    break
+    texts = [t for t in texts if t.strip()]
+    return texts or list(CHECK_PROMPTS)
+
+
+def _logits(model, encoded: list) -> list:
+    import torch
+    out = []
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for ids in encoded:
+            out.append(model(input_ids=ids.to(device)).logits.float().cpu())
+    return out
+
+
+def _dir_files(d: Path) -> tuple[int, list[str]]:
+    files = sorted(p for p in d.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in files), [str(p.relative_to(d)) for p in files]
+
+
+def _check_writable(out: Path) -> None:
+    """--out must be creatable and writable before anything is loaded (not found out at 60 %)."""
+    import os
+    import tempfile
+    parent = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
+    try:
+        if not parent.is_dir():
+            raise OSError(f"{parent} is not a directory")
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".qlora-merge-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise MergeError(f"--out {out}: cannot write there ({getattr(e, 'strerror', None) or e}); "
+                         "choose a writable directory") from None
+
+
+def merge(src: str | Path, out: str | Path, dtype: str = "bf16",
+          on_progress: Callable[[float, str], None] | None = None,
+          check_rows=None, base: str | None = None, stream: bool | None = None) -> MergeReport:
+    """Merge the adapter of ``src`` (a run dir or an adapter dir) into its base, save the result
+    to ``out`` as a standard safetensors checkpoint, and verify it reproduces base + adapter.
+
+    ``dtype``: bf16, fp16, fp32 or auto (bf16/fp16 on CUDA, fp32 on the CPU). ``base`` overrides
+    the adapter's ``base_model_name_or_path``. ``stream``: merge shard by shard
+    (engine/outputs/merge_stream.py); None = when the base is stored 4-bit or its 16-bit size exceeds half
+    the available host RAM (a 70B). Raises ``MergeError`` (one-line message).
+    """
+    t0 = time.time()
+    progress = on_progress or (lambda f, m: None)
+    if dtype not in DTYPES:
+        raise MergeError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MergeError(f"output {out} already exists and is not empty; choose a new --out or remove it")
+    _check_writable(out)
+
+    from engine.training import galore
+    if galore.full_checkpoint_dir(src) is not None:
+        raise MergeError(galore.merge_message(galore.full_checkpoint_dir(src)))
+    progress(0.0, "checking the adapter")
+    adapter_dir = find_adapter_dir(src, MergeError)
+    acfg = read_adapter_config(adapter_dir, MergeError)
+    settings = run_model_settings(run_dir_of(src, adapter_dir))
+    revision = str(settings.get("revision") or acfg.get("revision") or "")
+    trust = bool(settings.get("trust_remote_code", False))
+    where = "--base" if base else f"base_model_name_or_path in {adapter_dir / 'adapter_config.json'}"
+    base_name = resolve_base(base or acfg.get("base_model_name_or_path") or "", revision=revision,
+                             trust_remote_code=trust, err=MergeError, where=where)
+    check_adapter_against_base(adapter_dir, acfg, base_name, revision=revision,
+                               trust_remote_code=trust, err=MergeError)
+    from engine.outputs import merge_stream
+    if stream is None:
+        stream = merge_stream.should_stream(base_name)
+    if stream:
+        return merge_stream.merge_report(adapter_dir, acfg, base_name, out, dtype, progress, t0, MergeError, MergeReport)
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype_name, tdtype = torch_dtype(dtype, device)
+    load_kw: dict[str, Any] = {"dtype": tdtype, "revision": revision or None,
+                               "trust_remote_code": trust}
+    if device == "cuda":
+        load_kw["device_map"] = "auto"
+
+    progress(0.1, f"loading base {base_name} in {dtype_name} on {device}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base_name, **load_kw)
+    except Exception as e:  # noqa: BLE001
+        raise MergeError(f"base model {base_name}: loading failed: {str(e).splitlines()[0][:200]}") from None
+    model.eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_source(adapter_dir, base_name),
+                                            trust_remote_code=trust)
+    except Exception as e:  # noqa: BLE001
+        raise MergeError(f"tokenizer of {tokenizer_source(adapter_dir, base_name)}: cannot load: "
+                         f"{str(e).splitlines()[0][:200]}") from None
+
+    progress(0.3, f"applying the adapter {adapter_dir}")
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), autocast_adapter_dtype=False)
+    except Exception as e:  # noqa: BLE001
+        raise MergeError(f"adapter {adapter_dir}: PEFT cannot apply it to {base_name}: "
+                         f"{str(e).splitlines()[0][:200]}") from None
+    peft_model.eval()
+
+    texts = _prompt_texts(tok, check_rows)
+    encoded = [tok(t, return_tensors="pt", add_special_tokens=True).input_ids[:, :128] for t in texts]
+    encoded = [e for e in encoded if e.shape[1] > 0]
+    progress(0.4, f"computing reference logits on {len(encoded)} prompts")
+    ref = _logits(peft_model, encoded)
+    with peft_model.disable_adapter():
+        plain = _logits(peft_model, encoded)
+    effect = max(float((a - b).abs().max()) for a, b in zip(ref, plain))
+
+    progress(0.5, "merging the adapter into the base weights")
+    merged = peft_model.merge_and_unload()
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    progress(0.6, f"saving to {out}")
+    try:
+        merged.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+    except Exception as e:  # noqa: BLE001
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MergeError(f"saving the merged model to {tmp} failed: {str(e).splitlines()[0][:200]}") from None
+    del merged, peft_model, model
+    import gc
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    progress(0.75, "reloading the merged checkpoint with plain transformers")
+    reload_kw = {k: v for k, v in load_kw.items() if k != "revision"}
+    try:
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), **reload_kw)
+    except Exception as e:  # noqa: BLE001
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MergeError(f"the merged checkpoint does not load with AutoModelForCausalLM: "
+                         f"{str(e).splitlines()[0][:200]}") from None
+    reloaded.eval()
+    progress(0.85, "comparing merged logits with base + adapter")
+    got = _logits(reloaded, encoded)
+    del reloaded
+    diff = max(float((a - b).abs().max()) for a, b in zip(ref, got))
+    scale = max(float(a.abs().max()) for a in ref)
+    atol, rtol = _TOLERANCE[dtype_name]
+    tol = atol + rtol * scale
+    agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(ref, got))
+    total = sum(int(a.shape[1]) for a in ref)
+    if not diff <= tol:  # also catches NaN
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MergeError(f"verification failed: merged logits differ from base + adapter by "
+                         f"{diff:.4g} (> tolerance {tol:.4g} for {dtype_name}); nothing was written "
+                         f"to {out}; retry with --dtype fp32 and check the adapter's target_modules")
+
+    warnings = []
+    if effect == 0.0:
+        warnings.append("the adapter does not change the base's logits (all lora_B weights zero? "
+                        "an untrained adapter): the merged model equals the base")
+    if dtype_name == "fp16" and device == "cpu":
+        warnings.append("fp16 on the CPU is slow and less precise; bf16 or fp32 is preferred here")
+    info = {"base": base_name, "adapter": str(adapter_dir.resolve()), "dtype": dtype_name,
+            "max_abs_diff": diff, "tolerance": tol, "adapter_effect": effect,
+            "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (tmp / "qlora_merge.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    if out.exists():
+        out.rmdir()  # checked empty above
+    tmp.replace(out)
+    _write_card(out, src, adapter_dir, dtype_name, warnings)
+    size, files = _dir_files(out)
+    progress(1.0, "done")
+    return MergeReport(out=str(out), base=base_name, adapter=str(adapter_dir), dtype=dtype_name,
+                       device=device, max_abs_diff=diff, tolerance=tol,
+                       top1_agreement=agree / total if total else 1.0, adapter_effect=effect,
+                       prompts=len(encoded), tokens=total, seconds=time.time() - t0,
+                       size_bytes=size, files=files, warnings=warnings)
+
+
+def _write_card(out: Path, src, adapter_dir: Path, dtype_name: str, warnings: list[str]) -> None:
+    """The model card (README.md) next to the merged weights; a failure is only a warning."""
+    try:
+        from engine.outputs.modelcard import write_card
+        write_card(out, run_dir_of(src, adapter_dir), adapter_dir, kind="merged",
+                   command=f"qlora-tui merge {src} --out {out} --dtype {dtype_name}")
+    except (ImportError, OSError, ValueError) as e:
+        warnings.append(f"no model card written ({e})")
+
+
+# --------------------------------------------------------------------------- CLI
+
+def _cmd_merge(args) -> int:
+    def show(fraction: float, message: str) -> None:
+        print(f"[{fraction * 100:3.0f}%] {message}", flush=True)
+
+    from engine.training import galore
+    full = galore.full_checkpoint_dir(args.src)
+    if full is not None:        # a GaLore run: already a full checkpoint
+        print(galore.merge_message(full))
+        return 0
+    try:
+        report = merge(args.src, args.out, dtype=args.dtype, on_progress=show, base=args.base,
+                       stream=True if args.stream else None)
+    except MergeError as e:
+        print(f"merge failed: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print("\n".join(report.lines()))
+    return 0
+
+
+def register(subparsers) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "merge", help="merge a run's LoRA adapter into its base (16-bit checkpoint, verified)",
+        description="Reload the base in 16-bit, apply the adapter, merge_and_unload(), save a "
+                    "standard safetensors checkpoint and verify its logits against base + adapter.")
+    p.add_argument("src", metavar="RUN_DIR|ADAPTER_DIR", help="a run directory or an adapter directory")
+    p.add_argument("--out", "-o", required=True, metavar="DIR", help="new directory for the merged model")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16",
+                   help="dtype of the merged weights (default bf16; auto = bf16/fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--base", default=None, metavar="BASE",
+                   help="base model (hub id or directory) instead of the adapter's base_model_name_or_path")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--stream", action="store_true",
+                   help="merge shard by shard (automatic for 4-bit bases and bases larger than half "
+                        "the host RAM): never holds the whole model")
+    p.set_defaults(func=_cmd_merge)

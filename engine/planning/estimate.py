@@ -1,0 +1,908 @@
+"""Pre-flight peak-VRAM estimate from config.json alone, and the fit planner.
+
+Nothing here loads weights or imports torch: ``estimate()`` works from the model's
+config.json (a dict) and the run ``Config``. The model is the one TRL 1.16's
+``SFTTrainer`` + PEFT 0.21 + bitsandbytes 0.50 actually run: NF4 base, bf16 LoRA adapters
+(TRL casts trainable params of 4-bit models to bf16), non-reentrant per-layer gradient
+checkpointing, and TRL's fused LM head (``add_fused_lm_head``: per-token log-probs in
+4096-token x 32768-vocab tiles, the ``(batch, seq, vocab)`` logits never exist; TRL 1.16
+uses it for every SFT loss, and turns Liger's fused-linear-cross-entropy off).
+
+Notation: h hidden, q = heads*head_dim, kv = kv_heads*head_dim, i intermediate, L layers,
+V vocab, r LoRA rank, N = micro-batch x max_length tokens (every row assumed full length:
+the worst case; padded or packed batches never hold more), d = compute dtype bytes (2).
+
+``peak_bytes`` is comparable to ``torch.cuda.max_memory_reserved()`` and is the sum of:
+
+  weights_quantized    Σ nn.Linear params of the decoder x 4.127 bit / 8 (NF4 + double quant;
+                       4.5 bit without double quant; d bytes when load_in_4bit = false)
+  weights_unquantized  (V*h embeddings + V*h lm_head unless tied + norms) x d
+  lora_params          P_lora x adapter bytes; P_lora = L x Σ_targeted r*(in+out)
+                       (LoRA-FA: r*out; DoRA: + out per module, fp32). Adapter bytes: 2 (bf16)
+                       over a 4-bit base, 4 (PEFT upcasts to fp32) over a 16-bit base.
+  lora_grads           P_lora x adapter bytes
+  optimizer_state      adamw_torch(_fused): 2 moments in the param dtype; paged_/adamw_32bit:
+                       8 B/param; adamw_8bit / paged_adamw_8bit: 2 B/param (+ block absmax);
+                       adafactor: 4*(rows+cols) per matrix; sgd: 0
+  activations          gc on : N x (2h*L  [one checkpointed layer input per layer]
+                                    + A_layer [one layer recomputed during its backward])
+                       gc off: N x L x A_layer
+                       A_layer (bytes/token, d=2), measured with saved-tensor hooks on the
+                       HF Llama + PEFT graph:
+                         HF   : 8h (two fp32 RMSNorm inputs) + 4q (rotated q, attention out)
+                                + 4kv (k, v) + 6i (gate out, silu out, up out)
+                         Liger: 4h (bf16 norm inputs) + 4q + 4kv + 4i (SwiGLU keeps gate, up)
+                         + 2h if any of q/k/v is targeted, + 2h if gate/up is, + 2i if down is
+                           (the inputs LoRA-A saves), + 2r per targeted module, + 4*heads (lse)
+                       all-linear HF = 16h+4kv+8i (landscape.md's figure), Liger = 12h+4kv+6i.
+                       Selective checkpointing (k of L layers, train.checkpoint_layers): the
+                       k checkpointed layers keep 2h each, the L-k others A_layer each, plus
+                       one recomputed layer. Offloaded (train.activation_offload): the k
+                       inputs live in pinned host memory; two stay on the GPU (the one being
+                       recomputed, the one prefetched). Six H200 budget runs (10/16/24 GiB,
+                       full and chat rows) were within -7.6% .. +9.3% (bench/RESULTS.md).
+  logits               TRL fused head: tile min(N,4096) x min(V,32768) x d, + N x 8h (compact
+                       hidden copy 2h, fp32 grad 4h, its cast 2h). HF's own loss (loss_impl="hf")
+                       instead: N x V x (d + 4 + 4 + 4) (logits, fp32 upcast, softmax, grad).
+  backward_workspace   N x c*h, fitted on the four H200 runs: c = 0.6 (Liger), 2.6 (HF: the
+                       fp32 RMSNorm backward).
+  allocator_overhead   17% of the sum above (reserved over allocated: measured 16.0% on 8B,
+                       18.1% on 1B).
+
+``cuda_context`` (0.5 GiB; outside the caching allocator, so not in max_memory_reserved) is
+reported in the breakdown but not in ``peak_bytes``; ``device_bytes`` = peak_bytes +
+cuda_context is what nvidia-smi would show and what ``fits`` compares with the GPU memory.
+
+Calibration (docs/ESTIMATE.md has the table): the five plain_trl_baseline.py runs on the H200
+(seq 2048, batch 8, r=32, all-linear, adamw_torch) are predicted within 1.0%; two constants
+(backward workspace c, allocator overhead) were fitted on them, the no-gc run was not.
+FSDP divides weights, adapters and optimizer state by the GPU count; DoRA, MoE models,
+fp32 compute and 16-bit bases follow the same terms but were not measured.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.core.config import AUTO, Config
+
+GIB = 1024 ** 3
+
+NF4_DQ_BITS = 4.127      # 4 bit + 8-bit absmax per 64 + fp32 absmax per 256 blocks
+NF4_BITS = 4.5           # 4 bit + fp32 absmax per 64
+LOGIT_TOKEN_TILE = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
+LOGIT_VOCAB_TILE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
+CUDA_CONTEXT = int(0.5 * GIB)
+ALLOCATOR_OVERHEAD = 0.02          # reserved over allocated, steady part
+RECOMPUTE_FRAGMENTATION = 0.6      # x one layer's activations, with gradient checkpointing
+BACKWARD_WS_LIGER = 0.6  # x h bytes per token
+BACKWARD_WS_HF = 2.6
+HEADROOM = 0.10          # the planner keeps 10% of the GPU free
+
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LOSS_IMPLS = ("trl", "hf")
+
+
+class EstimateError(ValueError):
+    """The estimate cannot be made (one line naming the model or the missing key)."""
+
+
+@dataclass
+class Shape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    experts: int = 1           # MoE: experts per layer (1 = dense)
+    experts_per_token: int = 1
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def module_dims(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each decoder projection."""
+        h, i = self.hidden, self.intermediate
+        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
+                "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def shape_of(model_config: dict) -> Shape:
+    """The dimensions the estimate needs from a config.json dict (Llama/Mistral/Qwen keys)."""
+    mc = model_config
+    if "hidden_size" not in mc and isinstance(mc.get("text_config"), dict):
+        mc = {**mc["text_config"], "tie_word_embeddings": mc.get("tie_word_embeddings",
+                                                                   mc["text_config"].get("tie_word_embeddings"))}
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+               if not isinstance(mc.get(k), int)]
+    if missing:
+        raise EstimateError("config.json lacks " + ", ".join(missing) + " (not a decoder-only LLM config?)")
+    h = mc["hidden_size"]
+    heads = mc["num_attention_heads"]
+    experts = mc.get("num_local_experts") or mc.get("num_experts") or 1
+    inter = mc.get("moe_intermediate_size") if experts > 1 and mc.get("moe_intermediate_size") else None
+    inter = inter or mc.get("intermediate_size") or 4 * h
+    return Shape(hidden=h, intermediate=int(inter), layers=mc["num_hidden_layers"], heads=heads,
+                 kv_heads=mc.get("num_key_value_heads") or heads,
+                 head_dim=mc.get("head_dim") or h // heads, vocab=mc["vocab_size"],
+                 tied=bool(mc.get("tie_word_embeddings", False)), experts=int(experts),
+                 experts_per_token=int(mc.get("num_experts_per_tok") or 1))
+
+
+@dataclass
+class Estimate:
+    peak_bytes: int                          # comparable to torch.cuda.max_memory_reserved()
+    breakdown: dict[str, int]                # bytes; all but cuda_context sum to peak_bytes
+    trainable_params: int
+    total_params: int
+    fits: bool | None                        # device_bytes <= gpu_mem_bytes; None without a GPU size
+    gpu_mem_bytes: int | None
+    notes: list[str] = field(default_factory=list)
+    # the inputs the numbers were computed for
+    batch_size: int = 0
+    seq_len: int = 0
+    gradient_checkpointing: bool = True
+    liger: bool = False
+    method: str = "qlora"                    # train.method (the breakdown's labels follow it)
+    checkpoint_layers: int = 0               # decoder layers checkpointed (of ``layers``)
+    layers: int = 0
+    offload: bool = False                    # checkpointed layers' inputs in pinned host memory
+    offload_host_bytes: int = 0              # pinned host memory those inputs take
+    streaming: bool = False                  # 4-bit layers streamed from host RAM (engine/training/streaming.py)
+    host_bytes: int = 0                      # predicted peak host RAM of the training process
+    host_breakdown: dict[str, int] = field(default_factory=dict)
+    base_quantized_bytes: int = 0            # the whole 4-bit base (what streaming keeps on the host)
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Predicted peak of torch.cuda.max_memory_allocated() (peak without the allocator's slack)."""
+        return self.peak_bytes - self.breakdown["allocator_overhead"]
+
+    @property
+    def device_bytes(self) -> int:
+        """Predicted whole-process GPU memory: reserved peak + CUDA context."""
+        return self.peak_bytes + self.breakdown["cuda_context"]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["allocated_bytes"] = self.allocated_bytes
+        d["device_bytes"] = self.device_bytes
+        return d
+
+
+def _tri(value) -> bool | None:
+    """true/false/"auto" → True/False/None."""
+    return None if value == AUTO else bool(value)
+
+
+def _targets(cfg: Config, notes: list[str]) -> list[str]:
+    tm = cfg.lora.target_modules
+    if isinstance(tm, str):
+        if tm == "all-linear":
+            return list(MODULES)
+        tm = [tm]
+    known = [m for m in tm if m in MODULES]
+    unknown = [m for m in tm if m not in MODULES]
+    if unknown:
+        notes.append("target modules not in the Llama layout, not counted: " + ", ".join(unknown))
+    return known
+
+
+def _compute_bytes(cfg: Config) -> int:
+    dt = cfg.quant.compute_dtype
+    if dt == AUTO:
+        return 4 if cfg.train.device == "cpu" else 2
+    return 4 if dt == "fp32" else 2
+
+
+def _optimizer(cfg: Config) -> str:
+    opt = cfg.train.optimizer
+    if opt == AUTO:
+        return "adamw_torch" if cfg.train.device == "cpu" else "paged_adamw_8bit"
+    return opt
+
+
+def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
+             seq_len: int | None = None, gradient_checkpointing: bool | None = None,
+             liger: bool | None = None, gpu_mem_bytes: int | None = None,
+             loss_impl: str = "trl", checkpoint_layers: int | None = None,
+             offload: bool | None = None, streaming: bool | None = None) -> Estimate:
+    """Predict the training peak for ``cfg`` on the model described by ``model_config``.
+
+    The keyword arguments override the config (the planner uses them); ``"auto"`` in the
+    config reads as gradient checkpointing on and Liger off (the conservative side).
+    """
+    if loss_impl not in LOSS_IMPLS:
+        raise EstimateError(f"loss_impl must be one of {LOSS_IMPLS}, not {loss_impl!r}")
+    s = shape_of(model_config)
+    notes: list[str] = []
+    b = int(batch_size or cfg.train.batch_size)
+    seq = int(seq_len or cfg.data.max_length)
+    gc = gradient_checkpointing if gradient_checkpointing is not None else _tri(cfg.train.gradient_checkpointing)
+    gc = True if gc is None else gc
+    lg = liger if liger is not None else _tri(cfg.train.liger_kernel)
+    lg = False if lg is None else lg
+    k_ck, off = _checkpointing(cfg, s.layers, gc, checkpoint_layers, offload)
+    d = _compute_bytes(cfg)
+    galore = getattr(cfg.train, "method", "qlora") == "galore"
+    four = cfg.quant.load_in_4bit and getattr(cfg.train, "method", "qlora") == "qlora"
+    h, i, L, V = s.hidden, s.intermediate, s.layers, s.vocab
+    N = b * seq
+    dims = s.module_dims()
+    targets = _targets(cfg, notes)
+    r = cfg.lora.r
+
+    # --- weights
+    attn_lin = sum(a * o for m, (a, o) in dims.items() if m in MODULES[:4])
+    mlp_lin = sum(a * o for m, (a, o) in dims.items() if m in MODULES[4:]) * s.experts
+    router = h * s.experts if s.experts > 1 else 0
+    linear = L * (attn_lin + mlp_lin)
+    other = V * h * (1 if s.tied else 2) + (2 * L + 1) * h + L * router
+    bits = (NF4_DQ_BITS if cfg.quant.double_quant else NF4_BITS) if four else 8 * d
+    w_q = int(linear * bits / 8) if four else 0
+    w_u = other * d + (0 if four else linear * d)
+    from engine.planning import streaming_plan
+    stream = bool(streaming if streaming is not None else cfg.train.weight_streaming is True) and four
+    base_q = w_q
+    if stream:
+        w_q = streaming_plan.resident_bytes(w_q, L)
+        notes.append(f"weight streaming: {streaming_plan.RESIDENT_LAYERS} of {L} layers' 4-bit weights on the GPU, "
+                     f"{base_q / GIB:.1f} GiB pinned in host RAM")
+    if s.experts > 1:
+        notes.append(f"MoE ({s.experts} experts, {s.experts_per_token} per token): LoRA and activations "
+                     "counted for the active experts only; not calibrated")
+
+    # --- LoRA
+    per_layer = 0
+    magnitude = 0
+    for m in targets:
+        a, o = dims[m]
+        mult = s.experts if m in MODULES[4:] else 1
+        per_layer += (r * o if cfg.lora.lora_fa else r * (a + o)) * mult
+        magnitude += o * mult if cfg.lora.use_dora else 0
+    lora_n = L * per_layer
+    mag_n = L * magnitude
+    trainable = lora_n + mag_n
+    ab = 2 if four else 4          # TRL casts adapters of 4-bit models to bf16; PEFT upcasts to fp32
+    lora_params = lora_n * ab + mag_n * 4
+    lora_grads = lora_params
+    if cfg.lora.use_dora:
+        notes.append("DoRA: magnitude vectors kept in fp32; its extra activations are approximate")
+
+    opt = _optimizer(cfg)
+    if opt in ("adamw_torch", "adamw_torch_fused"):
+        opt_state = 2 * lora_params
+    elif opt in ("paged_adamw_32bit",):
+        opt_state = 8 * trainable
+    elif opt in ("adamw_8bit", "paged_adamw_8bit"):
+        opt_state = int(trainable * (2 + 8 / 256))   # two uint8 moments + fp32 absmax per 256
+    elif opt == "adafactor":
+        rows_cols = 0
+        for m in targets:
+            a, o = dims[m]
+            rows_cols += (o + r) if cfg.lora.lora_fa else (r + a) + (o + r)
+        opt_state = 4 * L * rows_cols + 4 * mag_n
+    elif opt == "sgd":
+        opt_state = 0
+    else:
+        opt_state = 8 * trainable
+        notes.append(f"optimizer {opt!r} not modelled: assumed 8 B/param of state")
+    if opt.startswith("paged_"):
+        notes.append(f"{opt}: optimizer state can page to host RAM under pressure (counted on the GPU here)")
+
+    if galore:      # full-rank targeted weights (counted in the 16-bit weights), projected state
+        from engine.training.galore import memory_terms
+        gt = memory_terms(cfg, dims, targets, L, d)
+        trainable, lora_params, lora_grads, opt_state = gt["trainable"], 0, gt["grads"], gt["optimizer_state"]
+        r = 0
+        notes[:] = [n for n in notes if not n.startswith(f"{opt}:")]
+        notes.append(f"GaLore rank {cfg.galore.rank}: full gradients of the targeted weights, Adam "
+                     "moments of their projected gradients (not calibrated on a GPU)")
+
+    # --- activations (bytes per token per layer, in units of d/2)
+    q, kv = s.q_dim, s.kv_dim
+    ffn_i = i * s.experts_per_token
+    if lg:
+        act = 4 * h + 4 * q + 4 * kv + 4 * ffn_i
+    else:
+        act = 8 * h + 4 * q + 4 * kv + 6 * ffn_i
+    if any(m in targets for m in ("q_proj", "k_proj", "v_proj")):
+        act += 2 * h
+    if any(m in targets for m in ("gate_proj", "up_proj")):
+        act += 2 * h
+    if "down_proj" in targets:
+        act += 2 * ffn_i
+    act += 2 * r * len(targets) + 4 * s.heads
+    if cfg.lora.use_dora:
+        act += 2 * sum(dims[m][1] for m in targets)    # DoRA keeps the base output per module
+    act = act * d // 2
+    activations = N * _activation_bytes_per_token(h * d, act, L, k_ck, off)
+    offload_host = k_ck * N * h * d if off else 0
+    if off:
+        notes.append(f"activation offload: {offload_host / GIB:.2f} GiB of layer inputs in pinned host memory")
+    workspace = int(N * h * (BACKWARD_WS_LIGER if lg else BACKWARD_WS_HF) * d / 2)
+
+    # --- logits / LM head
+    if loss_impl == "trl":
+        logits = min(N, LOGIT_TOKEN_TILE) * min(V, LOGIT_VOCAB_TILE) * d + N * 8 * h
+    else:
+        logits = N * V * (d + 12)
+        notes.append("HF loss: full logits in fp32 (about %.1f MB per token)" % (V * (d + 12) / 1e6))
+
+    # --- multi-GPU
+    gpus = cfg.distributed.gpus
+    if gpus > 1 and cfg.distributed.strategy == "fsdp":
+        w_q, w_u = w_q // gpus, w_u // gpus
+        lora_params, lora_grads, opt_state = lora_params // gpus, lora_grads // gpus, opt_state // gpus
+        notes.append(f"FSDP over {gpus} GPUs: weights, adapters and optimizer state sharded (rough)")
+    elif gpus > 1:
+        notes.append(f"DDP over {gpus} GPUs: the figures are per GPU")
+
+    from engine.training.vision import estimate_terms      # image-text models: the 16-bit vision tower
+    vis = estimate_terms(model_config, b, d) or {"params": 0, "weights": 0, "activations": 0}
+    if vis["weights"]:
+        notes.append(f"vision tower: {vis['params'] / 1e6:,.0f} M params in 16 bits (frozen, not quantized); "
+                     f"activations for one {vis['patches_per_image']}-patch image per row "
+                     f"({vis['visual_tokens_per_image']} visual tokens, inside max_length)")
+    allocated = (w_q + w_u + lora_params + lora_grads + opt_state + activations + logits + workspace
+                 + vis["weights"] + vis["activations"])
+    # The caching allocator keeps freed blocks: with checkpointing each layer's recompute
+    # churns one layer's activations, and those blocks stay reserved (fitted on 5 H200 runs).
+    overhead = int(allocated * ALLOCATOR_OVERHEAD + (RECOMPUTE_FRAGMENTATION * N * act if k_ck else 0))
+    breakdown = {
+        "weights_quantized": int(w_q), "weights_unquantized": int(w_u),
+        "lora_params": int(lora_params), "lora_grads": int(lora_grads),
+        "optimizer_state": int(opt_state), "activations": int(activations), "logits": int(logits),
+        "backward_workspace": int(workspace), "allocator_overhead": overhead,
+        "vision_weights": int(vis["weights"]), "vision_activations": int(vis["activations"]),
+        "cuda_context": CUDA_CONTEXT,
+    }
+    peak = allocated + overhead
+    total = linear + other + (0 if galore else trainable) + vis["params"]
+    if not four and not galore:
+        notes.append("16-bit base (load_in_4bit = false): adapters in fp32")
+    if d == 4:
+        notes.append("fp32 compute: activations and unquantized weights at 4 bytes")
+    notes.append(f"assumes every row is {seq} tokens (padding/packing never exceeds it)")
+    fits = None if gpu_mem_bytes is None else peak + CUDA_CONTEXT <= gpu_mem_bytes
+    host = streaming_plan.host_breakdown(base_q, w_u, L, stream, cfg.train.device)
+    host["offloaded_activations"] = int(offload_host)
+    return Estimate(peak_bytes=int(peak), breakdown=breakdown, trainable_params=int(trainable),
+                    total_params=int(total), fits=fits, gpu_mem_bytes=gpu_mem_bytes, notes=notes,
+                    batch_size=b, seq_len=seq, gradient_checkpointing=k_ck > 0, liger=lg,
+                    checkpoint_layers=k_ck, layers=L, offload=off, offload_host_bytes=int(offload_host),
+                    streaming=stream, host_bytes=sum(host.values()), host_breakdown=host,
+                    base_quantized_bytes=int(base_q), method=getattr(cfg.train, "method", "qlora"))
+
+def _checkpointing(cfg: Config, layers: int, gc: bool, k: int | None, offload: bool | None):
+    """(decoder layers checkpointed, inputs offloaded) from the overrides or the config."""
+    if not gc:
+        return 0, False
+    if k is None:
+        k = cfg.train.checkpoint_layers if cfg.train.checkpoint_layers >= 0 else layers
+    k = max(0, min(int(k), layers))
+    off = offload if offload is not None else _tri(cfg.train.activation_offload)
+    return k, bool(off) and k > 0
+
+
+def _activation_bytes_per_token(input_bytes: int, act: int, layers: int, k: int, offload: bool) -> int:
+    """Activation bytes per token: k checkpointed layers keep only their input (none on the GPU
+    when offloaded, but two in flight: the one being recomputed and the one prefetched), one
+    layer is recomputed at a time, the other layers keep all their activations."""
+    if k == 0:
+        return layers * act
+    inputs = 2 * input_bytes if offload else k * input_bytes
+    return inputs + (layers - k) * act + act
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json and GPU memory
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached from here (offline mode, no route), or None. One quick
+    connect instead of the client's retries (24 s offline, ending in a cut-off message)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host} cannot be reached ({e.strerror or type(e).__name__})"
+    return None
+
+
+def _hub_config(name: str, repo: str, revision) -> Path:
+    """config.json of a hub model: from the local cache, else downloaded if the hub answers."""
+    from huggingface_hub import hf_hub_download
+    try:
+        return Path(hf_hub_download(repo, "config.json", revision=revision, local_files_only=True))
+    except Exception:
+        pass                                           # not cached: ask the hub
+    why = hub_unreachable()
+    if why:
+        raise EstimateError(f"model {name!r} is a hub id and the hub is unreachable: {why}. Point "
+                            f"model.name at a local model directory (download it where the hub "
+                            f"answers: huggingface-cli download {repo})")
+    try:
+        return Path(hf_hub_download(repo, "config.json", revision=revision))
+    except Exception as e:  # gated, missing repo: one line naming the model, never cut mid-word
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise EstimateError(f"cannot read config.json of model {name!r} from the hub: "
+                            f"{type(e).__name__}: {first}") from None
+
+
+def model_config_for(cfg: Config) -> dict:
+    """The model's config.json as a dict: local directory, builtin:tiny, or the hub (config only)."""
+    name = cfg.model.name.strip()
+    from engine.training.model import ModelError, model_path
+    try:
+        where = model_path(cfg)
+    except ModelError as e:
+        raise EstimateError(str(e)) from None
+    p = Path(where)
+    if p.is_dir():
+        path = p / "config.json"
+    else:
+        path = _hub_config(name, where, cfg.model.revision or None)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EstimateError(f"cannot read {path} for model {name!r}: {e}") from None
+
+
+def _gib_arg(text: str) -> float:
+    """--gpu-mem: a finite number of GiB above 0 (at most 1 PiB)."""
+    import argparse
+    import math
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and 0 < v <= 2 ** 20):
+        raise argparse.ArgumentTypeError(f"{text!r}: give the GPU's memory in GiB, a number above 0 "
+                                         "(e.g. 80 for an 80 GB GPU)")
+    return v
+
+
+def gpu_free_bytes(index: int = 0) -> int | None:
+    """Free memory of GPU ``index`` via NVML; None when there is no NVIDIA GPU or driver."""
+    try:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import pynvml
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
+    except Exception:
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# the planner
+
+@dataclass
+class Plan:
+    batch_size: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    liger: bool
+    packing: bool
+    estimate: Estimate
+    reasons: list[str] = field(default_factory=list)
+    checkpoint_layers: int = 0       # decoder layers checkpointed (0 with checkpointing off)
+    offload: bool = False            # their inputs in pinned host memory
+    streaming: bool = False
+    expected_tokens_per_s: float | None = None    # streaming: the link/FLOP floor (streaming_plan)
+
+    def to_dict(self) -> dict:
+        return {"batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                "gradient_checkpointing": self.gradient_checkpointing, "liger": self.liger,
+                "checkpoint_layers": self.checkpoint_layers, "offload": self.offload,
+                "packing": self.packing, "peak_bytes": self.estimate.peak_bytes,
+                "device_bytes": self.estimate.device_bytes, "fits": self.estimate.fits,
+                "streaming": self.streaming, "host_bytes": self.estimate.host_bytes,
+                "expected_tokens_per_s": self.expected_tokens_per_s,
+                "reasons": list(self.reasons)}
+
+
+def _liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def _flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _divisors_desc(n: int) -> list[int]:
+    return [k for k in range(n, 0, -1) if n % k == 0]
+
+
+def _gib(n: int | float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+# Speed model of the planner, from side-by-side H200 runs (bench/RESULTS.md, Llama-3.1-8B shape,
+# seq 2048). Micro-batch fill: a fixed cost per micro-batch, fill(t) = t/(t+c) normalised to 1 at
+# 16,384 tokens; c = 2,180 tokens fits micro-batch 1 at 0.55 of micro-batch 8 (no checkpointing:
+# 7,622 vs 13,840 tokens/s) and puts micro-batch 4 at 0.90 (measured 0.965 with offloaded
+# checkpointing: 9,861 vs 10,220). Checkpointing: 0.705 of the no-checkpointing speed with every
+# layer recomputed (9,908 vs 14,051 in landscape.md); k of L layers add k/L of that recompute time.
+# Offloading the checkpointed inputs (side-stream copies) cost about 1% (10,220 tokens/s with 31
+# layers offloaded vs 10,451 with 29 kept on the GPU, 0.978 measured vs 0.980 modelled at 1%).
+SPEED_GC = 0.705
+SPEED_TOKENS_FULL = 16384
+SPEED_FILL_TOKENS = 2180
+OFFLOAD_COST = 1.01
+
+
+def relative_speed(gradient_checkpointing, tokens_per_micro_batch: int, offload: bool = False) -> float:
+    """Relative tokens/s of a setting (1.0 = no checkpointing, a full micro-batch).
+
+    ``gradient_checkpointing`` is a bool (all layers or none) or the share of layers checkpointed."""
+    share = float(gradient_checkpointing)
+    t = min(tokens_per_micro_batch, SPEED_TOKENS_FULL)
+    c = SPEED_FILL_TOKENS
+    fill = (t / (t + c)) / (SPEED_TOKENS_FULL / (SPEED_TOKENS_FULL + c))
+    time = (1 + share * (1 / SPEED_GC - 1)) * (OFFLOAD_COST if offload and share else 1.0)
+    return fill / time
+
+
+def _speed(e: Estimate) -> float:
+    share = e.checkpoint_layers / e.layers if e.layers else float(e.gradient_checkpointing)
+    return relative_speed(share, e.batch_size * e.seq_len, e.offload)
+
+
+def _candidates(cfg: Config, model_config: dict, lg: bool, gpu_mem_bytes: int, budget: float, offload_ok: bool):
+    """Every (micro-batch, checkpointing, offload) the explicit settings allow: for each micro-batch
+    and offload choice, no checkpointing and the fewest checkpointed layers that fit."""
+    t = cfg.train
+    gc_set, off_set = _tri(t.gradient_checkpointing), _tri(t.activation_offload)
+    layers = shape_of(model_config).layers
+    k_set = t.checkpoint_layers if t.checkpoint_layers >= 0 else None
+    offs = [off_set] if off_set is not None else ([False, True] if offload_ok else [False])
+    eff = t.batch_size * t.grad_accum
+    tried, fitting = [], []
+
+    def one(b, gc, k=None, off=False):
+        e = estimate(cfg, model_config, batch_size=b, gradient_checkpointing=gc, liger=lg,
+                     gpu_mem_bytes=gpu_mem_bytes, checkpoint_layers=k, offload=off)
+        tried.append(e)
+        ok = e.device_bytes <= budget
+        if ok:
+            fitting.append(e)
+        return ok
+
+    for b in _divisors_desc(eff):
+        if gc_set is not True and k_set in (None, 0):
+            one(b, False)
+        if gc_set is False:
+            continue
+        for off in offs:
+            if k_set is not None:
+                one(b, True, k_set, off)
+                continue
+            lo, hi = 1, layers          # the fewest checkpointed layers that fit (memory falls with k)
+            if not one(b, True, layers, off):
+                continue
+            while lo < hi:
+                mid = (lo + hi) // 2
+                e = estimate(cfg, model_config, batch_size=b, gradient_checkpointing=True, liger=lg,
+                             gpu_mem_bytes=gpu_mem_bytes, checkpoint_layers=mid, offload=off)
+                lo, hi = (lo, mid) if e.device_bytes <= budget else (mid + 1, hi)
+            if lo < layers:
+                one(b, True, lo, off)
+    return tried, fitting
+
+
+def _checkpoint_reason(e: Estimate, gc_set, why_off: str) -> str:
+    if not e.checkpoint_layers:
+        why = "set in the config" if gc_set is False else "fits without it: fastest"
+        return f"gradient checkpointing off ({why})"
+    part = ("all " if e.checkpoint_layers == e.layers else "") + f"{e.checkpoint_layers} of {e.layers} layers"
+    why = "the fewest that fit" if e.checkpoint_layers < e.layers else (
+        "set in the config" if gc_set is True else "needed to fit")
+    text = f"gradient checkpointing on for {part} ({why})"
+    if e.offload:
+        text += (f"; their saved inputs offloaded to pinned CPU memory ({_gib(e.offload_host_bytes)} of host "
+                 "memory, copied on side streams)")
+    elif why_off:
+        text += f"; activation offload off ({why_off})"
+    return text
+
+
+def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
+    """Choose micro-batch, accumulation, gradient checkpointing (how many layers, offloaded or
+    not), Liger and packing to fit.
+
+    Only ``"auto"`` fields are decided; explicit values are kept. The effective batch
+    (batch_size x grad_accum) is kept: the micro-batch is a divisor of it. The fastest by
+    ``relative_speed`` among every setting that fits with 10% headroom wins: e.g. micro-batch 8
+    with 10 of 32 layers checkpointed and their inputs offloaded beats micro-batch 2 without.
+    """
+    t = cfg.train
+    gc_set, lg_set, pk_set = _tri(t.gradient_checkpointing), _tri(t.liger_kernel), _tri(cfg.data.packing)
+    reasons: list[str] = []
+    cuda = gpu_mem_bytes is not None and t.device != "cpu"
+    if not cuda:
+        gc = True if gc_set is None else gc_set
+        lg = False if lg_set is None else lg_set
+        pk = False if pk_set is None else pk_set
+        est = estimate(cfg, model_config, gradient_checkpointing=gc, liger=lg)
+        reasons.append("CPU: no memory planning")
+        return Plan(t.batch_size, t.grad_accum, est.gradient_checkpointing, lg, pk, est, reasons,
+                    checkpoint_layers=est.checkpoint_layers, offload=est.offload)
+
+    lg = _choose_liger(lg_set, reasons, model_config.get("model_type"))
+    pk = _choose_packing(cfg, pk_set, reasons)
+    eff = t.batch_size * t.grad_accum
+    seq = cfg.data.max_length
+    budget = gpu_mem_bytes * (1 - HEADROOM)
+    offload_ok = cfg.distributed.gpus == 1
+    why_off = "" if offload_ok else "one GPU only"
+    ws = _tri(t.weight_streaming)
+    tried, fitting = ([], []) if ws is True else _candidates(cfg, model_config, lg, gpu_mem_bytes, budget, offload_ok)
+    if _consider_streaming(cfg, model_config, ws, gc_set, bool(fitting), budget):
+        fitting += _streaming_options(cfg, model_config, gpu_mem_bytes, lg, eff, budget, tried)
+    chosen = max(fitting, key=lambda e: _speed(e) * _streaming_speed(e, model_config), default=None)
+    if chosen is None:
+        # nothing fits: report the smallest-memory option the explicit settings allow
+        chosen = min(tried, key=lambda e: e.peak_bytes)
+        reasons.append(f"does not fit: even micro-batch {chosen.batch_size} with gradient "
+                       f"checkpointing {'on' if chosen.gradient_checkpointing else 'off'} needs "
+                       f"{_gib(chosen.device_bytes)} of {_gib(gpu_mem_bytes)}; lower data.max_length "
+                       f"(now {seq}), lora.r, or use a smaller model")
+    else:
+        reasons.append(_checkpoint_reason(chosen, gc_set, why_off))
+        reasons.append(f"micro-batch {chosen.batch_size} x accumulation {eff // chosen.batch_size} = "
+                       f"effective batch {eff} (fastest option that fits with "
+                       f"{int(HEADROOM * 100)}% headroom)")
+        reasons.append(f"predicted {_gib(chosen.device_bytes)} of {_gib(gpu_mem_bytes)}")
+    expected = None
+    if chosen.streaming and chosen in fitting:
+        why, expected = _streaming_reason(chosen, model_config, gpu_mem_bytes)
+        reasons.append(why)
+    b = chosen.batch_size
+    return Plan(batch_size=b, grad_accum=eff // b, gradient_checkpointing=chosen.gradient_checkpointing,
+                liger=lg, packing=pk, estimate=chosen, reasons=reasons,
+                checkpoint_layers=chosen.checkpoint_layers, offload=chosen.offload,
+                streaming=chosen.streaming, expected_tokens_per_s=expected)
+
+
+def _consider_streaming(cfg: Config, model_config: dict, ws, gc_set, others_fit: bool, budget: float) -> bool:
+    """Weight streaming is a candidate when the config forces it, or (auto, 4-bit, checkpointing
+    allowed) when the base does not fit: nothing fits without it, or the 4-bit layers alone take
+    over half the budget (then the speed model weighs micro-batch 1 resident against micro-batch 8
+    streamed, e.g. a 70B at 48 GiB)."""
+    if ws is True:
+        return True
+    if ws is False or gc_set is False or not cfg.quant.load_in_4bit:
+        return False
+    return not others_fit or estimate(cfg, model_config, batch_size=1).base_quantized_bytes > budget / 2
+
+
+def _choose_liger(lg_set, reasons: list[str], model_type: str | None = None) -> bool:
+    """Liger: faster and smaller where it exists, so on when auto and it can patch this model."""
+    if lg_set is None:
+        lg = _liger_available()
+        why = "liger_kernel installed, CUDA" if lg else "liger_kernel not installed"
+        if lg and not liger_patches(model_type):
+            lg, why = False, f"liger_kernel has no working patch for {model_type} here"
+        reasons.append(f"Liger kernels {'on' if lg else 'off'} ({why})")
+    else:
+        lg = lg_set
+        reasons.append(f"Liger kernels {'on' if lg else 'off'} (set in the config)")
+    if lg_set and not _liger_available():
+        reasons.append("warning: train.liger_kernel = true but liger_kernel is not installed")
+    return lg
+
+
+def liger_patches(model_type: str | None) -> bool:
+    """Whether Liger's module for this model type imports (its patch fails at trainer start
+    otherwise, e.g. Qwen2-VL with liger-kernel 0.8.5 and transformers 5.24 on the H200)."""
+    if not model_type:
+        return True
+    try:
+        importlib.import_module(f"liger_kernel.transformers.model.{model_type}")
+        return True
+    except Exception:
+        return False
+
+
+def _choose_packing(cfg: Config, pk_set, reasons: list[str]) -> bool:
+    """Packing does not change the worst-case peak; correct only where attention isolates samples."""
+    if pk_set is not None:
+        return pk_set
+    from engine.training.model import packing_isolated
+    attn = cfg.model.attn_implementation
+    if attn == AUTO:
+        attn = "flash_attention_2" if _flash_attn_available() else "sdpa"
+    pk, why = packing_isolated(attn)
+    reasons.append(f"packing {'on' if pk else 'off'} ({why})")
+    return pk
+
+
+def _streaming_options(cfg, model_config, gpu_mem_bytes, lg, eff, budget, tried) -> list[Estimate]:
+    """Weight streaming (always with gradient checkpointing): the micro-batches that fit."""
+    out = []
+    for b in _divisors_desc(eff):
+        est = estimate(cfg, model_config, batch_size=b, gradient_checkpointing=True, liger=lg,
+                       gpu_mem_bytes=gpu_mem_bytes, streaming=True)
+        tried.append(est)
+        if est.device_bytes <= budget:
+            out.append(est)
+    return out
+
+
+def _streaming_speed(e: Estimate, model_config: dict) -> float:
+    """The streaming floor factor (transfers that compute cannot hide); 1 without streaming."""
+    v = 1.0
+    if e.streaming:
+        from engine.planning import streaming_plan
+        v *= streaming_plan.stream_cost(shape_of(model_config), e.base_quantized_bytes, e.batch_size * e.seq_len,
+                            e.seq_len).factor
+    return v
+
+
+def _streaming_reason(e: Estimate, model_config: dict, gpu_mem_bytes: int) -> tuple[str, float]:
+    from engine.planning import streaming_plan
+    c = streaming_plan.stream_cost(shape_of(model_config), e.base_quantized_bytes, e.batch_size * e.seq_len, e.seq_len)
+    return (f"weight streaming on: the 4-bit base ({_gib(e.base_quantized_bytes)}) does not fit in "
+            f"{_gib(gpu_mem_bytes)}; it stays pinned in host RAM ({_gib(e.host_bytes)} host RAM in all) "
+            f"and each micro-batch moves it twice: {streaming_plan.PASSES} x {_gib(e.base_quantized_bytes)} / "
+            f"{streaming_plan.LINK_BYTES_PER_S / 1e9:.1f} GB/s = {c.transfer_s:.2f} s against ~{c.compute_s:.2f} s "
+            f"of compute ({int(streaming_plan.MFU_ASSUMED * 100)}% of {streaming_plan.PEAK_FLOPS / 1e12:.0f} TFLOP/s): expected "
+            f">= {c.factor:.0%} of the speed without streaming, ~{c.tokens_per_s_floor:,.0f} tokens/s "
+            f"at best"), c.tokens_per_s_floor
+
+
+def apply_plan(cfg: Config, p: Plan) -> Config:
+    """A copy of ``cfg`` with the plan's choices applied (booleans instead of "auto")."""
+    out = cfg.copy()
+    out.train.batch_size = p.batch_size
+    out.train.grad_accum = p.grad_accum
+    out.train.gradient_checkpointing = bool(p.gradient_checkpointing)
+    out.train.checkpoint_layers = p.checkpoint_layers if p.gradient_checkpointing else -1
+    out.train.activation_offload = bool(p.offload)
+    out.train.liger_kernel = bool(p.liger)
+    out.data.packing = bool(p.packing)
+    out.train.weight_streaming = bool(p.streaming)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+BREAKDOWN_LABELS = [
+    ("weights_quantized", "base weights, 4-bit"),
+    ("weights_unquantized", "embeddings, lm_head, norms"),
+    ("lora_params", "LoRA adapters"),
+    ("lora_grads", "LoRA gradients"),
+    ("optimizer_state", "optimizer state"),
+    ("activations", "activations"),
+    ("logits", "LM head / logits"),
+    ("backward_workspace", "backward workspace"),
+    ("vision_weights", "vision tower, 16-bit"),
+    ("vision_activations", "vision activations, 1 image/row"),
+    ("allocator_overhead", "allocator overhead"),
+]
+
+
+def _gc_text(k: int, layers: int, offload: bool) -> str:
+    if not k:
+        return "off"
+    return ("on" if k >= layers else f"on for {k} of {layers} layers") + (", offloaded" if offload else "")
+
+
+def plan_summary(p: Plan, budget_gib: float) -> str:
+    """One line for the Config screen: what the planner picks for a budget, and why."""
+    why = next((r for r in p.reasons if r.startswith(("gradient checkpointing", "does not fit"))), "")
+    return (f"planner at {budget_gib:g} GiB: micro-batch {p.batch_size} x {p.grad_accum}; {why}; "
+            f"predicted {_gib(p.estimate.device_bytes)}")
+
+
+def format_report(est: Estimate, pl: Plan | None) -> str:
+    lines = [f"Peak VRAM estimate: micro-batch {est.batch_size} x {est.seq_len} tokens, gradient "
+             f"checkpointing {_gc_text(est.checkpoint_layers, est.layers, est.offload)}, Liger "
+             f"{'on' if est.liger else 'off'}", ""]
+    relabel = {"weights_unquantized": "weights, 16-bit", "lora_params": "(no adapter)",
+               "lora_grads": "gradients (targeted weights)",
+               "optimizer_state": "GaLore optimizer state"} if est.method == "galore" else {}
+    for key, label in BREAKDOWN_LABELS:
+        label = relabel.get(key, label)
+        if key.startswith("vision_") and not est.breakdown.get(key):
+            continue
+        lines.append(f"  {label:<30}{est.breakdown[key] / GIB:>9.2f} GiB")
+    lines.append(f"  {'-' * 30}{'-' * 13}")
+    lines.append(f"  {'peak reserved (PyTorch)':<30}{est.peak_bytes / GIB:>9.2f} GiB")
+    lines.append(f"  {'+ CUDA context':<30}{est.breakdown['cuda_context'] / GIB:>9.2f} GiB")
+    lines.append(f"  {'= on the GPU':<30}{est.device_bytes / GIB:>9.2f} GiB")
+    lines.append(f"  trainable {est.trainable_params / 1e6:,.1f} M of {est.total_params / 1e9:,.2f} B params")
+    lines.append(f"  host RAM {est.host_bytes / GIB:.2f} GiB (" + ", ".join(
+        f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in est.host_breakdown.items() if v) + ")"
+        + (", 4-bit layers streamed from host RAM" if est.streaming else ""))
+    lines.append("")
+    if est.gpu_mem_bytes is None:
+        lines.append("Fits: unknown (no GPU found; pass --gpu-mem GIB)")
+    elif est.fits:
+        lines.append(f"Fits: yes ({_gib(est.device_bytes)} of {_gib(est.gpu_mem_bytes)})")
+    else:
+        lines.append(f"Fits: NO ({_gib(est.device_bytes)} needed, {_gib(est.gpu_mem_bytes)} available)")
+    for n in est.notes:
+        lines.append(f"  note: {n}")
+    if pl is not None:
+        lines.append("")
+        lines.append(f"Planner: micro-batch {pl.batch_size}, accumulation {pl.grad_accum}, gradient "
+                     f"checkpointing {_gc_text(pl.checkpoint_layers, pl.estimate.layers, pl.offload)}, Liger "
+                     f"{'on' if pl.liger else 'off'}, packing {'on' if pl.packing else 'off'}, "
+                     f"weight streaming {'on' if pl.streaming else 'off'}")
+        for r in pl.reasons:
+            lines.append(f"  - {r}")
+    return "\n".join(lines)
+
+
+def _cmd_estimate(args) -> int:
+    from engine.cli import load_config_or_exit
+    cfg = load_config_or_exit(args)
+    try:
+        mc = model_config_for(cfg)
+        gpu_mem = int(args.gpu_mem * GIB) if args.gpu_mem is not None else (
+            None if cfg.train.device == "cpu" else gpu_free_bytes())
+        est = estimate(cfg, mc, gpu_mem_bytes=gpu_mem)
+        pl = plan(cfg, mc, gpu_mem)
+    except EstimateError as e:
+        print(f"estimate: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        out = {"model": cfg.model.name, "peak_bytes": est.peak_bytes,
+               "allocated_bytes": est.allocated_bytes, "device_bytes": est.device_bytes,
+               "fits": est.fits, "gpu_mem_bytes": est.gpu_mem_bytes, "breakdown": est.breakdown,
+               "trainable_params": est.trainable_params, "total_params": est.total_params,
+               "batch_size": est.batch_size, "seq_len": est.seq_len,
+               "gradient_checkpointing": est.gradient_checkpointing, "liger": est.liger,
+               "checkpoint_layers": est.checkpoint_layers, "offload": est.offload,
+               "notes": est.notes, "plan": pl.to_dict(), "host_bytes": est.host_bytes,
+               "host_breakdown": est.host_breakdown, "streaming": est.streaming}
+        print(json.dumps(out))
+    else:
+        print(format_report(est, pl))
+    return 0
+
+
+def register(subparsers) -> None:
+    from engine.cli import add_config_args
+    p = subparsers.add_parser(
+        "estimate", help="predict peak VRAM from config.json (no weights) and plan what fits",
+        description="Predict the training peak GPU memory from the model's config.json alone, "
+                    "and let the planner choose micro-batch, gradient checkpointing, Liger and "
+                    "packing where the config says auto. Exits 0 even when it does not fit.")
+    add_config_args(p)
+    p.add_argument("--gpu-mem", type=_gib_arg, default=None, metavar="GIB",
+                   help="GPU memory to plan for, in GiB (default: free memory of GPU 0 via NVML)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_estimate)

@@ -1,0 +1,166 @@
+"""The arithmetic of weight streaming (engine/training/streaming.py) and of host RAM, from config.json alone.
+
+No torch here (``engine.planning.estimate`` imports it). docs/ESTIMATE.md, "Weight streaming", has the
+formulas; the figures below are the lent H200's, measured (shared/reference/landscape.md and
+issue 14): pinned host-to-GPU 55.2 GB/s, bf16 matmul 752 TFLOP/s.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+GIB = 1024 ** 3
+LINK_BYTES_PER_S = 55.2e9       # pinned host -> GPU, one direction (H200, PCIe Gen5)
+PEAK_FLOPS = 752e12             # bf16 dense matmul, measured on the H200
+MFU_ASSUMED = 0.45              # of PEAK_FLOPS, counting 6 FLOPs/param/token (fwd, recompute, bwd)
+PASSES = 2                      # a layer crosses the link in forward and in recompute (its backward
+                                # runs on the recompute's copy)
+AHEAD = 2                       # engine.training.streaming.AHEAD: layers prefetched ahead
+RESIDENT_LAYERS = AHEAD + 2     # current + prefetched + the one whose kernels may still be queued
+HOST_BASE = {"cpu": int(0.6 * GIB),   # Python + torch + transformers/TRL: measured 0.60 GiB peak RSS
+             "cuda": int(2.5 * GIB)}  # (tiny, bench/seventy_b.py --tiny); + CUDA runtime: not measured yet
+
+
+@dataclass
+class StreamCost:
+    compute_s: float            # per micro-batch
+    transfer_s: float           # per micro-batch
+    tokens: int
+
+    @property
+    def factor(self) -> float:
+        """Tokens/s with streaming over tokens/s without, at the same micro-batch (floor model)."""
+        return self.compute_s / max(self.compute_s, self.transfer_s)
+
+    @property
+    def tokens_per_s_floor(self) -> float:
+        return self.tokens / max(self.compute_s, self.transfer_s)
+
+
+def flops_per_token(s, seq: int) -> float:
+    """Frozen-base LoRA with gradient checkpointing: 2 FLOPs/param forward, 2 recompute, 2 for the
+    input gradient; causal attention 2*q*seq per layer per pass (4 passes' worth); the LM head 4*V*h."""
+    dims = s.module_dims()
+    attn = sum(a * o for m, (a, o) in dims.items() if m in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    mlp = sum(a * o for m, (a, o) in dims.items() if m in ("gate_proj", "up_proj", "down_proj"))
+    linear = s.layers * (attn + mlp * s.experts_per_token)
+    return 6 * linear + 8 * s.q_dim * seq * s.layers + 4 * s.vocab * s.hidden
+
+
+def stream_cost(s, quantized_bytes: int, tokens_per_micro_batch: int, seq: int) -> StreamCost:
+    compute = tokens_per_micro_batch * flops_per_token(s, seq) / (MFU_ASSUMED * PEAK_FLOPS)
+    transfer = PASSES * quantized_bytes / LINK_BYTES_PER_S
+    return StreamCost(compute, transfer, tokens_per_micro_batch)
+
+
+def resident_bytes(quantized_bytes: int, layers: int) -> int:
+    """The 4-bit weights on the GPU while streaming: a window of layers, not the whole base."""
+    return int(quantized_bytes / max(1, layers) * min(layers, RESIDENT_LAYERS))
+
+
+def host_breakdown(quantized_bytes: int, unquantized_bytes: int, layers: int, streaming: bool,
+                   device: str = "cuda") -> dict:
+    """Host RAM the run needs at its peak (bytes). Streaming loads the model on the host first
+    (4-bit layers + 16-bit embeddings), then pins the layers one by one and moves the rest to the GPU."""
+    out = {"process_base": HOST_BASE["cpu" if device == "cpu" else "cuda"], "pinned_weights": 0, "loading": 0}
+    if streaming:
+        out["pinned_weights"] = int(quantized_bytes)
+        out["loading"] = int(max(unquantized_bytes, quantized_bytes / max(1, layers)))
+    return out
+
+
+def host_ram_available() -> tuple[int | None, int | None]:
+    """(available, total) host RAM in bytes from /proc/meminfo (None where unreadable)."""
+    try:
+        info = {}
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                k, _, v = line.partition(":")
+                info[k] = int(v.split()[0]) * 1024
+        return info.get("MemAvailable"), info.get("MemTotal")
+    except (OSError, ValueError, IndexError):
+        return None, None
+
+
+def host_ram_problem(host_bytes: int, available: int | None, total: int | None) -> str | None:
+    """One line when the run needs more host RAM than the machine can give, else None."""
+    if available is None:
+        return None
+    if host_bytes <= available:
+        return None
+    return (f"this run needs {host_bytes / GIB:.1f} GiB of host RAM (weight streaming pins the 4-bit "
+            f"layers in host memory) but only {available / GIB:.1f} GiB is available "
+            f"({(total or 0) / GIB:.1f} GiB total); free memory, use a machine with more RAM, set "
+            f"train.weight_streaming = false with a larger train.gpu_memory_gib, or use a smaller model")
+
+
+def budget_bytes(cfg) -> int | None:
+    """train.gpu_memory_gib in bytes (None when 0 = unlimited)."""
+    g = cfg.train.gpu_memory_gib
+    return int(g * GIB) if g else None
+
+
+def env_host_ram_override() -> int | None:
+    """QLORA_TUI_HOST_RAM_GIB: what the host-RAM check assumes is available (tests, containers)."""
+    v = os.environ.get("QLORA_TUI_HOST_RAM_GIB")
+    try:
+        return int(float(v) * GIB) if v else None
+    except ValueError:
+        return None
+
+
+def resolve(cfg, rt) -> list[str]:
+    """Decide ``train.weight_streaming`` where still auto, check the combination; mutates ``cfg``.
+
+    On the GPU the fit planner decides (engine.planning.estimate.plan). On the CPU, a
+    ``train.gpu_memory_gib`` smaller than the 4-bit base turns streaming on with the CPU as the
+    stand-in device (the same hooks and evictions; tests use it). Raises ValueError (one line)
+    for settings that cannot stream."""
+    from engine.planning import estimate as estimate_mod
+    t = cfg.train
+    reasons = []
+    if t.weight_streaming == "auto":
+        t.weight_streaming = False
+        budget = budget_bytes(cfg)
+        if rt.device == "cpu" and budget and rt.load_in_4bit:
+            try:
+                est = estimate_mod.estimate(cfg, estimate_mod.model_config_for(cfg), streaming=True)
+            except estimate_mod.EstimateError:
+                return reasons
+            if est.base_quantized_bytes > budget:
+                t.weight_streaming = True
+                reasons.append(f"weight streaming on (CPU stand-in for a GPU: the 4-bit base, "
+                               f"{est.base_quantized_bytes / GIB:.4f} GiB, exceeds train.gpu_memory_gib "
+                               f"= {t.gpu_memory_gib:g})")
+    if t.weight_streaming is not True:
+        return reasons
+    if not rt.load_in_4bit:
+        raise ValueError("train.weight_streaming = true needs a 4-bit base (quant.load_in_4bit = true "
+                         "and bitsandbytes)")
+    if cfg.distributed.gpus > 1:
+        raise ValueError("train.weight_streaming = true runs on one GPU; set distributed.gpus = 1 "
+                         "(FSDP shards the weights instead)")
+    if t.gradient_checkpointing is False:
+        raise ValueError("train.weight_streaming = true needs train.gradient_checkpointing = true or "
+                         "auto (the backward reuses each layer's recompute copy)")
+    t.gradient_checkpointing = True
+    return reasons
+
+
+def check_host_ram(cfg) -> None:
+    """Refuse (ValueError, one line with the numbers) a run whose host RAM need exceeds what the
+    machine has; before any weight is loaded."""
+    if cfg.train.weight_streaming is not True:
+        return
+    from engine.planning import estimate as estimate_mod
+    try:
+        est = estimate_mod.estimate(cfg, estimate_mod.model_config_for(cfg), streaming=True)
+    except estimate_mod.EstimateError:
+        return
+    avail, total = host_ram_available()
+    override = env_host_ram_override()
+    if override is not None:
+        avail = total = override
+    problem = host_ram_problem(est.host_bytes, avail, total)
+    if problem:
+        raise ValueError(problem)
