@@ -1,6 +1,7 @@
 """Multi-GPU on one host: the engine on 1 GPU, then DDP and FSDP-QLoRA on 2, same data and seed.
 
     python bench/multi_gpu.py llama1b 2048 8
+    python bench/multi_gpu.py llama8b 2048 8 engine_1gpu engine_ddp4 engine_ddp8     # 4/8-GPU hosts
 
 Per-device micro-batch 8, so a 2-GPU step sees twice the rows; tokens/s is for the whole job
 (TRL gathers the token count across ranks). The loss curves are printed side by side.
@@ -18,6 +19,13 @@ VARIANTS = {
     "engine_1gpu": {},
     "engine_ddp2": {"distributed": {"gpus": 2, "strategy": "ddp"}},
     "engine_fsdp2": {"distributed": {"gpus": 2, "strategy": "fsdp"},
+                     "train": {"liger_kernel": False, "gradient_checkpointing": True}},
+    # issue 18 (4 and 8 GPUs; not run yet: no such machine was lent)
+    "engine_ddp4": {"distributed": {"gpus": 4, "strategy": "ddp"}},
+    "engine_ddp8": {"distributed": {"gpus": 8, "strategy": "ddp"}},
+    "engine_fsdp4": {"distributed": {"gpus": 4, "strategy": "fsdp"},
+                     "train": {"liger_kernel": False, "gradient_checkpointing": True}},
+    "engine_fsdp8": {"distributed": {"gpus": 8, "strategy": "fsdp"},
                      "train": {"liger_kernel": False, "gradient_checkpointing": True}},
 }
 
