@@ -9,21 +9,13 @@ from textual.widgets import ProgressBar, Select, Static
 
 from tui.screens.export import ExportScreen, parse_progress
 from tui_helpers import demo_cfg, make_app, until
+from tui_helpers import anyio_backend, isolated_settings  # noqa: F401 (fixtures)
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    monkeypatch.chdir(tmp_path)
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])

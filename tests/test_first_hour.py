@@ -8,23 +8,12 @@ from textual.widgets import Input, Static
 
 from engine.core import config as config_mod
 from tui_helpers import demo_cfg, make_app, until
+from tui_helpers import anyio_backend, isolated_settings, plain  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    monkeypatch.chdir(tmp_path)
-
-
-def plain(widget: Static) -> str:
-    return str(widget.render())
 
 
 # ---- 1: validation runs on the loaded values, never on a half-built form -------------------

@@ -11,6 +11,7 @@ import pytest
 
 from engine.core import config as config_mod
 from engine.planning import estimate as estimate_mod
+from tui_helpers import anyio_backend  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 GALORE = ['train.method="galore"', "galore.rank=16", "galore.update_proj_gap=5",
@@ -129,7 +130,3 @@ async def test_tui_switching_method_updates_the_estimate_and_trains_galore(tmp_p
         await pilot.press("ctrl+q")
         await pilot.pause()
 
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"

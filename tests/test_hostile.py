@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from reliability_helpers import REPO, engine_cmd, env_with
+from tui_helpers import anyio_backend  # noqa: F401 (fixtures)
 
 # a terminal title change (OSC), clear screen (CSI), BEL, the 8-bit CSI and a bidi override
 HOSTILE = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred\x9b1m \u202eevil\u202c \x07"
@@ -114,10 +115,6 @@ def evil_model(src: Path, dst: Path, marker: Path, *, arch: bool = True, tokeniz
         (dst / "config.json").write_text(json.dumps(conf))
     return dst
 
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
 
 
 @pytest.fixture

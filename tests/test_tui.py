@@ -15,27 +15,16 @@ from tui.app import DEMO_OVERRIDES, QloraApp
 from tui.dialogs import QuitDialog
 from tui.testing import HOSTILE_HINT, fixed_samplers, write_run
 from tui_helpers import demo_cfg, make_app, until  # noqa: F401
+from tui_helpers import anyio_backend, isolated_settings, plain  # noqa: F401 (fixtures)
 
 HOSTILE = "[red]x[/red] [/ \x1b[31mRED\x1b[0m [bold]"
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    monkeypatch.chdir(tmp_path)
 
 
 
-
-def plain(widget: Static) -> str:
-    return str(widget.render())
 
 
 # ---- Config -------------------------------------------------------------------------------

@@ -20,14 +20,11 @@ from tui.dialogs import RemoteCodeDialog, ResumeFixDialog
 from tui.runstate import RunState
 from tui.testing import fixed_samplers
 from tui_helpers import demo_cfg, make_app, until  # noqa: F401
+from tui_helpers import anyio_backend  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.anyio
 HOSTILE = "[red]x[/red] [/ \x1b[31mRED\x1b[0m [bold]"
 
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ import pytest
 from engine.core import config
 from engine.dataset import data as data_mod
 from engine.training import vision
+from tui_helpers import anyio_backend  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = vision.vl_sample_dir()
@@ -154,10 +155,6 @@ async def test_dataset_screen_shows_image_problems_tokens_and_a_preview_then_tra
         await pilot.press("ctrl+q")
         await pilot.pause()
 
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
 
 
 def test_estimate_counts_the_vision_tower_and_per_image_activations():
