@@ -364,3 +364,15 @@ def test_hints_and_gpu_import_no_ui_and_no_torch():
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_units_have_one_meaning_each():
+    """engine.core.units owns the number helpers the engine and the TUI share."""
+    from engine.core.units import fmt_eta, is_finite, is_nonfinite, to_float
+    assert [is_finite(v) for v in (1, 2.5, None, float("nan"), float("inf"), True, "1")] == \
+        [True, True, False, False, False, False, False]
+    assert [is_nonfinite(v) for v in (1, None, float("nan"), float("-inf"), False)] == \
+        [False, False, True, True, False]
+    assert [to_float(v) for v in (" 2e-4 ", 3, None, True, "x", [1])] == [2e-4, 3.0, None, None, None, None]
+    assert [fmt_eta(v) for v in (None, float("nan"), -5, 59, 61, 3725)] == \
+        ["--:--", "--:--", "00:00", "00:59", "01:01", "1:02:05"]

@@ -5,14 +5,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-def _num(v) -> float | None:
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
+from engine.core.units import to_float
 
 
 @dataclass
@@ -86,24 +79,24 @@ class RunState:
         elif t == "status":
             self.phase = ev.phase or self.phase
             self.message = ev.message
-            self.progress = _num(ev.progress)
+            self.progress = to_float(ev.progress)
         elif t == "step":
             self.phase = "training"
             self.step = ev.step
             self.total_steps = ev.total_steps or self.total_steps
-            loss = _num(ev.loss)
+            loss = to_float(ev.loss)
             if loss is not None:
                 self.losses.append((ev.step, loss))
             for name, series in (("learning_rate", self.lrs), ("grad_norm", self.grad_norms)):
-                v = _num(getattr(ev, name))
+                v = to_float(getattr(ev, name))
                 if v is not None:
                     series.append((ev.step, v))
             for name in ("learning_rate", "grad_norm", "tokens_per_second", "epoch", "eta_seconds"):
-                v = _num(getattr(ev, name))
+                v = to_float(getattr(ev, name))
                 if v is not None:
                     setattr(self, name, v)
         elif t == "eval":
-            v = _num(ev.eval_loss)
+            v = to_float(ev.eval_loss)
             if v is not None:
                 self.evals.append((ev.step, v))
         elif t == "checkpoint":
@@ -115,7 +108,7 @@ class RunState:
             self.stopped = bool(ev.stopped)
             self.finished_reason = ev.reason
             self.adapter_dir = ev.adapter_dir
-            self.final_loss = _num(ev.final_loss)
+            self.final_loss = to_float(ev.final_loss)
             self.step = ev.step or self.step
             self.phase = "stopped" if ev.stopped else "finished"
             self.message = f"{'model' if ev.adapter_dir.endswith('/model') else 'adapter'} saved to {ev.adapter_dir}" if ev.adapter_dir else ev.reason

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-GIB = 1024 ** 3
+from engine.core.units import GIB
 
 
 class FixedGpuSampler:

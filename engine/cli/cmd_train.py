@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from engine.core import events
+from engine.core.units import fmt_eta
 
 
 def register(sub) -> None:
@@ -48,14 +49,6 @@ def argparse_hidden():
     return argparse.SUPPRESS
 
 
-def _fmt_eta(s: float | None) -> str:
-    if s is None:
-        return "--:--"
-    s = int(s)
-    h, m = divmod(s // 60, 60)
-    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m:02d}:{s % 60:02d}"
-
-
 def _num(x, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
@@ -82,7 +75,7 @@ class HeadlessPrinter:
         elif t == "step":
             w(f"step {ev.step}/{ev.total_steps}  loss {_num(ev.loss, '.4f')}  lr {_num(ev.learning_rate, '.2e')}"
               f"  grad {_num(ev.grad_norm, '.3f')}  tok/s {_num(ev.tokens_per_second, ',.0f')}"
-              f"  epoch {_num(ev.epoch, '.2f')}  eta {_fmt_eta(ev.eta_seconds)}\n")
+              f"  epoch {_num(ev.epoch, '.2f')}  eta {fmt_eta(ev.eta_seconds)}\n")
         elif t == "eval":
             w(f"eval  step {ev.step}  eval_loss {_num(ev.eval_loss, '.4f')}\n")
         elif t == "checkpoint":

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from engine.core.units import to_float
+
 CHATML_JINJA = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -93,22 +95,8 @@ def _load_yaml(yaml_text_or_path) -> tuple[dict, str]:
     return data, source
 
 
-def _num(v) -> float | None:
-    """A YAML number, including the strings PyYAML leaves unparsed (``2e-4``)."""
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
-        try:
-            return float(v.strip())
-        except ValueError:
-            return None
-    return None
-
-
 def _int(v) -> int | None:
-    n = _num(v)
+    n = to_float(v)
     return int(n) if n is not None and n.is_integer() else None
 
 
@@ -135,7 +123,7 @@ _SIMPLE = {
     "train_opt": [("weight_decay", "train.weight_decay", "float"),
                   ("max_grad_norm", "train.max_grad_norm", "float")],
 }
-_CONVERTERS = {"int": _int, "float": _num, "bool": _bool, "str": lambda x: x if isinstance(x, str) else None}
+_CONVERTERS = {"int": _int, "float": to_float, "bool": _bool, "str": lambda x: x if isinstance(x, str) else None}
 _WANDB_ENV = {"wandb_entity": "WANDB_ENTITY", "wandb_name": "WANDB_NAME", "wandb_run_id": "WANDB_RUN_ID",
               "wandb_watch": "WANDB_WATCH", "wandb_log_model": "WANDB_LOG_MODEL", "wandb_mode": "WANDB_MODE"}
 
@@ -430,7 +418,7 @@ def _eval_data(c: _Conversion) -> None:
         else:
             c.skip("test_datasets", "expected a list of {path: ...}")
     if "val_set_size" in y:
-        v = _num(c.take("val_set_size"))
+        v = to_float(c.take("val_set_size"))
         if v is None:
             c.skip("val_set_size", f"{y['val_set_size']!r} is not a number")
         elif 0 <= v <= 0.5:
@@ -535,7 +523,7 @@ def _steps_and_distribution(c: _Conversion) -> None:
     for key, dotted in (("logging_steps", "train.logging_steps"), ("eval_steps", "train.eval_steps"),
                         ("save_steps", "train.save_steps")):
         if key in y:
-            v = _num(y[key])
+            v = to_float(y[key])
             if v is not None and 0 < v < 1:
                 c.take(key)
                 c.skip(key, f"{v} is a fraction of the run; qlora-tui needs a step count")

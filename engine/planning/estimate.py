@@ -71,7 +71,7 @@ from pathlib import Path
 
 from engine.core.config import AUTO, Config
 
-GIB = 1024 ** 3
+from engine.core.units import GIB
 
 NF4_DQ_BITS = 4.127      # 4 bit + 8-bit absmax per 64 + fp32 absmax per 256 blocks
 NF4_BITS = 4.5           # 4 bit + fp32 absmax per 64

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-GIB = 1024 ** 3
+from engine.core.units import GIB
 LINK_BYTES_PER_S = 55.2e9       # pinned host -> GPU, one direction (H200, PCIe Gen5)
 PEAK_FLOPS = 752e12             # bf16 dense matmul, measured on the H200
 MFU_ASSUMED = 0.45              # of PEAK_FLOPS, counting 6 FLOPs/param/token (fwd, recompute, bwd)

@@ -23,6 +23,7 @@ from collections import deque
 from typing import Any
 
 from engine.core.events import Eval, Event, Hint, RunFinished, Step
+from engine.core.units import GIB, is_finite
 
 # --- thresholds -------------------------------------------------------------------------
 # Counts are in observations (logged steps, evals or GPU samples), not optimizer steps.
@@ -87,7 +88,6 @@ COOLDOWN = {
     "low_gpu_util": 2 * GPU_LOW_WINDOW,
 }
 
-GIB = 1024 ** 3
 SAFE_LR = 1e-4          # the guide's "drop to 1e-4"
 LR_RANGE = (1e-4, 5e-4)  # the guide's learning-rate range for LoRA
 MAX_RANK = 128           # the guide's rank range tops out here
@@ -121,9 +121,6 @@ def _num(x: float | None) -> str:
         return str(x)
     return f"{x:.4g}"
 
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _cfg_get(cfg, dotted: str, default=None):
@@ -192,13 +189,13 @@ def fix_lines(cfg, overrides: list[str]) -> list[str]:
             ga, new_ga = _cfg_get(cfg, "train.grad_accum"), new["train.grad_accum"]
             gpus = _cfg_get(cfg, "distributed.gpus", 1) or 1
             line = f"train.batch_size {_shown(old)} → {value} with train.grad_accum {_shown(ga)} → {new_ga}"
-            if _finite(old) and _finite(ga):
+            if is_finite(old) and is_finite(ga):
                 eff, old_eff = value * new_ga * gpus, old * ga * gpus
                 line += f" (effective batch {'stays' if eff == old_eff else 'becomes'} {eff})"
             out.append(line)
             continue
         notes = [FIX_NOTES[key]] if key in FIX_NOTES else []
-        if _finite(old) and _finite(value) and old != 0:
+        if is_finite(old) and is_finite(value) and old != 0:
             verb = "lower " if key == "train.learning_rate" and value < old else ""
             line = f"{verb}{key} {_shown(old)} → {_shown(value)}"
         elif old is None:
@@ -219,7 +216,7 @@ def nan_overrides(cfg) -> list[str]:
     """What a NaN/Inf answers with: a lower LR, clipping back on, bf16 instead of fp16."""
     lr = _cfg_get(cfg, "train.learning_rate")
     out = [override("train.learning_rate", (SAFE_LR if lr > SAFE_LR else lr / 2)
-                    if _finite(lr) else SAFE_LR)]
+                    if is_finite(lr) else SAFE_LR)]
     if _cfg_get(cfg, "train.max_grad_norm") == 0:
         out.append(override("train.max_grad_norm", 1.0))
     if _cfg_get(cfg, "quant.compute_dtype") == "fp16":
@@ -233,10 +230,10 @@ def oom_overrides(cfg, step: int = 0) -> list[str]:
     at_start = step <= 1
     max_len = _cfg_get(cfg, "data.max_length")
     f_len = [override("data.max_length", max(256, max_len // 2))] \
-        if _finite(max_len) and max_len > 256 else []
+        if is_finite(max_len) and max_len > 256 else []
     bs, ga = _cfg_get(cfg, "train.batch_size"), _cfg_get(cfg, "train.grad_accum")
     f_batch = []
-    if _finite(bs) and _finite(ga) and bs > 1:
+    if is_finite(bs) and is_finite(ga) and bs > 1:
         new_bs = bs // 2
         f_batch = [override("train.batch_size", new_bs),
                    override("train.grad_accum", math.ceil(ga * bs / new_bs))]
@@ -275,7 +272,7 @@ def nan_hint(step: int, loss: float | None, grad_norm: float | None, cfg=None) -
         cause, fix = extreme
         return Hint(rule="nan", severity="error", symptom=symptom, cause=cause,
                     fix=fix + "; start a new run (lora.* cannot change on resume)", step=int(step))
-    cause = "learning rate too high" + (f" (train.learning_rate = {fmt_lr(lr)})" if _finite(lr) else "")
+    cause = "learning rate too high" + (f" (train.learning_rate = {fmt_lr(lr)})" if is_finite(lr) else "")
     if dtype == "fp16":
         cause += ", or an fp16 overflow (quant.compute_dtype = fp16)"
     if loss == 0:
@@ -299,7 +296,7 @@ def _extreme_scaling(cfg) -> tuple[str, str] | None:
     if not isinstance(alpha, (int, float)) or not isinstance(r, (int, float)) or r <= 0:
         return None
     scale = alpha / (math.sqrt(r) if _cfg_get(cfg, "lora.use_rslora") else r)
-    if _finite(scale) and abs(scale) <= MAX_LORA_SCALE:
+    if is_finite(scale) and abs(scale) <= MAX_LORA_SCALE:
         return None
     return (f"lora.alpha = {alpha:g} is extreme (LoRA scaling alpha/r = {scale:g}; usual 1 to 4): the adapter's "
             "output overflows", f"set lora.alpha to about 2×r (lora.alpha = {2 * r:g})")
@@ -334,7 +331,7 @@ def _oom_cause(cfg, at_start: bool, estimate_bytes, observed_bytes) -> str:
     max_len = _cfg_get(cfg, "data.max_length")
     if at_start:
         cause = "sequence length too high for this GPU"
-        if _finite(max_len):
+        if is_finite(max_len):
             cause = f"sequence length too high for this GPU (data.max_length = {max_len})"
     else:
         cause = "a longer batch than any before, or memory growing during training"
@@ -466,14 +463,14 @@ class HintEngine:
             self._training = True
         if step.total_steps:
             self.total_steps = step.total_steps
-        if _finite(step.epoch):
+        if is_finite(step.epoch):
             self._epochs.append((step.step, float(step.epoch)))
-        if _finite(step.learning_rate):
+        if is_finite(step.learning_rate):
             self._peak_lr = max(self._peak_lr, float(step.learning_rate))
         loss, gn = step.loss, step.grad_norm
 
         # 1. non-finite loss / grad norm
-        bad = (loss is not None and not _finite(loss)) or (gn is not None and not _finite(gn))
+        bad = (loss is not None and not is_finite(loss)) or (gn is not None and not is_finite(gn))
         if self._fire("nan", n, bad):
             self._emit(out, nan_hint(step.step, loss, gn, self.cfg))
         if bad:
@@ -514,7 +511,7 @@ class HintEngine:
             window_best = min(v for _, v in self._smoothed[-PLATEAU_WINDOW:])
             plateau = window_best > self._best_before * (1 - PLATEAU_MIN_REL_IMPROVEMENT)
             lr = step.learning_rate
-            if plateau and _finite(lr) and self._peak_lr > 0 and lr < PLATEAU_MIN_LR_FRACTION * self._peak_lr:
+            if plateau and is_finite(lr) and self._peak_lr > 0 and lr < PLATEAU_MIN_LR_FRACTION * self._peak_lr:
                 plateau = False   # the schedule has decayed the LR: flattening is expected
         if plateau and not self._episodes["loss_plateau"].active:
             self._plateau_level = min(self._best_before,
@@ -528,7 +525,7 @@ class HintEngine:
 
     def _observe_tps(self, step: Step, n: int, out: list[Hint]) -> None:
         tps = step.tokens_per_second
-        if not _finite(tps):
+        if not is_finite(tps):
             return
         self._tps_seen += 1
         paused, self._paused = self._paused, False
@@ -555,7 +552,7 @@ class HintEngine:
     # -- evals --
     def observe_eval(self, ev: Eval) -> list[Hint]:
         out: list[Hint] = []
-        if not _finite(ev.eval_loss):
+        if not is_finite(ev.eval_loss):
             return out
         self._n_evals += 1
         self._evals.append((ev.step, float(ev.eval_loss)))
@@ -589,7 +586,7 @@ class HintEngine:
         if falling and last_drop >= UNDERTRAIN_MIN_REL_DROP:
             self._undertrain_done = True
             epochs = _cfg_get(self.cfg, "train.epochs")
-            fix = (f"more train.epochs ({epochs:g} → {epochs + 1:g})" if _finite(epochs)
+            fix = (f"more train.epochs ({epochs:g} → {epochs + 1:g})" if is_finite(epochs)
                    else "more train.epochs")
             self._emit(out, Hint(
                 rule="under_trained", severity="info",
@@ -602,7 +599,7 @@ class HintEngine:
     # -- GPU --
     def observe_gpu(self, util_percent: float, step: int) -> list[Hint]:
         out: list[Hint] = []
-        if not self._training or not _finite(util_percent):
+        if not self._training or not is_finite(util_percent):
             return out
         self._n_gpu += 1
         self._gpu.append(float(util_percent))
@@ -646,10 +643,10 @@ class HintEngine:
     def _spike_hint(self, step: Step, med: float | None) -> Hint:
         lr = _cfg_get(self.cfg, "train.learning_rate")
         overrides = [override("train.learning_rate", (SAFE_LR if lr > SAFE_LR else lr / 2)
-                              if _finite(lr) else SAFE_LR)]
+                              if is_finite(lr) else SAFE_LR)]
         if _cfg_get(self.cfg, "train.max_grad_norm") == 0:
             overrides.append(override("train.max_grad_norm", 1.0))
-        gn = f", grad norm {_num(step.grad_norm)}" if _finite(step.grad_norm) else ""
+        gn = f", grad norm {_num(step.grad_norm)}" if is_finite(step.grad_norm) else ""
         return Hint(
             rule="loss_spike", severity="warning",
             symptom=f"loss jumped to {_num(step.loss)} (recent median {_num(med)}{gn})",
@@ -663,16 +660,16 @@ class HintEngine:
         r = _cfg_get(self.cfg, "lora.r")
         alpha = _cfg_get(self.cfg, "lora.alpha")
         fixes = []
-        if _finite(lr) and lr < LR_RANGE[1]:
+        if is_finite(lr) and lr < LR_RANGE[1]:
             fixes.append(f"raise train.learning_rate {fmt_lr(lr)} → {fmt_lr(min(lr * 2, LR_RANGE[1]))}")
-        elif not _finite(lr):
+        elif not is_finite(lr):
             fixes.append("raise train.learning_rate (1e-4 to 5e-4)")
-        if _finite(r) and r < MAX_RANK:
+        if is_finite(r) and r < MAX_RANK:
             rank = f"raise lora.r {r} → {r * 2}"
-            if _finite(alpha):
+            if is_finite(alpha):
                 rank += f" (lora.alpha {alpha:g} → {alpha * 2:g})"
             fixes.append(rank)
-        elif not _finite(r):
+        elif not is_finite(r):
             fixes.append("raise lora.r (8 to 128; alpha 2×r)")
         if not fixes:
             fixes.append("check the data: LR and rank are already at the top of their ranges")
@@ -696,14 +693,14 @@ class HintEngine:
         dropout = _cfg_get(self.cfg, "lora.dropout")
         epochs = _cfg_get(self.cfg, "train.epochs")
         fixes = []
-        if _finite(dropout) and dropout >= 0.05:
+        if is_finite(dropout) and dropout >= 0.05:
             fixes.append(f"raise lora.dropout {dropout:g} → {min(0.1, dropout + 0.05):g}"
                          if dropout < 0.1 else f"lora.dropout is {dropout:g}: more data")
         else:
-            fixes.append("add lora.dropout 0.05" + (f" (now {dropout:g})" if _finite(dropout) else ""))
+            fixes.append("add lora.dropout 0.05" + (f" (now {dropout:g})" if is_finite(dropout) else ""))
         best_epoch = self._epoch_at(best_step)
         where = f"best eval at step {best_step}" + (f", epoch {best_epoch:.2f}" if best_epoch is not None else "")
-        if _finite(epochs):
+        if is_finite(epochs):
             target = math.ceil(best_epoch) if best_epoch is not None else epochs - 1
             target = max(1, min(target, epochs - 1)) if epochs > 1 else epochs
             fixes.append(f"fewer train.epochs ({epochs:g} → {target:g}; {where})")
@@ -740,7 +737,7 @@ class HintEngine:
         bs = _cfg_get(self.cfg, "train.batch_size")
         ga = _cfg_get(self.cfg, "train.grad_accum")
         fixes = []
-        if _finite(bs) and _finite(ga):
+        if is_finite(bs) and is_finite(ga):
             new_bs = bs * 2
             new_ga = ga // 2 if ga >= 2 and ga % 2 == 0 else ga
             fix = f"raise train.batch_size {bs} → {new_bs}"

@@ -22,6 +22,7 @@ from engine.core import config
 from engine.core import events
 from engine.core import rundir
 from engine.core.faults import from_env as faults_from_env
+from engine.core.units import is_nonfinite
 
 
 class PreflightError(ValueError):
@@ -412,7 +413,7 @@ class Run:
             if cb.nonfinite is not None:
                 nf = cb.nonfinite
                 self._save_adapter(trainer, prepared, emit)
-                what = "loss" if not trainer_mod._finite(nf.loss) else "grad norm"
+                what = "loss" if is_nonfinite(nf.loss) else "grad norm"
                 from engine.training.hints import _extreme_scaling
                 extreme = _extreme_scaling(self.cfg)
                 fix = extreme[1] if extreme else "lower train.learning_rate, e.g. to 1e-4"

@@ -19,16 +19,14 @@ from pathlib import Path
 from engine.core import control as ctl
 from engine.core import events
 from engine.core.faults import Faults
+from engine.core.units import is_nonfinite
 
 
 class NonFiniteHalt(RuntimeError):
     def __init__(self, step: int, loss, grad_norm):
         self.step, self.loss, self.grad_norm = step, loss, grad_norm
-        super().__init__(f"non-finite {'loss' if not _finite(loss) else 'grad norm'} at step {step}")
+        super().__init__(f"non-finite {'loss' if is_nonfinite(loss) else 'grad norm'} at step {step}")
 
-
-def _finite(x) -> bool:
-    return x is None or (isinstance(x, (int, float)) and math.isfinite(x))
 
 
 @dataclass
@@ -574,7 +572,7 @@ class _EventCallbackMethods:
             norms = torch._foreach_norm(grads)
             gn = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
             grad_norm = float(gn)
-        bad = not (loss_ok and _finite(grad_norm))
+        bad = not loss_ok or is_nonfinite(grad_norm)
         from engine.training import distributed as distributed_mod
         if distributed_mod.in_worker():      # FSDP shards gradients: ranks must agree to drop the step
             bad = bool(distributed_mod.all_reduce_flags([int(bad)])[0])

@@ -17,7 +17,7 @@ from textual.widgets import Footer, Header, Input, Label, Select, Static
 from tui.messages import EstimateReady
 from tui.safe import clean, literal, one_line
 
-GIB = 1024 ** 3
+from engine.core.units import GIB
 
 
 def _default(f: dataclasses.Field):

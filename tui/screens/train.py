@@ -12,19 +12,11 @@ from textual.widgets import Footer, Header, ProgressBar, Sparkline, Static
 from textual.worker import get_current_worker
 
 from tui.messages import Readings
+from engine.core.units import fmt_eta
 from tui.runstate import RunState
 from tui.safe import clean, literal, middle, one_line
 from tui.widgets.chart import LossChart, fmt
 from tui.widgets.panels import gpu_text, hints_text
-
-
-def fmt_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "--:--"
-    s = int(max(0, seconds))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
 def tracker_logs(plan: list) -> tuple[str, str] | None:

@@ -5,7 +5,7 @@ from rich.text import Text
 
 from tui.safe import clean, one_line
 
-GIB = 1024 ** 3
+from engine.core.units import GIB
 
 
 def gauge(fraction: float | None, width: int = 10) -> Text:
