@@ -298,8 +298,7 @@ def export_model(src, gguf_type: str = "f16", out=None, base: str | None = None,
 
     def kv(w):
         w.add_name(s.name)
-        w.add_file_type(int(getattr(__import__("gguf").LlamaFileType, gguf_write._FILE_TYPES[gguf_type])))
-        w.add_quantization_version(__import__("gguf").GGML_QUANT_VERSION)
+        gguf_write.add_file_type(w, gguf_type)
         gguf_write.add_hparams(w, cfg, arch, str(merged))
         gguf_write.add_vocab(w, vocab)
 
@@ -344,8 +343,7 @@ def export_adapter(src, gguf_type: str = "f16", out=None, base: str | None = Non
         w.add_name(s.name)
         w.add_string("adapter.type", "lora")
         w.add_float32("adapter.lora.alpha", alpha)
-        w.add_file_type(int(getattr(__import__("gguf").LlamaFileType, gguf_write._FILE_TYPES[gguf_type])))
-        w.add_quantization_version(__import__("gguf").GGML_QUANT_VERSION)
+        gguf_write.add_file_type(w, gguf_type)
 
     size = _guard(gguf_write.write_gguf, path, arch, kv, tensors, prog)
     from transformers import AutoTokenizer

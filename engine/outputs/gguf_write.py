@@ -179,6 +179,13 @@ def _template_text(tok) -> str:
     return t if isinstance(t, str) else ""
 
 
+def add_file_type(w, gguf_type: str) -> None:
+    """general.file_type and the quantization version, for a model or an adapter file."""
+    import gguf
+    w.add_file_type(int(getattr(gguf.LlamaFileType, _FILE_TYPES[gguf_type])))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
 def add_vocab(w, v: Vocab) -> None:
     w.add_tokenizer_model(v.model)
     w.add_tokenizer_pre(v.pre)
