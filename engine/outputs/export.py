@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.outputs import gguf_write
-from engine.outputs.merge import (CHECK_PROMPTS, _TOLERANCE, AdapterError, MergeError, _logits, _prompt_texts,
+from engine.outputs.merge import (CHECK_PROMPTS, _TOLERANCE, AdapterError, MergeError, _logits, compare_logits, _prompt_texts,
                           find_adapter_dir, merge, read_adapter_config, run_dir_of, tokenizer_source)
 
 # logits bound per type: atol + rtol * max|reference logit| (f32/f16/bf16 = merge's tolerances;
@@ -187,12 +187,7 @@ def verify(merged: Path, path: Path, tok, texts: list[str], gguf_type: str) -> d
         raise ExportError(f"{path}: transformers cannot load it back: {str(e).splitlines()[0][:200]}") from None
     got = _logits(g_model, encoded)
     del g_model
-    diff = max(float((a - b).abs().max()) for a, b in zip(ref, got))
-    scale = max(float(a.abs().max()) for a in ref)
-    atol, rtol = TOLERANCE[gguf_type]
-    tol = atol + rtol * scale
-    agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(ref, got))
-    total = sum(int(a.shape[1]) for a in ref)
+    diff, tol, agree, total = compare_logits(ref, got, *TOLERANCE[gguf_type])
     result = {"max_abs_diff": diff, "tolerance": tol, "top1_agreement": agree / total if total else 1.0,
               "prompts": len(encoded), "tokenizer_roundtrip": True}
     if not diff <= tol:

@@ -396,6 +396,15 @@ def _check_writable(out: Path) -> None:
                          "choose a writable directory") from None
 
 
+def compare_logits(ref, got, atol: float, rtol: float) -> tuple[float, float, int, int]:
+    """(max |difference|, the bound atol + rtol * max |ref|, top-1 agreements, positions) of two
+    lists of logits; merge and export verify with it."""
+    diff = max(float((a - b).abs().max()) for a, b in zip(ref, got))
+    tol = atol + rtol * max(float(a.abs().max()) for a in ref)
+    agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(ref, got))
+    return diff, tol, agree, sum(int(a.shape[1]) for a in ref)
+
+
 def merge(src: str | Path, out: str | Path, dtype: str = "bf16",
           on_progress: Callable[[float, str], None] | None = None,
           check_rows=None, base: str | None = None, stream: bool | None = None) -> MergeReport:
@@ -507,12 +516,7 @@ def merge(src: str | Path, out: str | Path, dtype: str = "bf16",
     progress(0.85, "comparing merged logits with base + adapter")
     got = _logits(reloaded, encoded)
     del reloaded
-    diff = max(float((a - b).abs().max()) for a, b in zip(ref, got))
-    scale = max(float(a.abs().max()) for a in ref)
-    atol, rtol = _TOLERANCE[dtype_name]
-    tol = atol + rtol * scale
-    agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(ref, got))
-    total = sum(int(a.shape[1]) for a in ref)
+    diff, tol, agree, total = compare_logits(ref, got, *_TOLERANCE[dtype_name])
     if not diff <= tol:  # also catches NaN
         shutil.rmtree(tmp, ignore_errors=True)
         raise MergeError(f"verification failed: merged logits differ from base + adapter by "
