@@ -115,3 +115,17 @@ def test_run_needing_more_host_ram_is_refused_before_loading(model70, tmp_path, 
     assert 33 < needed < 40
     phases = [e.phase for e in Ev.read_events(run.run_dir / "events.jsonl") if e.type == "status"]
     assert "data" in phases and "model" not in phases   # refused before loading anything
+
+
+def test_fused_lora_is_off_and_said_so_under_weight_streaming(model70):
+    """The H200 run's plan said "fused NF4+LoRA linears on" while streaming kept it off: one rule now."""
+    from types import SimpleNamespace
+    from engine.training import trainer
+    cfg, mc = model70
+    for streaming, on in ((True, False), (False, True)):
+        c = config.load(None, SETUP + [f'model.name="{cfg.model.name}"', f"train.weight_streaming={str(streaming).lower()}"])
+        reasons: list[str] = []
+        trainer._resolve_fused_lora(c, SimpleNamespace(device="cuda"), reasons)
+        assert c.train.fused_lora is on
+        assert reasons == ["fused NF4+LoRA linears on (LoRA accumulated inside the base GEMM)"] if on else \
+            reasons[0].startswith("fused NF4+LoRA linears off (weight streaming")

@@ -778,7 +778,7 @@ def _streaming_reason(e: Estimate, model_config: dict, gpu_mem_bytes: int) -> tu
             f"{streaming_plan.LINK_BYTES_PER_S / 1e9:.1f} GB/s = {c.transfer_s:.2f} s against ~{c.compute_s:.2f} s "
             f"of compute ({int(streaming_plan.MFU_ASSUMED * 100)}% of {streaming_plan.PEAK_FLOPS / 1e12:.0f} TFLOP/s): expected "
             f">= {c.factor:.0%} of the speed without streaming, ~{c.tokens_per_s_floor:,.0f} tokens/s "
-            f"at best"), c.tokens_per_s_floor
+            f"at that MFU"), c.tokens_per_s_floor
 
 
 def apply_plan(cfg: Config, p: Plan) -> Config:
