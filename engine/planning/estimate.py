@@ -80,6 +80,13 @@ LOGIT_VOCAB_TILE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
 CUDA_CONTEXT = int(0.5 * GIB)
 ALLOCATOR_OVERHEAD = 0.02          # reserved over allocated, steady part
 RECOMPUTE_FRAGMENTATION = 0.6      # x one layer's activations, with gradient checkpointing
+# Weight streaming, over the window of resident layers: the side stream's cached copies (freed
+# blocks wait for the compute stream before reuse), the dequantized 16-bit weights of the
+# backward, and PEFT's unfused LoRA path (fused LoRA is off under streaming). Fitted on the two
+# H200 runs of bench/seventy_b.py (70B shape, micro-batch 2 and 8: 5.01 and 6.36 GiB above the
+# terms above): 11 four-bit layers + 7.2 x hidden x dtype bytes per token.
+STREAM_BUFFER_LAYERS = 11
+STREAM_TOKEN_HIDDEN = 7.2
 BACKWARD_WS_LIGER = 0.6  # x h bytes per token
 BACKWARD_WS_HF = 2.6
 HEADROOM = 0.10          # the planner keeps 10% of the GPU free
@@ -362,15 +369,17 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
     # The caching allocator keeps freed blocks: with checkpointing each layer's recompute
     # churns one layer's activations, and those blocks stay reserved (fitted on 5 H200 runs).
     overhead = int(allocated * ALLOCATOR_OVERHEAD + (RECOMPUTE_FRAGMENTATION * N * act if k_ck else 0))
+    stream_buffers = int(STREAM_BUFFER_LAYERS * base_q / L + N * STREAM_TOKEN_HIDDEN * h * d) if stream else 0
     breakdown = {
         "weights_quantized": int(w_q), "weights_unquantized": int(w_u),
         "lora_params": int(lora_params), "lora_grads": int(lora_grads),
         "optimizer_state": int(opt_state), "activations": int(activations), "logits": int(logits),
         "backward_workspace": int(workspace), "allocator_overhead": overhead,
+        "streaming_buffers": stream_buffers,
         "vision_weights": int(vis["weights"]), "vision_activations": int(vis["activations"]),
         "cuda_context": CUDA_CONTEXT,
     }
-    peak = allocated + overhead
+    peak = allocated + overhead + stream_buffers
     total = linear + other + (0 if galore else trainable) + vis["params"]
     if not four and not galore:
         notes.append("16-bit base (load_in_4bit = false): adapters in fp32")
@@ -378,14 +387,26 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
         notes.append("fp32 compute: activations and unquantized weights at 4 bytes")
     notes.append(f"assumes every row is {seq} tokens (padding/packing never exceeds it)")
     fits = None if gpu_mem_bytes is None else peak + CUDA_CONTEXT <= gpu_mem_bytes
-    host = streaming_plan.host_breakdown(base_q, w_u, L, stream, cfg.train.device)
-    host["offloaded_activations"] = int(offload_host)
+    host = streaming_plan.host_breakdown(base_q, w_u, L, stream, cfg.train.device,
+                                         checkpoint_bytes=_checkpoint_bytes(model_config, linear, other),
+                                         offloaded=int(offload_host))
     return Estimate(peak_bytes=int(peak), breakdown=breakdown, trainable_params=int(trainable),
                     total_params=int(total), fits=fits, gpu_mem_bytes=gpu_mem_bytes, notes=notes,
                     batch_size=b, seq_len=seq, gradient_checkpointing=k_ck > 0, liger=lg,
                     checkpoint_layers=k_ck, layers=L, offload=off, offload_host_bytes=int(offload_host),
-                    streaming=stream, host_bytes=sum(host.values()), host_breakdown=host,
+                    streaming=stream, host_bytes=streaming_plan.host_peak(host), host_breakdown=host,
                     base_quantized_bytes=int(base_q), method=getattr(cfg.train, "method", "qlora"))
+
+def _checkpoint_bytes(model_config: dict, linear: int, other: int) -> int:
+    """The weight files' size, which loading maps into the process (it shows in its RSS): a
+    pre-quantized checkpoint holds the packed 4-bit layers, any other its dtype's bytes."""
+    q = model_config.get("quantization_config") or {}
+    if q.get("load_in_4bit") or q.get("_load_in_4bit"):
+        return int(linear * NF4_DQ_BITS / 8 + other * 2)
+    width = {"float32": 4, "float16": 2, "bfloat16": 2}.get(
+        str(model_config.get("torch_dtype") or model_config.get("dtype") or "bfloat16"), 2)
+    return int((linear + other) * width)
+
 
 def _checkpointing(cfg: Config, layers: int, gc: bool, k: int | None, offload: bool | None):
     """(decoder layers checkpointed, inputs offloaded) from the overrides or the config."""
@@ -810,6 +831,7 @@ BREAKDOWN_LABELS = [
     ("vision_weights", "vision tower, 16-bit"),
     ("vision_activations", "vision activations, 1 image/row"),
     ("allocator_overhead", "allocator overhead"),
+    ("streaming_buffers", "streaming buffers"),
 ]
 
 
@@ -835,7 +857,7 @@ def format_report(est: Estimate, pl: Plan | None) -> str:
                "optimizer_state": "GaLore optimizer state"} if est.method == "galore" else {}
     for key, label in BREAKDOWN_LABELS:
         label = relabel.get(key, label)
-        if key.startswith("vision_") and not est.breakdown.get(key):
+        if key.startswith(("vision_", "streaming_")) and not est.breakdown.get(key):
             continue
         lines.append(f"  {label:<30}{est.breakdown[key] / GIB:>9.2f} GiB")
     lines.append(f"  {'-' * 30}{'-' * 13}")
