@@ -144,7 +144,7 @@ def test_choice_on_cpu_says_why_not():
     lines = attention.choose(cfg, Runtime("cpu", "fp32", True))
     assert cfg.model.attn_implementation == "auto"
     assert lines and "varlen not used: CPU" in lines[0]
-    assert attention.attention_work([330] * 6, 2048, 8) == pytest.approx(6 * 330 ** 2 / 2048 ** 2)
+    assert attention.attention_work([330] * 6, 2048) == pytest.approx(6 * 330 ** 2 / 2048 ** 2)
 
 
 def _bench_cfg():

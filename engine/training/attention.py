@@ -21,6 +21,7 @@ and, before a GPU run uses it, against sdpa on the GPU (``self_check``).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 NAME = "varlen"
@@ -109,6 +110,7 @@ def segments(batch: int, seq: int, device, position_ids=None, attention_mask=Non
 # ---------------------------------------------------------------------------------------------
 # the kernel call
 
+@functools.lru_cache(maxsize=16)
 def _call_kwargs(fn, scale: float, gqa: bool) -> tuple[dict, bool]:
     """Keyword arguments for this torch's ``varlen_attn`` (causal, scale, GQA), and whether the
     key/value heads must be repeated first (a kernel without ``enable_gqa``). torch 2.10 takes
@@ -134,6 +136,7 @@ def varlen_call(q, k, v, seg: Segments, scale: float):
     """``(T, Hq, D)``, ``(T, Hkv, D)`` tokens -> ``(T, Hq, D)``: torch's varlen flash kernel."""
     fn = kernel()
     kw, repeat = _call_kwargs(fn, scale, q.shape[1] != k.shape[1])
+    kw = dict(kw)
     if repeat:
         n = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1)
@@ -158,7 +161,7 @@ def reference_call(q, k, v, seg: Segments, scale: float):
 
 
 def use_kernel(t) -> bool:
-    return (t.device.type in ("cuda", "meta") and t.dtype in _half() and kernel() is not None)
+    return t.device.type in ("cuda", "meta") and kernel() is not None
 
 
 def _half():
@@ -182,7 +185,13 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
     if seg.keep is not None:
         q, k, v = q[seg.keep], k[seg.keep], v[seg.keep]
-    out = (varlen_call if use_kernel(q) else reference_call)(q, k, v, seg, scale)
+    if use_kernel(q):
+        dtype = q.dtype
+        if dtype not in _half():                 # fp32 on the GPU: the flash kernel takes bf16/fp16
+            q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+        out = varlen_call(q, k, v, seg, scale).to(dtype)
+    else:
+        out = reference_call(q, k, v, seg, scale)
     if seg.keep is not None:                     # padded positions get zeros (their loss is masked)
         full = out.new_zeros(b * s, hq, d)
         full[seg.keep] = out
@@ -215,7 +224,7 @@ def self_check(device=None, dtype=None) -> str | None:
             outs.append([o.float()] + [x.float() for x in grads])
         for name, a, b in zip(("output", "dq", "dk", "dv"), *outs):
             err = float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
-            if not err < 0.02:
+            if not err < 0.05:           # bf16 rounding is ~0.01; a leak or a wrong mask is O(1)
                 return f"{name} differs from sdpa by {err:.3f} (relative)"
     except Exception as e:        # a kernel that cannot run here: say why, keep sdpa
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -223,9 +232,10 @@ def self_check(device=None, dtype=None) -> str | None:
     return None
 
 
-def attention_work(lengths: list[int], seq: int, batch: int) -> float:
-    """Share of a masked sdpa's attention work that varlen does on packed rows: the sum of
-    the samples' squared lengths over (packed rows x seq^2) (causal halves cancel)."""
+def attention_work(lengths: list[int], seq: int) -> float:
+    """The attention work varlen does on packed rows, as a share of causal attention over whole
+    ``seq``-token rows: the samples' squared lengths over (packed rows x seq^2). (sdpa's
+    masked kernel does more than whole causal rows: it skips no block of the square.)"""
     ls = [min(n, seq) for n in lengths]
     rows = max(1, -(-sum(ls) // seq))
     return sum(n * n for n in ls) / (rows * seq * seq)
@@ -250,8 +260,8 @@ def choose(cfg, rt, lengths: list[int] | None = None) -> list[str]:
     work = ""
     if lengths:
         work = (f"; samples of ~{sorted(lengths)[len(lengths) // 2]} tokens: "
-                f"{attention_work(lengths, cfg.data.max_length, cfg.train.batch_size):.0%} of the masked "
-                "attention's work")
+                f"{attention_work(lengths, cfg.data.max_length):.0%} of the attention "
+                f"work of whole {cfg.data.max_length}-token rows")
     return [f"attention varlen for packed rows (torch's variable-length flash kernel: each sample "
             f"attends to itself only, no {cfg.data.max_length}x{cfg.data.max_length} mask, which would "
             f"take sdpa off its flash kernel{work}; checked against sdpa on this GPU)"]
