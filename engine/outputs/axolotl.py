@@ -220,7 +220,7 @@ def _model(c: _Conversion) -> None:
     for key in ("xformers_attention", "s2_attention", "flex_attention"):
         if key in y and _bool(c.take(key)):
             c.skip(key, "this attention kernel is not supported; model.attn_implementation "
-                        "offers auto, sdpa, eager, flash_attention_2")
+                        "offers auto, sdpa, eager, flash_attention_2, varlen")
 
 
 def _chat_template(c: _Conversion) -> None:

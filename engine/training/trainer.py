@@ -93,7 +93,7 @@ def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
             p = est.plan(cfg, mc, free)
             cfg = est.apply_plan(cfg, p)
             tr = cfg.train
-            reasons += [r for r in p.reasons if not r.startswith("packing")]
+            reasons += [r for r in p.reasons if not r.startswith(("packing", "attention"))]   # decided from the data
         except Exception as e:     # the planner is advice: never a reason to fail the run
             reasons.append(f"fit planner skipped ({str(e).splitlines()[0][:200]})")
     if tr.gradient_checkpointing == "auto":
@@ -166,8 +166,9 @@ def packed_collator(tok, attn: str):
     """For sdpa/eager: packed rows stay one batch row each, position_ids restart per sample and no
     attention_mask is passed, so transformers builds a per-row block-diagonal causal mask. (TRL's
     padding-free collator flattens the whole batch into one row, which flash-attention handles but
-    which gives sdpa one huge (batch*len)^2 mask.) flash-attention keeps TRL's own collator."""
-    if attn == "flash_attention_2":
+    which gives sdpa one huge (batch*len)^2 mask.) flash-attention and varlen keep TRL's own
+    (padding-free) collator: no pad tokens, the samples' lengths computed on the CPU."""
+    if attn in ("flash_attention_2", "varlen"):
         return None
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -230,9 +231,12 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
     else:
         train_tok = encode_dataset(tok, train_rows)
         eval_tok = encode_dataset(tok, eval_rows) if eval_rows else None
+    lengths = [len(x) for x in train_tok["input_ids"]] if proc is None and cfg.data.packing is not False else []
     if cfg.data.packing == "auto":
-        cfg.data.packing, why = decide_packing(cfg, rt, [len(x) for x in train_tok["input_ids"]])
+        cfg.data.packing, why = decide_packing(cfg, rt, lengths)
         plan.append(why)
+    from engine.training import attention        # packed rows: the varlen kernel where it runs
+    plan += attention.choose(cfg, rt, lengths)
 
     emit(events.Status(phase="model", message=f"loading {cfg.model.name} "
                   f"({'4-bit ' + cfg.quant.quant_type if rt.load_in_4bit else rt.dtype}) on {rt.device}"))
