@@ -140,8 +140,10 @@ async def test_dataset_screen_shows_image_problems_tokens_and_a_preview_then_tra
                     timeout=120, what="preview")
         view = app.screen.query_one("#row-view").render()
         text = str(view)
-        assert "[image 1: 48x48 PNG, 4 tokens]" in text and "00-red-circle.png" in text
-        assert "visual tokens (not trained)" in text and "▀" in text
+        assert "[image 1: 48x48 PNG, 4 tokens]" in text
+        info = str(app.screen.query_one("#row-images .image-info").render())
+        assert "00-red-circle.png" in info and "visual tokens (not trained)" in info
+        assert app.screen.query_one("#row-images Thumbnail").pic.blocks      # its picture (tests/test_images.py)
         # the image placeholder is shown as context, the answer as trained
         spans = {text[s.start:s.end]: str(s.style) for s in view.spans}
         assert any("A red circle." in k and "green" in v for k, v in spans.items())
