@@ -489,6 +489,21 @@ def training_set(proc, rows: list[dict], max_length: int) -> tuple[object, list[
     return rows_dataset(proc, keep, max_length), lengths, warnings
 
 
+def longest_row(cfg, ds) -> int | None:
+    """The longest image row of ``ds`` in tokens (visual tokens included, at most
+    data.max_length), for the fit planner: image rows are never packed and a batch is padded to
+    its longest row, so that row, not data.max_length, sets the peak. None for text data or when
+    the processor cannot be loaded (the trainer then says why)."""
+    if getattr(ds, "format", None) != FORMAT or not ds.rows:
+        return None
+    try:
+        proc = processor_for(cfg)
+        longest = max(row_tokens(proc, r.data)["total"] for r in ds.rows)
+    except Exception:  # noqa: BLE001 - planning advice only; build() reports a bad model
+        return None
+    return min(int(longest), int(cfg.data.max_length))
+
+
 def model_is_vision(cfg, path: str) -> bool:
     """Whether the model is image-text (a config.json with a vision_config)."""
     if Path(path).is_dir():
