@@ -89,6 +89,33 @@ def test_estimate_models_galore_memory():
     assert "GaLore optimizer state" in estimate_mod.format_report(galore, None)
 
 
+def test_galore_estimate_counts_the_optimizer_steps_svd_and_update_buffers():
+    from engine.training import galore
+    dims = estimate_mod.shape_of(L8B).module_dims()
+    for seq, batch, extra in ((32, 1, True), (2048, 4, False)):
+        cfg = config_mod.load(None, ['train.device="cuda"', 'train.method="galore"', f"data.max_length={seq}",
+                                     f"train.batch_size={batch}"])
+        est = estimate_mod.estimate(cfg, L8B)
+        b = est.breakdown
+        terms = galore.memory_terms(cfg, dims, list(dims), 32, 2)
+        m, n = 4096, 14336                    # the largest matrix: fp32 copy + solver copy, U, Vh, 3 bf16 copies
+        assert terms["step_transient"] == 8 * m * n + 4 * m * (m + n) + 3 * m * n * 2
+        freed = b["activations"] + b["logits"] + b["backward_workspace"]
+        beyond = terms["step_transient"] - freed if extra else 0      # short rows: the step is the peak
+        assert b["optimizer_state"] == terms["optimizer_state"] + beyond
+        assert any("GaLore optimizer step" in n for n in est.notes) == extra
+
+
+def test_galore_calibration_bench_runs_end_to_end_on_the_cpu(tmp_path):
+    p = subprocess.run([sys.executable, "bench/galore_calibration.py", "--tiny", "--methods", "galore"], cwd=REPO,
+                       capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OUT": str(tmp_path)})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    row = json.loads((tmp_path / "galore_calibration.jsonl").read_text().splitlines()[-1])
+    assert row["status"] == "ok" and row["steps_run"] == 3 and row["method"] == "galore"
+    assert row["measured_reserved_gib"] is None and row["predicted_reserved_gib"] > 0      # no CUDA: nothing measured
+    assert any("GaLore: full-rank" in line for line in row["plan"]) and p.stdout.splitlines()[-2].startswith("galore  tiny")
+
+
 def test_galore_config_is_checked():
     with pytest.raises(config_mod.ConfigError) as e:
         config_mod.load(None, ['train.method="full"', "galore.rank=0"])

@@ -359,6 +359,9 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
     elif gpus > 1:
         notes.append(f"DDP over {gpus} GPUs: the figures are per GPU")
 
+    if galore:      # its optimizer step runs after backward, in the activations' freed memory
+        from engine.training.galore import step_beyond
+        opt_state += step_beyond(gt, activations + logits + workspace, notes)
     from engine.training.vision import estimate_terms      # image-text models: the 16-bit vision tower
     vis = estimate_terms(model_config, b, d) or {"params": 0, "weights": 0, "activations": 0}
     if vis["weights"]:

@@ -196,16 +196,25 @@ def memory_terms(cfg, dims: dict, targets: list[str], layers: int, d: int) -> di
     ``r' x min(in, out)`` and Adam's two moments of the ``r' x max(in, out)`` projected gradient
     (in the param dtype; 1 byte each with the 8-bit optimizer); Adafactor keeps row + column
     factors of the projected gradient.
+
+    ``step_transient``: what galore-torch's optimizer step allocates for one matrix at a time
+    (after backward, when the activations are gone): at a projection refresh (step 0, then every
+    ``update_proj_gap``) ``torch.linalg.svd`` of the gradient in fp32 (the fp32 copy, the
+    solver's working copy, U and Vh: 8mn + 4k(m+n) bytes, k = min(m, n)), and the update
+    projected back to a full m x n matrix and scaled (two m x n tensors in the param dtype, three
+    with the 8-bit optimizer, which also clones the weight); the largest targeted matrix sets it.
     """
     r = cfg.galore.rank
     opt = cfg.galore.optimizer
     if opt == "auto":
         opt = "adamw" if cfg.train.device == "cpu" else "adamw_8bit"
-    trainable = grads = state = 0
+    copies = 3 if opt == "adamw_8bit" else 2      # the 8-bit step also clones the weight (p.saved_data)
+    trainable = grads = state = transient = 0
     for m in targets:
         a, o = dims[m]
         rr = min(r, a, o)
         big, small = max(a, o), min(a, o)
+        transient = max(transient, 8 * a * o + 4 * small * (a + o) + copies * a * o * d)
         trainable += a * o
         grads += a * o * d
         proj = rr * small * d
@@ -216,4 +225,16 @@ def memory_terms(cfg, dims: dict, targets: list[str], layers: int, d: int) -> di
         else:
             moments = 2 * rr * big * d
         state += proj + moments
-    return {"trainable": layers * trainable, "grads": layers * grads, "optimizer_state": int(layers * state)}
+    return {"trainable": layers * trainable, "grads": layers * grads, "optimizer_state": int(layers * state),
+            "step_transient": int(transient)}
+
+
+def step_beyond(terms: dict, freed: int, notes: list[str]) -> int:
+    """Bytes the optimizer step needs beyond ``freed`` (the activation, logit and backward
+    buffers, released before it runs): ``memory_terms``' step_transient, counted with the
+    optimizer state when it is the larger."""
+    extra = max(0, terms["step_transient"] - freed)
+    if extra:
+        notes.append(f"GaLore optimizer step: {terms['step_transient'] / 2**30:.2f} GiB of SVD and update "
+                     "buffers for the largest matrix, more than the activations free (in the optimizer state)")
+    return extra

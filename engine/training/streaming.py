@@ -49,7 +49,8 @@ def _is_4bit(module) -> bool:
 
 
 def decoder_layers(model):
-    """The model's decoder layer list (PEFT-wrapped or not), or None."""
+    """The model's decoder layer list (PEFT-wrapped or not; an image-text model's language model
+    layers, the vision tower's blocks are 16-bit and stay put), or None."""
     m = model
     for attr in ("base_model", "model"):          # PeftModel -> LoraModel -> *ForCausalLM
         while hasattr(m, attr) and not hasattr(m, "layers") and getattr(m, attr) is not m:
@@ -57,6 +58,9 @@ def decoder_layers(model):
     layers = getattr(m, "layers", None)
     if layers is None and hasattr(m, "model"):
         layers = getattr(m.model, "layers", None)
+    lm = getattr(m, "language_model", None)           # image-text models: Qwen2-VL, LLaVA, Gemma 3
+    if layers is None and lm is not None:
+        layers = decoder_layers(lm)
     return layers
 
 

@@ -66,10 +66,11 @@ def split_eval(cfg, train_rows, eval_rows):
             [r for i, r in enumerate(train_rows) if i in held])
 
 
-def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
+def resolve_auto(cfg, rt, emit, longest: int | None = None) -> tuple[object, list[str]]:
     """Replace every ``auto`` with a concrete choice and say why (the fit planner on GPU).
 
     ``data.packing = auto`` stays auto here: it depends on the rows' lengths (``decide_packing``).
+    ``longest``: the longest row where rows are not packed (image rows): the planner plans for it.
     """
     cfg = cfg.copy()
     reasons = list(rt.notes)
@@ -90,7 +91,7 @@ def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
             if tr.gpu_memory_gib and free is not None:
                 free = min(free, int(tr.gpu_memory_gib * 2**30))
                 reasons.append(f"planning for a {tr.gpu_memory_gib:g} GiB budget (train.gpu_memory_gib)")
-            p = est.plan(cfg, mc, free)
+            p = est.plan(_planned_rows(cfg, longest, reasons), mc, free)
             cfg = est.apply_plan(cfg, p)
             tr = cfg.train
             reasons += [r for r in p.reasons if not r.startswith(("packing", "attention"))]   # decided from the data
@@ -112,6 +113,18 @@ def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
     if packing_auto:
         cfg.data.packing = "auto"
     return cfg, reasons
+
+
+def _planned_rows(cfg, longest: int | None, reasons: list[str]):
+    """cfg as the planner should see it: rows of the longest row's length where that is known
+    and shorter than data.max_length (unpacked image rows are padded to it, never beyond)."""
+    if not longest or longest >= cfg.data.max_length:
+        return cfg
+    out = cfg.copy()
+    out.data.max_length = longest
+    reasons.append(f"planning for the longest image row, {longest:,} tokens (data.max_length = "
+                   f"{cfg.data.max_length:,}; image rows are not packed, a batch pads to its longest row)")
+    return out
 
 
 def _resolve_fused_lora(cfg, rt, reasons: list[str]) -> None:
@@ -202,7 +215,8 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
         warnings.append(f"... {n_bad} problems in all; run `qlora-tui inspect` for the full list")
 
     rt = model_mod.runtime(cfg)
-    cfg, plan = resolve_auto(cfg, rt, emit)
+    from engine.training.vision import longest_row
+    cfg, plan = resolve_auto(cfg, rt, emit, longest_row(cfg, train_ds) if rt.device == "cuda" else None)
     from engine.planning import streaming_plan
     try:
         plan += streaming_plan.resolve(cfg, rt)

@@ -12,7 +12,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, ProgressBar, Static, TabbedContent, TabPane
 from textual.worker import get_current_worker
@@ -124,25 +124,32 @@ def preview_text(preview) -> Text:
     return t
 
 
-def images_text(preview) -> Text:
-    """Each image of an image row: path (literal), size, format, visual tokens, and a small
-    half-block preview ('▀' with the top pixel as foreground, the bottom one as background:
-    two pixel rows per text row, which any truecolour terminal shows, over SSH too)."""
-    from rich.color import Color
-    from rich.style import Style
+def image_text(i: int, info: dict) -> Text:
+    """An image of an image row: path (literal), size, format, visual tokens; its picture is a
+    Thumbnail below it (tui.images: Kitty, Sixel or half-blocks, as the terminal allows)."""
     t = Text()
-    thumbs = getattr(preview, "thumbnails", []) or []
-    for i, info in enumerate(getattr(preview, "images", None) or []):
-        t.append(f"\n\nimage {i + 1}  ", style="bold")
-        t.append_text(literal(str(info.get("path", "?"))))
-        t.append(f"\n  {info.get('width', '?')}x{info.get('height', '?')} {clean(str(info.get('format', '?')))}, "
-                 f"{info.get('bytes', 0):,} bytes, {info.get('tokens', '?')} visual tokens (not trained)",
-                 style="dim")
-        for row in (thumbs[i] if i < len(thumbs) else []):
-            t.append("\n  ")
-            for top, bottom in row:
-                t.append("▀", style=Style(color=Color.from_rgb(*top), bgcolor=Color.from_rgb(*bottom)))
+    t.append(f"image {i + 1}  ", style="bold")
+    t.append_text(literal(str(info.get("path", "?"))))
+    t.append(f"\n  {info.get('width', '?')}x{info.get('height', '?')} {clean(str(info.get('format', '?')))}, "
+             f"{info.get('bytes', 0):,} bytes, {info.get('tokens', '?')} visual tokens (not trained)",
+             style="dim")
     return t
+
+
+def image_widgets(preview) -> list:
+    """Per image: its line, then its thumbnail, or the reason there is none."""
+    from tui.widgets.thumbnail import Thumbnail
+    out = []
+    pics = getattr(preview, "pictures", None) or []
+    for i, info in enumerate(getattr(preview, "images", None) or []):
+        out.append(Static(image_text(i, info), classes="image-info"))
+        pic = pics[i] if i < len(pics) else None
+        if pic is not None and pic.error:
+            out.append(Static(Text("  cannot show this image: ", style="bold red") + literal(pic.error),
+                              classes="image-problem"))
+        elif pic is not None and pic.mode != "off":
+            out.append(Thumbnail(pic))
+    return out
 
 
 def listed_lines(report, limit: int = 5000) -> list[tuple[int, str, str]]:
@@ -189,6 +196,8 @@ class DatasetScreen(Screen):
     DatasetScreen #row-header { height: 1; padding: 0 1; background: $panel; }
     DatasetScreen #row-view { padding: 0 1; }
     DatasetScreen #hist { padding: 0 1; }
+    DatasetScreen #row-images { height: auto; padding: 0 1; }
+    DatasetScreen #row-images .image-info { margin: 1 0 0 0; }
     """
 
     def __init__(self) -> None:
@@ -215,6 +224,7 @@ class DatasetScreen(Screen):
                 yield Static(id="row-header")
                 with VerticalScroll(id="row-scroll"):
                     yield Static(id="row-view")
+                    yield Vertical(id="row-images")
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
@@ -251,6 +261,7 @@ class DatasetScreen(Screen):
         self.query_one("#problems", DataTable).clear()
         self.query_one("#row-header", Static).update("")
         self.query_one("#row-view", Static).update("")
+        self._show_images([])
         self._inspect(self.app.config, self._cancel)
 
     @work(thread=True, exclusive=True, group="inspect", exit_on_error=False)
@@ -333,6 +344,7 @@ class DatasetScreen(Screen):
         self.query_one("#row-header", Static).update(
             Text(f"line {line}   finding its row…", style="dim"))
         self.query_one("#row-view", Static).update("")
+        self._show_images([])
         self._row_for_line(self.app.config, line)
 
     @work(thread=True, exclusive=True, group="row-for-line", exit_on_error=False)
@@ -369,6 +381,7 @@ class DatasetScreen(Screen):
             t.append(f"\n\nline {msg.line} as it is in the file:\n", style="dim")
             t.append_text(literal(msg.raw))
         self.query_one("#row-view", Static).update(t)
+        self._show_images([])
         # n goes on with the first row after this line, p with the one before it
         self.row_index = msg.next_index - 0.5
 
@@ -384,6 +397,10 @@ class DatasetScreen(Screen):
         try:
             from engine.dataset import inspect as inspect_mod
             pv = inspect_mod.preview(cfg, index)
+            if getattr(pv, "images", None):
+                from tui import images
+                how = images.mode()
+                pv.pictures = [images.picture(info.get("path", ""), how) for info in pv.images]
         except Exception as e:
             self.post_message(PreviewReady(index, None, f"{type(e).__name__}: {e}"))
             return
@@ -399,6 +416,7 @@ class DatasetScreen(Screen):
         if msg.preview is None:
             header.update(Text(f"row {msg.index + 1} of {rows:,}", style="bold"))
             view.update(Text("cannot render this row: ", style="bold red") + literal(msg.error))
+            self._show_images([])
             return
         pv = msg.preview
         h = Text()
@@ -411,4 +429,11 @@ class DatasetScreen(Screen):
         h.append("context", style="dim")
         h.append("   n/p: next/previous", style="dim")
         header.update(h)
-        view.update(preview_text(pv) + images_text(pv))
+        view.update(preview_text(pv))
+        self._show_images(image_widgets(pv))
+
+    def _show_images(self, widgets: list) -> None:
+        box = self.query_one("#row-images", Vertical)
+        box.remove_children()
+        if widgets:
+            box.mount_all(widgets)
