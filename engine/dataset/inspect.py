@@ -13,12 +13,9 @@ docs/INSPECT.md.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import math
-import os
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +25,7 @@ from pathlib import Path
 
 from engine.dataset import data as data_mod
 from engine.dataset import quality
-from engine.core.safe_text import describe_controls, has_controls, json_dumps, visible, write_trusted
+from engine.core.safe_text import describe_controls, has_controls, visible
 from engine.dataset.token_count import Counter
 
 SCHEMA_VERSION = 1
@@ -698,100 +695,7 @@ def row_index_for_line(cfg, line: int, *, path=None) -> int:
                       i, raw_line(_data_path(cfg, path), line))
 
 
-# ---- command line -------------------------------------------------------------------
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "inspect", help="report on a dataset: format, problems by line, token statistics, "
-                        "label-mask preview, duplicates, PII",
-        description="Inspect a dataset with the model's tokenizer and chat template. Exit status: "
-                    "0, or 1 with --strict when there are problems, 2 when the file or config is unusable.")
-    p.add_argument("data", metavar="DATA", nargs="?", default=None,
-                   help="data file or datasets directory (default: data.train of the config)")
-    p.add_argument("--config", default=None, metavar="CONFIG", help="TOML config (model, max_length, batch settings)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set data.format=alpaca (repeatable)")
-    p.add_argument("--model", default=None, metavar="M", help="model whose tokenizer and chat template to use")
-    p.add_argument("--max-length", type=int, default=None, metavar="N", help="tokens per example (data.max_length)")
-    p.add_argument("--json", action="store_true", help="print the whole report as one JSON document")
-    p.add_argument("--show", type=int, default=None, metavar="N",
-                   help="print usable row N (1-based) with its trained tokens marked ⟦…⟧")
-    p.add_argument("--show-line", type=int, default=None, metavar="L",
-                   help="like --show, for the row on physical line L of the file")
-    p.add_argument("--strict", action="store_true", help="exit 1 when the report lists any problem")
-    p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
-                   help="colour the preview's trained tokens (auto: when stdout is a terminal)")
-    p.set_defaults(func=_cmd)
-
-
-def _cmd(args) -> int:
-    from engine.core import config as config_mod
-    from engine.training.model import ModelError
-    overrides = list(args.overrides)
-    if args.max_length is not None:
-        overrides.append(f"data.max_length={args.max_length}")
-    try:
-        cfg = config_mod.load(args.config, overrides)
-    except config_mod.ConfigError as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    if args.data:          # relative to the working directory, not to the config file
-        cfg.data.train = args.data if args.data.startswith("builtin:") else \
-            str(Path(args.data).expanduser().absolute())
-    if args.model:
-        cfg.model.name = args.model if args.model.startswith("builtin:") or "/" not in args.model \
-            or not Path(args.model).expanduser().exists() else str(Path(args.model).expanduser().absolute())
-    try:
-        if args.show is not None or args.show_line is not None:
-            return _cmd_show(cfg, args)
-        stderr_tty = sys.stderr.isatty() and not args.json
-
-        def progress(r: Report):
-            if stderr_tty:
-                write_trusted(sys.stderr, f"\r{r.phase}: {r.rows_read} rows read, {r.rows_tokenized} "
-                                          f"tokenised ({r.progress:.0%})")
-                sys.stderr.flush()
-        # This command is one short-lived process that starts no child and forks no DataLoader,
-        # so it may let the tokenizer use every core even where the environment turned that off
-        # (TOKENIZERS_PARALLELISM=false, often set just to silence the fork warning). It is set
-        # for this call only and restored after, in case a caller runs the CLI in-process.
-        saved = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "true"
-        try:
-            rep = inspect(cfg, on_partial=progress if stderr_tty else None)
-        finally:
-            if saved is None:
-                os.environ.pop("TOKENIZERS_PARALLELISM", None)
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = saved
-        if stderr_tty:
-            write_trusted(sys.stderr, "\r\033[K")
-            sys.stderr.flush()
-    except (data_mod.DataError, ModelError) as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    if args.json:
-        print(json_dumps(rep.to_dict(), indent=1))
-    else:
-        print(format_report(rep))
-    return 1 if args.strict and rep.problems else 0
-
-
-def _cmd_show(cfg, args) -> int:
-    try:
-        idx = (args.show - 1) if args.show is not None else row_index_for_line(cfg, args.show_line)
-        pv = preview(cfg, idx)
-    except (IndexError, ValueError) as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty()
-                                        and not os.environ.get("NO_COLOR"))
-    if args.json:
-        print(json_dumps(pv.to_dict(), indent=1))
-    else:
-        write_trusted(sys.stdout, format_preview(pv, cfg.data.max_length, colour=colour) + "\n")
-    return 0
-
+# ---- text forms (the CLI prints these: engine/cli/cmd_inspect.py) ---------------------
 
 def format_preview(pv: Preview, max_len: int, colour: bool = False) -> str:
     head = (f"row {pv.row_index + 1} (line {pv.line}): {pv.n_tokens} tokens, {pv.n_trained} trained"
