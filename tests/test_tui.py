@@ -195,7 +195,7 @@ async def test_a_stopped_followers_last_batch_is_not_applied(tmp_path):
         app.post_message(RunEvents(run, [step], threading.Event()))        # a stale follower's
         await pilot.pause()
         assert len(app.run_state.losses) == n
-        app.post_message(RunEvents(run, [step], app._follow_stop))         # the current one's
+        app.post_message(RunEvents(run, [step], app.controller._follow_stop))         # the current one's
         await until(pilot, lambda: len(app.run_state.losses) == n + 1, what="current batch applied")
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+from dataclasses import dataclass
 
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
 from textual.widget import Widget
 from textual.widgets import Footer, Header, Input, Label, Select, Static
@@ -18,6 +20,20 @@ from tui.messages import EstimateReady
 from tui.safe import clean, literal, one_line
 
 from engine.core.units import GIB
+
+
+@dataclass
+class FormEdited(Message):
+    """The form's values (``data``), validated: ``config`` when valid, else ``problems``."""
+    data: dict
+    config: object
+    problems: list
+
+
+@dataclass
+class LoadConfig(Message):
+    """Load the TOML config at ``path`` into the form."""
+    path: str
 
 
 def _default(f: dataclasses.Field):
@@ -226,12 +242,15 @@ class ConfigScreen(Screen):
             self._validate_pending = True
             self.call_after_refresh(self._validate)
 
+    _data: dict = {}
+    problems: list = []
+
     def _validate(self) -> None:
         self._validate_pending = False
-        app = self.app
-        app.form_data = self.form_dict()
-        cfg, problems = app.validated_config()
-        app.form_problems = problems
+        self._data = self.form_dict()
+        cfg, problems = self.app.validated_config(self._data)
+        self.problems = problems
+        self.post_message(FormEdited(self._data, cfg, problems))
         by_field: dict[str, list[str]] = {}
         for p in problems:
             got = p.value if isinstance(p.value, str) else repr(p.value)
@@ -239,8 +258,6 @@ class ConfigScreen(Screen):
         for row in self.rows():
             msgs = by_field.get(f"{row.section}.{row.key}")
             row.set_error("; ".join(msgs) if msgs else None)
-        if cfg is not None:
-            app.config = cfg
         self._show_banner()
         self._show_derived(cfg)
 
@@ -249,19 +266,19 @@ class ConfigScreen(Screen):
         t = Text()
         t.append("file ", style="dim")
         t.append_text(literal(app.config_path or "(demo defaults, not saved: ctrl+s)"))
-        n = len(app.form_problems)
+        n = len(self.problems)
         if n:
             from engine.core.config import plural
             t.append(f"   ✖ {plural(n, 'problem')}: ", style="bold red")
-            p = app.form_problems[0]
+            p = self.problems[0]
             t.append(one_line(f"{p.field}: {p.message}", 80))
         else:
             t.append("   ✔ valid", style="bold green")
         self.query_one("#banner", Static).update(t)
 
     def _show_derived(self, cfg) -> None:
-        data = self.app.form_data
-        bad = {p.field for p in self.app.form_problems}      # an invalid input computes nothing
+        data = self._data
+        bad = {p.field for p in self.problems}      # an invalid input computes nothing
         data = {sec: {k: (None if f"{sec}.{k}" in bad else v) for k, v in vals.items()}
                 for sec, vals in data.items() if isinstance(vals, dict)}
         t = Text()
@@ -331,4 +348,4 @@ class ConfigScreen(Screen):
 
     async def _load(self, path: str) -> None:
         """Load ``path`` (what ctrl+o does after its prompt)."""
-        self.app.load_config_file(path)
+        self.post_message(LoadConfig(path))
