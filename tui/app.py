@@ -15,6 +15,7 @@ from textual import on
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import ModalScreen, Screen
+from textual.widgets import Static
 from textual.worker import Worker, WorkerState
 
 from engine.training.builtin import DEMO_OVERRIDES, demo_config  # noqa: F401 (the offline demo)
@@ -25,6 +26,7 @@ from tui.dialogs import PathPrompt, QuitDialog
 from tui.messages import FollowEnded, LaunchFailed, ResumeFailed, RunEvents, RunLaunched
 from tui.runstate import RunState
 from tui.safe import one_line
+from tui.style import rich_theme
 from tui.screens.config import ConfigScreen, FormEdited, LoadConfig
 from tui.screens.dataset import DatasetScreen
 from tui.screens.runs import AttachRun, ExportRun, OpenRun, ResumeRun, RunDetailScreen, RunsScreen
@@ -99,13 +101,24 @@ class QloraApp(App):
 
     # ---- start-up ------------------------------------------------------------------------
     def on_mount(self) -> None:
-        self.theme_changed_signal.subscribe(self, self._remember_theme)
+        self._install_styles()
+        self.theme_changed_signal.subscribe(self, self._theme_changed)
         self.switch_mode(self.start_mode)
         if self.attach_dir is not None:
             self.controller.follow(self.attach_dir)
 
-    def _remember_theme(self, theme) -> None:
+    def _install_styles(self) -> None:
+        """The Rich Text styles (``"bold $error"``...) in the current theme's colours."""
+        if getattr(self, "_styles_installed", False):
+            self.console.pop_theme()
+        self.console.push_theme(rich_theme(self.get_css_variables()))
+        self._styles_installed = True
+
+    def _theme_changed(self, theme) -> None:
         settings.update(theme=theme.name)
+        self._install_styles()
+        for static in self.screen.query(Static):     # text already drawn takes the new colours
+            static.update(static.content)
 
     def make_samplers(self):
         """(gpu_sampler, host_sampler, reason): called on the readings thread."""

@@ -138,7 +138,7 @@ class ResumeFixDialog(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         with Vertical():
             t = Text()
-            t.append(f"{self.what}: ", style="bold red")
+            t.append(f"{self.what}: ", style="bold $error")
             t.append(clean(self.run_name), style="bold")
             t.append("\n")
             t.append(one_line(self.reason, 300))

@@ -127,8 +127,8 @@ class FieldRow(Widget):
         f = self.field
         t = Text()
         if self._error:
-            t.append("✖ ", style="bold red")
-            t.append(clean(self._error), style="bold red")
+            t.append("✖ ", style="bold $error")
+            t.append(clean(self._error), style="bold $error")
             t.append("\n")
         t.append(clean(f.metadata.get("help", "")))
         allowed = allowed_text(f)
@@ -269,11 +269,11 @@ class ConfigScreen(Screen):
         n = len(self.problems)
         if n:
             from engine.core.config import plural
-            t.append(f"   ✖ {plural(n, 'problem')}: ", style="bold red")
+            t.append(f"   ✖ {plural(n, 'problem')}: ", style="bold $error")
             p = self.problems[0]
             t.append(one_line(f"{p.field}: {p.message}", 80))
         else:
-            t.append("   ✔ valid", style="bold green")
+            t.append("   ✔ valid", style="bold $success")
         self.query_one("#banner", Static).update(t)
 
     def _show_derived(self, cfg) -> None:

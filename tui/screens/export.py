@@ -162,18 +162,18 @@ class ExportScreen(ModalScreen):
         out = self.query_one("#export-result", Static)
         if report is None:
             self.error = err or "the export failed"
-            out.update(literal(one_line(self.error, 400), style="bold red"))
-            self.query_one("#export-status", Static).update(Text("failed", style="red"))
+            out.update(literal(one_line(self.error, 400), style="bold $error"))
+            self.query_one("#export-status", Static).update(Text("failed", style="$error"))
             return
         self.report = report
         self.query_one("#export-progress", ProgressBar).update(progress=100)
-        self.query_one("#export-status", Static).update(Text("done", style="green"))
+        self.query_one("#export-status", Static).update(Text("done", style="$success"))
         out.update(result_text(report))
 
 
 def result_text(r: dict) -> Text:
     t = Text()
-    t.append("written ", style="bold green")
+    t.append("written ", style="bold $success")
     t.append_text(literal(r.get("path", "")))
     t.append(f"  ({r.get('size_bytes', 0) / 1e6:.1f} MB, {r.get('gguf_type', '')})\n")
     if r.get("max_abs_diff") is not None:

@@ -19,8 +19,8 @@ from tui.safe import clean, literal, middle, one_line
 from tui.widgets.chart import LossChart
 from tui.widgets.panels import hints_text
 
-STATE_STYLE = {"live": "bold green", "finished": "green", "stopped": "yellow", "failed": "bold red",
-               "crashed": "red", "new": "dim"}
+STATE_STYLE = {"live": "bold $success", "finished": "$success", "stopped": "$warning", "failed": "bold $error",
+               "crashed": "$error", "new": "dim"}
 
 
 # ---- what the Runs screens ask of the app (they never reach into it) ------------------------
