@@ -40,14 +40,7 @@ SCREEN_KEYS = [("dataset", "f2", "Dataset"), ("config", "f3", "Config"), ("train
 
 class QloraApp(App):
     TITLE = "qlora-tui"
-    CSS = """
-    Screen { background: $background; }
-    ModalScreen { background: $background 60%; }   /* dialogs: the screen stays visible, dimmed */
-    /* parts drawn in colour alone must survive 16 colours and the light theme: the empty part
-       of a progress bar and the header differ from the background by more than a shade */
-    Bar > .bar--bar, Bar > .bar--complete, Bar > .bar--indeterminate { background: $foreground 30%; }
-    Header { background: $primary 50%; }
-    """
+    CSS_PATH = "app.tcss"
     MODES = {"dataset": DatasetScreen, "config": ConfigScreen, "train": TrainScreen,
              "runs": RunsScreen}
     BINDINGS = [

@@ -93,16 +93,6 @@ def uses_select(f: dataclasses.Field) -> bool:
 class FieldRow(Widget):
     """key | input, then the seed's help and allowed range (or the validation error) below."""
 
-    DEFAULT_CSS = """
-    FieldRow { height: auto; padding: 0 1; layout: grid; grid-size: 2;
-               grid-columns: 22 1fr; grid-rows: 1 auto; }
-    FieldRow Input, FieldRow Select { width: 1fr; }
-    /* a focused dropdown stands out; an open one has a border (its options are not a field) */
-    FieldRow Select:focus-within > SelectCurrent { background: $accent 35%; text-style: bold; }
-    FieldRow Select.-textual-compact > SelectOverlay { border: round $accent !important; }
-    FieldRow > .help { column-span: 2; color: $foreground 60%; padding-left: 22; height: auto; }
-    FieldRow.-invalid > .name { color: $error; text-style: bold; }
-    """
 
     def __init__(self, section: str, key: str, f: dataclasses.Field, value) -> None:
         super().__init__(id=f"row-{section}-{key}")
@@ -155,14 +145,6 @@ class ConfigScreen(Screen):
                         tooltip="Load a TOML config file"),
                 Binding("ctrl+s", "app.save_config", "Save", id="save-config-here",
                         tooltip="Save the config as TOML")]
-    DEFAULT_CSS = """
-    ConfigScreen #banner { height: 1; padding: 0 1; background: $panel; }
-    ConfigScreen #form { height: 1fr; }
-    ConfigScreen .section { text-style: bold; color: $accent; padding: 0 1;
-                            background: $accent 15%; margin-top: 1; }
-    ConfigScreen #derived { height: 3; padding: 0 1; background: $panel;
-                            border-top: hkey $foreground 20%; }
-    """
 
     form_ready = False
 

@@ -179,17 +179,6 @@ class DatasetScreen(Screen):
         widget = {"tab-problems": "#problems", "tab-rows": "#row-scroll"}.get(pane)
         if widget:
             self.query_one(widget).focus()
-    DEFAULT_CSS = """
-    DatasetScreen #ds-summary { height: auto; max-height: 6; padding: 0 1; }
-    DatasetScreen #ds-progress-row { height: 1; padding: 0 1; }
-    DatasetScreen #ds-progress-row.-done { display: none; }
-    DatasetScreen #ds-progress { width: 1fr; }
-    DatasetScreen #ds-progress Bar { width: 1fr; }
-    DatasetScreen TabbedContent { height: 1fr; }
-    DatasetScreen #row-header { height: 1; padding: 0 1; background: $panel; }
-    DatasetScreen #row-view { padding: 0 1; }
-    DatasetScreen #hist { padding: 0 1; }
-    """
 
     def __init__(self) -> None:
         super().__init__()

@@ -74,16 +74,6 @@ class ExportDone(Message):
 class ExportScreen(ModalScreen):
     BINDINGS = [Binding("escape", "close", "Close", id="export-close"),
                 Binding("ctrl+e", "start", "Export", id="export-start")]
-    DEFAULT_CSS = """
-    ExportScreen { align: center middle; }
-    ExportScreen #export-box { width: 90%; max-width: 110; height: auto; max-height: 90%;
-                               border: thick $accent; background: $surface; padding: 0 1; }
-    ExportScreen #export-row { height: 3; }
-    ExportScreen #export-type { width: 1fr; }
-    ExportScreen #export-progress { margin: 1 0 0 0; }
-    ExportScreen #export-status { height: 1; color: $foreground 70%; }
-    ExportScreen #export-result-box { height: auto; max-height: 14; }
-    """
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__()

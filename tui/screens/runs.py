@@ -65,10 +65,6 @@ class RunsScreen(Screen):
         ri = self._selected()
         if ri is not None:
             resume_from_list(self, ri)
-    DEFAULT_CSS = """
-    RunsScreen #runs-where { height: 1; padding: 0 1; background: $panel; }
-    RunsScreen #runs { height: 1fr; }
-    """
 
     COLUMNS = [("run", "run", 22), ("state", "state", 8), ("step", "step", 7),
                ("final loss", "final", 10), ("last loss", "last", 9), ("model", "model", 12)]
@@ -183,14 +179,6 @@ class RunDetailScreen(Screen):
     def action_resume(self) -> None:
         if self.info is not None:
             resume_from_list(self, self.info)
-    DEFAULT_CSS = """
-    RunDetailScreen #detail-summary { height: auto; max-height: 6; padding: 0 1; }
-    RunDetailScreen .spark-row { height: 1; padding: 0 1; }
-    RunDetailScreen .spark-label { width: 6; color: $foreground 70%; }
-    RunDetailScreen Sparkline { width: 1fr; height: 1; }
-    RunDetailScreen #detail-chart { height: 1fr; padding: 0 1; }
-    RunDetailScreen #detail-hints-box { height: 6; padding: 0 1; border-top: hkey $foreground 20%; }
-    """
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__()

@@ -15,28 +15,6 @@ from tui.widgets.run_view import Curves, GpuPanel, HintsPanel, Metrics, StatusLi
 
 
 class TrainScreen(Screen):
-    DEFAULT_CSS = """
-    TrainScreen #status { height: 1; width: 1fr; padding: 0 1; }
-    TrainScreen #progress-row { height: 1; padding: 0 1; }
-    TrainScreen #progress-row ProgressBar { width: 1fr; }
-    TrainScreen #progress-row ProgressBar Bar { width: 1fr; }
-    TrainScreen #steps { width: 36; padding-left: 1; }
-    TrainScreen #main { height: 1fr; min-height: 6; }
-    TrainScreen #curves { width: 1fr; padding: 0 1; }
-    TrainScreen .spark-row { height: 1; }
-    TrainScreen .spark-label { width: 6; color: $foreground 70%; }
-    TrainScreen Sparkline { width: 1fr; height: 1; }
-    TrainScreen #loss-spark > .sparkline--max-color { color: $error; }
-    TrainScreen #loss-spark > .sparkline--min-color { color: $success; }
-    TrainScreen #eval-spark > .sparkline--max-color { color: $warning; }
-    TrainScreen #eval-spark > .sparkline--min-color { color: $primary; }
-    TrainScreen #metrics { width: 28; height: 1fr; padding: 0 1; border-left: vkey $foreground 20%; }
-    TrainScreen #welcome { height: 1fr; padding: 1 2; color: $foreground 80%; }
-    TrainScreen #gpu { height: auto; max-height: 5; padding: 0 1;
-                       border-top: hkey $foreground 20%; }
-    TrainScreen #hints-box { height: 5; border-top: hkey $foreground 20%; padding: 0 1; }
-    TrainScreen.-has-hints #hints-box { height: 7; }
-    """
 
     def compose(self) -> ComposeResult:
         yield Header()
