@@ -95,7 +95,7 @@ async def test_a_background_task_that_raises_is_one_literal_line(tmp_path):
 @pytest.mark.anyio
 async def test_text_already_drawn_takes_the_new_theme_colours(tmp_path):
     """A Rich style names a theme role: the finished phase is the theme's success colour, in
-    the dark theme and, after a switch, in the light one."""
+    the dark theme and, after a switch made on another screen, in the light one."""
     run = write_run(tmp_path / "runs")
     app = make_app(demo_cfg(tmp_path), attach=run)
 
@@ -110,5 +110,10 @@ async def test_text_already_drawn_takes_the_new_theme_colours(tmp_path):
         await until(pilot, lambda: app.run_state.follower_ended, what="history read")
         await pilot.pause()
         assert phase_colour() == app.current_theme.success.upper()
+        await pilot.press("f5")
+        await until(pilot, lambda: app.current_mode == "runs")
         app.theme = "qlora-light"
+        await pilot.pause()
+        await pilot.press("f4")
+        await until(pilot, lambda: app.current_mode == "train")
         await until(pilot, lambda: phase_colour() == "#047857", what="the light theme's success")

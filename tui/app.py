@@ -110,8 +110,12 @@ class QloraApp(App):
     def _theme_changed(self, theme) -> None:
         settings.update(theme=theme.name)
         self._install_styles()
-        for static in self.screen.query(Static):     # text already drawn takes the new colours
-            static.update(static.content)
+        # text already drawn takes the new colours, on every screen of every mode (Textual
+        # keeps them in _screen_stacks; screen_stack is the current mode's alone)
+        stacks = getattr(self, "_screen_stacks", {}).values() or [self.screen_stack]
+        for screen in {id(s): s for stack in stacks for s in stack}.values():
+            for static in screen.query(Static):
+                static.update(static.content)
 
     def make_samplers(self):
         """(gpu_sampler, host_sampler, reason): called on the readings thread."""
