@@ -177,9 +177,7 @@ class RunController:
 
     def offer_resume_of(self, run_dir: Path) -> None:
         """The recovery dialog for a run picked on the Runs screen (read from its log)."""
-        from engine.core import events as events_mod
-        from engine.core import rundir
-        self.offer_resume(from_events(events_mod.read_events(Path(run_dir) / rundir.EVENTS), run_dir))
+        self.offer_resume(read_run(run_dir))
 
     def offer_resume(self, st: RunState) -> None:
         """The recovery dialog for a run that ended (failed, stopped, crashed): every fix its
@@ -375,6 +373,14 @@ class RunController:
             st.follower_ended = True
             st.phase, st.message = "crashed", f"stopped following: {type(error).__name__}: {error}"
         self.changed()
+
+
+def read_run(run_dir: str | Path) -> RunState:
+    """A run's state folded from its whole log: a run that is not followed (the Runs screens,
+    a resume offered from them). Call it off the UI thread for a long log."""
+    from engine.core import events as events_mod
+    from engine.core import rundir
+    return from_events(events_mod.read_events(Path(run_dir) / rundir.EVENTS), run_dir)
 
 
 def _last_line_is_terminal(path: Path) -> bool:

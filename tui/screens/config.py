@@ -16,12 +16,19 @@ from textual.screen import Screen
 from textual.widget import Widget
 from textual.widgets import Footer, Header, Input, Label, Select, Static
 
-from tui.messages import EstimateReady
 from tui.safe import clean, literal, one_line
 
 from engine.core.units import GIB
 
 
+# ---- what this screen's workers post to it -------------------------------------------
+@dataclass
+class EstimateReady(Message):
+    text: str
+    trainable: int | None
+
+
+# ---- what the Config screen asks of the app -----------------------------------------------
 @dataclass
 class FormEdited(Message):
     """The form's values (``data``), validated: ``config`` when valid, else ``problems``."""

@@ -7,18 +7,49 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, ProgressBar, Static, TabbedContent, TabPane
 from textual.worker import get_current_worker
 
-from tui.messages import PreviewReady, ReportFailed, ReportReady, RowForLine
 from tui.safe import clean, literal, one_line
+
+
+# ---- what this screen's workers post to it -------------------------------------------
+@dataclass
+class RowForLine(Message):
+    """The row browser index of a problem's line, or why that line has no row."""
+    line: int
+    index: int | None
+    error: str = ""
+    next_index: int = 0      # no row: the first row after the line (n/p go on there)
+    raw: str = ""            # no row: the line's own text
+
+
+@dataclass
+class ReportReady(Message):
+    """A (partial or complete) dataset report."""
+    report: object
+    final: bool
+
+
+@dataclass
+class ReportFailed(Message):
+    error: str
+
+
+@dataclass
+class PreviewReady(Message):
+    index: int
+    preview: object
+    error: str = ""
 
 
 def histogram_text(report, width: int = 36) -> Text:

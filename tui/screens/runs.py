@@ -13,11 +13,26 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Sparkline, Static
 
-from tui.messages import RunHistory, RunsListed
-from tui.runstate import from_events
+from tui.controller import read_run
 from tui.safe import clean, literal, middle, one_line
 from tui.widgets.chart import LossChart
 from tui.widgets.panels import hints_text
+
+
+# ---- what this screen's workers post to it -------------------------------------------
+@dataclass
+class RunsListed(Message):
+    runs: list
+    error: str = ""
+
+
+@dataclass
+class RunHistory(Message):
+    """A run's state folded from its log, and its ``rundir.info``."""
+    run_dir: Path
+    state: object
+    info: object = None
+
 
 STATE_STYLE = {"live": "bold $success", "finished": "$success", "stopped": "$warning", "failed": "bold $error",
                "crashed": "$error", "new": "dim"}
@@ -211,14 +226,12 @@ class RunDetailScreen(Screen):
 
     @work(thread=True, exclusive=True, exit_on_error=False)
     def _read(self, run_dir: Path) -> None:
-        from engine.core import events as events_mod
         from engine.core import rundir
-        evs = events_mod.read_events(run_dir / rundir.EVENTS)
-        self.post_message(RunHistory(run_dir, evs, rundir.info(run_dir)))
+        self.post_message(RunHistory(run_dir, read_run(run_dir), rundir.info(run_dir)))
 
     @on(RunHistory)
     def _on_history(self, msg: RunHistory) -> None:
-        st = from_events(msg.events, msg.run_dir)
+        st = msg.state
         ri = self.info = msg.info
         t = Text()
         t.append(clean(ri.name), style="bold")

@@ -1,17 +1,32 @@
 """Train: start/stop, progress, loss curves, live metrics, GPU gauges, the engine's hints."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header
 from textual.worker import get_current_worker
 
-from tui.messages import Readings
 from tui.runstate import RunState
 from tui.widgets.run_view import Curves, GpuPanel, HintsPanel, Metrics, StatusLine, StepProgress
+
+
+# ---- what this screen's workers post to it -------------------------------------------
+@dataclass
+class Readings(Message):
+    """One sample of the GPUs (or the host when there is no NVIDIA GPU). Only the newest
+    sample matters: one still waiting in the queue is replaced by the next."""
+    gpus: list
+    host: object
+    gpu_reason: str
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, Readings)
 
 
 class TrainScreen(Screen):
