@@ -218,6 +218,7 @@ class RunController:
 
     # ---- stop / detach -----------------------------------------------------------------------
     def stop(self) -> None:
+        """Ask the live run to stop gracefully (it saves its adapter, then ends)."""
         st = self.state
         if st is None or st.run_dir is None or st.terminal or st.follower_ended:
             self._notify("No live run to stop.")
@@ -232,16 +233,15 @@ class RunController:
         self.changed()
         self._notify("Stopping: the run saves its adapter, then ends.")
 
-    def detach(self, quiet: bool = False) -> None:
+    def detach(self) -> None:
+        """Stop following the live run; it keeps training."""
         st = self.state
         if st is None or not st.live:
-            if not quiet:
-                self._notify("No live run to detach from.")
+            self._notify("No live run to detach from.")
             return
         self._stop_following()
-        if not quiet:
-            self._notify(f"Detached: {st.run_dir.name} keeps training. Re-attach with "
-                         f"`qlora-tui attach {st.run_dir}` or from Runs (F5).", timeout=8)
+        self._notify(f"Detached: {st.run_dir.name} keeps training. Re-attach with "
+                     f"`qlora-tui attach {st.run_dir}` or from Runs (F5).", timeout=8)
 
     def _stop_following(self) -> None:
         if self._follow_stop is not None:
