@@ -7,18 +7,49 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, ProgressBar, Static, TabbedContent, TabPane
 from textual.worker import get_current_worker
 
-from tui.messages import PreviewReady, ReportFailed, ReportReady, RowForLine
 from tui.safe import clean, literal, one_line
+
+
+# ---- what this screen's workers post to it -------------------------------------------
+@dataclass
+class RowForLine(Message):
+    """The row browser index of a problem's line, or why that line has no row."""
+    line: int
+    index: int | None
+    error: str = ""
+    next_index: int = 0      # no row: the first row after the line (n/p go on there)
+    raw: str = ""            # no row: the line's own text
+
+
+@dataclass
+class ReportReady(Message):
+    """A (partial or complete) dataset report."""
+    report: object
+    final: bool
+
+
+@dataclass
+class ReportFailed(Message):
+    error: str
+
+
+@dataclass
+class PreviewReady(Message):
+    index: int
+    preview: object
+    error: str = ""
 
 
 def histogram_text(report, width: int = 36) -> Text:
@@ -33,14 +64,14 @@ def histogram_text(report, width: int = 36) -> Text:
     marked = False
     for lo, hi, count in hist:
         if not marked and maxlen is not None and lo >= maxlen:
-            t.append(f"{'':>13}┄┄ max_length {maxlen} ┄┄\n", style="bold yellow")
+            t.append(f"{'':>13}┄┄ max_length {maxlen} ┄┄\n", style="bold $warning")
             marked = True
         over = maxlen is not None and hi > maxlen
         bar = "█" * max(1 if count else 0, int(round(count / peak * width)))
         a, b = bucket_label(lo, hi).split("–")
         t.append(f"{a:>6}–{b:<6}", style="dim")
         t.append("│")
-        t.append(bar.ljust(width), style="red" if over else "cyan")
+        t.append(bar.ljust(width), style="$error" if over else "$primary")
         t.append(f" {count}\n")
     if not marked and maxlen is not None:
         t.append(f"{'':>13}(all rows fit max_length {maxlen})\n", style="dim")
@@ -49,9 +80,9 @@ def histogram_text(report, width: int = 36) -> Text:
     if n:
         pct = f" ({n / rows:.0%})" if rows else ""
         t.append(f"{n} row(s){pct} are longer than max_length={maxlen} and would be truncated",
-                 style="bold red")
+                 style="bold $error")
     else:
-        t.append(f"no row is longer than max_length={maxlen}", style="green")
+        t.append(f"no row is longer than max_length={maxlen}", style="$success")
     return t
 
 
@@ -67,21 +98,21 @@ def summary_text(report, cfg) -> Text:
     t.append("\nrows     ", style="dim")
     t.append(f"{report.rows:,}", style="bold")
     if not report.done:
-        t.append(f"  (reading… {report.rows_read:,} so far)", style="yellow")
+        t.append(f"  (reading… {report.rows_read:,} so far)", style="$warning")
     probs = len(report.problems or [])
     t.append("   problems ", style="dim")
-    t.append(str(probs), style="bold red" if probs else "bold green")
+    t.append(str(probs), style="bold $error" if probs else "bold $success")
     dups = report.duplicates
     if dups:
         t.append("   duplicates ", style="dim")
-        t.append(str(dups if isinstance(dups, int) else len(dups)), style="bold yellow")
+        t.append(str(dups if isinstance(dups, int) else len(dups)), style="bold $warning")
     pii = report.pii or []
     if pii:
         t.append("   possible PII ", style="dim")
-        t.append(str(len(pii)), style="bold yellow")
+        t.append(str(len(pii)), style="bold $warning")
     for w in (getattr(report, "warnings", None) or [])[:2]:
-        t.append("\n⚠ ", style="yellow")
-        t.append(one_line(w, 150), style="yellow")
+        t.append("\n⚠ ", style="$warning")
+        t.append(one_line(w, 150), style="$warning")
     st = report.stats or {}
     if st:
         t.append("\ntokens   ", style="dim")
@@ -100,7 +131,7 @@ def summary_text(report, cfg) -> Text:
         t.append(f"  visual tokens {imgs.get('visual_tokens_total', 0):,} (in the token counts)", style="dim")
         bad = imgs.get("bad_images", 0)
         t.append("   missing/unreadable ", style="dim")
-        t.append(str(bad), style="bold red" if bad else "bold green")
+        t.append(str(bad), style="bold $error" if bad else "bold $success")
     return t
 
 
@@ -110,11 +141,11 @@ def preview_text(preview) -> Text:
     cut = getattr(preview, "cut_char", None)
     pos = 0
     for text, trained in preview.segments:
-        style = "bold reverse green" if trained else "dim"
+        style = "bold reverse $success" if trained else "dim"
         if cut is not None and pos <= cut < pos + len(text):
             head, tail = text[: cut - pos], text[cut - pos:]
             t.append(clean(head), style=style)
-            t.append(" ✂ max_length ", style="bold reverse red")
+            t.append(" ✂ max_length ", style="bold reverse $error")
             t.append(clean(tail), style=style + " strike")
         elif cut is not None and pos >= cut:
             t.append(clean(text), style=style + " strike")
@@ -186,19 +217,6 @@ class DatasetScreen(Screen):
         widget = {"tab-problems": "#problems", "tab-rows": "#row-scroll"}.get(pane)
         if widget:
             self.query_one(widget).focus()
-    DEFAULT_CSS = """
-    DatasetScreen #ds-summary { height: auto; max-height: 6; padding: 0 1; }
-    DatasetScreen #ds-progress-row { height: 1; padding: 0 1; }
-    DatasetScreen #ds-progress-row.-done { display: none; }
-    DatasetScreen #ds-progress { width: 1fr; }
-    DatasetScreen #ds-progress Bar { width: 1fr; }
-    DatasetScreen TabbedContent { height: 1fr; }
-    DatasetScreen #row-header { height: 1; padding: 0 1; background: $panel; }
-    DatasetScreen #row-view { padding: 0 1; }
-    DatasetScreen #hist { padding: 0 1; }
-    DatasetScreen #row-images { height: auto; padding: 0 1; }
-    DatasetScreen #row-images .image-info { margin: 1 0 0 0; }
-    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -289,7 +307,7 @@ class DatasetScreen(Screen):
     @on(ReportFailed)
     def _on_failed(self, msg: ReportFailed) -> None:
         self.query_one("#ds-progress-row").add_class("-done")
-        t = Text("Cannot read the dataset: ", style="bold red")
+        t = Text("Cannot read the dataset: ", style="bold $error")
         t.append_text(literal(msg.error))
         self.query_one("#ds-summary", Static).update(t)
 
@@ -375,7 +393,7 @@ class DatasetScreen(Screen):
         h.append("   no row   n/p: next/previous row", style="dim")
         self.query_one("#row-header", Static).update(h)
         t = Text(f"Line {msg.line} has no row: it failed to parse as a training example, so "
-                 "the row browser cannot show it (training skips it).\n\n", style="bold red")
+                 "the row browser cannot show it (training skips it).\n\n", style="bold $error")
         t.append_text(literal(msg.error))
         if msg.raw:
             t.append(f"\n\nline {msg.line} as it is in the file:\n", style="dim")
@@ -415,7 +433,7 @@ class DatasetScreen(Screen):
         rows = self.report.rows if self.report else 0
         if msg.preview is None:
             header.update(Text(f"row {msg.index + 1} of {rows:,}", style="bold"))
-            view.update(Text("cannot render this row: ", style="bold red") + literal(msg.error))
+            view.update(Text("cannot render this row: ", style="bold $error") + literal(msg.error))
             self._show_images([])
             return
         pv = msg.preview
@@ -424,7 +442,7 @@ class DatasetScreen(Screen):
         if getattr(pv, "line", None):
             h.append(f"  (line {pv.line})", style="dim")
         h.append(f"   {pv.n_tokens} tokens, {pv.n_trained} trained  ")
-        h.append("trained", style="bold reverse green")
+        h.append("trained", style="bold reverse $success")
         h.append(" / ")
         h.append("context", style="dim")
         h.append("   n/p: next/previous", style="dim")
