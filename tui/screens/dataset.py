@@ -176,7 +176,7 @@ def image_widgets(preview) -> list:
         out.append(Static(image_text(i, info), classes="image-info"))
         pic = pics[i] if i < len(pics) else None
         if pic is not None and pic.error:
-            out.append(Static(Text("  cannot show this image: ", style="bold red") + literal(pic.error),
+            out.append(Static(Text("  cannot show this image: ", style="bold $error") + literal(pic.error),
                               classes="image-problem"))
         elif pic is not None and pic.mode != "off":
             out.append(Thumbnail(pic))
