@@ -117,13 +117,15 @@ def test_a_checkpoint_without_adapter_weights_is_never_copied_as_the_adapter(tmp
     """Resuming a run killed while saving its adapter takes the adapter from the last
     checkpoint; an FSDP checkpoint has sharded model state instead, and must not become an
     adapter directory without weights."""
-    from engine.training.runner import Run
-    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-10"
+    from engine.training.resume import adapter_from_checkpoint
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints" / "checkpoint-10"
     (ckpt / "pytorch_model_fsdp_0").mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text("{}")
-    run = Run(None, tmp_path / "run")
     with pytest.raises(RuntimeError, match="no adapter weights"):
-        run._adapter_from_checkpoint(ckpt, lambda ev: None)
-    assert not (tmp_path / "run" / "adapter").exists()
+        adapter_from_checkpoint(run_dir, None, ckpt, lambda ev: None)
+    assert not (run_dir / "adapter").exists()
     (ckpt / "adapter_model.safetensors").write_bytes(b"x")          # a LoRA checkpoint: copied
-    assert (run._adapter_from_checkpoint(ckpt, lambda ev: None) / "adapter_model.safetensors").exists()
+    adapter = adapter_from_checkpoint(run_dir, None, ckpt, lambda ev: None)
+    assert (adapter / "adapter_model.safetensors").exists()
+    assert not (adapter / "trainer_state.json").exists()            # training state stays behind
