@@ -95,6 +95,7 @@ class Run:
         self._lock: int | None = None    # fd of RUN_DIR/lock while this process writes the run
         self._sink_failure: BaseException | None = None   # the log writer failed (disk full)
         self._plan = None                # what auto resolved to (engine.training.recipe.RunPlan)
+        self._recipe = None              # setup -> train -> save (engine.training.recipe.Recipe)
 
     # ---- control
     def request_stop(self, reason: str = "stop requested") -> None:
@@ -219,22 +220,21 @@ class Run:
     def _main(self) -> None:
         from engine.training import run_hints
         run_hints.attach(self.cfg, self.bus, lambda: self.alive and self.result is None)
-        recipe = None
         try:
-            recipe = self._train()
+            self._train()
         except BaseException as e:  # noqa: BLE001 - every failure must become an event
-            self._emit_final(self._failure(e, recipe))
+            self._emit_final(self._failure(e))
         finally:
-            from engine.training.recipe import finish_trackers
-            finish_trackers(self.cfg)
+            if self._recipe is not None:
+                self._recipe.cleanup()
             if self._writer:
                 self._writer.close()
             if self._lock is not None:
                 os.close(self._lock)        # the run is over: another writer may take it
                 self._lock = None
 
-    def _train(self):
-        """Plan, then the recipe's setup -> train -> save; the final event. Returns the recipe."""
+    def _train(self) -> None:
+        """Plan, then the recipe's setup -> train -> save; the final event."""
         from engine.training import recipe as recipe_mod
         from engine.training import resume
         emit = self.bus.emit
@@ -245,28 +245,27 @@ class Run:
                 if self._changed else "")))
             if resume.nothing_left(self.cfg, ckpt):
                 self._emit_final(resume.finish_from_checkpoint(self.run_dir, self.cfg, ckpt, emit))
-                return None
-        plan = recipe_mod.plan_run(self.cfg)           # once, before anything is built
-        self._plan = plan
-        recipe = recipe_mod.Recipe(plan, self.run_dir, emit, self.stop_flag, self.stop_reason, faults_from_env())
+                return
+        self._plan = recipe_mod.plan_run(self.cfg)     # once, before anything is built
+        recipe = self._recipe = recipe_mod.Recipe(self._plan, self.run_dir, emit, self.stop_flag,
+                                                  self.stop_reason, faults_from_env())
         recipe.setup()
         step = recipe.train(ckpt)
         if recipe.nonfinite is not None:
             from engine.training.failures import nan_halt
             recipe.save()
             self._emit_final(nan_halt(self.cfg, recipe.nonfinite.step, recipe.nonfinite.loss))
-            return recipe
+            return
         adapter = recipe.save()
         stopped = self.stop_flag.is_set()
         self._emit_final(events.RunFinished(
             step=step, adapter_dir=str(adapter), final_loss=recipe.last_loss, stopped=stopped,
             reason=(self.stop_reason[0] if self.stop_reason else "stopped") if stopped else "completed"))
-        return recipe
 
-    def _failure(self, e: BaseException, recipe) -> events.Event:
+    def _failure(self, e: BaseException) -> events.Event:
         """The run_failed event for ``e`` (an OOM also gets its hint first)."""
         from engine.training.failures import classify_failure, is_oom
-        step = recipe.step if recipe is not None else 0
+        step = self._recipe.step if self._recipe is not None else 0
         if is_oom(e):
             self._oom_hint(step)
         return classify_failure(e, step=step, checkpoints=rundir.checkpoints(self.run_dir),
