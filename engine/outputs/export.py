@@ -93,15 +93,15 @@ def run_rows(run_dir: Path | None, n: int = 200) -> list[dict]:
     """Up to ``n`` rows of the run's train data (for check prompts and the system prompt)."""
     if run_dir is None:
         return []
-    from engine.outputs.generate import _data_path, _read_rows
+    from engine.outputs.generate import run_data_path, read_prompt_rows
     try:
         data = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8")).get("data", {})
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return []
-    path = _data_path(str(data.get("train") or ""), run_dir) if isinstance(data, dict) else None
+    path = run_data_path(str(data.get("train") or ""), run_dir) if isinstance(data, dict) else None
     if path is None or not path.is_file() or path.suffix not in (".jsonl", ".json"):
         return []
-    return [r for r in _read_rows(path, False, n)[:n] if isinstance(r, dict)]
+    return [r for r in read_prompt_rows(path, False, n)[:n] if isinstance(r, dict)]
 
 
 def system_prompt(rows: list[dict]) -> str:
@@ -286,10 +286,10 @@ def export_model(src, gguf_type: str = "f16", out=None, base: str | None = None,
     arch, permute = _guard(gguf_write.architecture_of, cfg, str(merged / "config.json"))
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(merged))
-    vocab = _guard(gguf_write.read_vocab, tok, int(gguf_write._text_config(cfg)["vocab_size"]), str(merged))
+    vocab = _guard(gguf_write.read_vocab, tok, int(gguf_write.text_config(cfg)["vocab_size"]), str(merged))
     tensors = _guard(gguf_write.plan_model, merged, cfg, arch, permute, gguf_type)
-    total = sum(gguf_write._nbytes(t.shape, t.qtype) for t in tensors)
-    prog = gguf_write.Progress(progress, total, 0.4, 0.4, int(gguf_write._text_config(cfg)["num_hidden_layers"]))
+    total = sum(gguf_write.tensor_nbytes(t.shape, t.qtype) for t in tensors)
+    prog = gguf_write.Progress(progress, total, 0.4, 0.4, int(gguf_write.text_config(cfg)["num_hidden_layers"]))
 
     def kv(w):
         w.add_name(s.name)
@@ -330,8 +330,8 @@ def export_adapter(src, gguf_type: str = "f16", out=None, base: str | None = Non
     where = str(s.adapter_dir / "adapter_config.json")
     alpha = _guard(gguf_write.lora_scale_alpha, s.acfg, where)
     tensors = _guard(gguf_write.plan_adapter, s.adapter_dir, s.acfg, cfg, arch, permute, gguf_type)
-    total = sum(gguf_write._nbytes(t.shape, t.qtype) for t in tensors)
-    prog = gguf_write.Progress(progress, total, 0.1, 0.8, int(gguf_write._text_config(cfg)["num_hidden_layers"]))
+    total = sum(gguf_write.tensor_nbytes(t.shape, t.qtype) for t in tensors)
+    prog = gguf_write.Progress(progress, total, 0.1, 0.8, int(gguf_write.text_config(cfg)["num_hidden_layers"]))
 
     def kv(w):
         w.add_type("adapter")
@@ -343,7 +343,7 @@ def export_adapter(src, gguf_type: str = "f16", out=None, base: str | None = Non
     size = _guard(gguf_write.write_gguf, path, arch, kv, tensors, prog)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tokenizer_source(s.adapter_dir, base_name))
-    vocab = _guard(gguf_write.read_vocab, tok, int(gguf_write._text_config(cfg)["vocab_size"]), str(s.adapter_dir))
+    vocab = _guard(gguf_write.read_vocab, tok, int(gguf_write.text_config(cfg)["vocab_size"]), str(s.adapter_dir))
     modelfile = path.with_suffix(".Modelfile")
     modelfile.write_text(modelfile_text("BASE.gguf   # the base model as GGUF: edit this line", vocab,
                                         system_prompt(run_rows(s.run_dir)), adapter=f"./{path.name}"),
@@ -374,7 +374,7 @@ def _preflight(s: _Source, base: str | None) -> None:
         tok = AutoTokenizer.from_pretrained(source)
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"tokenizer of {source}: cannot load: {str(e).splitlines()[0][:200]}") from None
-    _guard(gguf_write.read_vocab, tok, int(gguf_write._text_config(cfg)["vocab_size"]), source)
+    _guard(gguf_write.read_vocab, tok, int(gguf_write.text_config(cfg)["vocab_size"]), source)
 
 
 def _checked(gguf_type: str) -> str:
