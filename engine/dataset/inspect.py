@@ -344,7 +344,7 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
         if not force and now - last_emit[0] < PARTIAL_EVERY:
             return
         last_emit[0] = now
-        part = _finish(cfg, rep, tok, rows, counts, problems, [], dups, pii, seen, fields,
+        part = report_snapshot(cfg, rep, tok, rows, counts, problems, [], dups, pii, seen, fields,
                        partial=True)
         part.progress = progress[0]
         part.elapsed_s = now - t0
@@ -422,7 +422,7 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
         rep.rows_read = len(raw)
         if cancelled:
             drain()
-            part = _finish(cfg, rep, tok, rows, counts, problems, [], dups, pii, seen, fields, partial=True)
+            part = report_snapshot(cfg, rep, tok, rows, counts, problems, [], dups, pii, seen, fields, partial=True)
             part.phase = "cancelled"
             part.elapsed_s = time.monotonic() - t0
             return part
@@ -452,7 +452,7 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
         rep.format, rep.format_reason, rep.raw_count = fmt, reason, len(raw)
         if counter.mismatch:
             rep.warnings.append(counter.mismatch)
-        out = _finish(cfg, rep, tok, rows, counts, problems, mixed, dups, pii, seen, fields, partial=False)
+        out = report_snapshot(cfg, rep, tok, rows, counts, problems, mixed, dups, pii, seen, fields, partial=False)
         out.elapsed_s = time.monotonic() - t0
         if on_partial is not None:
             on_partial(out)
@@ -513,7 +513,7 @@ def _control_problems(lines, texts, bad_keys) -> list:
     return out
 
 
-def _finish(cfg, rep: Report, tok, rows, counts, problems, mixed, dups, pii, seen, fields,
+def report_snapshot(cfg, rep: Report, tok, rows, counts, problems, mixed, dups, pii, seen, fields,
             partial: bool) -> Report:
     """A Report snapshot from the running state (cheap enough to call every 0.3 s)."""
     import copy

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Callable
 
 from engine.outputs import gguf_write
-from engine.outputs.merge import (CHECK_PROMPTS, _TOLERANCE, AdapterError, MergeError, _logits, compare_logits, _prompt_texts,
+from engine.outputs.merge import (CHECK_PROMPTS, LOGIT_TOLERANCE, AdapterError, MergeError, model_logits, compare_logits, prompt_texts,
                           find_adapter_dir, merge, read_adapter_config, run_dir_of, tokenizer_source)
 
 # logits bound per type: atol + rtol * max|reference logit| (f32/f16/bf16 = merge's tolerances;
 # the quantized bounds were measured on builtin:tiny and Llama-shaped random weights, with margin)
-TOLERANCE = {"f32": _TOLERANCE["fp32"], "f16": _TOLERANCE["fp16"], "bf16": _TOLERANCE["bf16"],
+TOLERANCE = {"f32": LOGIT_TOLERANCE["fp32"], "f16": LOGIT_TOLERANCE["fp16"], "bf16": LOGIT_TOLERANCE["bf16"],
              "q8_0": (0.1, 0.05), "q5_1": (0.5, 0.15), "q5_0": (0.5, 0.15),
              "q4_1": (1.0, 0.3), "q4_0": (1.0, 0.3)}
 
@@ -178,14 +178,14 @@ def verify(merged: Path, path: Path, tok, texts: list[str], gguf_type: str) -> d
     encoded = [torch.tensor([tok(t, add_special_tokens=True).input_ids[:128]]) for t in texts]
     encoded = [e for e in encoded if e.shape[1] > 0]
     ref_model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
-    ref = _logits(ref_model, encoded)
+    ref = model_logits(ref_model, encoded)
     del ref_model
     try:
         g_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                        dtype=torch.float32).eval()
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"{path}: transformers cannot load it back: {str(e).splitlines()[0][:200]}") from None
-    got = _logits(g_model, encoded)
+    got = model_logits(g_model, encoded)
     del g_model
     diff, tol, agree, total = compare_logits(ref, got, *TOLERANCE[gguf_type])
     result = {"max_abs_diff": diff, "tolerance": tol, "top1_agreement": agree / total if total else 1.0,
@@ -300,7 +300,7 @@ def export_model(src, gguf_type: str = "f16", out=None, base: str | None = None,
     size = _guard(gguf_write.write_gguf, path, arch, kv, tensors, prog)
     progress(0.8, "verifying: reading the GGUF back with transformers")
     rows = run_rows(s.run_dir)
-    texts = _prompt_texts(tok, rows[:3]) + list(CHECK_PROMPTS[:2])
+    texts = prompt_texts(tok, rows[:3]) + list(CHECK_PROMPTS[:2])
     try:
         check = verify(merged, path, tok, texts, gguf_type)
     except ExportError:

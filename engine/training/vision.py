@@ -724,7 +724,7 @@ def inspect_report(cfg, path: str, on_partial=None):
         rows.append(row)
     rep.format, rep.format_reason, rep.raw_count, rep.rows_read = ds.format, ds.reason, ds.raw_count, ds.raw_count
     arr = np.asarray(counts, dtype=np.int64).reshape(len(counts), 3)
-    out = inspect._finish(cfg, rep, proc.tokenizer, rows, [arr], problems, [], quality.Duplicates(), [],
+    out = inspect.report_snapshot(cfg, rep, proc.tokenizer, rows, [arr], problems, [], quality.Duplicates(), [],
                     dict(ds.formats_seen), {}, partial=False)
     out.images = {"count": n_images, "rows_with_images": sum(1 for r in rows if r.data.get("images")),
                   "visual_tokens_total": int(sum(vis_all)),
