@@ -4,8 +4,11 @@ Plain module-level classes (``engine.training.recipe`` builds them): ``QLoraTrai
 per-step NaN bookkeeping, fault injection (``QLORA_TUI_FAULTS``), a dtype-keeping resume and
 checkpoints committed by a COMPLETE marker; ``EventCallback`` emits the run's events and carries
 out stop/save requests (``engine.core.control``) for one process and many through one path;
-``LogFirst`` makes the trackers log what ``EventCallback`` adds. Importing this module imports
-transformers and TRL.
+``LogFirst`` makes the trackers log what ``EventCallback`` adds.
+
+``QLoraTrainer`` is ``QLoraTrainerMixin`` over TRL's ``SFTTrainer``, made on first use of the
+name (PEP 562 module ``__getattr__``): importing TRL loads rich, which no engine module may load
+at import time (tests/test_boundary.py). Importing this module imports torch and transformers.
 """
 from __future__ import annotations
 
@@ -17,7 +20,6 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from trl import SFTTrainer
 
 from engine.core import control as ctl
 from engine.core import events
@@ -34,8 +36,18 @@ class NonFiniteHalt(RuntimeError):
         super().__init__(f"non-finite {'loss' if is_nonfinite(loss) else 'grad norm'} at step {step}")
 
 
-class QLoraTrainer(SFTTrainer):
-    """SFTTrainer with per-step NaN bookkeeping and optional fault injection."""
+def __getattr__(name: str):
+    if name == "QLoraTrainer":
+        from trl import SFTTrainer
+        cls = type("QLoraTrainer", (QLoraTrainerMixin, SFTTrainer),
+                   {"__module__": __name__, "__doc__": QLoraTrainerMixin.__doc__})
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class QLoraTrainerMixin:
+    """SFTTrainer with per-step NaN bookkeeping and optional fault injection (``QLoraTrainer``)."""
 
     def __init__(self, *args, faults: Faults | None = None, event_callback: EventCallback | None = None, **kwargs):
         self.faults = faults or Faults()
