@@ -166,10 +166,17 @@ class Recipe:
         self.tok = None
 
     # ---------------------------------------------------------------- setup
-    def setup(self) -> Prepared:
+    @staticmethod
+    def read_rows(cfg, emit) -> Rows:
+        """The rows, read before the plan is made (a data error comes first, as nothing is loaded)."""
+        emit(events.Status(phase="data", message="reading data"))
+        return read_rows(cfg)
+
+    def setup(self, rows: Rows | None = None) -> Prepared:
+        """Data (``rows``, else read here), tokenizer, model and the trainer, from the plan."""
         from engine.training import model as model_mod
-        self.emit(events.Status(phase="data", message="reading data"))
-        rows = read_rows(self.cfg)
+        if rows is None:
+            rows = self.read_rows(self.cfg, self.emit)
         path = model_mod.model_path(self.cfg)
         self._load_tokenizer(path, rows)
         train_tok, eval_tok = self._tokenise(rows)

@@ -246,10 +246,11 @@ class Run:
             if resume.nothing_left(self.cfg, ckpt):
                 self._emit_final(resume.finish_from_checkpoint(self.run_dir, self.cfg, ckpt, emit))
                 return
+        rows = recipe_mod.Recipe.read_rows(self.cfg, emit)
         self._plan = recipe_mod.plan_run(self.cfg)     # once, before anything is built
         recipe = self._recipe = recipe_mod.Recipe(self._plan, self.run_dir, emit, self.stop_flag,
                                                   self.stop_reason, faults_from_env())
-        recipe.setup()
+        recipe.setup(rows)
         step = recipe.train(ckpt)
         if recipe.nonfinite is not None:
             from engine.training.failures import nan_halt
