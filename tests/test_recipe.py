@@ -189,3 +189,29 @@ def test_hint_feed_skips_a_nan_the_trainer_already_reported(tiny_cfg):
     fresh = HintFeed(HintEngine(tiny_cfg), out.append)          # no report from the trainer: the rule says it
     fresh(events.Step(step=3, total_steps=10, loss=float("nan")))
     assert [h.rule for h in out] == ["nan"] and out[0].step == 3
+
+
+def test_event_callback_marks_a_request_done_only_when_its_checkpoint_is_complete(tiny_cfg, tmp_path):
+    """The one path (one process here; rank 0 of many runs the same code): a save request makes
+    this step save; it is done once the step's checkpoint has its COMPLETE marker, not before."""
+    from types import SimpleNamespace
+    from transformers.trainer_callback import TrainerControl, TrainerState
+    from engine.training.sft import EventCallback
+    seen, stop, reasons = [], threading.Event(), []
+    cb = EventCallback(seen.append, stop, reasons, tmp_path, None, tiny_cfg)
+    args, state = SimpleNamespace(output_dir=str(tmp_path / "checkpoints")), TrainerState(global_step=4)
+    save = ctl.request(tmp_path, "save")
+    control = cb.on_step_end(args, state, TrainerControl())
+    assert control.should_save and not control.should_training_stop
+    assert not save.with_suffix(".done").exists()
+    cb.on_save(args, state, control)                 # the checkpoint was not committed: still pending
+    assert not save.with_suffix(".done").exists() and seen == []
+    assert not cb.on_step_end(args, TrainerState(global_step=5), TrainerControl()).should_save   # read once
+    (tmp_path / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    rundir.mark_complete(tmp_path / "checkpoints" / "checkpoint-5", 5)
+    cb.on_save(args, TrainerState(global_step=5), control)
+    assert save.with_suffix(".done").exists() and [type(e) for e in seen] == [events.Checkpoint]
+    halt = ctl.request(tmp_path, "stop")
+    control = cb.on_step_end(args, TrainerState(global_step=6), TrainerControl())
+    assert control.should_training_stop and control.should_save and stop.is_set()
+    assert reasons == ["stop requested through the control channel"] and not halt.with_suffix(".done").exists()
