@@ -1,6 +1,7 @@
 """The multi-process path on the CPU: [distributed] gpus = 2 relaunches the engine as two
 processes (gloo here, accelerate + NCCL on GPUs); rank 0 alone writes the run directory, every
-rank trains on its share of the rows, and a stop request reaches all ranks on the same step."""
+rank trains on its share of the rows, and a stop request reaches all ranks on the same step; a save
+request is marked done once its checkpoint is complete."""
 import json
 import subprocess
 import sys
@@ -51,6 +52,13 @@ def test_stop_request_reaches_every_rank(tmp_path):
             break
         time.sleep(0.5)
     assert run_dir is not None, p.stderr.read()[-3000:] if p.poll() is not None else "no steps"
+    # a save request is marked done once its checkpoint is complete (the one-GPU path), not before
+    done = control.request(run_dir, "save").with_suffix(".done")
+    while not done.exists():
+        assert p.poll() is None and time.time() < deadline, "the save request was never carried out"
+        time.sleep(0.02)
+    saved = rundir.checkpoints(run_dir)              # complete ones only (COMPLETE marker)
+    assert saved, "the save request was marked done before its checkpoint was complete"
     control.request(run_dir, "stop")
     out, err = p.communicate(timeout=300)
     assert p.returncode == 3, err[-3000:]          # engine.core.exitcodes.STOPPED
@@ -117,13 +125,15 @@ def test_a_checkpoint_without_adapter_weights_is_never_copied_as_the_adapter(tmp
     """Resuming a run killed while saving its adapter takes the adapter from the last
     checkpoint; an FSDP checkpoint has sharded model state instead, and must not become an
     adapter directory without weights."""
-    from engine.training.runner import Run
-    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-10"
+    from engine.training.resume import adapter_from_checkpoint
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints" / "checkpoint-10"
     (ckpt / "pytorch_model_fsdp_0").mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text("{}")
-    run = Run(None, tmp_path / "run")
     with pytest.raises(RuntimeError, match="no adapter weights"):
-        run._adapter_from_checkpoint(ckpt, lambda ev: None)
-    assert not (tmp_path / "run" / "adapter").exists()
+        adapter_from_checkpoint(run_dir, None, ckpt, lambda ev: None)
+    assert not (run_dir / "adapter").exists()
     (ckpt / "adapter_model.safetensors").write_bytes(b"x")          # a LoRA checkpoint: copied
-    assert (run._adapter_from_checkpoint(ckpt, lambda ev: None) / "adapter_model.safetensors").exists()
+    adapter = adapter_from_checkpoint(run_dir, None, ckpt, lambda ev: None)
+    assert (adapter / "adapter_model.safetensors").exists()
+    assert not (adapter / "trainer_state.json").exists()            # training state stays behind

@@ -311,14 +311,14 @@ def _spm_tokenizer():
     """A sentencepiece-style BPE (Metaspace, byte fallback: the Llama 2 / Mistral v0.1 shape)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    from engine.training.builtin import _corpus
+    from engine.training.builtin import corpus
     from engine.dataset.chat import CHATML_TEMPLATE
     tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
     tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                     decoders.Strip(" ", 1, 0)])
     specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"] + [f"<0x{i:02X}>" for i in range(256)]
-    tk.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=700, special_tokens=specials,
+    tk.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=700, special_tokens=specials,
                                                           show_progress=False))
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>")
     tok.chat_template = CHATML_TEMPLATE

@@ -374,7 +374,7 @@ def test_gc_paused_during_a_scan_and_restored(tmp_path):
 def test_vectorised_labels_equal_the_loop():
     import random
     from bisect import bisect_right
-    from engine.dataset.chat import IGNORE, _labels
+    from engine.dataset.chat import IGNORE, labels_for
 
     def loop(ids, offsets, spans):        # the rule, written out as the trainer first had it
         if not spans:
@@ -395,7 +395,7 @@ def test_vectorised_labels_equal_the_loop():
             pos = offs[-1][1]
         spans = sorted((a, a + r.randint(0, 30)) for a in (r.randint(0, pos + 5) for _ in range(r.randint(0, 4))))
         ids = [r.randint(0, 5000) for _ in range(n)]
-        got = _labels(ids, [list(o) for o in offs], spans)
+        got = labels_for(ids, [list(o) for o in offs], spans)
         assert got == loop(ids, offs, spans) and all(type(x) is int for x in got)
 
 

@@ -68,8 +68,9 @@ def test_trainer_trains_on_exactly_the_mask(tiny_cfg):
     from engine.training import trainer as trainer_mod
     from engine.core import events
     cfg = tiny_cfg
-    prep = trainer_mod.build(cfg, __import__("pathlib").Path(cfg.output.dir) / "x", lambda e: None,
-                   threading.Event(), [])
+    from engine.training import recipe
+    prep = recipe.build(recipe.plan_run(cfg), __import__("pathlib").Path(cfg.output.dir) / "x", lambda e: None,
+                        threading.Event(), [])
     tds = prep.trainer.train_dataset
     from engine.dataset import data as data_mod
     rows = [r.data for r in data_mod.load(cfg.resolve_path(cfg.data.train)).rows]

@@ -212,9 +212,10 @@ def test_planner_plans_image_rows_for_their_longest_row_and_stays_sane_under_a_s
     cfg = _vl_cfg("data.max_length=4096")
     ds = data_mod.load("builtin:vl-sample", "auto")
     proc = vision.processor_for(cfg)
-    longest = vision.longest_row(cfg, ds)
+    longest = vision.longest_row(cfg, ds.format, [r.data for r in ds.rows])
     assert longest == max(vision.row_tokens(proc, r.data)["total"] for r in ds.rows) < 4096
-    assert vision.longest_row(cfg, data_mod.load("builtin:sample", "auto")) is None       # text rows
+    text = data_mod.load("builtin:sample", "auto")
+    assert vision.longest_row(cfg, text.format, [r.data for r in text.rows]) is None       # text rows
     reasons = []
     planned = trainer._planned_rows(cfg, longest, reasons)
     assert planned.data.max_length == longest and cfg.data.max_length == 4096 and "longest image row" in reasons[0]

@@ -3,7 +3,8 @@
 A request is one small JSON file dropped atomically into ``RUN_DIR/control/``:
 ``<unix-ns>-<command>.json`` holding ``{"command": ..., "time": ..., "pid": ...}``.
 The run polls the folder between optimizer steps (cheap: one ``listdir``), carries the
-request out and renames the file to ``*.done``. Commands:
+request out and renames the file to ``*.done`` once it is carried out: for both commands, once
+the checkpoint they ask for is complete (``Carried``; one path for one GPU and many). Commands:
 
 - ``stop``: graceful stop: save a checkpoint and the adapter, then ``run_finished(stopped=True)``.
 - ``save``: write a checkpoint now and go on.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 COMMANDS = ("stop", "save")
@@ -61,3 +63,35 @@ def mark_done(path: Path) -> None:
         path.replace(path.with_suffix(".done"))
     except OSError:
         pass
+
+
+@dataclass
+class Requests:
+    """Pending requests folded into what the run does at this step."""
+    stop: bool = False
+    save: bool = False
+    paths: list[Path] = field(default_factory=list)
+
+
+def fold(requests: list[tuple[Path, str]]) -> Requests:
+    """``pending`` entries as one decision: stop if any asks to, save if any asks to."""
+    cmds = [cmd for _path, cmd in requests]
+    return Requests(stop="stop" in cmds, save="save" in cmds, paths=[path for path, _cmd in requests])
+
+
+class Carried:
+    """Requests being carried out: each is read once (``take``) and marked done (``done``) by the
+    caller when what it asked for exists, i.e. when the checkpoint of that step is complete."""
+
+    def __init__(self):
+        self.paths: list[Path] = []
+
+    def take(self, run_dir: str | Path) -> Requests:
+        req = fold([(p, c) for p, c in pending(run_dir) if p not in self.paths])
+        self.paths += req.paths
+        return req
+
+    def done(self) -> None:
+        for path in self.paths:
+            mark_done(path)
+        self.paths.clear()

@@ -180,14 +180,14 @@ def encode_batch(tok, rows: list[dict]) -> list[Encoded]:
             text, spans, _ = rendered[i]
             ids = enc["input_ids"][k]
             offs = enc["offset_mapping"][k]
-            out[i] = Encoded(ids, _labels(ids, offs, spans), text, [tuple(o) for o in offs])
+            out[i] = Encoded(ids, labels_for(ids, offs, spans), text, [tuple(o) for o in offs])
     return out  # type: ignore[return-value]
 
 
 _NUMPY_MIN = 32          # rows shorter than this: the plain loop is faster than numpy's set-up
 
 
-def _labels(ids, offsets, spans) -> list[int]:
+def labels_for(ids, offsets, spans) -> list[int]:
     """A token is trained (keeps its id) when it has width and starts inside a span; IGNORE
     otherwise. Vectorised with numpy (same rule, same list of Python ints as the loop below)."""
     if not spans:

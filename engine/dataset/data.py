@@ -287,7 +287,7 @@ def detect(rec: object) -> tuple[str | None, str]:
     return None, "fields " + ", ".join(sorted(map(str, keys))[:6]) + " match no known format"
 
 
-def _check_turns(turns, line: int, problems: list[DataProblem]) -> list[dict] | None:
+def check_turns(turns, line: int, problems: list[DataProblem]) -> list[dict] | None:
     if not isinstance(turns, list):
         problems.append(DataProblem(line, "wrong_type", "messages must be a list of turns"))
         return None
@@ -372,7 +372,7 @@ def normalise(rec: object, fmt: str, line: int, problems: list[DataProblem]) -> 
         if turns is None:
             problems.append(DataProblem(line, "missing_field", "missing field 'messages'"))
             return None
-        msgs = _check_turns(turns, line, problems)
+        msgs = check_turns(turns, line, problems)
         return {"messages": msgs} if msgs else None
     if fmt == "sharegpt":
         conv = rec.get("conversations")
@@ -386,7 +386,7 @@ def normalise(rec: object, fmt: str, line: int, problems: list[DataProblem]) -> 
                 return None
             role = SHAREGPT_ROLES.get(str(t["from"]).lower(), t["from"])
             turns.append({"role": role, "content": t.get("value")})
-        msgs = _check_turns(turns, line, problems)
+        msgs = check_turns(turns, line, problems)
         return {"messages": msgs} if msgs else None
     if fmt == "alpaca":
         ins, inp, out = rec.get("instruction"), rec.get("input", ""), rec.get("output")

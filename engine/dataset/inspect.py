@@ -480,7 +480,7 @@ class _Scan:
         self.on_partial(part)
 
     def snapshot(self, *, mixed=(), partial: bool = False, phase: str | None = None) -> Report:
-        out = _finish(self.cfg, self.rep, self.tok, self.rows, self.counts, self.problems, list(mixed),
+        out = report_snapshot(self.cfg, self.rep, self.tok, self.rows, self.counts, self.problems, list(mixed),
                       self.dups, self.pii, self.seen, self.fields, partial=partial)
         if phase:
             out.phase = phase
@@ -540,7 +540,7 @@ def _control_problems(lines, texts, bad_keys) -> list:
     return out
 
 
-def _finish(cfg, rep: Report, tok, rows, counts, problems, mixed, dups, pii, seen, fields,
+def report_snapshot(cfg, rep: Report, tok, rows, counts, problems, mixed, dups, pii, seen, fields,
             partial: bool) -> Report:
     """A Report snapshot from the running state (cheap enough to call every 0.3 s)."""
     import copy

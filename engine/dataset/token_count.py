@@ -240,7 +240,7 @@ def _piece(text: str, s: int, e: int, spans) -> tuple:
 
 def fast_counts(enc, spans, text_len: int, max_len: int) -> tuple[int, int, int]:
     """The ``offsets`` way for one ``tokenizers.Encoding``: (tokens, trained, trained within
-    max_len) by the same rule as ``engine.dataset.chat._labels`` (a token is trained when it has width
+    max_len) by the same rule as ``engine.dataset.chat.labels_for`` (a token is trained when it has width
     and starts inside a span), found with char→token look-ups instead of materialising offsets."""
     n = len(enc)
     z0 = 0

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Callable
 
 from engine.outputs import gguf_write
-from engine.outputs.merge import (CHECK_PROMPTS, _TOLERANCE, AdapterError, MergeError, _logits, compare_logits, _prompt_texts,
+from engine.outputs.merge import (CHECK_PROMPTS, LOGIT_TOLERANCE, AdapterError, MergeError, model_logits, compare_logits, prompt_texts,
                           find_adapter_dir, merge, read_adapter_config, run_dir_of, tokenizer_source)
 
 # logits bound per type: atol + rtol * max|reference logit| (f32/f16/bf16 = merge's tolerances;
 # the quantized bounds were measured on builtin:tiny and Llama-shaped random weights, with margin)
-TOLERANCE = {"f32": _TOLERANCE["fp32"], "f16": _TOLERANCE["fp16"], "bf16": _TOLERANCE["bf16"],
+TOLERANCE = {"f32": LOGIT_TOLERANCE["fp32"], "f16": LOGIT_TOLERANCE["fp16"], "bf16": LOGIT_TOLERANCE["bf16"],
              "q8_0": (0.1, 0.05), "q5_1": (0.5, 0.15), "q5_0": (0.5, 0.15),
              "q4_1": (1.0, 0.3), "q4_0": (1.0, 0.3)}
 
@@ -91,15 +91,15 @@ def run_rows(run_dir: Path | None, n: int = 200) -> list[dict]:
     """Up to ``n`` rows of the run's train data (for check prompts and the system prompt)."""
     if run_dir is None:
         return []
-    from engine.outputs.generate import _data_path, _read_rows
+    from engine.outputs.generate import run_data_path, read_prompt_rows
     try:
         data = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8")).get("data", {})
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return []
-    path = _data_path(str(data.get("train") or ""), run_dir) if isinstance(data, dict) else None
+    path = run_data_path(str(data.get("train") or ""), run_dir) if isinstance(data, dict) else None
     if path is None or not path.is_file() or path.suffix not in (".jsonl", ".json"):
         return []
-    return [r for r in _read_rows(path, False, n)[:n] if isinstance(r, dict)]
+    return [r for r in read_prompt_rows(path, False, n)[:n] if isinstance(r, dict)]
 
 
 def system_prompt(rows: list[dict]) -> str:
@@ -176,14 +176,14 @@ def verify(merged: Path, path: Path, tok, texts: list[str], gguf_type: str) -> d
     encoded = [torch.tensor([tok(t, add_special_tokens=True).input_ids[:128]]) for t in texts]
     encoded = [e for e in encoded if e.shape[1] > 0]
     ref_model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
-    ref = _logits(ref_model, encoded)
+    ref = model_logits(ref_model, encoded)
     del ref_model
     try:
         g_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                        dtype=torch.float32).eval()
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"{path}: transformers cannot load it back: {str(e).splitlines()[0][:200]}") from None
-    got = _logits(g_model, encoded)
+    got = model_logits(g_model, encoded)
     del g_model
     diff, tol, agree, total = compare_logits(ref, got, *TOLERANCE[gguf_type])
     result = {"max_abs_diff": diff, "tolerance": tol, "top1_agreement": agree / total if total else 1.0,
@@ -284,10 +284,10 @@ def export_model(src, gguf_type: str = "f16", out=None, base: str | None = None,
     arch, permute = _guard(gguf_write.architecture_of, cfg, str(merged / "config.json"))
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(merged))
-    vocab = _guard(gguf_write.read_vocab, tok, int(gguf_write._text_config(cfg)["vocab_size"]), str(merged))
+    vocab = _guard(gguf_write.read_vocab, tok, int(gguf_write.text_config(cfg)["vocab_size"]), str(merged))
     tensors = _guard(gguf_write.plan_model, merged, cfg, arch, permute, gguf_type)
-    total = sum(gguf_write._nbytes(t.shape, t.qtype) for t in tensors)
-    prog = gguf_write.Progress(progress, total, 0.4, 0.4, int(gguf_write._text_config(cfg)["num_hidden_layers"]))
+    total = sum(gguf_write.tensor_nbytes(t.shape, t.qtype) for t in tensors)
+    prog = gguf_write.Progress(progress, total, 0.4, 0.4, int(gguf_write.text_config(cfg)["num_hidden_layers"]))
 
     def kv(w):
         w.add_name(s.name)
@@ -298,7 +298,7 @@ def export_model(src, gguf_type: str = "f16", out=None, base: str | None = None,
     size = _guard(gguf_write.write_gguf, path, arch, kv, tensors, prog)
     progress(0.8, "verifying: reading the GGUF back with transformers")
     rows = run_rows(s.run_dir)
-    texts = _prompt_texts(tok, rows[:3]) + list(CHECK_PROMPTS[:2])
+    texts = prompt_texts(tok, rows[:3]) + list(CHECK_PROMPTS[:2])
     try:
         check = verify(merged, path, tok, texts, gguf_type)
     except ExportError:
@@ -328,8 +328,8 @@ def export_adapter(src, gguf_type: str = "f16", out=None, base: str | None = Non
     where = str(s.adapter_dir / "adapter_config.json")
     alpha = _guard(gguf_write.lora_scale_alpha, s.acfg, where)
     tensors = _guard(gguf_write.plan_adapter, s.adapter_dir, s.acfg, cfg, arch, permute, gguf_type)
-    total = sum(gguf_write._nbytes(t.shape, t.qtype) for t in tensors)
-    prog = gguf_write.Progress(progress, total, 0.1, 0.8, int(gguf_write._text_config(cfg)["num_hidden_layers"]))
+    total = sum(gguf_write.tensor_nbytes(t.shape, t.qtype) for t in tensors)
+    prog = gguf_write.Progress(progress, total, 0.1, 0.8, int(gguf_write.text_config(cfg)["num_hidden_layers"]))
 
     def kv(w):
         w.add_type("adapter")
@@ -341,7 +341,7 @@ def export_adapter(src, gguf_type: str = "f16", out=None, base: str | None = Non
     size = _guard(gguf_write.write_gguf, path, arch, kv, tensors, prog)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tokenizer_source(s.adapter_dir, base_name))
-    vocab = _guard(gguf_write.read_vocab, tok, int(gguf_write._text_config(cfg)["vocab_size"]), str(s.adapter_dir))
+    vocab = _guard(gguf_write.read_vocab, tok, int(gguf_write.text_config(cfg)["vocab_size"]), str(s.adapter_dir))
     modelfile = path.with_suffix(".Modelfile")
     modelfile.write_text(modelfile_text("BASE.gguf   # the base model as GGUF: edit this line", vocab,
                                         system_prompt(run_rows(s.run_dir)), adapter=f"./{path.name}"),
@@ -372,7 +372,7 @@ def _preflight(s: _Source, base: str | None) -> None:
         tok = AutoTokenizer.from_pretrained(source)
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"tokenizer of {source}: cannot load: {str(e).splitlines()[0][:200]}") from None
-    _guard(gguf_write.read_vocab, tok, int(gguf_write._text_config(cfg)["vocab_size"]), source)
+    _guard(gguf_write.read_vocab, tok, int(gguf_write.text_config(cfg)["vocab_size"]), source)
 
 
 def _checked(gguf_type: str) -> str:

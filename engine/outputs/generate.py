@@ -50,7 +50,7 @@ def _user_turn(row) -> str | None:
     return None
 
 
-def _data_path(value: str, run_dir: Path) -> Path | None:
+def run_data_path(value: str, run_dir: Path) -> Path | None:
     if not value:
         return None
     if value == "builtin:sample":
@@ -68,7 +68,7 @@ def _data_path(value: str, run_dir: Path) -> Path | None:
     return None
 
 
-def _read_rows(path: Path, limit_from_end: bool, n: int) -> list[dict]:
+def read_prompt_rows(path: Path, limit_from_end: bool, n: int) -> list[dict]:
     rows: list = []
     try:
         if path.suffix == ".json":
@@ -103,11 +103,11 @@ def default_prompts(run_dir: str | Path, n: int = 3) -> list[str]:
     if not isinstance(data, dict):
         data = {}
     for key, from_end in (("eval", False), ("train", True)):
-        path = _data_path(str(data.get(key) or ""), run_dir)
+        path = run_data_path(str(data.get(key) or ""), run_dir)
         if path is None or not path.is_file():
             continue
         prompts = []
-        for row in _read_rows(path, from_end, n):
+        for row in read_prompt_rows(path, from_end, n):
             text = _user_turn(row)
             if text and text not in prompts:
                 prompts.append(text)

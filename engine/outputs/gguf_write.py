@@ -207,12 +207,12 @@ def add_vocab(w, v: Vocab) -> None:
 
 # --------------------------------------------------------------------------- hyperparameters
 
-def _text_config(cfg: dict) -> dict:
+def text_config(cfg: dict) -> dict:
     return cfg.get("text_config") or cfg
 
 
 def add_hparams(w, cfg: dict, arch: str, where: str) -> None:
-    c = _text_config(cfg)
+    c = text_config(cfg)
     heads = int(c["num_attention_heads"])
     head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
     w.add_context_length(int(c.get("max_position_embeddings") or 4096))
@@ -242,7 +242,7 @@ def add_hparams(w, cfg: dict, arch: str, where: str) -> None:
 def llama3_rope_freqs(cfg: dict):
     """llama.cpp's ``rope_freqs.weight`` for Llama 3.1+ rope scaling (None when not used)."""
     import numpy as np
-    c = _text_config(cfg)
+    c = text_config(cfg)
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     if (rope.get("rope_type") or rope.get("type") or "").lower() != "llama3":
         return None
@@ -341,7 +341,7 @@ def write_gguf(path: Path, arch: str, kv: Callable, tensors: list[PlannedTensor]
     try:
         kv(w)
         for t in tensors:
-            nbytes = _nbytes(t.shape, t.qtype)
+            nbytes = tensor_nbytes(t.shape, t.qtype)
             w.add_tensor_info(t.name, _byte_shape(t.shape, t.qtype), _np_dtype(t.qtype), nbytes,
                               raw_dtype=t.qtype)
         w.write_header_to_file()
@@ -365,7 +365,7 @@ def write_gguf(path: Path, arch: str, kv: Callable, tensors: list[PlannedTensor]
     return path.stat().st_size
 
 
-def _nbytes(shape: tuple, qtype) -> int:
+def tensor_nbytes(shape: tuple, qtype) -> int:
     import gguf
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     n = math.prod(shape)
@@ -414,7 +414,7 @@ def plan_model(model_dir: Path, cfg: dict, arch: str, permute: bool, gguf_type: 
     """Every tensor of the checkpoint in ``model_dir`` under its GGUF name, in file order."""
     import gguf
     from safetensors import safe_open
-    c = _text_config(cfg)
+    c = text_config(cfg)
     heads = int(c["num_attention_heads"])
     kv_heads = int(c.get("num_key_value_heads") or heads)
     names = gguf.get_tensor_name_map(_gguf_arch(arch), int(c["num_hidden_layers"]))
@@ -463,7 +463,7 @@ def plan_adapter(adapter_dir: Path, acfg: dict, cfg: dict, arch: str, permute: b
     """The LoRA A/B pairs as llama.cpp's ``blk.N.<tensor>.weight.lora_a`` / ``.lora_b``."""
     import gguf
     from safetensors import safe_open
-    c = _text_config(cfg)
+    c = text_config(cfg)
     heads = int(c["num_attention_heads"])
     kv_heads = int(c.get("num_key_value_heads") or heads)
     names = gguf.get_tensor_name_map(_gguf_arch(arch), int(c["num_hidden_layers"]))

@@ -24,7 +24,7 @@ from typing import Any, Callable
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 # verification tolerance on logits: atol + rtol * max|reference logit|
-_TOLERANCE = {"fp32": (1e-3, 1e-4), "fp16": (2e-2, 1e-2), "bf16": (5e-2, 5e-2)}
+LOGIT_TOLERANCE = {"fp32": (1e-3, 1e-4), "fp16": (2e-2, 1e-2), "bf16": (5e-2, 5e-2)}
 
 CHECK_PROMPTS = [
     "Hello! How are you today?",
@@ -359,7 +359,7 @@ class MergeReport:
         return out
 
 
-def _prompt_texts(tokenizer, check_rows) -> list[str]:
+def prompt_texts(tokenizer, check_rows) -> list[str]:
     rows = list(check_rows) if check_rows else list(CHECK_PROMPTS)
     texts = []
     for row in rows[:8]:
@@ -384,7 +384,7 @@ def _prompt_texts(tokenizer, check_rows) -> list[str]:
     return texts or list(CHECK_PROMPTS)
 
 
-def _logits(model, encoded: list) -> list:
+def model_logits(model, encoded: list) -> list:
     import torch
     out = []
     device = next(model.parameters()).device
@@ -394,7 +394,7 @@ def _logits(model, encoded: list) -> list:
     return out
 
 
-def _dir_files(d: Path) -> tuple[int, list[str]]:
+def dir_files(d: Path) -> tuple[int, list[str]]:
     files = sorted(p for p in d.rglob("*") if p.is_file())
     return sum(p.stat().st_size for p in files), [str(p.relative_to(d)) for p in files]
 
@@ -474,7 +474,7 @@ def merge(src: str | Path, out: str | Path, dtype: str = "bf16",
         out.rmdir()  # checked empty above
     tmp.replace(out)
     _write_card(out, src, adapter_dir, dtype_name, warnings)
-    size, files = _dir_files(out)
+    size, files = dir_files(out)
     progress(1.0, "done")
     return MergeReport(out=str(out), base=base_name, adapter=str(adapter_dir), dtype=dtype_name,
                        device=device, max_abs_diff=diff, tolerance=tol,
@@ -547,13 +547,13 @@ def _merge_to(out: Path, base_name: str, adapter_dir: Path, load_kw: dict, where
     ``out`` (``OUT.partial``). Returns (that directory, encoded prompts, reference logits,
     adapter effect); the models are freed on return."""
     model, tok, peft_model = _load_base_and_adapter(base_name, adapter_dir, load_kw, where, progress)
-    texts = _prompt_texts(tok, check_rows)
+    texts = prompt_texts(tok, check_rows)
     encoded = [tok(t, return_tensors="pt", add_special_tokens=True).input_ids[:, :128] for t in texts]
     encoded = [e for e in encoded if e.shape[1] > 0]
     progress(0.4, f"computing reference logits on {len(encoded)} prompts")
-    ref = _logits(peft_model, encoded)
+    ref = model_logits(peft_model, encoded)
     with peft_model.disable_adapter():
-        plain = _logits(peft_model, encoded)
+        plain = model_logits(peft_model, encoded)
     effect = max(float((a - b).abs().max()) for a, b in zip(ref, plain))
 
     progress(0.5, "merging the adapter into the base weights")
@@ -587,9 +587,9 @@ def _verify_merged(tmp: Path, out: Path, load_kw: dict, encoded: list, ref: list
                          f"{str(e).splitlines()[0][:200]}") from None
     reloaded.eval()
     progress(0.85, "comparing merged logits with base + adapter")
-    got = _logits(reloaded, encoded)
+    got = model_logits(reloaded, encoded)
     del reloaded
-    diff, tol, agree, total = compare_logits(ref, got, *_TOLERANCE[dtype_name])
+    diff, tol, agree, total = compare_logits(ref, got, *LOGIT_TOLERANCE[dtype_name])
     if not diff <= tol:  # also catches NaN
         shutil.rmtree(tmp, ignore_errors=True)
         raise MergeError(f"verification failed: merged logits differ from base + adapter by "

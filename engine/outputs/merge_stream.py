@@ -121,7 +121,7 @@ def merge_report(adapter_dir, acfg, base, out, dtype, progress, t0, err, report_
     import time
     import torch
     from transformers import AutoTokenizer
-    from engine.outputs.merge import _TOLERANCE, _dir_files, tokenizer_source, torch_dtype
+    from engine.outputs.merge import LOGIT_TOLERANCE, dir_files, tokenizer_source, torch_dtype
     out = Path(out).expanduser()
     dtype_name, tdtype = torch_dtype(dtype, "cpu")
     tmp = out.with_name(out.name + ".partial")
@@ -137,7 +137,7 @@ def merge_report(adapter_dir, acfg, base, out, dtype, progress, t0, err, report_
     except Exception as e:  # noqa: BLE001
         shutil.rmtree(tmp, ignore_errors=True)
         raise err(f"shard-by-shard merge failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    tol = _TOLERANCE["fp32"][0]
+    tol = LOGIT_TOLERANCE["fp32"][0]
     if not info["max_abs_diff"] <= tol:
         shutil.rmtree(tmp, ignore_errors=True)
         raise err(f"verification failed: a merged projection differs from base + adapter by "
@@ -148,7 +148,7 @@ def merge_report(adapter_dir, acfg, base, out, dtype, progress, t0, err, report_
     if out.exists():
         out.rmdir()
     tmp.replace(out)
-    size, files = _dir_files(out)
+    size, files = dir_files(out)
     progress(1.0, "done")
     return report_cls(out=str(out), base=base, adapter=str(adapter_dir), dtype=dtype_name, device="cpu",
                       max_abs_diff=info["max_abs_diff"], tolerance=tol, top1_agreement=1.0,

@@ -72,7 +72,7 @@ def cached_build(name: str, build) -> Path:
     return target
 
 
-def _corpus():
+def corpus():
     with open(sample_data_path(), encoding="utf-8") as fh:
         for line in fh:
             for m in json.loads(line)["messages"]:
@@ -90,7 +90,7 @@ def _build_tiny(out: Path) -> None:
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(_corpus(), trainer)
+    tk.train_from_iterator(corpus(), trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|pad|>", bos_token="<|begin_of_text|>",
                                   eos_token="<|im_end|>", unk_token="<|unk|>")
     tok.chat_template = CHATML_TEMPLATE

@@ -5,7 +5,8 @@ start N worker processes with ``accelerate launch`` running ``python -m engine t
 that directory. Every worker trains; only rank 0 writes ``events.jsonl``, ``run.json``,
 checkpoints' markers and the adapter, so the TUI follows a multi-GPU run exactly like a
 single-GPU one (the attach path). Stop and save requests are read by rank 0 and broadcast
-to all ranks at each step, so every rank stops on the same step.
+to all ranks at each step, so every rank stops on the same step; a request is marked done once
+its checkpoint is complete (``engine.training.sft.EventCallback``: the one-GPU path too).
 
 - ``ddp``: each GPU holds its own copy of the 4-bit base; gradients of the LoRA weights are
   all-reduced. Throughput scales with the GPUs; memory per GPU is the one-GPU figure.

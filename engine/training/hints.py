@@ -267,7 +267,7 @@ def nan_hint(step: int, loss: float | None, grad_norm: float | None, cfg=None) -
     symptom = ", ".join(parts) or "non-finite metrics"
     lr = _cfg_get(cfg, "train.learning_rate")
     dtype = _cfg_get(cfg, "quant.compute_dtype")
-    extreme = _extreme_scaling(cfg)
+    extreme = extreme_scaling(cfg)
     if extreme:                      # blame what is actually extreme, not the learning rate
         cause, fix = extreme
         return Hint(rule="nan", severity="error", symptom=symptom, cause=cause,
@@ -289,7 +289,7 @@ def nan_hint(step: int, loss: float | None, grad_norm: float | None, cfg=None) -
 MAX_LORA_SCALE = 64.0      # alpha / r (alpha / sqrt(r) with rsLoRA); the guide's range is 1-4
 
 
-def _extreme_scaling(cfg) -> tuple[str, str] | None:
+def extreme_scaling(cfg) -> tuple[str, str] | None:
     """(cause, fix) when the LoRA scaling alpha/r is far outside any sane range."""
     import math
     alpha, r = _cfg_get(cfg, "lora.alpha"), _cfg_get(cfg, "lora.r")

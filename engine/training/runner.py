@@ -22,144 +22,11 @@ from engine.core import config
 from engine.core import events
 from engine.core import rundir
 from engine.core.faults import from_env as faults_from_env
-from engine.core.units import is_nonfinite
 
 
-class PreflightError(ValueError):
-    pass
-
-
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-def preflight(cfg: config.Config, check_model: bool = True) -> list[str]:
-    """Everything that can be checked before a run directory exists. Raises PreflightError."""
-    from engine.dataset import data as data_mod
-    from engine.training import model as model_mod
-    from engine.training import trackers
-    try:
-        trackers.check_available(cfg.output.report_to)
-    except trackers.TrackerError as e:
-        raise PreflightError(str(e)) from None
-    try:
-        train, ev = data_mod.load_for_training(cfg)
-    except data_mod.DataError as e:
-        raise PreflightError(_with_first_bad_line(cfg, str(e))) from None
-    notes = []
-    if train.problems:
-        notes.append(f"{config.plural(len(train.problems), 'data problem')}: bad rows are skipped "
-                     f"(first: line {train.problems[0].line}: {train.problems[0].message})")
-    if check_model:
-        note = remote_code_check(cfg)
-        if note:
-            notes.append(note)
-        try:
-            model_mod.check_model_skeleton(cfg)
-            model_mod.load_tokenizer(cfg)    # shipped tokenizer code, a broken chat template: said here
-        except model_mod.ModelError as e:
-            raise PreflightError(str(e)) from None
-    return notes
-
-
-def _with_first_bad_line(cfg: config.Config, msg: str) -> str:
-    """A data error that names no line gets the first unreadable line of the file it is about."""
-    from engine.dataset import data as data_mod
-    if "line " in msg:
-        return msg
-    for key in ("train", "eval"):
-        value = getattr(cfg.data, key)
-        if not value or str(data_mod.resolve(cfg.resolve_path(value))) not in msg:
-            continue
-        where = data_mod.resolve(cfg.resolve_path(value))
-        n = 0
-        try:
-            for line, _rec, err in data_mod.iter_raw(cfg.resolve_path(value)):
-                n += 1
-                if err is not None:
-                    return f"{msg}; first problem at line {line}: {err}"
-        except (data_mod.DataError, OSError, ValueError):
-            return msg
-        if n == 0:
-            return f"{where}: the file has no rows (data.{key}); add training examples"
-    return msg
-
-
-def remote_code_check(cfg: config.Config) -> str | None:
-    """Refuse a local model whose architecture exists only as code shipped with it, unless
-    ``model.trust_remote_code`` is set (the TUI asks the user to confirm that first; see
-    ``needs_remote_code_confirmation``). Returns a note when the code is present but not needed.
-    Hub ids are checked by transformers itself (it refuses without trust_remote_code)."""
-    import json
-    from engine.training import model as model_mod
-    if cfg.model.trust_remote_code:
-        return None
-    try:
-        path = Path(model_mod.model_path(cfg))
-    except model_mod.ModelError as e:
-        raise PreflightError(str(e)) from None
-    if not path.is_dir():
-        return None
-    shipped = {}
-    for fname in ("config.json", "tokenizer_config.json"):
-        try:
-            data = json.loads((path / fname).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and data.get("auto_map"):
-            shipped[fname] = data
-    if not shipped:
-        return None
-    model_type = (shipped.get("config.json") or {}).get("model_type")
-    if model_type is None:
-        try:
-            model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
-        except (OSError, ValueError):
-            model_type = None
-    from transformers import CONFIG_MAPPING
-    files = " and ".join(shipped)
-    if model_type and model_type in CONFIG_MAPPING:
-        return (f"model.name = {cfg.model.name!r} ships its own Python code (auto_map in {files}); it is "
-                f"not run: transformers' built-in {model_type!r} is used (model.trust_remote_code = false)")
-    raise PreflightError(
-        f"model.name = {cfg.model.name!r}: the architecture {model_type!r} exists only as Python code "
-        f"shipped with the model (auto_map in {files}); it is not run unless you set "
-        "model.trust_remote_code = true (and confirm it in the TUI) — only for a repository you trust")
-
-
-def needs_remote_code_confirmation(cfg: config.Config) -> bool:
-    """True when starting this config would run code shipped with the model: the TUI must ask
-    the user to confirm before it starts (or resumes) the run. Headless runs take the config's
-    explicit ``model.trust_remote_code = true`` as the consent."""
-    return bool(cfg.model.trust_remote_code)
-
-
-# sections a resume may not change: the checkpoint's adapter and base must stay what they are
-RESUME_FROZEN = ("model", "quant", "lora", "galore")
-
-
-def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[config.Config, list[str]]:
-    """The config a resume of ``run_dir`` would use, and the keys ``overrides`` change.
-    Raises PreflightError (finished run, frozen section changed) or ConfigError (bad value)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / rundir.CONFIG).exists():
-        raise PreflightError(f"{run_dir}: not a run directory (no {rundir.CONFIG})")
-    old = config.load(run_dir / rundir.CONFIG)
-    last = rundir.info(run_dir)
-    if last.state == "finished" and not overrides:
-        raise PreflightError(f"{run_dir}: the run finished (step {last.step}); nothing to resume "
-                             "(raise train.max_steps with --set to train on)")
-    if not overrides:
-        return old, []
-    cfg = config.load(run_dir / rundir.CONFIG, overrides)
-    before, after = old.to_dict(), cfg.to_dict()
-    changed = [f"{sec}.{k}" for sec, vals in after.items() if isinstance(vals, dict)
-               for k, v in vals.items() if before.get(sec, {}).get(k) != v]
-    frozen = [k for k in changed if k.split(".")[0] in RESUME_FROZEN or k == "train.method"]
-    if frozen:
-        raise PreflightError(f"{', '.join(frozen)}: cannot change on resume (the checkpoint's adapter "
-                             "and base model must stay the same); start a new run instead")
-    cfg.source = ""
-    return cfg, changed
+from engine.training.preflight import (PreflightError, needs_remote_code_confirmation,  # noqa: F401 (API)
+                                      preflight, remote_code_check)
+from engine.training.resume import RESUME_FROZEN, resume_config  # noqa: F401 (API)
 
 
 def oom_fix_overrides(cfg: config.Config, step: int = 0) -> list[str]:
@@ -227,6 +94,8 @@ class Run:
         self.notes: list[str] = []       # preflight warnings (bad rows skipped, custom code not run)
         self._lock: int | None = None    # fd of RUN_DIR/lock while this process writes the run
         self._sink_failure: BaseException | None = None   # the log writer failed (disk full)
+        self._plan = None                # what auto resolved to (engine.training.recipe.RunPlan)
+        self._recipe = None              # setup -> train -> save (engine.training.recipe.Recipe)
 
     # ---- control
     def request_stop(self, reason: str = "stop requested") -> None:
@@ -311,19 +180,12 @@ class Run:
             pass
 
     def _resume_config(self) -> config.Config:
-        from engine.core import control as ctl
+        from engine.training import resume
         cfg, changed = resume_config(self.run_dir, self.overrides)
         if changed:
             config.save(cfg, self.run_dir / rundir.CONFIG)
             self._changed = changed
-        since = rundir.writer_since_ns()
-        for path, _cmd in ctl.pending(self.run_dir):    # requests to the dead process: not for us
-            if ctl.sent_ns(path) >= since:
-                continue                                  # sent to this writer (after it started)
-            try:
-                path.replace(path.with_suffix(".stale"))
-            except OSError:
-                pass
+        resume.retire_stale_requests(self.run_dir)
         return cfg
 
     def start(self, check: bool = True) -> Path:
@@ -343,13 +205,9 @@ class Run:
         """Emit the terminal event; after a log failure it says so (kind ``disk`` when the disk
         is full) and goes into the space the log writer kept in reserve."""
         exc = self._sink_failure
-        if exc is not None and ev.type == "run_finished":
-            from engine.training.trainer import _is_disk_full
-            disk = _is_disk_full(exc)
-            ev = events.RunFailed(kind="disk" if disk else "error", step=ev.step, reason=(
-                f"{'disk full: ' if disk else ''}{rundir.EVENTS} could not be written ({exc}); the run stopped "
-                f"at step {ev.step}" + (f", adapter saved in {ev.adapter_dir}" if ev.adapter_dir else "")
-                + "; free space and resume"))
+        if exc is not None:
+            from engine.training.failures import log_write_failure
+            ev = log_write_failure(ev, exc, rundir.EVENTS)
         self.bus.emit(ev)
         if exc is not None and self._writer:
             self._writer.write_final(ev)
@@ -360,217 +218,75 @@ class Run:
 
     # ---- the thread
     def _main(self) -> None:
-        emit = self.bus.emit
-        hints = None
+        from engine.training import run_hints
+        run_hints.attach(self.cfg, self.bus, lambda: self.alive and self.result is None)
         try:
-            from engine.training.hints import HintEngine
-            hints = HintEngine(self.cfg)
-        except ImportError:
-            pass
-        if hints is not None:
-            last_step = [0]
-            nan_steps: set[int] = set()    # the trainer's own NaN check already said so on that step
-
-            def feed(ev):
-                if ev.type == "hint":
-                    if ev.rule == "nan":
-                        nan_steps.add(ev.step)
-                    return
-                if ev.type == "step":
-                    last_step[0] = ev.step
-                for h in hints.observe(ev):
-                    if h.rule == "nan" and h.step in nan_steps:
-                        continue
-                    emit(h)
-            self.bus.subscribe(feed, replay=False)
-            threading.Thread(target=self._watch_gpu, args=(hints, last_step), daemon=True,
-                             name="qlora-gpu-hints").start()
-        step = 0
-        prepared = None
-        try:
-            from engine.training import trainer as trainer_mod
-            ckpt = self._resume_ckpt
-            if self.resume:
-                emit(events.Status(phase="resume", message=self._resume_note + (
-                    "; config changed: " + ", ".join(f"{k} = {self.cfg.get(k)!r}" for k in self._changed)
-                    if self._changed else "")))
-                if ckpt is not None and 0 < self.cfg.train.max_steps <= rundir.checkpoint_step(ckpt):
-                    # nothing left to train (killed while saving the adapter, say): HF would train
-                    # one step past max_steps; take the adapter from the checkpoint instead
-                    step = rundir.checkpoint_step(ckpt)
-                    adapter = self._adapter_from_checkpoint(ckpt, emit)
-                    losses = [e.loss for e in events.read_events(self.run_dir / rundir.EVENTS) if e.type == "step"]
-                    self._emit_final(events.RunFinished(step=step, adapter_dir=str(adapter),
-                                       final_loss=losses[-1] if losses else None,
-                                       reason=f"completed (nothing left to train; adapter from {ckpt.name})"))
-                    return
-            prepared = trainer_mod.build(self.cfg, self.run_dir, emit, self.stop_flag, self.stop_reason,
-                               faults_from_env())
-            trainer = prepared.trainer
-            trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-            step = trainer.state.global_step
-            cb = next(c for c in trainer.callback_handler.callbacks if hasattr(c, "nonfinite"))
-            if cb.nonfinite is not None:
-                nf = cb.nonfinite
-                self._save_adapter(trainer, prepared, emit)
-                what = "loss" if is_nonfinite(nf.loss) else "grad norm"
-                from engine.training.hints import _extreme_scaling
-                extreme = _extreme_scaling(self.cfg)
-                fix = extreme[1] if extreme else "lower train.learning_rate, e.g. to 1e-4"
-                self._emit_final(events.RunFailed(reason=f"non-finite {what} at step {nf.step}: halted (train.nan_policy = "
-                                 f"halt); {fix}", kind="nan", step=nf.step))
-                return
-            adapter = self._save_adapter(trainer, prepared, emit)
-            stopped = self.stop_flag.is_set()
-            self._emit_final(events.RunFinished(step=step, adapter_dir=str(adapter), final_loss=cb.last_loss, stopped=stopped,
-                               reason=(self.stop_reason[0] if self.stop_reason else "stopped") if stopped
-                               else "completed"))
+            self._train()
         except BaseException as e:  # noqa: BLE001 - every failure must become an event
-            self._emit_final(self._failure_event(e, prepared, step))
+            self._emit_final(self._failure(e))
         finally:
-            from engine.training import trackers
-            trackers.finish(self.cfg.output.report_to)
+            if self._recipe is not None:
+                self._recipe.cleanup()
             if self._writer:
                 self._writer.close()
             if self._lock is not None:
                 os.close(self._lock)        # the run is over: another writer may take it
                 self._lock = None
 
-    def _watch_gpu(self, hints, last_step, every: float = 2.0) -> None:
-        """Feed NVML utilisation of this process's GPU to the low-GPU-use rule while training."""
-        from engine.training.gpu import GpuSampler
-        from engine.training.distributed import local_rank
-        sampler = GpuSampler.for_cuda_device(local_rank())   # through CUDA_VISIBLE_DEVICES
-        if not sampler.available:
+    def _train(self) -> None:
+        """Plan, then the recipe's setup -> train -> save; the final event."""
+        from engine.training import recipe as recipe_mod
+        from engine.training import resume
+        emit = self.bus.emit
+        ckpt = self._resume_ckpt
+        if self.resume:
+            emit(events.Status(phase="resume", message=self._resume_note + (
+                "; config changed: " + ", ".join(f"{k} = {self.cfg.get(k)!r}" for k in self._changed)
+                if self._changed else "")))
+            if resume.nothing_left(self.cfg, ckpt):
+                self._emit_final(resume.finish_from_checkpoint(self.run_dir, self.cfg, ckpt, emit))
+                return
+        rows = recipe_mod.Recipe.read_rows(self.cfg, emit)
+        self._plan = recipe_mod.plan_run(self.cfg, rows)     # once, before anything is built
+        recipe = self._recipe = recipe_mod.Recipe(self._plan, self.run_dir, emit, self.stop_flag,
+                                                  self.stop_reason, faults_from_env())
+        recipe.setup(rows)
+        step = recipe.train(ckpt)
+        if recipe.nonfinite is not None:
+            from engine.training.failures import nan_halt
+            recipe.save()
+            self._emit_final(nan_halt(self.cfg, recipe.nonfinite.step, recipe.nonfinite.loss))
             return
-        try:
-            while self.thread is not None and self.thread.is_alive() and self.result is None:
-                if last_step[0] > 0:
-                    for g in sampler.sample():
-                        if g.util_percent is not None:
-                            for h in hints.observe_gpu(g.util_percent, last_step[0]):
-                                self.bus.emit(h)
-                time.sleep(every)
-        finally:
-            sampler.close()
+        adapter = recipe.save()
+        stopped = self.stop_flag.is_set()
+        self._emit_final(events.RunFinished(
+            step=step, adapter_dir=str(adapter), final_loss=recipe.last_loss, stopped=stopped,
+            reason=(self.stop_reason[0] if self.stop_reason else "stopped") if stopped else "completed"))
 
-    def _failure_event(self, e: BaseException, prepared, step: int) -> events.Event:
-        from engine.dataset import data as data_mod
-        from engine.training import model as model_mod
-        tb = traceback.format_exc()
+    def _failure(self, e: BaseException) -> events.Event:
+        """The run_failed event for ``e`` (an OOM also gets its hint first)."""
+        from engine.training.failures import classify_failure, is_oom
+        step = self._recipe.step if self._recipe is not None else 0
+        if is_oom(e):
+            self._oom_hint(step)
+        return classify_failure(e, step=step, checkpoints=rundir.checkpoints(self.run_dir),
+                                detail=traceback.format_exc())
+
+    def _oom_hint(self, step: int) -> None:
+        """The OOM hint: the plan's estimate against the peak torch saw."""
         try:
-            step = prepared.trainer.state.global_step if prepared else step
+            from engine.training.hints import HintEngine
+        except ImportError:
+            return
+        observed = None
+        try:
+            import torch
+            if torch.cuda.is_available():
+                observed = int(torch.cuda.max_memory_reserved())
         except Exception:
             pass
-        name = type(e).__name__
-        if name == "OutOfMemoryError" or "out of memory" in str(e).lower():
-            try:
-                from engine.training.hints import HintEngine
-                est = None
-                try:
-                    from engine.planning import estimate as estimate_mod
-                    est = estimate_mod.estimate(self.cfg, estimate_mod.model_config_for(self.cfg)).peak_bytes
-                except Exception:
-                    pass
-                observed = None
-                try:
-                    import torch
-                    if torch.cuda.is_available():
-                        observed = int(torch.cuda.max_memory_reserved())
-                except Exception:
-                    pass
-                self.bus.emit(HintEngine(self.cfg).oom_hint(est, observed, self.cfg, step=step))
-            except ImportError:
-                pass
-            ck = rundir.checkpoints(self.run_dir)
-            last = f"; last checkpoint {ck[-1].name} is intact (resume with the fix)" if ck else ""
-            return events.RunFailed(reason=f"CUDA out of memory at step {step + 1}{last}", kind="oom",
-                               step=step, detail=tb)
-        if isinstance(e, (data_mod.DataError, PreflightError)):
-            return events.RunFailed(reason=str(e).splitlines()[0], kind="data", step=step, detail=tb)
-        if isinstance(e, (model_mod.ModelError, config.ConfigError)):
-            return events.RunFailed(reason=" ".join(str(e).split()), kind="config", step=step, detail=tb)
-        from engine.training.trainer import _is_disk_full
-        if _is_disk_full(e):
-            ck = rundir.checkpoints(self.run_dir)
-            kept = f"; previous checkpoint {ck[-1].name} kept" if ck else ""
-            return events.RunFailed(reason=f"disk full while saving at step {step}{kept}; free space and resume",
-                               kind="disk", step=step, detail=tb)
-        if isinstance(e, KeyboardInterrupt):
-            return events.RunFailed(reason="interrupted", kind="killed", step=step, detail=tb)
-        msg = str(e).strip().splitlines()
-        return events.RunFailed(reason=f"{name}: {msg[0][:300] if msg else ''}".rstrip(": "), kind="error",
-                           step=step, detail=tb)
-
-    def _save_adapter(self, trainer, prepared, emit) -> Path:
-        """Write the final adapter (+ tokenizer) atomically to RUN_DIR/adapter."""
-        emit(events.Status(phase="save", message="saving the adapter"))
-        from engine.training import galore
-        final = self.run_dir / galore.output_dir_name(self.cfg)
-        tmp = self.run_dir / (final.name + ".tmp")
-        from engine.training import distributed
-        if distributed.is_main():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if distributed.in_worker():
-            # every rank takes part (FSDP gathers the sharded adapter); rank 0 writes
-            if getattr(trainer, "is_fsdp_enabled", False):
-                from engine.training import trainer as trainer_mod
-                trainer_mod.save_fsdp_adapter(trainer, tmp, prepared.resized_embeddings)
-            else:
-                trainer.save_model(str(tmp))
-            trainer.accelerator.wait_for_everyone()
-            if not distributed.is_main():
-                return final
-        else:
-            trainer.model.save_pretrained(str(tmp))
-        if not (any((tmp / n).is_file() for n in ADAPTER_WEIGHTS) or galore.is_full(self.cfg) and galore.has_weights(tmp)):
-            raise RuntimeError(f"the adapter weights were not written to {tmp}; the checkpoints in "
-                               f"{self.run_dir / rundir.CHECKPOINTS} are kept")
-        prepared.tokenizer.save_pretrained(str(tmp))
-        if galore.is_full(self.cfg):
-            galore.write_marker(tmp, self.cfg, prepared.model_path)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        if not self.cfg.output.keep_checkpoints and not self.stop_flag.is_set():
-            shutil.rmtree(self.run_dir / rundir.CHECKPOINTS, ignore_errors=True)
-        return final
-
-    TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
-                      "training_args.bin", "scaler.pt", rundir.COMPLETE)
-
-    def _adapter_from_checkpoint(self, ckpt: Path, emit) -> Path:
-        """RUN_DIR/adapter from a checkpoint's adapter + tokenizer files (atomically)."""
-        emit(events.Status(phase="save", message=f"saving the adapter from {ckpt.name}"))
-        from engine.training import galore
-        if galore.is_full(self.cfg) and galore.has_weights(ckpt):
-            return self._full_from_checkpoint(ckpt)
-        if not any((ckpt / n).is_file() for n in ADAPTER_WEIGHTS):
-            # an FSDP checkpoint holds sharded model state, not an adapter: never copy it as one
-            raise RuntimeError(f"{ckpt} has no adapter weights (a sharded FSDP checkpoint?); resume "
-                               f"with a higher train.max_steps to train on and save the adapter")
-        final = self.run_dir / rundir.ADAPTER
-        tmp = self.run_dir / (rundir.ADAPTER + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(ckpt, tmp, ignore=lambda _d, names: [n for n in names if n in self.TRAINING_STATE])
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        return final
-
-    def _full_from_checkpoint(self, ckpt: Path) -> Path:
-        """GaLore: RUN_DIR/model from a checkpoint's full weights + tokenizer (atomically)."""
-        from engine.training import galore
-        from engine.training import model as model_mod
-        final = self.run_dir / galore.FULL_DIR
-        tmp = self.run_dir / (galore.FULL_DIR + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(ckpt, tmp, ignore=lambda _d, names: [n for n in names if n in self.TRAINING_STATE])
-        galore.write_marker(tmp, self.cfg, model_mod.model_path(self.cfg))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        return final
+        plan = self._plan
+        self.bus.emit(HintEngine(self.cfg).oom_hint(plan.estimate_bytes if plan else None, observed, self.cfg, step=step))
 
     def _resume_checkpoint(self) -> tuple[Path | None, str]:
         """The newest complete checkpoint (half-written ones are removed) and the log rolled back to it."""

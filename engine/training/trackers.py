@@ -3,7 +3,7 @@
 The HF Trainer's own integrations do the logging (``TensorBoardCallback`` writes through
 ``tensorboardX`` when the full ``tensorboard`` package is absent; ``WandbCallback``). Here:
 each run's logs go inside its run directory, a missing package is one clear line before the
-model loads, and our tokens/s joins the logged metrics (see ``trainer.EventCallback``).
+model loads, and our tokens/s joins the logged metrics (see ``engine.training.sft.EventCallback``).
 """
 from __future__ import annotations
 

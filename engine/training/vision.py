@@ -104,7 +104,7 @@ def _split_placeholders(text: str) -> list[dict]:
 
 def normalise(rec, line: int, problems) -> dict | None:
     """One raw record → ``{"messages": [...parts...], "images": [paths as written]}`` or None."""
-    from engine.dataset.data import SHAREGPT_ROLES, _check_turns
+    from engine.dataset.data import SHAREGPT_ROLES, check_turns
     if not isinstance(rec, dict):
         _problem(problems, line, "not_object", "row is not a JSON object")
         return None
@@ -135,7 +135,7 @@ def normalise(rec, line: int, problems) -> dict | None:
         # the text-only view, checked by the shared turn rules (roles, order, empty turns)
         texts.append({"role": t.get("role"), "content": "".join(
             p.get("text", "[image]") for p in parts) if parts else ""})
-    if _check_turns(texts, line, problems) is None:
+    if check_turns(texts, line, problems) is None:
         return None
     n_slots = sum(1 for m in msgs for p in m["parts"] if p["type"] == "image")
     if listed is not None:
@@ -363,12 +363,12 @@ def expand_labels(short_ids, short_labels, long_ids, image_id) -> list[int]:
 def encode_row(proc, row: dict, max_length: int | None = None) -> dict:
     """One row → model inputs (lists/tensors, batch dim 1 dropped) with labels; raises
     ValueError when truncation to ``max_length`` would cut through an image's tokens."""
-    from engine.dataset.chat import _labels, render_spans
+    from engine.dataset.chat import labels_for, render_spans
     tok = proc.tokenizer
     text, spans, special = render_spans(tok, row)
     enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
     short_ids = enc["input_ids"]
-    short_labels = _labels(short_ids, enc["offset_mapping"], spans)
+    short_labels = labels_for(short_ids, enc["offset_mapping"], spans)
     images = [_open_rgb(p) for p in row.get("images", [])]
     kw = {"text": [text], "return_tensors": "pt", "add_special_tokens": special}
     if images:
@@ -460,12 +460,12 @@ def collate(pad_id: int):
 def row_tokens(proc, row: dict) -> dict:
     """Token counts of one row without reading pixels: total (visual tokens included), visual
     tokens per image, trained tokens, and where the last image's tokens end."""
-    from engine.dataset.chat import _labels, render_spans
+    from engine.dataset.chat import labels_for, render_spans
     tok = proc.tokenizer
     text, spans, special = render_spans(tok, row)
     enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
     ids = enc["input_ids"]
-    trained = sum(1 for x in _labels(ids, enc["offset_mapping"], spans) if x != IGNORE)
+    trained = sum(1 for x in labels_for(ids, enc["offset_mapping"], spans) if x != IGNORE)
     vis = visual_token_counts(proc, row.get("image_info", []))
     img = image_token_id(proc)
     places = [i for i, t in enumerate(ids) if t == img]
@@ -489,16 +489,16 @@ def training_set(proc, rows: list[dict], max_length: int) -> tuple[object, list[
     return rows_dataset(proc, keep, max_length), lengths, warnings
 
 
-def longest_row(cfg, ds) -> int | None:
-    """The longest image row of ``ds`` in tokens (visual tokens included, at most
-    data.max_length), for the fit planner: image rows are never packed and a batch is padded to
-    its longest row, so that row, not data.max_length, sets the peak. None for text data or when
-    the processor cannot be loaded (the trainer then says why)."""
-    if getattr(ds, "format", None) != FORMAT or not ds.rows:
+def longest_row(cfg, fmt: str, rows: list[dict]) -> int | None:
+    """The longest image row of ``rows`` (data format ``fmt``) in tokens (visual tokens included,
+    at most data.max_length), for the fit planner: image rows are never packed and a batch is
+    padded to its longest row, so that row, not data.max_length, sets the peak. None for text
+    data or when the processor cannot be loaded (the trainer then says why)."""
+    if fmt != FORMAT or not rows:
         return None
     try:
         proc = processor_for(cfg)
-        longest = max(row_tokens(proc, r.data)["total"] for r in ds.rows)
+        longest = max(row_tokens(proc, r)["total"] for r in rows)
     except Exception:  # noqa: BLE001 - planning advice only; build() reports a bad model
         return None
     return min(int(longest), int(cfg.data.max_length))
@@ -560,8 +560,8 @@ def image_processor_class():
 
 
 def _vl_corpus():
-    from engine.training.builtin import _corpus
-    yield from _corpus()
+    from engine.training.builtin import corpus
+    yield from corpus()
     with open(vl_sample_path(), encoding="utf-8") as fh:
         for line in fh:
             for m in json.loads(line)["messages"]:
@@ -749,7 +749,7 @@ def inspect_report(cfg, path: str, on_partial=None):
         rows.append(row)
     rep.format, rep.format_reason, rep.raw_count, rep.rows_read = ds.format, ds.reason, ds.raw_count, ds.raw_count
     arr = np.asarray(counts, dtype=np.int64).reshape(len(counts), 3)
-    out = inspect._finish(cfg, rep, proc.tokenizer, rows, [arr], problems, [], quality.Duplicates(), [],
+    out = inspect.report_snapshot(cfg, rep, proc.tokenizer, rows, [arr], problems, [], quality.Duplicates(), [],
                     dict(ds.formats_seen), {}, partial=False)
     out.images = {"count": n_images, "rows_with_images": sum(1 for r in rows if r.data.get("images")),
                   "visual_tokens_total": int(sum(vis_all)),

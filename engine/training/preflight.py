@@ -1,0 +1,115 @@
+"""Everything checked before a run directory exists: the data, the model, shipped code, trackers.
+
+``preflight`` raises ``PreflightError`` with one line naming the file, line or field: a bad
+config, data file or model path never leaves a half-created run directory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.core import config
+
+
+class PreflightError(ValueError):
+    pass
+
+
+def preflight(cfg: config.Config, check_model: bool = True) -> list[str]:
+    """Everything that can be checked before a run directory exists. Raises PreflightError."""
+    from engine.dataset import data as data_mod
+    from engine.training import model as model_mod
+    from engine.training import trackers
+    try:
+        trackers.check_available(cfg.output.report_to)
+    except trackers.TrackerError as e:
+        raise PreflightError(str(e)) from None
+    try:
+        train, ev = data_mod.load_for_training(cfg)
+    except data_mod.DataError as e:
+        raise PreflightError(_with_first_bad_line(cfg, str(e))) from None
+    notes = []
+    if train.problems:
+        notes.append(f"{config.plural(len(train.problems), 'data problem')}: bad rows are skipped "
+                     f"(first: line {train.problems[0].line}: {train.problems[0].message})")
+    if check_model:
+        note = remote_code_check(cfg)
+        if note:
+            notes.append(note)
+        try:
+            model_mod.check_model_skeleton(cfg)
+            model_mod.load_tokenizer(cfg)    # shipped tokenizer code, a broken chat template: said here
+        except model_mod.ModelError as e:
+            raise PreflightError(str(e)) from None
+    return notes
+
+
+def _with_first_bad_line(cfg: config.Config, msg: str) -> str:
+    """A data error that names no line gets the first unreadable line of the file it is about."""
+    from engine.dataset import data as data_mod
+    if "line " in msg:
+        return msg
+    for key in ("train", "eval"):
+        value = getattr(cfg.data, key)
+        if not value or str(data_mod.resolve(cfg.resolve_path(value))) not in msg:
+            continue
+        where = data_mod.resolve(cfg.resolve_path(value))
+        n = 0
+        try:
+            for line, _rec, err in data_mod.iter_raw(cfg.resolve_path(value)):
+                n += 1
+                if err is not None:
+                    return f"{msg}; first problem at line {line}: {err}"
+        except (data_mod.DataError, OSError, ValueError):
+            return msg
+        if n == 0:
+            return f"{where}: the file has no rows (data.{key}); add training examples"
+    return msg
+
+
+def remote_code_check(cfg: config.Config) -> str | None:
+    """Refuse a local model whose architecture exists only as code shipped with it, unless
+    ``model.trust_remote_code`` is set (the TUI asks the user to confirm that first; see
+    ``needs_remote_code_confirmation``). Returns a note when the code is present but not needed.
+    Hub ids are checked by transformers itself (it refuses without trust_remote_code)."""
+    import json
+    from engine.training import model as model_mod
+    if cfg.model.trust_remote_code:
+        return None
+    try:
+        path = Path(model_mod.model_path(cfg))
+    except model_mod.ModelError as e:
+        raise PreflightError(str(e)) from None
+    if not path.is_dir():
+        return None
+    shipped = {}
+    for fname in ("config.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((path / fname).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            shipped[fname] = data
+    if not shipped:
+        return None
+    model_type = (shipped.get("config.json") or {}).get("model_type")
+    if model_type is None:
+        try:
+            model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError):
+            model_type = None
+    from transformers import CONFIG_MAPPING
+    files = " and ".join(shipped)
+    if model_type and model_type in CONFIG_MAPPING:
+        return (f"model.name = {cfg.model.name!r} ships its own Python code (auto_map in {files}); it is "
+                f"not run: transformers' built-in {model_type!r} is used (model.trust_remote_code = false)")
+    raise PreflightError(
+        f"model.name = {cfg.model.name!r}: the architecture {model_type!r} exists only as Python code "
+        f"shipped with the model (auto_map in {files}); it is not run unless you set "
+        "model.trust_remote_code = true (and confirm it in the TUI) — only for a repository you trust")
+
+
+def needs_remote_code_confirmation(cfg: config.Config) -> bool:
+    """True when starting this config would run code shipped with the model: the TUI must ask
+    the user to confirm before it starts (or resumes) the run. Headless runs take the config's
+    explicit ``model.trust_remote_code = true`` as the consent."""
+    return bool(cfg.model.trust_remote_code)

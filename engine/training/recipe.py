@@ -1,0 +1,407 @@
+"""The training recipe: a plan computed once, small TRL-style converters, and a ``Recipe`` in
+torchtune's shape (``setup -> train -> save -> cleanup``).
+
+- ``plan_run(cfg)``: what every ``auto`` resolved to (the fit planner on the GPU), as a value,
+  before anything is built. Building never goes back to the planner; ``data.packing = auto`` is
+  the one choice left to setup, because it depends on the tokenised rows' lengths.
+- ``to_sft_config(cfg, plan)``, ``to_lora_config(cfg, targets)``, ``load_datasets(cfg, tok)``:
+  the config turned into TRL's and PEFT's objects, each testable without a model.
+- ``Recipe(plan, ...)``: ``setup()`` loads data, tokenizer and model and builds the trainer
+  (``engine.training.sft``); ``train()``; ``save()`` writes the final adapter; ``cleanup()``.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.core import events
+from engine.core.faults import Faults
+
+
+@dataclass
+class RunPlan:
+    """What ``auto`` resolved to for one run, and why (``lines``: what run_started's ``plan`` lists;
+    setup appends what it built from it: kernels, checkpointing, trackers, streaming)."""
+    cfg: object                        # the config with every ``auto`` replaced (packing: see above)
+    runtime: object                    # engine.training.model.Runtime: device, dtype, 4-bit or not
+    lines: list[str] = field(default_factory=list)
+    estimate_bytes: int | None = None  # the pre-flight peak estimate (the OOM hint compares with it)
+
+    def choices(self) -> dict:
+        """The resolved choices by name (what the plan lines explain)."""
+        tr = self.cfg.train
+        from engine.training.model import attn_implementation
+        return {"device": self.runtime.device, "dtype": self.runtime.dtype, "load_in_4bit": self.runtime.load_in_4bit,
+                "batch_size": tr.batch_size, "grad_accum": tr.grad_accum, "optimizer": tr.optimizer,
+                "gradient_checkpointing": tr.gradient_checkpointing, "checkpoint_layers": tr.checkpoint_layers,
+                "activation_offload": tr.activation_offload, "weight_streaming": tr.weight_streaming,
+                "fused_lora": tr.fused_lora, "liger_kernel": tr.liger_kernel, "packing": self.cfg.data.packing,
+                "attention": attn_implementation(self.cfg, self.runtime.device)}
+
+
+def plan_run(cfg, rows: "Rows | None" = None) -> RunPlan:
+    """Resolve every ``auto`` of ``cfg`` once (``engine.training.trainer.resolve_auto``, weight
+    streaming, the host-RAM check). Image ``rows`` are planned for their longest row (they are
+    never packed). Raises ModelError for settings that cannot run."""
+    from engine.planning import streaming_plan
+    from engine.training import model as model_mod
+    from engine.training.trainer import resolve_auto
+    from engine.training.vision import longest_row
+    rt = model_mod.runtime(cfg)
+    longest = longest_row(cfg, rows.format, rows.train) if rows is not None and rt.device == "cuda" else None
+    resolved, lines = resolve_auto(cfg, rt, None, longest)
+    try:
+        lines += streaming_plan.resolve(resolved, rt)
+        streaming_plan.check_host_ram(resolved)            # before any weight is loaded
+    except ValueError as e:
+        raise model_mod.ModelError(str(e)) from None
+    return RunPlan(resolved, rt, lines, _peak_estimate(cfg))
+
+
+def _peak_estimate(cfg) -> int | None:
+    """The estimate `qlora-tui estimate` shows for this config (None when it cannot be made)."""
+    try:
+        from engine.planning import estimate as estimate_mod
+        return estimate_mod.estimate(cfg, estimate_mod.model_config_for(cfg)).peak_bytes
+    except Exception:        # the estimate is advice: never a reason to fail the run
+        return None
+
+
+def to_lora_config(cfg, targets):
+    """PEFT's LoraConfig for ``[lora]`` over ``targets`` (module names or "all-linear")."""
+    from peft import LoraConfig
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=targets, bias=cfg.lora.bias, task_type="CAUSAL_LM",
+                      use_dora=cfg.lora.use_dora, use_rslora=cfg.lora.use_rslora)
+
+
+def to_sft_config(cfg, plan: RunPlan, *, output_dir: str | Path = "checkpoints", has_eval: bool = False):
+    """TRL's SFTConfig for the resolved ``cfg`` on ``plan``'s device (checkpoints go to ``output_dir``)."""
+    from trl import SFTConfig
+    tr, rt = cfg.train, plan.runtime
+    fsdp = cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp"
+    return SFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=tr.batch_size, per_device_eval_batch_size=tr.batch_size,
+        gradient_accumulation_steps=tr.grad_accum, num_train_epochs=tr.epochs, max_steps=tr.max_steps,
+        learning_rate=tr.learning_rate, warmup_steps=tr.warmup_ratio, lr_scheduler_type=tr.scheduler,
+        optim=tr.optimizer, weight_decay=tr.weight_decay, max_grad_norm=tr.max_grad_norm,
+        gradient_checkpointing=bool(tr.gradient_checkpointing),
+        # FSDP-QLoRA wants reentrant checkpointing (PEFT's FSDP-QLoRA recipe); everything else not
+        gradient_checkpointing_kwargs={"use_reentrant": fsdp} if tr.gradient_checkpointing else None,
+        ddp_find_unused_parameters=False if cfg.distributed.gpus > 1 else None,
+        use_liger_kernel=bool(tr.liger_kernel),
+        seed=tr.seed, data_seed=tr.seed, logging_steps=tr.logging_steps, logging_first_step=True,
+        logging_nan_inf_filter=False,
+        eval_strategy="steps" if has_eval and tr.eval_steps else ("epoch" if has_eval else "no"),
+        eval_steps=tr.eval_steps or None,
+        save_strategy="steps" if tr.save_steps else "no", save_steps=tr.save_steps or 500,
+        save_total_limit=tr.save_total_limit,
+        report_to=[] if cfg.output.report_to == "none" else [cfg.output.report_to],
+        bf16=rt.device == "cuda" and rt.dtype == "bf16", fp16=rt.device == "cuda" and rt.dtype == "fp16",
+        use_cpu=rt.device == "cpu",
+        max_length=cfg.data.max_length, packing=bool(cfg.data.packing),
+        dataset_num_proc=None, dataloader_num_workers=0, disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding", save_only_model=False,
+        restore_callback_states_from_checkpoint=False,
+    )
+
+
+@dataclass
+class Rows:
+    """The rows a run trains and evaluates on (bad ones skipped, with warnings), eval split off."""
+    train: list[dict]
+    eval: list[dict] | None
+    format: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_rows(cfg) -> Rows:
+    from engine.dataset import data as data_mod
+    from engine.training.trainer import split_eval
+    train_ds, eval_ds = data_mod.load_for_training(cfg)
+    warnings = [f"{data_mod.resolve(train_ds.path).name}:{p.line}: {p.message} (row skipped)"
+                for p in (train_ds.problems + (eval_ds.problems if eval_ds else []))[:5]]
+    if len(train_ds.problems) > 5:
+        warnings.append(f"... {len(train_ds.problems)} problems in all; run `qlora-tui inspect` for the full list")
+    train, ev = split_eval(cfg, [r.data for r in train_ds.rows], [r.data for r in eval_ds.rows] if eval_ds else None)
+    return Rows(train, ev, train_ds.format, warnings)
+
+
+def load_datasets(cfg, tokenizer, rows: Rows | None = None):
+    """The tokenised (train, eval) datasets of a text run (eval None without eval rows)."""
+    from engine.training.trainer import encode_dataset
+    rows = rows if rows is not None else read_rows(cfg)
+    return encode_dataset(tokenizer, rows.train), (encode_dataset(tokenizer, rows.eval) if rows.eval else None)
+
+
+@dataclass
+class Prepared:
+    trainer: object
+    tokenizer: object
+    model_path: str
+    runtime: object
+    train_rows: int
+    eval_rows: int
+    plan: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    resized_embeddings: bool = False     # the tokenizer gained tokens: the adapter carries embeddings
+    callback: object = None              # engine.training.sft.EventCallback
+
+
+def build(plan: RunPlan, run_dir: Path, emit, stop_flag, stop_reason: list, faults: Faults | None = None) -> Prepared:
+    """Load data, tokenizer and model; return a ready SFTTrainer wired to ``emit``."""
+    return Recipe(plan, run_dir, emit, stop_flag, stop_reason, faults).setup()
+
+
+class Recipe:
+    """One run's training in torchtune's shape: ``setup -> train -> save -> cleanup``."""
+
+    def __init__(self, plan: RunPlan, run_dir: Path, emit, stop_flag, stop_reason: list,
+                 faults: Faults | None = None):
+        self.plan, self.cfg, self.rt = plan, plan.cfg, plan.runtime
+        self.run_dir = Path(run_dir)
+        self.emit, self.stop_flag, self.stop_reason = emit, stop_flag, stop_reason
+        self.faults = faults or Faults()
+        self.prepared: Prepared | None = None
+        self.proc = None            # the processor of an image-text model (None: text only)
+        self.tok = None
+
+    # ---------------------------------------------------------------- setup
+    @staticmethod
+    def read_rows(cfg, emit) -> Rows:
+        """The rows, read before the plan is made (a data error comes first, as nothing is loaded)."""
+        emit(events.Status(phase="data", message="reading data"))
+        return read_rows(cfg)
+
+    def setup(self, rows: Rows | None = None) -> Prepared:
+        """Data (``rows``, else read here), tokenizer, model and the trainer, from the plan."""
+        from engine.training import model as model_mod
+        if rows is None:
+            rows = self.read_rows(self.cfg, self.emit)
+        path = model_mod.model_path(self.cfg)
+        self._load_tokenizer(path, rows)
+        train_tok, eval_tok = self._tokenise(rows)
+        model, resized = self._load_model(path)
+        has_eval = eval_tok is not None and len(eval_tok) > 0
+        trainer, cb = self._make_trainer(model, train_tok, eval_tok if has_eval else None)
+        cb.meta = dict(model=self.cfg.model.name, device=self.rt.device, train_rows=len(train_tok),
+                       eval_rows=len(eval_tok) if has_eval else 0, plan=self.plan.lines, config=self.cfg.to_dict())
+        for w in rows.warnings:
+            self.emit(events.Status(phase="warning", message=w))
+        self.prepared = Prepared(trainer, self.proc if self.proc is not None else self.tok, path, self.rt,
+                                 len(train_tok), len(eval_tok) if has_eval else 0, self.plan.lines,
+                                 rows.warnings, resized_embeddings=resized, callback=cb)
+        return self.prepared
+
+    def _load_tokenizer(self, path: str, rows: Rows) -> None:
+        from engine.training import model as model_mod
+        from engine.training import vision
+        cfg = self.cfg
+        self.emit(events.Status(phase="tokenizer", message=f"loading tokenizer from {path}"))
+        self.proc = vision.load_processor(cfg, path) if vision.model_is_vision(cfg, path) else None
+        if self.proc is None and rows.format == vision.FORMAT:
+            raise model_mod.ModelError(f"data.train has images but model.name = {cfg.model.name!r} is a text-only model; "
+                                       "use an image-text model (e.g. Qwen/Qwen2-VL-7B-Instruct, or builtin:tiny-vl)")
+        if self.proc is not None:
+            self.tok = self.proc.tokenizer
+        else:
+            self.tok, tw = model_mod.load_tokenizer(cfg, path)
+            rows.warnings += tw
+
+    def _tokenise(self, rows: Rows):
+        """The encoded (train, eval) sets; ``data.packing = auto`` decided from their lengths."""
+        from engine.training.trainer import decide_packing
+        cfg = self.cfg
+        self.emit(events.Status(phase="tokenize", message=f"tokenising {len(rows.train)} train rows"))
+        if self.proc is not None:     # images: encoded as the loader asks; no packing (TRL has none for images)
+            from engine.training import vision
+            train_tok, _lengths, vw = vision.training_set(self.proc, rows.train, cfg.data.max_length)
+            eval_tok = vision.training_set(self.proc, rows.eval, cfg.data.max_length)[0] if rows.eval else None
+            rows.warnings += vw[:5]
+            cfg.data.packing = False
+            self.plan.lines.append("packing off (image rows: each keeps its own visual tokens)")
+        else:
+            train_tok, eval_tok = load_datasets(cfg, self.tok, rows)
+        lengths = [len(x) for x in train_tok["input_ids"]] if self.proc is None and cfg.data.packing is not False else []
+        if cfg.data.packing == "auto":
+            cfg.data.packing, why = decide_packing(cfg, self.rt, lengths)
+            self.plan.lines.append(why)
+        from engine.training import attention        # packed rows: the varlen kernel where it runs
+        self.plan.lines.extend(attention.choose(cfg, self.rt, lengths))
+        return train_tok, eval_tok
+
+    def _load_model(self, path: str):
+        from engine.training import model as model_mod
+        cfg, rt = self.cfg, self.rt
+        self.emit(events.Status(phase="model", message=f"loading {cfg.model.name} "
+                                f"({'4-bit ' + cfg.quant.quant_type if rt.load_in_4bit else rt.dtype}) on {rt.device}"))
+        model = model_mod.load_model(cfg, rt, path)
+        self.plan.lines.extend(model_mod.fit_4bit_kernels(model, rt))     # shapes a bitsandbytes kernel cannot run
+        resized = len(self.tok) > model.get_input_embeddings().weight.shape[0]
+        if resized:
+            model.resize_token_embeddings(len(self.tok))
+        return model, resized
+
+    def _adapter_setup(self, model, args):
+        """The LoRA config (None for GaLore: full-rank), the model and the optimizers to hand TRL."""
+        from engine.training import galore
+        from engine.training import model as model_mod
+        from engine.training import vision
+        cfg, lines = self.cfg, self.plan.lines
+        targets = vision.lora_targets(cfg, model) if self.proc is not None else model_mod.resolve_target_modules(cfg, model)
+        lora = to_lora_config(cfg, targets)
+        full = galore.is_full(cfg)    # GaLore: full-rank weights, no adapter; the Trainer builds its optimizer
+        if full:
+            lines += galore.setup(cfg, model, args, self.rt)
+        if self.proc is not None:
+            lines.append(f"vision: {'frozen 16-bit vision tower' if cfg.model.freeze_vision_tower else 'LoRA on the vision tower too'}; "
+                         f"LoRA on {len(targets)} language-model layers")
+        if full:
+            return None, model, (None, None)
+        if not cfg.lora.lora_fa:
+            return lora, model, (None, None)
+        from peft import get_peft_model
+        from peft.optimizers import create_lorafa_optimizer
+        if cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model = get_peft_model(model, lora)
+        optimizer = create_lorafa_optimizer(model, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                                            lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+        lines.append("LoRA-FA: A frozen, only B trained (PEFT's LoRA-FA optimizer)")
+        return None, model, (optimizer, None)
+
+    def _collator(self, args):
+        from engine.training import model as model_mod
+        from engine.training.trainer import packed_collator
+        if self.proc is not None:     # our encoded rows as they are (labels built here), images batched
+            from engine.training import vision
+            args.remove_unused_columns = False
+            args.dataset_kwargs = {"skip_prepare_dataset": True}
+            return vision.collate(self.tok.pad_token_id)
+        if self.cfg.data.packing:
+            return packed_collator(self.tok, model_mod.attn_implementation(self.cfg, self.rt.device))
+        return None
+
+    def _make_trainer(self, model, train_tok, eval_tok):
+        from engine.training import sft
+        from engine.training.trainer import install_speed_tools
+        cfg, lines = self.cfg, self.plan.lines
+        if cfg.output.report_to != "none":
+            from engine.training import trackers
+            lines.append(f"{cfg.output.report_to} logs: {trackers.setup(cfg.output.report_to, self.run_dir)}")
+        args = to_sft_config(cfg, self.plan, output_dir=self.run_dir / "checkpoints", has_eval=eval_tok is not None)
+        peft_config, model, optimizers = self._adapter_setup(model, args)
+        collator = self._collator(args)
+        cb = sft.EventCallback(self.emit, self.stop_flag, self.stop_reason, self.run_dir, self.faults, cfg)
+        self.emit(events.Status(phase="build", message="building the trainer"))
+        trainer = sft.QLoraTrainer(model=model, args=args, train_dataset=train_tok, eval_dataset=eval_tok,
+                                   processing_class=self.proc if self.proc is not None else self.tok,
+                                   peft_config=peft_config, callbacks=[cb], optimizers=optimizers,
+                                   faults=self.faults, event_callback=cb)
+        if collator is not None:     # after __init__: TRL refuses custom collators with bfd packing
+            trainer.data_collator = collator
+        install_speed_tools(trainer, cfg, lines)
+        self._attach_streaming(trainer)
+        cb.trainer = trainer
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+        for noisy in (PrinterCallback, ProgressCallback):   # our events replace HF's own printing
+            trainer.remove_callback(noisy)
+        # our on_log runs first, so the trackers' callbacks log the tokens/s it adds; the rest of
+        # our callback keeps its place after HF's flow callback (its save/stop decisions win)
+        trainer.callback_handler.callbacks.insert(0, sft.LogFirst(cb))
+        return trainer, cb
+
+    def _attach_streaming(self, trainer) -> None:
+        if self.cfg.train.weight_streaming is not True:
+            return
+        from engine.training import model as model_mod
+        from engine.training import streaming
+        trainer.weight_streamer = streaming.attach(trainer.model, model_mod.train_device(self.rt))
+        self.plan.lines.append(f"weight streaming: {trainer.weight_streamer.streamed_bytes / 2**30:.2f} GiB of 4-bit "
+                               f"layers in host memory, {trainer.weight_streamer.ahead} layer(s) prefetched ahead")
+
+    # ---------------------------------------------------------------- train
+    def train(self, resume_from: Path | None = None) -> int:
+        """Train (from the checkpoint ``resume_from``); the last optimizer step done."""
+        trainer = self.prepared.trainer
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        return trainer.state.global_step
+
+    @property
+    def step(self) -> int:
+        """The last optimizer step done (0 before training starts)."""
+        try:
+            return self.prepared.trainer.state.global_step
+        except AttributeError:
+            return 0
+
+    @property
+    def nonfinite(self):
+        """The NaN halt (``train.nan_policy = halt``) that stopped training, or None."""
+        return self.prepared.callback.nonfinite if self.prepared else None
+
+    @property
+    def last_loss(self):
+        return self.prepared.callback.last_loss if self.prepared else None
+
+    # ---------------------------------------------------------------- save
+    def save(self) -> Path:
+        """Write the final adapter (+ tokenizer) atomically to RUN_DIR/adapter (GaLore: RUN_DIR/model)."""
+        from engine.core import rundir
+        from engine.training import distributed
+        from engine.training import galore
+        self.emit(events.Status(phase="save", message="saving the adapter"))
+        trainer, cfg = self.prepared.trainer, self.cfg
+        final = self.run_dir / galore.output_dir_name(cfg)
+        tmp = self.run_dir / (final.name + ".tmp")
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not self._write_weights(trainer, tmp):
+            return final                  # another rank: rank 0 writes
+        self._check_weights(tmp)
+        self.prepared.tokenizer.save_pretrained(str(tmp))
+        if galore.is_full(cfg):
+            galore.write_marker(tmp, cfg, self.prepared.model_path)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if not cfg.output.keep_checkpoints and not self.stop_flag.is_set():
+            shutil.rmtree(self.run_dir / rundir.CHECKPOINTS, ignore_errors=True)
+        return final
+
+    def _write_weights(self, trainer, tmp: Path) -> bool:
+        """The adapter's weights into ``tmp``; False on a rank that does not write."""
+        from engine.training import distributed
+        if not distributed.in_worker():
+            trainer.model.save_pretrained(str(tmp))
+            return True
+        # every rank takes part (FSDP gathers the sharded adapter); rank 0 writes
+        if getattr(trainer, "is_fsdp_enabled", False):
+            from engine.training.trainer import save_fsdp_adapter
+            save_fsdp_adapter(trainer, tmp, self.prepared.resized_embeddings)
+        else:
+            trainer.save_model(str(tmp))
+        trainer.accelerator.wait_for_everyone()
+        return distributed.is_main()
+
+    def _check_weights(self, tmp: Path) -> None:
+        from engine.core import rundir
+        from engine.training import galore
+        from engine.training.resume import ADAPTER_WEIGHTS
+        if any((tmp / n).is_file() for n in ADAPTER_WEIGHTS) or galore.is_full(self.cfg) and galore.has_weights(tmp):
+            return
+        raise RuntimeError(f"the adapter weights were not written to {tmp}; the checkpoints in "
+                           f"{self.run_dir / rundir.CHECKPOINTS} are kept")
+
+    # ---------------------------------------------------------------- cleanup
+    def cleanup(self) -> None:
+        """Close the tracker's run (its files complete before the run's thread ends)."""
+        finish_trackers(self.cfg)
+
+
+def finish_trackers(cfg) -> None:
+    from engine.training import trackers
+    trackers.finish(cfg.output.report_to)

@@ -1,0 +1,283 @@
+"""The TRL ``SFTTrainer`` subclass and the callbacks that turn its progress into events.
+
+Plain module-level classes (``engine.training.recipe`` builds them): ``QLoraTrainer`` adds the
+per-step NaN bookkeeping, fault injection (``QLORA_TUI_FAULTS``), a dtype-keeping resume and
+checkpoints committed by a COMPLETE marker; ``EventCallback`` emits the run's events and carries
+out stop/save requests (``engine.core.control``) for one process and many through one path;
+``LogFirst`` makes the trackers log what ``EventCallback`` adds.
+
+``QLoraTrainer`` is ``QLoraTrainerMixin`` over TRL's ``SFTTrainer``, made on first use of the
+name (PEP 562 module ``__getattr__``): importing TRL loads rich, which no engine module may load
+at import time (tests/test_boundary.py). Importing this module imports torch and transformers.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from engine.core import control as ctl
+from engine.core import events
+from engine.core import rundir
+from engine.core.faults import Faults
+from engine.core.units import is_nonfinite
+from engine.training import distributed
+from engine.training.failures import is_disk_full
+
+
+class NonFiniteHalt(RuntimeError):
+    def __init__(self, step: int, loss, grad_norm):
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+        super().__init__(f"non-finite {'loss' if is_nonfinite(loss) else 'grad norm'} at step {step}")
+
+
+def __getattr__(name: str):
+    if name == "QLoraTrainer":
+        from trl import SFTTrainer
+        cls = type("QLoraTrainer", (QLoraTrainerMixin, SFTTrainer),
+                   {"__module__": __name__, "__doc__": QLoraTrainerMixin.__doc__})
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class QLoraTrainerMixin:
+    """SFTTrainer with per-step NaN bookkeeping and optional fault injection (``QLoraTrainer``)."""
+
+    def __init__(self, *args, faults: Faults | None = None, event_callback: EventCallback | None = None, **kwargs):
+        self.faults = faults or Faults()
+        self.event_callback = event_callback
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, *a, **kw):
+        faults = self.faults
+        step = self.state.global_step + 1
+        if faults.slow:
+            time.sleep(faults.slow)
+        if faults.oom_step == step:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by QLORA_TUI_FAULTS). "
+                                         "Tried to allocate 2.00 GiB")
+        out = super().compute_loss(model, inputs, *a, **kw)
+        if faults.nan_step == step:
+            if isinstance(out, tuple):
+                out = (out[0] * float("nan"),) + tuple(out[1:])
+            else:
+                out = out * float("nan")
+        return out
+
+    def _maybe_log_save_evaluate(self, tr_loss, *a, **kw):
+        out = super()._maybe_log_save_evaluate(tr_loss, *a, **kw)
+        # HF resets the running loss with ``tr_loss -= tr_loss``: NaN - NaN stays NaN, so one
+        # poisoned step (nan_policy = warn) would make every later logged loss NaN
+        if (self._globalstep_last_logged == self.state.global_step and isinstance(tr_loss, torch.Tensor)
+                and not bool(torch.isfinite(tr_loss).all())):
+            tr_loss.zero_()
+        return out
+
+    def training_step(self, model, inputs, *a, **kw):
+        loss = super().training_step(model, inputs, *a, **kw)
+        cb = self.event_callback
+        if cb is not None:
+            cb.step_loss = loss.detach() if cb.step_loss is None else cb.step_loss + loss.detach()
+        return loss
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Resume: load the adapter, keeping each trainable parameter's dtype.
+
+        TRL trains QLoRA adapters in bf16, but PEFT's load_adapter upcasts them to fp32:
+        a resumed run would go on in another precision than the run it continues.
+        """
+        m = model if model is not None else self.model
+        dtypes = {n: p.dtype for n, p in m.named_parameters() if p.requires_grad}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for n, p in m.named_parameters():
+            if n in dtypes and p.dtype != dtypes[n]:
+                p.data = p.data.to(dtypes[n])
+
+    def _save_checkpoint(self, model, trial):
+        """HF's checkpoint, then the COMPLETE marker (the commit point), then our rotation.
+
+        HF would rotate before anything marks the new checkpoint complete, so with
+        save_total_limit = 1 a kill in between left no complete checkpoint: rotation is
+        ours, over complete checkpoints only, after the marker.
+        """
+        step = self.state.global_step
+        d = Path(self.args.output_dir) / f"checkpoint-{step}"
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            if self.faults.diskfull_step == step:
+                d.mkdir(parents=True, exist_ok=True)
+                (d / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+                raise OSError(errno.ENOSPC, "No space left on device (injected)", str(d))
+            super()._save_checkpoint(model, trial)
+            self._commit(d, step)
+        except Exception as e:
+            if is_disk_full(e):
+                shutil.rmtree(d, ignore_errors=True)     # the half-written one; frees its space
+                raise OSError(errno.ENOSPC, f"No space left on device while writing {d}", str(d)) from e
+            raise
+        finally:
+            self.args.save_total_limit = limit
+        if distributed.is_main():
+            rundir.rotate_checkpoints(Path(self.args.output_dir).parent, limit)
+
+    def _commit(self, d: Path, step: int) -> None:
+        """The COMPLETE marker, once every rank has written its part (FSDP shards)."""
+        if distributed.in_worker():
+            self.accelerator.wait_for_everyone()
+        if not distributed.is_main():
+            return
+        if self.faults.markerfull_step == step:
+            from engine.core import faults as faults_mod
+            faults_mod.DISK_FULL.set()
+            raise OSError(errno.ENOSPC, "No space left on device (injected, writing COMPLETE)", str(d))
+        rundir.mark_complete(d, step)
+
+
+class LogFirst(TrainerCallback):
+    """Calls our callback's on_log before the trackers' (it then skips the handler's own call)."""
+
+    def __init__(self, cb: EventCallback):
+        self.cb = cb
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        self.cb.on_log(args, state, control, logs=logs, **kw)
+        self.cb.logged = id(logs)
+
+
+class EventCallback(TrainerCallback):
+    """Turns Trainer callbacks into events; polls the stop flag and the control channel."""
+
+    def __init__(self, emit, stop_flag, stop_reason, run_dir, faults, cfg):
+        self.emit = emit
+        self.stop_flag = stop_flag
+        self.stop_reason = stop_reason
+        self.run_dir = Path(run_dir)
+        self.faults = faults
+        self.cfg = cfg
+        self.trainer = None
+        self.meta = {}
+        self.step_loss = None
+        self.nonfinite: NonFiniteHalt | None = None
+        self._t_last = None
+        self._tok_last = 0
+        self._step_last = 0
+        self.resumed_from = 0
+        self.last_loss = None
+        self.logged = None                       # id of the logs LogFirst already handled
+        self.requests = ctl.Carried()            # control requests carried out, done once saved
+
+    # -- lifecycle
+    def on_train_begin(self, args, state, control, **kw):
+        model = kw.get("model")
+        trainable = total = 0
+        if model is not None:
+            for p in model.parameters():
+                n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
+                total += n
+                if p.requires_grad:
+                    trainable += n
+        self.resumed_from = state.global_step
+        self._step_last = state.global_step
+        self._tok_last = state.num_input_tokens_seen
+        self._t_last = time.perf_counter()
+        self.emit(events.RunStarted(run_dir=str(self.run_dir), total_steps=state.max_steps,
+                                    trainable_params=trainable, total_params=total,
+                                    resumed_from_step=state.global_step, pid=os.getpid(), **self.meta))
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        model = kw.get("model") or (self.trainer.model if self.trainer else None)
+        step = state.global_step + 1
+        loss = self.step_loss
+        self.step_loss = None
+        loss_ok = loss is None or bool(torch.isfinite(loss).all())
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None] if model else []
+        grad_norm = None
+        if grads:
+            norms = torch._foreach_norm(grads)
+            gn = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+            grad_norm = float(gn)
+        bad = not loss_ok or is_nonfinite(grad_norm)
+        if distributed.in_worker():      # FSDP shards gradients: ranks must agree to drop the step
+            bad = bool(distributed.all_reduce_flags([int(bad)])[0])
+        if not bad:
+            return
+        lv = float(loss.float().mean()) if loss is not None else None
+        for p in model.parameters():         # drop the poisoned gradients: the weights stay finite
+            p.grad = None
+        halt = NonFiniteHalt(step, lv, grad_norm)
+        from engine.training.hints import HintEngine
+        self.emit(HintEngine(self.cfg).nan_hint(step, lv, grad_norm, self.cfg))
+        if self.cfg.train.nan_policy == "halt":
+            self.nonfinite = halt
+            control.should_training_stop = True
+
+    def on_step_end(self, args, state, control, **kw):
+        """Stop/save: the stop flag (signals) and the control channel, one path for one process
+        and many: rank 0 reads the requests, every rank stops/saves on the same step, and a
+        request is marked done once the checkpoint it asked for is complete (``on_save``)."""
+        req = self.requests.take(self.run_dir) if distributed.is_main() else ctl.Requests()
+        if req.stop and not self.stop_flag.is_set():
+            self.stop_reason.append("stop requested through the control channel")
+        stop, save = distributed.all_reduce_flags([int(self.stop_flag.is_set() or req.stop), int(req.save)])
+        if stop:
+            self.stop_flag.set()
+            control.should_training_stop = True
+        control.should_save = bool(control.should_save or stop or save) and self.nonfinite is None
+        if not control.should_save:
+            self.requests.done()         # no checkpoint comes of them (a NaN halt): carried out as far as they go
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs is not None and self.logged == id(logs):
+            self.logged = None           # already handled, first, through LogFirst
+            return
+        logs = logs or {}
+        if "eval_loss" in logs:
+            self.emit(events.Eval(step=state.global_step, eval_loss=logs["eval_loss"]))
+            return
+        if "loss" not in logs:
+            return
+        tps, eta = self._rates(state)
+        loss = logs.get("loss")
+        self.last_loss = loss
+        if tps is not None:
+            logs["tokens_per_second"] = tps     # the trackers' callbacks run after this one
+        self.emit(events.Step(step=state.global_step, total_steps=state.max_steps, loss=loss,
+                              learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+                              tokens_per_second=tps, epoch=logs.get("epoch", state.epoch), eta_seconds=eta,
+                              tokens_seen=int(state.num_input_tokens_seen), peak_memory_bytes=_peak_memory()))
+
+    def _rates(self, state) -> tuple[float | None, float | None]:
+        """Tokens/s and the ETA since the last logged step."""
+        now = time.perf_counter()
+        dt = now - (self._t_last or now)
+        dtok = state.num_input_tokens_seen - self._tok_last
+        dsteps = state.global_step - self._step_last
+        tps = dtok / dt if dt > 0 and dtok > 0 else None
+        eta = None
+        if dsteps > 0 and dt > 0:
+            eta = dt / dsteps * max(0, state.max_steps - state.global_step)
+        self._t_last, self._tok_last, self._step_last = now, state.num_input_tokens_seen, state.global_step
+        return tps, eta
+
+    def on_save(self, args, state, control, **kw):
+        d = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if (d / rundir.COMPLETE).exists():      # written by the trainer's _save_checkpoint
+            self.emit(events.Checkpoint(step=state.global_step, path=str(d)))
+            self.requests.done()
+
+
+def _peak_memory() -> int | None:
+    try:
+        if torch.cuda.is_available():
+            return int(torch.cuda.max_memory_reserved())
+    except Exception:
+        pass
+    return None
