@@ -146,8 +146,11 @@ async def test_dataset_screen_shows_image_problems_tokens_and_a_preview_then_tra
         assert app.screen.query_one("#row-images Thumbnail").pic.blocks      # its picture (tests/test_images.py)
         # the image placeholder is shown as context, the answer as trained
         spans = {text[s.start:s.end]: str(s.style) for s in view.spans}
-        assert any("A red circle." in k and "green" in v for k, v in spans.items())
-        assert all("green" not in v for k, v in spans.items() if "[image 1" in k)
+        from rich.color import Color
+        r, g, b = Color.parse(app.get_css_variables()["success"].split()[0]).get_truecolor()
+        trained = f"rgb({r},{g},{b})"                  # the theme's $success, as the screen resolves it
+        assert any("A red circle." in k and trained in v for k, v in spans.items()), spans
+        assert all(trained not in v for k, v in spans.items() if "[image 1" in k)
         # and the same config trains from the Train screen (the bad rows skipped)
         await pilot.press("f4", "ctrl+r")
         await until(pilot, lambda: app.run_state is not None and app.run_state.terminal, timeout=300,
