@@ -18,6 +18,7 @@ from textual.binding import Binding
 from textual.screen import ModalScreen, Screen
 from textual.worker import get_current_worker
 
+from engine.core import events
 from engine.training.builtin import DEMO_OVERRIDES, demo_config  # noqa: F401 (the offline demo)
 from themes.qlora import DEFAULT_THEME, THEMES
 from tui import settings
@@ -277,7 +278,9 @@ class QloraApp(App):
         self._launching = False
         st = self.run_state
         if st is not None and st.run_dir == msg.run_dir:
-            st.phase, st.message, st.terminal = "failed", msg.error, st.terminal or "run_failed"
+            if not st.ended:
+                st.apply(events.RunFailed(reason=msg.error, step=st.step))
+            st.phase, st.message = "failed", msg.error
             st.follower_ended = True
         self._render_run()
         self.notify(one_line(msg.error, 300), title="Could not resume", severity="error",
@@ -292,10 +295,10 @@ class QloraApp(App):
         from engine.core import config as config_mod
         from engine.training import hints as hints_mod
         from engine.core import rundir
-        kind = st.fail_kind if st.terminal == "run_failed" else ""
+        kind = st.fail_kind if isinstance(st.end, events.RunFailed) else ""
         if kind not in self.FAILED_WHAT:
-            return [], {"run_finished": "Stopped"}.get(st.terminal, "Crashed" if not st.terminal
-                                                        else "Failed")
+            return [], ("Stopped" if isinstance(st.end, events.RunFinished) else
+                        "Failed" if st.ended else "Crashed")
         named = [h for h in st.hints if getattr(h, "rule", "") == kind and getattr(h, "overrides", None)]
         if named:
             return list(named[-1].overrides), self.FAILED_WHAT[kind]
@@ -315,7 +318,7 @@ class QloraApp(App):
             self.notify(f"Cannot offer a resume: {one_line(e, 200)}", severity="warning",
                         markup=False)
             return
-        if not fixes and st.fail_kind in self.FAILED_WHAT and st.terminal == "run_failed":
+        if not fixes and st.fail_kind in self.FAILED_WHAT and isinstance(st.end, events.RunFailed):
             self.notify("No automatic fix left to try for this run's config.", markup=False)
             return
         frozen = [f for f in fixes if f.split(".", 1)[0] in runner.RESUME_FROZEN]
@@ -355,15 +358,15 @@ class QloraApp(App):
     @on(LaunchFailed)
     def _on_launch_failed(self, msg: LaunchFailed) -> None:
         self._launching = False
-        self.run_state = RunState(phase="failed", message=msg.error)
-        self.run_state.terminal = "run_failed"
+        self.run_state = RunState()
+        self.run_state.apply(events.RunFailed(reason=msg.error))
         self._render_run()
         self.notify(one_line(msg.error, 300), title="Could not start", severity="error",
                     markup=False, timeout=10)
 
     def action_stop_training(self) -> None:
         st = self.run_state
-        if st is None or st.run_dir is None or st.terminal or st.follower_ended:
+        if st is None or st.run_dir is None or st.ended or st.follower_ended:
             self.notify("No live run to stop.", markup=False)
             return
         from engine.core import control
@@ -502,10 +505,10 @@ class QloraApp(App):
         last = msg.events[-1]
         if last.time < self._news_since:
             pass                                 # history (attach, or before a resume): not news
-        elif last.type == "run_finished":
+        elif isinstance(last, events.RunFinished):
             self.notify(f"Run {'stopped' if last.stopped else 'finished'}; adapter: "
                         f"{last.adapter_dir}", markup=False, timeout=6)
-        elif last.type == "run_failed":
+        elif isinstance(last, events.RunFailed):
             self.notify(one_line(last.reason, 300), title="Run failed", severity="error",
                         markup=False, timeout=10)
         self._render_run()
@@ -516,7 +519,7 @@ class QloraApp(App):
         if st is None or st.run_dir != msg.run_dir or not self._current_follower(msg):
             return
         st.follower_ended = True
-        if not st.terminal and not st.detached:
+        if not st.ended and not st.detached:
             st.phase = "crashed"
             st.message = ("the run process ended without a final event; resume with "
                           "qlora-tui train --resume " + str(st.run_dir))
@@ -524,7 +527,7 @@ class QloraApp(App):
         # the followed run ended out of memory or with a NaN loss: offer the resume with the fix
         # (the follower only ends at a terminal event that is the last line of the log, so this
         # is the run's final state, not an earlier failure that a resume already went past)
-        if (st.terminal == "run_failed" and st.fail_kind in ("oom", "nan") and not st.detached
+        if (isinstance(st.end, events.RunFailed) and st.fail_kind in self.FAILED_WHAT and not st.detached
                 and msg.why == "ended"):
             self.offer_resume(st)
 
@@ -579,7 +582,7 @@ def _last_line_is_terminal(path: Path) -> bool:
     if not lines:
         return False
     try:
-        return events_mod.loads(lines[-1]).type in events_mod.TERMINAL
+        return isinstance(events_mod.loads(lines[-1]), events_mod.TERMINAL)
     except Exception:
         return False
 

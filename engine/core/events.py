@@ -13,14 +13,56 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
+
+
+class FailKind(StrEnum):
+    """Why a run failed (``RunFailed.kind``); the value is what events.jsonl holds."""
+    ERROR = "error"
+    OOM = "oom"
+    NAN = "nan"
+    CONFIG = "config"
+    DATA = "data"
+    DISK = "disk"
+    KILLED = "killed"
+
+
+class Severity(StrEnum):
+    """How much a hint matters (``Hint.severity``)."""
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class Phase(StrEnum):
+    """What a run is doing before/after its steps (``Status.phase``)."""
+    MODEL = "model"
+    TOKENIZER = "tokenizer"
+    DATA = "data"
+    TOKENIZE = "tokenize"
+    BUILD = "build"
+    RESUME = "resume"
+    SAVE = "save"
+
+
+class ExportKind(StrEnum):
+    """What a GGUF export holds (``Exported.kind``)."""
+    MODEL = "model"
+    ADAPTER = "adapter"
 
 
 @dataclass
 class Event:
     type: ClassVar[str] = "event"
     time: float = field(default_factory=time.time, kw_only=True)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):      # "oom" given, FailKind.OOM kept: typed for every reader
+            enum = _ENUMS.get(f.type)
+            if enum is not None and isinstance(getattr(self, f.name), str):
+                setattr(self, f.name, _member(enum, getattr(self, f.name)))
 
     def to_dict(self) -> dict:
         d = {"type": self.type}
@@ -49,7 +91,7 @@ class RunStarted(Event):
 class Status(Event):
     """A phase change before/after training: loading model, tokenizing, saving..."""
     type: ClassVar[str] = "status"
-    phase: str = ""
+    phase: Phase | str = ""
     message: str = ""
     progress: float | None = None
 
@@ -87,12 +129,32 @@ class Checkpoint(Event):
 class Hint(Event):
     type: ClassVar[str] = "hint"
     rule: str = ""
-    severity: str = "warning"     # info | warning | error
+    severity: Severity = Severity.WARNING
     symptom: str = ""
     cause: str = ""
     fix: str = ""
     step: int = 0
     overrides: list = field(default_factory=list)   # the fix as ``section.key=value`` (--set)
+
+
+@dataclass
+class RunWarning(Event):
+    """Something the run goes on despite (bad rows skipped, a setting ignored, a failing event
+    sink): shown by the headless printer (stderr) and the TUI, kept in the log."""
+    type: ClassVar[str] = "warning"
+    message: str = ""
+    source: str = ""              # preflight | build | sink
+    step: int = 0
+
+
+@dataclass
+class Resumed(Event):
+    """Appended when ``train --resume`` continues the run; the log is never rewritten. What was
+    logged past ``from_step`` (steps, evals, checkpoints, hints) is work the resume redoes:
+    readers drop it (``engine.core.summary.RunSummary``)."""
+    type: ClassVar[str] = "resumed"
+    from_step: int = 0
+    checkpoint: str = ""          # the checkpoint it continues from; "" when it starts over
 
 
 @dataclass
@@ -109,7 +171,7 @@ class RunFinished(Event):
 class RunFailed(Event):
     type: ClassVar[str] = "run_failed"
     reason: str = ""              # one line
-    kind: str = "error"           # error | oom | nan | config | data | killed
+    kind: FailKind = FailKind.ERROR
     step: int = 0
     detail: str = ""              # traceback or longer text, for the log only
 
@@ -119,7 +181,7 @@ class Exported(Event):
     """An export after training (``qlora-tui export``): the GGUF file and its verification."""
     type: ClassVar[str] = "export"
     path: str = ""
-    kind: str = "model"           # model | adapter
+    kind: ExportKind = ExportKind.MODEL
     gguf_type: str = ""
     size_bytes: int = 0
     max_abs_diff: float | None = None
@@ -130,9 +192,19 @@ class Exported(Event):
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
-    c.type: c for c in (RunStarted, Status, Step, Eval, Checkpoint, Hint, RunFinished, RunFailed, Exported)
+    c.type: c for c in (RunStarted, Status, Step, Eval, Checkpoint, Hint, RunWarning, Resumed, RunFinished,
+                        RunFailed, Exported)
 }
-TERMINAL = ("run_finished", "run_failed")
+TERMINAL = (RunFinished, RunFailed)       # isinstance(ev, TERMINAL): the run's last event
+# fields read back as their StrEnum (by annotation); a value a newer version wrote stays text
+_ENUMS = {"FailKind": FailKind, "Severity": Severity, "Phase | str": Phase, "ExportKind": ExportKind}
+
+
+def _member(enum: type[StrEnum], v: str) -> str:
+    try:
+        return enum(v)
+    except ValueError:
+        return v
 
 
 def from_dict(d: dict) -> Event:
@@ -147,9 +219,9 @@ def from_dict(d: dict) -> Event:
         if want in ("int", "float", "float | None", "int | None") and v is not None:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError(f"{k}: {v!r} is not a number")
-        elif want in ("str",) and not isinstance(v, str):
+        elif (want == "str" or want in _ENUMS) and not isinstance(v, str):
             raise ValueError(f"{k}: {v!r} is not text")
-    return cls(**{k: v for k, v in d.items() if k in kinds})
+    return cls(**{k: v for k, v in d.items() if k in kinds})     # enum fields: see Event.__post_init__
 
 
 def _clean(v: Any):
@@ -186,7 +258,7 @@ class EventBus:
     """Fan-out of one run's events to subscribers, in order; keeps the history for late joiners.
 
     A subscriber that raises is never silently lost: it is dropped, the failure is said on
-    stderr and to the other subscribers (a ``status`` event, phase ``sink-error``), and every
+    stderr and to the other subscribers (a ``RunWarning``, source ``sink``), and every
     ``on_sink_error(fn, exc)`` callback is called (``engine.training.runner.Run`` stops the run then:
     a run whose log cannot be written must not go on as if it were logged).
     """
@@ -228,11 +300,14 @@ class EventBus:
             self._subs.remove(fn)
         name = getattr(fn, "describe", None) or getattr(fn, "__qualname__", type(fn).__name__)
         msg = f"event sink {name} failed and was dropped: {type(exc).__name__}: {str(exc)[:200]}"
-        try:
-            print(f"warning: {msg}", file=sys.stderr, flush=True)
-        except Exception:
-            pass
-        self.emit(Status(phase="sink-error", message=msg))
+        with self._lock:      # said on stderr once: by a sink that prints warnings there, else here
+            printed = any(getattr(s, "shows_warnings", False) for s in self._subs)
+        if not printed:
+            try:
+                print(f"warning: {msg}", file=sys.stderr, flush=True)
+            except Exception:
+                pass
+        self.emit(RunWarning(source="sink", message=msg))
         for cb in list(self.on_sink_error):
             try:
                 cb(fn, exc)
@@ -283,7 +358,7 @@ class JsonlWriter:
                 self.last_written = ev
                 raise
             self.last_written = ev
-            if ev.type in TERMINAL or ev.type == "checkpoint":
+            if isinstance(ev, (*TERMINAL, Checkpoint, Resumed)):
                 os.fsync(self._fd)
 
     def write_final(self, ev: Event) -> bool:
@@ -321,7 +396,7 @@ class JsonlWriter:
 
     def _simulated_fault(self, ev: Event) -> None:
         step = getattr(ev, "step", None)
-        if self._faults.logfull_step and ev.type == "step" and step == self._faults.logfull_step:
+        if self._faults.logfull_step and isinstance(ev, Step) and step == self._faults.logfull_step:
             from engine.core import faults
             faults.DISK_FULL.set()
 
@@ -425,7 +500,7 @@ def follow(path: str | Path, stop: threading.Event | None = None, poll: float = 
                 except BAD_LINE:
                     continue
                 idle_checks = 0
-                ended = until_terminal and ev.type in TERMINAL
+                ended = until_terminal and isinstance(ev, TERMINAL)
                 yield ev
                 continue
             # at the end of the file

@@ -343,7 +343,7 @@ class Run:
         """Emit the terminal event; after a log failure it says so (kind ``disk`` when the disk
         is full) and goes into the space the log writer kept in reserve."""
         exc = self._sink_failure
-        if exc is not None and ev.type == "run_finished":
+        if exc is not None and isinstance(ev, events.RunFinished):
             from engine.training.trainer import _is_disk_full
             disk = _is_disk_full(exc)
             ev = events.RunFailed(kind="disk" if disk else "error", step=ev.step, reason=(
@@ -355,12 +355,14 @@ class Run:
             self._writer.write_final(ev)
 
     def _on_event(self, ev: events.Event) -> None:
-        if ev.type in events.TERMINAL:
+        if isinstance(ev, events.TERMINAL):
             self.result = ev
 
     # ---- the thread
     def _main(self) -> None:
         emit = self.bus.emit
+        for note in self.notes:          # preflight warnings: in the log, the printer and the TUI
+            emit(events.RunWarning(source="preflight", message=note))
         hints = None
         try:
             from engine.training.hints import HintEngine
@@ -372,12 +374,14 @@ class Run:
             nan_steps: set[int] = set()    # the trainer's own NaN check already said so on that step
 
             def feed(ev):
-                if ev.type == "hint":
-                    if ev.rule == "nan":
-                        nan_steps.add(ev.step)
-                    return
-                if ev.type == "step":
-                    last_step[0] = ev.step
+                match ev:
+                    case events.Hint(rule="nan", step=s):
+                        nan_steps.add(s)
+                        return
+                    case events.Hint():
+                        return
+                    case events.Step(step=s):
+                        last_step[0] = s
                 for h in hints.observe(ev):
                     if h.rule == "nan" and h.step in nan_steps:
                         continue
@@ -399,9 +403,10 @@ class Run:
                     # one step past max_steps; take the adapter from the checkpoint instead
                     step = rundir.checkpoint_step(ckpt)
                     adapter = self._adapter_from_checkpoint(ckpt, emit)
-                    losses = [e.loss for e in events.read_events(self.run_dir / rundir.EVENTS) if e.type == "step"]
+                    from engine.core.summary import fold
+                    done = fold(events.read_events(self.run_dir / rundir.EVENTS))
                     self._emit_final(events.RunFinished(step=step, adapter_dir=str(adapter),
-                                       final_loss=losses[-1] if losses else None,
+                                       final_loss=done.last_loss,
                                        reason=f"completed (nothing left to train; adapter from {ckpt.name})"))
                     return
             prepared = trainer_mod.build(self.cfg, self.run_dir, emit, self.stop_flag, self.stop_reason,

@@ -329,7 +329,7 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
     cb.meta = dict(model=cfg.model.name, device=rt.device, train_rows=len(train_tok),
                    eval_rows=len(eval_tok) if has_eval else 0, plan=plan, config=cfg.to_dict())
     for w in warnings:
-        emit(events.Status(phase="warning", message=w))
+        emit(events.RunWarning(source="build", message=w))
     return Prepared(trainer, proc if proc is not None else tok, path, rt, len(train_tok), len(eval_tok) if has_eval else 0, plan, warnings,
                     resized_embeddings=resized)
 

@@ -11,6 +11,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Sparkline, Static
 
+from engine.core.summary import RESUMABLE
 from tui.messages import RunHistory, RunsListed
 from tui.runstate import from_events
 from tui.safe import clean, literal, middle, one_line
@@ -146,7 +147,7 @@ class RunsScreen(Screen):
 
 def resume_from_list(app, ri) -> None:
     """The Train screen's recovery dialog for a run picked on the Runs screen."""
-    if ri.state not in ("stopped", "failed", "crashed"):
+    if ri.state not in RESUMABLE:
         why = "still live: attach to it (a)" if ri.state == "live" else f"{ri.state}: nothing to resume"
         app.notify(f"{ri.name} is {why}.", markup=False)
         return

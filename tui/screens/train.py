@@ -13,6 +13,7 @@ from textual.worker import get_current_worker
 
 from tui.messages import Readings
 from engine.core.units import fmt_eta
+from engine.core.events import RunFailed, RunFinished
 from tui.runstate import RunState
 from tui.safe import clean, literal, middle, one_line
 from tui.widgets.chart import LossChart, fmt
@@ -200,7 +201,7 @@ class TrainScreen(Screen):
         phase = "detached" if st.detached else st.phase
         s = Text()
         s.append(f"● {phase}", style=PHASE_STYLE.get(phase, "bold"))
-        if st.stop_requested and not st.terminal:
+        if st.stop_requested and not st.ended:
             s.append(" (stopping: saving the adapter…)", style="yellow")
         s.append("  ")
         s.append(clean(st.run_dir.name), style="bold")
@@ -218,13 +219,13 @@ class TrainScreen(Screen):
             progress.update(total=1.0, progress=st.progress)
         else:
             progress.update(total=total, progress=st.step)
-        eta = "" if st.terminal else f"  ETA {fmt_eta(st.eta_seconds)}"
+        eta = "" if st.ended else f"  ETA {fmt_eta(st.eta_seconds)}"
         self._put(steps, f"step {st.step}/{st.total_steps or '?'}{eta}")
         self.query_one("#loss-spark", Sparkline).data = st.loss_values[-200:]
         self.query_one("#eval-spark", Sparkline).data = st.eval_spark_values[-200:]
         self.query_one("#lr-spark", Sparkline).data = st.lr_values[-200:]
         self.query_one("#grad-spark", Sparkline).data = st.grad_norm_values[-200:]   # log10
-        chart.empty_text = "waiting for the first loss…" if not st.terminal else "no loss recorded"
+        chart.empty_text = "waiting for the first loss…" if not st.ended else "no loss recorded"
         chart.set_data(st.losses, st.evals, st.total_steps)
         m = Text()
         rows = [("loss", _v(st.last_loss, ".4f")), ("eval loss", _v(st.last_eval, ".4f")),
@@ -245,13 +246,13 @@ class TrainScreen(Screen):
         if tracker:
             m.append("\n")
             m.append(literal(tracker[1], style="dim"))
-        if st.terminal == "run_finished":
+        if isinstance(st.end, RunFinished):
             m.append("\n\nfinal loss ", style="dim")
             m.append(_v(st.final_loss, ".4f"), style="bold")
             if st.adapter_dir:
                 m.append("\nadapter ", style="dim")
                 m.append(middle(st.adapter_dir, 3 * 26 - 8), style="")   # 3 lines of the panel
-        elif st.terminal == "run_failed":
+        elif isinstance(st.end, RunFailed):
             m.append(f"\n\nfailed ({clean(st.fail_kind)})", style="bold red")
         self._put(metrics, m)
         hints = self.query_one("#hints", Static)
