@@ -1,7 +1,7 @@
 """The qlora-tui Textual app: four screens (modes) over one config and at most one followed run.
 
 Threads: a launch worker calls ``engine.training.runner.start_detached``; a follow worker tails the
-run's events.jsonl and posts batches (≤10/s) as ``RunEvents``; the Train screen polls NVML
+run's events.jsonl (``EventLog.read_new``) and posts batches (≤1/s) as ``RunEvents``; the Train screen polls NVML
 in its own worker. Only messages cross into the UI thread; widgets are touched there only.
 """
 from __future__ import annotations
@@ -255,16 +255,15 @@ class QloraApp(App):
             time.sleep(0.1)
         since = time.time()
         try:
-            s = os.stat(run_dir / rundir.EVENTS)
-            old_log = (s.st_ino, s.st_dev)
+            old_size = os.stat(run_dir / rundir.EVENTS).st_size
         except OSError:
-            old_log = (None, None)
+            old_size = 0
         try:
             runner.start_detached(None, resume=run_dir, overrides=fixes)
         except Exception as e:   # PreflightError, ConfigError, OSError: one line, no traceback
             self.post_message(ResumeFailed(run_dir, f"{type(e).__name__}: {e}"))
             return
-        self.post_message(RunLaunched(run_dir, resumed=True, old_log=old_log, since=since))
+        self.post_message(RunLaunched(run_dir, resumed=True, old_size=old_size, since=since))
 
     @on(RunLaunched)
     def _on_launched(self, msg: RunLaunched) -> None:
@@ -450,9 +449,9 @@ class QloraApp(App):
                    resume: RunLaunched | None = None) -> None:
         """Show ``run_dir`` on the Train screen: its history, then live events.
 
-        ``resume``: the run was just resumed. Its process rewrites events.jsonl (rollback to
-        the checkpoint) before it appends; the follower waits for that new file and reads it
-        from scratch into a fresh RunState, so the series come from the new history only.
+        ``resume``: the run was just resumed. Its process appends to events.jsonl (a
+        ``Resumed`` marker first); the follower waits until it has, then reads the log from the
+        start into a fresh RunState, whose fold drops what the marker says is redone.
         """
         if self._follow_stop is not None:
             self._follow_stop.set()
@@ -463,12 +462,12 @@ class QloraApp(App):
         self._follow_stop = threading.Event()
         self._follow_started = time.time()
         self._news_since = resume.since if resume else self._follow_started - 5
-        self._follow(run_dir, self._follow_stop, launched, resume.old_log if resume else None)
+        self._follow(run_dir, self._follow_stop, launched, resume.old_size if resume else None)
         self._render_run()
 
     @work(thread=True, group="follow", exit_on_error=False)
     def _follow(self, run_dir: Path, stop: threading.Event, launched: bool,
-                old_log: tuple | None = None) -> None:
+                old_size: int | None = None) -> None:
         from engine.core import rundir
         worker = get_current_worker()
         t0 = time.monotonic()
@@ -479,8 +478,8 @@ class QloraApp(App):
             # a just-spawned run may not have written run.json yet
             return launched and not (run_dir / rundir.RUN_JSON).exists() and time.monotonic() - t0 < 120
 
-        if old_log is not None and not _wait_for_resumed_log(run_dir / rundir.EVENTS, old_log,
-                                                             alive, stop, worker):
+        if old_size is not None and not _wait_for_resumed_log(run_dir / rundir.EVENTS, old_size,
+                                                              alive, stop, worker):
             if not stop.is_set() and not worker.is_cancelled:
                 self.post_message(ResumeFailed(run_dir, _resume_failure(run_dir)))
             return
@@ -587,22 +586,21 @@ def _last_line_is_terminal(path: Path) -> bool:
         return False
 
 
-def _wait_for_resumed_log(path: Path, old_log: tuple, alive, stop: threading.Event,
+def _wait_for_resumed_log(path: Path, old_size: int, alive, stop: threading.Event,
                           worker, timeout: float = 300.0) -> bool:
-    """Wait until a resumed run has replaced its log (rollback) and appended to it, i.e. the
-    file is new and its last line is no longer the old terminal event. False when the resume
-    process ended first (or the wait was cancelled); True also when it ended after it began."""
+    """Wait until a resumed run has appended to its log (past ``old_size`` bytes) and its last
+    line is no longer a terminal event. False when the resume process ended first (or the wait
+    was cancelled); True also when it ended after it began."""
     end = time.monotonic() + timeout
     while time.monotonic() < end and not stop.is_set() and not worker.is_cancelled:
         try:
-            s = os.stat(path)
-            new = (s.st_ino, s.st_dev) != tuple(old_log)
+            grown = os.stat(path).st_size > old_size
         except OSError:
-            new = False
-        if new and not _last_line_is_terminal(path):
+            grown = False
+        if grown and not _last_line_is_terminal(path):
             return True
         if not alive():
-            return new      # ended: follow what it wrote if it got as far as the rollback
+            return grown    # ended: follow what it wrote if it got as far as its marker
         stop.wait(0.1)
     return False
 

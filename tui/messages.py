@@ -27,15 +27,15 @@ class FollowEnded(Message):
 
 
 class RunLaunched(Message):
-    """``resumed``: a resume of ``run_dir``; ``old_log`` (inode, device) of its events.jsonl
-    before the resume, which the resumed process replaces (rollback); ``since``: when asked."""
+    """``resumed``: a resume of ``run_dir``; ``old_size``: the bytes of its events.jsonl before
+    the resume (the resumed process appends past them); ``since``: when asked."""
 
-    def __init__(self, run_dir: Path, resumed: bool = False, old_log: tuple | None = None,
+    def __init__(self, run_dir: Path, resumed: bool = False, old_size: int | None = None,
                  since: float = 0.0) -> None:
         super().__init__()
         self.run_dir = run_dir
         self.resumed = resumed
-        self.old_log = old_log
+        self.old_size = old_size
         self.since = since
 
 

@@ -426,104 +426,88 @@ class JsonlWriter:
 BAD_LINE = (ValueError, TypeError, AttributeError, KeyError)
 
 
+class EventLog:
+    """A run log read as it grows, never blocking: ``read_new()`` returns the events of the
+    complete lines written since the last call. Any damage is survived: a torn last line (a
+    kill, even inside a multi-byte character) is kept until its end arrives, bytes that are not
+    UTF-8 and lines that are no event are skipped. The log is append-only (a resume appends a
+    ``Resumed`` marker; nothing rewrites it), so an offset is all a reader keeps."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._offset = 0
+        self._partial = b""            # the torn end of the last read: completed by the next one
+
+    @property
+    def pending(self) -> bool:
+        """A line was begun and not finished (the writer is mid-line, or was killed there)."""
+        return bool(self._partial)
+
+    def read_new(self, strict: bool = False) -> list[Event]:
+        """The events completed since the last call ([] for a log that does not exist yet). A log
+        that cannot be read (a directory, no permission) gives [] or, with ``strict``, OSError."""
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self._offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return []
+        except OSError:
+            if strict:
+                raise
+            return []
+        self._offset += len(data)
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        out = []
+        for raw in lines:
+            try:
+                out.append(loads(raw.decode("utf-8", errors="replace")))
+            except BAD_LINE:
+                continue
+        return out
+
+
 def read_events(path: str | Path, strict: bool = False) -> list[Event]:
-    """All complete events of a run log. Any damage is survived: a torn last line (a kill, even
-    inside a multi-byte character), bytes that are not UTF-8 and lines that are no event are
-    skipped. A log that cannot be read at all (a directory, no permission) gives [] or, with
-    ``strict``, raises OSError (``engine.core.rundir.info`` reports the run as damaged)."""
-    out = []
-    try:
-        with open(path, "rb") as fh:
-            for raw in fh:
-                if not raw.endswith(b"\n"):
-                    break
-                try:
-                    out.append(loads(raw.decode("utf-8", errors="replace")))
-                except BAD_LINE:
-                    continue
-    except FileNotFoundError:
-        pass
-    except OSError:
-        if strict:
-            raise
-    return out
+    """All complete events of a run log (``EventLog(path).read_new()`` once). A log that cannot
+    be read at all gives [] or, with ``strict``, raises OSError (``engine.core.rundir.info``
+    reports the run as damaged)."""
+    return EventLog(path).read_new(strict=strict)
 
 
-def follow(path: str | Path, stop: threading.Event | None = None, poll: float = 0.2,
-           until_terminal: bool = True, alive: Callable[[], bool] | None = None) -> Iterator[Event]:
-    """Yield the events of a run log: all history, then new lines as they are written.
+def follow_batches(path: str | Path, stop: threading.Event | None = None, poll: float = 0.2,
+                   until_terminal: bool = True, alive: Callable[[], bool] | None = None) -> Iterator[list[Event]]:
+    """The events of a run log, one batch per poll: all history first, then what each poll finds
+    (an empty batch when nothing came, so a caller can check its own cancellation in between).
 
     Ends at a terminal event that is the last line of the log (``until_terminal``; a resumed
     run's log goes on past its earlier ``run_failed``), when ``stop`` is set, or when
     ``alive()`` turns False and no more lines come (a crashed writer).
-
-    When the file is replaced (another inode: a resume rolls the log back by writing it anew
-    and renaming it over the old one), the new file is opened and read from its start, so a
-    follower never reads the old, deleted file forever. The events of the new file come from
-    the beginning again: a consumer that folds them must start over (the TUI's ``RunState``
-    resets its series at a ``run_started`` with ``resumed_from_step == 0``).
     """
-    path = Path(path)
-
-    def wait_exists() -> bool:
-        while not path.exists():
-            if stop is not None and stop.wait(poll):
-                return False
-            if alive is not None and not alive():
-                return False
-        return True
-
-    def replaced(fh) -> bool:
-        try:
-            now = os.stat(path)
-        except FileNotFoundError:      # between an unlink and a rename: not (yet) a new file
-            return False
-        mine = os.fstat(fh.fileno())
-        return (now.st_ino, now.st_dev) != (mine.st_ino, mine.st_dev)
-
-    if not wait_exists():
-        return
-    fh = open(path, encoding="utf-8", errors="replace")
-    try:
-        buf = ""
-        idle_checks = 0
-        ended = False                  # the last complete line read was a terminal event
-        while True:
-            chunk = fh.readline()
-            if chunk:
-                buf += chunk
-                if not buf.endswith("\n"):
-                    continue
-                line, buf = buf, ""
-                try:
-                    ev = loads(line)
-                except BAD_LINE:
-                    continue
-                idle_checks = 0
-                ended = until_terminal and isinstance(ev, TERMINAL)
-                yield ev
-                continue
-            # at the end of the file
-            if replaced(fh):
-                try:
-                    new = open(path, encoding="utf-8", errors="replace")
-                except FileNotFoundError:
-                    new = None
-                if new is not None:
-                    fh.close()
-                    fh, buf, ended, idle_checks = new, "", False, 0
-                    continue
-            if ended and not buf:
+    log, ended, idle = EventLog(path), False, 0
+    while True:
+        batch = log.read_new()
+        yield batch
+        if batch:
+            idle = 0
+            ended = until_terminal and isinstance(batch[-1], TERMINAL)
+            if ended:
+                continue               # read again at once: the end, unless something follows
+        elif ended and not log.pending:
+            return
+        if stop is not None and stop.is_set():
+            return
+        if not batch and alive is not None and not alive():
+            idle += 1
+            if idle > 2:
                 return
-            if stop is not None and stop.is_set():
-                return
-            if alive is not None and not alive():
-                idle_checks += 1
-                if idle_checks > 2:
-                    return
-            if stop is not None:
-                stop.wait(poll)
-            else:
-                time.sleep(poll)
-    finally:
-        fh.close()
+        if stop is not None:
+            stop.wait(poll)
+        else:
+            time.sleep(poll)
+
+
+def follow(path: str | Path, stop: threading.Event | None = None, poll: float = 0.2,
+           until_terminal: bool = True, alive: Callable[[], bool] | None = None) -> Iterator[Event]:
+    """``follow_batches`` one event at a time (the CLI's attach and tests)."""
+    for batch in follow_batches(path, stop, poll, until_terminal, alive):
+        yield from batch

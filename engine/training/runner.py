@@ -183,24 +183,11 @@ def absolutise(cfg: config.Config) -> config.Config:
     return cfg
 
 
-def rollback_events(run_dir: Path, step: int) -> int:
-    """Drop step/eval/checkpoint events past ``step`` (work a resume will redo). Returns how many."""
-    path = run_dir / rundir.EVENTS
-    evs = events.read_events(path)
-    keep, dropped = [], 0
-    for ev in evs:
-        if ev.type in ("step", "eval", "checkpoint", "hint") and getattr(ev, "step", 0) > step:
-            dropped += 1
-            continue
-        keep.append(ev)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for ev in keep:
-            fh.write(events.dumps(ev) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-    return dropped
+def superseded_events(run_dir: Path, step: int) -> int:
+    """How many logged events a resume from ``step`` redoes (the log keeps them: the ``Resumed``
+    marker the resume appends tells readers to drop them; ``engine.core.summary.redone``)."""
+    from engine.core.summary import redone, standing
+    return sum(redone(ev, step) for ev in standing(events.read_events(run_dir / rundir.EVENTS)))
 
 
 class Run:
@@ -271,8 +258,6 @@ class Run:
                 raise PreflightError(f"{self.run_dir}: the run is still live (pid {rundir.owner_pid(self.run_dir)}); "
                                      "attach to it or stop it first")
             self.cfg = self._resume_config()
-            # pick the checkpoint and roll the log back *before* the log is opened for appending
-            # (rollback replaces events.jsonl; a writer opened earlier would write to the old file)
             self._resume_ckpt, self._resume_note = self._resume_checkpoint()
         elif check:
             try:
@@ -394,7 +379,9 @@ class Run:
         try:
             from engine.training import trainer as trainer_mod
             ckpt = self._resume_ckpt
-            if self.resume:
+            if self.resume:           # the log is appended to, never rewritten: readers drop what is redone
+                emit(events.Resumed(from_step=rundir.checkpoint_step(ckpt) if ckpt else 0,
+                                    checkpoint=str(ckpt) if ckpt else ""))
                 emit(events.Status(phase="resume", message=self._resume_note + (
                     "; config changed: " + ", ".join(f"{k} = {self.cfg.get(k)!r}" for k in self._changed)
                     if self._changed else "")))
@@ -578,7 +565,7 @@ class Run:
         return final
 
     def _resume_checkpoint(self) -> tuple[Path | None, str]:
-        """The newest complete checkpoint (half-written ones are removed) and the log rolled back to it."""
+        """The newest complete checkpoint (half-written ones are removed) and what resuming from it says."""
         base = self.run_dir / rundir.CHECKPOINTS
         ck = rundir.checkpoints(self.run_dir)
         if base.is_dir():
@@ -586,12 +573,12 @@ class Run:
                 if p.name.startswith("checkpoint-") and p not in ck:
                     shutil.rmtree(p, ignore_errors=True)
         if not ck:
-            dropped = rollback_events(self.run_dir, 0)
-            return None, f"no complete checkpoint: starting over ({dropped} events rolled back)"
+            dropped = superseded_events(self.run_dir, 0)
+            return None, f"no complete checkpoint: starting over ({dropped} logged events are redone)"
         step = rundir.checkpoint_step(ck[-1])
-        dropped = rollback_events(self.run_dir, step)
+        dropped = superseded_events(self.run_dir, step)
         return ck[-1], (f"resuming from {ck[-1].name} (step {step})"
-                        + (f"; {dropped} later events rolled back (that work is redone now)" if dropped else ""))
+                        + (f"; {dropped} later events are redone now" if dropped else ""))
 
 
 def install_signal_handlers(run: Run, headless: bool = True) -> None:
