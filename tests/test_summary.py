@@ -153,3 +153,32 @@ def test_read_new_on_an_unreadable_log(tmp_path):
     if os.access(f, os.R_OK):                                     # root reads anything
         return
     assert events.read_events(f) == []
+
+
+def test_warnings_have_their_own_event_and_are_said_once_on_stderr(capsys):
+    """A failing sink: a RunWarning to the other sinks, one line on stderr (the headless printer
+    says it, so the bus does not say it again); the printer ends with the fold's outcome."""
+    import io
+    from engine.cli.cmd_train import HeadlessPrinter
+    out, err = io.StringIO(), io.StringIO()
+    bus = events.EventBus()
+    printer = HeadlessPrinter(out=out, err=err)
+    bus.subscribe(printer)
+
+    def broken(ev):
+        raise OSError(28, "No space left on device")
+    bus.subscribe(broken)
+    bus.emit(RunStarted(model="m", total_steps=2))
+    bus.emit(Step(step=1, total_steps=2, loss=1.25))
+    bus.emit(RunWarning(message="data.jsonl:3: not JSON (row skipped)", source="build"))
+    bus.emit(RunFinished(step=2, adapter_dir="/r/adapter", reason="completed"))
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 2 and "event sink" in lines[0] and "failed and was dropped" in lines[0]
+    assert lines[1] == "warning: data.jsonl:3: not JSON (row skipped)"
+    assert capsys.readouterr().err == ""
+    assert [type(e) for e in bus.history].count(RunWarning) == 2
+    assert out.getvalue().splitlines()[-1] == "finished at step 2: completed; adapter: /r/adapter; final loss 1.2500"
+    bare = events.EventBus()                       # nobody prints warnings: the bus says it on stderr
+    bare.subscribe(broken)
+    bare.emit(Step(step=1))
+    assert "failed and was dropped" in capsys.readouterr().err

@@ -501,6 +501,9 @@ class QloraApp(App):
             return
         for ev in msg.events:
             st.apply(ev)
+            if isinstance(ev, events.RunWarning) and ev.time >= self._news_since:
+                self.notify(one_line(ev.message, 300), title="Warning", severity="warning",
+                            markup=False, timeout=8)
         last = msg.events[-1]
         if last.time < self._news_since:
             pass                                 # history (attach, or before a resume): not news

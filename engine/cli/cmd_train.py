@@ -55,14 +55,17 @@ def _num(x, fmt: str) -> str:
 
 class HeadlessPrinter:
     """Prints one line per step event (and hints, checkpoints, the final outcome); warnings and
-    failures go to stderr."""
+    failures go to stderr. What it says at the end comes from the run's fold (``summary``)."""
     shows_warnings = True          # the bus need not print a failing sink's warning itself
 
     def __init__(self, out=None, err=None):
+        from engine.core.summary import RunSummary
         self.out = out or sys.stdout
         self.err = err or sys.stderr
+        self.summary = RunSummary()
 
     def __call__(self, ev: events.Event) -> None:
+        self.summary.apply(ev)
         w = self.out.write
         match ev:
             case events.Status(phase=phase, message=message):
@@ -86,8 +89,11 @@ class HeadlessPrinter:
             case events.RunWarning(message=message):
                 self._err(f"warning: {message}\n")
             case events.RunFinished():
-                w(f"{'stopped' if ev.stopped else 'finished'} at step {ev.step}: {ev.reason}; "
-                  f"{'model' if ev.adapter_dir.endswith('/model') else 'adapter'}: {ev.adapter_dir}\n")
+                s = self.summary
+                loss = s.final_loss if s.final_loss is not None else s.last_loss
+                w(f"{s.state} at step {s.step}: {ev.reason}; "
+                  f"{'model' if ev.adapter_dir.endswith('/model') else 'adapter'}: {ev.adapter_dir}"
+                  + (f"; final loss {loss:.4f}" if loss is not None else "") + "\n")
             case events.RunFailed(reason=reason):
                 self._err(f"failed: {reason}\n")
         self.out.flush()

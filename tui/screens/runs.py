@@ -243,7 +243,7 @@ class RunDetailScreen(Screen):
         self.query_one("#detail-grad", Sparkline).data = st.grad_norm_values
         self.detail_state = st
         self.query_one("#detail-chart", LossChart).set_data(st.losses, st.evals, st.total_steps)
-        self.query_one("#detail-hints", Static).update(hints_text(st.hints))
+        self.query_one("#detail-hints", Static).update(hints_text(st.hints, st.warnings))
 
     def action_attach(self) -> None:
         if self.info is None or self.info.state != "live":

@@ -256,7 +256,7 @@ class TrainScreen(Screen):
             m.append(f"\n\nfailed ({clean(st.fail_kind)})", style="bold red")
         self._put(metrics, m)
         hints = self.query_one("#hints", Static)
-        if self.__dict__.get("_hints_shown") != (len(st.hints), id(st.hints)):
-            self._hints_shown = (len(st.hints), id(st.hints))
-            self._put(hints, hints_text(st.hints))
-        self.set_class(bool(st.hints), "-has-hints")
+        if self.__dict__.get("_hints_shown") != (len(st.hints), id(st.hints), len(st.warnings), id(st.warnings)):
+            self._hints_shown = (len(st.hints), id(st.hints), len(st.warnings), id(st.warnings))
+            self._put(hints, hints_text(st.hints, st.warnings))
+        self.set_class(bool(st.hints or st.warnings), "-has-hints")
