@@ -1,8 +1,9 @@
 """The qlora-tui Textual app: four screens (modes) over one config and at most one followed run.
 
-Threads: a launch worker calls ``engine.training.runner.start_detached``; a follow worker tails the
-run's events.jsonl (``EventLog.read_new``) and posts batches (≤1/s) as ``RunEvents``; the Train screen polls NVML
-in its own worker. Only messages cross into the UI thread; widgets are touched there only.
+Threads: a launch worker calls ``engine.training.runner.start_detached``; a follow worker polls the
+run's events.jsonl (``EventLog.read_new``) and posts batches (≤1/s) as ``RunEvents``; the Train
+screen polls NVML in its own worker. Only messages cross into the UI thread; widgets are touched
+there only.
 """
 from __future__ import annotations
 

@@ -254,7 +254,8 @@ def cmd_runs(args) -> int:
     for ri in runs:
         loss = ri.final_loss if ri.final_loss is not None else ri.last_loss
         print(f"{ri.state:9} {ri.step:>5}/{ri.total_steps:<5} {_num(loss, '8.4f'):>8}  {ri.path}"
-              + (f"  ({ri.reason})" if ri.state in ("failed", "crashed", "damaged") and ri.reason else ""))
+              + (f"  ({ri.reason})" if ri.state in (rundir.State.FAILED, rundir.State.CRASHED,
+                                                    rundir.State.DAMAGED) and ri.reason else ""))
     return 0
 
 
@@ -282,5 +283,5 @@ def cmd_stop(args) -> int:
         if not rundir.process_alive(d):
             ri = rundir.info(d)
             print(f"run {ri.state} at step {ri.step}" + (f": {ri.reason}" if ri.reason else ""))
-            return 0 if ri.state in ("stopped", "finished") else 1
+            return 0 if ri.state in (rundir.State.STOPPED, rundir.State.FINISHED) else 1
         time.sleep(0.3)

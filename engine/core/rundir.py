@@ -280,7 +280,7 @@ def list_runs(runs_dir: str | Path) -> list[RunInfo]:
 
 def newest_live(runs_dir: str | Path) -> Path | None:
     for ri in list_runs(runs_dir):
-        if ri.state == "live":
+        if ri.state == State.LIVE:
             return ri.path
     return None
 

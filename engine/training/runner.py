@@ -145,7 +145,7 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> tu
         raise PreflightError(f"{run_dir}: not a run directory (no {rundir.CONFIG})")
     old = config.load(run_dir / rundir.CONFIG)
     last = rundir.info(run_dir)
-    if last.state == "finished" and not overrides:
+    if last.state == rundir.State.FINISHED and not overrides:
         raise PreflightError(f"{run_dir}: the run finished (step {last.step}); nothing to resume "
                              "(raise train.max_steps with --set to train on)")
     if not overrides:
