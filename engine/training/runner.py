@@ -344,10 +344,24 @@ class Run:
             self.result = ev
 
     # ---- the thread
+    def _say_how_it_starts(self, emit) -> None:
+        """Preflight warnings (in the log, the printer and the TUI); on resume, the marker (the
+        log is appended to, never rewritten: readers drop what was logged past it) and what the
+        resume changed."""
+        for note in self.notes:
+            emit(events.RunWarning(source="preflight", message=note))
+        if not self.resume:
+            return
+        ckpt = self._resume_ckpt
+        emit(events.Resumed(from_step=rundir.checkpoint_step(ckpt) if ckpt else 0,
+                            checkpoint=str(ckpt) if ckpt else ""))
+        emit(events.Status(phase="resume", message=self._resume_note + (
+            "; config changed: " + ", ".join(f"{k} = {self.cfg.get(k)!r}" for k in self._changed)
+            if self._changed else "")))
+
     def _main(self) -> None:
         emit = self.bus.emit
-        for note in self.notes:          # preflight warnings: in the log, the printer and the TUI
-            emit(events.RunWarning(source="preflight", message=note))
+        self._say_how_it_starts(emit)
         hints = None
         try:
             from engine.training.hints import HintEngine
@@ -359,14 +373,12 @@ class Run:
             nan_steps: set[int] = set()    # the trainer's own NaN check already said so on that step
 
             def feed(ev):
-                match ev:
-                    case events.Hint(rule="nan", step=s):
-                        nan_steps.add(s)
-                        return
-                    case events.Hint():
-                        return
-                    case events.Step(step=s):
-                        last_step[0] = s
+                if isinstance(ev, events.Hint):
+                    if ev.rule == "nan":
+                        nan_steps.add(ev.step)
+                    return
+                if isinstance(ev, events.Step):
+                    last_step[0] = ev.step
                 for h in hints.observe(ev):
                     if h.rule == "nan" and h.step in nan_steps:
                         continue
@@ -379,12 +391,7 @@ class Run:
         try:
             from engine.training import trainer as trainer_mod
             ckpt = self._resume_ckpt
-            if self.resume:           # the log is appended to, never rewritten: readers drop what is redone
-                emit(events.Resumed(from_step=rundir.checkpoint_step(ckpt) if ckpt else 0,
-                                    checkpoint=str(ckpt) if ckpt else ""))
-                emit(events.Status(phase="resume", message=self._resume_note + (
-                    "; config changed: " + ", ".join(f"{k} = {self.cfg.get(k)!r}" for k in self._changed)
-                    if self._changed else "")))
+            if self.resume:
                 if ckpt is not None and 0 < self.cfg.train.max_steps <= rundir.checkpoint_step(ckpt):
                     # nothing left to train (killed while saving the adapter, say): HF would train
                     # one step past max_steps; take the adapter from the checkpoint instead
