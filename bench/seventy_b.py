@@ -52,8 +52,9 @@ def rss_tree(pid: int) -> int:
     return total
 
 
-def run_child(argv, env, timeout):
-    """(returncode or None on timeout, stdout+stderr, peak RSS bytes, wall seconds)."""
+def run_child(argv, env, timeout, log: Path | None = None):
+    """(returncode or None on timeout, stdout+stderr, peak RSS bytes, wall seconds); the child's
+    whole output is also written to ``log`` (the bench's $OUT) for a post-mortem."""
     t0 = time.time()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     peak, out = [0], []
@@ -67,6 +68,8 @@ def run_child(argv, env, timeout):
         proc.kill()
         proc.wait()
     reader.join(timeout=5)
+    if log is not None:
+        log.write_text("".join(out))
     return rc, "".join(out), peak[0], time.time() - t0
 
 
@@ -120,7 +123,7 @@ def plain_child(model_dir: str, data: str, seq: int, batch: int, steps: int, war
 def plain_variant(a, model_dir, data) -> dict:
     argv = [sys.executable, __file__, "--child-plain", str(model_dir), str(data), str(a.seq), str(a.batch),
             str(a.steps), str(a.warm)]
-    rc, text, rss, wall = run_child(argv, dict(os.environ), a.timeout)
+    rc, text, rss, wall = run_child(argv, dict(os.environ), a.timeout, a.out / "plain.log")
     line = next((l for l in text.splitlines() if l.startswith("RESULT ")), None)
     res = dict(variant="plain", host_rss_gib=round(rss / GIB, 2), wall_s=round(wall, 1))
     if line is None:
@@ -171,12 +174,14 @@ def engine_variant(a, variant, model_dir, data, out_dir) -> dict:
     res = dict(variant=variant, **predicted(cfg_path, (TINY_BUDGETS if a.tiny else BUDGETS)[variant]))
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     rc, text, rss, wall = run_child([sys.executable, "-m", "engine", "train", str(cfg_path), "--headless"],
-                                    env, a.timeout)
+                                    env, a.timeout, a.out / f"{variant}.log")
     res.update(host_rss_gib=round(rss / GIB, 2), wall_s=round(wall, 1))
     runs = sorted((out_dir / variant).glob("*/events.jsonl"), key=lambda p: p.stat().st_mtime)
     from engine.core import events
     from engine.core.summary import standing
     evs = standing(events.read_events(runs[-1])) if runs else []
+    if runs:
+        (a.out / f"{variant}-events.jsonl").write_text(runs[-1].read_text())
     steps = [e for e in evs if isinstance(e, events.Step)]
     started = next((e for e in evs if isinstance(e, events.RunStarted)), None)
     res.update(steps_run=len(steps), plan=started.plan if started else None, losses=[e.loss for e in steps])
@@ -236,7 +241,7 @@ def main(argv=None) -> int:
     a.batch = 8
     a.steps = a.steps or 3
     import make_70b
-    out = Path(os.environ.get("OUT", "/tmp/seventy-b-out"))
+    out = a.out = Path(os.environ.get("OUT", "/tmp/seventy-b-out"))
     out.mkdir(parents=True, exist_ok=True)
     model_dir = Path(os.environ.get("MODEL_DIR", "/tmp/model-tiny-nf4" if a.tiny else "/tmp/model-llama70b-nf4"))
     t0 = time.time()
@@ -244,9 +249,10 @@ def main(argv=None) -> int:
     print(f"MODEL {model_dir} ready in {time.time() - t0:.0f} s", flush=True)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     data = data_file(vocab, a.seq, a.batch * (a.steps + 1))
+    runs = Path(os.environ.get("RUNS_DIR", "/tmp/seventy-b-runs"))   # adapters stay off $OUT (1.6 GB for 70B)
     results = []
     for v in [x.strip() for x in a.variants.split(",") if x.strip()]:
-        res = plain_variant(a, model_dir, data) if v == "plain" else engine_variant(a, v, model_dir, data, out / "runs")
+        res = plain_variant(a, model_dir, data) if v == "plain" else engine_variant(a, v, model_dir, data, runs)
         results.append(res)
         print("RESULT " + json.dumps(res), flush=True)
         with open(out / "seventy_b.jsonl", "a") as fh:

@@ -248,7 +248,7 @@ def fmt(x: float) -> str:
     return f"{x:,.0f}"
 
 
-def main() -> int:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="examples/demo.toml")
     ap.add_argument("--pairs", type=int, default=3)
@@ -259,55 +259,64 @@ def main() -> int:
                     help="extra config overrides (both sides)")
     ap.add_argument("--note", default="", help="a line added to the RESULTS.md section")
     ap.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
-    args = ap.parse_args()
-    if shutil.which("tmux") is None:
-        print("tmux not installed", file=sys.stderr)
-        return 2
-    sets = [f"train.max_steps={args.steps}", "train.eval_steps=0", "train.save_steps=0",
-            "train.logging_steps=1"] + args.sets
+    return ap.parse_args()
+
+
+def _shown_command(argv: list[str]) -> str:
+    """The command line as RESULTS.md shows it (the --note text is printed below the table, not here)."""
     shown, skip = [], False
-    for a in sys.argv[1:]:                  # the --note text is printed below the table, not here
+    for a in argv:
         if skip or a == "--note":
             skip = a == "--note"
             continue
         if not a.startswith("--note="):
             shown.append(a)
-    command = " ".join(["python bench/tui_overhead.py", *map(shlex.quote, shown)])
-    base = Path(tempfile.mkdtemp(prefix="qlora-tui-overhead-"))
+    return " ".join(["python bench/tui_overhead.py", *map(shlex.quote, shown)])
+
+
+def _one(args, sets: list[str], base: Path, i: int, side: str) -> dict:
+    """One measured run: A headless or B in the TUI; its row of figures (printed as well)."""
+    work = base / f"{i}{side}"
+    work.mkdir()
+    quiet = wait_quiet()
+    la = loadavg()
+    t = time.monotonic()
+    extra: dict = {}
+    if side == "A":
+        run = run_headless(args.config, sets, work, args.timeout)
+    else:
+        run, extra = run_tui(args.config, sets, work, args.timeout,
+                             f"qlora-overhead-{os.getpid()}-{i}", args.warmup)
+    tps, n, dt, per = tokens_per_s(run, args.warmup)
+    row = {"pair": i + 1, "side": side, "tps": tps, "steps": n, "secs": dt, "per": per,
+           "load": la, "load_after": loadavg(), "busy_before": quiet, "wall": time.monotonic() - t, **extra}
+    more = ""
+    if "tui_cpu_s" in extra:
+        more = (f", TUI process {extra['tui_cpu_s']:.1f} CPU-s over "
+                f"{extra['wall_s']:.0f} s ({100 * extra['tui_cpu_s'] / extra['wall_s']:.1f}% "
+                f"of a core), exit {extra['exit']}")
+    print(f"pair {i + 1} {side}: {fmt(tps)} tokens/s over {n} steps / {dt:.1f} s "
+          f"(median step {fmt(per)}) "
+          f"(load {la} → {row['load_after']}){more}", flush=True)
+    return row
+
+
+def _measure(args, sets: list[str], base: Path) -> list[dict]:
+    """The A/B pairs, alternating; no tmux session is left behind, whatever fails."""
     rows: list[dict] = []
-    load_before = loadavg()
-    print(f"config {args.config} --set {' --set '.join(sets)}; work in {base}; load {load_before}")
     try:
         for i in range(args.pairs):
             for side in ("A", "B"):
-                work = base / f"{i}{side}"
-                work.mkdir()
-                quiet = wait_quiet()
-                la = loadavg()
-                t = time.monotonic()
-                extra: dict = {}
-                if side == "A":
-                    run = run_headless(args.config, sets, work, args.timeout)
-                else:
-                    run, extra = run_tui(args.config, sets, work, args.timeout,
-                                         f"qlora-overhead-{os.getpid()}-{i}", args.warmup)
-                tps, n, dt, per = tokens_per_s(run, args.warmup)
-                row = {"pair": i + 1, "side": side, "tps": tps, "steps": n, "secs": dt, "per": per,
-                       "load": la, "load_after": loadavg(), "busy_before": quiet, "wall": time.monotonic() - t, **extra}
-                rows.append(row)
-                more = ""
-                if "tui_cpu_s" in extra:
-                    more = (f", TUI process {extra['tui_cpu_s']:.1f} CPU-s over "
-                            f"{extra['wall_s']:.0f} s ({100 * extra['tui_cpu_s'] / extra['wall_s']:.1f}% "
-                            f"of a core), exit {extra['exit']}")
-                print(f"pair {i + 1} {side}: {fmt(tps)} tokens/s over {n} steps / {dt:.1f} s "
-                      f"(median step {fmt(per)}) "
-                      f"(load {la} → {row['load_after']}){more}", flush=True)
+                rows.append(_one(args, sets, base, i, side))
     finally:
-        # never leave a session behind, whatever failed
         for line in tmux("list-sessions", "-F", "#{session_name}", check=False).split():
             if line.startswith(f"qlora-overhead-{os.getpid()}-"):
                 tmux("kill-session", "-t", line, check=False)
+    return rows
+
+
+def _section(rows: list[dict], args, sets: list[str], command: str, load_before: str) -> str:
+    """The RESULTS.md section: the table of pairs and the medians."""
     a = [r["tps"] for r in rows if r["side"] == "A"]
     b = [r["tps"] for r in rows if r["side"] == "B"]
     pair_ratios = [rb["tps"] / ra["tps"] for ra, rb in zip(rows[0::2], rows[1::2])]
@@ -348,16 +357,35 @@ def main() -> int:
     ]
     if args.note:
         lines += ["", args.note]
-    text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def _write_results(text: str) -> None:
+    """Replace an older "TUI overhead" section of bench/RESULTS.md (up to the next "## "), keep the rest."""
+    res = ROOT / "bench" / "RESULTS.md"
+    old = res.read_text() if res.exists() else ""
+    old = re.sub(rf"(?ms)^{re.escape(SECTION)}\n.*?(?=^## |\Z)", "", old).rstrip("\n")
+    res.write_text((old + "\n\n" if old else "") + text)
+    print(f"written to {res}")
+
+
+def main() -> int:
+    args = _parse_args()
+    if shutil.which("tmux") is None:
+        print("tmux not installed", file=sys.stderr)
+        return 2
+    sets = [f"train.max_steps={args.steps}", "train.eval_steps=0", "train.save_steps=0",
+            "train.logging_steps=1"] + args.sets
+    command = _shown_command(sys.argv[1:])
+    base = Path(tempfile.mkdtemp(prefix="qlora-tui-overhead-"))
+    load_before = loadavg()
+    print(f"config {args.config} --set {' --set '.join(sets)}; work in {base}; load {load_before}")
+    rows = _measure(args, sets, base)
+    text = _section(rows, args, sets, command, load_before)
     print()
     print(text)
     if not args.no_write:
-        res = ROOT / "bench" / "RESULTS.md"
-        old = res.read_text() if res.exists() else ""
-        # replace an older "TUI overhead" section (up to the next "## "), keep everything else
-        old = re.sub(rf"(?ms)^{re.escape(SECTION)}\n.*?(?=^## |\Z)", "", old).rstrip("\n")
-        res.write_text((old + "\n\n" if old else "") + text)
-        print(f"written to {res}")
+        _write_results(text)
     return 0
 
 

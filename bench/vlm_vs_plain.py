@@ -4,6 +4,7 @@ clean peak-memory figure).
 
     python bench/vlm_vs_plain.py                 # Qwen2-VL-7B shape on the GPU (the lead's run)
     python bench/vlm_vs_plain.py --tiny          # builtin:tiny-vl's shape on the CPU: a smoke test
+    python bench/vlm_vs_plain.py --steps 12 --warm 3 --variants plain,engine_eq   # equal memory
 
 plain   TRL's documented VLM recipe: SFTTrainer(processing_class=processor) on rows of "messages"
         (image parts) + "images" (PIL), LoRA r=32/alpha=64 target_modules="all-linear" (PEFT then
@@ -12,6 +13,9 @@ plain   TRL's documented VLM recipe: SFTTrainer(processing_class=processor) on r
 engine  `python -m engine train CFG --headless`, the same rows as a JSONL file with image paths,
         the same r/alpha/optimizer/batch; everything else on auto (frozen 16-bit vision tower,
         LoRA on the language model, the fit planner).
+engine_eq  the engine told it has plain's measured peak reserved memory (train.gpu_memory_gib =
+        the plain variant's peak_reserved_gib from the same invocation, or --eq-gib): the
+        equal-memory comparison; engine_NNg: the engine with an NN GiB budget (engine_10g, ...).
 Both train STEPS optimizer steps (micro-batch BATCH, no accumulation); tokens/s counts real
 (non-pad) tokens, visual tokens included, over the steps after WARM; peak = the child's
 torch.cuda.max_memory_reserved(). Prints RESULT lines and appends JSON to $OUT/vlm_vs_plain.jsonl.
@@ -162,7 +166,8 @@ def child_engine(a) -> dict:
                         f"train.batch_size={a.batch}", "train.grad_accum=1", f"train.max_steps={a.steps}",
                         "train.logging_steps=1", "train.eval_steps=0", "train.save_steps=0",
                         'output.dir="/tmp/bench-vlm-engine-runs"', "output.keep_checkpoints=false"]
-                 + (["train.device=\"cpu\""] if not torch.cuda.is_available() else []))
+                 + (["train.device=\"cpu\""] if not torch.cuda.is_available() else [])
+                 + ([f"train.gpu_memory_gib={a.budget_gib}"] if a.budget_gib else []))
     timer = Timer(a.warm)
     run = runner.Run(cfg)
     if torch.cuda.is_available():
@@ -179,7 +184,9 @@ def child_engine(a) -> dict:
     last = evs[-1]
     timer.t0, timer.t1 = first.time, last.time
     timer.tok0, timer.tok1 = first.tokens_seen, last.tokens_seen
-    return _result("engine", timer, [{"loss": e.loss} for e in evs])
+    started = next((e for e in events.read_events(run.run_dir / rundir.EVENTS) if e.type == "run_started"), None)
+    return dict(_result("engine", timer, [{"loss": e.loss} for e in evs]), budget_gib=a.budget_gib or None,
+                plan=getattr(started, "plan", None))
 
 
 def _result(name, timer, history) -> dict:
@@ -193,6 +200,24 @@ def _result(name, timer, history) -> dict:
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
 
 
+def variant_child(v: str, a, results: list[dict]) -> tuple[str | None, float | str | None]:
+    """(child, engine budget in GiB) for variant ``v``; (None, why) when it cannot run."""
+    import re
+    if v in ("plain", "engine"):
+        return v, None
+    m = re.fullmatch(r"engine_(\d+(?:\.\d+)?)g", v)
+    if m:
+        return "engine", float(m.group(1))
+    if v == "engine_eq":
+        plain = next((r for r in results if r.get("variant") == "plain" and r.get("peak_reserved_gib")), None)
+        budget = a.eq_gib or (plain or {}).get("peak_reserved_gib")
+        if not budget:
+            return None, ("engine_eq needs plain's measured peak: put plain before it in --variants "
+                          "(on a GPU) or pass --eq-gib")
+        return "engine", float(budget)
+    return None, f"unknown variant {v!r} (plain, engine, engine_eq, engine_NNg)"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="builtin:tiny-vl's shape on the CPU (smoke test)")
@@ -201,6 +226,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--rows", type=int, default=None)
     ap.add_argument("--variants", default="plain,engine")
+    ap.add_argument("--eq-gib", type=float, default=None,
+                    help="engine_eq's budget when plain is not run in this call (plain's measured peak, GiB)")
+    ap.add_argument("--budget-gib", type=float, default=None, help=argparse.SUPPRESS)   # the engine child's
     ap.add_argument("--child", choices=["plain", "engine"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.steps = a.steps or (4 if a.tiny else 30)
@@ -215,15 +243,20 @@ def main() -> int:
     data_file(a.tiny, a.rows)
     results = []
     for v in a.variants.split(","):
-        argv = [sys.executable, __file__, "--child", v, "--steps", str(a.steps), "--warm", str(a.warm),
-                "--batch", str(a.batch), "--rows", str(a.rows)] + (["--tiny"] if a.tiny else [])
+        child, budget = variant_child(v, a, results)
+        if child is None:
+            results.append({"variant": v, "error": budget})
+            continue
+        argv = [sys.executable, __file__, "--child", child, "--steps", str(a.steps), "--warm", str(a.warm),
+                "--batch", str(a.batch), "--rows", str(a.rows)] + (["--tiny"] if a.tiny else []) \
+            + (["--budget-gib", str(budget)] if budget else [])
         p = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
         line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
         if p.returncode != 0 or line is None:
             print(f"{v}: failed (exit {p.returncode})\n{p.stderr[-3000:]}", file=sys.stderr)
             results.append({"variant": v, "error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]})
             continue
-        results.append(json.loads(line[7:]))
+        results.append(dict(json.loads(line[7:]), variant=v))
     out = Path(os.environ.get("OUT", "/tmp"))
     with open(out / "vlm_vs_plain.jsonl", "a") as fh:
         for r in results:
@@ -232,11 +265,12 @@ def main() -> int:
     for r in results:
         print("RESULT " + json.dumps(r))
     ok = {r["variant"]: r for r in results if r.get("tokens_per_s")}
-    if "plain" in ok and "engine" in ok:
-        sp = ok["engine"]["tokens_per_s"] / ok["plain"]["tokens_per_s"]
-        mem = (f", peak {ok['engine']['peak_reserved_gib']} vs {ok['plain']['peak_reserved_gib']} GiB"
-               if ok["engine"]["peak_reserved_gib"] is not None else "")
-        print(f"engine/plain tokens/s: {sp:.2f}x{mem}")
+    for name, r in ok.items():
+        if name != "plain" and "plain" in ok:
+            sp = r["tokens_per_s"] / ok["plain"]["tokens_per_s"]
+            mem = (f", peak {r['peak_reserved_gib']} vs {ok['plain']['peak_reserved_gib']} GiB"
+                   if r["peak_reserved_gib"] is not None else "")
+            print(f"{name}/plain tokens/s: {sp:.2f}x{mem}")
     return 0 if len(ok) == len(results) else 1
 
 

@@ -4,6 +4,7 @@ shape, same data, same seed, one device call.
     python bench/vs_plain.py llama8b 2048 8 plain engine_auto engine_24g engine_min plain_chat engine_chat
     python bench/vs_plain.py llama8b 2048 8 plain engine_10g engine_16g engine_24g engine_auto
     python bench/vs_plain.py llama8b 2048 8 plain_chat engine_chat_10g engine_chat_16g engine_chat_24g engine_chat
+    python bench/vs_plain.py llama8b 2048 8 plain_chat engine_chat_24g engine_chat_sdpa_24g
 
 Variants (each in its own process, for a clean peak-memory figure):
   plain, plain_chat       bench/plain_trl_baseline.py (a verbatim copy of shared/bench's), SHAPE SEQ BATCH
@@ -13,6 +14,9 @@ Variants (each in its own process, for a clean peak-memory figure):
   engine_chat             variable-length rows (the baseline's chat lengths), auto (packing)
   engine_chat_NNg         chat rows within an NN GiB budget
   engine_nofused_NNg      an NN GiB budget with train.fused_lora = false (A/B of the fused LoRA linear)
+  engine_chat_sdpa[_NNg]  chat rows with model.attn_implementation = sdpa: packed rows kept apart by a
+                          block-diagonal mask (the engine before varlen attention; auto now picks
+                          varlen for packed rows on the GPU: A/B of engine/training/attention.py)
 Each line also holds the per-step losses (plain: from the Trainer's log) and the coefficient of
 variation of the measured steps' times (step_cv).
 The engine is fed the baseline's exact token ids (pre-tokenised rows) and its optimizer
@@ -122,6 +126,8 @@ def engine_variant(variant, shape, seq, batch, out_dir, extra=None):
         cfg["train"]["gpu_memory_gib"] = float(budget.group(1))
     if variant == "engine_min":
         cfg["train"]["gpu_memory_gib"] = 10.0
+    if "_sdpa" in variant:            # A/B: packed rows under sdpa's mask instead of the varlen kernel
+        cfg["model"]["attn_implementation"] = "sdpa"
     if "nofused" in variant:          # A/B: PEFT's own LoRA forward instead of engine/training/fused_lora.py
         cfg["train"]["fused_lora"] = False
     p = Path(out_dir) / f"{variant}.toml"

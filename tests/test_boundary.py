@@ -28,3 +28,20 @@ def test_no_ui_import_statements_in_engine():
             if s.startswith(("import textual", "from textual", "import rich", "from rich")):
                 offenders.append(f"{p.name}:{i}")
     assert offenders == []
+
+
+def test_argument_wiring_lives_only_in_engine_cli():
+    """Library modules expose plain functions; every subcommand's argparse wiring is in engine/cli."""
+    import ast
+    offenders = []
+    for p in ENGINE.rglob("*.py"):
+        if p.relative_to(ENGINE).parts[0] == "cli":
+            continue
+        tree = ast.parse(p.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            imported = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                        else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            wires = isinstance(node, ast.Attribute) and node.attr in ("add_argument", "add_parser")
+            if wires or any(m.split(".")[0] == "argparse" for m in imported):
+                offenders.append(f"{p.relative_to(ENGINE)}:{node.lineno}")
+    assert offenders == []

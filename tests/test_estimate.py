@@ -240,6 +240,50 @@ def test_planner_on_cpu_keeps_config_values():
                                              out.data.packing))
 
 
+# --------------------------------------------------------------------------- pinned figures
+# Exact bytes of every term for a spread of settings (plain, GaLore, DoRA + offload, 70B
+# streamed, MoE under FSDP with HF's loss, a VLM with Adafactor): a refactor of estimate()
+# must leave every number as it is. Default config (auto optimizer: paged_adamw_8bit). Changed on
+# purpose since: host RAM counts the mapped weight files, GaLore's gradients overlap the
+# activations, streaming buffers (all three calibrated on the H200, bench/RESULTS.md).
+TERMS = ("weights_quantized", "weights_unquantized", "lora_params", "lora_grads", "optimizer_state",
+         "activations", "logits", "backward_workspace", "allocator_overhead", "vision_weights",
+         "vision_activations", "streaming_buffers")
+LLAMA_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                 num_key_value_heads=8, vocab_size=128256)
+MIXTRAL = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2)
+QWEN2VL_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, vocab_size=152064,
+                  vision_config={"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16,
+                                 "hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2,
+                                 "temporal_patch_size": 2})
+PINNED = [
+    (LLAMA_8B, [], {},
+     (3600457662, 2101878784, 167772160, 167772160, 170393600, 3662151680, 536870912, 87241523, 1118691588, 0, 0, 0), 83886080, 8114147328, 18744877056),
+    (LLAMA_8B, ['train.method="galore"'], {},
+     (0, 16060522496, 0, 11304781742, 686292992, 3658481664, 536870912, 87241523, 1553282636, 0, 0, 0),
+     6979321856, 8030261248, 18744877056),
+    (LLAMA_1B, ["lora.use_dora=true"], {"checkpoint_layers": 3, "offload": True},
+     (501986885, 525471744, 46596096, 46596096, 46558720, 17044602880, 402653184, 43620761, 1100768613, 0, 0, 0),
+     22921216, 1258735616, 5155983360),
+    (LLAMA_70B, ["train.weight_streaming=true"], {},
+     (1765609046, 4205330432, 828375040, 828375040, 841318400, 13729529856, 805306368, 174483046, 2258833514, 0, 0, 5821792518), 414187520, 70967894016, 143791767552),
+    (MIXTRAL, ["distributed.gpus=4", 'distributed.strategy="fsdp"'], {"loss_impl": "hf"},
+     (5989222842, 131729408, 240123904, 240123904, 243875840, 4601675776, 3670016000, 87241523, 1776595460, 0, 0, 0), 480247808, 47183040512, 96089939968),
+    (QWEN2VL_7B, ['train.optimizer="adafactor"'], {"batch_size": 2, "seq_len": 1024},
+     (3366233178, 2180398080, 161480704, 161480704, 10142720, 844201984, 192937984, 19084083, 427381593, 1350758400, 87556096, 0), 80740352, 8371607040, 17915329536),
+]
+
+
+@pytest.mark.parametrize("mc,sets,kw,terms,trainable,total,host", PINNED,
+                         ids=["8b", "8b-galore", "1b-dora-offload", "70b-stream", "moe-fsdp-hf", "vl-adafactor"])
+def test_pinned_numbers(mc, sets, kw, terms, trainable, total, host):
+    est = estimate_mod.estimate(config.load(None, sets), mc, **kw)
+    assert tuple(est.breakdown[k] for k in TERMS) == terms
+    assert (est.trainable_params, est.total_params, est.host_bytes) == (trainable, total, host)
+
+
 # ---------------------------------------------------------------------------------- config.json + CLI
 
 def _model_dir(tmp_path, mc=LLAMA_1B):

@@ -71,7 +71,7 @@ def test_tensorboard_logs_loss_lr_and_our_tokens_per_second(tb_run):
     assert [round(v, 3) for _, v in scalars["train/loss"]] == [round(e.loss, 3) for e in steps]
     started = next(e for e in events.read_events(tb_run / "events.jsonl") if e.type == "run_started")
     assert any(str(tb_run / "tensorboard") in p for p in started.plan)
-    from tui.screens.train import tracker_logs       # what the Train screen shows of it
+    from tui.widgets.run_view import tracker_logs       # what the Train screen shows of it
     assert tracker_logs(started.plan) == ("tensorboard", str(tb_run / "tensorboard"))
 
 

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_seventy_b_tiny_plain_and_streamed_engine(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path / "out"), MODEL_DIR=str(tmp_path / "nf4"))
+    env = dict(os.environ, OUT=str(tmp_path / "out"), MODEL_DIR=str(tmp_path / "nf4"), RUNS_DIR=str(tmp_path / "runs"))
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "seventy_b.py"), "--tiny",
                         "--variants", "plain,engine_24", "--steps", "2", "--warm", "1", "--timeout", "240"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)

@@ -90,7 +90,19 @@ def test_streamer_keeps_only_its_window_and_fails_loudly_outside_it():
         for i in range(4):       # after the streamer's own hook
             streaming.decoder_layers(streamed)[i].self_attn.q_proj.base_layer.register_forward_pre_hook(
                 lambda *_: resident_seen.append(sorted(st.resident)))
+        import gc
+        import weakref
+        copies, load = [], st._load
+
+        def tracked(i):                # every copy the streamer makes, watched without keeping it
+            load(i)
+            copies.extend((i, weakref.ref(t.untyped_storage())) for t in st.pending[i][0])
+        st._load = tracked
         loss_b = streamed(input_ids=x, labels=x).loss
+        gc.collect()
+        # between forward and backward only the window is alive: the autograd graph keeps no
+        # evicted layer's weights (bitsandbytes' own matmul node would keep all four)
+        assert {i for i, r in copies if r() is not None} == {3}
         loss_b.backward()
         assert loss_b.item() == loss_a.item()
         for n, p in streamed.named_parameters():

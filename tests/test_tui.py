@@ -151,6 +151,18 @@ async def test_detach_reattach_and_quit_offers_stop_detach_cancel(tmp_path):
         await pilot.press("a")
         await until(pilot, lambda: app.current_mode == "train" and app.run_state.live
                     and len(app.run_state.losses) >= 1, what="re-attached history")
+        await pilot.press("ctrl+d")                      # again, from the run's own page:
+        await pilot.press("f5")                          # enter opens it, a attaches and closes it
+        await until(pilot, lambda: app.screen.runs and app.screen.runs[0].state == "live")
+        await pilot.press("enter")
+        await until(pilot, lambda: getattr(app.screen, "info", None) is not None, what="run page")
+        await pilot.press("a")
+        await until(pilot, lambda: app.current_mode == "train" and app.run_state.live
+                    and len(app.run_state.losses) >= 1, what="attached from the run page")
+        await pilot.press("f5")
+        await until(pilot, lambda: app.current_mode == "runs")
+        assert type(app.screen).__name__ == "RunsScreen"    # the run page was closed
+        await pilot.press("f4")
         await pilot.press("ctrl+q")                      # live run: asks first
         await until(pilot, lambda: isinstance(app.screen, QuitDialog), what="quit dialog")
         await pilot.press("escape")                      # cancel keeps the app
@@ -197,7 +209,7 @@ async def test_a_stopped_followers_last_batch_is_not_applied(tmp_path):
         app.post_message(RunEvents(run, [step], threading.Event()))        # a stale follower's
         await pilot.pause()
         assert len(app.run_state.losses) == n
-        app.post_message(RunEvents(run, [step], app._follow_stop))         # the current one's
+        app.post_message(RunEvents(run, [step], app.controller._follow_stop))         # the current one's
         await until(pilot, lambda: len(app.run_state.losses) == n + 1, what="current batch applied")
 
 

@@ -93,7 +93,7 @@ async def test_nan_offer_lowers_the_learning_rate(tmp_path):
         config.save(demo_cfg(tmp_path, f"train.learning_rate={lr}"), d / rundir.CONFIG)
         st = RunState(run_dir=d)
         st.apply(events.RunFailed(kind="nan", step=5))
-        fixes, what = app.resume_fixes(st)
+        fixes, what = app.controller.resume_fixes(st)
         assert fixes == [want] and "NaN" in what
 
 
@@ -117,8 +117,8 @@ async def test_resume_dialog_escape_dismisses_and_errors_are_one_line(tmp_path):
         await until(pilot, lambda: not isinstance(app.screen, ResumeFixDialog))
         assert isinstance(app.run_state.end, events.RunFailed)
         # resume refused (a frozen section): one line, no traceback
-        app.resume_run(d, ["lora.r=4"])
-        await until(pilot, lambda: not app._launching, what="refusal")
+        app.controller.resume(d, ["lora.r=4"])
+        await until(pilot, lambda: not app.controller.launching, what="refusal")
         assert app.run_state.phase == "failed"
         assert "cannot change on resume" in app.run_state.message
         assert "Traceback" not in app.run_state.message
@@ -156,13 +156,13 @@ async def test_remote_code_needs_confirmation_and_no_starts_nothing(tmp_path):
         assert len([s for s in app.screen_stack if isinstance(s, RemoteCodeDialog)]) == 1
         await pilot.press("enter")                     # the focused default is No
         await until(pilot, lambda: not isinstance(app.screen, RemoteCodeDialog))
-        assert app.run_state is None and not app._launching
+        assert app.run_state is None and not app.controller.launching
         await pilot.press("ctrl+r")
         await until(pilot, lambda: isinstance(app.screen, RemoteCodeDialog))
         await pilot.press("n")
         await until(pilot, lambda: not isinstance(app.screen, RemoteCodeDialog))
         await pilot.pause(0.5)
-        assert app.run_state is None and not app._launching
+        assert app.run_state is None and not app.controller.launching
     assert not (tmp_path / "runs").exists()
     assert not (tmp_path / "REMOTE_CODE_RAN").exists()
 

@@ -141,8 +141,10 @@ async def test_dataset_screen_shows_image_problems_tokens_and_a_preview_then_tra
                     timeout=120, what="preview")
         view = app.screen.query_one("#row-view").render()
         text = str(view)
-        assert "[image 1: 48x48 PNG, 4 tokens]" in text and "00-red-circle.png" in text
-        assert "visual tokens (not trained)" in text and "▀" in text
+        assert "[image 1: 48x48 PNG, 4 tokens]" in text
+        info = str(app.screen.query_one("#row-images .image-info").render())
+        assert "00-red-circle.png" in info and "visual tokens (not trained)" in info
+        assert app.screen.query_one("#row-images Thumbnail").pic.blocks      # its picture (tests/test_images.py)
         # the image placeholder is shown as context, the answer as trained
         spans = {text[s.start:s.end]: str(s.style) for s in view.spans}
         assert any("A red circle." in k and "green" in v for k, v in spans.items())
@@ -192,3 +194,43 @@ def test_4bit_load_keeps_the_vision_tower_16_bit_and_lora_off_it():
     assert len(targets) == 14 and not any(vision.is_vision_module(t) for t in targets)
     thawed = vision.lora_targets(config.load(None, ['model.name="builtin:tiny-vl"', "model.freeze_vision_tower=false"]), model)
     assert any(vision.is_vision_module(t) for t in thawed) and set(targets) < set(thawed)
+
+
+def test_checkpointing_offload_and_streaming_act_on_the_language_models_layers():
+    """The planner counts the language model's layers; checkpoint_layers / activation offload and
+    weight streaming must act on those, not on the vision blocks (which come first in the model)."""
+    from transformers import AutoModelForImageTextToText
+    from engine.training import offload, streaming
+    model = AutoModelForImageTextToText.from_pretrained(str(vision.tiny_vl_model_dir()))
+    assert any(type(m).__name__ == "Qwen2VLVisionBlock" for m in model.modules())
+    for layers in (offload.decoder_layers(model), list(streaming.decoder_layers(model) or [])):
+        assert [type(m).__name__ for m in layers] == ["Qwen2VLDecoderLayer"] * 2
+
+
+def test_planner_plans_image_rows_for_their_longest_row_and_stays_sane_under_a_small_budget():
+    from engine.planning import estimate as estimate_mod
+    from engine.training import trainer
+    cfg = _vl_cfg("data.max_length=4096")
+    ds = data_mod.load("builtin:vl-sample", "auto")
+    proc = vision.processor_for(cfg)
+    longest = vision.longest_row(cfg, ds)
+    assert longest == max(vision.row_tokens(proc, r.data)["total"] for r in ds.rows) < 4096
+    assert vision.longest_row(cfg, data_mod.load("builtin:sample", "auto")) is None       # text rows
+    reasons = []
+    planned = trainer._planned_rows(cfg, longest, reasons)
+    assert planned.data.max_length == longest and cfg.data.max_length == 4096 and "longest image row" in reasons[0]
+    assert trainer._planned_rows(cfg, 5000, []) is cfg
+    # Qwen2-VL-7B at plain TRL's measured 8.73 GiB, ~600-token image rows, effective batch 4
+    q7 = {"model_type": "qwen2_vl", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+          "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False,
+          "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "hidden_size": 3584,
+                            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}}
+    gpu = int(8.73 * 2**30)
+    base = ['train.device="cuda"', "train.batch_size=4", "train.grad_accum=1", "lora.r=32"]
+    short = estimate_mod.plan(config.load(None, base + ["data.max_length=600"]), q7, gpu)
+    full = estimate_mod.plan(config.load(None, base + ["data.max_length=4096"]), q7, gpu)
+    assert short.estimate.device_bytes <= gpu * (1 - estimate_mod.HEADROOM)
+    assert short.estimate.breakdown["vision_weights"] > 2**30 and short.estimate.breakdown["vision_activations"] > 0
+    assert short.gradient_checkpointing and short.checkpoint_layers == 28           # every LM layer, not more
+    assert short.batch_size * short.grad_accum == 4 == full.batch_size * full.grad_accum
+    assert full.streaming and not short.streaming     # planned for 4096-token rows it would stream the base

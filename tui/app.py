@@ -1,45 +1,38 @@
 """The qlora-tui Textual app: four screens (modes) over one config and at most one followed run.
 
-Threads: a launch worker calls ``engine.training.runner.start_detached``; a follow worker polls the
-run's events.jsonl (``EventLog.read_new``) and posts batches (≤1/s) as ``RunEvents``; the Train
-screen polls NVML in its own worker. Only messages cross into the UI thread; widgets are touched
-there only.
+The followed run (launch, resume, follow, detach, stop, its state) belongs to
+``tui.controller.RunController``; the app forwards the run's messages to it and the requests
+that the screens post (``AttachRun``, ``ResumeRun``, ``FormEdited``...) to their owner. The
+Train screen polls NVML in its own worker. Only messages cross into the UI thread; widgets
+are touched there only.
 """
 from __future__ import annotations
 
-import os
-import threading
-import time
 from pathlib import Path
 from typing import Iterable
 
-from textual import on, work
+from textual import on
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import ModalScreen, Screen
-from textual.worker import get_current_worker
+from textual.widgets import Static
+from textual.worker import Worker, WorkerState
 
-from engine.core import events
 from engine.training.builtin import DEMO_OVERRIDES, demo_config  # noqa: F401 (the offline demo)
 from themes.qlora import DEFAULT_THEME, THEMES
 from tui import settings
-from tui.dialogs import PathPrompt, QuitDialog, RemoteCodeDialog, ResumeFixDialog
-from tui.follow import follow_batches
+from tui.controller import RunController
+from tui.dialogs import PathPrompt, QuitDialog
 from tui.messages import FollowEnded, LaunchFailed, ResumeFailed, RunEvents, RunLaunched
 from tui.runstate import RunState
 from tui.safe import one_line
-from tui.screens.config import ConfigScreen
+from tui.style import rich_theme
+from tui.screens.config import ConfigScreen, FormEdited, LoadConfig
 from tui.screens.dataset import DatasetScreen
-from tui.screens.runs import RunsScreen
+from tui.screens.runs import AttachRun, ExportRun, OpenRun, ResumeRun, RunDetailScreen, RunsScreen
 from tui.screens.train import TrainScreen
 
 # `qlora-tui` with no argument: the fast offline demo (same values as examples/demo.toml)
-
-
-# A live run redraws at most once a second while its steps come faster (a step after a pause
-# shows at once): a run on the same CPU cores must not pay for the UI (bench/tui_overhead.py
-# measures it; 4 Hz cost a CPU-bound run 12 % of its tokens/s), and a loss curve needs no more.
-FOLLOW_INTERVAL = 1.0
 
 SCREEN_KEYS = [("dataset", "f2", "Dataset"), ("config", "f3", "Config"), ("train", "f4", "Train"),
                ("runs", "f5", "Runs")]
@@ -47,14 +40,7 @@ SCREEN_KEYS = [("dataset", "f2", "Dataset"), ("config", "f3", "Config"), ("train
 
 class QloraApp(App):
     TITLE = "qlora-tui"
-    CSS = """
-    Screen { background: $background; }
-    ModalScreen { background: $background 60%; }   /* dialogs: the screen stays visible, dimmed */
-    /* parts drawn in colour alone must survive 16 colours and the light theme: the empty part
-       of a progress bar and the header differ from the background by more than a shade */
-    Bar > .bar--bar, Bar > .bar--complete, Bar > .bar--indeterminate { background: $foreground 30%; }
-    Header { background: $primary 50%; }
-    """
+    CSS_PATH = "app.tcss"
     MODES = {"dataset": DatasetScreen, "config": ConfigScreen, "train": TrainScreen,
              "runs": RunsScreen}
     BINDINGS = [
@@ -94,17 +80,13 @@ class QloraApp(App):
         self.config_path = Path(config_path) if config_path else None
         self.form_data: dict = self.config.to_dict()
         self.form_problems: list = []
-        self.run_state: RunState | None = None
         self.start_mode = "train" if attach else start_mode
         self.attach_dir = Path(attach) if attach else None
         self.readings_interval = readings_interval
         self.exit_note = ""
         self._samplers = samplers
-        self._follow_stop: threading.Event | None = None
-        self._launching = False
-        self._follow_started = 0.0
-        self._news_since = 0.0            # events older than this are history, not news
         super().__init__()
+        self.controller = RunController(self, changed=self._render_run)
         for theme in THEMES:
             self.register_theme(theme)
         wanted = settings.load().get("theme", DEFAULT_THEME)
@@ -112,13 +94,28 @@ class QloraApp(App):
 
     # ---- start-up ------------------------------------------------------------------------
     def on_mount(self) -> None:
-        self.theme_changed_signal.subscribe(self, self._remember_theme)
+        self._install_styles()
+        self.theme_changed_signal.subscribe(self, self._theme_changed)
         self.switch_mode(self.start_mode)
         if self.attach_dir is not None:
-            self.follow_run(self.attach_dir)
+            self.controller.follow(self.attach_dir)
 
-    def _remember_theme(self, theme) -> None:
+    def _install_styles(self) -> None:
+        """The Rich Text styles (``"bold $error"``...) in the current theme's colours."""
+        if getattr(self, "_styles_installed", False):
+            self.console.pop_theme()
+        self.console.push_theme(rich_theme(self.get_css_variables()))
+        self._styles_installed = True
+
+    def _theme_changed(self, theme) -> None:
         settings.update(theme=theme.name)
+        self._install_styles()
+        # text already drawn takes the new colours, on every screen of every mode (Textual
+        # keeps them in _screen_stacks; screen_stack is the current mode's alone)
+        stacks = getattr(self, "_screen_stacks", {}).values() or [self.screen_stack]
+        for screen in {id(s): s for stack in stacks for s in stack}.values():
+            for static in screen.query(Static):
+                static.update(static.content)
 
     def make_samplers(self):
         """(gpu_sampler, host_sampler, reason): called on the readings thread."""
@@ -132,11 +129,13 @@ class QloraApp(App):
         return gpu, HostSampler(), gpu.reason
 
     # ---- config --------------------------------------------------------------------------
-    def validated_config(self):
-        """(Config, []) from the form, or (None, problems)."""
+    def validated_config(self, data: dict | None = None):
+        """(Config, []) from the form's values (``data``, by default the last ones), or
+        (None, problems)."""
         from engine.core import config as config_mod
         try:
-            return config_mod.from_dict(self.form_data, source=self.config.source), []
+            return config_mod.from_dict(self.form_data if data is None else data,
+                                        source=self.config.source), []
         except config_mod.ConfigError as e:
             return None, e.problems
 
@@ -183,8 +182,7 @@ class QloraApp(App):
         nothing there anyway; the palette lists every action.)"""
         if action == "show" and parameters and parameters[0] == self.current_mode:
             return False
-        st = self.run_state
-        live = self._launching or (st is not None and st.live)
+        live = self.controller.live
         if action == "start_training":
             return not live and self.current_mode != "runs"    # Runs: its footer has Resume
         if action in ("stop_training", "detach_run"):
@@ -198,10 +196,7 @@ class QloraApp(App):
     def action_start_training(self) -> None:
         if isinstance(self.screen, ModalScreen):
             return                        # a dialog is open: it is answered first
-        st = self.run_state
-        if self._launching or (st is not None and st.live):
-            self.notify("A run is already live: stop it (ctrl+x) or detach (ctrl+d) first.",
-                        severity="warning", markup=False)
+        if self.controller.busy():
             return
         cfg, problems = self.validated_config()
         if cfg is None:
@@ -211,190 +206,54 @@ class QloraApp(App):
             self.action_show("config")
             return
         self.config = cfg
-        from engine.training import runner
-        if runner.needs_remote_code_confirmation(cfg):
-            def answered(yes: bool | None) -> None:
-                if yes:
-                    from engine.training import model as model_mod
-                    model_mod.grant_remote_code(cfg)
-                    self._begin_launch(cfg)
-                else:
-                    self.notify("Not started: the model's own code was not allowed to run.",
-                                markup=False)
-            self.push_screen(RemoteCodeDialog(cfg.model.name), answered)
-            return
-        self._begin_launch(cfg)
+        self.controller.start(cfg)
 
-    def _begin_launch(self, cfg) -> None:
-        st = self.run_state
-        if self._launching or (st is not None and st.live):
-            return
-        self._launching = True
-        self.run_state = RunState(phase="launching", message="creating the run directory…")
-        self.action_show("train")
-        self._render_run()
-        self._launch(cfg)
-
-    @work(thread=True, exclusive=True, group="launch", exit_on_error=False)
-    def _launch(self, cfg) -> None:
-        try:
-            from engine.training import runner
-            run_dir = runner.start_detached(cfg)
-        except Exception as e:   # config, data or permission problems: shown, not raised
-            self.post_message(LaunchFailed(f"{type(e).__name__}: {e}"))
-            return
-        self.post_message(RunLaunched(Path(run_dir)))
-
-    @work(thread=True, exclusive=True, group="launch", exit_on_error=False)
-    def _resume(self, run_dir: Path, fixes: list[str]) -> None:
-        from engine.core import rundir
-        from engine.training import runner
-        # the failed process wrote its last event and is still exiting (torch teardown): a
-        # resume while it is alive would be refused as "still live", so let it go first
-        deadline = time.monotonic() + 60
-        while rundir.process_alive(run_dir) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        since = time.time()
-        try:
-            old_size = os.stat(run_dir / rundir.EVENTS).st_size
-        except OSError:
-            old_size = 0
-        try:
-            runner.start_detached(None, resume=run_dir, overrides=fixes)
-        except Exception as e:   # PreflightError, ConfigError, OSError: one line, no traceback
-            self.post_message(ResumeFailed(run_dir, f"{type(e).__name__}: {e}"))
-            return
-        self.post_message(RunLaunched(run_dir, resumed=True, old_size=old_size, since=since))
+    # ---- the run: the controller owns it, the app forwards its messages ------------------------
+    @property
+    def run_state(self) -> RunState | None:
+        """The followed run's state (read-only: the controller owns it)."""
+        return self.controller.state
 
     @on(RunLaunched)
     def _on_launched(self, msg: RunLaunched) -> None:
-        self._launching = False
-        self.follow_run(msg.run_dir, launched=True, resume=msg if msg.resumed else None)
-        what = "Run resumed" if msg.resumed else "Run started"
-        self.notify(f"{what}: {msg.run_dir}", markup=False, timeout=4)
-
-    @on(ResumeFailed)
-    def _on_resume_failed(self, msg: ResumeFailed) -> None:
-        self._launching = False
-        st = self.run_state
-        if st is not None and st.run_dir == msg.run_dir:
-            if not st.ended:
-                st.apply(events.RunFailed(reason=msg.error, step=st.step))
-            st.phase, st.message = "failed", msg.error
-            st.follower_ended = True
-        self._render_run()
-        self.notify(one_line(msg.error, 300), title="Could not resume", severity="error",
-                    markup=False, timeout=10)
-
-    # ---- failed run → resume with the fix ------------------------------------------------
-    FAILED_WHAT = {"oom": "Out of memory", "nan": "Loss became NaN"}
-
-    def resume_fixes(self, st: RunState) -> tuple[list[str], str]:
-        """The overrides that answer ``st``'s failure, as its hint named them, and what failed.
-        OOM and NaN only; any other end (stopped, crashed, other failure) resumes unchanged."""
-        from engine.core import config as config_mod
-        from engine.training import hints as hints_mod
-        from engine.core import rundir
-        kind = st.fail_kind if isinstance(st.end, events.RunFailed) else ""
-        if kind not in self.FAILED_WHAT:
-            return [], ("Stopped" if isinstance(st.end, events.RunFinished) else
-                        "Failed" if st.ended else "Crashed")
-        named = [h for h in st.hints if getattr(h, "rule", "") == kind and getattr(h, "overrides", None)]
-        if named:
-            return list(named[-1].overrides), self.FAILED_WHAT[kind]
-        cfg = config_mod.load(st.run_dir / rundir.CONFIG)
-        return hints_mod.hint_overrides(kind, cfg, st.fail_step or st.step), self.FAILED_WHAT[kind]
-
-    def offer_resume(self, st: RunState) -> None:
-        """The recovery dialog for a run that ended (failed, stopped, crashed): every fix its
-        hint named, and whether it resumes from a checkpoint or restarts from step 0."""
-        from engine.core import config as config_mod
-        from engine.core import rundir
-        from engine.training import runner
-        try:
-            fixes, what = self.resume_fixes(st)
-            cfg = config_mod.load(st.run_dir / rundir.CONFIG)
-        except (OSError, ValueError, config_mod.ConfigError) as e:
-            self.notify(f"Cannot offer a resume: {one_line(e, 200)}", severity="warning",
-                        markup=False)
-            return
-        if not fixes and st.fail_kind in self.FAILED_WHAT and isinstance(st.end, events.RunFailed):
-            self.notify("No automatic fix left to try for this run's config.", markup=False)
-            return
-        frozen = [f for f in fixes if f.split(".", 1)[0] in runner.RESUME_FROZEN]
-        fixes = [f for f in fixes if f not in frozen]
-        run_dir = st.run_dir
-        ckpts = rundir.checkpoints(run_dir)
-        from_step = rundir.checkpoint_step(ckpts[-1]) if ckpts else 0
-
-        def chosen(yes: bool | None) -> None:
-            if not yes:
-                return
-            if runner.needs_remote_code_confirmation(cfg):
-                def confirmed(ok: bool | None) -> None:
-                    if ok:
-                        from engine.training import model as model_mod
-                        model_mod.grant_remote_code(cfg)
-                        self.resume_run(run_dir, fixes)
-                self.push_screen(RemoteCodeDialog(cfg.model.name, "Resuming this run"), confirmed)
-                return
-            self.resume_run(run_dir, fixes)
-        self.push_screen(ResumeFixDialog(run_dir.name, what, st.finished_reason or st.message,
-                                         fixes, cfg=cfg, from_step=from_step, frozen=frozen),
-                         chosen)
-
-    def resume_run(self, run_dir: Path, fixes: list[str]) -> None:
-        st = self.run_state
-        if self._launching or (st is not None and st.live):
-            self.notify("A run is already live.", severity="warning", markup=False)
-            return
-        self._launching = True
-        if st is not None and st.run_dir == run_dir:
-            st.phase, st.message = "launching", "resuming with " + ", ".join(fixes)
-        self.action_show("train")
-        self._render_run()
-        self._resume(Path(run_dir), list(fixes))
+        self.controller.launched(msg)
 
     @on(LaunchFailed)
     def _on_launch_failed(self, msg: LaunchFailed) -> None:
-        self._launching = False
-        self.run_state = RunState()
-        self.run_state.apply(events.RunFailed(reason=msg.error))
-        self._render_run()
-        self.notify(one_line(msg.error, 300), title="Could not start", severity="error",
-                    markup=False, timeout=10)
+        self.controller.launch_failed(msg)
+
+    @on(ResumeFailed)
+    def _on_resume_failed(self, msg: ResumeFailed) -> None:
+        self.controller.resume_failed(msg)
+
+    @on(RunEvents)
+    def _on_run_events(self, msg: RunEvents) -> None:
+        self.controller.events(msg)
+
+    @on(FollowEnded)
+    def _on_follow_ended(self, msg: FollowEnded) -> None:
+        self.controller.follow_ended(msg)
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """The one place a background task that raised is reported (one line, no traceback);
+        a follow worker that died also ends the following of its run."""
+        worker = event.worker
+        if event.state != WorkerState.ERROR:
+            return
+        if worker.group == "follow":
+            self.controller.follow_failed(worker.error)
+        elif worker.group == "launch":
+            self.controller.launch_failed(LaunchFailed(f"{type(worker.error).__name__}: {worker.error}"))
+            return
+        self.notify(one_line(f"{worker.name or worker.group}: {type(worker.error).__name__}: "
+                             f"{worker.error}", 300), title="Background task failed",
+                    severity="error", markup=False, timeout=10)
 
     def action_stop_training(self) -> None:
-        st = self.run_state
-        if st is None or st.run_dir is None or st.ended or st.follower_ended:
-            self.notify("No live run to stop.", markup=False)
-            return
-        from engine.core import control
-        try:
-            control.request(st.run_dir, "stop")
-        except OSError as e:
-            self.notify(f"Cannot send stop: {e}", severity="error", markup=False)
-            return
-        st.stop_requested = True
-        self._render_run()
-        self.notify("Stopping: the run saves its adapter, then ends.", markup=False)
+        self.controller.stop()
 
     def action_detach_run(self) -> None:
-        st = self.run_state
-        if st is None or not st.live:
-            self.notify("No live run to detach from.", markup=False)
-            return
-        self._detach()
-        self.notify(f"Detached: {st.run_dir.name} keeps training. Re-attach with "
-                    f"`qlora-tui attach {st.run_dir}` or from Runs (F5).", markup=False, timeout=8)
-
-    def _detach(self) -> None:
-        st = self.run_state
-        if self._follow_stop is not None:
-            self._follow_stop.set()
-        if st is not None:
-            st.detached = True
-        self._render_run()
+        self.controller.detach()
 
     def action_save_config(self) -> None:
         cfg, problems = self.validated_config()
@@ -429,116 +288,48 @@ class QloraApp(App):
             return
 
         def chosen(what: str | None) -> None:
-            if what == "stop":
-                from engine.core import control
-                try:
-                    control.request(st.run_dir, "stop")
-                    self.exit_note = (f"Stop requested: {st.run_dir} saves its adapter and ends.")
-                except OSError as e:
-                    self.exit_note = f"Could not request a stop ({e}); the run continues."
-                self._detach()
-                self.exit()
-            elif what == "detach":
-                self._detach()
-                self.exit_note = (f"Run continues in {st.run_dir}\n"
-                                  f"Re-attach: qlora-tui attach {st.run_dir}")
+            note = self.controller.quit_choice(what)
+            if note is not None:
+                self.exit_note = note
                 self.exit()
         self.push_screen(QuitDialog(st.run_dir.name), chosen)
-
-    # ---- following a run -----------------------------------------------------------------
-    def follow_run(self, run_dir: str | Path, launched: bool = False,
-                   resume: RunLaunched | None = None) -> None:
-        """Show ``run_dir`` on the Train screen: its history, then live events.
-
-        ``resume``: the run was just resumed. Its process appends to events.jsonl (a
-        ``Resumed`` marker first); the follower waits until it has, then reads the log from the
-        start into a fresh RunState, whose fold drops what the marker says is redone.
-        """
-        if self._follow_stop is not None:
-            self._follow_stop.set()
-        run_dir = Path(run_dir)
-        self.run_state = RunState(run_dir=run_dir, phase="starting" if launched else "reading",
-                                  message=("resuming from the last checkpoint…" if resume else
-                                           "loading torch and the model…" if launched else ""))
-        self._follow_stop = threading.Event()
-        self._follow_started = time.time()
-        self._news_since = resume.since if resume else self._follow_started - 5
-        self._follow(run_dir, self._follow_stop, launched, resume.old_size if resume else None)
-        self._render_run()
-
-    @work(thread=True, group="follow", exit_on_error=False)
-    def _follow(self, run_dir: Path, stop: threading.Event, launched: bool,
-                old_size: int | None = None) -> None:
-        from engine.core import rundir
-        worker = get_current_worker()
-        t0 = time.monotonic()
-
-        def alive() -> bool:
-            if rundir.process_alive(run_dir):
-                return True
-            # a just-spawned run may not have written run.json yet
-            return launched and not (run_dir / rundir.RUN_JSON).exists() and time.monotonic() - t0 < 120
-
-        if old_size is not None and not _wait_for_resumed_log(run_dir / rundir.EVENTS, old_size,
-                                                              alive, stop, worker):
-            if not stop.is_set() and not worker.is_cancelled:
-                self.post_message(ResumeFailed(run_dir, _resume_failure(run_dir)))
-            return
-        why = follow_batches(run_dir / rundir.EVENTS, stop,
-                             lambda evs: self.post_message(RunEvents(run_dir, evs, stop)),
-                             alive=alive, cancelled=lambda: worker.is_cancelled,
-                             interval=FOLLOW_INTERVAL)
-        self.post_message(FollowEnded(run_dir, why, stop))
-
-    def _current_follower(self, msg) -> bool:
-        """False for a message of a follower that was stopped (detach, then a re-attach to the
-        same run within its last interval): it must not add its batch again or end the new one."""
-        return msg.follower is None or msg.follower is self._follow_stop
-
-    @on(RunEvents)
-    def _on_run_events(self, msg: RunEvents) -> None:
-        st = self.run_state
-        if st is None or st.run_dir != msg.run_dir or not self._current_follower(msg):
-            return
-        for ev in msg.events:
-            st.apply(ev)
-            if isinstance(ev, events.RunWarning) and ev.time >= self._news_since:
-                self.notify(one_line(ev.message, 300), title="Warning", severity="warning",
-                            markup=False, timeout=8)
-        last = msg.events[-1]
-        if last.time < self._news_since:
-            pass                                 # history (attach, or before a resume): not news
-        elif isinstance(last, events.RunFinished):
-            self.notify(f"Run {'stopped' if last.stopped else 'finished'}; adapter: "
-                        f"{last.adapter_dir}", markup=False, timeout=6)
-        elif isinstance(last, events.RunFailed):
-            self.notify(one_line(last.reason, 300), title="Run failed", severity="error",
-                        markup=False, timeout=10)
-        self._render_run()
-
-    @on(FollowEnded)
-    def _on_follow_ended(self, msg: FollowEnded) -> None:
-        st = self.run_state
-        if st is None or st.run_dir != msg.run_dir or not self._current_follower(msg):
-            return
-        st.follower_ended = True
-        if not st.ended and not st.detached:
-            st.phase = "crashed"
-            st.message = ("the run process ended without a final event; resume with "
-                          "qlora-tui train --resume " + str(st.run_dir))
-        self._render_run()
-        # the followed run ended out of memory or with a NaN loss: offer the resume with the fix
-        # (the follower only ends at a terminal event that is the last line of the log, so this
-        # is the run's final state, not an earlier failure that a resume already went past)
-        if (isinstance(st.end, events.RunFailed) and st.fail_kind in self.FAILED_WHAT and not st.detached
-                and msg.why == "ended"):
-            self.offer_resume(st)
 
     def _render_run(self) -> None:
         self.refresh_bindings()          # Start / Stop / Detach follow the run's state
         screen = self.screen
         if isinstance(screen, TrainScreen):
             screen.render_run(self.run_state)
+
+    # ---- requests posted by the screens ----------------------------------------------------
+    @on(AttachRun)
+    def _on_attach(self, msg: AttachRun) -> None:
+        if isinstance(self.screen, RunDetailScreen):
+            self.pop_screen()
+        if self.controller.attach(msg.run_dir):
+            self.action_show("train")
+
+    @on(ResumeRun)
+    def _on_resume(self, msg: ResumeRun) -> None:
+        self.controller.offer_resume_of(msg.run_dir)
+
+    @on(ExportRun)
+    def _on_export(self, msg: ExportRun) -> None:
+        from tui.screens.export import ExportScreen
+        self.push_screen(ExportScreen(msg.run_dir))
+
+    @on(OpenRun)
+    def _on_open(self, msg: OpenRun) -> None:
+        self.push_screen(RunDetailScreen(msg.run_dir))
+
+    @on(FormEdited)
+    def _on_form_edited(self, msg: FormEdited) -> None:
+        self.form_data, self.form_problems = msg.data, msg.problems
+        if msg.config is not None:
+            self.config = msg.config
+
+    @on(LoadConfig)
+    def _on_load_config(self, msg: LoadConfig) -> None:
+        self.load_config_file(msg.path)
 
     def action_export_run(self) -> None:
         """The palette's Export: on the Runs screen, for the selected run."""
@@ -569,53 +360,3 @@ class QloraApp(App):
                                 self.action_export_run)
         yield from super().get_system_commands(screen)
 
-
-def _last_line_is_terminal(path: Path) -> bool:
-    """Whether the last complete line of a log is a terminal event (reads its tail only)."""
-    from engine.core import events as events_mod
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 65536))
-            tail = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return False
-    lines = [ln for ln in tail.split("\n")[:-1] if ln.strip()]
-    if not lines:
-        return False
-    try:
-        return isinstance(events_mod.loads(lines[-1]), events_mod.TERMINAL)
-    except Exception:
-        return False
-
-
-def _wait_for_resumed_log(path: Path, old_size: int, alive, stop: threading.Event,
-                          worker, timeout: float = 300.0) -> bool:
-    """Wait until a resumed run has appended to its log (past ``old_size`` bytes) and its last
-    line is no longer a terminal event. False when the resume process ended first (or the wait
-    was cancelled); True also when it ended after it began."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and not stop.is_set() and not worker.is_cancelled:
-        try:
-            grown = os.stat(path).st_size > old_size
-        except OSError:
-            grown = False
-        if grown and not _last_line_is_terminal(path):
-            return True
-        if not alive():
-            return grown    # ended: follow what it wrote if it got as far as its marker
-        stop.wait(0.1)
-    return False
-
-
-def _resume_failure(run_dir: Path) -> str:
-    """Why a resume process ended before it began: the last line of its stdout.log."""
-    from engine.core import rundir
-    try:
-        lines = [ln for ln in (run_dir / rundir.STDOUT).read_text(errors="replace").splitlines()
-                 if ln.strip()]
-    except OSError:
-        lines = []
-    last = lines[-1] if lines else "no output"
-    return f"the resume of {run_dir.name} ended before it began: {last}"

@@ -54,6 +54,8 @@ def _run_app(app) -> int:
         return 2
     from engine.core import quiet
     quiet.apply()          # a library's warning or progress bar would draw over the screen
+    from tui import images
+    images.detect()        # Kitty/Sixel/half-blocks: asks the terminal now, while stdin is ours
     app.run()
     if app.exit_note:
         from engine.core.safe_text import visible

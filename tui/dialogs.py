@@ -15,13 +15,6 @@ from tui.safe import clean, one_line
 class QuitDialog(ModalScreen[str]):
     """Quitting while a run is live: stop it (adapter saved), detach (it keeps going), or cancel."""
 
-    DEFAULT_CSS = """
-    QuitDialog { align: center middle; }
-    QuitDialog > Vertical { width: 64; height: auto; border: thick $warning; background: $surface;
-                            padding: 1 2; }
-    QuitDialog #buttons { height: auto; margin-top: 1; }
-    QuitDialog Button { margin-right: 1; min-width: 12; }
-    """
     BINDINGS = [
         Binding("s", "choose('stop')", "Stop run & quit"),
         Binding("d", "choose('detach')", "Detach & quit"),
@@ -61,11 +54,6 @@ class QuitDialog(ModalScreen[str]):
 
 
 class PathPrompt(ModalScreen[str | None]):
-    DEFAULT_CSS = """
-    PathPrompt { align: center middle; }
-    PathPrompt > Vertical { width: 70; height: auto; border: thick $primary; background: $surface;
-                            padding: 1 2; }
-    """
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
     def __init__(self, title: str, value: str = "") -> None:
@@ -90,14 +78,6 @@ class ResumeFixDialog(ModalScreen[bool]):
     """A run ended (OOM, NaN, stopped, crashed): resume it, with every change its hint named?
     Says "restart from step 0" when no complete checkpoint exists, since that is what happens."""
 
-    DEFAULT_CSS = """
-    ResumeFixDialog { align: center middle; }
-    ResumeFixDialog > Vertical { width: 76; height: auto; max-height: 90%; border: thick $error;
-                                 background: $surface; padding: 1 2; }
-    ResumeFixDialog #fixes { height: auto; margin-top: 1; }
-    ResumeFixDialog #buttons { height: auto; margin-top: 1; }
-    ResumeFixDialog Button { margin-right: 1; min-width: 12; }
-    """
     BINDINGS = [
         Binding("r", "choose(True)", "Resume with the fix"),
         Binding("escape", "choose(False)", "Dismiss"),
@@ -138,7 +118,7 @@ class ResumeFixDialog(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         with Vertical():
             t = Text()
-            t.append(f"{self.what}: ", style="bold red")
+            t.append(f"{self.what}: ", style="bold $error")
             t.append(clean(self.run_name), style="bold")
             t.append("\n")
             t.append(one_line(self.reason, 300))
@@ -164,13 +144,6 @@ class ResumeFixDialog(ModalScreen[bool]):
 class RemoteCodeDialog(ModalScreen[bool]):
     """model.trust_remote_code = true: only an explicit yes runs the repository's code."""
 
-    DEFAULT_CSS = """
-    RemoteCodeDialog { align: center middle; }
-    RemoteCodeDialog > Vertical { width: 76; height: auto; border: thick $warning;
-                                  background: $surface; padding: 1 2; }
-    RemoteCodeDialog #buttons { height: auto; margin-top: 1; }
-    RemoteCodeDialog Button { margin-right: 1; min-width: 12; }
-    """
     BINDINGS = [
         Binding("y", "choose(True)", "Yes, run its code"),
         Binding("n,escape", "choose(False)", "No"),

@@ -1,8 +1,10 @@
 """The headless command line: every `qlora-tui` subcommand except the TUI itself.
 
-Each command lives in its own module, which exposes ``register(subparsers)`` and sets
-``func`` on its parser; ``func(args) -> int`` is the exit status. Modules import torch and
-transformers only inside their functions, so ``qlora-tui --help`` stays fast.
+Each command lives in its own module here (``cmd_*.py``), which exposes ``register(subparsers)``
+and sets ``func`` on its parser; ``func(args) -> int`` is the exit status. The argument wiring
+lives only here: the library modules (engine/dataset, engine/planning, engine/outputs) expose
+plain functions with typed arguments. Modules import torch and transformers only inside
+their functions, so ``qlora-tui --help`` stays fast.
 """
 from __future__ import annotations
 
@@ -12,15 +14,15 @@ import sys
 
 # module that registers each command group, in help order
 COMMAND_MODULES = [
-    "engine.cli.cmd_train",     # train, init, runs, stop
-    "engine.dataset.inspect",       # inspect
-    "engine.planning.estimate",      # estimate
-    "engine.outputs.merge",         # merge
-    "engine.outputs.export",        # export (GGUF)
-    "engine.outputs.modelcard",     # push
-    "engine.outputs.generate",      # generate
-    "engine.outputs.serve",         # serve-cmd
-    "engine.outputs.axolotl",       # import-axolotl
+    "engine.cli.cmd_train",     # train, init, runs, stop, save
+    "engine.cli.cmd_inspect",   # inspect
+    "engine.cli.cmd_estimate",  # estimate
+    "engine.cli.cmd_merge",     # merge
+    "engine.cli.cmd_export",    # export (GGUF)
+    "engine.cli.cmd_push",      # push
+    "engine.cli.cmd_generate",  # generate
+    "engine.cli.cmd_serve",     # serve-cmd
+    "engine.cli.cmd_axolotl",   # import-axolotl
 ]
 
 

@@ -39,8 +39,9 @@ class ModelConfig:
                                    "projector frozen (16-bit, no LoRA); all-linear = the language "
                                    "model's linear layers. Off = LoRA on the vision tower too.")
     attn_implementation: str = _f(AUTO, "Attention kernel: auto picks flash_attention_2 when "
-                                  "installed, else sdpa.",
-                                  choices=[AUTO, "sdpa", "eager", "flash_attention_2"])
+                                  "installed, else varlen for packed rows on the GPU (torch's "
+                                  "variable-length flash kernel), else sdpa.",
+                                  choices=[AUTO, "sdpa", "eager", "flash_attention_2", "varlen"])
 
 
 @dataclass

@@ -13,12 +13,9 @@ docs/INSPECT.md.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import math
-import os
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +25,7 @@ from pathlib import Path
 
 from engine.dataset import data as data_mod
 from engine.dataset import quality
-from engine.core.safe_text import describe_controls, has_controls, json_dumps, visible, write_trusted
+from engine.core.safe_text import describe_controls, has_controls, visible
 from engine.dataset.token_count import Counter
 
 SCHEMA_VERSION = 1
@@ -310,155 +307,185 @@ def inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
 
 
 def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
-    import numpy as np  # noqa: F811  (used by drain)
-    t0 = time.monotonic()
-    path = _data_path(cfg, path)
-    max_len = int(cfg.data.max_length)
-    rep = Report(path=str(data_mod.resolve(path)), model=cfg.model.name, max_length=max_len)
-    tok, tw = tokenizer_for(cfg)
-    rep.warnings += list(tw)
-    counter = Counter(tok, max_len)
-
-    fmt_cfg = cfg.data.format
-    provisional = None if fmt_cfg == "auto" else fmt_cfg
-    raw: list = []
-    seen: dict = {}
-    first_line: dict = {}
-    fields: dict = {}
-    bad_keys: dict = {}          # line -> a field name holding control characters
-    problems: list = []          # from normalising with the provisional format
-    rows: list = []              # data_mod.Row
-    counts: list = []            # (tokens, trained, kept) per row
-    dups = quality.Duplicates()
-    pii: list = []
-    last_emit = [0.0]
-    progress = [0.0]
-
-    def on_bytes(done, total):
-        progress[0] = done / total if total else 1.0
-
-    def emit(force=False):
-        if on_partial is None:
-            return
-        now = time.monotonic()
-        if not force and now - last_emit[0] < PARTIAL_EVERY:
-            return
-        last_emit[0] = now
-        part = _finish(cfg, rep, tok, rows, counts, problems, [], dups, pii, seen, fields,
-                       partial=True)
-        part.progress = progress[0]
-        part.elapsed_s = now - t0
-        on_partial(part)
-
-    pending: list = []
-
-    def flush():
-        """Normalise and tokenise the raw records read since the last flush."""
-        if not pending:
-            return
-        new_rows = []
-        for line, rec, err in pending:
-            row = data_mod.normalise_record(line, rec, err, provisional, problems)
-            if row is not None:
-                new_rows.append(row)
-        pending.clear()
-        _process(new_rows)
-
-    # Tokenising (Rust, GIL released) runs in a worker while this thread reads, normalises and
-    # runs the quality checks of the next batch; results are collected in order.
-    pool = ThreadPoolExecutor(1, thread_name_prefix="inspect-tokenize")
-    inflight: list = []
-
-    def drain(keep: int = 0):
-        while len(inflight) > keep:
-            got = inflight.pop(0).result()
-            counts.append(np.asarray(got, dtype=np.int64).reshape(len(got), 3))
-
-    def _process(new_rows):
-        if not new_rows:
-            return
-        datas = [r.data for r in new_rows]
-        texts = [quality.row_text(d) for d in datas]
-        shown, scale = _measurable(datas, texts, max_len)
-        inflight.append(pool.submit(_scaled_counts, counter, shown, counter.render(shown), scale))
-        lines = [r.line for r in new_rows]
-        problems.extend(_control_problems(lines, texts, bad_keys))
-        for ln, d, t in zip(lines, datas, texts):
-            dups.add(ln, d, t)
-        pii.extend(quality.scan_pii(lines, texts))
-        rows.extend(new_rows)
-        drain(keep=1)
-
+    scan = _Scan(cfg, _data_path(cfg, path), on_partial)
     try:
-        cancelled = False
-        rep.phase = "read"
-        for rec in data_mod.iter_raw(path, on_bytes=on_bytes):
-            line, obj, err = rec
-            raw.append(rec)
-            if err is None:
-                data_mod.count_format(obj, line, seen, first_line)
-                if isinstance(obj, dict):
-                    for k in obj:
-                        fields[k] = fields.get(k, 0) + 1
-                        if has_controls(k):
-                            bad_keys[line] = k
-            rep.rows_read = len(raw)
-            if provisional is None:
-                if sum(seen.values()) < 200:
-                    if len(raw) % BATCH == 0:
-                        emit()
-                    continue
-                provisional = max(seen, key=seen.get)   # checked against the whole file at the end
-                pending.extend(raw)
-            else:
-                pending.append(rec)
-            if len(pending) >= BATCH:
-                rep.phase = "tokenize"
-                flush()
-                emit(force=len(rows) <= BATCH)
-                if cancel is not None and cancel.is_set():
-                    cancelled = True
-                    break
-        rep.rows_read = len(raw)
-        if cancelled:
-            drain()
-            part = _finish(cfg, rep, tok, rows, counts, problems, [], dups, pii, seen, fields, partial=True)
-            part.phase = "cancelled"
-            part.elapsed_s = time.monotonic() - t0
-            return part
-        if provisional is None and seen:
-            provisional = max(seen, key=seen.get)
-            pending.extend(raw)
-        flush()
-        drain()
-
-        try:
-            fmt, reason, mixed = data_mod.choose_format(path, fmt_cfg, seen, first_line, len(raw))
-        except data_mod.DataError as e:         # name the first bad line, as training's preflight does
-            bad = next(((ln, err) for ln, _r, err in raw if err), None)
-            raise data_mod.DataError(f"{e}; first problem at line {bad[0]}: {bad[1]}" if bad else str(e)) from None
-        if fmt != provisional:        # the majority changed after the first rows: start over
-            problems.clear(); rows.clear(); counts.clear(); pii.clear()
-            dups = quality.Duplicates()
-            provisional = fmt
-            pending.extend(raw)
-            for i in range(0, len(pending), BATCH):
-                chunk = pending[i:i + BATCH]
-                new_rows = [r for r in (data_mod.normalise_record(ln, rc, er, fmt, problems) for ln, rc, er in chunk)
-                            if r is not None]
-                _process(new_rows)
-            pending.clear()
-            drain()
-        rep.format, rep.format_reason, rep.raw_count = fmt, reason, len(raw)
-        if counter.mismatch:
-            rep.warnings.append(counter.mismatch)
-        out = _finish(cfg, rep, tok, rows, counts, problems, mixed, dups, pii, seen, fields, partial=False)
-        out.elapsed_s = time.monotonic() - t0
+        if not scan.read(cancel):
+            scan.drain()
+            return scan.snapshot(partial=True, phase="cancelled")
+        fmt, reason, mixed = scan.settle_format()
+        rep = scan.rep
+        rep.format, rep.format_reason, rep.raw_count = fmt, reason, len(scan.raw)
+        if scan.counter.mismatch:
+            rep.warnings.append(scan.counter.mismatch)
+        out = scan.snapshot(mixed=mixed)
         if on_partial is not None:
             on_partial(out)
         return out
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        scan.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Scan:
+    """The running state of one inspection: the records read, the rows normalised with the
+    provisional format, their token counts (tokenised in a worker thread, collected in order)
+    and the quality findings; ``snapshot`` turns it into a Report at any point."""
+
+    def __init__(self, cfg, path: str, on_partial) -> None:
+        self.t0 = time.monotonic()
+        self.cfg, self.path, self.on_partial = cfg, path, on_partial
+        max_len = int(cfg.data.max_length)
+        self.rep = Report(path=str(data_mod.resolve(path)), model=cfg.model.name, max_length=max_len)
+        self.tok, tw = tokenizer_for(cfg)
+        self.rep.warnings += list(tw)
+        self.counter = Counter(self.tok, max_len)
+        self.provisional = None if cfg.data.format == "auto" else cfg.data.format
+        self.raw: list = []
+        self.seen: dict = {}
+        self.first_line: dict = {}
+        self.fields: dict = {}
+        self.bad_keys: dict = {}          # line -> a field name holding control characters
+        self.problems: list = []          # from normalising with the provisional format
+        self.rows: list = []              # data_mod.Row
+        self.counts: list = []            # (tokens, trained, kept) per row
+        self.dups = quality.Duplicates()
+        self.pii: list = []
+        self.pending: list = []           # records read since the last flush
+        self.inflight: list = []          # tokenising futures, in row order
+        self.last_emit = 0.0
+        self.progress = 0.0
+        # Tokenising (Rust, GIL released) runs in a worker while this thread reads, normalises
+        # and runs the quality checks of the next batch.
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="inspect-tokenize")
+
+    # ---- reading
+
+    def read(self, cancel) -> bool:
+        """Read every record; rows are normalised and tokenised in batches as soon as a
+        provisional format is known (the majority of the first 200). False when cancelled."""
+        rep = self.rep
+        rep.phase = "read"
+        for rec in data_mod.iter_raw(self.path, on_bytes=self._on_bytes):
+            self._note(rec)
+            if self.provisional is None:
+                if sum(self.seen.values()) < 200:
+                    if len(self.raw) % BATCH == 0:
+                        self.emit()
+                    continue
+                self.provisional = max(self.seen, key=self.seen.get)   # checked against the whole file at the end
+                self.pending.extend(self.raw)
+            else:
+                self.pending.append(rec)
+            if len(self.pending) >= BATCH:
+                rep.phase = "tokenize"
+                self.flush()
+                self.emit(force=len(self.rows) <= BATCH)
+                if cancel is not None and cancel.is_set():
+                    return False
+        if self.provisional is None and self.seen:
+            self.provisional = max(self.seen, key=self.seen.get)
+            self.pending.extend(self.raw)
+        self.flush()
+        self.drain()
+        return True
+
+    def _on_bytes(self, done, total) -> None:
+        self.progress = done / total if total else 1.0
+
+    def _note(self, rec) -> None:
+        """Count one raw record: its format evidence, its field names (and any holding controls)."""
+        line, obj, err = rec
+        self.raw.append(rec)
+        if err is None:
+            data_mod.count_format(obj, line, self.seen, self.first_line)
+            if isinstance(obj, dict):
+                fields = self.fields
+                for k in obj:
+                    fields[k] = fields.get(k, 0) + 1
+                    if has_controls(k):
+                        self.bad_keys[line] = k
+        self.rep.rows_read = len(self.raw)
+
+    # ---- normalising, tokenising, quality checks
+
+    def flush(self) -> None:
+        """Normalise and tokenise the raw records read since the last flush."""
+        if not self.pending:
+            return
+        new_rows = []
+        for line, rec, err in self.pending:
+            row = data_mod.normalise_record(line, rec, err, self.provisional, self.problems)
+            if row is not None:
+                new_rows.append(row)
+        self.pending.clear()
+        self.process(new_rows)
+
+    def process(self, new_rows) -> None:
+        """Send a batch of rows to the tokenising worker; meanwhile check their quality here."""
+        if not new_rows:
+            return
+        max_len = self.rep.max_length
+        datas = [r.data for r in new_rows]
+        texts = [quality.row_text(d) for d in datas]
+        shown, scale = _measurable(datas, texts, max_len)
+        counter = self.counter
+        self.inflight.append(self.pool.submit(_scaled_counts, counter, shown, counter.render(shown), scale))
+        lines = [r.line for r in new_rows]
+        self.problems.extend(_control_problems(lines, texts, self.bad_keys))
+        for ln, d, t in zip(lines, datas, texts):
+            self.dups.add(ln, d, t)
+        self.pii.extend(quality.scan_pii(lines, texts))
+        self.rows.extend(new_rows)
+        self.drain(keep=1)
+
+    def drain(self, keep: int = 0) -> None:
+        """Collect tokenising results (oldest first) until at most ``keep`` are in flight."""
+        import numpy as np
+        while len(self.inflight) > keep:
+            got = self.inflight.pop(0).result()
+            self.counts.append(np.asarray(got, dtype=np.int64).reshape(len(got), 3))
+
+    def settle_format(self) -> tuple:
+        """The format of the whole file (format, reason, mixed-format problems); when it is not
+        the provisional one the rows are normalised and counted again with it."""
+        raw = self.raw
+        try:
+            fmt, reason, mixed = data_mod.choose_format(self.path, self.cfg.data.format, self.seen,
+                                                        self.first_line, len(raw))
+        except data_mod.DataError as e:         # name the first bad line, as training's preflight does
+            bad = next(((ln, err) for ln, _r, err in raw if err), None)
+            raise data_mod.DataError(f"{e}; first problem at line {bad[0]}: {bad[1]}" if bad else str(e)) from None
+        if fmt != self.provisional:        # the majority changed after the first rows: start over
+            self.problems.clear(); self.rows.clear(); self.counts.clear(); self.pii.clear()
+            self.dups = quality.Duplicates()
+            self.provisional = fmt
+            for i in range(0, len(raw), BATCH):
+                chunk = raw[i:i + BATCH]
+                self.process([r for r in (data_mod.normalise_record(ln, rc, er, fmt, self.problems)
+                                          for ln, rc, er in chunk) if r is not None])
+            self.drain()
+        return fmt, reason, mixed
+
+    # ---- reports
+
+    def emit(self, force: bool = False) -> None:
+        """A partial report to ``on_partial``, at most every PARTIAL_EVERY seconds unless forced."""
+        if self.on_partial is None:
+            return
+        now = time.monotonic()
+        if not force and now - self.last_emit < PARTIAL_EVERY:
+            return
+        self.last_emit = now
+        part = self.snapshot(partial=True)
+        part.progress = self.progress
+        self.on_partial(part)
+
+    def snapshot(self, *, mixed=(), partial: bool = False, phase: str | None = None) -> Report:
+        out = _finish(self.cfg, self.rep, self.tok, self.rows, self.counts, self.problems, list(mixed),
+                      self.dups, self.pii, self.seen, self.fields, partial=partial)
+        if phase:
+            out.phase = phase
+        out.elapsed_s = time.monotonic() - self.t0
+        return out
 
 
 def long_row_chars(max_len: int) -> int:
@@ -668,100 +695,7 @@ def row_index_for_line(cfg, line: int, *, path=None) -> int:
                       i, raw_line(_data_path(cfg, path), line))
 
 
-# ---- command line -------------------------------------------------------------------
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "inspect", help="report on a dataset: format, problems by line, token statistics, "
-                        "label-mask preview, duplicates, PII",
-        description="Inspect a dataset with the model's tokenizer and chat template. Exit status: "
-                    "0, or 1 with --strict when there are problems, 2 when the file or config is unusable.")
-    p.add_argument("data", metavar="DATA", nargs="?", default=None,
-                   help="data file or datasets directory (default: data.train of the config)")
-    p.add_argument("--config", default=None, metavar="CONFIG", help="TOML config (model, max_length, batch settings)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set data.format=alpaca (repeatable)")
-    p.add_argument("--model", default=None, metavar="M", help="model whose tokenizer and chat template to use")
-    p.add_argument("--max-length", type=int, default=None, metavar="N", help="tokens per example (data.max_length)")
-    p.add_argument("--json", action="store_true", help="print the whole report as one JSON document")
-    p.add_argument("--show", type=int, default=None, metavar="N",
-                   help="print usable row N (1-based) with its trained tokens marked ⟦…⟧")
-    p.add_argument("--show-line", type=int, default=None, metavar="L",
-                   help="like --show, for the row on physical line L of the file")
-    p.add_argument("--strict", action="store_true", help="exit 1 when the report lists any problem")
-    p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
-                   help="colour the preview's trained tokens (auto: when stdout is a terminal)")
-    p.set_defaults(func=_cmd)
-
-
-def _cmd(args) -> int:
-    from engine.core import config as config_mod
-    from engine.training.model import ModelError
-    overrides = list(args.overrides)
-    if args.max_length is not None:
-        overrides.append(f"data.max_length={args.max_length}")
-    try:
-        cfg = config_mod.load(args.config, overrides)
-    except config_mod.ConfigError as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    if args.data:          # relative to the working directory, not to the config file
-        cfg.data.train = args.data if args.data.startswith("builtin:") else \
-            str(Path(args.data).expanduser().absolute())
-    if args.model:
-        cfg.model.name = args.model if args.model.startswith("builtin:") or "/" not in args.model \
-            or not Path(args.model).expanduser().exists() else str(Path(args.model).expanduser().absolute())
-    try:
-        if args.show is not None or args.show_line is not None:
-            return _cmd_show(cfg, args)
-        stderr_tty = sys.stderr.isatty() and not args.json
-
-        def progress(r: Report):
-            if stderr_tty:
-                write_trusted(sys.stderr, f"\r{r.phase}: {r.rows_read} rows read, {r.rows_tokenized} "
-                                          f"tokenised ({r.progress:.0%})")
-                sys.stderr.flush()
-        # This command is one short-lived process that starts no child and forks no DataLoader,
-        # so it may let the tokenizer use every core even where the environment turned that off
-        # (TOKENIZERS_PARALLELISM=false, often set just to silence the fork warning). It is set
-        # for this call only and restored after, in case a caller runs the CLI in-process.
-        saved = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "true"
-        try:
-            rep = inspect(cfg, on_partial=progress if stderr_tty else None)
-        finally:
-            if saved is None:
-                os.environ.pop("TOKENIZERS_PARALLELISM", None)
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = saved
-        if stderr_tty:
-            write_trusted(sys.stderr, "\r\033[K")
-            sys.stderr.flush()
-    except (data_mod.DataError, ModelError) as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    if args.json:
-        print(json_dumps(rep.to_dict(), indent=1))
-    else:
-        print(format_report(rep))
-    return 1 if args.strict and rep.problems else 0
-
-
-def _cmd_show(cfg, args) -> int:
-    try:
-        idx = (args.show - 1) if args.show is not None else row_index_for_line(cfg, args.show_line)
-        pv = preview(cfg, idx)
-    except (IndexError, ValueError) as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty()
-                                        and not os.environ.get("NO_COLOR"))
-    if args.json:
-        print(json_dumps(pv.to_dict(), indent=1))
-    else:
-        write_trusted(sys.stdout, format_preview(pv, cfg.data.max_length, colour=colour) + "\n")
-    return 0
-
+# ---- text forms (the CLI prints these: engine/cli/cmd_inspect.py) ---------------------
 
 def format_preview(pv: Preview, max_len: int, colour: bool = False) -> str:
     head = (f"row {pv.row_index + 1} (line {pv.line}): {pv.n_tokens} tokens, {pv.n_trained} trained"

@@ -10,10 +10,7 @@ datasets, peft, trl and huggingface_hub all require ``pyyaml``).
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +217,7 @@ def _model(c: _Conversion) -> None:
     for key in ("xformers_attention", "s2_attention", "flex_attention"):
         if key in y and _bool(c.take(key)):
             c.skip(key, "this attention kernel is not supported; model.attn_implementation "
-                        "offers auto, sdpa, eager, flash_attention_2")
+                        "offers auto, sdpa, eager, flash_attention_2, varlen")
 
 
 def _chat_template(c: _Conversion) -> None:
@@ -623,54 +620,3 @@ def to_toml_text(config_dict: dict, unmapped: list[str], notes: list[str], sourc
         head += [f"#   - {n}" for n in notes]
     body = tomli_w.dumps(config_dict)
     return "\n".join(head) + "\n\n" + body + ("" if body.endswith("\n") else "\n")
-
-
-def _cmd_import(args) -> int:
-    try:
-        cfg, unmapped, notes = convert(Path(args.config))
-    except AxolotlError as e:
-        print(f"import-axolotl failed: {e}", file=sys.stderr)
-        return 1
-    text = to_toml_text(cfg, unmapped, notes, source=str(args.config))
-    if not args.out:
-        print(text, end="")
-        return 0
-    out = Path(args.out).expanduser()
-    if out.is_dir():
-        print(f"import-axolotl failed: {out} is a directory; give a file name, e.g. -o {out / 'qlora.toml'}",
-              file=sys.stderr)
-        return 1
-    if out.exists() and out.resolve() == Path(args.config).expanduser().resolve():
-        print(f"import-axolotl failed: -o {out} is the Axolotl config itself; choose another file "
-              "(e.g. the same name with .toml)", file=sys.stderr)
-        return 1
-    if out.exists() and not args.force:
-        print(f"import-axolotl failed: {out} already exists; pass --force to overwrite or choose "
-              f"another -o", file=sys.stderr)
-        return 1
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
-    except OSError as e:
-        try:
-            tmp.unlink()
-        except (OSError, UnboundLocalError):
-            pass
-        print(f"import-axolotl failed: cannot write {out}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}" + (f" ({len(unmapped)} unmapped key(s): {', '.join(unmapped)})" if unmapped
-                            else " (every key mapped)"))
-    return 0
-
-
-def register(subparsers) -> None:
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "import-axolotl", help="convert an Axolotl QLoRA YAML into a qlora-tui TOML config",
-        description="Map an Axolotl config onto qlora-tui's config; keys that cannot be mapped "
-                    "are listed in the TOML's header comment.")
-    p.add_argument("config", metavar="CONFIG.yml", help="Axolotl YAML config")
-    p.add_argument("-o", "--out", default=None, metavar="OUT.toml", help="write here (default: print)")
-    p.add_argument("--force", action="store_true", help="overwrite OUT.toml if it exists")
-    p.set_defaults(func=_cmd_import)

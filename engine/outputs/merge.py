@@ -13,10 +13,8 @@ in a run directory, reading ``adapter_config.json``, resolving the base model.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -197,90 +195,111 @@ def check_adapter_against_base(adapter_dir: Path, acfg: dict, base: str, *, revi
     """Refuse an adapter that does not fit ``base``: another architecture or size, target
     modules the base does not have, or LoRA weights whose shapes differ from the base's layers.
     """
-    import re
-
     base_cfg, shapes = _base_modules(base, revision, trust_remote_code, err)
-    qc = getattr(base_cfg, "quantization_config", None)
-    if qc:
-        method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
-        raise err(f"base model {base} is pre-quantized ({method} quantization_config in its "
-                  f"config.json); merging needs the 16-bit original: pass --base with it")
-
-    # the base the adapter was trained on, when it is a different local model: compare shapes
-    trained_on = str(acfg.get("base_model_name_or_path") or "")
-    tp = Path(trained_on).expanduser() if trained_on else None
-    if tp is not None and (tp / "config.json").is_file() and tp.resolve() != Path(base).expanduser().resolve():
-        from transformers import AutoConfig
-        try:
-            tcfg = AutoConfig.from_pretrained(str(tp), trust_remote_code=trust_remote_code)
-        except Exception:  # noqa: BLE001 - only a best-effort comparison
-            tcfg = None
-        if tcfg is not None:
-            a, b = _config_summary(tcfg), _config_summary(base_cfg)
-            diff = [k for k in a if a[k] is not None and b[k] is not None and a[k] != b[k]]
-            if diff:
-                detail = ", ".join(f"{k} {a[k]} vs {b[k]}" for k in diff)
-                raise err(f"mismatched base: the adapter was trained on {trained_on} but base "
-                          f"{base} differs ({detail}); pass --base with the model it was trained on")
-
-    linear_leaves = sorted({n.rsplit(".", 1)[-1] for n in shapes if n})
-    names = list(shapes)
-
-    def matches(key: str) -> bool:
-        return any(n == key or n.endswith("." + key) for n in names)
-
-    targets = acfg.get("target_modules")
-    missing: list[str] = []
-    if isinstance(targets, (list, tuple, set)):
-        missing = sorted(str(t) for t in targets if not matches(str(t)))
-    elif isinstance(targets, str) and targets != "all-linear":
-        try:
-            if not any(re.fullmatch(targets, n) for n in names):
-                missing = [targets]
-        except re.error:
-            raise err(f"{adapter_dir / 'adapter_config.json'}: target_modules {targets!r} is "
-                      f"not a valid regular expression") from None
-
-    # the saved LoRA tensors: module names and shapes against the base's layers
-    mismatched: list[str] = []
-    weights = adapter_dir / "adapter_model.safetensors"
-    if weights.is_file():
-        from safetensors import safe_open
-        seen: set[str] = set()
-        try:
-            with safe_open(str(weights), "pt") as f:
-                for key in f.keys():
-                    m = re.match(r"^(?:base_model\.model\.)?(.+?)\.(lora_A|lora_B|lora_embedding_A|"
-                                 r"lora_embedding_B)(?:\.[^.]+)?\.weight$", key) or \
-                        re.match(r"^(?:base_model\.model\.)?(.+?)\.(lora_A|lora_B|lora_embedding_A|"
-                                 r"lora_embedding_B)(?:\.[^.]+)?$", key)
-                    if not m:
-                        continue
-                    module, part = m.group(1), m.group(2)
-                    if module not in shapes:
-                        if module not in seen:
-                            missing.append(module)
-                            seen.add(module)
-                        continue
-                    shape = f.get_slice(key).get_shape()
-                    fan_in, fan_out = shapes[module]
-                    if part == "lora_A" and len(shape) == 2 and shape[1] != fan_in:
-                        mismatched.append(f"{module} (adapter in={shape[1]}, base in={fan_in})")
-                    elif part == "lora_B" and len(shape) == 2 and shape[0] != fan_out:
-                        mismatched.append(f"{module} (adapter out={shape[0]}, base out={fan_out})")
-        except Exception as e:  # noqa: BLE001
-            raise err(f"{weights}: cannot read the adapter weights ({str(e).splitlines()[0][:200]}); "
-                      f"the file is damaged, re-save the adapter") from None
-    elif not (adapter_dir / "adapter_model.bin").is_file():
-        raise err(f"{adapter_dir}: no adapter_model.safetensors; the adapter was not saved completely")
-
+    _refuse_prequantized(base_cfg, base, err)
+    _refuse_other_trained_on(acfg, base, base_cfg, trust_remote_code, err)
+    missing = _missing_targets(adapter_dir, acfg.get("target_modules"), list(shapes), err)
+    mismatched = _check_lora_tensors(adapter_dir, shapes, missing, err)
     if missing:
+        linear_leaves = sorted({n.rsplit(".", 1)[-1] for n in shapes if n})
         raise err(f"adapter target modules missing from base {base}: {_short_list(missing)}; the "
                   f"base's layers that LoRA can target are: {_short_list(linear_leaves, 12)} (wrong base or "
                   f"target_modules: pass --base with the model the adapter was trained on)")
     if mismatched:
         raise err(f"mismatched base: adapter layer shapes differ from base {base}: "
                   f"{_short_list(mismatched, 4)}; pass --base with the model the adapter was trained on")
+
+
+def _refuse_prequantized(base_cfg, base: str, err) -> None:
+    qc = getattr(base_cfg, "quantization_config", None)
+    if qc:
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
+        raise err(f"base model {base} is pre-quantized ({method} quantization_config in its "
+                  f"config.json); merging needs the 16-bit original: pass --base with it")
+
+
+def _refuse_other_trained_on(acfg: dict, base: str, base_cfg, trust_remote_code: bool, err) -> None:
+    """The base the adapter was trained on, when it is a different local model: compare sizes."""
+    trained_on = str(acfg.get("base_model_name_or_path") or "")
+    tp = Path(trained_on).expanduser() if trained_on else None
+    if tp is None or not (tp / "config.json").is_file() or tp.resolve() == Path(base).expanduser().resolve():
+        return
+    from transformers import AutoConfig
+    try:
+        tcfg = AutoConfig.from_pretrained(str(tp), trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - only a best-effort comparison
+        return
+    a, b = _config_summary(tcfg), _config_summary(base_cfg)
+    diff = [k for k in a if a[k] is not None and b[k] is not None and a[k] != b[k]]
+    if diff:
+        detail = ", ".join(f"{k} {a[k]} vs {b[k]}" for k in diff)
+        raise err(f"mismatched base: the adapter was trained on {trained_on} but base "
+                  f"{base} differs ({detail}); pass --base with the model it was trained on")
+
+
+def _missing_targets(adapter_dir: Path, targets, names: list[str], err) -> list[str]:
+    """target_modules (a list of names, or a regular expression) that match no module of the base."""
+    import re
+
+    def matches(key: str) -> bool:
+        return any(n == key or n.endswith("." + key) for n in names)
+
+    if isinstance(targets, (list, tuple, set)):
+        return sorted(str(t) for t in targets if not matches(str(t)))
+    if isinstance(targets, str) and targets != "all-linear":
+        try:
+            if not any(re.fullmatch(targets, n) for n in names):
+                return [targets]
+        except re.error:
+            raise err(f"{adapter_dir / 'adapter_config.json'}: target_modules {targets!r} is "
+                      f"not a valid regular expression") from None
+    return []
+
+
+_LORA_KEYS = (r"^(?:base_model\.model\.)?(.+?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?\.weight$",
+              r"^(?:base_model\.model\.)?(.+?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?$")
+
+
+def _check_lora_tensors(adapter_dir: Path, shapes: dict, missing: list[str], err) -> list[str]:
+    """The saved LoRA tensors against the base's layers: modules the base lacks are added to
+    ``missing``; the layers whose shapes differ are returned."""
+    import re
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        if not (adapter_dir / "adapter_model.bin").is_file():
+            raise err(f"{adapter_dir}: no adapter_model.safetensors; the adapter was not saved completely")
+        return []
+    from safetensors import safe_open
+    mismatched: list[str] = []
+    seen: set[str] = set()
+    try:
+        with safe_open(str(weights), "pt") as f:
+            for key in f.keys():
+                m = re.match(_LORA_KEYS[0], key) or re.match(_LORA_KEYS[1], key)
+                if not m:
+                    continue
+                module, part = m.group(1), m.group(2)
+                if module not in shapes:
+                    if module not in seen:
+                        missing.append(module)
+                        seen.add(module)
+                    continue
+                bad = _shape_mismatch(module, part, f.get_slice(key).get_shape(), shapes[module])
+                if bad:
+                    mismatched.append(bad)
+    except Exception as e:  # noqa: BLE001
+        raise err(f"{weights}: cannot read the adapter weights ({str(e).splitlines()[0][:200]}); "
+                  f"the file is damaged, re-save the adapter") from None
+    return mismatched
+
+
+def _shape_mismatch(module: str, part: str, shape, base_shape: tuple[int, int]) -> str | None:
+    fan_in, fan_out = base_shape
+    if part == "lora_A" and len(shape) == 2 and shape[1] != fan_in:
+        return f"{module} (adapter in={shape[1]}, base in={fan_in})"
+    if part == "lora_B" and len(shape) == 2 and shape[0] != fan_out:
+        return f"{module} (adapter out={shape[0]}, base out={fan_out})"
+    return None
 
 
 def torch_dtype(name: str, device: str):
@@ -418,27 +437,8 @@ def merge(src: str | Path, out: str | Path, dtype: str = "bf16",
     """
     t0 = time.time()
     progress = on_progress or (lambda f, m: None)
-    if dtype not in DTYPES:
-        raise MergeError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MergeError(f"output {out} already exists and is not empty; choose a new --out or remove it")
-    _check_writable(out)
-
-    from engine.training import galore
-    if galore.full_checkpoint_dir(src) is not None:
-        raise MergeError(galore.merge_message(galore.full_checkpoint_dir(src)))
-    progress(0.0, "checking the adapter")
-    adapter_dir = find_adapter_dir(src, MergeError)
-    acfg = read_adapter_config(adapter_dir, MergeError)
-    settings = run_model_settings(run_dir_of(src, adapter_dir))
-    revision = str(settings.get("revision") or acfg.get("revision") or "")
-    trust = bool(settings.get("trust_remote_code", False))
-    where = "--base" if base else f"base_model_name_or_path in {adapter_dir / 'adapter_config.json'}"
-    base_name = resolve_base(base or acfg.get("base_model_name_or_path") or "", revision=revision,
-                             trust_remote_code=trust, err=MergeError, where=where)
-    check_adapter_against_base(adapter_dir, acfg, base_name, revision=revision,
-                               trust_remote_code=trust, err=MergeError)
+    out = _check_out(out, dtype)
+    adapter_dir, acfg, base_name, revision, trust = _merge_inputs(src, base, progress)
     from engine.outputs import merge_stream
     if stream is None:
         stream = merge_stream.should_stream(base_name)
@@ -446,82 +446,19 @@ def merge(src: str | Path, out: str | Path, dtype: str = "bf16",
         return merge_stream.merge_report(adapter_dir, acfg, base_name, out, dtype, progress, t0, MergeError, MergeReport)
 
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype_name, tdtype = torch_dtype(dtype, device)
     load_kw: dict[str, Any] = {"dtype": tdtype, "revision": revision or None,
                                "trust_remote_code": trust}
     if device == "cuda":
         load_kw["device_map"] = "auto"
-
-    progress(0.1, f"loading base {base_name} in {dtype_name} on {device}")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base_name, **load_kw)
-    except Exception as e:  # noqa: BLE001
-        raise MergeError(f"base model {base_name}: loading failed: {str(e).splitlines()[0][:200]}") from None
-    model.eval()
-    try:
-        tok = AutoTokenizer.from_pretrained(tokenizer_source(adapter_dir, base_name),
-                                            trust_remote_code=trust)
-    except Exception as e:  # noqa: BLE001
-        raise MergeError(f"tokenizer of {tokenizer_source(adapter_dir, base_name)}: cannot load: "
-                         f"{str(e).splitlines()[0][:200]}") from None
-
-    progress(0.3, f"applying the adapter {adapter_dir}")
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), autocast_adapter_dtype=False)
-    except Exception as e:  # noqa: BLE001
-        raise MergeError(f"adapter {adapter_dir}: PEFT cannot apply it to {base_name}: "
-                         f"{str(e).splitlines()[0][:200]}") from None
-    peft_model.eval()
-
-    texts = _prompt_texts(tok, check_rows)
-    encoded = [tok(t, return_tensors="pt", add_special_tokens=True).input_ids[:, :128] for t in texts]
-    encoded = [e for e in encoded if e.shape[1] > 0]
-    progress(0.4, f"computing reference logits on {len(encoded)} prompts")
-    ref = _logits(peft_model, encoded)
-    with peft_model.disable_adapter():
-        plain = _logits(peft_model, encoded)
-    effect = max(float((a - b).abs().max()) for a, b in zip(ref, plain))
-
-    progress(0.5, "merging the adapter into the base weights")
-    merged = peft_model.merge_and_unload()
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    progress(0.6, f"saving to {out}")
-    try:
-        merged.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-    except Exception as e:  # noqa: BLE001
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise MergeError(f"saving the merged model to {tmp} failed: {str(e).splitlines()[0][:200]}") from None
-    del merged, peft_model, model
+    tmp, encoded, ref, effect = _merge_to(out, base_name, adapter_dir, load_kw, (dtype_name, device),
+                                          check_rows, progress)
     import gc
-    gc.collect()
+    gc.collect()                      # the base, the PEFT model and the merged one are gone
     if device == "cuda":
         torch.cuda.empty_cache()
-
-    progress(0.75, "reloading the merged checkpoint with plain transformers")
-    reload_kw = {k: v for k, v in load_kw.items() if k != "revision"}
-    try:
-        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), **reload_kw)
-    except Exception as e:  # noqa: BLE001
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise MergeError(f"the merged checkpoint does not load with AutoModelForCausalLM: "
-                         f"{str(e).splitlines()[0][:200]}") from None
-    reloaded.eval()
-    progress(0.85, "comparing merged logits with base + adapter")
-    got = _logits(reloaded, encoded)
-    del reloaded
-    diff, tol, agree, total = compare_logits(ref, got, *_TOLERANCE[dtype_name])
-    if not diff <= tol:  # also catches NaN
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise MergeError(f"verification failed: merged logits differ from base + adapter by "
-                         f"{diff:.4g} (> tolerance {tol:.4g} for {dtype_name}); nothing was written "
-                         f"to {out}; retry with --dtype fp32 and check the adapter's target_modules")
+    diff, tol, agree, total = _verify_merged(tmp, out, load_kw, encoded, ref, dtype_name, progress)
 
     warnings = []
     if effect == 0.0:
@@ -546,6 +483,121 @@ def merge(src: str | Path, out: str | Path, dtype: str = "bf16",
                        size_bytes=size, files=files, warnings=warnings)
 
 
+def _check_out(out, dtype: str) -> Path:
+    """The dtype is known and --out is new (or an empty directory) and writable."""
+    if dtype not in DTYPES:
+        raise MergeError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MergeError(f"output {out} already exists and is not empty; choose a new --out or remove it")
+    _check_writable(out)
+    return out
+
+
+def _merge_inputs(src, base: str | None, progress) -> tuple[Path, dict, str, str, bool]:
+    """(adapter dir, adapter config, base model, revision, trust_remote_code), the adapter
+    checked against the base before anything heavy is loaded."""
+    from engine.training import galore
+    if galore.full_checkpoint_dir(src) is not None:
+        raise MergeError(galore.merge_message(galore.full_checkpoint_dir(src)))
+    progress(0.0, "checking the adapter")
+    adapter_dir = find_adapter_dir(src, MergeError)
+    acfg = read_adapter_config(adapter_dir, MergeError)
+    settings = run_model_settings(run_dir_of(src, adapter_dir))
+    revision = str(settings.get("revision") or acfg.get("revision") or "")
+    trust = bool(settings.get("trust_remote_code", False))
+    where = "--base" if base else f"base_model_name_or_path in {adapter_dir / 'adapter_config.json'}"
+    base_name = resolve_base(base or acfg.get("base_model_name_or_path") or "", revision=revision,
+                             trust_remote_code=trust, err=MergeError, where=where)
+    check_adapter_against_base(adapter_dir, acfg, base_name, revision=revision,
+                               trust_remote_code=trust, err=MergeError)
+    return adapter_dir, acfg, base_name, revision, trust
+
+
+def _load_base_and_adapter(base_name: str, adapter_dir: Path, load_kw: dict, where: tuple[str, str], progress):
+    """(base model, tokenizer, PEFT model) in eval mode; ``where`` = (dtype name, device)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    progress(0.1, f"loading base {base_name} in {where[0]} on {where[1]}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base_name, **load_kw)
+    except Exception as e:  # noqa: BLE001
+        raise MergeError(f"base model {base_name}: loading failed: {str(e).splitlines()[0][:200]}") from None
+    model.eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_source(adapter_dir, base_name),
+                                            trust_remote_code=load_kw["trust_remote_code"])
+    except Exception as e:  # noqa: BLE001
+        raise MergeError(f"tokenizer of {tokenizer_source(adapter_dir, base_name)}: cannot load: "
+                         f"{str(e).splitlines()[0][:200]}") from None
+
+    progress(0.3, f"applying the adapter {adapter_dir}")
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), autocast_adapter_dtype=False)
+    except Exception as e:  # noqa: BLE001
+        raise MergeError(f"adapter {adapter_dir}: PEFT cannot apply it to {base_name}: "
+                         f"{str(e).splitlines()[0][:200]}") from None
+    peft_model.eval()
+    return model, tok, peft_model
+
+
+def _merge_to(out: Path, base_name: str, adapter_dir: Path, load_kw: dict, where: tuple[str, str], check_rows,
+              progress) -> tuple[Path, list, list, float]:
+    """Load base + adapter, take the reference logits, merge_and_unload() and save next to
+    ``out`` (``OUT.partial``). Returns (that directory, encoded prompts, reference logits,
+    adapter effect); the models are freed on return."""
+    model, tok, peft_model = _load_base_and_adapter(base_name, adapter_dir, load_kw, where, progress)
+    texts = _prompt_texts(tok, check_rows)
+    encoded = [tok(t, return_tensors="pt", add_special_tokens=True).input_ids[:, :128] for t in texts]
+    encoded = [e for e in encoded if e.shape[1] > 0]
+    progress(0.4, f"computing reference logits on {len(encoded)} prompts")
+    ref = _logits(peft_model, encoded)
+    with peft_model.disable_adapter():
+        plain = _logits(peft_model, encoded)
+    effect = max(float((a - b).abs().max()) for a, b in zip(ref, plain))
+
+    progress(0.5, "merging the adapter into the base weights")
+    merged = peft_model.merge_and_unload()
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    progress(0.6, f"saving to {out}")
+    try:
+        merged.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+    except Exception as e:  # noqa: BLE001
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MergeError(f"saving the merged model to {tmp} failed: {str(e).splitlines()[0][:200]}") from None
+    del merged, peft_model, model
+    return tmp, encoded, ref, effect
+
+
+def _verify_merged(tmp: Path, out: Path, load_kw: dict, encoded: list, ref: list, dtype_name: str,
+                   progress) -> tuple[float, float, int, int]:
+    """Reload the saved checkpoint with plain transformers and compare its logits with base +
+    adapter; on a failure ``tmp`` is removed and nothing reaches ``out``."""
+    from transformers import AutoModelForCausalLM
+    progress(0.75, "reloading the merged checkpoint with plain transformers")
+    reload_kw = {k: v for k, v in load_kw.items() if k != "revision"}
+    try:
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), **reload_kw)
+    except Exception as e:  # noqa: BLE001
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MergeError(f"the merged checkpoint does not load with AutoModelForCausalLM: "
+                         f"{str(e).splitlines()[0][:200]}") from None
+    reloaded.eval()
+    progress(0.85, "comparing merged logits with base + adapter")
+    got = _logits(reloaded, encoded)
+    del reloaded
+    diff, tol, agree, total = compare_logits(ref, got, *_TOLERANCE[dtype_name])
+    if not diff <= tol:  # also catches NaN
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MergeError(f"verification failed: merged logits differ from base + adapter by "
+                         f"{diff:.4g} (> tolerance {tol:.4g} for {dtype_name}); nothing was written "
+                         f"to {out}; retry with --dtype fp32 and check the adapter's target_modules")
+    return diff, tol, agree, total
+
+
 def _write_card(out: Path, src, adapter_dir: Path, dtype_name: str, warnings: list[str]) -> None:
     """The model card (README.md) next to the merged weights; a failure is only a warning."""
     try:
@@ -554,45 +606,3 @@ def _write_card(out: Path, src, adapter_dir: Path, dtype_name: str, warnings: li
                    command=f"qlora-tui merge {src} --out {out} --dtype {dtype_name}")
     except (ImportError, OSError, ValueError) as e:
         warnings.append(f"no model card written ({e})")
-
-
-# --------------------------------------------------------------------------- CLI
-
-def _cmd_merge(args) -> int:
-    def show(fraction: float, message: str) -> None:
-        print(f"[{fraction * 100:3.0f}%] {message}", flush=True)
-
-    from engine.training import galore
-    full = galore.full_checkpoint_dir(args.src)
-    if full is not None:        # a GaLore run: already a full checkpoint
-        print(galore.merge_message(full))
-        return 0
-    try:
-        report = merge(args.src, args.out, dtype=args.dtype, on_progress=show, base=args.base,
-                       stream=True if args.stream else None)
-    except MergeError as e:
-        print(f"merge failed: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        print("\n".join(report.lines()))
-    return 0
-
-
-def register(subparsers) -> None:
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "merge", help="merge a run's LoRA adapter into its base (16-bit checkpoint, verified)",
-        description="Reload the base in 16-bit, apply the adapter, merge_and_unload(), save a "
-                    "standard safetensors checkpoint and verify its logits against base + adapter.")
-    p.add_argument("src", metavar="RUN_DIR|ADAPTER_DIR", help="a run directory or an adapter directory")
-    p.add_argument("--out", "-o", required=True, metavar="DIR", help="new directory for the merged model")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16",
-                   help="dtype of the merged weights (default bf16; auto = bf16/fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--base", default=None, metavar="BASE",
-                   help="base model (hub id or directory) instead of the adapter's base_model_name_or_path")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--stream", action="store_true",
-                   help="merge shard by shard (automatic for 4-bit bases and bases larger than half "
-                        "the host RAM): never holds the whole model")
-    p.set_defaults(func=_cmd_merge)

@@ -7,11 +7,9 @@ the adapter from the request's ``"model"`` field, so each adapter gets a name.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shlex
-import sys
 from pathlib import Path
 
 from engine.outputs.merge import find_adapter_dir, read_adapter_config
@@ -170,25 +168,3 @@ def serve_command(adapters: list[str], names: list[str] | None = None, port: int
         f"offline API (LLM.generate(..., lora_request=LoRARequest({name!r}, 1, path)))",
     ]
     return "\n".join(lines)
-
-
-def _cmd_serve(args) -> int:
-    try:
-        print(serve_command(args.adapters, args.names or None, args.port))
-    except ServeError as e:
-        print(f"serve-cmd failed: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def register(subparsers) -> None:
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "serve-cmd", help="print the vllm serve command for one or more adapters (multi-LoRA)",
-        description="Print a `vllm serve BASE --enable-lora ... --lora-modules name=path ...` "
-                    "command for adapters trained on the same base, and an example request.")
-    p.add_argument("adapters", nargs="+", metavar="ADAPTER",
-                   help="run directories or adapter directories (same base)")
-    p.add_argument("--name", dest="names", action="append", default=[], metavar="N",
-                   help="adapter name for requests, one per ADAPTER in order (default: run directory names)")
-    p.add_argument("--port", type=int, default=8000, metavar="P", help="server port (default 8000)")
-    p.set_defaults(func=_cmd_serve)

@@ -46,8 +46,9 @@ the worst case; padded or packed batches never hold more), d = compute dtype byt
                        instead: N x V x (d + 4 + 4 + 4) (logits, fp32 upcast, softmax, grad).
   backward_workspace   N x c*h, fitted on the four H200 runs: c = 0.6 (Liger), 2.6 (HF: the
                        fp32 RMSNorm backward).
-  allocator_overhead   17% of the sum above (reserved over allocated: measured 16.0% on 8B,
-                       18.1% on 1B).
+  allocator_overhead   2% of the sum above + 0.6 x one layer's activations with gradient
+                       checkpointing (the recompute churns those blocks and the caching
+                       allocator keeps them); fitted on five H200 reserved peaks.
 
 ``cuda_context`` (0.5 GiB; outside the caching allocator, so not in max_memory_reserved) is
 reported in the breakdown but not in ``peak_bytes``; ``device_bytes`` = peak_bytes +
@@ -64,8 +65,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +79,13 @@ LOGIT_VOCAB_TILE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
 CUDA_CONTEXT = int(0.5 * GIB)
 ALLOCATOR_OVERHEAD = 0.02          # reserved over allocated, steady part
 RECOMPUTE_FRAGMENTATION = 0.6      # x one layer's activations, with gradient checkpointing
+# Weight streaming, over the window of resident layers: the side stream's cached copies (freed
+# blocks wait for the compute stream before reuse), the dequantized 16-bit weights of the
+# backward, and PEFT's unfused LoRA path (fused LoRA is off under streaming). Fitted on the two
+# H200 runs of bench/seventy_b.py (70B shape, micro-batch 2 and 8: 5.01 and 6.36 GiB above the
+# terms above): 11 four-bit layers + 7.2 x hidden x dtype bytes per token.
+STREAM_BUFFER_LAYERS = 11
+STREAM_TOKEN_HIDDEN = 7.2
 BACKWARD_WS_LIGER = 0.6  # x h bytes per token
 BACKWARD_WS_HF = 2.6
 HEADROOM = 0.10          # the planner keeps 10% of the GPU free
@@ -215,6 +221,194 @@ def _optimizer(cfg: Config) -> str:
     return opt
 
 
+@dataclass
+class _Setting:
+    """What one estimate is computed for, resolved from the config and the planner's overrides."""
+    batch: int
+    seq: int
+    liger: bool
+    checkpointed: int            # decoder layers checkpointed (0: checkpointing off)
+    offload: bool
+    d: int                       # compute dtype bytes
+    galore: bool
+    four: bool                   # 4-bit base (train.method = qlora and load_in_4bit)
+    streaming: bool
+    targets: list[str]
+    r: int
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+@dataclass
+class _Trainable:
+    """Trainable parameters and the bytes they take: values, gradients, optimizer state."""
+    params: int
+    values: int
+    grads: int
+    optimizer: int
+    magnitude: int               # DoRA magnitude vectors (params)
+    terms: dict | None = None    # GaLore's memory_terms (gradients, optimizer step)
+
+
+def _setting(cfg: Config, s: Shape, notes: list[str], batch_size, seq_len, gradient_checkpointing,
+             liger, checkpoint_layers, offload, streaming) -> _Setting:
+    gc = gradient_checkpointing if gradient_checkpointing is not None else _tri(cfg.train.gradient_checkpointing)
+    gc = True if gc is None else gc
+    lg = liger if liger is not None else _tri(cfg.train.liger_kernel)
+    k_ck, off = _checkpointing(cfg, s.layers, gc, checkpoint_layers, offload)
+    method = getattr(cfg.train, "method", "qlora")
+    four = cfg.quant.load_in_4bit and method == "qlora"
+    stream = bool(streaming if streaming is not None else cfg.train.weight_streaming is True) and four
+    return _Setting(batch=int(batch_size or cfg.train.batch_size), seq=int(seq_len or cfg.data.max_length),
+                    liger=False if lg is None else lg, checkpointed=k_ck, offload=off,
+                    d=_compute_bytes(cfg), galore=method == "galore", four=four, streaming=stream,
+                    targets=_targets(cfg, notes), r=cfg.lora.r)
+
+
+def _weights(cfg: Config, s: Shape, st: _Setting, notes: list[str]) -> dict[str, int]:
+    """Base weights: the decoder's nn.Linear params (4-bit or d bytes) and the rest at d bytes;
+    with streaming only a window of 4-bit layers is on the GPU."""
+    dims, L, h = s.module_dims(), s.layers, s.hidden
+    attn_lin = sum(a * o for m, (a, o) in dims.items() if m in MODULES[:4])
+    mlp_lin = sum(a * o for m, (a, o) in dims.items() if m in MODULES[4:]) * s.experts
+    router = h * s.experts if s.experts > 1 else 0
+    linear = L * (attn_lin + mlp_lin)
+    other = s.vocab * h * (1 if s.tied else 2) + (2 * L + 1) * h + L * router
+    bits = (NF4_DQ_BITS if cfg.quant.double_quant else NF4_BITS) if st.four else 8 * st.d
+    w_q = int(linear * bits / 8) if st.four else 0
+    w_u = other * st.d + (0 if st.four else linear * st.d)
+    from engine.planning import streaming_plan
+    base_q = w_q
+    if st.streaming:
+        w_q = streaming_plan.resident_bytes(w_q, L)
+        notes.append(f"weight streaming: {streaming_plan.RESIDENT_LAYERS} of {L} layers' 4-bit weights on the GPU, "
+                     f"{base_q / GIB:.1f} GiB pinned in host RAM")
+    if s.experts > 1:
+        notes.append(f"MoE ({s.experts} experts, {s.experts_per_token} per token): LoRA and activations "
+                     "counted for the active experts only; not calibrated")
+    return {"linear": linear, "other": other, "quantized": w_q, "unquantized": w_u, "base_quantized": base_q}
+
+
+def _lora(cfg: Config, s: Shape, st: _Setting, notes: list[str]) -> _Trainable:
+    """LoRA (or LoRA-FA, DoRA) adapters: params, their bytes and gradients, the optimizer state."""
+    dims, L, r = s.module_dims(), s.layers, st.r
+    per_layer = magnitude = 0
+    for m in st.targets:
+        a, o = dims[m]
+        mult = s.experts if m in MODULES[4:] else 1
+        per_layer += (r * o if cfg.lora.lora_fa else r * (a + o)) * mult
+        magnitude += o * mult if cfg.lora.use_dora else 0
+    lora_n, mag_n = L * per_layer, L * magnitude
+    ab = 2 if st.four else 4          # TRL casts adapters of 4-bit models to bf16; PEFT upcasts to fp32
+    values = lora_n * ab + mag_n * 4
+    if cfg.lora.use_dora:
+        notes.append("DoRA: magnitude vectors kept in fp32; its extra activations are approximate")
+    t = _Trainable(params=lora_n + mag_n, values=values, grads=values, optimizer=0, magnitude=mag_n)
+    t.optimizer = _optimizer_state(cfg, s, st, t, notes)
+    return t
+
+
+def _optimizer_state(cfg: Config, s: Shape, st: _Setting, t: _Trainable, notes: list[str]) -> int:
+    opt = _optimizer(cfg)
+    if opt in ("adamw_torch", "adamw_torch_fused"):
+        state = 2 * t.values
+    elif opt in ("paged_adamw_32bit",):
+        state = 8 * t.params
+    elif opt in ("adamw_8bit", "paged_adamw_8bit"):
+        state = int(t.params * (2 + 8 / 256))   # two uint8 moments + fp32 absmax per 256
+    elif opt == "adafactor":
+        dims, r, rows_cols = s.module_dims(), st.r, 0
+        for m in st.targets:
+            a, o = dims[m]
+            rows_cols += (o + r) if cfg.lora.lora_fa else (r + a) + (o + r)
+        state = 4 * s.layers * rows_cols + 4 * t.magnitude
+    elif opt == "sgd":
+        state = 0
+    else:
+        state = 8 * t.params
+        notes.append(f"optimizer {opt!r} not modelled: assumed 8 B/param of state")
+    if opt.startswith("paged_"):
+        notes.append(f"{opt}: optimizer state can page to host RAM under pressure (counted on the GPU here)")
+    return state
+
+
+def _galore(cfg: Config, s: Shape, st: _Setting, notes: list[str]) -> _Trainable:
+    """GaLore: full-rank targeted weights (counted in the 16-bit weights), projected state; no adapter."""
+    from engine.training.galore import memory_terms
+    gt = memory_terms(cfg, s.module_dims(), st.targets, s.layers, st.d)
+    opt = _optimizer(cfg)
+    notes[:] = [n for n in notes if not n.startswith(f"{opt}:")]
+    notes.append(f"GaLore rank {cfg.galore.rank}: full gradients of the targeted weights, Adam "
+                 "moments of their projected gradients (calibrated on two H200 runs, 1B and 3B)")
+    return _Trainable(params=gt["trainable"], values=0, grads=gt["grads"], optimizer=gt["optimizer_state"],
+                      magnitude=0, terms=gt)
+
+
+def _layer_activations(cfg: Config, s: Shape, st: _Setting) -> int:
+    """One decoder layer's saved activations, bytes per token (A_layer in the module doc)."""
+    h, q, kv, targets = s.hidden, s.q_dim, s.kv_dim, st.targets
+    ffn_i = s.intermediate * s.experts_per_token
+    if st.liger:
+        act = 4 * h + 4 * q + 4 * kv + 4 * ffn_i
+    else:
+        act = 8 * h + 4 * q + 4 * kv + 6 * ffn_i
+    if any(m in targets for m in ("q_proj", "k_proj", "v_proj")):
+        act += 2 * h
+    if any(m in targets for m in ("gate_proj", "up_proj")):
+        act += 2 * h
+    if "down_proj" in targets:
+        act += 2 * ffn_i
+    act += 2 * st.r * len(targets) + 4 * s.heads
+    if cfg.lora.use_dora:
+        dims = s.module_dims()
+        act += 2 * sum(dims[m][1] for m in targets)    # DoRA keeps the base output per module
+    return act * st.d // 2
+
+
+def _activations(s: Shape, st: _Setting, act: int, notes: list[str]) -> dict[str, int]:
+    """Saved activations (checkpointed, offloaded or not), their pinned host copy, the backward workspace."""
+    N, h, d = st.tokens, s.hidden, st.d
+    activations = N * _activation_bytes_per_token(h * d, act, s.layers, st.checkpointed, st.offload)
+    offload_host = st.checkpointed * N * h * d if st.offload else 0
+    if st.offload:
+        notes.append(f"activation offload: {offload_host / GIB:.2f} GiB of layer inputs in pinned host memory")
+    workspace = int(N * h * (BACKWARD_WS_LIGER if st.liger else BACKWARD_WS_HF) * d / 2)
+    return {"activations": activations, "offload_host": offload_host, "workspace": workspace}
+
+
+def _logits(s: Shape, st: _Setting, loss_impl: str, notes: list[str]) -> int:
+    """The LM head: TRL's fused per-tile log-probs, or HF's full fp32 logits."""
+    N, V, d = st.tokens, s.vocab, st.d
+    if loss_impl == "trl":
+        return min(N, LOGIT_TOKEN_TILE) * min(V, LOGIT_VOCAB_TILE) * d + N * 8 * s.hidden
+    notes.append("HF loss: full logits in fp32 (about %.1f MB per token)" % (V * (d + 12) / 1e6))
+    return N * V * (d + 12)
+
+
+def _shard(cfg: Config, w: dict[str, int], t: _Trainable, notes: list[str]) -> None:
+    """Multi-GPU: FSDP divides weights, adapters and optimizer state by the GPU count (in place)."""
+    gpus = cfg.distributed.gpus
+    if gpus > 1 and cfg.distributed.strategy == "fsdp":
+        w["quantized"], w["unquantized"] = w["quantized"] // gpus, w["unquantized"] // gpus
+        t.values, t.grads, t.optimizer = t.values // gpus, t.grads // gpus, t.optimizer // gpus
+        notes.append(f"FSDP over {gpus} GPUs: weights, adapters and optimizer state sharded (rough)")
+    elif gpus > 1:
+        notes.append(f"DDP over {gpus} GPUs: the figures are per GPU")
+
+
+def _vision(model_config: dict, st: _Setting, notes: list[str]) -> dict:
+    """Image-text models: the 16-bit vision tower and one image's activations per row."""
+    from engine.training.vision import estimate_terms
+    vis = estimate_terms(model_config, st.batch, st.d) or {"params": 0, "weights": 0, "activations": 0}
+    if vis["weights"]:
+        notes.append(f"vision tower: {vis['params'] / 1e6:,.0f} M params in 16 bits (frozen, not quantized); "
+                     f"activations for one {vis['patches_per_image']}-patch image per row "
+                     f"({vis['visual_tokens_per_image']} visual tokens, inside max_length)")
+    return vis
+
+
 def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
              seq_len: int | None = None, gradient_checkpointing: bool | None = None,
              liger: bool | None = None, gpu_mem_bytes: int | None = None,
@@ -229,163 +423,75 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
         raise EstimateError(f"loss_impl must be one of {LOSS_IMPLS}, not {loss_impl!r}")
     s = shape_of(model_config)
     notes: list[str] = []
-    b = int(batch_size or cfg.train.batch_size)
-    seq = int(seq_len or cfg.data.max_length)
-    gc = gradient_checkpointing if gradient_checkpointing is not None else _tri(cfg.train.gradient_checkpointing)
-    gc = True if gc is None else gc
-    lg = liger if liger is not None else _tri(cfg.train.liger_kernel)
-    lg = False if lg is None else lg
-    k_ck, off = _checkpointing(cfg, s.layers, gc, checkpoint_layers, offload)
-    d = _compute_bytes(cfg)
-    galore = getattr(cfg.train, "method", "qlora") == "galore"
-    four = cfg.quant.load_in_4bit and getattr(cfg.train, "method", "qlora") == "qlora"
-    h, i, L, V = s.hidden, s.intermediate, s.layers, s.vocab
-    N = b * seq
-    dims = s.module_dims()
-    targets = _targets(cfg, notes)
-    r = cfg.lora.r
+    st = _setting(cfg, s, notes, batch_size, seq_len, gradient_checkpointing, liger, checkpoint_layers,
+                  offload, streaming)
+    w = _weights(cfg, s, st, notes)
+    t = _lora(cfg, s, st, notes)
+    if st.galore:
+        t = _galore(cfg, s, st, notes)
+        st.r = 0                                  # no adapter activations
+    act = _layer_activations(cfg, s, st) + _packed_mask_bytes_per_token(cfg, st.seq, st.d, notes)
+    a = _activations(s, st, act, notes)
+    logits = _logits(s, st, loss_impl, notes)
+    if st.galore:       # gradients grow as the backward frees activations; the step runs after
+        from engine.training.galore import gradient_term
+        t.grads = gradient_term(t.terms, a["activations"] + logits + a["workspace"], notes)
+    _shard(cfg, w, t, notes)
+    w["checkpoint_file"] = _checkpoint_bytes(model_config, w["linear"], w["other"])
+    vis = _vision(model_config, st, notes)
+    return _assemble(cfg, s, st, w, t, a, logits, vis, act, gpu_mem_bytes, notes)
 
-    # --- weights
-    attn_lin = sum(a * o for m, (a, o) in dims.items() if m in MODULES[:4])
-    mlp_lin = sum(a * o for m, (a, o) in dims.items() if m in MODULES[4:]) * s.experts
-    router = h * s.experts if s.experts > 1 else 0
-    linear = L * (attn_lin + mlp_lin)
-    other = V * h * (1 if s.tied else 2) + (2 * L + 1) * h + L * router
-    bits = (NF4_DQ_BITS if cfg.quant.double_quant else NF4_BITS) if four else 8 * d
-    w_q = int(linear * bits / 8) if four else 0
-    w_u = other * d + (0 if four else linear * d)
-    from engine.planning import streaming_plan
-    stream = bool(streaming if streaming is not None else cfg.train.weight_streaming is True) and four
-    base_q = w_q
-    if stream:
-        w_q = streaming_plan.resident_bytes(w_q, L)
-        notes.append(f"weight streaming: {streaming_plan.RESIDENT_LAYERS} of {L} layers' 4-bit weights on the GPU, "
-                     f"{base_q / GIB:.1f} GiB pinned in host RAM")
-    if s.experts > 1:
-        notes.append(f"MoE ({s.experts} experts, {s.experts_per_token} per token): LoRA and activations "
-                     "counted for the active experts only; not calibrated")
 
-    # --- LoRA
-    per_layer = 0
-    magnitude = 0
-    for m in targets:
-        a, o = dims[m]
-        mult = s.experts if m in MODULES[4:] else 1
-        per_layer += (r * o if cfg.lora.lora_fa else r * (a + o)) * mult
-        magnitude += o * mult if cfg.lora.use_dora else 0
-    lora_n = L * per_layer
-    mag_n = L * magnitude
-    trainable = lora_n + mag_n
-    ab = 2 if four else 4          # TRL casts adapters of 4-bit models to bf16; PEFT upcasts to fp32
-    lora_params = lora_n * ab + mag_n * 4
-    lora_grads = lora_params
-    if cfg.lora.use_dora:
-        notes.append("DoRA: magnitude vectors kept in fp32; its extra activations are approximate")
-
-    opt = _optimizer(cfg)
-    if opt in ("adamw_torch", "adamw_torch_fused"):
-        opt_state = 2 * lora_params
-    elif opt in ("paged_adamw_32bit",):
-        opt_state = 8 * trainable
-    elif opt in ("adamw_8bit", "paged_adamw_8bit"):
-        opt_state = int(trainable * (2 + 8 / 256))   # two uint8 moments + fp32 absmax per 256
-    elif opt == "adafactor":
-        rows_cols = 0
-        for m in targets:
-            a, o = dims[m]
-            rows_cols += (o + r) if cfg.lora.lora_fa else (r + a) + (o + r)
-        opt_state = 4 * L * rows_cols + 4 * mag_n
-    elif opt == "sgd":
-        opt_state = 0
-    else:
-        opt_state = 8 * trainable
-        notes.append(f"optimizer {opt!r} not modelled: assumed 8 B/param of state")
-    if opt.startswith("paged_"):
-        notes.append(f"{opt}: optimizer state can page to host RAM under pressure (counted on the GPU here)")
-
-    if galore:      # full-rank targeted weights (counted in the 16-bit weights), projected state
-        from engine.training.galore import memory_terms
-        gt = memory_terms(cfg, dims, targets, L, d)
-        trainable, lora_params, lora_grads, opt_state = gt["trainable"], 0, gt["grads"], gt["optimizer_state"]
-        r = 0
-        notes[:] = [n for n in notes if not n.startswith(f"{opt}:")]
-        notes.append(f"GaLore rank {cfg.galore.rank}: full gradients of the targeted weights, Adam "
-                     "moments of their projected gradients (not calibrated on a GPU)")
-
-    # --- activations (bytes per token per layer, in units of d/2)
-    q, kv = s.q_dim, s.kv_dim
-    ffn_i = i * s.experts_per_token
-    if lg:
-        act = 4 * h + 4 * q + 4 * kv + 4 * ffn_i
-    else:
-        act = 8 * h + 4 * q + 4 * kv + 6 * ffn_i
-    if any(m in targets for m in ("q_proj", "k_proj", "v_proj")):
-        act += 2 * h
-    if any(m in targets for m in ("gate_proj", "up_proj")):
-        act += 2 * h
-    if "down_proj" in targets:
-        act += 2 * ffn_i
-    act += 2 * r * len(targets) + 4 * s.heads
-    if cfg.lora.use_dora:
-        act += 2 * sum(dims[m][1] for m in targets)    # DoRA keeps the base output per module
-    act = act * d // 2
-    activations = N * _activation_bytes_per_token(h * d, act, L, k_ck, off)
-    offload_host = k_ck * N * h * d if off else 0
-    if off:
-        notes.append(f"activation offload: {offload_host / GIB:.2f} GiB of layer inputs in pinned host memory")
-    workspace = int(N * h * (BACKWARD_WS_LIGER if lg else BACKWARD_WS_HF) * d / 2)
-
-    # --- logits / LM head
-    if loss_impl == "trl":
-        logits = min(N, LOGIT_TOKEN_TILE) * min(V, LOGIT_VOCAB_TILE) * d + N * 8 * h
-    else:
-        logits = N * V * (d + 12)
-        notes.append("HF loss: full logits in fp32 (about %.1f MB per token)" % (V * (d + 12) / 1e6))
-
-    # --- multi-GPU
-    gpus = cfg.distributed.gpus
-    if gpus > 1 and cfg.distributed.strategy == "fsdp":
-        w_q, w_u = w_q // gpus, w_u // gpus
-        lora_params, lora_grads, opt_state = lora_params // gpus, lora_grads // gpus, opt_state // gpus
-        notes.append(f"FSDP over {gpus} GPUs: weights, adapters and optimizer state sharded (rough)")
-    elif gpus > 1:
-        notes.append(f"DDP over {gpus} GPUs: the figures are per GPU")
-
-    from engine.training.vision import estimate_terms      # image-text models: the 16-bit vision tower
-    vis = estimate_terms(model_config, b, d) or {"params": 0, "weights": 0, "activations": 0}
-    if vis["weights"]:
-        notes.append(f"vision tower: {vis['params'] / 1e6:,.0f} M params in 16 bits (frozen, not quantized); "
-                     f"activations for one {vis['patches_per_image']}-patch image per row "
-                     f"({vis['visual_tokens_per_image']} visual tokens, inside max_length)")
-    allocated = (w_q + w_u + lora_params + lora_grads + opt_state + activations + logits + workspace
-                 + vis["weights"] + vis["activations"])
+def _assemble(cfg: Config, s: Shape, st: _Setting, w: dict, t: _Trainable, a: dict, logits: int, vis: dict,
+              act: int, gpu_mem_bytes: int | None, notes: list[str]) -> Estimate:
+    """The breakdown, the allocator's overhead on top of it, host RAM, and the closing notes."""
+    allocated = (w["quantized"] + w["unquantized"] + t.values + t.grads + t.optimizer + a["activations"]
+                 + logits + a["workspace"] + vis["weights"] + vis["activations"])
     # The caching allocator keeps freed blocks: with checkpointing each layer's recompute
     # churns one layer's activations, and those blocks stay reserved (fitted on 5 H200 runs).
-    overhead = int(allocated * ALLOCATOR_OVERHEAD + (RECOMPUTE_FRAGMENTATION * N * act if k_ck else 0))
+    overhead = int(allocated * ALLOCATOR_OVERHEAD
+                   + (RECOMPUTE_FRAGMENTATION * st.tokens * act if st.checkpointed else 0))
+    stream_buffers = (int(STREAM_BUFFER_LAYERS * w["base_quantized"] / s.layers
+                          + st.tokens * STREAM_TOKEN_HIDDEN * s.hidden * st.d) if st.streaming else 0)
     breakdown = {
-        "weights_quantized": int(w_q), "weights_unquantized": int(w_u),
-        "lora_params": int(lora_params), "lora_grads": int(lora_grads),
-        "optimizer_state": int(opt_state), "activations": int(activations), "logits": int(logits),
-        "backward_workspace": int(workspace), "allocator_overhead": overhead,
+        "weights_quantized": int(w["quantized"]), "weights_unquantized": int(w["unquantized"]),
+        "lora_params": int(t.values), "lora_grads": int(t.grads),
+        "optimizer_state": int(t.optimizer), "activations": int(a["activations"]), "logits": int(logits),
+        "backward_workspace": int(a["workspace"]), "allocator_overhead": overhead,
+        "streaming_buffers": stream_buffers,
         "vision_weights": int(vis["weights"]), "vision_activations": int(vis["activations"]),
         "cuda_context": CUDA_CONTEXT,
     }
-    peak = allocated + overhead
-    total = linear + other + (0 if galore else trainable) + vis["params"]
-    if not four and not galore:
+    peak = allocated + overhead + stream_buffers
+    total = w["linear"] + w["other"] + (0 if st.galore else t.params) + vis["params"]
+    if not st.four and not st.galore:
         notes.append("16-bit base (load_in_4bit = false): adapters in fp32")
-    if d == 4:
+    if st.d == 4:
         notes.append("fp32 compute: activations and unquantized weights at 4 bytes")
-    notes.append(f"assumes every row is {seq} tokens (padding/packing never exceeds it)")
+    notes.append(f"assumes every row is {st.seq} tokens (padding/packing never exceeds it)")
     fits = None if gpu_mem_bytes is None else peak + CUDA_CONTEXT <= gpu_mem_bytes
-    host = streaming_plan.host_breakdown(base_q, w_u, L, stream, cfg.train.device)
-    host["offloaded_activations"] = int(offload_host)
-    return Estimate(peak_bytes=int(peak), breakdown=breakdown, trainable_params=int(trainable),
+    from engine.planning import streaming_plan
+    host = streaming_plan.host_breakdown(w["base_quantized"], w["unquantized"], s.layers, st.streaming,
+                                         cfg.train.device, checkpoint_bytes=w["checkpoint_file"],
+                                         offloaded=int(a["offload_host"]))
+    return Estimate(peak_bytes=int(peak), breakdown=breakdown, trainable_params=int(t.params),
                     total_params=int(total), fits=fits, gpu_mem_bytes=gpu_mem_bytes, notes=notes,
-                    batch_size=b, seq_len=seq, gradient_checkpointing=k_ck > 0, liger=lg,
-                    checkpoint_layers=k_ck, layers=L, offload=off, offload_host_bytes=int(offload_host),
-                    streaming=stream, host_bytes=sum(host.values()), host_breakdown=host,
-                    base_quantized_bytes=int(base_q), method=getattr(cfg.train, "method", "qlora"))
+                    batch_size=st.batch, seq_len=st.seq, gradient_checkpointing=st.checkpointed > 0,
+                    liger=st.liger, checkpoint_layers=st.checkpointed, layers=s.layers, offload=st.offload,
+                    offload_host_bytes=int(a["offload_host"]), streaming=st.streaming,
+                    host_bytes=streaming_plan.host_peak(host), host_breakdown=host,
+                    base_quantized_bytes=int(w["base_quantized"]), method=getattr(cfg.train, "method", "qlora"))
+
+def _checkpoint_bytes(model_config: dict, linear: int, other: int) -> int:
+    """The weight files' size, which loading maps into the process (it shows in its RSS): a
+    pre-quantized checkpoint holds the packed 4-bit layers, any other its dtype's bytes."""
+    q = model_config.get("quantization_config") or {}
+    if q.get("load_in_4bit") or q.get("_load_in_4bit"):
+        return int(linear * NF4_DQ_BITS / 8 + other * 2)
+    width = {"float32": 4, "float16": 2, "bfloat16": 2}.get(
+        str(model_config.get("torch_dtype") or model_config.get("dtype") or "bfloat16"), 2)
+    return int((linear + other) * width)
+
 
 def _checkpointing(cfg: Config, layers: int, gc: bool, k: int | None, offload: bool | None):
     """(decoder layers checkpointed, inputs offloaded) from the overrides or the config."""
@@ -396,6 +502,37 @@ def _checkpointing(cfg: Config, layers: int, gc: bool, k: int | None, offload: b
     k = max(0, min(int(k), layers))
     off = offload if offload is not None else _tri(cfg.train.activation_offload)
     return k, bool(off) and k > 0
+
+
+def attention_for(cfg: Config, packing: bool) -> str:
+    """The attention kernel a run of ``cfg`` will use, from the config alone: ``auto`` is
+    flash-attention where installed, else torch's varlen kernel for packed rows on the GPU
+    (the trainer checks it on the GPU first and keeps sdpa if it fails), else sdpa."""
+    attn = cfg.model.attn_implementation
+    if attn != AUTO:
+        return attn
+    if _flash_attn_available():
+        return "flash_attention_2"
+    if packing and cfg.train.device != "cpu" and _varlen_available():
+        return "varlen"
+    return "sdpa"
+
+
+def _packed_mask_bytes_per_token(cfg: Config, seq: int, d: int, notes: list[str]) -> int:
+    """Packed rows under sdpa: the block-diagonal mask becomes a ``seq x seq`` bias in the compute
+    dtype that every layer's backward keeps (64 MiB a layer at micro-batch 8 x 2,048 in bf16;
+    fitted: 0.25 GiB more than full rows for 4 layers with activations, bench/RESULTS.md).
+    varlen and flash-attention take the samples' lengths instead: nothing."""
+    if _tri(cfg.data.packing) is not True:
+        return 0
+    attn = attention_for(cfg, True)
+    if attn not in ("sdpa", "eager"):
+        notes.append(f"packed rows with {attn} attention: no mask (the samples' lengths), micro-batches "
+                     "of real tokens only")
+        return 0
+    notes.append(f"packed rows with {attn}: a {seq}x{seq} block-diagonal bias per layer with activations "
+                 f"({seq * d} B a token)")
+    return seq * d
 
 
 def _activation_bytes_per_token(input_bytes: int, act: int, layers: int, k: int, offload: bool) -> int:
@@ -467,20 +604,6 @@ def model_config_for(cfg: Config) -> dict:
         raise EstimateError(f"cannot read {path} for model {name!r}: {e}") from None
 
 
-def _gib_arg(text: str) -> float:
-    """--gpu-mem: a finite number of GiB above 0 (at most 1 PiB)."""
-    import argparse
-    import math
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not (math.isfinite(v) and 0 < v <= 2 ** 20):
-        raise argparse.ArgumentTypeError(f"{text!r}: give the GPU's memory in GiB, a number above 0 "
-                                         "(e.g. 80 for an 80 GB GPU)")
-    return v
-
-
 def gpu_free_bytes(index: int = 0) -> int | None:
     """Free memory of GPU ``index`` via NVML; None when there is no NVIDIA GPU or driver."""
     try:
@@ -537,6 +660,16 @@ def _liger_available() -> bool:
 
 def _flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
+
+
+def _varlen_available() -> bool:
+    """torch >= 2.10 (torch.nn.attention.varlen), read from the installed version: no torch import."""
+    from importlib import metadata
+    try:
+        major, minor = (int(x) for x in metadata.version("torch").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) >= (2, 10)
 
 
 def _divisors_desc(n: int) -> list[int]:
@@ -739,11 +872,12 @@ def _choose_packing(cfg: Config, pk_set, reasons: list[str]) -> bool:
     if pk_set is not None:
         return pk_set
     from engine.training.model import packing_isolated
-    attn = cfg.model.attn_implementation
-    if attn == AUTO:
-        attn = "flash_attention_2" if _flash_attn_available() else "sdpa"
+    attn = attention_for(cfg, True)
     pk, why = packing_isolated(attn)
     reasons.append(f"packing {'on' if pk else 'off'} ({why})")
+    if pk and attn == "varlen":
+        reasons.append("attention varlen for packed rows: faster than sdpa's block-diagonal mask (which "
+                       "leaves sdpa's flash kernel and attends over whole rows) and no mask memory")
     return pk
 
 
@@ -759,10 +893,14 @@ def _streaming_options(cfg, model_config, gpu_mem_bytes, lg, eff, budget, tried)
     return out
 
 
+STREAMING_FUSED_LOSS = 1 / 1.083     # fused LoRA is off under streaming: its measured gain (+8.3%) is lost
+
+
 def _streaming_speed(e: Estimate, model_config: dict) -> float:
     """The streaming floor factor (transfers that compute cannot hide); 1 without streaming."""
     v = 1.0
     if e.streaming:
+        v *= STREAMING_FUSED_LOSS
         from engine.planning import streaming_plan
         v *= streaming_plan.stream_cost(shape_of(model_config), e.base_quantized_bytes, e.batch_size * e.seq_len,
                             e.seq_len).factor
@@ -772,13 +910,15 @@ def _streaming_speed(e: Estimate, model_config: dict) -> float:
 def _streaming_reason(e: Estimate, model_config: dict, gpu_mem_bytes: int) -> tuple[str, float]:
     from engine.planning import streaming_plan
     c = streaming_plan.stream_cost(shape_of(model_config), e.base_quantized_bytes, e.batch_size * e.seq_len, e.seq_len)
-    return (f"weight streaming on: the 4-bit base ({_gib(e.base_quantized_bytes)}) does not fit in "
+    room = ("does not fit in" if e.base_quantized_bytes > gpu_mem_bytes else
+            "leaves too little for the rest of the run in")
+    return (f"weight streaming on: the 4-bit base ({_gib(e.base_quantized_bytes)}) {room} "
             f"{_gib(gpu_mem_bytes)}; it stays pinned in host RAM ({_gib(e.host_bytes)} host RAM in all) "
             f"and each micro-batch moves it twice: {streaming_plan.PASSES} x {_gib(e.base_quantized_bytes)} / "
             f"{streaming_plan.LINK_BYTES_PER_S / 1e9:.1f} GB/s = {c.transfer_s:.2f} s against ~{c.compute_s:.2f} s "
             f"of compute ({int(streaming_plan.MFU_ASSUMED * 100)}% of {streaming_plan.PEAK_FLOPS / 1e12:.0f} TFLOP/s): expected "
             f">= {c.factor:.0%} of the speed without streaming, ~{c.tokens_per_s_floor:,.0f} tokens/s "
-            f"at best"), c.tokens_per_s_floor
+            f"at that MFU"), c.tokens_per_s_floor
 
 
 def apply_plan(cfg: Config, p: Plan) -> Config:
@@ -796,7 +936,7 @@ def apply_plan(cfg: Config, p: Plan) -> Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI
+# the report (printed by engine/cli/cmd_estimate.py)
 
 BREAKDOWN_LABELS = [
     ("weights_quantized", "base weights, 4-bit"),
@@ -810,6 +950,7 @@ BREAKDOWN_LABELS = [
     ("vision_weights", "vision tower, 16-bit"),
     ("vision_activations", "vision activations, 1 image/row"),
     ("allocator_overhead", "allocator overhead"),
+    ("streaming_buffers", "streaming buffers"),
 ]
 
 
@@ -831,11 +972,11 @@ def format_report(est: Estimate, pl: Plan | None) -> str:
              f"checkpointing {_gc_text(est.checkpoint_layers, est.layers, est.offload)}, Liger "
              f"{'on' if est.liger else 'off'}", ""]
     relabel = {"weights_unquantized": "weights, 16-bit", "lora_params": "(no adapter)",
-               "lora_grads": "gradients (targeted weights)",
+               "lora_grads": "gradients beyond activations",
                "optimizer_state": "GaLore optimizer state"} if est.method == "galore" else {}
     for key, label in BREAKDOWN_LABELS:
         label = relabel.get(key, label)
-        if key.startswith("vision_") and not est.breakdown.get(key):
+        if key.startswith(("vision_", "streaming_")) and not est.breakdown.get(key):
             continue
         lines.append(f"  {label:<30}{est.breakdown[key] / GIB:>9.2f} GiB")
     lines.append(f"  {'-' * 30}{'-' * 13}")
@@ -843,9 +984,14 @@ def format_report(est: Estimate, pl: Plan | None) -> str:
     lines.append(f"  {'+ CUDA context':<30}{est.breakdown['cuda_context'] / GIB:>9.2f} GiB")
     lines.append(f"  {'= on the GPU':<30}{est.device_bytes / GIB:>9.2f} GiB")
     lines.append(f"  trainable {est.trainable_params / 1e6:,.1f} M of {est.total_params / 1e9:,.2f} B params")
-    lines.append(f"  host RAM {est.host_bytes / GIB:.2f} GiB (" + ", ".join(
-        f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in est.host_breakdown.items() if v) + ")"
+    from engine.planning.streaming_plan import host_needed
+    hb = est.host_breakdown
+    lines.append(f"  host RAM {host_needed(hb) / GIB:.2f} GiB needed (" + ", ".join(
+        f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in hb.items() if v and k != "checkpoint_mapped") + ")"
         + (", 4-bit layers streamed from host RAM" if est.streaming else ""))
+    if est.host_bytes > host_needed(hb):
+        lines.append(f"  peak RSS {est.host_bytes / GIB:.2f} GiB while loading maps the weight files "
+                     f"({hb['checkpoint_mapped'] / GIB:.2f} GiB of page cache the kernel can drop)")
     lines.append("")
     if est.gpu_mem_bytes is None:
         lines.append("Fits: unknown (no GPU found; pass --gpu-mem GIB)")
@@ -864,45 +1010,3 @@ def format_report(est: Estimate, pl: Plan | None) -> str:
         for r in pl.reasons:
             lines.append(f"  - {r}")
     return "\n".join(lines)
-
-
-def _cmd_estimate(args) -> int:
-    from engine.cli import load_config_or_exit
-    cfg = load_config_or_exit(args)
-    try:
-        mc = model_config_for(cfg)
-        gpu_mem = int(args.gpu_mem * GIB) if args.gpu_mem is not None else (
-            None if cfg.train.device == "cpu" else gpu_free_bytes())
-        est = estimate(cfg, mc, gpu_mem_bytes=gpu_mem)
-        pl = plan(cfg, mc, gpu_mem)
-    except EstimateError as e:
-        print(f"estimate: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        out = {"model": cfg.model.name, "peak_bytes": est.peak_bytes,
-               "allocated_bytes": est.allocated_bytes, "device_bytes": est.device_bytes,
-               "fits": est.fits, "gpu_mem_bytes": est.gpu_mem_bytes, "breakdown": est.breakdown,
-               "trainable_params": est.trainable_params, "total_params": est.total_params,
-               "batch_size": est.batch_size, "seq_len": est.seq_len,
-               "gradient_checkpointing": est.gradient_checkpointing, "liger": est.liger,
-               "checkpoint_layers": est.checkpoint_layers, "offload": est.offload,
-               "notes": est.notes, "plan": pl.to_dict(), "host_bytes": est.host_bytes,
-               "host_breakdown": est.host_breakdown, "streaming": est.streaming}
-        print(json.dumps(out))
-    else:
-        print(format_report(est, pl))
-    return 0
-
-
-def register(subparsers) -> None:
-    from engine.cli import add_config_args
-    p = subparsers.add_parser(
-        "estimate", help="predict peak VRAM from config.json (no weights) and plan what fits",
-        description="Predict the training peak GPU memory from the model's config.json alone, "
-                    "and let the planner choose micro-batch, gradient checkpointing, Liger and "
-                    "packing where the config says auto. Exits 0 even when it does not fit.")
-    add_config_args(p)
-    p.add_argument("--gpu-mem", type=_gib_arg, default=None, metavar="GIB",
-                   help="GPU memory to plan for, in GiB (default: free memory of GPU 0 via NVML)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_cmd_estimate)

@@ -96,6 +96,8 @@ def eligible_reason(cfg) -> str | None:
         return "DoRA: PEFT's own path"
     if cfg.lora.lora_fa:
         return "LoRA-FA: PEFT's own path"
+    if cfg.train.weight_streaming is True:
+        return "weight streaming moves the 4-bit weights it reads: PEFT's own path"
     return None
 
 

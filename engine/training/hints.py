@@ -138,7 +138,7 @@ def _cfg_get(cfg, dotted: str, default=None):
 
 #: why a fix helps, after its value (keys not listed need no note)
 FIX_NOTES = {
-    "data.packing": "no padding; use flash_attention_2 so samples stay apart",
+    "data.packing": "no padding; packed samples stay apart in attention",
     "train.max_grad_norm": "clipping is off",
     "quant.compute_dtype": "where the GPU supports it, else fp32",
 }

@@ -198,6 +198,8 @@ def packing_isolated(attn: str) -> tuple[bool, str]:
     """
     if attn == "flash_attention_2":
         return True, "flash-attention keeps packed samples apart"
+    if attn == "varlen":
+        return True, "varlen attention (torch's variable-length flash kernel) keeps packed samples apart"
     try:
         from transformers import masking_utils
         if hasattr(masking_utils, "find_packed_sequence_indices"):
@@ -212,6 +214,9 @@ def load_model(cfg, rt: Runtime, path: str | None = None):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     path = path or model_path(cfg)
     dtype = torch_dtype(rt.dtype)
+    if attn_implementation(cfg, rt.device) == "varlen":
+        from engine.training import attention
+        attention.register()
     kwargs = dict(revision=cfg.model.revision or None, trust_remote_code=remote_code_allowed(cfg),
                   dtype=dtype, attn_implementation=attn_implementation(cfg, rt.device))
     if rt.load_in_4bit:

@@ -207,9 +207,13 @@ def offloaded_checkpoint(fn, hidden, *rest, **kw):
 
 
 def decoder_layers(model) -> list:
-    """The model's repeated decoder blocks (transformers' GradientCheckpointingLayer), in order."""
+    """The model's repeated decoder blocks (transformers' GradientCheckpointingLayer), in order;
+    an image-text model's vision blocks are not among them (the planner's layers are the language
+    model's, and the frozen tower keeps nothing for backward)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    from engine.training.vision import is_vision_module
+    return [m for n, m in model.named_modules()
+            if isinstance(m, GradientCheckpointingLayer) and not is_vision_module(n)]
 
 
 def apply(model, plan: CheckpointPlan) -> int:

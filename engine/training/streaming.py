@@ -6,7 +6,12 @@ The frozen 4-bit weights of the decoder layers (each ``Linear4bit``'s packed wei
 adapters, the small double-quant tables) lives on the GPU. A forward pre-hook on every
 ``Linear4bit`` makes its layer resident before the layer computes and queues the copies of the
 next ``ahead`` layers on a side CUDA stream, so the transfers overlap the current layer's
-compute. The order a step visits layers is cyclic: forward 0..L-1, then (gradient
+compute. The 4-bit matmul itself runs through ``StreamedMatmul4bit`` instead of bitsandbytes'
+own autograd function: bitsandbytes keeps the packed weight on its autograd node (``ctx.tensors``,
+not ``save_for_backward``), so gradient checkpointing cannot drop it and every layer's streamed
+copy would stay alive on the GPU from the forward until the backward (the whole base on the GPU:
+seen on the H200, 50.7 GiB reserved under a 24 GiB budget). Our function keeps no tensor; its
+backward asks the streamer for the layer (``require``) and dequantizes the weight then. The order a step visits layers is cyclic: forward 0..L-1, then (gradient
 checkpointing) recompute + backward L-1..0; inside the autograd engine
 (``torch._C._current_graph_task_id() != -1``) a hook counts as the backward half. A layer's
 backward runs right after its recompute, with the weights the recompute made resident, so each
@@ -30,6 +35,7 @@ assignment of the host tensor: the placeholders, hooks, window and eviction run 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 AHEAD = 2      # layers prefetched ahead of the one computing
@@ -43,7 +49,8 @@ def _is_4bit(module) -> bool:
 
 
 def decoder_layers(model):
-    """The model's decoder layer list (PEFT-wrapped or not), or None."""
+    """The model's decoder layer list (PEFT-wrapped or not; an image-text model's language model
+    layers, the vision tower's blocks are 16-bit and stay put), or None."""
     m = model
     for attr in ("base_model", "model"):          # PeftModel -> LoraModel -> *ForCausalLM
         while hasattr(m, attr) and not hasattr(m, "layers") and getattr(m, attr) is not m:
@@ -51,6 +58,9 @@ def decoder_layers(model):
     layers = getattr(m, "layers", None)
     if layers is None and hasattr(m, "model"):
         layers = getattr(m.model, "layers", None)
+    lm = getattr(m, "language_model", None)           # image-text models: Qwen2-VL, LLaVA, Gemma 3
+    if layers is None and lm is not None:
+        layers = decoder_layers(lm)
     return layers
 
 
@@ -113,10 +123,13 @@ class WeightStreamer:
         self.pending: dict[int, tuple] = {}
         self.loads = 0               # layer copies issued (2 per layer per micro-batch in training)
         self.handles = []
+        self.forwards = []           # (module, its own forward) while ours is installed
         for i, layer in enumerate(layers):
             for m in layer.modules():
                 if _is_4bit(m):
                     self.handles.append(m.register_forward_pre_hook(self._hook(i)))
+                    self.forwards.append((m, m.__dict__.get("forward")))
+                    m.forward = functools.partial(streamed_forward, m, self, i)
 
     # -- setup
     def _make_slot(self, layer) -> _Slot:
@@ -154,6 +167,12 @@ class WeightStreamer:
         """Put every layer back on the host tensors (e.g. before handing the model elsewhere)."""
         for h in self.handles:
             h.remove()
+        for m, own in self.forwards:
+            if own is None:
+                del m.forward
+            else:
+                m.forward = own
+        self.forwards.clear()
         for i in list(self.resident):
             self._evict(i)
         self.pending.clear()
@@ -204,12 +223,16 @@ class WeightStreamer:
             if j not in self.resident and j not in self.pending:
                 self._load(j)
 
+    def require(self, i: int) -> None:
+        """Layer ``i`` resident now (a backward that needs its weights), without moving the window."""
+        self._make_resident(i)
+
     def _load(self, i: int) -> None:
         torch = self.torch
         hosts = [host for _o, _a, host, _p in self.slots[i].entries]
         self.loads += 1
-        if not self.cuda:
-            self.pending[i] = (hosts, None)
+        if not self.cuda:            # a copy, as a transfer makes: a reference kept too long shows
+            self.pending[i] = ([h.clone() for h in hosts], None)
             return
         with torch.cuda.stream(self.stream):
             ts = [h.to(self.device, non_blocking=True) for h in hosts]
@@ -234,6 +257,60 @@ class WeightStreamer:
     def _evict(self, i: int) -> None:
         self.slots[i].detach()
         del self.resident[i]
+
+
+def streamed_forward(module, streamer: WeightStreamer, i: int, x):
+    """bitsandbytes' ``Linear4bit.forward`` with the matmul through ``StreamedMatmul4bit``."""
+    from bitsandbytes.nn import modules as bnb_modules
+    fix = getattr(bnb_modules, "fix_4bit_weight_quant_state_from_module", None)
+    if fix is not None:
+        fix(module)
+    if not module.compute_type_is_set:
+        module.set_compute_type(x)
+        module.compute_type_is_set = True
+    inp_dtype = x.dtype
+    if module.compute_dtype is not None:
+        x = x.to(module.compute_dtype)
+    bias = None if module.bias is None else module.bias.to(x.dtype)
+    return matmul_function().apply(x, bias, streamer, i, module).to(inp_dtype)
+
+
+_FUNCTION = None
+
+
+def matmul_function():
+    """The autograd function (built on first use: this module imports torch lazily)."""
+    global _FUNCTION
+    if _FUNCTION is None:
+        import torch
+
+        class StreamedMatmul4bit(torch.autograd.Function):
+            """``x @ W.T (+ bias)`` for a streamed 4-bit ``W`` that keeps no reference to ``W``:
+            the backward makes the layer resident and dequantizes it (what bitsandbytes' own
+            backward computes, ``grad @ dequantize(W)``)."""
+
+            @staticmethod
+            def forward(ctx, x, bias, streamer, i, module):
+                import bitsandbytes as bnb
+                ctx.streamer, ctx.i, ctx.module = streamer, i, module
+                ctx.bias_grad = bias is not None and bias.requires_grad
+                w = module.weight
+                return bnb.matmul_4bit(x, w, bias=bias, quant_state=w.quant_state)
+
+            @staticmethod
+            def backward(ctx, grad):
+                import bitsandbytes.functional as F
+                gx = gb = None
+                if ctx.needs_input_grad[0]:
+                    ctx.streamer.require(ctx.i)
+                    w = ctx.module.weight
+                    gx = torch.matmul(grad, F.dequantize_4bit(w.data, w.quant_state).to(grad.dtype))
+                if ctx.bias_grad:
+                    gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+                return gx, gb, None, None, None
+
+        _FUNCTION = StreamedMatmul4bit
+    return _FUNCTION
 
 
 def place_on_device(model, device, streamed_ids: set[int]) -> None:

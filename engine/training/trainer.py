@@ -66,10 +66,11 @@ def split_eval(cfg, train_rows, eval_rows):
             [r for i, r in enumerate(train_rows) if i in held])
 
 
-def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
+def resolve_auto(cfg, rt, emit, longest: int | None = None) -> tuple[object, list[str]]:
     """Replace every ``auto`` with a concrete choice and say why (the fit planner on GPU).
 
     ``data.packing = auto`` stays auto here: it depends on the rows' lengths (``decide_packing``).
+    ``longest``: the longest row where rows are not packed (image rows): the planner plans for it.
     """
     cfg = cfg.copy()
     reasons = list(rt.notes)
@@ -90,10 +91,10 @@ def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
             if tr.gpu_memory_gib and free is not None:
                 free = min(free, int(tr.gpu_memory_gib * 2**30))
                 reasons.append(f"planning for a {tr.gpu_memory_gib:g} GiB budget (train.gpu_memory_gib)")
-            p = est.plan(cfg, mc, free)
+            p = est.plan(_planned_rows(cfg, longest, reasons), mc, free)
             cfg = est.apply_plan(cfg, p)
             tr = cfg.train
-            reasons += [r for r in p.reasons if not r.startswith("packing")]
+            reasons += [r for r in p.reasons if not r.startswith(("packing", "attention"))]   # decided from the data
         except Exception as e:     # the planner is advice: never a reason to fail the run
             reasons.append(f"fit planner skipped ({str(e).splitlines()[0][:200]})")
     if tr.gradient_checkpointing == "auto":
@@ -112,6 +113,18 @@ def resolve_auto(cfg, rt, emit) -> tuple[object, list[str]]:
     if packing_auto:
         cfg.data.packing = "auto"
     return cfg, reasons
+
+
+def _planned_rows(cfg, longest: int | None, reasons: list[str]):
+    """cfg as the planner should see it: rows of the longest row's length where that is known
+    and shorter than data.max_length (unpacked image rows are padded to it, never beyond)."""
+    if not longest or longest >= cfg.data.max_length:
+        return cfg
+    out = cfg.copy()
+    out.data.max_length = longest
+    reasons.append(f"planning for the longest image row, {longest:,} tokens (data.max_length = "
+                   f"{cfg.data.max_length:,}; image rows are not packed, a batch pads to its longest row)")
+    return out
 
 
 def _resolve_fused_lora(cfg, rt, reasons: list[str]) -> None:
@@ -166,8 +179,9 @@ def packed_collator(tok, attn: str):
     """For sdpa/eager: packed rows stay one batch row each, position_ids restart per sample and no
     attention_mask is passed, so transformers builds a per-row block-diagonal causal mask. (TRL's
     padding-free collator flattens the whole batch into one row, which flash-attention handles but
-    which gives sdpa one huge (batch*len)^2 mask.) flash-attention keeps TRL's own collator."""
-    if attn == "flash_attention_2":
+    which gives sdpa one huge (batch*len)^2 mask.) flash-attention and varlen keep TRL's own
+    (padding-free) collator: no pad tokens, the samples' lengths computed on the CPU."""
+    if attn in ("flash_attention_2", "varlen"):
         return None
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -201,7 +215,8 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
         warnings.append(f"... {n_bad} problems in all; run `qlora-tui inspect` for the full list")
 
     rt = model_mod.runtime(cfg)
-    cfg, plan = resolve_auto(cfg, rt, emit)
+    from engine.training.vision import longest_row
+    cfg, plan = resolve_auto(cfg, rt, emit, longest_row(cfg, train_ds) if rt.device == "cuda" else None)
     from engine.planning import streaming_plan
     try:
         plan += streaming_plan.resolve(cfg, rt)
@@ -230,9 +245,12 @@ def build(cfg, run_dir: Path, emit, stop_flag: threading.Event, stop_reason: lis
     else:
         train_tok = encode_dataset(tok, train_rows)
         eval_tok = encode_dataset(tok, eval_rows) if eval_rows else None
+    lengths = [len(x) for x in train_tok["input_ids"]] if proc is None and cfg.data.packing is not False else []
     if cfg.data.packing == "auto":
-        cfg.data.packing, why = decide_packing(cfg, rt, [len(x) for x in train_tok["input_ids"]])
+        cfg.data.packing, why = decide_packing(cfg, rt, lengths)
         plan.append(why)
+    from engine.training import attention        # packed rows: the varlen kernel where it runs
+    plan += attention.choose(cfg, rt, lengths)
 
     emit(events.Status(phase="model", message=f"loading {cfg.model.name} "
                   f"({'4-bit ' + cfg.quant.quant_type if rt.load_in_4bit else rt.dtype}) on {rt.device}"))

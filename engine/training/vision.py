@@ -489,6 +489,21 @@ def training_set(proc, rows: list[dict], max_length: int) -> tuple[object, list[
     return rows_dataset(proc, keep, max_length), lengths, warnings
 
 
+def longest_row(cfg, ds) -> int | None:
+    """The longest image row of ``ds`` in tokens (visual tokens included, at most
+    data.max_length), for the fit planner: image rows are never packed and a batch is padded to
+    its longest row, so that row, not data.max_length, sets the peak. None for text data or when
+    the processor cannot be loaded (the trainer then says why)."""
+    if getattr(ds, "format", None) != FORMAT or not ds.rows:
+        return None
+    try:
+        proc = processor_for(cfg)
+        longest = max(row_tokens(proc, r.data)["total"] for r in ds.rows)
+    except Exception:  # noqa: BLE001 - planning advice only; build() reports a bad model
+        return None
+    return min(int(longest), int(cfg.data.max_length))
+
+
 def model_is_vision(cfg, path: str) -> bool:
     """Whether the model is image-text (a config.json with a vision_config)."""
     if Path(path).is_dir():
@@ -648,17 +663,27 @@ def write_vl_sample(out_dir: Path) -> int:
 
 # ------------------------------------------------------------------------------ terminal preview
 
-def half_block_rows(path: str, width: int = 16) -> list[list[tuple[tuple, tuple]]]:
-    """A small preview for any terminal: rows of (top RGB, bottom RGB) cells for '▀' characters
-    (two image rows per text row). Raises OSError when the image cannot be read."""
-    im = _open_rgb(path)
-    w = max(1, min(width, im.width))
-    h = max(2, round(im.height * w / im.width))
-    h += h % 2
-    im = im.resize((w, h))
-    px = im.load()
-    return [[(px[x, y], px[x, y + 1]) for x in range(w)] for y in range(0, h, 2)]
-
+def thumbnail_image(path: str, box: tuple[int, int]):
+    """An RGB PIL image of ``path`` scaled down to fit ``box`` (aspect kept), for the Dataset
+    screen's pictures. Untrusted files: the size is checked before any pixel is decoded
+    (``MAX_IMAGE_PIXELS``), JPEGs decode at reduced size. Raises ValueError saying what is wrong
+    (missing, not an image, corrupt, too large)."""
+    if not Path(path).is_file():
+        raise ValueError(f"image {path} does not exist" if not Path(path).exists() else f"image {path} is not a file")
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise ValueError(f"image {path} is {w}x{h}: over {MAX_IMAGE_PIXELS // 1_000_000} Mpixel")
+            im.draft("RGB", box)
+            im = im.convert("RGB")
+    except UnidentifiedImageError:
+        raise ValueError(f"image {path} is not an image PIL can read (corrupt or unknown format)") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"image {path} cannot be decoded ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})") from None
+    im.thumbnail(box)
+    return im
 
 
 # ------------------------------------------------------------------------------ inspector
@@ -784,12 +809,6 @@ def preview(cfg, ds_row, row_index: int):
                    truncated_at=max_len if len(ids) > max_len else None, cut_char=None, text=text,
                    input_ids=ids[:max_len], labels=kept)
     pv.images = [{**info, "tokens": n} for info, n in zip(infos, vis)]
-    pv.thumbnails = []                    # half-block cells per image (not in to_dict)
-    for info in infos:
-        try:
-            pv.thumbnails.append(half_block_rows(info["path"]))
-        except (OSError, ValueError):
-            pv.thumbnails.append([])
     return pv
 
 

@@ -4,20 +4,43 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+from dataclasses import dataclass
 
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
 from textual.widget import Widget
 from textual.widgets import Footer, Header, Input, Label, Select, Static
 
-from tui.messages import EstimateReady
 from tui.safe import clean, literal, one_line
 
 from engine.core.units import GIB
+
+
+# ---- what this screen's workers post to it -------------------------------------------
+@dataclass
+class EstimateReady(Message):
+    text: str
+    trainable: int | None
+
+
+# ---- what the Config screen asks of the app -----------------------------------------------
+@dataclass
+class FormEdited(Message):
+    """The form's values (``data``), validated: ``config`` when valid, else ``problems``."""
+    data: dict
+    config: object
+    problems: list
+
+
+@dataclass
+class LoadConfig(Message):
+    """Load the TOML config at ``path`` into the form."""
+    path: str
 
 
 def _default(f: dataclasses.Field):
@@ -77,16 +100,6 @@ def uses_select(f: dataclasses.Field) -> bool:
 class FieldRow(Widget):
     """key | input, then the seed's help and allowed range (or the validation error) below."""
 
-    DEFAULT_CSS = """
-    FieldRow { height: auto; padding: 0 1; layout: grid; grid-size: 2;
-               grid-columns: 22 1fr; grid-rows: 1 auto; }
-    FieldRow Input, FieldRow Select { width: 1fr; }
-    /* a focused dropdown stands out; an open one has a border (its options are not a field) */
-    FieldRow Select:focus-within > SelectCurrent { background: $accent 35%; text-style: bold; }
-    FieldRow Select.-textual-compact > SelectOverlay { border: round $accent !important; }
-    FieldRow > .help { column-span: 2; color: $foreground 60%; padding-left: 22; height: auto; }
-    FieldRow.-invalid > .name { color: $error; text-style: bold; }
-    """
 
     def __init__(self, section: str, key: str, f: dataclasses.Field, value) -> None:
         super().__init__(id=f"row-{section}-{key}")
@@ -111,8 +124,8 @@ class FieldRow(Widget):
         f = self.field
         t = Text()
         if self._error:
-            t.append("✖ ", style="bold red")
-            t.append(clean(self._error), style="bold red")
+            t.append("✖ ", style="bold $error")
+            t.append(clean(self._error), style="bold $error")
             t.append("\n")
         t.append(clean(f.metadata.get("help", "")))
         allowed = allowed_text(f)
@@ -139,14 +152,6 @@ class ConfigScreen(Screen):
                         tooltip="Load a TOML config file"),
                 Binding("ctrl+s", "app.save_config", "Save", id="save-config-here",
                         tooltip="Save the config as TOML")]
-    DEFAULT_CSS = """
-    ConfigScreen #banner { height: 1; padding: 0 1; background: $panel; }
-    ConfigScreen #form { height: 1fr; }
-    ConfigScreen .section { text-style: bold; color: $accent; padding: 0 1;
-                            background: $accent 15%; margin-top: 1; }
-    ConfigScreen #derived { height: 3; padding: 0 1; background: $panel;
-                            border-top: hkey $foreground 20%; }
-    """
 
     form_ready = False
 
@@ -226,12 +231,15 @@ class ConfigScreen(Screen):
             self._validate_pending = True
             self.call_after_refresh(self._validate)
 
+    _data: dict = {}
+    problems: list = []
+
     def _validate(self) -> None:
         self._validate_pending = False
-        app = self.app
-        app.form_data = self.form_dict()
-        cfg, problems = app.validated_config()
-        app.form_problems = problems
+        self._data = self.form_dict()
+        cfg, problems = self.app.validated_config(self._data)
+        self.problems = problems
+        self.post_message(FormEdited(self._data, cfg, problems))
         by_field: dict[str, list[str]] = {}
         for p in problems:
             got = p.value if isinstance(p.value, str) else repr(p.value)
@@ -239,8 +247,6 @@ class ConfigScreen(Screen):
         for row in self.rows():
             msgs = by_field.get(f"{row.section}.{row.key}")
             row.set_error("; ".join(msgs) if msgs else None)
-        if cfg is not None:
-            app.config = cfg
         self._show_banner()
         self._show_derived(cfg)
 
@@ -249,19 +255,19 @@ class ConfigScreen(Screen):
         t = Text()
         t.append("file ", style="dim")
         t.append_text(literal(app.config_path or "(demo defaults, not saved: ctrl+s)"))
-        n = len(app.form_problems)
+        n = len(self.problems)
         if n:
             from engine.core.config import plural
-            t.append(f"   ✖ {plural(n, 'problem')}: ", style="bold red")
-            p = app.form_problems[0]
+            t.append(f"   ✖ {plural(n, 'problem')}: ", style="bold $error")
+            p = self.problems[0]
             t.append(one_line(f"{p.field}: {p.message}", 80))
         else:
-            t.append("   ✔ valid", style="bold green")
+            t.append("   ✔ valid", style="bold $success")
         self.query_one("#banner", Static).update(t)
 
     def _show_derived(self, cfg) -> None:
-        data = self.app.form_data
-        bad = {p.field for p in self.app.form_problems}      # an invalid input computes nothing
+        data = self._data
+        bad = {p.field for p in self.problems}      # an invalid input computes nothing
         data = {sec: {k: (None if f"{sec}.{k}" in bad else v) for k, v in vals.items()}
                 for sec, vals in data.items() if isinstance(vals, dict)}
         t = Text()
@@ -331,4 +337,4 @@ class ConfigScreen(Screen):
 
     async def _load(self, path: str) -> None:
         """Load ``path`` (what ctrl+o does after its prompt)."""
-        self.app.load_config_file(path)
+        self.post_message(LoadConfig(path))

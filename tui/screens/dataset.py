@@ -7,18 +7,49 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, ProgressBar, Static, TabbedContent, TabPane
 from textual.worker import get_current_worker
 
-from tui.messages import PreviewReady, ReportFailed, ReportReady, RowForLine
 from tui.safe import clean, literal, one_line
+
+
+# ---- what this screen's workers post to it -------------------------------------------
+@dataclass
+class RowForLine(Message):
+    """The row browser index of a problem's line, or why that line has no row."""
+    line: int
+    index: int | None
+    error: str = ""
+    next_index: int = 0      # no row: the first row after the line (n/p go on there)
+    raw: str = ""            # no row: the line's own text
+
+
+@dataclass
+class ReportReady(Message):
+    """A (partial or complete) dataset report."""
+    report: object
+    final: bool
+
+
+@dataclass
+class ReportFailed(Message):
+    error: str
+
+
+@dataclass
+class PreviewReady(Message):
+    index: int
+    preview: object
+    error: str = ""
 
 
 def histogram_text(report, width: int = 36) -> Text:
@@ -33,14 +64,14 @@ def histogram_text(report, width: int = 36) -> Text:
     marked = False
     for lo, hi, count in hist:
         if not marked and maxlen is not None and lo >= maxlen:
-            t.append(f"{'':>13}┄┄ max_length {maxlen} ┄┄\n", style="bold yellow")
+            t.append(f"{'':>13}┄┄ max_length {maxlen} ┄┄\n", style="bold $warning")
             marked = True
         over = maxlen is not None and hi > maxlen
         bar = "█" * max(1 if count else 0, int(round(count / peak * width)))
         a, b = bucket_label(lo, hi).split("–")
         t.append(f"{a:>6}–{b:<6}", style="dim")
         t.append("│")
-        t.append(bar.ljust(width), style="red" if over else "cyan")
+        t.append(bar.ljust(width), style="$error" if over else "$primary")
         t.append(f" {count}\n")
     if not marked and maxlen is not None:
         t.append(f"{'':>13}(all rows fit max_length {maxlen})\n", style="dim")
@@ -49,9 +80,9 @@ def histogram_text(report, width: int = 36) -> Text:
     if n:
         pct = f" ({n / rows:.0%})" if rows else ""
         t.append(f"{n} row(s){pct} are longer than max_length={maxlen} and would be truncated",
-                 style="bold red")
+                 style="bold $error")
     else:
-        t.append(f"no row is longer than max_length={maxlen}", style="green")
+        t.append(f"no row is longer than max_length={maxlen}", style="$success")
     return t
 
 
@@ -67,21 +98,21 @@ def summary_text(report, cfg) -> Text:
     t.append("\nrows     ", style="dim")
     t.append(f"{report.rows:,}", style="bold")
     if not report.done:
-        t.append(f"  (reading… {report.rows_read:,} so far)", style="yellow")
+        t.append(f"  (reading… {report.rows_read:,} so far)", style="$warning")
     probs = len(report.problems or [])
     t.append("   problems ", style="dim")
-    t.append(str(probs), style="bold red" if probs else "bold green")
+    t.append(str(probs), style="bold $error" if probs else "bold $success")
     dups = report.duplicates
     if dups:
         t.append("   duplicates ", style="dim")
-        t.append(str(dups if isinstance(dups, int) else len(dups)), style="bold yellow")
+        t.append(str(dups if isinstance(dups, int) else len(dups)), style="bold $warning")
     pii = report.pii or []
     if pii:
         t.append("   possible PII ", style="dim")
-        t.append(str(len(pii)), style="bold yellow")
+        t.append(str(len(pii)), style="bold $warning")
     for w in (getattr(report, "warnings", None) or [])[:2]:
-        t.append("\n⚠ ", style="yellow")
-        t.append(one_line(w, 150), style="yellow")
+        t.append("\n⚠ ", style="$warning")
+        t.append(one_line(w, 150), style="$warning")
     st = report.stats or {}
     if st:
         t.append("\ntokens   ", style="dim")
@@ -100,7 +131,7 @@ def summary_text(report, cfg) -> Text:
         t.append(f"  visual tokens {imgs.get('visual_tokens_total', 0):,} (in the token counts)", style="dim")
         bad = imgs.get("bad_images", 0)
         t.append("   missing/unreadable ", style="dim")
-        t.append(str(bad), style="bold red" if bad else "bold green")
+        t.append(str(bad), style="bold $error" if bad else "bold $success")
     return t
 
 
@@ -110,11 +141,11 @@ def preview_text(preview) -> Text:
     cut = getattr(preview, "cut_char", None)
     pos = 0
     for text, trained in preview.segments:
-        style = "bold reverse green" if trained else "dim"
+        style = "bold reverse $success" if trained else "dim"
         if cut is not None and pos <= cut < pos + len(text):
             head, tail = text[: cut - pos], text[cut - pos:]
             t.append(clean(head), style=style)
-            t.append(" ✂ max_length ", style="bold reverse red")
+            t.append(" ✂ max_length ", style="bold reverse $error")
             t.append(clean(tail), style=style + " strike")
         elif cut is not None and pos >= cut:
             t.append(clean(text), style=style + " strike")
@@ -124,25 +155,32 @@ def preview_text(preview) -> Text:
     return t
 
 
-def images_text(preview) -> Text:
-    """Each image of an image row: path (literal), size, format, visual tokens, and a small
-    half-block preview ('▀' with the top pixel as foreground, the bottom one as background:
-    two pixel rows per text row, which any truecolour terminal shows, over SSH too)."""
-    from rich.color import Color
-    from rich.style import Style
+def image_text(i: int, info: dict) -> Text:
+    """An image of an image row: path (literal), size, format, visual tokens; its picture is a
+    Thumbnail below it (tui.images: Kitty, Sixel or half-blocks, as the terminal allows)."""
     t = Text()
-    thumbs = getattr(preview, "thumbnails", []) or []
-    for i, info in enumerate(getattr(preview, "images", None) or []):
-        t.append(f"\n\nimage {i + 1}  ", style="bold")
-        t.append_text(literal(str(info.get("path", "?"))))
-        t.append(f"\n  {info.get('width', '?')}x{info.get('height', '?')} {clean(str(info.get('format', '?')))}, "
-                 f"{info.get('bytes', 0):,} bytes, {info.get('tokens', '?')} visual tokens (not trained)",
-                 style="dim")
-        for row in (thumbs[i] if i < len(thumbs) else []):
-            t.append("\n  ")
-            for top, bottom in row:
-                t.append("▀", style=Style(color=Color.from_rgb(*top), bgcolor=Color.from_rgb(*bottom)))
+    t.append(f"image {i + 1}  ", style="bold")
+    t.append_text(literal(str(info.get("path", "?"))))
+    t.append(f"\n  {info.get('width', '?')}x{info.get('height', '?')} {clean(str(info.get('format', '?')))}, "
+             f"{info.get('bytes', 0):,} bytes, {info.get('tokens', '?')} visual tokens (not trained)",
+             style="dim")
     return t
+
+
+def image_widgets(preview) -> list:
+    """Per image: its line, then its thumbnail, or the reason there is none."""
+    from tui.widgets.thumbnail import Thumbnail
+    out = []
+    pics = getattr(preview, "pictures", None) or []
+    for i, info in enumerate(getattr(preview, "images", None) or []):
+        out.append(Static(image_text(i, info), classes="image-info"))
+        pic = pics[i] if i < len(pics) else None
+        if pic is not None and pic.error:
+            out.append(Static(Text("  cannot show this image: ", style="bold $error") + literal(pic.error),
+                              classes="image-problem"))
+        elif pic is not None and pic.mode != "off":
+            out.append(Thumbnail(pic))
+    return out
 
 
 def listed_lines(report, limit: int = 5000) -> list[tuple[int, str, str]]:
@@ -179,17 +217,6 @@ class DatasetScreen(Screen):
         widget = {"tab-problems": "#problems", "tab-rows": "#row-scroll"}.get(pane)
         if widget:
             self.query_one(widget).focus()
-    DEFAULT_CSS = """
-    DatasetScreen #ds-summary { height: auto; max-height: 6; padding: 0 1; }
-    DatasetScreen #ds-progress-row { height: 1; padding: 0 1; }
-    DatasetScreen #ds-progress-row.-done { display: none; }
-    DatasetScreen #ds-progress { width: 1fr; }
-    DatasetScreen #ds-progress Bar { width: 1fr; }
-    DatasetScreen TabbedContent { height: 1fr; }
-    DatasetScreen #row-header { height: 1; padding: 0 1; background: $panel; }
-    DatasetScreen #row-view { padding: 0 1; }
-    DatasetScreen #hist { padding: 0 1; }
-    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -215,6 +242,7 @@ class DatasetScreen(Screen):
                 yield Static(id="row-header")
                 with VerticalScroll(id="row-scroll"):
                     yield Static(id="row-view")
+                    yield Vertical(id="row-images")
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
@@ -251,6 +279,7 @@ class DatasetScreen(Screen):
         self.query_one("#problems", DataTable).clear()
         self.query_one("#row-header", Static).update("")
         self.query_one("#row-view", Static).update("")
+        self._show_images([])
         self._inspect(self.app.config, self._cancel)
 
     @work(thread=True, exclusive=True, group="inspect", exit_on_error=False)
@@ -278,7 +307,7 @@ class DatasetScreen(Screen):
     @on(ReportFailed)
     def _on_failed(self, msg: ReportFailed) -> None:
         self.query_one("#ds-progress-row").add_class("-done")
-        t = Text("Cannot read the dataset: ", style="bold red")
+        t = Text("Cannot read the dataset: ", style="bold $error")
         t.append_text(literal(msg.error))
         self.query_one("#ds-summary", Static).update(t)
 
@@ -333,6 +362,7 @@ class DatasetScreen(Screen):
         self.query_one("#row-header", Static).update(
             Text(f"line {line}   finding its row…", style="dim"))
         self.query_one("#row-view", Static).update("")
+        self._show_images([])
         self._row_for_line(self.app.config, line)
 
     @work(thread=True, exclusive=True, group="row-for-line", exit_on_error=False)
@@ -363,12 +393,13 @@ class DatasetScreen(Screen):
         h.append("   no row   n/p: next/previous row", style="dim")
         self.query_one("#row-header", Static).update(h)
         t = Text(f"Line {msg.line} has no row: it failed to parse as a training example, so "
-                 "the row browser cannot show it (training skips it).\n\n", style="bold red")
+                 "the row browser cannot show it (training skips it).\n\n", style="bold $error")
         t.append_text(literal(msg.error))
         if msg.raw:
             t.append(f"\n\nline {msg.line} as it is in the file:\n", style="dim")
             t.append_text(literal(msg.raw))
         self.query_one("#row-view", Static).update(t)
+        self._show_images([])
         # n goes on with the first row after this line, p with the one before it
         self.row_index = msg.next_index - 0.5
 
@@ -384,6 +415,10 @@ class DatasetScreen(Screen):
         try:
             from engine.dataset import inspect as inspect_mod
             pv = inspect_mod.preview(cfg, index)
+            if getattr(pv, "images", None):
+                from tui import images
+                how = images.mode()
+                pv.pictures = [images.picture(info.get("path", ""), how) for info in pv.images]
         except Exception as e:
             self.post_message(PreviewReady(index, None, f"{type(e).__name__}: {e}"))
             return
@@ -398,7 +433,8 @@ class DatasetScreen(Screen):
         rows = self.report.rows if self.report else 0
         if msg.preview is None:
             header.update(Text(f"row {msg.index + 1} of {rows:,}", style="bold"))
-            view.update(Text("cannot render this row: ", style="bold red") + literal(msg.error))
+            view.update(Text("cannot render this row: ", style="bold $error") + literal(msg.error))
+            self._show_images([])
             return
         pv = msg.preview
         h = Text()
@@ -406,9 +442,16 @@ class DatasetScreen(Screen):
         if getattr(pv, "line", None):
             h.append(f"  (line {pv.line})", style="dim")
         h.append(f"   {pv.n_tokens} tokens, {pv.n_trained} trained  ")
-        h.append("trained", style="bold reverse green")
+        h.append("trained", style="bold reverse $success")
         h.append(" / ")
         h.append("context", style="dim")
         h.append("   n/p: next/previous", style="dim")
         header.update(h)
-        view.update(preview_text(pv) + images_text(pv))
+        view.update(preview_text(pv))
+        self._show_images(image_widgets(pv))
+
+    def _show_images(self, widgets: list) -> None:
+        box = self.query_one("#row-images", Vertical)
+        box.remove_children()
+        if widgets:
+            box.mount_all(widgets)

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.text import Text
@@ -16,6 +17,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label, ProgressBar, Select, Static
 
@@ -52,19 +54,26 @@ def parse_progress(line: str) -> tuple[float, str] | None:
     return pct / 100.0, line[line.index("%]") + 2:].strip()
 
 
+@dataclass
+class ExportProgress(Message):
+    """A ``[ NN%] message`` line of the export process (the newest replaces a waiting one)."""
+    fraction: float
+    message: str
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, ExportProgress)
+
+
+@dataclass
+class ExportDone(Message):
+    """The export process ended: its report, or the one line that says why not."""
+    report: dict | None
+    error: str
+
+
 class ExportScreen(ModalScreen):
     BINDINGS = [Binding("escape", "close", "Close", id="export-close"),
                 Binding("ctrl+e", "start", "Export", id="export-start")]
-    DEFAULT_CSS = """
-    ExportScreen { align: center middle; }
-    ExportScreen #export-box { width: 90%; max-width: 110; height: auto; max-height: 90%;
-                               border: thick $accent; background: $surface; padding: 0 1; }
-    ExportScreen #export-row { height: 3; }
-    ExportScreen #export-type { width: 1fr; }
-    ExportScreen #export-progress { margin: 1 0 0 0; }
-    ExportScreen #export-status { height: 1; color: $foreground 70%; }
-    ExportScreen #export-result-box { height: auto; max-height: 14; }
-    """
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__()
@@ -115,7 +124,7 @@ class ExportScreen(ModalScreen):
         for line in proc.stderr:               # progress lines, warnings, the one-line error
             step = parse_progress(line.rstrip("\n"))
             if step is not None:
-                self.app.call_from_thread(self._progress, *step)
+                self.post_message(ExportProgress(*step))
             elif line.strip():
                 other.append(line.strip())
         out = proc.stdout.read()                # --json: the report alone
@@ -129,29 +138,32 @@ class ExportScreen(ModalScreen):
         else:
             failed = [ln for ln in other if ln.startswith("export failed:")]
             err = (failed or other or [f"the export exited with status {code}"])[-1]
-        self.app.call_from_thread(self._done, report, err)
+        self.post_message(ExportDone(report, err))
 
-    def _progress(self, fraction: float, message: str) -> None:
-        self.query_one("#export-progress", ProgressBar).update(progress=round(fraction * 100))
-        self.query_one("#export-status", Static).update(literal(one_line(message, 200)))
+    @on(ExportProgress)
+    def _progress(self, msg: ExportProgress) -> None:
+        self.query_one("#export-progress", ProgressBar).update(progress=round(msg.fraction * 100))
+        self.query_one("#export-status", Static).update(literal(one_line(msg.message, 200)))
 
-    def _done(self, report: dict | None, err: str) -> None:
+    @on(ExportDone)
+    def _done(self, msg: ExportDone) -> None:
+        report, err = msg.report, msg.error
         self.running = False
         out = self.query_one("#export-result", Static)
         if report is None:
             self.error = err or "the export failed"
-            out.update(literal(one_line(self.error, 400), style="bold red"))
-            self.query_one("#export-status", Static).update(Text("failed", style="red"))
+            out.update(literal(one_line(self.error, 400), style="bold $error"))
+            self.query_one("#export-status", Static).update(Text("failed", style="$error"))
             return
         self.report = report
         self.query_one("#export-progress", ProgressBar).update(progress=100)
-        self.query_one("#export-status", Static).update(Text("done", style="green"))
+        self.query_one("#export-status", Static).update(Text("done", style="$success"))
         out.update(result_text(report))
 
 
 def result_text(r: dict) -> Text:
     t = Text()
-    t.append("written ", style="bold green")
+    t.append("written ", style="bold $success")
     t.append_text(literal(r.get("path", "")))
     t.append(f"  ({r.get('size_bytes', 0) / 1e6:.1f} MB, {r.get('gguf_type', '')})\n")
     if r.get("max_abs_diff") is not None:

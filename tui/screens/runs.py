@@ -1,6 +1,7 @@
 """Runs: every run under output.dir with its state; open one to see its curves."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.text import Text
@@ -8,18 +9,59 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Sparkline, Static
 
 from engine.core.summary import RESUMABLE
-from tui.messages import RunHistory, RunsListed
-from tui.runstate import from_events
+from tui.controller import read_run
 from tui.safe import clean, literal, middle, one_line
 from tui.widgets.chart import LossChart
 from tui.widgets.panels import hints_text
 
-STATE_STYLE = {"live": "bold green", "finished": "green", "stopped": "yellow", "failed": "bold red",
-               "crashed": "red", "new": "dim"}
+
+# ---- what this screen's workers post to it -------------------------------------------
+@dataclass
+class RunsListed(Message):
+    runs: list
+    error: str = ""
+
+
+@dataclass
+class RunHistory(Message):
+    """A run's state folded from its log, and its ``rundir.info``."""
+    run_dir: Path
+    state: object
+    info: object = None
+
+
+STATE_STYLE = {"live": "bold $success", "finished": "$success", "stopped": "$warning", "failed": "bold $error",
+               "crashed": "$error", "new": "dim"}
+
+
+# ---- what the Runs screens ask of the app (they never reach into it) ------------------------
+@dataclass
+class AttachRun(Message):
+    """Follow the live run ``run_dir`` on the Train screen."""
+    run_dir: Path
+
+
+@dataclass
+class ResumeRun(Message):
+    """Offer the recovery dialog of the ended run ``run_dir`` (its hint's fixes, if any)."""
+    run_dir: Path
+
+
+@dataclass
+class ExportRun(Message):
+    """Export ``run_dir`` as GGUF."""
+    run_dir: Path
+
+
+@dataclass
+class OpenRun(Message):
+    """Show ``run_dir``'s curves and hints."""
+    run_dir: Path
 
 
 def _loss(v) -> Text:
@@ -38,11 +80,7 @@ class RunsScreen(Screen):
     def action_resume(self) -> None:
         ri = self._selected()
         if ri is not None:
-            resume_from_list(self.app, ri)
-    DEFAULT_CSS = """
-    RunsScreen #runs-where { height: 1; padding: 0 1; background: $panel; }
-    RunsScreen #runs { height: 1fr; }
-    """
+            resume_from_list(self, ri)
 
     COLUMNS = [("run", "run", 22), ("state", "state", 8), ("step", "step", 7),
                ("final loss", "final", 10), ("last loss", "last", 9), ("model", "model", 12)]
@@ -114,7 +152,7 @@ class RunsScreen(Screen):
     def _open(self, event: DataTable.RowSelected) -> None:
         ri = self._selected()
         if ri is not None:
-            self.app.push_screen(RunDetailScreen(ri.path))
+            self.post_message(OpenRun(ri.path))
 
     def action_export(self) -> None:
         """Export the selected run as GGUF (type, progress, then the commands to use it)."""
@@ -125,8 +163,7 @@ class RunsScreen(Screen):
         if ri.state in ("live", "new"):
             self.notify(f"{ri.name} is {ri.state}: export it once it has saved its adapter.", markup=False)
             return
-        from tui.screens.export import ExportScreen
-        self.app.push_screen(ExportScreen(ri.path))
+        self.post_message(ExportRun(ri.path))
 
     def action_attach(self) -> None:
         ri = self._selected()
@@ -136,25 +173,16 @@ class RunsScreen(Screen):
             self.notify(f"{ri.name} is {ri.state}, not live: press enter to see its curves.",
                         markup=False)
             return
-        st = self.app.run_state
-        if st is not None and st.live and st.run_dir != ri.path:
-            self.notify("Detach from the current run first (ctrl+d).", severity="warning",
-                        markup=False)
-            return
-        self.app.follow_run(ri.path)
-        self.app.action_show("train")
+        self.post_message(AttachRun(ri.path))
 
 
-def resume_from_list(app, ri) -> None:
-    """The Train screen's recovery dialog for a run picked on the Runs screen."""
+def resume_from_list(screen: Screen, ri) -> None:
+    """Ask for the recovery dialog of a run picked on a Runs screen, if it has ended."""
     if ri.state not in RESUMABLE:
         why = "still live: attach to it (a)" if ri.state == "live" else f"{ri.state}: nothing to resume"
-        app.notify(f"{ri.name} is {why}.", markup=False)
+        screen.notify(f"{ri.name} is {why}.", markup=False)
         return
-    from engine.core import events as events_mod
-    from engine.core import rundir
-    st = from_events(events_mod.read_events(Path(ri.path) / rundir.EVENTS), ri.path)
-    app.offer_resume(st)
+    screen.post_message(ResumeRun(Path(ri.path)))
 
 
 class RunDetailScreen(Screen):
@@ -166,15 +194,7 @@ class RunDetailScreen(Screen):
 
     def action_resume(self) -> None:
         if self.info is not None:
-            resume_from_list(self.app, self.info)
-    DEFAULT_CSS = """
-    RunDetailScreen #detail-summary { height: auto; max-height: 6; padding: 0 1; }
-    RunDetailScreen .spark-row { height: 1; padding: 0 1; }
-    RunDetailScreen .spark-label { width: 6; color: $foreground 70%; }
-    RunDetailScreen Sparkline { width: 1fr; height: 1; }
-    RunDetailScreen #detail-chart { height: 1fr; padding: 0 1; }
-    RunDetailScreen #detail-hints-box { height: 6; padding: 0 1; border-top: hkey $foreground 20%; }
-    """
+            resume_from_list(self, self.info)
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__()
@@ -207,14 +227,12 @@ class RunDetailScreen(Screen):
 
     @work(thread=True, exclusive=True, exit_on_error=False)
     def _read(self, run_dir: Path) -> None:
-        from engine.core import events as events_mod
         from engine.core import rundir
-        evs = events_mod.read_events(run_dir / rundir.EVENTS)
-        self.post_message(RunHistory(run_dir, evs, rundir.info(run_dir)))
+        self.post_message(RunHistory(run_dir, read_run(run_dir), rundir.info(run_dir)))
 
     @on(RunHistory)
     def _on_history(self, msg: RunHistory) -> None:
-        st = from_events(msg.events, msg.run_dir)
+        st = msg.state
         ri = self.info = msg.info
         t = Text()
         t.append(clean(ri.name), style="bold")
@@ -249,6 +267,4 @@ class RunDetailScreen(Screen):
         if self.info is None or self.info.state != "live":
             self.notify("Only a live run can be attached to.", markup=False)
             return
-        self.app.pop_screen()
-        self.app.follow_run(self.run_dir)
-        self.app.action_show("train")
+        self.post_message(AttachRun(self.run_dir))      # the app closes this screen

@@ -48,12 +48,6 @@ def _filled(cols: list) -> list:
 class LossChart(Widget):
     """Train loss as filled columns, eval loss as ● markers; y range on the left."""
 
-    DEFAULT_CSS = """
-    LossChart { height: 1fr; min-height: 4; }
-    LossChart > .loss-chart--bar { color: $primary; }
-    LossChart > .loss-chart--eval { color: $warning; text-style: bold; }
-    LossChart > .loss-chart--axis { color: $foreground 60%; }
-    """
     COMPONENT_CLASSES = {"loss-chart--bar", "loss-chart--eval", "loss-chart--axis"}
     AXIS = 9
 

@@ -13,7 +13,7 @@ def gauge(fraction: float | None, width: int = 10) -> Text:
         return Text("·" * width, style="dim")
     fraction = max(0.0, min(1.0, fraction))
     full = int(round(fraction * width))
-    style = "bold red" if fraction >= 0.95 else "yellow" if fraction >= 0.8 else "green"
+    style = "bold $error" if fraction >= 0.95 else "$warning" if fraction >= 0.8 else "$success"
     return Text("█" * full, style=style) + Text("░" * (width - full), style="dim")
 
 
@@ -65,7 +65,7 @@ def gpu_text(gpus: list, host, reason: str) -> Text:
     return out
 
 
-SEVERITY = {"error": ("✖", "bold red"), "warning": ("⚠", "bold yellow"), "info": ("ℹ", "bold cyan")}
+SEVERITY = {"error": ("✖", "bold $error"), "warning": ("⚠", "bold $warning"), "info": ("ℹ", "bold $primary")}
 
 
 def hints_text(hints: list, warnings: list = ()) -> Text:
@@ -84,7 +84,7 @@ def hints_text(hints: list, warnings: list = ()) -> Text:
         out.append("\n   cause: ", style="dim")
         out.append(clean(h.cause))
         out.append("\n   fix:   ", style="dim")
-        out.append(clean(h.fix), style="green")
+        out.append(clean(h.fix), style="$success")
     for w in reversed(warnings):
         if out:
             out.append("\n")
