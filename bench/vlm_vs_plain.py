@@ -184,7 +184,7 @@ def child_engine(a) -> dict:
     last = evs[-1]
     timer.t0, timer.t1 = first.time, last.time
     timer.tok0, timer.tok1 = first.tokens_seen, last.tokens_seen
-    started = next((e for e in events.read_events(run.run_dir / rundir.EVENTS) if e.type == "run_started"), None)
+    started = next((e for e in events.read_events(run.run_dir / rundir.EVENTS) if isinstance(e, events.RunStarted)), None)
     return dict(_result("engine", timer, [{"loss": e.loss} for e in evs]), budget_gib=a.budget_gib or None,
                 plan=getattr(started, "plan", None))
 
