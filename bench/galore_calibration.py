@@ -63,7 +63,7 @@ def run_one(shape: str, seq: int, batch: int, method: str, runs: Path) -> dict:
     if res.get("error"):
         return dict(row, status="failed", error=res["error"])
     started = _run_started(runs / tag)
-    est = own_estimate(started.get("config") or {}, shape)
+    est = own_estimate(started.config if started else {}, shape)
     pred = res.get("predicted_device_gib")
     pred = round(pred - CUDA_CONTEXT / GIB, 2) if pred else round(est.peak_bytes / GIB, 4)
     meas = res.get("peak_reserved_gib") or None
@@ -74,13 +74,12 @@ def run_one(shape: str, seq: int, batch: int, method: str, runs: Path) -> dict:
     return row
 
 
-def _run_started(out_dir: Path) -> dict:
+def _run_started(out_dir: Path):
+    """The run's ``RunStarted`` event (None: no run, or it never started)."""
+    from engine.core import events
     runs = sorted(out_dir.glob("*-model-*"), key=lambda d: d.stat().st_mtime)
-    for line in (runs[-1] / "events.jsonl").read_text().splitlines() if runs else []:
-        ev = json.loads(line)
-        if ev.get("type") == "run_started":
-            return ev
-    return {}
+    evs = events.read_events(runs[-1] / "events.jsonl") if runs else []
+    return next((ev for ev in evs if isinstance(ev, events.RunStarted)), None)
 
 
 def table(rows: list[dict]) -> str:

@@ -28,6 +28,7 @@ def main() -> int:
     import tomli_w
     from engine.core import events
     from engine.core import rundir
+    from engine.core.summary import fold, standing
     out = Path(os.environ.get("OUT", "/tmp/bench-out"))
     runs = out / f"resume-{strategy}"
     runs.mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,7 @@ def main() -> int:
         if not dirs:
             continue
         run_dir = dirs[0]
-        steps = [e.step for e in events.read_events(run_dir / rundir.EVENTS) if e.type == "step"] \
+        steps = [e.step for e in events.read_events(run_dir / rundir.EVENTS) if isinstance(e, events.Step)] \
             if (run_dir / rundir.EVENTS).exists() else []
         if steps and max(steps) >= 8 and rundir.checkpoints(run_dir):
             # the launcher's process group, and every rank: torch's launcher starts each rank
@@ -73,7 +74,8 @@ def main() -> int:
     if run_dir is None:
         res["error"] = "no run directory"
         return report(out, res)
-    res["killed_at_step"] = max([e.step for e in events.read_events(run_dir / rundir.EVENTS) if e.type == "step"] or [0])
+    res["killed_at_step"] = max([e.step for e in events.read_events(run_dir / rundir.EVENTS)
+                                 if isinstance(e, events.Step)] or [0])
     res["checkpoints_before_resume"] = [c.name for c in rundir.checkpoints(run_dir)]
     res["checkpoint_files"] = sorted(x.name for x in rundir.checkpoints(run_dir)[-1].iterdir()) \
         if rundir.checkpoints(run_dir) else []
@@ -82,12 +84,12 @@ def main() -> int:
                        env=env, stdout=log, stderr=subprocess.STDOUT, timeout=900)
     log.close()
     evs = events.read_events(run_dir / rundir.EVENTS)
-    steps = [e.step for e in evs if e.type == "step"]
+    done = fold(evs)                                   # past the resume marker: each step once
+    steps = [e.step for e in standing(evs) if isinstance(e, events.Step)]
     res.update(resume_rc=r.returncode, steps_logged=steps,
-               steps_once=steps == list(range(1, 17)),
-               final=next((e.type for e in reversed(evs) if e.type in ("run_finished", "run_failed")), None),
-               reason=next((getattr(e, "reason", "") for e in reversed(evs)
-                            if e.type in ("run_finished", "run_failed")), ""))
+               steps_once=steps == list(range(1, 17)) and [s for s, _ in done.losses] == steps,
+               resumed_from=[e.from_step for e in evs if isinstance(e, events.Resumed)],
+               final=str(done.state), reason=done.reason)
     chk = subprocess.run([sys.executable, str(HERE / "check_adapter.py"), str(run_dir)], env=env,
                          capture_output=True, text=True)
     line = next((l for l in chk.stdout.splitlines() if l.startswith("ADAPTER ")), None)
@@ -99,7 +101,7 @@ def report(out: Path, res: dict) -> int:
     print("RESUME " + json.dumps(res), flush=True)
     with open(out / "resume.jsonl", "a") as fh:
         fh.write(json.dumps(res) + "\n")
-    return 0 if res.get("steps_once") and res.get("final") == "run_finished" else 1
+    return 0 if res.get("steps_once") and res.get("final") == "finished" else 1
 
 
 if __name__ == "__main__":

@@ -177,21 +177,23 @@ def engine_variant(a, variant, model_dir, data, out_dir) -> dict:
                                     env, a.timeout, a.out / f"{variant}.log")
     res.update(host_rss_gib=round(rss / GIB, 2), wall_s=round(wall, 1))
     runs = sorted((out_dir / variant).glob("*/events.jsonl"), key=lambda p: p.stat().st_mtime)
-    evs = [json.loads(line) for line in runs[-1].read_text().splitlines()] if runs else []
+    from engine.core import events
+    from engine.core.summary import standing
+    evs = standing(events.read_events(runs[-1])) if runs else []
     if runs:
         (a.out / f"{variant}-events.jsonl").write_text(runs[-1].read_text())
-    steps = [e for e in evs if e["type"] == "step"]
-    started = next((e for e in evs if e["type"] == "run_started"), {})
-    res.update(steps_run=len(steps), plan=started.get("plan"), losses=[e["loss"] for e in steps])
+    steps = [e for e in evs if isinstance(e, events.Step)]
+    started = next((e for e in evs if isinstance(e, events.RunStarted)), None)
+    res.update(steps_run=len(steps), plan=started.plan if started else None, losses=[e.loss for e in steps])
     if rc != 0:
         res["error"] = "timed out" if rc is None else ([l for l in text.splitlines() if "rror" in l][-6:]
                                                         or text[-1500:])
-    times = {e["step"]: e["time"] for e in steps}
+    times = {e.step: e.time for e in steps}
     dts = [times[s] - times[s - 1] for s in times if s > a.warm and s - 1 in times]
     if dts:
         res["step_s"] = statistics.median(dts)
         res["tokens_per_s"] = round(a.batch * a.seq / res["step_s"], 1)
-    peaks = [e.get("peak_memory_bytes") or 0 for e in steps]
+    peaks = [e.peak_memory_bytes or 0 for e in steps]
     res["peak_reserved_gib"] = round(max(peaks) / GIB, 2) if any(peaks) else None
     return res
 

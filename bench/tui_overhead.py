@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from engine.core import events  # noqa: E402
 from engine.core import rundir  # noqa: E402
+from engine.core.summary import standing  # noqa: E402
 
 SECTION = "## TUI overhead"
 CLK = os.sysconf("SC_CLK_TCK")
@@ -86,8 +87,8 @@ def tokens_per_s(run_dir: Path, warmup: int) -> tuple[float, int, float, float]:
     """(real tokens/s after the warm-up, steps measured, seconds measured, median per-step
     tokens/s) from events.jsonl. The last one is robust to a stall from outside (the VM's
     neighbours): a few slow steps move the first figure, not it."""
-    steps = [e for e in events.read_events(run_dir / rundir.EVENTS) if e.type == "step"]
-    # a resumed or restarted log could repeat steps: keep the last occurrence of each
+    # a resumed log repeats the steps it redid: the ones that stand after its marker
+    steps = [e for e in standing(events.read_events(run_dir / rundir.EVENTS)) if isinstance(e, events.Step)]
     by = {e.step: e for e in steps}
     steps = [by[k] for k in sorted(by) if k >= warmup]
     if len(steps) < 2:
@@ -209,7 +210,7 @@ def run_tui(cfg: str, sets: list[str], work: Path, timeout: float, session: str,
         # preflight imports torch in the TUI process once, before training)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and rundir.info(run).state in ("live", "new") and not any(
-                e.type == "step" and e.step >= warmup for e in events.read_events(run / rundir.EVENTS)):
+                isinstance(e, events.Step) and e.step >= warmup for e in events.read_events(run / rundir.EVENTS)):
             time.sleep(0.05)
         cpu0, t0 = (proc_cpu(pid) if pid else None), time.monotonic()
         state = wait_over(run, timeout)

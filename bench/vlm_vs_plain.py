@@ -174,17 +174,17 @@ def child_engine(a) -> dict:
         torch.cuda.reset_peak_memory_stats()
     run.start()
     run.join(timeout=3600)
-    if run.result is None or run.result.type != "run_finished":
+    from engine.core import events
+    if not isinstance(run.result, events.RunFinished):
         raise SystemExit(f"engine run failed: {getattr(run.result, 'reason', run.result)}")
     # tokens/s over the steps after WARM, from the run's own step events (time, tokens_seen)
-    from engine.core import events
     from engine.core import rundir
-    evs = [e for e in events.read_events(run.run_dir / rundir.EVENTS) if e.type == "step"]
+    evs = [e for e in events.read_events(run.run_dir / rundir.EVENTS) if isinstance(e, events.Step)]
     first = next(e for e in evs if e.step == a.warm)
     last = evs[-1]
     timer.t0, timer.t1 = first.time, last.time
     timer.tok0, timer.tok1 = first.tokens_seen, last.tokens_seen
-    started = next((e for e in events.read_events(run.run_dir / rundir.EVENTS) if e.type == "run_started"), None)
+    started = next((e for e in events.read_events(run.run_dir / rundir.EVENTS) if isinstance(e, events.RunStarted)), None)
     return dict(_result("engine", timer, [{"loss": e.loss} for e in evs]), budget_gib=a.budget_gib or None,
                 plan=getattr(started, "plan", None))
 

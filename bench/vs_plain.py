@@ -142,21 +142,24 @@ def engine_variant(variant, shape, seq, batch, out_dir, extra=None):
         log.write_text(text[-4_000_000:])
         errs = [l for l in text.splitlines() if "Error" in l or "error" in l or "failed" in l]
         return dict(variant=variant, error=errs[:12] or text[-1500:])
-    evs = [json.loads(line) for line in (runs[-1] / "events.jsonl").read_text().splitlines()]
-    steps = [e for e in evs if e["type"] == "step"]
-    started = next(e for e in evs if e["type"] == "run_started")
-    meas = [e for e in steps if e["step"] > WARM]
-    prev = {e["step"]: e for e in steps}
-    dt = sum(e["time"] - prev[e["step"] - 1]["time"] for e in meas if e["step"] - 1 in prev)
-    dtok = sum(e["tokens_seen"] - prev[e["step"] - 1]["tokens_seen"] for e in meas if e["step"] - 1 in prev)
+    sys.path.insert(0, str(ROOT))
+    from engine.core import events
+    from engine.core.summary import standing
+    evs = standing(events.read_events(runs[-1] / "events.jsonl"))
+    steps = [e for e in evs if isinstance(e, events.Step)]
+    started = next(e for e in evs if isinstance(e, events.RunStarted))
+    meas = [e for e in steps if e.step > WARM]
+    prev = {e.step: e for e in steps}
+    dt = sum(e.time - prev[e.step - 1].time for e in meas if e.step - 1 in prev)
+    dtok = sum(e.tokens_seen - prev[e.step - 1].tokens_seen for e in meas if e.step - 1 in prev)
     tps = dtok / dt if dt else None
-    dts = [e["time"] - prev[e["step"] - 1]["time"] for e in meas if e["step"] - 1 in prev]
-    pred = re.search(r"predicted ([\d.]+) GiB", " ".join(started.get("plan") or []))
+    dts = [e.time - prev[e.step - 1].time for e in meas if e.step - 1 in prev]
+    pred = re.search(r"predicted ([\d.]+) GiB", " ".join(started.plan or []))
     return dict(variant=variant, shape=shape, seq=seq, batch=batch, tokens_per_s=round(tps) if tps else None,
                 step_cv=_cv(dts), predicted_device_gib=float(pred.group(1)) if pred else None,
-                peak_reserved_gib=round(max(e.get("peak_memory_bytes") or 0 for e in steps) / 2**30, 2),
+                peak_reserved_gib=round(max(e.peak_memory_bytes or 0 for e in steps) / 2**30, 2),
                 nvml_peak_gib=round(nvml / 2**30, 2) if nvml else None,
-                losses=[e["loss"] for e in steps], plan=started.get("plan"), wall_s=round(wall, 1),
+                losses=[e.loss for e in steps], plan=started.plan, wall_s=round(wall, 1),
                 steps_run=len(steps))
 
 

@@ -79,7 +79,14 @@ def events(run_dir: Path) -> list[events_mod.Event]:
 
 
 def step_numbers(run_dir: Path) -> list[int]:
-    return [e.step for e in events(run_dir) if e.type == "step"]
+    """The steps that stand in the log: past a resume marker, the redone steps are dropped."""
+    from engine.core.summary import standing
+    return [e.step for e in standing(events(run_dir)) if isinstance(e, events_mod.Step)]
+
+
+def logged_step_numbers(run_dir: Path) -> list[int]:
+    """Every step line of the (append-only) log, redone ones included."""
+    return [e.step for e in events(run_dir) if isinstance(e, events_mod.Step)]
 
 
 def last_step(run_dir: Path) -> int:
@@ -92,7 +99,7 @@ def wait_step(run_dir: Path, n: int, timeout: float = 240) -> int:
 
 
 def terminal(run_dir: Path) -> events_mod.Event | None:
-    t = [e for e in events(run_dir) if e.type in events_mod.TERMINAL]
+    t = [e for e in events(run_dir) if isinstance(e, events_mod.TERMINAL)]
     return t[-1] if t else None
 
 

@@ -1,4 +1,4 @@
-"""engine.core.events.follow: history, live lines, the end of a log, and a log replaced under it."""
+"""engine.core.events.follow: history, live lines, a resume appended to the log, the end of a log."""
 from __future__ import annotations
 
 import os
@@ -13,12 +13,6 @@ def write(path, evs, mode="a"):
     with open(path, mode, encoding="utf-8") as fh:
         for ev in evs:
             fh.write(events.dumps(ev) + "\n")
-
-
-def replace_atomically(path, evs):
-    tmp = path.with_suffix(".tmp")
-    write(tmp, evs, "w")
-    tmp.replace(path)
 
 
 def start(path, **kw):
@@ -45,24 +39,27 @@ def take(q, n, timeout=10.0):
     return out
 
 
-def test_follow_reopens_a_replaced_log_and_reads_the_new_file(tmp_path):
+def test_follow_reads_history_then_appended_lines_and_ends_at_the_last_terminal_event(tmp_path):
     log = tmp_path / "events.jsonl"
     write(log, [events.RunStarted(total_steps=4), events.Step(step=1), events.Step(step=2), events.Step(step=3)])
     q, stop, t = start(log)
     try:
         assert [getattr(e, "step", None) for e in take(q, 4)] == [None, 1, 2, 3]
-        old_inode = os.stat(log).st_ino
-        # a resume's rollback: the log rewritten without step 3, renamed over the old one
-        replace_atomically(log, [events.RunStarted(total_steps=4), events.Step(step=1), events.Step(step=2),
-                                 events.Status(phase="resume", message="resuming from checkpoint-2")])
-        assert os.stat(log).st_ino != old_inode
-        write(log, [events.RunStarted(total_steps=4, resumed_from_step=2), events.Step(step=3)])
-        again = take(q, 6)
-        assert [e.type for e in again] == ["run_started", "step", "step", "status", "run_started", "step"]
-        assert again[3].phase == "resume" and again[4].resumed_from_step == 2
-        write(log, [events.Step(step=4), events.RunFinished(step=4)])
-        assert [e.type for e in take(q, 2)] == ["step", "run_finished"]
+        inode = os.stat(log).st_ino
+        # a resume appends its marker and a new segment: the file is never replaced
+        write(log, [events.Resumed(from_step=2, checkpoint="checkpoint-2"),
+                    events.RunStarted(total_steps=4, resumed_from_step=2), events.Step(step=3)])
+        with open(log, "ab") as fh:                  # a line being written: not an event yet
+            fh.write(events.dumps(events.Step(step=4)).encode()[:9])
+        again = take(q, 3)
+        assert [type(e) for e in again] == [events.Resumed, events.RunStarted, events.Step]
+        assert again[0].from_step == 2 and again[1].resumed_from_step == 2 and again[2].step == 3
+        with open(log, "ab") as fh:
+            fh.write(events.dumps(events.Step(step=4)).encode()[9:] + b"\n")
+        write(log, [events.RunFinished(step=4)])
+        assert [type(e) for e in take(q, 2)] == [events.Step, events.RunFinished]
         assert q.get(timeout=5) is None              # ends at the terminal event at the end
+        assert os.stat(log).st_ino == inode
     finally:
         stop.set()
         t.join(5)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.core import config as config_mod
+from engine.core.summary import State
 from engine.planning import estimate as estimate_mod
 from tui_helpers import anyio_backend  # noqa: F401 (fixtures)
 
@@ -169,10 +170,10 @@ async def test_tui_switching_method_updates_the_estimate_and_trains_galore(tmp_p
         assert derived() != before
         await pilot.press("f4")                                   # Train screen, start
         await pilot.press("ctrl+r")
-        await until(pilot, lambda: app.run_state is not None and app.run_state.terminal, timeout=300,
+        await until(pilot, lambda: app.run_state is not None and app.run_state.ended, timeout=300,
                     what="end of run")
         st = app.run_state
-        assert st.terminal == "run_finished", st.message
+        assert st.state == State.FINISHED, st.message
         assert (st.run_dir / "model" / "model.safetensors").exists()
         assert "model saved to" in st.message
         await pilot.press("ctrl+q")

@@ -318,6 +318,7 @@ def _log_lines(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("fault,step", [("markerfull@6", 6), ("logfull@4", 4)])
 def test_disk_full_in_the_marker_or_the_log_ends_failed_disk_with_a_whole_last_line(
         tiny_cfg, monkeypatch, capfd, fault, step):
+    from engine.core import events as events_mod
     from engine.core import rundir
     from reliability_helpers import configured
     cfg = configured(tiny_cfg, {"train.max_steps": 10, "train.save_steps": 3, "train.eval_steps": 0})
@@ -333,7 +334,8 @@ def test_disk_full_in_the_marker_or_the_log_ends_failed_disk_with_a_whole_last_l
         assert ck == ["checkpoint-3"] and "checkpoint-3 kept" in last["reason"]
     else:                              # the log failed: said on stderr and to the other sinks, run stopped
         assert "events.jsonl writer failed" in capfd.readouterr().err
-        assert any(e.type == "status" and e.phase == "sink-error" for e in run.bus.history)
+        assert any(isinstance(e, events_mod.RunWarning) and e.source == "sink" and "events.jsonl writer failed"
+                   in e.message for e in run.bus.history)
         assert "events.jsonl could not be written" in last["reason"] and last["step"] < 10
     assert not (run.run_dir / "events.reserve").exists()
 

@@ -22,9 +22,10 @@ from engine.core import control as ctl
 from engine.core import events as events_mod
 from engine.training import runner
 from engine.core import rundir
+from engine.core import summary
 
 from reliability_helpers import (REPO, configured, engine_cmd, env_with, events, files_containing,
-                                 last_step, only_run, start_headless, step_numbers, terminal,
+                                 last_step, logged_step_numbers, only_run, start_headless, step_numbers, terminal,
                                  wait_for, wait_run_dir, wait_step, write_cfg)
 
 
@@ -83,6 +84,15 @@ def test_kill9_at_random_step_then_resume_is_continuous_and_identical(tiny_cfg, 
 
     steps = step_numbers(d)
     assert steps == list(range(1, 21)), f"lost or duplicated steps (killed at {kill_at}): {steps}"
+    # the log is append-only: the killed run's lines stay, then one resume marker at the checkpoint,
+    # then the redone and remaining steps; every reader folds it to each step once
+    logged = logged_step_numbers(d)
+    assert logged == before + list(range(resume_step + 1, 21)), (kill_at, logged)
+    markers = [i for i, e in enumerate(events(d)) if isinstance(e, events_mod.Resumed)]
+    assert len(markers) == 1 and events(d)[markers[0]].from_step == resume_step
+    assert events(d)[markers[0]].checkpoint.endswith(f"checkpoint-{resume_step}")
+    assert [e.step for e in events(d)[:markers[0]] if isinstance(e, events_mod.Step)] == before
+    assert [s for s, _ in summary.fold(events(d)).losses] == list(range(1, 21))
     starts = [e for e in events(d) if e.type == "run_started"]
     assert len(starts) == 2 and starts[-1].resumed_from_step == resume_step
     assert terminal(d).type == "run_finished" and not terminal(d).stopped
@@ -238,6 +248,10 @@ def test_oom_fails_with_hint_and_intact_checkpoint_then_resume_with_fix(tiny_cfg
     assert again.join(timeout=300)
     assert again.result.type == "run_finished", again.result
     assert step_numbers(run.run_dir) == list(range(1, 11))
+    assert [e.from_step for e in events(run.run_dir) if isinstance(e, events_mod.Resumed)] == [6]
+    logged = logged_step_numbers(run.run_dir)          # appended, never rewritten: step 7 twice
+    assert logged[:7] == list(range(1, 8)) and logged[7:] == list(range(7, 11)), logged
+    assert rundir.info(run.run_dir).state == summary.State.FINISHED and rundir.info(run.run_dir).step == 10
     cfg2 = config.load(run.run_dir / rundir.CONFIG)
     assert cfg2.train.batch_size == 2 and cfg2.train.grad_accum == 2
     notes = [e.message for e in events(run.run_dir) if e.type == "status" and e.phase == "resume"]

@@ -10,7 +10,9 @@ import pytest
 from textual.widgets import Input, Sparkline, Static
 
 from engine.core import config as config_mod
+from engine.core import events
 from engine.core import rundir
+from engine.core.summary import State
 from tui.app import DEMO_OVERRIDES, QloraApp
 from tui.dialogs import QuitDialog
 from tui.testing import HOSTILE_HINT, fixed_samplers, write_run
@@ -115,9 +117,9 @@ async def test_train_real_run_shows_losses_and_leaves_adapter(tmp_path):
         await pilot.press("ctrl+r")
         await until(pilot, lambda: app.run_state is not None and app.run_state.run_dir is not None,
                     what="run dir")
-        await until(pilot, lambda: app.run_state.terminal, timeout=300, what="end of run")
+        await until(pilot, lambda: app.run_state.ended, timeout=300, what="end of run")
         st = app.run_state
-        assert st.terminal == "run_finished", st.message
+        assert st.state == State.FINISHED and isinstance(st.end, events.RunFinished), st.message
         spark = app.screen.query_one("#loss-spark", Sparkline)
         assert len(spark.data) >= 3
         assert all(v > 0 for v in spark.data)

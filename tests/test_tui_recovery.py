@@ -15,6 +15,7 @@ from textual.widgets import DataTable, Static, TabbedContent
 from engine.core import config
 from engine.core import events
 from engine.core import rundir
+from engine.core.summary import State
 from tui.app import DEMO_OVERRIDES, QloraApp
 from tui.dialogs import RemoteCodeDialog, ResumeFixDialog
 from tui.runstate import RunState
@@ -57,7 +58,7 @@ async def test_oom_offers_resume_with_fix_and_the_resumed_run_finishes(tmp_path,
                     what="the resume-with-fix dialog")
         st = app.run_state
         run_dir = st.run_dir
-        assert st.terminal == "run_failed" and st.fail_kind == "oom"
+        assert st.state == State.FAILED and st.fail_kind == events.FailKind.OOM
         assert "failed" in plain(app.screen_stack[-2].query_one("#status"))   # under the dialog
         text = dialog_text(app.screen)
         assert "Out of memory" in text and "train.batch_size=2" in text
@@ -67,10 +68,10 @@ async def test_oom_offers_resume_with_fix_and_the_resumed_run_finishes(tmp_path,
         monkeypatch.delenv("QLORA_TUI_FAULTS")          # the resumed process must not OOM again
         await pilot.press("r")
         await until(pilot, lambda: not isinstance(app.screen, ResumeFixDialog), what="dialog gone")
-        await until(pilot, lambda: app.run_state.terminal == "run_finished" or
+        await until(pilot, lambda: app.run_state.state == State.FINISHED or
                     app.run_state.phase == "failed", timeout=120, what="the resumed run to end")
         st = app.run_state
-        assert st.terminal == "run_finished", st.message
+        assert st.state == State.FINISHED, st.message
         assert st.run_dir == run_dir and not st.stopped
         evs = events.read_events(run_dir / rundir.EVENTS)
         starts = [e for e in evs if e.type == "run_started"]
@@ -90,7 +91,8 @@ async def test_nan_offer_lowers_the_learning_rate(tmp_path):
     d.mkdir(parents=True)
     for lr, want in ((2e-3, "train.learning_rate=1e-4"), (1e-4, "train.learning_rate=5e-5")):
         config.save(demo_cfg(tmp_path, f"train.learning_rate={lr}"), d / rundir.CONFIG)
-        st = RunState(run_dir=d, terminal="run_failed", fail_kind="nan", fail_step=5)
+        st = RunState(run_dir=d)
+        st.apply(events.RunFailed(kind="nan", step=5))
         fixes, what = app.controller.resume_fixes(st)
         assert fixes == [want] and "NaN" in what
 
@@ -113,7 +115,7 @@ async def test_resume_dialog_escape_dismisses_and_errors_are_one_line(tmp_path):
         assert "at step 2 [bold]" in dialog_text(app.screen)
         await pilot.press("escape")
         await until(pilot, lambda: not isinstance(app.screen, ResumeFixDialog))
-        assert app.run_state.terminal == "run_failed"
+        assert isinstance(app.run_state.end, events.RunFailed)
         # resume refused (a frozen section): one line, no traceback
         app.controller.resume(d, ["lora.r=4"])
         await until(pilot, lambda: not app.controller.launching, what="refusal")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.core import config
+from engine.core.summary import State
 from engine.dataset import data as data_mod
 from engine.training import vision
 from tui_helpers import anyio_backend  # noqa: F401 (fixtures)
@@ -153,9 +154,9 @@ async def test_dataset_screen_shows_image_problems_tokens_and_a_preview_then_tra
         assert all(trained not in v for k, v in spans.items() if "[image 1" in k)
         # and the same config trains from the Train screen (the bad rows skipped)
         await pilot.press("f4", "ctrl+r")
-        await until(pilot, lambda: app.run_state is not None and app.run_state.terminal, timeout=300,
+        await until(pilot, lambda: app.run_state is not None and app.run_state.ended, timeout=300,
                     what="end of run")
-        assert app.run_state.terminal == "run_finished", app.run_state.message
+        assert app.run_state.state == State.FINISHED, app.run_state.message
         assert (app.run_state.run_dir / "adapter" / "adapter_model.safetensors").exists()
         await pilot.press("ctrl+q")
         await pilot.pause()

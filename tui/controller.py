@@ -5,8 +5,9 @@ and of ``follow_batches``: the app creates one, forwards the run messages (``Run
 ``RunEvents``, ...) to it, and reads ``controller.state``. Screens never reach in: they post
 requests (``AttachRun``, ``ResumeRun``) that the app hands over here.
 
-Threads: a launch worker calls ``engine.training.runner.start_detached``; a follow worker tails
-the run's events.jsonl and posts batches (at most one per ``FOLLOW_INTERVAL``) as ``RunEvents``.
+Threads: a launch worker calls ``engine.training.runner.start_detached``; a follow worker polls
+the run's events.jsonl (``EventLog.read_new``, never blocking) and posts batches (at most one per
+``FOLLOW_INTERVAL``) as ``RunEvents``.
 Only messages cross into the UI thread; the state is folded there.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Callable
 
 from textual.worker import get_current_worker
 
+from engine.core.events import TERMINAL, RunFailed, RunFinished, RunWarning
 from tui.dialogs import RemoteCodeDialog, ResumeFixDialog
 from tui.follow import follow_batches
 from tui.messages import FollowEnded, LaunchFailed, ResumeFailed, RunEvents, RunLaunched
@@ -107,8 +109,8 @@ class RunController:
 
     def launch_failed(self, msg: LaunchFailed) -> None:
         self.launching = False
-        self.state = RunState(phase="failed", message=msg.error)
-        self.state.terminal = "run_failed"
+        self.state = RunState()
+        self.state.apply(RunFailed(reason=msg.error))
         self.changed()
         self._notify(one_line(msg.error, 300), title="Could not start", severity="error",
                      timeout=10)
@@ -138,22 +140,23 @@ class RunController:
             time.sleep(0.1)
         since = time.time()
         try:
-            s = os.stat(run_dir / rundir.EVENTS)
-            old_log = (s.st_ino, s.st_dev)
+            old_size = os.stat(run_dir / rundir.EVENTS).st_size
         except OSError:
-            old_log = (None, None)
+            old_size = 0
         try:
             runner.start_detached(None, resume=run_dir, overrides=fixes)
         except Exception as e:   # PreflightError, ConfigError, OSError: one line, no traceback
             self.app.post_message(ResumeFailed(run_dir, f"{type(e).__name__}: {e}"))
             return
-        self.app.post_message(RunLaunched(run_dir, resumed=True, old_log=old_log, since=since))
+        self.app.post_message(RunLaunched(run_dir, resumed=True, old_size=old_size, since=since))
 
     def resume_failed(self, msg: ResumeFailed) -> None:
         self.launching = False
         st = self.state
         if st is not None and st.run_dir == msg.run_dir:
-            st.phase, st.message, st.terminal = "failed", msg.error, st.terminal or "run_failed"
+            if not st.ended:
+                st.apply(RunFailed(reason=msg.error, step=st.step))
+            st.phase, st.message = "failed", msg.error
             st.follower_ended = True
         self.changed()
         self._notify(one_line(msg.error, 300), title="Could not resume", severity="error",
@@ -165,10 +168,10 @@ class RunController:
         from engine.core import config as config_mod
         from engine.core import rundir
         from engine.training import hints as hints_mod
-        kind = st.fail_kind if st.terminal == "run_failed" else ""
+        kind = st.fail_kind if isinstance(st.end, RunFailed) else ""
         if kind not in FAILED_WHAT:
-            return [], {"run_finished": "Stopped"}.get(st.terminal, "Crashed" if not st.terminal
-                                                        else "Failed")
+            return [], ("Stopped" if isinstance(st.end, RunFinished) else
+                        "Failed" if st.ended else "Crashed")
         named = [h for h in st.hints if getattr(h, "rule", "") == kind and getattr(h, "overrides", None)]
         if named:
             return list(named[-1].overrides), FAILED_WHAT[kind]
@@ -191,7 +194,7 @@ class RunController:
         except (OSError, ValueError, config_mod.ConfigError) as e:
             self._notify(f"Cannot offer a resume: {one_line(e, 200)}", severity="warning")
             return
-        if not fixes and st.fail_kind in FAILED_WHAT and st.terminal == "run_failed":
+        if not fixes and st.fail_kind in FAILED_WHAT and isinstance(st.end, RunFailed):
             self._notify("No automatic fix left to try for this run's config.")
             return
         frozen = [f for f in fixes if f.split(".", 1)[0] in runner.RESUME_FROZEN]
@@ -220,7 +223,7 @@ class RunController:
     def stop(self) -> None:
         """Ask the live run to stop gracefully (it saves its adapter, then ends)."""
         st = self.state
-        if st is None or st.run_dir is None or st.terminal or st.follower_ended:
+        if st is None or st.run_dir is None or st.ended or st.follower_ended:
             self._notify("No live run to stop.")
             return
         from engine.core import control
@@ -282,9 +285,9 @@ class RunController:
                resume: RunLaunched | None = None) -> None:
         """Show ``run_dir``: its history, then live events.
 
-        ``resume``: the run was just resumed. Its process rewrites events.jsonl (rollback to
-        the checkpoint) before it appends; the follower waits for that new file and reads it
-        from scratch into a fresh RunState, so the series come from the new history only.
+        ``resume``: the run was just resumed. Its process appends to events.jsonl (a
+        ``Resumed`` marker first); the follower waits until it has, then reads the log from the
+        start into a fresh RunState, whose fold drops what the marker says is redone.
         """
         if self._follow_stop is not None:
             self._follow_stop.set()
@@ -295,12 +298,12 @@ class RunController:
         stop = self._follow_stop = threading.Event()
         self._news_since = resume.since if resume else time.time() - 5
         self.app.run_worker(partial(self._follow, run_dir, stop, launched,
-                                    resume.old_log if resume else None),
+                                    resume.old_size if resume else None),
                             name="follow", group="follow", thread=True, exit_on_error=False)
         self.changed()
 
     def _follow(self, run_dir: Path, stop: threading.Event, launched: bool,
-                old_log: tuple | None = None) -> None:
+                old_size: int | None = None) -> None:
         """(follow worker thread)"""
         from engine.core import rundir
         worker = get_current_worker()
@@ -313,8 +316,8 @@ class RunController:
             return launched and not (run_dir / rundir.RUN_JSON).exists() and time.monotonic() - t0 < 120
 
         post = self.app.post_message
-        if old_log is not None and not _wait_for_resumed_log(run_dir / rundir.EVENTS, old_log,
-                                                             alive, stop, worker):
+        if old_size is not None and not _wait_for_resumed_log(run_dir / rundir.EVENTS, old_size,
+                                                              alive, stop, worker):
             if not stop.is_set() and not worker.is_cancelled:
                 post(ResumeFailed(run_dir, _resume_failure(run_dir)))
             return
@@ -338,13 +341,15 @@ class RunController:
         st = self.state
         for ev in msg.events:
             st.apply(ev)
+            if isinstance(ev, RunWarning) and ev.time >= self._news_since:
+                self._notify(one_line(ev.message, 300), title="Warning", severity="warning", timeout=8)
         last = msg.events[-1]
         if last.time < self._news_since:
             pass                                 # history (attach, or before a resume): not news
-        elif last.type == "run_finished":
+        elif isinstance(last, RunFinished):
             self._notify(f"Run {'stopped' if last.stopped else 'finished'}; adapter: "
                          f"{last.adapter_dir}", timeout=6)
-        elif last.type == "run_failed":
+        elif isinstance(last, RunFailed):
             self._notify(one_line(last.reason, 300), title="Run failed", severity="error",
                          timeout=10)
         self.changed()
@@ -354,7 +359,7 @@ class RunController:
             return
         st = self.state
         st.follower_ended = True
-        if not st.terminal and not st.detached:
+        if not st.ended and not st.detached:
             st.phase = "crashed"
             st.message = ("the run process ended without a final event; resume with "
                           "qlora-tui train --resume " + str(st.run_dir))
@@ -362,14 +367,14 @@ class RunController:
         # the followed run ended out of memory or with a NaN loss: offer the resume with the fix
         # (the follower only ends at a terminal event that is the last line of the log, so this
         # is the run's final state, not an earlier failure that a resume already went past)
-        if (st.terminal == "run_failed" and st.fail_kind in FAILED_WHAT and not st.detached
+        if (isinstance(st.end, RunFailed) and st.fail_kind in FAILED_WHAT and not st.detached
                 and msg.why == "ended"):
             self.offer_resume(st)
 
     def follow_failed(self, error: BaseException) -> None:
         """The follow worker itself raised: the run is no longer followed (it may go on)."""
         st = self.state
-        if st is not None and not st.terminal:
+        if st is not None and not st.ended:
             st.follower_ended = True
             st.phase, st.message = "crashed", f"stopped following: {type(error).__name__}: {error}"
         self.changed()
@@ -398,27 +403,26 @@ def _last_line_is_terminal(path: Path) -> bool:
     if not lines:
         return False
     try:
-        return events_mod.loads(lines[-1]).type in events_mod.TERMINAL
+        return isinstance(events_mod.loads(lines[-1]), TERMINAL)
     except Exception:
         return False
 
 
-def _wait_for_resumed_log(path: Path, old_log: tuple, alive, stop: threading.Event,
+def _wait_for_resumed_log(path: Path, old_size: int, alive, stop: threading.Event,
                           worker, timeout: float = 300.0) -> bool:
-    """Wait until a resumed run has replaced its log (rollback) and appended to it, i.e. the
-    file is new and its last line is no longer the old terminal event. False when the resume
-    process ended first (or the wait was cancelled); True also when it ended after it began."""
+    """Wait until a resumed run has appended to its log (past ``old_size`` bytes) and its last
+    line is no longer a terminal event. False when the resume process ended first (or the wait
+    was cancelled); True also when it ended after it began."""
     end = time.monotonic() + timeout
     while time.monotonic() < end and not stop.is_set() and not worker.is_cancelled:
         try:
-            s = os.stat(path)
-            new = (s.st_ino, s.st_dev) != tuple(old_log)
+            grown = os.stat(path).st_size > old_size
         except OSError:
-            new = False
-        if new and not _last_line_is_terminal(path):
+            grown = False
+        if grown and not _last_line_is_terminal(path):
             return True
         if not alive():
-            return new      # ended: follow what it wrote if it got as far as the rollback
+            return grown    # ended: follow what it wrote if it got as far as its marker
         stop.wait(0.1)
     return False
 

@@ -29,11 +29,11 @@ class FollowEnded(Message):
 
 @dataclass
 class RunLaunched(Message):
-    """``resumed``: a resume of ``run_dir``; ``old_log`` (inode, device) of its events.jsonl
-    before the resume, which the resumed process replaces (rollback); ``since``: when asked."""
+    """``resumed``: a resume of ``run_dir``; ``old_size``: the bytes of its events.jsonl before
+    the resume (the resumed process appends past them); ``since``: when asked."""
     run_dir: Path
     resumed: bool = False
-    old_log: tuple | None = None
+    old_size: int | None = None
     since: float = 0.0
 
 

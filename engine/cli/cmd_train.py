@@ -54,42 +54,63 @@ def _num(x, fmt: str) -> str:
 
 
 class HeadlessPrinter:
-    """Prints one line per step event (and hints, checkpoints, the final outcome)."""
+    """Prints one line per step event (and hints, checkpoints, the final outcome); warnings and
+    failures go to stderr. What it says at the end comes from the run's fold (``summary``)."""
+    shows_warnings = True          # the bus need not print a failing sink's warning itself
 
     def __init__(self, out=None, err=None):
+        from engine.core.summary import RunSummary
         self.out = out or sys.stdout
         self.err = err or sys.stderr
+        self.summary = RunSummary()
 
     def __call__(self, ev: events.Event) -> None:
+        self.summary.apply(ev)
         w = self.out.write
-        t = ev.type
-        if t == "status":
-            w(f"[{ev.phase}] {ev.message}\n")
-        elif t == "run_started":
-            w(f"run {ev.run_dir}: {ev.model} on {ev.device}, {ev.total_steps} steps, "
-              f"{ev.train_rows} train / {ev.eval_rows} eval rows, "
-              f"{ev.trainable_params:,} trainable of {ev.total_params:,} params"
-              + (f", resumed at step {ev.resumed_from_step}" if ev.resumed_from_step else "") + "\n")
-            for line in ev.plan:
-                w(f"  plan: {line}\n")
-        elif t == "step":
-            w(f"step {ev.step}/{ev.total_steps}  loss {_num(ev.loss, '.4f')}  lr {_num(ev.learning_rate, '.2e')}"
-              f"  grad {_num(ev.grad_norm, '.3f')}  tok/s {_num(ev.tokens_per_second, ',.0f')}"
-              f"  epoch {_num(ev.epoch, '.2f')}  eta {fmt_eta(ev.eta_seconds)}\n")
-        elif t == "eval":
-            w(f"eval  step {ev.step}  eval_loss {_num(ev.eval_loss, '.4f')}\n")
-        elif t == "checkpoint":
-            w(f"checkpoint step {ev.step}: {ev.path}\n")
-        elif t == "hint":
-            at = f"step {ev.step}: " if ev.step else ""
-            w(f"hint [{ev.severity}] {at}{ev.symptom} — {ev.cause}. Fix: {ev.fix}\n")
-        elif t == "run_finished":
-            w(f"{'stopped' if ev.stopped else 'finished'} at step {ev.step}: {ev.reason}; "
-              f"{'model' if ev.adapter_dir.endswith('/model') else 'adapter'}: {ev.adapter_dir}\n")
-        elif t == "run_failed":
-            self.err.write(f"failed: {ev.reason}\n")
-            self.err.flush()
+        match ev:
+            case events.Status(phase=phase, message=message):
+                w(f"[{phase}] {message}\n")
+            case events.RunStarted():
+                self._started(ev)
+            case events.Resumed(from_step=k, checkpoint=ckpt):
+                w(f"resumed from {Path(ckpt).name if ckpt else 'the start'}: what was logged past step {k} "
+                  "is redone\n")
+            case events.Step():
+                w(f"step {ev.step}/{ev.total_steps}  loss {_num(ev.loss, '.4f')}  lr {_num(ev.learning_rate, '.2e')}"
+                  f"  grad {_num(ev.grad_norm, '.3f')}  tok/s {_num(ev.tokens_per_second, ',.0f')}"
+                  f"  epoch {_num(ev.epoch, '.2f')}  eta {fmt_eta(ev.eta_seconds)}\n")
+            case events.Eval(step=s, eval_loss=loss):
+                w(f"eval  step {s}  eval_loss {_num(loss, '.4f')}\n")
+            case events.Checkpoint(step=s, path=path):
+                w(f"checkpoint step {s}: {path}\n")
+            case events.Hint():
+                at = f"step {ev.step}: " if ev.step else ""
+                w(f"hint [{ev.severity}] {at}{ev.symptom} — {ev.cause}. Fix: {ev.fix}\n")
+            case events.RunWarning(message=message):
+                self._err(f"warning: {message}\n")
+            case events.RunFinished():
+                s = self.summary
+                loss = s.final_loss if s.final_loss is not None else s.last_loss
+                w(f"{s.state} at step {s.step}: {ev.reason}; "
+                  f"{'model' if ev.adapter_dir.endswith('/model') else 'adapter'}: {ev.adapter_dir}"
+                  + (f"; final loss {loss:.4f}" if loss is not None else "") + "\n")
+            case events.RunFailed(reason=reason):
+                self._err(f"failed: {reason}\n")
         self.out.flush()
+
+    def _started(self, ev: events.RunStarted) -> None:
+        w = self.out.write
+        w(f"run {ev.run_dir}: {ev.model} on {ev.device}, {ev.total_steps} steps, "
+          f"{ev.train_rows} train / {ev.eval_rows} eval rows, "
+          f"{ev.trainable_params:,} trainable of {ev.total_params:,} params"
+          + (f", resumed at step {ev.resumed_from_step}" if ev.resumed_from_step else "") + "\n")
+        for line in ev.plan:
+            w(f"  plan: {line}\n")
+
+    def _err(self, text: str) -> None:
+        self.out.flush()
+        self.err.write(text)
+        self.err.flush()
 
 
 def cmd_train(args) -> int:
@@ -137,14 +158,12 @@ def cmd_train(args) -> int:
     except (runner.PreflightError, config_mod.ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for note in run.notes:
-        print(f"warning: {note}", file=sys.stderr)
     from engine.training import distributed as distributed_mod
     if distributed_mod.is_main():
         run.bus.subscribe(HeadlessPrinter())
     else:                              # other ranks write no log: their failures go to stderr
         def rank_failure(ev, rank=distributed_mod.rank()):
-            if ev.type == "run_failed":
+            if isinstance(ev, events.RunFailed):
                 print(f"rank {rank} failed: {ev.reason}\n{ev.detail}", file=sys.stderr, flush=True)
         run.bus.subscribe(rank_failure)
     runner.install_signal_handlers(run, headless=True)
@@ -153,7 +172,7 @@ def cmd_train(args) -> int:
         pass
     from engine.core import exitcodes
     if distributed_mod.in_worker():    # a worker's non-zero status is a failure to the launcher: it maps stops itself
-        return exitcodes.OK if run.result is not None and run.result.type == "run_finished" else exitcodes.FAILED
+        return exitcodes.OK if isinstance(run.result, events.RunFinished) else exitcodes.FAILED
     return exitcodes.for_run(run.result)
 
 
@@ -235,7 +254,8 @@ def cmd_runs(args) -> int:
     for ri in runs:
         loss = ri.final_loss if ri.final_loss is not None else ri.last_loss
         print(f"{ri.state:9} {ri.step:>5}/{ri.total_steps:<5} {_num(loss, '8.4f'):>8}  {ri.path}"
-              + (f"  ({ri.reason})" if ri.state in ("failed", "crashed", "damaged") and ri.reason else ""))
+              + (f"  ({ri.reason})" if ri.state in (rundir.State.FAILED, rundir.State.CRASHED,
+                                                    rundir.State.DAMAGED) and ri.reason else ""))
     return 0
 
 
@@ -263,5 +283,5 @@ def cmd_stop(args) -> int:
         if not rundir.process_alive(d):
             ri = rundir.info(d)
             print(f"run {ri.state} at step {ri.step}" + (f": {ri.reason}" if ri.reason else ""))
-            return 0 if ri.state in ("stopped", "finished") else 1
+            return 0 if ri.state in (rundir.State.STOPPED, rundir.State.FINISHED) else 1
         time.sleep(0.3)

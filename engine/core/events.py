@@ -13,14 +13,56 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
+
+
+class FailKind(StrEnum):
+    """Why a run failed (``RunFailed.kind``); the value is what events.jsonl holds."""
+    ERROR = "error"
+    OOM = "oom"
+    NAN = "nan"
+    CONFIG = "config"
+    DATA = "data"
+    DISK = "disk"
+    KILLED = "killed"
+
+
+class Severity(StrEnum):
+    """How much a hint matters (``Hint.severity``)."""
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class Phase(StrEnum):
+    """What a run is doing before/after its steps (``Status.phase``)."""
+    MODEL = "model"
+    TOKENIZER = "tokenizer"
+    DATA = "data"
+    TOKENIZE = "tokenize"
+    BUILD = "build"
+    RESUME = "resume"
+    SAVE = "save"
+
+
+class ExportKind(StrEnum):
+    """What a GGUF export holds (``Exported.kind``)."""
+    MODEL = "model"
+    ADAPTER = "adapter"
 
 
 @dataclass
 class Event:
     type: ClassVar[str] = "event"
     time: float = field(default_factory=time.time, kw_only=True)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):      # "oom" given, FailKind.OOM kept: typed for every reader
+            enum = _ENUMS.get(f.type)
+            if enum is not None and isinstance(getattr(self, f.name), str):
+                setattr(self, f.name, _member(enum, getattr(self, f.name)))
 
     def to_dict(self) -> dict:
         d = {"type": self.type}
@@ -49,7 +91,7 @@ class RunStarted(Event):
 class Status(Event):
     """A phase change before/after training: loading model, tokenizing, saving..."""
     type: ClassVar[str] = "status"
-    phase: str = ""
+    phase: Phase | str = ""
     message: str = ""
     progress: float | None = None
 
@@ -87,12 +129,32 @@ class Checkpoint(Event):
 class Hint(Event):
     type: ClassVar[str] = "hint"
     rule: str = ""
-    severity: str = "warning"     # info | warning | error
+    severity: Severity = Severity.WARNING
     symptom: str = ""
     cause: str = ""
     fix: str = ""
     step: int = 0
     overrides: list = field(default_factory=list)   # the fix as ``section.key=value`` (--set)
+
+
+@dataclass
+class RunWarning(Event):
+    """Something the run goes on despite (bad rows skipped, a setting ignored, a failing event
+    sink): shown by the headless printer (stderr) and the TUI, kept in the log."""
+    type: ClassVar[str] = "warning"
+    message: str = ""
+    source: str = ""              # preflight | build | sink
+    step: int = 0
+
+
+@dataclass
+class Resumed(Event):
+    """Appended when ``train --resume`` continues the run; the log is never rewritten. What was
+    logged past ``from_step`` (steps, evals, checkpoints, hints) is work the resume redoes:
+    readers drop it (``engine.core.summary.RunSummary``)."""
+    type: ClassVar[str] = "resumed"
+    from_step: int = 0
+    checkpoint: str = ""          # the checkpoint it continues from; "" when it starts over
 
 
 @dataclass
@@ -109,7 +171,7 @@ class RunFinished(Event):
 class RunFailed(Event):
     type: ClassVar[str] = "run_failed"
     reason: str = ""              # one line
-    kind: str = "error"           # error | oom | nan | config | data | killed
+    kind: FailKind = FailKind.ERROR
     step: int = 0
     detail: str = ""              # traceback or longer text, for the log only
 
@@ -119,7 +181,7 @@ class Exported(Event):
     """An export after training (``qlora-tui export``): the GGUF file and its verification."""
     type: ClassVar[str] = "export"
     path: str = ""
-    kind: str = "model"           # model | adapter
+    kind: ExportKind = ExportKind.MODEL
     gguf_type: str = ""
     size_bytes: int = 0
     max_abs_diff: float | None = None
@@ -130,9 +192,19 @@ class Exported(Event):
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
-    c.type: c for c in (RunStarted, Status, Step, Eval, Checkpoint, Hint, RunFinished, RunFailed, Exported)
+    c.type: c for c in (RunStarted, Status, Step, Eval, Checkpoint, Hint, RunWarning, Resumed, RunFinished,
+                        RunFailed, Exported)
 }
-TERMINAL = ("run_finished", "run_failed")
+TERMINAL = (RunFinished, RunFailed)       # isinstance(ev, TERMINAL): the run's last event
+# fields read back as their StrEnum (by annotation); a value a newer version wrote stays text
+_ENUMS = {"FailKind": FailKind, "Severity": Severity, "Phase | str": Phase, "ExportKind": ExportKind}
+
+
+def _member(enum: type[StrEnum], v: str) -> str:
+    try:
+        return enum(v)
+    except ValueError:
+        return v
 
 
 def from_dict(d: dict) -> Event:
@@ -147,9 +219,9 @@ def from_dict(d: dict) -> Event:
         if want in ("int", "float", "float | None", "int | None") and v is not None:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError(f"{k}: {v!r} is not a number")
-        elif want in ("str",) and not isinstance(v, str):
+        elif (want == "str" or want in _ENUMS) and not isinstance(v, str):
             raise ValueError(f"{k}: {v!r} is not text")
-    return cls(**{k: v for k, v in d.items() if k in kinds})
+    return cls(**{k: v for k, v in d.items() if k in kinds})     # enum fields: see Event.__post_init__
 
 
 def _clean(v: Any):
@@ -186,7 +258,7 @@ class EventBus:
     """Fan-out of one run's events to subscribers, in order; keeps the history for late joiners.
 
     A subscriber that raises is never silently lost: it is dropped, the failure is said on
-    stderr and to the other subscribers (a ``status`` event, phase ``sink-error``), and every
+    stderr and to the other subscribers (a ``RunWarning``, source ``sink``), and every
     ``on_sink_error(fn, exc)`` callback is called (``engine.training.runner.Run`` stops the run then:
     a run whose log cannot be written must not go on as if it were logged).
     """
@@ -228,11 +300,14 @@ class EventBus:
             self._subs.remove(fn)
         name = getattr(fn, "describe", None) or getattr(fn, "__qualname__", type(fn).__name__)
         msg = f"event sink {name} failed and was dropped: {type(exc).__name__}: {str(exc)[:200]}"
-        try:
-            print(f"warning: {msg}", file=sys.stderr, flush=True)
-        except Exception:
-            pass
-        self.emit(Status(phase="sink-error", message=msg))
+        with self._lock:      # said on stderr once: by a sink that prints warnings there, else here
+            printed = any(getattr(s, "shows_warnings", False) for s in self._subs)
+        if not printed:
+            try:
+                print(f"warning: {msg}", file=sys.stderr, flush=True)
+            except Exception:
+                pass
+        self.emit(RunWarning(source="sink", message=msg))
         for cb in list(self.on_sink_error):
             try:
                 cb(fn, exc)
@@ -283,7 +358,7 @@ class JsonlWriter:
                 self.last_written = ev
                 raise
             self.last_written = ev
-            if ev.type in TERMINAL or ev.type == "checkpoint":
+            if isinstance(ev, (*TERMINAL, Checkpoint, Resumed)):
                 os.fsync(self._fd)
 
     def write_final(self, ev: Event) -> bool:
@@ -321,7 +396,7 @@ class JsonlWriter:
 
     def _simulated_fault(self, ev: Event) -> None:
         step = getattr(ev, "step", None)
-        if self._faults.logfull_step and ev.type == "step" and step == self._faults.logfull_step:
+        if self._faults.logfull_step and isinstance(ev, Step) and step == self._faults.logfull_step:
             from engine.core import faults
             faults.DISK_FULL.set()
 
@@ -351,104 +426,88 @@ class JsonlWriter:
 BAD_LINE = (ValueError, TypeError, AttributeError, KeyError)
 
 
+class EventLog:
+    """A run log read as it grows, never blocking: ``read_new()`` returns the events of the
+    complete lines written since the last call. Any damage is survived: a torn last line (a
+    kill, even inside a multi-byte character) is kept until its end arrives, bytes that are not
+    UTF-8 and lines that are no event are skipped. The log is append-only (a resume appends a
+    ``Resumed`` marker; nothing rewrites it), so an offset is all a reader keeps."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._offset = 0
+        self._partial = b""            # the torn end of the last read: completed by the next one
+
+    @property
+    def pending(self) -> bool:
+        """A line was begun and not finished (the writer is mid-line, or was killed there)."""
+        return bool(self._partial)
+
+    def read_new(self, strict: bool = False) -> list[Event]:
+        """The events completed since the last call ([] for a log that does not exist yet). A log
+        that cannot be read (a directory, no permission) gives [] or, with ``strict``, OSError."""
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self._offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return []
+        except OSError:
+            if strict:
+                raise
+            return []
+        self._offset += len(data)
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        out = []
+        for raw in lines:
+            try:
+                out.append(loads(raw.decode("utf-8", errors="replace")))
+            except BAD_LINE:
+                continue
+        return out
+
+
 def read_events(path: str | Path, strict: bool = False) -> list[Event]:
-    """All complete events of a run log. Any damage is survived: a torn last line (a kill, even
-    inside a multi-byte character), bytes that are not UTF-8 and lines that are no event are
-    skipped. A log that cannot be read at all (a directory, no permission) gives [] or, with
-    ``strict``, raises OSError (``engine.core.rundir.info`` reports the run as damaged)."""
-    out = []
-    try:
-        with open(path, "rb") as fh:
-            for raw in fh:
-                if not raw.endswith(b"\n"):
-                    break
-                try:
-                    out.append(loads(raw.decode("utf-8", errors="replace")))
-                except BAD_LINE:
-                    continue
-    except FileNotFoundError:
-        pass
-    except OSError:
-        if strict:
-            raise
-    return out
+    """All complete events of a run log (``EventLog(path).read_new()`` once). A log that cannot
+    be read at all gives [] or, with ``strict``, raises OSError (``engine.core.rundir.info``
+    reports the run as damaged)."""
+    return EventLog(path).read_new(strict=strict)
 
 
-def follow(path: str | Path, stop: threading.Event | None = None, poll: float = 0.2,
-           until_terminal: bool = True, alive: Callable[[], bool] | None = None) -> Iterator[Event]:
-    """Yield the events of a run log: all history, then new lines as they are written.
+def follow_batches(path: str | Path, stop: threading.Event | None = None, poll: float = 0.2,
+                   until_terminal: bool = True, alive: Callable[[], bool] | None = None) -> Iterator[list[Event]]:
+    """The events of a run log, one batch per poll: all history first, then what each poll finds
+    (an empty batch when nothing came, so a caller can check its own cancellation in between).
 
     Ends at a terminal event that is the last line of the log (``until_terminal``; a resumed
     run's log goes on past its earlier ``run_failed``), when ``stop`` is set, or when
     ``alive()`` turns False and no more lines come (a crashed writer).
-
-    When the file is replaced (another inode: a resume rolls the log back by writing it anew
-    and renaming it over the old one), the new file is opened and read from its start, so a
-    follower never reads the old, deleted file forever. The events of the new file come from
-    the beginning again: a consumer that folds them must start over (the TUI's ``RunState``
-    resets its series at a ``run_started`` with ``resumed_from_step == 0``).
     """
-    path = Path(path)
-
-    def wait_exists() -> bool:
-        while not path.exists():
-            if stop is not None and stop.wait(poll):
-                return False
-            if alive is not None and not alive():
-                return False
-        return True
-
-    def replaced(fh) -> bool:
-        try:
-            now = os.stat(path)
-        except FileNotFoundError:      # between an unlink and a rename: not (yet) a new file
-            return False
-        mine = os.fstat(fh.fileno())
-        return (now.st_ino, now.st_dev) != (mine.st_ino, mine.st_dev)
-
-    if not wait_exists():
-        return
-    fh = open(path, encoding="utf-8", errors="replace")
-    try:
-        buf = ""
-        idle_checks = 0
-        ended = False                  # the last complete line read was a terminal event
-        while True:
-            chunk = fh.readline()
-            if chunk:
-                buf += chunk
-                if not buf.endswith("\n"):
-                    continue
-                line, buf = buf, ""
-                try:
-                    ev = loads(line)
-                except BAD_LINE:
-                    continue
-                idle_checks = 0
-                ended = until_terminal and ev.type in TERMINAL
-                yield ev
-                continue
-            # at the end of the file
-            if replaced(fh):
-                try:
-                    new = open(path, encoding="utf-8", errors="replace")
-                except FileNotFoundError:
-                    new = None
-                if new is not None:
-                    fh.close()
-                    fh, buf, ended, idle_checks = new, "", False, 0
-                    continue
-            if ended and not buf:
+    log, ended, idle = EventLog(path), False, 0
+    while True:
+        batch = log.read_new()
+        yield batch
+        if batch:
+            idle = 0
+            ended = until_terminal and isinstance(batch[-1], TERMINAL)
+            if ended:
+                continue               # read again at once: the end, unless something follows
+        elif ended and not log.pending:
+            return
+        if stop is not None and stop.is_set():
+            return
+        if not batch and alive is not None and not alive():
+            idle += 1
+            if idle > 2:
                 return
-            if stop is not None and stop.is_set():
-                return
-            if alive is not None and not alive():
-                idle_checks += 1
-                if idle_checks > 2:
-                    return
-            if stop is not None:
-                stop.wait(poll)
-            else:
-                time.sleep(poll)
-    finally:
-        fh.close()
+        if stop is not None:
+            stop.wait(poll)
+        else:
+            time.sleep(poll)
+
+
+def follow(path: str | Path, stop: threading.Event | None = None, poll: float = 0.2,
+           until_terminal: bool = True, alive: Callable[[], bool] | None = None) -> Iterator[Event]:
+    """``follow_batches`` one event at a time (the CLI's attach and tests)."""
+    for batch in follow_batches(path, stop, poll, until_terminal, alive):
+        yield from batch

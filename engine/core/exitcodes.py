@@ -17,6 +17,7 @@ KILLED = 130
 
 def for_run(result) -> int:
     """The exit status of a run from its terminal event (None: it never ended: FAILED)."""
-    if result is None or result.type != "run_finished":
+    from engine.core.events import RunFinished
+    if not isinstance(result, RunFinished):
         return FAILED
     return STOPPED if result.stopped else OK

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.core import events
+from engine.core.summary import State, fold
 
 CONFIG = "config.toml"
 EVENTS = "events.jsonl"
@@ -24,7 +25,7 @@ CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 STDOUT = "stdout.log"
 
-STATES = ("live", "finished", "stopped", "failed", "crashed", "new", "damaged")
+STATES = tuple(State)       # live, finished, stopped, failed, crashed, new, damaged
 
 
 # ---- permissions: run directories are private (0700 directories, 0600 files) -------------
@@ -225,7 +226,7 @@ def process_alive(run_dir: str | Path) -> bool:
 class RunInfo:
     path: Path
     name: str
-    state: str
+    state: State
     step: int = 0
     total_steps: int = 0
     final_loss: float | None = None
@@ -245,39 +246,22 @@ def info(run_dir: str | Path) -> RunInfo:
         why = f"{EVENTS} cannot be read ({e.strerror or e}); the run's log is damaged"
     except Exception as e:  # noqa: BLE001 - any damage to the files: say so, list the others
         why = f"its files are damaged ({type(e).__name__}: {str(e)[:120]})"
-    return RunInfo(path=run_dir, name=run_dir.name, state="damaged", reason=why)
+    return RunInfo(path=run_dir, name=run_dir.name, state=State.DAMAGED, reason=why)
 
 
 def _info(run_dir: Path, evs: list) -> RunInfo:
-    ri = RunInfo(path=run_dir, name=run_dir.name, state="new")
-    # a resumed run appends a new run_started after the old terminal event: only the last segment counts
-    terminal = None
-    for ev in evs:
-        if ev.type == "run_started":
-            ri.started = ri.started or ev.time
-            ri.model = ev.model
-            ri.total_steps = ev.total_steps
-            terminal = None
-        elif ev.type == "step":
-            ri.step = ev.step
-            ri.total_steps = ev.total_steps or ri.total_steps
-            if ev.loss is not None:
-                ri.last_loss = ev.loss
-        elif ev.type in events.TERMINAL:
-            terminal = ev
-    alive = terminal is None and process_alive(run_dir)
-    if terminal is not None:
-        if terminal.type == "run_finished":
-            ri.state = "stopped" if terminal.stopped else "finished"
-            ri.final_loss = terminal.final_loss if terminal.final_loss is not None else ri.last_loss
-            ri.step = terminal.step or ri.step
-        else:
-            ri.state = "failed"
-        ri.reason = getattr(terminal, "reason", "")
-    elif alive:
-        ri.state = "live"
-    elif evs or (run_dir / RUN_JSON).exists():     # a process was started and is gone
-        ri.state = "crashed"
+    """``RunInfo`` from the fold of the log (``engine.core.summary``), plus what only the files
+    tell: a run without a final event is live only while its process is."""
+    s = fold(evs, run_dir)
+    ri = RunInfo(path=run_dir, name=run_dir.name, state=s.state, step=s.step, total_steps=s.total_steps,
+                 last_loss=s.last_loss, started=s.started, model=s.model, reason=s.reason)
+    if s.state in (State.FINISHED, State.STOPPED):
+        ri.final_loss = s.final_loss if s.final_loss is not None else s.last_loss
+    if s.ended:
+        return ri
+    ri.state = State.LIVE if process_alive(run_dir) else State.NEW
+    if ri.state == State.NEW and (evs or (run_dir / RUN_JSON).exists()):   # started, and gone
+        ri.state = State.CRASHED
         ri.reason = "process ended without a final event (killed?); resume with qlora-tui train --resume"
     return ri
 
@@ -296,7 +280,7 @@ def list_runs(runs_dir: str | Path) -> list[RunInfo]:
 
 def newest_live(runs_dir: str | Path) -> Path | None:
     for ri in list_runs(runs_dir):
-        if ri.state == "live":
+        if ri.state == State.LIVE:
             return ri.path
     return None
 

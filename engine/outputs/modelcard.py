@@ -39,13 +39,9 @@ def _losses(run_dir: Path | None) -> tuple[list[tuple[int, float]], list[tuple[i
     if run_dir is None or not (run_dir / "events.jsonl").is_file():
         return [], []
     from engine.core import events
-    steps, evals = {}, {}
-    for ev in events.read_events(run_dir / "events.jsonl"):
-        if ev.type == "step" and ev.loss is not None:
-            steps[ev.step] = ev.loss
-        elif ev.type == "eval" and ev.eval_loss is not None:
-            evals[ev.step] = ev.eval_loss
-    return sorted(steps.items()), sorted(evals.items())
+    from engine.core.summary import fold
+    s = fold(events.read_events(run_dir / "events.jsonl"))     # each step once, past a resume too
+    return sorted(dict(s.losses).items()), sorted(dict(s.evals).items())
 
 
 def loss_table(steps: list, evals: list, rows: int = 12) -> list[str]:

@@ -22,7 +22,7 @@ import statistics
 from collections import deque
 from typing import Any
 
-from engine.core.events import Eval, Event, Hint, RunFinished, Step
+from engine.core.events import Checkpoint, Eval, Event, Hint, RunFailed, RunFinished, RunStarted, Step
 from engine.core.units import GIB, is_finite
 
 # --- thresholds -------------------------------------------------------------------------
@@ -428,16 +428,16 @@ class HintEngine:
         if isinstance(ev, Eval):
             self._paused = True
             return self.observe_eval(ev)
-        if getattr(ev, "type", "") == "checkpoint":
+        if isinstance(ev, Checkpoint):
             self._paused = True
-        if getattr(ev, "type", "") == "run_started":
-            self._device = str(getattr(ev, "device", "") or "")
+        if isinstance(ev, RunStarted):
+            self._device = str(ev.device or "")
         if isinstance(ev, RunFinished):
             self._finished = True
             self._training = False
             if not ev.stopped:
                 return self._check_undertrained(ev.step or self.total_steps, force=True)
-        if getattr(ev, "type", "") == "run_failed":
+        if isinstance(ev, RunFailed):
             self._finished = True
             self._training = False
         return []

@@ -189,7 +189,7 @@ class Recipe:
         cb.meta = dict(model=self.cfg.model.name, device=self.rt.device, train_rows=len(train_tok),
                        eval_rows=len(eval_tok) if has_eval else 0, plan=self.plan.lines, config=self.cfg.to_dict())
         for w in rows.warnings:
-            self.emit(events.Status(phase="warning", message=w))
+            self.emit(events.RunWarning(source="build", message=w))
         self.prepared = Prepared(trainer, self.proc if self.proc is not None else self.tok, path, self.rt,
                                  len(train_tok), len(eval_tok) if has_eval else 0, self.plan.lines,
                                  rows.warnings, resized_embeddings=resized, callback=cb)

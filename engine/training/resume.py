@@ -1,8 +1,8 @@
 """Resuming a run: the config it goes on with, requests left to a dead process, and a run whose
 checkpoint already holds every step (its adapter is taken from that checkpoint).
 
-``engine.training.runner.Run(None, run_dir, resume=True)`` uses these; the log rollback to the
-checkpoint stays with the run (``runner.rollback_events``).
+``engine.training.runner.Run(None, run_dir, resume=True)`` uses these; the log is never rolled
+back: the run appends a ``Resumed`` marker (``engine.core.summary`` drops what it redoes).
 """
 from __future__ import annotations
 
@@ -72,8 +72,9 @@ def finish_from_checkpoint(run_dir: Path, cfg: config.Config, ckpt: Path, emit) 
     """The adapter of a run with nothing left to train, from its last checkpoint; the final event."""
     step = rundir.checkpoint_step(ckpt)
     adapter = adapter_from_checkpoint(run_dir, cfg, ckpt, emit)
-    losses = [e.loss for e in events.read_events(run_dir / rundir.EVENTS) if isinstance(e, events.Step)]
-    return events.RunFinished(step=step, adapter_dir=str(adapter), final_loss=losses[-1] if losses else None,
+    from engine.core.summary import fold        # the steps that stand after the resume marker
+    done = fold(events.read_events(run_dir / rundir.EVENTS))
+    return events.RunFinished(step=step, adapter_dir=str(adapter), final_loss=done.last_loss,
                               reason=f"completed (nothing left to train; adapter from {ckpt.name})")
 
 

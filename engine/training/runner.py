@@ -50,24 +50,11 @@ def absolutise(cfg: config.Config) -> config.Config:
     return cfg
 
 
-def rollback_events(run_dir: Path, step: int) -> int:
-    """Drop step/eval/checkpoint events past ``step`` (work a resume will redo). Returns how many."""
-    path = run_dir / rundir.EVENTS
-    evs = events.read_events(path)
-    keep, dropped = [], 0
-    for ev in evs:
-        if ev.type in ("step", "eval", "checkpoint", "hint") and getattr(ev, "step", 0) > step:
-            dropped += 1
-            continue
-        keep.append(ev)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for ev in keep:
-            fh.write(events.dumps(ev) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-    return dropped
+def superseded_events(run_dir: Path, step: int) -> int:
+    """How many logged events a resume from ``step`` redoes (the log keeps them: the ``Resumed``
+    marker the resume appends tells readers to drop them; ``engine.core.summary.redone``)."""
+    from engine.core.summary import redone, standing
+    return sum(redone(ev, step) for ev in standing(events.read_events(run_dir / rundir.EVENTS)))
 
 
 class Run:
@@ -140,8 +127,6 @@ class Run:
                 raise PreflightError(f"{self.run_dir}: the run is still live (pid {rundir.owner_pid(self.run_dir)}); "
                                      "attach to it or stop it first")
             self.cfg = self._resume_config()
-            # pick the checkpoint and roll the log back *before* the log is opened for appending
-            # (rollback replaces events.jsonl; a writer opened earlier would write to the old file)
             self._resume_ckpt, self._resume_note = self._resume_checkpoint()
         elif check:
             try:
@@ -213,14 +198,30 @@ class Run:
             self._writer.write_final(ev)
 
     def _on_event(self, ev: events.Event) -> None:
-        if ev.type in events.TERMINAL:
+        if isinstance(ev, events.TERMINAL):
             self.result = ev
 
     # ---- the thread
+    def _say_how_it_starts(self, emit) -> None:
+        """Preflight warnings (in the log, the printer and the TUI); on resume, the marker (the
+        log is appended to, never rewritten: readers drop what was logged past it) and what the
+        resume changed."""
+        for note in self.notes:
+            emit(events.RunWarning(source="preflight", message=note))
+        if not self.resume:
+            return
+        ckpt = self._resume_ckpt
+        emit(events.Resumed(from_step=rundir.checkpoint_step(ckpt) if ckpt else 0,
+                            checkpoint=str(ckpt) if ckpt else ""))
+        emit(events.Status(phase="resume", message=self._resume_note + (
+            "; config changed: " + ", ".join(f"{k} = {self.cfg.get(k)!r}" for k in self._changed)
+            if self._changed else "")))
+
     def _main(self) -> None:
         from engine.training import run_hints
         run_hints.attach(self.cfg, self.bus, lambda: self.alive and self.result is None)
         try:
+            self._say_how_it_starts(self.bus.emit)
             self._train()
         except BaseException as e:  # noqa: BLE001 - every failure must become an event
             self._emit_final(self._failure(e))
@@ -240,9 +241,6 @@ class Run:
         emit = self.bus.emit
         ckpt = self._resume_ckpt
         if self.resume:
-            emit(events.Status(phase="resume", message=self._resume_note + (
-                "; config changed: " + ", ".join(f"{k} = {self.cfg.get(k)!r}" for k in self._changed)
-                if self._changed else "")))
             if resume.nothing_left(self.cfg, ckpt):
                 self._emit_final(resume.finish_from_checkpoint(self.run_dir, self.cfg, ckpt, emit))
                 return
@@ -289,7 +287,7 @@ class Run:
         self.bus.emit(HintEngine(self.cfg).oom_hint(plan.estimate_bytes if plan else None, observed, self.cfg, step=step))
 
     def _resume_checkpoint(self) -> tuple[Path | None, str]:
-        """The newest complete checkpoint (half-written ones are removed) and the log rolled back to it."""
+        """The newest complete checkpoint (half-written ones are removed) and what resuming from it says."""
         base = self.run_dir / rundir.CHECKPOINTS
         ck = rundir.checkpoints(self.run_dir)
         if base.is_dir():
@@ -297,12 +295,12 @@ class Run:
                 if p.name.startswith("checkpoint-") and p not in ck:
                     shutil.rmtree(p, ignore_errors=True)
         if not ck:
-            dropped = rollback_events(self.run_dir, 0)
-            return None, f"no complete checkpoint: starting over ({dropped} events rolled back)"
+            dropped = superseded_events(self.run_dir, 0)
+            return None, f"no complete checkpoint: starting over ({dropped} logged events are redone)"
         step = rundir.checkpoint_step(ck[-1])
-        dropped = rollback_events(self.run_dir, step)
+        dropped = superseded_events(self.run_dir, step)
         return ck[-1], (f"resuming from {ck[-1].name} (step {step})"
-                        + (f"; {dropped} later events rolled back (that work is redone now)" if dropped else ""))
+                        + (f"; {dropped} later events are redone now" if dropped else ""))
 
 
 def install_signal_handlers(run: Run, headless: bool = True) -> None:

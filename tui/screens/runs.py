@@ -13,6 +13,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Sparkline, Static
 
+from engine.core.summary import RESUMABLE
 from tui.controller import read_run
 from tui.safe import clean, literal, middle, one_line
 from tui.widgets.chart import LossChart
@@ -177,7 +178,7 @@ class RunsScreen(Screen):
 
 def resume_from_list(screen: Screen, ri) -> None:
     """Ask for the recovery dialog of a run picked on a Runs screen, if it has ended."""
-    if ri.state not in ("stopped", "failed", "crashed"):
+    if ri.state not in RESUMABLE:
         why = "still live: attach to it (a)" if ri.state == "live" else f"{ri.state}: nothing to resume"
         screen.notify(f"{ri.name} is {why}.", markup=False)
         return
@@ -260,7 +261,7 @@ class RunDetailScreen(Screen):
         self.query_one("#detail-grad", Sparkline).data = st.grad_norm_values
         self.detail_state = st
         self.query_one("#detail-chart", LossChart).set_data(st.losses, st.evals, st.total_steps)
-        self.query_one("#detail-hints", Static).update(hints_text(st.hints))
+        self.query_one("#detail-hints", Static).update(hints_text(st.hints, st.warnings))
 
     def action_attach(self) -> None:
         if self.info is None or self.info.state != "live":

@@ -85,4 +85,5 @@ class TrainScreen(Screen):
         with self.app.batch_update():
             for part in (StatusLine, StepProgress, Curves, Metrics, HintsPanel):
                 self.query_one(part).show(st)
-            self.set_class(bool(st is not None and st.run_dir is not None and st.hints), "-has-hints")
+            self.set_class(bool(st is not None and st.run_dir is not None and (st.hints or st.warnings)),
+                           "-has-hints")

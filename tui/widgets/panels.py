@@ -68,9 +68,9 @@ def gpu_text(gpus: list, host, reason: str) -> Text:
 SEVERITY = {"error": ("✖", "bold $error"), "warning": ("⚠", "bold $warning"), "info": ("ℹ", "bold $primary")}
 
 
-def hints_text(hints: list) -> Text:
-    """Newest first: symptom, likely cause, fix."""
-    if not hints:
+def hints_text(hints: list, warnings: list = ()) -> Text:
+    """Newest first: symptom, likely cause, fix; then the run's warnings (``RunWarning``)."""
+    if not hints and not warnings:
         return Text("No hints yet. The engine's rules watch loss, grad norm, eval loss, "
                     "tokens/s and GPU use, and explain what they see here.", style="dim")
     out = Text()
@@ -85,4 +85,11 @@ def hints_text(hints: list) -> Text:
         out.append(clean(h.cause))
         out.append("\n   fix:   ", style="dim")
         out.append(clean(h.fix), style="$success")
+    for w in reversed(warnings):
+        if out:
+            out.append("\n")
+        icon, style = SEVERITY["warning"]
+        out.append(f"{icon} ", style=style)
+        out.append(f"step {w.step}: " if w.step else "")
+        out.append(clean(w.message))
     return out

@@ -15,6 +15,7 @@ from textual.containers import Horizontal, Vertical
 from textual.reactive import reactive
 from textual.widgets import ProgressBar, Sparkline, Static
 
+from engine.core.events import RunFailed, RunFinished
 from engine.core.units import fmt_eta
 from tui.runstate import RunState
 from tui.safe import clean, literal, middle, one_line
@@ -67,7 +68,7 @@ class StatusLine(RunPart):
     def view_of(self, st):
         if st is None or st.run_dir is None:
             return None
-        return ("detached" if st.detached else st.phase, st.stop_requested and not st.terminal,
+        return ("detached" if st.detached else st.phase, st.stop_requested and not st.ended,
                 st.run_dir.name, st.model, st.device,
                 st.message if st.phase != "training" else "", self.screen.size.width)
 
@@ -108,7 +109,7 @@ class StepProgress(Horizontal):
     def view_of(st: RunState | None) -> tuple:
         if st is None or st.run_dir is None:
             return 100, 0, ""
-        eta = "" if st.terminal else f"  ETA {fmt_eta(st.eta_seconds)}"
+        eta = "" if st.ended else f"  ETA {fmt_eta(st.eta_seconds)}"
         label = f"step {st.step}/{st.total_steps or '?'}{eta}"
         if st.phase not in ("training", "finished", "stopped", "failed") and st.progress is not None:
             return 1.0, st.progress, label
@@ -174,7 +175,7 @@ class Curves(Vertical):
         for (_, spark_id), values in zip(self.SERIES, series):
             self.query_one(f"#{spark_id}", Sparkline).data = values[-200:]   # reactive: equal data is no redraw
         if not none:
-            chart.empty_text = "waiting for the first loss…" if not st.terminal else "no loss recorded"
+            chart.empty_text = "waiting for the first loss…" if not st.ended else "no loss recorded"
             chart.set_data(st.losses, st.evals, st.total_steps)
 
 
@@ -195,9 +196,9 @@ class Metrics(RunPart):
         tracker = tracker_logs(st.plan)
         if tracker:
             rows.append(("logs", tracker[0]))
-        if st.terminal == "run_finished":
+        if isinstance(st.end, RunFinished):
             end = ("finished", _v(st.final_loss, ".4f"), st.adapter_dir)
-        elif st.terminal == "run_failed":
+        elif isinstance(st.end, RunFailed):
             end = ("failed", st.fail_kind, "")
         else:
             end = None
@@ -241,10 +242,10 @@ class GpuPanel(Static):
 
 
 class HintsPanel(RunPart):
-    """The engine's hints, newest first: symptom, likely cause, fix."""
+    """The engine's hints, newest first: symptom, likely cause, fix; then the run's warnings."""
 
     def view_of(self, st):
-        return tuple(st.hints) if st is not None and st.run_dir is not None else ()
+        return (tuple(st.hints), tuple(st.warnings)) if st is not None and st.run_dir is not None else ((), ())
 
-    def draw(self, hints) -> Text:
-        return hints_text(list(hints))
+    def draw(self, view) -> Text:
+        return hints_text(list(view[0]), list(view[1]))
