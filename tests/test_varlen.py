@@ -12,6 +12,7 @@ import torch
 from engine.core import config
 from engine.planning import estimate as estimate_mod
 from engine.training import attention, runner
+from test_offload import bench_cfg     # the bench's recipe (seq 2048, batch 8, r=32, CUDA)
 
 GIB = 2 ** 30
 
@@ -147,33 +148,23 @@ def test_choice_on_cpu_says_why_not():
     assert attention.attention_work([330] * 6, 2048) == pytest.approx(6 * 330 ** 2 / 2048 ** 2)
 
 
-def _bench_cfg():
-    cfg = config.Config()
-    cfg.model.name = "x"
-    cfg.data.max_length = 2048
-    cfg.train.batch_size, cfg.train.grad_accum = 8, 1
-    cfg.train.optimizer, cfg.train.device = "adamw_torch", "cuda"
-    cfg.lora.r, cfg.lora.alpha = 32, 64
-    return cfg
-
-
 def test_planner_and_estimate_know_varlen(monkeypatch):
     from tests.test_offload import LLAMA8B
     monkeypatch.setattr(estimate_mod, "_liger_available", lambda: True)
     monkeypatch.setattr(estimate_mod, "_flash_attn_available", lambda: False)
     monkeypatch.setattr(estimate_mod, "_varlen_available", lambda: True)
-    p = estimate_mod.plan(_bench_cfg(), LLAMA8B, 24 * GIB)
+    p = estimate_mod.plan(bench_cfg(), LLAMA8B, 24 * GIB)
     assert any(r.startswith("attention varlen for packed rows") for r in p.reasons), p.reasons
-    packed = _bench_cfg()
+    packed = bench_cfg()
     packed.data.packing = True
     kw = dict(batch_size=8, gradient_checkpointing=False, liger=True)
     varlen = estimate_mod.estimate(packed, LLAMA8B, **kw)
-    assert varlen.peak_bytes == estimate_mod.estimate(_bench_cfg(), LLAMA8B, **kw).peak_bytes
+    assert varlen.peak_bytes == estimate_mod.estimate(bench_cfg(), LLAMA8B, **kw).peak_bytes
     packed.model.attn_implementation = "sdpa"          # the mask: seq x seq x 2 B a layer
     sdpa = estimate_mod.estimate(packed, LLAMA8B, **kw)
     assert sdpa.breakdown["activations"] - varlen.breakdown["activations"] == 32 * 8 * 2048 * 2048 * 2
     monkeypatch.setattr(estimate_mod, "_varlen_available", lambda: False)
-    p = estimate_mod.plan(_bench_cfg(), LLAMA8B, 24 * GIB)
+    p = estimate_mod.plan(bench_cfg(), LLAMA8B, 24 * GIB)
     assert not any(r.startswith("attention varlen") for r in p.reasons)
 
 
