@@ -115,15 +115,19 @@ def test_galore_estimate_peak_is_the_larger_of_activations_and_gradients_plus_st
         assert any("outgrow the activations" in n for n in est.notes) == grads_win
 
 
-@pytest.mark.parametrize("shape,seq,batch,measured", [("llama1b", 1024, 2, 5.64), ("llama3b", 1024, 4, 17.15)])
-def test_galore_estimate_within_10_percent_of_the_h200_runs(shape, seq, batch, measured):
-    """bench/galore_calibration.py on the H200 (bench/RESULTS.md): peak reserved, 3 steps, no checkpointing."""
+@pytest.mark.parametrize("method,shape,seq,batch,measured", [
+    ("galore", "llama1b", 1024, 2, 5.64), ("galore", "llama3b", 1024, 4, 17.15),
+    ("lora", "llama1b", 1024, 2, 5.84), ("lora", "llama3b", 1024, 4, 20.66)])
+def test_galore_and_lora_estimates_within_10_percent_of_the_h200_runs(method, shape, seq, batch, measured):
+    """bench/galore_calibration.py on the H200 (bench/RESULTS.md): peak reserved, 3 steps, no
+    checkpointing; GaLore on its defaults, the 16-bit LoRA with adamw_torch."""
     sys.path.insert(0, str(REPO / "bench"))
     import galore_calibration
     mc = dict(galore_calibration.shapes()[shape], model_type="llama")
-    cfg = config_mod.load(None, ['train.device="cuda"', 'train.method="galore"', f"data.max_length={seq}",
+    cfg = config_mod.load(None, ['train.device="cuda"', f'train.method="{method}"', f"data.max_length={seq}",
                                  f"train.batch_size={batch}", "train.gradient_checkpointing=false",
-                                 'quant.compute_dtype="bf16"'])
+                                 'quant.compute_dtype="bf16"']
+                          + (['train.optimizer="adamw_torch"'] if method == "lora" else []))
     est = estimate_mod.estimate(cfg, mc, liger=True)
     assert est.peak_bytes / 2**30 == pytest.approx(measured, rel=0.10)
 

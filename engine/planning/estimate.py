@@ -84,6 +84,11 @@ RECOMPUTE_FRAGMENTATION = 0.6      # x one layer's activations, with gradient ch
 # backward, and PEFT's unfused LoRA path (fused LoRA is off under streaming). Fitted on the two
 # H200 runs of bench/seventy_b.py (70B shape, micro-batch 2 and 8: 5.01 and 6.36 GiB above the
 # terms above): 11 four-bit layers + 7.2 x hidden x dtype bytes per token.
+# A 16-bit base (train.method = "lora"): PEFT's LoRA path with fp32 adapters keeps more per
+# layer than the fused 4-bit path (the inputs cast for the adapters). Fitted on two H200 runs
+# (bench/galore_calibration.py's lora rows, 1B and 3B, seq 1024, no checkpointing: 10% and 17% low
+# without it): x hidden, in units of d/2 bytes a token a layer.
+LORA16_HIDDEN = 10.5
 STREAM_BUFFER_LAYERS = 11
 STREAM_TOKEN_HIDDEN = 7.2
 BACKWARD_WS_LIGER = 0.6  # x h bytes per token
@@ -364,6 +369,8 @@ def _layer_activations(cfg: Config, s: Shape, st: _Setting) -> int:
     if cfg.lora.use_dora:
         dims = s.module_dims()
         act += 2 * sum(dims[m][1] for m in targets)    # DoRA keeps the base output per module
+    if not st.four and not st.galore:
+        act += int(LORA16_HIDDEN * h)
     return act * st.d // 2
 
 
