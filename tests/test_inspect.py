@@ -416,7 +416,16 @@ def run_cli(*args):
                           text=True, cwd=REPO, timeout=300)
 
 
-def test_cli_json_strict_and_show(tmp_path):
+def test_cli_json_strict_and_show(tmp_path, capsys):
+    """The CLI's modes, in process (`engine.cli.main`: the same parser, sanitiser and exit codes
+    as `python -m engine`, without a Python start per call; test_cli covers the real process)."""
+    from types import SimpleNamespace
+    from engine import cli
+
+    def run_cli(*args):
+        rc = cli.main(["inspect", *args])
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
     rows = [conv("what is up?", "the sky"), '{"broken', conv("mail me: bob@corp.io", "ok")]
     path = write_lines(tmp_path / "c.jsonl", rows)
     r = run_cli(str(path), "--json", "--model", "builtin:tiny", "--max-length", "128")
