@@ -25,16 +25,21 @@ def test_parse_progress(anyio_backend):
     assert parse_progress('{"path": "x"}') is None and parse_progress("[x%] no") is None
 
 
+async def open_export_dialog(pilot, app) -> None:
+    """Runs screen (F5), then `e` on the selected run: the Export dialog."""
+    await pilot.press("f5")
+    await until(pilot, lambda: getattr(app.screen, "runs", None), what="the runs list")
+    await pilot.press("e")
+    await until(pilot, lambda: isinstance(app.screen, ExportScreen), what="the export dialog")
+
+
 async def test_export_from_runs_screen_with_keys(tmp_path):
     from engine.training.builtin import tiny_model_dir
     from outputs_fixtures import make_run_dir
     run = make_run_dir(tmp_path / "runs" / "20260101-000000-tiny", tiny_model_dir(), r=4)
     app = make_app(demo_cfg(tmp_path))
     async with app.run_test(size=(100, 30)) as pilot:
-        await pilot.press("f5")
-        await until(pilot, lambda: getattr(app.screen, "runs", None), what="the runs list")
-        await pilot.press("e")
-        await until(pilot, lambda: isinstance(app.screen, ExportScreen), what="the export dialog")
+        await open_export_dialog(pilot, app)
         screen = app.screen
         select = screen.query_one("#export-type", Select)
         assert select.value == "f16"
@@ -79,10 +84,7 @@ async def test_export_refusal_shows_one_line(tmp_path):
     run = make_run_dir(tmp_path / "runs" / "20260101-000000-words", base, r=4)
     app = make_app(demo_cfg(tmp_path))
     async with app.run_test(size=(100, 30)) as pilot:
-        await pilot.press("f5")
-        await until(pilot, lambda: getattr(app.screen, "runs", None), what="the runs list")
-        await pilot.press("e")
-        await until(pilot, lambda: isinstance(app.screen, ExportScreen), what="the export dialog")
+        await open_export_dialog(pilot, app)
         screen = app.screen
         await pilot.press("ctrl+e")
         await until(pilot, lambda: not screen.running and (screen.report or screen.error), timeout=240,

@@ -268,15 +268,22 @@ def _prepare_target(path: Path, force: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
 
 
-def export_model(src, gguf_type: str = "f16", out=None, base: str | None = None, name: str | None = None,
-                 force: bool = False, on_progress: Callable[[float, str], None] | None = None) -> ExportReport:
-    """Merge (or reuse the merge), write the GGUF, verify it, write the Modelfile and card."""
+def _begin(src, gguf_type: str, out, name, force: bool, on_progress, adapter: bool):
+    """What both exports start with: the checked type, the source, the target file (refused when
+    it exists without ``force``). Returns (start time, progress callback, type, source, path)."""
     t0 = time.time()
     progress = on_progress or (lambda f, m: None)
     gguf_type = _checked(gguf_type)
     s = _source(src, name)
-    path = _export_dir(out, s.run_dir, s.adapter_dir, s.name, gguf_type, adapter=False)
+    path = _export_dir(out, s.run_dir, s.adapter_dir, s.name, gguf_type, adapter=adapter)
     _prepare_target(path, force)
+    return t0, progress, gguf_type, s, path
+
+
+def export_model(src, gguf_type: str = "f16", out=None, base: str | None = None, name: str | None = None,
+                 force: bool = False, on_progress: Callable[[float, str], None] | None = None) -> ExportReport:
+    """Merge (or reuse the merge), write the GGUF, verify it, write the Modelfile and card."""
+    t0, progress, gguf_type, s, path = _begin(src, gguf_type, out, name, force, on_progress, adapter=False)
     progress(0.0, f"exporting {s.adapter_dir} as GGUF {gguf_type}")
     _preflight(s, base)
     merged = _merged_dir(path, s.adapter_dir, src, base, progress)
@@ -316,12 +323,7 @@ def export_model(src, gguf_type: str = "f16", out=None, base: str | None = None,
 def export_adapter(src, gguf_type: str = "f16", out=None, base: str | None = None, name: str | None = None,
                    force: bool = False, on_progress: Callable[[float, str], None] | None = None) -> ExportReport:
     """The LoRA adapter alone as a llama.cpp adapter GGUF (general.type = adapter)."""
-    t0 = time.time()
-    progress = on_progress or (lambda f, m: None)
-    gguf_type = _checked(gguf_type)
-    s = _source(src, name)
-    path = _export_dir(out, s.run_dir, s.adapter_dir, s.name, gguf_type, adapter=True)
-    _prepare_target(path, force)
+    t0, progress, gguf_type, s, path = _begin(src, gguf_type, out, name, force, on_progress, adapter=True)
     base_name = _base_name(s, base)
     cfg = _base_config(base_name)
     arch, permute = _guard(gguf_write.architecture_of, cfg, f"base model {base_name}")

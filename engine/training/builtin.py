@@ -80,21 +80,28 @@ def corpus():
     yield "user assistant system"
 
 
-def _build_tiny(out: Path) -> None:
-    import torch
+def train_tokenizer(texts, specials: list[str], template: str, max_length: int):
+    """Our small byte-level BPE tokenizer (1,024 tokens) trained on ``texts``, ChatML specials."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
+    from transformers import PreTrainedTokenizerFast
     tk = Tokenizer(models.BPE(unk_token="<|unk|>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=SPECIALS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(corpus(), trainer)
+    tk.train_from_iterator(texts, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|pad|>", bos_token="<|begin_of_text|>",
                                   eos_token="<|im_end|>", unk_token="<|unk|>")
-    tok.chat_template = CHATML_TEMPLATE
-    tok.model_max_length = TINY_SHAPE["max_position_embeddings"]
+    tok.chat_template = template
+    tok.model_max_length = max_length
+    return tok
+
+
+def _build_tiny(out: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = train_tokenizer(corpus(), SPECIALS, CHATML_TEMPLATE, TINY_SHAPE["max_position_embeddings"])
     tok.save_pretrained(out)
     cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id, **TINY_SHAPE)

@@ -578,20 +578,10 @@ def build_vl_dir(out: Path, text: dict, vision: dict, pixels: dict, vocab_size: 
     byte-level BPE tokenizer with Qwen2-VL's vision tokens, the PIL/numpy image processor):
     builtin:tiny-vl, and the 7B-shaped model of bench/vlm_vs_plain.py."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers import Qwen2VLProcessor
-    from engine.training.builtin import SPECIALS
-    tk = Tokenizer(models.BPE(unk_token="<|unk|>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=SPECIALS + VL_SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(_vl_corpus(), trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|pad|>", bos_token="<|begin_of_text|>",
-                                  eos_token="<|im_end|>", unk_token="<|unk|>")
-    tok.chat_template = VL_TEMPLATE
-    tok.model_max_length = text["max_position_embeddings"]
+    from engine.training.builtin import SPECIALS, train_tokenizer
+    tok = train_tokenizer(_vl_corpus(), SPECIALS + VL_SPECIALS, VL_TEMPLATE, text["max_position_embeddings"])
     ids = {t: tok.convert_tokens_to_ids(t) for t in VL_SPECIALS}
     proc = image_only(Qwen2VLProcessor)(image_processor=image_processor_class()(**pixels),
                                         tokenizer=tok, chat_template=VL_TEMPLATE)
