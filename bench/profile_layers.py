@@ -1,7 +1,10 @@
 """Where a QLoRA training step's time goes, per decoder layer, and whether regional
 torch.compile of the decoder layer (bitsandbytes NF4 + PEFT LoRA) helps.
 
-    python bench/profile_layers.py [LAYERS] [BATCH] [SEQ]      (default 4 8 2048)
+    python bench/profile_layers.py [LAYERS] [BATCH] [SEQ] [MODE...]   (default 4 8 2048 peft compile)
+
+MODE: peft (PEFT's own LoRA forward), fused (engine/training/fused_lora.py), fp8 (the fused
+linear with FP8 base GEMMs, engine/training/fp8.py), compile (peft with each layer compiled).
 
 A Llama-3.1-8B-shaped model cut to LAYERS decoder layers (random weights), NF4 + double quant,
 bf16, LoRA r=32 alpha=64 on every projection (PEFT), Liger's RMSNorm/SwiGLU/RoPE when installed,
@@ -79,7 +82,8 @@ def timed(step, n=5, warm=2):
     return sorted(ts)[len(ts) // 2], ts
 
 
-GROUPS = [("nf4 dequant (bitsandbytes)", ("dequant", "kDequantize")),
+GROUPS = [("fp8 row quantisation (engine)", ("rowwise_e4m3",)),
+          ("nf4 dequant (bitsandbytes)", ("dequant", "kDequantize")),
           ("attention (sdpa)", ("flash", "fmha", "attention", "efficient")),
           ("GEMM", ("gemm", "sm90", "cutlass", "cublas", "nvjet", "xmma")),
           ("Liger / triton", ("triton", "liger", "_rms", "swiglu", "rope")),
@@ -106,24 +110,50 @@ def profile(step):
     return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}, top
 
 
+def set_mode(m, mode):
+    """PEFT's own forward, or the engine's fused linear (bf16 or FP8 base GEMMs)."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+    from engine.training import fused_lora
+    fused_lora.patch(m)
+    for mod in m.modules():
+        if hasattr(mod, "_peft_forward"):
+            if mode == "peft":
+                mod.__dict__.pop("forward", None)
+            else:
+                mod.forward = __import__("types").MethodType(fused_lora._forward, mod)
+                mod._fp8 = mode == "fp8"
+
+
+def measure(m, mode, layers, b, s, liger):
+    # forward + input-gradient GEMMs: the base is frozen, so no weight-gradient GEMM (LoRA ignored)
+    flops = 2 * 2 * b * s * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336) * layers
+    set_mode(m, mode)
+    for ckpt in (False, True):
+        med, ts = timed(step_fn(m, b, s, ckpt))
+        print("PROFILE " + json.dumps(dict(what=mode, ckpt=ckpt, layers=layers, batch=b, seq=s, liger=liger,
+                                           ms_per_layer=round(med / layers * 1000, 2),
+                                           tflops=round(flops * (3 / 2 if ckpt else 1) / med / 1e12),
+                                           times=[round(t, 4) for t in ts])), flush=True)
+    groups, top = profile(step_fn(m, b, s, False))
+    print("PROFILE " + json.dumps(dict(what=f"{mode}: kernel groups, ms per step", layers=layers, groups=groups)),
+          flush=True)
+    for t, k in top:
+        print(f"TOP {mode} {t:9.1f} ms  {k}", flush=True)
+
+
 def main():
     layers = int(sys.argv[1]) if len(sys.argv) > 1 else 4
     b = int(sys.argv[2]) if len(sys.argv) > 2 else 8
     s = int(sys.argv[3]) if len(sys.argv) > 3 else 2048
+    modes = sys.argv[4:] or ["peft", "compile"]
     m, liger = build(layers)
     m.train()
-    # forward + input-gradient GEMMs: the base is frozen, so no weight-gradient GEMM (LoRA ignored)
-    flops = 2 * 2 * b * s * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336) * layers
-    for ckpt in (False, True):
-        med, ts = timed(step_fn(m, b, s, ckpt))
-        print("PROFILE " + json.dumps(dict(what="eager", ckpt=ckpt, layers=layers, batch=b, seq=s, liger=liger,
-                                           ms_per_layer=round(med / layers * 1000, 2),
-                                           tflops=round(flops * (4 / 3 if ckpt else 1) / med / 1e12),
-                                           times=[round(t, 4) for t in ts])), flush=True)
-    groups, top = profile(step_fn(m, b, s, False))
-    print("PROFILE " + json.dumps(dict(what="kernel groups, ms per step", layers=layers, groups=groups)), flush=True)
-    for t, k in top:
-        print(f"TOP {t:9.1f} ms  {k}", flush=True)
+    for mode in modes:
+        if mode != "compile":
+            measure(m, mode, layers, b, s, liger)
+    if "compile" not in modes:
+        return
+    set_mode(m, "peft")
     inner = m.base_model.model.model
     try:
         t0 = time.perf_counter()

@@ -14,6 +14,7 @@ Variants (each in its own process, for a clean peak-memory figure):
   engine_chat             variable-length rows (the baseline's chat lengths), auto (packing)
   engine_chat_NNg         chat rows within an NN GiB budget
   engine_nofused_NNg      an NN GiB budget with train.fused_lora = false (A/B of the fused LoRA linear)
+  engine_nofp8[_NNg]      train.fp8_base = false (A/B of the FP8 base GEMMs, engine/training/fp8.py)
   engine_chat_sdpa[_NNg]  chat rows with model.attn_implementation = sdpa: packed rows kept apart by a
                           block-diagonal mask (the engine before varlen attention; auto now picks
                           varlen for packed rows on the GPU: A/B of engine/training/attention.py)
@@ -130,6 +131,8 @@ def engine_variant(variant, shape, seq, batch, out_dir, extra=None):
         cfg["model"]["attn_implementation"] = "sdpa"
     if "nofused" in variant:          # A/B: PEFT's own LoRA forward instead of engine/training/fused_lora.py
         cfg["train"]["fused_lora"] = False
+    if "nofp8" in variant:            # A/B: the fused linear's base GEMMs in bf16
+        cfg["train"]["fp8_base"] = False
     p = Path(out_dir) / f"{variant}.toml"
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(tomli_w.dumps(cfg))

@@ -132,6 +132,10 @@ class TrainConfig:
     fused_lora: Any = _f(AUTO, "One fused autograd function per 4-bit LoRA projection (the LoRA "
                          "product accumulated by the base GEMM); auto = on for GPU runs where it "
                          "applies (4-bit base, no dropout, no DoRA).", choices=[True, False, AUTO])
+    fp8_base: Any = _f(AUTO, "The frozen 4-bit base's GEMMs in FP8 (e4m3, per-row scales) inside the "
+                       "fused LoRA linear; LoRA, attention and the head stay bf16; auto = on for "
+                       "GPUs that run FP8 GEMMs (compute capability 8.9+: Ada, Hopper).",
+                       choices=[True, False, AUTO])
     liger_kernel: Any = _f(AUTO, "Liger fused kernels (GPU, liger-kernel installed); auto = on "
                            "where available.", choices=[True, False, AUTO])
     seed: int = _f(42, "Random seed (data order, LoRA init).", lo=0, hi=2**32 - 1)

@@ -900,14 +900,10 @@ def _streaming_options(cfg, model_config, gpu_mem_bytes, lg, eff, budget, tried)
     return out
 
 
-STREAMING_FUSED_LOSS = 1 / 1.083     # fused LoRA is off under streaming: its measured gain (+8.3%) is lost
-
-
 def _streaming_speed(e: Estimate, model_config: dict) -> float:
     """The streaming floor factor (transfers that compute cannot hide); 1 without streaming."""
     v = 1.0
     if e.streaming:
-        v *= STREAMING_FUSED_LOSS
         from engine.planning import streaming_plan
         v *= streaming_plan.stream_cost(shape_of(model_config), e.base_quantized_bytes, e.batch_size * e.seq_len,
                             e.seq_len).factor

@@ -30,18 +30,20 @@ def _function():
     if _Fn.fn is not None:
         return _Fn.fn
     import torch
+    from engine.training.fp8 import matmul_nn as fp8_matmul_nn, matmul_nt as fp8_matmul_nt
 
     class FusedLoRA4bit(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, a, b, base, scaling):
+        def forward(ctx, x, a, b, base, scaling, fp8):
             shape = x.shape
             x2 = x.reshape(-1, shape[-1])
             w = _dequantize(base).to(x2.dtype)
             xa = x2 @ a.to(x2.dtype).t()
-            out = x2 @ w.t()
+            out = fp8_matmul_nt(x2, w) if fp8 else x2 @ w.t()
+            del w
             out.addmm_(xa, b.to(x2.dtype).t(), alpha=scaling)
             ctx.save_for_backward(x2, xa, a, b)
-            ctx.base, ctx.scaling, ctx.shape = base, scaling, shape
+            ctx.base, ctx.scaling, ctx.shape, ctx.fp8 = base, scaling, shape, fp8
             return out.view(*shape[:-1], out.shape[-1])
 
         @staticmethod
@@ -52,13 +54,17 @@ def _function():
             dyb = dy2 @ b.to(x2.dtype)                          # tokens x r
             dx = None
             if ctx.needs_input_grad[0]:
+                require = getattr(ctx.base, "_stream_require", None)
+                if require is not None:        # a streamed layer (engine.training.streaming)
+                    require()
                 w = _dequantize(ctx.base).to(x2.dtype)
-                dx = dy2 @ w
+                dx = fp8_matmul_nn(dy2, w) if ctx.fp8 else dy2 @ w
+                del w
                 dx.addmm_(dyb, a.to(x2.dtype), alpha=s)
                 dx = dx.view(ctx.shape)
             da = (dyb.t() @ x2).mul_(s).to(a.dtype) if ctx.needs_input_grad[1] else None
             db = (dy2.t() @ xa).mul_(s).to(b.dtype) if ctx.needs_input_grad[2] else None
-            return dx, da, db, None, None
+            return dx, da, db, None, None, None
 
     _Fn.fn = FusedLoRA4bit
     return FusedLoRA4bit
@@ -82,8 +88,11 @@ def _forward(self, x, *args, **kwargs):
     name = None if args or kwargs else _eligible_now(self)
     if name is None:
         return self._peft_forward(x, *args, **kwargs)
-    return _function().apply(x, self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer,
-                             float(self.scaling[name]))
+    base = self.base_layer
+    for hook in base._forward_pre_hooks.values():     # what calling the base layer would run first
+        hook(base, (x,))                               # (weight streaming makes the layer resident)
+    return _function().apply(x, self.lora_A[name].weight, self.lora_B[name].weight, base,
+                             float(self.scaling[name]), self._fp8)
 
 
 def eligible_reason(cfg) -> str | None:
@@ -96,13 +105,12 @@ def eligible_reason(cfg) -> str | None:
         return "DoRA: PEFT's own path"
     if cfg.lora.lora_fa:
         return "LoRA-FA: PEFT's own path"
-    if cfg.train.weight_streaming is True:
-        return "weight streaming moves the 4-bit weights it reads: PEFT's own path"
     return None
 
 
-def patch(model) -> int:
-    """Route every PEFT 4-bit LoRA linear of ``model`` through the fused function; returns how many."""
+def patch(model, fp8: bool = False) -> int:
+    """Route every PEFT 4-bit LoRA linear of ``model`` through the fused function; returns how many.
+    ``fp8``: the frozen base's GEMMs in FP8 (engine.training.fp8) where the dimensions allow."""
     try:
         from peft.tuners.lora.bnb import Linear4bit
     except ImportError:
@@ -110,13 +118,15 @@ def patch(model) -> int:
     n = 0
     for m in model.modules():
         if isinstance(m, Linear4bit) and not hasattr(m, "_peft_forward"):
+            from engine.training.fp8 import fits
+            m._fp8 = bool(fp8) and fits(m.in_features, m.out_features)
             m._peft_forward = m.forward
             m.forward = types.MethodType(_forward, m)
             n += 1
     return n
 
 
-def FusedLoRACallback():
+def FusedLoRACallback(fp8: bool = False):
     """Patches the Trainer's model when training starts (after TRL has wrapped it with PEFT)."""
     from transformers import TrainerCallback
 
@@ -125,5 +135,5 @@ def FusedLoRACallback():
 
         def on_train_begin(self, args, state, control, model=None, **kw):
             if model is not None:
-                self.patched = patch(model)
+                self.patched = patch(model, fp8)
     return _Cb()

@@ -36,7 +36,7 @@ class RunPlan:
                 "batch_size": tr.batch_size, "grad_accum": tr.grad_accum, "optimizer": tr.optimizer,
                 "gradient_checkpointing": tr.gradient_checkpointing, "checkpoint_layers": tr.checkpoint_layers,
                 "activation_offload": tr.activation_offload, "weight_streaming": tr.weight_streaming,
-                "fused_lora": tr.fused_lora, "liger_kernel": tr.liger_kernel, "packing": self.cfg.data.packing,
+                "fused_lora": tr.fused_lora, "fp8_base": tr.fp8_base, "liger_kernel": tr.liger_kernel, "packing": self.cfg.data.packing,
                 "attention": attn_implementation(self.cfg, self.runtime.device)}
 
 

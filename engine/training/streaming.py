@@ -130,6 +130,7 @@ class WeightStreamer:
                     self.handles.append(m.register_forward_pre_hook(self._hook(i)))
                     self.forwards.append((m, m.__dict__.get("forward")))
                     m.forward = functools.partial(streamed_forward, m, self, i)
+                    m._stream_require = functools.partial(self.require, i)   # fused LoRA's backward
 
     # -- setup
     def _make_slot(self, layer) -> _Slot:
@@ -172,6 +173,7 @@ class WeightStreamer:
                 del m.forward
             else:
                 m.forward = own
+            m.__dict__.pop("_stream_require", None)
         self.forwards.clear()
         for i in list(self.resident):
             self._evict(i)

@@ -74,6 +74,7 @@ def resolve_auto(cfg, rt, emit, longest: int | None = None) -> tuple[object, lis
         reasons.append("activation offload off (" + ("CPU: no GPU memory to save" if rt.device != "cuda"
                                                      else "not needed") + ")")
     _resolve_fused_lora(cfg, rt, reasons)
+    _resolve_fp8(cfg, rt, reasons)
     if tr.liger_kernel == "auto":
         import importlib.util
         tr.liger_kernel = rt.device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
@@ -111,6 +112,26 @@ def _resolve_fused_lora(cfg, rt, reasons: list[str]) -> None:
                                                     else f"off ({why_not})"))
     elif tr.fused_lora and why_not:
         reasons.append(f"fused NF4+LoRA linears: {why_not} on every call (train.fused_lora = true)")
+
+
+def _resolve_fp8(cfg, rt, reasons: list[str]) -> None:
+    """``train.fp8_base``: the fused linear's base GEMMs in FP8 (engine.training.fp8); auto = on
+    where the GPU runs FP8 GEMMs. Needs the fused linear (it is the code that runs them)."""
+    from engine.training.fp8 import unsupported_reason
+    tr = cfg.train
+    why_not = None if tr.fused_lora is True else "needs the fused NF4+LoRA linear (train.fused_lora)"
+    if why_not is None:
+        why_not = unsupported_reason(rt.device)
+    if tr.fp8_base == "auto":
+        if why_not is None and rt.device != "cuda":
+            why_not = "CPU: no FP8 speed to gain"
+        tr.fp8_base = why_not is None
+        reasons.append("FP8 base GEMMs " + ("on (e4m3, per-row scales; LoRA stays bf16)" if tr.fp8_base
+                                            else f"off ({why_not})"))
+    elif tr.fp8_base is True:
+        tr.fp8_base = why_not is None
+        reasons.append("FP8 base GEMMs on (train.fp8_base = true)" if why_not is None else
+                       f"FP8 base GEMMs off although train.fp8_base = true: {why_not}")
 
 
 PACKING_MIN_WASTE = 0.15   # pack when padding would waste at least this share of the compute
@@ -167,11 +188,9 @@ def install_speed_tools(trainer, cfg, plan: list[str]) -> None:
     """The fused NF4+LoRA linear (engine.training.fused_lora) and selective / offloaded checkpointing
     (engine.training.offload) over the Trainer's own checkpointing; both applied when training starts."""
     tr = cfg.train
-    # not with weight streaming: its hooks move the 4-bit weights the fused function reads (untested together)
-    if tr.fused_lora is True and tr.weight_streaming is not True and not (
-            cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp"):
+    if tr.fused_lora is True and not (cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp"):
         from engine.training.fused_lora import FusedLoRACallback
-        trainer.add_callback(FusedLoRACallback())
+        trainer.add_callback(FusedLoRACallback(fp8=tr.fp8_base is True))
     if not tr.gradient_checkpointing or (tr.checkpoint_layers < 0 and tr.activation_offload is not True):
         return
     from engine.training import offload
