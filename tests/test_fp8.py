@@ -86,7 +86,8 @@ def _losses(cfg):
 def test_fp8_training_and_streamed_fused_training_match_bf16(tiny_cfg, tmp_path):
     """builtin:tiny, 4 steps: fused bf16 (reference), fused FP8 (same losses within FP8 rounding),
     and fused bf16 with the 4-bit layers streamed (the fused linear runs the streamer's hooks and
-    asks for the layer in its backward: the same losses as unstreamed)."""
+    asks for the layer in its backward: the same losses as unstreamed), also with the checkpointed
+    layers' inputs offloaded."""
     base = configured(tiny_cfg, {"train.max_steps": 4, "train.save_steps": 0, "train.eval_steps": 0,
                                  "train.logging_steps": 1, "train.gradient_checkpointing": True,
                                  "train.fused_lora": True, "lora.dropout": 0.0})
@@ -100,6 +101,11 @@ def test_fp8_training_and_streamed_fused_training_match_bf16(tiny_cfg, tmp_path)
                                                "train.gpu_memory_gib": 0.0001}))
     assert any(p.startswith("weight streaming:") for p in plan), plan
     assert streamed == pytest.approx(ref, rel=1e-5)
+    # streaming with the layers' inputs offloaded (what the planner picks for a 70B at 24 GiB)
+    both, plan = _losses(configured(base, {"output.dir": str(tmp_path / "both"), "train.fp8_base": False,
+                                           "train.gpu_memory_gib": 0.0001, "train.activation_offload": True}))
+    assert any(p.startswith("weight streaming:") for p in plan) and any("inputs offloaded" in p for p in plan), plan
+    assert both == pytest.approx(ref, rel=1e-5)
 
 
 def test_fp8_needs_the_fused_linear_and_says_so():

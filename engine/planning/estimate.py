@@ -80,17 +80,19 @@ CUDA_CONTEXT = int(0.5 * GIB)
 ALLOCATOR_OVERHEAD = 0.02          # reserved over allocated, steady part
 RECOMPUTE_FRAGMENTATION = 0.6      # x one layer's activations, with gradient checkpointing
 # Weight streaming, over the window of resident layers: the side stream's cached copies (freed
-# blocks wait for the compute stream before reuse), the dequantized 16-bit weights of the
-# backward, and PEFT's unfused LoRA path (fused LoRA is off under streaming). Fitted on the two
-# H200 runs of bench/seventy_b.py (70B shape, micro-batch 2 and 8: 5.01 and 6.36 GiB above the
-# terms above): 11 four-bit layers + 7.2 x hidden x dtype bytes per token.
+# blocks wait for the compute stream before reuse) and the dequantized 16-bit weights (with FP8
+# base GEMMs their e4m3 copies too) of the fused LoRA linear. Fitted on the two H200 runs of
+# bench/seventy_b.py with the fused linear and FP8 GEMMs (70B shape, micro-batch 1 and 4: 6.07 and
+# 6.21 GiB above the terms above): 14.6 four-bit layers + 1.55 x hidden x dtype bytes per token.
+# (The earlier fit, 11 layers + 7.2 x hidden, was for PEFT's unfused path: fused LoRA was off
+# under streaming then.)
 # A 16-bit base (train.method = "lora"): PEFT's LoRA path with fp32 adapters keeps more per
 # layer than the fused 4-bit path (the inputs cast for the adapters). Fitted on two H200 runs
 # (bench/galore_calibration.py's lora rows, 1B and 3B, seq 1024, no checkpointing: 10% and 17% low
 # without it): x hidden, in units of d/2 bytes a token a layer.
 LORA16_HIDDEN = 10.5
-STREAM_BUFFER_LAYERS = 11
-STREAM_TOKEN_HIDDEN = 7.2
+STREAM_BUFFER_LAYERS = 14.6
+STREAM_TOKEN_HIDDEN = 1.55
 BACKWARD_WS_LIGER = 0.6  # x h bytes per token
 BACKWARD_WS_HF = 2.6
 HEADROOM = 0.10          # the planner keeps 10% of the GPU free
@@ -808,8 +810,9 @@ def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
     ws = _tri(t.weight_streaming)
     tried, fitting = ([], []) if ws is True else _candidates(cfg, model_config, lg, gpu_mem_bytes, budget, offload_ok)
     if _consider_streaming(cfg, model_config, ws, gc_set, bool(fitting), budget):
-        fitting += _streaming_options(cfg, model_config, gpu_mem_bytes, lg, eff, budget, tried)
-    chosen = max(fitting, key=lambda e: _speed(e) * _streaming_speed(e, model_config), default=None)
+        fitting += _streaming_options(cfg, model_config, gpu_mem_bytes, lg, eff, budget, tried, offload_ok)
+    fp8 = _fp8_expected(cfg)
+    chosen = max(fitting, key=lambda e: _speed(e) * _streaming_speed(e, model_config, fp8), default=None)
     if chosen is None:
         # nothing fits: report the smallest-memory option the explicit settings allow
         chosen = min(tried, key=lambda e: e.peak_bytes)
@@ -825,7 +828,7 @@ def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
         reasons.append(f"predicted {_gib(chosen.device_bytes)} of {_gib(gpu_mem_bytes)}")
     expected = None
     if chosen.streaming and chosen in fitting:
-        why, expected = _streaming_reason(chosen, model_config, gpu_mem_bytes)
+        why, expected = _streaming_reason(chosen, model_config, gpu_mem_bytes, fp8)
         reasons.append(why)
     b = chosen.batch_size
     return Plan(batch_size=b, grad_accum=eff // b, gradient_checkpointing=chosen.gradient_checkpointing,
@@ -888,38 +891,52 @@ def _choose_packing(cfg: Config, pk_set, reasons: list[str]) -> bool:
     return pk
 
 
-def _streaming_options(cfg, model_config, gpu_mem_bytes, lg, eff, budget, tried) -> list[Estimate]:
-    """Weight streaming (always with gradient checkpointing): the micro-batches that fit."""
+def _streaming_options(cfg, model_config, gpu_mem_bytes, lg, eff, budget, tried, offload_ok) -> list[Estimate]:
+    """Weight streaming (always with gradient checkpointing of every layer): the micro-batches that
+    fit, with the layers' saved inputs on the GPU or offloaded to host memory (the offload's
+    GPU-to-host copies go the other way on the link; its copies back add ~4% to the streamed bytes)."""
+    off_set = _tri(cfg.train.activation_offload)
+    offs = [off_set] if off_set is not None else ([False, True] if offload_ok else [False])
     out = []
     for b in _divisors_desc(eff):
-        est = estimate(cfg, model_config, batch_size=b, gradient_checkpointing=True, liger=lg,
-                       gpu_mem_bytes=gpu_mem_bytes, streaming=True)
-        tried.append(est)
-        if est.device_bytes <= budget:
-            out.append(est)
+        for off in offs:
+            est = estimate(cfg, model_config, batch_size=b, gradient_checkpointing=True, liger=lg,
+                           gpu_mem_bytes=gpu_mem_bytes, streaming=True, offload=off)
+            tried.append(est)
+            if est.device_bytes <= budget:
+                out.append(est)
     return out
 
 
-def _streaming_speed(e: Estimate, model_config: dict) -> float:
+def _fp8_expected(cfg: Config) -> bool:
+    """Whether the run will take FP8 base GEMMs (train.fp8_base auto: on GPUs that have them, which
+    the planner cannot see from config.json; it plans for the GPU it was measured on, an H200)."""
+    return cfg.train.fp8_base is not False and cfg.train.fused_lora is not False and cfg.quant.load_in_4bit
+
+
+def _streaming_speed(e: Estimate, model_config: dict, fp8: bool = False) -> float:
     """The streaming floor factor (transfers that compute cannot hide); 1 without streaming."""
     v = 1.0
     if e.streaming:
         from engine.planning import streaming_plan
         v *= streaming_plan.stream_cost(shape_of(model_config), e.base_quantized_bytes, e.batch_size * e.seq_len,
-                            e.seq_len).factor
+                                        e.seq_len, fp8).factor
     return v
 
 
-def _streaming_reason(e: Estimate, model_config: dict, gpu_mem_bytes: int) -> tuple[str, float]:
+def _streaming_reason(e: Estimate, model_config: dict, gpu_mem_bytes: int, fp8: bool) -> tuple[str, float]:
     from engine.planning import streaming_plan
-    c = streaming_plan.stream_cost(shape_of(model_config), e.base_quantized_bytes, e.batch_size * e.seq_len, e.seq_len)
+    c = streaming_plan.stream_cost(shape_of(model_config), e.base_quantized_bytes, e.batch_size * e.seq_len,
+                                   e.seq_len, fp8)
     room = ("does not fit in" if e.base_quantized_bytes > gpu_mem_bytes else
             "leaves too little for the rest of the run in")
     return (f"weight streaming on: the 4-bit base ({_gib(e.base_quantized_bytes)}) {room} "
             f"{_gib(gpu_mem_bytes)}; it stays pinned in host RAM ({_gib(e.host_bytes)} host RAM in all) "
             f"and each micro-batch moves it twice: {streaming_plan.PASSES} x {_gib(e.base_quantized_bytes)} / "
-            f"{streaming_plan.LINK_BYTES_PER_S / 1e9:.1f} GB/s = {c.transfer_s:.2f} s against ~{c.compute_s:.2f} s "
-            f"of compute ({int(streaming_plan.MFU_ASSUMED * 100)}% of {streaming_plan.PEAK_FLOPS / 1e12:.0f} TFLOP/s): expected "
+            f"{streaming_plan.LINK_BYTES_PER_S * streaming_plan.LINK_EFFICIENCY / 1e9:.1f} GB/s (the link's "
+            f"{streaming_plan.LINK_EFFICIENCY:.0%} while training) = {c.transfer_s:.2f} s against ~{c.compute_s:.2f} s "
+            f"of compute ({streaming_plan.mfu(fp8):.0%} of {streaming_plan.PEAK_FLOPS / 1e12:.0f} TFLOP/s"
+            f"{' with FP8 base GEMMs' if fp8 else ''}): expected "
             f">= {c.factor:.0%} of the speed without streaming, ~{c.tokens_per_s_floor:,.0f} tokens/s "
             f"at that MFU"), c.tokens_per_s_floor
 

@@ -11,8 +11,15 @@ from dataclasses import dataclass
 
 from engine.core.units import GIB
 LINK_BYTES_PER_S = 55.2e9       # pinned host -> GPU, one direction (H200, PCIe Gen5)
+# what the streamer achieves while the GPU trains: 2 x 32.9 GiB per micro-batch in 2.16 s when
+# the link is the bottleneck (70B at micro-batch 1, bench/seventy_b.py on the H200): 60% of the link
+LINK_EFFICIENCY = 0.6
 PEAK_FLOPS = 752e12             # bf16 dense matmul, measured on the H200
-MFU_ASSUMED = 0.45              # of PEAK_FLOPS, counting 6 FLOPs/param/token (fwd, recompute, bwd)
+# the engine's rate, counting 6 FLOPs/param/token (fwd, recompute, bwd), as a share of PEAK_FLOPS:
+# measured on the 70B with every layer recomputed (bench/seventy_b.py, 48 GiB): 73% with bf16 base
+# GEMMs, 97% with FP8 ones (FP8 GEMMs run faster than the bf16 peak)
+MFU_ASSUMED = 0.73
+MFU_FP8 = 0.97
 PASSES = 2                      # a layer crosses the link in forward and in recompute (its backward
                                 # runs on the recompute's copy)
 AHEAD = 2                       # engine.training.streaming.AHEAD: layers prefetched ahead
@@ -47,10 +54,14 @@ def flops_per_token(s, seq: int) -> float:
     return 6 * linear + 8 * s.q_dim * seq * s.layers + 4 * s.vocab * s.hidden
 
 
-def stream_cost(s, quantized_bytes: int, tokens_per_micro_batch: int, seq: int) -> StreamCost:
-    compute = tokens_per_micro_batch * flops_per_token(s, seq) / (MFU_ASSUMED * PEAK_FLOPS)
-    transfer = PASSES * quantized_bytes / LINK_BYTES_PER_S
+def stream_cost(s, quantized_bytes: int, tokens_per_micro_batch: int, seq: int, fp8: bool = False) -> StreamCost:
+    compute = tokens_per_micro_batch * flops_per_token(s, seq) / (mfu(fp8) * PEAK_FLOPS)
+    transfer = PASSES * quantized_bytes / (LINK_BYTES_PER_S * LINK_EFFICIENCY)
     return StreamCost(compute, transfer, tokens_per_micro_batch)
+
+
+def mfu(fp8: bool) -> float:
+    return MFU_FP8 if fp8 else MFU_ASSUMED
 
 
 def resident_bytes(quantized_bytes: int, layers: int) -> int:

@@ -67,7 +67,19 @@ def _triton_kernel():
                 tl.store(qr + offs, (v * inv).to(tl.float8e4nv), mask=offs < K)
             tl.store(s_ptr + row, scale)
 
-        _KERNEL = rowwise_e4m3
+        @triton.jit
+        def transpose_e4m3(w_ptr, inv_ptr, q_ptr, R, C, stride_w, stride_q,
+                           BR: tl.constexpr, BC: tl.constexpr):
+            """q[c, r] = e4m3(w[r, c] * inv[c]) for one BR x BC tile (reads and writes coalesced)."""
+            r = tl.program_id(0) * BR + tl.arange(0, BR)
+            c = tl.program_id(1) * BC + tl.arange(0, BC)
+            mask = (r[:, None] < R) & (c[None, :] < C)
+            v = tl.load(w_ptr + r[:, None].to(tl.int64) * stride_w + c[None, :], mask=mask, other=0.0)
+            inv = tl.load(inv_ptr + c, mask=c < C, other=0.0)
+            v = tl.minimum(tl.maximum(v.to(tl.float32) * inv[None, :], -448.0), 448.0)
+            tl.store(q_ptr + c[None, :].to(tl.int64) * stride_q + r[:, None], v.to(tl.float8e4nv), mask=mask)
+
+        _KERNEL = (rowwise_e4m3, transpose_e4m3)
     return _KERNEL
 
 
@@ -83,11 +95,36 @@ def quantize_rows(x):
         q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
         s = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
         if x.shape[0]:
-            _triton_kernel()[(x.shape[0],)](x, q, s, x.shape[1], x.stride(0), q.stride(0), BLOCK=1024)
+            _triton_kernel()[0][(x.shape[0],)](x, q, s, x.shape[1], x.stride(0), q.stride(0), BLOCK=1024)
         return q, s
-    amax = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-30)
-    s = torch.exp2(torch.ceil(torch.log2(amax / E4M3_MAX)))
+    s = _pow2_scale(x.abs().amax(dim=1, keepdim=True))
     return (x.float() / s).to(torch.float8_e4m3fn), s
+
+
+def _pow2_scale(amax):
+    import torch
+    return torch.exp2(torch.ceil(torch.log2(amax.float().clamp(min=1e-30) / E4M3_MAX)))
+
+
+def quantize_cols_transposed(w):
+    """``w`` (out x in, bf16) -> (e4m3 ``w.T`` laid out in x out, float32 scales [in, 1]): each input
+    column of ``w`` scaled by its power of two, written transposed in one pass on CUDA (no bf16
+    transposed copy: the input gradient's GEMM wants ``w`` column-major)."""
+    import torch
+    s = _pow2_scale(torch.linalg.vector_norm(w, ord=float("inf"), dim=0)).unsqueeze(1)   # [in, 1]
+    if not w.is_cuda:
+        return (w.t().float() / s).to(torch.float8_e4m3fn), s
+    w = w.contiguous()
+    R, C = w.shape
+    q = torch.empty((C, R), dtype=torch.float8_e4m3fn, device=w.device)
+    inv = (1.0 / s).reshape(-1)
+    grid = (triton_cdiv(R, 64), triton_cdiv(C, 64))
+    _triton_kernel()[1][grid](w, inv, q, R, C, w.stride(0), q.stride(0), BR=64, BC=64)
+    return q, s
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def matmul_nt(x2, w):
@@ -102,7 +139,5 @@ def matmul_nn(dy2, w):
     """``dy2 @ w`` in FP8 (dy2: tokens x out, w: out x in): the input gradient; bf16 result."""
     import torch
     dq, ds = quantize_rows(dy2)
-    wt = w.t().contiguous()
-    wq, ws = quantize_rows(wt)
-    del wt
+    wq, ws = quantize_cols_transposed(w)
     return torch._scaled_mm(dq, wq.t(), scale_a=ds, scale_b=ws.t(), out_dtype=dy2.dtype)
