@@ -118,3 +118,16 @@ def test_fp8_needs_the_fused_linear_and_says_so():
     assert reasons == ["FP8 base GEMMs off although train.fp8_base = true: needs the fused NF4+LoRA linear "
                        "(train.fused_lora)"]
     assert fp8.unsupported_reason("cuda") in (None, "no CUDA device") or "8.9" in fp8.unsupported_reason("cuda")
+
+
+def test_planner_says_it_plans_for_fp8_on_the_config_screen():
+    from engine.planning import estimate as estimate_mod
+    mc = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+          "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
+    cfg = config.Config()
+    cfg.model.name, cfg.train.device, cfg.data.max_length = "x", "cuda", 2048
+    p = estimate_mod.plan(cfg, mc, 24 * 2**30)
+    assert p.fp8 and p.to_dict()["fp8"] and "FP8 base GEMMs" in estimate_mod.plan_summary(p, 24)
+    cfg.train.fp8_base = False
+    p = estimate_mod.plan(cfg, mc, 24 * 2**30)
+    assert not p.fp8 and "FP8" not in estimate_mod.plan_summary(p, 24)

@@ -651,6 +651,7 @@ class Plan:
     offload: bool = False            # their inputs in pinned host memory
     streaming: bool = False
     expected_tokens_per_s: float | None = None    # streaming: the link/FLOP floor (streaming_plan)
+    fp8: bool = False                # planned for FP8 base GEMMs (decided at run start from the GPU)
 
     def to_dict(self) -> dict:
         return {"batch_size": self.batch_size, "grad_accum": self.grad_accum,
@@ -659,7 +660,7 @@ class Plan:
                 "packing": self.packing, "peak_bytes": self.estimate.peak_bytes,
                 "device_bytes": self.estimate.device_bytes, "fits": self.estimate.fits,
                 "streaming": self.streaming, "host_bytes": self.estimate.host_bytes,
-                "expected_tokens_per_s": self.expected_tokens_per_s,
+                "expected_tokens_per_s": self.expected_tokens_per_s, "fp8": self.fp8,
                 "reasons": list(self.reasons)}
 
 
@@ -834,7 +835,7 @@ def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
     return Plan(batch_size=b, grad_accum=eff // b, gradient_checkpointing=chosen.gradient_checkpointing,
                 liger=lg, packing=pk, estimate=chosen, reasons=reasons,
                 checkpoint_layers=chosen.checkpoint_layers, offload=chosen.offload,
-                streaming=chosen.streaming, expected_tokens_per_s=expected)
+                streaming=chosen.streaming, expected_tokens_per_s=expected, fp8=fp8)
 
 
 def _consider_streaming(cfg: Config, model_config: dict, ws, gc_set, others_fit: bool, budget: float) -> bool:
@@ -984,7 +985,8 @@ def plan_summary(p: Plan, budget_gib: float) -> str:
     """One line for the Config screen: what the planner picks for a budget, and why."""
     why = next((r for r in p.reasons if r.startswith(("gradient checkpointing", "does not fit"))), "")
     return (f"planner at {budget_gib:g} GiB: micro-batch {p.batch_size} x {p.grad_accum}; {why}; "
-            f"predicted {_gib(p.estimate.device_bytes)}")
+            f"predicted {_gib(p.estimate.device_bytes)}"
+            + ("; FP8 base GEMMs on GPUs that have them (train.fp8_base)" if p.fp8 else ""))
 
 
 def format_report(est: Estimate, pl: Plan | None) -> str:
