@@ -89,8 +89,9 @@ def _forward(self, x, *args, **kwargs):
     if name is None:
         return self._peft_forward(x, *args, **kwargs)
     base = self.base_layer
-    for hook in base._forward_pre_hooks.values():     # what calling the base layer would run first
-        hook(base, (x,))                               # (weight streaming makes the layer resident)
+    kw_ids = base._forward_pre_hooks_with_kwargs
+    for hid, hook in base._forward_pre_hooks.items():  # what calling the base layer would run first
+        hook(base, (x,), {}) if hid in kw_ids else hook(base, (x,))   # (streaming: the layer resident)
     return _function().apply(x, self.lora_A[name].weight, self.lora_B[name].weight, base,
                              float(self.scaling[name]), self._fp8)
 
