@@ -118,12 +118,12 @@ def quantize_cols_transposed(w):
     R, C = w.shape
     q = torch.empty((C, R), dtype=torch.float8_e4m3fn, device=w.device)
     inv = (1.0 / s).reshape(-1)
-    grid = (triton_cdiv(R, 64), triton_cdiv(C, 64))
+    grid = (_cdiv(R, 64), _cdiv(C, 64))
     _triton_kernel()[1][grid](w, inv, q, R, C, w.stride(0), q.stride(0), BR=64, BC=64)
     return q, s
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
