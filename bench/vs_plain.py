@@ -5,6 +5,14 @@ shape, same data, same seed, one device call.
     python bench/vs_plain.py llama8b 2048 8 plain engine_10g engine_16g engine_24g engine_auto
     python bench/vs_plain.py llama8b 2048 8 plain_chat engine_chat_10g engine_chat_16g engine_chat_24g engine_chat
     python bench/vs_plain.py llama8b 2048 8 plain_chat engine_chat_24g engine_chat_sdpa_24g
+    VS_PLAIN_STEPS=60 python bench/vs_plain.py real:.h13/realmodel 256 8 plain engine_auto plain_chat engine_chat
+
+SHAPE: a name of plain_trl_baseline.SHAPES (random weights: speed and memory only), or
+real:DIR, a real pretrained model dir made by bench/make_real_model.py (loss curves that mean
+something): rows are DIR/data/sft.jsonl's real text in DIR's tokenizer (full rows: the text as
+one stream cut into SEQ-token rows; chat rows: one row per conversation), and the plain side
+runs the baseline's recipe unchanged on DIR's weights and those rows (PLAIN_WRAPPER's REAL_PRELUDE).
+VS_PLAIN_STEPS / VS_PLAIN_WARM: measured and warm-up steps (default 12 and 4).
 
 Variants (each in its own process, for a clean peak-memory figure):
   plain, plain_chat       bench/plain_trl_baseline.py (a verbatim copy of shared/bench's), SHAPE SEQ BATCH
@@ -38,7 +46,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-STEPS, WARM = 12, 4
+STEPS, WARM = int(os.environ.get("VS_PLAIN_STEPS", 12)), int(os.environ.get("VS_PLAIN_WARM", 4))
+REAL = "real:"
 PEAK_TFLOPS = 790e12      # H200 dense bf16 matmul, measured (shared/reference/landscape.md)
 
 
@@ -69,9 +78,12 @@ def data_file(shape, seq, batch, chat):
     """The baseline's exact rows (same generator, same seeds), as pre-tokenised JSONL."""
     import torch
     from plain_trl_baseline import SHAPES
-    path = Path(f"/tmp/bench-data-{shape}-{seq}-{batch}-{'chat' if chat else 'full'}.jsonl")
+    tag = re.sub(r"\W", "_", shape) + f"-{STEPS}-{WARM}"     # the row count depends on the steps
+    path = Path(f"/tmp/bench-data-{tag}-{seq}-{batch}-{'chat' if chat else 'full'}.jsonl")
     if path.exists():
         return path
+    if shape.startswith(REAL):
+        return real_rows(model_dir(shape), seq, batch * (STEPS + WARM + 2), chat, path)
     g = torch.Generator().manual_seed(1)
     V = SHAPES[shape]["vocab_size"]
     n = batch * (STEPS + WARM + 2)
@@ -87,7 +99,45 @@ def data_file(shape, seq, batch, chat):
     return path
 
 
+def real_rows(mdir, seq, n, chat, path):
+    """``n`` rows of real text in the model's own tokenizer, pre-tokenised JSONL at ``path``:
+    full rows cut from the conversations as one stream, chat rows one per conversation (clipped
+    to ``seq``). The text is cycled when it is shorter than ``n`` rows (say so: later epochs)."""
+    from transformers import AutoTokenizer
+    limit = json.loads(Path(mdir, "config.json").read_text()).get("max_position_embeddings", seq)
+    if seq > limit:
+        raise SystemExit(f"{mdir}: SEQ {seq} is over the model's {limit} positions: give SEQ <= {limit}")
+    tok = AutoTokenizer.from_pretrained(mdir)
+    convs = [json.loads(l)["messages"] for l in open(Path(mdir, "data", "sft.jsonl"), encoding="utf-8")]
+    seqs = [tok(tok.apply_chat_template(m, tokenize=False))["input_ids"] for m in convs]
+    if chat:
+        rows = [s[:seq] for s in seqs]
+    else:
+        stream = [t for s in seqs for t in s]
+        rows = [stream[i:i + seq] for i in range(0, len(stream) - seq + 1, seq)]
+    if len(rows) < n:
+        print(f"note: {mdir}: {len(rows)} distinct rows for {n}: the text repeats (epochs > 1)", flush=True)
+    with open(path, "w") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"input_ids": rows[i % len(rows)]}) + "\n")
+    return path
+
+
+def shape_dims(shape):
+    """hidden/intermediate/layers/heads/vocab of a SHAPES name or a real:DIR's config.json."""
+    if shape.startswith(REAL):
+        return json.loads(Path(model_dir(shape), "config.json").read_text())
+    from plain_trl_baseline import SHAPES
+    return SHAPES[shape]
+
+
 def model_dir(shape):
+    if shape.startswith(REAL):
+        path = Path(shape[len(REAL):]).expanduser().resolve()
+        if not (path / "config.json").is_file() or not (path / "data" / "sft.jsonl").is_file():
+            raise SystemExit(f"{shape}: no config.json and data/sft.jsonl there: make it with "
+                             "python bench/make_real_model.py SRC DIR")
+        return str(path)
     from plain_trl_baseline import make_model, tokenizer
     path = f"/tmp/model-{shape}"
     make_model(shape, path)
@@ -99,8 +149,7 @@ def model_dir(shape):
 
 
 def flops_per_token(shape, seq):
-    from plain_trl_baseline import SHAPES
-    s = SHAPES[shape]
+    s = shape_dims(shape)
     h, i, L = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
     kv = h // s["num_attention_heads"] * s["num_key_value_heads"]
     n_linear = L * (h * h * 2 + h * kv * 2 + 3 * h * i) + h * s["vocab_size"]
@@ -120,6 +169,8 @@ def engine_variant(variant, shape, seq, batch, out_dir, extra=None):
                   "save_steps": 0},
         "output": {"dir": str(out_dir), "keep_checkpoints": False},
     }
+    if shape.startswith(REAL):            # the run dir's name must match the *-model-* glob below
+        cfg["output"]["name"] = "model-real"
     for section, values in (extra or {}).items():
         cfg.setdefault(section, {}).update(values)
     budget = re.search(r"_(\d+)g$", variant)
@@ -188,13 +239,40 @@ def tr(self, *a, **k):
     print("TIMES " + json.dumps(times), flush=True)
     return out
 p.Timer.on_step_end, p.SFTTrainer.train = on_step_end, tr
-p.run({shape!r}, {seq}, {batch}, {variant!r})
+{prelude}
+p.run({shape!r}, {seq}, {batch}, {variant!r}, steps={steps}, warm={warm})
+"""
+
+# real:DIR: the baseline's recipe untouched, only its inputs swapped: no random model is built,
+# from_pretrained (same kwargs: NF4, double quant, bf16, sdpa) reads DIR, and its random rows
+# are replaced by the same real rows the engine gets (same count)
+REAL_PRELUDE = """
+from datasets import Dataset
+_auto = p.AutoModelForCausalLM
+class _Auto:
+    @staticmethod
+    def from_pretrained(path, **kw):
+        return _auto.from_pretrained({mdir!r}, **kw)
+class _Rows:
+    @staticmethod
+    def from_dict(d):
+        rows = [json.loads(l)["input_ids"] for l in open({data!r})][:len(d["input_ids"])]
+        return Dataset.from_dict({{"input_ids": rows}})
+p.SHAPES[{shape!r}] = dict(vocab_size={vocab})
+p.make_model = lambda shape, path: None
+p.AutoModelForCausalLM = _Auto
+p.Dataset = _Rows
 """
 
 
 def plain_variant(variant, shape, seq, batch):
     v = "chat" if "chat" in variant else "plain"
-    code = PLAIN_WRAPPER.format(here=str(HERE), shape=shape, seq=seq, batch=batch, variant=v)
+    prelude = ""
+    if shape.startswith(REAL):
+        prelude = REAL_PRELUDE.format(mdir=model_dir(shape), data=str(data_file(shape, seq, batch, v == "chat")),
+                                      shape=shape, vocab=shape_dims(shape)["vocab_size"])
+    code = PLAIN_WRAPPER.format(here=str(HERE), shape=shape, seq=seq, batch=batch, variant=v,
+                                prelude=prelude, steps=STEPS, warm=WARM)
     r, nvml, wall = run_child([sys.executable, "-c", code])
     lines = {l.split(" ", 1)[0]: l.split(" ", 1)[1] for l in r.stdout.splitlines()
              if l.startswith(("RESULT ", "LOSSES ", "TIMES "))}
