@@ -23,6 +23,8 @@ Variants (each in its own process, for a clean peak-memory figure):
   engine_chat_NNg         chat rows within an NN GiB budget
   engine_nofused_NNg      an NN GiB budget with train.fused_lora = false (A/B of the fused LoRA linear)
   engine_nofp8[_NNg]      train.fp8_base = false (A/B of the FP8 base GEMMs, engine/training/fp8.py)
+  engine_fused, engine_fp8  train.fused_lora = true (and train.fp8_base = true): the GPU's numerics
+                          where auto turns them off (the CPU runs torch's _scaled_mm with e4m3 operands)
   engine_chat_sdpa[_NNg]  chat rows with model.attn_implementation = sdpa: packed rows kept apart by a
                           block-diagonal mask (the engine before varlen attention; auto now picks
                           varlen for packed rows on the GPU: A/B of engine/training/attention.py)
@@ -184,6 +186,9 @@ def engine_variant(variant, shape, seq, batch, out_dir, extra=None):
         cfg["train"]["fused_lora"] = False
     if "nofp8" in variant:            # A/B: the fused linear's base GEMMs in bf16
         cfg["train"]["fp8_base"] = False
+    if variant.startswith(("engine_fused", "engine_fp8")):     # forced on (e.g. on the CPU)
+        cfg["train"]["fused_lora"] = True
+        cfg["train"]["fp8_base"] = variant.startswith("engine_fp8")
     p = Path(out_dir) / f"{variant}.toml"
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(tomli_w.dumps(cfg))
