@@ -24,7 +24,7 @@ from engine.training import runner
 from engine.core import rundir
 from engine.core import summary
 
-from reliability_helpers import (REPO, configured, engine_cmd, env_with, events, files_containing,
+from reliability_helpers import (REPO, cli, configured, engine_cmd, env_with, events, files_containing,
                                  last_step, logged_step_numbers, only_run, start_headless, step_numbers, terminal,
                                  wait_for, wait_run_dir, wait_step, write_cfg)
 
@@ -48,20 +48,18 @@ def adapter_tensors(path: Path) -> dict:
 
 # ---------------------------------------------------------------- kill -9, then resume
 
-def test_kill9_at_random_step_then_resume_is_continuous_and_identical(tiny_cfg, tmp_path, monkeypatch):
+def test_kill9_at_random_step_then_resume_is_continuous_and_identical(tiny_cfg, tmp_path, monkeypatch, capsys):
     cfg = configured(tiny_cfg, {"train.max_steps": 20, "train.save_steps": 4, "train.eval_steps": 0,
                                 "train.save_total_limit": 2})
-    # the uninterrupted reference
-    ref = run_in_process(configured(cfg, {"output.dir": str(tmp_path / "ref")}), monkeypatch)
-    assert ref.result.type == "run_finished", ref.result
-    ref_steps = {e.step: e for e in events(ref.run_dir) if e.type == "step"}
-    assert sorted(ref_steps) == list(range(1, 21))
-
     # the same run, killed -9 at a random step
     kill_at = random.Random().randint(6, 15)
     runs = tmp_path / "killed"
     cfg_path = write_cfg(cfg, tmp_path / "run.toml", {"output.dir": str(runs)})
     proc = start_headless(cfg_path, env=env_with(QLORA_TUI_FAULTS="slow=0.15"))
+    # the uninterrupted reference, trained in this process while that one starts up
+    monkeypatch.delenv("QLORA_TUI_FAULTS", raising=False)
+    ref = runner.Run(configured(cfg, {"output.dir": str(tmp_path / "ref")}))
+    ref.start()
     d = wait_run_dir(runs)
     wait_step(d, kill_at)
     proc.send_signal(signal.SIGKILL)
@@ -77,7 +75,12 @@ def test_kill9_at_random_step_then_resume_is_continuous_and_identical(tiny_cfg, 
     torn.mkdir()
     (torn / "adapter_model.safetensors").write_bytes(b"\0" * 10)
 
-    r = engine_cmd("train", "--resume", d, "--headless")
+    assert ref.join(timeout=300)
+    assert ref.result.type == "run_finished", ref.result
+    ref_steps = {e.step: e for e in events(ref.run_dir) if e.type == "step"}
+    assert sorted(ref_steps) == list(range(1, 21))
+
+    r = cli(capsys, "train", "--resume", d, "--headless")     # the CLI in this process: no second start-up
     assert r.returncode == 0, (kill_at, r.stderr[-3000:])
     assert f"resuming from checkpoint-{resume_step}" in r.stdout
     assert not torn.exists()
