@@ -142,38 +142,63 @@ def test_resume_refuses_a_live_or_finished_run_and_frozen_changes(tiny_cfg, tmp_
 
 # ---------------------------------------------------------------- signals
 
-@pytest.mark.parametrize("sig,why", [(signal.SIGHUP, "SIGHUP"), (signal.SIGTERM, "SIGTERM"),
-                                     (signal.SIGINT, "Ctrl+C")])
-def test_signal_stops_gracefully_with_checkpoint_and_adapter(tiny_cfg, tmp_path, sig, why):
-    runs = tmp_path / "runs"
-    cfg_path = write_cfg(tiny_cfg, tmp_path / "run.toml",
-                         {"train.max_steps": 30, "train.save_steps": 0, "train.eval_steps": 0})
-    proc = start_headless(cfg_path, env=env_with(QLORA_TUI_FAULTS="slow=0.2"), log=tmp_path / "out.log")
-    d = wait_run_dir(runs)
-    wait_step(d, 2)
-    proc.send_signal(sig)
-    assert proc.wait(timeout=120) == 3, (tmp_path / "out.log").read_text()[-2000:]   # STOPPED, not 0
-    fin = terminal(d)
-    assert fin.type == "run_finished" and fin.stopped, fin
-    assert why in fin.reason and "adapter saved" in fin.reason
-    assert 2 <= fin.step < 30
-    assert (d / "adapter" / "adapter_model.safetensors").exists()
-    ck = rundir.checkpoints(d)
-    assert ck and rundir.checkpoint_step(ck[-1]) == fin.step       # the stop wrote a checkpoint to resume from
-    assert step_numbers(d) == list(range(1, fin.step + 1))
-    assert rundir.info(d).state == "stopped"
+SIGNALS = {signal.SIGHUP: "SIGHUP", signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl+C"}
 
 
-def test_ctrl_c_twice_stops_at_once(tiny_cfg, tmp_path):
-    runs = tmp_path / "runs"
-    cfg_path = write_cfg(tiny_cfg, tmp_path / "run.toml",
-                         {"train.max_steps": 30, "train.save_steps": 0, "train.eval_steps": 0})
+def start_signal_run(tiny_cfg, where: Path, faults: str):
+    """A 30-step headless run in its own process; (process, runs dir, output log)."""
+    runs, log = where / "runs", where / "out.log"
+    cfg_path = write_cfg(tiny_cfg, where / "run.toml", {"output.dir": str(runs), "train.max_steps": 30,
+                                                        "train.save_steps": 0, "train.eval_steps": 0})
+    # one compute thread each: four runs share the cores without OpenMP threads spinning on each other
+    return start_headless(cfg_path, env=env_with(QLORA_TUI_FAULTS=faults, OMP_NUM_THREADS=1), log=log), runs, log
+
+
+def test_signals_stop_gracefully_and_ctrl_c_twice_stops_at_once(tiny_cfg, tmp_path):
+    """SIGHUP, SIGTERM and Ctrl+C each stop a run gracefully (checkpoint + adapter); Ctrl+C twice
+    stops at once. Four real processes, started together: one start-up's wait for all four."""
+    graceful = {sig: start_signal_run(tiny_cfg, tmp_path / sig.name, "slow=0.2") for sig in SIGNALS}
     # slow steps: a graceful stop would have to wait for the current one to end
-    proc = start_headless(cfg_path, env=env_with(QLORA_TUI_FAULTS="slow=3"), log=tmp_path / "out.log")
-    d = wait_run_dir(runs)
+    twice, twice_runs, twice_log = start_signal_run(tiny_cfg, tmp_path / "twice", "slow=3")
+    try:
+        signal_all(graceful, twice, twice_runs, twice_log)
+    finally:                                    # none left running if a check failed
+        for proc in [twice] + [p for p, _, _ in graceful.values()]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def signal_all(graceful, twice, twice_runs, twice_log):
+    dirs = {sig: wait_run_dir(runs) for sig, (_, runs, _) in graceful.items()}
+    todo = set(graceful)
+    while todo:                                 # each gets its signal once it is past step 2
+        for sig in [s for s in todo if last_step(dirs[s]) >= 2]:
+            graceful[sig][0].send_signal(sig)
+            todo.discard(sig)
+        wait_for(lambda: not todo or any(last_step(dirs[s]) >= 2 for s in todo), 240, what="step 2")
+    for sig, (proc, _, log) in graceful.items():
+        assert_graceful_stop(proc, dirs[sig], log, SIGNALS[sig])
+    assert_ctrl_c_twice(twice, wait_run_dir(twice_runs), twice_log)
+
+
+def assert_graceful_stop(proc, d, log, why):
+    assert proc.wait(timeout=120) == 3, (why, log.read_text()[-2000:])   # STOPPED, not 0
+    fin = terminal(d)
+    assert fin.type == "run_finished" and fin.stopped, (why, fin)
+    assert why in fin.reason and "adapter saved" in fin.reason
+    assert 2 <= fin.step < 30, why
+    assert (d / "adapter" / "adapter_model.safetensors").exists(), why
+    ck = rundir.checkpoints(d)
+    assert ck and rundir.checkpoint_step(ck[-1]) == fin.step, why  # the stop wrote a checkpoint to resume from
+    assert step_numbers(d) == list(range(1, fin.step + 1)), why
+    assert rundir.info(d).state == "stopped", why
+
+
+def assert_ctrl_c_twice(proc, d, log):
     wait_step(d, 1)
     proc.send_signal(signal.SIGINT)
-    wait_for(lambda: "Ctrl+C again" in (tmp_path / "out.log").read_text(), 30, what="the first Ctrl+C")
+    wait_for(lambda: "Ctrl+C again" in log.read_text(), 30, what="the first Ctrl+C")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 130
     fin = terminal(d)
