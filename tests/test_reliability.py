@@ -150,8 +150,7 @@ def start_signal_run(tiny_cfg, where: Path, faults: str):
     runs, log = where / "runs", where / "out.log"
     cfg_path = write_cfg(tiny_cfg, where / "run.toml", {"output.dir": str(runs), "train.max_steps": 30,
                                                         "train.save_steps": 0, "train.eval_steps": 0})
-    # one compute thread each: four runs share the cores without OpenMP threads spinning on each other
-    return start_headless(cfg_path, env=env_with(QLORA_TUI_FAULTS=faults, OMP_NUM_THREADS=1), log=log), runs, log
+    return start_headless(cfg_path, env=env_with(QLORA_TUI_FAULTS=faults), log=log), runs, log
 
 
 def test_signals_stop_gracefully_and_ctrl_c_twice_stops_at_once(tiny_cfg, tmp_path):
