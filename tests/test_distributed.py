@@ -77,6 +77,7 @@ def test_stop_request_reaches_every_rank(tmp_path, capfd, monkeypatch):
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.parametrize("use_dora,grow_vocab", [(False, False), (True, True)])
 def test_fsdp_adapter_file_is_what_peft_writes(tmp_path, use_dora, grow_vocab):
     """engine.training.trainer.save_fsdp_adapter turns a gathered (full, unwrapped-key) state dict into
     the adapter PEFT itself writes: same keys, same tensors, and PEFT loads it. The gather is
