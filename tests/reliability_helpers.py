@@ -47,6 +47,32 @@ def engine_cmd(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
                           cwd=REPO, env=env or env_with())
 
 
+class Result:
+    def __init__(self, rc, out, err):
+        self.returncode, self.stdout, self.stderr = rc, out, err
+
+
+def cli(capsys, *args) -> Result:
+    """The command line in this process (what `python -m engine ARGS` runs, without a second
+    Python start-up), output captured. What a command sets for its own process (the run files'
+    umask, the signal handlers of a headless run) is put back afterwards."""
+    from engine import cli as CLI
+    capsys.readouterr()
+    umask = os.umask(0o077)
+    os.umask(umask)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
+    try:
+        rc = CLI.main([str(a) for a in args])
+    except SystemExit as e:                   # argparse and config errors exit like the process
+        rc = e.code
+    finally:
+        os.umask(umask)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    out, err = capsys.readouterr()
+    return Result(rc, out, err)
+
+
 def start_headless(cfg_path: Path, *extra, env=None, log: Path | None = None) -> subprocess.Popen:
     out = open(log, "wb") if log else subprocess.DEVNULL
     return subprocess.Popen([*ENGINE, "train", str(cfg_path), "--headless", *map(str, extra)],

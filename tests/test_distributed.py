@@ -3,8 +3,6 @@ processes (gloo here, accelerate + NCCL on GPUs); rank 0 alone writes the run di
 rank trains on its share of the rows, and a stop request reaches all ranks on the same step; a save
 request is marked done once its checkpoint is complete."""
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,18 +15,25 @@ from engine.core import rundir
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start(tmp_path, *sets, env=None):
+def launch(tmp_path, *sets):
+    """`engine train --headless` with distributed.gpus = 2, its launcher in this process (already
+    started: no third Python start-up) and its two worker processes real; returns the exit status."""
     import os
-    return subprocess.Popen(
-        [sys.executable, "-m", "engine", "train", "examples/demo.toml", "--headless",
-         "--set", f"output.dir='{tmp_path}'", "--set", "distributed.gpus=2", *sum((["--set", s] for s in sets), [])],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, **(env or {})))
+    from engine import cli as CLI
+    umask = os.umask(0o022)
+    os.umask(umask)
+    try:
+        return CLI.main(["train", str(REPO / "examples" / "demo.toml"), "--headless",
+                         "--set", f"output.dir='{tmp_path}'", "--set", "distributed.gpus=2",
+                         *sum((["--set", s] for s in sets), [])])
+    finally:
+        os.umask(umask)                   # the launcher sets the run files' private umask
 
 
-def test_two_processes_one_event_log_and_adapter(tmp_path):
-    p = start(tmp_path, "train.max_steps=4", "train.save_steps=2")
-    out, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
+def test_two_processes_one_event_log_and_adapter(tmp_path, capfd):
+    rc = launch(tmp_path, "train.max_steps=4", "train.save_steps=2")
+    out, err = capfd.readouterr()           # the workers' output too (they write to our fds)
+    assert rc == 0, err[-3000:]
     assert out.count("step 4/4") == 1                 # rank 0 prints, the other rank does not
     run = rundir.list_runs(tmp_path)[0]
     assert run.state == "finished"
@@ -41,27 +46,32 @@ def test_two_processes_one_event_log_and_adapter(tmp_path):
     assert rundir.checkpoints(run.path)
 
 
-def test_stop_request_reaches_every_rank(tmp_path):
-    p = start(tmp_path, "train.max_steps=400", "train.save_steps=0", env={"QLORA_TUI_FAULTS": "slow=0.2"})
+def test_stop_request_reaches_every_rank(tmp_path, capfd, monkeypatch):
+    import threading
+    monkeypatch.setenv("QLORA_TUI_FAULTS", "slow=0.2")          # inherited by the workers
+    result = []
+    launcher = threading.Thread(target=lambda: result.append(
+        launch(tmp_path, "train.max_steps=400", "train.save_steps=0")), daemon=True)
+    launcher.start()
     deadline = time.time() + 300
     run_dir = None
-    while time.time() < deadline:
+    while time.time() < deadline and launcher.is_alive():
         runs = rundir.list_runs(tmp_path)
         if runs and runs[0].step >= 2:
             run_dir = runs[0].path
             break
-        time.sleep(0.5)
-    assert run_dir is not None, p.stderr.read()[-3000:] if p.poll() is not None else "no steps"
+        time.sleep(0.1)
+    assert run_dir is not None, capfd.readouterr().err[-3000:] if not launcher.is_alive() else "no steps"
     # a save request is marked done once its checkpoint is complete (the one-GPU path), not before
     done = control.request(run_dir, "save").with_suffix(".done")
     while not done.exists():
-        assert p.poll() is None and time.time() < deadline, "the save request was never carried out"
+        assert launcher.is_alive() and time.time() < deadline, "the save request was never carried out"
         time.sleep(0.02)
     saved = rundir.checkpoints(run_dir)              # complete ones only (COMPLETE marker)
     assert saved, "the save request was marked done before its checkpoint was complete"
     control.request(run_dir, "stop")
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 3, err[-3000:]          # engine.core.exitcodes.STOPPED
+    launcher.join(timeout=300)
+    assert result == [3], capfd.readouterr().err[-3000:]          # engine.core.exitcodes.STOPPED
     ri = rundir.info(run_dir)
     assert ri.state == "stopped" and ri.step < 400
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()

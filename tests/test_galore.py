@@ -27,9 +27,11 @@ def _engine(*args, **kw):
                           text=True, timeout=600, **kw)
 
 
-def test_galore_headless_run_leaves_a_full_checkpoint_that_learned(tmp_path):
+def test_galore_headless_run_leaves_a_full_checkpoint_that_learned(tmp_path, capsys):
+    from reliability_helpers import cli
     sets = [f'output.dir="{tmp_path / "runs"}"', "train.max_steps=12", "train.save_steps=6", *GALORE]
-    p = _engine("train", "examples/demo.toml", "--headless", *[a for s in sets for a in ("--set", s)])
+    # the CLI in this process (no Python start-up of its own; other tests run it as a process)
+    p = cli(capsys, "train", REPO / "examples" / "demo.toml", "--headless", *[a for s in sets for a in ("--set", s)])
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     run_dir = next((tmp_path / "runs").iterdir())
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]

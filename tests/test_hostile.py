@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from reliability_helpers import REPO, engine_cmd, env_with
+from reliability_helpers import REPO, cli, engine_cmd, env_with
 from tui_helpers import anyio_backend  # noqa: F401 (fixtures)
 
 # a terminal title change (OSC), clear screen (CSI), BEL, the 8-bit CSI and a bidi override
@@ -31,23 +31,6 @@ def hostile_jsonl(path: Path, n: int = 6) -> Path:
     rows[4] = {"messages": rows[4]["messages"], "k\x1b[2Jey": 1}
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-class Result:
-    def __init__(self, rc, out, err):
-        self.returncode, self.stdout, self.stderr = rc, out, err
-
-
-def cli(capsys, *args) -> Result:
-    """The command line in this process (what `python -m engine ARGS` runs), output captured."""
-    from engine import cli as CLI
-    capsys.readouterr()
-    try:
-        rc = CLI.main([str(a) for a in args])
-    except SystemExit as e:                   # argparse and config errors exit like the process
-        rc = e.code
-    out, err = capsys.readouterr()
-    return Result(rc, out, err)
 
 
 def test_cli_output_of_untrusted_text_is_sanitised(tmp_path, capsys):

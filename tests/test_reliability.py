@@ -24,7 +24,7 @@ from engine.training import runner
 from engine.core import rundir
 from engine.core import summary
 
-from reliability_helpers import (REPO, configured, engine_cmd, env_with, events, files_containing,
+from reliability_helpers import (REPO, cli, configured, engine_cmd, env_with, events, files_containing,
                                  last_step, logged_step_numbers, only_run, start_headless, step_numbers, terminal,
                                  wait_for, wait_run_dir, wait_step, write_cfg)
 
@@ -48,20 +48,18 @@ def adapter_tensors(path: Path) -> dict:
 
 # ---------------------------------------------------------------- kill -9, then resume
 
-def test_kill9_at_random_step_then_resume_is_continuous_and_identical(tiny_cfg, tmp_path, monkeypatch):
+def test_kill9_at_random_step_then_resume_is_continuous_and_identical(tiny_cfg, tmp_path, monkeypatch, capsys):
     cfg = configured(tiny_cfg, {"train.max_steps": 20, "train.save_steps": 4, "train.eval_steps": 0,
                                 "train.save_total_limit": 2})
-    # the uninterrupted reference
-    ref = run_in_process(configured(cfg, {"output.dir": str(tmp_path / "ref")}), monkeypatch)
-    assert ref.result.type == "run_finished", ref.result
-    ref_steps = {e.step: e for e in events(ref.run_dir) if e.type == "step"}
-    assert sorted(ref_steps) == list(range(1, 21))
-
     # the same run, killed -9 at a random step
     kill_at = random.Random().randint(6, 15)
     runs = tmp_path / "killed"
     cfg_path = write_cfg(cfg, tmp_path / "run.toml", {"output.dir": str(runs)})
     proc = start_headless(cfg_path, env=env_with(QLORA_TUI_FAULTS="slow=0.15"))
+    # the uninterrupted reference, trained in this process while that one starts up
+    monkeypatch.delenv("QLORA_TUI_FAULTS", raising=False)
+    ref = runner.Run(configured(cfg, {"output.dir": str(tmp_path / "ref")}))
+    ref.start()
     d = wait_run_dir(runs)
     wait_step(d, kill_at)
     proc.send_signal(signal.SIGKILL)
@@ -77,7 +75,12 @@ def test_kill9_at_random_step_then_resume_is_continuous_and_identical(tiny_cfg, 
     torn.mkdir()
     (torn / "adapter_model.safetensors").write_bytes(b"\0" * 10)
 
-    r = engine_cmd("train", "--resume", d, "--headless")
+    assert ref.join(timeout=300)
+    assert ref.result.type == "run_finished", ref.result
+    ref_steps = {e.step: e for e in events(ref.run_dir) if e.type == "step"}
+    assert sorted(ref_steps) == list(range(1, 21))
+
+    r = cli(capsys, "train", "--resume", d, "--headless")     # the CLI in this process: no second start-up
     assert r.returncode == 0, (kill_at, r.stderr[-3000:])
     assert f"resuming from checkpoint-{resume_step}" in r.stdout
     assert not torn.exists()
@@ -139,38 +142,62 @@ def test_resume_refuses_a_live_or_finished_run_and_frozen_changes(tiny_cfg, tmp_
 
 # ---------------------------------------------------------------- signals
 
-@pytest.mark.parametrize("sig,why", [(signal.SIGHUP, "SIGHUP"), (signal.SIGTERM, "SIGTERM"),
-                                     (signal.SIGINT, "Ctrl+C")])
-def test_signal_stops_gracefully_with_checkpoint_and_adapter(tiny_cfg, tmp_path, sig, why):
-    runs = tmp_path / "runs"
-    cfg_path = write_cfg(tiny_cfg, tmp_path / "run.toml",
-                         {"train.max_steps": 30, "train.save_steps": 0, "train.eval_steps": 0})
-    proc = start_headless(cfg_path, env=env_with(QLORA_TUI_FAULTS="slow=0.2"), log=tmp_path / "out.log")
-    d = wait_run_dir(runs)
-    wait_step(d, 2)
-    proc.send_signal(sig)
-    assert proc.wait(timeout=120) == 3, (tmp_path / "out.log").read_text()[-2000:]   # STOPPED, not 0
-    fin = terminal(d)
-    assert fin.type == "run_finished" and fin.stopped, fin
-    assert why in fin.reason and "adapter saved" in fin.reason
-    assert 2 <= fin.step < 30
-    assert (d / "adapter" / "adapter_model.safetensors").exists()
-    ck = rundir.checkpoints(d)
-    assert ck and rundir.checkpoint_step(ck[-1]) == fin.step       # the stop wrote a checkpoint to resume from
-    assert step_numbers(d) == list(range(1, fin.step + 1))
-    assert rundir.info(d).state == "stopped"
+SIGNALS = {signal.SIGHUP: "SIGHUP", signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl+C"}
 
 
-def test_ctrl_c_twice_stops_at_once(tiny_cfg, tmp_path):
-    runs = tmp_path / "runs"
-    cfg_path = write_cfg(tiny_cfg, tmp_path / "run.toml",
-                         {"train.max_steps": 30, "train.save_steps": 0, "train.eval_steps": 0})
+def start_signal_run(tiny_cfg, where: Path, faults: str):
+    """A 30-step headless run in its own process; (process, runs dir, output log)."""
+    runs, log = where / "runs", where / "out.log"
+    cfg_path = write_cfg(tiny_cfg, where / "run.toml", {"output.dir": str(runs), "train.max_steps": 30,
+                                                        "train.save_steps": 0, "train.eval_steps": 0})
+    return start_headless(cfg_path, env=env_with(QLORA_TUI_FAULTS=faults), log=log), runs, log
+
+
+def test_signals_stop_gracefully_and_ctrl_c_twice_stops_at_once(tiny_cfg, tmp_path):
+    """SIGHUP, SIGTERM and Ctrl+C each stop a run gracefully (checkpoint + adapter); Ctrl+C twice
+    stops at once. Four real processes, started together: one start-up's wait for all four."""
+    graceful = {sig: start_signal_run(tiny_cfg, tmp_path / sig.name, "slow=0.2") for sig in SIGNALS}
     # slow steps: a graceful stop would have to wait for the current one to end
-    proc = start_headless(cfg_path, env=env_with(QLORA_TUI_FAULTS="slow=3"), log=tmp_path / "out.log")
-    d = wait_run_dir(runs)
+    twice, twice_runs, twice_log = start_signal_run(tiny_cfg, tmp_path / "twice", "slow=3")
+    try:
+        signal_all(graceful, twice, twice_runs, twice_log)
+    finally:                                    # none left running if a check failed
+        for proc in [twice] + [p for p, _, _ in graceful.values()]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def signal_all(graceful, twice, twice_runs, twice_log):
+    dirs = {sig: wait_run_dir(runs) for sig, (_, runs, _) in graceful.items()}
+    todo = set(graceful)
+    while todo:                                 # each gets its signal once it is past step 2
+        for sig in [s for s in todo if last_step(dirs[s]) >= 2]:
+            graceful[sig][0].send_signal(sig)
+            todo.discard(sig)
+        wait_for(lambda: not todo or any(last_step(dirs[s]) >= 2 for s in todo), 240, what="step 2")
+    for sig, (proc, _, log) in graceful.items():
+        assert_graceful_stop(proc, dirs[sig], log, SIGNALS[sig])
+    assert_ctrl_c_twice(twice, wait_run_dir(twice_runs), twice_log)
+
+
+def assert_graceful_stop(proc, d, log, why):
+    assert proc.wait(timeout=120) == 3, (why, log.read_text()[-2000:])   # STOPPED, not 0
+    fin = terminal(d)
+    assert fin.type == "run_finished" and fin.stopped, (why, fin)
+    assert why in fin.reason and "adapter saved" in fin.reason
+    assert 2 <= fin.step < 30, why
+    assert (d / "adapter" / "adapter_model.safetensors").exists(), why
+    ck = rundir.checkpoints(d)
+    assert ck and rundir.checkpoint_step(ck[-1]) == fin.step, why  # the stop wrote a checkpoint to resume from
+    assert step_numbers(d) == list(range(1, fin.step + 1)), why
+    assert rundir.info(d).state == "stopped", why
+
+
+def assert_ctrl_c_twice(proc, d, log):
     wait_step(d, 1)
     proc.send_signal(signal.SIGINT)
-    wait_for(lambda: "Ctrl+C again" in (tmp_path / "out.log").read_text(), 30, what="the first Ctrl+C")
+    wait_for(lambda: "Ctrl+C again" in log.read_text(), 30, what="the first Ctrl+C")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 130
     fin = terminal(d)
@@ -441,26 +468,17 @@ def test_trust_remote_code_stays_off(tiny_cfg, tmp_path):
 
 # ---------------------------------------------------------------- secrets
 
-def test_hf_token_never_reaches_the_run_directory(tiny_cfg, tmp_path):
-    """A detached run (stdout.log included) with HF_TOKEN set: no file of the run holds it."""
-    token = "hf_testsecretQLORAtui0123456789abcdef"
-    runs = tmp_path / "runs"
-    cfg_path = write_cfg(tiny_cfg, tmp_path / "run.toml", {"train.max_steps": 6, "train.save_steps": 3,
-                                                         "train.eval_steps": 3, "output.dir": str(runs)})
-    env = env_with(HF_TOKEN=token, HUGGING_FACE_HUB_TOKEN=token, HF_HUB_TOKEN=token)
-    r = subprocess.run([sys.executable, "-m", "engine", "train", str(cfg_path), "--detach"],
-                       capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
-    assert r.returncode == 0, r.stderr
-    d = Path(r.stdout.strip().splitlines()[-1])
-    assert d.parent == runs and (d / rundir.CONFIG).exists()
-    wait_for(lambda: terminal(d) is not None and not rundir.process_alive(d), 300, what="the detached run to end")
-    assert terminal(d).type == "run_finished", terminal(d)
-    assert rundir.checkpoints(d) and (d / "adapter").exists() and (d / rundir.STDOUT).exists()
-    assert files_containing(d, token.encode()) == []
-    assert files_containing(d, token[3:].encode()) == []
-    # config saving never takes secrets from the environment
+HF_SECRET = "hf_testsecretQLORAtui0123456789abcdef"
+
+
+def test_hf_token_never_reaches_a_saved_config(tiny_cfg, tmp_path, monkeypatch):
+    """Config saving never takes secrets from the environment. (A detached run's whole directory,
+    stdout.log included, is checked for the token in the detach test below: one run, both checks.)"""
+    for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_TOKEN"):
+        monkeypatch.setenv(k, HF_SECRET)
+    cfg_path = write_cfg(tiny_cfg, tmp_path / "run.toml", {"train.max_steps": 6})
     config.save(config.load(cfg_path), tmp_path / "saved.toml")
-    assert token not in (tmp_path / "saved.toml").read_text()
+    assert HF_SECRET not in (tmp_path / "saved.toml").read_text()
 
 
 # ---------------------------------------------------------------- run states, control channel
@@ -530,7 +548,8 @@ def test_control_requests_are_atomic_ordered_and_stale_ones_dropped_on_resume(ti
 
 def test_detach_survives_its_terminal_then_stop_and_save_through_the_control_channel(tiny_cfg, tmp_path):
     """`train --detach` inside a tmux session; the session is killed (terminal gone); the run goes
-    on; `qlora-tui save` writes a checkpoint; `qlora-tui stop` stops it gracefully."""
+    on; `qlora-tui save` writes a checkpoint; `qlora-tui stop` stops it gracefully. HF_TOKEN is set
+    and no file of the run directory holds it."""
     import shutil
     if not shutil.which("tmux"):
         pytest.skip("tmux not installed")
@@ -539,7 +558,9 @@ def test_detach_survives_its_terminal_then_stop_and_save_through_the_control_cha
                                                          "train.eval_steps": 0, "output.dir": str(runs)})
     sock = f"qlt-{os.getpid()}"
     tm = ["tmux", "-L", sock]
-    env = env_with(QLORA_TUI_FAULTS="slow=0.3")
+    # with HF_TOKEN set: no file of the run (stdout.log, checkpoints, adapter included) holds it
+    env = env_with(QLORA_TUI_FAULTS="slow=0.3", HF_TOKEN=HF_SECRET, HUGGING_FACE_HUB_TOKEN=HF_SECRET,
+                   HF_HUB_TOKEN=HF_SECRET)
     shell = (f"cd {REPO} && {sys.executable} -m engine train {cfg_path} --detach > {tmp_path}/detach.out "
              f"2> {tmp_path}/detach.err; sleep 600")
     subprocess.run([*tm, "new-session", "-d", "-s", "det", shell], check=True, env=env)
@@ -566,3 +587,6 @@ def test_detach_survives_its_terminal_then_stop_and_save_through_the_control_cha
     assert step_numbers(d) == list(range(1, fin.step + 1))
     r = engine_cmd("stop", d)
     assert r.returncode == 1 and "no live run" in r.stderr
+    assert rundir.checkpoints(d) and (d / rundir.STDOUT).exists()
+    assert files_containing(d, HF_SECRET.encode()) == []
+    assert files_containing(d, HF_SECRET[3:].encode()) == []

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -97,13 +95,13 @@ def test_label_mask_never_trains_visual_tokens(tmp_path):
     assert small.truncated_rows == 1
 
 
-def test_vlm_qlora_headless_run_trains_the_language_model_only(tmp_path):
+def test_vlm_qlora_headless_run_trains_the_language_model_only(tmp_path, capsys):
+    from reliability_helpers import cli
     sets = ['model.name="builtin:tiny-vl"', 'data.train="builtin:vl-sample"', f'output.dir="{tmp_path / "runs"}"',
             "train.max_steps=6", "train.eval_steps=0", "train.save_steps=3", "train.learning_rate=5e-3",
             "train.logging_steps=1"]
-    p = subprocess.run([sys.executable, "-m", "engine", "train", "examples/demo.toml", "--headless",
-                        *[a for s in sets for a in ("--set", s)]], cwd=REPO, capture_output=True, text=True,
-                       timeout=600)
+    # the CLI in this process (no Python start-up of its own; other tests run it as a process)
+    p = cli(capsys, "train", REPO / "examples" / "demo.toml", "--headless", *[a for s in sets for a in ("--set", s)])
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     run_dir = next((tmp_path / "runs").iterdir())
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
