@@ -9,7 +9,10 @@ beta = 1, alpha = scaling), and likewise the LoRA input gradient into the base i
 the 4-bit weight is dequantised in the forward and again in the backward (never stored).
 
 Used for vanilla LoRA only (one active adapter, no dropout, no DoRA/variants, not merged, no
-bias); anything else falls back to PEFT's own forward on each call.
+bias); anything else falls back to PEFT's own forward on each call. With ``train.fp8_base`` the
+two base GEMMs run in FP8 (engine.training.fp8). Under weight streaming the function runs the
+base layer's pre-hooks itself (the streamer's window) and asks the streamer for the layer before
+its backward dequantizes it.
 """
 from __future__ import annotations
 
