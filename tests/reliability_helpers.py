@@ -145,3 +145,15 @@ def files_containing(root: Path, needle: bytes) -> list[Path]:
 
 def json_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def finished_losses(cfg: config.Config) -> tuple[list[float], list[str]]:
+    """Train ``cfg`` in this process to the end; its per-step losses and its run_started plan."""
+    from engine.training import runner
+    run = runner.Run(cfg)
+    run.start()
+    assert run.join(timeout=300)
+    assert run.result.type == "run_finished", getattr(run.result, "reason", "")
+    evs = events(run.run_dir)
+    started = next(e for e in evs if isinstance(e, events_mod.RunStarted))
+    return [e.loss for e in evs if isinstance(e, events_mod.Step)], started.plan

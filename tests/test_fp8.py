@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from engine.core import config
-from engine.training import fp8, runner
-from reliability_helpers import configured, events
+from engine.training import fp8
+from reliability_helpers import configured, finished_losses
 
 
 def test_rowwise_quantisation_is_exact_but_for_e4m3_rounding():
@@ -74,15 +74,6 @@ def test_fused_linear_with_fp8_base_gives_bf16_loss_and_gradients_within_roundin
         assert cos > 0.98, k
 
 
-def _losses(cfg):
-    run = runner.Run(cfg)
-    run.start()
-    assert run.join(timeout=300)
-    assert run.result.type == "run_finished", getattr(run.result, "reason", "")
-    started = next(e for e in events(run.run_dir) if e.type == "run_started")
-    return [e.loss for e in events(run.run_dir) if e.type == "step"], started.plan
-
-
 def test_fp8_training_and_streamed_fused_training_match_bf16(tiny_cfg, tmp_path):
     """builtin:tiny, 4 steps: fused bf16 (reference), fused FP8 (same losses within FP8 rounding),
     and fused bf16 with the 4-bit layers streamed (the fused linear runs the streamer's hooks and
@@ -91,18 +82,18 @@ def test_fp8_training_and_streamed_fused_training_match_bf16(tiny_cfg, tmp_path)
     base = configured(tiny_cfg, {"train.max_steps": 4, "train.save_steps": 0, "train.eval_steps": 0,
                                  "train.logging_steps": 1, "train.gradient_checkpointing": True,
                                  "train.fused_lora": True, "lora.dropout": 0.0})
-    ref, plan = _losses(configured(base, {"output.dir": str(tmp_path / "ref"), "train.fp8_base": "auto"}))
+    ref, plan = finished_losses(configured(base, {"output.dir": str(tmp_path / "ref"), "train.fp8_base": "auto"}))
     assert "FP8 base GEMMs off (CPU: no FP8 speed to gain)" in plan
-    got, plan = _losses(configured(base, {"output.dir": str(tmp_path / "fp8"), "train.fp8_base": True}))
+    got, plan = finished_losses(configured(base, {"output.dir": str(tmp_path / "fp8"), "train.fp8_base": True}))
     assert "FP8 base GEMMs on (train.fp8_base = true)" in plan
     assert len(got) == len(ref) == 4 and all(math.isfinite(x) for x in got)
     assert got != ref and got == pytest.approx(ref, rel=5e-3)
-    streamed, plan = _losses(configured(base, {"output.dir": str(tmp_path / "streamed"), "train.fp8_base": False,
+    streamed, plan = finished_losses(configured(base, {"output.dir": str(tmp_path / "streamed"), "train.fp8_base": False,
                                                "train.gpu_memory_gib": 0.0001}))
     assert any(p.startswith("weight streaming:") for p in plan), plan
     assert streamed == pytest.approx(ref, rel=1e-5)
     # streaming with the layers' inputs offloaded (what the planner picks for a 70B at 24 GiB)
-    both, plan = _losses(configured(base, {"output.dir": str(tmp_path / "both"), "train.fp8_base": False,
+    both, plan = finished_losses(configured(base, {"output.dir": str(tmp_path / "both"), "train.fp8_base": False,
                                            "train.gpu_memory_gib": 0.0001, "train.activation_offload": True}))
     assert any(p.startswith("weight streaming:") for p in plan) and any("inputs offloaded" in p for p in plan), plan
     assert both == pytest.approx(ref, rel=1e-5)

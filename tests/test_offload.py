@@ -1,15 +1,13 @@
 """Offloaded and selective gradient checkpointing (engine/training/offload.py), the fused NF4+LoRA linear
 (engine/training/fused_lora.py), and the planner's choices at 10, 16, 24 GiB and a whole H200, from
 config.json alone."""
-import json
 import math
 
 import pytest
 
 from engine.core import config
 from engine.planning import estimate as estimate_mod
-from engine.core import events
-from engine.training import runner
+from reliability_helpers import finished_losses
 
 GIB = 2 ** 30
 # Llama-3.1-8B's config.json (the keys the estimate reads)
@@ -96,16 +94,6 @@ def test_config_cross_checks():
     assert "train.checkpoint_layers" in str(e.value)
 
 
-def _losses(cfg):
-    run = runner.Run(cfg)
-    run.start()
-    assert run.join(timeout=300)
-    assert run.result.type == "run_finished", getattr(run.result, "reason", "")
-    evs = [json.loads(x) for x in (run.run_dir / "events.jsonl").read_text().splitlines()]
-    started = next(e for e in evs if e["type"] == "run_started")
-    return [e["loss"] for e in evs if e["type"] == "step"], started["plan"]
-
-
 def test_offloaded_and_selective_checkpointing_train_with_the_same_losses(tiny_cfg):
     """builtin:tiny on the CPU: the first layer checkpointed through the offloaded function (host
     copy, recompute with the forward's RNG state, backward inside backward), the others kept
@@ -116,11 +104,11 @@ def test_offloaded_and_selective_checkpointing_train_with_the_same_losses(tiny_c
     base.train.logging_steps = 1
     base.train.gradient_checkpointing = True
     base.lora.dropout = 0.1          # the recompute must draw the same dropout masks
-    ref, _ = _losses(base)
+    ref, _ = finished_losses(base)
     mixed = base.copy()
     mixed.train.activation_offload, mixed.train.checkpoint_layers = True, 1
     offload._STASH.__init__()
-    got, plan = _losses(mixed)
+    got, plan = finished_losses(mixed)
     assert "checkpointing: 1 decoder layers checkpointed, inputs offloaded to pinned CPU memory" in plan
     assert len(offload._STASH._buffers) == 1 and not any(offload._STASH._busy)   # used, and released
     assert len(ref) == len(got) == 5 and all(math.isfinite(x) for x in ref)

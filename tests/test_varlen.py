@@ -3,7 +3,6 @@
 On the CPU the attention function runs its per-sample sdpa path (the flash kernel is CUDA-only);
 the kernel call itself runs on the meta device (torch's fake kernel: shapes, dtypes, arguments
 and the backward's), and ``self_check`` compares it with sdpa on a GPU before a run uses it."""
-import json
 import math
 
 import pytest
@@ -11,7 +10,8 @@ import torch
 
 from engine.core import config
 from engine.planning import estimate as estimate_mod
-from engine.training import attention, runner
+from engine.training import attention
+from reliability_helpers import finished_losses
 from test_offload import bench_cfg     # the bench's recipe (seq 2048, batch 8, r=32, CUDA)
 
 GIB = 2 ** 30
@@ -168,15 +168,6 @@ def test_planner_and_estimate_know_varlen(monkeypatch):
     assert not any(r.startswith("attention varlen") for r in p.reasons)
 
 
-def _run(cfg):
-    run = runner.Run(cfg)
-    run.start()
-    assert run.join(timeout=300)
-    assert run.result.type == "run_finished", getattr(run.result, "reason", "")
-    evs = [json.loads(x) for x in (run.run_dir / "events.jsonl").read_text().splitlines()]
-    return [e["loss"] for e in evs if e["type"] == "step"]
-
-
 def test_engine_run_with_varlen_equals_sdpa_packing(tiny_cfg):
     """A real 4-bit QLoRA run of builtin:tiny with packing: varlen (TRL's padding-free rows) and
     sdpa (block-diagonal mask) train on the same packed samples with the same losses."""
@@ -184,9 +175,9 @@ def test_engine_run_with_varlen_equals_sdpa_packing(tiny_cfg):
     base.train.max_steps, base.train.eval_steps, base.train.save_steps, base.train.logging_steps = 3, 0, 0, 1
     base.data.packing = True
     base.model.attn_implementation = "sdpa"
-    ref = _run(base)
+    ref, _ = finished_losses(base)
     v = base.copy()
     v.model.attn_implementation = "varlen"
-    got = _run(v)
+    got, _ = finished_losses(v)
     assert len(ref) == len(got) == 3 and all(math.isfinite(x) for x in ref)
     assert got == pytest.approx(ref, rel=1e-4)
