@@ -379,44 +379,6 @@ def test_bad_files_and_values_are_one_line_never_a_traceback(tmp_path, capsys, t
         assert r.returncode == 2 and "give the GPU's memory in GiB" in r.stderr and "Traceback" not in r.stderr
 
 
-# ---------------------------------------------------------------- 11a. shapes a 4-bit kernel cannot run
-
-def test_intermediate_172_llama_is_planned_onto_a_kernel_that_runs_it(tiny_cfg, tmp_path):
-    """A local Llama with intermediate_size = 172 (random weights): trains and evaluates on the
-    CPU in 4 bits; the plan says which layers bitsandbytes' packed CPU kernel cannot run."""
-    import shutil
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from engine.training import model as model_mod
-    from engine.training import runner
-    from reliability_helpers import configured
-    src = Path(model_mod.model_path(tiny_cfg))
-    dst = tmp_path / "llama-172"
-    dst.mkdir()
-    for f in src.iterdir():
-        if f.name.startswith(("tokenizer", "chat_template")):
-            shutil.copy(f, dst / f.name)
-    conf = LlamaConfig.from_pretrained(src)
-    conf.intermediate_size = 172
-    torch.manual_seed(0)
-    LlamaForCausalLM(conf).save_pretrained(dst)
-    data = tmp_path / "small.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i}"},
-                                                     {"role": "assistant", "content": f"answer {i}"}]}) + "\n"
-                            for i in range(24)))
-    cfg = configured(tiny_cfg, {"model.name": str(dst), "data.train": str(data), "data.max_length": 64,
-                                "train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 0,
-                                "train.device": "cpu"})
-    run = runner.Run(cfg)
-    run.start()
-    assert run.join(timeout=300)
-    assert run.result.type == "run_finished" and not run.result.stopped, run.result
-    started = next(e for e in run.bus.history if e.type == "run_started")
-    note = next(p for p in started.plan if "packed CPU kernel" in p)
-    assert "gate_proj (172×128)" in note and "up_proj (172×128)" in note and "down_proj" not in note
-    assert [e.step for e in run.bus.history if e.type == "eval"] == [1, 2]
-
-
 # ---------------------------------------------------------------- 11. bounded memory
 
 MEMORY_BOUND_MIB = 2048        # docs/INSPECT.md: inspect stays under 2 GiB whatever one row holds

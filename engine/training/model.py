@@ -252,34 +252,55 @@ def load_model(cfg, rt: Runtime, path: str | None = None):
     return model
 
 
-CPU_PACKED_BLOCK_N = 32     # bitsandbytes' packed CPU 4-bit kernel: out_features % 32, even in_features
+def _bnb_4bit_layers(model):
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except Exception:        # no bitsandbytes: no 4-bit layers
+        return []
+    return [m for m in model.modules() if isinstance(m, Linear4bit)]
 
 
-def fit_4bit_kernels(model, rt: Runtime) -> list[str]:
-    """Keep every 4-bit layer on a kernel that can run its shape on this device; plan notes.
+def keep_4bit_trainable(model, rt: Runtime) -> list[str]:
+    """Keep every 4-bit layer on bitsandbytes' trainable kernel; plan notes.
 
-    On CPUs with AVX512-bf16, bitsandbytes switches a ``Linear4bit`` to a packed kernel the
-    first time it runs without gradients (the first eval) and that kernel asserts
-    ``N must be divisible by block_n`` for out_features not a multiple of 32 (a Llama with
-    intermediate_size = 172, say): the run would crash after its first training steps. Such
-    layers are kept on bitsandbytes' generic 4-bit kernel (the one training uses), decided
-    here, before the first step."""
+    On CPUs with AVX512-bf16, bitsandbytes (0.49+) re-lays a ``Linear4bit``'s weight out for an
+    inference-only kernel the first time it runs without gradients (the first eval), and keeps it
+    that way: every later training step then runs ``gemv_4bit``, which has no backward (the
+    gradients reaching the LoRA layers below are wrong, silently), and the re-layout itself
+    fails for widths that are not multiples of its blocks (an MLP of 172, say) and adds biases
+    in place (a vision model's run fails). One model serves eval and training here, so that
+    layout is turned off for every layer before the first step, and ``restore_trainable_4bit``
+    checks it after every eval."""
     if rt.device != "cpu" or not rt.load_in_4bit:
         return []
-    odd: dict[str, tuple[int, int]] = {}
-    for name, mod in model.named_modules():
-        if type(mod).__name__ != "Linear4bit":
-            continue
-        out_f, in_f = int(mod.out_features), int(mod.in_features)
-        if out_f % CPU_PACKED_BLOCK_N or in_f % 2:
-            mod.support_avx512bf16_for_cpu = False
-            odd.setdefault(name.rsplit(".", 1)[-1], (out_f, in_f))
-    if not odd:
+    layers = _bnb_4bit_layers(model)
+    would = [m for m in layers if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    restore_trainable_4bit(model)
+    if not would:
         return []
-    shapes = ", ".join(f"{k} ({o}×{i})" for k, (o, i) in sorted(odd.items()))
-    return [f"4-bit layers {shapes} have a shape bitsandbytes' packed CPU kernel cannot run (out_features "
-            f"must be a multiple of {CPU_PACKED_BLOCK_N}): they use its generic 4-bit kernel, in training "
-            "and eval alike"]
+    return [f"4-bit layers on bitsandbytes' trainable kernel in eval too ({len(would)} layers: its "
+            "AVX512-bf16 inference layout has no backward, so it is not used by a run that trains)"]
+
+
+def restore_trainable_4bit(model) -> int:
+    """Put back every 4-bit layer that was switched to bitsandbytes' inference-only CPU layout
+    (its own inverse: the same 4-bit codes; the block scales went through bf16 and come back
+    through double quantisation, under 1% off); how many were. Called at load and after each eval."""
+    n = 0
+    for m in _bnb_4bit_layers(model):
+        m.support_avx512bf16_for_cpu = False
+        qs = getattr(m.weight, "quant_state", None)
+        if qs is None or not getattr(qs, "packing_format_for_cpu", False):
+            continue
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+        m.weight.data, qs = _convert_weight_packed_for_cpu_inverse(m.weight.data, qs)
+        m.weight.quant_state = qs
+        if getattr(m, "quant_state", None) is not None:
+            m.quant_state = qs
+        n += 1
+    return n
 
 
 def linear_module_names(model) -> list[str]:

@@ -238,7 +238,7 @@ class Recipe:
         self.emit(events.Status(phase="model", message=f"loading {cfg.model.name} "
                                 f"({'4-bit ' + cfg.quant.quant_type if rt.load_in_4bit else rt.dtype}) on {rt.device}"))
         model = model_mod.load_model(cfg, rt, path)
-        self.plan.lines.extend(model_mod.fit_4bit_kernels(model, rt))     # shapes a bitsandbytes kernel cannot run
+        self.plan.lines.extend(model_mod.keep_4bit_trainable(model, rt))   # no inference-only 4-bit kernel in a run
         resized = len(self.tok) > model.get_input_embeddings().weight.shape[0]
         if resized:
             model.resize_token_embeddings(len(self.tok))

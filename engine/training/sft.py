@@ -70,6 +70,19 @@ class QLoraTrainerMixin:
                 out = out * float("nan")
         return out
 
+    def evaluate(self, *a, **kw):
+        """Eval, then every 4-bit layer back on its trainable kernel before the next step
+        (engine.training.model.keep_4bit_trainable: a library may switch layers to an
+        inference-only layout while no gradient is asked for)."""
+        out = super().evaluate(*a, **kw)
+        from engine.training.model import restore_trainable_4bit
+        n = restore_trainable_4bit(self.model)
+        if n and self.event_callback is not None:
+            self.event_callback.emit(events.RunWarning(
+                message=f"{n} 4-bit layers were switched to an inference-only kernel during eval; "
+                        "restored before training went on", source="build", step=self.state.global_step))
+        return out
+
     def _maybe_log_save_evaluate(self, tr_loss, *a, **kw):
         out = super()._maybe_log_save_evaluate(tr_loss, *a, **kw)
         # HF resets the running loss with ``tr_loss -= tr_loss``: NaN - NaN stays NaN, so one
