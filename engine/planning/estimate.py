@@ -557,35 +557,14 @@ def _activation_bytes_per_token(input_bytes: int, act: int, layers: int, k: int,
 # ---------------------------------------------------------------------------------------------
 # config.json and GPU memory
 
-def hub_unreachable(timeout: float = 3.0) -> str | None:
-    """Why the hub cannot be reached from here (offline mode, no route), or None. One quick
-    connect instead of the client's retries (24 s offline, ending in a cut-off message)."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
-        return "HF_HUB_OFFLINE is set"
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as e:
-        return f"{host} cannot be reached ({e.strerror or type(e).__name__})"
-    return None
-
-
 def _hub_config(name: str, repo: str, revision) -> Path:
-    """config.json of a hub model: from the local cache, else downloaded if the hub answers."""
+    """config.json of a hub model: from the local cache, else downloaded (the model source check,
+    engine.core.hub, has already said whether the hub answers)."""
+    from engine.core import hub
+    cached = hub.cached_file(repo, "config.json", revision)
+    if cached is not None:
+        return Path(cached)
     from huggingface_hub import hf_hub_download
-    try:
-        return Path(hf_hub_download(repo, "config.json", revision=revision, local_files_only=True))
-    except Exception:
-        pass                                           # not cached: ask the hub
-    why = hub_unreachable()
-    if why:
-        raise EstimateError(f"model {name!r} is a hub id and the hub is unreachable: {why}. Point "
-                            f"model.name at a local model directory (download it where the hub "
-                            f"answers: huggingface-cli download {repo})")
     try:
         return Path(hf_hub_download(repo, "config.json", revision=revision))
     except Exception as e:  # gated, missing repo: one line naming the model, never cut mid-word
