@@ -152,10 +152,18 @@ def _short_list(items, limit: int = 8) -> str:
     return text
 
 
+def auto_model_class(config):
+    """The transformers Auto class that builds a base of this config (a ``PretrainedConfig``
+    or config.json as a dict): image-text where it has a vision part, else causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    d = config if isinstance(config, dict) else config.to_dict()
+    return AutoModelForImageTextToText if isinstance(d.get("vision_config"), dict) else AutoModelForCausalLM
+
+
 def _base_modules(base: str, revision: str, trust_remote_code: bool, err) -> tuple[Any, dict]:
     """The base's config and {module name: (in_features, out_features)}, built on the meta device."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
         cfg = AutoConfig.from_pretrained(base, revision=revision or None,
@@ -164,9 +172,9 @@ def _base_modules(base: str, revision: str, trust_remote_code: bool, err) -> tup
         raise err(f"base model {base}: cannot read its config.json: {str(e).splitlines()[0][:200]}") from None
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+            model = auto_model_class(cfg).from_config(cfg, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
-        raise err(f"base model {base}: not a causal language model transformers can build "
+        raise err(f"base model {base}: not a language model transformers can build "
                   f"({str(e).splitlines()[0][:200]})") from None
     shapes: dict[str, tuple[int, int]] = {}
     for name, mod in model.named_modules():
@@ -517,10 +525,12 @@ def _merge_inputs(src, base: str | None, progress) -> tuple[Path, dict, str, str
 def _load_base_and_adapter(base_name: str, adapter_dir: Path, load_kw: dict, where: tuple[str, str], progress):
     """(base model, tokenizer, PEFT model) in eval mode; ``where`` = (dtype name, device)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     progress(0.1, f"loading base {base_name} in {where[0]} on {where[1]}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(base_name, **load_kw)
+        bcfg = AutoConfig.from_pretrained(base_name, revision=load_kw.get("revision"),
+                                          trust_remote_code=load_kw["trust_remote_code"])
+        model = auto_model_class(bcfg).from_pretrained(base_name, **load_kw)
     except Exception as e:  # noqa: BLE001
         raise MergeError(f"base model {base_name}: loading failed: {str(e).splitlines()[0][:200]}") from None
     model.eval()
@@ -564,7 +574,11 @@ def _merge_to(out: Path, base_name: str, adapter_dir: Path, load_kw: dict, where
     progress(0.6, f"saving to {out}")
     try:
         merged.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
+        if auto_model_class(merged.config).__name__ != "AutoModelForCausalLM":   # the base's image processor too
+            from engine.training.vision import pretrained_processor
+            pretrained_processor(base_name, load_kw.get("revision"),
+                                       load_kw["trust_remote_code"]).save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))       # the run's tokenizer (and chat template) over the base's
     except Exception as e:  # noqa: BLE001
         shutil.rmtree(tmp, ignore_errors=True)
         raise MergeError(f"saving the merged model to {tmp} failed: {str(e).splitlines()[0][:200]}") from None
@@ -576,14 +590,14 @@ def _verify_merged(tmp: Path, out: Path, load_kw: dict, encoded: list, ref: list
                    progress) -> tuple[float, float, int, int]:
     """Reload the saved checkpoint with plain transformers and compare its logits with base +
     adapter; on a failure ``tmp`` is removed and nothing reaches ``out``."""
-    from transformers import AutoModelForCausalLM
     progress(0.75, "reloading the merged checkpoint with plain transformers")
     reload_kw = {k: v for k, v in load_kw.items() if k != "revision"}
     try:
-        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), **reload_kw)
+        auto = auto_model_class(json.loads((tmp / "config.json").read_text(encoding="utf-8")))
+        reloaded = auto.from_pretrained(str(tmp), **reload_kw)
     except Exception as e:  # noqa: BLE001
         shutil.rmtree(tmp, ignore_errors=True)
-        raise MergeError(f"the merged checkpoint does not load with AutoModelForCausalLM: "
+        raise MergeError(f"the merged checkpoint does not load with plain transformers: "
                          f"{str(e).splitlines()[0][:200]}") from None
     reloaded.eval()
     progress(0.85, "comparing merged logits with base + adapter")

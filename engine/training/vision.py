@@ -296,7 +296,7 @@ def _processor_class(path: str, trust: bool):
     return cls
 
 
-def _from_pretrained_processor(path: str, revision, trust: bool):
+def pretrained_processor(path: str, revision, trust: bool):
     from transformers import AutoProcessor
     try:
         return AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust)
@@ -314,7 +314,7 @@ def load_processor(cfg, path: str):
     """The model's processor (image processor + tokenizer + chat template), pad token ensured."""
     from engine.training.model import ModelError
     try:
-        proc = _from_pretrained_processor(path, cfg.model.revision or None, cfg.model.trust_remote_code)
+        proc = pretrained_processor(path, cfg.model.revision or None, cfg.model.trust_remote_code)
     except ImportError as e:
         raise ModelError(f"model.name = {cfg.model.name!r}: its image processor needs a missing package "
                          f"({str(e).splitlines()[0][:160]})") from None
