@@ -88,6 +88,10 @@ class HeadlessPrinter:
                 w(f"hint [{ev.severity}] {at}{ev.symptom} — {ev.cause}. Fix: {ev.fix}\n")
             case events.RunWarning(message=message):
                 self._err(f"warning: {message}\n")
+            case events.NumericsCheck():
+                w(f"check {ev.path} at step {ev.step}: loss {_num(ev.fast_loss, '.6f')} vs "
+                  f"{_num(ev.reference_loss, '.6f')} on the reference path, {_num(ev.relative_difference, '.3%')} "
+                  f"apart (limit {ev.threshold:.1%}): {'kept' if ev.kept else 'turned off'}\n")
             case events.RunFinished():
                 s = self.summary
                 loss = s.final_loss if s.final_loss is not None else s.last_loss

@@ -148,6 +148,20 @@ class RunWarning(Event):
 
 
 @dataclass
+class NumericsCheck(Event):
+    """A fast path's numbers checked against the reference path on the run's own data (the FP8
+    guard: the first micro-batch's loss both ways); ``kept`` False: the path was turned off."""
+    type: ClassVar[str] = "numerics_check"
+    path: str = ""                 # the config key of the fast path (train.fp8_base)
+    step: int = 0
+    reference_loss: float | None = None
+    fast_loss: float | None = None
+    relative_difference: float | None = None
+    threshold: float = 0.0
+    kept: bool = True
+
+
+@dataclass
 class Resumed(Event):
     """Appended when ``train --resume`` continues the run; the log is never rewritten. What was
     logged past ``from_step`` (steps, evals, checkpoints, hints) is work the resume redoes:
@@ -193,7 +207,7 @@ class Exported(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     c.type: c for c in (RunStarted, Status, Step, Eval, Checkpoint, Hint, RunWarning, Resumed, RunFinished,
-                        RunFailed, Exported)
+                        RunFailed, Exported, NumericsCheck)
 }
 TERMINAL = (RunFinished, RunFailed)       # isinstance(ev, TERMINAL): the run's last event
 # fields read back as their StrEnum (by annotation); a value a newer version wrote stays text

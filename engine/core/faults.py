@@ -8,7 +8,10 @@
 - ``markerfull@N``: the disk fills up as checkpoint N's ``COMPLETE`` marker is written: the
   marker and every event-log write fail with ENOSPC (a write is cut half-way) until space is
   freed (the log's reserve, see ``engine.core.events.JsonlWriter``);
-- ``logfull@N``: the same for the event log alone, from step N's event on.
+- ``logfull@N``: the same for the event log alone, from step N's event on;
+- ``probe:NAME``: the plan-time check of fast path NAME raises (engine.training.probes);
+- ``probewrong:NAME``: that check's fast result comes out wrong (off by 50%);
+- ``fp8drift``: the FP8 guard's FP8 loss comes out 2% off (engine.training.sft).
 Unset in normal use; never set by the product itself.
 """
 from __future__ import annotations
@@ -25,11 +28,15 @@ class Faults:
     markerfull_step: int | None = None
     logfull_step: int | None = None
     slow: float = 0.0
+    probe_raise: frozenset = frozenset()
+    probe_wrong: frozenset = frozenset()
+    fp8_drift: bool = False
 
     @property
     def any(self) -> bool:
         return bool(self.nan_step or self.oom_step or self.diskfull_step or self.slow
-                    or self.markerfull_step or self.logfull_step)
+                    or self.markerfull_step or self.logfull_step or self.probe_raise or self.probe_wrong
+                    or self.fp8_drift)
 
 
 def from_env() -> Faults:
@@ -47,6 +54,12 @@ def from_env() -> Faults:
             f.logfull_step = int(item[8:])
         elif item.startswith("slow="):
             f.slow = float(item[5:])
+        elif item.startswith("probe:"):
+            f.probe_raise = f.probe_raise | {item[6:]}
+        elif item.startswith("probewrong:"):
+            f.probe_wrong = f.probe_wrong | {item[11:]}
+        elif item == "fp8drift":
+            f.fp8_drift = True
     return f
 
 

@@ -92,7 +92,7 @@ def quantize_rows(x):
     assert x.dim() == 2
     if x.stride(1) != 1:
         x = x.contiguous()
-    if x.is_cuda:
+    if x.is_cuda and _triton_ok():
         q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
         s = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
         if x.shape[0]:
@@ -100,6 +100,12 @@ def quantize_rows(x):
         return q, s
     s = _pow2_scale(x.abs().amax(dim=1, keepdim=True))
     return (x.float() / s).to(torch.float8_e4m3fn), s
+
+
+def _triton_ok() -> bool:
+    """The Triton kernels passed their check on this device (engine.training.probes), or never ran it."""
+    from engine.training.probes import passed
+    return passed("triton_quant")
 
 
 def _pow2_scale(amax):
@@ -113,7 +119,7 @@ def quantize_cols_transposed(w):
     transposed copy: the input gradient's GEMM wants ``w`` column-major)."""
     import torch
     s = _pow2_scale(torch.linalg.vector_norm(w, ord=float("inf"), dim=0)).unsqueeze(1)   # [in, 1]
-    if not w.is_cuda:
+    if not (w.is_cuda and _triton_ok()):
         return (w.t().float() / s).to(torch.float8_e4m3fn), s
     w = w.contiguous()
     R, C = w.shape

@@ -90,7 +90,8 @@ class HostStash:
     def put(self, t):
         """Start copying ``t`` to host memory; returns its handle."""
         import torch
-        i = self._buffer(t.numel() * t.element_size(), pin=t.is_cuda)
+        from engine.training.probes import passed
+        i = self._buffer(t.numel() * t.element_size(), pin=t.is_cuda and passed("pinned_buffers"))
         handle = [i, t.shape, t.dtype, t.device, None]
         host = self._host_view(handle)
         if t.is_cuda:

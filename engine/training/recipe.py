@@ -27,6 +27,7 @@ class RunPlan:
     runtime: object                    # engine.training.model.Runtime: device, dtype, 4-bit or not
     lines: list[str] = field(default_factory=list)
     estimate_bytes: int | None = None  # the pre-flight peak estimate (the OOM hint compares with it)
+    warnings: list[str] = field(default_factory=list)   # fast paths that failed their check here
 
     def choices(self) -> dict:
         """The resolved choices by name (what the plan lines explain)."""
@@ -56,7 +57,9 @@ def plan_run(cfg, rows: "Rows | None" = None) -> RunPlan:
         streaming_plan.check_host_ram(resolved)            # before any weight is loaded
     except ValueError as e:
         raise model_mod.ModelError(str(e)) from None
-    return RunPlan(resolved, rt, lines, _peak_estimate(cfg))
+    from engine.training import probes                     # each fast path checked on this device
+    checked, warnings = probes.verify(resolved, rt)
+    return RunPlan(resolved, rt, lines + checked, _peak_estimate(cfg), warnings)
 
 
 def _peak_estimate(cfg) -> int | None:
@@ -188,7 +191,7 @@ class Recipe:
         trainer, cb = self._make_trainer(model, train_tok, eval_tok if has_eval else None)
         cb.meta = dict(model=self.cfg.model.name, device=self.rt.device, train_rows=len(train_tok),
                        eval_rows=len(eval_tok) if has_eval else 0, plan=self.plan.lines, config=self.cfg.to_dict())
-        for w in rows.warnings:
+        for w in self.plan.warnings + rows.warnings:
             self.emit(events.RunWarning(source="build", message=w))
         self.prepared = Prepared(trainer, self.proc if self.proc is not None else self.tok, path, self.rt,
                                  len(train_tok), len(eval_tok) if has_eval else 0, self.plan.lines,
@@ -304,6 +307,7 @@ class Recipe:
         if collator is not None:     # after __init__: TRL refuses custom collators with bfd packing
             trainer.data_collator = collator
         install_speed_tools(trainer, cfg, lines)
+        trainer.fp8_guard = cfg.train.fp8_base is True     # the first micro-batch's loss both ways (sft)
         self._attach_streaming(trainer)
         cb.trainer = trainer
         from transformers.trainer_callback import PrinterCallback, ProgressCallback

@@ -52,11 +52,15 @@ class QLoraTrainerMixin:
     def __init__(self, *args, faults: Faults | None = None, event_callback: EventCallback | None = None, **kwargs):
         self.faults = faults or Faults()
         self.event_callback = event_callback
+        self.fp8_guard = False        # set by the recipe when FP8 base GEMMs are on: checked on the first micro-batch
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, *a, **kw):
         faults = self.faults
         step = self.state.global_step + 1
+        if self.fp8_guard and model.training:
+            self.fp8_guard = False
+            self._check_fp8(model, inputs, step)
         if faults.slow:
             time.sleep(faults.slow)
         if faults.oom_step == step:
@@ -69,6 +73,45 @@ class QLoraTrainerMixin:
             else:
                 out = out * float("nan")
         return out
+
+    def _check_fp8(self, model, inputs, step: int) -> None:
+        """FP8 guards its own numerics: the first micro-batch's loss with the base GEMMs in FP8 and
+        in bf16 (two forwards without gradients); a relative difference above
+        ``probes.FP8_GUARD_THRESHOLD`` turns FP8 off for the run. Either way a NumericsCheck event."""
+        from engine.training import offload, probes
+        mods = [m for m in model.modules() if getattr(m, "_fp8", False)]
+        if not mods:
+            return
+
+        def loss_with(fp8: bool) -> float:
+            for m in mods:
+                m._fp8 = fp8
+            with torch.no_grad():
+                return float(model(**inputs).loss.float())
+        try:
+            ref, fast = loss_with(False), loss_with(True)
+        finally:
+            for m in mods:
+                m._fp8 = True
+            offload._STASH.reset()                 # no backward follows these forwards
+        if self.faults.fp8_drift:
+            fast *= 1.02
+        rel = abs(fast - ref) / max(abs(ref), 1e-12)
+        rel = rel if rel == rel else float("inf")
+        kept = rel <= probes.FP8_GUARD_THRESHOLD
+        if not kept:
+            for m in mods:
+                m._fp8 = False
+        emit = self.event_callback.emit if self.event_callback is not None else (lambda ev: None)
+        emit(events.NumericsCheck(path="train.fp8_base", step=step, reference_loss=ref, fast_loss=fast,
+                                  relative_difference=rel, threshold=probes.FP8_GUARD_THRESHOLD, kept=kept))
+        if not kept:
+            emit(events.RunWarning(
+                message=f"FP8 base GEMMs turned off for this run: the first step's loss differs from the bf16 "
+                        f"path's by {rel:.2%} (limit {probes.FP8_GUARD_THRESHOLD:.1%}); the run goes on in bf16",
+                source="build", step=step))
+        if distributed.is_main():
+            probes.record_numerics(probes.device_name(next(model.parameters()).device.type), "fp8_base", rel, kept)
 
     def evaluate(self, *a, **kw):
         """Eval, then every 4-bit layer back on its trainable kernel before the next step

@@ -326,6 +326,8 @@ class ConfigScreen(Screen):
             try:
                 p = est.plan(cfg, mc, int(cfg.train.gpu_memory_gib * est.GIB))
                 text += "\n" + est.plan_summary(p, cfg.train.gpu_memory_gib)
+                from engine.training.probes import planner_notes   # fast paths checked on this GPU
+                text += "".join("\n" + note for note in planner_notes(p.fp8))
             except Exception as ex:
                 text += f"\nplanner unavailable: {one_line(ex, 100)}"
         self.post_message(EstimateReady(text, e.trainable_params))
