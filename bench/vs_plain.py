@@ -214,7 +214,17 @@ def engine_variant(variant, shape, seq, batch, out_dir, extra=None):
     tps = dtok / dt if dt else None
     dts = [e.time - prev[e.step - 1].time for e in meas if e.step - 1 in prev]
     pred = re.search(r"predicted ([\d.]+) GiB", " ".join(started.plan or []))
-    return dict(variant=variant, shape=shape, seq=seq, batch=batch, tokens_per_s=round(tps) if tps else None,
+    # the fast paths' checks (engine/training/probes.py) and the FP8 guard, against 100 steps
+    checked = [p for p in started.plan or [] if p.startswith("checked on") or " off: its check" in p]
+    probe_s = sum(float(m) for m in re.findall(r"\(([\d.]+) s; relative error", " ".join(checked)))
+    guard = next((e for e in standing(evs) if isinstance(e, events.NumericsCheck)), None)
+    step_s = statistics.mean(dts) if dts else None
+    checks = dict(lines=checked, probe_s=probe_s, guard_s=guard.seconds if guard else 0.0,
+                  fp8_relative_difference=guard.relative_difference if guard else None,
+                  fp8_kept=guard.kept if guard else None,
+                  share_of_100_steps=round((probe_s + (guard.seconds if guard else 0.0)) / (100 * step_s), 5)
+                  if step_s else None)
+    return dict(checks=checks, variant=variant, shape=shape, seq=seq, batch=batch, tokens_per_s=round(tps) if tps else None,
                 step_cv=_cv(dts), predicted_device_gib=float(pred.group(1)) if pred else None,
                 peak_reserved_gib=round(max(e.peak_memory_bytes or 0 for e in steps) / 2**30, 2),
                 nvml_peak_gib=round(nvml / 2**30, 2) if nvml else None,

@@ -159,6 +159,7 @@ class NumericsCheck(Event):
     relative_difference: float | None = None
     threshold: float = 0.0
     kept: bool = True
+    seconds: float = 0.0           # what the check cost (its extra forwards)
 
 
 @dataclass

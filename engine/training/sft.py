@@ -88,6 +88,7 @@ class QLoraTrainerMixin:
                 m._fp8 = fp8
             with torch.no_grad():
                 return float(model(**inputs).loss.float())
+        t0 = time.perf_counter()
         try:
             ref, fast = loss_with(False), loss_with(True)
         finally:
@@ -104,7 +105,8 @@ class QLoraTrainerMixin:
                 m._fp8 = False
         emit = self.event_callback.emit if self.event_callback is not None else (lambda ev: None)
         emit(events.NumericsCheck(path="train.fp8_base", step=step, reference_loss=ref, fast_loss=fast,
-                                  relative_difference=rel, threshold=probes.FP8_GUARD_THRESHOLD, kept=kept))
+                                  relative_difference=rel, threshold=probes.FP8_GUARD_THRESHOLD, kept=kept,
+                                  seconds=round(time.perf_counter() - t0, 4)))
         if not kept:
             emit(events.RunWarning(
                 message=f"FP8 base GEMMs turned off for this run: the first step's loss differs from the bf16 "
