@@ -24,7 +24,7 @@ for line in open(".ci/requirements.lock"):
     if m:
         lock[m.group(1).lower().replace("_", "-")] = m.group(2)
 now = {}
-for line in subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
+for line in subprocess.run([sys.executable, "-m", "pip", "freeze", "--all", "--exclude-editable"],
                            capture_output=True, text=True).stdout.splitlines():
     if "==" in line:
         k, v = line.split("==", 1)
