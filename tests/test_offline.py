@@ -111,13 +111,20 @@ def test_no_kernel_is_downloaded_from_the_hub(no_network):
     ("train", "{cfg}", "--headless"),
     ("inspect", "builtin:sample", "--model", "some-org/some-model"),
     ("estimate", "{cfg}"),
+    ("merge", "{adapter}", "--out", "{out}"),
 ])
 def test_a_hub_id_with_no_route_fails_in_one_line_after_one_connect(no_network, tmp_path, args):
     env, log = no_network
     cfg = tmp_path / "hub.toml"
     cfg.write_text('[model]\nname = "some-org/some-model"\n[data]\ntrain = "builtin:sample"\n'
                    f'[output]\ndir = {json.dumps(str(tmp_path / "runs"))}\n')
-    p = _engine(env, *[a.format(cfg=cfg) for a in args], timeout=120)
+    adapter = tmp_path / "adapter"          # an adapter trained on a hub model: its base is that id
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": "some-org/some-model", "peft_type": "LORA", "r": 4, "lora_alpha": 8,
+         "target_modules": ["q_proj"]}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    p = _engine(env, *[a.format(cfg=cfg, adapter=adapter, out=tmp_path / "merged") for a in args], timeout=120)
     out = p.stdout + p.stderr
     assert p.returncode != 0
     _no_retries(p)

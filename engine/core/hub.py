@@ -124,9 +124,11 @@ def cached_file(repo: str, filename: str, revision: str | None = None, repo_type
     return p if isinstance(p, str) else None
 
 
-def check_model_id(field: str, repo: str, revision: str | None = None) -> None:
+def check_model_id(repo: str, revision: str | None = None, *, what: str = "model.name =",
+                   fix: str = "point model.name at a local model directory") -> None:
     """A model named by hub id must be cached here or the hub reachable; raises ValueError with
-    one line otherwise. Cached and unreachable: the process goes offline (reads the cache)."""
+    one line otherwise (``what`` names where the id came from, ``fix`` what to do). Cached and
+    unreachable: the process goes offline (reads the cache, never retries)."""
     cached = cached_file(repo, "config.json", revision)
     if cached is not None and (offline() or unreachable() is not None):
         go_offline()
@@ -135,6 +137,5 @@ def check_model_id(field: str, repo: str, revision: str | None = None) -> None:
         return
     why = unreachable()
     if why:
-        raise ValueError(f"{field} = {repo!r} is a hub id and the hub is unreachable: {why}. Point {field} "
-                         f"at a local model directory (download it where the hub answers: "
-                         f"huggingface-cli download {repo} --local-dir DIR)")
+        raise ValueError(f"{what} {repo!r} is a hub id and the hub is unreachable: {why}. {fix[:1].upper()}{fix[1:]} "
+                         f"(download it where the hub answers: huggingface-cli download {repo} --local-dir DIR)")

@@ -134,6 +134,12 @@ def resolve_base(name: str, *, revision: str = "", trust_remote_code: bool = Fal
     if p.exists() or _looks_like_path(name):
         raise err(f"base model {name}{src} not found: no such directory; pass --base with the "
                   f"model the adapter was trained on")
+    from engine.core import hub
+    try:                     # cached here, or the hub answers: else one line, at once (no retries)
+        hub.check_model_id(name, revision or None, what=f"base model{src}",
+                           fix="pass --base with a local model directory")
+    except ValueError as e:
+        raise err(str(e)) from None
     try:
         from transformers import AutoConfig
         AutoConfig.from_pretrained(name, revision=revision or None, trust_remote_code=trust_remote_code)

@@ -94,7 +94,7 @@ def model_path(cfg) -> str:
         raise ModelError(f"model.name = {name!r}: neither a local directory nor a hub id (owner/name)")
     from engine.core import hub
     try:                    # cached here, or the hub answers: else one line, at once
-        hub.check_model_id("model.name", name, cfg.model.revision or None)
+        hub.check_model_id(name, cfg.model.revision or None)
     except ValueError as e:
         raise ModelError(str(e)) from None
     return name
