@@ -45,28 +45,28 @@ def test_each_probe_passes_on_this_cpu_within_its_tolerance():
         probes.check("fused_lora", torch.device("cpu"), torch.float32)
 
 
-@pytest.mark.parametrize("fault,key,label", [
-    ("probe:fused_lora", "train.fused_lora", "fused NF4+LoRA linear"),
-    ("probewrong:fused_lora", "train.fused_lora", "fused NF4+LoRA linear"),
-    ("probe:fp8_base", "train.fp8_base", "FP8 base GEMMs"),
-    ("probewrong:activation_offload", "train.activation_offload", "offloaded checkpointing"),
-    ("probe:liger", "train.liger_kernel", "Liger kernels"),
+@pytest.mark.parametrize("faults,failed", [
+    # the fused linear fails: PEFT's path, and FP8 (which runs inside it) goes with it
+    ("probe:fused_lora", {"train.fused_lora": "fused NF4+LoRA linear"}),
+    # the fused linear passes; FP8 raises, offload comes out wrong, Liger raises: each off alone
+    ("probe:fp8_base,probewrong:activation_offload,probe:liger",
+     {"train.fp8_base": "FP8 base GEMMs", "train.activation_offload": "offloaded checkpointing",
+      "train.liger_kernel": "Liger kernels"}),
 ])
-def test_a_failed_check_turns_the_path_off_and_the_run_trains(tiny_cfg, monkeypatch, fault, key, label):
-    monkeypatch.setenv("QLORA_TUI_FAULTS", fault)
-    changes = {"train.fused_lora": True, key: True}
-    if key == "train.fp8_base":
-        changes["train.fp8_base"] = True
-    cfg = _cfg(tiny_cfg, **changes)
+def test_a_failed_check_turns_the_path_off_and_the_run_trains(tiny_cfg, monkeypatch, faults, failed):
+    monkeypatch.setenv("QLORA_TUI_FAULTS", faults)
+    cfg = _cfg(tiny_cfg, **{"train.fused_lora": True, "train.fp8_base": True, "train.activation_offload": True,
+                            "train.liger_kernel": True})
     evs, started = _run(cfg)
-    line = next(p for p in started.plan if p.startswith(f"{label} off: its check on this CPU failed"))
-    assert ("injected fault" in line) if fault.startswith("probe:") else ("off the reference path" in line)
-    assert any(isinstance(e, ev.RunWarning) and e.message == line for e in evs)
-    sec, name = key.split(".")
-    assert started.config[sec][name] is False
+    for key, label in failed.items():
+        line = next(p for p in started.plan if p.startswith(f"{label} off: its check on this CPU failed"))
+        wrong = key == "train.activation_offload"
+        assert ("off the reference path" in line) if wrong else ("injected fault" in line), line
+        assert any(isinstance(e, ev.RunWarning) and e.message == line for e in evs)
+        sec, name = key.split(".")
+        assert started.config[sec][name] is False
+    assert started.config["train"]["fp8_base"] is False
     assert len([e for e in evs if isinstance(e, ev.Step)]) == 3
-    if key == "train.fused_lora" or key == "train.fp8_base":
-        assert started.config["train"]["fp8_base"] is False
 
 
 def test_paths_that_pass_are_named_in_the_plan(tiny_cfg):

@@ -73,18 +73,30 @@ def _no_retries(*procs):
 
 
 def test_train_inspect_export_open_no_connection(no_network, tmp_path):
+    """The three commands in one process (one Python start-up), as `python -m engine` runs each."""
     env, log = no_network
     runs = tmp_path / "runs"
-    train = _engine(env, "train", REPO / "examples" / "demo.toml", "--headless",
-                    "--set", "train.max_steps=3", "--set", "train.eval_steps=2", "--set", "train.save_steps=0",
-                    "--set", f"output.dir={json.dumps(str(runs))}")
-    assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
-    run_dir = next(runs.iterdir())
-    inspect = _engine(env, "inspect", "builtin:sample", "--model", "builtin:tiny")
-    assert inspect.returncode == 0, inspect.stdout[-2000:] + inspect.stderr[-2000:]
-    export = _engine(env, "export", run_dir, "--gguf", "f16", "--out", tmp_path / "out")
-    assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
-    _no_retries(train, inspect, export)
+    train = ["train", str(REPO / "examples" / "demo.toml"), "--headless", "--set", "train.max_steps=3",
+             "--set", "train.eval_steps=2", "--set", "train.save_steps=0",
+             "--set", f"output.dir={json.dumps(str(runs))}"]
+    inspect = ["inspect", "builtin:sample", "--model", "builtin:tiny"]
+    export = ["export", "RUN", "--gguf", "f16", "--out", str(tmp_path / "out")]
+    code = ("import sys, json, pathlib\n"
+            "from engine.cli import main\n"
+            "cmds = json.loads(sys.argv[1])\n"
+            "for cmd in cmds:\n"
+            "    if 'RUN' in cmd:\n"
+            "        cmd[cmd.index('RUN')] = str(next(pathlib.Path(sys.argv[2]).iterdir()))\n"
+            "    rc = main(cmd)\n"
+            "    print('RC', cmd[0], rc, flush=True)\n"
+            "    if rc:\n"
+            "        sys.exit(rc)\n")
+    p = subprocess.run([sys.executable, "-c", code, json.dumps([train, inspect, export]), str(runs)],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert [ln for ln in p.stdout.splitlines() if ln.startswith("RC ")] == ["RC train 0", "RC inspect 0",
+                                                                           "RC export 0"]
+    _no_retries(p)
     assert log.read_text() == "", log.read_text()
 
 
