@@ -446,8 +446,9 @@ class EventLog:
     def read_new(self, strict: bool = False) -> list[Event]:
         """The events completed since the last call ([] for a log that does not exist yet). A log
         that cannot be read (a directory, no permission) gives [] or, with ``strict``, OSError."""
+        from engine.core import files
         try:
-            with open(self.path, "rb") as fh:
+            with files.open_regular(self.path) as fh:    # a FIFO or a device is damage, never read
                 fh.seek(self._offset)
                 data = fh.read()
         except FileNotFoundError:

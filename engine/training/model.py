@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.core import files as _files
+
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -167,7 +169,7 @@ def load_tokenizer(cfg, path: str | None = None):
 def _ships_code(path: str, fname: str) -> bool:
     import json
     try:
-        data = json.loads((Path(path) / fname).read_text(encoding="utf-8"))
+        data = _files.read_json(Path(path) / fname)
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and bool(data.get("auto_map"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.core import files as _files
 from engine.core import config
 
 
@@ -84,7 +85,7 @@ def remote_code_check(cfg: config.Config) -> str | None:
     shipped = {}
     for fname in ("config.json", "tokenizer_config.json"):
         try:
-            data = json.loads((path / fname).read_text(encoding="utf-8"))
+            data = _files.read_json(path / fname)
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and data.get("auto_map"):
@@ -94,7 +95,7 @@ def remote_code_check(cfg: config.Config) -> str | None:
     model_type = (shipped.get("config.json") or {}).get("model_type")
     if model_type is None:
         try:
-            model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+            model_type = _files.read_json(path / "config.json").get("model_type")
         except (OSError, ValueError):
             model_type = None
     from transformers import CONFIG_MAPPING

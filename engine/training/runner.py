@@ -121,6 +121,7 @@ class Run:
             assert self.run_dir is not None
             if not (self.run_dir / rundir.CONFIG).exists():
                 raise PreflightError(f"{self.run_dir}: not a run directory (no {rundir.CONFIG})")
+            rundir.wait_writer_exit(self.run_dir)   # a writer whose log has ended, still exiting
             self._lock = rundir.acquire_lock(self.run_dir)    # before anything in it is touched
             rundir.make_private(self.run_dir)
             if rundir.process_alive(self.run_dir) and rundir.owner_pid(self.run_dir) != os.getpid():
@@ -373,8 +374,9 @@ def _start_detached(cfg, *, resume, check, overrides) -> Path:
         run_dir = Path(resume)
         if not (run_dir / rundir.CONFIG).exists():
             raise PreflightError(f"{run_dir}: not a run directory (no {rundir.CONFIG})")
-        if rundir.process_alive(run_dir):
+        if rundir.is_live(run_dir):
             raise PreflightError(f"{run_dir}: the run is still live; attach to it instead")
+        rundir.wait_writer_exit(run_dir)    # ended (as `runs` says) and still exiting: let it go
         resume_config(run_dir, overrides)   # what the child would refuse, said here where it is seen
         argv = ["train", "--resume", str(run_dir)]
         for o in overrides or []:
