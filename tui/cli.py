@@ -64,11 +64,8 @@ def _run_app(app) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    except BrokenPipeError:                 # `qlora-tui runs | head`: quiet, like the engine's CLI
-        from engine.cli import quiet_broken_pipe
-        return quiet_broken_pipe()
+    from engine.cli import pipe_safe
+    return pipe_safe(_main, argv)           # `qlora-tui runs | head`: quiet, like the engine's CLI
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -102,11 +102,21 @@ def quiet_broken_pipe() -> int:
     return 141
 
 
-def main(argv: list[str] | None = None) -> int:
+def pipe_safe(fn, *args) -> int:
+    """``fn(*args)`` with its output flushed before it returns (help text and short listings sit
+    in the buffer until then): a closed pipe at any point ends it quietly (``quiet_broken_pipe``)."""
     try:
-        return _main(argv)
+        try:
+            return fn(*args)
+        finally:
+            if sys.stdout is not None:
+                sys.stdout.flush()
     except BrokenPipeError:
         return quiet_broken_pipe()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return pipe_safe(_main, argv)
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -326,6 +326,10 @@ def _cross_checks(cfg: Config, problems: list[Problem]) -> None:
         problems.append(Problem("model.name", cfg.model.name, "must name a hub id, a directory or builtin:tiny"))
     if not cfg.data.train.strip():
         problems.append(Problem("data.train", cfg.data.train, "must name a data file or directory"))
+    if cfg.data.eval and not cfg.data.eval.strip():
+        problems.append(Problem("data.eval", cfg.data.eval, 'must name a data file, or be "" for none'))
+    if not cfg.output.dir.strip():       # "" would put runs in whatever folder the command runs in
+        problems.append(Problem("output.dir", cfg.output.dir, "must name the folder that holds the runs"))
     if cfg.train.max_steps == 0:
         problems.append(Problem("train.max_steps", 0, "0 trains nothing: give the number of steps (1 or "
                                  "more), or -1 to run all epochs"))

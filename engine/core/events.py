@@ -423,7 +423,7 @@ class JsonlWriter:
 
 
 # what a damaged line can raise while it is turned into an event (it is skipped)
-BAD_LINE = (ValueError, TypeError, AttributeError, KeyError)
+BAD_LINE = (ValueError, TypeError, AttributeError, KeyError, RecursionError)
 
 
 class EventLog:

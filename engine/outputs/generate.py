@@ -76,16 +76,15 @@ def read_prompt_rows(path: Path, limit_from_end: bool, n: int) -> list[dict]:
             data = _files.read_json(path)
             rows = data if isinstance(data, list) else []
         else:
-            with path.open(encoding="utf-8") as f:
-                for line in f:
-                    line = line.strip()
-                    if not line:
+            with _files.open_regular(path) as f:       # never a FIFO or a device
+                for raw in f:
+                    if not raw.strip():
                         continue
                     try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
+                        rows.append(_files.loads_json(raw))
+                    except ValueError:
                         continue
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return []
     return rows[::-1] if limit_from_end else rows
 
