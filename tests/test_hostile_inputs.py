@@ -222,9 +222,16 @@ def table_results(tmp_path_factory):
                        capture_output=True, text=True, cwd=cwd, env=env_with(), timeout=900)
     assert p.returncode == 0 and p.stdout.strip(), (p.returncode, p.stderr[-3000:])
     results = json.loads(p.stdout.strip().splitlines()[-1])
-    assert not any(cwd.iterdir()), list(cwd.iterdir())          # no row created anything where it ran
-    assert not (t / "runs-x").exists()
     return dict(zip([c[0] for c in TABLE], results)), subs
+
+
+def test_no_row_of_the_table_created_anything(table_results):
+    """Refused is refused: no run folder where the rows ran (an empty --resume used to start a
+    fresh run there), none under output.dir."""
+    _results, subs = table_results
+    t = Path(subs["t"])
+    assert not any((t / "cwd").iterdir()), list((t / "cwd").iterdir())
+    assert not (t / "runs-x").exists()
 
 
 @pytest.mark.parametrize("case", TABLE, ids=[c[0] for c in TABLE])
@@ -246,10 +253,13 @@ def test_hostile_input_table(table_results, case):
 
 # ---------------------------------------------------------------------------- 6. closed pipes
 
-@pytest.mark.parametrize("argv", [["runs", "--dir", "{R}"], ["inspect", "{good}", "--model", "builtin:tiny"],
-                                  ["init", "--help"], ["@tui", "runs", "--dir", "{R}"]],
-                         ids=["runs", "inspect", "help", "qlora-tui-runs"])
-def test_a_closed_pipe_ends_quietly(tmp_path, argv):
+@pytest.mark.parametrize("argv,status", [(["runs", "--dir", "{R}"], 141),
+                                         (["inspect", "{good}", "--model", "builtin:tiny"], 141),
+                                         (["inspect", "{good}", "--model", "builtin:tiny", "--json"], 141),
+                                         (["@tui", "runs", "--dir", "{R}"], 141),
+                                         (["init", "--help"], 0)],      # argparse drops its help's write error
+                         ids=["runs", "inspect", "inspect-json", "qlora-tui-runs", "help"])
+def test_a_closed_pipe_ends_quietly(tmp_path, argv, status):
     """`cmd | head` / `cmd | grep -q`: the reader is gone before the first line; the command
     ends with 141 (128 + SIGPIPE, as the shell reports it) and says nothing."""
     runs = tmp_path / "runs"
@@ -266,7 +276,7 @@ def test_a_closed_pipe_ends_quietly(tmp_path, argv):
                            timeout=120)
     finally:
         os.close(w)
-    assert p.returncode == 141, p.stderr[-2000:]
+    assert p.returncode == status, p.stderr[-2000:]
     assert p.stderr == "", p.stderr[-2000:]
 
 
