@@ -45,6 +45,10 @@ TABLE = [
     ("inspect-data-json-zero-link", ["inspect", "{t}/zero.json", "--model", "builtin:tiny"], 2,
      ["not a regular file (a device)"], True),
     ("inspect-data-csv-fifo", ["inspect", "{t}/fifo.csv", "--model", "builtin:tiny"], 2, ["not a regular file (a FIFO)"], True),
+    ("inspect-data-json-sparse-3gib", ["inspect", "{t}/sparse.json", "--model", "builtin:tiny"], 2,
+     ["too large to read as one .json document", "save it as .jsonl"], True),
+    ("runs-events-sparse-3gib", ["runs", "--dir", "{t}/runs-sparse"], 0,
+     ["damaged", "events.jsonl cannot be read (too large"], None),
     ("train-data-fifo", ["train", "--headless", "--set", 'data.train="{t}/fifo.jsonl"', "--set", 'output.dir="{t}/runs-x"'],
      2, ["not a regular file (a FIFO)"], True),
     ("train-chat-template-fifo", ["train", "--headless", "--set", 'data.train="{good}"', "--set",
@@ -183,6 +187,9 @@ def _hostile_files(t: Path) -> dict:
     (t / "deep.jsonl").write_text(json.dumps(row(0)) + "\n" + json.dumps(row(1)) + "\n" + '{"text": ' + deep
                                   + "}\n" + json.dumps(row(2)) + "\n")
     (t / "deep.json").write_text(deep)
+    for sparse in (t / "sparse.json", _run_dir(t / "runs-sparse", "planted") / "events.jsonl"):
+        with open(sparse, "wb") as fh:                # 3 GiB of zeros that take no disk
+            fh.truncate(3 * 2**30)
     (t / "deep.toml").write_text("a = " + deep + "\n")
     (t / "deep.yml").write_text("base_model: " + "[" * 100_000 + "]" * 100_000 + "\n")
     (t / "unterminated.jsonl").write_text(json.dumps(row(0)) + '\n{"text": "abc\n' + json.dumps(row(1)) + "\n")

@@ -150,11 +150,20 @@ def _not_utf8(p: Path, e: UnicodeDecodeError) -> str:
             "(e.g. iconv -f latin1 -t utf-8)")
 
 
+# a .json or .csv file is parsed whole (Python objects take several times the bytes): past this
+# it is refused with the way out (JSONL is streamed row by row, whatever its size)
+MAX_WHOLE_FILE_BYTES = 2 * 2**30
+
+
 def _read_text(p: Path) -> str:
     """A whole text file as UTF-8 (a BOM is accepted); UnicodeDecodeError names the bytes."""
     from engine.core import files
     with files.open_regular(p) as fh:      # never a FIFO or a device
-        return fh.read().decode("utf-8-sig")
+        size = os.fstat(fh.fileno()).st_size
+        if size > MAX_WHOLE_FILE_BYTES:
+            raise DataError(f"{p}: {size / 2**30:.1f} GiB is too large to read as one {p.suffix} document (the "
+                            f"limit is {MAX_WHOLE_FILE_BYTES // 2**30} GiB); save it as .jsonl, which is read row by row")
+        return fh.read(MAX_WHOLE_FILE_BYTES + 1).decode("utf-8-sig")
 
 
 def _iter_raw(p: Path, on_bytes) -> Iterator[tuple[int, object, str | None]]:
