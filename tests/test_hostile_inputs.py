@@ -335,7 +335,9 @@ def test_stop_runs_and_resume_agree_on_a_run_that_just_ended(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- 9. detach runs the preflight
 
-def test_detach_runs_the_headless_preflight_before_starting(tmp_path, capsys):
+def test_detach_runs_the_cheap_checks_before_starting(tmp_path, capsys):
+    """A missing data file, model or template file, a FIFO as the data: refused by `train --detach`
+    before it returns (exit 2, one line, as --headless says it), never "started" then failed 0/0."""
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"text": "hello"}) + "\n")
     runs = tmp_path / "runs"
@@ -343,9 +345,11 @@ def test_detach_runs_the_headless_preflight_before_starting(tmp_path, capsys):
     for sets, needle, modes in (
             ([f'data.train="{tmp_path / "missing.jsonl"}"'], "no such file", ("--headless", "--detach")),
             ([f'data.train="{good}"', f'model.name="{tmp_path / "no-model"}"'], "no-model", ("--detach",)),
-            ([f'data.train="{good}"', 'model.chat_template="{% if %}"'], "TemplateSyntaxError", ("--detach",))):
+            ([f'data.train="{good}"', f'model.chat_template="{tmp_path / "t.jinja"}"'], "no such file",
+             ("--headless", "--detach")),
+            ([f'data.train="{_fifo(tmp_path / "f.jsonl")}"'], "not a regular file (a FIFO)", ("--headless", "--detach"))):
         args = sum((["--set", s] for s in sets), [])
-        for mode in modes:               # the same refusal as --headless (test_hostile), one line
+        for mode in modes:               # the same refusal as --headless, one line
             r = cli(capsys, "train", mode, *base, *args)
             assert r.returncode == 2 and needle in r.stderr and "started in the background" not in r.stderr, \
                 (mode, r.stderr)

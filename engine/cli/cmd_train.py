@@ -128,7 +128,7 @@ def cmd_train(args) -> int:
         cfg = load_config_or_exit(args)
         if args.detach:
             try:
-                d = runner.start_detached(cfg, check=True)    # the --headless preflight, here
+                d = runner.start_detached(cfg, check="child")   # the cheap checks here, the rest in the child
             except (runner.PreflightError, OSError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2

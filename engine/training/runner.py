@@ -25,7 +25,7 @@ from engine.core.faults import from_env as faults_from_env
 
 
 from engine.training.preflight import (PreflightError, needs_remote_code_confirmation,  # noqa: F401 (API)
-                                      preflight, remote_code_check)
+                                      preflight, quick_preflight, remote_code_check)
 from engine.training.resume import RESUME_FROZEN, resume_config  # noqa: F401 (API)
 
 
@@ -359,7 +359,8 @@ def start_detached(cfg: config.Config | None, *, resume: str | Path | None = Non
     """Start a run in its own session (survives the terminal closing); return its directory.
 
     ``check``: True runs the preflight here (the TUI's launch thread shows its refusal);
-    "child" leaves it to the child, which records a refusal in the run's log (`train --detach`
+    "child" runs only ``quick_preflight`` here (milliseconds: paths, model, consent) and leaves the
+    whole preflight to the child, which records a refusal in the run's log (`train --detach`
     returns at once). ``resume``: continue that run directory instead (``overrides`` change its config first,
     e.g. ``oom_fix_overrides``). The child is ``python -m engine train ... --headless`` with
     stdin on /dev/null and its output in RUN_DIR/stdout.log; it is never a child of the
@@ -384,6 +385,8 @@ def _start_detached(cfg, *, resume, check, overrides) -> Path:
     else:
         if check is True:
             preflight(cfg)
+        elif check == "child":
+            quick_preflight(cfg)             # the cheap checks here, where the refusal is seen
         cfg = absolutise(cfg)
         run_dir = rundir.create(cfg.output.dir, cfg.output.name or cfg.model.name)
         config.save(cfg, run_dir / rundir.CONFIG)
