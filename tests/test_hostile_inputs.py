@@ -49,6 +49,13 @@ TABLE = [
      ["too large to read as one .json document", "save it as .jsonl"], True),
     ("runs-events-sparse-3gib", ["runs", "--dir", "{t}/runs-sparse"], 0,
      ["damaged", "events.jsonl cannot be read (too large"], None),
+    ("estimate-model-config-json-fifo", ["estimate", "--set", 'model.name="{t}/model-fifo"'], 2,
+     ["not a regular file (a FIFO)"], True),
+    ("inspect-model-tokenizer-fifo", ["inspect", "{good}", "--model", "{t}/model-tok-fifo"], 2,
+     ["tokenizer_config.json: not a regular file (a FIFO)"], True),
+    ("train-detach-model-file-zero", ["train", "--detach", "--set", 'data.train="{good}"', "--set",
+                                      'model.name="{t}/model-tok-zero"', "--set", 'output.dir="{t}/runs-x"'], 2,
+     ["tokenizer.json: not a regular file (a device)"], True),
     ("train-data-fifo", ["train", "--headless", "--set", 'data.train="{t}/fifo.jsonl"', "--set", 'output.dir="{t}/runs-x"'],
      2, ["not a regular file (a FIFO)"], True),
     ("train-chat-template-fifo", ["train", "--headless", "--set", 'data.train="{good}"', "--set",
@@ -201,6 +208,16 @@ def _hostile_files(t: Path) -> dict:
     (t / "recursive.yml").write_text("base_model: builtin:tiny\nx: &x [1, *x]\n")
     (t / "aliases.yml").write_text("base_model: builtin:tiny\nlr: &lr 0.0002\nlearning_rate: *lr\n"
                                    "micro_batch_size: 2\n")
+    # local models (copies of builtin:tiny) with one file that is a FIFO or a link to /dev/zero
+    import shutil
+    from engine.core import config
+    from engine.training.model import model_path
+    tiny = Path(model_path(config.load(None)))
+    for name, fname, make in (("model-fifo", "config.json", _fifo), ("model-tok-fifo", "tokenizer_config.json", _fifo),
+                              ("model-tok-zero", "tokenizer.json", lambda f: f.symlink_to(ZERO))):
+        shutil.copytree(tiny, t / name)
+        (t / name / fname).unlink()
+        make(t / name / fname)
     # a runs folder: one healthy (crashed) run and damaged ones beside it
     runs = t / "runs"
     _run_dir(runs, "20260101-000000-healthy")
