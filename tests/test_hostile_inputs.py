@@ -430,6 +430,12 @@ def test_merge_never_deletes_what_it_did_not_create(tiny_run, tmp_path, capsys):
         assert len(r.stderr.strip().splitlines()) == 1 and "[  0%]" not in r.stdout, r.stdout
         assert sorted(p.name for p in tmp_path.iterdir()) == before and not any(target.iterdir())
     assert (theirs / "notes.txt").read_text() == "mine"
+    # an empty folder the user made for it: kept (same folder) and filled, never replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    inode = mine.stat().st_ino
+    r = cli(capsys, "merge", tiny_run, "--out", mine, "--dtype", "fp32")
+    assert r.returncode == 0 and mine.stat().st_ino == inode and (mine / "model.safetensors").is_file(), r.stderr
     # a merge that fails after its work began (a base that does not fit the adapter) leaves nothing
     r = cli(capsys, "merge", tiny_run, "--out", tmp_path / "m2", "--base", tmp_path / "no-base")
     assert r.returncode == 1 and not (tmp_path / "m2").exists()

@@ -65,6 +65,13 @@ class HeadlessPrinter:
         self.summary = RunSummary()
 
     def __call__(self, ev: events.Event) -> None:
+        try:
+            self._print(ev)
+        except BrokenPipeError:        # `train --headless | head`: the reader left; the run goes on
+            from engine.cli import quiet_broken_pipe
+            quiet_broken_pipe()        # (its log is events.jsonl) and its exit status stays the run's
+
+    def _print(self, ev: events.Event) -> None:
         self.summary.apply(ev)
         w = self.out.write
         match ev:

@@ -191,22 +191,25 @@ def staged_dir(out: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         normalise_modes(tmp)
-        commit_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    commit_dir(tmp, out)       # refused (``out`` changed meanwhile): the finished output stays in tmp
 
 
 def commit_dir(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; ``out`` may be an empty directory (then replaced), nothing else."""
+    """Rename ``tmp`` to ``out``; ``out`` may be an empty directory (then its entries move into it:
+    a folder the user made is never removed), nothing else."""
     if out.is_symlink():
         raise OutputError(f"{out} is a symlink; nothing was written through it")
-    if out.is_dir():
-        try:
-            out.rmdir()                   # empty only: rmdir refuses anything else
-        except OSError:
-            raise OutputError(f"{out} is no longer empty; the output stays in {tmp}") from None
-    elif out.exists():
+    if out.is_dir():                      # the user's empty folder: kept, filled (never removed)
+        if any(out.iterdir()):
+            raise OutputError(f"{out} is no longer empty; the output stays in {tmp}")
+        for entry in sorted(os.listdir(tmp)):
+            os.rename(tmp / entry, out / entry)
+        tmp.rmdir()
+        return
+    if out.exists():
         raise OutputError(f"{out} appeared while writing; the output stays in {tmp}")
     os.rename(tmp, out)
 
