@@ -203,8 +203,9 @@ def test_modelfile_template_stops_and_system(tb_run, f16):
 def test_model_card_metadata_and_loss(tb_run, f16):
     card = Path(f16.card).read_text()
     head = card.split("---")[1]
-    assert "library_name: gguf" in head and "license:" in head and "pipeline_tag: text-generation" in head
-    assert "base model \"builtin:tiny\" is not a hub id" in head      # a local base is not claimed as a hub id
+    assert "library_name: gguf" in head and "pipeline_tag: text-generation" in head
+    assert "base_model" not in head and "`builtin:tiny` is not a hub id" in card   # a local base is not claimed
+    assert modelcard.is_our_card(Path(f16.path).parent / "README.md")
     assert "| step | train loss | eval loss |" in card and "final eval loss:" in card
     assert "qlora-tui export" in card and "[lora]" in card          # the command and the training config
     merged_card = (Path(f16.merged_dir) / "README.md").read_text()
@@ -212,9 +213,10 @@ def test_model_card_metadata_and_loss(tb_run, f16):
 
 
 def test_card_front_matter_for_hub_ids():
-    lines = modelcard._front_matter("meta-llama/Llama-3.1-8B", ["org/chat-data", "/data/local.jsonl"], "adapter")
-    assert "base_model: meta-llama/Llama-3.1-8B" in lines and "  - org/chat-data" in lines
-    assert not any("local.jsonl" in line for line in lines) and "library_name: peft" in lines
+    head = "\n".join(modelcard._front_matter("meta-llama/Llama-3.1-8B", ["org/chat-data", "/data/local.jsonl"],
+                                             "adapter"))
+    assert "base_model: meta-llama/Llama-3.1-8B" in head and "- org/chat-data" in head
+    assert "local.jsonl" not in head and "library_name: peft" in head
 
 
 # --------------------------------------------------------------------------- GGUF adapter
@@ -286,7 +288,9 @@ def test_push_plan_and_unreachable_hub(tb_run, f16, tmp_path):
     assert "merged" not in " ".join(files)
     folder, _, files = modelcard.push_plan(tb_run, "adapter")
     assert "adapter_model.safetensors" in files and "README.md" in files
-    assert "qlora-tui" in (folder / "README.md").read_text()         # ours, not PEFT's template
+    _, upload, _ = modelcard.push_plan(tb_run, "adapter")             # ours, built in memory, not PEFT's
+    assert isinstance(upload["README.md"], bytes) and b"qlora_tui:" in upload["README.md"]
+    assert not modelcard.is_our_card(folder / "README.md")           # the folder itself is untouched
     _, _, files = modelcard.push_plan(tb_run, "merged")
     assert "model.safetensors" in files and "config.json" in files
     # the upload call itself, against a hub that cannot be reached: one line, exit 1

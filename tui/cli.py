@@ -64,6 +64,11 @@ def _run_app(app) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.cli import pipe_safe
+    return pipe_safe(_main, argv)           # `qlora-tui runs | head`: quiet, like the engine's CLI
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "attach":
         return attach(argv[1:])
@@ -103,6 +108,10 @@ def attach(args: list[str]) -> int:
         print("usage: qlora-tui attach [RUN_DIR]\n\nOpen the TUI on a run (default: the newest live "
               "run under ./runs): its history, then live updates. ctrl+x stops it; quitting never does.")
         return 0
+    if args and not args[0].strip():
+        print("qlora-tui attach: an empty RUN_DIR; give a run directory (an unset shell variable?)",
+              file=sys.stderr)
+        return 2
     if args:
         run_dir = Path(args[0])
         if not (run_dir / rundir.EVENTS).exists() and not (run_dir / rundir.RUN_JSON).exists():

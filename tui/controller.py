@@ -135,9 +135,7 @@ class RunController:
         from engine.training import runner
         # the failed process wrote its last event and is still exiting (torch teardown): a
         # resume while it is alive would be refused as "still live", so let it go first
-        deadline = time.monotonic() + 60
-        while rundir.process_alive(run_dir) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        rundir.wait_writer_exit(run_dir)
         since = time.time()
         try:
             old_size = os.stat(run_dir / rundir.EVENTS).st_size
@@ -391,8 +389,9 @@ def read_run(run_dir: str | Path) -> RunState:
 def _last_line_is_terminal(path: Path) -> bool:
     """Whether the last complete line of a log is a terminal event (reads its tail only)."""
     from engine.core import events as events_mod
+    from engine.core import files
     try:
-        with open(path, "rb") as fh:
+        with files.open_regular(path) as fh:
             fh.seek(0, os.SEEK_END)
             size = fh.tell()
             fh.seek(max(0, size - 65536))
@@ -430,9 +429,11 @@ def _wait_for_resumed_log(path: Path, old_size: int, alive, stop: threading.Even
 def _resume_failure(run_dir: Path) -> str:
     """Why a resume process ended before it began: the last line of its stdout.log."""
     from engine.core import rundir
+    from engine.core import files
     try:
-        lines = [ln for ln in (run_dir / rundir.STDOUT).read_text(errors="replace").splitlines()
-                 if ln.strip()]
+        with files.open_regular(run_dir / rundir.STDOUT) as fh:     # its tail only
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - 65536))
+            lines = [ln for ln in fh.read().decode("utf-8", "replace").splitlines() if ln.strip()]
     except OSError:
         lines = []
     last = lines[-1] if lines else "no output"

@@ -12,10 +12,10 @@ def settings_path() -> Path:
 
 
 def load() -> dict:
+    from engine.core import files
     try:
-        with open(settings_path(), "rb") as fh:
-            data = tomllib.load(fh)
-    except (OSError, tomllib.TOMLDecodeError):
+        data = tomllib.loads(files.read_text(settings_path()))
+    except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -26,9 +26,8 @@ def save(data: dict) -> None:
     path = settings_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(tomli_w.dumps(data), encoding="utf-8")
-        tmp.replace(path)
+        from engine.core import files
+        files.write_atomic(path, tomli_w.dumps(data))
     except OSError:
         pass
 

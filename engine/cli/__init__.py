@@ -70,9 +70,59 @@ def build_parser(extra_tui_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_empty(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """An empty or whitespace-only value where a path, name or value is expected (``--resume ""``,
+    an unset ``$RUN``) is refused, never taken as the current folder or a default: every string
+    argument of the command that was given, positional or option."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    cmd = sub.choices.get(getattr(args, "command", None)) if sub else None
+    for action in (cmd._actions if cmd else []):
+        value = getattr(args, action.dest, None)
+        values = value if isinstance(value, list) else [value]
+        if action.dest == "overrides":
+            continue                   # --set KEY=VALUE: checked by the config (KEY= is a value)
+        if any(isinstance(v, str) and not v.strip() for v in values):
+            name = action.option_strings[-1] if action.option_strings else action.metavar or action.dest
+            print(f"qlora-tui {args.command}: {name}: an empty value; give a path or name (an unset "
+                  "shell variable?)", file=sys.stderr)
+            raise SystemExit(2)
+
+
+def quiet_broken_pipe() -> int:
+    """The reader of our output went away (``| head``, ``| grep -q``): stop quietly. Further
+    writes (and the interpreter's final flush) go to /dev/null; the status is 141 (128 +
+    SIGPIPE), what a shell reports for a command ended by a closed pipe."""
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.__stdout__.fileno())
+        os.close(devnull)
+    except (OSError, AttributeError, ValueError):
+        pass
+    return 141
+
+
+def pipe_safe(fn, *args) -> int:
+    """``fn(*args)`` with its output flushed before it returns (help text and short listings sit
+    in the buffer until then): a closed pipe at any point ends it quietly (``quiet_broken_pipe``)."""
+    try:
+        try:
+            return fn(*args)
+        finally:
+            if sys.stdout is not None:
+                sys.stdout.flush()
+    except BrokenPipeError:
+        return quiet_broken_pipe()
+
+
 def main(argv: list[str] | None = None) -> int:
+    return pipe_safe(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _refuse_empty(parser, args)
     from engine.core import quiet
     quiet.apply(getattr(args, "verbose", False))
     if not getattr(args, "func", None):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -34,16 +33,11 @@ def cmd_import(args) -> int:
     if why:
         print(f"import-axolotl failed: {why}", file=sys.stderr)
         return 1
+    from engine.core import files
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
+        files.write_atomic(out, text)            # a temporary file of our own, renamed in
     except OSError as e:
-        try:
-            tmp.unlink()
-        except (OSError, UnboundLocalError):
-            pass
         print(f"import-axolotl failed: cannot write {out}: {e.strerror or e}", file=sys.stderr)
         return 1
     print(f"wrote {out}" + (f" ({len(unmapped)} unmapped key(s): {', '.join(unmapped)})" if unmapped
@@ -53,6 +47,8 @@ def cmd_import(args) -> int:
 
 def _refuse_out(out: Path, config: Path, force: bool) -> str:
     """Why -o OUT cannot be written ('' when it can): a directory, the input itself, an existing file."""
+    if out.is_symlink():
+        return f"-o {out} is a symlink; give a new file name (nothing is written through a link)"
     if out.is_dir():
         return f"{out} is a directory; give a file name, e.g. -o {out / 'qlora.toml'}"
     if out.exists() and out.resolve() == config.expanduser().resolve():

@@ -98,7 +98,12 @@ def cmd_inspect(args) -> int:
         print(json_dumps(rep.to_dict(), indent=1))
     else:
         print(inspect_mod.format_report(rep))
-    return 1 if args.strict and rep.problems else 0
+    if args.strict and rep.problems:
+        from engine.core.config import plural
+        print(f"inspect --strict: {plural(len(rep.problems), 'problem')} in the data (listed in the report); "
+              "exit status 1", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _show(cfg, args) -> int:

@@ -65,6 +65,13 @@ class HeadlessPrinter:
         self.summary = RunSummary()
 
     def __call__(self, ev: events.Event) -> None:
+        try:
+            self._print(ev)
+        except BrokenPipeError:        # `train --headless | head`: the reader left; the run goes on
+            from engine.cli import quiet_broken_pipe
+            quiet_broken_pipe()        # (its log is events.jsonl) and its exit status stays the run's
+
+    def _print(self, ev: events.Event) -> None:
         self.summary.apply(ev)
         w = self.out.write
         match ev:
@@ -132,7 +139,7 @@ def cmd_train(args) -> int:
         cfg = load_config_or_exit(args)
         if args.detach:
             try:
-                d = runner.start_detached(cfg, check="child")
+                d = runner.start_detached(cfg, check="child")   # the cheap checks here, the rest in the child
             except (runner.PreflightError, OSError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
@@ -223,8 +230,12 @@ def _say_how_to_follow(run_dir) -> None:
 
 def cmd_init(args) -> int:
     from engine.core.config import starter_toml
-    import os
+    from engine.core import files
     p = Path(args.path)
+    if p.is_symlink():
+        print(f"error: {p} is a symlink; give a new file name (nothing is written through a link)",
+              file=sys.stderr)
+        return 2
     if p.is_dir():
         print(f"error: {p} is a directory; give a file name, e.g. {p / 'qlora.toml'}", file=sys.stderr)
         return 2
@@ -234,12 +245,12 @@ def cmd_init(args) -> int:
     if not p.parent.is_dir():
         print(f"error: {p.parent} does not exist; create it first (mkdir -p {p.parent})", file=sys.stderr)
         return 2
-    tmp = p.with_name(p.name + ".tmp")
-    try:                             # whole or not at all (a full disk leaves nothing behind)
-        tmp.write_text(starter_toml(), encoding="utf-8")
-        os.replace(tmp, p)
+    if p.exists() and not p.is_file():
+        print(f"error: {p} is not a regular file; give a file name", file=sys.stderr)
+        return 2
+    try:                             # whole or not at all; a temporary file of our own, renamed in
+        files.write_atomic(p, starter_toml())
     except OSError as e:
-        tmp.unlink(missing_ok=True) if tmp.exists() else None
         print(f"error: cannot write {p}: {e.strerror or e}", file=sys.stderr)
         return 2
     print(f"wrote {p}")
@@ -250,6 +261,11 @@ def cmd_runs(args) -> int:
     from engine.core import rundir
     from engine.cli import load_config_or_exit
     runs_dir = args.dir or load_config_or_exit(args).output.dir
+    if args.dir and not Path(args.dir).expanduser().is_dir():
+        what = "is not a directory" if Path(args.dir).expanduser().exists() else "does not exist"
+        print(f"error: --dir {args.dir} {what}; give the folder that holds the runs (output.dir)",
+              file=sys.stderr)
+        return 2
     runs = rundir.list_runs(runs_dir)
     if not runs:
         print(f"no runs under {runs_dir}")
@@ -272,8 +288,9 @@ def cmd_stop(args) -> int:
     if not (d / rundir.EVENTS).exists() and not (d / rundir.RUN_JSON).exists():
         print(f"error: {d}: not a run directory (no {rundir.EVENTS})", file=sys.stderr)
         return 2
-    if not rundir.process_alive(d):
-        print(f"error: {d}: no live run there (state: {rundir.info(d).state}); see `qlora-tui runs`", file=sys.stderr)
+    ri = rundir.info(d)
+    if ri.state != rundir.State.LIVE:          # what `runs` says: an ended log is not live
+        print(f"error: {d}: no live run there (state: {ri.state}); see `qlora-tui runs`", file=sys.stderr)
         return 1
     req = control.request(d, cmd)
     print(f"{cmd} requested: {d}")

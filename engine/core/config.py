@@ -326,6 +326,10 @@ def _cross_checks(cfg: Config, problems: list[Problem]) -> None:
         problems.append(Problem("model.name", cfg.model.name, "must name a hub id, a directory or builtin:tiny"))
     if not cfg.data.train.strip():
         problems.append(Problem("data.train", cfg.data.train, "must name a data file or directory"))
+    if cfg.data.eval and not cfg.data.eval.strip():
+        problems.append(Problem("data.eval", cfg.data.eval, 'must name a data file, or be "" for none'))
+    if not cfg.output.dir.strip():       # "" would put runs in whatever folder the command runs in
+        problems.append(Problem("output.dir", cfg.output.dir, "must name the folder that holds the runs"))
     if cfg.train.max_steps == 0:
         problems.append(Problem("train.max_steps", 0, "0 trains nothing: give the number of steps (1 or "
                                  "more), or -1 to run all epochs"))
@@ -379,6 +383,17 @@ def parse_value(text: str):
         return text
 
 
+def _is_text_field(section: str, name: str) -> bool:
+    """A plain string field (no true/false/auto choices, not a module list)."""
+    cls = SECTIONS.get(section)
+    f = next((f for f in dataclasses.fields(cls) if f.name == name), None) if cls else None
+    if f is None or f.default is dataclasses.MISSING:
+        return False
+    choices = f.metadata.get("choices") or []
+    return isinstance(f.default, str) and f.metadata.get("kind") != "modules" \
+        and not any(isinstance(c, bool) for c in choices)
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``section.key=value`` strings onto a config dict (before validation)."""
     data = copy.deepcopy(data)
@@ -393,25 +408,33 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not isinstance(data[section], dict):
             problems.append(Problem(section, data[section], "must be a table"))
             continue
-        data[section][name] = parse_value(raw.strip())
+        value = parse_value(raw.strip())
+        if _is_text_field(section, name) and not isinstance(value, str):
+            value = raw.strip()        # a string field: nan, inf, 1e3, true are its text
+        data[section][name] = value
     if problems:
         raise ConfigError(problems, "--set")
     return data
 
 
 def read_toml(path: str | Path) -> dict:
+    from engine.core import files
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8-sig")      # a BOM (some Windows editors) is accepted
+        text = files.read_text(p)      # a regular file of sane size; a BOM (Windows editors) is accepted
     except FileNotFoundError:
         raise ConfigError([Problem("<file>", str(p), "config file not found; create one with "
                                    "`qlora-tui init " + str(p) + "`")], str(p)) from None
+    except (files.NotRegular, files.TooLarge) as e:
+        raise ConfigError([Problem("<file>", str(p), f"cannot read: {e.strerror}")], str(p)) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([Problem("<file>", str(p), f"cannot read: {e}")], str(p)) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([Problem("<toml>", str(p), f"not valid TOML: {e}")], str(p)) from None
+    except RecursionError:
+        raise ConfigError([Problem("<toml>", str(p), "not valid TOML: nested too deeply")], str(p)) from None
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -428,11 +451,10 @@ def to_toml(cfg: Config) -> str:
 
 def save(cfg: Config, path: str | Path) -> None:
     """Write ``cfg`` as TOML atomically (a crash never leaves half a config)."""
+    from engine.core import files
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(to_toml(cfg), encoding="utf-8")
-    tmp.replace(p)
+    files.write_atomic(p, to_toml(cfg))
 
 
 def starter_toml() -> str:

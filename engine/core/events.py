@@ -438,7 +438,13 @@ class JsonlWriter:
 
 
 # what a damaged line can raise while it is turned into an event (it is skipped)
-BAD_LINE = (ValueError, TypeError, AttributeError, KeyError)
+BAD_LINE = (ValueError, TypeError, AttributeError, KeyError, RecursionError)
+
+
+# a log line is an event of at most a few KiB (a plan, a traceback's detail); a run's whole log
+# stays far below a GiB. Past these it is damage (or planted), never read into memory.
+MAX_LINE_BYTES = 4 * 2**20
+MAX_LOG_BYTES = 2 * 2**30
 
 
 class EventLog:
@@ -452,6 +458,7 @@ class EventLog:
         self.path = Path(path)
         self._offset = 0
         self._partial = b""            # the torn end of the last read: completed by the next one
+        self._skipping = False         # inside a line longer than MAX_LINE_BYTES
 
     @property
     def pending(self) -> bool:
@@ -461,24 +468,37 @@ class EventLog:
     def read_new(self, strict: bool = False) -> list[Event]:
         """The events completed since the last call ([] for a log that does not exist yet). A log
         that cannot be read (a directory, no permission) gives [] or, with ``strict``, OSError."""
+        from engine.core import files
+        out: list[Event] = []
         try:
-            with open(self.path, "rb") as fh:
+            with files.open_regular(self.path) as fh:    # a FIFO or a device is damage, never read
+                size = os.fstat(fh.fileno()).st_size
+                if size > MAX_LOG_BYTES:                 # no run logs that much: planted, or damage
+                    raise files.TooLarge(self.path, size, MAX_LOG_BYTES)
                 fh.seek(self._offset)
-                data = fh.read()
+                while True:                              # in chunks: memory is the events, not the file
+                    data = fh.read(1 << 20)
+                    if not data:
+                        break
+                    self._offset += len(data)
+                    *lines, self._partial = (self._partial + data).split(b"\n")
+                    if len(self._partial) > MAX_LINE_BYTES:
+                        self._partial = b""              # no event is that long: a damaged line, skipped
+                        self._skipping = True
+                    for raw in lines:
+                        if self._skipping:               # the end of that overlong line
+                            self._skipping = False
+                            continue
+                        try:
+                            out.append(loads(raw.decode("utf-8", errors="replace")))
+                        except BAD_LINE:
+                            continue
         except FileNotFoundError:
-            return []
+            return out
         except OSError:
             if strict:
                 raise
-            return []
-        self._offset += len(data)
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        out = []
-        for raw in lines:
-            try:
-                out.append(loads(raw.decode("utf-8", errors="replace")))
-            except BAD_LINE:
-                continue
+            return out
         return out
 
 

@@ -185,8 +185,9 @@ def write_pid(run_dir: str | Path, pid: int | None = None) -> None:
 
 def _run_json(run_dir: str | Path) -> dict:
     """``run.json`` as a dict; {} when it is missing or damaged (not JSON, not an object)."""
+    from engine.core import files
     try:
-        info = json.loads((Path(run_dir) / RUN_JSON).read_bytes().decode("utf-8", errors="replace"))
+        info = files.loads_json(files.read_bytes(Path(run_dir) / RUN_JSON, 64 * 1024).decode("utf-8", errors="replace"))
     except (OSError, ValueError):
         return {}
     return info if isinstance(info, dict) else {}
@@ -264,6 +265,24 @@ def _info(run_dir: Path, evs: list) -> RunInfo:
         ri.state = State.CRASHED
         ri.reason = "process ended without a final event (killed?); resume with qlora-tui train --resume"
     return ri
+
+
+def is_live(run_dir: str | Path) -> bool:
+    """The one answer to "is this run live?" that ``runs``, ``stop``, ``attach`` and a resume all
+    use: its process exists *and* its log has not ended. A run that has written its final event
+    is stopped, finished or failed even while its process is still exiting."""
+    return info(run_dir).state == State.LIVE
+
+
+def wait_writer_exit(run_dir: str | Path, timeout: float = 60.0) -> None:
+    """A run whose log has ended may still have its process exiting (torch's teardown), holding
+    the run's lock: a resume waits for it (at most ``timeout`` s) instead of refusing a run that
+    ``runs`` already lists as stopped. A live run is not waited for."""
+    if not process_alive(run_dir) or is_live(run_dir):
+        return
+    deadline = time.monotonic() + timeout
+    while process_alive(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def list_runs(runs_dir: str | Path) -> list[RunInfo]:

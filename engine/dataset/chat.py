@@ -67,8 +67,9 @@ def _template_text(chat_template: str) -> str:
     if "{" in chat_template:
         return chat_template
     p = Path(chat_template).expanduser()
+    from engine.core import files
     try:
-        return p.read_text(encoding="utf-8-sig")
+        return files.read_text(p)           # a regular file of sane size
     except (OSError, UnicodeDecodeError, ValueError) as e:
         why = "no such file" if isinstance(e, FileNotFoundError) else getattr(e, "strerror", None) or str(e)
         raise ModelError(f"model.chat_template = {chat_template!r}: {why}; give the path of a Jinja "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -77,6 +78,21 @@ def json_problem(e: Exception) -> str:
     return f"invalid JSON: {msg}" + (f" column {col}" if col else "")
 
 
+DEEP = "invalid JSON: nested too deeply for the parser; flatten this row"
+
+
+def parse_row(raw: bytes) -> tuple[object, str | None]:
+    """One JSONL line as ``(record, None)`` or ``(None, problem)``: the line's own end is not
+    part of it (an unterminated string is said as such, not as a control character), and nesting
+    too deep for the parser is a problem of this line only."""
+    try:
+        return json.loads(raw.rstrip(b"\r\n")), None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return None, json_problem(e)
+    except RecursionError:
+        return None, DEEP
+
+
 def iter_raw(path: str | Path, on_bytes: Callable[[int, int], None] | None = None
              ) -> Iterator[tuple[int, object, str | None]]:
     """Yield ``(line, record, error)`` for every record of a file; ``error`` is set for bad lines.
@@ -134,9 +150,20 @@ def _not_utf8(p: Path, e: UnicodeDecodeError) -> str:
             "(e.g. iconv -f latin1 -t utf-8)")
 
 
+# a .json or .csv file is parsed whole (Python objects take several times the bytes): past this
+# it is refused with the way out (JSONL is streamed row by row, whatever its size)
+MAX_WHOLE_FILE_BYTES = 2 * 2**30
+
+
 def _read_text(p: Path) -> str:
     """A whole text file as UTF-8 (a BOM is accepted); UnicodeDecodeError names the bytes."""
-    return p.read_bytes().decode("utf-8-sig")
+    from engine.core import files
+    with files.open_regular(p) as fh:      # never a FIFO or a device
+        size = os.fstat(fh.fileno()).st_size
+        if size > MAX_WHOLE_FILE_BYTES:
+            raise DataError(f"{p}: {size / 2**30:.1f} GiB is too large to read as one {p.suffix} document (the "
+                            f"limit is {MAX_WHOLE_FILE_BYTES // 2**30} GiB); save it as .jsonl, which is read row by row")
+        return fh.read(MAX_WHOLE_FILE_BYTES + 1).decode("utf-8-sig")
 
 
 def _iter_raw(p: Path, on_bytes) -> Iterator[tuple[int, object, str | None]]:
@@ -145,9 +172,10 @@ def _iter_raw(p: Path, on_bytes) -> Iterator[tuple[int, object, str | None]]:
         return
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
-        total = p.stat().st_size
+        from engine.core import files
         done = 0
-        with open(p, "rb") as fh:
+        with files.open_regular(p) as fh:  # never a FIFO or a device
+            total = os.fstat(fh.fileno()).st_size
             for i, (raw, size) in enumerate(_capped_lines(fh, MAX_ROW_BYTES), 1):
                 done += size
                 if on_bytes is not None and i % 2000 == 0:
@@ -160,16 +188,17 @@ def _iter_raw(p: Path, on_bytes) -> Iterator[tuple[int, object, str | None]]:
                     continue
                 if i == 1 and raw.startswith(b"\xef\xbb\xbf"):
                     raw = raw[3:]                    # a BOM
-                try:
-                    yield i, json.loads(raw), None
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    yield i, None, json_problem(e)
+                rec, err = parse_row(raw)
+                yield i, rec, err
         if on_bytes is not None:
             on_bytes(total, total)
     elif suffix == ".json":
         text = _read_text(p)
         try:
             data = json.loads(text)
+        except RecursionError:
+            yield 1, None, DEEP
+            return
         except json.JSONDecodeError as e:
             line = getattr(e, "lineno", 1)
             if text.lstrip().startswith("{") and "\n{" in text:   # JSONL saved as .json
@@ -201,6 +230,8 @@ def _iter_raw(p: Path, on_bytes) -> Iterator[tuple[int, object, str | None]]:
                 prev = reader.line_num
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
+        from engine.core import files
+        files.check_regular(p)
         table = pq.read_table(p)
         for i, rec in enumerate(table.to_pylist()):
             yield i + 1, rec, None
@@ -210,13 +241,12 @@ def _iter_raw(p: Path, on_bytes) -> Iterator[tuple[int, object, str | None]]:
 
 
 def iter_raw_lines_as_jsonl(p: Path):
-    with open(p, "rb") as fh:
+    from engine.core import files
+    with files.open_regular(p) as fh:
         for i, raw in enumerate(fh, 1):
             if raw.strip():
-                try:
-                    yield i, json.loads(raw), None
-                except json.JSONDecodeError as e:
-                    yield i, None, json_problem(e)
+                rec, err = parse_row(raw)
+                yield i, rec, err
 
 
 def _json_array_item_lines(text: str, n: int) -> list[int]:

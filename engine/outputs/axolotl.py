@@ -61,6 +61,48 @@ class AxolotlError(ValueError):
     """The YAML cannot be read or is not an Axolotl config; the message is one line."""
 
 
+# values a YAML document may stand for once its aliases are expanded (an Axolotl config has a
+# few hundred); a "billion laughs" file (aliases of aliases) would expand beyond any memory
+MAX_EXPANDED_NODES = 100_000
+
+
+def _safe_load_bounded(yaml, text: str, source: str):
+    """``yaml.safe_load`` that first counts the values the document stands for with every
+    alias expanded (shared nodes counted each time they are used, as a converter walks them):
+    over ``MAX_EXPANDED_NODES`` (or an alias of itself) is refused with the alias's line."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        sizes: dict[int, int] = {}
+
+        def size(n, depth=0) -> int:
+            key = id(n)
+            if key in sizes:
+                if sizes[key] < 0:
+                    raise AxolotlError(f"{source}: line {n.start_mark.line + 1}: a YAML alias refers to "
+                                       "itself; remove the recursive anchor")
+                return sizes[key]
+            sizes[key] = -1
+            if isinstance(n, yaml.SequenceNode):
+                total = 1 + sum(size(c, depth + 1) for c in n.value)
+            elif isinstance(n, yaml.MappingNode):
+                total = 1 + sum(size(k, depth + 1) + size(v, depth + 1) for k, v in n.value)
+            else:
+                total = 1
+            if total > MAX_EXPANDED_NODES:
+                raise AxolotlError(f"{source}: line {n.start_mark.line + 1}: YAML anchors and aliases "
+                                   f"expand to more than {MAX_EXPANDED_NODES:,} values (a 'billion laughs' "
+                                   "file?); write the values out or use fewer nested aliases")
+            sizes[key] = total
+            return total
+        size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _load_yaml(yaml_text_or_path) -> tuple[dict, str]:
     try:
         import yaml
@@ -73,14 +115,19 @@ def _load_yaml(yaml_text_or_path) -> tuple[dict, str]:
             and yaml_text_or_path.strip().lower().endswith((".yml", ".yaml"))):
         p = Path(yaml_text_or_path).expanduser()
         source = str(p)
+        from engine.core import files
         try:
-            text = p.read_text(encoding="utf-8")
+            text = files.read_text(p, encoding="utf-8")
         except FileNotFoundError:
             raise AxolotlError(f"{p}: no such file; pass an Axolotl .yml config") from None
+        except (files.NotRegular, files.TooLarge) as e:
+            raise AxolotlError(str(e)) from None
         except (OSError, UnicodeDecodeError) as e:
             raise AxolotlError(f"{p}: cannot read: {e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = _safe_load_bounded(yaml, text, source)
+    except RecursionError:
+        raise AxolotlError(f"{source}: not valid YAML (nested too deeply)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

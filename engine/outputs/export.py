@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from engine.core import files as _files
 from engine.outputs import gguf_write
 from engine.outputs.merge import (CHECK_PROMPTS, LOGIT_TOLERANCE, AdapterError, MergeError, model_logits, compare_logits, prompt_texts,
                           find_adapter_dir, merge, read_adapter_config, run_dir_of, tokenizer_source)
@@ -82,8 +83,8 @@ class ExportReport:
 
 def _read_json(path: Path, err=ExportError) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return _files.read_json(path)
+    except (OSError, ValueError) as e:
         raise err(f"{path}: cannot read ({e})") from None
 
 
@@ -93,7 +94,7 @@ def run_rows(run_dir: Path | None, n: int = 200) -> list[dict]:
         return []
     from engine.outputs.generate import run_data_path, read_prompt_rows
     try:
-        data = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8")).get("data", {})
+        data = tomllib.loads(_files.read_text(run_dir / "config.toml")).get("data", {})
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return []
     path = run_data_path(str(data.get("train") or ""), run_dir) if isinstance(data, dict) else None
@@ -140,7 +141,7 @@ def _merged_dir(path: Path, adapter_dir: Path, src, base, progress) -> Path:
     info = merged / "qlora_merge.json"
     if info.is_file():
         try:
-            same = json.loads(info.read_text(encoding="utf-8")).get("adapter") == str(adapter_dir.resolve())
+            same = _files.read_json(info).get("adapter") == str(adapter_dir.resolve())
         except (OSError, json.JSONDecodeError):
             same = False
         if same:
@@ -216,8 +217,11 @@ def _quote(text: str) -> str:
     return '"""' + text.replace('"""', '\\"\\"\\"') + '"""'
 
 
-def modelfile_text(from_: str, vocab: gguf_write.Vocab, system: str, adapter: str | None = None) -> str:
-    lines = ["# Ollama Modelfile written by qlora-tui export", f"FROM {from_}"]
+def modelfile_text(from_: str, vocab: gguf_write.Vocab, system: str, adapter: str | None = None,
+                   note: str = "") -> str:
+    """An Ollama Modelfile. Comments stand on lines of their own: Ollama's parser takes the rest
+    of a ``FROM`` line (a ``# ...`` included) as the path."""
+    lines = ["# Ollama Modelfile written by qlora-tui export"] + ([f"# {note}"] if note else []) + [f"FROM {from_}"]
     if adapter:
         lines.append(f"ADAPTER {adapter}")
     family = template_family(vocab.chat_template)
@@ -263,8 +267,15 @@ def _source(src, name: str | None) -> _Source:
 
 
 def _prepare_target(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise ExportError(f"{path} already exists; pass --force to overwrite it or --out elsewhere")
+    """The .gguf and its Modelfile, checked before any work: never a symlink or a folder,
+    an existing file only with ``force``."""
+    for p in (path, path.with_suffix(".Modelfile")):
+        if p.exists() and not p.is_symlink() and p.is_file() and not force:
+            raise ExportError(f"{p} already exists; pass --force to overwrite it or --out elsewhere")
+        try:
+            _files.check_output(p, what="export", allow_empty_dir=False, overwrite_file=True)
+        except OSError as e:
+            raise ExportError(str(e)) from None
     path.parent.mkdir(parents=True, exist_ok=True)
 
 
@@ -312,7 +323,7 @@ def export_model(src, gguf_type: str = "f16", out=None, base: str | None = None,
         path.unlink(missing_ok=True)
         raise
     modelfile = path.with_suffix(".Modelfile")         # one per file: exports of several types coexist
-    modelfile.write_text(modelfile_text(f"./{path.name}", vocab, system_prompt(rows)), encoding="utf-8")
+    _files.write_atomic(modelfile, modelfile_text(f"./{path.name}", vocab, system_prompt(rows)))
     report = ExportReport(path=str(path), kind="model", gguf_type=gguf_type, arch=arch, size_bytes=size,
                           tensors=len(tensors), seconds=0.0, merged_dir=str(merged), modelfile=str(modelfile),
                           commands=use_commands(path, s.name, modelfile), **check)
@@ -345,9 +356,9 @@ def export_adapter(src, gguf_type: str = "f16", out=None, base: str | None = Non
     tok = AutoTokenizer.from_pretrained(tokenizer_source(s.adapter_dir, base_name))
     vocab = _guard(gguf_write.read_vocab, tok, int(gguf_write.text_config(cfg)["vocab_size"]), str(s.adapter_dir))
     modelfile = path.with_suffix(".Modelfile")
-    modelfile.write_text(modelfile_text("BASE.gguf   # the base model as GGUF: edit this line", vocab,
-                                        system_prompt(run_rows(s.run_dir)), adapter=f"./{path.name}"),
-                         encoding="utf-8")
+    _files.write_atomic(modelfile, modelfile_text("BASE.gguf", vocab, system_prompt(run_rows(s.run_dir)),
+                                                  adapter=f"./{path.name}",
+                                                  note="BASE.gguf: the base model as GGUF; edit the FROM line"))
     report = ExportReport(path=str(path), kind="adapter", gguf_type=gguf_type, arch=arch, size_bytes=size,
                           tensors=len(tensors), seconds=0.0, modelfile=str(modelfile),
                           commands=use_commands(path, s.name, modelfile, adapter_base=base_name))
@@ -408,7 +419,7 @@ def _finish(report: ExportReport, s: _Source, t0: float, progress) -> None:
         command = f"qlora-tui export {shlex.quote(s.src)} {flag}--gguf {report.gguf_type}"
         report.card = str(modelcard.write_card(Path(report.path).parent, s.run_dir, s.adapter_dir,
                                                kind="gguf", export=report, command=command))
-    except ImportError:
+    except (ImportError, OSError):       # a README.md that is not ours is left as it is
         pass
     if s.run_dir is not None:
         from engine.core import events

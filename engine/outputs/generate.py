@@ -13,6 +13,7 @@ import textwrap
 import tomllib
 from pathlib import Path
 
+from engine.core import files as _files
 from engine.outputs.merge import (AdapterError, check_adapter_against_base, find_adapter_dir,
                           read_adapter_config, resolve_base, run_dir_of, run_model_settings,
                           tokenizer_source)
@@ -72,19 +73,18 @@ def read_prompt_rows(path: Path, limit_from_end: bool, n: int) -> list[dict]:
     rows: list = []
     try:
         if path.suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = _files.read_json(path)
             rows = data if isinstance(data, list) else []
         else:
-            with path.open(encoding="utf-8") as f:
-                for line in f:
-                    line = line.strip()
-                    if not line:
+            with _files.open_regular(path) as f:       # never a FIFO or a device
+                for raw in f:
+                    if not raw.strip():
                         continue
                     try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
+                        rows.append(_files.loads_json(raw))
+                    except ValueError:
                         continue
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return []
     return rows[::-1] if limit_from_end else rows
 
@@ -97,7 +97,7 @@ def default_prompts(run_dir: str | Path, n: int = 3) -> list[str]:
         owner = run_dir_of(run_dir, run_dir)
         run_dir = owner or run_dir
     try:
-        data = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8")).get("data", {})
+        data = tomllib.loads(_files.read_text(run_dir / "config.toml")).get("data", {})
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         data = {}
     if not isinstance(data, dict):
@@ -144,7 +144,7 @@ def _load(src, err=GenerateError):
     quant = {}
     if run_dir is not None:
         try:
-            q = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8")).get("quant", {})
+            q = tomllib.loads(_files.read_text(run_dir / "config.toml")).get("quant", {})
             quant = q if isinstance(q, dict) else {}
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
             quant = {}

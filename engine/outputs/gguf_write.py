@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -336,7 +337,10 @@ def write_gguf(path: Path, arch: str, kv: Callable, tensors: list[PlannedTensor]
                progress: Progress | None = None) -> int:
     """Write ``tensors`` (streamed one at a time) to ``path`` atomically; returns its size."""
     import gguf
-    tmp = path.with_name(path.name + ".partial")
+    import tempfile
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)                 # a file of our own beside the target: removed on failure
     w = gguf.GGUFWriter(str(tmp), arch)
     try:
         kv(w)
@@ -361,6 +365,12 @@ def write_gguf(path: Path, arch: str, kv: Callable, tensors: list[PlannedTensor]
         w.close()
         tmp.unlink(missing_ok=True)
         raise GGUFError(f"writing {path} failed: {e}") from None
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    from engine.core import files
+    os.chmod(tmp, 0o666 & ~files.current_umask())
     tmp.replace(path)
     return path.stat().st_size
 

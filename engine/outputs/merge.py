@@ -13,13 +13,15 @@ in a run directory, reading ``adapter_config.json``, resolving the base model.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from engine.core import files as _files
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
@@ -69,10 +71,10 @@ def find_adapter_dir(src: str | Path, err: type[Exception] = AdapterError) -> Pa
 def read_adapter_config(adapter_dir: Path, err: type[Exception] = AdapterError) -> dict:
     path = Path(adapter_dir) / "adapter_config.json"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = _files.read_json(path)
     except (OSError, UnicodeDecodeError) as e:
         raise err(f"{path}: cannot read: {e}") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:
         raise err(f"{path}: not valid JSON ({e}); the adapter is damaged, re-save it") from None
     if not isinstance(data, dict):
         raise err(f"{path}: expected a JSON object")
@@ -95,7 +97,7 @@ def run_model_settings(run_dir: Path | None) -> dict:
     if run_dir is None:
         return {}
     try:
-        data = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))
+        data = tomllib.loads(_files.read_text(run_dir / "config.toml"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return {}
     model = data.get("model")
@@ -413,22 +415,6 @@ def dir_files(d: Path) -> tuple[int, list[str]]:
     return sum(p.stat().st_size for p in files), [str(p.relative_to(d)) for p in files]
 
 
-def _check_writable(out: Path) -> None:
-    """--out must be creatable and writable before anything is loaded (not found out at 60 %)."""
-    import os
-    import tempfile
-    parent = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
-    try:
-        if not parent.is_dir():
-            raise OSError(f"{parent} is not a directory")
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=".qlora-merge-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise MergeError(f"--out {out}: cannot write there ({getattr(e, 'strerror', None) or e}); "
-                         "choose a writable directory") from None
-
-
 def compare_logits(ref, got, atol: float, rtol: float) -> tuple[float, float, int, int]:
     """(max |difference|, the bound atol + rtol * max |ref|, top-1 agreements, positions) of two
     lists of logits; merge and export verify with it."""
@@ -466,28 +452,25 @@ def merge(src: str | Path, out: str | Path, dtype: str = "bf16",
                                "trust_remote_code": trust}
     if device == "cuda":
         load_kw["device_map"] = "auto"
-    tmp, encoded, ref, effect = _merge_to(out, base_name, adapter_dir, load_kw, (dtype_name, device),
-                                          check_rows, progress)
-    import gc
-    gc.collect()                      # the base, the PEFT model and the merged one are gone
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    diff, tol, agree, total = _verify_merged(tmp, out, load_kw, encoded, ref, dtype_name, progress)
-
-    warnings = []
-    if effect == 0.0:
-        warnings.append("the adapter does not change the base's logits (all lora_B weights zero? "
-                        "an untrained adapter): the merged model equals the base")
-    if dtype_name == "fp16" and device == "cpu":
-        warnings.append("fp16 on the CPU is slow and less precise; bf16 or fp32 is preferred here")
-    info = {"base": base_name, "adapter": str(adapter_dir.resolve()), "dtype": dtype_name,
-            "max_abs_diff": diff, "tolerance": tol, "adapter_effect": effect,
-            "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    (tmp / "qlora_merge.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    if out.exists():
-        out.rmdir()  # checked empty above
-    tmp.replace(out)
-    _write_card(out, src, adapter_dir, dtype_name, warnings)
+    warnings: list[str] = []
+    with staged(out) as tmp:          # a folder of our own beside --out, renamed in when verified
+        encoded, ref, effect = _merge_to(tmp, out, base_name, adapter_dir, load_kw, (dtype_name, device),
+                                         check_rows, progress)
+        import gc
+        gc.collect()                      # the base, the PEFT model and the merged one are gone
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        diff, tol, agree, total = _verify_merged(tmp, out, load_kw, encoded, ref, dtype_name, progress)
+        if effect == 0.0:
+            warnings.append("the adapter does not change the base's logits (all lora_B weights zero? "
+                            "an untrained adapter): the merged model equals the base")
+        if dtype_name == "fp16" and device == "cpu":
+            warnings.append("fp16 on the CPU is slow and less precise; bf16 or fp32 is preferred here")
+        info = {"base": base_name, "adapter": str(adapter_dir.resolve()), "dtype": dtype_name,
+                "max_abs_diff": diff, "tolerance": tol, "adapter_effect": effect,
+                "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        _write_card(tmp, out, src, adapter_dir, dtype_name, warnings)
     size, files = dir_files(out)
     progress(1.0, "done")
     return MergeReport(out=str(out), base=base_name, adapter=str(adapter_dir), dtype=dtype_name,
@@ -498,14 +481,31 @@ def merge(src: str | Path, out: str | Path, dtype: str = "bf16",
 
 
 def _check_out(out, dtype: str) -> Path:
-    """The dtype is known and --out is new (or an empty directory) and writable."""
+    """The dtype is known and --out is new (or an empty directory, not a symlink) and writable."""
     if dtype not in DTYPES:
         raise MergeError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MergeError(f"output {out} already exists and is not empty; choose a new --out or remove it")
-    _check_writable(out)
-    return out
+    try:
+        return _files.check_output(out)
+    except OSError as e:
+        raise MergeError(str(e)) from None
+
+
+# the merge's own record (base, adapter, tolerance): local paths, kept next to the weights for
+# `export` to recognise its merge; never uploaded (push leaves it out)
+MERGE_INFO = "qlora_merge.json"
+
+
+@contextlib.contextmanager
+def staged(out: Path, err: type[Exception] | None = None):
+    """``engine.core.files.staged_dir`` with its refusals as ``err`` (MergeError) one-liners."""
+    err = err or MergeError
+    try:
+        with _files.staged_dir(out) as tmp:
+            yield tmp
+    except _files.OutputError as e:
+        raise err(str(e)) from None
+    except OSError as e:
+        raise err(f"writing {out} failed: {e.strerror or e}") from None
 
 
 def _merge_inputs(src, base: str | None, progress) -> tuple[Path, dict, str, str, bool]:
@@ -557,11 +557,11 @@ def _load_base_and_adapter(base_name: str, adapter_dir: Path, load_kw: dict, whe
     return model, tok, peft_model
 
 
-def _merge_to(out: Path, base_name: str, adapter_dir: Path, load_kw: dict, where: tuple[str, str], check_rows,
-              progress) -> tuple[Path, list, list, float]:
-    """Load base + adapter, take the reference logits, merge_and_unload() and save next to
-    ``out`` (``OUT.partial``). Returns (that directory, encoded prompts, reference logits,
-    adapter effect); the models are freed on return."""
+def _merge_to(tmp: Path, out: Path, base_name: str, adapter_dir: Path, load_kw: dict, where: tuple[str, str],
+              check_rows, progress) -> tuple[list, list, float]:
+    """Load base + adapter, take the reference logits, merge_and_unload() and save into ``tmp``
+    (the staging folder of ``out``). Returns (encoded prompts, reference logits, adapter
+    effect); the models are freed on return."""
     model, tok, peft_model = _load_base_and_adapter(base_name, adapter_dir, load_kw, where, progress)
     texts = prompt_texts(tok, check_rows)
     encoded = [tok(t, return_tensors="pt", add_special_tokens=True).input_ids[:, :128] for t in texts]
@@ -574,35 +574,30 @@ def _merge_to(out: Path, base_name: str, adapter_dir: Path, load_kw: dict, where
 
     progress(0.5, "merging the adapter into the base weights")
     merged = peft_model.merge_and_unload()
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     progress(0.6, f"saving to {out}")
     try:
         merged.save_pretrained(str(tmp))
         if auto_model_class(merged.config).__name__ != "AutoModelForCausalLM":   # the base's image processor too
             from engine.training.vision import pretrained_processor
             pretrained_processor(base_name, load_kw.get("revision"),
-                                       load_kw["trust_remote_code"]).save_pretrained(str(tmp))
+                                 load_kw["trust_remote_code"]).save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))       # the run's tokenizer (and chat template) over the base's
     except Exception as e:  # noqa: BLE001
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise MergeError(f"saving the merged model to {tmp} failed: {str(e).splitlines()[0][:200]}") from None
+        raise MergeError(f"saving the merged model to {out} failed: {str(e).splitlines()[0][:200]}") from None
     del merged, peft_model, model
-    return tmp, encoded, ref, effect
+    return encoded, ref, effect
 
 
 def _verify_merged(tmp: Path, out: Path, load_kw: dict, encoded: list, ref: list, dtype_name: str,
                    progress) -> tuple[float, float, int, int]:
     """Reload the saved checkpoint with plain transformers and compare its logits with base +
-    adapter; on a failure ``tmp`` is removed and nothing reaches ``out``."""
+    adapter; on a failure (raised) the staging folder is removed and nothing reaches ``out``."""
     progress(0.75, "reloading the merged checkpoint with plain transformers")
     reload_kw = {k: v for k, v in load_kw.items() if k != "revision"}
     try:
         auto = auto_model_class(json.loads((tmp / "config.json").read_text(encoding="utf-8")))
         reloaded = auto.from_pretrained(str(tmp), **reload_kw)
     except Exception as e:  # noqa: BLE001
-        shutil.rmtree(tmp, ignore_errors=True)
         raise MergeError(f"the merged checkpoint does not load with plain transformers: "
                          f"{str(e).splitlines()[0][:200]}") from None
     reloaded.eval()
@@ -611,18 +606,18 @@ def _verify_merged(tmp: Path, out: Path, load_kw: dict, encoded: list, ref: list
     del reloaded
     diff, tol, agree, total = compare_logits(ref, got, *LOGIT_TOLERANCE[dtype_name])
     if not diff <= tol:  # also catches NaN
-        shutil.rmtree(tmp, ignore_errors=True)
         raise MergeError(f"verification failed: merged logits differ from base + adapter by "
                          f"{diff:.4g} (> tolerance {tol:.4g} for {dtype_name}); nothing was written "
                          f"to {out}; retry with --dtype fp32 and check the adapter's target_modules")
     return diff, tol, agree, total
 
 
-def _write_card(out: Path, src, adapter_dir: Path, dtype_name: str, warnings: list[str]) -> None:
-    """The model card (README.md) next to the merged weights; a failure is only a warning."""
+def _write_card(folder: Path, out: Path, src, adapter_dir: Path, dtype_name: str, warnings: list[str]) -> None:
+    """The model card (README.md) next to the merged weights (in ``folder``, the staging folder
+    of ``out``); a failure is only a warning."""
     try:
         from engine.outputs.modelcard import write_card
-        write_card(out, run_dir_of(src, adapter_dir), adapter_dir, kind="merged",
+        write_card(folder, run_dir_of(src, adapter_dir), adapter_dir, kind="merged",
                    command=f"qlora-tui merge {src} --out {out} --dtype {dtype_name}")
     except (ImportError, OSError, ValueError) as e:
         warnings.append(f"no model card written ({e})")

@@ -14,6 +14,8 @@ import json
 import shutil
 from pathlib import Path
 
+from engine.core import files as _files
+
 class StreamMergeError(ValueError):
     """One line: why this adapter/base cannot be merged shard by shard."""
 
@@ -21,7 +23,7 @@ class StreamMergeError(ValueError):
 def base_16bit_bytes(base_dir: Path) -> int:
     """Size of the base in 16 bits, from config.json (engine.planning.estimate's parameter count)."""
     from engine.planning.estimate import shape_of
-    s = shape_of(json.loads((Path(base_dir) / "config.json").read_text()))
+    s = shape_of(_files.read_json(Path(base_dir) / "config.json"))
     per_layer = sum(a * o for a, o in s.module_dims().values())
     return 2 * (s.layers * per_layer + s.vocab * s.hidden * (1 if s.tied else 2))
 
@@ -58,7 +60,7 @@ def merge_shards(adapter_dir: Path, acfg: dict, base_dir: Path, out: Path, dtype
     base_dir, out = Path(base_dir), Path(out)
     deltas = adapter_deltas(adapter_dir, acfg)
     index = base_dir / "model.safetensors.index.json"
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+    shards = sorted(set(_files.read_json(index)["weight_map"].values())) if index.exists() \
         else ["model.safetensors"]
     out.mkdir(parents=True, exist_ok=True)
     weight_map, merged, worst, total = {}, 0, 0.0, 0
@@ -82,7 +84,7 @@ def merge_shards(adapter_dir: Path, acfg: dict, base_dir: Path, out: Path, dtype
                                f"{next(iter(deltas))}; is this the adapter's base?")
     if index.exists():
         (out / index.name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    cfg = json.loads((base_dir / "config.json").read_text())
+    cfg = _files.read_json(base_dir / "config.json")
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     for extra in ("generation_config.json",):
@@ -121,33 +123,26 @@ def merge_report(adapter_dir, acfg, base, out, dtype, progress, t0, err, report_
     import time
     import torch
     from transformers import AutoTokenizer
-    from engine.outputs.merge import LOGIT_TOLERANCE, dir_files, tokenizer_source, torch_dtype
+    from engine.outputs.merge import LOGIT_TOLERANCE, MERGE_INFO, dir_files, staged, tokenizer_source, torch_dtype
     out = Path(out).expanduser()
     dtype_name, tdtype = torch_dtype(dtype, "cpu")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     progress(0.1, f"merging {base} shard by shard in {dtype_name} (the whole model is never loaded)")
-    try:
-        info = merge_shards(Path(adapter_dir), acfg, Path(base), tmp, tdtype,
-                            lambda f, m: progress(0.1 + 0.8 * f, m))
-        AutoTokenizer.from_pretrained(tokenizer_source(Path(adapter_dir), base)).save_pretrained(str(tmp))
-    except StreamMergeError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise err(str(e)) from None
-    except Exception as e:  # noqa: BLE001
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise err(f"shard-by-shard merge failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     tol = LOGIT_TOLERANCE["fp32"][0]
-    if not info["max_abs_diff"] <= tol:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise err(f"verification failed: a merged projection differs from base + adapter by "
-                  f"{info['max_abs_diff']:.4g} (> {tol:.4g}); nothing was written to {out}")
-    (tmp / "qlora_merge.json").write_text(json.dumps(
-        {"base": base, "adapter": str(Path(adapter_dir).resolve()), "dtype": dtype_name, "streamed": True,
-         **info, "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n", encoding="utf-8")
-    if out.exists():
-        out.rmdir()
-    tmp.replace(out)
+    with staged(out, err) as tmp:       # a folder of our own beside --out, renamed in when verified
+        try:
+            info = merge_shards(Path(adapter_dir), acfg, Path(base), tmp, tdtype,
+                                lambda f, m: progress(0.1 + 0.8 * f, m))
+            AutoTokenizer.from_pretrained(tokenizer_source(Path(adapter_dir), base)).save_pretrained(str(tmp))
+        except StreamMergeError as e:
+            raise err(str(e)) from None
+        except Exception as e:  # noqa: BLE001
+            raise err(f"shard-by-shard merge failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        if not info["max_abs_diff"] <= tol:
+            raise err(f"verification failed: a merged projection differs from base + adapter by "
+                      f"{info['max_abs_diff']:.4g} (> {tol:.4g}); nothing was written to {out}")
+        (tmp / MERGE_INFO).write_text(json.dumps(
+            {"base": base, "adapter": str(Path(adapter_dir).resolve()), "dtype": dtype_name, "streamed": True,
+             **info, "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n", encoding="utf-8")
     size, files = dir_files(out)
     progress(1.0, "done")
     return report_cls(out=str(out), base=base, adapter=str(adapter_dir), dtype=dtype_name, device="cpu",

@@ -12,6 +12,8 @@ import shlex
 import tomllib
 from pathlib import Path
 
+from engine.core import files as _files
+
 WHAT = ("adapter", "merged", "gguf")
 
 
@@ -25,7 +27,7 @@ def _run_config(run_dir: Path | None) -> tuple[dict, str]:
     if run_dir is None:
         return {}, ""
     try:
-        text = (run_dir / "config.toml").read_text(encoding="utf-8")
+        text = _files.read_text(run_dir / "config.toml")
         return tomllib.loads(text), text
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return {}, ""
@@ -58,25 +60,38 @@ def loss_table(steps: list, evals: list, rows: int = 12) -> list[str]:
     return out
 
 
-def _front_matter(base: str, datasets: list[str], kind: str) -> list[str]:
-    lines = ["---"]
-    if _hub_id(base):
-        lines.append(f"base_model: {base}")
-    else:
-        lines.append(f"# base model {json.dumps(base)} is not a hub id; set base_model: to the one it came from")
-    lines.append("library_name: " + {"adapter": "peft", "merged": "transformers"}.get(kind, "gguf"))
-    lines.append("license:   # set the license (the base model's terms apply to the weights)")
-    hub_data = [d for d in datasets if _hub_id(d)]
-    if hub_data:
-        lines.append("datasets:")
-        lines += [f"  - {d}" for d in hub_data]
+# the key of the card's metadata that marks a card as ours (its value: {"card": kind}); a card is
+# recognised by its parsed metadata, never by the words in it (a local base path may hold any)
+OURS_KEY = "qlora_tui"
+
+
+def card_data(base: str, datasets: list[str], kind: str):
+    """The card's metadata, built by ``huggingface_hub.ModelCardData`` (valid YAML whatever the
+    base or data paths hold; local paths are not hub ids and are left out)."""
+    from huggingface_hub import ModelCardData
     tags = ["qlora", "lora", "qlora-tui"] + (["peft"] if kind == "adapter" else []) + \
            (["gguf", "llama.cpp", "ollama"] if kind == "gguf" else [])
-    lines.append("tags:")
-    lines += [f"  - {t}" for t in tags]
-    lines.append("pipeline_tag: text-generation")
-    lines.append("---")
-    return lines
+    hub_data = [d for d in datasets if _hub_id(d)]
+    return ModelCardData(base_model=base if _hub_id(base) else None,
+                         library_name={"adapter": "peft", "merged": "transformers"}.get(kind, "gguf"),
+                         datasets=hub_data or None, tags=tags, pipeline_tag="text-generation",
+                         **{OURS_KEY: {"card": kind}})
+
+
+def _front_matter(base: str, datasets: list[str], kind: str) -> list[str]:
+    return ["---", card_data(base, datasets, kind).to_yaml().rstrip(), "---"]
+
+
+def is_our_card(path: Path) -> bool:
+    """Whether ``path`` is a model card this program wrote (its metadata carries ``OURS_KEY``);
+    PEFT's placeholder, a user's card, an unreadable file: False."""
+    from huggingface_hub import ModelCard
+    try:
+        card = ModelCard(_files.read_text(path, limit=_files.JSON_LIMIT), ignore_metadata_errors=True)
+        mark = card.data.to_dict().get(OURS_KEY)
+    except Exception:  # noqa: BLE001 - any damage: not ours
+        return False
+    return isinstance(mark, dict) and "card" in mark
 
 
 def card_text(run_dir: Path | None, adapter_dir: Path, kind: str, files: list[str], export=None,
@@ -86,8 +101,8 @@ def card_text(run_dir: Path | None, adapter_dir: Path, kind: str, files: list[st
     data = cfg.get("data", {}) if isinstance(cfg.get("data"), dict) else {}
     acfg = {}
     try:
-        acfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        acfg = _files.read_json(adapter_dir / "adapter_config.json")
+    except (OSError, ValueError):
         pass
     base = str(model.get("name") or acfg.get("base_model_name_or_path") or "unknown")
     datasets = [str(d) for d in (data.get("train"), data.get("eval")) if d]
@@ -97,6 +112,9 @@ def card_text(run_dir: Path | None, adapter_dir: Path, kind: str, files: list[st
             "gguf": "GGUF files for llama.cpp and Ollama"}[kind]
     lines = _front_matter(base, datasets, kind) + [
         "", f"# {name}", "",
+        *([] if _hub_id(base) else [f"The base model `{base}` is not a hub id: add `base_model:` to the "
+                                    "metadata above with the one it came from.", ""]),
+        "Set `license:` in the metadata above: the base model's terms apply to the weights.", "",
         f"{what[0].upper() + what[1:]}: a QLoRA fine-tune (4-bit NF4 base, LoRA r={acfg.get('r', '?')}, "
         f"alpha={acfg.get('lora_alpha', '?')}) of `{base}` on {', '.join(f'`{d}`' for d in datasets) or 'local data'}, "
         f"made with qlora-tui.", "",
@@ -130,15 +148,19 @@ def write_card(out_dir: Path, run_dir: Path | None, adapter_dir: Path, kind: str
     if kind == "gguf":
         files = [f for f in files if f.endswith((".gguf", ".Modelfile"))]
     path = out_dir / "README.md"
-    path.write_text(card_text(run_dir, adapter_dir, kind, files, export, command), encoding="utf-8")
+    if path.is_symlink() or (path.exists() and not is_our_card(path)):
+        raise OSError(f"{path} is not a card qlora-tui wrote; it is left as it is")
+    _files.write_atomic(path, card_text(run_dir, adapter_dir, kind, files, export, command))
     return path
 
 
 # --------------------------------------------------------------------------- push
 
-def push_plan(run_dir: str | Path, what: str = "adapter") -> tuple[Path, list[str], list[str]]:
-    """(folder, allow_patterns, files that would be uploaded) for ``push``; writes the card
-    into the folder when it has none."""
+def push_plan(run_dir: str | Path, what: str = "adapter") -> tuple[Path, dict[str, object], list[str]]:
+    """(folder, {name in the repository: local path or the card's bytes}, the names) for ``push``.
+    Nothing is written into the folder: the card (README.md) is the folder's own when qlora-tui
+    wrote it, else ours built now (PEFT's placeholder is never uploaded); the merge's local record
+    (``qlora_merge.json``: absolute local paths) is left out."""
     from engine.outputs.merge import find_adapter_dir, run_dir_of
     if what not in WHAT:
         raise PushError(f"--what {what!r}: use one of {', '.join(WHAT)}")
@@ -157,17 +179,19 @@ def push_plan(run_dir: str | Path, what: str = "adapter") -> tuple[Path, list[st
         folder, patterns = root / "export", ["*.gguf", "*.Modelfile", "README.md"]
         if not list(folder.glob("*.gguf")):
             raise PushError(f"{folder}: no .gguf file; run `qlora-tui export {root} --gguf f16` first")
-    card = folder / "README.md"
-    try:
-        ours = "qlora-tui" in card.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        ours = False
-    if not ours:     # none yet, or PEFT's generic template from save_pretrained
-        write_card(folder, owner, adapter_dir, what)
     import fnmatch
-    files = sorted(str(p.relative_to(folder)) for p in folder.iterdir()
-                   if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in patterns))
-    return folder, patterns, files
+    from engine.outputs.merge import MERGE_INFO
+    upload: dict[str, object] = {
+        p.name: p for p in sorted(folder.iterdir())
+        if p.is_file() and not p.is_symlink() and p.name not in (MERGE_INFO, "README.md")
+        and any(fnmatch.fnmatch(p.name, pat) for pat in patterns)}
+    card = folder / "README.md"
+    if card.is_file() and not card.is_symlink() and is_our_card(card):
+        upload["README.md"] = card
+    else:            # none, or PEFT's generic template from save_pretrained: ours, built in memory
+        text = card_text(owner, adapter_dir, what, sorted(upload))
+        upload["README.md"] = text.encode("utf-8")
+    return folder, upload, sorted(upload)
 
 
 def _one_line(e: Exception) -> str:
@@ -180,7 +204,7 @@ def push(run_dir: str | Path, repo_id: str, what: str = "adapter", private: bool
     """Upload through huggingface_hub. The token comes from huggingface_hub's own lookup."""
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id or ""):
         raise PushError(f"repo id {repo_id!r} is not of the form USER/NAME (or ORG/NAME)")
-    folder, patterns, files = push_plan(run_dir, what)
+    folder, upload, files = push_plan(run_dir, what)
     plan = {"repo_id": repo_id, "folder": str(folder), "files": files, "private": private, "url": ""}
     if dry_run:
         return plan
@@ -191,7 +215,10 @@ def push(run_dir: str | Path, repo_id: str, what: str = "adapter", private: bool
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, allow_patterns=patterns,
+        from huggingface_hub import CommitOperationAdd
+        ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=src if isinstance(src, bytes) else str(src))
+               for name, src in upload.items()]
+        info = api.create_commit(repo_id=repo_id, operations=ops, repo_type="model",
                                  commit_message=f"qlora-tui push ({what})")
     except Exception as e:  # noqa: BLE001 - network, auth, hub errors: one line each
         raise PushError(f"upload to {repo_id} failed: {_one_line(e)} (check the network, HF_TOKEN and "

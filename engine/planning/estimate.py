@@ -68,6 +68,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.core import files as _files
 from engine.core.config import AUTO, Config
 
 from engine.core.units import GIB
@@ -587,7 +588,7 @@ def model_config_for(cfg: Config) -> dict:
     else:
         path = _hub_config(name, where, cfg.model.revision or None)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return _files.read_json(path)
     except (OSError, ValueError) as e:
         raise EstimateError(f"cannot read {path} for model {name!r}: {e}") from None
 

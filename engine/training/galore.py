@@ -19,6 +19,8 @@ import contextlib
 import json
 from pathlib import Path
 
+from engine.core import files as _files
+
 METHODS = ("qlora", "lora", "galore")
 FULL_DIR = "model"                  # RUN_DIR/model: the full checkpoint of a GaLore run
 MARKER = "qlora_tui.json"           # written beside it: method and base
@@ -107,7 +109,7 @@ def full_checkpoint_dir(src) -> Path | None:
 
 def read_marker(full_dir: Path) -> dict:
     try:
-        data = json.loads((full_dir / MARKER).read_text(encoding="utf-8"))
+        data = _files.read_json(full_dir / MARKER)
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

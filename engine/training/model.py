@@ -6,9 +6,12 @@ or writes them itself, so they never reach a config, a log or a run directory.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from engine.core import files as _files
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -70,6 +73,23 @@ def _needs_code(e: BaseException) -> bool:
     return "trust_remote_code" in s or "auto_map" in s or "custom code" in s
 
 
+def _check_model_files(name: str, p: Path) -> None:
+    """Every file of a local model folder is a regular file (or a link to one): a FIFO or a device
+    among them would hang or exhaust whichever library opens it (transformers, tokenizers)."""
+    import stat
+    try:
+        entries = list(os.scandir(p))
+    except OSError as e:
+        raise ModelError(f"model.name = {name!r}: cannot list {p} ({e.strerror or e})") from None
+    for entry in entries:
+        try:
+            mode = os.stat(entry.path).st_mode
+        except OSError:
+            continue                           # a dangling link: the loader says what it misses
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ModelError(f"model.name = {name!r}: {_files.NotRegular(entry.path, _files.kind_of(mode))}")
+
+
 def model_path(cfg) -> str:
     """A loadable path or hub id for model.name (builtin:tiny is built/cached on demand)."""
     name = cfg.model.name.strip()
@@ -89,6 +109,7 @@ def model_path(cfg) -> str:
                              "or a hub id like meta-llama/Llama-3.2-1B")
         if not (p / "config.json").exists():
             raise ModelError(f"model.name = {name!r}: {p} has no config.json; is it a Hugging Face model directory?")
+        _check_model_files(name, p)
         return str(p)
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name):
         raise ModelError(f"model.name = {name!r}: neither a local directory nor a hub id (owner/name)")
@@ -172,7 +193,7 @@ def load_tokenizer(cfg, path: str | None = None):
 def _ships_code(path: str, fname: str) -> bool:
     import json
     try:
-        data = json.loads((Path(path) / fname).read_text(encoding="utf-8"))
+        data = _files.read_json(Path(path) / fname)
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and bool(data.get("auto_map"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.core import files as _files
 from engine.core import config
 
 
@@ -41,6 +42,48 @@ def preflight(cfg: config.Config, check_model: bool = True) -> list[str]:
         except model_mod.ModelError as e:
             raise PreflightError(str(e)) from None
     return notes
+
+
+def quick_preflight(cfg: config.Config) -> None:
+    """The cheap part of ``preflight`` (milliseconds: no data parsed, no tokenizer loaded), run
+    before ``train --detach`` returns: the tracker, that each data path names a readable file or
+    folder, that the model path resolves, that no shipped code would run without consent, that a
+    chat template file is readable. A refusal here is exit 2 and one line, as ``--headless``
+    says it; the child then runs the whole ``preflight`` and records what only it finds."""
+    from engine.core import files
+    from engine.dataset import data as data_mod
+    from engine.training import model as model_mod
+    from engine.training import trackers
+    try:
+        trackers.check_available(cfg.output.report_to)
+    except trackers.TrackerError as e:
+        raise PreflightError(str(e)) from None
+    for key in ("train", "eval"):
+        value = getattr(cfg.data, key)
+        if not value:
+            continue
+        p = data_mod.resolve(cfg.resolve_path(value))
+        if not p.exists():
+            raise PreflightError(f"{p}: no such file or directory; check data.{key}")
+        if not p.is_dir():
+            try:
+                files.check_regular(p)
+            except files.NotRegular as e:
+                raise PreflightError(f"data.{key}: {e}") from None
+            except OSError as e:
+                raise PreflightError(f"{p}: cannot read it ({e.strerror or e}); check data.{key}") from None
+    try:
+        model_mod.model_path(cfg)
+    except model_mod.ModelError as e:
+        raise PreflightError(str(e)) from None
+    remote_code_check(cfg)
+    tpl = cfg.model.chat_template
+    if tpl and "{" not in tpl:
+        from engine.dataset.chat import _template_text
+        try:
+            _template_text(tpl)
+        except model_mod.ModelError as e:
+            raise PreflightError(str(e)) from None
 
 
 def _with_first_bad_line(cfg: config.Config, msg: str) -> str:
@@ -84,7 +127,7 @@ def remote_code_check(cfg: config.Config) -> str | None:
     shipped = {}
     for fname in ("config.json", "tokenizer_config.json"):
         try:
-            data = json.loads((path / fname).read_text(encoding="utf-8"))
+            data = _files.read_json(path / fname)
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and data.get("auto_map"):
@@ -94,7 +137,7 @@ def remote_code_check(cfg: config.Config) -> str | None:
     model_type = (shipped.get("config.json") or {}).get("model_type")
     if model_type is None:
         try:
-            model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+            model_type = _files.read_json(path / "config.json").get("model_type")
         except (OSError, ValueError):
             model_type = None
     from transformers import CONFIG_MAPPING

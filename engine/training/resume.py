@@ -32,6 +32,8 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> tu
         raise PreflightError(f"{run_dir}: not a run directory (no {rundir.CONFIG})")
     old = config.load(run_dir / rundir.CONFIG)
     last = rundir.info(run_dir)
+    if last.state == rundir.State.DAMAGED:
+        raise PreflightError(f"{run_dir}: cannot resume: {last.reason}")
     if last.state == "finished" and not overrides:
         raise PreflightError(f"{run_dir}: the run finished (step {last.step}); nothing to resume "
                              "(raise train.max_steps with --set to train on)")

@@ -25,7 +25,7 @@ from engine.core.faults import from_env as faults_from_env
 
 
 from engine.training.preflight import (PreflightError, needs_remote_code_confirmation,  # noqa: F401 (API)
-                                      preflight, remote_code_check)
+                                      preflight, quick_preflight, remote_code_check)
 from engine.training.resume import RESUME_FROZEN, resume_config  # noqa: F401 (API)
 
 
@@ -121,6 +121,7 @@ class Run:
             assert self.run_dir is not None
             if not (self.run_dir / rundir.CONFIG).exists():
                 raise PreflightError(f"{self.run_dir}: not a run directory (no {rundir.CONFIG})")
+            rundir.wait_writer_exit(self.run_dir)   # a writer whose log has ended, still exiting
             self._lock = rundir.acquire_lock(self.run_dir)    # before anything in it is touched
             rundir.make_private(self.run_dir)
             if rundir.process_alive(self.run_dir) and rundir.owner_pid(self.run_dir) != os.getpid():
@@ -358,7 +359,8 @@ def start_detached(cfg: config.Config | None, *, resume: str | Path | None = Non
     """Start a run in its own session (survives the terminal closing); return its directory.
 
     ``check``: True runs the preflight here (the TUI's launch thread shows its refusal);
-    "child" leaves it to the child, which records a refusal in the run's log (`train --detach`
+    "child" runs only ``quick_preflight`` here (milliseconds: paths, model, consent) and leaves the
+    whole preflight to the child, which records a refusal in the run's log (`train --detach`
     returns at once). ``resume``: continue that run directory instead (``overrides`` change its config first,
     e.g. ``oom_fix_overrides``). The child is ``python -m engine train ... --headless`` with
     stdin on /dev/null and its output in RUN_DIR/stdout.log; it is never a child of the
@@ -373,8 +375,9 @@ def _start_detached(cfg, *, resume, check, overrides) -> Path:
         run_dir = Path(resume)
         if not (run_dir / rundir.CONFIG).exists():
             raise PreflightError(f"{run_dir}: not a run directory (no {rundir.CONFIG})")
-        if rundir.process_alive(run_dir):
+        if rundir.is_live(run_dir):
             raise PreflightError(f"{run_dir}: the run is still live; attach to it instead")
+        rundir.wait_writer_exit(run_dir)    # ended (as `runs` says) and still exiting: let it go
         resume_config(run_dir, overrides)   # what the child would refuse, said here where it is seen
         argv = ["train", "--resume", str(run_dir)]
         for o in overrides or []:
@@ -382,6 +385,8 @@ def _start_detached(cfg, *, resume, check, overrides) -> Path:
     else:
         if check is True:
             preflight(cfg)
+        elif check == "child":
+            quick_preflight(cfg)             # the cheap checks here, where the refusal is seen
         cfg = absolutise(cfg)
         run_dir = rundir.create(cfg.output.dir, cfg.output.name or cfg.model.name)
         config.save(cfg, run_dir / rundir.CONFIG)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from engine.core import files as _files
 from engine.dataset.chat import IGNORE
 
 FORMAT = "vision"
@@ -224,7 +225,7 @@ def is_vision_config(model_config: dict) -> bool:
 def is_vision_model_dir(path: str) -> bool:
     p = Path(path) / "config.json"
     try:
-        return p.is_file() and is_vision_config(json.loads(p.read_text(encoding="utf-8")))
+        return p.is_file() and is_vision_config(_files.read_json(p))
     except (OSError, ValueError):
         return False
 
@@ -286,7 +287,7 @@ def _processor_class(path: str, trust: bool):
     name = None
     p = Path(path) / "processor_config.json"
     if p.is_file():
-        name = json.loads(p.read_text(encoding="utf-8")).get("processor_class")
+        name = _files.read_json(p).get("processor_class")
     if not name:
         mt = AutoConfig.from_pretrained(path, trust_remote_code=trust).model_type
         name = PROCESSOR_MAPPING_NAMES.get(mt)
