@@ -266,7 +266,8 @@ def _setting(cfg: Config, s: Shape, notes: list[str], batch_size, seq_len, gradi
     lg = liger if liger is not None else _tri(cfg.train.liger_kernel)
     k_ck, off = _checkpointing(cfg, s.layers, gc, checkpoint_layers, offload)
     method = getattr(cfg.train, "method", "qlora")
-    four = cfg.quant.load_in_4bit and method == "qlora"
+    from engine.core.config import QLORA_METHODS
+    four = cfg.quant.load_in_4bit and method in QLORA_METHODS
     stream = bool(streaming if streaming is not None else cfg.train.weight_streaming is True) and four
     return _Setting(batch=int(batch_size or cfg.train.batch_size), seq=int(seq_len or cfg.data.max_length),
                     liger=False if lg is None else lg, checkpointed=k_ck, offload=off,
