@@ -283,3 +283,31 @@ def test_dpo_kill9_then_resume_keeps_every_step_once(pair_files, tmp_path, capsy
     assert prefs == list(range(1, 11)), prefs           # the method's series too: each step once
     assert summary.fold(events(d)).preference["accuracy"][-1][0] == 10
     assert terminal(d).type == "run_finished"
+
+
+def test_dpo_continues_an_sft_run_with_the_sft_model_as_reference(pair_files, tmp_path):
+    train, _ = pair_files
+    sft = _train(configured(config.Config(), {
+        "model.name": "builtin:tiny", "data.train": "builtin:sample", "data.max_length": 64, "train.max_steps": 3,
+        "train.batch_size": 4, "train.grad_accum": 1, "train.learning_rate": 5e-3, "train.eval_steps": 0,
+        "train.save_steps": 0, "train.gradient_checkpointing": False, "lora.r": 8, "lora.alpha": 16,
+        "data.eval_fraction": 0.0, "output.dir": str(tmp_path / "sft")}))
+    d = _train(_cfg(tmp_path, train, "dpo", **{"model.adapter": str(sft), "train.max_steps": 2,
+                                               "train.logging_steps": 1}))
+    parent = json.loads((d / "parent.json").read_text())
+    assert parent["run_dir"] == str(sft.resolve()) and parent["adapter"] == str((sft / "adapter").resolve())
+    first = next(e for e in events(d) if isinstance(e, events_mod.Step))
+    # the reference is the SFT model, not the base: at step 1 policy = reference, so DPO's loss is
+    # exactly log 2 and both rewards are 0 (against the base they would not be: the SFT adapter moved it)
+    assert first.loss == pytest.approx(0.693147, abs=1e-4)
+    p1 = next(e for e in events(d) if isinstance(e, events_mod.Preference))
+    assert abs(p1.rewards_chosen) < 1e-4 and abs(p1.rewards_rejected) < 1e-4
+    started = next(e for e in events(d) if isinstance(e, events_mod.RunStarted))
+    assert any("SFT adapter" in line for line in started.plan) and any("r 8" in line for line in started.plan)
+    assert json.loads((d / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    # merge takes a preference run as it takes an SFT run (the continued adapter: the "ref" copy
+    # TRL keeps for the reference is not what is merged)
+    from engine.outputs.merge import merge
+    report = merge(d, tmp_path / "merged", dtype="fp32")
+    assert report.max_abs_diff <= report.tolerance and report.adapter_effect > 0
+    assert report.adapter == str(d / "adapter")
