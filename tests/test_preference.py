@@ -305,9 +305,53 @@ def test_dpo_continues_an_sft_run_with_the_sft_model_as_reference(pair_files, tm
     started = next(e for e in events(d) if isinstance(e, events_mod.RunStarted))
     assert any("SFT adapter" in line for line in started.plan) and any("r 8" in line for line in started.plan)
     assert json.loads((d / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    assert not (d / "adapter" / "ref").exists()        # TRL's frozen reference copy is not saved as a result
     # merge takes a preference run as it takes an SFT run (the continued adapter: the "ref" copy
     # TRL keeps for the reference is not what is merged)
     from engine.outputs.merge import merge
     report = merge(d, tmp_path / "merged", dtype="fp32")
     assert report.max_abs_diff <= report.tolerance and report.adapter_effect > 0
     assert report.adapter == str(d / "adapter")
+
+
+# ---------------------------------------------------------------- hints (pure Python, event streams)
+
+def _hints(method: str, series: list[dict], **cfg_changes) -> dict[str, events_mod.Hint]:
+    from engine.training.hints import HintEngine
+    cfg = configured(config.Config(), {"train.method": method, "train.learning_rate": 5e-6, **cfg_changes})
+    h = HintEngine(cfg)
+    h.total_steps = 10 * len(series)
+    out = {}
+    for i, kw in enumerate(series, 1):
+        for hint in h.observe(events_mod.Preference(step=10 * i, method=method, **kw)):
+            assert hint.rule not in out, f"{hint.rule} fired twice in one episode"
+            out[hint.rule] = hint
+    return out
+
+
+def _healthy(i: int) -> dict:
+    return dict(loss=0.69 * 0.9 ** i, accuracy=min(1.0, 0.5 + 0.04 * i), margin=0.1 * i,
+                rewards_chosen=0.02 * i, rewards_rejected=-0.05 * i)
+
+
+def test_preference_hints_fire_on_each_failure_and_say_what_to_change():
+    healthy = _hints("dpo", [_healthy(i) for i in range(30)])
+    assert not healthy, healthy
+    stuck = _hints("dpo", [dict(loss=0.6931, accuracy=0.5, margin=0.0, rewards_chosen=0.0, rewards_rejected=0.0)] * 30)
+    assert {"pref_log2", "pref_accuracy_chance", "pref_margin_flat"} <= set(stuck), stuck
+    assert stuck["pref_log2"].step == 50 and "train.learning_rate=2.5e-5" in stuck["pref_log2"].overrides
+    assert "preference.beta=0.05" in stuck["pref_margin_flat"].overrides
+    # likelihood displacement: the margin grows, but by pushing the chosen answers down as well
+    down = _hints("dpo", [dict(loss=0.6 - 0.01 * i, accuracy=0.9, margin=0.04 * i, rewards_chosen=-0.02 * i,
+                               rewards_rejected=-0.06 * i) for i in range(30)])
+    assert set(down) == {"pref_displacement"}, down
+    assert "preference.beta=0.2" in down["pref_displacement"].overrides and "orpo" in down["pref_displacement"].fix
+    # an exploding KL: KTO's own KL, and DPO's |reward| / β
+    kl = _hints("kto", [dict(loss=0.3, margin=0.2 * i, rewards_chosen=0.1 * i, rewards_rejected=-0.1 * i,
+                             kl=2.0 ** (i / 3)) for i in range(30)])
+    assert "pref_kl" in kl and "KL" in kl["pref_kl"].symptom and "preference.beta=0.2" in kl["pref_kl"].overrides
+    run_away = _hints("dpo", [dict(loss=0.1, accuracy=1.0, margin=0.5 * i, rewards_chosen=0.1 * i,
+                                   rewards_rejected=-0.4 * i) for i in range(30)])
+    assert set(run_away) == {"pref_kl"} and "β" in run_away["pref_kl"].symptom
+    # log 2 is DPO's sigmoid loss alone: ORPO starting elsewhere is no symptom
+    assert "pref_log2" not in _hints("orpo", [dict(loss=0.6931, accuracy=1.0, margin=0.1 * i) for i in range(10)])

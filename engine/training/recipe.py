@@ -396,7 +396,11 @@ class Recipe:
         """The adapter's weights into ``tmp``; False on a rank that does not write."""
         from engine.training import distributed
         if not distributed.in_worker():
-            trainer.model.save_pretrained(str(tmp))
+            model = trainer.model
+            extra = {}
+            if len(getattr(model, "peft_config", {}) or {}) > 1:     # DPO/KTO continuing an SFT run: the
+                extra["selected_adapters"] = ["default"]            # frozen "ref" copy is not the result
+            model.save_pretrained(str(tmp), **extra)
             return True
         # every rank takes part (FSDP gathers the sharded adapter); rank 0 writes
         if getattr(trainer, "is_fsdp_enabled", False):
