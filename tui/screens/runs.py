@@ -15,9 +15,11 @@ from textual.widgets import DataTable, Footer, Header, Sparkline, Static
 
 from engine.core.summary import RESUMABLE
 from tui.controller import read_run
+from tui.runstate import RunState
 from tui.safe import clean, literal, middle, one_line
 from tui.widgets.chart import LossChart
 from tui.widgets.panels import hints_text
+from tui.widgets.run_view import preference_rows
 
 
 # ---- what this screen's workers post to it -------------------------------------------
@@ -216,6 +218,12 @@ class RunDetailScreen(Screen):
         with Horizontal(classes="spark-row"):
             yield Static("grad", classes="spark-label", id="detail-grad-label")
             yield Sparkline([], id="detail-grad")
+        for label, name in RunState.PREFERENCE_ROWS:    # a preference run's own curves
+            row = Horizontal(classes="spark-row", id=f"detail-pref-{name}-row")
+            row.display = False
+            with row:
+                yield Static(label, classes="spark-label")
+                yield Sparkline([], id=f"detail-pref-{name}")
         yield LossChart(id="detail-chart")
         with VerticalScroll(id="detail-hints-box"):
             yield Static(id="detail-hints")
@@ -246,6 +254,8 @@ class RunDetailScreen(Screen):
             t.append(f"   final loss {ri.final_loss:.4f}", style="bold")
         if st.last_eval is not None:
             t.append(f"   eval loss {st.last_eval:.4f}")
+        if st.method:
+            t.append("\n" + clean("   ".join(f"{k} {v}" for k, v in preference_rows(st))))
         if ri.reason:
             t.append("\n")
             t.append(one_line(ri.reason, 300), style="italic")
@@ -259,6 +269,10 @@ class RunDetailScreen(Screen):
         self.query_one("#detail-eval", Sparkline).data = st.eval_spark_values
         self.query_one("#detail-lr", Sparkline).data = st.lr_values
         self.query_one("#detail-grad", Sparkline).data = st.grad_norm_values
+        for _, name in RunState.PREFERENCE_ROWS:
+            values = st.preference_values(name)
+            self.query_one(f"#detail-pref-{name}-row", Horizontal).display = bool(values)
+            self.query_one(f"#detail-pref-{name}", Sparkline).data = values
         self.detail_state = st
         self.query_one("#detail-chart", LossChart).set_data(st.losses, st.evals, st.total_steps)
         self.query_one("#detail-hints", Static).update(hints_text(st.hints, st.warnings))

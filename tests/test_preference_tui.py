@@ -1,0 +1,41 @@
+"""The Train screen and the run detail draw a preference method's own curves and metrics."""
+from __future__ import annotations
+
+import pytest
+from textual.widgets import Sparkline
+
+from tui.testing import write_run
+from tui_helpers import demo_cfg, make_app, plain, until  # noqa: F401
+from tui_helpers import anyio_backend, isolated_settings  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_train_screen_and_run_detail_show_the_preference_curves(tmp_path):
+    run = write_run(tmp_path / "runs", steps=40, method="dpo")
+    app = make_app(demo_cfg(tmp_path), attach=run)
+    async with app.run_test(size=(100, 50)) as pilot:
+        await until(pilot, lambda: app.run_state.follower_ended, what="history read")
+        s = app.screen
+        for name in ("accuracy", "margin", "chosen", "rejected"):
+            assert s.query_one(f"#pref-{name}-row").display, name
+            assert len(s.query_one(f"#pref-{name}-spark", Sparkline).data) == 40
+        assert not s.query_one("#pref-kl-row").display          # DPO logs no KL
+        m = plain(s.query_one("#metrics"))
+        assert "method    dpo" in m and "accuracy  1.00 (eval 0.88)" in m and "margin    2.800" in m, m
+        await pilot.press("f5")
+        await until(pilot, lambda: app.screen.query_one("#runs").row_count == 1)
+        await pilot.press("enter")
+        await until(pilot, lambda: getattr(app.screen, "info", None) is not None)
+        assert "accuracy 1.00 (eval 0.88)" in plain(app.screen.query_one("#detail-summary"))
+        assert app.screen.query_one("#detail-pref-margin-row").display
+        assert len(app.screen.query_one("#detail-pref-margin", Sparkline).data) == 40
+
+
+async def test_an_sft_run_shows_no_preference_rows(tmp_path):
+    run = write_run(tmp_path / "runs", steps=20)
+    app = make_app(demo_cfg(tmp_path), attach=run)
+    async with app.run_test(size=(100, 50)) as pilot:
+        await until(pilot, lambda: app.run_state.follower_ended, what="history read")
+        assert not any(app.screen.query_one(f"#pref-{n}-row").display for n in ("accuracy", "margin", "kl"))
+        assert "method" not in plain(app.screen.query_one("#metrics"))
