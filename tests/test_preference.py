@@ -355,3 +355,25 @@ def test_preference_hints_fire_on_each_failure_and_say_what_to_change():
     assert set(run_away) == {"pref_kl"} and "β" in run_away["pref_kl"].symptom
     # log 2 is DPO's sigmoid loss alone: ORPO starting elsewhere is no symptom
     assert "pref_log2" not in _hints("orpo", [dict(loss=0.6931, accuracy=1.0, margin=0.1 * i) for i in range(10)])
+
+
+# ---------------------------------------------------------------- the estimate counts the method
+
+def test_estimate_counts_two_sequences_per_pair_and_the_reference_pass():
+    from engine.planning import estimate as E
+    mc = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+              num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+
+    def est(method, batch):
+        cfg = config.load(None, [f'train.method="{method}"', "data.max_length=2048", f"train.batch_size={batch}",
+                                 'train.device="cuda"', "train.gradient_checkpointing=true"])
+        return E.estimate(cfg, mc)
+    sft2, dpo1, orpo1 = est("qlora", 2), est("dpo", 1), est("orpo", 1)
+    # one pair = chosen + rejected: the activations of two SFT rows; the batch still reads as 1 pair
+    assert dpo1.breakdown["activations"] == sft2.breakdown["activations"] and dpo1.batch_size == 1
+    # TRL's preference trainers keep the full logits and their gradient (2 x 4096 tokens x vocab x bf16)
+    assert dpo1.breakdown["logits"] >= 2 * 4096 * 128256 * 2 > sft2.breakdown["logits"]
+    assert dpo1.peak_bytes > sft2.peak_bytes
+    # the reference pass is named (time, no peak) for DPO; ORPO has none
+    assert any("reference pass" in n for n in dpo1.notes) and not any("reference pass" in n for n in orpo1.notes)
+    assert orpo1.peak_bytes == dpo1.peak_bytes
