@@ -377,3 +377,38 @@ def test_estimate_counts_two_sequences_per_pair_and_the_reference_pass():
     # the reference pass is named (time, no peak) for DPO; ORPO has none
     assert any("reference pass" in n for n in dpo1.notes) and not any("reference pass" in n for n in orpo1.notes)
     assert orpo1.peak_bytes == dpo1.peak_bytes
+
+
+# ---------------------------------------------------------------- import-axolotl maps rl:
+
+@pytest.mark.parametrize("rl, fields, want", [
+    ("dpo", "rl_beta: 0.05\ndpo_label_smoothing: 0.1\n", {"train.method": "dpo", "preference.beta": 0.05,
+                                                          "preference.label_smoothing": 0.1}),
+    ("ipo", "rl_beta: 0.2\n", {"train.method": "dpo", "preference.loss_type": "ipo", "preference.beta": 0.2}),
+    ("orpo", "orpo_alpha: 0.2\n", {"train.method": "orpo", "preference.orpo_lambda": 0.2}),
+    ("kto", "rl_beta: 0.1\nkto_desirable_weight: 1.33\nkto_undesirable_weight: 1.0\n",
+     {"train.method": "kto", "preference.desirable_weight": 1.33, "preference.undesirable_weight": 1.0}),
+    ("simpo", "rl_beta: 2.5\nsimpo_gamma: 1.4\ncpo_alpha: 0.0\n",
+     {"train.method": "simpo", "preference.simpo_beta": 2.5, "preference.simpo_gamma": 1.4}),
+])
+def test_import_axolotl_maps_rl_and_its_fields(rl, fields, want, tmp_path):
+    from engine.outputs.axolotl import convert
+    yml = tmp_path / "rl.yml"
+    yml.write_text("base_model: meta-llama/Llama-3.1-8B-Instruct\nadapter: qlora\nload_in_4bit: true\n"
+                   f"rl: {rl}\n{fields}datasets:\n  - path: pairs.jsonl\n    type: chatml.intel\n")
+    cfg_dict, unmapped, notes = convert(yml)
+    cfg = config.from_dict(cfg_dict)
+    for key, value in want.items():
+        assert cfg.get(key) == value, (key, cfg.get(key))
+    assert cfg.data.format == "auto" and cfg.quant.load_in_4bit
+    assert not [u for u in unmapped if u in ("rl", "rl_beta", "orpo_alpha", "simpo_gamma", "cpo_alpha",
+                                             "kto_desirable_weight", "dpo_label_smoothing")], unmapped
+    assert any(n.startswith(f"rl: {rl} → train.method = ") for n in notes), notes
+
+
+def test_axolotl_intel_rows_read_as_chat_pairs_with_their_system(tmp_path):
+    ds = _load(tmp_path, [{"system": "Be brief.", "question": "Sky?", "chosen": "Blue.", "rejected": "I won't say."}])
+    assert ds.format == "preference" and not ds.problems
+    assert ds.rows[0].data == {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sky?"}],
+                               "chosen": [{"role": "assistant", "content": "Blue."}],
+                               "rejected": [{"role": "assistant", "content": "I won't say."}]}

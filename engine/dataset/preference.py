@@ -46,8 +46,9 @@ def detect(rec: dict) -> tuple[str, str] | None:
     if "chosen" in keys and "rejected" in keys:
         if "conversations" in keys or "messages" in keys:
             return PAIRS, "fields 'chosen'/'rejected' beside a conversation (LLaMA-Factory preference pairs)"
-        if "prompt" in keys:
-            return PAIRS, "fields 'prompt', 'chosen' and 'rejected' (preference pairs, explicit prompt)"
+        if "prompt" in keys or "question" in keys:
+            p = "prompt" if "prompt" in keys else "question"
+            return PAIRS, f"fields '{p}', 'chosen' and 'rejected' (preference pairs, explicit prompt)"
         return PAIRS, "fields 'chosen' and 'rejected' (preference pairs, implicit prompt)"
     tag = next((k for k in KTO_TAGS if k in keys), None)
     if tag is not None and isinstance(rec[tag], bool) and (
@@ -129,6 +130,10 @@ def _prompt(value, what: str = "prompt") -> list[dict] | str:
     return turns
 
 
+def _as_turns(answer) -> list[dict]:
+    return [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer
+
+
 def _split_implicit(chosen, rejected):
     """TRL's implicit prompt: the longest shared start of both sides (turns, or text up to the
     first differing character, a separating space left with the answer)."""
@@ -157,17 +162,20 @@ def _pairs(rec: dict) -> dict:
         prompt = _prompt(conv, "conversations" if "conversations" in rec else "messages")
         if isinstance(prompt, str):
             raise _Bad("wrong_type", "'conversations' must be a list of turns")
+        chosen, rejected = _as_turns(_answer(chosen, "chosen")), _as_turns(_answer(rejected, "rejected"))
+    elif "prompt" in rec or "question" in rec:
+        if "prompt" in rec:
+            prompt = _prompt(rec.get("prompt"))
+        else:                                                # Axolotl's chatml.intel: a chat question
+            prompt = [{"role": "user", "content": _prompt(rec.get("question"), "question")}]
+            if not isinstance(prompt[0]["content"], str):
+                raise _Bad("wrong_type", "'question' must be a string")
         chosen, rejected = _answer(chosen, "chosen"), _answer(rejected, "rejected")
-        chosen = [{"role": "assistant", "content": chosen}] if isinstance(chosen, str) else chosen
-        rejected = [{"role": "assistant", "content": rejected}] if isinstance(rejected, str) else rejected
-    elif "prompt" in rec:
-        prompt = _prompt(rec.get("prompt"))
-        chosen, rejected = _answer(chosen, "chosen"), _answer(rejected, "rejected")
-        if isinstance(prompt, str) != isinstance(chosen, str) or isinstance(chosen, str) != isinstance(rejected, str):
-            if isinstance(prompt, str) and not isinstance(chosen, str):
-                prompt = [{"role": "user", "content": prompt}]
-            else:
-                raise _Bad("wrong_type", "prompt, chosen and rejected must all be strings or all lists of turns")
+        if not (isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str)):
+            # one side a conversation: all of it is (a plain prompt is the user's turn, a plain answer
+            # the assistant's)
+            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            chosen, rejected = _as_turns(chosen), _as_turns(rejected)
     else:
         if isinstance(chosen, str) != isinstance(rejected, str):
             raise _Bad("wrong_type", "chosen and rejected must both be strings or both lists of turns")
@@ -179,7 +187,15 @@ def _pairs(rec: dict) -> dict:
         chosen, rejected = _answer(chosen, "chosen"), _answer(rejected, "rejected")
     if chosen == rejected:
         raise _Bad("identical_pair", "chosen and rejected are identical: the pair teaches nothing")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return {"prompt": _with_system(rec, prompt), "chosen": chosen, "rejected": rejected}
+
+
+def _with_system(rec: dict, prompt):
+    """A top-level ``system`` column becomes the conversation's first turn (when it has none)."""
+    system = rec.get("system")
+    if isinstance(prompt, list) and isinstance(system, str) and system.strip() and prompt[0]["role"] != "system":
+        return [{"role": "system", "content": system}] + prompt
+    return prompt
 
 
 def _unpaired(rec: dict) -> dict:
@@ -199,7 +215,7 @@ def _unpaired(rec: dict) -> dict:
         if turns[-1]["role"] != "assistant" or len(turns) < 2:
             raise _Bad("role_order", f"'{what}' must end with the assistant answer that '{tag}' judges")
         prompt, completion = _prompt(turns[:-1], what), turns[-1:]
-    return {"prompt": prompt, "completion": completion, "label": label}
+    return {"prompt": _with_system(rec, prompt), "completion": completion, "label": label}
 
 
 # ------------------------------------------------------------------ which method takes which data
