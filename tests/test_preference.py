@@ -412,3 +412,17 @@ def test_axolotl_intel_rows_read_as_chat_pairs_with_their_system(tmp_path):
     assert ds.rows[0].data == {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sky?"}],
                                "chosen": [{"role": "assistant", "content": "Blue."}],
                                "rejected": [{"role": "assistant", "content": "I won't say."}]}
+
+
+def test_inspect_measures_pairs_and_previews_prompt_and_chosen(tmp_path, capsys):
+    from engine.dataset import inspect as inspect_mod
+    rows = _pairs(12, 5) + [dict(_pairs(1, 6)[0], rejected=_pairs(1, 6)[0]["chosen"])]     # line 13: identical
+    path = _write(tmp_path / "pairs.jsonl", rows)
+    cfg = config.load(None, ['model.name="builtin:tiny"', f'data.train="{path}"', "data.max_length=64"])
+    rep = inspect_mod.inspect(cfg)
+    assert rep.format == "preference" and rep.rows == 12 and rep.rows_tokenized == 12
+    assert [(p.line, p.kind) for p in rep.problems] == [(13, "identical_pair")]
+    pv = inspect_mod.preview(cfg, 0)
+    trained = "".join(t for t, tr in pv.segments if tr)
+    assert rows[0]["chosen"][0]["content"] in trained and rows[0]["prompt"][0]["content"] not in trained
+    assert rows[0]["rejected"][0]["content"] not in pv.text

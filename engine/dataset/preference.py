@@ -253,3 +253,20 @@ def sides(row: dict) -> dict[str, str]:
     def text(v):
         return v if isinstance(v, str) else "\n".join(f"{t['role']}: {t['content']}" for t in v)
     return {k: text(row[k]) for k in ("prompt", "chosen", "rejected", "completion") if k in row}
+
+
+def side_view(row: dict, side: str | None = None) -> dict:
+    """One side of a normalised preference row in the SFT shape the inspector measures and
+    previews (the prompt untrained, the answer trained: TRL's completion mask). ``side``:
+    "chosen", "rejected" (pairs) or None = the longer answer of a pair (what max_length must
+    hold), the completion of a KTO row."""
+    if "completion" in row:
+        answer = row["completion"]
+    else:
+        if side is None:
+            side = "chosen" if len(sides(row)["chosen"]) >= len(sides(row)["rejected"]) else "rejected"
+        answer = row[side]
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        return {"prompt": prompt, "completion": answer}
+    return {"messages": list(prompt) + list(answer)}
