@@ -426,3 +426,11 @@ def test_inspect_measures_pairs_and_previews_prompt_and_chosen(tmp_path, capsys)
     trained = "".join(t for t, tr in pv.segments if tr)
     assert rows[0]["chosen"][0]["content"] in trained and rows[0]["prompt"][0]["content"] not in trained
     assert rows[0]["rejected"][0]["content"] not in pv.text
+
+
+def test_generate_takes_its_prompts_from_preference_rows():
+    from engine.outputs.generate import _user_turn
+    conv = _pairs(1, 7)[0]
+    assert _user_turn(conv) == conv["prompt"][0]["content"]
+    assert _user_turn({"prompt": "The sky is", "chosen": " blue", "rejected": " red"}) == "The sky is"
+    assert _user_turn({"question": "Sky?", "chosen": "Blue.", "rejected": "No."}) == "Sky?"
