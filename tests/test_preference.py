@@ -258,6 +258,8 @@ def test_simpo_trains_and_reports_its_metrics(pair_files, tmp_path):
     d = _train(_cfg(tmp_path, train, "simpo", **{"train.max_steps": 4}))
     tr = _standing_prefs(d, "train")
     assert tr and tr[-1].method == "simpo" and tr[-1].accuracy is not None
+    steps = [e for e in events(d) if isinstance(e, events_mod.Step)]
+    assert steps[-1].tokens_seen > 0 and steps[-1].tokens_per_second        # counted from both sides
     assert (d / "adapter" / "adapter_model.safetensors").is_file()
 
 

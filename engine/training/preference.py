@@ -47,10 +47,23 @@ def trainer_class(method: str) -> type:
         from trl.experimental.orpo import ORPOTrainer as base
     else:
         from trl.experimental.cpo import CPOTrainer as base
-    cls = type(f"QLora{base.__name__}", (QLoraTrainerMixin, base),
-               {"__module__": __name__, "__doc__": f"{base.__name__} with the engine's step bookkeeping."})
+    body = {"__module__": __name__, "__doc__": f"{base.__name__} with the engine's step bookkeeping."}
+    if method in REFERENCE_FREE:
+        body["_track_num_input_tokens"] = _count_pair_tokens
+    cls = type(f"QLora{base.__name__}", (QLoraTrainerMixin, base), body)
     _CLASSES[method] = cls
     return cls
+
+
+def _count_pair_tokens(self, inputs) -> None:
+    """Tokens seen (tokens/s) for TRL's ORPO/CPO batches, which have no ``input_ids``: the
+    non-padding tokens of both sides (each holds the prompt)."""
+    import torch
+    n = sum(inputs[k].sum() for k in ("chosen_attention_mask", "rejected_attention_mask") if k in inputs)
+    if isinstance(n, int):
+        return
+    n = torch.as_tensor(n, device=self.args.device, dtype=torch.int64)
+    self.state.num_input_tokens_seen += self.accelerator.gather(n).sum().item()
 
 
 def to_config(cfg, common: dict):
@@ -68,9 +81,10 @@ def to_config(cfg, common: dict):
                          undesirable_weight=p.undesirable_weight, include_num_input_tokens_seen="non_padding")
     if method == "orpo":
         from trl.experimental.orpo import ORPOConfig
-        return ORPOConfig(**kw, beta=p.orpo_lambda)
+        return ORPOConfig(**kw, beta=p.orpo_lambda, include_num_input_tokens_seen="non_padding")
     from trl.experimental.cpo import CPOConfig
-    return CPOConfig(**kw, loss_type="simpo", beta=p.simpo_beta, simpo_gamma=p.simpo_gamma, cpo_alpha=0.0)
+    return CPOConfig(**kw, loss_type="simpo", beta=p.simpo_beta, simpo_gamma=p.simpo_gamma, cpo_alpha=0.0,
+                     include_num_input_tokens_seen="non_padding")
 
 
 def datasets(cfg, rows):
