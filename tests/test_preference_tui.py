@@ -39,3 +39,32 @@ async def test_an_sft_run_shows_no_preference_rows(tmp_path):
         await until(pilot, lambda: app.run_state.follower_ended, what="history read")
         assert not any(app.screen.query_one(f"#pref-{n}-row").display for n in ("accuracy", "margin", "kl"))
         assert "method" not in plain(app.screen.query_one("#metrics"))
+
+
+async def test_preference_tune_this_run_from_the_runs_screen(tmp_path):
+    from engine.core import config as config_mod
+    sft = write_run(tmp_path / "runs", "20260101-120000-tiny", steps=5)
+    config_mod.save(config_mod.load(None, ['model.name="builtin:tiny"', "quant.double_quant=false"]),
+                    sft / "config.toml")
+    (sft / "adapter").mkdir()
+    (sft / "adapter" / "adapter_config.json").write_text('{"base_model_name_or_path": "x", "r": 8}')
+    bare = write_run(tmp_path / "runs", "20260102-120000-tiny", steps=5)      # no adapter: refused
+    config_mod.save(config_mod.load(None), bare / "config.toml")
+    app = make_app(demo_cfg(tmp_path))
+    async with app.run_test(size=(100, 40)) as pilot:
+        await pilot.press("f5")
+        await until(pilot, lambda: app.screen.query_one("#runs").row_count == 2)
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert "Preference-tune (p)" in titles
+        table = app.screen.query_one("#runs")
+        row = next(i for i in range(2) if "20260102" in str(table.get_row_at(i)[0]))
+        table.move_cursor(row=row)
+        await pilot.press("p")
+        await until(pilot, lambda: any("no adapter there" in str(n.message) for n in app._notifications))
+        assert app.config.train.method == "qlora"
+        table.move_cursor(row=1 - row)
+        await pilot.press("p")
+        await until(pilot, lambda: app.current_mode == "config", what="config screen")
+        cfg = app.config
+        assert cfg.train.method == "dpo" and cfg.model.adapter == str(sft.resolve())
+        assert cfg.quant.double_quant is False          # the run's own base settings

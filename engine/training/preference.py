@@ -208,3 +208,26 @@ def metrics_event(logs: dict, step: int, method: str) -> events.Preference | Non
     vals = {k: (float(v) if v is not None else None) for k, v in vals.items()}
     return events.Preference(step=step, method=method, split=split,
                              loss=logs.get(pre + "loss"), **vals)
+
+
+def continue_config(run_dir, cfg, method: str = "dpo"):
+    """``cfg`` (a copy) set up to preference-tune the finished SFT run ``run_dir``: its model and
+    4-bit settings, ``model.adapter`` = the run, ``train.method`` = ``method``. ``data.train`` is
+    kept (point it at preference pairs). ValueError (one line) when the run has no adapter."""
+    from engine.core import config as config_mod
+    from engine.core import rundir
+    run_dir = Path(run_dir)
+    adapter_dir(str(run_dir))                              # raises: no adapter, or a GaLore run
+    try:
+        parent = config_mod.load(run_dir / rundir.CONFIG)
+    except config_mod.ConfigError as e:
+        raise ValueError(f"{run_dir}: its config cannot be read ({e.one_line()})") from None
+    if parent.train.method in METHODS:
+        raise ValueError(f"{run_dir} is already a {parent.train.method} run; preference-tune the SFT run it continues")
+    out = cfg.copy()
+    out.model.name, out.model.revision = parent.model.name, parent.model.revision
+    out.model.chat_template, out.model.trust_remote_code = parent.model.chat_template, parent.model.trust_remote_code
+    out.quant = parent.quant
+    out.model.adapter = str(run_dir.resolve())
+    out.train.method = method
+    return config_mod.from_dict(out.to_dict(), source=cfg.source)

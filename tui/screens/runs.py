@@ -61,6 +61,12 @@ class ExportRun(Message):
 
 
 @dataclass
+class PreferenceTune(Message):
+    """Preference-tune the SFT run ``run_dir``: a DPO config continuing its adapter, on the Config screen."""
+    run_dir: Path
+
+
+@dataclass
 class OpenRun(Message):
     """Show ``run_dir``'s curves and hints."""
     run_dir: Path
@@ -77,7 +83,14 @@ class RunsScreen(Screen):
                 Binding("e", "export", "Export", id="export-run",
                         tooltip="Export the selected run as GGUF for llama.cpp / Ollama"),
                 Binding("r", "resume", "Resume", id="resume-run",
-                        tooltip="Resume the selected stopped, failed or crashed run (with its hint's fixes)")]
+                        tooltip="Resume the selected stopped, failed or crashed run (with its hint's fixes)"),
+                Binding("p", "preference_tune", "Preference-tune", id="pref-run", show=False,
+                        tooltip="A DPO config that continues the selected SFT run's adapter (Config screen)")]
+
+    def action_preference_tune(self) -> None:
+        ri = self._selected()
+        if ri is not None:
+            self.post_message(PreferenceTune(Path(ri.path)))
 
     def action_resume(self) -> None:
         ri = self._selected()
@@ -192,7 +205,11 @@ class RunDetailScreen(Screen):
 
     BINDINGS = [Binding("escape", "app.pop_screen", "Back", id="back"),
                 Binding("a", "attach", "Attach", id="attach-detail"),
-                Binding("r", "resume", "Resume", id="resume-detail")]
+                Binding("r", "resume", "Resume", id="resume-detail"),
+                Binding("p", "preference_tune", "Preference-tune", id="pref-detail", show=False)]
+
+    def action_preference_tune(self) -> None:
+        self.post_message(PreferenceTune(self.run_dir))
 
     def action_resume(self) -> None:
         if self.info is not None:
