@@ -68,3 +68,27 @@ async def test_preference_tune_this_run_from_the_runs_screen(tmp_path):
         cfg = app.config
         assert cfg.train.method == "dpo" and cfg.model.adapter == str(sft.resolve())
         assert cfg.quant.double_quant is False          # the run's own base settings
+
+
+async def test_dataset_screen_reads_a_preference_file(tmp_path):
+    import json
+    u = {"role": "user", "content": "Sky?"}
+    rows = [{"prompt": [u], "chosen": [{"role": "assistant", "content": f"Blue {i}."}],
+             "rejected": [{"role": "assistant", "content": f"Green {i}."}]} for i in range(10)]
+    rows.append(dict(rows[0], rejected=rows[0]["chosen"]))                  # line 11: identical sides
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    app = make_app(demo_cfg(tmp_path, f'data.train="{data}"'))
+    async with app.run_test(size=(100, 40)) as pilot:
+        await pilot.press("f2")
+        await until(pilot, lambda: app.screen.report is not None and app.screen.report.done,
+                    timeout=180, what="report")
+        rep = app.screen.report
+        assert rep.format == "preference" and rep.rows == 10
+        assert "preference" in plain(app.screen.query_one("#ds-summary"))
+        assert "11" in str(app.screen.query_one("#problems").get_row_at(0)[0])
+        await pilot.press("n")
+        await until(pilot, lambda: "tokens" in plain(app.screen.query_one("#row-header")), timeout=120,
+                    what="preview")
+        view = plain(app.screen.query_one("#row-view"))
+        assert "Blue 1." in view and "Green 1." not in view          # prompt + chosen, as DPO trains it
