@@ -436,3 +436,19 @@ def test_generate_takes_its_prompts_from_preference_rows():
     assert _user_turn(conv) == conv["prompt"][0]["content"]
     assert _user_turn({"prompt": "The sky is", "chosen": " blue", "rejected": " red"}) == "The sky is"
     assert _user_turn({"question": "Sky?", "chosen": "Blue.", "rejected": "No."}) == "Sky?"
+
+
+def test_dpo_through_the_fused_nf4_lora_linear_keeps_the_reference_off(pair_files, tmp_path):
+    """The fused linear (GPU default) under DPO, forced on the CPU: every 4-bit LoRA layer is
+    patched, the reference pass (adapter disabled) still takes the base alone, and DPO learns."""
+    from engine.training import runner
+    train, held = pair_files
+    run = runner.Run(_cfg(tmp_path, train, "dpo", **{"train.fused_lora": True, "train.max_steps": 6,
+                                                      "train.logging_steps": 1}))
+    run.start()
+    assert run.join(timeout=600) and run.result.type == "run_finished", run.result
+    cbs = [c for c in run._recipe.prepared.trainer.callback_handler.callbacks if hasattr(c, "patched")]
+    assert cbs and cbs[0].patched == 14                 # 2 layers x 7 projections of builtin:tiny
+    prefs = _standing_prefs(run.run_dir, "train")
+    assert prefs[0].margin == pytest.approx(0.0, abs=1e-6)       # step 1: policy = reference (B = 0)
+    assert prefs[-1].margin > 0.3 and prefs[-1].accuracy >= 0.75
