@@ -126,6 +126,8 @@ def test_methods_refuse_data_they_cannot_train(tmp_path):
     train, _ = data_mod.load_for_training(cfg)
     rows = pref.for_trainer(cfg, [r.data for r in train.rows])
     assert [r["label"] for r in rows] == [True, False] * 3 and rows[1]["completion"] == "c"
+    with pytest.raises(config.ConfigError, match="KTO needs a micro-batch of 2"):
+        config.load(None, ['train.method="kto"', "train.batch_size=1"])
     with pytest.raises(config.ConfigError, match="model.adapter"):
         config.load(None, ['model.adapter="/somewhere"'])        # continuing an SFT run is a preference thing
 

@@ -376,6 +376,9 @@ def _cross_checks(cfg: Config, problems: list[Problem]) -> None:
             and cfg.distributed.strategy == "fsdp":
         problems.append(Problem("train.method", cfg.train.method, "preference tuning runs on one GPU or with "
                                 "distributed.strategy = \"ddp\""))
+    if cfg.train.method == "kto" and cfg.train.batch_size < 2:
+        problems.append(Problem("train.batch_size", cfg.train.batch_size, "KTO needs a micro-batch of 2 or more "
+                                "(its KL estimate pairs each answer with another row of the batch)"))
     tr = cfg.train
     if tr.activation_offload is True and cfg.distributed.gpus > 1:
         problems.append(Problem("train.activation_offload", True, "runs on one GPU only; set it to "

@@ -74,6 +74,10 @@ def resolve_auto(cfg, rt, emit, longest: int | None = None) -> tuple[object, lis
             reasons += [r for r in p.reasons if not r.startswith(("packing", "attention"))]   # decided from the data
         except Exception as e:     # the planner is advice: never a reason to fail the run
             reasons.append(f"fit planner skipped ({str(e).splitlines()[0][:200]})")
+    if tr.method == "kto" and tr.batch_size < 2:        # the planner went below KTO's minimum
+        eff = tr.batch_size * tr.grad_accum
+        tr.batch_size, tr.grad_accum = 2, max(1, eff // 2)
+        reasons.append(f"micro-batch 2 x accumulation {tr.grad_accum} (KTO's KL estimate needs 2 rows a batch)")
     if tr.gradient_checkpointing == "auto":
         tr.gradient_checkpointing = True
         reasons.append("gradient checkpointing on (default: least memory)")
