@@ -836,8 +836,13 @@ def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
         return Plan(t.batch_size, t.grad_accum, est.gradient_checkpointing, lg, pk, est, reasons,
                     checkpoint_layers=est.checkpoint_layers, offload=est.offload)
 
-    lg = _choose_liger(lg_set, reasons, model_config.get("model_type"))
-    pk = _choose_packing(cfg, pk_set, reasons)
+    from engine.core.config import PREFERENCE_METHODS
+    if t.method in PREFERENCE_METHODS:     # TRL's preference trainers: no packing, no Liger here
+        lg, pk = False, False
+        reasons.append(f"packing and Liger off ({t.method}: each side of a pair is its own sequence)")
+    else:
+        lg = _choose_liger(lg_set, reasons, model_config.get("model_type"))
+        pk = _choose_packing(cfg, pk_set, reasons)
     eff = t.batch_size * t.grad_accum
     seq = cfg.data.max_length
     budget = gpu_mem_bytes * (1 - HEADROOM)
