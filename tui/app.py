@@ -29,7 +29,8 @@ from tui.safe import one_line
 from tui.style import rich_theme
 from tui.screens.config import ConfigScreen, FormEdited, LoadConfig
 from tui.screens.dataset import DatasetScreen
-from tui.screens.runs import AttachRun, ExportRun, OpenRun, ResumeRun, RunDetailScreen, RunsScreen
+from tui.screens.runs import (AttachRun, ExportRun, OpenRun, PreferenceTune, ResumeRun, RunDetailScreen,
+                              RunsScreen)
 from tui.screens.train import TrainScreen
 
 # `qlora-tui` with no argument: the fast offline demo (same values as examples/demo.toml)
@@ -316,6 +317,22 @@ class QloraApp(App):
     def _on_export(self, msg: ExportRun) -> None:
         from tui.screens.export import ExportScreen
         self.push_screen(ExportScreen(msg.run_dir))
+
+    @on(PreferenceTune)
+    def _on_preference_tune(self, msg: PreferenceTune) -> None:
+        from engine.core.config import ConfigError
+        from engine.training.preference import continue_config
+        try:
+            cfg = continue_config(msg.run_dir, self.config)
+        except (ValueError, ConfigError) as e:
+            self.notify(one_line(str(e), 300), severity="error", markup=False)
+            return
+        if isinstance(self.screen, RunDetailScreen):
+            self.pop_screen()
+        self.set_config(cfg, None)
+        self.action_show("config")
+        self.notify("train.method = dpo continuing this run's adapter (model.adapter); point data.train at "
+                    "preference pairs (prompt/chosen/rejected)", markup=False)
 
     @on(OpenRun)
     def _on_open(self, msg: OpenRun) -> None:

@@ -51,6 +51,18 @@ class RunState(RunSummary):
         v = self.eval_values
         return v if len(v) >= 2 else []
 
+    #: a preference method's curves (engine.core.summary.PREFERENCE_SERIES): label -> series name
+    PREFERENCE_ROWS = (("acc", "accuracy"), ("margin", "margin"), ("chosen", "chosen"), ("rejected", "rejected"),
+                       ("kl", "kl"))
+
+    def preference_values(self, name: str) -> list[float]:
+        """A preference method's series (train; ``eval_`` + name for the eval one), finite values."""
+        return [v for _, v in self.preference.get(name, []) if math.isfinite(v)]
+
+    def preference_last(self, name: str) -> float | None:
+        v = self.preference_values(name)
+        return v[-1] if v else None
+
     @property
     def fraction(self) -> float:
         if self.total_steps <= 0:

@@ -48,8 +48,9 @@ def loss_curve(step: int) -> float:
 
 def write_run(runs_dir: str | Path, name: str = "20260101-120000-tiny", steps: int = 60,
               finished: bool = True, hints: list[dict] | None = None,
-              stop_at: int | None = None) -> Path:
-    """A run directory whose events.jsonl reads like a finished builtin:tiny demo run."""
+              stop_at: int | None = None, method: str = "") -> Path:
+    """A run directory whose events.jsonl reads like a finished builtin:tiny demo run
+    (``method``: a preference method, whose metrics are logged beside each step)."""
     from engine.core import events
     run_dir = Path(runs_dir) / name
     (run_dir / "control").mkdir(parents=True, exist_ok=True)
@@ -65,8 +66,15 @@ def write_run(runs_dir: str | Path, name: str = "20260101-120000-tiny", steps: i
         w(events.Step(step=s, total_steps=steps, loss=loss_curve(s), learning_rate=2e-3 * (1 - s / steps),
                  grad_norm=1.5 + 0.5 * math.cos(s), tokens_per_second=640.0 + s, epoch=s / 72,
                  eta_seconds=(steps - s) * 0.4, tokens_seen=165 * s, time=t + 3 + s))
+        if method:
+            w(events.Preference(step=s, method=method, rewards_chosen=0.02 * s, rewards_rejected=-0.05 * s,
+                                margin=0.07 * s, accuracy=min(1.0, 0.5 + 0.02 * s), loss=loss_curve(s),
+                                kl=0.01 * s if method == "kto" else None, time=t + 3 + s))
         if s % 20 == 0:
             w(events.Eval(step=s, eval_loss=loss_curve(s) + 0.25 + 0.004 * s, time=t + 3 + s))
+            if method:
+                w(events.Preference(step=s, method=method, split="eval", accuracy=0.875, margin=0.05 * s,
+                                    rewards_chosen=0.01 * s, rewards_rejected=-0.04 * s, time=t + 3 + s))
         if s % 30 == 0:
             w(events.Checkpoint(step=s, path=f"runs/{name}/checkpoints/checkpoint-{s}", time=t + 3 + s))
         for h in hints or []:

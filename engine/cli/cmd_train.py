@@ -88,6 +88,11 @@ class HeadlessPrinter:
                   f"  epoch {_num(ev.epoch, '.2f')}  eta {fmt_eta(ev.eta_seconds)}\n")
             case events.Eval(step=s, eval_loss=loss):
                 w(f"eval  step {s}  eval_loss {_num(loss, '.4f')}\n")
+            case events.Preference():
+                w(f"{ev.method:<5} {'eval' if ev.split == 'eval' else 'train'} step {ev.step}  accuracy "
+                  f"{_num(ev.accuracy, '.2f')}  margin {_num(ev.margin, '.3f')}  chosen {_num(ev.rewards_chosen, '.3f')}"
+                  f"  rejected {_num(ev.rewards_rejected, '.3f')}" + (f"  kl {_num(ev.kl, '.3f')}" if ev.kl is not None else "")
+                  + "\n")
             case events.Checkpoint(step=s, path=path):
                 w(f"checkpoint step {s}: {path}\n")
             case events.Hint():

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 AUTO = "auto"
+PREFERENCE_METHODS = ("dpo", "orpo", "kto", "simpo")     # train.method: preference tuning (a LoRA adapter)
+QLORA_METHODS = ("qlora",) + PREFERENCE_METHODS           # train.method: LoRA over the 4-bit base of [quant]
 
 
 def _f(default, help: str, *, choices=None, lo=None, hi=None, kind=None, group=None):
@@ -38,6 +40,10 @@ class ModelConfig:
     freeze_vision_tower: bool = _f(True, "Vision-language models: keep the vision encoder and its "
                                    "projector frozen (16-bit, no LoRA); all-linear = the language "
                                    "model's linear layers. Off = LoRA on the vision tower too.")
+    adapter: str = _f("", "Continue from a finished SFT run: its run directory (or its adapter "
+                      "directory). Preference methods (train.method = dpo, orpo, kto, simpo) train that "
+                      "adapter further, and the reference model is the SFT model; empty = a fresh adapter "
+                      "over the base.", kind="path")
     attn_implementation: str = _f(AUTO, "Attention kernel: auto picks flash_attention_2 when "
                                   "installed, else varlen for packed rows on the GPU (torch's "
                                   "variable-length flash kernel), else sdpa.",
@@ -82,15 +88,39 @@ class GaloreConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    beta: float = _f(0.1, "DPO and KTO: how far the policy may move from the reference (the β of "
+                     "the DPO and KTO papers, 0.1); higher = closer to the reference (0.01 to 0.5).",
+                     lo=0.0001, hi=100.0)
+    loss_type: str = _f("sigmoid", "DPO loss: sigmoid (the DPO paper), ipo (IPO: β is its τ), hinge "
+                        "(SLiC), robust (robust DPO, with label_smoothing).",
+                        choices=["sigmoid", "ipo", "hinge", "robust"])
+    label_smoothing: float = _f(0.0, "DPO: the assumed share of pairs whose labels are flipped (robust "
+                                "DPO / cDPO; the paper suggests 0.1); 0 = trust every pair.", lo=0.0, hi=0.49)
+    orpo_lambda: float = _f(0.1, "ORPO: weight of the odds-ratio term against the SFT loss on the chosen "
+                            "answer (the paper's λ, 0.1; 0.05 to 0.5).", lo=0.0001, hi=100.0)
+    simpo_beta: float = _f(2.0, "SimPO: reward scale on the length-normalised log-probabilities (the "
+                           "paper's β, 2.0 to 2.5).", lo=0.0001, hi=100.0)
+    simpo_gamma: float = _f(0.5, "SimPO: the target reward margin γ (the paper's γ/β ratio is 0.5, so "
+                            "0.5 to 1.6 here).", lo=0.0, hi=100.0)
+    desirable_weight: float = _f(1.0, "KTO: weight of the desirable answers' loss (the paper's λ_D); keep "
+                                 "λ_D·n_D / λ_U·n_U between 1 and 4/3 when one kind outnumbers the other.",
+                                 lo=0.0, hi=100.0)
+    undesirable_weight: float = _f(1.0, "KTO: weight of the undesirable answers' loss (the paper's λ_U).",
+                                   lo=0.0, hi=100.0)
+
+
+@dataclass
 class DataConfig:
     train: str = _f("builtin:sample", "Training data: .jsonl, .json, .csv, .parquet, a saved "
                     "datasets directory, builtin:sample, or builtin:vl-sample (images).", kind="path")
     eval: str = _f("", "Held-out eval data (same formats); empty = split off eval_fraction.", kind="path")
     eval_fraction: float = _f(0.05, "Share of train rows held out for eval loss when no eval file "
                               "is given (0 = no eval).", lo=0.0, hi=0.5)
-    format: str = _f(AUTO, "Row format; auto detects it from the fields.",
+    format: str = _f(AUTO, "Row format; auto detects it from the fields (preference: chosen/rejected "
+                     "pairs; kto: answers with a true/false label).",
                      choices=[AUTO, "messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokens",
-                              "vision"])
+                              "vision", "preference", "kto"])
     max_length: int = _f(4096, "Tokens per example; longer rows are truncated. Add ~30% memory "
                          "above 2048.", lo=16, hi=1_048_576)
     packing: Any = _f(AUTO, "Pack several rows into one sequence (no padding). auto = on where "
@@ -102,8 +132,10 @@ class DataConfig:
 class TrainConfig:
     method: str = _f("qlora", "qlora: LoRA over a 4-bit base; lora: LoRA over a 16-bit base; "
                      "galore: full-rank training of the targeted layers with GaLore's projected "
-                     "gradients over a 16-bit base (a full checkpoint, no adapter).",
-                     choices=["qlora", "lora", "galore"])
+                     "gradients over a 16-bit base (a full checkpoint, no adapter); dpo, orpo, kto, "
+                     "simpo: preference tuning of a LoRA adapter over the 4-bit base on chosen/rejected "
+                     "pairs (kto: answers labelled good/bad), settings in [preference].",
+                     choices=["qlora", "lora", "galore", "dpo", "orpo", "kto", "simpo"])
     epochs: float = _f(3.0, "Passes over the data; too many overfits small data (1 to 5).", lo=0.01, hi=1000)
     max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 = run all epochs.", lo=-1)
     learning_rate: float = _f(2e-4, "Too high = NaN; too low = no learning (1e-4 to 5e-4).", lo=1e-9, hi=1.0)
@@ -172,13 +204,15 @@ SECTIONS: dict[str, type] = {
     "quant": QuantConfig,
     "lora": LoraConfigSection,
     "galore": GaloreConfig,
+    "preference": PreferenceConfig,
     "data": DataConfig,
     "train": TrainConfig,
     "output": OutputConfig,
     "distributed": DistributedConfig,
 }
 SECTION_TITLES = {
-    "model": "Model", "quant": "Quantization", "lora": "LoRA", "galore": "GaLore", "data": "Data",
+    "model": "Model", "quant": "Quantization", "lora": "LoRA", "galore": "GaLore",
+    "preference": "Preference tuning", "data": "Data",
     "train": "Training", "output": "Output", "distributed": "Multi-GPU",
 }
 
@@ -189,6 +223,7 @@ class Config:
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraConfigSection = field(default_factory=LoraConfigSection)
     galore: GaloreConfig = field(default_factory=GaloreConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -338,6 +373,16 @@ def _cross_checks(cfg: Config, problems: list[Problem]) -> None:
     if cfg.train.method == "galore" and cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp":
         problems.append(Problem("train.method", "galore", "GaLore needs whole weight matrices on each "
                                 "GPU: use distributed.strategy = \"ddp\" or train.method = \"qlora\""))
+    if cfg.model.adapter.strip() and cfg.train.method not in PREFERENCE_METHODS:
+        problems.append(Problem("model.adapter", cfg.model.adapter, "continues an SFT run with a preference "
+                                "method: set train.method = dpo, orpo, kto or simpo, or leave model.adapter empty"))
+    if cfg.train.method in PREFERENCE_METHODS and cfg.distributed.gpus > 1 \
+            and cfg.distributed.strategy == "fsdp":
+        problems.append(Problem("train.method", cfg.train.method, "preference tuning runs on one GPU or with "
+                                "distributed.strategy = \"ddp\""))
+    if cfg.train.method == "kto" and cfg.train.batch_size < 2:
+        problems.append(Problem("train.batch_size", cfg.train.batch_size, "KTO needs a micro-batch of 2 or more "
+                                "(its KL estimate pairs each answer with another row of the batch)"))
     tr = cfg.train
     if tr.activation_offload is True and cfg.distributed.gpus > 1:
         problems.append(Problem("train.activation_offload", True, "runs on one GPU only; set it to "

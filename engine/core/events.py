@@ -112,6 +112,27 @@ class Step(Event):
 
 
 @dataclass
+class Preference(Event):
+    """A preference method's own metrics (train.method = dpo, orpo, kto, simpo), beside the
+    step's loss (``split = "train"``, averaged over the logging window) or an eval's
+    (``split = "eval"``, over the eval pairs). Rewards are the method's implicit rewards (DPO/KTO:
+    β × the log-ratio to the reference; ORPO/SimPO: scaled policy log-probabilities); accuracy is
+    the share of pairs whose chosen reward beats the rejected one; kl: KTO's reference KL."""
+    type: ClassVar[str] = "preference"
+    step: int = 0
+    method: str = ""
+    split: str = "train"
+    rewards_chosen: float | None = None
+    rewards_rejected: float | None = None
+    margin: float | None = None
+    accuracy: float | None = None
+    kl: float | None = None
+    logps_chosen: float | None = None
+    logps_rejected: float | None = None
+    loss: float | None = None
+
+
+@dataclass
 class Eval(Event):
     type: ClassVar[str] = "eval"
     step: int = 0
@@ -207,8 +228,8 @@ class Exported(Event):
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
-    c.type: c for c in (RunStarted, Status, Step, Eval, Checkpoint, Hint, RunWarning, Resumed, RunFinished,
-                        RunFailed, Exported, NumericsCheck)
+    c.type: c for c in (RunStarted, Status, Step, Preference, Eval, Checkpoint, Hint, RunWarning, Resumed,
+                        RunFinished, RunFailed, Exported, NumericsCheck)
 }
 TERMINAL = (RunFinished, RunFailed)       # isinstance(ev, TERMINAL): the run's last event
 # fields read back as their StrEnum (by annotation); a value a newer version wrote stays text
@@ -255,7 +276,7 @@ def dumps(ev: Event) -> str:
 
 
 # fields written as "nan"/"inf" strings by ``_clean``; text fields (a hint's rule "nan") stay text
-FLOAT_FIELDS = frozenset(f.name for c in (Step, Eval, RunFinished, Status) for f in dataclasses.fields(c)
+FLOAT_FIELDS = frozenset(f.name for c in (Step, Preference, Eval, RunFinished, Status) for f in dataclasses.fields(c)
                          if f.type in ("float | None", "float", float))
 
 

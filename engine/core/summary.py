@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from engine.core.events import (Checkpoint, Eval, Event, FailKind, Hint, Resumed, RunFailed, RunFinished,
-                                RunStarted, RunWarning, Status, Step)
+from engine.core.events import (Checkpoint, Eval, Event, FailKind, Hint, Preference, Resumed, RunFailed,
+                                RunFinished, RunStarted, RunWarning, Status, Step)
 from engine.core.units import to_float
 
 
@@ -38,7 +38,10 @@ class State(StrEnum):
 # a run in one of these states continues from its newest complete checkpoint with --resume
 RESUMABLE = frozenset({State.STOPPED, State.FAILED, State.CRASHED})
 # what a resume redoes when it continues after ``from_step``: logged past it, dropped by readers
-REDONE = (Step, Eval, Checkpoint, Hint, RunWarning)
+REDONE = (Step, Preference, Eval, Checkpoint, Hint, RunWarning)
+# a preference method's series (Preference events): name -> its field; eval ones are "eval_" + name
+PREFERENCE_SERIES = {"accuracy": "accuracy", "margin": "margin", "chosen": "rewards_chosen",
+                     "rejected": "rewards_rejected", "kl": "kl"}
 
 
 def redone(ev: Event, from_step: int) -> bool:
@@ -78,6 +81,8 @@ class RunSummary:
     epoch: float | None = None
     eta_seconds: float | None = None
     checkpoints: list = field(default_factory=list)   # [(step, path)]
+    preference: dict = field(default_factory=dict)    # PREFERENCE_SERIES name (eval_: eval) -> [(step, v)]
+    method: str = ""                                  # the preference method, once it logged
     hints: list = field(default_factory=list)         # Hint events, newest last
     warnings: list = field(default_factory=list)      # RunWarning events, newest last
     end: RunFinished | RunFailed | None = None        # the terminal event of the last segment
@@ -102,6 +107,8 @@ class RunSummary:
                 self.progress = to_float(ev.progress)
             case Step():
                 self._step(ev)
+            case Preference():
+                self._preference(ev)
             case Eval(step=s, eval_loss=loss) if to_float(loss) is not None:
                 self.evals.append((s, to_float(loss)))
             case Checkpoint(step=s, path=path):
@@ -138,6 +145,7 @@ class RunSummary:
         self.losses, self.evals = _until(self.losses, k), _until(self.evals, k)
         self.lrs, self.grad_norms = _until(self.lrs, k), _until(self.grad_norms, k)
         self.checkpoints = _until(self.checkpoints, k)
+        self.preference = {name: _until(series, k) for name, series in self.preference.items()}
         self.hints = [h for h in self.hints if not redone(h, k)]
         self.warnings = [w for w in self.warnings if not redone(w, k)]
         self.step = min(self.step, k)
@@ -158,6 +166,14 @@ class RunSummary:
             v = to_float(getattr(ev, name))
             if v is not None:
                 setattr(self, name, v)
+
+    def _preference(self, ev: Preference) -> None:
+        self.method = ev.method or self.method
+        prefix = "eval_" if ev.split == "eval" else ""
+        for name, attr in PREFERENCE_SERIES.items():
+            v = to_float(getattr(ev, attr))
+            if v is not None:
+                self.preference.setdefault(prefix + name, []).append((ev.step, v))
 
     def _finished(self, ev: RunFinished) -> None:
         self.end = ev

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokens", "vision")
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokens", "vision",
+           "preference", "kto")      # the last two: engine.dataset.preference
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant",
@@ -298,6 +299,10 @@ def detect(rec: object) -> tuple[str | None, str]:
     vis = vision.detect(rec)
     if vis:
         return vis
+    from engine.dataset import preference      # chosen/rejected or a KTO label: never SFT rows
+    pref = preference.detect(rec)
+    if pref:
+        return pref
     keys = set(rec)
     if "messages" in keys:
         return "messages", "field 'messages' (a list of role/content turns)"
@@ -397,6 +402,9 @@ def normalise(rec: object, fmt: str, line: int, problems: list[DataProblem]) -> 
     if fmt == "vision":
         from engine.training import vision
         return vision.normalise(rec, line, problems)
+    if fmt in ("preference", "kto"):
+        from engine.dataset import preference
+        return preference.normalise(rec, fmt, line, problems)
     if fmt == "messages":
         turns = rec.get("messages", rec.get("conversations"))
         if turns is None:
@@ -548,6 +556,9 @@ def normalise_record(line: int, rec: object, err: str | None, fmt: str,
 
 
 def detect_reason(fmt: str) -> str:
+    if fmt in ("preference", "kto"):
+        from engine.dataset import preference
+        return preference.reason(fmt)
     return {"messages": "a 'messages' list of role/content turns (ChatML)",
             "sharegpt": "'conversations' with from/value turns (ShareGPT)",
             "alpaca": "'instruction' and 'output' fields (Alpaca)",
@@ -559,11 +570,14 @@ def detect_reason(fmt: str) -> str:
 
 def load_for_training(cfg) -> tuple[Dataset, Dataset | None]:
     """Train (and eval) datasets for a config; raises DataError when training cannot proceed."""
+    from engine.dataset import preference
     train = load(cfg.resolve_path(cfg.data.train), cfg.data.format)
+    preference.check_method(cfg, train.format, resolve(train.path), "data.train")
     _require_usable(train, cfg, "data.train")
     ev = None
     if cfg.data.eval:
         ev = load(cfg.resolve_path(cfg.data.eval), cfg.data.format)
+        preference.check_method(cfg, ev.format, resolve(ev.path), "data.eval")
         _require_usable(ev, cfg, "data.eval")
     return train, ev
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.dataset import data as data_mod
+from engine.dataset import preference
 from engine.dataset import quality
 from engine.core.safe_text import describe_controls, has_controls, visible
 from engine.dataset.token_count import Counter
@@ -425,6 +426,8 @@ class _Scan:
             return
         max_len = self.rep.max_length
         datas = [r.data for r in new_rows]
+        if self.provisional in preference.FORMATS:     # a pair measures as prompt + its longer answer
+            datas = [preference.side_view(d) for d in datas]
         texts = [quality.row_text(d) for d in datas]
         shown, scale = _measurable(datas, texts, max_len)
         counter = self.counter
@@ -628,7 +631,10 @@ def preview(cfg, row_index: int, *, path=None) -> Preview:
         from engine.training import vision
         return vision.preview(cfg, row, row_index)
     tok, _ = tokenizer_for(cfg)
-    enc = encode_batch(tok, [row.data])[0]
+    data = row.data
+    if ds.format in preference.FORMATS:      # the prompt and the chosen answer (KTO: the completion)
+        data = preference.side_view(data, None if "completion" in data else "chosen")
+    enc = encode_batch(tok, [data])[0]
     if "input_ids" in row.data and not enc.text:      # pre-tokenised row: decode it token by token
         text, offsets = "", []
         for t in enc.input_ids:

@@ -223,7 +223,7 @@ def convert(yaml_text_or_path) -> tuple[dict, list[str], list[str]]:
     y, _source = _load_yaml(yaml_text_or_path)
     c = _Conversion(dict(y))
     for step in (_model, _chat_template, _quant, _dtype, _lora, _datasets, _eval_data,
-                 _training, _schedule, _optimizer, _steps_and_distribution, _output, _leftovers):
+                 _training, _schedule, _optimizer, _steps_and_distribution, _output, _rl, _leftovers):
         step(c)
     _validate(c)
     return c.cfg, c.unmapped, c.notes
@@ -612,6 +612,58 @@ def _output(c: _Conversion) -> None:
                 c.notes.append(f"{key}: export {env}={v}")
     if "use_tensorboard" in y and _bool(c.take("use_tensorboard")) and tracker is None:
         c.put("output.report_to", "tensorboard", "use_tensorboard")
+
+
+# Axolotl's `rl:` → train.method (ipo: DPO with the IPO loss)
+_RL = {"dpo": "dpo", "ipo": "dpo", "orpo": "orpo", "kto": "kto", "simpo": "simpo"}
+
+
+def _rl(c: _Conversion) -> None:
+    """``rl: dpo | ipo | orpo | kto | simpo`` and its fields → train.method and [preference].
+    Axolotl's preference dataset types (chatml.intel, chat_template.default, ...) need no
+    mapping: data.format = auto detects prompt/chosen/rejected, question/chosen/rejected,
+    LLaMA-Factory pairs and KTO label rows."""
+    y = c.y
+    if "rl" not in y:
+        return
+    rl = c.take("rl")
+    rl_key = str(rl).lower() if isinstance(rl, str) else rl
+    if rl_key not in _RL:
+        c.skip("rl", f"{rl!r}: qlora-tui has dpo, ipo (as dpo), orpo, kto and simpo")
+        return
+    method = _RL[rl_key]
+    c.put("train.method", method, "rl")
+    if rl_key == "ipo":
+        c.put("preference.loss_type", "ipo", "rl")
+    if c.cfg.get("data", {}).get("format") not in (None, "auto"):
+        c.put("data.format", "auto", "rl")
+        c.notes.append("rl: the datasets' preference type is detected from the fields (data.format = auto)")
+    beta = {"dpo": "preference.beta", "kto": "preference.beta", "simpo": "preference.simpo_beta",
+            "orpo": "preference.orpo_lambda"}[method]
+    if "rl_beta" in y:
+        c.simple("rl_beta", beta, "float")
+    if method == "orpo" and "orpo_alpha" in y:          # Axolotl's ORPO λ
+        c.simple("orpo_alpha", "preference.orpo_lambda", "float")
+    for key, dotted in (("dpo_label_smoothing", "preference.label_smoothing"),
+                        ("simpo_gamma", "preference.simpo_gamma"),
+                        ("kto_desirable_weight", "preference.desirable_weight"),
+                        ("kto_undesirable_weight", "preference.undesirable_weight")):
+        if key in y:
+            c.simple(key, dotted, "float")
+    if "cpo_alpha" in y:
+        v = to_float(c.take("cpo_alpha"))
+        if v:
+            c.skip("cpo_alpha", f"{v:g}: SimPO here has no SFT term (cpo_alpha 0, the SimPO paper)")
+    for key in ("dpo_use_weighting", "rpo_alpha", "dpo_norm_loss", "dpo_padding_free", "dpo_use_logits_to_keep",
+                "use_logits_to_keep"):
+        if key in y:
+            c.skip(key, f"{y[key]!r}: not supported by train.method = {method}")
+            c.take(key)
+    if "max_prompt_len" in y:
+        c.take("max_prompt_len")
+        c.notes.append("max_prompt_len: TRL 1.x truncates prompt + answer to data.max_length; ignored")
+    c.notes.append(f"rl: {rl} → train.method = {method} (a LoRA adapter over the 4-bit base; the reference "
+                   + ("is the base with the adapter disabled)" if method in ("dpo", "kto") else "is not used)"))
 
 
 def _leftovers(c: _Conversion) -> None:

@@ -35,7 +35,8 @@ def _user_turn(row) -> str | None:
     if not isinstance(row, dict):
         return None
     for key, role_key, content_key, user in (("messages", "role", "content", "user"),
-                                             ("conversations", "from", "value", "human")):
+                                             ("conversations", "from", "value", "human"),
+                                             ("prompt", "role", "content", "user")):   # preference rows
         turns = row.get(key)
         if isinstance(turns, list):
             for t in turns:
@@ -46,8 +47,9 @@ def _user_turn(row) -> str | None:
     if isinstance(row.get("instruction"), str) and row["instruction"].strip():
         extra = row.get("input")
         return row["instruction"].strip() + (f"\n\n{extra.strip()}" if isinstance(extra, str) and extra.strip() else "")
-    if isinstance(row.get("prompt"), str) and row["prompt"].strip():
-        return row["prompt"].strip()
+    for key in ("prompt", "question"):            # prompt/completion, preference pairs (plain, Axolotl's)
+        if isinstance(row.get(key), str) and row[key].strip():
+            return row[key].strip()
     return None
 
 

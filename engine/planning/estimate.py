@@ -267,7 +267,8 @@ def _setting(cfg: Config, s: Shape, notes: list[str], batch_size, seq_len, gradi
     lg = liger if liger is not None else _tri(cfg.train.liger_kernel)
     k_ck, off = _checkpointing(cfg, s.layers, gc, checkpoint_layers, offload)
     method = getattr(cfg.train, "method", "qlora")
-    four = cfg.quant.load_in_4bit and method == "qlora"
+    from engine.core.config import QLORA_METHODS
+    four = cfg.quant.load_in_4bit and method in QLORA_METHODS
     stream = bool(streaming if streaming is not None else cfg.train.weight_streaming is True) and four
     return _Setting(batch=int(batch_size or cfg.train.batch_size), seq=int(seq_len or cfg.data.max_length),
                     liger=False if lg is None else lg, checkpointed=k_ck, offload=off,
@@ -435,6 +436,7 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
     notes: list[str] = []
     st = _setting(cfg, s, notes, batch_size, seq_len, gradient_checkpointing, liger, checkpoint_layers,
                   offload, streaming)
+    pairs = _preference(cfg, s, st, notes)          # a preference method: 2 sequences per pair
     w = _weights(cfg, s, st, notes)
     t = _lora(cfg, s, st, notes)
     if st.galore:
@@ -442,14 +444,47 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
         st.r = 0                                  # no adapter activations
     act = _layer_activations(cfg, s, st) + _packed_mask_bytes_per_token(cfg, st.seq, st.d, notes)
     a = _activations(s, st, act, notes)
-    logits = _logits(s, st, loss_impl, notes)
+    logits = _logits(s, st, loss_impl, notes) if pairs is None else _preference_logits(s, st)
     if st.galore:       # gradients grow as the backward frees activations; the step runs after
         from engine.training.galore import gradient_term
         t.grads = gradient_term(t.terms, a["activations"] + logits + a["workspace"], notes)
     _shard(cfg, w, t, notes)
     w["checkpoint_file"] = _checkpoint_bytes(model_config, w["linear"], w["other"])
     vis = _vision(model_config, st, notes)
-    return _assemble(cfg, s, st, w, t, a, logits, vis, act, gpu_mem_bytes, notes)
+    est = _assemble(cfg, s, st, w, t, a, logits, vis, act, gpu_mem_bytes, notes)
+    if pairs is not None:
+        est.batch_size = pairs                    # what train.batch_size counts: pairs (KTO: rows)
+    return est
+
+
+def _preference(cfg: Config, s: Shape, st: _Setting, notes: list[str]) -> int | None:
+    """Preference methods (engine.training.preference): the micro-batch as sequences. DPO, ORPO
+    and SimPO run chosen and rejected of each pair in one forward (2 sequences per pair); KTO
+    runs each row with a mismatched completion for its KL estimate (2 sequences, the KL one with
+    no graph: counted as one with a graph, the safe side). DPO and KTO also run the reference
+    (the base, adapter disabled) with no graph before the policy's forward: its logits are freed
+    before the policy's are made, so it costs a forward's time but raises no peak. Returns the
+    micro-batch as the config counts it (pairs, KTO rows), None for SFT methods."""
+    from engine.core.config import PREFERENCE_METHODS
+    method = getattr(cfg.train, "method", "qlora")
+    if method not in PREFERENCE_METHODS:
+        return None
+    pairs = st.batch
+    st.batch = 2 * pairs
+    what = "rows + their KL completions" if method == "kto" else "pairs (chosen and rejected)"
+    notes.append(f"{method}: {pairs} {what} = {st.batch} sequences of {st.seq} tokens per micro-batch")
+    if method in ("dpo", "kto"):
+        ref = st.tokens * s.vocab * st.d
+        notes.append(f"reference pass (adapter off, no graph): {ref / GIB:.2f} GiB of logits, freed before "
+                     "the policy's forward; one more forward of time, no more peak")
+    return pairs
+
+
+def _preference_logits(s: Shape, st: _Setting) -> int:
+    """TRL's preference trainers take the model's full logits (the compute dtype) and their
+    gradient, with the log-softmax taken row by row in fp32 (one row's temporaries)."""
+    N, V, d = st.tokens, s.vocab, st.d
+    return N * V * 2 * d + st.seq * V * 8
 
 
 def _assemble(cfg: Config, s: Shape, st: _Setting, w: dict, t: _Trainable, a: dict, logits: int, vis: dict,
@@ -781,8 +816,13 @@ def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
         return Plan(t.batch_size, t.grad_accum, est.gradient_checkpointing, lg, pk, est, reasons,
                     checkpoint_layers=est.checkpoint_layers, offload=est.offload)
 
-    lg = _choose_liger(lg_set, reasons, model_config.get("model_type"))
-    pk = _choose_packing(cfg, pk_set, reasons)
+    from engine.core.config import PREFERENCE_METHODS
+    if t.method in PREFERENCE_METHODS:     # TRL's preference trainers: no packing, no Liger here
+        lg, pk = False, False
+        reasons.append(f"packing and Liger off ({t.method}: each side of a pair is its own sequence)")
+    else:
+        lg = _choose_liger(lg_set, reasons, model_config.get("model_type"))
+        pk = _choose_packing(cfg, pk_set, reasons)
     eff = t.batch_size * t.grad_accum
     seq = cfg.data.max_length
     budget = gpu_mem_bytes * (1 - HEADROOM)

@@ -101,7 +101,8 @@ def _forward(self, x, *args, **kwargs):
 
 def eligible_reason(cfg) -> str | None:
     """Why the fused path cannot be used with this config (None when it can)."""
-    if not cfg.quant.load_in_4bit or getattr(cfg.train, "method", "qlora") != "qlora":
+    from engine.core.config import QLORA_METHODS
+    if not cfg.quant.load_in_4bit or getattr(cfg.train, "method", "qlora") not in QLORA_METHODS:
         return "16-bit base: PEFT's own path"
     if cfg.lora.dropout:
         return "lora.dropout > 0: PEFT's own path"

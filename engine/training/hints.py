@@ -22,7 +22,7 @@ import statistics
 from collections import deque
 from typing import Any
 
-from engine.core.events import Checkpoint, Eval, Event, Hint, RunFailed, RunFinished, RunStarted, Step
+from engine.core.events import Checkpoint, Eval, Event, Hint, Preference, RunFailed, RunFinished, RunStarted, Step
 from engine.core.units import GIB, is_finite
 
 # --- thresholds -------------------------------------------------------------------------
@@ -86,7 +86,30 @@ COOLDOWN = {
     "overfitting": 3,
     "tokens_per_second_drop": TPS_WINDOW,
     "low_gpu_util": 2 * GPU_LOW_WINDOW,
+    "pref_log2": 10**9,                  # preference methods (train.method = dpo, orpo, kto, simpo)
+    "pref_accuracy_chance": 2 * 10,
+    "pref_margin_flat": 2 * 10,
+    "pref_displacement": 2 * 10,
+    "pref_kl": 2 * 10,
 }
+
+#: Preference methods, over their logged train metrics (``Preference`` events):
+#: DPO's sigmoid loss starts at log 2 (policy = reference); still there after PREF_LOG2_N logs.
+PREF_LOG2_N = 5
+PREF_LOG2_TOL = 0.005
+#: the window of logged metrics the other rules compare (the last one against the first one)
+PREF_WINDOW = 10
+#: accuracy within 0.5 ± PREF_CHANCE over the last window, past PREF_MIN_PROGRESS of the run
+PREF_CHANCE = 0.1
+PREF_MIN_PROGRESS = 0.2
+#: margin grew by less than this over the run (last window's mean against the first window's)
+PREF_MARGIN_MIN_GROWTH = 0.05
+#: likelihood displacement: the chosen reward fell this much (and below 0) while the rejected fell too
+PREF_DISPLACEMENT_DROP = 0.1
+#: an exploding KL: the policy is more than PREF_KL_MAX nats (per sequence) from the reference
+#: (KTO's KL; DPO: |reward| / β) and PREF_KL_GROWTH times as far as over the first window
+PREF_KL_MAX = 20.0
+PREF_KL_GROWTH = 4.0
 
 SAFE_LR = 1e-4          # the guide's "drop to 1e-4"
 LR_RANGE = (1e-4, 5e-4)  # the guide's learning-rate range for LoRA
@@ -356,6 +379,11 @@ def _oom_fix(cfg, step: int) -> str:
 
 # --- episode bookkeeping ----------------------------------------------------------------
 
+def _mean(xs) -> float | None:
+    vals = [float(x) for x in xs if is_finite(x)]
+    return sum(vals) / len(vals) if vals else None
+
+
 class _Episode:
     """Fire once when a condition turns on; re-arm when it turns off and the cooldown passed."""
 
@@ -412,6 +440,8 @@ class HintEngine:
         self._device = ""
         self._gpu: deque[float] = deque(maxlen=GPU_LOW_WINDOW)
         self._undertrain_done = False
+        self._pref: list[Preference] = []
+        self._drift: list[float | None] = []
 
     # -- plumbing --
     def _fire(self, rule: str, obs: int, condition: bool) -> bool:
@@ -425,6 +455,8 @@ class HintEngine:
         """Dispatch any event (an ``EventBus`` subscriber can call this)."""
         if isinstance(ev, Step):
             return self.observe_step(ev)
+        if isinstance(ev, Preference):
+            return self.observe_preference(ev) if ev.split == "train" else []
         if isinstance(ev, Eval):
             self._paused = True
             return self.observe_eval(ev)
@@ -453,6 +485,93 @@ class HintEngine:
 
     def _epoch_at(self, step: int) -> float | None:
         return self._at(self._epochs, step)
+
+    # -- preference methods --
+    def observe_preference(self, ev: Preference) -> list[Hint]:
+        """The preference rules over the method's logged train metrics (each once per episode)."""
+        out: list[Hint] = []
+        self._pref.append(ev)
+        p, n = self._pref, len(self._pref)
+        method = ev.method
+        beta = _cfg_get(self.cfg, "preference.beta", 0.1) if method in ("dpo", "kto") else None
+        loss_type = _cfg_get(self.cfg, "preference.loss_type", "sigmoid")
+        losses = [e.loss for e in p[:PREF_LOG2_N]]
+        log2 = (method == "dpo" and loss_type == "sigmoid" and n == PREF_LOG2_N
+                and all(is_finite(v) and abs(v - math.log(2)) < PREF_LOG2_TOL for v in losses))
+        if self._fire("pref_log2", n, log2):
+            self._emit(out, self._pref_hint(ev, "pref_log2", f"loss still at log 2 = 0.693 after {n} logged steps",
+                                            "the policy has not moved from the reference: nothing is learned "
+                                            "(learning rate far too low, or chosen and rejected tokenise alike)",
+                                            self._lr_up(), ["check the pairs in the Dataset screen (`qlora-tui "
+                                                            "inspect`): identical or truncated sides teach nothing"]))
+        last, first = p[-PREF_WINDOW:], p[:PREF_WINDOW]
+        full = n >= 2 * PREF_WINDOW
+        progress = ev.step / self.total_steps if self.total_steps else 1.0
+        acc = _mean([e.accuracy for e in last])
+        chance = (method != "kto" and full and progress >= PREF_MIN_PROGRESS and acc is not None
+                  and abs(acc - 0.5) <= PREF_CHANCE)
+        if self._fire("pref_accuracy_chance", n, chance):
+            self._emit(out, self._pref_hint(ev, "pref_accuracy_chance", f"reward accuracy stuck near 0.5 "
+                                            f"({acc:.2f} over the last {len(last)} logged steps)" if acc is not None else "",
+                                            "the method cannot tell chosen from rejected: noisy or swapped pairs, "
+                                            "or a learning rate too low", self._lr_up(),
+                                            ["check that 'chosen' really is the preferred answer (`qlora-tui inspect`)"]))
+        m_first, m_last = _mean([e.margin for e in first]), _mean([e.margin for e in last])
+        flat = full and m_first is not None and m_last is not None and m_last - m_first < PREF_MARGIN_MIN_GROWTH
+        if self._fire("pref_margin_flat", n, flat):
+            ov = self._lr_up()
+            if beta is not None and beta > 0.05:
+                ov.append(override("preference.beta", round(beta / 2, 4)))
+            self._emit(out, self._pref_hint(ev, "pref_margin_flat", f"reward margin not growing ({_num(m_first)} "
+                                            f"→ {_num(m_last)})", "the chosen and rejected answers are not pulling apart",
+                                            ov, []))
+        c_first, c_last = _mean([e.rewards_chosen for e in first]), _mean([e.rewards_chosen for e in last])
+        r_first, r_last = _mean([e.rewards_rejected for e in first]), _mean([e.rewards_rejected for e in last])
+        displaced = (full and method in ("dpo", "kto") and None not in (c_first, c_last, r_first, r_last)
+                     and c_last < 0 and c_last < c_first - PREF_DISPLACEMENT_DROP and r_last < r_first)
+        if self._fire("pref_displacement", n, displaced):
+            ov = []
+            lr = _cfg_get(self.cfg, "train.learning_rate")
+            if is_finite(lr):
+                ov.append(override("train.learning_rate", lr / 2))
+            if beta is not None:
+                ov.append(override("preference.beta", round(min(beta * 2, 100.0), 4)))
+            self._emit(out, self._pref_hint(ev, "pref_displacement", f"chosen reward falling with the rejected "
+                                            f"({_num(c_first)} → {_num(c_last)}; rejected {_num(r_first)} → "
+                                            f"{_num(r_last)})", "likelihood displacement: the margin grows by pushing "
+                                            "both answers down, so the chosen answers get less likely too", ov,
+                                            ["or train.method = \"orpo\" (it keeps an SFT term on the chosen answer)"]))
+        drift = None
+        if ev.kl is not None and is_finite(ev.kl):
+            drift = float(ev.kl)
+        elif beta and method == "dpo" and is_finite(ev.rewards_chosen) and is_finite(ev.rewards_rejected):
+            drift = max(abs(ev.rewards_chosen), abs(ev.rewards_rejected)) / beta
+        self._drift.append(drift)
+        d_first, d_last = _mean(self._drift[:PREF_WINDOW]), _mean(self._drift[-PREF_WINDOW:])
+        exploding = (full and d_first is not None and d_last is not None and d_last > PREF_KL_MAX
+                     and d_last > PREF_KL_GROWTH * max(d_first, 1.0))
+        if self._fire("pref_kl", n, exploding):
+            ov = []
+            lr = _cfg_get(self.cfg, "train.learning_rate")
+            if is_finite(lr):
+                ov.append(override("train.learning_rate", lr / 4))
+            if beta is not None:
+                ov.append(override("preference.beta", round(min(beta * 2, 100.0), 4)))
+            self._emit(out, self._pref_hint(ev, "pref_kl", f"the policy is {d_last:.1f} nats from the reference "
+                                            f"({'KL' if ev.kl is not None else '|reward| / β'}; {d_first:.1f} at the "
+                                            "start) and still climbing",
+                                            "an exploding KL: the adapter runs away from the reference and the "
+                                            "rewards stop meaning anything", ov, []))
+        return out
+
+    def _lr_up(self) -> list[str]:
+        lr = _cfg_get(self.cfg, "train.learning_rate")
+        return [override("train.learning_rate", min(lr * 5, 1e-3))] if is_finite(lr) and lr < 1e-3 else []
+
+    def _pref_hint(self, ev: Preference, rule: str, symptom: str, cause: str, overrides: list[str],
+                   advice: list[str]) -> Hint:
+        return Hint(rule=rule, severity="warning", symptom=symptom, cause=cause,
+                    fix=fix_text(self.cfg, overrides, advice), step=int(ev.step), overrides=overrides)
 
     # -- steps --
     def observe_step(self, step: Step) -> list[Hint]:

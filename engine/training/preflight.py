@@ -28,6 +28,12 @@ def preflight(cfg: config.Config, check_model: bool = True) -> list[str]:
         train, ev = data_mod.load_for_training(cfg)
     except data_mod.DataError as e:
         raise PreflightError(_with_first_bad_line(cfg, str(e))) from None
+    if cfg.model.adapter:
+        from engine.training import preference
+        try:
+            preference.check_adapter(cfg)
+        except ValueError as e:
+            raise PreflightError(str(e)) from None
     notes = []
     if train.problems:
         notes.append(f"{config.plural(len(train.problems), 'data problem')}: bad rows are skipped "

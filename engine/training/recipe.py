@@ -17,6 +17,7 @@ from pathlib import Path
 
 from engine.core import events
 from engine.core.faults import Faults
+from engine.training import preference
 
 
 @dataclass
@@ -79,12 +80,11 @@ def to_lora_config(cfg, targets):
                       use_dora=cfg.lora.use_dora, use_rslora=cfg.lora.use_rslora)
 
 
-def to_sft_config(cfg, plan: RunPlan, *, output_dir: str | Path = "checkpoints", has_eval: bool = False):
-    """TRL's SFTConfig for the resolved ``cfg`` on ``plan``'s device (checkpoints go to ``output_dir``)."""
-    from trl import SFTConfig
+def trainer_args(cfg, plan: RunPlan, *, output_dir: str | Path = "checkpoints", has_eval: bool = False) -> dict:
+    """The Trainer arguments every method shares (TRL's SFTConfig and its preference configs)."""
     tr, rt = cfg.train, plan.runtime
     fsdp = cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp"
-    return SFTConfig(
+    return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=tr.batch_size, per_device_eval_batch_size=tr.batch_size,
         gradient_accumulation_steps=tr.grad_accum, num_train_epochs=tr.epochs, max_steps=tr.max_steps,
@@ -94,7 +94,6 @@ def to_sft_config(cfg, plan: RunPlan, *, output_dir: str | Path = "checkpoints",
         # FSDP-QLoRA wants reentrant checkpointing (PEFT's FSDP-QLoRA recipe); everything else not
         gradient_checkpointing_kwargs={"use_reentrant": fsdp} if tr.gradient_checkpointing else None,
         ddp_find_unused_parameters=False if cfg.distributed.gpus > 1 else None,
-        use_liger_kernel=bool(tr.liger_kernel),
         seed=tr.seed, data_seed=tr.seed, logging_steps=tr.logging_steps, logging_first_step=True,
         logging_nan_inf_filter=False,
         eval_strategy="steps" if has_eval and tr.eval_steps else ("epoch" if has_eval else "no"),
@@ -104,11 +103,18 @@ def to_sft_config(cfg, plan: RunPlan, *, output_dir: str | Path = "checkpoints",
         report_to=[] if cfg.output.report_to == "none" else [cfg.output.report_to],
         bf16=rt.device == "cuda" and rt.dtype == "bf16", fp16=rt.device == "cuda" and rt.dtype == "fp16",
         use_cpu=rt.device == "cpu",
-        max_length=cfg.data.max_length, packing=bool(cfg.data.packing),
         dataset_num_proc=None, dataloader_num_workers=0, disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding", save_only_model=False,
-        restore_callback_states_from_checkpoint=False,
+        save_only_model=False, restore_callback_states_from_checkpoint=False,
     )
+
+
+def to_sft_config(cfg, plan: RunPlan, *, output_dir: str | Path = "checkpoints", has_eval: bool = False):
+    """TRL's SFTConfig for the resolved ``cfg`` on ``plan``'s device (checkpoints go to ``output_dir``)."""
+    from trl import SFTConfig
+    return SFTConfig(**trainer_args(cfg, plan, output_dir=output_dir, has_eval=has_eval),
+                     use_liger_kernel=bool(cfg.train.liger_kernel),
+                     max_length=cfg.data.max_length, packing=bool(cfg.data.packing),
+                     include_num_input_tokens_seen="non_padding")
 
 
 @dataclass
@@ -218,6 +224,10 @@ class Recipe:
         from engine.training.trainer import decide_packing
         cfg = self.cfg
         self.emit(events.Status(phase="tokenize", message=f"tokenising {len(rows.train)} train rows"))
+        if preference.is_preference(cfg):     # TRL's preference trainers tokenise pairs themselves
+            cfg.data.packing = False
+            self.plan.lines.append("packing off (preference pairs: each side keeps its own sequence)")
+            return preference.datasets(cfg, rows)
         if self.proc is not None:     # images: encoded as the loader asks; no packing (TRL has none for images)
             from engine.training import vision
             train_tok, _lengths, vw = vision.training_set(self.proc, rows.train, cfg.data.max_length)
@@ -253,6 +263,8 @@ class Recipe:
         from engine.training import model as model_mod
         from engine.training import vision
         cfg, lines = self.cfg, self.plan.lines
+        if preference.is_preference(cfg) and cfg.model.adapter:     # an SFT run's adapter, trained on
+            return None, preference.load_adapter(cfg, model, lines), (None, None)
         targets = vision.lora_targets(cfg, model) if self.proc is not None else model_mod.resolve_target_modules(cfg, model)
         lora = to_lora_config(cfg, targets)
         full = galore.is_full(cfg)    # GaLore: full-rank weights, no adapter; the Trainer builds its optimizer
@@ -295,12 +307,20 @@ class Recipe:
         if cfg.output.report_to != "none":
             from engine.training import trackers
             lines.append(f"{cfg.output.report_to} logs: {trackers.setup(cfg.output.report_to, self.run_dir)}")
-        args = to_sft_config(cfg, self.plan, output_dir=self.run_dir / "checkpoints", has_eval=eval_tok is not None)
+        pref = preference.is_preference(cfg)
+        if pref:
+            args = preference.to_config(cfg, trainer_args(cfg, self.plan, output_dir=self.run_dir / "checkpoints",
+                                                          has_eval=eval_tok is not None))
+            lines += preference.plan_lines(cfg)
+            preference.record_parent(cfg, self.run_dir)
+        else:
+            args = to_sft_config(cfg, self.plan, output_dir=self.run_dir / "checkpoints", has_eval=eval_tok is not None)
         peft_config, model, optimizers = self._adapter_setup(model, args)
-        collator = self._collator(args)
+        collator = None if pref else self._collator(args)
         cb = sft.EventCallback(self.emit, self.stop_flag, self.stop_reason, self.run_dir, self.faults, cfg)
         self.emit(events.Status(phase="build", message="building the trainer"))
-        trainer = sft.QLoraTrainer(model=model, args=args, train_dataset=train_tok, eval_dataset=eval_tok,
+        trainer_cls = preference.trainer_class(cfg.train.method) if pref else sft.QLoraTrainer
+        trainer = trainer_cls(model=model, args=args, train_dataset=train_tok, eval_dataset=eval_tok,
                                    processing_class=self.proc if self.proc is not None else self.tok,
                                    peft_config=peft_config, callbacks=[cb], optimizers=optimizers,
                                    faults=self.faults, event_callback=cb)
@@ -380,7 +400,11 @@ class Recipe:
         """The adapter's weights into ``tmp``; False on a rank that does not write."""
         from engine.training import distributed
         if not distributed.in_worker():
-            trainer.model.save_pretrained(str(tmp))
+            model = trainer.model
+            extra = {}
+            if len(getattr(model, "peft_config", {}) or {}) > 1:     # DPO/KTO continuing an SFT run: the
+                extra["selected_adapters"] = ["default"]            # frozen "ref" copy is not the result
+            model.save_pretrained(str(tmp), **extra)
             return True
         # every rank takes part (FSDP gathers the sharded adapter); rank 0 writes
         if getattr(trainer, "is_fsdp_enabled", False):

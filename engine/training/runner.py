@@ -39,11 +39,12 @@ def oom_fix_overrides(cfg: config.Config, step: int = 0) -> list[str]:
 def absolutise(cfg: config.Config) -> config.Config:
     """Paths made absolute so the run's own config.toml is self-contained."""
     cfg = cfg.copy()
-    for sec, key in (("data", "train"), ("data", "eval"), ("model", "name"), ("output", "dir")):
+    for sec, key in (("data", "train"), ("data", "eval"), ("model", "name"), ("model", "adapter"),
+                     ("output", "dir")):
         v = getattr(getattr(cfg, sec), key)
         if not v or v.startswith("builtin:"):
             continue
-        if key == "name" and not (Path(cfg.resolve_path(v)).exists() or v.startswith((".", "/", "~"))):
+        if key in ("name", "adapter") and not (Path(cfg.resolve_path(v)).exists() or v.startswith((".", "/", "~"))):
             continue     # a hub id
         setattr(getattr(cfg, sec), key, str(Path(cfg.resolve_path(v)).resolve()))
     cfg.source = ""

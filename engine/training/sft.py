@@ -297,8 +297,11 @@ class EventCallback(TrainerCallback):
             self.logged = None           # already handled, first, through LogFirst
             return
         logs = logs or {}
+        pref = self._preference(logs, state.global_step)
         if "eval_loss" in logs:
             self.emit(events.Eval(step=state.global_step, eval_loss=logs["eval_loss"]))
+            if pref is not None:
+                self.emit(pref)
             return
         if "loss" not in logs:
             return
@@ -311,6 +314,17 @@ class EventCallback(TrainerCallback):
                               learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
                               tokens_per_second=tps, epoch=logs.get("epoch", state.epoch), eta_seconds=eta,
                               tokens_seen=int(state.num_input_tokens_seen), peak_memory_bytes=_peak_memory()))
+        if pref is not None:
+            self.emit(pref)
+
+    def _preference(self, logs: dict, step: int):
+        """A preference method's metrics of this log (engine.training.preference), else None."""
+        method = self.cfg.train.method
+        from engine.core.config import PREFERENCE_METHODS
+        if method not in PREFERENCE_METHODS:
+            return None
+        from engine.training.preference import metrics_event
+        return metrics_event(logs, step, method)
 
     def _rates(self, state) -> tuple[float | None, float | None]:
         """Tokens/s and the ETA since the last logged step."""

@@ -48,6 +48,14 @@ def resolve_auto(cfg, rt, emit, longest: int | None = None) -> tuple[object, lis
     from engine.training import galore
     if galore.is_full(cfg):        # the GaLore optimizer (named in the GaLore plan line)
         tr.optimizer = galore.hf_optimizer(cfg, rt.device)[0]
+    from engine.core.config import PREFERENCE_METHODS
+    if tr.method in PREFERENCE_METHODS:     # TRL's preference trainers: no packing; Liger's fused
+        if cfg.data.packing == "auto":      # preference losses are not wired here
+            cfg.data.packing = False
+            packing_auto = False
+        if tr.liger_kernel == "auto":
+            tr.liger_kernel = False
+            reasons.append(f"Liger kernels off ({tr.method}: its fused preference loss is not used by this engine)")
     if tr.optimizer == "auto":
         tr.optimizer = "paged_adamw_8bit" if rt.device == "cuda" else "adamw_torch"
         reasons.append(f"optimizer {tr.optimizer} ({'GPU: paged 8-bit AdamW' if rt.device == 'cuda' else 'CPU: bitsandbytes paged optimizers need CUDA'})")
@@ -66,6 +74,10 @@ def resolve_auto(cfg, rt, emit, longest: int | None = None) -> tuple[object, lis
             reasons += [r for r in p.reasons if not r.startswith(("packing", "attention"))]   # decided from the data
         except Exception as e:     # the planner is advice: never a reason to fail the run
             reasons.append(f"fit planner skipped ({str(e).splitlines()[0][:200]})")
+    if tr.method == "kto" and tr.batch_size < 2:        # the planner went below KTO's minimum
+        eff = tr.batch_size * tr.grad_accum
+        tr.batch_size, tr.grad_accum = 2, max(1, eff // 2)
+        reasons.append(f"micro-batch 2 x accumulation {tr.grad_accum} (KTO's KL estimate needs 2 rows a batch)")
     if tr.gradient_checkpointing == "auto":
         tr.gradient_checkpointing = True
         reasons.append("gradient checkpointing on (default: least memory)")

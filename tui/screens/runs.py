@@ -15,9 +15,11 @@ from textual.widgets import DataTable, Footer, Header, Sparkline, Static
 
 from engine.core.summary import RESUMABLE
 from tui.controller import read_run
+from tui.runstate import RunState
 from tui.safe import clean, literal, middle, one_line
 from tui.widgets.chart import LossChart
 from tui.widgets.panels import hints_text
+from tui.widgets.run_view import preference_rows
 
 
 # ---- what this screen's workers post to it -------------------------------------------
@@ -59,6 +61,12 @@ class ExportRun(Message):
 
 
 @dataclass
+class PreferenceTune(Message):
+    """Preference-tune the SFT run ``run_dir``: a DPO config continuing its adapter, on the Config screen."""
+    run_dir: Path
+
+
+@dataclass
 class OpenRun(Message):
     """Show ``run_dir``'s curves and hints."""
     run_dir: Path
@@ -75,7 +83,14 @@ class RunsScreen(Screen):
                 Binding("e", "export", "Export", id="export-run",
                         tooltip="Export the selected run as GGUF for llama.cpp / Ollama"),
                 Binding("r", "resume", "Resume", id="resume-run",
-                        tooltip="Resume the selected stopped, failed or crashed run (with its hint's fixes)")]
+                        tooltip="Resume the selected stopped, failed or crashed run (with its hint's fixes)"),
+                Binding("p", "preference_tune", "Preference-tune", id="pref-run", show=False,
+                        tooltip="A DPO config that continues the selected SFT run's adapter (Config screen)")]
+
+    def action_preference_tune(self) -> None:
+        ri = self._selected()
+        if ri is not None:
+            self.post_message(PreferenceTune(Path(ri.path)))
 
     def action_resume(self) -> None:
         ri = self._selected()
@@ -190,7 +205,11 @@ class RunDetailScreen(Screen):
 
     BINDINGS = [Binding("escape", "app.pop_screen", "Back", id="back"),
                 Binding("a", "attach", "Attach", id="attach-detail"),
-                Binding("r", "resume", "Resume", id="resume-detail")]
+                Binding("r", "resume", "Resume", id="resume-detail"),
+                Binding("p", "preference_tune", "Preference-tune", id="pref-detail", show=False)]
+
+    def action_preference_tune(self) -> None:
+        self.post_message(PreferenceTune(self.run_dir))
 
     def action_resume(self) -> None:
         if self.info is not None:
@@ -216,6 +235,12 @@ class RunDetailScreen(Screen):
         with Horizontal(classes="spark-row"):
             yield Static("grad", classes="spark-label", id="detail-grad-label")
             yield Sparkline([], id="detail-grad")
+        for label, name in RunState.PREFERENCE_ROWS:    # a preference run's own curves
+            row = Horizontal(classes="spark-row", id=f"detail-pref-{name}-row")
+            row.display = False
+            with row:
+                yield Static(label, classes="spark-label")
+                yield Sparkline([], id=f"detail-pref-{name}")
         yield LossChart(id="detail-chart")
         with VerticalScroll(id="detail-hints-box"):
             yield Static(id="detail-hints")
@@ -246,6 +271,8 @@ class RunDetailScreen(Screen):
             t.append(f"   final loss {ri.final_loss:.4f}", style="bold")
         if st.last_eval is not None:
             t.append(f"   eval loss {st.last_eval:.4f}")
+        if st.method:
+            t.append("\n" + clean("   ".join(f"{k} {v}" for k, v in preference_rows(st))))
         if ri.reason:
             t.append("\n")
             t.append(one_line(ri.reason, 300), style="italic")
@@ -259,6 +286,10 @@ class RunDetailScreen(Screen):
         self.query_one("#detail-eval", Sparkline).data = st.eval_spark_values
         self.query_one("#detail-lr", Sparkline).data = st.lr_values
         self.query_one("#detail-grad", Sparkline).data = st.grad_norm_values
+        for _, name in RunState.PREFERENCE_ROWS:
+            values = st.preference_values(name)
+            self.query_one(f"#detail-pref-{name}-row", Horizontal).display = bool(values)
+            self.query_one(f"#detail-pref-{name}", Sparkline).data = values
         self.detail_state = st
         self.query_one("#detail-chart", LossChart).set_data(st.losses, st.evals, st.total_steps)
         self.query_one("#detail-hints", Static).update(hints_text(st.hints, st.warnings))

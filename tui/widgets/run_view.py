@@ -161,6 +161,12 @@ class Curves(Vertical):
             with Horizontal(classes="spark-row"):
                 yield Static(label, classes="spark-label")
                 yield Sparkline([], id=spark_id)
+        for label, name in RunState.PREFERENCE_ROWS:    # a preference method's own curves, when it has them
+            row = Horizontal(classes="spark-row", id=f"pref-{name}-row")
+            row.display = False
+            with row:
+                yield Static(label, classes="spark-label")
+                yield Sparkline([], id=f"pref-{name}-spark")
         yield LossChart(id="chart")
         yield Welcome(id="welcome")
 
@@ -174,6 +180,13 @@ class Curves(Vertical):
             st.loss_values, st.eval_spark_values, st.lr_values, st.grad_norm_values)
         for (_, spark_id), values in zip(self.SERIES, series):
             self.query_one(f"#{spark_id}", Sparkline).data = values[-200:]   # reactive: equal data is no redraw
+        for _, name in RunState.PREFERENCE_ROWS:
+            values = [] if none else st.preference_values(name)
+            row = self.query_one(f"#pref-{name}-row", Horizontal)
+            if row.display != bool(values):
+                row.display = bool(values)
+            if values:
+                self.query_one(f"#pref-{name}-spark", Sparkline).data = values[-200:]
         if not none:
             chart.empty_text = "waiting for the first loss…" if not st.ended else "no loss recorded"
             chart.set_data(st.losses, st.evals, st.total_steps)
@@ -189,6 +202,7 @@ class Metrics(RunPart):
         rows = [("loss", _v(st.last_loss, ".4f")), ("eval loss", _v(st.last_eval, ".4f")),
                 ("lr", _v(st.learning_rate, ".2e")), ("grad norm", _v(st.grad_norm, ".3f")),
                 ("tokens/s", _v(st.tokens_per_second, ",.0f")), ("epoch", _v(st.epoch, ".2f"))]
+        rows += preference_rows(st)
         if st.trainable_params:
             rows.append(("trainable", f"{st.trainable_params:,}"))
         if st.checkpoints:
@@ -226,6 +240,20 @@ class Metrics(RunPart):
         elif end is not None:
             m.append(f"\n\nfailed ({clean(end[1])})", style="bold $error")
         return m
+
+
+def preference_rows(st) -> list[tuple[str, str]]:
+    """A preference method's latest metrics (train, and eval where it has them) as metric rows."""
+    if not st.method:
+        return []
+    rows = [("method", st.method)]
+    for label, name, fmt in (("accuracy", "accuracy", ".2f"), ("margin", "margin", ".3f"),
+                             ("chosen", "chosen", ".3f"), ("rejected", "rejected", ".3f"), ("kl", "kl", ".3f")):
+        v, e = st.preference_last(name), st.preference_last("eval_" + name)
+        if v is None and e is None:
+            continue
+        rows.append((label, _v(v, fmt) + (f" (eval {_v(e, fmt)})" if e is not None else "")))
+    return rows
 
 
 class GpuPanel(Static):
