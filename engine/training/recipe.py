@@ -327,7 +327,11 @@ class Recipe:
         if collator is not None:     # after __init__: TRL refuses custom collators with bfd packing
             trainer.data_collator = collator
         install_speed_tools(trainer, cfg, lines)
-        trainer.fp8_guard = cfg.train.fp8_base is True     # the first micro-batch's loss both ways (sft)
+        # FP8's guard: the first micro-batch's loss both ways (SFT batches; a pair's loss is the method's)
+        trainer.fp8_guard = cfg.train.fp8_base is True and not pref
+        if cfg.train.fp8_base is True and pref:
+            lines.append("FP8 base GEMMs without the loss guard (it compares SFT losses; this run's loss is "
+                         f"{cfg.train.method.upper()}'s): the plan-time check on this device still holds them")
         self._attach_streaming(trainer)
         cb.trainer = trainer
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
