@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from reliability_helpers import ENGINE, REPO, cli, env_with
+from reliability_helpers import ENGINE, cli, env_with
 
 # ---------------------------------------------------------------------------- the table
 # (id, argv, expected exit status, [substrings of stdout+stderr], stderr is one line)
