@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from reliability_helpers import ENGINE, REPO, cli, env_with
+from reliability_helpers import ENGINE, cli, env_with
 
 # ---------------------------------------------------------------------------- the table
 # (id, argv, expected exit status, [substrings of stdout+stderr], stderr is one line)
@@ -109,6 +109,8 @@ TABLE = [
      ["inspect --strict: 1 problem"], None),
     ("inspect-unterminated-string", ["inspect", "{t}/unterminated.jsonl", "--model", "builtin:tiny"], 0,
      ["line 2: [invalid_json] invalid JSON: Unterminated string"], None),
+    ("inspect-json-unterminated-string", ["inspect", "{t}/unterminated.json", "--model", "builtin:tiny"], 2,
+     ["Unterminated string"], True),
     ("inspect-show-out-of-range", ["inspect", "{good}", "--model", "builtin:tiny", "--show", "999"], 2,
      ["row 999 out of range"], True),
     ("inspect-show-line-out-of-range", ["inspect", "{good}", "--model", "builtin:tiny", "--show-line", "999"], 2,
@@ -199,6 +201,7 @@ def _hostile_files(t: Path) -> dict:
             fh.truncate(3 * 2**30)
     (t / "deep.toml").write_text("a = " + deep + "\n")
     (t / "deep.yml").write_text("base_model: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    (t / "unterminated.json").write_text('[{"text": "abc\n"}]')
     (t / "unterminated.jsonl").write_text(json.dumps(row(0)) + '\n{"text": "abc\n' + json.dumps(row(1)) + "\n")
     levels = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
     for i, name in enumerate("bcdefghi"):

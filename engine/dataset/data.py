@@ -76,6 +76,10 @@ def json_problem(e: Exception) -> str:
     the message alone ends in a dangling "at"). Lines are given by the caller."""
     msg = getattr(e, "msg", None) or str(e)
     col = getattr(e, "colno", None)
+    doc, pos = getattr(e, "doc", None), getattr(e, "pos", None)
+    if msg.startswith("Invalid control character") and isinstance(doc, str) and isinstance(pos, int) \
+            and doc[pos:pos + 1] in ("\n", "\r"):
+        msg = "Unterminated string (the line ends inside it) at"   # a JSON string never spans lines
     return f"invalid JSON: {msg}" + (f" column {col}" if col else "")
 
 

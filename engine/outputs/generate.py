@@ -7,7 +7,6 @@ rendered with the chat template and ``add_generation_prompt``.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import textwrap
 import tomllib

@@ -6,7 +6,6 @@ from its usual places (``HF_TOKEN``, ``hf auth login``'s cache): we never read i
 """
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import tomllib

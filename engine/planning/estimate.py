@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
