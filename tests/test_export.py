@@ -190,6 +190,65 @@ def test_gguf_q8_0_within_stated_bound(tb_run, f16):
     assert diff <= q8.tolerance and q8.max_abs_diff <= q8.tolerance
 
 
+@pytest.mark.parametrize("kind", ["q4_k_m", "q5_k_m", "q6_k"])
+def test_gguf_k_quants_of_builtin_tiny(tb_run, f16, kind):
+    """k-quants written by us, read back by transformers (the gguf package dequantises them): the
+    logits within the type's stated bound; each tensor in the type llama.cpp's rules give it
+    (builtin:tiny's 128-wide rows fall back: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    rep = export.export_model(tb_run, kind)
+    assert rep.merged_dir == f16.merged_dir and rep.max_abs_diff <= rep.tolerance
+    path = Path(rep.path)
+    r = _reader(path)
+    assert _field(r, "general.file_type") == int(getattr(__import__("gguf").LlamaFileType, "MOSTLY_" + kind.upper()))
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    base, fallback = {"q4_k_m": ("Q4_K", "Q5_0"), "q5_k_m": ("Q5_K", "Q5_1"), "q6_k": ("Q6_K", "Q8_0")}[kind]
+    # ffn_down rows are 256 wide: a real k-quant; in _m mixes use_more_bits(1, 2) puts layer 1 at Q6_K
+    assert types["blk.0.ffn_down.weight"] == base
+    assert types["blk.1.ffn_down.weight"] == ("Q6_K" if kind != "q6_k" else base)
+    assert types["blk.0.attn_q.weight"] == fallback and types["token_embd.weight"] == fallback
+    assert types["blk.1.attn_v.weight"] == "Q8_0"            # Q6_K by the _m rule, 128 wide -> Q8_0
+    assert types["output.weight"] == "Q8_0"                  # llama.cpp: output rows not k-sized
+    assert types["output_norm.weight"] == "F32"
+    tok = AutoTokenizer.from_pretrained(rep.merged_dir)
+    ids = torch.tensor([tok("The capital of Canada is Ottawa.").input_ids])
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(rep.merged_dir, dtype=torch.float32)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                   dtype=torch.float32)(ids).logits
+    atol, rtol = export.TOLERANCE[kind]
+    assert 0 < float((ref - got).abs().max()) <= atol + rtol * float(ref.abs().max())
+
+
+def test_gguf_k_quants_on_256_wide_llama(tmp_path):
+    """Every linear of a 256-wide Llama is a real k-quant block; q4_k_m reads back within bound,
+    attn_v/ffn_down of layers 2 and 3 (use_more_bits(i, 4)) at Q6_K, the output head at Q6_K."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from engine.training.builtin import tiny_model_dir
+    sys.path.insert(0, str(Path(__file__).parent))
+    from outputs_fixtures import make_adapter
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir()))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    make_adapter(tmp_path / "base", tmp_path / "adapter", r=8, scale=0.05)
+    rep = export.export_model(tmp_path / "adapter", "q4_k_m", out=tmp_path / "out")
+    assert rep.max_abs_diff <= rep.tolerance and rep.tokenizer_roundtrip
+    types = {t.name: t.tensor_type.name for t in _reader(rep.path).tensors}
+    for i in range(4):
+        want = "Q6_K" if i in (2, 3) else "Q4_K"
+        assert types[f"blk.{i}.attn_v.weight"] == want and types[f"blk.{i}.ffn_down.weight"] == want
+        assert {types[f"blk.{i}.{n}.weight"] for n in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up")} == {"Q4_K"}
+    assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K"
+    q8 = export.export_model(tmp_path / "adapter", "q8_0", out=tmp_path / "out")
+    assert Path(rep.path).stat().st_size < 0.65 * Path(q8.path).stat().st_size
+
+
 def test_modelfile_template_stops_and_system(tb_run, f16):
     text = Path(f16.modelfile).read_text()
     assert f"FROM ./{Path(f16.path).name}" in text
@@ -255,8 +314,8 @@ def test_adapter_gguf_tensors_and_delta(tb_run, f16):
 # --------------------------------------------------------------------------- refusals
 
 def test_refusals_are_one_line():
-    with pytest.raises(gguf_write.GGUFError, match="llama-quantize .* Q4_K_M"):
-        gguf_write.check_type("q4_k_m")
+    with pytest.raises(gguf_write.GGUFError, match="llama-quantize .* Q3_K_M"):
+        gguf_write.check_type("q3_k_m")
     with pytest.raises(gguf_write.GGUFError, match="use one of f32, f16"):
         gguf_write.check_type("q3")
     with pytest.raises(gguf_write.GGUFError, match="GPT2LMHeadModel is not supported.*LlamaForCausalLM"):
@@ -269,9 +328,9 @@ def test_refusals_are_one_line():
 
 def test_cli_export_refusal_exit_code(tb_run, capsys):
     from engine import cli
-    assert cli.main(["export", str(tb_run), "--gguf", "q6_k"]) == 1
+    assert cli.main(["export", str(tb_run), "--gguf", "q2_k"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("export failed: --gguf q6_k") and "\n" not in err
+    assert err.startswith("export failed: --gguf q2_k") and "\n" not in err
 
 
 # --------------------------------------------------------------------------- push

@@ -28,7 +28,9 @@ from engine.outputs.merge import (CHECK_PROMPTS, LOGIT_TOLERANCE, AdapterError, 
 # the quantized bounds were measured on builtin:tiny and Llama-shaped random weights, with margin)
 TOLERANCE = {"f32": LOGIT_TOLERANCE["fp32"], "f16": LOGIT_TOLERANCE["fp16"], "bf16": LOGIT_TOLERANCE["bf16"],
              "q8_0": (0.1, 0.05), "q5_1": (0.5, 0.15), "q5_0": (0.5, 0.15),
-             "q4_1": (1.0, 0.3), "q4_0": (1.0, 0.3)}
+             "q4_1": (1.0, 0.3), "q4_0": (1.0, 0.3),
+             "q6_k": (0.1, 0.05), "q5_k_m": (0.3, 0.1), "q5_k_s": (0.3, 0.1), "q5_k": (0.3, 0.1),
+             "q4_k_m": (0.5, 0.2), "q4_k_s": (0.5, 0.2), "q4_k": (0.5, 0.2)}
 
 
 class ExportError(AdapterError):
@@ -323,6 +325,7 @@ def export_model(src, gguf_type: str = "f16", out=None, base: str | None = None,
 def export_adapter(src, gguf_type: str = "f16", out=None, base: str | None = None, name: str | None = None,
                    force: bool = False, on_progress: Callable[[float, str], None] | None = None) -> ExportReport:
     """The LoRA adapter alone as a llama.cpp adapter GGUF (general.type = adapter)."""
+    _guard(gguf_write.check_adapter_type, gguf_type)
     t0, progress, gguf_type, s, path = _begin(src, gguf_type, out, name, force, on_progress, adapter=True)
     base_name = _base_name(s, base)
     cfg = _base_config(base_name)

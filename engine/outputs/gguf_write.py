@@ -27,13 +27,38 @@ ARCHITECTURES = {
     "MistralForCausalLM": ("llama", True),
     "Qwen2ForCausalLM": ("qwen2", False),
 }
-# --gguf TYPE -> ggml type name; the ones gguf.quants can quantize in numpy
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
-# llama.cpp's k-quants and i-quants: gguf.quants can read them but not write them
-K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
-            "iq2_xxs", "iq2_xs", "iq3_xxs", "iq3_s", "iq4_nl", "iq4_xs")
-_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
-               "q5_1": "MOSTLY_Q5_1", "q5_0": "MOSTLY_Q5_0", "q4_1": "MOSTLY_Q4_1", "q4_0": "MOSTLY_Q4_0"}
+
+@dataclass(frozen=True)
+class GGUFType:
+    """One ``--gguf`` type: its general.file_type, the ggml type of its 2-D weights (None: only
+    llama.cpp's ``llama-quantize`` writes it) and how tensors are mixed:
+    ``""`` every 2-D weight in ``base`` (4/5-bit legacy types keep embeddings and output at q8_0);
+    ``"pure"`` every 2-D weight in ``base`` (llama-quantize --pure);
+    ``"k"``, ``"k_m"``, ``"k_s"`` llama.cpp's per-tensor rules (llama_tensor_get_type) for Q6_K,
+    Q4_K_M/Q5_K_M and Q4_K_S/Q5_K_S: output head at Q6_K, and for _M attn_v/ffn_down at Q6_K in the
+    layers llama.cpp's use_more_bits picks."""
+    file_type: str
+    base: str | None
+    mix: str = ""
+
+
+# the one list of GGUF types: what we write, and what we name but leave to llama-quantize
+TYPES = {
+    "f32": GGUFType("ALL_F32", "F32"), "f16": GGUFType("MOSTLY_F16", "F16"),
+    "bf16": GGUFType("MOSTLY_BF16", "BF16"), "q8_0": GGUFType("MOSTLY_Q8_0", "Q8_0"),
+    "q6_k": GGUFType("MOSTLY_Q6_K", "Q6_K", "k"),
+    "q5_k_m": GGUFType("MOSTLY_Q5_K_M", "Q5_K", "k_m"), "q5_k_s": GGUFType("MOSTLY_Q5_K_S", "Q5_K", "k_s"),
+    "q5_k": GGUFType("MOSTLY_Q5_K_S", "Q5_K", "pure"),
+    "q5_1": GGUFType("MOSTLY_Q5_1", "Q5_1"), "q5_0": GGUFType("MOSTLY_Q5_0", "Q5_0"),
+    "q4_k_m": GGUFType("MOSTLY_Q4_K_M", "Q4_K", "k_m"), "q4_k_s": GGUFType("MOSTLY_Q4_K_S", "Q4_K", "k_s"),
+    "q4_k": GGUFType("MOSTLY_Q4_K_S", "Q4_K", "pure"),
+    "q4_1": GGUFType("MOSTLY_Q4_1", "Q4_1"), "q4_0": GGUFType("MOSTLY_Q4_0", "Q4_0"),
+    **{t: GGUFType("MOSTLY_" + t.upper(), None) for t in (
+        "q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "iq4_xs", "iq4_nl", "iq3_s", "iq3_xxs", "iq2_xs", "iq2_xxs")},
+}
+GGUF_TYPES = tuple(t for t, v in TYPES.items() if v.base)          # the ones we write
+# a k-quant whose row length is not a multiple of 256 falls back as llama.cpp does, then to f16
+_K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 # pre-tokenizer split regexes llama.cpp knows by name (tokenizer.ggml.pre)
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -54,11 +79,21 @@ def check_type(gguf_type: str) -> str:
     t = (gguf_type or "").lower()
     if t in GGUF_TYPES:
         return t
-    if t in K_QUANTS:
-        raise GGUFError(f"--gguf {gguf_type}: the gguf package can read {t} but not write it; export "
-                        f"f16 and run llama.cpp's `llama-quantize FILE-f16.gguf OUT.gguf {t.upper()}`, "
+    if t in TYPES:
+        raise GGUFError(f"--gguf {gguf_type}: we do not write {t}; export f16 and run llama.cpp's "
+                        f"`llama-quantize FILE-f16.gguf OUT.gguf {t.upper()}`, "
                         f"or pick one of {', '.join(GGUF_TYPES)}")
     raise GGUFError(f"--gguf {gguf_type!r} is not a GGUF type we write; use one of {', '.join(GGUF_TYPES)}")
+
+
+def check_adapter_type(gguf_type: str) -> str:
+    """An adapter GGUF takes the non-k types (llama.cpp's convert_lora_to_gguf writes f32/f16/
+    bf16/q8_0; the LoRA B matrices' rows are the rank, never a multiple of 256)."""
+    t = check_type(gguf_type)
+    if TYPES[t].base.endswith("_K"):
+        raise GGUFError(f"--adapter-gguf --gguf {gguf_type}: k-quants are for whole models; write the "
+                        f"adapter as f16 or q8_0 (or export the merged model as {t})")
+    return t
 
 
 def architecture_of(cfg: dict, where: str) -> tuple[str, bool]:
@@ -182,7 +217,7 @@ def _template_text(tok) -> str:
 def add_file_type(w, gguf_type: str) -> None:
     """general.file_type and the quantization version, for a model or an adapter file."""
     import gguf
-    w.add_file_type(int(getattr(gguf.LlamaFileType, _FILE_TYPES[gguf_type])))
+    w.add_file_type(int(getattr(gguf.LlamaFileType, TYPES[gguf_type].file_type)))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -272,21 +307,55 @@ def permute_rows(w, n_head: int):
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def tensor_type(name: str, shape: tuple, gguf_type: str):
-    """The ggml type a tensor is written in: 1-D tensors stay f32; rows whose length is not a
-    multiple of the quant block fall back to f16 (as llama.cpp's converter does); with 4/5-bit
-    types the embeddings and the output head are kept at q8_0."""
+def _use_more_bits(i_layer: int, n_layer: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers, and every third between."""
+    return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
+
+
+def _k_mix(name: str, nx: int, t: GGUFType, n_layer: int, has_output: bool) -> str:
+    """llama.cpp's llama_tensor_get_type for Q6_K, Q4_K_M/Q5_K_M and Q4_K_S/Q5_K_S (dense models).
+    The layer is the tensor's blk index (llama.cpp counts attn_v/ffn_down in file order: the same
+    for one of each per layer)."""
+    if name == "output.weight" or (not has_output and name == "token_embd.weight"):
+        return "Q8_0" if nx % 256 else "Q6_K"
+    m = re.match(r"blk\.(\d+)\.", name)
+    layer = int(m.group(1)) if m else 0
+    if "attn_v.weight" in name:
+        if t.mix == "k_m" and _use_more_bits(layer, n_layer):
+            return "Q6_K"
+        if t.mix == "k_s" and t.base == "Q4_K" and layer < 4:
+            return "Q5_K"
+    elif "ffn_down" in name:
+        if t.mix == "k_m" and _use_more_bits(layer, n_layer):
+            return "Q6_K"
+        if t.mix == "k_s" and t.base == "Q4_K" and layer < n_layer // 8:
+            return "Q5_K"
+    elif "attn_qkv.weight" in name and t.mix == "k_m":
+        return {"Q4_K": "Q5_K", "Q5_K": "Q6_K"}[t.base]
+    return t.base
+
+
+def tensor_type(name: str, shape: tuple, gguf_type: str, n_layer: int = 1, has_output: bool = True):
+    """The ggml type a tensor is written in: 1-D tensors stay f32; the k-quant mixes follow
+    llama.cpp's per-tensor rules (``_k_mix``); with 4/5-bit legacy types the embeddings and the
+    output head are kept at q8_0. Rows whose length is not a multiple of the type's block fall
+    back as llama.cpp does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), then to f16."""
     import gguf
     Q = gguf.GGMLQuantizationType
+    t = TYPES[gguf_type]
     if len(shape) < 2 or gguf_type == "f32":
         return Q.F32
-    want = Q[gguf_type.upper()]
-    if gguf_type.startswith(("q4", "q5")) and name in ("token_embd.weight", "output.weight"):
-        want = Q.Q8_0
-    block = gguf.GGML_QUANT_SIZES[want][0]
-    if shape[-1] % block:
+    nx = shape[-1]
+    want = t.base
+    if t.mix in ("k", "k_m", "k_s"):
+        want = _k_mix(name, nx, t, n_layer, has_output)
+    elif not t.mix and gguf_type.startswith(("q4", "q5")) and name in ("token_embd.weight", "output.weight"):
+        want = "Q8_0"
+    if nx % gguf.GGML_QUANT_SIZES[Q[want]][0] and want in _K_FALLBACK:
+        want = _K_FALLBACK[want]
+    if nx % gguf.GGML_QUANT_SIZES[Q[want]][0]:
         return Q.F16
-    return want
+    return Q[want]
 
 
 def encode(data, qtype):
@@ -298,6 +367,9 @@ def encode(data, qtype):
         return np.ascontiguousarray(data, dtype=np.float32)
     if qtype == Q.F16:
         return np.ascontiguousarray(data, dtype=np.float16)
+    from engine.outputs import kquants
+    if qtype.name in kquants.QUANTIZERS:
+        return kquants.QUANTIZERS[qtype.name](data)
     return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
 
 
@@ -433,8 +505,11 @@ def plan_model(model_dir: Path, cfg: dict, arch: str, permute: bool, gguf_type: 
                 if permute and key.endswith(("q_proj.weight", "k_proj.weight")):
                     n = heads if key.endswith("q_proj.weight") else kv_heads
                     fix = (lambda n_: lambda a: permute_rows(a, n_))(n)
-                out.append(PlannedTensor(name, _loader(file, key, fix), shape,
-                                         tensor_type(name, shape, gguf_type)))
+                out.append(PlannedTensor(name, _loader(file, key, fix), shape, None))
+    has_output = any(t.name == "output.weight" for t in out)
+    n_layer = int(c["num_hidden_layers"])
+    for t in out:
+        t.qtype = tensor_type(t.name, t.shape, gguf_type, n_layer, has_output)
     freqs = llama3_rope_freqs(cfg)
     if freqs is not None:
         out.append(PlannedTensor("rope_freqs.weight", lambda: freqs, freqs.shape, tensor_type("", freqs.shape, "f32")))
