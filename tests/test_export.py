@@ -411,3 +411,128 @@ def test_other_architectures_and_tokenizers(kind, tmp_path):
     assert ("blk.0.attn_q.bias" in names) == (kind == "qwen2")
     assert ("output.weight" in names) == (kind != "qwen2")
     assert _field(_reader(rep.path), "tokenizer.ggml.model") == ("llama" if kind == "mistral" else "gpt2")
+
+
+# --------------------------------------------------------------------------- more families
+
+_GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == "
+                   "'assistant' else 'user') + '\n' + m['content'] + '<end_of_turn>\n' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+_PHI3_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}"
+                  "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+_MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST]' + "
+                     "m['content'] + '[/INST]' }}{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def _trained_tokenizer(kind: str):
+    """A small tokenizer of ``kind``'s shape trained on the builtin corpus: gemma (sentencepiece
+    BPE, spaces replaced by U+2581, no prefix space), phi3 (Llama 2's: Prepend + Replace
+    normalizer) or tekken (Mistral-Nemo's byte-level BPE with its split regex)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from engine.training.builtin import corpus
+    if kind == "tekken":
+        tk = Tokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(gguf_write._TEKKEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tk.decoder = decoders.ByteLevel()
+        specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
+        tk.train_from_iterator(corpus(), trainers.BpeTrainer(
+            vocab_size=600, special_tokens=specials, show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+        tok.chat_template = _MISTRAL_TEMPLATE
+        return tok
+    tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    if kind == "gemma":
+        tk.normalizer = normalizers.Replace(" ", "\u2581")
+        tk.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    else:
+        tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        specials = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    specials += [f"<0x{i:02X}>" for i in range(256)]
+    tk.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=700, special_tokens=specials,
+                                                          show_progress=False))
+    if kind == "gemma":
+        tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
+                                      unk_token="<unk>", pad_token="<pad>")
+        tok.chat_template = _GEMMA_TEMPLATE
+    else:
+        tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="<|end|>", unk_token="<unk>",
+                                      pad_token="<|endoftext|>")
+        tok.chat_template = _PHI3_TEMPLATE
+    return tok
+
+
+def _family(kind: str):
+    """(tokenizer, config, model class) of a tiny random model of ``kind``'s shape."""
+    import transformers as tf
+    from transformers import AutoTokenizer
+    from engine.training.builtin import tiny_model_dir
+    tok = {"qwen3": None, "gemma2": "gemma", "gemma3": "gemma", "phi3": "phi3", "mistral_nemo": "tekken"}[kind]
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir())) if tok is None else _trained_tokenizer(tok)
+    common = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if kind == "qwen3":     # q/k norms, no biases, head_dim 128 (Qwen3's; transformers' GGUF reader assumes it)
+        return tok, tf.Qwen3Config(**dict(common, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+                                          tie_word_embeddings=True)), tf.Qwen3ForCausalLM
+    if kind == "gemma2":    # soft-capping, sandwich norms, tied embeddings, a sliding window
+        return tok, tf.Gemma2Config(**common, head_dim=32, sliding_window=64), tf.Gemma2ForCausalLM
+    if kind == "gemma3":    # q/k norms, local/global rope, sliding window
+        return tok, tf.Gemma3TextConfig(**common, head_dim=32, sliding_window=64), tf.Gemma3ForCausalLM
+    if kind == "phi3":      # fused qkv and gate_up projections
+        return tok, tf.Phi3Config(**common, original_max_position_embeddings=512), tf.Phi3ForCausalLM
+    # Mistral-Nemo: head_dim 64 != hidden / heads, the tekken tokenizer
+    return tok, tf.MistralConfig(**common, head_dim=64), tf.MistralForCausalLM
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "gemma3", "phi3", "mistral_nemo"])
+def test_more_families_export_and_read_back(kind, tmp_path):
+    import torch
+    sys.path.insert(0, str(Path(__file__).parent))
+    from outputs_fixtures import make_adapter
+    tok, cfg, model_cls = _family(kind)
+    torch.manual_seed(0)
+    model_cls(cfg).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    make_adapter(tmp_path / "base", tmp_path / "adapter", r=8, scale=0.05)
+    rep = export.export_model(tmp_path / "adapter", "f16", out=tmp_path / "out")
+    arch = {"mistral_nemo": "llama"}.get(kind, kind)
+    assert rep.arch == arch and _field(_reader(rep.path), "general.architecture") == arch
+    assert rep.tokenizer_roundtrip and rep.max_abs_diff <= rep.tolerance
+    # Gemma-2's final soft-capping squeezes a random model's logits into near-ties
+    assert rep.top1_agreement >= (0.9 if kind == "gemma2" else 0.99)
+    r = _reader(rep.path)
+    names = {t.name for t in r.tensors}
+    if kind in ("qwen3", "gemma3"):
+        assert "blk.0.attn_q_norm.weight" in names and "blk.0.attn_k_norm.weight" in names
+    if kind == "phi3":
+        assert "blk.0.attn_qkv.weight" in names and "blk.0.attn_q.weight" not in names
+    if kind.startswith("gemma"):
+        assert "output.weight" not in names and "blk.1.post_ffw_norm.weight" in names
+        assert _field(r, "tokenizer.ggml.model") == "llama" and _field(r, "tokenizer.ggml.add_space_prefix") is False
+        assert _field(r, f"{kind}.attention.sliding_window") == 64
+        # llama.cpp stores Gemma's norm as 1 + w
+        norm = next(t for t in r.tensors if t.name == "blk.0.attn_norm.weight")
+        import numpy as np
+        assert np.allclose(np.asarray(norm.data), 1.0)          # a fresh Gemma norm weight is 0
+    if kind == "gemma2":
+        assert _field(r, "gemma2.attn_logit_softcapping") == pytest.approx(cfg.attn_logit_softcapping)
+        assert _field(r, "gemma2.final_logit_softcapping") == pytest.approx(cfg.final_logit_softcapping)
+    if kind == "mistral_nemo":
+        assert _field(r, "tokenizer.ggml.pre") == "tekken" and _field(r, "llama.attention.key_length") == 64
+    text = Path(rep.modelfile).read_text()
+    family = {"qwen3": "<|im_start|>", "gemma2": "<start_of_turn>", "gemma3": "<start_of_turn>",
+              "phi3": "<|assistant|>", "mistral_nemo": "[INST]"}[kind]
+    assert "TEMPLATE" in text and family in text.split("TEMPLATE", 1)[1]
+
+
+def test_unsupported_families_are_refused_by_name():
+    with pytest.raises(gguf_write.GGUFError, match="Gemma3ForConditionalGeneration cannot be exported.*mmproj"):
+        gguf_write.architecture_of({"architectures": ["Gemma3ForConditionalGeneration"]}, "config.json")
+    with pytest.raises(gguf_write.GGUFError, match="FalconForCausalLM is not supported.*Qwen3ForCausalLM.*Phi3ForCausalLM"):
+        gguf_write.architecture_of({"architectures": ["FalconForCausalLM"]}, "config.json")

@@ -203,6 +203,17 @@ _OLLAMA_TEMPLATES = {
                '<|im_start|>assistant\n'),
     "llama3": ('{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
                '{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n'),
+    # Gemma has no system role: like its Jinja template, a system message opens the first user turn
+    "gemma": ('{{- $system := "" }}{{- range .Messages }}{{- if eq .Role "system" }}{{ $system = .Content }}'
+              '{{- else }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}user{{ end }}\n'
+              '{{ if and $system (eq .Role "user") }}{{ $system }}\n\n{{ $system = "" }}{{ end }}'
+              '{{ .Content }}<end_of_turn>\n{{ end }}{{- end }}<start_of_turn>model\n'),
+    "phi3": ('{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n'),
+    # Mistral v0.3 / Nemo ([INST]text[/INST]); v0.1 puts spaces inside the brackets
+    "mistral": ('{{- range .Messages }}{{ if eq .Role "user" }}[INST]{{ .Content }}[/INST]'
+                '{{ else if eq .Role "assistant" }}{{ .Content }}</s>{{ end }}{{ end }}'),
+    "mistral_v1": ('{{- range .Messages }}{{ if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
+                   '{{ else if eq .Role "assistant" }}{{ .Content }}</s>{{ end }}{{ end }}'),
 }
 
 
@@ -211,6 +222,12 @@ def template_family(jinja: str) -> str | None:
         return "chatml"
     if "<|start_header_id|>" in jinja and "<|eot_id|>" in jinja:
         return "llama3"
+    if "<start_of_turn>" in jinja and "<end_of_turn>" in jinja:
+        return "gemma"
+    if "<|assistant|>" in jinja and "<|end|>" in jinja:
+        return "phi3"
+    if "[INST]" in jinja and "[/INST]" in jinja:
+        return "mistral_v1" if "[INST] " in jinja else "mistral"
     return None
 
 

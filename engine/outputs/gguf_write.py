@@ -2,10 +2,12 @@
 
 We write the tensors and metadata ourselves with the maintained ``gguf`` package (the one
 llama.cpp's own converter uses): its tensor-name map, its quantizers (``gguf.quants``) and its
-writer. Architectures: Llama, Mistral (llama.cpp reads Mistral as ``llama``) and Qwen2; anything
-else is refused with the list of what is supported. Tokenizers: byte-level BPE (GPT-2 style:
-Llama 3, Qwen2, builtin:tiny) and sentencepiece-style BPE (Llama 2, Mistral v0.1); a tokenizer
-that cannot be expressed as a GGUF vocabulary is refused.
+writer; the k-quants with ``engine.outputs.kquants``. Architectures: Llama, Mistral and
+Mistral-Nemo (llama.cpp reads Mistral as ``llama``), Qwen2, Qwen3, Gemma-2, Gemma-3 (text),
+Phi-3; anything else is refused with the list of what is supported. Tokenizers: byte-level BPE
+(GPT-2 style: Llama 3, Qwen2/3, Mistral-Nemo's tekken, builtin:tiny) and sentencepiece-style BPE
+(Llama 2, Mistral v0.1, Phi-3, Gemma); a tokenizer that cannot be expressed as a GGUF vocabulary
+is refused.
 
 Everything here raises ``GGUFError`` with a one-line message; nothing imports textual or rich.
 """
@@ -26,7 +28,17 @@ ARCHITECTURES = {
     "LlamaForCausalLM": ("llama", True),
     "MistralForCausalLM": ("llama", True),
     "Qwen2ForCausalLM": ("qwen2", False),
+    "Qwen3ForCausalLM": ("qwen3", False),
+    "Gemma2ForCausalLM": ("gemma2", False),
+    "Gemma3ForCausalLM": ("gemma3", False),
+    "Phi3ForCausalLM": ("phi3", False),
 }
+# architectures people ask for that we name in the refusal (what to do instead)
+_REFUSED = {
+    "Gemma3ForConditionalGeneration": "Gemma-3 with its vision tower needs llama.cpp's mmproj file; "
+                                      "export a text-only Gemma3ForCausalLM checkpoint",
+}
+_GEMMA = ("gemma2", "gemma3")        # RMSNorm scales (1 + w): llama.cpp stores w + 1
 
 @dataclass(frozen=True)
 class GGUFType:
@@ -65,7 +77,10 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_SPLITS = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLITS = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2", _TEKKEN_SPLIT: "tekken"}
 
 # token types (gguf.TokenType values)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -102,6 +117,9 @@ def architecture_of(cfg: dict, where: str) -> tuple[str, bool]:
         if a in ARCHITECTURES:
             return ARCHITECTURES[a]
     got = ", ".join(archs) or cfg.get("model_type") or "unknown"
+    why = next((_REFUSED[a] for a in archs if _REFUSED.get(a)), "")
+    if why:
+        raise GGUFError(f"{where}: architecture {got} cannot be exported as GGUF here: {why}")
     raise GGUFError(f"{where}: architecture {got} is not supported for GGUF export; supported: "
                     f"{', '.join(ARCHITECTURES)}")
 
@@ -120,6 +138,7 @@ class Vocab:
     add_bos: bool
     add_eos: bool
     chat_template: str = ""
+    add_space_prefix: bool = True   # sentencepiece-style: a leading "▁" (Llama 2); Gemma: none
     stop_tokens: list[str] = field(default_factory=list)
 
 
@@ -145,6 +164,16 @@ def _pre_tokenizer_kind(tj: dict, where: str) -> tuple[str, str]:
         return "llama", "default"
     raise GGUFError(f"{where}: pre-tokenizer {'+'.join(k or '?' for k in kinds) or 'none'} cannot be "
                     f"expressed in GGUF; supported: byte-level BPE and sentencepiece-style BPE")
+
+
+def _adds_space_prefix(tj: dict) -> bool:
+    """Whether a sentencepiece-style tokenizer puts "▁" before the text (Metaspace with a
+    prepend scheme, or a Prepend normalizer); Gemma's only replaces spaces."""
+    pre = tj.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if any(p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never" for p in parts):
+        return True
+    return '"Prepend"' in json.dumps(tj.get("normalizer") or {})
 
 
 def _metaspace_normalizer(tj: dict) -> bool:
@@ -188,6 +217,7 @@ def read_vocab(tok, n_vocab: int, where: str) -> Vocab:
     if eot is not None:
         ids["eot"] = eot
     return Vocab(model=ggml_model, pre=pre, tokens=tokens, types=types, merges=merges, scores=scores,
+                 add_space_prefix=_adds_space_prefix(tj),
                  special_ids={k: v for k, v in ids.items() if v is not None},
                  add_bos=bool(probe) and probe[0] == tok.bos_token_id and tok.bos_token_id is not None,
                  add_eos=bool(probe) and probe[-1] == tok.eos_token_id and tok.eos_token_id is not None,
@@ -228,6 +258,8 @@ def add_vocab(w, v: Vocab) -> None:
     w.add_token_types(v.types)
     if v.scores is not None:
         w.add_token_scores(v.scores)
+    if v.model == "llama":
+        w.add_add_space_prefix(v.add_space_prefix)
     if v.merges:
         w.add_token_merges(v.merges)
     adders = {"bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "unk": w.add_unk_token_id,
@@ -246,23 +278,47 @@ def text_config(cfg: dict) -> dict:
     return cfg.get("text_config") or cfg
 
 
+def _rope(c: dict) -> dict:
+    """The rope parameters of the full-attention layers (Gemma-3 keeps one dict per layer type)."""
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if isinstance(rope.get("full_attention"), dict):
+        rope = rope["full_attention"]
+    return rope
+
+
 def add_hparams(w, cfg: dict, arch: str, where: str) -> None:
     c = text_config(cfg)
     heads = int(c["num_attention_heads"])
     head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
     w.add_context_length(int(c.get("max_position_embeddings") or 4096))
+    if arch in _GEMMA:
+        if c.get("sliding_window"):
+            w.add_sliding_window(int(c["sliding_window"]))
+        for key, add in (("attn_logit_softcapping", w.add_attn_logit_softcapping),
+                         ("final_logit_softcapping", w.add_final_logit_softcapping)):
+            if c.get(key) is not None:
+                add(float(c[key]))
+    if arch == "phi3":
+        rope = _rope(c)
+        if (rope.get("rope_type") or rope.get("type") or "default") not in ("default",):
+            raise GGUFError(f"{where}: Phi-3 with {rope.get('rope_type') or rope.get('type')} rope scaling "
+                            f"(the 128k models) is not supported for GGUF export here; the 4k models are")
+        w.add_rope_scaling_orig_ctx_len(int(c.get("original_max_position_embeddings")
+                                            or c.get("max_position_embeddings") or 4096))
+        if c.get("sliding_window"):
+            w.add_sliding_window(int(c["sliding_window"]))
     w.add_embedding_length(int(c["hidden_size"]))
     w.add_block_count(int(c["num_hidden_layers"]))
     w.add_feed_forward_length(int(c["intermediate_size"]))
     w.add_head_count(heads)
     w.add_head_count_kv(int(c.get("num_key_value_heads") or heads))
     w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6)))
-    w.add_rope_dimension_count(head_dim)
-    if head_dim != int(c["hidden_size"]) // heads:
+    w.add_rope_dimension_count(int(head_dim * float(c.get("partial_rotary_factor") or 1.0)))
+    if head_dim != int(c["hidden_size"]) // heads or arch in _GEMMA:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_vocab_size(int(c["vocab_size"]))
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    rope = _rope(c)
     w.add_rope_freq_base(float(rope.get("rope_theta") or c.get("rope_theta") or 10000.0))
     kind = (rope.get("rope_type") or rope.get("type") or "default").lower()
     if kind == "linear":
@@ -278,7 +334,7 @@ def llama3_rope_freqs(cfg: dict):
     """llama.cpp's ``rope_freqs.weight`` for Llama 3.1+ rope scaling (None when not used)."""
     import numpy as np
     c = text_config(cfg)
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    rope = _rope(c)
     if (rope.get("rope_type") or rope.get("type") or "").lower() != "llama3":
         return None
     base = float(rope.get("rope_theta") or c.get("rope_theta") or 10000.0)
@@ -463,7 +519,9 @@ def _np_dtype(qtype):
 
 def _gguf_arch(arch: str):
     import gguf
-    return {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
+    return {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
+            "gemma2": gguf.MODEL_ARCH.GEMMA2, "gemma3": gguf.MODEL_ARCH.GEMMA3,
+            "phi3": gguf.MODEL_ARCH.PHI3}[arch]
 
 
 def _safetensors_files(d: Path, where: str) -> list[Path]:
@@ -480,6 +538,10 @@ def _loader(file: Path, key: str, fix: Callable | None = None) -> Callable:
             arr = f.get_tensor(key).float().numpy()
         return fix(arr) if fix else arr
     return load
+
+
+def _plus_one(a):
+    return a + 1.0
 
 
 def plan_model(model_dir: Path, cfg: dict, arch: str, permute: bool, gguf_type: str) -> list[PlannedTensor]:
@@ -505,6 +567,8 @@ def plan_model(model_dir: Path, cfg: dict, arch: str, permute: bool, gguf_type: 
                 if permute and key.endswith(("q_proj.weight", "k_proj.weight")):
                     n = heads if key.endswith("q_proj.weight") else kv_heads
                     fix = (lambda n_: lambda a: permute_rows(a, n_))(n)
+                elif arch in _GEMMA and key.endswith("norm.weight"):
+                    fix = _plus_one
                 out.append(PlannedTensor(name, _loader(file, key, fix), shape, None))
     has_output = any(t.name == "output.weight" for t in out)
     n_layer = int(c["num_hidden_layers"])
