@@ -167,6 +167,7 @@ class Recipe:
         self.prepared: Prepared | None = None
         self.proc = None            # the processor of an image-text model (None: text only)
         self.tok = None
+        self.model_path = ""        # the checkpoint the base is loaded from (set by setup)
 
     # ---------------------------------------------------------------- setup
     @staticmethod
@@ -181,6 +182,7 @@ class Recipe:
         if rows is None:
             rows = self.read_rows(self.cfg, self.emit)
         path = model_mod.model_path(self.cfg)
+        self.model_path = path
         self._load_tokenizer(path, rows)
         train_tok, eval_tok = self._tokenise(rows)
         model, resized = self._load_model(path)
@@ -260,6 +262,9 @@ class Recipe:
                          f"LoRA on {len(targets)} language-model layers")
         if full:
             return None, model, (None, None)
+        if cfg.lora.init != "default":        # LoftQ / PiSSA: the adapter is built and initialised here
+            from engine.training import lora_init
+            return None, lora_init.apply(cfg, model, lora, self.model_path, self.run_dir, lines), (None, None)
         if not cfg.lora.lora_fa:
             return lora, model, (None, None)
         from peft import get_peft_model
@@ -376,7 +381,11 @@ class Recipe:
         """The adapter's weights into ``tmp``; False on a rank that does not write."""
         from engine.training import distributed
         if not distributed.in_worker():
-            trainer.model.save_pretrained(str(tmp))
+            if self.cfg.lora.init != "default":     # a plain LoRA over the original base
+                from engine.training import lora_init
+                lora_init.save_converted(trainer.model, tmp, self.run_dir, self.cfg.lora.init)
+            else:
+                trainer.model.save_pretrained(str(tmp))
             return True
         # every rank takes part (FSDP gathers the sharded adapter); rank 0 writes
         if getattr(trainer, "is_fsdp_enabled", False):
