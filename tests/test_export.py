@@ -536,3 +536,53 @@ def test_unsupported_families_are_refused_by_name():
         gguf_write.architecture_of({"architectures": ["Gemma3ForConditionalGeneration"]}, "config.json")
     with pytest.raises(gguf_write.GGUFError, match="FalconForCausalLM is not supported.*Qwen3ForCausalLM.*Phi3ForCausalLM"):
         gguf_write.architecture_of({"architectures": ["FalconForCausalLM"]}, "config.json")
+
+
+# --------------------------------------------------------------------------- eval
+
+def test_eval_base_vs_tuned_on_the_cpu_run(tb_run, tmp_path, capsys):
+    """``qlora-tui eval``: loss/perplexity on the run's held-out split, recomputed here with plain
+    PEFT for one row; exact match / contains-answer scored on a prompt-completion file whose
+    completion is the tuned model's own greedy answer (so the tuned side must match it)."""
+    import math
+    import torch
+    from engine import cli
+    from engine.outputs import evaluate, generate
+    rep = evaluate.evaluate(tb_run, answer_rows=0)
+    assert rep.rows >= 10 and rep.tokens > 0 and rep.answered == 0
+    assert "held-out" in rep.data and Path(rep.path).parent == tb_run / "eval"
+    assert rep.tuned.perplexity == pytest.approx(math.exp(rep.tuned.loss))
+    assert rep.base.loss != rep.tuned.loss
+    saved = json.loads(Path(rep.path).read_text())
+    assert saved["tuned"]["loss"] == rep.tuned.loss
+    # the same held-out rows, one of them scored here with PEFT directly
+    where, rows = evaluate.held_out_rows(tb_run, None)
+    from engine.training.trainer import encode_dataset
+    model, tok, _ = generate._load(tb_run)
+    one = evaluate.evaluate(tb_run, data=None, max_rows=1, answer_rows=0, save=False)
+    enc = encode_dataset(tok, rows[:1])
+    x, y = torch.tensor([enc["input_ids"][0]]), torch.tensor([enc["labels"][0]])
+    with torch.no_grad():
+        assert one.tuned.loss == pytest.approx(float(model(input_ids=x, labels=y).loss), rel=1e-5)
+        with model.disable_adapter():
+            assert one.base.loss == pytest.approx(float(model(input_ids=x, labels=y).loss), rel=1e-5)
+    # answers: the tuned model's own greedy answer as the reference
+    candidates = generate.default_prompts(tb_run, n=4) + generate.BUILTIN_PROMPTS
+    answers = generate.compare(tb_run, prompts=candidates, max_new_tokens=8)
+    prompt, tuned_answer = next((a["prompt"], a["tuned"]) for a in answers if a["tuned"].strip())
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"prompt": prompt, "completion": tuned_answer}) + "\n")
+    assert cli.main(["eval", str(tb_run), "--data", str(data), "--answer-rows", "5",
+                     "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "1 answered by both models" in out
+    line = next(x for x in out.splitlines() if "exact match" in x)
+    assert line.split()[-2:] == ["1/1", "(100%)"]
+    assert next(x for x in out.splitlines() if "contains answer" in x).split()[-2:] == ["1/1", "(100%)"]
+    # bad input: one line, exit 1
+    assert cli.main(["eval", str(tb_run), "--data", str(tmp_path / "missing.jsonl")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("eval failed: --data") and "\n" not in err
+    assert cli.main(["eval", str(tb_run), "--lm-eval", "hellaswag"]) == 1 or \
+        __import__("importlib").util.find_spec("lm_eval") is not None
+    assert "need the network" in capsys.readouterr().err or __import__("importlib").util.find_spec("lm_eval")
