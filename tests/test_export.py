@@ -35,7 +35,8 @@ def _run(tmp: Path, report_to: str, steps: int, eval_steps: int):
 
 @pytest.fixture(scope="module")
 def tb_run(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("export"), "tensorboard", steps=4, eval_steps=2)
+    # two trackers at once: tensorboard and MLflow's local file store (RUN_DIR/mlruns)
+    return _run(tmp_path_factory.mktemp("export"), "tensorboard,mlflow", steps=4, eval_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,28 @@ def test_tensorboard_logs_loss_lr_and_our_tokens_per_second(tb_run):
     started = next(e for e in events.read_events(tb_run / "events.jsonl") if e.type == "run_started")
     assert any(str(tb_run / "tensorboard") in p for p in started.plan)
     from tui.widgets.run_view import tracker_logs       # what the Train screen shows of it
-    assert tracker_logs(started.plan) == ("tensorboard", str(tb_run / "tensorboard"))
+    head, where = tracker_logs(started.plan)
+    assert head == "tensorboard,mlflow" and f"tensorboard: {tb_run / 'tensorboard'}" in where
+    assert f"mlflow: file://{tb_run / 'mlruns'}" in where
+
+
+def test_mlflow_file_store_holds_the_runs_losses(tb_run):
+    """What MLflow's local file store holds, read back with MLflow's own client: the train loss of
+    every step (equal to our events'), the eval loss, the learning rate, and the run's params."""
+    from mlflow.tracking import MlflowClient
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=f"file://{tb_run / 'mlruns'}")
+    exp = client.get_experiment_by_name("qlora-tui")
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    rid = runs[0].info.run_id
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(rid, "loss"))
+    steps = [e for e in events.read_events(tb_run / "events.jsonl") if e.type == "step"]
+    assert [s for s, _ in loss] == [1, 2, 3, 4]
+    assert [round(v, 3) for _, v in loss] == [round(e.loss, 3) for e in steps]
+    assert client.get_metric_history(rid, "eval_loss") and client.get_metric_history(rid, "learning_rate")
+    assert runs[0].data.params.get("learning_rate") is not None
 
 
 def _wandb_history_keys(path: Path) -> set:
@@ -123,12 +145,29 @@ def test_tracker_dirs_follow_each_run_unless_the_user_set_them(monkeypatch):
 
 def test_missing_tracker_package_is_one_preflight_line(monkeypatch):
     from engine.training import trackers
-    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(trackers, "_available", lambda: [])        # as if no tracker package were installed
     cfg = config.load(None, ['output.report_to="tensorboard"'])
     with pytest.raises(runner.PreflightError) as e:
         runner.preflight(cfg, check_model=False)
     assert "tensorboardX" in str(e.value) and "qlora-tui[tensorboard]" in str(e.value)
     assert "\n" not in str(e.value)
+    cfg = config.load(None, ['output.report_to="trackio"'])
+    with pytest.raises(runner.PreflightError, match="trackio needs the trackio package: pip install trackio"):
+        runner.preflight(cfg, check_model=False)
+
+
+def test_report_to_is_checked_against_the_names_transformers_knows():
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+    from engine.training import trackers
+    assert trackers.known() == list(INTEGRATION_TO_CALLBACK)
+    assert {"tensorboard", "wandb", "mlflow", "trackio", "comet_ml"} <= set(trackers.known())
+    cfg = config.load(None, ['output.report_to="mlflowx"'])
+    with pytest.raises(runner.PreflightError, match="'mlflowx' is not a tracker transformers knows; .*mlflow"):
+        runner.preflight(cfg, check_model=False)
+    with pytest.raises(config.ConfigError, match="output.report_to"):
+        config.load(None, ['output.report_to="none,wandb"'])
+    from engine.training.recipe import _report_to
+    assert _report_to("tensorboard, mlflow") == ["tensorboard", "mlflow"] and _report_to("none") == []
 
 
 # --------------------------------------------------------------------------- GGUF model

@@ -160,7 +160,8 @@ class TrainConfig:
 class OutputConfig:
     dir: str = _f("runs", "Directory that holds one sub-directory per run.", kind="path")
     name: str = _f("", "Run name (appended to the timestamp); empty = the model's name.")
-    report_to: str = _f("none", "Also log to an external tracker.", choices=["none", "tensorboard", "wandb"])
+    report_to: str = _f("none", "Also log to external trackers: none, or one or more comma-separated names "
+                        "the installed transformers knows (tensorboard, wandb, mlflow, trackio, comet_ml, ...).")
     keep_checkpoints: bool = _f(True, "Keep checkpoints after a successful run (for resume).")
 
 
@@ -325,6 +326,17 @@ def _coerce(key: str, f: dataclasses.Field, value, problems: list[Problem]):
     return value
 
 
+def _report_to_check(cfg: Config, problems: list[Problem]) -> None:
+    """The names' spelling here; whether transformers knows them is checked before the run starts
+    (engine.training.trackers.check_available), where transformers is loaded anyway."""
+    import re
+    value = cfg.output.report_to
+    parts = [p.strip() for p in str(value).split(",")]
+    if not all(re.fullmatch(r"[a-z][a-z0-9_]*", p) for p in parts) or ("none" in parts and len(parts) > 1):
+        problems.append(Problem("output.report_to", value, "none, or tracker names separated by commas "
+                                "(e.g. tensorboard or tensorboard,mlflow)"))
+
+
 def _init_checks(cfg: Config, problems: list[Problem]) -> None:
     """lora.init: LoftQ needs the 4-bit base it corrects for, PiSSA a 16-bit base to keep the residual in."""
     init = cfg.lora.init
@@ -360,6 +372,7 @@ def _cross_checks(cfg: Config, problems: list[Problem]) -> None:
     if cfg.lora.lora_fa and cfg.lora.use_dora:
         problems.append(Problem("lora.lora_fa", True, "LoRA-FA cannot be combined with lora.use_dora"))
     _init_checks(cfg, problems)
+    _report_to_check(cfg, problems)
     if cfg.train.method == "galore" and cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp":
         problems.append(Problem("train.method", "galore", "GaLore needs whole weight matrices on each "
                                 "GPU: use distributed.strategy = \"ddp\" or train.method = \"qlora\""))

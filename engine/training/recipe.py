@@ -76,6 +76,11 @@ def to_lora_config(cfg, targets):
                       use_dora=cfg.lora.use_dora, use_rslora=cfg.lora.use_rslora)
 
 
+def _report_to(value: str) -> list[str]:
+    from engine.training.trackers import names
+    return names(value)
+
+
 def to_sft_config(cfg, plan: RunPlan, *, output_dir: str | Path = "checkpoints", has_eval: bool = False):
     """TRL's SFTConfig for the resolved ``cfg`` on ``plan``'s device (checkpoints go to ``output_dir``)."""
     from trl import SFTConfig
@@ -98,7 +103,7 @@ def to_sft_config(cfg, plan: RunPlan, *, output_dir: str | Path = "checkpoints",
         eval_steps=tr.eval_steps or None,
         save_strategy="steps" if tr.save_steps else "no", save_steps=tr.save_steps or 500,
         save_total_limit=tr.save_total_limit,
-        report_to=[] if cfg.output.report_to == "none" else [cfg.output.report_to],
+        report_to=_report_to(cfg.output.report_to),
         bf16=rt.device == "cuda" and rt.dtype == "bf16", fp16=rt.device == "cuda" and rt.dtype == "fp16",
         use_cpu=rt.device == "cpu",
         max_length=cfg.data.max_length, packing=bool(cfg.data.packing),
