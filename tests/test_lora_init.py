@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _run(tmp: Path, init: str, method: str):
     extra = ["quant.load_in_4bit=false"] if method == "lora" else []
     cfg = config.load(REPO / "examples" / "demo.toml",
-                      [f'output.dir="{tmp / "runs"}"', "train.max_steps=3", "train.eval_steps=0",
+                      [f'output.dir="{tmp / "runs"}"', "train.max_steps=2", "train.eval_steps=0", "data.eval_fraction=0.0",
+                       "data.max_length=128",
                        "train.save_steps=0", f'lora.init="{init}"', f'train.method="{method}"'] + extra)
     run = runner.Run(cfg)
     run.start()
