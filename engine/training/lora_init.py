@@ -51,6 +51,12 @@ def apply(cfg, model, lora, model_path: str, run_dir: Path, lines: list[str]):
         n, before, after = loftq(model, model_path)
         lines.append(f"LoftQ: A, B absorb the 4-bit quantisation error of {n} weights "
                      f"(mean relative error {before:.4f} -> {after:.4f})")
+        # TRL keeps a 4-bit model's adapter in bf16 (the QLoRA paper's choice) once the trainer is
+        # built; cast now so the saved start is exactly the start training has
+        import torch
+        for name, param in model.named_parameters():
+            if param.requires_grad and "lora_magnitude_vector" not in name:
+                param.data = param.data.to(torch.bfloat16)
     save_initial(model, Path(run_dir))
     return model
 
