@@ -625,3 +625,4 @@ def test_eval_base_vs_tuned_on_the_cpu_run(tb_run, tmp_path, capsys):
     assert cli.main(["eval", str(tb_run), "--lm-eval", "hellaswag"]) == 1 or \
         __import__("importlib").util.find_spec("lm_eval") is not None
     assert "need the network" in capsys.readouterr().err or __import__("importlib").util.find_spec("lm_eval")
+

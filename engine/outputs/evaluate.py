@@ -75,6 +75,36 @@ class EvalReport:
         return out
 
 
+def latest(run_dir: str | Path) -> dict | None:
+    """The newest saved report of ``qlora-tui eval`` in RUN_DIR/eval (None: none, or unreadable)."""
+    files = sorted(Path(run_dir).glob("eval/eval-*.json"))
+    for f in reversed(files):
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("base"), dict) and isinstance(data.get("tuned"), dict):
+            return data
+    return None
+
+
+def summary_lines(report: dict) -> list[str]:
+    """Three short lines of a saved report for the TUI's run detail: loss/perplexity base ->
+    fine-tuned, and the answer scores."""
+    try:
+        b, t = report["base"], report["tuned"]
+        n = int(report.get("answered") or 0)
+        lines = [f"eval on {report.get('data', '?')}: {report.get('rows', '?')} rows",
+                 f"  loss {float(b['loss']):.4f} -> {float(t['loss']):.4f}   perplexity "
+                 f"{float(b['perplexity']):.3f} -> {float(t['perplexity']):.3f}   (base -> fine-tuned)"]
+        if n:
+            lines.append(f"  exact match {int(b['exact'])}/{n} -> {int(t['exact'])}/{n}   contains answer "
+                         f"{int(b['contains'])}/{n} -> {int(t['contains'])}/{n}")
+        return lines
+    except (KeyError, TypeError, ValueError):
+        return []
+
+
 # --------------------------------------------------------------------------- rows
 
 def _run_config(run_dir: Path | None):
