@@ -292,6 +292,11 @@ def add_hparams(w, cfg: dict, arch: str, where: str) -> None:
     head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
     w.add_context_length(int(c.get("max_position_embeddings") or 4096))
     if arch in _GEMMA:
+        scalar = c.get("query_pre_attn_scalar")
+        big = int(c["num_hidden_layers"]) in (46, 62)       # Gemma-2/3 27B: llama.cpp scales by hidden / heads
+        if scalar is not None and float(scalar) != head_dim and not (big and float(scalar) == int(c["hidden_size"]) // heads):
+            raise GGUFError(f"{where}: query_pre_attn_scalar {scalar} differs from head_dim {head_dim}; llama.cpp "
+                            f"derives Gemma's attention scale from head_dim, so this model cannot be exported as GGUF")
         if c.get("sliding_window"):
             w.add_sliding_window(int(c["sliding_window"]))
         for key, add in (("attn_logit_softcapping", w.add_attn_logit_softcapping),
