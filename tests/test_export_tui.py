@@ -92,3 +92,24 @@ async def test_export_refusal_shows_one_line(tmp_path):
         assert screen.report is None
         assert screen.error.startswith("export failed:") and "WordLevel tokenizer cannot be written" in screen.error
         assert "\n" not in screen.error and not (run / "export" / "merged").exists()
+
+
+async def test_run_detail_shows_the_newest_eval(tmp_path):
+    """The run detail reads RUN_DIR/eval (written by ``qlora-tui eval``) and shows base -> fine-tuned
+    loss and perplexity, and the answer scores."""
+    from engine.outputs import evaluate
+    from outputs_fixtures import make_run_dir, make_tiny_model
+    from tui.screens.runs import RunDetailScreen
+    base = make_tiny_model(tmp_path / "base")
+    run = make_run_dir(tmp_path / "runs" / "20260101-000000-tiny", base)
+    rep = evaluate.evaluate(run, answer_rows=2, max_new_tokens=4)
+    assert rep.answered == 2 and evaluate.latest(run)["tuned"]["loss"] == rep.tuned.loss
+    app = make_app(demo_cfg(tmp_path))
+    async with app.run_test(size=(140, 30)) as pilot:
+        app.push_screen(RunDetailScreen(run))
+        await until(pilot, lambda: isinstance(app.screen, RunDetailScreen) and app.screen.info is not None,
+                    what="detail")
+        text = str(app.screen.query_one("#detail-summary", Static).render())
+        assert f"loss {rep.base.loss:.4f} -> {rep.tuned.loss:.4f}" in text
+        assert f"perplexity {rep.base.perplexity:.3f} -> {rep.tuned.perplexity:.3f}" in text
+        assert f"exact match {rep.base.exact}/2 -> {rep.tuned.exact}/2" in text

@@ -58,7 +58,6 @@ def test_gpu_sampler_indices_out_of_range_is_unavailable():
         assert s.sample() == []
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux /proc")
 def test_host_sampler_returns_sane_numbers():
     h = HostSampler()
     first = h.sample()   # immediately after construction: falls back to the since-boot average
@@ -72,26 +71,27 @@ def test_host_sampler_returns_sane_numbers():
     assert second.cpu_percent > 0.0
     assert second.ram_total_bytes > 0
     assert 0 < second.ram_used_bytes <= second.ram_total_bytes
-    # /proc/meminfo's MemTotal is the same figure os.sysconf reports
+    # psutil's total RAM is the same figure os.sysconf reports
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert abs(second.ram_total_bytes - pages) <= 0.01 * pages
 
 
-def test_host_sampler_without_proc_gives_none(tmp_path):
-    h = HostSampler(stat_path=str(tmp_path / "nope"), meminfo_path=str(tmp_path / "nope2"))
+def test_host_sampler_without_readings_gives_none():
+    def broken():
+        raise OSError("no readings here")
+    h = HostSampler(cpu_times=broken, virtual_memory=broken)
     st = h.sample()
     assert st == HostStat(cpu_percent=None, ram_used_bytes=None, ram_total_bytes=None)
 
 
-def test_host_sampler_cpu_percent_from_counters(tmp_path):
-    stat = tmp_path / "stat"
-    mem = tmp_path / "meminfo"
-    mem.write_text("MemTotal:       1000 kB\nMemFree:         100 kB\nMemAvailable:    400 kB\n")
-    # user nice system idle iowait irq softirq steal
-    stat.write_text("cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 1 1 1 1 1 1 1 0 0\n")
-    h = HostSampler(stat_path=str(stat), meminfo_path=str(mem))
+def test_host_sampler_cpu_percent_from_counters():
+    from collections import namedtuple
+    Times = namedtuple("Times", "user nice system idle iowait irq softirq steal guest guest_nice")
+    Mem = namedtuple("Mem", "total available")
+    readings = [Times(100, 0, 100, 700, 100, 0, 0, 0, 50, 0)]     # guest time is inside user already
+    h = HostSampler(cpu_times=lambda: readings[-1], virtual_memory=lambda: Mem(1000 * 1024, 400 * 1024))
     # +300 busy, +100 idle, +0 iowait since the first read: 75 %
-    stat.write_text("cpu  300 0 200 800 100 0 0 0 0 0\n")
+    readings.append(Times(300, 0, 200, 800, 100, 0, 0, 0, 60, 0))
     st = h.sample()
     assert st.cpu_percent == pytest.approx(75.0)
     assert st.ram_total_bytes == 1000 * 1024 and st.ram_used_bytes == 600 * 1024
@@ -134,3 +134,32 @@ def test_gpu_watcher_of_a_run_samples_the_gpu_cuda_visible_devices_names(monkeyp
     from engine.training.distributed import local_rank
     gpu.GpuSampler.for_cuda_device(local_rank())
     assert opened[-1] == [3]
+
+
+# --------------------------------------------------------------------------- run liveness (psutil)
+
+def test_process_alive_is_pid_and_start_time(tmp_path):
+    import json
+    import subprocess
+    import sys
+    import psutil
+    from engine.core import rundir
+    rundir.write_pid(tmp_path)                                   # this process
+    info = json.loads((tmp_path / rundir.RUN_JSON).read_text())
+    assert info["create_time"] == psutil.Process().create_time()
+    assert rundir.process_alive(tmp_path)
+    # the same pid with another start time: a reused pid, not our run
+    (tmp_path / rundir.RUN_JSON).write_text(json.dumps({**info, "create_time": info["create_time"] - 5}))
+    assert not rundir.process_alive(tmp_path)
+    # run.json of an older version (clock ticks since boot) still reads
+    ticks = round((psutil.Process().create_time() - psutil.boot_time()) * os.sysconf("SC_CLK_TCK"))
+    legacy = {k: v for k, v in info.items() if k != "create_time"}
+    (tmp_path / rundir.RUN_JSON).write_text(json.dumps({**legacy, "start_ticks": ticks}))
+    assert rundir.process_alive(tmp_path)
+    (tmp_path / rundir.RUN_JSON).write_text(json.dumps({**legacy, "start_ticks": ticks + 1000}))
+    assert not rundir.process_alive(tmp_path)
+    # a process that has exited
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    rundir.write_pid(tmp_path, child.pid)
+    assert not rundir.process_alive(tmp_path)

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "engine.cli.cmd_export",    # export (GGUF)
     "engine.cli.cmd_push",      # push
     "engine.cli.cmd_generate",  # generate
+    "engine.cli.cmd_eval",      # eval
     "engine.cli.cmd_serve",     # serve-cmd
     "engine.cli.cmd_axolotl",   # import-axolotl
 ]

@@ -16,8 +16,8 @@ def register(subparsers) -> None:
                     "the LoRA adapter alone (llama.cpp --lora, Ollama ADAPTER).")
     p.add_argument("src", metavar="RUN_DIR|ADAPTER_DIR", help="a run directory or an adapter directory")
     p.add_argument("--gguf", default="f16", metavar="TYPE",
-                   help=f"GGUF type: {', '.join(gguf_write.GGUF_TYPES)} (default f16); k-quants: export f16 "
-                        f"and run llama.cpp's llama-quantize")
+                   help=f"GGUF type: {', '.join(gguf_write.GGUF_TYPES)} (default f16); the other "
+                        f"k/i-quants: export f16 and run llama.cpp's llama-quantize")
     p.add_argument("--adapter-gguf", action="store_true", help="write the LoRA adapter alone as a GGUF adapter")
     p.add_argument("--out", "-o", default=None, metavar="FILE|DIR",
                    help="the .gguf file or a directory for it (default: RUN_DIR/export/)")

@@ -72,6 +72,10 @@ class LoraConfigSection:
     lora_fa: bool = _f(False, "LoRA-FA: freeze A, train only B (PEFT's LoRA-FA optimizer); "
                        "halves trainable parameters.")
     bias: str = _f("none", "Train biases: none, all or lora_only.", choices=["none", "all", "lora_only"])
+    init: str = _f("default", "Adapter start: default (B = 0), loftq (A, B absorb the 4-bit base's "
+                   "quantisation error; QLoRA), pissa (A, B = the top-r singular directions, the base "
+                   "keeps the residual; 16-bit LoRA). Merge/export correct for the changed base.",
+                   choices=["default", "loftq", "pissa"])
 
 
 @dataclass
@@ -188,7 +192,8 @@ class TrainConfig:
 class OutputConfig:
     dir: str = _f("runs", "Directory that holds one sub-directory per run.", kind="path")
     name: str = _f("", "Run name (appended to the timestamp); empty = the model's name.")
-    report_to: str = _f("none", "Also log to an external tracker.", choices=["none", "tensorboard", "wandb"])
+    report_to: str = _f("none", "Also log to external trackers: none, or one or more comma-separated names "
+                        "the installed transformers knows (tensorboard, wandb, mlflow, trackio, comet_ml, ...).")
     keep_checkpoints: bool = _f(True, "Keep checkpoints after a successful run (for resume).")
 
 
@@ -356,6 +361,41 @@ def _coerce(key: str, f: dataclasses.Field, value, problems: list[Problem]):
     return value
 
 
+def _report_to_check(cfg: Config, problems: list[Problem]) -> None:
+    """The names' spelling here; whether transformers knows them is checked before the run starts
+    (engine.training.trackers.check_available), where transformers is loaded anyway."""
+    import re
+    value = cfg.output.report_to
+    parts = [p.strip() for p in str(value).split(",")]
+    if not all(re.fullmatch(r"[a-z][a-z0-9_]*", p) for p in parts) or ("none" in parts and len(parts) > 1):
+        problems.append(Problem("output.report_to", value, "none, or tracker names separated by commas "
+                                "(e.g. tensorboard or tensorboard,mlflow)"))
+
+
+def _init_checks(cfg: Config, problems: list[Problem]) -> None:
+    """lora.init: LoftQ needs the 4-bit base it corrects for, PiSSA a 16-bit base to keep the residual in."""
+    init = cfg.lora.init
+    if init == "default":
+        return
+    four = cfg.quant.load_in_4bit and cfg.train.method == "qlora"
+    if cfg.train.method == "galore":
+        problems.append(Problem("lora.init", init, "GaLore trains full-rank weights, no adapter: use "
+                                "lora.init = \"default\""))
+    elif init == "loftq" and not four:
+        problems.append(Problem("lora.init", init, "LoftQ corrects a 4-bit base's quantisation error: use "
+                                "train.method = \"qlora\" with quant.load_in_4bit = true, or lora.init = \"pissa\""))
+    elif init == "pissa" and four:
+        problems.append(Problem("lora.init", init, "PiSSA rewrites the base weights to the residual, which a "
+                                "4-bit base cannot hold: use train.method = \"lora\" (16-bit base), or "
+                                "lora.init = \"loftq\" for QLoRA"))
+    if cfg.lora.use_dora or cfg.lora.lora_fa:
+        which = "lora.use_dora" if cfg.lora.use_dora else "lora.lora_fa"
+        problems.append(Problem("lora.init", init, f"cannot be combined with {which}"))
+    if cfg.distributed.gpus > 1:
+        problems.append(Problem("lora.init", init, "runs on one GPU here: set distributed.gpus = 1 or "
+                                "lora.init = \"default\""))
+
+
 def _cross_checks(cfg: Config, problems: list[Problem]) -> None:
     if not cfg.model.name.strip():
         problems.append(Problem("model.name", cfg.model.name, "must name a hub id, a directory or builtin:tiny"))
@@ -370,6 +410,8 @@ def _cross_checks(cfg: Config, problems: list[Problem]) -> None:
                                  "more), or -1 to run all epochs"))
     if cfg.lora.lora_fa and cfg.lora.use_dora:
         problems.append(Problem("lora.lora_fa", True, "LoRA-FA cannot be combined with lora.use_dora"))
+    _init_checks(cfg, problems)
+    _report_to_check(cfg, problems)
     if cfg.train.method == "galore" and cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp":
         problems.append(Problem("train.method", "galore", "GaLore needs whole weight matrices on each "
                                 "GPU: use distributed.strategy = \"ddp\" or train.method = \"qlora\""))

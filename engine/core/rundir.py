@@ -164,18 +164,18 @@ def writer_since_ns() -> int:
     return int(raw) if raw.isdigit() else time.time_ns()
 
 
-def _proc_start_ticks(pid: int) -> int | None:
+def _create_time(pid: int) -> float | None:
+    """When process ``pid`` started (psutil: seconds since the epoch), None when it does not exist."""
+    import psutil
     try:
-        with open(f"/proc/{pid}/stat") as fh:
-            stat = fh.read()
-        return int(stat.rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, ValueError, OSError):
         return None
 
 
 def write_pid(run_dir: str | Path, pid: int | None = None) -> None:
     pid = pid or os.getpid()
-    info = {"pid": pid, "start_ticks": _proc_start_ticks(pid), "host": socket.gethostname(),
+    info = {"pid": pid, "create_time": _create_time(pid), "host": socket.gethostname(),
             "started": time.time()}
     tmp = Path(run_dir) / (RUN_JSON + ".tmp")
     with private_files():
@@ -209,17 +209,19 @@ def process_alive(run_dir: str | Path) -> bool:
     pid = info.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
-    ticks = _proc_start_ticks(pid)
-    if ticks is None:
-        return False
-    if info.get("start_ticks") is not None and ticks != info["start_ticks"]:
-        return False
+    import psutil
     try:
-        with open(f"/proc/{pid}/stat") as fh:
-            if fh.read().rsplit(")", 1)[1].split()[0] == "Z":   # zombie: it has exited
-                return False
-    except OSError:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:          # it has exited
+            return False
+        started = proc.create_time()
+    except (psutil.Error, ValueError, OSError):
         return False
+    if isinstance(info.get("create_time"), (int, float)):
+        return abs(started - info["create_time"]) < 0.05     # the same process, not a reused pid
+    if isinstance(info.get("start_ticks"), int):               # run.json of an older version: clock ticks
+        ticks = round((started - psutil.boot_time()) * os.sysconf("SC_CLK_TCK"))
+        return abs(ticks - info["start_ticks"]) <= 1
     return True
 
 

@@ -29,7 +29,9 @@ from engine.outputs.merge import (CHECK_PROMPTS, LOGIT_TOLERANCE, AdapterError, 
 # the quantized bounds were measured on builtin:tiny and Llama-shaped random weights, with margin)
 TOLERANCE = {"f32": LOGIT_TOLERANCE["fp32"], "f16": LOGIT_TOLERANCE["fp16"], "bf16": LOGIT_TOLERANCE["bf16"],
              "q8_0": (0.1, 0.05), "q5_1": (0.5, 0.15), "q5_0": (0.5, 0.15),
-             "q4_1": (1.0, 0.3), "q4_0": (1.0, 0.3)}
+             "q4_1": (1.0, 0.3), "q4_0": (1.0, 0.3),
+             "q6_k": (0.1, 0.05), "q5_k_m": (0.3, 0.1), "q5_k_s": (0.3, 0.1), "q5_k": (0.3, 0.1),
+             "q4_k_m": (0.5, 0.2), "q4_k_s": (0.5, 0.2), "q4_k": (0.5, 0.2)}
 
 
 class ExportError(AdapterError):
@@ -202,6 +204,17 @@ _OLLAMA_TEMPLATES = {
                '<|im_start|>assistant\n'),
     "llama3": ('{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
                '{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n'),
+    # Gemma has no system role: like its Jinja template, a system message opens the first user turn
+    "gemma": ('{{- $system := "" }}{{- range .Messages }}{{- if eq .Role "system" }}{{ $system = .Content }}'
+              '{{- else }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}user{{ end }}\n'
+              '{{ if and $system (eq .Role "user") }}{{ $system }}\n\n{{ $system = "" }}{{ end }}'
+              '{{ .Content }}<end_of_turn>\n{{ end }}{{- end }}<start_of_turn>model\n'),
+    "phi3": ('{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n'),
+    # Mistral v0.3 / Nemo ([INST]text[/INST]); v0.1 puts spaces inside the brackets
+    "mistral": ('{{- range .Messages }}{{ if eq .Role "user" }}[INST]{{ .Content }}[/INST]'
+                '{{ else if eq .Role "assistant" }}{{ .Content }}</s>{{ end }}{{ end }}'),
+    "mistral_v1": ('{{- range .Messages }}{{ if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
+                   '{{ else if eq .Role "assistant" }}{{ .Content }}</s>{{ end }}{{ end }}'),
 }
 
 
@@ -210,6 +223,12 @@ def template_family(jinja: str) -> str | None:
         return "chatml"
     if "<|start_header_id|>" in jinja and "<|eot_id|>" in jinja:
         return "llama3"
+    if "<start_of_turn>" in jinja and "<end_of_turn>" in jinja:
+        return "gemma"
+    if "<|assistant|>" in jinja and "<|end|>" in jinja:
+        return "phi3"
+    if "[INST]" in jinja and "[/INST]" in jinja:
+        return "mistral_v1" if "[INST] " in jinja else "mistral"
     return None
 
 
@@ -334,6 +353,7 @@ def export_model(src, gguf_type: str = "f16", out=None, base: str | None = None,
 def export_adapter(src, gguf_type: str = "f16", out=None, base: str | None = None, name: str | None = None,
                    force: bool = False, on_progress: Callable[[float, str], None] | None = None) -> ExportReport:
     """The LoRA adapter alone as a llama.cpp adapter GGUF (general.type = adapter)."""
+    _guard(gguf_write.check_adapter_type, gguf_type)
     t0, progress, gguf_type, s, path = _begin(src, gguf_type, out, name, force, on_progress, adapter=True)
     base_name = _base_name(s, base)
     cfg = _base_config(base_name)

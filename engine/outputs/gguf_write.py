@@ -2,10 +2,12 @@
 
 We write the tensors and metadata ourselves with the maintained ``gguf`` package (the one
 llama.cpp's own converter uses): its tensor-name map, its quantizers (``gguf.quants``) and its
-writer. Architectures: Llama, Mistral (llama.cpp reads Mistral as ``llama``) and Qwen2; anything
-else is refused with the list of what is supported. Tokenizers: byte-level BPE (GPT-2 style:
-Llama 3, Qwen2, builtin:tiny) and sentencepiece-style BPE (Llama 2, Mistral v0.1); a tokenizer
-that cannot be expressed as a GGUF vocabulary is refused.
+writer; the k-quants with ``engine.outputs.kquants``. Architectures: Llama, Mistral and
+Mistral-Nemo (llama.cpp reads Mistral as ``llama``), Qwen2, Qwen3, Gemma-2, Gemma-3 (text),
+Phi-3; anything else is refused with the list of what is supported. Tokenizers: byte-level BPE
+(GPT-2 style: Llama 3, Qwen2/3, Mistral-Nemo's tekken, builtin:tiny) and sentencepiece-style BPE
+(Llama 2, Mistral v0.1, Phi-3, Gemma); a tokenizer that cannot be expressed as a GGUF vocabulary
+is refused.
 
 Everything here raises ``GGUFError`` with a one-line message; nothing imports textual or rich.
 """
@@ -27,21 +29,59 @@ ARCHITECTURES = {
     "LlamaForCausalLM": ("llama", True),
     "MistralForCausalLM": ("llama", True),
     "Qwen2ForCausalLM": ("qwen2", False),
+    "Qwen3ForCausalLM": ("qwen3", False),
+    "Gemma2ForCausalLM": ("gemma2", False),
+    "Gemma3ForCausalLM": ("gemma3", False),
+    "Phi3ForCausalLM": ("phi3", False),
 }
-# --gguf TYPE -> ggml type name; the ones gguf.quants can quantize in numpy
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
-# llama.cpp's k-quants and i-quants: gguf.quants can read them but not write them
-K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
-            "iq2_xxs", "iq2_xs", "iq3_xxs", "iq3_s", "iq4_nl", "iq4_xs")
-_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
-               "q5_1": "MOSTLY_Q5_1", "q5_0": "MOSTLY_Q5_0", "q4_1": "MOSTLY_Q4_1", "q4_0": "MOSTLY_Q4_0"}
+# architectures people ask for that we name in the refusal (what to do instead)
+_REFUSED = {
+    "Gemma3ForConditionalGeneration": "Gemma-3 with its vision tower needs llama.cpp's mmproj file; "
+                                      "export a text-only Gemma3ForCausalLM checkpoint",
+}
+_GEMMA = ("gemma2", "gemma3")        # RMSNorm scales (1 + w): llama.cpp stores w + 1
+
+@dataclass(frozen=True)
+class GGUFType:
+    """One ``--gguf`` type: its general.file_type, the ggml type of its 2-D weights (None: only
+    llama.cpp's ``llama-quantize`` writes it) and how tensors are mixed:
+    ``""`` every 2-D weight in ``base`` (4/5-bit legacy types keep embeddings and output at q8_0);
+    ``"pure"`` every 2-D weight in ``base`` (llama-quantize --pure);
+    ``"k"``, ``"k_m"``, ``"k_s"`` llama.cpp's per-tensor rules (llama_tensor_get_type) for Q6_K,
+    Q4_K_M/Q5_K_M and Q4_K_S/Q5_K_S: output head at Q6_K, and for _M attn_v/ffn_down at Q6_K in the
+    layers llama.cpp's use_more_bits picks."""
+    file_type: str
+    base: str | None
+    mix: str = ""
+
+
+# the one list of GGUF types: what we write, and what we name but leave to llama-quantize
+TYPES = {
+    "f32": GGUFType("ALL_F32", "F32"), "f16": GGUFType("MOSTLY_F16", "F16"),
+    "bf16": GGUFType("MOSTLY_BF16", "BF16"), "q8_0": GGUFType("MOSTLY_Q8_0", "Q8_0"),
+    "q6_k": GGUFType("MOSTLY_Q6_K", "Q6_K", "k"),
+    "q5_k_m": GGUFType("MOSTLY_Q5_K_M", "Q5_K", "k_m"), "q5_k_s": GGUFType("MOSTLY_Q5_K_S", "Q5_K", "k_s"),
+    "q5_k": GGUFType("MOSTLY_Q5_K_S", "Q5_K", "pure"),
+    "q5_1": GGUFType("MOSTLY_Q5_1", "Q5_1"), "q5_0": GGUFType("MOSTLY_Q5_0", "Q5_0"),
+    "q4_k_m": GGUFType("MOSTLY_Q4_K_M", "Q4_K", "k_m"), "q4_k_s": GGUFType("MOSTLY_Q4_K_S", "Q4_K", "k_s"),
+    "q4_k": GGUFType("MOSTLY_Q4_K_S", "Q4_K", "pure"),
+    "q4_1": GGUFType("MOSTLY_Q4_1", "Q4_1"), "q4_0": GGUFType("MOSTLY_Q4_0", "Q4_0"),
+    **{t: GGUFType("MOSTLY_" + t.upper(), None) for t in (
+        "q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "iq4_xs", "iq4_nl", "iq3_s", "iq3_xxs", "iq2_xs", "iq2_xxs")},
+}
+GGUF_TYPES = tuple(t for t, v in TYPES.items() if v.base)          # the ones we write
+# a k-quant whose row length is not a multiple of 256 falls back as llama.cpp does, then to f16
+_K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 # pre-tokenizer split regexes llama.cpp knows by name (tokenizer.ggml.pre)
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_SPLITS = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLITS = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2", _TEKKEN_SPLIT: "tekken"}
 
 # token types (gguf.TokenType values)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -55,11 +95,21 @@ def check_type(gguf_type: str) -> str:
     t = (gguf_type or "").lower()
     if t in GGUF_TYPES:
         return t
-    if t in K_QUANTS:
-        raise GGUFError(f"--gguf {gguf_type}: the gguf package can read {t} but not write it; export "
-                        f"f16 and run llama.cpp's `llama-quantize FILE-f16.gguf OUT.gguf {t.upper()}`, "
+    if t in TYPES:
+        raise GGUFError(f"--gguf {gguf_type}: we do not write {t}; export f16 and run llama.cpp's "
+                        f"`llama-quantize FILE-f16.gguf OUT.gguf {t.upper()}`, "
                         f"or pick one of {', '.join(GGUF_TYPES)}")
     raise GGUFError(f"--gguf {gguf_type!r} is not a GGUF type we write; use one of {', '.join(GGUF_TYPES)}")
+
+
+def check_adapter_type(gguf_type: str) -> str:
+    """An adapter GGUF takes the non-k types (llama.cpp's convert_lora_to_gguf writes f32/f16/
+    bf16/q8_0; the LoRA B matrices' rows are the rank, never a multiple of 256)."""
+    t = check_type(gguf_type)
+    if TYPES[t].base.endswith("_K"):
+        raise GGUFError(f"--adapter-gguf --gguf {gguf_type}: k-quants are for whole models; write the "
+                        f"adapter as f16 or q8_0 (or export the merged model as {t})")
+    return t
 
 
 def architecture_of(cfg: dict, where: str) -> tuple[str, bool]:
@@ -68,6 +118,9 @@ def architecture_of(cfg: dict, where: str) -> tuple[str, bool]:
         if a in ARCHITECTURES:
             return ARCHITECTURES[a]
     got = ", ".join(archs) or cfg.get("model_type") or "unknown"
+    why = next((_REFUSED[a] for a in archs if _REFUSED.get(a)), "")
+    if why:
+        raise GGUFError(f"{where}: architecture {got} cannot be exported as GGUF here: {why}")
     raise GGUFError(f"{where}: architecture {got} is not supported for GGUF export; supported: "
                     f"{', '.join(ARCHITECTURES)}")
 
@@ -86,6 +139,7 @@ class Vocab:
     add_bos: bool
     add_eos: bool
     chat_template: str = ""
+    add_space_prefix: bool = True   # sentencepiece-style: a leading "▁" (Llama 2); Gemma: none
     stop_tokens: list[str] = field(default_factory=list)
 
 
@@ -111,6 +165,16 @@ def _pre_tokenizer_kind(tj: dict, where: str) -> tuple[str, str]:
         return "llama", "default"
     raise GGUFError(f"{where}: pre-tokenizer {'+'.join(k or '?' for k in kinds) or 'none'} cannot be "
                     f"expressed in GGUF; supported: byte-level BPE and sentencepiece-style BPE")
+
+
+def _adds_space_prefix(tj: dict) -> bool:
+    """Whether a sentencepiece-style tokenizer puts "▁" before the text (Metaspace with a
+    prepend scheme, or a Prepend normalizer); Gemma's only replaces spaces."""
+    pre = tj.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if any(p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never" for p in parts):
+        return True
+    return '"Prepend"' in json.dumps(tj.get("normalizer") or {})
 
 
 def _metaspace_normalizer(tj: dict) -> bool:
@@ -154,6 +218,7 @@ def read_vocab(tok, n_vocab: int, where: str) -> Vocab:
     if eot is not None:
         ids["eot"] = eot
     return Vocab(model=ggml_model, pre=pre, tokens=tokens, types=types, merges=merges, scores=scores,
+                 add_space_prefix=_adds_space_prefix(tj),
                  special_ids={k: v for k, v in ids.items() if v is not None},
                  add_bos=bool(probe) and probe[0] == tok.bos_token_id and tok.bos_token_id is not None,
                  add_eos=bool(probe) and probe[-1] == tok.eos_token_id and tok.eos_token_id is not None,
@@ -183,7 +248,7 @@ def _template_text(tok) -> str:
 def add_file_type(w, gguf_type: str) -> None:
     """general.file_type and the quantization version, for a model or an adapter file."""
     import gguf
-    w.add_file_type(int(getattr(gguf.LlamaFileType, _FILE_TYPES[gguf_type])))
+    w.add_file_type(int(getattr(gguf.LlamaFileType, TYPES[gguf_type].file_type)))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -194,6 +259,8 @@ def add_vocab(w, v: Vocab) -> None:
     w.add_token_types(v.types)
     if v.scores is not None:
         w.add_token_scores(v.scores)
+    if v.model == "llama":
+        w.add_add_space_prefix(v.add_space_prefix)
     if v.merges:
         w.add_token_merges(v.merges)
     adders = {"bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "unk": w.add_unk_token_id,
@@ -212,23 +279,52 @@ def text_config(cfg: dict) -> dict:
     return cfg.get("text_config") or cfg
 
 
+def _rope(c: dict) -> dict:
+    """The rope parameters of the full-attention layers (Gemma-3 keeps one dict per layer type)."""
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if isinstance(rope.get("full_attention"), dict):
+        rope = rope["full_attention"]
+    return rope
+
+
 def add_hparams(w, cfg: dict, arch: str, where: str) -> None:
     c = text_config(cfg)
     heads = int(c["num_attention_heads"])
     head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
     w.add_context_length(int(c.get("max_position_embeddings") or 4096))
+    if arch in _GEMMA:
+        scalar = c.get("query_pre_attn_scalar")
+        big = int(c["num_hidden_layers"]) in (46, 62)       # Gemma-2/3 27B: llama.cpp scales by hidden / heads
+        if scalar is not None and float(scalar) != head_dim and not (big and float(scalar) == int(c["hidden_size"]) // heads):
+            raise GGUFError(f"{where}: query_pre_attn_scalar {scalar} differs from head_dim {head_dim}; llama.cpp "
+                            f"derives Gemma's attention scale from head_dim, so this model cannot be exported as GGUF")
+        if c.get("sliding_window"):
+            w.add_sliding_window(int(c["sliding_window"]))
+        for key, add in (("attn_logit_softcapping", w.add_attn_logit_softcapping),
+                         ("final_logit_softcapping", w.add_final_logit_softcapping)):
+            if c.get(key) is not None:
+                add(float(c[key]))
+    if arch == "phi3":
+        rope = _rope(c)
+        if (rope.get("rope_type") or rope.get("type") or "default") not in ("default",):
+            raise GGUFError(f"{where}: Phi-3 with {rope.get('rope_type') or rope.get('type')} rope scaling "
+                            f"(the 128k models) is not supported for GGUF export here; the 4k models are")
+        w.add_rope_scaling_orig_ctx_len(int(c.get("original_max_position_embeddings")
+                                            or c.get("max_position_embeddings") or 4096))
+        if c.get("sliding_window"):
+            w.add_sliding_window(int(c["sliding_window"]))
     w.add_embedding_length(int(c["hidden_size"]))
     w.add_block_count(int(c["num_hidden_layers"]))
     w.add_feed_forward_length(int(c["intermediate_size"]))
     w.add_head_count(heads)
     w.add_head_count_kv(int(c.get("num_key_value_heads") or heads))
     w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6)))
-    w.add_rope_dimension_count(head_dim)
-    if head_dim != int(c["hidden_size"]) // heads:
+    w.add_rope_dimension_count(int(head_dim * float(c.get("partial_rotary_factor") or 1.0)))
+    if head_dim != int(c["hidden_size"]) // heads or arch in _GEMMA:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_vocab_size(int(c["vocab_size"]))
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    rope = _rope(c)
     w.add_rope_freq_base(float(rope.get("rope_theta") or c.get("rope_theta") or 10000.0))
     kind = (rope.get("rope_type") or rope.get("type") or "default").lower()
     if kind == "linear":
@@ -244,7 +340,7 @@ def llama3_rope_freqs(cfg: dict):
     """llama.cpp's ``rope_freqs.weight`` for Llama 3.1+ rope scaling (None when not used)."""
     import numpy as np
     c = text_config(cfg)
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    rope = _rope(c)
     if (rope.get("rope_type") or rope.get("type") or "").lower() != "llama3":
         return None
     base = float(rope.get("rope_theta") or c.get("rope_theta") or 10000.0)
@@ -273,21 +369,55 @@ def permute_rows(w, n_head: int):
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def tensor_type(name: str, shape: tuple, gguf_type: str):
-    """The ggml type a tensor is written in: 1-D tensors stay f32; rows whose length is not a
-    multiple of the quant block fall back to f16 (as llama.cpp's converter does); with 4/5-bit
-    types the embeddings and the output head are kept at q8_0."""
+def _use_more_bits(i_layer: int, n_layer: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers, and every third between."""
+    return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
+
+
+def _k_mix(name: str, nx: int, t: GGUFType, n_layer: int, has_output: bool) -> str:
+    """llama.cpp's llama_tensor_get_type for Q6_K, Q4_K_M/Q5_K_M and Q4_K_S/Q5_K_S (dense models).
+    The layer is the tensor's blk index (llama.cpp counts attn_v/ffn_down in file order: the same
+    for one of each per layer)."""
+    if name == "output.weight" or (not has_output and name == "token_embd.weight"):
+        return "Q8_0" if nx % 256 else "Q6_K"
+    m = re.match(r"blk\.(\d+)\.", name)
+    layer = int(m.group(1)) if m else 0
+    if "attn_v.weight" in name:
+        if t.mix == "k_m" and _use_more_bits(layer, n_layer):
+            return "Q6_K"
+        if t.mix == "k_s" and t.base == "Q4_K" and layer < 4:
+            return "Q5_K"
+    elif "ffn_down" in name:
+        if t.mix == "k_m" and _use_more_bits(layer, n_layer):
+            return "Q6_K"
+        if t.mix == "k_s" and t.base == "Q4_K" and layer < n_layer // 8:
+            return "Q5_K"
+    elif "attn_qkv.weight" in name and t.mix == "k_m":
+        return {"Q4_K": "Q5_K", "Q5_K": "Q6_K"}[t.base]
+    return t.base
+
+
+def tensor_type(name: str, shape: tuple, gguf_type: str, n_layer: int = 1, has_output: bool = True):
+    """The ggml type a tensor is written in: 1-D tensors stay f32; the k-quant mixes follow
+    llama.cpp's per-tensor rules (``_k_mix``); with 4/5-bit legacy types the embeddings and the
+    output head are kept at q8_0. Rows whose length is not a multiple of the type's block fall
+    back as llama.cpp does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), then to f16."""
     import gguf
     Q = gguf.GGMLQuantizationType
+    t = TYPES[gguf_type]
     if len(shape) < 2 or gguf_type == "f32":
         return Q.F32
-    want = Q[gguf_type.upper()]
-    if gguf_type.startswith(("q4", "q5")) and name in ("token_embd.weight", "output.weight"):
-        want = Q.Q8_0
-    block = gguf.GGML_QUANT_SIZES[want][0]
-    if shape[-1] % block:
+    nx = shape[-1]
+    want = t.base
+    if t.mix in ("k", "k_m", "k_s"):
+        want = _k_mix(name, nx, t, n_layer, has_output)
+    elif not t.mix and gguf_type.startswith(("q4", "q5")) and name in ("token_embd.weight", "output.weight"):
+        want = "Q8_0"
+    if nx % gguf.GGML_QUANT_SIZES[Q[want]][0] and want in _K_FALLBACK:
+        want = _K_FALLBACK[want]
+    if nx % gguf.GGML_QUANT_SIZES[Q[want]][0]:
         return Q.F16
-    return want
+    return Q[want]
 
 
 def encode(data, qtype):
@@ -299,6 +429,9 @@ def encode(data, qtype):
         return np.ascontiguousarray(data, dtype=np.float32)
     if qtype == Q.F16:
         return np.ascontiguousarray(data, dtype=np.float16)
+    from engine.outputs import kquants
+    if qtype.name in kquants.QUANTIZERS:
+        return kquants.QUANTIZERS[qtype.name](data)
     return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
 
 
@@ -401,7 +534,9 @@ def _np_dtype(qtype):
 
 def _gguf_arch(arch: str):
     import gguf
-    return {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
+    return {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
+            "gemma2": gguf.MODEL_ARCH.GEMMA2, "gemma3": gguf.MODEL_ARCH.GEMMA3,
+            "phi3": gguf.MODEL_ARCH.PHI3}[arch]
 
 
 def _safetensors_files(d: Path, where: str) -> list[Path]:
@@ -418,6 +553,10 @@ def _loader(file: Path, key: str, fix: Callable | None = None) -> Callable:
             arr = f.get_tensor(key).float().numpy()
         return fix(arr) if fix else arr
     return load
+
+
+def _plus_one(a):
+    return a + 1.0
 
 
 def plan_model(model_dir: Path, cfg: dict, arch: str, permute: bool, gguf_type: str) -> list[PlannedTensor]:
@@ -443,8 +582,13 @@ def plan_model(model_dir: Path, cfg: dict, arch: str, permute: bool, gguf_type: 
                 if permute and key.endswith(("q_proj.weight", "k_proj.weight")):
                     n = heads if key.endswith("q_proj.weight") else kv_heads
                     fix = (lambda n_: lambda a: permute_rows(a, n_))(n)
-                out.append(PlannedTensor(name, _loader(file, key, fix), shape,
-                                         tensor_type(name, shape, gguf_type)))
+                elif arch in _GEMMA and key.endswith("norm.weight"):
+                    fix = _plus_one
+                out.append(PlannedTensor(name, _loader(file, key, fix), shape, None))
+    has_output = any(t.name == "output.weight" for t in out)
+    n_layer = int(c["num_hidden_layers"])
+    for t in out:
+        t.qtype = tensor_type(t.name, t.shape, gguf_type, n_layer, has_output)
     freqs = llama3_rope_freqs(cfg)
     if freqs is not None:
         out.append(PlannedTensor("rope_freqs.weight", lambda: freqs, freqs.shape, tensor_type("", freqs.shape, "f32")))

@@ -486,6 +486,25 @@ def _preference_logits(s: Shape, st: _Setting) -> int:
     return N * V * 2 * d + st.seq * V * 8
 
 
+def _lora_init_extra(cfg: Config, s: Shape, w: dict, t: _Trainable, training_peak: float,
+                     notes: list[str]) -> int:
+    """lora.init = loftq | pissa: before training starts, one weight at a time is decomposed in
+    fp32 (engine.training.lora_init.init_transient_bytes) on top of the weights and adapters. Only
+    the part above the training peak adds to the peak."""
+    init = getattr(cfg.lora, "init", "default")
+    if init == "default" or getattr(cfg.train, "method", "qlora") == "galore":
+        return 0
+    from engine.training.lora_init import init_transient_bytes
+    transient = max(init_transient_bytes(init, o, i) for i, o in s.module_dims().values())
+    at_init = w["quantized"] + w["unquantized"] + t.values + transient
+    extra = max(0, int(at_init * (1 + ALLOCATOR_OVERHEAD) - training_peak))
+    per_layer = len(s.module_dims())
+    notes.append(f"lora.init = {init}: one fp32 SVD per adapted weight before step 1 "
+                 f"({s.layers * per_layer} SVDs; {transient / GIB:.2f} GiB transient for the largest"
+                 f"{'; reads the 16-bit weights from the checkpoint files' if init == 'loftq' else ''})")
+    return extra
+
+
 def _assemble(cfg: Config, s: Shape, st: _Setting, w: dict, t: _Trainable, a: dict, logits: int, vis: dict,
               act: int, gpu_mem_bytes: int | None, notes: list[str]) -> Estimate:
     """The breakdown, the allocator's overhead on top of it, host RAM, and the closing notes."""
@@ -506,7 +525,9 @@ def _assemble(cfg: Config, s: Shape, st: _Setting, w: dict, t: _Trainable, a: di
         "vision_weights": int(vis["weights"]), "vision_activations": int(vis["activations"]),
         "cuda_context": CUDA_CONTEXT,
     }
-    peak = allocated + overhead + stream_buffers
+    init_extra = _lora_init_extra(cfg, s, w, t, allocated + overhead + stream_buffers, notes)
+    breakdown["lora_init"] = init_extra
+    peak = allocated + overhead + stream_buffers + init_extra
     total = w["linear"] + w["other"] + (0 if st.galore else t.params) + vis["params"]
     if not st.four and not st.galore:
         notes.append("16-bit base (load_in_4bit = false): adapters in fp32")
@@ -991,6 +1012,7 @@ BREAKDOWN_LABELS = [
     ("vision_activations", "vision activations, 1 image/row"),
     ("allocator_overhead", "allocator overhead"),
     ("streaming_buffers", "streaming buffers"),
+    ("lora_init", "LoftQ/PiSSA init, beyond training"),
 ]
 
 
@@ -1017,7 +1039,7 @@ def format_report(est: Estimate, pl: Plan | None) -> str:
                "optimizer_state": "GaLore optimizer state"} if est.method == "galore" else {}
     for key, label in BREAKDOWN_LABELS:
         label = relabel.get(key, label)
-        if key.startswith(("vision_", "streaming_")) and not est.breakdown.get(key):
+        if key.startswith(("vision_", "streaming_", "lora_init")) and not est.breakdown.get(key):
             continue
         lines.append(f"  {label:<30}{est.breakdown[key] / GIB:>9.2f} GiB")
     lines.append(f"  {'-' * 30}{'-' * 13}")

@@ -103,15 +103,12 @@ def host_needed(breakdown: dict) -> int:
 
 
 def host_ram_available() -> tuple[int | None, int | None]:
-    """(available, total) host RAM in bytes from /proc/meminfo (None where unreadable)."""
+    """(available, total) host RAM in bytes (psutil; None where it cannot tell)."""
     try:
-        info = {}
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                k, _, v = line.partition(":")
-                info[k] = int(v.split()[0]) * 1024
-        return info.get("MemAvailable"), info.get("MemTotal")
-    except (OSError, ValueError, IndexError):
+        import psutil
+        vm = psutil.virtual_memory()
+        return int(vm.available), int(vm.total)
+    except Exception:  # noqa: BLE001 - advice only: unknown RAM never stops a run
         return None, None
 
 

@@ -1,9 +1,9 @@
-"""In-process hardware readings: NVIDIA GPUs through NVML, CPU and RAM from /proc.
+"""In-process hardware readings: NVIDIA GPUs through NVML, CPU and RAM through psutil.
 
 ``GpuSampler`` initialises NVML once (``pynvml``, imported lazily) and reads every GPU
 without a subprocess; when there is no NVML library, no driver or no device it says so
 (``available = False``, ``reason``) and ``sample()`` returns ``[]``. ``HostSampler`` reads
-/proc/stat and /proc/meminfo (no psutil). Neither ever raises to the caller.
+psutil's CPU times and virtual memory. Neither ever raises to the caller.
 
 NVML numbers GPUs physically (as ``nvidia-smi`` does), which can differ from the order
 ``CUDA_VISIBLE_DEVICES`` gives a process; pass ``indices`` (NVML indices) to read a subset, or
@@ -229,63 +229,38 @@ class GpuSampler:
         self.close()
 
 
-def _read_cpu_times(path: str = "/proc/stat") -> tuple[int, int] | None:
-    """(busy, total) jiffies of the aggregate "cpu" line, or None when unreadable."""
+def _cpu_busy_total(cpu_times) -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of all cores from ``psutil.cpu_times()``-like readings."""
     try:
-        with open(path, encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("cpu "):
-                    vals = [int(x) for x in line.split()[1:]]
-                    break
-            else:
-                return None
-    except (OSError, ValueError):
+        t = cpu_times()
+    except Exception:  # noqa: BLE001 - no reading: the field stays None
         return None
-    # user nice system idle iowait irq softirq steal [guest guest_nice: already in user/nice]
-    vals = (vals + [0] * 8)[:8]
-    total = sum(vals)
-    idle = vals[3] + vals[4]
+    total = float(sum(t))
+    # guest time is already counted in user/nice (as in /proc/stat); idle and iowait are not busy
+    for extra in ("guest", "guest_nice"):
+        total -= float(getattr(t, extra, 0.0) or 0.0)
+    idle = float(getattr(t, "idle", 0.0)) + float(getattr(t, "iowait", 0.0) or 0.0)
     return total - idle, total
 
 
-def _read_meminfo(path: str = "/proc/meminfo") -> tuple[int | None, int | None]:
-    """(used, total) bytes; used = MemTotal - MemAvailable."""
-    info: dict[str, int] = {}
-    try:
-        with open(path, encoding="ascii") as fh:
-            for line in fh:
-                key, _, rest = line.partition(":")
-                parts = rest.split()
-                if parts and parts[0].isdigit():
-                    mult = 1024 if len(parts) > 1 and parts[1].lower() == "kb" else 1
-                    info[key] = int(parts[0]) * mult
-    except (OSError, ValueError):
-        return None, None
-    total = info.get("MemTotal")
-    if total is None:
-        return None, None
-    avail = info.get("MemAvailable")
-    if avail is None:   # kernels before 3.14
-        avail = info.get("MemFree", 0) + info.get("Buffers", 0) + info.get("Cached", 0)
-    return max(0, min(total, total - avail)), total
-
-
 class HostSampler:
-    """CPU and RAM of this host from /proc; CPU % is measured between successive samples.
+    """CPU and RAM of this host (psutil); CPU % is measured between successive samples.
 
     The first ``sample()`` measures since the sampler was made; if no time has passed it
-    falls back to the average since boot. Off Linux the fields are None.
+    falls back to the average since boot. Where psutil cannot read them the fields are None.
+    ``cpu_times`` / ``virtual_memory``: the readings (psutil's functions by default).
     """
 
-    def __init__(self, stat_path: str = "/proc/stat", meminfo_path: str = "/proc/meminfo"):
-        self._stat_path = stat_path
-        self._meminfo_path = meminfo_path
-        self._prev = _read_cpu_times(stat_path)
+    def __init__(self, cpu_times=None, virtual_memory=None):
+        import psutil
+        self._cpu_times = cpu_times or psutil.cpu_times
+        self._virtual_memory = virtual_memory or psutil.virtual_memory
+        self._prev = _cpu_busy_total(self._cpu_times)
         self._lock = threading.Lock()
 
     def sample(self) -> HostStat:
         with self._lock:
-            cur = _read_cpu_times(self._stat_path)
+            cur = _cpu_busy_total(self._cpu_times)
             cpu = None
             if cur is not None:
                 prev = self._prev
@@ -296,5 +271,10 @@ class HostSampler:
                 if total > 0:
                     cpu = max(0.0, min(100.0, 100.0 * busy / total))
                 self._prev = cur
-            used, total_ram = _read_meminfo(self._meminfo_path)
+            try:
+                vm = self._virtual_memory()
+                total_ram = int(vm.total)
+                used = max(0, min(total_ram, total_ram - int(vm.available)))
+            except Exception:  # noqa: BLE001
+                used = total_ram = None
             return HostStat(cpu_percent=cpu, ram_used_bytes=used, ram_total_bytes=total_ram)

@@ -80,6 +80,11 @@ def to_lora_config(cfg, targets):
                       use_dora=cfg.lora.use_dora, use_rslora=cfg.lora.use_rslora)
 
 
+def _report_to(value: str) -> list[str]:
+    from engine.training.trackers import names
+    return names(value)
+
+
 def trainer_args(cfg, plan: RunPlan, *, output_dir: str | Path = "checkpoints", has_eval: bool = False) -> dict:
     """The Trainer arguments every method shares (TRL's SFTConfig and its preference configs)."""
     tr, rt = cfg.train, plan.runtime
@@ -100,7 +105,7 @@ def trainer_args(cfg, plan: RunPlan, *, output_dir: str | Path = "checkpoints", 
         eval_steps=tr.eval_steps or None,
         save_strategy="steps" if tr.save_steps else "no", save_steps=tr.save_steps or 500,
         save_total_limit=tr.save_total_limit,
-        report_to=[] if cfg.output.report_to == "none" else [cfg.output.report_to],
+        report_to=_report_to(cfg.output.report_to),
         bf16=rt.device == "cuda" and rt.dtype == "bf16", fp16=rt.device == "cuda" and rt.dtype == "fp16",
         use_cpu=rt.device == "cpu",
         dataset_num_proc=None, dataloader_num_workers=0, disable_tqdm=True,
@@ -176,6 +181,7 @@ class Recipe:
         self.prepared: Prepared | None = None
         self.proc = None            # the processor of an image-text model (None: text only)
         self.tok = None
+        self.model_path = ""        # the checkpoint the base is loaded from (set by setup)
 
     # ---------------------------------------------------------------- setup
     @staticmethod
@@ -190,6 +196,7 @@ class Recipe:
         if rows is None:
             rows = self.read_rows(self.cfg, self.emit)
         path = model_mod.model_path(self.cfg)
+        self.model_path = path
         self._load_tokenizer(path, rows)
         train_tok, eval_tok = self._tokenise(rows)
         model, resized = self._load_model(path)
@@ -275,6 +282,9 @@ class Recipe:
                          f"LoRA on {len(targets)} language-model layers")
         if full:
             return None, model, (None, None)
+        if cfg.lora.init != "default":        # LoftQ / PiSSA: the adapter is built and initialised here
+            from engine.training import lora_init
+            return None, lora_init.apply(cfg, model, lora, self.model_path, self.run_dir, lines), (None, None)
         if not cfg.lora.lora_fa:
             return lora, model, (None, None)
         from peft import get_peft_model
@@ -405,10 +415,14 @@ class Recipe:
         from engine.training import distributed
         if not distributed.in_worker():
             model = trainer.model
-            extra = {}
-            if len(getattr(model, "peft_config", {}) or {}) > 1:     # DPO/KTO continuing an SFT run: the
-                extra["selected_adapters"] = ["default"]            # frozen "ref" copy is not the result
-            model.save_pretrained(str(tmp), **extra)
+            if self.cfg.lora.init != "default":     # a plain LoRA over the original base
+                from engine.training import lora_init
+                lora_init.save_converted(model, tmp, self.run_dir, self.cfg.lora.init)
+            else:
+                extra = {}
+                if len(getattr(model, "peft_config", {}) or {}) > 1:     # DPO/KTO continuing an SFT run: the
+                    extra["selected_adapters"] = ["default"]            # frozen "ref" copy is not the result
+                model.save_pretrained(str(tmp), **extra)
             return True
         # every rank takes part (FSDP gathers the sharded adapter); rank 0 writes
         if getattr(trainer, "is_fsdp_enabled", False):

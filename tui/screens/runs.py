@@ -219,6 +219,7 @@ class RunDetailScreen(Screen):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.info = None
+        self.eval_lines: list[str] = []     # the newest `qlora-tui eval` report, if any
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -253,6 +254,9 @@ class RunDetailScreen(Screen):
     @work(thread=True, exclusive=True, exit_on_error=False)
     def _read(self, run_dir: Path) -> None:
         from engine.core import rundir
+        from engine.outputs import evaluate
+        report = evaluate.latest(run_dir)               # the newest `qlora-tui eval` of this run
+        self.eval_lines = evaluate.summary_lines(report) if report else []
         self.post_message(RunHistory(run_dir, read_run(run_dir), rundir.info(run_dir)))
 
     @on(RunHistory)
@@ -279,6 +283,9 @@ class RunDetailScreen(Screen):
         if st.adapter_dir:
             t.append("\nadapter ", style="dim")
             t.append_text(literal(st.adapter_dir))
+        for line in getattr(self, "eval_lines", []):
+            t.append("\n")
+            t.append(clean(line))
         if ri.state == "live":
             t.append("\na: attach to this live run", style="dim")
         self.query_one("#detail-summary", Static).update(t)

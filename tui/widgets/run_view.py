@@ -30,7 +30,7 @@ def tracker_logs(plan: list) -> tuple[str, str] | None:
     """(tracker, where its logs go) from the run's plan (the engine's ``trackers.setup`` line)."""
     for line in plan or []:
         head, _, where = str(line).partition(" logs: ")
-        if head in ("tensorboard", "wandb") and where:
+        if head and " " not in head and where:
             return head, where
     return None
 
