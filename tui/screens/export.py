@@ -1,14 +1,10 @@
 """Export a run as GGUF (llama.cpp / Ollama): pick the type, watch the progress, copy the commands.
 
-The export runs as its own process (``python -m engine export RUN_DIR --json``): torch and the
-model never load into the TUI, and its ``[ NN%] message`` lines drive the progress bar.
+The export runs as its own process (``engine.outputs.jobs``): torch and the model never load
+into the TUI, and its typed ``JobProgress`` events drive the progress bar.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,34 +25,17 @@ TYPES = [("f16 (full quality)", "f16"), ("q8_0 (half the size)", "q8_0"), ("bf16
          ("LoRA adapter only (f16)", ADAPTER)]
 
 
-def export_argv(run_dir: Path, choice: str) -> list[str]:
-    argv = [sys.executable, "-m", "engine", "export", str(Path(run_dir).resolve()), "--json", "--force"]
-    return argv + (["--adapter-gguf", "--gguf", "f16"] if choice == ADAPTER else ["--gguf", choice])
-
-
-def export_env() -> dict:
-    """The environment of the export process: it imports the same ``engine`` as this TUI."""
-    import engine
-    root = str(Path(engine.__file__).resolve().parents[1])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
-
-
-def parse_progress(line: str) -> tuple[float, str] | None:
-    """``[ 40%] writing layer 3/32 ...`` -> (0.4, message)."""
-    if not (line.startswith("[") and "%]" in line[:7]):
-        return None
-    try:
-        pct = float(line[1:line.index("%]")])
-    except ValueError:
-        return None
-    return pct / 100.0, line[line.index("%]") + 2:].strip()
+def export_params(run_dir: Path, choice: str) -> dict:
+    """What the export job is asked (``engine.outputs.jobs``): the run, the type, adapter or model."""
+    src = str(Path(run_dir).resolve())
+    if choice == ADAPTER:
+        return {"src": src, "gguf": "f16", "adapter": True, "force": True}
+    return {"src": src, "gguf": choice, "force": True}
 
 
 @dataclass
 class ExportProgress(Message):
-    """A ``[ NN%] message`` line of the export process (the newest replaces a waiting one)."""
+    """A ``JobProgress`` of the export process (the newest replaces a waiting one)."""
     fraction: float
     message: str
 
@@ -117,28 +96,14 @@ class ExportScreen(ModalScreen):
 
     @work(thread=True, exclusive=True, group="export", exit_on_error=False)
     def _export(self, choice: str) -> None:
-        proc = subprocess.Popen(export_argv(self.run_dir, choice), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=export_env())
-        assert proc.stdout is not None and proc.stderr is not None
-        other: list[str] = []
-        for line in proc.stderr:               # progress lines, warnings, the one-line error
-            step = parse_progress(line.rstrip("\n"))
-            if step is not None:
-                self.post_message(ExportProgress(*step))
-            elif line.strip():
-                other.append(line.strip())
-        out = proc.stdout.read()                # --json: the report alone
-        code = proc.wait()
-        report, err = None, ""
-        if code == 0:
-            try:
-                report = json.loads(out[out.index("{"):])
-            except (ValueError, json.JSONDecodeError):
-                err = "the export printed no report"
-        else:
-            failed = [ln for ln in other if ln.startswith("export failed:")]
-            err = (failed or other or [f"the export exited with status {code}"])[-1]
-        self.post_message(ExportDone(report, err))
+        from engine.core.events import JobProgress
+        from engine.outputs import jobs
+
+        def on_event(ev) -> None:
+            if isinstance(ev, JobProgress):
+                self.post_message(ExportProgress(ev.fraction, ev.message))
+        done = jobs.run_child("export", export_params(self.run_dir, choice), on_event)
+        self.post_message(ExportDone(done.report, done.error))
 
     @on(ExportProgress)
     def _progress(self, msg: ExportProgress) -> None:

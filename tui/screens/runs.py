@@ -59,6 +59,53 @@ class ExportRun(Message):
 
 
 @dataclass
+class ChatWith(Message):
+    """Chat with ``src`` (a run, or one of its checkpoints) on the Chat screen."""
+    src: Path
+
+
+@dataclass
+class RunAction(Message):
+    """One of the after-training actions on ``run_dir``: merge, compare, serve, push."""
+    action: str
+    run_dir: Path
+
+
+# the after-training actions on an ended run: (key, action, footer label, palette title, help);
+# the Runs screen and the run detail both bind them, the palette lists them
+RUN_ACTIONS = [
+    ("c", "chat", "Chat", "Chat with this run", "Talk to the run's model, base or fine-tuned, token by token"),
+    ("e", "export", "Export", "Export run as GGUF", "The run as GGUF for llama.cpp / Ollama, verified"),
+    ("m", "merge", "Merge", "Merge adapter into base", "A 16-bit merged checkpoint, verified against base + adapter"),
+    ("g", "compare", "Compare", "Compare generations", "The run's eval prompts answered by base and fine-tuned"),
+    ("s", "serve", "Serve", "Serve command (vLLM)", "The vllm serve command for the run's adapter, copyable"),
+    ("p", "push", "Push", "Push to the Hub", "Upload the adapter, merged model or GGUF (dry run first)"),
+]
+
+
+def action_bindings(show: tuple = ("c",)) -> list[Binding]:
+    return [Binding(key, f"run_action('{action}')", label, id=f"run-{action}", show=key in show,
+                    tooltip=f"{title}: {help_}") for key, action, label, title, help_ in RUN_ACTIONS]
+
+
+def request_action(screen: Screen, ri, action: str) -> None:
+    """Post the request for ``action`` on the run ``ri`` (a RunInfo), if the run has ended."""
+    if ri is None:
+        screen.notify("No run selected.", markup=False)
+        return
+    if ri.state in ("live", "new"):
+        screen.notify(f"{ri.name} is {ri.state}: {action} it once it has saved its adapter.", markup=False)
+        return
+    path = Path(ri.path)
+    if action == "chat":
+        screen.post_message(ChatWith(path))
+    elif action == "export":
+        screen.post_message(ExportRun(path))
+    else:
+        screen.post_message(RunAction(action, path))
+
+
+@dataclass
 class OpenRun(Message):
     """Show ``run_dir``'s curves and hints."""
     run_dir: Path
@@ -69,13 +116,15 @@ def _loss(v) -> Text:
 
 
 class RunsScreen(Screen):
-    BINDINGS = [Binding("ctrl+l", "reload", "Refresh", id="reload-runs"),
+    BINDINGS = [Binding("ctrl+l", "reload", "Refresh", id="reload-runs", show=False),
                 Binding("a", "attach", "Attach", id="attach-run",
                         tooltip="Follow the selected live run on the Train screen"),
-                Binding("e", "export", "Export", id="export-run",
-                        tooltip="Export the selected run as GGUF for llama.cpp / Ollama"),
                 Binding("r", "resume", "Resume", id="resume-run",
-                        tooltip="Resume the selected stopped, failed or crashed run (with its hint's fixes)")]
+                        tooltip="Resume the selected stopped, failed or crashed run (with its hint's fixes)"),
+                *action_bindings()]
+
+    def action_run_action(self, action: str) -> None:
+        request_action(self, self._selected(), action)
 
     def action_resume(self) -> None:
         ri = self._selected()
@@ -109,10 +158,10 @@ class RunsScreen(Screen):
             self.action_reload()
 
     def action_reload(self) -> None:
-        where = Text("run directory ", style="dim")
+        where = Text("runs in ", style="dim")
         p = Path(self.app.runs_dir())
-        where.append(middle(p, 40) if p.is_absolute() else f"./{p}/")
-        where.append("   enter: open   a: attach  r: resume  e: export GGUF", style="dim")
+        where.append(middle(p, 36) if p.is_absolute() else middle(f"./{p}/", 36))
+        where.append("  enter: open  ctrl+p: every action", style="dim")
         self.query_one("#runs-where", Static).update(where)
         self._list(self.app.runs_dir())
 
@@ -156,14 +205,7 @@ class RunsScreen(Screen):
 
     def action_export(self) -> None:
         """Export the selected run as GGUF (type, progress, then the commands to use it)."""
-        ri = self._selected()
-        if ri is None:
-            self.notify("No run selected.", markup=False)
-            return
-        if ri.state in ("live", "new"):
-            self.notify(f"{ri.name} is {ri.state}: export it once it has saved its adapter.", markup=False)
-            return
-        self.post_message(ExportRun(ri.path))
+        request_action(self, self._selected(), "export")
 
     def action_attach(self) -> None:
         ri = self._selected()
@@ -189,8 +231,12 @@ class RunDetailScreen(Screen):
     """One run's curves and hints, read from its events.jsonl."""
 
     BINDINGS = [Binding("escape", "app.pop_screen", "Back", id="back"),
-                Binding("a", "attach", "Attach", id="attach-detail"),
-                Binding("r", "resume", "Resume", id="resume-detail")]
+                Binding("a", "attach", "Attach", id="attach-detail", show=False),
+                Binding("r", "resume", "Resume", id="resume-detail"),
+                *action_bindings()]
+
+    def action_run_action(self, action: str) -> None:
+        request_action(self, self.info, action)
 
     def action_resume(self) -> None:
         if self.info is not None:
@@ -254,6 +300,9 @@ class RunDetailScreen(Screen):
             t.append_text(literal(st.adapter_dir))
         if ri.state == "live":
             t.append("\na: attach to this live run", style="dim")
+        else:
+            t.append("\nc chat · e export · m merge · g compare · s serve · p push · r resume",
+                     style="dim")
         self.query_one("#detail-summary", Static).update(t)
         self.query_one("#detail-loss", Sparkline).data = st.loss_values
         self.query_one("#detail-eval", Sparkline).data = st.eval_spark_values
