@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from textual.widgets import ProgressBar, Select, Static
 
-from tui.screens.export import ExportScreen, parse_progress
+from tui.screens.export import ExportScreen
 from tui_helpers import demo_cfg, make_app, until
 from tui_helpers import anyio_backend, isolated_settings  # noqa: F401 (fixtures)
 
@@ -18,11 +18,6 @@ pytestmark = pytest.mark.anyio
 
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-def test_parse_progress(anyio_backend):
-    assert parse_progress("[ 40%] writing layer 3/32: 1.0/2.0 MB, ETA 3s") == (0.4, "writing layer 3/32: 1.0/2.0 MB, ETA 3s")
-    assert parse_progress("[100%] done") == (1.0, "done")
-    assert parse_progress('{"path": "x"}') is None and parse_progress("[x%] no") is None
 
 
 async def open_export_dialog(pilot, app) -> None:

@@ -43,7 +43,7 @@ class ActionDialog(ModalScreen):
     TITLE = ""
     JOB = ""
     BINDINGS = [Binding("escape", "close", "Close", id="action-close"),
-                Binding("ctrl+e", "start", "Run", id="action-start")]
+                Binding("ctrl+e", "start", "Run", id="action-start", priority=True)]
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__()
@@ -51,6 +51,7 @@ class ActionDialog(ModalScreen):
         self.running = False
         self.report: dict | None = None
         self.error = ""
+        self.progress_seen: list[float] = []      # the fractions of the job's JobProgress events
         self._cancel = threading.Event()
 
     def compose(self) -> ComposeResult:
@@ -82,7 +83,7 @@ class ActionDialog(ModalScreen):
         if params is None:
             return
         self.running = True
-        self.report, self.error = None, ""
+        self.report, self.error, self.progress_seen = None, "", []
         self._cancel = threading.Event()
         self.query_one(".action-progress", ProgressBar).update(progress=0)
         self.query_one(".action-result", Static).update("")
@@ -103,6 +104,7 @@ class ActionDialog(ModalScreen):
         from engine.core.events import JobDone, JobProgress
         ev = msg.event
         if isinstance(ev, JobProgress):
+            self.progress_seen.append(ev.fraction)
             self.query_one(".action-progress", ProgressBar).update(progress=round(ev.fraction * 100))
             self._status(literal(one_line(ev.message, 200)))
         elif isinstance(ev, JobDone):
@@ -197,7 +199,7 @@ class CompareDialog(ActionDialog):
 class PushDialog(ActionDialog):
     """Upload to the Hub: a dry run lists the files first; then ctrl+u uploads them."""
     TITLE, JOB = "Push", "push"
-    BINDINGS = [Binding("ctrl+u", "upload", "Upload", id="push-upload")]
+    BINDINGS = [Binding("ctrl+u", "upload", "Upload", id="push-upload", priority=True)]
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__(run_dir)
@@ -283,7 +285,7 @@ class ServeBuilt(Message):
 class ServeDialog(ModalScreen):
     """The ``vllm serve`` command for the run's adapter, whole and copyable."""
     BINDINGS = [Binding("escape", "close", "Close", id="serve-close"),
-                Binding("ctrl+y", "copy", "Copy", id="serve-copy")]
+                Binding("ctrl+y", "copy", "Copy", id="serve-copy", priority=True)]
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__()

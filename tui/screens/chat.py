@@ -71,11 +71,11 @@ def speaker(role: str, model: str = "") -> Text:
 
 
 class ChatScreen(Screen):
-    BINDINGS = [Binding("ctrl+t", "toggle_model", "Base/Tuned", id="chat-toggle",
+    BINDINGS = [Binding("ctrl+t", "toggle_model", "Base/Tuned", id="chat-toggle", priority=True,
                         tooltip="Answer with the base model (adapter off) or the fine-tuned one; same history"),
-                Binding("ctrl+k", "stop_answer", "Stop", id="chat-stop",
+                Binding("ctrl+k", "stop_answer", "Stop", id="chat-stop", priority=True,
                         tooltip="Stop the answer being generated (what was said so far is kept)"),
-                Binding("ctrl+n", "new_chat", "New", id="chat-new",
+                Binding("ctrl+n", "new_chat", "New", id="chat-new", priority=True,
                         tooltip="Start a new conversation (the transcript keeps the old one)")]
 
     def __init__(self) -> None:
