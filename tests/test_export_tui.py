@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from textual.widgets import ProgressBar, Select, Static
+from textual.widgets import ProgressBar, Select, Static, TextArea
 
 from tui.screens.export import ExportScreen
 from tui_helpers import demo_cfg, make_app, until
@@ -14,10 +14,6 @@ from tui_helpers import anyio_backend, isolated_settings  # noqa: F401 (fixtures
 sys.path.insert(0, str(Path(__file__).parent))
 
 pytestmark = pytest.mark.anyio
-
-
-
-
 
 
 async def open_export_dialog(pilot, app) -> None:
@@ -48,7 +44,12 @@ async def test_export_from_runs_screen_with_keys(tmp_path):
         assert screen.report is not None, screen.error
         assert screen.query_one("#export-progress", ProgressBar).progress == 100
         shown = str(screen.query_one("#export-result", Static).render())
-        assert "ollama create" in shown and "llama-cli -m BASE.gguf --lora" in shown
+        assert "written" in shown and "verified" not in shown     # an adapter GGUF: no logit check
+        # the commands whole, one a line, never wrapped mid-token: copyable
+        commands = screen.query_one("#export-commands", TextArea)
+        assert commands.display and commands.text.splitlines() == screen.report["commands"]
+        assert any("ollama create" in c for c in screen.report["commands"])
+        assert any("llama-cli -m BASE.gguf --lora" in c for c in screen.report["commands"])
         path = Path(screen.report["path"])
         assert path.is_file() and path.name.endswith("-lora-f16.gguf") and path.parent == run / "export"
         assert screen.report["kind"] == "adapter" and screen.report["tensors"] == 2 * 2 * 7

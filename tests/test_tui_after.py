@@ -19,12 +19,16 @@ from tui.screens.actions import CompareDialog, MergeDialog, PushDialog, ServeDia
 from tui.screens.chat import ChatScreen
 from tui.screens.export import ExportScreen
 from tui.screens.runs import RunDetailScreen
-from tui_helpers import demo_cfg, make_app, until
+from tui_helpers import demo_cfg, footer_keys, make_app, screen_text, settled, until
 from tui_helpers import anyio_backend, isolated_settings  # noqa: F401 (fixtures)
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 RUN = "20260101-120000-tiny"
+FAILED = "20260101-130000-failed"
+LONG = "a-rather-long-folder-name-so-that-every-path-in-the-walk-is-shortened"
+LONG_ERROR = ("CUDA out of memory while allocating the optimizer state for layer 31 of 32; "
+              "the batch of 16 sequences of 4096 tokens did not fit next to the 4-bit base " * 3)
 HOSTILE = "say [red]x[/red] \x1b[31mnow"
 
 
@@ -35,11 +39,18 @@ def finished(tmp_path_factory) -> Path:
     from engine.training.builtin import tiny_model_dir
     from outputs_fixtures import make_adapter, make_run_dir
     from tui.testing import write_run
-    runs = tmp_path_factory.mktemp("after") / "runs"
+    runs = tmp_path_factory.mktemp("after") / LONG / "runs"
     run = make_run_dir(runs / RUN, tiny_model_dir(), r=4)
     (run / "events.jsonl").unlink()
     write_run(runs, RUN, steps=60)
     make_adapter(tiny_model_dir(), run / "checkpoints" / "checkpoint-30", r=4, seed=7)
+    # a run that failed with a long error (written through the engine's own writer)
+    from engine.core import events
+    failed = write_run(runs, FAILED, steps=60, finished=False, stop_at=12)
+    w = events.JsonlWriter(failed / "events.jsonl")
+    w(events.RunFailed(reason=LONG_ERROR, kind="error", step=12, time=1_767_268_900.0))
+    w.close()
+    (failed / "config.toml").write_text((run / "config.toml").read_text())
     return runs
 
 
@@ -280,3 +291,86 @@ async def test_every_run_action_is_in_the_palette(finished, tmp_path):
         await until(pilot, lambda: isinstance(app.screen, CommandPalette), what="the palette")
         await pilot.press(*"export run", "enter")
         await until(pilot, lambda: isinstance(app.screen, ExportScreen), what="the export dialog")
+
+
+# ---- every screen and dialog at 80x24 ----------------------------------------------------------
+async def _check_footer(pilot, app, where: str) -> None:
+    """Each key the footer should show is on the bottom line, with its label, not cut."""
+    bottom = (await settled(pilot, app)).splitlines()[-1]
+    keys = footer_keys(app)
+    assert keys, where
+    for item in keys:
+        assert item in bottom, f"{where}: footer lacks {item!r}: {bottom!r}"
+
+
+async def _check_path_end(pilot, app, tail: str, where: str) -> None:
+    text = await settled(pilot, app)
+    assert tail in text, f"{where}: no {tail!r} on screen:\n{text}"
+
+
+@pytest.mark.anyio
+async def test_walk_every_screen_and_dialog_at_80x24(finished, tmp_path):
+    """A long runs path, a failed run with a long error, a finished run: every screen's footer
+    shows its keys whole and every path keeps its end; every dialog says its keys."""
+    from textual.widgets import DataTable
+    from tui.dialogs import PathPrompt, ResumeFixDialog
+    app = make_app(_cfg(tmp_path, finished))
+    async with app.run_test(size=(80, 24)) as pilot:
+        for key, mode in (("f2", "dataset"), ("f3", "config"), ("f4", "train"), ("f6", "chat"),
+                          ("f5", "runs")):
+            await pilot.press(key)
+            await until(pilot, lambda: app.current_mode == mode, what=mode)
+            await pilot.pause(0.3)
+            await _check_footer(pilot, app, mode)
+        await until(pilot, lambda: len(getattr(app.screen, "runs", [])) == 2, what="both runs")
+        await pilot.pause(0.3)
+        runs_screen = app.screen
+        await _check_path_end(pilot, app, "/runs", "runs header")           # the runs folder keeps its end
+        assert LONG[:20] not in screen_text(app)               # ...shortened in the middle
+        text = await settled(pilot, app)
+        assert "tiny" in text and "failed" in text and "ctrl+p: all actions" in text
+        # the finished run's detail: its adapter path keeps its end
+        table = runs_screen.query_one("#runs", DataTable)
+        names = [ri.name for ri in runs_screen.runs]
+        table.move_cursor(row=names.index(RUN))
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, RunDetailScreen) and app.screen.info,
+                    what="the finished run's detail")
+        await _check_footer(pilot, app, "run detail")
+        await _check_path_end(pilot, app, f"{RUN}/adapter", "run detail")
+        dialogs = [("e", ExportScreen, "(ctrl+e)"), ("m", MergeDialog, "(ctrl+e)"),
+                   ("g", CompareDialog, "(ctrl+e)"), ("s", ServeDialog, "ctrl+y"),
+                   ("p", PushDialog, "(ctrl+u)")]
+        for key, cls, says in dialogs:
+            await pilot.press(key)
+            await until(pilot, lambda: isinstance(app.screen, cls), what=cls.__name__)
+            await pilot.pause(0.3)
+            text = await settled(pilot, app)
+            assert says in text, f"{cls.__name__} does not say {says}:\n{text}"
+            assert RUN in text, f"{cls.__name__}: the run's name is cut:\n{text}"
+            await pilot.press("escape")
+            await until(pilot, lambda: isinstance(app.screen, RunDetailScreen), what="back")
+        await pilot.press("escape")
+        await until(pilot, lambda: app.screen is runs_screen, what="the runs list")
+        # the failed run: its long error in the detail (cut at the end, never mid-path), resume dialog
+        table.move_cursor(row=names.index(FAILED))
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, RunDetailScreen) and app.screen.info,
+                    what="the failed run's detail")
+        await _check_footer(pilot, app, "failed run detail")
+        assert "CUDA out of memory while allocating" in await settled(pilot, app)
+        await pilot.press("r")
+        await until(pilot, lambda: isinstance(app.screen, ResumeFixDialog), what="the resume dialog")
+        assert "CUDA out of memory" in await settled(pilot, app)
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, RunDetailScreen), what="back")
+        await pilot.press("escape", "ctrl+o")
+        await until(pilot, lambda: isinstance(app.screen, PathPrompt), what="the load prompt")
+        await pilot.press("escape")
+        # chat on the finished run, at 80x24: its adapter path keeps its end
+        table.move_cursor(row=names.index(RUN))
+        await pilot.press("c")
+        await until(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.model is not None,
+                    what="the chat")
+        await _check_footer(pilot, app, "chat")
+        await _check_path_end(pilot, app, f"{RUN}/adapter", "chat status")

@@ -207,7 +207,7 @@ class DatasetScreen(Screen):
         Binding("3", "tab('tab-rows')", "Rows tab", id="tab-rows", group=TABS),
         Binding("n", "row(1)", "Next row", id="next-row", group=ROWS),
         Binding("p", "row(-1)", "Prev row", id="prev-row", group=ROWS),
-        Binding("ctrl+l", "reload", "Reload", id="reload-dataset",
+        Binding("ctrl+l", "reload", "Reload", id="reload-dataset", show=False,  # palette: fits 80 cols
                 tooltip="Read the dataset again"),
     ]
 

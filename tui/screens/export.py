@@ -15,9 +15,10 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen
-from textual.widgets import Button, Label, ProgressBar, Select, Static
+from textual.widgets import Button, Label, ProgressBar, Select, Static, TextArea
 
-from tui.safe import literal, one_line
+from tui.safe import clean, literal, one_line
+from tui.screens.actions import copyable
 
 ADAPTER = "adapter"
 TYPES = [("f16 (full quality)", "f16"), ("q8_0 (half the size)", "q8_0"), ("bf16", "bf16"),
@@ -52,7 +53,16 @@ class ExportDone(Message):
 
 class ExportScreen(ModalScreen):
     BINDINGS = [Binding("escape", "close", "Close", id="export-close"),
-                Binding("ctrl+e", "start", "Export", id="export-start")]
+                Binding("ctrl+e", "start", "Export", id="export-start", priority=True),
+                Binding("ctrl+y", "copy", "Copy", id="export-copy", priority=True)]
+
+    def on_mount(self) -> None:
+        self.query_one("#export-commands").display = False
+
+    def action_copy(self) -> None:
+        if self.report and self.report.get("commands"):
+            self.app.copy_to_clipboard("\n".join(self.report["commands"]))
+            self.notify("Copied the commands.", markup=False)
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__()
@@ -72,6 +82,7 @@ class ExportScreen(ModalScreen):
             yield Static("", id="export-status")
             with VerticalScroll(id="export-result-box"):
                 yield Static("", id="export-result")
+            yield copyable("", "export-commands")
 
     @on(Button.Pressed, "#export-go")
     def _go(self) -> None:
@@ -124,6 +135,9 @@ class ExportScreen(ModalScreen):
         self.query_one("#export-progress", ProgressBar).update(progress=100)
         self.query_one("#export-status", Static).update(Text("done", style="$success"))
         out.update(result_text(report))
+        commands = self.query_one("#export-commands", TextArea)
+        commands.load_text("\n".join(clean(c) for c in report.get("commands", [])))
+        commands.display = True
 
 
 def result_text(r: dict) -> Text:
@@ -138,9 +152,5 @@ def result_text(r: dict) -> Text:
         t.append("Modelfile ", style="dim")
         t.append_text(literal(r["modelfile"]))
         t.append("\n")
-    t.append("use it:\n", style="bold")
-    for c in r.get("commands", []):
-        t.append("  ")
-        t.append_text(literal(c))
-        t.append("\n")
+    t.append("use it (ctrl+y copies):", style="bold")
     return t

@@ -126,6 +126,24 @@ class RunsScreen(Screen):
     def action_run_action(self, action: str) -> None:
         request_action(self, self._selected(), action)
 
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        """The footer fits 80 columns by showing what applies to the selected run: Attach for a
+        live one, Resume for one that ended, Chat for one that has ended (the palette lists
+        every action)."""
+        ri = self._selected() if self.is_mounted else None
+        state = getattr(ri, "state", None)
+        if action == "attach":
+            return state == "live"
+        if action == "resume":
+            return state in RESUMABLE
+        if action == "run_action" and parameters == ("chat",):
+            return state not in (None, "live", "new")
+        return True
+
+    @on(DataTable.RowHighlighted, "#runs")
+    def _highlighted(self) -> None:
+        self.refresh_bindings()
+
     def action_resume(self) -> None:
         ri = self._selected()
         if ri is not None:
@@ -160,8 +178,8 @@ class RunsScreen(Screen):
     def action_reload(self) -> None:
         where = Text("runs in ", style="dim")
         p = Path(self.app.runs_dir())
-        where.append(middle(p, 36) if p.is_absolute() else middle(f"./{p}/", 36))
-        where.append("  enter: open  ctrl+p: every action", style="dim")
+        where.append(middle(p, 34) if p.is_absolute() else middle(f"./{p}/", 34))
+        where.append("   enter: open   ctrl+p: all actions", style="dim")
         self.query_one("#runs-where", Static).update(where)
         self._list(self.app.runs_dir())
 
@@ -238,6 +256,16 @@ class RunDetailScreen(Screen):
     def action_run_action(self, action: str) -> None:
         request_action(self, self.info, action)
 
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        """Resume only for a run that can be resumed; the footer then fits 80 columns."""
+        if action == "resume":
+            return self.info is not None and self.info.state in RESUMABLE
+        if action == "run_action" and parameters == ("chat",):
+            return self.can_chat
+        return True
+
+    can_chat = False         # the run has an adapter or a checkpoint to chat with
+
     def action_resume(self) -> None:
         if self.info is not None:
             resume_from_list(self, self.info)
@@ -311,6 +339,9 @@ class RunDetailScreen(Screen):
         self.detail_state = st
         self.query_one("#detail-chart", LossChart).set_data(st.losses, st.evals, st.total_steps)
         self.query_one("#detail-hints", Static).update(hints_text(st.hints, st.warnings))
+        from engine.outputs.chat import sources
+        self.can_chat = ri.state not in ("live", "new") and bool(sources(self.run_dir))
+        self.refresh_bindings()
 
     def action_attach(self) -> None:
         if self.info is None or self.info.state != "live":
