@@ -329,8 +329,11 @@ class RunDetailScreen(Screen):
         if ri.state == "live":
             t.append("\na: attach to this live run", style="dim")
         else:
-            t.append("\nc chat · e export · m merge · g compare · s serve · p push · r resume",
-                     style="dim")
+            from engine.outputs.chat import sources
+            keys = (["c chat"] if sources(self.run_dir) else []) + \
+                ["e export", "m merge", "g compare", "s serve", "p push"] + \
+                (["r resume"] if ri.state in RESUMABLE else [])
+            t.append("\n" + " · ".join(keys), style="dim")
         self.query_one("#detail-summary", Static).update(t)
         self.query_one("#detail-loss", Sparkline).data = st.loss_values
         self.query_one("#detail-eval", Sparkline).data = st.eval_spark_values
