@@ -153,6 +153,17 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    prompts: list = _f([], "Prompts the current adapter answers at each eval (greedy), logged and "
+                       "shown on the Train screen; empty = the first user turns of eval.samples "
+                       "eval rows. In the form: separated by |.", kind="prompts")
+    samples: int = _f(2, "How many eval rows give prompts when eval.prompts is empty; 0 = no "
+                      "generations during training.", lo=0, hi=16)
+    max_new_tokens: int = _f(32, "Tokens each answer may have: bounds the time generation adds to "
+                             "an eval.", lo=1, hi=1024)
+
+
+@dataclass
 class OutputConfig:
     dir: str = _f("runs", "Directory that holds one sub-directory per run.", kind="path")
     name: str = _f("", "Run name (appended to the timestamp); empty = the model's name.")
@@ -174,12 +185,13 @@ SECTIONS: dict[str, type] = {
     "galore": GaloreConfig,
     "data": DataConfig,
     "train": TrainConfig,
+    "eval": EvalConfig,
     "output": OutputConfig,
     "distributed": DistributedConfig,
 }
 SECTION_TITLES = {
     "model": "Model", "quant": "Quantization", "lora": "LoRA", "galore": "GaLore", "data": "Data",
-    "train": "Training", "output": "Output", "distributed": "Multi-GPU",
+    "train": "Training", "eval": "Eval generations", "output": "Output", "distributed": "Multi-GPU",
 }
 
 
@@ -191,6 +203,7 @@ class Config:
     galore: GaloreConfig = field(default_factory=GaloreConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # where the config was read from: relative data/model paths resolve against it
@@ -284,6 +297,14 @@ def _coerce(key: str, f: dataclasses.Field, value, problems: list[Problem]):
         if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
             return list(value)
         problems.append(Problem(key, value, 'allowed: "all-linear" or a non-empty list of module names'))
+        return default
+    if meta.get("kind") == "prompts":       # a TOML list of strings, or "a | b" (the form)
+        if isinstance(value, str):
+            return [p.strip() for p in value.split("|") if p.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value):
+            return [v.strip() for v in value]
+        problems.append(Problem(key, value, 'allowed: a list of non-empty strings, e.g. ["What is '
+                                'LoRA?", "Say hi"]'))
         return default
     if isinstance(default, bool):
         if isinstance(value, bool):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from engine.core.events import (Checkpoint, Eval, Event, FailKind, Hint, Resumed, RunFailed, RunFinished,
+from engine.core.events import (Checkpoint, Eval, Event, FailKind, Generations, Hint, Resumed, RunFailed, RunFinished,
                                 RunStarted, RunWarning, Status, Step)
 from engine.core.units import to_float
 
@@ -38,7 +38,7 @@ class State(StrEnum):
 # a run in one of these states continues from its newest complete checkpoint with --resume
 RESUMABLE = frozenset({State.STOPPED, State.FAILED, State.CRASHED})
 # what a resume redoes when it continues after ``from_step``: logged past it, dropped by readers
-REDONE = (Step, Eval, Checkpoint, Hint, RunWarning)
+REDONE = (Step, Eval, Checkpoint, Hint, RunWarning, Generations)
 
 
 def redone(ev: Event, from_step: int) -> bool:
@@ -80,6 +80,7 @@ class RunSummary:
     checkpoints: list = field(default_factory=list)   # [(step, path)]
     hints: list = field(default_factory=list)         # Hint events, newest last
     warnings: list = field(default_factory=list)      # RunWarning events, newest last
+    generations: list = field(default_factory=list)   # [(step, [{"prompt", "answer"}])] at evals
     end: RunFinished | RunFailed | None = None        # the terminal event of the last segment
     finished_reason: str = ""
     stopped: bool = False
@@ -110,6 +111,8 @@ class RunSummary:
                 self.hints.append(ev)
             case RunWarning():
                 self.warnings.append(ev)
+            case Generations(step=s, samples=samples) if isinstance(samples, list):
+                self.generations.append((s, [x for x in samples if isinstance(x, dict)]))
             case RunFinished():
                 self._finished(ev)
             case RunFailed():
@@ -140,6 +143,7 @@ class RunSummary:
         self.checkpoints = _until(self.checkpoints, k)
         self.hints = [h for h in self.hints if not redone(h, k)]
         self.warnings = [w for w in self.warnings if not redone(w, k)]
+        self.generations = _until(self.generations, k)
         self.step = min(self.step, k)
         self.end, self.stopped, self.fail_kind, self.fail_step = None, False, "", 0
         self.finished_reason = self.adapter_dir = ""

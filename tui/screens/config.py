@@ -115,7 +115,8 @@ class FieldRow(Widget):
             value = self.value if self.value in choices else _default(f)
             self.input = Select(opts, value=value, allow_blank=False, compact=True, id=wid)
         else:
-            self.input = Input(to_text(self.value), compact=True, id=wid, select_on_focus=False)
+            self.input = Input(" | ".join(self.value) if isinstance(self.value, list)
+                               and self.field.metadata.get("kind") == "prompts" else to_text(self.value), compact=True, id=wid, select_on_focus=False)
         yield self.input
         self.help = Static(self._help_text(), classes="help")
         yield self.help

@@ -17,7 +17,7 @@ from engine.core.summary import RESUMABLE
 from tui.controller import read_run
 from tui.safe import clean, literal, middle, one_line
 from tui.widgets.chart import LossChart
-from tui.widgets.panels import hints_text
+from tui.widgets.panels import generations_text, hints_text
 
 
 # ---- what this screen's workers post to it -------------------------------------------
@@ -341,7 +341,10 @@ class RunDetailScreen(Screen):
         self.query_one("#detail-grad", Sparkline).data = st.grad_norm_values
         self.detail_state = st
         self.query_one("#detail-chart", LossChart).set_data(st.losses, st.evals, st.total_steps)
-        self.query_one("#detail-hints", Static).update(hints_text(st.hints, st.warnings))
+        gens = generations_text(st.generations, history=True)
+        self.query_one("#detail-hints", Static).update(
+            hints_text(st.hints, st.warnings) + (Text("\n\nanswers over the run (greedy, at each eval):\n",
+                                                      style="bold") + gens if gens else Text()))
         from engine.outputs.chat import sources
         self.can_chat = ri.state not in ("live", "new") and bool(sources(self.run_dir))
         self.refresh_bindings()

@@ -20,7 +20,7 @@ from engine.core.units import fmt_eta
 from tui.runstate import RunState
 from tui.safe import clean, literal, middle, one_line
 from tui.widgets.chart import LossChart
-from tui.widgets.panels import gpu_text, hints_text
+from tui.widgets.panels import generations_text, gpu_text, hints_text
 
 PHASE_STYLE = {"training": "bold $success", "finished": "bold $success", "stopped": "bold $warning",
                "failed": "bold $error", "detached": "bold $primary", "waiting": "dim"}
@@ -245,7 +245,15 @@ class HintsPanel(RunPart):
     """The engine's hints, newest first: symptom, likely cause, fix; then the run's warnings."""
 
     def view_of(self, st):
-        return (tuple(st.hints), tuple(st.warnings)) if st is not None and st.run_dir is not None else ((), ())
+        if st is None or st.run_dir is None:
+            return (), (), None
+        return tuple(st.hints), tuple(st.warnings), (st.generations[-1] if st.generations else None)
 
     def draw(self, view) -> Text:
-        return hints_text(list(view[0]), list(view[1]))
+        hints, warnings, latest = view
+        if latest is None:
+            return hints_text(list(hints), list(warnings))
+        answers = generations_text([latest])
+        if not hints and not warnings:
+            return answers
+        return hints_text(list(hints), list(warnings)) + Text("\n") + answers
