@@ -378,5 +378,11 @@ class QloraApp(App):
             for key, action, _, title, help_ in RUN_ACTIONS:
                 yield SystemCommand(f"{title} (Runs: {key})", f"{help_}; for the run selected on Runs",
                                     lambda a=action: self.action_run_on_selected(a))
+        if isinstance(screen, ConfigScreen):        # jump to any field by name
+            from engine.core.config import field_specs
+            for section, items in field_specs().items():
+                for key, f in items:
+                    yield SystemCommand(f"Field {section}.{key}", one_line(f.metadata.get("help", ""), 120),
+                                        lambda s=section, k=key: screen.jump_to(s, k))
         yield from super().get_system_commands(screen)
 

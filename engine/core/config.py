@@ -447,12 +447,44 @@ def to_toml(cfg: Config) -> str:
     return tomli_w.dumps(cfg.to_dict())
 
 
+def edit_toml(text: str, cfg: Config) -> str:
+    """``text`` (a TOML config someone wrote) holding ``cfg``'s values, changed as little as
+    possible: a key whose value differs is rewritten in place (its comment kept), a key the file
+    lacks is added to its section only when it differs from the default, and everything else
+    (the file's own keys, their order, comments, blank lines) stays as it was. tomlkit keeps
+    the document's layout; ``tomlkit.exceptions.ParseError`` when ``text`` is not TOML."""
+    import tomlkit
+    doc = tomlkit.parse(text)
+    defaults = Config().to_dict()
+    for section, values in cfg.to_dict().items():
+        table = doc.get(section)
+        for key, value in values.items():
+            if table is not None and key in table:
+                old = table[key]
+                old = old.unwrap() if hasattr(old, "unwrap") else old
+                if old != value:
+                    table[key] = value
+            elif value != defaults[section][key]:
+                if table is None:
+                    table = doc[section] = tomlkit.table()
+                table[key] = value
+    return tomlkit.dumps(doc)
+
+
 def save(cfg: Config, path: str | Path) -> None:
-    """Write ``cfg`` as TOML atomically (a crash never leaves half a config)."""
+    """Write ``cfg`` as TOML atomically (a crash never leaves half a config). An existing file
+    keeps its own keys, order and comments (``edit_toml``); a new one gets every key."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    text = to_toml(cfg)
+    try:
+        text = edit_toml(p.read_text(encoding="utf-8"), cfg)
+    except FileNotFoundError:
+        pass
+    except Exception:  # noqa: BLE001 - unreadable or not TOML: replaced whole, as before
+        pass
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(to_toml(cfg), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(p)
 
 
