@@ -74,3 +74,20 @@ async def test_find_a_field_help_for_the_focused_one_and_save_keeps_the_file(tmp
         titles = {c.title for c in app.get_system_commands(screen)}
         assert "Field train.learning_rate" in titles and "Field eval.max_new_tokens" in titles
     assert path.read_text() == USER_TOML.replace("r = 16", "r = 8")
+
+
+def test_runs_of_a_config_are_listed_from_next_to_it(tmp_path, capsys, monkeypatch):
+    """output.dir is relative to the config: `qlora-tui runs CONFIG` looks where the runs went
+    (the README demo's runs are in examples/runs, not ./runs), and an empty folder says how."""
+    from engine.cli import main
+    from tui.testing import write_run
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "demo.toml").write_text(USER_TOML + '\n[output]\ndir = "runs"\n')
+    write_run(proj / "runs", "20260101-120000-tiny")
+    monkeypatch.chdir(tmp_path)
+    assert main(["runs", str(proj / "demo.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "finished" in out and str(proj / "runs" / "20260101-120000-tiny") in out
+    assert main(["runs", "--dir", str(tmp_path / "none")]) == 0
+    assert "qlora-tui runs examples/demo.toml" in capsys.readouterr().out
