@@ -30,7 +30,7 @@ from tui.style import rich_theme
 from tui.screens.chat import ChatScreen
 from tui.screens.config import ConfigScreen, FormEdited, LoadConfig
 from tui.screens.dataset import DatasetScreen
-from tui.screens.runs import (AttachRun, ChatWith, ExportRun, OpenRun, ResumeRun, RunAction,
+from tui.screens.runs import (AttachRun, ChatWith, CompareRuns, ExportRun, OpenRun, ResumeRun, RunAction,
                               RUN_ACTIONS, RunDetailScreen, RunsScreen)
 from tui.screens.train import TrainScreen
 
@@ -328,6 +328,11 @@ class QloraApp(App):
         self.action_show("chat")
         self.call_after_refresh(lambda: self.screen.open(msg.src)
                                 if isinstance(self.screen, ChatScreen) else None)
+
+    @on(CompareRuns)
+    def _on_compare_runs(self, msg: CompareRuns) -> None:
+        from tui.screens.compare import CompareRunsScreen
+        self.push_screen(CompareRunsScreen(msg.run_dirs))
 
     @on(RunAction)
     def _on_run_action(self, msg: RunAction) -> None:

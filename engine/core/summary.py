@@ -221,3 +221,19 @@ def standing(evs: list[Event]) -> list[Event]:
         out.append(ev)
     return out
 
+
+
+def config_differences(run_dirs) -> list[tuple[str, list]]:
+    """``[(section.key, [value of each run])]`` for the config keys whose values differ between
+    the runs (their ``config.toml``); a run whose config cannot be read shows ``None``."""
+    import tomllib
+    flat: list[dict] = []
+    for d in run_dirs:
+        try:
+            data = tomllib.loads((Path(d) / "config.toml").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            data = {}
+        flat.append({f"{s}.{k}": v for s, sec in data.items() if isinstance(sec, dict)
+                     for k, v in sec.items()})
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    return [(k, [f.get(k) for f in flat]) for k in keys if len({repr(f.get(k)) for f in flat}) > 1]

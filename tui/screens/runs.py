@@ -106,6 +106,12 @@ def request_action(screen: Screen, ri, action: str) -> None:
 
 
 @dataclass
+class CompareRuns(Message):
+    """Overlay the curves of ``run_dirs`` (2-4) and list the config keys that differ."""
+    run_dirs: list
+
+
+@dataclass
 class OpenRun(Message):
     """Show ``run_dir``'s curves and hints."""
     run_dir: Path
@@ -121,10 +127,37 @@ class RunsScreen(Screen):
                         tooltip="Follow the selected live run on the Train screen"),
                 Binding("r", "resume", "Resume", id="resume-run",
                         tooltip="Resume the selected stopped, failed or crashed run (with its hint's fixes)"),
+                Binding("space", "mark", "Mark", id="mark-run", show=False,
+                        tooltip="Mark the selected run for a comparison (2 to 4 runs)"),
+                Binding("v", "compare", "Compare runs", id="compare-runs",
+                        tooltip="Overlay the marked runs' loss curves; the config keys that differ"),
                 *action_bindings()]
+
+    marked: list = []            # the runs marked for a comparison, in the order marked
 
     def action_run_action(self, action: str) -> None:
         request_action(self, self._selected(), action)
+
+    def action_mark(self) -> None:
+        ri = self._selected()
+        if ri is None:
+            return
+        path = Path(ri.path)
+        if path in self.marked:
+            self.marked = [p for p in self.marked if p != path]
+        elif len(self.marked) >= 4:
+            self.notify("At most 4 runs compare at once: unmark one first (space).", markup=False)
+            return
+        else:
+            self.marked = [*self.marked, path]
+        self._on_listed(RunsListed(self.runs))
+        self.refresh_bindings()
+
+    def action_compare(self) -> None:
+        if not 2 <= len(self.marked) <= 4:
+            self.notify("Mark 2 to 4 runs with space, then press v.", markup=False)
+            return
+        self.post_message(CompareRuns(list(self.marked)))
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         """The footer fits 80 columns by showing what applies to the selected run: Attach for a
@@ -138,6 +171,8 @@ class RunsScreen(Screen):
             return state in RESUMABLE
         if action == "run_action" and parameters == ("chat",):
             return state not in (None, "live", "new")
+        if action == "compare":
+            return len(self.marked) >= 2
         return True
 
     @on(DataTable.RowHighlighted, "#runs")
@@ -178,8 +213,8 @@ class RunsScreen(Screen):
     def action_reload(self) -> None:
         where = Text("runs in ", style="dim")
         p = Path(self.app.runs_dir())
-        where.append(middle(p, 34) if p.is_absolute() else middle(f"./{p}/", 34))
-        where.append("   enter: open   ctrl+p: all actions", style="dim")
+        where.append(middle(p, 30) if p.is_absolute() else middle(f"./{p}/", 30))
+        where.append("  enter open · space mark · ^p actions", style="dim")
         self.query_one("#runs-where", Static).update(where)
         self._list(self.app.runs_dir())
 
@@ -198,9 +233,14 @@ class RunsScreen(Screen):
         t.clear()
         if msg.error:
             self.notify(one_line(msg.error, 200), severity="error", markup=False)
+        from tui.screens.compare import MARKS
+        marked = {p: i for i, p in enumerate(self.marked)}
         for ri in msg.runs:
             step = f"{ri.step}/{ri.total_steps}" if ri.total_steps else str(ri.step)
-            t.add_row(Text(middle(ri.name, 22)), Text(ri.state, style=STATE_STYLE.get(ri.state, "")),
+            i = marked.get(Path(ri.path))
+            name = Text(middle(ri.name, 22)) if i is None else \
+                Text(f"{MARKS[i]} ", style="bold $accent") + Text(middle(ri.name, 20))
+            t.add_row(name, Text(ri.state, style=STATE_STYLE.get(ri.state, "")),
                       Text(step), _loss(ri.final_loss), _loss(ri.last_loss),
                       Text(middle(ri.model or "", 12)), key=str(ri.path))
         if msg.runs:
