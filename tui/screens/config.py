@@ -48,7 +48,9 @@ def _default(f: dataclasses.Field):
 
 
 def _bound(v) -> str:
-    """1,048,576 and 0.0001 as a person writes them (never 1.04858e+06)."""
+    """1,048,576, 0 and 0.0001 as a person writes them (never 1.04858e+06 or 0e+00)."""
+    if v == 0:
+        return "0"
     if float(v) == int(v) and abs(v) >= 1:
         return f"{int(v):,}"
     return f"{v:g}" if abs(v) >= 1e-4 else f"{v:.0e}"

@@ -17,6 +17,7 @@ from engine.core.summary import RESUMABLE
 from tui.controller import read_run
 from tui.safe import clean, literal, middle, one_line
 from tui.widgets.chart import LossChart
+from tui.widgets.run_view import set_spark
 from tui.widgets.panels import generations_text, hints_text
 
 
@@ -34,6 +35,8 @@ class RunHistory(Message):
     state: object
     info: object = None
 
+
+REREAD_INTERVAL = 3.0        # seconds between two readings of an open run detail's log
 
 STATE_STYLE = {"live": "bold $success", "finished": "$success", "stopped": "$warning", "failed": "bold $error",
                "crashed": "$error", "new": "dim"}
@@ -338,6 +341,11 @@ class RunDetailScreen(Screen):
     def on_mount(self) -> None:
         self.sub_title = f"Run {self.run_dir.name}"
         self._read(self.run_dir)
+        self.set_interval(REREAD_INTERVAL, self._reread)     # never stale: a resume, a live run
+
+    def _reread(self) -> None:
+        if self.is_current:
+            self._read(self.run_dir)
 
     @work(thread=True, exclusive=True, exit_on_error=False)
     def _read(self, run_dir: Path) -> None:
@@ -375,10 +383,9 @@ class RunDetailScreen(Screen):
                 (["r resume"] if ri.state in RESUMABLE else [])
             t.append("\n" + " · ".join(keys), style="dim")
         self.query_one("#detail-summary", Static).update(t)
-        self.query_one("#detail-loss", Sparkline).data = st.loss_values
-        self.query_one("#detail-eval", Sparkline).data = st.eval_spark_values
-        self.query_one("#detail-lr", Sparkline).data = st.lr_values
-        self.query_one("#detail-grad", Sparkline).data = st.grad_norm_values
+        for spark_id, values in (("#detail-loss", st.loss_values), ("#detail-eval", st.eval_spark_values),
+                                 ("#detail-lr", st.lr_values), ("#detail-grad", st.grad_norm_values)):
+            set_spark(self.query_one(spark_id, Sparkline), values)
         self.detail_state = st
         self.query_one("#detail-chart", LossChart).set_data(st.losses, st.evals, st.total_steps)
         gens = generations_text(st.generations, history=True)
