@@ -58,9 +58,20 @@ def _cfg(tmp_path, runs: Path):
     return demo_cfg(tmp_path, f'output.dir="{runs}"')
 
 
-async def _open_runs(pilot, app):
+async def _open_runs(pilot, app, name: str = RUN):
+    """The Runs screen (F5) with ``name`` selected (the failed run is listed first)."""
+    from textual.widgets import DataTable
     await pilot.press("f5")
-    await until(pilot, lambda: getattr(app.screen, "runs", None), what="the runs list")
+    await until(pilot, lambda: len(getattr(app.screen, "runs", [])) == 2, what="the runs list")
+    app.screen.query_one("#runs", DataTable).move_cursor(row=[ri.name for ri in app.screen.runs].index(name))
+    await pilot.pause()
+
+
+async def _open_detail(pilot, app, name: str):
+    await _open_runs(pilot, app, name)
+    await pilot.press("enter")
+    await until(pilot, lambda: isinstance(app.screen, RunDetailScreen) and app.screen.info,
+                what="the run detail")
 
 
 def _history(runs: Path) -> list[dict]:
@@ -171,10 +182,7 @@ async def test_chat_from_runs_streams_toggles_base_stops_and_keeps_the_transcrip
 async def test_chat_with_a_checkpoint_from_the_run_detail(finished, tmp_path):
     app = make_app(_cfg(tmp_path, finished))
     async with app.run_test(size=(80, 24)) as pilot:
-        await _open_runs(pilot, app)
-        await pilot.press("enter")
-        await until(pilot, lambda: isinstance(app.screen, RunDetailScreen) and app.screen.info,
-                    what="the run detail")
+        await _open_detail(pilot, app, RUN)
         await pilot.press("c")
         await until(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.model is not None,
                     what="the chat")
@@ -214,10 +222,7 @@ async def test_compare_serve_and_push_from_the_run_detail(finished, tmp_path, mo
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))        # no cached token either
     app = make_app(_cfg(tmp_path, finished))
     async with app.run_test(size=(80, 24)) as pilot:
-        await _open_runs(pilot, app)
-        await pilot.press("enter")
-        await until(pilot, lambda: isinstance(app.screen, RunDetailScreen) and app.screen.info,
-                    what="the run detail")
+        await _open_detail(pilot, app, RUN)
         detail = app.screen
         # serve-cmd: whole and copyable
         await pilot.press("s")
@@ -281,7 +286,7 @@ async def test_every_run_action_is_in_the_palette(finished, tmp_path):
         await _open_runs(pilot, app)
         titles = {c.title for c in app.get_system_commands(app.screen)}
         assert "Merge adapter into base (m)" in titles and "Chat with this run (c)" in titles
-        await pilot.press("f4", "ctrl+p")
+        await pilot.press("f4", "ctrl+p")                  # from the Train screen: on Runs' selection
         await until(pilot, lambda: isinstance(app.screen, CommandPalette), what="the palette")
         await pilot.press(*"serve command", "enter")
         await until(pilot, lambda: isinstance(app.screen, ServeDialog) and app.screen.command,
@@ -328,7 +333,9 @@ async def test_walk_every_screen_and_dialog_at_80x24(finished, tmp_path):
         await _check_path_end(pilot, app, "/runs", "runs header")           # the runs folder keeps its end
         assert LONG[:20] not in screen_text(app)               # ...shortened in the middle
         text = await settled(pilot, app)
-        assert "tiny" in text and "failed" in text and "ctrl+p: all actions" in text
+        where = next(ln for ln in text.splitlines() if "runs in " in ln)
+        assert where.rstrip().endswith("^p all actions") and "/runs" in where   # whole, path end kept
+        assert "tiny" in text and "failed" in text and "space mark" in text
         # the finished run's detail: its adapter path keeps its end
         table = runs_screen.query_one("#runs", DataTable)
         names = [ri.name for ri in runs_screen.runs]

@@ -216,8 +216,8 @@ class RunsScreen(Screen):
     def action_reload(self) -> None:
         where = Text("runs in ", style="dim")
         p = Path(self.app.runs_dir())
-        where.append(middle(p, 30) if p.is_absolute() else middle(f"./{p}/", 30))
-        where.append("  enter open · space mark · ^p actions", style="dim")
+        where.append(middle(p, 28) if p.is_absolute() else middle(f"./{p}/", 28))
+        where.append("  enter open · space mark · ^p all actions", style="dim")
         self.query_one("#runs-where", Static).update(where)
         self._list(self.app.runs_dir())
 
