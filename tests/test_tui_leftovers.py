@@ -75,3 +75,19 @@ async def test_sparklines_are_one_cell_per_point_and_the_detail_follows_its_run(
         await until(pilot, lambda: app.screen.info.state == "stopped", timeout=10, what="the re-read")
         assert "stopped" in plain(app.screen.query_one("#detail-summary"))
         assert app.screen.query_one("#detail-loss", Sparkline).region.width == 3
+
+
+@pytest.mark.anyio
+async def test_ctrl_x_during_start_up_is_not_lost(tmp_path):
+    """A stop asked while the run is still being created is sent once it exists."""
+    from tui_helpers import demo_cfg as cfg_of
+    app = make_app(cfg_of(tmp_path, "train.max_steps=400", "train.eval_steps=0", "train.save_steps=0"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("ctrl+r")
+        assert app.controller.launching                 # the run's process is not there yet
+        await pilot.press("ctrl+x")
+        assert app.run_state.stop_requested
+        await until(pilot, lambda: app.run_state is not None and app.run_state.ended, timeout=240,
+                    what="the run to end")
+        st = app.run_state
+        assert isinstance(st.end, events.RunFinished) and st.end.stopped and st.step < 400
