@@ -91,3 +91,19 @@ async def test_ctrl_x_during_start_up_is_not_lost(tmp_path):
                     what="the run to end")
         st = app.run_state
         assert isinstance(st.end, events.RunFinished) and st.end.stopped and st.step < 400
+
+
+def test_dataset_header_counts_the_duplicate_rows_the_list_shows(tmp_path):
+    """The header and the Problems list count the same thing: the later copies."""
+    import json
+    from engine.dataset.inspect import inspect
+    from tui.screens.dataset import listed_lines, summary_text
+    rows = [{"messages": [{"role": "user", "content": f"q{i % 3}"},
+                          {"role": "assistant", "content": f"a{i % 3}"}]} for i in range(7)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config.load(None, [f'data.train="{data}"'])
+    report = inspect(config.load(None, [f'data.train="{data}"', "data.max_length=64"]))
+    listed = [ln for ln in listed_lines(report) if ln[1] == "duplicate"]
+    assert len(listed) == 4                                # 7 rows, 3 distinct
+    assert "duplicate rows 4" in summary_text(report, cfg).plain
