@@ -78,15 +78,24 @@ async def test_sparklines_are_one_cell_per_point_and_the_detail_follows_its_run(
 
 
 @pytest.mark.anyio
-async def test_ctrl_x_during_start_up_is_not_lost(tmp_path):
+async def test_ctrl_x_during_start_up_is_not_lost(tmp_path, monkeypatch):
     """A stop asked while the run is still being created is sent once it exists."""
+    import threading
+    from engine.training import runner
     from tui_helpers import demo_cfg as cfg_of
+    real, gate = runner.start_detached, threading.Event()
+
+    def slow_start(*a, **kw):          # a loaded machine: creating the run takes a while
+        gate.wait(30)
+        return real(*a, **kw)
+    monkeypatch.setattr(runner, "start_detached", slow_start)
     app = make_app(cfg_of(tmp_path, "train.max_steps=400", "train.eval_steps=0", "train.save_steps=0"))
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("ctrl+r")
         assert app.controller.launching                 # the run's process is not there yet
         await pilot.press("ctrl+x")
         assert app.run_state.stop_requested
+        gate.set()
         await until(pilot, lambda: app.run_state is not None and app.run_state.ended, timeout=240,
                     what="the run to end")
         st = app.run_state
