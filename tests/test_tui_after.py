@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from textual.widgets import Button, Input, Static, TextArea
 
-from engine.core.events import JobDone, JobProgress
+from engine.core.events import JobDone
 from tui.screens.actions import CompareDialog, MergeDialog, PushDialog, ServeDialog
 from tui.screens.chat import ChatScreen
 from tui.screens.export import ExportScreen

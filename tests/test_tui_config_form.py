@@ -3,7 +3,6 @@ ctrl+s that keeps the user's file (keys, order, comments) instead of a dump of e
 from __future__ import annotations
 
 import pytest
-from textual.widgets import Input
 
 from engine.core import config
 from tui.app import QloraApp
