@@ -269,7 +269,8 @@ class EventCallback(TrainerCallback):
         if self._prompts is None:
             self._prompts = generate.eval_prompts(self.cfg, self.cfg.eval.samples)
         tok = getattr(self.trainer, "processing_class", None)
-        if not self._prompts or tok is None or not hasattr(tok, "apply_chat_template"):
+        if not self._prompts or tok is None or not hasattr(tok, "apply_chat_template") \
+                or hasattr(tok, "image_processor"):        # a vision processor: text prompts only here
             return
         model = self.trainer.model
         was_training = model.training
