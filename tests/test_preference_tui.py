@@ -55,15 +55,15 @@ async def test_preference_tune_this_run_from_the_runs_screen(tmp_path):
         await pilot.press("f5")
         await until(pilot, lambda: app.screen.query_one("#runs").row_count == 2)
         titles = [c.title for c in app.get_system_commands(app.screen)]
-        assert "Preference-tune (p)" in titles
+        assert "Preference-tune this run (t)" in titles
         table = app.screen.query_one("#runs")
         row = next(i for i in range(2) if "20260102" in str(table.get_row_at(i)[0]))
         table.move_cursor(row=row)
-        await pilot.press("p")
+        await pilot.press("t")
         await until(pilot, lambda: any("no adapter there" in str(n.message) for n in app._notifications))
         assert app.config.train.method == "qlora"
         table.move_cursor(row=1 - row)
-        await pilot.press("p")
+        await pilot.press("t")
         await until(pilot, lambda: app.current_mode == "config", what="config screen")
         cfg = app.config
         assert cfg.train.method == "dpo" and cfg.model.adapter == str(sft.resolve())

@@ -110,7 +110,7 @@ async def test_config_save_and_load_toml(tmp_path):
 
 async def test_train_real_run_shows_losses_and_leaves_adapter(tmp_path):
     cfg = demo_cfg(tmp_path, "train.max_steps=8", "train.logging_steps=1", "train.eval_steps=4",
-                   "train.save_steps=4")
+                   "train.save_steps=4", "eval.max_new_tokens=6")
     app = make_app(cfg)
     async with app.run_test(size=(80, 24)) as pilot:
         assert app.current_mode == "train"
@@ -126,6 +126,23 @@ async def test_train_real_run_shows_losses_and_leaves_adapter(tmp_path):
         adapter = st.run_dir / "adapter" / "adapter_model.safetensors"
         assert adapter.exists()
         assert "finished" in plain(app.screen.query_one("#status"))
+        # eval generations: the prompts of two data rows answered greedily at each eval (steps 4
+        # and 8), bounded by eval.max_new_tokens; the latest shown on the Train screen
+        gens = [e for e in events.read_events(st.run_dir / "events.jsonl")
+                if isinstance(e, events.Generations)]
+        assert [g.step for g in gens] == [4, 8] and all(len(g.samples) == 2 for g in gens)
+        assert gens[0].samples[0]["prompt"] == gens[1].samples[0]["prompt"]
+        assert [g.step for g in gens] == [s for s, _ in st.generations]
+        shown = plain(app.screen.query_one("#hints"))
+        assert "answers at step 8 (greedy)" in shown and gens[1].samples[0]["prompt"][:20] in shown
+        # the run detail: each answer at each eval
+        await pilot.press("f5")
+        await until(pilot, lambda: getattr(app.screen, "runs", None), what="the runs list")
+        await pilot.press("enter")
+        await until(pilot, lambda: getattr(app.screen, "detail_state", None) is not None, what="detail")
+        detail = plain(app.screen.query_one("#detail-hints"))
+        assert "answers over the run" in detail and "step     4:" in detail and "step     8:" in detail
+        await pilot.press("escape")
         # quitting after the run ended does not ask
         await pilot.press("ctrl+q")
         await pilot.pause()

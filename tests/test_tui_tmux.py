@@ -74,10 +74,13 @@ def test_every_screens_essential_keys_fit_80x24(tmp_path):
            f"PYTHONPATH={shlex.quote(str(Path(__file__).resolve().parents[1]))}")
     tmux("new-session", "-d", "-s", session, "-x", "80", "-y", "24",
          f"cd {shlex.quote(str(tmp_path))} && env {env} {exe}")
-    essential = {"F2": ["123 Tab", "np Row", "^l Reload", "^q Quit", "^r Start"],
-                 "F3": ["^o Load", "^s Save", "^q Quit", "^r Start"],
-                 "F5": ["a Attach", "r Resume", "^l Refresh", "^q Quit"],
-                 "F4": ["^r Start", "f2 Dataset", "f3 Config", "f5 Runs", "^q Quit", "^p palette"]}
+    # (Runs: Attach / Resume / Chat show for a selected run they apply to; no run here)
+    essential = {"F2": ["123 Tab", "np Row", "^q Quit", "^r Start", "f6 Chat"],
+                 "F3": ["^s Save", "/ Find", "^q Quit", "^r Start", "f6 Chat"],
+                 "F5": ["^q Quit", "f4 Train", "f6 Chat", "^p palette"],
+                 "F6": ["^t Base/Tuned", "^n New", "^q Quit", "f5 Runs", "^p palette"],
+                 "F4": ["^r Start", "f2 Dataset", "f3 Config", "f5 Runs", "f6 Chat", "^q Quit",
+                        "^p palette"]}
     try:
         wait_for(session, "^r Start", 90)
         for key, words in essential.items():

@@ -44,3 +44,31 @@ def isolated_settings(tmp_path, monkeypatch):
 
 def plain(widget) -> str:
     return str(widget.render())
+
+
+def screen_text(app) -> str:
+    """What the terminal shows now (the current screen, dialogs over it included), as text."""
+    return "\n".join(strip.text for strip in app.screen._compositor.render_strips())
+
+
+async def settled(pilot, app) -> str:
+    """The screen's text once its layout covers the whole terminal (right after a screen switch
+    the compositor may still hold a partial layout)."""
+    await until(pilot, lambda: len(screen_text(app).splitlines()) == app.size.height, timeout=10,
+                what="a full screen")
+    return screen_text(app)
+
+
+def footer_keys(app) -> list[str]:
+    """What the current screen's footer should show: "key description" for each binding it
+    shows; a group of bindings (Textual's ``Binding.Group``) as its keys, then its description."""
+    out, groups = [], {}
+    for active in app.active_bindings.values():
+        b = active.binding
+        if not (b.show and active.enabled and b.description):
+            continue
+        if b.group is not None:
+            groups.setdefault(b.group.description, []).append(app.get_key_display(b))
+        else:
+            out.append(f"{app.get_key_display(b)} {b.description}")
+    return out + [f"{''.join(keys)} {desc}" for desc, keys in groups.items()]

@@ -27,23 +27,24 @@ from tui.messages import FollowEnded, LaunchFailed, ResumeFailed, RunEvents, Run
 from tui.runstate import RunState
 from tui.safe import one_line
 from tui.style import rich_theme
+from tui.screens.chat import ChatScreen
 from tui.screens.config import ConfigScreen, FormEdited, LoadConfig
 from tui.screens.dataset import DatasetScreen
-from tui.screens.runs import (AttachRun, ExportRun, OpenRun, PreferenceTune, ResumeRun, RunDetailScreen,
-                              RunsScreen)
+from tui.screens.runs import (AttachRun, ChatWith, CompareRuns, ExportRun, OpenRun, PreferenceTune, ResumeRun,
+                              RunAction, RUN_ACTIONS, RunDetailScreen, RunsScreen)
 from tui.screens.train import TrainScreen
 
 # `qlora-tui` with no argument: the fast offline demo (same values as examples/demo.toml)
 
 SCREEN_KEYS = [("dataset", "f2", "Dataset"), ("config", "f3", "Config"), ("train", "f4", "Train"),
-               ("runs", "f5", "Runs")]
+               ("runs", "f5", "Runs"), ("chat", "f6", "Chat")]
 
 
 class QloraApp(App):
     TITLE = "qlora-tui"
     CSS_PATH = "app.tcss"
     MODES = {"dataset": DatasetScreen, "config": ConfigScreen, "train": TrainScreen,
-             "runs": RunsScreen}
+             "runs": RunsScreen, "chat": ChatScreen}
     BINDINGS = [
         Binding("f2", "show('dataset')", "Dataset", id="show-dataset",
                 tooltip="Dataset: detected format, problems, token lengths, row browser"),
@@ -52,6 +53,8 @@ class QloraApp(App):
         Binding("f4", "show('train')", "Train", id="show-train",
                 tooltip="Train: progress, loss curves, GPU gauges, hints"),
         Binding("f5", "show('runs')", "Runs", id="show-runs", tooltip="Runs: past and live runs"),
+        Binding("f6", "show('chat')", "Chat", id="show-chat",
+                tooltip="Chat: talk to a finished run (base or fine-tuned), token by token"),
         Binding("ctrl+r", "start_training", "Start", id="start-training", priority=True,
                 tooltip="Start training with the current config"),
         Binding("ctrl+x", "stop_training", "Stop", id="stop-training", priority=True,
@@ -185,7 +188,7 @@ class QloraApp(App):
             return False
         live = self.controller.live
         if action == "start_training":
-            return not live and self.current_mode != "runs"    # Runs: its footer has Resume
+            return not live and self.current_mode not in ("runs", "chat")   # Runs: its footer has Resume
         if action in ("stop_training", "detach_run"):
             return live
         return True
@@ -334,6 +337,24 @@ class QloraApp(App):
         self.notify("train.method = dpo continuing this run's adapter (model.adapter); point data.train at "
                     "preference pairs (prompt/chosen/rejected)", markup=False)
 
+    @on(ChatWith)
+    def _on_chat_with(self, msg: ChatWith) -> None:
+        if isinstance(self.screen, ModalScreen) or isinstance(self.screen, RunDetailScreen):
+            self.pop_screen()
+        self.action_show("chat")
+        self.call_after_refresh(lambda: self.screen.open(msg.src)
+                                if isinstance(self.screen, ChatScreen) else None)
+
+    @on(CompareRuns)
+    def _on_compare_runs(self, msg: CompareRuns) -> None:
+        from tui.screens.compare import CompareRunsScreen
+        self.push_screen(CompareRunsScreen(msg.run_dirs))
+
+    @on(RunAction)
+    def _on_run_action(self, msg: RunAction) -> None:
+        from tui.screens.actions import ACTION_SCREENS
+        self.push_screen(ACTION_SCREENS[msg.action](msg.run_dir))
+
     @on(OpenRun)
     def _on_open(self, msg: OpenRun) -> None:
         self.push_screen(RunDetailScreen(msg.run_dir))
@@ -348,10 +369,10 @@ class QloraApp(App):
     def _on_load_config(self, msg: LoadConfig) -> None:
         self.load_config_file(msg.path)
 
-    def action_export_run(self) -> None:
-        """The palette's Export: on the Runs screen, for the selected run."""
+    def action_run_on_selected(self, action: str) -> None:
+        """The palette's run actions from any screen: on the Runs screen, for the selected run."""
         self.action_show("runs")
-        self.call_after_refresh(lambda: getattr(self.screen, "action_export", lambda: None)())
+        self.call_after_refresh(lambda: getattr(self.screen, "action_run_action", lambda a: None)(action))
 
     # ---- command palette -----------------------------------------------------------------
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
@@ -367,13 +388,22 @@ class QloraApp(App):
             yield SystemCommand(f"{title} ({b.key})", help_,
                                 lambda a=b.action: self.call_later(self.run_action, a))
         own = {b.key for b in self.BINDINGS}
+        titles = {f"run-{action}": (title, help_) for _, action, _, title, help_ in RUN_ACTIONS}
         for b in getattr(screen, "BINDINGS", []):
             if isinstance(b, Binding) and b.description and b.key not in own:
-                yield SystemCommand(f"{b.description} ({b.key.split(',')[0]})",
-                                    b.tooltip or f"{b.description} ({screen.sub_title} screen)",
+                title, help_ = titles.get(b.id, (b.description, b.tooltip or
+                                                 f"{b.description} ({screen.sub_title} screen)"))
+                yield SystemCommand(f"{title} ({b.key.split(',')[0]})", help_,
                                     lambda a=b.action, s=screen: self.call_later(s.run_action, a))
-        if not any(getattr(b, "action", None) == "export" for b in getattr(screen, "BINDINGS", [])):
-            yield SystemCommand("Export run as GGUF (Runs: e)", "The selected run as GGUF for llama.cpp / Ollama",
-                                self.action_export_run)
+        if not any(b.id in titles for b in getattr(screen, "BINDINGS", []) if isinstance(b, Binding)):
+            for key, action, _, title, help_ in RUN_ACTIONS:
+                yield SystemCommand(f"{title} (Runs: {key})", f"{help_}; for the run selected on Runs",
+                                    lambda a=action: self.action_run_on_selected(a))
+        if isinstance(screen, ConfigScreen):        # jump to any field by name
+            from engine.core.config import field_specs
+            for section, items in field_specs().items():
+                for key, f in items:
+                    yield SystemCommand(f"Field {section}.{key}", one_line(f.metadata.get("help", ""), 120),
+                                        lambda s=section, k=key: screen.jump_to(s, k))
         yield from super().get_system_commands(screen)
 

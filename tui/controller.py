@@ -106,9 +106,15 @@ class RunController:
         self.follow(msg.run_dir, launched=True, resume=msg if msg.resumed else None)
         what = "Run resumed" if msg.resumed else "Run started"
         self._notify(f"{what}: {msg.run_dir}", timeout=4)
+        if self._stop_pending:          # ctrl+x while it was being created: not lost
+            self._stop_pending = False
+            self.stop()
+
+    _stop_pending = False
 
     def launch_failed(self, msg: LaunchFailed) -> None:
         self.launching = False
+        self._stop_pending = False
         self.state = RunState()
         self.state.apply(RunFailed(reason=msg.error))
         self.changed()
@@ -149,7 +155,7 @@ class RunController:
         self.app.post_message(RunLaunched(run_dir, resumed=True, old_size=old_size, since=since))
 
     def resume_failed(self, msg: ResumeFailed) -> None:
-        self.launching = False
+        self.launching = self._stop_pending = False
         st = self.state
         if st is not None and st.run_dir == msg.run_dir:
             if not st.ended:
@@ -219,7 +225,15 @@ class RunController:
 
     # ---- stop / detach -----------------------------------------------------------------------
     def stop(self) -> None:
-        """Ask the live run to stop gracefully (it saves its adapter, then ends)."""
+        """Ask the live run to stop gracefully (it saves its adapter, then ends). Asked while
+        the run is still being created, the stop is sent as soon as it exists."""
+        if self.launching:
+            self._stop_pending = True
+            if self.state is not None:
+                self.state.stop_requested = True
+                self.changed()
+            self._notify("Stopping as soon as the run has started (the adapter is saved).")
+            return
         st = self.state
         if st is None or st.run_dir is None or st.ended or st.follower_ended:
             self._notify("No live run to stop.")

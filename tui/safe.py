@@ -29,7 +29,8 @@ def one_line(value: object, limit: int = 200) -> str:
 
 def middle(value: object, limit: int) -> str:
     """One line of at most ``limit`` cells, shortened in the middle: a path keeps its end
-    (``/home/…/runs/x/adapter``), which is the part that tells runs apart."""
+    (``/home/…/runs/x/adapter``), which is the part that tells runs apart. A sentence (words,
+    no path) is cut at its end instead (``loading builtin:tiny (4-bit…``)."""
     s = one_line(value, 10 ** 9)
     if len(s) <= limit:
         return s
@@ -38,5 +39,7 @@ def middle(value: object, limit: int) -> str:
     words, sep, last = s.rpartition(" ")
     if sep and "/" in last and len(words) + 9 < limit:     # "adapter saved to …/x/adapter"
         return words + " " + middle(last, limit - len(words) - 1)
+    if sep and "/" not in s:        # a sentence, not a path: cut at its end, never mid-word
+        return one_line(s, limit)
     head = (limit - 1) // 3
     return s[:head] + "…" + s[len(s) - (limit - 1 - head):]

@@ -265,15 +265,20 @@ def cmd_init(args) -> int:
 def cmd_runs(args) -> int:
     from engine.core import rundir
     from engine.cli import load_config_or_exit
-    runs_dir = args.dir or load_config_or_exit(args).output.dir
-    if args.dir and not Path(args.dir).expanduser().is_dir():
-        what = "is not a directory" if Path(args.dir).expanduser().exists() else "does not exist"
-        print(f"error: --dir {args.dir} {what}; give the folder that holds the runs (output.dir)",
-              file=sys.stderr)
-        return 2
+    if args.dir:
+        runs_dir = args.dir
+        if not Path(args.dir).expanduser().is_dir():
+            what = "is not a directory" if Path(args.dir).expanduser().exists() else "does not exist"
+            print(f"error: --dir {args.dir} {what}; give the folder that holds the runs (output.dir)",
+                  file=sys.stderr)
+            return 2
+    else:       # a config's runs go next to it (output.dir is relative to the config file)
+        cfg = load_config_or_exit(args)
+        runs_dir = cfg.resolve_path(cfg.output.dir)
     runs = rundir.list_runs(runs_dir)
     if not runs:
-        print(f"no runs under {runs_dir}")
+        print(f"no runs under {runs_dir} (a config's runs are next to it: `qlora-tui runs "
+              f"examples/demo.toml` lists examples/runs/; or pass --dir DIR)")
         return 0
     print(f"{'STATE':9} {'STEP':>11} {'LOSS':>8}  RUN")
     for ri in runs:

@@ -189,6 +189,17 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    prompts: list = _f([], "Prompts the current adapter answers at each eval (greedy), logged and "
+                       "shown on the Train screen; empty = the first user turns of eval.samples "
+                       "eval rows. In the form: separated by |.", kind="prompts")
+    samples: int = _f(2, "How many eval rows give prompts when eval.prompts is empty; 0 = no "
+                      "generations during training.", lo=0, hi=16)
+    max_new_tokens: int = _f(32, "Tokens each answer may have: bounds the time generation adds to "
+                             "an eval.", lo=1, hi=1024)
+
+
+@dataclass
 class OutputConfig:
     dir: str = _f("runs", "Directory that holds one sub-directory per run.", kind="path")
     name: str = _f("", "Run name (appended to the timestamp); empty = the model's name.")
@@ -212,13 +223,14 @@ SECTIONS: dict[str, type] = {
     "preference": PreferenceConfig,
     "data": DataConfig,
     "train": TrainConfig,
+    "eval": EvalConfig,
     "output": OutputConfig,
     "distributed": DistributedConfig,
 }
 SECTION_TITLES = {
     "model": "Model", "quant": "Quantization", "lora": "LoRA", "galore": "GaLore",
     "preference": "Preference tuning", "data": "Data",
-    "train": "Training", "output": "Output", "distributed": "Multi-GPU",
+    "train": "Training", "eval": "Eval generations", "output": "Output", "distributed": "Multi-GPU",
 }
 
 
@@ -231,6 +243,7 @@ class Config:
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # where the config was read from: relative data/model paths resolve against it
@@ -324,6 +337,14 @@ def _coerce(key: str, f: dataclasses.Field, value, problems: list[Problem]):
         if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
             return list(value)
         problems.append(Problem(key, value, 'allowed: "all-linear" or a non-empty list of module names'))
+        return default
+    if meta.get("kind") == "prompts":       # a TOML list of strings, or "a | b" (the form)
+        if isinstance(value, str):
+            return [p.strip() for p in value.split("|") if p.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value):
+            return [v.strip() for v in value]
+        problems.append(Problem(key, value, 'allowed: a list of non-empty strings, e.g. ["What is '
+                                'LoRA?", "Say hi"]'))
         return default
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -536,12 +557,44 @@ def to_toml(cfg: Config) -> str:
     return tomli_w.dumps(cfg.to_dict())
 
 
+def edit_toml(text: str, cfg: Config) -> str:
+    """``text`` (a TOML config someone wrote) holding ``cfg``'s values, changed as little as
+    possible: a key whose value differs is rewritten in place (its comment kept), a key the file
+    lacks is added to its section only when it differs from the default, and everything else
+    (the file's own keys, their order, comments, blank lines) stays as it was. tomlkit keeps
+    the document's layout; ``tomlkit.exceptions.ParseError`` when ``text`` is not TOML."""
+    import tomlkit
+    doc = tomlkit.parse(text)
+    defaults = Config().to_dict()
+    for section, values in cfg.to_dict().items():
+        table = doc.get(section)
+        for key, value in values.items():
+            if table is not None and key in table:
+                old = table[key]
+                old = old.unwrap() if hasattr(old, "unwrap") else old
+                if old != value:
+                    table[key] = value
+            elif value != defaults[section][key]:
+                if table is None:
+                    table = doc[section] = tomlkit.table()
+                table[key] = value
+    return tomlkit.dumps(doc)
+
+
 def save(cfg: Config, path: str | Path) -> None:
-    """Write ``cfg`` as TOML atomically (a crash never leaves half a config)."""
+    """Write ``cfg`` as TOML atomically (a crash never leaves half a config). An existing file
+    keeps its own keys, order and comments (``edit_toml``); a new one gets every key."""
     from engine.core import files
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    files.write_atomic(p, to_toml(cfg))
+    text = to_toml(cfg)
+    try:
+        text = edit_toml(files.read_text(p), cfg)
+    except FileNotFoundError:
+        pass
+    except Exception:  # noqa: BLE001 - unreadable or not TOML: replaced whole, as before
+        pass
+    files.write_atomic(p, text)
 
 
 def starter_toml() -> str:

@@ -227,9 +227,37 @@ class Exported(Event):
     seconds: float = 0.0
 
 
+@dataclass
+class Generations(Event):
+    """``eval.prompts`` answered by the current adapter at an eval (greedy, bounded by
+    ``max_new_tokens``): ``samples`` is ``[{"prompt", "answer"}]``; ``seconds`` their cost."""
+    type: ClassVar[str] = "generations"
+    step: int = 0
+    samples: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class JobProgress(Event):
+    """An action on a finished run (export, merge, compare, push) in a child process: how far."""
+    type: ClassVar[str] = "job_progress"
+    job: str = ""
+    fraction: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class JobDone(Event):
+    """The action's end: its report (a dict, the CLI's ``--json``), or ``error`` (one line)."""
+    type: ClassVar[str] = "job_done"
+    job: str = ""
+    report: dict | None = None
+    error: str = ""
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     c.type: c for c in (RunStarted, Status, Step, Preference, Eval, Checkpoint, Hint, RunWarning, Resumed,
-                        RunFinished, RunFailed, Exported, NumericsCheck)
+                        RunFinished, RunFailed, Exported, NumericsCheck, Generations, JobProgress, JobDone)
 }
 TERMINAL = (RunFinished, RunFailed)       # isinstance(ev, TERMINAL): the run's last event
 # fields read back as their StrEnum (by annotation); a value a newer version wrote stays text

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from engine.core.events import (Checkpoint, Eval, Event, FailKind, Hint, Preference, Resumed, RunFailed,
-                                RunFinished, RunStarted, RunWarning, Status, Step)
+from engine.core.events import (Checkpoint, Eval, Event, FailKind, Generations, Hint, Preference, Resumed,
+                                RunFailed, RunFinished, RunStarted, RunWarning, Status, Step)
 from engine.core.units import to_float
 
 
@@ -38,7 +38,7 @@ class State(StrEnum):
 # a run in one of these states continues from its newest complete checkpoint with --resume
 RESUMABLE = frozenset({State.STOPPED, State.FAILED, State.CRASHED})
 # what a resume redoes when it continues after ``from_step``: logged past it, dropped by readers
-REDONE = (Step, Preference, Eval, Checkpoint, Hint, RunWarning)
+REDONE = (Step, Preference, Eval, Checkpoint, Hint, RunWarning, Generations)
 # a preference method's series (Preference events): name -> its field; eval ones are "eval_" + name
 PREFERENCE_SERIES = {"accuracy": "accuracy", "margin": "margin", "chosen": "rewards_chosen",
                      "rejected": "rewards_rejected", "kl": "kl"}
@@ -85,6 +85,7 @@ class RunSummary:
     method: str = ""                                  # the preference method, once it logged
     hints: list = field(default_factory=list)         # Hint events, newest last
     warnings: list = field(default_factory=list)      # RunWarning events, newest last
+    generations: list = field(default_factory=list)   # [(step, [{"prompt", "answer"}])] at evals
     end: RunFinished | RunFailed | None = None        # the terminal event of the last segment
     finished_reason: str = ""
     stopped: bool = False
@@ -117,6 +118,8 @@ class RunSummary:
                 self.hints.append(ev)
             case RunWarning():
                 self.warnings.append(ev)
+            case Generations(step=s, samples=samples) if isinstance(samples, list):
+                self.generations.append((s, [x for x in samples if isinstance(x, dict)]))
             case RunFinished():
                 self._finished(ev)
             case RunFailed():
@@ -148,6 +151,7 @@ class RunSummary:
         self.preference = {name: _until(series, k) for name, series in self.preference.items()}
         self.hints = [h for h in self.hints if not redone(h, k)]
         self.warnings = [w for w in self.warnings if not redone(w, k)]
+        self.generations = _until(self.generations, k)
         self.step = min(self.step, k)
         self.end, self.stopped, self.fail_kind, self.fail_step = None, False, "", 0
         self.finished_reason = self.adapter_dir = ""
@@ -233,3 +237,19 @@ def standing(evs: list[Event]) -> list[Event]:
         out.append(ev)
     return out
 
+
+
+def config_differences(run_dirs) -> list[tuple[str, list]]:
+    """``[(section.key, [value of each run])]`` for the config keys whose values differ between
+    the runs (their ``config.toml``); a run whose config cannot be read shows ``None``."""
+    import tomllib
+    flat: list[dict] = []
+    for d in run_dirs:
+        try:
+            data = tomllib.loads((Path(d) / "config.toml").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            data = {}
+        flat.append({f"{s}.{k}": v for s, sec in data.items() if isinstance(sec, dict)
+                     for k, v in sec.items()})
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    return [(k, [f.get(k) for f in flat]) for k in keys if len({repr(f.get(k)) for f in flat}) > 1]

@@ -119,6 +119,50 @@ def default_prompts(run_dir: str | Path, n: int = 3) -> list[str]:
     return BUILTIN_PROMPTS[:n]
 
 
+def eval_prompts(cfg, n: int) -> list[str]:
+    """The prompts a run answers at each eval: ``eval.prompts``, else the first user turns of up
+    to ``n`` rows of its eval file (else the last rows of its train data); [] when none."""
+    if cfg.eval.prompts:
+        return list(cfg.eval.prompts)
+    if n <= 0:
+        return []
+    for value, from_end in ((cfg.data.eval, False), (cfg.data.train, True)):
+        if not value:
+            continue
+        path = run_data_path(cfg.resolve_path(value), Path.cwd())
+        if path is None or not path.is_file():
+            continue
+        prompts: list[str] = []
+        for row in read_prompt_rows(path, from_end, n):
+            text = _user_turn(row)
+            if text and text not in prompts:
+                prompts.append(text)
+            if len(prompts) >= n:
+                return prompts
+        if prompts:
+            return prompts
+    return []
+
+
+def greedy_answers(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Each prompt (a user turn, through the chat template) answered greedily by ``model`` as it
+    is now: the eval generations during training. The caller puts the model in eval mode."""
+    import torch
+    device = next(model.parameters()).device
+    out = []
+    for text in prompts:
+        rendered = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+        enc = tok(rendered, return_tensors="pt", add_special_tokens=False)
+        ids = enc.input_ids.to(device)
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=enc.attention_mask.to(device),
+                                 max_new_tokens=int(max_new_tokens), do_sample=False, temperature=None,
+                                 top_p=None, top_k=None, pad_token_id=tok.pad_token_id, use_cache=True)
+        out.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return out
+
+
 # --------------------------------------------------------------------------- generation
 
 def _load(src, err=GenerateError):

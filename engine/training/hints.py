@@ -304,7 +304,8 @@ def nan_hint(step: int, loss: float | None, grad_norm: float | None, cfg=None) -
     advice = []
     if loss == 0:
         advice.append("check the label mask in the Dataset screen / `qlora-tui inspect --show`")
-    advice.append("resume from the last checkpoint")
+    # the recovery dialog says which: a checkpoint before the NaN, or none (then from step 0)
+    advice.append("resume with the fix (from the last checkpoint, or from step 0 if none was saved)")
     return Hint(rule="nan", severity="error", symptom=symptom, cause=cause,
                 fix=fix_text(cfg, overrides, advice), step=int(step), overrides=overrides)
 

@@ -302,6 +302,7 @@ class EventCallback(TrainerCallback):
             self.emit(events.Eval(step=state.global_step, eval_loss=logs["eval_loss"]))
             if pref is not None:
                 self.emit(pref)
+            self._generations(state.global_step)
             return
         if "loss" not in logs:
             return
@@ -325,6 +326,40 @@ class EventCallback(TrainerCallback):
             return None
         from engine.training.preference import metrics_event
         return metrics_event(logs, step, method)
+
+    _prompts: list | None = None
+    _generation_failed = False
+
+    def _generations(self, step: int) -> None:
+        """``eval.prompts`` answered by the adapter as it is at this eval (greedy, at most
+        ``eval.max_new_tokens`` each), as one ``Generations`` event. One process only (a
+        distributed run's ranks would have to generate in step); a failure is one warning and
+        the run goes on without generations."""
+        if self._generation_failed or distributed.in_worker() or self.trainer is None:
+            return
+        from engine.outputs import generate
+        if self._prompts is None:
+            self._prompts = generate.eval_prompts(self.cfg, self.cfg.eval.samples)
+        tok = getattr(self.trainer, "processing_class", None)
+        if not self._prompts or tok is None or not hasattr(tok, "apply_chat_template") \
+                or hasattr(tok, "image_processor"):        # a vision processor: text prompts only here
+            return
+        model = self.trainer.model
+        was_training = model.training
+        t0 = time.perf_counter()
+        try:
+            model.eval()
+            answers = generate.greedy_answers(model, tok, self._prompts, self.cfg.eval.max_new_tokens)
+        except Exception as e:  # noqa: BLE001 - generations are a view; training goes on
+            self._generation_failed = True
+            self.emit(events.RunWarning(step=step, message=f"eval generations turned off: "
+                                        f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
+            return
+        finally:
+            if was_training:
+                model.train()
+        self.emit(events.Generations(step=step, seconds=time.perf_counter() - t0,
+                                     samples=[{"prompt": p, "answer": a} for p, a in zip(self._prompts, answers)]))
 
     def _rates(self, state) -> tuple[float | None, float | None]:
         """Tokens/s and the ETA since the last logged step."""

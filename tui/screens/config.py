@@ -48,7 +48,9 @@ def _default(f: dataclasses.Field):
 
 
 def _bound(v) -> str:
-    """1,048,576 and 0.0001 as a person writes them (never 1.04858e+06)."""
+    """1,048,576, 0 and 0.0001 as a person writes them (never 1.04858e+06 or 0e+00)."""
+    if v == 0:
+        return "0"
     if float(v) == int(v) and abs(v) >= 1:
         return f"{int(v):,}"
     return f"{v:g}" if abs(v) >= 1e-4 else f"{v:.0e}"
@@ -115,7 +117,8 @@ class FieldRow(Widget):
             value = self.value if self.value in choices else _default(f)
             self.input = Select(opts, value=value, allow_blank=False, compact=True, id=wid)
         else:
-            self.input = Input(to_text(self.value), compact=True, id=wid, select_on_focus=False)
+            self.input = Input(" | ".join(self.value) if isinstance(self.value, list)
+                               and self.field.metadata.get("kind") == "prompts" else to_text(self.value), compact=True, id=wid, select_on_focus=False)
         yield self.input
         self.help = Static(self._help_text(), classes="help")
         yield self.help
@@ -133,6 +136,12 @@ class FieldRow(Widget):
             t.append(f"  ({allowed})", style="italic")
         return t
 
+    def on_descendant_focus(self) -> None:
+        self.add_class("-focused")          # its help shows (the CSS), the others' stays hidden
+
+    def on_descendant_blur(self) -> None:
+        self.remove_class("-focused")
+
     def current(self):
         w = self.input
         if isinstance(w, Select):
@@ -148,16 +157,24 @@ class FieldRow(Widget):
 
 
 class ConfigScreen(Screen):
-    BINDINGS = [Binding("ctrl+o", "app.load_config", "Load", id="load-config",
+    AUTO_FOCUS = ""          # nothing focused at first: "/" finds a field (in a field it is text)
+    BINDINGS = [Binding("ctrl+o", "app.load_config", "Load", id="load-config", show=False,
                         tooltip="Load a TOML config file"),
                 Binding("ctrl+s", "app.save_config", "Save", id="save-config-here",
-                        tooltip="Save the config as TOML")]
+                        tooltip="Save the config as TOML (an existing file keeps its comments)"),
+                Binding("/", "find", "Find", id="find-field",
+                        tooltip="Jump to a field by name (type part of it, enter)"),
+                Binding("ctrl+f", "find", "Find field", id="find-field-any", show=False, priority=True,
+                        tooltip="Jump to a field by name (type part of it, enter)"),
+                Binding("escape", "close_find", "Close find", id="close-find", show=False)]
 
     form_ready = False
 
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static(id="banner")
+        yield Input(placeholder="find a field: part of its name (enter jumps, esc closes)",
+                    id="field-filter", compact=True)
         yield VerticalScroll(id="form")
         yield Static(id="derived")
         yield Footer(compact=True)
@@ -173,6 +190,65 @@ class ConfigScreen(Screen):
     def on_mount(self) -> None:
         self.sub_title = "Config"
         self.rebuild()
+
+    # ---- jump to a field --------------------------------------------------------------------
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        if action == "close_find":
+            return self.query_one("#field-filter").has_class("-open")
+        return True
+
+    def action_find(self) -> None:
+        box = self.query_one("#field-filter", Input)
+        box.add_class("-open")
+        box.focus()
+
+    def action_close_find(self) -> None:
+        box = self.query_one("#field-filter", Input)
+        box.value = ""
+        box.remove_class("-open")
+        self._filter("")
+
+    def matches(self, text: str) -> list[FieldRow]:
+        t = text.strip().lower()
+        return [r for r in self.rows() if t in f"{r.section}.{r.key}"]
+
+    def _filter(self, text: str) -> None:
+        shown = set(map(id, self.matches(text))) if text.strip() else None
+        sections = set()
+        for r in self.rows():
+            r.display = shown is None or id(r) in shown
+            if r.display:
+                sections.add(r.section)
+        for sec in self.query(".section"):
+            sec.display = shown is None or sec.id.removeprefix("section-") in sections
+
+    @on(Input.Changed, "#field-filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        event.stop()
+        self._filter(event.value)
+
+    @on(Input.Submitted, "#field-filter")
+    def _filter_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        found = self.matches(event.value)
+        if not found:
+            self.notify(f"No field matches {one_line(event.value, 40)!r}.", markup=False)
+            return
+        self.jump_to(found[0].section, found[0].key)
+
+    def jump_to(self, section: str, key: str) -> None:
+        """Focus the field ``section.key`` (the finder's enter, the palette's field commands)."""
+        box = self.query_one("#field-filter", Input)
+        box.value = ""
+        box.remove_class("-open")
+        self._filter("")
+        for r in self.rows():
+            if (r.section, r.key) == (section, key):
+                r.input.focus(scroll_visible=False)
+                # once the rows the filter hid are laid out again: the field at the top
+                self.set_timer(0.05, lambda: self.query_one("#form", VerticalScroll)
+                               .scroll_to_widget(r, animate=False, top=True))
+                return
 
     def rebuild(self) -> None:
         """(Re)build the form from ``app.form_data`` (at mount, and after a config was loaded)."""
@@ -260,7 +336,7 @@ class ConfigScreen(Screen):
             from engine.core.config import plural
             t.append(f"   ✖ {plural(n, 'problem')}: ", style="bold $error")
             p = self.problems[0]
-            t.append(one_line(f"{p.field}: {p.message}", 80))
+            t.append(one_line(f"{p.field}: {p.message}", 200))     # wraps (2 lines), never cut
         else:
             t.append("   ✔ valid", style="bold $success")
         self.query_one("#banner", Static).update(t)

@@ -86,6 +86,13 @@ def histogram_text(report, width: int = 36) -> Text:
     return t
 
 
+def duplicate_rows(groups) -> int:
+    """Rows that repeat an earlier one (each group's later copies): what the list shows."""
+    if isinstance(groups, int):
+        return groups
+    return sum(max(0, len(list(g)) - 1) for g in groups or [])
+
+
 def summary_text(report, cfg) -> Text:
     t = Text()
     t.append("file     ", style="dim")
@@ -102,10 +109,10 @@ def summary_text(report, cfg) -> Text:
     probs = len(report.problems or [])
     t.append("   problems ", style="dim")
     t.append(str(probs), style="bold $error" if probs else "bold $success")
-    dups = report.duplicates
-    if dups:
-        t.append("   duplicates ", style="dim")
-        t.append(str(dups if isinstance(dups, int) else len(dups)), style="bold $warning")
+    dups = duplicate_rows(report.duplicates)
+    if dups:              # the rows the Problems tab lists: each later copy, not the groups
+        t.append("   duplicate rows ", style="dim")
+        t.append(str(dups), style="bold $warning")
     pii = report.pii or []
     if pii:
         t.append("   possible PII ", style="dim")
@@ -207,7 +214,7 @@ class DatasetScreen(Screen):
         Binding("3", "tab('tab-rows')", "Rows tab", id="tab-rows", group=TABS),
         Binding("n", "row(1)", "Next row", id="next-row", group=ROWS),
         Binding("p", "row(-1)", "Prev row", id="prev-row", group=ROWS),
-        Binding("ctrl+l", "reload", "Reload", id="reload-dataset",
+        Binding("ctrl+l", "reload", "Reload", id="reload-dataset", show=False,  # palette: fits 80 cols
                 tooltip="Read the dataset again"),
     ]
 

@@ -1,14 +1,10 @@
 """Export a run as GGUF (llama.cpp / Ollama): pick the type, watch the progress, copy the commands.
 
-The export runs as its own process (``python -m engine export RUN_DIR --json``): torch and the
-model never load into the TUI, and its ``[ NN%] message`` lines drive the progress bar.
+The export runs as its own process (``engine.outputs.jobs``): torch and the model never load
+into the TUI, and its typed ``JobProgress`` events drive the progress bar.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +15,10 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen
-from textual.widgets import Button, Label, ProgressBar, Select, Static
+from textual.widgets import Button, Label, ProgressBar, Select, Static, TextArea
 
-from tui.safe import literal, one_line
+from tui.safe import clean, literal, one_line
+from tui.screens.actions import copyable
 
 ADAPTER = "adapter"
 TYPES = [("f16 (full quality)", "f16"), ("q8_0 (half the size)", "q8_0"), ("bf16", "bf16"),
@@ -29,34 +26,17 @@ TYPES = [("f16 (full quality)", "f16"), ("q8_0 (half the size)", "q8_0"), ("bf16
          ("LoRA adapter only (f16)", ADAPTER)]
 
 
-def export_argv(run_dir: Path, choice: str) -> list[str]:
-    argv = [sys.executable, "-m", "engine", "export", str(Path(run_dir).resolve()), "--json", "--force"]
-    return argv + (["--adapter-gguf", "--gguf", "f16"] if choice == ADAPTER else ["--gguf", choice])
-
-
-def export_env() -> dict:
-    """The environment of the export process: it imports the same ``engine`` as this TUI."""
-    import engine
-    root = str(Path(engine.__file__).resolve().parents[1])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
-
-
-def parse_progress(line: str) -> tuple[float, str] | None:
-    """``[ 40%] writing layer 3/32 ...`` -> (0.4, message)."""
-    if not (line.startswith("[") and "%]" in line[:7]):
-        return None
-    try:
-        pct = float(line[1:line.index("%]")])
-    except ValueError:
-        return None
-    return pct / 100.0, line[line.index("%]") + 2:].strip()
+def export_params(run_dir: Path, choice: str) -> dict:
+    """What the export job is asked (``engine.outputs.jobs``): the run, the type, adapter or model."""
+    src = str(Path(run_dir).resolve())
+    if choice == ADAPTER:
+        return {"src": src, "gguf": "f16", "adapter": True, "force": True}
+    return {"src": src, "gguf": choice, "force": True}
 
 
 @dataclass
 class ExportProgress(Message):
-    """A ``[ NN%] message`` line of the export process (the newest replaces a waiting one)."""
+    """A ``JobProgress`` of the export process (the newest replaces a waiting one)."""
     fraction: float
     message: str
 
@@ -73,7 +53,16 @@ class ExportDone(Message):
 
 class ExportScreen(ModalScreen):
     BINDINGS = [Binding("escape", "close", "Close", id="export-close"),
-                Binding("ctrl+e", "start", "Export", id="export-start")]
+                Binding("ctrl+e", "start", "Export", id="export-start", priority=True),
+                Binding("ctrl+y", "copy", "Copy", id="export-copy", priority=True)]
+
+    def on_mount(self) -> None:
+        self.query_one("#export-commands").display = False
+
+    def action_copy(self) -> None:
+        if self.report and self.report.get("commands"):
+            self.app.copy_to_clipboard("\n".join(self.report["commands"]))
+            self.notify("Copied the commands.", markup=False)
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__()
@@ -93,6 +82,7 @@ class ExportScreen(ModalScreen):
             yield Static("", id="export-status")
             with VerticalScroll(id="export-result-box"):
                 yield Static("", id="export-result")
+            yield copyable("", "export-commands")
 
     @on(Button.Pressed, "#export-go")
     def _go(self) -> None:
@@ -117,28 +107,14 @@ class ExportScreen(ModalScreen):
 
     @work(thread=True, exclusive=True, group="export", exit_on_error=False)
     def _export(self, choice: str) -> None:
-        proc = subprocess.Popen(export_argv(self.run_dir, choice), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=export_env())
-        assert proc.stdout is not None and proc.stderr is not None
-        other: list[str] = []
-        for line in proc.stderr:               # progress lines, warnings, the one-line error
-            step = parse_progress(line.rstrip("\n"))
-            if step is not None:
-                self.post_message(ExportProgress(*step))
-            elif line.strip():
-                other.append(line.strip())
-        out = proc.stdout.read()                # --json: the report alone
-        code = proc.wait()
-        report, err = None, ""
-        if code == 0:
-            try:
-                report = json.loads(out[out.index("{"):])
-            except (ValueError, json.JSONDecodeError):
-                err = "the export printed no report"
-        else:
-            failed = [ln for ln in other if ln.startswith("export failed:")]
-            err = (failed or other or [f"the export exited with status {code}"])[-1]
-        self.post_message(ExportDone(report, err))
+        from engine.core.events import JobProgress
+        from engine.outputs import jobs
+
+        def on_event(ev) -> None:
+            if isinstance(ev, JobProgress):
+                self.post_message(ExportProgress(ev.fraction, ev.message))
+        done = jobs.run_child("export", export_params(self.run_dir, choice), on_event)
+        self.post_message(ExportDone(done.report, done.error))
 
     @on(ExportProgress)
     def _progress(self, msg: ExportProgress) -> None:
@@ -159,6 +135,9 @@ class ExportScreen(ModalScreen):
         self.query_one("#export-progress", ProgressBar).update(progress=100)
         self.query_one("#export-status", Static).update(Text("done", style="$success"))
         out.update(result_text(report))
+        commands = self.query_one("#export-commands", TextArea)
+        commands.load_text("\n".join(clean(c) for c in report.get("commands", [])))
+        commands.display = True
 
 
 def result_text(r: dict) -> Text:
@@ -173,9 +152,5 @@ def result_text(r: dict) -> Text:
         t.append("Modelfile ", style="dim")
         t.append_text(literal(r["modelfile"]))
         t.append("\n")
-    t.append("use it:\n", style="bold")
-    for c in r.get("commands", []):
-        t.append("  ")
-        t.append_text(literal(c))
-        t.append("\n")
+    t.append("use it (ctrl+y copies):", style="bold")
     return t

@@ -18,8 +18,8 @@ from tui.controller import read_run
 from tui.runstate import RunState
 from tui.safe import clean, literal, middle, one_line
 from tui.widgets.chart import LossChart
-from tui.widgets.panels import hints_text
-from tui.widgets.run_view import preference_rows
+from tui.widgets.panels import generations_text, hints_text
+from tui.widgets.run_view import preference_rows, set_spark
 
 
 # ---- what this screen's workers post to it -------------------------------------------
@@ -36,6 +36,8 @@ class RunHistory(Message):
     state: object
     info: object = None
 
+
+REREAD_INTERVAL = 3.0        # seconds between two readings of an open run detail's log
 
 STATE_STYLE = {"live": "bold $success", "finished": "$success", "stopped": "$warning", "failed": "bold $error",
                "crashed": "$error", "new": "dim"}
@@ -67,6 +69,63 @@ class PreferenceTune(Message):
 
 
 @dataclass
+class ChatWith(Message):
+    """Chat with ``src`` (a run, or one of its checkpoints) on the Chat screen."""
+    src: Path
+
+
+@dataclass
+class RunAction(Message):
+    """One of the after-training actions on ``run_dir``: merge, compare, serve, push."""
+    action: str
+    run_dir: Path
+
+
+# the after-training actions on an ended run: (key, action, footer label, palette title, help);
+# the Runs screen and the run detail both bind them, the palette lists them
+RUN_ACTIONS = [
+    ("c", "chat", "Chat", "Chat with this run", "Talk to the run's model, base or fine-tuned, token by token"),
+    ("e", "export", "Export", "Export run as GGUF", "The run as GGUF for llama.cpp / Ollama, verified"),
+    ("m", "merge", "Merge", "Merge adapter into base", "A 16-bit merged checkpoint, verified against base + adapter"),
+    ("g", "compare", "Compare", "Compare generations", "The run's eval prompts answered by base and fine-tuned"),
+    ("s", "serve", "Serve", "Serve command (vLLM)", "The vllm serve command for the run's adapter, copyable"),
+    ("p", "push", "Push", "Push to the Hub", "Upload the adapter, merged model or GGUF (dry run first)"),
+    ("t", "preference", "Pref-tune", "Preference-tune this run",
+     "A DPO config that continues this SFT run's adapter, on the Config screen"),
+]
+
+
+def action_bindings(show: tuple = ("c",)) -> list[Binding]:
+    return [Binding(key, f"run_action('{action}')", label, id=f"run-{action}", show=key in show,
+                    tooltip=f"{title}: {help_}") for key, action, label, title, help_ in RUN_ACTIONS]
+
+
+def request_action(screen: Screen, ri, action: str) -> None:
+    """Post the request for ``action`` on the run ``ri`` (a RunInfo), if the run has ended."""
+    if ri is None:
+        screen.notify("No run selected.", markup=False)
+        return
+    if ri.state in ("live", "new"):
+        screen.notify(f"{ri.name} is {ri.state}: {action} it once it has saved its adapter.", markup=False)
+        return
+    path = Path(ri.path)
+    if action == "chat":
+        screen.post_message(ChatWith(path))
+    elif action == "export":
+        screen.post_message(ExportRun(path))
+    elif action == "preference":
+        screen.post_message(PreferenceTune(path))
+    else:
+        screen.post_message(RunAction(action, path))
+
+
+@dataclass
+class CompareRuns(Message):
+    """Overlay the curves of ``run_dirs`` (2-4) and list the config keys that differ."""
+    run_dirs: list
+
+
+@dataclass
 class OpenRun(Message):
     """Show ``run_dir``'s curves and hints."""
     run_dir: Path
@@ -77,20 +136,62 @@ def _loss(v) -> Text:
 
 
 class RunsScreen(Screen):
-    BINDINGS = [Binding("ctrl+l", "reload", "Refresh", id="reload-runs"),
+    BINDINGS = [Binding("ctrl+l", "reload", "Refresh", id="reload-runs", show=False),
                 Binding("a", "attach", "Attach", id="attach-run",
                         tooltip="Follow the selected live run on the Train screen"),
-                Binding("e", "export", "Export", id="export-run",
-                        tooltip="Export the selected run as GGUF for llama.cpp / Ollama"),
                 Binding("r", "resume", "Resume", id="resume-run",
                         tooltip="Resume the selected stopped, failed or crashed run (with its hint's fixes)"),
-                Binding("p", "preference_tune", "Preference-tune", id="pref-run", show=False,
-                        tooltip="A DPO config that continues the selected SFT run's adapter (Config screen)")]
+                Binding("space", "mark", "Mark", id="mark-run", show=False,
+                        tooltip="Mark the selected run for a comparison (2 to 4 runs)"),
+                Binding("v", "compare", "Compare runs", id="compare-runs",
+                        tooltip="Overlay the marked runs' loss curves; the config keys that differ"),
+                *action_bindings()]
 
-    def action_preference_tune(self) -> None:
+    marked: list = []            # the runs marked for a comparison, in the order marked
+
+    def action_run_action(self, action: str) -> None:
+        request_action(self, self._selected(), action)
+
+    def action_mark(self) -> None:
         ri = self._selected()
-        if ri is not None:
-            self.post_message(PreferenceTune(Path(ri.path)))
+        if ri is None:
+            return
+        path = Path(ri.path)
+        if path in self.marked:
+            self.marked = [p for p in self.marked if p != path]
+        elif len(self.marked) >= 4:
+            self.notify("At most 4 runs compare at once: unmark one first (space).", markup=False)
+            return
+        else:
+            self.marked = [*self.marked, path]
+        self._on_listed(RunsListed(self.runs))
+        self.refresh_bindings()
+
+    def action_compare(self) -> None:
+        if not 2 <= len(self.marked) <= 4:
+            self.notify("Mark 2 to 4 runs with space, then press v.", markup=False)
+            return
+        self.post_message(CompareRuns(list(self.marked)))
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        """The footer fits 80 columns by showing what applies to the selected run: Attach for a
+        live one, Resume for one that ended, Chat for one that has ended (the palette lists
+        every action)."""
+        ri = self._selected() if self.is_mounted else None
+        state = getattr(ri, "state", None)
+        if action == "attach":
+            return state == "live"
+        if action == "resume":
+            return state in RESUMABLE
+        if action == "run_action" and parameters == ("chat",):
+            return state not in (None, "live", "new")
+        if action == "compare":
+            return len(self.marked) >= 2
+        return True
+
+    @on(DataTable.RowHighlighted, "#runs")
+    def _highlighted(self) -> None:
+        self.refresh_bindings()
 
     def action_resume(self) -> None:
         ri = self._selected()
@@ -124,10 +225,10 @@ class RunsScreen(Screen):
             self.action_reload()
 
     def action_reload(self) -> None:
-        where = Text("run directory ", style="dim")
+        where = Text("runs in ", style="dim")
         p = Path(self.app.runs_dir())
-        where.append(middle(p, 40) if p.is_absolute() else f"./{p}/")
-        where.append("   enter: open   a: attach  r: resume  e: export GGUF", style="dim")
+        where.append(middle(p, 28) if p.is_absolute() else middle(f"./{p}/", 28))
+        where.append("  enter open · space mark · ^p all actions", style="dim")
         self.query_one("#runs-where", Static).update(where)
         self._list(self.app.runs_dir())
 
@@ -146,9 +247,14 @@ class RunsScreen(Screen):
         t.clear()
         if msg.error:
             self.notify(one_line(msg.error, 200), severity="error", markup=False)
+        from tui.screens.compare import MARKS
+        marked = {p: i for i, p in enumerate(self.marked)}
         for ri in msg.runs:
             step = f"{ri.step}/{ri.total_steps}" if ri.total_steps else str(ri.step)
-            t.add_row(Text(middle(ri.name, 22)), Text(ri.state, style=STATE_STYLE.get(ri.state, "")),
+            i = marked.get(Path(ri.path))
+            name = Text(middle(ri.name, 22)) if i is None else \
+                Text(f"{MARKS[i]} ", style="bold $accent") + Text(middle(ri.name, 20))
+            t.add_row(name, Text(ri.state, style=STATE_STYLE.get(ri.state, "")),
                       Text(step), _loss(ri.final_loss), _loss(ri.last_loss),
                       Text(middle(ri.model or "", 12)), key=str(ri.path))
         if msg.runs:
@@ -171,14 +277,7 @@ class RunsScreen(Screen):
 
     def action_export(self) -> None:
         """Export the selected run as GGUF (type, progress, then the commands to use it)."""
-        ri = self._selected()
-        if ri is None:
-            self.notify("No run selected.", markup=False)
-            return
-        if ri.state in ("live", "new"):
-            self.notify(f"{ri.name} is {ri.state}: export it once it has saved its adapter.", markup=False)
-            return
-        self.post_message(ExportRun(ri.path))
+        request_action(self, self._selected(), "export")
 
     def action_attach(self) -> None:
         ri = self._selected()
@@ -204,12 +303,22 @@ class RunDetailScreen(Screen):
     """One run's curves and hints, read from its events.jsonl."""
 
     BINDINGS = [Binding("escape", "app.pop_screen", "Back", id="back"),
-                Binding("a", "attach", "Attach", id="attach-detail"),
+                Binding("a", "attach", "Attach", id="attach-detail", show=False),
                 Binding("r", "resume", "Resume", id="resume-detail"),
-                Binding("p", "preference_tune", "Preference-tune", id="pref-detail", show=False)]
+                *action_bindings()]
 
-    def action_preference_tune(self) -> None:
-        self.post_message(PreferenceTune(self.run_dir))
+    def action_run_action(self, action: str) -> None:
+        request_action(self, self.info, action)
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        """Resume only for a run that can be resumed; the footer then fits 80 columns."""
+        if action == "resume":
+            return self.info is not None and self.info.state in RESUMABLE
+        if action == "run_action" and parameters == ("chat",):
+            return self.can_chat
+        return True
+
+    can_chat = False         # the run has an adapter or a checkpoint to chat with
 
     def action_resume(self) -> None:
         if self.info is not None:
@@ -250,6 +359,11 @@ class RunDetailScreen(Screen):
     def on_mount(self) -> None:
         self.sub_title = f"Run {self.run_dir.name}"
         self._read(self.run_dir)
+        self.set_interval(REREAD_INTERVAL, self._reread)     # never stale: a resume, a live run
+
+    def _reread(self) -> None:
+        if self.is_current:
+            self._read(self.run_dir)
 
     @work(thread=True, exclusive=True, exit_on_error=False)
     def _read(self, run_dir: Path) -> None:
@@ -288,18 +402,29 @@ class RunDetailScreen(Screen):
             t.append(clean(line))
         if ri.state == "live":
             t.append("\na: attach to this live run", style="dim")
+        else:
+            from engine.outputs.chat import sources
+            keys = (["c chat"] if sources(self.run_dir) else []) + \
+                ["e export", "m merge", "g compare", "s serve", "p push"] + \
+                (["r resume"] if ri.state in RESUMABLE else [])
+            t.append("\n" + " · ".join(keys), style="dim")
         self.query_one("#detail-summary", Static).update(t)
-        self.query_one("#detail-loss", Sparkline).data = st.loss_values
-        self.query_one("#detail-eval", Sparkline).data = st.eval_spark_values
-        self.query_one("#detail-lr", Sparkline).data = st.lr_values
-        self.query_one("#detail-grad", Sparkline).data = st.grad_norm_values
+        for spark_id, values in (("#detail-loss", st.loss_values), ("#detail-eval", st.eval_spark_values),
+                                 ("#detail-lr", st.lr_values), ("#detail-grad", st.grad_norm_values)):
+            set_spark(self.query_one(spark_id, Sparkline), values)
         for _, name in RunState.PREFERENCE_ROWS:
             values = st.preference_values(name)
             self.query_one(f"#detail-pref-{name}-row", Horizontal).display = bool(values)
-            self.query_one(f"#detail-pref-{name}", Sparkline).data = values
+            set_spark(self.query_one(f"#detail-pref-{name}", Sparkline), values)
         self.detail_state = st
         self.query_one("#detail-chart", LossChart).set_data(st.losses, st.evals, st.total_steps)
-        self.query_one("#detail-hints", Static).update(hints_text(st.hints, st.warnings))
+        gens = generations_text(st.generations, history=True)
+        self.query_one("#detail-hints", Static).update(
+            hints_text(st.hints, st.warnings) + (Text("\n\nanswers over the run (greedy, at each eval):\n",
+                                                      style="bold") + gens if gens else Text()))
+        from engine.outputs.chat import sources
+        self.can_chat = ri.state not in ("live", "new") and bool(sources(self.run_dir))
+        self.refresh_bindings()
 
     def action_attach(self) -> None:
         if self.info is None or self.info.state != "live":

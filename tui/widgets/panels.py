@@ -93,3 +93,38 @@ def hints_text(hints: list, warnings: list = ()) -> Text:
         out.append(f"step {w.step}: " if w.step else "")
         out.append(clean(w.message))
     return out
+
+
+def generations_text(generations: list, history: bool = False, width: int = 200) -> Text:
+    """The eval generations (``Generations`` events, folded as ``[(step, samples)]``): the latest
+    answers (the Train screen), or each prompt with its answer at every eval (the run detail:
+    how it changed over the run). Model output is untrusted: shown literally, one line each."""
+    out = Text()
+    if not generations:
+        return out
+    if not history:
+        step, samples = generations[-1]
+        out.append(f"answers at step {step} (greedy):", style="bold")
+        for x in samples:
+            out.append("\n› ", style="dim")
+            out.append(one_line(x.get("prompt", ""), max(20, width // 3)), style="dim")
+            out.append(" → ")
+            out.append(one_line(x.get("answer", "") or "(empty)", width))
+        return out
+    prompts: list[str] = []
+    for _, samples in generations:
+        for x in samples:
+            if x.get("prompt") not in prompts:
+                prompts.append(x.get("prompt", ""))
+    for i, prompt in enumerate(prompts):
+        if i:
+            out.append("\n")
+        out.append("› ", style="dim")
+        out.append(one_line(prompt, width), style="bold")
+        for step, samples in generations:
+            answer = next((x.get("answer", "") for x in samples if x.get("prompt") == prompt), None)
+            if answer is None:
+                continue
+            out.append(f"\n  step {step:>5}: ", style="dim")
+            out.append(one_line(answer or "(empty)", width))
+    return out

@@ -20,7 +20,7 @@ from engine.core.units import fmt_eta
 from tui.runstate import RunState
 from tui.safe import clean, literal, middle, one_line
 from tui.widgets.chart import LossChart
-from tui.widgets.panels import gpu_text, hints_text
+from tui.widgets.panels import generations_text, gpu_text, hints_text
 
 PHASE_STYLE = {"training": "bold $success", "finished": "bold $success", "stopped": "bold $warning",
                "failed": "bold $error", "detached": "bold $primary", "waiting": "dim"}
@@ -109,7 +109,9 @@ class StepProgress(Horizontal):
     def view_of(st: RunState | None) -> tuple:
         if st is None or st.run_dir is None:
             return 100, 0, ""
-        eta = "" if st.ended else f"  ETA {fmt_eta(st.eta_seconds)}"
+        # an ETA only while steps run: a run loading (or resuming) has none yet, whatever the
+        # last segment left in eta_seconds
+        eta = f"  ETA {fmt_eta(st.eta_seconds)}" if st.phase == "training" and not st.ended else ""
         label = f"step {st.step}/{st.total_steps or '?'}{eta}"
         if st.phase not in ("training", "finished", "stopped", "failed") and st.progress is not None:
             return 1.0, st.progress, label
@@ -149,6 +151,15 @@ class Welcome(RunPart):
         return t
 
 
+def set_spark(spark: Sparkline, values: list) -> None:
+    """A sparkline at most one cell per point: 3 points are 3 cells, not 3 bars stretched over
+    the width (a run's first steps, a couple of evals)."""
+    spark.data = values
+    width = max(1, len(values))
+    if spark.styles.max_width is None or spark.styles.max_width.value != width:
+        spark.styles.max_width = width
+
+
 class Curves(Vertical):
     """Sparklines of loss, eval loss, lr and grad norm (log10), the loss chart, and the
     welcome in its place while there is no run."""
@@ -179,14 +190,14 @@ class Curves(Vertical):
         series = ([], [], [], []) if none else (
             st.loss_values, st.eval_spark_values, st.lr_values, st.grad_norm_values)
         for (_, spark_id), values in zip(self.SERIES, series):
-            self.query_one(f"#{spark_id}", Sparkline).data = values[-200:]   # reactive: equal data is no redraw
+            set_spark(self.query_one(f"#{spark_id}", Sparkline), values[-200:])  # equal data: no redraw
         for _, name in RunState.PREFERENCE_ROWS:
             values = [] if none else st.preference_values(name)
             row = self.query_one(f"#pref-{name}-row", Horizontal)
             if row.display != bool(values):
                 row.display = bool(values)
             if values:
-                self.query_one(f"#pref-{name}-spark", Sparkline).data = values[-200:]
+                set_spark(self.query_one(f"#pref-{name}-spark", Sparkline), values[-200:])
         if not none:
             chart.empty_text = "waiting for the first loss…" if not st.ended else "no loss recorded"
             chart.set_data(st.losses, st.evals, st.total_steps)
@@ -273,7 +284,15 @@ class HintsPanel(RunPart):
     """The engine's hints, newest first: symptom, likely cause, fix; then the run's warnings."""
 
     def view_of(self, st):
-        return (tuple(st.hints), tuple(st.warnings)) if st is not None and st.run_dir is not None else ((), ())
+        if st is None or st.run_dir is None:
+            return (), (), None
+        return tuple(st.hints), tuple(st.warnings), (st.generations[-1] if st.generations else None)
 
     def draw(self, view) -> Text:
-        return hints_text(list(view[0]), list(view[1]))
+        hints, warnings, latest = view
+        if latest is None:
+            return hints_text(list(hints), list(warnings))
+        answers = generations_text([latest])
+        if not hints and not warnings:
+            return answers
+        return hints_text(list(hints), list(warnings)) + Text("\n") + answers
