@@ -6,6 +6,7 @@ keeps or returns a finding's full value: PII comes back masked (``j***@e***.com`
 """
 from __future__ import annotations
 
+import json
 import re
 import string
 from bisect import bisect_right
@@ -24,10 +25,18 @@ class PiiFinding:
         return {"line": self.line, "kind": self.kind, "masked": self.masked}
 
 
+def _turn_text(m: dict) -> str:
+    """A turn's text; an assistant's tool calls are part of it (as JSON)."""
+    if m.get("tool_calls"):
+        return m["content"] + "".join(json.dumps(c.get("function"), ensure_ascii=False, sort_keys=True)
+                                      for c in m["tool_calls"])
+    return m["content"]
+
+
 def row_text(data: dict) -> str:
     """All the human-written text of a normalised row, turns joined by newlines."""
     if "messages" in data:
-        return "\n".join(m["content"] for m in data["messages"])
+        return "\n".join(_turn_text(m) for m in data["messages"])
     if "completion" in data:
         return data["prompt"] + "\n" + data["completion"]
     if "input_ids" in data:          # pre-tokenised: no text to scan
@@ -38,7 +47,9 @@ def row_text(data: dict) -> str:
 def row_key(data: dict):
     """A hashable exact identity of a normalised row (roles included)."""
     if "messages" in data:
-        return tuple((m["role"], m["content"]) for m in data["messages"])
+        key = tuple((m["role"], _turn_text(m), m.get("weight", 1)) if len(m) > 2 else (m["role"], m["content"])
+                    for m in data["messages"])
+        return key + (("\0tools", json.dumps(data["tools"], sort_keys=True)),) if data.get("tools") else key
     if "completion" in data:
         return ("\0prompt", data["prompt"], data["completion"])
     if "input_ids" in data:
