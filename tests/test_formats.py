@@ -231,3 +231,35 @@ def test_bad_tool_data_is_one_problem_per_line(tmp_path):
     assert "no function 'name'" in ds.problems[1].message
     assert "arguments is text but not JSON" in ds.problems[2].message
     assert "'audio'" in ds.problems[3].message
+
+
+def test_preview_draws_tool_calls_results_and_weights_with_the_trainers_mask(tmp_path):
+    from engine.dataset import inspect as inspect_mod
+    from tui.screens.dataset import preview_text
+    (tmp_path / "t.jinja").write_text(TOOLS_TEMPLATE)
+    rows = [{"tools": [WEATHER], "messages": [
+        {"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Let me look.", "weight": 0},
+        {"role": "user", "content": "Please."},
+        {"role": "assistant", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "fog"}, {"role": "assistant", "content": "Foggy."}]}]
+    (tmp_path / "d.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    cfg = config.Config()
+    cfg.data.train = str(tmp_path / "d.jsonl")
+    cfg.model.chat_template = str(tmp_path / "t.jinja")
+    pv = inspect_mod.preview(cfg, 0)
+    assert [k for _, _, k in pv.marks] == ["weight_0", "tool_call", "tool_result"]
+    segs = inspect_mod.marked_segments(pv)
+    assert "".join(t for t, _, _ in segs) == pv.text
+    assert [(t, tr) for t, tr, k in segs if k == "tool_call" and tr] == [(CALL, True)]
+    assert not any(tr for _, tr, k in segs if k in ("tool_result", "weight_0"))
+    assert any("fog" in t for t, _, k in segs if k == "tool_result")
+    assert any("Let me look." in t for t, _, k in segs if k == "weight_0")
+    # the marks only label the trainer's own mask
+    ds = data.load(cfg.data.train)
+    tok, _ = inspect_mod.tokenizer_for(cfg)
+    assert pv.labels == encode_dataset(tok, [ds.rows[0].data])[0]["labels"]
+    out = inspect_mod.format_preview(pv, cfg.data.max_length).split("\n", 1)[1]     # the body
+    assert out.index("«weight 0: not trained»") < out.index("Let me look.") < out.index("«tool call»") \
+        < out.index("⟦<tool_call>") < out.index("«tool result»") < out.index("fog") < out.index("⟦Foggy.")
+    shown = preview_text(pv).plain
+    assert "«tool call»" in shown and "«tool result»" in shown and "«weight 0: not trained»" in shown

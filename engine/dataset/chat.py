@@ -190,6 +190,36 @@ def render_spans(tok, row: dict) -> tuple[str, list[tuple[int, int]], bool]:
     return text, [(0, len(text))], True
 
 
+MARK_LABELS = {"tool_call": "tool call", "tool_result": "tool result", "weight_0": "weight 0: not trained"}
+
+
+def turn_marks(tok, row: dict, text: str) -> list[tuple[int, int, str]]:
+    """Character spans of the turns a preview draws apart, ``(start, end, kind)`` with kind
+    ``tool_call`` (an assistant's tool calls), ``tool_result`` (role tool) or ``weight_0`` (an
+    assistant turn with weight 0). Each turn's span is found as ``render_spans`` finds an
+    answer's: rendering the conversation up to it with and without it."""
+    msgs = row.get("messages") if isinstance(row, dict) else None
+    if not msgs or row.get("images") is not None:
+        return []
+    want = [("tool_call" if m.get("tool_calls") else "weight_0" if m.get("weight") == 0 else None)
+            if m["role"] == "assistant" else "tool_result" if m["role"] == "tool" else None for m in msgs]
+    if not any(want):
+        return []
+    tools = row.get("tools")
+    out = []
+    for i, kind in enumerate(want):
+        if kind is None:
+            continue
+        try:
+            a = len(_render(tok, msgs[:i], tools=tools)) if i else 0
+            upto = _render(tok, msgs[: i + 1], tools=tools)
+        except Exception:  # noqa: BLE001 - a preview mark is never a reason to fail
+            continue
+        if text.startswith(upto) and a < len(upto):
+            out.append((a, len(upto), kind))
+    return out
+
+
 def _plain_turns(msgs) -> bool:
     """Turns the ChatML fast path renders exactly as Jinja would: role and content strings only
     (an empty or assistant-first conversation takes the Jinja path, which refuses it)."""

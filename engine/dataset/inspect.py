@@ -136,13 +136,34 @@ class Preview:
     input_ids: list = field(default_factory=list, repr=False)
     labels: list = field(default_factory=list, repr=False)   # what the trainer trains on (truncated)
     images: list = field(default_factory=list)   # image rows: path, format, width, height, bytes, tokens
+    marks: list = field(default_factory=list)    # [(start, end, kind)]: tool calls, tool results, weight 0
 
     def to_dict(self) -> dict:
         return {"row_index": self.row_index, "line": self.line, "n_tokens": self.n_tokens,
                 "n_trained": self.n_trained, "n_trained_untruncated": self.n_trained_untruncated,
                 "truncated_at": self.truncated_at, "cut_char": self.cut_char,
-                "segments": [{"text": t, "trained": tr} for t, tr in self.segments],
+                "segments": [{"text": t, "trained": tr, **({"turn": k} if k else {})}
+                             for t, tr, k in marked_segments(self)],
                 **({"images": list(self.images)} if self.images else {})}
+
+
+def marked_segments(pv) -> list[tuple[str, bool, str | None]]:
+    """The preview's segments cut where a marked turn (``Preview.marks``) starts or ends:
+    ``(text, trained, kind)``, kind None outside every mark."""
+    marks = getattr(pv, "marks", None) or []
+    if not marks:
+        return [(t, tr, None) for t, tr in pv.segments]
+    cuts = sorted({c for a, b, _ in marks for c in (a, b)})
+    out, pos = [], 0
+    for text, tr in pv.segments:
+        end = pos + len(text)
+        at = pos
+        for c in [c for c in cuts if pos < c < end] + [end]:
+            kind = next((k for a, b, k in marks if a <= at < b), None)
+            out.append((text[at - pos:c - pos], tr, kind))
+            at = c
+        pos = end
+    return out
 
 
 # ---- tokenizer and dataset cache (so the TUI can page through rows fast) ---------------
@@ -655,7 +676,9 @@ def preview(cfg, row_index: int, *, path=None) -> Preview:
                 out.append((text, tr))
             pos += len(text)
         segs = out
+    from engine.dataset.chat import turn_marks
     return Preview(row_index=row_index, line=row.line, segments=segs, n_tokens=n,
+                   marks=turn_marks(tok, row.data, enc.text) if enc.text else [],
                    n_trained=sum(1 for x in labels if x != IGNORE), n_trained_untruncated=enc.n_trained,
                    truncated_at=truncated_at, cut_char=cut_char, text=enc.text,
                    input_ids=list(enc.input_ids[:max_len]), labels=labels)
@@ -701,10 +724,16 @@ def format_preview(pv: Preview, max_len: int, colour: bool = False) -> str:
     head = (f"row {pv.row_index + 1} (line {pv.line}): {pv.n_tokens} tokens, {pv.n_trained} trained"
             + (f" ({pv.n_trained_untruncated - pv.n_trained} more past max_length)"
                if pv.n_trained_untruncated != pv.n_trained else ""))
+    from engine.dataset.chat import MARK_LABELS
     legend = ("trained tokens in green" if colour else "trained tokens between ⟦ and ⟧")
-    body, pos = [], 0
-    for raw, trained in pv.segments:
+    if pv.marks:
+        legend += "; turns marked " + ", ".join(f"«{MARK_LABELS[k]}»" for k in dict.fromkeys(k for _, _, k in pv.marks))
+    body, pos, kind_before = [], 0, None
+    for raw, trained, kind in marked_segments(pv):
         text = visible(raw)           # the row's own escape codes are shown, never run
+        if kind != kind_before and kind:
+            body.append(f"\033[1;36m«{MARK_LABELS[kind]}»\033[0m" if colour else f"«{MARK_LABELS[kind]}»")
+        kind_before = kind
         if pv.cut_char is not None and pos == pv.cut_char:
             body.append(("\033[7m" if colour else "") + f"✂[max_length {max_len}: the rest is cut]"
                         + ("\033[0m" if colour else ""))

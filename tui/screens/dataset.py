@@ -136,12 +136,22 @@ def summary_text(report, cfg) -> Text:
 
 
 def preview_text(preview) -> Text:
-    """Context dim, trained tokens highlighted; what max_length cuts off is marked ✂ and struck."""
+    """Context dim, trained tokens highlighted; tool calls, tool results and weight-0 turns
+    labelled «…» (results italic, weight-0 answers struck); what max_length cuts off is marked ✂."""
+    from engine.dataset.chat import MARK_LABELS
+    from engine.dataset.inspect import marked_segments
     t = Text()
     cut = getattr(preview, "cut_char", None)
-    pos = 0
-    for text, trained in preview.segments:
+    pos, before = 0, None
+    for text, trained, kind in marked_segments(preview):
+        if kind and kind != before:        # tool calls, tool results and weight-0 turns, labelled
+            t.append(f"«{MARK_LABELS[kind]}»", style="bold $accent" if kind != "weight_0" else "bold $warning")
+        before = kind
         style = "bold reverse $success" if trained else "dim"
+        if kind == "tool_result":
+            style = "italic $accent"
+        elif kind == "weight_0":
+            style = "dim strike"
         if cut is not None and pos <= cut < pos + len(text):
             head, tail = text[: cut - pos], text[cut - pos:]
             t.append(clean(head), style=style)
