@@ -263,3 +263,31 @@ def test_preview_draws_tool_calls_results_and_weights_with_the_trainers_mask(tmp
         < out.index("⟦<tool_call>") < out.index("«tool result»") < out.index("fog") < out.index("⟦Foggy.")
     shown = preview_text(pv).plain
     assert "«tool call»" in shown and "«tool result»" in shown and "«weight 0: not trained»" in shown
+
+
+def _tool_rows(n):
+    return [{"tools": [WEATHER], "messages": [
+        {"role": "user", "content": f"Weather in town {i}?"},
+        {"role": "assistant", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": f"t{i}"}}}]},
+        {"role": "tool", "content": f"rain {i}"}, {"role": "assistant", "content": f"Rain in town {i}."}]}
+        for i in range(n)]
+
+
+def test_a_run_on_tool_rows_trains_and_a_template_without_tools_fails_in_one_line(tmp_path, tiny_cfg):
+    from engine.training import runner
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _tool_rows(24)))
+    (tmp_path / "t.jinja").write_text(TOOLS_TEMPLATE)
+    results = []
+    for template in (str(tmp_path / "t.jinja"), ""):
+        cfg = tiny_cfg.copy()
+        cfg.data.train = str(tmp_path / "d.jsonl")
+        cfg.model.chat_template = template
+        cfg.train.max_steps, cfg.train.eval_steps, cfg.train.save_steps = 2, 2, 2
+        run = runner.Run(cfg)
+        run.start()
+        assert run.join(timeout=300)
+        results.append(run.result)
+    ok, refused = results
+    assert ok.type == "run_finished", getattr(ok, "reason", "")
+    assert refused.type == "run_failed" and refused.kind == "data"
+    assert "\n" not in refused.reason and "does not render tool definitions" in refused.reason
