@@ -102,7 +102,7 @@ def summary_text(report, cfg) -> Text:
     probs = len(report.problems or [])
     t.append("   problems ", style="dim")
     t.append(str(probs), style="bold $error" if probs else "bold $success")
-    dups = report.duplicates
+    dups = getattr(report, "duplicates_total", 0) or report.duplicates
     if dups:
         t.append("   duplicates ", style="dim")
         t.append(str(dups if isinstance(dups, int) else len(dups)), style="bold $warning")
