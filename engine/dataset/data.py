@@ -82,6 +82,10 @@ def iter_raw(path: str | Path, on_bytes: Callable[[int, int], None] | None = Non
     """Yield ``(line, record, error)`` for every record of a file; ``error`` is set for bad lines.
     A file that cannot be read as a whole (not UTF-8, unreadable, not parquet) raises DataError
     naming the file (and the line of the first bad byte)."""
+    from engine.dataset import sources
+    if sources.is_spec(str(path)):           # hf:org/name, dataset_info.json#NAME
+        yield from sources.iter_spec(str(path))
+        return
     p = resolve(str(path))
     if not p.exists():
         raise DataError(f"{p}: no such file or directory; check data.train / data.eval")
@@ -736,7 +740,13 @@ def detect_reason(fmt: str) -> str:
 
 
 def load_for_training(cfg) -> tuple[Dataset, Dataset | None]:
-    """Train (and eval) datasets for a config; raises DataError when training cannot proceed."""
+    """Train (and eval) datasets for a config; raises DataError when training cannot proceed.
+    With ``data.sources`` the mixture (``engine.dataset.sources.load_mixture``) replaces data.train."""
+    if getattr(cfg.data, "sources", None):
+        from engine.dataset import sources
+        train, ev, _ = sources.load_mixture(cfg)
+        _require_usable(train, cfg, "data.sources")
+        return train, ev
     train = load(cfg.resolve_path(cfg.data.train), cfg.data.format)
     _require_usable(train, cfg, "data.train")
     ev = None
@@ -747,7 +757,7 @@ def load_for_training(cfg) -> tuple[Dataset, Dataset | None]:
 
 
 def _require_usable(ds: Dataset, cfg, key: str) -> None:
-    where = resolve(ds.path)
+    where = ds.path if ds.path.startswith("mixture") else resolve(ds.path)
     if ds.raw_count == 0:
         raise DataError(f"{where}: the file has no rows ({key}); add training examples")
     if not ds.rows:

@@ -72,6 +72,7 @@ class Report:
     pii_total: int = 0
     warnings: list = field(default_factory=list)
     images: dict = field(default_factory=dict)   # image rows: count, visual tokens, bad images
+    sources: list = field(default_factory=list)  # a mixture: per source name, format, rows, share, problems
     phase: str = "read"                # read | tokenize | done | cancelled
     progress: float = 0.0              # 0..1 of the file
     elapsed_s: float = 0.0
@@ -118,6 +119,7 @@ class Report:
             "warnings": list(self.warnings),
             "elapsed_s": round(self.elapsed_s, 3),
             **({"images": dict(self.images)} if self.images else {}),
+            **({"sources": [dict(s) for s in self.sources]} if self.sources else {}),
         }
 
 
@@ -221,7 +223,14 @@ def dataset_for(path: str, fmt: str = "auto") -> data_mod.Dataset:
 
 
 def _data_path(cfg, path) -> str:
-    return str(path) if path is not None else cfg.resolve_path(cfg.data.train)
+    """The file inspected: ``path``, else data.train, else (with ``data.sources``) the mixture's
+    training rows as one file (engine.dataset.sources.mixture_file)."""
+    if path is not None:
+        return str(path)
+    if getattr(cfg.data, "sources", None):
+        from engine.dataset import sources
+        return sources.mixture_file(cfg)[0]
+    return cfg.resolve_path(cfg.data.train)
 
 
 # ---- the report ---------------------------------------------------------------------
@@ -347,7 +356,18 @@ def inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
 
 
 def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
+    shares = None
+    if path is None and getattr(cfg.data, "sources", None):
+        from engine.dataset import sources
+        path, shares = sources.mixture_file(cfg)
     scan = _Scan(cfg, _data_path(cfg, path), on_partial)
+    if shares is not None:
+        scan.rep.path = f"mixture of {len(shares)} sources"
+        total = sum(s.train for s in shares)
+        scan.rep.sources = [{"name": s.name, "path": s.path, "format": s.format, "usable": s.usable,
+                             "train": s.train, "eval": s.eval, "share": round(s.share(total), 6),
+                             "problems": s.problems, "first_problem": s.first_problem, "notes": list(s.notes)}
+                            for s in shares]
     try:
         if not scan.read(cancel):
             scan.drain()
@@ -358,6 +378,8 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
         if scan.counter.mismatch:
             rep.warnings.append(scan.counter.mismatch)
         out = scan.snapshot(mixed=mixed)
+        if shares is not None:                  # each source's eval rows were held out by itself
+            out.splits = {"train": out.splits.get("train", 0), "eval": sum(s.eval for s in shares)}
         if on_partial is not None:
             on_partial(out)
         return out
@@ -818,6 +840,11 @@ def format_report(r: Report, max_problems: int = 50) -> str:
     if len(r.formats_seen) > 1:
         out.append("  formats seen: " + ", ".join(f"{k} {v}" for k, v in r.formats_seen.items()))
     out.append("  fields: " + ", ".join(f"{k} ({v})" for k, v in list(r.fields_seen.items())[:8]))
+    for s in r.sources:
+        out.append(f"  {s['name']}: {s['format']}, {s['train']:,} training rows ({s['share']:.0%} of the mix), "
+                   f"{s['eval']:,} eval, {s['problems']:,} problems" + (f" (first: {s['first_problem']})"
+                                                                       if s['first_problem'] else "")
+                   + "".join(f"; {n}" for n in s["notes"]))
     split = ", ".join(f"{k} {v}" for k, v in r.splits.items())
     out.append(f"rows: {r.rows} usable of {r.raw_count} read" + (f" → {split}" if split else ""))
     out.append(f"problems: {len(r.problems)}" + (" (" + ", ".join(f"{k} {v}" for k, v in

@@ -88,8 +88,28 @@ def histogram_text(report, width: int = 36) -> Text:
 
 def summary_text(report, cfg) -> Text:
     t = Text()
-    t.append("file     ", style="dim")
-    t.append_text(literal(cfg.data.train or report.path))   # as the user wrote it
+    srcs = getattr(report, "sources", None) or []
+    if srcs:                      # a mixture ([[data.sources]]): each source's share and problems
+        t.append("sources  ", style="dim")
+        t.append(f"{len(srcs)}, {getattr(cfg.data, 'mix', 'concat')}", style="bold")
+        for s in srcs:
+            t.append("\n  ")
+            t.append_text(literal(s.get("name", "?")))
+            t.append(f"  {clean(str(s.get('format', '?')))}, {s.get('train', 0):,} rows ", style="dim")
+            t.append(f"{s.get('share', 0):.0%}", style="bold")
+            t.append(f", {s.get('eval', 0):,} eval", style="dim")
+            probs = s.get("problems", 0)
+            t.append(f", {probs:,} problems", style="bold $error" if probs else "$success")
+            if s.get("first_problem"):
+                t.append(" (first: ", style="dim")
+                t.append(one_line(clean(s["first_problem"]), 80), style="$error")
+                t.append(")", style="dim")
+            for n in s.get("notes") or []:
+                t.append(f"; {one_line(clean(n), 60)}", style="$warning")
+        t.append("\n")
+    else:
+        t.append("file     ", style="dim")
+        t.append_text(literal(cfg.data.train or report.path))   # as the user wrote it
     t.append("\nformat   ", style="dim")
     t.append(clean(report.format or "?"), style="bold")
     if report.format_reason:
