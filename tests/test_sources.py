@@ -159,3 +159,25 @@ def test_hub_dataset_from_the_local_datasets_cache(tmp_path, monkeypatch):
     assert len(got) == 5 and got[0][1]["output"] == "T answer 0"
     ds = data.load("hf:acme/toy")
     assert ds.format == "alpaca" and len(ds.rows) == 5
+
+
+def test_import_axolotl_maps_datasets_to_sources(tmp_path):
+    from engine.outputs.axolotl import convert, to_toml_text
+    yaml_text = ("base_model: builtin:tiny\n"
+                 "datasets:\n"
+                 "  - path: ./a.jsonl\n    type: alpaca\n"
+                 "  - path: acme/chats\n    type: chat_template\n    split: train\n    name: en\n"
+                 "  - path: ./c.jsonl\n    type: sharegpt\n")
+    cfg_dict, unmapped, notes = convert(yaml_text)
+    assert unmapped == []
+    assert cfg_dict["data"]["sources"] == [
+        {"path": "./a.jsonl", "format": "alpaca"},
+        {"path": "hf:acme/chats", "format": "messages", "split": "train", "subset": "en"},
+        {"path": "./c.jsonl", "format": "sharegpt"}]
+    assert "train" not in cfg_dict["data"] and any("3 sources" in n for n in notes)
+    path = tmp_path / "imported.toml"
+    path.write_text(to_toml_text(cfg_dict, unmapped, notes))
+    cfg = config.load(path)                          # the TOML round-trips through our loader
+    assert [s["path"] for s in cfg.data.sources] == ["./a.jsonl", "hf:acme/chats", "./c.jsonl"]
+    assert sources.source_spec(cfg, cfg.data.sources[1]) == "hf:acme/chats@en:train"
+    assert sources.source_spec(cfg, cfg.data.sources[0]) == str(tmp_path / "a.jsonl")
