@@ -291,3 +291,21 @@ def test_a_run_on_tool_rows_trains_and_a_template_without_tools_fails_in_one_lin
     assert ok.type == "run_finished", getattr(ok, "reason", "")
     assert refused.type == "run_failed" and refused.kind == "data"
     assert "\n" not in refused.reason and "does not render tool definitions" in refused.reason
+
+
+def test_llamafactory_v1_parts_reasoning_tool_call_and_loss_weight(tmp_path, tok):
+    rows = [{"tools": json.dumps([{"type": "function", "function": WEATHER}]), "messages": [
+        {"role": "user", "content": [{"type": "text", "value": "Weather in Paris?"}], "loss_weight": 0.0},
+        {"role": "assistant", "content": [
+            {"type": "reasoning", "value": "I should call the tool."},
+            {"type": "tool_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})}],
+         "loss_weight": 1.0},
+        {"role": "tool", "content": [{"type": "text", "value": "hail"}]},
+        {"role": "assistant", "content": [{"type": "text", "value": "Hail."}], "loss_weight": 1.0}]}]
+    ds = load_rows(tmp_path, rows)
+    assert not ds.problems
+    call_turn = ds.rows[0].data["messages"][1]
+    assert call_turn["content"] == "<think>\nI should call the tool.\n</think>\n\n"
+    assert call_turn["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    check(tok, ds, [["<think>\nI should call the tool.\n</think>\n\n" + CALL, "Hail.<|im_end|>"]],
+          untrained=["hail<|im_end|>"])

@@ -200,3 +200,11 @@ def test_estimate_counts_the_mixture(tmp_path):
     text = subprocess.run([sys.executable, "-m", "engine", "estimate", str(tmp_path / "run.toml")],
                           capture_output=True, text=True, timeout=120).stdout
     assert "data: mixture of 2 sources, 59 training rows, 4 eval" in text and "source 2 (b.jsonl)" in text
+
+
+def test_dataset_info_pretraining_columns_read_as_text(tmp_path):
+    write_jsonl(tmp_path / "c4.jsonl", [{"text": f"plain text {i}"} for i in range(4)])
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"c4": {"file_name": "c4.jsonl",
+                                                                    "columns": {"prompt": "text"}}}))
+    ds = data.load(str(tmp_path / "dataset_info.json") + "#c4")
+    assert ds.format == "text" and [r.data["text"] for r in ds.rows][:2] == ["plain text 0", "plain text 1"]

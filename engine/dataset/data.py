@@ -325,6 +325,14 @@ def check_turns(turns, line: int, problems: list[DataProblem], system: object = 
             continue
         calls = None
         raw_calls = t.get("tool_calls") or t.get("function_call")
+        if isinstance(content, list) and not raw_calls:      # LLaMA-Factory v1: tool_call parts
+            part_calls = [p.get("value") for p in content if isinstance(p, dict) and p.get("type") == "tool_call"]
+            if part_calls:
+                raw_calls = [_json_value(v, f"turn {j + 1}'s tool_call part", line, problems) for v in part_calls]
+                if any(c is _BAD for c in raw_calls):
+                    ok = False
+                    continue
+                content = [p for p in content if not (isinstance(p, dict) and p.get("type") == "tool_call")]
         if raw_calls:
             if role != "assistant":
                 problems.append(DataProblem(line, "wrong_type", f"turn {j + 1} ({role}) has tool calls; "
@@ -414,9 +422,14 @@ def check_turns(turns, line: int, problems: list[DataProblem], system: object = 
 
 
 def _join_parts(parts: list, j: int, role: str, line: int, problems: list[DataProblem]) -> str | None:
-    """Text content parts joined (OpenAI ``{type: text, text}``, LLaMA-Factory ``{type: text, value}``)."""
+    """Text content parts joined (OpenAI ``{type: text, text}``, LLaMA-Factory ``{type: text, value}``);
+    LLaMA-Factory v1 ``reasoning`` parts become ``<think>…</think>`` before the text (the form
+    reasoning chat templates read back from content)."""
     out = []
     for k, p in enumerate(parts):
+        if isinstance(p, dict) and p.get("type") == "reasoning" and isinstance(p.get("value", p.get("text")), str):
+            out.append(f"<think>\n{p.get('value', p.get('text'))}\n</think>\n\n")
+            continue
         v = p.get("text", p.get("value")) if isinstance(p, dict) and p.get("type") == "text" else None
         if not isinstance(v, str):
             kind = p.get("type") if isinstance(p, dict) else type(p).__name__

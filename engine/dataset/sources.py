@@ -96,6 +96,9 @@ def _mapper(entry: dict, p: Path, name: str):
             if ranking:
                 out.update({k: rec[v] for k, v in given.items() if k in ("chosen", "rejected", "kto_tag")
                             and v in rec})
+            if cols["response"] not in rec and not hist and not ranking:
+                out["text"] = ins          # pre-training rows: columns {prompt: text}
+                return out
             if not hist:
                 out.update(instruction=ins, input=inp, output=rec.get(cols["response"]))
                 return out
