@@ -208,3 +208,23 @@ def test_dataset_info_pretraining_columns_read_as_text(tmp_path):
                                                                     "columns": {"prompt": "text"}}}))
     ds = data.load(str(tmp_path / "dataset_info.json") + "#c4")
     assert ds.format == "text" and [r.data["text"] for r in ds.rows][:2] == ["plain text 0", "plain text 1"]
+
+
+def test_inspector_rereads_when_the_majority_format_changes_and_splits_large_files_proportionally(tmp_path, monkeypatch):
+    """The inspector keeps no record once counted: when the first 200 rows' format is not the
+    file's majority, it reads the file again with the right one (same report as a file of the
+    majority's rows alone, plus the mixed-format problem). Past SPLIT_EXACT_MAX rows the eval
+    hold-out is a proportional share, said in the basis."""
+    rows = [{"text": f"t {i}"} for i in range(250)] + alpaca(400, "M")
+    p = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    cfg = config.from_dict({"model": {"name": "builtin:tiny"}, "data": {"eval_fraction": 0.1}})
+    rep = inspect_mod.inspect(cfg, path=p)
+    assert rep.format == "alpaca" and rep.rows == 400 and rep.raw_count == 650
+    assert any(q.kind == "mixed_format" for q in rep.problems)
+    assert rep.lines[0] == 251 and len(rep.lines) == 400
+    only = inspect_mod.inspect(cfg, path=write_jsonl(tmp_path / "only.jsonl", alpaca(400, "M")))
+    assert rep.stats == only.stats and rep.trained_tokens_total == only.trained_tokens_total
+    cfg.data.train = p
+    monkeypatch.setattr(inspect_mod, "SPLIT_EXACT_MAX", 100)
+    big = inspect_mod.inspect(cfg)
+    assert big.splits["eval"] == 40 and "scaled by the share kept for training" in big.steps_basis
