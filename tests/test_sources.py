@@ -228,3 +228,11 @@ def test_inspector_rereads_when_the_majority_format_changes_and_splits_large_fil
     monkeypatch.setattr(inspect_mod, "SPLIT_EXACT_MAX", 100)
     big = inspect_mod.inspect(cfg)
     assert big.splits["eval"] == 40 and "scaled by the share kept for training" in big.steps_basis
+
+
+def test_import_axolotl_single_hub_dataset_keeps_subset_and_split():
+    from engine.outputs.axolotl import convert
+    d, unmapped, _ = convert("base_model: builtin:tiny\ndatasets:\n  - path: acme/chats\n    type: alpaca\n"
+                             "    name: en\n    split: validation\n")
+    assert unmapped == [] and d["data"]["train"] == "hf:acme/chats@en:validation"
+    assert sources.parse_hub(d["data"]["train"]) == ("acme/chats", "en", "validation")

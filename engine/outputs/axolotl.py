@@ -356,7 +356,12 @@ def _datasets(c: _Conversion) -> None:
         first["type"] = c.take("type")
         c.notes.append(f"top-level type: {first['type']} read as datasets[0].type "
                        "(the YAML's indentation looks flattened)")
-    _dataset_path(c, first.pop("path", None))
+    path = first.pop("path", None)
+    if isinstance(path, str) and _source_path(path) != path:    # a hub dataset: subset and split go with it
+        name, split = first.pop("name", None), first.pop("split", None)
+        path += (f"@{name}" if isinstance(name, str) and name else "") + \
+            (f":{split}" if isinstance(split, str) and split else "")
+    _dataset_path(c, path)
     _dataset_type(c, first)
     for k in list(first):
         if k in ("message_property_mappings", "roles_to_train", "train_on_eos",
