@@ -236,3 +236,13 @@ def test_import_axolotl_single_hub_dataset_keeps_subset_and_split():
                              "    name: en\n    split: validation\n")
     assert unmapped == [] and d["data"]["train"] == "hf:acme/chats@en:validation"
     assert sources.parse_hub(d["data"]["train"]) == ("acme/chats", "en", "validation")
+
+
+def test_percentiles_from_value_counts_equal_numpys():
+    import numpy as np
+    from engine.dataset.quality import percentiles
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 10, 101, 5000):
+        a = rng.integers(0, 300, n).astype(np.int32)
+        for q in (0, 25, 50, 75, 95, 100):
+            assert percentiles(a, [q])[0] == pytest.approx(float(np.percentile(a, q)), abs=1e-9)

@@ -661,14 +661,14 @@ def report_snapshot(cfg, rep: Report, tok, rows, counts, problems, mixed, dups, 
     probs = list(mixed) + list(problems)
     max_len = rep.max_length
     if n:
-        r.stats = {"min": int(lengths.min()), "median": float(np.median(lengths)),
-                   "p95": float(np.percentile(lengths, 95)), "max": int(lengths.max()),
+        median, p95 = quality.percentiles(lengths, [50, 95])       # no sorted copy of every row
+        r.stats = {"min": int(lengths.min()), "median": median, "p95": p95, "max": int(lengths.max()),
                    "mean": round(float(lengths.mean(dtype=np.float64)), 2)}
         r.histogram = histogram(lengths, max_len)
         r.truncated_rows = int((lengths > max_len).sum())
         r.truncated_share = round(r.truncated_rows / n, 6)
         r.trained_tokens_total = int(kept.sum(dtype=np.int64))
-        r.trained_tokens_median = float(np.median(kept))
+        r.trained_tokens_median = quality.percentiles(kept, [50])[0]
         r.zero_trained_rows = int((kept == 0).sum())
         if wide:
             trained = column(1)

@@ -146,8 +146,10 @@ def _hash_groups(np, hashes, lines, only, firsts, parts: int = 16) -> list[list[
     """Line groups (2+ rows) of equal hashes, each in row order, sorted by first line. ``only``:
     the rows taking part (a bool mask); ``firsts``: cleared for every row but a group's first.
     Sorted a sixteenth at a time (by the hash's top bits), so the temporaries stay small."""
+    import sys
     out = []
-    top = (hashes >> 60) & (parts - 1)
+    # the hash's top 4 bits, read from its most significant byte (1 byte a row, no int64 temporary)
+    top = hashes.view(np.uint8).reshape(-1, 8)[:, 7 if sys.byteorder == "little" else 0] >> 4
     for b in range(parts):
         sel = top == b
         if only is not None:
@@ -174,6 +176,25 @@ def _hash_groups(np, hashes, lines, only, firsts, parts: int = 16) -> list[list[
     return out
 
 
+def percentiles(values, qs) -> list[float]:
+    """``numpy.percentile(values, qs)`` (linear interpolation, the same numbers) from the counts of
+    each value instead of a sorted copy: memory bounded by the largest value (a row's token
+    count), not by how many values there are. ``values``: non-negative integers."""
+    import numpy as np
+    counts = np.bincount(values)
+    cum = np.cumsum(counts)
+    n = int(cum[-1])
+    out = []
+    for q in qs:
+        pos = (n - 1) * q / 100.0
+        k = int(np.floor(pos))
+        frac = pos - k
+        lo = int(np.searchsorted(cum, k, side="right"))          # the value of sorted[k]
+        hi = int(np.searchsorted(cum, min(k + 1, n - 1), side="right"))
+        out.append(float(lo + (hi - lo) * frac))
+    return out
+
+
 def outliers(lines, lengths, factor: float = 3.0, min_rows: int = 20) -> list[tuple[int, str, int]]:
     """Rows far from the bulk in token length: ``short`` below Q1/factor, ``long`` above Q3×factor.
 
@@ -184,7 +205,7 @@ def outliers(lines, lengths, factor: float = 3.0, min_rows: int = 20) -> list[tu
     if n < min_rows:
         return []
     arr = np.asarray(lengths)
-    q1, q3 = np.percentile(arr, [25, 75])
+    q1, q3 = percentiles(arr, [25, 75])
     lo, hi = q1 / factor, q3 * factor
     out = []
     for i in np.nonzero((arr < lo) | (arr > hi))[0]:
