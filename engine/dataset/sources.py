@@ -388,6 +388,10 @@ def mixture_file(cfg) -> tuple[str, list]:
         for r in train.rows:
             fh.write(json.dumps(r.data, ensure_ascii=False) + "\n")
     tmp.replace(out)
+    import atexit
+    atexit.register(lambda: out.unlink(missing_ok=True))     # this process's copy only
+    for old_path, _ in _MIX_FILES.values():
+        Path(old_path).unlink(missing_ok=True)
     _MIX_FILES.clear()
     _MIX_FILES[key] = (str(out), shares)
     return _MIX_FILES[key]
