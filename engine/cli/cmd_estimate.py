@@ -47,6 +47,21 @@ def cmd_estimate(args) -> int:
     except estimate_mod.EstimateError as e:
         print(f"estimate: {e}", file=sys.stderr)
         return 2
+    mixture = None
+    if getattr(cfg.data, "sources", None):      # count the mixture the run would train on
+        from engine.dataset import data as data_mod
+        from engine.dataset import sources
+        try:
+            train, ev, shares = sources.load_mixture(cfg)
+        except data_mod.DataError as e:
+            print(f"estimate: {e}", file=sys.stderr)
+            return 2
+        per_step = cfg.train.batch_size * cfg.distributed.gpus * cfg.train.grad_accum
+        total = len(train.rows)
+        mixture = {"train_rows": total, "eval_rows": len(ev.rows) if ev else 0,
+                   "steps_per_epoch": max(1, -(-total // per_step)) if total else 0,
+                   "sources": [{"name": x.name, "format": x.format, "train": x.train, "eval": x.eval,
+                                "share": round(x.share(total), 6), "problems": x.problems} for x in shares]}
     if args.json:
         out = {"model": cfg.model.name, "peak_bytes": est.peak_bytes,
                "allocated_bytes": est.allocated_bytes, "device_bytes": est.device_bytes,
@@ -57,7 +72,16 @@ def cmd_estimate(args) -> int:
                "checkpoint_layers": est.checkpoint_layers, "offload": est.offload,
                "notes": est.notes, "plan": pl.to_dict(), "host_bytes": est.host_bytes,
                "host_breakdown": est.host_breakdown, "streaming": est.streaming}
+        if mixture is not None:
+            out["data"] = mixture
         print(json.dumps(out))
     else:
         print(estimate_mod.format_report(est, pl))
+        if mixture is not None:
+            from engine.core.safe_text import visible
+            from engine.dataset import sources
+            print(f"data: mixture of {len(shares)} sources, {mixture['train_rows']:,} training "
+                  f"rows, {mixture['eval_rows']:,} eval; about {mixture['steps_per_epoch']:,} steps per "
+                  "epoch (rows / effective batch; `inspect` counts tokens)\n"
+                  + "\n".join(f"  {visible(line)}" for line in sources.describe(shares)))
     return 0

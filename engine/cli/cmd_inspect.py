@@ -45,7 +45,7 @@ def _config(args):
         print(str(e), file=sys.stderr)
         return None
     if args.data:          # relative to the working directory, not to the config file
-        cfg.data.train = args.data if args.data.startswith("builtin:") else \
+        cfg.data.train = args.data if args.data.startswith(("builtin:", "hf:")) else \
             str(Path(args.data).expanduser().absolute())
     if args.model:
         cfg.model.name = args.model if args.model.startswith("builtin:") or "/" not in args.model \

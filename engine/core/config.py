@@ -19,9 +19,10 @@ PREFERENCE_METHODS = ("dpo", "orpo", "kto", "simpo")     # train.method: prefere
 QLORA_METHODS = ("qlora",) + PREFERENCE_METHODS           # train.method: LoRA over the 4-bit base of [quant]
 
 
-def _f(default, help: str, *, choices=None, lo=None, hi=None, kind=None, group=None):
-    """A config field with its help text and allowed values (``choices`` or ``lo``..``hi``)."""
-    meta = {"help": help, "choices": choices, "lo": lo, "hi": hi, "kind": kind}
+def _f(default, help: str, *, choices=None, lo=None, hi=None, kind=None, group=None, form=True):
+    """A config field with its help text and allowed values (``choices`` or ``lo``..``hi``);
+    ``form`` False: set in the TOML file only (the TUI's form does not show it)."""
+    meta = {"help": help, "choices": choices, "lo": lo, "hi": hi, "kind": kind, "form": form}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -130,6 +131,11 @@ class DataConfig:
     packing: Any = _f(AUTO, "Pack several rows into one sequence (no padding). auto = on where "
                       "the attention kernel isolates samples.", choices=[True, False, AUTO])
     strict: bool = _f(False, "Refuse to train when the dataset has problems (else skip bad rows).")
+    sources: list = _f([], "Several sources in one run ([[data.sources]] tables: path, format, "
+                       "split, subset, dataset, weight or rows, eval); they replace data.train.",
+                       kind="sources", form=False)
+    mix: str = _f("concat", "How sources are mixed: concat (in order) or interleave (alternated in "
+                  "proportion).", choices=["concat", "interleave"], form=False)
 
 
 @dataclass
@@ -265,7 +271,7 @@ class Config:
 
     def resolve_path(self, value: str) -> str:
         """A relative path in a config file is relative to that file's directory."""
-        if not value or value.startswith("builtin:"):
+        if not value or value.startswith(("builtin:", "hf:")):
             return value
         p = Path(value).expanduser()
         if not p.is_absolute() and self.source:
@@ -331,6 +337,8 @@ def _coerce(key: str, f: dataclasses.Field, value, problems: list[Problem]):
             return value.lower() == "true"
         problems.append(Problem(key, value, f"allowed: true, false or \"{AUTO}\""))
         return default
+    if meta.get("kind") == "sources":
+        return _sources(key, value, problems)
     if meta.get("kind") == "modules":
         if isinstance(value, str) and value:
             return value
@@ -415,6 +423,51 @@ def _init_checks(cfg: Config, problems: list[Problem]) -> None:
     if cfg.distributed.gpus > 1:
         problems.append(Problem("lora.init", init, "runs on one GPU here: set distributed.gpus = 1 or "
                                 "lora.init = \"default\""))
+
+
+_SOURCE_KEYS = {"path": str, "format": str, "split": str, "subset": str, "dataset": str,
+                "weight": (int, float), "rows": int, "eval": str}
+
+
+def _sources(key: str, value, problems: list[Problem]) -> list:
+    """``[[data.sources]]``: a list of tables, each with a path and at most one of weight / rows."""
+    if not isinstance(value, list):
+        problems.append(Problem(key, value, "must be a list of tables ([[data.sources]] with a path)"))
+        return []
+    out = []
+    formats = DataConfig.__dataclass_fields__["format"].metadata["choices"]
+    for i, src in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(src, dict):
+            problems.append(Problem(where, src, "must be a table with a path"))
+            continue
+        bad = [k for k in src if k not in _SOURCE_KEYS]
+        if bad:
+            problems.append(Problem(f"{where}.{bad[0]}", src[bad[0]], "unknown key; allowed: " + ", ".join(_SOURCE_KEYS)))
+            continue
+        wrong = [k for k, v in src.items() if isinstance(v, bool) or not isinstance(v, _SOURCE_KEYS[k])]
+        if wrong:
+            problems.append(Problem(f"{where}.{wrong[0]}", src[wrong[0]], "must be a "
+                                    + ("number" if wrong[0] == "weight" else "whole number" if wrong[0] == "rows" else "string")))
+            continue
+        if not src.get("path", "").strip():
+            problems.append(Problem(f"{where}.path", src.get("path", ""), "each source needs a path (a file, a "
+                                    "datasets directory, a dataset_info.json with dataset, or hf:org/name)"))
+            continue
+        if "weight" in src and "rows" in src:
+            problems.append(Problem(f"{where}.rows", src["rows"], "give weight or rows, not both"))
+            continue
+        if "weight" in src and not (0 < src["weight"] <= 1000):
+            problems.append(Problem(f"{where}.weight", src["weight"], "out of range: above 0, up to 1000"))
+            continue
+        if "rows" in src and src["rows"] < 1:
+            problems.append(Problem(f"{where}.rows", src["rows"], "must be 1 or more"))
+            continue
+        if src.get("format", AUTO) not in formats:
+            problems.append(Problem(f"{where}.format", src["format"], "allowed: " + ", ".join(map(str, formats))))
+            continue
+        out.append(dict(src))
+    return out
 
 
 def _cross_checks(cfg: Config, problems: list[Problem]) -> None:

@@ -12,6 +12,8 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.dataset.data import DataError
+
 IGNORE = -100
 
 # ChatML with {% generation %} markers; used when a tokenizer has no chat template.
@@ -89,26 +91,87 @@ def _check_template(tok, chat_template: str) -> None:
                          f"{msg[0][:200] if msg else ''}; fix the template (it is Jinja)") from None
 
 
-def _render(tok, messages, add_generation_prompt=False) -> str:
+def _render(tok, messages, add_generation_prompt=False, tools=None) -> str:
+    if tools:
+        return tok.apply_chat_template(messages, tools=tools, tokenize=False,
+                                       add_generation_prompt=add_generation_prompt)
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+class ToolTemplateError(DataError):
+    """The model's chat template cannot render what a row holds (tool definitions, tool calls
+    or tool results): training it would drop them without a word."""
+
+
+_TOOL_SUPPORT: dict = {}      # chat template text -> "" (renders tools) or what it cannot render
+_PROBE_ARG = "qlora_probe_argument"
+
+
+def tool_support(tok) -> dict:
+    """What the tokenizer's chat template renders, probed once per template: ``{"tools": bool,
+    "tool_calls": bool, "tool_results": bool}`` (a probe name must appear in the rendered text)."""
+    key = str(getattr(tok, "chat_template", None))
+    if key in _TOOL_SUPPORT:
+        return _TOOL_SUPPORT[key]
+    fn = {"name": "qlora_probe_fn", "description": "probe",
+          "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}}
+    call = {"role": "assistant", "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "qlora_probe_call",
+                                                              "arguments": {"x": _PROBE_ARG}}}]}
+    user = {"role": "user", "content": "hi"}
+    out = {}
+    for what, msgs, tools, needle in (
+            ("tools", [user], [{"type": "function", "function": fn}], "qlora_probe_fn"),
+            ("tool_calls", [user, call], None, "qlora_probe_call"),
+            ("tool_results", [user, call, {"role": "tool", "name": "qlora_probe_call",
+                                           "content": "qlora_probe_result"}], None, "qlora_probe_result")):
+        try:
+            out[what] = needle in _render(tok, msgs, tools=tools)
+        except Exception:  # noqa: BLE001 - a template that raises on them cannot render them
+            out[what] = False
+    _TOOL_SUPPORT[key] = out
+    return out
+
+
+def _require_tools(tok, row: dict) -> None:
+    need = []
+    if row.get("tools"):
+        need.append("tools")
+    for m in row["messages"]:
+        if m.get("tool_calls") and "tool_calls" not in need:
+            need.append("tool_calls")
+        if m["role"] == "tool" and "tool_results" not in need:
+            need.append("tool_results")
+    if not need:
+        return
+    can = tool_support(tok)
+    missing = [w for w in need if not can[w]]
+    if missing:
+        what = {"tools": "tool definitions (tools=)", "tool_calls": "assistant tool calls",
+                "tool_results": "tool results (role tool)"}
+        raise ToolTemplateError("the model's chat template does not render " + ", ".join(what[w] for w in missing)
+                                + ": the data has them; set model.chat_template to a template that "
+                                "renders tools (the model's tool-calling template)")
 
 
 def render_spans(tok, row: dict) -> tuple[str, list[tuple[int, int]], bool]:
     """(text, trained character spans, add_special_tokens) for one normalised row."""
     if "messages" in row:
         msgs = row["messages"]
-        if getattr(tok, "chat_template", None) == CHATML_TEMPLATE and _plain_turns(msgs):
+        tools = row.get("tools")
+        if not tools and getattr(tok, "chat_template", None) == CHATML_TEMPLATE and _plain_turns(msgs):
             return _chatml_spans(msgs)
-        full = _render(tok, msgs)
+        _require_tools(tok, row)
+        full = _render(tok, msgs, tools=tools)
         spans = []
         for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
+            if m["role"] != "assistant" or m.get("weight") == 0:      # weight 0: not trained
                 continue
-            prefix = _render(tok, msgs[:i], add_generation_prompt=True)
-            upto = full if i + 1 == len(msgs) else _render(tok, msgs[: i + 1])
+            prefix = _render(tok, msgs[:i], add_generation_prompt=True, tools=tools)
+            upto = full if i + 1 == len(msgs) else _render(tok, msgs[: i + 1], tools=tools)
             if full.startswith(upto) and upto.startswith(prefix):
                 spans.append((len(prefix), len(upto)))
-            else:
+            elif m["content"]:
                 # template rewrites earlier turns (e.g. drops reasoning): locate the content itself
                 start = full.find(m["content"], spans[-1][1] if spans else 0)
                 if start >= 0:
@@ -128,13 +191,43 @@ def render_spans(tok, row: dict) -> tuple[str, list[tuple[int, int]], bool]:
     return text, [(0, len(text))], True
 
 
+MARK_LABELS = {"tool_call": "tool call", "tool_result": "tool result", "weight_0": "weight 0: not trained"}
+
+
+def turn_marks(tok, row: dict, text: str) -> list[tuple[int, int, str]]:
+    """Character spans of the turns a preview draws apart, ``(start, end, kind)`` with kind
+    ``tool_call`` (an assistant's tool calls), ``tool_result`` (role tool) or ``weight_0`` (an
+    assistant turn with weight 0). Each turn's span is found as ``render_spans`` finds an
+    answer's: rendering the conversation up to it with and without it."""
+    msgs = row.get("messages") if isinstance(row, dict) else None
+    if not msgs or row.get("images") is not None:
+        return []
+    want = [("tool_call" if m.get("tool_calls") else "weight_0" if m.get("weight") == 0 else None)
+            if m["role"] == "assistant" else "tool_result" if m["role"] == "tool" else None for m in msgs]
+    if not any(want):
+        return []
+    tools = row.get("tools")
+    out = []
+    for i, kind in enumerate(want):
+        if kind is None:
+            continue
+        try:
+            a = len(_render(tok, msgs[:i], tools=tools)) if i else 0
+            upto = _render(tok, msgs[: i + 1], tools=tools)
+        except Exception:  # noqa: BLE001 - a preview mark is never a reason to fail
+            continue
+        if text.startswith(upto) and a < len(upto):
+            out.append((a, len(upto), kind))
+    return out
+
+
 def _plain_turns(msgs) -> bool:
     """Turns the ChatML fast path renders exactly as Jinja would: role and content strings only
     (an empty or assistant-first conversation takes the Jinja path, which refuses it)."""
     if not isinstance(msgs, list) or not msgs:
         return False
     for m in msgs:
-        if type(m) is not dict or len(m) != 2 or type(m.get("role")) is not str \
+        if type(m) is not dict or len(m) != 2 + ("weight" in m) or type(m.get("role")) is not str \
                 or type(m.get("content")) is not str:
             return False
     return msgs[0]["role"] != "assistant"
@@ -157,7 +250,7 @@ def _chatml_spans(msgs) -> tuple[str, list[tuple[int, int]], bool]:
         parts.append("\n")
         start = pos + len(head)
         pos = start + len(body) + 1
-        if m["role"] == "assistant":
+        if m["role"] == "assistant" and m.get("weight") != 0:
             spans.append((start, pos - 1))
     return "".join(parts), spans, False
 

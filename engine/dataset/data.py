@@ -103,6 +103,10 @@ def iter_raw(path: str | Path, on_bytes: Callable[[int, int], None] | None = Non
     """Yield ``(line, record, error)`` for every record of a file; ``error`` is set for bad lines.
     A file that cannot be read as a whole (not UTF-8, unreadable, not parquet) raises DataError
     naming the file (and the line of the first bad byte)."""
+    from engine.dataset import sources
+    if sources.is_spec(str(path)):           # hf:org/name, dataset_info.json#NAME
+        yield from sources.iter_spec(str(path))
+        return
     p = resolve(str(path))
     if not p.exists():
         raise DataError(f"{p}: no such file or directory; check data.train / data.eval")
@@ -326,7 +330,14 @@ def detect(rec: object) -> tuple[str | None, str]:
     return None, "fields " + ", ".join(sorted(map(str, keys))[:6]) + " match no known format"
 
 
-def check_turns(turns, line: int, problems: list[DataProblem]) -> list[dict] | None:
+def check_turns(turns, line: int, problems: list[DataProblem], system: object = None) -> list[dict] | None:
+    """Turns → normalised turns ``{"role", "content"[, "tool_calls"][, "name"][, "tool_call_id"][, "weight": 0]}``.
+
+    ``content`` is a string or a list of text parts (OpenAI ``{type: text, text}``, LLaMA-Factory
+    ``{type: text, value}``), joined; an assistant turn may have ``tool_calls`` (OpenAI) or a
+    legacy ``function_call`` instead of content; role ``function`` (legacy) is a tool result.
+    ``weight`` / ``loss_weight`` 0 on a turn means it is not trained (kept only when 0).
+    ``system``: a top-level system column, put first when the turns have no system turn."""
     if not isinstance(turns, list):
         problems.append(DataProblem(line, "wrong_type", "messages must be a list of turns"))
         return None
@@ -344,45 +355,255 @@ def check_turns(turns, line: int, problems: list[DataProblem]) -> list[dict] | N
             problems.append(DataProblem(line, "missing_field", f"turn {j + 1} has no 'role'"))
             ok = False
             continue
+        if role == "function":                 # OpenAI legacy: a function's result
+            role = "tool"
         if role not in ROLES:
             problems.append(DataProblem(line, "unknown_role", f"turn {j + 1} has unknown role {str(role)!r}; "
                                         "allowed: " + ", ".join(ROLES)))
             ok = False
             continue
-        if content is None and "content" not in t:
+        calls = None
+        raw_calls = t.get("tool_calls") or t.get("function_call")
+        if isinstance(content, list) and not raw_calls:      # LLaMA-Factory v1: tool_call parts
+            part_calls = [p.get("value") for p in content if isinstance(p, dict) and p.get("type") == "tool_call"]
+            if part_calls:
+                raw_calls = [_json_value(v, f"turn {j + 1}'s tool_call part", line, problems) for v in part_calls]
+                if any(c is _BAD for c in raw_calls):
+                    ok = False
+                    continue
+                content = [p for p in content if not (isinstance(p, dict) and p.get("type") == "tool_call")]
+        if raw_calls:
+            if role != "assistant":
+                problems.append(DataProblem(line, "wrong_type", f"turn {j + 1} ({role}) has tool calls; "
+                                            "only assistant turns call tools"))
+                ok = False
+                continue
+            calls = tool_calls(raw_calls, f"turn {j + 1}", line, problems)
+            if calls is None:
+                ok = False
+                continue
+        if content is None and "content" not in t and not calls:
             problems.append(DataProblem(line, "missing_field", f"turn {j + 1} ({role}) has no 'content'"))
             ok = False
             continue
+        if content is None and calls:
+            content = ""
+        if isinstance(content, list):
+            content = _join_parts(content, j, role, line, problems)
+            if content is None:
+                ok = False
+                continue
         if not isinstance(content, str):
             problems.append(DataProblem(line, "non_string_content",
-                                        f"turn {j + 1} ({role}) content is {type(content).__name__}, not a string"))
+                                        f"turn {j + 1} ({role}) content is {type(content).__name__}, "
+                                        "not a string or a list of text parts"))
             ok = False
             continue
-        if not content or content.isspace():      # = not content.strip(), without copying it
+        if not calls and (not content or content.isspace()):   # = not content.strip(), without copying it
             problems.append(DataProblem(line, "empty_content", f"turn {j + 1} ({role}) has empty content"))
             ok = False
             continue
-        out.append({"role": role, "content": content})
+        turn = {"role": role, "content": content}
+        if calls:
+            turn["tool_calls"] = calls
+        if role == "tool":
+            for key in ("name", "tool_call_id"):
+                if isinstance(t.get(key), str) and t[key]:
+                    turn[key] = t[key]
+        weight = _weight(t, j, role, line, problems)
+        if weight is None:
+            ok = False
+            continue
+        if weight == 0:
+            turn["weight"] = 0
+        out.append(turn)
     if not ok:
         return None
-    # role order: optional system first, then user/assistant alternating, ending with assistant
-    body = [t["role"] for t in out if t["role"] != "tool"]
-    if body and body[0] == "system":
-        body = body[1:]
-    if "system" in body:
-        problems.append(DataProblem(line, "role_order", "a system turn after the first turn"))
+    if isinstance(system, str) and system.strip():
+        if out and out[0]["role"] == "system":
+            if out[0]["content"] != system:
+                problems.append(DataProblem(line, "role_order", "both a 'system' column and a different system "
+                                            "turn; keep one of them"))
+                return None
+        else:
+            out.insert(0, {"role": "system", "content": system})
+    elif system is not None and not isinstance(system, str):
+        problems.append(DataProblem(line, "wrong_type", "'system' must be a string"))
         return None
-    if not body or "assistant" not in body:
+    # role order: optional system first, then user/assistant alternating (tool results after an
+    # assistant's tool calls, then the assistant again), with an assistant turn to train on
+    prev, after_tool = None, False
+    for j, t in enumerate(out):
+        r = t["role"]
+        if r == "system":
+            if j:
+                problems.append(DataProblem(line, "role_order", "a system turn after the first turn"))
+                return None
+            continue
+        if r == "tool":
+            after_tool = True
+            continue
+        if prev is None and r == "assistant":
+            problems.append(DataProblem(line, "role_order", "assistant speaks first; expected a user turn first"))
+            return None
+        if prev == r and not (r == "assistant" and after_tool):
+            problems.append(DataProblem(line, "role_order", f"two {r} turns in a row"))
+            return None
+        prev, after_tool = r, False
+    answers = [t for t in out if t["role"] == "assistant"]
+    if not answers:
         problems.append(DataProblem(line, "role_order", "no assistant turn: nothing to train on"))
         return None
-    if body[0] == "assistant":
-        problems.append(DataProblem(line, "role_order", "assistant speaks first; expected a user turn first"))
+    if all(t.get("weight") == 0 for t in answers):
+        problems.append(DataProblem(line, "no_trained_tokens", "every assistant turn has weight 0: nothing to train on"))
         return None
-    for a, b in zip(body, body[1:]):
-        if a == b:
-            problems.append(DataProblem(line, "role_order", f"two {a} turns in a row"))
-            return None
     return out
+
+
+def _join_parts(parts: list, j: int, role: str, line: int, problems: list[DataProblem]) -> str | None:
+    """Text content parts joined (OpenAI ``{type: text, text}``, LLaMA-Factory ``{type: text, value}``);
+    LLaMA-Factory v1 ``reasoning`` parts become ``<think>…</think>`` before the text (the form
+    reasoning chat templates read back from content)."""
+    out = []
+    for k, p in enumerate(parts):
+        if isinstance(p, dict) and p.get("type") == "reasoning" and isinstance(p.get("value", p.get("text")), str):
+            out.append(f"<think>\n{p.get('value', p.get('text'))}\n</think>\n\n")
+            continue
+        v = p.get("text", p.get("value")) if isinstance(p, dict) and p.get("type") == "text" else None
+        if not isinstance(v, str):
+            kind = p.get("type") if isinstance(p, dict) else type(p).__name__
+            problems.append(DataProblem(line, "wrong_type", f"turn {j + 1} ({role}) part {k + 1} is "
+                                        f"{str(kind)[:40]!r}: expected {{\"type\": \"text\", \"text\": ...}} "
+                                        "(images: {\"type\": \"image\", \"image\": path})"))
+            return None
+        out.append(v)
+    return "".join(out)
+
+
+def _weight(t: dict, j: int, role: str, line: int, problems: list[DataProblem]) -> int | None:
+    """A turn's ``weight`` / ``loss_weight``: 1 (trained, the default) or 0 (not trained)."""
+    w = t.get("weight", t.get("loss_weight"))
+    if w is None:
+        return 1
+    if isinstance(w, (bool, int, float)) and w in (0, 1):
+        return int(w)
+    problems.append(DataProblem(line, "wrong_type", f"turn {j + 1} ({role}) weight {str(w)[:20]!r}: "
+                                "a turn's weight is 0 (not trained) or 1 (trained)"))
+    return None
+
+
+def _json_value(v, what: str, line: int, problems: list[DataProblem]):
+    """A field that may hold JSON text (LLaMA-Factory stores tools and calls as strings)."""
+    if not isinstance(v, str):
+        return v
+    try:
+        return json.loads(v) if v.strip() else None
+    except json.JSONDecodeError as e:
+        problems.append(DataProblem(line, "wrong_type", f"{what} is text but not JSON ({json_problem(e)})"))
+        return _BAD
+
+
+_BAD = object()
+
+
+def tool_calls(raw, what: str, line: int, problems: list[DataProblem]) -> list[dict] | None:
+    """Tool calls → ``[{"type": "function", "function": {"name", "arguments": dict}}]`` (the form
+    chat templates render). Accepts OpenAI ``tool_calls``, a legacy ``function_call`` and
+    LLaMA-Factory's ``function_call`` text (one call or a list, as JSON)."""
+    raw = _json_value(raw, f"{what}'s tool call", line, problems)
+    if raw is _BAD:
+        return None
+    if isinstance(raw, dict):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        problems.append(DataProblem(line, "wrong_type", f"{what}: tool calls must be a list of "
+                                    "{\"function\": {\"name\", \"arguments\"}}"))
+        return None
+    out = []
+    for k, c in enumerate(raw):
+        fn = c.get("function", c) if isinstance(c, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            problems.append(DataProblem(line, "missing_field", f"{what} tool call {k + 1} has no function 'name'"))
+            return None
+        args = fn.get("arguments", fn.get("parameters", {}))
+        args = _json_value(args, f"{what} tool call {k + 1} arguments", line, problems)
+        if args is _BAD:
+            return None
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            problems.append(DataProblem(line, "wrong_type", f"{what} tool call {k + 1}: 'arguments' must be "
+                                        "a JSON object"))
+            return None
+        call = {"type": "function", "function": {"name": name, "arguments": args}}
+        if isinstance(c.get("id"), str):
+            call["id"] = c["id"]
+        out.append(call)
+    return out
+
+
+def tool_definitions(rec: dict, line: int, problems: list[DataProblem]):
+    """A row's tool definitions (``tools``; legacy ``functions``) → OpenAI form
+    ``[{"type": "function", "function": {...}}]``; None when it has none, ``False`` on a problem."""
+    key = "tools" if rec.get("tools") not in (None, "", []) else "functions"
+    raw = _json_value(rec.get(key), f"'{key}'", line, problems)
+    if raw is _BAD:
+        return False
+    if raw in (None, [], {}):
+        return None
+    if isinstance(raw, dict):
+        raw = [raw]
+    if not isinstance(raw, list):
+        problems.append(DataProblem(line, "wrong_type", f"'{key}' must be a list of function definitions"))
+        return False
+    out = []
+    for k, t in enumerate(raw):
+        if isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str):
+            out.append({"type": "function", "function": t["function"]})
+        elif isinstance(t, dict) and isinstance(t.get("name"), str):
+            out.append({"type": "function", "function": t})
+        else:
+            problems.append(DataProblem(line, "wrong_type", f"'{key}' item {k + 1} is no function definition "
+                                        "(it needs a 'name')"))
+            return False
+    return out
+
+
+def _conversation(rec: dict, turns, line: int, problems: list[DataProblem]) -> dict | None:
+    """Turns + the row's ``system`` column and tool definitions → a normalised row."""
+    tools = tool_definitions(rec, line, problems)
+    if tools is False:
+        return None
+    msgs = check_turns(turns, line, problems, system=rec.get("system"))
+    if not msgs:
+        return None
+    return {"messages": msgs, "tools": tools} if tools else {"messages": msgs}
+
+
+def sharegpt_turns(conv, line: int, problems: list[DataProblem], roles: dict | None = None,
+                   keys: tuple = ("from", "value")) -> list[dict] | None:
+    """ShareGPT turns (``from``/``value``) → role/content turns: ``function_call`` turns are
+    assistant tool calls, ``observation`` turns tool results."""
+    if not isinstance(conv, list):
+        problems.append(DataProblem(line, "missing_field", "missing list field 'conversations'"))
+        return None
+    fk, vk = keys
+    table = roles or SHAREGPT_ROLES
+    turns = []
+    for j, t in enumerate(conv):
+        if not isinstance(t, dict) or fk not in t:
+            problems.append(DataProblem(line, "missing_field", f"turn {j + 1} has no '{fk}'"))
+            return None
+        who = str(t[fk])
+        role = table.get(who, table.get(who.lower(), who))
+        turn = {k: v for k, v in t.items() if k in ("weight", "loss_weight", "name")}
+        if role == "function_call" or who.lower() == "function_call":
+            turn.update(role="assistant", content="", tool_calls=t.get(vk))
+        else:
+            turn.update(role=role, content=t.get(vk))
+        turns.append(turn)
+    return turns
 
 
 def _required_strings(rec: dict, names, line: int, problems: list[DataProblem]) -> bool:
@@ -414,22 +635,10 @@ def normalise(rec: object, fmt: str, line: int, problems: list[DataProblem]) -> 
         if turns is None:
             problems.append(DataProblem(line, "missing_field", "missing field 'messages'"))
             return None
-        msgs = check_turns(turns, line, problems)
-        return {"messages": msgs} if msgs else None
+        return _conversation(rec, turns, line, problems)
     if fmt == "sharegpt":
-        conv = rec.get("conversations")
-        if not isinstance(conv, list):
-            problems.append(DataProblem(line, "missing_field", "missing list field 'conversations'"))
-            return None
-        turns = []
-        for j, t in enumerate(conv):
-            if not isinstance(t, dict) or "from" not in t:
-                problems.append(DataProblem(line, "missing_field", f"turn {j + 1} has no 'from'"))
-                return None
-            role = SHAREGPT_ROLES.get(str(t["from"]).lower(), t["from"])
-            turns.append({"role": role, "content": t.get("value")})
-        msgs = check_turns(turns, line, problems)
-        return {"messages": msgs} if msgs else None
+        turns = sharegpt_turns(rec.get("conversations"), line, problems)
+        return _conversation(rec, turns, line, problems) if turns is not None else None
     if fmt == "alpaca":
         ins, inp, out = rec.get("instruction"), rec.get("input", ""), rec.get("output")
         if not _required_strings(rec, ("instruction", "output"), line, problems):
@@ -449,6 +658,8 @@ def normalise(rec: object, fmt: str, line: int, problems: list[DataProblem]) -> 
         return {"messages": msgs}
     if fmt == "prompt_completion":
         p, c = rec.get("prompt"), rec.get("completion")
+        if isinstance(p, list) or isinstance(c, list):
+            return _conversational_pc(rec, p, c, line, problems)
         if not _required_strings(rec, ("prompt", "completion"), line, problems):
             return None
         if not c.strip():
@@ -477,6 +688,20 @@ def normalise(rec: object, fmt: str, line: int, problems: list[DataProblem]) -> 
             return None
         return {"text": t}
     raise ValueError(fmt)
+
+
+def _conversational_pc(rec: dict, p, c, line: int, problems: list[DataProblem]) -> dict | None:
+    """TRL's conversational prompt-completion (both message lists): one conversation whose
+    completion turns alone are trained (assistant turns of the prompt get weight 0)."""
+    if not (isinstance(p, list) and isinstance(c, list)):
+        problems.append(DataProblem(line, "wrong_type", "'prompt' and 'completion' must both be strings or "
+                                    "both lists of messages (TRL conversational)"))
+        return None
+    if not c:
+        problems.append(DataProblem(line, "empty_content", "empty completion: nothing to train on"))
+        return None
+    prompt = [dict(t, weight=0) if isinstance(t, dict) and t.get("role") == "assistant" else t for t in p]
+    return _conversation(rec, prompt + c, line, problems)
 
 
 def load(path: str, fmt: str = "auto", on_bytes=None) -> Dataset:
@@ -573,8 +798,15 @@ def detect_reason(fmt: str) -> str:
 
 
 def load_for_training(cfg) -> tuple[Dataset, Dataset | None]:
-    """Train (and eval) datasets for a config; raises DataError when training cannot proceed."""
+    """Train (and eval) datasets for a config; raises DataError when training cannot proceed.
+    With ``data.sources`` the mixture (``engine.dataset.sources.load_mixture``) replaces data.train."""
     from engine.dataset import preference
+    if getattr(cfg.data, "sources", None):
+        from engine.dataset import sources
+        train, ev, _ = sources.load_mixture(cfg)
+        preference.check_method(cfg, train.format, "data.sources", "data.sources")
+        _require_usable(train, cfg, "data.sources")
+        return train, ev
     train = load(cfg.resolve_path(cfg.data.train), cfg.data.format)
     preference.check_method(cfg, train.format, resolve(train.path), "data.train")
     _require_usable(train, cfg, "data.train")
@@ -587,7 +819,7 @@ def load_for_training(cfg) -> tuple[Dataset, Dataset | None]:
 
 
 def _require_usable(ds: Dataset, cfg, key: str) -> None:
-    where = resolve(ds.path)
+    where = ds.path if ds.path.startswith("mixture") else resolve(ds.path)
     if ds.raw_count == 0:
         raise DataError(f"{where}: the file has no rows ({key}); add training examples")
     if not ds.rows:

@@ -33,6 +33,8 @@ SCHEMA_VERSION = 1
 BATCH = 2000              # rows tokenised per batch
 PARTIAL_EVERY = 0.3       # seconds between on_partial calls
 MAX_LISTED = 1000         # outliers / PII findings listed (counts are always complete)
+MAX_GROUPS = 100_000      # duplicate / near-duplicate groups listed (duplicates_total counts them all)
+SPLIT_EXACT_MAX = 1_000_000   # rows up to which the eval hold-out is drawn as the trainer draws it
 
 
 @dataclass
@@ -61,14 +63,17 @@ class Report:
     steps_per_epoch: int = 0
     total_steps: int = 0
     steps_basis: str = ""
-    duplicates: list = field(default_factory=list)      # [[line, line, ...]]
+    duplicates: list = field(default_factory=list)      # [[line, line, ...]] (the first MAX_GROUPS)
     near_duplicates: list = field(default_factory=list)
+    duplicates_total: int = 0
+    near_duplicates_total: int = 0
     outliers: list = field(default_factory=list)        # [(line, "short"|"long", tokens)]
     outliers_total: int = 0
     pii: list = field(default_factory=list)             # engine.dataset.quality.PiiFinding
     pii_total: int = 0
     warnings: list = field(default_factory=list)
     images: dict = field(default_factory=dict)   # image rows: count, visual tokens, bad images
+    sources: list = field(default_factory=list)  # a mixture: per source name, format, rows, share, problems
     phase: str = "read"                # read | tokenize | done | cancelled
     progress: float = 0.0              # 0..1 of the file
     elapsed_s: float = 0.0
@@ -104,6 +109,8 @@ class Report:
             "quality": {
                 "duplicates": [list(g) for g in self.duplicates],
                 "near_duplicates": [list(g) for g in self.near_duplicates],
+                "duplicates_total": self.duplicates_total,
+                "near_duplicates_total": self.near_duplicates_total,
                 "outliers": [{"line": ln, "kind": k, "tokens": n} for ln, k, n in self.outliers],
                 "outliers_total": self.outliers_total,
                 "pii": [f.to_dict() for f in self.pii],
@@ -113,6 +120,7 @@ class Report:
             "warnings": list(self.warnings),
             "elapsed_s": round(self.elapsed_s, 3),
             **({"images": dict(self.images)} if self.images else {}),
+            **({"sources": [dict(s) for s in self.sources]} if self.sources else {}),
         }
 
 
@@ -137,13 +145,34 @@ class Preview:
     input_ids: list = field(default_factory=list, repr=False)
     labels: list = field(default_factory=list, repr=False)   # what the trainer trains on (truncated)
     images: list = field(default_factory=list)   # image rows: path, format, width, height, bytes, tokens
+    marks: list = field(default_factory=list)    # [(start, end, kind)]: tool calls, tool results, weight 0
 
     def to_dict(self) -> dict:
         return {"row_index": self.row_index, "line": self.line, "n_tokens": self.n_tokens,
                 "n_trained": self.n_trained, "n_trained_untruncated": self.n_trained_untruncated,
                 "truncated_at": self.truncated_at, "cut_char": self.cut_char,
-                "segments": [{"text": t, "trained": tr} for t, tr in self.segments],
+                "segments": [{"text": t, "trained": tr, **({"turn": k} if k else {})}
+                             for t, tr, k in marked_segments(self)],
                 **({"images": list(self.images)} if self.images else {})}
+
+
+def marked_segments(pv) -> list[tuple[str, bool, str | None]]:
+    """The preview's segments cut where a marked turn (``Preview.marks``) starts or ends:
+    ``(text, trained, kind)``, kind None outside every mark."""
+    marks = getattr(pv, "marks", None) or []
+    if not marks:
+        return [(t, tr, None) for t, tr in pv.segments]
+    cuts = sorted({c for a, b, _ in marks for c in (a, b)})
+    out, pos = [], 0
+    for text, tr in pv.segments:
+        end = pos + len(text)
+        at = pos
+        for c in [c for c in cuts if pos < c < end] + [end]:
+            kind = next((k for a, b, k in marks if a <= at < b), None)
+            out.append((text[at - pos:c - pos], tr, kind))
+            at = c
+        pos = end
+    return out
 
 
 # ---- tokenizer and dataset cache (so the TUI can page through rows fast) ---------------
@@ -195,7 +224,14 @@ def dataset_for(path: str, fmt: str = "auto") -> data_mod.Dataset:
 
 
 def _data_path(cfg, path) -> str:
-    return str(path) if path is not None else cfg.resolve_path(cfg.data.train)
+    """The file inspected: ``path``, else data.train, else (with ``data.sources``) the mixture's
+    training rows as one file (engine.dataset.sources.mixture_file)."""
+    if path is not None:
+        return str(path)
+    if getattr(cfg.data, "sources", None):
+        from engine.dataset import sources
+        return sources.mixture_file(cfg)[0]
+    return cfg.resolve_path(cfg.data.train)
 
 
 # ---- the report ---------------------------------------------------------------------
@@ -234,31 +270,44 @@ def histogram(lengths, max_len: int, bins: int = 20) -> list[tuple[int, int, int
     return [(int(edges[i]), int(edges[i + 1]), int(counts[i])) for i in range(len(counts))]
 
 
-def _steps(cfg, kept, max_len, path_is_train: bool):
-    """(train rows, steps per epoch, total steps, basis) the trainer would run with."""
+def _steps(cfg, counts, max_len, path_is_train: bool):
+    """(train rows, held out, steps per epoch, total steps, basis) the trainer would run with.
+
+    ``counts``: an (n, 2) array of (tokens, kept) per row: the eval hold-out is drawn exactly as
+    the trainer draws it; or, past SPLIT_EXACT_MAX rows, a (tokens, kept) pair of arrays: the
+    hold-out is then taken as a proportional share (drawing it would cost a list of every row)."""
     from engine.training.trainer import split_eval
     import numpy as np
+    exact = not isinstance(counts, tuple)
+    lengths, kept = (counts[:, 0], counts[:, 1]) if exact else counts
     n = len(kept)
-    idx = list(range(n))
     held = 0
     basis = []
+    share = 1.0
+    sel = None
     if path_is_train and not cfg.data.eval:
-        train_idx, ev = split_eval(cfg, idx, None)
-        if ev:
-            held = len(ev)
-            basis.append(f"{held} rows held out for eval (data.eval_fraction = {cfg.data.eval_fraction})")
-    else:
-        train_idx = idx
+        if exact:
+            train_idx, ev = split_eval(cfg, list(range(n)), None)
+            sel = np.asarray(train_idx, dtype=np.int64)
+            held = len(ev or [])
+        elif cfg.data.eval_fraction > 0 and n >= 10:
+            held = max(1, int(round(n * cfg.data.eval_fraction)))
+            share = (n - held) / n
+        if held:
+            basis.append(f"{held} rows held out for eval (data.eval_fraction = {cfg.data.eval_fraction})"
+                         + ("" if exact else "; counts below scaled by the share kept for training"))
+    if sel is not None:
+        lengths, kept = lengths[sel], kept[sel]
     per_step = cfg.train.batch_size * cfg.distributed.gpus
     packing = cfg.data.packing is True
-    sel = np.asarray(train_idx, dtype=np.int64)
+    n_rows = int(round(len(kept) * share))
     if packing:
-        toks = int(np.minimum(kept[sel, 0], max_len).sum()) if len(sel) else 0
+        toks = int(round(int(np.minimum(lengths, max_len).sum(dtype=np.int64)) * share)) if len(kept) else 0
         n_train = math.ceil(toks / max_len) if toks else 0
         basis.append(f"packing: about {n_train} sequences of {max_len} tokens")
     else:
-        n_train = int((kept[sel, 2] > 0).sum()) if len(sel) else 0
-        dropped = len(train_idx) - n_train
+        n_train = int(round(int((kept > 0).sum()) * share)) if len(kept) else 0
+        dropped = n_rows - n_train
         if dropped:
             basis.append(f"{dropped} rows with no trained token dropped")
     batches = math.ceil(n_train / per_step) if n_train else 0
@@ -308,17 +357,30 @@ def inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
 
 
 def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
+    shares = None
+    if path is None and getattr(cfg.data, "sources", None):
+        from engine.dataset import sources
+        path, shares = sources.mixture_file(cfg)
     scan = _Scan(cfg, _data_path(cfg, path), on_partial)
+    if shares is not None:
+        scan.rep.path = f"mixture of {len(shares)} sources"
+        total = sum(s.train for s in shares)
+        scan.rep.sources = [{"name": s.name, "path": s.path, "format": s.format, "usable": s.usable,
+                             "train": s.train, "eval": s.eval, "share": round(s.share(total), 6),
+                             "problems": s.problems, "first_problem": s.first_problem, "notes": list(s.notes)}
+                            for s in shares]
     try:
         if not scan.read(cancel):
             scan.drain()
             return scan.snapshot(partial=True, phase="cancelled")
         fmt, reason, mixed = scan.settle_format()
         rep = scan.rep
-        rep.format, rep.format_reason, rep.raw_count = fmt, reason, len(scan.raw)
+        rep.format, rep.format_reason, rep.raw_count = fmt, reason, scan.n_raw
         if scan.counter.mismatch:
             rep.warnings.append(scan.counter.mismatch)
         out = scan.snapshot(mixed=mixed)
+        if shares is not None:                  # each source's eval rows were held out by itself
+            out.splits = {"train": out.splits.get("train", 0), "eval": sum(s.eval for s in shares)}
         if on_partial is not None:
             on_partial(out)
         return out
@@ -340,14 +402,21 @@ class _Scan:
         self.rep.warnings += list(tw)
         self.counter = Counter(self.tok, max_len)
         self.provisional = None if cfg.data.format == "auto" else cfg.data.format
-        self.raw: list = []
+        # Memory is bounded by the longest row, not the row count: records are dropped once
+        # normalised and counted; each usable row keeps its line, two hashes (duplicates) and
+        # two token counts (about 28 bytes).
+        self.head: list = []              # records read before the provisional format is known
+        self.n_raw = 0
+        self.first_bad = None             # (line, error) of the first unreadable record
         self.seen: dict = {}
         self.first_line: dict = {}
         self.fields: dict = {}
         self.bad_keys: dict = {}          # line -> a field name holding control characters
         self.problems: list = []          # from normalising with the provisional format
-        self.rows: list = []              # data_mod.Row
-        self.counts: list = []            # (tokens, trained, kept) per row
+        self.counts: list = []            # per batch: (tokens, kept) per row, int32
+        self.batch_lines: list = []       # per batch in flight: its rows' lines
+        self.zero: list = []              # no_trained_tokens problems
+        self.trained_total = 0            # trained tokens before max_length, all rows
         self.dups = quality.Duplicates()
         self.pii: list = []
         self.pending: list = []           # records read since the last flush
@@ -368,23 +437,26 @@ class _Scan:
         for rec in data_mod.iter_raw(self.path, on_bytes=self._on_bytes):
             self._note(rec)
             if self.provisional is None:
+                self.head.append(rec)
                 if sum(self.seen.values()) < 200:
-                    if len(self.raw) % BATCH == 0:
+                    if self.n_raw % BATCH == 0:
                         self.emit()
                     continue
                 self.provisional = max(self.seen, key=self.seen.get)   # checked against the whole file at the end
-                self.pending.extend(self.raw)
+                self.pending.extend(self.head)
+                self.head.clear()
             else:
                 self.pending.append(rec)
             if len(self.pending) >= BATCH:
                 rep.phase = "tokenize"
                 self.flush()
-                self.emit(force=len(self.rows) <= BATCH)
+                self.emit(force=self.dups.rows <= BATCH)
                 if cancel is not None and cancel.is_set():
                     return False
         if self.provisional is None and self.seen:
             self.provisional = max(self.seen, key=self.seen.get)
-            self.pending.extend(self.raw)
+            self.pending.extend(self.head)
+        self.head.clear()
         self.flush()
         self.drain()
         return True
@@ -395,7 +467,9 @@ class _Scan:
     def _note(self, rec) -> None:
         """Count one raw record: its format evidence, its field names (and any holding controls)."""
         line, obj, err = rec
-        self.raw.append(rec)
+        self.n_raw += 1
+        if err is not None and self.first_bad is None:
+            self.first_bad = (line, err)
         if err is None:
             data_mod.count_format(obj, line, self.seen, self.first_line)
             if isinstance(obj, dict):
@@ -404,7 +478,7 @@ class _Scan:
                     fields[k] = fields.get(k, 0) + 1
                     if has_controls(k):
                         self.bad_keys[line] = k
-        self.rep.rows_read = len(self.raw)
+        self.rep.rows_read = self.n_raw
 
     # ---- normalising, tokenising, quality checks
 
@@ -433,38 +507,52 @@ class _Scan:
         counter = self.counter
         self.inflight.append(self.pool.submit(_scaled_counts, counter, shown, counter.render(shown), scale))
         lines = [r.line for r in new_rows]
+        self.batch_lines.append(lines)
         self.problems.extend(_control_problems(lines, texts, self.bad_keys))
-        for ln, d, t in zip(lines, datas, texts):
-            self.dups.add(ln, d, t)
+        self.dups.add_batch(lines, datas, texts)
         self.pii.extend(quality.scan_pii(lines, texts))
-        self.rows.extend(new_rows)
         self.drain(keep=1)
 
     def drain(self, keep: int = 0) -> None:
         """Collect tokenising results (oldest first) until at most ``keep`` are in flight."""
         import numpy as np
+        max_len = self.rep.max_length
         while len(self.inflight) > keep:
             got = self.inflight.pop(0).result()
-            self.counts.append(np.asarray(got, dtype=np.int64).reshape(len(got), 3))
+            lines = self.batch_lines.pop(0)
+            arr = np.asarray(got, dtype=np.int64).reshape(len(got), 3)
+            self.trained_total += int(arr[:, 1].sum())
+            for i in np.nonzero(arr[:, 2] == 0)[0].tolist():
+                n, trained = int(arr[i, 0]), int(arr[i, 1])
+                why = ("all its trained tokens lie past max_length = %d (the row has %d tokens)" % (max_len, n)
+                       if trained else "the chat template leaves no assistant token to train on")
+                self.zero.append(data_mod.DataProblem(lines[i], "no_trained_tokens",
+                                                      f"no trained tokens: {why}; the trainer drops this row"))
+            self.counts.append(arr[:, [0, 2]].astype(np.int32))
 
     def settle_format(self) -> tuple:
         """The format of the whole file (format, reason, mixed-format problems); when it is not
         the provisional one the rows are normalised and counted again with it."""
-        raw = self.raw
         try:
             fmt, reason, mixed = data_mod.choose_format(self.path, self.cfg.data.format, self.seen,
-                                                        self.first_line, len(raw))
+                                                        self.first_line, self.n_raw)
         except data_mod.DataError as e:         # name the first bad line, as training's preflight does
-            bad = next(((ln, err) for ln, _r, err in raw if err), None)
+            bad = self.first_bad
             raise data_mod.DataError(f"{e}; first problem at line {bad[0]}: {bad[1]}" if bad else str(e)) from None
-        if fmt != self.provisional:        # the majority changed after the first rows: start over
-            self.problems.clear(); self.rows.clear(); self.counts.clear(); self.pii.clear()
+        if fmt != self.provisional:        # the majority changed after the first rows: read it again
+            self.problems.clear(); self.counts.clear(); self.pii.clear(); self.zero.clear()
+            self.trained_total = 0
             self.dups = quality.Duplicates()
             self.provisional = fmt
-            for i in range(0, len(raw), BATCH):
-                chunk = raw[i:i + BATCH]
-                self.process([r for r in (data_mod.normalise_record(ln, rc, er, fmt, self.problems)
-                                          for ln, rc, er in chunk) if r is not None])
+            chunk = []
+            for line, rc, er in data_mod.iter_raw(self.path):
+                row = data_mod.normalise_record(line, rc, er, fmt, self.problems)
+                if row is not None:
+                    chunk.append(row)
+                if len(chunk) >= BATCH:
+                    self.process(chunk)
+                    chunk = []
+            self.process(chunk)
             self.drain()
         return fmt, reason, mixed
 
@@ -483,8 +571,9 @@ class _Scan:
         self.on_partial(part)
 
     def snapshot(self, *, mixed=(), partial: bool = False, phase: str | None = None) -> Report:
-        out = report_snapshot(self.cfg, self.rep, self.tok, self.rows, self.counts, self.problems, list(mixed),
-                      self.dups, self.pii, self.seen, self.fields, partial=partial)
+        out = report_snapshot(self.cfg, self.rep, self.tok, None, self.counts, self.problems + self.zero,
+                              list(mixed), self.dups, self.pii, self.seen, self.fields, partial=partial,
+                              trained_total=self.trained_total)
         if phase:
             out.phase = phase
         out.elapsed_s = time.monotonic() - self.t0
@@ -544,8 +633,12 @@ def _control_problems(lines, texts, bad_keys) -> list:
 
 
 def report_snapshot(cfg, rep: Report, tok, rows, counts, problems, mixed, dups, pii, seen, fields,
-            partial: bool) -> Report:
-    """A Report snapshot from the running state (cheap enough to call every 0.3 s)."""
+                    partial: bool, trained_total: int | None = None) -> Report:
+    """A Report snapshot from the running state (cheap enough to call every 0.3 s).
+
+    ``counts``: per batch, arrays of ``(tokens, trained, kept)`` per row, or of ``(tokens, kept)``
+    with ``trained_total`` the sum of trained and the no-trained-token rows already in ``problems``
+    (the scan's bounded form); ``rows``: the Rows, or None to take their lines from ``dups``."""
     import copy
     import numpy as np
     r = copy.copy(rep)
@@ -555,47 +648,58 @@ def report_snapshot(cfg, rep: Report, tok, rows, counts, problems, mixed, dups, 
     if partial and seen and not r.format:
         r.format = max(seen, key=seen.get)
         r.format_reason = f"so far {seen[r.format]} of {rep.rows_read} rows have " + data_mod.detect_reason(r.format)
-    arr = np.concatenate(counts) if counts else np.zeros((0, 3), dtype=np.int64)
-    n = len(arr)
-    r.rows = len(rows)
+    wide = bool(counts) and counts[0].shape[1] == 3
+
+    def column(k):
+        return np.concatenate([c[:, k] for c in counts]) if counts else np.zeros(0, dtype=np.int64)
+    lengths = column(0)
+    kept = column(2 if wide else 1)
+    n = len(lengths)
+    r.rows = len(rows) if rows is not None else dups.rows
     r.rows_tokenized = n
+    lines = None
     if not partial:
-        r.lines = [row.line for row in rows]
+        lines = np.asarray([row.line for row in rows], dtype=np.int64) if rows is not None else dups.lines()
+        r.lines = lines
     probs = list(mixed) + list(problems)
     max_len = rep.max_length
     if n:
-        lengths, trained, kept = arr[:, 0], arr[:, 1], arr[:, 2]
-        r.stats = {"min": int(lengths.min()), "median": float(np.median(lengths)),
-                   "p95": float(np.percentile(lengths, 95)), "max": int(lengths.max()),
-                   "mean": round(float(lengths.mean()), 2)}
+        median, p95 = quality.percentiles(lengths, [50, 95])       # no sorted copy of every row
+        r.stats = {"min": int(lengths.min()), "median": median, "p95": p95, "max": int(lengths.max()),
+                   "mean": round(float(lengths.mean(dtype=np.float64)), 2)}
         r.histogram = histogram(lengths, max_len)
         r.truncated_rows = int((lengths > max_len).sum())
         r.truncated_share = round(r.truncated_rows / n, 6)
-        r.trained_tokens_total = int(kept.sum())
-        r.trained_tokens_untruncated = int(trained.sum())
-        r.trained_tokens_median = float(np.median(kept))
-        zero = np.nonzero(kept == 0)[0]
-        r.zero_trained_rows = int(len(zero))
-        for i in zero:
-            row = rows[i]
-            why = ("all its trained tokens lie past max_length = %d (the row has %d tokens)" % (max_len, lengths[i])
-                   if trained[i] else "the chat template leaves no assistant token to train on")
-            probs.append(data_mod.DataProblem(row.line, "no_trained_tokens",
-                                       f"no trained tokens: {why}; the trainer drops this row"))
+        r.trained_tokens_total = int(kept.sum(dtype=np.int64))
+        r.trained_tokens_median = quality.percentiles(kept, [50])[0]
+        r.zero_trained_rows = int((kept == 0).sum())
+        if wide:
+            trained = column(1)
+            r.trained_tokens_untruncated = int(trained.sum())
+            for i in np.nonzero(kept == 0)[0]:
+                why = ("all its trained tokens lie past max_length = %d (the row has %d tokens)" % (max_len, lengths[i])
+                       if trained[i] else "the chat template leaves no assistant token to train on")
+                probs.append(data_mod.DataProblem(rows[i].line, "no_trained_tokens",
+                                                  f"no trained tokens: {why}; the trainer drops this row"))
+        else:
+            r.trained_tokens_untruncated = int(trained_total or 0)
         if not partial:
-            n_train, held, spe, total, basis = _steps(cfg, arr, max_len,
-                                                      _same_file(cfg, rep.path))
+            n_train, held, spe, total, basis = _steps(cfg, np.stack([lengths, kept], axis=1) if n <= SPLIT_EXACT_MAX
+                                                      else (lengths, kept), max_len, _same_file(cfg, rep.path))
             r.steps_per_epoch, r.total_steps, r.steps_basis = spe, total, basis
             r.splits = {"train": n_train if cfg.data.packing is not True else n - held, "eval": held}
             if _same_file(cfg, rep.path) and cfg.data.eval:
                 r.splits["eval_file"] = cfg.data.eval
-            all_out = quality.outliers(r.lines, lengths)
+            all_out = quality.outliers(lines, lengths)
             r.outliers_total = len(all_out)
             r.outliers = all_out[:MAX_LISTED]
+    del lengths, kept
     probs.sort(key=lambda p: p.line)
     r.problems = probs
-    r.duplicates = dups.exact_groups()
-    r.near_duplicates = dups.near_groups()
+    exact = dups.exact_groups(stale_ok=partial)
+    near = dups.near_groups(stale_ok=partial)
+    r.duplicates_total, r.near_duplicates_total = len(exact), len(near)
+    r.duplicates, r.near_duplicates = exact[:MAX_GROUPS], near[:MAX_GROUPS]
     r.pii_total = len(pii)
     r.pii = sorted(pii, key=lambda f: f.line)[:MAX_LISTED]
     if not partial:
@@ -661,7 +765,9 @@ def preview(cfg, row_index: int, *, path=None) -> Preview:
                 out.append((text, tr))
             pos += len(text)
         segs = out
+    from engine.dataset.chat import turn_marks
     return Preview(row_index=row_index, line=row.line, segments=segs, n_tokens=n,
+                   marks=turn_marks(tok, row.data, enc.text) if enc.text else [],
                    n_trained=sum(1 for x in labels if x != IGNORE), n_trained_untruncated=enc.n_trained,
                    truncated_at=truncated_at, cut_char=cut_char, text=enc.text,
                    input_ids=list(enc.input_ids[:max_len]), labels=labels)
@@ -707,10 +813,16 @@ def format_preview(pv: Preview, max_len: int, colour: bool = False) -> str:
     head = (f"row {pv.row_index + 1} (line {pv.line}): {pv.n_tokens} tokens, {pv.n_trained} trained"
             + (f" ({pv.n_trained_untruncated - pv.n_trained} more past max_length)"
                if pv.n_trained_untruncated != pv.n_trained else ""))
+    from engine.dataset.chat import MARK_LABELS
     legend = ("trained tokens in green" if colour else "trained tokens between ⟦ and ⟧")
-    body, pos = [], 0
-    for raw, trained in pv.segments:
+    if pv.marks:
+        legend += "; turns marked " + ", ".join(f"«{MARK_LABELS[k]}»" for k in dict.fromkeys(k for _, _, k in pv.marks))
+    body, pos, kind_before = [], 0, None
+    for raw, trained, kind in marked_segments(pv):
         text = visible(raw)           # the row's own escape codes are shown, never run
+        if kind != kind_before and kind:
+            body.append(f"\033[1;36m«{MARK_LABELS[kind]}»\033[0m" if colour else f"«{MARK_LABELS[kind]}»")
+        kind_before = kind
         if pv.cut_char is not None and pos == pv.cut_char:
             body.append(("\033[7m" if colour else "") + f"✂[max_length {max_len}: the rest is cut]"
                         + ("\033[0m" if colour else ""))
@@ -734,6 +846,11 @@ def format_report(r: Report, max_problems: int = 50) -> str:
     if len(r.formats_seen) > 1:
         out.append("  formats seen: " + ", ".join(f"{k} {v}" for k, v in r.formats_seen.items()))
     out.append("  fields: " + ", ".join(f"{k} ({v})" for k, v in list(r.fields_seen.items())[:8]))
+    for s in r.sources:
+        out.append(f"  {s['name']}: {s['format']}, {s['train']:,} training rows ({s['share']:.0%} of the mix), "
+                   f"{s['eval']:,} eval, {s['problems']:,} problems" + (f" (first: {s['first_problem']})"
+                                                                       if s['first_problem'] else "")
+                   + "".join(f"; {n}" for n in s["notes"]))
     split = ", ".join(f"{k} {v}" for k, v in r.splits.items())
     out.append(f"rows: {r.rows} usable of {r.raw_count} read" + (f" → {split}" if split else ""))
     out.append(f"problems: {len(r.problems)}" + (" (" + ", ".join(f"{k} {v}" for k, v in
@@ -761,8 +878,8 @@ def format_report(r: Report, max_problems: int = 50) -> str:
         out.append(f"trained tokens: {r.trained_tokens_total} in all, median {r.trained_tokens_median:g} per row; "
                    f"{r.zero_trained_rows} rows with none")
         out.append(f"steps per epoch: {r.steps_per_epoch} (total {r.total_steps}): {r.steps_basis}")
-    out.append(f"duplicates: {len(r.duplicates)} groups" + (f" (lines {_lines(r.duplicates)})" if r.duplicates else ""))
-    out.append(f"near-duplicates: {len(r.near_duplicates)} groups"
+    out.append(f"duplicates: {r.duplicates_total} groups" + (f" (lines {_lines(r.duplicates)})" if r.duplicates else ""))
+    out.append(f"near-duplicates: {r.near_duplicates_total} groups"
                + (f" (lines {_lines(r.near_duplicates)})" if r.near_duplicates else ""))
     if r.outliers_total:
         shown = ", ".join(f"line {ln} {k} ({n} tokens)" for ln, k, n in r.outliers[:10])

@@ -6,6 +6,7 @@ keeps or returns a finding's full value: PII comes back masked (``j***@e***.com`
 """
 from __future__ import annotations
 
+import json
 import re
 import string
 from bisect import bisect_right
@@ -24,10 +25,18 @@ class PiiFinding:
         return {"line": self.line, "kind": self.kind, "masked": self.masked}
 
 
+def _turn_text(m: dict) -> str:
+    """A turn's text; an assistant's tool calls are part of it (as JSON)."""
+    if m.get("tool_calls"):
+        return m["content"] + "".join(json.dumps(c.get("function"), ensure_ascii=False, sort_keys=True)
+                                      for c in m["tool_calls"])
+    return m["content"]
+
+
 def row_text(data: dict) -> str:
     """All the human-written text of a normalised row, turns joined by newlines."""
     if "messages" in data:
-        return "\n".join(m["content"] for m in data["messages"])
+        return "\n".join(_turn_text(m) for m in data["messages"])
     if "completion" in data:
         return data["prompt"] + "\n" + data["completion"]
     if "input_ids" in data:          # pre-tokenised: no text to scan
@@ -38,7 +47,9 @@ def row_text(data: dict) -> str:
 def row_key(data: dict):
     """A hashable exact identity of a normalised row (roles included)."""
     if "messages" in data:
-        return tuple((m["role"], m["content"]) for m in data["messages"])
+        key = tuple((m["role"], _turn_text(m), m.get("weight", 1)) if len(m) > 2 else (m["role"], m["content"])
+                    for m in data["messages"])
+        return key + (("\0tools", json.dumps(data["tools"], sort_keys=True)),) if data.get("tools") else key
     if "completion" in data:
         return ("\0prompt", data["prompt"], data["completion"])
     if "input_ids" in data:
@@ -59,40 +70,129 @@ def near_key(text: str) -> bytes:
 
 
 class Duplicates:
-    """Incremental exact and near-duplicate grouping by line number."""
+    """Exact and near-duplicate grouping by line number in bounded memory: each row keeps two
+    64-bit hashes (of ``row_key`` and of ``near_key``), 16 bytes whatever its length; groups are
+    found by sorting the hashes, a sixteenth of them at a time. Two different rows share a hash
+    with odds of about n²/2⁶⁵ (3·10⁻⁵ at 30 M rows)."""
 
     def __init__(self):
-        self._exact: dict = {}
-        self._near: dict = {}
-        self._exact_multi: list = []      # groups with 2+ lines, in the order they became so
-        self._near_multi: list = []
+        import numpy as np
+        self._np = np
+        self._lines: list = []          # per batch: line numbers (int64)
+        self._exact: list = []          # per batch: hash of row_key
+        self._near: list = []           # per batch: hash of near_key
+        self._n = 0
+        self._cached: tuple = (-1, [], [])
+        self._when = 0.0
+
+    @property
+    def rows(self) -> int:
+        return self._n
+
+    def lines(self):
+        """The line of every row added, in order (one numpy array)."""
+        self._consolidate()
+        return self._lines[0] if self._lines else self._np.zeros(0, dtype=self._np.int64)
+
+    def _consolidate(self) -> None:
+        for parts in (self._lines, self._exact, self._near):     # one array each from now on
+            if len(parts) > 1:
+                whole = self._np.concatenate(parts)
+                parts.clear()
+                parts.append(whole)
 
     def add(self, line: int, data: dict, text: str) -> None:
-        k = row_key(data)
-        g = self._exact.get(k)
-        if g is None:
-            self._exact[k] = [line]
-        else:
-            g.append(line)
-            if len(g) == 2:
-                self._exact_multi.append(g)
-            return            # an exact copy is near its original too; reported once, as exact
-        nk = near_key(text)
-        g = self._near.get(nk)
-        if g is None:
-            self._near[nk] = [line]
-        else:
-            g.append(line)
-            if len(g) == 2:
-                self._near_multi.append(g)
+        self.add_batch([line], [data], [text])
 
-    def exact_groups(self) -> list[list[int]]:
-        return sorted((list(g) for g in self._exact_multi), key=lambda g: g[0])
+    def add_batch(self, lines, datas, texts) -> None:
+        np = self._np
+        n = len(lines)
+        if not n:
+            return
+        big = max(lines) >= 2**32
+        self._lines.append(np.fromiter(lines, dtype=np.int64 if big else np.uint32, count=n))
+        self._exact.append(np.fromiter((hash(row_key(d)) for d in datas), dtype=np.int64, count=n))
+        self._near.append(np.fromiter((hash(near_key(t)) for t in texts), dtype=np.int64, count=n))
+        self._n += n
 
-    def near_groups(self) -> list[list[int]]:
+    def _groups(self, stale_ok: bool = False) -> tuple[list, list]:
+        """(exact groups, near groups). ``stale_ok``: a running scan's snapshot may get the groups
+        of a few seconds ago on large files (each grouping sorts every hash)."""
+        import time
+        if self._cached[0] == self._n or (stale_ok and self._n > 200_000 and time.monotonic() - self._when < 5):
+            return self._cached[1], self._cached[2]
+        np = self._np
+        if not self._n:
+            return [], []
+        self._consolidate()
+        lines, exact, near = self._lines[0], self._exact[0], self._near[0]
+        firsts = np.ones(len(lines), dtype=bool)      # first row of its exact group
+        exact_groups = _hash_groups(np, exact, lines, None, firsts)
+        near_groups = _hash_groups(np, near, lines, firsts, None)
+        self._cached = (self._n, exact_groups, near_groups)
+        self._when = time.monotonic()
+        return exact_groups, near_groups
+
+    def exact_groups(self, stale_ok: bool = False) -> list[list[int]]:
+        return [list(g) for g in self._groups(stale_ok)[0]]
+
+    def near_groups(self, stale_ok: bool = False) -> list[list[int]]:
         """Groups of rows that differ only in case, punctuation or spacing (exact copies excluded:
         each group lists the first line of every distinct variant)."""
-        return sorted((list(g) for g in self._near_multi), key=lambda g: g[0])
+        return [list(g) for g in self._groups(stale_ok)[1]]
+
+
+def _hash_groups(np, hashes, lines, only, firsts, parts: int = 16) -> list[list[int]]:
+    """Line groups (2+ rows) of equal hashes, each in row order, sorted by first line. ``only``:
+    the rows taking part (a bool mask); ``firsts``: cleared for every row but a group's first.
+    Sorted a sixteenth at a time (by the hash's top bits), so the temporaries stay small."""
+    import sys
+    out = []
+    # the hash's top 4 bits, read from its most significant byte (1 byte a row, no int64 temporary)
+    top = hashes.view(np.uint8).reshape(-1, 8)[:, 7 if sys.byteorder == "little" else 0] >> 4
+    for b in range(parts):
+        sel = top == b
+        if only is not None:
+            sel &= only
+        idx = np.nonzero(sel)[0]
+        del sel
+        if len(idx) < 2:
+            continue
+        h = hashes[idx]
+        order = np.argsort(h, kind="stable")
+        idx, h = idx[order], h[order]
+        del order
+        same = h[1:] == h[:-1]
+        if not same.any():
+            continue
+        starts = np.nonzero(np.concatenate(([True], ~same)))[0]
+        ends = np.append(starts[1:], len(h))
+        for a, e in zip(starts[ends - starts > 1].tolist(), ends[ends - starts > 1].tolist()):
+            rows = idx[a:e]
+            out.append(lines[rows].tolist())
+            if firsts is not None:
+                firsts[rows[1:]] = False
+    out.sort(key=lambda g: g[0])
+    return out
+
+
+def percentiles(values, qs) -> list[float]:
+    """``numpy.percentile(values, qs)`` (linear interpolation, the same numbers) from the counts of
+    each value instead of a sorted copy: memory bounded by the largest value (a row's token
+    count), not by how many values there are. ``values``: non-negative integers."""
+    import numpy as np
+    counts = np.bincount(values)
+    cum = np.cumsum(counts)
+    n = int(cum[-1])
+    out = []
+    for q in qs:
+        pos = (n - 1) * q / 100.0
+        k = int(np.floor(pos))
+        frac = pos - k
+        lo = int(np.searchsorted(cum, k, side="right"))          # the value of sorted[k]
+        hi = int(np.searchsorted(cum, min(k + 1, n - 1), side="right"))
+        out.append(float(lo + (hi - lo) * frac))
+    return out
 
 
 def outliers(lines, lengths, factor: float = 3.0, min_rows: int = 20) -> list[tuple[int, str, int]]:
@@ -105,7 +205,7 @@ def outliers(lines, lengths, factor: float = 3.0, min_rows: int = 20) -> list[tu
     if n < min_rows:
         return []
     arr = np.asarray(lengths)
-    q1, q3 = np.percentile(arr, [25, 75])
+    q1, q3 = percentiles(arr, [25, 75])
     lo, hi = q1 / factor, q3 * factor
     out = []
     for i in np.nonzero((arr < lo) | (arr > hi))[0]:

@@ -403,7 +403,12 @@ def _datasets(c: _Conversion) -> None:
         first["type"] = c.take("type")
         c.notes.append(f"top-level type: {first['type']} read as datasets[0].type "
                        "(the YAML's indentation looks flattened)")
-    _dataset_path(c, first.pop("path", None))
+    path = first.pop("path", None)
+    if isinstance(path, str) and _source_path(path) != path:    # a hub dataset: subset and split go with it
+        name, split = first.pop("name", None), first.pop("split", None)
+        path += (f"@{name}" if isinstance(name, str) and name else "") + \
+            (f":{split}" if isinstance(split, str) and split else "")
+    _dataset_path(c, path)
     _dataset_type(c, first)
     for k in list(first):
         if k in ("message_property_mappings", "roles_to_train", "train_on_eos",
@@ -414,13 +419,58 @@ def _datasets(c: _Conversion) -> None:
             c.skip(f"datasets[0].{k}", f"{first[k]!r} is not supported (split/subset/"
                                        "data_files selection: prepare the file first)")
     if len(ds) > 1:
-        c.skip("datasets[1:]", f"{len(ds) - 1} more dataset(s): qlora-tui trains on one "
-                               "file; concatenate them into one .jsonl")
+        _sources(c, ds)
+
+
+def _source_path(path: str) -> str:
+    """An Axolotl dataset path as a qlora-tui source path: a hub name becomes hf:org/name."""
+    looks_hub = not Path(path).suffix and not path.startswith((".", "/", "~")) and path.count("/") == 1 \
+        and not Path(path).exists()
+    return "hf:" + path if looks_hub else path
+
+
+def _sources(c: _Conversion, ds: list) -> None:
+    """Several Axolotl datasets: a ``[[data.sources]]`` table each (path, format from type,
+    split, subset from name), mixed by concatenation as Axolotl does; data.train/format stand
+    for the first only and are dropped."""
+    out = []
+    for i, d in enumerate(ds):
+        if not isinstance(d, dict) or not isinstance(d.get("path"), str) or not d["path"].strip():
+            c.skip(f"datasets[{i}]", "expected {path: ..., type: ...}")
+            continue
+        src = {"path": _source_path(d["path"])}
+        t = d.get("type")
+        if isinstance(t, str) and t in _DATASET_TYPES and not (
+                _DATASET_TYPES[t] == "messages" and d.get("field_messages") not in (None, "messages")):
+            src["format"] = _DATASET_TYPES[t]
+        elif t is not None:
+            c.notes.append(f"datasets[{i}].type {t!r}: format auto (detected from the fields)")
+        if isinstance(d.get("split"), str):
+            src["split"] = d["split"]
+        if isinstance(d.get("name"), str):
+            src["subset"] = d["name"]
+        for k in d:
+            if k not in ("path", "type", "split", "name", "field_messages", "message_property_mappings",
+                         "roles_to_train", "train_on_eos", "chat_template"):
+                c.skip(f"datasets[{i}].{k}", f"{d[k]!r} is not supported (data_files/shards selection: "
+                                             "prepare the file first)")
+        out.append(src)
+    if out:
+        c.cfg.get("data", {}).pop("train", None)
+        c.cfg.get("data", {}).pop("format", None)
+        c.put("data.sources", out, "datasets")
+        c.notes.append(f"datasets: {len(out)} sources in [[data.sources]], concatenated as Axolotl does")
 
 
 def _dataset_path(c: _Conversion, path) -> None:
     if not (isinstance(path, str) and path.strip()):
         c.skip("datasets[0].path", f"{path!r} is not a path")
+        return
+    if _source_path(path) != path:
+        c.put("data.train", _source_path(path), "datasets[0].path")
+        c.notes.append(f"datasets[0].path {path} looks like a hub dataset: data.train = hf:{path} "
+                       "(read through the local datasets cache; without network, save it with "
+                       "save_to_disk where there is network and point data.train at that directory)")
         return
     c.put("data.train", path, "datasets[0].path")
     if not Path(path).suffix and not path.startswith((".", "/", "~")):

@@ -50,9 +50,12 @@ def detect(rec) -> tuple[str, str] | None:
         return FORMAT, "'images' with <image> placeholders in the turns (LLaMA-Factory)"
     for t in turns:
         c = t.get("content") if isinstance(t, dict) else None
-        if isinstance(c, list) and any(isinstance(p, dict) and p.get("type") == "image" for p in c):
+        if isinstance(c, list) and any(isinstance(p, dict) and p.get("type") in IMAGE_PARTS for p in c):
             return FORMAT, "messages with image content parts (ChatML)"
     return None
+
+
+IMAGE_PARTS = ("image", "image_url")    # ChatML/OpenAI parts; LLaMA-Factory v1 {"type", "value"}
 
 
 REASON = "images with their turns (ChatML image parts or LLaMA-Factory 'images')"
@@ -76,10 +79,12 @@ def _parts_of(content, j: int, role: str, line: int, problems) -> tuple[list | N
     parts, paths = [], []
     for k, p in enumerate(content):
         kind = p.get("type") if isinstance(p, dict) else None
-        if kind == "text" and isinstance(p.get("text"), str):
-            parts.append({"type": "text", "text": p["text"]})
-        elif kind == "image":
-            src = p.get("image", p.get("path", p.get("url")))
+        if kind == "text" and isinstance(p.get("text", p.get("value")), str):
+            parts.append({"type": "text", "text": p.get("text", p.get("value"))})
+        elif kind in IMAGE_PARTS:
+            src = p.get("image", p.get("path", p.get("url", p.get("value", p.get("image_url")))))
+            if isinstance(src, dict):           # OpenAI {"image_url": {"url": ...}}
+                src = src.get("url")
             if not isinstance(src, str) or not src.strip():
                 _problem(problems, line, "missing_field", f"turn {j + 1} part {k + 1}: an image part "
                          "needs \"image\": \"path/to/file.png\"")
@@ -136,7 +141,7 @@ def normalise(rec, line: int, problems) -> dict | None:
         # the text-only view, checked by the shared turn rules (roles, order, empty turns)
         texts.append({"role": t.get("role"), "content": "".join(
             p.get("text", "[image]") for p in parts) if parts else ""})
-    if check_turns(texts, line, problems) is None:
+    if check_turns(texts, line, problems, system=rec.get("system")) is None:
         return None
     n_slots = sum(1 for m in msgs for p in m["parts"] if p["type"] == "image")
     if listed is not None:
@@ -156,6 +161,9 @@ def normalise(rec, line: int, problems) -> dict | None:
             out.append({"role": m["role"], "content": "".join(p["text"] for p in parts)})
         else:
             out.append({"role": m["role"], "content": parts})
+    system = rec.get("system")              # a top-level system column (checked by check_turns)
+    if isinstance(system, str) and system.strip() and out[0]["role"] != "system":
+        out.insert(0, {"role": "system", "content": system})
     return {"messages": out, "images": paths}
 
 

@@ -184,6 +184,8 @@ class ConfigScreen(Screen):
         data = self.app.form_data
         out = [Static(SECTION_TITLES.get(section, section), classes="section", id=f"section-{section}")]
         for key, f in items:
+            if not f.metadata.get("form", True):        # TOML-only keys ([[data.sources]]): kept as loaded
+                continue
             out.append(FieldRow(section, key, f, data.get(section, {}).get(key, _default(f))))
         return out
 

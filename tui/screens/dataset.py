@@ -95,8 +95,28 @@ def duplicate_rows(groups) -> int:
 
 def summary_text(report, cfg) -> Text:
     t = Text()
-    t.append("file     ", style="dim")
-    t.append_text(literal(cfg.data.train or report.path))   # as the user wrote it
+    srcs = getattr(report, "sources", None) or []
+    if srcs:                      # a mixture ([[data.sources]]): each source's share and problems
+        t.append("sources  ", style="dim")
+        t.append(f"{len(srcs)}, {getattr(cfg.data, 'mix', 'concat')}", style="bold")
+        for s in srcs:
+            t.append("\n  ")
+            t.append_text(literal(s.get("name", "?")))
+            t.append(f"  {clean(str(s.get('format', '?')))}, {s.get('train', 0):,} rows ", style="dim")
+            t.append(f"{s.get('share', 0):.0%}", style="bold")
+            t.append(f", {s.get('eval', 0):,} eval", style="dim")
+            probs = s.get("problems", 0)
+            t.append(f", {probs:,} problems", style="bold $error" if probs else "$success")
+            if s.get("first_problem"):
+                t.append(" (first: ", style="dim")
+                t.append(one_line(clean(s["first_problem"]), 80), style="$error")
+                t.append(")", style="dim")
+            for n in s.get("notes") or []:
+                t.append(f"; {one_line(clean(n), 60)}", style="$warning")
+        t.append("\n")
+    else:
+        t.append("file     ", style="dim")
+        t.append_text(literal(cfg.data.train or report.path))   # as the user wrote it
     t.append("\nformat   ", style="dim")
     t.append(clean(report.format or "?"), style="bold")
     if report.format_reason:
@@ -143,12 +163,22 @@ def summary_text(report, cfg) -> Text:
 
 
 def preview_text(preview) -> Text:
-    """Context dim, trained tokens highlighted; what max_length cuts off is marked ✂ and struck."""
+    """Context dim, trained tokens highlighted; tool calls, tool results and weight-0 turns
+    labelled «…» (results italic, weight-0 answers struck); what max_length cuts off is marked ✂."""
+    from engine.dataset.chat import MARK_LABELS
+    from engine.dataset.inspect import marked_segments
     t = Text()
     cut = getattr(preview, "cut_char", None)
-    pos = 0
-    for text, trained in preview.segments:
+    pos, before = 0, None
+    for text, trained, kind in marked_segments(preview):
+        if kind and kind != before:        # tool calls, tool results and weight-0 turns, labelled
+            t.append(f"«{MARK_LABELS[kind]}»", style="bold $accent" if kind != "weight_0" else "bold $warning")
+        before = kind
         style = "bold reverse $success" if trained else "dim"
+        if kind == "tool_result":
+            style = "italic $accent"
+        elif kind == "weight_0":
+            style = "dim strike"
         if cut is not None and pos <= cut < pos + len(text):
             head, tail = text[: cut - pos], text[cut - pos:]
             t.append(clean(head), style=style)

@@ -1,0 +1,114 @@
+"""Benchmark: the inspector's peak memory on many short rows (issue 26: bounded by the longest
+row, not the row count).
+
+Generates a JSONL of N short chat rows (seeded; ~1 in 50 an exact copy of an earlier row and
+~1 in 50 a near copy, so the duplicate checks have work), then runs the full
+``engine.dataset.inspect.inspect`` report on it in a fresh child process with builtin:tiny and
+prints the child's peak RSS (ru_maxrss), its time and token rate, and the RSS of a child that only
+loaded the tokenizer (the floor any inspection starts from).
+
+    python bench/inspect_memory.py [--rows 1000000] [--keep DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WORDS = ("sun rain snow wind cloud river stone tree bird fish road town ship lamp door key "
+         "red blue green old new big small fast slow warm cold").split()
+
+
+def generate(path: Path, rows: int, seed: int = 0) -> None:
+    r = random.Random(seed)
+    recent: list[str] = []
+    with open(path, "w", encoding="utf-8") as fh:
+        buf = []
+        for i in range(rows):
+            roll = r.random()
+            if roll < 0.02 and recent:
+                line = r.choice(recent)                                  # an exact copy
+            elif roll < 0.04 and recent:
+                line = r.choice(recent).replace('"Q', '"q', 1)         # differs only in case
+            else:
+                q = " ".join(r.choice(WORDS) for _ in range(r.randint(2, 5)))
+                a = " ".join(r.choice(WORDS) for _ in range(r.randint(2, 6)))
+                line = json.dumps({"messages": [{"role": "user", "content": f"Q{i} {q}?"},
+                                                {"role": "assistant", "content": a + "."}]})
+                if len(recent) < 1000:
+                    recent.append(line)
+                else:
+                    recent[r.randrange(1000)] = line
+            buf.append(line)
+            if len(buf) >= 100_000:
+                fh.write("\n".join(buf) + "\n")
+                buf.clear()
+        if buf:
+            fh.write("\n".join(buf) + "\n")
+
+
+CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+from engine.core import config
+from engine.dataset import inspect as inspect_mod
+cfg = config.load(None, ['model.name="builtin:tiny"'])
+inspect_mod.tokenizer_for(cfg)
+floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if {path!r}:
+    t0 = time.perf_counter()
+    rep = inspect_mod.inspect(cfg, path={path!r})
+    s = time.perf_counter() - t0
+    tokens = int(rep.stats["mean"] * rep.rows_tokenized)
+    print(json.dumps({{"rows": rep.rows, "raw": rep.raw_count, "seconds": s, "tokens": tokens,
+                      "dup_groups": getattr(rep, "duplicates_total", len(rep.duplicates)), "near_groups": getattr(rep, "near_duplicates_total", len(rep.near_duplicates)),
+                      "problems": len(rep.problems), "floor_kib": floor,
+                      "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
+else:
+    print(json.dumps({{"floor_kib": floor}}))
+"""
+
+
+def run_child(path: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT), path=path)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--keep", default=None, help="write the data file here and keep it")
+    args = ap.parse_args()
+    tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="inspect-mem-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / f"short_{args.rows}.jsonl"
+    if not path.exists():
+        t = time.perf_counter()
+        generate(path, args.rows)
+        print(f"generated {args.rows:,} rows in {time.perf_counter() - t:.1f} s "
+              f"({path.stat().st_size / 1e6:.0f} MB)")
+    got = run_child(str(path))
+    print(f"rows: {got['rows']:,} usable of {got['raw']:,}; {got['tokens']:,} tokens; "
+          f"{got['dup_groups']:,} duplicate groups, {got['near_groups']:,} near-duplicate groups")
+    print(f"peak RSS: {got['peak_kib'] / 2**20:.2f} GiB (after loading the tokenizer: "
+          f"{got['floor_kib'] / 2**20:.2f} GiB); {got['seconds']:.1f} s, "
+          f"{got['rows'] / got['seconds']:,.0f} rows/s, {got['tokens'] / got['seconds'] / 1e6:.2f} M tokens/s "
+          f"on {os.cpu_count()} CPU(s)")
+    print("command: python bench/inspect_memory.py" + (f" --rows {args.rows}" if args.rows != 1_000_000 else ""))
+    if not args.keep:
+        path.unlink()
+        tmp.rmdir()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
