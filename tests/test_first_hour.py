@@ -365,7 +365,7 @@ def test_offline_estimate_of_a_hub_id_says_what_to_do(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert "someorg/some-model" in err and "unreachable" in err and "local model directory" in err
-    assert err.endswith("huggingface-cli download someorg/some-model)")
+    assert err.endswith("huggingface-cli download someorg/some-model --local-dir DIR)")
 
 
 # ---- 7: resume from the Runs screen; learning-rate and grad-norm curves ----------------------

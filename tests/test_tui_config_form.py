@@ -88,5 +88,6 @@ def test_runs_of_a_config_are_listed_from_next_to_it(tmp_path, capsys, monkeypat
     assert main(["runs", str(proj / "demo.toml")]) == 0
     out = capsys.readouterr().out
     assert "finished" in out and str(proj / "runs" / "20260101-120000-tiny") in out
+    (tmp_path / "none").mkdir()
     assert main(["runs", "--dir", str(tmp_path / "none")]) == 0
     assert "qlora-tui runs examples/demo.toml" in capsys.readouterr().out

@@ -403,6 +403,8 @@ class QloraApp(App):
             from engine.core.config import field_specs
             for section, items in field_specs().items():
                 for key, f in items:
+                    if not f.metadata.get("form", True):        # TOML-only: no field to jump to
+                        continue
                     yield SystemCommand(f"Field {section}.{key}", one_line(f.metadata.get("help", ""), 120),
                                         lambda s=section, k=key: screen.jump_to(s, k))
         yield from super().get_system_commands(screen)

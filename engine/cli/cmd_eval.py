@@ -17,7 +17,7 @@ def register(subparsers) -> None:
     p.add_argument("--answer-rows", type=int, default=32, metavar="N",
                    help="rows both models answer for exact match / contains (default 32; 0 = none)")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="answer length cap (default 64)")
-    p.add_argument("--lm-eval", default="", metavar="TASKS",
+    p.add_argument("--lm-eval", default=None, metavar="TASKS",
                    help="also run lm-evaluation-harness tasks (comma-separated) when lm-eval is installed; "
                         "hub tasks download their data: they need the network")
     p.add_argument("--lm-eval-limit", type=int, default=None, metavar="N", help="examples per lm-eval task")
@@ -33,7 +33,7 @@ def cmd_eval(args) -> int:
         print("eval failed: --max-rows and --max-new-tokens must be at least 1, --answer-rows at least 0",
               file=sys.stderr)
         return 2
-    tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    tasks = [t.strip() for t in (args.lm_eval or "").split(",") if t.strip()]
     try:
         report = evaluate(args.src, data=args.data, max_rows=args.max_rows, answer_rows=args.answer_rows,
                           max_new_tokens=args.max_new_tokens, lm_eval_tasks=tasks or None,
