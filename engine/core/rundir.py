@@ -280,8 +280,8 @@ def wait_writer_exit(run_dir: str | Path, timeout: float = 60.0) -> None:
     """A run whose log has ended may still have its process exiting (torch's teardown), holding
     the run's lock: a resume waits for it (at most ``timeout`` s) instead of refusing a run that
     ``runs`` already lists as stopped. A live run is not waited for."""
-    if not process_alive(run_dir) or is_live(run_dir):
-        return
+    if not process_alive(run_dir) or is_live(run_dir) or owner_pid(run_dir) == os.getpid():
+        return                # (a run of this very process, the TUI's or a test's, has ended: no wait)
     deadline = time.monotonic() + timeout
     while process_alive(run_dir) and time.monotonic() < deadline:
         time.sleep(0.05)
