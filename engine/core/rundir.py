@@ -261,12 +261,23 @@ def _info(run_dir: Path, evs: list) -> RunInfo:
     if s.state in (State.FINISHED, State.STOPPED):
         ri.final_loss = s.final_loss if s.final_loss is not None else s.last_loss
     if s.ended:
+        if _resumed_since(run_dir, evs):      # a resume's process, started after the log ended
+            ri.state = State.LIVE
         return ri
     ri.state = State.LIVE if process_alive(run_dir) else State.NEW
     if ri.state == State.NEW and (evs or (run_dir / RUN_JSON).exists()):   # started, and gone
         ri.state = State.CRASHED
         ri.reason = "process ended without a final event (killed?); resume with qlora-tui train --resume"
     return ri
+
+
+def _resumed_since(run_dir: Path, evs: list) -> bool:
+    """The run's owner is a process that started after the log's final event (a resume, detached
+    or not, before it writes its marker): it is the run's next writer, not an ended one exiting."""
+    last = next((e.time for e in reversed(evs) if isinstance(e, events.TERMINAL)), None)
+    created = _run_json(run_dir).get("create_time")
+    return (isinstance(created, (int, float)) and isinstance(last, (int, float)) and created > last
+            and process_alive(run_dir))
 
 
 def is_live(run_dir: str | Path) -> bool:
