@@ -147,13 +147,18 @@ def json_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-def finished_losses(cfg: config.Config) -> tuple[list[float], list[str]]:
-    """Train ``cfg`` in this process to the end; its per-step losses and its run_started plan."""
+def finished_run(cfg: config.Config) -> tuple[list[events_mod.Event], events_mod.RunStarted]:
+    """Train ``cfg`` in this process to the end; its events and its run_started event."""
     from engine.training import runner
     run = runner.Run(cfg)
     run.start()
     assert run.join(timeout=300)
     assert run.result.type == "run_finished", getattr(run.result, "reason", "")
     evs = events(run.run_dir)
-    started = next(e for e in evs if isinstance(e, events_mod.RunStarted))
+    return evs, next(e for e in evs if isinstance(e, events_mod.RunStarted))
+
+
+def finished_losses(cfg: config.Config) -> tuple[list[float], list[str]]:
+    """Train ``cfg`` in this process to the end; its per-step losses and its run_started plan."""
+    evs, started = finished_run(cfg)
     return [e.loss for e in evs if isinstance(e, events_mod.Step)], started.plan

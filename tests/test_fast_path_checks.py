@@ -9,7 +9,7 @@ import torch
 
 from engine.core import events as ev
 from engine.training import probes
-from reliability_helpers import configured, events, finished_losses
+from reliability_helpers import configured, finished_losses, finished_run as _run
 
 
 @pytest.fixture(autouse=True)
@@ -23,17 +23,6 @@ def _cfg(tiny_cfg, **changes):
     base = {"train.max_steps": 3, "train.eval_steps": 0, "train.save_steps": 0, "train.device": "cpu",
             "train.batch_size": 2, "data.eval_fraction": 0.0}
     return configured(tiny_cfg, {**base, **changes})
-
-
-def _run(cfg):
-    from engine.training import runner
-    run = runner.Run(cfg)
-    run.start()
-    assert run.join(timeout=300)
-    assert run.result.type == "run_finished", getattr(run.result, "reason", "")
-    evs = events(run.run_dir)
-    started = next(e for e in evs if isinstance(e, ev.RunStarted))
-    return evs, started
 
 
 def test_each_probe_passes_on_this_cpu_within_its_tolerance():
