@@ -151,18 +151,24 @@ async def test_chat_from_runs_streams_toggles_base_stops_and_keeps_the_transcrip
         # stopped mid-answer: the footer offers ctrl+k only while answering
         screen.query_one("#chat-max", Input).value = "2000"
         screen.query_one("#chat-temp", Input).value = "1"
-        await pilot.press("ctrl+t", *"tell me more", "enter")
-        await until(pilot, lambda: screen.answering and len(str(screen._answer.render())) > 12,
-                    what="the answer to start")
-        await pilot.press("ctrl+k")
-        await until(pilot, lambda: not screen.answering, what="the stop")
+        await pilot.press("ctrl+t")
+        extra = 0                  # a sampled answer can end (EOS) before ctrl+k lands: ask again
+        for extra in range(3):
+            await pilot.press(*"tell me more", "enter")
+            await until(pilot, lambda: screen.answering and len(str(screen._answer.render())) > 12,
+                        what="the answer to start")
+            await pilot.press("ctrl+k")
+            await until(pilot, lambda: not screen.answering, what="the stop")
+            if screen.history[-1].get("stopped"):
+                break
         last = screen.history[-1]
         assert last["stopped"] and last["model"] == "tuned"
         assert str(screen.query(".chat-msg").last().render()).endswith("[stopped]")
 
     rec = _history(finished)
     assert [r["role"] for r in rec][-6:] == ["user", "assistant"] * 3
-    assert rec[-5]["content"] == tuned and rec[-5]["model"] == "tuned" and rec[-3]["model"] == "base"
+    first = -5 - 2 * extra
+    assert rec[first]["content"] == tuned and rec[first]["model"] == "tuned" and rec[first + 2]["model"] == "base"
     assert rec[-1]["stopped"] is True and rec[-1]["adapter"].endswith("adapter")
 
     # reopened (F6 now opens the newest finished run): the transcript is back; ctrl+n starts anew
