@@ -352,3 +352,33 @@ def test_engine_estimate_imports_no_torch_or_ui():
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_one_gpu_budget_rule_for_the_run_estimate_and_config_screen(tmp_path, capsys, monkeypatch):
+    """The smallest of the GPU's memory (free here, or --gpu-mem) and train.gpu_memory_gib: the
+    CLI's estimate reads train.gpu_memory_gib on a box with no GPU, and the smaller limit wins."""
+    from engine import cli
+    d = _model_dir(tmp_path)
+    cfg = config.load(None, [f'model.name="{d}"', "train.gpu_memory_gib=12"])
+    monkeypatch.setattr(estimate_mod, "gpu_free_bytes", lambda index=0: None)
+    assert estimate_mod.gpu_budget(cfg)[0] == 12 * GIB
+    assert estimate_mod.gpu_budget(cfg, 80)[0] == 12 * GIB            # the budget is smaller
+    assert estimate_mod.gpu_budget(cfg, 8)[0] == 8 * GIB              # the GPU is smaller
+    monkeypatch.setattr(estimate_mod, "gpu_free_bytes", lambda index=0: 10 * GIB)
+    assert estimate_mod.gpu_budget(cfg) == (10 * GIB, "10.0 GiB free on this GPU")
+    cfg.train.gpu_memory_gib = 0
+    assert estimate_mod.gpu_budget(cfg)[0] == 10 * GIB
+    cfg.train.device = "cpu"
+    assert estimate_mod.gpu_budget(cfg)[0] is None
+    monkeypatch.setattr(estimate_mod, "gpu_free_bytes", lambda index=0: None)
+    rc = cli.main(["estimate", "--json", "--set", f'model.name="{d}"', "--set", "train.gpu_memory_gib=12",
+                   *sum((["--set", s] for s in BASELINE), [])])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["gpu_mem_bytes"] == 12 * GIB
+
+
+def test_one_list_of_keys_frozen_on_resume():
+    """The CLI's resume and the TUI's recovery dialog ask the same rule (train.method included)."""
+    from engine.training import resume
+    assert resume.frozen_keys(["train.method", "lora.r", "quant.bits", "train.learning_rate"]) == \
+        ["train.method", "lora.r", "quant.bits"]

@@ -201,7 +201,7 @@ class RunController:
         if not fixes and st.fail_kind in FAILED_WHAT and isinstance(st.end, RunFailed):
             self._notify("No automatic fix left to try for this run's config.")
             return
-        frozen = [f for f in fixes if f.split(".", 1)[0] in runner.RESUME_FROZEN]
+        frozen = runner.frozen_keys(fixes)
         fixes = [f for f in fixes if f not in frozen]
         ckpts = rundir.checkpoints(st.run_dir)
         from_step = rundir.checkpoint_step(ckpts[-1]) if ckpts else 0

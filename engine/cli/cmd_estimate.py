@@ -35,13 +35,11 @@ def gib_arg(text: str) -> float:
 
 def cmd_estimate(args) -> int:
     from engine.cli import load_config_or_exit
-    from engine.core.units import GIB
     from engine.planning import estimate as estimate_mod
     cfg = load_config_or_exit(args)
     try:
         mc = estimate_mod.model_config_for(cfg)
-        gpu_mem = int(args.gpu_mem * GIB) if args.gpu_mem is not None else (
-            None if cfg.train.device == "cpu" else estimate_mod.gpu_free_bytes())
+        gpu_mem, _why = estimate_mod.gpu_budget(cfg, args.gpu_mem)
         est = estimate_mod.estimate(cfg, mc, gpu_mem_bytes=gpu_mem)
         pl = estimate_mod.plan(cfg, mc, gpu_mem)
     except estimate_mod.EstimateError as e:
@@ -56,7 +54,7 @@ def cmd_estimate(args) -> int:
         except data_mod.DataError as e:
             print(f"estimate: {e}", file=sys.stderr)
             return 2
-        per_step = cfg.train.batch_size * cfg.distributed.gpus * cfg.train.grad_accum
+        per_step = cfg.effective_batch
         total = len(train.rows)
         mixture = {"train_rows": total, "eval_rows": len(ev.rows) if ev else 0,
                    "steps_per_epoch": max(1, -(-total // per_step)) if total else 0,

@@ -267,7 +267,7 @@ class Config:
 
     @property
     def effective_batch(self) -> int:
-        return self.train.batch_size * self.train.grad_accum * self.distributed.gpus
+        return effective_batch(self.train.batch_size, self.train.grad_accum, self.distributed.gpus)
 
     def resolve_path(self, value: str) -> str:
         """A relative path in a config file is relative to that file's directory."""
@@ -596,6 +596,11 @@ def read_toml(path: str | Path) -> dict:
         raise ConfigError([Problem("<toml>", str(p), f"not valid TOML: {e}")], str(p)) from None
     except RecursionError:
         raise ConfigError([Problem("<toml>", str(p), "not valid TOML: nested too deeply")], str(p)) from None
+
+
+def effective_batch(batch_size: int, grad_accum: int, gpus: int) -> int:
+    """Rows per optimizer step: the one rule (Config.effective_batch, the Config screen's form)."""
+    return batch_size * grad_accum * gpus
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

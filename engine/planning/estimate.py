@@ -648,6 +648,26 @@ def model_config_for(cfg: Config) -> dict:
         raise EstimateError(f"cannot read {path} for model {name!r}: {e}") from None
 
 
+def gpu_budget(cfg, gpu_mem_gib: float | None = None) -> tuple[int | None, str]:
+    """The GPU memory a run of ``cfg`` plans for, and why: the one rule that the run, ``estimate``
+    and the Config screen share. The smallest of the GPU's free memory (``gpu_mem_gib`` stands for
+    the GPU: ``estimate --gpu-mem``) and ``train.gpu_memory_gib``; None when neither is known (a CPU
+    run, or no NVIDIA GPU here and no number given)."""
+    limits = []
+    if gpu_mem_gib is not None:
+        limits.append((int(gpu_mem_gib * GIB), f"{gpu_mem_gib:g} GiB (--gpu-mem)"))
+    elif cfg.train.device != "cpu":
+        free = gpu_free_bytes()
+        if free is not None:
+            limits.append((free, f"{free / GIB:.1f} GiB free on this GPU"))
+    if cfg.train.gpu_memory_gib:
+        g = cfg.train.gpu_memory_gib
+        limits.append((int(g * GIB), f"a {g:g} GiB budget (train.gpu_memory_gib)"))
+    if not limits:
+        return None, "no GPU here: pass --gpu-mem or set train.gpu_memory_gib"
+    return min(limits)
+
+
 def gpu_free_bytes(index: int = 0) -> int | None:
     """Free memory of GPU ``index`` via NVML; None when there is no NVIDIA GPU or driver."""
     try:
@@ -1057,7 +1077,7 @@ def format_report(est: Estimate, pl: Plan | None) -> str:
                      f"({hb['checkpoint_mapped'] / GIB:.2f} GiB of page cache the kernel can drop)")
     lines.append("")
     if est.gpu_mem_bytes is None:
-        lines.append("Fits: unknown (no GPU found; pass --gpu-mem GIB)")
+        lines.append("Fits: unknown (no GPU found; pass --gpu-mem GIB or set train.gpu_memory_gib)")
     elif est.fits:
         lines.append(f"Fits: yes ({_gib(est.device_bytes)} of {_gib(est.gpu_mem_bytes)})")
     else:

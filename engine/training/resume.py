@@ -13,8 +13,15 @@ from engine.core import config
 from engine.core import events
 from engine.core import rundir
 
-# sections a resume may not change: the checkpoint's adapter and base must stay what they are
-RESUME_FROZEN = ("model", "quant", "lora", "galore")
+# what a resume may not change: the checkpoint's adapter and base must stay what they are
+RESUME_FROZEN = ("model", "quant", "lora", "galore")      # whole sections
+RESUME_FROZEN_KEYS = ("train.method",)                    # single keys
+
+
+def frozen_keys(keys) -> list[str]:
+    """The dotted keys of ``keys`` a resume may not change (the one rule: the CLI's resume, the TUI's
+    recovery dialog and its fix list all ask here)."""
+    return [k for k in keys if k.split(".", 1)[0] in RESUME_FROZEN or k in RESUME_FROZEN_KEYS]
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -43,7 +50,7 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> tu
     before, after = old.to_dict(), cfg.to_dict()
     changed = [f"{sec}.{k}" for sec, vals in after.items() if isinstance(vals, dict)
                for k, v in vals.items() if before.get(sec, {}).get(k) != v]
-    frozen = [k for k in changed if k.split(".")[0] in RESUME_FROZEN or k == "train.method"]
+    frozen = frozen_keys(changed)
     if frozen:
         raise PreflightError(f"{', '.join(frozen)}: cannot change on resume (the checkpoint's adapter "
                              "and base model must stay the same); start a new run instead")

@@ -26,7 +26,7 @@ from engine.core.faults import from_env as faults_from_env
 
 from engine.training.preflight import (PreflightError, needs_remote_code_confirmation,  # noqa: F401 (API)
                                       preflight, quick_preflight, remote_code_check)
-from engine.training.resume import RESUME_FROZEN, resume_config  # noqa: F401 (API)
+from engine.training.resume import frozen_keys, resume_config  # noqa: F401 (API)
 
 
 def oom_fix_overrides(cfg: config.Config, step: int = 0) -> list[str]:

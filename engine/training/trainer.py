@@ -64,10 +64,9 @@ def resolve_auto(cfg, rt, emit, longest: int | None = None) -> tuple[object, lis
         try:
             from engine.planning import estimate as est
             mc = est.model_config_for(cfg)
-            free = est.gpu_free_bytes()
-            if tr.gpu_memory_gib and free is not None:
-                free = min(free, int(tr.gpu_memory_gib * 2**30))
-                reasons.append(f"planning for a {tr.gpu_memory_gib:g} GiB budget (train.gpu_memory_gib)")
+            free, why = est.gpu_budget(cfg)
+            if tr.gpu_memory_gib:
+                reasons.append(f"planning for {why}")
             p = est.plan(_planned_rows(cfg, longest, reasons), mc, free)
             cfg = est.apply_plan(cfg, p)
             tr = cfg.train

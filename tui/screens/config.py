@@ -353,7 +353,8 @@ class ConfigScreen(Screen):
         b, a, g = tr.get("batch_size"), tr.get("grad_accum"), dist.get("gpus")
         t.append("effective batch ", style="dim")
         if all(isinstance(x, int) and not isinstance(x, bool) for x in (b, a, g)):
-            t.append(f"{b} × {a}" + (f" × {g} GPUs" if g != 1 else "") + f" = {b * a * g}",
+            from engine.core.config import effective_batch
+            t.append(f"{b} × {a}" + (f" × {g} GPUs" if g != 1 else "") + f" = {effective_batch(b, a, g)}",
                      style="bold")
         else:
             t.append("?", style="bold")
@@ -391,7 +392,8 @@ class ConfigScreen(Screen):
             return
         try:
             mc = est.model_config_for(cfg)
-            e = est.estimate(cfg, mc)
+            budget, _why = est.gpu_budget(cfg)           # the run's own rule
+            e = est.estimate(cfg, mc, gpu_mem_bytes=budget)
         except Exception as ex:
             self.post_message(EstimateReady(f"estimate unavailable: {one_line(ex, 100)}", None))
             return
@@ -400,10 +402,10 @@ class ConfigScreen(Screen):
                 else f"{e.peak_bytes / 1024 ** 2:.0f} MiB")
         text = (f"{cfg.train.method}: trainable params {e.trainable_params:,}   peak VRAM ≈ {peak}"
                 + (f" ({fits} the GPU)" if fits else ""))
-        if cfg.train.gpu_memory_gib and cfg.train.device != "cpu":   # the fit planner's choice and why
+        if budget is not None and cfg.train.device != "cpu":   # the fit planner's choice and why
             try:
-                p = est.plan(cfg, mc, int(cfg.train.gpu_memory_gib * est.GIB))
-                text += "\n" + est.plan_summary(p, cfg.train.gpu_memory_gib)
+                p = est.plan(cfg, mc, budget)
+                text += "\n" + est.plan_summary(p, round(budget / est.GIB, 1))
                 from engine.training.probes import planner_notes   # fast paths checked on this GPU
                 text += "".join("\n" + note for note in planner_notes(p.fp8))
             except Exception as ex:
