@@ -38,7 +38,7 @@ def cmd_eval(args) -> int:
         report = evaluate(args.src, data=args.data, max_rows=args.max_rows, answer_rows=args.answer_rows,
                           max_new_tokens=args.max_new_tokens, lm_eval_tasks=tasks or None,
                           lm_eval_limit=args.lm_eval_limit,
-                          on_progress=None if args.json else lambda m: print(visible(m), file=sys.stderr, flush=True))
+                          on_progress=None if args.json else lambda f, m: print(visible(m), file=sys.stderr, flush=True))
     except AdapterError as e:
         print(f"eval failed: {visible(str(e))}", file=sys.stderr)
         return 1

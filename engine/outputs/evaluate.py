@@ -49,6 +49,7 @@ class EvalReport:
     tuned: Side
     seconds: float = 0.0
     samples: list = field(default_factory=list)      # a few {prompt, reference, base, tuned}
+    per_row: list = field(default_factory=list)      # [base, tuned] mean answer-token loss of each row
     lm_eval: dict = field(default_factory=dict)
     path: str = ""
 
@@ -56,15 +57,7 @@ class EvalReport:
         return asdict(self)
 
     def table(self) -> list[str]:
-        def pct(n: int) -> str:
-            return f"{n}/{self.answered} ({n / self.answered:.0%})" if self.answered else "-"
-        rows = [("loss (per answer token)", f"{self.base.loss:.4f}", f"{self.tuned.loss:.4f}"),
-                ("perplexity", f"{self.base.perplexity:.3f}", f"{self.tuned.perplexity:.3f}"),
-                ("exact match", pct(self.base.exact), pct(self.tuned.exact)),
-                ("contains answer", pct(self.base.contains), pct(self.tuned.contains))]
-        for task, scores in self.lm_eval.items():
-            for metric, (b, t) in scores.items():
-                rows.append((f"lm-eval {task} {metric}"[:28], f"{b:.4f}", f"{t:.4f}"))
+        rows = table_rows(self.to_dict())
         w = max(len(r[0]) for r in rows)
         out = [f"eval on {self.data}: {self.rows} rows, {self.tokens} answer tokens, "
                f"{self.answered} answered by both models ({self.seconds:.1f}s)",
@@ -88,21 +81,37 @@ def latest(run_dir: str | Path) -> dict | None:
     return None
 
 
-def summary_lines(report: dict) -> list[str]:
-    """Three short lines of a saved report for the TUI's run detail: loss/perplexity base ->
-    fine-tuned, and the answer scores."""
-    try:
-        b, t = report["base"], report["tuned"]
-        n = int(report.get("answered") or 0)
-        lines = [f"eval on {report.get('data', '?')}: {report.get('rows', '?')} rows",
-                 f"  loss {float(b['loss']):.4f} -> {float(t['loss']):.4f}   perplexity "
-                 f"{float(b['perplexity']):.3f} -> {float(t['perplexity']):.3f}   (base -> fine-tuned)"]
-        if n:
-            lines.append(f"  exact match {int(b['exact'])}/{n} -> {int(t['exact'])}/{n}   contains answer "
-                         f"{int(b['contains'])}/{n} -> {int(t['contains'])}/{n}")
-        return lines
-    except (KeyError, TypeError, ValueError):
-        return []
+def table_rows(report: dict) -> list[tuple[str, str, str]]:
+    """(metric, base, fine-tuned) of a report (``EvalReport.to_dict()`` or a saved one): the CLI's
+    table and the TUI's run detail both show these rows. Raises KeyError/TypeError/ValueError on a
+    malformed report."""
+    b, t = report["base"], report["tuned"]
+    n = int(report.get("answered") or 0)
+
+    def pct(k: int) -> str:
+        return f"{int(k)}/{n} ({int(k) / n:.0%})" if n else "-"
+    rows = [("loss per token", f"{float(b['loss']):.4f}", f"{float(t['loss']):.4f}"),
+            ("perplexity", f"{float(b['perplexity']):.3f}", f"{float(t['perplexity']):.3f}"),
+            ("exact match", pct(b.get("exact", 0)), pct(t.get("exact", 0))),
+            ("contains answer", pct(b.get("contains", 0)), pct(t.get("contains", 0)))]
+    for task, scores in (report.get("lm_eval") or {}).items():
+        for metric, (vb, vt) in scores.items():
+            rows.append((f"lm-eval {task} {metric}"[:28], f"{float(vb):.4f}", f"{float(vt):.4f}"))
+    return rows
+
+
+def per_row_losses(report: dict) -> list[tuple[float, float]]:
+    """The saved per-row (base, tuned) losses of a report; [] for an older report without them."""
+    out = []
+    for pair in report.get("per_row") or []:
+        try:
+            b, t = float(pair[0]), float(pair[1])
+        except (TypeError, ValueError, IndexError, KeyError):
+            return []
+        if not (math.isfinite(b) and math.isfinite(t)):
+            return []
+        out.append((b, t))
+    return out
 
 
 # --------------------------------------------------------------------------- rows
@@ -164,13 +173,13 @@ def _fold(text: str) -> str:
 
 # --------------------------------------------------------------------------- evaluation
 
-def _losses(model, tok, rows: list[dict], max_length: int) -> tuple[float, float, int]:
-    """(base loss, tuned loss, answer tokens) summed over rows, mean per answer token."""
+def _losses(model, tok, rows: list[dict], max_length: int) -> tuple[float, float, int, list]:
+    """(base loss, tuned loss, answer tokens, per-row [base, tuned]): mean per answer token."""
     import torch
     from engine.training.trainer import encode_dataset
     enc = encode_dataset(tok, rows)
     device = next(model.parameters()).device
-    sums, count = [0.0, 0.0], 0
+    sums, count, per_row = [0.0, 0.0], 0, []
     for ids, labels in zip(enc["input_ids"], enc["labels"]):
         ids, labels = ids[:max_length], labels[:max_length]
         if sum(1 for x in labels[1:] if x != -100) == 0:
@@ -180,13 +189,16 @@ def _losses(model, tok, rows: list[dict], max_length: int) -> tuple[float, float
         n = int((y[:, 1:] != -100).sum())
         with torch.no_grad():
             with model.disable_adapter():
-                sums[0] += float(model(input_ids=x, labels=y).loss) * n
-            sums[1] += float(model(input_ids=x, labels=y).loss) * n
+                lb = float(model(input_ids=x, labels=y).loss)
+            lt = float(model(input_ids=x, labels=y).loss)
+        sums[0] += lb * n
+        sums[1] += lt * n
+        per_row.append([round(lb, 6), round(lt, 6)])
         count += n
     if not count:
         raise EvalError("no answer tokens to score: the rows have no assistant turns (or they were all "
                         "truncated away)")
-    return sums[0] / count, sums[1] / count, count
+    return sums[0] / count, sums[1] / count, count, per_row
 
 
 def _answers(model, tok, rows: list[dict], limit: int, max_new_tokens: int):
@@ -261,7 +273,7 @@ def evaluate(src, data: str | None = None, max_rows: int = 200, answer_rows: int
              save: bool = True, on_progress=None) -> EvalReport:
     """Base vs fine-tuned on held-out rows; the report is saved under RUN_DIR/eval/ when ``save``."""
     t0 = time.time()
-    progress = on_progress or (lambda m: None)
+    progress = on_progress or (lambda f, m: None)
     from engine.training import galore
     if galore.full_checkpoint_dir(src) is not None:
         raise EvalError(f"{src}: a GaLore run has a full checkpoint, not an adapter; eval compares base and "
@@ -271,23 +283,25 @@ def evaluate(src, data: str | None = None, max_rows: int = 200, answer_rows: int
     where, rows = held_out_rows(src, data)
     rows = rows[:max_rows]
     from engine.outputs.generate import _load
-    progress("loading base + adapter")
+    progress(0.05, "loading base + adapter")
     model, tok, info = _load(src, EvalError)
     adapter_dir = find_adapter_dir(src, EvalError)
     cfg = _run_config(run_dir_of(src, adapter_dir))
     max_length = cfg.data.max_length if cfg is not None else 4096
-    progress(f"loss on {len(rows)} rows")
-    lb, lt, tokens = _losses(model, tok, rows, max_length)
-    progress(f"answers on up to {answer_rows} rows")
+    progress(0.2, f"loss on {len(rows)} rows")
+    lb, lt, tokens, per_row = _losses(model, tok, rows, max_length)
+    progress(0.5, f"answers on up to {answer_rows} rows")
     answered, exact, contains, samples = _answers(model, tok, rows, answer_rows, max_new_tokens)
     report = EvalReport(data=where, rows=len(rows), tokens=tokens, answered=answered,
                         base=Side(lb, math.exp(min(lb, 700)), exact[0], contains[0]),
-                        tuned=Side(lt, math.exp(min(lt, 700)), exact[1], contains[1]), samples=samples)
+                        tuned=Side(lt, math.exp(min(lt, 700)), exact[1], contains[1]), samples=samples,
+                        per_row=per_row)
     if lm_eval_tasks:
-        progress(f"lm-eval: {', '.join(lm_eval_tasks)}")
+        progress(0.8, f"lm-eval: {', '.join(lm_eval_tasks)}")
         del model
         report.lm_eval = lm_eval_scores(info, lm_eval_tasks, lm_eval_limit)
     report.seconds = time.time() - t0
+    progress(1.0, "done")
     run_dir = run_dir_of(src, adapter_dir)
     if save and run_dir is not None:
         out = run_dir / "eval" / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
