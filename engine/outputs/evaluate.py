@@ -10,10 +10,12 @@ the answer contains the reference (case and whitespace folded).
 Data: ``--data FILE`` (any format ``inspect`` reads), else the run's ``data.eval`` file, else the
 same held-out split training made (``data.eval_fraction``, seeded by ``train.seed``).
 
-Optional: ``lm_eval_tasks`` runs EleutherAI lm-evaluation-harness tasks against base + adapter when
-the ``lm-eval`` package is installed. Its hub tasks download their data sets: they need the network
-(or a warm ``HF_DATASETS_CACHE``); a task whose data cannot be fetched fails with lm-eval's error
-on one line. Nothing here imports textual or rich.
+Optional: ``lm_eval_tasks`` runs EleutherAI lm-evaluation-harness tasks on the same loaded model,
+adapter off (base) and on, when the ``lm-eval`` package is installed (``qlora-tui[lm-eval]``). An
+item that is a task YAML (or a folder of them) is a local task: its data is a file on this machine
+(``dataset_path: json`` + ``dataset_kwargs.data_files``), no network. lm-eval's own tasks download
+their data sets from the Hub: they need the network (or a warm ``HF_DATASETS_CACHE``); a task whose
+data cannot be fetched fails with lm-eval's error on one line. Nothing here imports textual or rich.
 """
 from __future__ import annotations
 
@@ -237,34 +239,86 @@ def _answers(model, tok, rows: list[dict], limit: int, max_new_tokens: int):
     return scored, exact, contains, samples
 
 
+HUB_TASKS_NOTE = ("lm-eval's own tasks download their data sets from the Hugging Face Hub: they need the "
+                  "network (or a warm HF_DATASETS_CACHE); a local task is a task YAML whose dataset_path "
+                  "is json/csv/parquet with data_files on this machine")
+
+
 def check_lm_eval() -> None:
     import importlib.util
     if importlib.util.find_spec("lm_eval") is None:
-        raise EvalError("--lm-eval needs the lm-eval package: pip install lm-eval (its hub tasks also "
-                        "download their data sets: they need the network)")
+        raise EvalError("--lm-eval needs the lm-eval package: pip install 'qlora-tui[lm-eval]' (its hub tasks "
+                        "also download their data sets: they need the network)")
 
 
-def lm_eval_scores(info: dict, tasks: list[str], limit: int | None) -> dict:
-    """lm-evaluation-harness tasks on base and on base + adapter: {task: {metric: (base, tuned)}}."""
+_TASK_LINE = re.compile(r"^task:\s*['\"]?([^'\"#\s]+)", re.M)
+
+
+def lm_eval_specs(specs: list[str]) -> tuple[list[str], list[str]]:
+    """(task names, include folders) of ``--lm-eval`` items: a ``.yaml`` file or a folder of them is a
+    local task (its ``task:`` names, its folder given to lm-eval's TaskManager); any other item is
+    the name of a task lm-eval knows (its hub tasks need the network)."""
+    names: list[str] = []
+    include: list[str] = []
+    for spec in specs:
+        p = Path(spec).expanduser()
+        if spec.endswith((".yaml", ".yml")) or p.is_dir():
+            files = sorted(p.glob("*.y*ml")) if p.is_dir() else [p]
+            if not p.exists():
+                raise EvalError(f"--lm-eval {spec}: no such task file; pass a task YAML, a folder of them, or "
+                                f"a task name")
+            found = []
+            for f in files:
+                try:
+                    found += _TASK_LINE.findall(f.read_text(encoding="utf-8"))
+                except (OSError, UnicodeDecodeError) as e:
+                    raise EvalError(f"--lm-eval {f}: cannot read it ({e})") from None
+            if not found:
+                raise EvalError(f"--lm-eval {spec}: no 'task: NAME' line in it; a task YAML names its task")
+            names += found
+            folder = str((p if p.is_dir() else p.parent).resolve())
+            if folder not in include:
+                include.append(folder)
+        else:
+            names.append(spec)
+    return names, include
+
+
+def lm_eval_scores(model, tok, specs: list[str], limit: int | None) -> dict:
+    """lm-evaluation-harness tasks on the base (adapter disabled) and the fine-tuned model, both the
+    one loaded ``PeftModel``: {task: {metric: (base, tuned)}}."""
     check_lm_eval()
+    names, include = lm_eval_specs(specs)
     import lm_eval
-    out: dict = {}
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    manager = TaskManager(include_path=include or None)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise EvalError(f"--lm-eval: lm-eval knows no task {', '.join(unknown)}; a local task: pass its .yaml "
+                        f"file or folder")
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=1)
     results = []
-    for adapter in (False, True):
-        args = f"pretrained={info['base']}" + (f",peft={info['adapter']}" if adapter else "")
+    for tuned in (False, True):
         try:
-            r = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=tasks, limit=limit,
-                                        device="cpu" if info["mode"].startswith("cpu") else "cuda")
-        except Exception as e:  # noqa: BLE001
-            raise EvalError(f"lm-eval {','.join(tasks)}: {str(e).splitlines()[0][:200]} (hub tasks need the "
-                            f"network to fetch their data)") from None
-        results.append(r["results"])
+            if tuned:
+                r = lm_eval.simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=manager,
+                                            log_samples=False, bootstrap_iters=0)
+            else:
+                with model.disable_adapter():
+                    r = lm_eval.simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=manager,
+                                                log_samples=False, bootstrap_iters=0)
+        except Exception as e:  # noqa: BLE001 - lm-eval's errors are many; each is one line here
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise EvalError(f"lm-eval {','.join(names)}: {first} ({HUB_TASKS_NOTE})") from None
+        results.append((r or {}).get("results", {}))
+    out: dict = {}
     for task, scores in results[0].items():
         for metric, value in scores.items():
-            if isinstance(value, (int, float)) and "stderr" not in metric:
-                tuned = results[1].get(task, {}).get(metric)
-                if isinstance(tuned, (int, float)):
-                    out.setdefault(task, {})[metric.split(",")[0]] = (float(value), float(tuned))
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in metric:
+                tuned_v = results[1].get(task, {}).get(metric)
+                if isinstance(tuned_v, (int, float)):
+                    out.setdefault(task, {})[metric.split(",")[0]] = (float(value), float(tuned_v))
     return out
 
 
@@ -280,11 +334,12 @@ def evaluate(src, data: str | None = None, max_rows: int = 200, answer_rows: int
                         f"adapter (use generate for base vs checkpoint)")
     if lm_eval_tasks:
         check_lm_eval()
+        lm_eval_specs(lm_eval_tasks)                    # a missing task file: said before the model loads
     where, rows = held_out_rows(src, data)
     rows = rows[:max_rows]
     from engine.outputs.generate import _load
     progress(0.05, "loading base + adapter")
-    model, tok, info = _load(src, EvalError)
+    model, tok, _ = _load(src, EvalError)
     adapter_dir = find_adapter_dir(src, EvalError)
     cfg = _run_config(run_dir_of(src, adapter_dir))
     max_length = cfg.data.max_length if cfg is not None else 4096
@@ -298,8 +353,7 @@ def evaluate(src, data: str | None = None, max_rows: int = 200, answer_rows: int
                         per_row=per_row)
     if lm_eval_tasks:
         progress(0.8, f"lm-eval: {', '.join(lm_eval_tasks)}")
-        del model
-        report.lm_eval = lm_eval_scores(info, lm_eval_tasks, lm_eval_limit)
+        report.lm_eval = lm_eval_scores(model, tok, lm_eval_tasks, lm_eval_limit)
     report.seconds = time.time() - t0
     progress(1.0, "done")
     run_dir = run_dir_of(src, adapter_dir)
