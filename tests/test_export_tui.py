@@ -113,6 +113,7 @@ async def test_eval_action_on_the_run_detail_shows_its_table_and_plot_at_80x24(t
         detail = app.screen
         assert not detail.query_one("#detail-eval-box", VerticalScroll).display    # no eval yet
         assert "l eval" in str(detail.query_one("#detail-summary", Static).render())
+        assert any(c.title == "Evaluate base vs fine-tuned (l)" for c in app.get_system_commands(detail))
         await pilot.press("l")
         await until(pilot, lambda: isinstance(app.screen, EvalDialog), what="the eval dialog")
         dialog = app.screen
