@@ -5,7 +5,7 @@ family's Jinja template, less the BOS token (llama.cpp adds BOS when it tokenise
 ``tokenizer.ggml.add_bos_token``).
 
 The Jinja templates below are written here in the shape of each family's published chat template
-(ChatML as Qwen2/Qwen3 use it, Llama 3 Instruct, Gemma 2 and Gemma 3, Phi-3, Mistral v0.1, v0.3 and
+(ChatML as Qwen3 uses it and Qwen2.5 with its default system prompt, Llama 2 and Llama 3 Instruct, Gemma 2 and Gemma 3, Phi-3, Mistral v0.1, v0.3 and
 Nemo): the way each places the system prompt, the BOS, the end-of-turn tokens and the spaces."""
 from __future__ import annotations
 
@@ -21,6 +21,21 @@ from gotemplate import GoTemplateError, ollama_values, render  # noqa: E402
 from engine.dataset.chat import CHATML_TEMPLATE
 from engine.outputs import export
 
+QWEN25 = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
+          "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a "
+          "helpful assistant.<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}{%- if message.role == 'user' "
+          "or (message.role == 'system' and not loop.first) or message.role == 'assistant' %}{{- '<|im_start|>' + "
+          "message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}"
+          "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+          "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}"
+          "{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+          "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+          "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+          "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+          "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+          "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
+          "{% endfor %}")
 LLAMA3 = ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
           "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
           "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
@@ -64,7 +79,9 @@ def _mistral(open_: str, close: str, answer: str) -> str:
 
 # family key of export._OLLAMA_TEMPLATES -> [(name, Jinja, bos, eos, takes a system message)]
 FAMILIES = {
-    "chatml": [("Qwen2/Qwen3 ChatML", CHATML_TEMPLATE, None, "<|im_end|>", True)],
+    "chatml": [("Qwen3 ChatML", CHATML_TEMPLATE, None, "<|im_end|>", True),
+               ("Qwen2.5 (a default system prompt)", QWEN25, None, "<|im_end|>", True)],
+    "llama2": [("Llama 2", LLAMA2, "<s>", "</s>", True)],
     "llama3": [("Llama 3", LLAMA3, "<|begin_of_text|>", "<|eot_id|>", True)],
     "gemma": [("Gemma 2", GEMMA2, "<bos>", "<eos>", False), ("Gemma 3", GEMMA3, "<bos>", "<eos>", True)],
     "phi3": [("Phi-3", PHI3, "<s>", "<|endoftext|>", True)],
@@ -114,7 +131,7 @@ def test_every_ollama_template_is_covered():
 def test_modelfile_template_renders_as_apply_chat_template(family, name, jinja, bos, eos, system):
     assert export.template_family(jinja) == family
     go = _modelfile_template(jinja, eos)
-    assert go == export._OLLAMA_TEMPLATES[family]
+    assert go == export.ollama_template(jinja) and export._OLLAMA_TEMPLATES[family] in go
     tok = _tokenizer(jinja, bos, eos)
     chats = CHATS + ([[SYSTEM] + c for c in CHATS] if system else [])
     for chat in chats:

@@ -211,6 +211,11 @@ _OLLAMA_TEMPLATES = {
               '{{ if and $system (eq .Role "user") }}{{ $system }}\n\n{{ $system = "" }}{{ end }}'
               '{{ .Content }}<end_of_turn>\n{{ end }}{{- end }}<start_of_turn>model\n'),
     "phi3": ('{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n'),
+    # Llama 2: the system prompt in <<SYS>> inside the first user turn; every later user turn opens with
+    # its own <s> (the first one's is llama.cpp's BOS), an answer is " ANSWER </s>"
+    "llama2": ('{{- $first := true }}{{- range .Messages }}{{ if eq .Role "user" }}{{ if not $first }}<s>{{ end }}'
+               '[INST] {{ if and $first $.System }}<<SYS>>\n{{ $.System }}\n<</SYS>>\n\n{{ end }}{{ .Content }} '
+               '[/INST]{{ $first = false }}{{ else if eq .Role "assistant" }} {{ .Content }} </s>{{ end }}{{ end }}'),
     # Mistral's three shapes. Like their Jinja templates, v0.3 and Nemo put the system prompt in the
     # last user turn ("[INST]SYSTEM\n\nUSER[/INST]"); the last message is the one whose tail
     # `slice $.Messages $i` has length 1 (Ollama's own Mistral templates test it the same way).
@@ -239,6 +244,8 @@ def template_family(jinja: str) -> str | None:
         return "gemma"
     if "<|assistant|>" in jinja and "<|end|>" in jinja:
         return "phi3"
+    if "[INST]" in jinja and "[/INST]" in jinja and "<<SYS>>" in jinja:
+        return "llama2"
     if "[INST]" in jinja and "[/INST]" in jinja:
         if re.search(r"""['"] \[/INST\]""", jinja):          # "' [/INST]'": a space before the close
             return "mistral_v1"
@@ -246,13 +253,31 @@ def template_family(jinja: str) -> str | None:
     return None
 
 
+# a default system prompt written into a ChatML template (Qwen2.5's "You are Qwen, created by ..."),
+# used when the chat has none
+_CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\\n|\n)([^'\"{}<>\\]+)<\|im_end\|>")
+
+
+def ollama_template(jinja: str) -> str | None:
+    """The Go template (Ollama's TEMPLATE) that renders as the Jinja chat template ``jinja`` does,
+    or None for a template of no family translated here."""
+    family = template_family(jinja or "")
+    if family is None:
+        return None
+    go = _OLLAMA_TEMPLATES[family]
+    default = _CHATML_DEFAULT_SYSTEM.search(jinja) if family == "chatml" else None
+    if default:
+        go = f"{{{{- if not .System }}}}<|im_start|>system\n{default.group(1)}<|im_end|>\n{{{{ end }}}}" + go
+    return go
+
+
 def template_warning(vocab: gguf_write.Vocab) -> str:
     """The one line said when the model's chat template has no Ollama translation here ("" if it
     has one, or the model has no chat template)."""
-    if not vocab.chat_template or template_family(vocab.chat_template):
+    if not vocab.chat_template or ollama_template(vocab.chat_template):
         return ""
     return ("the Modelfile has no TEMPLATE: the chat template is none of the families translated to "
-            "Ollama's Go syntax (ChatML/Qwen, Llama 3, Gemma, Phi-3, Mistral v0.1/v0.3/Nemo); Ollama falls "
+            "Ollama's Go syntax (ChatML/Qwen, Llama 2, Llama 3, Gemma, Phi-3, Mistral v0.1/v0.3/Nemo); Ollama falls "
             "back to the Jinja template stored in the GGUF (tokenizer.chat_template) when it recognises it")
 
 
@@ -267,9 +292,9 @@ def modelfile_text(from_: str, vocab: gguf_write.Vocab, system: str, adapter: st
     lines = ["# Ollama Modelfile written by qlora-tui export"] + ([f"# {note}"] if note else []) + [f"FROM {from_}"]
     if adapter:
         lines.append(f"ADAPTER {adapter}")
-    family = template_family(vocab.chat_template)
-    if family:
-        lines.append(f"TEMPLATE {_quote(_OLLAMA_TEMPLATES[family])}")
+    template = ollama_template(vocab.chat_template)
+    if template:
+        lines.append(f"TEMPLATE {_quote(template)}")
     elif vocab.chat_template:
         lines.append("# " + template_warning(vocab))
     for stop in vocab.stop_tokens:
