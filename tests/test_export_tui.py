@@ -141,3 +141,22 @@ async def test_eval_action_on_the_run_detail_shows_its_table_and_plot_at_80x24(t
             assert BLOCKS.index(ct) <= BLOCKS.index(cb) if lt <= lb else BLOCKS.index(ct) >= BLOCKS.index(cb)
         shown = screen_text(app)
         assert "did it help?" in shown and "tuned" in shown and "loss per token" in shown
+
+
+def test_eval_view_of_an_older_or_broken_report():
+    """A report saved before per-row losses: the table, no plot; a malformed one: nothing shown.
+    Many rows: the plot averages them into the panel's width, both lines on one scale."""
+    from tui.widgets.eval_view import BLOCKS, columns, eval_view
+    old = {"data": "x.jsonl", "rows": 3, "answered": 0, "base": {"loss": 2.0, "perplexity": 7.389},
+           "tuned": {"loss": 1.0, "perplexity": 2.718}}
+    text = eval_view(old, 40).plain
+    assert "loss per token" in text and "2.0000" in text and "1.0000" in text and "loss per row" not in text
+    assert eval_view({"base": "?"}, 40) is None and eval_view({"base": {}, "tuned": {}}, 40) is None
+    pairs = [(float(i), float(i) / 2) for i in range(100)]
+    cols = columns(pairs, 10)
+    assert len(cols) == 10 and cols[0] == (4.5, 2.25)
+    plot = eval_view(old | {"per_row": pairs}, 16).plain.splitlines()
+    base = next(ln for ln in plot if ln.startswith("base ")).split()[1]
+    tuned = next(ln for ln in plot if ln.startswith("tuned ")).split()[1]
+    assert len(base) == len(tuned) == 10 and base[-1] == BLOCKS[-1] and tuned[0] == BLOCKS[0]
+    assert all(BLOCKS.index(t) <= BLOCKS.index(b) for b, t in zip(base, tuned))
