@@ -74,6 +74,7 @@ def test_lm_eval_local_task_on_builtin_tiny_base_vs_tuned(tmp_path, monkeypatch,
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if "lm-eval qlora_capitals acc" in ln)
     saved = evaluate.latest(run)
+    assert list(saved["lm_eval"]) == ["qlora_capitals"] and list(saved["lm_eval"]["qlora_capitals"]) == ["acc"]
     base, tuned = saved["lm_eval"]["qlora_capitals"]["acc"]
     assert line.split()[-2:] == [f"{base:.4f}", f"{tuned:.4f}"]
     model, tok, _ = generate._load(run)

@@ -315,7 +315,9 @@ def lm_eval_scores(model, tok, specs: list[str], limit: int | None) -> dict:
     out: dict = {}
     for task, scores in results[0].items():
         for metric, value in scores.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in metric:
+            # a metric is "NAME,FILTER" ("acc,none"); "samples", "alias" and the stderrs are not scores
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "," in metric \
+                    and "stderr" not in metric:
                 tuned_v = results[1].get(task, {}).get(metric)
                 if isinstance(tuned_v, (int, float)):
                     out.setdefault(task, {})[metric.split(",")[0]] = (float(value), float(tuned_v))
