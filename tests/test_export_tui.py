@@ -90,22 +90,73 @@ async def test_export_refusal_shows_one_line(tmp_path):
         assert "\n" not in screen.error and not (run / "export" / "merged").exists()
 
 
-async def test_run_detail_shows_the_newest_eval(tmp_path):
-    """The run detail reads RUN_DIR/eval (written by ``qlora-tui eval``) and shows base -> fine-tuned
-    loss and perplexity, and the answer scores."""
+async def test_eval_action_on_the_run_detail_shows_its_table_and_plot_at_80x24(tmp_path):
+    """`l` on the run detail (80x24): the Evaluate dialog runs ``qlora-tui eval`` in a child that
+    reports typed events, saves the report in RUN_DIR/eval/, and back on the detail its table
+    (the saved numbers) and the per-row loss plot (one bar per row, base and tuned) are shown."""
+    import json
     from engine.outputs import evaluate
-    from outputs_fixtures import make_run_dir, make_tiny_model
+    from outputs_fixtures import EVAL_ROWS, make_run_dir, make_tiny_model
+    from textual.containers import VerticalScroll
+    from textual.widgets import Input
+    from tui.screens.actions import EvalDialog
     from tui.screens.runs import RunDetailScreen
+    from tui.widgets.eval_view import BLOCKS
+    from tui_helpers import screen_text
     base = make_tiny_model(tmp_path / "base")
     run = make_run_dir(tmp_path / "runs" / "20260101-000000-tiny", base)
-    rep = evaluate.evaluate(run, answer_rows=2, max_new_tokens=4)
-    assert rep.answered == 2 and evaluate.latest(run)["tuned"]["loss"] == rep.tuned.loss
     app = make_app(demo_cfg(tmp_path))
-    async with app.run_test(size=(140, 30)) as pilot:
+    async with app.run_test(size=(80, 24)) as pilot:
         app.push_screen(RunDetailScreen(run))
         await until(pilot, lambda: isinstance(app.screen, RunDetailScreen) and app.screen.info is not None,
                     what="detail")
-        text = str(app.screen.query_one("#detail-summary", Static).render())
-        assert f"loss {rep.base.loss:.4f} -> {rep.tuned.loss:.4f}" in text
-        assert f"perplexity {rep.base.perplexity:.3f} -> {rep.tuned.perplexity:.3f}" in text
-        assert f"exact match {rep.base.exact}/2 -> {rep.tuned.exact}/2" in text
+        detail = app.screen
+        assert not detail.query_one("#detail-eval-box", VerticalScroll).display    # no eval yet
+        assert "l eval" in str(detail.query_one("#detail-summary", Static).render())
+        assert any(c.title == "Evaluate base vs fine-tuned (l)" for c in app.get_system_commands(detail))
+        await pilot.press("l")
+        await until(pilot, lambda: isinstance(app.screen, EvalDialog), what="the eval dialog")
+        dialog = app.screen
+        dialog.query_one("#eval-answers", Input).value = "x"          # restricted to digits
+        dialog.query_one("#eval-answers", Input).value = "2"
+        await pilot.press("ctrl+e")
+        await until(pilot, lambda: not dialog.running and (dialog.report or dialog.error), timeout=240,
+                    what="the eval job")
+        assert not dialog.error and dialog.progress_seen[-1] == 1.0
+        saved = list((run / "eval").glob("eval-*.json"))
+        assert len(saved) == 1
+        report = json.loads(saved[0].read_text())
+        assert report["answered"] == 2 and len(report["per_row"]) == report["rows"] == len(EVAL_ROWS)
+        assert "exact match" in str(dialog.query_one(".action-result", Static).render())
+        await pilot.press("escape")
+        await until(pilot, lambda: app.screen is detail and
+                    detail.query_one("#detail-eval-box", VerticalScroll).display, what="the eval panel")
+        text = str(detail.query_one("#detail-evalrep", Static).render())
+        for name, b, t in evaluate.table_rows(report):
+            assert any(ln.split() == name.split() + b.split() + t.split() for ln in text.splitlines()), name
+        bars = {ln.split()[0]: ln.split()[1] for ln in text.splitlines() if ln.startswith(("base ", "tuned "))}
+        assert len(bars["base"]) == len(bars["tuned"]) == len(EVAL_ROWS) and set(bars["base"] + bars["tuned"]) <= set(BLOCKS)
+        # one scale: a row whose loss fell shows a lower bar for the tuned model
+        for (lb, lt), cb, ct in zip(report["per_row"], bars["base"], bars["tuned"]):
+            assert BLOCKS.index(ct) <= BLOCKS.index(cb) if lt <= lb else BLOCKS.index(ct) >= BLOCKS.index(cb)
+        shown = screen_text(app)
+        assert "did it help?" in shown and "tuned" in shown and "loss per token" in shown
+
+
+def test_eval_view_of_an_older_or_broken_report():
+    """A report saved before per-row losses: the table, no plot; a malformed one: nothing shown.
+    Many rows: the plot averages them into the panel's width, both lines on one scale."""
+    from tui.widgets.eval_view import BLOCKS, columns, eval_view
+    old = {"data": "x.jsonl", "rows": 3, "answered": 0, "base": {"loss": 2.0, "perplexity": 7.389},
+           "tuned": {"loss": 1.0, "perplexity": 2.718}}
+    text = eval_view(old, 40).plain
+    assert "loss per token" in text and "2.0000" in text and "1.0000" in text and "loss per row" not in text
+    assert eval_view({"base": "?"}, 40) is None and eval_view({"base": {}, "tuned": {}}, 40) is None
+    pairs = [(float(i), float(i) / 2) for i in range(100)]
+    cols = columns(pairs, 10)
+    assert len(cols) == 10 and cols[0] == (4.5, 2.25)
+    plot = eval_view(old | {"per_row": pairs}, 16).plain.splitlines()
+    base = next(ln for ln in plot if ln.startswith("base ")).split()[1]
+    tuned = next(ln for ln in plot if ln.startswith("tuned ")).split()[1]
+    assert len(base) == len(tuned) == 10 and base[-1] == BLOCKS[-1] and tuned[0] == BLOCKS[0]
+    assert all(BLOCKS.index(t) <= BLOCKS.index(b) for b, t in zip(base, tuned))

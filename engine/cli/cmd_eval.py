@@ -18,8 +18,9 @@ def register(subparsers) -> None:
                    help="rows both models answer for exact match / contains (default 32; 0 = none)")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="answer length cap (default 64)")
     p.add_argument("--lm-eval", default=None, metavar="TASKS",
-                   help="also run lm-evaluation-harness tasks (comma-separated) when lm-eval is installed; "
-                        "hub tasks download their data: they need the network")
+                   help="also run lm-evaluation-harness tasks when lm-eval is installed: comma-separated task "
+                        "YAML files or folders (local tasks: their data files are on this machine) or names "
+                        "of lm-eval's tasks (those download their data from the Hub: they need the network)")
     p.add_argument("--lm-eval-limit", type=int, default=None, metavar="N", help="examples per lm-eval task")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_eval)
@@ -38,7 +39,7 @@ def cmd_eval(args) -> int:
         report = evaluate(args.src, data=args.data, max_rows=args.max_rows, answer_rows=args.answer_rows,
                           max_new_tokens=args.max_new_tokens, lm_eval_tasks=tasks or None,
                           lm_eval_limit=args.lm_eval_limit,
-                          on_progress=None if args.json else lambda m: print(visible(m), file=sys.stderr, flush=True))
+                          on_progress=None if args.json else lambda f, m: print(visible(m), file=sys.stderr, flush=True))
     except AdapterError as e:
         print(f"eval failed: {visible(str(e))}", file=sys.stderr)
         return 1

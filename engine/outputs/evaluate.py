@@ -10,10 +10,12 @@ the answer contains the reference (case and whitespace folded).
 Data: ``--data FILE`` (any format ``inspect`` reads), else the run's ``data.eval`` file, else the
 same held-out split training made (``data.eval_fraction``, seeded by ``train.seed``).
 
-Optional: ``lm_eval_tasks`` runs EleutherAI lm-evaluation-harness tasks against base + adapter when
-the ``lm-eval`` package is installed. Its hub tasks download their data sets: they need the network
-(or a warm ``HF_DATASETS_CACHE``); a task whose data cannot be fetched fails with lm-eval's error
-on one line. Nothing here imports textual or rich.
+Optional: ``lm_eval_tasks`` runs EleutherAI lm-evaluation-harness tasks on the same loaded model,
+adapter off (base) and on, when the ``lm-eval`` package is installed (``qlora-tui[lm-eval]``). An
+item that is a task YAML (or a folder of them) is a local task: its data is a file on this machine
+(``dataset_path: json`` + ``dataset_kwargs.data_files``), no network. lm-eval's own tasks download
+their data sets from the Hub: they need the network (or a warm ``HF_DATASETS_CACHE``); a task whose
+data cannot be fetched fails with lm-eval's error on one line. Nothing here imports textual or rich.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ class EvalReport:
     tuned: Side
     seconds: float = 0.0
     samples: list = field(default_factory=list)      # a few {prompt, reference, base, tuned}
+    per_row: list = field(default_factory=list)      # [base, tuned] mean answer-token loss of each row
     lm_eval: dict = field(default_factory=dict)
     path: str = ""
 
@@ -56,15 +59,7 @@ class EvalReport:
         return asdict(self)
 
     def table(self) -> list[str]:
-        def pct(n: int) -> str:
-            return f"{n}/{self.answered} ({n / self.answered:.0%})" if self.answered else "-"
-        rows = [("loss (per answer token)", f"{self.base.loss:.4f}", f"{self.tuned.loss:.4f}"),
-                ("perplexity", f"{self.base.perplexity:.3f}", f"{self.tuned.perplexity:.3f}"),
-                ("exact match", pct(self.base.exact), pct(self.tuned.exact)),
-                ("contains answer", pct(self.base.contains), pct(self.tuned.contains))]
-        for task, scores in self.lm_eval.items():
-            for metric, (b, t) in scores.items():
-                rows.append((f"lm-eval {task} {metric}"[:28], f"{b:.4f}", f"{t:.4f}"))
+        rows = table_rows(self.to_dict())
         w = max(len(r[0]) for r in rows)
         out = [f"eval on {self.data}: {self.rows} rows, {self.tokens} answer tokens, "
                f"{self.answered} answered by both models ({self.seconds:.1f}s)",
@@ -88,21 +83,37 @@ def latest(run_dir: str | Path) -> dict | None:
     return None
 
 
-def summary_lines(report: dict) -> list[str]:
-    """Three short lines of a saved report for the TUI's run detail: loss/perplexity base ->
-    fine-tuned, and the answer scores."""
-    try:
-        b, t = report["base"], report["tuned"]
-        n = int(report.get("answered") or 0)
-        lines = [f"eval on {report.get('data', '?')}: {report.get('rows', '?')} rows",
-                 f"  loss {float(b['loss']):.4f} -> {float(t['loss']):.4f}   perplexity "
-                 f"{float(b['perplexity']):.3f} -> {float(t['perplexity']):.3f}   (base -> fine-tuned)"]
-        if n:
-            lines.append(f"  exact match {int(b['exact'])}/{n} -> {int(t['exact'])}/{n}   contains answer "
-                         f"{int(b['contains'])}/{n} -> {int(t['contains'])}/{n}")
-        return lines
-    except (KeyError, TypeError, ValueError):
-        return []
+def table_rows(report: dict) -> list[tuple[str, str, str]]:
+    """(metric, base, fine-tuned) of a report (``EvalReport.to_dict()`` or a saved one): the CLI's
+    table and the TUI's run detail both show these rows. Raises KeyError/TypeError/ValueError on a
+    malformed report."""
+    b, t = report["base"], report["tuned"]
+    n = int(report.get("answered") or 0)
+
+    def pct(k: int) -> str:
+        return f"{int(k)}/{n} ({int(k) / n:.0%})" if n else "-"
+    rows = [("loss per token", f"{float(b['loss']):.4f}", f"{float(t['loss']):.4f}"),
+            ("perplexity", f"{float(b['perplexity']):.3f}", f"{float(t['perplexity']):.3f}"),
+            ("exact match", pct(b.get("exact", 0)), pct(t.get("exact", 0))),
+            ("contains answer", pct(b.get("contains", 0)), pct(t.get("contains", 0)))]
+    for task, scores in (report.get("lm_eval") or {}).items():
+        for metric, (vb, vt) in scores.items():
+            rows.append((f"lm-eval {task} {metric}"[:28], f"{float(vb):.4f}", f"{float(vt):.4f}"))
+    return rows
+
+
+def per_row_losses(report: dict) -> list[tuple[float, float]]:
+    """The saved per-row (base, tuned) losses of a report; [] for an older report without them."""
+    out = []
+    for pair in report.get("per_row") or []:
+        try:
+            b, t = float(pair[0]), float(pair[1])
+        except (TypeError, ValueError, IndexError, KeyError):
+            return []
+        if not (math.isfinite(b) and math.isfinite(t)):
+            return []
+        out.append((b, t))
+    return out
 
 
 # --------------------------------------------------------------------------- rows
@@ -164,13 +175,13 @@ def _fold(text: str) -> str:
 
 # --------------------------------------------------------------------------- evaluation
 
-def _losses(model, tok, rows: list[dict], max_length: int) -> tuple[float, float, int]:
-    """(base loss, tuned loss, answer tokens) summed over rows, mean per answer token."""
+def _losses(model, tok, rows: list[dict], max_length: int) -> tuple[float, float, int, list]:
+    """(base loss, tuned loss, answer tokens, per-row [base, tuned]): mean per answer token."""
     import torch
     from engine.training.trainer import encode_dataset
     enc = encode_dataset(tok, rows)
     device = next(model.parameters()).device
-    sums, count = [0.0, 0.0], 0
+    sums, count, per_row = [0.0, 0.0], 0, []
     for ids, labels in zip(enc["input_ids"], enc["labels"]):
         ids, labels = ids[:max_length], labels[:max_length]
         if sum(1 for x in labels[1:] if x != -100) == 0:
@@ -180,13 +191,16 @@ def _losses(model, tok, rows: list[dict], max_length: int) -> tuple[float, float
         n = int((y[:, 1:] != -100).sum())
         with torch.no_grad():
             with model.disable_adapter():
-                sums[0] += float(model(input_ids=x, labels=y).loss) * n
-            sums[1] += float(model(input_ids=x, labels=y).loss) * n
+                lb = float(model(input_ids=x, labels=y).loss)
+            lt = float(model(input_ids=x, labels=y).loss)
+        sums[0] += lb * n
+        sums[1] += lt * n
+        per_row.append([round(lb, 6), round(lt, 6)])
         count += n
     if not count:
         raise EvalError("no answer tokens to score: the rows have no assistant turns (or they were all "
                         "truncated away)")
-    return sums[0] / count, sums[1] / count, count
+    return sums[0] / count, sums[1] / count, count, per_row
 
 
 def _answers(model, tok, rows: list[dict], limit: int, max_new_tokens: int):
@@ -225,34 +239,88 @@ def _answers(model, tok, rows: list[dict], limit: int, max_new_tokens: int):
     return scored, exact, contains, samples
 
 
+HUB_TASKS_NOTE = ("lm-eval's own tasks download their data sets from the Hugging Face Hub: they need the "
+                  "network (or a warm HF_DATASETS_CACHE); a local task is a task YAML whose dataset_path "
+                  "is json/csv/parquet with data_files on this machine")
+
+
 def check_lm_eval() -> None:
     import importlib.util
     if importlib.util.find_spec("lm_eval") is None:
-        raise EvalError("--lm-eval needs the lm-eval package: pip install lm-eval (its hub tasks also "
-                        "download their data sets: they need the network)")
+        raise EvalError("--lm-eval needs the lm-eval package: pip install 'qlora-tui[lm-eval]' (its hub tasks "
+                        "also download their data sets: they need the network)")
 
 
-def lm_eval_scores(info: dict, tasks: list[str], limit: int | None) -> dict:
-    """lm-evaluation-harness tasks on base and on base + adapter: {task: {metric: (base, tuned)}}."""
+_TASK_LINE = re.compile(r"^task:\s*['\"]?([^'\"#\s]+)", re.M)
+
+
+def lm_eval_specs(specs: list[str]) -> tuple[list[str], list[str]]:
+    """(task names, include folders) of ``--lm-eval`` items: a ``.yaml`` file or a folder of them is a
+    local task (its ``task:`` names, its folder given to lm-eval's TaskManager); any other item is
+    the name of a task lm-eval knows (its hub tasks need the network)."""
+    names: list[str] = []
+    include: list[str] = []
+    for spec in specs:
+        p = Path(spec).expanduser()
+        if spec.endswith((".yaml", ".yml")) or p.is_dir():
+            files = sorted(p.glob("*.y*ml")) if p.is_dir() else [p]
+            if not p.exists():
+                raise EvalError(f"--lm-eval {spec}: no such task file; pass a task YAML, a folder of them, or "
+                                f"a task name")
+            found = []
+            for f in files:
+                try:
+                    found += _TASK_LINE.findall(f.read_text(encoding="utf-8"))
+                except (OSError, UnicodeDecodeError) as e:
+                    raise EvalError(f"--lm-eval {f}: cannot read it ({e})") from None
+            if not found:
+                raise EvalError(f"--lm-eval {spec}: no 'task: NAME' line in it; a task YAML names its task")
+            names += found
+            folder = str((p if p.is_dir() else p.parent).resolve())
+            if folder not in include:
+                include.append(folder)
+        else:
+            names.append(spec)
+    return names, include
+
+
+def lm_eval_scores(model, tok, specs: list[str], limit: int | None) -> dict:
+    """lm-evaluation-harness tasks on the base (adapter disabled) and the fine-tuned model, both the
+    one loaded ``PeftModel``: {task: {metric: (base, tuned)}}."""
     check_lm_eval()
+    names, include = lm_eval_specs(specs)
     import lm_eval
-    out: dict = {}
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    manager = TaskManager(include_path=include or None)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise EvalError(f"--lm-eval: lm-eval knows no task {', '.join(unknown)}; a local task: pass its .yaml "
+                        f"file or folder")
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=1)
     results = []
-    for adapter in (False, True):
-        args = f"pretrained={info['base']}" + (f",peft={info['adapter']}" if adapter else "")
+    for tuned in (False, True):
         try:
-            r = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=tasks, limit=limit,
-                                        device="cpu" if info["mode"].startswith("cpu") else "cuda")
-        except Exception as e:  # noqa: BLE001
-            raise EvalError(f"lm-eval {','.join(tasks)}: {str(e).splitlines()[0][:200]} (hub tasks need the "
-                            f"network to fetch their data)") from None
-        results.append(r["results"])
+            if tuned:
+                r = lm_eval.simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=manager,
+                                            log_samples=False, bootstrap_iters=0)
+            else:
+                with model.disable_adapter():
+                    r = lm_eval.simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=manager,
+                                                log_samples=False, bootstrap_iters=0)
+        except Exception as e:  # noqa: BLE001 - lm-eval's errors are many; each is one line here
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise EvalError(f"lm-eval {','.join(names)}: {first} ({HUB_TASKS_NOTE})") from None
+        results.append((r or {}).get("results", {}))
+    out: dict = {}
     for task, scores in results[0].items():
         for metric, value in scores.items():
-            if isinstance(value, (int, float)) and "stderr" not in metric:
-                tuned = results[1].get(task, {}).get(metric)
-                if isinstance(tuned, (int, float)):
-                    out.setdefault(task, {})[metric.split(",")[0]] = (float(value), float(tuned))
+            # a metric is "NAME,FILTER" ("acc,none"); "samples", "alias" and the stderrs are not scores
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "," in metric \
+                    and "stderr" not in metric:
+                tuned_v = results[1].get(task, {}).get(metric)
+                if isinstance(tuned_v, (int, float)):
+                    out.setdefault(task, {})[metric.split(",")[0]] = (float(value), float(tuned_v))
     return out
 
 
@@ -261,33 +329,35 @@ def evaluate(src, data: str | None = None, max_rows: int = 200, answer_rows: int
              save: bool = True, on_progress=None) -> EvalReport:
     """Base vs fine-tuned on held-out rows; the report is saved under RUN_DIR/eval/ when ``save``."""
     t0 = time.time()
-    progress = on_progress or (lambda m: None)
+    progress = on_progress or (lambda f, m: None)
     from engine.training import galore
     if galore.full_checkpoint_dir(src) is not None:
         raise EvalError(f"{src}: a GaLore run has a full checkpoint, not an adapter; eval compares base and "
                         f"adapter (use generate for base vs checkpoint)")
     if lm_eval_tasks:
         check_lm_eval()
+        lm_eval_specs(lm_eval_tasks)                    # a missing task file: said before the model loads
     where, rows = held_out_rows(src, data)
     rows = rows[:max_rows]
     from engine.outputs.generate import _load
-    progress("loading base + adapter")
-    model, tok, info = _load(src, EvalError)
+    progress(0.05, "loading base + adapter")
+    model, tok, _ = _load(src, EvalError)
     adapter_dir = find_adapter_dir(src, EvalError)
     cfg = _run_config(run_dir_of(src, adapter_dir))
     max_length = cfg.data.max_length if cfg is not None else 4096
-    progress(f"loss on {len(rows)} rows")
-    lb, lt, tokens = _losses(model, tok, rows, max_length)
-    progress(f"answers on up to {answer_rows} rows")
+    progress(0.2, f"loss on {len(rows)} rows")
+    lb, lt, tokens, per_row = _losses(model, tok, rows, max_length)
+    progress(0.5, f"answers on up to {answer_rows} rows")
     answered, exact, contains, samples = _answers(model, tok, rows, answer_rows, max_new_tokens)
     report = EvalReport(data=where, rows=len(rows), tokens=tokens, answered=answered,
                         base=Side(lb, math.exp(min(lb, 700)), exact[0], contains[0]),
-                        tuned=Side(lt, math.exp(min(lt, 700)), exact[1], contains[1]), samples=samples)
+                        tuned=Side(lt, math.exp(min(lt, 700)), exact[1], contains[1]), samples=samples,
+                        per_row=per_row)
     if lm_eval_tasks:
-        progress(f"lm-eval: {', '.join(lm_eval_tasks)}")
-        del model
-        report.lm_eval = lm_eval_scores(info, lm_eval_tasks, lm_eval_limit)
+        progress(0.8, f"lm-eval: {', '.join(lm_eval_tasks)}")
+        report.lm_eval = lm_eval_scores(model, tok, lm_eval_tasks, lm_eval_limit)
     report.seconds = time.time() - t0
+    progress(1.0, "done")
     run_dir = run_dir_of(src, adapter_dir)
     if save and run_dir is not None:
         out = run_dir / "eval" / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json"

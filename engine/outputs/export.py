@@ -13,6 +13,7 @@ Ollama ``ADAPTER``); no merge is needed.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import time
 import tomllib
@@ -210,11 +211,27 @@ _OLLAMA_TEMPLATES = {
               '{{ if and $system (eq .Role "user") }}{{ $system }}\n\n{{ $system = "" }}{{ end }}'
               '{{ .Content }}<end_of_turn>\n{{ end }}{{- end }}<start_of_turn>model\n'),
     "phi3": ('{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n'),
-    # Mistral v0.3 / Nemo ([INST]text[/INST]); v0.1 puts spaces inside the brackets
-    "mistral": ('{{- range .Messages }}{{ if eq .Role "user" }}[INST]{{ .Content }}[/INST]'
-                '{{ else if eq .Role "assistant" }}{{ .Content }}</s>{{ end }}{{ end }}'),
-    "mistral_v1": ('{{- range .Messages }}{{ if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
-                   '{{ else if eq .Role "assistant" }}{{ .Content }}</s>{{ end }}{{ end }}'),
+    # Llama 2: the system prompt in <<SYS>> inside the first user turn; every later user turn opens with
+    # its own <s> (the first one's is llama.cpp's BOS), an answer is " ANSWER </s>"
+    "llama2": ('{{- $first := true }}{{- range .Messages }}{{ if eq .Role "user" }}{{ if not $first }}<s>{{ end }}'
+               '[INST] {{ if and $first $.System }}<<SYS>>\n{{ $.System }}\n<</SYS>>\n\n{{ end }}{{ .Content }} '
+               '[/INST]{{ $first = false }}{{ else if eq .Role "assistant" }} {{ .Content }} </s>{{ end }}{{ end }}'),
+    # Mistral's three shapes. Like their Jinja templates, v0.3 and Nemo put the system prompt in the
+    # last user turn ("[INST]SYSTEM\n\nUSER[/INST]"); the last message is the one whose tail
+    # `slice $.Messages $i` has length 1 (Ollama's own Mistral templates test it the same way).
+    # Nemo (tekken): [INST]text[/INST]answer</s>
+    "mistral": ('{{- range $i, $_ := .Messages }}{{ if eq .Role "user" }}[INST]'
+                '{{ if and $.System (eq (len (slice $.Messages $i)) 1) }}{{ $.System }}\n\n{{ end }}'
+                '{{ .Content }}[/INST]{{ else if eq .Role "assistant" }}{{ .Content }}</s>{{ end }}{{ end }}'),
+    # v0.3: [INST] text[/INST] answer</s>
+    "mistral_v3": ('{{- range $i, $_ := .Messages }}{{ if eq .Role "user" }}[INST] '
+                   '{{ if and $.System (eq (len (slice $.Messages $i)) 1) }}{{ $.System }}\n\n{{ end }}'
+                   '{{ .Content }}[/INST]{{ else if eq .Role "assistant" }} {{ .Content }}</s>{{ end }}{{ end }}'),
+    # v0.1 / v0.2: [INST] text [/INST]answer</s> (their Jinja refuses a system message; here it opens
+    # the last user turn as in v0.3)
+    "mistral_v1": ('{{- range $i, $_ := .Messages }}{{ if eq .Role "user" }}[INST] '
+                   '{{ if and $.System (eq (len (slice $.Messages $i)) 1) }}{{ $.System }}\n\n{{ end }}'
+                   '{{ .Content }} [/INST]{{ else if eq .Role "assistant" }}{{ .Content }}</s>{{ end }}{{ end }}'),
 }
 
 
@@ -227,9 +244,41 @@ def template_family(jinja: str) -> str | None:
         return "gemma"
     if "<|assistant|>" in jinja and "<|end|>" in jinja:
         return "phi3"
+    if "[INST]" in jinja and "[/INST]" in jinja and "<<SYS>>" in jinja:
+        return "llama2"
     if "[INST]" in jinja and "[/INST]" in jinja:
-        return "mistral_v1" if "[INST] " in jinja else "mistral"
+        if re.search(r"""['"] \[/INST\]""", jinja):          # "' [/INST]'": a space before the close
+            return "mistral_v1"
+        return "mistral_v3" if "[INST] " in jinja else "mistral"
     return None
+
+
+# a default system prompt written into a ChatML template (Qwen2.5's "You are Qwen, created by ..."),
+# used when the chat has none
+_CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\\n|\n)([^'\"{}<>\\]+)<\|im_end\|>")
+
+
+def ollama_template(jinja: str) -> str | None:
+    """The Go template (Ollama's TEMPLATE) that renders as the Jinja chat template ``jinja`` does,
+    or None for a template of no family translated here."""
+    family = template_family(jinja or "")
+    if family is None:
+        return None
+    go = _OLLAMA_TEMPLATES[family]
+    default = _CHATML_DEFAULT_SYSTEM.search(jinja) if family == "chatml" else None
+    if default:
+        go = f"{{{{- if not .System }}}}<|im_start|>system\n{default.group(1)}<|im_end|>\n{{{{ end }}}}" + go
+    return go
+
+
+def template_warning(vocab: gguf_write.Vocab) -> str:
+    """The one line said when the model's chat template has no Ollama translation here ("" if it
+    has one, or the model has no chat template)."""
+    if not vocab.chat_template or ollama_template(vocab.chat_template):
+        return ""
+    return ("the Modelfile has no TEMPLATE: the chat template is none of the families translated to "
+            "Ollama's Go syntax (ChatML/Qwen, Llama 2, Llama 3, Gemma, Phi-3, Mistral v0.1/v0.3/Nemo); Ollama falls "
+            "back to the Jinja template stored in the GGUF (tokenizer.chat_template) when it recognises it")
 
 
 def _quote(text: str) -> str:
@@ -243,12 +292,11 @@ def modelfile_text(from_: str, vocab: gguf_write.Vocab, system: str, adapter: st
     lines = ["# Ollama Modelfile written by qlora-tui export"] + ([f"# {note}"] if note else []) + [f"FROM {from_}"]
     if adapter:
         lines.append(f"ADAPTER {adapter}")
-    family = template_family(vocab.chat_template)
-    if family:
-        lines.append(f"TEMPLATE {_quote(_OLLAMA_TEMPLATES[family])}")
+    template = ollama_template(vocab.chat_template)
+    if template:
+        lines.append(f"TEMPLATE {_quote(template)}")
     elif vocab.chat_template:
-        lines.append("# the chat template is not one we translate to Ollama's Go syntax; Ollama reads the")
-        lines.append("# Jinja template stored in the GGUF (tokenizer.chat_template) when it recognises it")
+        lines.append("# " + template_warning(vocab))
     for stop in vocab.stop_tokens:
         lines.append("PARAMETER stop " + json.dumps(stop))
     if system:
@@ -346,6 +394,7 @@ def export_model(src, gguf_type: str = "f16", out=None, base: str | None = None,
     report = ExportReport(path=str(path), kind="model", gguf_type=gguf_type, arch=arch, size_bytes=size,
                           tensors=len(tensors), seconds=0.0, merged_dir=str(merged), modelfile=str(modelfile),
                           commands=use_commands(path, s.name, modelfile), **check)
+    report.warnings += [w for w in [template_warning(vocab)] if w]
     _finish(report, s, t0, progress)
     return report
 
@@ -381,7 +430,8 @@ def export_adapter(src, gguf_type: str = "f16", out=None, base: str | None = Non
                                                   note="BASE.gguf: the base model as GGUF; edit the FROM line"))
     report = ExportReport(path=str(path), kind="adapter", gguf_type=gguf_type, arch=arch, size_bytes=size,
                           tensors=len(tensors), seconds=0.0, modelfile=str(modelfile),
-                          commands=use_commands(path, s.name, modelfile, adapter_base=base_name))
+                          commands=use_commands(path, s.name, modelfile, adapter_base=base_name),
+                          warnings=[w for w in [template_warning(vocab)] if w])
     _finish(report, s, t0, progress)
     return report
 

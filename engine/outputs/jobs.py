@@ -1,7 +1,7 @@
 """Actions on a finished run in a child process that speaks typed events.
 
 ``python -m engine.outputs.jobs JOB PARAMS_JSON`` runs one action (export, merge, compare,
-push) and writes ``JobProgress`` events while it works, then one ``JobDone`` with the action's
+eval, push) and writes ``JobProgress`` events while it works, then one ``JobDone`` with the action's
 report (what the CLI's ``--json`` prints) or the one line that says why not: one JSON event a
 line on its stdout (everything the libraries print goes to stderr). ``run_child`` starts it and
 hands each event to a callback, so a front end (the TUI) never loads torch or a model, and
@@ -19,7 +19,7 @@ from typing import Callable
 
 from engine.core.events import Event, JobDone, JobProgress, dumps, loads
 
-JOBS = ("export", "merge", "compare", "push")
+JOBS = ("export", "merge", "compare", "eval", "push")
 
 
 def run(job: str, params: dict, emit: Callable[[Event], None]) -> dict | None:
@@ -56,6 +56,13 @@ def run(job: str, params: dict, emit: Callable[[Event], None]) -> dict | None:
                               on_load=lambda info: progress(0.5, f"generating ({info.get('mode', '')})"))
             progress(1.0, "done")
             report = {"results": results}
+        elif job == "eval":
+            from engine.outputs.evaluate import evaluate
+            data = params.get("data")
+            r = evaluate(src, data=str(data) if data else None,
+                         answer_rows=int(params.get("answer_rows", 32)),
+                         max_new_tokens=int(params.get("max_new_tokens", 64)), on_progress=progress)
+            report = r.to_dict() | {"lines": r.table()}
         elif job == "push":
             from engine.outputs.modelcard import push
             report = push(src, str(params.get("repo_id", "")), what=str(params.get("what", "adapter")),
@@ -63,7 +70,7 @@ def run(job: str, params: dict, emit: Callable[[Event], None]) -> dict | None:
                           dry_run=bool(params.get("dry_run", True)))
         else:
             raise AdapterError(f"unknown job {job!r}: one of {', '.join(JOBS)}")
-    except (AdapterError, PushError, KeyError, OSError) as e:
+    except (AdapterError, PushError, KeyError, OSError, ValueError) as e:
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         emit(JobDone(job=job, error=f"{job} failed: {text[:400]}"))
         return None

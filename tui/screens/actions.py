@@ -1,7 +1,7 @@
-"""Actions on a run after training: merge, compare generations, serve-cmd, push.
+"""Actions on a run after training: merge, compare generations, eval, serve-cmd, push.
 
-Each is a dialog over the Runs screen (or the run detail, or the palette). Merge, compare and
-push run as a child process (``engine.outputs.jobs``) whose typed ``JobProgress`` / ``JobDone``
+Each is a dialog over the Runs screen (or the run detail, or the palette). Merge, compare, eval
+and push run as a child process (``engine.outputs.jobs``) whose typed ``JobProgress`` / ``JobDone``
 events drive the dialog: torch never loads into the TUI and no child text is parsed. The
 serve command is built in a worker (no model is loaded) and shown whole, copyable (ctrl+y).
 Push always lists what it would upload (a dry run) before it can upload.
@@ -196,6 +196,39 @@ class CompareDialog(ActionDialog):
         self._result(t)
 
 
+class EvalDialog(ActionDialog):
+    """``qlora-tui eval``: base vs fine-tuned on held-out rows. The report is saved in RUN/eval/,
+    where the run detail reads its table and plot."""
+    TITLE, JOB = "Evaluate", "eval"
+
+    def form(self) -> ComposeResult:
+        with Horizontal(classes="action-row"):
+            yield Label("data", classes="action-label")
+            yield Input(placeholder="held-out rows file (empty: the run's eval rows)", id="eval-data",
+                        compact=True)
+        with Horizontal(classes="action-row"):
+            yield Label("rows answered", classes="action-label-wide")
+            yield Input("32", id="eval-answers", compact=True, restrict=r"[0-9]*", max_length=4)
+            yield Button("Evaluate (ctrl+e)", classes="action-go", variant="primary", compact=True)
+
+    def params(self) -> dict | None:
+        text = self.query_one("#eval-answers", Input).value
+        n = int(text) if text.isdigit() else -1
+        if not 0 <= n <= 1000:
+            self.notify("Evaluate: rows answered must be between 0 and 1000.", markup=False)
+            return None
+        data = self.query_one("#eval-data", Input).value.strip()
+        return {"src": str(self.run_dir.resolve()), "data": data or None, "answer_rows": n}
+
+    def done(self, report: dict) -> None:
+        t = Text()
+        for line in report.get("lines", []):
+            t.append_text(literal(line))
+            t.append("\n")
+        t.append("escape: back; the run detail shows this table and a per-row plot.", style="dim")
+        self._result(t)
+
+
 class PushDialog(ActionDialog):
     """Upload to the Hub: a dry run lists the files first; then ctrl+u uploads them."""
     TITLE, JOB = "Push", "push"
@@ -333,5 +366,5 @@ class ServeDialog(ModalScreen):
         self.dismiss(None)
 
 
-ACTION_SCREENS = {"merge": MergeDialog, "compare": CompareDialog, "push": PushDialog,
+ACTION_SCREENS = {"merge": MergeDialog, "compare": CompareDialog, "eval": EvalDialog, "push": PushDialog,
                   "serve": ServeDialog}

@@ -37,6 +37,7 @@ class RunHistory(Message):
     info: object = None
 
 
+EVAL_WIDTH = 44             # cells of the run detail's eval panel, beside the loss chart
 REREAD_INTERVAL = 3.0        # seconds between two readings of an open run detail's log
 
 STATE_STYLE = {"live": "bold $success", "finished": "$success", "stopped": "$warning", "failed": "bold $error",
@@ -88,6 +89,8 @@ RUN_ACTIONS = [
     ("e", "export", "Export", "Export run as GGUF", "The run as GGUF for llama.cpp / Ollama, verified"),
     ("m", "merge", "Merge", "Merge adapter into base", "A 16-bit merged checkpoint, verified against base + adapter"),
     ("g", "compare", "Compare", "Compare generations", "The run's eval prompts answered by base and fine-tuned"),
+    ("l", "eval", "Eval", "Evaluate base vs fine-tuned",
+     "Loss, perplexity, exact match and contains-answer on held-out rows, base vs fine-tuned"),
     ("s", "serve", "Serve", "Serve command (vLLM)", "The vllm serve command for the run's adapter, copyable"),
     ("p", "push", "Push", "Push to the Hub", "Upload the adapter, merged model or GGUF (dry run first)"),
     ("t", "preference", "Pref-tune", "Preference-tune this run",
@@ -328,7 +331,7 @@ class RunDetailScreen(Screen):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.info = None
-        self.eval_lines: list[str] = []     # the newest `qlora-tui eval` report, if any
+        self.eval_report: dict | None = None     # the newest `qlora-tui eval` report, if any
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -351,7 +354,12 @@ class RunDetailScreen(Screen):
             with row:
                 yield Static(label, classes="spark-label")
                 yield Sparkline([], id=f"detail-pref-{name}")
-        yield LossChart(id="detail-chart")
+        with Horizontal(id="detail-middle"):
+            yield LossChart(id="detail-chart")
+            box = VerticalScroll(id="detail-eval-box")
+            box.display = False                 # until the run has an eval report
+            with box:
+                yield Static(id="detail-evalrep")
         with VerticalScroll(id="detail-hints-box"):
             yield Static(id="detail-hints")
         yield Footer(compact=True)
@@ -365,12 +373,14 @@ class RunDetailScreen(Screen):
         if self.is_current:
             self._read(self.run_dir)
 
+    def on_screen_resume(self) -> None:         # back from a dialog (an eval just saved): at once
+        self._read(self.run_dir)
+
     @work(thread=True, exclusive=True, exit_on_error=False)
     def _read(self, run_dir: Path) -> None:
         from engine.core import rundir
         from engine.outputs import evaluate
-        report = evaluate.latest(run_dir)               # the newest `qlora-tui eval` of this run
-        self.eval_lines = evaluate.summary_lines(report) if report else []
+        self.eval_report = evaluate.latest(run_dir)     # the newest `qlora-tui eval` of this run
         self.post_message(RunHistory(run_dir, read_run(run_dir), rundir.info(run_dir)))
 
     @on(RunHistory)
@@ -397,15 +407,12 @@ class RunDetailScreen(Screen):
         if st.adapter_dir:
             t.append("\nadapter ", style="dim")
             t.append_text(literal(st.adapter_dir))
-        for line in getattr(self, "eval_lines", []):
-            t.append("\n")
-            t.append(clean(line))
         if ri.state == "live":
             t.append("\na: attach to this live run", style="dim")
         else:
             from engine.outputs.chat import sources
             keys = (["c chat"] if sources(self.run_dir) else []) + \
-                ["e export", "m merge", "g compare", "s serve", "p push"] + \
+                ["e export", "m merge", "g compare", "l eval", "s serve", "p push"] + \
                 (["r resume"] if ri.state in RESUMABLE else [])
             t.append("\n" + " · ".join(keys), style="dim")
         self.query_one("#detail-summary", Static).update(t)
@@ -417,6 +424,10 @@ class RunDetailScreen(Screen):
             self.query_one(f"#detail-pref-{name}-row", Horizontal).display = bool(values)
             set_spark(self.query_one(f"#detail-pref-{name}", Sparkline), values)
         self.detail_state = st
+        from tui.widgets.eval_view import eval_view
+        view = eval_view(self.eval_report, EVAL_WIDTH - 3) if self.eval_report else None
+        self.query_one("#detail-eval-box", VerticalScroll).display = view is not None
+        self.query_one("#detail-evalrep", Static).update(view or "")
         self.query_one("#detail-chart", LossChart).set_data(st.losses, st.evals, st.total_steps)
         gens = generations_text(st.generations, history=True)
         self.query_one("#detail-hints", Static).update(
