@@ -1030,10 +1030,9 @@ def plan_summary(p: Plan, budget_gib: float) -> str:
             + ("; FP8 base GEMMs on GPUs that have them (train.fp8_base)" if p.fp8 else ""))
 
 
-def format_report(est: Estimate, pl: Plan | None) -> str:
-    lines = [f"Peak VRAM estimate: micro-batch {est.batch_size} x {est.seq_len} tokens, gradient "
-             f"checkpointing {_gc_text(est.checkpoint_layers, est.layers, est.offload)}, Liger "
-             f"{'on' if est.liger else 'off'}", ""]
+def _breakdown_lines(est: Estimate) -> list[str]:
+    """The estimate's terms, its totals and host RAM (one block of the report)."""
+    lines = []
     relabel = {"weights_unquantized": "weights, 16-bit", "lora_params": "(no adapter)",
                "lora_grads": "gradients beyond activations",
                "optimizer_state": "GaLore optimizer state"} if est.method == "galore" else {}
@@ -1055,21 +1054,65 @@ def format_report(est: Estimate, pl: Plan | None) -> str:
     if est.host_bytes > host_needed(hb):
         lines.append(f"  peak RSS {est.host_bytes / GIB:.2f} GiB while loading maps the weight files "
                      f"({hb['checkpoint_mapped'] / GIB:.2f} GiB of page cache the kernel can drop)")
+    return lines
+
+
+def _setting_text(e: Estimate) -> str:
+    return (f"micro-batch {e.batch_size} x {e.seq_len} tokens, gradient checkpointing "
+            f"{_gc_text(e.checkpoint_layers, e.layers, e.offload)}, Liger {'on' if e.liger else 'off'}")
+
+
+def _plan_text(pl: Plan) -> str:
+    return (f"micro-batch {pl.batch_size}, accumulation {pl.grad_accum}, gradient "
+            f"checkpointing {_gc_text(pl.checkpoint_layers, pl.estimate.layers, pl.offload)}, Liger "
+            f"{'on' if pl.liger else 'off'}, packing {'on' if pl.packing else 'off'}, "
+            f"weight streaming {'on' if pl.streaming else 'off'}")
+
+
+def _fits_line(e: Estimate, what: str = "") -> str:
+    if e.gpu_mem_bytes is None:
+        return "Fits: unknown (no GPU found; pass --gpu-mem GIB or --gpu NAME)"
+    if e.fits:
+        return f"Fits: yes ({what}{_gib(e.device_bytes)} of {_gib(e.gpu_mem_bytes)})"
+    return f"Fits: NO ({what}{_gib(e.device_bytes)} needed, {_gib(e.gpu_mem_bytes)} available)"
+
+
+def format_report(est: Estimate, pl: Plan | None) -> str:
+    """The estimate's report. With a plan for a GPU size, what will run comes first (the plan's
+    verdict, choices, reasons and breakdown); the config as written, without the planner's
+    choices, second: its need is what the plan avoided, not the verdict."""
+    if pl is not None and est.gpu_mem_bytes is not None:
+        return _format_planned(est, pl)
+    lines = [f"Peak VRAM estimate: {_setting_text(est)}", ""]
+    lines += _breakdown_lines(est)
     lines.append("")
-    if est.gpu_mem_bytes is None:
-        lines.append("Fits: unknown (no GPU found; pass --gpu-mem GIB)")
-    elif est.fits:
-        lines.append(f"Fits: yes ({_gib(est.device_bytes)} of {_gib(est.gpu_mem_bytes)})")
-    else:
-        lines.append(f"Fits: NO ({_gib(est.device_bytes)} needed, {_gib(est.gpu_mem_bytes)} available)")
+    lines.append(_fits_line(est))
     for n in est.notes:
         lines.append(f"  note: {n}")
     if pl is not None:
         lines.append("")
-        lines.append(f"Planner: micro-batch {pl.batch_size}, accumulation {pl.grad_accum}, gradient "
-                     f"checkpointing {_gc_text(pl.checkpoint_layers, pl.estimate.layers, pl.offload)}, Liger "
-                     f"{'on' if pl.liger else 'off'}, packing {'on' if pl.packing else 'off'}, "
-                     f"weight streaming {'on' if pl.streaming else 'off'}")
+        lines.append(f"Planner: {_plan_text(pl)}")
         for r in pl.reasons:
             lines.append(f"  - {r}")
+    return "\n".join(lines)
+
+
+def _format_planned(est: Estimate, pl: Plan) -> str:
+    pe = pl.estimate
+    lines = [_fits_line(pe, "the plan: "), f"Planner: {_plan_text(pl)}"]
+    lines += [f"  - {r}" for r in pl.reasons]
+    lines += ["", f"Peak VRAM estimate of the plan: {_setting_text(pe)}", ""]
+    lines += _breakdown_lines(pe)
+    for n in pe.notes:
+        lines.append(f"  note: {n}")
+    lines.append("")
+    same = (est.batch_size, est.checkpoint_layers, est.offload, est.liger, est.streaming) == (
+        pe.batch_size, pe.checkpoint_layers, pe.offload, pe.liger, pe.streaming)
+    if same:
+        lines.append("The config as written: the same settings as the plan.")
+    else:
+        need = (f"fits: {_gib(est.device_bytes)} of {_gib(est.gpu_mem_bytes)}" if est.fits else
+                f"would not fit: {_gib(est.device_bytes)} needed, {_gib(est.gpu_mem_bytes)} available")
+        lines.append(f"The config as written, without the planner's choices ({_setting_text(est)}): {need}"
+                     + ("" if est.fits else "; the plan above is what runs"))
     return "\n".join(lines)
