@@ -744,11 +744,15 @@ def relative_speed(gradient_checkpointing, tokens_per_micro_batch: int, offload:
 
     ``gradient_checkpointing`` is a bool (all layers or none) or the share of layers checkpointed."""
     share = float(gradient_checkpointing)
+    time = (1 + share * (1 / SPEED_GC - 1)) * (OFFLOAD_COST if offload and share else 1.0)
+    return fill(tokens_per_micro_batch) / time
+
+
+def fill(tokens_per_micro_batch: int) -> float:
+    """The micro-batch fill factor: a fixed cost per micro-batch, 1.0 at SPEED_TOKENS_FULL tokens."""
     t = min(tokens_per_micro_batch, SPEED_TOKENS_FULL)
     c = SPEED_FILL_TOKENS
-    fill = (t / (t + c)) / (SPEED_TOKENS_FULL / (SPEED_TOKENS_FULL + c))
-    time = (1 + share * (1 / SPEED_GC - 1)) * (OFFLOAD_COST if offload and share else 1.0)
-    return fill / time
+    return (t / (t + c)) / (SPEED_TOKENS_FULL / (SPEED_TOKENS_FULL + c))
 
 
 def _speed(e: Estimate) -> float:
@@ -1077,13 +1081,15 @@ def _fits_line(e: Estimate, what: str = "") -> str:
     return f"Fits: NO ({what}{_gib(e.device_bytes)} needed, {_gib(e.gpu_mem_bytes)} available)"
 
 
-def format_report(est: Estimate, pl: Plan | None) -> str:
+def format_report(est: Estimate, pl: Plan | None, time_lines: list[str] | tuple = ()) -> str:
     """The estimate's report. With a plan for a GPU size, what will run comes first (the plan's
     verdict, choices, reasons and breakdown); the config as written, without the planner's
-    choices, second: its need is what the plan avoided, not the verdict."""
+    choices, second: its need is what the plan avoided, not the verdict. ``time_lines``
+    (engine.planning.timing.for_config) follow the verdict."""
     if pl is not None and est.gpu_mem_bytes is not None:
-        return _format_planned(est, pl)
-    lines = [f"Peak VRAM estimate: {_setting_text(est)}", ""]
+        return _format_planned(est, pl, list(time_lines))
+    lines = list(time_lines) + ([""] if time_lines else [])
+    lines += [f"Peak VRAM estimate: {_setting_text(est)}", ""]
     lines += _breakdown_lines(est)
     lines.append("")
     lines.append(_fits_line(est))
@@ -1097,9 +1103,9 @@ def format_report(est: Estimate, pl: Plan | None) -> str:
     return "\n".join(lines)
 
 
-def _format_planned(est: Estimate, pl: Plan) -> str:
+def _format_planned(est: Estimate, pl: Plan, time_lines: list[str]) -> str:
     pe = pl.estimate
-    lines = [_fits_line(pe, "the plan: "), f"Planner: {_plan_text(pl)}"]
+    lines = [_fits_line(pe, "the plan: "), *time_lines, f"Planner: {_plan_text(pl)}"]
     lines += [f"  - {r}" for r in pl.reasons]
     lines += ["", f"Peak VRAM estimate of the plan: {_setting_text(pe)}", ""]
     lines += _breakdown_lines(pe)
