@@ -162,11 +162,23 @@ def test_estimate_gpu_predicts_time_from_the_data(capsys):
     assert f"{work.steps:,} steps x" in text
 
 
-def test_estimate_on_cpu_says_it_does_not_predict(capsys):
+def test_estimate_on_cpu_gives_a_rough_figure_labelled_so(capsys):
     rc, out, _ = _cli(capsys, "estimate", DEMO, "--set", 'train.device="cpu"', "--json")
     assert rc == 0
     t = json.loads(out)["time"]
-    assert t["seconds"] is None and "no prediction for CPU training" in t["reason"]
+    assert t["gpu"] == timing.CPU_KEY and t["modelled"] is False and t["seconds"] > 0
+    assert t["high"] / t["seconds"] == pytest.approx(1 + timing.RANGE_CPU)
+    assert t["tokens_per_s"] == pytest.approx(t["tokens"] / t["seconds"], rel=1e-3)
+    rc, text, _ = _cli(capsys, "estimate", DEMO, "--set", 'train.device="cpu"')
+    assert text.startswith("Time to train: ~") and "a rough CPU figure" in text.splitlines()[0]
+
+
+def test_cuda_config_without_a_gpu_here_says_to_name_one(tmp_path, capsys):
+    d = _model_dir(tmp_path)
+    rc, out, _ = _cli(capsys, "estimate", "--gpu-mem", "80", "--set", f'model.name="{d}"',
+                      "--set", 'train.device="cuda"')
+    assert rc == 0
+    assert "Time to train: no prediction: no NVIDIA GPU found here; pass --gpu NAME" in out
 
 
 def test_time_unknown_when_the_data_cannot_be_counted(tmp_path, capsys):

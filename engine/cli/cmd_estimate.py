@@ -52,10 +52,12 @@ def cmd_estimate(args) -> int:
             return 2
         cfg = cfg.copy()
         cfg.train.device = "cuda"            # planning for that card
-    elif cfg.train.device != "cpu":
-        local = timing.local_gpu()
+    else:
+        local = None if cfg.train.device == "cpu" else timing.local_gpu()
         if local is not None:
             local_name, gpu = local
+        elif cfg.train.device != "cuda":
+            gpu = timing.cpu_device()           # a CPU run: a rough figure, labelled so
     try:
         mc = estimate_mod.model_config_for(cfg)
         gpu_mem = int(args.gpu_mem * GIB) if args.gpu_mem is not None else (
@@ -66,7 +68,8 @@ def cmd_estimate(args) -> int:
     except estimate_mod.EstimateError as e:
         print(f"estimate: {e}", file=sys.stderr)
         return 2
-    time_lines, time_json = timing.for_config(cfg, mc, pl, gpu if gpu_mem is not None else None,
+    cpu = gpu is not None and gpu.key == timing.CPU_KEY
+    time_lines, time_json = timing.for_config(cfg, mc, pl, gpu if gpu_mem is not None or cpu else None,
                                               modelled=args.gpu is not None, local_name=local_name)
     mixture = None
     if getattr(cfg.data, "sources", None):      # count the mixture the run would train on

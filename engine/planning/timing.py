@@ -63,6 +63,12 @@ CALIBRATION = ("8B seq 2048 whole H200, micro-batch 8, no checkpointing, fused +
 FP8_GAIN = 13658 / 10922
 RANGE_HOPPER = 0.15
 RANGE_OTHER = 0.25
+# CPU training (a rough figure): the share of a float32 matmul's rate here (``cpu_flops``) that a
+# run reaches. builtin:tiny's demo on the 2-core dev VM ran 3,593 tokens/s x 3.3 MFLOP a token
+# (bench/RESULTS.md, tui_overhead) against ~20 GFLOP/s from the probe: about 0.6; taken as 0.5
+CPU_EFFICIENCY = 0.5
+RANGE_CPU = 0.5
+CPU_KEY = "cpu"
 
 
 class GpuError(ValueError):
@@ -83,6 +89,31 @@ def gpu_named(name: str) -> Gpu:
                 return GPUS["a100-80" if "80g" in want else "a100-40"]
             return g
     raise GpuError(f"unknown GPU {name!r}: the catalog has " + ", ".join(GPUS))
+
+
+_CPU_FLOPS: list[float] = []
+
+
+def cpu_flops() -> float:
+    """FLOP/s of a float32 1024x1024 matmul on this machine (numpy; about 0.1 s once a process)."""
+    if not _CPU_FLOPS:
+        import time
+
+        import numpy as np
+        n = 1024
+        a = np.ones((n, n), dtype=np.float32)
+        a @ a
+        t0, k = time.perf_counter(), 0
+        while k < 2 or time.perf_counter() - t0 < 0.1:
+            a @ a
+            k += 1
+        _CPU_FLOPS.append(2 * n ** 3 * k / (time.perf_counter() - t0))
+    return _CPU_FLOPS[0]
+
+
+def cpu_device() -> Gpu:
+    """This machine's CPU as a pseudo-card of the model (its matmul rate measured here)."""
+    return Gpu(CPU_KEY, "this CPU", 0.0, cpu_flops() / 1e12, None, 0, "", 0)
 
 
 def local_gpu() -> tuple[str, Gpu | None] | None:
@@ -138,9 +169,11 @@ class Prediction:
     notes: list[str]
 
     def label(self) -> str:
-        where = (f"modelled for {self.gpu.name} (catalog figures, not measured here)" if self.modelled
-                 else f"on this GPU ({self.gpu.name}, catalog figures)")
-        return where
+        if self.gpu.key == CPU_KEY:
+            return (f"a rough CPU figure (a matmul here runs {self.gpu.bf16_tflops * 1e3:,.0f} GFLOP/s; "
+                    "calibrated on builtin:tiny only)")
+        return (f"modelled for {self.gpu.name} (catalog figures, not measured here)" if self.modelled
+                else f"on this GPU ({self.gpu.name}, catalog figures)")
 
     def line(self) -> str:
         return (f"Time to train: ~{fmt_duration(self.seconds)} ({fmt_duration(self.low)} - "
@@ -194,9 +227,12 @@ def tokens_per_s(s, gpu: Gpu, *, seq: int, span: float, micro_batch: int, recomp
                  offload: bool = False, fp8: bool = True, lora_params: int = 0) -> float:
     """Modelled tokens/s of one GPU for a planned setting."""
     from engine.planning.estimate import OFFLOAD_COST, fill
-    rate = mfu_engine() * gpu.bf16_tflops * 1e12 * fill(micro_batch * seq)
-    if not (fp8 and gpu.fp8_tflops):
-        rate /= FP8_GAIN
+    if gpu.key == CPU_KEY:
+        rate = CPU_EFFICIENCY * gpu.bf16_tflops * 1e12
+    else:
+        rate = mfu_engine() * gpu.bf16_tflops * 1e12 * fill(micro_batch * seq)
+        if not (fp8 and gpu.fp8_tflops):
+            rate /= FP8_GAIN
     if offload and recompute:
         rate /= OFFLOAD_COST
     return rate / flops_per_token(s, span, recompute, lora_params)
@@ -220,11 +256,11 @@ def predict(cfg, model_config: dict, plan, work: Workload, gpu: Gpu, modelled: b
     if plan.streaming and plan.expected_tokens_per_s:
         tps = min(tps, plan.expected_tokens_per_s)
         notes.append("weight streaming: the link's floor caps the rate")
-    if plan.fp8 and not fp8:
+    if plan.fp8 and not fp8 and gpu.key != CPU_KEY:
         notes.append(f"no FP8 base GEMMs on {gpu.name}: bf16 ones (x1/{FP8_GAIN:.2f}, measured A/B)")
     notes.append("training steps only: loading, evaluations and checkpoint saves not counted")
     secs = work.tokens / tps if tps > 0 else 0.0
-    r = RANGE_HOPPER if gpu.key in ("h100", "h200") else RANGE_OTHER
+    r = RANGE_HOPPER if gpu.key in ("h100", "h200") else RANGE_CPU if gpu.key == CPU_KEY else RANGE_OTHER
     return Prediction(secs, secs * (1 - r), secs * (1 + r), tps, work.tokens, gpu, modelled, fp8, notes)
 
 
@@ -241,9 +277,40 @@ def workload_from_report(cfg, rep) -> Workload | None:
     return Workload(rep.total_steps, rows, per_row, per_row, rep.steps_basis)
 
 
+_WORK: dict = {}            # workload_for's last few answers (the Config screen asks on every edit)
+_WORK_KEEP = 4
+
+
+def _work_key(cfg):
+    import json
+    import os
+    d = cfg.to_dict()
+    tr = {k: d["train"][k] for k in ("batch_size", "grad_accum", "epochs", "max_steps", "seed")}
+    stats = []
+    for path in (cfg.data.train, cfg.data.eval):
+        try:
+            st = os.stat(cfg.resolve_path(path))
+            stats.append((path, st.st_size, st.st_mtime_ns))
+        except (OSError, TypeError, ValueError):
+            stats.append((path, None, None))
+    return json.dumps([d["data"], d["model"], tr, cfg.distributed.gpus, stats], sort_keys=True, default=str)
+
+
 def workload_for(cfg) -> Workload | str:
     """The workload of ``cfg`` (its ``auto`` resolved), counted from its data with the inspector;
-    the reason as a string when the data cannot be counted here."""
+    the reason as a string when the data cannot be counted here. The last few answers are kept
+    (keyed by the data, model and step settings, and the files' size and time)."""
+    key = _work_key(cfg)
+    if key in _WORK:
+        return _WORK[key]
+    out = _count_workload(cfg)
+    if len(_WORK) >= _WORK_KEEP:
+        _WORK.pop(next(iter(_WORK)))
+    _WORK[key] = out
+    return out
+
+
+def _count_workload(cfg) -> Workload | str:
     from engine.dataset import inspect as inspect_mod
     try:
         rep = inspect_mod.inspect(cfg)
@@ -252,11 +319,6 @@ def workload_for(cfg) -> Workload | str:
         return f"the data could not be counted ({first[:160]})"
     work = workload_from_report(cfg, rep)
     return work if work is not None else "the data has no rows to train on"
-
-
-def no_prediction_on_cpu() -> str:
-    return ("Time to train: no prediction for CPU training (the model is calibrated on GPUs); "
-            "pass --gpu NAME to plan for a card")
 
 
 def for_config(cfg, model_config: dict, pl, gpu: Gpu | None, modelled: bool,
@@ -268,8 +330,6 @@ def for_config(cfg, model_config: dict, pl, gpu: Gpu | None, modelled: bool,
         if local_name:
             why = (f"Time to train: no prediction: this GPU ({local_name}) is not in the catalog; "
                    f"pass --gpu NAME of the nearest card ({', '.join(GPUS)})")
-        elif cfg.train.device == "cpu":
-            why = no_prediction_on_cpu()
         else:
             why = "Time to train: no prediction: no NVIDIA GPU found here; pass --gpu NAME to plan for a card"
         return [why], {"seconds": None, "reason": why}
@@ -284,3 +344,21 @@ def for_config(cfg, model_config: dict, pl, gpu: Gpu | None, modelled: bool,
                        f"tokens ({work.basis})"]
     lines += [f"  - {n}" for n in p.notes]
     return lines, p.to_dict()
+
+
+def local_time_line(cfg, model_config: dict) -> str:
+    """The Config screen's line: the predicted time of ``cfg`` on this machine's GPU (planned for
+    train.gpu_memory_gib, else the GPU's free memory), a rough figure on the CPU, or why there is none."""
+    from engine.planning import estimate as estimate_mod
+    local = None if cfg.train.device == "cpu" else local_gpu()
+    if local is None:
+        if cfg.train.device == "cuda":
+            return "Time to train: no prediction: no NVIDIA GPU found here (`estimate --gpu NAME` plans for a card)"
+        pl = estimate_mod.plan(cfg, model_config, None)
+        return for_config(cfg, model_config, pl, cpu_device(), False)[0][0]
+    name, gpu = local
+    mem = int(cfg.train.gpu_memory_gib * GIB) if cfg.train.gpu_memory_gib else estimate_mod.gpu_free_bytes()
+    if gpu is None or mem is None:
+        return for_config(cfg, model_config, None, None, False, local_name=name)[0][0]
+    pl = estimate_mod.plan(cfg, model_config, mem)
+    return for_config(cfg, model_config, pl, gpu, False)[0][0]
