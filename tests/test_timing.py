@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -186,3 +187,51 @@ def test_time_unknown_when_the_data_cannot_be_counted(tmp_path, capsys):
     rc, out, _ = _cli(capsys, "estimate", "--gpu", "rtx4090", "--set", f'model.name="{d}"')
     assert rc == 0
     assert out.splitlines()[1].startswith("Time to train: unknown (the data could not be counted")
+
+
+# ---- the run: the prediction at run start, the ETA from it, both kept at the end
+
+def test_run_carries_the_prediction_and_the_measured_time(tiny_cfg):
+    """A real CPU run of builtin:tiny: run_started carries the time-to-train prediction (the rough
+    CPU figure) before step 1, the Train screen's ETA starts from it, and run_finished keeps the
+    prediction next to the measured training time; the summary and the Train screen say both."""
+    from engine.core import summary as summary_mod
+    from reliability_helpers import configured, finished_run
+    from tui.runstate import RunState
+    from tui.widgets.run_view import Metrics, StepProgress
+    cfg = configured(tiny_cfg, {"train.max_steps": 4, "train.eval_steps": 0, "train.save_steps": 0,
+                                "train.device": "cpu"})
+    evs, started = finished_run(cfg)
+    assert started.predicted_seconds is not None and started.predicted_seconds > 0
+    assert "a rough CPU figure" in started.prediction and started.prediction.startswith("Time to train: ~")
+    end = evs[-1]
+    assert end.type == "run_finished"
+    assert end.predicted_seconds == started.predicted_seconds
+    assert end.train_seconds is not None and end.train_seconds > 0
+    # the ETA before the first step is the prediction
+    st = RunState(run_dir=Path(started.run_dir))
+    st.apply(started)
+    assert st.eta_seconds == started.predicted_seconds
+    assert StepProgress.view_of(st)[2].endswith("(predicted)")
+    # after the whole log: both kept, compared
+    st = RunState(run_dir=Path(started.run_dir))
+    for ev in evs:
+        st.apply(ev)
+    assert st.predicted_seconds == started.predicted_seconds and st.train_seconds == end.train_seconds
+    assert st.time_text == summary_mod.time_text(end.train_seconds, started.predicted_seconds)
+    assert st.time_text.startswith("trained in ") and "predicted" in st.time_text
+    rows = dict(Metrics.view_of(Metrics(), st)[0])
+    assert "predicted" in rows["time"]
+
+
+def test_prediction_scales_with_the_steps_left(tiny_cfg):
+    """A resume predicts only the steps left: the run's predictor is linear in steps."""
+    from engine.planning import timing as timing_mod
+    cfg = tiny_cfg.copy()
+    cfg.train.device = "cpu"
+    cfg.data.packing = False
+    pred = timing_mod.run_predictor(cfg, "cpu", 40.0)
+    full, line = pred(12)
+    half, _ = pred(6)
+    assert half == pytest.approx(full / 2) and "rough CPU figure" in line
+    assert pred(0)[0] == 0

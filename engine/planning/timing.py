@@ -362,3 +362,27 @@ def local_time_line(cfg, model_config: dict) -> str:
         return for_config(cfg, model_config, None, None, False, local_name=name)[0][0]
     pl = estimate_mod.plan(cfg, model_config, mem)
     return for_config(cfg, model_config, pl, gpu, False)[0][0]
+
+
+def run_predictor(cfg, device: str, mean_row_tokens: float):
+    """For a run of the resolved ``cfg`` on ``device`` ("cuda": GPU 0, a catalog card; "cpu": the
+    rough figure): a function of the steps left -> (seconds, the prediction's line); None when
+    this GPU is not in the catalog. ``mean_row_tokens``: the tokenised rows' mean length."""
+    from engine.planning import estimate as estimate_mod
+    mc = estimate_mod.model_config_for(cfg)
+    if device == "cuda":
+        local = local_gpu()
+        if local is None or local[1] is None:
+            return None
+        gpu, mem = local[1], local[1].memory_bytes
+    else:
+        gpu, mem = cpu_device(), None
+    pl = estimate_mod.plan(cfg, mc, mem)
+    rows = cfg.train.batch_size * cfg.train.grad_accum * max(1, cfg.distributed.gpus)
+    per_row = float(cfg.data.max_length) if cfg.data.packing is True else mean_row_tokens
+
+    def predict_steps(steps: int) -> tuple[float, str]:
+        work = Workload(max(0, steps), rows, per_row, mean_row_tokens, "the run's tokenised rows")
+        p = predict(cfg, mc, pl, work, gpu, False)
+        return p.seconds, p.line()
+    return predict_steps

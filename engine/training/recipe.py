@@ -204,6 +204,7 @@ class Recipe:
         trainer, cb = self._make_trainer(model, train_tok, eval_tok if has_eval else None)
         cb.meta = dict(model=self.cfg.model.name, device=self.rt.device, train_rows=len(train_tok),
                        eval_rows=len(eval_tok) if has_eval else 0, plan=self.plan.lines, config=self.cfg.to_dict())
+        cb.predict = self._predictor(train_tok)
         for w in self.plan.warnings + rows.warnings:
             self.emit(events.RunWarning(source="build", message=w))
         self.prepared = Prepared(trainer, self.proc if self.proc is not None else self.tok, path, self.rt,
@@ -251,6 +252,22 @@ class Recipe:
         from engine.training import attention        # packed rows: the varlen kernel where it runs
         self.plan.lines.extend(attention.choose(cfg, self.rt, lengths))
         return train_tok, eval_tok
+
+    def _predictor(self, train_tok):
+        """Steps -> (seconds, what it is) for run_started's time to train
+        (engine.planning.timing.run_predictor), from the tokenised rows' mean length; None where
+        there is no prediction (preference pairs, image rows, a GPU not in the catalog)."""
+        if preference.is_preference(self.cfg) or self.proc is not None:
+            return None
+        try:
+            import numpy as np
+            lengths = np.fromiter((len(x) for x in train_tok["input_ids"]), dtype=np.int64)
+            if not len(lengths):
+                return None
+            from engine.planning import timing
+            return timing.run_predictor(self.cfg, self.rt.device, float(lengths.mean()))
+        except Exception:        # the prediction is advice: never a reason to fail the run
+            return None
 
     def _load_model(self, path: str):
         from engine.training import model as model_mod

@@ -221,6 +221,10 @@ class EventCallback(TrainerCallback):
         self.cfg = cfg
         self.trainer = None
         self.meta = {}
+        self.predict = None                      # steps -> (seconds, line): the recipe's time to train
+        self.predicted_seconds = None
+        self.train_seconds = None
+        self._t_begin = None
         self.step_loss = None
         self.nonfinite: NonFiniteHalt | None = None
         self._t_last = None
@@ -244,10 +248,22 @@ class EventCallback(TrainerCallback):
         self.resumed_from = state.global_step
         self._step_last = state.global_step
         self._tok_last = state.num_input_tokens_seen
-        self._t_last = time.perf_counter()
+        self._t_last = self._t_begin = time.perf_counter()
+        predicted, line = None, ""
+        if self.predict is not None:
+            try:
+                predicted, line = self.predict(state.max_steps - state.global_step)
+            except Exception:        # advice only
+                predicted, line = None, ""
+        self.predicted_seconds = predicted
         self.emit(events.RunStarted(run_dir=str(self.run_dir), total_steps=state.max_steps,
                                     trainable_params=trainable, total_params=total,
-                                    resumed_from_step=state.global_step, pid=os.getpid(), **self.meta))
+                                    resumed_from_step=state.global_step, pid=os.getpid(),
+                                    predicted_seconds=predicted, prediction=line, **self.meta))
+
+    def on_train_end(self, args, state, control, **kw):
+        if self._t_begin is not None:            # the training steps' wall time, this segment
+            self.train_seconds = time.perf_counter() - self._t_begin
 
     def on_pre_optimizer_step(self, args, state, control, **kw):
         model = kw.get("model") or (self.trainer.model if self.trainer else None)
