@@ -11,11 +11,12 @@ from engine.core import config
 from engine.planning import estimate as estimate_mod
 from engine.planning import timing
 from engine.planning.estimate import GIB
+from tui_helpers import anyio_backend, isolated_settings  # noqa: F401 (fixtures)
 
 LLAMA_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
                 max_position_embeddings=131072)
-DEMO = "examples/demo.toml"
+DEMO = str(Path(__file__).resolve().parents[1] / "examples" / "demo.toml")
 
 
 def _model_dir(tmp_path, mc=LLAMA_8B):
@@ -235,3 +236,18 @@ def test_prediction_scales_with_the_steps_left(tiny_cfg):
     half, _ = pred(6)
     assert half == pytest.approx(full / 2) and "rough CPU figure" in line
     assert pred(0)[0] == 0
+
+
+# ---- the Config screen
+
+@pytest.mark.anyio
+async def test_config_screen_shows_the_time_to_train(tmp_path):
+    from tui_helpers import demo_cfg, make_app, plain, until
+    app = make_app(demo_cfg(tmp_path))
+    async with app.run_test(size=(120, 50)) as pilot:
+        await pilot.press("f3")
+        await until(pilot, lambda: getattr(app.screen, "form_ready", False), what="form")
+        await until(pilot, lambda: "Time to train: ~" in plain(app.screen.query_one("#derived")),
+                    what="the time line", timeout=60)
+        text = plain(app.screen.query_one("#derived"))
+        assert "a rough CPU figure" in text          # no GPU on this machine: labelled so
