@@ -450,10 +450,26 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
     _shard(cfg, w, t, notes)
     w["checkpoint_file"] = _checkpoint_bytes(model_config, w["linear"], w["other"])
     vis = _vision(model_config, st, notes)
+    _rope_notes(cfg, model_config, st.seq, notes)
     est = _assemble(cfg, s, st, w, t, a, logits, vis, act, gpu_mem_bytes, notes)
     if pairs is not None:
         est.batch_size = pairs                    # what train.batch_size counts: pairs (KTO: rows)
     return est
+
+
+def _rope_notes(cfg: Config, model_config: dict, seq: int, notes: list[str]) -> None:
+    """model.rope_scaling: the positions it reaches and its problems against config.json; without
+    it, a max_length past the pretrained length says to set it (engine.training.rope)."""
+    from engine.training import rope
+    r = cfg.model.rope_scaling
+    if r:
+        notes.append(rope.describe(r, model_config))
+        notes += [f"problem: {p}" for p in rope.check(r, model_config, seq, cfg.model.name)]
+        return
+    n = rope.pretrained_length(model_config)
+    if n and seq > n and rope.length_warning(cfg, model_config, seq):
+        notes.append(f"data.max_length {seq} is past the model's pretrained length ({n} positions): rows "
+                     f"longer than {n} tokens need model.rope_scaling")
 
 
 def _preference(cfg: Config, s: Shape, st: _Setting, notes: list[str]) -> int | None:

@@ -199,6 +199,7 @@ class Recipe:
         self.model_path = path
         self._load_tokenizer(path, rows)
         train_tok, eval_tok = self._tokenise(rows)
+        self._warn_past_pretrained_length(train_tok)
         model, resized = self._load_model(path)
         has_eval = eval_tok is not None and len(eval_tok) > 0
         trainer, cb = self._make_trainer(model, train_tok, eval_tok if has_eval else None)
@@ -253,6 +254,28 @@ class Recipe:
         self.plan.lines.extend(attention.choose(cfg, self.rt, lengths))
         return train_tok, eval_tok
 
+    def _model_config(self) -> dict | None:
+        """The model's config.json as a dict (None when it cannot be read here: advice skipped)."""
+        try:
+            from engine.planning import estimate as estimate_mod
+            return estimate_mod.model_config_for(self.cfg)
+        except Exception:
+            return None
+
+    def _warn_past_pretrained_length(self, train_tok) -> None:
+        """Rows longer than the model's pretrained length without model.rope_scaling: one warning
+        saying to set it (engine.training.rope.length_warning)."""
+        if preference.is_preference(self.cfg) or self.proc is not None or self.cfg.model.rope_scaling:
+            return
+        mc = self._model_config()
+        if mc is None:
+            return
+        from engine.training import rope
+        longest = max((len(x) for x in train_tok["input_ids"]), default=0)
+        why = rope.length_warning(self.cfg, mc, longest)
+        if why:
+            self.emit(events.RunWarning(source="build", message=why))
+
     def _predictor(self, train_tok):
         """Steps -> (seconds, what it is) for run_started's time to train
         (engine.planning.timing.run_predictor), from the tokenised rows' mean length; None where
@@ -274,7 +297,11 @@ class Recipe:
         cfg, rt = self.cfg, self.rt
         self.emit(events.Status(phase="model", message=f"loading {cfg.model.name} "
                                 f"({'4-bit ' + cfg.quant.quant_type if rt.load_in_4bit else rt.dtype}) on {rt.device}"))
+        mc = self._model_config()
         model = model_mod.load_model(cfg, rt, path)
+        if cfg.model.rope_scaling and mc is not None:
+            from engine.training import rope
+            self.plan.lines.append(rope.describe(cfg.model.rope_scaling, mc))
         self.plan.lines.extend(model_mod.keep_4bit_trainable(model, rt))   # no inference-only 4-bit kernel in a run
         resized = len(self.tok) > model.get_input_embeddings().weight.shape[0]
         if resized:
