@@ -47,8 +47,8 @@ class ModelConfig:
                       "directory). Preference methods (train.method = dpo, orpo, kto, simpo) train that "
                       "adapter further, and the reference model is the SFT model; empty = a fresh adapter "
                       "over the base.", kind="path")
-    rope_scaling: dict = _f({}, "Train past the model's pretrained length: a table {type = \"linear\" | "
-                            "\"dynamic\" | \"yarn\" | \"llama3\", factor = F} (llama3 also takes "
+    rope_scaling: dict = _f({}, "Train past the model's pretrained length: a table {type = T, factor = F} "
+                            "with T linear, dynamic, yarn or llama3 (llama3 also takes "
                             "low_freq_factor, high_freq_factor; yarn and llama3 original_max_position_embeddings, "
                             "default the model's max_position_embeddings); positions reach factor x the pretrained "
                             "length. Empty = the model's own RoPE.", kind="rope", form=False)
@@ -133,8 +133,11 @@ class DataConfig:
                      "pairs; kto: answers with a true/false label).",
                      choices=[AUTO, "messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokens",
                               "vision", "preference", "kto"])
-    max_length: int = _f(4096, "Tokens per example; longer rows are truncated. Add ~30% memory "
-                         "above 2048.", lo=16, hi=1_048_576)
+    max_length: int = _f(4096, "Tokens per example; longer rows are truncated. Memory grows with it "
+                         "linearly: activations per token x max_length (fewer with checkpointing) and the "
+                         "LM head's per-token terms (its logits are chunked); `qlora-tui estimate` shows each "
+                         "term. Past the model's pretrained length, set model.rope_scaling.",
+                         lo=16, hi=1_048_576)
     packing: Any = _f(AUTO, "Pack several rows into one sequence (no padding). auto = on where "
                       "the attention kernel isolates samples.", choices=[True, False, AUTO])
     strict: bool = _f(False, "Refuse to train when the dataset has problems (else skip bad rows).")
@@ -718,6 +721,7 @@ def starter_toml() -> str:
             if meta.get("choices"):
                 allowed = " Allowed: " + ", ".join(str(c).lower() for c in meta["choices"]) + "."
             out.append(f"# {meta['help']}{allowed}")
-            out.append(tomli_w.dumps({key: default}).strip())
+            # an empty table default ({}) inline: tomli_w would open a [key] section
+            out.append(f"{key} = {{}}" if default == {} else tomli_w.dumps({key: default}).strip())
         out.append("")
     return "\n".join(out)
