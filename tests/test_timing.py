@@ -251,3 +251,50 @@ async def test_config_screen_shows_the_time_to_train(tmp_path):
                     what="the time line", timeout=60)
         text = plain(app.screen.query_one("#derived"))
         assert "a rough CPU figure" in text          # no GPU on this machine: labelled so
+
+
+# ---- long context: the estimate's explicit terms (no "add 30% above 2,048")
+
+SEQ_TERMS = ("activations", "backward_workspace")
+FIXED_TERMS = ("weights_quantized", "weights_unquantized", "lora_params", "lora_grads", "optimizer_state")
+
+
+def _long(seq, *extra):
+    cfg = config.load(None, [f"data.max_length={seq}", 'train.device="cuda"', "train.batch_size=1",
+                             'model.attn_implementation="sdpa"', *extra])
+    return estimate_mod.estimate(cfg, LLAMA_8B, gradient_checkpointing=True)
+
+
+@pytest.mark.parametrize("seq", [4096, 8192, 16384, 32768, 65536])
+def test_long_context_terms_follow_the_breakdown(seq):
+    """From 2,048 tokens to ``seq``: the weights, adapters and optimizer do not move; activations
+    (per token x seq, one checkpointed input a layer + one recomputed layer) and the backward
+    workspace grow by exactly seq/2048; the LM head grows only by its per-token part (its logits
+    are chunked in 4,096 x 32,768 tiles); the old rule's 30% is nowhere."""
+    a, b = _long(2048), _long(seq)
+    ratio = seq / 2048
+    for k in FIXED_TERMS:
+        assert b.breakdown[k] == a.breakdown[k], k
+    for k in SEQ_TERMS:
+        assert b.breakdown[k] == pytest.approx(a.breakdown[k] * ratio, rel=1e-6), k
+    s = estimate_mod.shape_of(LLAMA_8B)
+    tile = lambda n: min(n, estimate_mod.LOGIT_TOKEN_TILE) * estimate_mod.LOGIT_VOCAB_TILE * 2  # noqa: E731
+    assert b.breakdown["logits"] - a.breakdown["logits"] == tile(seq) - tile(2048) + (seq - 2048) * 8 * s.hidden
+    assert b.peak_bytes > a.peak_bytes
+
+
+def test_eager_attention_adds_the_seq_squared_scores():
+    """Eager attention keeps heads x seq probabilities a token in the recomputed layer: the one
+    term that grows with seq x seq; sdpa has none."""
+    s = estimate_mod.shape_of(LLAMA_8B)
+    for seq in (2048, 8192):
+        eager = _long(seq, 'model.attn_implementation="eager"')
+        sdpa = _long(seq)
+        extra = eager.breakdown["activations"] - sdpa.breakdown["activations"]
+        assert extra == seq * s.heads * seq * (4 + 2)          # one recomputed layer's scores
+        assert any(n.startswith("eager attention:") for n in eager.notes)
+
+
+def test_max_length_help_has_no_thirty_percent_rule():
+    f = {f.name: f for f in __import__("dataclasses").fields(config.DataConfig)}["max_length"]
+    assert "30%" not in f.metadata["help"] and "model.rope_scaling" in f.metadata["help"]

@@ -50,6 +50,14 @@ the worst case; padded or packed batches never hold more), d = compute dtype byt
                        checkpointing (the recompute churns those blocks and the caching
                        allocator keeps them); fitted on five H200 reserved peaks.
 
+Long context (issue 27; replaces the seed's "add 30% above 2,048 tokens"): every term above is
+bytes per token x N, so memory grows linearly with seq at a given micro-batch, except the logits
+tile (fixed past 4,096 tokens: the chunked LM head keeps only its 8h a token) and, with eager
+attention only, the attention probabilities (heads x seq a token per layer with activations: seq
+x seq). The terms at seq >= 8K still need device calibration: the backward workspace c, the
+allocator's overhead and recompute fragmentation (fitted at seq 2,048), and the offload's two
+in-flight layer inputs.
+
 ``cuda_context`` (0.5 GiB; outside the caching allocator, so not in max_memory_reserved) is
 reported in the breakdown but not in ``peak_bytes``; ``device_bytes`` = peak_bytes +
 cuda_context is what nvidia-smi would show and what ``fits`` compares with the GPU memory.
@@ -441,7 +449,8 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
     if st.galore:
         t = _galore(cfg, s, st, notes)
         st.r = 0                                  # no adapter activations
-    act = _layer_activations(cfg, s, st) + _packed_mask_bytes_per_token(cfg, st.seq, st.d, notes)
+    act = (_layer_activations(cfg, s, st) + _packed_mask_bytes_per_token(cfg, st.seq, st.d, notes)
+           + _eager_scores_bytes_per_token(cfg, s, st, notes))
     a = _activations(s, st, act, notes)
     logits = _logits(s, st, loss_impl, notes) if pairs is None else _preference_logits(s, st)
     if st.galore:       # gradients grow as the backward frees activations; the step runs after
@@ -614,6 +623,18 @@ def _packed_mask_bytes_per_token(cfg: Config, seq: int, d: int, notes: list[str]
     notes.append(f"packed rows with {attn}: a {seq}x{seq} block-diagonal bias per layer with activations "
                  f"({seq * d} B a token)")
     return seq * d
+
+
+def _eager_scores_bytes_per_token(cfg: Config, s: Shape, st: _Setting, notes: list[str]) -> int:
+    """Eager attention keeps each layer's attention probabilities: heads x seq per token (the fp32
+    softmax output, 4 B, and its cast to the compute dtype, d B), the one term that grows with
+    seq x seq; sdpa, flash-attention and varlen keep only the log-sum-exp (in A_layer). Not measured."""
+    if cfg.model.attn_implementation != "eager":
+        return 0
+    per_token = s.heads * st.seq * (4 + st.d)
+    notes.append(f"eager attention: {s.heads} heads x {st.seq} scores per token per layer with activations "
+                 f"({per_token / 2 ** 20:.2f} MiB a token; sdpa keeps none; not measured)")
+    return per_token
 
 
 def _activation_bytes_per_token(input_bytes: int, act: int, layers: int, k: int, offload: bool) -> int:
