@@ -124,7 +124,8 @@ class HeadlessPrinter:
         for line in ev.plan:
             w(f"  plan: {line}\n")
         if ev.prediction:
-            w(f"  {ev.prediction}\n")
+            from engine.core.safe_text import visible     # read back from a log: shown literally
+            w(f"  {visible(str(ev.prediction))}\n")
 
     def _err(self, text: str) -> None:
         self.out.flush()

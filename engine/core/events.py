@@ -204,7 +204,8 @@ class RunFinished(Event):
     final_loss: float | None = None
     stopped: bool = False         # True when a stop was requested (graceful stop)
     reason: str = "completed"
-    train_seconds: float | None = None       # the training steps' wall time (this segment)
+    train_seconds: float | None = None       # the training steps' wall time (this segment; evaluations
+                                             # excluded, checkpoint saves included)
     predicted_seconds: float | None = None   # what run_started predicted for them
 
 

@@ -225,6 +225,7 @@ class EventCallback(TrainerCallback):
         self.predicted_seconds = None
         self.train_seconds = None
         self._t_begin = None
+        self._eval_seconds = 0.0
         self.step_loss = None
         self.nonfinite: NonFiniteHalt | None = None
         self._t_last = None
@@ -262,8 +263,8 @@ class EventCallback(TrainerCallback):
                                     predicted_seconds=predicted, prediction=line, **self.meta))
 
     def on_train_end(self, args, state, control, **kw):
-        if self._t_begin is not None:            # the training steps' wall time, this segment
-            self.train_seconds = time.perf_counter() - self._t_begin
+        if self._t_begin is not None:   # the training steps' wall time, this segment, evaluations excluded
+            self.train_seconds = max(0.0, time.perf_counter() - self._t_begin - self._eval_seconds)
 
     def on_pre_optimizer_step(self, args, state, control, **kw):
         model = kw.get("model") or (self.trainer.model if self.trainer else None)
@@ -318,7 +319,10 @@ class EventCallback(TrainerCallback):
             self.emit(events.Eval(step=state.global_step, eval_loss=logs["eval_loss"]))
             if pref is not None:
                 self.emit(pref)
+            t0 = time.perf_counter()
             self._generations(state.global_step)
+            runtime = logs.get("eval_runtime")       # evaluations are not training time
+            self._eval_seconds += (time.perf_counter() - t0) + (float(runtime) if isinstance(runtime, (int, float)) else 0.0)
             return
         if "loss" not in logs:
             return
