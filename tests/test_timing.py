@@ -299,3 +299,14 @@ def test_eager_attention_adds_the_seq_squared_scores():
 def test_max_length_help_has_no_thirty_percent_rule():
     f = {f.name: f for f in __import__("dataclasses").fields(config.DataConfig)}["max_length"]
     assert "30%" not in f.metadata["help"] and "model.rope_scaling" in f.metadata["help"]
+
+
+def test_hostile_times_in_a_log_are_dropped():
+    from engine.core import events as ev
+    from engine.core.summary import fold
+    s = fold([ev.RunStarted(predicted_seconds="nan", prediction=["x"]),
+              ev.RunFinished(step=1, train_seconds=-5, predicted_seconds=float("inf"))])
+    assert s.predicted_seconds is None and s.train_seconds is None and s.prediction == ""
+    assert s.time_text == ""
+    s = fold([ev.RunStarted(predicted_seconds=90.0), ev.RunFinished(step=1, train_seconds=120.0)])
+    assert s.time_text == "trained in 02:00 (predicted 01:30, +33%)"

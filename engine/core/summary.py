@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -140,8 +141,8 @@ class RunSummary:
         self.trainable_params, self.total_params = ev.trainable_params, ev.total_params
         self.train_rows, self.eval_rows = ev.train_rows, ev.eval_rows
         self.phase, self.message = "training", ""
-        self.predicted_seconds = to_float(ev.predicted_seconds)
-        self.prediction = ev.prediction or ""
+        self.predicted_seconds = _seconds(ev.predicted_seconds)
+        self.prediction = ev.prediction if isinstance(ev.prediction, str) else ""
         self.train_seconds = None
         # the ETA starts from the prediction until the first logged steps measure one
         self.eta_seconds = self.predicted_seconds
@@ -192,9 +193,9 @@ class RunSummary:
         self.stopped = bool(ev.stopped)
         self.finished_reason, self.adapter_dir = ev.reason, ev.adapter_dir
         self.final_loss = to_float(ev.final_loss)
-        self.train_seconds = to_float(ev.train_seconds)
-        if to_float(ev.predicted_seconds) is not None:
-            self.predicted_seconds = to_float(ev.predicted_seconds)
+        self.train_seconds = _seconds(ev.train_seconds)
+        if _seconds(ev.predicted_seconds) is not None:
+            self.predicted_seconds = _seconds(ev.predicted_seconds)
         self.step = ev.step or self.step
         self.phase = "stopped" if ev.stopped else "finished"
         what = "model" if ev.adapter_dir.endswith("/model") else "adapter"
@@ -234,6 +235,12 @@ class RunSummary:
         """``trained in 12:34 (predicted 10:00, +23%)``; the prediction alone before the end;
         '' when neither is known."""
         return time_text(self.train_seconds, self.predicted_seconds)
+
+
+def _seconds(v) -> float | None:
+    """A duration read back from a log: finite and not negative, else None."""
+    x = to_float(v)
+    return x if x is not None and math.isfinite(x) and x >= 0 else None
 
 
 def time_text(actual: float | None, predicted: float | None) -> str:
