@@ -100,7 +100,7 @@ def test_calibration_run_and_the_budget_rows_are_reproduced():
     h200 = timing.GPUS["h200"]
     rows = [(8, 0.0, False, 18974), (4, 1.0, True, 12689), (8, 31 / 32, True, 13640), (8, 29 / 32, False, 14023)]
     for mb, share, off, measured in rows:
-        tps = timing.tokens_per_s(s, h200, seq=2048, span=2048, micro_batch=mb, recompute=share,
+        tps = timing.tokens_per_s(s, h200, row_tokens=2048, span=2048, micro_batch=mb, recompute=share,
                                   offload=off, lora_params=lora)
         assert abs(tps / measured - 1) <= (0.005 if share == 0 else timing.RANGE_HOPPER), (mb, share, tps)
 

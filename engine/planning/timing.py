@@ -225,14 +225,16 @@ def mfu_engine() -> float:
     return tps * flops_per_token(s, seq, share, lora) / (GPUS[gpu].bf16_tflops * 1e12 * fill(mb * seq))
 
 
-def tokens_per_s(s, gpu: Gpu, *, seq: int, span: float, micro_batch: int, recompute: float,
+def tokens_per_s(s, gpu: Gpu, *, row_tokens: int, span: float, micro_batch: int, recompute: float,
                  offload: bool = False, fp8: bool = True, lora_params: int = 0) -> float:
-    """Modelled tokens/s of one GPU for a planned setting."""
+    """Modelled tokens/s of one GPU for a planned setting: ``row_tokens`` a row holds (the
+    micro-batch's fill), ``span`` the tokens a row attends over, ``recompute`` the share of layers
+    checkpointed."""
     from engine.planning.estimate import OFFLOAD_COST, fill
     if gpu.key == CPU_KEY:
         rate = CPU_EFFICIENCY * gpu.bf16_tflops * 1e12
     else:
-        rate = mfu_engine() * gpu.bf16_tflops * 1e12 * fill(micro_batch * seq)
+        rate = mfu_engine() * gpu.bf16_tflops * 1e12 * fill(micro_batch * row_tokens)
         if not (fp8 and gpu.fp8_tflops):
             rate /= FP8_GAIN
     if offload and recompute:
@@ -247,7 +249,9 @@ def predict(cfg, model_config: dict, plan, work: Workload, gpu: Gpu, modelled: b
     e = plan.estimate
     share = e.checkpoint_layers / e.layers if e.layers else 0.0
     fp8 = bool(plan.fp8) and gpu.fp8_tflops is not None
-    tps = tokens_per_s(s, gpu, seq=e.seq_len, span=min(work.attention_span, e.seq_len),
+    # the micro-batch's fill counts the tokens its rows hold (short rows fill less than max_length)
+    tps = tokens_per_s(s, gpu, row_tokens=max(1, round(min(work.tokens_per_row, e.seq_len))),
+                       span=min(work.attention_span, e.seq_len),
                        micro_batch=plan.batch_size, recompute=share, offload=plan.offload, fp8=fp8,
                        lora_params=_lora_params(s, cfg))
     notes = []
