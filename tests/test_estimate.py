@@ -327,7 +327,9 @@ def test_cli_text_says_when_it_does_not_fit(tmp_path, capsys):
                    "--set", 'train.device="cuda"'])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "Fits: NO" in text and "activations" in text and "Planner:" in text
+    # the plan's verdict comes first (it fits); the config as written is what would not fit
+    assert text.startswith("Fits: yes (the plan: ") and "activations" in text and "Planner:" in text
+    assert "The config as written" in text and "would not fit" in text
 
 
 def test_cli_config_error_exits_2(capsys):

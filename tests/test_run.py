@@ -94,7 +94,7 @@ def test_headless_demo_learns(tmp_path):
     lines = [l for l in r.stdout.splitlines() if l.startswith("step ")]
     assert len(lines) == 100
     # the README's promise: one line per logging step, and no library noise around them
-    ours = ("[", "run ", "  plan: ", "step ", "eval ", "checkpoint ", "hint ", "finished ")
+    ours = ("[", "run ", "  plan: ", "  Time to train: ", "step ", "eval ", "checkpoint ", "hint ", "finished ")
     assert [l for l in r.stdout.splitlines() if not l.startswith(ours)] == []
     for noise in ("Warning", "it/s]", "examples/s]", "Failed to load", "pynvml"):
         assert noise not in r.stderr + r.stdout, (noise, r.stderr[-1500:])

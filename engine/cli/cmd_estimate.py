@@ -17,6 +17,10 @@ def register(subparsers) -> None:
     add_config_args(p)
     p.add_argument("--gpu-mem", type=gib_arg, default=None, metavar="GIB",
                    help="GPU memory to plan for, in GiB (default: free memory of GPU 0 via NVML)")
+    p.add_argument("--gpu", default=None, metavar="NAME",
+                   help="plan for a GPU of the catalog you are not on (memory and speed from the catalog: "
+                        "rtx3090, rtx4090, rtx5090, a100-40, a100-80, l40s, h100, h200); the time is labelled "
+                        "modelled")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_estimate)
 
@@ -35,16 +39,38 @@ def gib_arg(text: str) -> float:
 
 def cmd_estimate(args) -> int:
     from engine.cli import load_config_or_exit
+    from engine.core.units import GIB
     from engine.planning import estimate as estimate_mod
+    from engine.planning import timing
     cfg = load_config_or_exit(args)
+    gpu, local_name = None, None
+    if args.gpu is not None:
+        try:
+            gpu = timing.gpu_named(args.gpu)
+        except timing.GpuError as e:
+            print(f"estimate: --gpu: {e}", file=sys.stderr)
+            return 2
+        cfg = cfg.copy()
+        cfg.train.device = "cuda"            # planning for that card
+    else:
+        local = None if cfg.train.device == "cpu" else timing.local_gpu()
+        if local is not None:
+            local_name, gpu = local
+        elif cfg.train.device != "cuda":
+            gpu = timing.cpu_device()           # a CPU run: a rough figure, labelled so
     try:
         mc = estimate_mod.model_config_for(cfg)
-        gpu_mem, _why = estimate_mod.gpu_budget(cfg, args.gpu_mem)
+        named = args.gpu_mem if args.gpu_mem is not None else (
+            gpu.memory_bytes / GIB if args.gpu is not None else None)
+        gpu_mem, _why = estimate_mod.gpu_budget(cfg, named)     # the run's own rule
         est = estimate_mod.estimate(cfg, mc, gpu_mem_bytes=gpu_mem)
         pl = estimate_mod.plan(cfg, mc, gpu_mem)
     except estimate_mod.EstimateError as e:
         print(f"estimate: {e}", file=sys.stderr)
         return 2
+    cpu = gpu is not None and gpu.key == timing.CPU_KEY
+    time_lines, time_json = timing.for_config(cfg, mc, pl, gpu if gpu_mem is not None or cpu else None,
+                                              modelled=args.gpu is not None, local_name=local_name)
     mixture = None
     if getattr(cfg.data, "sources", None):      # count the mixture the run would train on
         from engine.dataset import data as data_mod
@@ -69,12 +95,12 @@ def cmd_estimate(args) -> int:
                "gradient_checkpointing": est.gradient_checkpointing, "liger": est.liger,
                "checkpoint_layers": est.checkpoint_layers, "offload": est.offload,
                "notes": est.notes, "plan": pl.to_dict(), "host_bytes": est.host_bytes,
-               "host_breakdown": est.host_breakdown, "streaming": est.streaming}
+               "host_breakdown": est.host_breakdown, "streaming": est.streaming, "time": time_json}
         if mixture is not None:
             out["data"] = mixture
         print(json.dumps(out))
     else:
-        print(estimate_mod.format_report(est, pl))
+        print(estimate_mod.format_report(est, pl, time_lines))
         if mixture is not None:
             from engine.core.safe_text import visible
             from engine.dataset import sources

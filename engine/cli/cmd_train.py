@@ -109,7 +109,8 @@ class HeadlessPrinter:
                 loss = s.final_loss if s.final_loss is not None else s.last_loss
                 w(f"{s.state} at step {s.step}: {ev.reason}; "
                   f"{'model' if ev.adapter_dir.endswith('/model') else 'adapter'}: {ev.adapter_dir}"
-                  + (f"; final loss {loss:.4f}" if loss is not None else "") + "\n")
+                  + (f"; final loss {loss:.4f}" if loss is not None else "")
+                  + (f"; {s.time_text}" if s.time_text else "") + "\n")
             case events.RunFailed(reason=reason):
                 self._err(f"failed: {reason}\n")
         self.out.flush()
@@ -122,6 +123,9 @@ class HeadlessPrinter:
           + (f", resumed at step {ev.resumed_from_step}" if ev.resumed_from_step else "") + "\n")
         for line in ev.plan:
             w(f"  plan: {line}\n")
+        if ev.prediction:
+            from engine.core.safe_text import visible     # read back from a log: shown literally
+            w(f"  {visible(str(ev.prediction))}\n")
 
     def _err(self, text: str) -> None:
         self.out.flush()

@@ -25,6 +25,8 @@ def _f(default, help: str, *, choices=None, lo=None, hi=None, kind=None, group=N
     meta = {"help": help, "choices": choices, "lo": lo, "hi": hi, "kind": kind, "form": form}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -45,6 +47,11 @@ class ModelConfig:
                       "directory). Preference methods (train.method = dpo, orpo, kto, simpo) train that "
                       "adapter further, and the reference model is the SFT model; empty = a fresh adapter "
                       "over the base.", kind="path")
+    rope_scaling: dict = _f({}, "Train past the model's pretrained length: a table {type = T, factor = F} "
+                            "with T linear, dynamic, yarn or llama3 (llama3 also takes "
+                            "low_freq_factor, high_freq_factor; yarn and llama3 original_max_position_embeddings, "
+                            "default the model's max_position_embeddings); positions reach factor x the pretrained "
+                            "length. Empty = the model's own RoPE.", kind="rope", form=False)
     attn_implementation: str = _f(AUTO, "Attention kernel: auto picks flash_attention_2 when "
                                   "installed, else varlen for packed rows on the GPU (torch's "
                                   "variable-length flash kernel), else sdpa.",
@@ -126,8 +133,11 @@ class DataConfig:
                      "pairs; kto: answers with a true/false label).",
                      choices=[AUTO, "messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokens",
                               "vision", "preference", "kto"])
-    max_length: int = _f(4096, "Tokens per example; longer rows are truncated. Add ~30% memory "
-                         "above 2048.", lo=16, hi=1_048_576)
+    max_length: int = _f(4096, "Tokens per example; longer rows are truncated. Memory grows with it "
+                         "linearly: activations per token x max_length (fewer with checkpointing) and the "
+                         "LM head's per-token terms (its logits are chunked); `qlora-tui estimate` shows each "
+                         "term. Past the model's pretrained length, set model.rope_scaling.",
+                         lo=16, hi=1_048_576)
     packing: Any = _f(AUTO, "Pack several rows into one sequence (no padding). auto = on where "
                       "the attention kernel isolates samples.", choices=[True, False, AUTO])
     strict: bool = _f(False, "Refuse to train when the dataset has problems (else skip bad rows).")
@@ -339,6 +349,8 @@ def _coerce(key: str, f: dataclasses.Field, value, problems: list[Problem]):
         return default
     if meta.get("kind") == "sources":
         return _sources(key, value, problems)
+    if meta.get("kind") == "rope":
+        return _rope_scaling(key, value, problems)
     if meta.get("kind") == "modules":
         if isinstance(value, str) and value:
             return value
@@ -423,6 +435,51 @@ def _init_checks(cfg: Config, problems: list[Problem]) -> None:
     if cfg.distributed.gpus > 1:
         problems.append(Problem("lora.init", init, "runs on one GPU here: set distributed.gpus = 1 or "
                                 "lora.init = \"default\""))
+
+
+ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
+_ROPE_KEYS = {"type": str, "factor": (int, float), "original_max_position_embeddings": int,
+              "low_freq_factor": (int, float), "high_freq_factor": (int, float)}
+_ROPE_ONLY = {"original_max_position_embeddings": ("yarn", "llama3"), "low_freq_factor": ("llama3",),
+              "high_freq_factor": ("llama3",)}
+
+
+def _rope_scaling(key: str, value, problems: list[Problem]) -> dict:
+    """``model.rope_scaling``: {} (off) or a table with a type and a factor; one problem per bad key.
+    Checked against the model's config.json before a run (engine.training.rope.check)."""
+    if not isinstance(value, dict):
+        problems.append(Problem(key, value, 'must be a table, e.g. {type = "yarn", factor = 4.0}, or {} for none'))
+        return {}
+    if not value:
+        return {}
+    n = len(problems)
+    for k, v in value.items():
+        if k not in _ROPE_KEYS:
+            problems.append(Problem(f"{key}.{k}", v, "unknown key; allowed: " + ", ".join(_ROPE_KEYS)))
+        elif isinstance(v, bool) or not isinstance(v, _ROPE_KEYS[k]):
+            problems.append(Problem(f"{key}.{k}", v, "must be a " + ("string" if k == "type" else
+                                    "whole number" if _ROPE_KEYS[k] is int else "number")))
+    kind = value.get("type")
+    if "type" not in value:
+        problems.append(Problem(f"{key}.type", None, "missing; allowed: " + ", ".join(ROPE_TYPES)))
+    elif isinstance(kind, str) and kind not in ROPE_TYPES:
+        problems.append(Problem(f"{key}.type", kind, "allowed: " + ", ".join(ROPE_TYPES)))
+    f = value.get("factor")
+    if "factor" not in value:
+        problems.append(Problem(f"{key}.factor", None, "missing: how many times the pretrained length "
+                                "(e.g. 2.0 to double it)"))
+    elif isinstance(f, (int, float)) and not isinstance(f, bool) and not (math.isfinite(f) and 1 < f <= 1024):
+        problems.append(Problem(f"{key}.factor", f, "out of range: above 1 (1 is no scaling), at most 1024"))
+    o = value.get("original_max_position_embeddings")
+    if isinstance(o, int) and not isinstance(o, bool) and o < 1:
+        problems.append(Problem(f"{key}.original_max_position_embeddings", o, "must be at least 1"))
+    for k, types in _ROPE_ONLY.items():
+        if k in value and kind in ROPE_TYPES and kind not in types:
+            problems.append(Problem(f"{key}.{k}", value[k], "only for type = " + " or ".join(types)))
+    lo, hi = value.get("low_freq_factor", 1.0), value.get("high_freq_factor", 4.0)
+    if kind == "llama3" and all(isinstance(x, (int, float)) for x in (lo, hi)) and not 0 < lo < hi:
+        problems.append(Problem(f"{key}.high_freq_factor", hi, f"must be above low_freq_factor ({lo}), both above 0"))
+    return dict(value) if len(problems) == n else {}
 
 
 _SOURCE_KEYS = {"path": str, "format": str, "split": str, "subset": str, "dataset": str,
@@ -669,6 +726,7 @@ def starter_toml() -> str:
             if meta.get("choices"):
                 allowed = " Allowed: " + ", ".join(str(c).lower() for c in meta["choices"]) + "."
             out.append(f"# {meta['help']}{allowed}")
-            out.append(tomli_w.dumps({key: default}).strip())
+            # an empty table default ({}) inline: tomli_w would open a [key] section
+            out.append(f"{key} = {{}}" if default == {} else tomli_w.dumps({key: default}).strip())
         out.append("")
     return "\n".join(out)

@@ -85,6 +85,9 @@ class RunStarted(Event):
     config: dict = field(default_factory=dict)
     plan: list = field(default_factory=list)   # what auto-choices were made, and why
     pid: int = 0
+    # time to train predicted for this segment's steps (engine.planning.timing), before step 1
+    predicted_seconds: float | None = None
+    prediction: str = ""                        # what it was computed for (card, range, label)
 
 
 @dataclass
@@ -201,6 +204,9 @@ class RunFinished(Event):
     final_loss: float | None = None
     stopped: bool = False         # True when a stop was requested (graceful stop)
     reason: str = "completed"
+    train_seconds: float | None = None       # the training steps' wall time (this segment; evaluations
+                                             # excluded, checkpoint saves included)
+    predicted_seconds: float | None = None   # what run_started predicted for them
 
 
 @dataclass

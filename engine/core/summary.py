@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -80,6 +81,9 @@ class RunSummary:
     tokens_seen: int = 0
     epoch: float | None = None
     eta_seconds: float | None = None
+    predicted_seconds: float | None = None            # run_started's time to train (this segment)
+    prediction: str = ""
+    train_seconds: float | None = None                # run_finished's measured training time
     checkpoints: list = field(default_factory=list)   # [(step, path)]
     preference: dict = field(default_factory=dict)    # PREFERENCE_SERIES name (eval_: eval) -> [(step, v)]
     method: str = ""                                  # the preference method, once it logged
@@ -137,6 +141,11 @@ class RunSummary:
         self.trainable_params, self.total_params = ev.trainable_params, ev.total_params
         self.train_rows, self.eval_rows = ev.train_rows, ev.eval_rows
         self.phase, self.message = "training", ""
+        self.predicted_seconds = _seconds(ev.predicted_seconds)
+        self.prediction = ev.prediction if isinstance(ev.prediction, str) else ""
+        self.train_seconds = None
+        # the ETA starts from the prediction until the first logged steps measure one
+        self.eta_seconds = self.predicted_seconds
 
     def _resumed(self, k: int) -> None:
         self._drop_after(k)
@@ -184,6 +193,9 @@ class RunSummary:
         self.stopped = bool(ev.stopped)
         self.finished_reason, self.adapter_dir = ev.reason, ev.adapter_dir
         self.final_loss = to_float(ev.final_loss)
+        self.train_seconds = _seconds(ev.train_seconds)
+        if _seconds(ev.predicted_seconds) is not None:
+            self.predicted_seconds = _seconds(ev.predicted_seconds)
         self.step = ev.step or self.step
         self.phase = "stopped" if ev.stopped else "finished"
         what = "model" if ev.adapter_dir.endswith("/model") else "adapter"
@@ -217,6 +229,30 @@ class RunSummary:
     @property
     def reason(self) -> str:
         return getattr(self.end, "reason", "")
+
+    @property
+    def time_text(self) -> str:
+        """``trained in 12:34 (predicted 10:00, +23%)``; the prediction alone before the end;
+        '' when neither is known."""
+        return time_text(self.train_seconds, self.predicted_seconds)
+
+
+def _seconds(v) -> float | None:
+    """A duration read back from a log: finite and not negative, else None."""
+    x = to_float(v)
+    return x if x is not None and math.isfinite(x) and x >= 0 else None
+
+
+def time_text(actual: float | None, predicted: float | None) -> str:
+    from engine.core.units import fmt_eta
+    if actual is not None and predicted:
+        return (f"trained in {fmt_eta(actual)} (predicted {fmt_eta(predicted)}, "
+                f"{(actual / predicted - 1) * 100:+.0f}%)")
+    if actual is not None:
+        return f"trained in {fmt_eta(actual)} (no prediction)"
+    if predicted is not None:
+        return f"predicted {fmt_eta(predicted)} to train"
+    return ""
 
 
 def fold(evs, run_dir: str | Path | None = None) -> RunSummary:

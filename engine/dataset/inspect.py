@@ -57,6 +57,7 @@ class Report:
     truncated_rows: int = 0
     truncated_share: float = 0.0
     trained_tokens_total: int = 0
+    tokens_within_max_total: int = 0   # Σ min(tokens, max_length): what the forward processes
     trained_tokens_median: float = 0.0
     trained_tokens_untruncated: int = 0
     zero_trained_rows: int = 0
@@ -100,6 +101,7 @@ class Report:
                 "histogram": [{"lo": lo, "hi": hi, "count": c} for lo, hi, c in self.histogram],
                 "truncated_rows": self.truncated_rows, "truncated_share": self.truncated_share,
                 "trained_tokens_total": self.trained_tokens_total,
+                "tokens_within_max_total": self.tokens_within_max_total,
                 "trained_tokens_median": self.trained_tokens_median,
                 "trained_tokens_untruncated": self.trained_tokens_untruncated,
                 "zero_trained_rows": self.zero_trained_rows,
@@ -671,6 +673,7 @@ def report_snapshot(cfg, rep: Report, tok, rows, counts, problems, mixed, dups, 
         r.truncated_rows = int((lengths > max_len).sum())
         r.truncated_share = round(r.truncated_rows / n, 6)
         r.trained_tokens_total = int(kept.sum(dtype=np.int64))
+        r.tokens_within_max_total = int(np.minimum(lengths, max_len).sum(dtype=np.int64))
         r.trained_tokens_median = quality.percentiles(kept, [50])[0]
         r.zero_trained_rows = int((kept == 0).sum())
         if wide:

@@ -50,6 +50,14 @@ the worst case; padded or packed batches never hold more), d = compute dtype byt
                        checkpointing (the recompute churns those blocks and the caching
                        allocator keeps them); fitted on five H200 reserved peaks.
 
+Long context (issue 27; replaces the seed's "add 30% above 2,048 tokens"): every term above is
+bytes per token x N, so memory grows linearly with seq at a given micro-batch, except the logits
+tile (fixed past 4,096 tokens: the chunked LM head keeps only its 8h a token) and, with eager
+attention only, the attention probabilities (heads x seq a token per layer with activations: seq
+x seq). The terms at seq >= 8K still need device calibration: the backward workspace c, the
+allocator's overhead and recompute fragmentation (fitted at seq 2,048), and the offload's two
+in-flight layer inputs.
+
 ``cuda_context`` (0.5 GiB; outside the caching allocator, so not in max_memory_reserved) is
 reported in the breakdown but not in ``peak_bytes``; ``device_bytes`` = peak_bytes +
 cuda_context is what nvidia-smi would show and what ``fits`` compares with the GPU memory.
@@ -441,7 +449,8 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
     if st.galore:
         t = _galore(cfg, s, st, notes)
         st.r = 0                                  # no adapter activations
-    act = _layer_activations(cfg, s, st) + _packed_mask_bytes_per_token(cfg, st.seq, st.d, notes)
+    act = (_layer_activations(cfg, s, st) + _packed_mask_bytes_per_token(cfg, st.seq, st.d, notes)
+           + _eager_scores_bytes_per_token(cfg, s, st, notes))
     a = _activations(s, st, act, notes)
     logits = _logits(s, st, loss_impl, notes) if pairs is None else _preference_logits(s, st)
     if st.galore:       # gradients grow as the backward frees activations; the step runs after
@@ -450,10 +459,26 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
     _shard(cfg, w, t, notes)
     w["checkpoint_file"] = _checkpoint_bytes(model_config, w["linear"], w["other"])
     vis = _vision(model_config, st, notes)
+    _rope_notes(cfg, model_config, st.seq, notes)
     est = _assemble(cfg, s, st, w, t, a, logits, vis, act, gpu_mem_bytes, notes)
     if pairs is not None:
         est.batch_size = pairs                    # what train.batch_size counts: pairs (KTO: rows)
     return est
+
+
+def _rope_notes(cfg: Config, model_config: dict, seq: int, notes: list[str]) -> None:
+    """model.rope_scaling: the positions it reaches and its problems against config.json; without
+    it, a max_length past the pretrained length says to set it (engine.training.rope)."""
+    from engine.training import rope
+    r = cfg.model.rope_scaling
+    if r:
+        notes.append(rope.describe(r, model_config))
+        notes += [f"problem: {p}" for p in rope.check(r, model_config, seq, cfg.model.name)]
+        return
+    n = rope.pretrained_length(model_config)
+    if n and seq > n and rope.length_warning(cfg, model_config, seq):
+        notes.append(f"data.max_length {seq} is past the model's pretrained length ({n} positions): rows "
+                     f"longer than {n} tokens need model.rope_scaling")
 
 
 def _preference(cfg: Config, s: Shape, st: _Setting, notes: list[str]) -> int | None:
@@ -600,6 +625,18 @@ def _packed_mask_bytes_per_token(cfg: Config, seq: int, d: int, notes: list[str]
     return seq * d
 
 
+def _eager_scores_bytes_per_token(cfg: Config, s: Shape, st: _Setting, notes: list[str]) -> int:
+    """Eager attention keeps each layer's attention probabilities: heads x seq per token (the fp32
+    softmax output, 4 B, and its cast to the compute dtype, d B), the one term that grows with
+    seq x seq; sdpa, flash-attention and varlen keep only the log-sum-exp (in A_layer). Not measured."""
+    if cfg.model.attn_implementation != "eager":
+        return 0
+    per_token = s.heads * st.seq * (4 + st.d)
+    notes.append(f"eager attention: {s.heads} heads x {st.seq} scores per token per layer with activations "
+                 f"({per_token / 2 ** 20:.2f} MiB a token; sdpa keeps none; not measured)")
+    return per_token
+
+
 def _activation_bytes_per_token(input_bytes: int, act: int, layers: int, k: int, offload: bool) -> int:
     """Activation bytes per token: k checkpointed layers keep only their input (none on the GPU
     when offloaded, but two in flight: the one being recomputed and the one prefetched), one
@@ -655,7 +692,7 @@ def gpu_budget(cfg, gpu_mem_gib: float | None = None) -> tuple[int | None, str]:
     run, or no NVIDIA GPU here and no number given)."""
     limits = []
     if gpu_mem_gib is not None:
-        limits.append((int(gpu_mem_gib * GIB), f"{gpu_mem_gib:g} GiB (--gpu-mem)"))
+        limits.append((int(gpu_mem_gib * GIB), f"the GPU's {gpu_mem_gib:g} GiB (--gpu-mem / --gpu)"))
     elif cfg.train.device != "cpu":
         free = gpu_free_bytes()
         if free is not None:
@@ -764,11 +801,15 @@ def relative_speed(gradient_checkpointing, tokens_per_micro_batch: int, offload:
 
     ``gradient_checkpointing`` is a bool (all layers or none) or the share of layers checkpointed."""
     share = float(gradient_checkpointing)
+    time = (1 + share * (1 / SPEED_GC - 1)) * (OFFLOAD_COST if offload and share else 1.0)
+    return fill(tokens_per_micro_batch) / time
+
+
+def fill(tokens_per_micro_batch: int) -> float:
+    """The micro-batch fill factor: a fixed cost per micro-batch, 1.0 at SPEED_TOKENS_FULL tokens."""
     t = min(tokens_per_micro_batch, SPEED_TOKENS_FULL)
     c = SPEED_FILL_TOKENS
-    fill = (t / (t + c)) / (SPEED_TOKENS_FULL / (SPEED_TOKENS_FULL + c))
-    time = (1 + share * (1 / SPEED_GC - 1)) * (OFFLOAD_COST if offload and share else 1.0)
-    return fill / time
+    return (t / (t + c)) / (SPEED_TOKENS_FULL / (SPEED_TOKENS_FULL + c))
 
 
 def _speed(e: Estimate) -> float:
@@ -1050,10 +1091,9 @@ def plan_summary(p: Plan, budget_gib: float) -> str:
             + ("; FP8 base GEMMs on GPUs that have them (train.fp8_base)" if p.fp8 else ""))
 
 
-def format_report(est: Estimate, pl: Plan | None) -> str:
-    lines = [f"Peak VRAM estimate: micro-batch {est.batch_size} x {est.seq_len} tokens, gradient "
-             f"checkpointing {_gc_text(est.checkpoint_layers, est.layers, est.offload)}, Liger "
-             f"{'on' if est.liger else 'off'}", ""]
+def _breakdown_lines(est: Estimate) -> list[str]:
+    """The estimate's terms, its totals and host RAM (one block of the report)."""
+    lines = []
     relabel = {"weights_unquantized": "weights, 16-bit", "lora_params": "(no adapter)",
                "lora_grads": "gradients beyond activations",
                "optimizer_state": "GaLore optimizer state"} if est.method == "galore" else {}
@@ -1075,21 +1115,67 @@ def format_report(est: Estimate, pl: Plan | None) -> str:
     if est.host_bytes > host_needed(hb):
         lines.append(f"  peak RSS {est.host_bytes / GIB:.2f} GiB while loading maps the weight files "
                      f"({hb['checkpoint_mapped'] / GIB:.2f} GiB of page cache the kernel can drop)")
+    return lines
+
+
+def _setting_text(e: Estimate) -> str:
+    return (f"micro-batch {e.batch_size} x {e.seq_len} tokens, gradient checkpointing "
+            f"{_gc_text(e.checkpoint_layers, e.layers, e.offload)}, Liger {'on' if e.liger else 'off'}")
+
+
+def _plan_text(pl: Plan) -> str:
+    return (f"micro-batch {pl.batch_size}, accumulation {pl.grad_accum}, gradient "
+            f"checkpointing {_gc_text(pl.checkpoint_layers, pl.estimate.layers, pl.offload)}, Liger "
+            f"{'on' if pl.liger else 'off'}, packing {'on' if pl.packing else 'off'}, "
+            f"weight streaming {'on' if pl.streaming else 'off'}")
+
+
+def _fits_line(e: Estimate, what: str = "") -> str:
+    if e.gpu_mem_bytes is None:
+        return "Fits: unknown (no GPU found; pass --gpu-mem GIB or --gpu NAME, or set train.gpu_memory_gib)"
+    if e.fits:
+        return f"Fits: yes ({what}{_gib(e.device_bytes)} of {_gib(e.gpu_mem_bytes)})"
+    return f"Fits: NO ({what}{_gib(e.device_bytes)} needed, {_gib(e.gpu_mem_bytes)} available)"
+
+
+def format_report(est: Estimate, pl: Plan | None, time_lines: list[str] | tuple = ()) -> str:
+    """The estimate's report. With a plan for a GPU size, what will run comes first (the plan's
+    verdict, choices, reasons and breakdown); the config as written, without the planner's
+    choices, second: its need is what the plan avoided, not the verdict. ``time_lines``
+    (engine.planning.timing.for_config) follow the verdict."""
+    if pl is not None and est.gpu_mem_bytes is not None:
+        return _format_planned(est, pl, list(time_lines))
+    lines = list(time_lines) + ([""] if time_lines else [])
+    lines += [f"Peak VRAM estimate: {_setting_text(est)}", ""]
+    lines += _breakdown_lines(est)
     lines.append("")
-    if est.gpu_mem_bytes is None:
-        lines.append("Fits: unknown (no GPU found; pass --gpu-mem GIB or set train.gpu_memory_gib)")
-    elif est.fits:
-        lines.append(f"Fits: yes ({_gib(est.device_bytes)} of {_gib(est.gpu_mem_bytes)})")
-    else:
-        lines.append(f"Fits: NO ({_gib(est.device_bytes)} needed, {_gib(est.gpu_mem_bytes)} available)")
+    lines.append(_fits_line(est))
     for n in est.notes:
         lines.append(f"  note: {n}")
     if pl is not None:
         lines.append("")
-        lines.append(f"Planner: micro-batch {pl.batch_size}, accumulation {pl.grad_accum}, gradient "
-                     f"checkpointing {_gc_text(pl.checkpoint_layers, pl.estimate.layers, pl.offload)}, Liger "
-                     f"{'on' if pl.liger else 'off'}, packing {'on' if pl.packing else 'off'}, "
-                     f"weight streaming {'on' if pl.streaming else 'off'}")
+        lines.append(f"Planner: {_plan_text(pl)}")
         for r in pl.reasons:
             lines.append(f"  - {r}")
+    return "\n".join(lines)
+
+
+def _format_planned(est: Estimate, pl: Plan, time_lines: list[str]) -> str:
+    pe = pl.estimate
+    lines = [_fits_line(pe, "the plan: "), *time_lines, f"Planner: {_plan_text(pl)}"]
+    lines += [f"  - {r}" for r in pl.reasons]
+    lines += ["", f"Peak VRAM estimate of the plan: {_setting_text(pe)}", ""]
+    lines += _breakdown_lines(pe)
+    for n in pe.notes:
+        lines.append(f"  note: {n}")
+    lines.append("")
+    same = (est.batch_size, est.checkpoint_layers, est.offload, est.liger, est.streaming) == (
+        pe.batch_size, pe.checkpoint_layers, pe.offload, pe.liger, pe.streaming)
+    if same:
+        lines.append("The config as written: the same settings as the plan.")
+    else:
+        need = (f"fits: {_gib(est.device_bytes)} of {_gib(est.gpu_mem_bytes)}" if est.fits else
+                f"would not fit: {_gib(est.device_bytes)} needed, {_gib(est.gpu_mem_bytes)} available")
+        lines.append(f"The config as written, without the planner's choices ({_setting_text(est)}): {need}"
+                     + ("" if est.fits else "; the plan above is what runs"))
     return "\n".join(lines)

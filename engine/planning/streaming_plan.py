@@ -44,14 +44,17 @@ class StreamCost:
         return self.tokens / max(self.compute_s, self.transfer_s)
 
 
-def flops_per_token(s, seq: int) -> float:
-    """Frozen-base LoRA with gradient checkpointing: 2 FLOPs/param forward, 2 recompute, 2 for the
-    input gradient; causal attention 2*q*seq per layer per pass (4 passes' worth); the LM head 4*V*h."""
+def flops_per_token(s, seq: int, recompute: float = 1.0) -> float:
+    """Frozen-base LoRA: 2 FLOPs/param forward, 2 for the input gradient, 2 more for the share
+    ``recompute`` of layers recomputed under gradient checkpointing (1.0: every layer); causal
+    attention 2*q*seq per layer per pass (fwd, 2 bwd, recompute); the LM head 4*V*h (never
+    recomputed). ``seq``: the attention span (each row's own length when rows are packed)."""
     dims = s.module_dims()
     attn = sum(a * o for m, (a, o) in dims.items() if m in ("q_proj", "k_proj", "v_proj", "o_proj"))
     mlp = sum(a * o for m, (a, o) in dims.items() if m in ("gate_proj", "up_proj", "down_proj"))
     linear = s.layers * (attn + mlp * s.experts_per_token)
-    return 6 * linear + 8 * s.q_dim * seq * s.layers + 4 * s.vocab * s.hidden
+    return ((4 + 2 * recompute) * linear + (6 + 2 * recompute) * s.q_dim * seq * s.layers
+            + 4 * s.vocab * s.hidden)
 
 
 def stream_cost(s, quantized_bytes: int, tokens_per_micro_batch: int, seq: int, fp8: bool = False) -> StreamCost:

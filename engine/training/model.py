@@ -268,6 +268,14 @@ def load_model(cfg, rt: Runtime, path: str | None = None):
             kwargs["device_map"] = {"": local}
     if cfg.train.weight_streaming is True:   # loaded on the host; engine.training.streaming moves the rest
         kwargs["device_map"] = {"": "cpu"}
+    if cfg.model.rope_scaling:            # checked against config.json in preflight (check_model_skeleton)
+        from transformers import AutoConfig
+
+        from engine.training import rope
+        hf_config = AutoConfig.from_pretrained(path, revision=cfg.model.revision or None,
+                                               trust_remote_code=remote_code_allowed(cfg))
+        rope.apply(hf_config, cfg.model.rope_scaling)
+        kwargs["config"] = hf_config
     try:
         if vision:
             from transformers import AutoModelForImageTextToText
@@ -372,6 +380,11 @@ def check_model_skeleton(cfg) -> list[str]:
         if not remote_code_allowed(cfg) and (_needs_code(e) or _ships_code(path, "config.json")):
             raise ModelError(_no_consent_message(cfg, "architecture")) from None
         raise ModelError(f"model.name = {cfg.model.name!r}: {_first_line(e)}") from None
+    if cfg.model.rope_scaling:
+        from engine.training import rope
+        bad = rope.check(cfg.model.rope_scaling, mc.to_dict(), cfg.data.max_length, cfg.model.name)
+        if bad:
+            raise ModelError("\n".join(bad))
     from engine.training import vision as vision_mod
     if vision_mod.is_vision_config(mc.to_dict()):
         from transformers import AutoModelForImageTextToText

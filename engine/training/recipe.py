@@ -199,11 +199,13 @@ class Recipe:
         self.model_path = path
         self._load_tokenizer(path, rows)
         train_tok, eval_tok = self._tokenise(rows)
+        self._warn_past_pretrained_length(train_tok)
         model, resized = self._load_model(path)
         has_eval = eval_tok is not None and len(eval_tok) > 0
         trainer, cb = self._make_trainer(model, train_tok, eval_tok if has_eval else None)
         cb.meta = dict(model=self.cfg.model.name, device=self.rt.device, train_rows=len(train_tok),
                        eval_rows=len(eval_tok) if has_eval else 0, plan=self.plan.lines, config=self.cfg.to_dict())
+        cb.predict = self._predictor(train_tok)
         for w in self.plan.warnings + rows.warnings:
             self.emit(events.RunWarning(source="build", message=w))
         self.prepared = Prepared(trainer, self.proc if self.proc is not None else self.tok, path, self.rt,
@@ -252,12 +254,54 @@ class Recipe:
         self.plan.lines.extend(attention.choose(cfg, self.rt, lengths))
         return train_tok, eval_tok
 
+    def _model_config(self) -> dict | None:
+        """The model's config.json as a dict (None when it cannot be read here: advice skipped)."""
+        try:
+            from engine.planning import estimate as estimate_mod
+            return estimate_mod.model_config_for(self.cfg)
+        except Exception:
+            return None
+
+    def _warn_past_pretrained_length(self, train_tok) -> None:
+        """Rows longer than the model's pretrained length without model.rope_scaling: one warning
+        saying to set it (engine.training.rope.length_warning)."""
+        if preference.is_preference(self.cfg) or self.proc is not None or self.cfg.model.rope_scaling:
+            return
+        mc = self._model_config()
+        if mc is None:
+            return
+        from engine.training import rope
+        longest = max((len(x) for x in train_tok["input_ids"]), default=0)
+        why = rope.length_warning(self.cfg, mc, longest)
+        if why:
+            self.emit(events.RunWarning(source="build", message=why))
+
+    def _predictor(self, train_tok):
+        """Steps -> (seconds, what it is) for run_started's time to train
+        (engine.planning.timing.run_predictor), from the tokenised rows' mean length; None where
+        there is no prediction (preference pairs, image rows, a GPU not in the catalog)."""
+        if preference.is_preference(self.cfg) or self.proc is not None:
+            return None
+        try:
+            import numpy as np
+            lengths = np.fromiter((len(x) for x in train_tok["input_ids"]), dtype=np.int64)
+            if not len(lengths):
+                return None
+            from engine.planning import timing
+            return timing.run_predictor(self.cfg, self.rt.device, float(lengths.mean()))
+        except Exception:        # the prediction is advice: never a reason to fail the run
+            return None
+
     def _load_model(self, path: str):
         from engine.training import model as model_mod
         cfg, rt = self.cfg, self.rt
         self.emit(events.Status(phase="model", message=f"loading {cfg.model.name} "
                                 f"({'4-bit ' + cfg.quant.quant_type if rt.load_in_4bit else rt.dtype}) on {rt.device}"))
+        mc = self._model_config()
         model = model_mod.load_model(cfg, rt, path)
+        if cfg.model.rope_scaling and mc is not None:
+            from engine.training import rope
+            self.plan.lines.append(rope.describe(cfg.model.rope_scaling, mc))
         self.plan.lines.extend(model_mod.keep_4bit_trainable(model, rt))   # no inference-only 4-bit kernel in a run
         resized = len(self.tok) > model.get_input_embeddings().weight.shape[0]
         if resized:

@@ -259,9 +259,11 @@ class Run:
             return
         adapter = recipe.save()
         stopped = self.stop_flag.is_set()
+        cb = recipe.prepared.callback if recipe.prepared is not None else None
         self._emit_final(events.RunFinished(
             step=step, adapter_dir=str(adapter), final_loss=recipe.last_loss, stopped=stopped,
-            reason=(self.stop_reason[0] if self.stop_reason else "stopped") if stopped else "completed"))
+            reason=(self.stop_reason[0] if self.stop_reason else "stopped") if stopped else "completed",
+            train_seconds=getattr(cb, "train_seconds", None), predicted_seconds=getattr(cb, "predicted_seconds", None)))
 
     def _failure(self, e: BaseException) -> events.Event:
         """The run_failed event for ``e`` (an OOM also gets its hint first)."""

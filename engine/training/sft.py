@@ -221,6 +221,11 @@ class EventCallback(TrainerCallback):
         self.cfg = cfg
         self.trainer = None
         self.meta = {}
+        self.predict = None                      # steps -> (seconds, line): the recipe's time to train
+        self.predicted_seconds = None
+        self.train_seconds = None
+        self._t_begin = None
+        self._eval_seconds = 0.0
         self.step_loss = None
         self.nonfinite: NonFiniteHalt | None = None
         self._t_last = None
@@ -244,10 +249,22 @@ class EventCallback(TrainerCallback):
         self.resumed_from = state.global_step
         self._step_last = state.global_step
         self._tok_last = state.num_input_tokens_seen
-        self._t_last = time.perf_counter()
+        self._t_last = self._t_begin = time.perf_counter()
+        predicted, line = None, ""
+        if self.predict is not None:
+            try:
+                predicted, line = self.predict(state.max_steps - state.global_step)
+            except Exception:        # advice only
+                predicted, line = None, ""
+        self.predicted_seconds = predicted
         self.emit(events.RunStarted(run_dir=str(self.run_dir), total_steps=state.max_steps,
                                     trainable_params=trainable, total_params=total,
-                                    resumed_from_step=state.global_step, pid=os.getpid(), **self.meta))
+                                    resumed_from_step=state.global_step, pid=os.getpid(),
+                                    predicted_seconds=predicted, prediction=line, **self.meta))
+
+    def on_train_end(self, args, state, control, **kw):
+        if self._t_begin is not None:   # the training steps' wall time, this segment, evaluations excluded
+            self.train_seconds = max(0.0, time.perf_counter() - self._t_begin - self._eval_seconds)
 
     def on_pre_optimizer_step(self, args, state, control, **kw):
         model = kw.get("model") or (self.trainer.model if self.trainer else None)
@@ -302,7 +319,10 @@ class EventCallback(TrainerCallback):
             self.emit(events.Eval(step=state.global_step, eval_loss=logs["eval_loss"]))
             if pref is not None:
                 self.emit(pref)
+            t0 = time.perf_counter()
             self._generations(state.global_step)
+            runtime = logs.get("eval_runtime")       # evaluations are not training time
+            self._eval_seconds += (time.perf_counter() - t0) + (float(runtime) if isinstance(runtime, (int, float)) else 0.0)
             return
         if "loss" not in logs:
             return

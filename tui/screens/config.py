@@ -410,6 +410,11 @@ class ConfigScreen(Screen):
                 text += "".join("\n" + note for note in planner_notes(p.fp8))
             except Exception as ex:
                 text += f"\nplanner unavailable: {one_line(ex, 100)}"
+        try:                                   # time to train (engine.planning.timing)
+            from engine.planning import timing
+            text += "\n" + timing.local_time_line(cfg, mc)
+        except Exception as ex:
+            text += f"\ntime to train unavailable: {one_line(ex, 100)}"
         self.post_message(EstimateReady(text, e.trainable_params))
 
     @on(EstimateReady)

@@ -399,6 +399,8 @@ class RunDetailScreen(Screen):
             t.append(f"   final loss {ri.final_loss:.4f}", style="bold")
         if st.last_eval is not None:
             t.append(f"   eval loss {st.last_eval:.4f}")
+        if st.time_text:
+            t.append(f"   {st.time_text}")
         if st.method:
             t.append("\n" + clean("   ".join(f"{k} {v}" for k, v in preference_rows(st))))
         if ri.reason:

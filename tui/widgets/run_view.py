@@ -112,6 +112,8 @@ class StepProgress(Horizontal):
         # an ETA only while steps run: a run loading (or resuming) has none yet, whatever the
         # last segment left in eta_seconds
         eta = f"  ETA {fmt_eta(st.eta_seconds)}" if st.phase == "training" and not st.ended else ""
+        if eta and st.step <= st.resumed_from_step and st.predicted_seconds is not None:
+            eta += " (predicted)"          # no step measured yet: the time-to-train prediction
         label = f"step {st.step}/{st.total_steps or '?'}{eta}"
         if st.phase not in ("training", "finished", "stopped", "failed") and st.progress is not None:
             return 1.0, st.progress, label
@@ -221,6 +223,9 @@ class Metrics(RunPart):
         tracker = tracker_logs(st.plan)
         if tracker:
             rows.append(("logs", tracker[0]))
+        if st.ended and st.train_seconds is not None:        # measured against predicted
+            rows.append(("time", fmt_eta(st.train_seconds) + (f" (predicted {fmt_eta(st.predicted_seconds)})"
+                                                              if st.predicted_seconds is not None else "")))
         if isinstance(st.end, RunFinished):
             end = ("finished", _v(st.final_loss, ".4f"), st.adapter_dir)
         elif isinstance(st.end, RunFailed):
