@@ -237,6 +237,7 @@ class RunInfo:
     started: float | None = None
     model: str = ""
     reason: str = ""
+    nodes: dict | None = None        # a multi-process job: rank -> newest NodeProgress (engine.core.nodes)
 
 
 def info(run_dir: str | Path) -> RunInfo:
@@ -256,8 +257,10 @@ def _info(run_dir: Path, evs: list) -> RunInfo:
     """``RunInfo`` from the fold of the log (``engine.core.summary``), plus what only the files
     tell: a run without a final event is live only while its process is."""
     s = fold(evs, run_dir)
+    from engine.core import nodes
     ri = RunInfo(path=run_dir, name=run_dir.name, state=s.state, step=s.step, total_steps=s.total_steps,
-                 last_loss=s.last_loss, started=s.started, model=s.model, reason=s.reason)
+                 last_loss=s.last_loss, started=s.started, model=s.model, reason=s.reason,
+                 nodes=nodes.latest(run_dir) or None)
     if s.state in (State.FINISHED, State.STOPPED):
         ri.final_loss = s.final_loss if s.final_loss is not None else s.last_loss
     if s.ended:
@@ -268,6 +271,10 @@ def _info(run_dir: Path, evs: list) -> RunInfo:
     if ri.state == State.NEW and (evs or (run_dir / RUN_JSON).exists()):   # started, and gone
         ri.state = State.CRASHED
         ri.reason = "process ended without a final event (killed?); resume with qlora-tui train --resume"
+        lost = nodes.lost_nodes(ri.nodes or {})
+        if lost:                      # a multi-node job whose node 0 died: name what went silent
+            ri.reason = ("lost " + "; ".join(nodes.describe_lost(r) for r in lost)
+                         + "; resume with qlora-tui train --resume on every node")
     return ri
 
 
