@@ -379,14 +379,16 @@ def launch_distributed(cfg: config.Config | None, *, run_dir: Path | None = None
     if resume:
         cfg, _ = resume_config(run_dir, overrides)
         args = ["train", "--resume", str(run_dir), "--headless"] + sets
-    else:
+    elif run_dir is None:
         if check:
             preflight(cfg)
-        if run_dir is None:
-            cfg = absolutise(cfg)
-            run_dir = rundir.create(cfg.output.dir, cfg.output.name or cfg.model.name)
-            config.save(cfg, run_dir / rundir.CONFIG)
+        cfg = absolutise(cfg)
+        run_dir = rundir.create(cfg.output.dir, cfg.output.name or cfg.model.name)
+        config.save(cfg, run_dir / rundir.CONFIG)
         args = ["train", str(run_dir / rundir.CONFIG), "--run-dir", str(run_dir), "--no-check", "--headless"] + sets
+    else:       # an existing directory (launch, --join): rank 0 checks (records a refusal in the run's log)
+        args = ["train", str(run_dir / rundir.CONFIG), "--run-dir", str(run_dir), "--headless"] \
+            + ([] if check else ["--no-check"]) + sets
     d = cfg.distributed
     main = d.node_rank == 0
     lock = None

@@ -1,0 +1,203 @@
+"""Multi-node on localhost without GPUs: two "nodes" of two CPU processes each (torchrun's static
+rendezvous, gloo), a real builtin:tiny run. `qlora-tui launch` makes the run directory and
+prints each node's command; each node is started detached with `train --join`. Rank 0 alone
+writes the run's log, checkpoints and adapter; every process's progress lands in its node's file
+and the follower and `runs` merge them; a stop request stops the whole job; kill -9 of node 1's
+processes ends the job crashed naming node 1; `--resume` on both nodes runs it to the end with
+every step logged once."""
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from engine.core import config, control, events, nodes, rundir
+from engine.core.summary import standing
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_STEPS = 10
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*argv) -> int:
+    from engine import cli as CLI
+    umask = os.umask(0o022)
+    os.umask(umask)
+    try:
+        return CLI.main(list(argv))
+    finally:
+        os.umask(umask)                  # the CLI sets the run files' private umask
+
+
+def job_sets(tmp_path, port):
+    return ["--set", f"output.dir='{tmp_path / 'runs'}'", "--set", "distributed.nodes=2",
+            "--set", "distributed.gpus=2", "--set", "distributed.main_address='127.0.0.1'",
+            "--set", f"distributed.main_port={port}", "--set", "distributed.timeout_s=10",
+            "--set", f"train.max_steps={MAX_STEPS}", "--set", "train.save_steps=2",
+            "--set", "train.save_total_limit=10", "--set", "data.eval_fraction=0", "--set", "eval.samples=0"]
+
+
+def wait_for(what, cond, timeout=240, poll=0.1):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def node_procs(run_dir, node) -> list[psutil.Process]:
+    """A node's processes: its workers (their pids in its progress file), torchrun and the launcher."""
+    out = {}
+    for p in nodes.latest(run_dir).values():
+        if p.node != node:
+            continue
+        try:
+            w = psutil.Process(p.pid)
+        except psutil.Error:
+            continue
+        out[w.pid] = w
+        for parent in w.parents():
+            if parent.pid == os.getpid() or "engine" not in " ".join(parent.cmdline()) \
+                    and "torch.distributed.run" not in " ".join(parent.cmdline()):
+                break
+            out[parent.pid] = parent
+    return list(out.values())
+
+
+def job_gone(run_dir) -> bool:
+    return not rundir.process_alive(run_dir) and not any(node_procs(run_dir, k) for k in (0, 1))
+
+
+def start_nodes(run_dir, *how):
+    for k in (0, 1):
+        assert cli("train", *how, str(run_dir), "--set", f"distributed.node_rank={k}", "--detach") == 0
+
+
+def test_config_names_each_bad_field(tmp_path):
+    with pytest.raises(config.ConfigError) as e:
+        config.load(None, ["distributed.nodes=2", "distributed.node_rank=2"])
+    fields = [p.field for p in e.value.problems]
+    assert fields == ["distributed.node_rank", "distributed.main_address"]
+    assert "0 to 1" in str(e.value.problems[0])
+    with pytest.raises(config.ConfigError) as e:
+        config.load(None, ["distributed.main_address='a b;rm'", "distributed.main_port=70000"])
+    assert sorted(p.field for p in e.value.problems) == ["distributed.main_address", "distributed.main_port"]
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# the job's machines\ngpu-a slots=8\ngpu-b\ngpu-c\n")
+    cfg = config.load(None, ["distributed.nodes=2", f"distributed.hostfile='{hosts}'"])
+    from engine.training import distributed
+    with pytest.raises(config.ConfigError, match="lists 3 hosts but distributed.nodes = 2"):
+        distributed.read_hostfile(cfg)
+    hosts.write_text("gpu-a slots=8\ngpu-b\n")
+    assert distributed.main_address(cfg) == "gpu-a"
+    argv = distributed.launch_argv(cfg, ["train"])
+    assert argv[argv.index("--nnodes") + 1] == "2" and argv[argv.index("--master_addr") + 1] == "gpu-a"
+    assert argv[argv.index("--master_port") + 1] == "29500"
+
+
+def test_launch_prints_each_nodes_command_and_runs_nothing(tmp_path, capsys):
+    port = free_port()
+    assert cli("launch", str(REPO / "examples" / "demo.toml"), *job_sets(tmp_path, port)) == 0
+    out = capsys.readouterr().out
+    run_dir = Path(out.splitlines()[0].split(": ", 1)[1])
+    cmds = [line for line in out.splitlines() if line.startswith("qlora-tui train")]
+    assert cmds == [f"qlora-tui train --join {run_dir} --set distributed.node_rank={k} --detach" for k in (0, 1)]
+    assert config.load(run_dir / "config.toml").distributed.main_port == port
+    assert not (run_dir / rundir.EVENTS).exists() and not (run_dir / rundir.RUN_JSON).exists()
+    assert cli("train", "--join", str(run_dir), "--set", "distributed.node_rank=2") == 2   # one line, no start
+    assert "distributed.node_rank = 2: must be below distributed.nodes (2)" in capsys.readouterr().err
+
+
+def test_two_nodes_progress_stop_crash_and_resume(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("QLORA_TUI_FAULTS", "slow=0.3")           # inherited by every node's workers
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    port = free_port()
+    assert cli("launch", str(REPO / "examples" / "demo.toml"), *job_sets(tmp_path, port)) == 0
+    run_dir = Path(capsys.readouterr().out.splitlines()[0].split(": ", 1)[1])
+    try:
+        _job(run_dir, capsys)
+    finally:                              # whatever failed: none of the job's processes outlive the test
+        for k in (0, 1):
+            for p in node_procs(run_dir, k):
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+
+
+def _job(run_dir, capsys):
+    # ---- both nodes start; progress of every process, merged
+    start_nodes(run_dir, "--join")
+    wait_for("4 processes past step 1", lambda: len([p for p in nodes.latest(run_dir).values() if p.step >= 1]) == 4
+             and rundir.info(run_dir).step >= 2)
+    snaps = nodes.latest(run_dir)
+    assert {(p.node, p.rank) for p in snaps.values()} == {(0, 0), (0, 1), (1, 2), (1, 3)}
+    # the follower (the TUI's attach) merges the node files into the run's events
+    from tui.follow import follow_batches
+    from tui.runstate import from_events
+    got, stop = [], threading.Event()
+
+    def post(batch):
+        got.extend(batch)
+        if any(isinstance(e, events.Step) for e in got) and len({e.rank for e in got if isinstance(e, events.NodeProgress)}) == 4:
+            stop.set()
+    follow_batches(run_dir / rundir.EVENTS, stop, post, interval=0)
+    st = from_events(got, run_dir)
+    assert sorted(st.nodes) == [0, 1, 2, 3] and st.step >= 1 and st.tokens_per_second
+    assert cli("runs", "--dir", str(run_dir.parent)) == 0
+    listing = capsys.readouterr().out
+    assert "job: 2 node(s), 4 process(es)" in listing
+    assert "node 0 " in listing and "node 1 " in listing and "rank 3 (local 1)" in listing
+
+    # ---- stop: rank 0 reads the request, every rank of both nodes stops on the same step
+    control.request(run_dir, "stop")
+    wait_for("the job to stop", lambda: rundir.info(run_dir).state == "stopped" and job_gone(run_dir))
+    ri = rundir.info(run_dir)
+    stopped_at = ri.step
+    assert stopped_at < MAX_STEPS and (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert all(p.done for p in nodes.latest(run_dir).values())
+    assert {p.step for p in nodes.latest(run_dir).values()} == {stopped_at}    # every rank, the same step
+    evs = events.read_events(run_dir / rundir.EVENTS)
+    # rank 0 alone writes the log: one start, each step once, its pid
+    assert sum(isinstance(e, events.RunStarted) for e in evs) == 1
+    steps = [e.step for e in evs if isinstance(e, events.Step)]
+    assert steps == list(range(1, stopped_at + 1))
+    rank0 = nodes.latest(run_dir)[0]
+    assert next(e for e in evs if isinstance(e, events.RunStarted)).pid == rank0.pid and rank0.node == 0
+    assert "step 1/" not in (run_dir / "nodes" / "node-1.log").read_text()   # node 1 prints no steps
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(
+        ["adapter", "checkpoints", "config.toml", "control", "events.jsonl", "lock", "nodes", "run.json", "stdout.log"])
+
+    # ---- resume on both nodes; kill -9 of node 1's processes: crashed, node 1 named
+    start_nodes(run_dir, "--resume")
+    wait_for("progress after the resume", lambda: rundir.info(run_dir).state == "live"
+             and rundir.info(run_dir).step >= stopped_at + 2 and len(node_procs(run_dir, 1)) >= 3)
+    victims = node_procs(run_dir, 1)
+    for p in victims:
+        p.send_signal(signal.SIGKILL)
+    wait_for("the job to end", lambda: rundir.info(run_dir).state != "live" and job_gone(run_dir), timeout=120)
+    ri = rundir.info(run_dir)
+    assert ri.state == "crashed", ri.reason
+    assert "node 1 (host" in ri.reason and "ranks 2-3" in ri.reason and "resume" in ri.reason
+    fail = [e for e in events.read_events(run_dir / rundir.EVENTS) if isinstance(e, events.RunFailed)][-1]
+    assert fail.kind == events.FailKind.NODE_LOST
+
+    # ---- resume on both nodes again: to the end, every step logged once
+    start_nodes(run_dir, "--resume")
+    wait_for("the job to finish", lambda: rundir.info(run_dir).state == "finished" and job_gone(run_dir))
+    evs = standing(events.read_events(run_dir / rundir.EVENTS))
+    assert [e.step for e in evs if isinstance(e, events.Step)] == list(range(1, MAX_STEPS + 1))
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert rundir.checkpoints(run_dir)[-1].name == f"checkpoint-{MAX_STEPS}"
