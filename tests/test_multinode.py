@@ -18,6 +18,7 @@ import pytest
 
 from engine.core import config, control, events, nodes, rundir
 from engine.core.summary import standing
+from tui_helpers import anyio_backend, isolated_settings  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 10
@@ -201,3 +202,36 @@ def _job(run_dir, capsys):
     assert [e.step for e in evs if isinstance(e, events.Step)] == list(range(1, MAX_STEPS + 1))
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
     assert rundir.checkpoints(run_dir)[-1].name == f"checkpoint-{MAX_STEPS}"
+
+
+@pytest.mark.anyio
+async def test_attach_shows_every_gpu_grouped_by_node_and_the_jobs_rate(tmp_path):
+    """The TUI's attach merges RUN_DIR/nodes/*.jsonl into the run's state: the Train screen shows
+    a row per process (its GPU's gauges) under its node, the job's tokens/s, a silent node."""
+    from textual.widgets import Static
+    from tui.testing import write_run
+    from tui_helpers import demo_cfg, make_app, until
+    run = write_run(tmp_path / "runs", finished=False, stop_at=7)
+    now = time.time()
+    for rank in range(4):
+        node = rank // 2
+        nodes.append(nodes.node_file(run, node), events.NodeProgress(
+            node=node, rank=rank, local_rank=rank % 2, host=f"gpu-{'ab'[node]}", pid=1000 + rank, step=7,
+            tokens_per_second=100.0 + rank, heartbeat_s=1.0, time=now if node == 0 else now - 60,
+            gpu={"index": rank % 2, "name": "H100", "util_percent": 90.0, "mem_used_bytes": 40 * 2**30,
+                 "mem_total_bytes": 80 * 2**30}))
+    app = make_app(demo_cfg(tmp_path), attach=run)
+    async with app.run_test(size=(100, 40)) as pilot:
+        await until(pilot, lambda: len(app.run_state.nodes) == 4, what="the node files merged")
+        await pilot.pause()
+        panel = app.screen.query_one("#nodes", Static)
+        text = str(panel.visual)
+        assert panel.display
+        assert "job 2 nodes · 4 processes · 647 tok/s" in text            # the Step's job rate
+        lines = text.splitlines()
+        n0, n1 = lines.index(next(x for x in lines if x.startswith("node 0"))), \
+            lines.index(next(x for x in lines if x.startswith("node 1")))
+        assert "gpu-a" in lines[n0] and "201 tok/s" in lines[n0] and "no heartbeat" not in lines[n0]
+        assert "rank 0" in lines[n0 + 1] and "rank 1" in lines[n0 + 2] and "GPU1" in lines[n0 + 2]
+        assert "gpu-b" in lines[n1] and "no heartbeat" in lines[n1]           # node 1 went silent
+        assert "rank 2" in lines[n1 + 1] and " 90% " in lines[n1 + 1] and "40.0/80.0G" in lines[n1 + 1]
