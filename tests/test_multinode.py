@@ -45,7 +45,8 @@ def job_sets(tmp_path, port):
             "--set", "distributed.gpus=2", "--set", "distributed.main_address='127.0.0.1'",
             "--set", f"distributed.main_port={port}", "--set", "distributed.timeout_s=10",
             "--set", f"train.max_steps={MAX_STEPS}", "--set", "train.save_steps=2",
-            "--set", "train.save_total_limit=10", "--set", "data.eval_fraction=0", "--set", "eval.samples=0"]
+            "--set", "train.save_total_limit=10", "--set", "data.eval_fraction=0", "--set", "eval.samples=0",
+            "--set", "train.device='cpu'"]   # (cpu: the launchers need not import torch to find no GPU)
 
 
 def wait_for(what, cond, timeout=240, poll=0.1):

@@ -25,9 +25,8 @@ RUN_DIR/nodes/node-K.jsonl (``NodeReporter``, ``engine.core.nodes``), which the 
 A node that dies fails the next collective (or it times out after ``timeout_s``); rank 0 names
 the node whose heartbeats stopped and ends the run ``crashed`` (``FailKind.NODE_LOST``).
 
-The launcher process of node 0 owns the run (its lock and ``run.json``) for the job's life, so a
-run is live while that launcher is, and its workers take no lock of their own
-(``LAUNCHER_OWNS``).
+The launcher process of node 0 holds the run's lock for the job's life (its workers take none:
+``LAUNCHER_OWNS``) and names itself in ``run.json`` until rank 0 starts and names itself there.
 """
 from __future__ import annotations
 
@@ -48,7 +47,7 @@ def local_rank() -> int:
 
 
 LAUNCHED = "QLORA_TUI_LAUNCHED"     # set for the workers: a worker never launches again
-LAUNCHER_OWNS = "QLORA_TUI_LAUNCHER_OWNS"   # set for the workers: the launcher holds the run's lock and run.json
+LAUNCHER_OWNS = "QLORA_TUI_LAUNCHER_OWNS"   # set for the workers: the launcher holds the run's lock
 
 
 def in_worker() -> bool:

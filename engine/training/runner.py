@@ -119,7 +119,7 @@ class Run:
             self._start_reporter()
             return self.run_dir
         rundir.use_private_umask()          # this process writes the run: its files are private
-        owned = distributed.launcher_owns()  # the launcher holds the lock and run.json (it checked liveness)
+        owned = distributed.launcher_owns()  # the launcher holds the lock (it checked liveness)
         if self.resume:
             assert self.run_dir is not None
             if not (self.run_dir / rundir.CONFIG).exists():
@@ -149,8 +149,7 @@ class Run:
         (self.run_dir / rundir.CONTROL).mkdir(exist_ok=True)
         if not self.resume:
             config.save(self.cfg, self.run_dir / rundir.CONFIG)
-        if not owned:
-            rundir.write_pid(self.run_dir)
+        rundir.write_pid(self.run_dir)      # (under a launcher: rank 0 takes over run.json from it)
         self._writer = events.JsonlWriter(self.run_dir / rundir.EVENTS)
         self.bus.subscribe(self._writer)
         self.bus.on_sink_error.append(self._sink_error)
@@ -372,8 +371,8 @@ def launch_distributed(cfg: config.Config | None, *, run_dir: Path | None = None
     """Run a multi-process job's part on this node in the foreground: make the run directory
     (node 0, a fresh run) or use the given one, then start this node's ``distributed.gpus``
     workers through ``accelerate launch`` (joined to the other nodes' when ``distributed.nodes``
-    > 1); return their exit status. On node 0 this launcher owns the run for the job's life:
-    its lock and ``run.json`` (the run is live while the launcher is)."""
+    > 1); return their exit status. On node 0 this launcher holds the run's lock for the job's
+    life and names itself in ``run.json`` until rank 0 starts and takes that over."""
     from engine.training import distributed
     sets = sum((["--set", o] for o in overrides or []), [])
     if resume:
