@@ -487,11 +487,15 @@ def _start_detached(cfg, *, resume, check, overrides, join=None) -> Path:
         run_dir = Path(resume)
         if not (run_dir / rundir.CONFIG).exists():
             raise PreflightError(f"{run_dir}: not a run directory (no {rundir.CONFIG})")
-        node = resume_config(run_dir, overrides)[0].distributed.node_rank   # what the child would refuse, said here
+        try:                                  # another node of a multi-node job finds node 0 live
+            node = config.load(run_dir / rundir.CONFIG, overrides).distributed.node_rank
+        except config.ConfigError:
+            node = 0                          # said by resume_config below
         if node == 0:
             if rundir.is_live(run_dir):
                 raise PreflightError(f"{run_dir}: the run is still live; attach to it instead")
             rundir.wait_writer_exit(run_dir)    # ended (as `runs` says) and still exiting: let it go
+        resume_config(run_dir, overrides)   # what the child would refuse, said here where it is seen
         argv = ["train", "--resume", str(run_dir)]
         for o in overrides or []:
             argv += ["--set", o]
