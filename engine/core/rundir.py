@@ -297,12 +297,30 @@ def is_live(run_dir: str | Path) -> bool:
 def wait_writer_exit(run_dir: str | Path, timeout: float = 60.0) -> None:
     """A run whose log has ended may still have its process exiting (torch's teardown), holding
     the run's lock: a resume waits for it (at most ``timeout`` s) instead of refusing a run that
-    ``runs`` already lists as stopped. A live run is not waited for."""
-    if not process_alive(run_dir) or is_live(run_dir) or owner_pid(run_dir) == os.getpid():
+    ``runs`` already lists as stopped (a multi-process job: its launcher too). A live run is not
+    waited for."""
+    if owner_pid(run_dir) == os.getpid() or is_live(run_dir):
         return                # (a run of this very process, the TUI's or a test's, has ended: no wait)
     deadline = time.monotonic() + timeout
-    while process_alive(run_dir) and time.monotonic() < deadline:
+    # a multi-process job's launcher holds the lock a moment longer than rank 0 lives
+    while (process_alive(run_dir) or lock_held(run_dir)) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def lock_held(run_dir: str | Path) -> bool:
+    """Another open file holds the run's lock now (a writer, or a launcher, still exiting)."""
+    import fcntl
+    try:
+        fd = os.open(Path(run_dir) / LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)              # (closing releases the lock taken just now)
+    return False
 
 
 def list_runs(runs_dir: str | Path) -> list[RunInfo]:
