@@ -7,6 +7,7 @@ processes ends the job crashed naming node 1; `--resume` on both nodes runs it t
 every step logged once."""
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -236,3 +237,23 @@ async def test_attach_shows_every_gpu_grouped_by_node_and_the_jobs_rate(tmp_path
         assert "rank 0" in lines[n0 + 1] and "rank 1" in lines[n0 + 2] and "GPU1" in lines[n0 + 2]
         assert "gpu-b" in lines[n1] and "no heartbeat" in lines[n1]           # node 1 went silent
         assert "rank 2" in lines[n1 + 1] and " 90% " in lines[n1 + 1] and "40.0/80.0G" in lines[n1 + 1]
+
+
+def test_another_node_sees_the_job_live_while_node_0_beats(tmp_path):
+    """On shared storage, node 1 cannot look node 0's pid up: node 0's heartbeats say it lives."""
+    from tui.testing import write_run
+    run = write_run(tmp_path / "runs", finished=False, stop_at=3)
+    (run / rundir.RUN_JSON).write_text(json.dumps({"pid": 4242, "create_time": 1.0, "host": "node-zero",
+                                                    "started": 1.0}))
+    assert rundir.info(run).state == "crashed"                 # no heartbeat: gone, as before
+    beat = dict(node=0, rank=0, host="node-zero", pid=4242, step=3, heartbeat_s=1.0)
+    nodes.append(nodes.node_file(run, 0), events.NodeProgress(**beat, time=time.time()))
+    assert rundir.info(run).state == "live"
+    nodes.append(nodes.node_file(run, 0), events.NodeProgress(**beat, time=time.time() - 10))
+    # the newest snapshot counts (by its time, not its place in the file): still fresh
+    assert rundir.info(run).state == "live"
+    other = tmp_path / "other"
+    nodes.append(nodes.node_file(other, 0), events.NodeProgress(**beat, time=time.time() - 10))
+    lost = nodes.lost_nodes(nodes.latest(other))
+    assert [r.node for r in lost] == [0]
+    assert re.fullmatch(r"node 0 \(host node-zero, rank 0\): no heartbeat for 1[01] s", nodes.describe_lost(lost[0]))

@@ -267,7 +267,7 @@ def _info(run_dir: Path, evs: list) -> RunInfo:
         if _resumed_since(run_dir, evs):      # a resume's process, started after the log ended
             ri.state = State.LIVE
         return ri
-    ri.state = State.LIVE if process_alive(run_dir) else State.NEW
+    ri.state = State.LIVE if process_alive(run_dir) or _alive_elsewhere(run_dir, ri.nodes) else State.NEW
     if ri.state == State.NEW and (evs or (run_dir / RUN_JSON).exists()):   # started, and gone
         ri.state = State.CRASHED
         ri.reason = "process ended without a final event (killed?); resume with qlora-tui train --resume"
@@ -276,6 +276,15 @@ def _info(run_dir: Path, evs: list) -> RunInfo:
             ri.reason = ("lost " + "; ".join(nodes.describe_lost(r) for r in lost)
                          + "; resume with qlora-tui train --resume on every node")
     return ri
+
+
+def _alive_elsewhere(run_dir: Path, snapshots: dict | None) -> bool:
+    """A multi-node job seen from another node (shared storage): run.json names a process of
+    node 0's host, which this host cannot look up; node 0's heartbeats say whether it lives."""
+    if not snapshots or _run_json(run_dir).get("host") in (None, socket.gethostname()):
+        return False
+    from engine.core import nodes
+    return any(p.node == 0 and not p.done and not nodes.is_stale(p) for p in snapshots.values())
 
 
 def _resumed_since(run_dir: Path, evs: list) -> bool:
