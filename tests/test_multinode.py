@@ -196,6 +196,8 @@ def _job(run_dir, capsys):
     assert "node 1 (host" in ri.reason and "ranks 2-3" in ri.reason and "resume" in ri.reason
     fail = [e for e in events.read_events(run_dir / rundir.EVENTS) if isinstance(e, events.RunFailed)][-1]
     assert fail.kind == events.FailKind.NODE_LOST
+    from engine.training.distributed import is_comm_error
+    assert is_comm_error(RuntimeError(fail.detail.splitlines()[0]))   # gloo: "Connection reset by peer"
 
     # ---- resume on both nodes again: to the end, every step logged once
     start_nodes(run_dir, "--resume")

@@ -182,6 +182,14 @@ def node_rank(cfg=None) -> int:
     return cfg.distributed.node_rank if cfg is not None else 0
 
 
+def is_comm_error(e: BaseException) -> bool:
+    """The failure of a collective (gloo/NCCL: a peer that closed its connection, a timeout)."""
+    import re
+    names = " ".join(c.__name__ for c in type(e).__mro__)
+    return "DistBackendError" in names or "DistNetworkError" in names or bool(re.search(
+        r"gloo|nccl|connection (closed|reset|refused)|peer|timed ?out|broken pipe|socket", str(e), re.I))
+
+
 REPORTER = None            # this worker's NodeReporter once started (engine.training.sft feeds it)
 
 

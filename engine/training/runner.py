@@ -180,14 +180,14 @@ class Run:
                 self._writer.close()
         os._exit(FAILED)
 
-    def _node_lost_event(self, rows) -> events.RunFailed:
+    def _node_lost_event(self, rows, detail: str = "") -> events.RunFailed:
         from engine.core import nodes
         step = self._recipe.step if self._recipe is not None else 0
         ck = rundir.checkpoints(self.run_dir)
         last = f"; resume from {ck[-1].name} with qlora-tui train --resume {self.run_dir} on every node" if ck \
             else f"; no complete checkpoint: qlora-tui train --resume {self.run_dir} on every node starts over"
         return events.RunFailed(reason="lost " + "; ".join(nodes.describe_lost(r) for r in rows) + last,
-                                kind=events.FailKind.NODE_LOST, step=step)
+                                kind=events.FailKind.NODE_LOST, step=step, detail=detail)
 
     def _record_refusal(self, e: Exception) -> None:
         """A detached child was handed its run directory before the checks (so `train --detach`
@@ -306,9 +306,11 @@ class Run:
         from engine.training.failures import classify_failure, is_oom
         step = self._recipe.step if self._recipe is not None else 0
         if self._reporter is not None and self._reporter.on_lost is not None and not is_oom(e):
-            lost = self._reporter.lost()     # a collective failed: did a node die?
+            from engine.training.distributed import is_comm_error
+            # a collective failed: did a node die? (its heartbeats go stale a few beats later)
+            lost = self._reporter.lost(wait=None if is_comm_error(e) else 0.0)
             if lost:
-                return self._node_lost_event(lost)
+                return self._node_lost_event(lost, detail=f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
         if is_oom(e):
             self._oom_hint(step)
         return classify_failure(e, step=step, checkpoints=rundir.checkpoints(self.run_dir),
