@@ -121,6 +121,16 @@ def test_launch_prints_each_nodes_command_and_runs_nothing(tmp_path, capsys):
     assert not (run_dir / rundir.EVENTS).exists() and not (run_dir / rundir.RUN_JSON).exists()
     assert cli("train", "--join", str(run_dir), "--set", "distributed.node_rank=2") == 2   # one line, no start
     assert "distributed.node_rank = 2: must be below distributed.nodes (2)" in capsys.readouterr().err
+    # a hostfile names each node's host (node 0's is the rendezvous address)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("gpu-a\ngpu-b  # the second box\n")
+    assert cli("launch", str(REPO / "examples" / "demo.toml"), *job_sets(tmp_path, port),
+               "--set", "distributed.main_address=''", "--set", f"distributed.hostfile='{hosts}'") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "# node 0 (host gpu-a):" in out and "# node 1 (host gpu-b):" in out
+    assert cli("launch", "--resume", str(run_dir)) == 0              # the resume commands of a job
+    out = capsys.readouterr().out
+    assert f"qlora-tui train --resume {run_dir} --set distributed.node_rank=1 --detach" in out
 
 
 def test_two_nodes_progress_stop_crash_and_resume(tmp_path, capsys, monkeypatch):
