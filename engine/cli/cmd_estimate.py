@@ -56,7 +56,7 @@ def cmd_estimate(args) -> int:
         except data_mod.DataError as e:
             print(f"estimate: {e}", file=sys.stderr)
             return 2
-        per_step = cfg.train.batch_size * cfg.distributed.gpus * cfg.train.grad_accum
+        per_step = cfg.train.batch_size * cfg.distributed.processes * cfg.train.grad_accum
         total = len(train.rows)
         mixture = {"train_rows": total, "eval_rows": len(ev.rows) if ev else 0,
                    "steps_per_epoch": max(1, -(-total // per_step)) if total else 0,
