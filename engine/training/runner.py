@@ -313,8 +313,16 @@ class Run:
                 return self._node_lost_event(lost, detail=f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
         if is_oom(e):
             self._oom_hint(step)
-        return classify_failure(e, step=step, checkpoints=rundir.checkpoints(self.run_dir),
-                                detail=traceback.format_exc())
+        ev = classify_failure(e, step=step, checkpoints=rundir.checkpoints(self.run_dir),
+                              detail=traceback.format_exc())
+        if self._reporter is not None and self._reporter.on_lost is not None:
+            from engine.core import nodes
+            left = [r for r in nodes.by_node(nodes.latest(self.run_dir))
+                    if r.node != self._reporter.node and all(p.done for p in r.procs)]
+            if left:        # another node failed first (its own error is in its log): say where to look
+                ev.reason = "; ".join(f"node {r.node} ({r.ranks}) left the job first: its log is "
+                                      f"{nodes.node_log(self.run_dir, r.node)}" for r in left) + "; here: " + ev.reason
+        return ev
 
     def _oom_hint(self, step: int) -> None:
         """The OOM hint: the plan's estimate against the peak torch saw."""
