@@ -3,7 +3,8 @@
 ``engine.core.events.follow_batches`` polls the log (``EventLog.read_new``, never blocking)
 every ``POLL`` seconds; this keeps what it finds until ``interval`` has passed since the last
 batch went out: the whole history at once when attaching, a step after a pause at once, and the
-last event before a pause never held back longer than one interval.
+last event before a pause never held back longer than one interval. A multi-process job's
+per-node progress (RUN_DIR/nodes/, ``engine.core.nodes``) is merged into the same batches.
 """
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ def follow_batches(events_path: str | Path, stop: threading.Event,
                    interval: float = 0.1, cancelled: Callable[[], bool] = lambda: False) -> str:
     """Call ``post(batch)`` (from this thread) until the log ends; return why it ended."""
     from engine.core import events
+    from engine.core import nodes
 
     held: list = []
     last_post = 0.0
     why = "ended"
+    side = nodes.nodes_dir(Path(events_path).parent)      # a multi-process job's per-node progress
     try:
-        for batch in events.follow_batches(events_path, stop=stop, poll=POLL, alive=alive):
+        for batch in events.follow_batches(events_path, stop=stop, poll=POLL, alive=alive, side=side):
             if cancelled():
                 stop.set()
                 break

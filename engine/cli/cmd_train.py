@@ -17,10 +17,19 @@ def register(sub) -> None:
                    help="print one line per logging step instead of opening the TUI")
     p.add_argument("--detach", action="store_true",
                    help="start the run in its own session (survives SSH closing), print its directory, return")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint "
+                   "(a multi-node job: on every node, with its --set distributed.node_rank=K)")
+    p.add_argument("--join", metavar="RUN_DIR", help="take part in the multi-node job of this run directory "
+                   "(made by `qlora-tui launch` or node 0) as node distributed.node_rank (--set it)")
     p.add_argument("--run-dir", help=argparse_hidden())
     p.add_argument("--no-check", action="store_true", help=argparse_hidden())
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("launch", help="a multi-node job: make its run directory and print the command "
+                       "each node runs (runs nothing)")
+    add_config_args(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="print the commands that resume this multi-node run instead")
+    p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("init", help="write a commented starter config")
     p.add_argument("path", nargs="?", default="qlora.toml", metavar="PATH",
@@ -140,20 +149,31 @@ def cmd_train(args) -> int:
     from engine.core import rundir
 
     rundir.use_private_umask()       # this process and its children write run files: private ones
+    if args.resume and args.join:
+        print("error: give --resume RUN_DIR or --join RUN_DIR, not both", file=sys.stderr)
+        return 2
     if args.resume:
         run = _resume_run(args)
         if isinstance(run, int):
             return run
+    elif args.join:
+        return _join(args)
     else:
         cfg = load_config_or_exit(args)
+        d = cfg.distributed
+        if d.nodes > 1 and d.node_rank != 0 and not args.run_dir:
+            print(f"error: distributed.node_rank = {d.node_rank}: nodes other than 0 join the run directory node 0 "
+                  f"made: qlora-tui train --join RUN_DIR --set distributed.node_rank={d.node_rank} "
+                  "(qlora-tui launch CONFIG prints every node's command)", file=sys.stderr)
+            return 2
         if args.detach:
             try:
                 d = runner.start_detached(cfg, check="child")   # the cheap checks here, the rest in the child
-            except (runner.PreflightError, OSError) as e:
+            except (runner.PreflightError, config_mod.ConfigError, OSError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
             print(d)
-            _say_how_to_follow(d)
+            _say_how_to_follow(d, cfg)
             return 0
         if not args.headless:
             print("error: train without --headless or --detach opens nothing; use `qlora-tui CONFIG` "
@@ -223,18 +243,99 @@ def _resume_run(args):
     except (runner.PreflightError, config_mod.ConfigError, OSError) as e:   # the documented refusals
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not distributed_mod.in_worker() and resumed_cfg.distributed.gpus > 1:
-        return runner.launch_distributed(None, run_dir=run_dir, resume=True, overrides=args.overrides)
+    if not distributed_mod.in_worker() and resumed_cfg.distributed.processes > 1:
+        try:
+            return runner.launch_distributed(None, run_dir=run_dir, resume=True, overrides=args.overrides)
+        except (runner.PreflightError, config_mod.ConfigError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     run = runner.Run(None, run_dir=run_dir, resume=True, overrides=args.overrides)
     run.cfg = resumed_cfg
     return run
 
 
-def _say_how_to_follow(run_dir) -> None:
+def _join(args) -> int:
+    """``train --join RUN_DIR``: this node's part of a multi-node job (its config is the run's
+    config.toml with this node's --set, e.g. distributed.node_rank)."""
+    from engine.core import config as config_mod
+    from engine.core import rundir
+    from engine.training import distributed as distributed_mod
+    from engine.training import runner
+    run_dir = Path(args.join).expanduser().resolve()
+    if args.config:
+        print("error: give either CONFIG or --join RUN_DIR (a joined run uses its own config.toml; "
+              "change keys with --set)", file=sys.stderr)
+        return 2
+    if not (run_dir / rundir.CONFIG).exists():
+        print(f"error: {run_dir}: not a run directory (no {rundir.CONFIG}); node 0 or `qlora-tui launch` "
+              "makes it, on storage every node shares", file=sys.stderr)
+        return 2
+    try:
+        cfg = config_mod.load(run_dir / rundir.CONFIG, args.overrides)
+        if args.detach:
+            d = runner.start_detached(cfg, join=run_dir, overrides=args.overrides)
+            print(d)
+            _say_how_to_follow(d)
+            return 0
+        if not args.headless:
+            print("error: train --join without --headless or --detach opens nothing", file=sys.stderr)
+            return 2
+        if distributed_mod.needs_launch(cfg):
+            return runner.launch_distributed(cfg, run_dir=run_dir, overrides=args.overrides,
+                                             check=cfg.distributed.node_rank == 0 and not args.no_check)
+    except (runner.PreflightError, config_mod.ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.join, args.run_dir, args.config = None, str(run_dir), str(run_dir / rundir.CONFIG)
+    return cmd_train(args)          # one process (distributed.gpus = nodes = 1): an ordinary run of that directory
+
+
+def cmd_launch(args) -> int:
+    """``launch CONFIG``: the run directory of a multi-node job (on shared storage) and each
+    node's command; ``launch --resume RUN_DIR``: each node's command to resume it. Runs nothing."""
+    from engine.cli import load_config_or_exit
+    from engine.core import config as config_mod
+    from engine.core import rundir
+    from engine.training import runner
+    try:
+        if args.resume:
+            run_dir = Path(args.resume)
+            if args.config:
+                print("error: give either CONFIG or --resume RUN_DIR", file=sys.stderr)
+                return 2
+            cfg = runner.resume_config(run_dir, args.overrides)[0]
+        else:
+            cfg = load_config_or_exit(args)
+            runner.quick_preflight(cfg)
+            cfg = runner.absolutise(cfg)
+            with rundir.private_files():
+                run_dir = rundir.create(cfg.output.dir, cfg.output.name or cfg.model.name)
+                config_mod.save(cfg, run_dir / rundir.CONFIG)
+        # a fresh run's --set are in its config.toml already; a resume's change it on every node
+        lines = runner.join_commands(cfg, run_dir, args.overrides if args.resume else [], resume=bool(args.resume))
+    except (runner.PreflightError, config_mod.ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    d = cfg.distributed
+    print(f"# run directory: {run_dir}")
+    print(f"# {d.nodes} node(s) × {d.gpus} process(es) ({d.strategy}); the run directory must be on storage "
+          "every node shares. Run each line on its node:")
+    for line in lines:
+        print(line)
+    print(f"# then: qlora-tui attach {run_dir}    stop: qlora-tui stop {run_dir}")
+    return 0
+
+
+def _say_how_to_follow(run_dir, cfg=None) -> None:
     print(f"started in the background (survives closing this terminal)\n"
           f"  watch:  qlora-tui attach {run_dir}\n"
           f"  log:    tail -f {run_dir}/stdout.log\n"
           f"  state:  qlora-tui runs        stop: qlora-tui stop {run_dir}", file=sys.stderr)
+    if cfg is not None and cfg.distributed.nodes > 1 and cfg.distributed.node_rank == 0:
+        from engine.training import runner
+        print("  the other nodes (same run directory, shared storage):", file=sys.stderr)
+        for line in runner.join_commands(cfg, Path(run_dir), first=1):
+            print(f"    {line}", file=sys.stderr)
 
 
 def cmd_init(args) -> int:
@@ -290,7 +391,35 @@ def cmd_runs(args) -> int:
         print(f"{ri.state:9} {ri.step:>5}/{ri.total_steps:<5} {_num(loss, '8.4f'):>8}  {ri.path}"
               + (f"  ({ri.reason})" if ri.state in (rundir.State.FAILED, rundir.State.CRASHED,
                                                     rundir.State.DAMAGED) and ri.reason else ""))
+        if ri.nodes:
+            for line in node_lines(ri.nodes, live=ri.state == rundir.State.LIVE):
+                print("    " + line)
     return 0
+
+
+def node_lines(snapshots: dict, live: bool = True) -> list[str]:
+    """A multi-process job's processes, grouped by node (``engine.core.nodes``): a line per node
+    with its tokens/s, then one per process (its GPU's gauges when it has one)."""
+    from engine.core import nodes
+    now = time.time()
+    rows = nodes.by_node(snapshots)
+    total = [r.tokens_per_second for r in rows if r.tokens_per_second is not None]
+    out = [f"job: {len(rows)} node(s), {len(snapshots)} process(es)"
+           + (f", {sum(total):,.0f} tok/s" if total else "")]
+    for r in rows:
+        state = "silent" if r.stale(now) and live else ("done" if all(p.done for p in r.procs) else "")
+        out.append(f"node {r.node} {r.host}: {r.ranks}, {_num(r.tokens_per_second, ',.0f')} tok/s"
+                   + (f"  [{state}]" if state else ""))
+        for p in r.procs:
+            g = p.gpu or {}
+            gauge = ""
+            if g:
+                used, total_b = g.get("mem_used_bytes"), g.get("mem_total_bytes")
+                gauge = (f"  GPU{g.get('index', '?')} {_num(g.get('util_percent'), '3.0f')}%"
+                         + (f" mem {used / 2**30:.1f}/{total_b / 2**30:.0f}G" if used and total_b else ""))
+            out.append(f"  rank {p.rank} (local {p.local_rank}): step {p.step}  {_num(p.tokens_per_second, ',.0f')} tok/s"
+                       f"{gauge}  heartbeat {max(0.0, now - p.time):.0f} s ago" + ("  done" if p.done else ""))
+    return out
 
 
 def cmd_stop(args) -> int:

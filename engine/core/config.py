@@ -229,6 +229,24 @@ class DistributedConfig:
     gpus: int = _f(1, "GPUs on this host; > 1 launches through accelerate.", lo=1, hi=64)
     strategy: str = _f("ddp", "ddp: each GPU holds the 4-bit base; fsdp: shard it (models that "
                        "don't fit one GPU).", choices=["ddp", "fsdp"])
+    nodes: int = _f(1, "Machines in the job, each with distributed.gpus GPUs; > 1: start it on every "
+                    "node (qlora-tui launch CONFIG prints each node's command).", lo=1, hi=1024)
+    node_rank: int = _f(0, "This machine's number in a multi-node job: 0 (the main node, which writes "
+                        "the run directory) to nodes - 1; usually given per node with --set.", lo=0, hi=1023)
+    main_address: str = _f("", "Multi-node: host name or IP address of node 0 that every node can "
+                           "reach (the rendezvous, torchrun's --master_addr); empty = the first host "
+                           "of distributed.hostfile.")
+    main_port: int = _f(29500, "Multi-node: a free TCP port on node 0 for the rendezvous.", lo=1, hi=65535)
+    hostfile: str = _f("", "Multi-node, optional: a file with one host name per line (node 0 first; "
+                       "# comments); qlora-tui launch names each node's host.", kind="path")
+    timeout_s: int = _f(1800, "Seconds a collective may wait for another process before the job "
+                        "fails (a node that died); nodes also send a heartbeat every tenth of it "
+                        "(1 to 10 s).", lo=5, hi=86400)
+
+    @property
+    def processes(self) -> int:
+        """Worker processes of the whole job (GPUs per node × nodes)."""
+        return self.gpus * self.nodes
 
 
 SECTIONS: dict[str, type] = {
@@ -246,7 +264,7 @@ SECTIONS: dict[str, type] = {
 SECTION_TITLES = {
     "model": "Model", "quant": "Quantization", "lora": "LoRA", "galore": "GaLore",
     "preference": "Preference tuning", "data": "Data",
-    "train": "Training", "eval": "Eval generations", "output": "Output", "distributed": "Multi-GPU",
+    "train": "Training", "eval": "Eval generations", "output": "Output", "distributed": "Multi-GPU and multi-node",
 }
 
 
@@ -277,7 +295,7 @@ class Config:
 
     @property
     def effective_batch(self) -> int:
-        return effective_batch(self.train.batch_size, self.train.grad_accum, self.distributed.gpus)
+        return effective_batch(self.train.batch_size, self.train.grad_accum, self.distributed.processes)
 
     def resolve_path(self, value: str) -> str:
         """A relative path in a config file is relative to that file's directory."""
@@ -432,7 +450,7 @@ def _init_checks(cfg: Config, problems: list[Problem]) -> None:
     if cfg.lora.use_dora or cfg.lora.lora_fa:
         which = "lora.use_dora" if cfg.lora.use_dora else "lora.lora_fa"
         problems.append(Problem("lora.init", init, f"cannot be combined with {which}"))
-    if cfg.distributed.gpus > 1:
+    if cfg.distributed.processes > 1:
         problems.append(Problem("lora.init", init, "runs on one GPU here: set distributed.gpus = 1 or "
                                 "lora.init = \"default\""))
 
@@ -480,6 +498,25 @@ def _rope_scaling(key: str, value, problems: list[Problem]) -> dict:
     if kind == "llama3" and all(isinstance(x, (int, float)) for x in (lo, hi)) and not 0 < lo < hi:
         problems.append(Problem(f"{key}.high_freq_factor", hi, f"must be above low_freq_factor ({lo}), both above 0"))
     return dict(value) if len(problems) == n else {}
+
+
+def _node_checks(cfg: Config, problems: list[Problem]) -> None:
+    """[distributed] for several machines: a node number inside the job, a rendezvous address."""
+    import re
+    d = cfg.distributed
+    if d.node_rank >= d.nodes:
+        problems.append(Problem("distributed.node_rank", d.node_rank, f"must be below distributed.nodes "
+                                f"({d.nodes}): 0 to {d.nodes - 1}"))
+    addr = d.main_address
+    if addr and not re.fullmatch(r"[A-Za-z0-9_.:\[\]-]{1,253}", addr):
+        problems.append(Problem("distributed.main_address", addr, "must be a host name or an IP address "
+                                "(letters, digits, . - : only)"))
+    elif d.nodes > 1 and not addr and not d.hostfile.strip():
+        problems.append(Problem("distributed.main_address", addr, "a multi-node job needs node 0's "
+                                "address (host name or IP every node reaches), or distributed.hostfile"))
+    if d.nodes > 1 and cfg.train.weight_streaming is True:
+        problems.append(Problem("train.weight_streaming", True, "runs on one GPU only; set it to auto or "
+                                "false with distributed.nodes > 1"))
 
 
 _SOURCE_KEYS = {"path": str, "format": str, "split": str, "subset": str, "dataset": str,
@@ -543,13 +580,14 @@ def _cross_checks(cfg: Config, problems: list[Problem]) -> None:
         problems.append(Problem("lora.lora_fa", True, "LoRA-FA cannot be combined with lora.use_dora"))
     _init_checks(cfg, problems)
     _report_to_check(cfg, problems)
-    if cfg.train.method == "galore" and cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp":
+    _node_checks(cfg, problems)
+    if cfg.train.method == "galore" and cfg.distributed.processes > 1 and cfg.distributed.strategy == "fsdp":
         problems.append(Problem("train.method", "galore", "GaLore needs whole weight matrices on each "
                                 "GPU: use distributed.strategy = \"ddp\" or train.method = \"qlora\""))
     if cfg.model.adapter.strip() and cfg.train.method not in PREFERENCE_METHODS:
         problems.append(Problem("model.adapter", cfg.model.adapter, "continues an SFT run with a preference "
                                 "method: set train.method = dpo, orpo, kto or simpo, or leave model.adapter empty"))
-    if cfg.train.method in PREFERENCE_METHODS and cfg.distributed.gpus > 1 \
+    if cfg.train.method in PREFERENCE_METHODS and cfg.distributed.processes > 1 \
             and cfg.distributed.strategy == "fsdp":
         problems.append(Problem("train.method", cfg.train.method, "preference tuning runs on one GPU or with "
                                 "distributed.strategy = \"ddp\""))
@@ -557,7 +595,7 @@ def _cross_checks(cfg: Config, problems: list[Problem]) -> None:
         problems.append(Problem("train.batch_size", cfg.train.batch_size, "KTO needs a micro-batch of 2 or more "
                                 "(its KL estimate pairs each answer with another row of the batch)"))
     tr = cfg.train
-    if tr.activation_offload is True and cfg.distributed.gpus > 1:
+    if tr.activation_offload is True and cfg.distributed.processes > 1:
         problems.append(Problem("train.activation_offload", True, "runs on one GPU only; set it to "
                                 "auto or false with distributed.gpus > 1"))
     if tr.gradient_checkpointing is False and (tr.activation_offload is True or tr.checkpoint_layers > 0):
@@ -655,9 +693,10 @@ def read_toml(path: str | Path) -> dict:
         raise ConfigError([Problem("<toml>", str(p), "not valid TOML: nested too deeply")], str(p)) from None
 
 
-def effective_batch(batch_size: int, grad_accum: int, gpus: int) -> int:
-    """Rows per optimizer step: the one rule (Config.effective_batch, the Config screen's form)."""
-    return batch_size * grad_accum * gpus
+def effective_batch(batch_size: int, grad_accum: int, processes: int) -> int:
+    """Rows per optimizer step (processes: GPUs a node x nodes): the one rule (Config.effective_batch,
+    the Config screen's form)."""
+    return batch_size * grad_accum * processes
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -27,6 +27,7 @@ class FailKind(StrEnum):
     DATA = "data"
     DISK = "disk"
     KILLED = "killed"
+    NODE_LOST = "node_lost"       # a multi-node job lost a node: the run is crashed, resumable
 
 
 class Severity(StrEnum):
@@ -219,6 +220,28 @@ class RunFailed(Event):
 
 
 @dataclass
+class NodeProgress(Event):
+    """One worker process of a multi-process job, as its node writes it to
+    RUN_DIR/nodes/node-K.jsonl (``engine.core.nodes``; never to events.jsonl, which rank 0
+    alone writes): at each logging step and as a heartbeat. Each line is a whole snapshot; a
+    reader keeps the newest per rank (``RunSummary.nodes``). ``tokens_per_second`` is this
+    process's own rate; the job's is the ``Step`` event's. ``gpu``: this process's GPU
+    (``index``, ``name``, ``util_percent``, ``mem_used_bytes``, ``mem_total_bytes``), {} on the CPU."""
+    type: ClassVar[str] = "node_progress"
+    node: int = 0
+    rank: int = 0
+    local_rank: int = 0
+    host: str = ""
+    pid: int = 0
+    step: int = 0
+    tokens_per_second: float | None = None
+    tokens_seen: int = 0
+    heartbeat_s: float = 0.0       # the writer's heartbeat interval: a reader calls it stale after 3
+    gpu: dict = field(default_factory=dict)
+    done: bool = False             # the process left training (finished, stopped or failed)
+
+
+@dataclass
 class Exported(Event):
     """An export after training (``qlora-tui export``): the GGUF file and its verification."""
     type: ClassVar[str] = "export"
@@ -263,7 +286,8 @@ class JobDone(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     c.type: c for c in (RunStarted, Status, Step, Preference, Eval, Checkpoint, Hint, RunWarning, Resumed,
-                        RunFinished, RunFailed, Exported, NumericsCheck, Generations, JobProgress, JobDone)
+                        RunFinished, RunFailed, Exported, NumericsCheck, Generations, JobProgress, JobDone,
+                        NodeProgress)
 }
 TERMINAL = (RunFinished, RunFailed)       # isinstance(ev, TERMINAL): the run's last event
 # fields read back as their StrEnum (by annotation); a value a newer version wrote stays text
@@ -564,18 +588,46 @@ def read_events(path: str | Path, strict: bool = False) -> list[Event]:
     return EventLog(path).read_new(strict=strict)
 
 
+class SideLogs:
+    """The ``*.jsonl`` files of a folder read as they grow (a multi-node job's RUN_DIR/nodes/,
+    ``engine.core.nodes``): each file an ``EventLog``, files that appear later picked up."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._logs: dict[str, EventLog] = {}
+
+    def read_new(self) -> list[Event]:
+        try:
+            names = sorted(n for n in os.listdir(self.folder) if n.endswith(".jsonl"))
+        except OSError:
+            return []
+        out: list[Event] = []
+        for n in names[:4096]:
+            log = self._logs.setdefault(n, EventLog(self.folder / n))
+            out += log.read_new()
+        return out
+
+
 def follow_batches(path: str | Path, stop: threading.Event | None = None, poll: float = 0.2,
-                   until_terminal: bool = True, alive: Callable[[], bool] | None = None) -> Iterator[list[Event]]:
+                   until_terminal: bool = True, alive: Callable[[], bool] | None = None,
+                   side: str | Path | None = None) -> Iterator[list[Event]]:
     """The events of a run log, one batch per poll: all history first, then what each poll finds
     (an empty batch when nothing came, so a caller can check its own cancellation in between).
+    ``side``: a folder whose ``*.jsonl`` files are merged in (``SideLogs``: a multi-node job's
+    per-node progress), ahead of the log's own events of the same poll.
 
     Ends at a terminal event that is the last line of the log (``until_terminal``; a resumed
     run's log goes on past its earlier ``run_failed``), when ``stop`` is set, or when
     ``alive()`` turns False and no more lines come (a crashed writer).
     """
     log, ended, idle = EventLog(path), False, 0
+    sides = SideLogs(side) if side is not None else None
     while True:
         batch = log.read_new()
+        if sides is not None:
+            extra = sides.read_new()
+            if extra:
+                yield extra
         yield batch
         if batch:
             idle = 0
@@ -597,7 +649,8 @@ def follow_batches(path: str | Path, stop: threading.Event | None = None, poll: 
 
 
 def follow(path: str | Path, stop: threading.Event | None = None, poll: float = 0.2,
-           until_terminal: bool = True, alive: Callable[[], bool] | None = None) -> Iterator[Event]:
+           until_terminal: bool = True, alive: Callable[[], bool] | None = None,
+           side: str | Path | None = None) -> Iterator[Event]:
     """``follow_batches`` one event at a time (the CLI's attach and tests)."""
-    for batch in follow_batches(path, stop, poll, until_terminal, alive):
+    for batch in follow_batches(path, stop, poll, until_terminal, alive, side):
         yield from batch

@@ -237,6 +237,7 @@ class RunInfo:
     started: float | None = None
     model: str = ""
     reason: str = ""
+    nodes: dict | None = None        # a multi-process job: rank -> newest NodeProgress (engine.core.nodes)
 
 
 def info(run_dir: str | Path) -> RunInfo:
@@ -256,19 +257,34 @@ def _info(run_dir: Path, evs: list) -> RunInfo:
     """``RunInfo`` from the fold of the log (``engine.core.summary``), plus what only the files
     tell: a run without a final event is live only while its process is."""
     s = fold(evs, run_dir)
+    from engine.core import nodes
     ri = RunInfo(path=run_dir, name=run_dir.name, state=s.state, step=s.step, total_steps=s.total_steps,
-                 last_loss=s.last_loss, started=s.started, model=s.model, reason=s.reason)
+                 last_loss=s.last_loss, started=s.started, model=s.model, reason=s.reason,
+                 nodes=nodes.latest(run_dir) or None)
     if s.state in (State.FINISHED, State.STOPPED):
         ri.final_loss = s.final_loss if s.final_loss is not None else s.last_loss
     if s.ended:
         if _resumed_since(run_dir, evs):      # a resume's process, started after the log ended
             ri.state = State.LIVE
         return ri
-    ri.state = State.LIVE if process_alive(run_dir) else State.NEW
+    ri.state = State.LIVE if process_alive(run_dir) or _alive_elsewhere(run_dir, ri.nodes) else State.NEW
     if ri.state == State.NEW and (evs or (run_dir / RUN_JSON).exists()):   # started, and gone
         ri.state = State.CRASHED
         ri.reason = "process ended without a final event (killed?); resume with qlora-tui train --resume"
+        lost = nodes.lost_nodes(ri.nodes or {})
+        if lost:                      # a multi-node job whose node 0 died: name what went silent
+            ri.reason = ("lost " + "; ".join(nodes.describe_lost(r) for r in lost)
+                         + "; resume with qlora-tui train --resume on every node")
     return ri
+
+
+def _alive_elsewhere(run_dir: Path, snapshots: dict | None) -> bool:
+    """A multi-node job seen from another node (shared storage): run.json names a process of
+    node 0's host, which this host cannot look up; node 0's heartbeats say whether it lives."""
+    if not snapshots or _run_json(run_dir).get("host") in (None, socket.gethostname()):
+        return False
+    from engine.core import nodes
+    return any(p.node == 0 and not p.done and not nodes.is_stale(p) for p in snapshots.values())
 
 
 def _resumed_since(run_dir: Path, evs: list) -> bool:
@@ -290,12 +306,30 @@ def is_live(run_dir: str | Path) -> bool:
 def wait_writer_exit(run_dir: str | Path, timeout: float = 60.0) -> None:
     """A run whose log has ended may still have its process exiting (torch's teardown), holding
     the run's lock: a resume waits for it (at most ``timeout`` s) instead of refusing a run that
-    ``runs`` already lists as stopped. A live run is not waited for."""
-    if not process_alive(run_dir) or is_live(run_dir) or owner_pid(run_dir) == os.getpid():
+    ``runs`` already lists as stopped (a multi-process job: its launcher too). A live run is not
+    waited for."""
+    if owner_pid(run_dir) == os.getpid() or is_live(run_dir):
         return                # (a run of this very process, the TUI's or a test's, has ended: no wait)
     deadline = time.monotonic() + timeout
-    while process_alive(run_dir) and time.monotonic() < deadline:
+    # a multi-process job's launcher holds the lock a moment longer than rank 0 lives
+    while (process_alive(run_dir) or lock_held(run_dir)) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def lock_held(run_dir: str | Path) -> bool:
+    """Another open file holds the run's lock now (a writer, or a launcher, still exiting)."""
+    import fcntl
+    try:
+        fd = os.open(Path(run_dir) / LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)              # (closing releases the lock taken just now)
+    return False
 
 
 def list_runs(runs_dir: str | Path) -> list[RunInfo]:

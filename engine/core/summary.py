@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from engine.core.events import (Checkpoint, Eval, Event, FailKind, Generations, Hint, Preference, Resumed,
-                                RunFailed, RunFinished, RunStarted, RunWarning, Status, Step)
+from engine.core.events import (Checkpoint, Eval, Event, FailKind, Generations, Hint, NodeProgress, Preference,
+                                Resumed, RunFailed, RunFinished, RunStarted, RunWarning, Status, Step)
 from engine.core.units import to_float
 
 
@@ -98,8 +98,14 @@ class RunSummary:
     fail_kind: FailKind | str = ""
     fail_step: int = 0
     events_seen: int = 0
+    nodes: dict = field(default_factory=dict)          # rank -> its newest NodeProgress (multi-process jobs)
 
     def apply(self, ev: Event) -> None:
+        if isinstance(ev, NodeProgress):     # RUN_DIR/nodes/*.jsonl, merged by the reader: no log event
+            old = self.nodes.get(ev.rank)
+            if old is None or ev.time >= old.time:
+                self.nodes[ev.rank] = ev
+            return
         self.events_seen += 1
         match ev:
             case RunStarted():
@@ -210,6 +216,8 @@ class RunSummary:
                 return State.STOPPED
             case RunFinished():
                 return State.FINISHED
+            case RunFailed(kind=FailKind.NODE_LOST):
+                return State.CRASHED         # a node died: nothing failed in the run itself; resume
             case RunFailed():
                 return State.FAILED
         return State.LIVE if self.events_seen else State.NEW

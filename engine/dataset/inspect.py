@@ -300,7 +300,7 @@ def _steps(cfg, counts, max_len, path_is_train: bool):
                          + ("" if exact else "; counts below scaled by the share kept for training"))
     if sel is not None:
         lengths, kept = lengths[sel], kept[sel]
-    per_step = cfg.train.batch_size * cfg.distributed.gpus
+    per_step = cfg.train.batch_size * cfg.distributed.processes
     packing = cfg.data.packing is True
     n_rows = int(round(len(kept) * share))
     if packing:
@@ -319,7 +319,7 @@ def _steps(cfg, counts, max_len, path_is_train: bool):
     else:
         total = math.ceil(cfg.train.epochs * spe)
     basis.insert(0, f"{n_train} training {'sequences' if packing else 'rows'} / (batch_size "
-                 f"{cfg.train.batch_size} × {cfg.distributed.gpus} GPU) / grad_accum {cfg.train.grad_accum}")
+                 f"{cfg.train.batch_size} × {cfg.distributed.processes} GPU) / grad_accum {cfg.train.grad_accum}")
     return n_train, held, spe, total, "; ".join(basis)
 
 

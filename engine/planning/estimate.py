@@ -907,7 +907,7 @@ def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
     eff = t.batch_size * t.grad_accum
     seq = cfg.data.max_length
     budget = gpu_mem_bytes * (1 - HEADROOM)
-    offload_ok = cfg.distributed.gpus == 1
+    offload_ok = cfg.distributed.processes == 1
     why_off = "" if offload_ok else "one GPU only"
     ws = _tri(t.weight_streaming)
     tried, fitting = ([], []) if ws is True else _candidates(cfg, model_config, lg, gpu_mem_bytes, budget, offload_ok)

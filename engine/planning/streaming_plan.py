@@ -170,7 +170,7 @@ def resolve(cfg, rt) -> list[str]:
     if not rt.load_in_4bit:
         raise ValueError("train.weight_streaming = true needs a 4-bit base (quant.load_in_4bit = true "
                          "and bitsandbytes)")
-    if cfg.distributed.gpus > 1:
+    if cfg.distributed.processes > 1:
         raise ValueError("train.weight_streaming = true runs on one GPU; set distributed.gpus = 1 "
                          "(FSDP shards the weights instead)")
     if t.gradient_checkpointing is False:

@@ -255,7 +255,7 @@ def predict(cfg, model_config: dict, plan, work: Workload, gpu: Gpu, modelled: b
                        micro_batch=plan.batch_size, recompute=share, offload=plan.offload, fp8=fp8,
                        lora_params=_lora_params(s, cfg))
     notes = []
-    gpus = max(1, cfg.distributed.gpus)
+    gpus = max(1, cfg.distributed.processes)
     if gpus > 1:
         tps *= gpus
         notes.append(f"{gpus} GPUs: {gpus} x one GPU's rate (not calibrated)")
@@ -279,7 +279,7 @@ def workload_from_report(cfg, rep) -> Workload | None:
         return None
     max_len = cfg.data.max_length
     per_row = rep.tokens_within_max_total / rep.rows_tokenized
-    rows = cfg.train.batch_size * cfg.train.grad_accum * max(1, cfg.distributed.gpus)
+    rows = cfg.effective_batch
     if cfg.data.packing is True:
         return Workload(rep.total_steps, rows, float(max_len), per_row, rep.steps_basis)
     return Workload(rep.total_steps, rows, per_row, per_row, rep.steps_basis)
@@ -386,7 +386,7 @@ def run_predictor(cfg, device: str, mean_row_tokens: float):
     else:
         gpu, mem = cpu_device(), None
     pl = estimate_mod.plan(cfg, mc, mem)
-    rows = cfg.train.batch_size * cfg.train.grad_accum * max(1, cfg.distributed.gpus)
+    rows = cfg.effective_batch
     per_row = float(cfg.data.max_length) if cfg.data.packing is True else mean_row_tokens
 
     def predict_steps(steps: int) -> tuple[float, str]:

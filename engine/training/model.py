@@ -251,13 +251,13 @@ def load_model(cfg, rt: Runtime, path: str | None = None):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=cfg.quant.quant_type,
             bnb_4bit_use_double_quant=cfg.quant.double_quant, bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=dtype if cfg.distributed.strategy == "fsdp" and cfg.distributed.gpus > 1
+            bnb_4bit_quant_storage=dtype if cfg.distributed.strategy == "fsdp" and cfg.distributed.processes > 1
             else torch.uint8)
     from engine.training import vision as vision_mod
     vision = vision_mod.model_is_vision(cfg, path)
     if vision and rt.load_in_4bit:        # the vision tower and projector stay 16-bit
         kwargs["quantization_config"].llm_int8_skip_modules = vision_mod.quant_skip_modules()
-    fsdp = cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp"
+    fsdp = cfg.distributed.processes > 1 and cfg.distributed.strategy == "fsdp"
     if rt.device == "cuda":
         import os
         local = int(os.environ.get("LOCAL_RANK", "0"))

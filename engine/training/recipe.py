@@ -88,7 +88,7 @@ def _report_to(value: str) -> list[str]:
 def trainer_args(cfg, plan: RunPlan, *, output_dir: str | Path = "checkpoints", has_eval: bool = False) -> dict:
     """The Trainer arguments every method shares (TRL's SFTConfig and its preference configs)."""
     tr, rt = cfg.train, plan.runtime
-    fsdp = cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp"
+    fsdp = cfg.distributed.processes > 1 and cfg.distributed.strategy == "fsdp"
     return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=tr.batch_size, per_device_eval_batch_size=tr.batch_size,
@@ -98,7 +98,8 @@ def trainer_args(cfg, plan: RunPlan, *, output_dir: str | Path = "checkpoints", 
         gradient_checkpointing=bool(tr.gradient_checkpointing),
         # FSDP-QLoRA wants reentrant checkpointing (PEFT's FSDP-QLoRA recipe); everything else not
         gradient_checkpointing_kwargs={"use_reentrant": fsdp} if tr.gradient_checkpointing else None,
-        ddp_find_unused_parameters=False if cfg.distributed.gpus > 1 else None,
+        ddp_find_unused_parameters=False if cfg.distributed.processes > 1 else None,
+        ddp_timeout=cfg.distributed.timeout_s,      # a collective waiting for a dead node fails after this
         seed=tr.seed, data_seed=tr.seed, logging_steps=tr.logging_steps, logging_first_step=True,
         logging_nan_inf_filter=False,
         eval_strategy="steps" if has_eval and tr.eval_steps else ("epoch" if has_eval else "no"),

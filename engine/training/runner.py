@@ -116,16 +116,19 @@ class Run:
                 self._resume_ckpt = ck[-1] if ck else None
             self.bus.subscribe(self._on_event)
             self._writer = False       # prepared; nothing to write
+            self._start_reporter()
             return self.run_dir
         rundir.use_private_umask()          # this process writes the run: its files are private
+        owned = distributed.launcher_owns()  # the launcher holds the lock (it checked liveness)
         if self.resume:
             assert self.run_dir is not None
             if not (self.run_dir / rundir.CONFIG).exists():
                 raise PreflightError(f"{self.run_dir}: not a run directory (no {rundir.CONFIG})")
-            rundir.wait_writer_exit(self.run_dir)   # a writer whose log has ended, still exiting
-            self._lock = rundir.acquire_lock(self.run_dir)    # before anything in it is touched
+            if not owned:
+                rundir.wait_writer_exit(self.run_dir)   # a writer whose log has ended, still exiting
+                self._lock = rundir.acquire_lock(self.run_dir)    # before anything in it is touched
             rundir.make_private(self.run_dir)
-            if rundir.process_alive(self.run_dir) and rundir.owner_pid(self.run_dir) != os.getpid():
+            if not owned and rundir.process_alive(self.run_dir) and rundir.owner_pid(self.run_dir) != os.getpid():
                 raise PreflightError(f"{self.run_dir}: the run is still live (pid {rundir.owner_pid(self.run_dir)}); "
                                      "attach to it or stop it first")
             self.cfg = self._resume_config()
@@ -141,17 +144,50 @@ class Run:
             name = self.cfg.output.name or self.cfg.model.name
             self.run_dir = rundir.create(self.cfg.output.dir, name)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self._lock is None:
+        if self._lock is None and not owned:
             self._lock = rundir.acquire_lock(self.run_dir)
         (self.run_dir / rundir.CONTROL).mkdir(exist_ok=True)
         if not self.resume:
             config.save(self.cfg, self.run_dir / rundir.CONFIG)
-        rundir.write_pid(self.run_dir)
+        rundir.write_pid(self.run_dir)      # (under a launcher: rank 0 takes over run.json from it)
         self._writer = events.JsonlWriter(self.run_dir / rundir.EVENTS)
         self.bus.subscribe(self._writer)
         self.bus.on_sink_error.append(self._sink_error)
         self.bus.subscribe(self._on_event)
+        self._start_reporter()
         return self.run_dir
+
+    _reporter = None
+
+    def _start_reporter(self) -> None:
+        """A worker of a multi-process job: its progress and heartbeat in RUN_DIR/nodes/ (every
+        rank); rank 0 of a multi-node job also watches the other nodes' heartbeats."""
+        from engine.training import distributed
+        if not distributed.in_worker():
+            return
+        self._reporter = distributed.NodeReporter(self.cfg, self.run_dir)
+        if distributed.is_main() and self.cfg.distributed.nodes > 1:
+            self._reporter.on_lost = self._nodes_lost
+        self._reporter.start()
+
+    def _nodes_lost(self, rows) -> None:
+        """The watchdog (rank 0): other nodes went silent and no collective failed in
+        ``timeout_s``: end the run as crashed, naming them, and leave (the job cannot go on)."""
+        from engine.core.exitcodes import FAILED
+        if self.result is None:
+            self._emit_final(self._node_lost_event(rows))
+            if self._writer:
+                self._writer.close()
+        os._exit(FAILED)
+
+    def _node_lost_event(self, rows, detail: str = "") -> events.RunFailed:
+        from engine.core import nodes
+        step = self._recipe.step if self._recipe is not None else 0
+        ck = rundir.checkpoints(self.run_dir)
+        last = f"; resume from {ck[-1].name} with qlora-tui train --resume {self.run_dir} on every node" if ck \
+            else f"; no complete checkpoint: qlora-tui train --resume {self.run_dir} on every node starts over"
+        return events.RunFailed(reason="lost " + "; ".join(nodes.describe_lost(r) for r in rows) + last,
+                                kind=events.FailKind.NODE_LOST, step=step, detail=detail)
 
     def _record_refusal(self, e: Exception) -> None:
         """A detached child was handed its run directory before the checks (so `train --detach`
@@ -230,6 +266,8 @@ class Run:
         finally:
             if self._recipe is not None:
                 self._recipe.cleanup()
+            if self._reporter is not None:
+                self._reporter.close()
             if self._writer:
                 self._writer.close()
             if self._lock is not None:
@@ -269,10 +307,24 @@ class Run:
         """The run_failed event for ``e`` (an OOM also gets its hint first)."""
         from engine.training.failures import classify_failure, is_oom
         step = self._recipe.step if self._recipe is not None else 0
+        if self._reporter is not None and self._reporter.on_lost is not None and not is_oom(e):
+            from engine.training.distributed import is_comm_error
+            # a collective failed: did a node die? (its heartbeats go stale a few beats later)
+            lost = self._reporter.lost(wait=None if is_comm_error(e) else 0.0)
+            if lost:
+                return self._node_lost_event(lost, detail=f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
         if is_oom(e):
             self._oom_hint(step)
-        return classify_failure(e, step=step, checkpoints=rundir.checkpoints(self.run_dir),
-                                detail=traceback.format_exc())
+        ev = classify_failure(e, step=step, checkpoints=rundir.checkpoints(self.run_dir),
+                              detail=traceback.format_exc())
+        if self._reporter is not None and self._reporter.on_lost is not None:
+            from engine.core import nodes
+            left = [r for r in nodes.by_node(nodes.latest(self.run_dir))
+                    if r.node != self._reporter.node and all(p.done for p in r.procs)]
+            if left:        # another node failed first (its own error is in its log): say where to look
+                ev.reason = "; ".join(f"node {r.node} ({r.ranks}) left the job first: its log is "
+                                      f"{nodes.node_log(self.run_dir, r.node)}" for r in left) + "; here: " + ev.reason
+        return ev
 
     def _oom_hint(self, step: int) -> None:
         """The OOM hint: the plan's estimate against the peak torch saw."""
@@ -328,61 +380,143 @@ def install_signal_handlers(run: Run, headless: bool = True) -> None:
 
 def launch_distributed(cfg: config.Config | None, *, run_dir: Path | None = None, resume: bool = False,
                        overrides: list[str] | None = None, check: bool = True) -> int:
-    """Run a multi-GPU job in the foreground: make the run directory (rank 0's), then start
-    ``distributed.gpus`` workers through ``accelerate launch``; return their exit status."""
+    """Run a multi-process job's part on this node in the foreground: make the run directory
+    (node 0, a fresh run) or use the given one, then start this node's ``distributed.gpus``
+    workers through ``accelerate launch`` (joined to the other nodes' when ``distributed.nodes``
+    > 1); return their exit status. On node 0 this launcher holds the run's lock for the job's
+    life and names itself in ``run.json`` until rank 0 starts and takes that over."""
     from engine.training import distributed
+    sets = sum((["--set", o] for o in overrides or []), [])
     if resume:
         cfg, _ = resume_config(run_dir, overrides)
-        args = ["train", "--resume", str(run_dir), "--headless"] + sum((["--set", o] for o in overrides or []), [])
-    else:
+        args = ["train", "--resume", str(run_dir), "--headless"] + sets
+    elif run_dir is None:
         if check:
             preflight(cfg)
-        if run_dir is None:
-            cfg = absolutise(cfg)
-            run_dir = rundir.create(cfg.output.dir, cfg.output.name or cfg.model.name)
-            config.save(cfg, run_dir / rundir.CONFIG)
-        args = ["train", str(run_dir / rundir.CONFIG), "--run-dir", str(run_dir), "--no-check", "--headless"]
-    print(f"run {run_dir}: launching {cfg.distributed.gpus} processes ({cfg.distributed.strategy})",
-          flush=True)
-    proc = subprocess.Popen(distributed.launch_argv(cfg, args), env=dict(_child_env(), **{distributed.LAUNCHED: "1"}))
-    while True:
-        try:
-            rc = proc.wait()
-            break
-        except KeyboardInterrupt:      # the workers got the signal too and stop gracefully
-            continue
-    from engine.core import exitcodes
-    if rc == exitcodes.OK and rundir.info(run_dir).state == "stopped":
-        return exitcodes.STOPPED
-    return rc
+        cfg = absolutise(cfg)
+        run_dir = rundir.create(cfg.output.dir, cfg.output.name or cfg.model.name)
+        config.save(cfg, run_dir / rundir.CONFIG)
+        args = ["train", str(run_dir / rundir.CONFIG), "--run-dir", str(run_dir), "--no-check", "--headless"] + sets
+    else:       # an existing directory (launch, --join): rank 0 checks (records a refusal in the run's log)
+        args = ["train", str(run_dir / rundir.CONFIG), "--run-dir", str(run_dir), "--headless"] \
+            + ([] if check else ["--no-check"]) + sets
+    d = cfg.distributed
+    main = d.node_rank == 0
+    lock = None
+    if main:
+        if resume and rundir.owner_pid(run_dir) != os.getpid() and rundir.is_live(run_dir):
+            raise PreflightError(f"{run_dir}: the run is still live; attach to it or stop it first")
+        rundir.wait_writer_exit(run_dir)
+        lock = rundir.acquire_lock(run_dir)        # (a detached parent's lock is adopted)
+        rundir.write_pid(run_dir)
+    where = f"node {d.node_rank} of {d.nodes}: " if d.nodes > 1 else ""
+    print(f"run {run_dir}: {where}launching {d.gpus} processes ({d.strategy})", flush=True)
+    if main and d.nodes > 1 and not resume:
+        for line in join_commands(cfg, run_dir, first=1):
+            print(line, flush=True)
+    env = dict(_child_env(), **{distributed.LAUNCHED: "1", distributed.LAUNCHER_OWNS: "1"})
+    env.pop(rundir.LOCK_FD_ENV, None)
+    try:
+        proc = subprocess.Popen(distributed.launch_argv(cfg, args), env=env)
+        while True:
+            try:
+                rc = proc.wait()
+                break
+            except KeyboardInterrupt:      # the workers got the signal too and stop gracefully
+                continue
+        from engine.core import exitcodes
+        if main and rc != exitcodes.OK:
+            _end_unended(run_dir, rc)
+        if rc == exitcodes.OK and rundir.info(run_dir).state == "stopped":
+            return exitcodes.STOPPED
+        return rc
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _end_unended(run_dir: Path, rc: int) -> None:
+    """Node 0's workers ended without rank 0 writing the final event (rank 0 itself died, or the
+    launcher killed it): the run ends crashed, saying so, instead of only looking crashed."""
+    try:
+        evs = events.read_events(run_dir / rundir.EVENTS)
+    except OSError:
+        return
+    from engine.core.summary import fold
+    if fold(evs).ended:
+        return
+    w = events.JsonlWriter(run_dir / rundir.EVENTS)
+    try:
+        w(events.RunFailed(reason=f"the worker processes of node 0 ended without a final event (exit status "
+                                  f"{rc}); resume with qlora-tui train --resume {run_dir} on every node",
+                           kind=events.FailKind.NODE_LOST, step=fold(evs).step))
+    finally:
+        w.close()
+
+
+def join_commands(cfg: config.Config, run_dir: Path, overrides: list[str] | None = None, *, first: int = 0,
+                  resume: bool = False) -> list[str]:
+    """The command each node runs to take part in a multi-node job of ``run_dir`` (copyable
+    lines: a ``# node K`` comment, then the command), for nodes ``first`` .. nodes - 1."""
+    import shlex
+    from engine.training import distributed
+    d = cfg.distributed
+    hosts = distributed.read_hostfile(cfg) if d.hostfile else []
+    keep = [o for o in overrides or [] if not o.replace(" ", "").startswith("distributed.node_rank=")]
+    out = []
+    for k in range(first, d.nodes):
+        host = f" (host {hosts[k]})" if hosts else ""
+        how = ["--resume", str(run_dir)] if resume else ["--join", str(run_dir)]
+        argv = ["qlora-tui", "train", *how, "--set", f"distributed.node_rank={k}"]
+        for o in keep:
+            argv += ["--set", o]
+        out.append(f"# node {k}{host}:")
+        out.append(" ".join(shlex.quote(a) for a in argv + ["--detach"]))
+    return out
 
 
 def start_detached(cfg: config.Config | None, *, resume: str | Path | None = None, check: bool | str = True,
-                   overrides: list[str] | None = None) -> Path:
+                   overrides: list[str] | None = None, join: str | Path | None = None) -> Path:
     """Start a run in its own session (survives the terminal closing); return its directory.
 
     ``check``: True runs the preflight here (the TUI's launch thread shows its refusal);
     "child" runs only ``quick_preflight`` here (milliseconds: paths, model, consent) and leaves the
     whole preflight to the child, which records a refusal in the run's log (`train --detach`
     returns at once). ``resume``: continue that run directory instead (``overrides`` change its config first,
-    e.g. ``oom_fix_overrides``). The child is ``python -m engine train ... --headless`` with
-    stdin on /dev/null and its output in RUN_DIR/stdout.log; it is never a child of the
-    caller's session, so closing the terminal or the SSH connection does not reach it.
+    e.g. ``oom_fix_overrides``). ``join``: this node's part of the multi-node job of that run
+    directory (``cfg``: its config with this node's overrides). The child is ``python -m engine
+    train ... --headless`` with stdin on /dev/null and its output in RUN_DIR/stdout.log (a node
+    other than 0: RUN_DIR/nodes/node-K.log); it is never a child of the caller's session, so
+    closing the terminal or the SSH connection does not reach it.
     """
     with rundir.private_files():            # the run's files are private from the first one on
-        return _start_detached(cfg, resume=resume, check=check, overrides=overrides)
+        return _start_detached(cfg, resume=resume, check=check, overrides=overrides, join=join)
 
 
-def _start_detached(cfg, *, resume, check, overrides) -> Path:
+def _start_detached(cfg, *, resume, check, overrides, join=None) -> Path:
+    node = 0
     if resume:
         run_dir = Path(resume)
         if not (run_dir / rundir.CONFIG).exists():
             raise PreflightError(f"{run_dir}: not a run directory (no {rundir.CONFIG})")
-        if rundir.is_live(run_dir):
-            raise PreflightError(f"{run_dir}: the run is still live; attach to it instead")
-        rundir.wait_writer_exit(run_dir)    # ended (as `runs` says) and still exiting: let it go
+        try:                                  # another node of a multi-node job finds node 0 live
+            node = config.load(run_dir / rundir.CONFIG, overrides).distributed.node_rank
+        except config.ConfigError:
+            node = 0                          # said by resume_config below
+        if node == 0:
+            if rundir.is_live(run_dir):
+                raise PreflightError(f"{run_dir}: the run is still live; attach to it instead")
+            rundir.wait_writer_exit(run_dir)    # ended (as `runs` says) and still exiting: let it go
         resume_config(run_dir, overrides)   # what the child would refuse, said here where it is seen
         argv = ["train", "--resume", str(run_dir)]
+        for o in overrides or []:
+            argv += ["--set", o]
+    elif join:
+        run_dir = Path(join)
+        node = cfg.distributed.node_rank
+        if node == 0 and rundir.is_live(run_dir):
+            raise PreflightError(f"{run_dir}: the run is already live; attach to it instead")
+        argv = ["train", "--join", str(run_dir)]
         for o in overrides or []:
             argv += ["--set", o]
     else:
@@ -396,6 +530,17 @@ def _start_detached(cfg, *, resume, check, overrides) -> Path:
         argv = ["train", str(run_dir / rundir.CONFIG), "--run-dir", str(run_dir)]
         if check is True:
             argv.append("--no-check")      # done here; check="child": the child checks
+    if node != 0:         # another node's part of the job: node 0 owns the run; this one logs beside it
+        from engine.core import nodes
+        nodes.nodes_dir(run_dir).mkdir(exist_ok=True)
+        log = open(nodes.node_log(run_dir, node), "ab")
+        try:
+            subprocess.Popen([sys.executable, "-m", "engine", *argv, "--headless"],
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True, cwd=os.getcwd(), env=_child_env())
+        finally:
+            log.close()
+        return run_dir
     # the lock is taken here and handed to the child (same open file): a second resume of the
     # same run is refused now, where it is seen, and nobody can slip in between
     lock = rundir.acquire_lock(run_dir)

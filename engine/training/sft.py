@@ -139,6 +139,11 @@ class QLoraTrainerMixin:
 
     def training_step(self, model, inputs, *a, **kw):
         loss = super().training_step(model, inputs, *a, **kw)
+        rep = distributed.REPORTER
+        if rep is not None:              # this process's own tokens (the job's are gathered by the Trainer)
+            mask = inputs.get("attention_mask") if hasattr(inputs, "get") else None
+            ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
+            rep.local_tokens += int(mask.sum()) if mask is not None else (ids.numel() if ids is not None else 0)
         cb = self.event_callback
         if cb is not None:
             cb.step_loss = loss.detach() if cb.step_loss is None else cb.step_loss + loss.detach()
@@ -327,6 +332,8 @@ class EventCallback(TrainerCallback):
         if "loss" not in logs:
             return
         tps, eta = self._rates(state)
+        if distributed.REPORTER is not None:
+            distributed.REPORTER.update(state.global_step)
         loss = logs.get("loss")
         self.last_loss = loss
         if tps is not None:

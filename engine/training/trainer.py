@@ -116,7 +116,7 @@ def _resolve_fused_lora(cfg, rt, reasons: list[str]) -> None:
     if tr.fused_lora == "auto":
         if rt.device != "cuda":
             why_not = "CPU: measured on the GPU only"
-        elif cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp":
+        elif cfg.distributed.processes > 1 and cfg.distributed.strategy == "fsdp":
             why_not = "FSDP shards the 4-bit weights"
         tr.fused_lora = why_not is None
         reasons.append("fused NF4+LoRA linears " + ("on (LoRA accumulated inside the base GEMM)" if tr.fused_lora
@@ -199,7 +199,7 @@ def install_speed_tools(trainer, cfg, plan: list[str]) -> None:
     """The fused NF4+LoRA linear (engine.training.fused_lora) and selective / offloaded checkpointing
     (engine.training.offload) over the Trainer's own checkpointing; both applied when training starts."""
     tr = cfg.train
-    if tr.fused_lora is True and not (cfg.distributed.gpus > 1 and cfg.distributed.strategy == "fsdp"):
+    if tr.fused_lora is True and not (cfg.distributed.processes > 1 and cfg.distributed.strategy == "fsdp"):
         from engine.training.fused_lora import FusedLoRACallback
         trainer.add_callback(FusedLoRACallback(fp8=tr.fp8_base is True))
     if not tr.gradient_checkpointing or (tr.checkpoint_layers < 0 and tr.activation_offload is not True):

@@ -352,9 +352,11 @@ class ConfigScreen(Screen):
         tr, lora, dist = data.get("train", {}), data.get("lora", {}), data.get("distributed", {})
         b, a, g = tr.get("batch_size"), tr.get("grad_accum"), dist.get("gpus")
         t.append("effective batch ", style="dim")
-        if all(isinstance(x, int) and not isinstance(x, bool) for x in (b, a, g)):
+        n = dist.get("nodes", 1)
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in (b, a, g, n)):
             from engine.core.config import effective_batch
-            t.append(f"{b} × {a}" + (f" × {g} GPUs" if g != 1 else "") + f" = {effective_batch(b, a, g)}",
+            t.append(f"{b} × {a}" + (f" × {g} GPUs" if g != 1 else "") + (f" × {n} nodes" if n != 1 else "")
+                     + f" = {effective_batch(b, a, g * n)}",
                      style="bold")
         else:
             t.append("?", style="bold")

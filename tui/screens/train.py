@@ -13,7 +13,7 @@ from textual.widgets import Footer, Header
 from textual.worker import get_current_worker
 
 from tui.runstate import RunState
-from tui.widgets.run_view import Curves, GpuPanel, HintsPanel, Metrics, StatusLine, StepProgress
+from tui.widgets.run_view import Curves, GpuPanel, HintsPanel, Metrics, NodesPanel, StatusLine, StepProgress
 
 
 # ---- what this screen's workers post to it -------------------------------------------
@@ -39,6 +39,7 @@ class TrainScreen(Screen):
             yield Curves(id="curves")
             yield Metrics(id="metrics")
         yield GpuPanel(Text("reading GPUs…", style="dim"), id="gpu")
+        yield NodesPanel(id="nodes")
         with VerticalScroll(id="hints-box", can_focus=True):
             yield HintsPanel(id="hints")
         yield Footer(compact=True)
@@ -83,7 +84,7 @@ class TrainScreen(Screen):
         if not self.is_mounted:
             return
         with self.app.batch_update():
-            for part in (StatusLine, StepProgress, Curves, Metrics, HintsPanel):
+            for part in (StatusLine, StepProgress, Curves, Metrics, NodesPanel, HintsPanel):
                 self.query_one(part).show(st)
             self.set_class(bool(st is not None and st.run_dir is not None and (st.hints or st.warnings)),
                            "-has-hints")

@@ -128,3 +128,37 @@ def generations_text(generations: list, history: bool = False, width: int = 200)
             out.append(f"\n  step {step:>5}: ", style="dim")
             out.append(one_line(answer or "(empty)", width))
     return out
+
+
+def nodes_text(rows, job_tps: float | None) -> Text:
+    """A multi-process job (``engine.core.nodes``): a line for the job, then each node with one
+    row per process (its GPU's gauges when it has one), grouped by node. ``rows``:
+    ``(node, host, tokens/s, silent, ((rank, local_rank, step, tokens/s, util, mem used, mem total, done), ...))``."""
+    out = Text()
+    procs = sum(len(r[4]) for r in rows)
+    out.append("job ", style="bold")
+    out.append(f"{len(rows)} node{'s' if len(rows) != 1 else ''} · {procs} processes")
+    if job_tps is not None:
+        out.append(f" · {job_tps:,.0f} tok/s")
+    for node, host, tps, silent, ps in rows:
+        out.append("\n")
+        out.append(f"node {node} ", style="bold")
+        out.append(one_line(clean(host), 24), style="dim")
+        out.append(f"  {tps:,.0f} tok/s" if tps is not None else "  — tok/s")
+        if silent:
+            out.append("  no heartbeat", style="bold $error")
+        for rank, local, step, ptps, util, used, total, done in ps:
+            out.append("\n  ")
+            out.append(f"rank {rank:<3}", style="bold")
+            out.append(f" step {step:<6}")
+            if util is not None or total:
+                out.append(f"GPU{local} ")
+                out.append_text(gauge(None if util is None else util / 100, 6))
+                out.append(f" {util:3.0f}% " if util is not None else "   ?% ")
+                out.append("mem ", style="dim")
+                out.append_text(gauge(used / total if used is not None and total else None, 6))
+                out.append(f" {_gib(used)}/{_gib(total)}G ")
+            out.append(f"{ptps:,.0f} tok/s" if ptps is not None else "— tok/s", style="dim")
+            if done:
+                out.append("  done", style="dim")
+    return out

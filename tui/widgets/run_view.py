@@ -20,7 +20,7 @@ from engine.core.units import fmt_eta
 from tui.runstate import RunState
 from tui.safe import clean, literal, middle, one_line
 from tui.widgets.chart import LossChart
-from tui.widgets.panels import generations_text, gpu_text, hints_text
+from tui.widgets.panels import generations_text, gpu_text, hints_text, nodes_text
 
 PHASE_STYLE = {"training": "bold $success", "finished": "bold $success", "stopped": "bold $warning",
                "failed": "bold $error", "detached": "bold $primary", "waiting": "dim"}
@@ -283,6 +283,29 @@ class GpuPanel(Static):
         # its height follows its lines: lay the screen out again only when their number changes
         self.update(text, layout=lines != getattr(self, "_lines", None))
         self._lines = lines
+
+
+class NodesPanel(RunPart):
+    """A multi-process job's nodes and processes (RUN_DIR/nodes/, merged by the follower into
+    ``RunState.nodes``): one row per GPU grouped by node, and the job's tokens/s. Hidden when
+    the run is one process."""
+
+    def view_of(self, st):
+        if st is None or st.run_dir is None or not st.nodes:
+            return None
+        from engine.core import nodes
+        import time
+        now = time.time()
+        rows = tuple((r.node, r.host, r.tokens_per_second, r.stale(now) and not st.ended,
+                      tuple((p.rank, p.local_rank, p.step, p.tokens_per_second, (p.gpu or {}).get("util_percent"),
+                             (p.gpu or {}).get("mem_used_bytes"), (p.gpu or {}).get("mem_total_bytes"), p.done)
+                            for p in r.procs))
+                     for r in nodes.by_node(st.nodes))
+        return rows, st.tokens_per_second
+
+    def draw(self, view) -> Text:
+        self.display = view is not None
+        return Text() if view is None else nodes_text(*view)
 
 
 class HintsPanel(RunPart):
