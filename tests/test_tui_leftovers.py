@@ -116,3 +116,40 @@ def test_dataset_header_counts_the_duplicate_rows_the_list_shows(tmp_path):
     listed = [ln for ln in listed_lines(report) if ln[1] == "duplicate"]
     assert len(listed) == 4                                # 7 rows, 3 distinct
     assert "duplicate rows 4" in summary_text(report, cfg).plain
+
+
+@pytest.mark.anyio
+async def test_dataset_header_keeps_each_label_with_its_value(tmp_path):
+    """Labels wrap with their values (tui.widgets.pairs), at any width and on the 80x24 screen:
+    never `duplicate rows` at the end of one line and its count on the next."""
+    import json
+    import re
+    from tui.screens.dataset import summary_text
+    from tui_helpers import screen_text
+    rows = [{"messages": [{"role": "user", "content": f"q{i % 3} mail me at someone{i % 3}@example.com"},
+                          {"role": "assistant", "content": f"a{i % 3}"}]} for i in range(9)]
+    folder = tmp_path / ("a-long-folder-name-for-the-dataset-header-" * 2)
+    folder.mkdir()
+    data = folder / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    app = make_app(demo_cfg(tmp_path, f'data.train="{data}"'))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f2")
+        await until(pilot, lambda: app.screen.report is not None and app.screen.report.done,
+                    timeout=120, what="report")
+        await pilot.pause(0.3)
+        report = app.screen.report
+        shown = screen_text(app)
+        for label in ("rows", "problems", "duplicate rows", "possible PII", "median", "max", "trained tokens",
+                      "steps/epoch"):
+            assert re.search(rf"(^|\s){re.escape(label)} +[0-9]", shown, re.M), f"{label!r} apart:\n{shown}"
+        assert report.pii and report.problems and report.duplicates
+        assert "/d.jsonl" in shown and str(data) not in shown        # the path shortened, its end kept
+    header = summary_text(report, app.config)
+    for width in range(30, 121, 6):
+        lines = header.layout(width).plain.splitlines()
+        assert any(ln.endswith("/d.jsonl") for ln in lines), (width, lines)     # the path fits, its end kept
+        for units in header.lines:
+            for u in units:
+                if not callable(u) and u.cell_len <= width - header.indent:
+                    assert any(u.plain in ln for ln in lines), (width, u.plain, lines)

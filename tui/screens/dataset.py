@@ -20,7 +20,7 @@ from textual.widgets import DataTable, Footer, Header, ProgressBar, Static, Tabb
 from textual.worker import get_current_worker
 
 from tui.safe import clean, literal, one_line
-from tui.widgets.pairs import Pairs, pair
+from tui.widgets.pairs import Pairs, fit, pair
 
 
 # ---- what this screen's workers post to it -------------------------------------------
@@ -138,7 +138,7 @@ def summary_text(report, cfg) -> Pairs:
                 t.append(f"; {one_line(clean(n), 60)}", style="$warning")
             out.line(t)
     else:
-        out.line(pair("file     ", literal(cfg.data.train or report.path)))   # as the user wrote it
+        out.line(fit("file     ", str(cfg.data.train or report.path)))   # as the user wrote it, its end kept
     out.line(pair("format   ", clean(report.format or "?"), "bold"))
     if report.format_reason:
         out.add(pair("because", literal(report.format_reason)))
