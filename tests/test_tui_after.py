@@ -319,13 +319,51 @@ async def _check_path_end(pilot, app, tail: str, where: str) -> None:
     assert tail in text, f"{where}: no {tail!r} on screen:\n{text}"
 
 
+LIVE = "20260101-140000-live"
+
+
+@pytest.fixture
+def walk_runs(finished):
+    """The module's runs plus, for this test only, a live run (its writer a stand-in process that
+    this test starts and ends) and the failed run's config asking for the model's own code."""
+    import shutil
+    import subprocess
+    from engine.core import config as config_mod
+    from engine.core import rundir
+    from tui.testing import write_run
+    failed_cfg = finished / FAILED / "config.toml"
+    saved = failed_cfg.read_text()
+    cfg = config_mod.load(failed_cfg)
+    cfg.model.trust_remote_code = True
+    config_mod.save(cfg, failed_cfg)
+    live = write_run(finished, LIVE, steps=60, finished=False, stop_at=5)
+    (live / "config.toml").write_text(saved)
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    rundir.write_pid(live, writer.pid)
+    try:
+        yield finished
+    finally:
+        writer.kill()
+        writer.wait()
+        shutil.rmtree(live)
+        failed_cfg.write_text(saved)
+
+
 @pytest.mark.anyio
-async def test_walk_every_screen_and_dialog_at_80x24(finished, tmp_path):
-    """A long runs path, a failed run with a long error, a finished run: every screen's footer
-    shows its keys whole and every path keeps its end; every dialog says its keys."""
+async def test_walk_every_screen_and_dialog_at_80x24(walk_runs, tmp_path):
+    """A long runs path and a long data path, a failed run with a long error, a finished run and a
+    live one: every screen's footer shows its keys whole and every path keeps its end; every dialog
+    (export, merge, compare, serve, push, resume, load, save as, the model's own code, quit) says
+    its keys."""
     from textual.widgets import DataTable
-    from tui.dialogs import PathPrompt, ResumeFixDialog
-    app = make_app(_cfg(tmp_path, finished))
+    from tui.dialogs import PathPrompt, QuitDialog, RemoteCodeDialog, ResumeFixDialog
+    from tui.screens.compare import CompareRunsScreen
+    finished = walk_runs
+    data = finished.parent / "the-walk-data-with-a-long-name.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                     {"role": "assistant", "content": f"a{i}"}]}) + "\n"
+                            for i in range(20)))
+    app = make_app(demo_cfg(tmp_path, f'output.dir="{finished}"', f'data.train="{data}"'))
     async with app.run_test(size=(80, 24)) as pilot:
         for key, mode in (("f2", "dataset"), ("f3", "config"), ("f4", "train"), ("f6", "chat"),
                           ("f5", "runs")):
@@ -333,7 +371,20 @@ async def test_walk_every_screen_and_dialog_at_80x24(finished, tmp_path):
             await until(pilot, lambda: app.current_mode == mode, what=mode)
             await pilot.pause(0.3)
             await _check_footer(pilot, app, mode)
-        await until(pilot, lambda: len(getattr(app.screen, "runs", [])) == 2, what="both runs")
+            if mode == "dataset":            # the data file's path keeps its end
+                await until(pilot, lambda: app.screen.report is not None and app.screen.report.done,
+                            what="the dataset report")
+                await _check_path_end(pilot, app, "/the-walk-data-with-a-long-name.jsonl", "dataset header")
+                assert LONG[:20] not in screen_text(app)
+            if mode == "config":             # save as: a path prompt that says its keys
+                await pilot.press("ctrl+s")
+                await until(pilot, lambda: isinstance(app.screen, PathPrompt), what="the save-as prompt")
+                text = await settled(pilot, app)
+                assert "Save config as" in text and "enter: ok   esc: cancel" in text, text
+                await pilot.press("escape")
+                await until(pilot, lambda: app.current_mode == "config" and not isinstance(app.screen, PathPrompt),
+                            what="back to the config")
+        await until(pilot, lambda: len(getattr(app.screen, "runs", [])) == 3, what="the three runs")
         await pilot.pause(0.3)
         runs_screen = app.screen
         await _check_path_end(pilot, app, "/runs", "runs header")           # the runs folder keeps its end
@@ -387,3 +438,51 @@ async def test_walk_every_screen_and_dialog_at_80x24(finished, tmp_path):
                     what="the chat")
         await _check_footer(pilot, app, "chat")
         await _check_path_end(pilot, app, f"{RUN}/adapter", "chat status")
+        # compare the finished and the failed run
+        await pilot.press("f5")
+        await until(pilot, lambda: app.screen is runs_screen, what="the runs list")
+        for name in (RUN, FAILED):
+            table.move_cursor(row=names.index(name))
+            await pilot.press("space")
+        await pilot.press("v")
+        await until(pilot, lambda: isinstance(app.screen, CompareRunsScreen) and app.screen.differences,
+                    what="the comparison")
+        await _check_footer(pilot, app, "compare runs")
+        await pilot.press("escape")
+        await until(pilot, lambda: app.screen is runs_screen, what="the runs list")
+        # the failed run asks for the model's own code: resume, then the confirmation; no starts nothing
+        table.move_cursor(row=names.index(FAILED))
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, RunDetailScreen) and app.screen.info,
+                    what="the failed run's detail")
+        await pilot.press("r")
+        await until(pilot, lambda: isinstance(app.screen, ResumeFixDialog), what="the resume dialog")
+        await pilot.press("r")
+        await until(pilot, lambda: isinstance(app.screen, RemoteCodeDialog), what="the remote-code dialog")
+        text = await settled(pilot, app)
+        for says in ("Resuming this run will run Python code", "(y)", "(n)", "builtin:tiny"):
+            assert says in text, f"the remote-code dialog lacks {says!r}:\n{text}"
+        await pilot.press("n")
+        await until(pilot, lambda: not isinstance(app.screen, RemoteCodeDialog), what="no")
+        assert app.run_state is None or not app.run_state.live
+        if isinstance(app.screen, RunDetailScreen):
+            await pilot.press("escape")
+        await until(pilot, lambda: app.screen is runs_screen, what="the runs list")
+        # the live run: attached, the Train footer offers Stop and Detach; quit asks first
+        table.move_cursor(row=names.index(LIVE))
+        await pilot.press("a")
+        await until(pilot, lambda: app.current_mode == "train" and app.run_state is not None
+                    and app.run_state.live, what="the live run attached")
+        await _check_footer(pilot, app, "train, live run")
+        bottom = (await settled(pilot, app)).splitlines()[-1]
+        assert "Stop" in bottom and "Detach" in bottom, bottom
+        await pilot.press("ctrl+q")
+        await until(pilot, lambda: isinstance(app.screen, QuitDialog), what="the quit dialog")
+        text = await settled(pilot, app)
+        for says in (LIVE, "Stop (s)", "Detach (d)", "Cancel (esc)", "qlora-tui attach"):
+            assert says in text, f"the quit dialog lacks {says!r}:\n{text}"
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, QuitDialog), what="cancel")
+        assert app.is_running
+        await pilot.press("ctrl+d")
+        await until(pilot, lambda: not app.run_state.live, what="detached")
