@@ -304,6 +304,42 @@ async def test_every_run_action_is_in_the_palette(finished, tmp_path):
         await until(pilot, lambda: isinstance(app.screen, ExportScreen), what="the export dialog")
 
 
+@pytest.mark.anyio
+async def test_every_action_of_every_screen_is_in_the_palette(finished, tmp_path):
+    """The README's promise: every key of every screen (Dataset, Config, Train, Chat, Runs, the run
+    detail, compare runs) is a palette command there, and every run action (chat, export, merge,
+    compare generations, serve, push, preference-tune) from any of them."""
+    from textual.binding import Binding
+    from tui.screens.compare import CompareRunsScreen
+    from tui.screens.runs import RUN_ACTIONS
+    app = make_app(_cfg(tmp_path, finished))
+
+    def check(where: str) -> None:
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        for b in list(app.BINDINGS) + list(app.screen.BINDINGS):
+            if isinstance(b, Binding) and b.description and b.action != "quit":   # Quit: Textual's own
+                key0 = b.key.split(",")[0]
+                assert any(t.endswith((f"({key0})", f"({key0.upper()})")) for t in titles), (where, b.key, titles)
+        for key, _, _, title, _ in RUN_ACTIONS:
+            assert f"{title} ({key})" in titles or f"{title} (Runs: {key})" in titles, (where, title, titles)
+
+    async with app.run_test(size=(80, 24)) as pilot:
+        for key, mode in (("f2", "dataset"), ("f3", "config"), ("f4", "train"), ("f6", "chat"), ("f5", "runs")):
+            await pilot.press(key)
+            await until(pilot, lambda: app.current_mode == mode, what=mode)
+            check(mode)
+        await _open_detail(pilot, app, RUN)
+        check("run detail")
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, RunDetailScreen), what="the runs list")
+        for name in (RUN, FAILED):
+            app.screen.query_one("#runs").move_cursor(row=[ri.name for ri in app.screen.runs].index(name))
+            await pilot.press("space")
+        await pilot.press("v")
+        await until(pilot, lambda: isinstance(app.screen, CompareRunsScreen), what="compare runs")
+        check("compare runs")
+
+
 # ---- every screen and dialog at 80x24 ----------------------------------------------------------
 async def _check_footer(pilot, app, where: str) -> None:
     """Each key the footer should show is on the bottom line, with its label, not cut."""
