@@ -185,6 +185,58 @@ async def test_chat_from_runs_streams_toggles_base_stops_and_keeps_the_transcrip
 
 
 @pytest.mark.anyio
+async def test_chat_with_a_stopped_run_loads_with_progress_and_takes_the_system_prompt(tmp_path):
+    """F6 opens the newest ended run, a stopped one too; the model loads in a worker whose
+    progress reaches the bar; the system prompt and sampling settings reach the model (greedy:
+    the answer the engine gives for the same system prompt); a bad top-p is one line."""
+    from engine.outputs import chat
+    from engine.training.builtin import tiny_model_dir
+    from outputs_fixtures import make_run_dir
+    from tui.screens.chat import ChatLoading
+    from tui.testing import write_run
+    runs = tmp_path / "runs"
+    name = "20260102-120000-stopped"
+    run = make_run_dir(runs / name, tiny_model_dir(), r=4)
+    (run / "events.jsonl").unlink()
+    write_run(runs, name, steps=60, stop_at=23)                    # ended by a stop, adapter saved
+    from engine.core import rundir
+    assert rundir.info(run).state == "stopped"
+    seen = []
+    app = make_app(_cfg(tmp_path, runs))
+    async with app.run_test(size=(80, 24), message_hook=seen.append) as pilot:
+        await pilot.press("f6")
+        await until(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.model is not None,
+                    what="the stopped run's model")
+        screen = app.screen
+        assert screen.run_dir == run
+        fractions = [m.fraction for m in {id(m): m for m in seen if isinstance(m, ChatLoading)}.values()]   # (each bubbles)
+        assert fractions and fractions[-1] == 1.0 and fractions == sorted(fractions)
+        assert not screen.query_one("#chat-progress").display            # hidden once loaded
+        screen.query_one("#chat-temp", Input).value = "0"
+        screen.query_one("#chat-max", Input).value = "10"
+        screen.query_one("#chat-top-p", Input).value = "0"
+        screen.query_one("#chat-system", Input).value = "you answer in french"
+        screen.query_one("#chat-input", Input).focus()
+        await pilot.press(*"hello there", "enter")
+        await until(pilot, lambda: any("top_p" in str(n.message) for n in app._notifications),
+                    what="the top-p refusal")
+        note = [str(n.message) for n in app._notifications if "top_p" in str(n.message)][-1]
+        assert note.startswith("Sampling: ") and "\n" not in note and screen.history == []
+        screen.query_one("#chat-top-p", Input).value = "0.9"
+        screen.query_one("#chat-input", Input).value = "hello there"
+        await pilot.press("enter")
+        await until(pilot, lambda: not screen.answering and screen.history
+                    and screen.history[-1]["role"] == "assistant", what="the answer")
+        got = screen.history[-1]["content"]
+    m = chat.ChatModel(run / "adapter")
+    m.load(lambda f, msg: None)
+    hist = [{"role": "user", "content": "hello there"}]
+    greedy = chat.Sampling(temperature=0, max_new_tokens=10)
+    assert got == "".join(m.stream(hist, greedy, system="you answer in french"))
+    assert got != "".join(m.stream(hist, greedy))          # the system prompt changed the answer
+
+
+@pytest.mark.anyio
 async def test_chat_with_a_checkpoint_from_the_run_detail(finished, tmp_path):
     app = make_app(_cfg(tmp_path, finished))
     async with app.run_test(size=(80, 24)) as pilot:
