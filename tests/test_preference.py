@@ -476,6 +476,8 @@ def test_inspect_reports_sides_and_bad_pairs_by_line_with_the_trainers_masks(tmp
         trained = "".join(t for t, tr in side.segments if tr)
         assert _problem_pairs()[0][name][0]["content"] in trained and "say" not in trained
     assert pvs[-2].sides["chosen"].truncated_at == 64 and pvs[-2].sides["rejected"].truncated_at is None
+    side_doc = pvs[0].to_dict()["sides"]
+    assert any(seg["trained"] for seg in side_doc["rejected"]["segments"]) and "sides" not in side_doc["chosen"]
     doc = rep.to_dict()["preference"]
     assert doc["over_max_length"] == [{"line": ln, "tokens": n} for ln, n in over] and doc["sides"] == want
 
@@ -485,6 +487,11 @@ def test_inspect_reports_sides_and_bad_pairs_by_line_with_the_trainers_masks(tmp
     assert "pairs over max_length 64 (their longer side is truncated): 2" in out, out
     assert f"  line 16: {longer[16]} tokens" in out and f"  line 17: {longer[17]} tokens" in out
     assert f"chosen min {want['chosen']['min']}, median {want['chosen']['median']:g}, max {want['chosen']['max']}" in out
+    r = cli(capsys, "inspect", path, "--model", "builtin:tiny", "--max-length", "64", "--set", 'train.method="dpo"',
+            "--show-line", "16")
+    assert r.stdout.startswith("chosen: row 13 (line 16)") and "\nrejected: row 13 (line 16)" in r.stdout
+    assert "✂[max_length 64" in r.stdout.split("\nrejected:")[0] and "✂" not in r.stdout.split("\nrejected:")[1]
+    assert f"⟦{_problem_pairs()[4 - 1]['rejected'][0]['content']}" in r.stdout     # the rejected answer, trained
 
 
 def test_inspect_counts_kto_labels_and_each_side(tmp_path):
@@ -503,6 +510,7 @@ def test_inspect_counts_kto_labels_and_each_side(tmp_path):
     assert rep.sides["completion"]["min"] == min(trained) and rep.sides["completion"]["max"] == max(trained)
     over = [(pv.line, pv.n_tokens) for pv in pvs if pv.n_tokens > 32]
     assert over and len(over) < len(pvs) and rep.over_max_length == over
+    assert inspect_mod.format_preview(pvs[0], 32).startswith("label: undesirable; row 1 (line 1)")
 
 
 def test_generate_takes_its_prompts_from_preference_rows():

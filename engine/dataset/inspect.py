@@ -805,8 +805,7 @@ def preview(cfg, row_index: int, *, path=None) -> Preview:
         names = ("completion",) if "completion" in row.data else ("chosen", "rejected")
         sides = {n: _preview_of(cfg, tok, row, row_index, preference.side_view(row.data, n if n != "completion"
                                                                              else None)) for n in names}
-        pv = sides[names[0]]
-        pv.sides, pv.label = sides, row.data.get("label")
+        pv = Preview(**{**sides[names[0]].__dict__, "sides": sides, "label": row.data.get("label")})
         texts = [p.text for p in sides.values()]
         shared = len(texts[0]) if len(texts) == 1 else next(
             (i for i, (a, b) in enumerate(zip(*texts)) if a != b), min(map(len, texts)))
@@ -900,6 +899,11 @@ def row_index_for_line(cfg, line: int, *, path=None) -> int:
 # ---- text forms (the CLI prints these: engine/cli/cmd_inspect.py) ---------------------
 
 def format_preview(pv: Preview, max_len: int, colour: bool = False) -> str:
+    if len(pv.sides) > 1:              # a preference pair: each side as the trainer takes it
+        return "\n".join(f"{name}: " + format_preview(side, max_len, colour) for name, side in pv.sides.items())
+    if pv.label is not None:           # a KTO row: its label first
+        return f"label: {'desirable' if pv.label else 'undesirable'}; " + format_preview(
+            pv.sides.get("completion", pv), max_len, colour)
     head = (f"row {pv.row_index + 1} (line {pv.line}): {pv.n_tokens} tokens, {pv.n_trained} trained"
             + (f" ({pv.n_trained_untruncated - pv.n_trained} more past max_length)"
                if pv.n_trained_untruncated != pv.n_trained else ""))
