@@ -421,7 +421,7 @@ class _Scan:
         self.provisional = None if cfg.data.format == "auto" else cfg.data.format
         # Memory is bounded by the longest row, not the row count: records are dropped once
         # normalised and counted; each usable row keeps its line, two hashes (duplicates) and
-        # two token counts (about 28 bytes).
+        # two token counts (about 28 bytes; preference rows 12 more: the tokens of each side).
         self.head: list = []              # records read before the provisional format is known
         self.n_raw = 0
         self.first_bad = None             # (line, error) of the first unreadable record
