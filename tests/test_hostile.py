@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from reliability_helpers import REPO, cli, engine_cmd, env_with
-from tui_helpers import anyio_backend  # noqa: F401 (fixtures)
+from tui_helpers import anyio_backend, plain  # noqa: F401 (fixtures)
 
 # a terminal title change (OSC), clear screen (CSI), BEL, the 8-bit CSI and a bidi override
 HOSTILE = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred\x9b1m \u202eevil\u202c \x07"
@@ -122,7 +122,7 @@ async def test_no_model_code_runs_before_consent_in_the_tui(tmp_path, monkeypatc
     app = make_app(demo_cfg(tmp_path, f'model.name="{model}"', "model.trust_remote_code=true"))
     async with app.run_test(size=(100, 40)) as pilot:
         await pilot.press("f2")
-        summary = lambda: str(app.screen.query_one("#ds-summary").render())   # noqa: E731
+        summary = lambda: plain(app.screen.query_one("#ds-summary"))   # noqa: E731
         await until(pilot, lambda: "shipped with the model" in summary(), timeout=120, what="refusal")
         assert "confirm" in summary() and "token counts" in summary()
         await pilot.press("f3")

@@ -432,6 +432,87 @@ def test_inspect_measures_pairs_and_previews_prompt_and_chosen(tmp_path, capsys)
     assert rows[0]["rejected"][0]["content"] not in pv.text
 
 
+def _problem_pairs() -> list[dict]:
+    """Pairs with, by line: 13 identical sides, 14 an empty chosen, 15 a blank prompt, 16 a chosen
+    answer far over max_length 64, 17 a rejected one over it (the rest fit)."""
+    rows = _pairs(12, 5)
+    rows.append(dict(rows[0], rejected=rows[0]["chosen"]))
+    rows.append(dict(rows[1], chosen=""))
+    rows.append(dict(rows[2], prompt="   "))
+    rows.append(dict(rows[3], chosen=[{"role": "assistant", "content": "apple " * 120}]))
+    rows.append(dict(rows[4], rejected=[{"role": "assistant", "content": "river stone " * 50}]))
+    return rows
+
+
+def test_inspect_reports_sides_and_bad_pairs_by_line_with_the_trainers_masks(tmp_path, capsys):
+    """Per-side token statistics are those of the trainer's own encoder (the preview's masks,
+    side by side); identical pairs, empty sides and pairs over max_length are named by line, in
+    the report, its JSON and `qlora-tui inspect`."""
+    import numpy as np
+    from engine.dataset import inspect as inspect_mod
+    path = _write(tmp_path / "pairs.jsonl", _problem_pairs())
+    cfg = config.load(None, ['model.name="builtin:tiny"', f'data.train="{path}"', "data.max_length=64",
+                             'train.method="dpo"'])
+    rep = inspect_mod.inspect(cfg)
+    assert {(p.line, p.kind) for p in rep.problems} == {(13, "identical_pair"), (14, "empty_content"),
+                                                        (15, "empty_content")}
+    pvs = [inspect_mod.preview(cfg, i) for i in range(rep.rows)]
+    assert [pv.line for pv in pvs] == [*range(1, 13), 16, 17]
+    per_side = {"prompt": [pv.sides["chosen"].n_tokens - pv.sides["chosen"].n_trained_untruncated for pv in pvs],
+                "chosen": [pv.sides["chosen"].n_trained_untruncated for pv in pvs],
+                "rejected": [pv.sides["rejected"].n_trained_untruncated for pv in pvs]}
+    want = {k: {"min": min(v), "median": float(np.median(v)), "max": max(v)} for k, v in per_side.items()}
+    assert rep.sides == want
+    longer = {pv.line: max(s.n_tokens for s in pv.sides.values()) for pv in pvs}
+    over = [(ln, n) for ln, n in longer.items() if n > 64]
+    assert [ln for ln, _ in over] == [16, 17] and rep.over_max_length == over
+    assert rep.over_max_length_total == 2 and rep.truncated_rows == 2
+    # each side's mask: the prompt is shared and untrained, each answer trained on its own side
+    pv = pvs[0]
+    prompt = pv.text[:pv.prompt_chars]
+    assert "say" in prompt and all(s.text.startswith(prompt) for s in pv.sides.values())
+    for name in ("chosen", "rejected"):
+        side = pv.sides[name]
+        trained = "".join(t for t, tr in side.segments if tr)
+        assert _problem_pairs()[0][name][0]["content"] in trained and "say" not in trained
+    assert pvs[-2].sides["chosen"].truncated_at == 64 and pvs[-2].sides["rejected"].truncated_at is None
+    side_doc = pvs[0].to_dict()["sides"]
+    assert any(seg["trained"] for seg in side_doc["rejected"]["segments"]) and "sides" not in side_doc["chosen"]
+    doc = rep.to_dict()["preference"]
+    assert doc["over_max_length"] == [{"line": ln, "tokens": n} for ln, n in over] and doc["sides"] == want
+
+    r = cli(capsys, "inspect", path, "--model", "builtin:tiny", "--max-length", "64", "--set", 'train.method="dpo"')
+    out = r.stdout
+    assert "line 13: [identical_pair]" in out and "line 14: [empty_content]" in out and "line 15: [empty_content]" in out
+    assert "pairs over max_length 64 (their longer side is truncated): 2" in out, out
+    assert f"  line 16: {longer[16]} tokens" in out and f"  line 17: {longer[17]} tokens" in out
+    assert f"chosen min {want['chosen']['min']}, median {want['chosen']['median']:g}, max {want['chosen']['max']}" in out
+    r = cli(capsys, "inspect", path, "--model", "builtin:tiny", "--max-length", "64", "--set", 'train.method="dpo"',
+            "--show-line", "16")
+    assert r.stdout.startswith("chosen: row 13 (line 16)") and "\nrejected: row 13 (line 16)" in r.stdout
+    assert "✂[max_length 64" in r.stdout.split("\nrejected:")[0] and "✂" not in r.stdout.split("\nrejected:")[1]
+    assert f"⟦{_problem_pairs()[4 - 1]['rejected'][0]['content']}" in r.stdout     # the rejected answer, trained
+
+
+def test_inspect_counts_kto_labels_and_each_side(tmp_path):
+    from engine.dataset import inspect as inspect_mod
+    rows = [{"prompt": [{"role": "user", "content": f"say {w}"}],
+             "completion": [{"role": "assistant", "content": f"{w} !" * (i + 1)}], "label": i % 3 != 0}
+            for i, w in enumerate(WORDS)]
+    path = _write(tmp_path / "kto.jsonl", rows)
+    cfg = config.load(None, ['model.name="builtin:tiny"', f'data.train="{path}"', "data.max_length=32",
+                             'train.method="kto"'])
+    rep = inspect_mod.inspect(cfg)
+    assert rep.format == "kto" and rep.labels == {"desirable": 8, "undesirable": 4}
+    pvs = [inspect_mod.preview(cfg, i) for i in range(rep.rows)]
+    assert [pv.label for pv in pvs] == [r["label"] for r in rows] and all(list(pv.sides) == ["completion"] for pv in pvs)
+    trained = [pv.n_trained_untruncated for pv in pvs]
+    assert rep.sides["completion"]["min"] == min(trained) and rep.sides["completion"]["max"] == max(trained)
+    over = [(pv.line, pv.n_tokens) for pv in pvs if pv.n_tokens > 32]
+    assert over and len(over) < len(pvs) and rep.over_max_length == over
+    assert inspect_mod.format_preview(pvs[0], 32).startswith("label: undesirable; row 1 (line 1)")
+
+
 def test_generate_takes_its_prompts_from_preference_rows():
     from engine.outputs.generate import _user_turn
     conv = _pairs(1, 7)[0]

@@ -185,6 +185,58 @@ async def test_chat_from_runs_streams_toggles_base_stops_and_keeps_the_transcrip
 
 
 @pytest.mark.anyio
+async def test_chat_with_a_stopped_run_loads_with_progress_and_takes_the_system_prompt(tmp_path):
+    """F6 opens the newest ended run, a stopped one too; the model loads in a worker whose
+    progress reaches the bar; the system prompt and sampling settings reach the model (greedy:
+    the answer the engine gives for the same system prompt); a bad top-p is one line."""
+    from engine.outputs import chat
+    from engine.training.builtin import tiny_model_dir
+    from outputs_fixtures import make_run_dir
+    from tui.screens.chat import ChatLoading
+    from tui.testing import write_run
+    runs = tmp_path / "runs"
+    name = "20260102-120000-stopped"
+    run = make_run_dir(runs / name, tiny_model_dir(), r=4)
+    (run / "events.jsonl").unlink()
+    write_run(runs, name, steps=60, stop_at=23)                    # ended by a stop, adapter saved
+    from engine.core import rundir
+    assert rundir.info(run).state == "stopped"
+    seen = []
+    app = make_app(_cfg(tmp_path, runs))
+    async with app.run_test(size=(80, 24), message_hook=seen.append) as pilot:
+        await pilot.press("f6")
+        await until(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.model is not None,
+                    what="the stopped run's model")
+        screen = app.screen
+        assert screen.run_dir == run
+        fractions = [m.fraction for m in {id(m): m for m in seen if isinstance(m, ChatLoading)}.values()]   # (each bubbles)
+        assert fractions and fractions[-1] == 1.0 and fractions == sorted(fractions)
+        assert not screen.query_one("#chat-progress").display            # hidden once loaded
+        screen.query_one("#chat-temp", Input).value = "0"
+        screen.query_one("#chat-max", Input).value = "10"
+        screen.query_one("#chat-top-p", Input).value = "0"
+        screen.query_one("#chat-system", Input).value = "you answer in french"
+        screen.query_one("#chat-input", Input).focus()
+        await pilot.press(*"hello there", "enter")
+        await until(pilot, lambda: any("top_p" in str(n.message) for n in app._notifications),
+                    what="the top-p refusal")
+        note = [str(n.message) for n in app._notifications if "top_p" in str(n.message)][-1]
+        assert note.startswith("Sampling: ") and "\n" not in note and screen.history == []
+        screen.query_one("#chat-top-p", Input).value = "0.9"
+        screen.query_one("#chat-input", Input).value = "hello there"
+        await pilot.press("enter")
+        await until(pilot, lambda: not screen.answering and screen.history
+                    and screen.history[-1]["role"] == "assistant", what="the answer")
+        got = screen.history[-1]["content"]
+    m = chat.ChatModel(run / "adapter")
+    m.load(lambda f, msg: None)
+    hist = [{"role": "user", "content": "hello there"}]
+    greedy = chat.Sampling(temperature=0, max_new_tokens=10)
+    assert got == "".join(m.stream(hist, greedy, system="you answer in french"))
+    assert got != "".join(m.stream(hist, greedy))          # the system prompt changed the answer
+
+
+@pytest.mark.anyio
 async def test_chat_with_a_checkpoint_from_the_run_detail(finished, tmp_path):
     app = make_app(_cfg(tmp_path, finished))
     async with app.run_test(size=(80, 24)) as pilot:
@@ -304,6 +356,42 @@ async def test_every_run_action_is_in_the_palette(finished, tmp_path):
         await until(pilot, lambda: isinstance(app.screen, ExportScreen), what="the export dialog")
 
 
+@pytest.mark.anyio
+async def test_every_action_of_every_screen_is_in_the_palette(finished, tmp_path):
+    """The README's promise: every key of every screen (Dataset, Config, Train, Chat, Runs, the run
+    detail, compare runs) is a palette command there, and every run action (chat, export, merge,
+    compare generations, serve, push, preference-tune) from any of them."""
+    from textual.binding import Binding
+    from tui.screens.compare import CompareRunsScreen
+    from tui.screens.runs import RUN_ACTIONS
+    app = make_app(_cfg(tmp_path, finished))
+
+    def check(where: str) -> None:
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        for b in list(app.BINDINGS) + list(app.screen.BINDINGS):
+            if isinstance(b, Binding) and b.description and b.action != "quit":   # Quit: Textual's own
+                key0 = b.key.split(",")[0]
+                assert any(t.endswith((f"({key0})", f"({key0.upper()})")) for t in titles), (where, b.key, titles)
+        for key, _, _, title, _ in RUN_ACTIONS:
+            assert f"{title} ({key})" in titles or f"{title} (Runs: {key})" in titles, (where, title, titles)
+
+    async with app.run_test(size=(80, 24)) as pilot:
+        for key, mode in (("f2", "dataset"), ("f3", "config"), ("f4", "train"), ("f6", "chat"), ("f5", "runs")):
+            await pilot.press(key)
+            await until(pilot, lambda: app.current_mode == mode, what=mode)
+            check(mode)
+        await _open_detail(pilot, app, RUN)
+        check("run detail")
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, RunDetailScreen), what="the runs list")
+        for name in (RUN, FAILED):
+            app.screen.query_one("#runs").move_cursor(row=[ri.name for ri in app.screen.runs].index(name))
+            await pilot.press("space")
+        await pilot.press("v")
+        await until(pilot, lambda: isinstance(app.screen, CompareRunsScreen), what="compare runs")
+        check("compare runs")
+
+
 # ---- every screen and dialog at 80x24 ----------------------------------------------------------
 async def _check_footer(pilot, app, where: str) -> None:
     """Each key the footer should show is on the bottom line, with its label, not cut."""
@@ -319,13 +407,51 @@ async def _check_path_end(pilot, app, tail: str, where: str) -> None:
     assert tail in text, f"{where}: no {tail!r} on screen:\n{text}"
 
 
+LIVE = "20260101-140000-live"
+
+
+@pytest.fixture
+def walk_runs(finished):
+    """The module's runs plus, for this test only, a live run (its writer a stand-in process that
+    this test starts and ends) and the failed run's config asking for the model's own code."""
+    import shutil
+    import subprocess
+    from engine.core import config as config_mod
+    from engine.core import rundir
+    from tui.testing import write_run
+    failed_cfg = finished / FAILED / "config.toml"
+    saved = failed_cfg.read_text()
+    cfg = config_mod.load(failed_cfg)
+    cfg.model.trust_remote_code = True
+    config_mod.save(cfg, failed_cfg)
+    live = write_run(finished, LIVE, steps=60, finished=False, stop_at=5)
+    (live / "config.toml").write_text(saved)
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    rundir.write_pid(live, writer.pid)
+    try:
+        yield finished
+    finally:
+        writer.kill()
+        writer.wait()
+        shutil.rmtree(live)
+        failed_cfg.write_text(saved)
+
+
 @pytest.mark.anyio
-async def test_walk_every_screen_and_dialog_at_80x24(finished, tmp_path):
-    """A long runs path, a failed run with a long error, a finished run: every screen's footer
-    shows its keys whole and every path keeps its end; every dialog says its keys."""
+async def test_walk_every_screen_and_dialog_at_80x24(walk_runs, tmp_path):
+    """A long runs path and a long data path, a failed run with a long error, a finished run and a
+    live one: every screen's footer shows its keys whole and every path keeps its end; every dialog
+    (export, merge, compare, serve, push, resume, load, save as, the model's own code, quit) says
+    its keys."""
     from textual.widgets import DataTable
-    from tui.dialogs import PathPrompt, ResumeFixDialog
-    app = make_app(_cfg(tmp_path, finished))
+    from tui.dialogs import PathPrompt, QuitDialog, RemoteCodeDialog, ResumeFixDialog
+    from tui.screens.compare import CompareRunsScreen
+    finished = walk_runs
+    data = finished.parent / "the-walk-data-with-a-long-name.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                     {"role": "assistant", "content": f"a{i}"}]}) + "\n"
+                            for i in range(20)))
+    app = make_app(demo_cfg(tmp_path, f'output.dir="{finished}"', f'data.train="{data}"'))
     async with app.run_test(size=(80, 24)) as pilot:
         for key, mode in (("f2", "dataset"), ("f3", "config"), ("f4", "train"), ("f6", "chat"),
                           ("f5", "runs")):
@@ -333,7 +459,20 @@ async def test_walk_every_screen_and_dialog_at_80x24(finished, tmp_path):
             await until(pilot, lambda: app.current_mode == mode, what=mode)
             await pilot.pause(0.3)
             await _check_footer(pilot, app, mode)
-        await until(pilot, lambda: len(getattr(app.screen, "runs", [])) == 2, what="both runs")
+            if mode == "dataset":            # the data file's path keeps its end
+                await until(pilot, lambda: app.screen.report is not None and app.screen.report.done,
+                            what="the dataset report")
+                await _check_path_end(pilot, app, "/the-walk-data-with-a-long-name.jsonl", "dataset header")
+                assert LONG[:20] not in screen_text(app)
+            if mode == "config":             # save as: a path prompt that says its keys
+                await pilot.press("ctrl+s")
+                await until(pilot, lambda: isinstance(app.screen, PathPrompt), what="the save-as prompt")
+                text = await settled(pilot, app)
+                assert "Save config as" in text and "enter: ok   esc: cancel" in text, text
+                await pilot.press("escape")
+                await until(pilot, lambda: app.current_mode == "config" and not isinstance(app.screen, PathPrompt),
+                            what="back to the config")
+        await until(pilot, lambda: len(getattr(app.screen, "runs", [])) == 3, what="the three runs")
         await pilot.pause(0.3)
         runs_screen = app.screen
         await _check_path_end(pilot, app, "/runs", "runs header")           # the runs folder keeps its end
@@ -387,3 +526,51 @@ async def test_walk_every_screen_and_dialog_at_80x24(finished, tmp_path):
                     what="the chat")
         await _check_footer(pilot, app, "chat")
         await _check_path_end(pilot, app, f"{RUN}/adapter", "chat status")
+        # compare the finished and the failed run
+        await pilot.press("f5")
+        await until(pilot, lambda: app.screen is runs_screen, what="the runs list")
+        for name in (RUN, FAILED):
+            table.move_cursor(row=names.index(name))
+            await pilot.press("space")
+        await pilot.press("v")
+        await until(pilot, lambda: isinstance(app.screen, CompareRunsScreen) and app.screen.differences,
+                    what="the comparison")
+        await _check_footer(pilot, app, "compare runs")
+        await pilot.press("escape")
+        await until(pilot, lambda: app.screen is runs_screen, what="the runs list")
+        # the failed run asks for the model's own code: resume, then the confirmation; no starts nothing
+        table.move_cursor(row=names.index(FAILED))
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, RunDetailScreen) and app.screen.info,
+                    what="the failed run's detail")
+        await pilot.press("r")
+        await until(pilot, lambda: isinstance(app.screen, ResumeFixDialog), what="the resume dialog")
+        await pilot.press("r")
+        await until(pilot, lambda: isinstance(app.screen, RemoteCodeDialog), what="the remote-code dialog")
+        text = await settled(pilot, app)
+        for says in ("Resuming this run will run Python code", "(y)", "(n)", "builtin:tiny"):
+            assert says in text, f"the remote-code dialog lacks {says!r}:\n{text}"
+        await pilot.press("n")
+        await until(pilot, lambda: not isinstance(app.screen, RemoteCodeDialog), what="no")
+        assert app.run_state is None or not app.run_state.live
+        if isinstance(app.screen, RunDetailScreen):
+            await pilot.press("escape")
+        await until(pilot, lambda: app.screen is runs_screen, what="the runs list")
+        # the live run: attached, the Train footer offers Stop and Detach; quit asks first
+        table.move_cursor(row=names.index(LIVE))
+        await pilot.press("a")
+        await until(pilot, lambda: app.current_mode == "train" and app.run_state is not None
+                    and app.run_state.live, what="the live run attached")
+        await _check_footer(pilot, app, "train, live run")
+        bottom = (await settled(pilot, app)).splitlines()[-1]
+        assert "Stop" in bottom and "Detach" in bottom, bottom
+        await pilot.press("ctrl+q")
+        await until(pilot, lambda: isinstance(app.screen, QuitDialog), what="the quit dialog")
+        text = await settled(pilot, app)
+        for says in (LIVE, "Stop (s)", "Detach (d)", "Cancel (esc)", "qlora-tui attach"):
+            assert says in text, f"the quit dialog lacks {says!r}:\n{text}"
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, QuitDialog), what="cancel")
+        assert app.is_running
+        await pilot.press("ctrl+d")
+        await until(pilot, lambda: not app.run_state.live, what="detached")

@@ -57,3 +57,30 @@ async def test_mark_two_runs_and_compare_them(tmp_path):
         assert all(item in text.splitlines()[-1] for item in footer_keys(app))
         await pilot.press("escape")
         await until(pilot, lambda: app.screen is screen, what="back to the runs")
+
+
+@pytest.mark.anyio
+async def test_four_runs_compare_and_a_fifth_mark_is_refused_in_one_line(tmp_path):
+    runs = tmp_path / "runs"
+    made = [_run(runs, f"2026010{i}-120000-r{4 * i}", 10 + i, f"lora.r={4 * i}") for i in range(1, 6)]
+    app = make_app(demo_cfg(tmp_path))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f5")
+        await until(pilot, lambda: len(getattr(app.screen, "runs", [])) == 5, what="the runs")
+        screen = app.screen
+        names = [ri.name for ri in screen.runs]
+        table = screen.query_one("#runs", DataTable)
+        for d in made:
+            table.move_cursor(row=names.index(d.name))
+            await pilot.press("space")
+        assert screen.marked == made[:4]
+        note = [str(n.message) for n in app._notifications][-1]
+        assert note == "At most 4 runs compare at once: unmark one first (space)."
+        await pilot.press("v")
+        await until(pilot, lambda: isinstance(app.screen, CompareRunsScreen) and app.screen.differences,
+                    what="the comparison")
+        chart = app.screen.query_one(OverlayChart)
+        assert [len(losses) for losses, _ in chart.series] == [11, 12, 13, 14]
+        assert app.screen.differences == [("lora.r", [4, 8, 12, 16])]
+        bottom = (await settled(pilot, app)).splitlines()[-1]
+        assert all(item in bottom for item in footer_keys(app))

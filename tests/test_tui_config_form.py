@@ -91,3 +91,19 @@ def test_runs_of_a_config_are_listed_from_next_to_it(tmp_path, capsys, monkeypat
     (tmp_path / "none").mkdir()
     assert main(["runs", "--dir", str(tmp_path / "none")]) == 0
     assert "qlora-tui runs examples/demo.toml" in capsys.readouterr().out
+
+
+def test_the_demos_runs_folder_is_ignored_by_git():
+    """The README demo writes examples/runs/ (output.dir of examples/demo.toml); git ignores it."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+    from engine.core import config as config_mod
+    repo = Path(__file__).resolve().parents[1]
+    demo = config_mod.load(repo / "examples" / "demo.toml")
+    runs = Path(demo.resolve_path(demo.output.dir)).resolve()
+    assert runs == repo / "examples" / "runs"
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    probe = runs.relative_to(repo) / "20260101-120000-tiny" / "events.jsonl"
+    assert subprocess.run(["git", "check-ignore", "-q", str(probe)], cwd=repo).returncode == 0

@@ -116,3 +116,73 @@ def test_dataset_header_counts_the_duplicate_rows_the_list_shows(tmp_path):
     listed = [ln for ln in listed_lines(report) if ln[1] == "duplicate"]
     assert len(listed) == 4                                # 7 rows, 3 distinct
     assert "duplicate rows 4" in summary_text(report, cfg).plain
+
+
+@pytest.mark.anyio
+async def test_dataset_header_keeps_each_label_with_its_value(tmp_path):
+    """Labels wrap with their values (tui.widgets.pairs), at any width and on the 80x24 screen:
+    never `duplicate rows` at the end of one line and its count on the next."""
+    import json
+    import re
+    from tui.screens.dataset import summary_text
+    from tui_helpers import screen_text
+    rows = [{"messages": [{"role": "user", "content": f"q{i % 3} mail me at someone{i % 3}@example.com"},
+                          {"role": "assistant", "content": f"a{i % 3}"}]} for i in range(9)]
+    folder = tmp_path / ("a-long-folder-name-for-the-dataset-header-" * 2)
+    folder.mkdir()
+    data = folder / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    app = make_app(demo_cfg(tmp_path, f'data.train="{data}"'))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f2")
+        await until(pilot, lambda: app.screen.report is not None and app.screen.report.done,
+                    timeout=120, what="report")
+        await pilot.pause(0.3)
+        report = app.screen.report
+        shown = screen_text(app)
+        for label in ("rows", "problems", "duplicate rows", "possible PII", "median", "max", "trained tokens",
+                      "steps/epoch"):
+            assert re.search(rf"(^|\s){re.escape(label)} +[0-9]", shown, re.M), f"{label!r} apart:\n{shown}"
+        assert report.pii and report.problems and report.duplicates
+        assert "/d.jsonl" in shown and str(data) not in shown        # the path shortened, its end kept
+    header = summary_text(report, app.config)
+    for width in range(30, 121, 6):
+        lines = header.layout(width).plain.splitlines()
+        assert any(ln.endswith("/d.jsonl") for ln in lines), (width, lines)     # the path fits, its end kept
+        for units in header.lines:
+            for u in units:
+                if not callable(u) and u.cell_len <= width - header.indent:
+                    assert any(u.plain in ln for ln in lines), (width, u.plain, lines)
+
+
+@pytest.mark.anyio
+async def test_config_banner_keeps_the_path_end_and_the_problem_whole_or_cut_at_its_end(tmp_path):
+    """80x24: the config file's path is shortened in the middle (never wrapped mid-path), and the
+    first problem fits the banner's rows whole or cut at its end with …, never cut by the banner."""
+    from engine.core.config import Problem
+    from tui.app import QloraApp
+    from tui.testing import fixed_samplers
+    from tui_helpers import settled
+    folder = tmp_path / ("a-rather-long-folder-name-so-that-the-config-path-is-long-" * 2)
+    folder.mkdir()
+    path = folder / "qlora.toml"
+    config.save(demo_cfg(tmp_path), path)
+    app = QloraApp(config.load(path), path, samplers=fixed_samplers(), readings_interval=0)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f3")
+        await until(pilot, lambda: getattr(app.screen, "form_ready", False), what="the form")
+        lines = (await settled(pilot, app)).splitlines()
+        assert lines[1].rstrip().endswith("/qlora.toml   ✔ valid") and "…" in lines[1], lines[1]
+        screen = app.screen
+        for message in ("allowed: auto, bf16", "allowed: " + ", ".join(f"choice-number-{i}" for i in range(40))):
+            screen.problems = [Problem("train.optimizer", "x", message), Problem("lora.r", 0, "too small")]
+            screen._show_banner()
+            await pilot.pause(0.2)
+            lines = (await settled(pilot, app)).splitlines()
+            assert lines[1].rstrip().endswith("/qlora.toml   ✖ 2 problems:"), lines[1]
+            shown = " ".join(ln.strip() for ln in lines[2:4])
+            if len(message) < 60:
+                assert shown.startswith(f"train.optimizer: {message}") and lines[3].strip() == "", lines[:5]
+            else:                                  # two rows, cut at the end of the sentence
+                assert shown.startswith("train.optimizer: allowed: choice-number-0,") and shown.endswith("…"), shown
+                assert "choice-number" not in lines[4], lines[:6]

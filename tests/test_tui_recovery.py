@@ -20,7 +20,7 @@ from tui.app import DEMO_OVERRIDES, QloraApp
 from tui.dialogs import RemoteCodeDialog, ResumeFixDialog
 from tui.runstate import RunState
 from tui.testing import fixed_samplers
-from tui_helpers import demo_cfg, make_app, until  # noqa: F401
+from tui_helpers import demo_cfg, make_app, plain, until  # noqa: F401
 from tui_helpers import anyio_backend  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.anyio
@@ -35,10 +35,6 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-
-
-def plain(widget) -> str:
-    return str(widget.render())
 
 
 def dialog_text(screen) -> str:

@@ -116,3 +116,21 @@ def test_dataset_screen(snap_compare):
         await until(pilot, lambda: app.screen.report is not None and app.screen.report.done,
                     timeout=120)
     assert snap_compare(app, terminal_size=(80, 24), run_before=wait)
+
+
+def test_dataset_screen_preference_pair(snap_compare, tmp_path):
+    """A preference pair at 80x24: the prompt, then chosen | rejected with their masks."""
+    import json
+    u = {"role": "user", "content": "What colour is the sky?"}
+    rows = [{"prompt": [u], "chosen": [{"role": "assistant", "content": f"Blue, on a clear day ({i})."}],
+             "rejected": [{"role": "assistant", "content": f"Green [red]x[/red] ({i})."}]} for i in range(6)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config.load(None, DEMO_OVERRIDES + ['data.train="pairs.jsonl"', 'train.method="dpo"'])
+    app = QloraApp(cfg, None, samplers=fixed_samplers(0), readings_interval=0)
+
+    async def wait(pilot):
+        await pilot.press("f2")
+        await until(pilot, lambda: app.screen.report is not None and app.screen.report.done, timeout=120)
+        await pilot.press("n")
+        await until(pilot, lambda: "chosen" in str(app.screen.query_one("#side-chosen").content), timeout=60)
+    assert snap_compare(app, terminal_size=(80, 24), run_before=wait)

@@ -92,5 +92,9 @@ def test_every_screens_essential_keys_fit_80x24(tmp_path):
                     break
                 time.sleep(0.3)
             assert all(w in footer for w in words), (key, words, footer)
+            if key == "F2":         # the header's labels stay with their values in a real terminal
+                pane = wait_for(session, "steps/epoch", 120)
+                for label in ("rows", "problems", "duplicate rows", "median", "trained tokens", "steps/epoch"):
+                    assert re.search(rf"(^|\s){re.escape(label)} +[0-9]", pane, re.M), (label, pane)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)

@@ -12,7 +12,7 @@ from engine.core import config
 from engine.core.summary import State
 from engine.dataset import data as data_mod
 from engine.training import vision
-from tui_helpers import anyio_backend  # noqa: F401 (fixtures)
+from tui_helpers import anyio_backend, plain  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = vision.vl_sample_dir()
@@ -129,13 +129,13 @@ async def test_dataset_screen_shows_image_problems_tokens_and_a_preview_then_tra
         await pilot.press("f2")
         await until(pilot, lambda: app.screen.report is not None and app.screen.report.done,
                     timeout=180, what="report")
-        summary = str(app.screen.query_one("#ds-summary").render())
+        summary = plain(app.screen.query_one("#ds-summary"))
         assert "vision" in summary and "images" in summary and "missing/unreadable 2" in summary
         table = app.screen.query_one("#problems")
         cells = [" ".join(map(str, table.get_row_at(i))) for i in range(table.row_count)]
         assert any("3" in c and "does not exist" in c for c in cells)
         assert any("4" in c and "corrupt.png" in c for c in cells)
-        await until(pilot, lambda: "tokens" in str(app.screen.query_one("#row-header").render()),
+        await until(pilot, lambda: "tokens" in plain(app.screen.query_one("#row-header")),
                     timeout=120, what="preview")
         view = app.screen.query_one("#row-view").render()
         text = str(view)

@@ -43,6 +43,9 @@ def isolated_settings(tmp_path, monkeypatch):
 
 
 def plain(widget) -> str:
+    content = getattr(widget, "content", None)
+    if hasattr(content, "layout"):            # tui.widgets.pairs.Pairs: its text before layout
+        return content.plain
     return str(widget.render())
 
 

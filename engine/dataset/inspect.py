@@ -75,6 +75,11 @@ class Report:
     warnings: list = field(default_factory=list)
     images: dict = field(default_factory=dict)   # image rows: count, visual tokens, bad images
     sources: list = field(default_factory=list)  # a mixture: per source name, format, rows, share, problems
+    # preference data: tokens per side (prompt with its template, chosen, rejected; KTO: completion)
+    sides: dict = field(default_factory=dict)    # {side: {min, median, max}}
+    labels: dict = field(default_factory=dict)   # KTO rows: {desirable: n, undesirable: m}
+    over_max_length: list = field(default_factory=list)   # [(line, tokens of its longer side)] (first MAX_LISTED)
+    over_max_length_total: int = 0
     phase: str = "read"                # read | tokenize | done | cancelled
     progress: float = 0.0              # 0..1 of the file
     elapsed_s: float = 0.0
@@ -123,6 +128,9 @@ class Report:
             "elapsed_s": round(self.elapsed_s, 3),
             **({"images": dict(self.images)} if self.images else {}),
             **({"sources": [dict(s) for s in self.sources]} if self.sources else {}),
+            **({"preference": {"sides": {k: dict(v) for k, v in self.sides.items()}, "labels": dict(self.labels),
+                               "over_max_length": [{"line": ln, "tokens": n} for ln, n in self.over_max_length],
+                               "over_max_length_total": self.over_max_length_total}} if self.sides else {}),
         }
 
 
@@ -148,6 +156,12 @@ class Preview:
     labels: list = field(default_factory=list, repr=False)   # what the trainer trains on (truncated)
     images: list = field(default_factory=list)   # image rows: path, format, width, height, bytes, tokens
     marks: list = field(default_factory=list)    # [(start, end, kind)]: tool calls, tool results, weight 0
+    # preference rows: each side as the trainer takes it ({"chosen": Preview, "rejected": Preview}, KTO
+    # {"completion": Preview}; this Preview is the chosen side, or the completion), the characters
+    # of the rendered prompt the sides share, and a KTO row's label (True: desirable)
+    sides: dict = field(default_factory=dict, repr=False)
+    prompt_chars: int = 0
+    label: bool | None = None
 
     def to_dict(self) -> dict:
         return {"row_index": self.row_index, "line": self.line, "n_tokens": self.n_tokens,
@@ -155,7 +169,10 @@ class Preview:
                 "truncated_at": self.truncated_at, "cut_char": self.cut_char,
                 "segments": [{"text": t, "trained": tr, **({"turn": k} if k else {})}
                              for t, tr, k in marked_segments(self)],
-                **({"images": list(self.images)} if self.images else {})}
+                **({"images": list(self.images)} if self.images else {}),
+                **({"sides": {k: v.to_dict() for k, v in self.sides.items()}, "prompt_chars": self.prompt_chars}
+                   if self.sides else {}),
+                **({"label": self.label} if self.label is not None else {})}
 
 
 def marked_segments(pv) -> list[tuple[str, bool, str | None]]:
@@ -406,7 +423,7 @@ class _Scan:
         self.provisional = None if cfg.data.format == "auto" else cfg.data.format
         # Memory is bounded by the longest row, not the row count: records are dropped once
         # normalised and counted; each usable row keeps its line, two hashes (duplicates) and
-        # two token counts (about 28 bytes).
+        # two token counts (about 28 bytes; preference rows 12 more: the tokens of each side).
         self.head: list = []              # records read before the provisional format is known
         self.n_raw = 0
         self.first_bad = None             # (line, error) of the first unreadable record
@@ -422,6 +439,10 @@ class _Scan:
         self.dups = quality.Duplicates()
         self.pii: list = []
         self.pending: list = []           # records read since the last flush
+        self.side_counts: list = []       # preference data, per batch: tokens per side per row, int32
+        self.over: list = []              # preference data: (line, tokens) over max_length (first MAX_LISTED)
+        self.over_total = 0
+        self.labels = {"desirable": 0, "undesirable": 0}     # KTO rows
         self.inflight: list = []          # tokenising futures, in row order
         self.last_emit = 0.0
         self.progress = 0.0
@@ -502,12 +523,25 @@ class _Scan:
             return
         max_len = self.rep.max_length
         datas = [r.data for r in new_rows]
-        if self.provisional in preference.FORMATS:     # a pair measures as prompt + its longer answer
-            datas = [preference.side_view(d) for d in datas]
-        texts = [quality.row_text(d) for d in datas]
-        shown, scale = _measurable(datas, texts, max_len)
         counter = self.counter
-        self.inflight.append(self.pool.submit(_scaled_counts, counter, shown, counter.render(shown), scale))
+        if self.provisional in preference.FORMATS:
+            # each side as the trainer takes it (the prompt untrained, the answer trained); a pair
+            # measures as its longer side, which is what max_length must hold
+            sides = []
+            for side in (("chosen", "rejected") if "chosen" in datas[0] else (None,)):
+                views = [preference.side_view(d, side) for d in datas]
+                shown, scale = _measurable(views, [quality.row_text(v) for v in views], max_len)
+                sides.append((shown, counter.render(shown), scale))
+            for d in datas:
+                if "label" in d:
+                    self.labels["desirable" if d["label"] else "undesirable"] += 1
+            datas = [preference.side_view(d) for d in datas]
+            texts = [quality.row_text(d) for d in datas]
+            self.inflight.append(self.pool.submit(_side_counts, counter, sides))
+        else:
+            texts = [quality.row_text(d) for d in datas]
+            shown, scale = _measurable(datas, texts, max_len)
+            self.inflight.append(self.pool.submit(_scaled_counts, counter, shown, counter.render(shown), scale))
         lines = [r.line for r in new_rows]
         self.batch_lines.append(lines)
         self.problems.extend(_control_problems(lines, texts, self.bad_keys))
@@ -522,7 +556,15 @@ class _Scan:
         while len(self.inflight) > keep:
             got = self.inflight.pop(0).result()
             lines = self.batch_lines.pop(0)
+            if isinstance(got, tuple):            # preference data: also the tokens of each side
+                got, per_side = got
+                self.side_counts.append(np.asarray(per_side, dtype=np.int32))
             arr = np.asarray(got, dtype=np.int64).reshape(len(got), 3)
+            if self.side_counts:
+                for i in np.nonzero(arr[:, 0] > max_len)[0].tolist():
+                    self.over_total += 1
+                    if len(self.over) < MAX_LISTED:
+                        self.over.append((lines[i], int(arr[i, 0])))
             self.trained_total += int(arr[:, 1].sum())
             for i in np.nonzero(arr[:, 2] == 0)[0].tolist():
                 n, trained = int(arr[i, 0]), int(arr[i, 1])
@@ -543,7 +585,9 @@ class _Scan:
             raise data_mod.DataError(f"{e}; first problem at line {bad[0]}: {bad[1]}" if bad else str(e)) from None
         if fmt != self.provisional:        # the majority changed after the first rows: read it again
             self.problems.clear(); self.counts.clear(); self.pii.clear(); self.zero.clear()
-            self.trained_total = 0
+            self.side_counts.clear(); self.over.clear()
+            self.trained_total = self.over_total = 0
+            self.labels = {"desirable": 0, "undesirable": 0}
             self.dups = quality.Duplicates()
             self.provisional = fmt
             chunk = []
@@ -578,8 +622,21 @@ class _Scan:
                               trained_total=self.trained_total)
         if phase:
             out.phase = phase
+        if self.side_counts:
+            self._preference_stats(out)
         out.elapsed_s = time.monotonic() - self.t0
         return out
+
+    def _preference_stats(self, out: Report) -> None:
+        """Tokens per side (min / median / max), the rows over max_length by line, KTO's labels."""
+        import numpy as np
+        arr = np.concatenate(self.side_counts)
+        names = ("prompt", "chosen", "rejected") if arr.shape[1] == 3 else ("prompt", "completion")
+        out.sides = {name: {"min": int(arr[:, k].min()), "median": quality.percentiles(arr[:, k], [50])[0],
+                            "max": int(arr[:, k].max())} for k, name in enumerate(names)}
+        out.over_max_length = sorted(self.over)
+        out.over_max_length_total = self.over_total
+        out.labels = dict(self.labels) if arr.shape[1] == 2 else {}
 
 
 def long_row_chars(max_len: int) -> int:
@@ -617,6 +674,16 @@ def _scaled_counts(counter, rows, rendered, scale) -> list:
         return out
     return [(int(round(n * f)), int(round(tr * f)), kept) if f != 1.0 else (n, tr, kept)
             for (n, tr, kept), f in zip(out, scale)]
+
+
+def _side_counts(counter, sides) -> tuple[list, list]:
+    """Preference rows, one side at a time (each ``(rows, rendered, scale)``): the counts of each
+    row's longer side (what max_length must hold), and per row the tokens of its prompt (the
+    untrained tokens of its first side: the prompt with its chat template) and of each answer
+    (its trained tokens)."""
+    per = [_scaled_counts(counter, *s) for s in sides]
+    longer = [max(cs, key=lambda c: c[0]) for cs in zip(*per)]
+    return longer, [(cs[0][0] - cs[0][1], *(c[1] for c in cs)) for cs in zip(*per)]
 
 
 def _control_problems(lines, texts, bad_keys) -> list:
@@ -729,7 +796,6 @@ def preview(cfg, row_index: int, *, path=None) -> Preview:
     """Row ``row_index`` (0-based among usable rows) rendered by the chat template, cut into
     trained / not-trained segments by ``engine.dataset.chat.encode_batch`` (the trainer's encoder),
     with what ``max_length`` truncation removes marked."""
-    from engine.dataset.chat import IGNORE, Encoded, encode_batch, segments
     ds = dataset_for(_data_path(cfg, path), cfg.data.format)
     if not 0 <= row_index < len(ds.rows):
         raise IndexError(f"row {row_index + 1} out of range: the file has {len(ds.rows)} usable rows")
@@ -738,9 +804,32 @@ def preview(cfg, row_index: int, *, path=None) -> Preview:
         from engine.training import vision
         return vision.preview(cfg, row, row_index)
     tok, _ = tokenizer_for(cfg)
-    data = row.data
-    if ds.format in preference.FORMATS:      # the prompt and the chosen answer (KTO: the completion)
-        data = preference.side_view(data, None if "completion" in data else "chosen")
+    if ds.format in preference.FORMATS:      # each side: the prompt and one answer (KTO: the completion)
+        names = ("completion",) if "completion" in row.data else ("chosen", "rejected")
+        sides = {n: _preview_of(cfg, tok, row, row_index, preference.side_view(row.data, n if n != "completion"
+                                                                             else None)) for n in names}
+        pv = Preview(**{**sides[names[0]].__dict__, "sides": sides, "label": row.data.get("label")})
+        texts = [p.text for p in sides.values()]
+        shared = len(texts[0]) if len(texts) == 1 else next(
+            (i for i, (a, b) in enumerate(zip(*texts)) if a != b), min(map(len, texts)))
+        firsts = [_first_trained_char(p) for p in sides.values()]
+        pv.prompt_chars = min([shared] + firsts)
+        return pv
+    return _preview_of(cfg, tok, row, row_index, row.data)
+
+
+def _first_trained_char(pv: Preview) -> int:
+    pos = 0
+    for text, trained in pv.segments:
+        if trained:
+            return pos
+        pos += len(text)
+    return pos
+
+
+def _preview_of(cfg, tok, row, row_index: int, data: dict) -> Preview:
+    """``data`` (the row, or one side of a preference row) encoded by the trainer's encoder."""
+    from engine.dataset.chat import IGNORE, Encoded, encode_batch, segments
     enc = encode_batch(tok, [data])[0]
     if "input_ids" in row.data and not enc.text:      # pre-tokenised row: decode it token by token
         text, offsets = "", []
@@ -770,7 +859,7 @@ def preview(cfg, row_index: int, *, path=None) -> Preview:
         segs = out
     from engine.dataset.chat import turn_marks
     return Preview(row_index=row_index, line=row.line, segments=segs, n_tokens=n,
-                   marks=turn_marks(tok, row.data, enc.text) if enc.text else [],
+                   marks=turn_marks(tok, data, enc.text) if enc.text else [],
                    n_trained=sum(1 for x in labels if x != IGNORE), n_trained_untruncated=enc.n_trained,
                    truncated_at=truncated_at, cut_char=cut_char, text=enc.text,
                    input_ids=list(enc.input_ids[:max_len]), labels=labels)
@@ -813,6 +902,11 @@ def row_index_for_line(cfg, line: int, *, path=None) -> int:
 # ---- text forms (the CLI prints these: engine/cli/cmd_inspect.py) ---------------------
 
 def format_preview(pv: Preview, max_len: int, colour: bool = False) -> str:
+    if len(pv.sides) > 1:              # a preference pair: each side as the trainer takes it
+        return "\n".join(f"{name}: " + format_preview(side, max_len, colour) for name, side in pv.sides.items())
+    if pv.label is not None:           # a KTO row: its label first
+        return f"label: {'desirable' if pv.label else 'undesirable'}; " + format_preview(
+            pv.sides.get("completion", pv), max_len, colour)
     head = (f"row {pv.row_index + 1} (line {pv.line}): {pv.n_tokens} tokens, {pv.n_trained} trained"
             + (f" ({pv.n_trained_untruncated - pv.n_trained} more past max_length)"
                if pv.n_trained_untruncated != pv.n_trained else ""))
@@ -872,6 +966,21 @@ def format_report(r: Report, max_problems: int = 50) -> str:
             label = bucket_label(lo, hi)
             out.append(f"  {label.split('–')[0]:>7}–{label.split('–')[1]:<7} {bar} {c}")
         out.append(f"truncated at max_length: {r.truncated_rows} rows ({r.truncated_share:.1%})")
+        if r.sides:           # preference data: each side's tokens, and the pairs over max_length by line
+            out.append("tokens per side: " + "; ".join(f"{k} min {v['min']}, median {v['median']:g}, max {v['max']}"
+                                                       for k, v in r.sides.items())
+                       + " (prompt: with its chat template; answers: their trained tokens)")
+            if r.labels:
+                out.append(f"labels: {r.labels.get('desirable', 0)} desirable, "
+                           f"{r.labels.get('undesirable', 0)} undesirable")
+            what = "pairs" if "chosen" in r.sides else "rows"
+            out.append(f"{what} over max_length {r.max_length} (their longer side is truncated): "
+                       f"{r.over_max_length_total}")
+            for ln, n in r.over_max_length[:max_problems]:
+                out.append(f"  line {ln}: {n} tokens")
+            if r.over_max_length_total > max_problems:
+                out.append(f"  … {r.over_max_length_total - max_problems} more (--json lists "
+                           f"{'them' if r.over_max_length_total <= MAX_LISTED else f'the first {MAX_LISTED}'})")
         if r.images:
             v = r.images.get("visual_tokens_per_image") or {}
             out.append(f"images: {r.images['count']} in {r.images['rows_with_images']} rows, "

@@ -16,7 +16,7 @@ from textual.screen import Screen
 from textual.widget import Widget
 from textual.widgets import Footer, Header, Input, Label, Select, Static
 
-from tui.safe import clean, literal, one_line
+from tui.safe import clean, literal, middle, one_line
 
 from engine.core.units import GIB
 
@@ -329,19 +329,30 @@ class ConfigScreen(Screen):
         self._show_derived(cfg)
 
     def _show_banner(self) -> None:
+        """``file PATH   ✔ valid`` (the path shortened in the middle to fit its row, its end kept),
+        or ``✖ N problems:`` and the first problem on the rows below, cut at its end (never mid-path
+        or mid-sentence by the banner's height)."""
+        from tui.widgets.pairs import Pairs
         app = self.app
-        t = Text()
-        t.append("file ", style="dim")
-        t.append_text(literal(app.config_path or "(demo defaults, not saved: ctrl+s)"))
         n = len(self.problems)
         if n:
             from engine.core.config import plural
-            t.append(f"   ✖ {plural(n, 'problem')}: ", style="bold $error")
-            p = self.problems[0]
-            t.append(one_line(f"{p.field}: {p.message}", 200))     # wraps (2 lines), never cut
+            status = Text(f"✖ {plural(n, 'problem')}:", style="bold $error")
         else:
-            t.append("   ✔ valid", style="bold $success")
-        self.query_one("#banner", Static).update(t)
+            status = Text("✔ valid", style="bold $success")
+        path = str(app.config_path) if app.config_path else ""
+
+        def first_row(width: int) -> Text:
+            t = Text("file ", style="dim")
+            room = max(8, width - len(t) - 3 - status.cell_len)
+            t.append_text(literal(middle(path, room)) if path else
+                          Text(one_line("(demo defaults, not saved: ctrl+s)", room)))
+            return t + Text("   ") + status
+        out = Pairs().line(first_row)
+        if n:
+            p = self.problems[0]
+            out.line(lambda width: Text(one_line(f"{p.field}: {p.message}", max(20, 2 * width - 8))))
+        self.query_one("#banner", Static).update(out)
 
     def _show_derived(self, cfg) -> None:
         data = self._data

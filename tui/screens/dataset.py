@@ -20,6 +20,7 @@ from textual.widgets import DataTable, Footer, Header, ProgressBar, Static, Tabb
 from textual.worker import get_current_worker
 
 from tui.safe import clean, literal, one_line
+from tui.widgets.pairs import Pairs, fit, pair
 
 
 # ---- what this screen's workers post to it -------------------------------------------
@@ -86,6 +87,28 @@ def histogram_text(report, width: int = 36) -> Text:
     return t
 
 
+def sides_text(report) -> Pairs:
+    """Preference data (the Lengths tab, above the histogram): tokens per side, KTO's labels."""
+    out = Pairs(indent=11)
+    sides = getattr(report, "sides", None) or {}
+    for name, s in sides.items():
+        t = Text(f"{name:<11}", style="bold")
+        t.append(f"min {s['min']:>6,}   median {s['median']:>6,.0f}   max {s['max']:>6,}  tokens")
+        out.line(t)
+    if sides:
+        out.line(Text("(prompt: with its chat template; answers: their trained tokens; the histogram "
+                      "below: each pair's longer side)" if "chosen" in sides else
+                      "(prompt: with its chat template; completion: its trained tokens)", style="dim"))
+    labels = getattr(report, "labels", None) or {}
+    if labels:
+        t = Text("labels     ", style="bold")
+        t.append(f"{labels.get('desirable', 0):,} desirable", style="$success")
+        t.append(", ")
+        t.append(f"{labels.get('undesirable', 0):,} undesirable", style="$error")
+        out.line(t)
+    return out
+
+
 def duplicate_rows(groups) -> int:
     """Rows that repeat an earlier one (each group's later copies): what the list shows."""
     if isinstance(groups, int):
@@ -93,14 +116,14 @@ def duplicate_rows(groups) -> int:
     return sum(max(0, len(list(g)) - 1) for g in groups or [])
 
 
-def summary_text(report, cfg) -> Text:
-    t = Text()
+def summary_text(report, cfg) -> Pairs:
+    """The header: each label stays with its value when the line wraps (tui.widgets.pairs)."""
+    out = Pairs(indent=9)
     srcs = getattr(report, "sources", None) or []
     if srcs:                      # a mixture ([[data.sources]]): each source's share and problems
-        t.append("sources  ", style="dim")
-        t.append(f"{len(srcs)}, {getattr(cfg.data, 'mix', 'concat')}", style="bold")
+        out.line(pair("sources  ", f"{len(srcs)}, {getattr(cfg.data, 'mix', 'concat')}", "bold"))
         for s in srcs:
-            t.append("\n  ")
+            t = Text("  ")
             t.append_text(literal(s.get("name", "?")))
             t.append(f"  {clean(str(s.get('format', '?')))}, {s.get('train', 0):,} rows ", style="dim")
             t.append(f"{s.get('share', 0):.0%}", style="bold")
@@ -113,64 +136,61 @@ def summary_text(report, cfg) -> Text:
                 t.append(")", style="dim")
             for n in s.get("notes") or []:
                 t.append(f"; {one_line(clean(n), 60)}", style="$warning")
-        t.append("\n")
+            out.line(t)
     else:
-        t.append("file     ", style="dim")
-        t.append_text(literal(cfg.data.train or report.path))   # as the user wrote it
-    t.append("\nformat   ", style="dim")
-    t.append(clean(report.format or "?"), style="bold")
+        out.line(fit("file     ", str(cfg.data.train or report.path)))   # as the user wrote it, its end kept
+    out.line(pair("format   ", clean(report.format or "?"), "bold"))
     if report.format_reason:
-        t.append("  because ", style="dim")
-        t.append(clean(report.format_reason))
-    t.append("\nrows     ", style="dim")
-    t.append(f"{report.rows:,}", style="bold")
+        out.add(pair("because", literal(report.format_reason)))
+    out.line(pair("rows     ", f"{report.rows:,}", "bold"))
     if not report.done:
-        t.append(f"  (reading… {report.rows_read:,} so far)", style="$warning")
+        out.add(Text(f"(reading… {report.rows_read:,} so far)", style="$warning"))
     probs = len(report.problems or [])
-    t.append("   problems ", style="dim")
-    t.append(str(probs), style="bold $error" if probs else "bold $success")
+    out.add(pair("problems", str(probs), "bold $error" if probs else "bold $success"))
     dups = duplicate_rows(report.duplicates)
     if dups:              # the rows the Problems tab lists: each later copy, not the groups
-        t.append("   duplicate rows ", style="dim")
-        t.append(str(dups), style="bold $warning")
+        out.add(pair("duplicate rows", str(dups), "bold $warning"))
     pii = report.pii or []
     if pii:
-        t.append("   possible PII ", style="dim")
-        t.append(str(len(pii)), style="bold $warning")
+        out.add(pair("possible PII", str(len(pii)), "bold $warning"))
+    over = getattr(report, "over_max_length_total", 0)
+    if over:
+        what = "pairs" if report.format == "preference" else "rows"
+        out.add(pair(f"{what} over max_length", f"{over:,}", "bold $error"))
     for w in (getattr(report, "warnings", None) or [])[:2]:
-        t.append("\n⚠ ", style="$warning")
-        t.append(one_line(w, 150), style="$warning")
+        out.line(Text("⚠ " + one_line(w, 150), style="$warning"))
     st = report.stats or {}
     if st:
-        t.append("\ntokens   ", style="dim")
-        t.append("  ".join(f"{k} {st[k]:,.0f}" for k in ("min", "median", "p95", "max")
-                           if isinstance(st.get(k), (int, float))))
+        units = [pair(k, f"{st[k]:,.0f}") for k in ("min", "median", "p95", "max")
+                 if isinstance(st.get(k), (int, float))]
+        out.line(Text("tokens   ", style="dim") + units[0] if units else Text("tokens", style="dim"), *units[1:])
     if report.trained_tokens_total:
-        t.append("   trained tokens ", style="dim")
-        t.append(f"{report.trained_tokens_total:,}")
+        out.add(pair("trained tokens", f"{report.trained_tokens_total:,}"))
     if report.steps_per_epoch:
-        t.append("   steps/epoch ", style="dim")
-        t.append(f"{report.steps_per_epoch:,}")
+        out.add(pair("steps/epoch", f"{report.steps_per_epoch:,}"))
     imgs = getattr(report, "images", None) or {}
     if imgs:
-        t.append("\nimages   ", style="dim")
-        t.append(f"{imgs.get('count', 0):,}", style="bold")
-        t.append(f"  visual tokens {imgs.get('visual_tokens_total', 0):,} (in the token counts)", style="dim")
+        out.line(pair("images   ", f"{imgs.get('count', 0):,}", "bold"),
+                 Text(f"visual tokens {imgs.get('visual_tokens_total', 0):,} (in the token counts)", style="dim"))
         bad = imgs.get("bad_images", 0)
-        t.append("   missing/unreadable ", style="dim")
-        t.append(str(bad), style="bold $error" if bad else "bold $success")
-    return t
+        out.add(pair("missing/unreadable", str(bad), "bold $error" if bad else "bold $success"))
+    return out
 
 
-def preview_text(preview) -> Text:
+def preview_text(preview, start: int = 0, end: int | None = None) -> Text:
     """Context dim, trained tokens highlighted; tool calls, tool results and weight-0 turns
-    labelled «…» (results italic, weight-0 answers struck); what max_length cuts off is marked ✂."""
+    labelled «…» (results italic, weight-0 answers struck); what max_length cuts off is marked ✂.
+    ``start``/``end``: only those characters of the rendered text (a preference row's prompt, or
+    one side's answer)."""
     from engine.dataset.chat import MARK_LABELS
     from engine.dataset.inspect import marked_segments
     t = Text()
     cut = getattr(preview, "cut_char", None)
     pos, before = 0, None
-    for text, trained, kind in marked_segments(preview):
+    for text, trained, kind, shown in _between(marked_segments(preview), start, end):
+        if not shown:                      # outside start..end: counted, not drawn
+            pos += len(text)
+            continue
         if kind and kind != before:        # tool calls, tool results and weight-0 turns, labelled
             t.append(f"«{MARK_LABELS[kind]}»", style="bold $accent" if kind != "weight_0" else "bold $warning")
         before = kind
@@ -189,6 +209,27 @@ def preview_text(preview) -> Text:
         else:
             t.append(clean(text), style=style)
         pos += len(text)
+    return t
+
+
+def _between(segments, start: int, end: int | None):
+    """The segments as (text, trained, kind, shown): cut where characters ``start``..``end``
+    begin and end, the pieces outside them not shown (positions keep counting from the start of
+    the whole text, so the ✂ cut is found by its offset)."""
+    pos = 0
+    stop = end if end is not None else float("inf")
+    for text, trained, kind in segments:
+        cuts = sorted({0, len(text), *(c - pos for c in (start, stop) if pos < c < pos + len(text))})
+        for x, y in zip(cuts, cuts[1:]):
+            yield text[x:y], trained, kind, start <= pos + x < stop
+        pos += len(text)
+
+
+def side_title(name: str, pv) -> Text:
+    t = Text(name, style="bold")
+    t.append(f"  {pv.n_tokens} tokens, {pv.n_trained} trained", style="dim")
+    if pv.truncated_at is not None:
+        t.append("  ✂ over max_length", style="bold $error")
     return t
 
 
@@ -232,6 +273,10 @@ def listed_lines(report, limit: int = 5000) -> list[tuple[int, str, str]]:
             out += [(ln, kind, f"same as line {lines[0]}") for ln in lines[1:]]
     for f in getattr(report, "pii", None) or []:
         out.append((f.line, "possible PII", f"{f.kind}: {f.masked}"))
+    what = "pair" if "chosen" in (getattr(report, "sides", None) or {}) else "row"
+    for line, n in getattr(report, "over_max_length", None) or []:      # preference data
+        out.append((line, "over max_length", f"{n} tokens > max_length {report.max_length}: "
+                    f"this {what}'s longer side is truncated"))
     return out[:limit]
 
 
@@ -272,6 +317,7 @@ class DatasetScreen(Screen):
         with TabbedContent(id="ds-tabs"):
             with TabPane("Lengths", id="tab-lengths"):
                 with VerticalScroll():
+                    yield Static(id="sides")
                     yield Static(id="hist")
             with TabPane("Problems", id="tab-problems"):
                 yield DataTable(id="problems", cursor_type="row", zebra_stripes=True)
@@ -279,6 +325,9 @@ class DatasetScreen(Screen):
                 yield Static(id="row-header")
                 with VerticalScroll(id="row-scroll"):
                     yield Static(id="row-view")
+                    with Horizontal(id="row-sides"):       # a preference pair: chosen | rejected
+                        yield Static(id="side-chosen", classes="side")
+                        yield Static(id="side-rejected", classes="side")
                     yield Vertical(id="row-images")
         yield Footer(compact=True)
 
@@ -313,9 +362,11 @@ class DatasetScreen(Screen):
         self.query_one("#ds-summary", Static).update(
             Text("reading ") + literal(self.app.config.data.train) + Text("…"))
         self.query_one("#hist", Static).update("")
+        self.query_one("#sides", Static).update("")
         self.query_one("#problems", DataTable).clear()
         self.query_one("#row-header", Static).update("")
         self.query_one("#row-view", Static).update("")
+        self._show_sides(None)
         self._show_images([])
         self._inspect(self.app.config, self._cancel)
 
@@ -363,6 +414,9 @@ class DatasetScreen(Screen):
             elif isinstance(frac, (int, float)):
                 bar.update(total=1.0, progress=frac)
             self.query_one("#hist", Static).update(histogram_text(rep))
+            side_stats = sides_text(rep)
+            self.query_one("#sides", Static).display = bool(side_stats.lines)
+            self.query_one("#sides", Static).update(side_stats)
             table = self.query_one("#problems", DataTable)
             listed = listed_lines(rep)
             if table.row_count != len(listed):
@@ -399,6 +453,7 @@ class DatasetScreen(Screen):
         self.query_one("#row-header", Static).update(
             Text(f"line {line}   finding its row…", style="dim"))
         self.query_one("#row-view", Static).update("")
+        self._show_sides(None)
         self._show_images([])
         self._row_for_line(self.app.config, line)
 
@@ -425,10 +480,10 @@ class DatasetScreen(Screen):
         if msg.index is not None and self.report is not None:
             self._show_row(msg.index)
             return
-        h = Text()
-        h.append(f"line {msg.line}", style="bold")
-        h.append("   no row   n/p: next/previous row", style="dim")
+        h = Pairs([[Text(f"line {msg.line}", style="bold"), Text("no row", style="dim"),
+                    Text("n/p: next/previous row", style="dim")]])
         self.query_one("#row-header", Static).update(h)
+        self._show_sides(None)
         t = Text(f"Line {msg.line} has no row: it failed to parse as a training example, so "
                  "the row browser cannot show it (training skips it).\n\n", style="bold $error")
         t.append_text(literal(msg.error))
@@ -471,21 +526,41 @@ class DatasetScreen(Screen):
         if msg.preview is None:
             header.update(Text(f"row {msg.index + 1} of {rows:,}", style="bold"))
             view.update(Text("cannot render this row: ", style="bold $error") + literal(msg.error))
+            self._show_sides(None)
             self._show_images([])
             return
         pv = msg.preview
-        h = Text()
-        h.append(f"row {msg.index + 1} of {rows:,}", style="bold")
+        where = Text(f"row {msg.index + 1} of {rows:,}", style="bold")
         if getattr(pv, "line", None):
-            h.append(f"  (line {pv.line})", style="dim")
-        h.append(f"   {pv.n_tokens} tokens, {pv.n_trained} trained  ")
-        h.append("trained", style="bold reverse $success")
-        h.append(" / ")
-        h.append("context", style="dim")
-        h.append("   n/p: next/previous", style="dim")
+            where.append(f"  (line {pv.line})", style="dim")
+        sides = getattr(pv, "sides", None) or {}
+        label = getattr(pv, "label", None)
+        if len(sides) > 1:         # a pair: each side's tokens below, in its column
+            count = Text("prompt, chosen | rejected")
+        else:
+            count = Text(f"{pv.n_tokens} tokens, {pv.n_trained} trained")
+        legend = Text("trained", style="bold reverse $success") + Text(" / ") + Text("context", style="dim")
+        h = Pairs([[where] + ([pair("label", "desirable" if label else "undesirable",
+                                    "bold $success" if label else "bold $error")] if label is not None else [])
+                   + [count, legend, Text("n/p: next/previous", style="dim")]])
         header.update(h)
-        view.update(preview_text(pv))
+        if len(sides) > 1:
+            view.update(preview_text(pv, 0, pv.prompt_chars))
+            self._show_sides(sides, pv.prompt_chars)
+        else:
+            view.update(preview_text(pv))
+            self._show_sides(None)
         self._show_images(image_widgets(pv))
+
+    def _show_sides(self, sides: dict | None, start: int = 0) -> None:
+        """A preference pair's answers side by side, each with its own mask (the prompt they
+        share is in the row view above); hidden for any other row."""
+        box = self.query_one("#row-sides", Horizontal)
+        box.display = bool(sides)
+        for name in ("chosen", "rejected"):
+            pv = (sides or {}).get(name)
+            self.query_one(f"#side-{name}", Static).update(
+                side_title(name, pv) + Text("\n") + preview_text(pv, start) if pv is not None else "")
 
     def _show_images(self, widgets: list) -> None:
         box = self.query_one("#row-images", Vertical)
