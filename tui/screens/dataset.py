@@ -126,10 +126,11 @@ def summary_text(report, cfg) -> Text:
     t.append(f"{report.rows:,}", style="bold")
     if not report.done:
         t.append(f"  (reading… {report.rows_read:,} so far)", style="$warning")
-    probs = len(report.problems or [])
+    probs = getattr(report, "n_problems", None)
+    probs = len(report.problems or []) if probs is None else probs
     t.append("   problems ", style="dim")
-    t.append(str(probs), style="bold $error" if probs else "bold $success")
-    dups = duplicate_rows(report.duplicates)
+    t.append(f"{probs:,}", style="bold $error" if probs else "bold $success")
+    dups = getattr(report, "duplicate_rows", 0) or duplicate_rows(report.duplicates)
     if dups:              # the rows the Problems tab lists: each later copy, not the groups
         t.append("   duplicate rows ", style="dim")
         t.append(str(dups), style="bold $warning")
