@@ -11,17 +11,17 @@ loaded the tokenizer (the floor any inspection starts from).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import data_file  # noqa: E402  (bench/data_file.py)
 
 WORDS = ("sun rain snow wind cloud river stone tree bird fish road town ship lamp door key "
          "red blue green old new big small fast slow warm cold").split()
@@ -69,7 +69,7 @@ if {path!r}:
     s = time.perf_counter() - t0
     tokens = int(rep.stats["mean"] * rep.rows_tokenized)
     print(json.dumps({{"rows": rep.rows, "raw": rep.raw_count, "seconds": s, "tokens": tokens,
-                      "dup_groups": getattr(rep, "duplicates_total", len(rep.duplicates)), "near_groups": getattr(rep, "near_duplicates_total", len(rep.near_duplicates)),
+                      "dup_groups": rep.duplicates_total, "near_groups": rep.near_duplicates_total,
                       "problems": len(rep.problems), "floor_kib": floor,
                       "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
 else:
@@ -84,13 +84,7 @@ def run_child(path: str) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--keep", default=None, help="write the data file here and keep it")
-    args = ap.parse_args()
-    tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="inspect-mem-"))
-    tmp.mkdir(parents=True, exist_ok=True)
-    path = tmp / f"short_{args.rows}.jsonl"
+    args, path = data_file.start(__doc__, 1_000_000, "short")
     if not path.exists():
         t = time.perf_counter()
         generate(path, args.rows)
@@ -103,11 +97,7 @@ def main() -> int:
           f"{got['floor_kib'] / 2**20:.2f} GiB); {got['seconds']:.1f} s, "
           f"{got['rows'] / got['seconds']:,.0f} rows/s, {got['tokens'] / got['seconds'] / 1e6:.2f} M tokens/s "
           f"on {os.cpu_count()} CPU(s)")
-    print("command: python bench/inspect_memory.py" + (f" --rows {args.rows}" if args.rows != 1_000_000 else ""))
-    if not args.keep:
-        path.unlink()
-        tmp.rmdir()
-    return 0
+    return data_file.finish("bench/inspect_memory.py", args, 1_000_000, path)
 
 
 if __name__ == "__main__":
