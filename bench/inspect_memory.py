@@ -56,21 +56,38 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
 
 
 CHILD = r"""
-import json, resource, sys, time
+import json, os, resource, sys, threading, time
 sys.path.insert(0, {root!r})
 from engine.core import config
 from engine.dataset import inspect as inspect_mod
 cfg = config.load(None, ['model.name="builtin:tiny"'])
 inspect_mod.tokenizer_for(cfg)
 floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+samples = []          # (seconds, rows read, RSS in KiB) every 2 s: the growth per row
+
+def rss_kib():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
 if {path!r}:
+    read = [0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(2.0):
+            samples.append((round(time.perf_counter() - t0, 1), read[0], rss_kib()))
+
+    def on_partial(rep):
+        read[0] = rep.rows_read
     t0 = time.perf_counter()
-    rep = inspect_mod.inspect(cfg, path={path!r})
+    threading.Thread(target=sample, daemon=True).start()
+    rep = inspect_mod.inspect(cfg, path={path!r}, on_partial=on_partial)
+    stop.set()
     s = time.perf_counter() - t0
     tokens = int(rep.stats["mean"] * rep.rows_tokenized)
     print(json.dumps({{"rows": rep.rows, "raw": rep.raw_count, "seconds": s, "tokens": tokens,
                       "dup_groups": rep.duplicates_total, "near_groups": rep.near_duplicates_total,
-                      "problems": len(rep.problems), "floor_kib": floor,
+                      "problems": len(rep.problems), "floor_kib": floor, "samples": samples,
                       "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
 else:
     print(json.dumps({{"floor_kib": floor}}))
@@ -97,6 +114,13 @@ def main() -> int:
           f"{got['floor_kib'] / 2**20:.2f} GiB); {got['seconds']:.1f} s, "
           f"{got['rows'] / got['seconds']:,.0f} rows/s, {got['tokens'] / got['seconds'] / 1e6:.2f} M tokens/s "
           f"on {os.cpu_count()} CPU(s)")
+    pts = [p for p in got["samples"] if p[1]]
+    if len(pts) >= 4:              # RSS against rows read, at a fifth of the way and on
+        marks = [pts[min(len(pts) - 1, len(pts) * k // 5)] for k in range(1, 5)] + [pts[-1]]
+        print("RSS while reading: " + ", ".join(f"{r:,} rows {kib / 2**20:.3f} GiB" for _, r, kib in marks))
+        (_, r0, k0), (_, r1, k1) = marks[0], marks[-1]
+        if r1 > r0:
+            print(f"growth from {r0:,} to {r1:,} rows: {(k1 - k0) * 1024 / (r1 - r0):.1f} bytes a row")
     return data_file.finish("bench/inspect_memory.py", args, 1_000_000, path)
 
 

@@ -505,7 +505,9 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
         total = sum(s.train for s in shares)
         scan.rep.sources = [{"name": s.name, "path": s.path, "format": s.format, "usable": s.usable,
                              "train": s.train, "eval": s.eval, "share": round(s.share(total), 6),
-                             "problems": s.problems, "first_problem": s.first_problem, "notes": list(s.notes)}
+                             "problems": s.problems, "first_problem": s.first_problem, "notes": list(s.notes),
+                             "problem_lines": [{"line": p.line, "kind": p.kind, "message": p.message}
+                                               for p in s.problem_list]}
                             for s in shares]
     try:
         if not scan.read(cancel):
@@ -519,11 +521,22 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
         out = scan.snapshot(mixed=mixed)
         if shares is not None:                  # each source's eval rows were held out by itself
             out.splits = {"train": out.splits.get("train", 0), "eval": sum(s.eval for s in shares)}
+            out.problems = _with_origins(scan.path, out.problems)
         if on_partial is not None:
             on_partial(out)
         return out
     finally:
         scan.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _with_origins(path: str, problems: list) -> list:
+    """A mixture's problems (found in its rows' file) naming the source file and line of each."""
+    from engine.dataset import sources
+    out = []
+    for p in problems:
+        where = sources.origin(path, p.line)
+        out.append(data_mod.DataProblem(p.line, p.kind, f"{p.message} [{where}]") if where else p)
+    return out
 
 
 class _Scan:
@@ -1021,6 +1034,12 @@ def format_report(r: Report, max_problems: int = 50) -> str:
                    f"{s['eval']:,} eval, {s['problems']:,} problems" + (f" (first: {s['first_problem']})"
                                                                        if s['first_problem'] else "")
                    + "".join(f"; {n}" for n in s["notes"]))
+        listed = s.get("problem_lines") or []
+        for p in listed[:5]:
+            out.append(f"    {Path(str(s['path'])).name} line {p['line']}: [{p['kind']}] {p['message']}")
+        if s["problems"] > 5:
+            out.append(f"    … {s['problems'] - 5:,} more in this source (--json lists "
+                       + ("them)" if len(listed) == s["problems"] else f"the first {len(listed):,})"))
     split = ", ".join(f"{k} {v}" for k, v in r.splits.items())
     out.append(f"rows: {r.rows} usable of {r.raw_count} read" + (f" → {split}" if split else ""))
     counts = r.problem_counts if r.problem_counts is not None else _count_kinds(r.problems)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.text import Text
 from textual import on, work
@@ -221,11 +222,25 @@ def image_widgets(preview) -> list:
     return out
 
 
+class SourceLine(str):
+    """A line of one source of a mixture (``[[data.sources]]``), shown as ``b.jsonl:17``: its
+    row is not in the mix (it failed to load), so Enter shows the source file's line itself."""
+
+    def __new__(cls, path: str, line: int):
+        self = super().__new__(cls, f"{Path(path).name}:{line}")
+        self.path, self.line = path, line
+        return self
+
+
 def listed_lines(report, limit: int = 5000) -> list[tuple[int, str, str]]:
     """(line, kind, message) of everything the report names by line, as the CLI lists them:
-    problems, then exact and near duplicates (each later copy, naming the first), then
-    possible PII (masked). Enter on any of them opens that line's row."""
+    problems, then each mixture source's problems (by ``SourceLine``), then exact and near
+    duplicates (each later copy, naming the first), then possible PII (masked). Enter on any
+    of them opens that line's row."""
     out = [(p.line, p.kind, p.message) for p in (report.problems or [])]
+    for s in getattr(report, "sources", None) or []:
+        out += [(SourceLine(str(s.get("path", "?")), p["line"]), p["kind"], f"[{s.get('name', '?')}] {p['message']}")
+                for p in s.get("problem_lines") or []]
     for kind, groups in (("duplicate", report.duplicates), ("near-duplicate",
                                                            getattr(report, "near_duplicates", []))):
         for g in groups if isinstance(groups, list) else []:
@@ -395,6 +410,9 @@ class DatasetScreen(Screen):
                         markup=False)
             return
         line = probs[i][0]
+        if isinstance(line, SourceLine):
+            self._show_source_line(line, probs[i][2])
+            return
         self._jump_line = line
         self.query_one("#ds-tabs", TabbedContent).active = "tab-rows"
         self.query_one("#row-header", Static).update(
@@ -402,6 +420,25 @@ class DatasetScreen(Screen):
         self.query_one("#row-view", Static).update("")
         self._show_images([])
         self._row_for_line(self.app.config, line)
+
+    def _show_source_line(self, where: SourceLine, message: str) -> None:
+        """A mixture source's problem: the source file's line as it is (it has no row in the mix)."""
+        from engine.dataset.inspect import raw_line
+        self._jump_line = None
+        self.query_one("#ds-tabs", TabbedContent).active = "tab-rows"
+        h = Text()
+        h.append_text(literal(str(where)))
+        h.append("   a source's line: not in the mix   n/p: rows of the mix", style="dim")
+        self.query_one("#row-header", Static).update(h)
+        t = Text("This line of a source failed to load, so the mix leaves it out (training skips it).\n\n",
+                 style="bold $error")
+        t.append_text(literal(message))
+        raw = raw_line(where.path, where.line)
+        if raw:
+            t.append(f"\n\n{where} as it is in the file:\n", style="dim")
+            t.append_text(literal(raw))
+        self.query_one("#row-view", Static).update(t)
+        self._show_images([])
 
     @work(thread=True, exclusive=True, group="row-for-line", exit_on_error=False)
     def _row_for_line(self, cfg, line: int) -> None:
