@@ -299,16 +299,21 @@ def _iter_datasets_dir(p: Path):
         yield i + 1, rec, None
 
 
+_DETECTORS: list = []        # (vision.detect, preference.detect), imported on first use (a cycle)
+
+
 def detect(rec: object) -> tuple[str | None, str]:
     """The format of one record and the evidence."""
     if not isinstance(rec, dict):
         return None, "not a JSON object"
-    from engine.training import vision
-    vis = vision.detect(rec)
+    if not _DETECTORS:
+        from engine.dataset import preference      # chosen/rejected or a KTO label: never SFT rows
+        from engine.training import vision
+        _DETECTORS[:] = [vision.detect, preference.detect]
+    vis = _DETECTORS[0](rec)
     if vis:
         return vis
-    from engine.dataset import preference      # chosen/rejected or a KTO label: never SFT rows
-    pref = preference.detect(rec)
+    pref = _DETECTORS[1](rec)
     if pref:
         return pref
     keys = set(rec)
@@ -366,8 +371,14 @@ def check_turns(turns, line: int, problems: list[DataProblem], system: object = 
     return out
 
 
+_PLAIN_ROLES = ("user", "assistant", "system")
+
+
 def _check_turn(t: dict, j: int, line: int, problems: list[DataProblem]) -> dict | None:
     """One turn normalised, or None (its problem recorded)."""
+    role, content = t.get("role"), t.get("content")
+    if len(t) == 2 and type(content) is str and role in _PLAIN_ROLES and content and not content.isspace():
+        return {"role": role, "content": content}          # the common turn: what the steps below give it
     role = _turn_role(t, j, line, problems)
     if role is None:
         return None
@@ -809,14 +820,18 @@ def choose_format(path: str, fmt: str, seen: dict, first_line: dict, n_raw: int
     return fmt, reason, problems
 
 
+_UNKNOWN = object()
+
+
 def normalise_record(line: int, rec: object, err: str | None, fmt: str,
-                     problems: list[DataProblem]) -> Row | None:
-    """One ``iter_raw`` record → a Row, or None (a problem recorded, or another format's row)."""
+                     problems: list[DataProblem], detected=_UNKNOWN) -> Row | None:
+    """One ``iter_raw`` record → a Row, or None (a problem recorded, or another format's row).
+    ``detected``: the record's format when the caller has already detected it (``detect``)."""
     if err is not None:
         kind = "row_too_large" if err.startswith(TOO_LARGE) else "invalid_json" if "JSON" in err else "bad_row"
         problems.append(DataProblem(line, kind, err))
         return None
-    f, _ = detect(rec)
+    f = detect(rec)[0] if detected is _UNKNOWN else detected
     if f is not None and f != fmt and not (fmt == "messages" and f == "sharegpt") \
             and not (fmt == "vision" and f in ("messages", "sharegpt")):      # text-only turns
         return None   # reported once as mixed_format

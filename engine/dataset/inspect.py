@@ -585,8 +585,8 @@ class _Scan:
         provisional format is known (the majority of the first 200). False when cancelled."""
         rep = self.rep
         rep.phase = "read"
-        for rec in data_mod.iter_raw(self.path, on_bytes=self._on_bytes):
-            self._note(rec)
+        for line, obj, err in data_mod.iter_raw(self.path, on_bytes=self._on_bytes):
+            rec = (line, obj, err, self._note(line, obj, err))      # with its format: detected once
             if self.provisional is None:
                 self.head.append(rec)
                 if sum(self.seen.values()) < 200 and not self._head_full():
@@ -620,9 +620,9 @@ class _Scan:
         if self.seen:
             return True
         keep = []
-        for line, rec, err in self.head:
+        for line, rec, err, f in self.head:
             if err is None:
-                keep.append((line, rec, err))
+                keep.append((line, rec, err, f))
             else:
                 data_mod.normalise_record(line, rec, err, "messages", self.problems)
         self.head = keep[-5 * BATCH:] if len(keep) > 5 * BATCH else keep
@@ -631,24 +631,26 @@ class _Scan:
     def _on_bytes(self, done, total) -> None:
         self.progress = done / total if total else 1.0
 
-    def _note(self, rec) -> None:
-        """Count one raw record: its format evidence, its field names (and any holding controls)."""
-        line, obj, err = rec
+    def _note(self, line, obj, err):
+        """Count one raw record: its format evidence, its field names (and any holding controls).
+        Returns its format (None: none detected or unreadable)."""
         self.n_raw += 1
-        if err is not None and self.first_bad is None:
-            self.first_bad = (line, err)
-        if err is None:
-            data_mod.count_format(obj, line, self.seen, self.first_line)
-            if isinstance(obj, dict):
-                fields = self.fields
-                for k in obj:
-                    if k in fields:
-                        fields[k] += 1
-                    elif len(fields) < MAX_FIELDS:       # a file of ever new field names stays bounded
-                        fields[k] = 1
-                    if has_controls(k):
-                        self.bad_keys[line] = k
         self.rep.rows_read = self.n_raw
+        if err is not None:
+            if self.first_bad is None:
+                self.first_bad = (line, err)
+            return None
+        f = data_mod.count_format(obj, line, self.seen, self.first_line)
+        if isinstance(obj, dict):
+            fields = self.fields
+            for k in obj:
+                if k in fields:
+                    fields[k] += 1
+                elif len(fields) < MAX_FIELDS:       # a file of ever new field names stays bounded
+                    fields[k] = 1
+                if has_controls(k):
+                    self.bad_keys[line] = k
+        return f
 
     # ---- normalising, tokenising, quality checks
 
@@ -657,8 +659,8 @@ class _Scan:
         if not self.pending:
             return
         new_rows = []
-        for line, rec, err in self.pending:
-            row = data_mod.normalise_record(line, rec, err, self.provisional, self.problems)
+        for line, rec, err, f in self.pending:
+            row = data_mod.normalise_record(line, rec, err, self.provisional, self.problems, f)
             if row is not None:
                 new_rows.append(row)
             elif self.bad_keys:
