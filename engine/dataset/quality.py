@@ -183,7 +183,7 @@ class Duplicates:
         self.fd = None
         self._file = None
         self._n = 0
-        self._cached: tuple = (-1, None, None)
+        self._cached: tuple = (None, None)
         self._when = 0.0
         self._cost = 0.0
 
@@ -319,17 +319,9 @@ class Duplicates:
                 for ln, n in zip(out_lines[keep].tolist(), out_tokens[keep].tolist())] if bounds else []
         got = Quality(exact, near, outl, capped)
         self._cost = time.monotonic() - t0
-        self._cached = (key, got, None)
+        self._cached = (key, got)
         self._when = time.monotonic()
         return got
-
-    def exact_groups(self, stale_ok: bool = False) -> list[list[int]]:
-        return self.quality(1 << 62, stale_ok=stale_ok).exact.listed()
-
-    def near_groups(self, stale_ok: bool = False) -> list[list[int]]:
-        """Groups of rows that differ only in case, punctuation or spacing (exact copies excluded:
-        each group lists the first line of every distinct variant)."""
-        return self.quality(1 << 62, stale_ok=stale_ok).near.listed()
 
 
 def _runs(np, hashes):
