@@ -7,7 +7,11 @@ Generates a JSONL of N short chat rows (seeded; ~1 in 50 an exact copy of an ear
 prints the child's peak RSS (ru_maxrss), its time and token rate, and the RSS of a child that only
 loaded the tokenizer (the floor any inspection starts from).
 
-    python bench/inspect_memory.py [--rows 1000000] [--keep DIR]
+    python bench/inspect_memory.py [--rows 1000000] [--keep DIR] [--low-caps]
+
+``--low-caps`` lowers the listing caps (100,000 → 1,000 duplicate groups; per-row counts for the
+first 100,000 rows instead of 1 M), so every capped structure is full early and the RSS samples
+show what still grows with the row count.
 """
 from __future__ import annotations
 
@@ -61,6 +65,8 @@ sys.path.insert(0, {root!r})
 from engine.core import config
 from engine.dataset import inspect as inspect_mod
 cfg = config.load(None, ['model.name="builtin:tiny"'])
+if {low_caps!r}:      # every capped structure full early: what still grows is per-row state no cap covers
+    inspect_mod.MAX_GROUPS, inspect_mod.SPLIT_EXACT_MAX = 1000, 100_000
 inspect_mod.tokenizer_for(cfg)
 floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 samples = []          # (seconds, rows read, RSS in KiB) every 2 s: the growth per row
@@ -94,20 +100,21 @@ else:
 """
 
 
-def run_child(path: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT), path=path)],
+def run_child(path: str, low_caps: bool = False) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT), path=path, low_caps=low_caps)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
-    args, path = data_file.start(__doc__, 1_000_000, "short")
+    low_caps = "--low-caps" in sys.argv
+    args, path = data_file.start(__doc__, 1_000_000, "short", [a for a in sys.argv[1:] if a != "--low-caps"])
     if not path.exists():
         t = time.perf_counter()
         generate(path, args.rows)
         print(f"generated {args.rows:,} rows in {time.perf_counter() - t:.1f} s "
               f"({path.stat().st_size / 1e6:.0f} MB)")
-    got = run_child(str(path))
+    got = run_child(str(path), low_caps)
     print(f"rows: {got['rows']:,} usable of {got['raw']:,}; {got['tokens']:,} tokens; "
           f"{got['dup_groups']:,} duplicate groups, {got['near_groups']:,} near-duplicate groups")
     print(f"peak RSS: {got['peak_kib'] / 2**20:.2f} GiB (after loading the tokenizer: "
@@ -115,13 +122,13 @@ def main() -> int:
           f"{got['rows'] / got['seconds']:,.0f} rows/s, {got['tokens'] / got['seconds'] / 1e6:.2f} M tokens/s "
           f"on {os.cpu_count()} CPU(s)")
     pts = [p for p in got["samples"] if p[1]]
-    if len(pts) >= 4:              # RSS against rows read, at a fifth of the way and on
-        marks = [pts[min(len(pts) - 1, len(pts) * k // 5)] for k in range(1, 5)] + [pts[-1]]
+    if len(pts) >= 4:              # RSS against rows read, at each tenth of the way
+        marks = [pts[min(len(pts) - 1, len(pts) * k // 10)] for k in range(1, 10)] + [pts[-1]]
         print("RSS while reading: " + ", ".join(f"{r:,} rows {kib / 2**20:.3f} GiB" for _, r, kib in marks))
         (_, r0, k0), (_, r1, k1) = marks[0], marks[-1]
         if r1 > r0:
             print(f"growth from {r0:,} to {r1:,} rows: {(k1 - k0) * 1024 / (r1 - r0):.1f} bytes a row")
-    return data_file.finish("bench/inspect_memory.py", args, 1_000_000, path)
+    return data_file.finish("bench/inspect_memory.py" + (" --low-caps" if low_caps else ""), args, 1_000_000, path)
 
 
 if __name__ == "__main__":
