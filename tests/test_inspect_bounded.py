@@ -96,6 +96,8 @@ def test_duplicate_lists_keep_their_first_groups_and_say_so(tmp_path, monkeypatc
     assert "warning: near-duplicate groups: the first 5 of" in text
     doc = capped.to_dict()["quality"]
     assert doc["duplicate_rows"] == full.duplicate_rows and len(doc["duplicates"]) == 5
+    from tui.screens.dataset import summary_text                          # said on the Dataset screen too
+    assert "duplicate groups: the first 5 of" in summary_text(capped, cfg_for()).plain
 
 
 def test_lines_listed_over_all_groups_are_capped(tmp_path, monkeypatch):
