@@ -8,17 +8,17 @@ the figure, the time to the first partial report, and the exact command that rep
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import data_file  # noqa: E402  (bench/data_file.py)
 
 WORDS = ("the model learns to stop when the end of turn token is inside the loss mask and the "
          "learning rate warms up over a few steps before the adapter weights settle on a lower loss "
@@ -52,16 +52,10 @@ def _busy_s() -> float | None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=100_000)
-    ap.add_argument("--keep", default=None, help="write the data file here and keep it")
-    args = ap.parse_args()
+    args, path = data_file.start(__doc__, 100_000, "chatml")
     from engine.core import config
     from engine.dataset import inspect as inspect_mod
 
-    tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="inspect-bench-"))
-    tmp.mkdir(parents=True, exist_ok=True)
-    path = tmp / f"chatml_{args.rows}.jsonl"
     t = time.perf_counter()
     generate(path, args.rows)
     gen_s = time.perf_counter() - t
@@ -97,11 +91,7 @@ def main() -> int:
         # the 1-minute load average lags by a minute; this says whether anything else ran *during* the run
         print(f"other processes used {max(0.0, busy1 - busy0 - cpu):.1f} CPU-s during the run "
               f"(of {total * (os.cpu_count() or 1):.0f} available)")
-    print("command: python bench/inspect_100k.py" + (f" --rows {args.rows}" if args.rows != 100_000 else ""))
-    if not args.keep:
-        path.unlink()
-        tmp.rmdir()
-    return 0
+    return data_file.finish("bench/inspect_100k.py", args, 100_000, path)
 
 
 if __name__ == "__main__":

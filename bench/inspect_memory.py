@@ -7,21 +7,25 @@ Generates a JSONL of N short chat rows (seeded; ~1 in 50 an exact copy of an ear
 prints the child's peak RSS (ru_maxrss), its time and token rate, and the RSS of a child that only
 loaded the tokenizer (the floor any inspection starts from).
 
-    python bench/inspect_memory.py [--rows 1000000] [--keep DIR]
+    python bench/inspect_memory.py [--rows 1000000] [--keep DIR] [--low-caps]
+
+``--low-caps`` lowers the listing caps (100,000 → 1,000 duplicate groups; per-row counts for the
+first 100,000 rows instead of 1 M), so every capped structure is full early and the RSS samples
+show what still grows with the row count.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import data_file  # noqa: E402  (bench/data_file.py)
 
 WORDS = ("sun rain snow wind cloud river stone tree bird fish road town ship lamp door key "
          "red blue green old new big small fast slow warm cold").split()
@@ -56,58 +60,75 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
 
 
 CHILD = r"""
-import json, resource, sys, time
+import json, os, resource, sys, threading, time
 sys.path.insert(0, {root!r})
 from engine.core import config
 from engine.dataset import inspect as inspect_mod
 cfg = config.load(None, ['model.name="builtin:tiny"'])
+if {low_caps!r}:      # every capped structure full early: what still grows is per-row state no cap covers
+    inspect_mod.MAX_GROUPS, inspect_mod.SPLIT_EXACT_MAX = 1000, 100_000
 inspect_mod.tokenizer_for(cfg)
 floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+samples = []          # (seconds, rows read, RSS in KiB) every 2 s: the growth per row
+
+def rss_kib():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
 if {path!r}:
+    read = [0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(2.0):
+            samples.append((round(time.perf_counter() - t0, 1), read[0], rss_kib()))
+
+    def on_partial(rep):
+        read[0] = rep.rows_read
     t0 = time.perf_counter()
-    rep = inspect_mod.inspect(cfg, path={path!r})
+    threading.Thread(target=sample, daemon=True).start()
+    rep = inspect_mod.inspect(cfg, path={path!r}, on_partial=on_partial)
+    stop.set()
     s = time.perf_counter() - t0
     tokens = int(rep.stats["mean"] * rep.rows_tokenized)
     print(json.dumps({{"rows": rep.rows, "raw": rep.raw_count, "seconds": s, "tokens": tokens,
-                      "dup_groups": getattr(rep, "duplicates_total", len(rep.duplicates)), "near_groups": getattr(rep, "near_duplicates_total", len(rep.near_duplicates)),
-                      "problems": len(rep.problems), "floor_kib": floor,
+                      "dup_groups": rep.duplicates_total, "near_groups": rep.near_duplicates_total,
+                      "problems": len(rep.problems), "floor_kib": floor, "samples": samples,
                       "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
 else:
     print(json.dumps({{"floor_kib": floor}}))
 """
 
 
-def run_child(path: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT), path=path)],
+def run_child(path: str, low_caps: bool = False) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT), path=path, low_caps=low_caps)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--keep", default=None, help="write the data file here and keep it")
-    args = ap.parse_args()
-    tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="inspect-mem-"))
-    tmp.mkdir(parents=True, exist_ok=True)
-    path = tmp / f"short_{args.rows}.jsonl"
+    low_caps = "--low-caps" in sys.argv
+    args, path = data_file.start(__doc__, 1_000_000, "short", [a for a in sys.argv[1:] if a != "--low-caps"])
     if not path.exists():
         t = time.perf_counter()
         generate(path, args.rows)
         print(f"generated {args.rows:,} rows in {time.perf_counter() - t:.1f} s "
               f"({path.stat().st_size / 1e6:.0f} MB)")
-    got = run_child(str(path))
+    got = run_child(str(path), low_caps)
     print(f"rows: {got['rows']:,} usable of {got['raw']:,}; {got['tokens']:,} tokens; "
           f"{got['dup_groups']:,} duplicate groups, {got['near_groups']:,} near-duplicate groups")
     print(f"peak RSS: {got['peak_kib'] / 2**20:.2f} GiB (after loading the tokenizer: "
           f"{got['floor_kib'] / 2**20:.2f} GiB); {got['seconds']:.1f} s, "
           f"{got['rows'] / got['seconds']:,.0f} rows/s, {got['tokens'] / got['seconds'] / 1e6:.2f} M tokens/s "
           f"on {os.cpu_count()} CPU(s)")
-    print("command: python bench/inspect_memory.py" + (f" --rows {args.rows}" if args.rows != 1_000_000 else ""))
-    if not args.keep:
-        path.unlink()
-        tmp.rmdir()
-    return 0
+    pts = [p for p in got["samples"] if p[1]]
+    if len(pts) >= 4:              # RSS against rows read, at each tenth of the way
+        marks = [pts[min(len(pts) - 1, len(pts) * k // 10)] for k in range(1, 10)] + [pts[-1]]
+        print("RSS while reading: " + ", ".join(f"{r:,} rows {kib / 2**20:.3f} GiB" for _, r, kib in marks))
+        (_, r0, k0), (_, r1, k1) = marks[0], marks[-1]
+        if r1 > r0:
+            print(f"growth from {r0:,} to {r1:,} rows: {(k1 - k0) * 1024 / (r1 - r0):.1f} bytes a row")
+    return data_file.finish("bench/inspect_memory.py" + (" --low-caps" if low_caps else ""), args, 1_000_000, path)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 from engine.core import config
 from engine.dataset import data, sources
 from engine.dataset import inspect as inspect_mod
+from tui_helpers import anyio_backend, isolated_settings  # noqa: F401 (fixtures)
 
 
 def write_jsonl(path, rows):
@@ -78,6 +79,35 @@ def test_inspect_and_dataset_screen_show_each_source_share(tmp_path):
     # the preview pages through the mixture's rows, with the trainer's mask
     pv = inspect_mod.preview(cfg, 35)
     assert "B q5" in pv.text and any(t and "B a5" in s for s, t in pv.segments)
+
+
+def test_each_source_lists_its_problems_by_file_and_line_and_findings_in_the_mix_name_their_source(tmp_path):
+    from tui.screens.dataset import SourceLine, listed_lines
+    a = write_jsonl(tmp_path / "a.jsonl", alpaca(12, "A"))
+    rows = sharegpt(6, "B")
+    rows[3]["conversations"][0]["value"] = "B q3 \x1b[31m red"       # a control character: the row stays usable
+    lines = [json.dumps(r) for r in rows]
+    lines[1:1] = ["{broken"]                                               # line 2
+    lines.insert(4, json.dumps({"conversations": [{"from": "gpt", "value": "first"}]}))   # line 5: role order
+    (tmp_path / "b.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = cfg_with([{"path": a}, {"path": str(tmp_path / "b.jsonl")}], eval_fraction=0.0)
+    rep = inspect_mod.inspect(cfg)
+    b_src = rep.sources[1]
+    assert [(p["line"], p["kind"]) for p in b_src["problem_lines"]] == [(2, "invalid_json"), (5, "role_order")]
+    assert rep.sources[0]["problem_lines"] == [] and b_src["problems"] == 2
+    # a problem found in the mixture's rows names the source file's line (row B q3 is b.jsonl line 6)
+    ctrl = [p for p in rep.problems if p.kind == "control_chars"]
+    assert len(ctrl) == 1 and ctrl[0].message.endswith("[source 2 (b.jsonl) line 6]")
+    text = inspect_mod.format_report(rep)
+    assert "    b.jsonl line 2: [invalid_json]" in text and "    b.jsonl line 5: [role_order]" in text
+    listed = listed_lines(rep)
+    src = [(ln, kind) for ln, kind, _ in listed if isinstance(ln, SourceLine)]
+    assert src == [("b.jsonl:2", "invalid_json"), ("b.jsonl:5", "role_order")]
+    assert src[0][0].path.endswith("b.jsonl") and src[0][0].line == 2
+    assert inspect_mod.raw_line(src[0][0].path, src[0][0].line) == "{broken"
+    doc = rep.to_dict()
+    assert doc["sources"][1]["problem_lines"][0] == {"line": 2, "kind": "invalid_json",
+                                                     "message": doc["sources"][1]["problem_lines"][0]["message"]}
 
 
 def test_bad_sources_are_config_problems():
@@ -246,3 +276,29 @@ def test_percentiles_from_value_counts_equal_numpys():
         a = rng.integers(0, 300, n).astype(np.int32)
         for q in (0, 25, 50, 75, 95, 100):
             assert percentiles(a, [q])[0] == pytest.approx(float(np.percentile(a, q)), abs=1e-9)
+
+
+@pytest.mark.anyio
+async def test_dataset_screen_opens_a_sources_problem_line_in_its_own_file(tmp_path, anyio_backend, isolated_settings):
+    """The Problems tab lists a mixture source's problem as b.jsonl:LINE; Enter shows that line of
+    the source file (its row is not in the mix)."""
+    from tui_helpers import demo_cfg, make_app, plain, until
+    a = write_jsonl(tmp_path / "a.jsonl", alpaca(8, "A"))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sharegpt(3, "B")) + "{broken here\n")
+    cfg = demo_cfg(tmp_path, "data.eval_fraction=0.0")
+    cfg.data.sources = [{"path": a}, {"path": str(tmp_path / "b.jsonl")}]
+    app = make_app(cfg)
+    async with app.run_test(size=(100, 40)) as pilot:
+        await pilot.press("f2")
+        await until(pilot, lambda: app.screen.report is not None and app.screen.report.done,
+                    timeout=180, what="report")
+        table = app.screen.query_one("#problems")
+        cells = [str(table.get_row_at(i)[0]) for i in range(table.row_count)]
+        assert "b.jsonl:4" in cells
+        table.focus()
+        table.move_cursor(row=cells.index("b.jsonl:4"))
+        await pilot.press("enter")
+        await until(pilot, lambda: "{broken here" in plain(app.screen.query_one("#row-view")),
+                    timeout=30, what="the source's line")
+        assert "b.jsonl:4" in plain(app.screen.query_one("#row-header"))
+        assert "not in the mix" in plain(app.screen.query_one("#row-header"))

@@ -98,9 +98,9 @@ def cmd_inspect(args) -> int:
         print(json_dumps(rep.to_dict(), indent=1))
     else:
         print(inspect_mod.format_report(rep))
-    if args.strict and rep.problems:
+    if args.strict and rep.n_problems:
         from engine.core.config import plural
-        print(f"inspect --strict: {plural(len(rep.problems), 'problem')} in the data (listed in the report); "
+        print(f"inspect --strict: {plural(rep.n_problems, 'problem')} in the data (listed in the report); "
               "exit status 1", file=sys.stderr)
         return 1
     return 0

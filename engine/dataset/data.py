@@ -299,16 +299,21 @@ def _iter_datasets_dir(p: Path):
         yield i + 1, rec, None
 
 
+_DETECTORS: list = []        # (vision.detect, preference.detect), imported on first use (a cycle)
+
+
 def detect(rec: object) -> tuple[str | None, str]:
     """The format of one record and the evidence."""
     if not isinstance(rec, dict):
         return None, "not a JSON object"
-    from engine.training import vision
-    vis = vision.detect(rec)
+    if not _DETECTORS:
+        from engine.dataset import preference      # chosen/rejected or a KTO label: never SFT rows
+        from engine.training import vision
+        _DETECTORS[:] = [vision.detect, preference.detect]
+    vis = _DETECTORS[0](rec)
     if vis:
         return vis
-    from engine.dataset import preference      # chosen/rejected or a KTO label: never SFT rows
-    pref = preference.detect(rec)
+    pref = _DETECTORS[1](rec)
     if pref:
         return pref
     keys = set(rec)
@@ -337,7 +342,10 @@ def check_turns(turns, line: int, problems: list[DataProblem], system: object = 
     ``{type: text, value}``), joined; an assistant turn may have ``tool_calls`` (OpenAI) or a
     legacy ``function_call`` instead of content; role ``function`` (legacy) is a tool result.
     ``weight`` / ``loss_weight`` 0 on a turn means it is not trained (kept only when 0).
-    ``system``: a top-level system column, put first when the turns have no system turn."""
+    ``system``: a top-level system column, put first when the turns have no system turn.
+
+    The steps, each recording its problems: the list itself, each turn (``_check_turn``), the
+    system column (``_add_system``), the role order and something to train (``_check_order``)."""
     if not isinstance(turns, list):
         problems.append(DataProblem(line, "wrong_type", "messages must be a list of turns"))
         return None
@@ -350,75 +358,114 @@ def check_turns(turns, line: int, problems: list[DataProblem], system: object = 
         if not isinstance(t, dict):
             problems.append(DataProblem(line, "wrong_type", f"turn {j + 1} is not an object"))
             return None
-        role, content = t.get("role"), t.get("content")
-        if role is None:
-            problems.append(DataProblem(line, "missing_field", f"turn {j + 1} has no 'role'"))
+        turn = _check_turn(t, j, line, problems)
+        if turn is None:
             ok = False
-            continue
-        if role == "function":                 # OpenAI legacy: a function's result
-            role = "tool"
-        if role not in ROLES:
-            problems.append(DataProblem(line, "unknown_role", f"turn {j + 1} has unknown role {str(role)!r}; "
-                                        "allowed: " + ", ".join(ROLES)))
-            ok = False
-            continue
-        calls = None
-        raw_calls = t.get("tool_calls") or t.get("function_call")
-        if isinstance(content, list) and not raw_calls:      # LLaMA-Factory v1: tool_call parts
-            part_calls = [p.get("value") for p in content if isinstance(p, dict) and p.get("type") == "tool_call"]
-            if part_calls:
-                raw_calls = [_json_value(v, f"turn {j + 1}'s tool_call part", line, problems) for v in part_calls]
-                if any(c is _BAD for c in raw_calls):
-                    ok = False
-                    continue
-                content = [p for p in content if not (isinstance(p, dict) and p.get("type") == "tool_call")]
-        if raw_calls:
-            if role != "assistant":
-                problems.append(DataProblem(line, "wrong_type", f"turn {j + 1} ({role}) has tool calls; "
-                                            "only assistant turns call tools"))
-                ok = False
-                continue
-            calls = tool_calls(raw_calls, f"turn {j + 1}", line, problems)
-            if calls is None:
-                ok = False
-                continue
-        if content is None and "content" not in t and not calls:
-            problems.append(DataProblem(line, "missing_field", f"turn {j + 1} ({role}) has no 'content'"))
-            ok = False
-            continue
-        if content is None and calls:
-            content = ""
-        if isinstance(content, list):
-            content = _join_parts(content, j, role, line, problems)
-            if content is None:
-                ok = False
-                continue
-        if not isinstance(content, str):
-            problems.append(DataProblem(line, "non_string_content",
-                                        f"turn {j + 1} ({role}) content is {type(content).__name__}, "
-                                        "not a string or a list of text parts"))
-            ok = False
-            continue
-        if not calls and (not content or content.isspace()):   # = not content.strip(), without copying it
-            problems.append(DataProblem(line, "empty_content", f"turn {j + 1} ({role}) has empty content"))
-            ok = False
-            continue
-        turn = {"role": role, "content": content}
-        if calls:
-            turn["tool_calls"] = calls
-        if role == "tool":
-            for key in ("name", "tool_call_id"):
-                if isinstance(t.get(key), str) and t[key]:
-                    turn[key] = t[key]
-        weight = _weight(t, j, role, line, problems)
-        if weight is None:
-            ok = False
-            continue
-        if weight == 0:
-            turn["weight"] = 0
-        out.append(turn)
+        else:
+            out.append(turn)
     if not ok:
         return None
+    out = _add_system(out, system, line, problems)
+    if out is None or not _check_order(out, line, problems):
+        return None
+    return out
+
+
+_PLAIN_ROLES = ("user", "assistant", "system")
+
+
+def _check_turn(t: dict, j: int, line: int, problems: list[DataProblem]) -> dict | None:
+    """One turn normalised, or None (its problem recorded)."""
+    role, content = t.get("role"), t.get("content")
+    if len(t) == 2 and type(content) is str and role in _PLAIN_ROLES and content and not content.isspace():
+        return {"role": role, "content": content}          # the common turn: what the steps below give it
+    role = _turn_role(t, j, line, problems)
+    if role is None:
+        return None
+    got = _turn_calls(t, t.get("content"), j, role, line, problems)
+    if got is None:
+        return None
+    calls, content = got
+    content = _turn_content(t, content, calls, j, role, line, problems)
+    if content is None:
+        return None
+    turn = {"role": role, "content": content}
+    if calls:
+        turn["tool_calls"] = calls
+    if role == "tool":
+        for key in ("name", "tool_call_id"):
+            if isinstance(t.get(key), str) and t[key]:
+                turn[key] = t[key]
+    weight = _weight(t, j, role, line, problems)
+    if weight is None:
+        return None
+    if weight == 0:
+        turn["weight"] = 0
+    return turn
+
+
+def _turn_role(t: dict, j: int, line: int, problems: list[DataProblem]) -> str | None:
+    """The turn's role (legacy ``function`` is ``tool``), or None when missing or unknown."""
+    role = t.get("role")
+    if role is None:
+        problems.append(DataProblem(line, "missing_field", f"turn {j + 1} has no 'role'"))
+        return None
+    if role == "function":                 # OpenAI legacy: a function's result
+        role = "tool"
+    if role not in ROLES:
+        problems.append(DataProblem(line, "unknown_role", f"turn {j + 1} has unknown role {str(role)!r}; "
+                                    "allowed: " + ", ".join(ROLES)))
+        return None
+    return role
+
+
+def _turn_calls(t: dict, content, j: int, role: str, line: int, problems: list[DataProblem]):
+    """(tool calls or None, the content left) of a turn: OpenAI ``tool_calls``, legacy
+    ``function_call`` or LLaMA-Factory v1 ``tool_call`` parts; None when they are unusable."""
+    calls = None
+    raw_calls = t.get("tool_calls") or t.get("function_call")
+    if isinstance(content, list) and not raw_calls:      # LLaMA-Factory v1: tool_call parts
+        part_calls = [p.get("value") for p in content if isinstance(p, dict) and p.get("type") == "tool_call"]
+        if part_calls:
+            raw_calls = [_json_value(v, f"turn {j + 1}'s tool_call part", line, problems) for v in part_calls]
+            if any(c is _BAD for c in raw_calls):
+                return None
+            content = [p for p in content if not (isinstance(p, dict) and p.get("type") == "tool_call")]
+    if raw_calls:
+        if role != "assistant":
+            problems.append(DataProblem(line, "wrong_type", f"turn {j + 1} ({role}) has tool calls; "
+                                        "only assistant turns call tools"))
+            return None
+        calls = tool_calls(raw_calls, f"turn {j + 1}", line, problems)
+        if calls is None:
+            return None
+    return calls, content
+
+
+def _turn_content(t: dict, content, calls, j: int, role: str, line: int, problems: list[DataProblem]) -> str | None:
+    """The turn's text (parts joined; "" for a tool call without content), or None."""
+    if content is None and "content" not in t and not calls:
+        problems.append(DataProblem(line, "missing_field", f"turn {j + 1} ({role}) has no 'content'"))
+        return None
+    if content is None and calls:
+        content = ""
+    if isinstance(content, list):
+        content = _join_parts(content, j, role, line, problems)
+        if content is None:
+            return None
+    if not isinstance(content, str):
+        problems.append(DataProblem(line, "non_string_content",
+                                    f"turn {j + 1} ({role}) content is {type(content).__name__}, "
+                                    "not a string or a list of text parts"))
+        return None
+    if not calls and (not content or content.isspace()):   # = not content.strip(), without copying it
+        problems.append(DataProblem(line, "empty_content", f"turn {j + 1} ({role}) has empty content"))
+        return None
+    return content
+
+
+def _add_system(out: list[dict], system, line: int, problems: list[DataProblem]) -> list[dict] | None:
+    """The turns with a top-level system column put first (when they have no system turn)."""
     if isinstance(system, str) and system.strip():
         if out and out[0]["role"] == "system":
             if out[0]["content"] != system:
@@ -430,34 +477,38 @@ def check_turns(turns, line: int, problems: list[DataProblem], system: object = 
     elif system is not None and not isinstance(system, str):
         problems.append(DataProblem(line, "wrong_type", "'system' must be a string"))
         return None
-    # role order: optional system first, then user/assistant alternating (tool results after an
-    # assistant's tool calls, then the assistant again), with an assistant turn to train on
+    return out
+
+
+def _check_order(out: list[dict], line: int, problems: list[DataProblem]) -> bool:
+    """Role order: optional system first, then user/assistant alternating (tool results after an
+    assistant's tool calls, then the assistant again), with an assistant turn to train on."""
     prev, after_tool = None, False
     for j, t in enumerate(out):
         r = t["role"]
         if r == "system":
             if j:
                 problems.append(DataProblem(line, "role_order", "a system turn after the first turn"))
-                return None
+                return False
             continue
         if r == "tool":
             after_tool = True
             continue
         if prev is None and r == "assistant":
             problems.append(DataProblem(line, "role_order", "assistant speaks first; expected a user turn first"))
-            return None
+            return False
         if prev == r and not (r == "assistant" and after_tool):
             problems.append(DataProblem(line, "role_order", f"two {r} turns in a row"))
-            return None
+            return False
         prev, after_tool = r, False
     answers = [t for t in out if t["role"] == "assistant"]
     if not answers:
         problems.append(DataProblem(line, "role_order", "no assistant turn: nothing to train on"))
-        return None
+        return False
     if all(t.get("weight") == 0 for t in answers):
         problems.append(DataProblem(line, "no_trained_tokens", "every assistant turn has weight 0: nothing to train on"))
-        return None
-    return out
+        return False
+    return True
 
 
 def _join_parts(parts: list, j: int, role: str, line: int, problems: list[DataProblem]) -> str | None:
@@ -769,14 +820,18 @@ def choose_format(path: str, fmt: str, seen: dict, first_line: dict, n_raw: int
     return fmt, reason, problems
 
 
+_UNKNOWN = object()
+
+
 def normalise_record(line: int, rec: object, err: str | None, fmt: str,
-                     problems: list[DataProblem]) -> Row | None:
-    """One ``iter_raw`` record → a Row, or None (a problem recorded, or another format's row)."""
+                     problems: list[DataProblem], detected=_UNKNOWN) -> Row | None:
+    """One ``iter_raw`` record → a Row, or None (a problem recorded, or another format's row).
+    ``detected``: the record's format when the caller has already detected it (``detect``)."""
     if err is not None:
         kind = "row_too_large" if err.startswith(TOO_LARGE) else "invalid_json" if "JSON" in err else "bad_row"
         problems.append(DataProblem(line, kind, err))
         return None
-    f, _ = detect(rec)
+    f = detect(rec)[0] if detected is _UNKNOWN else detected
     if f is not None and f != fmt and not (fmt == "messages" and f == "sharegpt") \
             and not (fmt == "vision" and f in ("messages", "sharegpt")):      # text-only turns
         return None   # reported once as mixed_format

@@ -34,6 +34,8 @@ BATCH = 2000              # rows tokenised per batch
 PARTIAL_EVERY = 0.3       # seconds between on_partial calls
 MAX_LISTED = 1000         # outliers / PII findings listed (counts are always complete)
 MAX_GROUPS = 100_000      # duplicate / near-duplicate groups listed (duplicates_total counts them all)
+MAX_PROBLEMS = 10_000     # problems listed, the first by line (problem_counts counts them all)
+MAX_FIELDS = 1000         # distinct top-level field names counted (fields_seen shows the 30 most common)
 SPLIT_EXACT_MAX = 1_000_000   # rows up to which the eval hold-out is drawn as the trainer draws it
 
 
@@ -48,7 +50,10 @@ class Report:
     rows_read: int = 0                 # records read so far (valid JSON or not)
     raw_count: int = 0                 # records in the file (known when reading is done)
     splits: dict = field(default_factory=dict)
-    problems: list = field(default_factory=list)        # engine.dataset.data.DataProblem
+    problems: list = field(default_factory=list)        # engine.dataset.data.DataProblem (the first MAX_PROBLEMS)
+    problems_total: int | None = None                   # all problems (None: len(problems))
+    problem_counts: dict | None = None                  # per kind, all problems (None: from problems)
+    rows_with_problems: int | None = None               # distinct lines (None: from problems)
     model: str = ""
     max_length: int = 0
     rows_tokenized: int = 0
@@ -68,10 +73,13 @@ class Report:
     near_duplicates: list = field(default_factory=list)
     duplicates_total: int = 0
     near_duplicates_total: int = 0
+    duplicate_rows: int = 0                             # rows repeating an earlier one (all groups)
+    near_duplicate_rows: int = 0
     outliers: list = field(default_factory=list)        # [(line, "short"|"long", tokens)]
     outliers_total: int = 0
     pii: list = field(default_factory=list)             # engine.dataset.quality.PiiFinding
     pii_total: int = 0
+    pii_counts: dict | None = None                      # per kind, all findings (None: from pii)
     warnings: list = field(default_factory=list)
     images: dict = field(default_factory=dict)   # image rows: count, visual tokens, bad images
     sources: list = field(default_factory=list)  # a mixture: per source name, format, rows, share, problems
@@ -84,8 +92,12 @@ class Report:
     progress: float = 0.0              # 0..1 of the file
     elapsed_s: float = 0.0
     done: bool = False
-    # per usable row, in order (not part of the JSON document)
+    # per usable row, in order, for the first SPLIT_EXACT_MAX rows (not part of the JSON document)
     lines: list = field(default_factory=list, repr=False)
+
+    @property
+    def n_problems(self) -> int:
+        return len(self.problems) if self.problems_total is None else self.problems_total
 
     def to_dict(self) -> dict:
         return {
@@ -96,10 +108,12 @@ class Report:
             "format": {"name": self.format, "reason": self.format_reason,
                        "formats_seen": dict(self.formats_seen), "fields_seen": dict(self.fields_seen)},
             "rows": {"usable": self.rows, "read": self.rows_read, "raw": self.raw_count,
-                     "with_problems": len({p.line for p in self.problems if p.kind != "no_trained_tokens"}),
+                     "with_problems": (len({p.line for p in self.problems if p.kind != "no_trained_tokens"})
+                                       if self.rows_with_problems is None else self.rows_with_problems),
                      "splits": dict(self.splits)},
             "problems": [{"line": p.line, "kind": p.kind, "message": p.message} for p in self.problems],
-            "problem_counts": _count_kinds(self.problems),
+            "problem_counts": dict(self.problem_counts) if self.problem_counts is not None
+            else _count_kinds(self.problems),
             "tokens": {
                 "model": self.model, "max_length": self.max_length, "rows": self.rows_tokenized,
                 "stats": dict(self.stats),
@@ -118,11 +132,13 @@ class Report:
                 "near_duplicates": [list(g) for g in self.near_duplicates],
                 "duplicates_total": self.duplicates_total,
                 "near_duplicates_total": self.near_duplicates_total,
+                "duplicate_rows": self.duplicate_rows,
+                "near_duplicate_rows": self.near_duplicate_rows,
                 "outliers": [{"line": ln, "kind": k, "tokens": n} for ln, k, n in self.outliers],
                 "outliers_total": self.outliers_total,
                 "pii": [f.to_dict() for f in self.pii],
                 "pii_total": self.pii_total,
-                "pii_counts": _count_kinds(self.pii),
+                "pii_counts": dict(self.pii_counts) if self.pii_counts is not None else _count_kinds(self.pii),
             },
             "warnings": list(self.warnings),
             "elapsed_s": round(self.elapsed_s, 3),
@@ -272,60 +288,70 @@ def bucket_label(lo: int, hi: int) -> str:
 
 
 def histogram(lengths, max_len: int, bins: int = 20) -> list[tuple[int, int, int]]:
-    """[(lo, hi, count)] with round bin widths; max_len is a bin edge when rows exceed it."""
+    """[(lo, hi, count)] with round bin widths; max_len is a bin edge when rows exceed it.
+    ``lengths``: the values, or their ``engine.dataset.quality.Tally``."""
     import numpy as np
-    if len(lengths) == 0:
+    tally = lengths if isinstance(lengths, quality.Tally) else quality.Tally.of(lengths)
+    if tally.n == 0:
         return []
-    arr = np.asarray(lengths)
-    top = int(arr.max()) + 1
-    w = _nice_width((top - int(arr.min())) / bins)
-    first = int(arr.min()) // w * w
+    vals, counts = tally.items()
+    lo_v, hi_v = int(vals[0]), int(vals[-1])
+    top = hi_v + 1
+    w = _nice_width((top - lo_v) / bins)
+    first = lo_v // w * w
     edges = list(range(first, top + w, w))
     while edges[-1] < top:
         edges.append(edges[-1] + w)
-    if int(arr.max()) >= max_len and max_len not in edges:
+    if hi_v >= max_len and max_len not in edges:
         edges = sorted(set(edges) | {max_len})
-    counts, _ = np.histogram(arr, bins=edges)
-    return [(int(edges[i]), int(edges[i + 1]), int(counts[i])) for i in range(len(counts))]
+    cum = np.concatenate(([0], np.cumsum(counts)))
+    at = cum[np.searchsorted(vals, np.asarray(edges, dtype=np.int64), side="left")]
+    return [(int(edges[i]), int(edges[i + 1]), int(at[i + 1] - at[i])) for i in range(len(edges) - 1)]
 
 
-def _steps(cfg, counts, max_len, path_is_train: bool):
+def _steps(cfg, counts: "Counts", max_len, path_is_train: bool):
     """(train rows, held out, steps per epoch, total steps, basis) the trainer would run with.
 
-    ``counts``: an (n, 2) array of (tokens, kept) per row: the eval hold-out is drawn exactly as
-    the trainer draws it; or, past SPLIT_EXACT_MAX rows, a (tokens, kept) pair of arrays: the
-    hold-out is then taken as a proportional share (drawing it would cost a list of every row)."""
+    Up to SPLIT_EXACT_MAX rows the eval hold-out is drawn exactly as the trainer draws it, from
+    each row's counts; past it the hold-out is taken as a proportional share of the tallies
+    (drawing it would cost a list of every row)."""
     from engine.training.trainer import split_eval
     import numpy as np
-    exact = not isinstance(counts, tuple)
-    lengths, kept = (counts[:, 0], counts[:, 1]) if exact else counts
-    n = len(kept)
+    n = counts.n
+    exact = counts.exact
     held = 0
     basis = []
     share = 1.0
-    sel = None
+    lengths = kept = None
+    if exact:
+        lengths, kept = counts.head_tokens(), counts.head_kept()
     if path_is_train and not cfg.data.eval:
         if exact:
             train_idx, ev = split_eval(cfg, list(range(n)), None)
             sel = np.asarray(train_idx, dtype=np.int64)
             held = len(ev or [])
+            lengths, kept = lengths[sel], kept[sel]
         elif cfg.data.eval_fraction > 0 and n >= 10:
             held = max(1, int(round(n * cfg.data.eval_fraction)))
             share = (n - held) / n
         if held:
             basis.append(f"{held} rows held out for eval (data.eval_fraction = {cfg.data.eval_fraction})"
                          + ("" if exact else "; counts below scaled by the share kept for training"))
-    if sel is not None:
-        lengths, kept = lengths[sel], kept[sel]
+    n_kept = len(kept) if exact else n
     per_step = cfg.train.batch_size * cfg.distributed.processes
     packing = cfg.data.packing is True
-    n_rows = int(round(len(kept) * share))
+    n_rows = int(round(n_kept * share))
     if packing:
-        toks = int(round(int(np.minimum(lengths, max_len).sum(dtype=np.int64)) * share)) if len(kept) else 0
+        if exact:
+            whole = int(np.minimum(lengths, max_len).sum(dtype=np.int64)) if n_kept else 0
+        else:
+            whole = counts.tokens.sum_min(max_len) if n_kept else 0
+        toks = int(round(whole * share))
         n_train = math.ceil(toks / max_len) if toks else 0
         basis.append(f"packing: about {n_train} sequences of {max_len} tokens")
     else:
-        n_train = int(round(int((kept > 0).sum()) * share)) if len(kept) else 0
+        positive = int((kept > 0).sum()) if exact else n - counts.kept.count(0)
+        n_train = int(round(positive * share)) if n_kept else 0
         dropped = n_rows - n_train
         if dropped:
             basis.append(f"{dropped} rows with no trained token dropped")
@@ -338,6 +364,118 @@ def _steps(cfg, counts, max_len, path_is_train: bool):
     basis.insert(0, f"{n_train} training {'sequences' if packing else 'rows'} / (batch_size "
                  f"{cfg.train.batch_size} × {cfg.distributed.processes} GPU) / grad_accum {cfg.train.grad_accum}")
     return n_train, held, spe, total, "; ".join(basis)
+
+
+class Counts:
+    """The token counts of the usable rows in bounded memory: tallies of tokens and of trained
+    tokens kept per row (``engine.dataset.quality.Tally``: exact statistics), the trained
+    total before truncation, and each row's (line, tokens, kept) for the first SPLIT_EXACT_MAX
+    rows only (the trainer's exact eval draw, ``Report.lines``)."""
+
+    def __init__(self):
+        self.tokens = quality.Tally()
+        self.kept = quality.Tally()
+        self.trained_total = 0
+        self.n = 0
+        self._head: list = []           # per batch: (lines, tokens, kept) int64 arrays
+        self._head_n = 0
+
+    @property
+    def exact(self) -> bool:
+        return self.n <= SPLIT_EXACT_MAX
+
+    def add(self, lines, arr, max_len: int) -> list:
+        """One batch: ``arr`` (n, 3) of (tokens, trained, kept). Returns its no_trained_tokens problems."""
+        import numpy as np
+        lines = np.asarray(lines, dtype=np.int64)
+        tokens, trained, kept = arr[:, 0], arr[:, 1], arr[:, 2]
+        self.tokens.add(tokens)
+        self.kept.add(kept)
+        self.trained_total += int(trained.sum())
+        self.n += len(arr)
+        room = SPLIT_EXACT_MAX - self._head_n
+        if room > 0:
+            take = min(room, len(arr))
+            self._head.append((lines[:take].copy(), tokens[:take].copy(), kept[:take].copy()))
+            self._head_n += take
+        out = []
+        for i in np.nonzero(kept == 0)[0].tolist():
+            n, tr = int(tokens[i]), int(trained[i])
+            why = ("all its trained tokens lie past max_length = %d (the row has %d tokens)" % (max_len, n)
+                   if tr else "the chat template leaves no assistant token to train on")
+            out.append(data_mod.DataProblem(int(lines[i]), "no_trained_tokens",
+                                            f"no trained tokens: {why}; the trainer drops this row"))
+        return out
+
+    def _column(self, k: int):
+        import numpy as np
+        if len(self._head) > 1:
+            self._head = [tuple(np.concatenate([h[j] for h in self._head]) for j in range(3))]
+        return self._head[0][k] if self._head else np.zeros(0, dtype=np.int64)
+
+    def head_lines(self):
+        return self._column(0)
+
+    def head_tokens(self):
+        return self._column(1)
+
+    def head_kept(self):
+        return self._column(2)
+
+
+class FirstByLine:
+    """Findings (problems, PII) with a ``line`` and a ``kind``: the first ``cap`` by line kept
+    (ties in arrival order), all of them counted, in total and per kind; for problems, the
+    distinct lines with one (a bit per line)."""
+
+    def __init__(self, cap: int, lines_of=None):
+        self.cap = cap
+        self.items: list = []
+        self.total = 0
+        self.by_kind: dict = {}
+        self.lines_of = lines_of          # kinds counted in with_lines: a predicate, or None
+        self._bits = bytearray()
+        self._with = 0
+
+    def append(self, item) -> None:
+        self.total += 1
+        self.by_kind[item.kind] = self.by_kind.get(item.kind, 0) + 1
+        if self.lines_of is not None and self.lines_of(item):
+            self._mark(item.line)
+        self.items.append(item)
+        if len(self.items) >= 2 * self.cap:
+            self.items.sort(key=lambda p: p.line)
+            del self.items[self.cap:]
+
+    def extend(self, items) -> None:
+        for it in items:
+            self.append(it)
+
+    def _mark(self, line: int) -> None:
+        i, bit = line >> 3, 1 << (line & 7)
+        if i >= len(self._bits):
+            self._bits.extend(bytes(max(i + 1 - len(self._bits), len(self._bits) // 2)))
+        if not self._bits[i] & bit:
+            self._bits[i] |= bit
+            self._with += 1
+
+    def marked(self, line: int) -> bool:
+        i = line >> 3
+        return i < len(self._bits) and bool(self._bits[i] & (1 << (line & 7)))
+
+    @property
+    def with_lines(self) -> int:
+        return self._with
+
+    def listed(self) -> list:
+        return sorted(self.items, key=lambda p: p.line)[:self.cap]
+
+    def clear(self) -> None:
+        self.__init__(self.cap, self.lines_of)
+
+
+def problem_log() -> FirstByLine:
+    return FirstByLine(MAX_PROBLEMS, lambda p: p.kind != "no_trained_tokens")
 
 
 _gc_lock = threading.Lock()
@@ -386,7 +524,9 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
         total = sum(s.train for s in shares)
         scan.rep.sources = [{"name": s.name, "path": s.path, "format": s.format, "usable": s.usable,
                              "train": s.train, "eval": s.eval, "share": round(s.share(total), 6),
-                             "problems": s.problems, "first_problem": s.first_problem, "notes": list(s.notes)}
+                             "problems": s.problems, "first_problem": s.first_problem, "notes": list(s.notes),
+                             "problem_lines": [{"line": p.line, "kind": p.kind, "message": p.message}
+                                               for p in s.problem_list]}
                             for s in shares]
     try:
         if not scan.read(cancel):
@@ -400,11 +540,22 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
         out = scan.snapshot(mixed=mixed)
         if shares is not None:                  # each source's eval rows were held out by itself
             out.splits = {"train": out.splits.get("train", 0), "eval": sum(s.eval for s in shares)}
+            out.problems = _with_origins(scan.path, out.problems)
         if on_partial is not None:
             on_partial(out)
         return out
     finally:
         scan.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _with_origins(path: str, problems: list) -> list:
+    """A mixture's problems (found in its rows' file) naming the source file and line of each."""
+    from engine.dataset import sources
+    out = []
+    for p in problems:
+        where = sources.origin(path, p.line)
+        out.append(data_mod.DataProblem(p.line, p.kind, f"{p.message} [{where}]") if where else p)
+    return out
 
 
 class _Scan:
@@ -422,24 +573,25 @@ class _Scan:
         self.counter = Counter(self.tok, max_len)
         self.provisional = None if cfg.data.format == "auto" else cfg.data.format
         # Memory is bounded by the longest row, not the row count: records are dropped once
-        # normalised and counted; each usable row keeps its line, two hashes (duplicates) and
-        # two token counts (about 28 bytes; preference rows 12 more: the tokens of each side).
+        # normalised and counted; token counts are tallied (Counts), problems and PII findings
+        # keep their first MAX_PROBLEMS / MAX_LISTED by line and count the rest, and each usable
+        # row's hashes go to quality.Duplicates (a fixed buffer, spilled to a temporary file).
+        # Preference data tallies each side's tokens too (quality.Tally per side).
         self.head: list = []              # records read before the provisional format is known
         self.n_raw = 0
         self.first_bad = None             # (line, error) of the first unreadable record
         self.seen: dict = {}
         self.first_line: dict = {}
         self.fields: dict = {}
-        self.bad_keys: dict = {}          # line -> a field name holding control characters
-        self.problems: list = []          # from normalising with the provisional format
-        self.counts: list = []            # per batch: (tokens, kept) per row, int32
-        self.batch_lines: list = []       # per batch in flight: its rows' lines
-        self.zero: list = []              # no_trained_tokens problems
-        self.trained_total = 0            # trained tokens before max_length, all rows
+        self.bad_keys: dict = {}          # line -> a field name holding control characters (until processed)
+        self.problems = problem_log()     # normalising, control characters, no trained tokens
+        self.counts = Counts()
+        self.batch_meta: list = []        # per batch in flight: its rows' lines and hashes
+        self.usable = 0
         self.dups = quality.Duplicates()
-        self.pii: list = []
+        self.pii = FirstByLine(MAX_LISTED)
         self.pending: list = []           # records read since the last flush
-        self.side_counts: list = []       # preference data, per batch: tokens per side per row, int32
+        self.side_tallies: dict = {}      # preference data: side -> quality.Tally of its tokens
         self.over: list = []              # preference data: (line, tokens) over max_length (first MAX_LISTED)
         self.over_total = 0
         self.labels = {"desirable": 0, "undesirable": 0}     # KTO rows
@@ -457,11 +609,11 @@ class _Scan:
         provisional format is known (the majority of the first 200). False when cancelled."""
         rep = self.rep
         rep.phase = "read"
-        for rec in data_mod.iter_raw(self.path, on_bytes=self._on_bytes):
-            self._note(rec)
+        for line, obj, err in data_mod.iter_raw(self.path, on_bytes=self._on_bytes):
+            rec = (line, obj, err, self._note(line, obj, err))      # with its format: detected once
             if self.provisional is None:
                 self.head.append(rec)
-                if sum(self.seen.values()) < 200:
+                if sum(self.seen.values()) < 200 and not self._head_full():
                     if self.n_raw % BATCH == 0:
                         self.emit()
                     continue
@@ -473,7 +625,7 @@ class _Scan:
             if len(self.pending) >= BATCH:
                 rep.phase = "tokenize"
                 self.flush()
-                self.emit(force=self.dups.rows <= BATCH)
+                self.emit(force=self.usable <= BATCH)
                 if cancel is not None and cancel.is_set():
                     return False
         if self.provisional is None and self.seen:
@@ -484,24 +636,45 @@ class _Scan:
         self.drain()
         return True
 
+    def _head_full(self) -> bool:
+        """Too many records read with no provisional format yet: unreadable ones become problems
+        at once; once any format is seen, its majority so far is the provisional one."""
+        if len(self.head) < 5 * BATCH:
+            return False
+        if self.seen:
+            return True
+        keep = []
+        for line, rec, err, f in self.head:
+            if err is None:
+                keep.append((line, rec, err, f))
+            else:
+                data_mod.normalise_record(line, rec, err, "messages", self.problems)
+        self.head = keep[-5 * BATCH:] if len(keep) > 5 * BATCH else keep
+        return False
+
     def _on_bytes(self, done, total) -> None:
         self.progress = done / total if total else 1.0
 
-    def _note(self, rec) -> None:
-        """Count one raw record: its format evidence, its field names (and any holding controls)."""
-        line, obj, err = rec
+    def _note(self, line, obj, err):
+        """Count one raw record: its format evidence, its field names (and any holding controls).
+        Returns its format (None: none detected or unreadable)."""
         self.n_raw += 1
-        if err is not None and self.first_bad is None:
-            self.first_bad = (line, err)
-        if err is None:
-            data_mod.count_format(obj, line, self.seen, self.first_line)
-            if isinstance(obj, dict):
-                fields = self.fields
-                for k in obj:
-                    fields[k] = fields.get(k, 0) + 1
-                    if has_controls(k):
-                        self.bad_keys[line] = k
         self.rep.rows_read = self.n_raw
+        if err is not None:
+            if self.first_bad is None:
+                self.first_bad = (line, err)
+            return None
+        f = data_mod.count_format(obj, line, self.seen, self.first_line)
+        if isinstance(obj, dict):
+            fields = self.fields
+            for k in obj:
+                if k in fields:
+                    fields[k] += 1
+                elif len(fields) < MAX_FIELDS:       # a file of ever new field names stays bounded
+                    fields[k] = 1
+                if has_controls(k):
+                    self.bad_keys[line] = k
+        return f
 
     # ---- normalising, tokenising, quality checks
 
@@ -510,10 +683,12 @@ class _Scan:
         if not self.pending:
             return
         new_rows = []
-        for line, rec, err in self.pending:
-            row = data_mod.normalise_record(line, rec, err, self.provisional, self.problems)
+        for line, rec, err, f in self.pending:
+            row = data_mod.normalise_record(line, rec, err, self.provisional, self.problems, f)
             if row is not None:
                 new_rows.append(row)
+            elif self.bad_keys:
+                self.bad_keys.pop(line, None)
         self.pending.clear()
         self.process(new_rows)
 
@@ -543,9 +718,12 @@ class _Scan:
             shown, scale = _measurable(datas, texts, max_len)
             self.inflight.append(self.pool.submit(_scaled_counts, counter, shown, counter.render(shown), scale))
         lines = [r.line for r in new_rows]
-        self.batch_lines.append(lines)
+        self.usable += len(lines)
+        self.batch_meta.append((lines, *quality.row_hashes(datas, texts)))
         self.problems.extend(_control_problems(lines, texts, self.bad_keys))
-        self.dups.add_batch(lines, datas, texts)
+        if self.bad_keys:
+            for ln in lines:
+                self.bad_keys.pop(ln, None)
         self.pii.extend(quality.scan_pii(lines, texts))
         self.drain(keep=1)
 
@@ -555,24 +733,24 @@ class _Scan:
         max_len = self.rep.max_length
         while len(self.inflight) > keep:
             got = self.inflight.pop(0).result()
-            lines = self.batch_lines.pop(0)
+            lines, exact, near = self.batch_meta.pop(0)
             if isinstance(got, tuple):            # preference data: also the tokens of each side
                 got, per_side = got
-                self.side_counts.append(np.asarray(per_side, dtype=np.int32))
+                self._add_sides(np.asarray(per_side, dtype=np.int64))
             arr = np.asarray(got, dtype=np.int64).reshape(len(got), 3)
-            if self.side_counts:
+            if self.side_tallies:
                 for i in np.nonzero(arr[:, 0] > max_len)[0].tolist():
                     self.over_total += 1
                     if len(self.over) < MAX_LISTED:
                         self.over.append((lines[i], int(arr[i, 0])))
-            self.trained_total += int(arr[:, 1].sum())
-            for i in np.nonzero(arr[:, 2] == 0)[0].tolist():
-                n, trained = int(arr[i, 0]), int(arr[i, 1])
-                why = ("all its trained tokens lie past max_length = %d (the row has %d tokens)" % (max_len, n)
-                       if trained else "the chat template leaves no assistant token to train on")
-                self.zero.append(data_mod.DataProblem(lines[i], "no_trained_tokens",
-                                                      f"no trained tokens: {why}; the trainer drops this row"))
-            self.counts.append(arr[:, [0, 2]].astype(np.int32))
+            self.problems.extend(self.counts.add(lines, arr, max_len))
+            self.dups.add_hashed(lines, exact, near, arr[:, 0])
+
+    def _add_sides(self, per_side) -> None:
+        """Tally the tokens of each side (prompt, chosen, rejected; KTO: prompt, completion)."""
+        names = ("prompt", "chosen", "rejected") if per_side.shape[1] == 3 else ("prompt", "completion")
+        for k, name in enumerate(names):
+            self.side_tallies.setdefault(name, quality.Tally()).add(per_side[:, k])
 
     def settle_format(self) -> tuple:
         """The format of the whole file (format, reason, mixed-format problems); when it is not
@@ -584,14 +762,20 @@ class _Scan:
             bad = self.first_bad
             raise data_mod.DataError(f"{e}; first problem at line {bad[0]}: {bad[1]}" if bad else str(e)) from None
         if fmt != self.provisional:        # the majority changed after the first rows: read it again
-            self.problems.clear(); self.counts.clear(); self.pii.clear(); self.zero.clear()
-            self.side_counts.clear(); self.over.clear()
-            self.trained_total = self.over_total = 0
+            self.problems.clear(); self.pii.clear()
+            self.counts = Counts()
+            self.usable = 0
+            self.side_tallies = {}; self.over.clear()
+            self.over_total = 0
             self.labels = {"desirable": 0, "undesirable": 0}
             self.dups = quality.Duplicates()
             self.provisional = fmt
             chunk = []
             for line, rc, er in data_mod.iter_raw(self.path):
+                if er is None and isinstance(rc, dict):
+                    for k in rc:
+                        if has_controls(k):
+                            self.bad_keys[line] = k
                 row = data_mod.normalise_record(line, rc, er, fmt, self.problems)
                 if row is not None:
                     chunk.append(row)
@@ -617,26 +801,22 @@ class _Scan:
         self.on_partial(part)
 
     def snapshot(self, *, mixed=(), partial: bool = False, phase: str | None = None) -> Report:
-        out = report_snapshot(self.cfg, self.rep, self.tok, None, self.counts, self.problems + self.zero,
-                              list(mixed), self.dups, self.pii, self.seen, self.fields, partial=partial,
-                              trained_total=self.trained_total)
+        out = report_snapshot(self.cfg, self.rep, self.counts, self.problems, list(mixed), self.dups, self.pii,
+                              self.seen, self.fields, partial=partial, rows=self.usable)
         if phase:
             out.phase = phase
-        if self.side_counts:
+        if self.side_tallies:
             self._preference_stats(out)
         out.elapsed_s = time.monotonic() - self.t0
         return out
 
     def _preference_stats(self, out: Report) -> None:
         """Tokens per side (min / median / max), the rows over max_length by line, KTO's labels."""
-        import numpy as np
-        arr = np.concatenate(self.side_counts)
-        names = ("prompt", "chosen", "rejected") if arr.shape[1] == 3 else ("prompt", "completion")
-        out.sides = {name: {"min": int(arr[:, k].min()), "median": quality.percentiles(arr[:, k], [50])[0],
-                            "max": int(arr[:, k].max())} for k, name in enumerate(names)}
+        out.sides = {name: {"min": t.min(), "median": t.percentiles([50])[0], "max": t.max()}
+                     for name, t in self.side_tallies.items()}
         out.over_max_length = sorted(self.over)
         out.over_max_length_total = self.over_total
-        out.labels = dict(self.labels) if arr.shape[1] == 2 else {}
+        out.labels = dict(self.labels) if "completion" in self.side_tallies else {}
 
 
 def long_row_chars(max_len: int) -> int:
@@ -701,15 +881,14 @@ def _control_problems(lines, texts, bad_keys) -> list:
     return out
 
 
-def report_snapshot(cfg, rep: Report, tok, rows, counts, problems, mixed, dups, pii, seen, fields,
-                    partial: bool, trained_total: int | None = None) -> Report:
+def report_snapshot(cfg, rep: Report, counts: Counts, problems: FirstByLine, mixed, dups, pii: FirstByLine,
+                    seen, fields, partial: bool, rows: int | None = None) -> Report:
     """A Report snapshot from the running state (cheap enough to call every 0.3 s).
 
-    ``counts``: per batch, arrays of ``(tokens, trained, kept)`` per row, or of ``(tokens, kept)``
-    with ``trained_total`` the sum of trained and the no-trained-token rows already in ``problems``
-    (the scan's bounded form); ``rows``: the Rows, or None to take their lines from ``dups``."""
+    ``counts``: the token counts (``Counts``); ``problems`` / ``pii``: the findings so far
+    (``FirstByLine``); ``mixed``: mixed-format problems; ``dups``: the rows' hashes
+    (``engine.dataset.quality.Duplicates``); ``rows``: usable rows (default: those counted)."""
     import copy
-    import numpy as np
     r = copy.copy(rep)
     r.warnings = list(rep.warnings)
     r.formats_seen = dict(seen)
@@ -717,70 +896,82 @@ def report_snapshot(cfg, rep: Report, tok, rows, counts, problems, mixed, dups, 
     if partial and seen and not r.format:
         r.format = max(seen, key=seen.get)
         r.format_reason = f"so far {seen[r.format]} of {rep.rows_read} rows have " + data_mod.detect_reason(r.format)
-    wide = bool(counts) and counts[0].shape[1] == 3
-
-    def column(k):
-        return np.concatenate([c[:, k] for c in counts]) if counts else np.zeros(0, dtype=np.int64)
-    lengths = column(0)
-    kept = column(2 if wide else 1)
-    n = len(lengths)
-    r.rows = len(rows) if rows is not None else dups.rows
+    n = counts.n
+    r.rows = counts.n if rows is None else rows
     r.rows_tokenized = n
-    lines = None
-    if not partial:
-        lines = np.asarray([row.line for row in rows], dtype=np.int64) if rows is not None else dups.lines()
-        r.lines = lines
-    probs = list(mixed) + list(problems)
     max_len = rep.max_length
+    bounds = None
     if n:
-        median, p95 = quality.percentiles(lengths, [50, 95])       # no sorted copy of every row
-        r.stats = {"min": int(lengths.min()), "median": median, "p95": p95, "max": int(lengths.max()),
-                   "mean": round(float(lengths.mean(dtype=np.float64)), 2)}
-        r.histogram = histogram(lengths, max_len)
-        r.truncated_rows = int((lengths > max_len).sum())
+        t, k = counts.tokens, counts.kept
+        median, p95 = t.percentiles([50, 95])
+        r.stats = {"min": t.min(), "median": median, "p95": p95, "max": t.max(),
+                   "mean": round(t.total / n, 2)}
+        r.histogram = histogram(t, max_len)
+        r.truncated_rows = t.count_above(max_len)
         r.truncated_share = round(r.truncated_rows / n, 6)
-        r.trained_tokens_total = int(kept.sum(dtype=np.int64))
-        r.tokens_within_max_total = int(np.minimum(lengths, max_len).sum(dtype=np.int64))
-        r.trained_tokens_median = quality.percentiles(kept, [50])[0]
-        r.zero_trained_rows = int((kept == 0).sum())
-        if wide:
-            trained = column(1)
-            r.trained_tokens_untruncated = int(trained.sum())
-            for i in np.nonzero(kept == 0)[0]:
-                why = ("all its trained tokens lie past max_length = %d (the row has %d tokens)" % (max_len, lengths[i])
-                       if trained[i] else "the chat template leaves no assistant token to train on")
-                probs.append(data_mod.DataProblem(rows[i].line, "no_trained_tokens",
-                                                  f"no trained tokens: {why}; the trainer drops this row"))
-        else:
-            r.trained_tokens_untruncated = int(trained_total or 0)
+        r.trained_tokens_total = k.total
+        r.tokens_within_max_total = t.sum_min(max_len)
+        r.trained_tokens_median = k.percentiles([50])[0]
+        r.zero_trained_rows = k.count(0)
+        r.trained_tokens_untruncated = counts.trained_total
         if not partial:
-            n_train, held, spe, total, basis = _steps(cfg, np.stack([lengths, kept], axis=1) if n <= SPLIT_EXACT_MAX
-                                                      else (lengths, kept), max_len, _same_file(cfg, rep.path))
+            r.lines = counts.head_lines()
+            n_train, held, spe, total, basis = _steps(cfg, counts, max_len, _same_file(cfg, rep.path))
             r.steps_per_epoch, r.total_steps, r.steps_basis = spe, total, basis
             r.splits = {"train": n_train if cfg.data.packing is not True else n - held, "eval": held}
             if _same_file(cfg, rep.path) and cfg.data.eval:
                 r.splits["eval_file"] = cfg.data.eval
-            all_out = quality.outliers(lines, lengths)
-            r.outliers_total = len(all_out)
-            r.outliers = all_out[:MAX_LISTED]
-    del lengths, kept
-    probs.sort(key=lambda p: p.line)
-    r.problems = probs
-    exact = dups.exact_groups(stale_ok=partial)
-    near = dups.near_groups(stale_ok=partial)
-    r.duplicates_total, r.near_duplicates_total = len(exact), len(near)
-    r.duplicates, r.near_duplicates = exact[:MAX_GROUPS], near[:MAX_GROUPS]
-    r.pii_total = len(pii)
-    r.pii = sorted(pii, key=lambda f: f.line)[:MAX_LISTED]
+            bounds = quality.outlier_bounds(t)
+            r.outliers_total = t.count_outside(*bounds) if bounds else 0
+    mixed = list(mixed)
+    listed = sorted(mixed + problems.listed(), key=lambda p: p.line)
+    r.problems = listed[:MAX_PROBLEMS]
+    r.problems_total = problems.total + len(mixed)
+    r.problem_counts = dict(problems.by_kind)
+    for p in mixed:
+        r.problem_counts[p.kind] = r.problem_counts.get(p.kind, 0) + 1
+    r.problem_counts = {k: v for k, v in sorted(r.problem_counts.items(), key=lambda kv: _first_kind(listed, kv[0]))}
+    r.rows_with_problems = problems.with_lines + len({p.line for p in mixed if not problems.marked(p.line)})
+    q = dups.quality(MAX_GROUPS, bounds, MAX_LISTED, stale_ok=partial)
+    r.duplicates_total, r.near_duplicates_total = q.exact.total, q.near.total
+    r.duplicate_rows, r.near_duplicate_rows = q.exact.rows, q.near.rows
+    r.duplicates, r.near_duplicates = q.exact.listed(), q.near.listed()
+    if not partial:
+        r.outliers = q.outliers
+    r.pii_total = pii.total
+    r.pii_counts = dict(pii.by_kind)
+    r.pii = pii.listed()[:MAX_LISTED]
+    r.warnings += _capped_notes(r, q)
     if not partial:
         r.phase = "done"
         r.done = True
         r.progress = 1.0
-        if cfg.data.strict and r.problems:
-            r.warnings.append(f"data.strict = true: training refuses this file ({len(r.problems)} problems)")
+        if cfg.data.strict and r.n_problems:
+            r.warnings.append(f"data.strict = true: training refuses this file ({r.n_problems} problems)")
     else:
         r.done = False
     return r
+
+
+def _first_kind(listed, kind) -> int:
+    """Order of problem kinds as they first appear by line (the order _count_kinds gives)."""
+    return next((i for i, p in enumerate(listed) if p.kind == kind), len(listed))
+
+
+def _capped_notes(r: Report, q) -> list[str]:
+    """One line per list that holds only its first part (the counts are complete)."""
+    out = []
+    if r.n_problems > len(r.problems):
+        out.append(f"problems: the first {len(r.problems):,} of {r.n_problems:,} are listed (by line; "
+                   "problem_counts counts all)")
+    for name, g, shown in (("duplicate", q.exact, r.duplicates), ("near-duplicate", q.near, r.near_duplicates)):
+        if g.capped:
+            lines = sum(len(x) for x in shown)
+            out.append(f"{name} groups: the first {len(shown):,} of {g.total:,} are listed ({lines:,} lines, at most "
+                       f"{quality.GROUP_LINES_MAX:,} a group; {g.rows:,} rows repeat an earlier one in all)")
+    if r.pii_total > len(r.pii):
+        out.append(f"possible PII: the first {len(r.pii):,} of {r.pii_total:,} findings are listed")
+    return out
 
 
 def _same_file(cfg, path: str) -> bool:
@@ -948,14 +1139,22 @@ def format_report(r: Report, max_problems: int = 50) -> str:
                    f"{s['eval']:,} eval, {s['problems']:,} problems" + (f" (first: {s['first_problem']})"
                                                                        if s['first_problem'] else "")
                    + "".join(f"; {n}" for n in s["notes"]))
+        listed = s.get("problem_lines") or []
+        for p in listed[:5]:
+            out.append(f"    {Path(str(s['path'])).name} line {p['line']}: [{p['kind']}] {p['message']}")
+        if s["problems"] > 5:
+            out.append(f"    … {s['problems'] - 5:,} more in this source (--json lists "
+                       + ("them)" if len(listed) == s["problems"] else f"the first {len(listed):,})"))
     split = ", ".join(f"{k} {v}" for k, v in r.splits.items())
     out.append(f"rows: {r.rows} usable of {r.raw_count} read" + (f" → {split}" if split else ""))
-    out.append(f"problems: {len(r.problems)}" + (" (" + ", ".join(f"{k} {v}" for k, v in
-                                                               _count_kinds(r.problems).items()) + ")" if r.problems else ""))
+    counts = r.problem_counts if r.problem_counts is not None else _count_kinds(r.problems)
+    out.append(f"problems: {r.n_problems}" + (" (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")"
+                                                if r.n_problems else ""))
     for p in r.problems[:max_problems]:
         out.append(f"  line {p.line}: [{p.kind}] {p.message}")
-    if len(r.problems) > max_problems:
-        out.append(f"  … {len(r.problems) - max_problems} more (--json lists all)")
+    if r.n_problems > max_problems:
+        out.append(f"  … {r.n_problems - max_problems} more (--json lists "
+                   + ("all)" if len(r.problems) == r.n_problems else f"the first {len(r.problems):,})"))
     if r.stats:
         s = r.stats
         out.append(f"tokens ({r.model}, max_length {r.max_length}): min {s['min']}, median {s['median']:g}, "
@@ -990,9 +1189,10 @@ def format_report(r: Report, max_problems: int = 50) -> str:
         out.append(f"trained tokens: {r.trained_tokens_total} in all, median {r.trained_tokens_median:g} per row; "
                    f"{r.zero_trained_rows} rows with none")
         out.append(f"steps per epoch: {r.steps_per_epoch} (total {r.total_steps}): {r.steps_basis}")
-    out.append(f"duplicates: {r.duplicates_total} groups" + (f" (lines {_lines(r.duplicates)})" if r.duplicates else ""))
-    out.append(f"near-duplicates: {r.near_duplicates_total} groups"
-               + (f" (lines {_lines(r.near_duplicates)})" if r.near_duplicates else ""))
+    for name, total, groups in (("duplicates", r.duplicates_total, r.duplicates),
+                                ("near-duplicates", r.near_duplicates_total, r.near_duplicates)):
+        first = f"first {len(groups):,} listed: " if total > len(groups) and groups else ""
+        out.append(f"{name}: {total} groups" + (f" ({first}lines {_lines(groups)})" if groups else ""))
     if r.outliers_total:
         shown = ", ".join(f"line {ln} {k} ({n} tokens)" for ln, k, n in r.outliers[:10])
         out.append(f"length outliers: {r.outliers_total}: {shown}" + (" …" if r.outliers_total > 10 else ""))

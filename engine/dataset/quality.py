@@ -69,147 +69,392 @@ def near_key(text: str) -> bytes:
     return text.lower().encode("utf-8", "surrogatepass").translate(None, _DROP)
 
 
-class Duplicates:
-    """Exact and near-duplicate grouping by line number in bounded memory: each row keeps two
-    64-bit hashes (of ``row_key`` and of ``near_key``), 16 bytes whatever its length; groups are
-    found by sorting the hashes, a sixteenth of them at a time. Two different rows share a hash
-    with odds of about n²/2⁶⁵ (3·10⁻⁵ at 30 M rows)."""
+# Listing caps (counts are always complete): read at call time, so a test can lower them.
+GROUP_LINES_MAX = 1000        # lines listed per duplicate group (its first ones)
+LISTED_LINES_MAX = 200_000    # lines listed over all groups of one kind (duplicate / near)
 
-    def __init__(self):
+ROW = None                    # numpy dtype of one row's record (set on first use)
+PARTS = 256                   # partitions, by the top byte of the near-duplicate hash
+
+
+def _row_dtype():
+    global ROW
+    if ROW is None:
+        import numpy as np
+        ROW = np.dtype([("near", "<i8"), ("exact", "<i8"), ("line", "<i8"), ("tokens", "<i4")])
+    return ROW
+
+
+def row_hashes(datas, texts):
+    """(exact, near) 64-bit hashes of a batch of normalised rows, as int64 arrays."""
+    import numpy as np
+    n = len(datas)
+    exact = np.fromiter((hash(row_key(d)) for d in datas), dtype=np.int64, count=n)
+    near = np.fromiter((hash(near_key(t)) for t in texts), dtype=np.int64, count=n)
+    return exact, near
+
+
+class Groups:
+    """Duplicate groups of one kind: the first ones listed (by first line, each with its first
+    ``GROUP_LINES_MAX`` lines, ``LISTED_LINES_MAX`` lines in all, at most ``max_groups`` groups),
+    and the complete counts: ``total`` groups, ``rows`` rows repeating an earlier one."""
+
+    def __init__(self, max_groups: int):
+        self.max_groups = max_groups
+        self.total = 0
+        self.rows = 0
+        self.items: list = []            # [(first line, lines array)], sorted by first line
+        self.capped = False              # some group or some lines were left unlisted
+        self.cutoff = None               # no group whose first line is this or later is listed
+
+    def offer(self, lines, order, starts, ends) -> None:
+        """Groups ``lines[order[s:e]]`` for each (s, e); lines within a group ascending."""
+        import numpy as np
+        if not len(starts):
+            return
+        sizes = ends - starts
+        self.total += len(starts)
+        self.rows += int((sizes - 1).sum())
+        first = lines[order[starts]]
+        pick = np.nonzero(first < self.cutoff)[0] if self.cutoff is not None else np.arange(len(starts))
+        if len(pick) > self.max_groups:
+            pick = pick[np.argpartition(first[pick], self.max_groups - 1)[:self.max_groups]]
+        self._drop(first, pick)
+        per = GROUP_LINES_MAX
+        for i in pick.tolist():
+            s, e = int(starts[i]), int(ends[i])
+            if e - s > per:
+                self.capped = True
+            self.items.append((int(first[i]), lines[order[s:min(e, s + per)]]))
+        self.items.sort(key=lambda it: it[0])
+        budget, keep = LISTED_LINES_MAX, 0
+        for _, g in self.items[:self.max_groups]:
+            if budget < len(g):
+                break
+            budget -= len(g)
+            keep += 1
+        if keep < len(self.items):
+            self._cut(self.items[keep][0])
+            del self.items[keep:]
+
+    def _drop(self, first, pick) -> None:
+        """Note the groups of ``first`` not picked: none at or after the first of them is listed."""
+        import numpy as np
+        if len(pick) < len(first):
+            rest = np.ones(len(first), dtype=bool)
+            rest[pick] = False
+            self._cut(int(first[rest].min()))
+
+    def _cut(self, line: int) -> None:
+        self.capped = True
+        self.cutoff = line if self.cutoff is None else min(self.cutoff, line)
+
+    def listed(self) -> list[list[int]]:
+        return [g.tolist() for _, g in self.items]
+
+
+class Quality:
+    """What the duplicate checks and the outlier list need in the end, from one pass."""
+
+    def __init__(self, exact: Groups, near: Groups, outliers: list, outliers_capped: bool):
+        self.exact, self.near, self.outliers, self.outliers_capped = exact, near, outliers, outliers_capped
+
+
+class Duplicates:
+    """Exact and near-duplicate grouping (and the outlier list) in bounded memory.
+
+    Each usable row is a 28-byte record: the 64-bit hashes of ``row_key`` (exact) and of
+    ``near_key`` (near), its line and its token count. Records collect in a buffer of
+    ``BUFFER_ROWS``; a full buffer is written to an unlinked temporary file (gone when the
+    process ends), sorted into ``PARTS`` partitions by the near hash's top byte. Grouping then
+    reads one partition at a time: identical rows have identical text, so an exact group never
+    spans two partitions. Memory is the buffer plus one partition, not the row count. Two
+    different rows share a hash with odds of about n²/2⁶⁵ (3·10⁻⁵ at 30 M rows)."""
+
+    BUFFER_ROWS = 1 << 18
+
+    def __init__(self, buffer_rows: int | None = None):
         import numpy as np
         self._np = np
-        self._lines: list = []          # per batch: line numbers (int64)
-        self._exact: list = []          # per batch: hash of row_key
-        self._near: list = []           # per batch: hash of near_key
+        self.cap = int(buffer_rows or self.BUFFER_ROWS)
+        self.buf = None                 # the buffer (allocated on the first row)
+        self.used = 0
+        self.blocks: list = []          # spilled blocks: (file offset, partition starts)
+        self.fd = None
+        self._file = None
         self._n = 0
-        self._cached: tuple = (-1, [], [])
+        self._cached: tuple = (None, None)
         self._when = 0.0
+        self._cost = 0.0
 
     @property
     def rows(self) -> int:
         return self._n
 
-    def lines(self):
-        """The line of every row added, in order (one numpy array)."""
-        self._consolidate()
-        return self._lines[0] if self._lines else self._np.zeros(0, dtype=self._np.int64)
-
-    def _consolidate(self) -> None:
-        for parts in (self._lines, self._exact, self._near):     # one array each from now on
-            if len(parts) > 1:
-                whole = self._np.concatenate(parts)
-                parts.clear()
-                parts.append(whole)
+    @property
+    def spilled_rows(self) -> int:
+        return sum(int(st[-1]) for _, st in self.blocks)
 
     def add(self, line: int, data: dict, text: str) -> None:
         self.add_batch([line], [data], [text])
 
-    def add_batch(self, lines, datas, texts) -> None:
+    def add_batch(self, lines, datas, texts, tokens=None) -> None:
+        exact, near = row_hashes(datas, texts)
+        self.add_hashed(lines, exact, near, tokens)
+
+    def add_unhashed(self, lines, tokens) -> None:
+        """Rows kept for the outlier list only (image rows): each with hashes of its own."""
+        import numpy as np
+        ids = np.arange(self._n, self._n + len(lines), dtype=np.int64)
+        self.add_hashed(lines, ids, ids, tokens)
+
+    def add_hashed(self, lines, exact, near, tokens=None) -> None:
         np = self._np
         n = len(lines)
         if not n:
             return
-        big = max(lines) >= 2**32
-        self._lines.append(np.fromiter(lines, dtype=np.int64 if big else np.uint32, count=n))
-        self._exact.append(np.fromiter((hash(row_key(d)) for d in datas), dtype=np.int64, count=n))
-        self._near.append(np.fromiter((hash(near_key(t)) for t in texts), dtype=np.int64, count=n))
+        if self.buf is None:
+            self.buf = np.zeros(self.cap, dtype=_row_dtype())
+        lines = np.asarray(lines, dtype=np.int64)
+        at = 0
+        while at < n:
+            take = min(self.cap - self.used, n - at)
+            dst = self.buf[self.used:self.used + take]
+            dst["line"] = lines[at:at + take]
+            dst["exact"] = exact[at:at + take]
+            dst["near"] = near[at:at + take]
+            dst["tokens"] = 0 if tokens is None else tokens[at:at + take]
+            self.used += take
+            at += take
+            if self.used == self.cap:
+                self._spill()
         self._n += n
 
-    def _groups(self, stale_ok: bool = False) -> tuple[list, list]:
-        """(exact groups, near groups). ``stale_ok``: a running scan's snapshot may get the groups
-        of a few seconds ago on large files (each grouping sorts every hash)."""
-        import time
-        if self._cached[0] == self._n or (stale_ok and self._n > 200_000 and time.monotonic() - self._when < 5):
-            return self._cached[1], self._cached[2]
+    def _part(self, recs):
+        return (recs["near"].view(self._np.uint64) >> self._np.uint64(56)).astype(self._np.intp)
+
+    def _spill(self) -> None:
+        import os
+        import tempfile
         np = self._np
-        if not self._n:
-            return [], []
-        self._consolidate()
-        lines, exact, near = self._lines[0], self._exact[0], self._near[0]
-        firsts = np.ones(len(lines), dtype=bool)      # first row of its exact group
-        exact_groups = _hash_groups(np, exact, lines, None, firsts)
-        near_groups = _hash_groups(np, near, lines, firsts, None)
-        self._cached = (self._n, exact_groups, near_groups)
+        recs = self.buf[:self.used]
+        part = self._part(recs)
+        order = np.argsort(part, kind="stable")
+        block = recs[order]
+        starts = np.concatenate(([0], np.cumsum(np.bincount(part, minlength=PARTS)))).astype(np.int64)
+        if self.fd is None:
+            self._file = tempfile.TemporaryFile(prefix="qlora-tui-inspect-", buffering=0)
+            self.fd = self._file.fileno()
+        off = os.lseek(self.fd, 0, os.SEEK_END)
+        data = memoryview(block).cast("B")
+        done = 0
+        while done < len(data):
+            done += os.write(self.fd, data[done:])
+        self.blocks.append((off, starts))
+        self.used = 0
+
+    def _partitions(self):
+        """Each non-empty partition's records, in row order."""
+        import os
+        np = self._np
+        dt = _row_dtype()
+        recs = self.buf[:self.used] if self.buf is not None else np.zeros(0, dtype=dt)
+        part = self._part(recs)
+        order = np.argsort(part, kind="stable")
+        mem = recs[order]
+        mstarts = np.concatenate(([0], np.cumsum(np.bincount(part, minlength=PARTS))))
+        for p in range(PARTS):
+            pieces = []
+            for off, st in self.blocks:
+                c = int(st[p + 1] - st[p])
+                if c:
+                    raw = os.pread(self.fd, c * dt.itemsize, off + int(st[p]) * dt.itemsize)
+                    pieces.append(np.frombuffer(raw, dtype=dt))
+            if mstarts[p + 1] > mstarts[p]:
+                pieces.append(mem[mstarts[p]:mstarts[p + 1]])
+            if pieces:
+                yield pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def quality(self, max_groups: int, bounds=None, max_outliers: int = 1000, stale_ok: bool = False) -> Quality:
+        """Exact and near groups, and (with ``bounds`` = (lo, hi)) the first ``max_outliers``
+        rows by line whose token count is below lo or above hi. ``stale_ok``: a running scan's
+        snapshot may get a result of a few seconds ago on large files (grouping reads every record)."""
+        import time
+        np = self._np
+        key = (self._n, bounds, max_groups, max_outliers, GROUP_LINES_MAX, LISTED_LINES_MAX)
+        if self._cached[0] == key or (stale_ok and self._cached[1] is not None and self._n > 200_000
+                                      and time.monotonic() - self._when < max(5.0, 10 * self._cost)):
+            return self._cached[1]
+        t0 = time.monotonic()
+        exact, near = Groups(max_groups), Groups(max_groups)
+        out_lines, out_tokens, capped = np.zeros(0, np.int64), np.zeros(0, np.int64), False
+        for recs in self._partitions():
+            lines = recs["line"]
+            order, s, e = _runs(np, recs["exact"])
+            exact.offer(lines, order, s, e)
+            if len(s):           # only the first row of each exact group takes part in near groups
+                mark = np.zeros(len(recs) + 1, dtype=np.int64)
+                np.add.at(mark, s + 1, 1)
+                np.add.at(mark, e, -1)
+                later = order[np.cumsum(mark)[:-1] > 0]
+                firsts = np.ones(len(recs), dtype=bool)
+                firsts[later] = False
+                idx = np.nonzero(firsts)[0]
+                o2, s2, e2 = _runs(np, recs["near"][idx])
+                near.offer(lines, idx[o2], s2, e2)
+            else:
+                o2, s2, e2 = _runs(np, recs["near"])
+                near.offer(lines, o2, s2, e2)
+            if bounds is not None:
+                tok = recs["tokens"]
+                sel = np.nonzero((tok < bounds[0]) | (tok > bounds[1]))[0]
+                if len(sel):
+                    out_lines = np.concatenate([out_lines, lines[sel]])
+                    out_tokens = np.concatenate([out_tokens, tok[sel].astype(np.int64)])
+                    if len(out_lines) > max_outliers:
+                        keep = np.argsort(out_lines, kind="stable")[:max_outliers]
+                        out_lines, out_tokens, capped = out_lines[keep], out_tokens[keep], True
+        keep = np.argsort(out_lines, kind="stable")
+        outl = [(int(ln), "short" if n < bounds[0] else "long", int(n))
+                for ln, n in zip(out_lines[keep].tolist(), out_tokens[keep].tolist())] if bounds else []
+        got = Quality(exact, near, outl, capped)
+        self._cost = time.monotonic() - t0
+        self._cached = (key, got)
         self._when = time.monotonic()
-        return exact_groups, near_groups
-
-    def exact_groups(self, stale_ok: bool = False) -> list[list[int]]:
-        return [list(g) for g in self._groups(stale_ok)[0]]
-
-    def near_groups(self, stale_ok: bool = False) -> list[list[int]]:
-        """Groups of rows that differ only in case, punctuation or spacing (exact copies excluded:
-        each group lists the first line of every distinct variant)."""
-        return [list(g) for g in self._groups(stale_ok)[1]]
+        return got
 
 
-def _hash_groups(np, hashes, lines, only, firsts, parts: int = 16) -> list[list[int]]:
-    """Line groups (2+ rows) of equal hashes, each in row order, sorted by first line. ``only``:
-    the rows taking part (a bool mask); ``firsts``: cleared for every row but a group's first.
-    Sorted a sixteenth at a time (by the hash's top bits), so the temporaries stay small."""
-    import sys
-    out = []
-    # the hash's top 4 bits, read from its most significant byte (1 byte a row, no int64 temporary)
-    top = hashes.view(np.uint8).reshape(-1, 8)[:, 7 if sys.byteorder == "little" else 0] >> 4
-    for b in range(parts):
-        sel = top == b
-        if only is not None:
-            sel &= only
-        idx = np.nonzero(sel)[0]
-        del sel
-        if len(idx) < 2:
-            continue
-        h = hashes[idx]
-        order = np.argsort(h, kind="stable")
-        idx, h = idx[order], h[order]
-        del order
-        same = h[1:] == h[:-1]
-        if not same.any():
-            continue
-        starts = np.nonzero(np.concatenate(([True], ~same)))[0]
-        ends = np.append(starts[1:], len(h))
-        for a, e in zip(starts[ends - starts > 1].tolist(), ends[ends - starts > 1].tolist()):
-            rows = idx[a:e]
-            out.append(lines[rows].tolist())
-            if firsts is not None:
-                firsts[rows[1:]] = False
-    out.sort(key=lambda g: g[0])
-    return out
+def _runs(np, hashes):
+    """(stable order of ``hashes``, starts, ends) of each run of 2+ equal hashes in that order."""
+    order = np.argsort(hashes, kind="stable")
+    if len(order) < 2:
+        return order, np.zeros(0, np.int64), np.zeros(0, np.int64)
+    h = hashes[order]
+    same = h[1:] == h[:-1]
+    if not same.any():
+        return order, np.zeros(0, np.int64), np.zeros(0, np.int64)
+    starts = np.nonzero(np.concatenate(([True], ~same)))[0]
+    ends = np.append(starts[1:], len(h))
+    many = ends - starts > 1
+    return order, starts[many], ends[many]
+
+
+class Tally:
+    """How many times each non-negative integer (a row's token count) was seen: exact
+    percentiles, histogram, min, max and sums in memory bounded by the largest value, not by
+    how many values there are (dense counts below ``DENSE``, a dict of the rare larger ones)."""
+
+    DENSE = 1 << 16
+
+    def __init__(self):
+        import numpy as np
+        self._np = np
+        self.dense = np.zeros(0, dtype=np.int64)
+        self.sparse: dict = {}
+        self.n = 0
+        self.total = 0
+
+    @classmethod
+    def of(cls, values) -> "Tally":
+        t = cls()
+        t.add(values)
+        return t
+
+    def add(self, values) -> None:
+        np = self._np
+        v = np.asarray(values, dtype=np.int64).ravel()
+        if not len(v):
+            return
+        self.n += len(v)
+        self.total += int(v.sum())
+        big = v >= self.DENSE
+        if big.any():
+            for x in v[big].tolist():
+                self.sparse[x] = self.sparse.get(x, 0) + 1
+            v = v[~big]
+        if len(v):
+            bc = np.bincount(v)
+            if len(bc) > len(self.dense):
+                self.dense = np.concatenate([self.dense, np.zeros(len(bc) - len(self.dense), dtype=np.int64)])
+            self.dense[:len(bc)] += bc
+
+    def items(self):
+        """(values ascending, their counts) as int64 arrays."""
+        np = self._np
+        nz = np.nonzero(self.dense)[0]
+        keys = sorted(self.sparse)
+        vals = np.concatenate([nz.astype(np.int64), np.asarray(keys, dtype=np.int64)])
+        counts = np.concatenate([self.dense[nz], np.asarray([self.sparse[k] for k in keys], dtype=np.int64)])
+        return vals, counts
+
+    def min(self) -> int:
+        return int(self.items()[0][0])
+
+    def max(self) -> int:
+        return int(self.items()[0][-1])
+
+    def count(self, value: int) -> int:
+        if value < len(self.dense):
+            return int(self.dense[value])
+        return self.sparse.get(value, 0)
+
+    def count_outside(self, lo: float, hi: float) -> int:
+        """Values below lo or above hi."""
+        vals, counts = self.items()
+        return int(counts[(vals < lo) | (vals > hi)].sum())
+
+    def count_above(self, x: float) -> int:
+        vals, counts = self.items()
+        return int(counts[vals > x].sum())
+
+    def sum_min(self, cap: int) -> int:
+        """Σ min(value, cap)."""
+        vals, counts = self.items()
+        return int((self._np.minimum(vals, cap) * counts).sum())
+
+    def percentiles(self, qs) -> list[float]:
+        """``numpy.percentile(values, qs)`` (linear interpolation, the same numbers)."""
+        np = self._np
+        vals, counts = self.items()
+        cum = np.cumsum(counts)
+        n = int(cum[-1])
+        out = []
+        for q in qs:
+            pos = (n - 1) * q / 100.0
+            k = int(np.floor(pos))
+            frac = pos - k
+            lo = int(vals[int(np.searchsorted(cum, k, side="right"))])          # sorted[k]
+            hi = int(vals[int(np.searchsorted(cum, min(k + 1, n - 1), side="right"))])
+            out.append(float(lo + (hi - lo) * frac))
+        return out
 
 
 def percentiles(values, qs) -> list[float]:
     """``numpy.percentile(values, qs)`` (linear interpolation, the same numbers) from the counts of
-    each value instead of a sorted copy: memory bounded by the largest value (a row's token
-    count), not by how many values there are. ``values``: non-negative integers."""
-    import numpy as np
-    counts = np.bincount(values)
-    cum = np.cumsum(counts)
-    n = int(cum[-1])
-    out = []
-    for q in qs:
-        pos = (n - 1) * q / 100.0
-        k = int(np.floor(pos))
-        frac = pos - k
-        lo = int(np.searchsorted(cum, k, side="right"))          # the value of sorted[k]
-        hi = int(np.searchsorted(cum, min(k + 1, n - 1), side="right"))
-        out.append(float(lo + (hi - lo) * frac))
-    return out
+    each value instead of a sorted copy (``Tally``). ``values``: non-negative integers."""
+    return Tally.of(values).percentiles(qs)
+
+
+def outlier_bounds(tally: Tally, factor: float = 3.0, min_rows: int = 20):
+    """(lo, hi): token counts below lo / above hi are outliers; None below ``min_rows`` rows."""
+    if tally.n < min_rows:
+        return None
+    q1, q3 = tally.percentiles([25, 75])
+    return q1 / factor, q3 * factor
 
 
 def outliers(lines, lengths, factor: float = 3.0, min_rows: int = 20) -> list[tuple[int, str, int]]:
-    """Rows far from the bulk in token length: ``short`` below Q1/factor, ``long`` above Q3×factor.
-
-    Returns ``(line, "short"|"long", tokens)`` sorted by line; nothing below ``min_rows`` rows
-    (too few to call anything unusual)."""
+    """Rows far from the bulk in token length: ``short`` below Q1/factor, ``long`` above Q3×factor
+    (``outlier_bounds``). Returns ``(line, "short"|"long", tokens)`` sorted by line; nothing below
+    ``min_rows`` rows (too few to call anything unusual)."""
     import numpy as np
-    n = len(lengths)
-    if n < min_rows:
-        return []
     arr = np.asarray(lengths)
-    q1, q3 = percentiles(arr, [25, 75])
-    lo, hi = q1 / factor, q3 * factor
-    out = []
-    for i in np.nonzero((arr < lo) | (arr > hi))[0]:
-        out.append((int(lines[i]), "short" if arr[i] < lo else "long", int(arr[i])))
+    bounds = outlier_bounds(Tally.of(arr), factor, min_rows) if len(arr) else None
+    if bounds is None:
+        return []
+    lo, hi = bounds
+    out = [(int(lines[i]), "short" if arr[i] < lo else "long", int(arr[i]))
+           for i in np.nonzero((arr < lo) | (arr > hi))[0]]
     out.sort()
     return out
 

@@ -220,6 +220,7 @@ def _iter_hub(spec: str):
 # ---------------------------------------------------------------------------- mixtures
 
 SOURCE_KEYS = ("path", "format", "split", "subset", "dataset", "weight", "rows", "eval")
+PROBLEMS_LISTED = 1000     # problems listed per source (``problems`` counts them all)
 
 
 @dataclass
@@ -234,6 +235,7 @@ class SourceShare:
     problems: int = 0
     first_problem: str = ""
     notes: list = field(default_factory=list)
+    problem_list: list = field(default_factory=list)     # its first PROBLEMS_LISTED DataProblems, by line
 
     def share(self, total: int) -> float:
         return self.train / total if total else 0.0
@@ -276,6 +278,7 @@ def load_mixture(cfg):
         sh = SourceShare(name=name, path=spec, format=ds.format, usable=len(ds.rows), problems=len(ds.problems))
         if ds.problems:
             sh.first_problem = f"line {ds.problems[0].line}: {ds.problems[0].message}"
+            sh.problem_list = sorted(ds.problems, key=lambda p: p.line)[:PROBLEMS_LISTED]
         for p in ds.problems:
             problems.append(data_mod.DataProblem(p.line, p.kind, f"[{name}] {p.message}"))
         rows = list(ds.rows)
@@ -312,11 +315,13 @@ def load_mixture(cfg):
         train = _interleave(per_source, rng)
     else:
         train = [r for rows in per_source for r in rows]
+    source_of = {id(r): k for k, rows in enumerate(per_source) for r in rows}
     fmt = max(fmt_seen, key=fmt_seen.get) if fmt_seen else "messages"
     label = f"mixture of {len(shares)} sources"
     tr = data_mod.Dataset(path=label, format=fmt, reason=", ".join(f"{s.name}: {s.format}" for s in shares),
                           rows=train, problems=problems, raw_count=sum(s.usable + s.problems for s in shares),
                           formats_seen=fmt_seen)
+    tr.origins = [(source_of[id(r)], r.line) for r in train]     # each row's source and line there
     ev = data_mod.Dataset(path=label + " (eval)", format=fmt, reason="eval rows of each source", rows=evals,
                           raw_count=len(evals)) if evals else None
     return tr, ev, shares
@@ -394,4 +399,19 @@ def mixture_file(cfg) -> tuple[str, list]:
         Path(old_path).unlink(missing_ok=True)
     _MIX_FILES.clear()
     _MIX_FILES[key] = (str(out), shares)
+    _ORIGINS.clear()
+    _ORIGINS[str(out)] = ([s.name for s in shares], train.origins)
     return _MIX_FILES[key]
+
+
+_ORIGINS: dict = {}
+
+
+def origin(path: str, line: int) -> str | None:
+    """Where line ``line`` of a mixture's file (``mixture_file``) comes from: "source 2
+    (b.jsonl) line 17"; None for any other file."""
+    got = _ORIGINS.get(str(path))
+    if got is None or not 1 <= line <= len(got[1]):
+        return None
+    k, src_line = got[1][line - 1]
+    return f"{got[0][k]} line {src_line}"

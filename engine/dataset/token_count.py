@@ -210,6 +210,8 @@ class _Pieces:
 
     def _head(self, text: str) -> list:
         if text not in self.heads:
+            if len(self.heads) >= SHARED_MAX:     # a template without added tokens: a head per row
+                self.heads.clear()
             enc = self.backend.encode(text, add_special_tokens=False)
             offs = enc.offsets
             # the head's own tokens must tile it exactly, or comparing ids proves nothing

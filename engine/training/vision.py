@@ -748,8 +748,15 @@ def inspect_report(cfg, path: str, on_partial=None):
         rows.append(row)
     rep.format, rep.format_reason, rep.raw_count, rep.rows_read = ds.format, ds.reason, ds.raw_count, ds.raw_count
     arr = np.asarray(counts, dtype=np.int64).reshape(len(counts), 3)
-    out = inspect.report_snapshot(cfg, rep, proc.tokenizer, rows, [arr], problems, [], quality.Duplicates(), [],
-                    dict(ds.formats_seen), {}, partial=False)
+    lines = [r.line for r in rows]
+    tallied = inspect.Counts()
+    found = inspect.problem_log()
+    found.extend(problems)
+    found.extend(tallied.add(lines, arr, max_len))
+    dups = quality.Duplicates()              # no duplicate check for image rows: their lengths only
+    dups.add_unhashed(lines, arr[:, 0])
+    out = inspect.report_snapshot(cfg, rep, tallied, found, [], dups, inspect.FirstByLine(inspect.MAX_LISTED),
+                                  dict(ds.formats_seen), {}, partial=False, rows=len(rows))
     out.images = {"count": n_images, "rows_with_images": sum(1 for r in rows if r.data.get("images")),
                   "visual_tokens_total": int(sum(vis_all)),
                   "visual_tokens_per_image": ({"min": min(vis_all), "median": float(np.median(vis_all)),

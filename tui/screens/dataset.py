@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.text import Text
 from textual import on, work
@@ -145,14 +146,15 @@ def summary_text(report, cfg) -> Pairs:
     out.line(pair("rows     ", f"{report.rows:,}", "bold"))
     if not report.done:
         out.add(Text(f"(reading… {report.rows_read:,} so far)", style="$warning"))
-    probs = len(report.problems or [])
-    out.add(pair("problems", str(probs), "bold $error" if probs else "bold $success"))
-    dups = duplicate_rows(report.duplicates)
+    probs = getattr(report, "n_problems", None)
+    probs = len(report.problems or []) if probs is None else probs
+    out.add(pair("problems", f"{probs:,}", "bold $error" if probs else "bold $success"))
+    dups = getattr(report, "duplicate_rows", 0) or duplicate_rows(report.duplicates)
     if dups:              # the rows the Problems tab lists: each later copy, not the groups
         out.add(pair("duplicate rows", str(dups), "bold $warning"))
-    pii = report.pii or []
+    pii = getattr(report, "pii_total", 0) or len(report.pii or [])   # all of them, not the first listed
     if pii:
-        out.add(pair("possible PII", str(len(pii)), "bold $warning"))
+        out.add(pair("possible PII", f"{pii:,}", "bold $warning"))
     over = getattr(report, "over_max_length_total", 0)
     if over:
         what = "pairs" if report.format == "preference" else "rows"
@@ -261,11 +263,25 @@ def image_widgets(preview) -> list:
     return out
 
 
+class SourceLine(str):
+    """A line of one source of a mixture (``[[data.sources]]``), shown as ``b.jsonl:17``: its
+    row is not in the mix (it failed to load), so Enter shows the source file's line itself."""
+
+    def __new__(cls, path: str, line: int):
+        self = super().__new__(cls, f"{Path(path).name}:{line}")
+        self.path, self.line = path, line
+        return self
+
+
 def listed_lines(report, limit: int = 5000) -> list[tuple[int, str, str]]:
     """(line, kind, message) of everything the report names by line, as the CLI lists them:
-    problems, then exact and near duplicates (each later copy, naming the first), then
-    possible PII (masked). Enter on any of them opens that line's row."""
+    problems, then each mixture source's problems (by ``SourceLine``), then exact and near
+    duplicates (each later copy, naming the first), then possible PII (masked). Enter on any
+    of them opens that line's row."""
     out = [(p.line, p.kind, p.message) for p in (report.problems or [])]
+    for s in getattr(report, "sources", None) or []:
+        out += [(SourceLine(str(s.get("path", "?")), p["line"]), p["kind"], f"[{s.get('name', '?')}] {p['message']}")
+                for p in s.get("problem_lines") or []]
     for kind, groups in (("duplicate", report.duplicates), ("near-duplicate",
                                                            getattr(report, "near_duplicates", []))):
         for g in groups if isinstance(groups, list) else []:
@@ -448,6 +464,9 @@ class DatasetScreen(Screen):
                         markup=False)
             return
         line = probs[i][0]
+        if isinstance(line, SourceLine):
+            self._show_source_line(line, probs[i][2])
+            return
         self._jump_line = line
         self.query_one("#ds-tabs", TabbedContent).active = "tab-rows"
         self.query_one("#row-header", Static).update(
@@ -456,6 +475,25 @@ class DatasetScreen(Screen):
         self._show_sides(None)
         self._show_images([])
         self._row_for_line(self.app.config, line)
+
+    def _show_source_line(self, where: SourceLine, message: str) -> None:
+        """A mixture source's problem: the source file's line as it is (it has no row in the mix)."""
+        from engine.dataset.inspect import raw_line
+        self._jump_line = None
+        self.query_one("#ds-tabs", TabbedContent).active = "tab-rows"
+        h = Text()
+        h.append_text(literal(str(where)))
+        h.append("   a source's line: not in the mix   n/p: rows of the mix", style="dim")
+        self.query_one("#row-header", Static).update(h)
+        t = Text("This line of a source failed to load, so the mix leaves it out (training skips it).\n\n",
+                 style="bold $error")
+        t.append_text(literal(message))
+        raw = raw_line(where.path, where.line)
+        if raw:
+            t.append(f"\n\n{where} as it is in the file:\n", style="dim")
+            t.append_text(literal(raw))
+        self.query_one("#row-view", Static).update(t)
+        self._show_images([])
 
     @work(thread=True, exclusive=True, group="row-for-line", exit_on_error=False)
     def _row_for_line(self, cfg, line: int) -> None:
