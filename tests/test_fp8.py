@@ -122,3 +122,27 @@ def test_planner_says_it_plans_for_fp8_on_the_config_screen():
     cfg.train.fp8_base = False
     p = estimate_mod.plan(cfg, mc, 24 * 2**30)
     assert not p.fp8 and "FP8" not in estimate_mod.plan_summary(p, 24)
+
+
+def test_the_reference_pass_uses_the_policys_base_gemms():
+    """DPO/KTO's reference is the model with the adapter disabled: with FP8 base GEMMs on, it must go
+    through the same GEMMs as the policy, so a fresh adapter (B = 0) gives the policy's logits
+    exactly (DPO's first loss log 2), and a trained one differs from the base by the LoRA alone."""
+    from engine.training import fused_lora
+    m = _fused_model()
+    ids = torch.randint(5, 200, (2, 16))
+    assert fused_lora.patch(m, fp8=True) == 14
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.zero_()                              # a fresh adapter
+        policy = m(input_ids=ids).logits
+        with m.disable_adapter():
+            reference = m(input_ids=ids).logits
+        assert torch.equal(policy, reference)
+        for mod in m.modules():
+            if hasattr(mod, "_fp8"):
+                mod._fp8 = False
+        with m.disable_adapter():
+            bf16_reference = m(input_ids=ids).logits
+        assert not torch.equal(reference, bf16_reference)     # FP8 really ran in the reference pass

@@ -74,14 +74,20 @@ def _function():
 
 
 def _eligible_now(m) -> str | None:
-    """The active adapter when this call can take the fused path, else None."""
-    if m.disable_adapters or m.merged or m.base_layer.bias is not None:
+    """The active adapter when this call can take the fused path, else None. With the adapters
+    disabled (the reference pass of DPO/KTO: ``model.disable_adapter()``) a no-grad call still
+    takes it with the LoRA scaled by 0, so the reference uses the very base GEMMs (FP8 included)
+    the policy uses: at a fresh adapter the policy and the reference agree exactly (DPO's loss is
+    log 2), instead of differing by the FP8 rounding summed over every token of a sequence."""
+    import torch
+    if m.merged or m.base_layer.bias is not None:
         return None
+    if m.disable_adapters and torch.is_grad_enabled():
+        return None       # a graph through a disabled adapter: PEFT's path (no zero gradients)
     active = [a for a in m.active_adapters if a in m.lora_A]
     if len(active) != 1:
         return None
     name = active[0]
-    import torch
     if name in getattr(m, "lora_variant", {}) or not isinstance(m.lora_dropout[name], torch.nn.Identity):
         return None
     return name
@@ -95,8 +101,8 @@ def _forward(self, x, *args, **kwargs):
     kw_ids = base._forward_pre_hooks_with_kwargs
     for hid, hook in base._forward_pre_hooks.items():  # what calling the base layer would run first
         hook(base, (x,), {}) if hid in kw_ids else hook(base, (x,))   # (streaming: the layer resident)
-    return _function().apply(x, self.lora_A[name].weight, self.lora_B[name].weight, base,
-                             float(self.scaling[name]), self._fp8)
+    scale = 0.0 if self.disable_adapters else float(self.scaling[name])
+    return _function().apply(x, self.lora_A[name].weight, self.lora_B[name].weight, base, scale, self._fp8)
 
 
 def eligible_reason(cfg) -> str | None:
