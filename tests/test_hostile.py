@@ -202,7 +202,8 @@ def test_one_writer_per_run_two_real_processes_detach_and_a_prompt_stop(tiny_cfg
     from reliability_helpers import configured, events, step_numbers, terminal, wait_for, ENGINE
     cfg = configured(tiny_cfg, {"train.max_steps": 60, "train.save_steps": 0, "train.eval_steps": 0})
     d = crashed_run(cfg, tmp_path / "runs")
-    env = env_with(QLORA_TUI_FAULTS="slow=0.3")
+    env = env_with(QLORA_TUI_FAULTS="slow=0.6")      # 36 s of steps: the loser's check lands while the
+    # winner trains even on a loaded 2-core box (it is stopped after 2 steps, so this costs ~1 s)
     # two resumes started together: one trains, the other exits 2 with one line
     procs = [subprocess.Popen([*ENGINE, "train", "--resume", str(d), "--headless"], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
