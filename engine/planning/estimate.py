@@ -705,8 +705,9 @@ def gpu_budget(cfg, gpu_mem_gib: float | None = None) -> tuple[int | None, str]:
     return min(limits)
 
 
-def gpu_free_bytes(index: int = 0) -> int | None:
-    """Free memory of GPU ``index`` via NVML; None when there is no NVIDIA GPU or driver."""
+def nvml(query, index: int = 0):
+    """``query(pynvml, handle)`` on GPU ``index`` through NVML (initialised and shut down around it, warnings
+    of the import silenced); None when there is no NVIDIA GPU or driver, or the query fails."""
     try:
         import warnings
         with warnings.catch_warnings():
@@ -716,8 +717,7 @@ def gpu_free_bytes(index: int = 0) -> int | None:
     except Exception:
         return None
     try:
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
+        return query(pynvml, pynvml.nvmlDeviceGetHandleByIndex(index))
     except Exception:
         return None
     finally:
@@ -725,6 +725,11 @@ def gpu_free_bytes(index: int = 0) -> int | None:
             pynvml.nvmlShutdown()
         except Exception:
             pass
+
+
+def gpu_free_bytes(index: int = 0) -> int | None:
+    """Free memory of GPU ``index`` via NVML; None when there is no NVIDIA GPU or driver."""
+    return nvml(lambda nv, h: int(nv.nvmlDeviceGetMemoryInfo(h).free), index)
 
 
 # ---------------------------------------------------------------------------------------------

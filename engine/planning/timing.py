@@ -120,24 +120,14 @@ def cpu_device() -> Gpu:
 
 def local_gpu() -> tuple[str, Gpu | None] | None:
     """(NVML's name of GPU 0, its catalog card or None); None when there is no NVIDIA GPU."""
-    try:
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import pynvml
-        pynvml.nvmlInit()
-    except Exception:
+    from engine.planning.estimate import nvml
+
+    def name_of(nv, handle):
+        name = nv.nvmlDeviceGetName(handle)
+        return name.decode() if isinstance(name, bytes) else str(name)
+    name = nvml(name_of)
+    if name is None:
         return None
-    try:
-        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
-        name = name.decode() if isinstance(name, bytes) else str(name)
-    except Exception:
-        return None
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
     try:
         return name, gpu_named(name)
     except GpuError:
