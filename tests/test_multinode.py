@@ -19,6 +19,7 @@ import pytest
 
 from engine.core import config, control, events, nodes, rundir
 from engine.core.summary import standing
+from reliability_helpers import wait_for
 from tui_helpers import anyio_backend, isolated_settings  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,16 +49,6 @@ def job_sets(tmp_path, port):
             "--set", f"train.max_steps={MAX_STEPS}", "--set", "train.save_steps=2",
             "--set", "train.save_total_limit=10", "--set", "data.eval_fraction=0", "--set", "eval.samples=0",
             "--set", "train.device='cpu'"]   # (cpu: the launchers need not import torch to find no GPU)
-
-
-def wait_for(what, cond, timeout=240, poll=0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def node_procs(run_dir, node) -> list[psutil.Process]:
@@ -153,8 +144,8 @@ def test_two_nodes_progress_stop_crash_and_resume(tmp_path, capsys, monkeypatch)
 def _job(run_dir, capsys):
     # ---- both nodes start; progress of every process, merged
     start_nodes(run_dir, "--join")
-    wait_for("4 processes past step 1", lambda: len([p for p in nodes.latest(run_dir).values() if p.step >= 1]) == 4
-             and rundir.info(run_dir).step >= 2)
+    wait_for(lambda: len([p for p in nodes.latest(run_dir).values() if p.step >= 1]) == 4
+             and rundir.info(run_dir).step >= 2, what="4 processes past step 1")
     snaps = nodes.latest(run_dir)
     assert {(p.node, p.rank) for p in snaps.values()} == {(0, 0), (0, 1), (1, 2), (1, 3)}
     # the follower (the TUI's attach) merges the node files into the run's events
@@ -176,7 +167,7 @@ def _job(run_dir, capsys):
 
     # ---- stop: rank 0 reads the request, every rank of both nodes stops on the same step
     control.request(run_dir, "stop")
-    wait_for("the job to stop", lambda: rundir.info(run_dir).state == "stopped" and job_gone(run_dir))
+    wait_for(lambda: rundir.info(run_dir).state == "stopped" and job_gone(run_dir), what="the job to stop")
     ri = rundir.info(run_dir)
     stopped_at = ri.step
     assert stopped_at < MAX_STEPS and (run_dir / "adapter" / "adapter_model.safetensors").exists()
@@ -195,12 +186,12 @@ def _job(run_dir, capsys):
 
     # ---- resume on both nodes; kill -9 of node 1's processes: crashed, node 1 named
     start_nodes(run_dir, "--resume")
-    wait_for("progress after the resume", lambda: rundir.info(run_dir).state == "live"
-             and rundir.info(run_dir).step >= stopped_at + 2 and len(node_procs(run_dir, 1)) >= 3)
+    wait_for(lambda: rundir.info(run_dir).state == "live"
+             and rundir.info(run_dir).step >= stopped_at + 2 and len(node_procs(run_dir, 1)) >= 3, what="progress after the resume")
     victims = node_procs(run_dir, 1)
     for p in victims:
         p.send_signal(signal.SIGKILL)
-    wait_for("the job to end", lambda: rundir.info(run_dir).state != "live" and job_gone(run_dir), timeout=120)
+    wait_for(lambda: rundir.info(run_dir).state != "live" and job_gone(run_dir), timeout=120, what="the job to end")
     ri = rundir.info(run_dir)
     assert ri.state == "crashed", ri.reason
     assert "node 1 (host" in ri.reason and "ranks 2-3" in ri.reason and "resume" in ri.reason
@@ -211,7 +202,7 @@ def _job(run_dir, capsys):
 
     # ---- resume on both nodes again: to the end, every step logged once
     start_nodes(run_dir, "--resume")
-    wait_for("the job to finish", lambda: rundir.info(run_dir).state == "finished" and job_gone(run_dir))
+    wait_for(lambda: rundir.info(run_dir).state == "finished" and job_gone(run_dir), what="the job to finish")
     evs = standing(events.read_events(run_dir / rundir.EVENTS))
     assert [e.step for e in evs if isinstance(e, events.Step)] == list(range(1, MAX_STEPS + 1))
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()

@@ -67,11 +67,15 @@ async def _open_runs(pilot, app, name: str = RUN):
     await pilot.pause()
 
 
+async def _enter_detail(pilot, app, what: str = "the run detail") -> None:
+    """Enter on the Runs screen's selected run: its run detail, once loaded."""
+    await pilot.press("enter")
+    await until(pilot, lambda: isinstance(app.screen, RunDetailScreen) and app.screen.info, what=what)
+
+
 async def _open_detail(pilot, app, name: str):
     await _open_runs(pilot, app, name)
-    await pilot.press("enter")
-    await until(pilot, lambda: isinstance(app.screen, RunDetailScreen) and app.screen.info,
-                what="the run detail")
+    await _enter_detail(pilot, app)
 
 
 def _history(runs: Path) -> list[dict]:
@@ -485,9 +489,7 @@ async def test_walk_every_screen_and_dialog_at_80x24(walk_runs, tmp_path):
         table = runs_screen.query_one("#runs", DataTable)
         names = [ri.name for ri in runs_screen.runs]
         table.move_cursor(row=names.index(RUN))
-        await pilot.press("enter")
-        await until(pilot, lambda: isinstance(app.screen, RunDetailScreen) and app.screen.info,
-                    what="the finished run's detail")
+        await _enter_detail(pilot, app, "the finished run's detail")
         await _check_footer(pilot, app, "run detail")
         await _check_path_end(pilot, app, f"{RUN}/adapter", "run detail")
         dialogs = [("e", ExportScreen, "(ctrl+e)"), ("m", MergeDialog, "(ctrl+e)"),
@@ -506,9 +508,7 @@ async def test_walk_every_screen_and_dialog_at_80x24(walk_runs, tmp_path):
         await until(pilot, lambda: app.screen is runs_screen, what="the runs list")
         # the failed run: its long error in the detail (cut at the end, never mid-path), resume dialog
         table.move_cursor(row=names.index(FAILED))
-        await pilot.press("enter")
-        await until(pilot, lambda: isinstance(app.screen, RunDetailScreen) and app.screen.info,
-                    what="the failed run's detail")
+        await _enter_detail(pilot, app, "the failed run's detail")
         await _check_footer(pilot, app, "failed run detail")
         assert "CUDA out of memory while allocating" in await settled(pilot, app)
         await pilot.press("r")
@@ -540,9 +540,7 @@ async def test_walk_every_screen_and_dialog_at_80x24(walk_runs, tmp_path):
         await until(pilot, lambda: app.screen is runs_screen, what="the runs list")
         # the failed run asks for the model's own code: resume, then the confirmation; no starts nothing
         table.move_cursor(row=names.index(FAILED))
-        await pilot.press("enter")
-        await until(pilot, lambda: isinstance(app.screen, RunDetailScreen) and app.screen.info,
-                    what="the failed run's detail")
+        await _enter_detail(pilot, app, "the failed run's detail")
         await pilot.press("r")
         await until(pilot, lambda: isinstance(app.screen, ResumeFixDialog), what="the resume dialog")
         await pilot.press("r")

@@ -18,6 +18,14 @@ def _run(runs, name: str, steps: int, *sets: str):
     return d
 
 
+async def _runs_screen(pilot, app, n: int):
+    """F5, once the Runs screen lists ``n`` runs: (the screen, its run names in row order, the table)."""
+    await pilot.press("f5")
+    await until(pilot, lambda: len(getattr(app.screen, "runs", [])) == n, what="the runs")
+    screen = app.screen
+    return screen, [ri.name for ri in screen.runs], screen.query_one("#runs", DataTable)
+
+
 @pytest.mark.anyio
 async def test_mark_two_runs_and_compare_them(tmp_path):
     runs = tmp_path / "runs"
@@ -28,11 +36,7 @@ async def test_mark_two_runs_and_compare_them(tmp_path):
     assert config_differences([a, b]) == [("lora.r", [8, 32])]
     app = make_app(demo_cfg(tmp_path))
     async with app.run_test(size=(80, 24)) as pilot:
-        await pilot.press("f5")
-        await until(pilot, lambda: len(getattr(app.screen, "runs", [])) == 3, what="the runs")
-        screen = app.screen
-        names = [ri.name for ri in screen.runs]
-        table = screen.query_one("#runs", DataTable)
+        screen, names, table = await _runs_screen(pilot, app, 3)
         await pilot.press("v")                         # nothing marked: v is not offered
         assert not isinstance(app.screen, CompareRunsScreen)
         for name in (a.name, b.name):
@@ -65,11 +69,7 @@ async def test_four_runs_compare_and_a_fifth_mark_is_refused_in_one_line(tmp_pat
     made = [_run(runs, f"2026010{i}-120000-r{4 * i}", 10 + i, f"lora.r={4 * i}") for i in range(1, 6)]
     app = make_app(demo_cfg(tmp_path))
     async with app.run_test(size=(80, 24)) as pilot:
-        await pilot.press("f5")
-        await until(pilot, lambda: len(getattr(app.screen, "runs", [])) == 5, what="the runs")
-        screen = app.screen
-        names = [ri.name for ri in screen.runs]
-        table = screen.query_one("#runs", DataTable)
+        screen, names, table = await _runs_screen(pilot, app, 5)
         for d in made:
             table.move_cursor(row=names.index(d.name))
             await pilot.press("space")
