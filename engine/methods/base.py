@@ -8,7 +8,7 @@ over, and its config class) that ``load`` imports on first use, like Axolotl's a
 so importing a method never loads torch, TRL or ``engine.training``.
 
 ``validate`` returns ``(field, value, message)`` triples; ``engine.core.config`` turns them into
-its ``Problem`` lines (this package imports nothing from the engine).
+its ``Problem`` lines (this package imports ``engine.core.config``'s neighbours only: rundir, files).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 SFT, PREFERENCE = "sft", "preference"          # family
 ADAPTER, FULL = "adapter", "full"              # artifact: a LoRA adapter, or a full checkpoint
 SFT_ROWS, PAIRS, UNPAIRED = "sft", "preference", "kto"   # rows: data.format kinds (dataset/preference)
+FULL_DIR = "model"                             # RUN_DIR/model: a full checkpoint (RUN_DIR/adapter: an adapter)
 
 
 def load(spec: str):
@@ -27,18 +28,6 @@ def load(spec: str):
     for part in attr.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def init_transient_bytes(init: str, out_features: int, in_features: int) -> int:
-    """``lora.init``: extra device memory while one weight is initialised (fp32): PiSSA's SVD of the
-    weight (the weight, U, S, Vh); LoftQ's original weight, its dequantised 4-bit copy, the error
-    and its SVD (engine.training.lora_init does the work)."""
-    if init not in ("pissa", "loftq"):
-        return 0
-    k = min(out_features, in_features)
-    svd = out_features * k + k + k * in_features
-    full = out_features * in_features
-    return 4 * ((2 * full if init == "pissa" else 3 * full) + svd)
 
 
 @dataclass(frozen=True)
@@ -53,11 +42,18 @@ class Method:
     min_batch: int = 1                  # the smallest train.batch_size it can train
     trainer: str = "trl:SFTTrainer"     # "module:attr": the TRL trainer the engine's mixin goes over
     trl_config: str = "trl:SFTConfig"   # "module:attr": its config class
+    setup: str = ""                     # "module:attr": f(cfg, model, args, rt) -> plan lines, run on the
+                                        # loaded model before the trainer is built ("" = LoRA's adapter)
 
     # ------------------------------------------------------------- config
     def four_bit(self, cfg) -> bool:
         """True when the base is loaded in 4 bits (QLoRA and the preference methods)."""
         return bool(self.quantized and cfg.quant.load_in_4bit)
+
+    def output_dir(self) -> str:
+        """The run directory's entry of the result: ``adapter``, or ``model`` for a full checkpoint."""
+        from engine.core import rundir
+        return FULL_DIR if self.artifact == FULL else rundir.ADAPTER
 
     def dora(self, cfg) -> bool:
         """``lora.use_dora`` as it applies to this method (the one reader of it): an adapter only."""
@@ -126,4 +122,7 @@ class Method:
 
     def init_transient_bytes(self, init: str, out_features: int, in_features: int) -> int:
         """lora.init's transient bytes for one weight (0 where the method has no adapter)."""
-        return init_transient_bytes(init, out_features, in_features) if self.artifact == ADAPTER else 0
+        if self.artifact != ADAPTER:
+            return 0
+        from engine.methods.lora import init_transient_bytes
+        return init_transient_bytes(init, out_features, in_features)

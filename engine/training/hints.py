@@ -380,6 +380,15 @@ def _oom_fix(cfg, step: int) -> str:
 
 # --- episode bookkeeping ----------------------------------------------------------------
 
+def _has_reference(method: str) -> bool:
+    """A preference method with a reference pass and its β (DPO, KTO); False for any other name."""
+    from engine import methods
+    try:
+        return bool(getattr(methods.get(method), "reference", False))
+    except methods.UnknownMethod:
+        return False
+
+
 def _mean(xs) -> float | None:
     vals = [float(x) for x in xs if is_finite(x)]
     return sum(vals) / len(vals) if vals else None
@@ -494,7 +503,7 @@ class HintEngine:
         self._pref.append(ev)
         p, n = self._pref, len(self._pref)
         method = ev.method
-        beta = _cfg_get(self.cfg, "preference.beta", 0.1) if method in ("dpo", "kto") else None
+        beta = _cfg_get(self.cfg, "preference.beta", 0.1) if _has_reference(method) else None
         loss_type = _cfg_get(self.cfg, "preference.loss_type", "sigmoid")
         losses = [e.loss for e in p[:PREF_LOG2_N]]
         log2 = (method == "dpo" and loss_type == "sigmoid" and n == PREF_LOG2_N
@@ -528,7 +537,7 @@ class HintEngine:
                                             ov, []))
         c_first, c_last = _mean([e.rewards_chosen for e in first]), _mean([e.rewards_chosen for e in last])
         r_first, r_last = _mean([e.rewards_rejected for e in first]), _mean([e.rewards_rejected for e in last])
-        displaced = (full and method in ("dpo", "kto") and None not in (c_first, c_last, r_first, r_last)
+        displaced = (full and _has_reference(method) and None not in (c_first, c_last, r_first, r_last)
                      and c_last < 0 and c_last < c_first - PREF_DISPLACEMENT_DROP and r_last < r_first)
         if self._fire("pref_displacement", n, displaced):
             ov = []

@@ -348,10 +348,9 @@ class EventCallback(TrainerCallback):
     def _preference(self, logs: dict, step: int):
         """A preference method's metrics of this log (engine.training.preference), else None."""
         method = self.cfg.train.method
-        from engine.core.config import PREFERENCE_METHODS
-        if method not in PREFERENCE_METHODS:
+        from engine.training.preference import is_preference, metrics_event
+        if not is_preference(self.cfg):
             return None
-        from engine.training.preference import metrics_event
         return metrics_event(logs, step, method)
 
     _prompts: list | None = None
