@@ -21,6 +21,7 @@ _REGISTRY = {                                   # name -> "module:attr" of its M
     "orpo": "engine.methods.orpo:METHOD",
     "kto": "engine.methods.kto:METHOD",
     "simpo": "engine.methods.simpo:METHOD",
+    "cpo": "engine.methods.cpo:METHOD",
 }
 DEFAULT = "qlora"
 
