@@ -79,7 +79,7 @@ def to_lora_config(cfg, targets):
     from peft import LoraConfig
     return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=targets, bias=cfg.lora.bias, task_type="CAUSAL_LM",
-                      use_dora=cfg.lora.use_dora, use_rslora=cfg.lora.use_rslora)
+                      use_dora=methods.of(cfg).dora(cfg), use_rslora=cfg.lora.use_rslora)
 
 
 def _report_to(value: str) -> list[str]:
