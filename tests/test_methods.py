@@ -124,6 +124,11 @@ def test_planner_terms_come_from_the_method():
 
 
 def test_each_preference_methods_trl_classes_take_its_settings(tmp_path):
+    for n in methods.names():           # every builder a method names resolves to a class or function
+        m = methods.get(n)
+        assert isinstance(load(m.trainer), type) and isinstance(load(m.trl_config), type)
+        assert all(callable(load(spec)) for spec in (m.setup, m.optimizer) if spec)
+    assert methods.get("galore").setup and not methods.get("qlora").setup
     p = config.Config().preference
     for n in methods.family(PREFERENCE):
         m = methods.get(n)

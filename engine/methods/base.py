@@ -44,6 +44,8 @@ class Method:
     trl_config: str = "trl:SFTConfig"   # "module:attr": its config class
     setup: str = ""                     # "module:attr": f(cfg, model, args, rt) -> plan lines, run on the
                                         # loaded model before the trainer is built ("" = LoRA's adapter)
+    optimizer: str = ""                 # "module:attr": f(cfg, device) -> (Trainer optim name, why) that
+                                        # replaces train.optimizer ("" = train.optimizer as set)
 
     # ------------------------------------------------------------- config
     def four_bit(self, cfg) -> bool:

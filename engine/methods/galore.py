@@ -43,7 +43,8 @@ class GaLore(Method):
 
 METHOD = GaLore(name="galore", summary="full-rank training of the targeted layers with GaLore's projected "
                 "gradients over a 16-bit base (a full checkpoint, no adapter)",
-                artifact=FULL, quantized=False, fsdp=False, setup="engine.training.galore:setup")
+                artifact=FULL, quantized=False, fsdp=False, setup="engine.training.galore:setup",
+                optimizer="engine.training.galore:hf_optimizer")
 
 
 def memory_terms(cfg, dims: dict, targets: list[str], layers: int, d: int) -> dict:

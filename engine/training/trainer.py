@@ -46,11 +46,10 @@ def resolve_auto(cfg, rt, emit, longest: int | None = None) -> tuple[object, lis
     packing_auto = cfg.data.packing == "auto"
     tr = cfg.train
     from engine import methods
-    from engine.methods.base import FULL, PREFERENCE
+    from engine.methods.base import PREFERENCE, load
     method = methods.of(cfg)
-    if method.artifact == FULL:        # the GaLore optimizer (named in the GaLore plan line)
-        from engine.training import galore
-        tr.optimizer = galore.hf_optimizer(cfg, rt.device)[0]
+    if method.optimizer:        # the method's own optimizer (GaLore's: named in its plan line)
+        tr.optimizer = load(method.optimizer)(cfg, rt.device)[0]
     if method.family == PREFERENCE:     # TRL's preference trainers: no packing; Liger's fused
         if cfg.data.packing == "auto":      # preference losses are not wired here
             cfg.data.packing = False
