@@ -2,13 +2,15 @@
 
 A ``Method`` is a frozen dataclass of plain attributes plus a few hooks with defaults; a method
 file makes one instance (``METHOD``) of it or of a subclass (``PreferenceMethod`` for the
-preference family). The training side's builders are named, not imported: ``trainer`` and
-``trl_config`` are ``"module:attr"`` strings (TRL's trainer class that the engine's mixin goes
-over, and its config class) that ``load`` imports on first use, like Axolotl's adapter builders,
-so importing a method never loads torch, TRL or ``engine.training``.
+preference family). The training side's builders are named, not imported: ``trainer``,
+``trl_config``, ``setup`` and ``optimizer`` are ``"module:attr"`` strings (TRL's trainer class that
+the engine's mixin goes over, its config class, GaLore's model setup and optimizer choice) that
+``load`` imports on first use, like Axolotl's adapter builders, so importing a method never loads
+torch, TRL or ``engine.training``.
 
-``validate`` returns ``(field, value, message)`` triples; ``engine.core.config`` turns them into
-its ``Problem`` lines (this package imports ``engine.core.config``'s neighbours only: rundir, files).
+``validate`` and ``init_problems`` return ``(field, value, message)`` triples; ``engine.core.config``
+words them as its ``Problem`` lines. Of the engine, this package imports only ``engine.core.rundir``
+and ``engine.core.files`` (tests/test_methods.py checks what it must never import).
 """
 from __future__ import annotations
 

@@ -22,5 +22,5 @@ class CPO(PreferenceMethod):
 
 METHOD = CPO(name="cpo", summary="Contrastive Preference Optimization on pairs: a preference loss and the chosen "
              "answer's NLL, no reference (TRL's CPOTrainer)",
-             reference=False, trainer="trl.experimental.cpo:CPOTrainer",
+             reference=False, pair_inputs=True, trainer="trl.experimental.cpo:CPOTrainer",
              trl_config="trl.experimental.cpo:CPOConfig")

@@ -17,5 +17,5 @@ class ORPO(PreferenceMethod):
 
 
 METHOD = ORPO(name="orpo", summary="Odds Ratio Preference Optimization on pairs, no reference (TRL's ORPOTrainer)",
-              reference=False, trainer="trl.experimental.orpo:ORPOTrainer",
+              reference=False, pair_inputs=True, trainer="trl.experimental.orpo:ORPOTrainer",
               trl_config="trl.experimental.orpo:ORPOConfig")

@@ -22,6 +22,8 @@ class PreferenceMethod(Method):
     fsdp: bool = False
     reference: bool = True              # a reference pass: the base with the adapter disabled (or the
                                         # frozen SFT adapter of model.adapter)
+    pair_inputs: bool = False           # the trainer's batches hold chosen_/rejected_ ids, no input_ids
+                                        # (TRL's ORPO/CPO): the engine counts the tokens seen itself
     trainer: str = "trl:DPOTrainer"
     trl_config: str = "trl:DPOConfig"
 

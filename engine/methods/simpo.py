@@ -17,5 +17,5 @@ class SimPO(PreferenceMethod):
 
 
 METHOD = SimPO(name="simpo", summary="Simple Preference Optimization on pairs, no reference (TRL's CPOTrainer)",
-               reference=False, trainer="trl.experimental.cpo:CPOTrainer",
+               reference=False, pair_inputs=True, trainer="trl.experimental.cpo:CPOTrainer",
                trl_config="trl.experimental.cpo:CPOConfig")

@@ -29,7 +29,7 @@ from engine.core import events
 from engine.methods.base import PREFERENCE, load
 
 PARENT_FILE = "parent.json"          # RUN_DIR/parent.json: the SFT run a preference run continues
-_CLASSES: dict[tuple[str, bool], type] = {}
+_CLASSES: dict[tuple[str, bool], type] = {}     # (trainer, pair_inputs) -> the class
 
 
 def is_preference(cfg) -> bool:
@@ -39,13 +39,13 @@ def is_preference(cfg) -> bool:
 def trainer_class(method: str) -> type:
     """``QLoraTrainerMixin`` over the method's TRL trainer (made once per trainer)."""
     m = methods.get(method)
-    key = (m.trainer, m.reference)
+    key = (m.trainer, m.pair_inputs)
     if key in _CLASSES:
         return _CLASSES[key]
     from engine.training.sft import QLoraTrainerMixin
     base = load(m.trainer)
     body = {"__module__": __name__, "__doc__": f"{base.__name__} with the engine's step bookkeeping."}
-    if not m.reference:                 # TRL's ORPO/CPO batches: no input_ids
+    if m.pair_inputs:                   # TRL's ORPO/CPO batches: no input_ids
         body["_track_num_input_tokens"] = _count_pair_tokens
     cls = type(f"QLora{base.__name__}", (QLoraTrainerMixin, base), body)
     _CLASSES[key] = cls
