@@ -102,7 +102,8 @@ class GaloreConfig:
 @dataclass
 class PreferenceConfig:
     beta: float = _f(0.1, "DPO and KTO: how far the policy may move from the reference (the β of "
-                     "the DPO and KTO papers, 0.1); higher = closer to the reference (0.01 to 0.5).",
+                     "the DPO and KTO papers, 0.1); higher = closer to the reference (0.01 to 0.5). "
+                     "CPO: the β of its reference-free preference loss (the paper's 0.1).",
                      lo=0.0001, hi=100.0)
     loss_type: str = _f("sigmoid", "DPO loss: sigmoid (the DPO paper), ipo (IPO: β is its τ), hinge "
                         "(SLiC), robust (robust DPO, with label_smoothing).",
