@@ -129,6 +129,11 @@ def test_each_preference_methods_trl_classes_take_its_settings(tmp_path):
         assert isinstance(load(m.trainer), type) and isinstance(load(m.trl_config), type)
         assert all(callable(load(spec)) for spec in (m.setup, m.optimizer) if spec)
     assert methods.get("galore").setup and not methods.get("qlora").setup
+    from engine.training import sft         # the training side builds every method's trainer one way
+    assert sft.trainer_class(methods.get("qlora")) is sft.QLoraTrainer
+    for n in methods.names():
+        cls, m = sft.trainer_class(methods.get(n)), methods.get(n)
+        assert issubclass(cls, sft.QLoraTrainerMixin) and issubclass(cls, load(m.trainer)), n
     p = config.Config().preference
     for n in methods.family(PREFERENCE):
         m = methods.get(n)

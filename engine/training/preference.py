@@ -16,8 +16,9 @@ is the SFT model. The run's adapter is a normal PEFT adapter: merge, export, gen
 treat it as an SFT run's.
 
 The trainers are ``engine.training.sft.QLoraTrainerMixin`` over TRL's classes (NaN bookkeeping,
-fault injection, committed checkpoints, dtype-keeping resume), built on first use: importing TRL
-loads rich, which no engine module may load at import time.
+fault injection, committed checkpoints, dtype-keeping resume), built on first use by
+``sft.trainer_class`` from the method's ``trainer``: importing TRL loads rich, which no engine
+module may load at import time.
 """
 from __future__ import annotations
 
@@ -29,38 +30,8 @@ from engine.core import events
 from engine.methods.base import PREFERENCE, load
 
 PARENT_FILE = "parent.json"          # RUN_DIR/parent.json: the SFT run a preference run continues
-_CLASSES: dict[tuple[str, bool], type] = {}     # (trainer, pair_inputs) -> the class
-
-
 def is_preference(cfg) -> bool:
     return methods.of(cfg).family == PREFERENCE
-
-
-def trainer_class(method: str) -> type:
-    """``QLoraTrainerMixin`` over the method's TRL trainer (made once per trainer)."""
-    m = methods.get(method)
-    key = (m.trainer, m.pair_inputs)
-    if key in _CLASSES:
-        return _CLASSES[key]
-    from engine.training.sft import QLoraTrainerMixin
-    base = load(m.trainer)
-    body = {"__module__": __name__, "__doc__": f"{base.__name__} with the engine's step bookkeeping."}
-    if m.pair_inputs:                   # TRL's ORPO/CPO batches: no input_ids
-        body["_track_num_input_tokens"] = _count_pair_tokens
-    cls = type(f"QLora{base.__name__}", (QLoraTrainerMixin, base), body)
-    _CLASSES[key] = cls
-    return cls
-
-
-def _count_pair_tokens(self, inputs) -> None:
-    """Tokens seen (tokens/s) for TRL's ORPO/CPO batches, which have no ``input_ids``: the
-    non-padding tokens of both sides (each holds the prompt)."""
-    import torch
-    n = sum(inputs[k].sum() for k in ("chosen_attention_mask", "rejected_attention_mask") if k in inputs)
-    if isinstance(n, int):
-        return
-    n = torch.as_tensor(n, device=self.args.device, dtype=torch.int64)
-    self.state.num_input_tokens_seen += self.accelerator.gather(n).sum().item()
 
 
 def to_config(cfg, common: dict):

@@ -376,7 +376,7 @@ class Recipe:
         collator = None if pref else self._collator(args)
         cb = sft.EventCallback(self.emit, self.stop_flag, self.stop_reason, self.run_dir, self.faults, cfg)
         self.emit(events.Status(phase="build", message="building the trainer"))
-        trainer_cls = preference.trainer_class(cfg.train.method) if pref else sft.QLoraTrainer
+        trainer_cls = sft.trainer_class(methods.of(cfg))      # the method's TRL trainer under our mixin
         trainer = trainer_cls(model=model, args=args, train_dataset=train_tok, eval_dataset=eval_tok,
                                    processing_class=self.proc if self.proc is not None else self.tok,
                                    peft_config=peft_config, callbacks=[cb], optimizers=optimizers,
