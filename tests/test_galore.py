@@ -85,7 +85,7 @@ def test_estimate_models_galore_memory():
     linear = 32 * sum(a * o for a, o in estimate_mod.shape_of(L8B).module_dims().values())
     assert galore.trainable_params == linear
     # the gradients replace the activations the backward frees: only what outgrows them, + the overlap
-    from engine.training.galore import BACKWARD_OVERLAP
+    from engine.methods.galore import BACKWARD_OVERLAP
     freed = b["activations"] + b["logits"] + b["backward_workspace"]
     assert b["lora_grads"] >= BACKWARD_OVERLAP and b["lora_grads"] >= linear * 2 - freed
     # projected 8-bit Adam state: far below AdamW's 8 bytes per trainable param
@@ -100,7 +100,7 @@ def test_galore_estimate_peak_is_the_larger_of_activations_and_gradients_plus_st
     """Gradients fill as the backward frees activations; the step's SVD/update buffers come after:
     short rows peak at gradients + step, long rows without checkpointing at the activations (H200:
     within 2%, bench/RESULTS.md)."""
-    from engine.training import galore
+    from engine.methods import galore
     dims = estimate_mod.shape_of(L8B).module_dims()
     for seq, batch, gc, grads_win in ((32, 1, "true", True), (2048, 4, "false", False)):
         cfg = config_mod.load(None, ['train.device="cuda"', 'train.method="galore"', f"data.max_length={seq}",

@@ -27,7 +27,7 @@ def register(subparsers) -> None:
 
 def cmd_merge(args) -> int:
     from engine.outputs.merge import MergeError, merge
-    from engine.training import galore
+    from engine.methods import galore
 
     def show(fraction: float, message: str) -> None:
         print(f"[{fraction * 100:3.0f}%] {message}", flush=True)

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine import methods         # the registry's names only (imports no method)
+
 AUTO = "auto"
-PREFERENCE_METHODS = ("dpo", "orpo", "kto", "simpo")     # train.method: preference tuning (a LoRA adapter)
-QLORA_METHODS = ("qlora",) + PREFERENCE_METHODS           # train.method: LoRA over the 4-bit base of [quant]
 
 
 def _f(default, help: str, *, choices=None, lo=None, hi=None, kind=None, group=None, form=True):
@@ -102,7 +102,8 @@ class GaloreConfig:
 @dataclass
 class PreferenceConfig:
     beta: float = _f(0.1, "DPO and KTO: how far the policy may move from the reference (the β of "
-                     "the DPO and KTO papers, 0.1); higher = closer to the reference (0.01 to 0.5).",
+                     "the DPO and KTO papers, 0.1); higher = closer to the reference (0.01 to 0.5). "
+                     "CPO: the β of its reference-free preference loss (the paper's 0.1).",
                      lo=0.0001, hi=100.0)
     loss_type: str = _f("sigmoid", "DPO loss: sigmoid (the DPO paper), ipo (IPO: β is its τ), hinge "
                         "(SLiC), robust (robust DPO, with label_smoothing).",
@@ -150,12 +151,13 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = _f("qlora", "qlora: LoRA over a 4-bit base; lora: LoRA over a 16-bit base; "
+    method: str = _f(methods.DEFAULT, "qlora: LoRA over a 4-bit base; lora: LoRA over a 16-bit base; "
                      "galore: full-rank training of the targeted layers with GaLore's projected "
-                     "gradients over a 16-bit base (a full checkpoint, no adapter); dpo, orpo, kto, "
-                     "simpo: preference tuning of a LoRA adapter over the 4-bit base on chosen/rejected "
-                     "pairs (kto: answers labelled good/bad), settings in [preference].",
-                     choices=["qlora", "lora", "galore", "dpo", "orpo", "kto", "simpo"])
+                     "gradients over a 16-bit base (a full checkpoint, no adapter); the preference "
+                     "methods (dpo, orpo, kto, simpo, ...): preference tuning of a LoRA adapter over the "
+                     "4-bit base on chosen/rejected pairs (kto: answers labelled good/bad), settings in "
+                     "[preference]. Each is one file of engine/methods/.",
+                     choices=list(methods.names()))
     epochs: float = _f(3.0, "Passes over the data; too many overfits small data (1 to 5).", lo=0.01, hi=1000)
     max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 = run all epochs.", lo=-1)
     learning_rate: float = _f(2e-4, "Too high = NaN; too low = no learning (1e-4 to 5e-4).", lo=1e-9, hi=1.0)
@@ -436,17 +438,7 @@ def _init_checks(cfg: Config, problems: list[Problem]) -> None:
     init = cfg.lora.init
     if init == "default":
         return
-    four = cfg.quant.load_in_4bit and cfg.train.method == "qlora"
-    if cfg.train.method == "galore":
-        problems.append(Problem("lora.init", init, "GaLore trains full-rank weights, no adapter: use "
-                                "lora.init = \"default\""))
-    elif init == "loftq" and not four:
-        problems.append(Problem("lora.init", init, "LoftQ corrects a 4-bit base's quantisation error: use "
-                                "train.method = \"qlora\" with quant.load_in_4bit = true, or lora.init = \"pissa\""))
-    elif init == "pissa" and four:
-        problems.append(Problem("lora.init", init, "PiSSA rewrites the base weights to the residual, which a "
-                                "4-bit base cannot hold: use train.method = \"lora\" (16-bit base), or "
-                                "lora.init = \"loftq\" for QLoRA"))
+    problems += [Problem(*p) for p in methods.of(cfg).init_problems(cfg)]     # what the method allows
     if cfg.lora.use_dora or cfg.lora.lora_fa:
         which = "lora.use_dora" if cfg.lora.use_dora else "lora.lora_fa"
         problems.append(Problem("lora.init", init, f"cannot be combined with {which}"))
@@ -581,19 +573,7 @@ def _cross_checks(cfg: Config, problems: list[Problem]) -> None:
     _init_checks(cfg, problems)
     _report_to_check(cfg, problems)
     _node_checks(cfg, problems)
-    if cfg.train.method == "galore" and cfg.distributed.processes > 1 and cfg.distributed.strategy == "fsdp":
-        problems.append(Problem("train.method", "galore", "GaLore needs whole weight matrices on each "
-                                "GPU: use distributed.strategy = \"ddp\" or train.method = \"qlora\""))
-    if cfg.model.adapter.strip() and cfg.train.method not in PREFERENCE_METHODS:
-        problems.append(Problem("model.adapter", cfg.model.adapter, "continues an SFT run with a preference "
-                                "method: set train.method = dpo, orpo, kto or simpo, or leave model.adapter empty"))
-    if cfg.train.method in PREFERENCE_METHODS and cfg.distributed.processes > 1 \
-            and cfg.distributed.strategy == "fsdp":
-        problems.append(Problem("train.method", cfg.train.method, "preference tuning runs on one GPU or with "
-                                "distributed.strategy = \"ddp\""))
-    if cfg.train.method == "kto" and cfg.train.batch_size < 2:
-        problems.append(Problem("train.batch_size", cfg.train.batch_size, "KTO needs a micro-batch of 2 or more "
-                                "(its KL estimate pairs each answer with another row of the batch)"))
+    problems += [Problem(*p) for p in methods.of(cfg).validate(cfg)]
     tr = cfg.train
     if tr.activation_offload is True and cfg.distributed.processes > 1:
         problems.append(Problem("train.activation_offload", True, "runs on one GPU only; set it to "

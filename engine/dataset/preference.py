@@ -23,11 +23,10 @@ cannot train DPO/ORPO/SimPO.
 """
 from __future__ import annotations
 
-PAIRS = "preference"            # data.format of chosen/rejected pairs
-UNPAIRED = "kto"                # data.format of rows with a desirable/undesirable label
+from engine import methods
+from engine.methods.base import PAIRS, PREFERENCE, UNPAIRED   # data.format of pairs / of labelled rows
+
 FORMATS = (PAIRS, UNPAIRED)
-from engine.core.config import PREFERENCE_METHODS as METHODS   # noqa: E402 (one owner: the config)
-PAIR_METHODS = ("dpo", "orpo", "simpo")
 REFUSAL = "this is preference data (chosen/rejected): set train.method = dpo, orpo or kto"
 KTO_TAGS = ("label", "kto_tag")
 _ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -36,8 +35,8 @@ _ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant
 
 
 def is_method(cfg) -> bool:
-    """True when ``train.method`` is a preference method (dpo, orpo, kto, simpo)."""
-    return getattr(getattr(cfg, "train", None), "method", "qlora") in METHODS
+    """True when ``train.method`` is a preference method (dpo, orpo, kto, simpo, ...)."""
+    return methods.of(cfg).family == PREFERENCE
 
 
 def detect(rec: dict) -> tuple[str, str] | None:
@@ -224,22 +223,24 @@ def check_method(cfg, fmt: str, where, key: str = "data.train") -> None:
     together: preference data under an SFT method, SFT data under a preference method, unpaired
     (KTO) rows under a pair method."""
     from engine.dataset.data import DataError
-    method = cfg.train.method
-    if fmt in FORMATS and method not in METHODS:
+    m = methods.of(cfg)
+    method, pref = m.name, m.family == PREFERENCE
+    if fmt in FORMATS and not pref:
         raise DataError(f"{where}: {REFUSAL}")
-    if method in METHODS and fmt not in FORMATS:
+    if pref and fmt not in FORMATS:
         raise DataError(f"{where}: train.method = {method!r} needs preference data ({key}): rows with "
-                        f"prompt/chosen/rejected{' or prompt/completion/label' if method == 'kto' else ''}; "
+                        f"prompt/chosen/rejected{' or prompt/completion/label' if UNPAIRED in m.rows else ''}; "
                         f"this file is {fmt} (SFT) data: train it with train.method = \"qlora\"")
-    if method in PAIR_METHODS and fmt == UNPAIRED:
+    if pref and fmt == UNPAIRED and UNPAIRED not in m.rows:
+        takes = " or ".join(f'"{n}"' for n in methods.family(PREFERENCE) if UNPAIRED in methods.get(n).rows)
         raise DataError(f"{where}: train.method = {method!r} needs chosen/rejected pairs; these rows are "
-                        "unpaired (a 'label' per answer): set train.method = \"kto\"")
+                        f"unpaired (a 'label' per answer): set train.method = {takes}")
 
 
 def for_trainer(cfg, rows: list[dict]) -> list[dict]:
     """The rows as the method's TRL trainer takes them: KTO unpairs pairs (one desirable and one
     undesirable row per pair); everything else as normalised."""
-    if cfg.train.method != "kto" or not rows or "label" in rows[0]:
+    if methods.of(cfg).rows[0] != UNPAIRED or not rows or "label" in rows[0]:
         return rows
     out = []
     for r in rows:

@@ -330,7 +330,7 @@ def evaluate(src, data: str | None = None, max_rows: int = 200, answer_rows: int
     """Base vs fine-tuned on held-out rows; the report is saved under RUN_DIR/eval/ when ``save``."""
     t0 = time.time()
     progress = on_progress or (lambda f, m: None)
-    from engine.training import galore
+    from engine.methods import galore
     if galore.full_checkpoint_dir(src) is not None:
         raise EvalError(f"{src}: a GaLore run has a full checkpoint, not an adapter; eval compares base and "
                         f"adapter (use generate for base vs checkpoint)")

@@ -167,7 +167,7 @@ def greedy_answers(model, tok, prompts: list[str], max_new_tokens: int) -> list[
 
 def _load(src, err=GenerateError):
     """(peft model, tokenizer, info) for the adapter of ``src``, loaded once."""
-    from engine.training import galore
+    from engine.methods import galore
     if galore.full_checkpoint_dir(src) is not None:     # a GaLore run: base vs its full checkpoint
         return galore.load_pair(galore.full_checkpoint_dir(src), err)
     adapter_dir = find_adapter_dir(src, err)

@@ -40,7 +40,7 @@ def run(job: str, params: dict, emit: Callable[[Event], None]) -> dict | None:
                         on_progress=progress).to_dict()
         elif job == "merge":
             from engine.outputs.merge import merge
-            from engine.training import galore
+            from engine.methods import galore
             full = galore.full_checkpoint_dir(src)
             if full is not None:
                 report = {"out": str(full), "lines": [galore.merge_message(full)]}

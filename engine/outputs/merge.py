@@ -511,7 +511,7 @@ def staged(out: Path, err: type[Exception] | None = None):
 def _merge_inputs(src, base: str | None, progress) -> tuple[Path, dict, str, str, bool]:
     """(adapter dir, adapter config, base model, revision, trust_remote_code), the adapter
     checked against the base before anything heavy is loaded."""
-    from engine.training import galore
+    from engine.methods import galore
     if galore.full_checkpoint_dir(src) is not None:
         raise MergeError(galore.merge_message(galore.full_checkpoint_dir(src)))
     progress(0.0, "checking the adapter")

@@ -121,7 +121,7 @@ def serve_command(adapters: list[str], names: list[str] | None = None, port: int
     """
     if not (1 <= int(port) <= 65535):
         raise ServeError(f"--port {port}: must be 1 to 65535")
-    from engine.training import galore
+    from engine.methods import galore
     full = [a for a in adapters if galore.full_checkpoint_dir(a) is not None]
     if full and len(adapters) == 1:
         return galore.serve_command(galore.full_checkpoint_dir(full[0]), port)

@@ -79,6 +79,8 @@ from engine.core import files as _files
 from engine.core.config import AUTO, Config
 
 from engine.core.units import GIB
+from engine import methods
+from engine.methods.base import FULL, PREFERENCE
 
 NF4_DQ_BITS = 4.127      # 4 bit + 8-bit absmax per 64 + fp32 absmax per 256 blocks
 NF4_BITS = 4.5           # 4 bit + fp32 absmax per 64
@@ -264,7 +266,7 @@ class _Trainable:
     grads: int
     optimizer: int
     magnitude: int               # DoRA magnitude vectors (params)
-    terms: dict | None = None    # GaLore's memory_terms (gradients, optimizer step)
+    terms: dict | None = None    # the method's own trainable terms (GaLore: gradients, optimizer step)
 
 
 def _setting(cfg: Config, s: Shape, notes: list[str], batch_size, seq_len, gradient_checkpointing,
@@ -273,13 +275,12 @@ def _setting(cfg: Config, s: Shape, notes: list[str], batch_size, seq_len, gradi
     gc = True if gc is None else gc
     lg = liger if liger is not None else _tri(cfg.train.liger_kernel)
     k_ck, off = _checkpointing(cfg, s.layers, gc, checkpoint_layers, offload)
-    method = getattr(cfg.train, "method", "qlora")
-    from engine.core.config import QLORA_METHODS
-    four = cfg.quant.load_in_4bit and method in QLORA_METHODS
+    m = methods.of(cfg)
+    four = m.four_bit(cfg)
     stream = bool(streaming if streaming is not None else cfg.train.weight_streaming is True) and four
     return _Setting(batch=int(batch_size or cfg.train.batch_size), seq=int(seq_len or cfg.data.max_length),
                     liger=False if lg is None else lg, checkpointed=k_ck, offload=off,
-                    d=_compute_bytes(cfg), galore=method == "galore", four=four, streaming=stream,
+                    d=_compute_bytes(cfg), galore=m.artifact == FULL, four=four, streaming=stream,
                     targets=_targets(cfg, notes), r=cfg.lora.r)
 
 
@@ -310,16 +311,17 @@ def _weights(cfg: Config, s: Shape, st: _Setting, notes: list[str]) -> dict[str,
 def _lora(cfg: Config, s: Shape, st: _Setting, notes: list[str]) -> _Trainable:
     """LoRA (or LoRA-FA, DoRA) adapters: params, their bytes and gradients, the optimizer state."""
     dims, L, r = s.module_dims(), s.layers, st.r
+    dora = methods.of(cfg).dora(cfg)
     per_layer = magnitude = 0
     for m in st.targets:
         a, o = dims[m]
         mult = s.experts if m in MODULES[4:] else 1
         per_layer += (r * o if cfg.lora.lora_fa else r * (a + o)) * mult
-        magnitude += o * mult if cfg.lora.use_dora else 0
+        magnitude += o * mult if dora else 0
     lora_n, mag_n = L * per_layer, L * magnitude
     ab = 2 if st.four else 4          # TRL casts adapters of 4-bit models to bf16; PEFT upcasts to fp32
     values = lora_n * ab + mag_n * 4
-    if cfg.lora.use_dora:
+    if dora:
         notes.append("DoRA: magnitude vectors kept in fp32; its extra activations are approximate")
     t = _Trainable(params=lora_n + mag_n, values=values, grads=values, optimizer=0, magnitude=mag_n)
     t.optimizer = _optimizer_state(cfg, s, st, t, notes)
@@ -352,8 +354,7 @@ def _optimizer_state(cfg: Config, s: Shape, st: _Setting, t: _Trainable, notes: 
 
 def _galore(cfg: Config, s: Shape, st: _Setting, notes: list[str]) -> _Trainable:
     """GaLore: full-rank targeted weights (counted in the 16-bit weights), projected state; no adapter."""
-    from engine.training.galore import memory_terms
-    gt = memory_terms(cfg, s.module_dims(), st.targets, s.layers, st.d)
+    gt = methods.of(cfg).trainable_terms(cfg, s.module_dims(), st.targets, s.layers, st.d)
     opt = _optimizer(cfg)
     notes[:] = [n for n in notes if not n.startswith(f"{opt}:")]
     notes.append(f"GaLore rank {cfg.galore.rank}: full gradients of the targeted weights, Adam "
@@ -377,7 +378,7 @@ def _layer_activations(cfg: Config, s: Shape, st: _Setting) -> int:
     if "down_proj" in targets:
         act += 2 * ffn_i
     act += 2 * st.r * len(targets) + 4 * s.heads
-    if cfg.lora.use_dora:
+    if methods.of(cfg).dora(cfg):
         dims = s.module_dims()
         act += 2 * sum(dims[m][1] for m in targets)    # DoRA keeps the base output per module
     if not st.four and not st.galore:
@@ -452,10 +453,10 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
     act = (_layer_activations(cfg, s, st) + _packed_mask_bytes_per_token(cfg, st.seq, st.d, notes)
            + _eager_scores_bytes_per_token(cfg, s, st, notes))
     a = _activations(s, st, act, notes)
-    logits = _logits(s, st, loss_impl, notes) if pairs is None else _preference_logits(s, st)
-    if st.galore:       # gradients grow as the backward frees activations; the step runs after
-        from engine.training.galore import gradient_term
-        t.grads = gradient_term(t.terms, a["activations"] + logits + a["workspace"], notes)
+    logits = methods.of(cfg).logits_bytes(st.tokens, st.seq, s.vocab, st.d)
+    logits = _logits(s, st, loss_impl, notes) if logits is None else logits
+    if t.terms is not None:     # GaLore: gradients grow as the backward frees activations; the step runs after
+        t.grads = methods.of(cfg).gradient_peak(t.terms, a["activations"] + logits + a["workspace"], notes)
     _shard(cfg, w, t, notes)
     w["checkpoint_file"] = _checkpoint_bytes(model_config, w["linear"], w["other"])
     vis = _vision(model_config, st, notes)
@@ -482,45 +483,36 @@ def _rope_notes(cfg: Config, model_config: dict, seq: int, notes: list[str]) -> 
 
 
 def _preference(cfg: Config, s: Shape, st: _Setting, notes: list[str]) -> int | None:
-    """Preference methods (engine.training.preference): the micro-batch as sequences. DPO, ORPO
+    """Preference methods (engine.methods.preference_base): the micro-batch as sequences. DPO, ORPO
     and SimPO run chosen and rejected of each pair in one forward (2 sequences per pair); KTO
     runs each row with a mismatched completion for its KL estimate (2 sequences, the KL one with
     no graph: counted as one with a graph, the safe side). DPO and KTO also run the reference
     (the base, adapter disabled) with no graph before the policy's forward: its logits are freed
     before the policy's are made, so it costs a forward's time but raises no peak. Returns the
-    micro-batch as the config counts it (pairs, KTO rows), None for SFT methods."""
-    from engine.core.config import PREFERENCE_METHODS
-    method = getattr(cfg.train, "method", "qlora")
-    if method not in PREFERENCE_METHODS:
-        return None
+    micro-batch as the config counts it (pairs, KTO rows), None where a row is one sequence."""
+    m = methods.of(cfg)
     pairs = st.batch
-    st.batch = 2 * pairs
-    what = "rows + their KL completions" if method == "kto" else "pairs (chosen and rejected)"
-    notes.append(f"{method}: {pairs} {what} = {st.batch} sequences of {st.seq} tokens per micro-batch")
-    if method in ("dpo", "kto"):
-        ref = st.tokens * s.vocab * st.d
+    st.batch = m.sequences(pairs)
+    if st.batch == pairs:
+        return None
+    notes.append(m.batch_note(pairs, st.seq))
+    ref = m.reference_bytes(st.tokens, s.vocab, st.d)
+    if ref:
         notes.append(f"reference pass (adapter off, no graph): {ref / GIB:.2f} GiB of logits, freed before "
                      "the policy's forward; one more forward of time, no more peak")
     return pairs
 
 
-def _preference_logits(s: Shape, st: _Setting) -> int:
-    """TRL's preference trainers take the model's full logits (the compute dtype) and their
-    gradient, with the log-softmax taken row by row in fp32 (one row's temporaries)."""
-    N, V, d = st.tokens, s.vocab, st.d
-    return N * V * 2 * d + st.seq * V * 8
-
-
 def _lora_init_extra(cfg: Config, s: Shape, w: dict, t: _Trainable, training_peak: float,
                      notes: list[str]) -> int:
     """lora.init = loftq | pissa: before training starts, one weight at a time is decomposed in
-    fp32 (engine.training.lora_init.init_transient_bytes) on top of the weights and adapters. Only
+    fp32 (the method's init_transient_bytes) on top of the weights and adapters. Only
     the part above the training peak adds to the peak."""
     init = getattr(cfg.lora, "init", "default")
-    if init == "default" or getattr(cfg.train, "method", "qlora") == "galore":
+    m = methods.of(cfg)
+    transient = max(m.init_transient_bytes(init, o, i) for i, o in s.module_dims().values())
+    if not transient:
         return 0
-    from engine.training.lora_init import init_transient_bytes
-    transient = max(init_transient_bytes(init, o, i) for i, o in s.module_dims().values())
     at_init = w["quantized"] + w["unquantized"] + t.values + transient
     extra = max(0, int(at_init * (1 + ALLOCATOR_OVERHEAD) - training_peak))
     per_layer = len(s.module_dims())
@@ -570,7 +562,7 @@ def _assemble(cfg: Config, s: Shape, st: _Setting, w: dict, t: _Trainable, a: di
                     liger=st.liger, checkpoint_layers=st.checkpointed, layers=s.layers, offload=st.offload,
                     offload_host_bytes=int(a["offload_host"]), streaming=st.streaming,
                     host_bytes=streaming_plan.host_peak(host), host_breakdown=host,
-                    base_quantized_bytes=int(w["base_quantized"]), method=getattr(cfg.train, "method", "qlora"))
+                    base_quantized_bytes=int(w["base_quantized"]), method=methods.of(cfg).name)
 
 def _checkpoint_bytes(model_config: dict, linear: int, other: int) -> int:
     """The weight files' size, which loading maps into the process (it shows in its RSS): a
@@ -902,8 +894,7 @@ def plan(cfg: Config, model_config: dict, gpu_mem_bytes: int | None) -> Plan:
         return Plan(t.batch_size, t.grad_accum, est.gradient_checkpointing, lg, pk, est, reasons,
                     checkpoint_layers=est.checkpoint_layers, offload=est.offload)
 
-    from engine.core.config import PREFERENCE_METHODS
-    if t.method in PREFERENCE_METHODS:     # TRL's preference trainers: no packing, no Liger here
+    if methods.get(t.method).family == PREFERENCE:     # TRL's preference trainers: no packing, no Liger here
         lg, pk = False, False
         reasons.append(f"packing and Liger off ({t.method}: each side of a pair is its own sequence)")
     else:
@@ -1101,7 +1092,7 @@ def _breakdown_lines(est: Estimate) -> list[str]:
     lines = []
     relabel = {"weights_unquantized": "weights, 16-bit", "lora_params": "(no adapter)",
                "lora_grads": "gradients beyond activations",
-               "optimizer_state": "GaLore optimizer state"} if est.method == "galore" else {}
+               "optimizer_state": "GaLore optimizer state"} if methods.get(est.method).artifact == FULL else {}
     for key, label in BREAKDOWN_LABELS:
         label = relabel.get(key, label)
         if key.startswith(("vision_", "streaming_", "lora_init")) and not est.breakdown.get(key):

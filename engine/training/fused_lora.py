@@ -107,12 +107,13 @@ def _forward(self, x, *args, **kwargs):
 
 def eligible_reason(cfg) -> str | None:
     """Why the fused path cannot be used with this config (None when it can)."""
-    from engine.core.config import QLORA_METHODS
-    if not cfg.quant.load_in_4bit or getattr(cfg.train, "method", "qlora") not in QLORA_METHODS:
+    from engine import methods
+    method = methods.of(cfg)
+    if not method.four_bit(cfg):
         return "16-bit base: PEFT's own path"
     if cfg.lora.dropout:
         return "lora.dropout > 0: PEFT's own path"
-    if cfg.lora.use_dora:
+    if method.dora(cfg):
         return "DoRA: PEFT's own path"
     if cfg.lora.lora_fa:
         return "LoRA-FA: PEFT's own path"

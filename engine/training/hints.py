@@ -380,6 +380,18 @@ def _oom_fix(cfg, step: int) -> str:
 
 # --- episode bookkeeping ----------------------------------------------------------------
 
+def _method_traits(method: str) -> tuple[bool, bool]:
+    """(a reference pass and its β: DPO, KTO; unpaired rows, no pair accuracy: KTO) of a method's
+    name (both False for a name no method has)."""
+    from engine import methods
+    from engine.methods.base import UNPAIRED
+    try:
+        m = methods.get(method)
+    except methods.UnknownMethod:
+        return False, False
+    return bool(getattr(m, "reference", False)), m.rows[0] == UNPAIRED
+
+
 def _mean(xs) -> float | None:
     vals = [float(x) for x in xs if is_finite(x)]
     return sum(vals) / len(vals) if vals else None
@@ -494,7 +506,8 @@ class HintEngine:
         self._pref.append(ev)
         p, n = self._pref, len(self._pref)
         method = ev.method
-        beta = _cfg_get(self.cfg, "preference.beta", 0.1) if method in ("dpo", "kto") else None
+        ref, unpaired = _method_traits(method)
+        beta = _cfg_get(self.cfg, "preference.beta", 0.1) if ref else None
         loss_type = _cfg_get(self.cfg, "preference.loss_type", "sigmoid")
         losses = [e.loss for e in p[:PREF_LOG2_N]]
         log2 = (method == "dpo" and loss_type == "sigmoid" and n == PREF_LOG2_N
@@ -509,7 +522,7 @@ class HintEngine:
         full = n >= 2 * PREF_WINDOW
         progress = ev.step / self.total_steps if self.total_steps else 1.0
         acc = _mean([e.accuracy for e in last])
-        chance = (method != "kto" and full and progress >= PREF_MIN_PROGRESS and acc is not None
+        chance = (not unpaired and full and progress >= PREF_MIN_PROGRESS and acc is not None
                   and abs(acc - 0.5) <= PREF_CHANCE)
         if self._fire("pref_accuracy_chance", n, chance):
             self._emit(out, self._pref_hint(ev, "pref_accuracy_chance", f"reward accuracy stuck near 0.5 "
@@ -528,7 +541,7 @@ class HintEngine:
                                             ov, []))
         c_first, c_last = _mean([e.rewards_chosen for e in first]), _mean([e.rewards_chosen for e in last])
         r_first, r_last = _mean([e.rewards_rejected for e in first]), _mean([e.rewards_rejected for e in last])
-        displaced = (full and method in ("dpo", "kto") and None not in (c_first, c_last, r_first, r_last)
+        displaced = (full and ref and None not in (c_first, c_last, r_first, r_last)
                      and c_last < 0 and c_last < c_first - PREF_DISPLACEMENT_DROP and r_last < r_first)
         if self._fire("pref_displacement", n, displaced):
             ov = []

@@ -24,17 +24,6 @@ INIT_DIR = "adapter_init"
 MARKER = "qlora_init.json"          # next to the final adapter: it was converted
 
 
-def init_transient_bytes(init: str, out_features: int, in_features: int) -> int:
-    """Extra device memory while one weight is initialised (fp32): PiSSA's SVD of the weight (the
-    weight, U, S, Vh); LoftQ's original weight, its dequantised 4-bit copy, the error and its SVD."""
-    if init not in ("pissa", "loftq"):
-        return 0
-    k = min(out_features, in_features)
-    svd = out_features * k + k + k * in_features
-    full = out_features * in_features
-    return 4 * ((2 * full if init == "pissa" else 3 * full) + svd)
-
-
 def apply(cfg, model, lora, model_path: str, run_dir: Path, lines: list[str]):
     """Wrap ``model`` in the adapter ``lora`` initialised as ``cfg.lora.init``; the initial adapter
     goes to RUN_DIR/adapter_init (kept from the first start on a resume)."""

@@ -141,8 +141,8 @@ def runtime(cfg) -> Runtime:
         notes.append("fp16 on the CPU is slow and unstable; prefer quant.compute_dtype = auto")
     # train.method: qlora and the preference methods = the 4-bit base of [quant]; lora and galore
     # train over a 16-bit base
-    from engine.core.config import QLORA_METHODS
-    four = cfg.quant.load_in_4bit and getattr(cfg.train, "method", "qlora") in QLORA_METHODS
+    from engine import methods
+    four = methods.of(cfg).four_bit(cfg)
     if four and device == "cpu" and not _bnb_cpu_ok():
         four = False
         notes.append("bitsandbytes cannot run 4-bit on this CPU: plain fp32 LoRA instead")

@@ -1,5 +1,7 @@
-"""Preference tuning (``train.method = dpo | orpo | kto | simpo``): a LoRA adapter over the 4-bit
-base, trained with TRL's own trainers.
+"""Preference tuning (``train.method = dpo | orpo | kto | simpo | ...``): a LoRA adapter over the
+4-bit base, trained with TRL's own trainers. Each method is one file of engine/methods/ naming its
+TRL trainer and config classes and its settings (``PreferenceMethod``); this module builds any of
+them the same way:
 
 - dpo: ``trl.DPOTrainer`` (loss ``preference.loss_type``: sigmoid, ipo, hinge, robust);
 - orpo: ``trl.experimental.orpo.ORPOTrainer`` (λ = ``preference.orpo_lambda``; no reference);
@@ -14,77 +16,31 @@ is the SFT model. The run's adapter is a normal PEFT adapter: merge, export, gen
 treat it as an SFT run's.
 
 The trainers are ``engine.training.sft.QLoraTrainerMixin`` over TRL's classes (NaN bookkeeping,
-fault injection, committed checkpoints, dtype-keeping resume), built on first use: importing TRL
-loads rich, which no engine module may load at import time.
+fault injection, committed checkpoints, dtype-keeping resume), built on first use by
+``sft.trainer_class`` from the method's ``trainer``: importing TRL loads rich, which no engine
+module may load at import time.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from engine import methods
 from engine.core import events
-from engine.core.config import PREFERENCE_METHODS as METHODS
+from engine.methods.base import PREFERENCE, load
 
 PARENT_FILE = "parent.json"          # RUN_DIR/parent.json: the SFT run a preference run continues
-REFERENCE_FREE = ("orpo", "simpo")   # no reference pass
-_CLASSES: dict[str, type] = {}
-
-
 def is_preference(cfg) -> bool:
-    return getattr(getattr(cfg, "train", None), "method", "qlora") in METHODS
-
-
-def trainer_class(method: str) -> type:
-    """``QLoraTrainerMixin`` over the method's TRL trainer (made once per method)."""
-    if method in _CLASSES:
-        return _CLASSES[method]
-    from engine.training.sft import QLoraTrainerMixin
-    if method == "dpo":
-        from trl import DPOTrainer as base
-    elif method == "kto":
-        from trl import KTOTrainer as base
-    elif method == "orpo":
-        from trl.experimental.orpo import ORPOTrainer as base
-    else:
-        from trl.experimental.cpo import CPOTrainer as base
-    body = {"__module__": __name__, "__doc__": f"{base.__name__} with the engine's step bookkeeping."}
-    if method in REFERENCE_FREE:
-        body["_track_num_input_tokens"] = _count_pair_tokens
-    cls = type(f"QLora{base.__name__}", (QLoraTrainerMixin, base), body)
-    _CLASSES[method] = cls
-    return cls
-
-
-def _count_pair_tokens(self, inputs) -> None:
-    """Tokens seen (tokens/s) for TRL's ORPO/CPO batches, which have no ``input_ids``: the
-    non-padding tokens of both sides (each holds the prompt)."""
-    import torch
-    n = sum(inputs[k].sum() for k in ("chosen_attention_mask", "rejected_attention_mask") if k in inputs)
-    if isinstance(n, int):
-        return
-    n = torch.as_tensor(n, device=self.args.device, dtype=torch.int64)
-    self.state.num_input_tokens_seen += self.accelerator.gather(n).sum().item()
+    return methods.of(cfg).family == PREFERENCE
 
 
 def to_config(cfg, common: dict):
     """The method's TRL config: the shared Trainer arguments (``recipe.trainer_args``) plus the
     ``[preference]`` section."""
-    p, method = cfg.preference, cfg.train.method
-    kw = dict(common, max_length=cfg.data.max_length)
-    if method == "dpo":
-        from trl import DPOConfig
-        return DPOConfig(**kw, beta=p.beta, loss_type=[p.loss_type], label_smoothing=p.label_smoothing,
-                         include_num_input_tokens_seen="non_padding")
-    if method == "kto":
-        from trl import KTOConfig
-        return KTOConfig(**kw, beta=p.beta, desirable_weight=p.desirable_weight,
-                         undesirable_weight=p.undesirable_weight, include_num_input_tokens_seen="non_padding")
-    if method == "orpo":
-        from trl.experimental.orpo import ORPOConfig
-        return ORPOConfig(**kw, beta=p.orpo_lambda, include_num_input_tokens_seen="non_padding")
-    from trl.experimental.cpo import CPOConfig
-    return CPOConfig(**kw, loss_type="simpo", beta=p.simpo_beta, simpo_gamma=p.simpo_gamma, cpo_alpha=0.0,
-                     include_num_input_tokens_seen="non_padding")
+    m = methods.of(cfg)
+    config_class = load(m.trl_config)
+    return config_class(**common, max_length=cfg.data.max_length, **m.trl_kwargs(cfg.preference),
+                        include_num_input_tokens_seen="non_padding")
 
 
 def datasets(cfg, rows):
@@ -97,13 +53,9 @@ def datasets(cfg, rows):
 
 
 def plan_lines(cfg) -> list[str]:
-    p, m = cfg.preference, cfg.train.method
-    what = {"dpo": f"DPO ({p.loss_type} loss, β {p.beta:g}" + (f", label smoothing {p.label_smoothing:g}"
-                                                                  if p.label_smoothing else "") + ")",
-            "kto": f"KTO (β {p.beta:g}, desirable ×{p.desirable_weight:g}, undesirable ×{p.undesirable_weight:g})",
-            "orpo": f"ORPO (λ {p.orpo_lambda:g})",
-            "simpo": f"SimPO (β {p.simpo_beta:g}, γ {p.simpo_gamma:g})"}[m]
-    ref = ("no reference model" if m in REFERENCE_FREE else
+    m = methods.of(cfg)
+    what = m.describe(cfg.preference)
+    ref = ("no reference model" if not m.reference else
            "reference: the SFT adapter of model.adapter (a frozen copy of it)" if cfg.model.adapter else
            "reference: the base with the adapter disabled (no second copy)")
     return [f"preference tuning: {what}; {ref}"]
@@ -222,7 +174,7 @@ def continue_config(run_dir, cfg, method: str = "dpo"):
         parent = config_mod.load(run_dir / rundir.CONFIG)
     except config_mod.ConfigError as e:
         raise ValueError(f"{run_dir}: its config cannot be read ({e.one_line()})") from None
-    if parent.train.method in METHODS:
+    if methods.of(parent).family == PREFERENCE:
         raise ValueError(f"{run_dir} is already a {parent.train.method} run; preference-tune the SFT run it continues")
     out = cfg.copy()
     out.model.name, out.model.revision = parent.model.name, parent.model.revision

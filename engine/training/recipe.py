@@ -15,8 +15,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine import methods
 from engine.core import events
 from engine.core.faults import Faults
+from engine.methods.base import FULL, load
 from engine.training import preference
 
 
@@ -77,7 +79,7 @@ def to_lora_config(cfg, targets):
     from peft import LoraConfig
     return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=targets, bias=cfg.lora.bias, task_type="CAUSAL_LM",
-                      use_dora=cfg.lora.use_dora, use_rslora=cfg.lora.use_rslora)
+                      use_dora=methods.of(cfg).dora(cfg), use_rslora=cfg.lora.use_rslora)
 
 
 def _report_to(value: str) -> list[str]:
@@ -311,7 +313,6 @@ class Recipe:
 
     def _adapter_setup(self, model, args):
         """The LoRA config (None for GaLore: full-rank), the model and the optimizers to hand TRL."""
-        from engine.training import galore
         from engine.training import model as model_mod
         from engine.training import vision
         cfg, lines = self.cfg, self.plan.lines
@@ -319,9 +320,10 @@ class Recipe:
             return None, preference.load_adapter(cfg, model, lines), (None, None)
         targets = vision.lora_targets(cfg, model) if self.proc is not None else model_mod.resolve_target_modules(cfg, model)
         lora = to_lora_config(cfg, targets)
-        full = galore.is_full(cfg)    # GaLore: full-rank weights, no adapter; the Trainer builds its optimizer
-        if full:
-            lines += galore.setup(cfg, model, args, self.rt)
+        method = methods.of(cfg)
+        full = method.artifact == FULL    # GaLore: full-rank weights, no adapter; the Trainer builds its optimizer
+        if method.setup:
+            lines += load(method.setup)(cfg, model, args, self.rt)
         if self.proc is not None:
             lines.append(f"vision: {'frozen 16-bit vision tower' if cfg.model.freeze_vision_tower else 'LoRA on the vision tower too'}; "
                          f"LoRA on {len(targets)} language-model layers")
@@ -374,7 +376,7 @@ class Recipe:
         collator = None if pref else self._collator(args)
         cb = sft.EventCallback(self.emit, self.stop_flag, self.stop_reason, self.run_dir, self.faults, cfg)
         self.emit(events.Status(phase="build", message="building the trainer"))
-        trainer_cls = preference.trainer_class(cfg.train.method) if pref else sft.QLoraTrainer
+        trainer_cls = sft.trainer_class(methods.of(cfg))      # the method's TRL trainer under our mixin
         trainer = trainer_cls(model=model, args=args, train_dataset=train_tok, eval_dataset=eval_tok,
                                    processing_class=self.proc if self.proc is not None else self.tok,
                                    peft_config=peft_config, callbacks=[cb], optimizers=optimizers,
@@ -435,10 +437,10 @@ class Recipe:
         """Write the final adapter (+ tokenizer) atomically to RUN_DIR/adapter (GaLore: RUN_DIR/model)."""
         from engine.core import rundir
         from engine.training import distributed
-        from engine.training import galore
+        from engine.methods import galore
         self.emit(events.Status(phase="save", message="saving the adapter"))
         trainer, cfg = self.prepared.trainer, self.cfg
-        final = self.run_dir / galore.output_dir_name(cfg)
+        final = self.run_dir / methods.of(cfg).output_dir()
         tmp = self.run_dir / (final.name + ".tmp")
         if distributed.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -446,7 +448,7 @@ class Recipe:
             return final                  # another rank: rank 0 writes
         self._check_weights(tmp)
         self.prepared.tokenizer.save_pretrained(str(tmp))
-        if galore.is_full(cfg):
+        if methods.of(cfg).artifact == FULL:
             galore.write_marker(tmp, cfg, self.prepared.model_path)
         if final.exists():
             shutil.rmtree(final)
@@ -480,9 +482,9 @@ class Recipe:
 
     def _check_weights(self, tmp: Path) -> None:
         from engine.core import rundir
-        from engine.training import galore
+        from engine.methods import galore
         from engine.training.resume import ADAPTER_WEIGHTS
-        if any((tmp / n).is_file() for n in ADAPTER_WEIGHTS) or galore.is_full(self.cfg) and galore.has_weights(tmp):
+        if any((tmp / n).is_file() for n in ADAPTER_WEIGHTS) or methods.of(self.cfg).artifact == FULL and galore.has_weights(tmp):
             return
         raise RuntimeError(f"the adapter weights were not written to {tmp}; the checkpoints in "
                            f"{self.run_dir / rundir.CHECKPOINTS} are kept")

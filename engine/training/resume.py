@@ -90,8 +90,10 @@ def finish_from_checkpoint(run_dir: Path, cfg: config.Config, ckpt: Path, emit) 
 def adapter_from_checkpoint(run_dir: Path, cfg: config.Config, ckpt: Path, emit) -> Path:
     """RUN_DIR/adapter from a checkpoint's adapter + tokenizer files (atomically)."""
     emit(events.Status(phase="save", message=f"saving the adapter from {ckpt.name}"))
-    from engine.training import galore
-    if galore.is_full(cfg) and galore.has_weights(ckpt):
+    from engine import methods
+    from engine.methods import galore
+    from engine.methods.base import FULL
+    if methods.of(cfg).artifact == FULL and galore.has_weights(ckpt):
         return full_from_checkpoint(run_dir, cfg, ckpt)
     if not any((ckpt / n).is_file() for n in ADAPTER_WEIGHTS):
         # an FSDP checkpoint holds sharded model state, not an adapter: never copy it as one
@@ -102,7 +104,7 @@ def adapter_from_checkpoint(run_dir: Path, cfg: config.Config, ckpt: Path, emit)
 
 def full_from_checkpoint(run_dir: Path, cfg: config.Config, ckpt: Path) -> Path:
     """GaLore: RUN_DIR/model from a checkpoint's full weights + tokenizer (atomically)."""
-    from engine.training import galore
+    from engine.methods import galore
     from engine.training import model as model_mod
     return _copy_from_checkpoint(ckpt, run_dir / galore.FULL_DIR,
                                  lambda tmp: galore.write_marker(tmp, cfg, model_mod.model_path(cfg)))

@@ -8,7 +8,8 @@ out stop/save requests (``engine.core.control``) for one process and many throug
 
 ``QLoraTrainer`` is ``QLoraTrainerMixin`` over TRL's ``SFTTrainer``, made on first use of the
 name (PEP 562 module ``__getattr__``): importing TRL loads rich, which no engine module may load
-at import time (tests/test_boundary.py). Importing this module imports torch and transformers.
+at import time (tests/test_boundary.py). ``trainer_class`` makes the same for any method's TRL
+trainer (``engine.methods``: ``Method.trainer``). Importing this module imports torch and transformers.
 """
 from __future__ import annotations
 
@@ -38,12 +39,44 @@ class NonFiniteHalt(RuntimeError):
 
 def __getattr__(name: str):
     if name == "QLoraTrainer":
-        from trl import SFTTrainer
-        cls = type("QLoraTrainer", (QLoraTrainerMixin, SFTTrainer),
-                   {"__module__": __name__, "__doc__": QLoraTrainerMixin.__doc__})
+        from engine import methods
+        cls = trainer_class(methods.get(methods.DEFAULT))
         globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_CLASSES: dict[tuple[str, bool], type] = {}     # (Method.trainer, pair_inputs) -> the class
+
+
+def trainer_class(method) -> type:
+    """The engine's trainer for ``method`` (an ``engine.methods`` Method): ``QLoraTrainerMixin``
+    over the TRL trainer it names (``Method.trainer``, "module:attr"), made once per trainer; the
+    SFT methods' is ``QLoraTrainer`` (over TRL's ``SFTTrainer``)."""
+    pair_inputs = bool(getattr(method, "pair_inputs", False))
+    key = (method.trainer, pair_inputs)
+    if key in _CLASSES:
+        return _CLASSES[key]
+    from engine.methods.base import load
+    base = load(method.trainer)
+    body = {"__module__": __name__, "__doc__": f"{base.__name__} with the engine's step bookkeeping "
+                                               f"({QLoraTrainerMixin.__name__})."}
+    if pair_inputs:                     # TRL's ORPO/CPO batches: no input_ids
+        body["_track_num_input_tokens"] = _count_pair_tokens
+    name = "QLoraTrainer" if base.__name__ == "SFTTrainer" else f"QLora{base.__name__}"
+    cls = type(name, (QLoraTrainerMixin, base), body)
+    _CLASSES[key] = cls
+    return cls
+
+
+def _count_pair_tokens(self, inputs) -> None:
+    """Tokens seen (tokens/s) for TRL's ORPO/CPO batches, which have no ``input_ids``: the
+    non-padding tokens of both sides (each holds the prompt)."""
+    n = sum(inputs[k].sum() for k in ("chosen_attention_mask", "rejected_attention_mask") if k in inputs)
+    if isinstance(n, int):
+        return
+    n = torch.as_tensor(n, device=self.args.device, dtype=torch.int64)
+    self.state.num_input_tokens_seen += self.accelerator.gather(n).sum().item()
 
 
 class QLoraTrainerMixin:
@@ -348,10 +381,9 @@ class EventCallback(TrainerCallback):
     def _preference(self, logs: dict, step: int):
         """A preference method's metrics of this log (engine.training.preference), else None."""
         method = self.cfg.train.method
-        from engine.core.config import PREFERENCE_METHODS
-        if method not in PREFERENCE_METHODS:
+        from engine.training.preference import is_preference, metrics_event
+        if not is_preference(self.cfg):
             return None
-        from engine.training.preference import metrics_event
         return metrics_event(logs, step, method)
 
     _prompts: list | None = None

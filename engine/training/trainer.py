@@ -45,11 +45,12 @@ def resolve_auto(cfg, rt, emit, longest: int | None = None) -> tuple[object, lis
     reasons = list(rt.notes)
     packing_auto = cfg.data.packing == "auto"
     tr = cfg.train
-    from engine.training import galore
-    if galore.is_full(cfg):        # the GaLore optimizer (named in the GaLore plan line)
-        tr.optimizer = galore.hf_optimizer(cfg, rt.device)[0]
-    from engine.core.config import PREFERENCE_METHODS
-    if tr.method in PREFERENCE_METHODS:     # TRL's preference trainers: no packing; Liger's fused
+    from engine import methods
+    from engine.methods.base import PREFERENCE, load
+    method = methods.of(cfg)
+    if method.optimizer:        # the method's own optimizer (GaLore's: named in its plan line)
+        tr.optimizer = load(method.optimizer)(cfg, rt.device)[0]
+    if method.family == PREFERENCE:     # TRL's preference trainers: no packing; Liger's fused
         if cfg.data.packing == "auto":      # preference losses are not wired here
             cfg.data.packing = False
             packing_auto = False
@@ -73,10 +74,10 @@ def resolve_auto(cfg, rt, emit, longest: int | None = None) -> tuple[object, lis
             reasons += [r for r in p.reasons if not r.startswith(("packing", "attention"))]   # decided from the data
         except Exception as e:     # the planner is advice: never a reason to fail the run
             reasons.append(f"fit planner skipped ({str(e).splitlines()[0][:200]})")
-    if tr.method == "kto" and tr.batch_size < 2:        # the planner went below KTO's minimum
+    if tr.batch_size < method.min_batch:        # the planner went below the method's minimum (KTO: 2)
         eff = tr.batch_size * tr.grad_accum
-        tr.batch_size, tr.grad_accum = 2, max(1, eff // 2)
-        reasons.append(f"micro-batch 2 x accumulation {tr.grad_accum} (KTO's KL estimate needs 2 rows a batch)")
+        tr.batch_size, tr.grad_accum = method.min_batch, max(1, eff // method.min_batch)
+        reasons.append(f"micro-batch {tr.batch_size} x accumulation {tr.grad_accum} ({method.batch_refusal()})")
     if tr.gradient_checkpointing == "auto":
         tr.gradient_checkpointing = True
         reasons.append("gradient checkpointing on (default: least memory)")

@@ -1,0 +1,54 @@
+"""Training methods: one file each, one line each in ``_REGISTRY``.
+
+A method (``engine.methods.base.Method``) says what ``train.method = NAME`` is: its family (SFT or
+preference), the rows it trains on, the artifact it leaves (a LoRA adapter or a full checkpoint),
+its checks of the config, its terms for the memory planner, and (as lazy ``"module:attr"``
+strings) the TRL classes the training side builds it with. The layers below ``training/`` ask the
+method instead of testing names.
+
+The registry names each method's module as a string, so reading the names (``names()``, which the
+config's ``train.method`` choices use) imports nothing; ``get`` imports the one method asked for.
+This package imports nothing from ``engine.training``, ``engine.planning``, ``engine.outputs``,
+``engine.cli`` or ``tui``.
+"""
+from __future__ import annotations
+
+_REGISTRY = {                                   # name -> "module:attr" of its Method
+    "qlora": "engine.methods.qlora:METHOD",
+    "lora": "engine.methods.lora:METHOD",
+    "galore": "engine.methods.galore:METHOD",
+    "dpo": "engine.methods.dpo:METHOD",
+    "orpo": "engine.methods.orpo:METHOD",
+    "kto": "engine.methods.kto:METHOD",
+    "simpo": "engine.methods.simpo:METHOD",
+    "cpo": "engine.methods.cpo:METHOD",
+}
+DEFAULT = "qlora"
+
+
+class UnknownMethod(ValueError):
+    """``train.method`` names no registered method."""
+
+
+def names() -> tuple[str, ...]:
+    """Every registered method's name, in registry order (imports none of them)."""
+    return tuple(_REGISTRY)
+
+
+def get(name: str):
+    """The Method registered as ``name``; UnknownMethod (one line naming the valid ones) otherwise."""
+    spec = _REGISTRY.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise UnknownMethod(f"unknown train.method {name!r}; valid: {', '.join(_REGISTRY)}")
+    from engine.methods.base import load
+    return load(spec)
+
+
+def of(cfg):
+    """The Method of ``cfg.train.method`` (the default method where a config has none)."""
+    return get(getattr(getattr(cfg, "train", None), "method", DEFAULT))
+
+
+def family(name: str) -> tuple[str, ...]:
+    """The names of the methods of one family (``"sft"`` or ``"preference"``); imports each method."""
+    return tuple(n for n in _REGISTRY if get(n).family == name)
