@@ -122,7 +122,7 @@ LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
 
 
 def test_estimate_counts_the_init_transient():
-    from engine.methods.lora import init_transient_bytes
+    from engine.methods.base import init_transient_bytes
     base = config.load(None, ['model.name="x"'])
     loftq = config.load(None, ['model.name="x"', 'lora.init="loftq"'])
     short = dict(batch_size=1, seq_len=128, gradient_checkpointing=True)

@@ -97,7 +97,7 @@ def test_valid_combinations_pass_every_method_check():
 
 def test_planner_terms_come_from_the_method():
     from engine.methods import galore as galore_method
-    from engine.methods.lora import init_transient_bytes
+    from engine.methods.base import init_transient_bytes
     cfg = config.Config()
     tokens, seq, vocab, d = 2 * 512, 512, 32000, 2
     for n in methods.names():

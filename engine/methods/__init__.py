@@ -13,6 +13,8 @@ This package imports nothing from ``engine.training``, ``engine.planning``, ``en
 """
 from __future__ import annotations
 
+import importlib
+
 _REGISTRY = {                                   # name -> "module:attr" of its Method
     "qlora": "engine.methods.qlora:METHOD",
     "lora": "engine.methods.lora:METHOD",
@@ -24,6 +26,15 @@ _REGISTRY = {                                   # name -> "module:attr" of its M
     "cpo": "engine.methods.cpo:METHOD",
 }
 DEFAULT = "qlora"
+
+
+def load(spec: str):
+    """The object named by ``"package.module:attr"`` (imported now)."""
+    module, _, attr = spec.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 class UnknownMethod(ValueError):
@@ -40,7 +51,6 @@ def get(name: str):
     spec = _REGISTRY.get(name) if isinstance(name, str) else None
     if spec is None:
         raise UnknownMethod(f"unknown train.method {name!r}; valid: {', '.join(_REGISTRY)}")
-    from engine.methods.base import load
     return load(spec)
 
 

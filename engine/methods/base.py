@@ -14,7 +14,6 @@ and ``engine.core.files`` (tests/test_methods.py checks what it must never impor
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 SFT, PREFERENCE = "sft", "preference"          # family
@@ -23,13 +22,16 @@ SFT_ROWS, PAIRS, UNPAIRED = "sft", "preference", "kto"   # rows: data.format kin
 FULL_DIR = "model"                             # RUN_DIR/model: a full checkpoint (RUN_DIR/adapter: an adapter)
 
 
-def load(spec: str):
-    """The object named by ``"package.module:attr"`` (imported now)."""
-    module, _, attr = spec.partition(":")
-    obj = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
+def init_transient_bytes(init: str, out_features: int, in_features: int) -> int:
+    """``lora.init``: extra device memory while one weight is initialised (fp32): PiSSA's SVD of the
+    weight (the weight, U, S, Vh); LoftQ's original weight, its dequantised 4-bit copy, the error
+    and its SVD (engine.training.lora_init does the work)."""
+    if init not in ("pissa", "loftq"):
+        return 0
+    k = min(out_features, in_features)
+    svd = out_features * k + k + k * in_features
+    full = out_features * in_features
+    return 4 * ((2 * full if init == "pissa" else 3 * full) + svd)
 
 
 @dataclass(frozen=True)
@@ -128,5 +130,4 @@ class Method:
         """lora.init's transient bytes for one weight (0 where the method has no adapter)."""
         if self.artifact != ADAPTER:
             return 0
-        from engine.methods.lora import init_transient_bytes
         return init_transient_bytes(init, out_features, in_features)
