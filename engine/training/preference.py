@@ -27,7 +27,8 @@ from pathlib import Path
 
 from engine import methods
 from engine.core import events
-from engine.methods.base import PREFERENCE, load
+from engine.methods import load
+from engine.methods.base import PREFERENCE
 
 PARENT_FILE = "parent.json"          # RUN_DIR/parent.json: the SFT run a preference run continues
 def is_preference(cfg) -> bool:

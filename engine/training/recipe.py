@@ -18,7 +18,8 @@ from pathlib import Path
 from engine import methods
 from engine.core import events
 from engine.core.faults import Faults
-from engine.methods.base import FULL, load
+from engine.methods import load
+from engine.methods.base import FULL
 from engine.training import preference
 
 

@@ -46,7 +46,8 @@ def resolve_auto(cfg, rt, emit, longest: int | None = None) -> tuple[object, lis
     packing_auto = cfg.data.packing == "auto"
     tr = cfg.train
     from engine import methods
-    from engine.methods.base import PREFERENCE, load
+    from engine.methods import load
+    from engine.methods.base import PREFERENCE
     method = methods.of(cfg)
     if method.optimizer:        # the method's own optimizer (GaLore's: named in its plan line)
         tr.optimizer = load(method.optimizer)(cfg, rt.device)[0]
