@@ -22,25 +22,6 @@ def run_to_end(cfg):
     return run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def demo_run(request, tmp_path_factory):
-    """The README's demo command, checked by test_headless_demo_learns, started with the module's
-    first test: its process trains on the second core while the in-process runs here use the
-    first (one compute thread each, conftest) instead of after them. (process, output dir, logs)"""
-    if not any(item.name == "test_headless_demo_learns" for item in request.session.items):
-        yield None
-        return
-    out_dir, logs = tmp_path_factory.mktemp("demo"), tmp_path_factory.mktemp("demo-logs")
-    with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "engine", "train", "examples/demo.toml", "--headless",
-                                 "--set", f"output.dir='{out_dir}'"], stdout=out, stderr=err, text=True,
-                                cwd=runner.Path(__file__).resolve().parents[1])
-    yield proc, out_dir, logs
-    if proc.poll() is None:                     # a test before it failed (-x): none outlives the module
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One finished real run of the tiny_cfg config, shared by the tests that only read it."""
@@ -111,11 +92,11 @@ def test_graceful_stop_mid_run_saves_adapter(tiny_cfg):
     assert rundir.info(run.run_dir).state == "stopped"
 
 
-def test_headless_demo_learns(demo_run):
+def test_headless_demo_learns(tmp_path):
     """The README's demo command: a real NF4 QLoRA run whose loss goes down."""
-    proc, tmp_path, logs = demo_run
-    rc = proc.wait(timeout=600)
-    r = subprocess.CompletedProcess(proc.args, rc, (logs / "stdout").read_text(), (logs / "stderr").read_text())
+    r = subprocess.run([sys.executable, "-m", "engine", "train", "examples/demo.toml", "--headless",
+                        "--set", f"output.dir='{tmp_path}'"], capture_output=True, text=True, timeout=600,
+                       cwd=runner.Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [l for l in r.stdout.splitlines() if l.startswith("step ")]
     assert len(lines) == 100
