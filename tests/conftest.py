@@ -20,7 +20,5 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """A fast real-run config on builtin:tiny + builtin:sample writing under tmp_path."""
-    from engine.core import config
-    return config.load(REPO / "examples" / "demo.toml",
-                  [f"output.dir={str(tmp_path / 'runs')!r}".replace("'", '"'), "train.max_steps=12",
-                   "train.eval_steps=6", "train.save_steps=6"])
+    from reliability_helpers import tiny_config
+    return tiny_config(tmp_path)

@@ -17,6 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 ENGINE = [sys.executable, "-m", "engine"]
 
 
+def tiny_config(root: Path) -> config.Config:
+    """A fast real-run config on builtin:tiny + builtin:sample writing under ``root``/runs (the
+    tiny_cfg fixture's; module-scoped fixtures that share one run build theirs with it)."""
+    return config.load(REPO / "examples" / "demo.toml",
+                       [f"output.dir={str(root / 'runs')!r}".replace("'", '"'), "train.max_steps=12",
+                        "train.eval_steps=6", "train.save_steps=6"])
+
+
 def configured(cfg: config.Config, changes: dict | None = None) -> config.Config:
     """A copy of ``cfg`` with ``{"section.key": value}`` changes."""
     cfg = cfg.copy()

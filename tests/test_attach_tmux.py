@@ -14,7 +14,7 @@ import pytest
 from engine.core import control as ctl
 from engine.core import rundir
 
-from reliability_helpers import (REPO, env_with, last_step, step_numbers, terminal, wait_for, wait_step,
+from reliability_helpers import (REPO, cli, env_with, last_step, step_numbers, terminal, wait_for, wait_step,
                                  write_cfg)
 
 pytestmark = pytest.mark.skipif(not shutil.which("tmux"), reason="tmux not installed")
@@ -58,13 +58,16 @@ class Tmux:
         subprocess.run([*self.base, "kill-server"], capture_output=True, env=self.env)
 
 
-def test_detach_then_attach_from_other_terminals_history_live_and_stop(tiny_cfg, tmp_path):
+def test_detach_then_attach_from_other_terminals_history_live_and_stop(tiny_cfg, tmp_path, capsys,
+                                                                      monkeypatch):
     runs = tmp_path / "runs"
     cfg_path = write_cfg(tiny_cfg, tmp_path / "run.toml", {"train.max_steps": 60, "train.save_steps": 0,
                                                          "train.eval_steps": 0, "output.dir": str(runs)})
-    r = subprocess.run([sys.executable, "-m", "engine", "train", str(cfg_path), "--detach"], cwd=REPO,
-                       capture_output=True, text=True, timeout=120,
-                       env=env_with(QLORA_TUI_FAULTS="slow=0.4"))
+    # `train --detach` in this process (no Python start-up of its own); the detached run inherits
+    # the faults
+    monkeypatch.setenv("QLORA_TUI_FAULTS", "slow=0.4")
+    r = cli(capsys, "train", cfg_path, "--detach")
+    monkeypatch.delenv("QLORA_TUI_FAULTS")
     assert r.returncode == 0, r.stderr
     d = Path(r.stdout.strip().splitlines()[-1])
     env = env_with(TERM="xterm-256color", COLUMNS="160", LINES="48")

@@ -58,12 +58,6 @@ def test_a_failed_check_turns_the_path_off_and_the_run_trains(tiny_cfg, monkeypa
     assert len([e for e in evs if isinstance(e, ev.Step)]) == 3
 
 
-def test_paths_that_pass_are_named_in_the_plan(tiny_cfg):
-    _, started = _run(_cfg(tiny_cfg, **{"train.fused_lora": True, "train.fp8_base": True}))
-    line = next(p for p in started.plan if p.startswith("checked on this CPU against the reference path"))
-    assert "fused NF4+LoRA linear" in line and "FP8 base GEMMs" in line
-
-
 def test_cuda_only_checks_fail_over_to_their_reference_paths(monkeypatch):
     """Pinned buffers and the Triton kernels run on CUDA only; failed here by injection, the
     modules that use them take their reference paths (pageable copies, torch quantisation)."""
@@ -78,8 +72,12 @@ def test_cuda_only_checks_fail_over_to_their_reference_paths(monkeypatch):
     assert torch.equal(stash.get(stash.put(t)), t)
 
 
-def test_fp8_guard_measures_the_first_step_and_keeps_fp8(tiny_cfg, tmp_path, monkeypatch):
-    evs, _ = _run(_cfg(tiny_cfg, **{"train.fused_lora": True, "train.fp8_base": True}))
+def test_paths_that_pass_are_named_in_the_plan_and_the_fp8_guard_keeps_fp8(tiny_cfg, tmp_path, monkeypatch):
+    """One run of the fast paths that pass here serves both checks: the plan names them, and the
+    FP8 guard measures the first step and keeps FP8."""
+    evs, started = _run(_cfg(tiny_cfg, **{"train.fused_lora": True, "train.fp8_base": True}))
+    line = next(p for p in started.plan if p.startswith("checked on this CPU against the reference path"))
+    assert "fused NF4+LoRA linear" in line and "FP8 base GEMMs" in line
     check = [e for e in evs if isinstance(e, ev.NumericsCheck)]
     assert len(check) == 1 and check[0].path == "train.fp8_base" and check[0].step == 1
     assert check[0].kept and 0 < check[0].relative_difference <= probes.FP8_GUARD_THRESHOLD

@@ -227,21 +227,20 @@ async def test_every_binding_is_a_palette_command_and_load_works_anywhere(tmp_pa
 
 # ---- 17: train --detach returns once the child holds the run directory ----------------------
 
-def test_detach_returns_before_the_checks_and_the_child_records_a_refusal(tmp_path):
+def test_detach_returns_before_the_checks_and_the_child_records_a_refusal(tmp_path, capsys):
     """The parent does no preflight (that took ~10 s): a data file that the checks refuse still
     gets a run directory at once, and the child writes the refusal where `runs` shows it."""
-    import subprocess
-    import sys
     import time
     from pathlib import Path
 
     from engine.core import rundir
+    from reliability_helpers import cli
     bad = tmp_path / "bad.jsonl"
     bad.write_text("this is not json\n")
     repo = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "engine", "train", "examples/demo.toml", "--detach",
-                        "--set", f"output.dir='{tmp_path / 'runs'}'", "--set", f"data.train='{bad}'"],
-                       capture_output=True, text=True, timeout=120, cwd=repo)
+    # the parent in this process (no Python start-up of its own); the child is its own process
+    r = cli(capsys, "train", repo / "examples" / "demo.toml", "--detach",
+            "--set", f"output.dir='{tmp_path / 'runs'}'", "--set", f"data.train='{bad}'")
     assert r.returncode == 0, r.stderr
     run_dir = Path(r.stdout.strip().splitlines()[-1])
     assert (run_dir / rundir.RUN_JSON).exists() and (run_dir / rundir.CONFIG).exists()

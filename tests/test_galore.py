@@ -3,7 +3,6 @@ the full checkpoint it leaves, and what merge / serve-cmd / the estimate make of
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,11 +19,6 @@ GALORE = ['train.method="galore"', "galore.rank=16", "galore.update_proj_gap=5",
 L8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
        "tie_word_embeddings": False}
-
-
-def _engine(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, **kw)
 
 
 def test_galore_headless_run_leaves_a_full_checkpoint_that_learned(tmp_path, capsys):
@@ -61,15 +55,15 @@ def test_galore_headless_run_leaves_a_full_checkpoint_that_learned(tmp_path, cap
         assert not torch.allclose(tuned(ids).logits, base(ids).logits)
 
     # merge: nothing to merge, said plainly (exit 0, nothing written)
-    m = _engine("merge", str(run_dir), "--out", str(tmp_path / "merged"))
+    m = cli(capsys, "merge", run_dir, "--out", tmp_path / "merged")     # (in this process too)
     assert m.returncode == 0 and "nothing to merge" in m.stdout and "full checkpoint" in m.stdout
     assert not (tmp_path / "merged").exists()
     # serve-cmd: a plain vllm serve of the checkpoint, no LoRA flags
-    s = _engine("serve-cmd", str(run_dir))
+    s = cli(capsys, "serve-cmd", run_dir)
     assert s.returncode == 0, s.stderr
     assert f"vllm serve {model_dir.resolve()}" in s.stdout and "--enable-lora" not in s.stdout
     # mixing it with adapters is refused in one line
-    s2 = _engine("serve-cmd", str(run_dir), str(run_dir))
+    s2 = cli(capsys, "serve-cmd", run_dir, run_dir)
     assert s2.returncode == 1 and "full checkpoint" in s2.stderr and "Traceback" not in s2.stderr
 
 

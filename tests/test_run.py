@@ -22,8 +22,15 @@ def run_to_end(cfg):
     return run
 
 
-def test_run_dir_event_log_and_adapter(tiny_cfg):
-    run = run_to_end(tiny_cfg)
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One finished real run of the tiny_cfg config, shared by the tests that only read it."""
+    from reliability_helpers import tiny_config
+    return run_to_end(tiny_config(tmp_path_factory.mktemp("tiny")))
+
+
+def test_run_dir_event_log_and_adapter(tiny_run):
+    run = tiny_run
     d = run.run_dir
     assert run.result.type == "run_finished", getattr(run.result, "reason", "")
     assert (d / "config.toml").exists() and (d / "run.json").exists()
@@ -47,8 +54,8 @@ def test_run_dir_event_log_and_adapter(tiny_cfg):
     assert rundir.checkpoints(d) and rundir.info(d).state == "finished"
 
 
-def test_adapter_loads_with_plain_peft_and_changes_logits(tiny_cfg):
-    run = run_to_end(tiny_cfg)
+def test_adapter_loads_with_plain_peft_and_changes_logits(tiny_run):
+    run = tiny_run
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

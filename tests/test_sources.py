@@ -213,22 +213,22 @@ def test_import_axolotl_maps_datasets_to_sources(tmp_path):
     assert sources.source_spec(cfg, cfg.data.sources[0]) == str(tmp_path / "a.jsonl")
 
 
-def test_estimate_counts_the_mixture(tmp_path):
+def test_estimate_counts_the_mixture(tmp_path, capsys):
+    from reliability_helpers import cli
     a = write_jsonl(tmp_path / "a.jsonl", alpaca(30, "A"))
     b = write_jsonl(tmp_path / "b.jsonl", sharegpt(10, "B"))
     (tmp_path / "run.toml").write_text(
         '[model]\nname = "builtin:tiny"\n[train]\nbatch_size = 2\ngrad_accum = 2\ndevice = "cpu"\n'
         '[data]\neval_fraction = 0.1\n'
         f'[[data.sources]]\npath = "{a}"\nweight = 2\n[[data.sources]]\npath = "{b}"\nrows = 5\n')
-    out = subprocess.run([sys.executable, "-m", "engine", "estimate", str(tmp_path / "run.toml"), "--json"],
-                         capture_output=True, text=True, timeout=120)
+    # the CLI in this process (the same parser and output as `python -m engine`, no Python start-up)
+    out = cli(capsys, "estimate", tmp_path / "run.toml", "--json")
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)["data"]
     assert got["train_rows"] == 54 + 5 and got["eval_rows"] == 3 + 1
     assert got["steps_per_epoch"] == 15                      # 59 rows / (2 × 2)
     assert [s["train"] for s in got["sources"]] == [54, 5]
-    text = subprocess.run([sys.executable, "-m", "engine", "estimate", str(tmp_path / "run.toml")],
-                          capture_output=True, text=True, timeout=120).stdout
+    text = cli(capsys, "estimate", tmp_path / "run.toml").stdout
     assert "data: mixture of 2 sources, 59 training rows, 4 eval" in text and "source 2 (b.jsonl)" in text
 
 
