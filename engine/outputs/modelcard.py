@@ -160,26 +160,25 @@ def push_plan(run_dir: str | Path, what: str = "adapter") -> tuple[Path, dict[st
     Nothing is written into the folder: the card (README.md) is the folder's own when qlora-tui
     wrote it, else ours built now (PEFT's placeholder is never uploaded); the merge's local record
     (``qlora_merge.json``: absolute local paths) is left out."""
-    from engine.outputs.merge import find_adapter_dir, run_dir_of
+    from engine.artifacts import ArtifactKind, RunArtifact
     if what not in WHAT:
         raise PushError(f"--what {what!r}: use one of {', '.join(WHAT)}")
-    adapter_dir = find_adapter_dir(run_dir, PushError)
-    owner = run_dir_of(run_dir, adapter_dir)
-    root = owner or adapter_dir.parent
+    art = RunArtifact.open(run_dir, PushError, kind=ArtifactKind.ADAPTER)
+    adapter_dir, owner, root = art.output_dir, art.run_dir, art.root
     if what == "adapter":
         folder, patterns = adapter_dir, ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "README.md"]
     elif what == "merged":
-        folder, patterns = root / "export" / "merged", ["*.json", "*.safetensors", "*.jinja", "*.txt",
+        folder, patterns = art.merged_dir, ["*.json", "*.safetensors", "*.jinja", "*.txt",
                                                         "*.model", "README.md"]
         if not (folder / "config.json").is_file():
             raise PushError(f"{folder}: no merged checkpoint; run `qlora-tui export {root} --gguf f16` "
                             f"(it keeps the merge there) or `qlora-tui merge {root} --out {folder}`")
     else:
-        folder, patterns = root / "export", ["*.gguf", "*.Modelfile", "README.md"]
+        folder, patterns = art.exports_dir, ["*.gguf", "*.Modelfile", "README.md"]
         if not list(folder.glob("*.gguf")):
             raise PushError(f"{folder}: no .gguf file; run `qlora-tui export {root} --gguf f16` first")
     import fnmatch
-    from engine.outputs.merge import MERGE_INFO
+    from engine.artifacts import MERGE_INFO
     upload: dict[str, object] = {
         p.name: p for p in sorted(folder.iterdir())
         if p.is_file() and not p.is_symlink() and p.name not in (MERGE_INFO, "README.md")
