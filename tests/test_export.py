@@ -14,7 +14,7 @@ import pytest
 
 from engine.core import config
 from engine.core import events
-from engine.outputs import export, gguf_write
+from engine.outputs import export
 from engine.outputs import gguf_write
 from engine.outputs import modelcard
 from engine.training import runner
