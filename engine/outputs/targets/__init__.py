@@ -94,11 +94,11 @@ def check_options(target: Target, options: dict | None, err: type[Exception]) ->
 
 
 def run_target(name: str, src, options: dict | None = None, emit: Callable[[Any], None] | None = None,
-               **common) -> dict | None:
+               /, **common) -> dict | None:
     """Run export target ``name`` on ``src`` (a run dir, an adapter dir or a full checkpoint):
     ``ExportStarted``, its ``ExportProgress`` events, then ``ExportFinished`` with the report
     (returned) or ``ExportFailed`` with one line (None returned). Nothing is raised for an
-    expected failure."""
+    expected failure. ``common``: out, base, name (the model's), force."""
     from engine.artifacts import AdapterError, RunArtifact
     from engine.core.events import ExportFailed, ExportFinished, ExportStarted
     from engine.outputs.export import ExportError
