@@ -77,12 +77,22 @@ class RunArtifact:
             raise err(f"{p}: no such directory; pass a run directory or an adapter directory")
         if not p.is_dir():
             raise err(f"{p}: not a directory; pass a run directory or an adapter directory")
-        full = full_checkpoint_dir(p)
-        if full is not None and kind != ArtifactKind.ADAPTER:
+        if (p / rundir.CONFIG).is_file():        # a run: its train.method says what it produced
+            method = str(_section(run_config(p), "train").get("method") or "qlora")
+            found = artifact_kind(method)
+        else:                                    # an adapter or a checkpoint folder: its files say
+            method = ""
+            found = ArtifactKind.FULL if full_checkpoint_dir(p) is not None else ArtifactKind.ADAPTER
+        how = f"train.method = {method or 'galore'}"
+        if kind == ArtifactKind.ADAPTER and found == ArtifactKind.FULL:
+            raise err(f"{p}: a full checkpoint, not a LoRA adapter: {how} trains the weights themselves; "
+                      f"load, copy or serve {full_checkpoint_dir(p) or _full_dir(p)} as it is")
+        if found == ArtifactKind.FULL:
+            full = full_checkpoint_dir(p)
+            if full is None:
+                raise err(f"{p}: no full checkpoint found: {how} saves one in {_full_dir(p)} (the run "
+                          f"may still be running or have failed)")
             return cls._of(p, ArtifactKind.FULL, full, err)
-        if full is not None:
-            raise err(f"{p}: a full checkpoint ({full}), not a LoRA adapter: train.method = galore "
-                      f"trains the weights themselves; load, copy or serve {full} as it is")
         adapter = find_adapter_dir(p, err)
         if kind == ArtifactKind.FULL:
             raise err(f"{p}: a LoRA adapter ({adapter}), not a full checkpoint")
@@ -92,8 +102,7 @@ class RunArtifact:
     def _of(cls, src: Path, kind: ArtifactKind, out: Path, err) -> "RunArtifact":
         run_dir = run_dir_of(src, out)
         cfg = run_config(run_dir)
-        model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
-        train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
+        model, train = _section(cfg, "model"), _section(cfg, "train")
         method = str(train.get("method") or ("galore" if kind == ArtifactKind.FULL else "qlora"))
         acfg: dict = {}
         base = str(model.get("name") or "")
@@ -171,10 +180,21 @@ class RunArtifact:
 
 # --------------------------------------------------------------------------- the lookups
 
+def _section(cfg: dict, name: str) -> dict:
+    v = cfg.get(name)
+    return v if isinstance(v, dict) else {}
+
+
 def full_checkpoint_dir(src) -> Path | None:
     """The full checkpoint of ``src`` (a GaLore run dir or its ``model`` dir), else None."""
     from engine.training import galore
     return galore.full_checkpoint_dir(src)
+
+
+def _full_dir(run_dir: Path) -> Path:
+    """Where a run that trains the weights saves them (RUN_DIR/model)."""
+    from engine.training import galore
+    return run_dir / galore.FULL_DIR
 
 
 def _full_marker(full_dir: Path) -> dict:

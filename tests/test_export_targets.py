@@ -41,15 +41,20 @@ def test_artifact_of_a_run_an_adapter_and_a_full_checkpoint(tiny, tmp_path):
     # a GaLore run: its train.method says the output is the weights themselves
     assert artifact_kind("galore") == ArtifactKind.FULL and artifact_kind("dpo") == ArtifactKind.ADAPTER
     full = tmp_path / "galore-run"
-    (full / "model").mkdir(parents=True)
-    (full / "model" / "config.json").write_text("{}")
-    (full / "model" / "qlora_tui.json").write_text(json.dumps({"base": "builtin:tiny"}))
+    full.mkdir()
     cfg = config.Config()
     cfg.train.method = "galore"
     config.save(cfg, full / "config.toml")
+    with pytest.raises(ValueError, match="no full checkpoint found: train.method = galore saves one in") as e:
+        RunArtifact.open(full)                                 # not saved yet: said, not "no adapter"
+    assert "\n" not in str(e.value)
+    (full / "model").mkdir()
+    (full / "model" / "config.json").write_text("{}")
+    (full / "model" / "qlora_tui.json").write_text(json.dumps({"base": "builtin:tiny"}))
     fart = RunArtifact.open(full)
     assert fart.kind == ArtifactKind.FULL and fart.full_dir == full / "model" and fart.adapter_dir is None
     assert fart.method == "galore" and fart.base == "builtin:tiny"
+    assert RunArtifact.open(full / "model").full_dir == full / "model"      # the checkpoint folder itself
     with pytest.raises(ValueError, match="full checkpoint .* not a LoRA adapter"):
         RunArtifact.open(full, kind=ArtifactKind.ADAPTER)
 
