@@ -38,6 +38,10 @@ class ArtifactKind(StrEnum):
     ADAPTER = "adapter"               # a PEFT LoRA adapter over the (4-bit) base
     FULL = "full"                     # the weights themselves (a full checkpoint)
 
+    @property
+    def words(self) -> str:
+        return "a LoRA adapter" if self is ArtifactKind.ADAPTER else "a full checkpoint"
+
 
 def artifact_kind(method: str) -> ArtifactKind:
     """The output of a ``train.method``. (engine/methods/ will say this per method; this is the

@@ -333,9 +333,12 @@ class _Source:
         return self.art.run_dir
 
 
-def _source(src, name: str | None) -> _Source:
-    art = src if isinstance(src, RunArtifact) else RunArtifact.open(src, ExportError, kind=ArtifactKind.ADAPTER)
-    art.require_adapter(ExportError, "export")
+def _source(src, name: str | None, adapter: bool) -> _Source:
+    """The source's artifact: a LoRA adapter, or for a model export also a full checkpoint (a
+    GaLore run: written as it is, no merge)."""
+    art = src if isinstance(src, RunArtifact) else RunArtifact.open(src, ExportError)
+    if adapter or art.kind != ArtifactKind.FULL:
+        art.require_adapter(ExportError, "--adapter-gguf" if adapter else "export")
     return _Source(str(art.src), art, name or default_name(art.run_dir, art.output_dir))
 
 
@@ -367,7 +370,7 @@ def _begin(src, gguf_type: str, out, name, force: bool, emit, target: str, adapt
     t0 = time.time()
     progress = progress_events(emit, target)
     gguf_type = _checked(gguf_type)
-    s = _source(src, name)
+    s = _source(src, name, adapter)
     path = _export_dir(out, s.run_dir, s.adapter_dir, s.name, gguf_type, adapter=adapter)
     _prepare_target(path, force)
     return t0, progress, gguf_type, s, path
@@ -380,8 +383,12 @@ def export_model(src, gguf_type: str = "f16", out=None, base: str | None = None,
     ``src``: a run dir, an adapter dir or its ``RunArtifact``; ``emit`` gets ``ExportProgress``."""
     t0, progress, gguf_type, s, path = _begin(src, gguf_type, out, name, force, emit, target, adapter=False)
     progress(ExportStage.CHECK, 0.0, f"exporting {s.adapter_dir} as GGUF {gguf_type}")
-    _preflight(s, base)
-    merged = _merged_dir(path, s.adapter_dir, s.src, base, progress)
+    if s.art.full_dir is not None:       # the weights themselves: nothing to merge
+        merged = s.art.full_dir
+        progress(ExportStage.MERGE, 0.35, f"a full checkpoint (train.method = {s.art.method}): written as it is")
+    else:
+        _preflight(s, base)
+        merged = _merged_dir(path, s.adapter_dir, s.src, base, progress)
     cfg = _read_json(merged / "config.json")
     arch, permute = _guard(gguf_write.architecture_of, cfg, str(merged / "config.json"))
     from transformers import AutoTokenizer

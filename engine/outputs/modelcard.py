@@ -114,9 +114,8 @@ def card_text(run_dir: Path | None, adapter_dir: Path, kind: str, files: list[st
         *([] if _hub_id(base) else [f"The base model `{base}` is not a hub id: add `base_model:` to the "
                                     "metadata above with the one it came from.", ""]),
         "Set `license:` in the metadata above: the base model's terms apply to the weights.", "",
-        f"{what[0].upper() + what[1:]}: a QLoRA fine-tune (4-bit NF4 base, LoRA r={acfg.get('r', '?')}, "
-        f"alpha={acfg.get('lora_alpha', '?')}) of `{base}` on {', '.join(f'`{d}`' for d in datasets) or 'local data'}, "
-        f"made with qlora-tui.", "",
+        f"{what[0].upper() + what[1:]}: {_how_trained(cfg, acfg)} of `{base}` on "
+        f"{', '.join(f'`{d}`' for d in datasets) or 'local data'}, made with qlora-tui.", "",
         "## Results", "",
         f"- final train loss: {steps[-1][1]:.4f} (step {steps[-1][0]})" if steps else "- final train loss: n/a",
         f"- final eval loss: {evals[-1][1]:.4f} (step {evals[-1][0]})" if evals else "- final eval loss: n/a",
@@ -137,6 +136,18 @@ def card_text(run_dir: Path | None, adapter_dir: Path, kind: str, files: list[st
     if cfg_text:
         lines += ["", "## Training config", "", "```toml", cfg_text.rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _how_trained(cfg: dict, acfg: dict) -> str:
+    """The fine-tune in a few words: the LoRA adapter's shape, or full weights (a method that
+    trains them, GaLore)."""
+    from engine.artifacts import ArtifactKind, artifact_kind
+    train = cfg.get("train", {}) if isinstance(cfg.get("train"), dict) else {}
+    method = str(train.get("method") or "qlora")
+    if artifact_kind(method) == ArtifactKind.FULL and not acfg:
+        return f"a full-weight fine-tune ({method})"
+    return (f"a QLoRA fine-tune (4-bit NF4 base, LoRA r={acfg.get('r', '?')}, "
+            f"alpha={acfg.get('lora_alpha', '?')})")
 
 
 def write_card(out_dir: Path, run_dir: Path | None, adapter_dir: Path, kind: str, export=None,

@@ -109,8 +109,10 @@ def run_target(name: str, src, options: dict | None = None, emit: Callable[[Any]
         opts = check_options(target, options, ExportError)
         art = RunArtifact.open(src, ExportError)
         if str(art.kind) not in target.accepts:
-            raise ExportError(f"{art.output_dir}: a {art.kind} output (train.method = {art.method}); the "
-                              f"{target.name} export takes {' or '.join(target.accepts)} outputs")
+            from engine.artifacts import ArtifactKind
+            takes = " or ".join(ArtifactKind(k).words for k in target.accepts)
+            raise ExportError(f"{art.output_dir}: {art.kind.words} (train.method = {art.method}); the "
+                              f"{target.name} export takes {takes}")
         emit(ExportStarted(target=target.name, src=str(src), artifact=str(art.kind), options=opts,
                            pid=os.getpid()))
         report = target.run(art, opts, emit, **{k: v for k, v in common.items() if k in COMMON})

@@ -30,6 +30,6 @@ def run(art, options: dict, emit, out=None, base=None, name=None, force=False) -
 
 
 TARGET = Target("gguf", "GGUF model (llama.cpp / Ollama)",
-                "merge the adapter (verified), write the merged model as one GGUF file with its tokenizer "
+                "merge the adapter (verified; a full checkpoint is used as it is), write the model as one GGUF file with its tokenizer "
                 "and chat template, read it back and compare logits; a Modelfile and a model card beside it",
-                run, (GGUF_TYPE,))
+                run, (GGUF_TYPE,), accepts=("adapter", "full"))

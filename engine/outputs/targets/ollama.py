@@ -20,4 +20,4 @@ def run(art, options: dict, emit, out=None, base=None, name=None, force=False) -
 TARGET = Target("ollama", "Ollama (GGUF + Modelfile)",
                 "a GGUF model (q4_k_m unless --gguf) with the Modelfile for `ollama create`", run,
                 (Option(GGUF_TYPE.name, GGUF_TYPE.label, GGUF_TYPE.choices, "q4_k_m", GGUF_TYPE.help,
-                        strict=False),))
+                        strict=False),), accepts=("adapter", "full"))
