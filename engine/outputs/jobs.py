@@ -219,8 +219,8 @@ def run_child(job: str, params: dict, on_event: Callable[[Event], None],
 
 class ExportJob:
     """An export running as a child process of its own session (``start_export``): it writes its
-    events to ``events`` (JSONL) and its other output to ``events`` + ``.stderr``; it goes on when
-    the front end that started it is gone."""
+    events to ``events`` (JSONL) and anything else it prints beside it (the same name, ``.stderr``);
+    it goes on when the front end that started it is gone."""
 
     def __init__(self, proc: subprocess.Popen, events: Path, target: str):
         self.proc, self.events, self.target = proc, events, target
