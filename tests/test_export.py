@@ -223,7 +223,7 @@ def test_gguf_q8_0_within_stated_bound(tb_run, f16):
         ref = AutoModelForCausalLM.from_pretrained(q8.merged_dir, dtype=torch.float32)(ids).logits
         got = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                    dtype=torch.float32)(ids).logits
-    atol, rtol = export.TOLERANCE["q8_0"]
+    atol, rtol = gguf_write.TYPES["q8_0"].tolerance
     diff = float((ref - got).abs().max())
     assert 0 < diff <= atol + rtol * float(ref.abs().max())
     assert diff <= q8.tolerance and q8.max_abs_diff <= q8.tolerance
@@ -256,7 +256,7 @@ def test_gguf_k_quants_of_builtin_tiny(tb_run, f16, kind):
         ref = AutoModelForCausalLM.from_pretrained(rep.merged_dir, dtype=torch.float32)(ids).logits
         got = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                    dtype=torch.float32)(ids).logits
-    atol, rtol = export.TOLERANCE[kind]
+    atol, rtol = gguf_write.TYPES[kind].tolerance
     assert 0 < float((ref - got).abs().max()) <= atol + rtol * float(ref.abs().max())
 
 

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from textual.widgets import ProgressBar, Select, Static, TextArea
+from textual.widgets import OptionList, ProgressBar, Select, Static, TextArea
 
 from tui.screens.export import ExportScreen
 from tui_helpers import demo_cfg, make_app, until
@@ -24,6 +24,12 @@ async def open_export_dialog(pilot, app) -> None:
     await until(pilot, lambda: isinstance(app.screen, ExportScreen), what="the export dialog")
 
 
+def shown_labels(select: Select) -> list[str]:
+    """The labels a Select's drop-down lists (its OptionList), in order."""
+    options = select.query_one(OptionList)
+    return [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
+
+
 async def test_export_from_runs_screen_with_keys(tmp_path):
     from engine.training.builtin import tiny_model_dir
     from outputs_fixtures import make_run_dir
@@ -32,12 +38,20 @@ async def test_export_from_runs_screen_with_keys(tmp_path):
     async with app.run_test(size=(100, 30)) as pilot:
         await open_export_dialog(pilot, app)
         screen = app.screen
-        select = screen.query_one("#export-type", Select)
-        assert select.value == "f16"
-        select.focus()
+        target = screen.query_one("#export-target", Select)
+        kind = screen.query_one("#export-type", Select)
+        assert target.value == "gguf" and kind.value == "f16"
+        # the targets and the GGUF types come from the registry (engine/outputs/targets/)
+        from engine.outputs import gguf_write, targets
+        assert shown_labels(target) == [t.label for t in targets.all_targets()]
+        assert [label.split()[0] for label in shown_labels(kind)] == list(gguf_write.GGUF_TYPES)
+        target.focus()
         # the LoRA adapter GGUF: the quickest export (the merged-model path is in test_export.py)
-        await pilot.press("enter", *["down"] * 7, "enter")
-        await until(pilot, lambda: select.value == "adapter", what="the adapter choice")
+        steps = targets.names().index("gguf-adapter")
+        await pilot.press("enter", *["down"] * steps, "enter")
+        await until(pilot, lambda: target.value == "gguf-adapter" and kind.value == "f16",
+                    what="the adapter target")
+        assert "q4_k_m" not in [label.split()[0] for label in shown_labels(kind)]   # k-quants: whole models
         await pilot.press("ctrl+e")
         await until(pilot, lambda: not screen.running and (screen.report or screen.error), timeout=240,
                     what="the export to finish")
@@ -53,6 +67,16 @@ async def test_export_from_runs_screen_with_keys(tmp_path):
         path = Path(screen.report["path"])
         assert path.is_file() and path.name.endswith("-lora-f16.gguf") and path.parent == run / "export"
         assert screen.report["kind"] == "adapter" and screen.report["tensors"] == 2 * 2 * 7
+        # the progress came from the export's typed events, read from its log: what the screen
+        # showed is what the child wrote there (stage and fraction), ending at "done"
+        from engine.core import events
+        log = events.read_events(screen.log_path)
+        assert screen.log_path.parent == run / "export" / "logs"
+        assert isinstance(log[0], events.ExportStarted) and log[0].target == "gguf-adapter"
+        assert isinstance(log[-1], events.ExportFinished) and log[-1].report["path"] == str(path)
+        written = [(str(e.stage), e.done) for e in log if isinstance(e, events.ExportProgress)]
+        assert {"check", "write", "done"} <= {st for st, _ in written}
+        assert screen.shown and set(screen.shown) <= set(written) and screen.shown[-1] == ("done", 1.0)
         await pilot.press("escape")
         await until(pilot, lambda: not isinstance(app.screen, ExportScreen), what="the dialog closed")
 

@@ -65,6 +65,18 @@ def test_galore_headless_run_leaves_a_full_checkpoint_that_learned(tmp_path, cap
     # mixing it with adapters is refused in one line
     s2 = cli(capsys, "serve-cmd", run_dir, run_dir)
     assert s2.returncode == 1 and "full checkpoint" in s2.stderr and "Traceback" not in s2.stderr
+    # export: its artifact is a full checkpoint, written to GGUF as it is (no merge), verified
+    e = cli(capsys, "export", run_dir, "--gguf", "f16")
+    assert e.returncode == 0, e.stderr
+    assert "% merge] a full checkpoint (train.method = galore): written as it is" in e.stdout
+    assert "verified: read back with transformers" in e.stdout
+    assert len(list((run_dir / "export").glob("*-f16.gguf"))) == 1 and not (run_dir / "export" / "merged").exists()
+    card = (run_dir / "export" / "README.md").read_text()
+    assert "a full-weight fine-tune (galore)" in card and "LoRA r=" not in card
+    m2 = cli(capsys, "export", run_dir, "--target", "merged")
+    assert m2.returncode == 0 and "nothing to merge" in m2.stdout
+    a = cli(capsys, "export", run_dir, "--adapter-gguf")            # no adapter: one line
+    assert a.returncode == 1 and "full checkpoint" in a.stderr and len(a.stderr.strip().splitlines()) == 1
 
 
 def test_estimate_models_galore_memory():

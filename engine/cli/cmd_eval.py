@@ -29,7 +29,7 @@ def register(subparsers) -> None:
 def cmd_eval(args) -> int:
     from engine.core.safe_text import json_dumps, visible
     from engine.outputs.evaluate import evaluate
-    from engine.outputs.merge import AdapterError
+    from engine.artifacts import AdapterError
     if args.max_rows < 1 or args.answer_rows < 0 or args.max_new_tokens < 1:
         print("eval failed: --max-rows and --max-new-tokens must be at least 1, --answer-rows at least 0",
               file=sys.stderr)

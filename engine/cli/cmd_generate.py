@@ -22,7 +22,7 @@ def register(subparsers) -> None:
 def cmd_generate(args) -> int:
     from engine.core.safe_text import json_dumps
     from engine.outputs.generate import compare, format_text
-    from engine.outputs.merge import AdapterError
+    from engine.artifacts import AdapterError
     prompts = args.prompts or None
     try:
         results = compare(args.src, prompts=prompts, max_new_tokens=args.max_new_tokens,

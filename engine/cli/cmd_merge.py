@@ -11,7 +11,9 @@ def register(subparsers) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
         "merge", help="merge a run's LoRA adapter into its base (16-bit checkpoint, verified)",
         description="Reload the base in 16-bit, apply the adapter, merge_and_unload(), save a "
-                    "standard safetensors checkpoint and verify its logits against base + adapter.")
+                    "standard safetensors checkpoint and verify its logits against base + adapter. "
+                    "The same merge is the export target `merged` (qlora-tui export RUN_DIR --target "
+                    "merged), one of: " + ", ".join(_target_names()) + ".")
     p.add_argument("src", metavar="RUN_DIR|ADAPTER_DIR", help="a run directory or an adapter directory")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="new directory for the merged model")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16",
@@ -23,6 +25,11 @@ def register(subparsers) -> None:
                    help="merge shard by shard (automatic for 4-bit bases and bases larger than half "
                         "the host RAM): never holds the whole model")
     p.set_defaults(func=cmd_merge)
+
+
+def _target_names() -> list[str]:
+    from engine.outputs import targets
+    return targets.names()
 
 
 def cmd_merge(args) -> int:

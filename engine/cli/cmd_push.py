@@ -20,7 +20,7 @@ def register(subparsers) -> None:
 
 def cmd_push(args) -> int:
     from engine.core.safe_text import visible as printable
-    from engine.outputs.merge import AdapterError
+    from engine.artifacts import AdapterError
     from engine.outputs.modelcard import PushError, push
     try:
         plan = push(args.src, args.repo_id, what=args.what, private=args.private, dry_run=args.dry_run)

@@ -54,6 +54,16 @@ class ExportKind(StrEnum):
     ADAPTER = "adapter"
 
 
+class ExportStage(StrEnum):
+    """What an export is doing (``ExportProgress.stage``)."""
+    CHECK = "check"               # the source, the type, the target file: before any work
+    MERGE = "merge"               # merging the adapter into its base (or reusing that merge)
+    WRITE = "write"               # writing the file(s)
+    VERIFY = "verify"             # reading the result back and comparing it
+    FILES = "files"               # Modelfile, model card, the run's record
+    DONE = "done"
+
+
 @dataclass
 class Event:
     type: ClassVar[str] = "event"
@@ -284,14 +294,54 @@ class JobDone(Event):
     error: str = ""
 
 
+@dataclass
+class ExportStarted(Event):
+    """An export target (``engine.outputs.targets``) began on a run's artifact."""
+    type: ClassVar[str] = "export_started"
+    target: str = ""
+    src: str = ""
+    artifact: str = ""             # ArtifactKind: adapter | full
+    options: dict = field(default_factory=dict)
+    pid: int = 0
+
+
+@dataclass
+class ExportProgress(Event):
+    """How far an export is: ``done`` of ``total`` (a fraction of the whole export: total 1)."""
+    type: ClassVar[str] = "export_progress"
+    target: str = ""
+    stage: ExportStage | str = ""
+    done: float = 0.0
+    total: float = 1.0
+    message: str = ""
+
+
+@dataclass
+class ExportFinished(Event):
+    """The export's end: its report (what ``qlora-tui export --json`` prints)."""
+    type: ClassVar[str] = "export_finished"
+    target: str = ""
+    report: dict = field(default_factory=dict)
+
+
+@dataclass
+class ExportFailed(Event):
+    """The export could not run or its result failed verification: ``error`` is one line."""
+    type: ClassVar[str] = "export_failed"
+    target: str = ""
+    error: str = ""
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     c.type: c for c in (RunStarted, Status, Step, Preference, Eval, Checkpoint, Hint, RunWarning, Resumed,
                         RunFinished, RunFailed, Exported, NumericsCheck, Generations, JobProgress, JobDone,
-                        NodeProgress)
+                        NodeProgress, ExportStarted, ExportProgress, ExportFinished, ExportFailed)
 }
 TERMINAL = (RunFinished, RunFailed)       # isinstance(ev, TERMINAL): the run's last event
+EXPORT_END = (ExportFinished, ExportFailed)   # an export log's last event (``engine.outputs.jobs``)
 # fields read back as their StrEnum (by annotation); a value a newer version wrote stays text
-_ENUMS = {"FailKind": FailKind, "Severity": Severity, "Phase | str": Phase, "ExportKind": ExportKind}
+_ENUMS = {"FailKind": FailKind, "Severity": Severity, "Phase | str": Phase, "ExportKind": ExportKind,
+          "ExportStage | str": ExportStage}
 
 
 def _member(enum: type[StrEnum], v: str) -> str:
@@ -610,7 +660,8 @@ class SideLogs:
 
 def follow_batches(path: str | Path, stop: threading.Event | None = None, poll: float = 0.2,
                    until_terminal: bool = True, alive: Callable[[], bool] | None = None,
-                   side: str | Path | None = None) -> Iterator[list[Event]]:
+                   side: str | Path | None = None,
+                   terminal: tuple[type[Event], ...] = TERMINAL) -> Iterator[list[Event]]:
     """The events of a run log, one batch per poll: all history first, then what each poll finds
     (an empty batch when nothing came, so a caller can check its own cancellation in between).
     ``side``: a folder whose ``*.jsonl`` files are merged in (``SideLogs``: a multi-node job's
@@ -618,7 +669,8 @@ def follow_batches(path: str | Path, stop: threading.Event | None = None, poll: 
 
     Ends at a terminal event that is the last line of the log (``until_terminal``; a resumed
     run's log goes on past its earlier ``run_failed``), when ``stop`` is set, or when
-    ``alive()`` turns False and no more lines come (a crashed writer).
+    ``alive()`` turns False and no more lines come (a crashed writer). ``terminal``: the
+    classes that end the log (an export's log ends at ``EXPORT_END``).
     """
     log, ended, idle = EventLog(path), False, 0
     sides = SideLogs(side) if side is not None else None
@@ -631,7 +683,7 @@ def follow_batches(path: str | Path, stop: threading.Event | None = None, poll: 
         yield batch
         if batch:
             idle = 0
-            ended = until_terminal and isinstance(batch[-1], TERMINAL)
+            ended = until_terminal and isinstance(batch[-1], terminal)
             if ended:
                 continue               # read again at once: the end, unless something follows
         elif ended and not log.pending:
@@ -650,7 +702,8 @@ def follow_batches(path: str | Path, stop: threading.Event | None = None, poll: 
 
 def follow(path: str | Path, stop: threading.Event | None = None, poll: float = 0.2,
            until_terminal: bool = True, alive: Callable[[], bool] | None = None,
-           side: str | Path | None = None) -> Iterator[Event]:
-    """``follow_batches`` one event at a time (the CLI's attach and tests)."""
-    for batch in follow_batches(path, stop, poll, until_terminal, alive, side):
+           side: str | Path | None = None,
+           terminal: tuple[type[Event], ...] = TERMINAL) -> Iterator[Event]:
+    """``follow_batches`` one event at a time (the CLI's attach, an export's log, tests)."""
+    for batch in follow_batches(path, stop, poll, until_terminal, alive, side, terminal):
         yield from batch

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from engine.outputs.generate import GenerateError
-from engine.outputs.merge import find_adapter_dir
+from engine.artifacts import RunArtifact
 
 TRANSCRIPT = "chat.jsonl"
 MAX_TRANSCRIPT_BYTES = 4 * 1024 * 1024       # read back at most this much of a transcript
@@ -91,7 +91,7 @@ class ChatModel:
         ``{"base", "adapter", "mode"}``. Raises ChatError with one line."""
         progress = on_progress or (lambda f, m: None)
         progress(0.05, f"finding the adapter of {self.src}")
-        find_adapter_dir(self.src, ChatError)
+        RunArtifact.open(self.src, ChatError)
         progress(0.15, "loading the base model and the adapter")
         from engine.outputs.generate import _load
         try:

@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from engine.outputs.merge import AdapterError, run_dir_of, find_adapter_dir
+from engine.artifacts import AdapterError, ArtifactKind, RunArtifact
 
 
 class EvalError(AdapterError):
@@ -141,8 +141,7 @@ def held_out_rows(src, data: str | None) -> tuple[str, list[dict]]:
             raise EvalError(f"{p}: none of {ds.raw_count} rows is usable"
                             + (f"; line {first.line}: {first.message}" if first else ""))
         return str(p), [r.data for r in ds.rows]
-    adapter_dir = find_adapter_dir(src, EvalError)
-    cfg = _run_config(run_dir_of(src, adapter_dir))
+    cfg = _run_config(RunArtifact.open(src, EvalError).run_dir)
     if cfg is None:
         raise EvalError(f"{src}: not a run directory (no config.toml); pass --data FILE with held-out rows")
     from engine.training.recipe import read_rows
@@ -330,8 +329,7 @@ def evaluate(src, data: str | None = None, max_rows: int = 200, answer_rows: int
     """Base vs fine-tuned on held-out rows; the report is saved under RUN_DIR/eval/ when ``save``."""
     t0 = time.time()
     progress = on_progress or (lambda f, m: None)
-    from engine.methods import galore
-    if galore.full_checkpoint_dir(src) is not None:
+    if RunArtifact.open(src, EvalError).kind == ArtifactKind.FULL:
         raise EvalError(f"{src}: a GaLore run has a full checkpoint, not an adapter; eval compares base and "
                         f"adapter (use generate for base vs checkpoint)")
     if lm_eval_tasks:
@@ -342,8 +340,8 @@ def evaluate(src, data: str | None = None, max_rows: int = 200, answer_rows: int
     from engine.outputs.generate import _load
     progress(0.05, "loading base + adapter")
     model, tok, _ = _load(src, EvalError)
-    adapter_dir = find_adapter_dir(src, EvalError)
-    cfg = _run_config(run_dir_of(src, adapter_dir))
+    art = RunArtifact.open(src, EvalError)
+    cfg = _run_config(art.run_dir)
     max_length = cfg.data.max_length if cfg is not None else 4096
     progress(0.2, f"loss on {len(rows)} rows")
     lb, lt, tokens, per_row = _losses(model, tok, rows, max_length)
@@ -358,7 +356,7 @@ def evaluate(src, data: str | None = None, max_rows: int = 200, answer_rows: int
         report.lm_eval = lm_eval_scores(model, tok, lm_eval_tasks, lm_eval_limit)
     report.seconds = time.time() - t0
     progress(1.0, "done")
-    run_dir = run_dir_of(src, adapter_dir)
+    run_dir = art.run_dir
     if save and run_dir is not None:
         out = run_dir / "eval" / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,18 +21,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from engine.artifacts import AdapterError, ArtifactKind, RunArtifact
 from engine.core import files as _files
+from engine.core.events import Event, ExportProgress, ExportStage
 from engine.outputs import gguf_write
-from engine.outputs.merge import (CHECK_PROMPTS, LOGIT_TOLERANCE, AdapterError, MergeError, model_logits, compare_logits, prompt_texts,
-                          find_adapter_dir, merge, read_adapter_config, run_dir_of, tokenizer_source)
+from engine.outputs.merge import CHECK_PROMPTS, compare_logits, merge, model_logits, prompt_texts
 
-# logits bound per type: atol + rtol * max|reference logit| (f32/f16/bf16 = merge's tolerances;
-# the quantized bounds were measured on builtin:tiny and Llama-shaped random weights, with margin)
-TOLERANCE = {"f32": LOGIT_TOLERANCE["fp32"], "f16": LOGIT_TOLERANCE["fp16"], "bf16": LOGIT_TOLERANCE["bf16"],
-             "q8_0": (0.1, 0.05), "q5_1": (0.5, 0.15), "q5_0": (0.5, 0.15),
-             "q4_1": (1.0, 0.3), "q4_0": (1.0, 0.3),
-             "q6_k": (0.1, 0.05), "q5_k_m": (0.3, 0.1), "q5_k_s": (0.3, 0.1), "q5_k": (0.3, 0.1),
-             "q4_k_m": (0.5, 0.2), "q4_k_s": (0.5, 0.2), "q4_k": (0.5, 0.2)}
+# progress: (stage, fraction of the whole export, message)
+Progress = Callable[[ExportStage, float, str], None]
 
 
 class ExportError(AdapterError):
@@ -138,7 +134,7 @@ def _export_dir(out: str | Path | None, run_dir: Path | None, adapter_dir: Path,
     return root / f"{name}{suffix}"
 
 
-def _merged_dir(path: Path, adapter_dir: Path, src, base, progress) -> Path:
+def _merged_dir(path: Path, adapter_dir: Path, src, base, progress: Progress) -> Path:
     """A merged checkpoint of this adapter next to the GGUF: reused when already there."""
     merged = path.parent / "merged"
     info = merged / "qlora_merge.json"
@@ -148,11 +144,11 @@ def _merged_dir(path: Path, adapter_dir: Path, src, base, progress) -> Path:
         except (OSError, json.JSONDecodeError):
             same = False
         if same:
-            progress(0.35, f"reusing the merged checkpoint {merged}")
+            progress(ExportStage.MERGE, 0.35, f"reusing the merged checkpoint {merged}")
             return merged
         raise ExportError(f"{merged} holds a merge of another adapter; pass --out with a new directory")
     merge(src, merged, dtype="auto", base=base,
-          on_progress=lambda f, m: progress(0.35 * f, f"merge: {m}"))
+          on_progress=lambda f, m: progress(ExportStage.MERGE, 0.35 * f, m))
     return merged
 
 
@@ -189,7 +185,7 @@ def verify(merged: Path, path: Path, tok, texts: list[str], gguf_type: str) -> d
         raise ExportError(f"{path}: transformers cannot load it back: {str(e).splitlines()[0][:200]}") from None
     got = model_logits(g_model, encoded)
     del g_model
-    diff, tol, agree, total = compare_logits(ref, got, *TOLERANCE[gguf_type])
+    diff, tol, agree, total = compare_logits(ref, got, *gguf_write.TYPES[gguf_type].tolerance)
     result = {"max_abs_diff": diff, "tolerance": tol, "top1_agreement": agree / total if total else 1.0,
               "prompts": len(encoded), "tokenizer_roundtrip": True}
     if not diff <= tol:
@@ -319,18 +315,40 @@ def use_commands(path: Path, name: str, modelfile: Path, adapter_base: str | Non
 
 @dataclass
 class _Source:
+    """The run's artifact (a LoRA adapter) and the name its files get."""
     src: str
-    adapter_dir: Path
-    acfg: dict
-    run_dir: Path | None
+    art: RunArtifact
     name: str
 
+    @property
+    def adapter_dir(self) -> Path:
+        return self.art.output_dir
 
-def _source(src, name: str | None) -> _Source:
-    adapter_dir = find_adapter_dir(src, ExportError)
-    acfg = read_adapter_config(adapter_dir, ExportError)
-    run_dir = run_dir_of(src, adapter_dir)
-    return _Source(str(src), adapter_dir, acfg, run_dir, name or default_name(run_dir, adapter_dir))
+    @property
+    def acfg(self) -> dict:
+        return self.art.adapter_config
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self.art.run_dir
+
+
+def _source(src, name: str | None, adapter: bool) -> _Source:
+    """The source's artifact: a LoRA adapter, or for a model export also a full checkpoint (a
+    GaLore run: written as it is, no merge)."""
+    art = src if isinstance(src, RunArtifact) else RunArtifact.open(src, ExportError)
+    if adapter or art.kind != ArtifactKind.FULL:
+        art.require_adapter(ExportError, "--adapter-gguf" if adapter else "export")
+    return _Source(str(art.src), art, name or default_name(art.run_dir, art.output_dir))
+
+
+def progress_events(emit: Callable[[Event], None] | None, target: str) -> Progress:
+    """The export's progress as ``ExportProgress`` events of ``target`` (nothing when ``emit`` is None)."""
+    def progress(stage: ExportStage, fraction: float, message: str) -> None:
+        if emit is not None:
+            emit(ExportProgress(target=target, stage=stage, done=round(float(fraction), 4), total=1.0,
+                                message=str(message)))
+    return progress
 
 
 def _prepare_target(path: Path, force: bool) -> None:
@@ -346,25 +364,31 @@ def _prepare_target(path: Path, force: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _begin(src, gguf_type: str, out, name, force: bool, on_progress, adapter: bool):
+def _begin(src, gguf_type: str, out, name, force: bool, emit, target: str, adapter: bool):
     """What both exports start with: the checked type, the source, the target file (refused when
     it exists without ``force``). Returns (start time, progress callback, type, source, path)."""
     t0 = time.time()
-    progress = on_progress or (lambda f, m: None)
+    progress = progress_events(emit, target)
     gguf_type = _checked(gguf_type)
-    s = _source(src, name)
+    s = _source(src, name, adapter)
     path = _export_dir(out, s.run_dir, s.adapter_dir, s.name, gguf_type, adapter=adapter)
     _prepare_target(path, force)
     return t0, progress, gguf_type, s, path
 
 
 def export_model(src, gguf_type: str = "f16", out=None, base: str | None = None, name: str | None = None,
-                 force: bool = False, on_progress: Callable[[float, str], None] | None = None) -> ExportReport:
-    """Merge (or reuse the merge), write the GGUF, verify it, write the Modelfile and card."""
-    t0, progress, gguf_type, s, path = _begin(src, gguf_type, out, name, force, on_progress, adapter=False)
-    progress(0.0, f"exporting {s.adapter_dir} as GGUF {gguf_type}")
-    _preflight(s, base)
-    merged = _merged_dir(path, s.adapter_dir, src, base, progress)
+                 force: bool = False, emit: Callable[[Event], None] | None = None,
+                 target: str = "gguf") -> ExportReport:
+    """Merge (or reuse the merge), write the GGUF, verify it, write the Modelfile and card.
+    ``src``: a run dir, an adapter dir or its ``RunArtifact``; ``emit`` gets ``ExportProgress``."""
+    t0, progress, gguf_type, s, path = _begin(src, gguf_type, out, name, force, emit, target, adapter=False)
+    progress(ExportStage.CHECK, 0.0, f"exporting {s.adapter_dir} as GGUF {gguf_type}")
+    if s.art.full_dir is not None:       # the weights themselves: nothing to merge
+        merged = s.art.full_dir
+        progress(ExportStage.MERGE, 0.35, f"a full checkpoint (train.method = {s.art.method}): written as it is")
+    else:
+        _preflight(s, base)
+        merged = _merged_dir(path, s.adapter_dir, s.src, base, progress)
     cfg = _read_json(merged / "config.json")
     arch, permute = _guard(gguf_write.architecture_of, cfg, str(merged / "config.json"))
     from transformers import AutoTokenizer
@@ -372,7 +396,8 @@ def export_model(src, gguf_type: str = "f16", out=None, base: str | None = None,
     vocab = _guard(gguf_write.read_vocab, tok, int(gguf_write.text_config(cfg)["vocab_size"]), str(merged))
     tensors = _guard(gguf_write.plan_model, merged, cfg, arch, permute, gguf_type)
     total = sum(gguf_write.tensor_nbytes(t.shape, t.qtype) for t in tensors)
-    prog = gguf_write.Progress(progress, total, 0.4, 0.4, int(gguf_write.text_config(cfg)["num_hidden_layers"]))
+    prog = gguf_write.Progress(lambda f, m: progress(ExportStage.WRITE, f, m), total, 0.4, 0.4,
+                               int(gguf_write.text_config(cfg)["num_hidden_layers"]))
 
     def kv(w):
         w.add_name(s.name)
@@ -381,7 +406,7 @@ def export_model(src, gguf_type: str = "f16", out=None, base: str | None = None,
         gguf_write.add_vocab(w, vocab)
 
     size = _guard(gguf_write.write_gguf, path, arch, kv, tensors, prog)
-    progress(0.8, "verifying: reading the GGUF back with transformers")
+    progress(ExportStage.VERIFY, 0.8, "reading the GGUF back with transformers")
     rows = run_rows(s.run_dir)
     texts = prompt_texts(tok, rows[:3]) + list(CHECK_PROMPTS[:2])
     try:
@@ -400,10 +425,12 @@ def export_model(src, gguf_type: str = "f16", out=None, base: str | None = None,
 
 
 def export_adapter(src, gguf_type: str = "f16", out=None, base: str | None = None, name: str | None = None,
-                   force: bool = False, on_progress: Callable[[float, str], None] | None = None) -> ExportReport:
+                   force: bool = False, emit: Callable[[Event], None] | None = None,
+                   target: str = "gguf-adapter") -> ExportReport:
     """The LoRA adapter alone as a llama.cpp adapter GGUF (general.type = adapter)."""
     _guard(gguf_write.check_adapter_type, gguf_type)
-    t0, progress, gguf_type, s, path = _begin(src, gguf_type, out, name, force, on_progress, adapter=True)
+    t0, progress, gguf_type, s, path = _begin(src, gguf_type, out, name, force, emit, target, adapter=True)
+    progress(ExportStage.CHECK, 0.0, f"exporting the adapter {s.adapter_dir} as GGUF {gguf_type}")
     base_name = _base_name(s, base)
     cfg = _base_config(base_name)
     arch, permute = _guard(gguf_write.architecture_of, cfg, f"base model {base_name}")
@@ -411,7 +438,8 @@ def export_adapter(src, gguf_type: str = "f16", out=None, base: str | None = Non
     alpha = _guard(gguf_write.lora_scale_alpha, s.acfg, where)
     tensors = _guard(gguf_write.plan_adapter, s.adapter_dir, s.acfg, cfg, arch, permute, gguf_type)
     total = sum(gguf_write.tensor_nbytes(t.shape, t.qtype) for t in tensors)
-    prog = gguf_write.Progress(progress, total, 0.1, 0.8, int(gguf_write.text_config(cfg)["num_hidden_layers"]))
+    prog = gguf_write.Progress(lambda f, m: progress(ExportStage.WRITE, f, m), total, 0.1, 0.8,
+                               int(gguf_write.text_config(cfg)["num_hidden_layers"]))
 
     def kv(w):
         w.add_type("adapter")
@@ -422,7 +450,7 @@ def export_adapter(src, gguf_type: str = "f16", out=None, base: str | None = Non
 
     size = _guard(gguf_write.write_gguf, path, arch, kv, tensors, prog)
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(tokenizer_source(s.adapter_dir, base_name))
+    tok = AutoTokenizer.from_pretrained(s.art.tokenizer_source(base_name))
     vocab = _guard(gguf_write.read_vocab, tok, int(gguf_write.text_config(cfg)["vocab_size"]), str(s.adapter_dir))
     modelfile = path.with_suffix(".Modelfile")
     _files.write_atomic(modelfile, modelfile_text("BASE.gguf", vocab, system_prompt(run_rows(s.run_dir)),
@@ -437,11 +465,7 @@ def export_adapter(src, gguf_type: str = "f16", out=None, base: str | None = Non
 
 
 def _base_name(s: _Source, base: str | None) -> str:
-    from engine.outputs.merge import resolve_base, run_model_settings
-    settings = run_model_settings(s.run_dir)
-    return resolve_base(base or s.acfg.get("base_model_name_or_path") or "", err=ExportError,
-                        revision=str(settings.get("revision") or ""),
-                        trust_remote_code=bool(settings.get("trust_remote_code", False)))
+    return s.art.resolve_base(base, ExportError)
 
 
 def _preflight(s: _Source, base: str | None) -> None:
@@ -450,7 +474,7 @@ def _preflight(s: _Source, base: str | None) -> None:
     cfg = _base_config(base_name)
     _guard(gguf_write.architecture_of, cfg, f"base model {base_name}")
     from transformers import AutoTokenizer
-    source = tokenizer_source(s.adapter_dir, base_name)
+    source = s.art.tokenizer_source(base_name)
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except Exception as e:  # noqa: BLE001
@@ -481,7 +505,8 @@ def _base_config(base_name: str) -> dict:
         raise ExportError(f"base model {base_name}: cannot read its config ({str(e).splitlines()[0][:200]})") from None
 
 
-def _finish(report: ExportReport, s: _Source, t0: float, progress) -> None:
+def _finish(report: ExportReport, s: _Source, t0: float, progress: Progress) -> None:
+    progress(ExportStage.FILES, 0.95, "writing the model card and the run's record")
     report.seconds = time.time() - t0
     try:
         from engine.outputs import modelcard
@@ -498,4 +523,4 @@ def _finish(report: ExportReport, s: _Source, t0: float, progress) -> None:
         writer = events.JsonlWriter(s.run_dir / "events.jsonl")
         writer(events.Exported(**{k: v for k, v in report.to_dict().items() if k in names}))
         writer.close()
-    progress(1.0, "done")
+    progress(ExportStage.DONE, 1.0, "done")

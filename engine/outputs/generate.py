@@ -13,9 +13,8 @@ import tomllib
 from pathlib import Path
 
 from engine.core import files as _files
-from engine.outputs.merge import (AdapterError, check_adapter_against_base, find_adapter_dir,
-                          read_adapter_config, resolve_base, run_dir_of, run_model_settings,
-                          tokenizer_source)
+from engine.artifacts import AdapterError, ArtifactKind, RunArtifact, run_dir_of
+from engine.outputs.merge import check_adapter_against_base
 
 BUILTIN_PROMPTS = [
     "Explain in two sentences what fine-tuning a language model does.",
@@ -168,18 +167,13 @@ def greedy_answers(model, tok, prompts: list[str], max_new_tokens: int) -> list[
 def _load(src, err=GenerateError):
     """(peft model, tokenizer, info) for the adapter of ``src``, loaded once."""
     from engine.methods import galore
-    if galore.full_checkpoint_dir(src) is not None:     # a GaLore run: base vs its full checkpoint
-        return galore.load_pair(galore.full_checkpoint_dir(src), err)
-    adapter_dir = find_adapter_dir(src, err)
-    acfg = read_adapter_config(adapter_dir, err)
-    run_dir = run_dir_of(src, adapter_dir)
-    settings = run_model_settings(run_dir)
-    revision = str(settings.get("revision") or acfg.get("revision") or "")
-    trust = bool(settings.get("trust_remote_code", False))
-    base = resolve_base(acfg.get("base_model_name_or_path") or "", revision=revision,
-                        trust_remote_code=trust, err=err,
-                        where=f"base_model_name_or_path in {adapter_dir / 'adapter_config.json'}")
-    check_adapter_against_base(adapter_dir, acfg, base, revision=revision,
+    art = RunArtifact.open(src, err)
+    if art.kind == ArtifactKind.FULL:                    # a GaLore run: base vs its full checkpoint
+        return galore.load_pair(art.output_dir, err)
+    adapter_dir, run_dir, revision, trust = art.output_dir, art.run_dir, art.revision, art.trust_remote_code
+    settings = art.model_settings
+    base = art.resolve_base(None, err)
+    check_adapter_against_base(adapter_dir, art.adapter_config, base, revision=revision,
                                trust_remote_code=trust, err=err)
 
     import torch
@@ -220,7 +214,7 @@ def _load(src, err=GenerateError):
         raise err(f"adapter {adapter_dir}: PEFT cannot apply it to {base}: "
                   f"{str(e).splitlines()[0][:200]}") from None
     peft_model.eval()
-    tsrc = tokenizer_source(adapter_dir, base)
+    tsrc = art.tokenizer_source(base)
     try:
         tok = AutoTokenizer.from_pretrained(tsrc, trust_remote_code=trust)
     except Exception as e:  # noqa: BLE001

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from engine.outputs.merge import LOGIT_TOLERANCE
+
 # --------------------------------------------------------------------------- what we support
 
 # HF architecture -> (llama.cpp architecture, q/k rows permuted to GGML's rope layout)
@@ -49,23 +51,37 @@ class GGUFType:
     ``"pure"`` every 2-D weight in ``base`` (llama-quantize --pure);
     ``"k"``, ``"k_m"``, ``"k_s"`` llama.cpp's per-tensor rules (llama_tensor_get_type) for Q6_K,
     Q4_K_M/Q5_K_M and Q4_K_S/Q5_K_S: output head at Q6_K, and for _M attn_v/ffn_down at Q6_K in the
-    layers llama.cpp's use_more_bits picks."""
+    layers llama.cpp's use_more_bits picks.
+    ``tolerance``: the export's bound on the logits read back, atol + rtol * max|reference logit|
+    (f32/f16/bf16: the merge's own tolerances; the quantized bounds were measured on builtin:tiny
+    and Llama-shaped random weights, with margin). ``note``: what the type is for, in pickers."""
     file_type: str
     base: str | None
     mix: str = ""
+    tolerance: tuple[float, float] | None = None
+    note: str = ""
 
 
-# the one list of GGUF types: what we write, and what we name but leave to llama-quantize
+_F32, _F16, _BF16 = LOGIT_TOLERANCE["fp32"], LOGIT_TOLERANCE["fp16"], LOGIT_TOLERANCE["bf16"]
+
+# the one list of GGUF types: what we write (with its bound), and what we name but leave to
+# llama-quantize. The export targets (engine/outputs/targets/), the CLI and the TUI read it.
 TYPES = {
-    "f32": GGUFType("ALL_F32", "F32"), "f16": GGUFType("MOSTLY_F16", "F16"),
-    "bf16": GGUFType("MOSTLY_BF16", "BF16"), "q8_0": GGUFType("MOSTLY_Q8_0", "Q8_0"),
-    "q6_k": GGUFType("MOSTLY_Q6_K", "Q6_K", "k"),
-    "q5_k_m": GGUFType("MOSTLY_Q5_K_M", "Q5_K", "k_m"), "q5_k_s": GGUFType("MOSTLY_Q5_K_S", "Q5_K", "k_s"),
-    "q5_k": GGUFType("MOSTLY_Q5_K_S", "Q5_K", "pure"),
-    "q5_1": GGUFType("MOSTLY_Q5_1", "Q5_1"), "q5_0": GGUFType("MOSTLY_Q5_0", "Q5_0"),
-    "q4_k_m": GGUFType("MOSTLY_Q4_K_M", "Q4_K", "k_m"), "q4_k_s": GGUFType("MOSTLY_Q4_K_S", "Q4_K", "k_s"),
-    "q4_k": GGUFType("MOSTLY_Q4_K_S", "Q4_K", "pure"),
-    "q4_1": GGUFType("MOSTLY_Q4_1", "Q4_1"), "q4_0": GGUFType("MOSTLY_Q4_0", "Q4_0"),
+    "f32": GGUFType("ALL_F32", "F32", tolerance=_F32, note="largest, exact"),
+    "f16": GGUFType("MOSTLY_F16", "F16", tolerance=_F16, note="full quality"),
+    "bf16": GGUFType("MOSTLY_BF16", "BF16", tolerance=_BF16),
+    "q8_0": GGUFType("MOSTLY_Q8_0", "Q8_0", tolerance=(0.1, 0.05), note="half the size"),
+    "q6_k": GGUFType("MOSTLY_Q6_K", "Q6_K", "k", tolerance=(0.1, 0.05)),
+    "q5_k_m": GGUFType("MOSTLY_Q5_K_M", "Q5_K", "k_m", tolerance=(0.3, 0.1)),
+    "q5_k_s": GGUFType("MOSTLY_Q5_K_S", "Q5_K", "k_s", tolerance=(0.3, 0.1)),
+    "q5_k": GGUFType("MOSTLY_Q5_K_S", "Q5_K", "pure", tolerance=(0.3, 0.1)),
+    "q5_1": GGUFType("MOSTLY_Q5_1", "Q5_1", tolerance=(0.5, 0.15)),
+    "q5_0": GGUFType("MOSTLY_Q5_0", "Q5_0", tolerance=(0.5, 0.15)),
+    "q4_k_m": GGUFType("MOSTLY_Q4_K_M", "Q4_K", "k_m", tolerance=(0.5, 0.2), note="Ollama's usual"),
+    "q4_k_s": GGUFType("MOSTLY_Q4_K_S", "Q4_K", "k_s", tolerance=(0.5, 0.2)),
+    "q4_k": GGUFType("MOSTLY_Q4_K_S", "Q4_K", "pure", tolerance=(0.5, 0.2)),
+    "q4_1": GGUFType("MOSTLY_Q4_1", "Q4_1", tolerance=(1.0, 0.3)),
+    "q4_0": GGUFType("MOSTLY_Q4_0", "Q4_0", tolerance=(1.0, 0.3), note="smallest"),
     **{t: GGUFType("MOSTLY_" + t.upper(), None) for t in (
         "q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "iq4_xs", "iq4_nl", "iq3_s", "iq3_xxs", "iq2_xs", "iq2_xxs")},
 }

@@ -8,19 +8,19 @@ architecture / size). After saving, the merged checkpoint is reloaded with plain
 ``AutoModelForCausalLM`` and its logits are compared with the unmerged base + adapter on a few
 prompts; a difference above the dtype's tolerance raises ``MergeError``.
 
-Also home of the small helpers the other after-training modules share: finding the adapter
-in a run directory, reading ``adapter_config.json``, resolving the base model.
+What the run produced (the adapter, its base, revision and tokenizer) is found by
+``engine.artifacts.RunArtifact``; the adapter is checked against the base here.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from engine.artifacts import MERGE_INFO, AdapterError, ArtifactKind, RunArtifact, tokenizer_source
 from engine.core import files as _files
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -35,122 +35,11 @@ CHECK_PROMPTS = [
 ]
 
 
-class AdapterError(ValueError):
-    """A run/adapter directory or its base cannot be used; the message is one line."""
-
-
 class MergeError(AdapterError):
     """The merge cannot run or its result failed verification; the message is one line."""
 
 
-# --------------------------------------------------------------------------- shared helpers
-
-def find_adapter_dir(src: str | Path, err: type[Exception] = AdapterError) -> Path:
-    """The adapter directory for ``src``: a run dir (its ``adapter/``) or an adapter dir."""
-    p = Path(src).expanduser()
-    if not p.exists():
-        raise err(f"{p}: no such directory; pass a run directory or an adapter directory")
-    if not p.is_dir():
-        raise err(f"{p}: not a directory; pass a run directory or an adapter directory")
-    if (p / "adapter" / "adapter_config.json").is_file():
-        return p / "adapter"
-    if (p / "adapter_config.json").is_file():
-        return p
-    hint = ""
-    ckpts = sorted((p / "checkpoints").glob("checkpoint-*"),
-                   key=lambda c: int(c.name.rsplit("-", 1)[-1]) if c.name.rsplit("-", 1)[-1].isdigit() else -1)
-    ckpts = [c for c in ckpts if (c / "adapter_config.json").is_file()]
-    if ckpts:
-        hint = f" (the run has no final adapter yet; use a checkpoint, e.g. {ckpts[-1]})"
-    elif (p / "events.jsonl").exists():
-        hint = " (the run has not saved an adapter: it may still be running or have failed)"
-    raise err(f"{p}: no adapter found: expected {p / 'adapter' / 'adapter_config.json'} (run "
-              f"directory) or {p / 'adapter_config.json'} (adapter directory){hint}")
-
-
-def read_adapter_config(adapter_dir: Path, err: type[Exception] = AdapterError) -> dict:
-    path = Path(adapter_dir) / "adapter_config.json"
-    try:
-        data = _files.read_json(path)
-    except (OSError, UnicodeDecodeError) as e:
-        raise err(f"{path}: cannot read: {e}") from None
-    except ValueError as e:
-        raise err(f"{path}: not valid JSON ({e}); the adapter is damaged, re-save it") from None
-    if not isinstance(data, dict):
-        raise err(f"{path}: expected a JSON object")
-    peft_type = str(data.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise err(f"{path}: peft_type is {peft_type}; only LoRA adapters are supported")
-    return data
-
-
-def run_dir_of(src: str | Path, adapter_dir: Path) -> Path | None:
-    """The run directory owning ``adapter_dir`` (one that holds config.toml), if any."""
-    for cand in (Path(src).expanduser(), adapter_dir.parent, adapter_dir.parent.parent.parent):
-        if (cand / "config.toml").is_file():
-            return cand
-    return None
-
-
-def run_model_settings(run_dir: Path | None) -> dict:
-    """``[model]`` of the run's config.toml (revision, trust_remote_code), or {}."""
-    if run_dir is None:
-        return {}
-    try:
-        data = tomllib.loads(_files.read_text(run_dir / "config.toml"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return {}
-    model = data.get("model")
-    return model if isinstance(model, dict) else {}
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
-
-
-def resolve_base(name: str, *, revision: str = "", trust_remote_code: bool = False,
-                 err: type[Exception] = AdapterError, where: str = "") -> str:
-    """A loadable base: a local model directory or a hub id whose config can be fetched.
-
-    ``where`` says where the name came from, for the error message.
-    """
-    src = f" ({where})" if where else ""
-    if not name or not str(name).strip():
-        raise err(f"no base model{src}: adapter_config.json has no base_model_name_or_path; pass --base")
-    name = str(name).strip()
-    if name.startswith("builtin:"):
-        if name != "builtin:tiny":
-            raise err(f"base model {name!r}{src} is unknown; the only builtin model is builtin:tiny")
-        try:
-            from engine.training.builtin import tiny_model_dir
-        except ImportError as e:
-            raise err(f"base model builtin:tiny{src} is not available in this install ({e}); "
-                      f"pass --base DIR") from None
-        return str(tiny_model_dir())
-    p = Path(name).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise err(f"base model directory {p}{src} has no config.json; pass --base with a "
-                      f"Hugging Face model directory")
-        return str(p)
-    if p.exists() or _looks_like_path(name):
-        raise err(f"base model {name}{src} not found: no such directory; pass --base with the "
-                  f"model the adapter was trained on")
-    from engine.core import hub
-    try:                     # cached here, or the hub answers: else one line, at once (no retries)
-        hub.check_model_id(name, revision or None, what=f"base model{src}",
-                           fix="pass --base with a local model directory")
-    except ValueError as e:
-        raise err(str(e)) from None
-    try:
-        from transformers import AutoConfig
-        AutoConfig.from_pretrained(name, revision=revision or None, trust_remote_code=trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - hub/network/auth errors all mean "not loadable"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise err(f"base model {name!r}{src} cannot be loaded: {reason[:200]}; check the hub id "
-                  f"and network/HF_TOKEN, or pass --base with a local directory") from None
-    return name
-
+# --------------------------------------------------------------------------- checking an adapter against its base
 
 def _short_list(items, limit: int = 8) -> str:
     items = list(items)
@@ -329,13 +218,6 @@ def torch_dtype(name: str, device: str):
     return name, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def tokenizer_source(adapter_dir: Path, base: str) -> str:
-    """The adapter's own tokenizer files when saved with it (the runner saves them), else the base's."""
-    if (adapter_dir / "tokenizer_config.json").is_file() or (adapter_dir / "tokenizer.json").is_file():
-        return str(adapter_dir)
-    return base
-
-
 # --------------------------------------------------------------------------- merge
 
 @dataclass
@@ -438,12 +320,13 @@ def merge(src: str | Path, out: str | Path, dtype: str = "bf16",
     t0 = time.time()
     progress = on_progress or (lambda f, m: None)
     out = _check_out(out, dtype)
-    adapter_dir, acfg, base_name, revision, trust = _merge_inputs(src, base, progress)
+    art, base_name = _merge_inputs(src, base, progress)
+    adapter_dir, revision, trust = art.output_dir, art.revision, art.trust_remote_code
     from engine.outputs import merge_stream
     if stream is None:
         stream = merge_stream.should_stream(base_name)
     if stream:
-        return merge_stream.merge_report(adapter_dir, acfg, base_name, out, dtype, progress, t0, MergeError, MergeReport)
+        return _merge_streamed(art, base_name, out, dtype, progress, t0)
 
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -470,7 +353,7 @@ def merge(src: str | Path, out: str | Path, dtype: str = "bf16",
                 "max_abs_diff": diff, "tolerance": tol, "adapter_effect": effect,
                 "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        _write_card(tmp, out, src, adapter_dir, dtype_name, warnings)
+        _write_card(tmp, out, src, art, dtype_name, warnings)
     size, files = dir_files(out)
     progress(1.0, "done")
     return MergeReport(out=str(out), base=base_name, adapter=str(adapter_dir), dtype=dtype_name,
@@ -478,6 +361,42 @@ def merge(src: str | Path, out: str | Path, dtype: str = "bf16",
                        top1_agreement=agree / total if total else 1.0, adapter_effect=effect,
                        prompts=len(encoded), tokens=total, seconds=time.time() - t0,
                        size_bytes=size, files=files, warnings=warnings)
+
+
+def _merge_streamed(art: RunArtifact, base: str, out, dtype: str, progress, t0: float) -> MergeReport:
+    """``merge`` for the shard-by-shard path (``engine.outputs.merge_stream``): same output
+    layout, same report."""
+    from transformers import AutoTokenizer
+    from engine.outputs.merge_stream import StreamMergeError, merge_shards
+    out = Path(out).expanduser()
+    dtype_name, tdtype = torch_dtype(dtype, "cpu")
+    progress(0.1, f"merging {base} shard by shard in {dtype_name} (the whole model is never loaded)")
+    tol = LOGIT_TOLERANCE["fp32"][0]
+    with staged(out) as tmp:       # a folder of our own beside --out, renamed in when verified
+        try:
+            info = merge_shards(art.output_dir, art.adapter_config, Path(base), tmp, tdtype,
+                                lambda f, m: progress(0.1 + 0.8 * f, m))
+            AutoTokenizer.from_pretrained(art.tokenizer_source(base)).save_pretrained(str(tmp))
+        except StreamMergeError as e:
+            raise MergeError(str(e)) from None
+        except Exception as e:  # noqa: BLE001
+            raise MergeError(f"shard-by-shard merge failed: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}") from None
+        if not info["max_abs_diff"] <= tol:
+            raise MergeError(f"verification failed: a merged projection differs from base + adapter by "
+                             f"{info['max_abs_diff']:.4g} (> {tol:.4g}); nothing was written to {out}")
+        (tmp / MERGE_INFO).write_text(json.dumps(
+            {"base": base, "adapter": str(art.output_dir.resolve()), "dtype": dtype_name, "streamed": True,
+             **info, "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n", encoding="utf-8")
+    size, files = dir_files(out)
+    progress(1.0, "done")
+    return MergeReport(out=str(out), base=base, adapter=str(art.output_dir), dtype=dtype_name, device="cpu",
+                       max_abs_diff=info["max_abs_diff"], tolerance=tol, top1_agreement=1.0,
+                       adapter_effect=float("nan"), prompts=0, tokens=0, seconds=time.time() - t0,
+                       size_bytes=size, files=files,
+                       warnings=[f"merged shard by shard: each of the {info['merged_modules']} merged "
+                                 "projections was checked on random inputs in fp32 (not end to end on "
+                                 "prompts: the whole model is never loaded)"])
 
 
 def _check_out(out, dtype: str) -> Path:
@@ -488,11 +407,6 @@ def _check_out(out, dtype: str) -> Path:
         return _files.check_output(out)
     except OSError as e:
         raise MergeError(str(e)) from None
-
-
-# the merge's own record (base, adapter, tolerance): local paths, kept next to the weights for
-# `export` to recognise its merge; never uploaded (push leaves it out)
-MERGE_INFO = "qlora_merge.json"
 
 
 @contextlib.contextmanager
@@ -508,24 +422,18 @@ def staged(out: Path, err: type[Exception] | None = None):
         raise err(f"writing {out} failed: {e.strerror or e}") from None
 
 
-def _merge_inputs(src, base: str | None, progress) -> tuple[Path, dict, str, str, bool]:
-    """(adapter dir, adapter config, base model, revision, trust_remote_code), the adapter
-    checked against the base before anything heavy is loaded."""
+def _merge_inputs(src, base: str | None, progress) -> tuple[RunArtifact, str]:
+    """(the run's artifact, the resolved base), the adapter checked against the base before
+    anything heavy is loaded."""
     from engine.methods import galore
-    if galore.full_checkpoint_dir(src) is not None:
-        raise MergeError(galore.merge_message(galore.full_checkpoint_dir(src)))
     progress(0.0, "checking the adapter")
-    adapter_dir = find_adapter_dir(src, MergeError)
-    acfg = read_adapter_config(adapter_dir, MergeError)
-    settings = run_model_settings(run_dir_of(src, adapter_dir))
-    revision = str(settings.get("revision") or acfg.get("revision") or "")
-    trust = bool(settings.get("trust_remote_code", False))
-    where = "--base" if base else f"base_model_name_or_path in {adapter_dir / 'adapter_config.json'}"
-    base_name = resolve_base(base or acfg.get("base_model_name_or_path") or "", revision=revision,
-                             trust_remote_code=trust, err=MergeError, where=where)
-    check_adapter_against_base(adapter_dir, acfg, base_name, revision=revision,
-                               trust_remote_code=trust, err=MergeError)
-    return adapter_dir, acfg, base_name, revision, trust
+    art = RunArtifact.open(src, MergeError)
+    if art.kind == ArtifactKind.FULL:
+        raise MergeError(galore.merge_message(art.output_dir))
+    base_name = art.resolve_base(base, MergeError)
+    check_adapter_against_base(art.output_dir, art.adapter_config, base_name, revision=art.revision,
+                               trust_remote_code=art.trust_remote_code, err=MergeError)
+    return art, base_name
 
 
 def _load_base_and_adapter(base_name: str, adapter_dir: Path, load_kw: dict, where: tuple[str, str], progress):
@@ -612,12 +520,12 @@ def _verify_merged(tmp: Path, out: Path, load_kw: dict, encoded: list, ref: list
     return diff, tol, agree, total
 
 
-def _write_card(folder: Path, out: Path, src, adapter_dir: Path, dtype_name: str, warnings: list[str]) -> None:
+def _write_card(folder: Path, out: Path, src, art: RunArtifact, dtype_name: str, warnings: list[str]) -> None:
     """The model card (README.md) next to the merged weights (in ``folder``, the staging folder
     of ``out``); a failure is only a warning."""
     try:
         from engine.outputs.modelcard import write_card
-        write_card(folder, run_dir_of(src, adapter_dir), adapter_dir, kind="merged",
+        write_card(folder, art.run_dir, art.output_dir, kind="merged",
                    command=f"qlora-tui merge {src} --out {out} --dtype {dtype_name}")
     except (ImportError, OSError, ValueError) as e:
         warnings.append(f"no model card written ({e})")

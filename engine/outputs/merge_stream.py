@@ -7,6 +7,9 @@ original). Per base shard: read its tensors, fold ``scale * B @ A`` into every t
 (in fp32), check each merged projection on a random input against base + adapter computed
 apart, write the shard in the output dtype. Peak memory: one shard in fp32 (~10 GB for a 70B's
 5 GB bf16 shards), never the model.
+
+Only the shard mechanics live here; ``engine.outputs.merge`` stages, records and reports the
+result like its whole-model merge (this module imports nothing of it).
 """
 from __future__ import annotations
 
@@ -116,39 +119,3 @@ def should_stream(base: str) -> bool:
         return avail is not None and base_16bit_bytes(d) > avail / 2
     except Exception:
         return False
-
-
-def merge_report(adapter_dir, acfg, base, out, dtype, progress, t0, err, report_cls):
-    """``engine.outputs.merge.merge`` for the shard-by-shard path: same output layout, same report."""
-    import time
-    import torch
-    from transformers import AutoTokenizer
-    from engine.outputs.merge import LOGIT_TOLERANCE, MERGE_INFO, dir_files, staged, tokenizer_source, torch_dtype
-    out = Path(out).expanduser()
-    dtype_name, tdtype = torch_dtype(dtype, "cpu")
-    progress(0.1, f"merging {base} shard by shard in {dtype_name} (the whole model is never loaded)")
-    tol = LOGIT_TOLERANCE["fp32"][0]
-    with staged(out, err) as tmp:       # a folder of our own beside --out, renamed in when verified
-        try:
-            info = merge_shards(Path(adapter_dir), acfg, Path(base), tmp, tdtype,
-                                lambda f, m: progress(0.1 + 0.8 * f, m))
-            AutoTokenizer.from_pretrained(tokenizer_source(Path(adapter_dir), base)).save_pretrained(str(tmp))
-        except StreamMergeError as e:
-            raise err(str(e)) from None
-        except Exception as e:  # noqa: BLE001
-            raise err(f"shard-by-shard merge failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-        if not info["max_abs_diff"] <= tol:
-            raise err(f"verification failed: a merged projection differs from base + adapter by "
-                      f"{info['max_abs_diff']:.4g} (> {tol:.4g}); nothing was written to {out}")
-        (tmp / MERGE_INFO).write_text(json.dumps(
-            {"base": base, "adapter": str(Path(adapter_dir).resolve()), "dtype": dtype_name, "streamed": True,
-             **info, "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n", encoding="utf-8")
-    size, files = dir_files(out)
-    progress(1.0, "done")
-    return report_cls(out=str(out), base=base, adapter=str(adapter_dir), dtype=dtype_name, device="cpu",
-                      max_abs_diff=info["max_abs_diff"], tolerance=tol, top1_agreement=1.0,
-                      adapter_effect=float("nan"), prompts=0, tokens=0, seconds=time.time() - t0,
-                      size_bytes=size, files=files,
-                      warnings=[f"merged shard by shard: each of the {info['merged_modules']} merged "
-                                "projections was checked on random inputs in fp32 (not end to end on "
-                                "prompts: the whole model is never loaded)"])

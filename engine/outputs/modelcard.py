@@ -114,9 +114,8 @@ def card_text(run_dir: Path | None, adapter_dir: Path, kind: str, files: list[st
         *([] if _hub_id(base) else [f"The base model `{base}` is not a hub id: add `base_model:` to the "
                                     "metadata above with the one it came from.", ""]),
         "Set `license:` in the metadata above: the base model's terms apply to the weights.", "",
-        f"{what[0].upper() + what[1:]}: a QLoRA fine-tune (4-bit NF4 base, LoRA r={acfg.get('r', '?')}, "
-        f"alpha={acfg.get('lora_alpha', '?')}) of `{base}` on {', '.join(f'`{d}`' for d in datasets) or 'local data'}, "
-        f"made with qlora-tui.", "",
+        f"{what[0].upper() + what[1:]}: {_how_trained(cfg, acfg)} of `{base}` on "
+        f"{', '.join(f'`{d}`' for d in datasets) or 'local data'}, made with qlora-tui.", "",
         "## Results", "",
         f"- final train loss: {steps[-1][1]:.4f} (step {steps[-1][0]})" if steps else "- final train loss: n/a",
         f"- final eval loss: {evals[-1][1]:.4f} (step {evals[-1][0]})" if evals else "- final eval loss: n/a",
@@ -137,6 +136,18 @@ def card_text(run_dir: Path | None, adapter_dir: Path, kind: str, files: list[st
     if cfg_text:
         lines += ["", "## Training config", "", "```toml", cfg_text.rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _how_trained(cfg: dict, acfg: dict) -> str:
+    """The fine-tune in a few words: the LoRA adapter's shape, or full weights (a method that
+    trains them, GaLore)."""
+    from engine.artifacts import ArtifactKind, artifact_kind
+    train = cfg.get("train", {}) if isinstance(cfg.get("train"), dict) else {}
+    method = str(train.get("method") or "qlora")
+    if artifact_kind(method) == ArtifactKind.FULL and not acfg:
+        return f"a full-weight fine-tune ({method})"
+    return (f"a QLoRA fine-tune (4-bit NF4 base, LoRA r={acfg.get('r', '?')}, "
+            f"alpha={acfg.get('lora_alpha', '?')})")
 
 
 def write_card(out_dir: Path, run_dir: Path | None, adapter_dir: Path, kind: str, export=None,
@@ -160,26 +171,25 @@ def push_plan(run_dir: str | Path, what: str = "adapter") -> tuple[Path, dict[st
     Nothing is written into the folder: the card (README.md) is the folder's own when qlora-tui
     wrote it, else ours built now (PEFT's placeholder is never uploaded); the merge's local record
     (``qlora_merge.json``: absolute local paths) is left out."""
-    from engine.outputs.merge import find_adapter_dir, run_dir_of
+    from engine.artifacts import ArtifactKind, RunArtifact
     if what not in WHAT:
         raise PushError(f"--what {what!r}: use one of {', '.join(WHAT)}")
-    adapter_dir = find_adapter_dir(run_dir, PushError)
-    owner = run_dir_of(run_dir, adapter_dir)
-    root = owner or adapter_dir.parent
+    art = RunArtifact.open(run_dir, PushError, kind=ArtifactKind.ADAPTER)
+    adapter_dir, owner, root = art.output_dir, art.run_dir, art.root
     if what == "adapter":
         folder, patterns = adapter_dir, ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "README.md"]
     elif what == "merged":
-        folder, patterns = root / "export" / "merged", ["*.json", "*.safetensors", "*.jinja", "*.txt",
+        folder, patterns = art.merged_dir, ["*.json", "*.safetensors", "*.jinja", "*.txt",
                                                         "*.model", "README.md"]
         if not (folder / "config.json").is_file():
             raise PushError(f"{folder}: no merged checkpoint; run `qlora-tui export {root} --gguf f16` "
                             f"(it keeps the merge there) or `qlora-tui merge {root} --out {folder}`")
     else:
-        folder, patterns = root / "export", ["*.gguf", "*.Modelfile", "README.md"]
+        folder, patterns = art.exports_dir, ["*.gguf", "*.Modelfile", "README.md"]
         if not list(folder.glob("*.gguf")):
             raise PushError(f"{folder}: no .gguf file; run `qlora-tui export {root} --gguf f16` first")
     import fnmatch
-    from engine.outputs.merge import MERGE_INFO
+    from engine.artifacts import MERGE_INFO
     upload: dict[str, object] = {
         p.name: p for p in sorted(folder.iterdir())
         if p.is_file() and not p.is_symlink() and p.name not in (MERGE_INFO, "README.md")

@@ -12,7 +12,7 @@ import re
 import shlex
 from pathlib import Path
 
-from engine.outputs.merge import find_adapter_dir, read_adapter_config
+from engine.artifacts import ArtifactKind, RunArtifact
 
 # ranks vLLM accepts for --max-lora-rank
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -78,9 +78,9 @@ def plan(adapters: list[str], names: list[str] | None = None) -> dict:
                          f"name per adapter, in the same order, or none")
     entries = []
     for i, src in enumerate(adapters):
-        adapter_dir = find_adapter_dir(src, ServeError)
-        acfg = read_adapter_config(adapter_dir, ServeError)
-        base = str(acfg.get("base_model_name_or_path") or "").strip()
+        art = RunArtifact.open(src, ServeError, kind=ArtifactKind.ADAPTER)
+        adapter_dir, acfg = art.output_dir, art.adapter_config
+        base = art.base.strip()
         if not base:
             raise ServeError(f"{adapter_dir / 'adapter_config.json'}: no base_model_name_or_path; "
                              f"set it to the model the adapter was trained on")

@@ -1,10 +1,15 @@
-"""Export a run as GGUF (llama.cpp / Ollama): pick the type, watch the progress, copy the commands.
+"""Export a run (engine/outputs/targets/): pick the target and its type, watch the progress,
+copy the commands.
 
-The export runs as its own process (``engine.outputs.jobs``): torch and the model never load
-into the TUI, and its typed ``JobProgress`` events drive the progress bar.
+The export runs as its own process (``engine.outputs.jobs.start_export``): torch and the model
+never load into the TUI. It writes typed export events (``ExportStarted``, ``ExportProgress``,
+``ExportFinished`` / ``ExportFailed``) to its log under RUN_DIR/export/logs/, which this screen
+follows with the reader a run's log is followed with; the targets and their options are the
+registry's.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,35 +25,40 @@ from textual.widgets import Button, Label, ProgressBar, Select, Static, TextArea
 from tui.safe import clean, literal, one_line
 from tui.screens.actions import copyable
 
-ADAPTER = "adapter"
-TYPES = [("f16 (full quality)", "f16"), ("q8_0 (half the size)", "q8_0"), ("bf16", "bf16"),
-         ("q5_1", "q5_1"), ("q5_0", "q5_0"), ("q4_1", "q4_1"), ("q4_0 (smallest)", "q4_0"),
-         ("LoRA adapter only (f16)", ADAPTER)]
+
+def target_choices() -> list[tuple[str, str]]:
+    """(label, name) of every export target, in the registry's order."""
+    from engine.outputs import targets
+    return [(t.label, t.name) for t in targets.all_targets()]
 
 
-def export_params(run_dir: Path, choice: str) -> dict:
-    """What the export job is asked (``engine.outputs.jobs``): the run, the type, adapter or model."""
-    src = str(Path(run_dir).resolve())
-    if choice == ADAPTER:
-        return {"src": src, "gguf": "f16", "adapter": True, "force": True}
-    return {"src": src, "gguf": choice, "force": True}
+def option_choices(target: str) -> tuple[list[tuple[str, str]], str]:
+    """The (label, value) pairs of ``target``'s option (its GGUF type, its dtype) and its default."""
+    from engine.outputs import targets
+    t = targets.get(target)
+    if not t.options:
+        return [("(no options)", "")], ""
+    o = t.options[0]
+    return [(label, value) for value, label in o.choices], o.default
+
+
+def export_params(run_dir: Path, target: str, choice: str) -> dict:
+    """What the export job is asked (``engine.outputs.jobs``): the run, the target, its option."""
+    from engine.outputs import targets
+    t = targets.get(target)
+    options = {t.options[0].name: choice} if t.options and choice else {}
+    return {"src": str(Path(run_dir).resolve()), "target": target, "options": options, "force": True}
 
 
 @dataclass
-class ExportProgress(Message):
-    """A ``JobProgress`` of the export process (the newest replaces a waiting one)."""
-    fraction: float
-    message: str
+class ExportEvent(Message):
+    """An event of the export's log (a newer ``ExportProgress`` replaces a waiting one)."""
+    event: object
 
     def can_replace(self, message: Message) -> bool:
-        return isinstance(message, ExportProgress)
-
-
-@dataclass
-class ExportDone(Message):
-    """The export process ended: its report, or the one line that says why not."""
-    report: dict | None
-    error: str
+        from engine.core.events import ExportProgress
+        return (isinstance(message, ExportEvent) and isinstance(message.event, ExportProgress)
+                and isinstance(self.event, ExportProgress))
 
 
 class ExportScreen(ModalScreen):
@@ -58,6 +68,9 @@ class ExportScreen(ModalScreen):
 
     def on_mount(self) -> None:
         self.query_one("#export-commands").display = False
+
+    def on_unmount(self) -> None:
+        self._stop.set()                 # the follower ends; the export process goes on by itself
 
     def action_copy(self) -> None:
         if self.report and self.report.get("commands"):
@@ -70,19 +83,31 @@ class ExportScreen(ModalScreen):
         self.running = False
         self.report: dict | None = None
         self.error = ""
+        self.log_path: Path | None = None          # the export's events (JSONL)
+        self.shown: list[tuple[str, float]] = []   # (stage, done) of each ExportProgress shown
+        self._stop = threading.Event()
 
     def compose(self) -> ComposeResult:
+        from engine.outputs import targets
+        options, default = option_choices(targets.DEFAULT)
         with Vertical(id="export-box"):
             yield Label(Text("Export ") + literal(self.run_dir.name)
-                        + Text(" as GGUF for llama.cpp / Ollama", style="bold"))
+                        + Text(" (GGUF, Ollama, merged)", style="bold"))
             with Horizontal(id="export-row"):
-                yield Select(TYPES, value="f16", allow_blank=False, id="export-type")
+                yield Select(target_choices(), value=targets.DEFAULT, allow_blank=False, id="export-target")
+                yield Select(options, value=default, allow_blank=False, id="export-type")
                 yield Button("Export (ctrl+e)", id="export-go", variant="primary")
             yield ProgressBar(total=100, show_eta=True, id="export-progress")
             yield Static("", id="export-status")
             with VerticalScroll(id="export-result-box"):
                 yield Static("", id="export-result")
             yield copyable("", "export-commands")
+
+    @on(Select.Changed, "#export-target")
+    def _target_changed(self, event: Select.Changed) -> None:
+        options, default = option_choices(str(event.value))
+        self.query_one("#export-type", Select).set_options(options)
+        self.query_one("#export-type", Select).value = default
 
     @on(Button.Pressed, "#export-go")
     def _go(self) -> None:
@@ -99,31 +124,37 @@ class ExportScreen(ModalScreen):
         if self.running:
             return
         self.running = True
-        self.report, self.error = None, ""
-        choice = str(self.query_one("#export-type", Select).value)
+        self.report, self.error, self.shown = None, "", []
+        target = str(self.query_one("#export-target", Select).value)
+        choice = self.query_one("#export-type", Select).value
         self.query_one("#export-progress", ProgressBar).update(progress=0)
         self.query_one("#export-result", Static).update("")
-        self._export(choice)
+        self.query_one("#export-status", Static).update(Text("starting…", style="dim"))
+        self._export(export_params(self.run_dir, target, "" if choice is Select.BLANK else str(choice)))
 
     @work(thread=True, exclusive=True, group="export", exit_on_error=False)
-    def _export(self, choice: str) -> None:
-        from engine.core.events import JobProgress
+    def _export(self, params: dict) -> None:
         from engine.outputs import jobs
+        job = jobs.start_export(params)
+        self.log_path = job.events
+        jobs.follow_export(job, lambda ev: self.post_message(ExportEvent(ev)), self._stop)
 
-        def on_event(ev) -> None:
-            if isinstance(ev, JobProgress):
-                self.post_message(ExportProgress(ev.fraction, ev.message))
-        done = jobs.run_child("export", export_params(self.run_dir, choice), on_event)
-        self.post_message(ExportDone(done.report, done.error))
+    @on(ExportEvent)
+    def _event(self, msg: ExportEvent) -> None:
+        from engine.core.events import ExportFailed, ExportFinished, ExportProgress
+        ev = msg.event
+        if isinstance(ev, ExportProgress):
+            self.shown.append((str(ev.stage), ev.done))
+            pct = round(100 * ev.done / ev.total) if ev.total else 0
+            self.query_one("#export-progress", ProgressBar).update(progress=pct)
+            status = Text(f"{ev.stage}: ", style="bold") + literal(one_line(ev.message, 200))
+            self.query_one("#export-status", Static).update(status)
+        elif isinstance(ev, ExportFailed):
+            self._done(None, ev.error)
+        elif isinstance(ev, ExportFinished):
+            self._done(ev.report, "")
 
-    @on(ExportProgress)
-    def _progress(self, msg: ExportProgress) -> None:
-        self.query_one("#export-progress", ProgressBar).update(progress=round(msg.fraction * 100))
-        self.query_one("#export-status", Static).update(literal(one_line(msg.message, 200)))
-
-    @on(ExportDone)
-    def _done(self, msg: ExportDone) -> None:
-        report, err = msg.report, msg.error
+    def _done(self, report: dict | None, err: str) -> None:
         self.running = False
         out = self.query_one("#export-result", Static)
         if report is None:
@@ -144,10 +175,12 @@ def result_text(r: dict) -> Text:
     t = Text()
     t.append("written ", style="bold $success")
     t.append_text(literal(r.get("path", "")))
-    t.append(f"  ({r.get('size_bytes', 0) / 1e6:.1f} MB, {r.get('gguf_type', '')})\n")
-    if r.get("max_abs_diff") is not None:
-        t.append(f"verified: tokenizer round-trips; max |logit diff| {r['max_abs_diff']:.3g} <= "
-                 f"{r['tolerance']:.3g}, top-1 agreement {r['top1_agreement']:.1%}\n")
+    what = r.get("gguf_type") or r.get("dtype") or ""
+    t.append(f"  ({r.get('size_bytes', 0) / 1e6:.1f} MB{', ' + what if what else ''})\n")
+    verified = next((ln.strip() for ln in r.get("lines", []) if ln.strip().startswith("verified:")), "")
+    if verified:
+        t.append_text(literal(verified))
+        t.append("\n")
     if r.get("modelfile"):
         t.append("Modelfile ", style="dim")
         t.append_text(literal(r["modelfile"]))
