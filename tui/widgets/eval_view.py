@@ -36,9 +36,9 @@ def bar_lines(pairs: list[tuple[float, float]], width: int) -> tuple[str, str, f
 
 def eval_view(report: dict, width: int = 44) -> Text | None:
     """The table and the plot of a saved report (None when it is malformed)."""
-    from engine.outputs import evaluate
+    from engine.service import eval_rows
     try:
-        rows = evaluate.table_rows(report)
+        rows = eval_rows(report)
         lower = float(report["tuned"]["loss"]) < float(report["base"]["loss"])
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
