@@ -349,7 +349,8 @@ def resume_offer(st: RunSummary) -> ResumeOffer:
     fixes, what = resume_fixes(st)
     run_dir = Path(st.run_dir)
     cfg = _config.load(run_dir / _rundir.CONFIG)
-    frozen = resume.frozen_keys(fixes)
+    # fixes are ``key=value``: the rule asks about the key (``train.method=orpo`` is frozen too)
+    frozen = [f for f in fixes if resume.frozen_keys([f.split("=", 1)[0].strip()])]
     fixes = [f for f in fixes if f not in frozen]
     ckpts = _rundir.checkpoints(run_dir)
     return ResumeOffer(run_dir, what, cfg, fixes, frozen, hints.fix_lines(cfg, fixes),
