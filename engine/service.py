@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -104,16 +105,22 @@ def gpu_budget(cfg: Config, gpu_mem_gib: float | None = None) -> tuple[int | Non
     return estimate.gpu_budget(cfg, gpu_mem_gib)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Verdict:
-    """The planner's verdict for one config, computed once: the memory estimate at the run's
-    budget and the fit plan (micro-batch, checkpointing, Liger, packing... and why)."""
+    """The planner's verdict for one config: the memory estimate at the run's budget and the fit
+    plan (micro-batch, checkpointing, Liger, packing... and why), each computed once (the plan on
+    first use: the Config screen of a CPU run never needs it)."""
     cfg: Config
     model_config: dict
     budget: int | None          # bytes (gpu_budget)
     budget_why: str
     estimate: object            # engine.planning.estimate.Estimate
-    plan: object                # engine.planning.estimate.Plan
+
+    @cached_property
+    def plan(self):
+        """The fit plan at the budget (``engine.planning.estimate.Plan``). Raises EstimateError."""
+        from engine.planning import estimate
+        return estimate.plan(self.cfg, self.model_config, self.budget)
 
     @property
     def on_gpu(self) -> bool:
@@ -143,8 +150,7 @@ def plan(cfg: Config, gpu_mem_gib: float | None = None) -> Verdict:
     from engine.planning import estimate
     mc = estimate.model_config_for(cfg)
     budget, why = estimate.gpu_budget(cfg, gpu_mem_gib)
-    est = estimate.estimate(cfg, mc, gpu_mem_bytes=budget)
-    return Verdict(cfg, mc, budget, why, est, estimate.plan(cfg, mc, budget))
+    return Verdict(cfg, mc, budget, why, estimate.estimate(cfg, mc, gpu_mem_bytes=budget))
 
 
 def time_line(cfg: Config, model_config: dict) -> str:

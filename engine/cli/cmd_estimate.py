@@ -63,10 +63,10 @@ def cmd_estimate(args) -> int:
         named = args.gpu_mem if args.gpu_mem is not None else (
             gpu.memory_bytes / GIB if args.gpu is not None else None)
         verdict = service.plan(cfg, named)          # the run's own budget rule and planner
+        mc, gpu_mem, est, pl = verdict.model_config, verdict.budget, verdict.estimate, verdict.plan
     except estimate_mod.EstimateError as e:
         print(f"estimate: {e}", file=sys.stderr)
         return 2
-    mc, gpu_mem, est, pl = verdict.model_config, verdict.budget, verdict.estimate, verdict.plan
     cpu = gpu is not None and gpu.key == timing.CPU_KEY
     time_lines, time_json = timing.for_config(cfg, mc, pl, gpu if gpu_mem is not None or cpu else None,
                                               modelled=args.gpu is not None, local_name=local_name)
