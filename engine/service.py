@@ -465,6 +465,12 @@ def eval_rows(report: dict) -> list[tuple[str, str, str]]:
     return evaluate.table_rows(report)
 
 
+def eval_per_row_losses(report: dict) -> list[tuple[float, float]]:
+    """An eval report's per-row (base, tuned) losses; [] for an older report without them."""
+    from engine.outputs import evaluate
+    return evaluate.per_row_losses(report)
+
+
 def run_job(job: str, params: dict, on_event, cancel: threading.Event) -> None:
     """Run an output job (export, merge, eval, push...) in a child process; its typed events are
     handed to ``on_event`` (``engine.outputs.jobs.run_child``)."""
