@@ -366,12 +366,6 @@ def resume_offer(st: RunSummary) -> ResumeOffer:
                                     and isinstance(st.end, RunFailed)))
 
 
-def frozen_keys(keys) -> list[str]:
-    """The dotted keys of ``keys`` a resume may not change (``engine.training.resume``)."""
-    from engine.training import resume
-    return resume.frozen_keys(keys)
-
-
 def continue_with_preference(run_dir: str | Path, cfg: Config, method: str = "dpo") -> Config:
     """A config that preference-tunes (DPO...) ``run_dir``'s adapter. Raises ValueError, ConfigError."""
     from engine.training.preference import continue_config
