@@ -45,7 +45,13 @@ async def test_loading_a_config_never_shows_false_problems(tmp_path):
         await pilot.press("f3")
         screen = app.screen
         assert await _watch_form_while_building(app, pilot, screen) == []
-        await screen._load(str(other))          # the ctrl+o path, after the prompt
+        from tui.dialogs import PathPrompt
+        loads = app.config_generation
+        await pilot.press("ctrl+o")             # the real ctrl+o path: the prompt, then the file
+        await until(pilot, lambda: isinstance(app.screen, PathPrompt), what="prompt")
+        app.screen.query_one(Input).value = str(other)
+        await pilot.press("enter")
+        await until(pilot, lambda: app.screen is screen and app.config_generation > loads, what="loaded")
         assert await _watch_form_while_building(app, pilot, screen) == []
         assert not app.form_problems and app.config.lora.r == 64
         assert "✔ valid" in plain(screen.query_one("#banner"))

@@ -157,7 +157,7 @@ def _job(run_dir, capsys):
         got.extend(batch)
         if any(isinstance(e, events.Step) for e in got) and len({e.rank for e in got if isinstance(e, events.NodeProgress)}) == 4:
             stop.set()
-    follow_batches(run_dir / rundir.EVENTS, stop, post, interval=0)
+    follow_batches(run_dir, stop, post, interval=0)
     st = from_events(got, run_dir)
     assert sorted(st.nodes) == [0, 1, 2, 3] and st.step >= 1 and st.tokens_per_second
     assert cli("runs", "--dir", str(run_dir.parent)) == 0

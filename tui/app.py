@@ -15,10 +15,11 @@ from textual import on
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import ModalScreen, Screen
+from textual.signal import Signal
 from textual.widgets import Static
 from textual.worker import Worker, WorkerState
 
-from engine.training.builtin import DEMO_OVERRIDES, demo_config  # noqa: F401 (the offline demo)
+from engine import service
 from themes.qlora import DEFAULT_THEME, THEMES
 from tui import settings
 from tui.controller import RunController
@@ -28,13 +29,14 @@ from tui.runstate import RunState
 from tui.safe import one_line
 from tui.style import rich_theme
 from tui.screens.chat import ChatScreen
-from tui.screens.config import ConfigScreen, FormEdited, LoadConfig
+from tui.screens.config import ConfigScreen, FormEdited
 from tui.screens.dataset import DatasetScreen
 from tui.screens.runs import (AttachRun, ChatWith, CompareRuns, ExportRun, OpenRun, PreferenceTune, ResumeRun,
                               RunAction, RUN_ACTIONS, RunDetailScreen, RunsScreen)
 from tui.screens.train import TrainScreen
 
 # `qlora-tui` with no argument: the fast offline demo (same values as examples/demo.toml)
+DEMO_OVERRIDES = service.DEMO_OVERRIDES
 
 SCREEN_KEYS = [("dataset", "f2", "Dataset"), ("config", "f3", "Config"), ("train", "f4", "Train"),
                ("runs", "f5", "Runs"), ("chat", "f6", "Chat")]
@@ -78,9 +80,8 @@ class QloraApp(App):
     def __init__(self, config=None, config_path: str | Path | None = None, *,
                  attach: str | Path | None = None, start_mode: str = "train",
                  samplers=None, readings_interval: float = 1.0) -> None:
-        from engine.training import model as model_mod
-        model_mod.require_consent()     # a model's own code runs only after a yes in this app
-        self.config = config if config is not None else demo_config()
+        service.require_consent()     # a model's own code runs only after a yes in this app
+        self.config = config if config is not None else service.demo_config()
         self.config_path = Path(config_path) if config_path else None
         self.form_data: dict = self.config.to_dict()
         self.form_problems: list = []
@@ -90,7 +91,9 @@ class QloraApp(App):
         self.exit_note = ""
         self._samplers = samplers
         super().__init__()
-        self.controller = RunController(self, changed=self._render_run)
+        # the followed run's changes: any screen that shows it subscribes (the Train screen does)
+        self.run_changed: Signal[RunState | None] = Signal(self, "run_changed")
+        self.controller = RunController(self, changed=self._run_changed)
         for theme in THEMES:
             self.register_theme(theme)
         wanted = settings.load().get("theme", DEFAULT_THEME)
@@ -114,9 +117,14 @@ class QloraApp(App):
     def _theme_changed(self, theme) -> None:
         settings.update(theme=theme.name)
         self._install_styles()
-        # text already drawn takes the new colours, on every screen of every mode (Textual
-        # keeps them in _screen_stacks; screen_stack is the current mode's alone)
-        stacks = getattr(self, "_screen_stacks", {}).values() or [self.screen_stack]
+        # text already drawn takes the new colours, on every screen of every mode (screen_stack
+        # is the current mode's alone; a mode never shown yet has no stack)
+        stacks = [self.screen_stack]
+        for mode in self.MODES:
+            try:
+                stacks.append(self.get_screen_stack(mode))
+            except KeyError:
+                pass
         for screen in {id(s): s for stack in stacks for s in stack}.values():
             for static in screen.query(Static):
                 static.update(static.content)
@@ -125,23 +133,13 @@ class QloraApp(App):
         """(gpu_sampler, host_sampler, reason): called on the readings thread."""
         if self._samplers is not None:
             return self._samplers
-        try:
-            from engine.training.gpu import GpuSampler, HostSampler
-        except ImportError as e:
-            return None, None, f"engine.training.gpu unavailable: {e}"
-        gpu = GpuSampler()
-        return gpu, HostSampler(), gpu.reason
+        return service.samplers()
 
     # ---- config --------------------------------------------------------------------------
     def validated_config(self, data: dict | None = None):
         """(Config, []) from the form's values (``data``, by default the last ones), or
         (None, problems)."""
-        from engine.core import config as config_mod
-        try:
-            return config_mod.from_dict(self.form_data if data is None else data,
-                                        source=self.config.source), []
-        except config_mod.ConfigError as e:
-            return None, e.problems
+        return service.config_from_form(self.form_data if data is None else data, self.config.source)
 
     def runs_dir(self) -> Path:
         cfg = self.config
@@ -167,10 +165,9 @@ class QloraApp(App):
         self.push_screen(PathPrompt("Load config (TOML)", str(self.config_path or "")), done)
 
     def load_config_file(self, path: str) -> bool:
-        from engine.core import config as config_mod
         try:
-            cfg = config_mod.load(path)
-        except config_mod.ConfigError as e:
+            cfg = service.load_config(path)
+        except service.ConfigError as e:
             self.notify(one_line(e.one_line(), 400), title="Cannot load", severity="error",
                         markup=False, timeout=10)
             return False
@@ -204,8 +201,7 @@ class QloraApp(App):
             return
         cfg, problems = self.validated_config()
         if cfg is None:
-            from engine.core.config import plural
-            self.notify(f"Fix the config first: {plural(len(problems), 'problem')}, e.g. "
+            self.notify(f"Fix the config first: {service.plural(len(problems), 'problem')}, e.g. "
                         f"{one_line(problems[0], 120)}", severity="error", markup=False)
             self.action_show("config")
             return
@@ -262,9 +258,8 @@ class QloraApp(App):
     def action_save_config(self) -> None:
         cfg, problems = self.validated_config()
         if cfg is None:
-            from engine.core.config import plural
             where = "" if self.current_mode == "config" else "; see the Config screen (F3)"
-            self.notify(f"Not saved: {plural(len(problems), 'config problem')}{where}: "
+            self.notify(f"Not saved: {service.plural(len(problems), 'config problem')}{where}: "
                         f"{one_line(problems[0], 120)}", severity="error", markup=False)
             return
         if self.config_path is None:
@@ -276,9 +271,8 @@ class QloraApp(App):
             self._save_to(cfg, self.config_path)
 
     def _save_to(self, cfg, path: Path) -> None:
-        from engine.core import config as config_mod
         try:
-            config_mod.save(cfg, path)
+            service.save_config(cfg, path)
         except OSError as e:
             self.notify(f"Cannot save {path}: {e}", severity="error", markup=False)
             return
@@ -298,11 +292,9 @@ class QloraApp(App):
                 self.exit()
         self.push_screen(QuitDialog(st.run_dir.name), chosen)
 
-    def _render_run(self) -> None:
+    def _run_changed(self) -> None:
         self.refresh_bindings()          # Start / Stop / Detach follow the run's state
-        screen = self.screen
-        if isinstance(screen, TrainScreen):
-            screen.render_run(self.run_state)
+        self.run_changed.publish(self.run_state)
 
     # ---- requests posted by the screens ----------------------------------------------------
     @on(AttachRun)
@@ -323,11 +315,9 @@ class QloraApp(App):
 
     @on(PreferenceTune)
     def _on_preference_tune(self, msg: PreferenceTune) -> None:
-        from engine.core.config import ConfigError
-        from engine.training.preference import continue_config
         try:
-            cfg = continue_config(msg.run_dir, self.config)
-        except (ValueError, ConfigError) as e:
+            cfg = service.continue_with_preference(msg.run_dir, self.config)
+        except (ValueError, service.ConfigError) as e:
             self.notify(one_line(str(e), 300), severity="error", markup=False)
             return
         if isinstance(self.screen, RunDetailScreen):
@@ -365,10 +355,6 @@ class QloraApp(App):
         if msg.config is not None:
             self.config = msg.config
 
-    @on(LoadConfig)
-    def _on_load_config(self, msg: LoadConfig) -> None:
-        self.load_config_file(msg.path)
-
     def action_run_on_selected(self, action: str) -> None:
         """The palette's run actions from any screen: on the Runs screen, for the selected run."""
         self.action_show("runs")
@@ -400,8 +386,7 @@ class QloraApp(App):
                 yield SystemCommand(f"{title} (Runs: {key})", f"{help_}; for the run selected on Runs",
                                     lambda a=action: self.action_run_on_selected(a))
         if isinstance(screen, ConfigScreen):        # jump to any field by name
-            from engine.core.config import field_specs
-            for section, items in field_specs().items():
+            for section, items in service.field_specs().items():
                 for key, f in items:
                     if not f.metadata.get("form", True):        # TOML-only: no field to jump to
                         continue

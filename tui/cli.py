@@ -86,14 +86,10 @@ def _main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "tui":
         argv = argv[1:]
     pos, sets = _split_sets(argv) or ([], [])
-    from engine.core import config
+    from engine import service
     try:
-        if pos:
-            cfg = config.load(pos[0], sets)
-        else:
-            from engine.training.builtin import demo_config
-            cfg = demo_config(sets)
-    except config.ConfigError as e:
+        cfg = service.load_config(pos[0], sets) if pos else service.demo_config(sets)
+    except service.ConfigError as e:
         from engine.core.safe_text import visible
         print(visible(e), file=sys.stderr)
         return 2
@@ -102,8 +98,7 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def attach(args: list[str]) -> int:
-    from engine.core import config
-    from engine.core import rundir
+    from engine import service
     if args and args[0] in ("-h", "--help"):
         print("usage: qlora-tui attach [RUN_DIR]\n\nOpen the TUI on a run (default: the newest live "
               "run under ./runs): its history, then live updates. ctrl+x stops it; quitting never does.")
@@ -114,20 +109,14 @@ def attach(args: list[str]) -> int:
         return 2
     if args:
         run_dir = Path(args[0])
-        if not (run_dir / rundir.EVENTS).exists() and not (run_dir / rundir.RUN_JSON).exists():
+        if not service.is_run_dir(run_dir):
             from engine.core.safe_text import visible
-            print(visible(f"{run_dir}: not a run directory (no {rundir.EVENTS})"), file=sys.stderr)
+            print(visible(f"{run_dir}: not a run directory (no events.jsonl)"), file=sys.stderr)
             return 2
-        cfg = None
-        if (run_dir / rundir.CONFIG).exists():
-            try:
-                cfg = config.load(run_dir / rundir.CONFIG)
-            except config.ConfigError:
-                cfg = None
+        cfg = service.run_config(run_dir)
     else:
-        from engine.training.builtin import demo_config
-        cfg = demo_config()            # "no config given": the same demo as plain `qlora-tui`
-        run_dir = rundir.newest_live(cfg.resolve_path(cfg.output.dir))
+        cfg = service.demo_config()    # "no config given": the same demo as plain `qlora-tui`
+        run_dir = service.newest_live_run(cfg.resolve_path(cfg.output.dir))
         if run_dir is None:
             print(f"no live run under {cfg.output.dir}/; list them with `qlora-tui runs`",
                   file=sys.stderr)

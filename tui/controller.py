@@ -5,14 +5,16 @@ and of ``follow_batches``: the app creates one, forwards the run messages (``Run
 ``RunEvents``, ...) to it, and reads ``controller.state``. Screens never reach in: they post
 requests (``AttachRun``, ``ResumeRun``) that the app hands over here.
 
-Threads: a launch worker calls ``engine.training.runner.start_detached``; a follow worker polls
+The engine is reached through ``engine.service`` only (start, resume, stop, the resume offer,
+the run's log).
+
+Threads: a launch worker calls ``engine.service.start_run``; a follow worker polls
 the run's events.jsonl (``EventLog.read_new``, never blocking) and posts batches (at most one per
 ``FOLLOW_INTERVAL``) as ``RunEvents``.
 Only messages cross into the UI thread; the state is folded there.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from functools import partial
@@ -21,7 +23,8 @@ from typing import Callable
 
 from textual.worker import get_current_worker
 
-from engine.core.events import TERMINAL, RunFailed, RunFinished, RunWarning
+from engine import service
+from engine.core.events import RunFailed, RunFinished, RunWarning
 from tui.dialogs import RemoteCodeDialog, ResumeFixDialog
 from tui.follow import follow_batches
 from tui.messages import FollowEnded, LaunchFailed, ResumeFailed, RunEvents, RunLaunched
@@ -33,8 +36,8 @@ from tui.safe import one_line
 # measures it; 4 Hz cost a CPU-bound run 12 % of its tokens/s), and a loss curve needs no more.
 FOLLOW_INTERVAL = 1.0
 
-# the failures whose hint names a fix that a resume applies
-FAILED_WHAT = {"oom": "Out of memory", "nan": "Loss became NaN"}
+# the failures whose hint names a fix that a resume applies (the engine's rule)
+FAILED_WHAT = service.FAILED_WHAT
 
 
 class RunController:
@@ -68,12 +71,10 @@ class RunController:
         """Start a run of ``cfg`` (asks first when the model's own code would run)."""
         if self.busy():
             return
-        from engine.training import runner
-        if runner.needs_remote_code_confirmation(cfg):
+        if service.needs_remote_code(cfg):
             def answered(yes: bool | None) -> None:
                 if yes:
-                    from engine.training import model as model_mod
-                    model_mod.grant_remote_code(cfg)
+                    service.grant_remote_code(cfg)
                     self._begin_launch(cfg)
                 else:
                     self._notify("Not started: the model's own code was not allowed to run.")
@@ -94,8 +95,7 @@ class RunController:
     def _launch(self, cfg) -> None:
         """(launch worker thread)"""
         try:
-            from engine.training import runner
-            run_dir = runner.start_detached(cfg)
+            run_dir = service.start_run(cfg)
         except Exception as e:   # config, data or permission problems: shown, not raised
             self.app.post_message(LaunchFailed(f"{type(e).__name__}: {e}"))
             return
@@ -137,18 +137,9 @@ class RunController:
 
     def _resume(self, run_dir: Path, fixes: list[str]) -> None:
         """(launch worker thread)"""
-        from engine.core import rundir
-        from engine.training import runner
-        # the failed process wrote its last event and is still exiting (torch teardown): a
-        # resume while it is alive would be refused as "still live", so let it go first
-        rundir.wait_writer_exit(run_dir)
         since = time.time()
         try:
-            old_size = os.stat(run_dir / rundir.EVENTS).st_size
-        except OSError:
-            old_size = 0
-        try:
-            runner.start_detached(None, resume=run_dir, overrides=fixes)
+            old_size = service.resume_run(run_dir, fixes)   # once the failed process has exited
         except Exception as e:   # PreflightError, ConfigError, OSError: one line, no traceback
             self.app.post_message(ResumeFailed(run_dir, f"{type(e).__name__}: {e}"))
             return
@@ -167,20 +158,8 @@ class RunController:
                      timeout=10)
 
     def resume_fixes(self, st: RunState) -> tuple[list[str], str]:
-        """The overrides that answer ``st``'s failure, as its hint named them, and what failed.
-        OOM and NaN only; any other end (stopped, crashed, other failure) resumes unchanged."""
-        from engine.core import config as config_mod
-        from engine.core import rundir
-        from engine.training import hints as hints_mod
-        kind = st.fail_kind if isinstance(st.end, RunFailed) else ""
-        if kind not in FAILED_WHAT:
-            return [], ("Stopped" if isinstance(st.end, RunFinished) else
-                        "Failed" if st.ended else "Crashed")
-        named = [h for h in st.hints if getattr(h, "rule", "") == kind and getattr(h, "overrides", None)]
-        if named:
-            return list(named[-1].overrides), FAILED_WHAT[kind]
-        cfg = config_mod.load(st.run_dir / rundir.CONFIG)
-        return hints_mod.hint_overrides(kind, cfg, st.fail_step or st.step), FAILED_WHAT[kind]
+        """The overrides that answer ``st``'s failure, and what failed (``service.resume_fixes``)."""
+        return service.resume_fixes(st)
 
     def offer_resume_of(self, run_dir: Path) -> None:
         """The recovery dialog for a run picked on the Runs screen (read from its log)."""
@@ -189,35 +168,24 @@ class RunController:
     def offer_resume(self, st: RunState) -> None:
         """The recovery dialog for a run that ended (failed, stopped, crashed): every fix its
         hint named, and whether it resumes from a checkpoint or restarts from step 0."""
-        from engine.core import config as config_mod
-        from engine.core import rundir
-        from engine.training import runner
         try:
-            fixes, what = self.resume_fixes(st)
-            cfg = config_mod.load(st.run_dir / rundir.CONFIG)
-        except (OSError, ValueError, config_mod.ConfigError) as e:
+            offer = service.resume_offer(st)
+        except (OSError, ValueError, service.ConfigError) as e:
             self._notify(f"Cannot offer a resume: {one_line(e, 200)}", severity="warning")
             return
-        if not fixes and st.fail_kind in FAILED_WHAT and isinstance(st.end, RunFailed):
+        if offer.no_fix_left:
             self._notify("No automatic fix left to try for this run's config.")
             return
-        frozen = runner.frozen_keys(fixes)
-        fixes = [f for f in fixes if f not in frozen]
-        ckpts = rundir.checkpoints(st.run_dir)
-        from_step = rundir.checkpoint_step(ckpts[-1]) if ckpts else 0
-        self.app.push_screen(ResumeFixDialog(st.run_dir.name, what, st.finished_reason or st.message,
-                                             fixes, cfg=cfg, from_step=from_step, frozen=frozen),
-                             partial(self._resume_chosen, st.run_dir, fixes, cfg))
+        self.app.push_screen(ResumeFixDialog(st.run_dir.name, st.finished_reason or st.message, offer),
+                             partial(self._resume_chosen, st.run_dir, offer.fixes, offer.cfg))
 
     def _resume_chosen(self, run_dir: Path, fixes: list[str], cfg, yes: bool | None) -> None:
         if not yes:
             return
-        from engine.training import runner
-        if runner.needs_remote_code_confirmation(cfg):
+        if service.needs_remote_code(cfg):
             def confirmed(ok: bool | None) -> None:
                 if ok:
-                    from engine.training import model as model_mod
-                    model_mod.grant_remote_code(cfg)
+                    service.grant_remote_code(cfg)
                     self.resume(run_dir, fixes)
             self.app.push_screen(RemoteCodeDialog(cfg.model.name, "Resuming this run"), confirmed)
             return
@@ -238,9 +206,8 @@ class RunController:
         if st is None or st.run_dir is None or st.ended or st.follower_ended:
             self._notify("No live run to stop.")
             return
-        from engine.core import control
         try:
-            control.request(st.run_dir, "stop")
+            service.stop_run(st.run_dir)
         except OSError as e:
             self._notify(f"Cannot send stop: {e}", severity="error")
             return
@@ -270,9 +237,8 @@ class RunController:
         or None to stay (the dialog was dismissed)."""
         st = self.state
         if what == "stop":
-            from engine.core import control
             try:
-                control.request(st.run_dir, "stop")
+                service.stop_run(st.run_dir)
                 note = f"Stop requested: {st.run_dir} saves its adapter and ends."
             except OSError as e:
                 note = f"Could not request a stop ({e}); the run continues."
@@ -317,23 +283,21 @@ class RunController:
     def _follow(self, run_dir: Path, stop: threading.Event, launched: bool,
                 old_size: int | None = None) -> None:
         """(follow worker thread)"""
-        from engine.core import rundir
         worker = get_current_worker()
         t0 = time.monotonic()
 
         def alive() -> bool:
-            if rundir.process_alive(run_dir):
+            if service.run_alive(run_dir):
                 return True
             # a just-spawned run may not have written run.json yet
-            return launched and not (run_dir / rundir.RUN_JSON).exists() and time.monotonic() - t0 < 120
+            return launched and not service.run_registered(run_dir) and time.monotonic() - t0 < 120
 
         post = self.app.post_message
-        if old_size is not None and not _wait_for_resumed_log(run_dir / rundir.EVENTS, old_size,
-                                                              alive, stop, worker):
+        if old_size is not None and not _wait_for_resumed_log(run_dir, old_size, alive, stop, worker):
             if not stop.is_set() and not worker.is_cancelled:
                 post(ResumeFailed(run_dir, _resume_failure(run_dir)))
             return
-        why = follow_batches(run_dir / rundir.EVENTS, stop,
+        why = follow_batches(run_dir, stop,
                              lambda evs: post(RunEvents(run_dir, evs, stop)),
                              alive=alive, cancelled=lambda: worker.is_cancelled,
                              interval=FOLLOW_INTERVAL)
@@ -395,44 +359,18 @@ class RunController:
 def read_run(run_dir: str | Path) -> RunState:
     """A run's state folded from its whole log: a run that is not followed (the Runs screens,
     a resume offered from them). Call it off the UI thread for a long log."""
-    from engine.core import events as events_mod
-    from engine.core import rundir
-    return from_events(events_mod.read_events(Path(run_dir) / rundir.EVENTS), run_dir)
+    return from_events(service.read_events(run_dir), run_dir)
 
 
-def _last_line_is_terminal(path: Path) -> bool:
-    """Whether the last complete line of a log is a terminal event (reads its tail only)."""
-    from engine.core import events as events_mod
-    from engine.core import files
-    try:
-        with files.open_regular(path) as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 65536))
-            tail = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return False
-    lines = [ln for ln in tail.split("\n")[:-1] if ln.strip()]
-    if not lines:
-        return False
-    try:
-        return isinstance(events_mod.loads(lines[-1]), TERMINAL)
-    except Exception:
-        return False
-
-
-def _wait_for_resumed_log(path: Path, old_size: int, alive, stop: threading.Event,
+def _wait_for_resumed_log(run_dir: Path, old_size: int, alive, stop: threading.Event,
                           worker, timeout: float = 300.0) -> bool:
     """Wait until a resumed run has appended to its log (past ``old_size`` bytes) and its last
     line is no longer a terminal event. False when the resume process ended first (or the wait
     was cancelled); True also when it ended after it began."""
     end = time.monotonic() + timeout
     while time.monotonic() < end and not stop.is_set() and not worker.is_cancelled:
-        try:
-            grown = os.stat(path).st_size > old_size
-        except OSError:
-            grown = False
-        if grown and not _last_line_is_terminal(path):
+        grown = service.log_size(run_dir) > old_size
+        if grown and not service.last_event_is_terminal(run_dir):
             return True
         if not alive():
             return grown    # ended: follow what it wrote if it got as far as its marker
@@ -441,14 +379,5 @@ def _wait_for_resumed_log(path: Path, old_size: int, alive, stop: threading.Even
 
 
 def _resume_failure(run_dir: Path) -> str:
-    """Why a resume process ended before it began: the last line of its stdout.log."""
-    from engine.core import rundir
-    from engine.core import files
-    try:
-        with files.open_regular(run_dir / rundir.STDOUT) as fh:     # its tail only
-            fh.seek(max(0, os.fstat(fh.fileno()).st_size - 65536))
-            lines = [ln for ln in fh.read().decode("utf-8", "replace").splitlines() if ln.strip()]
-    except OSError:
-        lines = []
-    last = lines[-1] if lines else "no output"
-    return f"the resume of {run_dir.name} ended before it began: {last}"
+    """Why a resume process ended before it began: the last line it printed."""
+    return f"the resume of {run_dir.name} ended before it began: {service.last_output_line(run_dir)}"

@@ -83,16 +83,16 @@ class ResumeFixDialog(ModalScreen[bool]):
         Binding("escape", "choose(False)", "Dismiss"),
     ]
 
-    def __init__(self, run_name: str, what: str, reason: str, fixes: list[str], *, cfg=None,
-                 from_step: int = 0, frozen: list[str] = ()) -> None:
+    def __init__(self, run_name: str, reason: str, offer) -> None:
+        """``offer``: ``engine.service.ResumeOffer`` (its fixes, frozen keys and their values in
+        words, the checkpoint it resumes from)."""
         super().__init__()
         self.run_name = run_name
-        self.what = what
+        self.what = offer.what
         self.reason = reason
-        self.fixes = list(fixes)
-        self.cfg = cfg
-        self.from_step = from_step
-        self.frozen = list(frozen)
+        self.offer = offer
+        self.fixes = list(offer.fixes)
+        self.from_step = offer.from_step
 
     def _heading(self) -> str:
         where = (f"Resume from the checkpoint at step {self.from_step}" if self.from_step
@@ -100,16 +100,15 @@ class ResumeFixDialog(ModalScreen[bool]):
         return where + (" with these changes:" if self.fixes else " (config unchanged).")
 
     def _fixes_text(self) -> Text:
-        from engine.training.hints import fix_lines
         f = Text()
-        for i, line in enumerate(fix_lines(self.cfg, self.fixes)):
+        for i, line in enumerate(self.offer.fix_lines):
             f.append("\n" if i else "")
             f.append("  • ")
             f.append(one_line(line, 120), style="bold")
         if self.fixes:
             f.append("\n  ")
             f.append(one_line(" ".join(f"--set {x}" for x in self.fixes), 200), style="dim")
-        for line in fix_lines(self.cfg, self.frozen):
+        for line in self.offer.frozen_lines:
             f.append("\n  • ")
             f.append(one_line(line, 100))
             f.append("  (needs a new run: a resume keeps model, quant and lora)", style="dim")

@@ -1,7 +1,7 @@
 """Follow a run log from a worker and hand events over in batches, at most one per `interval`.
 
-``engine.core.events.follow_batches`` polls the log (``EventLog.read_new``, never blocking)
-every ``POLL`` seconds; this keeps what it finds until ``interval`` has passed since the last
+``engine.service.follow`` polls the log (``EventLog.read_new``, never blocking) every ``POLL``
+seconds; this keeps what it finds until ``interval`` has passed since the last
 batch went out: the whole history at once when attaching, a step after a pause at once, and the
 last event before a pause never held back longer than one interval. A multi-process job's
 per-node progress (RUN_DIR/nodes/, ``engine.core.nodes``) is merged into the same batches.
@@ -16,19 +16,17 @@ from typing import Callable
 POLL = 0.1
 
 
-def follow_batches(events_path: str | Path, stop: threading.Event,
+def follow_batches(run_dir: str | Path, stop: threading.Event,
                    post: Callable[[list], None], alive: Callable[[], bool] | None = None,
                    interval: float = 0.1, cancelled: Callable[[], bool] = lambda: False) -> str:
-    """Call ``post(batch)`` (from this thread) until the log ends; return why it ended."""
-    from engine.core import events
-    from engine.core import nodes
+    """Call ``post(batch)`` (from this thread) until the run's log ends; return why it ended."""
+    from engine import service
 
     held: list = []
     last_post = 0.0
     why = "ended"
-    side = nodes.nodes_dir(Path(events_path).parent)      # a multi-process job's per-node progress
     try:
-        for batch in events.follow_batches(events_path, stop=stop, poll=POLL, alive=alive, side=side):
+        for batch in service.follow(run_dir, stop, POLL, alive):
             if cancelled():
                 stop.set()
                 break

@@ -5,12 +5,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.core.summary import RunSummary
+from engine.service import RunSummary
 
 
 @dataclass
 class RunState(RunSummary):
-    """The run's summary (``engine.core.summary.RunSummary``: the one fold of the log) plus what
+    """The run's summary (``engine.core.summary.RunSummary``, through ``engine.service``: the one fold of the log) plus what
     only the app knows (a stop it asked for, detached, its follower ended) and the series as
     the screen draws them."""
     stop_requested: bool = False

@@ -26,8 +26,8 @@ async def _until(cond, timeout=120.0):
 
 
 async def shoot(out: Path) -> list[Path]:
-    from engine.core import config
-    from tui.app import DEMO_OVERRIDES, QloraApp
+    from engine import service
+    from tui.app import QloraApp
     from tui.testing import fixed_samplers, write_run
 
     work = Path(tempfile.mkdtemp())
@@ -35,7 +35,7 @@ async def shoot(out: Path) -> list[Path]:
     os.environ["XDG_CONFIG_HOME"] = str(work / "xdg")
     run = write_run(work / "runs", hints=[HINT])
     write_run(work / "runs", "20260102-090000-tiny", stop_at=23)
-    cfg = config.load(None, DEMO_OVERRIDES)
+    cfg = service.demo_config()
     written = []
 
     def save(app, name):

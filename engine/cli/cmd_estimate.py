@@ -38,6 +38,7 @@ def gib_arg(text: str) -> float:
 
 
 def cmd_estimate(args) -> int:
+    from engine import service
     from engine.cli import load_config_or_exit
     from engine.core.units import GIB
     from engine.planning import estimate as estimate_mod
@@ -59,12 +60,10 @@ def cmd_estimate(args) -> int:
         elif cfg.train.device != "cuda":
             gpu = timing.cpu_device()           # a CPU run: a rough figure, labelled so
     try:
-        mc = estimate_mod.model_config_for(cfg)
         named = args.gpu_mem if args.gpu_mem is not None else (
             gpu.memory_bytes / GIB if args.gpu is not None else None)
-        gpu_mem, _why = estimate_mod.gpu_budget(cfg, named)     # the run's own rule
-        est = estimate_mod.estimate(cfg, mc, gpu_mem_bytes=gpu_mem)
-        pl = estimate_mod.plan(cfg, mc, gpu_mem)
+        verdict = service.plan(cfg, named)          # the run's own budget rule and planner
+        mc, gpu_mem, est, pl = verdict.model_config, verdict.budget, verdict.estimate, verdict.plan
     except estimate_mod.EstimateError as e:
         print(f"estimate: {e}", file=sys.stderr)
         return 2
@@ -80,7 +79,7 @@ def cmd_estimate(args) -> int:
         except data_mod.DataError as e:
             print(f"estimate: {e}", file=sys.stderr)
             return 2
-        per_step = cfg.effective_batch
+        per_step = service.config_effective_batch(cfg)
         total = len(train.rows)
         mixture = {"train_rows": total, "eval_rows": len(ev.rows) if ev else 0,
                    "steps_per_epoch": max(1, -(-total // per_step)) if total else 0,
@@ -100,7 +99,7 @@ def cmd_estimate(args) -> int:
             out["data"] = mixture
         print(json.dumps(out))
     else:
-        print(estimate_mod.format_report(est, pl, time_lines))
+        print(verdict.report(time_lines))
         if mixture is not None:
             from engine.core.safe_text import visible
             from engine.dataset import sources

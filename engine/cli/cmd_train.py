@@ -218,6 +218,7 @@ def cmd_train(args) -> int:
 
 def _resume_run(args):
     """``train --resume``: the Run to continue, or an exit status (refused, detached, launched)."""
+    from engine import service
     from engine.core import config as config_mod
     from engine.training import runner
     run_dir = Path(args.resume)
@@ -239,7 +240,7 @@ def _resume_run(args):
         return 0
     from engine.training import distributed as distributed_mod
     try:
-        resumed_cfg = runner.resume_config(run_dir, args.overrides)[0]
+        resumed_cfg = service.resume_config(run_dir, args.overrides)[0]   # frozen keys refused
     except (runner.PreflightError, config_mod.ConfigError, OSError) as e:   # the documented refusals
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -293,6 +294,7 @@ def _join(args) -> int:
 def cmd_launch(args) -> int:
     """``launch CONFIG``: the run directory of a multi-node job (on shared storage) and each
     node's command; ``launch --resume RUN_DIR``: each node's command to resume it. Runs nothing."""
+    from engine import service
     from engine.cli import load_config_or_exit
     from engine.core import config as config_mod
     from engine.core import rundir
@@ -303,7 +305,7 @@ def cmd_launch(args) -> int:
             if args.config:
                 print("error: give either CONFIG or --resume RUN_DIR", file=sys.stderr)
                 return 2
-            cfg = runner.resume_config(run_dir, args.overrides)[0]
+            cfg = service.resume_config(run_dir, args.overrides)[0]
         else:
             cfg = load_config_or_exit(args)
             runner.quick_preflight(cfg)
@@ -368,6 +370,7 @@ def cmd_init(args) -> int:
 
 
 def cmd_runs(args) -> int:
+    from engine import service
     from engine.core import rundir
     from engine.cli import load_config_or_exit
     if args.dir:
@@ -380,7 +383,7 @@ def cmd_runs(args) -> int:
     else:       # a config's runs go next to it (output.dir is relative to the config file)
         cfg = load_config_or_exit(args)
         runs_dir = cfg.resolve_path(cfg.output.dir)
-    runs = rundir.list_runs(runs_dir)
+    runs = service.runs(runs_dir)
     if not runs:
         print(f"no runs under {runs_dir} (a config's runs are next to it: `qlora-tui runs "
               f"examples/demo.toml` lists examples/runs/; or pass --dir DIR)")

@@ -295,10 +295,6 @@ class Config:
     def copy(self) -> "Config":
         return copy.deepcopy(self)
 
-    @property
-    def effective_batch(self) -> int:
-        return effective_batch(self.train.batch_size, self.train.grad_accum, self.distributed.processes)
-
     def resolve_path(self, value: str) -> str:
         """A relative path in a config file is relative to that file's directory."""
         if not value or value.startswith(("builtin:", "hf:")):
@@ -674,8 +670,8 @@ def read_toml(path: str | Path) -> dict:
 
 
 def effective_batch(batch_size: int, grad_accum: int, processes: int) -> int:
-    """Rows per optimizer step (processes: GPUs a node x nodes): the one rule (Config.effective_batch,
-    the Config screen's form)."""
+    """Rows per optimizer step (processes: GPUs a node x nodes): the one rule (the planner's timing,
+    ``estimate``, the Config screen's form: ``engine.service.effective_batch``)."""
     return batch_size * grad_accum * processes
 
 

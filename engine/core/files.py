@@ -231,3 +231,18 @@ def write_atomic(path: str | Path, data: str | bytes, *, mode: int | None = None
             os.unlink(tmp)
         raise
     return path
+
+
+def tail_lines(path: str | Path, limit: int = 65536, complete: bool = False) -> list[str]:
+    """The non-blank lines in the last ``limit`` bytes of a regular file (a log's tail: never the
+    whole file); [] when it cannot be read. ``complete``: drop a last line without its newline
+    (one still being written)."""
+    try:
+        with open_regular(path) as fh:
+            size = os.fstat(fh.fileno()).st_size
+            fh.seek(max(0, size - limit))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    lines = text.split("\n")[:-1] if complete else text.splitlines()
+    return [ln for ln in lines if ln.strip()]

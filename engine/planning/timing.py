@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.core.config import effective_batch
 from engine.core.units import GIB
 
 
@@ -269,7 +270,7 @@ def workload_from_report(cfg, rep) -> Workload | None:
         return None
     max_len = cfg.data.max_length
     per_row = rep.tokens_within_max_total / rep.rows_tokenized
-    rows = cfg.effective_batch
+    rows = effective_batch(cfg.train.batch_size, cfg.train.grad_accum, cfg.distributed.processes)
     if cfg.data.packing is True:
         return Workload(rep.total_steps, rows, float(max_len), per_row, rep.steps_basis)
     return Workload(rep.total_steps, rows, per_row, per_row, rep.steps_basis)
@@ -376,7 +377,7 @@ def run_predictor(cfg, device: str, mean_row_tokens: float):
     else:
         gpu, mem = cpu_device(), None
     pl = estimate_mod.plan(cfg, mc, mem)
-    rows = cfg.effective_batch
+    rows = effective_batch(cfg.train.batch_size, cfg.train.grad_accum, cfg.distributed.processes)
     per_row = float(cfg.data.max_length) if cfg.data.packing is True else mean_row_tokens
 
     def predict_steps(steps: int) -> tuple[float, str]:

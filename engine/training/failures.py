@@ -48,21 +48,21 @@ def classify_failure(e: BaseException, *, step: int, checkpoints: list[Path] = (
     last = Path(checkpoints[-1]).name if checkpoints else None
     if is_oom(e):
         kept = f"; last checkpoint {last} is intact (resume with the fix)" if last else ""
-        return events.RunFailed(reason=f"CUDA out of memory at step {step + 1}{kept}", kind="oom",
+        return events.RunFailed(reason=f"CUDA out of memory at step {step + 1}{kept}", kind=events.FailKind.OOM,
                                 step=step, detail=detail)
     if _is_data_error(e):
-        return events.RunFailed(reason=str(e).splitlines()[0], kind="data", step=step, detail=detail)
+        return events.RunFailed(reason=str(e).splitlines()[0], kind=events.FailKind.DATA, step=step, detail=detail)
     if _is_config_error(e):
-        return events.RunFailed(reason=" ".join(str(e).split()), kind="config", step=step, detail=detail)
+        return events.RunFailed(reason=" ".join(str(e).split()), kind=events.FailKind.CONFIG, step=step, detail=detail)
     if is_disk_full(e):
         kept = f"; previous checkpoint {last} kept" if last else ""
         return events.RunFailed(reason=f"disk full while saving at step {step}{kept}; free space and resume",
-                                kind="disk", step=step, detail=detail)
+                                kind=events.FailKind.DISK, step=step, detail=detail)
     if isinstance(e, KeyboardInterrupt):
-        return events.RunFailed(reason="interrupted", kind="killed", step=step, detail=detail)
+        return events.RunFailed(reason="interrupted", kind=events.FailKind.KILLED, step=step, detail=detail)
     msg = str(e).strip().splitlines()
     return events.RunFailed(reason=f"{type(e).__name__}: {msg[0][:300] if msg else ''}".rstrip(": "),
-                            kind="error", step=step, detail=detail)
+                            kind=events.FailKind.ERROR, step=step, detail=detail)
 
 
 def nan_halt(cfg, step: int, loss) -> events.RunFailed:
@@ -72,7 +72,7 @@ def nan_halt(cfg, step: int, loss) -> events.RunFailed:
     extreme = extreme_scaling(cfg)
     fix = extreme[1] if extreme else "lower train.learning_rate, e.g. to 1e-4"
     return events.RunFailed(reason=f"non-finite {what} at step {step}: halted (train.nan_policy = "
-                            f"halt); {fix}", kind="nan", step=step)
+                            f"halt); {fix}", kind=events.FailKind.NAN, step=step)
 
 
 def log_write_failure(ev: events.Event, exc: BaseException, log_name: str) -> events.Event:
@@ -81,7 +81,7 @@ def log_write_failure(ev: events.Event, exc: BaseException, log_name: str) -> ev
     if not isinstance(ev, events.RunFinished):
         return ev
     disk = is_disk_full(exc)
-    return events.RunFailed(kind="disk" if disk else "error", step=ev.step, reason=(
+    return events.RunFailed(kind=events.FailKind.DISK if disk else events.FailKind.ERROR, step=ev.step, reason=(
         f"{'disk full: ' if disk else ''}{log_name} could not be written ({exc}); the run stopped "
         f"at step {ev.step}" + (f", adapter saved in {ev.adapter_dir}" if ev.adapter_dir else "")
         + "; free space and resume"))

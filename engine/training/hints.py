@@ -22,7 +22,8 @@ import statistics
 from collections import deque
 from typing import Any
 
-from engine.core.events import Checkpoint, Eval, Event, Hint, Preference, RunFailed, RunFinished, RunStarted, Step
+from engine.core.events import (Checkpoint, Eval, Event, Hint, Preference, RunFailed, RunFinished, RunStarted,
+                                Severity, Step)
 from engine.core.units import GIB, is_finite
 
 # --- thresholds -------------------------------------------------------------------------
@@ -293,7 +294,7 @@ def nan_hint(step: int, loss: float | None, grad_norm: float | None, cfg=None) -
     extreme = extreme_scaling(cfg)
     if extreme:                      # blame what is actually extreme, not the learning rate
         cause, fix = extreme
-        return Hint(rule="nan", severity="error", symptom=symptom, cause=cause,
+        return Hint(rule="nan", severity=Severity.ERROR, symptom=symptom, cause=cause,
                     fix=fix + "; start a new run (lora.* cannot change on resume)", step=int(step))
     cause = "learning rate too high" + (f" (train.learning_rate = {fmt_lr(lr)})" if is_finite(lr) else "")
     if dtype == "fp16":
@@ -306,7 +307,7 @@ def nan_hint(step: int, loss: float | None, grad_norm: float | None, cfg=None) -
         advice.append("check the label mask in the Dataset screen / `qlora-tui inspect --show`")
     # the recovery dialog says which: a checkpoint before the NaN, or none (then from step 0)
     advice.append("resume with the fix (from the last checkpoint, or from step 0 if none was saved)")
-    return Hint(rule="nan", severity="error", symptom=symptom, cause=cause,
+    return Hint(rule="nan", severity=Severity.ERROR, symptom=symptom, cause=cause,
                 fix=fix_text(cfg, overrides, advice), step=int(step), overrides=overrides)
 
 
@@ -346,7 +347,7 @@ def oom_hint(estimate_bytes: int | None, observed_bytes: int | None, cfg=None,
         symptom += ": " + ", ".join(details)
     if estimate_bytes and observed_bytes and estimate_bytes > 0:
         symptom += f" ({(observed_bytes - estimate_bytes) / estimate_bytes:+.0%} vs estimate)"
-    return Hint(rule="oom", severity="error", symptom=symptom,
+    return Hint(rule="oom", severity=Severity.ERROR, symptom=symptom,
                 cause=_oom_cause(cfg, at_start, estimate_bytes, observed_bytes),
                 fix=_oom_fix(cfg, step), step=int(step), overrides=oom_overrides(cfg, step))
 
@@ -584,7 +585,7 @@ class HintEngine:
 
     def _pref_hint(self, ev: Preference, rule: str, symptom: str, cause: str, overrides: list[str],
                    advice: list[str]) -> Hint:
-        return Hint(rule=rule, severity="warning", symptom=symptom, cause=cause,
+        return Hint(rule=rule, severity=Severity.WARNING, symptom=symptom, cause=cause,
                     fix=fix_text(self.cfg, overrides, advice), step=int(ev.step), overrides=overrides)
 
     # -- steps --
@@ -722,7 +723,7 @@ class HintEngine:
             fix = (f"more train.epochs ({epochs:g} → {epochs + 1:g})" if is_finite(epochs)
                    else "more train.epochs")
             self._emit(out, Hint(
-                rule="under_trained", severity="info",
+                rule="under_trained", severity=Severity.INFO,
                 symptom=(f"eval loss still falling at the end: {_num(losses[-2])} → {_num(losses[-1])} "
                          f"(-{last_drop:.0%}) at the last eval"),
                 cause="under-trained: the model has not converged",
@@ -766,7 +767,7 @@ class HintEngine:
         if step.grad_norm == 0:
             what.append("grad norm = 0")
         return Hint(
-            rule="labels_masked", severity="error",
+            rule="labels_masked", severity=Severity.ERROR,
             symptom=f"{' and '.join(what)} for {self._zero_run} logged steps",
             cause="labels all masked (-100): nothing is being learned",
             fix=("check the label mask in the Dataset screen / `qlora-tui inspect --show`; "
@@ -781,7 +782,7 @@ class HintEngine:
             overrides.append(override("train.max_grad_norm", 1.0))
         gn = f", grad norm {_num(step.grad_norm)}" if is_finite(step.grad_norm) else ""
         return Hint(
-            rule="loss_spike", severity="warning",
+            rule="loss_spike", severity=Severity.WARNING,
             symptom=f"loss jumped to {_num(step.loss)} (recent median {_num(med)}{gn})",
             cause="LR too high or a bad batch",
             fix="if it recurs: " + fix_text(self.cfg, overrides, [
@@ -810,7 +811,7 @@ class HintEngine:
         first = self._smoothed[0][1]
         converged = first > 0 and best_before <= first * (1 - PLATEAU_CONVERGED_DROP)
         return Hint(
-            rule="loss_plateau", severity="info" if converged else "warning",
+            rule="loss_plateau", severity=Severity.INFO if converged else "warning",
             symptom=(f"loss flat at ~{_num(self._smoothed[-1][1])} for {PLATEAU_WINDOW} logged steps "
                      f"(best {_num(best_before)}, start {_num(first)})"),
             cause="LR too low or rank too low — increase one" + (
@@ -841,13 +842,13 @@ class HintEngine:
             fixes.append(f"fewer train.epochs ({where})")
         fixes.append(f"use the checkpoint nearest step {best_step}")
         return Hint(
-            rule="overfitting", severity="warning",
+            rule="overfitting", severity=Severity.WARNING,
             symptom=f"eval loss rose {_num(best_loss)} → {_num(ev.eval_loss)} since step {best_step}{train}",
             cause="overfitting (eval loss U-shape)", fix="; ".join(fixes), step=int(ev.step))
 
     def _tps_hint(self, step: Step, tps: float, level: float) -> Hint:
         return Hint(
-            rule="tokens_per_second_drop", severity="warning",
+            rule="tokens_per_second_drop", severity=Severity.WARNING,
             symptom=(f"tokens/s fell to {tps:,.0f} from a running {level:,.0f} "
                      f"({tps / level - 1:+.0%})"),
             **self._slowdown_why(),
@@ -884,7 +885,7 @@ class HintEngine:
             fixes.append("data.packing = true (less padding)")
         fixes.append("check CPU load (tokenization, data loading) in the host panel")
         return Hint(
-            rule="low_gpu_util", severity="warning",
+            rule="low_gpu_util", severity=Severity.WARNING,
             symptom=f"GPU utilisation ~{med:.0f}% over the last {GPU_LOW_WINDOW} samples (want 80-95%)",
             cause="bottleneck: data loading, too small a batch, or the CPU",
             fix="; ".join(fixes), step=int(step))

@@ -191,7 +191,7 @@ class Recipe:
     @staticmethod
     def read_rows(cfg, emit) -> Rows:
         """The rows, read before the plan is made (a data error comes first, as nothing is loaded)."""
-        emit(events.Status(phase="data", message="reading data"))
+        emit(events.Status(phase=events.Phase.DATA, message="reading data"))
         return read_rows(cfg)
 
     def setup(self, rows: Rows | None = None) -> Prepared:
@@ -221,7 +221,7 @@ class Recipe:
         from engine.training import model as model_mod
         from engine.training import vision
         cfg = self.cfg
-        self.emit(events.Status(phase="tokenizer", message=f"loading tokenizer from {path}"))
+        self.emit(events.Status(phase=events.Phase.TOKENIZER, message=f"loading tokenizer from {path}"))
         self.proc = vision.load_processor(cfg, path) if vision.model_is_vision(cfg, path) else None
         if self.proc is None and rows.format == vision.FORMAT:
             raise model_mod.ModelError(f"data.train has images but model.name = {cfg.model.name!r} is a text-only model; "
@@ -236,7 +236,7 @@ class Recipe:
         """The encoded (train, eval) sets; ``data.packing = auto`` decided from their lengths."""
         from engine.training.trainer import decide_packing
         cfg = self.cfg
-        self.emit(events.Status(phase="tokenize", message=f"tokenising {len(rows.train)} train rows"))
+        self.emit(events.Status(phase=events.Phase.TOKENIZE, message=f"tokenising {len(rows.train)} train rows"))
         if preference.is_preference(cfg):     # TRL's preference trainers tokenise pairs themselves
             cfg.data.packing = False
             self.plan.lines.append("packing off (preference pairs: each side keeps its own sequence)")
@@ -299,7 +299,7 @@ class Recipe:
     def _load_model(self, path: str):
         from engine.training import model as model_mod
         cfg, rt = self.cfg, self.rt
-        self.emit(events.Status(phase="model", message=f"loading {cfg.model.name} "
+        self.emit(events.Status(phase=events.Phase.MODEL, message=f"loading {cfg.model.name} "
                                 f"({'4-bit ' + cfg.quant.quant_type if rt.load_in_4bit else rt.dtype}) on {rt.device}"))
         mc = self._model_config()
         model = model_mod.load_model(cfg, rt, path)
@@ -376,7 +376,7 @@ class Recipe:
         peft_config, model, optimizers = self._adapter_setup(model, args)
         collator = None if pref else self._collator(args)
         cb = sft.EventCallback(self.emit, self.stop_flag, self.stop_reason, self.run_dir, self.faults, cfg)
-        self.emit(events.Status(phase="build", message="building the trainer"))
+        self.emit(events.Status(phase=events.Phase.BUILD, message="building the trainer"))
         trainer_cls = sft.trainer_class(methods.of(cfg))      # the method's TRL trainer under our mixin
         trainer = trainer_cls(model=model, args=args, train_dataset=train_tok, eval_dataset=eval_tok,
                                    processing_class=self.proc if self.proc is not None else self.tok,
@@ -439,7 +439,7 @@ class Recipe:
         from engine.core import rundir
         from engine.training import distributed
         from engine.methods import galore
-        self.emit(events.Status(phase="save", message="saving the adapter"))
+        self.emit(events.Status(phase=events.Phase.SAVE, message="saving the adapter"))
         trainer, cfg = self.prepared.trainer, self.cfg
         final = self.run_dir / methods.of(cfg).output_dir()
         tmp = self.run_dir / (final.name + ".tmp")

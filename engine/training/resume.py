@@ -89,7 +89,7 @@ def finish_from_checkpoint(run_dir: Path, cfg: config.Config, ckpt: Path, emit) 
 
 def adapter_from_checkpoint(run_dir: Path, cfg: config.Config, ckpt: Path, emit) -> Path:
     """RUN_DIR/adapter from a checkpoint's adapter + tokenizer files (atomically)."""
-    emit(events.Status(phase="save", message=f"saving the adapter from {ckpt.name}"))
+    emit(events.Status(phase=events.Phase.SAVE, message=f"saving the adapter from {ckpt.name}"))
     from engine import methods
     from engine.methods import galore
     from engine.methods.base import FULL

@@ -194,7 +194,7 @@ class Run:
         returns at once): a refusal goes into that run's log, where `runs` and `attach` see it."""
         if self.run_dir is None or not (self.run_dir / rundir.CONFIG).exists():
             return
-        kind = "data" if "data" in str(e).lower() or "line " in str(e) else "config"
+        kind = events.FailKind.DATA if "data" in str(e).lower() or "line " in str(e) else events.FailKind.CONFIG
         try:
             w = events.JsonlWriter(self.run_dir / rundir.EVENTS)
             w(events.RunFailed(reason=str(e).replace("\n", " "), kind=kind))
@@ -251,7 +251,7 @@ class Run:
         ckpt = self._resume_ckpt
         emit(events.Resumed(from_step=rundir.checkpoint_step(ckpt) if ckpt else 0,
                             checkpoint=str(ckpt) if ckpt else ""))
-        emit(events.Status(phase="resume", message=self._resume_note + (
+        emit(events.Status(phase=events.Phase.RESUME, message=self._resume_note + (
             "; config changed: " + ", ".join(f"{k} = {self.cfg.get(k)!r}" for k in self._changed)
             if self._changed else "")))
 
@@ -367,7 +367,7 @@ def install_signal_handlers(run: Run, headless: bool = True) -> None:
                "SIGINT": "Ctrl+C"}.get(name, name)
         if name == "SIGINT" and run.stop_flag.is_set():
             run.bus.emit(events.RunFailed(reason="Ctrl+C twice: stopped at once without saving; "
-                                     "resume from the last checkpoint", kind="killed"))
+                                     "resume from the last checkpoint", kind=events.FailKind.KILLED))
             from engine.core.exitcodes import KILLED
             os._exit(KILLED)
         run.request_stop(f"stopped by {why}: checkpoint and adapter saved")

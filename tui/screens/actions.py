@@ -96,8 +96,8 @@ class ActionDialog(ModalScreen):
 
     @work(thread=True, exclusive=True, group="action-job", exit_on_error=False)
     def _run(self, job: str, params: dict, cancel: threading.Event) -> None:
-        from engine.outputs import jobs
-        jobs.run_child(job, params, lambda ev: self.post_message(JobEvent(ev)), cancel)
+        from engine import service
+        service.run_job(job, params, lambda ev: self.post_message(JobEvent(ev)), cancel)
 
     @on(JobEvent)
     def _on_job_event(self, msg: JobEvent) -> None:
@@ -339,12 +339,9 @@ class ServeDialog(ModalScreen):
 
     @work(thread=True, exclusive=True, exit_on_error=False)
     def _build(self, run_dir: Path) -> None:
-        from engine.outputs.serve import ServeError, serve_command
-        from engine.outputs.merge import AdapterError
-        try:
-            self.post_message(ServeBuilt(serve_command([str(run_dir.resolve())])))
-        except (ServeError, AdapterError) as e:
-            self.post_message(ServeBuilt("", f"serve-cmd failed: {e}"))
+        from engine import service
+        command, why = service.serve_command(run_dir)
+        self.post_message(ServeBuilt(command) if not why else ServeBuilt("", f"serve-cmd failed: {why}"))
 
     @on(ServeBuilt)
     def _built(self, msg: ServeBuilt) -> None:

@@ -82,7 +82,7 @@ class ChatScreen(Screen):
         super().__init__()
         self.src: Path | None = None          # the adapter directory answering
         self.run_dir: Path | None = None
-        self.model = None                     # engine.outputs.chat.ChatModel, once loaded
+        self.model = None                     # engine.service.chat_model(src), once loaded
         self.tuned = True
         self.answering = False
         self.history: list[dict] = []
@@ -121,8 +121,8 @@ class ChatScreen(Screen):
 
     @work(thread=True, exclusive=True, group="chat-pick", exit_on_error=False)
     def _pick(self, runs_dir: Path) -> None:
-        from engine.outputs import chat
-        self.post_message(ChatPicked(chat.latest_run(runs_dir)))
+        from engine import service
+        self.post_message(ChatPicked(service.latest_chat_run(runs_dir)))
 
     @on(ChatPicked)
     def _on_picked(self, msg: ChatPicked) -> None:
@@ -139,10 +139,10 @@ class ChatScreen(Screen):
     def open(self, src: str | Path) -> None:
         """Chat with ``src``: a run (its final adapter, else its newest checkpoint) or one of
         its checkpoints / adapter directories."""
-        from engine.outputs import chat
+        from engine import service
         src = Path(src)
-        run_dir = chat.owning_run(src)
-        choices = chat.sources(run_dir)
+        run_dir = service.chat_owning_run(src)
+        choices = service.chat_sources(run_dir)
         if (src / "adapter_config.json").is_file() and src not in choices:
             choices.insert(0, src)
         if not choices:
@@ -156,7 +156,7 @@ class ChatScreen(Screen):
             select.set_options([(middle(c.name if c.parent == run_dir else
                                         f"{c.parent.name}/{c.name}", 20), str(c)) for c in choices])
             select.value = str(pick)
-        self.history = chat.history(run_dir)
+        self.history = service.chat_history(run_dir)
         self._show_history()
         self._load(pick)
 
@@ -179,11 +179,11 @@ class ChatScreen(Screen):
 
     @work(thread=True, exclusive=True, group="chat-load", exit_on_error=False)
     def _load_model(self, src: Path) -> None:
-        from engine.outputs import chat
-        model = chat.ChatModel(src)
+        from engine import service
+        model = service.chat_model(src)
         try:
             model.load(lambda f, m: self.post_message(ChatLoading(src, f, m)))
-        except chat.ChatError as e:
+        except service.ChatError as e:
             self.post_message(ChatLoaded(src, None, str(e)))
             return
         self.post_message(ChatLoaded(src, model))
@@ -245,11 +245,11 @@ class ChatScreen(Screen):
 
     # ---- sending, streaming, stopping ----------------------------------------------------------
     def _sampling(self):
-        from engine.outputs.chat import ChatError, Sampling
+        from engine.service import ChatError, chat_sampling
         try:
-            s = Sampling(temperature=float(self.query_one("#chat-temp", Input).value or 0),
-                         top_p=float(self.query_one("#chat-top-p", Input).value or 1),
-                         max_new_tokens=int(self.query_one("#chat-max", Input).value or 0))
+            s = chat_sampling(temperature=float(self.query_one("#chat-temp", Input).value or 0),
+                              top_p=float(self.query_one("#chat-top-p", Input).value or 1),
+                              max_new_tokens=int(self.query_one("#chat-max", Input).value or 0))
             s.check()
         except (ValueError, ChatError) as e:
             self.notify(f"Sampling: {one_line(e, 150)}", severity="error", markup=False)
@@ -271,11 +271,11 @@ class ChatScreen(Screen):
         sampling = self._sampling()
         if sampling is None:
             return
-        from engine.outputs import chat
+        from engine import service
         event.input.value = ""
         turn = {"role": "user", "content": text}
         self.history.append(turn)
-        chat.append_turn(self.src, "user", text, adapter=str(self.src))
+        service.append_chat_turn(self.src, "user", text, adapter=str(self.src))
         log = self.query_one("#chat-log", VerticalScroll)
         for w in log.query(".chat-empty"):
             w.remove()
@@ -296,7 +296,7 @@ class ChatScreen(Screen):
 
     @work(thread=True, exclusive=True, group="chat-answer", exit_on_error=False)
     def _generate(self, history, sampling, system: str, tuned: bool, stop: threading.Event) -> None:
-        from engine.outputs.chat import ChatError
+        from engine.service import ChatError
         text, last = "", 0.0
         try:
             for piece in self.model.stream(history, sampling, system=system, tuned=tuned, stop=stop):
@@ -317,7 +317,7 @@ class ChatScreen(Screen):
 
     @on(ChatAnswered)
     def _on_answered(self, msg: ChatAnswered) -> None:
-        from engine.outputs import chat
+        from engine import service
         self.answering = False
         self.refresh_bindings()
         if self._answer is not None:
@@ -330,7 +330,7 @@ class ChatScreen(Screen):
                 rec["stopped"] = True
             self.history.append(rec)
             if self.src is not None:
-                chat.append_turn(self.src, "assistant", msg.text, model=self.who(),
+                service.append_chat_turn(self.src, "assistant", msg.text, model=self.who(),
                                  adapter=str(self.src), stopped=msg.stopped)
         self.query_one("#chat-log", VerticalScroll).scroll_end(animate=False)
 
@@ -352,7 +352,7 @@ class ChatScreen(Screen):
         if self.answering:
             self.action_stop_answer()
         if self.run_dir is not None:
-            from engine.outputs import chat
-            chat.clear(self.run_dir)
+            from engine import service
+            service.clear_chat(self.run_dir)
         self.history = []
         self._show_history()

@@ -102,7 +102,7 @@ class CompareRunsScreen(Screen):
 
     @work(thread=True, exclusive=True, exit_on_error=False)
     def _read(self, run_dirs: list[Path]) -> None:
-        from engine.core.summary import config_differences
+        from engine.service import config_differences
         self.post_message(Compared([read_run(d) for d in run_dirs], config_differences(run_dirs)))
 
     @on(Compared)

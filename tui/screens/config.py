@@ -37,12 +37,6 @@ class FormEdited(Message):
     problems: list
 
 
-@dataclass
-class LoadConfig(Message):
-    """Load the TOML config at ``path`` into the form."""
-    path: str
-
-
 def _default(f: dataclasses.Field):
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
@@ -83,7 +77,7 @@ def to_text(value) -> str:
 
 def from_text(f: dataclasses.Field, text: str):
     """The form's text → the value the engine validates (bad text stays bad, to be reported)."""
-    from engine.core.config import parse_value
+    from engine.service import parse_value
     default = _default(f)
     if f.metadata.get("kind") == "modules":
         t = text.strip()
@@ -180,7 +174,7 @@ class ConfigScreen(Screen):
         yield Footer(compact=True)
 
     def _section_widgets(self, section: str, items) -> list:
-        from engine.core.config import SECTION_TITLES
+        from engine.service import SECTION_TITLES
         data = self.app.form_data
         out = [Static(SECTION_TITLES.get(section, section), classes="section", id=f"section-{section}")]
         for key, f in items:
@@ -260,7 +254,7 @@ class ConfigScreen(Screen):
 
     async def build_form(self) -> None:
         """Mount the form a section at a time, so the screen shows (and answers keys) at once."""
-        from engine.core.config import field_specs
+        from engine.service import field_specs
         self.form_ready = False
         self._rows = None
         form = self.query_one("#form", VerticalScroll)
@@ -336,7 +330,7 @@ class ConfigScreen(Screen):
         app = self.app
         n = len(self.problems)
         if n:
-            from engine.core.config import plural
+            from engine.service import plural
             status = Text(f"✖ {plural(n, 'problem')}:", style="bold $error")
         else:
             status = Text("✔ valid", style="bold $success")
@@ -365,7 +359,7 @@ class ConfigScreen(Screen):
         t.append("effective batch ", style="dim")
         n = dist.get("nodes", 1)
         if all(isinstance(x, int) and not isinstance(x, bool) for x in (b, a, g, n)):
-            from engine.core.config import effective_batch
+            from engine.service import effective_batch
             t.append(f"{b} × {a}" + (f" × {g} GPUs" if g != 1 else "") + (f" × {n} nodes" if n != 1 else "")
                      + f" = {effective_batch(b, a, g * n)}",
                      style="bold")
@@ -398,34 +392,27 @@ class ConfigScreen(Screen):
 
     @work(thread=True, exclusive=True, group="estimate", exit_on_error=False)
     def _estimate(self, cfg) -> None:
+        from engine import service
         try:
-            from engine.planning import estimate as est
+            verdict = service.plan(cfg)               # the run's own budget and planner
         except ImportError:
             self.post_message(EstimateReady("trainable params: (engine.planning.estimate not installed)", None))
             return
-        try:
-            mc = est.model_config_for(cfg)
-            budget, _why = est.gpu_budget(cfg)           # the run's own rule
-            e = est.estimate(cfg, mc, gpu_mem_bytes=budget)
         except Exception as ex:
             self.post_message(EstimateReady(f"estimate unavailable: {one_line(ex, 100)}", None))
             return
+        e = verdict.estimate
         fits = {True: "fits", False: "does NOT fit", None: ""}.get(e.fits, "")
         peak = (f"{e.peak_bytes / GIB:.1f} GiB" if e.peak_bytes >= GIB / 10
                 else f"{e.peak_bytes / 1024 ** 2:.0f} MiB")
         text = (f"{cfg.train.method}: trainable params {e.trainable_params:,}   peak VRAM ≈ {peak}"
                 + (f" ({fits} the GPU)" if fits else ""))
-        if budget is not None and cfg.train.device != "cpu":   # the fit planner's choice and why
-            try:
-                p = est.plan(cfg, mc, budget)
-                text += "\n" + est.plan_summary(p, round(budget / est.GIB, 1))
-                from engine.training.probes import planner_notes   # fast paths checked on this GPU
-                text += "".join("\n" + note for note in planner_notes(p.fp8))
-            except Exception as ex:
-                text += f"\nplanner unavailable: {one_line(ex, 100)}"
+        try:             # the fit planner's choice and why, the fast paths checked on this GPU
+            text += "".join("\n" + line for line in verdict.summary_lines())
+        except Exception as ex:
+            text += f"\nplanner unavailable: {one_line(ex, 100)}"
         try:                                   # time to train (engine.planning.timing)
-            from engine.planning import timing
-            text += "\n" + timing.local_time_line(cfg, mc)
+            text += "\n" + service.time_line(cfg, verdict.model_config)
         except Exception as ex:
             text += f"\ntime to train unavailable: {one_line(ex, 100)}"
         self.post_message(EstimateReady(text, e.trainable_params))
@@ -434,7 +421,3 @@ class ConfigScreen(Screen):
     def _on_estimate(self, msg: EstimateReady) -> None:
         self._estimate_text = Text(msg.text, style="" if msg.trainable is not None else "dim")
         self._show_derived(None)
-
-    async def _load(self, path: str) -> None:
-        """Load ``path`` (what ctrl+o does after its prompt)."""
-        self.post_message(LoadConfig(path))

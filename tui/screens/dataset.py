@@ -55,7 +55,7 @@ class PreviewReady(Message):
 
 
 def histogram_text(report, width: int = 36) -> Text:
-    from engine.dataset.inspect import bucket_label
+    from engine.service import bucket_label
     hist = list(report.histogram or [])
     t = Text()
     if not hist:
@@ -184,8 +184,7 @@ def preview_text(preview, start: int = 0, end: int | None = None) -> Text:
     labelled «…» (results italic, weight-0 answers struck); what max_length cuts off is marked ✂.
     ``start``/``end``: only those characters of the rendered text (a preference row's prompt, or
     one side's answer)."""
-    from engine.dataset.chat import MARK_LABELS
-    from engine.dataset.inspect import marked_segments
+    from engine.service import MARK_LABELS, marked_segments
     t = Text()
     cut = getattr(preview, "cut_char", None)
     pos, before = 0, None
@@ -389,7 +388,7 @@ class DatasetScreen(Screen):
     @work(thread=True, exclusive=True, group="inspect", exit_on_error=False)
     def _inspect(self, cfg, cancel: threading.Event) -> None:
         worker = get_current_worker()
-        from engine.dataset import inspect as inspect_mod
+        from engine import service
         last = [0.0]
 
         def on_partial(report) -> None:
@@ -400,7 +399,7 @@ class DatasetScreen(Screen):
                 last[0] = now
                 self.post_message(ReportReady(report, final=False))
         try:
-            report = inspect_mod.inspect(cfg, on_partial=on_partial, cancel=cancel)
+            report = service.inspect_dataset(cfg, on_partial=on_partial, cancel=cancel)
         except Exception as e:
             if not cancel.is_set():
                 self.post_message(ReportFailed(f"{type(e).__name__}: {e}"))
@@ -478,7 +477,7 @@ class DatasetScreen(Screen):
 
     def _show_source_line(self, where: SourceLine, message: str) -> None:
         """A mixture source's problem: the source file's line as it is (it has no row in the mix)."""
-        from engine.dataset.inspect import raw_line
+        from engine.service import raw_line
         self._jump_line = None
         self.query_one("#ds-tabs", TabbedContent).active = "tab-rows"
         h = Text()
@@ -498,9 +497,9 @@ class DatasetScreen(Screen):
     @work(thread=True, exclusive=True, group="row-for-line", exit_on_error=False)
     def _row_for_line(self, cfg, line: int) -> None:
         try:
-            from engine.dataset import inspect as inspect_mod
-            index = inspect_mod.row_index_for_line(cfg, line)
-        except inspect_mod.NoRowAtLine as e:           # the line is no usable row (it failed to parse)
+            from engine import service
+            index = service.row_at_line(cfg, line)
+        except service.NoRowAtLine as e:           # the line is no usable row (it failed to parse)
             self.post_message(RowForLine(line, None, str(e), e.next_index, e.raw))
             return
         except ValueError as e:
@@ -543,8 +542,8 @@ class DatasetScreen(Screen):
     @work(thread=True, exclusive=True, group="preview", exit_on_error=False)
     def _preview(self, cfg, index: int) -> None:
         try:
-            from engine.dataset import inspect as inspect_mod
-            pv = inspect_mod.preview(cfg, index)
+            from engine import service
+            pv = service.preview_row(cfg, index)
             if getattr(pv, "images", None):
                 from tui import images
                 how = images.mode()

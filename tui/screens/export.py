@@ -22,20 +22,19 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label, ProgressBar, Select, Static, TextArea
 
+from engine import service
 from tui.safe import clean, literal, one_line
 from tui.screens.actions import copyable
 
 
 def target_choices() -> list[tuple[str, str]]:
     """(label, name) of every export target, in the registry's order."""
-    from engine.outputs import targets
-    return [(t.label, t.name) for t in targets.all_targets()]
+    return [(t.label, t.name) for t in service.export_targets()]
 
 
 def option_choices(target: str) -> tuple[list[tuple[str, str]], str]:
     """The (label, value) pairs of ``target``'s option (its GGUF type, its dtype) and its default."""
-    from engine.outputs import targets
-    t = targets.get(target)
+    t = service.export_target(target)
     if not t.options:
         return [("(no options)", "")], ""
     o = t.options[0]
@@ -44,8 +43,7 @@ def option_choices(target: str) -> tuple[list[tuple[str, str]], str]:
 
 def export_params(run_dir: Path, target: str, choice: str) -> dict:
     """What the export job is asked (``engine.outputs.jobs``): the run, the target, its option."""
-    from engine.outputs import targets
-    t = targets.get(target)
+    t = service.export_target(target)
     options = {t.options[0].name: choice} if t.options and choice else {}
     return {"src": str(Path(run_dir).resolve()), "target": target, "options": options, "force": True}
 
@@ -88,13 +86,13 @@ class ExportScreen(ModalScreen):
         self._stop = threading.Event()
 
     def compose(self) -> ComposeResult:
-        from engine.outputs import targets
-        options, default = option_choices(targets.DEFAULT)
+        default_target = service.export_target().name
+        options, default = option_choices(default_target)
         with Vertical(id="export-box"):
             yield Label(Text("Export ") + literal(self.run_dir.name)
                         + Text(" (GGUF, Ollama, merged)", style="bold"))
             with Horizontal(id="export-row"):
-                yield Select(target_choices(), value=targets.DEFAULT, allow_blank=False, id="export-target")
+                yield Select(target_choices(), value=default_target, allow_blank=False, id="export-target")
                 yield Select(options, value=default, allow_blank=False, id="export-type")
                 yield Button("Export (ctrl+e)", id="export-go", variant="primary")
             yield ProgressBar(total=100, show_eta=True, id="export-progress")
@@ -134,10 +132,9 @@ class ExportScreen(ModalScreen):
 
     @work(thread=True, exclusive=True, group="export", exit_on_error=False)
     def _export(self, params: dict) -> None:
-        from engine.outputs import jobs
-        job = jobs.start_export(params)
+        job = service.start_export(params)
         self.log_path = job.events
-        jobs.follow_export(job, lambda ev: self.post_message(ExportEvent(ev)), self._stop)
+        service.follow_export(job, lambda ev: self.post_message(ExportEvent(ev)), self._stop)
 
     @on(ExportEvent)
     def _event(self, msg: ExportEvent) -> None:

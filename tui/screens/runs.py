@@ -13,7 +13,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Sparkline, Static
 
-from engine.core.summary import RESUMABLE
+from engine.service import RESUMABLE
 from tui.controller import read_run
 from tui.runstate import RunState
 from tui.safe import clean, literal, middle, one_line
@@ -31,7 +31,7 @@ class RunsListed(Message):
 
 @dataclass
 class RunHistory(Message):
-    """A run's state folded from its log, and its ``rundir.info``."""
+    """A run's state folded from its log, and its ``service.run_info``."""
     run_dir: Path
     state: object
     info: object = None
@@ -237,9 +237,9 @@ class RunsScreen(Screen):
 
     @work(thread=True, exclusive=True, group="list-runs", exit_on_error=False)
     def _list(self, runs_dir: Path) -> None:
-        from engine.core import rundir
+        from engine import service
         try:
-            self.post_message(RunsListed(rundir.list_runs(runs_dir)))
+            self.post_message(RunsListed(service.runs(runs_dir)))
         except Exception as e:
             self.post_message(RunsListed([], f"{type(e).__name__}: {e}"))
 
@@ -378,10 +378,9 @@ class RunDetailScreen(Screen):
 
     @work(thread=True, exclusive=True, exit_on_error=False)
     def _read(self, run_dir: Path) -> None:
-        from engine.core import rundir
-        from engine.outputs import evaluate
-        self.eval_report = evaluate.latest(run_dir)     # the newest `qlora-tui eval` of this run
-        self.post_message(RunHistory(run_dir, read_run(run_dir), rundir.info(run_dir)))
+        from engine import service
+        self.eval_report = service.latest_eval(run_dir)     # the newest `qlora-tui eval` of this run
+        self.post_message(RunHistory(run_dir, read_run(run_dir), service.run_info(run_dir)))
 
     @on(RunHistory)
     def _on_history(self, msg: RunHistory) -> None:
@@ -412,8 +411,8 @@ class RunDetailScreen(Screen):
         if ri.state == "live":
             t.append("\na: attach to this live run", style="dim")
         else:
-            from engine.outputs.chat import sources
-            keys = (["c chat"] if sources(self.run_dir) else []) + \
+            from engine.service import chat_sources
+            keys = (["c chat"] if chat_sources(self.run_dir) else []) + \
                 ["e export", "m merge", "g compare", "l eval", "s serve", "p push"] + \
                 (["r resume"] if ri.state in RESUMABLE else [])
             t.append("\n" + " · ".join(keys), style="dim")
@@ -435,8 +434,8 @@ class RunDetailScreen(Screen):
         self.query_one("#detail-hints", Static).update(
             hints_text(st.hints, st.warnings) + (Text("\n\nanswers over the run (greedy, at each eval):\n",
                                                       style="bold") + gens if gens else Text()))
-        from engine.outputs.chat import sources
-        self.can_chat = ri.state not in ("live", "new") and bool(sources(self.run_dir))
+        from engine.service import chat_sources
+        self.can_chat = ri.state not in ("live", "new") and bool(chat_sources(self.run_dir))
         self.refresh_bindings()
 
     def action_attach(self) -> None:

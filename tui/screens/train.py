@@ -46,8 +46,15 @@ class TrainScreen(Screen):
 
     def on_mount(self) -> None:
         self.sub_title = "Train"
+        self.app.run_changed.subscribe(self, self._run_changed, immediate=True)
         self.render_run(self.app.run_state)
         self._poll_readings()
+
+    def _run_changed(self, st: RunState | None) -> None:
+        """The followed run changed (the app's ``run_changed`` signal): redrawn while shown,
+        and on return to this screen otherwise."""
+        if self.is_current:
+            self.render_run(st)
 
     def on_screen_resume(self) -> None:
         self.render_run(self.app.run_state)

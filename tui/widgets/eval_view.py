@@ -36,9 +36,9 @@ def bar_lines(pairs: list[tuple[float, float]], width: int) -> tuple[str, str, f
 
 def eval_view(report: dict, width: int = 44) -> Text | None:
     """The table and the plot of a saved report (None when it is malformed)."""
-    from engine.outputs import evaluate
+    from engine.service import eval_per_row_losses, eval_rows
     try:
-        rows = evaluate.table_rows(report)
+        rows = eval_rows(report)
         lower = float(report["tuned"]["loss"]) < float(report["base"]["loss"])
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
@@ -57,7 +57,7 @@ def eval_view(report: dict, width: int = 44) -> Text | None:
         out.append_text(literal(f"{b:>{w1}}"))
         out.append(" ")
         out.append_text(literal(f"{t:>{w2}}", style="$success" if good else ""))
-    pairs = evaluate.per_row_losses(report)
+    pairs = eval_per_row_losses(report)
     if pairs:
         base, tuned, lo, hi = bar_lines(pairs, width - 6)
         out.append(f"\nloss per row, one scale ({lo:.2f}-{hi:.2f}):", style="dim")

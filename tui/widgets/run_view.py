@@ -139,7 +139,7 @@ class Welcome(RunPart):
             rows = [("model", clean(cfg.model.name)), ("data", clean(cfg.data.train)),
                     ("steps", f"{steps}"), ("runs", clean(cfg.output.dir))]
             if cfg.output.report_to != "none":
-                from engine.training.trackers import log_location
+                from engine.service import log_location
                 rows.append(("logs", clean(f"{cfg.output.report_to}: "
                                            f"{log_location(cfg.output.report_to, 'RUN_DIR')}")))
             for key, value in rows:
@@ -293,14 +293,14 @@ class NodesPanel(RunPart):
     def view_of(self, st):
         if st is None or st.run_dir is None or not st.nodes:
             return None
-        from engine.core import nodes
+        from engine.service import node_rows
         import time
         now = time.time()
         rows = tuple((r.node, r.host, r.tokens_per_second, r.stale(now) and not st.ended,
                       tuple((p.rank, p.local_rank, p.step, p.tokens_per_second, (p.gpu or {}).get("util_percent"),
                              (p.gpu or {}).get("mem_used_bytes"), (p.gpu or {}).get("mem_total_bytes"), p.done)
                             for p in r.procs))
-                     for r in nodes.by_node(st.nodes))
+                     for r in node_rows(st.nodes))
         return rows, st.tokens_per_second
 
     def draw(self, view) -> Text:
