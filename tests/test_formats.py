@@ -8,8 +8,10 @@ import json
 import pytest
 
 from engine.core import config
-from engine.dataset import chat, data
-from engine.training import model
+from engine.dataset import data
+from engine.modalities import text as chat
+from engine.models.tokenizer import prepare_tokenizer
+from engine.models.tokenizer import load_tokenizer
 from engine.training.trainer import encode_dataset
 
 # A ChatML template that renders tools the Hermes/Qwen 2.5 way: definitions in the system turn,
@@ -33,14 +35,14 @@ CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool
 
 @pytest.fixture(scope="module")
 def tok():
-    t, _ = model.load_tokenizer(config.Config())
-    chat.prepare_tokenizer(t, TOOLS_TEMPLATE)
+    t, _ = load_tokenizer(config.Config())
+    prepare_tokenizer(t, TOOLS_TEMPLATE)
     return t
 
 
 @pytest.fixture(scope="module")
 def plain_tok():
-    t, _ = model.load_tokenizer(config.Config())      # builtin:tiny's ChatML: no tools
+    t, _ = load_tokenizer(config.Config())      # builtin:tiny's ChatML: no tools
     return t
 
 

@@ -165,9 +165,11 @@ class Scorer:
     def __init__(self, run_dir: Path):
         from peft import PeftModel
         from engine.training import model as mm
+        from engine.models.runtime import runtime
+        from engine.models.tokenizer import load_tokenizer
         cfg = config.load(Path(run_dir) / rundir.CONFIG)
-        rt = mm.runtime(cfg)
-        self.tok = mm.load_tokenizer(cfg)[0]
+        rt = runtime(cfg)
+        self.tok = load_tokenizer(cfg)[0]
         self.model = PeftModel.from_pretrained(mm.load_model(cfg, rt), str(Path(run_dir) / rundir.ADAPTER)).eval()
 
     def logp(self, prompt, answer, adapter: bool = True) -> tuple[float, float]:

@@ -18,7 +18,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Static
 from textual.worker import Worker, WorkerState
 
-from engine.training.builtin import DEMO_OVERRIDES, demo_config  # noqa: F401 (the offline demo)
+from engine.models.builtin import DEMO_OVERRIDES, demo_config  # noqa: F401 (the offline demo)
 from themes.qlora import DEFAULT_THEME, THEMES
 from tui import settings
 from tui.controller import RunController
@@ -78,8 +78,8 @@ class QloraApp(App):
     def __init__(self, config=None, config_path: str | Path | None = None, *,
                  attach: str | Path | None = None, start_mode: str = "train",
                  samplers=None, readings_interval: float = 1.0) -> None:
-        from engine.training import model as model_mod
-        model_mod.require_consent()     # a model's own code runs only after a yes in this app
+        from engine.models.consent import require_consent
+        require_consent()     # a model's own code runs only after a yes in this app
         self.config = config if config is not None else demo_config()
         self.config_path = Path(config_path) if config_path else None
         self.form_data: dict = self.config.to_dict()

@@ -91,7 +91,7 @@ def _main(argv: list[str] | None = None) -> int:
         if pos:
             cfg = config.load(pos[0], sets)
         else:
-            from engine.training.builtin import demo_config
+            from engine.models.builtin import demo_config
             cfg = demo_config(sets)
     except config.ConfigError as e:
         from engine.core.safe_text import visible
@@ -125,7 +125,7 @@ def attach(args: list[str]) -> int:
             except config.ConfigError:
                 cfg = None
     else:
-        from engine.training.builtin import demo_config
+        from engine.models.builtin import demo_config
         cfg = demo_config()            # "no config given": the same demo as plain `qlora-tui`
         run_dir = rundir.newest_live(cfg.resolve_path(cfg.output.dir))
         if run_dir is None:

@@ -72,8 +72,8 @@ class RunController:
         if runner.needs_remote_code_confirmation(cfg):
             def answered(yes: bool | None) -> None:
                 if yes:
-                    from engine.training import model as model_mod
-                    model_mod.grant_remote_code(cfg)
+                    from engine.models.consent import grant_remote_code
+                    grant_remote_code(cfg)
                     self._begin_launch(cfg)
                 else:
                     self._notify("Not started: the model's own code was not allowed to run.")
@@ -216,8 +216,8 @@ class RunController:
         if runner.needs_remote_code_confirmation(cfg):
             def confirmed(ok: bool | None) -> None:
                 if ok:
-                    from engine.training import model as model_mod
-                    model_mod.grant_remote_code(cfg)
+                    from engine.models.consent import grant_remote_code
+                    grant_remote_code(cfg)
                     self.resume(run_dir, fixes)
             self.app.push_screen(RemoteCodeDialog(cfg.model.name, "Resuming this run"), confirmed)
             return

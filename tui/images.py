@@ -16,7 +16,7 @@ Encoders (no Textual here, so they are testable on their own):
 - Sixel: the picture quantised to a palette of at most 64 colours, in six-pixel bands with
   run-length encoding (DCS ``ESC P 0;1;0 q`` ... ``ESC \\``); the widget injects it after its
   cells only while it is wholly visible, half-blocks otherwise.
-Images are untrusted: they are decoded by ``engine.training.vision.thumbnail_image`` (size
+Images are untrusted: they are decoded by ``engine.modalities.vision.thumbnail_image`` (size
 checked before decoding); a broken one shows its problem in place of the picture.
 """
 from __future__ import annotations
@@ -271,7 +271,7 @@ class Picture:
 def picture(path: str, how: dict | None = None, cols: int = COLS) -> Picture:
     """Decode ``path`` safely and encode it for ``how`` (``mode()``'s answer). Never raises for
     a bad image: the Picture carries the problem instead."""
-    from engine.training.vision import thumbnail_image
+    from engine.modalities.vision import thumbnail_image
     how = how or mode()
     pic = Picture(path=path, mode=how["mode"])
     if pic.mode == "off":

@@ -145,7 +145,7 @@ def held_out_rows(src, data: str | None) -> tuple[str, list[dict]]:
     cfg = _run_config(run_dir_of(src, adapter_dir))
     if cfg is None:
         raise EvalError(f"{src}: not a run directory (no config.toml); pass --data FILE with held-out rows")
-    from engine.training.recipe import read_rows
+    from engine.dataset.rows import read_rows
     try:
         rows = read_rows(cfg)
     except data_mod.DataError as e:

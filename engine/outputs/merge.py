@@ -122,7 +122,7 @@ def resolve_base(name: str, *, revision: str = "", trust_remote_code: bool = Fal
         if name != "builtin:tiny":
             raise err(f"base model {name!r}{src} is unknown; the only builtin model is builtin:tiny")
         try:
-            from engine.training.builtin import tiny_model_dir
+            from engine.models.builtin import tiny_model_dir
         except ImportError as e:
             raise err(f"base model builtin:tiny{src} is not available in this install ({e}); "
                       f"pass --base DIR") from None
@@ -578,7 +578,7 @@ def _merge_to(tmp: Path, out: Path, base_name: str, adapter_dir: Path, load_kw: 
     try:
         merged.save_pretrained(str(tmp))
         if auto_model_class(merged.config).__name__ != "AutoModelForCausalLM":   # the base's image processor too
-            from engine.training.vision import pretrained_processor
+            from engine.models.processor import pretrained_processor
             pretrained_processor(base_name, load_kw.get("revision"),
                                  load_kw["trust_remote_code"]).save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))       # the run's tokenizer (and chat template) over the base's

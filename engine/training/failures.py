@@ -37,7 +37,7 @@ def _is_data_error(e: BaseException) -> bool:
 
 def _is_config_error(e: BaseException) -> bool:
     from engine.core.config import ConfigError
-    from engine.training.model import ModelError
+    from engine.models.source import ModelError
     return isinstance(e, (ModelError, ConfigError))
 
 

@@ -212,7 +212,7 @@ def decoder_layers(model) -> list:
     an image-text model's vision blocks are not among them (the planner's layers are the language
     model's, and the frozen tower keeps nothing for backward)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
-    from engine.training.vision import is_vision_module
+    from engine.modalities.vision import is_vision_module
     return [m for n, m in model.named_modules()
             if isinstance(m, GradientCheckpointingLayer) and not is_vision_module(n)]
 

@@ -182,7 +182,7 @@ PROBES = {p.name: p for p in (
 
 def _device(rt):
     import torch
-    from engine.training.model import torch_dtype, train_device
+    from engine.models.runtime import torch_dtype, train_device
     return torch.device(train_device(rt)), torch_dtype(rt.dtype)
 
 
@@ -294,7 +294,7 @@ overflow moves the loss by 10% or more."""
 
 
 def _numerics_file():
-    from engine.training.builtin import cache_dir
+    from engine.models.builtin import cache_dir
     return cache_dir() / "numerics.json"
 
 

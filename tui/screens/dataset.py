@@ -184,7 +184,7 @@ def preview_text(preview, start: int = 0, end: int | None = None) -> Text:
     labelled «…» (results italic, weight-0 answers struck); what max_length cuts off is marked ✂.
     ``start``/``end``: only those characters of the rendered text (a preference row's prompt, or
     one side's answer)."""
-    from engine.dataset.chat import MARK_LABELS
+    from engine.modalities.text import MARK_LABELS
     from engine.dataset.inspect import marked_segments
     t = Text()
     cut = getattr(preview, "cut_char", None)
