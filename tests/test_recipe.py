@@ -46,12 +46,12 @@ def test_plan_resolves_every_auto_once_and_building_never_calls_the_planner(tiny
 
     # building never goes back to the planner: setup builds from the plan it is given
     from engine.planning import estimate as estimate_mod
-    from engine.planning import streaming_plan
+    from engine.planning import streaming_run
 
     def refuse(*a, **kw):
         raise AssertionError("the planner was called during build")
     for mod, name in ((estimate_mod, "plan"), (estimate_mod, "estimate"), (estimate_mod, "apply_plan"),
-                      (streaming_plan, "resolve"), (recipe, "plan_run")):
+                      (streaming_run, "resolve"), (recipe, "plan_run")):
         monkeypatch.setattr(mod, name, refuse)
     seen = []
     prep = recipe.build(plan, rundir.Path(tiny_cfg.output.dir) / "x", seen.append, threading.Event(), [])

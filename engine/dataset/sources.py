@@ -41,7 +41,7 @@ def _info_split(path: str):
 
 
 def iter_spec(path: str):
-    from engine.dataset.data import DataError
+    from engine.modalities.base import DataError
     if path.startswith(HUB):
         yield from _iter_hub(path)
         return
@@ -73,7 +73,7 @@ def iter_spec(path: str):
 
 
 def _mapper(entry: dict, p: Path, name: str):
-    from engine.dataset.data import DataError
+    from engine.modalities.base import DataError
     fmt = entry.get("formatting", "alpaca")
     if fmt not in ("alpaca", "sharegpt", "openai"):
         raise DataError(f"{p}: dataset {name!r}: formatting {fmt!r} is not known (alpaca or sharegpt)")
@@ -187,7 +187,7 @@ def _cached(name: str) -> bool:
 
 
 def _iter_hub(spec: str):
-    from engine.dataset.data import DataError
+    from engine.modalities.base import DataError
     name, subset, split = parse_hub(spec)
     if not name or name.count("/") > 1:
         raise DataError(f"{spec}: a hub dataset is hf:org/name (optionally @subset and :split)")

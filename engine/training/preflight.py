@@ -9,10 +9,7 @@ from pathlib import Path
 
 from engine.core import files as _files
 from engine.core import config
-
-
-class PreflightError(ValueError):
-    pass
+from engine.training.failures import PreflightError
 
 
 def preflight(cfg: config.Config, check_model: bool = True) -> list[str]:

@@ -47,7 +47,7 @@ def plan_run(cfg, rows: "Rows | None" = None) -> RunPlan:
     """Resolve every ``auto`` of ``cfg`` once (``engine.training.trainer.resolve_auto``, weight
     streaming, the host-RAM check). Image ``rows`` are planned for their longest row (they are
     never packed). Raises ModelError for settings that cannot run."""
-    from engine.planning import streaming_plan
+    from engine.planning import streaming_run
     from engine.models.runtime import runtime
     from engine.models.source import ModelError
     from engine.training.trainer import resolve_auto
@@ -56,8 +56,8 @@ def plan_run(cfg, rows: "Rows | None" = None) -> RunPlan:
     longest = longest_row(cfg, rows.format, rows.train) if rows is not None and rt.device == "cuda" else None
     resolved, lines = resolve_auto(cfg, rt, None, longest)
     try:
-        lines += streaming_plan.resolve(resolved, rt)
-        streaming_plan.check_host_ram(resolved)            # before any weight is loaded
+        lines += streaming_run.resolve(resolved, rt)
+        streaming_run.check_host_ram(resolved)            # before any weight is loaded
     except ValueError as e:
         raise ModelError(str(e)) from None
     from engine.training import probes                     # each fast path checked on this device
