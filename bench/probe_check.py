@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 def main():
     import torch
     from engine.core import config
-    from engine.training import probes
+    from engine.training import probe_results, probes
     from engine.models.runtime import Runtime
     out = Path(os.environ.get("OUT", ".")) / "probe_check.jsonl"
     lines = []
@@ -30,7 +30,7 @@ def main():
                                       "activation_offload": True, "weight_streaming": False}})
     rt = Runtime("cuda", "bf16", True)
     for fault in [None] + [f"probe:{n}" for n in probes.PROBES] + ["probewrong:fp8_base"]:
-        probes._RESULTS.clear()
+        probe_results.RESULTS.clear()
         if fault:
             os.environ["QLORA_TUI_FAULTS"] = fault
         else:

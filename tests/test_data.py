@@ -5,6 +5,7 @@ import json
 import pytest
 
 from engine.dataset import data as data_mod
+from engine.dataset.rows import load_for_training
 
 ROWS = {
     "messages": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
@@ -92,16 +93,16 @@ def test_unusable_data_errors(tmp_path):
     empty = tmp_path / "e.jsonl"
     empty.write_text("")
     with pytest.raises(data_mod.DataError, match="no rows"):
-        data_mod.load_for_training(config.load(None, [f'data.train="{empty}"']))
+        load_for_training(config.load(None, [f'data.train="{empty}"']))
     with pytest.raises(data_mod.DataError, match="no such file"):
-        data_mod.load_for_training(config.load(None, [f'data.train="{tmp_path / "missing.jsonl"}"']))
+        load_for_training(config.load(None, [f'data.train="{tmp_path / "missing.jsonl"}"']))
     bad = tmp_path / "b.txt"
     bad.write_text("x")
     with pytest.raises(data_mod.DataError, match="unsupported file type"):
         data_mod.load(str(bad))
     mixed = write_jsonl(tmp_path / "m.jsonl", [ROWS["messages"], {"messages": []}])
     with pytest.raises(data_mod.DataError, match="strict"):
-        data_mod.load_for_training(config.load(None, [f'data.train="{mixed}"', "data.strict=true"]))
+        load_for_training(config.load(None, [f'data.train="{mixed}"', "data.strict=true"]))
 
 
 def test_mixed_formats_reported(tmp_path):

@@ -74,9 +74,9 @@ def iter_raw(path: str | Path, on_bytes: Callable[[int, int], None] | None = Non
     """Yield ``(line, record, error)`` for every record of a file; ``error`` is set for bad lines.
     A file that cannot be read as a whole (not UTF-8, unreadable, not parquet) raises DataError
     naming the file (and the line of the first bad byte)."""
-    from engine.dataset import sources
-    if sources.is_spec(str(path)):           # hf:org/name, dataset_info.json#NAME
-        yield from sources.iter_spec(str(path))
+    from engine.dataset import specs
+    if specs.is_spec(str(path)):             # hf:org/name, dataset_info.json#NAME
+        yield from specs.iter_spec(str(path), iter_raw)
         return
     p = resolve(str(path))
     if not p.exists():
@@ -537,36 +537,3 @@ def detect_reason(fmt: str) -> str:
             "vision": "images with their turns (ChatML image parts or LLaMA-Factory 'images')"}[fmt]
 
 
-def load_for_training(cfg) -> tuple[Dataset, Dataset | None]:
-    """Train (and eval) datasets for a config; raises DataError when training cannot proceed.
-    With ``data.sources`` the mixture (``engine.dataset.sources.load_mixture``) replaces data.train."""
-    from engine.dataset import preference
-    if getattr(cfg.data, "sources", None):
-        from engine.dataset import sources
-        train, ev, _ = sources.load_mixture(cfg)
-        preference.check_method(cfg, train.format, "data.sources", "data.sources")
-        _require_usable(train, cfg, "data.sources")
-        return train, ev
-    train = load(cfg.resolve_path(cfg.data.train), cfg.data.format)
-    preference.check_method(cfg, train.format, resolve(train.path), "data.train")
-    _require_usable(train, cfg, "data.train")
-    ev = None
-    if cfg.data.eval:
-        ev = load(cfg.resolve_path(cfg.data.eval), cfg.data.format)
-        preference.check_method(cfg, ev.format, resolve(ev.path), "data.eval")
-        _require_usable(ev, cfg, "data.eval")
-    return train, ev
-
-
-def _require_usable(ds: Dataset, cfg, key: str) -> None:
-    where = ds.path if ds.path.startswith("mixture") else resolve(ds.path)
-    if ds.raw_count == 0:
-        raise DataError(f"{where}: the file has no rows ({key}); add training examples")
-    if not ds.rows:
-        first = ds.problems[0] if ds.problems else None
-        raise DataError(f"{where}: none of {ds.raw_count} rows is usable"
-                        + (f"; first problem at line {first.line}: {first.message}" if first else ""))
-    if cfg.data.strict and ds.problems:
-        p = ds.problems[0]
-        raise DataError(f"{where}:{p.line}: {p.message} ({len(ds.problems)} problem{'' if len(ds.problems) == 1 else 's'}; data.strict = true "
-                        "refuses to train; fix them or set data.strict = false to skip bad rows)")

@@ -17,6 +17,7 @@ def preflight(cfg: config.Config, check_model: bool = True) -> list[str]:
     from engine.dataset import data as data_mod
     from engine.training import model as model_mod
     from engine.models.source import ModelError
+    from engine.dataset.rows import load_for_training
     from engine.models.tokenizer import load_tokenizer
     from engine.training import trackers
     try:
@@ -24,7 +25,7 @@ def preflight(cfg: config.Config, check_model: bool = True) -> list[str]:
     except trackers.TrackerError as e:
         raise PreflightError(str(e)) from None
     try:
-        train, ev = data_mod.load_for_training(cfg)
+        train, ev = load_for_training(cfg)
     except data_mod.DataError as e:
         raise PreflightError(_with_first_bad_line(cfg, str(e))) from None
     if cfg.model.adapter:
