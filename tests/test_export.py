@@ -607,7 +607,7 @@ def test_eval_base_vs_tuned_on_the_cpu_run(tb_run, tmp_path, capsys):
     assert saved["tuned"]["loss"] == rep.tuned.loss
     # the same held-out rows, one of them scored here with PEFT directly
     where, rows = evaluate.held_out_rows(tb_run, None)
-    from engine.training.trainer import encode_dataset
+    from engine.modalities.text import encode_dataset
     model, tok, _ = generate._load(tb_run)
     one = evaluate.evaluate(tb_run, data=None, max_rows=1, answer_rows=0, save=False)
     enc = encode_dataset(tok, rows[:1])

@@ -1,6 +1,6 @@
 """Every SFT format of the "data people actually have" table (issue 26) trains correctly: each
 test writes its own rows in that format, loads them as the trainer does, and checks the labels
-of the trainer's encoded dataset (``engine.training.trainer.encode_dataset``) against a mask
+of the trainer's encoded dataset (``engine.modalities.text.encode_dataset``) against a mask
 built here from the rendered conversation: exactly the expected pieces (assistant answers and
 tool calls, end-of-turn included) are trained, nothing else."""
 import json
@@ -12,7 +12,7 @@ from engine.dataset import data
 from engine.modalities import text as chat
 from engine.models.tokenizer import prepare_tokenizer
 from engine.models.tokenizer import load_tokenizer
-from engine.training.trainer import encode_dataset
+from engine.modalities.text import encode_dataset
 
 # A ChatML template that renders tools the Hermes/Qwen 2.5 way: definitions in the system turn,
 # calls as <tool_call>{json}</tool_call>, results as role tool.

@@ -135,9 +135,9 @@ def test_thousand_rows_ten_percent_malformed(tmp_path):
 # ---- statistics agree with the trainer's encoder ------------------------------------------
 
 def exact_stats(cfg, path):
-    """The statistics recomputed row by row through engine.training.trainer.encode_dataset."""
+    """The statistics recomputed row by row through engine.modalities.text.encode_dataset."""
     from engine.dataset import data as data_mod
-    from engine.training.trainer import encode_dataset
+    from engine.modalities.text import encode_dataset
     tok, _ = inspect_mod.tokenizer_for(cfg)
     ds = data_mod.load(str(path), cfg.data.format)
     enc = encode_dataset(tok, [r.data for r in ds.rows])
@@ -205,7 +205,7 @@ def _trl_trainer(cfg, tok, rows, out_dir):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
     from engine.models.source import model_path
-    from engine.training.trainer import encode_dataset
+    from engine.modalities.text import encode_dataset
     model = AutoModelForCausalLM.from_pretrained(model_path(cfg))
     args = SFTConfig(output_dir=str(out_dir), max_length=cfg.data.max_length, packing=False,
                      report_to=[], use_cpu=True, per_device_train_batch_size=1, disable_tqdm=True,

@@ -219,6 +219,18 @@ def encode_batch(tok, rows: list[dict]) -> list[Encoded]:
     return out  # type: ignore[return-value]
 
 
+def encode_dataset(tok, rows: list[dict], batch: int = 1000):
+    """Rows encoded (``encode_batch``) into the ``datasets.Dataset`` of ``input_ids`` + ``labels``
+    that TRL takes pre-tokenised: the trainer's, ``eval``'s and the tests' one encoding."""
+    from datasets import Dataset
+    ids, labels = [], []
+    for i in range(0, len(rows), batch):
+        for enc in encode_batch(tok, rows[i:i + batch]):
+            ids.append(enc.input_ids)
+            labels.append(enc.labels)
+    return Dataset.from_dict({"input_ids": ids, "labels": labels})
+
+
 _NUMPY_MIN = 32          # rows shorter than this: the plain loop is faster than numpy's set-up
 
 

@@ -178,7 +178,7 @@ def _fold(text: str) -> str:
 def _losses(model, tok, rows: list[dict], max_length: int) -> tuple[float, float, int, list]:
     """(base loss, tuned loss, answer tokens, per-row [base, tuned]): mean per answer token."""
     import torch
-    from engine.training.trainer import encode_dataset
+    from engine.modalities.text import encode_dataset
     enc = encode_dataset(tok, rows)
     device = next(model.parameters()).device
     sums, count, per_row = [0.0, 0.0], 0, []

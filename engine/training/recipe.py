@@ -127,7 +127,7 @@ def to_sft_config(cfg, plan: RunPlan, *, output_dir: str | Path = "checkpoints",
 
 def load_datasets(cfg, tokenizer, rows: Rows | None = None):
     """The tokenised (train, eval) datasets of a text run (eval None without eval rows)."""
-    from engine.training.trainer import encode_dataset
+    from engine.modalities.text import encode_dataset
     rows = rows if rows is not None else read_rows(cfg)
     return encode_dataset(tokenizer, rows.train), (encode_dataset(tokenizer, rows.eval) if rows.eval else None)
 

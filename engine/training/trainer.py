@@ -1,25 +1,13 @@
-"""The pieces the training recipe (``engine.training.recipe``) assembles: rows encoded for TRL,
-the eval split, every ``auto`` resolved (``resolve_auto``), packing and its collator, the speed
-tools, and the FSDP adapter gather.
+"""The pieces the training recipe (``engine.training.recipe``) assembles: every ``auto`` resolved
+(``resolve_auto``), packing and its collator, the speed tools, and the FSDP adapter gather.
 
-Data is tokenised here with ``engine.modalities.text.encode_batch`` (the code path the inspector's
+Data is tokenised with ``engine.modalities.text.encode_dataset`` (the code path the inspector's
 preview uses) and handed to TRL pre-tokenised as ``input_ids`` + ``labels``; TRL then
 truncates to ``max_length``, drops rows with no trained token, and packs if asked.
 """
 from __future__ import annotations
 
 from pathlib import Path
-
-
-def encode_dataset(tok, rows: list[dict], batch: int = 1000):
-    from datasets import Dataset
-    from engine.modalities.text import encode_batch
-    ids, labels = [], []
-    for i in range(0, len(rows), batch):
-        for enc in encode_batch(tok, rows[i:i + batch]):
-            ids.append(enc.input_ids)
-            labels.append(enc.labels)
-    return Dataset.from_dict({"input_ids": ids, "labels": labels})
 
 
 def resolve_auto(cfg, rt, emit, longest: int | None = None) -> tuple[object, list[str]]:
