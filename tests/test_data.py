@@ -37,7 +37,7 @@ def test_each_format_detected_and_normalised(tmp_path, fmt):
     if fmt == "prompt_completion":
         assert row == {"prompt": "2+2=", "completion": "4"}
     if fmt == "tokens":      # pre-tokenised rows pass through the encoder untouched
-        from engine.dataset import chat
+        from engine.modalities import text as chat
         enc = chat.encode_batch(None, [row])[0]
         assert enc.input_ids == enc.labels == [5, 6, 7, 8]
 
