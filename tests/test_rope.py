@@ -10,7 +10,7 @@ from engine.core import config
 from engine.core import events as events_mod
 from engine.models import rope
 
-TINY_MPE = 2048          # builtin:tiny's max_position_embeddings (engine/training/builtin.py)
+TINY_MPE = 2048          # builtin:tiny's max_position_embeddings (engine/models/builtin.py)
 
 
 def _problems(value) -> list[str]:

@@ -270,7 +270,7 @@ def _iter_datasets_dir(p: Path):
         yield i + 1, rec, None
 
 
-_DETECTORS: list = []        # (vision.detect, preference.detect), imported on first use (a cycle)
+_DETECTORS: list = []        # (vision.detect, preference.detect), imported on first use
 
 
 def detect(rec: object) -> tuple[str | None, str]:

@@ -28,7 +28,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from engine.training.probe_results import RESULTS, Result, passed
+from engine.training import probe_results
+from engine.training.probe_results import Result, passed
 
 
 @dataclass(frozen=True)
@@ -177,8 +178,8 @@ def _device(rt):
 def check(name: str, device, dtype) -> Result:
     """Run probe ``name`` on ``device`` (once a process; later calls return the same result)."""
     key = (name, str(device), str(dtype))
-    if key in RESULTS:
-        return RESULTS[key]
+    if key in probe_results.RESULTS:
+        return probe_results.RESULTS[key]
     from engine.core import faults as faults_mod
     probe = PROBES[name]
     faults = faults_mod.from_env()
@@ -200,7 +201,7 @@ def check(name: str, device, dtype) -> Result:
         import torch
         torch.cuda.synchronize(device)
     res = Result(name, probe.label, why is None, error, probe.tolerance, why, time.perf_counter() - t0)
-    RESULTS[key] = res
+    probe_results.RESULTS[key] = res
     return res
 
 
