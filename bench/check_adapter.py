@@ -15,7 +15,7 @@ def main() -> int:
     run = Path(sys.argv[1])
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from engine.core import config as config_mod
-    from engine.training.model import model_path
+    from engine.models.source import model_path
     base_path = model_path(config_mod.load(str(run / "config.toml")))     # builtin:tiny resolves to its cache
     ad = run / "adapter"
     files = {p.name: p.stat().st_size for p in sorted(ad.iterdir())} if ad.is_dir() else {}

@@ -16,7 +16,8 @@ sys.path.insert(0, str(ROOT))
 def main():
     import torch
     from engine.core import config
-    from engine.training import model as model_mod, probes
+    from engine.training import probe_results, probes
+    from engine.models.runtime import Runtime
     out = Path(os.environ.get("OUT", ".")) / "probe_check.jsonl"
     lines = []
     dev = torch.device("cuda", 0)
@@ -27,9 +28,9 @@ def main():
     cfg = config.from_dict({"model": {"name": "builtin:tiny"},
                             "train": {"fused_lora": True, "fp8_base": True, "liger_kernel": True,
                                       "activation_offload": True, "weight_streaming": False}})
-    rt = model_mod.Runtime("cuda", "bf16", True)
+    rt = Runtime("cuda", "bf16", True)
     for fault in [None] + [f"probe:{n}" for n in probes.PROBES] + ["probewrong:fp8_base"]:
-        probes._RESULTS.clear()
+        probe_results.RESULTS.clear()
         if fault:
             os.environ["QLORA_TUI_FAULTS"] = fault
         else:

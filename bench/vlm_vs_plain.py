@@ -49,22 +49,22 @@ R, ALPHA = 32, 64
 
 def shape(tiny: bool) -> dict:
     if tiny:
-        from engine.training import vision as vision_mod
-        return dict(text=vision_mod.TINY_VL_TEXT, vision=vision_mod.TINY_VL_VISION, pixels=vision_mod.TINY_VL_PIXELS, vocab=None,
+        from engine.models import builtin
+        return dict(text=builtin.TINY_VL_TEXT, vision=builtin.TINY_VL_VISION, pixels=builtin.TINY_VL_PIXELS, vocab=None,
                     image_side=64)
     return SHAPES["qwen2vl7b"]
 
 
 def model_dir(tiny: bool) -> Path:
-    from engine.training import vision as vision_mod
+    from engine.models import builtin
     if tiny:
-        return vision_mod.tiny_vl_model_dir()
+        return builtin.tiny_vl_model_dir()
     path = Path("/tmp/bench-qwen2vl7b")
     if not (path / "model.safetensors.index.json").exists() and not (path / "model.safetensors").exists():
         import torch
         s = shape(False)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            vision_mod.build_vl_dir(path, s["text"], s["vision"], s["pixels"], vocab_size=s["vocab"])
+            builtin.build_vl_dir(path, s["text"], s["vision"], s["pixels"], vocab_size=s["vocab"])
     return path
 
 
@@ -120,10 +120,10 @@ def child_plain(a) -> dict:
     from PIL import Image
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig, TrainerCallback
     from trl import SFTConfig, SFTTrainer
-    from engine.training import vision as vision_mod
+    from engine.models.processor import pretrained_processor
     path = model_dir(a.tiny)
     data = data_file(a.tiny, a.rows)
-    proc = vision_mod._from_pretrained_processor(str(path), None, False)
+    proc = pretrained_processor(str(path), None, False)
     rows = [json.loads(x) for x in data.read_text().splitlines()]
     ds = Dataset.from_list([{"messages": [{"role": m["role"], "content": (
         [{"type": "image"} if p["type"] == "image" else {"type": "text", "text": p["text"]} for p in m["content"]]

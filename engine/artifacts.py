@@ -297,7 +297,7 @@ def resolve_base(name: str, *, revision: str = "", trust_remote_code: bool = Fal
         if name != "builtin:tiny":
             raise err(f"base model {name!r}{src} is unknown; the only builtin model is builtin:tiny")
         try:
-            from engine.training.builtin import tiny_model_dir
+            from engine.models.builtin import tiny_model_dir
         except ImportError as e:
             raise err(f"base model builtin:tiny{src} is not available in this install ({e}); "
                       f"pass --base DIR") from None

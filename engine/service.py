@@ -17,7 +17,7 @@ Verbs, by owner:
   ``runs``, ``run_info``, ``read_events``, ``follow``, ``run_alive``, ``last_event_is_terminal``,
   ``last_output_line``, ``start_run``, ``resume_run``, ``resume_config``, ``resume_offer``,
   ``stop_run``, ``save_run``, ``config_differences``.
-- models (``engine.training.model``, ``builtin``): ``demo_config``, ``require_consent``,
+- models (``engine.models.consent``, ``builtin``): ``demo_config``, ``require_consent``,
   ``needs_remote_code``, ``grant_remote_code``.
 - datasets (``engine.dataset.inspect``): ``inspect_dataset``, ``preview_row``, ``row_at_line``,
   ``raw_line``.
@@ -75,14 +75,14 @@ def config_effective_batch(cfg: Config) -> int:
 def demo_config(overrides: list[str] | tuple = ()) -> Config:
     """The fast offline demo's config (builtin:tiny on builtin:sample), ``--set`` style overrides
     on top: what "no config given" means in the TUI."""
-    from engine.training.builtin import demo_config as demo
+    from engine.models.builtin import demo_config as demo
     return demo(overrides)
 
 
 def require_consent() -> None:
     """From now on a model's own code runs only after a yes (``grant_remote_code``)."""
-    from engine.training import model
-    model.require_consent()
+    from engine.models import consent
+    consent.require_consent()
 
 
 def needs_remote_code(cfg: Config) -> bool:
@@ -93,8 +93,8 @@ def needs_remote_code(cfg: Config) -> bool:
 
 def grant_remote_code(cfg: Config) -> None:
     """The person said yes: the model's own code may run for ``cfg``."""
-    from engine.training import model
-    model.grant_remote_code(cfg)
+    from engine.models import consent
+    consent.grant_remote_code(cfg)
 
 
 # ---- planning ------------------------------------------------------------------------------------
@@ -509,7 +509,7 @@ def serve_command(run_dir: str | Path) -> tuple[str, str]:
 
 def thumbnail(path: str, box: tuple[int, int]):
     """An image file decoded into a thumbnail within ``box`` pixels (untrusted input: bounded)."""
-    from engine.training.vision import thumbnail_image
+    from engine.modalities.vision import thumbnail_image
     return thumbnail_image(path, box)
 
 
@@ -529,8 +529,8 @@ _LAZY = {
     "NoRowAtLine": ("engine.dataset.inspect", "NoRowAtLine"),        # row_at_line's "no row there"
     "bucket_label": ("engine.dataset.inspect", "bucket_label"),      # a histogram bucket in words
     "marked_segments": ("engine.dataset.inspect", "marked_segments"),  # a preview's trained spans
-    "MARK_LABELS": ("engine.dataset.chat", "MARK_LABELS"),           # «tool call»... labels
-    "DEMO_OVERRIDES": ("engine.training.builtin", "DEMO_OVERRIDES"),  # the offline demo's settings
+    "MARK_LABELS": ("engine.modalities.text", "MARK_LABELS"),           # «tool call»... labels
+    "DEMO_OVERRIDES": ("engine.models.builtin", "DEMO_OVERRIDES"),  # the offline demo's settings
     "ChatError": ("engine.outputs.chat", "ChatError"),               # a chat that cannot go on
 }
 

@@ -5,7 +5,7 @@ carries a ChatML chat template, a PEFT LoRA adapter over it whose ``lora_B`` wei
 non-zero (so the adapter really changes the logits), and a run directory laid out like the
 runner's (``config.toml``, ``adapter/``, ``events.jsonl``, an eval .jsonl).
 
-Kept separate from ``engine.training.builtin`` on purpose: the tests must not depend on the cache
+Kept separate from ``engine.models.builtin`` on purpose: the tests must not depend on the cache
 that module manages.
 """
 from __future__ import annotations

@@ -83,7 +83,7 @@ def test_init_command_writes_starter(tmp_path, capsys):
 
 
 def test_demo_toml_matches_the_tui_demo():
-    from engine.training.builtin import DEMO_OVERRIDES
+    from engine.models.builtin import DEMO_OVERRIDES
     from pathlib import Path
     demo = config.load(Path(__file__).resolve().parents[1] / "examples" / "demo.toml").to_dict()
     assert demo == config.load(None, DEMO_OVERRIDES).to_dict()

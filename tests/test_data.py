@@ -5,6 +5,7 @@ import json
 import pytest
 
 from engine.dataset import data as data_mod
+from engine.dataset.rows import load_for_training
 
 ROWS = {
     "messages": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
@@ -36,7 +37,7 @@ def test_each_format_detected_and_normalised(tmp_path, fmt):
     if fmt == "prompt_completion":
         assert row == {"prompt": "2+2=", "completion": "4"}
     if fmt == "tokens":      # pre-tokenised rows pass through the encoder untouched
-        from engine.dataset import chat
+        from engine.modalities import text as chat
         enc = chat.encode_batch(None, [row])[0]
         assert enc.input_ids == enc.labels == [5, 6, 7, 8]
 
@@ -92,16 +93,16 @@ def test_unusable_data_errors(tmp_path):
     empty = tmp_path / "e.jsonl"
     empty.write_text("")
     with pytest.raises(data_mod.DataError, match="no rows"):
-        data_mod.load_for_training(config.load(None, [f'data.train="{empty}"']))
+        load_for_training(config.load(None, [f'data.train="{empty}"']))
     with pytest.raises(data_mod.DataError, match="no such file"):
-        data_mod.load_for_training(config.load(None, [f'data.train="{tmp_path / "missing.jsonl"}"']))
+        load_for_training(config.load(None, [f'data.train="{tmp_path / "missing.jsonl"}"']))
     bad = tmp_path / "b.txt"
     bad.write_text("x")
     with pytest.raises(data_mod.DataError, match="unsupported file type"):
         data_mod.load(str(bad))
     mixed = write_jsonl(tmp_path / "m.jsonl", [ROWS["messages"], {"messages": []}])
     with pytest.raises(data_mod.DataError, match="strict"):
-        data_mod.load_for_training(config.load(None, [f'data.train="{mixed}"', "data.strict=true"]))
+        load_for_training(config.load(None, [f'data.train="{mixed}"', "data.strict=true"]))
 
 
 def test_mixed_formats_reported(tmp_path):

@@ -86,7 +86,7 @@ def test_fsdp_adapter_file_is_what_peft_writes(tmp_path, use_dora, grow_vocab):
     from peft import LoraConfig, PeftModel, get_peft_model
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from engine.training.builtin import tiny_model_dir
+    from engine.models.builtin import tiny_model_dir
     from engine.training.trainer import save_fsdp_adapter
     base_dir = str(tiny_model_dir())
     model = AutoModelForCausalLM.from_pretrained(base_dir)

@@ -49,8 +49,8 @@ def _odd_llama(tiny_cfg, dst: Path, **shape) -> Path:
     """A local random-weight Llama of builtin:tiny's vocabulary with other widths."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from engine.training import model as model_mod
-    src = Path(model_mod.model_path(tiny_cfg))
+    from engine.models.source import model_path
+    src = Path(model_path(tiny_cfg))
     dst.mkdir()
     for f in src.iterdir():
         if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
@@ -85,8 +85,9 @@ def test_a_layer_switched_to_the_inference_layout_is_restored_exactly(tiny_cfg):
     import torch
     import bitsandbytes.functional as F
     from engine.training import model as model_mod
+    from engine.models.runtime import runtime
     cfg = configured(tiny_cfg, {"train.device": "cpu"})
-    rt = model_mod.runtime(cfg)
+    rt = runtime(cfg)
     assert rt.load_in_4bit
     model = model_mod.load_model(cfg, rt)
     model_mod.keep_4bit_trainable(model, rt)

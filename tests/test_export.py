@@ -265,7 +265,7 @@ def test_gguf_k_quants_on_256_wide_llama(tmp_path):
     attn_v/ffn_down of layers 2 and 3 (use_more_bits(i, 4)) at Q6_K, the output head at Q6_K."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from engine.training.builtin import tiny_model_dir
+    from engine.models.builtin import tiny_model_dir
     sys.path.insert(0, str(Path(__file__).parent))
     from outputs_fixtures import make_adapter
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir()))
@@ -413,8 +413,8 @@ def _spm_tokenizer():
     """A sentencepiece-style BPE (Metaspace, byte fallback: the Llama 2 / Mistral v0.1 shape)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    from engine.training.builtin import corpus
-    from engine.dataset.chat import CHATML_TEMPLATE
+    from engine.models.builtin import corpus
+    from engine.models.builtin import CHATML_TEMPLATE
     tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
     tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
@@ -434,7 +434,7 @@ def test_other_architectures_and_tokenizers(kind, tmp_path):
     each exported f16 and read back within bound."""
     import torch
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-    from engine.training.builtin import tiny_model_dir
+    from engine.models.builtin import tiny_model_dir
     sys.path.insert(0, str(Path(__file__).parent))
     from outputs_fixtures import make_adapter
     tok = _spm_tokenizer() if kind == "mistral" else AutoTokenizer.from_pretrained(str(tiny_model_dir()))
@@ -473,7 +473,7 @@ def _trained_tokenizer(kind: str):
     normalizer) or tekken (Mistral-Nemo's byte-level BPE with its split regex)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    from engine.training.builtin import corpus
+    from engine.models.builtin import corpus
     if kind == "tekken":
         tk = Tokenizer(models.BPE())
         tk.pre_tokenizer = pre_tokenizers.Sequence([
@@ -514,7 +514,7 @@ def _family(kind: str):
     """(tokenizer, config, model class) of a tiny random model of ``kind``'s shape."""
     import transformers as tf
     from transformers import AutoTokenizer
-    from engine.training.builtin import tiny_model_dir
+    from engine.models.builtin import tiny_model_dir
     tok = {"qwen3": None, "gemma2": "gemma", "gemma3": "gemma", "phi3": "phi3", "mistral_nemo": "tekken"}[kind]
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir())) if tok is None else _trained_tokenizer(tok)
     common = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -607,7 +607,7 @@ def test_eval_base_vs_tuned_on_the_cpu_run(tb_run, tmp_path, capsys):
     assert saved["tuned"]["loss"] == rep.tuned.loss
     # the same held-out rows, one of them scored here with PEFT directly
     where, rows = evaluate.held_out_rows(tb_run, None)
-    from engine.training.trainer import encode_dataset
+    from engine.modalities.text import encode_dataset
     model, tok, _ = generate._load(tb_run)
     one = evaluate.evaluate(tb_run, data=None, max_rows=1, answer_rows=0, save=False)
     enc = encode_dataset(tok, rows[:1])

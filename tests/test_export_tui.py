@@ -31,7 +31,7 @@ def shown_labels(select: Select) -> list[str]:
 
 
 async def test_export_from_runs_screen_with_keys(tmp_path):
-    from engine.training.builtin import tiny_model_dir
+    from engine.models.builtin import tiny_model_dir
     from outputs_fixtures import make_run_dir
     run = make_run_dir(tmp_path / "runs" / "20260101-000000-tiny", tiny_model_dir(), r=4)
     app = make_app(demo_cfg(tmp_path))

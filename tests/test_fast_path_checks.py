@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from engine.core import events as ev
-from engine.training import probes
+from engine.training import probe_results, probes
 from reliability_helpers import configured, finished_losses, finished_run as _run
 
 
 @pytest.fixture(autouse=True)
 def fresh_probes(monkeypatch, tmp_path):
-    monkeypatch.setattr(probes, "_RESULTS", {})
+    monkeypatch.setattr(probe_results, "RESULTS", {})
     monkeypatch.setattr(probes, "_numerics_file", lambda: tmp_path / "numerics.json")
     monkeypatch.delenv("QLORA_TUI_FAULTS", raising=False)
 

@@ -82,7 +82,7 @@ def test_tui_help_prints_help_and_every_argument_has_help(capsys):
 
 
 def test_no_config_means_the_demo_in_every_tui_entry(tmp_path, monkeypatch):
-    from engine.training.builtin import demo_config
+    from engine.models.builtin import demo_config
     from tui import cli as tui_cli
     from tui.app import QloraApp
     from tui.testing import write_run

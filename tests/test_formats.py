@@ -1,6 +1,6 @@
 """Every SFT format of the "data people actually have" table (issue 26) trains correctly: each
 test writes its own rows in that format, loads them as the trainer does, and checks the labels
-of the trainer's encoded dataset (``engine.training.trainer.encode_dataset``) against a mask
+of the trainer's encoded dataset (``engine.modalities.text.encode_dataset``) against a mask
 built here from the rendered conversation: exactly the expected pieces (assistant answers and
 tool calls, end-of-turn included) are trained, nothing else."""
 import json
@@ -8,9 +8,11 @@ import json
 import pytest
 
 from engine.core import config
-from engine.dataset import chat, data
-from engine.training import model
-from engine.training.trainer import encode_dataset
+from engine.dataset import data
+from engine.modalities import text as chat
+from engine.models.tokenizer import prepare_tokenizer
+from engine.models.tokenizer import load_tokenizer
+from engine.modalities.text import encode_dataset
 
 # A ChatML template that renders tools the Hermes/Qwen 2.5 way: definitions in the system turn,
 # calls as <tool_call>{json}</tool_call>, results as role tool.
@@ -33,14 +35,14 @@ CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool
 
 @pytest.fixture(scope="module")
 def tok():
-    t, _ = model.load_tokenizer(config.Config())
-    chat.prepare_tokenizer(t, TOOLS_TEMPLATE)
+    t, _ = load_tokenizer(config.Config())
+    prepare_tokenizer(t, TOOLS_TEMPLATE)
     return t
 
 
 @pytest.fixture(scope="module")
 def plain_tok():
-    t, _ = model.load_tokenizer(config.Config())      # builtin:tiny's ChatML: no tools
+    t, _ = load_tokenizer(config.Config())      # builtin:tiny's ChatML: no tools
     return t
 
 

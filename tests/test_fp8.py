@@ -40,8 +40,9 @@ def test_fp8_gemms_match_bf16_within_fp8_rounding():
 def _fused_model():
     from peft import LoraConfig, get_peft_model
     from engine.training import model as model_mod
+    from engine.models.runtime import runtime
     cfg = config.Config()
-    m = get_peft_model(model_mod.load_model(cfg, model_mod.runtime(cfg)),
+    m = get_peft_model(model_mod.load_model(cfg, runtime(cfg)),
                        LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
                                   task_type="CAUSAL_LM"))
     torch.manual_seed(0)

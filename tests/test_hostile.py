@@ -102,11 +102,11 @@ def evil_model(src: Path, dst: Path, marker: Path, *, arch: bool = True, tokeniz
 
 @pytest.fixture
 def fresh_consent():
-    from engine.training import model as model_mod
-    saved = dict(model_mod._consent, granted=set(model_mod._consent["granted"]))
-    yield model_mod
-    model_mod._consent.clear()
-    model_mod._consent.update(saved)
+    from engine.models.consent import _consent
+    saved = dict(_consent, granted=set(_consent["granted"]))
+    yield
+    _consent.clear()
+    _consent.update(saved)
 
 
 @pytest.mark.anyio
@@ -115,9 +115,9 @@ async def test_no_model_code_runs_before_consent_in_the_tui(tmp_path, monkeypatc
     from tui_helpers import demo_cfg, make_app, until
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     monkeypatch.chdir(tmp_path)
-    model_mod = fresh_consent
+    from engine.models.source import model_path
     marker = tmp_path / "CODE_RAN"
-    src = Path(model_mod.model_path(config.load(None)))
+    src = Path(model_path(config.load(None)))
     model = evil_model(src, tmp_path / "evil", marker, arch=False)   # only the tokenizer is code
     app = make_app(demo_cfg(tmp_path, f'model.name="{model}"', "model.trust_remote_code=true"))
     async with app.run_test(size=(100, 40)) as pilot:
@@ -134,9 +134,9 @@ async def test_no_model_code_runs_before_consent_in_the_tui(tmp_path, monkeypatc
 
 def test_no_model_code_runs_without_consent_on_the_cli(tmp_path, capsys, fresh_consent):
     from engine.core import config
-    model_mod = fresh_consent
+    from engine.models.source import model_path
     marker = tmp_path / "CODE_RAN"
-    model = evil_model(Path(model_mod.model_path(config.load(None))), tmp_path / "evil", marker)
+    model = evil_model(Path(model_path(config.load(None))), tmp_path / "evil", marker)
     data = hostile_jsonl(tmp_path / "d.jsonl")
     r = cli(capsys, "inspect", data, "--model", model)
     assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -162,9 +162,9 @@ def test_import_axolotl_says_remote_code_and_never_overwrites_its_input(tmp_path
 def test_preflight_refuses_a_shipped_tokenizer_over_a_builtin_architecture(tiny_cfg, tmp_path, fresh_consent):
     from engine.training import runner
     from reliability_helpers import configured
-    model_mod = fresh_consent
+    from engine.models.source import model_path
     marker = tmp_path / "CODE_RAN"
-    model = evil_model(Path(model_mod.model_path(tiny_cfg)), tmp_path / "evil", marker, arch=False)
+    model = evil_model(Path(model_path(tiny_cfg)), tmp_path / "evil", marker, arch=False)
     cfg = configured(tiny_cfg, {"model.name": str(model)})
     with pytest.raises(runner.PreflightError, match="tokenizer is Python code shipped with the model"):
         runner.preflight(cfg)

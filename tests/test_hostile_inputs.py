@@ -214,7 +214,7 @@ def _hostile_files(t: Path) -> dict:
     # local models (copies of builtin:tiny) with one file that is a FIFO or a link to /dev/zero
     import shutil
     from engine.core import config
-    from engine.training.model import model_path
+    from engine.models.source import model_path
     tiny = Path(model_path(config.load(None)))
     for name, fname, make in (("model-fifo", "config.json", _fifo), ("model-tok-fifo", "tokenizer_config.json", _fifo),
                               ("model-tok-zero", "tokenizer.json", lambda f: f.symlink_to(ZERO))):
@@ -379,10 +379,10 @@ def test_detach_runs_the_cheap_checks_before_starting(tmp_path, capsys):
 
 def test_detach_refuses_model_code_without_consent(tmp_path, capsys):
     from engine.core import config
-    from engine.training import model as model_mod
+    from engine.models.source import model_path
     from test_hostile import evil_model
     marker = tmp_path / "CODE_RAN"
-    model = evil_model(Path(model_mod.model_path(config.load(None))), tmp_path / "evil", marker)
+    model = evil_model(Path(model_path(config.load(None))), tmp_path / "evil", marker)
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"text": "hello"}) + "\n")
     r = cli(capsys, "train", "--detach", "--set", f'model.name="{model}"', "--set", f'data.train="{good}"',
@@ -399,7 +399,7 @@ def tiny_run(tmp_path_factory):
     named qlora-tui (the words of our card in the base's path)."""
     import shutil
     from engine.core import config
-    from engine.training.model import model_path
+    from engine.models.source import model_path
     from outputs_fixtures import make_run_dir
     t = tmp_path_factory.mktemp("outputs")
     base = t / "qlora-tui" / "base"

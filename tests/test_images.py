@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from engine.training import vision
+from engine.modalities import vision
+from engine.models.builtin import vl_sample_dir
 from tui import images
 from tui_helpers import anyio_backend, isolated_settings  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = vision.vl_sample_dir()
+SAMPLE = vl_sample_dir()
 
 
 def _noise_png(path: Path, size=(300, 200)) -> Path:

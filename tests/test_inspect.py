@@ -135,9 +135,9 @@ def test_thousand_rows_ten_percent_malformed(tmp_path):
 # ---- statistics agree with the trainer's encoder ------------------------------------------
 
 def exact_stats(cfg, path):
-    """The statistics recomputed row by row through engine.training.trainer.encode_dataset."""
+    """The statistics recomputed row by row through engine.modalities.text.encode_dataset."""
     from engine.dataset import data as data_mod
-    from engine.training.trainer import encode_dataset
+    from engine.modalities.text import encode_dataset
     tok, _ = inspect_mod.tokenizer_for(cfg)
     ds = data_mod.load(str(path), cfg.data.format)
     enc = encode_dataset(tok, [r.data for r in ds.rows])
@@ -204,8 +204,8 @@ def _trl_trainer(cfg, tok, rows, out_dir):
     """An SFTTrainer on builtin:tiny fed exactly as engine.training.trainer feeds it."""
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
-    from engine.training.model import model_path
-    from engine.training.trainer import encode_dataset
+    from engine.models.source import model_path
+    from engine.modalities.text import encode_dataset
     model = AutoModelForCausalLM.from_pretrained(model_path(cfg))
     args = SFTConfig(output_dir=str(out_dir), max_length=cfg.data.max_length, packing=False,
                      report_to=[], use_cpu=True, per_device_train_batch_size=1, disable_tqdm=True,
@@ -216,7 +216,7 @@ def _trl_trainer(cfg, tok, rows, out_dir):
 @pytest.mark.parametrize("kind", ["conversational", "prompt_completion"])
 def test_preview_mask_is_what_trl_trains_on(tmp_path, kind):
     from engine.dataset import data as data_mod
-    from engine.dataset.chat import IGNORE
+    from engine.modalities.text import IGNORE
     if kind == "conversational":
         rows = varied_rows()[:12] + [conv("word " * 200, "late answer")]    # last: truncated away
     else:
@@ -264,7 +264,7 @@ def test_preview_segments_and_truncation(tmp_path):
 
 
 def test_chatml_fast_render_equals_jinja():
-    from engine.dataset import chat
+    from engine.modalities import text as chat
     cfg = cfg_for()
     tok, _ = inspect_mod.tokenizer_for(cfg)
     for row in varied_rows():
@@ -374,7 +374,7 @@ def test_gc_paused_during_a_scan_and_restored(tmp_path):
 def test_vectorised_labels_equal_the_loop():
     import random
     from bisect import bisect_right
-    from engine.dataset.chat import IGNORE, labels_for
+    from engine.modalities.text import IGNORE, labels_for
 
     def loop(ids, offsets, spans):        # the rule, written out as the trainer first had it
         if not spans:

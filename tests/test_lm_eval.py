@@ -66,7 +66,7 @@ def test_lm_eval_local_task_on_builtin_tiny_base_vs_tuned(tmp_path, monkeypatch,
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from engine import cli
     from engine.outputs import evaluate, generate
-    from engine.training.builtin import tiny_model_dir
+    from engine.models.builtin import tiny_model_dir
     from outputs_fixtures import make_run_dir
     run = make_run_dir(tmp_path / "runs" / "20260101-000000-tiny", tiny_model_dir(), r=4)
     task = _task(tmp_path)

@@ -2,9 +2,10 @@
 whatever the tokenizer's template; prompt/completion on the completion; text on everything."""
 import pytest
 
-from engine.dataset import chat
+from engine.modalities import text as chat
+from engine.models.tokenizer import prepare_tokenizer
 from engine.core import config
-from engine.training import model
+from engine.models.tokenizer import load_tokenizer
 
 CONV = {"messages": [{"role": "system", "content": "Be brief."},
                      {"role": "user", "content": "What is 2+2?"},
@@ -20,7 +21,7 @@ LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role']
 
 @pytest.fixture(scope="module")
 def tok():
-    t, _ = model.load_tokenizer(config.Config())
+    t, _ = load_tokenizer(config.Config())
     return t
 
 
@@ -39,17 +40,17 @@ def test_assistant_only_mask_chatml(tok):
 
 
 def test_mask_with_template_without_generation_markers(tok):
-    t, _ = model.load_tokenizer(config.Config())
-    chat.prepare_tokenizer(t, LLAMA3)
+    t, _ = load_tokenizer(config.Config())
+    prepare_tokenizer(t, LLAMA3)
     enc = chat.encode_batch(t, [CONV])[0]
     assert trained_text(enc) == "It is 4.<|eot_id|>It is 6.<|eot_id|>"
 
 
 def test_tokenizer_without_template_gets_chatml_and_pad(tok):
-    t, _ = model.load_tokenizer(config.Config())
+    t, _ = load_tokenizer(config.Config())
     t.chat_template = None
     t.pad_token = None
-    warnings = chat.prepare_tokenizer(t)
+    warnings = prepare_tokenizer(t)
     assert any("ChatML" in w for w in warnings) and any("pad" in w for w in warnings)
     assert t.pad_token is not None
     assert trained_text(chat.encode_batch(t, [CONV])[0]) == "It is 4.<|im_end|>It is 6.<|im_end|>"
@@ -65,7 +66,7 @@ def test_prompt_completion_and_text(tok):
 def test_trainer_trains_on_exactly_the_mask(tiny_cfg):
     """The labels SFTTrainer trains on are the ones encode_batch made (same code path)."""
     import threading
-    from engine.training import trainer as trainer_mod
+    from engine.dataset.rows import split_eval
     from engine.core import events
     cfg = tiny_cfg
     from engine.training import recipe
@@ -74,7 +75,7 @@ def test_trainer_trains_on_exactly_the_mask(tiny_cfg):
     tds = prep.trainer.train_dataset
     from engine.dataset import data as data_mod
     rows = [r.data for r in data_mod.load(cfg.resolve_path(cfg.data.train)).rows]
-    train_rows, _ = trainer_mod.split_eval(cfg, rows, None)
+    train_rows, _ = split_eval(cfg, rows, None)
     expect = chat.encode_batch(prep.tokenizer, train_rows[:5])
     for i in range(5):
         assert tds[i]["input_ids"] == expect[i].input_ids

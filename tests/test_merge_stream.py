@@ -31,7 +31,7 @@ def test_streamed_merge_of_a_16bit_base_equals_base_plus_adapter(tmp_path, monke
     import torch
     import transformers
     from engine.outputs import merge as merge_mod
-    from engine.training.builtin import tiny_model_dir
+    from engine.models.builtin import tiny_model_dir
     base = tiny_model_dir()
     x, ref = _adapter(base, tmp_path / "ad", torch.float32)
 
@@ -49,7 +49,7 @@ def test_a_base_larger_than_half_the_host_ram_merges_shard_by_shard(tmp_path, mo
     import torch
     from engine.outputs import merge as merge_mod
     from engine.outputs import merge_stream
-    from engine.training.builtin import tiny_model_dir
+    from engine.models.builtin import tiny_model_dir
     base = tiny_model_dir()
     assert not merge_stream.should_stream(str(base))
     monkeypatch.setenv("QLORA_TUI_HOST_RAM_GIB", "0.001")          # 1 MiB of RAM: tiny is 2.2 MB

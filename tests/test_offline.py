@@ -159,8 +159,8 @@ def _cache_as_hub_model(src: Path, hub_cache: Path, repo: str) -> None:
 def test_a_cached_hub_model_trains_with_no_network(no_network, tmp_path):
     env, log = no_network
     from engine.core import config
-    from engine.training import model as model_mod
-    tiny = Path(model_mod.model_path(config.load(REPO / "examples" / "demo.toml")))
+    from engine.models.source import model_path
+    tiny = Path(model_path(config.load(REPO / "examples" / "demo.toml")))
     _cache_as_hub_model(tiny, Path(env["HF_HOME"]) / "hub", "some-org/tiny-llama")
     p = _engine(env, "train", REPO / "examples" / "demo.toml", "--headless",
                 "--set", 'model.name="some-org/tiny-llama"', "--set", "train.max_steps=2",

@@ -123,8 +123,9 @@ def test_fused_lora_matches_peft_on_a_4bit_model():
     from peft import LoraConfig, get_peft_model
     from engine.training import fused_lora
     from engine.training import model as model_mod
+    from engine.models.runtime import runtime
     cfg = config.Config()
-    rt = model_mod.runtime(cfg)
+    rt = runtime(cfg)
     assert rt.load_in_4bit
     m = get_peft_model(model_mod.load_model(cfg, rt), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                          target_modules="all-linear", task_type="CAUSAL_LM"))

@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from gotemplate import GoTemplateError, ollama_values, render  # noqa: E402
 
-from engine.dataset.chat import CHATML_TEMPLATE
+from engine.models.builtin import CHATML_TEMPLATE
 from engine.outputs import export
 
 QWEN25 = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
@@ -100,7 +100,7 @@ CHATS = [
 
 def _tokenizer(jinja: str, bos: str | None, eos: str):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    from engine.training.builtin import tiny_model_dir
+    from engine.models.builtin import tiny_model_dir
     base = AutoTokenizer.from_pretrained(str(tiny_model_dir()))
     tok = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, bos_token=bos, eos_token=eos)
     tok.chat_template = jinja

@@ -3,14 +3,15 @@ cache (training), sdpa and eager give each packed sample exactly its own logits.
 import pytest
 import torch
 
-from engine.training import model
+from engine.models.runtime import packing_isolated
+from engine.models.tokenizer import load_tokenizer
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_packed_rows_are_isolated(impl):
     from transformers import AutoModelForCausalLM
-    from engine.training.builtin import tiny_model_dir
-    ok, why = model.packing_isolated(impl)
+    from engine.models.builtin import tiny_model_dir
+    ok, why = packing_isolated(impl)
     assert ok, why
     m = AutoModelForCausalLM.from_pretrained(tiny_model_dir(), attn_implementation=impl).eval()
     a, b = torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[10, 11, 12]])
@@ -38,9 +39,8 @@ def test_training_with_packing_runs(tiny_cfg):
 
 def test_packed_collator_keeps_rows_apart_and_masks_sample_starts():
     from engine.core import config
-    from engine.training import model
     from engine.training.trainer import packed_collator, padding_efficiency
-    tok, _ = model.load_tokenizer(config.Config())
+    tok, _ = load_tokenizer(config.Config())
     col = packed_collator(tok, "sdpa")
     batch = col([{"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "seq_lengths": [3, 2]},
                  {"input_ids": [10, 11], "labels": [10, 11], "seq_lengths": [2]}])

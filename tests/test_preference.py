@@ -22,6 +22,7 @@ from engine.core import events as events_mod
 from engine.core import rundir
 from engine.core import summary
 from engine.dataset import data as data_mod
+from engine.dataset.rows import load_for_training
 from engine.dataset import preference as pref
 
 from reliability_helpers import (cli, configured, env_with, events, logged_step_numbers, start_headless,
@@ -120,10 +121,10 @@ def test_methods_refuse_data_they_cannot_train(tmp_path):
                                  ("qlora", kto, pref.REFUSAL)):
         cfg = config.load(None, [f'train.method="{method}"', f'data.train="{path}"'])
         with pytest.raises(data_mod.DataError) as e:
-            data_mod.load_for_training(cfg)
+            load_for_training(cfg)
         assert str(e.value).startswith(str(path)) and needle in str(e.value), str(e.value)
     cfg = config.load(None, ['train.method="kto"', f'data.train="{pairs}"'])   # KTO takes pairs, unpaired
-    train, _ = data_mod.load_for_training(cfg)
+    train, _ = load_for_training(cfg)
     rows = pref.for_trainer(cfg, [r.data for r in train.rows])
     assert [r["label"] for r in rows] == [True, False] * 3 and rows[1]["completion"] == "c"
     with pytest.raises(config.ConfigError, match="KTO needs a micro-batch of 2"):
@@ -165,9 +166,11 @@ class Scorer:
     def __init__(self, run_dir: Path):
         from peft import PeftModel
         from engine.training import model as mm
+        from engine.models.runtime import runtime
+        from engine.models.tokenizer import load_tokenizer
         cfg = config.load(Path(run_dir) / rundir.CONFIG)
-        rt = mm.runtime(cfg)
-        self.tok = mm.load_tokenizer(cfg)[0]
+        rt = runtime(cfg)
+        self.tok = load_tokenizer(cfg)[0]
         self.model = PeftModel.from_pretrained(mm.load_model(cfg, rt), str(Path(run_dir) / rundir.ADAPTER)).eval()
 
     def logp(self, prompt, answer, adapter: bool = True) -> tuple[float, float]:

@@ -11,9 +11,11 @@ from engine.core import config
 from engine.core import control as ctl
 from engine.core import events
 from engine.core import rundir
+from engine.dataset.rows import read_rows
 from engine.training import recipe
 from engine.training.failures import classify_failure, is_disk_full, log_write_failure, nan_halt
-from engine.training.model import Runtime, ModelError
+from engine.models.runtime import Runtime
+from engine.models.source import ModelError
 from engine.training.preflight import PreflightError
 from engine.training.run_hints import HintFeed
 
@@ -44,12 +46,12 @@ def test_plan_resolves_every_auto_once_and_building_never_calls_the_planner(tiny
 
     # building never goes back to the planner: setup builds from the plan it is given
     from engine.planning import estimate as estimate_mod
-    from engine.planning import streaming_plan
+    from engine.planning import streaming_run
 
     def refuse(*a, **kw):
         raise AssertionError("the planner was called during build")
     for mod, name in ((estimate_mod, "plan"), (estimate_mod, "estimate"), (estimate_mod, "apply_plan"),
-                      (streaming_plan, "resolve"), (recipe, "plan_run")):
+                      (streaming_run, "resolve"), (recipe, "plan_run")):
         monkeypatch.setattr(mod, name, refuse)
     seen = []
     prep = recipe.build(plan, rundir.Path(tiny_cfg.output.dir) / "x", seen.append, threading.Event(), [])
@@ -95,11 +97,11 @@ def test_lora_config_from_config(tiny_cfg):
 
 
 def test_datasets_are_encoded_rows_with_the_eval_split(tiny_cfg):
-    from engine.dataset.chat import encode_batch
-    from engine.training.model import load_tokenizer
+    from engine.modalities.text import encode_batch
+    from engine.models.tokenizer import load_tokenizer
     cfg = configured(tiny_cfg, {"data.eval_fraction": 0.1})
     tok, _ = load_tokenizer(cfg)
-    rows = recipe.read_rows(cfg)
+    rows = read_rows(cfg)
     train, ev = recipe.load_datasets(cfg, tok, rows)
     assert len(train) == len(rows.train) and len(ev) == len(rows.eval) > 0
     assert train[0]["input_ids"] == encode_batch(tok, rows.train[:1])[0].input_ids

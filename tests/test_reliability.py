@@ -349,7 +349,7 @@ def test_bad_jsonl_all_rows_bad_names_the_line(tmp_path, capsys, base_toml):
 
 
 def test_bad_jsonl_some_rows_bad_is_a_warning_with_line_numbers(tiny_cfg, tmp_path):
-    from engine.training.builtin import sample_data_path
+    from engine.models.builtin import sample_data_path
     good = sample_data_path().read_text().splitlines()[:40]
     data = tmp_path / "mixed.jsonl"
     data.write_text("\n".join(good[:10] + ['{"messages": oops'] + good[10:]) + "\n")
@@ -418,8 +418,9 @@ def test_unwritable_output_dir(tmp_path, capsys, base_toml, where):
 
 def test_tokenizer_without_chat_template_falls_back_to_chatml(tiny_cfg, tmp_path):
     import shutil
-    from engine.training import model as model_mod
-    src = Path(model_mod.model_path(tiny_cfg))
+    from engine.models.source import model_path
+    from engine.models.tokenizer import load_tokenizer
+    src = Path(model_path(tiny_cfg))
     dst = tmp_path / "no-template"
     shutil.copytree(src, dst)
     for f in dst.glob("chat_template.*"):
@@ -429,7 +430,7 @@ def test_tokenizer_without_chat_template_falls_back_to_chatml(tiny_cfg, tmp_path
     (dst / "tokenizer_config.json").write_text(json.dumps(tc))
     cfg = configured(tiny_cfg, {"model.name": str(dst)})
     assert runner.preflight(cfg) is not None                 # not a failure
-    tok, warnings = model_mod.load_tokenizer(cfg)
+    tok, warnings = load_tokenizer(cfg)
     assert any("ChatML" in w for w in warnings), warnings
     assert "<|im_start|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
 
@@ -438,7 +439,8 @@ def test_trust_remote_code_stays_off(tiny_cfg, tmp_path):
     """A model directory whose architecture exists only as shipped code: refused, code never run."""
     import shutil
     from engine.training import model as model_mod
-    src = Path(model_mod.model_path(tiny_cfg))
+    from engine.models.source import model_path
+    src = Path(model_path(tiny_cfg))
     dst = tmp_path / "custom-model"
     shutil.copytree(src, dst)
     marker = tmp_path / "REMOTE_CODE_RAN"

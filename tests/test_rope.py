@@ -8,9 +8,9 @@ import pytest
 
 from engine.core import config
 from engine.core import events as events_mod
-from engine.training import rope
+from engine.models import rope
 
-TINY_MPE = 2048          # builtin:tiny's max_position_embeddings (engine/training/builtin.py)
+TINY_MPE = 2048          # builtin:tiny's max_position_embeddings (engine/models/builtin.py)
 
 
 def _problems(value) -> list[str]:
@@ -56,7 +56,7 @@ def test_each_type_builds_a_model_that_runs_past_the_pretrained_length(kind):
     import torch
     from transformers import AutoConfig, LlamaForCausalLM
 
-    from engine.training import builtin
+    from engine.models import builtin
     hf = AutoConfig.from_pretrained(builtin.tiny_model_dir())
     rope.apply(hf, {"type": kind, "factor": 2.0})
     assert hf.rope_parameters["rope_type"] == kind and hf.rope_parameters["factor"] == 2.0
@@ -121,8 +121,9 @@ def test_tiny_trains_past_its_pretrained_length_with_rope_scaling_and_warns_with
 
 def test_preflight_refuses_a_factor_too_small_for_max_length(tmp_path):
     from engine.training import model as model_mod
+    from engine.models.source import ModelError
     cfg = config.load(None, ["data.max_length=4096", 'model.rope_scaling={type = "yarn", factor = 1.5}'])
-    with pytest.raises(model_mod.ModelError) as ei:
+    with pytest.raises(ModelError) as ei:
         model_mod.check_model_skeleton(cfg)
     msg = str(ei.value)
     assert msg.startswith("model.rope_scaling.factor = 1.5: reaches 3072 positions") and "\n" not in msg

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from engine.core import config
-from engine.dataset import data, sources
+from engine.dataset import data, sources, specs
+from engine.dataset.rows import load_for_training
 from engine.dataset import inspect as inspect_mod
 from tui_helpers import anyio_backend, isolated_settings  # noqa: F401 (fixtures)
 
@@ -58,7 +59,7 @@ def test_mixture_weights_rows_eval_per_source_and_interleave(tmp_path):
     tags2 = [r.data["messages"][0]["content"][0] for r in train2.rows]
     assert sorted(tags2) == sorted(tags) and tags2 != tags
     # the trainer reads the mixture through load_for_training
-    tr, ev3 = data.load_for_training(cfg)
+    tr, ev3 = load_for_training(cfg)
     assert len(tr.rows) == 77 and len(ev3.rows) == 7
 
 
@@ -148,7 +149,7 @@ def test_llamafactory_dataset_info_column_mapping(tmp_path):
     assert ds2.rows[0].data["tools"][0]["function"]["name"] == "w"
     # as a source (dataset = name), and a name it does not list: one line naming those it does
     cfg = cfg_with([{"path": str(tmp_path / "dataset_info.json"), "dataset": "my_alpaca"}], eval_fraction=0.0)
-    assert len(data.load_for_training(cfg)[0].rows) == 3
+    assert len(load_for_training(cfg)[0].rows) == 3
     with pytest.raises(data.DataError) as e:
         data.load(str(tmp_path / "dataset_info.json") + "#nope")
     assert "no dataset 'nope'" in str(e.value) and "my_alpaca" in str(e.value)
@@ -265,7 +266,7 @@ def test_import_axolotl_single_hub_dataset_keeps_subset_and_split():
     d, unmapped, _ = convert("base_model: builtin:tiny\ndatasets:\n  - path: acme/chats\n    type: alpaca\n"
                              "    name: en\n    split: validation\n")
     assert unmapped == [] and d["data"]["train"] == "hf:acme/chats@en:validation"
-    assert sources.parse_hub(d["data"]["train"]) == ("acme/chats", "en", "validation")
+    assert specs.parse_hub(d["data"]["train"]) == ("acme/chats", "en", "validation")
 
 
 def test_percentiles_from_value_counts_equal_numpys():

@@ -1,5 +1,5 @@
 """engine.dataset.token_count: the inspector's fast token counts equal the trainer's encoder
-(engine.dataset.chat.encode_batch) row for row, whichever way a row is counted, on tokenizers built here
+(engine.modalities.text.encode_batch) row for row, whichever way a row is counted, on tokenizers built here
 with `tokenizers` (GPT-2-style and Llama-3-style byte-level BPE, BPE whose merges cross a turn's
 header, a tokenizer with a normalizer) and on templates with and without special tokens."""
 import pytest
@@ -7,7 +7,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import PreTrainedTokenizerFast
 
 from engine.dataset import token_count
-from engine.dataset.chat import CHATML_TEMPLATE
+from engine.models.builtin import CHATML_TEMPLATE
 
 SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"

@@ -36,7 +36,7 @@ HOSTILE = "say [red]x[/red] \x1b[31mnow"
 def finished(tmp_path_factory) -> Path:
     """runs/RUN: a finished run (events.jsonl as a real run writes it) with an adapter, a
     config and eval data; a checkpoint holding a second adapter."""
-    from engine.training.builtin import tiny_model_dir
+    from engine.models.builtin import tiny_model_dir
     from outputs_fixtures import make_adapter, make_run_dir
     from tui.testing import write_run
     runs = tmp_path_factory.mktemp("after") / LONG / "runs"
@@ -194,7 +194,7 @@ async def test_chat_with_a_stopped_run_loads_with_progress_and_takes_the_system_
     progress reaches the bar; the system prompt and sampling settings reach the model (greedy:
     the answer the engine gives for the same system prompt); a bad top-p is one line."""
     from engine.outputs import chat
-    from engine.training.builtin import tiny_model_dir
+    from engine.models.builtin import tiny_model_dir
     from outputs_fixtures import make_run_dir
     from tui.screens.chat import ChatLoading
     from tui.testing import write_run

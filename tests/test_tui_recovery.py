@@ -124,8 +124,8 @@ async def test_resume_dialog_escape_dismisses_and_errors_are_one_line(tmp_path):
 # ---- trust_remote_code: an explicit yes only -------------------------------------------------
 
 def remote_code_model(tmp_path) -> Path:
-    from engine.training import model as model_mod
-    src = Path(model_mod.model_path(demo_cfg(tmp_path)))
+    from engine.models.source import model_path
+    src = Path(model_path(demo_cfg(tmp_path)))
     dst = tmp_path / "model-[red]x[/red]"
     shutil.copytree(src, dst)
     (dst / "modeling_evil.py").write_text(

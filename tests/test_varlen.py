@@ -20,7 +20,7 @@ GIB = 2 ** 30
 @pytest.fixture(scope="module")
 def tiny():
     from transformers import AutoModelForCausalLM
-    from engine.training.builtin import tiny_model_dir
+    from engine.models.builtin import tiny_model_dir
     attention.register()
     path = tiny_model_dir()
     load = lambda impl: AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl).eval()
@@ -82,7 +82,7 @@ def test_lora_losses_packed_equal_padded(tiny):
     under varlen (TRL's collator, as the trainer feeds it): the same per-step losses."""
     from peft import LoraConfig, get_peft_model
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-    from engine.training.builtin import tiny_model_dir
+    from engine.models.builtin import tiny_model_dir
     from transformers import AutoModelForCausalLM
     batches = [_rows(), [r.flip(0) for r in _rows()]] * 2
     losses = {}
@@ -139,7 +139,7 @@ def test_segments_from_positions_and_padding():
 
 
 def test_choice_on_cpu_says_why_not():
-    from engine.training.model import Runtime
+    from engine.models.runtime import Runtime
     cfg = config.Config()
     cfg.data.packing = True
     lines = attention.choose(cfg, Runtime("cpu", "fp32", True))

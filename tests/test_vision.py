@@ -11,11 +11,13 @@ import pytest
 from engine.core import config
 from engine.core.summary import State
 from engine.dataset import data as data_mod
-from engine.training import vision
+from engine.modalities import vision
+from engine.models.builtin import tiny_vl_model_dir, vl_sample_dir
+from engine.training.vision import longest_row
 from tui_helpers import anyio_backend, plain  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = vision.vl_sample_dir()
+SAMPLE = vl_sample_dir()
 
 
 def _vl_cfg(*extra):
@@ -182,8 +184,9 @@ def test_estimate_counts_the_vision_tower_and_per_image_activations():
 
 def test_4bit_load_keeps_the_vision_tower_16_bit_and_lora_off_it():
     from engine.training import model as model_mod
+    from engine.models.runtime import runtime
     cfg = _vl_cfg()
-    rt = model_mod.runtime(cfg)
+    rt = runtime(cfg)
     if not rt.load_in_4bit:
         pytest.skip("bitsandbytes 4-bit unavailable on this CPU")
     model = model_mod.load_model(cfg, rt)
@@ -202,7 +205,7 @@ def test_checkpointing_offload_and_streaming_act_on_the_language_models_layers()
     weight streaming must act on those, not on the vision blocks (which come first in the model)."""
     from transformers import AutoModelForImageTextToText
     from engine.training import offload, streaming
-    model = AutoModelForImageTextToText.from_pretrained(str(vision.tiny_vl_model_dir()))
+    model = AutoModelForImageTextToText.from_pretrained(str(tiny_vl_model_dir()))
     assert any(type(m).__name__ == "Qwen2VLVisionBlock" for m in model.modules())
     for layers in (offload.decoder_layers(model), list(streaming.decoder_layers(model) or [])):
         assert [type(m).__name__ for m in layers] == ["Qwen2VLDecoderLayer"] * 2
@@ -214,10 +217,10 @@ def test_planner_plans_image_rows_for_their_longest_row_and_stays_sane_under_a_s
     cfg = _vl_cfg("data.max_length=4096")
     ds = data_mod.load("builtin:vl-sample", "auto")
     proc = vision.processor_for(cfg)
-    longest = vision.longest_row(cfg, ds.format, [r.data for r in ds.rows])
+    longest = longest_row(cfg, ds.format, [r.data for r in ds.rows])
     assert longest == max(vision.row_tokens(proc, r.data)["total"] for r in ds.rows) < 4096
     text = data_mod.load("builtin:sample", "auto")
-    assert vision.longest_row(cfg, text.format, [r.data for r in text.rows]) is None       # text rows
+    assert longest_row(cfg, text.format, [r.data for r in text.rows]) is None       # text rows
     reasons = []
     planned = trainer._planned_rows(cfg, longest, reasons)
     assert planned.data.max_length == longest and cfg.data.max_length == 4096 and "longest image row" in reasons[0]

@@ -16,7 +16,7 @@ Encoders (no Textual here, so they are testable on their own):
 - Sixel: the picture quantised to a palette of at most 64 colours, in six-pixel bands with
   run-length encoding (DCS ``ESC P 0;1;0 q`` ... ``ESC \\``); the widget injects it after its
   cells only while it is wholly visible, half-blocks otherwise.
-Images are untrusted: they are decoded by ``engine.service.thumbnail`` (the vision modality's) (size
+Images are untrusted: they are decoded by ``engine.service.thumbnail`` (``engine.modalities.vision.thumbnail_image``; size
 checked before decoding); a broken one shows its problem in place of the picture.
 """
 from __future__ import annotations

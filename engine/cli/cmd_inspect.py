@@ -73,7 +73,7 @@ def _tokenizers_parallel():
 def cmd_inspect(args) -> int:
     from engine.dataset import data as data_mod
     from engine.dataset import inspect as inspect_mod
-    from engine.training.model import ModelError
+    from engine.models.source import ModelError
     cfg = _config(args)
     if cfg is None:
         return 2

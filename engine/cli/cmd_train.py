@@ -146,9 +146,9 @@ def cmd_train(args) -> int:
     from engine.core import config as config_mod
     from engine.training import runner
     from engine.cli import load_config_or_exit
-    from engine.core import rundir
+    from engine.core import perms
 
-    rundir.use_private_umask()       # this process and its children write run files: private ones
+    perms.use_private_umask()       # this process and its children write run files: private ones
     if args.resume and args.join:
         print("error: give --resume RUN_DIR or --join RUN_DIR, not both", file=sys.stderr)
         return 2
@@ -297,7 +297,7 @@ def cmd_launch(args) -> int:
     from engine import service
     from engine.cli import load_config_or_exit
     from engine.core import config as config_mod
-    from engine.core import rundir
+    from engine.core import perms, rundir
     from engine.training import runner
     try:
         if args.resume:
@@ -310,7 +310,7 @@ def cmd_launch(args) -> int:
             cfg = load_config_or_exit(args)
             runner.quick_preflight(cfg)
             cfg = runner.absolutise(cfg)
-            with rundir.private_files():
+            with perms.private_files():
                 run_dir = rundir.create(cfg.output.dir, cfg.output.name or cfg.model.name)
                 config_mod.save(cfg, run_dir / rundir.CONFIG)
         # a fresh run's --set are in its config.toml already; a resume's change it on every node

@@ -452,7 +452,7 @@ _ROPE_ONLY = {"original_max_position_embeddings": ("yarn", "llama3"), "low_freq_
 
 def _rope_scaling(key: str, value, problems: list[Problem]) -> dict:
     """``model.rope_scaling``: {} (off) or a table with a type and a factor; one problem per bad key.
-    Checked against the model's config.json before a run (engine.training.rope.check)."""
+    Checked against the model's config.json before a run (engine.models.rope.check)."""
     if not isinstance(value, dict):
         problems.append(Problem(key, value, 'must be a table, e.g. {type = "yarn", factor = 4.0}, or {} for none'))
         return {}

@@ -26,7 +26,7 @@ COMMANDS = ("stop", "save")
 def request(run_dir: str | Path, command: str) -> Path:
     if command not in COMMANDS:
         raise ValueError(f"unknown control command {command!r}; allowed: {', '.join(COMMANDS)}")
-    from engine.core.rundir import private_files
+    from engine.core.perms import private_files
     folder = Path(run_dir) / "control"
     name = f"{time.time_ns()}-{command}.json"
     tmp = folder / (name + ".tmp")

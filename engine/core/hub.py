@@ -4,7 +4,7 @@
   ``kernels`` package for one when it is imported on some CPUs, and transformers can swap layers
   for Hub kernels; ``install()`` (run when ``engine`` is imported) disarms the ``kernels``
   package's download entry points and its layer mapping before anything imports it. Code
-  shipped with a model runs only under ``model.trust_remote_code`` (engine.training.model).
+  shipped with a model runs only under ``model.trust_remote_code`` (engine.models.consent).
 - Telemetry: huggingface_hub's usage pings (TRL sends one per trainer) are off.
 - Hub ids: a model named by hub id is read from the local cache when it is there (and the
   process then stays offline: no retry loops against an unreachable hub); otherwise one quick

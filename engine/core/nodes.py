@@ -47,7 +47,7 @@ def heartbeat_interval(timeout_s: float) -> float:
 
 def append(path: Path, ev: events.NodeProgress) -> None:
     """One snapshot, one line, written whole (the node's other processes write the same file)."""
-    from engine.core.rundir import private_files
+    from engine.core.perms import private_files
     line = (events.dumps(ev) + "\n").encode("utf-8", errors="replace")
     with private_files():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,29 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from engine.modalities.base import DataError, DataProblem, json_problem
+from engine.modalities.text import SHAREGPT_ROLES, check_turns, tool_definitions
+
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokens", "vision",
            "preference", "kto")      # the last two: engine.dataset.preference
-ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant",
-                  "bard": "assistant", "tool": "tool", "function_call": "assistant",
-                  "observation": "tool"}
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-
-
-class DataError(ValueError):
-    """The data cannot be used at all (missing file, unknown type, no usable rows)."""
-
-
-@dataclass
-class DataProblem:
-    line: int
-    kind: str          # invalid_json, not_object, missing_field, wrong_type, unknown_role,
-                       # role_order, empty_content, non_string_content, no_trained_tokens, mixed_format
-    message: str
-
-    def __str__(self):
-        return f"line {self.line}: {self.message}"
 
 
 @dataclass
@@ -63,24 +46,12 @@ class Dataset:
 
 def resolve(path: str) -> Path:
     if path == "builtin:sample":
-        from engine.training.builtin import sample_data_path
+        from engine.models.builtin import sample_data_path
         return sample_data_path()
     if path == "builtin:vl-sample":
-        from engine.training.vision import vl_sample_path
+        from engine.models.builtin import vl_sample_path
         return vl_sample_path()
     return Path(path).expanduser()
-
-
-def json_problem(e: Exception) -> str:
-    """A JSON error in full: its message and where (``Invalid control character at column 15``;
-    the message alone ends in a dangling "at"). Lines are given by the caller."""
-    msg = getattr(e, "msg", None) or str(e)
-    col = getattr(e, "colno", None)
-    doc, pos = getattr(e, "doc", None), getattr(e, "pos", None)
-    if msg.startswith("Invalid control character") and isinstance(doc, str) and isinstance(pos, int) \
-            and doc[pos:pos + 1] in ("\n", "\r"):
-        msg = "Unterminated string (the line ends inside it) at"   # a JSON string never spans lines
-    return f"invalid JSON: {msg}" + (f" column {col}" if col else "")
 
 
 DEEP = "invalid JSON: nested too deeply for the parser; flatten this row"
@@ -103,9 +74,9 @@ def iter_raw(path: str | Path, on_bytes: Callable[[int, int], None] | None = Non
     """Yield ``(line, record, error)`` for every record of a file; ``error`` is set for bad lines.
     A file that cannot be read as a whole (not UTF-8, unreadable, not parquet) raises DataError
     naming the file (and the line of the first bad byte)."""
-    from engine.dataset import sources
-    if sources.is_spec(str(path)):           # hf:org/name, dataset_info.json#NAME
-        yield from sources.iter_spec(str(path))
+    from engine.dataset import specs
+    if specs.is_spec(str(path)):             # hf:org/name, dataset_info.json#NAME
+        yield from specs.iter_spec(str(path), iter_raw)
         return
     p = resolve(str(path))
     if not p.exists():
@@ -299,7 +270,7 @@ def _iter_datasets_dir(p: Path):
         yield i + 1, rec, None
 
 
-_DETECTORS: list = []        # (vision.detect, preference.detect), imported on first use (a cycle)
+_DETECTORS: list = []        # (vision.detect, preference.detect), imported on first use
 
 
 def detect(rec: object) -> tuple[str | None, str]:
@@ -308,7 +279,7 @@ def detect(rec: object) -> tuple[str | None, str]:
         return None, "not a JSON object"
     if not _DETECTORS:
         from engine.dataset import preference      # chosen/rejected or a KTO label: never SFT rows
-        from engine.training import vision
+        from engine.modalities import vision
         _DETECTORS[:] = [vision.detect, preference.detect]
     vis = _DETECTORS[0](rec)
     if vis:
@@ -333,292 +304,6 @@ def detect(rec: object) -> tuple[str | None, str]:
     if "text" in keys:
         return "text", "field 'text' (plain language modelling)"
     return None, "fields " + ", ".join(sorted(map(str, keys))[:6]) + " match no known format"
-
-
-def check_turns(turns, line: int, problems: list[DataProblem], system: object = None) -> list[dict] | None:
-    """Turns → normalised turns ``{"role", "content"[, "tool_calls"][, "name"][, "tool_call_id"][, "weight": 0]}``.
-
-    ``content`` is a string or a list of text parts (OpenAI ``{type: text, text}``, LLaMA-Factory
-    ``{type: text, value}``), joined; an assistant turn may have ``tool_calls`` (OpenAI) or a
-    legacy ``function_call`` instead of content; role ``function`` (legacy) is a tool result.
-    ``weight`` / ``loss_weight`` 0 on a turn means it is not trained (kept only when 0).
-    ``system``: a top-level system column, put first when the turns have no system turn.
-
-    The steps, each recording its problems: the list itself, each turn (``_check_turn``), the
-    system column (``_add_system``), the role order and something to train (``_check_order``)."""
-    if not isinstance(turns, list):
-        problems.append(DataProblem(line, "wrong_type", "messages must be a list of turns"))
-        return None
-    if not turns:
-        problems.append(DataProblem(line, "empty_content", "messages is empty"))
-        return None
-    out = []
-    ok = True
-    for j, t in enumerate(turns):
-        if not isinstance(t, dict):
-            problems.append(DataProblem(line, "wrong_type", f"turn {j + 1} is not an object"))
-            return None
-        turn = _check_turn(t, j, line, problems)
-        if turn is None:
-            ok = False
-        else:
-            out.append(turn)
-    if not ok:
-        return None
-    out = _add_system(out, system, line, problems)
-    if out is None or not _check_order(out, line, problems):
-        return None
-    return out
-
-
-_PLAIN_ROLES = ("user", "assistant", "system")
-
-
-def _check_turn(t: dict, j: int, line: int, problems: list[DataProblem]) -> dict | None:
-    """One turn normalised, or None (its problem recorded)."""
-    role, content = t.get("role"), t.get("content")
-    if len(t) == 2 and type(content) is str and role in _PLAIN_ROLES and content and not content.isspace():
-        return {"role": role, "content": content}          # the common turn: what the steps below give it
-    role = _turn_role(t, j, line, problems)
-    if role is None:
-        return None
-    got = _turn_calls(t, t.get("content"), j, role, line, problems)
-    if got is None:
-        return None
-    calls, content = got
-    content = _turn_content(t, content, calls, j, role, line, problems)
-    if content is None:
-        return None
-    turn = {"role": role, "content": content}
-    if calls:
-        turn["tool_calls"] = calls
-    if role == "tool":
-        for key in ("name", "tool_call_id"):
-            if isinstance(t.get(key), str) and t[key]:
-                turn[key] = t[key]
-    weight = _weight(t, j, role, line, problems)
-    if weight is None:
-        return None
-    if weight == 0:
-        turn["weight"] = 0
-    return turn
-
-
-def _turn_role(t: dict, j: int, line: int, problems: list[DataProblem]) -> str | None:
-    """The turn's role (legacy ``function`` is ``tool``), or None when missing or unknown."""
-    role = t.get("role")
-    if role is None:
-        problems.append(DataProblem(line, "missing_field", f"turn {j + 1} has no 'role'"))
-        return None
-    if role == "function":                 # OpenAI legacy: a function's result
-        role = "tool"
-    if role not in ROLES:
-        problems.append(DataProblem(line, "unknown_role", f"turn {j + 1} has unknown role {str(role)!r}; "
-                                    "allowed: " + ", ".join(ROLES)))
-        return None
-    return role
-
-
-def _turn_calls(t: dict, content, j: int, role: str, line: int, problems: list[DataProblem]):
-    """(tool calls or None, the content left) of a turn: OpenAI ``tool_calls``, legacy
-    ``function_call`` or LLaMA-Factory v1 ``tool_call`` parts; None when they are unusable."""
-    calls = None
-    raw_calls = t.get("tool_calls") or t.get("function_call")
-    if isinstance(content, list) and not raw_calls:      # LLaMA-Factory v1: tool_call parts
-        part_calls = [p.get("value") for p in content if isinstance(p, dict) and p.get("type") == "tool_call"]
-        if part_calls:
-            raw_calls = [_json_value(v, f"turn {j + 1}'s tool_call part", line, problems) for v in part_calls]
-            if any(c is _BAD for c in raw_calls):
-                return None
-            content = [p for p in content if not (isinstance(p, dict) and p.get("type") == "tool_call")]
-    if raw_calls:
-        if role != "assistant":
-            problems.append(DataProblem(line, "wrong_type", f"turn {j + 1} ({role}) has tool calls; "
-                                        "only assistant turns call tools"))
-            return None
-        calls = tool_calls(raw_calls, f"turn {j + 1}", line, problems)
-        if calls is None:
-            return None
-    return calls, content
-
-
-def _turn_content(t: dict, content, calls, j: int, role: str, line: int, problems: list[DataProblem]) -> str | None:
-    """The turn's text (parts joined; "" for a tool call without content), or None."""
-    if content is None and "content" not in t and not calls:
-        problems.append(DataProblem(line, "missing_field", f"turn {j + 1} ({role}) has no 'content'"))
-        return None
-    if content is None and calls:
-        content = ""
-    if isinstance(content, list):
-        content = _join_parts(content, j, role, line, problems)
-        if content is None:
-            return None
-    if not isinstance(content, str):
-        problems.append(DataProblem(line, "non_string_content",
-                                    f"turn {j + 1} ({role}) content is {type(content).__name__}, "
-                                    "not a string or a list of text parts"))
-        return None
-    if not calls and (not content or content.isspace()):   # = not content.strip(), without copying it
-        problems.append(DataProblem(line, "empty_content", f"turn {j + 1} ({role}) has empty content"))
-        return None
-    return content
-
-
-def _add_system(out: list[dict], system, line: int, problems: list[DataProblem]) -> list[dict] | None:
-    """The turns with a top-level system column put first (when they have no system turn)."""
-    if isinstance(system, str) and system.strip():
-        if out and out[0]["role"] == "system":
-            if out[0]["content"] != system:
-                problems.append(DataProblem(line, "role_order", "both a 'system' column and a different system "
-                                            "turn; keep one of them"))
-                return None
-        else:
-            out.insert(0, {"role": "system", "content": system})
-    elif system is not None and not isinstance(system, str):
-        problems.append(DataProblem(line, "wrong_type", "'system' must be a string"))
-        return None
-    return out
-
-
-def _check_order(out: list[dict], line: int, problems: list[DataProblem]) -> bool:
-    """Role order: optional system first, then user/assistant alternating (tool results after an
-    assistant's tool calls, then the assistant again), with an assistant turn to train on."""
-    prev, after_tool = None, False
-    for j, t in enumerate(out):
-        r = t["role"]
-        if r == "system":
-            if j:
-                problems.append(DataProblem(line, "role_order", "a system turn after the first turn"))
-                return False
-            continue
-        if r == "tool":
-            after_tool = True
-            continue
-        if prev is None and r == "assistant":
-            problems.append(DataProblem(line, "role_order", "assistant speaks first; expected a user turn first"))
-            return False
-        if prev == r and not (r == "assistant" and after_tool):
-            problems.append(DataProblem(line, "role_order", f"two {r} turns in a row"))
-            return False
-        prev, after_tool = r, False
-    answers = [t for t in out if t["role"] == "assistant"]
-    if not answers:
-        problems.append(DataProblem(line, "role_order", "no assistant turn: nothing to train on"))
-        return False
-    if all(t.get("weight") == 0 for t in answers):
-        problems.append(DataProblem(line, "no_trained_tokens", "every assistant turn has weight 0: nothing to train on"))
-        return False
-    return True
-
-
-def _join_parts(parts: list, j: int, role: str, line: int, problems: list[DataProblem]) -> str | None:
-    """Text content parts joined (OpenAI ``{type: text, text}``, LLaMA-Factory ``{type: text, value}``);
-    LLaMA-Factory v1 ``reasoning`` parts become ``<think>…</think>`` before the text (the form
-    reasoning chat templates read back from content)."""
-    out = []
-    for k, p in enumerate(parts):
-        if isinstance(p, dict) and p.get("type") == "reasoning" and isinstance(p.get("value", p.get("text")), str):
-            out.append(f"<think>\n{p.get('value', p.get('text'))}\n</think>\n\n")
-            continue
-        v = p.get("text", p.get("value")) if isinstance(p, dict) and p.get("type") == "text" else None
-        if not isinstance(v, str):
-            kind = p.get("type") if isinstance(p, dict) else type(p).__name__
-            problems.append(DataProblem(line, "wrong_type", f"turn {j + 1} ({role}) part {k + 1} is "
-                                        f"{str(kind)[:40]!r}: expected {{\"type\": \"text\", \"text\": ...}} "
-                                        "(images: {\"type\": \"image\", \"image\": path})"))
-            return None
-        out.append(v)
-    return "".join(out)
-
-
-def _weight(t: dict, j: int, role: str, line: int, problems: list[DataProblem]) -> int | None:
-    """A turn's ``weight`` / ``loss_weight``: 1 (trained, the default) or 0 (not trained)."""
-    w = t.get("weight", t.get("loss_weight"))
-    if w is None:
-        return 1
-    if isinstance(w, (bool, int, float)) and w in (0, 1):
-        return int(w)
-    problems.append(DataProblem(line, "wrong_type", f"turn {j + 1} ({role}) weight {str(w)[:20]!r}: "
-                                "a turn's weight is 0 (not trained) or 1 (trained)"))
-    return None
-
-
-def _json_value(v, what: str, line: int, problems: list[DataProblem]):
-    """A field that may hold JSON text (LLaMA-Factory stores tools and calls as strings)."""
-    if not isinstance(v, str):
-        return v
-    try:
-        return json.loads(v) if v.strip() else None
-    except json.JSONDecodeError as e:
-        problems.append(DataProblem(line, "wrong_type", f"{what} is text but not JSON ({json_problem(e)})"))
-        return _BAD
-
-
-_BAD = object()
-
-
-def tool_calls(raw, what: str, line: int, problems: list[DataProblem]) -> list[dict] | None:
-    """Tool calls → ``[{"type": "function", "function": {"name", "arguments": dict}}]`` (the form
-    chat templates render). Accepts OpenAI ``tool_calls``, a legacy ``function_call`` and
-    LLaMA-Factory's ``function_call`` text (one call or a list, as JSON)."""
-    raw = _json_value(raw, f"{what}'s tool call", line, problems)
-    if raw is _BAD:
-        return None
-    if isinstance(raw, dict):
-        raw = [raw]
-    if not isinstance(raw, list) or not raw:
-        problems.append(DataProblem(line, "wrong_type", f"{what}: tool calls must be a list of "
-                                    "{\"function\": {\"name\", \"arguments\"}}"))
-        return None
-    out = []
-    for k, c in enumerate(raw):
-        fn = c.get("function", c) if isinstance(c, dict) else None
-        name = fn.get("name") if isinstance(fn, dict) else None
-        if not isinstance(name, str) or not name.strip():
-            problems.append(DataProblem(line, "missing_field", f"{what} tool call {k + 1} has no function 'name'"))
-            return None
-        args = fn.get("arguments", fn.get("parameters", {}))
-        args = _json_value(args, f"{what} tool call {k + 1} arguments", line, problems)
-        if args is _BAD:
-            return None
-        if args is None:
-            args = {}
-        if not isinstance(args, dict):
-            problems.append(DataProblem(line, "wrong_type", f"{what} tool call {k + 1}: 'arguments' must be "
-                                        "a JSON object"))
-            return None
-        call = {"type": "function", "function": {"name": name, "arguments": args}}
-        if isinstance(c.get("id"), str):
-            call["id"] = c["id"]
-        out.append(call)
-    return out
-
-
-def tool_definitions(rec: dict, line: int, problems: list[DataProblem]):
-    """A row's tool definitions (``tools``; legacy ``functions``) → OpenAI form
-    ``[{"type": "function", "function": {...}}]``; None when it has none, ``False`` on a problem."""
-    key = "tools" if rec.get("tools") not in (None, "", []) else "functions"
-    raw = _json_value(rec.get(key), f"'{key}'", line, problems)
-    if raw is _BAD:
-        return False
-    if raw in (None, [], {}):
-        return None
-    if isinstance(raw, dict):
-        raw = [raw]
-    if not isinstance(raw, list):
-        problems.append(DataProblem(line, "wrong_type", f"'{key}' must be a list of function definitions"))
-        return False
-    out = []
-    for k, t in enumerate(raw):
-        if isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str):
-            out.append({"type": "function", "function": t["function"]})
-        elif isinstance(t, dict) and isinstance(t.get("name"), str):
-            out.append({"type": "function", "function": t})
-        else:
-            problems.append(DataProblem(line, "wrong_type", f"'{key}' item {k + 1} is no function definition "
-                                        "(it needs a 'name')"))
-            return False
-    return out
 
 
 def _conversation(rec: dict, turns, line: int, problems: list[DataProblem]) -> dict | None:
@@ -676,7 +361,7 @@ def normalise(rec: object, fmt: str, line: int, problems: list[DataProblem]) -> 
         problems.append(DataProblem(line, "not_object", "row is not a JSON object"))
         return None
     if fmt == "vision":
-        from engine.training import vision
+        from engine.modalities import vision
         return vision.normalise(rec, line, problems)
     if fmt in ("preference", "kto"):
         from engine.dataset import preference
@@ -776,8 +461,8 @@ def build(path: str, raw: list, fmt: str = "auto") -> Dataset:
     problems.sort(key=lambda p: p.line)
     ds.problems = problems
     if fmt == "vision":          # every image resolved against the data file and checked
-        from engine.training import vision
-        vision.attach_images(ds)
+        from engine.modalities import vision
+        vision.attach_images(ds, resolve(ds.path).resolve().parent)
     return ds
 
 
@@ -852,36 +537,3 @@ def detect_reason(fmt: str) -> str:
             "vision": "images with their turns (ChatML image parts or LLaMA-Factory 'images')"}[fmt]
 
 
-def load_for_training(cfg) -> tuple[Dataset, Dataset | None]:
-    """Train (and eval) datasets for a config; raises DataError when training cannot proceed.
-    With ``data.sources`` the mixture (``engine.dataset.sources.load_mixture``) replaces data.train."""
-    from engine.dataset import preference
-    if getattr(cfg.data, "sources", None):
-        from engine.dataset import sources
-        train, ev, _ = sources.load_mixture(cfg)
-        preference.check_method(cfg, train.format, "data.sources", "data.sources")
-        _require_usable(train, cfg, "data.sources")
-        return train, ev
-    train = load(cfg.resolve_path(cfg.data.train), cfg.data.format)
-    preference.check_method(cfg, train.format, resolve(train.path), "data.train")
-    _require_usable(train, cfg, "data.train")
-    ev = None
-    if cfg.data.eval:
-        ev = load(cfg.resolve_path(cfg.data.eval), cfg.data.format)
-        preference.check_method(cfg, ev.format, resolve(ev.path), "data.eval")
-        _require_usable(ev, cfg, "data.eval")
-    return train, ev
-
-
-def _require_usable(ds: Dataset, cfg, key: str) -> None:
-    where = ds.path if ds.path.startswith("mixture") else resolve(ds.path)
-    if ds.raw_count == 0:
-        raise DataError(f"{where}: the file has no rows ({key}); add training examples")
-    if not ds.rows:
-        first = ds.problems[0] if ds.problems else None
-        raise DataError(f"{where}: none of {ds.raw_count} rows is usable"
-                        + (f"; first problem at line {first.line}: {first.message}" if first else ""))
-    if cfg.data.strict and ds.problems:
-        p = ds.problems[0]
-        raise DataError(f"{where}:{p.line}: {p.message} ({len(ds.problems)} problem{'' if len(ds.problems) == 1 else 's'}; data.strict = true "
-                        "refuses to train; fix them or set data.strict = false to skip bad rows)")

@@ -4,7 +4,7 @@ tokenizer and chat template, the label-mask preview, duplicates, outliers and PI
 ``inspect(cfg)`` streams: it reads, normalises and tokenises the file in batches and hands
 partial ``Report``s (``done=False``) to ``on_partial`` so a UI can show rows read and a
 running histogram at once. ``preview(cfg, i)`` renders one row exactly as the trainer trains
-it: both go through ``engine.dataset.chat.encode_batch`` (the statistics use faster equivalents from
+it: both go through ``engine.modalities.text.encode_batch`` (the statistics use faster equivalents from
 ``engine.dataset.token_count``, checked against it on every batch and replaced by it wherever they
 disagree).
 
@@ -218,19 +218,20 @@ _ds_cache: dict = {}
 
 
 def _model_key(cfg) -> tuple:
-    from engine.training.model import remote_code_allowed
+    from engine.models.consent import remote_code_allowed
     m = cfg.model
     return (m.name, m.revision, m.chat_template, remote_code_allowed(cfg), cfg.source)
 
 
 def tokenizer_for(cfg):
     """(tokenizer, warnings) for cfg.model, loaded once per model settings."""
-    from engine.training import model as model_mod
+    from engine.models.source import model_path
+    from engine.models.tokenizer import load_tokenizer
     key = _model_key(cfg)
     with _cache_lock:
         hit = _tok_cache.get(key)
     if hit is None:
-        hit = model_mod.load_tokenizer(cfg, model_mod.model_path(cfg))
+        hit = load_tokenizer(cfg, model_path(cfg))
         with _cache_lock:
             _tok_cache[key] = hit
     return hit
@@ -315,7 +316,7 @@ def _steps(cfg, counts: "Counts", max_len, path_is_train: bool):
     Up to SPLIT_EXACT_MAX rows the eval hold-out is drawn exactly as the trainer draws it, from
     each row's counts; past it the hold-out is taken as a proportional share of the tallies
     (drawing it would cost a list of every row)."""
-    from engine.training.trainer import split_eval
+    from engine.dataset.rows import split_eval
     import numpy as np
     n = counts.n
     exact = counts.exact
@@ -506,11 +507,37 @@ def _gc_paused_while_scanning():
 
 def inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
     """The full dataset report (see the module doc); never raises for bad rows."""
-    from engine.training import vision
-    if vision.data_is_vision(cfg, _data_path(cfg, path)):      # image rows: checks and visual tokens
-        return vision.inspect_report(cfg, _data_path(cfg, path), on_partial)
+    from engine.modalities import vision
+    if vision.data_is_vision(cfg.data.format, data_mod.iter_raw(_data_path(cfg, path))):
+        return _image_report(cfg, _data_path(cfg, path), on_partial)   # image rows: visual tokens
     with _gc_paused_while_scanning():
         return _inspect(cfg, path=path, on_partial=on_partial, cancel=cancel)
+
+
+def _image_report(cfg, path: str, on_partial=None) -> Report:
+    """The report for image rows: image problems by line, and token statistics and the truncation
+    check with each image's visual tokens counted (``engine.modalities.vision.report_rows``)."""
+    import numpy as np
+    from engine.modalities import vision
+    max_len = int(cfg.data.max_length)
+    rep = Report(path=str(data_mod.resolve(path)), model=cfg.model.name, max_length=max_len)
+    ds = data_mod.load(path, cfg.data.format)
+    got = vision.report_rows(cfg, ds)
+    rep.format, rep.format_reason, rep.raw_count, rep.rows_read = ds.format, ds.reason, ds.raw_count, ds.raw_count
+    lines = got["lines"]
+    arr = np.asarray(got["counts"], dtype=np.int64).reshape(len(lines), 3)
+    tallied = Counts()
+    found = problem_log()
+    found.extend(got["problems"])
+    found.extend(tallied.add(lines, arr, max_len))
+    dups = quality.Duplicates()              # no duplicate check for image rows: their lengths only
+    dups.add_unhashed(lines, arr[:, 0])
+    out = report_snapshot(cfg, rep, tallied, found, [], dups, FirstByLine(MAX_LISTED),
+                          dict(ds.formats_seen), {}, partial=False, rows=len(lines))
+    out.images = got["images"]
+    if on_partial is not None:
+        on_partial(out)
+    return out
 
 
 def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
@@ -985,15 +1012,18 @@ def _same_file(cfg, path: str) -> bool:
 
 def preview(cfg, row_index: int, *, path=None) -> Preview:
     """Row ``row_index`` (0-based among usable rows) rendered by the chat template, cut into
-    trained / not-trained segments by ``engine.dataset.chat.encode_batch`` (the trainer's encoder),
+    trained / not-trained segments by ``engine.modalities.text.encode_batch`` (the trainer's encoder),
     with what ``max_length`` truncation removes marked."""
     ds = dataset_for(_data_path(cfg, path), cfg.data.format)
     if not 0 <= row_index < len(ds.rows):
         raise IndexError(f"row {row_index + 1} out of range: the file has {len(ds.rows)} usable rows")
     row = ds.rows[row_index]
     if row.data.get("images") is not None:        # an image row: the processor's own tokens
-        from engine.training import vision
-        return vision.preview(cfg, row, row_index)
+        from engine.modalities import vision
+        fields, images = vision.preview_fields(cfg, row)
+        pv = Preview(row_index=row_index, line=row.line, **fields)
+        pv.images = images
+        return pv
     tok, _ = tokenizer_for(cfg)
     if ds.format in preference.FORMATS:      # each side: the prompt and one answer (KTO: the completion)
         names = ("completion",) if "completion" in row.data else ("chosen", "rejected")
@@ -1020,7 +1050,7 @@ def _first_trained_char(pv: Preview) -> int:
 
 def _preview_of(cfg, tok, row, row_index: int, data: dict) -> Preview:
     """``data`` (the row, or one side of a preference row) encoded by the trainer's encoder."""
-    from engine.dataset.chat import IGNORE, Encoded, encode_batch, segments
+    from engine.modalities.text import IGNORE, Encoded, encode_batch, segments
     enc = encode_batch(tok, [data])[0]
     if "input_ids" in row.data and not enc.text:      # pre-tokenised row: decode it token by token
         text, offsets = "", []
@@ -1048,7 +1078,7 @@ def _preview_of(cfg, tok, row, row_index: int, data: dict) -> Preview:
                 out.append((text, tr))
             pos += len(text)
         segs = out
-    from engine.dataset.chat import turn_marks
+    from engine.modalities.text import turn_marks
     return Preview(row_index=row_index, line=row.line, segments=segs, n_tokens=n,
                    marks=turn_marks(tok, data, enc.text) if enc.text else [],
                    n_trained=sum(1 for x in labels if x != IGNORE), n_trained_untruncated=enc.n_trained,
@@ -1101,7 +1131,7 @@ def format_preview(pv: Preview, max_len: int, colour: bool = False) -> str:
     head = (f"row {pv.row_index + 1} (line {pv.line}): {pv.n_tokens} tokens, {pv.n_trained} trained"
             + (f" ({pv.n_trained_untruncated - pv.n_trained} more past max_length)"
                if pv.n_trained_untruncated != pv.n_trained else ""))
-    from engine.dataset.chat import MARK_LABELS
+    from engine.modalities.text import MARK_LABELS
     legend = ("trained tokens in green" if colour else "trained tokens between ⟦ and ⟧")
     if pv.marks:
         legend += "; turns marked " + ", ".join(f"«{MARK_LABELS[k]}»" for k in dict.fromkeys(k for _, _, k in pv.marks))

@@ -64,7 +64,7 @@ def reason(fmt: str) -> str:
 # ------------------------------------------------------------------ normalise
 def normalise(rec: dict, fmt: str, line: int, problems: list) -> dict | None:
     """One raw preference row → TRL's explicit form, or None with a problem recorded."""
-    from engine.dataset.data import DataProblem
+    from engine.modalities.base import DataProblem
     try:
         return _pairs(rec) if fmt == PAIRS else _unpaired(rec)
     except _Bad as e:
@@ -222,7 +222,7 @@ def check_method(cfg, fmt: str, where, key: str = "data.train") -> None:
     """Raise DataError (one line naming the file) when the data and ``train.method`` do not go
     together: preference data under an SFT method, SFT data under a preference method, unpaired
     (KTO) rows under a pair method."""
-    from engine.dataset.data import DataError
+    from engine.modalities.base import DataError
     m = methods.of(cfg)
     method, pref = m.name, m.family == PREFERENCE
     if fmt in FORMATS and not pref:

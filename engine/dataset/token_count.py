@@ -1,5 +1,5 @@
 """Token counts for the dataset inspector: per row ``(tokens, trained tokens, trained tokens
-kept within max_length)``, equal to what ``engine.dataset.chat.encode_batch`` (the trainer's encoder)
+kept within max_length)``, equal to what ``engine.modalities.text.encode_batch`` (the trainer's encoder)
 gives, computed faster than building every row's labels.
 
 Three ways, fastest first; a row takes the first that can be sure of it:
@@ -17,7 +17,7 @@ Three ways, fastest first; a row takes the first that can be sure of it:
             trimming, or added tokens that strip spaces) goes to ``offsets``.
 ``offsets`` One ``encode_batch`` with character offsets; a token is trained when it has width and
             starts inside a span (the trainer's rule), found with char→token look-ups.
-``exact``   ``engine.dataset.chat.encode_batch`` itself, labels and all.
+``exact``   ``engine.modalities.text.encode_batch`` itself, labels and all.
 
 Some rows of every batch are also counted with ``exact`` and compared; on a disagreement the
 counter switches to ``exact`` for the rest of the file and says so in a warning.
@@ -242,7 +242,7 @@ def _piece(text: str, s: int, e: int, spans) -> tuple:
 
 def fast_counts(enc, spans, text_len: int, max_len: int) -> tuple[int, int, int]:
     """The ``offsets`` way for one ``tokenizers.Encoding``: (tokens, trained, trained within
-    max_len) by the same rule as ``engine.dataset.chat.labels_for`` (a token is trained when it has width
+    max_len) by the same rule as ``engine.modalities.text.labels_for`` (a token is trained when it has width
     and starts inside a span), found with char→token look-ups instead of materialising offsets."""
     n = len(enc)
     z0 = 0
@@ -298,7 +298,7 @@ def fast_counts(enc, spans, text_len: int, max_len: int) -> tuple[int, int, int]
 
 def exact_counts(tok, rows: list[dict], max_len: int) -> list[tuple[int, int, int]]:
     """The ``exact`` way: the trainer's own encoder."""
-    from engine.dataset.chat import IGNORE, encode_batch
+    from engine.modalities.text import IGNORE, encode_batch
     out = []
     for e in encode_batch(tok, rows):
         lab = e.labels
@@ -341,7 +341,7 @@ class Counter:
         pool has nothing to do)."""
         if self.exact_only:
             return None
-        from engine.dataset.chat import render_spans
+        from engine.modalities.text import render_spans
         out = []
         for r in rows:
             if "input_ids" in r:

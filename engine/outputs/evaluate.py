@@ -144,7 +144,7 @@ def held_out_rows(src, data: str | None) -> tuple[str, list[dict]]:
     cfg = _run_config(RunArtifact.open(src, EvalError).run_dir)
     if cfg is None:
         raise EvalError(f"{src}: not a run directory (no config.toml); pass --data FILE with held-out rows")
-    from engine.training.recipe import read_rows
+    from engine.dataset.rows import read_rows
     try:
         rows = read_rows(cfg)
     except data_mod.DataError as e:
@@ -177,7 +177,7 @@ def _fold(text: str) -> str:
 def _losses(model, tok, rows: list[dict], max_length: int) -> tuple[float, float, int, list]:
     """(base loss, tuned loss, answer tokens, per-row [base, tuned]): mean per answer token."""
     import torch
-    from engine.training.trainer import encode_dataset
+    from engine.modalities.text import encode_dataset
     enc = encode_dataset(tok, rows)
     device = next(model.parameters()).device
     sums, count, per_row = [0.0, 0.0], 0, []

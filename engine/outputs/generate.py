@@ -55,7 +55,7 @@ def run_data_path(value: str, run_dir: Path) -> Path | None:
     if not value:
         return None
     if value == "builtin:sample":
-        from engine.training.builtin import sample_data_path
+        from engine.models.builtin import sample_data_path
         p = sample_data_path()
         return p if p.is_file() else None
     if value.startswith("builtin:"):
@@ -221,7 +221,7 @@ def _load(src, err=GenerateError):
         raise err(f"tokenizer of {tsrc}: cannot load: {str(e).splitlines()[0][:200]}") from None
     if not getattr(tok, "chat_template", None) or tok.pad_token is None:
         # the trainer's own rule: the run's template override, else ChatML; a pad token
-        from engine.dataset.chat import prepare_tokenizer
+        from engine.models.tokenizer import prepare_tokenizer
         prepare_tokenizer(tok, "" if getattr(tok, "chat_template", None)
                           else str(settings.get("chat_template") or ""))
     return peft_model, tok, {"base": base, "adapter": str(adapter_dir), "mode": mode}

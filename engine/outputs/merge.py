@@ -486,7 +486,7 @@ def _merge_to(tmp: Path, out: Path, base_name: str, adapter_dir: Path, load_kw: 
     try:
         merged.save_pretrained(str(tmp))
         if auto_model_class(merged.config).__name__ != "AutoModelForCausalLM":   # the base's image processor too
-            from engine.training.vision import pretrained_processor
+            from engine.models.processor import pretrained_processor
             pretrained_processor(base_name, load_kw.get("revision"),
                                  load_kw["trust_remote_code"]).save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))       # the run's tokenizer (and chat template) over the base's

@@ -73,11 +73,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from engine.core import files as _files
 from engine.core.config import AUTO, Config
-
 from engine.core.units import GIB
 from engine import methods
 from engine.methods.base import FULL, PREFERENCE
@@ -419,7 +416,7 @@ def _shard(cfg: Config, w: dict[str, int], t: _Trainable, notes: list[str]) -> N
 
 def _vision(model_config: dict, st: _Setting, notes: list[str]) -> dict:
     """Image-text models: the 16-bit vision tower and one image's activations per row."""
-    from engine.training.vision import estimate_terms
+    from engine.modalities.vision import estimate_terms
     vis = estimate_terms(model_config, st.batch, st.d) or {"params": 0, "weights": 0, "activations": 0}
     if vis["weights"]:
         notes.append(f"vision tower: {vis['params'] / 1e6:,.0f} M params in 16 bits (frozen, not quantized); "
@@ -469,8 +466,8 @@ def estimate(cfg: Config, model_config: dict, *, batch_size: int | None = None,
 
 def _rope_notes(cfg: Config, model_config: dict, seq: int, notes: list[str]) -> None:
     """model.rope_scaling: the positions it reaches and its problems against config.json; without
-    it, a max_length past the pretrained length says to set it (engine.training.rope)."""
-    from engine.training import rope
+    it, a max_length past the pretrained length says to set it (engine.models.rope)."""
+    from engine.models import rope
     r = cfg.model.rope_scaling
     if r:
         notes.append(rope.describe(r, model_config))
@@ -642,39 +639,15 @@ def _activation_bytes_per_token(input_bytes: int, act: int, layers: int, k: int,
 # ---------------------------------------------------------------------------------------------
 # config.json and GPU memory
 
-def _hub_config(name: str, repo: str, revision) -> Path:
-    """config.json of a hub model: from the local cache, else downloaded (the model source check,
-    engine.core.hub, has already said whether the hub answers)."""
-    from engine.core import hub
-    cached = hub.cached_file(repo, "config.json", revision)
-    if cached is not None:
-        return Path(cached)
-    from huggingface_hub import hf_hub_download
-    try:
-        return Path(hf_hub_download(repo, "config.json", revision=revision))
-    except Exception as e:  # gated, missing repo: one line naming the model, never cut mid-word
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise EstimateError(f"cannot read config.json of model {name!r} from the hub: "
-                            f"{type(e).__name__}: {first}") from None
-
 
 def model_config_for(cfg: Config) -> dict:
-    """The model's config.json as a dict: local directory, builtin:tiny, or the hub (config only)."""
-    name = cfg.model.name.strip()
-    from engine.training.model import ModelError, model_path
+    """The model's config.json as a dict (``engine.models.source.model_config``), its errors as
+    the planner's."""
+    from engine.models.source import ModelError, model_config
     try:
-        where = model_path(cfg)
+        return model_config(cfg)
     except ModelError as e:
         raise EstimateError(str(e)) from None
-    p = Path(where)
-    if p.is_dir():
-        path = p / "config.json"
-    else:
-        path = _hub_config(name, where, cfg.model.revision or None)
-    try:
-        return _files.read_json(path)
-    except (OSError, ValueError) as e:
-        raise EstimateError(f"cannot read {path} for model {name!r}: {e}") from None
 
 
 def gpu_budget(cfg, gpu_mem_gib: float | None = None) -> tuple[int | None, str]:
@@ -979,7 +952,7 @@ def _choose_packing(cfg: Config, pk_set, reasons: list[str]) -> bool:
     """Packing does not change the worst-case peak; correct only where attention isolates samples."""
     if pk_set is not None:
         return pk_set
-    from engine.training.model import packing_isolated
+    from engine.models.runtime import packing_isolated
     attn = attention_for(cfg, True)
     pk, why = packing_isolated(attn)
     reasons.append(f"packing {'on' if pk else 'off'} ({why})")

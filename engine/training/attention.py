@@ -245,7 +245,7 @@ def choose(cfg, rt, lengths: list[int] | None = None) -> list[str]:
     """``model.attn_implementation = auto`` with packing on, on the GPU: varlen when this torch
     and GPU can run it and it passes ``self_check``; plan lines saying why (or why not).
     Sets ``cfg.model.attn_implementation``; does nothing when packing is off or the kernel is set."""
-    from engine.training.model import attn_implementation
+    from engine.models.runtime import attn_implementation
     if cfg.model.attn_implementation != "auto" or cfg.data.packing is not True:
         return []
     current = attn_implementation(cfg, rt.device)

@@ -13,6 +13,10 @@ from engine.core import events
 from engine.core.units import is_nonfinite
 
 
+class PreflightError(ValueError):
+    """A check before a run directory exists failed (engine.training.preflight): one line."""
+
+
 def is_disk_full(e: BaseException | None) -> bool:
     """ENOSPC however the writer reports it (OSError, safetensors' or torch's own errors)."""
     while e is not None:
@@ -31,13 +35,12 @@ def is_oom(e: BaseException) -> bool:
 
 def _is_data_error(e: BaseException) -> bool:
     from engine.dataset.data import DataError
-    from engine.training.preflight import PreflightError
     return isinstance(e, (DataError, PreflightError))
 
 
 def _is_config_error(e: BaseException) -> bool:
     from engine.core.config import ConfigError
-    from engine.training.model import ModelError
+    from engine.models.source import ModelError
     return isinstance(e, (ModelError, ConfigError))
 
 

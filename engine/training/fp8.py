@@ -104,7 +104,7 @@ def quantize_rows(x):
 
 def _triton_ok() -> bool:
     """The Triton kernels passed their check on this device (engine.training.probes), or never ran it."""
-    from engine.training.probes import passed
+    from engine.training.probe_results import passed
     return passed("triton_quant")
 
 

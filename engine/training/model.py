@@ -1,240 +1,14 @@
-"""Loading the tokenizer and the (4-bit) base through the ordinary transformers path.
+"""Loading the (4-bit) base onto its device through the ordinary transformers path, and the
+checks that need the model's modules (LoRA target modules, the meta-device skeleton).
 
-``model.name`` is a hub id, a local directory or ``builtin:tiny``. Hub tokens come from the
-environment (``HF_TOKEN``) or huggingface_hub's standard cache; this module never reads
-or writes them itself, so they never reach a config, a log or a run directory.
+Where the model comes from, the consent to run its code, the runtime and the tokenizer are
+``engine.models``; this module adds what needs bitsandbytes and the trainer.
 """
 from __future__ import annotations
 
-import os
-import re
-from dataclasses import dataclass, field
-from pathlib import Path
-
-from engine.core import files as _files
-
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class ModelError(ValueError):
-    """The model cannot be loaded as configured (one line, names the field and what to do)."""
-
-
-@dataclass
-class Runtime:
-    device: str                  # "cuda" | "cpu"
-    dtype: str                   # "bf16" | "fp16" | "fp32"
-    load_in_4bit: bool
-    notes: list[str] = field(default_factory=list)
-
-
-# ---- consent to run code shipped with a model (model.trust_remote_code = true) -----------
-# On the command line the config's own setting, on a command the user ran, is the consent.
-# An interactive app calls ``require_consent()`` when it starts: from then on a model's code
-# runs only after ``grant_remote_code(cfg)`` (the user said yes in the app); until then every
-# loader here (tokenizer for the Dataset screen, config checks) reads the model without it.
-_consent = {"ask": False, "granted": set()}
-
-
-def require_consent() -> None:
-    _consent["ask"] = True
-
-
-def grant_remote_code(cfg) -> None:
-    _consent["granted"].add(_consent_key(cfg))
-
-
-def _consent_key(cfg) -> tuple:
-    try:
-        where = model_path(cfg)
-    except ModelError:
-        where = cfg.model.name
-    return (str(where), cfg.model.revision or "")
-
-
-def remote_code_allowed(cfg) -> bool:
-    """Whether code shipped with ``cfg.model`` may be imported now (see above)."""
-    if not cfg.model.trust_remote_code:
-        return False
-    return not _consent["ask"] or _consent_key(cfg) in _consent["granted"]
-
-
-def _no_consent_message(cfg, what: str) -> str:
-    if cfg.model.trust_remote_code:
-        how = ("token counts, previews and checks that need it wait until you confirm it runs "
-               "(the TUI asks at ctrl+r)")
-    else:
-        how = "it is not run unless you set model.trust_remote_code = true (only for a repository you trust)"
-    return f"model.name = {cfg.model.name!r}: the {what} is Python code shipped with the model; {how}"
-
-
-def _needs_code(e: BaseException) -> bool:
-    s = str(e)
-    return "trust_remote_code" in s or "auto_map" in s or "custom code" in s
-
-
-def _check_model_files(name: str, p: Path) -> None:
-    """Every file of a local model folder is a regular file (or a link to one): a FIFO or a device
-    among them would hang or exhaust whichever library opens it (transformers, tokenizers)."""
-    import stat
-    try:
-        entries = list(os.scandir(p))
-    except OSError as e:
-        raise ModelError(f"model.name = {name!r}: cannot list {p} ({e.strerror or e})") from None
-    for entry in entries:
-        try:
-            mode = os.stat(entry.path).st_mode
-        except OSError:
-            continue                           # a dangling link: the loader says what it misses
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            raise ModelError(f"model.name = {name!r}: {_files.NotRegular(entry.path, _files.kind_of(mode))}")
-
-
-def model_path(cfg) -> str:
-    """A loadable path or hub id for model.name (builtin:tiny is built/cached on demand)."""
-    name = cfg.model.name.strip()
-    if name == "builtin:tiny":
-        from engine.training.builtin import tiny_model_dir
-        return str(tiny_model_dir())
-    if name == "builtin:tiny-vl":
-        from engine.training.vision import tiny_vl_model_dir
-        return str(tiny_vl_model_dir())
-    if name.startswith("builtin:"):
-        raise ModelError(f"model.name = {name!r}: unknown built-in; use builtin:tiny or builtin:tiny-vl")
-    p = Path(cfg.resolve_path(name))
-    looks_local = name.startswith((".", "/", "~")) or p.exists()
-    if looks_local:
-        if not p.is_dir():
-            raise ModelError(f"model.name = {name!r}: no such directory ({p}); give a model directory "
-                             "or a hub id like meta-llama/Llama-3.2-1B")
-        if not (p / "config.json").exists():
-            raise ModelError(f"model.name = {name!r}: {p} has no config.json; is it a Hugging Face model directory?")
-        _check_model_files(name, p)
-        return str(p)
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name):
-        raise ModelError(f"model.name = {name!r}: neither a local directory nor a hub id (owner/name)")
-    from engine.core import hub
-    try:                    # cached here, or the hub answers: else one line, at once
-        hub.check_model_id(name, cfg.model.revision or None)
-    except ValueError as e:
-        raise ModelError(str(e)) from None
-    return name
-
-
-def runtime(cfg) -> Runtime:
-    import torch
-    notes = []
-    want = cfg.train.device
-    has_cuda = torch.cuda.is_available()
-    if want == "cuda" and not has_cuda:
-        raise ModelError("train.device = 'cuda' but no CUDA GPU is visible; set train.device = 'auto'")
-    device = "cuda" if has_cuda and want != "cpu" else "cpu"
-    dt = cfg.quant.compute_dtype
-    if dt == "auto":
-        if device == "cuda":
-            dt = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-            notes.append(f"compute dtype {dt} ({'bf16 supported' if dt == 'bf16' else 'no bf16 on this GPU'})")
-        else:
-            dt = "fp32"
-            notes.append("compute dtype fp32 (CPU)")
-    elif device == "cpu" and dt == "fp16":
-        notes.append("fp16 on the CPU is slow and unstable; prefer quant.compute_dtype = auto")
-    # train.method: qlora and the preference methods = the 4-bit base of [quant]; lora and galore
-    # train over a 16-bit base
-    from engine import methods
-    four = methods.of(cfg).four_bit(cfg)
-    if four and device == "cpu" and not _bnb_cpu_ok():
-        four = False
-        notes.append("bitsandbytes cannot run 4-bit on this CPU: plain fp32 LoRA instead")
-    return Runtime(device, dt, four, notes)
-
-
-def train_device(rt) -> str:
-    """The torch device string training runs on ("cuda:N" for this process's GPU, or "cpu")."""
-    if rt.device != "cuda":
-        return "cpu"
-    import os
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-
-
-def _bnb_cpu_ok() -> bool:
-    try:
-        import bitsandbytes  # noqa: F401
-        return True
-    except Exception:
-        return False
-
-
-def torch_dtype(name: str):
-    import torch
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def load_tokenizer(cfg, path: str | None = None):
-    """(tokenizer, warnings): chat template override or ChatML fallback, pad token ensured."""
-    from transformers import AutoTokenizer
-    from engine.dataset.chat import prepare_tokenizer
-    path = path or model_path(cfg)
-    trust = remote_code_allowed(cfg)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision or None, trust_remote_code=trust)
-    except OSError as e:
-        raise ModelError(f"model.name = {cfg.model.name!r}: cannot load the tokenizer ({_first_line(e)}); "
-                         "check the name, your network/HF_TOKEN, or use a local directory") from None
-    except (ValueError, ImportError, AttributeError, KeyError) as e:
-        if not trust and (_needs_code(e) or _ships_code(path, "tokenizer_config.json")):
-            raise ModelError(_no_consent_message(cfg, "tokenizer")) from None
-        raise ModelError(f"model.name = {cfg.model.name!r}: cannot load the tokenizer ({_first_line(e)})") from None
-    if not getattr(tok, "is_fast", False):
-        raise ModelError(f"model.name = {cfg.model.name!r}: only fast tokenizers are supported "
-                         "(the label mask needs character offsets)")
-    warnings = prepare_tokenizer(tok, cfg.model.chat_template)
-    return tok, warnings
-
-
-def _ships_code(path: str, fname: str) -> bool:
-    import json
-    try:
-        data = _files.read_json(Path(path) / fname)
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and bool(data.get("auto_map"))
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:200] if s else type(e).__name__
-
-
-def attn_implementation(cfg, device: str) -> str:
-    a = cfg.model.attn_implementation
-    if a != "auto":
-        return a
-    if device == "cuda":
-        import importlib.util
-        if importlib.util.find_spec("flash_attn") is not None:
-            return "flash_attention_2"
-    return "sdpa"
-
-
-def packing_isolated(attn: str) -> tuple[bool, str]:
-    """Whether packed rows stay apart in attention with this kernel (no cross-sample leak).
-
-    flash-attention uses the packed sequence lengths. For sdpa/eager, transformers >= 5
-    derives a block-diagonal causal mask from position_ids that restart at 0, when no KV cache
-    is used (training sets use_cache=False); tests/test_packing.py checks it on a real model.
-    """
-    if attn == "flash_attention_2":
-        return True, "flash-attention keeps packed samples apart"
-    if attn == "varlen":
-        return True, "varlen attention (torch's variable-length flash kernel) keeps packed samples apart"
-    try:
-        from transformers import masking_utils
-        if hasattr(masking_utils, "find_packed_sequence_indices"):
-            return True, f"{attn} with a block-diagonal mask from restarting position_ids keeps samples apart"
-    except ImportError:
-        pass
-    return False, f"{attn} in this transformers version would let packed samples attend to each other"
+from engine.models.consent import _no_consent_message, remote_code_allowed
+from engine.models.runtime import Runtime, attn_implementation, torch_dtype
+from engine.models.source import ModelError, _first_line, _needs_code, _ships_code, model_path
 
 
 def load_model(cfg, rt: Runtime, path: str | None = None):
@@ -253,7 +27,7 @@ def load_model(cfg, rt: Runtime, path: str | None = None):
             bnb_4bit_use_double_quant=cfg.quant.double_quant, bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=dtype if cfg.distributed.strategy == "fsdp" and cfg.distributed.processes > 1
             else torch.uint8)
-    from engine.training import vision as vision_mod
+    from engine.modalities import vision as vision_mod
     vision = vision_mod.model_is_vision(cfg, path)
     if vision and rt.load_in_4bit:        # the vision tower and projector stay 16-bit
         kwargs["quantization_config"].llm_int8_skip_modules = vision_mod.quant_skip_modules()
@@ -271,7 +45,7 @@ def load_model(cfg, rt: Runtime, path: str | None = None):
     if cfg.model.rope_scaling:            # checked against config.json in preflight (check_model_skeleton)
         from transformers import AutoConfig
 
-        from engine.training import rope
+        from engine.models import rope
         hf_config = AutoConfig.from_pretrained(path, revision=cfg.model.revision or None,
                                                trust_remote_code=remote_code_allowed(cfg))
         rope.apply(hf_config, cfg.model.rope_scaling)
@@ -381,11 +155,11 @@ def check_model_skeleton(cfg) -> list[str]:
             raise ModelError(_no_consent_message(cfg, "architecture")) from None
         raise ModelError(f"model.name = {cfg.model.name!r}: {_first_line(e)}") from None
     if cfg.model.rope_scaling:
-        from engine.training import rope
+        from engine.models import rope
         bad = rope.check(cfg.model.rope_scaling, mc.to_dict(), cfg.data.max_length, cfg.model.name)
         if bad:
             raise ModelError("\n".join(bad))
-    from engine.training import vision as vision_mod
+    from engine.modalities import vision as vision_mod
     if vision_mod.is_vision_config(mc.to_dict()):
         from transformers import AutoModelForImageTextToText
         with torch.device("meta"):

@@ -90,7 +90,7 @@ class HostStash:
     def put(self, t):
         """Start copying ``t`` to host memory; returns its handle."""
         import torch
-        from engine.training.probes import passed
+        from engine.training.probe_results import passed
         i = self._buffer(t.numel() * t.element_size(), pin=t.is_cuda and passed("pinned_buffers"))
         handle = [i, t.shape, t.dtype, t.device, None]
         host = self._host_view(handle)
@@ -212,7 +212,7 @@ def decoder_layers(model) -> list:
     an image-text model's vision blocks are not among them (the planner's layers are the language
     model's, and the frozen tower keeps nothing for backward)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
-    from engine.training.vision import is_vision_module
+    from engine.modalities.vision import is_vision_module
     return [m for n, m in model.named_modules()
             if isinstance(m, GradientCheckpointingLayer) and not is_vision_module(n)]
 

@@ -9,23 +9,23 @@ from pathlib import Path
 
 from engine.core import files as _files
 from engine.core import config
-
-
-class PreflightError(ValueError):
-    pass
+from engine.training.failures import PreflightError
 
 
 def preflight(cfg: config.Config, check_model: bool = True) -> list[str]:
     """Everything that can be checked before a run directory exists. Raises PreflightError."""
     from engine.dataset import data as data_mod
     from engine.training import model as model_mod
+    from engine.models.source import ModelError
+    from engine.dataset.rows import load_for_training
+    from engine.models.tokenizer import load_tokenizer
     from engine.training import trackers
     try:
         trackers.check_available(cfg.output.report_to)
     except trackers.TrackerError as e:
         raise PreflightError(str(e)) from None
     try:
-        train, ev = data_mod.load_for_training(cfg)
+        train, ev = load_for_training(cfg)
     except data_mod.DataError as e:
         raise PreflightError(_with_first_bad_line(cfg, str(e))) from None
     if cfg.model.adapter:
@@ -44,8 +44,8 @@ def preflight(cfg: config.Config, check_model: bool = True) -> list[str]:
             notes.append(note)
         try:
             model_mod.check_model_skeleton(cfg)
-            model_mod.load_tokenizer(cfg)    # shipped tokenizer code, a broken chat template: said here
-        except model_mod.ModelError as e:
+            load_tokenizer(cfg)    # shipped tokenizer code, a broken chat template: said here
+        except ModelError as e:
             raise PreflightError(str(e)) from None
     return notes
 
@@ -58,7 +58,7 @@ def quick_preflight(cfg: config.Config) -> None:
     says it; the child then runs the whole ``preflight`` and records what only it finds."""
     from engine.core import files
     from engine.dataset import data as data_mod
-    from engine.training import model as model_mod
+    from engine.models.source import ModelError, model_path
     from engine.training import trackers
     try:
         trackers.check_available(cfg.output.report_to)
@@ -79,16 +79,16 @@ def quick_preflight(cfg: config.Config) -> None:
             except OSError as e:
                 raise PreflightError(f"{p}: cannot read it ({e.strerror or e}); check data.{key}") from None
     try:
-        model_mod.model_path(cfg)
-    except model_mod.ModelError as e:
+        model_path(cfg)
+    except ModelError as e:
         raise PreflightError(str(e)) from None
     remote_code_check(cfg)
     tpl = cfg.model.chat_template
     if tpl and "{" not in tpl:
-        from engine.dataset.chat import _template_text
+        from engine.models.tokenizer import _template_text
         try:
             _template_text(tpl)
-        except model_mod.ModelError as e:
+        except ModelError as e:
             raise PreflightError(str(e)) from None
 
 
@@ -121,12 +121,12 @@ def remote_code_check(cfg: config.Config) -> str | None:
     ``needs_remote_code_confirmation``). Returns a note when the code is present but not needed.
     Hub ids are checked by transformers itself (it refuses without trust_remote_code)."""
     import json
-    from engine.training import model as model_mod
+    from engine.models.source import ModelError, model_path
     if cfg.model.trust_remote_code:
         return None
     try:
-        path = Path(model_mod.model_path(cfg))
-    except model_mod.ModelError as e:
+        path = Path(model_path(cfg))
+    except ModelError as e:
         raise PreflightError(str(e)) from None
     if not path.is_dir():
         return None

@@ -28,6 +28,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from engine.training import probe_results
+from engine.training.probe_results import Result, passed
+
 
 @dataclass(frozen=True)
 class Probe:
@@ -35,20 +38,6 @@ class Probe:
     label: str                       # what the plan line calls the path
     tolerance: float
     fn: Callable                     # (device, dtype) -> list of (fast, reference) tensor pairs
-
-
-@dataclass
-class Result:
-    name: str
-    label: str
-    ok: bool
-    error: float | None              # the largest relative error measured (None: it raised)
-    tolerance: float
-    why: str | None                  # why it failed
-    seconds: float
-
-
-_RESULTS: dict[tuple, Result] = {}
 
 
 def _rel(fast, ref) -> float:
@@ -182,15 +171,15 @@ PROBES = {p.name: p for p in (
 
 def _device(rt):
     import torch
-    from engine.training.model import torch_dtype, train_device
+    from engine.models.runtime import torch_dtype, train_device
     return torch.device(train_device(rt)), torch_dtype(rt.dtype)
 
 
 def check(name: str, device, dtype) -> Result:
     """Run probe ``name`` on ``device`` (once a process; later calls return the same result)."""
     key = (name, str(device), str(dtype))
-    if key in _RESULTS:
-        return _RESULTS[key]
+    if key in probe_results.RESULTS:
+        return probe_results.RESULTS[key]
     from engine.core import faults as faults_mod
     probe = PROBES[name]
     faults = faults_mod.from_env()
@@ -212,14 +201,8 @@ def check(name: str, device, dtype) -> Result:
         import torch
         torch.cuda.synchronize(device)
     res = Result(name, probe.label, why is None, error, probe.tolerance, why, time.perf_counter() - t0)
-    _RESULTS[key] = res
+    probe_results.RESULTS[key] = res
     return res
-
-
-def passed(name: str) -> bool:
-    """False once probe ``name`` has failed in this process (the path's module then takes the
-    reference path); True where it passed or never ran."""
-    return all(r.ok for k, r in _RESULTS.items() if k[0] == name)
 
 
 def verify(cfg, rt) -> tuple[list[str], list[str]]:
@@ -294,7 +277,7 @@ overflow moves the loss by 10% or more."""
 
 
 def _numerics_file():
-    from engine.training.builtin import cache_dir
+    from engine.models.builtin import cache_dir
     return cache_dir() / "numerics.json"
 
 

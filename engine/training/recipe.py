@@ -18,6 +18,7 @@ from pathlib import Path
 from engine import methods
 from engine.core import events
 from engine.core.faults import Faults
+from engine.dataset.rows import Rows, read_rows
 from engine.methods import load
 from engine.methods.base import FULL
 from engine.training import preference
@@ -28,7 +29,7 @@ class RunPlan:
     """What ``auto`` resolved to for one run, and why (``lines``: what run_started's ``plan`` lists;
     setup appends what it built from it: kernels, checkpointing, trackers, streaming)."""
     cfg: object                        # the config with every ``auto`` replaced (packing: see above)
-    runtime: object                    # engine.training.model.Runtime: device, dtype, 4-bit or not
+    runtime: object                    # engine.models.runtime.Runtime: device, dtype, 4-bit or not
     lines: list[str] = field(default_factory=list)
     estimate_bytes: int | None = None  # the pre-flight peak estimate (the OOM hint compares with it)
     warnings: list[str] = field(default_factory=list)   # fast paths that failed their check here
@@ -36,7 +37,7 @@ class RunPlan:
     def choices(self) -> dict:
         """The resolved choices by name (what the plan lines explain)."""
         tr = self.cfg.train
-        from engine.training.model import attn_implementation
+        from engine.models.runtime import attn_implementation
         return {"device": self.runtime.device, "dtype": self.runtime.dtype, "load_in_4bit": self.runtime.load_in_4bit,
                 "batch_size": tr.batch_size, "grad_accum": tr.grad_accum, "optimizer": tr.optimizer,
                 "gradient_checkpointing": tr.gradient_checkpointing, "checkpoint_layers": tr.checkpoint_layers,
@@ -49,18 +50,19 @@ def plan_run(cfg, rows: "Rows | None" = None) -> RunPlan:
     """Resolve every ``auto`` of ``cfg`` once (``engine.training.trainer.resolve_auto``, weight
     streaming, the host-RAM check). Image ``rows`` are planned for their longest row (they are
     never packed). Raises ModelError for settings that cannot run."""
-    from engine.planning import streaming_plan
-    from engine.training import model as model_mod
+    from engine.planning import streaming_run
+    from engine.models.runtime import runtime
+    from engine.models.source import ModelError
     from engine.training.trainer import resolve_auto
     from engine.training.vision import longest_row
-    rt = model_mod.runtime(cfg)
+    rt = runtime(cfg)
     longest = longest_row(cfg, rows.format, rows.train) if rows is not None and rt.device == "cuda" else None
     resolved, lines = resolve_auto(cfg, rt, None, longest)
     try:
-        lines += streaming_plan.resolve(resolved, rt)
-        streaming_plan.check_host_ram(resolved)            # before any weight is loaded
+        lines += streaming_run.resolve(resolved, rt)
+        streaming_run.check_host_ram(resolved)            # before any weight is loaded
     except ValueError as e:
-        raise model_mod.ModelError(str(e)) from None
+        raise ModelError(str(e)) from None
     from engine.training import probes                     # each fast path checked on this device
     checked, warnings = probes.verify(resolved, rt)
     return RunPlan(resolved, rt, lines + checked, _peak_estimate(cfg), warnings)
@@ -126,30 +128,9 @@ def to_sft_config(cfg, plan: RunPlan, *, output_dir: str | Path = "checkpoints",
                      include_num_input_tokens_seen="non_padding")
 
 
-@dataclass
-class Rows:
-    """The rows a run trains and evaluates on (bad ones skipped, with warnings), eval split off."""
-    train: list[dict]
-    eval: list[dict] | None
-    format: str
-    warnings: list[str] = field(default_factory=list)
-
-
-def read_rows(cfg) -> Rows:
-    from engine.dataset import data as data_mod
-    from engine.training.trainer import split_eval
-    train_ds, eval_ds = data_mod.load_for_training(cfg)
-    warnings = [f"{data_mod.resolve(train_ds.path).name}:{p.line}: {p.message} (row skipped)"
-                for p in (train_ds.problems + (eval_ds.problems if eval_ds else []))[:5]]
-    if len(train_ds.problems) > 5:
-        warnings.append(f"... {len(train_ds.problems)} problems in all; run `qlora-tui inspect` for the full list")
-    train, ev = split_eval(cfg, [r.data for r in train_ds.rows], [r.data for r in eval_ds.rows] if eval_ds else None)
-    return Rows(train, ev, train_ds.format, warnings)
-
-
 def load_datasets(cfg, tokenizer, rows: Rows | None = None):
     """The tokenised (train, eval) datasets of a text run (eval None without eval rows)."""
-    from engine.training.trainer import encode_dataset
+    from engine.modalities.text import encode_dataset
     rows = rows if rows is not None else read_rows(cfg)
     return encode_dataset(tokenizer, rows.train), (encode_dataset(tokenizer, rows.eval) if rows.eval else None)
 
@@ -196,10 +177,10 @@ class Recipe:
 
     def setup(self, rows: Rows | None = None) -> Prepared:
         """Data (``rows``, else read here), tokenizer, model and the trainer, from the plan."""
-        from engine.training import model as model_mod
+        from engine.models.source import model_path
         if rows is None:
             rows = self.read_rows(self.cfg, self.emit)
-        path = model_mod.model_path(self.cfg)
+        path = model_path(self.cfg)
         self.model_path = path
         self._load_tokenizer(path, rows)
         train_tok, eval_tok = self._tokenise(rows)
@@ -218,18 +199,20 @@ class Recipe:
         return self.prepared
 
     def _load_tokenizer(self, path: str, rows: Rows) -> None:
-        from engine.training import model as model_mod
-        from engine.training import vision
+        from engine.models.source import ModelError
+        from engine.models.tokenizer import load_tokenizer
+        from engine.modalities import vision
+        from engine.models.processor import load_processor
         cfg = self.cfg
         self.emit(events.Status(phase=events.Phase.TOKENIZER, message=f"loading tokenizer from {path}"))
-        self.proc = vision.load_processor(cfg, path) if vision.model_is_vision(cfg, path) else None
+        self.proc = load_processor(cfg, path) if vision.model_is_vision(cfg, path) else None
         if self.proc is None and rows.format == vision.FORMAT:
-            raise model_mod.ModelError(f"data.train has images but model.name = {cfg.model.name!r} is a text-only model; "
+            raise ModelError(f"data.train has images but model.name = {cfg.model.name!r} is a text-only model; "
                                        "use an image-text model (e.g. Qwen/Qwen2-VL-7B-Instruct, or builtin:tiny-vl)")
         if self.proc is not None:
             self.tok = self.proc.tokenizer
         else:
-            self.tok, tw = model_mod.load_tokenizer(cfg, path)
+            self.tok, tw = load_tokenizer(cfg, path)
             rows.warnings += tw
 
     def _tokenise(self, rows: Rows):
@@ -268,13 +251,13 @@ class Recipe:
 
     def _warn_past_pretrained_length(self, train_tok) -> None:
         """Rows longer than the model's pretrained length without model.rope_scaling: one warning
-        saying to set it (engine.training.rope.length_warning)."""
+        saying to set it (engine.models.rope.length_warning)."""
         if preference.is_preference(self.cfg) or self.proc is not None or self.cfg.model.rope_scaling:
             return
         mc = self._model_config()
         if mc is None:
             return
-        from engine.training import rope
+        from engine.models import rope
         longest = max((len(x) for x in train_tok["input_ids"]), default=0)
         why = rope.length_warning(self.cfg, mc, longest)
         if why:
@@ -304,7 +287,7 @@ class Recipe:
         mc = self._model_config()
         model = model_mod.load_model(cfg, rt, path)
         if cfg.model.rope_scaling and mc is not None:
-            from engine.training import rope
+            from engine.models import rope
             self.plan.lines.append(rope.describe(cfg.model.rope_scaling, mc))
         self.plan.lines.extend(model_mod.keep_4bit_trainable(model, rt))   # no inference-only 4-bit kernel in a run
         resized = len(self.tok) > model.get_input_embeddings().weight.shape[0]
@@ -314,8 +297,8 @@ class Recipe:
 
     def _adapter_setup(self, model, args):
         """The LoRA config (None for GaLore: full-rank), the model and the optimizers to hand TRL."""
+        from engine.modalities import vision
         from engine.training import model as model_mod
-        from engine.training import vision
         cfg, lines = self.cfg, self.plan.lines
         if preference.is_preference(cfg) and cfg.model.adapter:     # an SFT run's adapter, trained on
             return None, preference.load_adapter(cfg, model, lines), (None, None)
@@ -347,7 +330,7 @@ class Recipe:
         return None, model, (optimizer, None)
 
     def _collator(self, args):
-        from engine.training import model as model_mod
+        from engine.models.runtime import attn_implementation
         from engine.training.trainer import packed_collator
         if self.proc is not None:     # our encoded rows as they are (labels built here), images batched
             from engine.training import vision
@@ -355,7 +338,7 @@ class Recipe:
             args.dataset_kwargs = {"skip_prepare_dataset": True}
             return vision.collate(self.tok.pad_token_id)
         if self.cfg.data.packing:
-            return packed_collator(self.tok, model_mod.attn_implementation(self.cfg, self.rt.device))
+            return packed_collator(self.tok, attn_implementation(self.cfg, self.rt.device))
         return None
 
     def _make_trainer(self, model, train_tok, eval_tok):
@@ -403,9 +386,9 @@ class Recipe:
     def _attach_streaming(self, trainer) -> None:
         if self.cfg.train.weight_streaming is not True:
             return
-        from engine.training import model as model_mod
+        from engine.models.runtime import train_device
         from engine.training import streaming
-        trainer.weight_streamer = streaming.attach(trainer.model, model_mod.train_device(self.rt))
+        trainer.weight_streamer = streaming.attach(trainer.model, train_device(self.rt))
         self.plan.lines.append(f"weight streaming: {trainer.weight_streamer.streamed_bytes / 2**30:.2f} GiB of 4-bit "
                                f"layers in host memory, {trainer.weight_streamer.ahead} layer(s) prefetched ahead")
 

@@ -105,9 +105,9 @@ def adapter_from_checkpoint(run_dir: Path, cfg: config.Config, ckpt: Path, emit)
 def full_from_checkpoint(run_dir: Path, cfg: config.Config, ckpt: Path) -> Path:
     """GaLore: RUN_DIR/model from a checkpoint's full weights + tokenizer (atomically)."""
     from engine.methods import galore
-    from engine.training import model as model_mod
+    from engine.models.source import model_path
     return _copy_from_checkpoint(ckpt, run_dir / galore.FULL_DIR,
-                                 lambda tmp: galore.write_marker(tmp, cfg, model_mod.model_path(cfg)))
+                                 lambda tmp: galore.write_marker(tmp, cfg, model_path(cfg)))
 
 
 def _copy_from_checkpoint(ckpt: Path, final: Path, finish=None) -> Path:

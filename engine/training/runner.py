@@ -20,6 +20,7 @@ from pathlib import Path
 
 from engine.core import config
 from engine.core import events
+from engine.core import perms
 from engine.core import rundir
 from engine.core.faults import from_env as faults_from_env
 
@@ -118,7 +119,7 @@ class Run:
             self._writer = False       # prepared; nothing to write
             self._start_reporter()
             return self.run_dir
-        rundir.use_private_umask()          # this process writes the run: its files are private
+        perms.use_private_umask()          # this process writes the run: its files are private
         owned = distributed.launcher_owns()  # the launcher holds the lock (it checked liveness)
         if self.resume:
             assert self.run_dir is not None
@@ -127,7 +128,7 @@ class Run:
             if not owned:
                 rundir.wait_writer_exit(self.run_dir)   # a writer whose log has ended, still exiting
                 self._lock = rundir.acquire_lock(self.run_dir)    # before anything in it is touched
-            rundir.make_private(self.run_dir)
+            perms.make_private(self.run_dir)
             if not owned and rundir.process_alive(self.run_dir) and rundir.owner_pid(self.run_dir) != os.getpid():
                 raise PreflightError(f"{self.run_dir}: the run is still live (pid {rundir.owner_pid(self.run_dir)}); "
                                      "attach to it or stop it first")
@@ -489,7 +490,7 @@ def start_detached(cfg: config.Config | None, *, resume: str | Path | None = Non
     other than 0: RUN_DIR/nodes/node-K.log); it is never a child of the caller's session, so
     closing the terminal or the SSH connection does not reach it.
     """
-    with rundir.private_files():            # the run's files are private from the first one on
+    with perms.private_files():            # the run's files are private from the first one on
         return _start_detached(cfg, resume=resume, check=check, overrides=overrides, join=join)
 
 

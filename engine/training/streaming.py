@@ -84,7 +84,7 @@ def _pinned(t):
     pinned allocator rounds each block up to a power of two (a 117 MB gate_proj would take
     128 MB; a 70B base ~1.3x its size). Falls back to ``pin_memory()`` where registering fails."""
     import torch
-    from engine.training.probes import passed
+    from engine.training.probe_results import passed
     host = torch.empty(t.shape, dtype=t.dtype, device="cpu")
     host.copy_(t.detach())
     if not passed("pinned_buffers"):       # failed its check here: pageable memory (slower copies)

@@ -1,38 +1,13 @@
-"""The pieces the training recipe (``engine.training.recipe``) assembles: rows encoded for TRL,
-the eval split, every ``auto`` resolved (``resolve_auto``), packing and its collator, the speed
-tools, and the FSDP adapter gather.
+"""The pieces the training recipe (``engine.training.recipe``) assembles: every ``auto`` resolved
+(``resolve_auto``), packing and its collator, the speed tools, and the FSDP adapter gather.
 
-Data is tokenised here with ``engine.dataset.chat.encode_batch`` (the code path the inspector's
+Data is tokenised with ``engine.modalities.text.encode_dataset`` (the code path the inspector's
 preview uses) and handed to TRL pre-tokenised as ``input_ids`` + ``labels``; TRL then
 truncates to ``max_length``, drops rows with no trained token, and packs if asked.
 """
 from __future__ import annotations
 
 from pathlib import Path
-
-
-def encode_dataset(tok, rows: list[dict], batch: int = 1000):
-    from datasets import Dataset
-    from engine.dataset.chat import encode_batch
-    ids, labels = [], []
-    for i in range(0, len(rows), batch):
-        for enc in encode_batch(tok, rows[i:i + batch]):
-            ids.append(enc.input_ids)
-            labels.append(enc.labels)
-    return Dataset.from_dict({"input_ids": ids, "labels": labels})
-
-
-def split_eval(cfg, train_rows, eval_rows):
-    """Hold out ``data.eval_fraction`` of train rows (seeded) when no eval file is given."""
-    if eval_rows is not None or cfg.data.eval_fraction <= 0 or len(train_rows) < 10:
-        return train_rows, eval_rows
-    import random
-    idx = list(range(len(train_rows)))
-    random.Random(cfg.train.seed).shuffle(idx)
-    n = max(1, int(round(len(idx) * cfg.data.eval_fraction)))
-    held = set(idx[:n])
-    return ([r for i, r in enumerate(train_rows) if i not in held],
-            [r for i, r in enumerate(train_rows) if i in held])
 
 
 def resolve_auto(cfg, rt, emit, longest: int | None = None) -> tuple[object, list[str]]:
@@ -166,7 +141,7 @@ def padding_efficiency(lengths: list[int], batch: int, max_length: int, seed: in
 def decide_packing(cfg, rt, lengths: list[int]) -> tuple[bool, str]:
     """``data.packing = auto``: pack on GPU when padding would waste compute and attention keeps
     packed samples apart; never on the CPU."""
-    from engine.training.model import attn_implementation, packing_isolated
+    from engine.models.runtime import attn_implementation, packing_isolated
     if rt.device != "cuda":
         return False, "packing off (CPU: no padding cost worth removing)"
     eff = padding_efficiency(lengths, cfg.train.batch_size, cfg.data.max_length, cfg.train.seed)
