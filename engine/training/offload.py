@@ -20,6 +20,8 @@ so its recompute path is testable on any machine.
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 
@@ -143,6 +145,18 @@ class HostStash:
 
 
 _STASH = HostStash()
+
+
+@contextlib.contextmanager
+def own_stash():
+    """A stash of its own for the duration (a plan-time check): the run's stash keeps no buffers
+    sized for the check's tensors."""
+    global _STASH
+    saved, _STASH = _STASH, HostStash()
+    try:
+        yield _STASH
+    finally:
+        _STASH = saved
 
 
 def _rng_state(device):

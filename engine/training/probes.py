@@ -136,10 +136,8 @@ def _activation_offload(device, dtype):
             h = offload.offloaded_checkpoint(f, h) if offloaded else f(h)
         (h.float() ** 2).sum().backward()         # the recompute accumulates the weights' gradients
         return [h.detach(), x.grad] + [lin.weight.grad.clone() for lin in layers]
-    try:
+    with offload.own_stash():
         fast = run(True)
-    finally:
-        offload._STASH.reset()
     return list(zip(fast, run(False)))
 
 
