@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Drift check: a second venv (.venv-newest) from the newest releases pyproject.toml allows (torch
 # stays the lock's CPU build: the CUDA builds belong to GPU boxes), the engine's core path run
-# there (tests/test_core_path.py: train -> eval -> train -> checkpoint -> resume -> save -> merge ->
+# there (tests/e2e/test_core_path.py: train -> eval -> train -> checkpoint -> resume -> save -> merge ->
 # export, text and vision), and the versions that differ from the lock printed. Fails when the
 # newest releases break that path: the fix is code, or an upper bound in pyproject.toml with the
 # reason in the commit.
@@ -34,4 +34,4 @@ print(f"newest releases: {len(diff)} of {len(now)} packages differ from .ci/requ
 for k in diff:
     print(f"  {k:32s} lock {lock.get(k, '-'):16s} newest {now.get(k, '-')}")
 PY
-.venv-newest/bin/python -m pytest -q -p no:cacheprovider tests/test_core_path.py tests/test_eval_then_train.py
+.venv-newest/bin/python -m pytest -q -p no:cacheprovider tests/e2e/test_core_path.py tests/training/test_eval_then_train.py

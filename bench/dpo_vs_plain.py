@@ -3,7 +3,7 @@ engine (train.method = dpo), same model shape, same pairs, same seed, one device
 
     python bench/dpo_vs_plain.py                         # llama8b 2048 8 plain engine_auto engine_24g
     python bench/dpo_vs_plain.py llama8b 2048 8 plain_mb2 plain engine_auto engine_24g
-    python bench/dpo_vs_plain.py tiny 64 2 plain engine_auto          # the CPU path (tests/test_bench_dpo.py)
+    python bench/dpo_vs_plain.py tiny 64 2 plain engine_auto          # the CPU path (tests/unit/test_bench_dpo_inputs.py)
 
 SHAPE: a name of bench/plain_trl_baseline.SHAPES (random weights, built like bench/vs_plain.py:
 speed and memory only). SEQ: tokens per side (prompt SEQ/2 + answer SEQ/2, EOS included; chosen

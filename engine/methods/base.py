@@ -10,7 +10,7 @@ torch, TRL or ``engine.training``.
 
 ``validate`` and ``init_problems`` return ``(field, value, message)`` triples; ``engine.core.config``
 words them as its ``Problem`` lines. Of the engine, this package imports only ``engine.core.rundir``
-and ``engine.core.files`` (tests/test_methods.py checks what it must never import).
+and ``engine.core.files`` (tests/unit/test_methods.py checks what it must never import).
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ TINY_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, n
                   num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
                   tie_word_embeddings=False)
 # The offline demo: builtin:tiny on builtin:sample, a real NF4 QLoRA run of about a minute on a
-# CPU. examples/demo.toml holds the same settings (tests/test_config.py keeps them in step).
+# CPU. examples/demo.toml holds the same settings (tests/unit/test_config.py keeps them in step).
 DEMO_OVERRIDES = [
     'model.name="builtin:tiny"', 'data.train="builtin:sample"', "data.max_length=256",
     "lora.r=16", "lora.alpha=32", "train.max_steps=100", "train.batch_size=4", "train.grad_accum=1",

@@ -80,7 +80,7 @@ def packing_isolated(attn: str) -> tuple[bool, str]:
 
     flash-attention uses the packed sequence lengths. For sdpa/eager, transformers >= 5
     derives a block-diagonal causal mask from position_ids that restart at 0, when no KV cache
-    is used (training sets use_cache=False); tests/test_packing.py checks it on a real model.
+    is used (training sets use_cache=False); tests/training/test_packing_isolation.py checks it on a real model.
     """
     if attn == "flash_attention_2":
         return True, "flash-attention keeps packed samples apart"

@@ -8,7 +8,7 @@ out stop/save requests (``engine.core.control``) for one process and many throug
 
 ``QLoraTrainer`` is ``QLoraTrainerMixin`` over TRL's ``SFTTrainer``, made on first use of the
 name (PEP 562 module ``__getattr__``): importing TRL loads rich, which no engine module may load
-at import time (tests/test_boundary.py). ``trainer_class`` makes the same for any method's TRL
+at import time (tests/architecture/test_engine_has_no_ui.py). ``trainer_class`` makes the same for any method's TRL
 trainer (``engine.methods``: ``Method.trainer``). Importing this module imports torch and transformers.
 """
 from __future__ import annotations
