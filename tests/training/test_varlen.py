@@ -149,7 +149,7 @@ def test_choice_on_cpu_says_why_not():
 
 
 def test_planner_and_estimate_know_varlen(monkeypatch):
-    from tests.test_offload import LLAMA8B
+    from test_offload import LLAMA8B
     monkeypatch.setattr(estimate_mod, "_liger_available", lambda: True)
     monkeypatch.setattr(estimate_mod, "_flash_attn_available", lambda: False)
     monkeypatch.setattr(estimate_mod, "_varlen_available", lambda: True)
