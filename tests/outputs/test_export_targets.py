@@ -82,7 +82,7 @@ def test_registry_lists_targets_without_heavy_imports():
     assert r.returncode == 0, r.stderr
     listed, heavy = r.stdout.strip().splitlines()
     assert json.loads(listed) == [["gguf", ["gguf"]], ["gguf-adapter", ["gguf"]], ["merged", ["dtype"]],
-                                  ["ollama", ["gguf"]]]
+                                  ["ollama", ["gguf"]], ["peft", []]]
     assert heavy == "[]"
 
 
@@ -95,7 +95,7 @@ def test_one_list_of_gguf_types_for_every_face():
     adapter = [v for v, _ in targets.get("gguf-adapter").option("gguf").choices]
     assert set(adapter) < set(gguf_write.GGUF_TYPES) and "q4_k_m" not in adapter and "q8_0" in adapter
     assert targets.get("ollama").defaults() == {"gguf": "q4_k_m"}
-    with pytest.raises(ValueError, match="unknown; use one of gguf, gguf-adapter, merged, ollama"):
+    with pytest.raises(ValueError, match="unknown; use one of gguf, gguf-adapter, merged, ollama, peft"):
         targets.get("onnx")
 
 
@@ -130,6 +130,40 @@ def test_cli_merged_target_prints_its_events(tiny, capsys):
     # again: the merged folder is there, so it is refused (never overwritten)
     assert cli.main(["export", str(run), "--target", "merged"]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def test_peft_target_writes_a_folder_plain_peft_loads(tiny, tmp_path, capsys):
+    """`export --target peft`: the adapter, its tokenizer and our model card in one folder, which
+    plain PEFT loads onto the base with the run's very weights; a second export is refused
+    unless --force (which replaces it)."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import shutil
+    from engine import cli
+    run = shutil.copytree(tiny["run"], tmp_path / "run")
+    AutoTokenizer.from_pretrained(tiny["base"]).save_pretrained(run / "adapter")   # as a run saves it
+    out = tmp_path / "share"
+    assert cli.main(["export", str(run), "--target", "peft", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "% verify] reading the copy back through PEFT" in printed and "[100% done]" in printed
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer_config.json"} <= names
+    assert "made with qlora-tui" in (out / "README.md").read_text()
+    want = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(out / "adapter_model.safetensors"))
+    assert got.keys() == want.keys() and all(got[k].equal(want[k]) for k in want)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["base"]), str(out))
+    assert AutoTokenizer.from_pretrained(str(out)).chat_template
+    loaded = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+    assert loaded.keys() == want.keys() and all(loaded[k].equal(want[k].to(loaded[k].dtype)) for k in want)
+    with torch.no_grad():
+        ids = torch.tensor([[1, 2, 3, 4]])
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+    assert cli.main(["export", str(run), "--target", "peft", "--out", str(out)]) == 1
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert cli.main(["export", str(run), "--target", "peft", "--out", str(out), "--force"]) == 0
 
 
 def test_export_job_writes_its_events_to_a_log_the_front_end_follows(tiny, tmp_path):

@@ -23,6 +23,7 @@ TARGETS: dict[str, str] = {
     "gguf-adapter": "engine.outputs.targets.gguf_adapter:TARGET",
     "merged": "engine.outputs.targets.merged:TARGET",
     "ollama": "engine.outputs.targets.ollama:TARGET",
+    "peft": "engine.outputs.targets.peft_folder:TARGET",
 }
 DEFAULT = "gguf"
 # what every target takes besides its own options (the CLI's --out/--base/--name/--force)
