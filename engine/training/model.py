@@ -142,7 +142,7 @@ def resolve_target_modules(cfg, model):
 def check_model_skeleton(cfg) -> list[str]:
     """Build the model on the meta device (no weights) to check target modules early."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     path = model_path(cfg)
     try:
         mc = AutoConfig.from_pretrained(path, revision=cfg.model.revision or None,
@@ -159,14 +159,10 @@ def check_model_skeleton(cfg) -> list[str]:
         bad = rope.check(cfg.model.rope_scaling, mc.to_dict(), cfg.data.max_length, cfg.model.name)
         if bad:
             raise ModelError("\n".join(bad))
-    from engine.modalities import vision as vision_mod
-    if vision_mod.is_vision_config(mc.to_dict()):
-        from transformers import AutoModelForImageTextToText
-        with torch.device("meta"):
-            model = AutoModelForImageTextToText.from_config(mc, trust_remote_code=cfg.model.trust_remote_code)
-        vision_mod.lora_targets(cfg, model)
-        return linear_module_names(model)
+    from engine import modalities
+    from engine.methods import load
+    modality = modalities.for_model(cfg, path)          # its model class and its LoRA targets' check
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(mc, trust_remote_code=remote_code_allowed(cfg))
-    resolve_target_modules(cfg, model)
+        model = load(modality.model_class).from_config(mc, trust_remote_code=remote_code_allowed(cfg))
+    load(modality.lora_targets)(cfg, model)
     return linear_module_names(model)
