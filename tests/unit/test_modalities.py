@@ -110,3 +110,15 @@ def test_vision_hooks_on_builtin_tiny_vl():
     assert load(m.quant_skip)() == vision_rows.quant_skip_modules() and "lm_head" in load(m.quant_skip)()
     assert load(m.lora_targets) is vision_rows.lora_targets
     assert load(m.model_class).__name__ == "AutoModelForImageTextToText"
+
+
+def test_the_recipe_asks_the_modality_and_never_tests_which_one_it_is():
+    """engine/training/recipe.py and model.py name no modality and test for no processor: what
+    differs by kind of row comes from the run's ``Modality``."""
+    import re
+    for rel in ("engine/training/recipe.py", "engine/training/model.py"):
+        src = (ROOT / rel).read_text(encoding="utf-8")
+        found = re.findall(r"proc is (?:not )?None|is_vision\w*|model_is_vision|modalities import vision|"
+                           r"training import vision|ImageTextToText", src)
+        assert found == [], (rel, found)
+        assert "self.modality" in src or "modalities.for_model" in src
