@@ -14,7 +14,7 @@ from bisect import bisect_right
 import json
 from dataclasses import dataclass
 
-from engine.modalities.base import DataError, DataProblem, json_problem
+from engine.modalities.base import DataError, DataProblem, Modality, json_problem
 from engine.models.builtin import CHATML_TEMPLATE
 
 IGNORE = -100
@@ -578,3 +578,11 @@ def tool_definitions(rec: dict, line: int, problems: list[DataProblem]):
                                         "(it needs a 'name')"))
             return False
     return out
+
+
+# ------------------------------------------------------------------------------ the run's modality
+
+MODALITY = Modality(
+    name="text",
+    summary="chat turns, prompt/completion or plain text: the tokenizer's encoding, packable",
+)

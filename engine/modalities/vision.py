@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.core import files as _files
-from engine.modalities.base import DataProblem
+from engine.modalities.base import DataProblem, Modality
 from engine.modalities.text import IGNORE
 
 FORMAT = "vision"
@@ -569,3 +569,39 @@ def estimate_terms(model_config: dict, batch: int, d: int, image_pixels: int = A
     per_image = patches * (8 * e + 2 * i) * d + (patches // (m * m)) * s["out"] * d
     return {"params": params, "weights": params * d, "activations": batch * per_image,
             "visual_tokens_per_image": patches // (m * m), "patches_per_image": patches}
+
+
+# ------------------------------------------------------------------------------ the run's modality
+
+class _Vision(Modality):
+    """Image+text rows: the processor is the processing class, rows are encoded as the loader
+    asks and never packed, LoRA skips the vision tower unless model.freeze_vision_tower = false."""
+
+    def is_model(self, cfg, path: str) -> bool:
+        return model_is_vision(cfg, path)
+
+    def load_processing(self, cfg, path: str) -> tuple[object, object, list[str]]:
+        from engine.models.processor import load_processor
+        proc = load_processor(cfg, path)
+        return proc, proc.tokenizer, []
+
+    def plan_line(self, cfg, n_targets: int) -> str | None:
+        return (f"vision: {'frozen 16-bit vision tower' if cfg.model.freeze_vision_tower else 'LoRA on the vision tower too'}; "
+                f"LoRA on {n_targets} language-model layers")
+
+
+MODALITY = _Vision(
+    name="vision",
+    summary="image+text rows: the processor's encoding (visual tokens never trained), never packed",
+    packs=False,
+    no_packing="packing off (image rows: each keeps its own visual tokens)",
+    lengths_known=False,
+    data_format=FORMAT,
+    wrong_model="data.train has images but model.name = {name!r} is a text-only model; "
+                "use an image-text model (e.g. Qwen/Qwen2-VL-7B-Instruct, or builtin:tiny-vl)",
+    model_class="transformers:AutoModelForImageTextToText",
+    quant_skip="engine.modalities.vision:quant_skip_modules",
+    training_set="engine.training.vision:training_sets",
+    collator="engine.training.vision:collator",
+    lora_targets="engine.modalities.vision:lora_targets",
+)

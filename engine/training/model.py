@@ -11,9 +11,14 @@ from engine.models.runtime import Runtime, attn_implementation, torch_dtype
 from engine.models.source import ModelError, _first_line, _needs_code, _ships_code, model_path
 
 
-def load_model(cfg, rt: Runtime, path: str | None = None):
+def load_model(cfg, rt: Runtime, path: str | None = None, modality=None):
+    """The base model of ``cfg`` on ``rt``'s device, loaded as its modality says (the run's, else
+    the model's own: ``engine.modalities.for_model``): its model class and the modules kept out of 4-bit."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
+
+    from engine import modalities
+    from engine.methods import load
     path = path or model_path(cfg)
     dtype = torch_dtype(rt.dtype)
     if attn_implementation(cfg, rt.device) == "varlen":
@@ -27,10 +32,9 @@ def load_model(cfg, rt: Runtime, path: str | None = None):
             bnb_4bit_use_double_quant=cfg.quant.double_quant, bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=dtype if cfg.distributed.strategy == "fsdp" and cfg.distributed.processes > 1
             else torch.uint8)
-    from engine.modalities import vision as vision_mod
-    vision = vision_mod.model_is_vision(cfg, path)
-    if vision and rt.load_in_4bit:        # the vision tower and projector stay 16-bit
-        kwargs["quantization_config"].llm_int8_skip_modules = vision_mod.quant_skip_modules()
+    modality = modality or modalities.for_model(cfg, path)
+    if modality.quant_skip and rt.load_in_4bit:        # e.g. the vision tower and projector stay 16-bit
+        kwargs["quantization_config"].llm_int8_skip_modules = load(modality.quant_skip)()
     fsdp = cfg.distributed.processes > 1 and cfg.distributed.strategy == "fsdp"
     if rt.device == "cuda":
         import os
@@ -51,11 +55,7 @@ def load_model(cfg, rt: Runtime, path: str | None = None):
         rope.apply(hf_config, cfg.model.rope_scaling)
         kwargs["config"] = hf_config
     try:
-        if vision:
-            from transformers import AutoModelForImageTextToText
-            model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = load(modality.model_class).from_pretrained(path, **kwargs)
     except OSError as e:
         raise ModelError(f"model.name = {cfg.model.name!r}: cannot load weights ({_first_line(e)})") from None
     model.config.use_cache = False
@@ -142,7 +142,7 @@ def resolve_target_modules(cfg, model):
 def check_model_skeleton(cfg) -> list[str]:
     """Build the model on the meta device (no weights) to check target modules early."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     path = model_path(cfg)
     try:
         mc = AutoConfig.from_pretrained(path, revision=cfg.model.revision or None,
@@ -159,14 +159,10 @@ def check_model_skeleton(cfg) -> list[str]:
         bad = rope.check(cfg.model.rope_scaling, mc.to_dict(), cfg.data.max_length, cfg.model.name)
         if bad:
             raise ModelError("\n".join(bad))
-    from engine.modalities import vision as vision_mod
-    if vision_mod.is_vision_config(mc.to_dict()):
-        from transformers import AutoModelForImageTextToText
-        with torch.device("meta"):
-            model = AutoModelForImageTextToText.from_config(mc, trust_remote_code=cfg.model.trust_remote_code)
-        vision_mod.lora_targets(cfg, model)
-        return linear_module_names(model)
+    from engine import modalities
+    from engine.methods import load
+    modality = modalities.for_model(cfg, path)          # its model class and its LoRA targets' check
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(mc, trust_remote_code=remote_code_allowed(cfg))
-    resolve_target_modules(cfg, model)
+        model = load(modality.model_class).from_config(mc, trust_remote_code=remote_code_allowed(cfg))
+    load(modality.lora_targets)(cfg, model)
     return linear_module_names(model)

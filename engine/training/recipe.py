@@ -164,7 +164,8 @@ class Recipe:
         self.emit, self.stop_flag, self.stop_reason = emit, stop_flag, stop_reason
         self.faults = faults or Faults()
         self.prepared: Prepared | None = None
-        self.proc = None            # the processor of an image-text model (None: text only)
+        self.modality = None        # engine.modalities.base.Modality, chosen once in _load_tokenizer
+        self.proc = None            # the processing class the trainer gets and saves (processor or tokenizer)
         self.tok = None
         self.model_path = ""        # the checkpoint the base is loaded from (set by setup)
 
@@ -193,27 +194,18 @@ class Recipe:
         cb.predict = self._predictor(train_tok)
         for w in self.plan.warnings + rows.warnings:
             self.emit(events.RunWarning(source="build", message=w))
-        self.prepared = Prepared(trainer, self.proc if self.proc is not None else self.tok, path, self.rt,
+        self.prepared = Prepared(trainer, self.proc, path, self.rt,
                                  len(train_tok), len(eval_tok) if has_eval else 0, self.plan.lines,
                                  rows.warnings, resized_embeddings=resized, callback=cb)
         return self.prepared
 
     def _load_tokenizer(self, path: str, rows: Rows) -> None:
-        from engine.models.source import ModelError
-        from engine.models.tokenizer import load_tokenizer
-        from engine.modalities import vision
-        from engine.models.processor import load_processor
+        from engine import modalities
         cfg = self.cfg
         self.emit(events.Status(phase=events.Phase.TOKENIZER, message=f"loading tokenizer from {path}"))
-        self.proc = load_processor(cfg, path) if vision.model_is_vision(cfg, path) else None
-        if self.proc is None and rows.format == vision.FORMAT:
-            raise ModelError(f"data.train has images but model.name = {cfg.model.name!r} is a text-only model; "
-                                       "use an image-text model (e.g. Qwen/Qwen2-VL-7B-Instruct, or builtin:tiny-vl)")
-        if self.proc is not None:
-            self.tok = self.proc.tokenizer
-        else:
-            self.tok, tw = load_tokenizer(cfg, path)
-            rows.warnings += tw
+        self.modality = modalities.for_run(cfg, path, rows.format)
+        self.proc, self.tok, tw = self.modality.load_processing(cfg, path)
+        rows.warnings += tw
 
     def _tokenise(self, rows: Rows):
         """The encoded (train, eval) sets; ``data.packing = auto`` decided from their lengths."""
@@ -224,16 +216,12 @@ class Recipe:
             cfg.data.packing = False
             self.plan.lines.append("packing off (preference pairs: each side keeps its own sequence)")
             return preference.datasets(cfg, rows)
-        if self.proc is not None:     # images: encoded as the loader asks; no packing (TRL has none for images)
-            from engine.training import vision
-            train_tok, _lengths, vw = vision.training_set(self.proc, rows.train, cfg.data.max_length)
-            eval_tok = vision.training_set(self.proc, rows.eval, cfg.data.max_length)[0] if rows.eval else None
-            rows.warnings += vw[:5]
+        train_tok, eval_tok, warnings = load(self.modality.training_set)(cfg, self.proc, rows)
+        rows.warnings += warnings
+        if not self.modality.packs:     # e.g. image rows: each keeps its own visual tokens
             cfg.data.packing = False
-            self.plan.lines.append("packing off (image rows: each keeps its own visual tokens)")
-        else:
-            train_tok, eval_tok = load_datasets(cfg, self.tok, rows)
-        lengths = [len(x) for x in train_tok["input_ids"]] if self.proc is None and cfg.data.packing is not False else []
+            self.plan.lines.append(self.modality.no_packing)
+        lengths = [len(x) for x in train_tok["input_ids"]] if cfg.data.packing is not False else []
         if cfg.data.packing == "auto":
             cfg.data.packing, why = decide_packing(cfg, self.rt, lengths)
             self.plan.lines.append(why)
@@ -252,7 +240,7 @@ class Recipe:
     def _warn_past_pretrained_length(self, train_tok) -> None:
         """Rows longer than the model's pretrained length without model.rope_scaling: one warning
         saying to set it (engine.models.rope.length_warning)."""
-        if preference.is_preference(self.cfg) or self.proc is not None or self.cfg.model.rope_scaling:
+        if preference.is_preference(self.cfg) or not self.modality.lengths_known or self.cfg.model.rope_scaling:
             return
         mc = self._model_config()
         if mc is None:
@@ -267,7 +255,7 @@ class Recipe:
         """Steps -> (seconds, what it is) for run_started's time to train
         (engine.planning.timing.run_predictor), from the tokenised rows' mean length; None where
         there is no prediction (preference pairs, image rows, a GPU not in the catalog)."""
-        if preference.is_preference(self.cfg) or self.proc is not None:
+        if preference.is_preference(self.cfg) or not self.modality.lengths_known:
             return None
         try:
             import numpy as np
@@ -285,7 +273,7 @@ class Recipe:
         self.emit(events.Status(phase=events.Phase.MODEL, message=f"loading {cfg.model.name} "
                                 f"({'4-bit ' + cfg.quant.quant_type if rt.load_in_4bit else rt.dtype}) on {rt.device}"))
         mc = self._model_config()
-        model = model_mod.load_model(cfg, rt, path)
+        model = model_mod.load_model(cfg, rt, path, self.modality)
         if cfg.model.rope_scaling and mc is not None:
             from engine.models import rope
             self.plan.lines.append(rope.describe(cfg.model.rope_scaling, mc))
@@ -297,20 +285,18 @@ class Recipe:
 
     def _adapter_setup(self, model, args):
         """The LoRA config (None for GaLore: full-rank), the model and the optimizers to hand TRL."""
-        from engine.modalities import vision
-        from engine.training import model as model_mod
         cfg, lines = self.cfg, self.plan.lines
         if preference.is_preference(cfg) and cfg.model.adapter:     # an SFT run's adapter, trained on
             return None, preference.load_adapter(cfg, model, lines), (None, None)
-        targets = vision.lora_targets(cfg, model) if self.proc is not None else model_mod.resolve_target_modules(cfg, model)
+        targets = load(self.modality.lora_targets)(cfg, model)
         lora = to_lora_config(cfg, targets)
         method = methods.of(cfg)
         full = method.artifact == FULL    # GaLore: full-rank weights, no adapter; the Trainer builds its optimizer
         if method.setup:
             lines += load(method.setup)(cfg, model, args, self.rt)
-        if self.proc is not None:
-            lines.append(f"vision: {'frozen 16-bit vision tower' if cfg.model.freeze_vision_tower else 'LoRA on the vision tower too'}; "
-                         f"LoRA on {len(targets)} language-model layers")
+        line = self.modality.plan_line(cfg, len(targets))
+        if line:
+            lines.append(line)
         if full:
             return None, model, (None, None)
         if cfg.lora.init != "default":        # LoftQ / PiSSA: the adapter is built and initialised here
@@ -330,16 +316,7 @@ class Recipe:
         return None, model, (optimizer, None)
 
     def _collator(self, args):
-        from engine.models.runtime import attn_implementation
-        from engine.training.trainer import packed_collator
-        if self.proc is not None:     # our encoded rows as they are (labels built here), images batched
-            from engine.training import vision
-            args.remove_unused_columns = False
-            args.dataset_kwargs = {"skip_prepare_dataset": True}
-            return vision.collate(self.tok.pad_token_id)
-        if self.cfg.data.packing:
-            return packed_collator(self.tok, attn_implementation(self.cfg, self.rt.device))
-        return None
+        return load(self.modality.collator)(self.cfg, self.rt, self.tok, args)
 
     def _make_trainer(self, model, train_tok, eval_tok):
         from engine.training import sft
@@ -362,7 +339,7 @@ class Recipe:
         self.emit(events.Status(phase=events.Phase.BUILD, message="building the trainer"))
         trainer_cls = sft.trainer_class(methods.of(cfg))      # the method's TRL trainer under our mixin
         trainer = trainer_cls(model=model, args=args, train_dataset=train_tok, eval_dataset=eval_tok,
-                                   processing_class=self.proc if self.proc is not None else self.tok,
+                                   processing_class=self.proc,
                                    peft_config=peft_config, callbacks=[cb], optimizers=optimizers,
                                    faults=self.faults, event_callback=cb)
         if collator is not None:     # after __init__: TRL refuses custom collators with bfd packing

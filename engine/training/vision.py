@@ -66,6 +66,21 @@ def training_set(proc, rows: list[dict], max_length: int) -> tuple[object, list[
     return rows_dataset(proc, keep, max_length), lengths, warnings
 
 
+def training_sets(cfg, proc, rows) -> tuple[object, object, list[str]]:
+    """(train, eval or None, warnings) of an image run (``engine.modalities.vision.MODALITY``
+    names it): ``training_set`` of rows.train and rows.eval, the first five skipped rows named."""
+    train, _lengths, warnings = training_set(proc, rows.train, cfg.data.max_length)
+    ev = training_set(proc, rows.eval, cfg.data.max_length)[0] if rows.eval else None
+    return train, ev, warnings[:5]
+
+
+def collator(cfg, rt, tok, args):
+    """Our encoded rows as they are (labels built here, TRL's preparation skipped), images batched."""
+    args.remove_unused_columns = False
+    args.dataset_kwargs = {"skip_prepare_dataset": True}
+    return collate(tok.pad_token_id)
+
+
 def longest_row(cfg, fmt: str, rows: list[dict]) -> int | None:
     """The longest image row of ``rows`` (data format ``fmt``) in tokens (visual tokens included,
     at most data.max_length), for the fit planner: image rows are never packed and a batch is
