@@ -14,6 +14,7 @@ from engine.core import config
 from engine.core import events as events_mod
 from engine.core import summary
 from engine.dataset import data as data_mod
+from engine.dataset import rows as rows_mod
 
 from reliability_helpers import configured, events
 
@@ -51,7 +52,7 @@ def test_cpo_is_a_reference_free_preference_method_in_config_planner_and_data(tm
     assert cpo1.peak_bytes == dpo1.peak_bytes and not any("reference pass" in n for n in cpo1.notes)
     kto = _write(tmp_path / "kto.jsonl", [{"prompt": "a", "completion": "b", "label": True}] * 3)
     with pytest.raises(data_mod.DataError, match='set train.method = "kto"'):
-        data_mod.load_for_training(config.load(None, ['train.method="cpo"', f'data.train="{kto}"']))
+        rows_mod.load_for_training(config.load(None, ['train.method="cpo"', f'data.train="{kto}"']))
 
 
 def test_cpo_trains_two_steps_and_reports_its_metrics(tmp_path):
