@@ -156,3 +156,65 @@ def test_added_tokens_split_in_the_tokenizers_two_passes():
     assert got == token_count.exact_counts(tok, data, 4096) and counter.mismatch == ""
     assert counter.rows_by_way["pieces"] > 0
     assert counter.pieces._added("hello<|im_end|>") == [(2, 4), (5, 15)]      # not "o<|im"
+
+
+def ascii_rows(n, seed):
+    """Chat rows of random ASCII (every character, control characters included, with runs of
+    spaces, newlines, digits, quotes and contractions), answers starting with a letter."""
+    import random
+    r = random.Random(seed)
+    bits = [chr(i) for i in range(128)] + ["the ", "Ottawa ", "  ", "\n\n", " \n", "'s ", "'LL ", "1234567 ",
+                                           "don't ", "x" * 30, "...", "\t"] * 8
+
+    def text(k):
+        return "".join(r.choice(bits) for _ in range(k))
+    out = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": text(r.randint(1, 60))},
+                {"role": "assistant", "content": r.choice("AbZ") + text(r.randint(0, 60))}]
+        if i % 2:
+            msgs = [{"role": "system", "content": "Be brief."}] + msgs + [
+                {"role": "user", "content": text(20)}, {"role": "assistant", "content": "Q" + text(30)}]
+        out.append({"messages": msgs})
+    return out
+
+
+@pytest.mark.parametrize("pre", [BYTE_LEVEL, LLAMA3], ids=["gpt2-regex", "llama3-regex"])
+def test_words_way_splits_ascii_as_the_tokenizer_does(pre):
+    """The words way's split of ASCII text is the tokenizer's own pre-tokenizer split."""
+    tok = make_tok(pre)
+    words = token_count._Words.of(tok.backend_tokenizer)
+    assert words is not None
+    for row in ascii_rows(200, seed=1):
+        for m in row["messages"]:
+            t = m["content"]
+            want = [t[a:b] for _, (a, b) in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(t)]
+            assert words.findall(t) == want
+
+
+@pytest.mark.parametrize("pre", [BYTE_LEVEL, LLAMA3], ids=["gpt2-regex", "llama3-regex"])
+@pytest.mark.parametrize("words_max", [200_000, 50])
+def test_words_way_equals_the_trainer(pre, words_max, monkeypatch):
+    """ASCII rows counted word by word (every row, not a sample) equal the trainer's encoder,
+    also with a word memory so small that it is cleared on every batch; non-ASCII rows of the
+    same batches are counted by the tokenizer as before."""
+    monkeypatch.setattr(token_count, "WORDS_MAX", words_max)
+    tok = make_tok(pre)
+    data = ascii_rows(160, seed=2) + rows(40)
+    for max_len in (24, 4096):
+        counter, got = count(tok, data, max_len)
+        assert counter.pieces.words is not None and counter.pieces.words.tokens
+        assert got == token_count.exact_counts(tok, data, max_len)
+        assert counter.mismatch == ""
+        assert counter.rows_by_way["pieces"] >= 160
+
+
+def test_words_way_needs_a_known_split():
+    """A pre-tokenizer the words way cannot reproduce (Metaspace-free but Whitespace-split, or
+    a Unicode property other than L / N) leaves counting to the tokenizer."""
+    assert token_count.split_pattern(make_tok(pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )).backend_tokenizer) is None
+    with pytest.raises(ValueError):
+        token_count.ascii_pattern(r"\p{Lu}+|\s+")
+    assert token_count.ascii_pattern(r"[^\s\p{L}\p{N}]+|\p{L}+") == r"[^\sA-Za-z0-9]+|[A-Za-z]+"
