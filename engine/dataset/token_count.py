@@ -124,7 +124,7 @@ class _Pieces:
         """(start, end) of every added token in text, as the tokenizer finds them."""
         if not self.passes:
             return []
-        found = [(m.start(), m.end()) for m in self.passes[0](text)]
+        found = [m.span() for m in self.passes[0](text)]
         if len(self.passes) == 2:
             more, pos = [], 0
             for s, e in found + [(len(text), len(text))]:
@@ -137,19 +137,27 @@ class _Pieces:
         """The row as items ``(piece, mode)``: ``piece`` None is one added token, ``mode`` True
         (trained) / False, or for a piece in which a span starts, the text before the start."""
         items = []
+        append = items.append
+        piece = self._piece if self.nfc else _piece
         pos = 0
         for s, e in self._added(text):
             if s > pos:
-                items.append(self._piece(text, pos, s, spans))
-            items.append((None, any(a <= s < b for a, b in spans)))
+                append(piece(text, pos, s, spans))
+            for a, b in spans:                  # the added token is trained when a span holds it
+                if a <= s < b:
+                    append((None, True))
+                    break
+            else:
+                append((None, False))
             pos = e
         if pos < len(text):
-            items.append(self._piece(text, pos, len(text), spans))
+            append(piece(text, pos, len(text), spans))
         return items
 
-    def _piece(self, text: str, s: int, e: int, spans) -> tuple:
+    @staticmethod
+    def _piece(text: str, s: int, e: int, spans) -> tuple:
         item = _piece(text, s, e, spans)
-        if self.nfc and type(item[1]) is str and not item[1][-1:].isspace():
+        if type(item[1]) is str and not item[1][-1:].isspace():     # NFC: see the class doc
             raise _Slow
         return item
 
@@ -296,7 +304,12 @@ class _Words:
             except (KeyError, TypeError):
                 pending.append((k, ws))
                 continue
-            self._put(k, ws, n, todo, local, split, rest)
+            if todo[k]:
+                self._put(k, ws, n, todo, local, split, rest)
+            elif sum(map(len, ws)) == len(k):       # the words cover the piece (as _put checks)
+                local[k] = n
+            else:
+                rest.append(k)
         if pending:
             new = {w for _, ws in pending for w in ws if w not in known}
             if len(known) + len(new) > WORDS_MAX:
