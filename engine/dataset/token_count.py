@@ -14,7 +14,9 @@ Three ways, fastest first; a row takes the first that can be sure of it:
             on every such piece), which with byte-level tokens means the next token starts where
             the span starts. Anything else (a span that ends inside a piece, a token crossing a
             span's start, a tokenizer with a normalizer other than NFC, Metaspace, offset
-            trimming, or added tokens that strip spaces) goes to ``offsets``.
+            trimming, or added tokens that strip spaces) goes to ``offsets``. An ASCII piece
+            is counted word by word (``_Words``: the pre-tokenizer's split made with Python's
+            ``re``, each distinct word tokenised once), the rest by the tokenizer.
 ``offsets`` One ``encode_batch`` with character offsets; a token is trained when it has width and
             starts inside a span (the trainer's rule), found with char→token look-ups.
 ``exact``   ``engine.dataset.chat.encode_batch`` itself, labels and all.
@@ -178,7 +180,7 @@ class _Pieces:
                     else:
                         todo[piece] = False
         local: dict = {}                # piece -> ids (when needed) or token count
-        split: dict = {}                # head pieces counted by words -> (word ends, tokens before each)
+        split: dict = {}                # head pieces counted by words -> (word ends, tokens up to each end)
         keys = list(todo)
         if self.words is not None:      # ASCII pieces: counted word by word (see _Words)
             keys = self.words.count(keys, todo, local, split)
