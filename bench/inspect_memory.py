@@ -32,25 +32,33 @@ WORDS = ("sun rain snow wind cloud river stone tree bird fish road town ship lam
 
 
 def generate(path: Path, rows: int, seed: int = 0) -> None:
+    """N short chat rows: a question numbered by its row (so rows differ) made of 2-5 words and an
+    answer of 2-6 words, each drawn from pools of 4,096 phrases; ~2 % of rows an exact copy of a
+    recent row and ~2 % a copy that differs only in case. Formatting from pools (not json.dumps
+    and a random word at a time) writes ~10x faster, which a 30 M-row file needs."""
     r = random.Random(seed)
+
+    def phrase(lo: int, hi: int) -> str:
+        return " ".join(r.choice(WORDS) for _ in range(r.randint(lo, hi)))
+    qs = [phrase(2, 5) for _ in range(4096)]
+    ans = [phrase(2, 6) for _ in range(4096)]
+    row = '{{"messages": [{{"role": "user", "content": "Q{} {}?"}}, {{"role": "assistant", "content": "{}."}}]}}'
+    rnd, bits = r.random, r.getrandbits
     recent: list[str] = []
     with open(path, "w", encoding="utf-8") as fh:
         buf = []
         for i in range(rows):
-            roll = r.random()
+            roll = rnd()
             if roll < 0.02 and recent:
-                line = r.choice(recent)                                  # an exact copy
+                line = recent[bits(10) % len(recent)]                   # an exact copy
             elif roll < 0.04 and recent:
-                line = r.choice(recent).replace('"Q', '"q', 1)         # differs only in case
+                line = recent[bits(10) % len(recent)].replace('"Q', '"q', 1)   # differs only in case
             else:
-                q = " ".join(r.choice(WORDS) for _ in range(r.randint(2, 5)))
-                a = " ".join(r.choice(WORDS) for _ in range(r.randint(2, 6)))
-                line = json.dumps({"messages": [{"role": "user", "content": f"Q{i} {q}?"},
-                                                {"role": "assistant", "content": a + "."}]})
+                line = row.format(i, qs[bits(12)], ans[bits(12)])
                 if len(recent) < 1000:
                     recent.append(line)
                 else:
-                    recent[r.randrange(1000)] = line
+                    recent[bits(10) % 1000] = line
             buf.append(line)
             if len(buf) >= 100_000:
                 fh.write("\n".join(buf) + "\n")

@@ -355,11 +355,20 @@ def _required_strings(rec: dict, names, line: int, problems: list[DataProblem]) 
     return True
 
 
+MEDIA_FIELDS = ("videos", "audios")     # LLaMA-Factory columns of inputs no model here reads
+
+
 def normalise(rec: object, fmt: str, line: int, problems: list[DataProblem]) -> dict | None:
     """One raw record → the row TRL takes, or None (with a problem recorded)."""
     if not isinstance(rec, dict):
         problems.append(DataProblem(line, "not_object", "row is not a JSON object"))
         return None
+    for media in MEDIA_FIELDS:        # never trained as text with the media silently dropped
+        if rec.get(media):
+            problems.append(DataProblem(line, "unsupported_media", f"the row has '{media}' (LLaMA-Factory's "
+                                        f"{media[:-1]} column): only text and images are trained here; remove "
+                                        f"the '{media}' field and its <{media[:-1]}> placeholders, or the row"))
+            return None
     if fmt == "vision":
         from engine.modalities import vision
         return vision.normalise(rec, line, problems)

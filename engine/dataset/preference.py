@@ -29,6 +29,7 @@ from engine.methods.base import PAIRS, PREFERENCE, UNPAIRED   # data.format of p
 FORMATS = (PAIRS, UNPAIRED)
 REFUSAL = "this is preference data (chosen/rejected): set train.method = dpo, orpo or kto"
 KTO_TAGS = ("label", "kto_tag")
+V1_PAIR = ("chosen_messages", "rejected_messages")   # LLaMA-Factory v1: two whole conversations
 _ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
           "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "tool": "tool", "observation": "tool",
           "function_call": "assistant"}
@@ -42,6 +43,8 @@ def is_method(cfg) -> bool:
 def detect(rec: dict) -> tuple[str, str] | None:
     """(format, evidence) for a preference row, else None (the SFT formats' detection goes on)."""
     keys = set(rec)
+    if V1_PAIR[0] in keys and V1_PAIR[1] in keys and "chosen" not in keys:
+        return PAIRS, "fields 'chosen_messages' and 'rejected_messages' (LLaMA-Factory v1 preference pairs)"
     if "chosen" in keys and "rejected" in keys:
         if "conversations" in keys or "messages" in keys:
             return PAIRS, "fields 'chosen'/'rejected' beside a conversation (LLaMA-Factory preference pairs)"
@@ -97,6 +100,12 @@ def _turns(value, what: str, sharegpt_ok: bool = True) -> list[dict]:
         if role not in ("system", "user", "assistant", "tool"):
             raise _Bad("unknown_role", f"'{what}' turn {j + 1} has unknown role {str(role)!r}; "
                        "allowed: system, user, assistant, tool")
+        if isinstance(content, list):          # content parts (OpenAI / LLaMA-Factory v1): joined
+            from engine.dataset.data import _join_parts
+            found: list = []
+            content = _join_parts(content, j, role, 0, found)
+            if content is None:
+                raise _Bad(found[0].kind, f"'{what}' {found[0].message}")
         if not isinstance(content, str):
             raise _Bad("non_string_content", f"'{what}' turn {j + 1} ({role}) content is "
                        f"{type(content).__name__}, not a string")
@@ -155,6 +164,9 @@ def _split_implicit(chosen, rejected):
 
 
 def _pairs(rec: dict) -> dict:
+    if V1_PAIR[0] in rec and "chosen" not in rec:     # LLaMA-Factory v1: TRL's implicit prompt
+        rec = {k: v for k, v in rec.items() if k not in V1_PAIR} | {
+            "chosen": rec.get(V1_PAIR[0]), "rejected": rec.get(V1_PAIR[1])}
     conv = rec.get("conversations", rec.get("messages"))
     chosen, rejected = rec.get("chosen"), rec.get("rejected")
     if conv is not None:                                     # LLaMA-Factory: history + one answer each

@@ -14,7 +14,9 @@ Three ways, fastest first; a row takes the first that can be sure of it:
             on every such piece), which with byte-level tokens means the next token starts where
             the span starts. Anything else (a span that ends inside a piece, a token crossing a
             span's start, a tokenizer with a normalizer other than NFC, Metaspace, offset
-            trimming, or added tokens that strip spaces) goes to ``offsets``.
+            trimming, or added tokens that strip spaces) goes to ``offsets``. An ASCII piece
+            is counted word by word (``_Words``: the pre-tokenizer's split made with Python's
+            ``re``, each distinct word tokenised once), the rest by the tokenizer.
 ``offsets`` One ``encode_batch`` with character offsets; a token is trained when it has width and
             starts inside a span (the trainer's rule), found with char→token look-ups.
 ``exact``   ``engine.modalities.text.encode_batch`` itself, labels and all.
@@ -25,11 +27,17 @@ counter switches to ``exact`` for the rest of the file and says so in a warning.
 from __future__ import annotations
 
 import json
+import random
 import re
+from bisect import bisect_left
+from itertools import accumulate
 
 CHECK_FIRST = 256         # rows of the first batch checked against encode_batch
 CHECK_EACH = 4            # rows of every later batch checked against encode_batch
 SHARED_MAX = 4096         # pieces remembered across batches (those seen twice in one batch)
+WORDS_MAX = 200_000       # distinct words remembered with their token counts (the words way)
+# the ByteLevel pre-tokenizer's own split (use_regex = true), as the tokenizers library writes it
+BYTE_LEVEL_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 # pre-tokenizer parts that split the same way wherever the text starts (no prefix space, no
 # "first piece only" rules); ByteLevel is required and must not add a prefix space
@@ -111,13 +119,14 @@ class _Pieces:
         self.passes = [re.compile("|".join(map(re.escape, sorted(c, key=len, reverse=True)))).finditer
                        for c in (raw, norm) if c]
         self.shared: dict = {}          # piece -> tokens, for pieces that repeat across rows
+        self.words = _Words.of(backend)  # ASCII pieces counted word by word (None: not this tokenizer)
         self.heads: dict = {}           # text before a span start -> its token ids (None: unusable)
 
     def _added(self, text: str) -> list:
         """(start, end) of every added token in text, as the tokenizer finds them."""
         if not self.passes:
             return []
-        found = [(m.start(), m.end()) for m in self.passes[0](text)]
+        found = [m.span() for m in self.passes[0](text)]
         if len(self.passes) == 2:
             more, pos = [], 0
             for s, e in found + [(len(text), len(text))]:
@@ -130,19 +139,27 @@ class _Pieces:
         """The row as items ``(piece, mode)``: ``piece`` None is one added token, ``mode`` True
         (trained) / False, or for a piece in which a span starts, the text before the start."""
         items = []
+        append = items.append
+        piece = self._piece if self.nfc else _piece
         pos = 0
         for s, e in self._added(text):
             if s > pos:
-                items.append(self._piece(text, pos, s, spans))
-            items.append((None, any(a <= s < b for a, b in spans)))
+                append(piece(text, pos, s, spans))
+            for a, b in spans:                  # the added token is trained when a span holds it
+                if a <= s < b:
+                    append((None, True))
+                    break
+            else:
+                append((None, False))
             pos = e
         if pos < len(text):
-            items.append(self._piece(text, pos, len(text), spans))
+            append(piece(text, pos, len(text), spans))
         return items
 
-    def _piece(self, text: str, s: int, e: int, spans) -> tuple:
+    @staticmethod
+    def _piece(text: str, s: int, e: int, spans) -> tuple:
         item = _piece(text, s, e, spans)
-        if self.nfc and type(item[1]) is str and not item[1][-1:].isspace():
+        if type(item[1]) is str and not item[1][-1:].isspace():     # NFC: see the class doc
             raise _Slow
         return item
 
@@ -162,11 +179,14 @@ class _Pieces:
                         again.add(piece)
                     else:
                         todo[piece] = False
+        local: dict = {}                # piece -> ids (when needed) or token count
+        split: dict = {}                # head pieces counted by words -> (word ends, tokens up to each end)
         keys = list(todo)
+        if self.words is not None:      # ASCII pieces: counted word by word (see _Words)
+            keys = self.words.count(keys, todo, local, split)
         # no offsets needed: encode_batch_fast (tokenizers >= 0.21) skips computing them
         encode = getattr(self.backend, "encode_batch_fast", None) or self.backend.encode_batch
         encs = encode(keys, add_special_tokens=False) if keys else []
-        local: dict = {}                # piece -> ids (when needed) or token count
         for k, e in zip(keys, encs):
             local[k] = e.ids if todo[k] else len(e)
         out = []
@@ -177,12 +197,19 @@ class _Pieces:
                     if piece is None:
                         c, skip = 1, (0 if mode else 1)
                     elif type(mode) is str:
-                        ids = local[piece]
-                        head = self._head(mode)
-                        skip = len(head)
-                        if ids[:skip] != head:
-                            raise _Slow
-                        c = len(ids)
+                        if piece in split:      # the span must start where a word starts
+                            ends, upto = split[piece]
+                            k = bisect_left(ends, len(mode))
+                            if k == len(ends) or ends[k] != len(mode):
+                                raise _Slow
+                            skip, c = upto[k], upto[-1]
+                        else:
+                            ids = local[piece]
+                            head = self._head(mode)
+                            skip = len(head)
+                            if ids[:skip] != head:
+                                raise _Slow
+                            c = len(ids)
                     else:
                         v = shared.get(piece)
                         if v is None:
@@ -225,6 +252,154 @@ class _Pieces:
         if ids is None:
             raise _Slow
         return ids
+
+
+class _Words:
+    """ASCII pieces of the ``pieces`` way counted word by word.
+
+    A byte-level BPE tokenizer splits text with its pre-tokenizer's regular expression first and
+    merges bytes only inside each part, so a piece's tokens are the sum of its parts' ("words'")
+    tokens. The tokenizers library's own split (Oniguruma) was most of the inspector's time
+    (~22 CPU-s for 19 MB, against ~2 s for Python's ``re``), so for an ASCII piece the split is
+    done here: on ASCII text the expression means the same with ``re.ASCII`` once ``\\p{L}`` is
+    ``A-Za-z`` and ``\\p{N}`` is ``0-9`` (``\\s`` is then ``[ \\t\\n\\r\\f\\v]``, Oniguruma's ASCII
+    white space too). That is checked when the counter starts, against the tokenizer's own
+    pre-tokenizer on a probe of every ASCII character in many contexts; otherwise (or for a
+    pre-tokenizer other than ByteLevel, or Split + ByteLevel without its own expression) there is
+    no words way. Each distinct word is tokenised once by the tokenizer itself (and must be one
+    part of its pre-tokenizer alone) and remembered (up to WORDS_MAX words). A piece whose words
+    do not cover it exactly, or that is not ASCII, goes to the tokenizer as before."""
+
+    def __init__(self, backend, findall):
+        self.backend = backend
+        self.findall = findall
+        self.tokens: dict = {}          # word -> its token count (None: not one part alone)
+
+    @classmethod
+    def of(cls, backend):
+        pattern = split_pattern(backend)
+        if pattern is None:
+            return None
+        try:
+            rx = re.compile(ascii_pattern(pattern), re.ASCII)
+        except (re.error, ValueError):
+            return None
+        probe = ascii_probe()
+        want = [o for _, o in backend.pre_tokenizer.pre_tokenize_str(probe)]
+        if [m.span() for m in rx.finditer(probe)] != want:
+            return None
+        return cls(backend, rx.findall)
+
+    def count(self, keys: list, todo: dict, local: dict, split: dict) -> list:
+        """Count the ASCII pieces of ``keys`` into ``local`` (piece -> tokens) and, for those
+        whose ids ``todo`` needs (a span starts inside), ``split`` (piece -> (word ends, tokens
+        up to each word's end)). Returns the pieces left for the tokenizer."""
+        rest, pending = [], []
+        findall, known = self.findall, self.tokens
+        for k in keys:
+            if not k.isascii():
+                rest.append(k)
+                continue
+            ws = findall(k)
+            try:
+                n = sum(map(known.__getitem__, ws))
+            except (KeyError, TypeError):
+                pending.append((k, ws))
+                continue
+            if todo[k]:
+                self._put(k, ws, n, todo, local, split, rest)
+            elif sum(map(len, ws)) == len(k):       # the words cover the piece (as _put checks)
+                local[k] = n
+            else:
+                rest.append(k)
+        if pending:
+            new = {w for _, ws in pending for w in ws if w not in known}
+            if len(known) + len(new) > WORDS_MAX:
+                known.clear()
+                new = {w for _, ws in pending for w in ws}
+            new = list(new)
+            encode = getattr(self.backend, "encode_batch_fast", None) or self.backend.encode_batch
+            one = self.backend.pre_tokenizer.pre_tokenize_str
+            for w, e in zip(new, encode(new, add_special_tokens=False) if new else []):
+                known[w] = len(e) if len(one(w)) == 1 else None
+            for k, ws in pending:
+                try:
+                    n = sum(map(known.__getitem__, ws))
+                except (KeyError, TypeError):
+                    rest.append(k)
+                    continue
+                self._put(k, ws, n, todo, local, split, rest)
+        return rest
+
+    def _put(self, k: str, ws: list, n: int, todo: dict, local: dict, split: dict, rest: list) -> None:
+        if todo[k]:
+            ends = list(accumulate(map(len, ws)))
+            if not ends or ends[-1] != len(k):
+                rest.append(k)
+                return
+            split[k] = (ends, list(accumulate(map(self.tokens.__getitem__, ws))))
+        elif sum(map(len, ws)) != len(k):       # a part the expression does not match: not sure
+            rest.append(k)
+            return
+        local[k] = n
+
+
+def split_pattern(backend) -> str | None:
+    """The regular expression a byte-level tokenizer's pre-tokenizer splits with (ByteLevel with
+    use_regex, or Split(Regex, Isolated) then ByteLevel without), None for any other."""
+    pre = getattr(backend, "pre_tokenizer", None)
+    if pre is None:
+        return None
+    d = json.loads(pre.__getstate__())
+    parts = d.get("pretokenizers", []) if d.get("type") == "Sequence" else [d]
+    if any(p.get("add_prefix_space") for p in parts):
+        return None
+    if len(parts) == 1 and parts[0].get("type") == "ByteLevel" and parts[0].get("use_regex", True):
+        return BYTE_LEVEL_SPLIT
+    if len(parts) == 2 and parts[0].get("type") == "Split" and parts[1].get("type") == "ByteLevel" \
+            and not parts[1].get("use_regex", True) and parts[0].get("behavior") == "Isolated" \
+            and not parts[0].get("invert") and "Regex" in (parts[0].get("pattern") or {}):
+        return parts[0]["pattern"]["Regex"]
+    return None
+
+
+def ascii_pattern(pattern: str) -> str:
+    """``pattern`` for Python's ``re`` on ASCII text: ``\\p{L}`` -> ``A-Za-z``, ``\\p{N}`` -> ``0-9``
+    (inside a class or as one); ValueError for any other Unicode property."""
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            esc = pattern[i:i + 5]
+            if esc in ("\\p{L}", "\\p{N}"):
+                body = "A-Za-z" if esc[3] == "L" else "0-9"
+                out.append(body if in_class else f"[{body}]")
+                i += 5
+                continue
+            if pattern[i + 1:i + 2] in ("p", "P"):
+                raise ValueError(f"Unicode property {pattern[i:i + 8]!r}")
+            out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if c == "[" and not in_class:
+            in_class = True
+        elif c == "]" and in_class:
+            in_class = False
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def ascii_probe(n: int = 6000) -> str:
+    """Every ASCII character, alone and in runs, between letters, digits, spaces and quotes;
+    then ``n`` characters drawn at random (seeded) with contractions and number runs among them."""
+    chars = [chr(i) for i in range(128)]
+    parts = [f"a{c}b {c}{c} 1{c}2 '{c}s \n{c}\n  {c}  x" for c in chars]
+    r = random.Random(0)
+    bits = chars + list("abcXYZ 0123456789") * 4 + ["  ", "\n\n", " \n", "\t", "'s", "'T", "'ll", "'VE",
+                                                      "'re", "'d", "'M", "1234567", " 'x", "...", "?!"] * 6
+    parts.append("".join(r.choice(bits) for _ in range(n)))
+    return "".join(parts)
 
 
 def _piece(text: str, s: int, e: int, spans) -> tuple:

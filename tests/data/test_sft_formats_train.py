@@ -311,3 +311,19 @@ def test_llamafactory_v1_parts_reasoning_tool_call_and_loss_weight(tmp_path, tok
     assert call_turn["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
     check(tok, ds, [["<think>\nI should call the tool.\n</think>\n\n" + CALL, "Hail.<|im_end|>"]],
           untrained=["hail<|im_end|>"])
+
+
+@pytest.mark.parametrize("media", ["videos", "audios"])
+def test_video_and_audio_rows_are_refused_not_trained_as_text(tmp_path, media):
+    """LLaMA-Factory's video / audio demo rows (a '<video>' placeholder in the text and a 'videos'
+    column) are problems, one line each, never text rows with the media silently dropped."""
+    tag = media[:-1]
+    rows = [{"messages": [{"role": "user", "content": f"<{tag}>What happens here?"},
+                          {"role": "assistant", "content": f"Something {i}."}], media: [f"clip{i}.bin"]}
+            for i in range(3)] + [{"messages": [{"role": "user", "content": "Hi"},
+                                                {"role": "assistant", "content": "Hello."}], media: []}]
+    ds = load_rows(tmp_path, rows)
+    assert [r.line for r in ds.rows] == [4]
+    assert [(p.line, p.kind) for p in ds.problems] == [(1, "unsupported_media"), (2, "unsupported_media"),
+                                                        (3, "unsupported_media")]
+    assert f"'{media}'" in ds.problems[0].message and "only text and images" in ds.problems[0].message

@@ -156,3 +156,119 @@ def test_added_tokens_split_in_the_tokenizers_two_passes():
     assert got == token_count.exact_counts(tok, data, 4096) and counter.mismatch == ""
     assert counter.rows_by_way["pieces"] > 0
     assert counter.pieces._added("hello<|im_end|>") == [(2, 4), (5, 15)]      # not "o<|im"
+
+
+def ascii_rows(n, seed):
+    """Chat rows of random ASCII (every character, control characters included, with runs of
+    spaces, newlines, digits, quotes and contractions), answers starting with a letter."""
+    import random
+    r = random.Random(seed)
+    bits = [chr(i) for i in range(128)] + ["the ", "Ottawa ", "  ", "\n\n", " \n", "'s ", "'LL ", "1234567 ",
+                                           "don't ", "x" * 30, "...", "\t"] * 8
+
+    def text(k):
+        return "".join(r.choice(bits) for _ in range(k))
+    out = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": text(r.randint(1, 60))},
+                {"role": "assistant", "content": r.choice("AbZ") + text(r.randint(0, 60))}]
+        if i % 2:
+            msgs = [{"role": "system", "content": "Be brief."}] + msgs + [
+                {"role": "user", "content": text(20)}, {"role": "assistant", "content": "Q" + text(30)}]
+        out.append({"messages": msgs})
+    return out
+
+
+@pytest.mark.parametrize("pre", [BYTE_LEVEL, LLAMA3], ids=["gpt2-regex", "llama3-regex"])
+def test_words_way_splits_ascii_as_the_tokenizer_does(pre):
+    """The words way's split of ASCII text is the tokenizer's own pre-tokenizer split."""
+    tok = make_tok(pre)
+    words = token_count._Words.of(tok.backend_tokenizer)
+    assert words is not None
+    for row in ascii_rows(200, seed=1):
+        for m in row["messages"]:
+            t = m["content"]
+            want = [t[a:b] for _, (a, b) in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(t)]
+            assert words.findall(t) == want
+
+
+@pytest.mark.parametrize("pre", [BYTE_LEVEL, LLAMA3], ids=["gpt2-regex", "llama3-regex"])
+@pytest.mark.parametrize("words_max", [200_000, 50])
+def test_words_way_equals_the_trainer(pre, words_max, monkeypatch):
+    """ASCII rows counted word by word (every row, not a sample) equal the trainer's encoder,
+    also with a word memory so small that it is cleared on every batch; non-ASCII rows of the
+    same batches are counted by the tokenizer as before."""
+    monkeypatch.setattr(token_count, "WORDS_MAX", words_max)
+    tok = make_tok(pre)
+    data = ascii_rows(160, seed=2) + rows(40)
+    for max_len in (24, 4096):
+        counter, got = count(tok, data, max_len)
+        assert counter.pieces.words is not None and counter.pieces.words.tokens
+        assert got == token_count.exact_counts(tok, data, max_len)
+        assert counter.mismatch == ""
+        assert counter.rows_by_way["pieces"] >= 160
+
+
+def test_words_way_needs_a_known_split():
+    """A pre-tokenizer the words way cannot reproduce (Metaspace-free but Whitespace-split, or
+    a Unicode property other than L / N) leaves counting to the tokenizer."""
+    assert token_count.split_pattern(make_tok(pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )).backend_tokenizer) is None
+    with pytest.raises(ValueError):
+        token_count.ascii_pattern(r"\p{Lu}+|\s+")
+    assert token_count.ascii_pattern(r"[^\s\p{L}\p{N}]+|\p{L}+") == r"[^\sA-Za-z0-9]+|[A-Za-z]+"
+
+
+def test_every_format_counts_as_the_trainer_encodes(tmp_path):
+    """Rows of every format (generated here, loaded as the trainer loads them: Alpaca, ShareGPT,
+    ChatML with a system column, OpenAI tools with tool calls and results, content parts,
+    weight 0, prompt/completion, text, preference pairs and KTO rows as the inspector measures
+    their sides) counted by the inspector's counter equal the trainer's encoder row for row, with
+    builtin:tiny's tokenizer and a template that renders tools."""
+    import json
+    from engine.core import config
+    from engine.dataset import chat, data, preference
+    from engine.training import model
+    from test_formats import TOOLS_TEMPLATE, WEATHER
+    tok, _ = model.load_tokenizer(config.Config())
+    chat.prepare_tokenizer(tok, TOOLS_TEMPLATE)
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": "Oslo"})}}
+    per_format = {
+        "alpaca": [{"instruction": f"Name {i} colours.", "input": "", "output": f"Red and blue {i}."} for i in range(6)],
+        "sharegpt": [{"conversations": [{"from": "human", "value": f"Hi {i}?"}, {"from": "gpt", "value": f"Hello {i}!"}],
+                      "system": "Be kind."} for i in range(6)],
+        "messages": [{"messages": [{"role": "user", "content": [{"type": "text", "text": f"Part {i} "},
+                                                               {"type": "text", "text": "two?"}]},
+                                   {"role": "assistant", "content": f"No {i}.", "weight": 0},
+                                   {"role": "user", "content": "Again?"},
+                                   {"role": "assistant", "content": f"Yes {i}, again."}]} for i in range(6)]
+        + [{"tools": [{"type": "function", "function": WEATHER}],
+            "messages": [{"role": "user", "content": f"Weather in Oslo {i}?"},
+                         {"role": "assistant", "tool_calls": [call]},
+                         {"role": "tool", "tool_call_id": "c1", "content": f"rain, {i} C"},
+                         {"role": "assistant", "content": f"Rain and {i} C."}]} for i in range(6)],
+        "prompt_completion": [{"prompt": f"2 + {i} =", "completion": f" {2 + i}"} for i in range(6)],
+        "text": [{"text": f"Plain text row {i}, with 12 digits 123456789012."} for i in range(6)],
+        "preference": [{"prompt": [{"role": "user", "content": f"Pick {i}?"}],
+                        "chosen": [{"role": "assistant", "content": f"This one {i}."}],
+                        "rejected": [{"role": "assistant", "content": "No."}]} for i in range(6)],
+        "kto": [{"prompt": f"Say {i}:", "completion": f" {i} ok", "label": i % 2 == 0} for i in range(6)],
+    }
+    for fmt, raw in per_format.items():
+        ds = data.load(str(_write_jsonl(tmp_path / f"{fmt}.jsonl", raw)))
+        assert ds.format == fmt and len(ds.rows) == len(raw) and not ds.problems, (fmt, ds.problems)
+        rows = [r.data for r in ds.rows]
+        if fmt in preference.FORMATS:
+            rows = [preference.side_view(r, side) for r in rows
+                    for side in (("chosen", "rejected") if "chosen" in r else (None,))]
+        for max_len in (8, 2048):
+            counter, got = count(tok, rows, max_len, batch=5)
+            assert got == token_count.exact_counts(tok, rows, max_len), fmt
+            assert counter.mismatch == "", fmt
+
+
+def _write_jsonl(path, rows):
+    import json
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -95,11 +95,33 @@ def test_bad_pairs_are_problems_by_line(tmp_path):
     assert "identical" in got[2] and "empty" in got[3] and "robot" in got[4] and "string" in got[5], got
 
 
+def test_llamafactory_v1_pairs_with_content_parts(tmp_path):
+    """LLaMA-Factory v1's ``chosen_messages`` / ``rejected_messages`` (two whole conversations, content
+    as parts, per-turn loss_weight) are implicit-prompt pairs: the shared turns are the prompt."""
+    def turn(role, text, w):
+        return {"role": role, "content": [{"type": "text", "value": text}], "loss_weight": w}
+    head = [turn("system", "Be brief.", 0.0), turn("user", "Hi?", 0.0)]
+    rows = [{"chosen_messages": head + [turn("assistant", f"Hello {i}.", 1.0)],
+             "rejected_messages": head + [turn("assistant", f"Go away {i}.", 1.0)]} for i in range(3)]
+    rows.append({"chosen_messages": head + [{"role": "assistant", "content": [{"type": "image", "value": "x.png"}]}],
+                 "rejected_messages": head + [turn("assistant", "No.", 1.0)]})
+    ds = _load(tmp_path, rows)
+    assert ds.format == "preference" and len(ds.rows) == 3
+    assert ds.rows[1].data == {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}],
+                               "chosen": [{"role": "assistant", "content": "Hello 1."}],
+                               "rejected": [{"role": "assistant", "content": "Go away 1."}]}
+    assert [(p.line, p.kind) for p in ds.problems] == [(4, "wrong_type")] and "'chosen'" in ds.problems[0].message
+
+
 @pytest.mark.parametrize("row", [
     {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},                           # TRL explicit
     {"conversations": [{"from": "human", "value": "Hi?"}], "chosen": {"from": "gpt", "value": "Hello."},
      "rejected": {"from": "gpt", "value": "No."}},                                                 # LLaMA-Factory
     {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "No."}], "label": False},
+    {"chosen_messages": [{"role": "user", "content": [{"type": "text", "value": "Hi?"}]},          # LLaMA-Factory v1
+                         {"role": "assistant", "content": [{"type": "text", "value": "Hello."}]}],
+     "rejected_messages": [{"role": "user", "content": [{"type": "text", "value": "Hi?"}]},
+                           {"role": "assistant", "content": [{"type": "text", "value": "No."}]}]},
 ])
 def test_preference_data_is_never_trained_as_sft(row, tmp_path, capsys):
     data = _write(tmp_path / "pairs.jsonl", [row] * 12)
