@@ -101,9 +101,9 @@ def _turns(value, what: str, sharegpt_ok: bool = True) -> list[dict]:
             raise _Bad("unknown_role", f"'{what}' turn {j + 1} has unknown role {str(role)!r}; "
                        "allowed: system, user, assistant, tool")
         if isinstance(content, list):          # content parts (OpenAI / LLaMA-Factory v1): joined
-            from engine.dataset.data import _join_parts
+            from engine.modalities.text import join_parts
             found: list = []
-            content = _join_parts(content, j, role, 0, found)
+            content = join_parts(content, j, role, 0, found)
             if content is None:
                 raise _Bad(found[0].kind, f"'{what}' {found[0].message}")
         if not isinstance(content, str):

@@ -412,7 +412,7 @@ def _turn_content(t: dict, content, calls, j: int, role: str, line: int, problem
     if content is None and calls:
         content = ""
     if isinstance(content, list):
-        content = _join_parts(content, j, role, line, problems)
+        content = join_parts(content, j, role, line, problems)
         if content is None:
             return None
     if not isinstance(content, str):
@@ -473,7 +473,7 @@ def _check_order(out: list[dict], line: int, problems: list[DataProblem]) -> boo
     return True
 
 
-def _join_parts(parts: list, j: int, role: str, line: int, problems: list[DataProblem]) -> str | None:
+def join_parts(parts: list, j: int, role: str, line: int, problems: list[DataProblem]) -> str | None:
     """Text content parts joined (OpenAI ``{type: text, text}``, LLaMA-Factory ``{type: text, value}``);
     LLaMA-Factory v1 ``reasoning`` parts become ``<think>…</think>`` before the text (the form
     reasoning chat templates read back from content)."""

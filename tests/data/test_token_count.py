@@ -228,11 +228,11 @@ def test_every_format_counts_as_the_trainer_encodes(tmp_path):
     builtin:tiny's tokenizer and a template that renders tools."""
     import json
     from engine.core import config
-    from engine.dataset import chat, data, preference
-    from engine.training import model
-    from test_formats import TOOLS_TEMPLATE, WEATHER
-    tok, _ = model.load_tokenizer(config.Config())
-    chat.prepare_tokenizer(tok, TOOLS_TEMPLATE)
+    from engine.dataset import data, preference
+    from engine.models.tokenizer import load_tokenizer, prepare_tokenizer
+    from test_sft_formats_train import TOOLS_TEMPLATE, WEATHER
+    tok, _ = load_tokenizer(config.Config())
+    prepare_tokenizer(tok, TOOLS_TEMPLATE)
     call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": "Oslo"})}}
     per_format = {
         "alpaca": [{"instruction": f"Name {i} colours.", "input": "", "output": f"Red and blue {i}."} for i in range(6)],
