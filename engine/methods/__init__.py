@@ -13,7 +13,7 @@ This package imports nothing from ``engine.training``, ``engine.planning``, ``en
 """
 from __future__ import annotations
 
-import importlib
+from engine.core.registry import Registry
 
 _REGISTRY = {                                   # name -> "module:attr" of its Method
     "qlora": "engine.methods.qlora:METHOD",
@@ -28,30 +28,13 @@ _REGISTRY = {                                   # name -> "module:attr" of its M
 DEFAULT = "qlora"
 
 
-def load(spec: str):
-    """The object named by ``"package.module:attr"`` (imported now)."""
-    module, _, attr = spec.partition(":")
-    obj = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 class UnknownMethod(ValueError):
     """``train.method`` names no registered method."""
 
 
-def names() -> tuple[str, ...]:
-    """Every registered method's name, in registry order (imports none of them)."""
-    return tuple(_REGISTRY)
-
-
-def get(name: str):
-    """The Method registered as ``name``; UnknownMethod (one line naming the valid ones) otherwise."""
-    spec = _REGISTRY.get(name) if isinstance(name, str) else None
-    if spec is None:
-        raise UnknownMethod(f"unknown train.method {name!r}; valid: {', '.join(_REGISTRY)}")
-    return load(spec)
+_METHODS = Registry(_REGISTRY, "unknown train.method {name!r}; valid: {valid}", UnknownMethod)
+names = _METHODS.names          # every method's name, in registry order (imports none of them)
+get = _METHODS.get              # the Method registered as a name; UnknownMethod (one line) otherwise
 
 
 def of(cfg):

@@ -13,7 +13,7 @@ training-side file in ``engine/training/`` named by the ``MODALITY``'s strings.
 """
 from __future__ import annotations
 
-from engine.methods import load
+from engine.core.registry import Registry
 
 _REGISTRY = {                                   # name -> "module:attr" of its Modality
     "text": "engine.modalities.text:MODALITY",
@@ -22,17 +22,9 @@ _REGISTRY = {                                   # name -> "module:attr" of its M
 DEFAULT = "text"                                # a run's modality when no other claims its model
 
 
-def names() -> tuple[str, ...]:
-    """Every registered modality's name, in registry order (imports none of them)."""
-    return tuple(_REGISTRY)
-
-
-def get(name: str):
-    """The Modality registered as ``name``; KeyError (naming the valid ones) otherwise."""
-    spec = _REGISTRY.get(name) if isinstance(name, str) else None
-    if spec is None:
-        raise KeyError(f"unknown modality {name!r}; valid: {', '.join(_REGISTRY)}")
-    return load(spec)
+_MODALITIES = Registry(_REGISTRY, "unknown modality {name!r}; valid: {valid}")
+names = _MODALITIES.names       # every modality's name, in registry order (imports none of them)
+get = _MODALITIES.get           # the Modality registered as a name; KeyError naming the valid ones
 
 
 def for_model(cfg, path: str):

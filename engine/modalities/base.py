@@ -46,7 +46,7 @@ class Modality:
     asked by the training recipe instead of testing which kind it is.
 
     Plain attributes plus a few hooks with defaults. The training side's builders are named, not
-    imported (``"module:attr"`` strings that ``engine.methods.load`` imports on first use, as
+    imported (``"module:attr"`` strings that ``engine.core.registry.load`` imports on first use, as
     ``Method.trainer`` is), so importing a modality never loads torch or ``engine.training``.
     """
     name: str

@@ -18,7 +18,7 @@ def load_model(cfg, rt: Runtime, path: str | None = None, modality=None):
     from transformers import BitsAndBytesConfig
 
     from engine import modalities
-    from engine.methods import load
+    from engine.core.registry import load
     path = path or model_path(cfg)
     dtype = torch_dtype(rt.dtype)
     if attn_implementation(cfg, rt.device) == "varlen":
@@ -160,7 +160,7 @@ def check_model_skeleton(cfg) -> list[str]:
         if bad:
             raise ModelError("\n".join(bad))
     from engine import modalities
-    from engine.methods import load
+    from engine.core.registry import load
     modality = modalities.for_model(cfg, path)          # its model class and its LoRA targets' check
     with torch.device("meta"):
         model = load(modality.model_class).from_config(mc, trust_remote_code=remote_code_allowed(cfg))

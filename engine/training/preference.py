@@ -27,7 +27,7 @@ from pathlib import Path
 
 from engine import methods
 from engine.core import events
-from engine.methods import load
+from engine.core.registry import load
 from engine.methods.base import PREFERENCE
 
 PARENT_FILE = "parent.json"          # RUN_DIR/parent.json: the SFT run a preference run continues

@@ -19,7 +19,7 @@ from engine import methods
 from engine.core import events
 from engine.core.faults import Faults
 from engine.dataset.rows import Rows, read_rows
-from engine.methods import load
+from engine.core.registry import load
 from engine.methods.base import FULL
 from engine.training import preference
 

@@ -57,7 +57,7 @@ def trainer_class(method) -> type:
     key = (method.trainer, pair_inputs)
     if key in _CLASSES:
         return _CLASSES[key]
-    from engine.methods import load
+    from engine.core.registry import load
     base = load(method.trainer)
     body = {"__module__": __name__, "__doc__": f"{base.__name__} with the engine's step bookkeeping "
                                                f"({QLoraTrainerMixin.__name__})."}

@@ -21,7 +21,7 @@ def resolve_auto(cfg, rt, emit, longest: int | None = None) -> tuple[object, lis
     packing_auto = cfg.data.packing == "auto"
     tr = cfg.train
     from engine import methods
-    from engine.methods import load
+    from engine.core.registry import load
     from engine.methods.base import PREFERENCE
     method = methods.of(cfg)
     if method.optimizer:        # the method's own optimizer (GaLore's: named in its plan line)

@@ -15,7 +15,7 @@ import pytest
 
 from engine import methods
 from engine.core import config
-from engine.methods import load
+from engine.core.registry import load
 from engine.methods.base import ADAPTER, FULL, PAIRS, PREFERENCE, SFT, UNPAIRED
 
 ROOT = Path(__file__).resolve().parents[2]

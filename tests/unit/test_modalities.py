@@ -13,7 +13,7 @@ import pytest
 from engine import modalities
 from engine.core import config
 from engine.dataset.rows import read_rows
-from engine.methods import load
+from engine.core.registry import load
 from engine.modalities import vision as vision_rows
 from engine.modalities.base import Modality
 from engine.models.runtime import runtime

@@ -13,10 +13,11 @@ emitting ``ExportProgress`` events, and returns its report (a dict with at least
 """
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from engine.core.registry import Registry
 
 TARGETS: dict[str, str] = {
     "gguf": "engine.outputs.targets.gguf_model:TARGET",
@@ -61,17 +62,9 @@ class Target:
         return {o.name: o.default for o in self.options}
 
 
-def names() -> list[str]:
-    return list(TARGETS)
-
-
-def get(name: str) -> Target:
-    """The target called ``name``; ValueError (one line) for an unknown name."""
-    spec = TARGETS.get(str(name))
-    if spec is None:
-        raise ValueError(f"export target {name!r} is unknown; use one of {', '.join(TARGETS)}")
-    module, attr = spec.split(":")
-    return getattr(importlib.import_module(module), attr)
+_TARGETS = Registry(TARGETS, "export target {name!r} is unknown; use one of {valid}", ValueError)
+names = _TARGETS.names          # every target's name, in registry order (imports none of them)
+get = _TARGETS.get              # the Target called a name; ValueError (one line) for an unknown one
 
 
 def all_targets() -> list[Target]:
