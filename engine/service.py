@@ -498,7 +498,7 @@ def follow_export(job, on_event, stop: threading.Event) -> None:
 
 def serve_command(run_dir: str | Path) -> tuple[str, str]:
     """(the command that serves ``run_dir``'s adapter, "") or ("", why it cannot)."""
-    from engine.outputs.merge import AdapterError
+    from engine.artifacts import AdapterError
     from engine.outputs.serve import ServeError
     from engine.outputs.serve import serve_command as command
     try:
