@@ -481,7 +481,30 @@ def count_format(rec: object, line: int, seen: dict, first_line: dict) -> str | 
     if f:
         seen[f] = seen.get(f, 0) + 1
         first_line.setdefault(f, line)
+    elif None not in first_line and isinstance(rec, dict):
+        first_line[None] = (line, rec)        # the first unknown row: named if no row is known
     return f
+
+
+_ANSWERS = ("completion", "chosen", "rejected", "response", "output", "answer", "messages", "conversations")
+
+
+def unknown_format(path, line: int, rec: dict) -> str:
+    """One line for a file none of whose rows has a known format: the kind of row it is when it is
+    one we know of but do not train, else its fields and how to map them."""
+    where = f"{resolve(path)}: line {line}"
+    keys = set(rec)
+    if "completions" in keys and "labels" in keys:
+        return (f"{where} is TRL stepwise supervision (prompt/completions/labels, for a process reward "
+                "model): not trained here; for SFT give each row a 'prompt' and a 'completion'")
+    if "prompt" in keys and not keys & set(_ANSWERS):
+        return (f"{where} is prompt-only (TRL: a 'prompt' with no answer, for online methods such as "
+                "GRPO): nothing to train on here; add the answer as 'completion' (SFT) or "
+                "'chosen'/'rejected' (train.method = dpo)")
+    fields = ", ".join(sorted(str(k)[:40] for k in keys)[:8]) or "none"
+    return (f"{where}: no row matches a known format (messages, conversations, instruction/output, "
+            f"prompt/completion, chosen/rejected, text); its fields are {fields}: rename them, or map "
+            "them in a LLaMA-Factory dataset_info.json (data.train = \"dataset_info.json#NAME\")")
 
 
 def choose_format(path: str, fmt: str, seen: dict, first_line: dict, n_raw: int
@@ -493,8 +516,10 @@ def choose_format(path: str, fmt: str, seen: dict, first_line: dict, n_raw: int
             where = resolve(path)
             if not n_raw:
                 raise DataError(f"{where}: the file has no rows; add training examples")
-            raise DataError(f"{where}: no row matches a known format (messages, conversations, "
-                            "instruction/output, prompt/completion, text); set data.format or fix the file")
+            if None in first_line:
+                raise DataError(unknown_format(path, *first_line[None]))
+            raise DataError(f"{where}: no row is a JSON object with a known format (messages, "
+                            "conversations, instruction/output, prompt/completion, text); fix the file")
         fmt = max(seen, key=seen.get)
         reason = f"{seen[fmt]} of {n_raw} rows have " + detect_reason(fmt)
     else:

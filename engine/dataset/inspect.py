@@ -975,9 +975,24 @@ def report_snapshot(cfg, rep: Report, counts: Counts, problems: FirstByLine, mix
         r.progress = 1.0
         if cfg.data.strict and r.n_problems:
             r.warnings.append(f"data.strict = true: training refuses this file ({r.n_problems} problems)")
+        r.warnings += _method_mismatch(cfg, r.format)
     else:
         r.done = False
     return r
+
+
+def _method_mismatch(cfg, fmt: str | None) -> list[str]:
+    """The line training would refuse this file with when the data and ``train.method`` do not go
+    together (preference data under an SFT method, or the reverse), so inspect says it first."""
+    from engine.dataset import preference
+    from engine.modalities.base import DataError
+    if not fmt:
+        return []
+    try:
+        preference.check_method(cfg, fmt, "training refuses this file")
+    except DataError as e:
+        return [str(e)]
+    return []
 
 
 def _first_kind(listed, kind) -> int:

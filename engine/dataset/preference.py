@@ -32,7 +32,22 @@ KTO_TAGS = ("label", "kto_tag")
 V1_PAIR = ("chosen_messages", "rejected_messages")   # LLaMA-Factory v1: two whole conversations
 _ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
           "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "tool": "tool", "observation": "tool",
-          "function_call": "assistant"}
+          "function_call": "assistant", "developer": "system"}
+OPENAI_PAIR = ("preferred_output", "non_preferred_output")   # OpenAI preference fine-tuning, beside "input"
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def kto_label(value) -> bool | None:
+    """A KTO label as people write it: a boolean, 1/0, or the text true/false (yes/no, 1/0);
+    None for anything else."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        v = value.strip().lower()
+        return True if v in _TRUE else False if v in _FALSE else None
+    return None
 
 
 def is_method(cfg) -> bool:
@@ -43,6 +58,8 @@ def is_method(cfg) -> bool:
 def detect(rec: dict) -> tuple[str, str] | None:
     """(format, evidence) for a preference row, else None (the SFT formats' detection goes on)."""
     keys = set(rec)
+    if OPENAI_PAIR[0] in keys and OPENAI_PAIR[1] in keys:
+        return PAIRS, "fields 'input', 'preferred_output' and 'non_preferred_output' (OpenAI preference pairs)"
     if V1_PAIR[0] in keys and V1_PAIR[1] in keys and "chosen" not in keys:
         return PAIRS, "fields 'chosen_messages' and 'rejected_messages' (LLaMA-Factory v1 preference pairs)"
     if "chosen" in keys and "rejected" in keys:
@@ -53,9 +70,9 @@ def detect(rec: dict) -> tuple[str, str] | None:
             return PAIRS, f"fields '{p}', 'chosen' and 'rejected' (preference pairs, explicit prompt)"
         return PAIRS, "fields 'chosen' and 'rejected' (preference pairs, implicit prompt)"
     tag = next((k for k in KTO_TAGS if k in keys), None)
-    if tag is not None and isinstance(rec[tag], bool) and (
+    if tag is not None and kto_label(rec[tag]) is not None and (
             ("prompt" in keys and "completion" in keys) or "messages" in keys or "conversations" in keys):
-        return UNPAIRED, f"a boolean '{tag}' beside the answer (unpaired preference, KTO)"
+        return UNPAIRED, f"a true/false '{tag}' beside the answer (unpaired preference, KTO)"
     return None
 
 
@@ -93,6 +110,7 @@ def _turns(value, what: str, sharegpt_ok: bool = True) -> list[dict]:
             raise _Bad("wrong_type", f"'{what}' turn {j + 1} is not an object")
         if "role" in t:
             role, content = t.get("role"), t.get("content")
+            role = "system" if role == "developer" else role          # OpenAI's newer name for it
         elif "from" in t and sharegpt_ok:
             role, content = _ROLES.get(str(t.get("from")).lower(), t.get("from")), t.get("value")
         else:
@@ -163,12 +181,40 @@ def _split_implicit(chosen, rejected):
     return chosen[:n], chosen[n:], rejected[n:]
 
 
+def _openai_pair(rec: dict) -> dict:
+    """OpenAI's preference fine-tuning row ``{"input": {"messages", "tools"}, "preferred_output":
+    [assistant turn], "non_preferred_output": [...]}`` → TRL's explicit conversational pair."""
+    inp = rec.get("input")
+    if not isinstance(inp, dict) or not isinstance(inp.get("messages"), list):
+        raise _Bad("missing_field", "'input' must be an object with a 'messages' list (OpenAI preference pairs)")
+    if inp.get("tools") or inp.get("functions"):
+        raise _Bad("unsupported_tools", "tool definitions in a preference row ('input.tools') are not "
+                   "trained here; remove them, or train the tool calls with SFT rows (messages + tools)")
+    return {"prompt": inp["messages"], "chosen": rec.get(OPENAI_PAIR[0]), "rejected": rec.get(OPENAI_PAIR[1]),
+            **({"system": rec["system"]} if "system" in rec else {})}
+
+
+def _whole_conversation(value) -> bool:
+    """A side that is a whole conversation (it has a non-assistant turn), not just the answer."""
+    return isinstance(value, list) and any(
+        isinstance(t, dict) and _ROLES.get(str(t.get("role", t.get("from"))).lower()) not in ("assistant", None)
+        for t in value)
+
+
 def _pairs(rec: dict) -> dict:
+    if OPENAI_PAIR[0] in rec:
+        rec = _openai_pair(rec)
     if V1_PAIR[0] in rec and "chosen" not in rec:     # LLaMA-Factory v1: TRL's implicit prompt
         rec = {k: v for k, v in rec.items() if k not in V1_PAIR} | {
             "chosen": rec.get(V1_PAIR[0]), "rejected": rec.get(V1_PAIR[1])}
     conv = rec.get("conversations", rec.get("messages"))
     chosen, rejected = rec.get("chosen"), rec.get("rejected")
+    if _whole_conversation(chosen) and _whole_conversation(rejected):
+        # both sides hold the whole conversation (UltraFeedback-binarized style, beside a copy of
+        # it in 'prompt' / 'messages'): the shared start is the prompt, as TRL's
+        # maybe_extract_prompt does when the prompt column does not match the sides' form
+        conv = None
+        rec = {k: v for k, v in rec.items() if k not in ("prompt", "question")}
     if conv is not None:                                     # LLaMA-Factory: history + one answer each
         prompt = _prompt(conv, "conversations" if "conversations" in rec else "messages")
         if isinstance(prompt, str):
@@ -211,9 +257,9 @@ def _with_system(rec: dict, prompt):
 
 def _unpaired(rec: dict) -> dict:
     tag = next(k for k in KTO_TAGS if k in rec)
-    label = rec[tag]
-    if not isinstance(label, bool):
-        raise _Bad("wrong_type", f"'{tag}' must be true or false")
+    label = kto_label(rec[tag])
+    if label is None:
+        raise _Bad("wrong_type", f"'{tag}' must be true or false (or 1/0)")
     if "prompt" in rec and "completion" in rec:
         prompt, completion = _prompt(rec["prompt"]), _answer(rec["completion"], "completion")
         if isinstance(prompt, str) and not isinstance(completion, str):

@@ -374,6 +374,8 @@ def _turn_role(t: dict, j: int, line: int, problems: list[DataProblem]) -> str |
         return None
     if role == "function":                 # OpenAI legacy: a function's result
         role = "tool"
+    elif role == "developer":              # OpenAI's newer name for the system turn
+        role = "system"
     if role not in ROLES:
         problems.append(DataProblem(line, "unknown_role", f"turn {j + 1} has unknown role {str(role)!r}; "
                                     "allowed: " + ", ".join(ROLES)))
@@ -406,6 +408,8 @@ def _turn_calls(t: dict, content, j: int, role: str, line: int, problems: list[D
 
 def _turn_content(t: dict, content, calls, j: int, role: str, line: int, problems: list[DataProblem]) -> str | None:
     """The turn's text (parts joined; "" for a tool call without content), or None."""
+    if content is None and role == "assistant" and isinstance(t.get("refusal"), str):
+        content = t["refusal"]              # OpenAI: a refusal is the assistant's answer, in its own field
     if content is None and "content" not in t and not calls:
         problems.append(DataProblem(line, "missing_field", f"turn {j + 1} ({role}) has no 'content'"))
         return None

@@ -129,17 +129,18 @@ def normalise(rec, line: int, problems) -> dict | None:
         if not isinstance(t, dict):
             _problem(problems, line, "wrong_type", f"turn {j + 1} is not an object")
             return None
-        content = t.get("content")
+        content, role = t.get("content"), t.get("role")
+        role = "system" if role == "developer" else role           # OpenAI's newer name for it
         if listed is not None and isinstance(content, str):
             parts, found = _split_placeholders(content), []
         else:
-            parts, found = _parts_of(content, j, str(t.get("role")), line, problems)
+            parts, found = _parts_of(content, j, str(role), line, problems)
         if parts is None:
             return None
         paths += found
-        msgs.append({"role": t.get("role"), "parts": parts})
+        msgs.append({"role": role, "parts": parts})
         # the text-only view, checked by the shared turn rules (roles, order, empty turns)
-        texts.append({"role": t.get("role"), "content": "".join(
+        texts.append({"role": role, "content": "".join(
             p.get("text", "[image]") for p in parts) if parts else ""})
     if check_turns(texts, line, problems, system=rec.get("system")) is None:
         return None
@@ -194,6 +195,53 @@ def check_image(path: Path) -> tuple[dict | None, str | None]:
             "bytes": path.stat().st_size}, None
 
 
+_REMOTE = ("http://", "https://", "s3://", "gs://", "ftp://", "hf://")
+INLINE_MAX_BYTES = 40 * 2**20       # a base64 image in the row, decoded
+
+
+def _local(raw: str, base: Path) -> Path:
+    p = Path(raw).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _check_source(raw: str, base: Path) -> tuple[dict | None, str | None]:
+    """An image as a row names it: a path (relative to the data file), a base64 ``data:`` URI
+    (OpenAI's inline images: decoded once into the cache, named by its hash) or a URL (refused:
+    nothing is downloaded at run time)."""
+    if raw.startswith(_REMOTE):
+        return None, (f"image {raw[:80]!r} is a URL: nothing is downloaded at run time; download the "
+                      "images and give their local paths (relative to the data file)")
+    if raw.startswith("data:"):
+        path, err = _inline_image(raw)
+        return (None, err) if err else check_image(path)
+    return check_image(_local(raw, base))
+
+
+def _inline_image(uri: str) -> tuple[Path | None, str | None]:
+    import base64
+    import binascii
+    import hashlib
+    from engine.models.builtin import cache_dir
+    head, sep, payload = uri.partition(",")
+    kind = head[5:].split(";")[0]
+    if not sep or not head.endswith(";base64") or not kind.startswith("image/"):
+        return None, (f"inline image {uri[:40]!r}…: expected a base64 data URI "
+                      "(data:image/png;base64,…)")
+    if len(payload) > INLINE_MAX_BYTES * 4 // 3 + 4:
+        return None, f"inline image of {len(payload) * 3 // 4 // 2**20} MB: over {INLINE_MAX_BYTES // 2**20} MB; resize it"
+    try:
+        data = base64.b64decode(payload.strip(), validate=False)
+    except (binascii.Error, ValueError):
+        return None, f"inline image {uri[:40]!r}… is not valid base64"
+    ext = "".join(c for c in kind[6:] if c.isalnum())[:8] or "img"
+    folder = cache_dir() / "images"
+    path = folder / f"{hashlib.sha256(data).hexdigest()[:32]}.{ext}"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        _files.write_atomic(path, data)
+    return path, None
+
+
 def attach_images(ds, base: Path) -> None:
     """Resolve each row's image paths against ``base`` (the data file's folder) and check every
     image; rows with a missing or broken image become problems (with their line) and leave the
@@ -203,11 +251,9 @@ def attach_images(ds, base: Path) -> None:
     for row in ds.rows:
         infos, bad = [], None
         for raw in row.data.get("images", []):
-            p = Path(raw).expanduser()
-            p = p if p.is_absolute() else base / p
-            key = str(p)
+            key = raw if raw.startswith(_REMOTE + ("data:",)) else str(_local(raw, base))
             if key not in cache:
-                cache[key] = check_image(p)
+                cache[key] = _check_source(raw, base)
             info, err = cache[key]
             if err:
                 bad = err

@@ -109,3 +109,22 @@ def test_mixed_formats_reported(tmp_path):
     ds = data_mod.load(str(write_jsonl(tmp_path / "m.jsonl", [ROWS["messages"]] * 3 + [ROWS["text"]])))
     assert ds.format == "messages"
     assert any(p.kind == "mixed_format" and p.line == 4 for p in ds.problems)
+
+
+@pytest.mark.parametrize("rows, says", [
+    ([{"prompt": "The sky is"}], "is prompt-only (TRL"),
+    ([{"prompt": [{"role": "user", "content": "Hi?"}]}], "is prompt-only (TRL"),
+    ([{"prompt": "9.8 or 9.11?", "completions": ["9.8 has .8", "so 9.8"], "labels": [True, True]}],
+     "is TRL stepwise supervision"),
+    ([{"instruction": "Hi?", "context": "", "response": "Hello.", "category": "qa"}],
+     "its fields are category, context, instruction, response: rename them, or map them in a LLaMA-Factory "
+     "dataset_info.json"),
+])
+def test_a_file_of_no_known_format_is_named_in_one_line(tmp_path, rows, says):
+    """A file whose rows match no trainable format says what the rows are (TRL's prompt-only and
+    stepwise types by name) or which fields they have and how to map them, with the file and line."""
+    p = write_jsonl(tmp_path / "u.jsonl", [[1, 2]] + rows * 3)
+    with pytest.raises(data_mod.DataError) as e:
+        data_mod.load(str(p))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{p}: line 2") and says in msg, msg

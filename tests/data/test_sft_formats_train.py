@@ -327,3 +327,14 @@ def test_video_and_audio_rows_are_refused_not_trained_as_text(tmp_path, media):
     assert [(p.line, p.kind) for p in ds.problems] == [(1, "unsupported_media"), (2, "unsupported_media"),
                                                         (3, "unsupported_media")]
     assert f"'{media}'" in ds.problems[0].message and "only text and images" in ds.problems[0].message
+
+
+def test_openai_developer_role_and_refusal(tmp_path, plain_tok):
+    """OpenAI's 'developer' turn is the system turn; an assistant turn with only a 'refusal' is
+    trained on that refusal."""
+    rows = [{"messages": [{"role": "developer", "content": "Be terse."},
+                          {"role": "user", "name": "bob", "content": f"Say something bad ({i})"},
+                          {"role": "assistant", "content": None, "refusal": f"I won't ({i})."}]} for i in range(2)]
+    ds = load_rows(tmp_path, rows)
+    assert not ds.problems and ds.rows[0].data["messages"][0] == {"role": "system", "content": "Be terse."}
+    check(plain_tok, ds, [[f"I won't ({i}).<|im_end|>"] for i in range(2)], untrained=["Be terse."])

@@ -83,6 +83,41 @@ def test_every_preference_format_is_detected_and_normalised(tmp_path):
         assert [r.data for r in ds.rows] == [want] * 3, name
 
 
+def test_preference_rows_as_other_tools_write_them(tmp_path):
+    """Pairs and labels as other tools write them: UltraFeedback-binarized (both sides whole
+    conversations beside a copy of the prompt and a 'messages' column: TRL's implicit prompt),
+    OpenAI's preference fine-tuning rows, KTO labels as 1/0 or text, OpenAI's 'developer' role."""
+    u = {"role": "user", "content": "Hi?"}
+    good, bad = {"role": "assistant", "content": "Hello."}, {"role": "assistant", "content": "Go away."}
+    sys_ = {"role": "system", "content": "Be kind."}
+    cases = {
+        "UltraFeedback binarized": ({"prompt": "Hi?", "prompt_id": "x1", "chosen": [u, good], "rejected": [u, bad],
+                                     "messages": [u, good], "score_chosen": 8.0, "score_rejected": 2.0},
+                                    "preference", {"prompt": [u], "chosen": [good], "rejected": [bad]}),
+        "whole conversations beside a conversation prompt": (
+            {"prompt": [u], "chosen": [sys_, u, good], "rejected": [sys_, u, bad]}, "preference",
+            {"prompt": [sys_, u], "chosen": [good], "rejected": [bad]}),
+        "OpenAI preference": ({"input": {"messages": [{"role": "developer", "content": "Be kind."}, u],
+                                         "tools": [], "parallel_tool_calls": True},
+                               "preferred_output": [good], "non_preferred_output": [bad]}, "preference",
+                              {"prompt": [sys_, u], "chosen": [good], "rejected": [bad]}),
+        "KTO label 0": ({"prompt": "The sky is", "completion": " green.", "label": 0}, "kto",
+                        {"prompt": "The sky is", "completion": " green.", "label": False}),
+        "KTO label text": ({"messages": [u, good], "kto_tag": "true"}, "kto",
+                           {"prompt": [u], "completion": [good], "label": True}),
+    }
+    for name, (row, fmt, want) in cases.items():
+        ds = _load(tmp_path, [row] * 3)
+        assert ds.format == fmt, (name, ds.format, ds.reason)
+        assert not ds.problems, (name, ds.problems)
+        assert [r.data for r in ds.rows] == [want] * 3, name
+    tools = {"input": {"messages": [u], "tools": [{"type": "function", "function": {"name": "f"}}]},
+             "preferred_output": [good], "non_preferred_output": [bad]}
+    ds = _load(tmp_path, [tools])
+    assert ds.format == "preference" and not ds.rows
+    assert [p.kind for p in ds.problems] == ["unsupported_tools"] and "input.tools" in ds.problems[0].message
+
+
 def test_bad_pairs_are_problems_by_line(tmp_path):
     u = [{"role": "user", "content": "Hi?"}]
     ok = {"prompt": u, "chosen": [{"role": "assistant", "content": "Hello."}],
@@ -122,6 +157,10 @@ def test_llamafactory_v1_pairs_with_content_parts(tmp_path):
                          {"role": "assistant", "content": [{"type": "text", "value": "Hello."}]}],
      "rejected_messages": [{"role": "user", "content": [{"type": "text", "value": "Hi?"}]},
                            {"role": "assistant", "content": [{"type": "text", "value": "No."}]}]},
+    {"prompt": "The sky is", "completion": " green.", "label": 0},                                  # KTO, 1/0
+    {"input": {"messages": [{"role": "user", "content": "Hi?"}]},                                  # OpenAI
+     "preferred_output": [{"role": "assistant", "content": "Hello."}],
+     "non_preferred_output": [{"role": "assistant", "content": "No."}]},
 ])
 def test_preference_data_is_never_trained_as_sft(row, tmp_path, capsys):
     data = _write(tmp_path / "pairs.jsonl", [row] * 12)

@@ -69,6 +69,32 @@ def test_both_formats_detected_and_every_image_checked_by_line(tmp_path):
     assert r2["image_info"][0]["format"] == "PNG" and r2["image_info"][0]["width"] == 56
 
 
+def test_openai_inline_images_are_decoded_and_urls_refused_by_line(tmp_path):
+    """OpenAI's image parts: a base64 data URI is decoded once into the cache (named by its
+    hash) and trained; a URL is one line (nothing is downloaded at run time)."""
+    import base64
+    raw = (SAMPLE / "00-red-circle.png").read_bytes()
+    uri = "data:image/png;base64," + base64.b64encode(raw).decode()
+
+    def row(src, answer):
+        return {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is it?"},
+                                                          {"type": "image_url", "image_url": {"url": src}}]},
+                             {"role": "assistant", "content": answer}]}
+    p = tmp_path / "oa.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in [
+        row(uri, "A red circle."), row("https://example.com/cat.jpg", "A cat."), row(uri, "Red."),
+        row("data:image/png;base64,@@@", "Broken.")]))
+    ds = data_mod.load(str(p))
+    assert ds.format == "vision" and [r.line for r in ds.rows] == [1, 3]
+    cached = Path(ds.rows[0].data["images"][0])
+    assert cached.read_bytes() == raw and cached == Path(ds.rows[1].data["images"][0])
+    assert ds.rows[0].data["image_info"][0]["format"] == "PNG"
+    by_line = {pr.line: pr.message for pr in ds.problems}
+    assert set(by_line) == {2, 4}
+    assert "is a URL: nothing is downloaded" in by_line[2] and "base64" not in by_line[2]
+    assert len(by_line[4]) < 200
+
+
 def test_label_mask_never_trains_visual_tokens(tmp_path):
     cfg = _vl_cfg()
     ds = data_mod.load(cfg.resolve_path(cfg.data.train))
