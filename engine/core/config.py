@@ -125,7 +125,7 @@ class PreferenceConfig:
 
 @dataclass
 class DataConfig:
-    train: str = _f("builtin:sample", "Training data: .jsonl, .json, .csv, .parquet, a saved "
+    train: str = _f("builtin:sample", "Training data: .jsonl, .json, .csv, .tsv (or .gz/.bz2/.xz of them), .parquet, a saved "
                     "datasets directory, builtin:sample, or builtin:vl-sample (images).", kind="path")
     eval: str = _f("", "Held-out eval data (same formats); empty = split off eval_fraction.", kind="path")
     eval_fraction: float = _f(0.05, "Share of train rows held out for eval loss when no eval file "

@@ -2,7 +2,8 @@
 
 Formats: ChatML ``messages``, ShareGPT ``conversations`` (from/value), Alpaca
 (instruction/input/output), ``prompt``/``completion`` and plain ``text``; files: .jsonl,
-.json, .csv, .parquet, or a directory saved with ``datasets.save_to_disk``.
+.json, .csv, .tsv (each also .gz/.bz2/.xz), .parquet (read a batch at a time), or a directory
+saved with ``datasets.save_to_disk``.
 A malformed row never aborts reading: it becomes a ``DataProblem`` with its physical line
 (1-based; for CSV the file line, for parquet/datasets the row number + 1).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -20,7 +22,9 @@ from engine.modalities.text import SHAREGPT_ROLES, check_turns, tool_definitions
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokens", "vision",
            "preference", "kto")      # the last two: engine.dataset.preference
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+# compressed text files, read through the standard library's codecs (data.jsonl.gz, ...)
+COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
 
 
 @dataclass
@@ -135,31 +139,62 @@ def _not_utf8(p: Path, e: UnicodeDecodeError) -> str:
 MAX_WHOLE_FILE_BYTES = 2 * 2**30
 
 
-def _read_text(p: Path) -> str:
-    """A whole text file as UTF-8 (a BOM is accepted); UnicodeDecodeError names the bytes."""
-    from engine.core import files
-    with files.open_regular(p) as fh:      # never a FIFO or a device
-        size = os.fstat(fh.fileno()).st_size
-        if size > MAX_WHOLE_FILE_BYTES:
-            raise DataError(f"{p}: {size / 2**30:.1f} GiB is too large to read as one {p.suffix} document (the "
+def _read_text(p: Path, codec: str | None = None) -> str:
+    """A whole text file as UTF-8 (a BOM is accepted), decompressed by ``codec``; UnicodeDecodeError
+    names the bytes. Past MAX_WHOLE_FILE_BYTES (of text, after decompression) it is refused."""
+    with _open_data(p, codec) as (fh, raw):
+        size = os.fstat(raw.fileno()).st_size
+        data = fh.read(MAX_WHOLE_FILE_BYTES + 1) if size <= MAX_WHOLE_FILE_BYTES else b""
+        if size > MAX_WHOLE_FILE_BYTES or len(data) > MAX_WHOLE_FILE_BYTES:
+            size = max(size, len(data))
+            raise DataError(f"{p}: {size / 2**30:.1f} GiB or more is too large to read as one {p.suffix} document (the "
                             f"limit is {MAX_WHOLE_FILE_BYTES // 2**30} GiB); save it as .jsonl, which is read row by row")
-        return fh.read(MAX_WHOLE_FILE_BYTES + 1).decode("utf-8-sig")
+        return data.decode("utf-8-sig")
+
+
+def suffix_of(p: Path) -> tuple[str, str | None]:
+    """(the data suffix, the compression codec or None): data.jsonl.gz → (".jsonl", "gzip")."""
+    suffixes = [s.lower() for s in p.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSED:
+        return (suffixes[-2] if len(suffixes) > 1 else ""), COMPRESSED[suffixes[-1]]
+    return p.suffix.lower(), None
+
+
+@contextmanager
+def _open_data(p: Path, codec: str | None):
+    """(binary stream of the file's data, the raw file under it): the codec's reader over the
+    regular file (never a FIFO or a device); position and size are the raw file's."""
+    from engine.core import files
+    with files.open_regular(p) as raw:
+        if codec is None:
+            yield raw, raw
+            return
+        import importlib
+        mod = importlib.import_module(codec)
+        reader = {"gzip": "GzipFile", "bz2": "BZ2File", "lzma": "LZMAFile"}[codec]
+        with getattr(mod, reader)(fileobj=raw) if codec == "gzip" else getattr(mod, reader)(raw) as fh:
+            yield fh, raw
 
 
 def _iter_raw(p: Path, on_bytes) -> Iterator[tuple[int, object, str | None]]:
     if p.is_dir():
         yield from _iter_datasets_dir(p)
         return
-    suffix = p.suffix.lower()
+    suffix, codec = suffix_of(p)
+    if codec and suffix not in (".jsonl", ".json", ".csv", ".tsv"):
+        raise DataError(f"{p}: a compressed {suffix or 'file'} is not read here; compressed .jsonl, .json, "
+                        ".csv or .tsv are (.gz, .bz2, .xz), or decompress it first")
+    if p.suffix.lower() in (".zst", ".zstd", ".zip", ".7z", ".tar", ".tgz"):
+        raise DataError(f"{p}: {p.suffix} archives are not read here; extract or decompress it first "
+                        "(e.g. zstd -d, unzip), or recompress it as .gz")
     if suffix == ".jsonl":
-        from engine.core import files
         done = 0
-        with files.open_regular(p) as fh:  # never a FIFO or a device
-            total = os.fstat(fh.fileno()).st_size
+        with _open_data(p, codec) as (fh, raw_fh):
+            total = os.fstat(raw_fh.fileno()).st_size
             for i, (raw, size) in enumerate(_capped_lines(fh, MAX_ROW_BYTES), 1):
                 done += size
                 if on_bytes is not None and i % 2000 == 0:
-                    on_bytes(done, total)
+                    on_bytes(raw_fh.tell() if codec else done, total)
                 if raw is None:
                     yield i, None, (f"{TOO_LARGE}: {size / 2**20:.0f} MiB on one line (the limit is "
                                     f"{MAX_ROW_BYTES // 2**20} MiB per row); split or shorten it")
@@ -173,7 +208,7 @@ def _iter_raw(p: Path, on_bytes) -> Iterator[tuple[int, object, str | None]]:
         if on_bytes is not None:
             on_bytes(total, total)
     elif suffix == ".json":
-        text = _read_text(p)
+        text = _read_text(p, codec)
         try:
             data = json.loads(text)
         except RecursionError:
@@ -182,7 +217,7 @@ def _iter_raw(p: Path, on_bytes) -> Iterator[tuple[int, object, str | None]]:
         except json.JSONDecodeError as e:
             line = getattr(e, "lineno", 1)
             if text.lstrip().startswith("{") and "\n{" in text:   # JSONL saved as .json
-                yield from iter_raw_lines_as_jsonl(p)
+                yield from iter_raw_lines_as_jsonl(text)
                 return
             yield line, None, json_problem(e)
             return
@@ -199,34 +234,64 @@ def _iter_raw(p: Path, on_bytes) -> Iterator[tuple[int, object, str | None]]:
         lines = _json_array_item_lines(text, len(data))
         for i, rec in enumerate(data):
             yield lines[i], rec, None
-    elif suffix == ".csv":
+    elif suffix in (".csv", ".tsv"):
         import io
-        with io.StringIO(_read_text(p), newline="") as fh:
-            reader = csv.DictReader(fh)
+        with io.StringIO(_read_text(p, codec), newline="") as fh:
+            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
             reader.fieldnames   # reads the header row
             prev = reader.line_num
             for rec in reader:
-                yield prev + 1, dict(rec), None
+                yield prev + 1, _json_cells(rec), None
                 prev = reader.line_num
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
         from engine.core import files
         files.check_regular(p)
-        table = pq.read_table(p)
-        for i, rec in enumerate(table.to_pylist()):
-            yield i + 1, rec, None
+        pf = pq.ParquetFile(p)          # read a batch at a time: memory bounded by the batch, not the file
+        total, n = pf.metadata.num_rows or 1, 0
+        size = p.stat().st_size
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH):
+            for rec in batch.to_pylist():
+                n += 1
+                yield n, rec, None
+            if on_bytes is not None:
+                on_bytes(size * n // total, size)
     else:
         raise DataError(f"{p}: unsupported file type {suffix or '(none)'!r}; use one of "
                         + ", ".join(SUFFIXES) + " or a datasets directory")
 
 
-def iter_raw_lines_as_jsonl(p: Path):
-    from engine.core import files
-    with files.open_regular(p) as fh:
-        for i, raw in enumerate(fh, 1):
-            if raw.strip():
-                rec, err = parse_row(raw)
-                yield i, rec, err
+def iter_raw_lines_as_jsonl(text: str):
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            rec, err = parse_row(line.encode("utf-8"))
+            yield i, rec, err
+
+
+PARQUET_BATCH = 1024
+# CSV cells holding JSON (a conversation, pairs, tool definitions written as text): parsed when
+# the cell is a JSON list or object. Text fields (prompt, chosen, ...) only when that JSON is a
+# list of turns, so a prompt that merely starts with "[" stays text.
+_JSON_CELLS = ("messages", "conversations", "tools", "functions", "images", "chosen_messages",
+               "rejected_messages", "input", "preferred_output", "non_preferred_output", "history")
+_TURN_CELLS = ("prompt", "completion", "chosen", "rejected")
+
+
+def _json_cells(rec: dict) -> dict:
+    for key in _JSON_CELLS + _TURN_CELLS:
+        v = rec.get(key)
+        if not isinstance(v, str) or not v.lstrip().startswith(("[", "{")):
+            continue
+        try:
+            parsed = json.loads(v)
+        except (json.JSONDecodeError, RecursionError):
+            continue                 # left as text: the format's own checks say what is wrong
+        if key in _TURN_CELLS and not (isinstance(parsed, list) and parsed and all(
+                isinstance(t, dict) and ("role" in t or "from" in t) for t in parsed)):
+            continue
+        if isinstance(parsed, (list, dict)):
+            rec[key] = parsed
+    return rec
 
 
 def _json_array_item_lines(text: str, n: int) -> list[int]:

@@ -63,6 +63,58 @@ def test_file_types(tmp_path):
     assert [r.line for r in data_mod.load(str(tmp_path / "d.csv")).rows] == [2, 3, 4, 5]
 
 
+def test_compressed_tsv_json_cells_and_parquet_in_batches(tmp_path, monkeypatch):
+    """Files as datasets are shipped: .jsonl/.json/.csv compressed with gzip, bz2 or xz (lines
+    are the decompressed file's), tab-separated files, CSV cells holding a conversation or pairs
+    as JSON, and parquet read a batch at a time (row numbers run on across batches)."""
+    import bz2
+    import csv
+    import gzip
+    import lzma
+    chat = [{"messages": [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": f"a {i}"}]}
+            for i in range(5)]
+    body = "".join(json.dumps(r) + "\n" for r in chat) + "{broken\n"
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as fh:
+        fh.write(body)
+    with bz2.open(tmp_path / "c.jsonl.bz2", "wt") as fh:
+        fh.write(body)
+    with lzma.open(tmp_path / "c.json.xz", "wt") as fh:
+        fh.write(json.dumps(chat))
+    for name in ("c.jsonl.gz", "c.jsonl.bz2"):
+        ds = data_mod.load(str(tmp_path / name))
+        assert ds.format == "messages" and [r.line for r in ds.rows] == [1, 2, 3, 4, 5], name
+        assert [(p.line, p.kind) for p in ds.problems] == [(6, "invalid_json")], name
+    assert len(data_mod.load(str(tmp_path / "c.json.xz")).rows) == 5
+    with open(tmp_path / "a.tsv", "w", newline="") as fh:
+        w = csv.writer(fh, delimiter="\t")
+        w.writerow(["instruction", "input", "output"])
+        w.writerows([[f"do {i}", "", f"done, {i}"] for i in range(3)])
+    ds = data_mod.load(str(tmp_path / "a.tsv"))
+    assert ds.format == "alpaca" and ds.rows[2].data["messages"][1]["content"] == "done, 2"
+    with open(tmp_path / "m.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["messages", "note"])
+        w.writerows([[json.dumps(r["messages"]), "[draft]"] for r in chat])
+    ds = data_mod.load(str(tmp_path / "m.csv"))
+    assert ds.format == "messages" and not ds.problems and ds.rows[0].data == chat[0]
+    with open(tmp_path / "p.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["prompt", "chosen", "rejected"])
+        w.writerows([["[INST] Hi? [/INST]", json.dumps([{"role": "assistant", "content": "Hello."}]),
+                      json.dumps([{"role": "assistant", "content": "No."}])]])
+    row = data_mod.load(str(tmp_path / "p.csv")).rows[0].data
+    assert row["prompt"] == [{"role": "user", "content": "[INST] Hi? [/INST]"}]
+    assert row["chosen"] == [{"role": "assistant", "content": "Hello."}]
+    import datasets
+    monkeypatch.setattr(data_mod, "PARQUET_BATCH", 2)
+    datasets.Dataset.from_list(chat).to_parquet(str(tmp_path / "c.parquet"))
+    ds = data_mod.load(str(tmp_path / "c.parquet"))
+    assert [r.line for r in ds.rows] == [1, 2, 3, 4, 5] and ds.rows[4].data == chat[4]
+    (tmp_path / "c.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    with pytest.raises(data_mod.DataError, match="decompress it first"):
+        data_mod.load(str(tmp_path / "c.jsonl.zst"))
+
+
 def test_problems_by_physical_line(tmp_path):
     good = json.dumps(ROWS["messages"])
     lines = [good, "{not json", "", good,
