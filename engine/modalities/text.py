@@ -546,6 +546,10 @@ def tool_calls(raw, what: str, line: int, problems: list[DataProblem]) -> list[d
             return None
         if args is None:
             args = {}
+        if isinstance(args, str) and args.lstrip().startswith("{"):   # JSON encoded twice (seen in
+            args = _json_value(args, f"{what} tool call {k + 1} arguments", line, problems)  # real files)
+            if args is _BAD:
+                return None
         if not isinstance(args, dict):
             problems.append(DataProblem(line, "wrong_type", f"{what} tool call {k + 1}: 'arguments' must be "
                                         "a JSON object"))

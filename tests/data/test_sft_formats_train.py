@@ -338,3 +338,16 @@ def test_openai_developer_role_and_refusal(tmp_path, plain_tok):
     ds = load_rows(tmp_path, rows)
     assert not ds.problems and ds.rows[0].data["messages"][0] == {"role": "system", "content": "Be terse."}
     check(plain_tok, ds, [[f"I won't ({i}).<|im_end|>"] for i in range(2)], untrained=["Be terse."])
+
+
+def test_tool_call_arguments_encoded_twice_are_read_once(tmp_path, tok):
+    """Real files (OpenAI's cookbook drone sample) hold arguments JSON-encoded twice: the call is
+    the same as with arguments encoded once."""
+    twice = json.dumps(json.dumps({"city": "Paris"}))
+    rows = [{"tools": [{"type": "function", "function": WEATHER}],
+             "messages": [{"role": "user", "content": "Weather in Paris?"},
+                          {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+                              "name": "get_weather", "arguments": twice}}]}]}]
+    ds = load_rows(tmp_path, rows)
+    assert not ds.problems
+    check(tok, ds, [[CALL]])
