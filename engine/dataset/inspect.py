@@ -975,7 +975,7 @@ def report_snapshot(cfg, rep: Report, counts: Counts, problems: FirstByLine, mix
         r.progress = 1.0
         if cfg.data.strict and r.n_problems:
             r.warnings.append(f"data.strict = true: training refuses this file ({r.n_problems} problems)")
-        r.warnings += _method_mismatch(cfg, r.format)
+        r.warnings[:0] = _method_mismatch(cfg, r.format)     # first: the Dataset screen shows two
     else:
         r.done = False
     return r

@@ -494,6 +494,13 @@ def test_inspect_measures_pairs_and_previews_prompt_and_chosen(tmp_path, capsys)
     trained = "".join(t for t, tr in pv.segments if tr)
     assert rows[0]["chosen"][0]["content"] in trained and rows[0]["prompt"][0]["content"] not in trained
     assert rows[0]["rejected"][0]["content"] not in pv.text
+    # under an SFT method the report says first what training will say (the Dataset screen shows it)
+    assert rep.warnings[0] == f"training refuses this file: {pref.REFUSAL}"
+    sft = _write(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": "b"}] * 4)
+    dpo = config.load(None, ['model.name="builtin:tiny"', f'data.train="{sft}"', 'train.method="dpo"'])
+    assert "train.method = 'dpo' needs preference data" in inspect_mod.inspect(dpo).warnings[0]
+    assert not [w for w in inspect_mod.inspect(config.load(None, [
+        'model.name="builtin:tiny"', f'data.train="{path}"', 'train.method="dpo"'])).warnings if "refuses" in w]
 
 
 def _problem_pairs() -> list[dict]:
