@@ -415,6 +415,8 @@ def _turn_content(t: dict, content, calls, j: int, role: str, line: int, problem
         return None
     if content is None and calls:
         content = ""
+    if role == "tool" and isinstance(content, dict):   # a tool's result as a JSON object: its JSON text
+        content = json.dumps(content, ensure_ascii=False)
     if isinstance(content, list):
         content = join_parts(content, j, role, line, problems)
         if content is None:

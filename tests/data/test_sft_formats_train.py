@@ -344,10 +344,14 @@ def test_tool_call_arguments_encoded_twice_are_read_once(tmp_path, tok):
     """Real files (OpenAI's cookbook drone sample) hold arguments JSON-encoded twice: the call is
     the same as with arguments encoded once."""
     twice = json.dumps(json.dumps({"city": "Paris"}))
+    result = {"weather": "snow", "c": -2}                    # a tool result as an object: its JSON text
     rows = [{"tools": [{"type": "function", "function": WEATHER}],
              "messages": [{"role": "user", "content": "Weather in Paris?"},
                           {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
-                              "name": "get_weather", "arguments": twice}}]}]}]
+                              "name": "get_weather", "arguments": twice}}]},
+                          {"role": "tool", "tool_call_id": "c1", "content": result},
+                          {"role": "assistant", "content": "Snow."}]}]
     ds = load_rows(tmp_path, rows)
     assert not ds.problems
-    check(tok, ds, [[CALL]])
+    assert ds.rows[0].data["messages"][2]["content"] == json.dumps(result)
+    check(tok, ds, [[CALL, "Snow.<|im_end|>"]], untrained=['"weather": "snow"'])
