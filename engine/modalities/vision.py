@@ -200,8 +200,16 @@ INLINE_MAX_BYTES = 40 * 2**20       # a base64 image in the row, decoded
 
 
 def _local(raw: str, base: Path) -> Path:
+    """A relative image path: against the data file's folder, else (when not there) its parent
+    folders up to three levels and the working directory, where tools that write paths relative
+    to their project root (LLaMA-Factory v1's ``data/…/1.jpg``) put them."""
     p = Path(raw).expanduser()
-    return p if p.is_absolute() else base / p
+    if p.is_absolute():
+        return p
+    for root in (base, *list(base.parents)[:3], Path.cwd()):
+        if (root / p).exists():
+            return root / p
+    return base / p
 
 
 def _check_source(raw: str, base: Path) -> tuple[dict | None, str | None]:

@@ -95,6 +95,19 @@ def test_openai_inline_images_are_decoded_and_urls_refused_by_line(tmp_path):
     assert len(by_line[4]) < 200
 
 
+def test_image_paths_relative_to_the_project_root_are_found(tmp_path):
+    """LLaMA-Factory v1 writes image paths relative to its project root (data/imgs/a.png beside
+    data/file.jsonl): not beside the data file, they are looked for in its parent folders."""
+    (tmp_path / "data" / "imgs").mkdir(parents=True)
+    shutil.copy(SAMPLE / "00-red-circle.png", tmp_path / "data" / "imgs" / "a.png")
+    p = tmp_path / "data" / "v1.jsonl"
+    p.write_text(json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "image_url", "value": "data/imgs/a.png"}, {"type": "text", "value": "?"}]},
+        {"role": "assistant", "content": [{"type": "text", "value": "A circle."}]}]}) + "\n")
+    ds = data_mod.load(str(p))
+    assert not ds.problems and ds.rows[0].data["images"] == [str(tmp_path / "data" / "imgs" / "a.png")]
+
+
 def test_label_mask_never_trains_visual_tokens(tmp_path):
     cfg = _vl_cfg()
     ds = data_mod.load(cfg.resolve_path(cfg.data.train))
