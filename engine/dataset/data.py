@@ -42,6 +42,7 @@ class Dataset:
     problems: list[DataProblem] = field(default_factory=list)
     raw_count: int = 0
     formats_seen: dict = field(default_factory=dict)
+    fields_seen: dict = field(default_factory=dict)      # top-level field name -> rows with it
 
     @property
     def conversational(self) -> bool:
@@ -523,11 +524,16 @@ def load(path: str, fmt: str = "auto", on_bytes=None) -> Dataset:
 def build(path: str, raw: list, fmt: str = "auto") -> Dataset:
     seen: dict[str, int] = {}
     first_line: dict[str, int] = {}
+    fields: dict[str, int] = {}
     for line, rec, err in raw:
         if err is None:
             count_format(rec, line, seen, first_line)
+            for k in rec if isinstance(rec, dict) else ():
+                if k in fields or len(fields) < 1000:
+                    fields[k] = fields.get(k, 0) + 1
     fmt, reason, problems = choose_format(path, fmt, seen, first_line, len(raw))
-    ds = Dataset(path=str(path), format=fmt, reason=reason, raw_count=len(raw), formats_seen=seen)
+    ds = Dataset(path=str(path), format=fmt, reason=reason, raw_count=len(raw), formats_seen=seen,
+                 fields_seen=fields)
     for line, rec, err in raw:
         row = normalise_record(line, rec, err, fmt, problems)
         if row is not None:

@@ -533,7 +533,7 @@ def _image_report(cfg, path: str, on_partial=None) -> Report:
     dups = quality.Duplicates()              # no duplicate check for image rows: their lengths only
     dups.add_unhashed(lines, arr[:, 0])
     out = report_snapshot(cfg, rep, tallied, found, [], dups, FirstByLine(MAX_LISTED),
-                          dict(ds.formats_seen), {}, partial=False, rows=len(lines))
+                          dict(ds.formats_seen), dict(ds.fields_seen), partial=False, rows=len(lines))
     out.images = got["images"]
     if on_partial is not None:
         on_partial(out)
