@@ -78,7 +78,7 @@ def detect(rec: dict) -> tuple[str, str] | None:
 
 def reason(fmt: str) -> str:
     return {PAIRS: "'chosen' and 'rejected' answers (preference pairs)",
-            UNPAIRED: "a boolean 'label' on each answer (unpaired preference, KTO)"}[fmt]
+            UNPAIRED: "a true/false 'label' on each answer (unpaired preference, KTO)"}[fmt]
 
 
 # ------------------------------------------------------------------ normalise
