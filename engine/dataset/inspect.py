@@ -611,6 +611,7 @@ class _Scan:
         self.first_line: dict = {}
         self.fields: dict = {}
         self.bad_keys: dict = {}          # line -> a field name holding control characters (until processed)
+        self.bad_names: set = set()       # the counted field names that hold control characters
         self.problems = problem_log()     # normalising, control characters, no trained tokens
         self.counts = Counts()
         self.batch_meta: list = []        # per batch in flight: its rows' lines and hashes
@@ -693,14 +694,20 @@ class _Scan:
             return None
         f = data_mod.count_format(obj, line, self.seen, self.first_line)
         if isinstance(obj, dict):
-            fields = self.fields
+            fields, bad = self.fields, self.bad_names
             for k in obj:
-                if k in fields:
-                    fields[k] += 1
-                elif len(fields) < MAX_FIELDS:       # a file of ever new field names stays bounded
+                n = fields.get(k)
+                if n is not None:                   # a name seen before: checked for controls then
+                    fields[k] = n + 1
+                    if k in bad:
+                        self.bad_keys[line] = k
+                    continue
+                if len(fields) < MAX_FIELDS:        # a file of ever new field names stays bounded
                     fields[k] = 1
                 if has_controls(k):
                     self.bad_keys[line] = k
+                    if k in fields:
+                        bad.add(k)
         return f
 
     # ---- normalising, tokenising, quality checks

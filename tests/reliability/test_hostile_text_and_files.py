@@ -29,6 +29,7 @@ def hostile_jsonl(path: Path, n: int = 6) -> Path:
                           {"role": "assistant", "content": f"fine {i}"}]} for i in range(n)]
     rows[2]["messages"][1]["content"] = "answer " + HOSTILE
     rows[4] = {"messages": rows[4]["messages"], "k\x1b[2Jey": 1}
+    rows[5] = {"messages": rows[5]["messages"], "k\x1b[2Jey": 2}      # the same name again: line 6 too
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
 
@@ -51,7 +52,7 @@ def test_cli_output_of_untrusted_text_is_sanitised(tmp_path, capsys):
     r = cli(capsys, "inspect", data, "--model", "builtin:tiny", "--json")
     assert_no_raw(r.stdout)
     doc = json.loads(r.stdout)                  # escapes, not glyphs: the JSON stays exact
-    assert [p["line"] for p in doc["problems"] if p["kind"] == "control_chars"] == [3, 5]
+    assert [p["line"] for p in doc["problems"] if p["kind"] == "control_chars"] == [3, 5, 6]
     assert "k\x1b[2Jey" in doc["format"]["fields_seen"]
     # an error message quoting a hostile path
     bad = tmp_path / "x\x1b[2Jy.jsonl"
