@@ -33,6 +33,7 @@ V1_PAIR = ("chosen_messages", "rejected_messages")   # LLaMA-Factory v1: two who
 _ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
           "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "tool": "tool", "observation": "tool",
           "function_call": "assistant", "developer": "system"}
+PROMPT_FIELDS = ("prompt", "question", "instruction", "input")   # a pair's explicit prompt, first found
 OPENAI_PAIR = ("preferred_output", "non_preferred_output")   # OpenAI preference fine-tuning, beside "input"
 _TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
 
@@ -65,8 +66,8 @@ def detect(rec: dict) -> tuple[str, str] | None:
     if "chosen" in keys and "rejected" in keys:
         if "conversations" in keys or "messages" in keys:
             return PAIRS, "fields 'chosen'/'rejected' beside a conversation (LLaMA-Factory preference pairs)"
-        if "prompt" in keys or "question" in keys:
-            p = "prompt" if "prompt" in keys else "question"
+        p = next((k for k in PROMPT_FIELDS if k in keys), None)
+        if p is not None:
             return PAIRS, f"fields '{p}', 'chosen' and 'rejected' (preference pairs, explicit prompt)"
         return PAIRS, "fields 'chosen' and 'rejected' (preference pairs, implicit prompt)"
     tag = next((k for k in KTO_TAGS if k in keys), None)
@@ -214,19 +215,24 @@ def _pairs(rec: dict) -> dict:
         # it in 'prompt' / 'messages'): the shared start is the prompt, as TRL's
         # maybe_extract_prompt does when the prompt column does not match the sides' form
         conv = None
-        rec = {k: v for k, v in rec.items() if k not in ("prompt", "question")}
+        rec = {k: v for k, v in rec.items() if k not in PROMPT_FIELDS}
     if conv is not None:                                     # LLaMA-Factory: history + one answer each
         prompt = _prompt(conv, "conversations" if "conversations" in rec else "messages")
         if isinstance(prompt, str):
             raise _Bad("wrong_type", "'conversations' must be a list of turns")
         chosen, rejected = _as_turns(_answer(chosen, "chosen")), _as_turns(_answer(rejected, "rejected"))
-    elif "prompt" in rec or "question" in rec:
+    elif any(k in rec for k in PROMPT_FIELDS):
         if "prompt" in rec:
             prompt = _prompt(rec.get("prompt"))
-        else:                                                # Axolotl's chatml.intel: a chat question
-            prompt = [{"role": "user", "content": _prompt(rec.get("question"), "question")}]
-            if not isinstance(prompt[0]["content"], str):
-                raise _Bad("wrong_type", "'question' must be a string")
+        else:       # a chat question: Axolotl's chatml.intel (question), Alpaca-style (instruction + input)
+            key = next(k for k in PROMPT_FIELDS if k in rec)
+            text = _prompt(rec.get(key), key)
+            if not isinstance(text, str):
+                raise _Bad("wrong_type", f"'{key}' must be a string")
+            extra = rec.get("input") if key == "instruction" else None
+            if isinstance(extra, str) and extra.strip():
+                text = f"{text}\n\n{extra}"
+            prompt = [{"role": "user", "content": text}]
         chosen, rejected = _answer(chosen, "chosen"), _answer(rejected, "rejected")
         if not (isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str)):
             # one side a conversation: all of it is (a plain prompt is the user's turn, a plain answer

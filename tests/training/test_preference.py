@@ -101,6 +101,12 @@ def test_preference_rows_as_other_tools_write_them(tmp_path):
                                          "tools": [], "parallel_tool_calls": True},
                                "preferred_output": [good], "non_preferred_output": [bad]}, "preference",
                               {"prompt": [sys_, u], "chosen": [good], "rejected": [bad]}),
+        "Alpaca-style pairs": ({"instruction": "Hi?", "input": "Be brief.", "chosen": "Hello.", "rejected": "Go away."},
+                               "preference", {"prompt": [{"role": "user", "content": "Hi?\n\nBe brief."}],
+                                              "chosen": [good], "rejected": [bad]}),
+        "pairs with their question as 'input' (distilabel's orca pairs)": (
+            {"system": "Be kind.", "input": "Hi?", "chosen": "Hello.", "rejected": "Go away.", "generations": ["a", "b"]},
+            "preference", {"prompt": [sys_, u], "chosen": [good], "rejected": [bad]}),
         "KTO label 0": ({"prompt": "The sky is", "completion": " green.", "label": 0}, "kto",
                         {"prompt": "The sky is", "completion": " green.", "label": False}),
         "KTO label text": ({"messages": [u, good], "kto_tag": "true"}, "kto",
