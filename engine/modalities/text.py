@@ -566,6 +566,8 @@ def tool_calls(raw, what: str, line: int, problems: list[DataProblem]) -> list[d
 def tool_definitions(rec: dict, line: int, problems: list[DataProblem]):
     """A row's tool definitions (``tools``; legacy ``functions``) → OpenAI form
     ``[{"type": "function", "function": {...}}]``; None when it has none, ``False`` on a problem."""
+    if "tools" not in rec and "functions" not in rec:      # most rows: nothing to read
+        return None
     key = "tools" if rec.get("tools") not in (None, "", []) else "functions"
     raw = _json_value(rec.get(key), f"'{key}'", line, problems)
     if raw is _BAD:
