@@ -31,7 +31,8 @@ from engine.dataset.token_count import Counter
 
 SCHEMA_VERSION = 1
 BATCH = 2000              # rows tokenised per batch
-PARTIAL_EVERY = 0.3       # seconds between on_partial calls
+PARTIAL_EVERY = 0.3       # seconds between on_partial calls (at least)
+PARTIAL_SHARE_INV = 10    # ... and at least 10x the time the last one took (reports ≤ ~1/10 of the time)
 MAX_LISTED = 1000         # outliers / PII findings listed (counts are always complete)
 MAX_GROUPS = 100_000      # duplicate / near-duplicate groups listed (duplicates_total counts them all)
 MAX_PROBLEMS = 10_000     # problems listed, the first by line (problem_counts counts them all)
@@ -625,6 +626,7 @@ class _Scan:
         self.labels = {"desirable": 0, "undesirable": 0}     # KTO rows
         self.inflight: list = []          # tokenising futures, in row order
         self.last_emit = 0.0
+        self.emit_every = PARTIAL_EVERY
         self.progress = 0.0
         # Tokenising (Rust, GIL released) runs in a worker while this thread reads, normalises
         # and runs the quality checks of the next batch.
@@ -823,16 +825,19 @@ class _Scan:
     # ---- reports
 
     def emit(self, force: bool = False) -> None:
-        """A partial report to ``on_partial``, at most every PARTIAL_EVERY seconds unless forced."""
+        """A partial report to ``on_partial``, at most every PARTIAL_EVERY seconds unless forced,
+        and never more often than keeps the reports under a tenth of the time: a snapshot of a
+        file with full duplicate listings (100,000 groups) costs far more than one of a small file."""
         if self.on_partial is None:
             return
         now = time.monotonic()
-        if not force and now - self.last_emit < PARTIAL_EVERY:
+        if not force and now - self.last_emit < self.emit_every:
             return
-        self.last_emit = now
         part = self.snapshot(partial=True)
         part.progress = self.progress
         self.on_partial(part)
+        self.last_emit = time.monotonic()
+        self.emit_every = max(PARTIAL_EVERY, PARTIAL_SHARE_INV * (self.last_emit - now))
 
     def snapshot(self, *, mixed=(), partial: bool = False, phase: str | None = None) -> Report:
         out = report_snapshot(self.cfg, self.rep, self.counts, self.problems, list(mixed), self.dups, self.pii,

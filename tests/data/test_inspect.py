@@ -334,6 +334,40 @@ def test_outliers():
 
 # ---- streaming, cancel, steps ----------------------------------------------------------------
 
+def test_partial_reports_stay_a_small_share_of_the_time_when_each_is_costly(tmp_path, monkeypatch):
+    """A partial report that takes long to build (a file with full duplicate listings) spaces the
+    next ones out to ten times its cost, so reports never take most of the scan; cheap ones keep
+    their PARTIAL_EVERY pace. A fake clock: each report costs 0.5 s, each call comes 0.1 s later."""
+    path = write_lines(tmp_path / "s.jsonl", [conv("q", "a")] * 3)
+    now = [100.0]
+    monkeypatch.setattr(inspect_mod.time, "monotonic", lambda: now[0])
+    got = []
+    scan = inspect_mod._Scan(cfg_for(), str(path), got.append)
+
+    def costly(**_):
+        now[0] += 0.5
+        return inspect_mod.Report()
+    monkeypatch.setattr(scan, "snapshot", costly)
+    calls = []
+    for _ in range(200):                         # 20 s of calls, one every 0.1 s (plus the reports' cost)
+        t = now[0]
+        scan.emit()
+        if len(got) > len(calls):
+            calls.append(t)
+        now[0] += 0.1
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    assert calls and all(g >= 5.0 for g in gaps)        # 10 x 0.5 s between reports
+    assert 0.5 * len(calls) <= 0.1 * (now[0] - 100.0) + 0.5
+    cheap = inspect_mod._Scan(cfg_for(), str(path), got.append)
+    monkeypatch.setattr(cheap, "snapshot", lambda **_: inspect_mod.Report())
+    n = len(got)
+    for _ in range(30):                          # 3 s of calls: a cheap report every PARTIAL_EVERY
+        cheap.emit()
+        now[0] += 0.1
+    every = inspect_mod.PARTIAL_EVERY                   # calls land 0.1 s apart: every 0.3-0.4 s
+    assert 3 / (every + 0.1) - 1 <= len(got) - n <= 3 / every + 1
+
+
 def test_partial_reports_stream_and_cancel(tmp_path, monkeypatch):
     monkeypatch.setattr(inspect_mod, "BATCH", 200)
     monkeypatch.setattr(inspect_mod, "PARTIAL_EVERY", 0.0)
