@@ -33,6 +33,7 @@ SCHEMA_VERSION = 1
 BATCH = 2000              # rows tokenised per batch
 PARTIAL_EVERY = 0.3       # seconds between on_partial calls (at least)
 PARTIAL_SHARE_INV = 10    # ... and at least 10x the time the last one took (reports ≤ ~1/10 of the time)
+PARTIAL_MAX_GAP = 3.0     # ... but never more than this apart (the Dataset screen's progress)
 MAX_LISTED = 1000         # outliers / PII findings listed (counts are always complete)
 MAX_GROUPS = 100_000      # duplicate / near-duplicate groups listed (duplicates_total counts them all)
 MAX_PROBLEMS = 10_000     # problems listed, the first by line (problem_counts counts them all)
@@ -826,8 +827,8 @@ class _Scan:
 
     def emit(self, force: bool = False) -> None:
         """A partial report to ``on_partial``, at most every PARTIAL_EVERY seconds unless forced,
-        and never more often than keeps the reports under a tenth of the time: a snapshot of a
-        file with full duplicate listings (100,000 groups) costs far more than one of a small file."""
+        and no more often than keeps the reports under a tenth of the time (up to PARTIAL_MAX_GAP
+        apart): a report that regroups the duplicates of a large file costs far more than most."""
         if self.on_partial is None:
             return
         now = time.monotonic()
@@ -837,7 +838,7 @@ class _Scan:
         part.progress = self.progress
         self.on_partial(part)
         self.last_emit = time.monotonic()
-        self.emit_every = max(PARTIAL_EVERY, PARTIAL_SHARE_INV * (self.last_emit - now))
+        self.emit_every = min(PARTIAL_MAX_GAP, max(PARTIAL_EVERY, PARTIAL_SHARE_INV * (self.last_emit - now)))
 
     def snapshot(self, *, mixed=(), partial: bool = False, phase: str | None = None) -> Report:
         out = report_snapshot(self.cfg, self.rep, self.counts, self.problems, list(mixed), self.dups, self.pii,
@@ -1020,7 +1021,7 @@ def _capped_notes(r: Report, q) -> list[str]:
                    "problem_counts counts all)")
     for name, g, shown in (("duplicate", q.exact, r.duplicates), ("near-duplicate", q.near, r.near_duplicates)):
         if g.capped:
-            lines = sum(len(x) for x in shown)
+            lines = g.listed_lines() if len(shown) == len(g.items) else sum(len(x) for x in shown)
             out.append(f"{name} groups: the first {len(shown):,} of {g.total:,} are listed ({lines:,} lines, at most "
                        f"{quality.GROUP_LINES_MAX:,} a group; {g.rows:,} rows repeat an earlier one in all)")
     if r.pii_total > len(r.pii):

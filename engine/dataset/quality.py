@@ -106,12 +106,14 @@ class Groups:
         self.items: list = []            # [(first line, lines array)], sorted by first line
         self.capped = False              # some group or some lines were left unlisted
         self.cutoff = None               # no group whose first line is this or later is listed
+        self._listed: list | None = None  # listed(), made once: a running scan's reports share it
 
     def offer(self, lines, order, starts, ends) -> None:
         """Groups ``lines[order[s:e]]`` for each (s, e); lines within a group ascending."""
         import numpy as np
         if not len(starts):
             return
+        self._listed = None
         sizes = ends - starts
         self.total += len(starts)
         self.rows += int((sizes - 1).sum())
@@ -150,7 +152,17 @@ class Groups:
         self.cutoff = line if self.cutoff is None else min(self.cutoff, line)
 
     def listed(self) -> list[list[int]]:
-        return [g.tolist() for _, g in self.items]
+        """The listed groups as lists of lines (made once per grouping: up to 100,000 groups, which
+        every partial report of a large file would otherwise convert again). Read-only."""
+        if self._listed is None:
+            self._listed = [g.tolist() for _, g in self.items]
+            self._lines = sum(map(len, self._listed))
+        return self._listed
+
+    def listed_lines(self) -> int:
+        """Lines in all listed groups."""
+        self.listed()
+        return self._lines
 
 
 class Quality:

@@ -335,29 +335,34 @@ def test_outliers():
 # ---- streaming, cancel, steps ----------------------------------------------------------------
 
 def test_partial_reports_stay_a_small_share_of_the_time_when_each_is_costly(tmp_path, monkeypatch):
-    """A partial report that takes long to build (a file with full duplicate listings) spaces the
-    next ones out to ten times its cost, so reports never take most of the scan; cheap ones keep
-    their PARTIAL_EVERY pace. A fake clock: each report costs 0.5 s, each call comes 0.1 s later."""
+    """A partial report that takes long to build spaces the next ones out to ten times its cost
+    (up to PARTIAL_MAX_GAP), so reports never take most of the scan; cheap ones keep their
+    PARTIAL_EVERY pace. A fake clock: each call comes 0.1 s after the last one returned."""
     path = write_lines(tmp_path / "s.jsonl", [conv("q", "a")] * 3)
     now = [100.0]
     monkeypatch.setattr(inspect_mod.time, "monotonic", lambda: now[0])
     got = []
     scan = inspect_mod._Scan(cfg_for(), str(path), got.append)
 
-    def costly(**_):
-        now[0] += 0.5
-        return inspect_mod.Report()
-    monkeypatch.setattr(scan, "snapshot", costly)
-    calls = []
-    for _ in range(200):                         # 20 s of calls, one every 0.1 s (plus the reports' cost)
-        t = now[0]
-        scan.emit()
-        if len(got) > len(calls):
-            calls.append(t)
-        now[0] += 0.1
-    gaps = [b - a for a, b in zip(calls, calls[1:])]
-    assert calls and all(g >= 5.0 for g in gaps)        # 10 x 0.5 s between reports
-    assert 0.5 * len(calls) <= 0.1 * (now[0] - 100.0) + 0.5
+    def gaps_at(cost: float) -> list[float]:
+        def costly(**_):
+            now[0] += cost
+            return inspect_mod.Report()
+        monkeypatch.setattr(scan, "snapshot", costly)
+        calls, n = [], len(got)
+        for _ in range(200):                     # 20 s of calls, one every 0.1 s (plus the reports' cost)
+            t = now[0]
+            scan.emit()
+            if len(got) - n > len(calls):
+                calls.append(t)
+            now[0] += 0.1
+        return [b - a for a, b in zip(calls, calls[1:])]
+    # the gap from one report's end to the next one's start (calls come every 0.1 s)
+    idle = [g - 0.2 for g in gaps_at(0.2)]
+    assert idle and all(2.0 - 1e-9 <= g <= 2.1 + 1e-9 for g in idle)      # 10 x 0.2 s
+    idle = [g - 1.0 for g in gaps_at(1.0)][1:]
+    cap = inspect_mod.PARTIAL_MAX_GAP                                     # ... but never over 3 s
+    assert idle and all(cap - 1e-9 <= g <= cap + 0.1 + 1e-9 for g in idle)
     cheap = inspect_mod._Scan(cfg_for(), str(path), got.append)
     monkeypatch.setattr(cheap, "snapshot", lambda **_: inspect_mod.Report())
     n = len(got)

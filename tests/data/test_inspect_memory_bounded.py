@@ -136,3 +136,15 @@ def test_tally_statistics_equal_numpys_on_every_value_including_the_rare_huge_on
     hist = inspect_mod.histogram(t, 2048)
     edges = [lo for lo, _, _ in hist] + [hist[-1][1]]
     assert [c for _, _, c in hist] == np.histogram(values, bins=edges)[0].tolist() and 2048 in edges
+
+
+def test_listed_groups_are_made_once_per_grouping():
+    """A running scan's partial reports share one listing (up to 100,000 groups) until the groups
+    change, instead of converting it again for every report."""
+    g = quality.Groups(10)
+    lines = np.array([3, 5, 7, 9])
+    g.offer(lines, np.array([0, 1, 2, 3]), np.array([0, 2]), np.array([2, 4]))
+    first = g.listed()
+    assert first == [[3, 5], [7, 9]] and g.listed() is first and g.listed_lines() == 4
+    g.offer(np.array([11, 12]), np.array([0, 1]), np.array([0]), np.array([2]))
+    assert g.listed() == [[3, 5], [7, 9], [11, 12]] and g.listed_lines() == 6
