@@ -178,88 +178,104 @@ def _open_data(p: Path, codec: str | None):
 
 
 def _iter_raw(p: Path, on_bytes) -> Iterator[tuple[int, object, str | None]]:
+    """The records of one file or datasets directory, read by its type's reader (``_READERS``)."""
     if p.is_dir():
         yield from _iter_datasets_dir(p)
         return
     suffix, codec = suffix_of(p)
-    if codec and suffix not in (".jsonl", ".json", ".csv", ".tsv"):
+    if codec and suffix not in TEXT_SUFFIXES:
         raise DataError(f"{p}: a compressed {suffix or 'file'} is not read here; compressed .jsonl, .json, "
                         ".csv or .tsv are (.gz, .bz2, .xz), or decompress it first")
     if p.suffix.lower() in (".zst", ".zstd", ".zip", ".7z", ".tar", ".tgz"):
         raise DataError(f"{p}: {p.suffix} archives are not read here; extract or decompress it first "
                         "(e.g. zstd -d, unzip), or recompress it as .gz")
-    if suffix == ".jsonl":
-        done = 0
-        with _open_data(p, codec) as (fh, raw_fh):
-            total = os.fstat(raw_fh.fileno()).st_size
-            for i, (raw, size) in enumerate(_capped_lines(fh, MAX_ROW_BYTES), 1):
-                done += size
-                if on_bytes is not None and i % 2000 == 0:
-                    on_bytes(raw_fh.tell() if codec else done, total)
-                if raw is None:
-                    yield i, None, (f"{TOO_LARGE}: {size / 2**20:.0f} MiB on one line (the limit is "
-                                    f"{MAX_ROW_BYTES // 2**20} MiB per row); split or shorten it")
-                    continue
-                if not raw.strip():
-                    continue
-                if i == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]                    # a BOM
-                rec, err = parse_row(raw)
-                yield i, rec, err
-        if on_bytes is not None:
-            on_bytes(total, total)
-    elif suffix == ".json":
-        text = _read_text(p, codec)
-        try:
-            data = json.loads(text)
-        except RecursionError:
-            yield 1, None, DEEP
-            return
-        except json.JSONDecodeError as e:
-            line = getattr(e, "lineno", 1)
-            if text.lstrip().startswith("{") and "\n{" in text:   # JSONL saved as .json
-                yield from iter_raw_lines_as_jsonl(text)
-                return
-            yield line, None, json_problem(e)
-            return
-        if isinstance(data, dict):
-            for key in ("data", "train", "rows", "examples"):
-                if isinstance(data.get(key), list):
-                    data = data[key]
-                    break
-            else:
-                data = [data]
-        if not isinstance(data, list):
-            yield 1, None, "top-level JSON must be a list of rows"
-            return
-        lines = _json_array_item_lines(text, len(data))
-        for i, rec in enumerate(data):
-            yield lines[i], rec, None
-    elif suffix in (".csv", ".tsv"):
-        import io
-        with io.StringIO(_read_text(p, codec), newline="") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
-            reader.fieldnames   # reads the header row
-            prev = reader.line_num
-            for rec in reader:
-                yield prev + 1, _json_cells(rec), None
-                prev = reader.line_num
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-        from engine.core import files
-        files.check_regular(p)
-        pf = pq.ParquetFile(p)          # read a batch at a time: memory bounded by the batch, not the file
-        total, n = pf.metadata.num_rows or 1, 0
-        size = p.stat().st_size
-        for batch in pf.iter_batches(batch_size=PARQUET_BATCH):
-            for rec in batch.to_pylist():
-                n += 1
-                yield n, rec, None
-            if on_bytes is not None:
-                on_bytes(size * n // total, size)
-    else:
+    reader = _READERS.get(suffix)
+    if reader is None:
         raise DataError(f"{p}: unsupported file type {suffix or '(none)'!r}; use one of "
                         + ", ".join(SUFFIXES) + " or a datasets directory")
+    yield from reader(p, codec, on_bytes, suffix)
+
+
+def _read_jsonl(p: Path, codec, on_bytes, suffix):
+    """Row by row, each line capped at MAX_ROW_BYTES (never read whole); progress in raw bytes."""
+    done = 0
+    with _open_data(p, codec) as (fh, raw_fh):
+        total = os.fstat(raw_fh.fileno()).st_size
+        for i, (raw, size) in enumerate(_capped_lines(fh, MAX_ROW_BYTES), 1):
+            done += size
+            if on_bytes is not None and i % 2000 == 0:
+                on_bytes(raw_fh.tell() if codec else done, total)
+            if raw is None:
+                yield i, None, (f"{TOO_LARGE}: {size / 2**20:.0f} MiB on one line (the limit is "
+                                f"{MAX_ROW_BYTES // 2**20} MiB per row); split or shorten it")
+                continue
+            if not raw.strip():
+                continue
+            if i == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]                    # a BOM
+            rec, err = parse_row(raw)
+            yield i, rec, err
+    if on_bytes is not None:
+        on_bytes(total, total)
+
+
+def _read_json(p: Path, codec, on_bytes, suffix):
+    """One document: a list of rows, or an object holding one (data/train/rows/examples); JSONL
+    saved as .json is read as JSONL. Items carry the physical line they start on."""
+    text = _read_text(p, codec)
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        yield 1, None, DEEP
+        return
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("{") and "\n{" in text:   # JSONL saved as .json
+            yield from iter_raw_lines_as_jsonl(text)
+        else:
+            yield getattr(e, "lineno", 1), None, json_problem(e)
+        return
+    if isinstance(data, dict):
+        data = next((data[k] for k in ("data", "train", "rows", "examples") if isinstance(data.get(k), list)),
+                    [data])
+    if not isinstance(data, list):
+        yield 1, None, "top-level JSON must be a list of rows"
+        return
+    lines = _json_array_item_lines(text, len(data))
+    for i, rec in enumerate(data):
+        yield lines[i], rec, None
+
+
+def _read_csv(p: Path, codec, on_bytes, suffix):
+    """A header row, then one record a row (tab-separated for .tsv); JSON cells parsed."""
+    import io
+    with io.StringIO(_read_text(p, codec), newline="") as fh:
+        reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+        reader.fieldnames   # reads the header row
+        prev = reader.line_num
+        for rec in reader:
+            yield prev + 1, _json_cells(rec), None
+            prev = reader.line_num
+
+
+def _read_parquet(p: Path, codec, on_bytes, suffix):
+    """A batch at a time: memory bounded by the batch, not the file."""
+    import pyarrow.parquet as pq
+    from engine.core import files
+    files.check_regular(p)
+    pf = pq.ParquetFile(p)
+    total, n = pf.metadata.num_rows or 1, 0
+    size = p.stat().st_size
+    for batch in pf.iter_batches(batch_size=PARQUET_BATCH):
+        for rec in batch.to_pylist():
+            n += 1
+            yield n, rec, None
+        if on_bytes is not None:
+            on_bytes(size * n // total, size)
+
+
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv,
+            ".parquet": _read_parquet}
+TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")     # the ones read through a compression codec too
 
 
 def iter_raw_lines_as_jsonl(text: str):
@@ -270,6 +286,7 @@ def iter_raw_lines_as_jsonl(text: str):
 
 
 PARQUET_BATCH = 1024
+FIELDS_MAX = 1000         # distinct top-level field names counted (a file of ever new names stays bounded)
 # CSV cells holding JSON (a conversation, pairs, tool definitions written as text): parsed when
 # the cell is a JSON list or object. Text fields (prompt, chosen, ...) only when that JSON is a
 # list of turns, so a prompt that merely starts with "[" stays text.
@@ -529,7 +546,7 @@ def build(path: str, raw: list, fmt: str = "auto") -> Dataset:
         if err is None:
             count_format(rec, line, seen, first_line)
             for k in rec if isinstance(rec, dict) else ():
-                if k in fields or len(fields) < 1000:
+                if k in fields or len(fields) < FIELDS_MAX:
                     fields[k] = fields.get(k, 0) + 1
     fmt, reason, problems = choose_format(path, fmt, seen, first_line, len(raw))
     ds = Dataset(path=str(path), format=fmt, reason=reason, raw_count=len(raw), formats_seen=seen,

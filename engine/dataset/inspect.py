@@ -37,7 +37,7 @@ PARTIAL_MAX_GAP = 3.0     # ... but never more than this apart (the Dataset scre
 MAX_LISTED = 1000         # outliers / PII findings listed (counts are always complete)
 MAX_GROUPS = 100_000      # duplicate / near-duplicate groups listed (duplicates_total counts them all)
 MAX_PROBLEMS = 10_000     # problems listed, the first by line (problem_counts counts them all)
-MAX_FIELDS = 1000         # distinct top-level field names counted (fields_seen shows the 30 most common)
+MAX_FIELDS = data_mod.FIELDS_MAX   # distinct top-level field names counted (fields_seen shows the 30 most common)
 SPLIT_EXACT_MAX = 1_000_000   # rows up to which the eval hold-out is drawn as the trainer draws it
 
 

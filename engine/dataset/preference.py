@@ -25,14 +25,13 @@ from __future__ import annotations
 
 from engine import methods
 from engine.methods.base import PAIRS, PREFERENCE, UNPAIRED   # data.format of pairs / of labelled rows
+from engine.modalities.text import ROLE_ALIASES, SHAREGPT_ROLES
 
 FORMATS = (PAIRS, UNPAIRED)
 REFUSAL = "this is preference data (chosen/rejected): set train.method = dpo, orpo or kto"
 KTO_TAGS = ("label", "kto_tag")
 V1_PAIR = ("chosen_messages", "rejected_messages")   # LLaMA-Factory v1: two whole conversations
-_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-          "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "tool": "tool", "observation": "tool",
-          "function_call": "assistant", "developer": "system"}
+_ROLES = {**SHAREGPT_ROLES, **ROLE_ALIASES}        # from/role names → roles
 PROMPT_FIELDS = ("prompt", "question", "instruction", "input")   # a pair's explicit prompt, first found
 OPENAI_PAIR = ("preferred_output", "non_preferred_output")   # OpenAI preference fine-tuning, beside "input"
 _TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
@@ -111,7 +110,7 @@ def _turns(value, what: str, sharegpt_ok: bool = True) -> list[dict]:
             raise _Bad("wrong_type", f"'{what}' turn {j + 1} is not an object")
         if "role" in t:
             role, content = t.get("role"), t.get("content")
-            role = "system" if role == "developer" else role          # OpenAI's newer name for it
+            role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
         elif "from" in t and sharegpt_ok:
             role, content = _ROLES.get(str(t.get("from")).lower(), t.get("from")), t.get("value")
         else:

@@ -292,6 +292,8 @@ _BAD = object()
 
 
 ROLES = ("system", "user", "assistant", "tool")
+ROLE_ALIASES = {"function": "tool",          # OpenAI legacy: a function's result
+                "developer": "system"}       # OpenAI's newer name for the system turn
 
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -372,10 +374,7 @@ def _turn_role(t: dict, j: int, line: int, problems: list[DataProblem]) -> str |
     if role is None:
         problems.append(DataProblem(line, "missing_field", f"turn {j + 1} has no 'role'"))
         return None
-    if role == "function":                 # OpenAI legacy: a function's result
-        role = "tool"
-    elif role == "developer":              # OpenAI's newer name for the system turn
-        role = "system"
+    role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
     if role not in ROLES:
         problems.append(DataProblem(line, "unknown_role", f"turn {j + 1} has unknown role {str(role)!r}; "
                                     "allowed: " + ", ".join(ROLES)))

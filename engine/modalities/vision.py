@@ -110,7 +110,7 @@ def _split_placeholders(text: str) -> list[dict]:
 
 def normalise(rec, line: int, problems) -> dict | None:
     """One raw record → ``{"messages": [...parts...], "images": [paths as written]}`` or None."""
-    from engine.modalities.text import SHAREGPT_ROLES, check_turns
+    from engine.modalities.text import ROLE_ALIASES, SHAREGPT_ROLES, check_turns
     if not isinstance(rec, dict):
         _problem(problems, line, "not_object", "row is not a JSON object")
         return None
@@ -130,7 +130,7 @@ def normalise(rec, line: int, problems) -> dict | None:
             _problem(problems, line, "wrong_type", f"turn {j + 1} is not an object")
             return None
         content, role = t.get("content"), t.get("role")
-        role = "system" if role == "developer" else role           # OpenAI's newer name for it
+        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
         if listed is not None and isinstance(content, str):
             parts, found = _split_placeholders(content), []
         else:
@@ -212,17 +212,17 @@ def _local(raw: str, base: Path) -> Path:
     return base / p
 
 
-def _check_source(raw: str, base: Path) -> tuple[dict | None, str | None]:
-    """An image as a row names it: a path (relative to the data file), a base64 ``data:`` URI
+def _check_source(src: str | Path) -> tuple[dict | None, str | None]:
+    """An image as a row names it: a path (resolved by ``_local``), a base64 ``data:`` URI
     (OpenAI's inline images: decoded once into the cache, named by its hash) or a URL (refused:
     nothing is downloaded at run time)."""
-    if raw.startswith(_REMOTE):
-        return None, (f"image {raw[:80]!r} is a URL: nothing is downloaded at run time; download the "
+    if isinstance(src, Path):
+        return check_image(src)
+    if src.startswith(_REMOTE):
+        return None, (f"image {src[:80]!r} is a URL: nothing is downloaded at run time; download the "
                       "images and give their local paths (relative to the data file)")
-    if raw.startswith("data:"):
-        path, err = _inline_image(raw)
-        return (None, err) if err else check_image(path)
-    return check_image(_local(raw, base))
+    path, err = _inline_image(src)
+    return (None, err) if err else check_image(path)
 
 
 def _inline_image(uri: str) -> tuple[Path | None, str | None]:
@@ -259,9 +259,10 @@ def attach_images(ds, base: Path) -> None:
     for row in ds.rows:
         infos, bad = [], None
         for raw in row.data.get("images", []):
-            key = raw if raw.startswith(_REMOTE + ("data:",)) else str(_local(raw, base))
+            src = raw if raw.startswith(_REMOTE + ("data:",)) else _local(raw, base)
+            key = str(src)
             if key not in cache:
-                cache[key] = _check_source(raw, base)
+                cache[key] = _check_source(src)
             info, err = cache[key]
             if err:
                 bad = err
