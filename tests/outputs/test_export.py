@@ -208,8 +208,6 @@ def test_gguf_f16_loads_back_and_matches(tb_run, f16):
 
 
 def test_gguf_q8_0_within_stated_bound(tb_run, f16):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     q8 = export.export_model(tb_run, "q8_0")
     assert q8.merged_dir == f16.merged_dir             # the merge is reused
     path = Path(q8.path)
@@ -217,12 +215,7 @@ def test_gguf_q8_0_within_stated_bound(tb_run, f16):
     types = {t.name: t.tensor_type.name for t in _reader(path).tensors}
     assert types["blk.1.ffn_down.weight"] == "Q8_0" and types["token_embd.weight"] == "Q8_0"
     # our own comparison, made here again: transformers dequantizes q8_0 on load
-    tok = AutoTokenizer.from_pretrained(q8.merged_dir)
-    ids = torch.tensor([tok("The capital of Canada is Ottawa.").input_ids])
-    with torch.no_grad():
-        ref = AutoModelForCausalLM.from_pretrained(q8.merged_dir, dtype=torch.float32)(ids).logits
-        got = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                   dtype=torch.float32)(ids).logits
+    ref, got = _merged_and_gguf_logits(q8.merged_dir, path)
     atol, rtol = gguf_write.TYPES["q8_0"].tolerance
     diff = float((ref - got).abs().max())
     assert 0 < diff <= atol + rtol * float(ref.abs().max())
@@ -234,8 +227,6 @@ def test_gguf_k_quants_of_builtin_tiny(tb_run, f16, kind):
     """k-quants written by us, read back by transformers (the gguf package dequantises them): the
     logits within the type's stated bound; each tensor in the type llama.cpp's rules give it
     (builtin:tiny's 128-wide rows fall back: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     rep = export.export_model(tb_run, kind)
     assert rep.merged_dir == f16.merged_dir and rep.max_abs_diff <= rep.tolerance
     path = Path(rep.path)
@@ -250,12 +241,7 @@ def test_gguf_k_quants_of_builtin_tiny(tb_run, f16, kind):
     assert types["blk.1.attn_v.weight"] == "Q8_0"            # Q6_K by the _m rule, 128 wide -> Q8_0
     assert types["output.weight"] == "Q8_0"                  # llama.cpp: output rows not k-sized
     assert types["output_norm.weight"] == "F32"
-    tok = AutoTokenizer.from_pretrained(rep.merged_dir)
-    ids = torch.tensor([tok("The capital of Canada is Ottawa.").input_ids])
-    with torch.no_grad():
-        ref = AutoModelForCausalLM.from_pretrained(rep.merged_dir, dtype=torch.float32)(ids).logits
-        got = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                   dtype=torch.float32)(ids).logits
+    ref, got = _merged_and_gguf_logits(rep.merged_dir, path)
     atol, rtol = gguf_write.TYPES[kind].tolerance
     assert 0 < float((ref - got).abs().max()) <= atol + rtol * float(ref.abs().max())
 
@@ -637,3 +623,16 @@ def test_eval_base_vs_tuned_on_the_cpu_run(tb_run, tmp_path, capsys):
         __import__("importlib").util.find_spec("lm_eval") is not None
     assert "need the network" in capsys.readouterr().err or __import__("importlib").util.find_spec("lm_eval")
 
+
+def _merged_and_gguf_logits(merged_dir, path):
+    """Logits of one sentence from the merged checkpoint and from the GGUF read back by
+    transformers (it dequantizes on load), both in fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    ids = torch.tensor([tok("The capital of Canada is Ottawa.").input_ids])
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                   dtype=torch.float32)(ids).logits
+    return ref, got

@@ -63,9 +63,7 @@ def test_config_screen(snap_compare):
     app = make_app()
 
     async def wait(pilot):
-        await pilot.press("f3")
-        await until(pilot, lambda: getattr(app.screen, "form_ready", False))
-        await until(pilot, lambda: re.search(r"trainable params [0-9]", str(app.screen.query_one("#derived").render())))
+        await _open_config(pilot, app)
     assert snap_compare(app, terminal_size=(80, 24), run_before=wait)
 
 
@@ -73,9 +71,7 @@ def test_config_screen_invalid(snap_compare):
     app = make_app()
 
     async def wait(pilot):
-        await pilot.press("f3")
-        await until(pilot, lambda: getattr(app.screen, "form_ready", False))
-        await until(pilot, lambda: re.search(r"trainable params [0-9]", str(app.screen.query_one("#derived").render())))
+        await _open_config(pilot, app)
         field = app.screen.query_one("#in-model-name")
         field.cursor_blink = False     # a blinking cursor made the picture depend on the moment
         field.focus()
@@ -134,3 +130,10 @@ def test_dataset_screen_preference_pair(snap_compare, tmp_path):
         await pilot.press("n")
         await until(pilot, lambda: "chosen" in str(app.screen.query_one("#side-chosen").content), timeout=60)
     assert snap_compare(app, terminal_size=(80, 24), run_before=wait)
+
+
+async def _open_config(pilot, app):
+    """F3, then wait until the form and its derived line (trainable params) are drawn."""
+    await pilot.press("f3")
+    await until(pilot, lambda: getattr(app.screen, "form_ready", False))
+    await until(pilot, lambda: re.search(r"trainable params [0-9]", str(app.screen.query_one("#derived").render())))
