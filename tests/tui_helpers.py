@@ -20,14 +20,15 @@ def make_app(cfg, **kw) -> QloraApp:
     return QloraApp(cfg, None, samplers=fixed_samplers(), readings_interval=0, **kw)
 
 
-async def until(pilot, cond, timeout: float = 60.0, what: str = "condition") -> None:
+async def until(pilot, cond, timeout: float = 60.0, what: str = "condition", detail=None) -> None:
+    """Wait until ``cond()``; on a timeout fail, with ``detail()`` (the state worth seeing) said."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
             await pilot.pause()
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f": {detail()}" if detail else ""))
 
 
 @pytest.fixture

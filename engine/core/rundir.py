@@ -119,7 +119,8 @@ def writer_since_ns() -> int:
 
 
 def _create_time(pid: int) -> float | None:
-    """When process ``pid`` started (psutil: seconds since the epoch), None when it does not exist."""
+    """When process ``pid`` started (psutil: seconds since the epoch), None when it does not exist.
+    On the wall clock: setting the clock (NTP, a VM resumed from a pause) moves it."""
     import psutil
     try:
         return psutil.Process(pid).create_time()
@@ -127,10 +128,25 @@ def _create_time(pid: int) -> float | None:
         return None
 
 
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started as the kernel counts it: clock ticks since boot (Linux's
+    /proc/PID/stat, field 22), which no setting of the wall clock moves. None where there is no
+    /proc or no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read()
+        return int(raw[raw.rindex(b")") + 2:].split()[19])    # the fields after "(comm) "
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def write_pid(run_dir: str | Path, pid: int | None = None) -> None:
     pid = pid or os.getpid()
     info = {"pid": pid, "create_time": _create_time(pid), "host": socket.gethostname(),
             "started": time.time()}
+    ticks = _start_ticks(pid)
+    if ticks is not None:
+        info["start_ticks"] = ticks
     tmp = Path(run_dir) / (RUN_JSON + ".tmp")
     with private_files():
         tmp.write_text(json.dumps(info))
@@ -168,14 +184,17 @@ def process_alive(run_dir: str | Path) -> bool:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:          # it has exited
             return False
-        started = proc.create_time()
     except (psutil.Error, ValueError, OSError):
         return False
+    # the same process, not a reused pid: by its start in clock ticks since boot where run.json
+    # has them (immune to the wall clock being set while the run trains), else by create_time
+    if isinstance(info.get("start_ticks"), int) and not isinstance(info["start_ticks"], bool):
+        ticks = _start_ticks(pid)
+        if ticks is not None:
+            return abs(ticks - info["start_ticks"]) <= 1     # (older run.json: rounded)
     if isinstance(info.get("create_time"), (int, float)):
-        return abs(started - info["create_time"]) < 0.05     # the same process, not a reused pid
-    if isinstance(info.get("start_ticks"), int):               # run.json of an older version: clock ticks
-        ticks = round((started - psutil.boot_time()) * os.sysconf("SC_CLK_TCK"))
-        return abs(ticks - info["start_ticks"]) <= 1
+        started = _create_time(pid)
+        return started is not None and abs(started - info["create_time"]) < 0.05
     return True
 
 
@@ -262,8 +281,9 @@ def wait_writer_exit(run_dir: str | Path, timeout: float = 60.0) -> None:
     the run's lock: a resume waits for it (at most ``timeout`` s) instead of refusing a run that
     ``runs`` already lists as stopped (a multi-process job: its launcher too). A live run is not
     waited for."""
-    if owner_pid(run_dir) == os.getpid() or is_live(run_dir):
-        return                # (a run of this very process, the TUI's or a test's, has ended: no wait)
+    if owner_pid(run_dir) == os.getpid() or os.environ.get(LOCK_FD_ENV) or is_live(run_dir):
+        return                # (a run of this very process, the TUI's or a test's, has ended; or a
+        #                        detached child handed the lock by a parent that waited already)
     deadline = time.monotonic() + timeout
     # a multi-process job's launcher holds the lock a moment longer than rank 0 lives
     while (process_alive(run_dir) or lock_held(run_dir)) and time.monotonic() < deadline:

@@ -37,6 +37,14 @@ def _isolated(tmp_path, monkeypatch):
 
 
 
+def _where(app, run_dir) -> str:
+    """The followed run's phase and message, and the tails of its log and output."""
+    st = app.run_state
+    log = (run_dir / rundir.EVENTS).read_text(errors="replace").splitlines()[-4:]
+    out = (run_dir / rundir.STDOUT).read_text(errors="replace").splitlines()[-6:]
+    return f"phase {st.phase!r}, {st.message!r}; log ends {log}; output ends {out}"
+
+
 def dialog_text(screen) -> str:
     return "\n".join(plain(w) for w in screen.query(Static))
 
@@ -65,7 +73,8 @@ async def test_oom_offers_resume_with_fix_and_the_resumed_run_finishes(tmp_path,
         await pilot.press("r")
         await until(pilot, lambda: not isinstance(app.screen, ResumeFixDialog), what="dialog gone")
         await until(pilot, lambda: app.run_state.state == State.FINISHED or
-                    app.run_state.phase == "failed", timeout=120, what="the resumed run to end")
+                    app.run_state.phase in ("failed", "crashed"), timeout=240,
+                    what="the resumed run to end", detail=lambda: _where(app, run_dir))
         st = app.run_state
         assert st.state == State.FINISHED, st.message
         assert st.run_dir == run_dir and not st.stopped

@@ -138,7 +138,7 @@ def test_gpu_watcher_of_a_run_samples_the_gpu_cuda_visible_devices_names(monkeyp
 
 # --------------------------------------------------------------------------- run liveness (psutil)
 
-def test_process_alive_is_pid_and_start_time(tmp_path):
+def test_process_alive_is_pid_and_start_time(tmp_path, monkeypatch):
     import json
     import subprocess
     import sys
@@ -147,19 +147,56 @@ def test_process_alive_is_pid_and_start_time(tmp_path):
     rundir.write_pid(tmp_path)                                   # this process
     info = json.loads((tmp_path / rundir.RUN_JSON).read_text())
     assert info["create_time"] == psutil.Process().create_time()
-    assert rundir.process_alive(tmp_path)
-    # the same pid with another start time: a reused pid, not our run
-    (tmp_path / rundir.RUN_JSON).write_text(json.dumps({**info, "create_time": info["create_time"] - 5}))
-    assert not rundir.process_alive(tmp_path)
-    # run.json of an older version (clock ticks since boot) still reads
     ticks = round((psutil.Process().create_time() - psutil.boot_time()) * os.sysconf("SC_CLK_TCK"))
-    legacy = {k: v for k, v in info.items() if k != "create_time"}
-    (tmp_path / rundir.RUN_JSON).write_text(json.dumps({**legacy, "start_ticks": ticks}))
+    assert abs(info["start_ticks"] - ticks) <= 1                 # the kernel's count, since boot
     assert rundir.process_alive(tmp_path)
-    (tmp_path / rundir.RUN_JSON).write_text(json.dumps({**legacy, "start_ticks": ticks + 1000}))
+    # the same pid with another start: a reused pid, not our run
+    (tmp_path / rundir.RUN_JSON).write_text(json.dumps({**info, "start_ticks": info["start_ticks"] - 500}))
+    assert not rundir.process_alive(tmp_path)
+    # the wall clock set while the run trains (NTP, a VM resumed): psutil's create_time moves with
+    # it, the start in ticks does not, and the live run stays live
+    real_boot = psutil.boot_time()
+    monkeypatch.setattr(psutil._psplatform, "boot_time", lambda: real_boot + 7.0)
+    (tmp_path / rundir.RUN_JSON).write_text(json.dumps(info))
+    assert abs(psutil.Process().create_time() - info["create_time"]) > 1
+    assert rundir.process_alive(tmp_path)
+    monkeypatch.undo()
+    # run.json without ticks (another OS, an older version): create_time
+    by_time = {k: v for k, v in info.items() if k != "start_ticks"}
+    (tmp_path / rundir.RUN_JSON).write_text(json.dumps(by_time))
+    assert rundir.process_alive(tmp_path)
+    (tmp_path / rundir.RUN_JSON).write_text(json.dumps({**by_time, "create_time": info["create_time"] - 5}))
     assert not rundir.process_alive(tmp_path)
     # a process that has exited
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     rundir.write_pid(tmp_path, child.pid)
     assert not rundir.process_alive(tmp_path)
+
+
+def test_a_detached_child_handed_the_lock_does_not_wait_for_itself(tmp_path, monkeypatch):
+    """The child of a detached resume holds the lock its parent took (and waited for): its own
+    check for a writer still exiting must not find that lock and wait a minute on itself."""
+    from engine.core import events, rundir
+    w = events.JsonlWriter(tmp_path / rundir.EVENTS)     # a run that has ended (out of memory)
+    w(events.RunStarted(model="builtin:tiny", total_steps=6))
+    w(events.RunFailed(reason="out of memory", kind="oom", step=4))
+    w.close()
+    fd = rundir.acquire_lock(tmp_path)           # as start_detached does, before the child starts
+    try:
+        rundir.write_pid(tmp_path, os.getppid())     # run.json: a process other than this one
+        class Waited(Exception):
+            pass
+
+        def sleep(s):
+            slept.append(s)
+            raise Waited
+        slept = []
+        monkeypatch.setattr(rundir.time, "sleep", sleep)
+        with pytest.raises(Waited):              # not handed the lock: the held lock is waited for
+            rundir.wait_writer_exit(tmp_path, timeout=5)
+        monkeypatch.setenv(rundir.LOCK_FD_ENV, str(fd))
+        rundir.wait_writer_exit(tmp_path, timeout=5)
+        assert len(slept) == 1
+    finally:
+        os.close(fd)
