@@ -51,6 +51,13 @@ def _busy_s() -> float | None:
     return (sum(f[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def _cpu_s() -> float:
+    """CPU-seconds (user+sys) of this process and its children that have ended (the inspector's
+    counting process, once the scan is over)."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def main() -> int:
     args, path = data_file.start(__doc__, 100_000, "chatml")
     from engine.core import config
@@ -62,7 +69,7 @@ def main() -> int:
     cfg = config.load(None, ["model.name=\"builtin:tiny\""])
     inspect_mod.tokenizer_for(cfg)              # load the tokenizer outside the timing (cached by the TUI too)
     first = []
-    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    ru0 = _cpu_s()
     load0 = os.getloadavg()[0]
     busy0 = _busy_s()
     t0 = time.perf_counter()
@@ -73,9 +80,9 @@ def main() -> int:
 
     rep = inspect_mod.inspect(cfg, path=str(path), on_partial=on_partial)
     total = time.perf_counter() - t0
-    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    ru1 = _cpu_s()
     busy1 = _busy_s()
-    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    cpu = ru1 - ru0
     tokens = int(rep.stats["mean"] * rep.rows_tokenized)
     print(f"rows: {rep.rows} usable / {rep.raw_count}; tokens: {tokens} "
           f"(mean {rep.stats['mean']:.0f}, median {rep.stats['median']:g}, p95 {rep.stats['p95']:g})")
@@ -85,7 +92,7 @@ def main() -> int:
               f"({first[0][1]} rows read, {first[0][2]} tokenised)")
     print(f"full report: {total:.1f} s on {os.cpu_count()} CPU(s) "
           f"({rep.rows / total:,.0f} rows/s, {tokens / total / 1e6:.2f} M tokens/s)")
-    print(f"CPU time: {cpu:.1f} s (user+sys, all threads); load average before: {load0:.2f}, "
+    print(f"CPU time: {cpu:.1f} s (user+sys, all threads, the counting process included); load average before: {load0:.2f}, "
           f"after: {os.getloadavg()[0]:.2f}")
     if busy0 is not None and busy1 is not None:
         # the 1-minute load average lags by a minute; this says whether anything else ran *during* the run

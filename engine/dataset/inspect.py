@@ -14,11 +14,10 @@ docs/INSPECT.md.
 from __future__ import annotations
 
 import gc
-import json
 import math
+import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from engine.dataset import data as data_mod
 from engine.dataset import preference
 from engine.dataset import quality
 from engine.core.safe_text import describe_controls, has_controls, visible
+from engine.dataset.counting import Counting
 from engine.dataset.token_count import Counter
 
 SCHEMA_VERSION = 1
@@ -564,8 +564,8 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
         fmt, reason, mixed = scan.settle_format()
         rep = scan.rep
         rep.format, rep.format_reason, rep.raw_count = fmt, reason, scan.n_raw
-        if scan.counter.mismatch:
-            rep.warnings.append(scan.counter.mismatch)
+        if scan.counting.mismatch:
+            rep.warnings.append(scan.counting.mismatch)
         out = scan.snapshot(mixed=mixed)
         if shares is not None:                  # each source's eval rows were held out by itself
             out.splits = {"train": out.splits.get("train", 0), "eval": sum(s.eval for s in shares)}
@@ -574,7 +574,14 @@ def _inspect(cfg, *, path=None, on_partial=None, cancel=None) -> Report:
             on_partial(out)
         return out
     finally:
-        scan.pool.shutdown(wait=True, cancel_futures=True)
+        scan.counting.shutdown()
+
+
+def _file_bytes(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 def _with_origins(path: str, problems: list) -> list:
@@ -625,13 +632,13 @@ class _Scan:
         self.over: list = []              # preference data: (line, tokens) over max_length (first MAX_LISTED)
         self.over_total = 0
         self.labels = {"desirable": 0, "undesirable": 0}     # KTO rows
-        self.inflight: list = []          # tokenising futures, in row order
+        self.inflight: list = []          # counting jobs, in row order
         self.last_emit = 0.0
         self.emit_every = PARTIAL_EVERY
         self.progress = 0.0
-        # Tokenising (Rust, GIL released) runs in a worker while this thread reads, normalises
-        # and runs the quality checks of the next batch.
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="inspect-tokenize")
+        # Counting runs in a worker thread (and for a large file a worker process) while this
+        # thread reads, normalises, renders and runs the quality checks of the next batch.
+        self.counting = Counting(self.counter, _file_bytes(path))
 
     # ---- reading
 
@@ -749,11 +756,11 @@ class _Scan:
                     self.labels["desirable" if d["label"] else "undesirable"] += 1
             datas = [preference.side_view(d) for d in datas]
             texts = [quality.row_text(d) for d in datas]
-            self.inflight.append(self.pool.submit(_side_counts, counter, sides))
+            self.inflight.append(self.counting.submit("sides", sides))
         else:
             texts = [quality.row_text(d) for d in datas]
             shown, scale = _measurable(datas, texts, max_len)
-            self.inflight.append(self.pool.submit(_scaled_counts, counter, shown, counter.render(shown), scale))
+            self.inflight.append(self.counting.submit("rows", shown, counter.render(shown), scale))
         lines = [r.line for r in new_rows]
         self.usable += len(lines)
         self.batch_meta.append((lines, *quality.row_hashes(datas, texts)))
@@ -762,14 +769,14 @@ class _Scan:
             for ln in lines:
                 self.bad_keys.pop(ln, None)
         self.pii.extend(quality.scan_pii(lines, texts))
-        self.drain(keep=1)
+        self.drain(keep=self.counting.depth)
 
     def drain(self, keep: int = 0) -> None:
         """Collect tokenising results (oldest first) until at most ``keep`` are in flight."""
         import numpy as np
         max_len = self.rep.max_length
         while len(self.inflight) > keep:
-            got = self.inflight.pop(0).result()
+            got = self.counting.result(self.inflight.pop(0))
             lines, exact, near = self.batch_meta.pop(0)
             if isinstance(got, tuple):            # preference data: also the tokens of each side
                 got, per_side = got
@@ -886,24 +893,6 @@ def _cut_row(d: dict, limit: int) -> dict:
     if "messages" in d:
         return dict(d, messages=[dict(m, content=m["content"][:limit]) for m in d["messages"]])
     return {k: (v[:limit] if isinstance(v, str) else v) for k, v in d.items()}
-
-
-def _scaled_counts(counter, rows, rendered, scale) -> list:
-    out = counter.counts(rows, rendered)
-    if all(f == 1.0 for f in scale):
-        return out
-    return [(int(round(n * f)), int(round(tr * f)), kept) if f != 1.0 else (n, tr, kept)
-            for (n, tr, kept), f in zip(out, scale)]
-
-
-def _side_counts(counter, sides) -> tuple[list, list]:
-    """Preference rows, one side at a time (each ``(rows, rendered, scale)``): the counts of each
-    row's longer side (what max_length must hold), and per row the tokens of its prompt (the
-    untrained tokens of its first side: the prompt with its chat template) and of each answer
-    (its trained tokens)."""
-    per = [_scaled_counts(counter, *s) for s in sides]
-    longer = [max(cs, key=lambda c: c[0]) for cs in zip(*per)]
-    return longer, [(cs[0][0] - cs[0][1], *(c[1] for c in cs)) for cs in zip(*per)]
 
 
 def _control_problems(lines, texts, bad_keys) -> list:

@@ -29,8 +29,6 @@ from __future__ import annotations
 import json
 import random
 import re
-from bisect import bisect_left
-from itertools import accumulate
 
 CHECK_FIRST = 256         # rows of the first batch checked against encode_batch
 CHECK_EACH = 4            # rows of every later batch checked against encode_batch
@@ -180,7 +178,7 @@ class _Pieces:
                     else:
                         todo[piece] = False
         local: dict = {}                # piece -> ids (when needed) or token count
-        split: dict = {}                # head pieces counted by words -> (word ends, tokens up to each end)
+        split: dict = {}                # head pieces counted by words -> (words, tokens)
         keys = list(todo)
         if self.words is not None:      # ASCII pieces: counted word by word (see _Words)
             keys = self.words.count(keys, todo, local, split)
@@ -198,11 +196,8 @@ class _Pieces:
                         c, skip = 1, (0 if mode else 1)
                     elif type(mode) is str:
                         if piece in split:      # the span must start where a word starts
-                            ends, upto = split[piece]
-                            k = bisect_left(ends, len(mode))
-                            if k == len(ends) or ends[k] != len(mode):
-                                raise _Slow
-                            skip, c = upto[k], upto[-1]
+                            ws, c = split[piece]
+                            skip = self.words.head_tokens(ws, len(mode))
                         else:
                             ids = local[piece]
                             head = self._head(mode)
@@ -292,8 +287,8 @@ class _Words:
 
     def count(self, keys: list, todo: dict, local: dict, split: dict) -> list:
         """Count the ASCII pieces of ``keys`` into ``local`` (piece -> tokens) and, for those
-        whose ids ``todo`` needs (a span starts inside), ``split`` (piece -> (word ends, tokens
-        up to each word's end)). Returns the pieces left for the tokenizer."""
+        whose ids ``todo`` needs (a span starts inside), ``split`` (piece -> (its words, its
+        tokens)). Returns the pieces left for the tokenizer."""
         rest, pending = [], []
         findall, known = self.findall, self.tokens
         for k in keys:
@@ -306,12 +301,7 @@ class _Words:
             except (KeyError, TypeError):
                 pending.append((k, ws))
                 continue
-            if todo[k]:
-                self._put(k, ws, n, todo, local, split, rest)
-            elif sum(map(len, ws)) == len(k):       # the words cover the piece (as _put checks)
-                local[k] = n
-            else:
-                rest.append(k)
+            self._put(k, ws, n, todo, local, split, rest)
         if pending:
             new = {w for _, ws in pending for w in ws if w not in known}
             if len(known) + len(new) > WORDS_MAX:
@@ -332,16 +322,29 @@ class _Words:
         return rest
 
     def _put(self, k: str, ws: list, n: int, todo: dict, local: dict, split: dict, rest: list) -> None:
-        if todo[k]:
-            ends = list(accumulate(map(len, ws)))
-            if not ends or ends[-1] != len(k):
-                rest.append(k)
-                return
-            split[k] = (ends, list(accumulate(map(self.tokens.__getitem__, ws))))
-        elif sum(map(len, ws)) != len(k):       # a part the expression does not match: not sure
+        if sum(map(len, ws)) != len(k):         # a part the expression does not match: not sure
             rest.append(k)
-            return
-        local[k] = n
+        elif todo[k]:
+            split[k] = (ws, n)
+        else:
+            local[k] = n
+
+    def head_tokens(self, ws: list, head: int) -> int:
+        """The tokens of the words before character ``head`` of their piece; _Slow unless a word
+        ends exactly there (or a word was forgotten since, when the memo was full)."""
+        pos = skip = 0
+        known = self.tokens
+        try:
+            for w in ws:
+                if pos >= head:
+                    break
+                pos += len(w)
+                skip += known[w]
+        except (KeyError, TypeError):
+            raise _Slow from None
+        if pos != head:
+            raise _Slow
+        return skip
 
 
 def split_pattern(backend) -> str | None:

@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from engine.core.child import engine_env
 from engine.core.events import (EXPORT_END, Event, ExportFailed, ExportFinished, ExportProgress, ExportStarted,
                                 JobDone, JobProgress, dumps, loads)
 
@@ -160,14 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if report is not None else 1
 
 
-def child_env() -> dict:
-    """The child's environment: it imports the same ``engine`` as its parent."""
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
-
-
 def run_child(job: str, params: dict, on_event: Callable[[Event], None],
               cancel: threading.Event | None = None) -> JobDone:
     """Run ``job`` in a child process; ``on_event`` gets each of its events (on this thread).
@@ -175,7 +168,7 @@ def run_child(job: str, params: dict, on_event: Callable[[Event], None],
     one (killed, crashed) or ``cancel`` was set (the child is then terminated)."""
     proc = subprocess.Popen([sys.executable, "-m", "engine.outputs.jobs", job, json.dumps(params)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            encoding="utf-8", errors="replace", env=child_env())
+                            encoding="utf-8", errors="replace", env=engine_env())
     err_tail: list[str] = []
 
     def drain() -> None:                     # stderr: kept (its last lines) for a crash's reason
@@ -264,7 +257,7 @@ def start_export(params: dict) -> ExportJob:
         proc = subprocess.Popen([sys.executable, "-m", "engine.outputs.jobs", "export",
                                  json.dumps(params | {"events": str(path)})],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                env=child_env(), start_new_session=True)
+                                env=engine_env(), start_new_session=True)
     return ExportJob(proc, path, target)
 
 

@@ -560,9 +560,8 @@ def _start_detached(cfg, *, resume, check, overrides, join=None) -> Path:
 
 
 def _child_env() -> dict:
-    env = dict(os.environ)
+    from engine.core.child import engine_env
+    env = engine_env()
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    root = str(Path(__file__).resolve().parent.parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
