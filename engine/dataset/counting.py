@@ -119,6 +119,8 @@ class _Worker:
                                      stderr=subprocess.DEVNULL, env=engine_env())
         self.ready: Future = Future()
         self.waiting: deque = deque([self.ready])     # futures not resolved yet, oldest first
+        self.gone: WorkerGone | None = None            # set once, by the reader, as it ends
+        self.lock = threading.Lock()                    # (gone and the last appends to waiting)
         self.outbox: SimpleQueue = SimpleQueue()
         self.outbox.put((tok_blob, max_len))
         self.threads = [threading.Thread(target=self._write, name="inspect-count-writer", daemon=True),
@@ -148,15 +150,20 @@ class _Worker:
                 else:
                     fut.set_result((value, mismatch))
         except Exception as e:      # EOF, a damaged reply: the worker is gone
-            gone = WorkerGone(f"the counting process ended ({type(e).__name__})")
+            with self.lock:         # a batch submitted from now on fails at once (submit)
+                self.gone = WorkerGone(f"the counting process ended ({type(e).__name__})")
             while self.waiting:
                 fut = self.waiting.popleft()
                 if not fut.done():
-                    fut.set_exception(gone)
+                    fut.set_exception(self.gone)
 
     def submit(self, way: str, args: tuple) -> Future:
         fut: Future = Future()
-        self.waiting.append(fut)            # before sending: the reader resolves in this order
+        with self.lock:
+            if self.gone is not None:       # the reader has ended: nobody would resolve it
+                fut.set_exception(self.gone)
+                return fut
+            self.waiting.append(fut)        # before sending: the reader resolves in this order
         self.outbox.put((way, args))
         return fut
 

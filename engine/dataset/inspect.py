@@ -772,7 +772,7 @@ class _Scan:
         self.drain(keep=self.counting.depth)
 
     def drain(self, keep: int = 0) -> None:
-        """Collect tokenising results (oldest first) until at most ``keep`` are in flight."""
+        """Collect counting results (oldest first) until at most ``keep`` are in flight."""
         import numpy as np
         max_len = self.rep.max_length
         while len(self.inflight) > keep:

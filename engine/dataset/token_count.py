@@ -498,7 +498,9 @@ class Counter:
     children copy os.environ (engine/training/runner.py ``_child_env`` only *defaults* it to false),
     and an explicit "true" also turns off the tokenizers' fork guard, which is what keeps a
     process forked after a parallel encode (e.g. a DataLoader worker) off the dead rayon pool.
-    Only the one-shot ``inspect`` command line enables it, for its own run."""
+    Only the one-shot ``inspect`` command line enables it, for its own run. The words way is
+    Python and holds the GIL, so for a large file the inspector also counts batches in a worker
+    process with a Counter of its own (``engine.dataset.counting``)."""
 
     def __init__(self, tok, max_len: int):
         self.tok = tok

@@ -111,3 +111,20 @@ def test_a_worker_that_dies_mid_file_loses_no_batch(tmp_path, monkeypatch, made)
     assert both == alone
     assert c.worker is None and c.proc.poll() is not None
     assert len(sent) >= 3 and c.batches["thread"] >= 1, c.batches      # the rest counted here
+
+
+def test_a_batch_sent_after_the_worker_ended_fails_at_once():
+    """Nobody is left to answer a batch submitted after the reader saw the process end: it must
+    fail at once (and be counted in the thread), never wait forever."""
+    from engine.dataset import inspect as im
+    tok, _ = im.tokenizer_for(cfg_for())
+    w = counting._Worker(__import__("pickle").dumps(tok), 64)
+    try:
+        assert w.ready.result(timeout=120) == (None, "")
+        w.proc.kill()
+        w.threads[1].join(timeout=60)                       # the reader has seen the end
+        assert not w.threads[1].is_alive() and w.gone is not None
+        fut = w.submit("rows", ([], [], []))
+        assert isinstance(fut.exception(timeout=5), counting.WorkerGone)
+    finally:
+        w.close(kill=True)
