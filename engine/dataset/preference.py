@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from engine import methods
 from engine.methods.base import PAIRS, PREFERENCE, UNPAIRED   # data.format of pairs / of labelled rows
-from engine.modalities.text import ROLE_ALIASES, SHAREGPT_ROLES
+from engine.modalities.text import ROLE_ALIASES, SHAREGPT_ROLES, canonical_role
 
 FORMATS = (PAIRS, UNPAIRED)
 REFUSAL = "this is preference data (chosen/rejected): set train.method = dpo, orpo or kto"
@@ -110,7 +110,7 @@ def _turns(value, what: str, sharegpt_ok: bool = True) -> list[dict]:
             raise _Bad("wrong_type", f"'{what}' turn {j + 1} is not an object")
         if "role" in t:
             role, content = t.get("role"), t.get("content")
-            role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
+            role = canonical_role(role)
         elif "from" in t and sharegpt_ok:
             role, content = _ROLES.get(str(t.get("from")).lower(), t.get("from")), t.get("value")
         else:

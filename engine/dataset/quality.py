@@ -107,6 +107,7 @@ class Groups:
         self.capped = False              # some group or some lines were left unlisted
         self.cutoff = None               # no group whose first line is this or later is listed
         self._listed: list | None = None  # listed(), made once: a running scan's reports share it
+        self._lines = 0                  # lines in _listed
 
     def offer(self, lines, order, starts, ends) -> None:
         """Groups ``lines[order[s:e]]`` for each (s, e); lines within a group ascending."""

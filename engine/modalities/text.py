@@ -296,6 +296,11 @@ ROLE_ALIASES = {"function": "tool",          # OpenAI legacy: a function's resul
                 "developer": "system"}       # OpenAI's newer name for the system turn
 
 
+def canonical_role(role):
+    """``role`` with its alias resolved (``ROLE_ALIASES``); anything else as it is."""
+    return ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
+
+
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant",
                   "bard": "assistant", "tool": "tool", "function_call": "assistant",
@@ -374,7 +379,7 @@ def _turn_role(t: dict, j: int, line: int, problems: list[DataProblem]) -> str |
     if role is None:
         problems.append(DataProblem(line, "missing_field", f"turn {j + 1} has no 'role'"))
         return None
-    role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
+    role = canonical_role(role)
     if role not in ROLES:
         problems.append(DataProblem(line, "unknown_role", f"turn {j + 1} has unknown role {str(role)!r}; "
                                     "allowed: " + ", ".join(ROLES)))

@@ -110,7 +110,7 @@ def _split_placeholders(text: str) -> list[dict]:
 
 def normalise(rec, line: int, problems) -> dict | None:
     """One raw record → ``{"messages": [...parts...], "images": [paths as written]}`` or None."""
-    from engine.modalities.text import ROLE_ALIASES, SHAREGPT_ROLES, check_turns
+    from engine.modalities.text import SHAREGPT_ROLES, canonical_role, check_turns
     if not isinstance(rec, dict):
         _problem(problems, line, "not_object", "row is not a JSON object")
         return None
@@ -130,7 +130,7 @@ def normalise(rec, line: int, problems) -> dict | None:
             _problem(problems, line, "wrong_type", f"turn {j + 1} is not an object")
             return None
         content, role = t.get("content"), t.get("role")
-        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
+        role = canonical_role(role)
         if listed is not None and isinstance(content, str):
             parts, found = _split_placeholders(content), []
         else:

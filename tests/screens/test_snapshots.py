@@ -62,9 +62,7 @@ def test_train_finished_run_light_theme(snap_compare, tmp_path):
 def test_config_screen(snap_compare):
     app = make_app()
 
-    async def wait(pilot):
-        await _open_config(pilot, app)
-    assert snap_compare(app, terminal_size=(80, 24), run_before=wait)
+    assert snap_compare(app, terminal_size=(80, 24), run_before=lambda pilot: _open_config(pilot, app))
 
 
 def test_config_screen_invalid(snap_compare):
